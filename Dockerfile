@@ -1,0 +1,49 @@
+# syntax=docker/dockerfile:1
+# govrag API and Celery worker image (production shape; see docker-compose.yml).
+FROM python:3.11-slim
+
+# Everything runs offline: no model downloads, no telemetry.
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    HF_HUB_DISABLE_TELEMETRY=1 \
+    DO_NOT_TRACK=1 \
+    UNSTRUCTURED_DISABLE_NOTICE=1 \
+    GOVRAG_DATA_DIR=/data
+
+# libmagic1: python-magic sniffing; tesseract-ocr + poppler-utils: offline OCR of scanned PDFs.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libmagic1 tesseract-ocr poppler-utils \
+    && rm -rf /var/lib/apt/lists/*
+
+# CPU-only torch first, so `pip install .` finds torch==2.13.0 satisfied and never pulls CUDA.
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY api ./api
+COPY audit ./audit
+COPY authz ./authz
+COPY core ./core
+COPY guard ./guard
+COPY ingestion ./ingestion
+COPY migrations ./migrations
+COPY retrieval ./retrieval
+COPY workers ./workers
+# unstructured-inference without its deps: the [pdf] extra would pull a CUDA torch and layout models.
+RUN pip install . \
+    && pip install --no-deps unstructured-inference
+
+RUN groupadd --system --gid 10001 govrag \
+    && useradd --system --uid 10001 --gid govrag --home-dir /home/govrag --create-home --shell /usr/sbin/nologin govrag \
+    && mkdir -p /data \
+    && chown govrag:govrag /data \
+    && chmod 0700 /data
+USER govrag:govrag
+VOLUME ["/data"]
+
+EXPOSE 8000
+CMD ["govrag", "serve", "--host", "0.0.0.0", "--port", "8000"]

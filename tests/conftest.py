@@ -1,0 +1,109 @@
+"""Shared fixtures: a fresh PostgreSQL database, Redis as the broker, a real Celery worker, local Qdrant."""
+
+from __future__ import annotations
+
+import os
+
+for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("DO_NOT_TRACK", "1"),
+                      ("UNSTRUCTURED_DISABLE_NOTICE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+    os.environ[_name] = _value
+
+import time  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+
+import psycopg  # noqa: E402
+import pytest  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+PG_ADMIN_DSN = os.environ.get("GOVRAG_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("GOVRAG_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+PLATFORM_ADMIN = "root-admin"
+
+
+def _pg_url(database: str) -> str:
+    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    return f"{base}/{database}"
+
+
+@pytest.fixture(scope="session")
+def make_pg_database() -> Iterator[Callable[[], str]]:
+    """Creates throw-away databases on the machine's PostgreSQL; all dropped at the end."""
+    created: list[str] = []
+
+    def make() -> str:
+        name = f"govrag_test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return _pg_url(name)
+
+    yield make
+    from core.db import get_engine
+
+    get_engine.cache_clear()
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        for name in created:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_url(make_pg_database: Callable[[], str]) -> str:
+    """A migrated PostgreSQL database for the integration suite."""
+    from core import migrate
+
+    url = make_pg_database()
+    migrate.upgrade(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def settings(pg_url: str, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The production shape where the machine allows: PostgreSQL, Redis broker; Qdrant in local mode."""
+    from core.settings import Settings
+
+    return Settings(
+        data_dir=tmp_path_factory.mktemp("govrag-data"), database_url=pg_url, broker_url=REDIS_URL,
+        task_queue=f"govrag-test-{uuid.uuid4().hex[:8]}", inprocess_worker=True, admins=[PLATFORM_ADMIN],
+        max_upload_bytes=2 * 1024 * 1024,
+    )
+
+
+@pytest.fixture(scope="session")
+def client(settings) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
+    """The API with a real Celery worker thread consuming from Redis (embedded Qdrant allows one process)."""
+    from api.app import create_app
+    from retrieval.store import close_vector_store
+
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+    close_vector_store(settings)
+
+
+@pytest.fixture(scope="session")
+def issue_token(client: TestClient) -> Callable[..., str]:
+    """Tokens from the app's dev issuer: issue_token("alice", ["hr-staff"])."""
+    issuer = client.app.state.dev_issuer  # type: ignore[attr-defined]
+
+    def issue(subject: str, groups: list[str] | None = None, **kwargs: object) -> str:
+        return issuer.issue(subject, groups or [], **kwargs)  # type: ignore[no-any-return]
+
+    return issue
+
+
+def auth(token: str) -> dict[str, str]:
+    """An Authorization header."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+def wait_for_job(client: TestClient, token: str, job_id: str, timeout: float = 180.0) -> dict[str, object]:
+    """Poll a job until it is ready or failed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = client.get(f"/v1/jobs/{job_id}", headers=auth(token))
+        assert response.status_code == 200, response.text
+        status = response.json()
+        if status["status"] in ("ready", "failed"):
+            return status  # type: ignore[no-any-return]
+        time.sleep(0.25)
+    raise AssertionError("ingestion job did not finish in time")

@@ -1,0 +1,115 @@
+"""Bad tokens are 401s with a JSON error; the admin API is deny-by-default."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Callable
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from fastapi.testclient import TestClient
+
+from tests.conftest import PLATFORM_ADMIN, auth
+
+
+def _b64(data: dict[str, object]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def _bad_tokens(client: TestClient, issue_token: Callable[..., str]) -> dict[str, str]:
+    issuer = client.app.state.dev_issuer  # type: ignore[attr-defined]
+    settings = client.app.state.settings  # type: ignore[attr-defined]
+    kid = issuer.jwks()["keys"][0]["kid"]
+    now = int(time.time())
+    claims = {"sub": "mallory", "iss": settings.oidc_issuer, "aud": settings.oidc_audience, "iat": now,
+              "nbf": now, "exp": now + 600, "groups": ["hr-staff"]}
+    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return {
+        "expired": jwt.encode({**claims, "exp": now - 3600, "iat": now - 7200, "nbf": now - 7200}, other_key,
+                              algorithm="RS256", headers={"kid": kid}),
+        "expired_by_issuer": issue_token("mallory", ["hr-staff"], ttl_seconds=-600),
+        "wrong_audience": issuer.issue("mallory", ["hr-staff"], extra_claims={"aud": "someone-else"}),
+        "wrong_issuer": issuer.issue("mallory", ["hr-staff"], extra_claims={"iss": "https://evil.example"}),
+        "bad_signature": jwt.encode(claims, other_key, algorithm="RS256", headers={"kid": kid}),
+        "alg_none": f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{_b64(claims)}.",
+        "garbage": "not-a-jwt",
+    }
+
+
+@pytest.mark.parametrize("case", ["expired", "expired_by_issuer", "wrong_audience", "wrong_issuer", "bad_signature",
+                                  "alg_none", "garbage"])
+def test_bad_tokens_are_rejected_with_json_401(client: TestClient, issue_token: Callable[..., str],
+                                               case: str) -> None:
+    token = _bad_tokens(client, issue_token)[case]
+    response = client.post("/v1/query", headers=auth(token), json={"question": "anything"})
+    assert response.status_code == 401
+    error = response.json()["error"]
+    assert error["code"] == "unauthenticated" and error["request_id"]
+    assert token not in response.text
+
+
+def test_missing_token_is_401(client: TestClient) -> None:
+    response = client.post("/v1/query", json={"question": "anything"})
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "unauthenticated"
+
+
+def test_only_platform_admins_create_departments(client: TestClient, issue_token: Callable[..., str]) -> None:
+    response = client.post("/v1/admin/departments", json={"name": "legal"}, headers=auth(issue_token("eve")))
+    assert response.status_code == 403
+    admin = auth(issue_token(PLATFORM_ADMIN))
+    assert client.post("/v1/admin/departments", json={"name": "legal"}, headers=admin).status_code == 201
+    assert client.post("/v1/admin/departments", json={"name": "legal"}, headers=admin).status_code == 409
+    assert client.post("/v1/admin/departments", json={"name": "Bad Name!"}, headers=admin).status_code == 422
+    names = {d["name"] for d in client.get("/v1/admin/departments", headers=admin).json()}
+    assert "legal" in names
+
+
+def test_admins_by_group_claim(client: TestClient, issue_token: Callable[..., str]) -> None:
+    settings = client.app.state.settings  # type: ignore[attr-defined]
+    settings.admins.append("group:platform-ops")
+    try:
+        response = client.get("/v1/admin/departments", headers=auth(issue_token("olga", ["platform-ops"])))
+        assert response.status_code == 200
+    finally:
+        settings.admins.remove("group:platform-ops")
+
+
+def test_role_assignment_lifecycle_and_deny_by_default(client: TestClient, issue_token: Callable[..., str]) -> None:
+    admin = auth(issue_token(PLATFORM_ADMIN))
+    client.post("/v1/admin/departments", json={"name": "sales"}, headers=admin)
+    dave = auth(issue_token("dave", []))
+    assert client.post("/v1/query", headers=dave, json={"question": "q", "departments": ["sales"]}).json()[
+        "reason"] == "no_authorised_departments"
+    grant = {"subject": "dave", "role": "reader", "department": "sales"}
+    assert client.post("/v1/admin/role-assignments", json=grant, headers=admin).status_code == 201
+    listed = client.get("/v1/admin/role-assignments", params={"department": "sales"}, headers=admin).json()
+    assert grant in listed
+    assert client.post("/v1/query", headers=dave, json={"question": "q", "departments": ["sales"]}).json()[
+        "reason"] != "no_authorised_departments"
+    # A reader may not grant roles, nor upload.
+    assert client.post("/v1/admin/role-assignments", json={**grant, "subject": "x"}, headers=dave).status_code == 403
+    assert client.request("DELETE", "/v1/admin/role-assignments", json=grant, headers=admin).status_code == 204
+    assert client.request("DELETE", "/v1/admin/role-assignments", json=grant, headers=admin).status_code == 404
+    assert client.post("/v1/query", headers=dave, json={"question": "q", "departments": ["sales"]}).json()[
+        "reason"] == "no_authorised_departments"
+
+
+def test_invalid_role_and_unknown_department(client: TestClient, issue_token: Callable[..., str]) -> None:
+    admin = auth(issue_token(PLATFORM_ADMIN))
+    bad_role = {"subject": "dave", "role": "superuser", "department": "sales"}
+    assert client.post("/v1/admin/role-assignments", json=bad_role, headers=admin).status_code == 400
+    unknown = {"subject": "dave", "role": "reader", "department": "atlantis"}
+    assert client.post("/v1/admin/role-assignments", json=unknown, headers=admin).status_code == 404
+
+
+def test_validation_errors_do_not_echo_input(client: TestClient, issue_token: Callable[..., str]) -> None:
+    secret = "4111 1111 1111 1111 " * 200
+    response = client.post("/v1/query", headers=auth(issue_token("alice", ["hr-staff"])),
+                           json={"question": secret})
+    assert response.status_code == 422
+    assert "4111" not in response.text
+    assert response.json()["error"]["code"] == "invalid_request"

@@ -1,0 +1,61 @@
+"""Settings refuse dev defaults in production; envelope encryption round-trips and fails closed."""
+
+from __future__ import annotations
+
+import base64
+import stat
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from core import crypto
+from core.settings import Settings
+
+PROD = {"env": "production", "dev_issuer": False, "oidc_jwks_url": "https://idp.example/jwks",
+        "database_url": "postgresql+psycopg://u@db/govrag", "master_key": base64.b64encode(b"k" * 32).decode()}
+
+
+def test_production_accepts_a_complete_configuration() -> None:
+    assert Settings(**PROD).is_production
+
+
+@pytest.mark.parametrize(("override", "complaint"), [
+    ({"dev_issuer": True}, "DEV_ISSUER"),
+    ({"master_key": None}, "generated master key"),
+    ({"database_url": None}, "PostgreSQL"),
+    ({"oidc_jwks_url": None}, "JWKS"),
+])
+def test_production_refuses_dev_defaults(override: dict[str, object], complaint: str) -> None:
+    with pytest.raises(ValidationError, match=complaint):
+        Settings(**{**PROD, **override})
+
+
+def test_production_refuses_a_missing_master_key_file(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="never generated"):
+        Settings(**{**PROD, "master_key": None, "master_key_file": tmp_path / "absent.key"})
+
+
+def test_embedded_master_key_file_is_created_0600_and_reused(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "master.key"
+    first = crypto.load_or_create_master_key_file(path, create=True)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert crypto.load_or_create_master_key_file(path, create=False) == first
+    with pytest.raises(FileNotFoundError):
+        crypto.load_or_create_master_key_file(tmp_path / "other.key", create=False)
+
+
+def test_sealed_text_round_trips_and_is_bound_to_its_context() -> None:
+    key = crypto.new_key()
+    sealed = crypto.seal_text(key, "quarterly numbers", "govrag:chunk:doc:0")
+    assert "quarterly" not in sealed
+    assert crypto.open_text(key, sealed, "govrag:chunk:doc:0") == "quarterly numbers"
+    with pytest.raises(crypto.DecryptionError):
+        crypto.open_text(key, sealed, "govrag:chunk:doc:1")
+    with pytest.raises(crypto.DecryptionError):
+        crypto.open_text(crypto.new_key(), sealed, "govrag:chunk:doc:0")
+
+
+def test_master_key_must_be_32_bytes() -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        crypto.decode_master_key(base64.b64encode(b"short").decode())

@@ -1,0 +1,473 @@
+"""Token verification: the happy path, every rejection, JWKS-over-HTTP with rotation, dev issuer keys."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Self
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from authz.dev_issuer import DevIssuer, jwk_thumbprint, rsa_public_jwk
+from authz.identity import Identity, is_platform_admin
+from authz.tokens import TokenVerifier, bearer_token
+from core.errors import ErrorCode, GovragError
+from core.settings import Settings
+
+ISSUER = "https://idp.example.test/realms/govrag"
+AUDIENCE = "govrag-api"
+ALGORITHMS = ["RS256", "ES256", "PS256", "EdDSA"]
+
+
+def _b64url(data: bytes) -> str:
+    """Unpadded base64url."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _segment(obj: dict[str, Any]) -> str:
+    """A compact-JWS segment for a JSON object."""
+    return _b64url(json.dumps(obj, separators=(",", ":")).encode("utf-8"))
+
+
+class SigningKey:
+    """A real RSA key with its kid and public JWK, for minting test tokens."""
+
+    def __init__(self, kid: str | None = None) -> None:
+        self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.public_jwk = rsa_public_jwk(self.private.public_key())
+        self.kid = kid or jwk_thumbprint(self.public_jwk)
+
+    def jwk(self) -> dict[str, str]:
+        """The public JWK as an IdP would publish it."""
+        return {**self.public_jwk, "kid": self.kid, "alg": "RS256", "use": "sig"}
+
+    def public_pem(self) -> bytes:
+        """The public key as PEM (what a key-confusion attacker would use as an HMAC secret)."""
+        return self.private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def sign(self, overrides: dict[str, Any] | None = None, drop: tuple[str, ...] = (), alg: str = "RS256") -> str:
+        """A token with sane defaults, claims overridden or dropped as asked."""
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": "alice",
+            "groups": ["eng", "ops"],
+            "iat": now,
+            "nbf": now,
+            "exp": now + 300,
+            "jti": "j-1",
+        }
+        claims.update(overrides or {})
+        for name in drop:
+            claims.pop(name, None)
+        return jwt.encode(claims, self.private, algorithm=alg, headers={"kid": self.kid})
+
+
+@pytest.fixture(scope="module")
+def key() -> SigningKey:
+    """The trusted signing key, generated fresh for this run."""
+    return SigningKey()
+
+
+@pytest.fixture(scope="module")
+def verifier(key: SigningKey) -> TokenVerifier:
+    """A verifier trusting only `key`, via an in-memory JWKS."""
+    return TokenVerifier(
+        issuer=ISSUER, audience=AUDIENCE, algorithms=ALGORITHMS, leeway_seconds=30, jwks={"keys": [key.jwk()]}
+    )
+
+
+def _rejects(verifier: TokenVerifier, token: str, reason: str | None = None) -> GovragError:
+    """Assert the token is refused as unauthenticated, without echoing any of it."""
+    with pytest.raises(GovragError) as caught:
+        verifier.verify(token, admins=[])
+    err = caught.value
+    assert err.code is ErrorCode.unauthenticated
+    assert token not in str(err)
+    for part in token.split("."):
+        if len(part) >= 8:
+            assert part not in str(err)
+            assert part not in repr(err)
+    assert err.__cause__ is None
+    if reason is not None:
+        assert err.message == reason
+    return err
+
+
+def test_valid_token_gives_identity(verifier: TokenVerifier, key: SigningKey) -> None:
+    identity = verifier.verify(key.sign(), admins=[])
+    assert identity == Identity(subject="alice", groups=("eng", "ops"), is_platform_admin=False)
+    assert identity.subjects == ("alice", "group:eng", "group:ops")
+
+
+def test_platform_admin_by_subject_and_by_group(verifier: TokenVerifier, key: SigningKey) -> None:
+    assert verifier.verify(key.sign(), admins=["alice"]).is_platform_admin
+    assert verifier.verify(key.sign({"sub": "bob"}), admins=["group:ops"]).is_platform_admin
+    assert not verifier.verify(key.sign({"sub": "bob"}), admins=["alice", "group:admins"]).is_platform_admin
+
+
+def test_is_platform_admin_keeps_subjects_and_groups_apart() -> None:
+    assert is_platform_admin("alice", [], ["alice"])
+    assert is_platform_admin("bob", ["ops"], ["group:ops"])
+    assert not is_platform_admin("ops", [], ["group:ops"])  # a subject named like a group is not that group
+    assert not is_platform_admin("bob", ["alice"], ["alice"])  # a group named like a subject is not that subject
+
+
+def test_missing_groups_claim_means_no_groups(verifier: TokenVerifier, key: SigningKey) -> None:
+    assert verifier.verify(key.sign(drop=("groups",)), admins=[]).groups == ()
+
+
+def test_leeway_accepts_small_clock_skew(verifier: TokenVerifier, key: SigningKey) -> None:
+    now = int(time.time())
+    assert verifier.verify(key.sign({"nbf": now + 10, "iat": now + 10}), admins=[]).subject == "alice"
+
+
+def test_expired(verifier: TokenVerifier, key: SigningKey) -> None:
+    now = int(time.time())
+    _rejects(verifier, key.sign({"iat": now - 7200, "nbf": now - 7200, "exp": now - 3600}), "token expired")
+
+
+def test_not_yet_valid(verifier: TokenVerifier, key: SigningKey) -> None:
+    now = int(time.time())
+    _rejects(verifier, key.sign({"nbf": now + 600, "exp": now + 1200}), "token not yet valid")
+
+
+def test_wrong_audience(verifier: TokenVerifier, key: SigningKey) -> None:
+    _rejects(verifier, key.sign({"aud": "some-other-api"}), "invalid audience")
+
+
+def test_wrong_issuer(verifier: TokenVerifier, key: SigningKey) -> None:
+    _rejects(verifier, key.sign({"iss": "https://evil.example.test"}), "invalid issuer")
+
+
+def test_forged_signature_with_same_kid(verifier: TokenVerifier, key: SigningKey) -> None:
+    forger = SigningKey(kid=key.kid)
+    _rejects(verifier, forger.sign({"sub": "mallory"}), "invalid signature")
+
+
+def test_alg_none(verifier: TokenVerifier, key: SigningKey) -> None:
+    now = int(time.time())
+    payload = {"iss": ISSUER, "aud": AUDIENCE, "sub": "mallory", "iat": now, "exp": now + 300}
+    for alg in ("none", "None", "NONE"):
+        token = f"{_segment({'alg': alg, 'typ': 'JWT', 'kid': key.kid})}.{_segment(payload)}."
+        _rejects(verifier, token, "unsupported token algorithm")
+
+
+def test_hs256_key_confusion_with_public_pem(verifier: TokenVerifier, key: SigningKey) -> None:
+    now = int(time.time())
+    payload = {"iss": ISSUER, "aud": AUDIENCE, "sub": "mallory", "iat": now, "exp": now + 300}
+    signing_input = f"{_segment({'alg': 'HS256', 'typ': 'JWT', 'kid': key.kid})}.{_segment(payload)}"
+    signature = hmac.new(key.public_pem(), signing_input.encode("ascii"), hashlib.sha256).digest()
+    _rejects(verifier, f"{signing_input}.{_b64url(signature)}", "unsupported token algorithm")
+
+
+def test_symmetric_algorithms_are_stripped_from_the_allowlist(key: SigningKey) -> None:
+    lax = TokenVerifier(
+        issuer=ISSUER, audience=AUDIENCE, algorithms=["none", "HS256", "RS256"], jwks={"keys": [key.jwk()]}
+    )
+    now = int(time.time())
+    payload = {"iss": ISSUER, "aud": AUDIENCE, "sub": "mallory", "iat": now, "exp": now + 300}
+    signing_input = f"{_segment({'alg': 'HS256', 'kid': key.kid})}.{_segment(payload)}"
+    signature = hmac.new(key.public_pem(), signing_input.encode("ascii"), hashlib.sha256).digest()
+    _rejects(lax, f"{signing_input}.{_b64url(signature)}", "unsupported token algorithm")
+    _rejects(lax, f"{_segment({'alg': 'none', 'kid': key.kid})}.{_segment(payload)}.", "unsupported token algorithm")
+    assert lax.verify(key.sign(), admins=[]).subject == "alice"
+    with pytest.raises(ValueError):
+        TokenVerifier(issuer=ISSUER, audience=AUDIENCE, algorithms=["HS256", "none"], jwks={"keys": [key.jwk()]})
+
+
+def test_algorithm_outside_allowlist(key: SigningKey) -> None:
+    strict = TokenVerifier(issuer=ISSUER, audience=AUDIENCE, algorithms=["ES256"], jwks={"keys": [key.jwk()]})
+    _rejects(strict, key.sign(), "unsupported token algorithm")
+
+
+def test_algorithm_must_match_key_type() -> None:
+    ec_private = ec.generate_private_key(ec.SECP256R1())
+    ec_jwk = jwt.algorithms.ECAlgorithm.to_jwk(ec_private.public_key(), as_dict=True)
+    ec_jwk.update({"kid": "ec-1", "use": "sig"})
+    ec_verifier = TokenVerifier(issuer=ISSUER, audience=AUDIENCE, algorithms=ALGORITHMS, jwks={"keys": [ec_jwk]})
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "carol", "iat": now, "exp": now + 300}
+    good = jwt.encode(claims, ec_private, algorithm="ES256", headers={"kid": "ec-1"})
+    assert ec_verifier.verify(good, admins=[]).subject == "carol"
+    rsa_key = SigningKey(kid="ec-1")
+    _rejects(ec_verifier, rsa_key.sign(), "unsupported token algorithm")
+
+
+def test_pss_with_rsa_key(verifier: TokenVerifier, key: SigningKey) -> None:
+    assert verifier.verify(key.sign(alg="PS256"), admins=[]).subject == "alice"
+
+
+def test_unknown_kid(verifier: TokenVerifier) -> None:
+    stranger = SigningKey(kid="not-a-known-kid")
+    _rejects(verifier, stranger.sign(), "unknown signing key")
+
+
+def test_missing_kid(verifier: TokenVerifier, key: SigningKey) -> None:
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "iat": now, "exp": now + 300}
+    _rejects(verifier, jwt.encode(claims, key.private, algorithm="RS256"), "unknown signing key")
+
+
+@pytest.mark.parametrize("claim", ["sub", "exp", "iss", "aud"])
+def test_missing_required_claim(verifier: TokenVerifier, key: SigningKey, claim: str) -> None:
+    _rejects(verifier, key.sign(drop=(claim,)), "missing required claim")
+
+
+@pytest.mark.parametrize("subject", ["", "   ", "group:admins", "x" * 300, "ali\nce"])
+def test_invalid_subject(verifier: TokenVerifier, key: SigningKey, subject: str) -> None:
+    _rejects(verifier, key.sign({"sub": subject}), "invalid subject")
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        "garbage",
+        "not.a.jwt",
+        "a.b",
+        "a.b.c.d.e",
+        "",
+        "eyJhbGciOiJSUzI1NiJ9.%%%%.sig",
+        "e30.e30.",
+        "W10.e30.",
+        "x" * 20_000,
+    ],
+)
+def test_garbage(verifier: TokenVerifier, garbage: str) -> None:
+    with pytest.raises(GovragError) as caught:
+        verifier.verify(garbage, admins=[])
+    assert caught.value.code is ErrorCode.unauthenticated
+    if garbage:
+        assert garbage not in str(caught.value)
+
+
+@pytest.mark.parametrize("groups", ["admins", {"admins": True}, ["ok", 7], 42])
+def test_groups_claim_not_a_list_of_strings(verifier: TokenVerifier, key: SigningKey, groups: object) -> None:
+    _rejects(verifier, key.sign({"groups": groups}), "invalid groups claim")
+
+
+def test_custom_groups_claim(key: SigningKey) -> None:
+    custom = TokenVerifier(
+        issuer=ISSUER, audience=AUDIENCE, algorithms=ALGORITHMS, groups_claim="roles", jwks={"keys": [key.jwk()]}
+    )
+    assert custom.verify(key.sign({"roles": ["r1", "r1", "r2"]}), admins=["group:r2"]) == Identity(
+        subject="alice", groups=("r1", "r2"), is_platform_admin=True
+    )
+
+
+def test_bearer_token() -> None:
+    assert bearer_token("Bearer abc.def.ghi") == "abc.def.ghi"
+    assert bearer_token("bearer  abc.def.ghi ") == "abc.def.ghi"
+    for header in (None, "", "Bearer", "Bearer ", "Basic dXNlcjpwdw==", "abc.def.ghi", "Bearer a b"):
+        with pytest.raises(GovragError) as caught:
+            bearer_token(header)
+        assert caught.value.code is ErrorCode.unauthenticated
+        assert caught.value.message == "missing bearer token"
+
+
+class _JwksServer:
+    """A JWKS endpoint on 127.0.0.1 whose key set a test can swap (key rotation)."""
+
+    def __init__(self) -> None:
+        self.jwks: dict[str, Any] = {"keys": []}
+        self.hits = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.hits += 1
+                body = json.dumps(outer.jwks).encode("utf-8")
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_args: object) -> None:
+                """Keep test output quiet."""
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/.well-known/jwks.json"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def jwks_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[_JwksServer]:
+    """A live JWKS endpoint, reached directly even if a proxy is configured."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    with _JwksServer() as server:
+        yield server
+
+
+def test_jwks_url_mode_with_key_rotation(jwks_server: _JwksServer, key: SigningKey) -> None:
+    jwks_server.jwks = {"keys": [key.jwk()]}
+    remote = TokenVerifier(
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        algorithms=ALGORITHMS,
+        jwks_url=jwks_server.url,
+        jwks_refresh_cooldown_seconds=0,
+    )
+    assert remote.verify(key.sign(), admins=["group:ops"]).is_platform_admin
+    hits_after_first = jwks_server.hits
+    assert remote.verify(key.sign(), admins=[]).subject == "alice"
+    assert jwks_server.hits == hits_after_first  # cached, no refetch
+
+    rotated = SigningKey()
+    jwks_server.jwks = {"keys": [rotated.jwk()]}
+    assert remote.verify(rotated.sign({"sub": "dave"}), admins=[]).subject == "dave"
+
+    _rejects(remote, SigningKey(kid="never-published").sign(), "unknown signing key")
+    _rejects(remote, SigningKey(kid=rotated.kid).sign(), "invalid signature")
+
+
+def test_jwks_url_mode_drops_withdrawn_keys(jwks_server: _JwksServer, key: SigningKey) -> None:
+    jwks_server.jwks = {"keys": [key.jwk()]}
+    remote = TokenVerifier(
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        algorithms=ALGORITHMS,
+        jwks_url=jwks_server.url,
+        jwks_cache_seconds=0.2,
+        jwks_refresh_cooldown_seconds=0,
+    )
+    assert remote.verify(key.sign(), admins=[]).subject == "alice"
+    jwks_server.jwks = {"keys": [SigningKey().jwk()]}  # the IdP withdraws the old key
+    time.sleep(0.3)  # let the JWK Set cache expire; no timing is asserted
+    _rejects(remote, key.sign(), "unknown signing key")
+
+
+def test_jwks_url_unreachable_is_unavailable(key: SigningKey, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    with _JwksServer() as server:
+        url = server.url
+    remote = TokenVerifier(issuer=ISSUER, audience=AUDIENCE, algorithms=ALGORITHMS, jwks_url=url)
+    token = key.sign()
+    with pytest.raises(GovragError) as caught:
+        remote.verify(token, admins=[])
+    assert caught.value.code is ErrorCode.unavailable
+    assert token not in str(caught.value)
+
+
+def test_constructor_needs_exactly_one_key_source(key: SigningKey) -> None:
+    with pytest.raises(ValueError):
+        TokenVerifier(issuer=ISSUER, audience=AUDIENCE, algorithms=ALGORITHMS)
+    with pytest.raises(ValueError):
+        TokenVerifier(
+            issuer=ISSUER, audience=AUDIENCE, algorithms=ALGORITHMS, jwks={"keys": [key.jwk()]}, jwks_url="http://x/"
+        )
+
+
+def test_static_jwks_refuses_private_keys(key: SigningKey) -> None:
+    private_jwk = jwt.algorithms.RSAAlgorithm.to_jwk(key.private, as_dict=True)
+    private_jwk.update({"kid": "priv", "use": "sig"})
+    with pytest.raises(ValueError):
+        TokenVerifier(issuer=ISSUER, audience=AUDIENCE, algorithms=ALGORITHMS, jwks={"keys": [private_jwk]})
+
+
+def _settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """Development settings rooted in tmp_path, independent of the process environment."""
+    values: dict[str, Any] = {
+        "data_dir": tmp_path,
+        "env": "development",
+        "oidc_issuer": "govrag-dev-issuer",
+        "oidc_audience": "govrag",
+        "oidc_jwks_url": None,
+        "dev_issuer": True,
+        "oidc_algorithms": ALGORITHMS,
+        "oidc_leeway_seconds": 30,
+        "groups_claim": "groups",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def test_dev_issuer_key_persists_with_tight_permissions(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    first = DevIssuer.load_or_create(settings.dev_issuer_dir, settings.oidc_issuer, settings.oidc_audience)
+    key_file = settings.dev_issuer_dir / "private.pem"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(settings.dev_issuer_dir.stat().st_mode) == 0o700
+    second = DevIssuer.load_or_create(settings.dev_issuer_dir, settings.oidc_issuer, settings.oidc_audience)
+    assert second.kid == first.kid
+    assert [f.name for f in settings.dev_issuer_dir.iterdir()] == ["private.pem"]
+
+    verifier = TokenVerifier.from_settings(settings, second)
+    token = first.issue("dev-user", ["admins"])
+    assert verifier.verify(token, admins=["group:admins"]) == Identity(
+        subject="dev-user", groups=("admins",), is_platform_admin=True
+    )
+    header = jwt.get_unverified_header(token)
+    assert header["kid"] == first.kid
+    assert header["alg"] == "RS256"
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert set(claims) >= {"iss", "aud", "sub", "groups", "iat", "nbf", "exp", "jti"}
+
+
+def test_dev_issuer_jwks_is_public_only(tmp_path: Path) -> None:
+    issuer = DevIssuer.load_or_create(tmp_path / "dev", "iss", "aud")
+    (jwk,) = issuer.jwks()["keys"]
+    assert set(jwk) == {"kty", "n", "e", "kid", "alg", "use"}
+    assert (jwk["alg"], jwk["use"], jwk["kid"]) == ("RS256", "sig", issuer.kid)
+    assert issuer.kid == jwk_thumbprint(jwk)
+    assert "private" not in repr(issuer).lower()
+
+
+def test_dev_issuer_rfc7638_thumbprint_vector() -> None:
+    jwk = {
+        "kty": "RSA",
+        "n": (
+            "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECP"
+            "ebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY"
+            "368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0f"
+            "M4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw"
+        ),
+        "e": "AQAB",
+        "alg": "RS256",
+        "kid": "2011-04-29",
+    }
+    assert jwk_thumbprint(jwk) == "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+
+
+def test_dev_issuer_expired_token_is_rejected(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    issuer = DevIssuer.load_or_create(settings.dev_issuer_dir, settings.oidc_issuer, settings.oidc_audience)
+    verifier = TokenVerifier.from_settings(settings, issuer)
+    now = int(time.time())
+    _rejects(verifier, issuer.issue("u", [], extra_claims={"exp": now - 3600, "iat": now - 7200}), "token expired")
+
+
+def test_from_settings_key_sources(tmp_path: Path) -> None:
+    issuer = DevIssuer.load_or_create(tmp_path / "dev", "govrag-dev-issuer", "govrag")
+    with pytest.raises(ValueError):
+        TokenVerifier.from_settings(_settings(tmp_path, dev_issuer=False), issuer)
+    with pytest.raises(ValueError):
+        TokenVerifier.from_settings(_settings(tmp_path), None)
+    with pytest.raises(ValueError):
+        TokenVerifier.from_settings(_settings(tmp_path, oidc_issuer="someone-else"), issuer)
+    remote = TokenVerifier.from_settings(_settings(tmp_path, oidc_jwks_url="https://idp.example.test/jwks"), issuer)
+    assert isinstance(remote, TokenVerifier)
