@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     chunk_max_chars: int = 1000
     default_top_k: int = 5
     max_top_k: int = 20
-    min_relevance: float = 0.25
+    min_relevance: float = 0.30
 
     @model_validator(mode="after")
     def _refuse_dev_defaults_in_production(self) -> Settings:

@@ -31,6 +31,7 @@ from presidio_analyzer.predefined_recognizers import (
     UsPassportRecognizer,
     UsSsnRecognizer,
 )
+from spacy.attrs import LEMMA, LOWER
 from spacy.language import Language
 from spacy.tokens import Doc
 
@@ -63,9 +64,7 @@ _UNUSED_SPACY_PIPES = ("tok2vec", "tagger", "parser", "attribute_ruler", "lemmat
 _LEMMA_PIPE = "govrag_lower_lemma"
 
 # Values of these types compare on their letters and digits only ("4111-1111…" == "4111 1111…").
-_COMPACT_TYPES = frozenset(
-    {"PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "IBAN_CODE", "US_BANK_NUMBER", "US_PASSPORT"}
-)
+_COMPACT_TYPES = frozenset({"PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "IBAN_CODE", "US_BANK_NUMBER", "US_PASSPORT"})
 
 # spaCy's small model gives no NER confidence; these shapes mark its usual non-person guesses.
 _PERSON_STOPWORDS = frozenset(
@@ -77,14 +76,20 @@ _PERSON_STOPWORDS = frozenset(
         "table", "figure", "chapter", "appendix",
     }
 )  # fmt: skip
+# Card ranges Presidio's pattern misses (Mastercard 2-series, JCB, Maestro 12-19, Visa 19);
+# the recognizer's Luhn check still gates every match.
+_MORE_CARDS = Pattern(
+    "More card ranges (weak)",
+    r"\b(?:2[2-7]\d{2}|2131|1800|5[06-9]\d{2}|6\d{3}|4\d{3}|3[47]\d{2})(?:[- ]?\d){8,15}\b",
+    0.3,
+)
 _NOT_IN_NAME = re.compile(r"[\d@/\\_#<>{}\[\]=|:;]")
 
 
 @Language.component(_LEMMA_PIPE)
 def _lower_lemma(doc: Doc) -> Doc:
     """Stand in for the lemmatizer: Presidio's context words match on lower-cased tokens."""
-    for token in doc:
-        token.lemma_ = token.lower_
+    doc.from_array([LEMMA], doc.to_array([LOWER]))
     return doc
 
 
@@ -216,7 +221,7 @@ def _recognizers() -> list[EntityRecognizer]:
         _PersonRecognizer(supported_entities=["PERSON"]),
         _OfflineEmailRecognizer(),
         PhoneRecognizer(),
-        CreditCardRecognizer(),
+        CreditCardRecognizer(patterns=[*CreditCardRecognizer.PATTERNS, _MORE_CARDS]),
         UsSsnRecognizer(),
         IbanRecognizer(),
         IpRecognizer(),
@@ -312,10 +317,7 @@ class PiiRedactor:
             entities=list(REDACTED_ENTITIES),
             score_threshold=SCORE_THRESHOLD,
         )
-        return [
-            _substitute(text, results, placeholders)
-            for text, results in zip(texts, batches, strict=True)
-        ]
+        return [_substitute(text, results, placeholders) for text, results in zip(texts, batches, strict=True)]
 
 
 @functools.lru_cache(maxsize=1)

@@ -54,10 +54,10 @@ class _Candidate:
 
 _ABBREVIATIONS = frozenset(
     """
-    e.g i.e cf vs viz al approx appt apt dept est fig figs min max no nos vol vols
+    e.g i.e cf vs viz al approx appt apt dept est fig figs min max vol vols
     dr mr mrs ms mx prof sr jr st mt rev gen col lt sgt capt hon inc ltd co corp
-    jan feb mar apr jun jul aug sep sept oct nov dec mon tue wed thu fri sat sun
-    art sec ch p pp para ref tel ext u.s u.k e.u a.m p.m ph.d
+    jan feb mar apr jun jul aug sep sept oct nov dec mon tue wed thu fri
+    sec ch p pp para ref tel ext u.s u.k e.u a.m p.m ph.d
     """.split()
 )
 _BULLET = re.compile(r"^\s*(?:[-*+\u2022\u2023\u25e6\u2043\u2219]|\(?\d{1,3}[.)]|\(?[a-zA-Z][.)])\s+")
@@ -188,7 +188,7 @@ def _content_token(token: str) -> str | None:
 
 def content_terms(text: str) -> frozenset[str]:
     """Lower-cased, stemmed content words of `text` (stop-words and contractions dropped)."""
-    tokens = (_content_token(token) for token in _TOKEN.findall(text.lower()))
+    tokens = (_content_token(token) for token in _TOKEN.findall(text.lower().replace("\u2019", "'")))
     return frozenset(_stem(token) for token in tokens if token)
 
 
@@ -218,9 +218,7 @@ _NUMBER_WORDS = (
     r"|forty|fifty|hundred|thousand|million|billion|half|quarter|dozen"
 )
 _NUMBER = re.compile(rf"\d|%|\b(?:{_NUMBER_WORDS})\b|\bper\s?cent\b", re.IGNORECASE)
-_PERSON = re.compile(
-    r"<PERSON_\d+>|\b(?:Dr|Mr|Mrs|Ms|Mx|Prof)\.?\s+[A-Z]|(?<=\w\s)[A-Z][a-z]+\s+[A-Z][a-z]+"
-)
+_PERSON = re.compile(r"<PERSON_\d+>|\b(?:Dr|Mr|Mrs|Ms|Mx|Prof)\.?\s+[A-Z]|(?<=\w\s)[A-Z][a-z]+\s+[A-Z][a-z]+")
 _QUESTION_TYPES: tuple[tuple[re.Pattern[str], re.Pattern[str]], ...] = (
     (re.compile(r"^(?:when|by when|until when|what (?:date|day|year|time)|which (?:date|day|year))\b"), _DATE),
     (
@@ -241,6 +239,7 @@ def expected_answer_type(question: str) -> re.Pattern[str] | None:
 
 
 # --------------------------------------------------------------------------- scoring
+
 
 def _unit(vector: Sequence[float] | np.ndarray, dimension: int) -> np.ndarray:
     """The question vector as a float32 unit vector of the embedder's dimension."""

@@ -15,7 +15,7 @@ class GovragCelery(Celery):
 
 def create_celery(settings: Settings) -> GovragCelery:
     """A Celery app for these settings (broker from GOVRAG_BROKER_URL)."""
-    app = GovragCelery("govrag", broker=settings.broker_url, include=["workers.tasks"])
+    app = GovragCelery("govrag", broker=settings.broker_url)
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -28,4 +28,7 @@ def create_celery(settings: Settings) -> GovragCelery:
         worker_hijack_root_logger=False,
     )
     app.govrag_settings = settings
+    from workers.tasks import register_tasks  # tasks import this module for the app type
+
+    register_tasks(app)
     return app

@@ -19,11 +19,17 @@ class InProcessWorker:
             without_heartbeat=True, without_mingle=True, without_gossip=True,
             queues=[app.govrag_settings.task_queue],
         )
-        self._thread = threading.Thread(target=self._controller.start, name="govrag-worker", daemon=True)
+        self._app = app
+        self._thread = threading.Thread(target=self._run, name="govrag-worker", daemon=True)
 
     def start(self) -> None:
         """Start consuming."""
         self._thread.start()
+
+    def _run(self) -> None:
+        # Celery resolves the "current app" per thread; without this the thread would use the default app.
+        self._app.set_current()
+        self._controller.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the current task and stop."""

@@ -19,7 +19,7 @@ def _b64(data: dict[str, object]) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
 
 
-def _bad_tokens(client: TestClient, issue_token: Callable[..., str]) -> dict[str, str]:
+def _bad_tokens(client: TestClient) -> dict[str, str]:
     issuer = client.app.state.dev_issuer  # type: ignore[attr-defined]
     settings = client.app.state.settings  # type: ignore[attr-defined]
     kid = issuer.jwks()["keys"][0]["kid"]
@@ -30,7 +30,9 @@ def _bad_tokens(client: TestClient, issue_token: Callable[..., str]) -> dict[str
     return {
         "expired": jwt.encode({**claims, "exp": now - 3600, "iat": now - 7200, "nbf": now - 7200}, other_key,
                               algorithm="RS256", headers={"kid": kid}),
-        "expired_by_issuer": issue_token("mallory", ["hr-staff"], ttl_seconds=-600),
+        "expired_by_issuer": issuer.issue("mallory", ["hr-staff"],
+                                          extra_claims={"exp": now - 600, "iat": now - 1200, "nbf": now - 1200}),
+        "not_yet_valid": issuer.issue("mallory", ["hr-staff"], extra_claims={"nbf": now + 3600}),
         "wrong_audience": issuer.issue("mallory", ["hr-staff"], extra_claims={"aud": "someone-else"}),
         "wrong_issuer": issuer.issue("mallory", ["hr-staff"], extra_claims={"iss": "https://evil.example"}),
         "bad_signature": jwt.encode(claims, other_key, algorithm="RS256", headers={"kid": kid}),
@@ -39,11 +41,10 @@ def _bad_tokens(client: TestClient, issue_token: Callable[..., str]) -> dict[str
     }
 
 
-@pytest.mark.parametrize("case", ["expired", "expired_by_issuer", "wrong_audience", "wrong_issuer", "bad_signature",
+@pytest.mark.parametrize("case", ["expired", "expired_by_issuer", "not_yet_valid", "wrong_audience", "wrong_issuer", "bad_signature",
                                   "alg_none", "garbage"])
-def test_bad_tokens_are_rejected_with_json_401(client: TestClient, issue_token: Callable[..., str],
-                                               case: str) -> None:
-    token = _bad_tokens(client, issue_token)[case]
+def test_bad_tokens_are_rejected_with_json_401(client: TestClient, case: str) -> None:
+    token = _bad_tokens(client)[case]
     response = client.post("/v1/query", headers=auth(token), json={"question": "anything"})
     assert response.status_code == 401
     error = response.json()["error"]

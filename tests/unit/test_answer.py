@@ -1,0 +1,189 @@
+"""Extractive answerer and embedder, exercised with the real all-MiniLM-L6-v2 model."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import re
+from typing import Any
+
+import numpy as np
+import pytest
+
+from retrieval.answer import ExtractiveAnswer, Passage, extractive_answer, split_sentences
+from retrieval.embeddings import Embedder, get_embedder
+
+ANNUAL = (
+    "# Annual leave\n"
+    "Full-time employees are entitled to 25 days of paid annual leave per calendar year. "
+    "Part-time staff receive leave pro rata, e.g. an employee working 3.5 days a week receives 17.5 days. "
+    "Unused leave of up to 5 days may be carried over, but it must be taken before 31 March."
+)
+PARENTAL = (
+    "# Parental leave\n"
+    "Employees who become parents are entitled to 16 weeks of fully paid parental leave. "
+    "The leave may be taken in one block or split into two periods within the first year. "
+    "<PERSON_1>, the HR director, approves any extension beyond 16 weeks."
+)
+SICK = (
+    "# Sick leave\n"
+    "If you are ill, notify your line manager before 10 a.m. on the first day of absence. "
+    "A medical certificate is required for absences longer than three consecutive working days. "
+    "Sick leave is paid at full salary for up to 30 days per year, and at 50% thereafter."
+)
+MARKER = re.compile(r"\[(\d+)\]")
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    """The process-wide embedder (loaded once for the module)."""
+    return get_embedder()
+
+
+def _passages(embedder: Embedder, question: str, texts: list[str]) -> list[Passage]:
+    """Number texts from 1 and score them against the question as vector search would."""
+    question_vector = np.asarray(embedder.embed_one(question), dtype=np.float32)
+    vectors = embedder.embed(texts)
+    return [Passage(n=i + 1, text=t, score=float(vectors[i] @ question_vector)) for i, t in enumerate(texts)]
+
+
+def _ask(embedder: Embedder, question: str, texts: list[str], **options: Any) -> ExtractiveAnswer | None:
+    """Run the answerer the way the query service does."""
+    passages = _passages(embedder, question, texts)
+    return extractive_answer(question, embedder.embed_one(question), passages, embedder, **options)
+
+
+def test_answer_cites_the_passage_that_answers(embedder: Embedder) -> None:
+    answer = _ask(embedder, "How many weeks of parental leave do new parents get?", [ANNUAL, PARENTAL, SICK])
+    assert answer is not None
+    assert 2 in answer.cited
+    assert "entitled to 16 weeks of fully paid parental leave. [2]" in answer.text
+
+
+def test_answer_follows_the_passage_wherever_it_is_ranked(embedder: Embedder) -> None:
+    answer = _ask(embedder, "Is sick leave paid?", [PARENTAL, ANNUAL, SICK])
+    assert answer is not None
+    assert answer.cited[0] == 3
+    assert "Sick leave is paid at full salary for up to 30 days per year, and at 50% thereafter. [3]" in answer.text
+
+
+def test_who_question_prefers_the_sentence_naming_someone(embedder: Embedder) -> None:
+    answer = _ask(embedder, "Who approves an extension of parental leave?", [ANNUAL, PARENTAL, SICK], max_sentences=1)
+    assert answer is not None
+    assert answer.text == "<PERSON_1>, the HR director, approves any extension beyond 16 weeks. [2]"
+    assert answer.cited == (2,)
+
+
+def test_unrelated_question_is_refused_at_default_threshold(embedder: Embedder) -> None:
+    assert _ask(embedder, "What is on the cafeteria menu this week?", [ANNUAL, PARENTAL, SICK]) is None
+    assert _ask(embedder, "How do I reset my VPN token?", [ANNUAL, PARENTAL, SICK]) is None
+
+
+def test_threshold_is_honoured(embedder: Embedder) -> None:
+    question = "How many days of annual leave do full-time employees get?"
+    assert _ask(embedder, question, [ANNUAL, PARENTAL, SICK]) is not None
+    assert _ask(embedder, question, [ANNUAL, PARENTAL, SICK], min_relevance=1.5) is None
+
+
+def test_markers_match_cited_and_passages(embedder: Embedder) -> None:
+    answer = _ask(embedder, "What are the rules for leave?", [ANNUAL, PARENTAL, SICK], min_relevance=0.0)
+    assert answer is not None
+    markers = [int(m) for m in MARKER.findall(answer.text)]
+    assert markers
+    assert tuple(dict.fromkeys(markers)) == answer.cited
+    assert set(answer.cited) <= {1, 2, 3}
+    assert len(markers) <= 3
+
+
+def test_max_sentences_and_near_duplicates(embedder: Embedder) -> None:
+    question = "How many days of annual leave do full-time employees get?"
+    answer = _ask(embedder, question, [ANNUAL, ANNUAL, SICK], max_sentences=2, min_relevance=0.0)
+    assert answer is not None
+    assert len(MARKER.findall(answer.text)) <= 2
+    assert answer.text.count("Full-time employees are entitled to 25 days") == 1
+
+
+def test_deterministic_across_calls(embedder: Embedder) -> None:
+    question = "When must carried-over leave be taken?"
+    first = _ask(embedder, question, [ANNUAL, PARENTAL, SICK])
+    second = _ask(embedder, question, [ANNUAL, PARENTAL, SICK])
+    assert first is not None
+    assert first == second
+
+
+def test_no_passages_and_bad_vector(embedder: Embedder) -> None:
+    assert extractive_answer("Is sick leave paid?", [0.0] * embedder.dimension, [], embedder) is None
+    with pytest.raises(ValueError, match="dimension"):
+        extractive_answer("Is sick leave paid?", [1.0, 0.0], [Passage(1, SICK, 0.5)], embedder)
+
+
+def test_split_sentences_spares_abbreviations_and_decimals() -> None:
+    text = "Dr. Smith approved the plan, e.g. a budget of 3.5 million euros. The next review is due in 2025."
+    assert split_sentences(text) == [
+        "Dr. Smith approved the plan, e.g. a budget of 3.5 million euros.",
+        "The next review is due in 2025.",
+    ]
+
+
+def test_split_sentences_on_terminal_punctuation() -> None:
+    text = "The rate rose to 4.25% in Q3. It was 3.9% before, i.e. a small rise! Was that expected by everyone?"
+    assert split_sentences(text) == [
+        "The rate rose to 4.25% in Q3.",
+        "It was 3.9% before, i.e. a small rise!",
+        "Was that expected by everyone?",
+    ]
+
+
+def test_split_sentences_lists_headings_and_wrapped_lines() -> None:
+    text = (
+        "## Device rules\n"
+        "This policy applies to all staff members.\n"
+        "- Laptops must be encrypted at all times\n"
+        "* USB sticks are forbidden on site\n"
+        "1. Report a lost device within one hour\n"
+        "A wrapped sentence continues\n"
+        "on the next line of the page.\n"
+        "Short.\n"
+        "12345 6789 0000 1111 2222"
+    )
+    assert split_sentences(text) == [
+        "This policy applies to all staff members.",
+        "Laptops must be encrypted at all times",
+        "USB sticks are forbidden on site",
+        "Report a lost device within one hour",
+        "A wrapped sentence continues on the next line of the page.",
+    ]
+
+
+def test_split_sentences_keeps_placeholders() -> None:
+    text = "Please contact <PERSON_1> about leave. <PERSON_2> signed the form on <DATE_TIME_1>."
+    assert split_sentences(text) == [
+        "Please contact <PERSON_1> about leave.",
+        "<PERSON_2> signed the form on <DATE_TIME_1>.",
+    ]
+
+
+def test_embedder_returns_normalised_vectors(embedder: Embedder) -> None:
+    vectors = embedder.embed(
+        [
+            "How much paid holiday do staff get?",
+            "Employees receive 25 days of annual leave.",
+            "The canteen serves soup.",
+        ]
+    )
+    assert embedder.dimension == 384
+    assert vectors.shape == (3, 384)
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert float(vectors[0] @ vectors[1]) > float(vectors[0] @ vectors[2]) + 0.1
+
+
+def test_embed_one_and_empty_batch(embedder: Embedder) -> None:
+    single = embedder.embed_one("Employees receive 25 days of annual leave.")
+    assert len(single) == 384
+    assert all(isinstance(x, float) for x in single)
+    assert embedder.embed([]).shape == (0, 384)
+    assert get_embedder() is embedder

