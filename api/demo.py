@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from core import migrate
 from core.settings import Settings, get_settings
+from retrieval.store import close_vector_store
 
 DOCS_DIR = Path(__file__).with_name("demo_docs")
 ADMIN = "demo-admin"
@@ -24,6 +26,7 @@ ROLES = [("group:hr-staff", "editor", "hr"), ("group:finance-staff", "editor", "
 QUESTIONS = [
     ("alice", "How many days of annual leave does a full-time employee get?", None),
     ("alice", "Who chaired the salary review meeting?", None),
+    ("alice", "Is maria.gonzalez@example.com the contact for questions about the review?", None),
     ("bob", "What is the hotel limit per night in capital cities?", None),
     ("bob", "Who chaired the salary review meeting and what raise was approved?", None),
     ("bob", "What is the internal reference of the salary review?", ["hr"]),
@@ -36,6 +39,7 @@ def run() -> int:
     data_dir = base.data_dir / "demo"
     shutil.rmtree(data_dir, ignore_errors=True)
     settings = Settings(data_dir=data_dir, admins=[ADMIN], broker_url="memory://", inprocess_worker=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
     migrate.upgrade(settings.resolved_database_url)
     _say(f"embedded default in {data_dir}: SQLite, Qdrant local mode, in-process Celery, dev token issuer")
     with TestClient(create_app(settings)) as client:
@@ -47,6 +51,7 @@ def run() -> int:
         for subject, question, departments in QUESTIONS:
             _ask(client, tokens[subject], subject, question, departments)
         _show_audit(client, tokens["carol"])
+    close_vector_store(settings)
     return 0
 
 
@@ -102,10 +107,12 @@ def _ask(client: TestClient, token: str, subject: str, question: str, department
 
 def _show_audit(client: TestClient, token: str) -> None:
     export = _check(client.get("/v1/audit/retrievals", params={"format": "jsonl"}, headers=_auth(token)))
-    lines = [line for line in export.text.splitlines() if line]
-    print(f"\ncarol (compliance) exports the retrieval ledger: {len(lines)} events, hash-chained")
-    for line in lines:
-        print(f"  {line[:160]}{'…' if len(line) > 160 else ''}")
+    events = [json.loads(line) for line in export.text.splitlines() if line]
+    print(f"\ncarol (compliance) exports the retrieval ledger: {len(events)} events, hash-chained")
+    for event in events:
+        print(f"  #{event['id']} {event['subject']:<6} {event['decision']:<9} {event['reason'] or '':<26} "
+              f"searched={event['departments_searched']} hash={event['hash'][:12]}… "
+              f"question: {event['question_masked']}")
 
 
 def _check(response):  # type: ignore[no-untyped-def]

@@ -59,8 +59,9 @@ def collection_name(department: str) -> str:
 class VectorStore:
     """Thin, department-scoped operations over a Qdrant client (server or local mode)."""
 
-    def __init__(self, client: QdrantClient, dimension: int = 384) -> None:
+    def __init__(self, client: QdrantClient, dimension: int = 384, *, payload_indexes: bool = True) -> None:
         self._client = client
+        self._payload_indexes = payload_indexes  # local mode ignores them (and warns)
         self._dimension = dimension
         # Local mode is pure Python and not safe for concurrent writers; a lock is cheap here.
         self._lock = threading.RLock()
@@ -129,6 +130,8 @@ class VectorStore:
             return
         self._client.create_collection(
             name, vectors_config=models.VectorParams(size=self._dimension, distance=models.Distance.COSINE))
+        if not self._payload_indexes:
+            return
         for field, schema in (("document_id", models.PayloadSchemaType.KEYWORD),
                               ("acl_groups", models.PayloadSchemaType.KEYWORD),
                               ("acl_open", models.PayloadSchemaType.BOOL)):
@@ -144,7 +147,7 @@ def open_vector_store(settings: Settings) -> VectorStore:
     location = settings.qdrant_url or str(settings.resolved_qdrant_path.resolve())
     with _STORES_LOCK:
         if location not in _STORES:
-            _STORES[location] = VectorStore(_client_for(settings))
+            _STORES[location] = VectorStore(_client_for(settings), payload_indexes=bool(settings.qdrant_url))
         return _STORES[location]
 
 

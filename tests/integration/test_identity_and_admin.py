@@ -41,8 +41,8 @@ def _bad_tokens(client: TestClient) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize("case", ["expired", "expired_by_issuer", "not_yet_valid", "wrong_audience", "wrong_issuer", "bad_signature",
-                                  "alg_none", "garbage"])
+@pytest.mark.parametrize("case", ["expired", "expired_by_issuer", "not_yet_valid", "wrong_audience",
+                                  "wrong_issuer", "bad_signature", "alg_none", "garbage"])
 def test_bad_tokens_are_rejected_with_json_401(client: TestClient, case: str) -> None:
     token = _bad_tokens(client)[case]
     response = client.post("/v1/query", headers=auth(token), json={"question": "anything"})

@@ -1,0 +1,81 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+
+from api.errors import error_response, install_error_handlers
+from api.routers import admin, audit, documents, health, query
+from authz.dev_issuer import DevIssuer
+from authz.enforcer import get_enforcer
+from authz.tokens import TokenVerifier
+from core.errors import ErrorCode
+from core.logs import configure_logging, request_id_var
+from core.settings import Settings, get_settings
+from guard.pii import get_redactor
+from retrieval.embeddings import get_embedder
+from retrieval.store import open_vector_store
+from workers.celery_app import create_celery
+from workers.inprocess import InProcessWorker
+
+logger = logging.getLogger(__name__)
+
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API for `settings` (default: from the environment)."""
+    app = FastAPI(title="govrag", version="0.1.0", lifespan=_lifespan)
+    app.state.settings = settings or get_settings()
+    install_error_handlers(app)
+    app.middleware("http")(_request_context)
+    for module in (health, documents, query, admin, audit):
+        app.include_router(module.router)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Open shared clients once; run an in-process worker when the store is embedded."""
+    settings: Settings = app.state.settings
+    configure_logging()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app.state.enforcer = get_enforcer(settings.resolved_database_url)
+    app.state.dev_issuer = (DevIssuer.load_or_create(settings.dev_issuer_dir, settings.oidc_issuer,
+                                                     settings.oidc_audience) if settings.dev_issuer else None)
+    app.state.verifier = TokenVerifier.from_settings(settings, app.state.dev_issuer)
+    app.state.celery = create_celery(settings)
+    open_vector_store(settings)
+    get_embedder()
+    get_redactor()
+    worker = InProcessWorker(app.state.celery) if settings.inprocess_worker else None
+    if worker is not None:
+        worker.start()
+    logger.info("govrag ready (env=%s, in-process worker=%s)", settings.env, worker is not None)
+    try:
+        yield
+    finally:
+        if worker is not None:
+            worker.stop()
+
+
+async def _request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    """A request id for every line and response; oversized uploads refused before the body is read."""
+    token = request_id_var.set(uuid.uuid4().hex)
+    try:
+        limit = request.app.state.settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            response: Response = error_response(413, ErrorCode.payload_too_large.name,
+                                                "request body exceeds the upload limit")
+        else:
+            response = await call_next(request)
+        response.headers["X-Request-ID"] = request_id_var.get()
+        return response
+    finally:
+        request_id_var.reset(token)

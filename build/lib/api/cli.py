@@ -1,0 +1,112 @@
+"""The `govrag` command: serve, worker, migrate, token, demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from core.settings import get_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments and run one subcommand."""
+    _offline_defaults()
+    parser = _parser()
+    args = parser.parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="govrag", description="Governed RAG platform service.")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the API (embedded default unless configured otherwise)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(run=_serve)
+
+    worker = commands.add_parser("worker", help="run a Celery ingestion worker process (needs a Qdrant server)")
+    worker.add_argument("--concurrency", type=int, default=1)
+    worker.set_defaults(run=_worker)
+
+    commands.add_parser("migrate", help="upgrade the database schema to the latest revision").set_defaults(
+        run=_migrate)
+
+    token = commands.add_parser("token", help="print a token from the built-in DEV issuer (dev only)")
+    token.add_argument("--sub", required=True)
+    token.add_argument("--groups", action="append", default=[])
+    token.add_argument("--ttl", type=int, default=3600)
+    token.set_defaults(run=_token)
+
+    commands.add_parser("demo", help="run the end-to-end demo on the embedded default").set_defaults(run=_demo)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.app import create_app
+    from core import migrate
+
+    settings = get_settings()
+    if not settings.is_production:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        migrate.upgrade(settings.resolved_database_url)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from core.logs import configure_logging
+    from workers.celery_app import create_celery
+
+    settings = get_settings()
+    if not settings.qdrant_url:
+        print("a separate worker process needs GOVRAG_QDRANT_URL: the embedded store allows one process, "
+              "and `govrag serve` already runs an in-process worker", file=sys.stderr)
+        return 2
+    configure_logging()
+    app = create_celery(settings)
+    app.worker_main(["worker", "--loglevel=INFO", f"--concurrency={args.concurrency}", "-Q", settings.task_queue])
+    return 0
+
+
+def _migrate(_args: argparse.Namespace) -> int:
+    from core import migrate
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrate.upgrade(settings.resolved_database_url)
+    print("schema is at the latest revision")
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from authz.dev_issuer import DevIssuer
+
+    settings = get_settings()
+    if not settings.dev_issuer:
+        print("the dev issuer is disabled (GOVRAG_DEV_ISSUER=false)", file=sys.stderr)
+        return 2
+    issuer = DevIssuer.load_or_create(settings.dev_issuer_dir, settings.oidc_issuer, settings.oidc_audience)
+    print(f"# DEV-ONLY token for sub={args.sub} groups={args.groups} ttl={args.ttl}s", file=sys.stderr)
+    print(issuer.issue(args.sub, args.groups, ttl_seconds=args.ttl))
+    return 0
+
+
+def _demo(_args: argparse.Namespace) -> int:
+    from api import demo
+
+    return demo.run()
+
+
+def _offline_defaults() -> None:
+    """Nothing downloads or phones home at run time."""
+    for name, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("DO_NOT_TRACK", "1"),
+                        ("UNSTRUCTURED_DISABLE_NOTICE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(name, value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""`govrag demo`: the governed path end to end on the embedded default, printed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from core import migrate
+from core.settings import Settings, get_settings
+from retrieval.store import close_vector_store
+
+DOCS_DIR = Path(__file__).with_name("demo_docs")
+ADMIN = "demo-admin"
+PEOPLE = {  # subject → groups from the (dev) identity provider
+    "alice": ["hr-staff"],
+    "bob": ["finance-staff"],
+    "carol": ["compliance-team"],
+}
+ROLES = [("group:hr-staff", "editor", "hr"), ("group:finance-staff", "editor", "finance"),
+         ("carol", "compliance", "hr"), ("carol", "compliance", "finance")]
+QUESTIONS = [
+    ("alice", "How many days of annual leave does a full-time employee get?", None),
+    ("alice", "Who chaired the salary review meeting?", None),
+    ("alice", "Is maria.gonzalez@example.com the contact for questions about the review?", None),
+    ("bob", "What is the hotel limit per night in capital cities?", None),
+    ("bob", "Who chaired the salary review meeting and what raise was approved?", None),
+    ("bob", "What is the internal reference of the salary review?", ["hr"]),
+]
+
+
+def run() -> int:
+    """Run the demo in a fresh data dir under GOVRAG_DATA_DIR; returns a process exit code."""
+    base = get_settings()
+    data_dir = base.data_dir / "demo"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    settings = Settings(data_dir=data_dir, admins=[ADMIN], broker_url="memory://", inprocess_worker=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    migrate.upgrade(settings.resolved_database_url)
+    _say(f"embedded default in {data_dir}: SQLite, Qdrant local mode, in-process Celery, dev token issuer")
+    with TestClient(create_app(settings)) as client:
+        issuer = client.app.state.dev_issuer  # type: ignore[attr-defined]
+        tokens = {sub: issuer.issue(sub, groups) for sub, groups in PEOPLE.items()}
+        tokens[ADMIN] = issuer.issue(ADMIN, [])
+        _setup(client, tokens[ADMIN])
+        _upload_all(client, tokens)
+        for subject, question, departments in QUESTIONS:
+            _ask(client, tokens[subject], subject, question, departments)
+        _show_audit(client, tokens["carol"])
+    close_vector_store(settings)
+    return 0
+
+
+def _setup(client: TestClient, admin_token: str) -> None:
+    headers = _auth(admin_token)
+    for name in ("hr", "finance"):
+        _check(client.post("/v1/admin/departments", json={"name": name}, headers=headers))
+    for subject, role, department in ROLES:
+        _check(client.post("/v1/admin/role-assignments", headers=headers,
+                           json={"subject": subject, "role": role, "department": department}))
+    _say("departments hr, finance; hr-staff and finance-staff are editors of their own; carol is compliance")
+
+
+def _upload_all(client: TestClient, tokens: dict[str, str]) -> None:
+    jobs = []
+    for path in sorted(DOCS_DIR.iterdir()):
+        department = path.name.split("-", 1)[0]
+        uploader = "alice" if department == "hr" else "bob"
+        response = _check(client.post("/v1/documents", headers=_auth(tokens[uploader]),
+                                      data={"department": department, "title": path.stem},
+                                      files={"file": (path.name, path.read_bytes())}))
+        jobs.append((path.name, response.json()["job_id"], uploader))
+    for name, job_id, uploader in jobs:
+        status = _wait(client, tokens[uploader], job_id)
+        _say(f"ingested {name}: {status['status']}" + (f" ({status['error']})" if status["error"] else ""))
+
+
+def _wait(client: TestClient, token: str, job_id: str, timeout: float = 300.0) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = _check(client.get(f"/v1/jobs/{job_id}", headers=_auth(token))).json()
+        if status["status"] in ("ready", "failed"):
+            return status  # type: ignore[no-any-return]
+        time.sleep(0.3)
+    raise TimeoutError("ingestion did not finish in time")
+
+
+def _ask(client: TestClient, token: str, subject: str, question: str, departments: list[str] | None) -> None:
+    body: dict[str, object] = {"question": question, "purpose": "demo"}
+    if departments:
+        body["departments"] = departments
+    result = _check(client.post("/v1/query", headers=_auth(token), json=body)).json()
+    scope = f" (asking for departments {departments})" if departments else ""
+    print(f"\n{subject} asks{scope}: {question}")
+    if result["refused"]:
+        print(f"  REFUSED [{result['reason']}]: {result['answer']}")
+        return
+    print(f"  {result['answer']}")
+    for citation in result["citations"]:
+        print(f"    [{citation['n']}] {citation['department']}/{citation['title']} "
+              f"(chunk {citation['chunk_id'][-6:]}, score {citation['score']:.2f})")
+
+
+def _show_audit(client: TestClient, token: str) -> None:
+    export = _check(client.get("/v1/audit/retrievals", params={"format": "jsonl"}, headers=_auth(token)))
+    events = [json.loads(line) for line in export.text.splitlines() if line]
+    print(f"\ncarol (compliance) exports the retrieval ledger: {len(events)} events, hash-chained")
+    for event in events:
+        print(f"  #{event['id']} {event['subject']:<6} {event['decision']:<9} {event['reason'] or '':<26} "
+              f"searched={event['departments_searched']} hash={event['hash'][:12]}… "
+              f"question: {event['question_masked']}")
+
+
+def _check(response):  # type: ignore[no-untyped-def]
+    if response.status_code >= 400:
+        raise RuntimeError(f"demo step failed: HTTP {response.status_code} {response.text}")
+    return response
+
+
+def _auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _say(message: str) -> None:
+    print(f"== {message}")

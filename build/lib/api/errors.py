@@ -1,0 +1,50 @@
+"""The one error handler: every failure leaves as {"error": {"code", "message", "request_id"}}."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.errors import ErrorCode, GovragError
+from core.logs import request_id_var
+
+logger = logging.getLogger(__name__)
+
+_HTTP_CODES = {401: ErrorCode.unauthenticated, 403: ErrorCode.forbidden, 404: ErrorCode.not_found,
+               413: ErrorCode.payload_too_large, 415: ErrorCode.unsupported_type}
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    """The JSON error body, with the request id."""
+    body = {"error": {"code": code, "message": message, "request_id": request_id_var.get()}}
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(status_code=status, content=body, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map service errors, validation errors, HTTP errors and crashes to the one JSON shape."""
+
+    @app.exception_handler(GovragError)
+    async def _govrag(_request: Request, exc: GovragError) -> JSONResponse:
+        return error_response(exc.code.status, exc.code.name, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Name the fields and the problem, never echo the submitted values.
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+        return error_response(422, ErrorCode.invalid_request.name, f"invalid request: {problems}"[:500])
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, ErrorCode.invalid_request)
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        return error_response(exc.status_code, code.name, message)
+
+    @app.exception_handler(Exception)
+    async def _crash(_request: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled %s", type(exc).__name__, exc_info=exc)
+        return error_response(500, ErrorCode.internal.name, "internal error")

@@ -1,0 +1,57 @@
+"""Liveness, readiness and the dev issuer's JWKS."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from api.deps import SessionDep, SettingsDep
+from core.errors import ErrorCode, GovragError
+from retrieval.store import open_vector_store
+
+logger = logging.getLogger(__name__)
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(request: Request, session: SessionDep, settings: SettingsDep) -> JSONResponse:
+    """Database, broker and vector store all answer."""
+    checks = {
+        "database": _check(lambda: session.execute(text("SELECT 1"))),
+        "broker": _check(lambda: _ping_broker(request)),
+        "vector_store": _check(lambda: open_vector_store(settings).ping()),
+    }
+    ready = all(value == "ok" for value in checks.values())
+    return JSONResponse(status_code=200 if ready else 503, content={"ready": ready, "checks": checks})
+
+
+@router.get("/dev-issuer/jwks.json")
+def dev_issuer_jwks(request: Request) -> dict[str, object]:
+    """The built-in development issuer's public keys (only when it is enabled)."""
+    issuer = request.app.state.dev_issuer
+    if issuer is None:
+        raise GovragError(ErrorCode.not_found, "the dev issuer is disabled")
+    return issuer.jwks()  # type: ignore[no-any-return]
+
+
+def _ping_broker(request: Request) -> None:
+    with request.app.state.celery.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1, timeout=2)
+
+
+def _check(probe) -> str:  # type: ignore[no-untyped-def]
+    try:
+        probe()
+    except Exception as exc:  # noqa: BLE001 - readiness reports any failure as "down"
+        logger.warning("readiness check failed: %s", type(exc).__name__)
+        return "down"
+    return "ok"

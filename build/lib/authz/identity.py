@@ -1,0 +1,34 @@
+"""Who is calling: the verified subject, its groups and whether it administers the platform."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+GROUP_PREFIX = "group:"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A caller proven by a verified token; never built from unverified input."""
+
+    subject: str
+    groups: tuple[str, ...]
+    is_platform_admin: bool
+
+    @property
+    def subjects(self) -> tuple[str, ...]:
+        """Every principal this caller acts as: its subject, then one "group:<name>" per group."""
+        return (self.subject, *(GROUP_PREFIX + group for group in self.groups))
+
+
+def is_platform_admin(subject: str, groups: Iterable[str], admins: list[str]) -> bool:
+    """True if an admins entry names the subject, or "group:<name>" names one of its groups."""
+    group_set = set(groups)
+    for entry in admins:
+        if entry.startswith(GROUP_PREFIX):
+            if entry[len(GROUP_PREFIX) :] in group_set:
+                return True
+        elif entry == subject:
+            return True
+    return False

@@ -1,0 +1,262 @@
+"""Bearer-token verification against a JWKS: an OIDC provider's URL or the dev issuer's keys.
+
+Failures raise GovragError(unauthenticated) with a short fixed reason. Nothing derived from
+the token (not even its kid) goes into a message or a log line, and library exceptions are
+not chained, because their text can quote token parts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import urlparse
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+from authz.dev_issuer import DevIssuer
+from authz.identity import GROUP_PREFIX, Identity, is_platform_admin
+from core.errors import ErrorCode, GovragError
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_RSA = (rsa.RSAPublicKey,)
+_EC = (ec.EllipticCurvePublicKey,)
+_OKP = (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)
+
+# The only algorithms ever accepted, each with the public-key types it may verify with.
+# "none" and HS* are absent on purpose: a verifier that holds only public keys must never
+# accept a symmetric or unsigned token (alg-confusion attacks).
+_KEY_TYPES_BY_ALG: dict[str, tuple[type, ...]] = {
+    "RS256": _RSA,
+    "RS384": _RSA,
+    "RS512": _RSA,
+    "PS256": _RSA,
+    "PS384": _RSA,
+    "PS512": _RSA,
+    "ES256": _EC,
+    "ES256K": _EC,
+    "ES384": _EC,
+    "ES512": _EC,
+    "EdDSA": _OKP,
+}
+_REQUIRED_CLAIMS = ["exp", "iss", "aud", "sub"]
+_MAX_TOKEN_CHARS = 16 * 1024
+_MAX_SUBJECT_CHARS = 255
+
+
+def _fail(reason: str) -> GovragError:
+    """An unauthenticated error carrying a fixed reason (never token content)."""
+    return GovragError(ErrorCode.unauthenticated, reason)
+
+
+def bearer_token(authorization_header: str | None) -> str:
+    """The token from an "Authorization: Bearer <token>" header value."""
+    if not authorization_header:
+        raise _fail("missing bearer token")
+    scheme, _, token = authorization_header.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or any(c.isspace() for c in token):
+        raise _fail("missing bearer token")
+    return token
+
+
+class TokenVerifier:
+    """Verifies asymmetric-signed JWTs against one JWKS (a URL or an in-memory set)."""
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        audience: str,
+        algorithms: Iterable[str],
+        leeway_seconds: int = 30,
+        groups_claim: str = "groups",
+        jwks_url: str | None = None,
+        jwks: dict[str, Any] | None = None,
+        jwks_cache_seconds: float = 300.0,
+        jwks_refresh_cooldown_seconds: float = 30.0,
+    ) -> None:
+        """Give exactly one of jwks_url or jwks; symmetric and "none" algorithms are dropped."""
+        if (jwks_url is None) == (jwks is None):
+            raise ValueError("give exactly one of jwks_url or jwks")
+        self._algorithms = _asymmetric_only(algorithms)
+        self._issuer = issuer
+        self._audience = audience
+        self._leeway = leeway_seconds
+        self._groups_claim = groups_claim
+        self._client: jwt.PyJWKClient | None = None
+        self._static_keys: dict[str, jwt.PyJWK] = {}
+        if jwks_url is not None:
+            # cache_keys stays off: PyJWT's per-kid LRU never expires, so a key the IdP
+            # withdrew (rotated out or compromised) would verify until restart. The JWK Set
+            # cache below still serves every lookup from memory for jwks_cache_seconds.
+            self._client = jwt.PyJWKClient(
+                jwks_url,
+                cache_keys=False,
+                cache_jwk_set=True,
+                lifespan=jwks_cache_seconds,
+                timeout=10,
+                cooldown_duration=jwks_refresh_cooldown_seconds,
+            )
+        else:
+            self._static_keys = _static_signing_keys(jwks or {})
+
+    @classmethod
+    def from_settings(cls, settings: Settings, dev_issuer: DevIssuer | None) -> TokenVerifier:
+        """The OIDC provider's JWKS URL if configured, else the dev issuer's keys if enabled."""
+        if settings.oidc_jwks_url:
+            if urlparse(settings.oidc_jwks_url).scheme != "https":
+                log.warning("GOVRAG_OIDC_JWKS_URL is not https; signing keys can be substituted in transit")
+            return cls(jwks_url=settings.oidc_jwks_url, **_common_options(settings))
+        if not settings.dev_issuer or settings.is_production:
+            raise ValueError("no token keys: set GOVRAG_OIDC_JWKS_URL (or GOVRAG_DEV_ISSUER=true in development)")
+        if dev_issuer is None:
+            raise ValueError("GOVRAG_DEV_ISSUER is true but no dev issuer was loaded")
+        if (dev_issuer.issuer, dev_issuer.audience) != (settings.oidc_issuer, settings.oidc_audience):
+            raise ValueError("the dev issuer's issuer/audience differ from GOVRAG_OIDC_ISSUER/GOVRAG_OIDC_AUDIENCE")
+        return cls(jwks=dev_issuer.jwks(), **_common_options(settings))
+
+    def verify(self, token: str, admins: list[str]) -> Identity:
+        """Verify a compact JWS and return the caller's Identity, or raise unauthenticated."""
+        alg, kid = self._read_header(token)
+        key = self._signing_key(kid)
+        claims = self._decode(token, alg, key)
+        subject = _subject(claims)
+        groups = _groups(claims, self._groups_claim)
+        return Identity(subject=subject, groups=groups, is_platform_admin=is_platform_admin(subject, groups, admins))
+
+    def _read_header(self, token: str) -> tuple[str, str]:
+        """The header's alg and kid, checked against the allowlist before any crypto."""
+        if not isinstance(token, str) or not token or len(token) > _MAX_TOKEN_CHARS or token.count(".") != 2:
+            raise _fail("malformed token")
+        try:
+            header = jwt.get_unverified_header(token)
+        except (jwt.PyJWTError, ValueError, TypeError):
+            raise _fail("malformed token") from None
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._algorithms:
+            raise _fail("unsupported token algorithm")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise _fail("unknown signing key")
+        return alg, kid
+
+    def _signing_key(self, kid: str) -> jwt.PyJWK:
+        """The JWK for kid, from the in-memory set or the (cached) JWKS endpoint."""
+        if self._client is None:
+            key = self._static_keys.get(kid)
+            if key is None:
+                raise _fail("unknown signing key")
+            return key
+        try:
+            return self._client.get_signing_key(kid)
+        except (jwt.PyJWKClientConnectionError, jwt.PyJWKSetError, ValueError):
+            raise GovragError(ErrorCode.unavailable, "identity provider keys unavailable") from None
+        except jwt.PyJWTError:
+            raise _fail("unknown signing key") from None
+
+    def _decode(self, token: str, alg: str, key: jwt.PyJWK) -> dict[str, Any]:
+        """Check the signature and the registered claims; one path for both key sources."""
+        if not isinstance(key.key, _KEY_TYPES_BY_ALG[alg]):
+            raise _fail("unsupported token algorithm")
+        try:
+            return jwt.decode(
+                token,
+                key=key.key,
+                algorithms=[alg],
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway,
+                options={
+                    "require": _REQUIRED_CLAIMS,
+                    "verify_signature": True,
+                    "verify_exp": True,
+                    "verify_nbf": True,
+                    "verify_iat": True,
+                    "verify_aud": True,
+                    "verify_iss": True,
+                    "enforce_minimum_key_length": True,
+                },
+            )
+        except jwt.PyJWTError as exc:
+            raise _fail(_reason(exc)) from None
+        except (ValueError, TypeError):
+            raise _fail("malformed token") from None
+
+
+def _reason(exc: jwt.PyJWTError) -> str:
+    """A fixed, token-free reason for a PyJWT failure."""
+    reasons: list[tuple[type[jwt.PyJWTError], str]] = [
+        (jwt.ExpiredSignatureError, "token expired"),
+        (jwt.ImmatureSignatureError, "token not yet valid"),
+        (jwt.InvalidAudienceError, "invalid audience"),
+        (jwt.InvalidIssuerError, "invalid issuer"),
+        (jwt.MissingRequiredClaimError, "missing required claim"),
+        (jwt.InvalidSignatureError, "invalid signature"),
+        (jwt.InvalidAlgorithmError, "unsupported token algorithm"),
+        (jwt.InvalidKeyError, "unsupported signing key"),
+    ]
+    for exc_type, reason in reasons:
+        if isinstance(exc, exc_type):
+            return reason
+    return "malformed token"
+
+
+def _asymmetric_only(algorithms: Iterable[str]) -> frozenset[str]:
+    """The configured algorithms minus anything symmetric, unsigned or unknown."""
+    configured = list(algorithms)
+    allowed = frozenset(a for a in configured if a in _KEY_TYPES_BY_ALG)
+    dropped = sorted(set(configured) - allowed)
+    if dropped:
+        log.warning("ignoring token algorithms that are not asymmetric signatures: %s", ", ".join(dropped))
+    if not allowed:
+        raise ValueError("no asymmetric token algorithm is allowed; check GOVRAG_OIDC_ALGORITHMS")
+    return allowed
+
+
+def _static_signing_keys(jwks: dict[str, Any]) -> dict[str, jwt.PyJWK]:
+    """The signing keys of an in-memory JWKS by kid; private or unusable keys are refused."""
+    try:
+        key_set = jwt.PyJWKSet.from_dict(jwks)
+    except jwt.PyJWTError as exc:
+        raise ValueError("the JWKS holds no usable keys") from exc
+    keys = {k.key_id: k for k in key_set.keys if k.key_id and k.public_key_use in ("sig", None)}
+    if not keys:
+        raise ValueError("the JWKS holds no signing keys with a kid")
+    if not all(isinstance(k.key, _RSA + _EC + _OKP) for k in keys.values()):
+        raise ValueError("the JWKS must hold public asymmetric keys only")
+    return keys
+
+
+def _common_options(settings: Settings) -> dict[str, Any]:
+    """Verifier options shared by both key sources."""
+    return {
+        "issuer": settings.oidc_issuer,
+        "audience": settings.oidc_audience,
+        "algorithms": settings.oidc_algorithms,
+        "leeway_seconds": settings.oidc_leeway_seconds,
+        "groups_claim": settings.groups_claim,
+    }
+
+
+def _subject(claims: dict[str, Any]) -> str:
+    """The sub claim: a non-empty string that cannot pose as a group principal."""
+    subject = claims.get("sub")
+    if not isinstance(subject, str) or not subject.strip():
+        raise _fail("invalid subject")
+    if len(subject) > _MAX_SUBJECT_CHARS or subject.startswith(GROUP_PREFIX) or not subject.isprintable():
+        raise _fail("invalid subject")
+    return subject
+
+
+def _groups(claims: dict[str, Any], claim: str) -> tuple[str, ...]:
+    """The groups claim as a de-duplicated tuple; absent means none, a non-list is refused."""
+    value = claims.get(claim)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(g, str) for g in value):
+        raise _fail("invalid groups claim")
+    return tuple(dict.fromkeys(g for g in value if g))

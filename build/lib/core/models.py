@@ -1,0 +1,131 @@
+"""ORM classes. The schema changes only through Alembic (migrations/)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, LargeBinary, MetaData, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now, the only clock the models use."""
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class DocumentStatus(StrEnum):
+    queued = "queued"
+    processing = "processing"
+    ready = "ready"
+    failed = "failed"
+    deleted = "deleted"
+
+
+class Department(Base):
+    __tablename__ = "departments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Document(Base):
+    __tablename__ = "documents"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    department: Mapped[str] = mapped_column(ForeignKey("departments.name"), index=True)
+    title: Mapped[str] = mapped_column(String(300))
+    content_type: Mapped[str] = mapped_column(String(120))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    acl_groups: Mapped[list[str]] = mapped_column(JSON, default=list)
+    classification: Mapped[str] = mapped_column(String(32), default="internal")
+    status: Mapped[str] = mapped_column(String(16), default=DocumentStatus.queued)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    chunk_count: Mapped[int] = mapped_column(Integer, default=0)
+    uploaded_by: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class IngestionJob(Base):
+    __tablename__ = "ingestion_jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    document_id: Mapped[str] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default=DocumentStatus.queued)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class WrappedKey(Base):
+    """A data key encrypted under its parent key (document → department → master)."""
+
+    __tablename__ = "wrapped_keys"
+    __table_args__ = (UniqueConstraint("kind", "owner", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "department" | "document"
+    owner: Mapped[str] = mapped_column(String(64))  # department name or document id
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    parent_version: Mapped[int] = mapped_column(Integer)  # version of the wrapping key
+    wrapped: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class CasbinRule(Base):
+    """Casbin policy rows, read and written only through the casbin adapter."""
+
+    __tablename__ = "casbin_rule"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ptype: Mapped[str | None] = mapped_column(String(255))
+    v0: Mapped[str | None] = mapped_column(String(255))
+    v1: Mapped[str | None] = mapped_column(String(255))
+    v2: Mapped[str | None] = mapped_column(String(255))
+    v3: Mapped[str | None] = mapped_column(String(255))
+    v4: Mapped[str | None] = mapped_column(String(255))
+    v5: Mapped[str | None] = mapped_column(String(255))
+
+    def __str__(self) -> str:
+        values = [v for v in (self.v0, self.v1, self.v2, self.v3, self.v4, self.v5) if v is not None]
+        return ", ".join([self.ptype or "", *values])
+
+
+class RetrievalEvent(Base):
+    """One row per retrieval decision; hash-chained so edits are detectable."""
+
+    __tablename__ = "retrieval_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    event_type: Mapped[str] = mapped_column(String(32), default="retrieval")
+    subject: Mapped[str] = mapped_column(String(255), index=True)
+    groups: Mapped[list[str]] = mapped_column(JSON, default=list)
+    departments_requested: Mapped[list[str]] = mapped_column(JSON, default=list)
+    departments_searched: Mapped[list[str]] = mapped_column(JSON, default=list)
+    decision: Mapped[str] = mapped_column(String(32))  # answered | refused
+    reason: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    chunks: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    question_masked: Mapped[str] = mapped_column(Text)
+    purpose: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    latency_ms: Mapped[float] = mapped_column(default=0.0)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))

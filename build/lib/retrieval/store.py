@@ -1,0 +1,169 @@
+"""The vector store: one Qdrant collection per department, searched only through an access filter."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from qdrant_client import QdrantClient, models
+
+from core.settings import Settings
+
+POINT_NAMESPACE = uuid.UUID("6f1d0c1e-8a4b-4bb0-9a55-2b9c3f1e7a10")
+
+
+@dataclass(frozen=True)
+class VectorPoint:
+    """One protected chunk: its vector and a payload that never holds plaintext."""
+
+    document_id: str
+    chunk_index: int
+    vector: list[float]
+    payload: dict[str, Any]
+
+    @property
+    def point_id(self) -> str:
+        """Deterministic, so re-running ingestion overwrites instead of duplicating."""
+        return str(uuid.uuid5(POINT_NAMESPACE, f"{self.document_id}:{self.chunk_index}"))
+
+
+@dataclass(frozen=True)
+class AccessFilter:
+    """What the caller may see inside a department: open chunks, or chunks shared with a group of theirs."""
+
+    groups: tuple[str, ...]
+
+    def to_qdrant(self) -> models.Filter:
+        """The mandatory payload filter for every search."""
+        conditions: list[models.Condition] = [
+            models.FieldCondition(key="acl_open", match=models.MatchValue(value=True)),
+        ]
+        if self.groups:
+            conditions.append(models.FieldCondition(key="acl_groups", match=models.MatchAny(any=list(self.groups))))
+        return models.Filter(should=conditions)
+
+
+@dataclass(frozen=True)
+class Hit:
+    score: float
+    payload: dict[str, Any]
+
+
+def collection_name(department: str) -> str:
+    """The department's collection."""
+    return f"dept_{department}"
+
+
+class VectorStore:
+    """Thin, department-scoped operations over a Qdrant client (server or local mode)."""
+
+    def __init__(self, client: QdrantClient, dimension: int = 384, *, payload_indexes: bool = True) -> None:
+        self._client = client
+        self._payload_indexes = payload_indexes  # local mode ignores them (and warns)
+        self._dimension = dimension
+        # Local mode is pure Python and not safe for concurrent writers; a lock is cheap here.
+        self._lock = threading.RLock()
+
+    def upsert(self, department: str, points: list[VectorPoint]) -> None:
+        """Insert or overwrite points in the department's collection."""
+        if not points:
+            return
+        with self._lock:
+            self._ensure_collection(department)
+            self._client.upsert(
+                collection_name=collection_name(department),
+                points=[models.PointStruct(id=p.point_id, vector=p.vector, payload=p.payload) for p in points],
+                wait=True,
+            )
+
+    def search(self, department: str, vector: list[float], access: AccessFilter, limit: int) -> list[Hit]:
+        """Nearest chunks that pass the access filter; no unfiltered search exists."""
+        with self._lock:
+            if not self._client.collection_exists(collection_name(department)):
+                return []
+            response = self._client.query_points(
+                collection_name=collection_name(department), query=vector, query_filter=access.to_qdrant(),
+                limit=limit, with_payload=True,
+            )
+        return [Hit(score=point.score, payload=dict(point.payload or {})) for point in response.points]
+
+    def delete_document(self, department: str, document_id: str) -> None:
+        """Remove every point of a document."""
+        with self._lock:
+            if not self._client.collection_exists(collection_name(department)):
+                return
+            selector = models.Filter(must=[models.FieldCondition(key="document_id",
+                                                                 match=models.MatchValue(value=document_id))])
+            self._client.delete(collection_name=collection_name(department),
+                                points_selector=models.FilterSelector(filter=selector), wait=True)
+
+    def count(self, department: str) -> int:
+        """Points stored for a department."""
+        with self._lock:
+            if not self._client.collection_exists(collection_name(department)):
+                return 0
+            return self._client.count(collection_name(department), exact=True).count
+
+    def scroll_payloads(self, department: str) -> list[dict[str, Any]]:
+        """Every payload of a department (for audits and tests)."""
+        with self._lock:
+            if not self._client.collection_exists(collection_name(department)):
+                return []
+            points, _ = self._client.scroll(collection_name(department), limit=100_000, with_payload=True)
+        return [dict(point.payload or {}) for point in points]
+
+    def ping(self) -> None:
+        """Raise if the store cannot answer."""
+        with self._lock:
+            self._client.get_collections()
+
+    def close(self) -> None:
+        """Close the underlying client."""
+        with self._lock:
+            self._client.close()
+
+    def _ensure_collection(self, department: str) -> None:
+        name = collection_name(department)
+        if self._client.collection_exists(name):
+            return
+        self._client.create_collection(
+            name, vectors_config=models.VectorParams(size=self._dimension, distance=models.Distance.COSINE))
+        if not self._payload_indexes:
+            return
+        for field, schema in (("document_id", models.PayloadSchemaType.KEYWORD),
+                              ("acl_groups", models.PayloadSchemaType.KEYWORD),
+                              ("acl_open", models.PayloadSchemaType.BOOL)):
+            self._client.create_payload_index(name, field_name=field, field_schema=schema)
+
+
+_STORES: dict[str, VectorStore] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def open_vector_store(settings: Settings) -> VectorStore:
+    """The process's store: a Qdrant server when configured, else local mode under the data dir."""
+    location = settings.qdrant_url or str(settings.resolved_qdrant_path.resolve())
+    with _STORES_LOCK:
+        if location not in _STORES:
+            _STORES[location] = VectorStore(_client_for(settings), payload_indexes=bool(settings.qdrant_url))
+        return _STORES[location]
+
+
+def close_vector_store(settings: Settings) -> None:
+    """Release the store, so another process may open a local-mode path."""
+    location = settings.qdrant_url or str(settings.resolved_qdrant_path.resolve())
+    with _STORES_LOCK:
+        store = _STORES.pop(location, None)
+    if store is not None:
+        store.close()
+
+
+def _client_for(settings: Settings) -> QdrantClient:
+    if settings.qdrant_url:
+        return QdrantClient(url=settings.qdrant_url)
+    # Local mode allows one process per path; inside the process the store is shared.
+    path = settings.resolved_qdrant_path
+    path.mkdir(parents=True, exist_ok=True)
+    return QdrantClient(path=str(path))

@@ -1,0 +1,34 @@
+"""The Celery application: JSON only, late acks, one task at a time per worker process."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from core.settings import Settings
+
+
+class GovragCelery(Celery):
+    """A Celery app that carries the settings its tasks run with."""
+
+    govrag_settings: Settings
+
+
+def create_celery(settings: Settings) -> GovragCelery:
+    """A Celery app for these settings (broker from GOVRAG_BROKER_URL)."""
+    app = GovragCelery("govrag", broker=settings.broker_url)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=settings.task_queue,
+        task_ignore_result=True,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    app.govrag_settings = settings
+    from workers.tasks import register_tasks  # tasks import this module for the app type
+
+    register_tasks(app)
+    return app

@@ -1,0 +1,40 @@
+"""Celery tasks: thin wrappers that pass ids and call ingestion/."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery, Task
+
+from ingestion import service as ingestion_service
+from workers.celery_app import GovragCelery
+
+logger = logging.getLogger(__name__)
+
+MAX_RETRIES = 3
+INGEST_TASK = "govrag.ingest_document"
+
+
+def ingest_document(task: Task, document_id: str, job_id: str) -> None:
+    """Ingest one document; transient faults retry with backoff, then the job fails with a reason."""
+    settings = task.app.govrag_settings
+    try:
+        ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id)
+    except Exception as exc:
+        if task.request.retries >= MAX_RETRIES:
+            logger.exception("ingestion of document %s gave up after %d retries", document_id, MAX_RETRIES)
+            ingestion_service.mark_failed(settings=settings, document_id=document_id, job_id=job_id,
+                                          reason="internal error during ingestion; retries exhausted")
+            return
+        logger.warning("ingestion of document %s hit %s; retrying", document_id, type(exc).__name__)
+        raise task.retry(exc=exc, countdown=2 ** task.request.retries) from exc
+
+
+def register_tasks(app: GovragCelery) -> None:
+    """Bind the tasks to `app`, so each task reads the settings of the app that runs it."""
+    app.task(name=INGEST_TASK, bind=True, acks_late=True, max_retries=MAX_RETRIES)(ingest_document)
+
+
+def enqueue_ingestion(app: Celery, *, document_id: str, job_id: str) -> None:
+    """Queue the ingestion task on `app`'s broker."""
+    app.tasks[INGEST_TASK].apply_async(args=[document_id, job_id])
