@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     max_top_k: int = 20
     min_relevance: float = 0.30
 
+    # --- audit and observability (issue 6) ---
+
+    # --- authorization (issue 4) ---
+
+    # --- ingestion (issue 3) ---
+
+    # --- guardrails and model backends (issue 5) ---
+
     @model_validator(mode="after")
     def _refuse_dev_defaults_in_production(self) -> Settings:
         if self.env is Environment.production:
