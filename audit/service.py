@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from audit import repository
 from audit.schemas import EXPORT_FIELDS, ExportFormat, RetrievalRecord
+from core import metrics
 from core.errors import ErrorCode, GovragError
 from core.logs import mask
 from core.models import RetrievalEvent, utcnow
@@ -40,6 +41,7 @@ def record_retrieval(*, session: Session, record: RetrievalRecord) -> None:
             session.commit()
     except SQLAlchemyError as exc:
         session.rollback()
+        metrics.AUDIT_WRITE_FAILURES.inc()
         raise GovragError(ErrorCode.unavailable, "the audit log is unavailable; no answer without an audit record"
                           ) from exc
 

@@ -12,7 +12,7 @@ from audit import service as audit_service
 from audit.schemas import Decision, RetrievalRecord
 from authz import service as authz_service
 from authz.identity import Identity
-from core import crypto
+from core import crypto, metrics
 from core.keystore import keystore_for
 from core.settings import Settings
 from ingestion import service as ingestion_service
@@ -57,6 +57,8 @@ def answer_query(*, session: Session, settings: Settings, enforcer: casbin.Synce
         chunks=[{"document_id": c.document_id, "chunk_id": c.chunk_id, "score": round(c.score, 4),
                  "cited": i + 1 in cited} for i, c in enumerate(opened)],
     ))
+    metrics.QUERIES.labels(decision="refused" if response.refused else "answered").inc()
+    metrics.QUERY_LATENCY.observe(time.perf_counter() - started)
     return response
 
 
@@ -78,9 +80,11 @@ def _recheck_and_open(session: Session, settings: Settings, enforcer: casbin.Syn
     keystore, opened = keystore_for(settings), []
     for hit in hits:
         document = documents.get(str(hit.payload.get("document_id")))
-        if document is None or not _may_read(enforcer, identity, document.department, document.acl_groups):
-            continue
-        if hit.payload.get("department") != document.department:
+        if document is None:
+            continue  # deleted or failed since it was indexed: not a policy disagreement
+        if hit.payload.get("department") != document.department or not _may_read(
+                enforcer, identity, document.department, document.acl_groups):
+            metrics.AUTHZ_RECHECK_DROPS.labels(department=document.department).inc()
             continue
         key = keystore.document_key(session=session, department=document.department, document_id=document.id)
         if key is None:
