@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -10,13 +11,17 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 
 from api.errors import error_response, install_error_handlers
-from api.routers import admin, audit, documents, health, query
+from api.routers import admin, audit, authz, documents, guard_admin, health, ingestion_admin, metrics, query
 from authz.dev_issuer import DevIssuer
 from authz.enforcer import get_enforcer
 from authz.tokens import TokenVerifier
 from core.errors import ErrorCode
 from core.logs import configure_logging, request_id_var
+from core.metrics import observe_request
 from core.settings import Settings, get_settings
+from core.tracing import configure_tracing
+from guard.firewall import get_firewall
+from guard.injection import get_scanner
 from guard.pii import get_redactor
 from retrieval.embeddings import get_embedder
 from retrieval.store import open_vector_store
@@ -34,7 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings or get_settings()
     install_error_handlers(app)
     app.middleware("http")(_request_context)
-    for module in (health, documents, query, admin, audit):
+    for module in (health, documents, query, admin, authz, audit, guard_admin, metrics, ingestion_admin):
         app.include_router(module.router)
     return app
 
@@ -43,16 +48,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Open shared clients once; run an in-process worker when the store is embedded."""
     settings: Settings = app.state.settings
-    configure_logging()
+    configure_logging(settings.log_level)
+    configure_tracing(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    app.state.enforcer = get_enforcer(settings.resolved_database_url)
+    app.state.enforcer = get_enforcer(settings.resolved_database_url, settings.authz_default_clearance,
+                                      settings.authz_policy_check_seconds)
     app.state.dev_issuer = (DevIssuer.load_or_create(settings.dev_issuer_dir, settings.oidc_issuer,
                                                      settings.oidc_audience) if settings.dev_issuer else None)
     app.state.verifier = TokenVerifier.from_settings(settings, app.state.dev_issuer)
     app.state.celery = create_celery(settings)
     open_vector_store(settings)
-    get_embedder()
+    get_embedder(settings.embedding_backend)
     get_redactor()
+    get_firewall(), get_scanner()  # issue 5: load the guard weights before the first query
     worker = InProcessWorker(app.state.celery) if settings.inprocess_worker else None
     if worker is not None:
         worker.start()
@@ -67,6 +75,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 async def _request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
     """A request id for every line and response; oversized uploads refused before the body is read."""
     token = request_id_var.set(uuid.uuid4().hex)
+    started = time.perf_counter()
     try:
         limit = request.app.state.settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
         declared = request.headers.get("content-length")
@@ -76,6 +85,7 @@ async def _request_context(request: Request, call_next: Callable[[Request], Awai
         else:
             response = await call_next(request)
         response.headers["X-Request-ID"] = request_id_var.get()
+        observe_request(request, response.status_code, time.perf_counter() - started)
         return response
     finally:
         request_id_var.reset(token)

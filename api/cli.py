@@ -1,10 +1,11 @@
-"""The `govrag` command: serve, worker, migrate, token, demo."""
+"""The `govrag` command: serve, worker, migrate, token, demo, redteam (and more)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from core.settings import get_settings
 
@@ -40,6 +41,23 @@ def _parser() -> argparse.ArgumentParser:
     token.set_defaults(run=_token)
 
     commands.add_parser("demo", help="run the end-to-end demo on the embedded default").set_defaults(run=_demo)
+
+    redteam = commands.add_parser("redteam", help="send the attack corpus through the live API; non-zero on a leak")
+    redteam.add_argument("--department", required=True)
+    redteam.add_argument("--url", default="http://127.0.0.1:8000")
+    redteam.add_argument("--token", default=os.environ.get("GOVRAG_REDTEAM_TOKEN"),
+                         help="the configured user's bearer token (default: $GOVRAG_REDTEAM_TOKEN)")
+    redteam.add_argument("--user", help="dev only: mint a token for this subject from the built-in issuer")
+    redteam.add_argument("--groups", action="append", default=[])
+    redteam.add_argument("--corpus", type=Path, default=Path(os.environ.get("GOVRAG_EVAL_DIR", "../shared/eval")))
+    redteam.add_argument("--per-category", type=int, default=20)
+    redteam.set_defaults(run=_redteam)
+    from api import cli_audit  # issue 6: `govrag audit verify|export|checkpoint|purge`, `govrag export ...`
+
+    cli_audit.add_commands(commands)
+    from api import cli_ingest  # issue 3: `govrag ingest PATH` and `govrag keys rotate`
+
+    cli_ingest.add_commands(commands)
     return parser
 
 
@@ -66,7 +84,10 @@ def _worker(args: argparse.Namespace) -> int:
         print("a separate worker process needs GOVRAG_QDRANT_URL: the embedded store allows one process, "
               "and `govrag serve` already runs an in-process worker", file=sys.stderr)
         return 2
-    configure_logging()
+    configure_logging(settings.log_level)
+    from core.tracing import configure_tracing
+
+    configure_tracing(settings)
     app = create_celery(settings)
     app.worker_main(["worker", "--loglevel=INFO", f"--concurrency={args.concurrency}", "-Q", settings.task_queue])
     return 0
@@ -99,6 +120,31 @@ def _demo(_args: argparse.Namespace) -> int:
     from api import demo
 
     return demo.run()
+
+
+def _redteam(args: argparse.Namespace) -> int:
+    import httpx
+
+    from guard import redteam
+
+    token = args.token
+    if token is None and args.user:
+        from authz.dev_issuer import DevIssuer
+
+        settings = get_settings()
+        if not settings.dev_issuer:
+            print("--user needs the dev issuer; pass --token", file=sys.stderr)
+            return 2
+        issuer = DevIssuer.load_or_create(settings.dev_issuer_dir, settings.oidc_issuer, settings.oidc_audience)
+        token = issuer.issue(args.user, args.groups)
+    if not token:
+        print("give --token (or $GOVRAG_REDTEAM_TOKEN), or --user in development", file=sys.stderr)
+        return 2
+    corpus = redteam.attack_corpus(args.corpus, args.per_category)
+    with httpx.Client(base_url=args.url, timeout=120.0, trust_env=False) as client:
+        report = redteam.run(client, token, args.department, corpus)
+    print("\n".join(report.lines()))
+    return 1 if report.leaks else 0
 
 
 def _offline_defaults() -> None:

@@ -107,12 +107,23 @@ def _ask(client: TestClient, token: str, subject: str, question: str, department
 
 def _show_audit(client: TestClient, token: str) -> None:
     export = _check(client.get("/v1/audit/retrievals", params={"format": "jsonl"}, headers=_auth(token)))
-    events = [json.loads(line) for line in export.text.splitlines() if line]
-    print(f"\ncarol (compliance) exports the retrieval ledger: {len(events)} events, hash-chained")
+    lines = [json.loads(line) for line in export.text.splitlines() if line]
+    events = [line for line in lines if "manifest" not in line]
+    manifest = next((line["manifest"] for line in lines if "manifest" in line), {})
+    print(f"\ncarol (compliance) exports the retrieval ledger: {len(events)} events, hash-chained; "
+          f"manifest: {manifest.get('rows', '?')} rows, last hash {str(manifest.get('last_hash'))[:12]}…")
     for event in events:
-        print(f"  #{event['id']} {event['subject']:<6} {event['decision']:<9} {event['reason'] or '':<26} "
-              f"searched={event['departments_searched']} hash={event['hash'][:12]}… "
-              f"question: {event['question_masked']}")
+        print(f"  {_describe(event)}")
+
+
+def _describe(event: dict[str, object]) -> str:
+    """One ledger row as a line: admin actions by type, retrievals by decision and masked question."""
+    head = f"#{event['id']} {event['subject']:<10} hash={str(event['hash'])[:12]}…"
+    if event["event_type"] != "retrieval":
+        return f"{head} admin action: {event['event_type']} {event.get('departments_searched') or ''}"
+    reason = f" [{event['reason']}]" if event["reason"] else ""
+    return (f"{head} {event['decision']}{reason} searched={event['departments_searched']} "
+            f"question: {event['question_masked']}")
 
 
 def _check(response):  # type: ignore[no-untyped-def]

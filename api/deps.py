@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-import casbin
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
+from authz.enforcer import PolicyEnforcer
 from authz.identity import Identity
 from authz.tokens import TokenVerifier, bearer_token
 from core.db import get_session_factory
@@ -36,12 +36,12 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_enforcer_dep(request: Request) -> casbin.SyncedEnforcer:
+def get_enforcer_dep(request: Request) -> PolicyEnforcer:
     """The app's Casbin enforcer."""
     return request.app.state.enforcer  # type: ignore[no-any-return]
 
 
-EnforcerDep = Annotated[casbin.SyncedEnforcer, Depends(get_enforcer_dep)]
+EnforcerDep = Annotated[PolicyEnforcer, Depends(get_enforcer_dep)]
 
 
 def get_celery(request: Request) -> GovragCelery:

@@ -4,33 +4,47 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import Row, Select, delete, func, select, text
 from sqlalchemy.orm import Session
 
-from core.models import RetrievalEvent
+from audit.schemas import ExportFilters
+from core.models import AuditCheckpoint, Document, DocumentStatus, RetrievalEvent
 
 GENESIS_HASH = "0" * 64
 _CHAIN_LOCK_ID = 734_112  # arbitrary, constant advisory-lock id for the ledger chain
-_local_chain_lock = threading.Lock()
+_local_chain_lock = threading.RLock()
+_BATCH = 1000
 
 
 def lock_chain(session: Session) -> None:
     """Serialise appends so the hash chain never forks (PostgreSQL: a transaction-scoped advisory lock)."""
-    if session.get_bind().dialect.name == "postgresql":
+    if is_postgres(session):
         session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _CHAIN_LOCK_ID})
 
 
-def local_chain_lock() -> threading.Lock:
+def is_postgres(session: Session) -> bool:
+    """True on PostgreSQL (advisory locks, server-side cursors)."""
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def local_chain_lock() -> threading.RLock:
     """SQLite (embedded, one process) serialises appends with a process lock."""
     return _local_chain_lock
 
 
+def last_event(session: Session) -> RetrievalEvent | None:
+    """The row at the end of the chain."""
+    return session.scalar(select(RetrievalEvent).order_by(RetrievalEvent.id.desc()).limit(1))
+
+
 def last_hash(session: Session) -> str:
-    """The hash at the end of the chain."""
+    """The hash at the end of the chain; after a purge that removed every row, the signed purge anchor."""
     query = select(RetrievalEvent.hash).order_by(RetrievalEvent.id.desc()).limit(1)
-    return session.scalar(query) or GENESIS_HASH
+    anchor = (select(AuditCheckpoint.last_hash).where(AuditCheckpoint.kind == "purge")
+              .order_by(AuditCheckpoint.last_event_id.desc()).limit(1))
+    return session.scalar(query) or session.scalar(anchor) or GENESIS_HASH
 
 
 def add_event(session: Session, event: RetrievalEvent) -> None:
@@ -39,14 +53,91 @@ def add_event(session: Session, event: RetrievalEvent) -> None:
     session.flush()
 
 
-def iter_events(session: Session, *, since: datetime | None, until: datetime | None,
-                subject: str | None) -> Iterator[RetrievalEvent]:
-    """Events in chain order, streamed in batches."""
-    query = select(RetrievalEvent).order_by(RetrievalEvent.id)
-    if since is not None:
-        query = query.where(RetrievalEvent.created_at >= since)
-    if until is not None:
-        query = query.where(RetrievalEvent.created_at < until)
-    if subject is not None:
-        query = query.where(RetrievalEvent.subject == subject)
-    yield from session.scalars(query.execution_options(yield_per=500))
+def max_event_id(session: Session) -> int:
+    """The highest event id (0 when empty)."""
+    return int(session.scalar(select(func.max(RetrievalEvent.id))) or 0)
+
+
+_EVENT_COLUMNS = tuple(RetrievalEvent.__table__.columns)
+
+
+def iter_chain(session: Session, *, after_id: int) -> Iterator[Row[Any]]:
+    """Every event after `after_id` in chain order, as plain rows in keyset-paged batches (constant memory)."""
+    yield from _paged(session, select(*_EVENT_COLUMNS).where(RetrievalEvent.id > after_id))
+
+
+def iter_events(session: Session, *, filters: ExportFilters, through_id: int) -> Iterator[Row[Any]]:
+    """Events matching the column filters, up to `through_id`, in chain order (JSON filters are the caller's)."""
+    query = select(*_EVENT_COLUMNS).where(RetrievalEvent.id <= through_id)
+    if filters.since is not None:
+        query = query.where(RetrievalEvent.created_at >= filters.since)
+    if filters.until is not None:
+        query = query.where(RetrievalEvent.created_at < filters.until)
+    if filters.subject is not None:
+        query = query.where(RetrievalEvent.subject == filters.subject)
+    if filters.decision is not None:
+        query = query.where(RetrievalEvent.decision == filters.decision)
+    if filters.event_type is not None:
+        query = query.where(RetrievalEvent.event_type == filters.event_type)
+    yield from _paged(session, query)
+
+
+def _paged(session: Session, query: Select[Any]) -> Iterator[Row[Any]]:
+    """Keyset pagination on id: each batch is a fresh, short query, so memory stays flat at any ledger size."""
+    after_id = 0
+    while True:
+        batch = session.execute(query.where(RetrievalEvent.id > after_id).order_by(RetrievalEvent.id)
+                                .limit(_BATCH)).all()
+        if not batch:
+            return
+        yield from batch
+        after_id = batch[-1].id
+
+
+def add_checkpoint(session: Session, checkpoint: AuditCheckpoint) -> None:
+    """Store a signed checkpoint."""
+    session.add(checkpoint)
+    session.flush()
+
+
+def last_checkpointed_id(session: Session) -> int:
+    """The event id covered by the newest checkpoint (0 when none); a primary-key lookup, cheap per append."""
+    query = select(AuditCheckpoint.last_event_id).order_by(AuditCheckpoint.id.desc()).limit(1)
+    return int(session.scalar(query) or 0)
+
+
+def checkpoints(session: Session) -> list[AuditCheckpoint]:
+    """All stored checkpoints, oldest first."""
+    return list(session.scalars(select(AuditCheckpoint).order_by(AuditCheckpoint.id)))
+
+
+def last_event_before(session: Session, cutoff: object) -> RetrievalEvent | None:
+    """The newest event created before `cutoff`."""
+    query = (select(RetrievalEvent).where(RetrievalEvent.created_at < cutoff)
+             .order_by(RetrievalEvent.id.desc()).limit(1))
+    return session.scalar(query)
+
+
+def count_through(session: Session, through_id: int) -> int:
+    """How many events have id <= `through_id`."""
+    return int(session.scalar(select(func.count()).where(RetrievalEvent.id <= through_id)) or 0)
+
+
+def delete_through(session: Session, through_id: int) -> int:
+    """Delete events with id <= `through_id` (only the retention purge calls this)."""
+    result = session.execute(delete(RetrievalEvent).where(RetrievalEvent.id <= through_id))
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def ready_documents(session: Session, department: str) -> dict[str, Document]:
+    """The department's ready (approved) documents by id, for the training-data export."""
+    query = select(Document).where(Document.department == department, Document.status == DocumentStatus.ready)
+    return {document.id: document for document in session.scalars(query)}
+
+
+def document_counts(session: Session) -> list[tuple[str, str, int, int]]:
+    """(department, status, documents, chunks) for the scrape-time gauges."""
+    chunks = func.coalesce(func.sum(Document.chunk_count), 0)
+    query = select(Document.department, Document.status, func.count(), chunks).group_by(Document.department,
+                                                                                       Document.status)
+    return [(str(d), str(s), int(n), int(c)) for d, s, n, c in session.execute(query)]

@@ -3,23 +3,61 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
+
+from pydantic import BaseModel
 
 
 class Decision(StrEnum):
     answered = "answered"
     refused = "refused"
+    blocked = "blocked"  # a guard (firewall, output guard, kill switch) stopped it
+    withheld = "withheld"  # an answer was produced but not released (e.g. PII resurfaced)
+    admin = "admin"  # admin events (role changes, kill switch, exports, ...)
 
 
 class ExportFormat(StrEnum):
     jsonl = "jsonl"
     csv = "csv"
+    ocsf = "ocsf"  # OCSF API Activity (6003) events as JSON lines, for SIEMs
+
+
+class AdminEventType(StrEnum):
+    """Admin actions recorded in the same ledger as retrievals."""
+
+    department_created = "department_created"
+    role_granted = "role_granted"
+    role_revoked = "role_revoked"
+    kill_switch = "kill_switch"
+    firewall_mode = "firewall_mode"
+    quarantine_decision = "quarantine_decision"
+    key_rotation = "key_rotation"
+    reveal = "reveal"
+    export = "export"
+    training_export = "training_export"
+    retention_purge = "retention_purge"
+    document_deleted = "document_deleted"
+    # issue 4: policy changes besides grants/revocations (details say which rows changed)
+    role_defined = "role_defined"
+    role_deleted = "role_deleted"
+    role_inheritance_added = "role_inheritance_added"
+    role_inheritance_removed = "role_inheritance_removed"
+    clearance_set = "clearance_set"
+    clearance_removed = "clearance_removed"
+    # issue 3: ingestion administration
+    ingestion_policy = "ingestion_policy"
+    reindex = "reindex"
 
 
 @dataclass(frozen=True)
 class RetrievalRecord:
-    """Everything the ledger keeps about one query; the question arrives already masked."""
+    """Everything the ledger keeps about one query; the question arrives already masked.
+
+    `chunks` entries: document_id, chunk_id, score, cited, and `content_sha256` (of the sealed-then-opened,
+    already-redacted chunk text) so a recipient can tell which version of a chunk was seen.
+    """
 
     request_id: str
     subject: str
@@ -32,10 +70,46 @@ class RetrievalRecord:
     purpose: str | None
     latency_ms: float
     chunks: list[dict[str, Any]] = field(default_factory=list)
+    roles: list[str] = field(default_factory=list)  # "role@department" the decision relied on
+    policy_version: str | None = None
+    guard_verdicts: dict[str, Any] = field(default_factory=dict)  # e.g. {"firewall": {...}, "output": {...}}
+    model_backend: str | None = None
+    model_id: str | None = None
+    kill_switch_mode: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 EXPORT_FIELDS = (
     "id", "request_id", "created_at", "event_type", "subject", "groups", "departments_requested",
     "departments_searched", "decision", "reason", "chunks", "question_masked", "purpose", "latency_ms",
+    "roles", "policy_version", "guard_verdicts", "model_backend", "model_id", "kill_switch_mode", "details",
     "prev_hash", "hash",
 )
+# Fields added after the first release: left out of the canonical hash content while empty, so rows written
+# before they existed keep verifying (an empty value and an absent one are the same statement).
+LATER_FIELDS = frozenset(
+    {"roles", "policy_version", "guard_verdicts", "model_backend", "model_id", "kill_switch_mode", "details"})
+
+
+@dataclass(frozen=True)
+class ExportFilters:
+    """What a compliance export selects."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    subject: str | None = None
+    department: str | None = None
+    decision: str | None = None
+    document_id: str | None = None
+    event_type: str | None = None
+
+
+class VerifyResult(BaseModel):
+    """The outcome of walking the chain and checking the signed checkpoints."""
+
+    ok: bool
+    checked: int
+    first_broken: int | None = None
+    reason: str | None = None
+    checkpoints_checked: int = 0
+    purged_through: int | None = None

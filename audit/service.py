@@ -1,25 +1,24 @@
-"""The retrieval ledger: hash-chained events and their export."""
+"""The retrieval ledger: hash-chained retrieval and admin events."""
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
-import json
 from collections.abc import Iterator
-from contextlib import nullcontext
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from audit import repository
-from audit.schemas import EXPORT_FIELDS, ExportFormat, RetrievalRecord
+from audit import export, integrity, repository, training
+from audit.integrity import event_hash
+from audit.schemas import AdminEventType, Decision, ExportFilters, ExportFormat, RetrievalRecord, VerifyResult
+from authz import service as authz_service
+from authz.identity import Identity, is_platform_admin
 from core import metrics
 from core.errors import ErrorCode, GovragError
-from core.logs import mask
-from core.models import RetrievalEvent, utcnow
+from core.logs import mask, request_id_var
+from core.models import AuditCheckpoint, RetrievalEvent, utcnow
+from core.settings import Settings
 from guard.pii import get_redactor
 
 
@@ -28,69 +27,113 @@ def mask_question(question: str) -> str:
     return mask(get_redactor().redact(question))
 
 
-def record_retrieval(*, session: Session, record: RetrievalRecord) -> None:
+def record_retrieval(*, session: Session, record: RetrievalRecord, settings: Settings | None = None) -> None:
     """Append the event to the chain; any failure is `unavailable`: no audit, no answer."""
+    _append(session, settings, RetrievalEvent(event_type="retrieval", **vars(record)))
+
+
+def record_admin_event(*, session: Session, identity: Identity, event_type: AdminEventType | str,
+                       department: str | None = None, details: dict[str, Any] | None = None,
+                       settings: Settings | None = None, departments: list[str] | None = None) -> None:
+    """Append an admin action (role change, kill switch, export, ...) to the same chain; commits the session.
+
+    `details` must be metadata only (names, ids, counts) — never document text, questions, tokens or keys.
+    `departments` (several) may replace `department` (one) for actions spanning departments, e.g. exports.
+    """
+    departments = sorted(departments or ([department] if department else []))
+    _append(session, settings, RetrievalEvent(
+        event_type=str(event_type.value if isinstance(event_type, AdminEventType) else event_type),
+        request_id=request_id_var.get(),
+        subject=identity.subject, groups=list(identity.groups), departments_requested=departments,
+        departments_searched=departments, decision=Decision.admin.value, reason=None, question_masked="",
+        purpose=None, latency_ms=0.0, chunks=[], details=details or {}))
+
+
+def _append(session: Session, settings: Settings | None, event: RetrievalEvent) -> None:
+    """Link `event` to the end of the chain and commit it (with a signed checkpoint every N rows)."""
+    checkpoint: AuditCheckpoint | None = None
     try:
-        is_postgres = session.get_bind().dialect.name == "postgresql"
-        with nullcontext() if is_postgres else repository.local_chain_lock():
+        with repository.local_chain_lock():
             repository.lock_chain(session)
-            event = RetrievalEvent(created_at=utcnow(), event_type="retrieval", **vars(record))
+            event.created_at = utcnow()
             event.prev_hash = repository.last_hash(session)
             event.hash = event_hash(event)
             repository.add_event(session, event)
+            if settings is not None and settings.audit_checkpoint_every > 0 and \
+                    event.id - repository.last_checkpointed_id(session) >= settings.audit_checkpoint_every:
+                checkpoint = integrity.make_checkpoint(session=session, settings=settings, event=event)
             session.commit()
+        metrics.AUDIT_EVENTS.labels(event_type=event.event_type).inc()
     except SQLAlchemyError as exc:
         session.rollback()
         metrics.AUDIT_WRITE_FAILURES.inc()
         raise GovragError(ErrorCode.unavailable, "the audit log is unavailable; no answer without an audit record"
                           ) from exc
+    if checkpoint is not None and settings is not None:
+        integrity.mirror_checkpoint(settings, checkpoint)
 
 
-def event_hash(event: RetrievalEvent) -> str:
-    """SHA-256 over the previous hash and the event's canonical content."""
-    content = {name: _plain(getattr(event, name)) for name in EXPORT_FIELDS if name not in ("id", "hash")}
-    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+def compliance_scope(*, session: Session, settings: Settings, enforcer: Any,
+                     identity: Identity) -> set[str] | None:
+    """Departments whose events the caller may export; None means every event (global compliance).
+
+    Global compliance is granted by configuration (GOVRAG_COMPLIANCE_OFFICERS, like GOVRAG_ADMINS), never by
+    default; per-department compliance is the `compliance` role (permission `export_audit`) in that department.
+    """
+    if is_platform_admin(identity.subject, identity.groups, settings.compliance_officers):
+        return None
+    departments = set(authz_service.allowed_departments(session=session, enforcer=enforcer, identity=identity,
+                                                        action="export_audit"))
+    if not departments:
+        raise GovragError(ErrorCode.forbidden, "the compliance role is required to export the audit log")
+    return departments
 
 
-def export_events(*, session: Session, departments: set[str], fmt: ExportFormat, since: datetime | None = None,
-                  until: datetime | None = None, subject: str | None = None) -> Iterator[str]:
-    """Stream events that touched any of `departments` (requested or searched) as JSONL or CSV."""
-    rows = (
-        _as_row(event)
-        for event in repository.iter_events(session, since=since, until=until, subject=subject)
-        if departments.intersection(event.departments_searched) or departments.intersection(
-            event.departments_requested)
-    )
-    return _jsonl(rows) if fmt is ExportFormat.jsonl else _csv(rows)
+def export_events(*, session: Session, settings: Settings, identity: Identity, scope: set[str] | None,
+                  filters: ExportFilters, fmt: ExportFormat) -> Iterator[str]:
+    """Record the export in the ledger, then stream the events in `scope` (None: all) and a closing manifest."""
+    if scope is not None and filters.department is not None and filters.department not in scope:
+        raise GovragError(ErrorCode.forbidden, "the compliance role is required in this department")
+    through_id = repository.max_event_id(session)
+    record_admin_event(session=session, identity=identity, event_type=AdminEventType.export,
+                       departments=[filters.department] if filters.department else sorted(scope or []),
+                       settings=settings,
+                       details={"format": fmt.value, "filters": export.filters_as_dict(filters),
+                                "through_event_id": through_id, "scope": sorted(scope) if scope else "*"})
+    rows = export.select_rows(session=session, departments=scope, filters=filters, through_id=through_id)
+    return export.render(rows, fmt, filters=filters, through_id=through_id)
 
 
-def _as_row(event: RetrievalEvent) -> dict[str, Any]:
-    return {name: _plain(getattr(event, name)) for name in EXPORT_FIELDS}
+def verify(*, session: Session, settings: Settings) -> VerifyResult:
+    """Walk the chain and the signed checkpoints."""
+    return integrity.verify(session=session, settings=settings)
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, datetime):  # one canonical UTC form, whatever the database hands back
-        utc = value.astimezone(UTC) if value.tzinfo else value
-        return utc.replace(tzinfo=None).isoformat() + "Z"
-    if hasattr(value, "value"):
-        return value.value
-    return value
+def purge_expired(*, session: Session, settings: Settings, identity: Identity,
+                  now: datetime | None = None) -> int:
+    """Retention: a signed purge checkpoint, the delete, then a `retention_purge` event; returns rows removed."""
+    outcome = integrity.purge_expired(session=session, settings=settings, now=now)
+    if outcome is None:
+        return 0
+    deleted, through_id = outcome
+    record_admin_event(session=session, identity=identity, event_type=AdminEventType.retention_purge,
+                       settings=settings, details={"rows": deleted, "through_event_id": through_id,
+                                                   "retention_days": settings.audit_retention_days})
+    return deleted
 
 
-def _jsonl(rows: Iterator[dict[str, Any]]) -> Iterator[str]:
-    for row in rows:
-        yield json.dumps(row, ensure_ascii=False) + "\n"
+def export_training_data(*, session: Session, settings: Settings, identity: Identity,
+                         department: str) -> Iterator[str]:
+    """Record the training-data export, then stream redacted chunks of ready documents and a manifest."""
+    if department not in authz_service.list_departments(session=session):
+        raise GovragError(ErrorCode.not_found, "no such department")
+    record_admin_event(session=session, identity=identity, event_type=AdminEventType.training_export,
+                       department=department, settings=settings, details={"department": department})
+    rows = training.training_rows(session=session, settings=settings, department=department)
+    return training.render_jsonl(rows, department=department)
 
 
-def _csv(rows: Iterator[dict[str, Any]]) -> Iterator[str]:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=EXPORT_FIELDS)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in row.items()})
-        yield buffer.getvalue()
-        buffer.seek(0)
-        buffer.truncate()
-    if buffer.getvalue():
-        yield buffer.getvalue()
+def checkpoint_now(*, session: Session, settings: Settings) -> int | None:
+    """Sign a checkpoint at the current end of the chain; the event id it covers."""
+    checkpoint = integrity.checkpoint_now(session=session, settings=settings)
+    return checkpoint.last_event_id if checkpoint else None

@@ -1,38 +1,191 @@
-"""The Casbin enforcer: model file + policies stored in the database by sqlalchemy-adapter."""
+"""The policy enforcer: Casbin RBAC with domains, reloaded whenever the stored policy version moves.
+
+Every process keeps the whole policy (Casbin rules and clearances) in memory and compares the
+version row in the database with its own: at most every `check_seconds` on ordinary checks, and
+on every query (`refresh(force=True)`), so a revoked role stops working on the next query in every
+process. Policy rows are only ever written through authz.service, in the same transaction as the
+version bump and the admin audit event; the in-memory copy is never edited directly.
+"""
 
 from __future__ import annotations
 
+import threading
+import time
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import casbin
+from casbin.model import fast_policy_filter
+from sqlalchemy.orm import Session
 from sqlalchemy_adapter import Adapter
 
+from authz import repository
+from authz.identity import ROLE_PREFIX
 from core.db import get_engine
 from core.models import CasbinRule
+from ingestion.schemas import Classification
 
 MODEL_PATH = Path(__file__).with_name("rbac_model.conf")
+__all__ = ["ROLE_PERMISSIONS", "ROLE_PREFIX", "PolicyEnforcer", "get_enforcer", "rank"]
 
-# What each role may do inside a department. Deny by default: nothing else is allowed.
+# Built-in roles (seeded by migration 0003). Deny by default: nothing else is allowed.
 ROLE_PERMISSIONS: dict[str, tuple[str, ...]] = {
     "reader": ("read",),
     "editor": ("read", "upload", "delete"),
     "compliance": ("export_audit",),
+    "privacy_officer": ("read", "reveal"),
     "admin": ("manage",),
 }
 
 
+def rank(level: str) -> int:
+    """The order of a classification or clearance level (public 0 … restricted 3)."""
+    return Classification(level).rank
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What one principal holds in one department: its roles (inherited included) and their actions."""
+
+    roles: tuple[str, ...]
+    actions: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One policy version as loaded; swapped whole, so one decision never mixes two versions."""
+
+    version: int = 0
+    grants: dict[str, dict[str, Grant]] = field(default_factory=dict)  # principal → department → grant
+    clearances: dict[tuple[str, str], str] = field(default_factory=dict)  # (principal, department) → level
+    permissions: tuple[tuple[str, str], ...] = ()  # (action, role:<name>)
+
+
+@dataclass(frozen=True)
+class ReadDecision:
+    """Where a caller may read, with its clearance rank and roles there, under one policy version."""
+
+    version: int
+    clearance_by_department: dict[str, int]
+    roles_by_department: dict[str, tuple[str, ...]]
+
+
+class PolicyEnforcer:
+    """Thread-safe decisions over one database's policy; FastEnforcer behind one lock."""
+
+    def __init__(self, database_url: str, *, default_clearance: str = "internal", check_seconds: float = 0.5) -> None:
+        self._engine = get_engine(database_url)
+        adapter = Adapter(self._engine, db_class=CasbinRule, create_table=False)
+        # FastEnforcer filters policies in place during enforce, so every call holds the lock.
+        self._casbin = casbin.FastEnforcer(str(MODEL_PATH), adapter, cache_key_order=[0])
+        self._lock = threading.Lock()
+        self._default_rank = rank(default_clearance)
+        self._check_seconds = check_seconds
+        self._checked_at = float("-inf")
+        self._snapshot = Snapshot()
+        self.refresh(force=True)
+
+    @property
+    def version(self) -> int:
+        """The policy version this process decides with."""
+        return self._snapshot.version
+
+    def refresh(self, *, force: bool = False) -> int:
+        """Reload if the stored version moved; read the database at most every check_seconds unless forced."""
+        now = time.monotonic()
+        if not force and now - self._checked_at < self._check_seconds:
+            return self._snapshot.version
+        with Session(self._engine) as session:
+            stored = repository.policy_version(session)  # read before loading: never label new rules old
+        self._checked_at = now
+        if stored != self._snapshot.version:
+            self._reload(stored)
+        return self._snapshot.version
+
+    def _reload(self, version: int) -> None:
+        with Session(self._engine) as session:
+            clearances = repository.clearance_levels(session)
+            permissions = tuple(repository.permission_rows(session))
+        with self._lock:
+            self._casbin.load_policy()
+            self._snapshot = Snapshot(version=version, grants=self._index_grants(permissions),
+                                      clearances=clearances, permissions=permissions)
+
+    def _index_grants(self, permissions: tuple[tuple[str, str], ...]) -> dict[str, dict[str, Grant]]:
+        """principal → department → roles and permissions, resolved once per policy version (lock held)."""
+        by_role: dict[str, set[str]] = {}
+        for action, role in permissions:
+            by_role.setdefault(role, set()).add(action)
+        index: dict[str, dict[str, Grant]] = {}
+        for subject, _role, department in self._casbin.get_grouping_policy():
+            if subject.startswith(ROLE_PREFIX) or department in index.get(subject, {}):
+                continue
+            roles = set(self._casbin.get_implicit_roles_for_user(subject, department))
+            allowed = frozenset(a for r in roles for a in by_role.get(r, ()))
+            index.setdefault(subject, {})[department] = Grant(
+                roles=tuple(sorted(r[len(ROLE_PREFIX):] for r in roles if r.startswith(ROLE_PREFIX))),
+                actions=allowed)
+        return index
+
+    def read_decision(self, subjects: tuple[str, ...]) -> ReadDecision:
+        """Departments where any principal may read, with clearance and roles, from one snapshot."""
+        snap = self._snapshot
+        roles: dict[str, set[str]] = {}
+        for subject in subjects:
+            for department, grant in snap.grants.get(subject, {}).items():
+                if "read" in grant.actions:
+                    roles.setdefault(department, set())
+        for subject in subjects:
+            for department, grant in snap.grants.get(subject, {}).items():
+                if department in roles:
+                    roles[department].update(grant.roles)
+        return ReadDecision(
+            version=snap.version,
+            clearance_by_department={d: self._clearance(snap, subjects, d) for d in roles},
+            roles_by_department={d: tuple(sorted(r)) for d, r in roles.items()})
+
+    def enforce(self, subject: str, department: str, action: str) -> bool:
+        """Whether this one principal holds a role granting `action` in `department`."""
+        with self._lock:
+            return bool(self._casbin.enforce(action, subject, department))
+
+    def matched_rule(self, subject: str, department: str, action: str) -> list[str]:
+        """The permission row that allowed the request, or [] when none did."""
+        with self._lock, fast_policy_filter(self._casbin.model.model["p"]["p"].policy, action):
+            allowed, rule = self._casbin.enforce_ex(action, subject, department)
+        return list(rule) if allowed else []
+
+    def roles(self, subject: str, department: str) -> list[str]:
+        """Roles (inherited ones included) that one principal holds in a department, unprefixed."""
+        with self._lock:
+            implicit = self._casbin.get_implicit_roles_for_user(subject, department)
+        return sorted({r[len(ROLE_PREFIX):] for r in implicit if r.startswith(ROLE_PREFIX)})
+
+    def clearance_rank(self, subjects: tuple[str, ...], department: str) -> int:
+        """The highest clearance any of the principals holds in the department, else the default."""
+        return self._clearance(self._snapshot, subjects, department)
+
+    def _clearance(self, snap: Snapshot, subjects: tuple[str, ...], department: str) -> int:
+        levels = [snap.clearances.get((subject, department)) for subject in subjects]
+        return max([rank(level) for level in levels if level], default=self._default_rank)
+
+    def grouping_rows(self) -> list[list[str]]:
+        """Every g row: [subject or role:<name>, role:<name>, department]."""
+        with self._lock:
+            return [list(row) for row in self._casbin.get_grouping_policy()]
+
+    def permission_rows(self) -> list[list[str]]:
+        """Every p row: [action, role:<name>] (kept at load: FastPolicy cannot be listed unfiltered)."""
+        return [list(row) for row in self._snapshot.permissions]
+
+    def clearances(self) -> dict[tuple[str, str], str]:
+        """(subject, department) → level, as loaded."""
+        return dict(self._snapshot.clearances)
+
+
 @lru_cache
-def get_enforcer(database_url: str) -> casbin.SyncedEnforcer:
-    """The process's enforcer for a database; role permissions are seeded idempotently."""
-    adapter = Adapter(get_engine(database_url), db_class=CasbinRule, create_table=False)
-    enforcer = casbin.SyncedEnforcer(str(MODEL_PATH), adapter)
-    _seed_role_permissions(enforcer)
-    return enforcer
-
-
-def _seed_role_permissions(enforcer: casbin.SyncedEnforcer) -> None:
-    wanted = [[role, action] for role, actions in ROLE_PERMISSIONS.items() for action in actions]
-    missing = [rule for rule in wanted if not enforcer.has_policy(*rule)]
-    if missing:
-        enforcer.add_policies(missing)
+def get_enforcer(database_url: str, default_clearance: str = "internal",
+                 check_seconds: float = 0.5) -> PolicyEnforcer:
+    """The process's enforcer for a database."""
+    return PolicyEnforcer(database_url, default_clearance=default_clearance, check_seconds=check_seconds)

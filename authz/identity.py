@@ -6,6 +6,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 GROUP_PREFIX = "group:"
+ROLE_PREFIX = "role:"
+RESERVED_PREFIXES = (GROUP_PREFIX, ROLE_PREFIX)  # no token subject may start with these
 
 
 @dataclass(frozen=True)
@@ -15,6 +17,7 @@ class Identity:
     subject: str
     groups: tuple[str, ...]
     is_platform_admin: bool
+    email: str | None = None
 
     @property
     def subjects(self) -> tuple[str, ...]:

@@ -1,11 +1,39 @@
-"""Request and response shapes for departments and role assignments."""
+"""Request and response shapes for departments, roles, assignments, clearances and explanations."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, Field, model_validator
+
+from authz.identity import ROLE_PREFIX
+from ingestion.schemas import Classification
 
 DEPARTMENT_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
 SUBJECT_PATTERN = r"^[^\s,*]{1,255}$"
+ROLE_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
+GROUP_PATTERN = r"^[^\s,*]{1,240}$"
+
+
+def _not_a_role(subject: str) -> str:
+    if subject.startswith(ROLE_PREFIX):
+        raise ValueError("a subject is a user or group:<name>, never a role")
+    return subject
+
+
+# A user subject or group:<name>; "role:" principals are only written by the role-hierarchy API.
+Subject = Annotated[str, Field(pattern=SUBJECT_PATTERN, description="a user subject or group:<name>"),
+                    AfterValidator(_not_a_role)]
+
+
+class Permission(StrEnum):
+    read = "read"
+    upload = "upload"
+    delete = "delete"
+    reveal = "reveal"
+    export_audit = "export_audit"
+    manage = "manage"
 
 
 class DepartmentIn(BaseModel):
@@ -17,6 +45,79 @@ class DepartmentOut(BaseModel):
 
 
 class RoleAssignment(BaseModel):
-    subject: str = Field(pattern=SUBJECT_PATTERN, description="a user subject or group:<name>")
-    role: str
+    subject: Subject
+    role: str = Field(pattern=ROLE_PATTERN)
     department: str = Field(pattern=DEPARTMENT_PATTERN)
+
+
+class GroupMapping(BaseModel):
+    """Members of an IdP group hold `role` in `department`."""
+
+    group: str = Field(pattern=GROUP_PATTERN, description="the group as the token's groups claim carries it")
+    role: str = Field(pattern=ROLE_PATTERN)
+    department: str = Field(pattern=DEPARTMENT_PATTERN)
+
+
+class RoleDefinition(BaseModel):
+    name: str = Field(pattern=ROLE_PATTERN)
+    permissions: list[Permission] = Field(min_length=1)
+
+
+class RoleInheritance(BaseModel):
+    """Inside `department`, holders of `role` also hold `inherits` (and what it inherits)."""
+
+    role: str = Field(pattern=ROLE_PATTERN)
+    inherits: str = Field(pattern=ROLE_PATTERN)
+    department: str = Field(pattern=DEPARTMENT_PATTERN)
+
+
+class ClearanceIn(BaseModel):
+    subject: Subject
+    department: str = Field(pattern=DEPARTMENT_PATTERN)
+    level: Classification  # the highest classification the subject may read there
+
+
+class ClearanceKey(BaseModel):
+    subject: Subject
+    department: str = Field(pattern=DEPARTMENT_PATTERN)
+
+
+class PolicyVersionOut(BaseModel):
+    version: int
+
+
+class ExplainRequest(BaseModel):
+    """Would this subject (with these groups) see this document or chunk?"""
+
+    subject: Subject
+    groups: list[str] = Field(default_factory=list, max_length=500)
+    document_id: str | None = Field(default=None, max_length=64)
+    chunk_id: str | None = Field(default=None, max_length=80)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> ExplainRequest:
+        if (self.document_id is None) == (self.chunk_id is None):
+            raise ValueError("give exactly one of document_id or chunk_id")
+        return self
+
+    @property
+    def target_document_id(self) -> str:
+        """The document the request is about (a chunk id is "<document_id>:<index>")."""
+        return self.document_id or str(self.chunk_id).rsplit(":", 1)[0]
+
+
+class ExplainCheck(BaseModel):
+    name: Literal["department_read", "acl", "clearance"]
+    passed: bool
+    detail: str
+    rules: list[str] = Field(default_factory=list)
+
+
+class ExplainOut(BaseModel):
+    decision: Literal["allow", "deny"]
+    subject: str
+    document_id: str
+    chunk_id: str | None
+    department: str | None
+    policy_version: int
+    checks: list[ExplainCheck]

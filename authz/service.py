@@ -1,31 +1,66 @@
-"""Authorization decisions, departments and role assignments. Deny by default."""
+"""Authorization decisions, departments, roles, clearances and explanations. Deny by default.
+
+A chunk is visible only if the caller may `read` in its department, its ACL groups are empty or
+share a group with the caller, and its classification is at most the caller's clearance there.
+"""
 
 from __future__ import annotations
 
-import casbin
+from dataclasses import dataclass
+from typing import Any
+
 from sqlalchemy.orm import Session
 
+from audit import service as audit_service
+from audit.schemas import AdminEventType
 from authz import repository
-from authz.enforcer import ROLE_PERMISSIONS
-from authz.identity import Identity
-from authz.schemas import RoleAssignment
+from authz.enforcer import ROLE_PREFIX, PolicyEnforcer, rank
+from authz.identity import GROUP_PREFIX, Identity
+from authz.schemas import (
+    ClearanceIn,
+    ClearanceKey,
+    ExplainCheck,
+    ExplainOut,
+    ExplainRequest,
+    GroupMapping,
+    RoleAssignment,
+    RoleDefinition,
+    RoleInheritance,
+)
 from core.errors import ErrorCode, GovragError
 from core.keystore import KeyStore
+from core.settings import Settings
+from ingestion import service as ingestion_service
 
 
-def is_allowed(enforcer: casbin.SyncedEnforcer, identity: Identity, action: str, department: str) -> bool:
+@dataclass(frozen=True)
+class ReadScope:
+    """What a caller may read, decided once per query: departments with their clearance rank."""
+
+    policy_version: int
+    clearance_by_department: dict[str, int]
+    roles: list[str]  # "role@department" the decision relied on (for the audit event)
+
+    @property
+    def departments(self) -> list[str]:
+        """The departments that may be searched."""
+        return list(self.clearance_by_department)
+
+
+def is_allowed(enforcer: PolicyEnforcer, identity: Identity, action: str, department: str) -> bool:
     """True when the user, or one of their groups, holds a role granting `action` in `department`."""
+    enforcer.refresh()
     return any(enforcer.enforce(subject, department, action) for subject in identity.subjects)
 
 
-def require(enforcer: casbin.SyncedEnforcer, identity: Identity, action: str, department: str) -> None:
+def require(enforcer: PolicyEnforcer, identity: Identity, action: str, department: str) -> None:
     """Raise forbidden unless `is_allowed`; the message does not reveal whether the department exists."""
     if not is_allowed(enforcer, identity, action, department):
         raise GovragError(ErrorCode.forbidden, f"not allowed to {action} in this department")
 
 
 def allowed_departments(
-    *, session: Session, enforcer: casbin.SyncedEnforcer, identity: Identity, action: str,
+    *, session: Session, enforcer: PolicyEnforcer, identity: Identity, action: str,
     requested: list[str] | None = None,
 ) -> list[str]:
     """Existing departments where `action` is allowed, narrowed to `requested` when given."""
@@ -36,14 +71,44 @@ def allowed_departments(
     return [name for name in candidates if is_allowed(enforcer, identity, action, name)]
 
 
-def require_manage(enforcer: casbin.SyncedEnforcer, identity: Identity, department: str) -> None:
+def read_scope(*, session: Session, enforcer: PolicyEnforcer, identity: Identity,
+               requested: list[str] | None = None) -> ReadScope:
+    """The query's decision on the freshest policy: readable departments, clearances, roles used.
+
+    Resolved from the enforcer's per-version grant index (Casbin's role graph, computed once per policy
+    version); the re-check before decryption asks Casbin's matcher instead, so the two paths are independent.
+    """
+    enforcer.refresh(force=True)
+    decision = enforcer.read_decision(identity.subjects)
+    wanted = set(decision.clearance_by_department)
+    if requested is not None:
+        wanted &= set(requested)
+    departments = [d for d in repository.department_names(session) if d in wanted]
+    return ReadScope(
+        policy_version=decision.version,
+        clearance_by_department={d: decision.clearance_by_department[d] for d in departments},
+        roles=sorted({f"{role}@{d}" for d in departments for role in decision.roles_by_department[d]}),
+    )
+
+
+def may_read_chunk(enforcer: PolicyEnforcer, identity: Identity, *, department: str, acl_groups: list[str],
+                   classification: str) -> bool:
+    """The whole rule for one chunk: read in its department, ACL open or shared, classification ≤ clearance."""
+    if not is_allowed(enforcer, identity, "read", department):
+        return False
+    if acl_groups and not set(acl_groups) & set(identity.groups):
+        return False
+    return rank(classification) <= enforcer.clearance_rank(identity.subjects, department)
+
+
+def require_manage(enforcer: PolicyEnforcer, identity: Identity, department: str) -> None:
     """Platform admins manage everything; a department `admin` manages that department."""
     if not identity.is_platform_admin:
         require(enforcer, identity, "manage", department)
 
 
 def require_platform_admin(identity: Identity) -> None:
-    """Only platform admins (GOVRAG_ADMINS) may create departments."""
+    """Only platform admins (GOVRAG_ADMINS) may create departments and define roles."""
     if not identity.is_platform_admin:
         raise GovragError(ErrorCode.forbidden, "only platform admins may do this")
 
@@ -61,31 +126,213 @@ def list_departments(*, session: Session) -> list[str]:
     return repository.department_names(session)
 
 
-def assign_role(*, session: Session, enforcer: casbin.SyncedEnforcer, assignment: RoleAssignment) -> bool:
-    """Grant a role in a department; False when it was already granted."""
-    _validate_assignment(session, assignment)
-    return bool(enforcer.add_grouping_policy(assignment.subject, assignment.role, assignment.department))
+# --- policy changes: rows, version bump and admin audit event commit together ---
+
+@dataclass(frozen=True)
+class ChangeContext:
+    """Who changes the policy, through which session, and the enforcer to refresh afterwards."""
+
+    session: Session
+    enforcer: PolicyEnforcer
+    actor: Identity
+    settings: Settings | None = None
 
 
-def revoke_role(*, session: Session, enforcer: casbin.SyncedEnforcer, assignment: RoleAssignment) -> None:
+def _record_change(ctx: ChangeContext, event: AdminEventType, department: str | None, details: dict[str, Any]) -> int:
+    """Bump the version and write the admin event; the audit service commits rows, bump and event together."""
+    version = repository.bump_policy_version(ctx.session)
+    audit_service.record_admin_event(session=ctx.session, identity=ctx.actor, event_type=event, department=department,
+                                     details={**details, "policy_version": version}, settings=ctx.settings)
+    ctx.enforcer.refresh(force=True)
+    return version
+
+
+def assign_role(*, ctx: ChangeContext, assignment: RoleAssignment) -> bool:
+    """Grant a role in a department; False (and nothing recorded) when it was already granted."""
+    _validate_assignment(ctx.session, assignment.role, assignment.department)
+    if not repository.add_rule(ctx.session, "g", assignment.subject, ROLE_PREFIX + assignment.role,
+                               assignment.department):
+        return False
+    _record_change(ctx, AdminEventType.role_granted, assignment.department, assignment.model_dump())
+    return True
+
+
+def revoke_role(*, ctx: ChangeContext, assignment: RoleAssignment) -> None:
     """Withdraw a role; not_found when it was not granted."""
-    _validate_assignment(session, assignment)
-    if not enforcer.remove_grouping_policy(assignment.subject, assignment.role, assignment.department):
+    _validate_assignment(ctx.session, assignment.role, assignment.department)
+    if not repository.remove_rules(ctx.session, "g", assignment.subject, ROLE_PREFIX + assignment.role,
+                                   assignment.department):
         raise GovragError(ErrorCode.not_found, "no such role assignment")
+    _record_change(ctx, AdminEventType.role_revoked, assignment.department, assignment.model_dump())
 
 
-def list_assignments(enforcer: casbin.SyncedEnforcer, department: str | None = None) -> list[RoleAssignment]:
-    """Role assignments, optionally for one department."""
-    rows = enforcer.get_grouping_policy()
+def list_assignments(enforcer: PolicyEnforcer, department: str | None = None) -> list[RoleAssignment]:
+    """Role assignments of users and groups, optionally for one department."""
+    enforcer.refresh()
     return [
-        RoleAssignment(subject=subject, role=role, department=dept)
-        for subject, role, dept in rows
-        if department is None or dept == department
+        RoleAssignment(subject=subject, role=role[len(ROLE_PREFIX):], department=dept)
+        for subject, role, dept in enforcer.grouping_rows()
+        if not subject.startswith(ROLE_PREFIX) and (department is None or dept == department)
     ]
 
 
-def _validate_assignment(session: Session, assignment: RoleAssignment) -> None:
-    if assignment.role not in ROLE_PERMISSIONS:
-        raise GovragError(ErrorCode.invalid_request, f"unknown role; expected one of {sorted(ROLE_PERMISSIONS)}")
-    if not repository.department_exists(session, assignment.department):
+def map_group(*, ctx: ChangeContext, mapping: GroupMapping) -> bool:
+    """Members of an IdP group get a role in a department."""
+    return assign_role(ctx=ctx, assignment=_group_assignment(mapping))
+
+
+def unmap_group(*, ctx: ChangeContext, mapping: GroupMapping) -> None:
+    """Withdraw a group → role mapping."""
+    revoke_role(ctx=ctx, assignment=_group_assignment(mapping))
+
+
+def list_group_mappings(enforcer: PolicyEnforcer, department: str | None = None) -> list[GroupMapping]:
+    """Group → role mappings, optionally for one department."""
+    return [GroupMapping(group=a.subject[len(GROUP_PREFIX):], role=a.role, department=a.department)
+            for a in list_assignments(enforcer, department) if a.subject.startswith(GROUP_PREFIX)]
+
+
+def _group_assignment(mapping: GroupMapping) -> RoleAssignment:
+    return RoleAssignment(subject=GROUP_PREFIX + mapping.group, role=mapping.role, department=mapping.department)
+
+
+def define_role(*, ctx: ChangeContext, definition: RoleDefinition) -> None:
+    """Create or replace a role's permissions (platform-wide role names, granted per department)."""
+    role, wanted = ROLE_PREFIX + definition.name, {p.value for p in definition.permissions}
+    for action in sorted(wanted):
+        repository.add_rule(ctx.session, "p", action, role)
+    for action, existing_role in repository.permission_rows(ctx.session):
+        if existing_role == role and action not in wanted:
+            repository.remove_rules(ctx.session, "p", action, role)
+    _record_change(ctx, AdminEventType.role_defined, None,
+                   {"role": definition.name, "permissions": sorted(wanted)})
+
+
+def delete_role(*, ctx: ChangeContext, name: str) -> None:
+    """Remove a role that nobody holds any more; conflict while it is still granted or inherited."""
+    role = ROLE_PREFIX + name
+    if not any(r == role for _, r in repository.permission_rows(ctx.session)):
+        raise GovragError(ErrorCode.not_found, "no such role")
+    if repository.role_in_use(ctx.session, role):
+        raise GovragError(ErrorCode.conflict, "role is still granted or inherited; revoke it first")
+    for action, existing_role in repository.permission_rows(ctx.session):
+        if existing_role == role:
+            repository.remove_rules(ctx.session, "p", action, role)
+    _record_change(ctx, AdminEventType.role_deleted, None, {"role": name})
+
+
+def list_roles(enforcer: PolicyEnforcer) -> list[RoleDefinition]:
+    """Every role with its permissions."""
+    enforcer.refresh()
+    permissions: dict[str, list[str]] = {}
+    for action, role in enforcer.permission_rows():
+        permissions.setdefault(role[len(ROLE_PREFIX):], []).append(action)
+    return [RoleDefinition(name=name, permissions=sorted(actions)) for name, actions in sorted(permissions.items())]
+
+
+def add_inheritance(*, ctx: ChangeContext, link: RoleInheritance) -> bool:
+    """Inside a department, holders of link.role also hold link.inherits."""
+    _validate_assignment(ctx.session, link.role, link.department)
+    _validate_assignment(ctx.session, link.inherits, link.department)
+    if link.role == link.inherits:
+        raise GovragError(ErrorCode.invalid_request, "a role cannot inherit itself")
+    if not repository.add_rule(ctx.session, "g", ROLE_PREFIX + link.role, ROLE_PREFIX + link.inherits, link.department):
+        return False
+    _record_change(ctx, AdminEventType.role_inheritance_added, link.department, link.model_dump())
+    return True
+
+
+def remove_inheritance(*, ctx: ChangeContext, link: RoleInheritance) -> None:
+    """Withdraw a role-hierarchy link; not_found when absent."""
+    if not repository.remove_rules(ctx.session, "g", ROLE_PREFIX + link.role, ROLE_PREFIX + link.inherits,
+                                   link.department):
+        raise GovragError(ErrorCode.not_found, "no such role inheritance")
+    _record_change(ctx, AdminEventType.role_inheritance_removed, link.department, link.model_dump())
+
+
+def list_inheritance(enforcer: PolicyEnforcer, department: str | None = None) -> list[RoleInheritance]:
+    """The role hierarchy, optionally for one department."""
+    enforcer.refresh()
+    return [RoleInheritance(role=a[len(ROLE_PREFIX):], inherits=b[len(ROLE_PREFIX):], department=dept)
+            for a, b, dept in enforcer.grouping_rows()
+            if a.startswith(ROLE_PREFIX) and (department is None or dept == department)]
+
+
+def set_clearance(*, ctx: ChangeContext, clearance: ClearanceIn) -> None:
+    """Set the highest classification a subject may read in a department."""
+    if not repository.department_exists(ctx.session, clearance.department):
         raise GovragError(ErrorCode.not_found, "no such department")
+    repository.set_clearance(ctx.session, clearance.subject, clearance.department, clearance.level.value)
+    _record_change(ctx, AdminEventType.clearance_set, clearance.department,
+                   clearance.model_dump(mode="json"))
+
+
+def remove_clearance(*, ctx: ChangeContext, key: ClearanceKey) -> None:
+    """Fall back to the default clearance; not_found when none was set."""
+    if not repository.delete_clearance(ctx.session, key.subject, key.department):
+        raise GovragError(ErrorCode.not_found, "no such clearance")
+    _record_change(ctx, AdminEventType.clearance_removed, key.department, key.model_dump())
+
+
+def list_clearances(enforcer: PolicyEnforcer, department: str | None = None) -> list[ClearanceIn]:
+    """Explicit clearances, optionally for one department."""
+    enforcer.refresh()
+    return [ClearanceIn(subject=subject, department=dept, level=level)  # type: ignore[arg-type]
+            for (subject, dept), level in sorted(enforcer.clearances().items())
+            if department is None or dept == department]
+
+
+def _validate_assignment(session: Session, role: str, department: str) -> None:
+    if not any(r == ROLE_PREFIX + role for _, r in repository.permission_rows(session)):
+        raise GovragError(ErrorCode.invalid_request, "unknown role; define it first (GET /v1/admin/roles lists them)")
+    if not repository.department_exists(session, department):
+        raise GovragError(ErrorCode.not_found, "no such department")
+
+
+# --- explanations ---
+
+def explain_checks(enforcer: PolicyEnforcer, identity: Identity, *, department: str, acl_groups: list[str],
+                   classification: str) -> list[ExplainCheck]:
+    """Each part of the visibility rule for one document, with the rows that decided it."""
+    enforcer.refresh(force=True)
+    granting = [(s, enforcer.matched_rule(s, department, "read")) for s in identity.subjects]
+    granting = [(s, rule) for s, rule in granting if rule]
+    read = ExplainCheck(
+        name="department_read", passed=bool(granting),
+        detail=(f"read in {department} granted to {', '.join(s for s, _ in granting)}" if granting
+                else f"no role of the subject or its groups grants read in {department}"),
+        rules=[f"g, {s}, {ROLE_PREFIX}{r}, {department}" for s, _ in granting
+               for r in enforcer.roles(s, department)] + [f"p, {', '.join(rule)}" for _, rule in granting])
+    shared = sorted(set(acl_groups) & set(identity.groups))
+    acl = ExplainCheck(name="acl", passed=not acl_groups or bool(shared),
+                       detail=("document ACL is open" if not acl_groups else
+                               f"shared groups: {shared}" if shared else "no group in common with the document ACL"))
+    limit = enforcer.clearance_rank(identity.subjects, department)
+    sources = [f"clearance, {s}, {department}, {lvl}" for (s, d), lvl in enforcer.clearances().items()
+               if d == department and s in identity.subjects]
+    clearance = ExplainCheck(
+        name="clearance", passed=rank(classification) <= limit,
+        detail=f"classification {classification} (rank {rank(classification)}) vs clearance rank {limit}"
+               + ("" if sources else " (default clearance)"), rules=sources)
+    return [read, acl, clearance]
+
+
+def explain(*, session: Session, enforcer: PolicyEnforcer, request: ExplainRequest) -> ExplainOut:
+    """Whether a subject with these groups would see a ready document (or one of its chunks), and why."""
+    document_id = request.target_document_id
+    document = ingestion_service.ready_documents(session=session, document_ids={document_id}).get(document_id)
+    if document is None:
+        raise GovragError(ErrorCode.not_found, "no such ready document")
+    subject = Identity(subject=request.subject, groups=tuple(dict.fromkeys(request.groups)), is_platform_admin=False)
+    checks = explain_checks(enforcer, subject, department=document.department,
+                            acl_groups=list(document.acl_groups or []), classification=document.classification)
+    return ExplainOut(decision="allow" if all(c.passed for c in checks) else "deny", subject=request.subject,
+                      document_id=document_id, chunk_id=request.chunk_id, department=document.department,
+                      policy_version=enforcer.version, checks=checks)
+
+
+def named_definition(name: str, body: RoleDefinition) -> RoleDefinition:
+    """The body of PUT /roles/{name}, refused when it names a different role."""
+    if body.name != name:
+        raise GovragError(ErrorCode.invalid_request, "the role name in the path and the body differ")
+    return body

@@ -12,11 +12,12 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlparse
 
+import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from authz.dev_issuer import DevIssuer
-from authz.identity import GROUP_PREFIX, Identity, is_platform_admin
+from authz.identity import RESERVED_PREFIXES, Identity, is_platform_admin
 from core.errors import ErrorCode, GovragError
 from core.settings import Settings
 
@@ -42,7 +43,8 @@ _KEY_TYPES_BY_ALG: dict[str, tuple[type, ...]] = {
     "ES512": _EC,
     "EdDSA": _OKP,
 }
-_REQUIRED_CLAIMS = ["exp", "iss", "aud", "sub"]
+_REQUIRED_CLAIMS = ["exp", "iss", "aud"]  # the subject claim is configurable and checked after decoding
+_DISCOVERY_PATH = "/.well-known/openid-configuration"
 _MAX_TOKEN_CHARS = 16 * 1024
 _MAX_SUBJECT_CHARS = 255
 
@@ -74,6 +76,9 @@ class TokenVerifier:
         algorithms: Iterable[str],
         leeway_seconds: int = 30,
         groups_claim: str = "groups",
+        subject_claim: str = "sub",
+        email_claim: str = "email",
+        required_azp: str | None = None,
         jwks_url: str | None = None,
         jwks: dict[str, Any] | None = None,
         jwks_cache_seconds: float = 300.0,
@@ -87,6 +92,9 @@ class TokenVerifier:
         self._audience = audience
         self._leeway = leeway_seconds
         self._groups_claim = groups_claim
+        self._subject_claim = subject_claim
+        self._email_claim = email_claim
+        self._required_azp = required_azp
         self._client: jwt.PyJWKClient | None = None
         self._static_keys: dict[str, jwt.PyJWK] = {}
         if jwks_url is not None:
@@ -107,12 +115,16 @@ class TokenVerifier:
     @classmethod
     def from_settings(cls, settings: Settings, dev_issuer: DevIssuer | None) -> TokenVerifier:
         """The OIDC provider's JWKS URL if configured, else the dev issuer's keys if enabled."""
-        if settings.oidc_jwks_url:
-            if urlparse(settings.oidc_jwks_url).scheme != "https":
-                log.warning("GOVRAG_OIDC_JWKS_URL is not https; signing keys can be substituted in transit")
-            return cls(jwks_url=settings.oidc_jwks_url, **_common_options(settings))
+        jwks_url = settings.oidc_jwks_url
+        if not jwks_url and settings.oidc_discovery and (not settings.dev_issuer or settings.is_production):
+            jwks_url = discover_jwks_uri(settings.oidc_issuer)
+        if jwks_url:
+            if urlparse(jwks_url).scheme != "https":
+                log.warning("the JWKS URL is not https; signing keys can be substituted in transit")
+            return cls(jwks_url=jwks_url, **_common_options(settings))
         if not settings.dev_issuer or settings.is_production:
-            raise ValueError("no token keys: set GOVRAG_OIDC_JWKS_URL (or GOVRAG_DEV_ISSUER=true in development)")
+            raise ValueError("no token keys: set GOVRAG_OIDC_ISSUER (discovery) or GOVRAG_OIDC_JWKS_URL"
+                             " (or GOVRAG_DEV_ISSUER=true in development)")
         if dev_issuer is None:
             raise ValueError("GOVRAG_DEV_ISSUER is true but no dev issuer was loaded")
         if (dev_issuer.issuer, dev_issuer.audience) != (settings.oidc_issuer, settings.oidc_audience):
@@ -124,9 +136,13 @@ class TokenVerifier:
         alg, kid = self._read_header(token)
         key = self._signing_key(kid)
         claims = self._decode(token, alg, key)
-        subject = _subject(claims)
-        groups = _groups(claims, self._groups_claim)
-        return Identity(subject=subject, groups=groups, is_platform_admin=is_platform_admin(subject, groups, admins))
+        if self._required_azp is not None and claims.get("azp", self._required_azp) != self._required_azp:
+            raise _fail("token issued to another client")
+        subject = _subject(claim_at(claims, self._subject_claim))
+        groups = _groups(claim_at(claims, self._groups_claim))
+        email = claim_at(claims, self._email_claim)
+        return Identity(subject=subject, groups=groups, is_platform_admin=is_platform_admin(subject, groups, admins),
+                        email=email if isinstance(email, str) and email.isprintable() else None)
 
     def _read_header(self, token: str) -> tuple[str, str]:
         """The header's alg and kid, checked against the allowlist before any crypto."""
@@ -239,22 +255,58 @@ def _common_options(settings: Settings) -> dict[str, Any]:
         "algorithms": settings.oidc_algorithms,
         "leeway_seconds": settings.oidc_leeway_seconds,
         "groups_claim": settings.groups_claim,
+        "subject_claim": settings.subject_claim,
+        "email_claim": settings.email_claim,
+        "required_azp": settings.oidc_required_azp,
+        "jwks_refresh_cooldown_seconds": settings.oidc_jwks_refetch_cooldown_seconds,
     }
 
 
-def _subject(claims: dict[str, Any]) -> str:
-    """The sub claim: a non-empty string that cannot pose as a group principal."""
-    subject = claims.get("sub")
+def discover_jwks_uri(issuer: str, timeout: float = 10.0) -> str:
+    """The jwks_uri from the issuer's OpenID configuration, whose issuer must match exactly (OIDC Discovery 4.3)."""
+    if urlparse(issuer).scheme not in ("https", "http"):
+        raise ValueError("OIDC discovery needs GOVRAG_OIDC_ISSUER to be the issuer URL")
+    if urlparse(issuer).scheme != "https":
+        log.warning("the OIDC issuer is not https; its configuration can be substituted in transit")
+    try:
+        response = httpx.get(issuer.rstrip("/") + _DISCOVERY_PATH, timeout=timeout, follow_redirects=False)
+        response.raise_for_status()
+        document = response.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise ValueError("OIDC discovery failed: the issuer's openid-configuration could not be read") from exc
+    if not isinstance(document, dict) or document.get("issuer") != issuer:
+        raise ValueError("OIDC discovery failed: the configuration names a different issuer")
+    jwks_uri = document.get("jwks_uri")
+    if not isinstance(jwks_uri, str) or urlparse(jwks_uri).scheme not in ("https", "http"):
+        raise ValueError("OIDC discovery failed: no usable jwks_uri")
+    return jwks_uri
+
+
+def claim_at(claims: dict[str, Any], path: str) -> Any:
+    """A claim by name, or by dotted path into nested objects (Keycloak "realm_access.roles")."""
+    if path in claims:
+        return claims[path]  # a flat claim wins, even when its name holds dots (URL-named claims)
+    value: Any = claims
+    for part in path.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _subject(subject: Any) -> str:
+    """The subject claim: a non-empty string that cannot pose as a group or role principal."""
+    if subject is None:
+        raise _fail("missing required claim")
     if not isinstance(subject, str) or not subject.strip():
         raise _fail("invalid subject")
-    if len(subject) > _MAX_SUBJECT_CHARS or subject.startswith(GROUP_PREFIX) or not subject.isprintable():
+    if len(subject) > _MAX_SUBJECT_CHARS or subject.startswith(RESERVED_PREFIXES) or not subject.isprintable():
         raise _fail("invalid subject")
     return subject
 
 
-def _groups(claims: dict[str, Any], claim: str) -> tuple[str, ...]:
+def _groups(value: Any) -> tuple[str, ...]:
     """The groups claim as a de-duplicated tuple; absent means none, a non-list is refused."""
-    value = claims.get(claim)
     if value is None:
         return ()
     if not isinstance(value, list) or not all(isinstance(g, str) for g in value):

@@ -14,12 +14,15 @@ def _path(blob_dir: Path, document_id: str) -> Path:
 
 def write_sealed(blob_dir: Path, document_id: str, key: bytes, data: bytes) -> None:
     """Store the raw upload encrypted; written to a temp file then renamed, so never half-written."""
-    blob_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    target = _path(blob_dir, document_id)
-    temp = target.with_suffix(".tmp")
+    _write_sealed(_path(blob_dir, document_id), key, data, f"govrag:raw:{document_id}")
+
+
+def _write_sealed(target: Path, key: bytes, data: bytes, context: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    temp = target.with_name(target.name + ".tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
-        handle.write(crypto.seal(key, data, f"govrag:raw:{document_id}"))
+        handle.write(crypto.seal(key, data, context))
     temp.replace(target)
 
 
@@ -29,5 +32,26 @@ def read_sealed(blob_dir: Path, document_id: str, key: bytes) -> bytes:
 
 
 def remove(blob_dir: Path, document_id: str) -> None:
-    """Delete the stored upload, if present."""
+    """Delete the stored upload and the document's sealed placeholder map, if present."""
     _path(blob_dir, document_id).unlink(missing_ok=True)
+    _map_path(blob_dir, document_id).unlink(missing_ok=True)
+
+
+# issue 3: reversible pseudonymisation — placeholder → original, sealed under the same document key
+
+
+def _map_path(blob_dir: Path, document_id: str) -> Path:
+    return blob_dir / f"{document_id}.pii"
+
+
+def write_sealed_map(blob_dir: Path, document_id: str, key: bytes, data: bytes) -> None:
+    """Store a document's placeholder map encrypted (temp file, then rename)."""
+    _write_sealed(_map_path(blob_dir, document_id), key, data, f"govrag:pii-map:{document_id}")
+
+
+def read_sealed_map(blob_dir: Path, document_id: str, key: bytes) -> bytes | None:
+    """The placeholder map, decrypted; None when the document kept none."""
+    path = _map_path(blob_dir, document_id)
+    if not path.exists():
+        return None
+    return crypto.open_sealed(key, path.read_bytes(), f"govrag:pii-map:{document_id}")

@@ -1,4 +1,4 @@
-"""Logging, configured once: JSON lines, a request id on each, sensitive values masked."""
+"""Logging, configured once: JSON lines, a request id on each, sensitive values masked on every handler."""
 
 from __future__ import annotations
 
@@ -10,8 +10,15 @@ from contextvars import ContextVar
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 
 _MASKS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)", re.S),
+     "<PRIVATE_KEY>"),
     (re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]*"), "<TOKEN>"),
     (re.compile(r"(?i)bearer\s+\S+"), "Bearer <TOKEN>"),
+    (re.compile(r"(?i)\b(password|passwd|pwd|secret|api[_-]?key|access[_-]?key|token|master[_-]?key|"
+                r"authorization|client[_-]?secret)(\"?\s*[=:]\s*\"?)[^\s\"',;]+"), r"\1\2<SECRET>"),
+    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "<SECRET>"),
+    (re.compile(r"\b(?:sk|pk|rk|ghp|gho|xox[abp])[-_][A-Za-z0-9_-]{16,}\b"), "<SECRET>"),
+    (re.compile(r"[a-z][a-z0-9+.-]*://[^\s:/@]+:[^\s@/]+@"), "<URL_WITH_CREDENTIALS>@"),
     (re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+"), "<EMAIL>"),
     (re.compile(r"\b\d{3}-\d{2}-\d{4}\b"), "<SSN>"),
     (re.compile(r"\b(?:\d[ -]?){13,19}\b"), "<NUMBER>"),
@@ -19,9 +26,13 @@ _MASKS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\+?\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}\b"), "<PHONE>"),
 )
 
+# Loggers that libraries give their own handlers or stop from propagating; they are routed to ours.
+_LIBRARY_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "celery", "celery.task", "celery.worker",
+                    "celery.app.trace", "celery.redirected", "kombu", "httpx", "sqlalchemy", "alembic")
+
 
 def mask(text: str) -> str:
-    """Replace tokens, e-mails, card/account numbers and phone numbers in `text`."""
+    """Replace private keys, tokens, secrets, credentials in URLs, e-mails, account/card and phone numbers."""
     for pattern, replacement in _MASKS:
         text = pattern.sub(replacement, text)
     return text
@@ -36,6 +47,10 @@ class MaskingFilter(logging.Filter):
         if record.exc_info and record.exc_info[1] is not None:
             record.exc_text = mask(logging.Formatter().formatException(record.exc_info))
             record.exc_info = None
+        elif record.exc_text:
+            record.exc_text = mask(record.exc_text)
+        if record.stack_info:
+            record.stack_info = mask(record.stack_info)
         record.request_id = request_id_var.get()
         return True
 
@@ -57,12 +72,46 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "INFO") -> None:
-    """Install the JSON handler with the masking filter on the root logger (idempotent)."""
+    """Install the JSON handler on the root logger (idempotent), route library loggers to it, mask every handler."""
     root = logging.getLogger()
-    if any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter())
-    handler.addFilter(MaskingFilter())
-    root.addHandler(handler)
-    root.setLevel(level)
+    if not any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+        root.addHandler(handler)
+        root.setLevel(level)
+    for name in _LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        library.handlers.clear()
+        library.propagate = True
+    mask_all_handlers()
+    _take_over_celery_logging()
+
+
+def mask_all_handlers() -> int:
+    """Add the masking filter to every handler of every logger that lacks one; returns how many were added."""
+    loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(logger, logging.Logger))]
+    added = 0
+    for logger in loggers:
+        for handler in logger.handlers:
+            if not any(isinstance(f, MaskingFilter) for f in handler.filters):
+                handler.addFilter(MaskingFilter())
+                added += 1
+    return added
+
+
+def _take_over_celery_logging() -> None:
+    """A `setup_logging` receiver stops Celery from installing its own (unmasked) handlers."""
+    from celery import signals
+
+    signals.setup_logging.connect(_celery_setup_logging, weak=False, dispatch_uid="govrag-logging")
+    for signal in (signals.after_setup_logger, signals.after_setup_task_logger):
+        signal.connect(_celery_after_setup, weak=False, dispatch_uid=f"govrag-mask-{signal.name}")
+
+
+def _celery_setup_logging(**_kwargs: object) -> None:
+    configure_logging()
+
+
+def _celery_after_setup(**_kwargs: object) -> None:
+    mask_all_handlers()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -16,3 +18,37 @@ AUDIT_WRITE_FAILURES = Counter("govrag_audit_write_failures_total", "ALERT: audi
                                registry=REGISTRY)
 INGESTED_DOCUMENTS = Counter("govrag_ingested_documents_total", "Ingestion outcomes by department",
                              ["department", "status"], registry=REGISTRY)
+# issue 5: guardrails and the kill switch
+FIREWALL_BLOCKS = Counter("govrag_firewall_blocks_total", "ALERT: questions blocked by the prompt firewall",
+                          ["department"], registry=REGISTRY)
+GUARD_HITS = Counter("govrag_guard_hits_total", "Guard detections (firewall, retrieved text, output guard)", ["kind"],
+                     registry=REGISTRY)
+OUTPUT_GUARD_WITHHELD = Counter("govrag_output_guard_withheld_total",
+                                "ALERT: answers withheld by the output guard (canary or system prompt)", ["reason"],
+                                registry=REGISTRY)
+ANSWER_FALLBACKS = Counter("govrag_answer_fallbacks_total", "Generated answers replaced by the extractive one",
+                           ["reason"], registry=REGISTRY)
+KILL_SWITCH_CHANGES = Counter("govrag_kill_switch_changes_total", "Kill-switch changes", ["scope", "mode"],
+                              registry=REGISTRY)
+KILL_SWITCH_AUTO_TRIPS = Counter("govrag_kill_switch_auto_trips_total",
+                                 "ALERT: departments moved to retrieval_only by the automatic trip", ["department"],
+                                 registry=REGISTRY)
+# issue 6: HTTP, kill-switch state, queue depth, audit volume (documents/chunks by state: audit/observability.py)
+HTTP_REQUESTS = Counter("govrag_http_requests_total", "HTTP requests by route template, method and status",
+                        ["route", "method", "status"], registry=REGISTRY)
+HTTP_LATENCY = Histogram("govrag_http_request_duration_seconds", "HTTP request latency by route template",
+                         ["route", "method"], registry=REGISTRY,
+                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+KILL_SWITCH_STATE = Gauge("govrag_kill_switch_state", "Kill-switch mode per scope: 0 normal, 1 retrieval_only, "
+                          "2 disabled (refreshed at scrape)", ["scope"], registry=REGISTRY)
+QUEUE_DEPTH = Gauge("govrag_queue_depth", "Ingestion tasks waiting in the broker queue (refreshed at scrape)",
+                    ["queue"], registry=REGISTRY)
+AUDIT_EVENTS = Counter("govrag_audit_events_total", "Ledger rows written, by event type", ["event_type"],
+                       registry=REGISTRY)
+
+
+def observe_request(request: Any, status: int, seconds: float) -> None:
+    """Count and time one HTTP request under its route template (never the raw path: ids stay out of labels)."""
+    route = getattr(request.scope.get("route"), "path", None) or "unmatched"
+    HTTP_REQUESTS.labels(route=route, method=request.method, status=str(status)).inc()
+    HTTP_LATENCY.labels(route=route, method=request.method).observe(seconds)

@@ -33,6 +33,8 @@ class DocumentStatus(StrEnum):
     ready = "ready"
     failed = "failed"
     deleted = "deleted"
+    quarantined = "quarantined"  # issue 3: above the department's AI approval, or instruction-like text
+    rejected = "rejected"  # issue 3: an admin refused a quarantined document; its key is shredded
 
 
 class Department(Base):
@@ -59,6 +61,29 @@ class Document(Base):
     chunk_count: Mapped[int] = mapped_column(Integer, default=0)
     uploaded_by: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    # issue 3: the uploader's level (classification is the level after the content raised it)
+    declared_classification: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    classification_reasons: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    flagged_chunks: Mapped[int] = mapped_column(Integer, default=0)  # instruction-like chunks found
+    review_reason: Mapped[str | None] = mapped_column(String(500), nullable=True)  # why quarantined
+    approved_by: Mapped[str | None] = mapped_column(String(255), nullable=True)  # admin who released it
+    parent_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)  # e-mail of an attachment
+
+
+class IngestionPolicy(Base):
+    """Issue 3: a department's ingestion rules: AI approval level, injection action, keywords, redaction rules."""
+
+    __tablename__ = "ingestion_policies"
+
+    department: Mapped[str] = mapped_column(ForeignKey("departments.name"), primary_key=True)
+    ai_max_level: Mapped[str] = mapped_column(String(32), default="confidential")
+    injection_action: Mapped[str] = mapped_column(String(16), default="exclude")  # exclude | quarantine
+    keywords: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)  # keyword → level it raises to
+    allow_list: Mapped[list[str]] = mapped_column(JSON, default=list)  # values never redacted
+    recognizers: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)  # custom regex + checksum
+    reversible: Mapped[bool] = mapped_column(default=False)  # keep a sealed placeholder → original map
+    updated_by: Mapped[str] = mapped_column(String(255), default="")
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
@@ -127,5 +152,65 @@ class RetrievalEvent(Base):
     question_masked: Mapped[str] = mapped_column(Text)
     purpose: Mapped[str | None] = mapped_column(String(255), nullable=True)
     latency_ms: Mapped[float] = mapped_column(default=0.0)
+    # issue 6: who decided with what policy, what the guards said, which model, which kill-switch mode.
+    roles: Mapped[list[str]] = mapped_column(JSON, default=list)
+    policy_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    guard_verdicts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    model_backend: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    model_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    kill_switch_mode: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # admin events: what changed
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditCheckpoint(Base):
+    """A signed statement "the ledger ran up to event N with hash H" (HMAC key outside the database)."""
+
+    __tablename__ = "audit_checkpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    kind: Mapped[str] = mapped_column(String(16), default="periodic")  # periodic | purge | manual
+    last_event_id: Mapped[int] = mapped_column(Integer)
+    last_hash: Mapped[str] = mapped_column(String(64))
+    event_count: Mapped[int] = mapped_column(Integer, default=0)  # purge: rows removed up to last_event_id
+    signature: Mapped[str] = mapped_column(String(128))
+
+
+class Clearance(Base):
+    """Issue 4: the highest classification a subject (user or group:<name>) may read in a department."""
+
+    __tablename__ = "authz_clearances"
+    __table_args__ = (UniqueConstraint("subject", "department"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    subject: Mapped[str] = mapped_column(String(255))
+    department: Mapped[str] = mapped_column(String(64), index=True)
+    level: Mapped[str] = mapped_column(String(32))  # public | internal | confidential | restricted
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class PolicyState(Base):
+    """Issue 4: one row; its version rises with every policy change so every process reloads."""
+
+    __tablename__ = "authz_policy_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class GuardControl(Base):
+    """Guard settings of one scope ("global" or a department): firewall mode, kill-switch mode, canary (issue 5)."""
+
+    __tablename__ = "guard_controls"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    scope: Mapped[str] = mapped_column(String(64), unique=True)
+    firewall_mode: Mapped[str | None] = mapped_column(String(8), nullable=True)  # None: the settings default
+    kill_mode: Mapped[str] = mapped_column(String(16), default="normal")
+    reason: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    canary: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    updated_by: Mapped[str] = mapped_column(String(255), default="")
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)

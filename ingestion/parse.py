@@ -6,16 +6,19 @@ import functools
 import io
 import logging
 import os
+import shutil
+import signal
 import threading
+import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from html.parser import HTMLParser
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import pikepdf
 
 from core.errors import ErrorCode, GovragError
-from ingestion import sniff
+from ingestion import formats, sniff
 
 if TYPE_CHECKING:
     from spacy.language import Language
@@ -34,6 +37,9 @@ _PDF_NO_TEXT = "the PDF has no extractable text (scanned?)"
 _SKIPPED_CATEGORIES = frozenset({"PageBreak", "PageNumber"})
 _REPEATING_CATEGORIES = frozenset({"Header", "Footer"})
 _KINDS = {"Title": "title", "Table": "table", "ListItem": "list"}
+
+_BOMB_MIN_BYTES = 10 * 1024 * 1024  # small members may compress well (XML of an empty sheet) without harm
+T = TypeVar("T")
 
 _offline_lock = threading.Lock()
 _offline_ready = False
@@ -83,17 +89,34 @@ def _refuse_model_download() -> None:
     raise RuntimeError("model downloads are disabled; install the spaCy model package instead")
 
 
-def parse_document(data: bytes, content_type: str) -> list[Section]:
+@dataclass(frozen=True)
+class ParseLimits:
+    """Bounds on what one document may cost to parse; each breach fails the document with its own reason."""
+
+    max_pages: int = 2000
+    max_elements: int = 50_000
+    max_decompressed_bytes: int = 200 * 1024 * 1024
+    max_compression_ratio: int = 200
+    timeout_seconds: float = 120.0
+
+
+def parse_document(data: bytes, content_type: str, limits: ParseLimits | None = None) -> list[Section]:
     """Partition the bytes of a sniffed content type into sections, or raise a GovragError."""
+    limits = limits or ParseLimits()
     ensure_offline_nlp()
+    if data.startswith(b"PK"):
+        check_zip_container(data, limits)
     if content_type == sniff.APPLICATION_PDF:
-        return _parse_pdf(data)
+        return _parse_pdf(data, limits)
     partitioner = _partitioner(content_type)
     try:
-        elements = partitioner(data)
+        elements = run_with_timeout(lambda: partitioner(data), limits.timeout_seconds)
+    except GovragError:
+        raise
     except Exception as exc:  # parsers raise anything on malformed input; name only the type
         logger.warning("partition failed for %s: %s", content_type, type(exc).__name__)
         raise GovragError(ErrorCode.invalid_request, _malformed(content_type)) from None
+    _check_elements(elements, limits)
     sections = _to_sections(elements)
     if not sections:
         raise GovragError(ErrorCode.invalid_request, _NO_TEXT)
@@ -107,6 +130,7 @@ def _partitioner(content_type: str) -> Callable[[bytes], list[Element]]:
         sniff.TEXT_MARKDOWN: _partition_md,
         sniff.TEXT_HTML: _partition_html,
         sniff.APPLICATION_DOCX: _partition_docx,
+        **formats.PARTITIONERS,  # issue 3: e-mail, spreadsheets, slides, OpenDocument, RTF, EPUB, XML, CSV/TSV
     }
     if content_type not in partitioners:
         raise GovragError(ErrorCode.unsupported_type, "unsupported content type")
@@ -117,6 +141,8 @@ def _malformed(content_type: str) -> str:
     """Return the client-safe reason for a document its parser rejected."""
     if content_type == sniff.APPLICATION_DOCX:
         return "could not parse the DOCX: the file is corrupt"
+    if content_type in formats.NAMES:
+        return f"could not parse the {formats.NAMES[content_type]}: the file is corrupt or malformed"
     return "could not parse the document: the file is malformed"
 
 
@@ -148,27 +174,51 @@ def _partition_docx(data: bytes) -> list[Element]:
     return partition_docx(file=io.BytesIO(data), languages=_LANGUAGES)
 
 
-def _parse_pdf(data: bytes) -> list[Section]:
+def _parse_pdf(data: bytes, limits: ParseLimits) -> list[Section]:
     """Partition a PDF with the fast (text layer) strategy, mapping failures to clear reasons."""
-    readable, damaged = _prepare_pdf(data)
+    readable, damaged = _prepare_pdf(data, limits)
     try:
-        elements = _partition_pdf(readable)
+        elements = run_with_timeout(lambda: _partition_pdf(readable), limits.timeout_seconds)
     except GovragError:
         raise
     except Exception as exc:  # pdfminer raises a zoo of types on broken files
         logger.warning("PDF partition failed: %s", type(exc).__name__)
         raise GovragError(ErrorCode.invalid_request, _PDF_CORRUPT) from None
+    _check_elements(elements, limits)
     sections = _to_sections(elements)
+    if not sections and not damaged and ocr_available():
+        sections = _ocr_pdf(readable, limits)  # no text layer: a scan; read it with Debian's tesseract
     if not sections:
         raise GovragError(ErrorCode.invalid_request, _PDF_CORRUPT if damaged else _PDF_NO_TEXT)
     return sections
 
 
-def _prepare_pdf(data: bytes) -> tuple[bytes, bool]:
+def ocr_available() -> bool:
+    """Whether Debian's tesseract and poppler (pdftoppm) are installed for scanned PDFs."""
+    return bool(shutil.which("tesseract") and shutil.which("pdftoppm"))
+
+
+def _ocr_pdf(data: bytes, limits: ParseLimits) -> list[Section]:
+    """OCR every page with unstructured's ocr_only strategy (tesseract + poppler; no layout model)."""
+    from unstructured.partition.pdf import partition_pdf
+
+    try:
+        elements = run_with_timeout(lambda: partition_pdf(file=io.BytesIO(data), strategy="ocr_only",
+                                                          languages=_LANGUAGES), limits.timeout_seconds)
+    except GovragError:
+        raise
+    except Exception as exc:  # a tesseract/poppler failure: report the scan as unreadable
+        logger.warning("PDF OCR failed: %s", type(exc).__name__)
+        return []
+    _check_elements(elements, limits)
+    return _to_sections(elements)
+
+
+def _prepare_pdf(data: bytes, limits: ParseLimits) -> tuple[bytes, bool]:
     """Check the PDF with qpdf: refuse passwords and wrecks; return (bytes to parse, damaged)."""
     try:
         with pikepdf.open(io.BytesIO(data), attempt_recovery=False) as pdf:
-            _require_pages(pdf)
+            _require_pages(pdf, limits)
             return data, False
     except pikepdf.PasswordError:
         raise GovragError(ErrorCode.invalid_request, _PDF_LOCKED) from None
@@ -176,7 +226,7 @@ def _prepare_pdf(data: bytes) -> tuple[bytes, bool]:
         pass  # broken cross-reference table or trailer: let qpdf reconstruct it below
     try:
         with pikepdf.open(io.BytesIO(data), attempt_recovery=True) as pdf:
-            _require_pages(pdf)
+            _require_pages(pdf, limits)
             repaired = io.BytesIO()
             pdf.save(repaired)
             return repaired.getvalue(), True
@@ -187,10 +237,92 @@ def _prepare_pdf(data: bytes) -> tuple[bytes, bool]:
         raise GovragError(ErrorCode.invalid_request, _PDF_CORRUPT) from None
 
 
-def _require_pages(pdf: pikepdf.Pdf) -> None:
-    """Raise the corrupt-PDF error when qpdf finds no page at all."""
+def _require_pages(pdf: pikepdf.Pdf, limits: ParseLimits) -> None:
+    """Raise the corrupt-PDF error when qpdf finds no page at all, or the limit error for too many."""
     if len(pdf.pages) == 0:
         raise GovragError(ErrorCode.invalid_request, _PDF_CORRUPT)
+    if len(pdf.pages) > limits.max_pages:
+        raise GovragError(ErrorCode.payload_too_large, f"the PDF has more than {limits.max_pages} pages")
+
+
+def check_zip_container(data: bytes, limits: ParseLimits) -> None:
+    """Refuse a ZIP-based file (docx, xlsx, pptx, odt, epub) whose members inflate past the limits.
+
+    Reads only the central directory; zipfile never inflates a member past its declared size, so the
+    declared sizes bound the memory any later parser can use.
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise GovragError(ErrorCode.invalid_request, "the file is a damaged ZIP container") from None
+    total = sum(member.file_size for member in members)
+    if total > limits.max_decompressed_bytes:
+        raise GovragError(ErrorCode.payload_too_large,
+                          f"the file decompresses to more than {limits.max_decompressed_bytes} bytes")
+    for member in members:
+        ratio = member.file_size / max(member.compress_size, 1)
+        if member.file_size > _BOMB_MIN_BYTES and ratio > limits.max_compression_ratio:
+            raise GovragError(ErrorCode.payload_too_large,
+                              f"a part of the file inflates {int(ratio)}x (over {limits.max_compression_ratio}x):"
+                              " refused as a decompression bomb")
+
+
+def _check_elements(elements: list[Element], limits: ParseLimits) -> None:
+    if len(elements) > limits.max_elements:
+        raise GovragError(ErrorCode.payload_too_large,
+                          f"the document has more than {limits.max_elements} elements")
+
+
+def run_with_timeout(work: Callable[[], T], seconds: float) -> T:
+    """Run `work`, failing with a clear error after `seconds`.
+
+    On a process's main thread (a Celery prefork child) SIGALRM interrupts the parser itself; elsewhere
+    the parser runs on a daemon thread that is abandoned on timeout, so the worker moves on either way.
+    """
+    if seconds <= 0:
+        return work()
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+        return _with_alarm(work, seconds)
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:  # handed to the caller below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="govrag-parse", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise GovragError(ErrorCode.invalid_request, _timeout_message(seconds))
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]
+
+
+class _ParseTimeout(Exception):
+    pass
+
+
+def _with_alarm(work: Callable[[], T], seconds: float) -> T:
+    def expire(_signum: int, _frame: object) -> None:
+        raise _ParseTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return work()
+    except _ParseTimeout:
+        raise GovragError(ErrorCode.invalid_request, _timeout_message(seconds)) from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _timeout_message(seconds: float) -> str:
+    return f"parsing took longer than the {seconds:g} s limit"
 
 
 def _partition_pdf(data: bytes) -> list[Element]:

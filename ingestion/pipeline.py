@@ -1,15 +1,19 @@
-"""The ingestion pipeline as a plain function: raw bytes in, protected vector points out."""
+"""The ingestion pipeline as a plain function: raw bytes in, protected vector points (or a review reason) out."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from core import crypto
+from guard.injection import InjectionScanner
 from guard.pii import PiiRedactor, PlaceholderMap
+from guard.pii_rules import RedactionRules
 from ingestion.chunk import Chunk, chunk_sections
-from ingestion.parse import parse_document
+from ingestion.classify import Verdict, classify, keyword_hits
+from ingestion.parse import ParseLimits, parse_document
 from ingestion.schemas import Classification
-from retrieval.embeddings import Embedder
+from retrieval.embeddings import TextEmbedder
 from retrieval.store import VectorPoint
 
 
@@ -22,20 +26,93 @@ class DocumentFacts:
     title: str
     content_type: str
     acl_groups: tuple[str, ...]
-    classification: Classification
+    classification: Classification  # as declared by the uploader: the floor
+    approved: bool = False  # an admin released it from quarantine: the gate is passed
 
 
-def protect(data: bytes, facts: DocumentFacts, *, key: bytes, embedder: Embedder, redactor: PiiRedactor,
-            max_chars: int) -> list[VectorPoint]:
-    """Parse, chunk, redact, embed the redacted text and seal it: nothing in the result is plaintext."""
-    chunks = chunk_sections(parse_document(data, facts.content_type), max_chars=max_chars)
-    redacted = redactor.redact_many([chunk.text for chunk in chunks], PlaceholderMap())
-    vectors = embedder.embed(redacted)
-    return [
+@dataclass(frozen=True)
+class IngestionRules:
+    """A department's ingestion policy as the pipeline needs it."""
+
+    ai_max_level: Classification = Classification.confidential
+    injection_action: str = "exclude"  # exclude | quarantine
+    keywords: dict[str, str] = field(default_factory=dict)
+    redaction: RedactionRules = field(default_factory=RedactionRules)
+    reversible: bool = False  # keep placeholder → original, sealed under the document key
+
+
+@dataclass(frozen=True)
+class Protected:
+    """The pipeline's result: sealed points to index, or a reason to hold the document for review."""
+
+    points: list[VectorPoint]
+    verdict: Verdict
+    flagged: tuple[int, ...]  # chunk indices with instruction-like text
+    review_reason: str | None  # set: quarantine, index nothing
+    stage_seconds: dict[str, float]
+    placeholders: dict[str, str] = field(default_factory=dict)  # placeholder → original (raw PII: seal it)
+
+    def __repr__(self) -> str:
+        # Never show the placeholder values: they are raw PII.
+        return f"Protected(points={len(self.points)}, level={self.verdict.level}, flagged={self.flagged})"
+
+
+def protect(data: bytes, facts: DocumentFacts, *, key: bytes, embedder: TextEmbedder, redactor: PiiRedactor,
+            max_chars: int, rules: IngestionRules | None = None, scanner: InjectionScanner | None = None,
+            limits: ParseLimits | None = None) -> Protected:
+    """Parse, chunk, redact, classify, scan, then embed the redacted text and seal it: nothing is plaintext."""
+    rules = rules or IngestionRules()
+    clock = _Stopwatch()
+    chunks = chunk_sections(parse_document(data, facts.content_type, limits), max_chars=max_chars)
+    clock.lap("parse")
+    texts = [chunk.text for chunk in chunks]
+    placeholders = PlaceholderMap()
+    redacted = redactor.redact_many(texts, placeholders, rules.redaction)
+    clock.lap("pii")
+    verdict = classify(declared=facts.classification, pii_counts=placeholders.counts(),
+                       text_chars=sum(map(len, texts)), keyword_hits=keyword_hits(texts, rules.keywords))
+    flagged = tuple(c.index for c, text in zip(chunks, redacted, strict=True)
+                    if scanner is not None and scanner.scan(text).flagged)
+    clock.lap("scan")
+    reason = None if facts.approved else review_reason(verdict, flagged, rules)
+    if reason is not None:
+        return Protected(points=[], verdict=verdict, flagged=flagged, review_reason=reason,
+                         stage_seconds=clock.laps, placeholders=placeholders.mapping())
+    kept = [(c, t) for c, t in zip(chunks, redacted, strict=True) if c.index not in set(flagged)]
+    vectors = embedder.embed([text for _, text in kept]) if kept else []
+    clock.lap("embed")
+    points = [
         VectorPoint(document_id=facts.document_id, chunk_index=chunk.index, vector=vector.tolist(),
-                    payload=_payload(facts, chunk, key, text))
-        for chunk, text, vector in zip(chunks, redacted, vectors, strict=True)
+                    payload=_payload(facts, chunk, key, text, verdict.level))
+        for (chunk, text), vector in zip(kept, vectors, strict=True)
     ]
+    clock.lap("encrypt")
+    return Protected(points=points, verdict=verdict, flagged=flagged, review_reason=None,
+                     stage_seconds=clock.laps, placeholders=placeholders.mapping())
+
+
+def review_reason(verdict: Verdict, flagged: tuple[int, ...], rules: IngestionRules) -> str | None:
+    """Why a document must wait for an admin (no document text), or None when AI use is approved."""
+    if verdict.level.rank > rules.ai_max_level.rank:
+        why = "; ".join(verdict.reasons) or "declared level"
+        return (f"classified {verdict.level.value} ({why}); the department approves AI use up to "
+                f"{rules.ai_max_level.value}")[:500]
+    if flagged and rules.injection_action == "quarantine":
+        return f"instruction-like text aimed at a model in {len(flagged)} chunk(s)"
+    return None
+
+
+class _Stopwatch:
+    """Seconds spent per pipeline stage (for the benchmark and the logs)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = self.laps.get(stage, 0.0) + now - self._last
+        self._last = now
 
 
 def chunk_id(document_id: str, chunk_index: int) -> str:
@@ -48,16 +125,17 @@ def chunk_context(document_id: str, chunk_index: int) -> str:
     return f"govrag:chunk:{chunk_id(document_id, chunk_index)}"
 
 
-def _payload(facts: DocumentFacts, chunk: Chunk, key: bytes, redacted_text: str) -> dict[str, object]:
+def _payload(facts: DocumentFacts, chunk: Chunk, key: bytes, redacted_text: str,
+             level: Classification) -> dict[str, object]:
     return {
         "document_id": facts.document_id,
         "chunk_id": chunk_id(facts.document_id, chunk.index),
         "chunk_index": chunk.index,
         "department": facts.department,
         "acl_groups": list(facts.acl_groups),
-        "acl_open": not facts.acl_groups,
-        "classification": facts.classification.value,
-        "classification_rank": facts.classification.rank,
+        "acl_scope": "groups" if facts.acl_groups else "open",  # a keyword: Qdrant Edge cannot match booleans
+        "classification": level.value,
+        "classification_rank": level.rank,
         "page": chunk.page,
         "sealed_text": crypto.seal_text(key, redacted_text, chunk_context(facts.document_id, chunk.index)),
     }

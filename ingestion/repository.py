@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from core.models import Document, IngestionJob, utcnow
+from core.models import Document, IngestionJob, IngestionPolicy, utcnow
 
 
 def get_document(session: Session, document_id: str) -> Document | None:
@@ -41,3 +41,70 @@ def ready_documents(session: Session, document_ids: set[str]) -> dict[str, Docum
         return {}
     query = select(Document).where(Document.id.in_(document_ids), Document.status == "ready")
     return {document.id: document for document in session.scalars(query)}
+
+
+def find_duplicate(session: Session, *, department: str, sha256: str) -> Document | None:
+    """A live document of the department with the same content hash (deleted/rejected/failed ones don't count)."""
+    query = (select(Document)
+             .where(Document.department == department, Document.sha256 == sha256,
+                    Document.status.not_in(("deleted", "rejected", "failed")))
+             .order_by(Document.created_at).limit(1))
+    return session.scalars(query).first()
+
+
+def get_policy(session: Session, department: str) -> IngestionPolicy | None:
+    """A department's ingestion policy row, if one was set."""
+    return session.get(IngestionPolicy, department)
+
+
+def save_policy(session: Session, policy: IngestionPolicy) -> IngestionPolicy:
+    """Insert or replace a department's ingestion policy."""
+    merged = session.merge(policy)
+    session.flush()
+    return merged
+
+
+def quarantined(session: Session, departments: list[str] | None) -> list[Document]:
+    """Documents waiting for review, oldest first; `None` means every department."""
+    query = select(Document).where(Document.status == "quarantined").order_by(Document.created_at)
+    if departments is not None:
+        query = query.where(Document.department.in_(departments))
+    return list(session.scalars(query))
+
+
+def documents_to_reindex(session: Session, *, department: str | None, document_ids: list[str] | None) -> list[Document]:
+    """Ready documents of a department (or the given ids) whose originals can be parsed again."""
+    query = select(Document).where(Document.status == "ready")
+    if department is not None:
+        query = query.where(Document.department == department)
+    if document_ids:
+        query = query.where(Document.id.in_(document_ids))
+    return list(session.scalars(query.order_by(Document.created_at)))
+
+
+def new_job(session: Session, *, job_id: str, document_id: str) -> None:
+    """Queue another ingestion job for an existing document."""
+    session.add(IngestionJob(id=job_id, document_id=document_id, status="queued"))
+    session.execute(update(Document).where(Document.id == document_id)
+                    .values(status="queued", error=None, updated_at=utcnow()))
+    session.flush()
+
+
+def record_outcome(session: Session, *, document_id: str, classification: str, declared: str, reasons: list[str],
+                   flagged: int, review_reason: str | None) -> None:
+    """Store what the pipeline decided about a document (levels, reasons, flags; never content)."""
+    session.execute(update(Document).where(Document.id == document_id).values(
+        classification=classification, declared_classification=declared, classification_reasons=reasons,
+        flagged_chunks=flagged, review_reason=review_reason, updated_at=utcnow()))
+
+
+def document_ids_with_keys(session: Session, department: str) -> list[str]:
+    """Ids of a department's documents that may still hold a data key (not deleted or rejected)."""
+    query = select(Document.id).where(Document.department == department,
+                                      Document.status.not_in(("deleted", "rejected")))
+    return list(session.scalars(query.order_by(Document.id)))
+
+
+def children(session: Session, parent_id: str) -> list[Document]:
+    """The attachment documents of an e-mail document."""
+    return list(session.scalars(select(Document).where(Document.parent_id == parent_id).order_by(Document.title)))

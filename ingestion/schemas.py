@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from enum import StrEnum
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class Classification(StrEnum):
@@ -38,6 +38,12 @@ class DocumentStatusOut(BaseModel):
     chunk_count: int
     created_at: datetime
     updated_at: datetime
+    declared_classification: str | None = None
+    classification_reasons: list[str] = Field(default_factory=list)
+    flagged_chunks: int = 0
+    review_reason: str | None = None
+    parent_id: str | None = None  # the e-mail this attachment came from
+    attachment_ids: list[str] = Field(default_factory=list)  # an e-mail's attachments, as child documents
 
 
 class JobStatusOut(BaseModel):
@@ -48,3 +54,72 @@ class JobStatusOut(BaseModel):
     attempts: int
     created_at: datetime
     updated_at: datetime
+
+
+class InjectionAction(StrEnum):
+    exclude = "exclude"  # index the document without its instruction-like chunks
+    quarantine = "quarantine"  # hold the whole document for review
+
+
+class CustomRecognizerIn(BaseModel):
+    """A department identifier to redact: regex plus an optional checksum (luhn, mod97, mod11)."""
+
+    entity: str = Field(pattern=r"^[A-Z][A-Z0-9_]{1,40}$")
+    pattern: str = Field(min_length=2, max_length=300)
+    checksum: str = "none"
+    context: list[str] = Field(default_factory=list, max_length=20)
+    score: float = Field(default=0.6, ge=0.1, le=1.0)
+
+
+class IngestionPolicyIn(BaseModel):
+    """What a department lets the AI see and how ingestion treats risky content."""
+
+    ai_max_level: Classification = Classification.confidential
+    injection_action: InjectionAction = InjectionAction.exclude
+    keywords: dict[str, Classification] = Field(default_factory=dict, max_length=500)
+    allow_list: list[str] = Field(default_factory=list, max_length=1000)
+    recognizers: list[CustomRecognizerIn] = Field(default_factory=list, max_length=50)
+    reversible: bool = False  # keep placeholder → original (sealed); only `reveal` holders may read it
+
+
+class IngestionPolicyOut(IngestionPolicyIn):
+    department: str
+
+
+class QuarantinedOut(BaseModel):
+    """A document held for review: metadata and the reason, never content."""
+
+    document_id: str
+    department: str
+    title: str
+    classification: str
+    declared_classification: str | None
+    reasons: list[str]
+    flagged_chunks: int
+    review_reason: str | None
+    uploaded_by: str
+    created_at: datetime
+
+
+class ReviewDecision(BaseModel):
+    document_id: str
+    status: str
+    job_id: str | None = None
+
+
+class ReindexIn(BaseModel):
+    department: str
+    document_ids: list[str] | None = None
+
+
+class ReindexOut(BaseModel):
+    queued: list[str]  # job ids
+
+
+class RevealIn(BaseModel):
+    placeholders: list[str] = Field(min_length=1, max_length=100)
+
+
+class RevealOut(BaseModel):
+    document_id: str
+    values: dict[str, str]  # placeholder → original; unknown placeholders are left out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -15,10 +16,12 @@ from core.errors import ErrorCode, GovragError
 from core.keystore import keystore_for
 from core.models import Document, DocumentStatus, IngestionJob
 from core.settings import Settings
+from guard.injection import get_scanner
 from guard.pii import get_redactor
-from ingestion import repository
-from ingestion.pipeline import DocumentFacts, protect
-from ingestion.schemas import Classification, DocumentStatusOut, JobStatusOut, UploadAccepted
+from ingestion import formats, quarantine, repository
+from ingestion.parse import ParseLimits, check_zip_container
+from ingestion.pipeline import DocumentFacts, IngestionRules, protect
+from ingestion.schemas import Classification, DocumentStatusOut, JobStatusOut, RevealOut, UploadAccepted
 from ingestion.sniff import sniff_content_type
 from retrieval.embeddings import get_embedder
 from retrieval.store import open_vector_store
@@ -30,20 +33,28 @@ MAX_TITLE_CHARS = 300
 
 def accept_upload(
     *, session: Session, settings: Settings, uploaded_by: str, department: str, filename: str | None, data: bytes,
-    title: str | None, acl_groups: list[str], classification: Classification,
+    title: str | None, acl_groups: list[str], classification: Classification, parent_id: str | None = None,
 ) -> UploadAccepted:
     """Validate the bytes, store them encrypted and queue a job. The caller commits, then enqueues."""
     if len(data) > settings.max_upload_bytes:
         raise GovragError(ErrorCode.payload_too_large, f"file exceeds the {settings.max_upload_bytes} byte limit")
     content_type = sniff_content_type(data, filename)
+    if data.startswith(b"PK"):
+        check_zip_container(data, parse_limits(settings))  # a zip bomb is refused before it is stored
+    sha256 = hashlib.sha256(data).hexdigest()
+    duplicate = repository.find_duplicate(session, department=department, sha256=sha256)
+    if duplicate is not None:
+        raise GovragError(ErrorCode.conflict,
+                          f"duplicate upload: the department already has this content as document {duplicate.id}")
     document_id, job_id = str(uuid.uuid4()), str(uuid.uuid4())
     key = keystore_for(settings).create_document_key(session=session, department=department,
                                                      document_id=document_id)
     blobs.write_sealed(settings.blob_dir, document_id, key, data)
     session.add(Document(
         id=document_id, department=department, title=_title(title, filename), content_type=content_type,
-        size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), acl_groups=acl_groups,
-        classification=classification.value, status=DocumentStatus.queued, uploaded_by=uploaded_by,
+        size_bytes=len(data), sha256=sha256, acl_groups=acl_groups, classification=classification.value,
+        declared_classification=classification.value, status=DocumentStatus.queued, uploaded_by=uploaded_by,
+        parent_id=parent_id,
     ))
     session.add(IngestionJob(id=job_id, document_id=document_id, status=DocumentStatus.queued))
     session.flush()
@@ -51,22 +62,89 @@ def accept_upload(
 
 
 def run_ingestion(*, settings: Settings, document_id: str, job_id: str) -> None:
-    """Process one queued document to ready or failed. Unexpected errors propagate for a retry."""
-    facts, key, data = _start(settings, document_id, job_id)
-    if facts is None or key is None or data is None:
+    """Process one queued document to ready, quarantined or failed. Unexpected errors propagate for a retry."""
+    facts, key, data, rules = _start(settings, document_id, job_id)
+    if facts is None or key is None or data is None or rules is None:
         return
     try:
-        points = protect(data, facts, key=key, embedder=get_embedder(), redactor=get_redactor(),
-                         max_chars=settings.chunk_max_chars)
-    except GovragError as exc:
+        result = protect(data, facts, key=key, embedder=get_embedder(settings.embedding_backend),
+                         redactor=get_redactor(), max_chars=settings.chunk_max_chars, rules=rules,
+                         scanner=get_scanner(), limits=parse_limits(settings))
+    except GovragError as exc:  # permanent: a bad or over-limit file; retrying cannot help
         _finish(settings, document_id, job_id, DocumentStatus.failed, error=exc.message)
         logger.info("ingestion failed permanently for document %s", document_id)
         return
+    if rules.reversible and result.placeholders:
+        blobs.write_sealed_map(settings.blob_dir, document_id, key, json.dumps(result.placeholders).encode())
     store = open_vector_store(settings)
     store.delete_document(facts.department, document_id)  # a retried run leaves no stale points
-    store.upsert(facts.department, points)
-    _finish(settings, document_id, job_id, DocumentStatus.ready, chunk_count=len(points))
-    logger.info("ingested document %s: %d chunks", document_id, len(points))
+    if result.review_reason is None:
+        store.upsert(facts.department, result.points)
+    with unit_of_work(settings.resolved_database_url) as session:
+        repository.record_outcome(session, document_id=document_id, classification=result.verdict.level.value,
+                                  declared=facts.classification.value, reasons=list(result.verdict.reasons),
+                                  flagged=len(result.flagged), review_reason=result.review_reason)
+    status = DocumentStatus.ready if result.review_reason is None else DocumentStatus.quarantined
+    _finish(settings, document_id, job_id, status, chunk_count=len(result.points))
+    logger.info("ingested document %s: %s, %d chunks, %d flagged", document_id, status, len(result.points),
+                len(result.flagged))
+
+
+def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAccepted]:
+    """Queue each readable attachment of an ingested e-mail as a child document, once (the caller enqueues).
+
+    Children inherit the department, ACL and declared level; duplicates and unreadable attachments are skipped;
+    attached e-mails are not followed further (one level).
+    """
+    with unit_of_work(settings.resolved_database_url) as session:
+        parent = repository.get_document(session, document_id)
+        if (parent is None or parent.content_type not in formats.MAIL_TYPES or parent.parent_id is not None
+                or parent.status not in (DocumentStatus.ready, DocumentStatus.quarantined)
+                or repository.children(session, document_id)):
+            return []
+        key = keystore_for(settings).document_key(session=session, department=parent.department,
+                                                  document_id=document_id)
+        if key is None:
+            return []
+        data = blobs.read_sealed(settings.blob_dir, document_id, key)
+        accepted = []
+        for name, payload in formats.attachments(data, parent.content_type):
+            try:
+                with session.begin_nested():
+                    accepted.append(accept_upload(
+                        session=session, settings=settings, uploaded_by=parent.uploaded_by,
+                        department=parent.department, filename=name, data=payload,
+                        title=f"{parent.title} / {name}", acl_groups=list(parent.acl_groups),
+                        classification=Classification(parent.declared_classification or parent.classification),
+                        parent_id=document_id))
+            except GovragError as exc:
+                logger.info("an attachment of document %s was not ingested: %s", document_id, exc.code.name)
+    return accepted
+
+
+def parse_limits(settings: Settings) -> ParseLimits:
+    """The parse limits configured for this deployment."""
+    return ParseLimits(max_pages=settings.max_pages, max_elements=settings.max_elements,
+                       max_decompressed_bytes=settings.max_decompressed_bytes,
+                       max_compression_ratio=settings.max_compression_ratio,
+                       timeout_seconds=settings.parse_timeout_seconds)
+
+
+def reveal(*, session: Session, settings: Settings, document_id: str, placeholders: list[str],
+           can_reveal: Callable[[str], bool]) -> tuple[str, RevealOut]:
+    """The originals behind placeholders of a document kept reversibly; returns (department, result)."""
+    document = repository.get_document(session, document_id)
+    if document is None or document.status in (DocumentStatus.deleted, DocumentStatus.rejected) or not can_reveal(
+            document.department):
+        raise GovragError(ErrorCode.not_found, "no such document")
+    key = keystore_for(settings).document_key(session=session, department=document.department,
+                                              document_id=document_id)
+    raw = blobs.read_sealed_map(settings.blob_dir, document_id, key) if key is not None else None
+    if raw is None:
+        raise GovragError(ErrorCode.not_found, "the document keeps no reversible placeholders")
+    mapping: dict[str, str] = json.loads(raw)
+    return document.department, RevealOut(document_id=document_id,
+                                          values={p: mapping[p] for p in placeholders if p in mapping})
 
 
 def mark_failed(*, settings: Settings, document_id: str, job_id: str, reason: str) -> None:
@@ -74,25 +152,27 @@ def mark_failed(*, settings: Settings, document_id: str, job_id: str, reason: st
     _finish(settings, document_id, job_id, DocumentStatus.failed, error=reason)
 
 
-def _start(settings: Settings, document_id: str, job_id: str) -> tuple[DocumentFacts | None, bytes | None,
-                                                                        bytes | None]:
+def _start(settings: Settings, document_id: str, job_id: str) -> tuple[
+        DocumentFacts | None, bytes | None, bytes | None, IngestionRules | None]:
     """Mark processing and load what the pipeline needs; the session is released before slow work."""
     with unit_of_work(settings.resolved_database_url) as session:
         document = repository.get_document(session, document_id)
-        if document is None or document.status in (DocumentStatus.ready, DocumentStatus.deleted):
-            return None, None, None
+        if document is None or document.status not in (DocumentStatus.queued, DocumentStatus.processing):
+            return None, None, None, None
         key = keystore_for(settings).document_key(session=session, department=document.department,
                                                   document_id=document_id)
         if key is None:
-            return None, None, None
+            return None, None, None, None
         repository.count_attempt(session, job_id)
         repository.set_status(session, document_id=document_id, job_id=job_id, status=DocumentStatus.processing)
         facts = DocumentFacts(
             document_id=document_id, department=document.department, title=document.title,
             content_type=document.content_type, acl_groups=tuple(document.acl_groups),
-            classification=Classification(document.classification),
+            classification=Classification(document.declared_classification or document.classification),
+            approved=document.approved_by is not None,
         )
-    return facts, key, blobs.read_sealed(settings.blob_dir, document_id, key)
+        rules = quarantine.rules_for(session=session, department=document.department)
+    return facts, key, blobs.read_sealed(settings.blob_dir, document_id, key), rules
 
 
 def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentStatus, *, error: str | None = None,
@@ -107,27 +187,30 @@ def _title(title: str | None, filename: str | None) -> str:
     return chosen[:MAX_TITLE_CHARS]
 
 
-def document_status(*, session: Session, can_see: Callable[[str, list[str]], bool],
+def document_status(*, session: Session, can_see: Callable[[Document], bool],
                     document_id: str) -> DocumentStatusOut:
     """Status and metadata of a document the caller may see; others look exactly like missing ones."""
     document = repository.get_document(session, document_id)
-    if document is None or document.status == DocumentStatus.deleted or not can_see(document.department,
-                                                                                     document.acl_groups):
+    if document is None or document.status == DocumentStatus.deleted or not can_see(document):
         raise GovragError(ErrorCode.not_found, "no such document")
     return DocumentStatusOut(
         document_id=document.id, department=document.department, title=document.title,
         content_type=document.content_type, size_bytes=document.size_bytes,
         classification=document.classification, acl_groups=document.acl_groups, status=document.status,
         error=document.error, chunk_count=document.chunk_count, created_at=document.created_at,
-        updated_at=document.updated_at,
+        updated_at=document.updated_at, declared_classification=document.declared_classification,
+        classification_reasons=list(document.classification_reasons or []),
+        flagged_chunks=document.flagged_chunks, review_reason=document.review_reason, parent_id=document.parent_id,
+        attachment_ids=[child.id for child in repository.children(session, document.id)
+                        if child.status != DocumentStatus.deleted],
     )
 
 
-def job_status(*, session: Session, can_see: Callable[[str, list[str]], bool], job_id: str) -> JobStatusOut:
+def job_status(*, session: Session, can_see: Callable[[Document], bool], job_id: str) -> JobStatusOut:
     """Status of an ingestion job whose document the caller may see."""
     job = repository.get_job(session, job_id)
     document = repository.get_document(session, job.document_id) if job is not None else None
-    if job is None or document is None or not can_see(document.department, document.acl_groups):
+    if job is None or document is None or not can_see(document):
         raise GovragError(ErrorCode.not_found, "no such job")
     return JobStatusOut(job_id=job.id, document_id=job.document_id, status=job.status, error=job.error,
                         attempts=job.attempts, created_at=job.created_at, updated_at=job.updated_at)
@@ -144,9 +227,10 @@ def delete_document(*, session: Session, settings: Settings, document_id: str,
     document = repository.get_document(session, document_id)
     if document is None or document.status == DocumentStatus.deleted or not can_delete(document.department):
         raise GovragError(ErrorCode.not_found, "no such document")
-    keystore_for(settings).shred_document_key(session=session, document_id=document_id)
-    open_vector_store(settings).delete_document(document.department, document_id)
-    blobs.remove(settings.blob_dir, document_id)
-    document.status = DocumentStatus.deleted
-    document.chunk_count = 0
+    for target in [document, *repository.children(session, document_id)]:  # an e-mail takes its attachments
+        keystore_for(settings).shred_document_key(session=session, document_id=target.id)
+        open_vector_store(settings).delete_document(target.department, target.id)
+        blobs.remove(settings.blob_dir, target.id)
+        target.status = DocumentStatus.deleted
+        target.chunk_count = 0
     session.flush()

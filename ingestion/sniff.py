@@ -14,10 +14,35 @@ TEXT_MARKDOWN = "text/markdown"
 TEXT_HTML = "text/html"
 APPLICATION_PDF = "application/pdf"
 APPLICATION_DOCX = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
+# issue 3: more formats
+MESSAGE_RFC822 = "message/rfc822"
+APPLICATION_MSG = "application/vnd.ms-outlook"
+APPLICATION_PPTX = "application/vnd.openxmlformats-officedocument.presentationml.presentation"
+APPLICATION_XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+APPLICATION_XLS = "application/vnd.ms-excel"
+APPLICATION_ODT = "application/vnd.oasis.opendocument.text"
+APPLICATION_EPUB = "application/epub+zip"
+APPLICATION_RTF = "application/rtf"
+APPLICATION_XML = "application/xml"
+TEXT_CSV = "text/csv"
+TEXT_TSV = "text/tab-separated-values"
 
-SUPPORTED_TYPES = frozenset({TEXT_PLAIN, TEXT_MARKDOWN, TEXT_HTML, APPLICATION_PDF, APPLICATION_DOCX})
+SUPPORTED_TYPES = frozenset({
+    TEXT_PLAIN, TEXT_MARKDOWN, TEXT_HTML, APPLICATION_PDF, APPLICATION_DOCX, MESSAGE_RFC822, APPLICATION_MSG,
+    APPLICATION_PPTX, APPLICATION_XLSX, APPLICATION_XLS, APPLICATION_ODT, APPLICATION_EPUB, APPLICATION_RTF,
+    APPLICATION_XML, TEXT_CSV, TEXT_TSV,
+})
 
-_UNSUPPORTED = "unsupported file type: the content is not text, markdown, HTML, PDF or DOCX"
+_UNSUPPORTED = ("unsupported file type: the content is not text, markdown, HTML, XML, CSV/TSV, PDF, e-mail "
+                "(EML/MSG), Word (DOCX/ODT/RTF), PowerPoint (PPTX), Excel (XLSX/XLS) or EPUB")
+# Main parts that identify a ZIP-based office file.
+_ZIP_PARTS = (("word/document.xml", APPLICATION_DOCX), ("xl/workbook.xml", APPLICATION_XLSX),
+              ("ppt/presentation.xml", APPLICATION_PPTX))
+_ZIP_MIMETYPES = {b"application/vnd.oasis.opendocument.text": APPLICATION_ODT,
+                  b"application/epub+zip": APPLICATION_EPUB}
+_OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+_DELIMITED_SUFFIXES = {".csv": TEXT_CSV, ".tsv": TEXT_TSV, ".tab": TEXT_TSV}
+_XML_START = re.compile(r"<(?:\?xml[\s?]|[A-Za-z_][\w.:-]*[\s/>])")
 _MARKDOWN_SUFFIXES = frozenset({".md", ".markdown"})
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 _DOCX_PART = "word/document.xml"
@@ -60,15 +85,22 @@ def sniff_content_type(data: bytes, filename: str | None) -> str:
         return APPLICATION_PDF
     if data.startswith(_ZIP_MAGICS):
         return _sniff_zip(data)
+    if data.startswith(_OLE_MAGIC):
+        return _sniff_ole(data)
     if data.startswith(_RTF_MAGIC):
-        raise GovragError(ErrorCode.unsupported_type, f"{_UNSUPPORTED} (it is an RTF document)")
+        return APPLICATION_RTF
     text = _decode_text(data)
     if text is None:
         return _sniff_undecodable(data)
     if _looks_like_mime_message(text):
-        raise GovragError(ErrorCode.unsupported_type, f"{_UNSUPPORTED} (it is an e-mail message)")
+        return MESSAGE_RFC822
     if _looks_like_html(text, filename):
         return TEXT_HTML
+    if _looks_like_xml(text):
+        return APPLICATION_XML
+    delimited = _delimited_type(text, filename)
+    if delimited is not None:
+        return delimited
     return TEXT_MARKDOWN if _has_markdown_name(filename) else TEXT_PLAIN
 
 
@@ -82,15 +114,58 @@ def text_encoding(data: bytes) -> str:
 
 
 def _sniff_zip(data: bytes) -> str:
-    """Accept a ZIP only when its central directory lists a Word main document part."""
+    """Accept a ZIP only when its members identify a Word, Excel, PowerPoint, OpenDocument or EPUB file."""
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError):
+            names = set(archive.namelist())
+            mimetype = archive.read("mimetype")[:100].strip() if "mimetype" in names else b""
+    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError):
         raise GovragError(ErrorCode.unsupported_type, f"{_UNSUPPORTED} (a damaged ZIP archive)") from None
-    if _DOCX_PART in names:
-        return APPLICATION_DOCX
-    raise GovragError(ErrorCode.unsupported_type, f"{_UNSUPPORTED} (a ZIP archive that is not a Word document)")
+    for part, content_type in _ZIP_PARTS:
+        if part in names:
+            return content_type
+    if mimetype in _ZIP_MIMETYPES:
+        return _ZIP_MIMETYPES[mimetype]
+    raise GovragError(ErrorCode.unsupported_type,
+                      f"{_UNSUPPORTED} (a ZIP archive that is not a Word document or another office file)")
+
+
+def _sniff_ole(data: bytes) -> str:
+    """Tell Outlook messages and Excel 97 workbooks from legacy Word/PowerPoint files (not supported offline)."""
+    import olefile
+
+    try:
+        with olefile.OleFileIO(io.BytesIO(data)) as ole:
+            streams = {"/".join(entry) for entry in ole.listdir()}
+    except OSError:
+        raise GovragError(ErrorCode.unsupported_type, f"{_UNSUPPORTED} (a damaged legacy Office file)") from None
+    if any(name.startswith("__substg1.0_") for name in streams):
+        return APPLICATION_MSG
+    if {"Workbook", "Book"} & streams:
+        return APPLICATION_XLS
+    kind = "Word 97-2003 (.doc)" if "WordDocument" in streams else (
+        "PowerPoint 97-2003 (.ppt)" if "PowerPoint Document" in streams else "legacy Office")
+    raise GovragError(ErrorCode.unsupported_type,
+                      f"{_UNSUPPORTED} (it is a {kind} file: save it as DOCX/PPTX; converting it needs "
+                      "LibreOffice, which this deployment does not run)")
+
+
+def _looks_like_xml(text: str) -> bool:
+    """Tell whether text opens with an XML declaration or a root element (HTML was ruled out before)."""
+    head = text[:_SNIFF_WINDOW].lstrip("\ufeff").lstrip()
+    return bool(_XML_START.match(head)) and head.rstrip().endswith(">") or head.startswith("<?xml")
+
+
+def _delimited_type(text: str, filename: str | None) -> str | None:
+    """CSV or TSV when the name says so and the first lines agree on a column count above one."""
+    suffix = PurePath(filename).suffix.lower() if filename else ""
+    content_type = _DELIMITED_SUFFIXES.get(suffix)
+    if content_type is None:
+        return None
+    delimiter = "\t" if content_type == TEXT_TSV else ","
+    lines = [line for line in text[:_SNIFF_WINDOW].splitlines()[:10] if line.strip()]
+    counts = {line.count(delimiter) for line in lines[:-1] or lines}
+    return content_type if lines and min(counts) >= 1 else None
 
 
 def _binary_reason(data: bytes) -> str:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -10,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from retrieval.embeddings import Embedder
+    from retrieval.embeddings import TextEmbedder
 
 COSINE_WEIGHT = 0.7
 OVERLAP_WEIGHT = 0.3
@@ -20,6 +23,11 @@ OVERLAP_FULL_AT_COSINE = 0.4  # shared words count fully only once meaning is th
 RELATIVE_MARGIN = 0.25  # extra sentences must score within this of the best one
 DUPLICATE_COSINE = 0.9
 MIN_SENTENCE_CHARS = 20
+MAX_EMBEDDED = 24  # sentences embedded per answer, at most
+VECTOR_CACHE_SIZE = 50_000  # sentence vectors kept per process (~75 MiB)
+
+_VECTOR_CACHE: OrderedDict[tuple[int, bytes], np.ndarray] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -256,7 +264,7 @@ def _with_heading(heading: str, sentence: str) -> str:
 
 
 def _candidates(
-    question: str, question_vector: np.ndarray, passages: list[Passage], embedder: Embedder
+    question: str, question_vector: np.ndarray, passages: list[Passage], embedder: TextEmbedder
 ) -> tuple[list[_Candidate], np.ndarray]:
     """Score every sentence of every passage; also return the sentence embeddings."""
     located = [
@@ -266,9 +274,10 @@ def _candidates(
     ]
     if not located:
         return [], np.zeros((0, embedder.dimension), dtype=np.float32)
-    vectors = embedder.embed([_with_heading(h, s) for _, _, h, s in located])
-    cosines = vectors @ question_vector
     terms = content_terms(question)
+    located = _preselect(located, terms)
+    vectors = _sentence_vectors(embedder, [_with_heading(h, s) for _, _, h, s in located])
+    cosines = vectors @ question_vector
     wanted = expected_answer_type(question)
     candidates = []
     for (passage, position, _, sentence), cosine in zip(located, cosines, strict=True):
@@ -280,6 +289,40 @@ def _candidates(
         bonus = ANSWER_TYPE_BONUS if wanted is not None and wanted.search(sentence) else 0.0
         candidates.append(_Candidate(passage.n, position, sentence, relevance, relevance + bonus))
     return candidates, vectors
+
+
+def _preselect(located: list[tuple[Passage, int, str, str]], terms: set[str]) -> list[tuple[Passage, int, str, str]]:
+    """At most MAX_EMBEDDED sentences go to the embedder: those sharing most words with the question, then
+    those of the best passages. Keeps query cost bounded however long the chunks are."""
+    if len(located) <= MAX_EMBEDDED:
+        return located
+
+    def cheap(item: tuple[Passage, int, str, str]) -> tuple[float, float, int, int]:
+        passage, position, _, sentence = item
+        shared = len(terms & content_terms(sentence))
+        return (-shared, -passage.score, passage.n, position)
+    keep = sorted(located, key=cheap)[:MAX_EMBEDDED]
+    return sorted(keep, key=lambda item: (item[0].n, item[1]))
+
+
+def _sentence_vectors(embedder: TextEmbedder, texts: list[str]) -> np.ndarray:
+    """Embeddings of sentences, from a bounded per-process cache when the same sentence was seen before."""
+    keys = [(id(embedder), hashlib.sha256(text.encode()).digest()) for text in texts]
+    with _CACHE_LOCK:
+        missing = [i for i, key in enumerate(keys) if key not in _VECTOR_CACHE]
+    if missing:
+        fresh = embedder.embed([texts[i] for i in missing])
+        with _CACHE_LOCK:
+            for i, vector in zip(missing, fresh, strict=True):
+                _VECTOR_CACHE[keys[i]] = vector
+            while len(_VECTOR_CACHE) > VECTOR_CACHE_SIZE:
+                _VECTOR_CACHE.popitem(last=False)
+    with _CACHE_LOCK:
+        rows = []
+        for key in keys:
+            _VECTOR_CACHE.move_to_end(key)
+            rows.append(_VECTOR_CACHE[key])
+    return np.stack(rows).astype(np.float32, copy=False)
 
 
 def _choose(
@@ -317,7 +360,7 @@ def extractive_answer(
     question: str,
     question_vector: Sequence[float] | np.ndarray,
     passages: list[Passage],
-    embedder: Embedder,
+    embedder: TextEmbedder,
     *,
     max_sentences: int = 3,
     min_relevance: float = 0.30,

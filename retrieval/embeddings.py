@@ -6,7 +6,7 @@ import functools
 import logging
 import os
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -95,14 +95,28 @@ def _normalise(vectors: np.ndarray) -> np.ndarray:
 _LOAD_LOCK = threading.Lock()
 
 
-@functools.lru_cache(maxsize=1)
-def _build_embedder() -> Embedder:
-    """Construct the single embedder (called under the load lock)."""
-    return Embedder()
+class TextEmbedder(Protocol):
+    """What callers rely on, whichever runtime computes the vectors."""
+
+    dimension: int
+
+    def embed(self, texts: list[str]) -> np.ndarray: ...
+    def embed_one(self, text: str) -> list[float]: ...
 
 
-@functools.lru_cache(maxsize=1)
-def get_embedder() -> Embedder:
-    """The process-wide embedder, loaded once even under concurrent first calls."""
+@functools.lru_cache(maxsize=2)
+def _build_embedder(backend: str) -> TextEmbedder:
+    """Construct one embedder per backend (called under the load lock)."""
+    if backend == "onnx":
+        from retrieval.onnx_embedder import OnnxEmbedder
+
+        return OnnxEmbedder()
+    if backend == "torch":
+        return Embedder()
+    raise ValueError(f"unknown embedding backend {backend!r}; expected 'onnx' or 'torch'")
+
+
+def get_embedder(backend: str = "onnx") -> TextEmbedder:
+    """The process-wide embedder for `backend` (onnx: default, faster; torch: sentence-transformers)."""
     with _LOAD_LOCK:
-        return _build_embedder()
+        return _build_embedder(backend)

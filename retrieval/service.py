@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 
-import casbin
 from sqlalchemy.orm import Session
 
 from audit import service as audit_service
 from audit.schemas import Decision, RetrievalRecord
 from authz import service as authz_service
+from authz.enforcer import PolicyEnforcer
 from authz.identity import Identity
 from core import crypto, metrics
+from core.errors import ErrorCode, GovragError
 from core.keystore import keystore_for
+from core.models import Document
 from core.settings import Settings
+from guard import service as guard_service
 from ingestion import service as ingestion_service
 from ingestion.pipeline import chunk_context
+from retrieval import generation
 from retrieval.answer import Passage, extractive_answer
 from retrieval.embeddings import get_embedder
 from retrieval.schemas import Citation, QueryRequest, QueryResponse
@@ -38,41 +43,69 @@ class OpenedChunk:
     score: float
 
 
-def answer_query(*, session: Session, settings: Settings, enforcer: casbin.SyncedEnforcer, identity: Identity,
+def answer_query(*, session: Session, settings: Settings, enforcer: PolicyEnforcer, identity: Identity,
                  query: QueryRequest, request_id: str) -> QueryResponse:
     """Answer from what the caller may see, audit the decision, then return it."""
     started = time.perf_counter()
     requested = query.department_names()
-    searched = authz_service.allowed_departments(session=session, enforcer=enforcer, identity=identity,
-                                                 action="read", requested=requested)
-    vector = get_embedder().embed_one(query.question) if searched else []
-    opened = _retrieve(session, settings, enforcer, identity, query, vector, searched) if searched else []
-    response, cited = _respond(query, vector, opened, request_id, searched, settings)
+    scope = authz_service.read_scope(session=session, enforcer=enforcer, identity=identity, requested=requested)
+    searched = scope.departments
+    admission = guard_service.admit(session=session, settings=settings, question=query.question,
+                                    departments=searched)  # kill switch and prompt firewall (issue 5)
+    guarded = admission.blocked_reason is None
+    vector = get_embedder(settings.embedding_backend).embed_one(query.question) if searched and guarded else []
+    opened = _retrieve(session, settings, enforcer, identity, query, vector, scope) if searched and guarded else []
+    outcome = generation.respond(
+        session=session, settings=settings, question=query.question, chunks=opened, kill_mode=admission.kill_mode,
+        departments=searched, extractive=lambda chunks: _respond(query, vector, chunks, request_id, searched,
+                                                                 settings), cite=_citation,
+    ) if guarded else None
+    response = outcome.response if outcome else _refusal(request_id, str(admission.blocked_reason),
+                                                         guard_service.refusal_text(admission))
+    cited = outcome.cited if outcome else set()
     audit_service.record_retrieval(session=session, record=RetrievalRecord(
         request_id=request_id, subject=identity.subject, groups=list(identity.groups),
         departments_requested=requested or [], departments_searched=searched,
-        decision=Decision.refused if response.refused else Decision.answered, reason=response.reason,
+        policy_version=str(scope.policy_version), roles=scope.roles,
+        decision=_decision(response, admission, outcome), reason=response.reason,
+        guard_verdicts={**admission.verdicts, **(outcome.verdicts if outcome else {})},
+        model_backend=outcome.backend if outcome else None, model_id=outcome.model_id if outcome else None,
+        kill_switch_mode=admission.kill_mode.value,
         question_masked=audit_service.mask_question(query.question), purpose=query.purpose,
         latency_ms=round((time.perf_counter() - started) * 1000, 2),
         chunks=[{"document_id": c.document_id, "chunk_id": c.chunk_id, "score": round(c.score, 4),
-                 "cited": i + 1 in cited} for i, c in enumerate(opened)],
-    ))
+                 "cited": i + 1 in cited, "content_sha256": hashlib.sha256(c.text.encode()).hexdigest()}
+                for i, c in enumerate(opened)],
+    ), settings=settings)
     metrics.QUERIES.labels(decision="refused" if response.refused else "answered").inc()
     metrics.QUERY_LATENCY.observe(time.perf_counter() - started)
+    if admission.disabled:
+        raise GovragError(ErrorCode.unavailable, guard_service.DISABLED_MESSAGE)
     return response
 
 
-def _retrieve(session: Session, settings: Settings, enforcer: casbin.SyncedEnforcer, identity: Identity,
-              query: QueryRequest, vector: list[float], searched: list[str]) -> list[OpenedChunk]:
+def _decision(response: QueryResponse, admission: guard_service.Admission,
+              outcome: generation.Generation | None) -> Decision:
+    """answered, refused, blocked (firewall or kill switch) or withheld (output guard)."""
+    if admission.blocked_reason is not None:
+        return Decision.blocked
+    if outcome is not None and outcome.withheld:
+        return Decision.withheld
+    return Decision.refused if response.refused else Decision.answered
+
+
+def _retrieve(session: Session, settings: Settings, enforcer: PolicyEnforcer, identity: Identity,
+              query: QueryRequest, vector: list[float], scope: authz_service.ReadScope) -> list[OpenedChunk]:
     """Filtered search in each authorised collection, merged by score, then re-checked and decrypted."""
     top_k = min(query.top_k or settings.default_top_k, settings.max_top_k)
-    store, access = open_vector_store(settings), AccessFilter(groups=identity.groups)
-    hits = [hit for department in searched for hit in store.search(department, vector, access, limit=top_k)]
+    store = open_vector_store(settings)
+    hits = [hit for department, clearance in scope.clearance_by_department.items()
+            for hit in store.search(department, vector, AccessFilter(identity.groups, clearance), limit=top_k)]
     hits.sort(key=lambda hit: hit.score, reverse=True)
     return _recheck_and_open(session, settings, enforcer, identity, hits[:top_k])
 
 
-def _recheck_and_open(session: Session, settings: Settings, enforcer: casbin.SyncedEnforcer, identity: Identity,
+def _recheck_and_open(session: Session, settings: Settings, enforcer: PolicyEnforcer, identity: Identity,
                       hits: list[Hit]) -> list[OpenedChunk]:
     """Defence in depth: every hit is checked again against the policy and the document's state."""
     documents = ingestion_service.ready_documents(session=session,
@@ -82,8 +115,7 @@ def _recheck_and_open(session: Session, settings: Settings, enforcer: casbin.Syn
         document = documents.get(str(hit.payload.get("document_id")))
         if document is None:
             continue  # deleted or failed since it was indexed: not a policy disagreement
-        if hit.payload.get("department") != document.department or not _may_read(
-                enforcer, identity, document.department, document.acl_groups):
+        if hit.payload.get("department") != document.department or not _may_read(enforcer, identity, document):
             metrics.AUTHZ_RECHECK_DROPS.labels(department=document.department).inc()
             continue
         key = keystore.document_key(session=session, department=document.department, document_id=document.id)
@@ -97,11 +129,11 @@ def _recheck_and_open(session: Session, settings: Settings, enforcer: casbin.Syn
     return opened
 
 
-def _may_read(enforcer: casbin.SyncedEnforcer, identity: Identity, department: str, acl_groups: list[str]) -> bool:
-    """The policy, restated: `read` in the department, and an open ACL or a shared group."""
-    if not authz_service.is_allowed(enforcer, identity, "read", department):
-        return False
-    return not acl_groups or bool(set(acl_groups) & set(identity.groups))
+def _may_read(enforcer: PolicyEnforcer, identity: Identity, document: Document) -> bool:
+    """The policy, asked again from the document row (not the payload): read, ACL and clearance."""
+    return authz_service.may_read_chunk(enforcer, identity, department=document.department,
+                                        acl_groups=list(document.acl_groups or []),
+                                        classification=document.classification)
 
 
 def _respond(query: QueryRequest, vector: list[float], opened: list[OpenedChunk], request_id: str, searched: list[str],
@@ -111,7 +143,7 @@ def _respond(query: QueryRequest, vector: list[float], opened: list[OpenedChunk]
     if not opened:
         return _refusal(request_id, "no_authorised_content"), set()
     passages = [Passage(n=i + 1, text=chunk.text, score=chunk.score) for i, chunk in enumerate(opened)]
-    answer = extractive_answer(query.question, vector, passages, get_embedder(),
+    answer = extractive_answer(query.question, vector, passages, get_embedder(settings.embedding_backend),
                                min_relevance=settings.min_relevance)
     if answer is None:
         return _refusal(request_id, "no_relevant_content"), set()
@@ -126,5 +158,5 @@ def _citation(n: int, chunk: OpenedChunk) -> Citation:
                     department=chunk.department, snippet=snippet, score=round(chunk.score, 4))
 
 
-def _refusal(request_id: str, reason: str) -> QueryResponse:
-    return QueryResponse(answer=REFUSAL_TEXT, citations=[], refused=True, reason=reason, request_id=request_id)
+def _refusal(request_id: str, reason: str, text: str = REFUSAL_TEXT) -> QueryResponse:
+    return QueryResponse(answer=text, citations=[], refused=True, reason=reason, request_id=request_id)

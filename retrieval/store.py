@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from qdrant_client import QdrantClient, models
 
@@ -31,18 +31,22 @@ class VectorPoint:
 
 @dataclass(frozen=True)
 class AccessFilter:
-    """What the caller may see inside a department: open chunks, or chunks shared with a group of theirs."""
+    """What the caller may see inside one department: chunks at or below its clearance there that are
+    open or shared with one of its groups. Built from the authorization decision; every search needs one."""
 
     groups: tuple[str, ...]
+    max_classification_rank: int  # the caller's clearance in the department (public 0 … restricted 3)
 
     def to_qdrant(self) -> models.Filter:
-        """The mandatory payload filter for every search."""
+        """The mandatory payload filter: clearance AND (open OR shared group); missing fields never match."""
         conditions: list[models.Condition] = [
-            models.FieldCondition(key="acl_open", match=models.MatchValue(value=True)),
+            models.FieldCondition(key="acl_scope", match=models.MatchValue(value="open")),
         ]
         if self.groups:
             conditions.append(models.FieldCondition(key="acl_groups", match=models.MatchAny(any=list(self.groups))))
-        return models.Filter(should=conditions)
+        clearance = models.FieldCondition(key="classification_rank",
+                                          range=models.Range(lte=self.max_classification_rank))
+        return models.Filter(must=[clearance], should=conditions)
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,10 @@ def collection_name(department: str) -> str:
 class VectorStore:
     """Thin, department-scoped operations over a Qdrant client (server or local mode)."""
 
-    def __init__(self, client: QdrantClient, dimension: int = 384, *, payload_indexes: bool = True) -> None:
+    def __init__(self, client: QdrantClient, dimension: int = 384, *, payload_indexes: bool = True,
+                 replication_factor: int | None = None) -> None:
         self._client = client
+        self._replication_factor = replication_factor
         self._payload_indexes = payload_indexes  # local mode ignores them (and warns)
         self._dimension = dimension
         # Local mode is pure Python and not safe for concurrent writers; a lock is cheap here.
@@ -129,41 +135,63 @@ class VectorStore:
         if self._client.collection_exists(name):
             return
         self._client.create_collection(
-            name, vectors_config=models.VectorParams(size=self._dimension, distance=models.Distance.COSINE))
+            name, vectors_config=models.VectorParams(size=self._dimension, distance=models.Distance.COSINE),
+            replication_factor=self._replication_factor)
         if not self._payload_indexes:
             return
         for field, schema in (("document_id", models.PayloadSchemaType.KEYWORD),
                               ("acl_groups", models.PayloadSchemaType.KEYWORD),
-                              ("acl_open", models.PayloadSchemaType.BOOL)):
+                              ("acl_scope", models.PayloadSchemaType.KEYWORD),
+                              ("classification_rank", models.PayloadSchemaType.INTEGER)):
             self._client.create_payload_index(name, field_name=field, field_schema=schema)
 
 
-_STORES: dict[str, VectorStore] = {}
+class VectorIndex(Protocol):
+    """What the query and ingestion paths need from a vector engine (Qdrant client or Qdrant Edge)."""
+
+    def upsert(self, department: str, points: list[VectorPoint]) -> None: ...
+    def search(self, department: str, vector: list[float], access: AccessFilter, limit: int) -> list[Hit]: ...
+    def delete_document(self, department: str, document_id: str) -> None: ...
+    def count(self, department: str) -> int: ...
+    def scroll_payloads(self, department: str) -> list[dict[str, Any]]: ...
+    def ping(self) -> None: ...
+    def close(self) -> None: ...
+
+
+_STORES: dict[str, VectorIndex] = {}
 _STORES_LOCK = threading.Lock()
 
 
-def open_vector_store(settings: Settings) -> VectorStore:
-    """The process's store: a Qdrant server when configured, else local mode under the data dir."""
-    location = settings.qdrant_url or str(settings.resolved_qdrant_path.resolve())
+def open_vector_store(settings: Settings) -> VectorIndex:
+    """The process's store: a Qdrant server when configured, else the embedded engine under the data dir."""
+    location = _location(settings)
     with _STORES_LOCK:
         if location not in _STORES:
-            _STORES[location] = VectorStore(_client_for(settings), payload_indexes=bool(settings.qdrant_url))
+            _STORES[location] = _build(settings)
         return _STORES[location]
 
 
 def close_vector_store(settings: Settings) -> None:
-    """Release the store, so another process may open a local-mode path."""
-    location = settings.qdrant_url or str(settings.resolved_qdrant_path.resolve())
+    """Release the store, so another process may open an embedded store's path."""
     with _STORES_LOCK:
-        store = _STORES.pop(location, None)
+        store = _STORES.pop(_location(settings), None)
     if store is not None:
         store.close()
 
 
-def _client_for(settings: Settings) -> QdrantClient:
+def _location(settings: Settings) -> str:
+    return settings.qdrant_url or f"{settings.vector_backend}:{settings.resolved_qdrant_path.resolve()}"
+
+
+def _build(settings: Settings) -> VectorIndex:
     if settings.qdrant_url:
-        return QdrantClient(url=settings.qdrant_url)
-    # Local mode allows one process per path; inside the process the store is shared.
+        return VectorStore(QdrantClient(url=settings.qdrant_url),
+                           replication_factor=settings.qdrant_replication_factor)
+    # Embedded engines allow one process per path; inside the process the store is shared.
     path = settings.resolved_qdrant_path
     path.mkdir(parents=True, exist_ok=True)
-    return QdrantClient(path=str(path))
+    if settings.vector_backend == "edge":
+        from retrieval.edge_store import EdgeVectorStore  # it builds on this module's types
+
+        return EdgeVectorStore(path)
+    return VectorStore(QdrantClient(path=str(path)), payload_indexes=False)

@@ -26,6 +26,8 @@ def create_celery(settings: Settings) -> GovragCelery:
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
+        # A worker killed mid-task never acks: the broker hands the task out again after this long.
+        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout},
     )
     app.govrag_settings = settings
     from workers.tasks import register_tasks  # tasks import this module for the app type

@@ -20,6 +20,8 @@ def ingest_document(task: Task, document_id: str, job_id: str) -> None:
     settings = task.app.govrag_settings
     try:
         ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id)
+        for child in ingestion_service.spawn_attachments(settings=settings, document_id=document_id):
+            enqueue_ingestion(task.app, document_id=child.document_id, job_id=child.job_id)
     except Exception as exc:
         if task.request.retries >= MAX_RETRIES:
             logger.exception("ingestion of document %s gave up after %d retries", document_id, MAX_RETRIES)

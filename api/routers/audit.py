@@ -1,4 +1,4 @@
-"""Compliance export of the retrieval ledger."""
+"""Compliance export and verification of the retrieval ledger."""
 
 from __future__ import annotations
 
@@ -8,27 +8,35 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
-from api.deps import CurrentUser, EnforcerDep, SessionDep
+from api.deps import CurrentUser, EnforcerDep, SessionDep, SettingsDep
 from audit import service as audit_service
-from audit.schemas import ExportFormat
-from authz import service as authz_service
-from core.errors import ErrorCode, GovragError
+from audit.export import MEDIA_TYPES
+from audit.schemas import Decision, ExportFilters, ExportFormat, VerifyResult
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 
-_MEDIA_TYPES = {ExportFormat.jsonl: "application/x-ndjson", ExportFormat.csv: "text/csv"}
-
 
 @router.get("/retrievals")
-def export_retrievals(session: SessionDep, enforcer: EnforcerDep, user: CurrentUser,
+def export_retrievals(session: SessionDep, settings: SettingsDep, enforcer: EnforcerDep, user: CurrentUser,
                       fmt: Annotated[ExportFormat, Query(alias="format")] = ExportFormat.jsonl,
                       since: datetime | None = None, until: datetime | None = None,
-                      subject: Annotated[str | None, Query(alias="user")] = None) -> StreamingResponse:
-    """Stream retrieval events of the departments where the caller holds `compliance`."""
-    departments = set(authz_service.allowed_departments(session=session, enforcer=enforcer, identity=user,
-                                                        action="export_audit"))
-    if not departments:
-        raise GovragError(ErrorCode.forbidden, "the compliance role is required to export the audit log")
-    rows = audit_service.export_events(session=session, departments=departments, fmt=fmt, since=since,
-                                       until=until, subject=subject)
-    return StreamingResponse(rows, media_type=_MEDIA_TYPES[fmt])
+                      subject: Annotated[str | None, Query(alias="user")] = None,
+                      department: str | None = None, decision: Decision | None = None,
+                      document_id: str | None = None, event_type: str | None = None) -> StreamingResponse:
+    """Stream ledger events of the departments where the caller holds `compliance`, closed by a manifest line."""
+    filters = ExportFilters(since=since, until=until, subject=subject, department=department,
+                            decision=decision.value if decision else None, document_id=document_id,
+                            event_type=event_type)
+    scope = audit_service.compliance_scope(session=session, settings=settings, enforcer=enforcer, identity=user)
+    rows = audit_service.export_events(session=session, settings=settings, identity=user, scope=scope,
+                                       filters=filters, fmt=fmt)
+    return StreamingResponse(rows, media_type=MEDIA_TYPES[fmt])
+
+
+@router.get("/verify", response_model=VerifyResult)
+def verify_ledger(session: SessionDep, settings: SettingsDep, enforcer: EnforcerDep,
+                  user: CurrentUser) -> VerifyResult:
+    """Walk the hash chain and the signed checkpoints (compliance officers and platform admins)."""
+    if not user.is_platform_admin:
+        audit_service.compliance_scope(session=session, settings=settings, enforcer=enforcer, identity=user)
+    return audit_service.verify(session=session, settings=settings)

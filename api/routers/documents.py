@@ -8,11 +8,14 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile, status
 
 from api.deps import CeleryDep, CurrentUser, EnforcerDep, SessionDep, SettingsDep
+from audit import service as audit_service
+from audit.schemas import AdminEventType
 from authz import service as authz_service
 from authz.identity import Identity
 from core.errors import ErrorCode, GovragError
+from core.models import Document
 from ingestion import service as ingestion_service
-from ingestion.schemas import Classification, DocumentStatusOut, JobStatusOut, UploadAccepted
+from ingestion.schemas import Classification, DocumentStatusOut, JobStatusOut, RevealIn, RevealOut, UploadAccepted
 from workers.tasks import enqueue_ingestion
 
 router = APIRouter(prefix="/v1", tags=["documents"])
@@ -61,6 +64,19 @@ def delete_document(document_id: str, session: SessionDep, settings: SettingsDep
     session.commit()
 
 
+@router.post("/documents/{document_id}/reveal", response_model=RevealOut)
+def reveal(document_id: str, body: RevealIn, session: SessionDep, settings: SettingsDep, enforcer: EnforcerDep,
+           user: CurrentUser) -> RevealOut:
+    """The originals behind placeholders of a reversibly pseudonymised document (permission: reveal); audited."""
+    department, result = ingestion_service.reveal(
+        session=session, settings=settings, document_id=document_id, placeholders=body.placeholders,
+        can_reveal=lambda dept: authz_service.is_allowed(enforcer, user, "reveal", dept))
+    audit_service.record_admin_event(
+        session=session, identity=user, event_type=AdminEventType.reveal, department=department, settings=settings,
+        details={"document_id": document_id, "placeholders": sorted(result.values)})
+    return result
+
+
 @router.get("/jobs/{job_id}", response_model=JobStatusOut)
 def get_job(job_id: str, session: SessionDep, enforcer: EnforcerDep, user: CurrentUser) -> JobStatusOut:
     """Ingestion job status and failure reason."""
@@ -76,12 +92,14 @@ def parse_acl_groups(values: list[str] | None) -> list[str]:
 
 
 def _visibility(enforcer: EnforcerDep, user: Identity):  # type: ignore[no-untyped-def]
-    """Who may see a document's status: its department's readers (within the ACL) and uploaders."""
+    """Who may see a document's status: its department's editors, and readers who may read its chunks
+    (ACL and clearance included), so a title above someone's clearance is never shown to them."""
 
-    def can_see(department: str, acl_groups: list[str]) -> bool:
-        if authz_service.is_allowed(enforcer, user, "upload", department):
+    def can_see(document: Document) -> bool:
+        if authz_service.is_allowed(enforcer, user, "upload", document.department):
             return True
-        readable = authz_service.is_allowed(enforcer, user, "read", department)
-        return readable and (not acl_groups or bool(set(acl_groups) & set(user.groups)))
+        return authz_service.may_read_chunk(enforcer, user, department=document.department,
+                                            acl_groups=list(document.acl_groups or []),
+                                            classification=document.classification)
 
     return can_see

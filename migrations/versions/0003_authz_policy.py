@@ -1,23 +1,82 @@
 """authorization model: clearances, group mappings, policy versions (issue 4)
 
+Role names in casbin_rule get a "role:" prefix, so no user subject can ever equal a role
+(Casbin treats a name as linked to itself). p rows become (action, role) so the enforcer can
+index them by action. Group -> role mappings are grouping rows whose subject is group:<name>.
+
 Revision ID: 0003
 Revises: 0002
 """
 
 from __future__ import annotations
 
-import sqlalchemy as sa  # noqa: F401
-from alembic import op  # noqa: F401
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from alembic import op
 
 revision = "0003"
 down_revision = "0002"
 branch_labels = None
 depends_on = None
 
+ROLE_PREFIX = "role:"
+DEFAULT_ROLE_PERMISSIONS = {
+    "reader": ("read",),
+    "editor": ("read", "upload", "delete"),
+    "compliance": ("export_audit",),
+    "privacy_officer": ("read", "reveal"),
+    "admin": ("manage",),
+}
+_rules = sa.table("casbin_rule", sa.column("id", sa.Integer), sa.column("ptype", sa.String),
+                  sa.column("v0", sa.String), sa.column("v1", sa.String), sa.column("v2", sa.String))
+
 
 def upgrade() -> None:
-    pass
+    op.create_table(
+        "authz_clearances",
+        sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column("subject", sa.String(length=255), nullable=False),
+        sa.Column("department", sa.String(length=64), nullable=False),
+        sa.Column("level", sa.String(length=32), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_authz_clearances")),
+        sa.UniqueConstraint("subject", "department", name=op.f("uq_authz_clearances_subject")),
+    )
+    with op.batch_alter_table("authz_clearances") as batch:
+        batch.create_index(batch.f("ix_authz_clearances_department"), ["department"], unique=False)
+    state = op.create_table(
+        "authz_policy_state",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("version", sa.Integer(), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_authz_policy_state")),
+    )
+    op.bulk_insert(state, [{"id": 1, "version": 1, "updated_at": datetime.now(UTC)}])
+    _prefix_roles()
+
+
+def _prefix_roles() -> None:
+    bind = op.get_bind()
+    for row in bind.execute(sa.select(_rules.c.id, _rules.c.v1).where(_rules.c.ptype == "g")).all():
+        if row.v1 and not row.v1.startswith(ROLE_PREFIX):
+            bind.execute(_rules.update().where(_rules.c.id == row.id).values(v1=ROLE_PREFIX + row.v1))
+    bind.execute(_rules.delete().where(_rules.c.ptype == "p"))
+    op.bulk_insert(_rules, [{"ptype": "p", "v0": action, "v1": ROLE_PREFIX + role}
+                            for role, actions in DEFAULT_ROLE_PERMISSIONS.items() for action in actions])
 
 
 def downgrade() -> None:
-    pass
+    bind = op.get_bind()
+    bind.execute(_rules.delete().where(_rules.c.ptype == "g", _rules.c.v0.like(ROLE_PREFIX + "%")))
+    for row in bind.execute(sa.select(_rules.c.id, _rules.c.v1).where(_rules.c.ptype == "g")).all():
+        if row.v1 and row.v1.startswith(ROLE_PREFIX):
+            bind.execute(_rules.update().where(_rules.c.id == row.id).values(v1=row.v1[len(ROLE_PREFIX):]))
+    bind.execute(_rules.delete().where(_rules.c.ptype == "p"))
+    op.bulk_insert(_rules, [{"ptype": "p", "v0": role, "v1": action}
+                            for role, actions in DEFAULT_ROLE_PERMISSIONS.items() if role != "privacy_officer"
+                            for action in actions])
+    op.drop_table("authz_policy_state")
+    with op.batch_alter_table("authz_clearances") as batch:
+        batch.drop_index(batch.f("ix_authz_clearances_department"))
+    op.drop_table("authz_clearances")

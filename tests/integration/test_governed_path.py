@@ -135,7 +135,8 @@ def test_audit_export_shows_queries_with_masked_questions(client: TestClient, wo
     _ask(client, world["tokens"]["bob"], "What is the hotel limit per night?", purpose="audit-test")
     jsonl = client.get("/v1/audit/retrievals", params={"format": "jsonl"}, headers=auth(world["tokens"]["carol"]))
     assert jsonl.status_code == 200
-    events = [json.loads(line) for line in jsonl.text.splitlines() if line]
+    *events, manifest = [json.loads(line) for line in jsonl.text.splitlines() if line]
+    assert manifest["manifest"]["rows"] == len(events)  # the closing manifest line (issue 6)
     mine = [e for e in events if e["purpose"] == "audit-test"]
     assert {e["subject"] for e in mine} == {"alice", "bob"}
     assert "maria.gonzalez@example.com" not in jsonl.text
@@ -242,6 +243,30 @@ def test_deleted_document_can_no_longer_be_cited(client: TestClient, world: dict
     after = _ask(client, token, "How much does a parking permit for the Dublin office cost?")
     assert document_id not in json.dumps(after) and "PARKCANARY" not in json.dumps(after)
     assert client.get(f"/v1/documents/{document_id}", headers=auth(token)).status_code == 404
+
+
+def test_deleted_document_leaves_nothing_in_the_data_dir_or_qdrant(client: TestClient, world: dict,
+                                                                   settings) -> None:  # type: ignore[no-untyped-def]
+    token = world["tokens"]["alice"]
+    canary, text = "SHREDCANARY-42", "Locker rentals at the Porto office cost 15 euros per quarter."
+    document_id = _ingest(client, token, "hr", "lockers.txt", f"{text} Ref {canary}.".encode())
+    store = open_vector_store(settings)
+    assert any(p["document_id"] == document_id for p in store.scroll_payloads("hr"))
+    assert client.delete(f"/v1/documents/{document_id}", headers=auth(token)).status_code == 204
+    assert not any(p["document_id"] == document_id for p in store.scroll_payloads("hr"))
+    for path in Path(settings.data_dir).rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            assert canary.encode() not in content and b"Locker rentals" not in content, path.name
+            assert document_id.encode() not in content or path.suffix not in (".bin", ".tmp"), path.name
+    assert not list(settings.blob_dir.glob(f"{document_id}*"))
+    dsn = settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn) as conn:  # the key is gone: nothing sealed under it can ever be opened
+        rows = conn.execute("SELECT count(*) FROM wrapped_keys WHERE kind = 'document' AND owner = %s",
+                            (document_id,)).fetchone()
+    assert rows is not None and rows[0] == 0
+    result = _ask(client, token, "How much does a locker at the Porto office cost?")
+    assert document_id not in json.dumps(result) and canary not in json.dumps(result)
 
 
 def test_readyz_checks_database_broker_and_vector_store(client: TestClient) -> None:

@@ -270,7 +270,7 @@ def test_corrupt_docx_is_rejected_without_echoing_content() -> None:
 
 
 def test_unknown_content_type_is_unsupported() -> None:
-    error = _parse_error(b"a,b\n1,2\n", "text/csv")
+    error = _parse_error(b"a,b\n1,2\n", "application/x-unknown")
     assert error.code is ErrorCode.unsupported_type
 
 

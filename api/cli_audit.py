@@ -1,0 +1,176 @@
+"""`govrag audit ...` and `govrag export training-data`: operator commands with database access.
+
+An operator who can run these holds the database credentials and the checkpoint key, so the CLI acts with
+global scope; every export and purge is still written to the ledger under `cli:<actor>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import getpass
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import TextIO
+
+from sqlalchemy.orm import Session
+
+from audit.schemas import Decision, ExportFilters, ExportFormat
+from authz.identity import Identity
+from core.db import get_session_factory
+from core.errors import GovragError
+from core.settings import get_settings
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`govrag audit verify|export|checkpoint|purge` and `govrag export training-data` (issue 6)."""
+    audit = commands.add_parser("audit", help="verify, export, checkpoint or purge the audit ledger")
+    audit_commands = audit.add_subparsers(required=True, metavar="ACTION")
+    audit_commands.add_parser("verify", help="walk the hash chain and signed checkpoints").set_defaults(
+        run=verify)
+    exporting = audit_commands.add_parser("export", help="stream ledger events (JSONL, CSV or OCSF) with a manifest")
+    add_export_arguments(exporting)
+    exporting.set_defaults(run=export)
+    audit_commands.add_parser("checkpoint", help="sign a checkpoint at the end of the chain").set_defaults(
+        run=checkpoint)
+    purging = audit_commands.add_parser("purge", help="retention: signed, audited purge of expired events")
+    add_actor_argument(purging)
+    purging.set_defaults(run=purge)
+
+    export_data = commands.add_parser("export", help="export data sets")
+    export_kinds = export_data.add_subparsers(required=True, metavar="KIND")
+    training = export_kinds.add_parser("training-data", help="redacted chunks of ready documents as JSONL")
+    training.add_argument("--department", required=True)
+    training.add_argument("--output", "-o", default="-", help="file path, or - for stdout")
+    add_actor_argument(training)
+    training.set_defaults(run=training_data)
+
+
+def add_actor_argument(parser: argparse.ArgumentParser) -> None:
+    """--actor: who is running the command, as recorded in the ledger."""
+    parser.add_argument("--actor", default=None, help="recorded as cli:<actor> (default: the OS user)")
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """Filters and format of `govrag audit export`."""
+    parser.add_argument("--format", choices=[f.value for f in ExportFormat], default="jsonl")
+    parser.add_argument("--since", type=datetime.fromisoformat, help="ISO time, inclusive")
+    parser.add_argument("--until", type=datetime.fromisoformat, help="ISO time, exclusive")
+    parser.add_argument("--user", dest="subject", help="the subject whose events to export")
+    parser.add_argument("--department")
+    parser.add_argument("--decision", choices=[d.value for d in Decision])
+    parser.add_argument("--document-id")
+    parser.add_argument("--event-type")
+    parser.add_argument("--output", "-o", default="-", help="file path, or - for stdout")
+    add_actor_argument(parser)
+
+
+@contextmanager
+def _session() -> Iterator[Session]:
+    """A session on the configured database (audit.service is imported here: it loads the PII models)."""
+    session = get_session_factory(get_settings().resolved_database_url)()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def _reported(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A refused command prints the (content-free) reason and exits 2 instead of a traceback."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except GovragError as exc:
+            print(f"refused: {exc.message}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _actor(args: argparse.Namespace) -> Identity:
+    return Identity(subject=f"cli:{args.actor or getpass.getuser()}", groups=(), is_platform_admin=True)
+
+
+def verify(_args: argparse.Namespace) -> int:
+    """Print the verification result; exit 1 when the chain is broken."""
+    from audit import service as audit_service
+
+    with _session() as session:
+        result = audit_service.verify(session=session, settings=get_settings())
+    print(result.model_dump_json())
+    return 0 if result.ok else 1
+
+
+@_reported
+def export(args: argparse.Namespace) -> int:
+    """Stream the export; the manifest is the last line (and, for a file, also <file>.manifest.json)."""
+    from audit import service as audit_service
+
+    filters = ExportFilters(since=args.since, until=args.until, subject=args.subject, department=args.department,
+                            decision=args.decision, document_id=args.document_id, event_type=args.event_type)
+    with _session() as session:
+        lines = audit_service.export_events(session=session, settings=get_settings(), identity=_actor(args),
+                                            scope=None, filters=filters, fmt=ExportFormat(args.format))
+        _write(lines, args.output)
+    return 0
+
+
+@_reported
+def training_data(args: argparse.Namespace) -> int:
+    """Write the redacted training set with its manifest."""
+    from audit import service as audit_service
+
+    with _session() as session:
+        lines = audit_service.export_training_data(session=session, settings=get_settings(), identity=_actor(args),
+                                                   department=args.department)
+        _write(lines, args.output)
+    return 0
+
+
+def checkpoint(_args: argparse.Namespace) -> int:
+    """Sign a checkpoint at the end of the chain."""
+    from audit import service as audit_service
+
+    with _session() as session:
+        event_id = audit_service.checkpoint_now(session=session, settings=get_settings())
+    print(json.dumps({"checkpointed_event_id": event_id}))
+    return 0
+
+
+def purge(args: argparse.Namespace) -> int:
+    """Apply the retention period (GOVRAG_AUDIT_RETENTION_DAYS)."""
+    from audit import service as audit_service
+
+    settings = get_settings()
+    if settings.audit_retention_days is None:
+        print("no retention period configured (GOVRAG_AUDIT_RETENTION_DAYS); nothing purged", file=sys.stderr)
+        return 2
+    with _session() as session:
+        removed = audit_service.purge_expired(session=session, settings=settings, identity=_actor(args))
+    print(json.dumps({"purged": removed}))
+    return 0
+
+
+def _write(lines: Iterator[str], output: str) -> None:
+    if output == "-":
+        _copy(lines, sys.stdout)
+        return
+    path = Path(output)
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        last = _copy(lines, handle)
+    manifest = last.removeprefix("# manifest ")
+    path.with_name(path.name + ".manifest.json").write_text(manifest, encoding="utf-8")
+
+
+def _copy(lines: Iterator[str], handle: TextIO) -> str:
+    last = ""
+    for line in lines:
+        handle.write(line)
+        last = line
+    return last

@@ -1,0 +1,177 @@
+"""`govrag ingest PATH` (bulk upload with progress and a summary) and `govrag keys rotate` (issue 3)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from core.settings import get_settings
+
+FINAL_STATES = ("ready", "failed", "quarantined", "rejected")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one file (reasons are the service's own, never document text)."""
+
+    path: str
+    status: str
+    reason: str = ""
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `ingest` and `keys rotate`."""
+    ingest = commands.add_parser("ingest", help="upload every file under PATH into a department")
+    ingest.add_argument("path", type=Path)
+    ingest.add_argument("--department", required=True)
+    ingest.add_argument("--acl-group", action="append", default=[], dest="acl_groups")
+    ingest.add_argument("--classification", default="internal",
+                        choices=("public", "internal", "confidential", "restricted"))
+    ingest.add_argument("--api-url", help="upload through a running API (default: in this process)")
+    ingest.add_argument("--token", help="bearer token for --api-url")
+    ingest.add_argument("--as-user", default="cli", help="uploader recorded for in-process ingestion")
+    ingest.set_defaults(run=ingest_command)
+
+    keys = commands.add_parser("keys", help="key management")
+    key_commands = keys.add_subparsers(required=True, metavar="ACTION")
+    rotate = key_commands.add_parser("rotate", help="new department keys; document keys rewrapped, no re-embedding")
+    rotate.add_argument("--department", action="append", dest="departments",
+                        help="only this department (repeatable; default: all)")
+    rotate.add_argument("--actor", default="cli", help="who is recorded in the audit ledger")
+    rotate.set_defaults(run=rotate_command)
+
+
+def files_under(path: Path) -> list[Path]:
+    """The regular files to ingest, sorted; hidden files skipped."""
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts))
+
+
+def ingest_command(args: argparse.Namespace) -> int:
+    """Upload a folder with a progress bar, then print a ready / quarantined / failed table."""
+    files = files_under(args.path)
+    console = Console(stderr=True)
+    uploader = _api_uploader(args) if args.api_url else _inprocess_uploader(args)
+    outcomes: list[Outcome] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("ingesting", total=len(files))
+        for outcome in uploader(files):
+            outcomes.append(outcome)
+            progress.advance(task)
+    Console().print(summary_table(outcomes))
+    return 0 if all(o.status in ("ready", "quarantined", "duplicate") for o in outcomes) else 1
+
+
+def summary_table(outcomes: list[Outcome]) -> Table:
+    """One row per file, then the totals per status."""
+    table = Table(title="ingestion summary")
+    for column in ("file", "status", "reason"):
+        table.add_column(column)
+    for outcome in outcomes:
+        table.add_row(outcome.path, outcome.status, outcome.reason)
+    totals: dict[str, int] = {}
+    for outcome in outcomes:
+        totals[outcome.status] = totals.get(outcome.status, 0) + 1
+    table.caption = ", ".join(f"{status}: {count}" for status, count in sorted(totals.items()))
+    return table
+
+
+def _inprocess_uploader(args: argparse.Namespace) -> Callable[[list[Path]], Iterator[Outcome]]:
+    """Accept and ingest each file here, synchronously (the embedded store allows one process)."""
+    from core.db import unit_of_work
+    from core.errors import GovragError
+    from ingestion import service as ingestion_service
+    from ingestion.schemas import Classification
+
+    settings = get_settings()
+
+    def run(files: list[Path]) -> Iterator[Outcome]:
+        for path in files:
+            try:
+                with unit_of_work(settings.resolved_database_url) as session:
+                    accepted = ingestion_service.accept_upload(
+                        session=session, settings=settings, uploaded_by=args.as_user, department=args.department,
+                        filename=path.name, data=path.read_bytes(), title=path.name,
+                        acl_groups=sorted(set(args.acl_groups)), classification=Classification(args.classification))
+                ingestion_service.run_ingestion(settings=settings, document_id=accepted.document_id,
+                                                job_id=accepted.job_id)
+                for child in ingestion_service.spawn_attachments(settings=settings,
+                                                                 document_id=accepted.document_id):
+                    ingestion_service.run_ingestion(settings=settings, document_id=child.document_id,
+                                                    job_id=child.job_id)
+                with unit_of_work(settings.resolved_database_url) as session:
+                    status = ingestion_service.job_status(session=session, can_see=lambda *_: True,
+                                                          job_id=accepted.job_id)
+                yield Outcome(str(path), status.status, status.error or "")
+            except GovragError as exc:
+                yield Outcome(str(path), _refusal(exc.message), exc.message)
+
+    return run
+
+
+def _api_uploader(args: argparse.Namespace) -> Callable[[list[Path]], Iterator[Outcome]]:
+    """Upload through the HTTP API and poll each document to a final state."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+
+    def run(files: list[Path]) -> Iterator[Outcome]:
+        with httpx.Client(base_url=args.api_url, headers=headers, timeout=60) as http:
+            for path in files:
+                form = {"department": args.department, "classification": args.classification,
+                        "acl_groups": args.acl_groups, "title": path.name}
+                response = http.post("/v1/documents", data=form, files={"file": (path.name, path.read_bytes())})
+                if response.status_code != 202:
+                    message = response.json().get("error", {}).get("message", response.text[:200])
+                    yield Outcome(str(path), _refusal(message), message)
+                    continue
+                yield _poll(http, str(path), response.json()["document_id"])
+
+    return run
+
+
+def _poll(http: object, path: str, document_id: str, timeout: float = 600.0) -> Outcome:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = http.get(f"/v1/documents/{document_id}").json()  # type: ignore[attr-defined]
+        if body.get("status") in FINAL_STATES:
+            return Outcome(path, body["status"], body.get("error") or body.get("review_reason") or "")
+        time.sleep(0.5)
+    return Outcome(path, "pending", "still processing when the CLI stopped waiting")
+
+
+def _refusal(message: str) -> str:
+    return "duplicate" if message.startswith("duplicate upload") else "refused"
+
+
+def rotate_command(args: argparse.Namespace) -> int:
+    """Rotate department keys and record each rotation in the audit ledger."""
+    from audit import service as audit_service
+    from audit.schemas import AdminEventType
+    from authz.identity import Identity
+    from core.db import unit_of_work
+    from ingestion import keys
+
+    settings = get_settings()
+    reports = keys.rotate_department_keys(settings=settings, departments=args.departments)
+    table = Table(title="key rotation")
+    for column in ("department", "new key version", "document keys rewrapped"):
+        table.add_column(column)
+    for report in reports:
+        table.add_row(report.department, str(report.new_version), str(report.documents_rewrapped))
+        with unit_of_work(settings.resolved_database_url) as session:
+            audit_service.record_admin_event(
+                session=session, identity=Identity(subject=f"cli:{args.actor}", groups=(), is_platform_admin=True),
+                event_type=AdminEventType.key_rotation, department=report.department, settings=settings,
+                details={"new_version": report.new_version, "documents_rewrapped": report.documents_rewrapped})
+    Console().print(table)
+    return 0 if reports or not args.departments else 1

@@ -1,0 +1,100 @@
+"""Ingestion administration: department policy, the quarantine review queue, re-indexing (issue 3)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+
+from api.deps import CeleryDep, CurrentUser, EnforcerDep, SessionDep, SettingsDep
+from audit import service as audit_service
+from audit.schemas import AdminEventType
+from authz import service as authz_service
+from ingestion import quarantine
+from ingestion.schemas import (
+    IngestionPolicyIn,
+    IngestionPolicyOut,
+    QuarantinedOut,
+    ReindexIn,
+    ReindexOut,
+    ReviewDecision,
+)
+from workers.tasks import enqueue_ingestion
+
+router = APIRouter(prefix="/v1/admin", tags=["ingestion admin"])
+
+
+@router.get("/departments/{department}/ingestion-policy", response_model=IngestionPolicyOut)
+def get_policy(department: str, session: SessionDep, enforcer: EnforcerDep, user: CurrentUser) -> IngestionPolicyOut:
+    """A department's ingestion policy (its admins)."""
+    authz_service.require_manage(enforcer, user, department)
+    return quarantine.get_policy(session=session, department=department)
+
+
+@router.put("/departments/{department}/ingestion-policy", response_model=IngestionPolicyOut)
+def put_policy(department: str, body: IngestionPolicyIn, session: SessionDep, enforcer: EnforcerDep,
+               settings: SettingsDep, user: CurrentUser) -> IngestionPolicyOut:
+    """Set the levels approved for AI, the injection action, keywords and redaction rules (its admins)."""
+    authz_service.require_manage(enforcer, user, department)
+    saved = quarantine.set_policy(session=session, department=department, policy=body, actor=user.subject)
+    audit_service.record_admin_event(
+        session=session, identity=user, event_type=AdminEventType.ingestion_policy, department=department,
+        settings=settings,
+        details={"ai_max_level": body.ai_max_level.value, "injection_action": body.injection_action.value,
+                 "keywords": len(body.keywords), "allow_list": len(body.allow_list),
+                 "recognizers": [r.entity for r in body.recognizers]})
+    return saved
+
+
+@router.get("/quarantine", response_model=list[QuarantinedOut])
+def list_quarantine(session: SessionDep, enforcer: EnforcerDep, user: CurrentUser,
+                    department: str | None = None) -> list[QuarantinedOut]:
+    """Documents held for review: all for platform admins, a department's for its admins."""
+    if department is None:
+        authz_service.require_platform_admin(user)
+        return quarantine.list_quarantined(session=session, departments=None)
+    authz_service.require_manage(enforcer, user, department)
+    return quarantine.list_quarantined(session=session, departments=[department])
+
+
+@router.post("/quarantine/{document_id}/approve", response_model=ReviewDecision)
+def approve(document_id: str, session: SessionDep, enforcer: EnforcerDep, settings: SettingsDep,
+            celery: CeleryDep, user: CurrentUser) -> ReviewDecision:
+    """Release a quarantined document for AI use; it is indexed by a new job."""
+    document = quarantine.quarantined_document(session=session, document_id=document_id)
+    authz_service.require_manage(enforcer, user, document.department)
+    decision = quarantine.approve(session=session, document=document, actor=user.subject)
+    _audit_decision(session, settings, user, document.department, decision)
+    enqueue_ingestion(celery, document_id=document_id, job_id=str(decision.job_id))
+    return decision
+
+
+@router.post("/quarantine/{document_id}/reject", response_model=ReviewDecision)
+def reject(document_id: str, session: SessionDep, enforcer: EnforcerDep, settings: SettingsDep,
+           user: CurrentUser) -> ReviewDecision:
+    """Refuse a quarantined document: its key is shredded and its stored bytes removed."""
+    document = quarantine.quarantined_document(session=session, document_id=document_id)
+    authz_service.require_manage(enforcer, user, document.department)
+    decision = quarantine.reject(session=session, settings=settings, document=document)
+    _audit_decision(session, settings, user, document.department, decision)
+    return decision
+
+
+@router.post("/reindex", status_code=status.HTTP_202_ACCEPTED, response_model=ReindexOut)
+def reindex(body: ReindexIn, session: SessionDep, enforcer: EnforcerDep, settings: SettingsDep,
+            celery: CeleryDep, user: CurrentUser) -> ReindexOut:
+    """Parse, redact and embed a department's ready documents again from their encrypted originals."""
+    authz_service.require_manage(enforcer, user, body.department)
+    queued = quarantine.queue_reindex(session=session, department=body.department, document_ids=body.document_ids)
+    audit_service.record_admin_event(session=session, identity=user, event_type=AdminEventType.reindex,
+                                     department=body.department, settings=settings,
+                                     details={"documents": len(queued)})
+    for document_id, job_id in queued:
+        enqueue_ingestion(celery, document_id=document_id, job_id=job_id)
+    return ReindexOut(queued=[job_id for _, job_id in queued])
+
+
+def _audit_decision(session: SessionDep, settings: SettingsDep, user: CurrentUser, department: str,
+                    decision: ReviewDecision) -> None:
+    """Record the decision in the ledger (commits the session)."""
+    audit_service.record_admin_event(
+        session=session, identity=user, event_type=AdminEventType.quarantine_decision, department=department,
+        settings=settings, details={"document_id": decision.document_id, "decision": decision.status})

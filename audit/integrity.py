@@ -1,0 +1,202 @@
+"""Tamper evidence: signed checkpoints, chain verification, and the checkpointed retention purge."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from sqlalchemy import Row
+from sqlalchemy.orm import Session
+
+from audit import repository
+from audit.schemas import EXPORT_FIELDS, LATER_FIELDS, VerifyResult
+from core import crypto
+from core.models import AuditCheckpoint, RetrievalEvent, utcnow
+from core.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_HKDF_INFO = b"govrag audit checkpoint v1"
+_EMPTY: tuple[Any, ...] = (None, [], {})
+
+
+def event_hash(event: RetrievalEvent | Row[Any]) -> str:
+    """SHA-256 over the previous hash and the event's canonical content."""
+    content = {name: plain(getattr(event, name)) for name in EXPORT_FIELDS if name not in ("id", "hash")}
+    for name in LATER_FIELDS:
+        if content.get(name) in _EMPTY:
+            del content[name]
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def plain(value: Any) -> Any:
+    """A JSON-ready value; datetimes in one canonical UTC form, whatever the database hands back."""
+    if isinstance(value, datetime):
+        utc = value.astimezone(UTC) if value.tzinfo else value
+        return utc.replace(tzinfo=None).isoformat() + "Z"
+    if hasattr(value, "value"):
+        return value.value
+    return value
+
+
+def checkpoint_key(settings: Settings) -> bytes:
+    """The HMAC key: configured, or derived from the master key (both live outside the database)."""
+    if settings.audit_checkpoint_key is not None:
+        return crypto.decode_master_key(settings.audit_checkpoint_key.get_secret_value())
+    if settings.master_key is not None:
+        master = crypto.decode_master_key(settings.master_key.get_secret_value())
+    else:
+        master = crypto.load_or_create_master_key_file(settings.resolved_master_key_file,
+                                                      create=not settings.is_production)
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_HKDF_INFO).derive(master)
+
+
+def _statement(kind: str, last_event_id: int, last_hash: str, event_count: int, created_at: datetime) -> bytes:
+    stamp = created_at.astimezone(UTC).replace(tzinfo=None).isoformat() if created_at.tzinfo else \
+        created_at.isoformat()
+    return f"govrag-checkpoint|{kind}|{last_event_id}|{last_hash}|{event_count}|{stamp}".encode()
+
+
+def sign(key: bytes, checkpoint: AuditCheckpoint) -> str:
+    """HMAC-SHA256 over the checkpoint's statement."""
+    statement = _statement(checkpoint.kind, checkpoint.last_event_id, checkpoint.last_hash,
+                           checkpoint.event_count, checkpoint.created_at)
+    return base64.urlsafe_b64encode(hmac.new(key, statement, hashlib.sha256).digest()).decode()
+
+
+def make_checkpoint(*, session: Session, settings: Settings, event: RetrievalEvent, kind: str = "periodic",
+                    event_count: int = 0) -> AuditCheckpoint:
+    """Sign "the chain reached `event`" and store it (the caller holds the chain lock and commits)."""
+    checkpoint = AuditCheckpoint(created_at=utcnow().replace(microsecond=0), kind=kind, last_event_id=event.id,
+                                 last_hash=event.hash, event_count=event_count)
+    checkpoint.signature = sign(checkpoint_key(settings), checkpoint)
+    repository.add_checkpoint(session, checkpoint)
+    return checkpoint
+
+
+def mirror_checkpoint(settings: Settings, checkpoint: AuditCheckpoint) -> None:
+    """Append the committed checkpoint to the mirror file, so deleting DB checkpoints is not enough to hide a cut."""
+    path = settings.resolved_checkpoint_file
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(_as_json(checkpoint)) + "\n")
+    except OSError:
+        logger.warning("could not append to the audit checkpoint mirror file")
+
+
+def checkpoint_now(*, session: Session, settings: Settings) -> AuditCheckpoint | None:
+    """A manual checkpoint at the current end of the chain (None when the ledger is empty)."""
+    with repository.local_chain_lock():
+        repository.lock_chain(session)
+        last = repository.last_event(session)
+        checkpoint = make_checkpoint(session=session, settings=settings, event=last, kind="manual") if last else None
+        session.commit()
+    if checkpoint is not None:
+        mirror_checkpoint(settings, checkpoint)
+    return checkpoint
+
+
+def _as_json(checkpoint: AuditCheckpoint) -> dict[str, object]:
+    return {"created_at": checkpoint.created_at.astimezone(UTC).isoformat(), "kind": checkpoint.kind,
+            "last_event_id": checkpoint.last_event_id, "last_hash": checkpoint.last_hash,
+            "event_count": checkpoint.event_count, "signature": checkpoint.signature}
+
+
+def _from_json(line: str) -> AuditCheckpoint | None:
+    try:
+        data = json.loads(line)
+        return AuditCheckpoint(created_at=datetime.fromisoformat(data["created_at"]), kind=data["kind"],
+                               last_event_id=int(data["last_event_id"]), last_hash=data["last_hash"],
+                               event_count=int(data["event_count"]), signature=data["signature"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _mirrored(path: Path) -> list[AuditCheckpoint | None]:
+    if not path.exists():
+        return []
+    with path.open(encoding="utf-8") as handle:
+        return [_from_json(line) for line in handle if line.strip()]
+
+
+@dataclass
+class _Expectations:
+    """What the signed checkpoints say the chain must contain."""
+
+    purged_through: int = 0
+    anchor: str = repository.GENESIS_HASH
+    at: dict[int, str] = field(default_factory=dict)  # event id -> hash it must have
+    checked: int = 0
+    bad_signature: int | None = None
+
+
+def _expectations(session: Session, settings: Settings) -> _Expectations:
+    key, found = checkpoint_key(settings), _Expectations()
+    candidates = [*repository.checkpoints(session), *_mirrored(settings.resolved_checkpoint_file)]
+    for checkpoint in candidates:
+        if checkpoint is None or not hmac.compare_digest(sign(key, checkpoint), checkpoint.signature):
+            found.bad_signature = checkpoint.last_event_id if checkpoint is not None else 0
+            continue
+        found.checked += 1
+        if checkpoint.kind == "purge" and checkpoint.last_event_id > found.purged_through:
+            found.purged_through, found.anchor = checkpoint.last_event_id, checkpoint.last_hash
+        found.at[checkpoint.last_event_id] = checkpoint.last_hash
+    found.at = {event_id: h for event_id, h in found.at.items() if event_id > found.purged_through}
+    return found
+
+
+def verify(*, session: Session, settings: Settings) -> VerifyResult:
+    """Walk the chain from genesis (or the last signed purge) and check every row and checkpoint."""
+    expect = _expectations(session, settings)
+    result = VerifyResult(ok=True, checked=0, checkpoints_checked=expect.checked,
+                          purged_through=expect.purged_through or None)
+    if expect.bad_signature is not None:
+        return _broken(result, expect.bad_signature, "checkpoint_signature_invalid")
+    previous = expect.anchor
+    for event in repository.iter_chain(session, after_id=expect.purged_through):
+        if event.prev_hash != previous:
+            return _broken(result, event.id, "chain_link_broken")
+        if event_hash(event) != event.hash:
+            return _broken(result, event.id, "content_changed")
+        if expect.at.pop(event.id, event.hash) != event.hash:
+            return _broken(result, event.id, "checkpoint_mismatch")
+        previous = event.hash
+        result.checked += 1
+    if expect.at:
+        return _broken(result, min(expect.at), "checkpointed_rows_missing")
+    return result
+
+
+def _broken(result: VerifyResult, event_id: int, reason: str) -> VerifyResult:
+    return result.model_copy(update={"ok": False, "first_broken": event_id, "reason": reason})
+
+
+def purge_expired(*, session: Session, settings: Settings, now: datetime | None = None) -> tuple[int, int] | None:
+    """Retention: sign a purge checkpoint at the last expired row, then delete through it. (count, through_id)."""
+    if settings.audit_retention_days is None:
+        return None
+    cutoff = (now or utcnow()) - timedelta(days=settings.audit_retention_days)
+    with repository.local_chain_lock():
+        repository.lock_chain(session)
+        last_expired = repository.last_event_before(session, cutoff)
+        if last_expired is None:
+            session.rollback()
+            return None
+        count = repository.count_through(session, last_expired.id)
+        checkpoint = make_checkpoint(session=session, settings=settings, event=last_expired, kind="purge",
+                                     event_count=count)
+        deleted = repository.delete_through(session, last_expired.id)
+        session.commit()
+    mirror_checkpoint(settings, checkpoint)
+    return deleted, last_expired.id

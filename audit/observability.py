@@ -1,0 +1,57 @@
+"""Gauges refreshed when Prometheus scrapes: documents by state, kill-switch state, queue depth."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from audit import repository
+from core import metrics
+from core.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+DOCUMENTS = metrics.Gauge("govrag_documents", "Documents by department and state (refreshed at scrape); "
+                          "ingestion throughput is deriv() of status=ready, failures the increase of status=failed",
+                          ["department", "status"], registry=metrics.REGISTRY)
+CHUNKS = metrics.Gauge("govrag_document_chunks", "Indexed chunks by department and document state (at scrape)",
+                       ["department", "status"], registry=metrics.REGISTRY)
+
+
+def refresh(*, session: Session, settings: Settings) -> None:
+    """Bring the scrape-time gauges up to date; a failing source leaves its gauge as it was."""
+    try:
+        for department, status, documents, chunks in repository.document_counts(session):
+            DOCUMENTS.labels(department=department, status=status).set(documents)
+            CHUNKS.labels(department=department, status=status).set(chunks)
+    except SQLAlchemyError:
+        logger.warning("metrics: document counts unavailable")
+    _refresh_kill_switch(session, settings)
+    _refresh_queue_depth(settings)
+
+
+def _refresh_kill_switch(session: Session, settings: Settings) -> None:
+    try:
+        from guard import controls
+
+        for scope, state in controls.list_states(session=session, settings=settings).items():
+            metrics.KILL_SWITCH_STATE.labels(scope=scope).set(state.kill_mode.severity)
+    except (ImportError, AttributeError, SQLAlchemyError):
+        logger.warning("metrics: kill-switch state unavailable")
+
+
+def _refresh_queue_depth(settings: Settings) -> None:
+    if not settings.broker_url.startswith(("redis://", "rediss://")):
+        return
+    try:
+        import redis
+
+        client = redis.Redis.from_url(settings.broker_url, socket_timeout=1)
+        try:
+            metrics.QUEUE_DEPTH.labels(queue=settings.task_queue).set(client.llen(settings.task_queue))
+        finally:
+            client.close()
+    except redis.RedisError:
+        logger.warning("metrics: queue depth unavailable")

@@ -1,0 +1,52 @@
+"""Redacted training-data export: the sealed (already redacted) chunks of ready documents, never originals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from audit import repository
+from core import crypto
+from core.keystore import keystore_for
+from core.models import utcnow
+from core.settings import Settings
+from ingestion.pipeline import chunk_context
+from retrieval.store import open_vector_store
+
+
+def training_rows(*, session: Session, settings: Settings, department: str) -> Iterator[dict[str, Any]]:
+    """One row per chunk of each ready document in `department`, text as redacted at ingestion."""
+    ready = repository.ready_documents(session, department)
+    keystore = keystore_for(settings)
+    payloads = sorted(open_vector_store(settings).scroll_payloads(department),
+                      key=lambda p: (str(p.get("document_id")), int(p.get("chunk_index", 0))))
+    for payload in payloads:
+        document = ready.get(str(payload.get("document_id")))
+        if document is None:
+            continue  # not (or no longer) approved: deleted, failed or still processing
+        key = keystore.document_key(session=session, department=department, document_id=document.id)
+        if key is None:
+            continue  # crypto-shredded
+        index = int(payload["chunk_index"])
+        text = crypto.open_text(key, str(payload["sealed_text"]), chunk_context(document.id, index))
+        yield {"department": department, "document_id": document.id, "title": document.title,
+               "classification": document.classification, "chunk_id": str(payload["chunk_id"]),
+               "chunk_index": index, "text": text}
+
+
+def render_jsonl(rows: Iterator[dict[str, Any]], *, department: str) -> Iterator[str]:
+    """JSON lines, then a manifest line: row count, documents, sha256 of the body."""
+    body, count, documents = hashlib.sha256(), 0, set()
+    for row in rows:
+        line = json.dumps(row, ensure_ascii=False) + "\n"
+        body.update(line.encode())
+        count += 1
+        documents.add(row["document_id"])
+        yield line
+    manifest = {"rows": count, "documents": len(documents), "department": department, "redacted": True,
+                "body_sha256": body.hexdigest(), "generated_at": utcnow().isoformat()}
+    yield json.dumps({"manifest": manifest}, sort_keys=True) + "\n"

@@ -1,0 +1,296 @@
+"""Governed query vs an ungoverned baseline, in one run, over HTTP on loopback.
+
+(a) baseline: bench/baseline_server.py — same embedder, plain vector search over plaintext, no auth, no audit.
+(b) govrag: `govrag serve` on PostgreSQL with real tokens, Casbin, filtered search, re-check, decryption,
+    extractive answer and a hash-chained audit row per query (kill switch `retrieval_only` when available).
+Reports p50/p95/p99, throughput, errors at 1 and 8 clients, the (b)/(a) ratio, where govrag's time goes
+(Server-Timing), and a bounded soak (fixed duration, loopback only): errors, server memory growth, audit rows
+= requests. Usage: python bench/query.py [--chunks 10000] [--requests 200] [--soak-seconds 120]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx  # noqa: E402
+import psutil  # noqa: E402
+import psycopg  # noqa: E402
+
+from bench.common import EVAL_DIR, ROOT, machine, percentile, read_jsonl  # noqa: E402
+
+PG_ADMIN_DSN = os.environ.get("GOVRAG_BENCH_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+DEPARTMENTS = ("hr", "finance", "legal", "engineering")
+CHUNKS_PER_DOCUMENT = 20
+CHUNK_CHARS = 300
+MEMORY_BOUND_MIB = 100  # allowed server RSS growth over the soak (caches are bounded)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def build_corpus(target_chunks: int) -> list[dict[str, str]]:
+    """~300-character chunks of public eval text, spread over departments and documents."""
+    texts = [row["text"] for row in read_jsonl(EVAL_DIR / "clapnq_rag_dev" / "corpus.jsonl")]
+    texts += [row["text"] for row in read_jsonl(EVAL_DIR / "cranfield_ir" / "corpus.jsonl")]
+    pieces = [piece for text in texts for piece in _pieces(text)]
+    chunks = []
+    for i in range(target_chunks):
+        document = i // CHUNKS_PER_DOCUMENT
+        chunks.append({"text": pieces[i % len(pieces)], "department": DEPARTMENTS[document % len(DEPARTMENTS)],
+                       "document": f"doc-{document:05d}"})
+    return chunks
+
+
+def _pieces(text: str) -> list[str]:
+    pieces, current = [], ""
+    for sentence in _SENTENCE_END.split(text):
+        if current and len(current) + len(sentence) > CHUNK_CHARS:
+            pieces.append(current.strip())
+            current = ""
+        current += " " + sentence
+    if current.strip():
+        pieces.append(current.strip())
+    return [p for p in pieces if len(p) > 40]
+
+
+def questions() -> list[str]:
+    """Real questions from the eval sets."""
+    asked = [row["text"] for row in read_jsonl(EVAL_DIR / "clapnq_rag_dev" / "queries.jsonl")]
+    return asked + [row["text"] for row in read_jsonl(EVAL_DIR / "cranfield_ir" / "queries.jsonl")]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+class Governed:
+    """A `govrag serve` process on its own PostgreSQL database and data dir."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.database = f"govrag_bench_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{self.database}"')
+        self.dsn = PG_ADMIN_DSN.rsplit("/", 1)[0] + f"/{self.database}"
+        self.port, self.data_dir = free_port(), workdir / "govrag-data"
+        env = {**os.environ, "GOVRAG_DATA_DIR": str(self.data_dir), "GOVRAG_ADMINS": '["bench-admin"]',
+               "GOVRAG_DATABASE_URL": self.dsn.replace("postgresql://", "postgresql+psycopg://"),
+               "GOVRAG_CHUNK_MAX_CHARS": str(CHUNK_CHARS + 20), "GOVRAG_BROKER_URL": "memory://"}
+        command = [sys.executable, "-m", "api.cli", "serve", "--port", str(self.port)]
+        self.process = subprocess.Popen(command, cwd=ROOT, env=env,  # noqa: S603
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_http(f"{self.url}/healthz")
+        from authz.dev_issuer import DevIssuer
+
+        issuer = DevIssuer.load_or_create(self.data_dir / "dev-issuer", "govrag-dev-issuer", "govrag")
+        self.admin = issuer.issue("bench-admin", [], ttl_seconds=7200)
+        self.user = issuer.issue("bench-user", ["bench-staff"], ttl_seconds=7200)
+
+    def headers(self, token: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}
+
+    def load(self, chunks: list[dict[str, str]]) -> float:
+        """Departments, roles, and one upload per document; returns ingestion seconds."""
+        with httpx.Client(base_url=self.url, headers=self.headers(self.admin), timeout=60) as admin:
+            for department in DEPARTMENTS:
+                admin.post("/v1/admin/departments", json={"name": department}).raise_for_status()
+                for role in ("editor", "reader"):
+                    admin.post("/v1/admin/role-assignments", json={
+                        "subject": "group:bench-staff", "role": role, "department": department}).raise_for_status()
+            admin.post("/v1/admin/kill-switch", json={"scope": "global", "mode": "retrieval_only",
+                                                       "reason": "benchmark: no model call"})
+        documents: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for chunk in chunks:
+            documents[(chunk["department"], chunk["document"])].append(chunk["text"])
+        started = time.perf_counter()
+        with httpx.Client(base_url=self.url, headers=self.headers(self.user), timeout=120) as client:
+            jobs = [client.post("/v1/documents", data={"department": dept, "title": doc},
+                                files={"file": (f"{doc}.md", "\n\n".join(texts).encode())}).json()["job_id"]
+                    for (dept, doc), texts in documents.items()]
+            for job in jobs:
+                while client.get(f"/v1/jobs/{job}").json()["status"] not in ("ready", "failed"):
+                    time.sleep(0.5)
+        return time.perf_counter() - started
+
+    def audit_rows(self) -> int:
+        with psycopg.connect(self.dsn) as conn:
+            row = conn.execute("SELECT count(*) FROM retrieval_events WHERE event_type = 'retrieval'").fetchone()
+            return int(row[0]) if row else 0
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+
+
+async def run_load(url: str, headers: dict[str, str], body_for, total: int, clients: int,  # type: ignore[no-untyped-def]
+                   deadline: float | None = None) -> dict[str, object]:
+    """`clients` concurrent loops sharing `total` requests (or until `deadline`); latencies and stage timings."""
+    latencies: list[float] = []
+    stages: dict[str, list[float]] = defaultdict(list)
+    errors, counter = 0, iter(range(total))
+
+    async def loop(client: httpx.AsyncClient) -> None:
+        nonlocal errors
+        for i in counter:
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            started = time.perf_counter()
+            try:
+                response = await client.post(url, json=body_for(i), headers=headers)
+                ok = response.status_code == 200
+            except httpx.HTTPError:
+                ok, response = False, None
+            latencies.append(time.perf_counter() - started)
+            errors += not ok
+            for name, value in _server_timing(response):
+                stages[name].append(value)
+
+    started = time.perf_counter()
+    async with httpx.AsyncClient(timeout=60) as client:
+        await asyncio.gather(*(loop(client) for _ in range(clients)))
+    elapsed = time.perf_counter() - started
+    return {"latencies": latencies, "errors": errors, "throughput": len(latencies) / elapsed, "stages": stages}
+
+
+def _server_timing(response: httpx.Response | None) -> list[tuple[str, float]]:
+    if response is None:
+        return []
+    found = []
+    for item in response.headers.get("server-timing", "").split(","):
+        match = re.match(r"\s*([\w-]+);dur=([\d.]+)", item)
+        if match:
+            found.append((match.group(1), float(match.group(2))))
+    return found
+
+
+def summary(name: str, clients: int, result: dict) -> str:  # type: ignore[type-arg]
+    ms = [x * 1000 for x in result["latencies"]]
+    return (f"| {name} | {clients} | {percentile(ms, 50):.1f} | {percentile(ms, 95):.1f} | {percentile(ms, 99):.1f} "
+            f"| {result['throughput']:.1f} | {result['errors']} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--chunks", type=int, default=10_000)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--soak-seconds", type=int, default=120)
+    args = parser.parse_args()
+    asked = questions()
+    with tempfile.TemporaryDirectory() as directory:
+        workdir = Path(directory)
+        chunks = build_corpus(args.chunks)
+        corpus_file = workdir / "corpus.jsonl"
+        corpus_file.write_text("".join(json.dumps(c) + "\n" for c in chunks))
+        governed = Governed(workdir)
+        baseline = None
+        try:
+            ingest_seconds = governed.load(chunks)
+            port = free_port()
+            baseline = subprocess.Popen([sys.executable, str(ROOT / "bench" / "baseline_server.py"),  # noqa: S603
+                                         str(corpus_file), str(port)], cwd=ROOT, stdout=subprocess.DEVNULL)
+            wait_http(f"http://127.0.0.1:{port}/healthz")
+            report(args, asked, governed, f"http://127.0.0.1:{port}", len(chunks), ingest_seconds)
+        finally:
+            if baseline is not None:
+                baseline.terminate()
+            governed.close()
+
+
+def report(args, asked: list[str], governed: Governed, baseline_url: str, chunk_count: int,  # type: ignore[no-untyped-def]
+           ingest_seconds: float) -> None:
+    print(f"# Query latency: govrag vs ungoverned baseline ({machine()})\n")
+    print(f"{chunk_count} chunks in {len(DEPARTMENTS)} departments; ingestion through the API took "
+          f"{ingest_seconds:.0f} s ({chunk_count / ingest_seconds:.0f} chunks/s).\n")
+    print("| system | clients | p50 ms | p95 ms | p99 ms | req/s | errors |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    before = governed.audit_rows()
+    sent, results = 0, {}
+    for clients in (1, 8):
+        total = args.requests * (1 if clients == 1 else 2)
+        base = asyncio.run(run_load(f"{baseline_url}/search", {}, lambda i: {"question": asked[i % len(asked)]},
+                                    total, clients))
+        gov = asyncio.run(run_load(f"{governed.url}/v1/query", governed.headers(governed.user),
+                                   lambda i: {"question": asked[i % len(asked)], "purpose": "bench"}, total, clients))
+        sent += len(gov["latencies"])
+        results[clients] = (base, gov)
+        print(summary("baseline (ungoverned)", clients, base))
+        print(summary("govrag /v1/query", clients, gov))
+    print()
+    for clients, (base, gov) in results.items():
+        b50, g50 = percentile(base["latencies"], 50), percentile(gov["latencies"], 50)
+        b95, g95 = percentile(base["latencies"], 95), percentile(gov["latencies"], 95)
+        print(f"- ratio govrag/baseline at {clients} client(s): p50 {g50 / b50:.2f}, p95 {g95 / b95:.2f}")
+    stages = results[1][1]["stages"]
+    if stages:
+        print("\nWhere govrag's time goes (1 client, mean ms per query, from Server-Timing):\n")
+        for name, values in sorted(stages.items(), key=lambda kv: -sum(kv[1])):
+            print(f"- {name}: {sum(values) / len(values):.1f}")
+    soak(args, asked, governed, before + sent)
+
+
+def soak(args, asked: list[str], governed: Governed, expected_before: int) -> None:  # type: ignore[no-untyped-def]
+    """Fixed-duration load at 16 and 32 clients: errors, memory growth, audit rows = requests."""
+    process = psutil.Process(governed.process.pid)
+    print(f"\nSoak ({args.soak_seconds} s per level, loopback only):\n")
+    print("| clients | requests | errors | req/s | p95 ms | server RSS start → end MiB |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    expected, first_rss, rss_end = expected_before, process.memory_info().rss / 2**20, 0.0
+    for clients in (16, 32):
+        rss_start = process.memory_info().rss / 2**20
+        result = asyncio.run(run_load(f"{governed.url}/v1/query", governed.headers(governed.user),
+                                      lambda i: {"question": asked[i % len(asked)], "purpose": "soak"},
+                                      10**9, clients, deadline=time.monotonic() + args.soak_seconds))
+        expected += len(result["latencies"])
+        rss_end = process.memory_info().rss / 2**20
+        print(f"| {clients} | {len(result['latencies'])} | {result['errors']} | {result['throughput']:.1f} | "
+              f"{percentile([x * 1000 for x in result['latencies']], 95):.1f} | {rss_start:.0f} → {rss_end:.0f} |")
+    rows = _settled(governed.audit_rows)
+    growth = rss_end - first_rss
+    print(f"\nServer memory growth over the soak: {growth:.0f} MiB (bound {MEMORY_BOUND_MIB} MiB): "
+          f"{'OK' if growth <= MEMORY_BOUND_MIB else 'EXCEEDED'}")
+    print(f"Audit rows {rows} for {expected} governed requests sent: {'OK' if rows == expected else 'MISMATCH'}")
+
+
+def _settled(read, quiet_seconds: float = 3.0, timeout: float = 120.0) -> int:  # type: ignore[no-untyped-def]
+    """A count once it has stopped changing (requests a client gave up on may still finish server-side)."""
+    deadline, last, since = time.monotonic() + timeout, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        value = read()
+        if value != last:
+            last, since = value, time.monotonic()
+        elif time.monotonic() - since >= quiet_seconds:
+            return int(value)
+        time.sleep(0.5)
+    return int(last)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Retrain the prompt firewall and the retrieved-text scanner on TRAIN data only; write their weights to guard/.
+
+Reproducible: fixed seed, deterministic solver, the README's hash split (BIPIA's upstream *train* attack strings are
+the disjoint tuning set its PROVENANCE offers). Usage:
+    .venv/bin/python -m bench.train_firewall [--out guard/]
+Each threshold is the out-of-fold score keeping false positives at or under 1% of the negative train rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+
+from bench.eval_data import ATTACK, BENIGN, EVAL_DIR, bipia_documents, prompt_rows
+from guard.firewall import HARD_RULES, HARD_SCORE, META_FILE, WEIGHTS_FILE, featurise
+from guard.injection import segments
+
+SEED = 2026
+C_GRID = (4.0, 16.0, 64.0, 256.0)
+TARGET_FPR = 0.01
+
+
+def threshold_at_fpr(negative_scores: np.ndarray) -> float:
+    """Smallest threshold with at most TARGET_FPR of negative scores at or above it."""
+    ordered = np.sort(negative_scores)[::-1]
+    allowed = int(np.floor(TARGET_FPR * len(ordered)))
+    return float(np.nextafter(ordered[allowed], 1.0)) if allowed < len(ordered) else 0.5
+
+
+def _fit(matrix: object, labels: np.ndarray, c: float) -> LogisticRegression:
+    model = LogisticRegression(C=c, class_weight="balanced", solver="liblinear", max_iter=2000, random_state=SEED)
+    return model.fit(matrix, labels)
+
+
+def _out_of_fold(matrix: object, labels: np.ndarray, hard: np.ndarray, c: float) -> np.ndarray:
+    scores = np.zeros(len(labels))
+    for train, test in StratifiedKFold(n_splits=5, shuffle=True, random_state=SEED).split(labels, labels):
+        model = _fit(matrix[train], labels[train], c)  # type: ignore[index]
+        scores[test] = model.predict_proba(matrix[test])[:, 1]  # type: ignore[index]
+    return np.where(hard, np.maximum(scores, HARD_SCORE), scores)
+
+
+def train(name: str, texts: list[str], labels: np.ndarray, out: Path) -> None:
+    """Pick C by out-of-fold TPR at 1% FPR, fit on every row given, write `<name>_weights.npz` and its meta."""
+    matrix, hits = featurise(texts)
+    hard = np.array([bool(set(h) & HARD_RULES) for h in hits])
+    results = []
+    for c in C_GRID:
+        scores = _out_of_fold(matrix, labels, hard, c)
+        threshold = threshold_at_fpr(scores[labels == 0])
+        tpr = float(np.mean(scores[labels == 1] >= threshold))
+        print(f"{name} C={c:>5}: out-of-fold TPR {tpr:.3f} at threshold {threshold:.4f}")
+        results.append((tpr, c, threshold))
+    tpr, c, threshold = max(results, key=lambda r: (r[0], -r[1]))
+    model = _fit(matrix, labels, c)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / WEIGHTS_FILE.format(name=name)
+    np.savez_compressed(weights, coef=model.coef_[0].astype(np.float32), intercept=np.float32(model.intercept_[0]))
+    meta = {"threshold": threshold, "C": c, "seed": SEED, "train_rows": len(texts),
+            "train_positives": int(labels.sum()),
+            "out_of_fold_tpr_at_1pct_fpr": round(tpr, 4),
+            "trained_on": "train split of ../shared/eval only (sha256(text) % 4 == 0; BIPIA upstream train attacks)"}
+    (out / META_FILE.format(name=name)).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {weights} (C={c}, threshold={threshold:.4f}, {len(texts)} rows)")
+
+
+def _bipia_train_attacks() -> list[str]:
+    attacks = []
+    for kind in ("text", "code"):
+        raw = json.loads((EVAL_DIR / "bipia_indirect_injection" / "raw" / f"{kind}_attack_train.json").read_text())
+        attacks.extend(text for texts in raw.values() for text in texts)
+    return attacks
+
+
+def _scanner_data(prompts: list[tuple[str, int]]) -> tuple[list[str], np.ndarray]:
+    """Segments: BIPIA train attacks and prompt attacks positive; clean train document segments negative."""
+    positive = [s for attack in _bipia_train_attacks() for s in segments(attack)[:1]]
+    positive += [text for text, label in prompts if label == ATTACK]
+    negative = [s for doc in bipia_documents() if doc.split == "train" and doc.label == 0 for s in segments(doc.text)]
+    negative += [text for text, label in prompts if label == BENIGN]
+    return positive + negative, np.array([1] * len(positive) + [0] * len(negative))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train both models."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "guard")
+    args = parser.parse_args(argv)
+    prompts = [(r.text, r.label) for r in prompt_rows() if r.split == "train" and r.label in (ATTACK, BENIGN)]
+    train("firewall", [t for t, _ in prompts], np.array([label for _, label in prompts]), args.out)
+    texts, labels = _scanner_data(prompts)
+    train("scanner", texts, labels, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

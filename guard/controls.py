@@ -1,0 +1,177 @@
+"""Kill switch, per-department firewall modes and canaries: stored in the database, cached for under a second."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from audit import service as audit_service
+from audit.schemas import AdminEventType
+from authz.identity import Identity
+from core import metrics
+from core.settings import Settings
+from guard import repository
+from guard.firewall import GuardMode
+from guard.schemas import GLOBAL_SCOPE, KillMode
+
+logger = logging.getLogger(__name__)
+SYSTEM_IDENTITY = Identity(subject="system:guard", groups=(), is_platform_admin=True)
+_MODE_ORDER = {GuardMode.off: 0, GuardMode.flag: 1, GuardMode.block: 2}
+
+
+@dataclass(frozen=True)
+class ScopeState:
+    """One scope's stored controls."""
+
+    kill_mode: KillMode
+    firewall_mode: GuardMode | None
+    reason: str | None
+    canary: str | None
+
+
+class _Cache:
+    """The whole guard_controls table, re-read when older than the TTL (every process sees changes in < TTL)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loaded: dict[str, tuple[float, dict[str, ScopeState]]] = {}
+
+    def states(self, session: Session, ttl: float) -> dict[str, ScopeState]:
+        key = str(session.get_bind().url)
+        with self._lock:
+            cached = self._loaded.get(key)
+            if cached is not None and time.monotonic() - cached[0] < ttl:
+                return cached[1]
+        states = {row.scope: ScopeState(KillMode(row.kill_mode), GuardMode(row.firewall_mode)
+                                        if row.firewall_mode else None, row.reason, row.canary)
+                  for row in repository.all_controls(session)}
+        with self._lock:
+            self._loaded[key] = (time.monotonic(), states)
+        return states
+
+    def clear(self) -> None:
+        with self._lock:
+            self._loaded.clear()
+
+
+_CACHE = _Cache()
+
+
+def _states(session: Session, settings: Settings) -> dict[str, ScopeState]:
+    return _CACHE.states(session, settings.guard_cache_seconds)
+
+
+def kill_mode(*, session: Session, settings: Settings, departments: list[str]) -> KillMode:
+    """The most restrictive kill-switch mode of the global scope and the departments searched."""
+    states = _states(session, settings)
+    modes = [states[s].kill_mode for s in (GLOBAL_SCOPE, *departments) if s in states]
+    return max(modes, key=lambda m: m.severity, default=KillMode.normal)
+
+
+def firewall_mode(*, session: Session, settings: Settings, departments: list[str]) -> GuardMode:
+    """The strictest firewall mode among the departments searched (the settings default where none is stored)."""
+    states = _states(session, settings)
+    default = GuardMode(settings.firewall_default_mode)
+    modes = [(states[d].firewall_mode if d in states else None) or default for d in departments] or [default]
+    return max(modes, key=lambda m: _MODE_ORDER[m])
+
+
+def canaries(*, session: Session, settings: Settings) -> dict[str, str]:
+    """Every department's canary token (department → token)."""
+    return {scope: s.canary for scope, s in _states(session, settings).items() if s.canary and scope != GLOBAL_SCOPE}
+
+
+def ensure_canary(*, session: Session, settings: Settings, department: str) -> str:
+    """The department's canary, minted (random, stored) on first use."""
+    known = canaries(session=session, settings=settings).get(department)
+    if known:
+        return known
+    row = repository.get_or_create(session, department)
+    if not row.canary:
+        row.canary = f"CNRY-{secrets.token_hex(8)}"
+        session.commit()
+        _CACHE.clear()
+    return row.canary
+
+
+def set_kill_switch(*, session: Session, settings: Settings, identity: Identity, scope: str, mode: KillMode,
+                    reason: str) -> ScopeState:
+    """Store the mode for `scope` and audit the change (commits)."""
+    row = repository.get_or_create(session, scope)
+    previous = row.kill_mode
+    row.kill_mode, row.reason, row.updated_by = mode.value, reason, identity.subject
+    session.flush()
+    audit_service.record_admin_event(session=session, identity=identity, event_type=AdminEventType.kill_switch,
+                                     department=None if scope == GLOBAL_SCOPE else scope, settings=settings,
+                                     details={"scope": scope, "mode": mode.value, "previous": previous,
+                                              "reason": reason[:200]})
+    _CACHE.clear()
+    metrics.KILL_SWITCH_CHANGES.labels(scope=scope, mode=mode.value).inc()
+    logger.warning("kill switch: scope=%s mode=%s (was %s) by %s", scope, mode.value, previous, identity.subject)
+    return ScopeState(mode, GuardMode(row.firewall_mode) if row.firewall_mode else None, row.reason, row.canary)
+
+
+def set_firewall_mode(*, session: Session, settings: Settings, identity: Identity, department: str,
+                      mode: GuardMode) -> None:
+    """Store a department's firewall mode and audit it (commits)."""
+    row = repository.get_or_create(session, department)
+    previous = row.firewall_mode
+    row.firewall_mode, row.updated_by = mode.value, identity.subject
+    session.flush()
+    audit_service.record_admin_event(session=session, identity=identity, event_type="firewall_mode",
+                                     department=department, settings=settings,
+                                     details={"mode": mode.value, "previous": previous})
+    _CACHE.clear()
+
+
+def list_states(*, session: Session, settings: Settings) -> dict[str, ScopeState]:
+    """Every stored scope (fresh from the database)."""
+    _CACHE.clear()
+    return _states(session, settings)
+
+
+class _TripWindow:
+    """Guard hits per department in the last minute (per process)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hits: dict[str, deque[float]] = defaultdict(deque)
+
+    def add(self, department: str, now: float) -> int:
+        with self._lock:
+            window = self._hits[department]
+            window.append(now)
+            while window and now - window[0] > 60.0:
+                window.popleft()
+            return len(window)
+
+    def reset(self, department: str) -> None:
+        with self._lock:
+            self._hits.pop(department, None)
+
+
+_TRIPS = _TripWindow()
+
+
+def record_guard_hit(*, session: Session, settings: Settings, departments: list[str], kind: str) -> list[str]:
+    """Count a blocked injection or output-guard hit; departments over the limit go to retrieval_only."""
+    metrics.GUARD_HITS.labels(kind=kind).inc()
+    limit, tripped = settings.guard_auto_trip_per_minute, []
+    if limit <= 0:
+        return tripped
+    now = time.monotonic()
+    for department in departments:
+        if _TRIPS.add(department, now) >= limit and kill_mode(
+                session=session, settings=settings, departments=[department]) is KillMode.normal:
+            set_kill_switch(session=session, settings=settings, identity=SYSTEM_IDENTITY, scope=department,
+                            mode=KillMode.retrieval_only, reason=f"automatic trip: {limit} guard hits in a minute")
+            metrics.KILL_SWITCH_AUTO_TRIPS.labels(department=department).inc()
+            _TRIPS.reset(department)
+            tripped.append(department)
+    return tripped

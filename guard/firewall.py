@@ -1,0 +1,192 @@
+"""Prompt firewall: normalisation, rules and a small linear classifier that runs offline in a few milliseconds."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from scipy import sparse
+from sklearn.feature_extraction.text import HashingVectorizer
+
+from guard.normalise import has_invisible, normalise
+
+WEIGHTS_FILE = "{name}_weights.npz"
+META_FILE = "{name}_meta.json"
+N_FEATURES = 2**18
+MAX_CHARS = 2400  # head and tail of very long prompts: bounded latency, payloads sit at either end
+
+
+class Verdict(StrEnum):
+    allow = "allow"
+    flag = "flag"
+    block = "block"
+
+
+class GuardMode(StrEnum):
+    block = "block"
+    flag = "flag"
+    off = "off"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A named pattern over the normalised, lower-cased text; `hard` rules block on their own."""
+
+    name: str
+    pattern: re.Pattern[str]
+    hard: bool = False
+
+
+def _rx(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern, re.IGNORECASE | re.DOTALL)
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("ignore_instructions", _rx(
+        r"\b(ignore|disregard|forget|override|bypass)\b\W+(?:\w+\W+){0,4}?(previous|prior|above|earlier|preceding|"
+        r"former|initial|original|system|all|your)\W+(?:\w+\W+){0,3}?(instructions?|directions?|prompts?|rules|"
+        r"guidelines|directives|context|commands|text|programming)\b"), hard=True),
+    Rule("reveal_prompt", _rx(
+        r"\b(reveal|print|show|repeat|output|display|leak|spell out|tell me|what (?:is|are|were))\b\W+(?:\w+\W+){0,4}?"
+        r"(system prompt|initial (?:instructions|prompt)|(?:your|hidden|secret|original) (?:instructions|prompt|"
+        r"rules|guidelines)|the (?:canary|secret|password))"), hard=True),
+    Rule("do_anything_now", _rx(r"\b(do anything now|developer mode|dev mode|jailbr(?:oken|eak)|unfiltered (?:ai|mode)"
+                                r"|anti-?dan|evil ?bot|god ?mode)\b"), hard=True),
+    Rule("no_restrictions", _rx(
+        r"\b(no|without|free (?:of|from)|not bound by|freed from|break free of|ignore all)\b\W+(?:\w+\W+){0,3}?"
+        r"(restrictions|limitations|filters?|censorship|ethical|morals?|guidelines|content polic(?:y|ies)|rules)\b")),
+    Rule("persona", _rx(r"\b(you are now|from now on,? you|act as|pretend (?:to be|you are)|role-?play as|"
+                        r"you will (?:now )?(?:act|respond|answer) as|stay in character)\b")),
+    Rule("fiction_frame", _rx(
+        r"\b(imagine (?:you are|you're|that you|a)|you are an? (?:\w+ ){0,3}(?:character|villain|expert|writer|"
+        r"hacker|criminal|novelist|screenwriter)|in a (?:story|novel|movie|film|screenplay|fictional)|role-?play|"
+        r"hypothetical(?:ly)?|purely fictional|for (?:educational|research) purposes|sure,? here is)\b")),
+    Rule("new_instructions", _rx(
+        r"\b(new instructions?|instead,? (?:you (?:must|will|should)|say|print|output)|"
+        r"your (?:new|real|true) (?:task|goal|purpose)|begin your (?:reply|response) with)\b")),
+    Rule("exfiltrate", _rx(r"(!\[[^\]]*\]\(https?://|\b(?:send|post|forward|exfiltrate|upload)\b\W+(?:\w+\W+){0,4}?"
+                           r"(?:to|at)\W+(?:https?://|\S+@\S+))")),
+    Rule("fake_system", _rx(r"(<\|?(?:im_start|system|endoftext)\|?>|\[/?(?:inst|system)\]|^\s*(?:system|assistant)"
+                            r"\s*:|###\s*(?:instruction|system))")),
+)
+HARD_RULES = frozenset(rule.name for rule in RULES if rule.hard)
+HARD_SCORE = 0.999
+
+
+@dataclass(frozen=True)
+class FirewallResult:
+    """Score in [0, 1], the rules that fired and the verdict under the department's mode."""
+
+    score: float
+    rules: tuple[str, ...]
+    verdict: Verdict
+    threshold: float
+
+    @property
+    def detected(self) -> bool:
+        return self.score >= self.threshold
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= MAX_CHARS else text[: MAX_CHARS * 2 // 3] + "\n" + text[-MAX_CHARS // 3:]
+
+
+def rule_hits(normalised: str) -> tuple[str, ...]:
+    """Names of the rules whose pattern occurs in the normalised text."""
+    return tuple(rule.name for rule in RULES if rule.pattern.search(normalised))
+
+
+def lexical_features(raw: str, normalised: str, hits: tuple[str, ...]) -> np.ndarray:
+    """Dense side features: rule hits, shape of the text and signs of disguise."""
+    letters = [ch for ch in raw if ch.isalpha()]
+    upper = sum(ch.isupper() for ch in letters) / len(letters) if letters else 0.0
+    non_ascii = sum(ord(ch) > 127 for ch in raw) / len(raw) if raw else 0.0
+    symbols = _symbol_ratio(raw)
+    tokens = raw.split()
+    odd = sum(bool(_ODD_TOKEN.search(t)) for t in tokens) / len(tokens) if tokens else 0.0
+    disguised = float(normalised.count("\n") > raw.count("\n"))  # a decoded payload was appended
+    return np.array([*(float(rule.name in hits) for rule in RULES), math.log1p(len(raw)) / 8.0, upper, non_ascii,
+                     symbols, _symbol_ratio(raw[-120:]), odd, float(has_invisible(raw)), disguised], dtype=np.float32)
+
+
+_ODD_TOKEN = re.compile(r"[a-z][A-Z]|[^\w\s]{2,}\w|\w[^\w\s'.,!?:;\-]\w|[\[\]{}<>|\\$=*]")
+
+
+def _symbol_ratio(text: str) -> float:
+    """Share of characters that are neither letters, digits nor spaces."""
+    return sum(not ch.isalnum() and not ch.isspace() for ch in text) / len(text) if text else 0.0
+
+
+@functools.lru_cache(maxsize=1)
+def _vectorisers() -> tuple[HashingVectorizer, HashingVectorizer]:
+    common = {"n_features": N_FEATURES, "alternate_sign": False, "norm": "l2", "lowercase": True, "dtype": np.float32}
+    return (HashingVectorizer(analyzer="char_wb", ngram_range=(3, 5), **common),
+            HashingVectorizer(analyzer="word", ngram_range=(1, 2), token_pattern=r"(?u)\b\w+\b", **common))  # noqa: S106
+
+
+def featurise(texts: list[str]) -> tuple[sparse.csr_matrix, list[tuple[str, ...]]]:
+    """The classifier's input for raw `texts` and each one's rule hits (training and inference share this)."""
+    chars, words = _vectorisers()
+    prepared = [_bounded(t) for t in texts]
+    normalised = [normalise(t) for t in prepared]
+    hits = [rule_hits(n) for n in normalised]
+    dense = np.vstack([lexical_features(t, n, h) for t, n, h in zip(prepared, normalised, hits, strict=True)])
+    matrix = sparse.hstack([chars.transform(normalised), words.transform(normalised), sparse.csr_matrix(dense)],
+                           format="csr")
+    return matrix, hits
+
+
+@dataclass(frozen=True)
+class FirewallModel:
+    """Logistic-regression weights over `featurise` and the threshold fixed on the train split."""
+
+    coef: np.ndarray
+    intercept: float
+    threshold: float
+
+    @classmethod
+    def load(cls, name: str = "firewall", directory: Path | None = None) -> FirewallModel:
+        """Load the shipped weights `name` (firewall, scanner), or a directory's for the training script."""
+        base = directory if directory is not None else resources.files("guard")
+        with (base / WEIGHTS_FILE.format(name=name)).open("rb") as fh:  # type: ignore[operator]
+            data = np.load(fh)
+            coef, intercept = np.asarray(data["coef"], dtype=np.float32), float(data["intercept"])
+        meta = json.loads((base / META_FILE.format(name=name)).read_text(encoding="utf-8"))  # type: ignore[operator]
+        return cls(coef=coef, intercept=intercept, threshold=float(meta["threshold"]))
+
+    def scores(self, texts: list[str]) -> tuple[np.ndarray, list[tuple[str, ...]]]:
+        """Classifier probabilities, lifted to near-certain where a hard rule fires, and the rule hits."""
+        matrix, hits = featurise(texts)
+        probabilities = 1.0 / (1.0 + np.exp(-(matrix @ self.coef + self.intercept)))
+        hard = np.array([bool(set(h) & HARD_RULES) for h in hits])
+        return np.where(hard, np.maximum(probabilities, HARD_SCORE), probabilities), hits
+
+
+class PromptFirewall:
+    """Judge one question: score, rules, and the verdict for a department's mode."""
+
+    def __init__(self, model: FirewallModel) -> None:
+        self.model = model
+
+    def inspect(self, text: str, mode: GuardMode = GuardMode.block) -> FirewallResult:
+        """Score `text`; `block` mode blocks detections, `flag` only records them, `off` skips scoring."""
+        if mode is GuardMode.off:
+            return FirewallResult(score=0.0, rules=(), verdict=Verdict.allow, threshold=self.model.threshold)
+        scores, hits = self.model.scores([text])
+        score = float(scores[0])
+        detected = score >= self.model.threshold
+        verdict = Verdict.allow if not detected else Verdict.block if mode is GuardMode.block else Verdict.flag
+        return FirewallResult(score=score, rules=hits[0], verdict=verdict, threshold=self.model.threshold)
+
+
+@functools.lru_cache(maxsize=1)
+def get_firewall() -> PromptFirewall:
+    """The process-wide firewall with the shipped weights."""
+    return PromptFirewall(FirewallModel.load())

@@ -1,0 +1,89 @@
+"""Undo the usual disguises before a prompt is judged: confusables, invisible characters, encodings, leetspeak."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import re
+import unicodedata
+
+# Characters that render as nothing (or as a space) and are used to split trigger words.
+_INVISIBLE = re.compile("[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
+                        "\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\U000e0000-\U000e007f]")
+# Latin look-alikes from Cyrillic, Greek and others that NFKC leaves alone.
+_CONFUSABLES = str.maketrans({
+    "а": "a", "в": "b", "е": "e", "ё": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p", "с": "c", "т": "t",
+    "у": "y", "х": "x", "і": "i", "ї": "i", "ј": "j", "ѕ": "s", "ԁ": "d", "ԛ": "q", "ԝ": "w", "ɡ": "g", "ı": "i",
+    "А": "A", "В": "B", "Е": "E", "К": "K", "М": "M", "Н": "H", "О": "O", "Р": "P", "С": "C", "Т": "T", "Х": "X",
+    "І": "I", "Ј": "J", "Ѕ": "S", "α": "a", "ο": "o", "ν": "v", "τ": "t", "ι": "i", "κ": "k", "ρ": "p",
+    "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Κ": "K", "Μ": "M", "Ν": "N", "Ο": "O", "Ρ": "P",
+    "Τ": "T", "Υ": "Y", "Χ": "X", "ß": "ss",
+})
+_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s", "!": "i",
+                       "|": "l", "+": "t"})
+_LEET_WORD = re.compile(r"\b(?=[a-z0-9@$!|+]*[a-z])(?=[a-z0-9@$!|+]*[0-9@$|+])[a-z0-9@$!|+]{3,}\b", re.IGNORECASE)
+_BASE64 = re.compile(r"(?<![A-Za-z0-9+/=])[A-Za-z0-9+/]{16,}={0,2}(?![A-Za-z0-9+/=])")
+_HEX = re.compile(r"\b(?:[0-9a-fA-F]{2}){12,}\b")
+_SPACES = re.compile(r"[ \t]+")
+_COMMON = frozenset("the and you are to of a is in that it for your all this with not be as on ignore instructions "
+                    "previous now say print reveal system prompt tell me what".split())
+MAX_DECODED = 4
+
+
+def has_invisible(text: str) -> bool:
+    """True when the text carries zero-width or bidi control characters."""
+    return bool(_INVISIBLE.search(text))
+
+
+def strip_invisible(text: str) -> str:
+    """NFKC, drop zero-width and bidi controls, map look-alike letters to Latin."""
+    return _INVISIBLE.sub("", unicodedata.normalize("NFKC", text)).translate(_CONFUSABLES)
+
+
+def deleet(text: str) -> str:
+    """Map digits and symbols used as letters, only inside words that also contain letters."""
+    return _LEET_WORD.sub(lambda m: m.group(0).translate(_LEET), text)
+
+
+def _englishness(text: str) -> float:
+    """Share of words that are very common English (or injection) words."""
+    words = re.findall(r"[a-z]+", text.lower())
+    return sum(w in _COMMON for w in words) / len(words) if words else 0.0
+
+
+def _printable(raw: bytes) -> str | None:
+    """Bytes as text when they decode to mostly printable UTF-8."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    printable = sum(ch.isprintable() or ch.isspace() for ch in text)
+    return text if text and printable / len(text) > 0.9 else None
+
+
+def decoded_payloads(text: str) -> list[str]:
+    """Texts hidden as base64, hex or rot13 inside `text` (at most a few)."""
+    found: list[str] = []
+    for match in _BASE64.finditer(text):
+        try:
+            raw = base64.b64decode(match.group(0) + "=" * (-len(match.group(0)) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        if (decoded := _printable(raw)) is not None:
+            found.append(decoded)
+    for match in _HEX.finditer(text):
+        if (decoded := _printable(bytes.fromhex(match.group(0)))) is not None:
+            found.append(decoded)
+    rot = codecs.decode(text, "rot13")
+    if _englishness(rot) > max(0.2, 2 * _englishness(text)):
+        found.append(rot)
+    return found[:MAX_DECODED]
+
+
+def normalise(text: str) -> str:
+    """One canonical text: the visible letters, de-leeted, with any decoded payloads appended."""
+    clean = _SPACES.sub(" ", strip_invisible(text))
+    visible = deleet(clean)
+    extra = [deleet(strip_invisible(p)) for p in decoded_payloads(clean)]
+    return "\n".join([visible, *extra])

@@ -1,0 +1,77 @@
+"""Output guard: what may not leave in an answer — canaries, the system prompt, raw PII."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from guard.normalise import strip_invisible
+from guard.pii import get_redactor
+
+PLACEHOLDER = re.compile(r"^<[A-Z_]+_\d+>$")
+SHINGLE_WORDS = 8
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+@dataclass(frozen=True)
+class OutputVerdict:
+    """The text allowed out (PII scrubbed) and what the guard found."""
+
+    text: str
+    withheld: bool
+    reason: str | None = None
+    canary_departments: list[str] = field(default_factory=list)
+    system_prompt_echo: bool = False
+    pii_scrubbed: int = 0
+
+    def as_audit(self) -> dict[str, Any]:
+        """Metadata only, for the audit event."""
+        return {"withheld": self.withheld, "reason": self.reason, "canary_departments": self.canary_departments,
+                "system_prompt_echo": self.system_prompt_echo, "pii_scrubbed": self.pii_scrubbed}
+
+
+def _squash(text: str) -> str:
+    """Lower-case letters and digits only: survives spacing, punctuation and zero-width tricks."""
+    return re.sub(r"[^a-z0-9]", "", strip_invisible(text).lower())
+
+
+def leaked_canaries(text: str, canaries: dict[str, str]) -> list[str]:
+    """Departments whose canary token appears in `text`, however it is spaced or disguised."""
+    squashed = _squash(text)
+    return sorted(dept for dept, token in canaries.items() if token and _squash(token) in squashed)
+
+
+def echoes_system_prompt(text: str, system_prompt: str) -> bool:
+    """True when any run of SHINGLE_WORDS consecutive words of the system prompt appears in `text`."""
+    prompt_words, answer = _WORD.findall(system_prompt.lower()), " ".join(_WORD.findall(text.lower()))
+    return any(" ".join(prompt_words[i:i + SHINGLE_WORDS]) in answer
+               for i in range(max(0, len(prompt_words) - SHINGLE_WORDS + 1)))
+
+
+def scrub_pii(text: str, context: str) -> tuple[str, int]:
+    """Replace raw PII that the (already redacted) context does not contain; placeholders pass."""
+    spans = []
+    for result in get_redactor().analyze(text):
+        value = text[result.start:result.end]
+        if PLACEHOLDER.match(value.strip()) or (value.strip() and value.strip() in context):
+            continue
+        spans.append((result.start, result.end, result.entity_type))
+    spans.sort(reverse=True)
+    last_start = len(text) + 1
+    for start, end, entity in spans:
+        if end <= last_start:
+            text = f"{text[:start]}<{entity}>{text[end:]}"
+            last_start = start
+    return text, len(spans)
+
+
+def check_output(text: str, *, canaries: dict[str, str], system_prompt: str, context: str) -> OutputVerdict:
+    """Withhold on a canary or a system-prompt echo; otherwise scrub raw PII and let it out."""
+    leaked = leaked_canaries(text, canaries)
+    if leaked:
+        return OutputVerdict(text="", withheld=True, reason="canary", canary_departments=leaked)
+    if system_prompt and echoes_system_prompt(text, system_prompt):
+        return OutputVerdict(text="", withheld=True, reason="system_prompt", system_prompt_echo=True)
+    scrubbed, count = scrub_pii(text, context)
+    return OutputVerdict(text=scrubbed, withheld=False, pii_scrubbed=count)

@@ -1,0 +1,330 @@
+"""Rule-based recognizers that close the small spaCy model's gaps: named-by-context people, loose phones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import regex
+from presidio_analyzer import EntityRecognizer, Pattern, PatternRecognizer, RecognizerResult
+from presidio_analyzer.predefined_recognizers import IbanRecognizer
+
+# One name word: a capital then letters, apostrophes or hyphens ("O'Neil", "Jean-Luc", "Szöllösy").
+_WORD = r"\p{Lu}[\p{Ll}\p{Lu}'\u2019\-]*\p{Ll}[\p{Ll}'\u2019\-]*"
+_INITIAL = r"\p{Lu}\.?"
+# A name: one to three words, an optional middle initial ("Faina D. Yefremova", "Szabina J Gelencsér").
+_NAME = rf"{_WORD}(?:[ \t]+{_INITIAL})?(?:[ \t]+{_WORD}){{0,2}}"
+_LOWER_NAME = r"\p{Ll}{2,}(?:[ \t]+\p{Ll}{2,})?"
+_TITLES = r"(?:Mr|Mrs|Ms|Mx|Miss|Dr|Prof|Sir|Dame|Madam|Mme|Mlle|Herr|Frau)\.?"
+
+# Phrases after which the next capitalised words are a person's name (case-insensitive phrases).
+_NAME_INTRO = (
+    r"(?i:my name is|name is|name:|named|calls? me|this is|i am|i'm|call me|dear|hi|hello|attn:?|attention:?"
+    r"|speak to|speak with|talk to|talk with|follow up with|meet with|contact|assistant to|maiden name is"
+    r"|change it to|correct it to|directed by|starring|written by|signed by|approved by|reported by"
+    r"|prepared by|sincerely,|regards,|thanks,|cc:|from:|to:|under|under my partner's name|said|tell"
+    r"|according to|commenter|player|songwriter|employee|manager|patient|client|customer|guardian)"
+)
+# Lower-case names are accepted only after the most explicit introductions.
+_STRONG_INTRO = r"(?i:my name is|name is|name:|follow up with|maiden name is|calls me)"
+
+_PERSON_PATTERNS = [
+    Pattern("title_name", rf"(?<=\b{_TITLES}[ \t]+){_NAME}\b", 0.6),
+    Pattern("intro_name", rf"(?<=\b{_NAME_INTRO}[ \t]+(?:{_TITLES}[ \t]+)?){_NAME}\b", 0.5),
+    Pattern("intro_lower_name", rf"(?<=\b{_STRONG_INTRO}[ \t]+){_LOWER_NAME}\b", 0.45),
+    Pattern("said_to", rf"(?<=\b(?i:said|wrote|told|asked)[ \t]+{_NAME}[ \t]+to[ \t]+){_NAME}\b", 0.5),
+    # Sentence subjects of verbs only people take: "Jacob lives on…", "Tomomi is from…".
+    Pattern(
+        "person_verb",
+        rf"(?<=(?:^|[.!?:][ \t]+|\n)[ \t]*){_NAME}(?=[ \t]+(?:lives|lived|is from|was from|had given|has given"
+        rf"|said|says|spent|works|worked|joined|wrote|told|asked|is a very|was born|is so))",
+        0.45,
+    ),
+    # Addressed at the start of a sentence: "Leif, can I please…".
+    Pattern("vocative",
+            rf"(?<=(?:^|[.!?][ \t]+|\n)[ \t]*){_WORD}(?=,[ \t]+(?i:can|could|would|will|please|thanks|thank))", 0.45),
+    # Possessives of things only people have: "Maite Lemmens's killers", "Matej's address".
+    Pattern(
+        "possessive",
+        rf"{_NAME}(?=['\u2019]s[ \t]+(?i:killers?|address|account|mother|father|wife|husband|son|daughter|phone"
+        rf"|e-?mail|manager|salary|contract|review|family|children|birthday|number|car|house|home))",
+        0.45,
+    ),
+    # A line holding only a name at the top of a contact card (gated on card markers in analyze()).
+    Pattern("card_name", rf"(?<=^[\s?]*){_WORD}(?:[ \t]+{_INITIAL})?(?:[ \t]+{_WORD}){{1,2}}(?=[ \t]*\n)", 0.45),
+    # Dialogue or list lines "Name Surname:" at a line start, followed by speech on the same line.
+    Pattern("speaker", rf"(?m)(?<=^[ \t]*){_WORD}(?=:[ \t]+\S)", 0.45),
+    # Lists of names after a plural people noun: "founders: Kónya, Becker and Vasquez".
+    Pattern(
+        "people_list",
+        rf"(?<=\b(?i:founders|partners|members|authors|owners|directors|attendees|participants)"
+        rf":?[ \t]+(?:{_NAME},?[ \t]+(?:and[ \t]+)?)*){_NAME}\b",
+        0.5,
+    ),
+]
+# Words that an intro phrase may precede but that are never names on their own.
+_NOT_NAMES = frozenset(
+    {
+        "The", "This", "That", "These", "Those", "It", "He", "She", "They", "We", "You", "I", "A", "An",
+        "My", "Our", "Your", "His", "Her", "Their", "Please", "Thanks", "Thank", "Team", "All", "Sir",
+        "Madam", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday", "Phone",
+        "Email", "E-mail", "Mobile", "Fax", "Desk", "Address", "Date", "Name", "Website", "Subject",
+        "Note", "Re", "Fwd", "Yes", "No", "Hello", "Hi", "Dear", "Regards", "Sincerely", "Dept",
+        "Department", "Company", "Customer", "Client", "Manager", "Employee", "Patient", "Guardian",
+        "Mr", "Mrs", "Ms", "Mx", "Miss", "Dr", "Prof", "Herr", "Frau", "Mme", "Mlle",
+    }
+)  # fmt: skip
+_SPEAKER_MIN_LINES = 2
+# A name alone on a line counts only in a contact card or signature block.
+_CARD_MARKERS = regex.compile(r"(?i)@|\b(?:phone|mobile|tel|fax|e-?mail|address|apt|suite|p\.?o\.? box)\b")
+# A "name" right after a house number or before one on the same line is a street ("5850 Jana Nerudy 894").
+_STREET_BEFORE = regex.compile(r"(?:\d[ \t]*|\b(?:ul|u|al|str|rua|via|av|avda|c/)\.?[ \t]+)$", regex.IGNORECASE)
+_STREET_AFTER = regex.compile(r"^[ \t]+\d")
+
+# Digit runs shaped like phone numbers in any country; only context ("phone", "call"…) lifts them.
+_LOOSE_PHONE = (
+    r"(?<![\w.+-])(?<!\d[ .-])(?:\+|00)?(?:\(\d{1,4}\)[ .-]?|\d{1,4}[ .-]?)?(?:\(0\)[ ]?)?"
+    r"\d{2,4}(?:[ .-]?\d{2,4}){1,4}(?:[ ]?(?:x|ext\.?)[ ]?\d{1,5})?(?![\w-])"
+)
+# Shapes that are phone numbers on their own: an international prefix, a bracketed area code, a trunk 0
+# with three or more groups, or North American 3-3-4 with an optional extension.
+_NOT_PHONE_BEFORE = regex.compile(r"(?i)\b(?:zip|postcode|postal code|licen[cs]e|passport|account|card|invoice|order"
+                                   r"|ssn|social security)\b[^\n\d]*$")
+_WORD_AFTER = regex.compile(r"^[ \t]+\p{L}")
+_PHONE_SHAPES = [
+    Pattern("intl_phone",
+            r"(?<![\w+])\+\d{1,3}[ .-]?(?:\(0\)[ ]?)?\(?\d{1,4}\)?(?:[ .-]?\d{2,4}){1,4}(?:[ ]?x\d{1,5})?\b", 0.45),
+    Pattern("area_phone", r"(?<![\w)])\(\d{2,4}\)[ .-]?\d{3,4}[ .-]?\d{3,4}(?:[ ]?x\d{1,5})?\b", 0.45),
+    Pattern("trunk_phone", r"(?<![\w.+-])(?<!\d[ .-])0\d{1,4}(?:[ .-]\d{2,4}){2,4}(?![\w.-])", 0.45),
+    Pattern("nanp_phone", r"(?<![\w.+-])(?<!\d[ .-])(?:1[ .-])?\d{3}[.-]\d{3}[.-]\d{4}(?:[ ]?x\d{1,5})?\b", 0.45),
+]
+PHONE_CONTEXT = [
+    "phone", "telephone", "tel", "mobile", "cell", "desk", "fax", "call", "calls", "called", "answering",
+    "messages", "message", "registered", "contact", "sms", "dial", "reach", "phone number",
+]  # fmt: skip
+_MIN_PHONE_DIGITS, _MAX_PHONE_DIGITS = 7, 15
+# Dates, times and dotted quads are not phones even next to the word "number".
+_NOT_PHONE = regex.compile(r"^\d{4}-\d{2}-\d{2}|^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$")
+
+
+class _PersonContextRecognizer(PatternRecognizer):
+    """People named by context: titles, introductions, speaker labels, lists of founders."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            supported_entity="PERSON",
+            patterns=_PERSON_PATTERNS,
+            name="GovragPersonContextRecognizer",
+            global_regex_flags=regex.DOTALL | regex.MULTILINE,  # case-sensitive: capitals matter
+        )
+
+    def analyze(self, text: str, entities: list[str], nlp_artifacts: object = None,
+                regex_flags: int | None = None) -> list[RecognizerResult]:
+        """Return context-named people, dropping function words and one-off speaker labels."""
+        results = super().analyze(text, entities, nlp_artifacts, regex_flags) or []
+        kept = [r for r in results if text[r.start : r.end].split()[0] not in _NOT_NAMES]
+        speakers = [r for r in kept if _pattern_name(r) == "speaker"]
+        if len(speakers) < _SPEAKER_MIN_LINES:
+            kept = [r for r in kept if _pattern_name(r) != "speaker"]
+        if not _CARD_MARKERS.search(text):
+            kept = [r for r in kept if _pattern_name(r) != "card_name"]
+        return kept
+
+
+class _LoosePhoneRecognizer(PatternRecognizer):
+    """International phone shapes Presidio's libphonenumber regions miss, gated by context words."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            supported_entity="PHONE_NUMBER",
+            patterns=[Pattern("loose_phone", _LOOSE_PHONE, 0.4), *_PHONE_SHAPES],
+            context=PHONE_CONTEXT,
+            name="GovragLoosePhoneRecognizer",
+        )
+
+    def analyze(self, text: str, entities: list[str], nlp_artifacts: object = None,
+                regex_flags: int | None = None) -> list[RecognizerResult]:
+        """Return phone shapes, minus house numbers, postcodes and licence numbers."""
+        results = super().analyze(text, entities, nlp_artifacts, regex_flags) or []
+        return [r for r in results if _pattern_name(r) != "loose_phone" or _plausible_loose_phone(text, r)]
+
+    def validate_result(self, pattern_text: str) -> bool | None:
+        """Accept only plausible digit counts (7 to 15, ITU E.164) without the extension."""
+        main = regex.split(r"(?i)x|ext", pattern_text)[0]
+        digits = sum(ch.isdigit() for ch in main)
+        if not _MIN_PHONE_DIGITS <= digits <= _MAX_PHONE_DIGITS or _NOT_PHONE.search(pattern_text):
+            return False
+        return None  # keep the low base score: only context words may lift it over the threshold
+
+
+class _AnyCaseIbanRecognizer(IbanRecognizer):
+    """Presidio's IBAN recognizer that also accepts lower-case IBANs (typed into forms and chats)."""
+
+    def __init__(self) -> None:
+        super().__init__(regex_flags=regex.MULTILINE | regex.DOTALL | regex.IGNORECASE)
+
+    def validate_result(self, pattern_text: str) -> bool:
+        """Validate the checksum on the upper-cased value."""
+        return bool(super().validate_result(pattern_text.upper()))
+
+
+def _plausible_loose_phone(text: str, result: RecognizerResult) -> bool:
+    """Tell a loose digit run from an address number, a postcode or an identifier by its neighbours."""
+    groups = len(regex.findall(r"\d+", text[result.start : result.end]))
+    before = text[max(0, result.start - 30) : result.start]
+    if _NOT_PHONE_BEFORE.search(before):
+        return False
+    return groups >= 3 or not _WORD_AFTER.match(text[result.end : result.end + 3])
+
+
+def _pattern_name(result: RecognizerResult) -> str | None:
+    explanation = result.analysis_explanation
+    return explanation.pattern_name if explanation is not None else None
+
+
+def drop_street_names(text: str, results: list[RecognizerResult]) -> list[RecognizerResult]:
+    """Remove PERSON spans that sit next to a house number, as street names do."""
+    return [r for r in results if r.entity_type != "PERSON" or not _next_to_house_number(text, r)]
+
+
+def _next_to_house_number(text: str, result: RecognizerResult) -> bool:
+    before = text[max(0, result.start - 8) : result.start]
+    return bool(_STREET_BEFORE.search(before) or _STREET_AFTER.match(text[result.end : result.end + 4]))
+
+
+def rule_recognizers() -> list[EntityRecognizer]:
+    """Return the rule-based recognizers added to Presidio's defaults."""
+    return [_PersonContextRecognizer(), _LoosePhoneRecognizer(), _AnyCaseIbanRecognizer()]
+
+
+def person_words(text: str, results: list[RecognizerResult]) -> set[str]:
+    """The name words of the people detected in a text."""
+    return {
+        word
+        for r in drop_street_names(text, results)
+        if r.entity_type == "PERSON"
+        for word in regex.findall(_WORD, text[r.start : r.end])
+        if word not in _NOT_NAMES
+    }
+
+
+def propagate_people(text: str, results: list[RecognizerResult],
+                     known: set[str] | None = None) -> list[RecognizerResult]:
+    """Add every other whole-word occurrence of a detected person's name words (here or `known` elsewhere)."""
+    results = drop_street_names(text, results)
+    words = person_words(text, results) | (known or set())
+    if not words:
+        return results
+    pattern = regex.compile(r"\b(?:" + "|".join(regex.escape(w) for w in sorted(words, key=len, reverse=True))
+                            + r")\b")
+    added = [
+        RecognizerResult("PERSON", match.start(), match.end(), 0.45)
+        for match in pattern.finditer(text)
+        if not any(r.start <= match.start() and match.end() <= r.end for r in results)
+    ]
+    return results + added
+
+
+# --- department rules: custom recognizers (regex + checksum) and allow-lists ---
+
+CHECKSUMS = ("none", "luhn", "mod97", "mod11")
+MAX_CUSTOM_PATTERN_CHARS = 300
+
+
+@dataclass(frozen=True)
+class CustomRecognizer:
+    """A department's own identifier: an entity name, a regex, an optional checksum and context words."""
+
+    entity: str  # upper-case, e.g. EMPLOYEE_ID
+    pattern: str
+    checksum: str = "none"
+    context: tuple[str, ...] = ()
+    score: float = 0.6
+
+
+@dataclass(frozen=True)
+class RedactionRules:
+    """Per-department additions to the redactor; the default is no additions."""
+
+    recognizers: tuple[CustomRecognizer, ...] = ()
+    allow_list: tuple[str, ...] = ()
+
+    @property
+    def entities(self) -> list[str]:
+        """The extra entity types these rules produce."""
+        return sorted({r.entity for r in self.recognizers})
+
+
+def luhn_valid(digits: str) -> bool:
+    """The Luhn (mod 10) check used by card and many employee numbers."""
+    total = 0
+    for position, char in enumerate(reversed(digits)):
+        value = int(char)
+        if position % 2 == 1:
+            value = value * 2 - 9 if value > 4 else value * 2
+        total += value
+    return bool(digits) and total % 10 == 0
+
+
+def mod97_valid(value: str) -> bool:
+    """ISO 7064 MOD 97-10 (IBAN style): letters count as 10..35, the number mod 97 must be 1."""
+    converted = "".join(str(int(ch, 36)) for ch in value)
+    return bool(converted) and int(converted) % 97 == 1
+
+
+def mod11_valid(digits: str) -> bool:
+    """Weighted mod 11 (weights 2, 3, 4… from the right, check digit last; 10 is not allowed)."""
+    if len(digits) < 2:
+        return False
+    body, check = digits[:-1], int(digits[-1])
+    total = sum(int(ch) * weight for ch, weight in zip(reversed(body), range(2, 2 + len(body)), strict=False))
+    remainder = (11 - total % 11) % 11
+    return remainder == check
+
+
+_CHECKERS = {"luhn": luhn_valid, "mod97": mod97_valid, "mod11": mod11_valid}
+
+
+class _CustomPatternRecognizer(PatternRecognizer):
+    """A department recognizer: its regex, gated by its checksum over the letters and digits."""
+
+    def __init__(self, spec: CustomRecognizer) -> None:
+        self._checker = _CHECKERS.get(spec.checksum)
+        self._alnum_only = spec.checksum == "mod97"
+        super().__init__(
+            supported_entity=spec.entity,
+            patterns=[Pattern(spec.entity.lower(), spec.pattern, spec.score)],
+            context=list(spec.context) or None,
+            name=f"Department{spec.entity.title().replace('_', '')}Recognizer",
+        )
+
+    def validate_result(self, pattern_text: str) -> bool | None:
+        """Run the checksum (None keeps the pattern's score; False drops the match)."""
+        if self._checker is None:
+            return None
+        if self._alnum_only:
+            value = "".join(ch for ch in pattern_text.upper() if ch.isalnum())
+            return None if self._checker(value) else False
+        digits = "".join(ch for ch in pattern_text if ch.isdigit())
+        return None if self._checker(digits) else False
+
+
+def custom_recognizers(rules: RedactionRules) -> list[EntityRecognizer]:
+    """Presidio recognizers for a department's custom identifiers."""
+    return [_CustomPatternRecognizer(spec) for spec in rules.recognizers]
+
+
+def validate_custom(spec: CustomRecognizer) -> str | None:
+    """Return why a custom recognizer is unusable, or None when it compiles and is bounded."""
+    if not regex.fullmatch(r"[A-Z][A-Z0-9_]{1,40}", spec.entity):
+        return "entity must be upper-case letters, digits and underscores"
+    if spec.checksum not in CHECKSUMS:
+        return f"checksum must be one of {', '.join(CHECKSUMS)}"
+    if len(spec.pattern) > MAX_CUSTOM_PATTERN_CHARS:
+        return "pattern is too long"
+    try:
+        compiled = regex.compile(spec.pattern)
+    except regex.error:
+        return "pattern does not compile"
+    if compiled.search(""):
+        return "pattern matches the empty string"
+    return None

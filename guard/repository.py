@@ -1,0 +1,23 @@
+"""Queries of the guard domain: the guard_controls rows."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.models import GuardControl
+
+
+def all_controls(session: Session) -> list[GuardControl]:
+    """Every scope's row."""
+    return list(session.scalars(select(GuardControl)))
+
+
+def get_or_create(session: Session, scope: str) -> GuardControl:
+    """The row of `scope`, added to the session if it did not exist (the caller commits)."""
+    row = session.scalars(select(GuardControl).where(GuardControl.scope == scope)).first()
+    if row is None:
+        row = GuardControl(scope=scope, kill_mode="normal", updated_by="")
+        session.add(row)
+        session.flush()
+    return row

@@ -1,0 +1,48 @@
+"""Guard requests, responses and modes."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, Field
+
+from authz.schemas import DEPARTMENT_PATTERN
+from guard.firewall import GuardMode
+
+GLOBAL_SCOPE = "global"
+SCOPE_PATTERN = DEPARTMENT_PATTERN  # "global" or a department name
+
+
+class KillMode(StrEnum):
+    normal = "normal"
+    retrieval_only = "retrieval_only"
+    disabled = "disabled"
+
+    @property
+    def severity(self) -> int:
+        return {"normal": 0, "retrieval_only": 1, "disabled": 2}[self.value]
+
+
+class KillSwitchIn(BaseModel):
+    scope: str = Field(pattern=SCOPE_PATTERN, max_length=64)
+    mode: KillMode
+    reason: str = Field(min_length=1, max_length=500)
+
+
+class KillSwitchOut(BaseModel):
+    scope: str
+    mode: KillMode
+    reason: str | None
+    updated_by: str
+
+
+class FirewallModeIn(BaseModel):
+    department: str = Field(pattern=DEPARTMENT_PATTERN, max_length=64)
+    mode: GuardMode
+
+
+class GuardStateOut(BaseModel):
+    scope: str
+    kill_mode: KillMode
+    firewall_mode: GuardMode | None
+    reason: str | None

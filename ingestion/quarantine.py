@@ -1,0 +1,124 @@
+"""Department ingestion policy, the review queue of quarantined documents, and re-indexing."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy.orm import Session
+
+from authz import service as authz_service
+from core import blobs
+from core.errors import ErrorCode, GovragError
+from core.keystore import keystore_for
+from core.models import Document, DocumentStatus, IngestionPolicy
+from core.settings import Settings
+from guard.pii_rules import CustomRecognizer, RedactionRules, validate_custom
+from ingestion import repository
+from ingestion.pipeline import IngestionRules
+from ingestion.schemas import (
+    Classification,
+    CustomRecognizerIn,
+    IngestionPolicyIn,
+    IngestionPolicyOut,
+    InjectionAction,
+    QuarantinedOut,
+    ReviewDecision,
+)
+
+
+def get_policy(*, session: Session, department: str) -> IngestionPolicyOut:
+    """A department's ingestion policy (the defaults when none was set)."""
+    row = repository.get_policy(session, department)
+    if row is None:
+        return IngestionPolicyOut(department=department)
+    return IngestionPolicyOut(
+        department=department, ai_max_level=Classification(row.ai_max_level),
+        injection_action=InjectionAction(row.injection_action),
+        keywords={k: Classification(v) for k, v in row.keywords.items()}, allow_list=list(row.allow_list),
+        recognizers=[CustomRecognizerIn(**spec) for spec in row.recognizers], reversible=row.reversible,
+    )
+
+
+def set_policy(*, session: Session, department: str, policy: IngestionPolicyIn, actor: str) -> IngestionPolicyOut:
+    """Replace a department's ingestion policy after checking every custom recognizer compiles safely."""
+    if department not in authz_service.list_departments(session=session):
+        raise GovragError(ErrorCode.not_found, "no such department")
+    for spec in policy.recognizers:
+        problem = validate_custom(_custom(spec))
+        if problem is not None:
+            raise GovragError(ErrorCode.invalid_request, f"recognizer {spec.entity}: {problem}")
+    repository.save_policy(session, IngestionPolicy(
+        department=department, ai_max_level=policy.ai_max_level.value,
+        injection_action=policy.injection_action.value,
+        keywords={k.strip(): v.value for k, v in policy.keywords.items() if k.strip()},
+        allow_list=[v for v in policy.allow_list if v.strip()],
+        recognizers=[spec.model_dump() for spec in policy.recognizers], reversible=policy.reversible,
+        updated_by=actor,
+    ))
+    return get_policy(session=session, department=department)
+
+
+def rules_for(*, session: Session, department: str) -> IngestionRules:
+    """The pipeline's view of a department's policy."""
+    policy = get_policy(session=session, department=department)
+    return IngestionRules(
+        ai_max_level=policy.ai_max_level, injection_action=policy.injection_action.value,
+        keywords={k: v.value for k, v in policy.keywords.items()},
+        redaction=RedactionRules(recognizers=tuple(_custom(spec) for spec in policy.recognizers),
+                                 allow_list=tuple(policy.allow_list)),
+        reversible=policy.reversible,
+    )
+
+
+def list_quarantined(*, session: Session, departments: list[str] | None) -> list[QuarantinedOut]:
+    """Documents waiting for an admin decision."""
+    return [_quarantined_out(document) for document in repository.quarantined(session, departments)]
+
+
+def quarantined_document(*, session: Session, document_id: str) -> Document:
+    """A quarantined document, or not found (also for documents in any other state)."""
+    document = repository.get_document(session, document_id)
+    if document is None or document.status != DocumentStatus.quarantined:
+        raise GovragError(ErrorCode.not_found, "no such quarantined document")
+    return document
+
+
+def approve(*, session: Session, document: Document, actor: str) -> ReviewDecision:
+    """Release a quarantined document for AI use: it is ingested again with the gate passed."""
+    document.approved_by = actor
+    job_id = str(uuid.uuid4())
+    repository.new_job(session, job_id=job_id, document_id=document.id)
+    return ReviewDecision(document_id=document.id, status=DocumentStatus.queued, job_id=job_id)
+
+
+def reject(*, session: Session, settings: Settings, document: Document) -> ReviewDecision:
+    """Refuse a quarantined document: shred its key and drop its stored bytes."""
+    keystore_for(settings).shred_document_key(session=session, document_id=document.id)
+    blobs.remove(settings.blob_dir, document.id)
+    document.status = DocumentStatus.rejected
+    session.flush()
+    return ReviewDecision(document_id=document.id, status=DocumentStatus.rejected)
+
+
+def queue_reindex(*, session: Session, department: str, document_ids: list[str] | None) -> list[tuple[str, str]]:
+    """Queue a fresh ingestion of ready documents from their encrypted originals; returns (document, job) ids."""
+    queued = []
+    for document in repository.documents_to_reindex(session, department=department, document_ids=document_ids):
+        job_id = str(uuid.uuid4())
+        repository.new_job(session, job_id=job_id, document_id=document.id)
+        queued.append((document.id, job_id))
+    return queued
+
+
+def _custom(spec: CustomRecognizerIn) -> CustomRecognizer:
+    return CustomRecognizer(entity=spec.entity, pattern=spec.pattern, checksum=spec.checksum,
+                            context=tuple(spec.context), score=spec.score)
+
+
+def _quarantined_out(document: Document) -> QuarantinedOut:
+    return QuarantinedOut(
+        document_id=document.id, department=document.department, title=document.title,
+        classification=document.classification, declared_classification=document.declared_classification,
+        reasons=list(document.classification_reasons or []), flagged_chunks=document.flagged_chunks,
+        review_reason=document.review_reason, uploaded_by=document.uploaded_by, created_at=document.created_at,
+    )

@@ -1,0 +1,183 @@
+"""Qdrant Edge backend: Qdrant's embedded Rust engine, one shard per department under the data dir.
+
+Same operations as `retrieval.store.VectorStore`. Filters are built once, as qdrant-client models, by
+`AccessFilter.to_qdrant()`; this module translates them, so both backends always enforce the same filter.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import qdrant_edge as edge
+from qdrant_client import models
+
+from retrieval.store import AccessFilter, Hit, VectorPoint
+
+logger = logging.getLogger(__name__)
+
+_INDEXED_FIELDS = (
+    ("document_id", edge.PayloadSchemaType.Keyword),
+    ("acl_groups", edge.PayloadSchemaType.Keyword),
+    ("acl_scope", edge.PayloadSchemaType.Keyword),
+    ("classification_rank", edge.PayloadSchemaType.Integer),
+)
+_OPTIMIZE_AFTER_POINTS = 2_000  # new points before a background index (HNSW) build
+
+
+class EdgeVectorStore:
+    """Department shards in one directory; HNSW and payload indexes built in the background."""
+
+    def __init__(self, root: Path, dimension: int = 384) -> None:
+        self._root = root
+        self._dimension = dimension
+        self._shards: dict[str, edge.EdgeShard] = {}
+        self._pending: dict[str, int] = {}
+        self._lock = threading.RLock()
+        self._optimizing: set[str] = set()
+
+    def upsert(self, department: str, points: list[VectorPoint]) -> None:
+        """Insert or overwrite points in the department's shard."""
+        if not points:
+            return
+        shard = self._shard(department, create=True)
+        shard.update(edge.UpdateOperation.upsert_points(
+            [edge.Point(p.point_id, p.vector, p.payload) for p in points]))
+        shard.flush()
+        self._maybe_optimize(department, len(points))
+
+    def search(self, department: str, vector: list[float], access: AccessFilter, limit: int) -> list[Hit]:
+        """Nearest chunks that pass the access filter; no unfiltered search exists."""
+        shard = self._shard(department, create=False)
+        if shard is None:
+            return []
+        request = edge.QueryRequest(limit=limit, query=edge.Query.Nearest(list(vector)),
+                                    filter=to_edge_filter(access.to_qdrant()), with_payload=True)
+        return [Hit(score=point.score, payload=dict(point.payload or {})) for point in shard.query(request)]
+
+    def delete_document(self, department: str, document_id: str) -> None:
+        """Remove every point of a document."""
+        shard = self._shard(department, create=False)
+        if shard is None:
+            return
+        selector = edge.Filter(must=[edge.FieldCondition(key="document_id", match=edge.MatchValue(document_id))])
+        shard.update(edge.UpdateOperation.delete_points_by_filter(selector))
+        shard.flush()
+
+    def count(self, department: str) -> int:
+        """Points stored for a department."""
+        shard = self._shard(department, create=False)
+        return 0 if shard is None else shard.count(edge.CountRequest(exact=True))
+
+    def scroll_payloads(self, department: str) -> list[dict[str, Any]]:
+        """Every payload of a department (for audits and tests)."""
+        shard = self._shard(department, create=False)
+        if shard is None:
+            return []
+        payloads: list[dict[str, Any]] = []
+        offset = None
+        while True:
+            records, offset = shard.scroll(edge.ScrollRequest(offset=offset, limit=1000, with_payload=True))
+            payloads.extend(dict(record.payload or {}) for record in records)
+            if offset is None:
+                return payloads
+
+    def ping(self) -> None:
+        """Raise if the store directory is unusable."""
+        self._root.mkdir(parents=True, exist_ok=True)
+
+    def close(self) -> None:
+        """Flush and close every shard."""
+        with self._lock:
+            for shard in self._shards.values():
+                shard.close()
+            self._shards.clear()
+
+    def optimize(self, department: str) -> None:
+        """Build indexes now (blocking); normally done in the background."""
+        shard = self._shard(department, create=False)
+        if shard is not None:
+            shard.optimize()
+
+    def _shard(self, department: str, *, create: bool) -> edge.EdgeShard | None:
+        with self._lock:
+            if department in self._shards:
+                return self._shards[department]
+            path = self._root / department
+            if path.is_dir() and any(path.iterdir()):
+                shard = edge.EdgeShard.load(str(path))
+            elif create:
+                shard = self._create(path)
+            else:
+                return None
+            self._shards[department] = shard
+            return shard
+
+    def _create(self, path: Path) -> edge.EdgeShard:
+        path.mkdir(parents=True, exist_ok=True)
+        config = edge.EdgeConfig(vectors=edge.EdgeVectorParams(size=self._dimension, distance=edge.Distance.Cosine))
+        shard = edge.EdgeShard.create(str(path), config)
+        for field, schema in _INDEXED_FIELDS:
+            shard.update(edge.UpdateOperation.create_field_index(field, schema))
+        return shard
+
+    def _maybe_optimize(self, department: str, added: int) -> None:
+        with self._lock:
+            self._pending[department] = self._pending.get(department, 0) + added
+            if self._pending[department] < _OPTIMIZE_AFTER_POINTS or department in self._optimizing:
+                return
+            self._pending[department] = 0
+            self._optimizing.add(department)
+        threading.Thread(target=self._optimize_in_background, args=(department,), daemon=True).start()
+
+    def _optimize_in_background(self, department: str) -> None:
+        try:
+            self.optimize(department)
+        except Exception:  # noqa: BLE001 - an index build failure must not take the store down
+            logger.exception("background index build failed for a department shard")
+        finally:
+            with self._lock:
+                self._optimizing.discard(department)
+
+
+def to_edge_filter(source: models.Filter) -> edge.Filter:
+    """Translate a qdrant-client filter (as built by AccessFilter) into Qdrant Edge's types."""
+    return edge.Filter(
+        must=_conditions(source.must), should=_conditions(source.should), must_not=_conditions(source.must_not))
+
+
+def _conditions(conditions: Any) -> list[Any] | None:
+    if conditions is None:
+        return None
+    items = conditions if isinstance(conditions, list) else [conditions]
+    return [_condition(item) for item in items]
+
+
+def _condition(condition: Any) -> Any:
+    if isinstance(condition, models.Filter):
+        return to_edge_filter(condition)
+    if isinstance(condition, models.FieldCondition):
+        return edge.FieldCondition(key=condition.key, match=_match(condition.match), range=_range(condition.range))
+    raise TypeError(f"unsupported filter condition for the edge backend: {type(condition).__name__}")
+
+
+def _match(match: Any) -> Any:
+    if match is None:
+        return None
+    if isinstance(match, models.MatchValue):
+        return edge.MatchValue(match.value)
+    if isinstance(match, models.MatchAny):
+        return edge.MatchAny(list(match.any))
+    if isinstance(match, models.MatchExcept):
+        return edge.MatchExcept(list(match.except_))
+    raise TypeError(f"unsupported match for the edge backend: {type(match).__name__}")
+
+
+def _range(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, models.Range):
+        return edge.RangeFloat(gt=value.gt, gte=value.gte, lt=value.lt, lte=value.lte)
+    raise TypeError(f"unsupported range for the edge backend: {type(value).__name__}")

@@ -1,0 +1,101 @@
+"""Answer backends: `extractive` (no model), `llamacpp` (in-process GGUF) and `openai` (a server on the allowlist)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+
+from core.errors import ErrorCode, GovragError
+from core.settings import Settings
+
+logger = logging.getLogger(__name__)
+CHARS_PER_TOKEN = 3.0  # conservative estimate where the tokenizer is remote
+
+
+class Generator(Protocol):
+    """A chat model: messages in, text out."""
+
+    name: str
+    model_id: str
+
+    def complete(self, messages: list[dict[str, str]], *, max_tokens: int) -> str: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+
+class ModelError(Exception):
+    """The model call failed (the caller falls back to the extractive answer)."""
+
+
+class LlamaCppGenerator:
+    """An in-process GGUF model through llama-cpp-python (the `llm` extra)."""
+
+    name = "llamacpp"
+
+    def __init__(self, model_path: Path, context_tokens: int) -> None:
+        from llama_cpp import Llama  # optional dependency: govrag[llm]
+
+        self._llm = Llama(model_path=str(model_path), n_ctx=context_tokens, n_threads=2, seed=0, verbose=False)
+        self._lock = threading.Lock()
+        self.model_id = model_path.name
+
+    def complete(self, messages: list[dict[str, str]], *, max_tokens: int) -> str:
+        """Greedy chat completion."""
+        with self._lock:
+            result = self._llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0)
+        return str(result["choices"][0]["message"]["content"] or "")  # type: ignore[index]
+
+    def count_tokens(self, text: str) -> int:
+        """Exact, with the model's own tokenizer."""
+        with self._lock:
+            return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False))
+
+
+class OpenAIGenerator:
+    """An OpenAI-compatible chat server inside the network (vLLM, llama.cpp server, Ollama, TGI)."""
+
+    name = "openai"
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.llm_host_allowed:  # settings refuse this already; checked again where data would leave
+            raise GovragError(ErrorCode.internal, "the model server is not on the allowlist")
+        headers = {"Authorization": f"Bearer {settings.llm_api_key.get_secret_value()}"} if settings.llm_api_key else {}
+        self._client = httpx.Client(base_url=str(settings.llm_base_url).rstrip("/"), headers=headers,
+                                    timeout=settings.llm_timeout_seconds, follow_redirects=False, trust_env=False)
+        self.model_id = settings.llm_model
+
+    def complete(self, messages: list[dict[str, str]], *, max_tokens: int) -> str:
+        """POST /v1/chat/completions, greedy."""
+        try:
+            reply = self._client.post("/v1/chat/completions", json={
+                "model": self.model_id, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0})
+            reply.raise_for_status()
+            return str(reply.json()["choices"][0]["message"]["content"] or "")
+        except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError) as exc:
+            raise ModelError(type(exc).__name__) from exc
+
+    def count_tokens(self, text: str) -> int:
+        """Estimate from length (over-counts for English, so the budget holds)."""
+        return int(len(text) / CHARS_PER_TOKEN) + 1
+
+
+_GENERATORS: dict[str, Generator] = {}
+_GENERATORS_LOCK = threading.Lock()
+
+
+def get_generator(settings: Settings) -> Generator | None:
+    """The configured model, or None for the extractive backend (loaded once per configuration)."""
+    if settings.answer_backend == "extractive":
+        return None
+    key = f"{settings.answer_backend}|{settings.llm_base_url}|{settings.llm_model}|{settings.llm_model_path}"
+    with _GENERATORS_LOCK:
+        if key not in _GENERATORS:
+            if settings.answer_backend == "llamacpp" and settings.llm_model_path is not None:
+                _GENERATORS[key] = LlamaCppGenerator(settings.llm_model_path, settings.llm_context_tokens)
+            else:
+                _GENERATORS[key] = OpenAIGenerator(settings)
+        return _GENERATORS[key]

@@ -1,0 +1,229 @@
+"""Tamper evidence on PostgreSQL: edits, deletes, reorders and tail cuts are detected; retention is a signed purge."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from audit import service as audit_service
+from audit.integrity import event_hash
+from audit.schemas import AdminEventType, Decision, RetrievalRecord
+from authz.identity import Identity
+from core import migrate
+from core.db import get_session_factory
+from core.models import RetrievalEvent, utcnow
+from core.settings import Settings
+
+ADMIN = Identity(subject="root-admin", groups=(), is_platform_admin=True)
+
+
+@pytest.fixture(scope="module")
+def ledger_url(make_pg_database: Callable[[], str]) -> str:
+    """A migrated PostgreSQL database of this module's own (these tests tamper with it)."""
+    url = make_pg_database()
+    migrate.upgrade(url)
+    return url
+
+
+@pytest.fixture
+def ledger(ledger_url: str, tmp_path: Path) -> Iterator[Settings]:
+    """An empty ledger (ids from 1) and a fresh checkpoint mirror file for each test."""
+    settings = Settings(data_dir=tmp_path, database_url=ledger_url, audit_checkpoint_every=5)
+    _sql(settings, "TRUNCATE retrieval_events, audit_checkpoints RESTART IDENTITY")
+    yield settings
+
+
+def _record(n: int, *, subject: str = "alice", document_id: str = "doc-1") -> RetrievalRecord:
+    return RetrievalRecord(
+        request_id=f"req-{n}", subject=subject, groups=["hr-staff"], departments_requested=[],
+        departments_searched=["hr"], decision=Decision.answered, reason=None, question_masked=f"question {n}",
+        purpose="test", latency_ms=1.5, roles=["reader@hr"], policy_version="7",
+        guard_verdicts={"firewall": {"verdict": "allow", "score": 0.01}}, model_backend="extractive",
+        model_id="none", kill_switch_mode="normal",
+        chunks=[{"document_id": document_id, "chunk_id": f"{document_id}:0", "score": 0.8, "cited": True,
+                 "content_sha256": "a" * 64}])
+
+
+def _append(settings: Settings, count: int) -> None:
+    with get_session_factory(settings.resolved_database_url)() as session:
+        for n in range(count):
+            audit_service.record_retrieval(session=session, record=_record(n), settings=settings)
+
+
+def _verify(settings: Settings) -> dict[str, object]:
+    with get_session_factory(settings.resolved_database_url)() as session:
+        return audit_service.verify(session=session, settings=settings).model_dump()
+
+
+def _sql(settings: Settings, statement: str) -> None:
+    dsn = settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(statement)  # type: ignore[arg-type]
+
+
+def test_an_untouched_chain_verifies_and_carries_the_new_fields(ledger: Settings) -> None:
+    _append(ledger, 12)
+    with get_session_factory(ledger.resolved_database_url)() as session:
+        audit_service.record_admin_event(session=session, identity=ADMIN, event_type=AdminEventType.kill_switch,
+                                         details={"mode": "retrieval_only"}, settings=ledger)
+    result = _verify(ledger)
+    assert result == {"ok": True, "checked": 13, "first_broken": None, "reason": None, "checkpoints_checked": 4,
+                      "purged_through": None}
+
+
+def test_editing_a_row_is_detected(ledger: Settings) -> None:
+    _append(ledger, 8)
+    _sql(ledger, "UPDATE retrieval_events SET subject = 'mallory' WHERE id = 3")
+    result = _verify(ledger)
+    assert (result["ok"], result["checked"], result["first_broken"], result["reason"]) == (
+        False, 2, 3, "content_changed")
+
+
+def test_editing_a_json_field_is_detected(ledger: Settings) -> None:
+    _append(ledger, 4)
+    _sql(ledger, """UPDATE retrieval_events SET guard_verdicts = '{"firewall": {"verdict": "block"}}' WHERE id = 2""")
+    result = _verify(ledger)
+    assert (result["ok"], result["first_broken"]) == (False, 2)
+
+
+def test_deleting_a_row_is_detected(ledger: Settings) -> None:
+    _append(ledger, 8)
+    _sql(ledger, "DELETE FROM retrieval_events WHERE id = 4")
+    result = _verify(ledger)
+    assert (result["ok"], result["first_broken"], result["reason"]) == (False, 5, "chain_link_broken")
+
+
+def test_reordering_rows_is_detected(ledger: Settings) -> None:
+    _append(ledger, 8)
+    _sql(ledger, "UPDATE retrieval_events SET id = -1 WHERE id = 3; UPDATE retrieval_events SET id = 3 WHERE id = 4;"
+                 "UPDATE retrieval_events SET id = 4 WHERE id = -1")
+    result = _verify(ledger)
+    assert (result["ok"], result["first_broken"]) == (False, 3)
+
+
+def test_truncating_the_tail_is_detected_by_the_signed_checkpoint(ledger: Settings) -> None:
+    _append(ledger, 12)  # checkpoints at 5 and 10
+    _sql(ledger, "DELETE FROM retrieval_events WHERE id > 7")
+    result = _verify(ledger)
+    assert (result["ok"], result["first_broken"], result["reason"]) == (False, 10, "checkpointed_rows_missing")
+
+
+def test_truncating_tail_and_checkpoints_is_caught_by_the_mirror_file(ledger: Settings) -> None:
+    _append(ledger, 12)
+    _sql(ledger, "DELETE FROM retrieval_events WHERE id > 7; DELETE FROM audit_checkpoints WHERE last_event_id > 7")
+    assert _verify(ledger)["ok"] is False
+
+
+def test_rewriting_the_whole_chain_without_the_key_is_detected(ledger: Settings) -> None:
+    _append(ledger, 6)
+    with get_session_factory(ledger.resolved_database_url)() as session:  # forge: edit, then re-hash everything
+        _rehash_after_edit(session)
+    result = _verify(ledger)
+    assert (result["ok"], result["reason"]) == (False, "checkpoint_mismatch")
+
+
+def _rehash_after_edit(session: Session) -> None:
+    previous = "0" * 64
+    for event in session.scalars(select(RetrievalEvent).order_by(RetrievalEvent.id)):
+        if event.id == 2:
+            event.subject = "mallory"
+        event.prev_hash = previous
+        event.hash = event_hash(event)
+        previous = event.hash
+    session.commit()
+
+
+def test_a_forged_checkpoint_is_detected(ledger: Settings) -> None:
+    _append(ledger, 6)
+    _sql(ledger, "UPDATE audit_checkpoints SET last_event_id = 4")
+    result = _verify(ledger)
+    assert (result["ok"], result["reason"]) == (False, "checkpoint_signature_invalid")
+
+
+def test_concurrent_appends_never_fork_the_chain(ledger: Settings) -> None:
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            _append(ledger, 10)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert _verify(ledger)["checked"] == 80
+    assert _verify(ledger)["ok"] is True
+
+
+def test_retention_is_a_signed_audited_purge_and_verify_still_passes(ledger: Settings) -> None:
+    _append(ledger, 6)
+    time.sleep(0.05)
+    boundary = utcnow()
+    time.sleep(0.05)
+    _append(ledger, 4)
+    settings = ledger.model_copy(update={"audit_retention_days": 30})
+    with get_session_factory(ledger.resolved_database_url)() as session:
+        removed = audit_service.purge_expired(session=session, settings=settings, identity=ADMIN,
+                                              now=boundary + timedelta(days=30))
+    assert removed == 6
+    result = _verify(settings)
+    assert (result["ok"], result["checked"], result["purged_through"]) == (True, 5, 6)
+    _sql(ledger, "DELETE FROM retrieval_events WHERE id = 7")  # a silent delete after the purge is still caught
+    assert _verify(settings)["ok"] is False
+
+
+def test_verification_matches_on_sqlite(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path, database_url=url, audit_checkpoint_every=3)
+    _append(settings, 7)
+    assert _verify(settings)["ok"] is True
+    with get_session_factory(url)() as session:
+        session.execute(text("UPDATE retrieval_events SET latency_ms = 9 WHERE id = 5"))
+        session.commit()
+    assert (_verify(settings)["ok"], _verify(settings)["first_broken"]) == (False, 5)
+
+
+def test_cli_verify_export_checkpoint_and_purge(ledger: Settings, monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from api import cli
+    from core.settings import get_settings
+
+    _append(ledger, 3)
+    monkeypatch.setenv("GOVRAG_DATABASE_URL", ledger.resolved_database_url)
+    monkeypatch.setenv("GOVRAG_DATA_DIR", str(ledger.data_dir))
+    get_settings.cache_clear()
+    try:
+        assert cli.main(["audit", "checkpoint"]) == 0
+        out = tmp_path / "export.csv"
+        assert cli.main(["audit", "export", "--format", "csv", "--user", "alice", "-o", str(out)]) == 0
+        manifest = json.loads((tmp_path / "export.csv.manifest.json").read_text())["manifest"]
+        assert manifest["rows"] == 3 and out.read_text().count("\n") == 5  # header, 3 rows, manifest
+        capsys.readouterr()
+        assert cli.main(["audit", "verify"]) == 0
+        assert json.loads(capsys.readouterr().out)["checked"] == 4  # 3 queries and the export event
+        _sql(ledger, "UPDATE retrieval_events SET decision = 'refused' WHERE id = 2")
+        assert cli.main(["audit", "verify"]) == 1
+        assert json.loads(capsys.readouterr().out)["first_broken"] == 2
+        assert cli.main(["audit", "purge"]) == 2  # no retention configured: nothing is deleted
+        monkeypatch.setenv("GOVRAG_AUDIT_RETENTION_DAYS", "0")
+        get_settings.cache_clear()
+        assert cli.main(["audit", "purge", "--actor", "ops"]) == 0  # everything so far expires, broken row too
+        assert json.loads(capsys.readouterr().out)["purged"] == 4
+        assert cli.main(["audit", "verify"]) == 0
+        assert json.loads(capsys.readouterr().out)["purged_through"] == 4
+    finally:
+        get_settings.cache_clear()

@@ -1,0 +1,146 @@
+"""Compliance export and verification through the API, on PostgreSQL with the real ingestion and query path."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
+
+DOC = """Parental Leave Policy
+
+Employees receive 20 weeks of paid parental leave. Requests go to Dana Whitfield (dana.whitfield@example.com)
+four weeks ahead.
+"""
+
+
+@pytest.fixture(scope="module")
+def scene(client: TestClient, issue_token: Callable[..., str]) -> dict[str, str]:
+    """A department of its own with one document, a reader who asked about it, and a compliance officer."""
+    suffix = uuid.uuid4().hex[:8]
+    dept, other = f"aud{suffix}", f"audx{suffix}"
+    reader, officer = f"reader-{suffix}", f"officer-{suffix}"
+    admin = issue_token(PLATFORM_ADMIN)
+    for name in (dept, other):
+        assert client.post("/v1/admin/departments", json={"name": name}, headers=auth(admin)).status_code == 201
+    for subject, role, department in [(reader, "editor", dept), (officer, "compliance", dept)]:
+        response = client.post("/v1/admin/role-assignments", headers=auth(admin),
+                               json={"subject": subject, "role": role, "department": department})
+        assert response.status_code == 201, response.text
+    reader_token = issue_token(reader)
+    upload = client.post("/v1/documents", headers=auth(reader_token), data={"department": dept, "title": "leave"},
+                         files={"file": ("leave.txt", DOC.encode())})
+    assert upload.status_code == 202, upload.text
+    assert wait_for_job(client, reader_token, upload.json()["job_id"])["status"] == "ready"
+    answer = client.post("/v1/query", headers=auth(reader_token),
+                         json={"question": "How many weeks of parental leave do employees get?",
+                               "departments": [dept]})
+    assert answer.status_code == 200 and not answer.json()["refused"], answer.text
+    return {"dept": dept, "other": other, "reader": reader, "officer": officer, "admin": admin,
+            "reader_token": reader_token, "officer_token": issue_token(officer),
+            "document_id": upload.json()["document_id"]}
+
+
+def _export(client: TestClient, token: str, **params: str) -> tuple[list[dict], dict]:
+    response = client.get("/v1/audit/retrievals", headers=auth(token), params=params)
+    assert response.status_code == 200, response.text
+    lines = response.text.splitlines()
+    return [json.loads(line) for line in lines[:-1]], json.loads(lines[-1])["manifest"]
+
+
+def test_which_users_retrieved_document_x(client: TestClient, scene: dict[str, str]) -> None:
+    rows, manifest = _export(client, scene["officer_token"], document_id=scene["document_id"])
+    assert {row["subject"] for row in rows} == {scene["reader"]}
+    row = rows[0]
+    assert row["decision"] == "answered" and row["departments_searched"] == [scene["dept"]]
+    assert all(len(chunk["content_sha256"]) == 64 for chunk in row["chunks"])
+    assert "parental" in row["question_masked"]
+    assert manifest["rows"] == len(rows) and manifest["last_hash"] == rows[-1]["hash"]
+    assert manifest["first_hash"] == rows[0]["hash"]
+
+
+def test_manifest_hashes_the_body_and_rows_carry_the_chain(client: TestClient, scene: dict[str, str]) -> None:
+    response = client.get("/v1/audit/retrievals", headers=auth(scene["officer_token"]),
+                          params={"user": scene["reader"]})
+    body, _, manifest_line = response.text.rstrip("\n").rpartition("\n")
+    manifest = json.loads(manifest_line)["manifest"]
+    assert manifest["body_sha256"] == hashlib.sha256((body + "\n").encode()).hexdigest()
+    assert all(len(json.loads(line)["prev_hash"]) == 64 for line in body.splitlines())
+
+
+def test_csv_and_ocsf_formats(client: TestClient, scene: dict[str, str]) -> None:
+    response = client.get("/v1/audit/retrievals", headers=auth(scene["officer_token"]),
+                          params={"format": "csv", "user": scene["reader"]})
+    assert response.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(response.text), ))
+    assert rows[-1]["id"].startswith("# manifest ")
+    assert {r["subject"] for r in rows[:-1]} == {scene["reader"]} and rows[0]["hash"]
+    events, manifest = _export(client, scene["officer_token"], format="ocsf", user=scene["reader"])
+    assert manifest["rows"] == len(events) >= 1
+    event = events[0]
+    assert (event["class_uid"], event["actor"]["user"]["uid"]) == (6003, scene["reader"])
+    assert event["resources"][0]["uid"] == scene["document_id"]
+
+
+def test_export_is_scoped_to_compliance_departments_and_audited(client: TestClient, scene: dict[str, str]) -> None:
+    assert client.get("/v1/audit/retrievals", headers=auth(scene["reader_token"])).status_code == 403
+    assert client.get("/v1/audit/retrievals", headers=auth(scene["officer_token"]),
+                      params={"department": scene["other"]}).status_code == 403
+    rows, _ = _export(client, scene["officer_token"])
+    touched = {d for row in rows for d in row["departments_searched"] + row["departments_requested"]}
+    assert touched == {scene["dept"]}
+    exports, _ = _export(client, scene["officer_token"], user=scene["officer"], event_type="export")
+    assert len(exports) >= 2 and exports[0]["decision"] == "admin"
+    assert exports[-1]["details"]["format"] == "jsonl"
+
+
+def test_global_compliance_is_configured_not_default(client: TestClient, scene: dict[str, str],
+                                                    issue_token: Callable[..., str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    auditor = issue_token(f"global-{scene['dept']}", ["siem-auditors"])
+    assert client.get("/v1/audit/retrievals", headers=auth(auditor)).status_code == 403
+    monkeypatch.setattr(client.app.state.settings, "compliance_officers", ["group:siem-auditors"])  # type: ignore[attr-defined]
+    rows, _ = _export(client, auditor, event_type="department_created")
+    assert {scene["dept"], scene["other"]} <= {row["details"]["department"] for row in rows}
+
+
+def test_verify_endpoint_and_concurrent_queries_keep_one_chain(client: TestClient, scene: dict[str, str]) -> None:
+    def ask(n: int) -> int:
+        return client.post("/v1/query", headers=auth(scene["reader_token"]),
+                           json={"question": f"parental leave weeks? ({n})", "departments": [scene["dept"]]}
+                           ).status_code
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        assert set(pool.map(ask, range(12))) == {200}
+    assert client.get("/v1/audit/verify", headers=auth(scene["reader_token"])).status_code == 403
+    result = client.get("/v1/audit/verify", headers=auth(scene["officer_token"])).json()
+    assert result["ok"] is True and result["first_broken"] is None and result["checked"] >= 13
+    rows, _ = _export(client, scene["officer_token"], user=scene["reader"], decision="answered")
+    assert len(rows) >= 13
+
+
+def test_training_data_export_is_redacted_ready_only_and_audited(client: TestClient, scene: dict[str, str],
+                                                                 settings) -> None:  # type: ignore[no-untyped-def]
+    from audit import service as audit_service
+    from authz.identity import Identity
+    from core.db import get_session_factory
+
+    operator = Identity(subject=f"cli:trainer-{scene['dept']}", groups=(), is_platform_admin=True)
+    with get_session_factory(settings.resolved_database_url)() as session:
+        lines = list(audit_service.export_training_data(session=session, settings=settings, identity=operator,
+                                                        department=scene["dept"]))
+    rows, manifest = [json.loads(line) for line in lines[:-1]], json.loads(lines[-1])["manifest"]
+    assert manifest["rows"] == len(rows) >= 1 and manifest["documents"] == 1
+    text = " ".join(row["text"] for row in rows)
+    assert "20 weeks" in text
+    assert "dana.whitfield@example.com" not in text and "Dana Whitfield" not in text
+    exports, _ = _export(client, scene["officer_token"], event_type="training_export")
+    assert [row["subject"] for row in exports] == [operator.subject]

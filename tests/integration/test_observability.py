@@ -1,0 +1,76 @@
+"""/metrics and OpenTelemetry spans on the real query and ingestion paths: metadata only, never content."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+import pytest
+from fastapi.testclient import TestClient
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from pydantic import SecretStr
+
+from core import tracing
+from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
+
+QUESTION = "What is the codeword for the Zephyr-Obsidian launch window?"
+DOC = "Launch Notes\n\nThe Zephyr-Obsidian launch window codeword is LANTERN-FIG-2231, owned by Priya Raman.\n"
+CONTENT = ["Zephyr-Obsidian", "LANTERN-FIG-2231", "Priya Raman", "codeword"]
+
+
+def _setup(client: TestClient, issue_token: Callable[..., str]) -> tuple[str, str]:
+    dept, user = f"obs{uuid.uuid4().hex[:8]}", f"obs-user-{uuid.uuid4().hex[:6]}"
+    admin = issue_token(PLATFORM_ADMIN)
+    assert client.post("/v1/admin/departments", json={"name": dept}, headers=auth(admin)).status_code == 201
+    assert client.post("/v1/admin/role-assignments", headers=auth(admin),
+                       json={"subject": user, "role": "editor", "department": dept}).status_code == 201
+    return dept, issue_token(user)
+
+
+def _ingest_and_ask(client: TestClient, dept: str, token: str) -> None:
+    upload = client.post("/v1/documents", headers=auth(token), data={"department": dept, "title": "launch"},
+                         files={"file": ("launch.txt", DOC.encode())})
+    assert upload.status_code == 202, upload.text
+    assert wait_for_job(client, token, upload.json()["job_id"])["status"] == "ready"
+    answer = client.post("/v1/query", headers=auth(token), json={"question": QUESTION, "departments": [dept]})
+    assert answer.status_code == 200, answer.text
+
+
+def test_spans_cover_query_and_ingestion_with_metadata_only(client: TestClient, settings,  # type: ignore[no-untyped-def]
+                                                           issue_token: Callable[..., str]) -> None:
+    dept, token = _setup(client, issue_token)
+    exporter = InMemorySpanExporter()
+    assert tracing.configure_tracing(settings, exporter=exporter) is True
+    try:
+        _ingest_and_ask(client, dept, token)
+    finally:
+        tracing.shutdown_tracing()
+    spans = exporter.get_finished_spans()
+    names = {span.name for span in spans}
+    assert {"govrag.query", "govrag.authz", "govrag.guard", "govrag.search", "govrag.decrypt", "govrag.model",
+            "govrag.audit", "govrag.ingest", "govrag.ingest.parse", "govrag.ingest.chunk", "govrag.ingest.redact",
+            "govrag.ingest.protect", "govrag.ingest.index", "govrag.embed"} <= names
+    query = next(span for span in spans if span.name == "govrag.query")
+    children = {span.name for span in spans if span.parent and span.parent.span_id == query.context.span_id}
+    assert {"govrag.authz", "govrag.audit"} <= children
+    assert any(dict(span.attributes or {}).get("govrag.departments") == (dept,) for span in spans)
+    dumped = " ".join(f"{span.name} {dict(span.attributes or {})} {span.events}" for span in spans)
+    assert not [needle for needle in CONTENT if needle in dumped]
+
+
+def test_metrics_expose_routes_audit_queue_and_documents(client: TestClient, settings,  # type: ignore[no-untyped-def]
+                                                         issue_token: Callable[..., str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    dept, token = _setup(client, issue_token)
+    _ingest_and_ask(client, dept, token)
+    text = client.get("/metrics").text
+    assert 'govrag_http_requests_total{method="POST",route="/v1/query",status="200"}' in text
+    assert 'govrag_http_request_duration_seconds_bucket{le="0.005",method="POST",route="/v1/query"}' in text
+    assert f'govrag_documents{{department="{dept}",status="ready"}} 1.0' in text
+    assert f'govrag_queue_depth{{queue="{settings.task_queue}"}}' in text
+    assert 'govrag_audit_events_total{event_type="retrieval"}' in text
+    assert "govrag_audit_write_failures_total" in text and "govrag_authz_recheck_drops_total" in text
+    assert not [needle for needle in CONTENT if needle in text]
+    monkeypatch.setattr(settings, "metrics_token", SecretStr("scrape-secret"))
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers={"Authorization": "Bearer scrape-secret"}).status_code == 200

@@ -1,0 +1,155 @@
+"""OIDC against a real local issuer: discovery, JWKS over HTTP, rotation, and every bad token is a JSON 401."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from api.deps import CurrentUser
+from api.errors import install_error_handlers
+from authz.tokens import TokenVerifier, discover_jwks_uri
+from core.errors import GovragError
+from core.settings import Settings
+from tests.support.oidc_issuer import LocalIssuer, SigningKey, ec_key
+
+COOLDOWN = 0.5
+
+
+@pytest.fixture(scope="module")
+def issuer() -> Iterator[LocalIssuer]:
+    """The issuer, reached directly even if a proxy is configured."""
+    with pytest.MonkeyPatch.context() as patch, LocalIssuer() as running:
+        patch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        patch.setenv("no_proxy", "127.0.0.1,localhost")
+        yield running
+
+
+def _settings(issuer: LocalIssuer, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "dev_issuer": False, "oidc_issuer": issuer.issuer, "oidc_audience": issuer.audience,
+        "groups_claim": "realm_access.roles", "email_claim": "email", "oidc_required_azp": "govrag-web",
+        "oidc_jwks_refetch_cooldown_seconds": COOLDOWN, "admins": ["group:platform-admins"]}
+    return Settings(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def api(issuer: LocalIssuer) -> TestClient:
+    """A minimal app using the real identity dependency and the real error handler."""
+    settings = _settings(issuer)
+    app = FastAPI()
+    install_error_handlers(app)
+    app.state.settings = settings
+    app.state.verifier = TokenVerifier.from_settings(settings, None)
+
+    @app.get("/whoami")
+    def whoami(user: CurrentUser) -> dict[str, Any]:
+        return {"subject": user.subject, "groups": list(user.groups), "email": user.email,
+                "admin": user.is_platform_admin}
+
+    return TestClient(app)
+
+
+def test_discovery_finds_the_jwks_uri_and_checks_the_issuer(issuer: LocalIssuer) -> None:
+    assert discover_jwks_uri(issuer.issuer) == issuer.jwks_uri
+    with pytest.raises(ValueError, match="different issuer"):
+        discover_jwks_uri(issuer.issuer + "/")  # a configuration for another issuer string is refused
+    with pytest.raises(ValueError, match="could not be read"):
+        discover_jwks_uri(issuer.issuer.replace("/realms/test", "/realms/nope"))
+
+
+def test_valid_token_maps_nested_groups_email_and_admin(api: TestClient, issuer: LocalIssuer) -> None:
+    token = issuer.token(subject="kc-user-1", azp="govrag-web", email="ana@example.com",
+                         realm_access={"roles": ["hr-staff", "platform-admins"]})
+    response = api.get("/whoami", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"subject": "kc-user-1", "groups": ["hr-staff", "platform-admins"],
+                               "email": "ana@example.com", "admin": True}
+
+
+def test_entra_style_subject_and_flat_groups_claim(issuer: LocalIssuer) -> None:
+    verifier = TokenVerifier.from_settings(_settings(issuer, subject_claim="oid", groups_claim="groups",
+                                                     oidc_required_azp=None), None)
+    token = issuer.token(subject="pairwise-sub", oid="0f9c-oid", groups=["6b1f-group-guid"])
+    identity = verifier.verify(token, admins=[])
+    assert (identity.subject, identity.groups) == ("0f9c-oid", ("6b1f-group-guid",))
+
+
+def test_rotation_and_unknown_kid_refetch_once_per_cooldown(issuer: LocalIssuer) -> None:
+    verifier = TokenVerifier.from_settings(_settings(issuer, oidc_required_azp=None), None)
+    verifier.verify(issuer.token(), admins=[])
+    time.sleep(COOLDOWN + 0.1)
+    new_key = issuer.rotate()
+    before = issuer.jwks_fetches
+    assert verifier.verify(issuer.token(key=new_key, subject="after-rotation"), admins=[]).subject == "after-rotation"
+    assert issuer.jwks_fetches == before + 1  # the unknown kid caused exactly one refetch
+    stranger = SigningKey()  # never published
+    before = issuer.jwks_fetches
+    for _ in range(20):
+        with pytest.raises(GovragError, match="unknown signing key"):
+            verifier.verify(issuer.token(key=stranger), admins=[])
+    assert issuer.jwks_fetches - before <= 1  # a burst of unknown kids cannot hammer the IdP
+
+
+def _b64(data: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def _bad_tokens(issuer: LocalIssuer) -> dict[str, str]:
+    key = issuer.keys[0]
+    now = int(time.time())
+    good = issuer.token(azp="govrag-web")
+    head, body, sig = good.split(".")
+    forged_body = _b64({**issuer.claims(subject="root"), "azp": "govrag-web"})
+    # alg confusion: an HMAC "signed" with the issuer's public key as the secret
+    public_pem = key.private.public_key().public_bytes(serialization.Encoding.PEM,
+                                                       serialization.PublicFormat.SubjectPublicKeyInfo)
+    hs256 = ".".join([_b64({"alg": "HS256", "typ": "JWT", "kid": key.kid}), _b64(issuer.claims(azp="govrag-web"))])
+    mac = hmac.new(public_pem, hs256.encode(), hashlib.sha256).digest()
+    hs256 += "." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+    return {
+        "forged_signature": f"{head}.{forged_body}.{sig}",
+        "alg_none": ".".join([_b64({"alg": "none", "typ": "JWT", "kid": key.kid}), body, ""]),
+        "hs256_with_public_key": hs256,
+        "unpublished_key": jwt.encode(issuer.claims(azp="govrag-web"), ec_key(), algorithm="ES256",
+                                      headers={"kid": key.kid}),
+        "expired": issuer.token(azp="govrag-web", exp=now - 3600, iat=now - 7200, nbf=now - 7200),
+        "not_yet_valid": issuer.token(azp="govrag-web", nbf=now + 3600),
+        "wrong_audience": issuer.token(azp="govrag-web", aud="another-api"),
+        "wrong_issuer": issuer.token(azp="govrag-web", iss="https://evil.example/realms/test"),
+        "wrong_azp": issuer.token(azp="some-other-client"),
+        "missing_exp": issuer.token(azp="govrag-web", exp=None),
+        "missing_aud": issuer.token(azp="govrag-web", aud=None),
+        "missing_iss": issuer.token(azp="govrag-web", iss=None),
+        "missing_sub": issuer.token(azp="govrag-web", sub=None),
+        "role_subject": issuer.token(azp="govrag-web", subject="role:admin"),
+        "group_subject": issuer.token(azp="govrag-web", subject="group:platform-admins"),
+        "groups_not_a_list": issuer.token(azp="govrag-web", realm_access={"roles": "platform-admins"}),
+    }
+
+
+def test_every_bad_token_is_a_json_401_and_never_logged(api: TestClient, issuer: LocalIssuer,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    bad = _bad_tokens(issuer)
+    with caplog.at_level(logging.DEBUG):
+        for name, token in bad.items():
+            response = api.get("/whoami", headers={"Authorization": f"Bearer {token}"})
+            assert response.status_code == 401, (name, response.text)
+            assert response.headers["content-type"].startswith("application/json"), name
+            error = response.json()["error"]
+            assert error["code"] == "unauthenticated", name
+            assert not any(part and part in response.text for part in token.split(".")), name
+    for token in bad.values():
+        for part in token.split("."):
+            assert not part or part not in caplog.text

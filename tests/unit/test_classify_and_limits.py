@@ -1,0 +1,113 @@
+"""Classification from content and the parse limits (zip bombs, elements, pages, time)."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+import zipfile
+
+import pikepdf
+import pytest
+
+from core.errors import ErrorCode, GovragError
+from ingestion.classify import classify, keyword_hits
+from ingestion.parse import ParseLimits, check_zip_container, parse_document, run_with_timeout
+from ingestion.schemas import Classification
+
+
+def test_declared_level_is_a_floor() -> None:
+    verdict = classify(declared=Classification.restricted, pii_counts={"PERSON": 1}, text_chars=100,
+                       keyword_hits={})
+    assert verdict.level == Classification.restricted and verdict.reasons == ()
+
+
+@pytest.mark.parametrize(("counts", "level"), [
+    ({}, Classification.public),
+    ({"PERSON": 2}, Classification.internal),
+    ({"US_SSN": 1}, Classification.confidential),
+    ({"EMPLOYEE_ID": 1}, Classification.confidential),
+    ({"SECRET": 1, "PERSON": 3}, Classification.restricted),
+])
+def test_kinds_of_pii_raise_the_level(counts: dict[str, int], level: Classification) -> None:
+    verdict = classify(declared=Classification.public, pii_counts=counts, text_chars=2000, keyword_hits={})
+    assert verdict.level == level
+    if level != Classification.public:
+        assert verdict.reasons
+
+
+def test_many_people_with_contacts_is_confidential() -> None:
+    verdict = classify(declared=Classification.internal, pii_counts={"PERSON": 25, "EMAIL_ADDRESS": 25},
+                       text_chars=100_000, keyword_hits={})
+    assert verdict.level == Classification.confidential
+    assert "25 people with contact details" in verdict.reasons
+
+
+def test_keywords_match_whole_words_in_any_case() -> None:
+    hits = keyword_hits(["Notes on PROJECT FALCON.", "falconry club"], {"project falcon": "restricted",
+                                                                         "falcon": "confidential"})
+    assert hits == {"project falcon": Classification.restricted, "falcon": Classification.confidential}
+    assert keyword_hits(["falconry"], {"falcon": "confidential"}) == {}
+    verdict = classify(declared=Classification.internal, pii_counts={}, text_chars=10, keyword_hits=hits)
+    assert verdict.level == Classification.restricted
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_zip_bomb_is_refused_from_the_central_directory() -> None:
+    bomb = _zip({"word/document.xml": b"\0" * (12 * 1024 * 1024)})
+    with pytest.raises(GovragError) as error:
+        check_zip_container(bomb, ParseLimits(max_compression_ratio=100))
+    assert error.value.code == ErrorCode.payload_too_large and "decompression bomb" in error.value.message
+    with pytest.raises(GovragError) as error:
+        check_zip_container(bomb, ParseLimits(max_decompressed_bytes=1024 * 1024))
+    assert "decompresses to more than" in error.value.message
+    check_zip_container(_zip({"word/document.xml": b"<w:document/>"}), ParseLimits())
+
+
+def test_too_many_elements_fail_with_the_limit() -> None:
+    text = "\n\n".join(f"Paragraph number {n} of a long memo." for n in range(60)).encode()
+    with pytest.raises(GovragError) as error:
+        parse_document(text, "text/plain", ParseLimits(max_elements=10))
+    assert "more than 10 elements" in error.value.message
+
+
+def test_too_many_pdf_pages_fail_with_the_limit() -> None:
+    pdf = pikepdf.new()
+    for _ in range(3):
+        pdf.add_blank_page()
+    buffer = io.BytesIO()
+    pdf.save(buffer)
+    with pytest.raises(GovragError) as error:
+        parse_document(buffer.getvalue(), "application/pdf", ParseLimits(max_pages=2))
+    assert "more than 2 pages" in error.value.message
+
+
+def test_parse_timeout_on_the_main_thread_interrupts_the_work() -> None:
+    started = time.monotonic()
+    with pytest.raises(GovragError) as error:
+        run_with_timeout(lambda: time.sleep(5), 0.2)
+    assert "longer than the 0.2 s limit" in error.value.message
+    assert time.monotonic() - started < 4  # interrupted, not waited out
+
+
+def test_parse_timeout_off_the_main_thread_returns_control() -> None:
+    outcome: dict[str, str] = {}
+
+    def worker() -> None:
+        try:
+            run_with_timeout(lambda: time.sleep(3), 0.2)
+        except GovragError as exc:
+            outcome["message"] = exc.message
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(2)
+    assert not thread.is_alive() and "limit" in outcome["message"]
+    assert run_with_timeout(lambda: 41 + 1, 1.0) == 42

@@ -1,0 +1,101 @@
+"""Known PII, secrets and tokens logged through every handler (root, uvicorn, celery, ad hoc) never come out."""
+
+from __future__ import annotations
+
+import io
+import logging
+import logging.config
+from collections.abc import Iterator
+
+import pytest
+import uvicorn.config
+from celery import Celery
+from celery.utils.log import get_task_logger
+
+from core.logs import JsonFormatter, configure_logging, mask, mask_all_handlers, request_id_var
+
+SECRETS = {
+    "email": "maria.gonzalez@example.com",
+    "jwt": "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl",
+    "bearer": "Bearer opaque-access-token-123456",
+    "ssn": "123-45-6789",
+    "card": "4111 1111 1111 1111",
+    "iban": "DE89 3704 0044 0532 0130 00",
+    "phone": "(212) 555-0142",
+    "password": "password=hunter2-Secret!",
+    "api_key": "api_key: 9f8e7d6c5b4a39281706",
+    "aws": "AKIAIOSFODNN7EXAMPLE",
+    "openai": "sk-proj-abcdefghijklmnopqrstuvwx",
+    "dsn": "postgresql://govrag:s3cretpass@postgres:5432/govrag",
+    "pem": "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----",
+}
+FORBIDDEN = ["maria.gonzalez", "eyJhbGciOiJSUzI1NiJ9", "opaque-access-token", "123-45-6789", "4111 1111",
+             "3704 0044", "555-0142", "hunter2", "9f8e7d6c5b4a39281706", "AKIAIOSFODNN7EXAMPLE", "sk-proj-abc",
+             "s3cretpass", "MIIEvQIBADAN"]
+
+
+@pytest.fixture
+def clean_logging() -> Iterator[None]:
+    """Restore the logging tree afterwards (other tests share the process)."""
+    root = logging.getLogger()
+    saved = {name: (lg.handlers[:], lg.propagate, lg.level) for name, lg in logging.Logger.manager.loggerDict.items()
+             if isinstance(lg, logging.Logger)}
+    root_saved = (root.handlers[:], root.level)
+    yield
+    for name, (handlers, propagate, level) in saved.items():
+        logger = logging.getLogger(name)
+        logger.handlers[:], logger.propagate, logger.level = handlers, propagate, level
+    root.handlers[:], root.level = root_saved
+
+
+def _emit_everything(logger: logging.Logger) -> None:
+    for label, value in SECRETS.items():
+        logger.warning("%s seen: %s", label, value)
+    logger.info(f"f-string too: {SECRETS['email']} {SECRETS['jwt']}")
+    try:
+        raise ValueError(f"failed for {SECRETS['email']} with {SECRETS['password']}")
+    except ValueError:
+        logger.exception("boom %s", SECRETS["ssn"])
+
+
+def _assert_clean(text: str) -> None:
+    assert text, "nothing was logged"
+    leaked = [needle for needle in FORBIDDEN if needle in text]
+    assert leaked == [], leaked
+
+
+def test_mask_covers_every_known_kind() -> None:
+    for value in SECRETS.values():
+        _assert_clean(mask(f"x {value} y") + " ")
+
+
+def test_every_handler_masks_including_uvicorn_and_celery(clean_logging: None) -> None:
+    logging.config.dictConfig(uvicorn.config.LOGGING_CONFIG)  # uvicorn's own handlers, propagate=False
+    adhoc = logging.getLogger("govrag.adhoc")
+    adhoc.addHandler(logging.StreamHandler(io.StringIO()))
+    adhoc.propagate = False
+    configure_logging()
+    mask_all_handlers()
+    root = logging.getLogger()
+    streams = {}
+    for logger in [root, adhoc]:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler):
+                streams[id(handler)] = io.StringIO()
+                handler.setStream(streams[id(handler)])
+    Celery("masking-test", broker="memory://").log.setup_logging_subsystem(loglevel="INFO")
+    token = request_id_var.set("req-masking")
+    try:
+        for name in ["govrag.test", "uvicorn", "uvicorn.error", "uvicorn.access", "celery.worker",
+                     "celery.app.trace", "govrag.adhoc"]:
+            _emit_everything(logging.getLogger(name))
+        _emit_everything(get_task_logger("workers.tasks.ingest"))
+    finally:
+        request_id_var.reset(token)
+    output = "".join(stream.getvalue() for stream in streams.values())
+    _assert_clean(output)
+    assert "<EMAIL>" in output and "<SECRET>" in output and "<TOKEN>" in output
+    json_lines = [line for line in output.splitlines() if line.startswith("{")]
+    assert json_lines and all('"request_id": "req-masking"' in line for line in json_lines)
+    assert any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
+    assert all(h.filters for lg in (root, adhoc) for h in lg.handlers)

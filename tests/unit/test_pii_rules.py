@@ -1,0 +1,102 @@
+"""Rule-based PII additions: people named by context, phone shapes, department recognizers, allow-lists."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+
+from guard.pii import PiiRedactor, PlaceholderMap, get_redactor
+from guard.pii_rules import (
+    CustomRecognizer,
+    RedactionRules,
+    luhn_valid,
+    mod11_valid,
+    mod97_valid,
+    validate_custom,
+)
+
+
+@pytest.fixture(scope="module")
+def redactor() -> PiiRedactor:
+    return get_redactor()
+
+
+@pytest.mark.parametrize(("text", "name"), [
+    ("My name is Rubija and I need help.", "Rubija"),
+    ("Please forward it to Dr. Kyle Kuefer today.", "Kyle Kuefer"),
+    ("Ubul: What a wife.\nNicole: Remember me?", "Ubul"),
+    ("Our founders: Kónya, Becker and Vasquez.", "Becker"),
+    ("follow up with patricia desrosiers next week.", "patricia desrosiers"),
+])
+def test_people_named_by_context(redactor: PiiRedactor, text: str, name: str) -> None:
+    redacted = redactor.redact(text)
+    assert name not in redacted and "<PERSON_" in redacted
+
+
+@pytest.mark.parametrize("text", [
+    "Phone:\n0490 75 40 81",
+    "Desk: +41 (0)96 471 07 95",
+    "They're not answering at 78 651 450",
+    "Call (08) 8747 6301 after lunch.",
+])
+def test_international_phone_shapes(redactor: PiiRedactor, text: str) -> None:
+    assert "<PHONE_NUMBER_1>" in redactor.redact(text)
+
+
+@pytest.mark.parametrize("text", [
+    "The restaurant is at 17151 2450 Crown St",
+    "Date: 2003-08-28 12:13:52",
+    "ZIP: 75534-030",
+])
+def test_addresses_dates_and_postcodes_are_not_phones(redactor: PiiRedactor, text: str) -> None:
+    assert "PHONE_NUMBER" not in redactor.redact(text)
+
+
+def test_street_names_are_not_people(redactor: PiiRedactor) -> None:
+    assert "PERSON" not in redactor.redact("Send it to 5850 Jana Nerudy 894, Prague.")
+
+
+def test_a_name_is_one_placeholder_across_chunks(redactor: PiiRedactor) -> None:
+    chunks = ["Maria Gonzalez chaired the meeting.", "Afterwards Maria thanked the team; Gonzalez left early."]
+    redacted = redactor.redact_many(chunks, PlaceholderMap())
+    assert redacted[0] == "<PERSON_1> chaired the meeting."
+    assert redacted[1] == "Afterwards <PERSON_1> thanked the team; <PERSON_1> left early."
+
+
+def test_lower_case_iban_is_found(redactor: PiiRedactor) -> None:
+    assert "<IBAN_CODE_1>" in redactor.redact("my iban is gb82west12345698765432")
+
+
+def test_department_recognizer_needs_its_checksum(redactor: PiiRedactor) -> None:
+    rules = RedactionRules(recognizers=(CustomRecognizer("EMPLOYEE_ID", r"\bEMP-\d{6}\b", "luhn", ("employee",)),))
+    redacted = redactor.redact("Employee EMP-123455 replaced badge EMP-123456.", rules=rules)
+    assert "EMP-123455" not in redacted and "<EMPLOYEE_ID_1>" in redacted
+    assert "EMP-123456" in redacted  # fails Luhn: not an employee id
+    assert "EMP-123455" in redactor.redact("Employee EMP-123455 replaced a badge.")  # other departments: no rule
+
+
+def test_allow_list_keeps_named_values(redactor: PiiRedactor) -> None:
+    rules = RedactionRules(allow_list=("Acme Helpdesk", "helpdesk@example.com"))
+    redacted = redactor.redact("Maria Gonzalez wrote to helpdesk@example.com and Acme Helpdesk.", rules=rules)
+    assert "helpdesk@example.com" in redacted and "Maria Gonzalez" not in redacted
+
+
+def test_checksums() -> None:
+    assert luhn_valid("4111111111111111") and not luhn_valid("4111111111111112")
+    assert mod97_valid("WEST12345698765432GB82") and not mod97_valid("WEST12345698765432GB83")
+    assert mod11_valid("123456789") and not mod11_valid("123456782")
+
+
+@pytest.mark.parametrize(("spec", "problem"), [
+    (CustomRecognizer("lower", r"\d+"), "entity"),
+    (CustomRecognizer("ACCOUNT", r"(", "none"), "compile"),
+    (CustomRecognizer("ACCOUNT", r"\d*", "none"), "empty"),
+    (CustomRecognizer("ACCOUNT", r"\d+", "crc32"), "checksum"),
+])
+def test_unsafe_custom_recognizers_are_refused(spec: CustomRecognizer, problem: str) -> None:
+    reason = validate_custom(spec)
+    assert reason is not None and problem in reason
+    assert validate_custom(CustomRecognizer("ACCOUNT", r"\bACC\d{8}\b", "mod11")) is None

@@ -1,0 +1,93 @@
+"""Congruence: Qdrant Edge, Qdrant local mode and Qdrant in memory return the same authorised results."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from qdrant_client import QdrantClient
+
+from retrieval.edge_store import EdgeVectorStore
+from retrieval.store import AccessFilter, VectorPoint, VectorStore
+
+DIM = 16
+GROUPS = ["hr-staff", "hr-managers", "payroll", "legal"]
+
+
+def _corpus(seed: int = 7) -> dict[str, list[VectorPoint]]:
+    rng = random.Random(seed)
+    corpus: dict[str, list[VectorPoint]] = {}
+    for department in ("hr", "finance"):
+        points = []
+        for doc in range(12):
+            acl = rng.sample(GROUPS, rng.choice([0, 0, 1, 2]))
+            for chunk in range(5):
+                points.append(VectorPoint(
+                    document_id=f"{department}-doc-{doc}", chunk_index=chunk,
+                    vector=[rng.uniform(-1, 1) for _ in range(DIM)],
+                    payload={"document_id": f"{department}-doc-{doc}", "chunk_id": f"{doc}:{chunk}",
+                             "department": department, "acl_groups": acl, "acl_scope": "groups" if acl else "open",
+                             "classification_rank": rng.randint(0, 3)}))
+        corpus[department] = points
+    return corpus
+
+
+@pytest.fixture
+def stores(tmp_path: Path):  # type: ignore[no-untyped-def]
+    built = {
+        "edge": EdgeVectorStore(tmp_path / "edge", dimension=DIM),
+        "local": VectorStore(QdrantClient(path=str(tmp_path / "local")), dimension=DIM, payload_indexes=False),
+        "memory": VectorStore(QdrantClient(":memory:"), dimension=DIM, payload_indexes=False),
+    }
+    corpus = _corpus()
+    for store in built.values():
+        for department, points in corpus.items():
+            store.upsert(department, points)
+    yield built
+    for store in built.values():
+        store.close()
+
+
+def _allowed(payload: dict[str, object], groups: tuple[str, ...], clearance: int) -> bool:
+    acl, rank = payload["acl_groups"], payload["classification_rank"]
+    assert isinstance(acl, list) and isinstance(rank, int)
+    return rank <= clearance and (payload["acl_scope"] == "open" or bool(set(acl) & set(groups)))
+
+
+@pytest.mark.parametrize(("groups", "clearance"), [((), 3), (("hr-staff",), 1), (("payroll", "legal"), 2),
+                                                   (tuple(GROUPS), 0), (tuple(GROUPS), 3)])
+def test_backends_agree_and_only_return_authorised_points(stores, groups: tuple[str, ...],  # type: ignore[no-untyped-def]
+                                                          clearance: int) -> None:
+    rng = random.Random(11)
+    access = AccessFilter(groups=groups, max_classification_rank=clearance)
+    for _ in range(15):
+        query = [rng.uniform(-1, 1) for _ in range(DIM)]
+        for department in ("hr", "finance"):
+            results = {name: store.search(department, query, access, limit=8) for name, store in stores.items()}
+            ids = {name: [hit.payload["chunk_id"] for hit in hits] for name, hits in results.items()}
+            assert ids["edge"] == ids["local"] == ids["memory"]
+            for hits in results.values():
+                assert all(_allowed(hit.payload, groups, clearance) and hit.payload["department"] == department
+                           for hit in hits)
+
+
+def test_backends_agree_on_delete_and_count(stores) -> None:  # type: ignore[no-untyped-def]
+    for store in stores.values():
+        store.delete_document("hr", "hr-doc-3")
+    counts = {name: store.count("hr") for name, store in stores.items()}
+    assert counts == {"edge": 55, "local": 55, "memory": 55}
+    for store in stores.values():
+        assert all(p["document_id"] != "hr-doc-3" for p in store.scroll_payloads("hr"))
+        everything = AccessFilter(groups=(), max_classification_rank=3)
+        assert store.search("nonexistent", [0.0] * DIM, everything, limit=3) == []
+
+
+def test_edge_store_persists_and_reopens(tmp_path: Path) -> None:
+    store = EdgeVectorStore(tmp_path / "edge", dimension=DIM)
+    store.upsert("hr", _corpus()["hr"])
+    store.optimize("hr")
+    store.close()
+    reopened = EdgeVectorStore(tmp_path / "edge", dimension=DIM)
+    assert reopened.count("hr") == 60
+    reopened.close()

@@ -1,0 +1,121 @@
+"""Kill a real worker process in the middle of a document: after a restart the document ends ready with no
+duplicate points (acks_late + redelivery + idempotent upserts). Marked `worker`: `make test` runs it separately."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from core.db import unit_of_work
+from core.models import Document, IngestionJob
+from core.settings import Settings
+from tests.conftest import REDIS_URL
+
+pytestmark = pytest.mark.worker
+ROOT = Path(__file__).resolve().parents[2]
+PARAGRAPH = ("Section {n}. The facilities team reviewed the maintenance schedule for building {n}; the lifts, "
+             "the heating and the fire doors were inspected and the findings were filed with the site office. "
+             "Contractors must sign in at reception and wear a visitor badge at all times while on site.")
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GOVRAG_")}
+    env.update({"GOVRAG_DATA_DIR": str(settings.data_dir), "GOVRAG_DATABASE_URL": str(settings.database_url),
+                "GOVRAG_BROKER_URL": settings.broker_url, "GOVRAG_TASK_QUEUE": settings.task_queue,
+                "GOVRAG_INPROCESS_WORKER": "false", "GOVRAG_BROKER_VISIBILITY_TIMEOUT": "3",
+                "PYTHONPATH": str(ROOT)})
+    return env
+
+
+def _start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    handle = log.open("ab")
+    return subprocess.Popen([sys.executable, "-m", "tests.worker.worker_process"], cwd=ROOT, env=_env(settings),
+                            stdout=handle, stderr=subprocess.STDOUT)
+
+
+def _state(settings: Settings, document_id: str, job_id: str) -> tuple[str, int, int]:
+    with unit_of_work(settings.resolved_database_url) as session:
+        document = session.get(Document, document_id)
+        job = session.get(IngestionJob, job_id)
+        assert document is not None and job is not None
+        return document.status, document.chunk_count, job.attempts
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_killed_worker_resumes_to_ready_without_duplicates(make_pg_database: Callable[[], str],
+                                                           tmp_path: Path) -> None:
+    from authz import service as authz_service
+    from core import migrate
+    from core.keystore import keystore_for
+    from ingestion import service as ingestion_service
+    from ingestion.schemas import Classification
+    from retrieval.store import close_vector_store, open_vector_store
+    from workers.celery_app import create_celery
+    from workers.tasks import enqueue_ingestion
+
+    url = make_pg_database()
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url=REDIS_URL,
+                        task_queue=f"govrag-crash-{uuid.uuid4().hex[:8]}", inprocess_worker=False,
+                        broker_visibility_timeout=3)
+    settings.data_dir.mkdir()
+    text = "\n\n".join(PARAGRAPH.format(n=n) for n in range(400)).encode()
+    with unit_of_work(url) as session:
+        authz_service.create_department(session=session, keystore=keystore_for(settings), name="facilities")
+        accepted = ingestion_service.accept_upload(
+            session=session, settings=settings, uploaded_by="crash-test", department="facilities",
+            filename="maintenance.txt", data=text, title=None, acl_groups=[],
+            classification=Classification.internal)
+    enqueue_ingestion(create_celery(settings), document_id=accepted.document_id, job_id=accepted.job_id)
+
+    log = tmp_path / "worker.log"
+    first = _start_worker(settings, log)
+    try:
+        _wait_for(lambda: _state(settings, accepted.document_id, accepted.job_id)[0] == "processing", 120,
+                  "the worker to start the document")
+        time.sleep(1.0)  # well inside parsing/redaction/embedding of 400 paragraphs
+        assert _state(settings, accepted.document_id, accepted.job_id)[0] == "processing"
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+
+    second = _start_worker(settings, log)
+    try:
+        _wait_for(lambda: _state(settings, accepted.document_id, accepted.job_id)[0] in ("ready", "failed"), 300,
+                  "the restarted worker to finish the document")
+    finally:
+        second.send_signal(signal.SIGTERM)
+        try:
+            second.wait(30)
+        except subprocess.TimeoutExpired:
+            second.kill()
+            second.wait(10)
+
+    status, chunk_count, attempts = _state(settings, accepted.document_id, accepted.job_id)
+    assert status == "ready", log.read_text()[-2000:]
+    assert attempts >= 2  # the killed attempt was counted, then the task was delivered again
+    store = open_vector_store(settings)  # the worker has exited: this process may open its store now
+    try:
+        indexes = Counter(p["chunk_index"] for p in store.scroll_payloads("facilities")
+                          if p["document_id"] == accepted.document_id)
+    finally:
+        close_vector_store(settings)
+    assert chunk_count > 1 and len(indexes) == chunk_count
+    assert set(indexes.values()) == {1}  # every chunk exactly once
