@@ -15,6 +15,7 @@ from api.routers import admin, audit, authz, documents, guard_admin, health, ing
 from authz.dev_issuer import DevIssuer
 from authz.enforcer import get_enforcer
 from authz.tokens import TokenVerifier
+from core import timing
 from core.errors import ErrorCode
 from core.logs import configure_logging, request_id_var
 from core.metrics import observe_request
@@ -76,6 +77,7 @@ async def _request_context(request: Request, call_next: Callable[[Request], Awai
     """A request id for every line and response; oversized uploads refused before the body is read."""
     token = request_id_var.set(uuid.uuid4().hex)
     started = time.perf_counter()
+    timing.start_request()
     try:
         limit = request.app.state.settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
         declared = request.headers.get("content-length")
@@ -85,6 +87,8 @@ async def _request_context(request: Request, call_next: Callable[[Request], Awai
         else:
             response = await call_next(request)
         response.headers["X-Request-ID"] = request_id_var.get()
+        if request.app.state.settings.server_timing and (stages := timing.server_timing_header()):
+            response.headers["Server-Timing"] = stages
         observe_request(request, response.status_code, time.perf_counter() - started)
         return response
     finally:

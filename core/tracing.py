@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 from opentelemetry.trace import Status, StatusCode
 
+from core import timing
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -30,8 +31,14 @@ _state: dict[str, Any] = {"tracer": None, "provider": None, "originals": []}
 
 
 def configure_tracing(settings: Settings, *, exporter: SpanExporter | None = None) -> bool:
-    """Enable tracing when GOVRAG_OTEL_ENABLED (or a test exporter is given); idempotent. True if enabled."""
+    """Enable tracing when GOVRAG_OTEL_ENABLED (or a test exporter is given); idempotent. True if enabled.
+
+    GOVRAG_SERVER_TIMING alone instruments the same stages for the `Server-Timing` response header only."""
     if not settings.otel_enabled and exporter is None:
+        if settings.server_timing:
+            with _lock:
+                if not _state["originals"]:
+                    _instrument()
         return False
     with _lock:
         if _state["provider"] is not None:
@@ -47,7 +54,8 @@ def configure_tracing(settings: Settings, *, exporter: SpanExporter | None = Non
         if exporter is None:
             trace.set_tracer_provider(provider)  # so other instrumentations join the same traces
         _state["provider"], _state["tracer"] = provider, provider.get_tracer("govrag")
-        _instrument()
+        if not _state["originals"]:
+            _instrument()
     return True
 
 
@@ -101,22 +109,28 @@ def _instrument() -> None:
 def _traced(function: Callable[..., Any], name: str) -> Callable[..., Any]:
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        tracer = _state["tracer"]
-        if tracer is None:
-            return function(*args, **kwargs)
-        with tracer.start_as_current_span(f"govrag.{name}", attributes=_attributes(kwargs),
-                                          record_exception=False, set_status_on_exception=False) as span:
-            try:
-                result = function(*args, **kwargs)
-            except Exception as exc:
-                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-                span.set_attribute("error.type", type(exc).__name__)
-                raise
-            if isinstance(result, list | tuple | dict):
-                span.set_attribute("govrag.result_count", len(result))
-            return result
+        with timing.stage(name):
+            return _in_span(function, name, args, kwargs)
 
     return wrapper
+
+
+def _in_span(function: Callable[..., Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Call `function`, inside a span when a tracer is configured."""
+    tracer = _state["tracer"]
+    if tracer is None:
+        return function(*args, **kwargs)
+    with tracer.start_as_current_span(f"govrag.{name}", attributes=_attributes(kwargs),
+                                      record_exception=False, set_status_on_exception=False) as span:
+        try:
+            result = function(*args, **kwargs)
+        except Exception as exc:
+            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            span.set_attribute("error.type", type(exc).__name__)
+            raise
+        if isinstance(result, list | tuple | dict):
+            span.set_attribute("govrag.result_count", len(result))
+        return result
 
 
 def _attributes(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +16,7 @@ from guard.firewall import FirewallModel
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 MAX_SEGMENT_CHARS = 400
 MIN_SEGMENT_CHARS = 12
+SCORE_CACHE_SIZE = 50_000
 
 
 def segments(text: str) -> list[str]:
@@ -41,9 +45,25 @@ class InjectionScanner:
     def __init__(self, model: FirewallModel) -> None:
         self.model = model
         self.threshold = model.threshold
+        # The same chunks come back query after query: remember their scores (keyed by a hash, never the text).
+        self._scores: OrderedDict[bytes, float] = OrderedDict()
+        self._lock = threading.Lock()
 
     def score(self, text: str) -> float:
         """Maximum segment score (0 for a text with no segment)."""
+        key = hashlib.sha256(text.encode()).digest()
+        with self._lock:
+            if key in self._scores:
+                self._scores.move_to_end(key)
+                return self._scores[key]
+        value = self._score(text)
+        with self._lock:
+            self._scores[key] = value
+            while len(self._scores) > SCORE_CACHE_SIZE:
+                self._scores.popitem(last=False)
+        return value
+
+    def _score(self, text: str) -> float:
         parts = segments(text)
         if not parts:
             return 0.0

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from sqlalchemy.orm import Session
 
-from core import blobs
+from core import blobs, metrics
 from core.db import unit_of_work
 from core.errors import ErrorCode, GovragError
 from core.keystore import keystore_for
@@ -180,6 +180,9 @@ def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentS
     with unit_of_work(settings.resolved_database_url) as session:
         repository.set_status(session, document_id=document_id, job_id=job_id, status=status, error=error,
                               chunk_count=chunk_count)
+        document = repository.get_document(session, document_id)
+        department = document.department if document is not None else "unknown"
+    metrics.INGESTED_DOCUMENTS.labels(department=department, status=str(status)).inc()
 
 
 def _title(title: str | None, filename: str | None) -> str:
