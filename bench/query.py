@@ -100,7 +100,8 @@ class Governed:
         self.port, self.data_dir = free_port(), workdir / "govrag-data"
         env = {**os.environ, "GOVRAG_DATA_DIR": str(self.data_dir), "GOVRAG_ADMINS": '["bench-admin"]',
                "GOVRAG_DATABASE_URL": self.dsn.replace("postgresql://", "postgresql+psycopg://"),
-               "GOVRAG_CHUNK_MAX_CHARS": str(CHUNK_CHARS + 20), "GOVRAG_BROKER_URL": "memory://"}
+               "GOVRAG_CHUNK_MAX_CHARS": str(CHUNK_CHARS + 20), "GOVRAG_BROKER_URL": "memory://",
+               "GOVRAG_SERVER_TIMING": "true"}
         command = [sys.executable, "-m", "api.cli", "serve", "--port", str(self.port)]
         self.process = subprocess.Popen(command, cwd=ROOT, env=env,  # noqa: S603
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
