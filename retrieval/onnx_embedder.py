@@ -55,7 +55,7 @@ def export_onnx(target: Path) -> None:
     model = _TokenEmbeddings().eval()
     target.parent.mkdir(parents=True, exist_ok=True)
     dummy = {name: torch.ones((1, 8), dtype=torch.int64) for name in ("input_ids", "attention_mask", "token_type_ids")}
-    temp = target.with_suffix(".tmp")
+    temp = target.with_name(f"{target.name}.{os.getpid()}.tmp")  # concurrent first exports never collide
     axes = {0: "batch", 1: "tokens"}
     with torch.no_grad():
         torch.onnx.export(
