@@ -32,8 +32,9 @@ def main() -> int:
         if not (ROOT / script).exists():
             sections.append(f"## {script}\n\nnot present in this checkout.\n")
             continue
-        run = subprocess.run([sys.executable, script, *arguments], cwd=ROOT, capture_output=True, text=True,  # noqa: S603
-                             check=False)
+        module = script.removesuffix(".py").replace("/", ".")
+        run = subprocess.run([sys.executable, "-m", module, *arguments], cwd=ROOT, capture_output=True,  # noqa: S603
+                             text=True, check=False)
         took = time.perf_counter() - started
         status = "" if run.returncode == 0 else f" — FAILED with exit code {run.returncode}"
         failures += run.returncode != 0
