@@ -49,39 +49,57 @@ def answer_query(*, session: Session, settings: Settings, enforcer: PolicyEnforc
     started = time.perf_counter()
     requested = query.department_names()
     scope = authz_service.read_scope(session=session, enforcer=enforcer, identity=identity, requested=requested)
-    searched = scope.departments
     admission = guard_service.admit(session=session, settings=settings, question=query.question,
-                                    departments=searched)  # kill switch and prompt firewall (issue 5)
-    guarded = admission.blocked_reason is None
-    vector = get_embedder(settings.embedding_backend).embed_one(query.question) if searched and guarded else []
-    opened = _retrieve(session, settings, enforcer, identity, query, vector, scope) if searched and guarded else []
-    outcome = generation.respond(
-        session=session, settings=settings, question=query.question, chunks=opened, kill_mode=admission.kill_mode,
-        departments=searched, extractive=lambda chunks: _respond(query, vector, chunks, request_id, searched,
-                                                                 settings), cite=_citation,
-    ) if guarded else None
+                                    departments=scope.departments)  # kill switch and prompt firewall
+    opened, outcome = (_answer(session, settings, enforcer, identity, query, request_id, scope, admission)
+                       if admission.blocked_reason is None else ([], None))
     response = outcome.response if outcome else _refusal(request_id, str(admission.blocked_reason),
                                                          guard_service.refusal_text(admission))
+    record = _audit_record(query, request_id, identity, requested, scope, admission, opened, outcome, response,
+                           latency_ms=(time.perf_counter() - started) * 1000)
+    audit_service.record_retrieval(session=session, record=record, settings=settings)
+    metrics.QUERIES.labels(decision="refused" if response.refused else "answered").inc()
+    metrics.QUERY_LATENCY.observe(time.perf_counter() - started)
+    if admission.disabled:
+        raise GovragError(ErrorCode.unavailable, guard_service.DISABLED_MESSAGE)
+    return response
+
+
+def _answer(session: Session, settings: Settings, enforcer: PolicyEnforcer, identity: Identity, query: QueryRequest,
+            request_id: str, scope: authz_service.ReadScope,
+            admission: guard_service.Admission) -> tuple[list[OpenedChunk], generation.Generation]:
+    """Search what the caller may read, then the model (or the extractive answer) behind the output guard."""
+    searched = scope.departments
+    vector = get_embedder(settings.embedding_backend).embed_one(query.question) if searched else []
+    opened = _retrieve(session, settings, enforcer, identity, query, vector, scope) if searched else []
+    outcome = generation.respond(
+        session=session, settings=settings, question=query.question, chunks=opened, kill_mode=admission.kill_mode,
+        departments=searched, cite=_citation,
+        extractive=lambda chunks: _respond(query, vector, chunks, request_id, searched, settings),
+    )
+    return opened, outcome
+
+
+def _audit_record(query: QueryRequest, request_id: str, identity: Identity, requested: list[str] | None,
+                  scope: authz_service.ReadScope, admission: guard_service.Admission, opened: list[OpenedChunk],
+                  outcome: generation.Generation | None, response: QueryResponse,
+                  latency_ms: float) -> RetrievalRecord:
+    """What the ledger keeps of this decision: ids, hashes and verdicts; the question only masked."""
     cited = outcome.cited if outcome else set()
-    audit_service.record_retrieval(session=session, record=RetrievalRecord(
+    return RetrievalRecord(
         request_id=request_id, subject=identity.subject, groups=list(identity.groups),
-        departments_requested=requested or [], departments_searched=searched,
+        departments_requested=requested or [], departments_searched=scope.departments,
         policy_version=str(scope.policy_version), roles=scope.roles,
         decision=_decision(response, admission, outcome), reason=response.reason,
         guard_verdicts={**admission.verdicts, **(outcome.verdicts if outcome else {})},
         model_backend=outcome.backend if outcome else None, model_id=outcome.model_id if outcome else None,
         kill_switch_mode=admission.kill_mode.value,
         question_masked=audit_service.mask_question(query.question), purpose=query.purpose,
-        latency_ms=round((time.perf_counter() - started) * 1000, 2),
+        latency_ms=round(latency_ms, 2),
         chunks=[{"document_id": c.document_id, "chunk_id": c.chunk_id, "score": round(c.score, 4),
                  "cited": i + 1 in cited, "content_sha256": hashlib.sha256(c.text.encode()).hexdigest()}
                 for i, c in enumerate(opened)],
-    ), settings=settings)
-    metrics.QUERIES.labels(decision="refused" if response.refused else "answered").inc()
-    metrics.QUERY_LATENCY.observe(time.perf_counter() - started)
-    if admission.disabled:
-        raise GovragError(ErrorCode.unavailable, guard_service.DISABLED_MESSAGE)
-    return response
+    )
 
 
 def _decision(response: QueryResponse, admission: guard_service.Admission,
