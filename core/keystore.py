@@ -7,12 +7,12 @@ Deleting a document's key row crypto-shreds everything sealed under it.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from core import crypto
+from core.cache import BoundedCache
 from core.models import WrappedKey
 from core.settings import Settings
 
@@ -25,8 +25,7 @@ class KeyStore:
 
     def __init__(self, master_key: bytes) -> None:
         self._master = master_key
-        self._cache: OrderedDict[tuple[str, str], bytes] = OrderedDict()
-        self._lock = threading.Lock()
+        self._cache: BoundedCache[tuple[str, str], bytes] = BoundedCache(_CACHE_SIZE)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> KeyStore:
@@ -134,30 +133,19 @@ class KeyStore:
                                                          WrappedKey.version < latest.version))
         session.execute(delete(WrappedKey).where(WrappedKey.kind == "department", WrappedKey.owner == department,
                                                  WrappedKey.version < version))
-        with self._lock:
-            for ref in [r for r in self._cache if r[0] == "department" and r[1].startswith(f"{department}:v")]:
-                if ref[1] != f"{department}:v{version}":
-                    del self._cache[ref]
+        self._cache.discard_where(lambda ref: ref[0] == "department" and ref[1].startswith(f"{department}:v")
+                                  and ref[1] != f"{department}:v{version}")
 
     def shred_document_key(self, *, session: Session, document_id: str) -> None:
         """Destroy the document's key: its ciphertexts become unreadable for good."""
         session.execute(delete(WrappedKey).where(WrappedKey.kind == "document", WrappedKey.owner == document_id))
-        with self._lock:
-            self._cache.pop(("document", document_id), None)
+        self._cache.pop(("document", document_id))
 
     def _cached(self, ref: tuple[str, str]) -> bytes | None:
-        with self._lock:
-            key = self._cache.get(ref)
-            if key is not None:
-                self._cache.move_to_end(ref)
-            return key
+        return self._cache.get(ref)
 
     def _remember(self, ref: tuple[str, str], key: bytes) -> None:
-        with self._lock:
-            self._cache[ref] = key
-            self._cache.move_to_end(ref)
-            while len(self._cache) > _CACHE_SIZE:
-                self._cache.popitem(last=False)
+        self._cache.put(ref, key)
 
 
 def _latest(session: Session, kind: str, owner: str) -> WrappedKey | None:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
+from core.cache import BoundedCache
 from guard.firewall import FirewallModel
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
@@ -46,21 +45,15 @@ class InjectionScanner:
         self.model = model
         self.threshold = model.threshold
         # The same chunks come back query after query: remember their scores (keyed by a hash, never the text).
-        self._scores: OrderedDict[bytes, float] = OrderedDict()
-        self._lock = threading.Lock()
+        self._scores: BoundedCache[bytes, float] = BoundedCache(SCORE_CACHE_SIZE)
 
     def score(self, text: str) -> float:
         """Maximum segment score (0 for a text with no segment)."""
         key = hashlib.sha256(text.encode()).digest()
-        with self._lock:
-            if key in self._scores:
-                self._scores.move_to_end(key)
-                return self._scores[key]
-        value = self._score(text)
-        with self._lock:
-            self._scores[key] = value
-            while len(self._scores) > SCORE_CACHE_SIZE:
-                self._scores.popitem(last=False)
+        value = self._scores.get(key)
+        if value is None:
+            value = self._score(text)
+            self._scores.put(key, value)
         return value
 
     def _score(self, text: str) -> float:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from core.cache import BoundedCache
 
 if TYPE_CHECKING:
     from retrieval.embeddings import TextEmbedder
@@ -26,8 +26,7 @@ MIN_SENTENCE_CHARS = 20
 MAX_EMBEDDED = 24  # sentences embedded per answer, at most
 VECTOR_CACHE_SIZE = 50_000  # sentence vectors kept per process (~75 MiB)
 
-_VECTOR_CACHE: OrderedDict[tuple[int, bytes], np.ndarray] = OrderedDict()
-_CACHE_LOCK = threading.Lock()
+_VECTOR_CACHE: BoundedCache[tuple[int, bytes], np.ndarray] = BoundedCache(VECTOR_CACHE_SIZE)
 
 
 @dataclass(frozen=True)
@@ -308,20 +307,12 @@ def _preselect(located: list[tuple[Passage, int, str, str]], terms: set[str]) ->
 def _sentence_vectors(embedder: TextEmbedder, texts: list[str]) -> np.ndarray:
     """Embeddings of sentences, from a bounded per-process cache when the same sentence was seen before."""
     keys = [(id(embedder), hashlib.sha256(text.encode()).digest()) for text in texts]
-    with _CACHE_LOCK:
-        missing = [i for i, key in enumerate(keys) if key not in _VECTOR_CACHE]
+    rows = [_VECTOR_CACHE.get(key) for key in keys]
+    missing = [i for i, row in enumerate(rows) if row is None]
     if missing:
-        fresh = embedder.embed([texts[i] for i in missing])
-        with _CACHE_LOCK:
-            for i, vector in zip(missing, fresh, strict=True):
-                _VECTOR_CACHE[keys[i]] = vector
-            while len(_VECTOR_CACHE) > VECTOR_CACHE_SIZE:
-                _VECTOR_CACHE.popitem(last=False)
-    with _CACHE_LOCK:
-        rows = []
-        for key in keys:
-            _VECTOR_CACHE.move_to_end(key)
-            rows.append(_VECTOR_CACHE[key])
+        for i, vector in zip(missing, embedder.embed([texts[i] for i in missing]), strict=True):
+            rows[i] = vector
+            _VECTOR_CACHE.put(keys[i], vector)
     return np.stack(rows).astype(np.float32, copy=False)
 
 
