@@ -41,9 +41,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
     keys = commands.add_parser("keys", help="key management")
     key_commands = keys.add_subparsers(required=True, metavar="ACTION")
-    rotate = key_commands.add_parser("rotate", help="new department keys; document keys rewrapped, no re-embedding")
-    rotate.add_argument("--department", action="append", dest="departments",
-                        help="only this department (repeatable; default: all)")
+    rotate = key_commands.add_parser("rotate", help="new department keys (document keys rewrapped) or a new "
+                                                    "master key (department keys rewrapped); no re-embedding")
+    scope = rotate.add_mutually_exclusive_group()
+    scope.add_argument("--department", action="append", dest="departments",
+                       help="only this department (repeatable; default: all)")
+    scope.add_argument("--master", action="store_true", help="rotate the master key instead")
     rotate.add_argument("--actor", default="cli", help="who is recorded in the audit ledger")
     rotate.set_defaults(run=rotate_command)
 
@@ -154,7 +157,9 @@ def _refusal(message: str) -> str:
 
 
 def rotate_command(args: argparse.Namespace) -> int:
-    """Rotate department keys and record each rotation in the audit ledger."""
+    """Rotate department keys (or the master key) and record each rotation in the audit ledger."""
+    if args.master:
+        return _rotate_master(args)
     from audit import service as audit_service
     from audit.schemas import AdminEventType
     from authz.identity import Identity
@@ -175,3 +180,30 @@ def rotate_command(args: argparse.Namespace) -> int:
                 details={"new_version": report.new_version, "documents_rewrapped": report.documents_rewrapped})
     Console().print(table)
     return 0 if reports or not args.departments else 1
+
+
+def _rotate_master(args: argparse.Namespace) -> int:
+    """Rotate the master key and record it in the audit ledger (an admin event without a department)."""
+    from audit import service as audit_service
+    from audit.schemas import AdminEventType
+    from authz.identity import Identity
+    from core.db import unit_of_work
+    from ingestion import keys
+
+    settings = get_settings()
+    try:
+        report = keys.rotate_master_key(settings=settings)
+    except LookupError as exc:  # keys from settings: the new version must be supplied first
+        Console(stderr=True).print(str(exc))
+        return 2
+    with unit_of_work(settings.resolved_database_url) as session:
+        audit_service.record_admin_event(
+            session=session, identity=Identity(subject=f"cli:{args.actor}", groups=(), is_platform_admin=True),
+            event_type=AdminEventType.key_rotation, department=None, settings=settings,
+            details={"scope": "master", "new_version": report.new_version, "keys_rewrapped": report.keys_rewrapped,
+                     "retired_versions": list(report.retired_versions)})
+    retired = ", ".join(f"v{v}" for v in report.retired_versions) or "none"
+    where = "removed from the key file" if settings.master_key is None else "remove them from GOVRAG_MASTER_KEY"
+    Console().print(f"master key now v{report.new_version}: {report.keys_rewrapped} keys rewrapped; "
+                    f"old versions no longer needed: {retired} ({where})")
+    return 0

@@ -12,20 +12,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from audit import repository
 from audit.schemas import EXPORT_FIELDS, LATER_FIELDS, VerifyResult
 from core import crypto
+from core.db import unit_of_work
+from core.keystore import keystore_for
 from core.models import AuditCheckpoint, RetrievalEvent, utcnow
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-_HKDF_INFO = b"govrag audit checkpoint v1"
 _EMPTY: tuple[Any, ...] = (None, [], {})
 
 
@@ -49,16 +48,14 @@ def plain(value: Any) -> Any:
     return value
 
 
-def checkpoint_key(settings: Settings) -> bytes:
-    """The HMAC key: configured, or derived from the master key (both live outside the database)."""
+def checkpoint_key(settings: Settings, session: Session | None = None) -> bytes:
+    """The HMAC key: configured, or the key store's (derived from the master key, kept wrapped once it rotates)."""
     if settings.audit_checkpoint_key is not None:
         return crypto.decode_master_key(settings.audit_checkpoint_key.get_secret_value())
-    if settings.master_key is not None:
-        master = crypto.decode_master_key(settings.master_key.get_secret_value())
-    else:
-        master = crypto.load_or_create_master_key_file(settings.resolved_master_key_file,
-                                                      create=not settings.is_production)
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_HKDF_INFO).derive(master)
+    if session is not None:
+        return keystore_for(settings).checkpoint_key(session=session)
+    with unit_of_work(settings.resolved_database_url) as own:
+        return keystore_for(settings).checkpoint_key(session=own)
 
 
 def _statement(kind: str, last_event_id: int, last_hash: str, event_count: int, created_at: datetime) -> bytes:
@@ -79,7 +76,7 @@ def make_checkpoint(*, session: Session, settings: Settings, event: RetrievalEve
     """Sign "the chain reached `event`" and store it (the caller holds the chain lock and commits)."""
     checkpoint = AuditCheckpoint(created_at=utcnow().replace(microsecond=0), kind=kind, last_event_id=event.id,
                                  last_hash=event.hash, event_count=event_count)
-    checkpoint.signature = sign(checkpoint_key(settings), checkpoint)
+    checkpoint.signature = sign(checkpoint_key(settings, session), checkpoint)
     repository.add_checkpoint(session, checkpoint)
     return checkpoint
 
@@ -142,7 +139,7 @@ class _Expectations:
 
 
 def _expectations(session: Session, settings: Settings) -> _Expectations:
-    key, found = checkpoint_key(settings), _Expectations()
+    key, found = checkpoint_key(settings, session), _Expectations()
     candidates = [*repository.checkpoints(session), *_mirrored(settings.resolved_checkpoint_file)]
     for checkpoint in candidates:
         if checkpoint is None or not hmac.compare_digest(sign(key, checkpoint), checkpoint.signature):

@@ -31,10 +31,11 @@ def training_rows(*, session: Session, settings: Settings, department: str) -> I
         key = keystore.document_key(session=session, department=department, document_id=document.id)
         if key is None:
             continue  # crypto-shredded
-        index = int(payload["chunk_index"])
-        text = crypto.open_text(key, str(payload["sealed_text"]), chunk_context(document.id, index))
+        index, level = int(payload["chunk_index"]), str(payload["classification"])
+        context = chunk_context(document.id, index, level, str(payload.get("scanned_by", "")))
+        text = crypto.open_text(key, str(payload["sealed_text"]), context)
         yield {"department": department, "document_id": document.id, "title": document.title,
-               "classification": document.classification, "chunk_id": str(payload["chunk_id"]),
+               "classification": level, "chunk_id": str(payload["chunk_id"]),
                "chunk_index": index, "text": text}
 
 

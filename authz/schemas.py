@@ -11,6 +11,8 @@ from authz.identity import ROLE_PREFIX
 from ingestion.schemas import Classification
 
 DEPARTMENT_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
+GLOBAL_SCOPE = "global"  # the kill switch's platform-wide scope
+RESERVED_DEPARTMENT_NAMES = frozenset({GLOBAL_SCOPE})  # scopes that must never name a department
 SUBJECT_PATTERN = r"^[^\s,*]{1,255}$"
 ROLE_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
 GROUP_PATTERN = r"^[^\s,*]{1,240}$"

@@ -17,6 +17,7 @@ from authz import repository
 from authz.enforcer import ROLE_PREFIX, PolicyEnforcer, rank
 from authz.identity import GROUP_PREFIX, Identity
 from authz.schemas import (
+    RESERVED_DEPARTMENT_NAMES,
     ClearanceIn,
     ClearanceKey,
     ExplainCheck,
@@ -114,7 +115,9 @@ def require_platform_admin(identity: Identity) -> None:
 
 
 def create_department(*, session: Session, keystore: KeyStore, name: str) -> None:
-    """A new department with its own wrapped key."""
+    """A new department with its own wrapped key; reserved names (the kill switch's `global` scope) refused."""
+    if name in RESERVED_DEPARTMENT_NAMES:
+        raise GovragError(ErrorCode.invalid_request, f"'{name}' is a reserved name and cannot name a department")
     if repository.department_exists(session, name):
         raise GovragError(ErrorCode.conflict, "department already exists")
     repository.add_department(session, name)

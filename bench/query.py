@@ -254,7 +254,8 @@ def report(args, asked: list[str], governed: Governed, baseline_url: str, chunk_
         print("\nWhere govrag's time goes (1 client, mean ms per query, from Server-Timing):\n")
         for name, values in sorted(stages.items(), key=lambda kv: -sum(kv[1])):
             print(f"- {name}: {sum(values) / len(values):.1f}")
-    soak(args, asked, governed, before + sent)
+    if args.soak_seconds > 0:
+        soak(args, asked, governed, before + sent)
 
 
 def soak(args, asked: list[str], governed: Governed, expected_before: int) -> None:  # type: ignore[no-untyped-def]

@@ -15,6 +15,7 @@ from bench.common import ROOT, machine  # noqa: E402
 BENCHMARKS: list[tuple[str, list[str]]] = [
     ("bench/query.py", ["--chunks", "10000", "--requests", "200", "--soak-seconds", "120"]),
     ("bench/retrieval_quality.py", []),
+    ("bench/answer_quality.py", []),
     ("bench/ingest.py", []),
     ("bench/pii_eval.py", []),
     ("bench/firewall_eval.py", []),

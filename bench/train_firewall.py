@@ -3,7 +3,8 @@
 Reproducible: fixed seed, deterministic solver, the README's hash split (BIPIA's upstream *train* attack strings are
 the disjoint tuning set its PROVENANCE offers). Usage:
     .venv/bin/python -m bench.train_firewall [--out guard/]
-Each threshold is the out-of-fold score keeping false positives at or under 1% of the negative train rows.
+Each threshold is the out-of-fold score keeping false positives at or under 1% of the negative train rows; for the
+scanner, of the clean train documents (a document scores its worst segment, as guard.injection scores it).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold
 
 from bench.eval_data import ATTACK, BENIGN, EVAL_DIR, bipia_documents, prompt_rows
 from guard.firewall import HARD_RULES, HARD_SCORE, META_FILE, WEIGHTS_FILE, featurise
@@ -37,22 +38,44 @@ def _fit(matrix: object, labels: np.ndarray, c: float) -> LogisticRegression:
     return model.fit(matrix, labels)
 
 
-def _out_of_fold(matrix: object, labels: np.ndarray, hard: np.ndarray, c: float) -> np.ndarray:
+def _out_of_fold(matrix: object, labels: np.ndarray, groups: np.ndarray, hard: np.ndarray, c: float) -> np.ndarray:
+    """Scores from models that never saw the row, nor any other segment of its document."""
     scores = np.zeros(len(labels))
-    for train, test in StratifiedKFold(n_splits=5, shuffle=True, random_state=SEED).split(labels, labels):
+    folds = StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=SEED)
+    for train, test in folds.split(labels, labels, groups):
         model = _fit(matrix[train], labels[train], c)  # type: ignore[index]
         scores[test] = model.predict_proba(matrix[test])[:, 1]  # type: ignore[index]
     return np.where(hard, np.maximum(scores, HARD_SCORE), scores)
 
 
-def train(name: str, texts: list[str], labels: np.ndarray, out: Path) -> None:
-    """Pick C by out-of-fold TPR at 1% FPR, fit on every row given, write `<name>_weights.npz` and its meta."""
+def negative_scores(scores: np.ndarray, labels: np.ndarray, documents: np.ndarray | None) -> np.ndarray:
+    """The scores the false-positive rate is counted on: each negative row, or each clean document's worst segment."""
+    if documents is None:
+        return scores[labels == 0]
+    clean = (labels == 0) & (documents >= 0)
+    worst = np.full(int(documents.max()) + 1, -np.inf)
+    np.maximum.at(worst, documents[clean], scores[clean])
+    return worst[np.isfinite(worst)]
+
+
+def _fold_groups(labels: np.ndarray, documents: np.ndarray | None) -> np.ndarray:
+    """One group per row, except that a document's segments share one (they stay in the same fold)."""
+    alone = len(labels) + np.arange(len(labels))
+    return alone if documents is None else np.where(documents >= 0, documents, alone)
+
+
+def train(name: str, texts: list[str], labels: np.ndarray, out: Path, documents: np.ndarray | None = None) -> None:
+    """Pick C by out-of-fold TPR at 1% FPR, fit on every row given, write `<name>_weights.npz` and its meta.
+
+    `documents` (scanner): each row's clean-document index, -1 for rows that are no document segment; the threshold
+    then keeps at most 1% of those documents flagged."""
     matrix, hits = featurise(texts)
     hard = np.array([bool(set(h) & HARD_RULES) for h in hits])
+    groups = _fold_groups(labels, documents)
     results = []
     for c in C_GRID:
-        scores = _out_of_fold(matrix, labels, hard, c)
-        threshold = threshold_at_fpr(scores[labels == 0])
+        scores = _out_of_fold(matrix, labels, groups, hard, c)
+        threshold = threshold_at_fpr(negative_scores(scores, labels, documents))
         tpr = float(np.mean(scores[labels == 1] >= threshold))
         print(f"{name} C={c:>5}: out-of-fold TPR {tpr:.3f} at threshold {threshold:.4f}")
         results.append((tpr, c, threshold))
@@ -77,13 +100,19 @@ def _bipia_train_attacks() -> list[str]:
     return attacks
 
 
-def _scanner_data(prompts: list[tuple[str, int]]) -> tuple[list[str], np.ndarray]:
-    """Segments: BIPIA train attacks and prompt attacks positive; clean train document segments negative."""
+def _scanner_data(prompts: list[tuple[str, int]]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Segments: BIPIA train attacks and prompt attacks positive; clean train document segments negative, with each
+    row's clean-document index (-1 for the rest) for the document-level threshold. Benign *questions* are no
+    negatives here: an out-of-place question or task inside a document is exactly what an indirect injection looks
+    like (out-of-fold on train, C=256: 0.90 vs 0.79 TPR at 1% of clean documents flagged)."""
     positive = [s for attack in _bipia_train_attacks() for s in segments(attack)[:1]]
     positive += [text for text, label in prompts if label == ATTACK]
-    negative = [s for doc in bipia_documents() if doc.split == "train" and doc.label == 0 for s in segments(doc.text)]
-    negative += [text for text, label in prompts if label == BENIGN]
-    return positive + negative, np.array([1] * len(positive) + [0] * len(negative))
+    clean = [doc.text for doc in bipia_documents() if doc.split == "train" and doc.label == 0]
+    document_segments = [(index, s) for index, text in enumerate(clean) for s in segments(text)]
+    texts = positive + [s for _, s in document_segments]
+    labels = np.array([1] * len(positive) + [0] * len(document_segments))
+    documents = np.array([-1] * len(positive) + [index for index, _ in document_segments])
+    return texts, labels, documents
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prompts = [(r.text, r.label) for r in prompt_rows() if r.split == "train" and r.label in (ATTACK, BENIGN)]
     train("firewall", [t for t, _ in prompts], np.array([label for _, label in prompts]), args.out)
-    texts, labels = _scanner_data(prompts)
-    train("scanner", texts, labels, args.out)
+    texts, labels, documents = _scanner_data(prompts)
+    train("scanner", texts, labels, args.out, documents)
     return 0
 
 

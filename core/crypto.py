@@ -39,12 +39,22 @@ def open_sealed(key: bytes, sealed: bytes, context: str) -> bytes:
 
 def seal_text(key: bytes, text: str, context: str) -> str:
     """`seal` for text, as URL-safe base64 for JSON payloads."""
-    return base64.urlsafe_b64encode(seal(key, text.encode(), context)).decode()
+    return seal_blob(key, text.encode(), context)
 
 
 def open_text(key: bytes, token: str, context: str) -> str:
     """Inverse of `seal_text`."""
-    return open_sealed(key, base64.urlsafe_b64decode(token), context).decode()
+    return open_blob(key, token, context).decode()
+
+
+def seal_blob(key: bytes, data: bytes, context: str) -> str:
+    """`seal` for bytes, as URL-safe base64 for JSON payloads."""
+    return base64.urlsafe_b64encode(seal(key, data, context)).decode()
+
+
+def open_blob(key: bytes, token: str, context: str) -> bytes:
+    """Inverse of `seal_blob`."""
+    return open_sealed(key, base64.urlsafe_b64decode(token), context)
 
 
 def decode_master_key(encoded: str) -> bytes:
@@ -55,7 +65,28 @@ def decode_master_key(encoded: str) -> bytes:
     return key
 
 
-def load_or_create_master_key_file(path: Path, *, create: bool) -> bytes:
+def parse_master_keyring(text: str) -> dict[int, bytes]:
+    """Master key versions from `v2:<base64>` entries (newline- or comma-separated); a bare key is version 1."""
+    ring: dict[int, bytes] = {}
+    for entry in (part.strip() for part in text.replace(",", "\n").splitlines()):
+        if not entry:
+            continue
+        label, _, encoded = entry.rpartition(":")
+        version = int(label.removeprefix("v")) if label else 1
+        if version < 1 or version in ring:
+            raise ValueError("master key versions must be distinct positive numbers")
+        ring[version] = decode_master_key(encoded)
+    if not ring:
+        raise ValueError("no master key given")
+    return ring
+
+
+def format_master_keyring(ring: dict[int, bytes]) -> str:
+    """The key file form of a keyring: one `v<N>:<base64>` line per version, newest first."""
+    return "".join(f"v{version}:{base64.b64encode(ring[version]).decode()}\n" for version in sorted(ring, reverse=True))
+
+
+def load_or_create_master_keyring(path: Path, *, create: bool) -> dict[int, bytes]:
     """Read the master key file, creating it 0600 when allowed (embedded mode only)."""
     if not path.exists():
         if not create:
@@ -64,4 +95,21 @@ def load_or_create_master_key_file(path: Path, *, create: bool) -> bytes:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(base64.b64encode(new_key()).decode())
-    return decode_master_key(path.read_text())
+    return parse_master_keyring(path.read_text())
+
+
+def write_master_keyring(path: Path, ring: dict[int, bytes]) -> None:
+    """Replace the key file atomically (0600 temp file, fsync, rename): a crash leaves the old or the new ring."""
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.unlink(missing_ok=True)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(format_master_keyring(ring))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

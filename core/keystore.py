@@ -2,12 +2,19 @@
 
 Department and document keys are stored only wrapped (encrypted) in `wrapped_keys`.
 Deleting a document's key row crypto-shreds everything sealed under it.
+The master key is versioned (a keyring): a department row's `parent_version` names the master version that
+wraps it; new keys are wrapped under the newest version.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+from collections.abc import Mapping
+from pathlib import Path
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
@@ -16,31 +23,39 @@ from core.cache import BoundedCache
 from core.models import WrappedKey
 from core.settings import Settings
 
-MASTER_VERSION = 1
 _CACHE_SIZE = 4096
+# Rows wrapped directly by the master key: department keys and the audit checkpoint key.
+MASTER_WRAPPED_KINDS = ("department", "checkpoint")
+_CHECKPOINT_OWNER = "audit"
+_CHECKPOINT_HKDF_INFO = b"govrag audit checkpoint v1"
 
 
 class KeyStore:
     """Creates, unwraps and destroys keys; caches unwrapped document keys in memory."""
 
-    def __init__(self, master_key: bytes) -> None:
-        self._master = master_key
+    def __init__(self, masters: Mapping[int, bytes], *, key_file: Path | None = None) -> None:
+        self._masters = dict(masters)
+        self._key_file = key_file  # re-read when it changes: another process may rotate the master key
+        self._key_file_stamp = _stamp(key_file)
+        self._masters_lock = threading.Lock()
         self._cache: BoundedCache[tuple[str, str], bytes] = BoundedCache(_CACHE_SIZE)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> KeyStore:
-        """Master key from env, else from the key file (generated only outside production)."""
+        """Master keyring from env, else from the key file (generated only outside production)."""
         if settings.master_key is not None:
-            return cls(crypto.decode_master_key(settings.master_key.get_secret_value()))
+            return cls(crypto.parse_master_keyring(settings.master_key.get_secret_value()))
         key_file = settings.resolved_master_key_file
-        return cls(crypto.load_or_create_master_key_file(key_file, create=not settings.is_production))
+        return cls(crypto.load_or_create_master_keyring(key_file, create=not settings.is_production),
+                   key_file=key_file)
 
     def create_department_key(self, *, session: Session, department: str) -> None:
         """Create the department's key when the department is created."""
         key = crypto.new_key()
-        wrapped = crypto.seal(self._master, key, _context("department", department, 1))
+        master_version, master = self._current_master()
+        wrapped = crypto.seal(master, key, _context("department", department, 1))
         session.add(WrappedKey(kind="department", owner=department, version=1,
-                               parent_version=MASTER_VERSION, wrapped=wrapped))
+                               parent_version=master_version, wrapped=wrapped))
         session.flush()
         self._remember(("department", f"{department}:v1"), key)
 
@@ -54,7 +69,8 @@ class KeyStore:
         cached = self._cached(ref)
         if cached is not None:
             return cached
-        key = crypto.open_sealed(self._master, row.wrapped, _context("department", department, row.version))
+        key = crypto.open_sealed(self._master(row.parent_version), row.wrapped,
+                                 _context("department", department, row.version))
         self._remember(ref, key)
         return key
 
@@ -98,8 +114,9 @@ class KeyStore:
             raise LookupError("department has no key")
         version = current.version + 1
         key = crypto.new_key()
-        session.add(WrappedKey(kind="department", owner=department, version=version, parent_version=MASTER_VERSION,
-                               wrapped=crypto.seal(self._master, key, _context("department", department, version))))
+        master_version, master = self._current_master()
+        session.add(WrappedKey(kind="department", owner=department, version=version, parent_version=master_version,
+                               wrapped=crypto.seal(master, key, _context("department", department, version))))
         session.flush()
         self._remember(("department", f"{department}:v{version}"), key)
         return version
@@ -136,6 +153,93 @@ class KeyStore:
         self._cache.discard_where(lambda ref: ref[0] == "department" and ref[1].startswith(f"{department}:v")
                                   and ref[1] != f"{department}:v{version}")
 
+    # --- master rotation: a new master version, master-wrapped rows rewrapped in place, old versions retired ---
+
+    def checkpoint_key(self, *, session: Session) -> bytes:
+        """The audit checkpoint HMAC key: stored wrapped once the master has rotated, else derived from it."""
+        cached = self._cached(("checkpoint", _CHECKPOINT_OWNER))
+        if cached is not None:
+            return cached
+        row = _latest(session, "checkpoint", _CHECKPOINT_OWNER)
+        if row is None:  # never rotated: the oldest master version is the original one
+            masters = self._masters_now()
+            key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                       info=_CHECKPOINT_HKDF_INFO).derive(masters[min(masters)])
+        else:
+            key = crypto.open_sealed(self._master(row.parent_version), row.wrapped,
+                                     _context("checkpoint", _CHECKPOINT_OWNER, row.version))
+        self._remember(("checkpoint", _CHECKPOINT_OWNER), key)
+        return key
+
+    def keep_checkpoint_key(self, *, session: Session) -> None:
+        """Store the checkpoint key wrapped, so signatures made under the original master outlive it."""
+        if _latest(session, "checkpoint", _CHECKPOINT_OWNER) is not None:
+            return
+        key = self.checkpoint_key(session=session)
+        master_version, master = self._current_master()
+        session.add(WrappedKey(kind="checkpoint", owner=_CHECKPOINT_OWNER, version=1, parent_version=master_version,
+                               wrapped=crypto.seal(master, key, _context("checkpoint", _CHECKPOINT_OWNER, 1))))
+        session.flush()
+
+    def add_master_version(self) -> int:
+        """A new master version: generated into the key file, or (keys from settings) the newest one given."""
+        masters = self._masters_now()
+        if self._key_file is None:
+            if len(masters) < 2:
+                raise LookupError("GOVRAG_MASTER_KEY holds one version: add the new key as 'v<N+1>:<base64>' "
+                                  "next to the current one, deploy it everywhere, then rotate")
+            return max(masters)
+        version = max(masters) + 1
+        crypto.write_master_keyring(self._key_file, {**masters, version: crypto.new_key()})
+        return self._current_master()[0]
+
+    def rewrap_under_master(self, *, session: Session, version: int, limit: int) -> int:
+        """Rewrap up to `limit` master-wrapped rows still under another version (in place; key material unchanged)."""
+        master = self._master(version)
+        rows = session.scalars(select(WrappedKey).where(WrappedKey.kind.in_(MASTER_WRAPPED_KINDS),
+                                                        WrappedKey.parent_version != version)
+                               .order_by(WrappedKey.id).limit(limit).with_for_update()).all()
+        for row in rows:
+            context = _context(row.kind, row.owner, row.version)
+            key = crypto.open_sealed(self._master(row.parent_version), row.wrapped, context)
+            row.wrapped, row.parent_version = crypto.seal(master, key, context), version
+        session.flush()
+        return len(rows)
+
+    def retire_master_versions(self, *, session: Session, version: int) -> list[int]:
+        """Drop every master version but `version` once no row needs them (from the key file; else the caller
+        removes them from GOVRAG_MASTER_KEY). Returns the retired versions."""
+        pending = session.scalars(select(WrappedKey.id).where(WrappedKey.kind.in_(MASTER_WRAPPED_KINDS),
+                                                              WrappedKey.parent_version != version).limit(1)).first()
+        if pending is not None:
+            raise RuntimeError("rows are still wrapped under an old master version")
+        masters = self._masters_now()
+        retired = sorted(v for v in masters if v != version)
+        if self._key_file is not None and retired:
+            crypto.write_master_keyring(self._key_file, {version: masters[version]})
+            self._masters_now()
+        return retired
+
+    def _masters_now(self) -> dict[int, bytes]:
+        """The keyring, re-read from the key file when that changed (a rotation elsewhere)."""
+        with self._masters_lock:
+            stamp = _stamp(self._key_file)
+            if self._key_file is not None and stamp != self._key_file_stamp:
+                self._masters = crypto.parse_master_keyring(self._key_file.read_text())
+                self._key_file_stamp = stamp
+            return self._masters
+
+    def _master(self, version: int) -> bytes:
+        masters = self._masters_now()
+        if version not in masters:
+            raise LookupError(f"master key version {version} is not available")
+        return masters[version]
+
+    def _current_master(self) -> tuple[int, bytes]:
+        masters = self._masters_now()
+        version = max(masters)
+        return version, masters[version]
+
     def shred_document_key(self, *, session: Session, document_id: str) -> None:
         """Destroy the document's key: its ciphertexts become unreadable for good."""
         session.execute(delete(WrappedKey).where(WrappedKey.kind == "document", WrappedKey.owner == document_id))
@@ -157,6 +261,17 @@ def _version(session: Session, kind: str, owner: str, version: int) -> WrappedKe
     query = select(WrappedKey).where(WrappedKey.kind == kind, WrappedKey.owner == owner,
                                      WrappedKey.version == version)
     return session.scalars(query).first()
+
+
+def _stamp(path: Path | None) -> tuple[int, int, int] | None:
+    """What changes when the key file is replaced or rewritten."""
+    if path is None:
+        return None
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_ino, info.st_mtime_ns, info.st_size
 
 
 def _context(kind: str, owner: str, version: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import threading
@@ -9,6 +10,7 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
 
+import redis
 from sqlalchemy.orm import Session
 
 from audit import service as audit_service
@@ -137,13 +139,14 @@ def list_states(*, session: Session, settings: Settings) -> dict[str, ScopeState
 
 
 class _TripWindow:
-    """Guard hits per department in the last minute (per process)."""
+    """Guard hits per department in the last minute (per process: the embedded default)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._hits: dict[str, deque[float]] = defaultdict(deque)
 
-    def add(self, department: str, now: float) -> int:
+    def add(self, department: str) -> int:
+        now = time.monotonic()
         with self._lock:
             window = self._hits[department]
             window.append(now)
@@ -151,12 +154,54 @@ class _TripWindow:
                 window.popleft()
             return len(window)
 
-    def reset(self, department: str) -> None:
+    def claim(self, department: str) -> bool:
+        """Reset the department's window; True for the one caller that emptied it (that caller trips)."""
         with self._lock:
-            self._hits.pop(department, None)
+            return bool(self._hits.pop(department, None))
+
+
+class _RedisTripCounter:
+    """Guard hits per department in the last minute, shared by every replica: a Redis sorted set of hit times
+    (older ones trimmed on each hit) that expires a minute after the last hit."""
+
+    def __init__(self, redis_url: str, namespace: str) -> None:
+        self._client = redis.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
+        self._namespace = namespace
+
+    def _key(self, department: str) -> str:
+        return f"govrag:guard-hits:{self._namespace}:{department}"
+
+    def add(self, department: str) -> int:
+        key, now = self._key(department), time.time()
+        pipe = self._client.pipeline()  # MULTI/EXEC: the four steps apply together
+        pipe.zadd(key, {f"{now:.6f}-{secrets.token_hex(4)}": now})
+        pipe.zremrangebyscore(key, "-inf", now - 60.0)
+        pipe.zcard(key)
+        pipe.expire(key, 61)
+        _, _, count, _ = pipe.execute()
+        return int(count)
+
+    def claim(self, department: str) -> bool:
+        """Reset the department's window; DEL is atomic, so exactly one replica wins the trip."""
+        return bool(self._client.delete(self._key(department)))
 
 
 _TRIPS = _TripWindow()
+_REDIS_COUNTERS: dict[tuple[str, str], _RedisTripCounter] = {}
+_REDIS_COUNTERS_LOCK = threading.Lock()
+
+
+def _trip_counter(settings: Settings) -> _TripWindow | _RedisTripCounter:
+    """Redis when the deployment has it (the broker URL), so replicas count together; else this process."""
+    if not settings.broker_url.startswith(("redis://", "rediss://")):
+        return _TRIPS
+    # One deployment = one database: replicas of it share counters, other deployments on the same Redis do not.
+    namespace = hashlib.sha256(settings.resolved_database_url.encode()).hexdigest()[:16]
+    with _REDIS_COUNTERS_LOCK:
+        key = (settings.broker_url, namespace)
+        if key not in _REDIS_COUNTERS:
+            _REDIS_COUNTERS[key] = _RedisTripCounter(settings.broker_url, namespace)
+        return _REDIS_COUNTERS[key]
 
 
 def record_guard_hit(*, session: Session, settings: Settings, departments: list[str], kind: str) -> list[str]:
@@ -165,13 +210,30 @@ def record_guard_hit(*, session: Session, settings: Settings, departments: list[
     limit, tripped = settings.guard_auto_trip_per_minute, []
     if limit <= 0:
         return tripped
-    now = time.monotonic()
+    counter = _trip_counter(settings)
     for department in departments:
-        if _TRIPS.add(department, now) >= limit and kill_mode(
-                session=session, settings=settings, departments=[department]) is KillMode.normal:
+        if _count(counter, department) >= limit and kill_mode(
+                session=session, settings=settings, departments=[department]) is KillMode.normal \
+                and _claim(counter, department):
             set_kill_switch(session=session, settings=settings, identity=SYSTEM_IDENTITY, scope=department,
                             mode=KillMode.retrieval_only, reason=f"automatic trip: {limit} guard hits in a minute")
             metrics.KILL_SWITCH_AUTO_TRIPS.labels(department=department).inc()
-            _TRIPS.reset(department)
             tripped.append(department)
     return tripped
+
+
+def _count(counter: _TripWindow | _RedisTripCounter, department: str) -> int:
+    """Add one hit; if Redis is unreachable, count in this process rather than fail the query."""
+    try:
+        return counter.add(department)
+    except redis.RedisError:
+        logger.warning("guard hit counter unavailable in Redis; counting in this process")
+        return _TRIPS.add(department)
+
+
+def _claim(counter: _TripWindow | _RedisTripCounter, department: str) -> bool:
+    """Win the right to trip (Redis unreachable: trip anyway; a second trip changes nothing)."""
+    try:
+        return counter.claim(department)
+    except redis.RedisError:
+        return True

@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from enum import StrEnum
 from importlib import resources
@@ -113,10 +114,36 @@ def lexical_features(raw: str, normalised: str, hits: tuple[str, ...]) -> np.nda
     odd = sum(bool(_ODD_TOKEN.search(t)) for t in tokens) / len(tokens) if tokens else 0.0
     disguised = float(normalised.count("\n") > raw.count("\n"))  # a decoded payload was appended
     return np.array([*(float(rule.name in hits) for rule in RULES), math.log1p(len(raw)) / 8.0, upper, non_ascii,
-                     symbols, _symbol_ratio(raw[-120:]), odd, float(has_invisible(raw)), disguised], dtype=np.float32)
+                     symbols, _symbol_ratio(raw[-120:]), odd, float(has_invisible(raw)), disguised,
+                     *gibberish_features(raw)], dtype=np.float32)
 
 
 _ODD_TOKEN = re.compile(r"[a-z][A-Z]|[^\w\s]{2,}\w|\w[^\w\s'.,!?:;\-]\w|[\[\]{}<>|\\$=*]")
+_WORD_LIKE = re.compile(r"^[\"'(\[]?[A-Za-z]+(?:['-][A-Za-z]+)*[.,!?;:)\"']{0,2}$|^\d+(?:[.,]\d+)?[.,%]?$")
+_PUNCTUATION_RUN = re.compile(r"[^\w\s]{3,}")
+_CODE_SYMBOLS = frozenset("[]{}()<>`$\\|^~")
+TAIL_CHARS = 200  # optimisation suffixes (GCG-style) sit at the end of the prompt
+
+
+def gibberish_features(raw: str) -> tuple[float, ...]:
+    """Signs of an optimised adversarial suffix: non-word tokens, punctuation runs, character entropy, whole/tail."""
+    tail = raw[-TAIL_CHARS:]
+    runs = [len(run) for run in _PUNCTUATION_RUN.findall(raw)]
+    return (_non_word_ratio(raw), _non_word_ratio(tail), min(len(runs), 10) / 10, min(max(runs, default=0), 20) / 20,
+            _entropy(raw), _entropy(tail), len(_CODE_SYMBOLS.intersection(raw)) / len(_CODE_SYMBOLS))
+
+
+def _non_word_ratio(text: str) -> float:
+    tokens = text.split()
+    return sum(not _WORD_LIKE.match(t) for t in tokens) / len(tokens) if tokens else 0.0
+
+
+def _entropy(text: str) -> float:
+    """Shannon entropy of the characters in bits, scaled by 1/7 (about the maximum for ASCII prose)."""
+    if not text:
+        return 0.0
+    counts = np.fromiter(Counter(text).values(), dtype=np.float64) / len(text)
+    return float(-(counts * np.log2(counts)).sum() / 7.0)
 
 
 def _symbol_ratio(text: str) -> float:

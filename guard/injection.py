@@ -44,24 +44,32 @@ class InjectionScanner:
     def __init__(self, model: FirewallModel) -> None:
         self.model = model
         self.threshold = model.threshold
+        # Which weights and threshold judged a chunk: ingestion records it, and a chunk judged clean by this very
+        # version need not be scanned again at query time (only chunks ingested before a change are).
+        self.version = hashlib.sha256(np.ascontiguousarray(model.coef).tobytes()
+                                      + repr((model.intercept, model.threshold)).encode()).hexdigest()[:16]
         # The same chunks come back query after query: remember their scores (keyed by a hash, never the text).
         self._scores: BoundedCache[bytes, float] = BoundedCache(SCORE_CACHE_SIZE)
 
     def score(self, text: str) -> float:
         """Maximum segment score (0 for a text with no segment)."""
-        key = hashlib.sha256(text.encode()).digest()
-        value = self._scores.get(key)
-        if value is None:
-            value = self._score(text)
-            self._scores.put(key, value)
-        return value
+        return self.score_many([text])[0]
 
-    def _score(self, text: str) -> float:
-        parts = segments(text)
-        if not parts:
-            return 0.0
-        scores, _ = self.model.scores(parts)
-        return float(np.max(scores))
+    def score_many(self, texts: list[str]) -> list[float]:
+        """`score` for each text; the segments of all texts not seen before go to the model in one call."""
+        keys = [hashlib.sha256(text.encode()).digest() for text in texts]
+        values = [self._scores.get(key) for key in keys]
+        missing = [i for i, value in enumerate(values) if value is None]
+        parts = [segments(texts[i]) for i in missing]
+        flat = [part for text_parts in parts for part in text_parts]
+        scores = self.model.scores(flat)[0] if flat else np.zeros(0)
+        start = 0
+        for i, text_parts in zip(missing, parts, strict=True):
+            chunk_scores = scores[start:start + len(text_parts)]
+            values[i] = float(np.max(chunk_scores)) if len(text_parts) else 0.0
+            self._scores.put(keys[i], values[i])
+            start += len(text_parts)
+        return [float(value) for value in values]  # type: ignore[arg-type]
 
     def scan(self, text: str) -> ScanResult:
         """Score `text` and compare with the shipped threshold."""

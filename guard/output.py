@@ -11,6 +11,7 @@ from guard.pii import get_redactor
 
 PLACEHOLDER = re.compile(r"^<[A-Z_]+_\d+>$")
 SHINGLE_WORDS = 8
+_CITATION = re.compile(r"\[\d+\]")
 _WORD = re.compile(r"[a-z0-9']+")
 
 
@@ -49,8 +50,18 @@ def echoes_system_prompt(text: str, system_prompt: str) -> bool:
                for i in range(max(0, len(prompt_words) - SHINGLE_WORDS + 1)))
 
 
+def quotes_context_only(text: str, context: str) -> bool:
+    """True when every piece of `text` between citation markers appears in the context word for word
+    (as an extractive answer does): such a text can hold no value the context does not."""
+    pieces = [" ".join(piece.split()) for piece in _CITATION.split(text)]
+    flat = " ".join(context.split())
+    return any(pieces) and all(piece in flat for piece in pieces)
+
+
 def scrub_pii(text: str, context: str) -> tuple[str, int]:
     """Replace raw PII that the (already redacted) context does not contain; placeholders pass."""
+    if quotes_context_only(text, context):
+        return text, 0  # the analyzer could only find values that the context holds: nothing to scrub
     spans = []
     for result in get_redactor().analyze(text):
         value = text[result.start:result.end]

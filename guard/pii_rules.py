@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import regex
 from presidio_analyzer import EntityRecognizer, Pattern, PatternRecognizer, RecognizerResult
-from presidio_analyzer.predefined_recognizers import IbanRecognizer
+from presidio_analyzer.predefined_recognizers import IbanRecognizer, PhoneRecognizer
 
 # One name word: a capital then letters, apostrophes or hyphens ("O'Neil", "Jean-Luc", "Szöllösy").
 _WORD = r"\p{Lu}[\p{Ll}\p{Lu}'\u2019\-]*\p{Ll}[\p{Ll}'\u2019\-]*"
@@ -79,17 +79,24 @@ _CARD_MARKERS = regex.compile(r"(?i)@|\b(?:phone|mobile|tel|fax|e-?mail|address|
 # A "name" right after a house number or before one on the same line is a street ("5850 Jana Nerudy 894").
 _STREET_BEFORE = regex.compile(r"(?:\d[ \t]*|\b(?:ul|u|al|str|rua|via|av|avda|c/)\.?[ \t]+)$", regex.IGNORECASE)
 _STREET_AFTER = regex.compile(r"^[ \t]+\d")
+# Address blocks: the street line ("> 3369 24 Clarke Avenue"), and what may surround a town on its own line
+# (quote marks before; a region code or postcode after).
+_STREET_LINE = regex.compile(r"^[\s>?*-]*\d+[\d \t]*(?!(?i:office|fax|mobile|cell|home|work|direct|tel|phone)\b)\p{L}")
+_LINE_LEAD = regex.compile(r"[\s>?*-]*")
+_LINE_TAIL = regex.compile(r"[\s,.]*(?:\p{Lu}{2,3})?[\s,.\d-]*")
 
 # Digit runs shaped like phone numbers in any country; only context ("phone", "call"…) lifts them.
 _LOOSE_PHONE = (
     r"(?<![\w.+-])(?<!\d[ .-])(?:\+|00)?(?:\(\d{1,4}\)[ .-]?|\d{1,4}[ .-]?)?(?:\(0\)[ ]?)?"
-    r"\d{2,4}(?:[ .-]?\d{2,4}){1,4}(?:[ ]?(?:x|ext\.?)[ ]?\d{1,5})?(?![\w-])"
+    r"\d{2,4}(?:[ .-]?\d{2,4}){1,4}(?:[ ]?(?:x|ext\.?)[ ]?\d{1,5})?(?!\w|-(?!\p{L}))"
 )
 # Shapes that are phone numbers on their own: an international prefix, a bracketed area code, a trunk 0
 # with three or more groups, or North American 3-3-4 with an optional extension.
 _NOT_PHONE_BEFORE = regex.compile(r"(?i)\b(?:zip|postcode|postal code|licen[cs]e|passport|account|card|invoice|order"
                                    r"|ssn|social security)\b[^\n\d]*$")
 _WORD_AFTER = regex.compile(r"^[ \t]+\p{L}")
+# A label after the number ("781 1704 office", "3660170548-Fax") makes it a phone whatever its shape.
+_LABEL_AFTER = regex.compile(r"^[ \t]*[-(]?[ \t]*(?i:office|fax|mobile|cell|home|work|direct|tel|phone)\b")
 _PHONE_SHAPES = [
     Pattern("intl_phone",
             r"(?<![\w+])\+\d{1,3}[ .-]?(?:\(0\)[ ]?)?\(?\d{1,4}\)?(?:[ .-]?\d{2,4}){1,4}(?:[ ]?x\d{1,5})?\b", 0.45),
@@ -167,13 +174,27 @@ class _AnyCaseIbanRecognizer(IbanRecognizer):
         return bool(super().validate_result(pattern_text.upper()))
 
 
+class _PlausiblePhoneRecognizer(PhoneRecognizer):
+    """Presidio's libphonenumber recognizer minus short numbers, house numbers, postcodes and licence numbers."""
+
+    def analyze(self, text: str, entities: list[str], nlp_artifacts: object = None) -> list[RecognizerResult]:
+        """Return Presidio's phone matches that pass the same neighbour checks as the loose shapes."""
+        results = super().analyze(text, entities, nlp_artifacts) or []
+        return [r for r in results if _enough_digits(text[r.start : r.end]) and _plausible_loose_phone(text, r)]
+
+
+def _enough_digits(value: str) -> bool:
+    return sum(ch.isdigit() for ch in value) >= _MIN_PHONE_DIGITS
+
+
 def _plausible_loose_phone(text: str, result: RecognizerResult) -> bool:
     """Tell a loose digit run from an address number, a postcode or an identifier by its neighbours."""
     groups = len(regex.findall(r"\d+", text[result.start : result.end]))
     before = text[max(0, result.start - 30) : result.start]
     if _NOT_PHONE_BEFORE.search(before):
         return False
-    return groups >= 3 or not _WORD_AFTER.match(text[result.end : result.end + 3])
+    after = text[result.end : result.end + 12]
+    return groups >= 3 or bool(_LABEL_AFTER.match(after)) or not _WORD_AFTER.match(after)
 
 
 def _pattern_name(result: RecognizerResult) -> str | None:
@@ -182,8 +203,21 @@ def _pattern_name(result: RecognizerResult) -> str | None:
 
 
 def drop_street_names(text: str, results: list[RecognizerResult]) -> list[RecognizerResult]:
-    """Remove PERSON spans that sit next to a house number, as street names do."""
-    return [r for r in results if r.entity_type != "PERSON" or not _next_to_house_number(text, r)]
+    """Remove PERSON spans that sit next to a house number or fill a town line below a street, as places do."""
+    return [r for r in results
+            if r.entity_type != "PERSON" or not (_next_to_house_number(text, r) or _town_line(text, r))]
+
+
+def _town_line(text: str, result: RecognizerResult) -> bool:
+    """A span alone on its line within three lines below a "<number> <street>" line is a town, not a person."""
+    line_start = text.rfind("\n", 0, result.start) + 1
+    line_end = text.find("\n", result.end)
+    line_end = len(text) if line_end == -1 else line_end
+    alone = _LINE_LEAD.fullmatch(text[line_start : result.start]) and _LINE_TAIL.fullmatch(text[result.end : line_end])
+    if not alone:
+        return False
+    above = text[:line_start].splitlines()[-3:]
+    return any(_STREET_LINE.match(line) for line in above)
 
 
 def _next_to_house_number(text: str, result: RecognizerResult) -> bool:
@@ -193,7 +227,7 @@ def _next_to_house_number(text: str, result: RecognizerResult) -> bool:
 
 def rule_recognizers() -> list[EntityRecognizer]:
     """Return the rule-based recognizers added to Presidio's defaults."""
-    return [_PersonContextRecognizer(), _LoosePhoneRecognizer(), _AnyCaseIbanRecognizer()]
+    return [_PersonContextRecognizer(), _PlausiblePhoneRecognizer(), _LoosePhoneRecognizer(), _AnyCaseIbanRecognizer()]
 
 
 def person_words(text: str, results: list[RecognizerResult]) -> set[str]:

@@ -7,9 +7,9 @@ from enum import StrEnum
 from pydantic import BaseModel, Field
 
 from authz.schemas import DEPARTMENT_PATTERN
+from authz.schemas import GLOBAL_SCOPE as GLOBAL_SCOPE  # the kill switch's global scope, never a department
 from guard.firewall import GuardMode
 
-GLOBAL_SCOPE = "global"
 SCOPE_PATTERN = DEPARTMENT_PATTERN  # "global" or a department name
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from ingestion.schemas import Classification
@@ -29,14 +30,24 @@ _MANY_PEOPLE = 20
 _CONTACT_KINDS = ("EMAIL_ADDRESS", "PHONE_NUMBER")
 # Identifiers per 1,000 characters above which a document is a data dump rather than prose.
 _DENSE_PER_KCHAR = 5.0
+# A placeholder the redactor wrote, e.g. <US_SSN_2>: its kind is what the chunk's content shows.
+_PLACEHOLDER = re.compile(r"<([^<>\s]+)_\d+>")
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """The final level and why it is higher than declared (kinds and counts only, never values)."""
+    """The final level and why it is higher than declared (kinds and counts only, never values).
+
+    `chunk_levels[i]` is chunk i's own level (empty when classified as a whole); `level` is at least each of them.
+    """
 
     level: Classification
     reasons: tuple[str, ...]
+    chunk_levels: tuple[Classification, ...] = ()
+
+    def chunk_level(self, index: int) -> Classification:
+        """Chunk `index`'s level; the document's when chunks were not classified one by one."""
+        return self.chunk_levels[index] if self.chunk_levels else self.level
 
 
 def classify(*, declared: Classification, pii_counts: Mapping[str, int], text_chars: int,
@@ -49,19 +60,59 @@ def classify(*, declared: Classification, pii_counts: Mapping[str, int], text_ch
             level = found
         if count and found.rank > declared.rank:
             reasons.append(f"{kind.lower()} x{count}")
-    people = pii_counts.get("PERSON", 0)
-    if people >= _MANY_PEOPLE and any(pii_counts.get(kind, 0) for kind in _CONTACT_KINDS):
+    for reason in _aggregate_reasons(pii_counts, text_chars):
         level = _raise(level, Classification.confidential)
-        reasons.append(f"{people} people with contact details")
-    total = sum(pii_counts.values())
-    if text_chars and total * 1000 / text_chars >= _DENSE_PER_KCHAR and total >= _MANY_PEOPLE:
-        level = _raise(level, Classification.confidential)
-        reasons.append("dense personal data")
+        reasons.append(reason)
     for keyword, keyword_level in sorted(keyword_hits.items()):
         if keyword_level.rank > declared.rank:
             level = _raise(level, keyword_level)
             reasons.append(f"keyword '{keyword}'")
     return Verdict(level=level, reasons=tuple(reasons) if level != declared else ())
+
+
+def classify_chunks(*, declared: Classification, texts: Sequence[str], redacted: Sequence[str],
+                    pii_counts: Mapping[str, int], placeholders: Collection[str],
+                    keywords: Mapping[str, str]) -> Verdict:
+    """Each chunk's level from its own content (never below `declared`); the document's is the highest of them.
+
+    `texts` and `redacted` are the chunks before and after redaction, `pii_counts` the document's distinct values
+    per kind and `placeholders` every placeholder the redactor minted. What only the whole document shows (many
+    people with contact details, dense personal data) raises every chunk, like the declared level does.
+    """
+    document = classify(declared=declared, pii_counts=pii_counts, text_chars=sum(map(len, texts)),
+                        keyword_hits=keyword_hits(list(texts), keywords))
+    floor = _raise(declared, Classification.confidential) \
+        if _aggregate_reasons(pii_counts, sum(map(len, texts))) else declared
+    chunks = [classify(declared=floor, pii_counts=_chunk_pii_counts(text, placeholders), text_chars=len(original),
+                       keyword_hits=keyword_hits([original], keywords))
+              for original, text in zip(texts, redacted, strict=True)]
+    level, reasons = document.level, list(document.reasons)
+    for chunk in chunks:
+        if chunk.level.rank > level.rank:
+            level = chunk.level
+        reasons.extend(reason for reason in chunk.reasons if chunk.level.rank > document.level.rank
+                       and reason not in reasons)
+    return Verdict(level=level, reasons=tuple(reasons) if level != declared else (),
+                   chunk_levels=tuple(_raise(chunk.level, declared) for chunk in chunks))
+
+
+def _chunk_pii_counts(redacted_text: str, placeholders: Collection[str]) -> dict[str, int]:
+    """Distinct values per kind in one redacted chunk, read from the placeholders the redactor put there."""
+    seen = {match.group(0): match.group(1) for match in _PLACEHOLDER.finditer(redacted_text)
+            if match.group(0) in placeholders}
+    return dict(Counter(seen.values()))
+
+
+def _aggregate_reasons(pii_counts: Mapping[str, int], text_chars: int) -> list[str]:
+    """What makes a text confidential as a whole: a personnel list or customer export, or a data dump."""
+    reasons = []
+    people = pii_counts.get("PERSON", 0)
+    if people >= _MANY_PEOPLE and any(pii_counts.get(kind, 0) for kind in _CONTACT_KINDS):
+        reasons.append(f"{people} people with contact details")
+    total = sum(pii_counts.values())
+    if text_chars and total * 1000 / text_chars >= _DENSE_PER_KCHAR and total >= _MANY_PEOPLE:
+        reasons.append("dense personal data")
+    return reasons
 
 
 def keyword_hits(texts: list[str], keywords: Mapping[str, str]) -> dict[str, Classification]:

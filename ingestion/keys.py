@@ -1,4 +1,5 @@
-"""Key rotation: a new department key, every document key rewrapped in committed batches, then the old retired."""
+"""Key rotation in committed batches, then the old versions retired: department keys (every document key
+rewrapped) and the master key (every department key rewrapped). Data keys, ciphertexts and vectors stay."""
 
 from __future__ import annotations
 
@@ -56,3 +57,36 @@ def _rotate_one(settings: Settings, department: str, batch_size: int) -> Rotatio
                                  document_ids=repository.document_ids_with_keys(session, department))
     logger.info("rotated department key of %s to v%d: %d document keys rewrapped", department, version, rewrapped)
     return RotationReport(department=department, new_version=version, documents_rewrapped=rewrapped)
+
+
+@dataclass(frozen=True)
+class MasterRotationReport:
+    """What a master-key rotation did; `retired_versions` are no longer needed by any key."""
+
+    new_version: int
+    keys_rewrapped: int
+    retired_versions: tuple[int, ...]
+
+
+def rotate_master_key(*, settings: Settings, batch_size: int = BATCH_SIZE) -> MasterRotationReport:
+    """A new master version; department keys (and the audit checkpoint key) rewrapped under it; old versions retired.
+
+    The old version stays in the keyring until every row is rewrapped and committed, so a crash midway leaves
+    everything readable; running it again finishes the job under a newer version.
+    """
+    keystore = keystore_for(settings)
+    url = settings.resolved_database_url
+    with unit_of_work(url) as session:
+        keystore.keep_checkpoint_key(session=session)  # before any new version: signatures outlive the old one
+    version = keystore.add_master_version()
+    rewrapped = 0
+    while True:
+        with unit_of_work(url) as session:
+            done = keystore.rewrap_under_master(session=session, version=version, limit=batch_size)
+        rewrapped += done
+        if done < batch_size:
+            break
+    with unit_of_work(url) as session:
+        retired = keystore.retire_master_versions(session=session, version=version)
+    logger.info("rotated the master key to v%d: %d keys rewrapped, versions %s retired", version, rewrapped, retired)
+    return MasterRotationReport(new_version=version, keys_rewrapped=rewrapped, retired_versions=tuple(retired))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import io
 import logging
 import os
@@ -44,6 +45,21 @@ T = TypeVar("T")
 _offline_lock = threading.Lock()
 _offline_ready = False
 
+TITLE_MAX_WORDS = 12  # the default of unstructured's is_possible_title(title_max_word_length=...)
+# unstructured's partitioners call is_possible_narrative_text (a spaCy parse) on each paragraph by their own
+# global name. Where its answer only picks NarrativeText over Text, which sections do not tell apart, it is
+# skipped; where a negative answer leads on to the Title test, it is skipped for text too long to be a title.
+_NARRATIVE_OR_TEXT_MODULES = (
+    "unstructured.partition.html.parser",  # HTML, markdown, e-mail bodies, EPUB/ODT/RTF through pandoc
+    "unstructured.partition.docx",
+)
+_NARRATIVE_OR_TITLE_MODULES = (
+    "unstructured.partition.text",  # plain text, PDF text boxes, XML leaves
+    "unstructured.partition.pptx",
+    "unstructured.partition.xlsx",
+)
+_library_narrative_check: Callable[..., bool]
+
 
 @dataclass(frozen=True)
 class Section:
@@ -55,8 +71,8 @@ class Section:
     heading: str | None
 
 
-def ensure_offline_nlp() -> None:
-    """Opt unstructured out of telemetry and point it at the installed spaCy model (idempotent)."""
+def configure_unstructured() -> None:
+    """Once per process: no telemetry, the installed spaCy model, and no spaCy pass whose answer is dropped."""
     global _offline_ready
     if _offline_ready:
         return
@@ -72,7 +88,42 @@ def ensure_offline_nlp() -> None:
         # calls the module-level `_get_nlp`, so that is the one seam to replace.
         tokenize._get_nlp = _load_unstructured_nlp
         tokenize._install_spacy_model = _refuse_model_download
+        _skip_unused_narrative_checks()
         _offline_ready = True
+
+
+def _skip_unused_narrative_checks() -> None:
+    """Replace unstructured's narrative test where its answer cannot change a section (see the module lists)."""
+    from unstructured.partition import text_type
+
+    global _library_narrative_check
+    _library_narrative_check = text_type.is_possible_narrative_text
+    for module in _NARRATIVE_OR_TEXT_MODULES:
+        importlib.import_module(module).is_possible_narrative_text = plain_text_not_narrative
+    for module in _NARRATIVE_OR_TITLE_MODULES:
+        importlib.import_module(module).is_possible_narrative_text = narrative_unless_title_possible
+
+
+def plain_text_not_narrative(text: str, *args: object, **kwargs: object) -> bool:
+    """Stand-in for the narrative test where NarrativeText and Text become the same kind of section."""
+    del text, args, kwargs  # the library's signature
+    return False
+
+
+def narrative_unless_title_possible(text: str, *args: object, **kwargs: object) -> bool:
+    """The library's narrative test, answered True without spaCy for text too long to be a title.
+
+    A negative answer leads on to the Title test, which refuses more than `TITLE_MAX_WORDS` words before
+    anything else; either way such text becomes a "text" section. Only text that could be a title needs spaCy.
+    """
+    if len(text.split(" ")) > _title_max_words():
+        return True
+    return _library_narrative_check(text, *args, **kwargs)
+
+
+def _title_max_words() -> int:
+    """unstructured's title word limit, read the way `is_possible_title` reads it."""
+    return int(os.environ.get("UNSTRUCTURED_TITLE_MAX_WORD_LENGTH", TITLE_MAX_WORDS))
 
 
 @functools.lru_cache(maxsize=1)
@@ -103,7 +154,7 @@ class ParseLimits:
 def parse_document(data: bytes, content_type: str, limits: ParseLimits | None = None) -> list[Section]:
     """Partition the bytes of a sniffed content type into sections, or raise a GovragError."""
     limits = limits or ParseLimits()
-    ensure_offline_nlp()
+    configure_unstructured()
     if data.startswith(b"PK"):
         check_zip_container(data, limits)
     if content_type == sniff.APPLICATION_PDF:

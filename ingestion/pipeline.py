@@ -10,9 +10,10 @@ from guard.injection import InjectionScanner
 from guard.pii import PiiRedactor, PlaceholderMap
 from guard.pii_rules import RedactionRules
 from ingestion.chunk import Chunk, chunk_sections
-from ingestion.classify import Verdict, classify, keyword_hits
+from ingestion.classify import Verdict, classify_chunks
 from ingestion.parse import ParseLimits, parse_document
 from ingestion.schemas import Classification
+from retrieval import sentence_vectors
 from retrieval.embeddings import TextEmbedder
 from retrieval.store import VectorPoint
 
@@ -69,22 +70,25 @@ def protect(data: bytes, facts: DocumentFacts, *, key: bytes, embedder: TextEmbe
     placeholders = PlaceholderMap()
     redacted = redactor.redact_many(texts, placeholders, rules.redaction)
     clock.lap("pii")
-    verdict = classify(declared=facts.classification, pii_counts=placeholders.counts(),
-                       text_chars=sum(map(len, texts)), keyword_hits=keyword_hits(texts, rules.keywords))
-    flagged = tuple(c.index for c, text in zip(chunks, redacted, strict=True)
-                    if scanner is not None and scanner.scan(text).flagged)
+    verdict = classify_chunks(declared=facts.classification, texts=texts, redacted=redacted,
+                              pii_counts=placeholders.counts(), placeholders=placeholders.mapping().keys(),
+                              keywords=rules.keywords)
+    scores = scanner.score_many(redacted) if scanner is not None else [0.0] * len(chunks)
+    flagged = tuple(c.index for c, score in zip(chunks, scores, strict=True)
+                    if scanner is not None and score >= scanner.threshold)
     clock.lap("scan")
     reason = None if facts.approved else review_reason(verdict, flagged, rules)
     if reason is not None:
         return Protected(points=[], verdict=verdict, flagged=flagged, review_reason=reason,
                          stage_seconds=clock.laps, placeholders=placeholders.mapping())
     kept = [(c, t) for c, t in zip(chunks, redacted, strict=True) if c.index not in set(flagged)]
-    vectors = embedder.embed([text for _, text in kept]) if kept else []
+    vectors, sentences = sentence_vectors.embed_chunks(embedder, [text for _, text in kept])
     clock.lap("embed")
     points = [
         VectorPoint(document_id=facts.document_id, chunk_index=chunk.index, vector=vector.tolist(),
-                    payload=_payload(facts, chunk, key, text, verdict.level))
-        for (chunk, text), vector in zip(kept, vectors, strict=True)
+                    payload=_payload(facts, chunk, key, text, packed, verdict.chunk_level(chunk.index),
+                                     scanner.version if scanner is not None else ""))
+        for (chunk, text), vector, packed in zip(kept, vectors, sentences, strict=True)
     ]
     clock.lap("encrypt")
     return Protected(points=points, verdict=verdict, flagged=flagged, review_reason=None,
@@ -120,13 +124,21 @@ def chunk_id(document_id: str, chunk_index: int) -> str:
     return f"{document_id}:{chunk_index}"
 
 
-def chunk_context(document_id: str, chunk_index: int) -> str:
-    """Associated data binding a sealed chunk to its place: swapping ciphertexts fails to open."""
-    return f"govrag:chunk:{chunk_id(document_id, chunk_index)}"
+def chunk_context(document_id: str, chunk_index: int, classification: str, scanned_by: str) -> str:
+    """Associated data binding a sealed chunk to its place, its level and the scanner version that passed it:
+    swapping ciphertexts, or altering the level or scanner version in the vector store's payload (to slip past
+    the search filter or the query-time scan), makes it fail to open."""
+    return f"govrag:chunk:{chunk_id(document_id, chunk_index)}:{classification}:{scanned_by}"
 
 
-def _payload(facts: DocumentFacts, chunk: Chunk, key: bytes, redacted_text: str,
-             level: Classification) -> dict[str, object]:
+def sentences_context(document_id: str, chunk_index: int, classification: str, scanned_by: str) -> str:
+    """Associated data for a chunk's sealed sentence vectors (never interchangeable with its text)."""
+    return f"{chunk_context(document_id, chunk_index, classification, scanned_by)}:sentences"
+
+
+def _payload(facts: DocumentFacts, chunk: Chunk, key: bytes, redacted_text: str, packed_sentences: bytes,
+             level: Classification, scanned_by: str) -> dict[str, object]:
+    context = (facts.document_id, chunk.index, level.value, scanned_by)
     return {
         "document_id": facts.document_id,
         "chunk_id": chunk_id(facts.document_id, chunk.index),
@@ -137,5 +149,7 @@ def _payload(facts: DocumentFacts, chunk: Chunk, key: bytes, redacted_text: str,
         "classification": level.value,
         "classification_rank": level.rank,
         "page": chunk.page,
-        "sealed_text": crypto.seal_text(key, redacted_text, chunk_context(facts.document_id, chunk.index)),
+        "scanned_by": scanned_by,
+        "sealed_text": crypto.seal_text(key, redacted_text, chunk_context(*context)),
+        "sealed_sentences": crypto.seal_blob(key, packed_sentences, sentences_context(*context)),
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -80,12 +81,12 @@ def run_ingestion(*, settings: Settings, document_id: str, job_id: str) -> None:
     store.delete_document(facts.department, document_id)  # a retried run leaves no stale points
     if result.review_reason is None:
         store.upsert(facts.department, result.points)
-    with unit_of_work(settings.resolved_database_url) as session:
-        repository.record_outcome(session, document_id=document_id, classification=result.verdict.level.value,
-                                  declared=facts.classification.value, reasons=list(result.verdict.reasons),
-                                  flagged=len(result.flagged), review_reason=result.review_reason)
     status = DocumentStatus.ready if result.review_reason is None else DocumentStatus.quarantined
-    _finish(settings, document_id, job_id, status, chunk_count=len(result.points))
+    outcome = functools.partial(
+        repository.record_outcome, document_id=document_id, classification=result.verdict.level.value,
+        declared=facts.classification.value, reasons=list(result.verdict.reasons), flagged=len(result.flagged),
+        review_reason=result.review_reason)
+    _finish(settings, document_id, job_id, status, chunk_count=len(result.points), outcome=outcome)
     logger.info("ingested document %s: %s, %d chunks, %d flagged", document_id, status, len(result.points),
                 len(result.flagged))
 
@@ -176,8 +177,11 @@ def _start(settings: Settings, document_id: str, job_id: str) -> tuple[
 
 
 def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentStatus, *, error: str | None = None,
-            chunk_count: int | None = None) -> None:
+            chunk_count: int | None = None, outcome: Callable[[Session], None] | None = None) -> None:
+    """Write the final status, with the pipeline's outcome when there is one, in a single transaction."""
     with unit_of_work(settings.resolved_database_url) as session:
+        if outcome is not None:
+            outcome(session)
         repository.set_status(session, document_id=document_id, job_id=job_id, status=status, error=error,
                               chunk_count=chunk_count)
         document = repository.get_document(session, document_id)

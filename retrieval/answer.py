@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,7 +23,8 @@ OVERLAP_FULL_AT_COSINE = 0.4  # shared words count fully only once meaning is th
 RELATIVE_MARGIN = 0.25  # extra sentences must score within this of the best one
 DUPLICATE_COSINE = 0.9
 MIN_SENTENCE_CHARS = 20
-MAX_EMBEDDED = 24  # sentences embedded per answer, at most
+MAX_EMBEDDED = 24  # sentences embedded at query time per answer, at most (precomputed ones are free)
+SENTENCE_KEY_BYTES = 8
 VECTOR_CACHE_SIZE = 50_000  # sentence vectors kept per process (~75 MiB)
 
 _VECTOR_CACHE: BoundedCache[tuple[int, bytes], np.ndarray] = BoundedCache(VECTOR_CACHE_SIZE)
@@ -31,11 +32,13 @@ _VECTOR_CACHE: BoundedCache[tuple[int, bytes], np.ndarray] = BoundedCache(VECTOR
 
 @dataclass(frozen=True)
 class Passage:
-    """A retrieved, redacted chunk with its 1-based citation number."""
+    """A retrieved, redacted chunk with its 1-based citation number and, when ingestion stored them, the
+    vectors of its scored sentences, keyed by `sentence_key` (see retrieval/sentence_vectors.py)."""
 
     n: int
     text: str
     score: float
+    vectors: Mapping[bytes, np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,27 @@ def _sentences_in_context(text: str) -> list[tuple[str, str]]:
 def split_sentences(text: str) -> list[str]:
     """Split text into quotable sentences (lists, newlines and headings respected)."""
     return [sentence for _, sentence in _sentences_in_context(text)]
+
+
+def scored_sentences(text: str) -> list[str]:
+    """The texts whose vectors an answer compares with the question: each sentence with its heading."""
+    return [scored for scored, _ in sentence_spans(text)]
+
+
+def sentence_key(scored: str) -> bytes:
+    """The lookup key of one scored sentence text (a digest: the text itself is never a key)."""
+    return hashlib.sha256(scored.encode()).digest()[:SENTENCE_KEY_BYTES]
+
+
+def sentence_spans(text: str) -> list[tuple[str, tuple[int, int]]]:
+    """Each scored sentence text with the character span of its sentence in `text` ((-1, -1) if not found)."""
+    found, position = [], 0
+    for heading, sentence in _sentences_in_context(text):
+        match = re.compile(r"\s+".join(re.escape(word) for word in sentence.split())).search(text, position)
+        span = (match.start(), match.end()) if match else (-1, -1)
+        position = match.end() if match else position
+        found.append((_with_heading(heading, sentence), span))
+    return found
 
 
 # --------------------------------------------------------------------------- lexical
@@ -267,48 +291,72 @@ def _candidates(
 ) -> tuple[list[_Candidate], np.ndarray]:
     """Score every sentence of every passage; also return the sentence embeddings."""
     located = [
-        (passage, position, heading, sentence)
+        _Located(passage, position, sentence, _with_heading(heading, sentence))
         for passage in passages
         for position, (heading, sentence) in enumerate(_sentences_in_context(passage.text))
     ]
     if not located:
         return [], np.zeros((0, embedder.dimension), dtype=np.float32)
     terms = content_terms(question)
-    located = _preselect(located, terms)
-    vectors = _sentence_vectors(embedder, [_with_heading(h, s) for _, _, h, s in located])
+    known = [_stored_vector(item) for item in located]
+    located, known = _preselect(located, known, terms)
+    vectors = _sentence_vectors(embedder, [item.scored for item in located], known)
     cosines = vectors @ question_vector
     wanted = expected_answer_type(question)
     candidates = []
-    for (passage, position, _, sentence), cosine in zip(located, cosines, strict=True):
+    for item, cosine in zip(located, cosines, strict=True):
         relevance = (
             COSINE_WEIGHT * float(cosine)
-            + OVERLAP_WEIGHT * _overlap(terms, sentence, float(cosine))
-            + PASSAGE_BOOST * min(max(passage.score, 0.0), 1.0)
+            + OVERLAP_WEIGHT * _overlap(terms, item.sentence, float(cosine))
+            + PASSAGE_BOOST * min(max(item.passage.score, 0.0), 1.0)
         )
-        bonus = ANSWER_TYPE_BONUS if wanted is not None and wanted.search(sentence) else 0.0
-        candidates.append(_Candidate(passage.n, position, sentence, relevance, relevance + bonus))
+        bonus = ANSWER_TYPE_BONUS if wanted is not None and wanted.search(item.sentence) else 0.0
+        candidates.append(_Candidate(item.passage.n, item.position, item.sentence, relevance, relevance + bonus))
     return candidates, vectors
 
 
-def _preselect(located: list[tuple[Passage, int, str, str]], terms: set[str]) -> list[tuple[Passage, int, str, str]]:
-    """At most MAX_EMBEDDED sentences go to the embedder: those sharing most words with the question, then
-    those of the best passages. Keeps query cost bounded however long the chunks are."""
-    if len(located) <= MAX_EMBEDDED:
-        return located
+@dataclass(frozen=True)
+class _Located:
+    """A sentence of a passage: where it is, its text, and the text its vector stands for."""
 
-    def cheap(item: tuple[Passage, int, str, str]) -> tuple[float, float, int, int]:
-        passage, position, _, sentence = item
-        shared = len(terms & content_terms(sentence))
-        return (-shared, -passage.score, passage.n, position)
-    keep = sorted(located, key=cheap)[:MAX_EMBEDDED]
-    return sorted(keep, key=lambda item: (item[0].n, item[1]))
+    passage: Passage
+    position: int
+    sentence: str
+    scored: str
 
 
-def _sentence_vectors(embedder: TextEmbedder, texts: list[str]) -> np.ndarray:
-    """Embeddings of sentences, from a bounded per-process cache when the same sentence was seen before."""
-    keys = [(id(embedder), hashlib.sha256(text.encode()).digest()) for text in texts]
-    rows = [_VECTOR_CACHE.get(key) for key in keys]
-    missing = [i for i, row in enumerate(rows) if row is None]
+def _stored_vector(item: _Located) -> np.ndarray | None:
+    """The vector ingestion stored for this exact sentence, if any."""
+    vectors = item.passage.vectors
+    return None if vectors is None else vectors.get(sentence_key(item.scored))
+
+
+def _preselect(
+    located: list[_Located], known: list[np.ndarray | None], terms: frozenset[str]
+) -> tuple[list[_Located], list[np.ndarray | None]]:
+    """Every sentence with a stored vector is kept; of the others at most MAX_EMBEDDED go to the embedder —
+    those sharing most words with the question, then those of the best passages. Keeps query cost bounded
+    however long the chunks are."""
+    missing = [i for i, vector in enumerate(known) if vector is None]
+    if len(missing) <= MAX_EMBEDDED:
+        return located, known
+
+    def cheap(i: int) -> tuple[float, float, int, int]:
+        item = located[i]
+        return (-len(terms & content_terms(item.sentence)), -item.passage.score, item.passage.n, item.position)
+
+    dropped = set(sorted(missing, key=cheap)[MAX_EMBEDDED:])
+    kept = [i for i in range(len(located)) if i not in dropped]
+    return [located[i] for i in kept], [known[i] for i in kept]
+
+
+def _sentence_vectors(embedder: TextEmbedder, texts: list[str], known: list[np.ndarray | None]) -> np.ndarray:
+    """Stored vectors where ingestion computed them; the rest embedded now, through a bounded per-process cache."""
+    rows = list(known)
+    keys = {i: (id(embedder), hashlib.sha256(texts[i].encode()).digest()) for i, row in enumerate(rows) if row is None}
+    for i, key in keys.items():
+        rows[i] = _VECTOR_CACHE.get(key)
+    missing = [i for i in keys if rows[i] is None]
     if missing:
         for i, vector in zip(missing, embedder.embed([texts[i] for i in missing]), strict=True):
             rows[i] = vector

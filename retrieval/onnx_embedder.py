@@ -81,6 +81,9 @@ class OnnxEmbedder:
             export_onnx(path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, min(2, os.cpu_count() or 1))
+        # Idle threads sleep instead of spinning: the API serves many requests at once and the worker shares the
+        # CPU with parsing and PII detection; spinning threads would steal it from them.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self._tokenizer = Tokenizer.from_file(str(_model_dir() / "tokenizer.json"))
         self._tokenizer.enable_truncation(MAX_TOKENS)
@@ -90,16 +93,31 @@ class OnnxEmbedder:
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Embed `texts` into an (n, 384) float32 array of unit vectors."""
-        if not texts:
-            return np.zeros((0, self.dimension), dtype=np.float32)
-        batches = [self._embed_batch(texts[i:i + BATCH_SIZE]) for i in range(0, len(texts), BATCH_SIZE)]
-        return np.concatenate(batches)
+        return self.embed_with_spans(texts, [[] for _ in texts])[0]
 
     def embed_one(self, text: str) -> list[float]:
         """Embed a single text as a plain list of floats."""
         return [float(x) for x in self.embed([text])[0]]
 
-    def _embed_batch(self, texts: list[str]) -> np.ndarray:
+    def embed_with_spans(self, texts: list[str],
+                         spans: list[list[tuple[int, int]]]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """`embed(texts)`, plus from the same forward pass one vector per character span of each text: the mean
+        of the span's token states (read in the context of the whole text). A span past the model's token window
+        gets a zero row."""
+        vectors = np.zeros((len(texts), self.dimension), dtype=np.float32)
+        span_vectors: list[np.ndarray] = [np.zeros((0, self.dimension), dtype=np.float32)] * len(texts)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # batches of like lengths: less padding
+        for start in range(0, len(order), BATCH_SIZE):
+            batch = order[start:start + BATCH_SIZE]
+            pooled, states, encodings = self._forward([texts[i] for i in batch])
+            vectors[batch] = pooled
+            for i, state, encoding in zip(batch, states, encodings, strict=True):
+                if spans[i]:
+                    span_vectors[i] = _pool_spans(state, encoding.offsets, encoding.attention_mask, spans[i])
+        return vectors, span_vectors
+
+    def _forward(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, list]:  # type: ignore[type-arg]
+        """Unit text vectors (mean pooling), the token states and the encodings of one batch."""
         encodings = self._tokenizer.encode_batch(list(texts))
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
@@ -107,7 +125,25 @@ class OnnxEmbedder:
         with self._lock:
             (hidden,) = self._session.run(["last_hidden_state"], feeds)
         summed = (hidden * mask[..., None]).sum(axis=1)
-        pooled = summed / np.clip(mask.sum(axis=1, keepdims=True), 1, None)
-        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-        norms[norms == 0.0] = 1.0
-        return (pooled / norms).astype(np.float32)
+        return _unit_rows(summed / np.clip(mask.sum(axis=1, keepdims=True), 1, None)), hidden, encodings
+
+
+def _pool_spans(states: np.ndarray, offsets: list[tuple[int, int]], mask: list[int],
+                spans: list[tuple[int, int]]) -> np.ndarray:
+    """Mean token state over each character span (tokens wholly inside it), as unit rows; zero rows if none."""
+    starts = np.array([start for start, _ in offsets])
+    ends = np.array([end for _, end in offsets])
+    real = (np.array(mask) == 1) & (ends > starts)  # not padding, not [CLS]/[SEP]
+    rows = np.zeros((len(spans), states.shape[-1]), dtype=np.float32)
+    for row, (start, end) in enumerate(spans):
+        inside = real & (starts >= start) & (ends <= end)
+        if inside.any():
+            rows[row] = states[inside].mean(axis=0)
+    return _unit_rows(rows)
+
+
+def _unit_rows(rows: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), as float32."""
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    norms[norms == 0.0] = 1.0
+    return (rows / norms).astype(np.float32)

@@ -20,11 +20,13 @@ from core.models import Document
 from core.settings import Settings
 from guard import service as guard_service
 from ingestion import service as ingestion_service
-from ingestion.pipeline import chunk_context
-from retrieval import generation
+from ingestion.pipeline import chunk_context, sentences_context
+from ingestion.schemas import Classification
+from retrieval import generation, sentence_vectors
 from retrieval.answer import Passage, extractive_answer
 from retrieval.embeddings import get_embedder
 from retrieval.schemas import Citation, QueryRequest, QueryResponse
+from retrieval.sentence_vectors import SentenceVectors
 from retrieval.store import AccessFilter, Hit, open_vector_store
 
 REFUSAL_TEXT = "I can't answer that from documents you are allowed to see."
@@ -41,6 +43,8 @@ class OpenedChunk:
     title: str
     text: str
     score: float
+    sentence_vectors: SentenceVectors | None = None  # stored at ingestion; None for chunks indexed before
+    scanned_by: str = ""  # the injection scanner version that passed it at ingestion (proven by decryption)
 
 
 def answer_query(*, session: Session, settings: Settings, enforcer: PolicyEnforcer, identity: Identity,
@@ -133,25 +137,49 @@ def _recheck_and_open(session: Session, settings: Settings, enforcer: PolicyEnfo
         document = documents.get(str(hit.payload.get("document_id")))
         if document is None:
             continue  # deleted or failed since it was indexed: not a policy disagreement
-        if hit.payload.get("department") != document.department or not _may_read(enforcer, identity, document):
+        level = _chunk_level(hit, document)
+        if level is None or not _may_read(enforcer, identity, document, level):
             metrics.AUTHZ_RECHECK_DROPS.labels(department=document.department).inc()
             continue
         key = keystore.document_key(session=session, department=document.department, document_id=document.id)
         if key is None:
             continue
-        index = int(hit.payload["chunk_index"])
-        text = crypto.open_text(key, str(hit.payload["sealed_text"]), chunk_context(document.id, index))
-        opened.append(OpenedChunk(document_id=document.id, chunk_id=str(hit.payload["chunk_id"]),
-                                  department=document.department, title=document.title, text=text,
-                                  score=hit.score))
+        chunk = _open(key, hit, document, level)
+        if chunk is None:  # the payload was altered (its level, its place): the ciphertext no longer opens
+            metrics.AUTHZ_RECHECK_DROPS.labels(department=document.department).inc()
+            continue
+        opened.append(chunk)
     return opened
 
 
-def _may_read(enforcer: PolicyEnforcer, identity: Identity, document: Document) -> bool:
-    """The policy, asked again from the document row (not the payload): read, ACL and clearance."""
+def _chunk_level(hit: Hit, document: Document) -> str | None:
+    """The chunk's level as the payload states it (decryption proves it), if the payload is sound."""
+    level = str(hit.payload.get("classification"))
+    if hit.payload.get("department") != document.department or level not in Classification.__members__:
+        return None
+    return level
+
+
+def _open(key: bytes, hit: Hit, document: Document, level: str) -> OpenedChunk | None:
+    """Decrypt the chunk's text and sentence vectors under the context that binds its place, level and scan."""
+    index, scanned_by = int(hit.payload["chunk_index"]), str(hit.payload.get("scanned_by", ""))
+    try:
+        text = crypto.open_text(key, str(hit.payload["sealed_text"]),
+                                chunk_context(document.id, index, level, scanned_by))
+        sealed = hit.payload.get("sealed_sentences")
+        vectors = sentence_vectors.unpack(crypto.open_blob(
+            key, str(sealed), sentences_context(document.id, index, level, scanned_by))) if sealed else None
+    except crypto.DecryptionError:
+        return None
+    return OpenedChunk(document_id=document.id, chunk_id=str(hit.payload["chunk_id"]), department=document.department,
+                       title=document.title, text=text, score=hit.score, sentence_vectors=vectors,
+                       scanned_by=scanned_by)
+
+
+def _may_read(enforcer: PolicyEnforcer, identity: Identity, document: Document, level: str) -> bool:
+    """The policy, asked again from the document row (department, ACL) and the chunk's proven level."""
     return authz_service.may_read_chunk(enforcer, identity, department=document.department,
-                                        acl_groups=list(document.acl_groups or []),
-                                        classification=document.classification)
+                                        acl_groups=list(document.acl_groups or []), classification=level)
 
 
 def _respond(query: QueryRequest, vector: list[float], opened: list[OpenedChunk], request_id: str, searched: list[str],
@@ -160,7 +188,8 @@ def _respond(query: QueryRequest, vector: list[float], opened: list[OpenedChunk]
         return _refusal(request_id, "no_authorised_departments"), set()
     if not opened:
         return _refusal(request_id, "no_authorised_content"), set()
-    passages = [Passage(n=i + 1, text=chunk.text, score=chunk.score) for i, chunk in enumerate(opened)]
+    passages = [Passage(n=i + 1, text=chunk.text, score=chunk.score, vectors=chunk.sentence_vectors)
+                for i, chunk in enumerate(opened)]
     answer = extractive_answer(query.question, vector, passages, get_embedder(settings.embedding_backend),
                                min_relevance=settings.min_relevance)
     if answer is None:

@@ -178,7 +178,8 @@ def test_filter_and_recheck_never_exceed_the_oracle(world: World, policy_db: str
             for doc in world.documents:
                 row = Document(department=doc[0], acl_groups=list(doc[1]), classification=doc[2])
                 COUNTS["recheck_decisions"] += 1
-                assert _may_read(enforcer, identity, row) == oracle_allows(world, identity.subjects, groups, doc)
+                assert _may_read(enforcer, identity, row, doc[2]) == oracle_allows(world, identity.subjects, groups,
+                                                                                   doc)
 
 
 def test_property_counts_are_reported() -> None:

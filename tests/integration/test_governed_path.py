@@ -168,6 +168,50 @@ def test_no_plaintext_under_the_data_dir_or_in_qdrant(client: TestClient, world:
         assert marker not in payloads
 
 
+def test_sentence_vectors_are_sealed_per_chunk_and_spare_embedding_at_query_time(
+        client: TestClient, world: dict, settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from core import crypto
+    from core.db import unit_of_work
+    from core.keystore import keystore_for
+    from ingestion.pipeline import chunk_context, sentences_context
+    from retrieval import service as retrieval_service
+    from retrieval.sentence_vectors import unpack
+
+    [payload] = [p for p in open_vector_store(settings).scroll_payloads("finance")
+                 if p["document_id"] == world["docs"]["finance"]][:1]
+    document_id, index = str(payload["document_id"]), int(payload["chunk_index"])
+    context = (document_id, index, str(payload["classification"]), str(payload["scanned_by"]))
+    assert payload["scanned_by"]  # passed by the injection scanner at ingestion
+    with unit_of_work(settings.resolved_database_url) as session:
+        key = keystore_for(settings).document_key(session=session, department="finance", document_id=document_id)
+    assert key is not None
+    with pytest.raises(crypto.DecryptionError):  # bound to its own context: not swappable with the text
+        crypto.open_blob(key, str(payload["sealed_sentences"]), chunk_context(*context))
+    vectors = unpack(crypto.open_blob(key, str(payload["sealed_sentences"]), sentences_context(*context)))
+    assert len(vectors) >= 2
+    real, embedded = retrieval_service.get_embedder, []
+
+    def counting(backend: str):  # type: ignore[no-untyped-def]
+        inner = real(backend)
+
+        class Counting:
+            dimension = inner.dimension
+
+            def embed(self, texts: list[str]):  # type: ignore[no-untyped-def]
+                embedded.extend(texts)
+                return inner.embed(texts)
+
+            def embed_one(self, text: str) -> list[float]:
+                embedded.append(text)
+                return inner.embed_one(text)
+        return Counting()
+
+    monkeypatch.setattr(retrieval_service, "get_embedder", counting)
+    result = _ask(client, world["tokens"]["bob"], "How much are hotel costs reimbursed per night?")
+    assert result["refused"] is False and "180 euros" in result["answer"]
+    assert embedded == ["How much are hotel costs reimbursed per night?"]  # the question only
+
+
 def test_no_audit_no_answer(client: TestClient, world: dict, settings) -> None:
     dsn = settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(dsn, autocommit=True) as conn:

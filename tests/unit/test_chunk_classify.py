@@ -1,0 +1,43 @@
+"""classify_chunks: each chunk at the level its own content shows, never below the declared one."""
+
+from __future__ import annotations
+
+from ingestion.classify import classify_chunks
+from ingestion.schemas import Classification as C
+
+
+def _verdict(texts: list[str], redacted: list[str], counts: dict[str, int], minted: set[str],
+             declared: C = C.public, keywords: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    return classify_chunks(declared=declared, texts=texts, redacted=redacted, pii_counts=counts,
+                           placeholders=minted, keywords=keywords or {})
+
+
+def test_each_chunk_gets_its_own_level_and_the_document_the_highest() -> None:
+    texts = ["The canteen opens at eight.", "SSN 536-22-8741 for Maria Lopez.", "Ask Maria about parking."]
+    redacted = ["The canteen opens at eight.", "SSN <US_SSN_1> for <PERSON_1>.", "Ask <PERSON_1> about parking."]
+    verdict = _verdict(texts, redacted, {"US_SSN": 1, "PERSON": 1}, {"<US_SSN_1>", "<PERSON_1>"})
+    assert verdict.chunk_levels == (C.public, C.confidential, C.internal)
+    assert verdict.level is C.confidential and verdict.chunk_level(1) is C.confidential
+    assert any(reason.startswith("us_ssn") for reason in verdict.reasons)
+
+
+def test_never_below_the_declared_level_and_literal_placeholders_do_not_count() -> None:
+    texts = ["Template: write <US_SSN_7> here.", "Nothing here."]
+    verdict = _verdict(texts, texts, {}, set(), declared=C.internal)
+    assert verdict.chunk_levels == (C.internal, C.internal) and verdict.level is C.internal
+    assert verdict.reasons == ()
+
+
+def test_keywords_raise_only_the_chunk_that_holds_them() -> None:
+    texts = ["Project Falcon budget.", "Holiday rota."]
+    verdict = _verdict(texts, texts, {}, set(), keywords={"project falcon": "restricted"})
+    assert verdict.chunk_levels == (C.restricted, C.public) and verdict.level is C.restricted
+
+
+def test_what_only_the_whole_document_shows_raises_every_chunk() -> None:
+    people = [f"<PERSON_{n}> <EMAIL_ADDRESS_{n}>" for n in range(1, 25)]
+    redacted = [" ".join(people[:12]) + " " + "filler " * 400, " ".join(people[12:]) + " " + "filler " * 400]
+    minted = {p for pair in people for p in pair.split()}
+    verdict = _verdict(redacted, redacted, {"PERSON": 24, "EMAIL_ADDRESS": 24}, minted)
+    assert verdict.level is C.confidential
+    assert verdict.chunk_levels == (C.confidential, C.confidential)  # a personnel list, split across chunks
