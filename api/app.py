@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI, Request, Response
 
 from api.errors import error_response, install_error_handlers
@@ -52,6 +53,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     configure_logging(settings.log_level)
     configure_tracing(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Sync endpoints run in anyio's thread pool (40 threads by default). Queries are CPU-bound under one GIL: more
+    # threads than this only stretch every request, and the ledger's serialised append with them.
+    anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
     app.state.enforcer = get_enforcer(settings.resolved_database_url, settings.authz_default_clearance,
                                       settings.authz_policy_check_seconds)
     app.state.dev_issuer = (DevIssuer.load_or_create(settings.dev_issuer_dir, settings.oidc_issuer,

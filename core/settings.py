@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     otel_exporter_otlp_endpoint: str | None = None  # e.g. http://otel-collector:4318/v1/traces
     otel_service_name: str = "govrag"
     server_timing: bool = False  # per-stage durations in a Server-Timing header (benchmarks; a timing side channel)
+    api_threads: int = Field(default=8, ge=1)  # requests worked on at once per API process; the rest wait their turn
     metrics_token: SecretStr | None = None  # when set, GET /metrics needs "Authorization: Bearer <token>"
 
     # --- authorization (issue 4) ---
