@@ -73,9 +73,8 @@ def protect(data: bytes, facts: DocumentFacts, *, key: bytes, embedder: TextEmbe
     verdict = classify_chunks(declared=facts.classification, texts=texts, redacted=redacted,
                               pii_counts=placeholders.counts(), placeholders=placeholders.mapping().keys(),
                               keywords=rules.keywords)
-    scores = scanner.score_many(redacted) if scanner is not None else [0.0] * len(chunks)
-    flagged = tuple(c.index for c, score in zip(chunks, scores, strict=True)
-                    if scanner is not None and score >= scanner.threshold)
+    flagged = () if scanner is None else tuple(
+        c.index for c, score in zip(chunks, scanner.score_many(redacted), strict=True) if score >= scanner.threshold)
     clock.lap("scan")
     reason = None if facts.approved else review_reason(verdict, flagged, rules)
     if reason is not None:
