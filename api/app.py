@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response, install_error_handlers
 from api.routers import admin, audit, authz, documents, guard_admin, health, ingestion_admin, metrics, query
@@ -40,7 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="govrag", version="0.1.0", lifespan=_lifespan)
     app.state.settings = settings or get_settings()
     install_error_handlers(app)
-    app.middleware("http")(_request_context)
+    app.add_middleware(RequestContext)
     for module in (health, documents, query, admin, authz, audit, guard_admin, metrics, ingestion_admin):
         app.include_router(module.router)
     return app
@@ -77,23 +79,44 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             worker.stop()
 
 
-async def _request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    """A request id for every line and response; oversized uploads refused before the body is read."""
-    token = request_id_var.set(uuid.uuid4().hex)
-    started = time.perf_counter()
-    timing.start_request()
-    try:
-        limit = request.app.state.settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            response: Response = error_response(413, ErrorCode.payload_too_large.name,
-                                                "request body exceeds the upload limit")
-        else:
-            response = await call_next(request)
-        response.headers["X-Request-ID"] = request_id_var.get()
-        if request.app.state.settings.server_timing and (stages := timing.server_timing_header()):
-            response.headers["Server-Timing"] = stages
-        observe_request(request, response.status_code, time.perf_counter() - started)
-        return response
-    finally:
-        request_id_var.reset(token)
+class RequestContext:
+    """A request id for every line and response, stage timings, request metrics; oversized uploads refused
+    before the body is read. Plain ASGI: Starlette's BaseHTTPMiddleware costs a task and a stream per request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        settings: Settings = scope["app"].state.settings
+        token = request_id_var.set(uuid.uuid4().hex)
+        started, status = time.perf_counter(), 500
+        timing.start_request()
+
+        async def send_with_context(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = MutableHeaders(scope=message)
+                headers["X-Request-ID"] = request_id_var.get()
+                if settings.server_timing and (stages := timing.server_timing_header()):
+                    headers["Server-Timing"] = stages
+            await send(message)
+
+        try:
+            if _declared_size(scope) > settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES:
+                refusal = error_response(413, ErrorCode.payload_too_large.name, "request body exceeds the upload limit")
+                await refusal(scope, receive, send_with_context)
+            else:
+                await self.app(scope, receive, send_with_context)
+        finally:
+            observe_request(Request(scope), status, time.perf_counter() - started)
+            request_id_var.reset(token)
+
+
+def _declared_size(scope: Scope) -> int:
+    """The request's Content-Length, 0 when absent or malformed (the body limit applies as it is read)."""
+    declared = Headers(scope=scope).get("content-length")
+    return int(declared) if declared is not None and declared.isdigit() else 0

@@ -1,12 +1,16 @@
-"""Injected things: settings, a DB session, the caller's identity, the enforcer."""
+"""Injected things: settings, a DB session, the caller's identity, the enforcer.
+
+Lookups of app state are `async def`: FastAPI runs a sync dependency in the thread pool, a hop per request each.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from authz.enforcer import PolicyEnforcer
 from authz.identity import Identity
@@ -16,7 +20,7 @@ from core.settings import Settings
 from workers.celery_app import GovragCelery
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     """The settings the app was built with."""
     return request.app.state.settings  # type: ignore[no-any-return]
 
@@ -24,19 +28,25 @@ def get_app_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
-def get_session(settings: SettingsDep) -> Iterator[Session]:
-    """A session per request; routes commit, this closes (rolling back anything uncommitted)."""
+async def get_session(settings: SettingsDep) -> AsyncIterator[Session]:
+    """A session per request; routes commit, this closes (rolling back anything uncommitted).
+
+    Opening a session does no I/O; closing one does only when a transaction is still open (a rollback), and
+    then it runs in the thread pool, never on the event loop."""
     session = get_session_factory(settings.resolved_database_url)()
     try:
         yield session
     finally:
-        session.close()
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_enforcer_dep(request: Request) -> PolicyEnforcer:
+async def get_enforcer_dep(request: Request) -> PolicyEnforcer:
     """The app's Casbin enforcer."""
     return request.app.state.enforcer  # type: ignore[no-any-return]
 
@@ -44,7 +54,7 @@ def get_enforcer_dep(request: Request) -> PolicyEnforcer:
 EnforcerDep = Annotated[PolicyEnforcer, Depends(get_enforcer_dep)]
 
 
-def get_celery(request: Request) -> GovragCelery:
+async def get_celery(request: Request) -> GovragCelery:
     """The app's Celery application, for enqueueing."""
     return request.app.state.celery  # type: ignore[no-any-return]
 

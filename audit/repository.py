@@ -39,17 +39,20 @@ def last_event(session: Session) -> RetrievalEvent | None:
     return session.scalar(select(RetrievalEvent).order_by(RetrievalEvent.id.desc()).limit(1))
 
 
-def last_hash(session: Session) -> str:
-    """The hash at the end of the chain; after a purge that removed every row, the signed purge anchor."""
-    query = select(RetrievalEvent.hash).order_by(RetrievalEvent.id.desc()).limit(1)
+def chain_end(session: Session) -> tuple[str, int]:
+    """In one round trip: the hash at the end of the chain (after a purge that removed every row, the signed
+    purge anchor) and the event id the newest checkpoint covers (0 when none)."""
+    newest = select(RetrievalEvent.hash).order_by(RetrievalEvent.id.desc()).limit(1).scalar_subquery()
     anchor = (select(AuditCheckpoint.last_hash).where(AuditCheckpoint.kind == "purge")
-              .order_by(AuditCheckpoint.last_event_id.desc()).limit(1))
-    return session.scalar(query) or session.scalar(anchor) or GENESIS_HASH
+              .order_by(AuditCheckpoint.last_event_id.desc()).limit(1).scalar_subquery())
+    checkpointed = select(AuditCheckpoint.last_event_id).order_by(AuditCheckpoint.id.desc()).limit(1).scalar_subquery()
+    last, purge_anchor, covered = session.execute(select(newest, anchor, checkpointed)).one()
+    return last or purge_anchor or GENESIS_HASH, int(covered or 0)
 
 
-def add_event(session: Session, event: RetrievalEvent) -> None:
-    """Append a row."""
-    session.add(event)
+def add_events(session: Session, events: list[RetrievalEvent]) -> None:
+    """Append rows (their ids are set on return)."""
+    session.add_all(events)
     session.flush()
 
 
@@ -98,12 +101,6 @@ def add_checkpoint(session: Session, checkpoint: AuditCheckpoint) -> None:
     """Store a signed checkpoint."""
     session.add(checkpoint)
     session.flush()
-
-
-def last_checkpointed_id(session: Session) -> int:
-    """The event id covered by the newest checkpoint (0 when none); a primary-key lookup, cheap per append."""
-    query = select(AuditCheckpoint.last_event_id).order_by(AuditCheckpoint.id.desc()).limit(1)
-    return int(session.scalar(query) or 0)
 
 
 def checkpoints(session: Session) -> list[AuditCheckpoint]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -21,6 +23,8 @@ from core.models import AuditCheckpoint, RetrievalEvent, utcnow
 from core.settings import Settings
 from guard.pii import get_redactor
 
+AUDIT_UNAVAILABLE = "the audit log is unavailable; no answer without an audit record"
+
 
 def mask_question(question: str) -> str:
     """The question with PII (Presidio) and secret-shaped values (patterns) replaced."""
@@ -28,8 +32,9 @@ def mask_question(question: str) -> str:
 
 
 def record_retrieval(*, session: Session, record: RetrievalRecord, settings: Settings | None = None) -> None:
-    """Append the event to the chain; any failure is `unavailable`: no audit, no answer."""
-    _append(session, settings, RetrievalEvent(event_type="retrieval", **vars(record)))
+    """Append the event to the chain and return once it is committed; any failure is `unavailable`: no audit,
+    no answer. Retrievals arriving together share one transaction (see `_GroupCommit`)."""
+    _retrievals.append(session, settings, RetrievalEvent(event_type="retrieval", **vars(record)))
 
 
 def record_admin_event(*, session: Session, identity: Identity, event_type: AdminEventType | str,
@@ -41,36 +46,92 @@ def record_admin_event(*, session: Session, identity: Identity, event_type: Admi
     `departments` (several) may replace `department` (one) for actions spanning departments, e.g. exports.
     """
     departments = sorted(departments or ([department] if department else []))
-    _append(session, settings, RetrievalEvent(
+    _append(session, settings, [RetrievalEvent(
         event_type=str(event_type.value if isinstance(event_type, AdminEventType) else event_type),
         request_id=request_id_var.get(),
         subject=identity.subject, groups=list(identity.groups), departments_requested=departments,
         departments_searched=departments, decision=Decision.admin.value, reason=None, question_masked="",
-        purpose=None, latency_ms=0.0, chunks=[], details=details or {}))
+        purpose=None, latency_ms=0.0, chunks=[], details=details or {})])
 
 
-def _append(session: Session, settings: Settings | None, event: RetrievalEvent) -> None:
-    """Link `event` to the end of the chain and commit it (with a signed checkpoint every N rows)."""
+def _append(session: Session, settings: Settings | None, events: list[RetrievalEvent]) -> None:
+    """Link `events`, in order, to the end of the chain and commit them (with a signed checkpoint every N rows)."""
     checkpoint: AuditCheckpoint | None = None
     try:
         with repository.local_chain_lock():
             repository.lock_chain(session)
-            event.created_at = utcnow()
-            event.prev_hash = repository.last_hash(session)
-            event.hash = event_hash(event)
-            repository.add_event(session, event)
+            previous, checkpointed = repository.chain_end(session)
+            for event in events:
+                event.created_at, event.prev_hash = utcnow(), previous
+                event.hash = previous = event_hash(event)
+            repository.add_events(session, events)
+            last = events[-1]
             if settings is not None and settings.audit_checkpoint_every > 0 and \
-                    event.id - repository.last_checkpointed_id(session) >= settings.audit_checkpoint_every:
-                checkpoint = integrity.make_checkpoint(session=session, settings=settings, event=event)
+                    last.id - checkpointed >= settings.audit_checkpoint_every:
+                checkpoint = integrity.make_checkpoint(session=session, settings=settings, event=last)
             session.commit()
-        metrics.AUDIT_EVENTS.labels(event_type=event.event_type).inc()
+        for event in events:
+            metrics.AUDIT_EVENTS.labels(event_type=event.event_type).inc()
     except SQLAlchemyError as exc:
         session.rollback()
         metrics.AUDIT_WRITE_FAILURES.inc()
-        raise GovragError(ErrorCode.unavailable, "the audit log is unavailable; no answer without an audit record"
-                          ) from exc
+        raise GovragError(ErrorCode.unavailable, AUDIT_UNAVAILABLE) from exc
     if checkpoint is not None and settings is not None:
         integrity.mirror_checkpoint(settings, checkpoint)
+
+
+@dataclass
+class _Waiting:
+    """One caller's event, until a writer has settled it."""
+
+    event: RetrievalEvent
+    settled: bool = False
+    failed: bool = False
+
+
+class _GroupCommit:
+    """Group commit for retrieval events.
+
+    The chain is written one transaction at a time. Whoever gets the chain lock writes every event waiting at
+    that moment in one transaction (one advisory lock, one last-hash read, one commit); the callers whose
+    events it carried find theirs settled when they get the lock, and return, or raise `unavailable` if that
+    write failed. Every caller still returns only after its own event is committed."""
+
+    def __init__(self) -> None:
+        self._waiting: list[_Waiting] = []
+        self._guard = threading.Lock()
+
+    def append(self, session: Session, settings: Settings | None, event: RetrievalEvent) -> None:
+        mine = _Waiting(event)
+        with self._guard:
+            self._waiting.append(mine)
+        with repository.local_chain_lock():
+            if not mine.settled:
+                with self._guard:
+                    batch, self._waiting = self._waiting, []
+                self._write(session, settings, batch)
+        if mine.failed:
+            raise GovragError(ErrorCode.unavailable, AUDIT_UNAVAILABLE)
+
+    @classmethod
+    def _write(cls, session: Session, settings: Settings | None, batch: list[_Waiting]) -> None:
+        """Write the batch in one transaction; if that fails, each event alone (one bad row fails only itself)."""
+        failed = True
+        try:
+            _append(session, settings, [waiting.event for waiting in batch])
+            failed = False
+        except GovragError:
+            if len(batch) == 1:
+                return
+            for waiting in batch:
+                cls._write(session, settings, [waiting])
+        finally:
+            for waiting in batch:
+                if not waiting.settled:
+                    waiting.settled, waiting.failed = True, failed
+
+
+_retrievals = _GroupCommit()
 
 
 def compliance_scope(*, session: Session, settings: Settings, enforcer: Any,

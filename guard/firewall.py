@@ -1,4 +1,9 @@
-"""Prompt firewall: normalisation, rules and a small linear classifier that runs offline in a few milliseconds."""
+"""Prompt firewall: normalisation, rules and a small linear classifier that runs offline in a few milliseconds.
+
+The firewall's classifier also weighs the question's all-MiniLM-L6-v2 sentence embedding, which the query path
+computes for retrieval anyway: callers pass that vector to `PromptFirewall.inspect`, or the firewall embeds the
+question itself with the packaged model. The retrieved-text scanner shares `FirewallModel` without embedding weights.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from importlib import resources
@@ -22,6 +28,7 @@ WEIGHTS_FILE = "{name}_weights.npz"
 META_FILE = "{name}_meta.json"
 N_FEATURES = 2**18
 MAX_CHARS = 2400  # head and tail of very long prompts: bounded latency, payloads sit at either end
+EMBEDDING_DIMENSION = 384  # all-MiniLM-L6-v2, L2-normalised: the retrieval embedding of the question
 
 
 class Verdict(StrEnum):
@@ -170,13 +177,22 @@ def featurise(texts: list[str]) -> tuple[sparse.csr_matrix, list[tuple[str, ...]
     return matrix, hits
 
 
+def question_vectors(texts: list[str]) -> np.ndarray:
+    """The packaged sentence embedding of each raw text, as retrieval computes it (training and inference share it)."""
+    from retrieval.embeddings import get_embedder  # lazy: the scanner and `off` mode never load the model
+
+    return np.asarray(get_embedder().embed(texts), dtype=np.float32)
+
+
 @dataclass(frozen=True)
 class FirewallModel:
-    """Logistic-regression weights over `featurise` and the threshold fixed on the train split."""
+    """Logistic-regression weights over `featurise` (and, for the firewall, the question's sentence embedding) and
+    the threshold fixed on the train split."""
 
     coef: np.ndarray
     intercept: float
     threshold: float
+    embedding_coef: np.ndarray | None = None
 
     @classmethod
     def load(cls, name: str = "firewall", directory: Path | None = None) -> FirewallModel:
@@ -185,15 +201,37 @@ class FirewallModel:
         with (base / WEIGHTS_FILE.format(name=name)).open("rb") as fh:  # type: ignore[operator]
             data = np.load(fh)
             coef, intercept = np.asarray(data["coef"], dtype=np.float32), float(data["intercept"])
+            embedding = np.asarray(data["embedding_coef"], dtype=np.float32) if "embedding_coef" in data else None
         meta = json.loads((base / META_FILE.format(name=name)).read_text(encoding="utf-8"))  # type: ignore[operator]
-        return cls(coef=coef, intercept=intercept, threshold=float(meta["threshold"]))
+        return cls(coef=coef, intercept=intercept, threshold=float(meta["threshold"]), embedding_coef=embedding)
 
-    def scores(self, texts: list[str]) -> tuple[np.ndarray, list[tuple[str, ...]]]:
-        """Classifier probabilities, lifted to near-certain where a hard rule fires, and the rule hits."""
+    @property
+    def uses_embedding(self) -> bool:
+        """Whether scoring needs the question's sentence embedding (the firewall's weights; not the scanner's)."""
+        return self.embedding_coef is not None
+
+    def scores(self, texts: list[str], vectors: np.ndarray | None = None) -> tuple[np.ndarray, list[tuple[str, ...]]]:
+        """Classifier probabilities, lifted to near-certain where a hard rule fires, and the rule hits.
+
+        `vectors`: the texts' sentence embeddings (n, EMBEDDING_DIMENSION) when the model weighs them; computed here
+        when omitted. Ignored by models without embedding weights (the scanner)."""
         matrix, hits = featurise(texts)
-        probabilities = 1.0 / (1.0 + np.exp(-(matrix @ self.coef + self.intercept)))
+        logits = matrix @ self.coef + self.intercept
+        if self.embedding_coef is not None:
+            logits = logits + self._checked(texts, vectors) @ self.embedding_coef
+        probabilities = 1.0 / (1.0 + np.exp(-logits))
         hard = np.array([bool(set(h) & HARD_RULES) for h in hits])
         return np.where(hard, np.maximum(probabilities, HARD_SCORE), probabilities), hits
+
+    @staticmethod
+    def _checked(texts: list[str], vectors: np.ndarray | None) -> np.ndarray:
+        """The given vectors as a float32 matrix of the right shape, or the texts' own embeddings."""
+        if vectors is None:
+            return question_vectors(texts)
+        matrix = np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1)
+        if matrix.shape[1] != EMBEDDING_DIMENSION:
+            raise ValueError(f"expected {EMBEDDING_DIMENSION}-dimensional question vectors, got {matrix.shape[1]}")
+        return matrix
 
 
 class PromptFirewall:
@@ -202,11 +240,16 @@ class PromptFirewall:
     def __init__(self, model: FirewallModel) -> None:
         self.model = model
 
-    def inspect(self, text: str, mode: GuardMode = GuardMode.block) -> FirewallResult:
-        """Score `text`; `block` mode blocks detections, `flag` only records them, `off` skips scoring."""
+    def inspect(self, text: str, mode: GuardMode = GuardMode.block,
+                vector: Sequence[float] | np.ndarray | None = None) -> FirewallResult:
+        """Score `text`; `block` mode blocks detections, `flag` only records them, `off` skips scoring.
+
+        `vector`: the question's all-MiniLM-L6-v2 embedding if the caller already has it (the query path computes it
+        for retrieval); without it the firewall embeds the question itself."""
         if mode is GuardMode.off:
             return FirewallResult(score=0.0, rules=(), verdict=Verdict.allow, threshold=self.model.threshold)
-        scores, hits = self.model.scores([text])
+        vectors = None if vector is None else np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        scores, hits = self.model.scores([text], vectors)
         score = float(scores[0])
         detected = score >= self.model.threshold
         verdict = Verdict.allow if not detected else Verdict.block if mode is GuardMode.block else Verdict.flag

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import functools
 import re
 import threading
@@ -12,14 +13,14 @@ import regex
 import tldextract
 from presidio_analyzer import (
     AnalyzerEngine,
-    BatchAnalyzerEngine,
     EntityRecognizer,
     Pattern,
     PatternRecognizer,
     RecognizerRegistry,
     RecognizerResult,
 )
-from presidio_analyzer.nlp_engine import NlpArtifacts, NlpEngine, NlpEngineProvider
+from presidio_analyzer.context_aware_enhancers import LemmaContextAwareEnhancer
+from presidio_analyzer.nlp_engine import NerModelConfiguration, NlpArtifacts, SpacyNlpEngine
 from presidio_analyzer.predefined_recognizers import (
     CreditCardRecognizer,
     CryptoRecognizer,
@@ -30,7 +31,7 @@ from presidio_analyzer.predefined_recognizers import (
     UsPassportRecognizer,
     UsSsnRecognizer,
 )
-from spacy.attrs import LEMMA, LOWER
+from spacy.attrs import IDX, LEMMA, LOWER
 from spacy.lang.en.stop_words import STOP_WORDS
 from spacy.language import Language
 from spacy.tokens import Doc
@@ -58,6 +59,11 @@ REDACTED_ENTITIES: tuple[str, ...] = (
     "SECRET",
 )
 
+# Types whose values always hold a digit, or an "@": their recognizers are skipped on text without one.
+_DIGIT_ENTITIES = frozenset({"PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "IBAN_CODE", "US_BANK_NUMBER", "US_PASSPORT"})
+_AT_ENTITIES = frozenset({"EMAIL_ADDRESS"})
+_DIGIT = re.compile(r"\d")
+
 # Every label the small English model emits besides PERSON: ignored at the NLP engine,
 # so LOCATION, DATE_TIME, ORG… are never produced (and never logged as "unmapped").
 _IGNORED_SPACY_LABELS = (
@@ -76,7 +82,7 @@ _PERSON_STOPWORDS = frozenset(
         "box", "apt", "suite", "lane", "drive", "blvd", "boulevard", "turnpike", "square",
         "squares", "bridge", "inc", "incorporated", "ltd", "llc", "corp", "gmbh", "plc",
         "orchestra", "band", "university", "department", "team", "page", "section",
-        "table", "figure", "chapter", "appendix",
+        "table", "figure", "chapter", "appendix", "northern", "southern", "eastern", "western", "central",
     }
 )  # fmt: skip
 # Card ranges Presidio's pattern misses (Mastercard 2-series, JCB, Maestro 12-19, Visa 19);
@@ -165,6 +171,20 @@ class _OfflineEmailRecognizer(EmailRecognizer):
     def validate_result(self, pattern_text: str) -> bool:
         """Accept the match only when its domain has a known public suffix."""
         return self._extractor(pattern_text).fqdn != ""
+
+
+class _FastContextEnhancer(LemmaContextAwareEnhancer):
+    """Presidio's lemma context enhancer with a binary search for the token under a match (it scanned every token)."""
+
+    @staticmethod
+    def _find_index_of_match_token(word: str, start: int, tokens: Doc, tokens_indices: list[int]) -> int:  # noqa: ARG004
+        """Return the first token ending after `start`, as the base class does, in O(log n)."""
+        index = bisect.bisect_right(tokens_indices, start) - 1
+        if index >= 0 and start < tokens_indices[index] + len(tokens[index]):
+            return index
+        if index + 1 < len(tokens_indices):
+            return index + 1
+        raise ValueError("match outside the analysed tokens")
 
 
 class _PersonRecognizer(SpacyRecognizer):
@@ -271,21 +291,47 @@ def _recognizers() -> list[EntityRecognizer]:
     ]
 
 
-def _nlp_engine() -> NlpEngine:
+class _FastSpacyNlpEngine(SpacyNlpEngine):
+    """Presidio's spaCy engine reading token offsets and lemmas as arrays, with cached stop-word look-ups."""
+
+    def _doc_to_nlp_artifact(self, doc: Doc, language: str) -> NlpArtifacts:
+        """Build the same artifacts as the base class without creating a Token object per token."""
+        offsets_and_lemmas = doc.to_array([IDX, LEMMA]).tolist()
+        strings = doc.vocab.strings
+        entities, scores = self._get_updated_entities(self._get_entities(doc), self._get_scores_for_entities(doc))
+        return NlpArtifacts(
+            entities=entities,
+            tokens=doc,
+            tokens_indices=[offset for offset, _ in offsets_and_lemmas],
+            lemmas=[strings[lemma] for _, lemma in offsets_and_lemmas],
+            nlp_engine=self,
+            language=language,
+            scores=scores,
+        )
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one engine per process; words are few
+    def is_stopword(self, word: str, language: str) -> bool:
+        """Return whether a word is a stop word (cached: the vocabulary look-up builds a lexeme)."""
+        return super().is_stopword(word, language)
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019
+    def is_punct(self, word: str, language: str) -> bool:
+        """Return whether a word is punctuation (cached)."""
+        return super().is_punct(word, language)
+
+
+def _nlp_engine(model_path: Path) -> SpacyNlpEngine:
     """Load the shipped NER pipeline once, with only NER (and a cheap lemma) running."""
-    if not (PII_NER_PATH / "config.cfg").is_file():  # Presidio would otherwise try to download a model by that name
-        raise RuntimeError(f"PII NER model missing at {PII_NER_PATH}: run bench/train_pii_ner.py")
-    provider = NlpEngineProvider(
-        nlp_configuration={
-            "nlp_engine_name": "spacy",
-            "models": [{"lang_code": LANGUAGE, "model_name": str(PII_NER_PATH)}],
-            "ner_model_configuration": {
-                "model_to_presidio_entity_mapping": {"PERSON": "PERSON", "PER": "PERSON"},
-                "labels_to_ignore": list(_IGNORED_SPACY_LABELS),
-            },
-        }
+    if not (model_path / "config.cfg").is_file():  # Presidio would otherwise try to download a model by that name
+        raise RuntimeError(f"PII NER model missing at {model_path}: run bench/train_pii_ner.py")
+    engine = _FastSpacyNlpEngine(
+        models=[{"lang_code": LANGUAGE, "model_name": str(model_path)}],
+        ner_model_configuration=NerModelConfiguration(
+            model_to_presidio_entity_mapping={"PERSON": "PERSON", "PER": "PERSON"},
+            labels_to_ignore=list(_IGNORED_SPACY_LABELS),
+        ),
     )
-    engine = provider.create_engine()
+    engine.load()
     nlp = engine.get_nlp(LANGUAGE)
     if _LEMMA_PIPE not in nlp.pipe_names:
         nlp.add_pipe(_LEMMA_PIPE, last=True)
@@ -318,21 +364,21 @@ def _substitute(text: str, results: list[RecognizerResult], placeholders: Placeh
 class PiiRedactor:
     """Detects PII with Presidio and replaces it with `<ENTITY_N>` placeholders."""
 
-    def __init__(self) -> None:
+    def __init__(self, model_path: Path = PII_NER_PATH) -> None:
         registry = RecognizerRegistry(supported_languages=[LANGUAGE])
         for recognizer in _recognizers():
             registry.add_recognizer(recognizer)
         self._analyzer = AnalyzerEngine(
             registry=registry,
-            nlp_engine=_nlp_engine(),
+            nlp_engine=_nlp_engine(model_path),
             supported_languages=[LANGUAGE],
             default_score_threshold=SCORE_THRESHOLD,
+            context_aware_enhancer=_FastContextEnhancer(),
         )
-        self._batch = BatchAnalyzerEngine(analyzer_engine=self._analyzer)
 
     def analyze(self, text: str, rules: RedactionRules | None = None) -> list[RecognizerResult]:
         """Return the PII spans found in one text (overlaps not yet resolved)."""
-        results = self._analyzer.analyze(text=text, language=LANGUAGE, **_analyze_kwargs(rules))
+        results = self._analyzer.analyze(text=text, language=LANGUAGE, **_analyze_kwargs(rules, text))
         return pii_rules.propagate_people(text, results)
 
     def redact(self, text: str, placeholders: PlaceholderMap | None = None,
@@ -346,8 +392,7 @@ class PiiRedactor:
         """Redact several texts in order, batching the spaCy work, with one shared map."""
         if not texts:
             return []
-        batches = list(self._batch.analyze_iterator(texts, language=LANGUAGE, batch_size=BATCH_SIZE,
-                                                    **_analyze_kwargs(rules)))
+        batches = self._analyze_batch(texts, rules)
         # A name found in one chunk is redacted wherever its words reappear in the document.
         known = set().union(*(pii_rules.person_words(t, r) for t, r in zip(texts, batches, strict=True)))
         return [
@@ -356,11 +401,30 @@ class PiiRedactor:
         ]
 
 
-def _analyze_kwargs(rules: RedactionRules | None) -> dict[str, object]:
+    def _analyze_batch(self, texts: list[str], rules: RedactionRules | None) -> list[list[RecognizerResult]]:
+        """Run spaCy over all texts with nlp.pipe, then each text's recognizers (only those that can match it)."""
+        nlp_engine = self._analyzer.nlp_engine
+        artifacts = nlp_engine.process_batch(texts, language=LANGUAGE, batch_size=BATCH_SIZE)
+        return [self._analyzer.analyze(text=text, language=LANGUAGE, nlp_artifacts=nlp_artifacts,
+                                       **_analyze_kwargs(rules, text))
+                for text, nlp_artifacts in artifacts]
+
+
+def _possible_entities(text: str) -> list[str]:
+    """The default entity types a text can hold: no digit, no number types; no "@", no e-mail."""
+    skipped: set[str] = set()
+    if not _DIGIT.search(text):
+        skipped |= _DIGIT_ENTITIES
+    if "@" not in text:
+        skipped |= _AT_ENTITIES
+    return [entity for entity in REDACTED_ENTITIES if entity not in skipped]
+
+
+def _analyze_kwargs(rules: RedactionRules | None, text: str) -> dict[str, object]:
     """Presidio arguments for the default entities plus a department's own recognizers and allow-list."""
-    kwargs: dict[str, object] = {"entities": list(REDACTED_ENTITIES), "score_threshold": SCORE_THRESHOLD}
+    kwargs: dict[str, object] = {"entities": _possible_entities(text), "score_threshold": SCORE_THRESHOLD}
     if rules is not None and (rules.recognizers or rules.allow_list):
-        kwargs["entities"] = [*REDACTED_ENTITIES, *rules.entities]
+        kwargs["entities"] = [*kwargs["entities"], *rules.entities]
         kwargs["ad_hoc_recognizers"] = pii_rules.custom_recognizers(rules)
         if rules.allow_list:
             kwargs["allow_list"] = list(rules.allow_list)

@@ -77,7 +77,8 @@ _SPEAKER_MIN_LINES = 2
 # A name alone on a line counts only in a contact card or signature block.
 _CARD_MARKERS = regex.compile(r"(?i)@|\b(?:phone|mobile|tel|fax|e-?mail|address|apt|suite|p\.?o\.? box)\b")
 # A "name" right after a house number or before one on the same line is a street ("5850 Jana Nerudy 894").
-_STREET_BEFORE = regex.compile(r"(?:\d[ \t]*|\b(?:ul|u|al|str|rua|via|av|avda|c/)\.?[ \t]+)$", regex.IGNORECASE)
+_STREET_BEFORE = regex.compile(r"(?:\d[ \t]*|\b(?:ul|u|al|str|rua|rue|via|av|avda|c/|calle|place|platz)\.?[ \t]+)$",
+                               regex.IGNORECASE)
 _STREET_AFTER = regex.compile(r"^[ \t]+\d")
 # Address blocks: the street line ("> 3369 24 Clarke Avenue"), and what may surround a town on its own line
 # (quote marks before; a region code or postcode after).
@@ -175,12 +176,40 @@ class _AnyCaseIbanRecognizer(IbanRecognizer):
 
 
 class _PlausiblePhoneRecognizer(PhoneRecognizer):
-    """Presidio's libphonenumber recognizer minus short numbers, house numbers, postcodes and licence numbers."""
+    """Presidio's libphonenumber recognizer minus short numbers, house numbers, postcodes and licence numbers.
+
+    libphonenumber scans the whole text once per region; it runs here only on windows around digit runs long
+    enough to be kept (7+ digits), with a margin for its own checks of the neighbouring characters.
+    """
 
     def analyze(self, text: str, entities: list[str], nlp_artifacts: object = None) -> list[RecognizerResult]:
         """Return Presidio's phone matches that pass the same neighbour checks as the loose shapes."""
-        results = super().analyze(text, entities, nlp_artifacts) or []
+        results = []
+        for start, end in _phone_windows(text):
+            for result in super().analyze(text[start:end], entities, nlp_artifacts) or []:
+                result.start, result.end = result.start + start, result.end + start
+                results.append(result)
         return [r for r in results if _enough_digits(text[r.start : r.end]) and _plausible_loose_phone(text, r)]
+
+
+# Digits joined by at most four non-word characters (or libphonenumber's "x"): a superset of what its matcher
+# takes as one number, extension aside (the right margin covers "ext. 123").
+_DIGIT_RUN = regex.compile(r"\d(?:(?:[^\w]|x){0,4}\d)*")
+_PHONE_MARGIN = 24
+
+
+def _phone_windows(text: str) -> list[tuple[int, int]]:
+    """Merged (start, end) windows around the digit runs that could hold a 7+ digit phone number."""
+    windows: list[tuple[int, int]] = []
+    for run in _DIGIT_RUN.finditer(text):
+        if sum(ch.isdigit() for ch in run.group()) < _MIN_PHONE_DIGITS:
+            continue
+        start, end = max(0, run.start() - _PHONE_MARGIN), min(len(text), run.end() + _PHONE_MARGIN)
+        if windows and start <= windows[-1][1]:
+            windows[-1] = (windows[-1][0], end)
+        else:
+            windows.append((start, end))
+    return windows
 
 
 def _enough_digits(value: str) -> bool:
@@ -206,6 +235,115 @@ def drop_street_names(text: str, results: list[RecognizerResult]) -> list[Recogn
     """Remove PERSON spans that sit next to a house number or fill a town line below a street, as places do."""
     return [r for r in results
             if r.entity_type != "PERSON" or not (_next_to_house_number(text, r) or _town_line(text, r))]
+
+
+# Where a capitalised word names a place or a company rather than a person: "I am in Hirvli", "Aimee is from
+# Vitalchek", "a year at Balefire Global", "based in Kulusuk".
+_PLACE_BEFORE = regex.compile(
+    r"(?:\b(?i:in|near|based at|located at|arrived at|returned to|moved to|flew to|travel(?:l)?ed to|headquartered at)"
+    r"|\b(?i:is|are|was|were|am|comes?|came)[ \t]+(?i:from))[ \t]+(?:(?i:the)[ \t]+)?$"
+)
+# "at <Name>" is a person only after a verb aimed at someone ("looked at Maria") or as "at Maria's".
+_AT_BEFORE = regex.compile(r"\b(?i:at)[ \t]+$")
+_AT_PEOPLE_VERBS = regex.compile(
+    r"(?i:look(?:s|ed|ing)?|laugh(?:s|ed|ing)?|smil(?:e|es|ed|ing)|star(?:e|es|ed|ing)|glanc(?:e|es|ed|ing)"
+    r"|shout(?:s|ed|ing)?|yell(?:s|ed|ing)?|angry|mad|upset|point(?:s|ed|ing)?|wav(?:e|es|ed|ing)|nod(?:s|ded)?"
+    r"|wink(?:s|ed)?|aim(?:s|ed)?|directed)[ \t]+at[ \t]+$"
+)
+# Companies shaped like surname lists ("Hawkins, Richardson and Santana", "Becker-Shaffer", "Jones and Sons")
+# when a company word follows or a place/employer cue precedes them.
+_SURNAME_LIST = regex.compile(
+    rf"\b{_WORD}(?:,[ \t]+{_WORD})+,?[ \t]+(?:and|&)[ \t]+{_WORD}\b|\b{_WORD}[ \t]+(?:and|&)[ \t]+Sons\b"
+)
+_COMPANY_AFTER = regex.compile(
+    r"^,?[ \t]+(?:(?i:inc|llc|ltd|plc|corp|co|gmbh|group|partners|associates|company|corporation|orchestra"
+    r"|agency|foundation|law firm|llp|holdings)\b|(?:is|was)[ \t]+an?[ \t]+(?:\w+[ \t]+){0,3}"
+    r"(?i:agency|company|firm|startup|consultancy|studio|brand|retailer|manufacturer)\b"
+    r"(?![ \t]+(?i:director|owner|founder|manager|lawyer|partner|employee|secretary|executive|officer|member)))"
+)
+_COMPANY_BEFORE = regex.compile(r"(?:^|\b(?i:the|at|joined|works? for|worked for|(?:is|are|was|were) from))[ \t]*$")
+# A town or country closing an address on the same line: "…, 61 Wiesenstrasse 31, Barzheim", "…Apt. 561, X, Austria?"
+_STREET_SEGMENT_BEFORE = regex.compile(r"\b\d+[\d \t]*[ \t.]\p{L}[^,\n]*,[ \t]*(?:[^,\n\d]+,[ \t]*)?$")
+_ADDRESS_END_AFTER = regex.compile(r"^[ \t]*(?:[,.?!;\n]|$)")
+# One side of a street corner: "Lauren and Sorlaskeid 32", "Hallgerður and Hegedûs Gyula utca 76."
+_STREET_WORDS = (r"(?i:utca|út|ul|ulica|street|st|road|rd|avenue|ave|strasse|straße|gasse|weg|vej|gata|rua|rue|via"
+                 r"|calle|place|platz)")
+_CORNER_AFTER = regex.compile(rf"^[ \t]+and[ \t]+(?:(?:\p{{Lu}}[\p{{L}}.]*|{_STREET_WORDS}\.?)[ \t]+){{1,4}}\d+\b")
+# "<street name> utca 76": a lower-case street word and a number after the span.
+_STREET_AFTER_WORD = regex.compile(rf"^[ \t]+(?:{_STREET_WORDS}\.?[ \t]+)?\d+\.?[ \t]*(?:[,.?!;\n]|$)")
+_CORNER_BEFORE = regex.compile(r"\b(?i:corner of)[ \t]+$|[ \t]and[ \t]+$")
+# "the corner of Kuusiku 7 and Alexander Flat": the second street of a corner.
+_CORNER_SECOND = regex.compile(r"\b(?i:corner of)[ \t]+[^,.?!;\n]{1,40}[ \t]and[ \t]+$")
+# A line that starts an address below the name and company lines of a card ("53772 Holmatun 45", "Unit 5022").
+_ADDRESS_LINE = regex.compile(
+    r"^[\s>?*-]*(?:\d+[\d \t]*\p{L}|(?i:unit|box|p\.?o\.? box|postfach|apt|suite|flat|usns|usnv|uss|psc)\b)"
+)
+
+
+def drop_non_people(text: str, results: list[RecognizerResult]) -> list[RecognizerResult]:
+    """Remove PERSON spans that are streets, towns, places after "in", companies shaped like surname lists, or
+    the company line between a name and an address in a contact card."""
+    kept = drop_street_names(text, results)
+    people = [r for r in kept if r.entity_type == "PERSON"]
+    return [r for r in kept
+            if r.entity_type != "PERSON"
+            or not (_after_place_word(text, r) or _in_company_name(text, r) or _company_line(text, r, people)
+                    or _closes_address(text, r) or _street_corner(text, r))]
+
+
+def _closes_address(text: str, result: RecognizerResult) -> bool:
+    """A span ending an address line after a numbered street segment is its town or country."""
+    before = text[max(0, result.start - 80) : result.start]
+    return bool(_STREET_SEGMENT_BEFORE.search(before) and _ADDRESS_END_AFTER.match(text[result.end : result.end + 3]))
+
+
+def _street_corner(text: str, result: RecognizerResult) -> bool:
+    """"<A> and <street> <number>": both sides of a street corner, not people."""
+    after = text[result.end : result.end + 60]
+    if _CORNER_AFTER.match(after):
+        return True
+    before = text[max(0, result.start - 60) : result.start]
+    if _CORNER_SECOND.search(before):
+        return True
+    return bool(_CORNER_BEFORE.search(before) and _STREET_AFTER_WORD.match(text[result.end : result.end + 20]))
+
+
+def _after_place_word(text: str, result: RecognizerResult) -> bool:
+    """A span right after "in", "is from", "arrived at"… or after "at" (unless aimed at someone) is a place."""
+    before = text[max(0, result.start - 40) : result.start]
+    if _PLACE_BEFORE.search(before):
+        return True
+    possessive = text.startswith(("'s", "\u2019s"), result.end)
+    return bool(_AT_BEFORE.search(before)) and not possessive and not _AT_PEOPLE_VERBS.search(before)
+
+
+def _in_company_name(text: str, result: RecognizerResult) -> bool:
+    """Followed by a company word ("… Inc", "… is a design agency"), or inside "A, B and C" / "A and Sons" with a
+    company word after or "the", "at", "from"… before."""
+    if _COMPANY_AFTER.match(text[result.end : result.end + 60]):
+        return True
+    for match in _SURNAME_LIST.finditer(text, max(0, result.start - 80), min(len(text), result.end + 80)):
+        if match.start() <= result.start and result.end <= match.end():
+            after = text[match.end() : match.end() + 60]
+            before = text[max(0, match.start() - 20) : match.start()]
+            return bool(_COMPANY_AFTER.match(after) or _COMPANY_BEFORE.search(before))
+    return False
+
+
+def _company_line(text: str, result: RecognizerResult, people: list[RecognizerResult]) -> bool:
+    """A span alone on its line, between a line naming a person and an address line, is the company's name."""
+    line_start = text.rfind("\n", 0, result.start) + 1
+    line_end = text.find("\n", result.end)
+    if line_start == 0 or line_end == -1:
+        return False
+    alone = _LINE_LEAD.fullmatch(text[line_start : result.start]) and _LINE_TAIL.fullmatch(text[result.end : line_end])
+    if not alone:
+        return False
+    next_end = text.find("\n", line_end + 1)
+    if not _ADDRESS_LINE.match(text[line_end + 1 : len(text) if next_end == -1 else next_end]):
+        return False
+    above_start = text.rfind("\n", 0, line_start - 1) + 1
+    return any(above_start <= p.start and p.end <= line_start - 1 for p in people)
 
 
 def _town_line(text: str, result: RecognizerResult) -> bool:
@@ -234,7 +372,7 @@ def person_words(text: str, results: list[RecognizerResult]) -> set[str]:
     """The name words of the people detected in a text."""
     return {
         word
-        for r in drop_street_names(text, results)
+        for r in drop_non_people(text, results)
         if r.entity_type == "PERSON"
         for word in regex.findall(_WORD, text[r.start : r.end])
         if word not in _NOT_NAMES
@@ -244,7 +382,7 @@ def person_words(text: str, results: list[RecognizerResult]) -> set[str]:
 def propagate_people(text: str, results: list[RecognizerResult],
                      known: set[str] | None = None) -> list[RecognizerResult]:
     """Add every other whole-word occurrence of a detected person's name words (here or `known` elsewhere)."""
-    results = drop_street_names(text, results)
+    results = drop_non_people(text, results)
     words = person_words(text, results) | (known or set())
     if not words:
         return results

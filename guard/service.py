@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,13 +31,16 @@ class Admission:
         return self.kill_mode is KillMode.disabled
 
 
-def admit(*, session: Session, settings: Settings, question: str, departments: list[str]) -> Admission:
-    """Kill switch first, then the firewall in the strictest mode of the departments searched."""
+def admit(*, session: Session, settings: Settings, question: str, departments: list[str],
+          vector: Sequence[float] | None = None) -> Admission:
+    """Kill switch first, then the firewall in the strictest mode of the departments searched.
+
+    `vector`: the question's embedding, which the caller computes for retrieval anyway (the firewall reads it)."""
     mode = controls.kill_mode(session=session, settings=settings, departments=departments)
     if mode is KillMode.disabled:
         return Admission(kill_mode=mode, blocked_reason="kill_switch_disabled")
     firewall_mode = controls.firewall_mode(session=session, settings=settings, departments=departments)
-    result = get_firewall().inspect(question, firewall_mode)
+    result = get_firewall().inspect(question, firewall_mode, vector)
     verdicts: dict[str, Any] = {"firewall": {"mode": firewall_mode.value, "verdict": result.verdict.value,
                                              "score": round(result.score, 4), "rules": list(result.rules)}}
     admission = Admission(kill_mode=mode, verdicts=verdicts)

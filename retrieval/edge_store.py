@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,34 @@ class EdgeVectorStore:
         if shard is None:
             return []
         request = edge.QueryRequest(limit=limit, query=edge.Query.Nearest(list(vector)),
-                                    filter=to_edge_filter(access.to_qdrant()), with_payload=True)
+                                    filter=_edge_filter(access), with_payload=True)
         return [Hit(score=point.score, payload=dict(point.payload or {})) for point in shard.query(request)]
+
+    def search_many(self, access_by_department: dict[str, AccessFilter], vector: list[float],
+                    limit: int) -> list[Hit]:
+        """The `limit` nearest chunks over several departments, each searched under its own filter. Payloads
+        (sealed text and sentence vectors, ~10 KiB a chunk) are read only for the chunks kept."""
+        nearest = edge.Query.Nearest(list(vector))
+        scored: list[tuple[float, str, Any]] = []
+        for department, access in access_by_department.items():
+            shard = self._shard(department, create=False)
+            if shard is not None:
+                request = edge.QueryRequest(limit=limit, query=nearest, filter=_edge_filter(access),
+                                            with_payload=False)
+                scored.extend((point.score, department, point.id) for point in shard.query(request))
+        kept = sorted(scored, key=lambda item: item[0], reverse=True)[:limit]
+        payloads = self._payloads(kept)
+        return [Hit(score=score, payload=payloads[(department, point_id)]) for score, department, point_id in kept
+                if (department, point_id) in payloads]  # a point deleted meanwhile is simply gone
+
+    def _payloads(self, kept: list[tuple[float, str, Any]]) -> dict[tuple[str, Any], dict[str, Any]]:
+        payloads: dict[tuple[str, Any], dict[str, Any]] = {}
+        for department in {department for _, department, _ in kept}:
+            shard = self._shard(department, create=False)
+            ids = [point_id for _, owner, point_id in kept if owner == department]
+            for record in shard.retrieve(ids, True, False) if shard is not None else []:
+                payloads[(department, record.id)] = dict(record.payload or {})
+        return payloads
 
     def delete_document(self, department: str, document_id: str) -> None:
         """Remove every point of a document."""
@@ -140,6 +167,12 @@ class EdgeVectorStore:
         finally:
             with self._lock:
                 self._optimizing.discard(department)
+
+
+@lru_cache(maxsize=4096)
+def _edge_filter(access: AccessFilter) -> edge.Filter:
+    """The access filter as Edge's type, built once per distinct filter (building costs ~0.1 ms)."""
+    return to_edge_filter(access.to_qdrant())
 
 
 def to_edge_filter(source: models.Filter) -> edge.Filter:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
@@ -30,6 +31,9 @@ from retrieval.sentence_vectors import SentenceVectors
 from retrieval.store import AccessFilter, Hit, open_vector_store
 
 REFUSAL_TEXT = "I can't answer that from documents you are allowed to see."
+# The question is masked for the audit record while it is answered: spaCy's NER overlaps the embedding and the
+# database round trips, which release the GIL.
+_MASKING = ThreadPoolExecutor(max_workers=2, thread_name_prefix="govrag-mask")
 SNIPPET_CHARS = 240
 
 
@@ -51,16 +55,18 @@ def answer_query(*, session: Session, settings: Settings, enforcer: PolicyEnforc
                  query: QueryRequest, request_id: str) -> QueryResponse:
     """Answer from what the caller may see, audit the decision, then return it."""
     started = time.perf_counter()
+    masking = _MASKING.submit(audit_service.mask_question, query.question)  # meanwhile: authz, search, answer
     requested = query.department_names()
     scope = authz_service.read_scope(session=session, enforcer=enforcer, identity=identity, requested=requested)
-    admission = guard_service.admit(session=session, settings=settings, question=query.question,
+    vector = get_embedder(settings.embedding_backend).embed_one(query.question)  # for the firewall and the search
+    admission = guard_service.admit(session=session, settings=settings, question=query.question, vector=vector,
                                     departments=scope.departments)  # kill switch and prompt firewall
-    opened, outcome = (_answer(session, settings, enforcer, identity, query, request_id, scope, admission)
+    opened, outcome = (_answer(session, settings, enforcer, identity, query, vector, request_id, scope, admission)
                        if admission.blocked_reason is None else ([], None))
     response = outcome.response if outcome else _refusal(request_id, str(admission.blocked_reason),
                                                          guard_service.refusal_text(admission))
     record = _audit_record(query, request_id, identity, requested, scope, admission, opened, outcome, response,
-                           latency_ms=(time.perf_counter() - started) * 1000)
+                           question_masked=masking.result(), latency_ms=(time.perf_counter() - started) * 1000)
     audit_service.record_retrieval(session=session, record=record, settings=settings)
     metrics.QUERIES.labels(decision="refused" if response.refused else "answered").inc()
     metrics.QUERY_LATENCY.observe(time.perf_counter() - started)
@@ -70,11 +76,10 @@ def answer_query(*, session: Session, settings: Settings, enforcer: PolicyEnforc
 
 
 def _answer(session: Session, settings: Settings, enforcer: PolicyEnforcer, identity: Identity, query: QueryRequest,
-            request_id: str, scope: authz_service.ReadScope,
+            vector: list[float], request_id: str, scope: authz_service.ReadScope,
             admission: guard_service.Admission) -> tuple[list[OpenedChunk], generation.Generation]:
     """Search what the caller may read, then the model (or the extractive answer) behind the output guard."""
     searched = scope.departments
-    vector = get_embedder(settings.embedding_backend).embed_one(query.question) if searched else []
     opened = _retrieve(session, settings, enforcer, identity, query, vector, scope) if searched else []
     outcome = generation.respond(
         session=session, settings=settings, question=query.question, chunks=opened, kill_mode=admission.kill_mode,
@@ -86,7 +91,7 @@ def _answer(session: Session, settings: Settings, enforcer: PolicyEnforcer, iden
 
 def _audit_record(query: QueryRequest, request_id: str, identity: Identity, requested: list[str] | None,
                   scope: authz_service.ReadScope, admission: guard_service.Admission, opened: list[OpenedChunk],
-                  outcome: generation.Generation | None, response: QueryResponse,
+                  outcome: generation.Generation | None, response: QueryResponse, question_masked: str,
                   latency_ms: float) -> RetrievalRecord:
     """What the ledger keeps of this decision: ids, hashes and verdicts; the question only masked."""
     cited = outcome.cited if outcome else set()
@@ -98,7 +103,7 @@ def _audit_record(query: QueryRequest, request_id: str, identity: Identity, requ
         guard_verdicts={**admission.verdicts, **(outcome.verdicts if outcome else {})},
         model_backend=outcome.backend if outcome else None, model_id=outcome.model_id if outcome else None,
         kill_switch_mode=admission.kill_mode.value,
-        question_masked=audit_service.mask_question(query.question), purpose=query.purpose,
+        question_masked=question_masked, purpose=query.purpose,
         latency_ms=round(latency_ms, 2),
         chunks=[{"document_id": c.document_id, "chunk_id": c.chunk_id, "score": round(c.score, 4),
                  "cited": i + 1 in cited, "content_sha256": hashlib.sha256(c.text.encode()).hexdigest()}
@@ -120,11 +125,10 @@ def _retrieve(session: Session, settings: Settings, enforcer: PolicyEnforcer, id
               query: QueryRequest, vector: list[float], scope: authz_service.ReadScope) -> list[OpenedChunk]:
     """Filtered search in each authorised collection, merged by score, then re-checked and decrypted."""
     top_k = min(query.top_k or settings.default_top_k, settings.max_top_k)
-    store = open_vector_store(settings)
-    hits = [hit for department, clearance in scope.clearance_by_department.items()
-            for hit in store.search(department, vector, AccessFilter(identity.groups, clearance), limit=top_k)]
-    hits.sort(key=lambda hit: hit.score, reverse=True)
-    return _recheck_and_open(session, settings, enforcer, identity, hits[:top_k])
+    access = {department: AccessFilter(identity.groups, clearance)
+              for department, clearance in scope.clearance_by_department.items()}
+    hits = open_vector_store(settings).search_many(access, vector, limit=top_k)
+    return _recheck_and_open(session, settings, enforcer, identity, hits)
 
 
 def _recheck_and_open(session: Session, settings: Settings, enforcer: PolicyEnforcer, identity: Identity,

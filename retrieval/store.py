@@ -95,6 +95,13 @@ class VectorStore:
             )
         return [Hit(score=point.score, payload=dict(point.payload or {})) for point in response.points]
 
+    def search_many(self, access_by_department: dict[str, AccessFilter], vector: list[float],
+                    limit: int) -> list[Hit]:
+        """The `limit` nearest chunks over several departments, each searched under its own filter."""
+        hits = [hit for department, access in access_by_department.items()
+                for hit in self.search(department, vector, access, limit)]
+        return sorted(hits, key=lambda hit: hit.score, reverse=True)[:limit]
+
     def delete_document(self, department: str, document_id: str) -> None:
         """Remove every point of a document."""
         with self._lock:
@@ -151,6 +158,8 @@ class VectorIndex(Protocol):
 
     def upsert(self, department: str, points: list[VectorPoint]) -> None: ...
     def search(self, department: str, vector: list[float], access: AccessFilter, limit: int) -> list[Hit]: ...
+    def search_many(self, access_by_department: dict[str, AccessFilter], vector: list[float],
+                    limit: int) -> list[Hit]: ...
     def delete_document(self, department: str, document_id: str) -> None: ...
     def count(self, department: str) -> int: ...
     def scroll_payloads(self, department: str) -> list[dict[str, Any]]: ...

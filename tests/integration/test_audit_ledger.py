@@ -168,6 +168,52 @@ def test_concurrent_appends_never_fork_the_chain(ledger: Settings) -> None:
     assert _verify(ledger)["ok"] is True
 
 
+def _append_waiting_together(settings: Settings, records: list[RetrievalRecord]) -> list[str]:
+    """Every record appended from its own thread, all queued before any may write: one group commit."""
+    from audit.repository import local_chain_lock
+
+    outcomes: list[str] = [""] * len(records)
+
+    def worker(i: int) -> None:
+        with get_session_factory(settings.resolved_database_url)() as session:
+            try:
+                audit_service.record_retrieval(session=session, record=records[i], settings=settings)
+                outcomes[i] = "committed"
+            except Exception as exc:  # noqa: BLE001 - reported in outcomes
+                outcomes[i] = type(exc).__name__
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(records))]
+    with local_chain_lock():  # nobody writes until all are waiting
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while len(audit_service._retrievals._waiting) < len(records) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(audit_service._retrievals._waiting) == len(records)
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
+def test_events_waiting_together_are_committed_in_one_transaction(ledger: Settings) -> None:
+    assert _append_waiting_together(ledger, [_record(n) for n in range(6)]) == ["committed"] * 6
+    with get_session_factory(ledger.resolved_database_url)() as session:  # xmin: the inserting transaction
+        transactions = session.execute(text("SELECT count(*), count(DISTINCT xmin::text) FROM retrieval_events"))
+        assert tuple(transactions.one()) == (6, 1)
+    assert _verify(ledger)["ok"] is True and _verify(ledger)["checked"] == 6
+
+
+def test_one_bad_event_in_a_group_fails_only_its_own_request(ledger: Settings) -> None:
+    records = [_record(n) for n in range(5)]
+    records[2] = _record(2, subject="x" * 300)  # longer than the column: the database refuses this row
+    outcomes = _append_waiting_together(ledger, records)
+    assert outcomes == ["committed", "committed", "GovragError", "committed", "committed"]
+    with get_session_factory(ledger.resolved_database_url)() as session:
+        requests = sorted(session.scalars(select(RetrievalEvent.request_id)))
+    assert requests == ["req-0", "req-1", "req-3", "req-4"]
+    assert _verify(ledger)["ok"] is True
+
+
 def test_retention_is_a_signed_audited_purge_and_verify_still_passes(ledger: Settings) -> None:
     _append(ledger, 6)
     time.sleep(0.05)

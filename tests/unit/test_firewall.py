@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bench.train_firewall import negative_scores
-from guard.firewall import GuardMode, Verdict, get_firewall, gibberish_features
+from guard.firewall import EMBEDDING_DIMENSION, GuardMode, Verdict, get_firewall, gibberish_features, question_vectors
 from guard.injection import get_scanner, segments
 from guard.normalise import decoded_payloads, deleet, normalise, strip_invisible
 
@@ -59,6 +59,24 @@ def test_modes_flag_and_off() -> None:
     assert firewall.inspect(ATTACK, GuardMode.flag).verdict is Verdict.flag
     off = firewall.inspect(ATTACK, GuardMode.off)
     assert off.verdict is Verdict.allow and off.score == 0.0
+
+
+def test_a_precomputed_question_vector_gives_the_same_verdict_as_embedding_inside() -> None:
+    firewall = get_firewall()
+    assert firewall.model.uses_embedding
+    for text in (ATTACK, "How many days of annual leave do new employees get?"):
+        vector = [float(x) for x in question_vectors([text])[0]]  # as the query path's embed_one hands it over
+        given, computed = firewall.inspect(text, vector=vector), firewall.inspect(text)
+        assert given.score == pytest.approx(computed.score, abs=1e-6) and given.verdict is computed.verdict
+
+
+def test_a_question_vector_of_the_wrong_size_is_refused() -> None:
+    with pytest.raises(ValueError, match=str(EMBEDDING_DIMENSION)):
+        get_firewall().inspect("What is the leave policy?", vector=[0.1] * (EMBEDDING_DIMENSION - 1))
+
+
+def test_the_scanner_weighs_no_embedding() -> None:
+    assert not get_scanner().model.uses_embedding
 
 
 def test_scanner_flags_and_neutralises_an_instruction_hidden_in_a_document() -> None:

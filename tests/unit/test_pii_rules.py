@@ -13,6 +13,7 @@ from guard.pii import PiiRedactor, PlaceholderMap, get_redactor
 from guard.pii_rules import (
     CustomRecognizer,
     RedactionRules,
+    drop_non_people,
     drop_street_names,
     luhn_valid,
     mod11_valid,
@@ -73,6 +74,42 @@ def test_town_lines_below_a_street_are_not_people() -> None:
              for name in ("Ada Lovelace", "Grand Rapids")]
     kept = drop_street_names(text, spans)
     assert [text[r.start : r.end] for r in kept] == ["Ada Lovelace"]
+
+
+def _kept_people(text: str, names: tuple[str, ...]) -> list[str]:
+    spans = [RecognizerResult("PERSON", text.index(name), text.index(name) + len(name), 0.85) for name in names]
+    return [text[r.start : r.end] for r in drop_non_people(text, spans)]
+
+
+@pytest.mark.parametrize(("text", "names", "people"), [
+    ("I am in Hirvli for a business trip", ("Hirvli",), []),
+    ("Aimee is from Vitalchek", ("Aimee", "Vitalchek"), ["Aimee"]),
+    ("Kai spent a year at Balefire Global in Amsterdam.", ("Kai", "Balefire Global"), ["Kai"]),
+    ("Tomomi is from Hawkins, Richardson and Santana", ("Tomomi", "Richardson", "Santana"), ["Tomomi"]),
+    ("The Clark, Romero and Hall Orchestra was founded in 1973.", ("Clark", "Romero"), []),
+    ("Berkshire Hathaway is a design agency based in Pelhrimov.", ("Berkshire Hathaway",), []),
+    ("We'll meet Friday at Kroll, 61 Wiesenstrasse 31, Barzheim", ("Barzheim",), []),
+    ("Please return to Lauren and Sorlaskeid 32 in case of an issue.", ("Lauren",), []),
+    ("Carly Jones\nTopcoder\n53772 Holmatun 45\nSuite 757", ("Carly Jones", "Topcoder"), ["Carly Jones"]),
+    ("Send it to the corner of Kuusiku 7 and Alexander Flat?", ("Alexander Flat",), []),
+    ("Freja Clausen\n02 53 place Stanislas\nNantes", ("Freja Clausen", "Stanislas"), ["Freja Clausen"]),
+])
+def test_places_and_companies_are_not_people(text: str, names: tuple[str, ...], people: list[str]) -> None:
+    assert _kept_people(text, names) == people
+
+
+@pytest.mark.parametrize(("text", "names"), [
+    ("She looked at Maria and smiled.", ("Maria",)),
+    ("Dinner is at Maria's tonight.", ("Maria",)),
+    ("I met Hawkins, Richardson and Santana yesterday.", ("Hawkins", "Richardson", "Santana")),
+    ("Ada Lovelace\n12 Harbour Road\nLondon", ("Ada Lovelace",)),
+    ("We hired 5 engineers, Maria and Tom.", ("Maria", "Tom")),
+    ("Anna and Tom have 3 kids.", ("Anna", "Tom")),
+    ("Maria is a company director.", ("Maria",)),
+    ("The paper was written by Smith, Jones and Lee.", ("Smith", "Jones", "Lee")),
+])
+def test_people_near_place_words_are_kept(text: str, names: tuple[str, ...]) -> None:
+    assert _kept_people(text, names) == list(names)
 
 
 def test_a_name_is_one_placeholder_across_chunks(redactor: PiiRedactor) -> None:

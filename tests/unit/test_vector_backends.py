@@ -72,6 +72,26 @@ def test_backends_agree_and_only_return_authorised_points(stores, groups: tuple[
                            for hit in hits)
 
 
+def test_backends_agree_across_departments_each_under_its_own_filter(stores) -> None:  # type: ignore[no-untyped-def]
+    rng = random.Random(5)
+    access = {"hr": AccessFilter(groups=("hr-staff",), max_classification_rank=2),
+              "finance": AccessFilter(groups=(), max_classification_rank=1), "nonexistent": AccessFilter((), 3)}
+    for _ in range(15):
+        query = [rng.uniform(-1, 1) for _ in range(DIM)]
+        results = {name: store.search_many(access, query, limit=6) for name, store in stores.items()}
+        ids = {name: [(hit.payload["department"], hit.payload["chunk_id"]) for hit in hits]
+               for name, hits in results.items()}
+        assert ids["edge"] == ids["local"] == ids["memory"] and len(ids["edge"]) == 6
+        single = sorted((hit for department in ("hr", "finance")
+                         for hit in stores["memory"].search(department, query, access[department], limit=6)),
+                        key=lambda hit: hit.score, reverse=True)[:6]
+        assert ids["memory"] == [(hit.payload["department"], hit.payload["chunk_id"]) for hit in single]
+        for hits in results.values():
+            assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+            assert all(_allowed(hit.payload, access[str(hit.payload["department"])].groups,
+                                access[str(hit.payload["department"])].max_classification_rank) for hit in hits)
+
+
 def test_backends_agree_on_delete_and_count(stores) -> None:  # type: ignore[no-untyped-def]
     for store in stores.values():
         store.delete_document("hr", "hr-doc-3")
