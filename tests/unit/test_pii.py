@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,7 +14,15 @@ import pytest
 import spacy
 import tldextract
 
-from guard.pii import PII_NER_PATH, REDACTED_ENTITIES, PiiRedactor, PlaceholderMap, get_redactor
+from guard.pii import (
+    PII_NER_PATH,
+    REDACTED_ENTITIES,
+    VECTORS_META_KEY,
+    PiiRedactor,
+    PlaceholderMap,
+    get_redactor,
+    load_ner_pipeline,
+)
 
 PLACEHOLDER = re.compile(r"<([A-Z_]+)_(\d+)>")
 
@@ -42,6 +52,23 @@ def test_the_ner_model_ships_inside_the_package() -> None:
 
     assert PII_NER_PATH.is_relative_to(Path(guard.__file__).parent)
     assert spacy.load(PII_NER_PATH).pipe_names == ["ner"]
+    assert not (PII_NER_PATH / "vocab" / "vectors").exists()  # the 40 MB of vectors stay in their package
+
+
+def test_the_ner_gets_its_word_vectors_from_the_installed_package() -> None:
+    nlp = load_ner_pipeline(PII_NER_PATH)
+    assert nlp.vocab.vectors.shape == (20000, 300)
+    doc = nlp("Please forward the invoice to Margaret Okonkwo before Friday.")
+    assert [e.text for e in doc.ents if e.label_ == "PERSON"] == ["Margaret Okonkwo"]
+
+
+def test_a_missing_vectors_package_is_a_clear_error(tmp_path: Path) -> None:
+    shutil.copytree(PII_NER_PATH, tmp_path / "ner")
+    meta = json.loads((tmp_path / "ner" / "meta.json").read_text(encoding="utf-8"))
+    meta[VECTORS_META_KEY] = "no_such_vectors_package"
+    (tmp_path / "ner" / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    with pytest.raises(RuntimeError, match="make install"):
+        load_ner_pipeline(tmp_path / "ner")
 
 
 @pytest.mark.parametrize(
