@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import random
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 from qdrant_client import QdrantClient
 
+from retrieval import edge_store
 from retrieval.edge_store import EdgeVectorStore
 from retrieval.store import AccessFilter, VectorPoint, VectorStore
 
@@ -111,3 +116,52 @@ def test_edge_store_persists_and_reopens(tmp_path: Path) -> None:
     reopened = EdgeVectorStore(tmp_path / "edge", dimension=DIM)
     assert reopened.count("hr") == 60
     reopened.close()
+
+
+_UPSERT_THEN_DIE = """
+import os, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+from pathlib import Path
+from retrieval import edge_store
+from retrieval.edge_store import EdgeVectorStore
+from test_vector_backends import DIM, _corpus
+store = EdgeVectorStore(Path({path!r}), dimension=DIM)
+store.upsert("hr", _corpus()["hr"])
+os.kill(os.getpid(), 9)  # before any flush: only the write-ahead log holds the points
+"""
+
+
+def test_edge_upsert_survives_a_killed_process_before_its_flush(tmp_path: Path) -> None:
+    root, tests = Path(__file__).resolve().parents[2], Path(__file__).resolve().parent
+    script = _UPSERT_THEN_DIE.format(root=str(root), tests=str(tests), path=str(tmp_path / "edge"))
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120,  # noqa: S603
+                            check=False)
+    assert killed.returncode == -signal.SIGKILL
+    reopened = EdgeVectorStore(tmp_path / "edge", dimension=DIM)
+    assert reopened.count("hr") == 60
+    reopened.close()
+
+
+def test_edge_flushes_segments_in_the_background(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(edge_store, "_FLUSH_AFTER_SECONDS", 0.05)
+    store = EdgeVectorStore(tmp_path / "edge", dimension=DIM)
+    flushed = threading.Event()
+    shard = store._shard("hr", create=True)  # noqa: SLF001 - the shard whose flush is observed
+    store._shards["hr"] = _FlushSpy(shard, flushed)  # noqa: SLF001
+    store.upsert("hr", _corpus()["hr"])
+    assert flushed.wait(timeout=10)
+    store.close()
+
+
+class _FlushSpy:
+    """An Edge shard that reports its flushes."""
+
+    def __init__(self, shard: object, flushed: threading.Event) -> None:
+        self._shard, self._flushed = shard, flushed
+
+    def flush(self) -> None:
+        self._shard.flush()  # type: ignore[attr-defined]
+        self._flushed.set()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._shard, name)
