@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from core.settings import get_settings
+from core.settings import Settings, get_settings
 
 FINAL_STATES = ("ready", "failed", "quarantined", "rejected")
 
@@ -105,12 +105,7 @@ def _inprocess_uploader(args: argparse.Namespace) -> Callable[[list[Path]], Iter
                         session=session, settings=settings, uploaded_by=args.as_user, department=args.department,
                         filename=path.name, data=path.read_bytes(), title=path.name,
                         acl_groups=sorted(set(args.acl_groups)), classification=Classification(args.classification))
-                ingestion_service.run_ingestion(settings=settings, document_id=accepted.document_id,
-                                                job_id=accepted.job_id)
-                for child in ingestion_service.spawn_attachments(settings=settings,
-                                                                 document_id=accepted.document_id):
-                    ingestion_service.run_ingestion(settings=settings, document_id=child.document_id,
-                                                    job_id=child.job_id)
+                _ingest_with_attachments(settings, accepted.document_id, accepted.job_id)
                 with unit_of_work(settings.resolved_database_url) as session:
                     status = ingestion_service.job_status(session=session, can_see=lambda *_: True,
                                                           job_id=accepted.job_id)
@@ -119,6 +114,15 @@ def _inprocess_uploader(args: argparse.Namespace) -> Callable[[list[Path]], Iter
                 yield Outcome(str(path), _refusal(exc.message), exc.message)
 
     return run
+
+
+def _ingest_with_attachments(settings: Settings, document_id: str, job_id: str) -> None:
+    """Ingest a document, then its attachments, theirs, and so on (spawn_attachments bounds the depth)."""
+    from ingestion import service as ingestion_service
+
+    ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id)
+    for child in ingestion_service.spawn_attachments(settings=settings, document_id=document_id):
+        _ingest_with_attachments(settings, child.document_id, child.job_id)
 
 
 def _api_uploader(args: argparse.Namespace) -> Callable[[list[Path]], Iterator[Outcome]]:

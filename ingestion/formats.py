@@ -9,7 +9,8 @@ import email
 import email.policy
 import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from email.message import EmailMessage
 from typing import TYPE_CHECKING
 
 from core.errors import ErrorCode, GovragError
@@ -54,19 +55,40 @@ MAIL_TYPES = frozenset({sniff.MESSAGE_RFC822, sniff.APPLICATION_MSG})
 
 
 def attachments(data: bytes, content_type: str) -> list[tuple[str, bytes]]:
-    """The (file name, bytes) of an e-mail's attachments, at most MAX_ATTACHMENTS; others have none."""
+    """The (file name, bytes) of an e-mail's attachments, in order; an attached e-mail comes whole (its own
+    attachments are its own). Empty bytes mean an attachment that could not be read. Other types have none."""
     if content_type == sniff.MESSAGE_RFC822:
         message = email.message_from_bytes(_as_utf8_mail(data), policy=email.policy.default)
-        found = [(part.get_filename() or "attachment", part.get_payload(decode=True) or b"")
-                 for part in message.walk() if part.get_content_disposition() == "attachment"]
-    elif content_type == sniff.APPLICATION_MSG:
+        return [(_attachment_name(part), _attachment_bytes(part)) for part in _attached_parts(message)]
+    if content_type == sniff.APPLICATION_MSG:
         from oxmsg import Message
 
-        found = [(item.file_name or "attachment", item.file_bytes or b"")
-                 for item in Message.load(io.BytesIO(data)).attachments]
-    else:
-        return []
-    return [(name, payload) for name, payload in found if payload][:MAX_ATTACHMENTS]
+        return [(item.file_name or "attachment", item.file_bytes or b"")
+                for item in Message.load(io.BytesIO(data)).attachments]
+    return []
+
+
+def _attached_parts(part: EmailMessage) -> Iterator[EmailMessage]:
+    """Attachment parts and attached messages, without descending into an attached message."""
+    for child in part.iter_parts():
+        if child.get_content_disposition() == "attachment" or child.get_content_type() == sniff.MESSAGE_RFC822:
+            yield child
+        elif child.is_multipart():
+            yield from _attached_parts(child)
+
+
+def _attachment_name(part: EmailMessage) -> str:
+    name = part.get_filename()
+    if name:
+        return name
+    return "attached message.eml" if part.get_content_type() == sniff.MESSAGE_RFC822 else "attachment"
+
+
+def _attachment_bytes(part: EmailMessage) -> bytes:
+    if part.get_content_type() == sniff.MESSAGE_RFC822:
+        inner = part.get_content()
+        return inner.as_bytes() if isinstance(inner, EmailMessage) else b""
+    return part.get_payload(decode=True) or b""
 
 
 def partition_pptx(data: bytes) -> list[Element]:

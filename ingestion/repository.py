@@ -108,3 +108,22 @@ def document_ids_with_keys(session: Session, department: str) -> list[str]:
 def children(session: Session, parent_id: str) -> list[Document]:
     """The attachment documents of an e-mail document."""
     return list(session.scalars(select(Document).where(Document.parent_id == parent_id).order_by(Document.title)))
+
+
+def descendants(session: Session, document_id: str) -> list[Document]:
+    """Attachments, their attachments, and so on (attached e-mails nest)."""
+    found: list[Document] = []
+    level = children(session, document_id)
+    while level:
+        found.extend(level)
+        level = [grandchild for child in level for grandchild in children(session, child.id)]
+    return found
+
+
+def depth(session: Session, document: Document) -> int:
+    """How many e-mails up the document is attached below (0 for an upload)."""
+    levels, parent_id = 0, document.parent_id
+    while parent_id is not None:
+        parent = get_document(session, parent_id)
+        levels, parent_id = levels + 1, parent.parent_id if parent is not None else None
+    return levels

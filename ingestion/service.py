@@ -30,6 +30,7 @@ from retrieval.store import open_vector_store
 logger = logging.getLogger(__name__)
 
 MAX_TITLE_CHARS = 300
+MAX_ATTACHMENT_DEPTH = 3  # levels of attachments followed below an uploaded e-mail (attached e-mails nest)
 
 
 def accept_upload(
@@ -92,14 +93,15 @@ def run_ingestion(*, settings: Settings, document_id: str, job_id: str) -> None:
 
 
 def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAccepted]:
-    """Queue each readable attachment of an ingested e-mail as a child document, once (the caller enqueues).
+    """Queue each attachment of an ingested e-mail as a child document, once (the caller enqueues).
 
-    Children inherit the department, ACL and declared level; duplicates and unreadable attachments are skipped;
-    attached e-mails are not followed further (one level).
+    Children inherit the department, ACL and declared level; attached e-mails are followed MAX_ATTACHMENT_DEPTH
+    levels below the upload. An attachment that cannot be taken (its type, a limit, a duplicate, unreadable, too
+    deep, one too many) is kept as a failed child with the reason: nothing disappears without a trace.
     """
     with unit_of_work(settings.resolved_database_url) as session:
         parent = repository.get_document(session, document_id)
-        if (parent is None or parent.content_type not in formats.MAIL_TYPES or parent.parent_id is not None
+        if (parent is None or parent.content_type not in formats.MAIL_TYPES
                 or parent.status not in (DocumentStatus.ready, DocumentStatus.quarantined)
                 or repository.children(session, document_id)):
             return []
@@ -107,20 +109,55 @@ def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAcc
                                                   document_id=document_id)
         if key is None:
             return []
-        data = blobs.read_sealed(settings.blob_dir, document_id, key)
-        accepted = []
-        for name, payload in formats.attachments(data, parent.content_type):
-            try:
-                with session.begin_nested():
-                    accepted.append(accept_upload(
-                        session=session, settings=settings, uploaded_by=parent.uploaded_by,
-                        department=parent.department, filename=name, data=payload,
-                        title=f"{parent.title} / {name}", acl_groups=list(parent.acl_groups),
-                        classification=Classification(parent.declared_classification or parent.classification),
-                        parent_id=document_id))
-            except GovragError as exc:
-                logger.info("an attachment of document %s was not ingested: %s", document_id, exc.code.name)
+        found = formats.attachments(blobs.read_sealed(settings.blob_dir, document_id, key), parent.content_type)
+        too_deep = repository.depth(session, parent) >= MAX_ATTACHMENT_DEPTH
+        accepted = [child for name, payload in found[:formats.MAX_ATTACHMENTS]
+                    if (child := _accept_attachment(session, settings, parent, name, payload, too_deep)) is not None]
+        if len(found) > formats.MAX_ATTACHMENTS:
+            excess = found[formats.MAX_ATTACHMENTS:]
+            _record_refused_attachment(session, parent, f"{len(excess)} more attachments",
+                                       b"".join(payload for _, payload in excess),
+                                       f"the e-mail has {len(found)} attachments; only the first "
+                                       f"{formats.MAX_ATTACHMENTS} are ingested")
     return accepted
+
+
+def _accept_attachment(session: Session, settings: Settings, parent: Document, name: str, payload: bytes,
+                       too_deep: bool) -> UploadAccepted | None:
+    """Accept one attachment as a child document, or record why it was refused."""
+    if too_deep:
+        reason = f"attached e-mails are followed {MAX_ATTACHMENT_DEPTH} levels deep; this attachment is deeper"
+    elif not payload:
+        reason = "the attachment is empty or could not be read"
+    else:
+        try:
+            with session.begin_nested():
+                return accept_upload(
+                    session=session, settings=settings, uploaded_by=parent.uploaded_by,
+                    department=parent.department, filename=name, data=payload, title=f"{parent.title} / {name}",
+                    acl_groups=list(parent.acl_groups),
+                    classification=Classification(parent.declared_classification or parent.classification),
+                    parent_id=parent.id)
+        except GovragError as exc:
+            reason = exc.message
+    _record_refused_attachment(session, parent, name, payload, reason)
+    return None
+
+
+def _record_refused_attachment(session: Session, parent: Document, name: str, payload: bytes, reason: str) -> None:
+    """A failed child row: metadata and the reason only (the bytes stay inside the parent's sealed original)."""
+    try:
+        content_type = sniff_content_type(payload, name)
+    except GovragError:
+        content_type = "application/octet-stream"
+    session.add(Document(
+        id=str(uuid.uuid4()), department=parent.department, title=_title(f"{parent.title} / {name}", None),
+        content_type=content_type[:120], size_bytes=len(payload), sha256=hashlib.sha256(payload).hexdigest(),
+        acl_groups=list(parent.acl_groups), classification=parent.classification,
+        declared_classification=parent.declared_classification, status=DocumentStatus.failed, error=reason,
+        uploaded_by=parent.uploaded_by, parent_id=parent.id,
+    ))
+    logger.info("an attachment of document %s was not ingested", parent.id)
 
 
 def parse_limits(settings: Settings) -> ParseLimits:
@@ -234,7 +271,7 @@ def delete_document(*, session: Session, settings: Settings, document_id: str,
     document = repository.get_document(session, document_id)
     if document is None or document.status == DocumentStatus.deleted or not can_delete(document.department):
         raise GovragError(ErrorCode.not_found, "no such document")
-    for target in [document, *repository.children(session, document_id)]:  # an e-mail takes its attachments
+    for target in [document, *repository.descendants(session, document_id)]:  # an e-mail takes its attachments
         keystore_for(settings).shred_document_key(session=session, document_id=target.id)
         open_vector_store(settings).delete_document(target.department, target.id)
         blobs.remove(settings.blob_dir, target.id)

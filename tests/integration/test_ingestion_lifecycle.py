@@ -9,6 +9,7 @@ import time
 import uuid
 import zipfile
 from collections.abc import Callable
+from email.message import EmailMessage
 
 import pytest
 from fastapi.testclient import TestClient
@@ -262,9 +263,67 @@ def test_email_attachments_become_child_documents(client: TestClient, lab: dict[
     while not parent["attachment_ids"] and time.monotonic() < deadline:
         time.sleep(0.25)
         parent = client.get(f"/v1/documents/{parent['document_id']}", headers=auth(lab["editor"])).json()
-    assert len(parent["attachment_ids"]) == 1  # the PNG is not a document: skipped
-    child = _wait(client, lab["editor"], parent["attachment_ids"][0])
-    assert child["status"] == "ready" and child["parent_id"] == parent["document_id"]
-    assert child["title"].endswith("/ rota.txt")
+    children = {str(c["title"]).rsplit("/ ", 1)[1]: c for c in (_wait(client, lab["editor"], child_id)
+                                                                for child_id in parent["attachment_ids"])}
+    assert children["rota.txt"]["status"] == "ready" and children["rota.txt"]["parent_id"] == parent["document_id"]
+    logo = children["logo.png"]  # not a document: refused, and the refusal is on record with its reason
+    assert logo["status"] == "failed" and "unsupported" in str(logo["error"]) and logo["chunk_count"] == 0
     assert client.delete(f"/v1/documents/{parent['document_id']}", headers=auth(lab["editor"])).status_code == 204
-    assert client.get(f"/v1/documents/{child['document_id']}", headers=auth(lab["editor"])).status_code == 404
+    for child in children.values():
+        assert client.get(f"/v1/documents/{child['document_id']}", headers=auth(lab["editor"])).status_code == 404
+
+
+def _mail(subject: str, body: str, attachments: list[tuple[str, bytes | EmailMessage]]) -> EmailMessage:
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = "ana@example.com", "ben@example.com", subject
+    message.set_content(body)
+    for name, payload in attachments:
+        if isinstance(payload, EmailMessage):
+            message.add_attachment(payload, filename=name)
+        else:
+            message.add_attachment(payload, maintype="text", subtype="plain", filename=name)
+    return message
+
+
+def _descendants(client: TestClient, token: str, document: dict) -> dict[str, dict]:  # type: ignore[type-arg]
+    """Every attachment below `document`, by file name, each in a final state."""
+    found: dict[str, dict] = {}  # type: ignore[type-arg]
+    deadline = time.monotonic() + 120
+    pending = [document]
+    while pending:
+        current = pending.pop()
+        while current["status"] == "ready" and current["content_type"] == "message/rfc822" and \
+                not current["attachment_ids"] and time.monotonic() < deadline:
+            time.sleep(0.25)
+            current = client.get(f"/v1/documents/{current['document_id']}", headers=auth(token)).json()
+        for child_id in current["attachment_ids"]:
+            child = _wait(client, token, child_id)
+            found[str(child["title"]).rsplit("/ ", 1)[1]] = child
+            pending.append(child)
+    return found
+
+
+def test_attached_emails_are_followed_to_a_bounded_depth_and_deleted_with_their_parent(
+        client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from ingestion import service
+
+    monkeypatch.setattr(service, "MAX_ATTACHMENT_DEPTH", 2)
+    canary = uuid.uuid4().hex
+    deepest = _mail("deepest", "Three levels down.", [("too-deep.txt", b"never ingested " + canary.encode())])
+    inner = _mail("inner", "Forwarded once.", [("minutes.txt", f"Minutes of the Porto review {canary}.".encode()),
+                                              ("deepest.eml", deepest)])
+    outer = _mail("outer", "See the forwarded thread.", [("thread.eml", inner), ("empty.txt", b"")])
+    parent = _ingest(client, lab["editor"], lab["department"], "outer.eml", outer.as_bytes())
+    found = _descendants(client, lab["editor"], parent)
+    assert {name: doc["status"] for name, doc in found.items()} == {
+        "thread.eml": "ready", "minutes.txt": "ready", "deepest.eml": "ready", "too-deep.txt": "failed",
+        "empty.txt": "failed"}
+    assert "levels deep" in str(found["too-deep.txt"]["error"]) and canary not in str(found["too-deep.txt"])
+    assert "empty" in str(found["empty.txt"]["error"])
+    assert found["minutes.txt"]["parent_id"] == found["thread.eml"]["document_id"]
+    assert client.delete(f"/v1/documents/{parent['document_id']}", headers=auth(lab["editor"])).status_code == 204
+    for doc in found.values():
+        assert client.get(f"/v1/documents/{doc['document_id']}", headers=auth(lab["editor"])).status_code == 404
+    gone = {parent["document_id"], *(doc["document_id"] for doc in found.values())}
+    assert not gone & {p["document_id"] for p in open_vector_store(settings).scroll_payloads(lab["department"])}
+    assert not any((settings.blob_dir / document_id).exists() for document_id in gone)

@@ -6,6 +6,7 @@ import io
 import os
 import zipfile
 from collections.abc import Callable
+from email.message import EmailMessage
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -14,7 +15,7 @@ import pikepdf
 import pytest
 
 from core.errors import ErrorCode, GovragError
-from ingestion import sniff
+from ingestion import formats, sniff
 from ingestion.chunk import Chunk, chunk_sections
 from ingestion.parse import (
     TITLE_MAX_WORDS,
@@ -412,3 +413,19 @@ def test_parse_then_chunk_markdown_end_to_end() -> None:
     assert chunks[0].text.startswith("Onboarding Guide\nWelcome to the team.")
     assert chunks[-1].text.startswith("Equipment\nItem | Owner")
     assert chunks[-1].section == "Equipment"
+
+
+def test_an_attached_email_comes_whole_and_its_own_attachments_stay_inside_it() -> None:
+    inner = EmailMessage()
+    inner["Subject"] = "inner"
+    inner.set_content("forwarded body")
+    inner.add_attachment(b"grandchild", maintype="text", subtype="plain", filename="deep.txt")
+    outer = EmailMessage()
+    outer["Subject"] = "outer"
+    outer.set_content("outer body")
+    outer.add_attachment(inner, filename="fwd.eml")
+    outer.add_attachment(b"", maintype="application", subtype="octet-stream", filename="broken.bin")
+    found = formats.attachments(outer.as_bytes(), "message/rfc822")
+    assert [name for name, _ in found] == ["fwd.eml", "broken.bin"]  # deep.txt belongs to fwd.eml, not here
+    assert found[1][1] == b""  # unreadable: kept, so the caller can record why it was not ingested
+    assert formats.attachments(found[0][1], "message/rfc822") == [("deep.txt", b"grandchild")]
