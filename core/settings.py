@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     max_pages: int = 2000
     max_elements: int = 50_000
     parse_timeout_seconds: float = 120.0
+    # hard limit per document in a prefork worker: the child is replaced and the document fails (a parser stuck
+    # where the parse timeout's alarm cannot reach it, e.g. native code)
+    ingest_time_limit_seconds: float = 1800.0
     broker_visibility_timeout: int = 3600  # seconds before an unacknowledged task (dead worker) is redelivered
 
     # --- guardrails and model backends (issue 5) ---

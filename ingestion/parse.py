@@ -353,8 +353,8 @@ def run_with_timeout(work: Callable[[], T], seconds: float) -> T:
     return outcome["value"]  # type: ignore[return-value]
 
 
-class _ParseTimeout(Exception):
-    pass
+class _ParseTimeout(BaseException):
+    """Not an Exception: a parser's own `except Exception` must not swallow it."""
 
 
 def _with_alarm(work: Callable[[], T], seconds: float) -> T:
@@ -362,7 +362,7 @@ def _with_alarm(work: Callable[[], T], seconds: float) -> T:
         raise _ParseTimeout
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)  # and again every second, should a parser swallow it
     try:
         return work()
     except _ParseTimeout:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from billiard.exceptions import TimeLimitExceeded
 from celery import Celery, Task
 
 from ingestion import service as ingestion_service
@@ -32,11 +33,26 @@ def ingest_document(task: Task, document_id: str, job_id: str) -> None:
         raise task.retry(exc=exc, countdown=2 ** task.request.retries) from exc
 
 
+class IngestionTask(Task):
+    """When the hard time limit kills a child mid-document, the worker's main process calls `on_failure`: the
+    document fails with that reason instead of staying `processing` (a redelivery then finds it final)."""
+
+    def on_failure(self, exc: BaseException, _task_id: str, args: tuple, *_: object) -> None:  # type: ignore[type-arg]
+        if isinstance(exc, TimeLimitExceeded):
+            document_id, job_id = args[0], args[1]
+            logger.warning("ingestion of document %s hit the hard time limit; the worker child was replaced",
+                           document_id)
+            ingestion_service.mark_failed(settings=self.app.govrag_settings, document_id=document_id, job_id=job_id,
+                                          reason=f"ingestion took longer than the {self.time_limit:g} s limit")
+
+
 def register_tasks(app: GovragCelery) -> None:
     """Bind the tasks to `app`, so each task reads the settings of the app that runs it."""
-    app.task(name=INGEST_TASK, bind=True, acks_late=True, max_retries=MAX_RETRIES)(ingest_document)
+    app.task(name=INGEST_TASK, bind=True, base=IngestionTask, acks_late=True, max_retries=MAX_RETRIES,
+             time_limit=app.govrag_settings.ingest_time_limit_seconds)(ingest_document)
 
 
 def enqueue_ingestion(app: Celery, *, document_id: str, job_id: str) -> None:
     """Queue the ingestion task on `app`'s broker."""
-    app.tasks[INGEST_TASK].apply_async(args=[document_id, job_id])
+    # No time limit in the message: the worker's own GOVRAG_INGEST_TIME_LIMIT_SECONDS applies, not the sender's.
+    app.tasks[INGEST_TASK].apply_async(args=[document_id, job_id], time_limit=None)

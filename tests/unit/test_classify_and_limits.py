@@ -97,6 +97,21 @@ def test_parse_timeout_on_the_main_thread_interrupts_the_work() -> None:
     assert time.monotonic() - started < 4  # interrupted, not waited out
 
 
+def test_parse_timeout_is_not_swallowed_by_a_parser_that_catches_every_exception() -> None:
+    def stubborn_parser() -> None:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                time.sleep(0.05)
+            except Exception:  # noqa: BLE001, S112 - what a careless parser does
+                continue
+
+    started = time.monotonic()
+    with pytest.raises(GovragError):
+        run_with_timeout(stubborn_parser, 0.2)
+    assert time.monotonic() - started < 4
+
+
 def test_parse_timeout_off_the_main_thread_returns_control() -> None:
     outcome: dict[str, str] = {}
 

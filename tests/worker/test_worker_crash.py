@@ -1,5 +1,7 @@
 """Kill a real worker process in the middle of a document: after a restart the document ends ready with no
-duplicate points (acks_late + redelivery + idempotent upserts). Marked `worker`: `make test` runs it separately."""
+duplicate points (acks_late + redelivery + idempotent upserts). A parser that the parse timeout cannot stop meets
+the hard time limit: the document fails with that reason and the worker goes on. Marked `worker`: `make test` runs
+them separately."""
 
 from __future__ import annotations
 
@@ -27,19 +29,28 @@ PARAGRAPH = ("Section {n}. The facilities team reviewed the maintenance schedule
              "Contractors must sign in at reception and wear a visitor badge at all times while on site.")
 
 
-def _env(settings: Settings) -> dict[str, str]:
+def _env(settings: Settings, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GOVRAG_")}
     env.update({"GOVRAG_DATA_DIR": str(settings.data_dir), "GOVRAG_DATABASE_URL": str(settings.database_url),
                 "GOVRAG_BROKER_URL": settings.broker_url, "GOVRAG_TASK_QUEUE": settings.task_queue,
                 "GOVRAG_INPROCESS_WORKER": "false", "GOVRAG_BROKER_VISIBILITY_TIMEOUT": "3",
-                "PYTHONPATH": str(ROOT)})
+                "PYTHONPATH": str(ROOT), **extra})
     return env
 
 
-def _start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+def _start_worker(settings: Settings, log: Path, **extra: str) -> subprocess.Popen[bytes]:
     handle = log.open("ab")
-    return subprocess.Popen([sys.executable, "-m", "tests.worker.worker_process"], cwd=ROOT, env=_env(settings),
-                            stdout=handle, stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "-m", "tests.worker.worker_process"], cwd=ROOT,  # noqa: S603
+                            env=_env(settings, **extra), stdout=handle, stderr=subprocess.STDOUT)
+
+
+def _stop(worker: subprocess.Popen[bytes]) -> None:
+    worker.send_signal(signal.SIGTERM)
+    try:
+        worker.wait(30)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait(10)
 
 
 def _state(settings: Settings, document_id: str, job_id: str) -> tuple[str, int, int]:
@@ -101,12 +112,7 @@ def test_killed_worker_resumes_to_ready_without_duplicates(make_pg_database: Cal
         _wait_for(lambda: _state(settings, accepted.document_id, accepted.job_id)[0] in ("ready", "failed"), 300,
                   "the restarted worker to finish the document")
     finally:
-        second.send_signal(signal.SIGTERM)
-        try:
-            second.wait(30)
-        except subprocess.TimeoutExpired:
-            second.kill()
-            second.wait(10)
+        _stop(second)
 
     status, chunk_count, attempts = _state(settings, accepted.document_id, accepted.job_id)
     assert status == "ready", log.read_text()[-2000:]
@@ -119,3 +125,49 @@ def test_killed_worker_resumes_to_ready_without_duplicates(make_pg_database: Cal
         close_vector_store(settings)
     assert chunk_count > 1 and len(indexes) == chunk_count
     assert set(indexes.values()) == {1}  # every chunk exactly once
+
+
+def test_a_parser_beyond_the_alarm_meets_the_hard_time_limit_and_the_worker_goes_on(
+        make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    from authz import service as authz_service
+    from core import migrate
+    from core.keystore import keystore_for
+    from ingestion import service as ingestion_service
+    from ingestion.schemas import Classification
+    from tests.worker.worker_process import HANG_MARKER
+    from workers.celery_app import create_celery
+    from workers.tasks import enqueue_ingestion
+
+    url = make_pg_database()
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url=REDIS_URL,
+                        task_queue=f"govrag-limit-{uuid.uuid4().hex[:8]}", inprocess_worker=False,
+                        broker_visibility_timeout=3)
+    settings.data_dir.mkdir()
+    uploads = {"stuck.txt": b"Quarterly figures. " + HANG_MARKER, "next.txt": PARAGRAPH.format(n=1).encode()}
+    with unit_of_work(url) as session:
+        authz_service.create_department(session=session, keystore=keystore_for(settings), name="facilities")
+        accepted = {name: ingestion_service.accept_upload(
+            session=session, settings=settings, uploaded_by="limit-test", department="facilities", filename=name,
+            data=data, title=None, acl_groups=[], classification=Classification.internal)
+            for name, data in uploads.items()}
+    app = create_celery(settings)
+    for job in accepted.values():
+        enqueue_ingestion(app, document_id=job.document_id, job_id=job.job_id)
+
+    log = tmp_path / "worker.log"
+    worker = _start_worker(settings, log, GOVRAG_TEST_POOL="prefork", GOVRAG_TEST_PARSER_IGNORES_ALARM="1",
+                           GOVRAG_PARSE_TIMEOUT_SECONDS="1", GOVRAG_INGEST_TIME_LIMIT_SECONDS="6")
+    stuck, following = accepted["stuck.txt"], accepted["next.txt"]
+    try:
+        _wait_for(lambda: _state(settings, following.document_id, following.job_id)[0] in ("ready", "failed"), 300,
+                  "the worker to go on with the next document")
+        time.sleep(5)  # longer than the visibility timeout: a redelivered task would show as a second attempt
+    finally:
+        _stop(worker)
+    assert _state(settings, following.document_id, following.job_id)[0] == "ready", log.read_text()[-2000:]
+    status, _, attempts = _state(settings, stuck.document_id, stuck.job_id)
+    assert (status, attempts) == ("failed", 1), log.read_text()[-2000:]
+    with unit_of_work(url) as session:
+        document = session.get(Document, stuck.document_id)
+        assert document is not None and document.error == "ingestion took longer than the 6 s limit"

@@ -1,4 +1,9 @@
-"""A real Celery worker process for the crash test: settings from GOVRAG_* variables, solo pool."""
+"""A real Celery worker process for the worker tests: settings from GOVRAG_* variables, solo pool (prefork with
+GOVRAG_TEST_POOL=prefork, where the hard time limit applies).
+
+GOVRAG_TEST_PARSER_IGNORES_ALARM=1 makes the parser hang on a text containing `IGNORE-THE-ALARM` with SIGALRM
+blocked, as a parser stuck in native code would: only the hard time limit can end it.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,40 @@ for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DO_NOT_TRACK", "UNSTRUC
 from core.settings import Settings  # noqa: E402
 from workers.celery_app import create_celery  # noqa: E402
 
+HANG_MARKER = b"IGNORE-THE-ALARM"
+
+
+def _parser_ignoring_the_alarm() -> None:
+    import signal
+    import time
+    from collections.abc import Callable
+
+    from ingestion import parse
+
+    original = parse._partitioner  # noqa: SLF001 - the test seam
+
+    def partitioner(content_type: str) -> Callable[[bytes], list[object]]:
+        chosen = original(content_type)
+
+        def run(data: bytes) -> list[object]:
+            if HANG_MARKER in data:
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+                time.sleep(3600)
+            return chosen(data)
+
+        return run
+
+    parse._partitioner = partitioner  # type: ignore[assignment]  # noqa: SLF001
+
 
 def main() -> None:
     """Consume the configured queue until killed."""
+    if os.environ.get("GOVRAG_TEST_PARSER_IGNORES_ALARM") == "1":
+        _parser_ignoring_the_alarm()
     settings = Settings()
     app = create_celery(settings)
-    app.worker_main(["worker", "--pool=solo", "--concurrency=1", "--loglevel=WARNING", "-Q", settings.task_queue,
+    pool = os.environ.get("GOVRAG_TEST_POOL", "solo")
+    app.worker_main(["worker", f"--pool={pool}", "--concurrency=1", "--loglevel=WARNING", "-Q", settings.task_queue,
                      "--without-heartbeat", "--without-mingle", "--without-gossip",
                      f"--hostname=crashtest-{os.getpid()}@localhost"])
 
