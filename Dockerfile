@@ -14,9 +14,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     UNSTRUCTURED_DISABLE_NOTICE=1 \
     GOVRAG_DATA_DIR=/data
 
-# libmagic1: python-magic sniffing; tesseract-ocr + poppler-utils: offline OCR of scanned PDFs.
+# libmagic1: python-magic sniffing; tesseract-ocr + poppler-utils: offline OCR of scanned PDFs;
+# LibreOffice (writer, impress, no GUI): legacy .doc/.ppt converted to DOCX/PPTX.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libmagic1 tesseract-ocr poppler-utils \
+       libreoffice-writer-nogui libreoffice-impress-nogui \
     && rm -rf /var/lib/apt/lists/*
 
 # CPU-only torch first, so `pip install .` finds torch==2.13.0 satisfied and never pulls CUDA.

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, TypeVar
 import pikepdf
 
 from core.errors import ErrorCode, GovragError
-from ingestion import formats, sniff
+from ingestion import formats, legacy_office, sniff
 
 if TYPE_CHECKING:
     from spacy.language import Language
@@ -155,6 +155,8 @@ def parse_document(data: bytes, content_type: str, limits: ParseLimits | None = 
     """Partition the bytes of a sniffed content type into sections, or raise a GovragError."""
     limits = limits or ParseLimits()
     configure_unstructured()
+    if content_type in legacy_office.FORMATS:
+        data, content_type = legacy_office.convert(data, content_type, limits.timeout_seconds)
     if data.startswith(b"PK"):
         check_zip_container(data, limits)
     if content_type == sniff.APPLICATION_PDF:

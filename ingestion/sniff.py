@@ -17,6 +17,8 @@ APPLICATION_DOCX = "application/vnd.openxmlformats-officedocument.wordprocessing
 # issue 3: more formats
 MESSAGE_RFC822 = "message/rfc822"
 APPLICATION_MSG = "application/vnd.ms-outlook"
+APPLICATION_DOC = "application/msword"  # Word 97-2003, converted by LibreOffice (ingestion.legacy_office)
+APPLICATION_PPT = "application/vnd.ms-powerpoint"  # PowerPoint 97-2003, likewise
 APPLICATION_PPTX = "application/vnd.openxmlformats-officedocument.presentationml.presentation"
 APPLICATION_XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 APPLICATION_XLS = "application/vnd.ms-excel"
@@ -30,7 +32,7 @@ TEXT_TSV = "text/tab-separated-values"
 SUPPORTED_TYPES = frozenset({
     TEXT_PLAIN, TEXT_MARKDOWN, TEXT_HTML, APPLICATION_PDF, APPLICATION_DOCX, MESSAGE_RFC822, APPLICATION_MSG,
     APPLICATION_PPTX, APPLICATION_XLSX, APPLICATION_XLS, APPLICATION_ODT, APPLICATION_EPUB, APPLICATION_RTF,
-    APPLICATION_XML, TEXT_CSV, TEXT_TSV,
+    APPLICATION_XML, TEXT_CSV, TEXT_TSV, APPLICATION_DOC, APPLICATION_PPT,
 })
 
 _UNSUPPORTED = ("unsupported file type: the content is not text, markdown, HTML, XML, CSV/TSV, PDF, e-mail "
@@ -131,7 +133,7 @@ def _sniff_zip(data: bytes) -> str:
 
 
 def _sniff_ole(data: bytes) -> str:
-    """Tell Outlook messages and Excel 97 workbooks from legacy Word/PowerPoint files (not supported offline)."""
+    """Tell Outlook messages, Excel 97 workbooks, and Word/PowerPoint 97-2003 files apart."""
     import olefile
 
     try:
@@ -143,11 +145,11 @@ def _sniff_ole(data: bytes) -> str:
         return APPLICATION_MSG
     if {"Workbook", "Book"} & streams:
         return APPLICATION_XLS
-    kind = "Word 97-2003 (.doc)" if "WordDocument" in streams else (
-        "PowerPoint 97-2003 (.ppt)" if "PowerPoint Document" in streams else "legacy Office")
-    raise GovragError(ErrorCode.unsupported_type,
-                      f"{_UNSUPPORTED} (it is a {kind} file: save it as DOCX/PPTX; converting it needs "
-                      "LibreOffice, which this deployment does not run)")
+    if "WordDocument" in streams:
+        return APPLICATION_DOC
+    if "PowerPoint Document" in streams:
+        return APPLICATION_PPT
+    raise GovragError(ErrorCode.unsupported_type, f"{_UNSUPPORTED} (a legacy Office file of no known kind)")
 
 
 def _looks_like_xml(text: str) -> bool:
