@@ -44,6 +44,23 @@ def _start_worker(settings: Settings, log: Path, **extra: str) -> subprocess.Pop
                             env=_env(settings, **extra), stdout=handle, stderr=subprocess.STDOUT)
 
 
+def _worker_settings(make_pg_database: Callable[[], str], tmp_path: Path, queue: str) -> Settings:
+    """A migrated database, a data dir, a fresh queue and a `facilities` department for a worker test."""
+    from authz import service as authz_service
+    from core import migrate
+    from core.keystore import keystore_for
+
+    url = make_pg_database()
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url=REDIS_URL,
+                        task_queue=f"govrag-{queue}-{uuid.uuid4().hex[:8]}", inprocess_worker=False,
+                        broker_visibility_timeout=3)
+    settings.data_dir.mkdir()
+    with unit_of_work(url) as session:
+        authz_service.create_department(session=session, keystore=keystore_for(settings), name="facilities")
+    return settings
+
+
 def _stop(worker: subprocess.Popen[bytes]) -> None:
     worker.send_signal(signal.SIGTERM)
     try:
@@ -72,24 +89,15 @@ def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 def test_killed_worker_resumes_to_ready_without_duplicates(make_pg_database: Callable[[], str],
                                                            tmp_path: Path) -> None:
-    from authz import service as authz_service
-    from core import migrate
-    from core.keystore import keystore_for
     from ingestion import service as ingestion_service
     from ingestion.schemas import Classification
     from retrieval.store import close_vector_store, open_vector_store
     from workers.celery_app import create_celery
     from workers.tasks import enqueue_ingestion
 
-    url = make_pg_database()
-    migrate.upgrade(url)
-    settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url=REDIS_URL,
-                        task_queue=f"govrag-crash-{uuid.uuid4().hex[:8]}", inprocess_worker=False,
-                        broker_visibility_timeout=3)
-    settings.data_dir.mkdir()
+    settings = _worker_settings(make_pg_database, tmp_path, "crash")
     text = "\n\n".join(PARAGRAPH.format(n=n) for n in range(400)).encode()
-    with unit_of_work(url) as session:
-        authz_service.create_department(session=session, keystore=keystore_for(settings), name="facilities")
+    with unit_of_work(settings.resolved_database_url) as session:
         accepted = ingestion_service.accept_upload(
             session=session, settings=settings, uploaded_by="crash-test", department="facilities",
             filename="maintenance.txt", data=text, title=None, acl_groups=[],
@@ -129,24 +137,15 @@ def test_killed_worker_resumes_to_ready_without_duplicates(make_pg_database: Cal
 
 def test_a_parser_beyond_the_alarm_meets_the_hard_time_limit_and_the_worker_goes_on(
         make_pg_database: Callable[[], str], tmp_path: Path) -> None:
-    from authz import service as authz_service
-    from core import migrate
-    from core.keystore import keystore_for
     from ingestion import service as ingestion_service
     from ingestion.schemas import Classification
     from tests.worker.worker_process import HANG_MARKER
     from workers.celery_app import create_celery
     from workers.tasks import enqueue_ingestion
 
-    url = make_pg_database()
-    migrate.upgrade(url)
-    settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url=REDIS_URL,
-                        task_queue=f"govrag-limit-{uuid.uuid4().hex[:8]}", inprocess_worker=False,
-                        broker_visibility_timeout=3)
-    settings.data_dir.mkdir()
+    settings = _worker_settings(make_pg_database, tmp_path, "limit")
     uploads = {"stuck.txt": b"Quarterly figures. " + HANG_MARKER, "next.txt": PARAGRAPH.format(n=1).encode()}
-    with unit_of_work(url) as session:
-        authz_service.create_department(session=session, keystore=keystore_for(settings), name="facilities")
+    with unit_of_work(settings.resolved_database_url) as session:
         accepted = {name: ingestion_service.accept_upload(
             session=session, settings=settings, uploaded_by="limit-test", department="facilities", filename=name,
             data=data, title=None, acl_groups=[], classification=Classification.internal)
@@ -168,6 +167,6 @@ def test_a_parser_beyond_the_alarm_meets_the_hard_time_limit_and_the_worker_goes
     assert _state(settings, following.document_id, following.job_id)[0] == "ready", log.read_text()[-2000:]
     status, _, attempts = _state(settings, stuck.document_id, stuck.job_id)
     assert (status, attempts) == ("failed", 1), log.read_text()[-2000:]
-    with unit_of_work(url) as session:
+    with unit_of_work(settings.resolved_database_url) as session:
         document = session.get(Document, stuck.document_id)
         assert document is not None and document.error == "ingestion took longer than the 6 s limit"
