@@ -1,7 +1,9 @@
 """PII span precision/recall per entity type and overall F2 on presidio_synth_pii (eval split by default).
 
 Split rule (shared/eval/README.md): template_id even = train (tuning only), odd = eval (reported).
-Usage: .venv/bin/python bench/pii_eval.py [--split eval|train|dev] [--data PATH] [--model DIR] [--show-errors N]
+Out-of-fold choices on train: `--split train --fold K` scores only the train templates of fold K (of FOLDS), for a
+model trained without them (`python -m bench.train_pii_ner --fold K`).
+Usage: .venv/bin/python bench/pii_eval.py [--split eval|train] [--fold K] [--data PATH] [--model DIR] [--show-errors N]
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ LABEL_MAP = {
 }
 TARGETS = ("EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "IBAN_CODE")
 BETA = 2.0
+FOLDS = 3  # groups of train templates for out-of-fold choices
 
 
 @dataclass
@@ -59,12 +62,17 @@ def f_beta(precision: float, recall: float, beta: float = BETA) -> float:
     return (1 + beta**2) * precision * recall / (beta**2 * precision + recall)
 
 
-def load(path: Path, split: str) -> list[dict]:
-    """Return the rows of one split (template_id even = train, odd = eval; dev = template_id % 4 == 2, a part of
-    train held out from a model trained with `bench.train_pii_ner --dev`)."""
+def in_fold(template_id: int, fold: int) -> bool:
+    """Whether a train template (even id) belongs to one of the FOLDS groups."""
+    return template_id // 2 % FOLDS == fold
+
+
+def load(path: Path, split: str, fold: int | None = None) -> list[dict]:
+    """Return the rows of one split (template_id even = train, odd = eval), or of one fold of train."""
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    modulus, want = {"train": (2, 0), "eval": (2, 1), "dev": (4, 2)}[split]
-    return [row for row in rows if int(row["template_id"]) % modulus == want]
+    want = {"train": 0, "eval": 1}[split]
+    return [row for row in rows if int(row["template_id"]) % 2 == want
+            and (fold is None or in_fold(int(row["template_id"]), fold))]
 
 
 def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
@@ -128,16 +136,20 @@ def report(tallies: dict[str, Tally], extra: Counter[str], false_pos_rows: int, 
 def main(argv: list[str] | None = None) -> int:
     """Evaluate and print; exits 0 whatever the figures (a benchmark, not a test)."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--split", choices=("eval", "train", "dev"), default="eval")
+    parser.add_argument("--split", choices=("eval", "train"), default="eval")
+    parser.add_argument("--fold", type=int, choices=range(FOLDS), help="train only: score this fold of templates")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--model", type=Path, default=PII_NER_PATH, help="NER model directory (default: shipped)")
     parser.add_argument("--show-errors", type=int, default=0)
     args = parser.parse_args(argv)
-    rows = load(args.data, args.split)
+    if args.fold is not None and args.split != "train":
+        parser.error("--fold picks train templates: use it with --split train")
+    rows = load(args.data, args.split, args.fold)
     started = time.perf_counter()
     tallies, extra, false_pos_rows = score(rows, PiiRedactor(args.model), args.show_errors)
     elapsed = time.perf_counter() - started
-    print(f"presidio_synth_pii {args.data.name}, split={args.split}: {len(rows)} rows in {elapsed:.1f}s")
+    fold = "" if args.fold is None else f" fold {args.fold}/{FOLDS}"
+    print(f"presidio_synth_pii {args.data.name}, split={args.split}{fold}: {len(rows)} rows in {elapsed:.1f}s")
     empty_rows = sum(1 for row in rows if not any(s["label"] in LABEL_MAP for s in row["spans"]))
     report(tallies, extra, false_pos_rows, empty_rows)
     return 0
