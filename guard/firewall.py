@@ -66,7 +66,8 @@ RULES: tuple[Rule, ...] = (
     Rule("reveal_prompt", _rx(
         r"\b(reveal|print|show|repeat|output|display|leak|spell out|tell me|what (?:is|are|were))\b\W+(?:\w+\W+){0,4}?"
         r"(system prompt|initial (?:instructions|prompt)|(?:your|hidden|secret|original) (?:instructions|prompt|"
-        r"rules|guidelines)|the (?:canary|secret|password))"), hard=True),
+        r"rules|guidelines)|the (?:canary|password|secret (?:password|key|code|word|phrase)\b|secret\b(?!\s+\w)))"),
+        hard=True),  # "the secret" as a noun, not as an adjective ("the secret headquarters of...")
     Rule("do_anything_now", _rx(r"\b(do anything now|developer mode|dev mode|jailbr(?:oken|eak)|unfiltered (?:ai|mode)"
                                 r"|anti-?dan|evil ?bot|god ?mode)\b"), hard=True),
     Rule("no_restrictions", _rx(
@@ -158,6 +159,9 @@ def _entropy(text: str) -> float:
 def _symbol_ratio(text: str) -> float:
     """Share of characters that are neither letters, digits nor spaces."""
     return sum(not ch.isalnum() and not ch.isspace() for ch in text) / len(text) if text else 0.0
+
+
+WORD_COLUMNS = slice(N_FEATURES, 2 * N_FEATURES)  # the word n-grams among `featurise`'s columns (char n-grams first)
 
 
 @functools.lru_cache(maxsize=1)
