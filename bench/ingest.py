@@ -4,7 +4,8 @@ time goes (parse, pii, scan, embed, encrypt, upsert).
 
 (a) embeds the chunk texts of already-parsed documents (what an ungoverned RAG pipeline must do at least);
 (b) runs ingestion.pipeline.protect on the raw bytes (sniff, parse, chunk, redact, classify, scan, embed, seal)
-and upserts into an embedded vector store in a temporary directory.
+and upserts into an embedded vector store in a temporary directory, whose department shard (with its payload
+indexes) is created before the timed run, as a department's is once, when its first document arrives.
 Usage: .venv/bin/python bench/ingest.py [--generated N]
 """
 
@@ -24,17 +25,18 @@ from bench.common import EVAL_DIR, machine  # noqa: E402
 from core import crypto  # noqa: E402
 from core.errors import GovragError  # noqa: E402
 from core.settings import Settings  # noqa: E402
-from guard.injection import get_scanner  # noqa: E402
-from guard.pii import get_redactor  # noqa: E402
+from guard.injection import InjectionScanner, get_scanner  # noqa: E402
+from guard.pii import PiiRedactor, get_redactor  # noqa: E402
 from ingestion.chunk import chunk_sections  # noqa: E402
 from ingestion.parse import parse_document  # noqa: E402
-from ingestion.pipeline import DocumentFacts, protect  # noqa: E402
+from ingestion.pipeline import DocumentFacts, Protected, protect  # noqa: E402
 from ingestion.schemas import Classification  # noqa: E402
 from ingestion.sniff import sniff_content_type  # noqa: E402
-from retrieval.embeddings import get_embedder  # noqa: E402
+from retrieval.embeddings import TextEmbedder, get_embedder  # noqa: E402
 from retrieval.store import close_vector_store, open_vector_store  # noqa: E402
 
 MAX_CHARS = 1000
+DEPARTMENT = "bench"
 NAMES = ["Maria Gonzalez", "Liam O'Brien", "Aiko Tanaka", "Samuel Okafor", "Elena Petrova", "Jonas Berg"]
 TOPICS = ["travel policy", "expense claims", "onboarding", "security training", "parental leave", "procurement"]
 
@@ -85,35 +87,45 @@ def embed_only(docs: list[tuple[str, bytes]]) -> float:
     return time.perf_counter() - started
 
 
-def full_pipeline(docs: list[tuple[str, bytes]]) -> tuple[float, dict[str, float]]:
-    """Seconds for sniff → protect → upsert per document, and the seconds per stage."""
+def full_pipeline(docs: list[tuple[str, bytes]]) -> tuple[float, dict[str, float], float]:
+    """Seconds for sniff → protect → upsert per document, the seconds per stage, and the one-off seconds to create
+    the department's shard (its payload indexes), which happens once per department, before the timed run."""
     stages: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(data_dir=Path(tmp))
         store = open_vector_store(settings)
         embedder, redactor, scanner = get_embedder(settings.embedding_backend), get_redactor(), get_scanner()
+        shard_started = time.perf_counter()
+        store.upsert(DEPARTMENT, _protected(b"a department's first document", "first.txt", embedder, redactor,
+                                            scanner).points)
+        shard_seconds = time.perf_counter() - shard_started
         started = time.perf_counter()
         for name, data in docs:
-            facts = DocumentFacts(document_id=str(uuid.uuid4()), department="bench", title=name,
-                                  content_type=sniff_content_type(data, name), acl_groups=(),
-                                  classification=Classification.internal, approved=True)
-            result = protect(data, facts, key=crypto.new_key(), embedder=embedder, redactor=redactor,
-                             max_chars=MAX_CHARS, scanner=scanner)
+            result = _protected(data, name, embedder, redactor, scanner)
             upsert_started = time.perf_counter()
-            store.upsert("bench", result.points)
+            store.upsert(DEPARTMENT, result.points)
             stages["upsert"] = stages.get("upsert", 0.0) + time.perf_counter() - upsert_started
             for stage, seconds in result.stage_seconds.items():
                 stages[stage] = stages.get(stage, 0.0) + seconds
         elapsed = time.perf_counter() - started
         close_vector_store(settings)
-    return elapsed, stages
+    return elapsed, stages, shard_seconds
+
+
+def _protected(data: bytes, name: str, embedder: TextEmbedder, redactor: PiiRedactor,
+               scanner: InjectionScanner) -> Protected:
+    facts = DocumentFacts(document_id=str(uuid.uuid4()), department=DEPARTMENT, title=name,
+                          content_type=sniff_content_type(data, name), acl_groups=(),
+                          classification=Classification.internal, approved=True)
+    return protect(data, facts, key=crypto.new_key(), embedder=embedder, redactor=redactor, max_chars=MAX_CHARS,
+                   scanner=scanner)
 
 
 def report(label: str, docs: list[tuple[str, bytes]]) -> None:
     """Run both modes on one corpus and print the figures."""
     kilobytes = sum(len(d) for _, d in docs) / 1024
     embed_seconds = embed_only(docs)
-    full_seconds, stages = full_pipeline(docs)
+    full_seconds, stages, shard_seconds = full_pipeline(docs)
     print(f"\n{label}: {len(docs)} documents, {kilobytes:.0f} KB")
     for mode, seconds in (("(a) embed-only", embed_seconds), ("(b) full pipeline", full_seconds)):
         print(f"  {mode:<18} {seconds:7.1f} s  {len(docs) / seconds:7.2f} docs/s  {kilobytes / seconds:8.1f} KB/s")
@@ -121,6 +133,8 @@ def report(label: str, docs: list[tuple[str, bytes]]) -> None:
     total = sum(stages.values())
     print("  where the full pipeline's time goes: " + ", ".join(
         f"{stage} {seconds:.1f}s ({100 * seconds / total:.0f}%)" for stage, seconds in stages.items()))
+    print(f"  (not timed: creating the department's shard and payload indexes, once per department: "
+          f"{shard_seconds:.1f} s)")
 
 
 def main(argv: list[str] | None = None) -> int:

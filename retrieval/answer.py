@@ -164,11 +164,37 @@ def sentence_spans(text: str) -> list[tuple[str, tuple[int, int]]]:
     """Each scored sentence text with the character span of its sentence in `text` ((-1, -1) if not found)."""
     found, position = [], 0
     for heading, sentence in _sentences_in_context(text):
-        match = re.compile(r"\s+".join(re.escape(word) for word in sentence.split())).search(text, position)
-        span = (match.start(), match.end()) if match else (-1, -1)
-        position = match.end() if match else position
-        found.append((_with_heading(heading, sentence), span))
+        span = find_words(text, sentence.split(), position)
+        position = span[1] if span else position
+        found.append((_with_heading(heading, sentence), span or (-1, -1)))
     return found
+
+
+def find_words(text: str, words: list[str], position: int = 0) -> tuple[int, int] | None:
+    """The leftmost span at or after `position` where `words` appear in order, separated only by whitespace: what
+    the regex `\\s+`.join(words) finds, without compiling a pattern per sentence."""
+    if not words:
+        return position, position
+    start = text.find(words[0], position)
+    while start >= 0:
+        end = _words_follow(text, words, start)
+        if end is not None:
+            return start, end
+        start = text.find(words[0], start + 1)
+    return None
+
+
+def _words_follow(text: str, words: list[str], start: int) -> int | None:
+    """Where the run of `words` starting at `start` ends, if each next word follows after some whitespace."""
+    cursor = start + len(words[0])
+    for word in words[1:]:
+        gap_end = cursor
+        while gap_end < len(text) and text[gap_end].isspace():
+            gap_end += 1
+        if gap_end == cursor or not text.startswith(word, gap_end):
+            return None
+        cursor = gap_end + len(word)
+    return cursor
 
 
 # --------------------------------------------------------------------------- lexical

@@ -7,13 +7,14 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import random
 import re
 from typing import Any
 
 import numpy as np
 import pytest
 
-from retrieval.answer import ExtractiveAnswer, Passage, extractive_answer, split_sentences
+from retrieval.answer import ExtractiveAnswer, Passage, extractive_answer, find_words, split_sentences
 from retrieval.embeddings import Embedder, get_embedder
 
 ANNUAL = (
@@ -187,3 +188,16 @@ def test_embed_one_and_empty_batch(embedder: Embedder) -> None:
     assert all(isinstance(x, float) for x in single)
     assert embedder.embed([]).shape == (0, 384)
     assert get_embedder() is embedder
+
+
+def test_find_words_finds_what_the_whitespace_regex_finds() -> None:
+    """`find_words` replaces a compiled `\\s+`-joined pattern per sentence: same spans on random texts."""
+    rng = random.Random(11)
+    vocabulary = ["a", "an", "ab", "b", "ba", "c.", "(c)", "a*b", "\u00e9t\u00e9"]
+    gaps = [" ", "  ", "\n", "\t", "\u00a0", "", "-"]
+    for _ in range(3000):
+        text = "".join(rng.choice(vocabulary) + rng.choice(gaps) for _ in range(rng.randint(0, 12)))
+        words = [rng.choice(vocabulary) for _ in range(rng.randint(0, 3))]
+        position = rng.randint(0, len(text))
+        match = re.compile(r"\s+".join(re.escape(word) for word in words)).search(text, position)
+        assert find_words(text, words, position) == (match.span() if match else None), (text, words, position)

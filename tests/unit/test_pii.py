@@ -187,6 +187,12 @@ def test_places_and_companies_are_not_redacted_as_people(redactor: PiiRedactor, 
     assert redacted.count("<PERSON_") <= (1 if text.startswith("Tomomi") else 0)
 
 
+@pytest.mark.parametrize("title", ["Mrs.", "Dr.", "Miss"])
+def test_courtesy_titles_stay_outside_the_name(redactor: PiiRedactor, title: str) -> None:
+    redacted = redactor.redact(f"For my take on {title} Baker, see the review.")
+    assert redacted == f"For my take on {title} <PERSON_1>, see the review."
+
+
 def test_overlaps_keep_the_stronger_result(redactor: PiiRedactor) -> None:
     redacted = redactor.redact("Contact maria.gonzalez@example.com now.")
     assert _types(redacted) == ["EMAIL_ADDRESS"]
