@@ -466,6 +466,13 @@ class PiiRedactor:
         ]
 
 
+    def redact_each(self, texts: list[str]) -> list[str]:
+        """Redact unrelated texts (each with its own placeholders, as `redact` would), batching the spaCy work."""
+        if not texts:
+            return []
+        return [_substitute(text, pii_rules.propagate_people(text, results), PlaceholderMap())
+                for text, results in zip(texts, self._analyze_batch(texts, None), strict=True)]
+
     def _analyze_batch(self, texts: list[str], rules: RedactionRules | None) -> list[list[RecognizerResult]]:
         """Run spaCy over all texts with nlp.pipe, then each text's recognizers (only those that can match it)."""
         nlp_engine = self._analyzer.nlp_engine

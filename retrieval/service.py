@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
@@ -14,7 +14,8 @@ from audit.schemas import Decision, RetrievalRecord
 from authz import service as authz_service
 from authz.enforcer import PolicyEnforcer
 from authz.identity import Identity
-from core import crypto, metrics
+from core import crypto, metrics, timing
+from core.batching import MicroBatcher
 from core.errors import ErrorCode, GovragError
 from core.keystore import keystore_for
 from core.models import Document
@@ -31,9 +32,6 @@ from retrieval.sentence_vectors import SentenceVectors
 from retrieval.store import AccessFilter, Hit, open_vector_store
 
 REFUSAL_TEXT = "I can't answer that from documents you are allowed to see."
-# The question is masked for the audit record while it is answered: spaCy's NER overlaps the embedding and the
-# database round trips, which release the GIL.
-_MASKING = ThreadPoolExecutor(max_workers=2, thread_name_prefix="govrag-mask")
 SNIPPET_CHARS = 240
 
 
@@ -55,10 +53,15 @@ def answer_query(*, session: Session, settings: Settings, enforcer: PolicyEnforc
                  query: QueryRequest, request_id: str) -> QueryResponse:
     """Answer from what the caller may see, audit the decision, then return it."""
     started = time.perf_counter()
-    masking = _MASKING.submit(audit_service.mask_question, query.question)  # meanwhile: authz, search, answer
+    # The question is embedded (for the firewall and the search) and masked (for the audit record) in background
+    # threads, batched with concurrent queries, while the policy is read: the ONNX run and the database round
+    # trip release the GIL.
+    embedding = _question_embedder(settings.embedding_backend).submit(query.question)
+    masking = audit_service.question_masker.submit(query.question)
     requested = query.department_names()
     scope = authz_service.read_scope(session=session, enforcer=enforcer, identity=identity, requested=requested)
-    vector = get_embedder(settings.embedding_backend).embed_one(query.question)  # for the firewall and the search
+    with timing.stage("embed"):
+        vector = embedding.result()
     admission = guard_service.admit(session=session, settings=settings, question=query.question, vector=vector,
                                     departments=scope.departments)  # kill switch and prompt firewall
     opened, outcome = (_answer(session, settings, enforcer, identity, query, vector, request_id, scope, admission)
@@ -73,6 +76,12 @@ def answer_query(*, session: Session, settings: Settings, enforcer: PolicyEnforc
     if admission.disabled:
         raise GovragError(ErrorCode.unavailable, guard_service.DISABLED_MESSAGE)
     return response
+
+
+@functools.lru_cache(maxsize=2)
+def _question_embedder(backend: str) -> MicroBatcher[str, list[float]]:
+    """One batcher per embedding backend: concurrent questions share one forward pass."""
+    return MicroBatcher(lambda questions: get_embedder(backend).embed(questions).tolist(), name="govrag-embed")
 
 
 def _answer(session: Session, settings: Settings, enforcer: PolicyEnforcer, identity: Identity, query: QueryRequest,
