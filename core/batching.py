@@ -37,10 +37,6 @@ class MicroBatcher(Generic[Item, Result]):
         self._ensure_thread()
         return future
 
-    def __call__(self, item: Item) -> Result:
-        """Submit one item and wait for its result."""
-        return self.submit(item).result()
-
     def _ensure_thread(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             return
@@ -64,13 +60,18 @@ class MicroBatcher(Generic[Item, Result]):
         return batch
 
     def _run(self, batch: list[tuple[Item, Future[Result]]]) -> None:
+        """Settle every future of the batch; if the shared call fails, each item alone (one bad item fails only
+        its own caller), and the thread lives on."""
         try:
             results = self._process([item for item, _ in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"{self._name}: {len(results)} results for {len(batch)} items")
-        except Exception as exc:  # every caller of the batch gets the error; the thread lives on
-            for _, future in batch:
-                future.set_exception(exc)
+        except Exception as exc:
+            if len(batch) > 1:
+                for one in batch:
+                    self._run([one])
+            else:
+                batch[0][1].set_exception(exc)
             return
         for (_, future), result in zip(batch, results, strict=True):
             future.set_result(result)

@@ -340,7 +340,6 @@ class _FastSpacyNlpEngine(SpacyNlpEngine):
         for pipeline in (pipelines or {}).values():
             _use_numpy_blas(pipeline)
 
-
     def _doc_to_nlp_artifact(self, doc: Doc, language: str) -> NlpArtifacts:
         """Build the same artifacts as the base class without creating a Token object per token."""
         offsets_and_lemmas = doc.to_array([IDX, LEMMA]).tolist()
@@ -464,7 +463,6 @@ class PiiRedactor:
             _substitute(text, pii_rules.propagate_people(text, results, known), placeholders)
             for text, results in zip(texts, batches, strict=True)
         ]
-
 
     def redact_each(self, texts: list[str]) -> list[str]:
         """Redact unrelated texts (each with its own placeholders, as `redact` would), batching the spaCy work."""

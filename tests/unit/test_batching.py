@@ -24,7 +24,7 @@ QUESTIONS = [
 def test_a_caller_alone_is_served_at_once() -> None:
     batches: list[list[int]] = []
     batcher = MicroBatcher(lambda items: batches.append(list(items)) or [i * 2 for i in items], name="test")
-    assert batcher(21) == 42
+    assert batcher.submit(21).result(5) == 42
     assert batches == [[21]]
 
 
@@ -48,22 +48,36 @@ def test_callers_arriving_together_share_one_call_and_get_their_own_results() ->
     assert batches == [[0], [1, 2, 3], [4, 5]]  # capped at max_batch, in arrival order
 
 
-def test_an_error_reaches_every_caller_of_its_batch_and_the_thread_lives_on() -> None:
+def test_a_bad_item_fails_only_its_own_caller_and_the_thread_lives_on() -> None:
+    started, release = threading.Event(), threading.Event()
+    calls: list[list[int]] = []
+
     def process(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        if items == [-1]:
+            started.set()
+            release.wait(5)
         if 0 in items:
-            raise ValueError("bad batch")
+            raise ValueError("bad item")
         return items
 
     batcher = MicroBatcher(process, name="test")
-    with pytest.raises(ValueError, match="bad batch"):
-        batcher(0)
-    assert batcher(7) == 7
+    blocker = batcher.submit(-1)
+    assert started.wait(5)
+    good, bad, other = batcher.submit(1), batcher.submit(0), batcher.submit(2)  # batched together
+    release.set()
+    assert blocker.result(5) == -1
+    assert good.result(5) == 1 and other.result(5) == 2
+    with pytest.raises(ValueError, match="bad item"):
+        bad.result(5)
+    assert calls == [[-1], [1, 0, 2], [1], [0], [2]]  # the shared call failed: each item again, alone
+    assert batcher.submit(7).result(5) == 7
 
 
 def test_a_process_that_returns_the_wrong_count_fails_its_callers() -> None:
     batcher: MicroBatcher[int, int] = MicroBatcher(lambda items: items[1:], name="test")
     with pytest.raises(RuntimeError, match="0 results for 1 items"):
-        batcher(1)
+        batcher.submit(1).result(5)
 
 
 def test_batched_masking_equals_masking_each_question_alone() -> None:
