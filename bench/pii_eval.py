@@ -24,7 +24,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guard.pii import PII_NER_PATH, PiiRedactor, resolve_overlaps  # noqa: E402
+from guard.pii import LANGUAGE, PII_NER_PATH, PiiRedactor, resolve_overlaps  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/eval/presidio_synth_pii/synth_dataset_v2.spans.jsonl"
 # Gold label → the entity type govrag redacts it as; labels not listed are not PII govrag redacts.
@@ -146,7 +146,7 @@ def redactor_for(model: Path, name_rules: bool = True, person_bias: float = 0.0)
     if person_bias:
         from bench.train_pii_ner import favour_person  # noqa: PLC0415 - the trainer imports this module
 
-        favour_person(redactor._analyzer.nlp_engine.nlp["en"], person_bias)  # noqa: SLF001
+        favour_person(redactor._analyzer.nlp_engine.nlp[LANGUAGE], person_bias)  # noqa: SLF001
     return redactor
 
 
