@@ -28,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
 
     worker = commands.add_parser("worker", help="run a Celery ingestion worker process (needs a Qdrant server)")
-    worker.add_argument("--concurrency", type=int, default=1)
+    worker.add_argument("--concurrency", type=_at_least_one, default=None,
+                        help="documents ingested at once, one process each (default: GOVRAG_INGEST_CONCURRENCY, "
+                             "the number of cores)")
     worker.set_defaults(run=_worker)
 
     commands.add_parser("migrate", help="upgrade the database schema to the latest revision").set_defaults(
@@ -61,6 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _at_least_one(value: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -89,7 +99,8 @@ def _worker(args: argparse.Namespace) -> int:
 
     configure_tracing(settings)
     app = create_celery(settings)
-    app.worker_main(["worker", "--loglevel=INFO", f"--concurrency={args.concurrency}", "-Q", settings.task_queue])
+    concurrency = args.concurrency if args.concurrency is not None else settings.ingest_concurrency
+    app.worker_main(["worker", "--loglevel=INFO", f"--concurrency={concurrency}", "-Q", settings.task_queue])
     return 0
 
 

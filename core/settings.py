@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -31,6 +32,9 @@ class Settings(BaseSettings):
     broker_url: str = "memory://"  # embedded: in-process broker and worker thread
     task_queue: str = "govrag-ingest"
     inprocess_worker: bool = True  # run a Celery worker thread inside the API process
+    # Documents a `govrag worker` ingests at once, one process each: PII detection runs on one core, so a second
+    # document in flight keeps the other busy (bench/ingest.py measures it). The in-process worker takes one.
+    ingest_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=64)
 
     # Identity
     oidc_issuer: str = "govrag-dev-issuer"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -64,3 +65,20 @@ def test_blas_is_capped_for_the_process_from_any_thread(redactor: PiiRedactor) -
     worker.join()
     assert _blas_threads() and set(_blas_threads()) == {MAX_BLAS_THREADS}
     assert set(seen[0]) == {MAX_BLAS_THREADS}
+
+
+def test_documents_redacted_at_once_in_threads_match_one_at_a_time(redactor: PiiRedactor) -> None:
+    """The API masks questions in its threads while the in-process worker redacts a document in another, all
+    sharing one redactor (and one spaCy pipeline): each text's redaction and placeholder numbering must be what
+    it is alone."""
+    documents = [TEXTS[i:] + TEXTS[:i] for i in range(len(TEXTS))] * 3
+
+    def redact(texts: list[str]) -> tuple[list[str], dict[str, str]]:
+        placeholders = PlaceholderMap()
+        return redactor.redact_many(texts, placeholders), placeholders.mapping()
+
+    alone = [redact(texts) for texts in documents]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        at_once = list(pool.map(redact, documents))
+    assert at_once == alone
+    assert all("Maria Gonzalez" not in " ".join(texts) for texts, _ in at_once)

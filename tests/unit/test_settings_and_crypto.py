@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import stat
 from pathlib import Path
 
@@ -59,3 +60,19 @@ def test_sealed_text_round_trips_and_is_bound_to_its_context() -> None:
 def test_master_key_must_be_32_bytes() -> None:
     with pytest.raises(ValueError, match="32 bytes"):
         crypto.decode_master_key(base64.b64encode(b"short").decode())
+
+
+def test_a_worker_ingests_one_document_per_core_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    from api.cli import _parser
+
+    monkeypatch.delenv("GOVRAG_INGEST_CONCURRENCY", raising=False)
+    assert Settings().ingest_concurrency == (os.cpu_count() or 1)
+    monkeypatch.setenv("GOVRAG_INGEST_CONCURRENCY", "3")
+    assert Settings().ingest_concurrency == 3
+    monkeypatch.setenv("GOVRAG_INGEST_CONCURRENCY", "0")
+    with pytest.raises(ValidationError):
+        Settings()
+    assert _parser().parse_args(["worker"]).concurrency is None  # the setting decides
+    assert _parser().parse_args(["worker", "--concurrency", "4"]).concurrency == 4
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["worker", "--concurrency", "0"])
