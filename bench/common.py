@@ -48,5 +48,15 @@ def machine() -> str:
     """One line describing where the figures were taken."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,  # noqa: S607
                             check=False).stdout.strip() or "unknown"
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+    return (f"{platform.processor() or platform.machine()} ({_cpu_model()}), {os.cpu_count()} cores, Python "
             f"{platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}")
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (figures differ between CPU families: math kernels are chosen per CPU)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "CPU model unknown"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                "CPU model unknown")
