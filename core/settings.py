@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+MAX_DEFAULT_INGEST_CONCURRENCY = 4
+
 
 class Environment(StrEnum):
     development = "development"
@@ -34,7 +36,9 @@ class Settings(BaseSettings):
     inprocess_worker: bool = True  # run a Celery worker thread inside the API process
     # Documents a `govrag worker` ingests at once, one process each: PII detection runs on one core, so a second
     # document in flight keeps the other busy (bench/ingest.py measures it). The in-process worker takes one.
-    ingest_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=64)
+    # Default: the cores, at most MAX_DEFAULT_INGEST_CONCURRENCY (each process loads its own models, ~1 GiB).
+    ingest_concurrency: int = Field(default_factory=lambda: min(os.cpu_count() or 1, MAX_DEFAULT_INGEST_CONCURRENCY),
+                                    ge=1, le=64)
 
     # Identity
     oidc_issuer: str = "govrag-dev-issuer"

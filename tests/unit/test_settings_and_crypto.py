@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from core import crypto
-from core.settings import Settings
+from core.settings import MAX_DEFAULT_INGEST_CONCURRENCY, Settings
 
 PROD = {"env": "production", "dev_issuer": False, "oidc_jwks_url": "https://idp.example/jwks",
         "database_url": "postgresql+psycopg://u@db/govrag", "master_key": base64.b64encode(b"k" * 32).decode()}
@@ -66,7 +66,7 @@ def test_a_worker_ingests_one_document_per_core_unless_told_otherwise(monkeypatc
     from api.cli import _parser
 
     monkeypatch.delenv("GOVRAG_INGEST_CONCURRENCY", raising=False)
-    assert Settings().ingest_concurrency == (os.cpu_count() or 1)
+    assert Settings().ingest_concurrency == min(os.cpu_count() or 1, MAX_DEFAULT_INGEST_CONCURRENCY)
     monkeypatch.setenv("GOVRAG_INGEST_CONCURRENCY", "3")
     assert Settings().ingest_concurrency == 3
     monkeypatch.setenv("GOVRAG_INGEST_CONCURRENCY", "0")
