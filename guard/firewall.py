@@ -4,7 +4,10 @@ The firewall's classifier also weighs the question's all-MiniLM-L6-v2 sentence e
 computes for retrieval anyway: callers pass that vector to `PromptFirewall.inspect`, or the firewall embeds the
 question itself with the packaged model. It also compares that embedding with three small banks of train-split
 examples (harmful requests, attacks, benign prompts; only from MIT or ODC-BY sources): the nearest of each is one more
-column. The retrieved-text scanner shares `FirewallModel` without embedding weights or banks.
+column. A small gradient-boosted tree ensemble (the "booster", kept as plain arrays) then looks at the regression's
+logit, those bank similarities (and the mean of the three nearest attacks and benign prompts) and the rule/shape
+features together, and the final logit is the mean of the two. The retrieved-text scanner shares `FirewallModel`
+without embedding weights, banks or booster.
 """
 
 from __future__ import annotations
@@ -162,6 +165,7 @@ def _symbol_ratio(text: str) -> float:
 
 
 WORD_COLUMNS = slice(N_FEATURES, 2 * N_FEATURES)  # the word n-grams among `featurise`'s columns (char n-grams first)
+DENSE_COLUMNS = slice(2 * N_FEATURES, None)  # then `lexical_features` (rule hits, shape, gibberish)
 
 
 @functools.lru_cache(maxsize=1)
@@ -193,6 +197,8 @@ def question_vectors(texts: list[str]) -> np.ndarray:
 BANK_NAMES = ("harmful", "attacks", "benign")
 BANK_SCALE = 3.0  # a cosine similarity's weight in the regression's input (chosen on train out-of-fold scores)
 SAME_ROW = 0.9999  # similarity of a row to itself: skipped when a training row is compared with its own bank
+NEIGHBOURS = 3  # the booster's mean similarity to the nearest attacks and benign prompts
+LOGIT_CLIP = 13.8  # about logit(1 - 1e-6): the regression's logit as the booster sees and blends it
 
 
 @dataclass(frozen=True)
@@ -207,13 +213,24 @@ class ExampleBanks:
         """(n, 3): each vector's highest cosine similarity to each bank, times BANK_SCALE.
 
         `skip_same_row` (training only): ignore a bank row identical to the vector, as if the row were unseen."""
-        columns = []
-        for bank in (self.harmful, self.attacks, self.benign):
+        return self.neighbourhood(vectors, skip_same_row)[:, :3]
+
+    def neighbourhood(self, vectors: np.ndarray, skip_same_row: bool = False) -> np.ndarray:
+        """(n, 5): `nearest`'s three columns, then the mean of the NEIGHBOURS highest similarities to the attack bank
+        and to the benign bank, all times BANK_SCALE (the booster's bank inputs)."""
+        columns, means = [], []
+        for name in BANK_NAMES:
+            bank = getattr(self, name)
             similarity = vectors @ bank.T
             if skip_same_row:
                 similarity = np.where(similarity > SAME_ROW, -1.0, similarity)
-            columns.append(similarity.max(axis=1) if bank.shape[0] else np.zeros(len(vectors), dtype=np.float32))
-        return (np.stack(columns, axis=1) * BANK_SCALE).astype(np.float32)
+            if not bank.shape[0]:
+                similarity = np.zeros((len(vectors), 1), dtype=np.float32)
+            columns.append(similarity.max(axis=1))
+            if name != "harmful":
+                k = min(NEIGHBOURS, similarity.shape[1])
+                means.append(np.sort(similarity, axis=1)[:, -k:].mean(axis=1))
+        return (np.stack(columns + means, axis=1) * BANK_SCALE).astype(np.float32)
 
     @classmethod
     def stored(cls, harmful: np.ndarray, attacks: np.ndarray, benign: np.ndarray) -> ExampleBanks:
@@ -235,6 +252,62 @@ class ExampleBanks:
         return cls(**{name: np.asarray(data[f"bank_{name}"], dtype=np.float32) for name in BANK_NAMES})
 
 
+def booster_inputs(logits: np.ndarray, neighbourhood: np.ndarray, dense: np.ndarray) -> np.ndarray:
+    """The booster's input rows: the regression's clipped logit, `ExampleBanks.neighbourhood`, the dense lexical
+    features (`DENSE_COLUMNS` of `featurise`). Training and inference share this."""
+    clipped = np.clip(np.asarray(logits, dtype=np.float64), -LOGIT_CLIP, LOGIT_CLIP)
+    return np.hstack([clipped.reshape(-1, 1), np.asarray(neighbourhood, dtype=np.float64),
+                      np.asarray(dense, dtype=np.float64)])
+
+
+@dataclass(frozen=True)
+class Booster:
+    """Regression trees of a gradient-boosted ensemble as padded arrays (one row per tree, one column per node):
+    a sample goes left where its feature is at or below the threshold; its raw score is `baseline` plus the value of
+    the leaf it reaches in every tree. `blend`: the booster's share of the final logit (the regression has the rest)."""
+
+    feature: np.ndarray
+    threshold: np.ndarray
+    left: np.ndarray
+    right: np.ndarray
+    leaf: np.ndarray
+    value: np.ndarray
+    baseline: float
+    blend: float
+
+    FIELDS = ("feature", "threshold", "left", "right", "leaf", "value")
+
+    def raw(self, inputs: np.ndarray) -> np.ndarray:
+        """(n,): the ensemble's log-odds for `booster_inputs` rows."""
+        trees = np.arange(self.feature.shape[0])[None, :]
+        node = np.zeros((inputs.shape[0], self.feature.shape[0]), dtype=np.int64)
+        rows = np.arange(inputs.shape[0])[:, None]
+        for _ in range(self.feature.shape[1]):
+            at_leaf = self.leaf[trees, node]
+            if at_leaf.all():
+                break
+            goes_left = inputs[rows, self.feature[trees, node]] <= self.threshold[trees, node]
+            node = np.where(at_leaf, node, np.where(goes_left, self.left[trees, node], self.right[trees, node]))
+        return self.baseline + self.value[trees, node].sum(axis=1)
+
+    def blended(self, inputs: np.ndarray) -> np.ndarray:
+        """The final logit: the regression's clipped logit and the booster's, weighed by `blend`."""
+        return (1.0 - self.blend) * inputs[:, 0] + self.blend * self.raw(inputs)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The booster as the weights file keeps it."""
+        return {**{f"booster_{name}": getattr(self, name) for name in self.FIELDS},
+                "booster_baseline": np.float64(self.baseline), "booster_blend": np.float64(self.blend)}
+
+    @classmethod
+    def from_arrays(cls, data: Mapping[str, np.ndarray]) -> Booster | None:
+        """The booster kept in a weights file, or None for a model without one."""
+        if "booster_feature" not in data:
+            return None
+        return cls(**{name: np.asarray(data[f"booster_{name}"]) for name in cls.FIELDS},
+                   baseline=float(data["booster_baseline"]), blend=float(data["booster_blend"]))
+
+
 @dataclass(frozen=True)
 class FirewallModel:
     """Logistic-regression weights over `featurise` (and, for the firewall, the question's sentence embedding) and
@@ -246,6 +319,7 @@ class FirewallModel:
     embedding_coef: np.ndarray | None = None
     banks: ExampleBanks | None = None
     bank_coef: np.ndarray | None = None
+    booster: Booster | None = None
 
     @classmethod
     def load(cls, name: str = "firewall", directory: Path | None = None) -> FirewallModel:
@@ -257,9 +331,10 @@ class FirewallModel:
             embedding = np.asarray(data["embedding_coef"], dtype=np.float32) if "embedding_coef" in data else None
             banks = ExampleBanks.from_arrays(data)
             bank_coef = np.asarray(data["bank_coef"], dtype=np.float32) if banks is not None else None
+            booster = Booster.from_arrays(data)
         meta = json.loads((base / META_FILE.format(name=name)).read_text(encoding="utf-8"))  # type: ignore[operator]
         return cls(coef=coef, intercept=intercept, threshold=float(meta["threshold"]), embedding_coef=embedding,
-                   banks=banks, bank_coef=bank_coef)
+                   banks=banks, bank_coef=bank_coef, booster=booster)
 
     @property
     def uses_embedding(self) -> bool:
@@ -277,7 +352,11 @@ class FirewallModel:
             embeddings = self._checked(texts, vectors)
             logits = logits + embeddings @ self.embedding_coef
             if self.banks is not None and self.bank_coef is not None:
-                logits = logits + self.banks.nearest(embeddings) @ self.bank_coef
+                neighbourhood = self.banks.neighbourhood(embeddings)
+                logits = logits + neighbourhood[:, :3] @ self.bank_coef
+                if self.booster is not None:
+                    inputs = booster_inputs(logits, neighbourhood, matrix[:, DENSE_COLUMNS].toarray())
+                    logits = self.booster.blended(inputs)
         probabilities = 1.0 / (1.0 + np.exp(-logits))
         hard = np.array([bool(set(h) & HARD_RULES) for h in hits])
         return np.where(hard, np.maximum(probabilities, HARD_SCORE), probabilities), hits

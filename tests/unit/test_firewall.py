@@ -15,6 +15,7 @@ from bench.train_firewall import _firewall_data, negative_scores
 from guard.firewall import (
     BANK_SCALE,
     EMBEDDING_DIMENSION,
+    Booster,
     ExampleBanks,
     GuardMode,
     Verdict,
@@ -182,3 +183,22 @@ def test_scanner_threshold_counts_clean_documents_by_their_worst_segment() -> No
     documents = np.array([-1, 0, 0, 1, 1, -1])
     assert sorted(negative_scores(scores, labels, documents)) == [0.2, 0.8]
     assert sorted(negative_scores(scores, labels, None)) == [0.1, 0.2, 0.3, 0.7, 0.8]
+
+
+def test_the_booster_walks_each_tree_to_a_leaf_and_blends_with_the_regression() -> None:
+    # Two trees. Tree 0 splits feature 1 at 0.5 (left leaf -1, right leaf +2); tree 1 is a single leaf of 0.25.
+    booster = Booster(feature=np.array([[1, 0, 0], [0, 0, 0]]), threshold=np.array([[0.5, 0, 0], [0, 0, 0]]),
+                      left=np.array([[1, 0, 0], [0, 0, 0]]), right=np.array([[2, 0, 0], [0, 0, 0]]),
+                      leaf=np.array([[False, True, True], [True, True, True]]),
+                      value=np.array([[0.0, -1.0, 2.0], [0.25, 0.0, 0.0]]), baseline=0.5, blend=0.25)
+    inputs = np.array([[4.0, 0.5], [-2.0, 0.51]])
+    assert booster.raw(inputs).tolist() == [0.5 - 1.0 + 0.25, 0.5 + 2.0 + 0.25]
+    assert booster.blended(inputs).tolist() == [0.75 * 4.0 + 0.25 * -0.25, 0.75 * -2.0 + 0.25 * 2.75]
+    restored = Booster.from_arrays(booster.arrays())
+    assert restored is not None and restored.raw(inputs).tolist() == booster.raw(inputs).tolist()
+    assert Booster.from_arrays({}) is None
+
+
+def test_the_shipped_firewall_blends_its_booster() -> None:
+    model = get_firewall().model
+    assert model.booster is not None and 0.0 < model.booster.blend < 1.0
