@@ -120,10 +120,11 @@ def rule_hits(normalised: str) -> tuple[str, ...]:
 
 def lexical_features(raw: str, normalised: str, hits: tuple[str, ...]) -> np.ndarray:
     """Dense side features: rule hits, shape of the text and signs of disguise."""
-    letters = [ch for ch in raw if ch.isalpha()]
-    upper = sum(ch.isupper() for ch in letters) / len(letters) if letters else 0.0
-    non_ascii = sum(ord(ch) > 127 for ch in raw) / len(raw) if raw else 0.0
-    symbols = _symbol_ratio(raw)
+    counts = Counter(raw)  # each distinct character once: long prompts repeat a few dozen characters
+    letters = sum(n for ch, n in counts.items() if ch.isalpha())
+    upper = sum(n for ch, n in counts.items() if ch.isalpha() and ch.isupper()) / letters if letters else 0.0
+    non_ascii = sum(n for ch, n in counts.items() if ord(ch) > 127) / len(raw) if raw else 0.0
+    symbols = _symbol_ratio(raw, counts)
     tokens = raw.split()
     odd = sum(bool(_ODD_TOKEN.search(t)) for t in tokens) / len(tokens) if tokens else 0.0
     disguised = float(normalised.count("\n") > raw.count("\n"))  # a decoded payload was appended
@@ -160,9 +161,12 @@ def _entropy(text: str) -> float:
     return float(-(counts * np.log2(counts)).sum() / 7.0)
 
 
-def _symbol_ratio(text: str) -> float:
-    """Share of characters that are neither letters, digits nor spaces."""
-    return sum(not ch.isalnum() and not ch.isspace() for ch in text) / len(text) if text else 0.0
+def _symbol_ratio(text: str, counts: Counter[str] | None = None) -> float:
+    """Share of characters that are neither letters, digits nor spaces (`counts`: the text's, if already made)."""
+    if not text:
+        return 0.0
+    counts = counts if counts is not None else Counter(text)
+    return sum(n for ch, n in counts.items() if not ch.isalnum() and not ch.isspace()) / len(text)
 
 
 WORD_COLUMNS = slice(N_FEATURES, 2 * N_FEATURES)  # the word n-grams among `featurise`'s columns (char n-grams first)
