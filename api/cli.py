@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run a Celery ingestion worker process (needs a Qdrant server)")
     worker.add_argument("--concurrency", type=_at_least_one, default=None,
                         help="documents ingested at once, one process each (default: GOVRAG_INGEST_CONCURRENCY, "
-                             "the number of cores)")
+                             "the number of cores, at most 4)")
     worker.set_defaults(run=_worker)
 
     commands.add_parser("migrate", help="upgrade the database schema to the latest revision").set_defaults(
