@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import EVAL_DIR, machine  # noqa: E402
 from core import crypto  # noqa: E402
 from core.errors import GovragError  # noqa: E402
-from core.settings import Settings  # noqa: E402
+from core.settings import Settings, get_settings  # noqa: E402
 from guard.injection import get_scanner  # noqa: E402
 from guard.pii import get_redactor  # noqa: E402
 from ingestion.chunk import chunk_sections  # noqa: E402
@@ -88,7 +88,7 @@ def embed_only(docs: list[tuple[str, bytes]]) -> float:
     """
     texts = sorted((c.text for n, d in docs
                     for c in chunk_sections(parse_document(d, sniff_content_type(d, n)), max_chars=MAX_CHARS)), key=len)
-    embedder = get_embedder(Settings().embedding_backend)
+    embedder = get_embedder(get_settings().embedding_backend)
     started = time.perf_counter()
     embedder.embed(texts)
     return time.perf_counter() - started
@@ -149,7 +149,7 @@ def _protected(named: tuple[str, bytes]) -> Protected:
     facts = DocumentFacts(document_id=str(uuid.uuid4()), department=DEPARTMENT, title=name,
                           content_type=sniff_content_type(data, name), acl_groups=(),
                           classification=Classification.internal, approved=True)
-    return protect(data, facts, key=crypto.new_key(), embedder=get_embedder(Settings().embedding_backend),
+    return protect(data, facts, key=crypto.new_key(), embedder=get_embedder(get_settings().embedding_backend),
                    redactor=get_redactor(), max_chars=MAX_CHARS, scanner=get_scanner())
 
 
@@ -178,7 +178,7 @@ def report(label: str, docs: list[tuple[str, bytes]], in_flight: int, repeat: in
 def warm_models() -> None:
     """Load every model the pipeline uses, so no run pays for loading them."""
     get_redactor().redact("warm up Maria Gonzalez")
-    get_embedder(Settings().embedding_backend).embed(["warm up"])
+    get_embedder(get_settings().embedding_backend).embed(["warm up"])
     get_scanner().score("warm up")
     parse_document(b"warm up", "text/plain")
 
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the fastest is kept")
     args = parser.parse_args(argv)
     print(machine())
-    in_flight = Settings().ingest_concurrency
+    in_flight = get_settings().ingest_concurrency
     print(f"(b) runs GOVRAG_INGEST_CONCURRENCY={in_flight} documents at once in worker processes, as `govrag worker` "
           f"does, then one at a time, as the embedded default's in-process worker does")
     warm_models()
