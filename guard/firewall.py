@@ -28,6 +28,7 @@ import sklearn
 from scipy import sparse
 from sklearn.feature_extraction.text import HashingVectorizer
 
+from guard.hashed_ngrams import WordCharNgrams
 from guard.normalise import has_invisible, normalise
 
 WEIGHTS_FILE = "{name}_weights.npz"
@@ -174,10 +175,12 @@ DENSE_COLUMNS = slice(2 * N_FEATURES, None)  # then `lexical_features` (rule hit
 
 
 @functools.lru_cache(maxsize=1)
-def _vectorisers() -> tuple[HashingVectorizer, HashingVectorizer]:
-    common = {"n_features": N_FEATURES, "alternate_sign": False, "norm": "l2", "lowercase": True, "dtype": np.float32}
-    return (HashingVectorizer(analyzer="char_wb", ngram_range=(3, 5), **common),
-            HashingVectorizer(analyzer="word", ngram_range=(1, 2), token_pattern=r"(?u)\b\w+\b", **common))  # noqa: S106
+def _vectorisers() -> tuple[WordCharNgrams, HashingVectorizer]:
+    """Character 3-5-grams inside words (each word's hashes cached) and word uni/bigrams, hashed alike."""
+    return (WordCharNgrams(ngram_range=(3, 5), n_features=N_FEATURES),
+            HashingVectorizer(analyzer="word", ngram_range=(1, 2), token_pattern=r"(?u)\b\w+\b",  # noqa: S106
+                              n_features=N_FEATURES, alternate_sign=False, norm="l2", lowercase=True,
+                              dtype=np.float32))
 
 
 def featurise(texts: list[str]) -> tuple[sparse.csr_matrix, list[tuple[str, ...]]]:

@@ -8,9 +8,10 @@ import dataclasses
 
 import numpy as np
 import pytest
+from sklearn.feature_extraction.text import HashingVectorizer
 
 from bench.eval_data import ATTACK as ATTACK_LABEL
-from bench.eval_data import BENIGN, Row
+from bench.eval_data import BENIGN, Row, prompt_rows
 from bench.train_firewall import _firewall_data, negative_scores
 from guard.firewall import (
     BANK_SCALE,
@@ -26,6 +27,7 @@ from guard.firewall import (
     question_vectors,
     rule_hits,
 )
+from guard.hashed_ngrams import WordCharNgrams
 from guard.injection import get_scanner, segments
 from guard.normalise import decoded_payloads, deleet, normalise, strip_invisible
 
@@ -217,3 +219,21 @@ def test_shape_features_count_characters_one_by_one(raw: str) -> None:
     assert upper == np.float32(sum(ch.isupper() for ch in letters) / len(letters) if letters else 0.0)
     assert non_ascii == np.float32(sum(ord(ch) > 127 for ch in raw) / len(raw) if raw else 0.0)
     assert symbols == np.float32(sum(not ch.isalnum() and not ch.isspace() for ch in raw) / len(raw) if raw else 0.0)
+
+
+EDGE_TEXTS = ["", "   ", "a", "ab", "abc", "A  B\t\tC\n\nD", "x\u00a0y\u2003z\u200bw", "ÄÖÜ STRASSE straße İstanbul ǅ",
+              "😀😀😀 emoji 中文 العربية", "Ĳ ﬁ ß ΑΒΓ", "word " * 50]
+
+
+@pytest.mark.parametrize("n_features", [2**18, 7])
+def test_cached_char_ngrams_equal_scikit_learns_hashing_vectorizer(n_features: int) -> None:
+    """Every eval prompt and Unicode edge cases, twice (cold, then from the word cache): the same matrix."""
+    texts = [normalise(row.text) for row in prompt_rows()] + EDGE_TEXTS
+    expected = HashingVectorizer(analyzer="char_wb", ngram_range=(3, 5), n_features=n_features, alternate_sign=False,
+                                 norm="l2", lowercase=True, dtype=np.float32).transform(texts)
+    cached = WordCharNgrams(ngram_range=(3, 5), n_features=n_features)
+    for got in (cached.transform(texts), cached.transform(texts[::-1])[::-1]):
+        expected.sort_indices()
+        assert got.dtype == np.float32 and got.shape == expected.shape
+        assert np.array_equal(got.indptr, expected.indptr) and np.array_equal(got.indices, expected.indices)
+        assert np.array_equal(got.data, expected.data)

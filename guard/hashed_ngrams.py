@@ -1,0 +1,64 @@
+"""Hashed character n-grams exactly as scikit-learn's HashingVectorizer(analyzer="char_wb") counts them, with each
+word's columns cached.
+
+The firewall hashes every question's character 3-5-grams inside words. scikit-learn builds every n-gram string and
+hashes it again for each text: about 1.5 ms of a long prompt, the largest part of the firewall's time. Words repeat
+across questions, so `WordCharNgrams` keeps each word's hashed columns in a bounded LRU cache and only builds the
+sparse row per text: about a quarter of the time. The matrix is the same, value for value (a test compares it with
+HashingVectorizer on every eval prompt and on Unicode edge cases).
+
+The cache holds words of recent questions in this process's memory only (never written anywhere, never logged),
+at most CACHE_WORDS of them.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import numpy as np
+from scipy import sparse
+from sklearn.preprocessing import normalize
+from sklearn.utils import murmurhash3_32
+
+CACHE_WORDS = 2**16
+_WHITE_SPACES = re.compile(r"\s\s+")  # collapsed as HashingVectorizer's char_wb analyzer does
+_MOST_NEGATIVE = -(2**31)
+
+
+class WordCharNgrams:
+    """The output of `HashingVectorizer(analyzer="char_wb", ngram_range=ngram_range, n_features=n_features,
+    alternate_sign=False, norm="l2", lowercase=True, dtype=np.float32)`."""
+
+    def __init__(self, ngram_range: tuple[int, int], n_features: int) -> None:
+        self.ngram_range, self.n_features = ngram_range, n_features
+        self._word_columns = functools.lru_cache(maxsize=CACHE_WORDS)(self._columns_of_word)
+
+    def transform(self, texts: list[str]) -> sparse.csr_matrix:
+        """One L2-normalised float32 row of n-gram counts per text."""
+        indptr, indices, counts = [0], [], []
+        for text in texts:
+            columns = [c for word in _WHITE_SPACES.sub(" ", text.lower()).split() for c in self._word_columns(word)]
+            unique, count = np.unique(np.asarray(columns, dtype=np.int32), return_counts=True)
+            indices.append(unique)
+            counts.append(count.astype(np.float32))
+            indptr.append(indptr[-1] + len(unique))
+        matrix = sparse.csr_matrix((np.concatenate(counts), np.concatenate(indices), np.asarray(indptr)),
+                                   shape=(len(texts), self.n_features), dtype=np.float32)
+        return normalize(matrix, norm="l2", copy=False)
+
+    def _columns_of_word(self, word: str) -> tuple[int, ...]:
+        """The columns of a word's n-grams, padded with a space each side; a word shorter than n counts once."""
+        padded, (low, high) = f" {word} ", self.ngram_range
+        columns = []
+        for n in range(low, high + 1):
+            columns.extend(self._column(padded[offset:offset + n]) for offset in range(max(len(padded) - n, 0) + 1))
+            if len(padded) <= n:
+                break
+        return tuple(columns)
+
+    def _column(self, ngram: str) -> int:
+        """FeatureHasher's column: signed 32-bit murmurhash3 of the UTF-8 bytes, seed 0, |h| mod n_features."""
+        h = murmurhash3_32(ngram, seed=0, positive=False)
+        magnitude = 2**31 - 1 - (self.n_features - 1) if h == _MOST_NEGATIVE else abs(h)  # FeatureHasher's rule
+        return magnitude % self.n_features
