@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import uuid
 from collections.abc import Callable
 
@@ -74,3 +75,9 @@ def test_metrics_expose_routes_audit_queue_and_documents(client: TestClient, set
     monkeypatch.setattr(settings, "metrics_token", SecretStr("scrape-secret"))
     assert client.get("/metrics").status_code == 401
     assert client.get("/metrics", headers={"Authorization": "Bearer scrape-secret"}).status_code == 200
+
+
+def test_startup_freezes_the_loaded_models_out_of_the_garbage_collector(client: TestClient) -> None:
+    """After start-up a full collection skips the models' objects (~0.3 s of pause each time otherwise)."""
+    assert client.get("/healthz").status_code == 200
+    assert gc.get_freeze_count() > 100_000
