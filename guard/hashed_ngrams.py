@@ -21,7 +21,7 @@ from scipy import sparse
 from sklearn.preprocessing import normalize
 from sklearn.utils import murmurhash3_32
 
-CACHE_WORDS = 2**16
+CACHE_WORDS = 2**15  # ~8 MiB: each word's columns are kept as packed int32 bytes
 _WHITE_SPACES = re.compile(r"\s\s+")  # collapsed as HashingVectorizer's char_wb analyzer does
 _MOST_NEGATIVE = -(2**31)
 
@@ -38,8 +38,8 @@ class WordCharNgrams:
         """One L2-normalised float32 row of n-gram counts per text."""
         indptr, indices, counts = [0], [], []
         for text in texts:
-            columns = [c for word in _WHITE_SPACES.sub(" ", text.lower()).split() for c in self._word_columns(word)]
-            unique, count = np.unique(np.asarray(columns, dtype=np.int32), return_counts=True)
+            packed = b"".join(self._word_columns(word) for word in _WHITE_SPACES.sub(" ", text.lower()).split())
+            unique, count = np.unique(np.frombuffer(packed, dtype=np.int32), return_counts=True)
             indices.append(unique)
             counts.append(count.astype(np.float32))
             indptr.append(indptr[-1] + len(unique))
@@ -47,15 +47,16 @@ class WordCharNgrams:
                                    shape=(len(texts), self.n_features), dtype=np.float32)
         return normalize(matrix, norm="l2", copy=False)
 
-    def _columns_of_word(self, word: str) -> tuple[int, ...]:
-        """The columns of a word's n-grams, padded with a space each side; a word shorter than n counts once."""
+    def _columns_of_word(self, word: str) -> bytes:
+        """The columns of a word's n-grams (packed int32), padded with a space each side; a word shorter than n
+        counts once."""
         padded, (low, high) = f" {word} ", self.ngram_range
         columns = []
         for n in range(low, high + 1):
             columns.extend(self._column(padded[offset:offset + n]) for offset in range(max(len(padded) - n, 0) + 1))
             if len(padded) <= n:
                 break
-        return tuple(columns)
+        return np.asarray(columns, dtype=np.int32).tobytes()
 
     def _column(self, ngram: str) -> int:
         """FeatureHasher's column: signed 32-bit murmurhash3 of the UTF-8 bytes, seed 0, |h| mod n_features."""
