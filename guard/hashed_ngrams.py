@@ -36,6 +36,8 @@ class WordCharNgrams:
 
     def transform(self, texts: list[str]) -> sparse.csr_matrix:
         """One L2-normalised float32 row of n-gram counts per text."""
+        if not texts:
+            return sparse.csr_matrix((0, self.n_features), dtype=np.float32)
         indptr, indices, counts = [0], [], []
         for text in texts:
             packed = b"".join(self._word_columns(word) for word in _WHITE_SPACES.sub(" ", text.lower()).split())

@@ -231,9 +231,10 @@ def test_cached_char_ngrams_equal_scikit_learns_hashing_vectorizer(n_features: i
     texts = [normalise(row.text) for row in prompt_rows()] + EDGE_TEXTS
     expected = HashingVectorizer(analyzer="char_wb", ngram_range=(3, 5), n_features=n_features, alternate_sign=False,
                                  norm="l2", lowercase=True, dtype=np.float32).transform(texts)
+    expected.sort_indices()
     cached = WordCharNgrams(ngram_range=(3, 5), n_features=n_features)
     for got in (cached.transform(texts), cached.transform(texts[::-1])[::-1]):
-        expected.sort_indices()
         assert got.dtype == np.float32 and got.shape == expected.shape
         assert np.array_equal(got.indptr, expected.indptr) and np.array_equal(got.indices, expected.indices)
         assert np.array_equal(got.data, expected.data)
+    assert cached.transform([]).shape == (0, n_features)
