@@ -14,7 +14,6 @@ at most CACHE_WORDS of them.
 from __future__ import annotations
 
 import functools
-import re
 
 import numpy as np
 from scipy import sparse
@@ -22,7 +21,6 @@ from sklearn.preprocessing import normalize
 from sklearn.utils import murmurhash3_32
 
 CACHE_WORDS = 2**15  # ~8 MiB: each word's columns are kept as packed int32 bytes
-_WHITE_SPACES = re.compile(r"\s\s+")  # collapsed as HashingVectorizer's char_wb analyzer does
 _MOST_NEGATIVE = -(2**31)
 
 
@@ -40,7 +38,8 @@ class WordCharNgrams:
             return sparse.csr_matrix((0, self.n_features), dtype=np.float32)
         indptr, indices, counts = [0], [], []
         for text in texts:
-            packed = b"".join(self._word_columns(word) for word in _WHITE_SPACES.sub(" ", text.lower()).split())
+            # HashingVectorizer collapses runs of `\s` first; str.split() splits on the same characters anyway
+            packed = b"".join(self._word_columns(word) for word in text.lower().split())
             unique, count = np.unique(np.frombuffer(packed, dtype=np.int32), return_counts=True)
             indices.append(unique)
             counts.append(count.astype(np.float32))
