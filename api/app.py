@@ -11,10 +11,11 @@ from contextlib import asynccontextmanager
 
 import anyio.to_thread
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import error_response, install_error_handlers
+from api.errors import crash_response, error_response, install_error_handlers
 from api.routers import admin, audit, authz, documents, guard_admin, health, ingestion_admin, metrics, query
 from authz.dev_issuer import DevIssuer
 from authz.enforcer import get_enforcer
@@ -24,6 +25,7 @@ from core.errors import ErrorCode
 from core.logs import configure_logging, request_id_var
 from core.metrics import observe_request
 from core.settings import Settings, get_settings
+from core.text import NUL, NUL_MESSAGE
 from core.tracing import configure_tracing
 from guard.firewall import get_firewall
 from guard.injection import get_scanner
@@ -97,13 +99,13 @@ class RequestContext:
             return
         settings: Settings = scope["app"].state.settings
         token = request_id_var.set(uuid.uuid4().hex)
-        started, status = time.perf_counter(), 500
+        started, status, status_sent = time.perf_counter(), 500, False
         timing.start_request()
 
         async def send_with_context(message: Message) -> None:
-            nonlocal status
+            nonlocal status, status_sent
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, status_sent = message["status"], True
                 headers = MutableHeaders(scope=message)
                 headers["X-Request-ID"] = request_id_var.get()
                 if settings.server_timing and (stages := timing.server_timing_header()):
@@ -111,14 +113,24 @@ class RequestContext:
             await send(message)
 
         try:
-            if _declared_size(scope) > settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES:
-                refusal = error_response(413, ErrorCode.payload_too_large.name, "request body exceeds the upload limit")
-                await refusal(scope, receive, send_with_context)
-            else:
-                await self.app(scope, receive, send_with_context)
+            refusal = _refusal(scope, settings)
+            await (refusal or self.app)(scope, receive, send_with_context)
+        except Exception as exc:
+            if status_sent:  # the response has begun: nothing more can be said to this client
+                raise
+            await crash_response(exc)(scope, receive, send_with_context)
         finally:
             observe_request(Request(scope), status, time.perf_counter() - started)
             request_id_var.reset(token)
+
+
+def _refusal(scope: Scope, settings: Settings) -> JSONResponse | None:
+    """A request refused before it runs: an oversized declared body, or a NUL in the URL (PostgreSQL stores none)."""
+    if _declared_size(scope) > settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES:
+        return error_response(413, ErrorCode.payload_too_large.name, "request body exceeds the upload limit")
+    if NUL in scope["path"] or b"%00" in scope.get("query_string", b""):
+        return error_response(422, ErrorCode.invalid_request.name, f"invalid request: the URL's {NUL_MESSAGE}")
+    return None
 
 
 def _declared_size(scope: Scope) -> int:

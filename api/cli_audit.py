@@ -19,7 +19,7 @@ from typing import TextIO
 
 from sqlalchemy.orm import Session
 
-from audit.schemas import Decision, ExportFilters, ExportFormat
+from audit.schemas import Decision, ExportFilters, ExportFormat, utc_bound
 from authz.identity import Identity
 from core.db import get_session_factory
 from core.errors import GovragError
@@ -55,11 +55,16 @@ def add_actor_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--actor", default=None, help="recorded as cli:<actor> (default: the OS user)")
 
 
+def window_bound(text: str) -> datetime:
+    """An ISO time for --since/--until, in UTC as the API takes it (argparse reports a ValueError as a usage error)."""
+    return utc_bound(datetime.fromisoformat(text))
+
+
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     """Filters and format of `govrag audit export`."""
     parser.add_argument("--format", choices=[f.value for f in ExportFormat], default="jsonl")
-    parser.add_argument("--since", type=datetime.fromisoformat, help="ISO time, inclusive")
-    parser.add_argument("--until", type=datetime.fromisoformat, help="ISO time, exclusive")
+    parser.add_argument("--since", type=window_bound, help="ISO time, inclusive")
+    parser.add_argument("--until", type=window_bound, help="ISO time, exclusive")
     parser.add_argument("--user", dest="subject", help="the subject whose events to export")
     parser.add_argument("--department")
     parser.add_argument("--decision", choices=[d.value for d in Decision])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import traceback
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,7 +27,7 @@ def error_response(status: int, code: str, message: str) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map service errors, validation errors, HTTP errors and crashes to the one JSON shape."""
+    """Map service errors, validation errors and HTTP errors to the one JSON shape (crashes: `crash_response`)."""
 
     @app.exception_handler(GovragError)
     async def _govrag(_request: Request, exc: GovragError) -> JSONResponse:
@@ -44,7 +45,23 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         return error_response(exc.status_code, code.name, message)
 
-    @app.exception_handler(Exception)
-    async def _crash(_request: Request, exc: Exception) -> JSONResponse:
-        logger.error("unhandled %s", type(exc).__name__, exc_info=exc)
-        return error_response(500, ErrorCode.internal.name, "internal error")
+
+def crash_response(exc: Exception) -> JSONResponse:
+    """An unexpected failure: logged (its frames, with the request id), answered as a 500 carrying the request id.
+
+    The API's request middleware calls this, inside the request's context; an exception handler for `Exception`
+    would run outside it (no request id) and re-raise, which drops the client's keep-alive connection."""
+    logger.error("unhandled %s\n%s", type(exc).__name__, _frames(exc))
+    return error_response(500, ErrorCode.internal.name, "internal error")
+
+
+def _frames(exc: BaseException) -> str:
+    """The exception chain's types and stack frames, not its messages: a library's message may quote the values it
+    was given (a database error quotes the offending value)."""
+    chain: list[str] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < 10:
+        chain.append(f"{type(current).__module__}.{type(current).__qualname__}, at:\n"
+                     + "".join(traceback.format_tb(current.__traceback__)))
+        current = current.__cause__ or current.__context__
+    return "\ncaused by ".join(chain)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel
 
 
 class Decision(StrEnum):
@@ -89,6 +89,18 @@ EXPORT_FIELDS = (
 # before they existed keep verifying (an empty value and an absent one are the same statement).
 LATER_FIELDS = frozenset(
     {"roles", "policy_version", "guard_verdicts", "model_backend", "model_id", "kill_switch_mode", "details"})
+
+
+def utc_bound(value: datetime) -> datetime:
+    """An export window's bound in UTC (a naive one is UTC already); a bound outside UTC's calendar is refused
+    (a 422) rather than overflowing later."""
+    try:
+        return value.astimezone(UTC) if value.tzinfo else value
+    except OverflowError as exc:
+        raise ValueError("the time falls outside the calendar once converted to UTC") from exc
+
+
+WindowBound = Annotated[datetime, AfterValidator(utc_bound)]
 
 
 @dataclass(frozen=True)

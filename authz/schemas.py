@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from authz.identity import ROLE_PREFIX
+from core.text import RequestModel
 from ingestion.schemas import Classification
 
 DEPARTMENT_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
@@ -38,7 +39,7 @@ class Permission(StrEnum):
     manage = "manage"
 
 
-class DepartmentIn(BaseModel):
+class DepartmentIn(RequestModel):
     name: str = Field(pattern=DEPARTMENT_PATTERN, description="lower-case letters, digits, '-' or '_'")
 
 
@@ -46,13 +47,13 @@ class DepartmentOut(BaseModel):
     name: str
 
 
-class RoleAssignment(BaseModel):
+class RoleAssignment(RequestModel):
     subject: Subject
     role: str = Field(pattern=ROLE_PATTERN)
     department: str = Field(pattern=DEPARTMENT_PATTERN)
 
 
-class GroupMapping(BaseModel):
+class GroupMapping(RequestModel):
     """Members of an IdP group hold `role` in `department`."""
 
     group: str = Field(pattern=GROUP_PATTERN, description="the group as the token's groups claim carries it")
@@ -60,12 +61,12 @@ class GroupMapping(BaseModel):
     department: str = Field(pattern=DEPARTMENT_PATTERN)
 
 
-class RoleDefinition(BaseModel):
+class RoleDefinition(RequestModel):
     name: str = Field(pattern=ROLE_PATTERN)
     permissions: list[Permission] = Field(min_length=1)
 
 
-class RoleInheritance(BaseModel):
+class RoleInheritance(RequestModel):
     """Inside `department`, holders of `role` also hold `inherits` (and what it inherits)."""
 
     role: str = Field(pattern=ROLE_PATTERN)
@@ -73,13 +74,13 @@ class RoleInheritance(BaseModel):
     department: str = Field(pattern=DEPARTMENT_PATTERN)
 
 
-class ClearanceIn(BaseModel):
+class ClearanceIn(RequestModel):
     subject: Subject
     department: str = Field(pattern=DEPARTMENT_PATTERN)
     level: Classification  # the highest classification the subject may read there
 
 
-class ClearanceKey(BaseModel):
+class ClearanceKey(RequestModel):
     subject: Subject
     department: str = Field(pattern=DEPARTMENT_PATTERN)
 
@@ -88,7 +89,7 @@ class PolicyVersionOut(BaseModel):
     version: int
 
 
-class ExplainRequest(BaseModel):
+class ExplainRequest(RequestModel):
     """Would this subject (with these groups) see this document or chunk?"""
 
     subject: Subject

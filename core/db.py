@@ -12,12 +12,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 @lru_cache
 def get_engine(url: str) -> Engine:
-    """The process-wide engine for a database URL."""
+    """The process-wide engine for a database URL. `hide_parameters`: a database error's text (which may reach a log)
+    names the statement but never the values bound to it (titles, subjects, masked questions)."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, hide_parameters=True)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, hide_parameters=True)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]

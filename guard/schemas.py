@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field
 
 from authz.schemas import DEPARTMENT_PATTERN
 from authz.schemas import GLOBAL_SCOPE as GLOBAL_SCOPE  # the kill switch's global scope, never a department
+from core.text import RequestModel
 from guard.firewall import GuardMode
 
 SCOPE_PATTERN = DEPARTMENT_PATTERN  # "global" or a department name
@@ -23,7 +24,7 @@ class KillMode(StrEnum):
         return {"normal": 0, "retrieval_only": 1, "disabled": 2}[self.value]
 
 
-class KillSwitchIn(BaseModel):
+class KillSwitchIn(RequestModel):
     scope: str = Field(pattern=SCOPE_PATTERN, max_length=64)
     mode: KillMode
     reason: str = Field(min_length=1, max_length=500)
@@ -36,7 +37,7 @@ class KillSwitchOut(BaseModel):
     updated_by: str
 
 
-class FirewallModeIn(BaseModel):
+class FirewallModeIn(RequestModel):
     department: str = Field(pattern=DEPARTMENT_PATTERN, max_length=64)
     mode: GuardMode
 

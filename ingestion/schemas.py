@@ -7,6 +7,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, Field
 
+from core.text import RequestModel
+
 
 class Classification(StrEnum):
     public = "public"
@@ -61,7 +63,7 @@ class InjectionAction(StrEnum):
     quarantine = "quarantine"  # hold the whole document for review
 
 
-class CustomRecognizerIn(BaseModel):
+class CustomRecognizerIn(RequestModel):
     """A department identifier to redact: regex plus an optional checksum (luhn, mod97, mod11)."""
 
     entity: str = Field(pattern=r"^[A-Z][A-Z0-9_]{1,40}$")
@@ -71,7 +73,7 @@ class CustomRecognizerIn(BaseModel):
     score: float = Field(default=0.6, ge=0.1, le=1.0)
 
 
-class IngestionPolicyIn(BaseModel):
+class IngestionPolicyIn(RequestModel):
     """What a department lets the AI see and how ingestion treats risky content."""
 
     ai_max_level: Classification = Classification.confidential
@@ -101,13 +103,13 @@ class QuarantinedOut(BaseModel):
     created_at: datetime
 
 
-class ReviewDecision(BaseModel):
+class ReviewDecision(RequestModel):
     document_id: str
     status: str
     job_id: str | None = None
 
 
-class ReindexIn(BaseModel):
+class ReindexIn(RequestModel):
     department: str
     document_ids: list[str] | None = None
 
@@ -116,7 +118,7 @@ class ReindexOut(BaseModel):
     queued: list[str]  # job ids
 
 
-class RevealIn(BaseModel):
+class RevealIn(RequestModel):
     placeholders: list[str] = Field(min_length=1, max_length=100)
 
 

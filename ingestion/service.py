@@ -17,6 +17,7 @@ from core.errors import ErrorCode, GovragError
 from core.keystore import keystore_for
 from core.models import Document, DocumentStatus, IngestionJob
 from core.settings import Settings
+from core.text import printable_name
 from guard.injection import get_scanner
 from guard.pii import get_redactor
 from ingestion import formats, quarantine, repository
@@ -227,7 +228,8 @@ def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentS
 
 
 def _title(title: str | None, filename: str | None) -> str:
-    chosen = (title or filename or "untitled").strip() or "untitled"
+    """The title given, else the file's name; control characters (a NUL in an attachment's name) replaced."""
+    chosen = printable_name((title or filename or "untitled").strip()) or "untitled"
     return chosen[:MAX_TITLE_CHARS]
 
 

@@ -7,9 +7,10 @@ import re
 from pydantic import BaseModel, Field
 
 from authz.schemas import DEPARTMENT_PATTERN
+from core.text import RequestModel
 
 
-class QueryRequest(BaseModel):
+class QueryRequest(RequestModel):
     question: str = Field(min_length=1, max_length=2000)
     departments: list[str] | None = Field(default=None, max_length=50)
     top_k: int | None = Field(default=None, ge=1, le=50)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -11,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from api.deps import CurrentUser, EnforcerDep, SessionDep, SettingsDep
 from audit import service as audit_service
 from audit.export import MEDIA_TYPES
-from audit.schemas import Decision, ExportFilters, ExportFormat, VerifyResult
+from audit.schemas import Decision, ExportFilters, ExportFormat, VerifyResult, WindowBound
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 
@@ -19,7 +18,7 @@ router = APIRouter(prefix="/v1/audit", tags=["audit"])
 @router.get("/retrievals")
 def export_retrievals(session: SessionDep, settings: SettingsDep, enforcer: EnforcerDep, user: CurrentUser,
                       fmt: Annotated[ExportFormat, Query(alias="format")] = ExportFormat.jsonl,
-                      since: datetime | None = None, until: datetime | None = None,
+                      since: WindowBound | None = None, until: WindowBound | None = None,
                       subject: Annotated[str | None, Query(alias="user")] = None,
                       department: str | None = None, decision: Decision | None = None,
                       document_id: str | None = None, event_type: str | None = None) -> StreamingResponse:

@@ -14,6 +14,7 @@ from authz import service as authz_service
 from authz.identity import Identity
 from core.errors import ErrorCode, GovragError
 from core.models import Document
+from core.text import require_no_nul
 from ingestion import service as ingestion_service
 from ingestion.schemas import Classification, DocumentStatusOut, JobStatusOut, RevealIn, RevealOut, UploadAccepted
 from workers.tasks import enqueue_ingestion
@@ -33,6 +34,7 @@ def upload_document(
     classification: Annotated[Classification, Form()] = Classification.internal,
 ) -> UploadAccepted:
     """Accept a file for ingestion into a department (role: editor)."""
+    require_no_nul(department=department, title=title, acl_groups=acl_groups)
     authz_service.require(enforcer, user, "upload", department)
     data = file.file.read(settings.max_upload_bytes + 1)
     accepted = ingestion_service.accept_upload(

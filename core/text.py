@@ -1,0 +1,54 @@
+"""Text the ledger and the catalogue can store: PostgreSQL refuses NUL (U+0000) in text and JSON values.
+
+A NUL that reached a write would fail it late: the audit append (a 503 for that caller, an audit-failure alert for
+the operators) or a catalogue insert (a crash). So every request is checked where it enters: request bodies by
+`RequestModel`, URLs by the API's request middleware, upload form fields by `require_no_nul`. Names that come from
+inside files (an upload's file name, an e-mail attachment's) are not the caller's to fix; `printable_name` cleans them.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import Any
+
+from pydantic import BaseModel, model_validator
+
+from core.errors import ErrorCode, GovragError
+
+NUL = "\x00"
+NUL_MESSAGE = "text must not contain NUL (\\u0000) characters"
+REPLACEMENT = "\ufffd"
+
+
+def has_nul(value: object) -> bool:
+    """Whether a NUL occurs in `value`, or in any string inside its lists, tuples, sets and dicts (keys included)."""
+    if isinstance(value, str):
+        return NUL in value
+    if isinstance(value, dict):
+        return any(has_nul(key) or has_nul(item) for key, item in value.items())
+    if isinstance(value, list | tuple | set | frozenset):
+        return any(has_nul(item) for item in value)
+    return False
+
+
+def require_no_nul(**fields: object) -> None:
+    """Refuse, naming the field, any of `fields` that holds a NUL (`invalid_request`, a 400)."""
+    for name, value in fields.items():
+        if has_nul(value):
+            raise GovragError(ErrorCode.invalid_request, f"{name}: {NUL_MESSAGE}")
+
+
+def printable_name(name: str) -> str:
+    """A name taken from inside a file, with each control character (NUL, escapes, line breaks) replaced by U+FFFD."""
+    return "".join(REPLACEMENT if unicodedata.category(ch) == "Cc" else ch for ch in name)
+
+
+class RequestModel(BaseModel):
+    """Base of every request body: a NUL anywhere in it is a validation error (a 422), before any handler runs."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_nul(cls, data: Any) -> Any:
+        if has_nul(data):
+            raise ValueError(NUL_MESSAGE)
+        return data

@@ -1,0 +1,181 @@
+"""Bad input gets a clear error before it reaches storage: NUL characters (PostgreSQL stores none) in bodies, URLs
+and upload forms; names from inside files are cleaned; an unexpected crash still answers with its request id."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from core import metrics
+from core.db import get_engine
+from core.text import REPLACEMENT
+from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
+
+SECRET_WORD = "Zanzibar-7Q"  # stands for a question's or a title's text: never echoed in an error
+
+
+@pytest.fixture(scope="module")
+def desk(client: TestClient, issue_token: Callable[..., str]) -> dict[str, str]:
+    """A department with an editor and one ingested document, so a query has something to find."""
+    department = f"desk{uuid.uuid4().hex[:6]}"
+    admin = issue_token(PLATFORM_ADMIN)
+    assert client.post("/v1/admin/departments", json={"name": department}, headers=auth(admin)).status_code == 201
+    response = client.post("/v1/admin/role-assignments", headers=auth(admin),
+                           json={"subject": "nadia", "role": "editor", "department": department})
+    assert response.status_code == 201, response.text
+    editor = issue_token("nadia", [])
+    uploaded = client.post("/v1/documents", headers=auth(editor), data={"department": department, "title": "rota"},
+                           files={"file": ("rota.txt", b"The Leeds desk opens at nine on weekdays.")})
+    assert uploaded.status_code == 202, uploaded.text
+    assert wait_for_job(client, editor, uploaded.json()["job_id"])["status"] == "ready"
+    return {"department": department, "admin": admin, "editor": editor}
+
+
+def _audit_failures() -> float:
+    return metrics.AUDIT_WRITE_FAILURES._value.get()  # type: ignore[attr-defined, no-any-return]
+
+
+@pytest.mark.parametrize("body", [
+    {"question": f"When does the desk open?\x00{SECRET_WORD}"},
+    {"question": "When does the desk open?", "purpose": f"rota\x00{SECRET_WORD}"},
+    {"question": "When does the desk open?", "departments": [f"desk\x00{SECRET_WORD}"]},
+])
+def test_a_nul_in_a_query_is_a_422_not_an_audit_failure(client: TestClient, desk: dict[str, str],
+                                                          body: dict[str, object]) -> None:
+    failures = _audit_failures()
+    refused = client.post("/v1/query", json=body, headers=auth(desk["editor"]))
+    assert refused.status_code == 422, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "invalid_request" and "NUL" in error["message"] and SECRET_WORD not in refused.text
+    assert _audit_failures() == failures  # before: the ledger refused the row, a 503 and an operator alert
+    answered = client.post("/v1/query", json={"question": "When does the desk open?"}, headers=auth(desk["editor"]))
+    assert answered.status_code == 200 and not answered.json()["refused"], answered.text
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("POST", "/v1/admin/kill-switch", {"scope": "global", "mode": "normal", "reason": f"drill\x00{SECRET_WORD}"}),
+    ("POST", "/v1/admin/role-assignments", {"subject": f"eve\x00{SECRET_WORD}", "role": "reader", "department": "x"}),
+    ("POST", "/v1/authz/explain", {"subject": "eve", "groups": [f"g\x00{SECRET_WORD}"], "document_id": "d"}),
+])
+def test_a_nul_anywhere_in_a_request_body_is_a_422(client: TestClient, desk: dict[str, str], method: str,
+                                                    path: str, body: dict[str, object]) -> None:
+    response = client.request(method, path, json=body, headers=auth(desk["admin"]))
+    assert response.status_code == 422, response.text
+    assert "NUL" in response.json()["error"]["message"] and SECRET_WORD not in response.text
+
+
+@pytest.mark.parametrize("path", ["/v1/documents/abc%00def", "/v1/jobs/x%00y", "/v1/audit/retrievals?user=eve%00x"])
+def test_a_nul_in_the_url_is_a_422(client: TestClient, desk: dict[str, str], path: str) -> None:
+    response = client.get(path, headers=auth(desk["admin"]))
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_request" and "NUL" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("field", ["title", "department", "acl_groups"])
+def test_upload_form_fields_with_a_nul_are_refused_by_name(client: TestClient, desk: dict[str, str],
+                                                          field: str) -> None:
+    form = {"department": desk["department"], "title": "memo", field: f"{desk['department']}\x00{SECRET_WORD}"}
+    response = client.post("/v1/documents", headers=auth(desk["editor"]), data=form,
+                           files={"file": ("memo.txt", f"A memo {uuid.uuid4().hex}.".encode())})
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert message.startswith(f"{field}:") and "NUL" in message and SECRET_WORD not in message
+
+
+def test_names_from_inside_files_lose_their_control_characters(client: TestClient, desk: dict[str, str]) -> None:
+    """The upload's own file name (no title given; httpx escapes a NUL there, not an ESC) and an e-mail attachment's
+    (RFC 2231 can encode a NUL)."""
+    named = client.post("/v1/documents", headers=auth(desk["editor"]), data={"department": desk["department"]},
+                        files={"file": ("notes\x1b.txt", f"Notes {uuid.uuid4().hex}.".encode())})
+    assert named.status_code == 202, named.text
+    assert wait_for_job(client, desk["editor"], named.json()["job_id"])["status"] == "ready"
+    document = client.get(f"/v1/documents/{named.json()['document_id']}", headers=auth(desk["editor"])).json()
+    assert document["title"] == f"notes{REPLACEMENT}.txt"
+
+    mail = (b"From: ana@example.com\r\nTo: ben@example.com\r\nSubject: Rota\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\nContent-Type: text/plain\r\n\r\n"
+            b"The rota is attached.\r\n--B\r\nContent-Type: text/plain\r\n"
+            b"Content-Disposition: attachment; filename*=utf-8''rota%00%1B.txt\r\n\r\n"
+            b"Saturday: the Leeds desk " + uuid.uuid4().hex.encode() + b".\r\n--B--\r\n")
+    parent = client.post("/v1/documents", headers=auth(desk["editor"]), data={"department": desk["department"],
+                         "title": "rota mail"}, files={"file": ("rota.eml", mail)})
+    assert parent.status_code == 202, parent.text
+    assert wait_for_job(client, desk["editor"], parent.json()["job_id"])["status"] == "ready"
+    child = _first_attachment(client, desk["editor"], parent.json()["document_id"])
+    assert child["title"] == f"rota mail / rota{REPLACEMENT}{REPLACEMENT}.txt" and child["status"] == "ready"
+
+
+def _first_attachment(client: TestClient, token: str, document_id: str) -> dict[str, object]:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        document = client.get(f"/v1/documents/{document_id}", headers=auth(token)).json()
+        if document["attachment_ids"]:
+            child = client.get(f"/v1/documents/{document['attachment_ids'][0]}", headers=auth(token)).json()
+            if child["status"] in ("ready", "failed", "quarantined"):
+                return child  # type: ignore[no-any-return]
+        time.sleep(0.25)
+    raise AssertionError("the attachment did not reach a final state in time")
+
+
+def test_a_crash_answers_500_with_its_request_id(client: TestClient, desk: dict[str, str],
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Inside the request's context: the body and the log line carry the id (they said "-" before), the exception
+    does not escape to the server (which dropped the client's connection), and the log keeps the stack frames but not
+    the exception's message (a library's message may quote a stored value)."""
+    from ingestion import service
+
+    def crash(**_: object) -> None:
+        raise RuntimeError(f"a library's message quoting a stored value: {SECRET_WORD}")
+
+    monkeypatch.setattr(service, "document_status", crash)
+    with caplog.at_level(logging.ERROR):
+        response = client.get(f"/v1/documents/{uuid.uuid4()}", headers=auth(desk["editor"]))
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error == {"code": "internal", "message": "internal error", "request_id": response.headers["x-request-id"]}
+    assert len(error["request_id"]) == 32
+    logged = [r for r in caplog.records if r.name == "api.errors"]
+    assert logged and "RuntimeError" in logged[0].getMessage() and "crash" in logged[0].getMessage()
+    assert all(SECRET_WORD not in r.getMessage() and not r.exc_info for r in logged)  # frames, never the message
+
+
+def test_database_errors_never_list_the_bound_values(settings) -> None:  # type: ignore[no-untyped-def]
+    """A failed statement's text (which an error log may carry) names the statement, not the values bound to it."""
+    with get_engine(settings.resolved_database_url).connect() as connection, \
+            pytest.raises(SQLAlchemyError) as failure:
+        connection.execute(text("SELECT CAST(:value AS text)"), {"value": f"{SECRET_WORD}\x00"})
+    assert "SELECT CAST" in str(failure.value) and SECRET_WORD not in str(failure.value)
+
+
+@pytest.mark.parametrize(("window", "expected"), [
+    ("since=0001-01-01T00:00:00%2B23:59", 422), ("until=9999-12-31T23:59:59-23:59", 422),  # overflowed: a 500
+    ("since=2027-01-01&until=2026-01-01", 200),  # an empty window is an empty export
+])
+def test_export_windows_outside_the_calendar_are_a_422(client: TestClient, desk: dict[str, str],
+                                                       issue_token: Callable[..., str], window: str,
+                                                       expected: int) -> None:
+    response = client.post("/v1/admin/role-assignments", headers=auth(desk["admin"]),
+                           json={"subject": "cora", "role": "compliance", "department": desk["department"]})
+    assert response.status_code in (201, 409), response.text
+    exported = client.get(f"/v1/audit/retrievals?department={desk['department']}&{window}",
+                          headers=auth(issue_token("cora", [])))
+    assert exported.status_code == expected, exported.text
+    if expected == 422:
+        assert "calendar" in exported.json()["error"]["message"]
+
+
+def test_the_cli_export_takes_the_same_window_bounds() -> None:
+    from api.cli_audit import window_bound
+
+    assert window_bound("2026-01-01T01:00:00+01:00") == datetime(2026, 1, 1, tzinfo=UTC)
+    with pytest.raises(ValueError, match="calendar"):
+        window_bound("0001-01-01T00:00:00+23:59")
