@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import threading
 
+from celery.exceptions import WorkerShutdown
+from celery.platforms import EX_OK
 from celery.worker import WorkController
+from kombu.asynchronous import set_event_loop
 
 from workers.celery_app import GovragCelery
 
@@ -14,6 +17,10 @@ class InProcessWorker:
 
     def __init__(self, app: GovragCelery) -> None:
         app.finalize()
+        # Kombu keeps one event loop per process and Celery's worker takes it if one exists: a second worker in the
+        # process (an API restarted in the same process, as tests do) would share the first's, and `stop` would
+        # shut down whichever worker thread ran the loop next. Each worker gets its own.
+        set_event_loop(None)
         self._controller = WorkController(
             app=app, concurrency=1, pool="solo", hostname=f"govrag-inprocess-{id(self)}@localhost",
             without_heartbeat=True, without_mingle=True, without_gossip=True,
@@ -32,6 +39,17 @@ class InProcessWorker:
         self._controller.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the current task and stop."""
-        self._controller.stop(in_sighandler=False)
+        """Finish the current task and stop, in the worker's own thread: its event loop raises `WorkerShutdown`, as
+        after a signal. Stopping from the caller's thread would use the broker connection that the worker thread is
+        polling (kombu's are not thread-safe); with a job enqueued just before, it waited forever for a BRPOP reply."""
+        hub = getattr(self._controller, "hub", None)
+        if hub is None or not self._thread.is_alive():
+            self._controller.stop(in_sighandler=False)
+        else:
+            hub.call_soon(_shut_down)
         self._thread.join(timeout)
+
+
+def _shut_down() -> None:
+    """Run by the worker's event loop: a warm shutdown, handled by `WorkController.start` in that thread."""
+    raise WorkerShutdown(EX_OK)

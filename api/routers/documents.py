@@ -22,6 +22,7 @@ from workers.tasks import enqueue_ingestion
 router = APIRouter(prefix="/v1", tags=["documents"])
 
 GROUP_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
+MAX_ACL_GROUPS = 256
 
 
 @router.post("/documents", status_code=status.HTTP_202_ACCEPTED, response_model=UploadAccepted)
@@ -90,6 +91,8 @@ def parse_acl_groups(values: list[str] | None) -> list[str]:
     groups = sorted({part.strip() for value in values or [] for part in value.split(",") if part.strip()})
     if any(not GROUP_PATTERN.match(group) for group in groups):
         raise GovragError(ErrorCode.invalid_request, "acl_groups: group names are letters, digits and ._:@/-")
+    if len(groups) > MAX_ACL_GROUPS:  # every chunk's payload carries them, and every read re-checks them
+        raise GovragError(ErrorCode.invalid_request, f"acl_groups: at most {MAX_ACL_GROUPS} groups per document")
     return groups
 
 
