@@ -10,6 +10,7 @@ from sqlalchemy import Row, Select, delete, func, select, text
 from sqlalchemy.orm import Session
 
 from audit.schemas import ExportFilters
+from core.db import is_postgres
 from core.models import AuditCheckpoint, Document, DocumentStatus, RetrievalEvent
 
 GENESIS_HASH = "0" * 64
@@ -22,11 +23,6 @@ def lock_chain(session: Session) -> None:
     """Serialise appends so the hash chain never forks (PostgreSQL: a transaction-scoped advisory lock)."""
     if is_postgres(session):
         session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _CHAIN_LOCK_ID})
-
-
-def is_postgres(session: Session) -> bool:
-    """True on PostgreSQL (advisory locks, server-side cursors)."""
-    return session.get_bind().dialect.name == "postgresql"
 
 
 def local_chain_lock() -> threading.RLock:

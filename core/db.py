@@ -21,6 +21,11 @@ def get_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, hide_parameters=True)
 
 
+def is_postgres(session: Session) -> bool:
+    """True on PostgreSQL (advisory locks, server-side cursors); False on the embedded SQLite."""
+    return session.get_bind().dialect.name == "postgresql"
+
+
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
     """WAL lets the API read while the worker thread writes; foreign keys on."""
     cursor = dbapi_connection.cursor()

@@ -38,13 +38,15 @@ def accept_upload(
     *, session: Session, settings: Settings, uploaded_by: str, department: str, filename: str | None, data: bytes,
     title: str | None, acl_groups: list[str], classification: Classification, parent_id: str | None = None,
 ) -> UploadAccepted:
-    """Validate the bytes, store them encrypted and queue a job. The caller commits, then enqueues."""
+    """Validate the bytes, store them encrypted and queue a job. The caller commits (which releases the lock on
+    this content that the duplicate check takes), then enqueues."""
     if len(data) > settings.max_upload_bytes:
         raise GovragError(ErrorCode.payload_too_large, f"file exceeds the {settings.max_upload_bytes} byte limit")
     content_type = sniff_content_type(data, filename)
     if data.startswith(b"PK"):
         check_zip_container(data, parse_limits(settings))  # a zip bomb is refused before it is stored
     sha256 = hashlib.sha256(data).hexdigest()
+    repository.lock_content(session, department=department, sha256=sha256)  # concurrent copies: one gets in
     duplicate = repository.find_duplicate(session, department=department, sha256=sha256)
     if duplicate is not None:
         raise GovragError(ErrorCode.conflict,

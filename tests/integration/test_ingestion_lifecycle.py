@@ -10,6 +10,7 @@ import time
 import uuid
 import zipfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from email.message import EmailMessage
 
 import pytest
@@ -362,3 +363,41 @@ def test_the_api_stops_with_jobs_just_queued_and_loses_none(make_pg_database: Ca
     with TestClient(create_app(settings)) as restarted:
         assert [wait_for_job(restarted, editor, job)["status"] for job in jobs] == ["ready"] * 3
     close_vector_store(settings)
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_copies_of_a_file_sent_at_once_make_one_document(database: str, make_pg_database: Callable[[], str],
+                                                         tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A double-clicked upload: the duplicate check and the insert of concurrent copies no longer interleave (all
+    four were accepted before), on PostgreSQL and on the embedded SQLite alike."""
+    from authz import service as authz_service
+    from core import migrate
+    from core.db import unit_of_work
+    from core.errors import GovragError
+    from core.keystore import keystore_for
+    from core.settings import Settings
+    from ingestion import service
+    from ingestion.schemas import Classification
+
+    url = make_pg_database() if database == "postgresql" else f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url="memory://", inprocess_worker=False)
+    settings.data_dir.mkdir()
+    with unit_of_work(url) as session:
+        authz_service.create_department(session=session, keystore=keystore_for(settings), name="desk")
+    data = f"Shift notes {uuid.uuid4().hex}: the same bytes, four times at once.".encode()
+    barrier = threading.Barrier(4)
+
+    def upload(_: int) -> str:
+        barrier.wait()
+        try:
+            with unit_of_work(url) as session:
+                service.accept_upload(session=session, settings=settings, uploaded_by="stella", department="desk",
+                                      filename="notes.txt", data=data, title=None, acl_groups=[],
+                                      classification=Classification.internal)
+        except GovragError as exc:
+            return exc.code.name
+        return "accepted"
+
+    with ThreadPoolExecutor(4) as pool:
+        assert sorted(pool.map(upload, range(4))) == ["accepted", "conflict", "conflict", "conflict"]
