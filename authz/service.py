@@ -28,10 +28,13 @@ from authz.schemas import (
     RoleDefinition,
     RoleInheritance,
 )
+from core.db import transaction_lock
 from core.errors import ErrorCode, GovragError
 from core.keystore import KeyStore
 from core.settings import Settings
 from ingestion import service as ingestion_service
+
+POLICY_LOCK = "policy"  # the `transaction_lock` every policy change holds (see ChangeContext)
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,7 @@ def create_department(*, session: Session, keystore: KeyStore, name: str) -> Non
     """A new department with its own wrapped key; reserved names (the kill switch's `global` scope) refused."""
     if name in RESERVED_DEPARTMENT_NAMES:
         raise GovragError(ErrorCode.invalid_request, f"'{name}' is a reserved name and cannot name a department")
+    transaction_lock(session, POLICY_LOCK)  # two admins creating it at once: one 201, one 409
     if repository.department_exists(session, name):
         raise GovragError(ErrorCode.conflict, "department already exists")
     repository.add_department(session, name)
@@ -134,12 +138,17 @@ def list_departments(*, session: Session) -> list[str]:
 
 @dataclass(frozen=True)
 class ChangeContext:
-    """Who changes the policy, through which session, and the enforcer to refresh afterwards."""
+    """Who changes the policy, through which session, and the enforcer to refresh afterwards. Policy changes run one
+    after the other from their first read (`POLICY_LOCK`): two admins granting the same role at once make one row
+    and one audit event, not two."""
 
     session: Session
     enforcer: PolicyEnforcer
     actor: Identity
     settings: Settings | None = None
+
+    def __post_init__(self) -> None:
+        transaction_lock(self.session, POLICY_LOCK)
 
 
 def _record_change(ctx: ChangeContext, event: AdminEventType, department: str | None, details: dict[str, Any]) -> int:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
+
+_ADVISORY_SPACE = 0x676F7672  # the key space of `transaction_lock` (the ledger's one-key advisory lock is apart)
+_HELD = "govrag_transaction_locks"  # session.info key: the names whose process locks this transaction holds
 
 
 @lru_cache
@@ -24,6 +29,58 @@ def get_engine(url: str) -> Engine:
 def is_postgres(session: Session) -> bool:
     """True on PostgreSQL (advisory locks, server-side cursors); False on the embedded SQLite."""
     return session.get_bind().dialect.name == "postgresql"
+
+
+def transaction_lock(session: Session, name: str) -> None:
+    """Hold the lock called `name` until the session's transaction ends: transactions taking the same name run their
+    check-then-write one after the other, each seeing what the other committed (two copies of an upload, two admins
+    creating the same department or moving the same kill switch).
+
+    PostgreSQL: a transaction-scoped advisory lock (distinct names may rarely share a key: they then wait for each
+    other, harmlessly). SQLite (embedded, one process): a process lock per name, released when the outermost
+    transaction commits or rolls back."""
+    if is_postgres(session):
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big", signed=True)
+        session.execute(text("SELECT pg_advisory_xact_lock(:space, :key)"), {"space": _ADVISORY_SPACE, "key": key})
+        return
+    session.connection()  # a transaction is begun, so its end (which releases the lock) will come
+    held: set[str] = session.info.setdefault(_HELD, set())
+    if name not in held:
+        _PROCESS_LOCKS.acquire(name)
+        held.add(name)
+
+
+class _NamedLocks:
+    """Process locks by name, each kept only while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    def acquire(self, name: str) -> None:
+        with self._guard:
+            lock, users = self._locks.get(name, (threading.Lock(), 0))
+            self._locks[name] = (lock, users + 1)
+        lock.acquire()
+
+    def release(self, name: str) -> None:
+        with self._guard:
+            lock, users = self._locks[name]
+            if users == 1:
+                del self._locks[name]
+            else:
+                self._locks[name] = (lock, users - 1)
+        lock.release()
+
+
+_PROCESS_LOCKS = _NamedLocks()
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _release_process_locks(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None and _HELD in session.info:  # not a savepoint (an attachment refused) ending
+        for name in session.info.pop(_HELD):
+            _PROCESS_LOCKS.release(name)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.db import transaction_lock
 from core.models import GuardControl
 
 
@@ -14,7 +15,10 @@ def all_controls(session: Session) -> list[GuardControl]:
 
 
 def get_or_create(session: Session, scope: str) -> GuardControl:
-    """The row of `scope`, added to the session if it did not exist (the caller commits)."""
+    """The row of `scope`, added to the session if it did not exist (the caller commits). Changes of one scope run
+    one after the other: two admins pulling the same kill switch at once both succeed, the second recording the
+    first's mode as the previous one."""
+    transaction_lock(session, f"guard:{scope}")
     row = session.scalars(select(GuardControl).where(GuardControl.scope == scope)).first()
     if row is None:
         row = GuardControl(scope=scope, kill_mode="normal", updated_by="")

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-import threading
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
-from sqlalchemy import event, select, text, update
-from sqlalchemy.orm import Session, SessionTransaction
-
-from core.db import is_postgres
 from core.models import Document, IngestionJob, IngestionPolicy, utcnow
-
-_UPLOAD_LOCK_SPACE = 0x676F7672  # the advisory-lock key space of uploads (the ledger's lock uses the one-key form)
-_LOCAL_UPLOAD_LOCKS = tuple(threading.Lock() for _ in range(64))  # SQLite (one process): striped by content
-_HELD = "govrag_upload_locks"  # session.info key: the process locks this session's transaction holds
 
 
 def get_document(session: Session, document_id: str) -> Document | None:
@@ -49,31 +41,6 @@ def ready_documents(session: Session, document_ids: set[str]) -> dict[str, Docum
         return {}
     query = select(Document).where(Document.id.in_(document_ids), Document.status == "ready")
     return {document.id: document for document in session.scalars(query)}
-
-
-def lock_content(session: Session, *, department: str, sha256: str) -> None:
-    """Hold, until the session's transaction ends, the lock of this content in this department, so that concurrent
-    uploads of the same bytes check for a duplicate one after the other, each seeing the other's committed row.
-
-    PostgreSQL: a transaction-scoped advisory lock. SQLite (embedded, one process): a process lock, released when
-    the outermost transaction commits or rolls back."""
-    digest = hashlib.sha256(f"{department}\0{sha256}".encode()).digest()
-    key = int.from_bytes(digest[:4], "big", signed=True)
-    if is_postgres(session):
-        session.execute(text("SELECT pg_advisory_xact_lock(:space, :key)"), {"space": _UPLOAD_LOCK_SPACE, "key": key})
-        return
-    lock = _LOCAL_UPLOAD_LOCKS[key % len(_LOCAL_UPLOAD_LOCKS)]
-    held: set[threading.Lock] = session.info.setdefault(_HELD, set())
-    if lock not in held:
-        lock.acquire()
-        held.add(lock)
-
-
-@event.listens_for(Session, "after_transaction_end")
-def _release_local_locks(session: Session, transaction: SessionTransaction) -> None:
-    if transaction.parent is None and _HELD in session.info:  # not a savepoint (an attachment refused) ending
-        for lock in session.info.pop(_HELD):
-            lock.release()
 
 
 def find_duplicate(session: Session, *, department: str, sha256: str) -> Document | None:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from sqlalchemy.orm import Session
 
 from core import blobs, metrics
-from core.db import unit_of_work
+from core.db import transaction_lock, unit_of_work
 from core.errors import ErrorCode, GovragError
 from core.keystore import keystore_for
 from core.models import Document, DocumentStatus, IngestionJob
@@ -46,7 +46,7 @@ def accept_upload(
     if data.startswith(b"PK"):
         check_zip_container(data, parse_limits(settings))  # a zip bomb is refused before it is stored
     sha256 = hashlib.sha256(data).hexdigest()
-    repository.lock_content(session, department=department, sha256=sha256)  # concurrent copies: one gets in
+    transaction_lock(session, f"upload:{department}:{sha256}")  # copies sent at once: one gets in, the others 409
     duplicate = repository.find_duplicate(session, department=department, sha256=sha256)
     if duplicate is not None:
         raise GovragError(ErrorCode.conflict,

@@ -1,0 +1,106 @@
+"""Two admins at once: the same department, role grant or kill switch sent concurrently is decided one after the
+other (each used to race its check against the other's insert: 500s and duplicate rows)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from core.db import _PROCESS_LOCKS, get_session_factory, transaction_lock
+from tests.conftest import PLATFORM_ADMIN, auth
+
+AT_ONCE = 4
+
+
+def _at_once(send: Callable[[int], Any]) -> list[Any]:
+    barrier = threading.Barrier(AT_ONCE)
+
+    def released(i: int) -> Any:
+        barrier.wait()
+        return send(i)
+
+    with ThreadPoolExecutor(AT_ONCE) as pool:
+        return list(pool.map(released, range(AT_ONCE)))
+
+
+@pytest.fixture(scope="module")
+def admin(issue_token: Callable[..., str]) -> dict[str, str]:
+    return auth(issue_token(PLATFORM_ADMIN))
+
+
+def _rows(settings, query: str, *params: object) -> list[tuple[Any, ...]]:  # type: ignore[no-untyped-def]
+    dsn = settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+def test_one_department_of_a_name_however_many_admins_create_it(client: TestClient, admin: dict[str, str]) -> None:
+    name = f"ops{uuid.uuid4().hex[:6]}"
+    codes = _at_once(lambda _: client.post("/v1/admin/departments", json={"name": name}, headers=admin).status_code)
+    assert sorted(codes) == [201] + [409] * (AT_ONCE - 1)
+
+
+def test_a_role_granted_at_once_is_one_rule_and_one_audit_event(client: TestClient, admin: dict[str, str],
+                                                                settings) -> None:  # type: ignore[no-untyped-def]
+    department = f"ops{uuid.uuid4().hex[:6]}"
+    assert client.post("/v1/admin/departments", json={"name": department}, headers=admin).status_code == 201
+    grant = {"subject": "zed", "role": "reader", "department": department}
+    codes = _at_once(lambda _: client.post("/v1/admin/role-assignments", json=grant, headers=admin).status_code)
+    assert codes == [201] * AT_ONCE  # granting what is granted is not an error
+    assert _rows(settings, "SELECT count(*) FROM casbin_rule WHERE ptype = 'g' AND v0 = 'zed' AND v2 = %s",
+                 department) == [(1,)]
+    assert _rows(settings, "SELECT count(*) FROM retrieval_events WHERE event_type = 'role_granted' "
+                 "AND departments_searched::text LIKE %s", f"%{department}%") == [(1,)]
+
+
+def test_a_kill_switch_pulled_at_once_records_every_change_in_order(client: TestClient, admin: dict[str, str],
+                                                                    settings) -> None:  # type: ignore[no-untyped-def]
+    department = f"ops{uuid.uuid4().hex[:6]}"
+    assert client.post("/v1/admin/departments", json={"name": department}, headers=admin).status_code == 201
+    modes = ["retrieval_only", "disabled", "retrieval_only", "disabled"]
+    codes = _at_once(lambda i: client.post("/v1/admin/kill-switch", headers=admin, json={
+        "scope": department, "mode": modes[i], "reason": f"drill {i}"}).status_code)
+    assert codes == [200] * AT_ONCE
+    changes = _rows(settings, "SELECT details->>'previous', details->>'mode' FROM retrieval_events "
+                    "WHERE event_type = 'kill_switch' AND details->>'scope' = %s ORDER BY id", department)
+    assert len(changes) == AT_ONCE
+    assert changes[0][0] == "normal" and all(changes[i][0] == changes[i - 1][1] for i in range(1, AT_ONCE))
+    client.post("/v1/admin/kill-switch", headers=admin, json={"scope": department, "mode": "normal", "reason": "end"})
+
+
+def test_sqlite_process_locks_last_until_the_transaction_ends(tmp_path: Path) -> None:
+    """The embedded database's side of `transaction_lock`: a savepoint ending keeps the lock, the commit or the
+    rollback releases it, and nothing is left behind."""
+    sessions = get_session_factory(f"sqlite:///{tmp_path / 'locks.db'}")
+    order: list[str] = []
+    with sessions() as first:
+        transaction_lock(first, "desk")
+        with first.begin_nested():
+            transaction_lock(first, "desk")  # taken again inside: no self-deadlock
+        waiter = threading.Thread(target=_take_and_note, args=(sessions, order))
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and order == []  # still waiting: the savepoint's end released nothing
+        order.append("first commits")
+        first.commit()
+        waiter.join(10)
+    assert order == ["first commits", "second has the lock"]
+    with sessions() as rolled_back:
+        transaction_lock(rolled_back, "desk")
+        rolled_back.rollback()
+    assert not _PROCESS_LOCKS._locks  # released on commit and on rollback, the name forgotten
+
+
+def _take_and_note(sessions, order: list[str]) -> None:  # type: ignore[no-untyped-def]
+    with sessions() as second:
+        transaction_lock(second, "desk")
+        order.append("second has the lock")
+        second.commit()
