@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import regex
 from presidio_analyzer import EntityRecognizer, Pattern, PatternRecognizer, RecognizerResult
 from presidio_analyzer.predefined_recognizers import IbanRecognizer, PhoneRecognizer
+
+from core.errors import ErrorCode, GovragError
 
 # One name word: a capital then letters, apostrophes or hyphens ("O'Neil", "Jean-Luc", "Szöllösy").
 _WORD = r"\p{Lu}[\p{Ll}\p{Lu}'\u2019\-]*\p{Ll}[\p{Ll}'\u2019\-]*"
@@ -400,6 +403,7 @@ def propagate_people(text: str, results: list[RecognizerResult],
 
 CHECKSUMS = ("none", "luhn", "mod97", "mod11")
 MAX_CUSTOM_PATTERN_CHARS = 300
+CUSTOM_PATTERN_SECONDS = 2.0  # per text searched; past it the document fails rather than go unredacted
 
 
 @dataclass(frozen=True)
@@ -457,7 +461,7 @@ _CHECKERS = {"luhn": luhn_valid, "mod97": mod97_valid, "mod11": mod11_valid}
 
 
 class _CustomPatternRecognizer(PatternRecognizer):
-    """A department recognizer: its regex, gated by its checksum over the letters and digits."""
+    """A department recognizer: its regex, gated by its checksum over the letters and digits, and bounded in time."""
 
     def __init__(self, spec: CustomRecognizer) -> None:
         self._checker = _CHECKERS.get(spec.checksum)
@@ -468,6 +472,10 @@ class _CustomPatternRecognizer(PatternRecognizer):
             context=list(spec.context) or None,
             name=f"Department{spec.entity.title().replace('_', '')}Recognizer",
         )
+        pattern = self.patterns[0]  # compiled here, as Presidio would for its flags, but bounded
+        pattern.compiled_with_flags = self.global_regex_flags
+        compiled = regex.compile(spec.pattern, flags=self.global_regex_flags)
+        pattern.compiled_regex = _BoundedPattern(compiled, spec.entity)
 
     def validate_result(self, pattern_text: str) -> bool | None:
         """Run the checksum (None keeps the pattern's score; False drops the match)."""
@@ -478,6 +486,24 @@ class _CustomPatternRecognizer(PatternRecognizer):
             return None if self._checker(value) else False
         digits = "".join(ch for ch in pattern_text if ch.isdigit())
         return None if self._checker(digits) else False
+
+
+class _BoundedPattern:
+    """A department's compiled pattern that fails closed: a search running past `CUSTOM_PATTERN_SECONDS` (a pattern
+    that backtracks, such as `(a|aa)+c`) raises, naming the recognizer, and the document fails. Presidio's own
+    timeout (60 s) skips the pattern instead, which would index unredacted what the pattern was written to catch."""
+
+    def __init__(self, compiled: regex.Pattern[str], entity: str) -> None:
+        self._compiled, self._entity = compiled, entity
+
+    def finditer(self, text: str, timeout: float | None = None) -> Iterator[regex.Match[str]]:  # noqa: ARG002
+        """Every match, found within our bound (`timeout`, Presidio's own, is ignored)."""
+        try:
+            return iter(list(self._compiled.finditer(text, timeout=CUSTOM_PATTERN_SECONDS)))
+        except TimeoutError as exc:
+            raise GovragError(ErrorCode.invalid_request,
+                              f"the department's {self._entity} recognizer ran past {CUSTOM_PATTERN_SECONDS:g} s on "
+                              "this document (its pattern backtracks): simplify the pattern, then re-index") from exc
 
 
 def custom_recognizers(rules: RedactionRules) -> list[EntityRecognizer]:

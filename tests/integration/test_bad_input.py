@@ -190,3 +190,27 @@ def test_the_cli_export_takes_the_same_window_bounds() -> None:
     assert window_bound("2026-01-01T01:00:00+01:00") == datetime(2026, 1, 1, tzinfo=UTC)
     with pytest.raises(ValueError, match="calendar"):
         window_bound("0001-01-01T00:00:00+23:59")
+
+
+def test_a_backtracking_department_pattern_fails_the_document_rather_than_index_it(
+        client: TestClient, desk: dict[str, str], issue_token: Callable[..., str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A department admin's `(a|aa)+c` would have stalled the worker 60 s per text, then been skipped by Presidio:
+    the document indexed with what the pattern should have redacted. Now the document fails, saying why."""
+    from guard import pii_rules
+    from retrieval.store import open_vector_store
+
+    monkeypatch.setattr(pii_rules, "CUSTOM_PATTERN_SECONDS", 0.2)
+    department, admin = f"cases{uuid.uuid4().hex[:6]}", auth(desk["admin"])
+    assert client.post("/v1/admin/departments", json={"name": department}, headers=admin).status_code == 201
+    assert client.post("/v1/admin/role-assignments", headers=admin,
+                       json={"subject": "nadia", "role": "editor", "department": department}).status_code == 201
+    policy = {"recognizers": [{"entity": "CASE_ID", "pattern": "(a|aa)+c"}]}
+    response = client.put(f"/v1/admin/departments/{department}/ingestion-policy", json=policy, headers=admin)
+    assert response.status_code == 200, response.text
+    uploaded = client.post("/v1/documents", headers=auth(desk["editor"]), data={"department": department},
+                           files={"file": ("run.txt", f"A run of {'a' * 40} letters, case aac.".encode())})
+    assert uploaded.status_code == 202, uploaded.text
+    job = wait_for_job(client, desk["editor"], uploaded.json()["job_id"])
+    assert job["status"] == "failed" and "CASE_ID recognizer ran past" in str(job["error"])
+    assert open_vector_store(client.app.state.settings).count(department) == 0  # type: ignore[attr-defined]

@@ -153,3 +153,19 @@ def test_unsafe_custom_recognizers_are_refused(spec: CustomRecognizer, problem: 
     reason = validate_custom(spec)
     assert reason is not None and problem in reason
     assert validate_custom(CustomRecognizer("ACCOUNT", r"\bACC\d{8}\b", "mod11")) is None
+
+
+def test_a_department_pattern_that_backtracks_fails_closed(redactor: PiiRedactor,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """`(a|aa)+c` takes exponential time on a run of a's. Presidio would give it 60 s and then skip it, leaving what
+    the pattern was written to catch unredacted; the department's recognizer raises instead, naming itself."""
+    from core.errors import GovragError
+    from guard import pii_rules
+
+    monkeypatch.setattr(pii_rules, "CUSTOM_PATTERN_SECONDS", 0.2)
+    rules = RedactionRules(recognizers=(CustomRecognizer("CASE_ID", r"(a|aa)+c"),))
+    assert redactor.redact("Case aac is open.", rules=rules) == "Case <CASE_ID_1> is open."
+    for redact in (lambda text: redactor.redact(text, rules=rules),
+                   lambda text: redactor.redact_many([text], PlaceholderMap(), rules=rules)):
+        with pytest.raises(GovragError, match="CASE_ID recognizer ran past 0.2 s"):
+            redact(f"A run of {'a' * 40} letters.")
