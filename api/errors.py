@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import traceback
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -11,7 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import ErrorCode, GovragError
-from core.logs import request_id_var
+from core.logs import exception_frames, request_id_var
 
 logger = logging.getLogger(__name__)
 
@@ -51,17 +50,6 @@ def crash_response(exc: Exception) -> JSONResponse:
 
     The API's request middleware calls this, inside the request's context; an exception handler for `Exception`
     would run outside it (no request id) and re-raise, which drops the client's keep-alive connection."""
-    logger.error("unhandled %s\n%s", type(exc).__name__, _frames(exc))
+    logger.error("unhandled %s\n%s", type(exc).__name__, exception_frames(exc))
     return error_response(500, ErrorCode.internal.name, "internal error")
 
-
-def _frames(exc: BaseException) -> str:
-    """The exception chain's types and stack frames, not its messages: a library's message may quote the values it
-    was given (a database error quotes the offending value)."""
-    chain: list[str] = []
-    current: BaseException | None = exc
-    while current is not None and len(chain) < 10:
-        chain.append(f"{type(current).__module__}.{type(current).__qualname__}, at:\n"
-                     + "".join(traceback.format_tb(current.__traceback__)))
-        current = current.__cause__ or current.__context__
-    return "\ncaused by ".join(chain)

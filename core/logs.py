@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import traceback
 from contextvars import ContextVar
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
@@ -38,14 +39,27 @@ def mask(text: str) -> str:
     return text
 
 
+def exception_frames(exc: BaseException) -> str:
+    """An exception chain as its types and stack frames, without the messages: a library's message may quote what it
+    was given (a database error the offending value, a parser the document's text), which no mask can recognise."""
+    chain: list[str] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < 10:
+        chain.append(f"{type(current).__module__}.{type(current).__qualname__}, at:\n"
+                     + "".join(traceback.format_tb(current.__traceback__)))
+        current = current.__cause__ or current.__context__
+    return "\ncaused by ".join(chain)
+
+
 class MaskingFilter(logging.Filter):
-    """Renders each record's message masked, and stamps the request id."""
+    """Renders each record's message masked, an exception as its frames only (`exception_frames`), and stamps the
+    request id."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg = mask(record.getMessage())
         record.args = None
         if record.exc_info and record.exc_info[1] is not None:
-            record.exc_text = mask(logging.Formatter().formatException(record.exc_info))
+            record.exc_text = mask(exception_frames(record.exc_info[1]))
             record.exc_info = None
         elif record.exc_text:
             record.exc_text = mask(record.exc_text)

@@ -16,6 +16,10 @@ MAX_RETRIES = 3
 INGEST_TASK = "govrag.ingest_document"
 
 
+class TransientFault(Exception):
+    """What a retry hands Celery, which logs it: the fault's type only (a library's message may quote the document)."""
+
+
 def ingest_document(task: Task, document_id: str, job_id: str) -> None:
     """Ingest one document; transient faults retry with backoff, then the job fails with a reason."""
     settings = task.app.govrag_settings
@@ -30,7 +34,7 @@ def ingest_document(task: Task, document_id: str, job_id: str) -> None:
                                           reason="internal error during ingestion; retries exhausted")
             return
         logger.warning("ingestion of document %s hit %s; retrying", document_id, type(exc).__name__)
-        raise task.retry(exc=exc, countdown=2 ** task.request.retries) from exc
+        raise task.retry(exc=TransientFault(type(exc).__name__), countdown=2 ** task.request.retries) from exc
 
 
 class IngestionTask(Task):

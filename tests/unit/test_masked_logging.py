@@ -99,3 +99,48 @@ def test_every_handler_masks_including_uvicorn_and_celery(clean_logging: None) -
     assert json_lines and all('"request_id": "req-masking"' in line for line in json_lines)
     assert any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
     assert all(h.filters for lg in (root, adhoc) for h in lg.handlers)
+
+
+DOCUMENT_TEXT = ("the salary review committee met on 14 March", "could not parse: Maria approved a 6 percent raise")
+
+
+def test_an_exception_is_logged_as_its_frames_never_its_message(clean_logging: None) -> None:
+    """A library's message may quote a document's text, which no mask recognises: the log keeps types and frames."""
+    configure_logging("INFO")
+    stream = io.StringIO()
+    ours = next(h for h in logging.getLogger().handlers if isinstance(h.formatter, JsonFormatter))
+    ours.setStream(stream)  # type: ignore[attr-defined]
+    try:
+        try:
+            raise KeyError(DOCUMENT_TEXT[0])  # the frame shows this line of source, not the value
+        except KeyError as inner:
+            raise ValueError(DOCUMENT_TEXT[1]) from inner
+    except ValueError:
+        logging.getLogger("govrag.parse").exception("parsing failed")
+    logged = stream.getvalue()
+    assert "parsing failed" in logged and "builtins.ValueError" in logged and "builtins.KeyError" in logged
+    assert "test_an_exception_is_logged_as_its_frames_never_its_message" in logged  # the frame
+    assert "salary review" not in logged and "6 percent" not in logged
+
+
+def test_an_ingestion_retry_hands_celery_the_fault_type_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Celery logs the exception a task retries with ("Retry in 1s: ..."): it gets a stand-in naming the type."""
+    from types import SimpleNamespace
+
+    from ingestion import service
+    from workers import tasks
+
+    def fails(**_: object) -> None:
+        raise ValueError("could not parse: Maria approved a 6 percent raise")
+
+    handed: list[BaseException] = []
+
+    def retry(exc: BaseException, countdown: int) -> Exception:
+        handed.append(exc)
+        return RuntimeError("retry scheduled")
+
+    monkeypatch.setattr(service, "run_ingestion", fails)
+    task = SimpleNamespace(app=SimpleNamespace(govrag_settings=None), request=SimpleNamespace(retries=0), retry=retry)
+    with pytest.raises(RuntimeError, match="retry scheduled"):
+        tasks.ingest_document(task, "doc", "job")  # type: ignore[arg-type]
+    assert [type(e).__name__ for e in handed] == ["TransientFault"] and str(handed[0]) == "ValueError"
