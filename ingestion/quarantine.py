@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 
 from authz import service as authz_service
 from core import blobs
+from core.db import transaction_lock
 from core.errors import ErrorCode, GovragError
 from core.keystore import keystore_for
 from core.models import Document, DocumentStatus, IngestionPolicy
@@ -47,6 +48,7 @@ def set_policy(*, session: Session, department: str, policy: IngestionPolicyIn, 
         problem = validate_custom(_custom(spec))
         if problem is not None:
             raise GovragError(ErrorCode.invalid_request, f"recognizer {spec.entity}: {problem}")
+    transaction_lock(session, f"ingestion-policy:{department}")  # two saves at once: the second replaces the first
     repository.save_policy(session, IngestionPolicy(
         department=department, ai_max_level=policy.ai_max_level.value,
         injection_action=policy.injection_action.value,
@@ -76,7 +78,9 @@ def list_quarantined(*, session: Session, departments: list[str] | None) -> list
 
 
 def quarantined_document(*, session: Session, document_id: str) -> Document:
-    """A quarantined document, or not found (also for documents in any other state)."""
+    """A quarantined document, or not found (also for documents in any other state). Reviews of one document run one
+    after the other: of two admins approving and rejecting at once, the second finds it no longer quarantined."""
+    transaction_lock(session, f"document:{document_id}")
     document = repository.get_document(session, document_id)
     if document is None or document.status != DocumentStatus.quarantined:
         raise GovragError(ErrorCode.not_found, "no such quarantined document")

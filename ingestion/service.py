@@ -271,7 +271,8 @@ def ready_documents(*, session: Session, document_ids: set[str]) -> dict[str, Do
 
 def delete_document(*, session: Session, settings: Settings, document_id: str,
                     can_delete: Callable[[str], bool]) -> None:
-    """Crypto-shred the document key, then remove the vectors and the stored bytes."""
+    """Crypto-shred the document key, then remove the vectors and the stored bytes (after any review in flight)."""
+    transaction_lock(session, f"document:{document_id}")
     document = repository.get_document(session, document_id)
     if document is None or document.status == DocumentStatus.deleted or not can_delete(document.department):
         raise GovragError(ErrorCode.not_found, "no such document")

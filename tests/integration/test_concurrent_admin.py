@@ -4,6 +4,7 @@ other (each used to race its check against the other's insert: 500s and duplicat
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -104,3 +105,31 @@ def _take_and_note(sessions, order: list[str]) -> None:  # type: ignore[no-untyp
         transaction_lock(second, "desk")
         order.append("second has the lock")
         second.commit()
+
+
+def test_a_quarantined_document_reviewed_at_once_gets_one_decision(client: TestClient, admin: dict[str, str],
+                                                                   issue_token: Callable[..., str],
+                                                                   settings) -> None:  # type: ignore[no-untyped-def]
+    """Two approvals and two rejections at once: one decision stands, the others find nothing to review. Before, all
+    four were accepted: a rejection could be followed by an approval that queued a job for a shredded key."""
+    department = f"ops{uuid.uuid4().hex[:6]}"
+    assert client.post("/v1/admin/departments", json={"name": department}, headers=admin).status_code == 201
+    assert client.post("/v1/admin/role-assignments", headers=admin,
+                       json={"subject": "quinn", "role": "editor", "department": department}).status_code == 201
+    codes = _at_once(lambda _: client.put(f"/v1/admin/departments/{department}/ingestion-policy",
+                                          json={"ai_max_level": "public"}, headers=admin).status_code)
+    assert codes == [200] * AT_ONCE  # a first policy saved at once: one insert, then replacements (500s before)
+    editor = auth(issue_token("quinn", []))
+    uploaded = client.post("/v1/documents", headers=editor, data={"department": department},
+                           files={"file": ("plan.txt", f"Internal plan {uuid.uuid4().hex}.".encode())})
+    document_id = uploaded.json()["document_id"]
+    deadline = time.monotonic() + 120
+    while client.get(f"/v1/documents/{document_id}", headers=editor).json()["status"] != "quarantined":
+        assert time.monotonic() < deadline, "the document was not quarantined"
+        time.sleep(0.25)
+    actions = ["approve", "reject", "approve", "reject"]
+    codes = _at_once(lambda i: client.post(f"/v1/admin/quarantine/{document_id}/{actions[i]}",
+                                           headers=admin).status_code)
+    assert sorted(codes) == [200, 404, 404, 404]
+    assert len(_rows(settings, "SELECT id FROM retrieval_events WHERE event_type LIKE 'quarantine%%' "
+                     "AND details->>'document_id' = %s", document_id)) == 1
