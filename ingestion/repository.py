@@ -29,6 +29,12 @@ def set_status(session: Session, *, document_id: str, job_id: str, status: str, 
                     .values(status=status, error=error, updated_at=utcnow()))
 
 
+def end_job(session: Session, *, job_id: str, status: str, error: str) -> None:
+    """Close a job without touching its document (which left the pipeline under it)."""
+    session.execute(update(IngestionJob).where(IngestionJob.id == job_id)
+                    .values(status=status, error=error, updated_at=utcnow()))
+
+
 def count_attempt(session: Session, job_id: str) -> None:
     """Record one more processing attempt."""
     session.execute(update(IngestionJob).where(IngestionJob.id == job_id)

@@ -90,9 +90,9 @@ def run_ingestion(*, settings: Settings, document_id: str, job_id: str) -> None:
         repository.record_outcome, document_id=document_id, classification=result.verdict.level.value,
         declared=facts.classification.value, reasons=list(result.verdict.reasons), flagged=len(result.flagged),
         review_reason=result.review_reason)
-    _finish(settings, document_id, job_id, status, chunk_count=len(result.points), outcome=outcome)
-    logger.info("ingested document %s: %s, %d chunks, %d flagged", document_id, status, len(result.points),
-                len(result.flagged))
+    if _finish(settings, document_id, job_id, status, chunk_count=len(result.points), outcome=outcome):
+        logger.info("ingested document %s: %s, %d chunks, %d flagged", document_id, status, len(result.points),
+                    len(result.flagged))
 
 
 def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAccepted]:
@@ -217,16 +217,33 @@ def _start(settings: Settings, document_id: str, job_id: str) -> tuple[
 
 
 def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentStatus, *, error: str | None = None,
-            chunk_count: int | None = None, outcome: Callable[[Session], None] | None = None) -> None:
-    """Write the final status, with the pipeline's outcome when there is one, in a single transaction."""
+            chunk_count: int | None = None, outcome: Callable[[Session], None] | None = None) -> bool:
+    """Write the final status, with the pipeline's outcome when there is one, in a single transaction; unless the
+    document was deleted (or rejected) while the worker ran: then only its job ends, the points it indexed go, and
+    the answer is False."""
     with unit_of_work(settings.resolved_database_url) as session:
+        transaction_lock(session, f"document:{document_id}")  # a deletion in flight commits first
+        document = repository.get_document(session, document_id)
+        if document is None or document.status not in (DocumentStatus.queued, DocumentStatus.processing):
+            _withdraw(settings, session, document, job_id)
+            return False
         if outcome is not None:
             outcome(session)
         repository.set_status(session, document_id=document_id, job_id=job_id, status=status, error=error,
                               chunk_count=chunk_count)
-        document = repository.get_document(session, document_id)
-        department = document.department if document is not None else "unknown"
-    metrics.INGESTED_DOCUMENTS.labels(department=department, status=str(status)).inc()
+    metrics.INGESTED_DOCUMENTS.labels(department=document.department, status=str(status)).inc()
+    return True
+
+
+def _withdraw(settings: Settings, session: Session, document: Document | None, job_id: str) -> None:
+    """End the job of a document that left the pipeline under it, and remove what the run indexed after the fact."""
+    state = document.status if document is not None else DocumentStatus.deleted
+    repository.end_job(session, job_id=job_id, status=state,
+                       error=f"the document was {state} while it was being ingested")
+    if document is not None:
+        open_vector_store(settings).delete_document(document.department, document.id)
+        blobs.remove(settings.blob_dir, document.id)  # a placeholder map the run wrote, sealed under a shredded key
+    logger.info("ingestion of a %s document was withdrawn", state)
 
 
 def _title(title: str | None, filename: str | None) -> str:

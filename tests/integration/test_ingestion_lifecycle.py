@@ -401,3 +401,33 @@ def test_copies_of_a_file_sent_at_once_make_one_document(database: str, make_pg_
 
     with ThreadPoolExecutor(4) as pool:
         assert sorted(pool.map(upload, range(4))) == ["accepted", "conflict", "conflict", "conflict"]
+
+
+def test_a_document_deleted_while_it_is_ingested_stays_deleted_and_unindexed(
+        client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The worker used to write `ready` over `deleted` and index the chunks after the deletion removed them (they
+    never decrypted: the key was shredded). Now the run is withdrawn: the job says why, nothing stays indexed."""
+    from ingestion import service
+
+    real_protect, deletions = service.protect, []
+
+    def protect_then_delete(data: bytes, facts, **kwargs):  # type: ignore[no-untyped-def]
+        result = real_protect(data, facts, **kwargs)
+        deletions.append(client.delete(f"/v1/documents/{facts.document_id}", headers=auth(lab["editor"])).status_code)
+        return result
+
+    monkeypatch.setattr(service, "protect", protect_then_delete)
+    uploaded = _upload(client, lab["editor"], lab["department"], "late.txt",
+                       f"Minutes {uuid.uuid4().hex}: the budget was approved.".encode())
+    assert uploaded.status_code == 202, uploaded.text
+    document_id, job_id = uploaded.json()["document_id"], uploaded.json()["job_id"]
+    deadline = time.monotonic() + 120
+    while (job := client.get(f"/v1/jobs/{job_id}", headers=auth(lab["editor"])).json())["status"] in (
+            "queued", "processing"):
+        assert time.monotonic() < deadline, "the job did not end"
+        time.sleep(0.25)
+    assert deletions == [204]
+    assert job["status"] == "deleted" and "deleted while it was being ingested" in str(job["error"])
+    assert client.get(f"/v1/documents/{document_id}", headers=auth(lab["editor"])).status_code == 404
+    indexed = open_vector_store(settings).scroll_payloads(lab["department"])
+    assert not [p for p in indexed if p.get("document_id") == document_id]
