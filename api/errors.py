@@ -52,4 +52,3 @@ def crash_response(exc: Exception) -> JSONResponse:
     would run outside it (no request id) and re-raise, which drops the client's keep-alive connection."""
     logger.error("unhandled %s\n%s", type(exc).__name__, exception_frames(exc))
     return error_response(500, ErrorCode.internal.name, "internal error")
-

@@ -103,7 +103,7 @@ class QuarantinedOut(BaseModel):
     created_at: datetime
 
 
-class ReviewDecision(RequestModel):
+class ReviewDecision(BaseModel):
     document_id: str
     status: str
     job_id: str | None = None

@@ -224,7 +224,7 @@ def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentS
     with unit_of_work(settings.resolved_database_url) as session:
         transaction_lock(session, f"document:{document_id}")  # a deletion in flight commits first
         document = repository.get_document(session, document_id)
-        if document is None or document.status not in (DocumentStatus.queued, DocumentStatus.processing):
+        if document is None or document.status in (DocumentStatus.deleted, DocumentStatus.rejected):
             _withdraw(settings, session, document, job_id)
             return False
         if outcome is not None:

@@ -431,3 +431,20 @@ def test_a_document_deleted_while_it_is_ingested_stays_deleted_and_unindexed(
     assert client.get(f"/v1/documents/{document_id}", headers=auth(lab["editor"])).status_code == 404
     indexed = open_vector_store(settings).scroll_payloads(lab["department"])
     assert not [p for p in indexed if p.get("document_id") == document_id]
+
+
+def test_a_late_run_of_a_document_already_ready_leaves_it_indexed(client: TestClient, lab: dict[str, str],
+                                                                  settings) -> None:  # type: ignore[no-untyped-def]
+    """Only a deleted or rejected document withdraws a run: a redelivered job finishing after the first one (both
+    ran) must not remove what the first indexed."""
+    from core.models import DocumentStatus
+    from ingestion import service
+
+    uploaded = _upload(client, lab["editor"], lab["department"], "twice-run.txt",
+                       f"Rota {uuid.uuid4().hex}: the Leeds desk opens at nine.".encode())
+    document = _wait(client, lab["editor"], uploaded.json()["document_id"])
+    assert document["status"] == "ready"
+    assert service._finish(settings, str(document["document_id"]), uploaded.json()["job_id"], DocumentStatus.ready,
+                           chunk_count=int(document["chunk_count"]))  # type: ignore[arg-type]
+    indexed = open_vector_store(settings).scroll_payloads(lab["department"])
+    assert len([p for p in indexed if p.get("document_id") == document["document_id"]]) == document["chunk_count"]
