@@ -97,13 +97,22 @@ def auth(token: str) -> dict[str, str]:
 
 
 def wait_for_job(client: TestClient, token: str, job_id: str, timeout: float = 180.0) -> dict[str, object]:
-    """Poll a job until it is ready or failed."""
+    """Poll a job until it has ended (ready, failed, quarantined, or withdrawn because its document was deleted)."""
+    return _poll(client, token, f"/v1/jobs/{job_id}", ("queued", "processing"), timeout, "ingestion job")
+
+
+def wait_for_document(client: TestClient, token: str, document_id: str, timeout: float = 180.0) -> dict[str, object]:
+    """Poll a document until it reaches a final state (quarantined and rejected count)."""
+    return _poll(client, token, f"/v1/documents/{document_id}", ("queued", "processing"), timeout, "document")
+
+
+def _poll(client: TestClient, token: str, url: str, pending: tuple[str, ...], timeout: float,
+          what: str) -> dict[str, object]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        response = client.get(f"/v1/jobs/{job_id}", headers=auth(token))
+        response = client.get(url, headers=auth(token))
         assert response.status_code == 200, response.text
-        status = response.json()
-        if status["status"] in ("ready", "failed"):
-            return status  # type: ignore[no-any-return]
+        if response.json()["status"] not in pending:
+            return response.json()  # type: ignore[no-any-return]
         time.sleep(0.25)
-    raise AssertionError("ingestion job did not finish in time")
+    raise AssertionError(f"{what} did not finish in time")

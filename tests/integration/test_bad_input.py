@@ -17,7 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from core import metrics
 from core.db import get_engine
 from core.text import REPLACEMENT
-from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
+from tests.conftest import PLATFORM_ADMIN, auth, wait_for_document, wait_for_job
 
 SECRET_WORD = "Zanzibar-7Q"  # stands for a question's or a title's text: never echoed in an error
 
@@ -126,14 +126,10 @@ def test_names_from_inside_files_lose_their_control_characters(client: TestClien
 
 def _first_attachment(client: TestClient, token: str, document_id: str) -> dict[str, object]:
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        document = client.get(f"/v1/documents/{document_id}", headers=auth(token)).json()
-        if document["attachment_ids"]:
-            child = client.get(f"/v1/documents/{document['attachment_ids'][0]}", headers=auth(token)).json()
-            if child["status"] in ("ready", "failed", "quarantined"):
-                return child  # type: ignore[no-any-return]
+    while not (children := client.get(f"/v1/documents/{document_id}", headers=auth(token)).json()["attachment_ids"]):
+        assert time.monotonic() < deadline, "the attachment was not spawned in time"
         time.sleep(0.25)
-    raise AssertionError("the attachment did not reach a final state in time")
+    return wait_for_document(client, token, children[0])
 
 
 def test_a_crash_answers_500_with_its_request_id(client: TestClient, desk: dict[str, str],

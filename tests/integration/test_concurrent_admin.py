@@ -4,7 +4,6 @@ other (each used to race its check against the other's insert: 500s and duplicat
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from core.db import _PROCESS_LOCKS, get_session_factory, transaction_lock
-from tests.conftest import PLATFORM_ADMIN, auth
+from tests.conftest import PLATFORM_ADMIN, auth, wait_for_document
 
 AT_ONCE = 4
 
@@ -119,14 +118,12 @@ def test_a_quarantined_document_reviewed_at_once_gets_one_decision(client: TestC
     codes = _at_once(lambda _: client.put(f"/v1/admin/departments/{department}/ingestion-policy",
                                           json={"ai_max_level": "public"}, headers=admin).status_code)
     assert codes == [200] * AT_ONCE  # a first policy saved at once: one insert, then replacements (500s before)
-    editor = auth(issue_token("quinn", []))
+    token = issue_token("quinn", [])
+    editor = auth(token)
     uploaded = client.post("/v1/documents", headers=editor, data={"department": department},
                            files={"file": ("plan.txt", f"Internal plan {uuid.uuid4().hex}.".encode())})
     document_id = uploaded.json()["document_id"]
-    deadline = time.monotonic() + 120
-    while client.get(f"/v1/documents/{document_id}", headers=editor).json()["status"] != "quarantined":
-        assert time.monotonic() < deadline, "the document was not quarantined"
-        time.sleep(0.25)
+    assert wait_for_document(client, token, document_id)["status"] == "quarantined"
     actions = ["approve", "reject", "approve", "reject"]
     codes = _at_once(lambda i: client.post(f"/v1/admin/quarantine/{document_id}/{actions[i]}",
                                            headers=admin).status_code)
