@@ -33,6 +33,7 @@ from guard.pii import get_redactor
 from retrieval.embeddings import get_embedder
 from retrieval.store import open_vector_store
 from workers.celery_app import create_celery
+from workers.dispatch import JobSweeper, resend_unfinished
 from workers.inprocess import InProcessWorker
 
 logger = logging.getLogger(__name__)
@@ -77,11 +78,19 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     gc.freeze()
     worker = InProcessWorker(app.state.celery) if settings.inprocess_worker else None
     if worker is not None:
+        if settings.broker_url.startswith("memory://"):
+            resend_unfinished(app.state.celery)  # the in-memory broker starts empty: what was queued is gone
         worker.start()
+    sweeper = (JobSweeper(app.state.celery, interval=settings.job_sweep_seconds,
+                          grace=settings.job_resend_after_seconds) if settings.job_sweep_seconds > 0 else None)
+    if sweeper is not None:
+        sweeper.start()
     logger.info("govrag ready (env=%s, in-process worker=%s)", settings.env, worker is not None)
     try:
         yield
     finally:
+        if sweeper is not None:
+            sweeper.stop()
         if worker is not None:
             worker.stop()
 

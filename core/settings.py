@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     # where the parse timeout's alarm cannot reach it, e.g. native code)
     ingest_time_limit_seconds: float = 1800.0
     broker_visibility_timeout: int = 3600  # seconds before an unacknowledged task (dead worker) is redelivered
+    # An ingestion job whose task has not reached the broker this long after it was created (the broker was down,
+    # the API stopped between its commit and the send) is sent again; each API process looks every
+    # `job_sweep_seconds` (0: never). See workers/dispatch.py.
+    job_resend_after_seconds: float = Field(default=30.0, ge=0)
+    job_sweep_seconds: float = Field(default=10.0, ge=0)
 
     # --- guardrails and model backends (issue 5) ---
     answer_backend: Literal["extractive", "llamacpp", "openai"] = "extractive"

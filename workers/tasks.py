@@ -9,6 +9,7 @@ from celery import Celery, Task
 
 from ingestion import service as ingestion_service
 from workers.celery_app import GovragCelery
+from workers.dispatch import send_job
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ def ingest_document(task: Task, document_id: str, job_id: str) -> None:
     try:
         ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id)
         for child in ingestion_service.spawn_attachments(settings=settings, document_id=document_id):
-            enqueue_ingestion(task.app, document_id=child.document_id, job_id=child.job_id)
+            send_job(task.app, document_id=child.document_id, job_id=child.job_id)
     except Exception as exc:
         if task.request.retries >= MAX_RETRIES:
             logger.exception("ingestion of document %s gave up after %d retries", document_id, MAX_RETRIES)
@@ -56,7 +57,8 @@ def register_tasks(app: GovragCelery) -> None:
              time_limit=app.govrag_settings.ingest_time_limit_seconds)(ingest_document)
 
 
-def enqueue_ingestion(app: Celery, *, document_id: str, job_id: str) -> None:
-    """Queue the ingestion task on `app`'s broker."""
+def publish_ingestion(app: Celery, *, document_id: str, job_id: str) -> None:
+    """Put the ingestion task on `app`'s broker (raises if the broker refuses). Callers use
+    `workers.dispatch.send_job`, which records the send."""
     # No time limit in the message: the worker's own GOVRAG_INGEST_TIME_LIMIT_SECONDS applies, not the sender's.
     app.tasks[INGEST_TASK].apply_async(args=[document_id, job_id], time_limit=None)

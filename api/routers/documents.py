@@ -17,7 +17,7 @@ from core.models import Document
 from core.text import require_no_nul
 from ingestion import service as ingestion_service
 from ingestion.schemas import Classification, DocumentStatusOut, JobStatusOut, RevealIn, RevealOut, UploadAccepted
-from workers.tasks import enqueue_ingestion
+from workers.dispatch import send_job
 
 router = APIRouter(prefix="/v1", tags=["documents"])
 
@@ -44,7 +44,7 @@ def upload_document(
         classification=classification,
     )
     session.commit()
-    enqueue_ingestion(celery, document_id=accepted.document_id, job_id=accepted.job_id)
+    send_job(celery, document_id=accepted.document_id, job_id=accepted.job_id)
     return accepted
 
 

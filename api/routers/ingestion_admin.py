@@ -17,7 +17,7 @@ from ingestion.schemas import (
     ReindexOut,
     ReviewDecision,
 )
-from workers.tasks import enqueue_ingestion
+from workers.dispatch import send_job
 
 router = APIRouter(prefix="/v1/admin", tags=["ingestion admin"])
 
@@ -63,7 +63,7 @@ def approve(document_id: str, session: SessionDep, enforcer: EnforcerDep, settin
     authz_service.require_manage(enforcer, user, document.department)
     decision = quarantine.approve(session=session, document=document, actor=user.subject)
     _audit_decision(session, settings, user, document.department, decision)
-    enqueue_ingestion(celery, document_id=document_id, job_id=str(decision.job_id))
+    send_job(celery, document_id=document_id, job_id=str(decision.job_id))
     return decision
 
 
@@ -88,7 +88,7 @@ def reindex(body: ReindexIn, session: SessionDep, enforcer: EnforcerDep, setting
                                      department=body.department, settings=settings,
                                      details={"documents": len(queued)})
     for document_id, job_id in queued:
-        enqueue_ingestion(celery, document_id=document_id, job_id=job_id)
+        send_job(celery, document_id=document_id, job_id=job_id)
     return ReindexOut(queued=[job_id for _, job_id in queued])
 
 

@@ -93,7 +93,7 @@ def test_killed_worker_resumes_to_ready_without_duplicates(make_pg_database: Cal
     from ingestion.schemas import Classification
     from retrieval.store import close_vector_store, open_vector_store
     from workers.celery_app import create_celery
-    from workers.tasks import enqueue_ingestion
+    from workers.dispatch import send_job
 
     settings = _worker_settings(make_pg_database, tmp_path, "crash")
     text = "\n\n".join(PARAGRAPH.format(n=n) for n in range(400)).encode()
@@ -102,7 +102,7 @@ def test_killed_worker_resumes_to_ready_without_duplicates(make_pg_database: Cal
             session=session, settings=settings, uploaded_by="crash-test", department="facilities",
             filename="maintenance.txt", data=text, title=None, acl_groups=[],
             classification=Classification.internal)
-    enqueue_ingestion(create_celery(settings), document_id=accepted.document_id, job_id=accepted.job_id)
+    send_job(create_celery(settings), document_id=accepted.document_id, job_id=accepted.job_id)
 
     log = tmp_path / "worker.log"
     first = _start_worker(settings, log)
@@ -141,7 +141,7 @@ def test_a_parser_beyond_the_alarm_meets_the_hard_time_limit_and_the_worker_goes
     from ingestion.schemas import Classification
     from tests.worker.worker_process import HANG_MARKER
     from workers.celery_app import create_celery
-    from workers.tasks import enqueue_ingestion
+    from workers.dispatch import send_job
 
     settings = _worker_settings(make_pg_database, tmp_path, "limit")
     uploads = {"stuck.txt": b"Quarterly figures. " + HANG_MARKER, "next.txt": PARAGRAPH.format(n=1).encode()}
@@ -152,7 +152,7 @@ def test_a_parser_beyond_the_alarm_meets_the_hard_time_limit_and_the_worker_goes
             for name, data in uploads.items()}
     app = create_celery(settings)
     for job in accepted.values():
-        enqueue_ingestion(app, document_id=job.document_id, job_id=job.job_id)
+        send_job(app, document_id=job.document_id, job_id=job.job_id)
 
     log = tmp_path / "worker.log"
     worker = _start_worker(settings, log, GOVRAG_TEST_POOL="prefork", GOVRAG_TEST_PARSER_IGNORES_ALARM="1",

@@ -1,0 +1,123 @@
+"""An accepted document is never stranded in `queued`: the database records which jobs reached the broker, and the
+rest are sent again (workers/dispatch.py). Real SQLite/PostgreSQL, real Redis, the real in-process worker."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from kombu.transport import memory
+from sqlalchemy import select
+
+from tests.conftest import PLATFORM_ADMIN, REDIS_URL, auth, wait_for_job
+
+UNREACHABLE_BROKER = "redis://127.0.0.1:9/0"  # nothing listens there: every publish is refused
+
+
+def _settings(data_dir: Path, url: str, **overrides: object):  # type: ignore[no-untyped-def]
+    from core.settings import Settings
+
+    return Settings(data_dir=data_dir, database_url=url, admins=[PLATFORM_ADMIN],
+                    task_queue=f"govrag-dispatch-{uuid.uuid4().hex[:8]}", **overrides)
+
+
+def _desk(client: TestClient) -> str:
+    """A department `desk` with editor `stella`; returns her token."""
+    issuer = client.app.state.dev_issuer  # type: ignore[attr-defined]
+    admin = auth(issuer.issue(PLATFORM_ADMIN, []))
+    assert client.post("/v1/admin/departments", json={"name": "desk"}, headers=admin).status_code == 201
+    assert client.post("/v1/admin/role-assignments", headers=admin,
+                       json={"subject": "stella", "role": "editor", "department": "desk"}).status_code == 201
+    return str(issuer.issue("stella", []))
+
+
+def _upload(client: TestClient, token: str, n: int) -> dict[str, str]:
+    response = client.post("/v1/documents", headers=auth(token), data={"department": "desk"},
+                           files={"file": (f"note-{n}.txt", f"Note {n}: the desk opens at nine.".encode())})
+    assert response.status_code == 202, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def _sent_at(url: str, job_id: str) -> object:
+    from core.db import unit_of_work
+    from core.models import IngestionJob
+
+    with unit_of_work(url) as session:
+        return session.scalar(select(IngestionJob.sent_at).where(IngestionJob.id == job_id))
+
+
+def test_jobs_queued_on_the_embedded_default_survive_a_restart(tmp_path: Path) -> None:
+    """The embedded default's broker lives in the API's memory: jobs queued when the API stopped were lost with it
+    and their documents stayed `queued` for ever. At start-up every unfinished job is sent again."""
+    from api.app import create_app
+    from core import migrate
+    from retrieval.store import close_vector_store
+
+    url = f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    first = _settings(tmp_path / "data", url, broker_url="memory://", inprocess_worker=False, job_sweep_seconds=0)
+    with TestClient(create_app(first)) as client:
+        editor = _desk(client)
+        jobs = [_upload(client, editor, n)["job_id"] for n in range(3)]
+    close_vector_store(first)
+    memory.Channel.queues.pop(first.task_queue, None)  # what a new process starts with: an empty broker
+    restarted = first.model_copy(update={"inprocess_worker": True})
+    with TestClient(create_app(restarted)) as client:
+        assert [wait_for_job(client, editor, job)["status"] for job in jobs] == ["ready"] * 3
+    close_vector_store(restarted)
+
+
+def test_an_upload_while_the_broker_is_down_is_accepted_and_sent_when_it_is_back(
+        make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """The upload used to fail with a 500 after committing its document, which then stayed `queued` for ever (and a
+    second try was refused as a duplicate). Now it is accepted, recorded unsent, and the sweep sends it once the
+    broker answers."""
+    from api.app import create_app
+    from core import migrate
+    from retrieval.store import close_vector_store
+
+    url = make_pg_database()
+    migrate.upgrade(url)
+    down = _settings(tmp_path / "data", url, broker_url=UNREACHABLE_BROKER, inprocess_worker=False,
+                     job_sweep_seconds=0)
+    with TestClient(create_app(down)) as client:
+        editor = _desk(client)
+        accepted = _upload(client, editor, 1)
+        assert client.get(f"/v1/jobs/{accepted['job_id']}", headers=auth(editor)).json()["status"] == "queued"
+        assert _sent_at(url, accepted["job_id"]) is None
+    close_vector_store(down)
+    back = down.model_copy(update={"broker_url": REDIS_URL, "inprocess_worker": True, "job_sweep_seconds": 0.2,
+                                   "job_resend_after_seconds": 0.0})
+    with TestClient(create_app(back)) as client:
+        assert wait_for_job(client, editor, accepted["job_id"])["status"] == "ready"
+    assert _sent_at(url, accepted["job_id"]) is not None
+    close_vector_store(back)
+
+
+def test_the_sweep_sends_each_unsent_job_once_and_only_after_its_grace(tmp_path: Path) -> None:
+    """A job just created is left to its uploader; an older unsent one goes out once; a sent one never again."""
+    from api.app import create_app
+    from core import migrate
+    from retrieval.store import close_vector_store
+    from workers.dispatch import send_unsent
+
+    url = f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    settings = _settings(tmp_path / "data", url, broker_url=UNREACHABLE_BROKER, inprocess_worker=False,
+                         job_sweep_seconds=0)
+    with TestClient(create_app(settings)) as client:
+        editor = _desk(client)
+        jobs = [_upload(client, editor, n)["job_id"] for n in range(2)]
+    close_vector_store(settings)
+    reachable = settings.model_copy(update={"broker_url": "memory://"})
+    from workers.celery_app import create_celery
+
+    app = create_celery(reachable)
+    assert send_unsent(app, older_than_seconds=3600) == 0
+    assert send_unsent(app, older_than_seconds=0) == 2
+    assert send_unsent(app, older_than_seconds=0) == 0
+    assert memory.Channel.queues[reachable.task_queue].qsize() == 2
+    assert all(_sent_at(url, job) is not None for job in jobs)
+    memory.Channel.queues.pop(reachable.task_queue, None)

@@ -1,0 +1,115 @@
+"""Sending ingestion jobs to the broker. The database is the record of what must run; the broker only carries it.
+
+A job row is committed (status `queued`, `sent_at` empty) with the work it describes; `send_job` then publishes
+its task and stamps `sent_at`. A broker that refuses leaves the job unsent, not lost: `JobSweeper` (a thread in
+every API process) sends each job still unsent some seconds after it was created — the broker was down, or the
+API died between its commit and the send. On the embedded default the broker lives in the API's memory, so at
+start-up it holds nothing: every unfinished job is sent again (`resend_unfinished`).
+
+Delivery is at least once: a job may run twice (a crash between the send and the stamp); a second run of a
+document that is already ready or deleted changes nothing (ingestion/service.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+from kombu.exceptions import OperationalError
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from core.db import transaction_lock, unit_of_work
+from core.models import DocumentStatus, IngestionJob, utcnow
+from workers.celery_app import GovragCelery
+
+logger = logging.getLogger(__name__)
+
+_UNFINISHED = (DocumentStatus.queued.value, DocumentStatus.processing.value)
+_SWEEP_BATCH = 500
+_SWEEP_LOCK = "ingestion-job-sweep"
+
+
+def send_job(app: GovragCelery, *, document_id: str, job_id: str) -> bool:
+    """Publish the job's task and record that it was sent; False (the job stays unsent) if the broker refused."""
+    from workers.tasks import publish_ingestion  # tasks import this module
+
+    try:
+        publish_ingestion(app, document_id=document_id, job_id=job_id)
+    except (OperationalError, OSError) as error:
+        logger.warning("ingestion job %s not sent (%s): the broker is unreachable; it will be sent again",
+                       job_id, type(error).__name__)
+        return False
+    with unit_of_work(app.govrag_settings.resolved_database_url) as session:
+        _mark_sent(session, job_id)
+    return True
+
+
+def send_unsent(app: GovragCelery, *, older_than_seconds: float) -> int:
+    """Send the unfinished jobs left unsent for longer than `older_than_seconds`; returns how many went out.
+
+    One API process sweeps at a time (a lock held for the sweep's transaction), so replicas do not send one job
+    twice. Stops at the first refusal: the broker is down, the next sweep tries again."""
+    settings = app.govrag_settings
+    sent = 0
+    with unit_of_work(settings.resolved_database_url) as session:
+        transaction_lock(session, _SWEEP_LOCK)
+        cutoff = utcnow() - timedelta(seconds=older_than_seconds)
+        unsent = session.execute(
+            select(IngestionJob.id, IngestionJob.document_id)
+            .where(IngestionJob.sent_at.is_(None), IngestionJob.status.in_(_UNFINISHED),
+                   IngestionJob.created_at <= cutoff)
+            .order_by(IngestionJob.created_at).limit(_SWEEP_BATCH)).all()
+        from workers.tasks import publish_ingestion
+
+        for job_id, document_id in unsent:
+            try:
+                publish_ingestion(app, document_id=document_id, job_id=job_id)
+            except (OperationalError, OSError) as error:
+                logger.warning("%d unsent ingestion job(s) wait for the broker (%s)", len(unsent) - sent,
+                               type(error).__name__)
+                break
+            _mark_sent(session, job_id)
+            sent += 1
+    if sent:
+        logger.info("sent %d ingestion job(s) that had not reached the broker", sent)
+    return sent
+
+
+def resend_unfinished(app: GovragCelery) -> int:
+    """Embedded default only (an in-memory broker, empty at start-up): mark every unfinished job unsent, then send
+    them all. A job that was `processing` when the process stopped runs again from the start."""
+    with unit_of_work(app.govrag_settings.resolved_database_url) as session:
+        session.execute(update(IngestionJob).where(IngestionJob.status.in_(_UNFINISHED))
+                        .values(sent_at=None, updated_at=IngestionJob.updated_at))
+    return send_unsent(app, older_than_seconds=0)
+
+
+def _mark_sent(session: Session, job_id: str) -> None:
+    session.execute(update(IngestionJob).where(IngestionJob.id == job_id)
+                    .values(sent_at=utcnow(), updated_at=IngestionJob.updated_at))
+
+
+class JobSweeper:
+    """Every `interval` seconds, sends the jobs unsent for longer than `grace` seconds; a failed sweep is logged
+    (its type only) and the next one tries again."""
+
+    def __init__(self, app: GovragCelery, *, interval: float, grace: float) -> None:
+        self._app, self._interval, self._grace = app, interval, grace
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="govrag-job-sweeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self._interval):
+            try:
+                send_unsent(self._app, older_than_seconds=self._grace)
+            except Exception:  # noqa: BLE001 - the database may be briefly away; the next sweep tries again
+                logger.exception("the sweep for unsent ingestion jobs failed")
