@@ -9,19 +9,24 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.db import UNAVAILABLE_ERRORS
 from core.errors import ErrorCode, GovragError
 from core.logs import exception_frames, request_id_var
 
 logger = logging.getLogger(__name__)
 
+DATABASE_UNAVAILABLE = "the database is unavailable; try again shortly"
+RETRY_AFTER_SECONDS = 5
+
 _HTTP_CODES = {401: ErrorCode.unauthenticated, 403: ErrorCode.forbidden, 404: ErrorCode.not_found,
                413: ErrorCode.payload_too_large, 415: ErrorCode.unsupported_type}
 
 
-def error_response(status: int, code: str, message: str) -> JSONResponse:
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     """The JSON error body, with the request id."""
     body = {"error": {"code": code, "message": message, "request_id": request_id_var.get()}}
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return JSONResponse(status_code=status, content=body, headers=headers)
 
 
@@ -49,6 +54,11 @@ def crash_response(exc: Exception) -> JSONResponse:
     """An unexpected failure: logged (its frames, with the request id), answered as a 500 carrying the request id.
 
     The API's request middleware calls this, inside the request's context; an exception handler for `Exception`
-    would run outside it (no request id) and re-raise, which drops the client's keep-alive connection."""
+    would run outside it (no request id) and re-raise, which drops the client's keep-alive connection.
+    A database that cannot be reached is no bug: a 503 the client may retry, logged as a warning."""
+    if isinstance(exc, UNAVAILABLE_ERRORS):
+        logger.warning("database unavailable (%s)\n%s", type(exc).__name__, exception_frames(exc))
+        return error_response(503, ErrorCode.unavailable.name, DATABASE_UNAVAILABLE,
+                              headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
     logger.error("unhandled %s\n%s", type(exc).__name__, exception_frames(exc))
     return error_response(500, ErrorCode.internal.name, "internal error")

@@ -7,6 +7,7 @@ import logging
 from billiard.exceptions import TimeLimitExceeded
 from celery import Celery, Task
 
+from core.db import UNAVAILABLE_ERRORS
 from ingestion import service as ingestion_service
 from workers.celery_app import GovragCelery
 from workers.dispatch import send_job
@@ -14,6 +15,10 @@ from workers.dispatch import send_job
 logger = logging.getLogger(__name__)
 
 MAX_RETRIES = 3
+# A database outage is no fault of the document: waited out for about half an hour (backoff capped at a minute)
+# before the job fails, instead of the ~15 s that MAX_RETRIES allows.
+DATABASE_RETRIES = 36
+MAX_BACKOFF_SECONDS = 60
 INGEST_TASK = "govrag.ingest_document"
 
 
@@ -29,13 +34,15 @@ def ingest_document(task: Task, document_id: str, job_id: str) -> None:
         for child in ingestion_service.spawn_attachments(settings=settings, document_id=document_id):
             send_job(task.app, document_id=child.document_id, job_id=child.job_id)
     except Exception as exc:
-        if task.request.retries >= MAX_RETRIES:
-            logger.exception("ingestion of document %s gave up after %d retries", document_id, MAX_RETRIES)
+        retries = DATABASE_RETRIES if isinstance(exc, UNAVAILABLE_ERRORS) else MAX_RETRIES
+        if task.request.retries >= retries:
+            logger.exception("ingestion of document %s gave up after %d retries", document_id, retries)
             ingestion_service.mark_failed(settings=settings, document_id=document_id, job_id=job_id,
                                           reason="internal error during ingestion; retries exhausted")
             return
         logger.warning("ingestion of document %s hit %s; retrying", document_id, type(exc).__name__)
-        raise task.retry(exc=TransientFault(type(exc).__name__), countdown=2 ** task.request.retries) from exc
+        raise task.retry(exc=TransientFault(type(exc).__name__), max_retries=retries,
+                         countdown=min(2 ** task.request.retries, MAX_BACKOFF_SECONDS)) from exc
 
 
 class IngestionTask(Task):

@@ -135,7 +135,7 @@ def test_an_ingestion_retry_hands_celery_the_fault_type_only(monkeypatch: pytest
 
     handed: list[BaseException] = []
 
-    def retry(exc: BaseException, countdown: int) -> Exception:
+    def retry(exc: BaseException, **_: object) -> Exception:
         handed.append(exc)
         return RuntimeError("retry scheduled")
 

@@ -1,0 +1,74 @@
+"""A database outage is a 503 the client may retry (it was a 500 "internal error", logged as a crash), and the API
+recovers by itself when the database is back. Real PostgreSQL: the test database stops taking connections."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import PG_ADMIN_DSN, PLATFORM_ADMIN, auth
+
+
+def _allow_connections(database: str, allowed: bool) -> None:
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS {str(allowed).lower()}')
+        if not allowed:  # drop the pool's open connections too: the server went away
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,))
+
+
+@pytest.fixture
+def outage(make_pg_database: Callable[[], str], tmp_path: Path) -> Iterator[dict[str, object]]:
+    from api.app import create_app
+    from core import migrate
+    from core.settings import Settings
+    from retrieval.store import close_vector_store
+
+    url = make_pg_database()
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url="memory://", inprocess_worker=False,
+                        job_sweep_seconds=0, admins=[PLATFORM_ADMIN], authz_policy_check_seconds=0)
+    database = url.rsplit("/", 1)[1]
+    with TestClient(create_app(settings)) as client:
+        issuer = client.app.state.dev_issuer  # type: ignore[attr-defined]
+        admin = auth(issuer.issue(PLATFORM_ADMIN, []))
+        assert client.post("/v1/admin/departments", json={"name": "desk"}, headers=admin).status_code == 201
+        assert client.post("/v1/admin/role-assignments", headers=admin,
+                           json={"subject": "stella", "role": "editor", "department": "desk"}).status_code == 201
+        try:
+            yield {"client": client, "editor": auth(issuer.issue("stella", [])), "database": database}
+        finally:
+            _allow_connections(database, True)
+    close_vector_store(settings)
+
+
+def _requests() -> list[tuple[str, str, dict[str, object]]]:
+    return [
+        ("POST", "/v1/query", {"json": {"question": "When does the desk open?"}}),
+        ("GET", f"/v1/documents/{uuid.uuid4()}", {}),
+        ("POST", "/v1/documents", {"data": {"department": "desk"}, "files": {"file": ("rota.txt", b"Open at nine.")}}),
+    ]
+
+
+def test_a_database_outage_is_a_503_to_retry_and_the_api_recovers(outage: dict[str, object],
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    client, editor = outage["client"], outage["editor"]
+    assert isinstance(client, TestClient) and isinstance(editor, dict)
+    _allow_connections(str(outage["database"]), False)
+    with caplog.at_level(logging.WARNING):
+        for method, path, kwargs in _requests():
+            response = client.request(method, path, headers=editor, **kwargs)  # type: ignore[arg-type]
+            assert response.status_code == 503, (path, response.text)
+            assert response.json()["error"]["code"] == "unavailable"
+            assert response.json()["error"]["message"] == "the database is unavailable; try again shortly"
+            assert response.json()["error"]["request_id"] == response.headers["x-request-id"]
+            assert response.headers["retry-after"] == "5"
+    assert not [r for r in caplog.records if r.name == "api.errors" and r.levelno >= logging.ERROR]
+    assert [r for r in caplog.records if r.name == "api.errors" and "database unavailable" in r.getMessage()]
+    _allow_connections(str(outage["database"]), True)
+    assert client.post("/v1/query", headers=editor, json={"question": "When does the desk open?"}).status_code == 200

@@ -1,0 +1,60 @@
+"""How long an ingestion job keeps retrying: a fault of the document's own gives up after a few seconds; a database
+outage is waited out for about half an hour before the job is failed (it used to fail after ~15 s)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from sqlalchemy.exc import OperationalError
+
+
+class _Scheduled(Exception):
+    pass
+
+
+def _run(monkeypatch: pytest.MonkeyPatch, fault: Exception, retries: int) -> dict[str, object]:
+    """Run the task body once with `fault` raised by the ingestion, at its `retries`-th retry."""
+    from ingestion import service
+    from workers import tasks
+
+    seen: dict[str, object] = {}
+
+    def fails(**_: object) -> None:
+        raise fault
+
+    def retry(**kwargs: object) -> Exception:
+        seen["retry"] = kwargs
+        return _Scheduled()
+
+    monkeypatch.setattr(service, "run_ingestion", fails)
+    monkeypatch.setattr(service, "mark_failed", lambda **kwargs: seen.setdefault("failed", kwargs["reason"]))
+    task = SimpleNamespace(app=SimpleNamespace(govrag_settings=None), request=SimpleNamespace(retries=retries),
+                           retry=retry)
+    try:
+        tasks.ingest_document(task, "doc", "job")  # type: ignore[arg-type]
+    except _Scheduled:
+        pass
+    return seen
+
+
+def _outage() -> OperationalError:
+    return OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+
+def test_a_document_fault_gives_up_after_three_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _run(monkeypatch, ValueError("bad"), 2)["retry"]["max_retries"] == 3  # type: ignore[index]
+    assert "retries exhausted" in str(_run(monkeypatch, ValueError("bad"), 3)["failed"])
+
+
+def test_a_database_outage_is_waited_out_with_a_capped_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.tasks import DATABASE_RETRIES, MAX_BACKOFF_SECONDS
+
+    early = _run(monkeypatch, _outage(), 3)
+    assert "failed" not in early and early["retry"]["countdown"] == 8  # type: ignore[index]
+    late = _run(monkeypatch, _outage(), 20)
+    assert "failed" not in late and late["retry"]["countdown"] == MAX_BACKOFF_SECONDS  # type: ignore[index]
+    assert late["retry"]["max_retries"] == DATABASE_RETRIES  # type: ignore[index]
+    waited = sum(min(2 ** n, MAX_BACKOFF_SECONDS) for n in range(DATABASE_RETRIES))
+    assert 25 * 60 <= waited <= 40 * 60  # about half an hour of outage before the job fails
+    assert "retries exhausted" in str(_run(monkeypatch, _outage(), DATABASE_RETRIES)["failed"])
