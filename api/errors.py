@@ -9,13 +9,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.db import UNAVAILABLE_ERRORS
-from core.errors import ErrorCode, GovragError
+from core.errors import ErrorCode, GovragError, unavailable_dependency
 from core.logs import exception_frames, request_id_var
 
 logger = logging.getLogger(__name__)
 
-DATABASE_UNAVAILABLE = "the database is unavailable; try again shortly"
 RETRY_AFTER_SECONDS = 5
 
 _HTTP_CODES = {401: ErrorCode.unauthenticated, 403: ErrorCode.forbidden, 404: ErrorCode.not_found,
@@ -55,10 +53,11 @@ def crash_response(exc: Exception) -> JSONResponse:
 
     The API's request middleware calls this, inside the request's context; an exception handler for `Exception`
     would run outside it (no request id) and re-raise, which drops the client's keep-alive connection.
-    A database that cannot be reached is no bug: a 503 the client may retry, logged as a warning."""
-    if isinstance(exc, UNAVAILABLE_ERRORS):
-        logger.warning("database unavailable (%s)\n%s", type(exc).__name__, exception_frames(exc))
-        return error_response(503, ErrorCode.unavailable.name, DATABASE_UNAVAILABLE,
+    A database or vector store that cannot be reached is no bug: a 503 the client may retry, logged as a warning."""
+    dependency = unavailable_dependency(exc)
+    if dependency is not None:
+        logger.warning("%s unavailable (%s)\n%s", dependency, type(exc).__name__, exception_frames(exc))
+        return error_response(503, ErrorCode.unavailable.name, f"the {dependency} is unavailable; try again shortly",
                               headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
     logger.error("unhandled %s\n%s", type(exc).__name__, exception_frames(exc))
     return error_response(500, ErrorCode.internal.name, "internal error")

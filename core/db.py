@@ -9,16 +9,10 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy import exc as db_errors
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 _ADVISORY_SPACE = 0x676F7672  # the key space of `transaction_lock` (the ledger's one-key advisory lock is apart)
 _HELD = "govrag_transaction_locks"  # session.info key: the names whose process locks this transaction holds
-
-# The database refused or dropped the connection (down, restarting, out of connections, locked, a deadlock victim):
-# nothing is wrong with the request or the document, and the same work succeeds once the database answers again.
-UNAVAILABLE_ERRORS = (db_errors.OperationalError, db_errors.InterfaceError, db_errors.TimeoutError,
-                      db_errors.DisconnectionError)
 
 
 @lru_cache

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from sqlalchemy import exc as db_errors
+
 
 class ErrorCode(Enum):
     """Each code carries the HTTP status the API answers with."""
@@ -30,3 +32,26 @@ class GovragError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class Unavailable(Exception):
+    """A service govrag depends on did not answer (the vector store server, ...): nothing is wrong with the request or
+    the document, and the same call succeeds once it is back. The API answers 503; ingestion waits it out."""
+
+    def __init__(self, dependency: str) -> None:
+        super().__init__(f"the {dependency} is unavailable")
+        self.dependency = dependency
+
+
+# The database refused or dropped the connection (down, restarting, out of connections, locked, a deadlock victim).
+_DATABASE_UNAVAILABLE = (db_errors.OperationalError, db_errors.InterfaceError, db_errors.TimeoutError,
+                         db_errors.DisconnectionError)
+
+
+def unavailable_dependency(exc: BaseException) -> str | None:
+    """Which dependency `exc` says is unreachable ("database", "vector store"), or None for any other failure."""
+    if isinstance(exc, Unavailable):
+        return exc.dependency
+    if isinstance(exc, _DATABASE_UNAVAILABLE):
+        return "database"
+    return None

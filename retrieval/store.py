@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
+from core.errors import Unavailable
 from core.settings import Settings
 
 POINT_NAMESPACE = uuid.UUID("6f1d0c1e-8a4b-4bb0-9a55-2b9c3f1e7a10")
+_OVERLOADED = (502, 503, 504)  # a Qdrant node (or the proxy before it) that cannot serve now
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ class VectorStore:
         """Insert or overwrite points in the department's collection."""
         if not points:
             return
-        with self._lock:
+        with self._calling():
             self._ensure_collection(department)
             self._client.upsert(
                 collection_name=collection_name(department),
@@ -86,7 +91,7 @@ class VectorStore:
 
     def search(self, department: str, vector: list[float], access: AccessFilter, limit: int) -> list[Hit]:
         """Nearest chunks that pass the access filter; no unfiltered search exists."""
-        with self._lock:
+        with self._calling():
             if not self._client.collection_exists(collection_name(department)):
                 return []
             response = self._client.query_points(
@@ -104,7 +109,7 @@ class VectorStore:
 
     def delete_document(self, department: str, document_id: str) -> None:
         """Remove every point of a document."""
-        with self._lock:
+        with self._calling():
             if not self._client.collection_exists(collection_name(department)):
                 return
             selector = models.Filter(must=[models.FieldCondition(key="document_id",
@@ -114,14 +119,14 @@ class VectorStore:
 
     def count(self, department: str) -> int:
         """Points stored for a department."""
-        with self._lock:
+        with self._calling():
             if not self._client.collection_exists(collection_name(department)):
                 return 0
             return self._client.count(collection_name(department), exact=True).count
 
     def scroll_payloads(self, department: str) -> list[dict[str, Any]]:
         """Every payload of a department (for audits and tests)."""
-        with self._lock:
+        with self._calling():
             if not self._client.collection_exists(collection_name(department)):
                 return []
             points, _ = self._client.scroll(collection_name(department), limit=100_000, with_payload=True)
@@ -129,13 +134,26 @@ class VectorStore:
 
     def ping(self) -> None:
         """Raise if the store cannot answer."""
-        with self._lock:
+        with self._calling():
             self._client.get_collections()
 
     def close(self) -> None:
         """Close the underlying client."""
-        with self._lock:
+        with self._calling():
             self._client.close()
+
+    @contextmanager
+    def _calling(self) -> Iterator[None]:
+        """Hold the client's lock; a server that does not answer raises `Unavailable` (retry later), not a crash."""
+        with self._lock:
+            try:
+                yield
+            except ResponseHandlingException as error:  # the request never got an answer (refused, reset, timed out)
+                raise Unavailable("vector store") from error
+            except UnexpectedResponse as error:
+                if error.status_code in _OVERLOADED:
+                    raise Unavailable("vector store") from error
+                raise
 
     def _ensure_collection(self, department: str) -> None:
         name = collection_name(department)

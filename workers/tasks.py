@@ -7,7 +7,7 @@ import logging
 from billiard.exceptions import TimeLimitExceeded
 from celery import Celery, Task
 
-from core.db import UNAVAILABLE_ERRORS
+from core.errors import unavailable_dependency
 from ingestion import service as ingestion_service
 from workers.celery_app import GovragCelery
 from workers.dispatch import send_job
@@ -15,9 +15,9 @@ from workers.dispatch import send_job
 logger = logging.getLogger(__name__)
 
 MAX_RETRIES = 3
-# A database outage is no fault of the document: waited out for about half an hour (backoff capped at a minute)
-# before the job fails, instead of the ~15 s that MAX_RETRIES allows.
-DATABASE_RETRIES = 36
+# An outage of the database or the vector store is no fault of the document: waited out for about half an hour
+# (backoff capped at a minute) before the job fails, instead of the ~15 s that MAX_RETRIES allows.
+OUTAGE_RETRIES = 36
 MAX_BACKOFF_SECONDS = 60
 INGEST_TASK = "govrag.ingest_document"
 
@@ -34,7 +34,7 @@ def ingest_document(task: Task, document_id: str, job_id: str) -> None:
         for child in ingestion_service.spawn_attachments(settings=settings, document_id=document_id):
             send_job(task.app, document_id=child.document_id, job_id=child.job_id)
     except Exception as exc:
-        retries = DATABASE_RETRIES if isinstance(exc, UNAVAILABLE_ERRORS) else MAX_RETRIES
+        retries = OUTAGE_RETRIES if unavailable_dependency(exc) else MAX_RETRIES
         if task.request.retries >= retries:
             logger.exception("ingestion of document %s gave up after %d retries", document_id, retries)
             ingestion_service.mark_failed(settings=settings, document_id=document_id, job_id=job_id,

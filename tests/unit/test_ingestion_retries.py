@@ -1,5 +1,6 @@
-"""How long an ingestion job keeps retrying: a fault of the document's own gives up after a few seconds; a database
-outage is waited out for about half an hour before the job is failed (it used to fail after ~15 s)."""
+"""How long an ingestion job keeps retrying: a fault of the document's own gives up after a few seconds; an outage
+of the database or the vector store is waited out for about half an hour before the job is failed (it used to fail
+after ~15 s)."""
 
 from __future__ import annotations
 
@@ -38,8 +39,16 @@ def _run(monkeypatch: pytest.MonkeyPatch, fault: Exception, retries: int) -> dic
     return seen
 
 
-def _outage() -> OperationalError:
+def _outage() -> Exception:
     return OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+
+def test_a_vector_store_outage_is_waited_out_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.errors import Unavailable
+    from workers.tasks import OUTAGE_RETRIES
+
+    seen = _run(monkeypatch, Unavailable("vector store"), 5)
+    assert "failed" not in seen and seen["retry"]["max_retries"] == OUTAGE_RETRIES  # type: ignore[index]
 
 
 def test_a_document_fault_gives_up_after_three_retries(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -48,13 +57,13 @@ def test_a_document_fault_gives_up_after_three_retries(monkeypatch: pytest.Monke
 
 
 def test_a_database_outage_is_waited_out_with_a_capped_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    from workers.tasks import DATABASE_RETRIES, MAX_BACKOFF_SECONDS
+    from workers.tasks import MAX_BACKOFF_SECONDS, OUTAGE_RETRIES
 
     early = _run(monkeypatch, _outage(), 3)
     assert "failed" not in early and early["retry"]["countdown"] == 8  # type: ignore[index]
     late = _run(monkeypatch, _outage(), 20)
     assert "failed" not in late and late["retry"]["countdown"] == MAX_BACKOFF_SECONDS  # type: ignore[index]
-    assert late["retry"]["max_retries"] == DATABASE_RETRIES  # type: ignore[index]
-    waited = sum(min(2 ** n, MAX_BACKOFF_SECONDS) for n in range(DATABASE_RETRIES))
+    assert late["retry"]["max_retries"] == OUTAGE_RETRIES  # type: ignore[index]
+    waited = sum(min(2 ** n, MAX_BACKOFF_SECONDS) for n in range(OUTAGE_RETRIES))
     assert 25 * 60 <= waited <= 40 * 60  # about half an hour of outage before the job fails
-    assert "retries exhausted" in str(_run(monkeypatch, _outage(), DATABASE_RETRIES)["failed"])
+    assert "retries exhausted" in str(_run(monkeypatch, _outage(), OUTAGE_RETRIES)["failed"])

@@ -1,5 +1,6 @@
-"""A database outage is a 503 the client may retry (it was a 500 "internal error", logged as a crash), and the API
-recovers by itself when the database is back. Real PostgreSQL: the test database stops taking connections."""
+"""An outage of the database or the vector store server is a 503 the client may retry (it was a 500 "internal error",
+logged as a crash), and the API recovers by itself when the database is back. Real PostgreSQL: the test database
+stops taking connections; a Qdrant URL where nothing listens."""
 
 from __future__ import annotations
 
@@ -72,3 +73,28 @@ def test_a_database_outage_is_a_503_to_retry_and_the_api_recovers(outage: dict[s
     assert [r for r in caplog.records if r.name == "api.errors" and "database unavailable" in r.getMessage()]
     _allow_connections(str(outage["database"]), True)
     assert client.post("/v1/query", headers=editor, json={"question": "When does the desk open?"}).status_code == 200
+
+
+def test_a_vector_store_server_that_does_not_answer_is_a_503(tmp_path: Path) -> None:
+    """The production backend (`GOVRAG_QDRANT_URL`) down: queries are a 503 to retry, not a crash."""
+    from api.app import create_app
+    from core import migrate
+    from core.settings import Settings
+    from retrieval.store import close_vector_store
+
+    url = f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url="memory://", inprocess_worker=False,
+                        job_sweep_seconds=0, admins=[PLATFORM_ADMIN], qdrant_url="http://127.0.0.1:9")
+    with TestClient(create_app(settings)) as client:
+        issuer = client.app.state.dev_issuer  # type: ignore[attr-defined]
+        admin = auth(issuer.issue(PLATFORM_ADMIN, []))
+        assert client.post("/v1/admin/departments", json={"name": "desk"}, headers=admin).status_code == 201
+        assert client.post("/v1/admin/role-assignments", headers=admin,
+                           json={"subject": "stella", "role": "reader", "department": "desk"}).status_code == 201
+        response = client.post("/v1/query", headers=auth(issuer.issue("stella", [])),
+                               json={"question": "When does the desk open?"})
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["message"] == "the vector store is unavailable; try again shortly"
+        assert response.headers["retry-after"] == "5"
+    close_vector_store(settings)
