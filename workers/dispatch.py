@@ -3,8 +3,9 @@
 A job row is committed (status `queued`, `sent_at` empty) with the work it describes; `send_job` then publishes
 its task and stamps `sent_at`. A broker that refuses leaves the job unsent, not lost: `JobSweeper` (a thread in
 every API process) sends each job still unsent some seconds after it was created — the broker was down, or the
-API died between its commit and the send. On the embedded default the broker lives in the API's memory, so at
-start-up it holds nothing: every unfinished job is sent again (`resend_unfinished`).
+API died between its commit and the send — and, on Redis, each job a restarted Redis lost. On the embedded default
+the broker lives in the API's memory, so at start-up it holds nothing: every unfinished job is sent again
+(`resend_unfinished`).
 
 Delivery is at least once: a job may run twice (a crash between the send and the stamp); a second run of a
 document that is already ready or deleted changes nothing (ingestion/service.py).
@@ -16,7 +17,7 @@ import logging
 import threading
 from datetime import timedelta
 
-from kombu.exceptions import OperationalError
+from kombu.exceptions import ChannelError, OperationalError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -86,14 +87,44 @@ def resend_unfinished(app: GovragCelery) -> int:
     return send_unsent(app, older_than_seconds=0)
 
 
+def resend_lost(app: GovragCelery, *, older_than_seconds: float) -> int:
+    """Redis broker only: a Redis that restarted without persistence (or evicted its keys) lost every task it held.
+    When it holds none — no task waiting in the queue, none taken by a worker and not yet acknowledged — a job still
+    `queued` that was sent more than `older_than_seconds` ago was lost with it: it is marked unsent (and the sweep
+    sends it again). Returns how many were marked."""
+    if not app.govrag_settings.broker_url.startswith(("redis://", "rediss://")) or not _redis_holds_no_task(app):
+        return 0
+    cutoff = utcnow() - timedelta(seconds=older_than_seconds)
+    with unit_of_work(app.govrag_settings.resolved_database_url) as session:
+        transaction_lock(session, _SWEEP_LOCK)
+        lost = session.execute(update(IngestionJob).where(
+            IngestionJob.status == DocumentStatus.queued.value, IngestionJob.sent_at <= cutoff,
+        ).values(sent_at=None, updated_at=IngestionJob.updated_at))
+    if lost.rowcount:  # type: ignore[attr-defined]
+        logger.warning("%d queued ingestion job(s) were no longer on the broker; sending them again",
+                       lost.rowcount)  # type: ignore[attr-defined]
+    return int(lost.rowcount)  # type: ignore[attr-defined]
+
+
+def _redis_holds_no_task(app: GovragCelery) -> bool:
+    """No task waits in the job queue and none is held unacknowledged by a worker (kombu's Redis `unacked` hash)."""
+    with app.connection_for_read() as connection:
+        channel = connection.default_channel
+        try:
+            waiting = channel.queue_declare(queue=app.govrag_settings.task_queue, passive=True).message_count
+        except ChannelError:  # the broker does not know the queue (a Redis that restarted empty): nothing waits
+            waiting = 0
+        return waiting == 0 and channel.client.hlen(channel.unacked_key) == 0
+
+
 def _mark_sent(session: Session, job_id: str) -> None:
     session.execute(update(IngestionJob).where(IngestionJob.id == job_id)
                     .values(sent_at=utcnow(), updated_at=IngestionJob.updated_at))
 
 
 class JobSweeper:
-    """Every `interval` seconds, sends the jobs unsent for longer than `grace` seconds; a failed sweep is logged
-    (its type only) and the next one tries again."""
+    """Every `interval` seconds, sends the jobs unsent for longer than `grace` seconds (and, on Redis, those the
+    broker lost); a failed sweep is logged (its type only) and the next one tries again."""
 
     def __init__(self, app: GovragCelery, *, interval: float, grace: float) -> None:
         self._app, self._interval, self._grace = app, interval, grace
@@ -110,6 +141,7 @@ class JobSweeper:
     def _run(self) -> None:
         while not self._stopping.wait(self._interval):
             try:
+                resend_lost(self._app, older_than_seconds=self._grace)
                 send_unsent(self._app, older_than_seconds=self._grace)
             except Exception:  # noqa: BLE001 - the database may be briefly away; the next sweep tries again
                 logger.exception("the sweep for unsent ingestion jobs failed")

@@ -121,3 +121,32 @@ def test_the_sweep_sends_each_unsent_job_once_and_only_after_its_grace(tmp_path:
     assert memory.Channel.queues[reachable.task_queue].qsize() == 2
     assert all(_sent_at(url, job) is not None for job in jobs)
     memory.Channel.queues.pop(reachable.task_queue, None)
+
+
+def test_jobs_a_restarted_redis_lost_are_sent_again(make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """A Redis without persistence that restarts loses the tasks it held; their documents stayed `queued` for ever.
+    While tasks still wait on the broker nothing is touched; once it holds none, the queued jobs are sent again."""
+    import redis
+
+    from api.app import create_app
+    from core import migrate
+    from retrieval.store import close_vector_store
+    from workers.celery_app import create_celery
+    from workers.dispatch import resend_lost
+
+    url = make_pg_database()
+    migrate.upgrade(url)
+    broker = REDIS_URL.rsplit("/", 1)[0] + "/7"  # a database of its own: the restart below empties it
+    redis.Redis.from_url(broker).flushdb()
+    settings = _settings(tmp_path / "data", url, broker_url=broker, inprocess_worker=False, job_sweep_seconds=0)
+    with TestClient(create_app(settings)) as client:
+        editor = _desk(client)
+        jobs = [_upload(client, editor, n)["job_id"] for n in range(2)]
+    close_vector_store(settings)
+    assert resend_lost(create_celery(settings), older_than_seconds=0) == 0  # both still wait on the broker
+    redis.Redis.from_url(broker).flushdb()  # what a restart without persistence leaves
+    restarted = settings.model_copy(update={"inprocess_worker": True, "job_sweep_seconds": 0.2,
+                                            "job_resend_after_seconds": 0.0})
+    with TestClient(create_app(restarted)) as client:
+        assert [wait_for_job(client, editor, job)["status"] for job in jobs] == ["ready"] * 2
+    close_vector_store(restarted)
