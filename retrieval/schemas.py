@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from authz.schemas import DEPARTMENT_PATTERN
 from core.text import RequestModel
@@ -15,6 +15,13 @@ class QueryRequest(RequestModel):
     departments: list[str] | None = Field(default=None, max_length=50)
     top_k: int | None = Field(default=None, ge=1, le=50)
     purpose: str | None = Field(default=None, max_length=200)
+
+    @field_validator("question")
+    @classmethod
+    def _not_blank(cls, question: str) -> str:
+        if not question.strip():
+            raise ValueError("the question is blank")
+        return question
 
     def department_names(self) -> list[str] | None:
         """Requested departments, de-duplicated; malformed names can never match a department."""

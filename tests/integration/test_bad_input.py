@@ -60,6 +60,14 @@ def test_a_nul_in_a_query_is_a_422_not_an_audit_failure(client: TestClient, desk
     assert answered.status_code == 200 and not answered.json()["refused"], answered.text
 
 
+@pytest.mark.parametrize("question", ["   ", "\n\t", "\u3000"])
+def test_a_blank_question_is_a_422(client: TestClient, desk: dict[str, str], question: str) -> None:
+    """It was answered as a refusal ("no relevant content") and audited as a question."""
+    refused = client.post("/v1/query", json={"question": question}, headers=auth(desk["editor"]))
+    assert refused.status_code == 422, refused.text
+    assert "the question is blank" in refused.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(("method", "path", "body"), [
     ("POST", "/v1/admin/kill-switch", {"scope": "global", "mode": "normal", "reason": f"drill\x00{SECRET_WORD}"}),
     ("POST", "/v1/admin/role-assignments", {"subject": f"eve\x00{SECRET_WORD}", "role": "reader", "department": "x"}),
