@@ -13,6 +13,9 @@ class GovragCelery(Celery):
     govrag_settings: Settings
 
 
+INGEST_TASK = "govrag.ingest_document"
+
+
 def create_celery(settings: Settings) -> GovragCelery:
     """A Celery app for these settings (broker from GOVRAG_BROKER_URL)."""
     app = GovragCelery("govrag", broker=settings.broker_url)

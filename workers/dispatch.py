@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from core.db import transaction_lock, unit_of_work
 from core.models import DocumentStatus, IngestionJob, utcnow
-from workers.celery_app import GovragCelery
+from workers.celery_app import INGEST_TASK, GovragCelery
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +34,7 @@ _SWEEP_LOCK = "ingestion-job-sweep"
 
 def send_job(app: GovragCelery, *, document_id: str, job_id: str) -> bool:
     """Publish the job's task and record that it was sent; False (the job stays unsent) if the broker refused."""
-    from workers.tasks import publish_ingestion  # tasks import this module
-
-    try:
-        publish_ingestion(app, document_id=document_id, job_id=job_id)
-    except (OperationalError, OSError) as error:
-        logger.warning("ingestion job %s not sent (%s): the broker is unreachable; it will be sent again",
-                       job_id, type(error).__name__)
+    if not _published(app, document_id, job_id):
         return False
     with unit_of_work(app.govrag_settings.resolved_database_url) as session:
         _mark_sent(session, job_id)
@@ -62,15 +56,9 @@ def send_unsent(app: GovragCelery, *, older_than_seconds: float) -> int:
             .where(IngestionJob.sent_at.is_(None), IngestionJob.status.in_(_UNFINISHED),
                    IngestionJob.created_at <= cutoff)
             .order_by(IngestionJob.created_at).limit(_SWEEP_BATCH)).all()
-        from workers.tasks import publish_ingestion
-
         for job_id, document_id in unsent:
-            try:
-                publish_ingestion(app, document_id=document_id, job_id=job_id)
-            except (OperationalError, OSError) as error:
-                logger.warning("%d unsent ingestion job(s) wait for the broker (%s)", len(unsent) - sent,
-                               type(error).__name__)
-                break
+            if not _published(app, document_id, job_id):
+                break  # the broker is down: the rest wait for the next sweep
             _mark_sent(session, job_id)
             sent += 1
     if sent:
@@ -115,6 +103,18 @@ def _redis_holds_no_task(app: GovragCelery) -> bool:
         except ChannelError:  # the broker does not know the queue (a Redis that restarted empty): nothing waits
             waiting = 0
         return waiting == 0 and channel.client.hlen(channel.unacked_key) == 0
+
+
+def _published(app: GovragCelery, document_id: str, job_id: str) -> bool:
+    """Put the ingestion task on the broker; False, logged, if the broker refused."""
+    try:
+        # No time limit in the message: the worker's own GOVRAG_INGEST_TIME_LIMIT_SECONDS applies, not the sender's.
+        app.tasks[INGEST_TASK].apply_async(args=[document_id, job_id], time_limit=None)
+    except (OperationalError, OSError) as error:
+        logger.warning("ingestion job %s not sent (%s): the broker is unreachable; it will be sent again",
+                       job_id, type(error).__name__)
+        return False
+    return True
 
 
 def _mark_sent(session: Session, job_id: str) -> None:

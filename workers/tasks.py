@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 
 from billiard.exceptions import TimeLimitExceeded
-from celery import Celery, Task
+from celery import Task
 
 from core.errors import unavailable_dependency
 from ingestion import service as ingestion_service
-from workers.celery_app import GovragCelery
+from workers.celery_app import INGEST_TASK, GovragCelery
 from workers.dispatch import send_job
 
 logger = logging.getLogger(__name__)
@@ -19,7 +19,6 @@ MAX_RETRIES = 3
 # (backoff capped at a minute) before the job fails, instead of the ~15 s that MAX_RETRIES allows.
 OUTAGE_RETRIES = 36
 MAX_BACKOFF_SECONDS = 60
-INGEST_TASK = "govrag.ingest_document"
 
 
 class TransientFault(Exception):
@@ -62,10 +61,3 @@ def register_tasks(app: GovragCelery) -> None:
     """Bind the tasks to `app`, so each task reads the settings of the app that runs it."""
     app.task(name=INGEST_TASK, bind=True, base=IngestionTask, acks_late=True, max_retries=MAX_RETRIES,
              time_limit=app.govrag_settings.ingest_time_limit_seconds)(ingest_document)
-
-
-def publish_ingestion(app: Celery, *, document_id: str, job_id: str) -> None:
-    """Put the ingestion task on `app`'s broker (raises if the broker refuses). Callers use
-    `workers.dispatch.send_job`, which records the send."""
-    # No time limit in the message: the worker's own GOVRAG_INGEST_TIME_LIMIT_SECONDS applies, not the sender's.
-    app.tasks[INGEST_TASK].apply_async(args=[document_id, job_id], time_limit=None)
