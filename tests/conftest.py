@@ -96,6 +96,16 @@ def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+def desk_member(client: TestClient, role: str) -> str:
+    """On a fresh app: a department `desk` where `stella` holds `role` (granted by the platform admin); her token."""
+    issuer = client.app.state.dev_issuer  # type: ignore[attr-defined]
+    admin = auth(issuer.issue(PLATFORM_ADMIN, []))
+    assert client.post("/v1/admin/departments", json={"name": "desk"}, headers=admin).status_code == 201
+    assert client.post("/v1/admin/role-assignments", headers=admin,
+                       json={"subject": "stella", "role": role, "department": "desk"}).status_code == 201
+    return str(issuer.issue("stella", []))
+
+
 def wait_for_job(client: TestClient, token: str, job_id: str, timeout: float = 180.0) -> dict[str, object]:
     """Poll a job until it has ended (ready, failed, quarantined, or withdrawn because its document was deleted)."""
     return _poll(client, token, f"/v1/jobs/{job_id}", ("queued", "processing"), timeout, "ingestion job")

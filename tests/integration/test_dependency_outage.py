@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import PG_ADMIN_DSN, PLATFORM_ADMIN, auth
+from tests.conftest import PG_ADMIN_DSN, PLATFORM_ADMIN, auth, desk_member
 
 
 def _allow_connections(database: str, allowed: bool) -> None:
@@ -21,16 +21,6 @@ def _allow_connections(database: str, allowed: bool) -> None:
         admin.execute(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS {str(allowed).lower()}')
         if not allowed:  # drop the pool's open connections too: the server went away
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,))
-
-
-def _desk_member(client: TestClient, role: str) -> dict[str, str]:
-    """A department `desk` where `stella` holds `role`; returns her Authorization header."""
-    issuer = client.app.state.dev_issuer  # type: ignore[attr-defined]
-    admin = auth(issuer.issue(PLATFORM_ADMIN, []))
-    assert client.post("/v1/admin/departments", json={"name": "desk"}, headers=admin).status_code == 201
-    assert client.post("/v1/admin/role-assignments", headers=admin,
-                       json={"subject": "stella", "role": role, "department": "desk"}).status_code == 201
-    return auth(issuer.issue("stella", []))
 
 
 @pytest.fixture
@@ -47,7 +37,7 @@ def outage(make_pg_database: Callable[[], str], tmp_path: Path) -> Iterator[dict
     database = url.rsplit("/", 1)[1]
     with TestClient(create_app(settings)) as client:
         try:
-            yield {"client": client, "editor": _desk_member(client, "editor"), "database": database}
+            yield {"client": client, "editor": auth(desk_member(client, "editor")), "database": database}
         finally:
             _allow_connections(database, True)
     close_vector_store(settings)
@@ -92,7 +82,7 @@ def test_a_vector_store_server_that_does_not_answer_is_a_503(tmp_path: Path) -> 
     settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url="memory://", inprocess_worker=False,
                         job_sweep_seconds=0, admins=[PLATFORM_ADMIN], qdrant_url="http://127.0.0.1:9")
     with TestClient(create_app(settings)) as client:
-        response = client.post("/v1/query", headers=_desk_member(client, "reader"),
+        response = client.post("/v1/query", headers=auth(desk_member(client, "reader")),
                                json={"question": "When does the desk open?"})
         assert response.status_code == 503, response.text
         assert response.json()["error"]["message"] == "the vector store is unavailable; try again shortly"

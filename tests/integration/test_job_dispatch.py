@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from kombu.transport import memory
 from sqlalchemy import select
 
-from tests.conftest import PLATFORM_ADMIN, REDIS_URL, auth, wait_for_job
+from tests.conftest import PLATFORM_ADMIN, REDIS_URL, auth, desk_member, wait_for_job
 
 UNREACHABLE_BROKER = "redis://127.0.0.1:9/0"  # nothing listens there: every publish is refused
 
@@ -21,16 +21,6 @@ def _settings(data_dir: Path, url: str, **overrides: object):  # type: ignore[no
 
     return Settings(data_dir=data_dir, database_url=url, admins=[PLATFORM_ADMIN],
                     task_queue=f"govrag-dispatch-{uuid.uuid4().hex[:8]}", **overrides)
-
-
-def _desk(client: TestClient) -> str:
-    """A department `desk` with editor `stella`; returns her token."""
-    issuer = client.app.state.dev_issuer  # type: ignore[attr-defined]
-    admin = auth(issuer.issue(PLATFORM_ADMIN, []))
-    assert client.post("/v1/admin/departments", json={"name": "desk"}, headers=admin).status_code == 201
-    assert client.post("/v1/admin/role-assignments", headers=admin,
-                       json={"subject": "stella", "role": "editor", "department": "desk"}).status_code == 201
-    return str(issuer.issue("stella", []))
 
 
 def _upload(client: TestClient, token: str, n: int) -> dict[str, str]:
@@ -59,7 +49,7 @@ def test_jobs_queued_on_the_embedded_default_survive_a_restart(tmp_path: Path) -
     migrate.upgrade(url)
     first = _settings(tmp_path / "data", url, broker_url="memory://", inprocess_worker=False, job_sweep_seconds=0)
     with TestClient(create_app(first)) as client:
-        editor = _desk(client)
+        editor = desk_member(client, "editor")
         jobs = [_upload(client, editor, n)["job_id"] for n in range(3)]
     close_vector_store(first)
     memory.Channel.queues.pop(first.task_queue, None)  # what a new process starts with: an empty broker
@@ -83,7 +73,7 @@ def test_an_upload_while_the_broker_is_down_is_accepted_and_sent_when_it_is_back
     down = _settings(tmp_path / "data", url, broker_url=UNREACHABLE_BROKER, inprocess_worker=False,
                      job_sweep_seconds=0)
     with TestClient(create_app(down)) as client:
-        editor = _desk(client)
+        editor = desk_member(client, "editor")
         accepted = _upload(client, editor, 1)
         assert client.get(f"/v1/jobs/{accepted['job_id']}", headers=auth(editor)).json()["status"] == "queued"
         assert _sent_at(url, accepted["job_id"]) is None
@@ -108,7 +98,7 @@ def test_the_sweep_sends_each_unsent_job_once_and_only_after_its_grace(tmp_path:
     settings = _settings(tmp_path / "data", url, broker_url=UNREACHABLE_BROKER, inprocess_worker=False,
                          job_sweep_seconds=0)
     with TestClient(create_app(settings)) as client:
-        editor = _desk(client)
+        editor = desk_member(client, "editor")
         jobs = [_upload(client, editor, n)["job_id"] for n in range(2)]
     close_vector_store(settings)
     reachable = settings.model_copy(update={"broker_url": "memory://"})
@@ -140,7 +130,7 @@ def test_jobs_a_restarted_redis_lost_are_sent_again(make_pg_database: Callable[[
     redis.Redis.from_url(broker).flushdb()
     settings = _settings(tmp_path / "data", url, broker_url=broker, inprocess_worker=False, job_sweep_seconds=0)
     with TestClient(create_app(settings)) as client:
-        editor = _desk(client)
+        editor = desk_member(client, "editor")
         jobs = [_upload(client, editor, n)["job_id"] for n in range(2)]
     close_vector_store(settings)
     assert resend_lost(create_celery(settings), older_than_seconds=0) == 0  # both still wait on the broker
