@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import time
@@ -25,15 +26,17 @@ from core.errors import ErrorCode
 from core.logs import configure_logging, request_id_var
 from core.metrics import observe_request
 from core.settings import Settings, get_settings
+from core.sweeper import Sweeper
 from core.text import NUL, NUL_MESSAGE
 from core.tracing import configure_tracing
 from guard.firewall import get_firewall
 from guard.injection import get_scanner
 from guard.pii import get_redactor
+from ingestion.purge import PURGE_GRACE_SECONDS, purge_pending
 from retrieval.embeddings import get_embedder
 from retrieval.store import open_vector_store
-from workers.celery_app import create_celery
-from workers.dispatch import JobSweeper, resend_unfinished
+from workers.celery_app import GovragCelery, create_celery
+from workers.dispatch import resend_unfinished, sweep_jobs
 from workers.inprocess import InProcessWorker
 
 logger = logging.getLogger(__name__)
@@ -81,8 +84,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.broker_url.startswith("memory://"):
             resend_unfinished(app.state.celery)  # the in-memory broker starts empty: what was queued is gone
         worker.start()
-    sweeper = (JobSweeper(app.state.celery, interval=settings.job_sweep_seconds,
-                          grace=settings.job_resend_after_seconds) if settings.job_sweep_seconds > 0 else None)
+    sweeper = _sweeper(app.state.celery, settings)
     if sweeper is not None:
         sweeper.start()
     logger.info("govrag ready (env=%s, in-process worker=%s)", settings.env, worker is not None)
@@ -93,6 +95,16 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             sweeper.stop()
         if worker is not None:
             worker.stop()
+
+
+def _sweeper(celery: GovragCelery, settings: Settings) -> Sweeper | None:
+    """The housekeeping thread: ingestion jobs the broker never got, purges an outage postponed."""
+    if settings.job_sweep_seconds <= 0:
+        return None
+    return Sweeper({
+        "ingestion job": functools.partial(sweep_jobs, celery, older_than_seconds=settings.job_resend_after_seconds),
+        "document purge": functools.partial(purge_pending, settings, older_than_seconds=PURGE_GRACE_SECONDS),
+    }, interval=settings.job_sweep_seconds)
 
 
 class RequestContext:

@@ -101,6 +101,17 @@ class IngestionJob(Base):
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class PendingPurge(Base):
+    """A retired document (deleted, or rejected from quarantine) whose vectors and stored bytes may still exist: its
+    key was shredded in the transaction that wrote this row; the row goes once they are gone (ingestion/purge.py)."""
+
+    __tablename__ = "pending_purges"
+
+    document_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    department: Mapped[str] = mapped_column(String(64))
+    retired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+
 class WrappedKey(Base):
     """A data key encrypted under its parent key (document → department → master)."""
 

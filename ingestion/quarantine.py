@@ -7,14 +7,12 @@ import uuid
 from sqlalchemy.orm import Session
 
 from authz import service as authz_service
-from core import blobs
 from core.db import transaction_lock
 from core.errors import ErrorCode, GovragError
-from core.keystore import keystore_for
 from core.models import Document, DocumentStatus, IngestionPolicy
 from core.settings import Settings
 from guard.pii_rules import CustomRecognizer, RedactionRules, validate_custom
-from ingestion import repository
+from ingestion import purge, repository
 from ingestion.pipeline import IngestionRules
 from ingestion.schemas import (
     Classification,
@@ -96,10 +94,9 @@ def approve(*, session: Session, document: Document, actor: str) -> ReviewDecisi
 
 
 def reject(*, session: Session, settings: Settings, document: Document) -> ReviewDecision:
-    """Refuse a quarantined document: shred its key and drop its stored bytes."""
-    keystore_for(settings).shred_document_key(session=session, document_id=document.id)
-    blobs.remove(settings.blob_dir, document.id)
-    document.status = DocumentStatus.rejected
+    """Refuse a quarantined document: its key is shredded and a purge of its stored bytes owed (purge.purge_now once
+    the caller commits)."""
+    purge.retire(session, settings, document, DocumentStatus.rejected)
     session.flush()
     return ReviewDecision(document_id=document.id, status=DocumentStatus.rejected)
 

@@ -20,7 +20,7 @@ from core.settings import Settings
 from core.text import printable_name
 from guard.injection import get_scanner
 from guard.pii import get_redactor
-from ingestion import formats, quarantine, repository
+from ingestion import formats, purge, quarantine, repository
 from ingestion.parse import ParseLimits, check_zip_container
 from ingestion.pipeline import DocumentFacts, IngestionRules, protect
 from ingestion.schemas import Classification, DocumentStatusOut, JobStatusOut, RevealOut, UploadAccepted
@@ -224,25 +224,30 @@ def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentS
     with unit_of_work(settings.resolved_database_url) as session:
         transaction_lock(session, f"document:{document_id}")  # a deletion in flight commits first
         document = repository.get_document(session, document_id)
-        if document is None or document.status in (DocumentStatus.deleted, DocumentStatus.rejected):
-            _withdraw(settings, session, document, job_id)
-            return False
-        if outcome is not None:
-            outcome(session)
-        repository.set_status(session, document_id=document_id, job_id=job_id, status=status, error=error,
-                              chunk_count=chunk_count)
-    metrics.INGESTED_DOCUMENTS.labels(department=document.department, status=str(status)).inc()
+        withdrawn = document is None or document.status in (DocumentStatus.deleted, DocumentStatus.rejected)
+        if withdrawn:
+            _withdraw(session, document, job_id)
+        else:
+            if outcome is not None:
+                outcome(session)
+            repository.set_status(session, document_id=document_id, job_id=job_id, status=status, error=error,
+                                  chunk_count=chunk_count)
+            department = document.department
+    if withdrawn:
+        purge.purge_now(settings, [document_id])
+        return False
+    metrics.INGESTED_DOCUMENTS.labels(department=department, status=str(status)).inc()
     return True
 
 
-def _withdraw(settings: Settings, session: Session, document: Document | None, job_id: str) -> None:
-    """End the job of a document that left the pipeline under it, and remove what the run indexed after the fact."""
+def _withdraw(session: Session, document: Document | None, job_id: str) -> None:
+    """End the job of a document that left the pipeline under it; what the run indexed after its retirement (and a
+    placeholder map it wrote, sealed under a shredded key) is owed a purge."""
     state = document.status if document is not None else DocumentStatus.deleted
     repository.end_job(session, job_id=job_id, status=state,
                        error=f"the document was {state} while it was being ingested")
     if document is not None:
-        open_vector_store(settings).delete_document(document.department, document.id)
-        blobs.remove(settings.blob_dir, document.id)  # a placeholder map the run wrote, sealed under a shredded key
+        purge.owe_purge(session, document)
     logger.info("ingestion of a %s document was withdrawn", state)
 
 
@@ -287,16 +292,15 @@ def ready_documents(*, session: Session, document_ids: set[str]) -> dict[str, Do
 
 
 def delete_document(*, session: Session, settings: Settings, document_id: str,
-                    can_delete: Callable[[str], bool]) -> None:
-    """Crypto-shred the document key, then remove the vectors and the stored bytes (after any review in flight)."""
+                    can_delete: Callable[[str], bool]) -> list[str]:
+    """Retire the document (an e-mail takes its attachments): keys shredded, purges owed. Returns the ids to purge
+    once the caller commits (ingestion/purge.py)."""
     transaction_lock(session, f"document:{document_id}")
     document = repository.get_document(session, document_id)
     if document is None or document.status == DocumentStatus.deleted or not can_delete(document.department):
         raise GovragError(ErrorCode.not_found, "no such document")
-    for target in [document, *repository.descendants(session, document_id)]:  # an e-mail takes its attachments
-        keystore_for(settings).shred_document_key(session=session, document_id=target.id)
-        open_vector_store(settings).delete_document(target.department, target.id)
-        blobs.remove(settings.blob_dir, target.id)
-        target.status = DocumentStatus.deleted
-        target.chunk_count = 0
+    family = [document, *repository.descendants(session, document_id)]
+    for target in family:
+        purge.retire(session, settings, target, DocumentStatus.deleted)
     session.flush()
+    return [target.id for target in family]

@@ -1,11 +1,11 @@
 """Sending ingestion jobs to the broker. The database is the record of what must run; the broker only carries it.
 
 A job row is committed (status `queued`, `sent_at` empty) with the work it describes; `send_job` then publishes
-its task and stamps `sent_at`. A broker that refuses leaves the job unsent, not lost: `JobSweeper` (a thread in
-every API process) sends each job still unsent some seconds after it was created — the broker was down, or the
-API died between its commit and the send — and, on Redis, each job a restarted Redis lost. On the embedded default
-the broker lives in the API's memory, so at start-up it holds nothing: every unfinished job is sent again
-(`resend_unfinished`).
+its task and stamps `sent_at`. A broker that refuses leaves the job unsent, not lost: `sweep_jobs` (run by a thread
+in every API process, core/sweeper.py) sends each job still unsent some seconds after it was created — the broker
+was down, or the API died between its commit and the send — and, on Redis, each job a restarted Redis lost. On the
+embedded default the broker lives in the API's memory, so at start-up it holds nothing: every unfinished job is
+sent again (`resend_unfinished`).
 
 Delivery is at least once: a job may run twice (a crash between the send and the stamp); a second run of a
 document that is already ready or deleted changes nothing (ingestion/service.py).
@@ -14,7 +14,6 @@ document that is already ready or deleted changes nothing (ingestion/service.py)
 from __future__ import annotations
 
 import logging
-import threading
 from datetime import timedelta
 
 from kombu.exceptions import ChannelError, OperationalError
@@ -122,26 +121,7 @@ def _mark_sent(session: Session, job_id: str) -> None:
                     .values(sent_at=utcnow(), updated_at=IngestionJob.updated_at))
 
 
-class JobSweeper:
-    """Every `interval` seconds, sends the jobs unsent for longer than `grace` seconds (and, on Redis, those the
-    broker lost); a failed sweep is logged (its type only) and the next one tries again."""
-
-    def __init__(self, app: GovragCelery, *, interval: float, grace: float) -> None:
-        self._app, self._interval, self._grace = app, interval, grace
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="govrag-job-sweeper", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while not self._stopping.wait(self._interval):
-            try:
-                resend_lost(self._app, older_than_seconds=self._grace)
-                send_unsent(self._app, older_than_seconds=self._grace)
-            except Exception:  # noqa: BLE001 - the database may be briefly away; the next sweep tries again
-                logger.exception("the sweep for unsent ingestion jobs failed")
+def sweep_jobs(app: GovragCelery, *, older_than_seconds: float) -> None:
+    """The API's periodic sweep (core/sweeper.py): jobs a restarted Redis lost, then every job still unsent."""
+    resend_lost(app, older_than_seconds=older_than_seconds)
+    send_unsent(app, older_than_seconds=older_than_seconds)

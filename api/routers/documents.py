@@ -15,6 +15,7 @@ from authz.identity import Identity
 from core.errors import ErrorCode, GovragError
 from core.models import Document
 from core.text import require_no_nul
+from ingestion import purge
 from ingestion import service as ingestion_service
 from ingestion.schemas import Classification, DocumentStatusOut, JobStatusOut, RevealIn, RevealOut, UploadAccepted
 from workers.dispatch import send_job
@@ -59,12 +60,14 @@ def get_document(document_id: str, session: SessionDep, enforcer: EnforcerDep,
 @router.delete("/documents/{document_id}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_document(document_id: str, session: SessionDep, settings: SettingsDep, enforcer: EnforcerDep,
                     user: CurrentUser) -> None:
-    """Crypto-shred a document and remove its vectors and stored bytes (role: editor)."""
-    ingestion_service.delete_document(
+    """Crypto-shred a document, then remove its vectors and stored bytes (role: editor); a vector store outage
+    leaves that removal to the sweep, the document is deleted all the same."""
+    retired = ingestion_service.delete_document(
         session=session, settings=settings, document_id=document_id,
         can_delete=lambda department: authz_service.is_allowed(enforcer, user, "delete", department),
     )
     session.commit()
+    purge.purge_now(settings, retired)
 
 
 @router.post("/documents/{document_id}/reveal", response_model=RevealOut)

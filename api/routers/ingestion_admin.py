@@ -8,7 +8,7 @@ from api.deps import CeleryDep, CurrentUser, EnforcerDep, SessionDep, SettingsDe
 from audit import service as audit_service
 from audit.schemas import AdminEventType
 from authz import service as authz_service
-from ingestion import quarantine
+from ingestion import purge, quarantine
 from ingestion.schemas import (
     IngestionPolicyIn,
     IngestionPolicyOut,
@@ -75,6 +75,7 @@ def reject(document_id: str, session: SessionDep, enforcer: EnforcerDep, setting
     authz_service.require_manage(enforcer, user, document.department)
     decision = quarantine.reject(session=session, settings=settings, document=document)
     _audit_decision(session, settings, user, document.department, decision)
+    purge.purge_now(settings, [document.id])
     return decision
 
 

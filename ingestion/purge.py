@@ -1,0 +1,87 @@
+"""Retiring a document (deleted, or rejected from quarantine) and purging what it leaves behind.
+
+Retirement is one transaction: the document's key is shredded (its ciphertexts can never be read again), its status
+changes, and a `pending_purges` row says that its vectors and stored bytes may still exist. Once that commits,
+`purge_now` removes them and the row. If the vector store (or the database) is away, the row stays and the API's
+sweep finishes the purge later (`purge_pending`).
+
+In this order a failure can only leave unreadable ciphertext behind for a while. Purging first, as deletion used
+to, could leave a document that still looked `ready` with its vectors and original already gone (the vector store
+failing partway through an e-mail's attachments, the database failing at the commit).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from core import blobs
+from core.db import unit_of_work
+from core.errors import unavailable_dependency
+from core.keystore import keystore_for
+from core.models import Document, DocumentStatus, PendingPurge, utcnow
+from core.settings import Settings
+from retrieval.store import open_vector_store
+
+logger = logging.getLogger(__name__)
+
+_SWEEP_BATCH = 100
+# The request that retires a document purges it right after its commit; the sweep takes what is owed after this.
+PURGE_GRACE_SECONDS = 30.0
+
+
+def retire(session: Session, settings: Settings, document: Document, status: DocumentStatus) -> None:
+    """In the caller's transaction: shred the document's key, set its final status, and record the purge owed."""
+    keystore_for(settings).shred_document_key(session=session, document_id=document.id)
+    document.status = status
+    document.chunk_count = 0
+    owe_purge(session, document)
+
+
+def owe_purge(session: Session, document: Document) -> None:
+    """Record that the document's vectors and stored bytes must go (again: a late ingestion run may have written
+    some after its retirement)."""
+    session.merge(PendingPurge(document_id=document.id, department=document.department, retired_at=utcnow()))
+
+
+def purge_now(settings: Settings, document_ids: Collection[str]) -> None:
+    """Right after a retirement commits: purge these documents; an outage leaves them to the sweep."""
+    try:
+        purge_pending(settings, document_ids=document_ids)
+    except Exception as exc:
+        dependency = unavailable_dependency(exc)
+        if dependency is None:
+            raise
+        logger.warning("the %s is unavailable: %d retired document(s) will be purged by the sweep",
+                       dependency, len(document_ids))
+
+
+def purge_pending(settings: Settings, *, document_ids: Collection[str] | None = None,
+                  older_than_seconds: float = 0.0) -> int:
+    """Remove the vectors and stored bytes of retired documents still owed a purge (those named, else those retired
+    more than `older_than_seconds` ago); returns how many were purged. Each purge commits on its own, so an outage
+    partway keeps what was done."""
+    with unit_of_work(settings.resolved_database_url) as session:
+        owed = _owed(session, document_ids, older_than_seconds)
+    for document_id, department, retired_at in owed:
+        open_vector_store(settings).delete_document(department, document_id)
+        blobs.remove(settings.blob_dir, document_id)
+        with unit_of_work(settings.resolved_database_url) as session:  # unless a late run owed it again meanwhile
+            session.execute(delete(PendingPurge).where(PendingPurge.document_id == document_id,
+                                                       PendingPurge.retired_at == retired_at))
+    return len(owed)
+
+
+def _owed(session: Session, document_ids: Collection[str] | None,
+          older_than_seconds: float) -> list[tuple[str, str, datetime]]:
+    query = select(PendingPurge.document_id, PendingPurge.department, PendingPurge.retired_at)
+    if document_ids is not None:
+        query = query.where(PendingPurge.document_id.in_(list(document_ids)))
+    else:
+        cutoff = utcnow() - timedelta(seconds=older_than_seconds)
+        query = query.where(PendingPurge.retired_at <= cutoff).order_by(PendingPurge.retired_at).limit(_SWEEP_BATCH)
+    return [(document_id, department, retired_at) for document_id, department, retired_at in session.execute(query)]
