@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     # where the parse timeout's alarm cannot reach it, e.g. native code)
     ingest_time_limit_seconds: float = 1800.0
     broker_visibility_timeout: int = 3600  # seconds before an unacknowledged task (dead worker) is redelivered
+    # A Redis broker that does not answer a socket operation within this long counts as down (a publish gives up
+    # and the job waits unsent for the sweep). Above kombu's 1 s BRPOP poll, well above a healthy round trip.
+    broker_socket_timeout_seconds: float = Field(default=3.0, gt=1.0)
     # An ingestion job whose task has not reached the broker this long after it was created (the broker was down,
     # the API stopped between its commit and the send) is sent again; each API process looks every
     # `job_sweep_seconds` (0: never). See workers/dispatch.py.

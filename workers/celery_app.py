@@ -29,11 +29,23 @@ def create_celery(settings: Settings) -> GovragCelery:
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
-        # A worker killed mid-task never acks: the broker hands the task out again after this long.
-        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout},
+        broker_transport_options=_transport_options(settings),
     )
     app.govrag_settings = settings
     from workers.tasks import register_tasks  # tasks import this module for the app type
 
     register_tasks(app)
     return app
+
+
+def _transport_options(settings: Settings) -> dict[str, float]:
+    """A worker killed mid-task never acks: the broker hands the task out again after the visibility timeout.
+    A Redis that accepts connections but does not answer (hung, or half a network partition) would hold a publish,
+    so an upload, for ever: each socket operation gives up after `broker_socket_timeout_seconds` and the job is
+    left unsent for the sweep (workers/dispatch.py)."""
+    options: dict[str, float] = {"visibility_timeout": settings.broker_visibility_timeout}
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        options |= {"socket_timeout": settings.broker_socket_timeout_seconds,
+                    "socket_connect_timeout": settings.broker_socket_timeout_seconds}
+    return options
+

@@ -3,6 +3,9 @@ rest are sent again (workers/dispatch.py). Real SQLite/PostgreSQL, real Redis, t
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -84,6 +87,40 @@ def test_an_upload_while_the_broker_is_down_is_accepted_and_sent_when_it_is_back
         assert wait_for_job(client, editor, accepted["job_id"])["status"] == "ready"
     assert _sent_at(url, accepted["job_id"]) is not None
     close_vector_store(back)
+
+
+def _hold_connections(server: socket.socket, held: list[socket.socket]) -> None:
+    """Accept every connection and never answer, until the server closes."""
+    with contextlib.suppress(OSError):
+        while True:
+            held.append(server.accept()[0])
+
+
+def test_an_upload_while_the_broker_hangs_is_accepted_unsent(tmp_path: Path) -> None:
+    """A Redis that accepts connections and never answers (hung, or half a partition) held the upload for ever (still
+    waiting after 5 minutes when measured): the publish had no socket timeout. Now it gives up after
+    `broker_socket_timeout_seconds` and the job waits unsent for the sweep."""
+    from api.app import create_app
+    from core import migrate
+    from retrieval.store import close_vector_store
+
+    silent = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    threading.Thread(target=_hold_connections, args=(silent, held), daemon=True).start()
+    url = f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    settings = _settings(tmp_path / "data", url, broker_url=f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
+                         inprocess_worker=False, job_sweep_seconds=0)
+    with TestClient(create_app(settings)) as client:
+        editor, accepted = desk_member(client, "editor"), {}
+        upload = threading.Thread(target=lambda: accepted.update(_upload(client, editor, 1)), daemon=True)
+        upload.start()
+        upload.join(timeout=120)  # a bound on hanging for ever, not a speed target
+        assert not upload.is_alive(), "the upload still waits on a broker that does not answer"
+        assert client.get(f"/v1/jobs/{accepted['job_id']}", headers=auth(editor)).json()["status"] == "queued"
+        assert _sent_at(url, accepted["job_id"]) is None
+    close_vector_store(settings)
+    silent.close()
 
 
 def test_the_sweep_sends_each_unsent_job_once_and_only_after_its_grace(tmp_path: Path) -> None:
