@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from authz.dev_issuer import DevIssuer
 from authz.identity import RESERVED_PREFIXES, Identity, is_platform_admin
-from core.errors import ErrorCode, GovragError
+from core.errors import ErrorCode, GovragError, Unavailable
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class TokenVerifier:
         try:
             return self._client.get_signing_key(kid)
         except (jwt.PyJWKClientConnectionError, jwt.PyJWKSetError, ValueError):
-            raise GovragError(ErrorCode.unavailable, "identity provider keys unavailable") from None
+            raise Unavailable("identity provider") from None
         except jwt.PyJWTError:
             raise _fail("unknown signing key") from None
 

@@ -88,3 +88,29 @@ def test_a_vector_store_server_that_does_not_answer_is_a_503(tmp_path: Path) -> 
         assert response.json()["error"]["message"] == "the vector store is unavailable; try again shortly"
         assert response.headers["retry-after"] == "5"
     close_vector_store(settings)
+
+
+def test_an_identity_provider_that_does_not_answer_is_a_503(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The IdP's key set cannot be fetched: the same 503 to retry as any other outage (it was a 503 without
+    Retry-After, under its own message)."""
+    from api.app import create_app
+    from core import migrate
+    from core.settings import Settings
+    from retrieval.store import close_vector_store
+    from tests.support.oidc_issuer import LocalIssuer
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    with LocalIssuer() as issuer:
+        token = issuer.token()
+    url = f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url="memory://", inprocess_worker=False,
+                        job_sweep_seconds=0, dev_issuer=False, oidc_issuer=issuer.issuer,
+                        oidc_audience=issuer.audience, oidc_jwks_url=issuer.jwks_uri)
+    with TestClient(create_app(settings)) as client:
+        response = client.get(f"/v1/documents/{uuid.uuid4()}", headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["message"] == "the identity provider is unavailable; try again shortly"
+        assert response.headers["retry-after"] == "5" and token not in response.text
+    close_vector_store(settings)
+
