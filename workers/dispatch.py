@@ -3,9 +3,10 @@
 A job row is committed (status `queued`, `sent_at` empty) with the work it describes; `send_job` then publishes
 its task and stamps `sent_at`. A broker that refuses leaves the job unsent, not lost: `sweep_jobs` (run by a thread
 in every API process, core/sweeper.py) sends each job still unsent some seconds after it was created — the broker
-was down, or the API died between its commit and the send — and, on Redis, each job a restarted Redis lost. On the
-embedded default the broker lives in the API's memory, so at start-up it holds nothing: every unfinished job is
-sent again (`resend_unfinished`).
+was down, or the API died between its commit and the send — and, on Redis, each job a restarted Redis lost; a job
+left `processing` with no run behind it goes again too (`resend_stalled`). On the embedded default the broker
+lives in the API's memory, so at start-up it holds nothing: every unfinished job is sent again
+(`resend_unfinished`).
 
 Delivery is at least once: a job may run twice (a crash between the send and the stamp); a second run of a
 document that is already ready or deleted changes nothing (ingestion/service.py).
@@ -93,6 +94,24 @@ def resend_lost(app: GovragCelery, *, older_than_seconds: float) -> int:
     return int(lost.rowcount)  # type: ignore[attr-defined]
 
 
+def resend_stalled(app: GovragCelery, *, stalled_after_seconds: float) -> int:
+    """A job still `processing` longer after its last update than any run of it can last (the worker's time limit
+    plus the broker's redelivery timeout) has no run left: its last one gave up during a database outage and could
+    not record why, or its task was lost with a broker. It is marked unsent (and the sweep sends it again); returns
+    how many were marked."""
+    cutoff = utcnow() - timedelta(seconds=stalled_after_seconds)
+    with unit_of_work(app.govrag_settings.resolved_database_url) as session:
+        transaction_lock(session, _SWEEP_LOCK)
+        stalled = session.execute(update(IngestionJob).where(
+            IngestionJob.status == DocumentStatus.processing.value, IngestionJob.sent_at.is_not(None),
+            IngestionJob.updated_at <= cutoff,
+        ).values(sent_at=None, updated_at=utcnow()))  # its stall clock restarts with the new send
+    if stalled.rowcount:  # type: ignore[attr-defined]
+        logger.warning("%d ingestion job(s) stalled in processing; sending them again",
+                       stalled.rowcount)  # type: ignore[attr-defined]
+    return int(stalled.rowcount)  # type: ignore[attr-defined]
+
+
 def _redis_holds_no_task(app: GovragCelery) -> bool:
     """No task waits in the job queue and none is held unacknowledged by a worker (kombu's Redis `unacked` hash)."""
     with app.connection_for_read() as connection:
@@ -122,6 +141,9 @@ def _mark_sent(session: Session, job_id: str) -> None:
 
 
 def sweep_jobs(app: GovragCelery, *, older_than_seconds: float) -> None:
-    """The API's periodic sweep (core/sweeper.py): jobs a restarted Redis lost, then every job still unsent."""
+    """The API's periodic sweep (core/sweeper.py): jobs a restarted Redis lost, jobs stalled in processing, then
+    every job still unsent."""
+    settings = app.govrag_settings
     resend_lost(app, older_than_seconds=older_than_seconds)
+    resend_stalled(app, stalled_after_seconds=settings.ingest_time_limit_seconds + settings.broker_visibility_timeout)
     send_unsent(app, older_than_seconds=older_than_seconds)

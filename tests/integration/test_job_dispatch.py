@@ -8,11 +8,12 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 from fastapi.testclient import TestClient
 from kombu.transport import memory
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from tests.conftest import PLATFORM_ADMIN, REDIS_URL, auth, desk_member, wait_for_job
 
@@ -148,6 +149,39 @@ def test_the_sweep_sends_each_unsent_job_once_and_only_after_its_grace(tmp_path:
     assert memory.Channel.queues[reachable.task_queue].qsize() == 2
     assert all(_sent_at(url, job) is not None for job in jobs)
     memory.Channel.queues.pop(reachable.task_queue, None)
+
+
+def test_a_job_stalled_in_processing_is_sent_again_once(tmp_path: Path) -> None:
+    """A run whose retries ran out while the database was down could not mark its job failed: the job stayed
+    `processing` for ever. Once it is older than any run can last, the sweep sends it again; a job updated recently
+    (a run may still be going) is left alone, and a resent one is not sent again at the next sweep."""
+    from api.app import create_app
+    from core import migrate
+    from core.db import unit_of_work
+    from core.models import IngestionJob, utcnow
+    from retrieval.store import close_vector_store
+    from workers.celery_app import create_celery
+    from workers.dispatch import resend_stalled, send_unsent
+
+    url = f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    settings = _settings(tmp_path / "data", url, broker_url="memory://", inprocess_worker=False, job_sweep_seconds=0)
+    with TestClient(create_app(settings)) as client:
+        editor = desk_member(client, "editor")
+        stalled, running = (_upload(client, editor, n)["job_id"] for n in range(2))
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    with unit_of_work(url) as session:
+        for job_id, age in ((stalled, timedelta(hours=2)), (running, timedelta(minutes=5))):
+            session.execute(update(IngestionJob).where(IngestionJob.id == job_id)
+                            .values(status="processing", updated_at=utcnow() - age))
+    app = create_celery(settings)
+    assert resend_stalled(app, stalled_after_seconds=3600) == 1
+    assert _sent_at(url, stalled) is None and _sent_at(url, running) is not None
+    assert send_unsent(app, older_than_seconds=0) == 1
+    assert memory.Channel.queues[settings.task_queue].qsize() == 1
+    assert resend_stalled(app, stalled_after_seconds=3600) == 0  # its clock restarted with the send
+    memory.Channel.queues.pop(settings.task_queue, None)
 
 
 def test_jobs_a_restarted_redis_lost_are_sent_again(make_pg_database: Callable[[], str], tmp_path: Path) -> None:
