@@ -146,7 +146,9 @@ class TokenVerifier:
 
     def _read_header(self, token: str) -> tuple[str, str]:
         """The header's alg and kid, checked against the allowlist before any crypto."""
-        if not isinstance(token, str) or not token or len(token) > _MAX_TOKEN_CHARS or token.count(".") != 2:
+        if isinstance(token, str) and len(token) > _MAX_TOKEN_CHARS:  # e.g. a groups claim of thousands of groups
+            raise _fail(f"token too large (over {_MAX_TOKEN_CHARS} characters)")
+        if not isinstance(token, str) or not token or token.count(".") != 2:
             raise _fail("malformed token")
         try:
             header = jwt.get_unverified_header(token)

@@ -255,6 +255,12 @@ def test_garbage(verifier: TokenVerifier, garbage: str) -> None:
         assert garbage not in str(caught.value)
 
 
+def test_an_oversized_token_says_so(verifier: TokenVerifier, key: SigningKey) -> None:
+    """A signed token of thousands of groups (an IdP emitting every directory group) was refused as "malformed"."""
+    _rejects(verifier, key.sign({"groups": [f"group-{n}" for n in range(2000)]}),
+             "token too large (over 16384 characters)")
+
+
 @pytest.mark.parametrize("groups", ["admins", {"admins": True}, ["ok", 7], 42])
 def test_groups_claim_not_a_list_of_strings(verifier: TokenVerifier, key: SigningKey, groups: object) -> None:
     _rejects(verifier, key.sign({"groups": groups}), "invalid groups claim")
