@@ -224,16 +224,16 @@ def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentS
     with unit_of_work(settings.resolved_database_url) as session:
         transaction_lock(session, f"document:{document_id}")  # a deletion in flight commits first
         document = repository.get_document(session, document_id)
-        withdrawn = document is None or document.status in (DocumentStatus.deleted, DocumentStatus.rejected)
-        if withdrawn:
+        if document is None or document.status in (DocumentStatus.deleted, DocumentStatus.rejected):
             _withdraw(session, document, job_id)
+            department = None
         else:
             if outcome is not None:
                 outcome(session)
             repository.set_status(session, document_id=document_id, job_id=job_id, status=status, error=error,
                                   chunk_count=chunk_count)
             department = document.department
-    if withdrawn:
+    if department is None:  # withdrawn: purged once the job's end is committed
         purge.purge_now(settings, [document_id])
         return False
     metrics.INGESTED_DOCUMENTS.labels(department=department, status=str(status)).inc()
