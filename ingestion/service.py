@@ -195,25 +195,40 @@ def mark_failed(*, settings: Settings, document_id: str, job_id: str, reason: st
 
 def _start(settings: Settings, document_id: str, job_id: str) -> tuple[
         DocumentFacts | None, bytes | None, bytes | None, IngestionRules | None]:
-    """Mark processing and load what the pipeline needs; the session is released before slow work."""
+    """Mark processing and load what the pipeline needs; the session is released before slow work. A delivery that
+    finds its document retired ends the job and purges again: an earlier run may have written after the
+    retirement's purge and died before it could withdraw."""
+    withdrawn, claimed = False, None
     with unit_of_work(settings.resolved_database_url) as session:
         document = repository.get_document(session, document_id)
-        if document is None or document.status not in (DocumentStatus.queued, DocumentStatus.processing):
-            return None, None, None, None
-        key = keystore_for(settings).document_key(session=session, department=document.department,
-                                                  document_id=document_id)
-        if key is None:
-            return None, None, None, None
-        repository.count_attempt(session, job_id)
-        repository.set_status(session, document_id=document_id, job_id=job_id, status=DocumentStatus.processing)
-        facts = DocumentFacts(
-            document_id=document_id, department=document.department, title=document.title,
-            content_type=document.content_type, acl_groups=tuple(document.acl_groups),
-            classification=Classification(document.declared_classification or document.classification),
-            approved=document.approved_by is not None,
-        )
-        rules = quarantine.rules_for(session=session, department=document.department)
+        if document is not None and document.status in (DocumentStatus.queued, DocumentStatus.processing):
+            claimed = _claim(session, settings, document, job_id)
+        else:
+            withdrawn = _withdraw_unfinished(session, document, job_id)
+    if withdrawn:
+        purge.purge_now(settings, [document_id])
+    if claimed is None:
+        return None, None, None, None
+    facts, key, rules = claimed
     return facts, key, blobs.read_sealed(settings.blob_dir, document_id, key), rules
+
+
+def _claim(session: Session, settings: Settings, document: Document,
+           job_id: str) -> tuple[DocumentFacts, bytes, IngestionRules] | None:
+    """Count the attempt and mark the document processing; what the run needs, or None if its key is gone."""
+    key = keystore_for(settings).document_key(session=session, department=document.department,
+                                              document_id=document.id)
+    if key is None:
+        return None
+    repository.count_attempt(session, job_id)
+    repository.set_status(session, document_id=document.id, job_id=job_id, status=DocumentStatus.processing)
+    facts = DocumentFacts(
+        document_id=document.id, department=document.department, title=document.title,
+        content_type=document.content_type, acl_groups=tuple(document.acl_groups),
+        classification=Classification(document.declared_classification or document.classification),
+        approved=document.approved_by is not None,
+    )
+    return facts, key, quarantine.rules_for(session=session, department=document.department)
 
 
 def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentStatus, *, error: str | None = None,
@@ -237,6 +252,16 @@ def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentS
         purge.purge_now(settings, [document_id])
         return False
     metrics.INGESTED_DOCUMENTS.labels(department=department, status=str(status)).inc()
+    return True
+
+
+def _withdraw_unfinished(session: Session, document: Document | None, job_id: str) -> bool:
+    """Withdraw the job if it is still unfinished and its document retired; whether it was."""
+    job = repository.get_job(session, job_id)
+    retired = document is None or document.status in (DocumentStatus.deleted, DocumentStatus.rejected)
+    if job is None or job.status not in (DocumentStatus.queued, DocumentStatus.processing) or not retired:
+        return False
+    _withdraw(session, document, job_id)
     return True
 
 

@@ -9,7 +9,8 @@ lives in the API's memory, so at start-up it holds nothing: every unfinished job
 (`resend_unfinished`).
 
 Delivery is at least once: a job may run twice (a crash between the send and the stamp); a second run of a
-document that is already ready or deleted changes nothing (ingestion/service.py).
+document that is already ready changes nothing, and a run that finds its document deleted ends the job and purges
+again (ingestion/service.py), so no job of a deleted document is left unfinished to be sent for ever.
 """
 
 from __future__ import annotations

@@ -470,6 +470,38 @@ def test_a_document_deleted_while_it_is_ingested_stays_deleted_and_unindexed(
     assert not [p for p in indexed if p.get("document_id") == document_id]
 
 
+def test_a_run_that_died_after_its_document_was_deleted_leaves_nothing_behind(
+        client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A run that indexed its chunks after the deletion's purge and then died before it could withdraw left those
+    points (ciphertext under a shredded key) for ever, and its job `processing`, resent by the sweep every 1.5 h: the
+    next delivery found the document deleted and did nothing. Now that delivery ends the job and purges again."""
+    from ingestion import service
+
+    real_protect, real_finish, deletions, crashes = service.protect, service._finish, [], []
+
+    def protect_then_delete(data: bytes, facts, **kwargs):  # type: ignore[no-untyped-def]
+        result = real_protect(data, facts, **kwargs)
+        deletions.append(client.delete(f"/v1/documents/{facts.document_id}", headers=auth(lab["editor"])).status_code)
+        return result
+
+    def die_once(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if not crashes:
+            crashes.append(True)
+            raise RuntimeError("the worker died")  # after the points were written, before the withdrawal
+        return real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(service, "protect", protect_then_delete)
+    monkeypatch.setattr(service, "_finish", die_once)
+    uploaded = _upload(client, lab["editor"], lab["department"], "died.txt",
+                       f"Minutes {uuid.uuid4().hex}: the audit was approved.".encode())
+    assert uploaded.status_code == 202, uploaded.text
+    document_id, job_id = uploaded.json()["document_id"], uploaded.json()["job_id"]
+    job = wait_for_job(client, lab["editor"], job_id, timeout=60)
+    assert deletions == [204] and crashes == [True]
+    assert job["status"] == "deleted" and "deleted while it was being ingested" in str(job["error"])
+    assert _leftovers(settings, lab["department"], {document_id}) == set()
+
+
 def test_a_late_run_of_a_document_already_ready_leaves_it_indexed(client: TestClient, lab: dict[str, str],
                                                                   settings) -> None:  # type: ignore[no-untyped-def]
     """Only a deleted or rejected document withdraws a run: a redelivered job finishing after the first one (both

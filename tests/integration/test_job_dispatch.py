@@ -63,6 +63,29 @@ def test_jobs_queued_on_the_embedded_default_survive_a_restart(tmp_path: Path) -
     close_vector_store(restarted)
 
 
+def test_a_job_whose_document_was_deleted_before_it_ran_ends_when_it_runs(tmp_path: Path) -> None:
+    """Its run found the document deleted and did nothing: the job stayed `queued` for ever, sent again at every
+    start-up (and, on Redis, by every sweep that found the broker idle). Now the run ends it."""
+    from api.app import create_app
+    from core import migrate
+    from retrieval.store import close_vector_store
+
+    url = f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    first = _settings(tmp_path / "data", url, broker_url="memory://", inprocess_worker=False, job_sweep_seconds=0)
+    with TestClient(create_app(first)) as client:
+        editor = desk_member(client, "editor")
+        uploaded = _upload(client, editor, 0)
+        assert client.delete(f"/v1/documents/{uploaded['document_id']}", headers=auth(editor)).status_code == 204
+    close_vector_store(first)
+    restarted = first.model_copy(update={"inprocess_worker": True})
+    with TestClient(create_app(restarted)) as client:
+        job = wait_for_job(client, editor, uploaded["job_id"], timeout=60)
+    close_vector_store(restarted)
+    memory.Channel.queues.pop(first.task_queue, None)
+    assert job["status"] == "deleted" and "deleted" in str(job["error"])
+
+
 def test_an_upload_while_the_broker_is_down_is_accepted_and_sent_when_it_is_back(
         make_pg_database: Callable[[], str], tmp_path: Path) -> None:
     """The upload used to fail with a 500 after committing its document, which then stayed `queued` for ever (and a
