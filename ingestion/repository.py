@@ -126,10 +126,10 @@ def descendants(session: Session, document_id: str) -> list[Document]:
     return found
 
 
-def depth(session: Session, document: Document) -> int:
-    """How many e-mails up the document is attached below (0 for an upload)."""
-    levels, parent_id = 0, document.parent_id
-    while parent_id is not None:
-        parent = get_document(session, parent_id)
-        levels, parent_id = levels + 1, parent.parent_id if parent is not None else None
-    return levels
+def lineage(session: Session, document_id: str) -> list[str]:
+    """The ids from the uploaded e-mail down to this document (itself last), each attachment below its e-mail."""
+    line, current = [document_id], get_document(session, document_id)
+    while current is not None and current.parent_id is not None:
+        line.append(current.parent_id)
+        current = get_document(session, current.parent_id)
+    return line[::-1]

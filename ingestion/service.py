@@ -103,6 +103,9 @@ def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAcc
     deep, one too many) is kept as a failed child with the reason: nothing disappears without a trace.
     """
     with unit_of_work(settings.resolved_database_url) as session:
+        line = repository.lineage(session, document_id)
+        for line_id in line:  # a deletion of this e-mail or of one above it in flight commits first, or waits
+            transaction_lock(session, f"document:{line_id}")
         parent = repository.get_document(session, document_id)
         if (parent is None or parent.content_type not in formats.MAIL_TYPES
                 or parent.status not in (DocumentStatus.ready, DocumentStatus.quarantined)
@@ -113,7 +116,7 @@ def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAcc
         if key is None:
             return []
         found = formats.attachments(blobs.read_sealed(settings.blob_dir, document_id, key), parent.content_type)
-        too_deep = repository.depth(session, parent) >= MAX_ATTACHMENT_DEPTH
+        too_deep = len(line) - 1 >= MAX_ATTACHMENT_DEPTH  # e-mails above this one
         accepted = [child for name, payload in found[:formats.MAX_ATTACHMENTS]
                     if (child := _accept_attachment(session, settings, parent, name, payload, too_deep)) is not None]
         if len(found) > formats.MAX_ATTACHMENTS:

@@ -317,6 +317,44 @@ def test_attached_emails_are_followed_to_a_bounded_depth_and_deleted_with_their_
     assert _leftovers(settings, lab["department"], gone) == set()
 
 
+def test_an_email_deleted_while_its_attachments_are_taken_takes_them_with_it(
+        client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """An e-mail is ready before its attachments are taken: a DELETE landing in between retired the e-mail alone,
+    then its attachments were accepted under it and indexed, citable after the e-mail was deleted. Now taking them
+    and deleting the e-mail run one after the other: whichever is second sees what the first did."""
+    from core.db import unit_of_work
+    from ingestion import formats, repository
+
+    real_attachments, deletions = formats.attachments, []
+
+    def deleted_meanwhile(data: bytes, content_type: str) -> list[tuple[str, bytes]]:
+        found = real_attachments(data, content_type)
+        if not deletions:
+            deletion = threading.Thread(target=lambda: deletions.append(client.delete(
+                f"/v1/documents/{parent_id}", headers=auth(lab["editor"])).status_code))
+            deletions.append(deletion)
+            deletion.start()
+            deletion.join(timeout=5)  # it commits now, or waits for the attachments to be taken first
+        return found
+
+    monkeypatch.setattr(formats, "attachments", deleted_meanwhile)
+    mail = _mail("handover", "The handover notes are attached.",
+                 [("handover.txt", f"Keys are with the Leeds desk {uuid.uuid4().hex}.".encode())])
+    uploaded = _upload(client, lab["editor"], lab["department"], "handover.eml", mail.as_bytes())
+    assert uploaded.status_code == 202, uploaded.text
+    parent_id = uploaded.json()["document_id"]
+    deadline = time.monotonic() + 120
+    while len(deletions) < 2 and time.monotonic() < deadline:
+        time.sleep(0.25)
+    deletions[0].join(timeout=60)
+    assert deletions[1:] == [204]
+    with unit_of_work(settings.resolved_database_url) as session:
+        family = {parent_id: repository.get_document(session, parent_id).status}  # type: ignore[union-attr]
+        family.update({child.id: child.status for child in repository.descendants(session, parent_id)})
+    assert len(family) == 2 and set(family.values()) == {"deleted"}
+    assert _leftovers(settings, lab["department"], set(family)) == set()
+
+
 def test_a_vector_store_outage_during_a_delete_leaves_the_purge_to_the_sweep(
         client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """Deletion used to purge first and shred the keys at the commit: the vector store failing at an e-mail's
