@@ -89,7 +89,7 @@ def approve(*, session: Session, document: Document, actor: str) -> ReviewDecisi
     """Release a quarantined document for AI use: it is ingested again with the gate passed."""
     document.approved_by = actor
     job_id = str(uuid.uuid4())
-    repository.new_job(session, job_id=job_id, document_id=document.id)
+    repository.new_job(session, job_id=job_id, document_id=document.id, from_status=DocumentStatus.quarantined)
     return ReviewDecision(document_id=document.id, status=DocumentStatus.queued, job_id=job_id)
 
 
@@ -102,12 +102,13 @@ def reject(*, session: Session, settings: Settings, document: Document) -> Revie
 
 
 def queue_reindex(*, session: Session, department: str, document_ids: list[str] | None) -> list[tuple[str, str]]:
-    """Queue a fresh ingestion of ready documents from their encrypted originals; returns (document, job) ids."""
+    """Queue a fresh ingestion of ready documents from their encrypted originals; returns (document, job) ids. A
+    document deleted since the listing stays deleted (and is left out)."""
     queued = []
     for document in repository.documents_to_reindex(session, department=department, document_ids=document_ids):
         job_id = str(uuid.uuid4())
-        repository.new_job(session, job_id=job_id, document_id=document.id)
-        queued.append((document.id, job_id))
+        if repository.new_job(session, job_id=job_id, document_id=document.id, from_status=DocumentStatus.ready):
+            queued.append((document.id, job_id))
     return queued
 
 

@@ -88,12 +88,16 @@ def documents_to_reindex(session: Session, *, department: str | None, document_i
     return list(session.scalars(query.order_by(Document.created_at)))
 
 
-def new_job(session: Session, *, job_id: str, document_id: str) -> None:
-    """Queue another ingestion job for an existing document."""
+def new_job(session: Session, *, job_id: str, document_id: str, from_status: str) -> bool:
+    """Queue another ingestion job for an existing document if it is still `from_status`: a conditional update, so
+    a change committed meanwhile (a deletion) is not written over. Whether the job was queued."""
+    moved = session.execute(update(Document).where(Document.id == document_id, Document.status == from_status)
+                            .values(status="queued", error=None, updated_at=utcnow()))
+    if not moved.rowcount:  # type: ignore[attr-defined]
+        return False
     session.add(IngestionJob(id=job_id, document_id=document_id, status="queued"))
-    session.execute(update(Document).where(Document.id == document_id)
-                    .values(status="queued", error=None, updated_at=utcnow()))
     session.flush()
+    return True
 
 
 def record_outcome(session: Session, *, document_id: str, classification: str, declared: str, reasons: list[str],

@@ -203,6 +203,7 @@ def _start(settings: Settings, document_id: str, job_id: str) -> tuple[
     retirement's purge and died before it could withdraw."""
     withdrawn, claimed = False, None
     with unit_of_work(settings.resolved_database_url) as session:
+        transaction_lock(session, f"document:{document_id}")  # a deletion in flight commits first
         document = repository.get_document(session, document_id)
         if document is not None and document.status in (DocumentStatus.queued, DocumentStatus.processing):
             claimed = _claim(session, settings, document, job_id)

@@ -190,6 +190,30 @@ def test_reindex_rebuilds_from_the_encrypted_original(client: TestClient, lab: d
                        json={"department": lab["department"]}).status_code == 403
 
 
+def test_a_document_deleted_while_a_reindex_is_queued_stays_deleted(
+        client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A reindex lists the ready documents, then queues a job for each: a DELETE committed in between was written
+    over (`deleted` back to `queued`), leaving a document that reappeared and a job its shredded key could never
+    run. Now each document is queued under its lock, and only if it is still ready."""
+    from ingestion import repository
+
+    doc = _ingest(client, lab["editor"], lab["department"], "rota-reindex.txt",
+                  f"The Porto desk rota changes on Fridays {uuid.uuid4().hex[:6]}.".encode())
+    real_listing = repository.documents_to_reindex
+
+    def deleted_meanwhile(session, **kwargs):  # type: ignore[no-untyped-def]
+        listed = real_listing(session, **kwargs)
+        deleted = client.delete(f"/v1/documents/{doc['document_id']}", headers=auth(lab["editor"]))
+        assert deleted.status_code == 204
+        return listed
+
+    monkeypatch.setattr(repository, "documents_to_reindex", deleted_meanwhile)
+    response = client.post("/v1/admin/reindex", headers=auth(lab["dept_admin"]),
+                           json={"department": lab["department"], "document_ids": [doc["document_id"]]})
+    assert response.status_code == 202 and response.json()["queued"] == []
+    assert client.get(f"/v1/documents/{doc['document_id']}", headers=auth(lab["editor"])).status_code == 404
+
+
 def test_zip_bomb_disguised_as_docx_is_refused_at_upload(client: TestClient, lab: dict[str, str],
                                                          settings) -> None:  # type: ignore[no-untyped-def]
     buffer = io.BytesIO()
@@ -538,6 +562,37 @@ def test_a_run_that_died_after_its_document_was_deleted_leaves_nothing_behind(
     assert deletions == [204] and crashes == [True]
     assert job["status"] == "deleted" and "deleted while it was being ingested" in str(job["error"])
     assert _leftovers(settings, lab["department"], {document_id}) == set()
+
+
+def test_a_document_deleted_as_its_run_starts_stays_deleted(
+        client: TestClient, lab: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run read its document `queued`, then marked it `processing` unconditionally: a DELETE committed in between
+    was written over, and the run went on to mark the deleted document `ready`. Now a run starts under the
+    document's lock, as a deletion does: the deletion waits for the start, and the run's end withdraws it."""
+    from ingestion import repository
+
+    real_count, deletions = repository.count_attempt, []
+
+    def deleted_meanwhile(session, job_id: str) -> None:  # type: ignore[no-untyped-def]
+        if not deletions:
+            target = repository.get_job(session, job_id).document_id  # type: ignore[union-attr]
+            deletion = threading.Thread(target=lambda: deletions.append(client.delete(
+                f"/v1/documents/{target}", headers=auth(lab["editor"])).status_code))
+            deletions.append(deletion)
+            deletion.start()
+            deletion.join(timeout=5)  # it commits now, or waits for the run's start to commit first
+        real_count(session, job_id)
+
+    monkeypatch.setattr(repository, "count_attempt", deleted_meanwhile)
+    uploaded = _upload(client, lab["editor"], lab["department"], "starting.txt",
+                       f"Minutes {uuid.uuid4().hex}: the lease was renewed.".encode())
+    assert uploaded.status_code == 202, uploaded.text
+    document_id = uploaded.json()["document_id"]
+    job = wait_for_job(client, lab["editor"], uploaded.json()["job_id"], timeout=60)
+    deletions[0].join(timeout=60)
+    assert deletions[1:] == [204]
+    assert job["status"] == "deleted"
+    assert client.get(f"/v1/documents/{document_id}", headers=auth(lab["editor"])).status_code == 404
 
 
 def test_a_late_run_of_a_document_already_ready_leaves_it_indexed(client: TestClient, lab: dict[str, str],
