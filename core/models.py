@@ -37,6 +37,9 @@ class DocumentStatus(StrEnum):
     rejected = "rejected"  # issue 3: an admin refused a quarantined document; its key is shredded
 
 
+RETIRED = (DocumentStatus.deleted, DocumentStatus.rejected)  # final: the key is shredded, nothing moves it back
+
+
 class Department(Base):
     __tablename__ = "departments"
 

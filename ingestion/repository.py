@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from core.models import Document, IngestionJob, IngestionPolicy, utcnow
+from core.models import RETIRED, Document, IngestionJob, IngestionPolicy, utcnow
 
 
 def get_document(session: Session, document_id: str) -> Document | None:
@@ -19,14 +19,20 @@ def get_job(session: Session, job_id: str) -> IngestionJob | None:
 
 
 def set_status(session: Session, *, document_id: str, job_id: str, status: str, error: str | None = None,
-               chunk_count: int | None = None) -> None:
-    """Move a document and its job to `status` together."""
+               chunk_count: int | None = None) -> bool:
+    """Move a document and its job to `status` together, unless the document is retired: a conditional update, so
+    a deletion committed meanwhile (of the document or of an e-mail above it) is never written over. Whether it
+    moved."""
     values: dict[str, object] = {"status": status, "error": error, "updated_at": utcnow()}
     if chunk_count is not None:
         values["chunk_count"] = chunk_count
-    session.execute(update(Document).where(Document.id == document_id).values(**values))
+    moved = session.execute(update(Document).where(Document.id == document_id, Document.status.not_in(RETIRED))
+                            .values(**values))
+    if not moved.rowcount:  # type: ignore[attr-defined]
+        return False
     session.execute(update(IngestionJob).where(IngestionJob.id == job_id)
                     .values(status=status, error=error, updated_at=utcnow()))
+    return True
 
 
 def end_job(session: Session, *, job_id: str, status: str, error: str) -> None:

@@ -15,7 +15,7 @@ from core import blobs, metrics
 from core.db import transaction_lock, unit_of_work
 from core.errors import ErrorCode, GovragError
 from core.keystore import keystore_for
-from core.models import Document, DocumentStatus, IngestionJob
+from core.models import RETIRED, Document, DocumentStatus, IngestionJob
 from core.settings import Settings
 from core.text import printable_name
 from guard.injection import get_scanner
@@ -199,16 +199,15 @@ def mark_failed(*, settings: Settings, document_id: str, job_id: str, reason: st
 def _start(settings: Settings, document_id: str, job_id: str) -> tuple[
         DocumentFacts | None, bytes | None, bytes | None, IngestionRules | None]:
     """Mark processing and load what the pipeline needs; the session is released before slow work. A delivery that
-    finds its document retired ends the job and purges again: an earlier run may have written after the
-    retirement's purge and died before it could withdraw."""
+    finds its document retired (before or while it claims it) ends the job and purges again: an earlier run may have
+    written after the retirement's purge and died before it could withdraw."""
     withdrawn, claimed = False, None
     with unit_of_work(settings.resolved_database_url) as session:
-        transaction_lock(session, f"document:{document_id}")  # a deletion in flight commits first
         document = repository.get_document(session, document_id)
         if document is not None and document.status in (DocumentStatus.queued, DocumentStatus.processing):
             claimed = _claim(session, settings, document, job_id)
-        else:
-            withdrawn = _withdraw_unfinished(session, document, job_id)
+        if claimed is None:
+            withdrawn = _withdraw_unfinished(session, document_id, job_id)
     if withdrawn:
         purge.purge_now(settings, [document_id])
     if claimed is None:
@@ -219,13 +218,15 @@ def _start(settings: Settings, document_id: str, job_id: str) -> tuple[
 
 def _claim(session: Session, settings: Settings, document: Document,
            job_id: str) -> tuple[DocumentFacts, bytes, IngestionRules] | None:
-    """Count the attempt and mark the document processing; what the run needs, or None if its key is gone."""
+    """Count the attempt and mark the document processing; what the run needs, or None if it was retired (its key
+    gone)."""
     key = keystore_for(settings).document_key(session=session, department=document.department,
                                               document_id=document.id)
     if key is None:
         return None
     repository.count_attempt(session, job_id)
-    repository.set_status(session, document_id=document.id, job_id=job_id, status=DocumentStatus.processing)
+    if not repository.set_status(session, document_id=document.id, job_id=job_id, status=DocumentStatus.processing):
+        return None
     facts = DocumentFacts(
         document_id=document.id, department=document.department, title=document.title,
         content_type=document.content_type, acl_groups=tuple(document.acl_groups),
@@ -241,17 +242,14 @@ def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentS
     document was deleted (or rejected) while the worker ran: then only its job ends, the points it indexed go, and
     the answer is False."""
     with unit_of_work(settings.resolved_database_url) as session:
-        transaction_lock(session, f"document:{document_id}")  # a deletion in flight commits first
-        document = repository.get_document(session, document_id)
-        if document is None or document.status in (DocumentStatus.deleted, DocumentStatus.rejected):
-            _withdraw(session, document, job_id)
-            department = None
-        else:
+        if repository.set_status(session, document_id=document_id, job_id=job_id, status=status, error=error,
+                                 chunk_count=chunk_count):
             if outcome is not None:
                 outcome(session)
-            repository.set_status(session, document_id=document_id, job_id=job_id, status=status, error=error,
-                                  chunk_count=chunk_count)
-            department = document.department
+            department = repository.get_document(session, document_id).department  # type: ignore[union-attr]
+        else:
+            _withdraw(session, _current(session, document_id), job_id)
+            department = None
     if department is None:  # withdrawn: purged once the job's end is committed
         purge.purge_now(settings, [document_id])
         return False
@@ -259,10 +257,18 @@ def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentS
     return True
 
 
-def _withdraw_unfinished(session: Session, document: Document | None, job_id: str) -> bool:
+def _current(session: Session, document_id: str) -> Document | None:
+    """The document row as last committed (a retirement that a conditional update just found shows now)."""
+    document = repository.get_document(session, document_id)
+    if document is not None:
+        session.refresh(document)
+    return document
+
+
+def _withdraw_unfinished(session: Session, document_id: str, job_id: str) -> bool:
     """Withdraw the job if it is still unfinished and its document retired; whether it was."""
-    job = repository.get_job(session, job_id)
-    retired = document is None or document.status in (DocumentStatus.deleted, DocumentStatus.rejected)
+    job, document = repository.get_job(session, job_id), _current(session, document_id)
+    retired = document is None or document.status in RETIRED
     if job is None or job.status not in (DocumentStatus.queued, DocumentStatus.processing) or not retired:
         return False
     _withdraw(session, document, job_id)

@@ -564,35 +564,40 @@ def test_a_run_that_died_after_its_document_was_deleted_leaves_nothing_behind(
     assert _leftovers(settings, lab["department"], {document_id}) == set()
 
 
+@pytest.mark.parametrize("deleted", ["itself", "its e-mail"])
 def test_a_document_deleted_as_its_run_starts_stays_deleted(
-        client: TestClient, lab: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """A run read its document `queued`, then marked it `processing` unconditionally: a DELETE committed in between
-    was written over, and the run went on to mark the deleted document `ready`. Now a run starts under the
-    document's lock, as a deletion does: the deletion waits for the start, and the run's end withdraws it."""
+        client: TestClient, lab: dict[str, str], monkeypatch: pytest.MonkeyPatch, deleted: str) -> None:
+    """A run read its document `queued`, then marked it `processing` unconditionally: a DELETE (of the document, or
+    of the e-mail it is attached to) committed in between was written over, and the document was left `processing`
+    with a shredded key, its job never ending. Now a retired document's status is never written over (a
+    conditional update): the run sees the deletion and withdraws."""
     from ingestion import repository
 
-    real_count, deletions = repository.count_attempt, []
+    real_count, started = repository.count_attempt, []
 
     def deleted_meanwhile(session, job_id: str) -> None:  # type: ignore[no-untyped-def]
-        if not deletions:
-            target = repository.get_job(session, job_id).document_id  # type: ignore[union-attr]
-            deletion = threading.Thread(target=lambda: deletions.append(client.delete(
+        document = repository.get_document(session, repository.get_job(session, job_id).document_id)  # type: ignore[union-attr]
+        target = document.parent_id if deleted == "its e-mail" else document.id  # type: ignore[union-attr]
+        if not started and target is not None:
+            deletion = threading.Thread(target=lambda: started.append(client.delete(
                 f"/v1/documents/{target}", headers=auth(lab["editor"])).status_code))
-            deletions.append(deletion)
+            started.extend([job_id, deletion])
             deletion.start()
-            deletion.join(timeout=5)  # it commits now, or waits for the run's start to commit first
+            deletion.join(timeout=5)
         real_count(session, job_id)
 
     monkeypatch.setattr(repository, "count_attempt", deleted_meanwhile)
-    uploaded = _upload(client, lab["editor"], lab["department"], "starting.txt",
-                       f"Minutes {uuid.uuid4().hex}: the lease was renewed.".encode())
+    mail = _mail("lease", "The lease minutes are attached.",
+                 [("lease.txt", f"Minutes {uuid.uuid4().hex}: the lease was renewed.".encode())])
+    uploaded = _upload(client, lab["editor"], lab["department"], "lease.eml", mail.as_bytes())
     assert uploaded.status_code == 202, uploaded.text
-    document_id = uploaded.json()["document_id"]
-    job = wait_for_job(client, lab["editor"], uploaded.json()["job_id"], timeout=60)
-    deletions[0].join(timeout=60)
-    assert deletions[1:] == [204]
-    assert job["status"] == "deleted"
-    assert client.get(f"/v1/documents/{document_id}", headers=auth(lab["editor"])).status_code == 404
+    deadline = time.monotonic() + 120
+    while len(started) < 3 and time.monotonic() < deadline:
+        time.sleep(0.25)
+    job_id, deletion, status = started
+    job = wait_for_job(client, lab["editor"], job_id, timeout=60)
+    assert status == 204 and job["status"] == "deleted"
+    assert client.get(f"/v1/documents/{job['document_id']}", headers=auth(lab["editor"])).status_code == 404
 
 
 def test_a_late_run_of_a_document_already_ready_leaves_it_indexed(client: TestClient, lab: dict[str, str],
