@@ -117,7 +117,7 @@ def record_outcome(session: Session, *, document_id: str, classification: str, d
 def document_ids_with_keys(session: Session, department: str) -> list[str]:
     """Ids of a department's documents that may still hold a data key (not deleted or rejected)."""
     query = select(Document.id).where(Document.department == department,
-                                      Document.status.not_in(("deleted", "rejected")))
+                                      Document.status.not_in(RETIRED))
     return list(session.scalars(query.order_by(Document.id)))
 
 

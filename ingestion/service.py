@@ -178,8 +178,7 @@ def reveal(*, session: Session, settings: Settings, document_id: str, placeholde
            can_reveal: Callable[[str], bool]) -> tuple[str, RevealOut]:
     """The originals behind placeholders of a document kept reversibly; returns (department, result)."""
     document = repository.get_document(session, document_id)
-    if document is None or document.status in (DocumentStatus.deleted, DocumentStatus.rejected) or not can_reveal(
-            document.department):
+    if document is None or document.status in RETIRED or not can_reveal(document.department):
         raise GovragError(ErrorCode.not_found, "no such document")
     key = keystore_for(settings).document_key(session=session, department=document.department,
                                               document_id=document_id)
