@@ -37,6 +37,7 @@ class DocumentStatus(StrEnum):
     rejected = "rejected"  # issue 3: an admin refused a quarantined document; its key is shredded
 
 
+UNFINISHED = (DocumentStatus.queued, DocumentStatus.processing)  # a document or job still in the pipeline
 RETIRED = (DocumentStatus.deleted, DocumentStatus.rejected)  # final: the key is shredded, nothing moves it back
 
 

@@ -15,7 +15,7 @@ from core import blobs, metrics
 from core.db import transaction_lock, unit_of_work
 from core.errors import ErrorCode, GovragError
 from core.keystore import keystore_for
-from core.models import RETIRED, Document, DocumentStatus, IngestionJob
+from core.models import RETIRED, UNFINISHED, Document, DocumentStatus, IngestionJob
 from core.settings import Settings
 from core.text import printable_name
 from guard.injection import get_scanner
@@ -203,7 +203,7 @@ def _start(settings: Settings, document_id: str, job_id: str) -> tuple[
     withdrawn, claimed = False, None
     with unit_of_work(settings.resolved_database_url) as session:
         document = repository.get_document(session, document_id)
-        if document is not None and document.status in (DocumentStatus.queued, DocumentStatus.processing):
+        if document is not None and document.status in UNFINISHED:
             claimed = _claim(session, settings, document, job_id)
         if claimed is None:
             withdrawn = _withdraw_unfinished(session, document_id, job_id)
@@ -268,7 +268,7 @@ def _withdraw_unfinished(session: Session, document_id: str, job_id: str) -> boo
     """Withdraw the job if it is still unfinished and its document retired; whether it was."""
     job, document = repository.get_job(session, job_id), _current(session, document_id)
     retired = document is None or document.status in RETIRED
-    if job is None or job.status not in (DocumentStatus.queued, DocumentStatus.processing) or not retired:
+    if job is None or job.status not in UNFINISHED or not retired:
         return False
     _withdraw(session, document, job_id)
     return True

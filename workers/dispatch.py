@@ -23,12 +23,11 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from core.db import transaction_lock, unit_of_work
-from core.models import DocumentStatus, IngestionJob, utcnow
+from core.models import UNFINISHED, DocumentStatus, IngestionJob, utcnow
 from workers.celery_app import INGEST_TASK, GovragCelery
 
 logger = logging.getLogger(__name__)
 
-_UNFINISHED = (DocumentStatus.queued.value, DocumentStatus.processing.value)
 _SWEEP_BATCH = 500
 _SWEEP_LOCK = "ingestion-job-sweep"
 
@@ -54,7 +53,7 @@ def send_unsent(app: GovragCelery, *, older_than_seconds: float) -> int:
         cutoff = utcnow() - timedelta(seconds=older_than_seconds)
         unsent = session.execute(
             select(IngestionJob.id, IngestionJob.document_id)
-            .where(IngestionJob.sent_at.is_(None), IngestionJob.status.in_(_UNFINISHED),
+            .where(IngestionJob.sent_at.is_(None), IngestionJob.status.in_(UNFINISHED),
                    IngestionJob.created_at <= cutoff)
             .order_by(IngestionJob.created_at).limit(_SWEEP_BATCH)).all()
         for job_id, document_id in unsent:
@@ -71,7 +70,7 @@ def resend_unfinished(app: GovragCelery) -> int:
     """Embedded default only (an in-memory broker, empty at start-up): mark every unfinished job unsent, then send
     them all. A job that was `processing` when the process stopped runs again from the start."""
     with unit_of_work(app.govrag_settings.resolved_database_url) as session:
-        session.execute(update(IngestionJob).where(IngestionJob.status.in_(_UNFINISHED))
+        session.execute(update(IngestionJob).where(IngestionJob.status.in_(UNFINISHED))
                         .values(sent_at=None, updated_at=IngestionJob.updated_at))
     return send_unsent(app, older_than_seconds=0)
 

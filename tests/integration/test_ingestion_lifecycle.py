@@ -349,16 +349,12 @@ def test_an_email_deleted_while_its_attachments_are_taken_takes_them_with_it(
     from core.db import unit_of_work
     from ingestion import formats, repository
 
-    real_attachments, deletions = formats.attachments, []
+    real_attachments, deletions, statuses = formats.attachments, [], []
 
     def deleted_meanwhile(data: bytes, content_type: str) -> list[tuple[str, bytes]]:
         found = real_attachments(data, content_type)
-        if not deletions:
-            deletion = threading.Thread(target=lambda: deletions.append(client.delete(
-                f"/v1/documents/{parent_id}", headers=auth(lab["editor"])).status_code))
-            deletions.append(deletion)
-            deletion.start()
-            deletion.join(timeout=5)  # it commits now, or waits for the attachments to be taken first
+        if not deletions:  # it commits now, or waits for the attachments to be taken first
+            deletions.append(_delete_meanwhile(client, lab["editor"], parent_id, statuses))
         return found
 
     monkeypatch.setattr(formats, "attachments", deleted_meanwhile)
@@ -368,15 +364,25 @@ def test_an_email_deleted_while_its_attachments_are_taken_takes_them_with_it(
     assert uploaded.status_code == 202, uploaded.text
     parent_id = uploaded.json()["document_id"]
     deadline = time.monotonic() + 120
-    while len(deletions) < 2 and time.monotonic() < deadline:
+    while not deletions and time.monotonic() < deadline:
         time.sleep(0.25)
     deletions[0].join(timeout=60)
-    assert deletions[1:] == [204]
+    assert statuses == [204]
     with unit_of_work(settings.resolved_database_url) as session:
         family = {parent_id: repository.get_document(session, parent_id).status}  # type: ignore[union-attr]
         family.update({child.id: child.status for child in repository.descendants(session, parent_id)})
     assert len(family) == 2 and set(family.values()) == {"deleted"}
     assert _leftovers(settings, lab["department"], set(family)) == set()
+
+
+def _delete_meanwhile(client: TestClient, token: str, document_id: str, statuses: list) -> threading.Thread:  # type: ignore[type-arg]
+    """DELETE the document from another thread, its status appended to `statuses`; give it 5 s to commit (or to
+    wait, if the caller holds what the deletion waits for) and return the thread."""
+    deletion = threading.Thread(target=lambda: statuses.append(client.delete(
+        f"/v1/documents/{document_id}", headers=auth(token)).status_code))
+    deletion.start()
+    deletion.join(timeout=5)
+    return deletion
 
 
 def test_a_vector_store_outage_during_a_delete_leaves_the_purge_to_the_sweep(
@@ -573,17 +579,14 @@ def test_a_document_deleted_as_its_run_starts_stays_deleted(
     conditional update): the run sees the deletion and withdraws."""
     from ingestion import repository
 
-    real_count, started = repository.count_attempt, []
+    real_count, started, deletions, statuses = repository.count_attempt, [], [], []
 
     def deleted_meanwhile(session, job_id: str) -> None:  # type: ignore[no-untyped-def]
         document = repository.get_document(session, repository.get_job(session, job_id).document_id)  # type: ignore[union-attr]
         target = document.parent_id if deleted == "its e-mail" else document.id  # type: ignore[union-attr]
         if not started and target is not None:
-            deletion = threading.Thread(target=lambda: started.append(client.delete(
-                f"/v1/documents/{target}", headers=auth(lab["editor"])).status_code))
-            started.extend([job_id, deletion])
-            deletion.start()
-            deletion.join(timeout=5)
+            started.append(job_id)
+            deletions.append(_delete_meanwhile(client, lab["editor"], target, statuses))
         real_count(session, job_id)
 
     monkeypatch.setattr(repository, "count_attempt", deleted_meanwhile)
@@ -592,11 +595,11 @@ def test_a_document_deleted_as_its_run_starts_stays_deleted(
     uploaded = _upload(client, lab["editor"], lab["department"], "lease.eml", mail.as_bytes())
     assert uploaded.status_code == 202, uploaded.text
     deadline = time.monotonic() + 120
-    while len(started) < 3 and time.monotonic() < deadline:
+    while not started and time.monotonic() < deadline:
         time.sleep(0.25)
-    job_id, deletion, status = started
-    job = wait_for_job(client, lab["editor"], job_id, timeout=60)
-    assert status == 204 and job["status"] == "deleted"
+    job = wait_for_job(client, lab["editor"], started[0], timeout=60)
+    deletions[0].join(timeout=60)
+    assert statuses == [204] and job["status"] == "deleted"
     assert client.get(f"/v1/documents/{job['document_id']}", headers=auth(lab["editor"])).status_code == 404
 
 
