@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+from datetime import datetime
+
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from core.models import RETIRED, Document, IngestionJob, IngestionPolicy, utcnow
+from core.models import RETIRED, Document, DocumentStatus, IngestionJob, IngestionPolicy, utcnow
 
 
 def get_document(session: Session, document_id: str) -> Document | None:
@@ -119,6 +121,20 @@ def document_ids_with_keys(session: Session, department: str) -> list[str]:
     query = select(Document.id).where(Document.department == department,
                                       Document.status.not_in(RETIRED))
     return list(session.scalars(query.order_by(Document.id)))
+
+
+def documents_page(session: Session, *, department: str, status: str | None, before: tuple[datetime, str] | None,
+                   limit: int) -> list[Document]:
+    """Up to `limit` of a department's documents (never deleted ones), newest first, after the position `before`
+    (created_at, id) of the last one a previous page held."""
+    query = select(Document).where(Document.department == department, Document.status != DocumentStatus.deleted)
+    if status is not None:
+        query = query.where(Document.status == status)
+    if before is not None:
+        created_at, document_id = before
+        query = query.where(or_(Document.created_at < created_at,
+                                and_(Document.created_at == created_at, Document.id < document_id)))
+    return list(session.scalars(query.order_by(Document.created_at.desc(), Document.id.desc()).limit(limit)))
 
 
 def children(session: Session, parent_id: str) -> list[Document]:

@@ -27,7 +27,20 @@ class UploadAccepted(BaseModel):
     job_id: str
 
 
-class DocumentStatusOut(BaseModel):
+class ListedStatus(StrEnum):
+    """The states a document listing may be filtered by (deleted documents are never listed)."""
+
+    queued = "queued"
+    processing = "processing"
+    ready = "ready"
+    failed = "failed"
+    quarantined = "quarantined"
+    rejected = "rejected"
+
+
+class DocumentSummaryOut(BaseModel):
+    """A document as a listing shows it: metadata only, never content."""
+
     document_id: str
     department: str
     title: str
@@ -38,14 +51,27 @@ class DocumentStatusOut(BaseModel):
     status: str
     error: str | None
     chunk_count: int
+    parent_id: str | None  # the e-mail this attachment came from
     created_at: datetime
     updated_at: datetime
+
+
+class DocumentStatusOut(DocumentSummaryOut):
+    """A document's status as GET /v1/documents/{id} shows it: the listing's fields and the classifier's findings."""
+
     declared_classification: str | None = None
     classification_reasons: list[str] = Field(default_factory=list)
     flagged_chunks: int = 0
     review_reason: str | None = None
-    parent_id: str | None = None  # the e-mail this attachment came from
     attachment_ids: list[str] = Field(default_factory=list)  # an e-mail's attachments, as child documents
+
+
+class DocumentPage(BaseModel):
+    """Up to `limit` documents, newest first; fewer (even none) where some are hidden from the caller. While
+    `next_after` is set, pass it as `after` for the next page."""
+
+    documents: list[DocumentSummaryOut]
+    next_after: str | None
 
 
 class JobStatusOut(BaseModel):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import json
 import logging
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 
 from sqlalchemy.orm import Session
 
@@ -23,7 +25,16 @@ from guard.pii import get_redactor
 from ingestion import formats, purge, quarantine, repository
 from ingestion.parse import ParseLimits, check_zip_container
 from ingestion.pipeline import DocumentFacts, IngestionRules, protect
-from ingestion.schemas import Classification, DocumentStatusOut, JobStatusOut, RevealOut, UploadAccepted
+from ingestion.schemas import (
+    Classification,
+    DocumentPage,
+    DocumentStatusOut,
+    DocumentSummaryOut,
+    JobStatusOut,
+    ListedStatus,
+    RevealOut,
+    UploadAccepted,
+)
 from ingestion.sniff import sniff_content_type
 from retrieval.embeddings import get_embedder
 from retrieval.store import open_vector_store
@@ -298,16 +309,48 @@ def document_status(*, session: Session, can_see: Callable[[Document], bool],
     if document is None or document.status == DocumentStatus.deleted or not can_see(document):
         raise GovragError(ErrorCode.not_found, "no such document")
     return DocumentStatusOut(
-        document_id=document.id, department=document.department, title=document.title,
-        content_type=document.content_type, size_bytes=document.size_bytes,
-        classification=document.classification, acl_groups=document.acl_groups, status=document.status,
-        error=document.error, chunk_count=document.chunk_count, created_at=document.created_at,
-        updated_at=document.updated_at, declared_classification=document.declared_classification,
-        classification_reasons=list(document.classification_reasons or []),
-        flagged_chunks=document.flagged_chunks, review_reason=document.review_reason, parent_id=document.parent_id,
+        **_summary(document).model_dump(), declared_classification=document.declared_classification,
+        classification_reasons=list(document.classification_reasons or []), flagged_chunks=document.flagged_chunks,
+        review_reason=document.review_reason,
         attachment_ids=[child.id for child in repository.children(session, document.id)
                         if child.status != DocumentStatus.deleted],
     )
+
+
+def list_documents(*, session: Session, can_see: Callable[[Document], bool], department: str,
+                   status: ListedStatus | None, limit: int, after: str | None) -> DocumentPage:
+    """One page of a department's documents, newest first, showing those the caller may see. A page reads `limit`
+    rows at most, so a caller who may see few of many documents gets short pages, never a long scan."""
+    rows = repository.documents_page(session, department=department, status=status, before=_page_position(after),
+                                     limit=limit)
+    shown = [_summary(document) for document in rows if can_see(document)]
+    return DocumentPage(documents=shown, next_after=_page_cursor(rows[-1]) if len(rows) == limit else None)
+
+
+def _summary(document: Document) -> DocumentSummaryOut:
+    return DocumentSummaryOut(
+        document_id=document.id, department=document.department, title=document.title,
+        content_type=document.content_type, size_bytes=document.size_bytes, classification=document.classification,
+        acl_groups=document.acl_groups, status=document.status, error=document.error,
+        chunk_count=document.chunk_count, parent_id=document.parent_id, created_at=document.created_at,
+        updated_at=document.updated_at)
+
+
+def _page_cursor(document: Document) -> str:
+    """Where the next page starts: after this document (its creation time and id), as an opaque token."""
+    position = json.dumps([document.created_at.isoformat(), document.id]).encode()
+    return base64.urlsafe_b64encode(position).decode().rstrip("=")
+
+
+def _page_position(after: str | None) -> tuple[datetime, str] | None:
+    """The position a `_page_cursor` token holds; a token that is not one is refused."""
+    if after is None:
+        return None
+    try:
+        created_at, document_id = json.loads(base64.urlsafe_b64decode(after + "=" * (-len(after) % 4)))
+        return datetime.fromisoformat(created_at), str(document_id)
+    except (ValueError, TypeError) as exc:  # bad base64, JSON, shape or timestamp
+        raise GovragError(ErrorCode.invalid_request, "after: not a cursor from a previous page") from exc
 
 
 def job_status(*, session: Session, can_see: Callable[[Document], bool], job_id: str) -> JobStatusOut:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile, status
+from fastapi import APIRouter, File, Form, Query, UploadFile, status
 
 from api.deps import CeleryDep, CurrentUser, EnforcerDep, SessionDep, SettingsDep
 from audit import service as audit_service
@@ -17,13 +17,23 @@ from core.models import Document
 from core.text import require_no_nul
 from ingestion import purge
 from ingestion import service as ingestion_service
-from ingestion.schemas import Classification, DocumentStatusOut, JobStatusOut, RevealIn, RevealOut, UploadAccepted
+from ingestion.schemas import (
+    Classification,
+    DocumentPage,
+    DocumentStatusOut,
+    JobStatusOut,
+    ListedStatus,
+    RevealIn,
+    RevealOut,
+    UploadAccepted,
+)
 from workers.dispatch import send_job
 
 router = APIRouter(prefix="/v1", tags=["documents"])
 
 GROUP_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 MAX_ACL_GROUPS = 256
+MAX_PAGE = 200  # documents per listing page
 
 
 @router.post("/documents", status_code=status.HTTP_202_ACCEPTED, response_model=UploadAccepted)
@@ -47,6 +57,23 @@ def upload_document(
     session.commit()
     send_job(celery, document_id=accepted.document_id, job_id=accepted.job_id)
     return accepted
+
+
+@router.get("/documents", response_model=DocumentPage)
+def list_documents(
+    session: SessionDep, enforcer: EnforcerDep, user: CurrentUser,
+    department: Annotated[str, Query(max_length=64)],
+    status: ListedStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+    after: Annotated[str | None, Query(max_length=200)] = None,
+) -> DocumentPage:
+    """A department's documents, newest first (metadata only): all of them for its editors, for its readers those
+    they may read (ACL and clearance); anyone else is refused."""
+    if not (authz_service.is_allowed(enforcer, user, "upload", department)
+            or authz_service.is_allowed(enforcer, user, "read", department)):
+        raise GovragError(ErrorCode.forbidden, "not allowed to list documents in this department")
+    return ingestion_service.list_documents(session=session, can_see=_visibility(enforcer, user),
+                                            department=department, status=status, limit=limit, after=after)
 
 
 @router.get("/documents/{document_id}", response_model=DocumentStatusOut)

@@ -1,0 +1,142 @@
+"""GET /v1/documents: a department's documents, newest first, one bounded page at a time; metadata only, and for a
+reader only what they may open. Real PostgreSQL, the real worker."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import Callable
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import PLATFORM_ADMIN, auth, wait_for_document
+
+FINANCE = "finance-team"
+
+
+@pytest.fixture(scope="module")
+def shelf(client: TestClient, issue_token: Callable[..., str]) -> dict[str, object]:
+    """A department with an editor and a reader, four documents (one for the finance team only, one above the
+    reader's clearance) and a fifth that was deleted; ids in upload order."""
+    department = f"shelf{uuid.uuid4().hex[:6]}"
+    admin = auth(issue_token(PLATFORM_ADMIN))
+    assert client.post("/v1/admin/departments", json={"name": department}, headers=admin).status_code == 201
+    for subject, role in (("lina", "editor"), ("rita", "reader"), ("fred", "reader")):
+        response = client.post("/v1/admin/role-assignments", headers=admin,
+                               json={"subject": subject, "role": role, "department": department})
+        assert response.status_code == 201, response.text
+    editor = issue_token("lina")
+    uploads = [("rota.txt", {}), ("budget.txt", {"acl_groups": FINANCE}), ("canteen.txt", {}),
+               ("salaries.txt", {"classification": "confidential"}), ("gone.txt", {})]
+    ids = []
+    for name, form in uploads:
+        response = client.post("/v1/documents", headers=auth(editor), data={"department": department, **form},
+                               files={"file": (name, f"{name} notes {uuid.uuid4().hex}.".encode())})
+        assert response.status_code == 202, response.text
+        ids.append(wait_for_document(client, editor, response.json()["document_id"])["document_id"])
+    assert client.delete(f"/v1/documents/{ids[-1]}", headers=auth(editor)).status_code == 204
+    return {"department": department, "ids": ids[:-1], "deleted": ids[-1], "editor": editor,
+            "reader": issue_token("rita"), "finance_reader": issue_token("fred", [FINANCE]),
+            "outsider": issue_token("otto")}
+
+
+def _walk(client: TestClient, token: str, department: str, **params: object) -> tuple[list[str], list[int]]:
+    """Every listed id, page after page, and each page's size."""
+    listed, sizes, after = [], [], None
+    while True:
+        query = {"department": department, **params, **({"after": after} if after else {})}
+        response = client.get("/v1/documents", headers=auth(token), params=query)
+        assert response.status_code == 200, response.text
+        page = response.json()
+        listed += [document["document_id"] for document in page["documents"]]
+        sizes.append(len(page["documents"]))
+        after = page["next_after"]
+        if after is None:
+            return listed, sizes
+
+
+def test_an_editor_pages_through_every_document_newest_first(client: TestClient, shelf: dict) -> None:  # type: ignore[type-arg]
+    listed, sizes = _walk(client, shelf["editor"], shelf["department"], limit=2)
+    assert listed == shelf["ids"][::-1]  # every one once, newest first; the deleted one never
+    assert sizes[:2] == [2, 2]
+    page = client.get("/v1/documents", headers=auth(shelf["editor"]),
+                      params={"department": shelf["department"], "limit": 1}).json()
+    newest = page["documents"][0]
+    assert newest["title"] == "salaries.txt" and newest["status"] == "ready" and newest["chunk_count"] >= 1
+    assert "notes" not in str(page)  # metadata only, never content
+
+
+def test_a_reader_lists_exactly_the_documents_they_may_open(client: TestClient, shelf: dict) -> None:  # type: ignore[type-arg]
+    for reader in ("reader", "finance_reader"):
+        token = shelf[reader]
+        openable = [document_id for document_id in shelf["ids"]
+                    if client.get(f"/v1/documents/{document_id}", headers=auth(token)).status_code == 200]
+        listed, _ = _walk(client, token, shelf["department"])
+        assert listed == openable[::-1]
+    rota, budget, canteen, salaries = shelf["ids"]
+    assert _walk(client, shelf["reader"], shelf["department"])[0] == [canteen, rota]  # no ACL, no clearance
+    assert budget in _walk(client, shelf["finance_reader"], shelf["department"])[0]
+
+
+def test_a_page_reads_at_most_its_limit_so_hidden_documents_give_short_pages(client: TestClient,
+                                                                                shelf: dict) -> None:  # type: ignore[type-arg]
+    listed, sizes = _walk(client, shelf["reader"], shelf["department"], limit=1)
+    rota, _, canteen, _ = shelf["ids"]
+    assert listed == [canteen, rota]
+    assert 0 in sizes  # the newest (salaries) is above the reader's clearance: its page comes back empty
+
+
+def test_a_listing_filters_by_status(client: TestClient, shelf: dict) -> None:  # type: ignore[type-arg]
+    assert _walk(client, shelf["editor"], shelf["department"], status="ready")[0] == shelf["ids"][::-1]
+    assert _walk(client, shelf["editor"], shelf["department"], status="quarantined")[0] == []
+
+
+@pytest.mark.parametrize(("params", "status", "message"), [
+    ({}, 422, "department"),
+    ({"limit": 0}, 422, "limit"),
+    ({"limit": 201}, 422, "limit"),
+    ({"status": "deleted"}, 422, "status"),
+    ({"after": "not-a-cursor"}, 400, "after: not a cursor from a previous page"),
+    ({"after": base64.urlsafe_b64encode(b'{"at": 1}').decode()}, 400, "after: not a cursor from a previous page"),
+    ({"after": base64.urlsafe_b64encode(b'["yesterday", "x"]').decode()}, 400, "not a cursor"),
+    ({"after": "a\x00b"}, 422, "NUL"),
+])
+def test_a_bad_listing_request_gets_a_clear_error(client: TestClient, shelf: dict, params: dict, status: int,  # type: ignore[type-arg]
+                                                  message: str) -> None:
+    query = {"department": shelf["department"], **params} if params else {}
+    response = client.get("/v1/documents", headers=auth(shelf["editor"]), params=query)
+    assert response.status_code == status and message in response.text
+
+
+def test_someone_without_a_role_in_the_department_is_refused(client: TestClient, shelf: dict) -> None:  # type: ignore[type-arg]
+    for department in (shelf["department"], "no-such-department"):  # the same answer: existence is not revealed
+        response = client.get("/v1/documents", headers=auth(shelf["outsider"]), params={"department": department})
+        assert response.status_code == 403
+        assert response.json()["error"]["message"] == "not allowed to list documents in this department"
+
+
+def test_pages_walk_the_same_way_on_the_embedded_default(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SQLite keeps timestamps without their zone: the cursor's position must compare all the same."""
+    from kombu.transport import memory
+
+    from api.app import create_app
+    from core import migrate
+    from core.settings import Settings
+    from retrieval.store import close_vector_store
+    from tests.conftest import desk_member
+
+    url = f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=url, admins=[PLATFORM_ADMIN], broker_url="memory://",
+                        task_queue=f"govrag-listing-{uuid.uuid4().hex[:8]}", inprocess_worker=False,
+                        job_sweep_seconds=0)
+    with TestClient(create_app(settings)) as client:
+        editor = desk_member(client, "editor")
+        ids = [client.post("/v1/documents", headers=auth(editor), data={"department": "desk"},
+                           files={"file": (f"note-{n}.txt", f"Note {n}.".encode())}).json()["document_id"]
+               for n in range(3)]
+        listed, sizes = _walk(client, editor, "desk", limit=1)
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)  # the three jobs nobody ran
+    assert listed == ids[::-1] and sizes[:3] == [1, 1, 1]
