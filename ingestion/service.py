@@ -290,7 +290,7 @@ def _withdraw(session: Session, document: Document | None, job_id: str) -> None:
     placeholder map it wrote, sealed under a shredded key) is owed a purge."""
     state = document.status if document is not None else DocumentStatus.deleted
     repository.end_job(session, job_id=job_id, status=state,
-                       error=f"the document was {state} while it was being ingested")
+                       error=f"the document was {state} before its ingestion finished")
     if document is not None:
         purge.owe_purge(session, document)
     logger.info("ingestion of a %s document was withdrawn", state)

@@ -532,7 +532,7 @@ def test_a_document_deleted_while_it_is_ingested_stays_deleted_and_unindexed(
     document_id, job_id = uploaded.json()["document_id"], uploaded.json()["job_id"]
     job = wait_for_job(client, lab["editor"], job_id)
     assert deletions == [204]
-    assert job["status"] == "deleted" and "deleted while it was being ingested" in str(job["error"])
+    assert job["status"] == "deleted" and "deleted before its ingestion finished" in str(job["error"])
     assert client.get(f"/v1/documents/{document_id}", headers=auth(lab["editor"])).status_code == 404
     indexed = open_vector_store(settings).scroll_payloads(lab["department"])
     assert not [p for p in indexed if p.get("document_id") == document_id]
@@ -566,7 +566,7 @@ def test_a_run_that_died_after_its_document_was_deleted_leaves_nothing_behind(
     document_id, job_id = uploaded.json()["document_id"], uploaded.json()["job_id"]
     job = wait_for_job(client, lab["editor"], job_id, timeout=60)
     assert deletions == [204] and crashes == [True]
-    assert job["status"] == "deleted" and "deleted while it was being ingested" in str(job["error"])
+    assert job["status"] == "deleted" and "deleted before its ingestion finished" in str(job["error"])
     assert _leftovers(settings, lab["department"], {document_id}) == set()
 
 
