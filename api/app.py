@@ -26,13 +26,13 @@ from core.errors import ErrorCode
 from core.logs import configure_logging, request_id_var
 from core.metrics import observe_request
 from core.settings import Settings, get_settings
-from core.sweeper import Sweeper
+from core.sweeper import Sweeper, at_most_every
 from core.text import NUL, NUL_MESSAGE
 from core.tracing import configure_tracing
 from guard.firewall import get_firewall
 from guard.injection import get_scanner
 from guard.pii import get_redactor
-from ingestion.purge import PURGE_GRACE_SECONDS, purge_pending
+from ingestion.purge import ORPHAN_SWEEP_SECONDS, PURGE_GRACE_SECONDS, purge_pending, sweep_orphan_files
 from retrieval.embeddings import get_embedder
 from retrieval.store import open_vector_store
 from workers.celery_app import GovragCelery, create_celery
@@ -98,12 +98,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def _sweeper(celery: GovragCelery, settings: Settings) -> Sweeper | None:
-    """The housekeeping thread: ingestion jobs the broker never got, purges an outage postponed."""
+    """The housekeeping thread: ingestion jobs the broker never got, purges an outage postponed, orphaned files."""
     if settings.job_sweep_seconds <= 0:
         return None
     return Sweeper({
         "ingestion job": functools.partial(sweep_jobs, celery, older_than_seconds=settings.job_resend_after_seconds),
         "document purge": functools.partial(purge_pending, settings, older_than_seconds=PURGE_GRACE_SECONDS),
+        "orphan file": at_most_every(ORPHAN_SWEEP_SECONDS, functools.partial(sweep_orphan_files, settings)),
     }, interval=settings.job_sweep_seconds)
 
 

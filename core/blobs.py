@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from core import crypto
+
+# What this module writes: `<document id>.bin` (the upload), `<document id>.pii` (its placeholder map), each
+# through a `.tmp` sibling renamed into place.
+_STORED_NAME = re.compile(r"(?P<document_id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
+                          r"\.(?:bin|pii)(?P<unfinished>\.tmp)?")
 
 
 def _path(blob_dir: Path, document_id: str) -> Path:
@@ -55,3 +63,24 @@ def read_sealed_map(blob_dir: Path, document_id: str, key: bytes) -> bytes | Non
     if not path.exists():
         return None
     return crypto.open_sealed(key, path.read_bytes(), f"govrag:pii-map:{document_id}")
+
+
+def stale_files(blob_dir: Path, older_than_seconds: float) -> Iterator[tuple[str, Path, bool]]:
+    """(document id, path, whether it is an unfinished write) for each file this module wrote that has not been
+    modified for `older_than_seconds`; other files in the directory are not ours and are never listed."""
+    cutoff = time.time() - older_than_seconds
+    try:
+        entries = os.scandir(blob_dir)
+    except FileNotFoundError:
+        return
+    with entries:
+        for entry in entries:
+            match = _STORED_NAME.fullmatch(entry.name)
+            if match is None or not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                modified = entry.stat(follow_symlinks=False).st_mtime
+            except FileNotFoundError:  # removed meanwhile (a purge)
+                continue
+            if modified < cutoff:
+                yield match["document_id"], Path(entry.path), match["unfinished"] is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 
 logger = logging.getLogger(__name__)
@@ -33,3 +34,19 @@ class Sweeper:
                     sweep()
                 except Exception:  # noqa: BLE001 - a dependency may be briefly away; the next round tries again
                     logger.exception("the %s sweep failed", name)
+
+
+def at_most_every(seconds: float, sweep: Callable[[], object]) -> Callable[[], object]:
+    """`sweep`, run at most once per `seconds` (a round before then does nothing); the first round runs it, and a run
+    that fails counts too, so a failing sweep is not retried every round."""
+    last_run: float | None = None
+
+    def throttled() -> object:
+        nonlocal last_run
+        now = time.monotonic()
+        if last_run is not None and now - last_run < seconds:
+            return None
+        last_run = now
+        return sweep()
+
+    return throttled

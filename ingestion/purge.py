@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -30,8 +31,15 @@ from retrieval.store import open_vector_store
 logger = logging.getLogger(__name__)
 
 _SWEEP_BATCH = 100
+_ORPHAN_BATCH = 500  # stored files looked up in the documents table at once
 # The request that retires a document purges it right after its commit; the sweep takes what is owed after this.
 PURGE_GRACE_SECONDS = 30.0
+# A stored file no document row owns is an upload whose commit failed after its file was written (its key was never
+# committed: nobody can read it), or a write a crash cut short. No upload or write takes a day, so after a day such
+# a file is removed. (Removing the file when the commit raises would be wrong: a commit can succeed at the server
+# while the client sees an error, and the accepted document would lose its original.)
+ORPHAN_GRACE_SECONDS = 24 * 3600.0
+ORPHAN_SWEEP_SECONDS = 3600.0  # how often each API process looks: the scan reads every stored file's metadata
 
 
 def retire(session: Session, settings: Settings, document: Document, status: DocumentStatus) -> None:
@@ -85,3 +93,28 @@ def _owed(session: Session, document_ids: Collection[str] | None,
         cutoff = utcnow() - timedelta(seconds=older_than_seconds)
         query = query.where(PendingPurge.retired_at <= cutoff).order_by(PendingPurge.retired_at).limit(_SWEEP_BATCH)
     return [(document_id, department, retired_at) for document_id, department, retired_at in session.execute(query)]
+
+
+def sweep_orphan_files(settings: Settings, *, older_than_seconds: float = ORPHAN_GRACE_SECONDS) -> int:
+    """Remove stored files untouched for `older_than_seconds` that no document row owns, and unfinished writes;
+    returns how many were removed. A retired document's files are the purge's, not this sweep's."""
+    removed, batch = 0, []
+    for stale in blobs.stale_files(settings.blob_dir, older_than_seconds):
+        batch.append(stale)
+        if len(batch) >= _ORPHAN_BATCH:
+            removed += _remove_orphans(settings, batch)
+            batch = []
+    removed += _remove_orphans(settings, batch) if batch else 0
+    if removed:
+        logger.info("removed %d stored file(s) that no document owns", removed)
+    return removed
+
+
+
+def _remove_orphans(settings: Settings, stale: list[tuple[str, Path, bool]]) -> int:
+    with unit_of_work(settings.resolved_database_url) as session:
+        owned = set(session.scalars(select(Document.id).where(Document.id.in_({i for i, _, _ in stale}))))
+    orphans = [path for document_id, path, unfinished in stale if unfinished or document_id not in owned]
+    for path in orphans:
+        path.unlink(missing_ok=True)
+    return len(orphans)

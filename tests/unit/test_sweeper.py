@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from core.sweeper import Sweeper
+from core.sweeper import Sweeper, at_most_every
 
 
 def test_a_failing_sweep_is_logged_and_the_others_keep_running(caplog: pytest.LogCaptureFixture) -> None:
@@ -31,3 +31,20 @@ def test_a_failing_sweep_is_logged_and_the_others_keep_running(caplog: pytest.Lo
     stopped_at = len(rounds)
     threading.Event().wait(0.1)
     assert len(rounds) == stopped_at  # stopped means no further round
+
+
+def test_a_throttled_sweep_runs_at_most_once_per_period_even_when_it_fails() -> None:
+    runs = []
+
+    def failing() -> None:
+        runs.append(1)
+        raise ConnectionError("the database is away")
+
+    throttled = at_most_every(0.2, failing)
+    with pytest.raises(ConnectionError):
+        throttled()
+    assert throttled() is None and len(runs) == 1  # within the period: not run again, not even after a failure
+    threading.Event().wait(0.25)
+    with pytest.raises(ConnectionError):
+        throttled()
+    assert len(runs) == 2
