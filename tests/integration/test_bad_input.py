@@ -80,6 +80,20 @@ def test_a_nul_anywhere_in_a_request_body_is_a_422(client: TestClient, desk: dic
     assert "NUL" in response.json()["error"]["message"] and SECRET_WORD not in response.text
 
 
+@pytest.mark.parametrize("depth", [900, 200_000])
+@pytest.mark.parametrize("path", ["/v1/query", "/v1/admin/kill-switch", "/v1/admin/departments"])
+def test_a_body_nested_deeper_than_the_stack_is_a_4xx_and_a_short_log(
+        client: TestClient, desk: dict[str, str], path: str, depth: int, caplog: pytest.LogCaptureFixture) -> None:
+    """Valid JSON a thousand levels deep used to crash the NUL check with a RecursionError: a 500 and a log line of a
+    thousand stack frames per request. Deeper still, the JSON parser itself gives up: a 400."""
+    nested = "[" * depth + "]" * depth
+    body = f'{{"question": {nested}, "name": {nested}, "scope": {nested}, "mode": "normal"}}'
+    with caplog.at_level(logging.WARNING):
+        response = client.post(path, content=body, headers={**auth(desk["admin"]), "content-type": "application/json"})
+    assert response.status_code in (400, 422), response.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 @pytest.mark.parametrize("path", ["/v1/documents/abc%00def", "/v1/jobs/x%00y", "/v1/audit/retrievals?user=eve%00x"])
 def test_a_nul_in_the_url_is_a_422(client: TestClient, desk: dict[str, str], path: str) -> None:
     response = client.get(path, headers=auth(desk["admin"]))
