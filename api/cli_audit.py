@@ -20,7 +20,7 @@ from typing import TextIO
 from sqlalchemy.orm import Session
 
 from audit.schemas import Decision, ExportFilters, ExportFormat, utc_bound
-from authz.identity import Identity
+from authz.identity import Identity, operator_identity
 from core.db import get_session_factory
 from core.errors import GovragError
 from core.settings import get_settings
@@ -99,7 +99,7 @@ def _reported(command: Callable[[argparse.Namespace], int]) -> Callable[[argpars
 
 
 def _actor(args: argparse.Namespace) -> Identity:
-    return Identity(subject=f"cli:{args.actor or getpass.getuser()}", groups=(), is_platform_admin=True)
+    return operator_identity(args.actor or getpass.getuser())
 
 
 def verify(_args: argparse.Namespace) -> int:

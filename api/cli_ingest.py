@@ -166,7 +166,7 @@ def rotate_command(args: argparse.Namespace) -> int:
         return _rotate_master(args)
     from audit import service as audit_service
     from audit.schemas import AdminEventType
-    from authz.identity import Identity
+    from authz.identity import operator_identity
     from core.db import unit_of_work
     from ingestion import keys
 
@@ -179,7 +179,7 @@ def rotate_command(args: argparse.Namespace) -> int:
         table.add_row(report.department, str(report.new_version), str(report.documents_rewrapped))
         with unit_of_work(settings.resolved_database_url) as session:
             audit_service.record_admin_event(
-                session=session, identity=Identity(subject=f"cli:{args.actor}", groups=(), is_platform_admin=True),
+                session=session, identity=operator_identity(args.actor),
                 event_type=AdminEventType.key_rotation, department=report.department, settings=settings,
                 details={"new_version": report.new_version, "documents_rewrapped": report.documents_rewrapped})
     Console().print(table)
@@ -190,7 +190,7 @@ def _rotate_master(args: argparse.Namespace) -> int:
     """Rotate the master key and record it in the audit ledger (an admin event without a department)."""
     from audit import service as audit_service
     from audit.schemas import AdminEventType
-    from authz.identity import Identity
+    from authz.identity import operator_identity
     from core.db import unit_of_work
     from ingestion import keys
 
@@ -202,7 +202,7 @@ def _rotate_master(args: argparse.Namespace) -> int:
         return 2
     with unit_of_work(settings.resolved_database_url) as session:
         audit_service.record_admin_event(
-            session=session, identity=Identity(subject=f"cli:{args.actor}", groups=(), is_platform_admin=True),
+            session=session, identity=operator_identity(args.actor),
             event_type=AdminEventType.key_rotation, department=None, settings=settings,
             details={"scope": "master", "new_version": report.new_version, "keys_rewrapped": report.keys_rewrapped,
                      "retired_versions": list(report.retired_versions)})

@@ -7,7 +7,10 @@ from dataclasses import dataclass
 
 GROUP_PREFIX = "group:"
 ROLE_PREFIX = "role:"
-RESERVED_PREFIXES = (GROUP_PREFIX, ROLE_PREFIX)  # no token subject may start with these
+SYSTEM_PREFIX = "system:"  # the platform's own actions in the ledger (an automatic kill-switch trip)
+CLI_PREFIX = "cli:"  # an operator's server-side command in the ledger (`govrag audit`, `govrag ingest`)
+# No token subject may start with these: a caller must never pass for a group, a role or the ledger's own actors.
+RESERVED_PREFIXES = (GROUP_PREFIX, ROLE_PREFIX, SYSTEM_PREFIX, CLI_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -35,3 +38,9 @@ def is_platform_admin(subject: str, groups: Iterable[str], admins: list[str]) ->
         elif entry == subject:
             return True
     return False
+
+
+def operator_identity(actor: str) -> Identity:
+    """An operator running a server-side command (`govrag audit`, `govrag ingest`): a platform admin, named in the
+    ledger as cli:<actor>."""
+    return Identity(subject=f"{CLI_PREFIX}{actor}", groups=(), is_platform_admin=True)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 
-from authz.identity import ROLE_PREFIX
+from authz.identity import GROUP_PREFIX, RESERVED_PREFIXES
 from core.text import RequestModel
 from ingestion.schemas import Classification
 
@@ -19,15 +20,19 @@ ROLE_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
 GROUP_PATTERN = r"^[^\s,*]{1,240}$"
 
 
-def _not_a_role(subject: str) -> str:
-    if subject.startswith(ROLE_PREFIX):
-        raise ValueError("a subject is a user or group:<name>, never a role")
+def _user_or_group(subject: str) -> str:
+    """A subject a token can carry, or group:<a group name a token's groups claim can carry>."""
+    if subject.startswith(GROUP_PREFIX):
+        if not re.fullmatch(GROUP_PATTERN, subject.removeprefix(GROUP_PREFIX)):
+            raise ValueError("a group subject is group:<name>, the name 1-240 characters without spaces, ',' or '*'")
+    elif subject.startswith(RESERVED_PREFIXES):
+        raise ValueError("a subject is a user or group:<name>, never a role or one of the platform's own actors")
     return subject
 
 
 # A user subject or group:<name>; "role:" principals are only written by the role-hierarchy API.
 Subject = Annotated[str, Field(pattern=SUBJECT_PATTERN, description="a user subject or group:<name>"),
-                    AfterValidator(_not_a_role)]
+                    AfterValidator(_user_or_group)]
 
 
 class Permission(StrEnum):

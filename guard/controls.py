@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from audit import service as audit_service
 from audit.schemas import AdminEventType
-from authz.identity import Identity
+from authz.identity import SYSTEM_PREFIX, Identity
 from core import metrics
 from core.settings import Settings
 from guard import repository
@@ -23,7 +23,7 @@ from guard.firewall import GuardMode
 from guard.schemas import GLOBAL_SCOPE, KillMode
 
 logger = logging.getLogger(__name__)
-SYSTEM_IDENTITY = Identity(subject="system:guard", groups=(), is_platform_admin=True)
+SYSTEM_IDENTITY = Identity(subject=f"{SYSTEM_PREFIX}guard", groups=(), is_platform_admin=True)
 _MODE_ORDER = {GuardMode.off: 0, GuardMode.flag: 1, GuardMode.block: 2}
 
 

@@ -210,11 +210,16 @@ def test_a_subject_named_like_a_role_holds_no_role(client: TestClient, world: di
     assert response.status_code == 403
 
 
-def test_a_role_cannot_be_assigned_as_a_subject(client: TestClient, world: dict[str, Any]) -> None:
-    """Assigning to "role:reader" would silently create a hierarchy link; only role-inheritance may do that."""
+@pytest.mark.parametrize("subject", ["role:reader", "group:", "group:" + "g" * 241, "system:guard", "cli:ops"])
+def test_a_subject_no_token_can_carry_cannot_be_assigned(client: TestClient, world: dict[str, Any],
+                                                          subject: str) -> None:
+    """Assigning to "role:reader" would silently create a hierarchy link; only role-inheritance may do that. A group
+    name no groups claim can carry (empty, over 240 characters) was stored, and then every group-mapping listing
+    failed on it with a 500; the ledger's own actors (system:, cli:) are no one's to grant."""
     response = client.post("/v1/admin/role-assignments", headers=auth(world["tokens"]["admin"]),
-                           json={"subject": "role:reader", "role": "admin", "department": OPS})
-    assert response.status_code == 422
+                           json={"subject": subject, "role": "reader", "department": OPS})
+    assert response.status_code == 422, response.text
+    assert client.get("/v1/admin/group-mappings", headers=auth(world["tokens"]["admin"])).status_code == 200
 
 
 def test_recheck_drops_a_hit_the_filter_let_through_and_counts_it(client: TestClient, world: dict[str, Any],

@@ -228,7 +228,8 @@ def test_missing_required_claim(verifier: TokenVerifier, key: SigningKey, claim:
     _rejects(verifier, key.sign(drop=(claim,)), "missing required claim")
 
 
-@pytest.mark.parametrize("subject", ["", "   ", "group:admins", "x" * 300, "ali\nce"])
+@pytest.mark.parametrize("subject", ["", "   ", "group:admins", "role:admin", "system:guard", "cli:root", "x" * 300,
+                                     "ali\nce"])
 def test_invalid_subject(verifier: TokenVerifier, key: SigningKey, subject: str) -> None:
     _rejects(verifier, key.sign({"sub": subject}), "invalid subject")
 
