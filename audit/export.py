@@ -22,6 +22,7 @@ from core.models import utcnow
 MEDIA_TYPES = {ExportFormat.jsonl: "application/x-ndjson", ExportFormat.csv: "text/csv",
                ExportFormat.ocsf: "application/x-ndjson"}
 _OCSF_ACTIVITY = {"retrieval": (2, "Read")}  # admin events are "Update" (3)
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs a cell starting so as a formula
 
 
 def select_rows(*, session: Session, departments: set[str] | None, filters: ExportFilters,
@@ -33,15 +34,17 @@ def select_rows(*, session: Session, departments: set[str] | None, filters: Expo
 
 
 def _visible(event: Row[Any], departments: set[str] | None) -> bool:
-    if departments is None:
-        return True
-    return bool(departments.intersection(event.departments_searched or [])
-                or departments.intersection(event.departments_requested or []))
+    return departments is None or bool(departments & _touched(event))
+
+
+def _touched(event: Row[Any]) -> set[str]:
+    """The departments an event concerns: those searched; when none was, those asked for (an attempt refused). The
+    departments asked for are the caller's to choose, so they never make an answered event another department's."""
+    return set(event.departments_searched or []) or set(event.departments_requested or [])
 
 
 def _matches(event: Row[Any], filters: ExportFilters) -> bool:
-    if filters.department is not None and filters.department not in (event.departments_searched or []) \
-            and filters.department not in (event.departments_requested or []):
+    if filters.department is not None and filters.department not in _touched(event):
         return False
     if filters.document_id is not None:
         return any(chunk.get("document_id") == filters.document_id for chunk in event.chunks or [])
@@ -99,12 +102,19 @@ def _csv(rows: Iterable[dict[str, Any]]) -> Iterator[str]:
     writer = csv.DictWriter(buffer, fieldnames=EXPORT_FIELDS)
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in row.items()})
+        writer.writerow({k: _cell(json.dumps(v) if isinstance(v, list | dict) else v) for k, v in row.items()})
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()
     if buffer.getvalue():
         yield buffer.getvalue()
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: a string it would run as a formula (a caller's question, purpose or
+    subject starting with = + - @, a tab or a carriage return) gets a leading apostrophe (OWASP's advice)."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(_FORMULA_STARTS) else value
+
 
 
 def to_ocsf(row: dict[str, Any]) -> dict[str, Any]:

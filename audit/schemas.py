@@ -92,10 +92,11 @@ LATER_FIELDS = frozenset(
 
 
 def utc_bound(value: datetime) -> datetime:
-    """An export window's bound in UTC (a naive one is UTC already); a bound outside UTC's calendar is refused
-    (a 422) rather than overflowing later."""
+    """An export window's bound in UTC, a naive one read as UTC (the manifest says so; left naive, PostgreSQL would
+    read it in the session's time zone); a bound outside UTC's calendar is refused (a 422) rather than overflowing
+    later."""
     try:
-        return value.astimezone(UTC) if value.tzinfo else value
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
     except OverflowError as exc:
         raise ValueError("the time falls outside the calendar once converted to UTC") from exc
 

