@@ -42,6 +42,7 @@ _ZIP_PARTS = (("word/document.xml", APPLICATION_DOCX), ("xl/workbook.xml", APPLI
               ("ppt/presentation.xml", APPLICATION_PPTX))
 _ZIP_MIMETYPES = {b"application/vnd.oasis.opendocument.text": APPLICATION_ODT,
                   b"application/epub+zip": APPLICATION_EPUB}
+_MIMETYPE_READ_BYTES = 100  # more than the longest known value, far less than a bomb's member
 _OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
 _DELIMITED_SUFFIXES = {".csv": TEXT_CSV, ".tsv": TEXT_TSV, ".tab": TEXT_TSV}
 _XML_START = re.compile(r"<(?:\?xml[\s?]|[A-Za-z_][\w.:-]*[\s/>])")
@@ -120,8 +121,8 @@ def _sniff_zip(data: bytes) -> str:
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             names = set(archive.namelist())
-            mimetype = archive.read("mimetype")[:100].strip() if "mimetype" in names else b""
-    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError):
+            mimetype = _mimetype_head(archive) if "mimetype" in names else b""
+    except Exception:  # zipfile and zlib raise many kinds (BadZipFile, zlib.error, EOFError, ...) on damaged bytes
         raise GovragError(ErrorCode.unsupported_type, f"{_UNSUPPORTED} (a damaged ZIP archive)") from None
     for part, content_type in _ZIP_PARTS:
         if part in names:
@@ -132,6 +133,12 @@ def _sniff_zip(data: bytes) -> str:
                       f"{_UNSUPPORTED} (a ZIP archive that is not a Word document or another office file)")
 
 
+def _mimetype_head(archive: zipfile.ZipFile) -> bytes:
+    """The first bytes of the `mimetype` member: the bomb check comes after sniffing, so never inflate it whole."""
+    with archive.open("mimetype") as member:
+        return member.read(_MIMETYPE_READ_BYTES).strip()
+
+
 def _sniff_ole(data: bytes) -> str:
     """Tell Outlook messages, Excel 97 workbooks, and Word/PowerPoint 97-2003 files apart."""
     import olefile
@@ -139,7 +146,7 @@ def _sniff_ole(data: bytes) -> str:
     try:
         with olefile.OleFileIO(io.BytesIO(data)) as ole:
             streams = {"/".join(entry) for entry in ole.listdir()}
-    except OSError:
+    except Exception:  # olefile raises OSError, ValueError, IndexError, ... on damaged bytes
         raise GovragError(ErrorCode.unsupported_type, f"{_UNSUPPORTED} (a damaged legacy Office file)") from None
     if any(name.startswith("__substg1.0_") for name in streams):
         return APPLICATION_MSG

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import random
+import struct
+import tracemalloc
 import zipfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -158,6 +160,58 @@ def test_zip_that_is_not_docx_is_rejected() -> None:
 def test_damaged_zip_is_rejected() -> None:
     error = _reason(b"PK\x03\x04" + bytes(100), "report.docx")
     assert error.code is ErrorCode.unsupported_type
+
+
+def _deflated_mimetype(value: bytes) -> bytearray:
+    """Return a ZIP whose only member, `mimetype`, is deflated (as an .odt or .epub might hold it)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("mimetype", value)
+    return bytearray(buffer.getvalue())
+
+
+def _odt_with_a_corrupt_deflate_stream() -> bytes:
+    raw = _deflated_mimetype(b"application/vnd.oasis.opendocument.text" * 40)
+    start = 30 + len("mimetype")  # the member's compressed data, after its local header
+    raw[start:start + 6] = b"\x04\x00\x05\x00\xff\xff"  # zlib.error while inflating
+    return bytes(raw)
+
+
+def _epub_whose_member_runs_past_the_end() -> bytes:
+    raw = _deflated_mimetype(b"application/epub+zip")
+    raw[28:30] = struct.pack("<H", 0xFFFF)  # the local header's extra field: the data starts past the end (EOFError)
+    return bytes(raw)
+
+
+def _ole_with_an_absurd_sector_shift() -> bytes:
+    """An OLE2 header (the legacy Office magic) claiming 2**65535-byte sectors: a damaged .doc."""
+    header = bytearray(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504))
+    header[0x18:0x22] = struct.pack("<HH2sHH", 0x3E, 3, b"\xfe\xff", 0xFFFF, 6)
+    return bytes(header) + bytes(1024)
+
+
+@pytest.mark.parametrize(("make", "damage"), [
+    (_odt_with_a_corrupt_deflate_stream, "a damaged ZIP archive"),
+    (_epub_whose_member_runs_past_the_end, "a damaged ZIP archive"),
+    (_ole_with_an_absurd_sector_shift, "a damaged legacy Office file"),
+])
+def test_a_damaged_office_container_is_an_unsupported_type(make, damage: str) -> None:  # type: ignore[no-untyped-def]
+    error = _reason(make(), "minutes.odt")
+    assert error.code is ErrorCode.unsupported_type and error.message.endswith(f"({damage})")
+
+
+def test_the_sniffer_inflates_only_the_first_bytes_of_a_huge_mimetype_member() -> None:
+    """The bomb check runs after sniffing: the sniffer must not inflate a member whole (64 MiB from ~64 KB here)."""
+    bomb = bytes(_deflated_mimetype(bytes(64 * 1024 * 1024)))
+    assert len(bomb) < 256 * 1024
+    tracemalloc.start()
+    try:
+        error = _reason(bomb, "bomb.epub")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert error.code is ErrorCode.unsupported_type
+    assert peak < 4 * 1024 * 1024, f"sniffing held {peak} bytes"
 
 
 def test_text_with_nul_bytes_is_not_text() -> None:
