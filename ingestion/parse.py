@@ -157,7 +157,7 @@ def parse_document(data: bytes, content_type: str, limits: ParseLimits | None = 
     configure_unstructured()
     if content_type in legacy_office.FORMATS:
         data, content_type = legacy_office.convert(data, content_type, limits.timeout_seconds)
-    if data.startswith(b"PK"):
+    if content_type in sniff.ZIP_BASED_TYPES:  # a legacy file's conversion included
         check_zip_container(data, limits)
     if content_type == sniff.APPLICATION_PDF:
         return _parse_pdf(data, limits)

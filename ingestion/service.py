@@ -35,7 +35,7 @@ from ingestion.schemas import (
     RevealOut,
     UploadAccepted,
 )
-from ingestion.sniff import sniff_content_type
+from ingestion.sniff import ZIP_BASED_TYPES, sniff_content_type
 from retrieval.embeddings import get_embedder
 from retrieval.store import open_vector_store
 
@@ -54,7 +54,7 @@ def accept_upload(
     if len(data) > settings.max_upload_bytes:
         raise GovragError(ErrorCode.payload_too_large, f"file exceeds the {settings.max_upload_bytes} byte limit")
     content_type = sniff_content_type(data, filename)
-    if data.startswith(b"PK"):
+    if content_type in ZIP_BASED_TYPES:
         check_zip_container(data, parse_limits(settings))  # a zip bomb is refused before it is stored
     sha256 = hashlib.sha256(data).hexdigest()
     transaction_lock(session, f"upload:{department}:{sha256}")  # copies sent at once: one gets in, the others 409

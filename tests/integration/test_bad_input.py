@@ -123,6 +123,15 @@ def test_an_upload_names_at_most_256_acl_groups(client: TestClient, desk: dict[s
     assert upload(256) == 202
 
 
+def test_a_text_file_that_opens_with_pk_is_ingested_as_text(client: TestClient, desk: dict[str, str]) -> None:
+    """"PK" opens a ZIP, and a text about a PKI: only a sniffed ZIP-based type is checked as a ZIP container."""
+    body = f"PKI rollout plan for the Leeds office {uuid.uuid4().hex}.\nCertificates renew every year.\n".encode()
+    uploaded = client.post("/v1/documents", headers=auth(desk["editor"]), data={"department": desk["department"]},
+                           files={"file": ("pki-plan.txt", body)})
+    assert uploaded.status_code == 202, uploaded.text
+    assert wait_for_job(client, desk["editor"], uploaded.json()["job_id"])["status"] == "ready"
+
+
 def test_names_from_inside_files_lose_their_control_characters(client: TestClient, desk: dict[str, str]) -> None:
     """The upload's own file name (no title given; httpx escapes a NUL there, not an ESC) and an e-mail attachment's
     (RFC 2231 can encode a NUL)."""

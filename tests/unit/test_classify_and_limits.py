@@ -71,6 +71,11 @@ def test_zip_bomb_is_refused_from_the_central_directory() -> None:
     check_zip_container(_zip({"word/document.xml": b"<w:document/>"}), ParseLimits())
 
 
+def test_text_that_opens_with_pk_is_parsed_as_text_not_checked_as_a_zip() -> None:
+    sections = parse_document(b"PKI rollout plan for the Leeds office.\n", "text/plain")
+    assert [section.text for section in sections] == ["PKI rollout plan for the Leeds office."]
+
+
 def test_too_many_elements_fail_with_the_limit() -> None:
     text = "\n\n".join(f"Paragraph number {n} of a long memo." for n in range(60)).encode()
     with pytest.raises(GovragError) as error:
