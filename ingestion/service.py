@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from core import blobs, metrics
 from core.db import transaction_lock, unit_of_work
-from core.errors import ErrorCode, GovragError
+from core.errors import ErrorCode, GovragError, unavailable_dependency
 from core.keystore import keystore_for
 from core.models import RETIRED, UNFINISHED, Document, DocumentStatus, IngestionJob
 from core.settings import Settings
@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 MAX_TITLE_CHARS = 300
 MAX_ATTACHMENT_DEPTH = 3  # levels of attachments followed below an uploaded e-mail (attached e-mails nest)
+ATTACHMENT_FAILED = "the attachment could not be taken (an internal error)"
 
 
 def accept_upload(
@@ -147,25 +148,40 @@ def _accept_attachment(session: Session, settings: Settings, parent: Document, n
     elif not payload:
         reason = "the attachment is empty or could not be read"
     else:
-        try:
-            with session.begin_nested():
-                return accept_upload(
-                    session=session, settings=settings, uploaded_by=parent.uploaded_by,
-                    department=parent.department, filename=name, data=payload, title=f"{parent.title} / {name}",
-                    acl_groups=list(parent.acl_groups),
-                    classification=Classification(parent.declared_classification or parent.classification),
-                    parent_id=parent.id)
-        except GovragError as exc:
-            reason = exc.message
+        taken = _take_attachment(session, settings, parent, name, payload)
+        if isinstance(taken, UploadAccepted):
+            return taken
+        reason = taken
     _record_refused_attachment(session, parent, name, payload, reason)
     return None
+
+
+def _take_attachment(session: Session, settings: Settings, parent: Document, name: str,
+                     payload: bytes) -> UploadAccepted | str:
+    """Accept an attachment under its e-mail, or say why not (a savepoint undoes what a refusal began). A failure
+    other than a refusal gets a generic reason, as its message may quote the attachment; an outage propagates, for
+    the attachment step to be retried."""
+    try:
+        with session.begin_nested():
+            return accept_upload(
+                session=session, settings=settings, uploaded_by=parent.uploaded_by, department=parent.department,
+                filename=name, data=payload, title=f"{parent.title} / {name}", acl_groups=list(parent.acl_groups),
+                classification=Classification(parent.declared_classification or parent.classification),
+                parent_id=parent.id)
+    except GovragError as exc:
+        return exc.message
+    except Exception as exc:
+        if unavailable_dependency(exc) is not None:
+            raise
+        logger.warning("taking an attachment of document %s failed: %s", parent.id, type(exc).__name__)
+        return ATTACHMENT_FAILED
 
 
 def _record_refused_attachment(session: Session, parent: Document, name: str, payload: bytes, reason: str) -> None:
     """A failed child row: metadata and the reason only (the bytes stay inside the parent's sealed original)."""
     try:
         content_type = sniff_content_type(payload, name)
-    except GovragError:
+    except Exception:  # refused for its bytes or not, it is recorded
         content_type = "application/octet-stream"
     session.add(Document(
         id=str(uuid.uuid4()), department=parent.department, title=_title(f"{parent.title} / {name}", None),
@@ -202,8 +218,21 @@ def reveal(*, session: Session, settings: Settings, document_id: str, placeholde
 
 
 def mark_failed(*, settings: Settings, document_id: str, job_id: str, reason: str) -> None:
-    """Give up on a job after its retries; `reason` must not hold document content."""
+    """Give up on a job after its retries (or its time limit); `reason` must not hold document content. A document
+    whose run ended (ready, quarantined, failed) keeps its status and reason: what gave up then was the step after
+    the run, taking an e-mail's attachments."""
+    if _run_ended(settings, document_id):
+        logger.warning("the attachment step of document %s gave up; the document keeps its status", document_id)
+        return
     _finish(settings, document_id, job_id, DocumentStatus.failed, error=reason)
+
+
+def _run_ended(settings: Settings, document_id: str) -> bool:
+    """Whether the document's run ended ready, quarantined or failed (a retired one is left to `_finish`, which
+    withdraws its job)."""
+    with unit_of_work(settings.resolved_database_url) as session:
+        document = repository.get_document(session, document_id)
+        return document is not None and document.status not in (*UNFINISHED, *RETIRED)
 
 
 def _start(settings: Settings, document_id: str, job_id: str) -> tuple[

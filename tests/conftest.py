@@ -8,6 +8,7 @@ for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("
                       ("UNSTRUCTURED_DISABLE_NOTICE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
     os.environ[_name] = _value
 
+import struct  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
@@ -94,6 +95,13 @@ def issue_token(client: TestClient) -> Callable[..., str]:
 def auth(token: str) -> dict[str, str]:
     """An Authorization header."""
     return {"Authorization": f"Bearer {token}"}
+
+
+def damaged_doc() -> bytes:
+    """An OLE2 header (the legacy Office magic) claiming 2**65535-byte sectors: a .doc no reader can open."""
+    header = bytearray(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504))
+    header[0x18:0x22] = struct.pack("<HH2sHH", 0x3E, 3, b"\xfe\xff", 0xFFFF, 6)
+    return bytes(header) + bytes(1024)
 
 
 def desk_member(client: TestClient, role: str) -> str:

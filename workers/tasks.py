@@ -36,6 +36,7 @@ def ingest_document(task: Task, document_id: str, job_id: str) -> None:
         retries = OUTAGE_RETRIES if unavailable_dependency(exc) else MAX_RETRIES
         if task.request.retries >= retries:
             logger.exception("ingestion of document %s gave up after %d retries", document_id, retries)
+            # a document whose run ended keeps its status: then it was the attachment step that gave up
             ingestion_service.mark_failed(settings=settings, document_id=document_id, job_id=job_id,
                                           reason="internal error during ingestion; retries exhausted")
             return

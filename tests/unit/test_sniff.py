@@ -24,6 +24,7 @@ from ingestion.sniff import (
     TEXT_PLAIN,
     sniff_content_type,
 )
+from tests.conftest import damaged_doc
 
 PNG_BYTES = (
     b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00"
@@ -183,17 +184,10 @@ def _epub_whose_member_runs_past_the_end() -> bytes:
     return bytes(raw)
 
 
-def _ole_with_an_absurd_sector_shift() -> bytes:
-    """An OLE2 header (the legacy Office magic) claiming 2**65535-byte sectors: a damaged .doc."""
-    header = bytearray(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504))
-    header[0x18:0x22] = struct.pack("<HH2sHH", 0x3E, 3, b"\xfe\xff", 0xFFFF, 6)
-    return bytes(header) + bytes(1024)
-
-
 @pytest.mark.parametrize(("make", "damage"), [
     (_odt_with_a_corrupt_deflate_stream, "a damaged ZIP archive"),
     (_epub_whose_member_runs_past_the_end, "a damaged ZIP archive"),
-    (_ole_with_an_absurd_sector_shift, "a damaged legacy Office file"),
+    (damaged_doc, "a damaged legacy Office file"),
 ])
 def test_a_damaged_office_container_is_an_unsupported_type(make, damage: str) -> None:  # type: ignore[no-untyped-def]
     error = _reason(make(), "minutes.odt")
