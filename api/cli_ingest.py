@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,6 +16,9 @@ from rich.table import Table
 from core.settings import Settings, get_settings
 
 FINAL_STATES = ("ready", "failed", "quarantined", "rejected")
+INTERNAL_FAILURE = "internal error while ingesting the file"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     ingest = commands.add_parser("ingest", help="upload every file under PATH into a department")
     ingest.add_argument("path", type=Path)
     ingest.add_argument("--department", required=True)
-    ingest.add_argument("--acl-group", action="append", default=[], dest="acl_groups")
+    ingest.add_argument("--acl-group", action="append", default=[], dest="acl_groups",
+                        help="a group that may read the files (repeatable or comma-separated, as the API takes them)")
     ingest.add_argument("--classification", default="internal",
                         choices=("public", "internal", "confidential", "restricted"))
     ingest.add_argument("--api-url", help="upload through a running API (default: in this process)")
@@ -60,6 +65,14 @@ def files_under(path: Path) -> list[Path]:
 
 def ingest_command(args: argparse.Namespace) -> int:
     """Upload a folder with a progress bar, then print a ready / quarantined / failed table."""
+    from core.errors import GovragError
+    from ingestion.schemas import parse_acl_groups
+
+    try:
+        args.acl_groups = parse_acl_groups(args.acl_groups)  # as the API reads its form field
+    except GovragError as exc:
+        Console(stderr=True).print(exc.message)
+        return 2
     files = files_under(args.path)
     console = Console(stderr=True)
     uploader = _api_uploader(args) if args.api_url else _inprocess_uploader(args)
@@ -90,30 +103,43 @@ def summary_table(outcomes: list[Outcome]) -> Table:
 
 def _inprocess_uploader(args: argparse.Namespace) -> Callable[[list[Path]], Iterator[Outcome]]:
     """Accept and ingest each file here, synchronously (the embedded store allows one process)."""
+    settings = get_settings()
+
+    def run(files: list[Path]) -> Iterator[Outcome]:
+        for path in files:
+            yield _ingest_file(settings, args, path)
+
+    return run
+
+
+def _ingest_file(settings: Settings, args: argparse.Namespace, path: Path) -> Outcome:
+    """Accept and ingest one file. A refusal says why; any other failure is a generic `failed` (its message may quote
+    the file) and fails a document it left unfinished; either way the run goes on."""
     from core.db import unit_of_work
     from core.errors import GovragError
     from ingestion import service as ingestion_service
     from ingestion.schemas import Classification
 
-    settings = get_settings()
-
-    def run(files: list[Path]) -> Iterator[Outcome]:
-        for path in files:
-            try:
-                with unit_of_work(settings.resolved_database_url) as session:
-                    accepted = ingestion_service.accept_upload(
-                        session=session, settings=settings, uploaded_by=args.as_user, department=args.department,
-                        filename=path.name, data=path.read_bytes(), title=path.name,
-                        acl_groups=sorted(set(args.acl_groups)), classification=Classification(args.classification))
-                _ingest_with_attachments(settings, accepted.document_id, accepted.job_id)
-                with unit_of_work(settings.resolved_database_url) as session:
-                    status = ingestion_service.job_status(session=session, can_see=lambda *_: True,
-                                                          job_id=accepted.job_id)
-                yield Outcome(str(path), status.status, status.error or "")
-            except GovragError as exc:
-                yield Outcome(str(path), _refusal(exc.message), exc.message)
-
-    return run
+    try:
+        with unit_of_work(settings.resolved_database_url) as session:
+            accepted = ingestion_service.accept_upload(
+                session=session, settings=settings, uploaded_by=args.as_user, department=args.department,
+                filename=path.name, data=path.read_bytes(), title=path.name, acl_groups=args.acl_groups,
+                classification=Classification(args.classification))
+    except GovragError as exc:
+        return Outcome(str(path), _refusal(exc.message), exc.message)
+    except Exception as exc:
+        logger.warning("accepting a file failed: %s", type(exc).__name__)
+        return Outcome(str(path), "failed", INTERNAL_FAILURE)
+    try:
+        _ingest_with_attachments(settings, accepted.document_id, accepted.job_id)
+    except Exception as exc:
+        logger.warning("ingesting document %s failed: %s", accepted.document_id, type(exc).__name__)
+        ingestion_service.mark_failed(settings=settings, document_id=accepted.document_id, job_id=accepted.job_id,
+                                      reason=INTERNAL_FAILURE)
+    with unit_of_work(settings.resolved_database_url) as session:
+        status = ingestion_service.job_status(session=session, can_see=lambda *_: True, job_id=accepted.job_id)
+    return Outcome(str(path), status.status, status.error or "")
 
 
 def _ingest_with_attachments(settings: Settings, document_id: str, job_id: str) -> None:

@@ -1,13 +1,18 @@
-"""Shapes of upload results and document/job status. Never any document content."""
+"""Shapes of upload results and document/job status, and an upload's ACL groups. Never any document content."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from enum import StrEnum
 
 from pydantic import BaseModel, Field
 
+from core.errors import ErrorCode, GovragError
 from core.text import RequestModel
+
+GROUP_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
+MAX_ACL_GROUPS = 256
 
 
 class Classification(StrEnum):
@@ -20,6 +25,16 @@ class Classification(StrEnum):
     def rank(self) -> int:
         """Order used to compare with a clearance."""
         return list(Classification).index(self)
+
+
+def parse_acl_groups(values: list[str] | None) -> list[str]:
+    """ACL groups from a repeated field and/or comma-separated values; each must be a plain group name."""
+    groups = sorted({part.strip() for value in values or [] for part in value.split(",") if part.strip()})
+    if any(not GROUP_PATTERN.match(group) for group in groups):
+        raise GovragError(ErrorCode.invalid_request, "acl_groups: group names are letters, digits and ._:@/-")
+    if len(groups) > MAX_ACL_GROUPS:  # every chunk's payload carries them, and every read re-checks them
+        raise GovragError(ErrorCode.invalid_request, f"acl_groups: at most {MAX_ACL_GROUPS} groups per document")
+    return groups
 
 
 class UploadAccepted(BaseModel):

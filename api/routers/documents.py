@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, UploadFile, status
@@ -26,13 +25,12 @@ from ingestion.schemas import (
     RevealIn,
     RevealOut,
     UploadAccepted,
+    parse_acl_groups,
 )
 from workers.dispatch import send_job
 
 router = APIRouter(prefix="/v1", tags=["documents"])
 
-GROUP_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
-MAX_ACL_GROUPS = 256
 MAX_PAGE = 200  # documents per listing page
 
 
@@ -114,16 +112,6 @@ def reveal(document_id: str, body: RevealIn, session: SessionDep, settings: Sett
 def get_job(job_id: str, session: SessionDep, enforcer: EnforcerDep, user: CurrentUser) -> JobStatusOut:
     """Ingestion job status and failure reason."""
     return ingestion_service.job_status(session=session, can_see=_visibility(enforcer, user), job_id=job_id)
-
-
-def parse_acl_groups(values: list[str] | None) -> list[str]:
-    """ACL groups from a repeated field and/or comma-separated values; each must be a plain group name."""
-    groups = sorted({part.strip() for value in values or [] for part in value.split(",") if part.strip()})
-    if any(not GROUP_PATTERN.match(group) for group in groups):
-        raise GovragError(ErrorCode.invalid_request, "acl_groups: group names are letters, digits and ._:@/-")
-    if len(groups) > MAX_ACL_GROUPS:  # every chunk's payload carries them, and every read re-checks them
-        raise GovragError(ErrorCode.invalid_request, f"acl_groups: at most {MAX_ACL_GROUPS} groups per document")
-    return groups
 
 
 def _visibility(enforcer: EnforcerDep, user: Identity):  # type: ignore[no-untyped-def]

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from api.cli import main
 from core.db import unit_of_work
+from core.models import Document
 from core.settings import get_settings
+from tests.conftest import damaged_doc
 
 
 @pytest.fixture
@@ -50,3 +54,49 @@ def test_ingest_folder_reports_each_outcome(cli_env: str, tmp_path: Path, capsys
     assert main(["keys", "rotate", "--department", "hr"]) == 0
     rotated = capsys.readouterr().out
     assert "hr" in rotated and "2" in rotated
+
+
+def test_a_file_that_fails_unexpectedly_is_failed_and_the_rest_are_ingested(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """One file whose accepting or ingesting raised anything but a refusal ended the run with a traceback: no table,
+    the files after it never ingested, its document left `processing`."""
+    from ingestion import service
+
+    canary, real_sniff, real_protect = uuid.uuid4().hex, service.sniff_content_type, service.protect
+
+    def sniff_crashes(data: bytes, filename: str | None) -> str:
+        if data.startswith(b"UNREADABLE"):
+            raise RuntimeError(f"a library quoting the file: {canary}")
+        return real_sniff(data, filename)
+
+    def protect_crashes(data: bytes, *args: object, **kwargs: object) -> object:
+        if data.startswith(b"CRASHES"):
+            raise RuntimeError(f"a library quoting the file: {canary}")
+        return real_protect(data, *args, **kwargs)
+
+    monkeypatch.setattr(service, "sniff_content_type", sniff_crashes)
+    monkeypatch.setattr(service, "protect", protect_crashes)
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    (folder / "a-minutes.doc").write_bytes(damaged_doc())
+    (folder / "b-notes.txt").write_text(f"UNREADABLE notes {canary}")
+    (folder / "c-memo.txt").write_text(f"CRASHES the parser {canary}")
+    (folder / "d-leave.md").write_text("# Parental leave\n\nParents get sixteen weeks of paid leave.\n")
+    assert main(["ingest", str(folder), "--department", "hr"]) == 1
+    out = capsys.readouterr().out
+    assert "refused: 1" in out and "failed: 2" in out and "ready: 1" in out and canary not in out
+    with unit_of_work(cli_env) as session:
+        statuses = sorted(session.scalars(select(Document.status)))
+    assert statuses == ["failed", "ready"]  # the memo failed; the notes and the damaged .doc were never accepted
+
+
+def test_the_cli_reads_acl_groups_like_the_api(cli_env: str, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`--acl-group hr-staff,payroll` was stored as one group nobody has, and a malformed name was not refused."""
+    (tmp_path / "pay.md").write_text("# Pay\n\nPay day is the 25th.\n")
+    assert main(["ingest", str(tmp_path / "pay.md"), "--department", "hr", "--acl-group", "bad group"]) == 2
+    assert "acl_groups: group names are" in capsys.readouterr().err
+    assert main(["ingest", str(tmp_path / "pay.md"), "--department", "hr", "--acl-group", "hr-staff,payroll",
+                 "--acl-group", "managers"]) == 0
+    with unit_of_work(cli_env) as session:
+        assert session.scalars(select(Document.acl_groups)).one() == ["hr-staff", "managers", "payroll"]
