@@ -26,6 +26,7 @@ from core.errors import unavailable_dependency
 from core.keystore import keystore_for
 from core.models import Document, DocumentStatus, PendingPurge, utcnow
 from core.settings import Settings
+from ingestion import repository
 from retrieval.store import open_vector_store
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,18 @@ def retire(session: Session, settings: Settings, document: Document, status: Doc
     document.status = status
     document.chunk_count = 0
     owe_purge(session, document)
+
+
+def retire_family(session: Session, settings: Settings, document: Document, status: DocumentStatus) -> list[str]:
+    """In the caller's transaction (which holds the document's lock): retire the document and everything attached
+    below it, an e-mail taking its attachments (one already deleted stays deleted). Returns the ids to purge once
+    the caller commits (`purge_now`)."""
+    family = [document, *(child for child in repository.descendants(session, document.id)
+                          if child.status != DocumentStatus.deleted)]
+    for target in family:
+        retire(session, settings, target, status)
+    session.flush()
+    return [target.id for target in family]
 
 
 def owe_purge(session: Session, document: Document) -> None:

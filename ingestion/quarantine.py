@@ -93,12 +93,11 @@ def approve(*, session: Session, document: Document, actor: str) -> ReviewDecisi
     return ReviewDecision(document_id=document.id, status=DocumentStatus.queued, job_id=job_id)
 
 
-def reject(*, session: Session, settings: Settings, document: Document) -> ReviewDecision:
-    """Refuse a quarantined document: its key is shredded and a purge of its stored bytes owed (purge.purge_now once
-    the caller commits)."""
-    purge.retire(session, settings, document, DocumentStatus.rejected)
-    session.flush()
-    return ReviewDecision(document_id=document.id, status=DocumentStatus.rejected)
+def reject(*, session: Session, settings: Settings, document: Document) -> tuple[ReviewDecision, list[str]]:
+    """Refuse a quarantined document, and with an e-mail the attachments taken from it meanwhile: their keys are
+    shredded and purges owed. Returns the decision and the ids to purge once the caller commits (purge.purge_now)."""
+    retired = purge.retire_family(session, settings, document, DocumentStatus.rejected)
+    return ReviewDecision(document_id=document.id, status=DocumentStatus.rejected), retired
 
 
 def queue_reindex(*, session: Session, department: str, document_ids: list[str] | None) -> list[tuple[str, str]]:

@@ -405,8 +405,4 @@ def delete_document(*, session: Session, settings: Settings, document_id: str,
     document = repository.get_document(session, document_id)
     if document is None or document.status == DocumentStatus.deleted or not can_delete(document.department):
         raise GovragError(ErrorCode.not_found, "no such document")
-    family = [document, *repository.descendants(session, document_id)]
-    for target in family:
-        purge.retire(session, settings, target, DocumentStatus.deleted)
-    session.flush()
-    return [target.id for target in family]
+    return purge.retire_family(session, settings, document, DocumentStatus.deleted)

@@ -70,12 +70,12 @@ def approve(document_id: str, session: SessionDep, enforcer: EnforcerDep, settin
 @router.post("/quarantine/{document_id}/reject", response_model=ReviewDecision)
 def reject(document_id: str, session: SessionDep, enforcer: EnforcerDep, settings: SettingsDep,
            user: CurrentUser) -> ReviewDecision:
-    """Refuse a quarantined document: its key is shredded and its stored bytes removed."""
+    """Refuse a quarantined document (an e-mail with its attachments): keys shredded, stored bytes removed."""
     document = quarantine.quarantined_document(session=session, document_id=document_id)
     authz_service.require_manage(enforcer, user, document.department)
-    decision = quarantine.reject(session=session, settings=settings, document=document)
+    decision, retired = quarantine.reject(session=session, settings=settings, document=document)
     _audit_decision(session, settings, user, document.department, decision)
-    purge.purge_now(settings, [document.id])
+    purge.purge_now(settings, retired)
     return decision
 
 

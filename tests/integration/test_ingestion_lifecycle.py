@@ -434,6 +434,34 @@ def test_an_email_deleted_while_its_attachments_are_taken_takes_them_with_it(
     assert _leftovers(settings, lab["department"], set(family)) == set()
 
 
+def test_rejecting_an_email_takes_its_attachments(client: TestClient, lab: dict[str, str], settings) -> None:  # type: ignore[no-untyped-def]
+    """Attachments are taken from a quarantined e-mail before anyone reviews it: rejecting the e-mail used to retire
+    it alone, leaving its attachments ready and cited. Now rejecting, like deleting, takes the whole family."""
+    department, admin = f"mail{uuid.uuid4().hex[:6]}", auth(lab["admin"])
+    assert client.post("/v1/admin/departments", json={"name": department}, headers=admin).status_code == 201
+    assert client.post("/v1/admin/role-assignments", headers=admin,
+                       json={"subject": "lena", "role": "editor", "department": department}).status_code == 201
+    assert client.put(f"/v1/admin/departments/{department}/ingestion-policy", json={"injection_action": "quarantine"},
+                      headers=admin).status_code == 200
+    canary = uuid.uuid4().hex
+    mail = _mail("vendor", f"Vendor onboarding.\n\n{INJECTED}", [("desk.txt", f"The Porto desk {canary}.".encode())])
+    parent = _ingest(client, lab["editor"], department, "vendor.eml", mail.as_bytes())
+    deadline = time.monotonic() + 60
+    while not parent["attachment_ids"] and time.monotonic() < deadline:
+        time.sleep(0.25)
+        parent = client.get(f"/v1/documents/{parent['document_id']}", headers=auth(lab["editor"])).json()
+    attachment = wait_for_document(client, lab["editor"], parent["attachment_ids"][0])
+    assert parent["status"] == "quarantined" and attachment["status"] == "ready"
+    rejected = client.post(f"/v1/admin/quarantine/{parent['document_id']}/reject", headers=admin)
+    assert rejected.status_code == 200, rejected.text
+    after = client.get(f"/v1/documents/{attachment['document_id']}", headers=auth(lab["editor"])).json()
+    answer = client.post("/v1/query", json={"question": f"Which desk is {canary}?", "departments": [department]},
+                         headers=auth(lab["editor"])).json()
+    assert after["status"] == "rejected" and not answer["citations"]
+    family = {parent["document_id"], attachment["document_id"]}
+    assert _leftovers(settings, department, family) == set()
+
+
 def _delete_meanwhile(client: TestClient, token: str, document_id: str, statuses: list) -> threading.Thread:  # type: ignore[type-arg]
     """DELETE the document from another thread, its status appended to `statuses`; give it 5 s to commit (or to
     wait, if the caller holds what the deletion waits for) and return the thread."""
