@@ -87,11 +87,12 @@ def quarantined(session: Session, departments: list[str] | None) -> list[Documen
 
 
 def documents_to_reindex(session: Session, *, department: str | None, document_ids: list[str] | None) -> list[Document]:
-    """Ready documents of a department (or the given ids) whose originals can be parsed again."""
+    """Ready documents of a department (or the given ids; `None` is every one, an empty list none) whose originals
+    can be parsed again."""
     query = select(Document).where(Document.status == "ready")
     if department is not None:
         query = query.where(Document.department == department)
-    if document_ids:
+    if document_ids is not None:
         query = query.where(Document.id.in_(document_ids))
     return list(session.scalars(query.order_by(Document.created_at)))
 

@@ -152,7 +152,7 @@ class ReviewDecision(BaseModel):
 
 class ReindexIn(RequestModel):
     department: str
-    document_ids: list[str] | None = None
+    document_ids: list[str] | None = Field(default=None, min_length=1)  # omitted: all; empty: a 422, not all
 
 
 class ReindexOut(BaseModel):

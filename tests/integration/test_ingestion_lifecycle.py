@@ -190,6 +190,13 @@ def test_reindex_rebuilds_from_the_encrypted_original(client: TestClient, lab: d
                        json={"department": lab["department"]}).status_code == 403
 
 
+def test_an_empty_reindex_selection_is_refused_not_taken_for_all(client: TestClient, lab: dict[str, str]) -> None:
+    """`document_ids: []` used to re-index the whole department, like omitting it."""
+    response = client.post("/v1/admin/reindex", headers=auth(lab["dept_admin"]),
+                           json={"department": lab["department"], "document_ids": []})
+    assert response.status_code == 422 and "document_ids" in response.json()["error"]["message"], response.text
+
+
 def test_a_document_deleted_while_a_reindex_is_queued_stays_deleted(
         client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """A reindex lists the ready documents, then queues a job for each: a DELETE committed in between was written
