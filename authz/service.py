@@ -31,6 +31,7 @@ from authz.schemas import (
 from core.db import transaction_lock
 from core.errors import ErrorCode, GovragError
 from core.keystore import KeyStore
+from core.models import Document
 from core.settings import Settings
 from ingestion import service as ingestion_service
 
@@ -105,10 +106,26 @@ def may_read_chunk(enforcer: PolicyEnforcer, identity: Identity, *, department: 
     return rank(classification) <= enforcer.clearance_rank(identity.subjects, department)
 
 
-def require_manage(enforcer: PolicyEnforcer, identity: Identity, department: str) -> None:
+def may_see_document(enforcer: PolicyEnforcer, identity: Identity, document: Document) -> bool:
+    """Whether the caller may see a document's metadata, its title above all: its department's editors, and readers
+    who may read it whole (ACL, and clearance for its level: its highest chunk's). The one rule for the status, the
+    listing, the review queue's answers and the titles in citations, so a title above someone's clearance is never
+    shown to them."""
+    if is_allowed(enforcer, identity, "upload", document.department):
+        return True
+    return may_read_chunk(enforcer, identity, department=document.department,
+                          acl_groups=list(document.acl_groups or []), classification=document.classification)
+
+
+def may_manage(enforcer: PolicyEnforcer, identity: Identity, department: str) -> bool:
     """Platform admins manage everything; a department `admin` manages that department."""
-    if not identity.is_platform_admin:
-        require(enforcer, identity, "manage", department)
+    return identity.is_platform_admin or is_allowed(enforcer, identity, "manage", department)
+
+
+def require_manage(enforcer: PolicyEnforcer, identity: Identity, department: str) -> None:
+    """Raise forbidden unless `may_manage`."""
+    if not may_manage(enforcer, identity, department):
+        raise GovragError(ErrorCode.forbidden, "not allowed to manage in this department")
 
 
 def require_platform_admin(identity: Identity) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 
 from sqlalchemy.orm import Session
 
@@ -75,12 +76,13 @@ def list_quarantined(*, session: Session, departments: list[str] | None) -> list
     return [_quarantined_out(document) for document in repository.quarantined(session, departments)]
 
 
-def quarantined_document(*, session: Session, document_id: str) -> Document:
-    """A quarantined document, or not found (also for documents in any other state). Reviews of one document run one
-    after the other: of two admins approving and rejecting at once, the second finds it no longer quarantined."""
+def quarantined_document(*, session: Session, document_id: str, can_see: Callable[[Document], bool]) -> Document:
+    """A quarantined document the caller may see, or not found (also for documents in any other state, so an id the
+    caller may not see looks exactly like an unknown one). Reviews of one document run one after the other: of two
+    admins approving and rejecting at once, the second finds it no longer quarantined."""
     transaction_lock(session, f"document:{document_id}")
     document = repository.get_document(session, document_id)
-    if document is None or document.status != DocumentStatus.quarantined:
+    if document is None or document.status != DocumentStatus.quarantined or not can_see(document):
         raise GovragError(ErrorCode.not_found, "no such quarantined document")
     return document
 

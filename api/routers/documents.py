@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, UploadFile, status
@@ -114,15 +116,6 @@ def get_job(job_id: str, session: SessionDep, enforcer: EnforcerDep, user: Curre
     return ingestion_service.job_status(session=session, can_see=_visibility(enforcer, user), job_id=job_id)
 
 
-def _visibility(enforcer: EnforcerDep, user: Identity):  # type: ignore[no-untyped-def]
-    """Who may see a document's status: its department's editors, and readers who may read its chunks
-    (ACL and clearance included), so a title above someone's clearance is never shown to them."""
-
-    def can_see(document: Document) -> bool:
-        if authz_service.is_allowed(enforcer, user, "upload", document.department):
-            return True
-        return authz_service.may_read_chunk(enforcer, user, department=document.department,
-                                            acl_groups=list(document.acl_groups or []),
-                                            classification=document.classification)
-
-    return can_see
+def _visibility(enforcer: EnforcerDep, user: Identity) -> Callable[[Document], bool]:
+    """Who may see a document's status: `authz_service.may_see_document`."""
+    return functools.partial(authz_service.may_see_document, enforcer, user)

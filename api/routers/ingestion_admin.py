@@ -8,6 +8,7 @@ from api.deps import CeleryDep, CurrentUser, EnforcerDep, SessionDep, SettingsDe
 from audit import service as audit_service
 from audit.schemas import AdminEventType
 from authz import service as authz_service
+from core.models import Document
 from ingestion import purge, quarantine
 from ingestion.schemas import (
     IngestionPolicyIn,
@@ -59,8 +60,7 @@ def list_quarantine(session: SessionDep, enforcer: EnforcerDep, user: CurrentUse
 def approve(document_id: str, session: SessionDep, enforcer: EnforcerDep, settings: SettingsDep,
             celery: CeleryDep, user: CurrentUser) -> ReviewDecision:
     """Release a quarantined document for AI use; it is indexed by a new job."""
-    document = quarantine.quarantined_document(session=session, document_id=document_id)
-    authz_service.require_manage(enforcer, user, document.department)
+    document = _under_review(session, enforcer, user, document_id)
     decision = quarantine.approve(session=session, document=document, actor=user.subject)
     _audit_decision(session, settings, user, document.department, decision)
     send_job(celery, document_id=document_id, job_id=str(decision.job_id))
@@ -71,8 +71,7 @@ def approve(document_id: str, session: SessionDep, enforcer: EnforcerDep, settin
 def reject(document_id: str, session: SessionDep, enforcer: EnforcerDep, settings: SettingsDep,
            user: CurrentUser) -> ReviewDecision:
     """Refuse a quarantined document (an e-mail with its attachments): keys shredded, stored bytes removed."""
-    document = quarantine.quarantined_document(session=session, document_id=document_id)
-    authz_service.require_manage(enforcer, user, document.department)
+    document = _under_review(session, enforcer, user, document_id)
     decision, retired = quarantine.reject(session=session, settings=settings, document=document)
     _audit_decision(session, settings, user, document.department, decision)
     purge.purge_now(settings, retired)
@@ -91,6 +90,17 @@ def reindex(body: ReindexIn, session: SessionDep, enforcer: EnforcerDep, setting
     for document_id, job_id in queued:
         send_job(celery, document_id=document_id, job_id=job_id)
     return ReindexOut(queued=[job_id for _, job_id in queued])
+
+
+def _under_review(session: SessionDep, enforcer: EnforcerDep, user: CurrentUser, document_id: str) -> Document:
+    """The quarantined document, for its department's admins: refused (403) to others who may see it, an editor of
+    the department; to anyone else it does not exist, like an unknown id (404)."""
+    document = quarantine.quarantined_document(
+        session=session, document_id=document_id,
+        can_see=lambda doc: (authz_service.may_manage(enforcer, user, doc.department)
+                             or authz_service.may_see_document(enforcer, user, doc)))
+    authz_service.require_manage(enforcer, user, document.department)
+    return document
 
 
 def _audit_decision(session: SessionDep, settings: SettingsDep, user: CurrentUser, department: str,

@@ -130,6 +130,23 @@ def test_secrets_and_keywords_raise_to_restricted_and_reject_shreds(client: Test
     assert again.status_code == 404
 
 
+@pytest.mark.parametrize("action", ["approve", "reject"])
+def test_a_review_tells_an_outsider_nothing_of_a_quarantined_id(client: TestClient, lab: dict[str, str],
+                                                                action: str) -> None:
+    """Someone without a role in the department used to get 403 for a real quarantined id and 404 for an unknown
+    one. Now both are the same 404; an editor, who may see the document, is still refused with a 403."""
+    held = _ingest(client, lab["editor"], lab["department"], f"held-{action}.txt",
+                   f"Payroll: social security number 536-22-8741 {uuid.uuid4().hex}.".encode())
+    assert held["status"] == "quarantined"
+    real = client.post(f"/v1/admin/quarantine/{held['document_id']}/{action}", headers=auth(lab["outsider"]))
+    unknown = client.post(f"/v1/admin/quarantine/{uuid.uuid4()}/{action}", headers=auth(lab["outsider"]))
+    assert (real.status_code, real.json()["error"]["message"]) == (404, unknown.json()["error"]["message"])
+    editor = client.post(f"/v1/admin/quarantine/{held['document_id']}/{action}", headers=auth(lab["editor"]))
+    assert editor.status_code == 403
+    assert client.get(f"/v1/documents/{held['document_id']}", headers=auth(lab["editor"])).json()["status"] == \
+        "quarantined"
+
+
 def test_injected_chunk_is_excluded_and_flagged(client: TestClient, lab: dict[str, str],
                                                 settings) -> None:  # type: ignore[no-untyped-def]
     body = ("# Travel policy\n\nTrain tickets are booked through the travel desk two weeks ahead.\n\n"
