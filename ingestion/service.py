@@ -110,7 +110,8 @@ def run_ingestion(*, settings: Settings, document_id: str, job_id: str) -> None:
 def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAccepted]:
     """Queue each attachment of an ingested e-mail as a child document, once (the caller enqueues).
 
-    Children inherit the department, ACL and declared level; attached e-mails are followed MAX_ATTACHMENT_DEPTH
+    Children inherit the department, the ACL, and the e-mail's level (content-raised, so no attachment is visible to
+    someone the e-mail is hidden from) as their declared floor; attached e-mails are followed MAX_ATTACHMENT_DEPTH
     levels below the upload. An attachment that cannot be taken (its type, a limit, a duplicate, unreadable, too
     deep, one too many) is kept as a failed child with the reason: nothing disappears without a trace.
     """
@@ -166,7 +167,7 @@ def _take_attachment(session: Session, settings: Settings, parent: Document, nam
             return accept_upload(
                 session=session, settings=settings, uploaded_by=parent.uploaded_by, department=parent.department,
                 filename=name, data=payload, title=f"{parent.title} / {name}", acl_groups=list(parent.acl_groups),
-                classification=Classification(parent.declared_classification or parent.classification),
+                classification=Classification(parent.classification),
                 parent_id=parent.id)
     except GovragError as exc:
         return exc.message

@@ -4,8 +4,10 @@ reader only what they may open. Real PostgreSQL, the real worker."""
 from __future__ import annotations
 
 import base64
+import time
 import uuid
 from collections.abc import Callable
+from email.message import EmailMessage
 
 import pytest
 from fastapi.testclient import TestClient
@@ -114,6 +116,37 @@ def test_someone_without_a_role_in_the_department_is_refused(client: TestClient,
         response = client.get("/v1/documents", headers=auth(shelf["outsider"]), params={"department": department})
         assert response.status_code == 403
         assert response.json()["error"]["message"] == "not allowed to list documents in this department"
+
+
+def test_an_attachment_is_hidden_from_a_reader_its_email_is_hidden_from(client: TestClient, shelf: dict) -> None:  # type: ignore[type-arg]
+    """The e-mail's body raises it to confidential, above the reader's clearance. Its plain attachment used to take
+    the e-mail's declared level (internal): listed to the reader with the e-mail's title and id, and cited. Now it
+    takes the e-mail's level, and its chunks are floored there."""
+    mail = EmailMessage()
+    mail["From"], mail["To"], mail["Subject"] = "ana@example.com", "ben@example.com", "Files"
+    mail.set_content("Payroll correction. Social security number 536-22-8741 for the March run.")
+    canary = uuid.uuid4().hex
+    mail.add_attachment(f"The Leeds desk opens at nine {canary}.".encode(), maintype="text", subtype="plain",
+                        filename="rota.txt")
+    title = f"Dismissal {uuid.uuid4().hex[:6]}"
+    uploaded = client.post("/v1/documents", headers=auth(shelf["editor"]),
+                           data={"department": shelf["department"], "title": title},
+                           files={"file": ("hr.eml", mail.as_bytes())})
+    assert uploaded.status_code == 202, uploaded.text
+    parent = wait_for_document(client, shelf["editor"], uploaded.json()["document_id"])
+    deadline = time.monotonic() + 60
+    while not parent["attachment_ids"] and time.monotonic() < deadline:
+        time.sleep(0.25)
+        parent = client.get(f"/v1/documents/{parent['document_id']}", headers=auth(shelf["editor"])).json()
+    attachment = wait_for_document(client, shelf["editor"], parent["attachment_ids"][0])
+    assert parent["classification"] == "confidential" and attachment["status"] == "ready"
+    assert attachment["declared_classification"] == "confidential"
+    listed = client.get("/v1/documents", headers=auth(shelf["reader"]), params={"department": shelf["department"]})
+    assert listed.status_code == 200 and title not in listed.text
+    answer = client.post("/v1/query", headers=auth(shelf["reader"]), json={
+        "question": f"When does the Leeds desk open {canary}?", "departments": [shelf["department"]]}).json()
+    assert attachment["document_id"] not in {citation["document_id"] for citation in answer["citations"]}
+    assert client.delete(f"/v1/documents/{parent['document_id']}", headers=auth(shelf["editor"])).status_code == 204
 
 
 def test_pages_walk_the_same_way_on_the_embedded_default(tmp_path) -> None:  # type: ignore[no-untyped-def]
