@@ -124,6 +124,17 @@ def wait_for_document(client: TestClient, token: str, document_id: str, timeout:
     return _poll(client, token, f"/v1/documents/{document_id}", ("queued", "processing"), timeout, "document")
 
 
+def wait_for_attachments(client: TestClient, token: str, document_id: str, timeout: float = 60.0) -> dict[str, object]:
+    """Poll an ingested e-mail until its attachments have been taken (`attachment_ids` is set)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        document = client.get(f"/v1/documents/{document_id}", headers=auth(token)).json()
+        if document["attachment_ids"]:
+            return document  # type: ignore[no-any-return]
+        time.sleep(0.25)
+    raise AssertionError("the attachments were not taken in time")
+
+
 def _poll(client: TestClient, token: str, url: str, pending: tuple[str, ...], timeout: float,
           what: str) -> dict[str, object]:
     deadline = time.monotonic() + timeout

@@ -4,7 +4,6 @@ reader only what they may open. Real PostgreSQL, the real worker."""
 from __future__ import annotations
 
 import base64
-import time
 import uuid
 from collections.abc import Callable
 from email.message import EmailMessage
@@ -12,7 +11,7 @@ from email.message import EmailMessage
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import PLATFORM_ADMIN, auth, wait_for_document
+from tests.conftest import PLATFORM_ADMIN, auth, wait_for_attachments, wait_for_document
 
 FINANCE = "finance-team"
 
@@ -133,11 +132,8 @@ def test_an_attachment_is_hidden_from_a_reader_its_email_is_hidden_from(client: 
                            data={"department": shelf["department"], "title": title},
                            files={"file": ("hr.eml", mail.as_bytes())})
     assert uploaded.status_code == 202, uploaded.text
-    parent = wait_for_document(client, shelf["editor"], uploaded.json()["document_id"])
-    deadline = time.monotonic() + 60
-    while not parent["attachment_ids"] and time.monotonic() < deadline:
-        time.sleep(0.25)
-        parent = client.get(f"/v1/documents/{parent['document_id']}", headers=auth(shelf["editor"])).json()
+    wait_for_document(client, shelf["editor"], uploaded.json()["document_id"])
+    parent = wait_for_attachments(client, shelf["editor"], uploaded.json()["document_id"])
     attachment = wait_for_document(client, shelf["editor"], parent["attachment_ids"][0])
     assert parent["classification"] == "confidential" and attachment["status"] == "ready"
     assert attachment["declared_classification"] == "confidential"
