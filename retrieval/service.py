@@ -32,6 +32,9 @@ from retrieval.sentence_vectors import SentenceVectors
 from retrieval.store import AccessFilter, Hit, open_vector_store
 
 REFUSAL_TEXT = "I can't answer that from documents you are allowed to see."
+# The title a chunk is cited (and shown to the model) under when the caller may read the chunk but not its document
+# as a whole (its level, its highest chunk's, above their clearance): GET /v1/documents hides such a document's title.
+WITHHELD_TITLE = "(title withheld)"
 SNIPPET_CHARS = 240
 
 
@@ -157,7 +160,7 @@ def _recheck_and_open(session: Session, settings: Settings, enforcer: PolicyEnfo
         key = keystore.document_key(session=session, department=document.department, document_id=document.id)
         if key is None:
             continue
-        chunk = _open(key, hit, document, level)
+        chunk = _open(key, hit, document, level, title=_shown_title(enforcer, identity, document))
         if chunk is None:  # the payload was altered (its level, its place): the ciphertext no longer opens
             metrics.AUTHZ_RECHECK_DROPS.labels(department=document.department).inc()
             continue
@@ -173,7 +176,13 @@ def _chunk_level(hit: Hit, document: Document) -> str | None:
     return level
 
 
-def _open(key: bytes, hit: Hit, document: Document, level: str) -> OpenedChunk | None:
+def _shown_title(enforcer: PolicyEnforcer, identity: Identity, document: Document) -> str:
+    """The document's title if the caller may see the document (`authz_service.may_see_document`), else
+    WITHHELD_TITLE."""
+    return document.title if authz_service.may_see_document(enforcer, identity, document) else WITHHELD_TITLE
+
+
+def _open(key: bytes, hit: Hit, document: Document, level: str, *, title: str) -> OpenedChunk | None:
     """Decrypt the chunk's text and sentence vectors under the context that binds its place, level and scan."""
     index, scanned_by = int(hit.payload["chunk_index"]), str(hit.payload.get("scanned_by", ""))
     try:
@@ -185,7 +194,7 @@ def _open(key: bytes, hit: Hit, document: Document, level: str) -> OpenedChunk |
     except crypto.DecryptionError:
         return None
     return OpenedChunk(document_id=document.id, chunk_id=str(hit.payload["chunk_id"]), department=document.department,
-                       title=document.title, text=text, score=hit.score, sentence_vectors=vectors,
+                       title=title, text=text, score=hit.score, sentence_vectors=vectors,
                        scanned_by=scanned_by)
 
 

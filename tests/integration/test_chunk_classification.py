@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from retrieval.embeddings import get_embedder
+from retrieval.service import WITHHELD_TITLE
 from retrieval.store import AccessFilter, open_vector_store
 from tests.conftest import PLATFORM_ADMIN, auth
 
@@ -95,6 +96,20 @@ def test_internal_clearance_is_answered_from_the_plain_chunks(client: TestClient
     low = client.post("/v1/query", headers=auth(mixed["internal"]), json=question)
     assert low.status_code == 200 and not low.json()["refused"], low.text
     assert f"{mixed['document_id']}:2" in {c["chunk_id"] for c in low.json()["citations"]}
+
+
+def test_a_citation_withholds_the_title_of_a_document_hidden_from_the_reader(client: TestClient,
+                                                                             mixed: dict[str, str]) -> None:
+    """The internal reader may read the plain chunks of a confidential document, not the document: GET
+    /v1/documents/{id} and the listing hide it. The citation used to show its title all the same."""
+    question = {"question": "When does the parking garage under the east wing open?",
+                "departments": [mixed["department"]]}
+    titles = {}
+    for clearance in ("internal", "confidential"):
+        answer = client.post("/v1/query", headers=auth(mixed[clearance]), json=question).json()
+        titles[clearance] = {c["title"] for c in answer["citations"] if c["document_id"] == mixed["document_id"]}
+    assert client.get(f"/v1/documents/{mixed['document_id']}", headers=auth(mixed["internal"])).status_code == 404
+    assert titles == {"internal": {WITHHELD_TITLE}, "confidential": {"office.md"}}
 
 
 @pytest.mark.parametrize("forgery", [{"classification": "internal", "classification_rank": RANK["internal"]},
