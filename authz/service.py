@@ -106,11 +106,16 @@ def may_read_chunk(enforcer: PolicyEnforcer, identity: Identity, *, department: 
     return rank(classification) <= enforcer.clearance_rank(identity.subjects, department)
 
 
-def may_see_document(enforcer: PolicyEnforcer, identity: Identity, document: Document) -> bool:
+def may_see_document(enforcer: PolicyEnforcer, identity: Identity, document: Document, *, session: Session) -> bool:
     """Whether the caller may see a document's metadata, its title above all: its department's editors, and readers
-    who may read it whole (ACL, and clearance for its level: its highest chunk's). The one rule for the status, the
-    listing, the review queue's answers and the titles in citations, so a title above someone's clearance is never
-    shown to them."""
+    who may read it whole (ACL, and clearance for its level: its highest chunk's), and for an attachment each e-mail
+    above it too (its title carries theirs). The one rule for the status, the listing, the review queue's answers
+    and the titles in citations, so a title above someone's clearance is never shown to them."""
+    line = [document, *ingestion_service.emails_above(session=session, document=document)]
+    return all(_may_see_one(enforcer, identity, each) for each in line)
+
+
+def _may_see_one(enforcer: PolicyEnforcer, identity: Identity, document: Document) -> bool:
     if is_allowed(enforcer, identity, "upload", document.department):
         return True
     return may_read_chunk(enforcer, identity, department=document.department,

@@ -393,6 +393,14 @@ def job_status(*, session: Session, can_see: Callable[[Document], bool], job_id:
                         attempts=job.attempts, created_at=job.created_at, updated_at=job.updated_at)
 
 
+def emails_above(*, session: Session, document: Document) -> list[Document]:
+    """The e-mails an attachment was taken from, up to the uploaded one (none for an upload)."""
+    if document.parent_id is None:
+        return []
+    line = repository.lineage(session, document.id)[:-1]
+    return [email for email_id in line if (email := repository.get_document(session, email_id)) is not None]
+
+
 def ready_documents(*, session: Session, document_ids: set[str]) -> dict[str, Document]:
     """Documents that may still be cited: ready, not deleted or failed."""
     return repository.ready_documents(session, document_ids)

@@ -160,7 +160,7 @@ def _recheck_and_open(session: Session, settings: Settings, enforcer: PolicyEnfo
         key = keystore.document_key(session=session, department=document.department, document_id=document.id)
         if key is None:
             continue
-        chunk = _open(key, hit, document, level, title=_shown_title(enforcer, identity, document))
+        chunk = _open(key, hit, document, level, title=_shown_title(session, enforcer, identity, document))
         if chunk is None:  # the payload was altered (its level, its place): the ciphertext no longer opens
             metrics.AUTHZ_RECHECK_DROPS.labels(department=document.department).inc()
             continue
@@ -176,10 +176,11 @@ def _chunk_level(hit: Hit, document: Document) -> str | None:
     return level
 
 
-def _shown_title(enforcer: PolicyEnforcer, identity: Identity, document: Document) -> str:
+def _shown_title(session: Session, enforcer: PolicyEnforcer, identity: Identity, document: Document) -> str:
     """The document's title if the caller may see the document (`authz_service.may_see_document`), else
     WITHHELD_TITLE."""
-    return document.title if authz_service.may_see_document(enforcer, identity, document) else WITHHELD_TITLE
+    seen = authz_service.may_see_document(enforcer, identity, document, session=session)
+    return document.title if seen else WITHHELD_TITLE
 
 
 def _open(key: bytes, hit: Hit, document: Document, level: str, *, title: str) -> OpenedChunk | None:

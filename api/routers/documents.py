@@ -72,7 +72,7 @@ def list_documents(
     if not (authz_service.is_allowed(enforcer, user, "upload", department)
             or authz_service.is_allowed(enforcer, user, "read", department)):
         raise GovragError(ErrorCode.forbidden, "not allowed to list documents in this department")
-    return ingestion_service.list_documents(session=session, can_see=_visibility(enforcer, user),
+    return ingestion_service.list_documents(session=session, can_see=_visibility(session, enforcer, user),
                                             department=department, status=status, limit=limit, after=after)
 
 
@@ -80,7 +80,7 @@ def list_documents(
 def get_document(document_id: str, session: SessionDep, enforcer: EnforcerDep,
                  user: CurrentUser) -> DocumentStatusOut:
     """Status and metadata of a document (never its content)."""
-    return ingestion_service.document_status(session=session, can_see=_visibility(enforcer, user),
+    return ingestion_service.document_status(session=session, can_see=_visibility(session, enforcer, user),
                                              document_id=document_id)
 
 
@@ -113,9 +113,9 @@ def reveal(document_id: str, body: RevealIn, session: SessionDep, settings: Sett
 @router.get("/jobs/{job_id}", response_model=JobStatusOut)
 def get_job(job_id: str, session: SessionDep, enforcer: EnforcerDep, user: CurrentUser) -> JobStatusOut:
     """Ingestion job status and failure reason."""
-    return ingestion_service.job_status(session=session, can_see=_visibility(enforcer, user), job_id=job_id)
+    return ingestion_service.job_status(session=session, can_see=_visibility(session, enforcer, user), job_id=job_id)
 
 
-def _visibility(enforcer: EnforcerDep, user: Identity) -> Callable[[Document], bool]:
+def _visibility(session: SessionDep, enforcer: EnforcerDep, user: Identity) -> Callable[[Document], bool]:
     """Who may see a document's status: `authz_service.may_see_document`."""
-    return functools.partial(authz_service.may_see_document, enforcer, user)
+    return functools.partial(authz_service.may_see_document, enforcer, user, session=session)

@@ -98,7 +98,7 @@ def _under_review(session: SessionDep, enforcer: EnforcerDep, user: CurrentUser,
     document = quarantine.quarantined_document(
         session=session, document_id=document_id,
         can_see=lambda doc: (authz_service.may_manage(enforcer, user, doc.department)
-                             or authz_service.may_see_document(enforcer, user, doc)))
+                             or authz_service.may_see_document(enforcer, user, doc, session=session)))
     authz_service.require_manage(enforcer, user, document.department)
     return document
 

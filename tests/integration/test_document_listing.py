@@ -121,20 +121,9 @@ def test_an_attachment_is_hidden_from_a_reader_its_email_is_hidden_from(client: 
     """The e-mail's body raises it to confidential, above the reader's clearance. Its plain attachment used to take
     the e-mail's declared level (internal): listed to the reader with the e-mail's title and id, and cited. Now it
     takes the e-mail's level, and its chunks are floored there."""
-    mail = EmailMessage()
-    mail["From"], mail["To"], mail["Subject"] = "ana@example.com", "ben@example.com", "Files"
-    mail.set_content("Payroll correction. Social security number 536-22-8741 for the March run.")
-    canary = uuid.uuid4().hex
-    mail.add_attachment(f"The Leeds desk opens at nine {canary}.".encode(), maintype="text", subtype="plain",
-                        filename="rota.txt")
-    title = f"Dismissal {uuid.uuid4().hex[:6]}"
-    uploaded = client.post("/v1/documents", headers=auth(shelf["editor"]),
-                           data={"department": shelf["department"], "title": title},
-                           files={"file": ("hr.eml", mail.as_bytes())})
-    assert uploaded.status_code == 202, uploaded.text
-    wait_for_document(client, shelf["editor"], uploaded.json()["document_id"])
-    parent = wait_for_attachments(client, shelf["editor"], uploaded.json()["document_id"])
-    attachment = wait_for_document(client, shelf["editor"], parent["attachment_ids"][0])
+    canary, title = uuid.uuid4().hex, f"Dismissal {uuid.uuid4().hex[:6]}"
+    parent, attachment = _ingest_email(client, shelf, title, "Payroll correction. Social security number "
+                                       "536-22-8741 for the March run.", f"The Leeds desk opens at nine {canary}.")
     assert parent["classification"] == "confidential" and attachment["status"] == "ready"
     assert attachment["declared_classification"] == "confidential"
     listed = client.get("/v1/documents", headers=auth(shelf["reader"]), params={"department": shelf["department"]})
@@ -143,6 +132,43 @@ def test_an_attachment_is_hidden_from_a_reader_its_email_is_hidden_from(client: 
         "question": f"When does the Leeds desk open {canary}?", "departments": [shelf["department"]]}).json()
     assert attachment["document_id"] not in {citation["document_id"] for citation in answer["citations"]}
     assert client.delete(f"/v1/documents/{parent['document_id']}", headers=auth(shelf["editor"])).status_code == 204
+
+
+def test_an_attachment_is_hidden_when_its_email_is_raised_later(client: TestClient, shelf: dict,  # type: ignore[type-arg]
+                                                                 issue_token: Callable[..., str]) -> None:
+    """An attachment keeps the level it was taken at: an e-mail raised afterwards (a new department keyword, then a
+    re-index), or an attachment taken before attachments were declared at their e-mail's level, would show the
+    e-mail's title to a reader the e-mail is now hidden from. Seeing an attachment needs seeing its e-mail."""
+    marker, title = f"heron{uuid.uuid4().hex[:6]}", f"Restructuring {uuid.uuid4().hex[:6]}"
+    parent, attachment = _ingest_email(client, shelf, title, f"Notes on project {marker}.",
+                                       f"The Porto desk opens at ten {marker}.")
+    assert parent["classification"] == attachment["classification"] == "internal"
+    admin = auth(issue_token(PLATFORM_ADMIN))
+    assert client.put(f"/v1/admin/departments/{shelf['department']}/ingestion-policy", headers=admin,
+                      json={"keywords": {f"project {marker}": "confidential"}}).status_code == 200
+    reindexed = client.post("/v1/admin/reindex", headers=admin,
+                            json={"department": shelf["department"], "document_ids": [parent["document_id"]]})
+    assert reindexed.status_code == 202 and len(reindexed.json()["queued"]) == 1
+    assert wait_for_document(client, shelf["editor"], parent["document_id"])["classification"] == "confidential"
+    listed = client.get("/v1/documents", headers=auth(shelf["reader"]), params={"department": shelf["department"]})
+    status = client.get(f"/v1/documents/{attachment['document_id']}", headers=auth(shelf["reader"]))
+    assert title not in listed.text and status.status_code == 404
+    assert client.delete(f"/v1/documents/{parent['document_id']}", headers=auth(shelf["editor"])).status_code == 204
+
+
+def _ingest_email(client: TestClient, shelf: dict, title: str, body: str, attached: str) -> tuple[dict, dict]:  # type: ignore[type-arg]
+    """An e-mail with one plain attachment, uploaded by the shelf's editor: both documents once ingested."""
+    mail = EmailMessage()
+    mail["From"], mail["To"], mail["Subject"] = "ana@example.com", "ben@example.com", "Files"
+    mail.set_content(body)
+    mail.add_attachment(attached.encode(), maintype="text", subtype="plain", filename="desk.txt")
+    uploaded = client.post("/v1/documents", headers=auth(shelf["editor"]),
+                           data={"department": shelf["department"], "title": title},
+                           files={"file": ("mail.eml", mail.as_bytes())})
+    assert uploaded.status_code == 202, uploaded.text
+    wait_for_document(client, shelf["editor"], uploaded.json()["document_id"])
+    parent = wait_for_attachments(client, shelf["editor"], uploaded.json()["document_id"])
+    return parent, wait_for_document(client, shelf["editor"], parent["attachment_ids"][0])  # type: ignore[arg-type]
 
 
 def test_pages_walk_the_same_way_on_the_embedded_default(tmp_path) -> None:  # type: ignore[no-untyped-def]
