@@ -149,6 +149,7 @@ def _recheck_and_open(session: Session, settings: Settings, enforcer: PolicyEnfo
     documents = ingestion_service.ready_documents(session=session,
                                                   document_ids={str(h.payload.get("document_id")) for h in hits})
     keystore, opened = keystore_for(settings), []
+    titles: dict[str, str] = {}  # the title each document is cited under: one visibility check per document
     for hit in hits:
         document = documents.get(str(hit.payload.get("document_id")))
         if document is None:
@@ -160,7 +161,9 @@ def _recheck_and_open(session: Session, settings: Settings, enforcer: PolicyEnfo
         key = keystore.document_key(session=session, department=document.department, document_id=document.id)
         if key is None:
             continue
-        chunk = _open(key, hit, document, level, title=_shown_title(session, enforcer, identity, document))
+        if document.id not in titles:
+            titles[document.id] = _shown_title(session, enforcer, identity, document)
+        chunk = _open(key, hit, document, level, title=titles[document.id])
         if chunk is None:  # the payload was altered (its level, its place): the ciphertext no longer opens
             metrics.AUTHZ_RECHECK_DROPS.labels(department=document.department).inc()
             continue
