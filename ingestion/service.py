@@ -407,11 +407,11 @@ def ready_documents(*, session: Session, document_ids: set[str]) -> dict[str, Do
 
 
 def delete_document(*, session: Session, settings: Settings, document_id: str,
-                    can_delete: Callable[[str], bool]) -> list[str]:
-    """Retire the document (an e-mail takes its attachments): keys shredded, purges owed. Returns the ids to purge
-    once the caller commits (ingestion/purge.py)."""
+                    can_delete: Callable[[str], bool]) -> tuple[str, list[str]]:
+    """Retire the document (an e-mail takes its attachments): keys shredded, purges owed. Returns its department
+    and the ids to purge once the caller commits (ingestion/purge.py)."""
     transaction_lock(session, f"document:{document_id}")
     document = repository.get_document(session, document_id)
     if document is None or document.status == DocumentStatus.deleted or not can_delete(document.department):
         raise GovragError(ErrorCode.not_found, "no such document")
-    return purge.retire_family(session, settings, document, DocumentStatus.deleted)
+    return document.department, purge.retire_family(session, settings, document, DocumentStatus.deleted)

@@ -88,12 +88,15 @@ def get_document(document_id: str, session: SessionDep, enforcer: EnforcerDep,
 def delete_document(document_id: str, session: SessionDep, settings: SettingsDep, enforcer: EnforcerDep,
                     user: CurrentUser) -> None:
     """Crypto-shred a document, then remove its vectors and stored bytes (role: editor); a vector store outage
-    leaves that removal to the sweep, the document is deleted all the same."""
-    retired = ingestion_service.delete_document(
+    leaves that removal to the sweep, the document is deleted all the same. The deletion and its ledger row commit
+    together: no audit, no deletion."""
+    department, retired = ingestion_service.delete_document(
         session=session, settings=settings, document_id=document_id,
         can_delete=lambda department: authz_service.is_allowed(enforcer, user, "delete", department),
     )
-    session.commit()
+    audit_service.record_admin_event(
+        session=session, identity=user, event_type=AdminEventType.document_deleted, department=department,
+        settings=settings, details={"document_id": document_id, "retired": sorted(retired)})
     purge.purge_now(settings, retired)
 
 

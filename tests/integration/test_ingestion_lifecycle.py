@@ -363,6 +363,20 @@ def test_attached_emails_are_followed_to_a_bounded_depth_and_deleted_with_their_
         assert client.get(f"/v1/documents/{doc['document_id']}", headers=auth(lab["editor"])).status_code == 404
     gone = {parent["document_id"], *(doc["document_id"] for doc in found.values())}
     assert _leftovers(settings, lab["department"], gone) == set()
+    deletions = [event for event in _ledger(settings, "document_deleted")
+                 if event.details["document_id"] == parent["document_id"]]  # a crypto-shred left no trace before
+    assert len(deletions) == 1 and deletions[0].subject == "lena"
+    assert deletions[0].departments_searched == [lab["department"]] and set(deletions[0].details["retired"]) == gone
+
+
+def _ledger(settings, event_type: str) -> list:  # type: ignore[no-untyped-def, type-arg]
+    from sqlalchemy import select
+
+    from core.db import unit_of_work
+    from core.models import RetrievalEvent
+
+    with unit_of_work(settings.resolved_database_url) as session:
+        return list(session.scalars(select(RetrievalEvent).where(RetrievalEvent.event_type == event_type)))
 
 
 def test_an_attachment_that_cannot_be_taken_is_a_failed_child_and_its_email_stays_ready(
