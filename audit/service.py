@@ -19,7 +19,7 @@ from authz.identity import Identity, is_platform_admin
 from core import metrics
 from core.batching import MicroBatcher
 from core.errors import ErrorCode, GovragError
-from core.logs import mask, request_id_var
+from core.logs import mask, mask_secrets, request_id_var
 from core.models import AuditCheckpoint, RetrievalEvent, utcnow
 from core.settings import Settings
 from guard.pii import get_redactor
@@ -28,8 +28,12 @@ AUDIT_UNAVAILABLE = "the audit log is unavailable; no answer without an audit re
 
 
 def mask_questions(questions: list[str]) -> list[str]:
-    """Each question with PII (Presidio) and secret-shaped values (patterns) replaced, in one spaCy batch."""
-    return [mask(redacted) for redacted in get_redactor().redact_each(questions)]
+    """Each question with PII (Presidio) and secret-shaped values (patterns) replaced, in one spaCy batch.
+
+    The secret patterns run first too: Presidio may tag the word that introduces a secret (`Bearer` as a person),
+    after which the pattern that knows the secret by that word no longer matches."""
+    unsecret = [mask_secrets(question) for question in questions]
+    return [mask(redacted) for redacted in get_redactor().redact_each(unsecret)]
 
 
 # Concurrent queries share one masking call (the NER's per-call cost is most of a short question's).

@@ -10,16 +10,19 @@ from contextvars import ContextVar
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 
-_MASKS: tuple[tuple[re.Pattern[str], str], ...] = (
+_SECRET_MASKS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)", re.S),
      "<PRIVATE_KEY>"),
     (re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]*"), "<TOKEN>"),
     (re.compile(r"(?i)bearer\s+\S+"), "Bearer <TOKEN>"),
     (re.compile(r"(?i)\b(password|passwd|pwd|secret|api[_-]?key|access[_-]?key|token|master[_-]?key|"
-                r"authorization|client[_-]?secret)(\"?\s*[=:]\s*\"?)[^\s\"',;]+"), r"\1\2<SECRET>"),
+                r"authorization|client[_-]?secret)(\"?\s*[=:]\s*\"?)"
+                r"((?:basic|bearer|digest|negotiate|ntlm|token|apikey)\s+)?[^\s\"',;]+"), r"\1\2\3<SECRET>"),
     (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "<SECRET>"),
     (re.compile(r"\b(?:sk|pk|rk|ghp|gho|xox[abp])[-_][A-Za-z0-9_-]{16,}\b"), "<SECRET>"),
     (re.compile(r"[a-z][a-z0-9+.-]*://[^\s:/@]+:[^\s@/]+@"), "<URL_WITH_CREDENTIALS>@"),
+)
+_PII_MASKS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+"), "<EMAIL>"),
     (re.compile(r"\b\d{3}-\d{2}-\d{4}\b"), "<SSN>"),
     (re.compile(r"\b(?:\d[ -]?){13,19}\b"), "<NUMBER>"),
@@ -32,9 +35,17 @@ _LIBRARY_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "celery", "cel
                     "celery.app.trace", "celery.redirected", "kombu", "httpx", "sqlalchemy", "alembic")
 
 
+def mask_secrets(text: str) -> str:
+    """Replace private keys, tokens, secrets and credentials in URLs."""
+    for pattern, replacement in _SECRET_MASKS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 def mask(text: str) -> str:
     """Replace private keys, tokens, secrets, credentials in URLs, e-mails, account/card and phone numbers."""
-    for pattern, replacement in _MASKS:
+    text = mask_secrets(text)
+    for pattern, replacement in _PII_MASKS:
         text = pattern.sub(replacement, text)
     return text
 

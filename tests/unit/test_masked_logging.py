@@ -69,6 +69,22 @@ def test_mask_covers_every_known_kind() -> None:
         _assert_clean(mask(f"x {value} y") + " ")
 
 
+def test_credentials_after_an_authorization_scheme_word_are_masked() -> None:
+    """`Authorization: Basic <credentials>`: the credentials, not the scheme word, are the secret."""
+    for scheme, credentials in [("Basic", "dXNlcjpwYXNzd29yZA=="), ("Digest", "c2VjcmV0ZGlnZXN0"),
+                                ("Bearer", "opaque-access-token-123456")]:
+        masked = mask(f"upstream said Authorization: {scheme} {credentials} (401)")
+        assert credentials not in masked and f"{scheme} <SECRET>" in masked, masked
+
+
+def test_a_question_masked_for_the_ledger_keeps_no_opaque_bearer_token() -> None:
+    """The NER may tag `Bearer` as a person; the token it introduces must be masked all the same."""
+    from audit.service import mask_questions
+
+    masked = mask_questions(["Authorization: Bearer s3cr3tT0kenValue99 fails", "token: Basic dXNlcjpwYXNzd29yZA=="])
+    assert "s3cr3tT0kenValue99" not in masked[0] and "dXNlcjpwYXNzd29yZA" not in masked[1], masked
+
+
 def test_every_handler_masks_including_uvicorn_and_celery(clean_logging: None) -> None:
     logging.config.dictConfig(uvicorn.config.LOGGING_CONFIG)  # uvicorn's own handlers, propagate=False
     adhoc = logging.getLogger("govrag.adhoc")
