@@ -37,10 +37,15 @@ def _squash(text: str) -> str:
     return re.sub(r"[^a-z0-9]", "", strip_invisible(text).lower())
 
 
+def _canary_secret(token: str) -> str:
+    """The random part of a canary token (`CNRY-<hex>`): the prefix is public, the hex alone gives it away."""
+    return _squash(token.rpartition("-")[2])
+
+
 def leaked_canaries(text: str, canaries: dict[str, str]) -> list[str]:
-    """Departments whose canary token appears in `text`, however it is spaced or disguised."""
-    squashed = _squash(text)
-    return sorted(dept for dept, token in canaries.items() if token and _squash(token) in squashed)
+    """Departments whose canary secret appears in `text`, with or without its prefix, however spaced or disguised."""
+    squashed, secrets = _squash(text), {dept: _canary_secret(token) for dept, token in canaries.items()}
+    return sorted(dept for dept, secret in secrets.items() if secret and secret in squashed)
 
 
 def echoes_system_prompt(text: str, system_prompt: str) -> bool:

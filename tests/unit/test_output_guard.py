@@ -21,6 +21,13 @@ def test_a_canary_is_caught_however_it_is_disguised() -> None:
     assert leaked_canaries("nothing to see", CANARIES) == []
 
 
+def test_the_canary_secret_is_caught_without_its_public_prefix() -> None:
+    assert leaked_canaries("the marker is 0123456789abcdef", CANARIES) == ["finance"]
+    assert leaked_canaries("marker: FEDC-BA98 7654 3210", CANARIES) == ["hr"]
+    bare = check_output("Marker: 0123456789abcdef [1]", canaries=CANARIES, system_prompt=SYSTEM_PROMPT, context="")
+    assert bare.withheld and bare.reason == "canary" and bare.canary_departments == ["finance"]
+
+
 def test_canary_or_system_prompt_withholds_the_answer() -> None:
     leak = check_output("Sure: CNRY-fedcba9876543210 [1]", canaries=CANARIES, system_prompt=SYSTEM_PROMPT,
                         context="")
