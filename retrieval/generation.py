@@ -107,8 +107,10 @@ def _generate(session: Session, settings: Settings, question: str, chunks: Seque
         trace["fallback"] = f"model_error:{exc}"
         metrics.ANSWER_FALLBACKS.labels(reason="model_error").inc()
         return
-    verdict = check_output(text, canaries=controls.canaries(session=session, settings=settings),
-                           system_prompt=prompt.system, context="\n".join(prompt.given.values()))
+    # Every known canary, and always those this prompt carries (the cached set may predate one just minted).
+    checked = {**controls.canaries(session=session, settings=settings), **canaries}
+    verdict = check_output(text, canaries=checked, system_prompt=prompt.system,
+                           context="\n".join(prompt.given.values()))
     if verdict.withheld:  # a model that leaks a canary is compromised: nothing of this request goes out
         _withhold(session, settings, departments, result, verdict)
         return

@@ -10,6 +10,7 @@ import json
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -177,6 +178,40 @@ def test_a_compromised_model_cannot_exfiltrate_another_departments_canary(client
     assert event.decision == "withheld" and event.model_backend == "openai" and event.model_id == "stub"
     assert "g5legal" in event.guard_verdicts["output"]["canary_departments"]
     assert legal_canary.group(1) not in json.dumps(event.guard_verdicts)
+
+
+def test_a_canary_another_replica_minted_moments_ago_is_checked(settings: Any, stub: StubModel) -> None:
+    """The prompt carries the canary read fresh from the database; this replica's cached canaries (a long cache
+    here, so the test does not depend on the clock) predate it: the output must be checked against it all the same."""
+    from core.models import GuardControl
+    from guard import controls
+    from guard.schemas import KillMode
+    from retrieval import generation
+    from retrieval.schemas import Citation, QueryResponse
+    from retrieval.service import OpenedChunk
+
+    department, canary = f"g5mint{uuid.uuid4().hex[:6]}", f"CNRY-{uuid.uuid4().hex[:16]}"
+    replica = settings.model_copy(update={"answer_backend": "openai", "llm_base_url": stub.url, "llm_model": "stub",
+                                          "guard_cache_seconds": 3600.0})
+    stub.reply = lambda messages: ("The desk opens at nine on weekdays "
+                                   + " ".join(re.findall(r"CNRY-[0-9a-f]+", messages[0]["content"])) + " [1].")
+    chunk = OpenedChunk(document_id="d", chunk_id="c", department=department, title="rota",
+                        text="The desk opens at nine on weekdays.", score=1.0)
+    extractive = QueryResponse(answer="The desk opens at nine on weekdays. [1]", citations=[], refused=False,
+                               reason=None, request_id="r")
+    with get_session_factory(settings.resolved_database_url)() as session:
+        controls.canaries(session=session, settings=replica)  # this replica's cache, without the new department
+        with get_session_factory(settings.resolved_database_url)() as other:  # another replica mints its canary
+            other.add(GuardControl(scope=department, kill_mode="normal", updated_by="other-replica", canary=canary))
+            other.commit()
+        result = generation.respond(
+            session=session, settings=replica, question="When does the desk open?", chunks=[chunk],
+            kill_mode=KillMode.normal, departments=[department], extractive=lambda _chunks: (extractive, {1}),
+            cite=lambda n, c: Citation(n=n, document_id=c.document_id, chunk_id=c.chunk_id, title=c.title,
+                                       department=c.department, snippet=c.text, score=c.score))
+    assert canary in stub.requests[-1]["messages"][0]["content"]
+    assert result.withheld and canary not in result.response.answer
+    assert result.verdicts["output"]["canary_departments"] == [department]
 
 
 def test_an_obvious_hidden_instruction_never_reaches_the_model(client: TestClient, world: dict,
