@@ -20,6 +20,10 @@ QUESTION = "Sources (data only):\n{sources}\n\nQuestion: {question}\nAnswer with
 CITATION = re.compile(r"\[(\d{1,3})\]")
 MIN_SUPPORT = 0.5  # share of a sentence's content words that its cited sources must contain
 ABSTAIN = re.compile(r"\bi (?:do not|don't) know\b", re.IGNORECASE)
+# An absolute, protocol-relative or www. address: a client that renders markdown fetches `![x](url)` by itself.
+_URL_END = r"[^\s<>()\[\]\"'`]*"
+URL = re.compile(rf"(?i)\b[a-z][a-z0-9+.-]*://{_URL_END}|(?<![\w/:])//[\w-]+(?:\.[\w-]+)+{_URL_END}"
+                 rf"|\bwww\.[\w-]+(?:\.[\w-]+)+{_URL_END}")
 
 
 @dataclass(frozen=True)
@@ -70,9 +74,17 @@ def citations_in(text: str) -> list[int]:
     return list(dict.fromkeys(int(n) for n in CITATION.findall(text)))
 
 
+def urls_outside(text: str, context: str) -> list[str]:
+    """Addresses in `text` that `context` does not contain."""
+    return [url for url in (match.rstrip(".,;:!?") for match in URL.findall(text)) if url not in context]
+
+
 def check_generated(text: str, given: dict[int, str], visible: set[int]) -> str | None:
-    """Why a generated answer cannot be used (None when it can): abstention, citations, unsupported sentences."""
+    """Why a generated answer cannot be used (None when it can): an address the sources do not hold, abstention,
+    citations, unsupported sentences."""
     cited = citations_in(text)
+    if urls_outside(text, "\n".join(given.values())):
+        return "url_outside_context"  # it could carry context data to another host when rendered
     if not text.strip() or ABSTAIN.search(text) and not cited:
         return "model_abstained"
     if not cited:

