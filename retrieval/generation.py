@@ -50,21 +50,32 @@ Cite = Callable[[int, Any], Citation]
 
 
 def scan_chunks(chunks: Sequence[Any], settings: Settings) -> tuple[list[Any], list[int]]:
-    """Neutralise instruction-like segments in retrieved chunks (documents ingested before a rule change too)."""
+    """Neutralise instruction-like segments in retrieved chunks' text (documents ingested before a rule change too)
+    and titles (never scanned at ingestion: an uploader, a file or attachment name chose them)."""
     if not settings.scan_retrieved_text:
         return list(chunks), []
     scanner, kept, flagged = get_scanner(), [], []
-    for n, chunk in enumerate(chunks, start=1):
-        if getattr(chunk, "scanned_by", "") == scanner.version:
-            kept.append(chunk)  # this very scanner passed it at ingestion
-            continue
-        if scanner.scan(chunk.text).flagged:
+    title_scores = scanner.score_many([chunk.title for chunk in chunks])
+    for n, (chunk, title_score) in enumerate(zip(chunks, title_scores, strict=True), start=1):
+        neutralised = _neutralised_fields(chunk, title_flagged=title_score >= scanner.threshold)
+        if neutralised:
             flagged.append(n)
-            chunk = dataclasses.replace(chunk, text=scanner.neutralise(chunk.text))
+            chunk = dataclasses.replace(chunk, **neutralised)
         kept.append(chunk)
     if flagged:
         metrics.GUARD_HITS.labels(kind="retrieved_text").inc(len(flagged))
     return kept, flagged
+
+
+def _neutralised_fields(chunk: Any, *, title_flagged: bool) -> dict[str, str]:
+    """The chunk's title and text that need neutralising, neutralised (text this very scanner passed at ingestion
+    is not scored again)."""
+    scanner, fields = get_scanner(), {}
+    if title_flagged:
+        fields["title"] = scanner.neutralise(chunk.title)
+    if getattr(chunk, "scanned_by", "") != scanner.version and scanner.scan(chunk.text).flagged:
+        fields["text"] = scanner.neutralise(chunk.text)
+    return fields
 
 
 def respond(*, session: Session, settings: Settings, question: str, chunks: Sequence[Any], kill_mode: KillMode,

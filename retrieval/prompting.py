@@ -49,6 +49,11 @@ def _escape(text: str) -> str:
     return text.replace("</source>", "</ source>").replace("<source", "< source")
 
 
+def _attribute(value: str) -> str:
+    """A title as one line that can close neither its attribute nor its tag."""
+    return " ".join(value.split()).replace('"', "'").replace("<", "(").replace(">", ")")
+
+
 def build_prompt(question: str, chunks: list[PromptChunk], canaries: dict[str, str], *, budget_tokens: int,
                  count_tokens: Callable[[str], int]) -> Prompt:
     """System rules (+ hidden canaries), then as many top chunks as fit the budget, then the question."""
@@ -57,7 +62,7 @@ def build_prompt(question: str, chunks: list[PromptChunk], canaries: dict[str, s
     remaining = budget_tokens - count_tokens(system) - count_tokens(QUESTION.format(sources="", question=question))
     sources, given = [], {}
     for chunk in chunks:
-        source = SOURCE.format(n=chunk.n, title=_escape(chunk.title).replace('"', "'"), text=_escape(chunk.text))
+        source = SOURCE.format(n=chunk.n, title=_attribute(chunk.title), text=_escape(chunk.text))
         cost = count_tokens(source) + 2
         if cost > remaining:
             continue
