@@ -77,6 +77,7 @@ _BOUNDARY = re.compile(r"[.!?]+[\"')\]\u201d\u2019]*\s+(?=[\"'(\[\u201c\u2018<A-
 _WORD_BEFORE = re.compile(r"([A-Za-z][A-Za-z.]*)\.$")
 _SPACES = re.compile(r"\s+")
 _TABLE_RULE = re.compile(r"^\s*\|?[\s:|-]+\|?\s*$")
+_QUOTED_MARKER = re.compile(r"\[(\d+)\]")  # a `[4]` in quoted text would read as a citation
 
 
 def _is_abbreviation(head: str) -> bool:
@@ -413,10 +414,16 @@ def _rank_key(candidate: _Candidate) -> tuple[float, int, int]:
     return (-round(candidate.rank, 6), candidate.n, candidate.position)
 
 
+def _unmarked(sentence: str) -> str:
+    """The sentence with any bracketed number it quotes as `(n)`."""
+    return _QUOTED_MARKER.sub(r"(\1)", sentence)
+
+
 def _render(chosen: list[_Candidate]) -> ExtractiveAnswer:
-    """Order sentences by passage and position, and append each one's citation."""
+    """Order sentences by passage and position, and append each one's citation (the only `[n]` in the answer:
+    quoted ones become `(n)`)."""
     ordered = sorted(chosen, key=lambda c: (c.n, c.position))
-    text = " ".join(f"{c.text} [{c.n}]" for c in ordered)
+    text = " ".join(f"{_unmarked(c.text)} [{c.n}]" for c in ordered)
     cited = tuple(dict.fromkeys(c.n for c in ordered))
     return ExtractiveAnswer(text=text, cited=cited)
 

@@ -99,6 +99,14 @@ def test_markers_match_cited_and_passages(embedder: Embedder) -> None:
     assert len(markers) <= 3
 
 
+def test_a_bracketed_number_in_quoted_text_is_no_citation_marker(embedder: Embedder) -> None:
+    claims = "Travel expense claims must be filed within 30 days of the trip, as section [4] of the handbook says."
+    answer = _ask(embedder, "Within how many days must travel expense claims be filed?", [claims, SICK])
+    assert answer is not None and answer.cited == (1,)
+    assert "as section (4) of the handbook says. [1]" in answer.text
+    assert [int(m) for m in MARKER.findall(answer.text)] == [1]
+
+
 def test_max_sentences_and_near_duplicates(embedder: Embedder) -> None:
     question = "How many days of annual leave do full-time employees get?"
     answer = _ask(embedder, question, [ANNUAL, ANNUAL, SICK], max_sentences=2, min_relevance=0.0)
