@@ -98,3 +98,18 @@ def test_embedded_default_counts_in_process(tmp_path: Path) -> None:
     assert [_hit(embedded, department) for _ in range(3)] == [[], [], [department]]
     assert _mode(embedded, department) is KillMode.retrieval_only
     assert redis.Redis.from_url(REDIS_URL).keys(f"govrag:guard-hits:*:{department}") == []
+
+
+def test_a_scope_that_is_no_department_is_refused_and_nothing_is_stored(client: TestClient,
+                                                                       issue_token: Callable[..., str]) -> None:
+    """A responder's typo ('finanse' for 'finance') must not answer 200 while nothing is switched off."""
+    admin, typo = auth(issue_token(PLATFORM_ADMIN)), f"finanse{uuid.uuid4().hex[:6]}"
+    refused = [client.post("/v1/admin/kill-switch", headers=admin,
+                           json={"scope": typo, "mode": "disabled", "reason": "incident"}),
+               client.put("/v1/admin/firewall-mode", headers=admin, json={"department": typo, "mode": "block"}),
+               client.put("/v1/admin/firewall-mode", headers=admin, json={"department": "global", "mode": "off"})]
+    for response in refused:
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]["message"] == "no such department"
+    scopes = {state["scope"] for state in client.get("/v1/admin/guard", headers=admin).json()}
+    assert typo not in scopes
