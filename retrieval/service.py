@@ -36,6 +36,7 @@ REFUSAL_TEXT = "I can't answer that from documents you are allowed to see."
 # as a whole (its level, its highest chunk's, above their clearance): GET /v1/documents hides such a document's title.
 WITHHELD_TITLE = "(title withheld)"
 SNIPPET_CHARS = 240
+PURPOSE_COLUMN_CHARS = 255  # placeholders may make a masked purpose longer than the 200 characters asked
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,12 @@ def answer_query(*, session: Session, settings: Settings, enforcer: PolicyEnforc
                  query: QueryRequest, request_id: str) -> QueryResponse:
     """Answer from what the caller may see, audit the decision, then return it."""
     started = time.perf_counter()
-    # The question is embedded (for the firewall and the search) and masked (for the audit record) in background
-    # threads, batched with concurrent queries, while the policy is read: the ONNX run and the database round
-    # trip release the GIL.
+    # The question is embedded (for the firewall and the search) and masked (for the audit record), and the purpose
+    # masked too, in background threads, batched with concurrent queries, while the policy is read: the ONNX run
+    # and the database round trip release the GIL.
     embedding = _question_embedder(settings.embedding_backend).submit(query.question)
     masking = audit_service.question_masker.submit(query.question)
+    purpose_masking = audit_service.question_masker.submit(query.purpose) if query.purpose else None
     requested = query.department_names()
     scope = authz_service.read_scope(session=session, enforcer=enforcer, identity=identity, requested=requested)
     with timing.stage("embed"):
@@ -71,8 +73,10 @@ def answer_query(*, session: Session, settings: Settings, enforcer: PolicyEnforc
                        if admission.blocked_reason is None else ([], None))
     response = outcome.response if outcome else _refusal(request_id, str(admission.blocked_reason),
                                                          guard_service.refusal_text(admission))
-    record = _audit_record(query, request_id, identity, requested, scope, admission, opened, outcome, response,
-                           question_masked=masking.result(), latency_ms=(time.perf_counter() - started) * 1000)
+    record = _audit_record(request_id, identity, requested, scope, admission, opened, outcome, response,
+                           question_masked=masking.result(),
+                           purpose_masked=purpose_masking.result() if purpose_masking else None,
+                           latency_ms=(time.perf_counter() - started) * 1000)
     audit_service.record_retrieval(session=session, record=record, settings=settings)
     metrics.QUERIES.labels(decision="refused" if response.refused else "answered").inc()
     metrics.QUERY_LATENCY.observe(time.perf_counter() - started)
@@ -101,11 +105,11 @@ def _answer(session: Session, settings: Settings, enforcer: PolicyEnforcer, iden
     return opened, outcome
 
 
-def _audit_record(query: QueryRequest, request_id: str, identity: Identity, requested: list[str] | None,
+def _audit_record(request_id: str, identity: Identity, requested: list[str] | None,
                   scope: authz_service.ReadScope, admission: guard_service.Admission, opened: list[OpenedChunk],
                   outcome: generation.Generation | None, response: QueryResponse, question_masked: str,
-                  latency_ms: float) -> RetrievalRecord:
-    """What the ledger keeps of this decision: ids, hashes and verdicts; the question only masked."""
+                  purpose_masked: str | None, latency_ms: float) -> RetrievalRecord:
+    """What the ledger keeps of this decision: ids, hashes and verdicts; the question and purpose only masked."""
     cited = outcome.cited if outcome else set()
     return RetrievalRecord(
         request_id=request_id, subject=identity.subject, groups=list(identity.groups),
@@ -115,7 +119,7 @@ def _audit_record(query: QueryRequest, request_id: str, identity: Identity, requ
         guard_verdicts={**admission.verdicts, **(outcome.verdicts if outcome else {})},
         model_backend=outcome.backend if outcome else None, model_id=outcome.model_id if outcome else None,
         kill_switch_mode=admission.kill_mode.value,
-        question_masked=question_masked, purpose=query.purpose,
+        question_masked=question_masked, purpose=purpose_masked and purpose_masked[:PURPOSE_COLUMN_CHARS],
         latency_ms=round(latency_ms, 2),
         chunks=[{"document_id": c.document_id, "chunk_id": c.chunk_id, "score": round(c.score, 4),
                  "cited": i + 1 in cited, "content_sha256": hashlib.sha256(c.text.encode()).hexdigest()}

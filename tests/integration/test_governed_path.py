@@ -149,6 +149,17 @@ def test_audit_export_shows_queries_with_masked_questions(client: TestClient, wo
     assert "maria.gonzalez@example.com" not in csv.text
 
 
+def test_the_purpose_is_masked_like_the_question_in_the_ledger(client: TestClient, world: dict) -> None:
+    purpose = "case review for john.smith@example.com, card 4111 1111 1111 1111, token: Basic dXNlcjpwYXNz"
+    _ask(client, world["tokens"]["bob"], "What is the hotel limit per night?", purpose=purpose)
+    jsonl = client.get("/v1/audit/retrievals", params={"format": "jsonl"}, headers=auth(world["tokens"]["carol"]))
+    purposes = [json.loads(line).get("purpose") or "" for line in jsonl.text.splitlines() if line]
+    mine = [p for p in purposes if p.startswith("case review for")]
+    assert len(mine) == 1 and "<EMAIL_ADDRESS" in mine[0], mine
+    assert not any(raw in mine[0] for raw in ("john.smith", "4111 1111", "dXNlcjpwYXNz")), mine
+    _ask(client, world["tokens"]["bob"], "What is the hotel limit per night?", purpose="a@b.io " * 28)  # longer masked
+
+
 def test_audit_export_needs_the_compliance_role(client: TestClient, world: dict) -> None:
     response = client.get("/v1/audit/retrievals", headers=auth(world["tokens"]["alice"]))
     assert response.status_code == 403
