@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,10 +55,9 @@ def scan_chunks(chunks: Sequence[Any], settings: Settings) -> tuple[list[Any], l
     and titles (never scanned at ingestion: an uploader, a file or attachment name chose them)."""
     if not settings.scan_retrieved_text:
         return list(chunks), []
-    scanner, kept, flagged = get_scanner(), [], []
-    title_scores = scanner.score_many([chunk.title for chunk in chunks])
-    for n, (chunk, title_score) in enumerate(zip(chunks, title_scores, strict=True), start=1):
-        neutralised = _neutralised_fields(chunk, title_flagged=title_score >= scanner.threshold)
+    kept, flagged = [], []
+    for n, chunk in enumerate(chunks, start=1):
+        neutralised = _neutralised_fields(chunk, title_flagged=_title_flagged(chunk.title))
         if neutralised:
             flagged.append(n)
             chunk = dataclasses.replace(chunk, **neutralised)
@@ -65,6 +65,12 @@ def scan_chunks(chunks: Sequence[Any], settings: Settings) -> tuple[list[Any], l
     if flagged:
         metrics.GUARD_HITS.labels(kind="retrieved_text").inc(len(flagged))
     return kept, flagged
+
+
+@functools.lru_cache(maxsize=4096)
+def _title_flagged(title: str) -> bool:
+    """Whether the retrieved-text scanner flags a title (the same titles come back query after query)."""
+    return get_scanner().scan(title).flagged
 
 
 def _neutralised_fields(chunk: Any, *, title_flagged: bool) -> dict[str, str]:
