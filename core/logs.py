@@ -15,12 +15,15 @@ _SECRET_MASKS: tuple[tuple[re.Pattern[str], str], ...] = (
      "<PRIVATE_KEY>"),
     (re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]*"), "<TOKEN>"),
     (re.compile(r"(?i)bearer\s+\S+"), "Bearer <TOKEN>"),
-    (re.compile(r"(?i)\b(password|passwd|pwd|secret|api[_-]?key|access[_-]?key|token|master[_-]?key|"
-                r"authorization|client[_-]?secret)(\"?\s*[=:]\s*\"?)"
-                r"((?:basic|bearer|digest|negotiate|ntlm|token|apikey)\s+)?[^\s\"',;]+"), r"\1\2\3<SECRET>"),
+    # The name may end a longer one (`GOVRAG_MASTER_KEY`: `_` is a word character, so no `\b` before it); quoted
+    # names and values as JSON or a Python repr write them.
+    (re.compile(r"(?i)(?<![a-z0-9])(password|passwd|pwd|secret|api[_-]?key|access[_-]?key|token|master[_-]?key|"
+                r"checkpoint[_-]?key|authorization|client[_-]?secret)([\"']?\s*[=:]\s*)"
+                r"((?:basic|bearer|digest|negotiate|ntlm|token|apikey)\s+)?(?:\"[^\"]*\"?|'[^']*'?|[^\s\"',;]+)"),
+     r"\1\2\3<SECRET>"),
     (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "<SECRET>"),
     (re.compile(r"\b(?:sk|pk|rk|ghp|gho|xox[abp])[-_][A-Za-z0-9_-]{16,}\b"), "<SECRET>"),
-    (re.compile(r"[a-z][a-z0-9+.-]*://[^\s:/@]+:[^\s@/]+@"), "<URL_WITH_CREDENTIALS>@"),
+    (re.compile(r"[a-z][a-z0-9+.-]*://[^\s:/@]*:[^\s@/]+@"), "<URL_WITH_CREDENTIALS>@"),  # user may be empty
 )
 _PII_MASKS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+"), "<EMAIL>"),

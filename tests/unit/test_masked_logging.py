@@ -77,6 +77,24 @@ def test_credentials_after_an_authorization_scheme_word_are_masked() -> None:
         assert credentials not in masked and f"{scheme} <SECRET>" in masked, masked
 
 
+@pytest.mark.parametrize("line, secret", [
+    ("GOVRAG_MASTER_KEY=q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=", "q83vEjRWeJCrze8S"),
+    ("GOVRAG_AUDIT_CHECKPOINT_KEY=ze8SNFZ4kKvN7xI0VniQq83vEjRWeJCrze8SNFZ4kKs=", "ze8SNFZ4kKvN7xI0"),
+    ("GOVRAG_METRICS_TOKEN=scrape-secret-123", "scrape-secret-123"),
+    ("GOVRAG_LLM_API_KEY=localkey123456", "localkey123456"),
+    ("{'password': 'hunter2 Secret', 'user': 'svc'}", "hunter2"),
+    ('{"client_secret": "first second"}', "second"),
+    ("broker redis://:s3cretpass@redis:6379/0", "s3cretpass"),
+])
+def test_project_variables_quoted_values_and_password_only_urls_are_masked(line: str, secret: str) -> None:
+    """A name ending a longer one (`GOVRAG_..._KEY`), a Python repr's quotes, a URL with a password and no user."""
+    assert secret not in mask(line), mask(line)
+
+
+def test_a_setting_whose_name_merely_contains_a_secret_word_is_kept() -> None:
+    assert mask("llm_max_answer_tokens: 256") == "llm_max_answer_tokens: 256"
+
+
 def test_a_question_masked_for_the_ledger_keeps_no_opaque_bearer_token() -> None:
     """The NER may tag `Bearer` as a person; the token it introduces must be masked all the same."""
     from audit.service import mask_questions
