@@ -47,8 +47,13 @@ AUDIT_EVENTS = Counter("govrag_audit_events_total", "Ledger rows written, by eve
                        registry=REGISTRY)
 
 
+# The caller chooses the method: any other name is counted as "other", or each made-up one would be a new series.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
+
+
 def observe_request(request: Any, status: int, seconds: float) -> None:
     """Count and time one HTTP request under its route template (never the raw path: ids stay out of labels)."""
     route = getattr(request.scope.get("route"), "path", None) or "unmatched"
-    HTTP_REQUESTS.labels(route=route, method=request.method, status=str(status)).inc()
-    HTTP_LATENCY.labels(route=route, method=request.method).observe(seconds)
+    method = request.method if request.method in HTTP_METHODS else "other"
+    HTTP_REQUESTS.labels(route=route, method=method, status=str(status)).inc()
+    HTTP_LATENCY.labels(route=route, method=method).observe(seconds)

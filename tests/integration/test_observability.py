@@ -81,3 +81,11 @@ def test_startup_freezes_the_loaded_models_out_of_the_garbage_collector(client: 
     """After start-up a full collection skips the models' objects (~0.3 s of pause each time otherwise)."""
     assert client.get("/healthz").status_code == 200
     assert gc.get_freeze_count() > 100_000
+
+
+def test_a_made_up_http_method_is_counted_as_other(client: TestClient) -> None:
+    """The caller chooses the method: each made-up one must not become a new series."""
+    made_up = f"X{uuid.uuid4().hex[:10].upper()}"
+    assert client.request(made_up, "/v1/documents/whatever").status_code in (404, 405)
+    text = client.get("/metrics").text
+    assert f'method="{made_up}"' not in text and 'method="other"' in text
