@@ -73,7 +73,8 @@ class Settings(BaseSettings):
     otel_service_name: str = "govrag"
     server_timing: bool = False  # per-stage durations in a Server-Timing header (benchmarks; a timing side channel)
     api_threads: int = Field(default=8, ge=1)  # requests worked on at once per API process; the rest wait their turn
-    metrics_token: SecretStr | None = None  # when set, GET /metrics needs "Authorization: Bearer <token>"
+    # when set, GET /metrics needs "Authorization: Bearer <token>"; required in production
+    metrics_token: SecretStr | None = None
 
     # --- authorization (issue 4) ---
     oidc_discovery: bool = True  # no JWKS URL given: read <issuer>/.well-known/openid-configuration
@@ -149,6 +150,9 @@ class Settings(BaseSettings):
                 raise ValueError("GOVRAG_MASTER_KEY_FILE does not exist; it is never generated in production")
             if not self.database_url or self.database_url.startswith("sqlite"):
                 raise ValueError("production needs GOVRAG_DATABASE_URL pointing at PostgreSQL")
+            if self.metrics_token is None or not self.metrics_token.get_secret_value():
+                raise ValueError("production needs GOVRAG_METRICS_TOKEN: an open /metrics names every department and"
+                                 " its kill-switch state")
         return self
 
     @property

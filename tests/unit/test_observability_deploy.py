@@ -44,3 +44,14 @@ def test_required_alerts_are_present_and_compose_references_them() -> None:
     compose = yaml.safe_load((DEPLOY.parent / "docker-compose.yml").read_text())
     mounts = " ".join(compose["services"]["prometheus"]["volumes"] + compose["services"]["grafana"]["volumes"])
     assert "deploy/prometheus/alerts.yml" in mounts and "deploy/grafana/dashboards" in mounts
+
+
+def test_compose_requires_the_metrics_token_and_hands_it_to_prometheus() -> None:
+    """The API's port is published: its /metrics (department names, kill-switch states) needs the token."""
+    compose = yaml.safe_load((DEPLOY.parent / "docker-compose.yml").read_text())
+    token = compose["services"]["api"]["environment"].get("GOVRAG_METRICS_TOKEN", "")
+    assert token.startswith("${GOVRAG_METRICS_TOKEN:?"), "compose must refuse to start without the token"
+    assert compose["secrets"]["metrics-token"] == {"environment": "GOVRAG_METRICS_TOKEN"}
+    assert "metrics-token" in compose["services"]["prometheus"]["secrets"]
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"][0]
+    assert scrape["authorization"] == {"type": "Bearer", "credentials_file": "/run/secrets/metrics-token"}

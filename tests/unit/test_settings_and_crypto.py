@@ -14,7 +14,8 @@ from core import crypto
 from core.settings import MAX_DEFAULT_INGEST_CONCURRENCY, Settings
 
 PROD = {"env": "production", "dev_issuer": False, "oidc_jwks_url": "https://idp.example/jwks",
-        "database_url": "postgresql+psycopg://u@db/govrag", "master_key": base64.b64encode(b"k" * 32).decode()}
+        "database_url": "postgresql+psycopg://u@db/govrag", "master_key": base64.b64encode(b"k" * 32).decode(),
+        "metrics_token": "scrape-token"}
 
 
 def test_production_accepts_a_complete_configuration() -> None:
@@ -26,6 +27,8 @@ def test_production_accepts_a_complete_configuration() -> None:
     ({"master_key": None}, "generated master key"),
     ({"database_url": None}, "PostgreSQL"),
     ({"oidc_jwks_url": None}, "JWKS"),
+    ({"metrics_token": None}, "GOVRAG_METRICS_TOKEN"),  # an open /metrics names every department
+    ({"metrics_token": ""}, "GOVRAG_METRICS_TOKEN"),
 ])
 def test_production_refuses_dev_defaults(override: dict[str, object], complaint: str) -> None:
     with pytest.raises(ValidationError, match=complaint):
