@@ -8,10 +8,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core import crypto
+
 MAX_DEFAULT_INGEST_CONCURRENCY = 4
+# Each key setting, the parser its users read it with, and what it must be (never quoting what it is).
+_KEY_PARSERS = {
+    "master_key": (crypto.parse_master_keyring,
+                   "GOVRAG_MASTER_KEY must be base64 of 32 bytes, or `v<N>:<base64>` entries (one per version)"),
+    "audit_checkpoint_key": (crypto.decode_master_key, "GOVRAG_AUDIT_CHECKPOINT_KEY must be base64 of 32 bytes"),
+}
 
 
 class Environment(StrEnum):
@@ -22,7 +30,8 @@ class Environment(StrEnum):
 class Settings(BaseSettings):
     """Everything govrag reads from its environment; one instance per process."""
 
-    model_config = SettingsConfigDict(env_prefix="GOVRAG_", extra="ignore")
+    # A refusal never echoes the values it was given (they include keys and tokens).
+    model_config = SettingsConfigDict(env_prefix="GOVRAG_", extra="ignore", hide_input_in_errors=True)
 
     env: Environment = Environment.development
     data_dir: Path = Path(".govrag-data")
@@ -123,6 +132,19 @@ class Settings(BaseSettings):
     vector_backend: Literal["edge", "qdrant_local"] = "edge"  # embedded engine when no GOVRAG_QDRANT_URL
     embedding_backend: Literal["onnx", "torch"] = "onnx"  # same vectors (tested); onnx is faster on CPU
     qdrant_replication_factor: int = Field(default=1, ge=1)  # copies of each department's shards on a cluster
+
+    @field_validator(*_KEY_PARSERS)
+    @classmethod
+    def _key_material_usable(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        """Key material is parsed at start, as its users parse it: an unusable key refuses to start rather than fail
+        the first upload, query or checkpoint."""
+        if value is not None:
+            parse, requirement = _KEY_PARSERS[info.field_name]
+            try:
+                parse(value.get_secret_value())
+            except ValueError:
+                raise ValueError(requirement) from None
+        return value
 
     @model_validator(mode="after")
     def _llm_host_on_allowlist(self) -> Settings:

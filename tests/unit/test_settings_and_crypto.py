@@ -40,6 +40,33 @@ def test_production_refuses_a_missing_master_key_file(tmp_path: Path) -> None:
         Settings(**{**PROD, "master_key": None, "master_key_file": tmp_path / "absent.key"})
 
 
+@pytest.mark.parametrize("override", [
+    {"master_key": ""},
+    {"master_key": "not-base64-key-material"},
+    {"master_key": base64.b64encode(b"k" * 16).decode()},  # AES-128-sized
+    {"master_key": "v0:" + base64.b64encode(b"k" * 32).decode()},  # versions start at 1
+    {"audit_checkpoint_key": "not-base64-key-material"},
+])
+def test_unusable_key_material_is_refused_at_start_without_quoting_it(override: dict[str, str]) -> None:
+    """Not at the first upload, query or checkpoint: a 500 then, and every audited query after 100 rows."""
+    with pytest.raises(ValidationError, match="must be base64 of 32 bytes") as refused:
+        Settings(**{**PROD, **override})
+    (value,) = override.values()
+    assert not value or value not in str(refused.value)
+
+
+def test_a_usable_checkpoint_key_and_keyring_are_accepted() -> None:
+    key = base64.b64encode(b"c" * 32).decode()
+    settings = Settings(**{**PROD, "audit_checkpoint_key": key, "master_key": f"v2:{key},v1:{PROD['master_key']}"})
+    assert crypto.decode_master_key(settings.audit_checkpoint_key.get_secret_value()) == b"c" * 32
+
+
+def test_a_refusal_never_quotes_the_values_it_was_given() -> None:
+    with pytest.raises(ValidationError, match="DEV_ISSUER") as refused:
+        Settings(**{**PROD, "dev_issuer": True})
+    assert PROD["metrics_token"] not in str(refused.value)
+
+
 def test_embedded_master_key_file_is_created_0600_and_reused(tmp_path: Path) -> None:
     path = tmp_path / "keys" / "master.key"
     first = crypto.load_or_create_master_keyring(path, create=True)
