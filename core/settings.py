@@ -74,7 +74,8 @@ class Settings(BaseSettings):
     audit_checkpoint_every: int = 100  # a signed checkpoint every N ledger rows (0: only manual/purge ones)
     audit_checkpoint_key: SecretStr | None = None  # base64 of 32 bytes; default: derived from the master key
     audit_checkpoint_file: Path | None = None  # append-only mirror of checkpoints; default data_dir/...
-    audit_retention_days: int | None = None  # None: keep the ledger forever
+    # None: keep the ledger forever. At least a day (a cutoff in the future would purge it all), at most 100 years.
+    audit_retention_days: int | None = Field(default=None, ge=1, le=36500)
     compliance_officers: list[str] = Field(default_factory=list)  # global compliance: subjects or "group:<name>"
     log_level: str = "INFO"
     otel_enabled: bool = False  # tracing off by default

@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+from audit import integrity
 from audit import service as audit_service
 from audit.integrity import event_hash
 from audit.schemas import AdminEventType, Decision, RetrievalRecord
@@ -231,6 +232,15 @@ def test_retention_is_a_signed_audited_purge_and_verify_still_passes(ledger: Set
     assert _verify(settings)["ok"] is False
 
 
+def test_the_longest_retention_period_purges_nothing_recent(ledger: Settings) -> None:
+    """The settings' upper bound (a century) is one the purge can compute a cutoff for."""
+    _append(ledger, 3)
+    settings = ledger.model_copy(update={"audit_retention_days": 36500})
+    with get_session_factory(ledger.resolved_database_url)() as session:
+        assert audit_service.purge_expired(session=session, settings=settings, identity=ADMIN) == 0
+    assert _verify(settings)["checked"] == 3
+
+
 def test_verification_matches_on_sqlite(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     migrate.upgrade(url)
@@ -265,7 +275,8 @@ def test_cli_verify_export_checkpoint_and_purge(ledger: Settings, monkeypatch: p
         assert cli.main(["audit", "verify"]) == 1
         assert json.loads(capsys.readouterr().out)["first_broken"] == 2
         assert cli.main(["audit", "purge"]) == 2  # no retention configured: nothing is deleted
-        monkeypatch.setenv("GOVRAG_AUDIT_RETENTION_DAYS", "0")
+        monkeypatch.setenv("GOVRAG_AUDIT_RETENTION_DAYS", "1")
+        monkeypatch.setattr(integrity, "utcnow", lambda: utcnow() + timedelta(days=2))  # two days later
         get_settings.cache_clear()
         assert cli.main(["audit", "purge", "--actor", "ops"]) == 0  # everything so far expires, broken row too
         assert json.loads(capsys.readouterr().out)["purged"] == 4

@@ -67,6 +67,13 @@ def test_a_refusal_never_quotes_the_values_it_was_given() -> None:
     assert PROD["metrics_token"] not in str(refused.value)
 
 
+@pytest.mark.parametrize("days", [-30, 0, 36501, 1_000_000])
+def test_a_retention_period_outside_a_day_to_a_century_is_refused(days: int) -> None:
+    """Negative: the cutoff lies in the future and `govrag audit purge` deletes the whole ledger; huge: it crashes."""
+    with pytest.raises(ValidationError, match="audit_retention_days"):
+        Settings(audit_retention_days=days)
+
+
 def test_embedded_master_key_file_is_created_0600_and_reused(tmp_path: Path) -> None:
     path = tmp_path / "keys" / "master.key"
     first = crypto.load_or_create_master_keyring(path, create=True)
