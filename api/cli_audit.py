@@ -85,7 +85,8 @@ def _session() -> Iterator[Session]:
 
 
 def _reported(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """A refused command prints the (content-free) reason and exits 2 instead of a traceback."""
+    """A refused command, or one whose output cannot be written, prints the (content-free) reason and exits 2
+    instead of a traceback."""
 
     @functools.wraps(command)
     def run(args: argparse.Namespace) -> int:
@@ -93,6 +94,9 @@ def _reported(command: Callable[[argparse.Namespace], int]) -> Callable[[argpars
             return command(args)
         except GovragError as exc:
             print(f"refused: {exc.message}", file=sys.stderr)
+            return 2
+        except OSError as exc:  # a missing folder, no permission, a full disk
+            print(f"failed: {exc.strerror or type(exc).__name__}: {exc.filename or args.output}", file=sys.stderr)
             return 2
 
     return run
@@ -119,10 +123,10 @@ def export(args: argparse.Namespace) -> int:
 
     filters = ExportFilters(since=args.since, until=args.until, subject=args.subject, department=args.department,
                             decision=args.decision, document_id=args.document_id, event_type=args.event_type)
-    with _session() as session:
-        lines = audit_service.export_events(session=session, settings=get_settings(), identity=_actor(args),
-                                            scope=None, filters=filters, fmt=ExportFormat(args.format))
-        _write(lines, args.output)
+    with _output(args.output) as handle, _session() as session:
+        last = _copy(audit_service.export_events(session=session, settings=get_settings(), identity=_actor(args),
+                                                 scope=None, filters=filters, fmt=ExportFormat(args.format)), handle)
+    _write_manifest(last, args.output)
     return 0
 
 
@@ -131,10 +135,10 @@ def training_data(args: argparse.Namespace) -> int:
     """Write the redacted training set with its manifest."""
     from audit import service as audit_service
 
-    with _session() as session:
-        lines = audit_service.export_training_data(session=session, settings=get_settings(), identity=_actor(args),
-                                                   department=args.department)
-        _write(lines, args.output)
+    with _output(args.output) as handle, _session() as session:
+        last = _copy(audit_service.export_training_data(session=session, settings=get_settings(),
+                                                        identity=_actor(args), department=args.department), handle)
+    _write_manifest(last, args.output)
     return 0
 
 
@@ -162,15 +166,30 @@ def purge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write(lines: Iterator[str], output: str) -> None:
+@contextmanager
+def _output(output: str) -> Iterator[TextIO]:
+    """Where an export goes, opened before the export is recorded: a path that cannot be written fails before the
+    ledger says anything was exported. A file is written beside its path and renamed into place once complete, so
+    a refused or failed export leaves an earlier file as it was."""
     if output == "-":
-        _copy(lines, sys.stdout)
+        yield sys.stdout
         return
     path = Path(output)
-    with path.open("w", encoding="utf-8", newline="") as handle:
-        last = _copy(lines, handle)
-    manifest = last.removeprefix("# manifest ")
-    path.with_name(path.name + ".manifest.json").write_text(manifest, encoding="utf-8")
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with partial.open("w", encoding="utf-8", newline="") as handle:
+            yield handle
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _write_manifest(last_line: str, output: str) -> None:
+    """A file export's manifest (its last line) also as <file>.manifest.json."""
+    if output != "-":
+        path = Path(output)
+        path.with_name(path.name + ".manifest.json").write_text(last_line.removeprefix("# manifest "),
+                                                                 encoding="utf-8")
 
 
 def _copy(lines: Iterator[str], handle: TextIO) -> str:

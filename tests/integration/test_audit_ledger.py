@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -284,3 +285,43 @@ def test_cli_verify_export_checkpoint_and_purge(ledger: Settings, monkeypatch: p
         assert json.loads(capsys.readouterr().out)["purged_through"] == 4
     finally:
         get_settings.cache_clear()
+
+
+@pytest.fixture
+def cli_on_ledger(ledger: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """The CLI configured for the test's ledger."""
+    from core.settings import get_settings
+
+    monkeypatch.setenv("GOVRAG_DATABASE_URL", ledger.resolved_database_url)
+    monkeypatch.setenv("GOVRAG_DATA_DIR", str(ledger.data_dir))
+    get_settings.cache_clear()
+    yield ledger
+    get_settings.cache_clear()
+
+
+@pytest.mark.parametrize("command", [["audit", "export"], ["export", "training-data", "--department"]])
+def test_a_cli_export_to_a_missing_folder_fails_cleanly_and_is_not_recorded(
+        cli_on_ledger: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    """It crashed with a traceback after the ledger had recorded an export that never produced a file."""
+    from api import cli
+    from authz import service as authz_service
+    from core.db import unit_of_work
+    from core.keystore import keystore_for
+
+    department = f"hr{uuid.uuid4().hex[:6]}"
+    with unit_of_work(cli_on_ledger.resolved_database_url) as session:
+        authz_service.create_department(session=session, keystore=keystore_for(cli_on_ledger), name=department)
+    rows = _verify(cli_on_ledger)["checked"]
+    argv = [*command, department] if command[0] == "export" else command
+    assert cli.main([*argv, "-o", str(tmp_path / "no-such-dir" / "out.jsonl")]) == 2
+    assert "No such file or directory" in capsys.readouterr().err
+    assert _verify(cli_on_ledger)["checked"] == rows  # no export row
+
+
+def test_a_refused_cli_export_leaves_an_earlier_file_as_it_was(cli_on_ledger: Settings, tmp_path: Path) -> None:
+    from api import cli
+
+    earlier = tmp_path / "hr.jsonl"
+    earlier.write_text("last week's export\n")
+    assert cli.main(["export", "training-data", "--department", "no-such-department", "-o", str(earlier)]) == 2
+    assert earlier.read_text() == "last week's export\n" and list(tmp_path.iterdir()) == [earlier]
