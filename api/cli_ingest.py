@@ -73,6 +73,9 @@ def ingest_command(args: argparse.Namespace) -> int:
     except GovragError as exc:
         Console(stderr=True).print(exc.message)
         return 2
+    if not args.path.exists():  # a mistyped path is not an empty folder
+        Console(stderr=True).print(f"no such file or folder: {args.path}", markup=False)
+        return 2
     files = files_under(args.path)
     console = Console(stderr=True)
     uploader = _api_uploader(args) if args.api_url else _inprocess_uploader(args)
@@ -197,6 +200,10 @@ def rotate_command(args: argparse.Namespace) -> int:
     from ingestion import keys
 
     settings = get_settings()
+    unknown = _unknown_departments(settings, args.departments or [])
+    if unknown:
+        Console(stderr=True).print(f"no such department: {', '.join(unknown)}; nothing rotated", markup=False)
+        return 2
     reports = keys.rotate_department_keys(settings=settings, departments=args.departments)
     table = Table(title="key rotation")
     for column in ("department", "new key version", "document keys rewrapped"):
@@ -210,6 +217,16 @@ def rotate_command(args: argparse.Namespace) -> int:
                 details={"new_version": report.new_version, "documents_rewrapped": report.documents_rewrapped})
     Console().print(table)
     return 0 if reports or not args.departments else 1
+
+
+def _unknown_departments(settings: Settings, named: list[str]) -> list[str]:
+    """The names given with --department that are not departments (a typo would otherwise be skipped silently)."""
+    from authz import service as authz_service
+    from core.db import unit_of_work
+
+    with unit_of_work(settings.resolved_database_url) as session:
+        known = set(authz_service.list_departments(session=session))
+    return [name for name in named if name not in known]
 
 
 def _rotate_master(args: argparse.Namespace) -> int:

@@ -56,6 +56,23 @@ def test_ingest_folder_reports_each_outcome(cli_env: str, tmp_path: Path, capsys
     assert "hr" in rotated and "2" in rotated
 
 
+def test_ingesting_a_path_that_does_not_exist_is_an_error(cli_env: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A mistyped path exited 0 with an empty table."""
+    missing = tmp_path / "no-such-folder"
+    assert main(["ingest", str(missing), "--department", "hr"]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_rotating_an_unknown_department_names_it_and_rotates_nothing(cli_env: str,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A typo exited 1 without a word, or 0 next to a real department, silently skipping it."""
+    for departments in (["hrr"], ["hr", "hrr"]):
+        assert main(["keys", "rotate", *(f"--department={d}" for d in departments)]) == 2
+        captured = capsys.readouterr()
+        assert "no such department: hrr" in captured.err and "key rotation" not in captured.out
+
+
 def test_a_file_that_fails_unexpectedly_is_failed_and_the_rest_are_ingested(
         cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """One file whose accepting or ingesting raised anything but a refusal ended the run with a traceback: no table,
