@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -53,8 +54,12 @@ def seal_blob(key: bytes, data: bytes, context: str) -> str:
 
 
 def open_blob(key: bytes, token: str, context: str) -> bytes:
-    """Inverse of `seal_blob`."""
-    return open_sealed(key, base64.urlsafe_b64decode(token), context)
+    """Inverse of `seal_blob`. A token that is not base64 (an altered payload) fails like a forged one."""
+    try:
+        sealed = base64.urlsafe_b64decode(token)
+    except (ValueError, TypeError) as exc:  # binascii.Error is a ValueError
+        raise DecryptionError("ciphertext is not valid base64") from exc
+    return open_sealed(key, sealed, context)
 
 
 def decode_master_key(encoded: str) -> bytes:
@@ -87,19 +92,26 @@ def format_master_keyring(ring: dict[int, bytes]) -> str:
 
 
 def load_or_create_master_keyring(path: Path, *, create: bool) -> dict[int, bytes]:
-    """Read the master key file, creating it 0600 when allowed (embedded mode only)."""
+    """Read the master key file, creating it 0600 when allowed (embedded mode only): durably, as a rotation writes it,
+    and never over a file another process created meanwhile."""
     if not path.exists():
         if not create:
             raise FileNotFoundError("master key file does not exist")
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(base64.b64encode(new_key()).decode())
+        with contextlib.suppress(FileExistsError):  # another process created it first: read theirs
+            _write_key_file(path, {1: new_key()}, replace=False)
     return parse_master_keyring(path.read_text())
 
 
 def write_master_keyring(path: Path, ring: dict[int, bytes]) -> None:
-    """Replace the key file atomically (0600 temp file, fsync, rename): a crash leaves the old or the new ring."""
+    """Replace the key file atomically: a crash leaves the old or the new ring."""
+    _write_key_file(path, ring, replace=True)
+
+
+def _write_key_file(path: Path, ring: dict[int, bytes], *, replace: bool) -> None:
+    """Write the ring to a 0600 temp file and fsync it; rename it over `path` (replace) or link it as `path` (create:
+    FileExistsError when `path` exists); fsync the directory. A crash leaves no file, the old one or the new one,
+    never a partial one."""
     temp = path.with_name(f".{path.name}.tmp")
     temp.unlink(missing_ok=True)
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -107,7 +119,13 @@ def write_master_keyring(path: Path, ring: dict[int, bytes]) -> None:
         handle.write(format_master_keyring(ring))
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(temp, path)
+    if replace:
+        os.replace(temp, path)
+    else:
+        try:
+            os.link(temp, path)
+        finally:
+            temp.unlink()
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)

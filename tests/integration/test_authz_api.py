@@ -241,3 +241,25 @@ def test_recheck_drops_a_hit_the_filter_let_through_and_counts_it(client: TestCl
     assert status == 200 and CANARIES["conf"] not in text
     after = metrics.REGISTRY.get_sample_value("govrag_authz_recheck_drops_total", {"department": OPS})
     assert after is not None and after > drops
+
+
+def test_a_payload_no_longer_base64_is_dropped_not_a_500(client: TestClient, world: dict[str, Any],
+                                                         settings: Any) -> None:
+    """A sealed text altered in the vector store so it no longer decodes (cut short) used to raise out of the
+    re-check: every query that hit the chunk failed with a 500. It now fails to open like any altered ciphertext and
+    is dropped and counted. Last in this module too: it plants an extra point."""
+    from core import metrics
+    from retrieval.embeddings import get_embedder
+    from retrieval.store import VectorPoint, open_vector_store
+
+    document_id = world["docs"]["open"]
+    store = open_vector_store(settings)
+    original = next(p for p in store.scroll_payloads(OPS) if p["document_id"] == document_id)
+    cut = {**original, "sealed_text": str(original["sealed_text"])[:-1]}
+    vector = get_embedder(settings.embedding_backend).embed_one(QUESTIONS[0])
+    store.upsert(OPS, [VectorPoint(document_id=document_id, chunk_index=9_998, vector=vector, payload=cut)])
+    drops = metrics.REGISTRY.get_sample_value("govrag_authz_recheck_drops_total", {"department": OPS}) or 0.0
+    status, text, _ = _query(client, world["tokens"]["lo"], {"question": QUESTIONS[0]})
+    assert status == 200, text
+    after = metrics.REGISTRY.get_sample_value("govrag_authz_recheck_drops_total", {"department": OPS})
+    assert after is not None and after > drops

@@ -83,6 +83,29 @@ def test_embedded_master_key_file_is_created_0600_and_reused(tmp_path: Path) -> 
         crypto.load_or_create_master_keyring(tmp_path / "other.key", create=False)
 
 
+def test_the_master_key_file_is_created_durably(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Created as a rotation writes it: the file and its directory are fsynced (a power cut after the first upload
+    could leave an empty key file), no temp file is left, and a file another process created first is read, never
+    replaced."""
+    synced: list[bool] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)), real_fsync(fd))[1])
+    path = tmp_path / "master.key"
+    crypto.load_or_create_master_keyring(path, create=True)
+    assert sorted(synced) == [False, True]
+    assert [entry.name for entry in tmp_path.iterdir()] == ["master.key"]
+
+    theirs, real_new_key = {1: crypto.new_key()}, crypto.new_key
+    raced = tmp_path / "raced.key"
+
+    def created_meanwhile() -> bytes:
+        crypto.write_master_keyring(raced, theirs)
+        return real_new_key()
+
+    monkeypatch.setattr(crypto, "new_key", created_meanwhile)
+    assert crypto.load_or_create_master_keyring(raced, create=True) == theirs
+
+
 def test_sealed_text_round_trips_and_is_bound_to_its_context() -> None:
     key = crypto.new_key()
     sealed = crypto.seal_text(key, "quarterly numbers", "govrag:chunk:doc:0")
@@ -92,6 +115,19 @@ def test_sealed_text_round_trips_and_is_bound_to_its_context() -> None:
         crypto.open_text(key, sealed, "govrag:chunk:doc:1")
     with pytest.raises(crypto.DecryptionError):
         crypto.open_text(crypto.new_key(), sealed, "govrag:chunk:doc:0")
+
+
+CHUNK = "govrag:chunk:doc:0"
+SEALED = crypto.seal_text(b"k" * 32, "quarterly numbers", CHUNK)
+
+
+@pytest.mark.parametrize("token", ["abc", "!!!!", "é", "", SEALED[:-1], SEALED[:8]])
+def test_a_malformed_token_fails_closed(token: str) -> None:
+    """An altered payload that is not base64 (or is cut short) is a DecryptionError like a forged one, so the query's
+    re-check drops the chunk instead of failing the query."""
+    assert crypto.open_text(b"k" * 32, SEALED, CHUNK) == "quarterly numbers"
+    with pytest.raises(crypto.DecryptionError):
+        crypto.open_text(b"k" * 32, token, CHUNK)
 
 
 def test_master_key_must_be_32_bytes() -> None:
