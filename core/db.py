@@ -6,6 +6,7 @@ import hashlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 
 from sqlalchemy import Engine, create_engine, event, text
@@ -31,46 +32,65 @@ def is_postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
-def transaction_lock(session: Session, name: str) -> None:
+def transaction_lock(session: Session, name: str, *, shared: bool = False) -> None:
     """Hold the lock called `name` until the session's transaction ends: transactions taking the same name run their
     check-then-write one after the other, each seeing what the other committed (two copies of an upload, two admins
-    creating the same department or moving the same kill switch).
+    creating the same department or moving the same kill switch). `shared`: any number of transactions hold it at
+    once; one taking it exclusively waits until none does, and holds off all others while it has it (uploads wrapping
+    keys under a key version, a rotation retiring that version).
 
     PostgreSQL: a transaction-scoped advisory lock (distinct names may rarely share a key: they then wait for each
     other, harmlessly). SQLite (embedded, one process): a process lock per name, released when the outermost
     transaction commits or rolls back."""
     if is_postgres(session):
         key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big", signed=True)
-        session.execute(text("SELECT pg_advisory_xact_lock(:space, :key)"), {"space": _ADVISORY_SPACE, "key": key})
+        function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+        session.execute(text(f"SELECT {function}(:space, :key)"), {"space": _ADVISORY_SPACE, "key": key})
         return
     session.connection()  # a transaction is begun, so its end (which releases the lock) will come
     held: set[str] = session.info.setdefault(_HELD, set())
     if name not in held:
-        _PROCESS_LOCKS.acquire(name)
+        _PROCESS_LOCKS.acquire(name, shared=shared)
         held.add(name)
 
 
+@dataclass
+class _NamedLock:
+    users: int = 0  # holders and waiters: the name is forgotten when none is left
+    readers: int = 0  # shared holders
+    writer: bool = False  # held exclusively
+
+
 class _NamedLocks:
-    """Process locks by name, each kept only while someone holds or waits for it."""
+    """Process read-write locks by name, each kept only while someone holds or waits for it. A shared request waits
+    only for an exclusive holder, never for an exclusive waiter: one holding it shared and waiting for another lock
+    cannot deadlock with an exclusive waiter (PostgreSQL detects such cycles; a process lock would hang)."""
 
     def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+        self._changed = threading.Condition()
+        self._locks: dict[str, _NamedLock] = {}
 
-    def acquire(self, name: str) -> None:
-        with self._guard:
-            lock, users = self._locks.get(name, (threading.Lock(), 0))
-            self._locks[name] = (lock, users + 1)
-        lock.acquire()
+    def acquire(self, name: str, *, shared: bool = False) -> None:
+        with self._changed:
+            lock = self._locks.setdefault(name, _NamedLock())
+            lock.users += 1
+            self._changed.wait_for(lambda: not lock.writer and (shared or not lock.readers))
+            if shared:
+                lock.readers += 1
+            else:
+                lock.writer = True
 
     def release(self, name: str) -> None:
-        with self._guard:
-            lock, users = self._locks[name]
-            if users == 1:
-                del self._locks[name]
+        with self._changed:
+            lock = self._locks[name]
+            if lock.writer:  # held exclusively: by the releasing transaction alone
+                lock.writer = False
             else:
-                self._locks[name] = (lock, users - 1)
-        lock.release()
+                lock.readers -= 1
+            lock.users -= 1
+            if not lock.users:
+                del self._locks[name]
+            self._changed.notify_all()
 
 
 _PROCESS_LOCKS = _NamedLocks()

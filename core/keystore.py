@@ -4,6 +4,10 @@ Department and document keys are stored only wrapped (encrypted) in `wrapped_key
 Deleting a document's key row crypto-shreds everything sealed under it.
 The master key is versioned (a keyring): a department row's `parent_version` names the master version that
 wraps it; new keys are wrapped under the newest version.
+
+A rotation retires a key version only once no transaction can still wrap under it: wrapping takes the parent's lock
+(`transaction_lock`) shared before reading the version, the steps that look for rows under old versions before
+retiring take it exclusively.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from sqlalchemy import delete, select
-from sqlalchemy.orm import Session
+from sqlalchemy import delete, exists, select
+from sqlalchemy.orm import Session, aliased
 
 from core import crypto
 from core.cache import BoundedCache
-from core.models import WrappedKey
+from core.db import transaction_lock
+from core.models import Document, WrappedKey
 from core.settings import Settings
 
 _CACHE_SIZE = 4096
@@ -28,6 +33,7 @@ _CACHE_SIZE = 4096
 MASTER_WRAPPED_KINDS = ("department", "checkpoint")
 _CHECKPOINT_OWNER = "audit"
 _CHECKPOINT_HKDF_INFO = b"govrag audit checkpoint v1"
+_MASTER_LOCK = "keys:master"  # shared: wrapping under the newest master version; exclusive: finding rows to rewrap
 
 
 class KeyStore:
@@ -52,11 +58,7 @@ class KeyStore:
     def create_department_key(self, *, session: Session, department: str) -> None:
         """Create the department's key when the department is created."""
         key = crypto.new_key()
-        master_version, master = self._current_master()
-        wrapped = crypto.seal(master, key, _context("department", department, 1))
-        session.add(WrappedKey(kind="department", owner=department, version=1,
-                               parent_version=master_version, wrapped=wrapped))
-        session.flush()
+        self._wrap_under_master(session, "department", department, 1, key)
         self._remember(("department", f"{department}:v1"), key)
 
     def department_key(self, *, session: Session, department: str, version: int | None = None) -> bytes:
@@ -77,6 +79,7 @@ class KeyStore:
     def create_document_key(self, *, session: Session, department: str, document_id: str) -> bytes:
         """A new data key for a document, stored wrapped by the department key."""
         key = crypto.new_key()
+        transaction_lock(session, _department_lock(department), shared=True)  # before reading the version
         parent_row = _latest(session, "department", department)
         if parent_row is None:
             raise LookupError("department has no key")
@@ -114,10 +117,7 @@ class KeyStore:
             raise LookupError("department has no key")
         version = current.version + 1
         key = crypto.new_key()
-        master_version, master = self._current_master()
-        session.add(WrappedKey(kind="department", owner=department, version=version, parent_version=master_version,
-                               wrapped=crypto.seal(master, key, _context("department", department, version))))
-        session.flush()
+        self._wrap_under_master(session, "department", department, version, key)
         self._remember(("department", f"{department}:v{version}"), key)
         return version
 
@@ -139,19 +139,22 @@ class KeyStore:
         session.flush()
         return done
 
-    def finish_rotation(self, *, session: Session, department: str, version: int,
-                        document_ids: list[str]) -> None:
-        """Drop the superseded wrappings and the old department key versions (after every rewrap committed)."""
-        for document_id in document_ids:
-            latest = _latest(session, "document", document_id)
-            if latest is not None:
-                session.execute(delete(WrappedKey).where(WrappedKey.kind == "document",
-                                                         WrappedKey.owner == document_id,
-                                                         WrappedKey.version < latest.version))
+    def finish_rotation(self, *, session: Session, department: str, version: int) -> int:
+        """Drop the superseded wrappings and the old department key versions (after every rewrap committed); returns
+        how many document keys were still under an old version and rewrapped here. The department's lock, held
+        exclusively, waits for uploads that read an old version: their keys are rewrapped here, never lost; uploads
+        arriving meanwhile wait, then wrap under `version`."""
+        transaction_lock(session, _department_lock(department))
+        late = self.rewrap_documents(session=session, department=department, version=version,
+                                     document_ids=_documents_only_below(session, department, version))
+        documents = select(Document.id).where(Document.department == department)
+        session.execute(delete(WrappedKey).where(WrappedKey.kind == "document", WrappedKey.owner.in_(documents),
+                                                 WrappedKey.parent_version < version))
         session.execute(delete(WrappedKey).where(WrappedKey.kind == "department", WrappedKey.owner == department,
                                                  WrappedKey.version < version))
         self._cache.discard_where(lambda ref: ref[0] == "department" and ref[1].startswith(f"{department}:v")
                                   and ref[1] != f"{department}:v{version}")
+        return late
 
     # --- master rotation: a new master version, master-wrapped rows rewrapped in place, old versions retired ---
 
@@ -175,10 +178,15 @@ class KeyStore:
         """Store the checkpoint key wrapped, so signatures made under the original master outlive it."""
         if _latest(session, "checkpoint", _CHECKPOINT_OWNER) is not None:
             return
-        key = self.checkpoint_key(session=session)
+        self._wrap_under_master(session, "checkpoint", _CHECKPOINT_OWNER, 1, self.checkpoint_key(session=session))
+
+    def _wrap_under_master(self, session: Session, kind: str, owner: str, version: int, key: bytes) -> None:
+        """Store `key` wrapped under the newest master version, read under the master lock held shared: a master
+        rotation finds this row (and rewraps it) before it retires that version."""
+        transaction_lock(session, _MASTER_LOCK, shared=True)
         master_version, master = self._current_master()
-        session.add(WrappedKey(kind="checkpoint", owner=_CHECKPOINT_OWNER, version=1, parent_version=master_version,
-                               wrapped=crypto.seal(master, key, _context("checkpoint", _CHECKPOINT_OWNER, 1))))
+        session.add(WrappedKey(kind=kind, owner=owner, version=version, parent_version=master_version,
+                               wrapped=crypto.seal(master, key, _context(kind, owner, version))))
         session.flush()
 
     def add_master_version(self) -> int:
@@ -194,7 +202,9 @@ class KeyStore:
         return self._current_master()[0]
 
     def rewrap_under_master(self, *, session: Session, version: int, limit: int) -> int:
-        """Rewrap up to `limit` master-wrapped rows still under another version (in place; key material unchanged)."""
+        """Rewrap up to `limit` master-wrapped rows still under another version (in place; key material unchanged).
+        The master lock, held exclusively, waits for keys being wrapped under an older version: they are found."""
+        transaction_lock(session, _MASTER_LOCK)
         master = self._master(version)
         rows = session.scalars(select(WrappedKey).where(WrappedKey.kind.in_(MASTER_WRAPPED_KINDS),
                                                         WrappedKey.parent_version != version)
@@ -208,7 +218,9 @@ class KeyStore:
 
     def retire_master_versions(self, *, session: Session, version: int) -> list[int]:
         """Drop every master version but `version` once no row needs them (from the key file; else the caller
-        removes them from GOVRAG_MASTER_KEY). Returns the retired versions."""
+        removes them from GOVRAG_MASTER_KEY). Returns the retired versions. Checked and written under the master
+        lock held exclusively: no key is wrapped under a version as it is retired."""
+        transaction_lock(session, _MASTER_LOCK)
         pending = session.scalars(select(WrappedKey.id).where(WrappedKey.kind.in_(MASTER_WRAPPED_KINDS),
                                                               WrappedKey.parent_version != version).limit(1)).first()
         if pending is not None:
@@ -261,6 +273,22 @@ def _version(session: Session, kind: str, owner: str, version: int) -> WrappedKe
     query = select(WrappedKey).where(WrappedKey.kind == kind, WrappedKey.owner == owner,
                                      WrappedKey.version == version)
     return session.scalars(query).first()
+
+
+def _documents_only_below(session: Session, department: str, version: int) -> list[str]:
+    """The department's documents whose keys are wrapped only under department key versions older than `version`."""
+    newer = aliased(WrappedKey)
+    rewrapped = exists().where(newer.kind == "document", newer.owner == WrappedKey.owner,
+                               newer.parent_version >= version)
+    query = select(WrappedKey.owner).where(
+        WrappedKey.kind == "document", WrappedKey.parent_version < version, ~rewrapped,
+        WrappedKey.owner.in_(select(Document.id).where(Document.department == department)))
+    return list(session.scalars(query.distinct()))
+
+
+def _department_lock(department: str) -> str:
+    """Shared: wrapping under the department's newest key version; exclusive: retiring its older versions."""
+    return f"keys:department:{department}"
 
 
 def _stamp(path: Path | None) -> tuple[int, int, int] | None:

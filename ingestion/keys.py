@@ -51,10 +51,8 @@ def _rotate_one(settings: Settings, department: str, batch_size: int) -> Rotatio
             rewrapped += keystore.rewrap_documents(session=session, department=department,
                                                    document_ids=document_ids[start:start + batch_size],
                                                    version=version)
-    with unit_of_work(url) as session:
-        # Documents created during the rotation were wrapped under the new version already.
-        keystore.finish_rotation(session=session, department=department, version=version,
-                                 document_ids=repository.document_ids_with_keys(session, department))
+    with unit_of_work(url) as session:  # uploads that read the old version meanwhile are rewrapped here
+        rewrapped += keystore.finish_rotation(session=session, department=department, version=version)
     logger.info("rotated department key of %s to v%d: %d document keys rewrapped", department, version, rewrapped)
     return RotationReport(department=department, new_version=version, documents_rewrapped=rewrapped)
 

@@ -99,6 +99,26 @@ def test_sqlite_process_locks_last_until_the_transaction_ends(tmp_path: Path) ->
     assert not _PROCESS_LOCKS._locks  # released on commit and on rollback, the name forgotten
 
 
+def test_sqlite_shared_process_locks_admit_each_other_and_hold_off_an_exclusive_one(tmp_path: Path) -> None:
+    """`transaction_lock(shared=True)` on the embedded database: uploads wrapping keys take it together; a rotation
+    retiring a key version (exclusive) waits until the last of them has ended."""
+    sessions = get_session_factory(f"sqlite:///{tmp_path / 'locks.db'}")
+    order: list[str] = []
+    with sessions() as first, sessions() as second:
+        transaction_lock(first, "desk", shared=True)
+        transaction_lock(second, "desk", shared=True)  # not waiting for the first
+        waiter = threading.Thread(target=_take_and_note, args=(sessions, order))
+        waiter.start()
+        first.commit()
+        waiter.join(0.5)
+        assert waiter.is_alive() and order == []  # still held shared by the second
+        order.append("second commits")
+        second.commit()
+        waiter.join(10)
+    assert order == ["second commits", "second has the lock"]
+    assert not _PROCESS_LOCKS._locks
+
+
 def _take_and_note(sessions, order: list[str]) -> None:  # type: ignore[no-untyped-def]
     with sessions() as second:
         transaction_lock(second, "desk")

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from core import blobs
 from core.db import unit_of_work
-from core.keystore import keystore_for
+from core.keystore import KeyStore, keystore_for
 from core.models import WrappedKey
 from ingestion import keys
 from retrieval.store import open_vector_store
@@ -77,3 +79,42 @@ def test_rotation_rewraps_without_reembedding(client: TestClient, issue_token: C
     answer = client.post("/v1/query", headers=auth(token),
                          json={"question": "What is the Oslo office wellness budget?", "departments": [department]})
     assert answer.status_code == 200 and "300" in answer.json()["answer"]
+
+
+def test_an_upload_committed_as_the_rotation_finishes_stays_readable(
+        client: TestClient, issue_token: Callable[..., str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """An upload that read department key v1 before the rotation began commits only as the rotation finishes: the
+    finish used to delete v1 under it, and the accepted document could never be opened again. Now the finish waits
+    for the upload, then rewraps its key."""
+    department = f"rot{uuid.uuid4().hex[:6]}"
+    admin = issue_token(PLATFORM_ADMIN)
+    assert client.post("/v1/admin/departments", json={"name": department}, headers=auth(admin)).status_code == 201
+    client.post("/v1/admin/role-assignments", headers=auth(admin),
+                json={"subject": "rita", "role": "editor", "department": department})
+    finishing, rotation, reports = threading.Event(), [], []
+    real_write, real_finish = blobs.write_sealed, KeyStore.finish_rotation
+
+    def rotate_meanwhile(*args: object) -> None:  # the upload's key is wrapped, its transaction still open
+        if not rotation:
+            rotation.append(threading.Thread(target=lambda: reports.extend(
+                keys.rotate_department_keys(settings=settings, departments=[department]))))
+            rotation[0].start()
+            assert finishing.wait(timeout=60)  # the rotation is at its last step; the upload then commits
+        real_write(*args)  # type: ignore[arg-type]
+
+    def finish(self: KeyStore, **kwargs: object) -> int:
+        finishing.set()
+        return real_finish(self, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(blobs, "write_sealed", rotate_meanwhile)
+    monkeypatch.setattr(KeyStore, "finish_rotation", finish)
+    token = issue_token("rita", [])
+    response = client.post("/v1/documents", headers=auth(token), data={"department": department},
+                           files={"file": ("race.txt", TEXT + b" uploaded during a rotation")})
+    assert response.status_code == 202, response.text
+    rotation[0].join(timeout=60)
+    document_id = response.json()["document_id"]
+    assert reports == [keys.RotationReport(department=department, new_version=2, documents_rewrapped=1)]
+    assert _versions(settings, "document", document_id) == [(2, 2)]
+    assert _readable(settings, department, document_id).startswith(TEXT)
+    assert wait_for_job(client, token, response.json()["job_id"])["status"] == "ready"

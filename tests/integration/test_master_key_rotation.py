@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import stat
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -15,11 +16,13 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from api import cli, cli_ingest
 from audit import integrity
 from core import blobs, crypto, migrate
-from core.db import unit_of_work
+from core import keystore as keystore_module
+from core.db import transaction_lock, unit_of_work
 from core.keystore import MASTER_WRAPPED_KINDS, KeyStore, keystore_for
 from core.models import RetrievalEvent, WrappedKey
 from core.settings import Settings
@@ -184,3 +187,41 @@ def test_master_keyring_text_round_trips(tmp_path: Path) -> None:
     crypto.write_master_keyring(path, ring)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert crypto.load_or_create_master_keyring(path, create=False) == ring
+
+
+def test_a_department_created_as_the_master_rotates_stays_readable(client: TestClient, issue_token: Callable[..., str],
+                                                                   settings: Settings,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A department whose key was wrapped under the old master version commits only once the rotation is looking
+    for rows to rewrap: the rotation used to miss it and retire that version from the key file (the department's
+    key, and every document in it, lost). Now the rewrap waits for it, then rewraps it."""
+    department, past_the_check, rotation, reports = f"mrot{uuid.uuid4().hex[:6]}", threading.Event(), [], []
+    real_create, real_retire = KeyStore.create_department_key, KeyStore.retire_master_versions
+
+    def rotate_meanwhile(self: KeyStore, **kwargs: str) -> None:
+        real_create(self, **kwargs)  # wrapped under the current master version, the transaction still open
+        rotation.append(threading.Thread(target=lambda: reports.append(keys.rotate_master_key(settings=settings))))
+        rotation[0].start()
+        assert past_the_check.wait(timeout=60)  # then the department commits (201)
+
+    def lock(session: Session, name: str, *, shared: bool = False) -> None:
+        if not shared:
+            past_the_check.set()  # the rotation waits for the master lock before it looks for rows to rewrap ...
+        transaction_lock(session, name, shared=shared)
+
+    def retire(self: KeyStore, **kwargs: object) -> list[int]:
+        past_the_check.set()  # ... or (before the fix) has looked already, and retires the old version
+        return real_retire(self, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(KeyStore, "create_department_key", rotate_meanwhile)
+    monkeypatch.setattr(keystore_module, "transaction_lock", lock, raising=False)
+    monkeypatch.setattr(KeyStore, "retire_master_versions", retire)
+    ring_before = crypto.load_or_create_master_keyring(settings.resolved_master_key_file, create=False)
+    response = client.post("/v1/admin/departments", json={"name": department},
+                           headers=auth(issue_token(PLATFORM_ADMIN)))
+    assert response.status_code == 201, response.text
+    rotation[0].join(timeout=60)
+    assert [report.retired_versions for report in reports] == [tuple(sorted(ring_before))]
+    assert _master_parents(settings) == {max(ring_before) + 1}
+    with unit_of_work(settings.resolved_database_url) as session:
+        assert KeyStore.from_settings(settings).department_key(session=session, department=department)
