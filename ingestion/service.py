@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 MAX_TITLE_CHARS = 300
 MAX_ATTACHMENT_DEPTH = 3  # levels of attachments followed below an uploaded e-mail (attached e-mails nest)
 ATTACHMENT_FAILED = "the attachment could not be taken (an internal error)"
+ATTACHMENTS_UNLISTED = "the e-mail's attachments could not be read (an internal error); none was ingested"
 
 
 def accept_upload(
@@ -128,7 +129,10 @@ def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAcc
                                                   document_id=document_id)
         if key is None:
             return []
-        found = formats.attachments(blobs.read_sealed(settings.blob_dir, document_id, key), parent.content_type)
+        found = _listed_attachments(settings, parent, key)
+        if found is None:
+            _record_refused_attachment(session, parent, "attachments", b"", ATTACHMENTS_UNLISTED)
+            return []
         too_deep = len(line) - 1 >= MAX_ATTACHMENT_DEPTH  # e-mails above this one
         accepted = [child for name, payload in found[:formats.MAX_ATTACHMENTS]
                     if (child := _accept_attachment(session, settings, parent, name, payload, too_deep)) is not None]
@@ -139,6 +143,18 @@ def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAcc
                                        f"the e-mail has {len(found)} attachments; only the first "
                                        f"{formats.MAX_ATTACHMENTS} are ingested")
     return accepted
+
+
+def _listed_attachments(settings: Settings, parent: Document, key: bytes) -> list[tuple[str, bytes]] | None:
+    """The e-mail's attachments, or None when they cannot be listed (the caller records that as one failed child:
+    the loss is on record, not only in a log line). An outage propagates, for the step to be retried."""
+    try:
+        return formats.attachments(blobs.read_sealed(settings.blob_dir, parent.id, key), parent.content_type)
+    except Exception as exc:
+        if unavailable_dependency(exc) is not None:
+            raise
+        logger.warning("the attachments of document %s could not be listed: %s", parent.id, type(exc).__name__)
+        return None
 
 
 def _accept_attachment(session: Session, settings: Settings, parent: Document, name: str, payload: bytes,

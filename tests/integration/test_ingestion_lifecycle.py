@@ -411,23 +411,23 @@ def test_an_attachment_step_that_gives_up_leaves_its_email_ready(
         client: TestClient, lab: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """The e-mail's run and its attachment step share a task: once the step's retries ran out, the task failed the
     e-mail, which was ready and indexed. A document its run finished keeps its status."""
-    from ingestion import formats, service
+    from ingestion import service
 
-    canary, real_attachments, real_mark_failed = uuid.uuid4().hex, formats.attachments, service.mark_failed
+    canary, real_accept, real_mark_failed = uuid.uuid4().hex, service._accept_attachment, service.mark_failed
     gave_up: set[str] = set()
 
-    def unreadable(data: bytes, content_type: str) -> list[tuple[str, bytes]]:
-        if canary.encode() in data:
-            raise RuntimeError("the attachment list cannot be read")
-        return real_attachments(data, content_type)
+    def crashing(session, settings, parent, name: str, payload: bytes, too_deep: bool):  # type: ignore[no-untyped-def]
+        if canary.encode() in payload:
+            raise RuntimeError("the attachment step crashes")
+        return real_accept(session, settings, parent, name, payload, too_deep)
 
     def spy(**kwargs: str) -> None:
         real_mark_failed(**kwargs)
         gave_up.add(kwargs["document_id"])
 
-    monkeypatch.setattr(formats, "attachments", unreadable)
+    monkeypatch.setattr(service, "_accept_attachment", crashing)
     monkeypatch.setattr(service, "mark_failed", spy)
-    mail = _mail("rota", f"The rota is attached {canary}.", [("rota.txt", b"Leeds desk on Saturday.")])
+    mail = _mail("rota", "The rota is attached.", [("rota.txt", f"Leeds desk on Saturday {canary}.".encode())])
     parent = _ingest(client, lab["editor"], lab["department"], "rota.eml", mail.as_bytes())
     assert parent["status"] == "ready"
     deadline = time.monotonic() + 120
@@ -436,6 +436,29 @@ def test_an_attachment_step_that_gives_up_leaves_its_email_ready(
     assert parent["document_id"] in gave_up, "the attachment step did not give up in time"
     parent = client.get(f"/v1/documents/{parent['document_id']}", headers=auth(lab["editor"])).json()
     assert parent["status"] == "ready" and parent["error"] is None and parent["chunk_count"] > 0
+
+
+def test_an_email_whose_attachments_cannot_be_listed_keeps_the_loss_on_record(
+        client: TestClient, lab: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Listing an e-mail's attachments failed in the attachment step: after the retries the e-mail stayed ready and
+    its attachments were gone with nothing but a log line. Now the loss is a failed child with the reason."""
+    from ingestion import formats, service
+
+    canary, real_attachments = uuid.uuid4().hex, formats.attachments
+
+    def unreadable(data: bytes, content_type: str) -> list[tuple[str, bytes]]:
+        if canary.encode() in data:
+            raise RuntimeError(f"a library quoting the e-mail: {canary}")
+        return real_attachments(data, content_type)
+
+    monkeypatch.setattr(formats, "attachments", unreadable)
+    mail = _mail("rota", f"The rota is attached {canary}.", [("rota.txt", b"Leeds desk on Saturday.")])
+    parent = _ingest(client, lab["editor"], lab["department"], "rota.eml", mail.as_bytes())
+    found = _descendants(client, lab["editor"], parent)
+    assert list(found) == ["attachments"] and found["attachments"]["status"] == "failed"
+    assert found["attachments"]["error"] == service.ATTACHMENTS_UNLISTED and canary not in str(found)
+    parent = client.get(f"/v1/documents/{parent['document_id']}", headers=auth(lab["editor"])).json()
+    assert parent["status"] == "ready" and parent["attachment_ids"] == [found["attachments"]["document_id"]]
 
 
 def test_an_email_deleted_while_its_attachments_are_taken_takes_them_with_it(
