@@ -254,16 +254,18 @@ def _run_ended(settings: Settings, document_id: str) -> bool:
 
 def _start(settings: Settings, document_id: str, job_id: str) -> tuple[
         DocumentFacts | None, bytes | None, bytes | None, IngestionRules | None]:
-    """Mark processing and load what the pipeline needs; the session is released before slow work. A delivery that
-    finds its document retired (before or while it claims it) ends the job and purges again: an earlier run may have
-    written after the retirement's purge and died before it could withdraw."""
+    """Mark processing and load what the pipeline needs; the session is released before slow work. Delivery is at
+    least once: a delivery of a job that already ended does nothing (a late duplicate must not take over a document
+    that a newer job, a re-index, has queued). A delivery that finds its document retired (before or while it
+    claims it) ends the job and purges again: an earlier run may have written after the retirement's purge and died
+    before it could withdraw."""
     withdrawn, claimed = False, None
     with unit_of_work(settings.resolved_database_url) as session:
-        document = repository.get_document(session, document_id)
-        if document is not None and document.status in UNFINISHED:
+        job, document = repository.get_job(session, job_id), repository.get_document(session, document_id)
+        if job is not None and job.status in UNFINISHED and document is not None and document.status in UNFINISHED:
             claimed = _claim(session, settings, document, job_id)
         if claimed is None:
-            withdrawn = _withdraw_unfinished(session, document_id, job_id)
+            withdrawn = _end_unfinished(session, document_id, job_id)
     if withdrawn:
         purge.purge_now(settings, [document_id])
     if claimed is None:
@@ -321,14 +323,19 @@ def _current(session: Session, document_id: str) -> Document | None:
     return document
 
 
-def _withdraw_unfinished(session: Session, document_id: str, job_id: str) -> bool:
-    """Withdraw the job if it is still unfinished and its document retired; whether it was."""
+def _end_unfinished(session: Session, document_id: str, job_id: str) -> bool:
+    """End the job if it is still unfinished though its document is not: withdrawn if the document was retired (the
+    answer is then True: a purge is owed), else ended with the status another run gave the document (a job a late
+    duplicate of an older job overtook, before those were ignored)."""
     job, document = repository.get_job(session, job_id), _current(session, document_id)
-    retired = document is None or document.status in RETIRED
-    if job is None or job.status not in UNFINISHED or not retired:
+    if job is None or job.status not in UNFINISHED or (document is not None and document.status in UNFINISHED):
         return False
-    _withdraw(session, document, job_id)
-    return True
+    if document is None or document.status in RETIRED:
+        _withdraw(session, document, job_id)
+        return True
+    repository.end_job(session, job_id=job_id, status=document.status,
+                       error="another run of this document finished it first")
+    return False
 
 
 def _withdraw(session: Session, document: Document | None, job_id: str) -> None:

@@ -86,6 +86,38 @@ def test_a_job_whose_document_was_deleted_before_it_ran_ends_when_it_runs(tmp_pa
     assert job["status"] == "deleted" and job["error"] == "the document was deleted before its ingestion finished"
 
 
+def test_a_late_duplicate_of_a_finished_job_leaves_the_document_to_its_new_job(tmp_path: Path) -> None:
+    """Delivery is at least once. A late duplicate of a document's first job (its worker died between commit and
+    ack) arriving after a re-index queued a second job took the document over under the old job; the re-index's job
+    then found its document ready and stayed `queued` for ever, sent again at every start-up. Now a delivery of a
+    job that already ended does nothing."""
+    from api.app import create_app
+    from core import migrate
+    from core.db import unit_of_work
+    from ingestion import quarantine
+    from ingestion import service as ingestion_service
+    from retrieval.store import close_vector_store
+
+    url = f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    settings = _settings(tmp_path / "data", url, broker_url="memory://", inprocess_worker=False, job_sweep_seconds=0)
+    with TestClient(create_app(settings)) as client:
+        editor = desk_member(client, "editor")
+        uploaded = _upload(client, editor, 0)
+        first, document_id = uploaded["job_id"], uploaded["document_id"]
+        ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=first)
+        with unit_of_work(url) as session:
+            [(_, reindex)] = quarantine.queue_reindex(session=session, department="desk", document_ids=[document_id])
+        ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=first)  # the duplicate
+        assert client.get(f"/v1/jobs/{reindex}", headers=auth(editor)).json()["status"] == "queued"
+        ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=reindex)
+        jobs = [client.get(f"/v1/jobs/{job}", headers=auth(editor)).json() for job in (first, reindex)]
+        assert client.get(f"/v1/documents/{document_id}", headers=auth(editor)).json()["status"] == "ready"
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    assert [job["status"] for job in jobs] == ["ready", "ready"] and jobs[1]["attempts"] == 1
+
+
 def test_an_upload_while_the_broker_is_down_is_accepted_and_sent_when_it_is_back(
         make_pg_database: Callable[[], str], tmp_path: Path) -> None:
     """The upload used to fail with a 500 after committing its document, which then stayed `queued` for ever (and a
