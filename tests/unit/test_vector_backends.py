@@ -165,3 +165,25 @@ class _FlushSpy:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._shard, name)
+
+
+def test_every_backend_pages_through_a_department_and_returns_every_payload(
+        stores, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The Qdrant client backends made one scroll call of 100,000 points: a bigger department's training export left
+    the rest out. Now they page (here 7 points a call) until Qdrant says there is no more."""
+    from retrieval import store as store_module
+
+    monkeypatch.setattr(store_module, "SCROLL_PAGE", 7)
+    for name in ("local", "memory"):
+        client, limits = stores[name]._client, []
+        real_scroll = client.scroll
+
+        def counted(*args, real_scroll=real_scroll, limits=limits, **kwargs):  # type: ignore[no-untyped-def]
+            limits.append(kwargs["limit"])
+            return real_scroll(*args, **kwargs)
+
+        monkeypatch.setattr(client, "scroll", counted)
+        payloads = stores[name].scroll_payloads("hr")
+        assert sorted(p["chunk_id"] for p in payloads) == sorted(f"{d}:{c}" for d in range(12) for c in range(5))
+        assert limits == [7] * 9, name  # 60 points: 8 full pages and a short one
+    assert len(stores["edge"].scroll_payloads("hr")) == 60
