@@ -111,6 +111,8 @@ class IngestionJob(Base):
     status: Mapped[str] = mapped_column(String(16), default=DocumentStatus.queued)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Runs that neither ended nor handed the job back for a retry: the worker died in them (ingestion/service.py)
+    crashed_runs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     # When its task reached the broker; empty until then (see workers/dispatch.py: an unsent job is sent again)

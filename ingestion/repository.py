@@ -43,10 +43,18 @@ def end_job(session: Session, *, job_id: str, status: str, error: str) -> None:
                     .values(status=status, error=error, updated_at=utcnow()))
 
 
-def count_attempt(session: Session, job_id: str) -> None:
-    """Record one more processing attempt."""
+def count_attempt(session: Session, job_id: str, *, after_a_crash: bool) -> None:
+    """Record one more processing attempt, and whether the one before it died (it neither ended nor handed back)."""
     session.execute(update(IngestionJob).where(IngestionJob.id == job_id)
-                    .values(attempts=IngestionJob.attempts + 1, updated_at=utcnow()))
+                    .values(attempts=IngestionJob.attempts + 1,
+                            crashed_runs=IngestionJob.crashed_runs + (1 if after_a_crash else 0), updated_at=utcnow()))
+
+
+def hand_back(session: Session, job_id: str) -> None:
+    """A run that failed cleanly and will be retried: its job is waiting again, not being processed."""
+    session.execute(update(IngestionJob).where(IngestionJob.id == job_id,
+                                               IngestionJob.status == DocumentStatus.processing)
+                    .values(status=DocumentStatus.queued, updated_at=utcnow()))
 
 
 def ready_documents(session: Session, document_ids: set[str]) -> dict[str, Document]:

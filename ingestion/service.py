@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 MAX_TITLE_CHARS = 300
 MAX_ATTACHMENT_DEPTH = 3  # levels of attachments followed below an uploaded e-mail (attached e-mails nest)
 ATTACHMENT_FAILED = "the attachment could not be taken (an internal error)"
+MAX_CRASHED_RUNS = 3  # runs a worker died in (a kill, the OOM killer, a parser crash) before the document fails
+CRASHED_TOO_OFTEN = f"ingestion stopped: the worker died {MAX_CRASHED_RUNS} times while processing this document"
 ATTACHMENTS_UNLISTED = "the e-mail's attachments could not be read (an internal error); none was ingested"
 
 
@@ -234,6 +236,16 @@ def reveal(*, session: Session, settings: Settings, document_id: str, placeholde
                                           values={p: mapping[p] for p in placeholders if p in mapping})
 
 
+def hand_back(*, settings: Settings, job_id: str) -> None:
+    """A run that failed cleanly and will be retried hands its job back: the next run is then a retry, not a
+    redelivery after a crash. If even this fails (an outage), the next run counts a crash: the limit has room."""
+    try:
+        with unit_of_work(settings.resolved_database_url) as session:
+            repository.hand_back(session, job_id)
+    except Exception as exc:  # noqa: BLE001 - the retry goes ahead regardless
+        logger.warning("could not hand back ingestion job %s for a retry: %s", job_id, type(exc).__name__)
+
+
 def mark_failed(*, settings: Settings, document_id: str, job_id: str, reason: str) -> None:
     """Give up on a job after its retries (or its time limit); `reason` must not hold document content. A document
     whose run ended (ready, quarantined, failed) keeps its status and reason: what gave up then was the step after
@@ -263,7 +275,7 @@ def _start(settings: Settings, document_id: str, job_id: str) -> tuple[
     with unit_of_work(settings.resolved_database_url) as session:
         job, document = repository.get_job(session, job_id), repository.get_document(session, document_id)
         if job is not None and job.status in UNFINISHED and document is not None and document.status in UNFINISHED:
-            claimed = _claim(session, settings, document, job_id)
+            claimed = _claim(session, settings, document, job)
         if claimed is None:
             withdrawn = _end_unfinished(session, document_id, job_id)
     if withdrawn:
@@ -275,15 +287,23 @@ def _start(settings: Settings, document_id: str, job_id: str) -> tuple[
 
 
 def _claim(session: Session, settings: Settings, document: Document,
-           job_id: str) -> tuple[DocumentFacts, bytes, IngestionRules] | None:
+           job: IngestionJob) -> tuple[DocumentFacts, bytes, IngestionRules] | None:
     """Count the attempt and mark the document processing; what the run needs, or None if it was retired (its key
-    gone)."""
+    gone) or has crashed its worker too often (then it is failed: a file that kills the parser must not take the
+    worker, or the embedded default's API, down again at every redelivery)."""
     key = keystore_for(settings).document_key(session=session, department=document.department,
                                               document_id=document.id)
     if key is None:
         return None
-    repository.count_attempt(session, job_id)
-    if not repository.set_status(session, document_id=document.id, job_id=job_id, status=DocumentStatus.processing):
+    after_a_crash = job.status == DocumentStatus.processing  # the run before neither ended nor handed the job back
+    crashed_runs = job.crashed_runs + after_a_crash
+    repository.count_attempt(session, job.id, after_a_crash=after_a_crash)
+    if crashed_runs >= MAX_CRASHED_RUNS:
+        repository.set_status(session, document_id=document.id, job_id=job.id, status=DocumentStatus.failed,
+                              error=CRASHED_TOO_OFTEN)
+        logger.warning("ingestion of document %s stopped: its runs crashed %d times", document.id, MAX_CRASHED_RUNS)
+        return None
+    if not repository.set_status(session, document_id=document.id, job_id=job.id, status=DocumentStatus.processing):
         return None
     facts = DocumentFacts(
         document_id=document.id, department=document.department, title=document.title,

@@ -41,6 +41,7 @@ def ingest_document(task: Task, document_id: str, job_id: str) -> None:
                                           reason="internal error during ingestion; retries exhausted")
             return
         logger.warning("ingestion of document %s hit %s; retrying", document_id, type(exc).__name__)
+        ingestion_service.hand_back(settings=settings, job_id=job_id)
         raise task.retry(exc=TransientFault(type(exc).__name__), max_retries=retries,
                          countdown=min(2 ** task.request.retries, MAX_BACKOFF_SECONDS)) from exc
 

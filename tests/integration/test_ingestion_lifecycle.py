@@ -726,13 +726,13 @@ def test_a_document_deleted_as_its_run_starts_stays_deleted(
 
     real_count, started, deletions, statuses = repository.count_attempt, [], [], []
 
-    def deleted_meanwhile(session, job_id: str) -> None:  # type: ignore[no-untyped-def]
+    def deleted_meanwhile(session, job_id: str, **kwargs: bool) -> None:  # type: ignore[no-untyped-def]
         document = repository.get_document(session, repository.get_job(session, job_id).document_id)  # type: ignore[union-attr]
         target = document.parent_id if deleted == "its e-mail" else document.id  # type: ignore[union-attr]
         if not started and target is not None:
             started.append(job_id)
             deletions.append(_delete_meanwhile(client, lab["editor"], target, statuses))
-        real_count(session, job_id)
+        real_count(session, job_id, **kwargs)
 
     monkeypatch.setattr(repository, "count_attempt", deleted_meanwhile)
     mail = _mail("lease", "The lease minutes are attached.",

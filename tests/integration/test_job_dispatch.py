@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 from kombu.transport import memory
 from sqlalchemy import select, update
@@ -116,6 +117,87 @@ def test_a_late_duplicate_of_a_finished_job_leaves_the_document_to_its_new_job(t
     close_vector_store(settings)
     memory.Channel.queues.pop(settings.task_queue, None)
     assert [job["status"] for job in jobs] == ["ready", "ready"] and jobs[1]["attempts"] == 1
+
+
+class WorkerDied(BaseException):  # noqa: N818 - what a kill looks like from inside: no handler of the run sees it
+    """Stands for the worker process dying mid-document (the OOM killer, a segfault in a parser)."""
+
+
+def _job_row(url: str, job_id: str):  # type: ignore[no-untyped-def]
+    from core.db import unit_of_work
+    from core.models import IngestionJob
+
+    with unit_of_work(url) as session:
+        job = session.get(IngestionJob, job_id)
+        return job.status, job.error, job.attempts, job.crashed_runs  # type: ignore[union-attr]
+
+
+def test_a_document_that_kills_its_worker_is_failed_after_a_few_runs_not_retried_for_ever(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The retry limit only counted runs that raised: a document whose run killed the worker was delivered again
+    (by the broker, by the stall sweep, or on the embedded default at every start-up of the API it took down) with
+    no end. Now the third run that died fails it."""
+    from api.app import create_app
+    from core import migrate
+    from ingestion import service as ingestion_service
+    from retrieval.store import close_vector_store
+    from workers.celery_app import create_celery
+    from workers.dispatch import resend_unfinished
+
+    def dies(*_: object, **__: object) -> object:
+        raise WorkerDied
+
+    url = f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    settings = _settings(tmp_path / "data", url, broker_url="memory://", inprocess_worker=False, job_sweep_seconds=0)
+    with TestClient(create_app(settings)) as client:
+        editor = desk_member(client, "editor")
+        uploaded = _upload(client, editor, 0)
+        monkeypatch.setattr(ingestion_service, "protect", dies)
+        for _ in range(ingestion_service.MAX_CRASHED_RUNS):  # each delivery after the first finds the run before dead
+            with pytest.raises(WorkerDied):
+                ingestion_service.run_ingestion(settings=settings, document_id=uploaded["document_id"],
+                                                job_id=uploaded["job_id"])
+        ingestion_service.run_ingestion(settings=settings, document_id=uploaded["document_id"],
+                                        job_id=uploaded["job_id"])  # fails it without running
+        document = client.get(f"/v1/documents/{uploaded['document_id']}", headers=auth(editor)).json()
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    failed = ("failed", ingestion_service.CRASHED_TOO_OFTEN, ingestion_service.MAX_CRASHED_RUNS + 1,
+              ingestion_service.MAX_CRASHED_RUNS)
+    assert _job_row(url, uploaded["job_id"]) == failed
+    assert (document["status"], document["error"]) == ("failed", ingestion_service.CRASHED_TOO_OFTEN)
+    assert resend_unfinished(create_celery(settings)) == 0  # nothing left to send at the next start-up
+    memory.Channel.queues.pop(settings.task_queue, None)
+
+
+def test_runs_that_fail_cleanly_are_retried_and_never_counted_as_crashes(
+        client: TestClient, issue_token: Callable[..., str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A run that raises hands its job back before the retry: retries (transient faults, outages) are bounded by
+    their own limits and never count towards the crashed-runs limit."""
+    from ingestion import service as ingestion_service
+
+    canary, real_protect, failures = uuid.uuid4().hex, ingestion_service.protect, []
+
+    def flaky(data: bytes, *args: object, **kwargs: object) -> object:
+        if canary.encode() in data and len(failures) < ingestion_service.MAX_CRASHED_RUNS:
+            failures.append(1)
+            raise RuntimeError("a transient fault")
+        return real_protect(data, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ingestion_service, "MAX_CRASHED_RUNS", 2)
+    monkeypatch.setattr(ingestion_service, "protect", flaky)
+    department = f"retry{uuid.uuid4().hex[:6]}"
+    admin = auth(issue_token(PLATFORM_ADMIN))
+    assert client.post("/v1/admin/departments", json={"name": department}, headers=admin).status_code == 201
+    assert client.post("/v1/admin/role-assignments", headers=admin,
+                       json={"subject": "rhea", "role": "editor", "department": department}).status_code == 201
+    editor = issue_token("rhea", [])
+    response = client.post("/v1/documents", headers=auth(editor), data={"department": department},
+                           files={"file": ("note.txt", f"The desk opens at nine {canary}.".encode())})
+    assert response.status_code == 202, response.text
+    assert wait_for_job(client, editor, response.json()["job_id"])["status"] == "ready"
+    assert _job_row(settings.resolved_database_url, response.json()["job_id"])[2:] == (3, 0)
 
 
 def test_an_upload_while_the_broker_is_down_is_accepted_and_sent_when_it_is_back(
