@@ -221,10 +221,13 @@ def parse_limits(settings: Settings) -> ParseLimits:
 
 
 def reveal(*, session: Session, settings: Settings, document_id: str, placeholders: list[str],
-           can_reveal: Callable[[str], bool]) -> tuple[str, RevealOut]:
-    """The originals behind placeholders of a document kept reversibly; returns (department, result)."""
+           can_reveal: Callable[[str], bool], can_see: Callable[[Document], bool]) -> tuple[str, RevealOut]:
+    """The originals behind placeholders of a document kept reversibly, for a caller holding `reveal` in its
+    department who may also see it (ACL, clearance); others look exactly like a missing id. Returns (department,
+    result)."""
     document = repository.get_document(session, document_id)
-    if document is None or document.status in RETIRED or not can_reveal(document.department):
+    if (document is None or document.status in RETIRED or not can_reveal(document.department)
+            or not can_see(document)):
         raise GovragError(ErrorCode.not_found, "no such document")
     key = keystore_for(settings).document_key(session=session, department=document.department,
                                               document_id=document_id)

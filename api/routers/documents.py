@@ -103,10 +103,12 @@ def delete_document(document_id: str, session: SessionDep, settings: SettingsDep
 @router.post("/documents/{document_id}/reveal", response_model=RevealOut)
 def reveal(document_id: str, body: RevealIn, session: SessionDep, settings: SettingsDep, enforcer: EnforcerDep,
            user: CurrentUser) -> RevealOut:
-    """The originals behind placeholders of a reversibly pseudonymised document (permission: reveal); audited."""
+    """The originals behind placeholders of a reversibly pseudonymised document (permission: reveal, on a document
+    the caller may see); audited."""
     department, result = ingestion_service.reveal(
         session=session, settings=settings, document_id=document_id, placeholders=body.placeholders,
-        can_reveal=lambda dept: authz_service.is_allowed(enforcer, user, "reveal", dept))
+        can_reveal=lambda dept: authz_service.is_allowed(enforcer, user, "reveal", dept),
+        can_see=_visibility(session, enforcer, user))
     audit_service.record_admin_event(
         session=session, identity=user, event_type=AdminEventType.reveal, department=department, settings=settings,
         details={"document_id": document_id, "placeholders": sorted(result.values)})

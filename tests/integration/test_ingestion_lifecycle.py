@@ -252,18 +252,23 @@ def test_zip_bomb_disguised_as_docx_is_refused_at_upload(client: TestClient, lab
     assert "decompress" in response.json()["error"]["message"]
 
 
+def _reversible_department(client: TestClient, admin: str) -> str:
+    """A fresh department keeping placeholder maps, with lena as editor and pia as privacy officer."""
+    department = f"priv{uuid.uuid4().hex[:6]}"
+    assert client.post("/v1/admin/departments", json={"name": department}, headers=auth(admin)).status_code == 201
+    for subject, role in (("lena", "editor"), ("pia", "privacy_officer")):
+        assert client.post("/v1/admin/role-assignments", headers=auth(admin),
+                           json={"subject": subject, "role": role, "department": department}).status_code == 201
+    assert client.put(f"/v1/admin/departments/{department}/ingestion-policy", json={"reversible": True},
+                      headers=auth(admin)).status_code == 200
+    return department
+
+
 def test_reversible_pseudonymisation_reveals_only_with_permission_and_is_audited(
         client: TestClient, lab: dict[str, str], settings) -> None:  # type: ignore[no-untyped-def]
     import psycopg
 
-    department = f"priv{uuid.uuid4().hex[:6]}"
-    admin = lab["admin"]
-    assert client.post("/v1/admin/departments", json={"name": department}, headers=auth(admin)).status_code == 201
-    for subject, role in (("lena", "editor"), ("pia", "privacy_officer")):
-        client.post("/v1/admin/role-assignments", headers=auth(admin),
-                    json={"subject": subject, "role": role, "department": department})
-    assert client.put(f"/v1/admin/departments/{department}/ingestion-policy", json={"reversible": True},
-                      headers=auth(admin)).status_code == 200
+    department = _reversible_department(client, lab["admin"])
     doc = _ingest(client, lab["editor"], department, "minutes.txt",
                   b"Minutes: Maria Gonzalez approved the budget; Maria will report in May.")
     assert doc["status"] == "ready"
@@ -284,6 +289,25 @@ def test_reversible_pseudonymisation_reveals_only_with_permission_and_is_audited
     assert row is not None and "Maria" not in json.dumps(row[0])
     assert client.delete(f"/v1/documents/{doc['document_id']}", headers=auth(lab["editor"])).status_code == 204
     assert not sealed.exists()
+
+
+def test_reveal_needs_a_document_the_privacy_officer_may_see(client: TestClient, lab: dict[str, str]) -> None:
+    """Reveal checked only the department's `reveal` permission: a privacy officer outside the document's ACL got
+    its originals while its status answered 404."""
+    department = _reversible_department(client, lab["admin"])
+    doc = _ingest(client, lab["editor"], department, "board.txt",
+                  b"Board minutes: Maria Gonzalez approved the budget.", acl_groups="board")
+    assert doc["status"] == "ready"
+    url = f"/v1/documents/{doc['document_id']}/reveal"
+    body = {"placeholders": ["<PERSON_1>"]}
+    outside = client.app.state.dev_issuer.issue("pia", [])  # type: ignore[attr-defined]
+    assert client.get(f"/v1/documents/{doc['document_id']}", headers=auth(outside)).status_code == 404
+    hidden = client.post(url, json=body, headers=auth(outside))
+    unknown = client.post(f"/v1/documents/{uuid.uuid4()}/reveal", json=body, headers=auth(outside))
+    assert hidden.status_code == unknown.status_code == 404, hidden.json()
+    assert hidden.json()["error"]["message"] == unknown.json()["error"]["message"]
+    inside = client.app.state.dev_issuer.issue("pia", ["board"])  # type: ignore[attr-defined]
+    assert client.post(url, json=body, headers=auth(inside)).json()["values"] == {"<PERSON_1>": "Maria Gonzalez"}
 
 
 def test_email_attachments_become_child_documents(client: TestClient, lab: dict[str, str]) -> None:
