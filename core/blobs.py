@@ -42,7 +42,7 @@ def read_sealed(blob_dir: Path, document_id: str, key: bytes) -> bytes:
 def remove(blob_dir: Path, document_id: str) -> None:
     """Delete the stored upload and the document's sealed placeholder map, if present."""
     _path(blob_dir, document_id).unlink(missing_ok=True)
-    _map_path(blob_dir, document_id).unlink(missing_ok=True)
+    remove_map(blob_dir, document_id)
 
 
 # issue 3: reversible pseudonymisation — placeholder → original, sealed under the same document key
@@ -55,6 +55,11 @@ def _map_path(blob_dir: Path, document_id: str) -> Path:
 def write_sealed_map(blob_dir: Path, document_id: str, key: bytes, data: bytes) -> None:
     """Store a document's placeholder map encrypted (temp file, then rename)."""
     _write_sealed(_map_path(blob_dir, document_id), key, data, f"govrag:pii-map:{document_id}")
+
+
+def remove_map(blob_dir: Path, document_id: str) -> None:
+    """Delete the document's sealed placeholder map, if present."""
+    _map_path(blob_dir, document_id).unlink(missing_ok=True)
 
 
 def read_sealed_map(blob_dir: Path, document_id: str, key: bytes) -> bytes | None:

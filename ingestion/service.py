@@ -94,8 +94,7 @@ def run_ingestion(*, settings: Settings, document_id: str, job_id: str) -> None:
         _finish(settings, document_id, job_id, DocumentStatus.failed, error=exc.message)
         logger.info("ingestion failed permanently for document %s", document_id)
         return
-    if rules.reversible and result.placeholders:
-        blobs.write_sealed_map(settings.blob_dir, document_id, key, json.dumps(result.placeholders).encode())
+    _keep_placeholder_map(settings, document_id, key, result.placeholders if rules.reversible else {})
     store = open_vector_store(settings)
     store.delete_document(facts.department, document_id)  # a retried run leaves no stale points
     if result.review_reason is None:
@@ -108,6 +107,15 @@ def run_ingestion(*, settings: Settings, document_id: str, job_id: str) -> None:
     if _finish(settings, document_id, job_id, status, chunk_count=len(result.points), outcome=outcome):
         logger.info("ingested document %s: %s, %d chunks, %d flagged", document_id, status, len(result.points),
                     len(result.flagged))
+
+
+def _keep_placeholder_map(settings: Settings, document_id: str, key: bytes, placeholders: dict[str, str]) -> None:
+    """Replace the document's sealed placeholder map with this run's; none is kept when the run minted no
+    placeholders or the department no longer keeps originals, so reveal never answers from an earlier run."""
+    if placeholders:
+        blobs.write_sealed_map(settings.blob_dir, document_id, key, json.dumps(placeholders).encode())
+    else:
+        blobs.remove_map(settings.blob_dir, document_id)
 
 
 def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAccepted]:

@@ -310,6 +310,33 @@ def test_reveal_needs_a_document_the_privacy_officer_may_see(client: TestClient,
     assert client.post(url, json=body, headers=auth(inside)).json()["values"] == {"<PERSON_1>": "Maria Gonzalez"}
 
 
+def _reindex_one(client: TestClient, admin: str, department: str, document_id: str, editor: str) -> None:
+    response = client.post("/v1/admin/reindex", headers=auth(admin),
+                           json={"department": department, "document_ids": [document_id]})
+    assert response.status_code == 202 and len(response.json()["queued"]) == 1, response.text
+    assert wait_for_document(client, editor, document_id)["status"] == "ready"
+
+
+@pytest.mark.parametrize("policy", [{"reversible": False}, {"reversible": True, "allow_list": ["Maria Gonzalez"]}],
+                         ids=["reversible-turned-off", "no-placeholders-minted"])
+def test_a_reindex_replaces_the_placeholder_map(client: TestClient, lab: dict[str, str], settings,  # type: ignore[no-untyped-def]
+                                                policy: dict[str, object]) -> None:
+    """The sealed map was only ever written: after the department stopped keeping originals, or after a re-index
+    that minted no placeholders, reveal still answered the originals of the earlier run."""
+    department = _reversible_department(client, lab["admin"])
+    doc = _ingest(client, lab["editor"], department, "minutes.txt",
+                  b"Minutes: Maria Gonzalez approved the budget.")
+    url = f"/v1/documents/{doc['document_id']}/reveal"
+    body = {"placeholders": ["<PERSON_1>"]}
+    pia = client.app.state.dev_issuer.issue("pia", [])  # type: ignore[attr-defined]
+    assert client.post(url, json=body, headers=auth(pia)).json()["values"] == {"<PERSON_1>": "Maria Gonzalez"}
+    assert client.put(f"/v1/admin/departments/{department}/ingestion-policy", json=policy,
+                      headers=auth(lab["admin"])).status_code == 200
+    _reindex_one(client, lab["admin"], department, doc["document_id"], lab["editor"])
+    assert client.post(url, json=body, headers=auth(pia)).status_code == 404
+    assert not (settings.blob_dir / f"{doc['document_id']}.pii").exists()
+
+
 def test_email_attachments_become_child_documents(client: TestClient, lab: dict[str, str]) -> None:
     mail = (b"From: Ana <ana@example.com>\r\nTo: Ben <ben@example.com>\r\nSubject: Rota\r\nMIME-Version: 1.0\r\n"
             b"Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\nContent-Type: text/plain\r\n\r\n"
