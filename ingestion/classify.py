@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+
+import regex
 
 from ingestion.schemas import Classification
 
@@ -32,6 +35,11 @@ _CONTACT_KINDS = ("EMAIL_ADDRESS", "PHONE_NUMBER")
 _DENSE_PER_KCHAR = 5.0
 # A placeholder the redactor wrote, e.g. <US_SSN_2>: its kind is what the chunk's content shows.
 _PLACEHOLDER = re.compile(r"<([^<>\s]+)_\d+>")
+# Invisible format characters (zero-width spaces and joiners, word joiner, BOM, soft hyphen…): a keyword matches
+# with any of them inside a word, and with any of them or any whitespace (line breaks, no-break spaces) between words
+# (so one next to a word also ends it: wrongly raising a document is the safe side).
+_FORMAT_CHARACTER = r"\p{Cf}"
+_WORD_GAP = r"[\s\p{Cf}]+"
 
 
 @dataclass(frozen=True)
@@ -79,8 +87,9 @@ def classify_chunks(*, declared: Classification, texts: Sequence[str], redacted:
     per kind and `placeholders` every placeholder the redactor minted. What only the whole document shows (many
     people with contact details, dense personal data) raises every chunk, like the declared level does.
     """
+    # The whole text, as the chunks split it at whitespace: a keyword across a chunk boundary still raises the document.
     document = classify(declared=declared, pii_counts=pii_counts, text_chars=sum(map(len, texts)),
-                        keyword_hits=keyword_hits(list(texts), keywords))
+                        keyword_hits=keyword_hits(["\n".join(texts)], keywords))
     floor = _raise(declared, Classification.confidential) \
         if _aggregate_reasons(pii_counts, sum(map(len, texts))) else declared
     chunks = [classify(declared=floor, pii_counts=_chunk_pii_counts(text, placeholders), text_chars=len(original),
@@ -116,13 +125,22 @@ def _aggregate_reasons(pii_counts: Mapping[str, int], text_chars: int) -> list[s
 
 
 def keyword_hits(texts: list[str], keywords: Mapping[str, str]) -> dict[str, Classification]:
-    """The department keywords (whole words, any case) that occur in the texts, with the level each raises to."""
+    """The department keywords (whole words, any case, compared NFKC-normalised, whatever whitespace or invisible
+    format characters separate or split their words) that occur in the texts, with the level each raises to."""
+    normalised = [unicodedata.normalize("NFKC", text) for text in texts]
     hits: dict[str, Classification] = {}
     for keyword, level in keywords.items():
-        pattern = re.compile(rf"(?<!\w){re.escape(keyword)}(?!\w)", re.IGNORECASE)
-        if any(pattern.search(text) for text in texts):
+        pattern = _keyword_pattern(keyword)
+        if any(pattern.search(text) for text in normalised):
             hits[keyword] = Classification(level)
     return hits
+
+
+def _keyword_pattern(keyword: str) -> regex.Pattern[str]:
+    """A keyword's words, in order, as whole words of an NFKC-normalised text."""
+    words = regex.sub(_FORMAT_CHARACTER, "", unicodedata.normalize("NFKC", keyword)).split()
+    spelled = _WORD_GAP.join(f"{_FORMAT_CHARACTER}*".join(map(regex.escape, word)) for word in words)
+    return regex.compile(rf"(?<!\w){spelled}(?!\w)", regex.IGNORECASE)
 
 
 def _raise(level: Classification, to: Classification) -> Classification:

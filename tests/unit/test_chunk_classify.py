@@ -34,6 +34,14 @@ def test_keywords_raise_only_the_chunk_that_holds_them() -> None:
     assert verdict.chunk_levels == (C.restricted, C.public) and verdict.level is C.restricted
 
 
+def test_a_keyword_split_across_chunks_raises_the_document() -> None:
+    """The document's keywords were looked for chunk by chunk: one cut by a chunk boundary raised nothing."""
+    texts = ["The budget of Project", "Falcon was approved."]
+    verdict = _verdict(texts, texts, {}, set(), keywords={"project falcon": "restricted"})
+    assert verdict.level is C.restricted and "keyword 'project falcon'" in verdict.reasons
+    assert verdict.chunk_levels == (C.public, C.public)  # neither chunk holds it on its own
+
+
 def test_what_only_the_whole_document_shows_raises_every_chunk() -> None:
     people = [f"<PERSON_{n}> <EMAIL_ADDRESS_{n}>" for n in range(1, 25)]
     redacted = [" ".join(people[:12]) + " " + "filler " * 400, " ".join(people[12:]) + " " + "filler " * 400]

@@ -52,6 +52,16 @@ def test_keywords_match_whole_words_in_any_case() -> None:
     assert verdict.level == Classification.restricted
 
 
+@pytest.mark.parametrize("spelling", ["Project\nFalcon", "Project\u00a0Falcon", "Project  Falcon",
+                                      "Project\u200bFalcon", "Pro\u00adject Fal\u2060con", "\uff30roject \ufeffFalcon"])
+def test_a_multi_word_keyword_matches_across_line_breaks_odd_spaces_and_invisible_characters(spelling: str) -> None:
+    """`re.escape("project falcon")` matched one plain space only: a keyword wrapped over a line, written with a
+    no-break or double space, or with a zero-width character in it, did not raise the document."""
+    hits = keyword_hits([f"The {spelling} budget was approved."], {"project falcon": "restricted"})
+    assert hits == {"project falcon": Classification.restricted}
+    assert keyword_hits([f"{spelling}ry"], {"project falcon": "restricted"}) == {}  # still whole words
+
+
 def _zip(members: dict[str, bytes]) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
