@@ -430,26 +430,36 @@ class RedactionRules:
         return sorted({r.entity for r in self.recognizers})
 
 
+def _ascii_digits(text: str) -> bool:
+    """Only 0-9: `str.isdigit` also takes '²' or Arabic-Indic digits, which the checks cannot (and must not) read."""
+    return text.isascii() and text.isdigit()
+
+
 def luhn_valid(digits: str) -> bool:
-    """The Luhn (mod 10) check used by card and many employee numbers."""
+    """The Luhn (mod 10) check used by card and many employee numbers; False for anything but ASCII digits."""
+    if not _ascii_digits(digits):
+        return False
     total = 0
     for position, char in enumerate(reversed(digits)):
         value = int(char)
         if position % 2 == 1:
             value = value * 2 - 9 if value > 4 else value * 2
         total += value
-    return bool(digits) and total % 10 == 0
+    return total % 10 == 0
 
 
 def mod97_valid(value: str) -> bool:
-    """ISO 7064 MOD 97-10 (IBAN style): letters count as 10..35, the number mod 97 must be 1."""
-    converted = "".join(str(int(ch, 36)) for ch in value)
-    return bool(converted) and int(converted) % 97 == 1
+    """ISO 7064 MOD 97-10 (IBAN style): letters count as 10..35, the number mod 97 must be 1; False for anything but
+    ASCII letters and digits (`str.isalnum` also takes the Kelvin sign or '²')."""
+    if not (value.isascii() and value.isalnum()):
+        return False
+    return int("".join(str(int(ch, 36)) for ch in value)) % 97 == 1
 
 
 def mod11_valid(digits: str) -> bool:
-    """Weighted mod 11 (weights 2, 3, 4… from the right, check digit last; 10 is not allowed)."""
-    if len(digits) < 2:
+    """Weighted mod 11 (weights 2, 3, 4… from the right, check digit last; 10 is not allowed); False for anything but
+    ASCII digits."""
+    if len(digits) < 2 or not _ascii_digits(digits):
         return False
     body, check = digits[:-1], int(digits[-1])
     total = sum(int(ch) * weight for ch, weight in zip(reversed(body), range(2, 2 + len(body)), strict=False))

@@ -141,6 +141,24 @@ def test_checksums() -> None:
     assert luhn_valid("4111111111111111") and not luhn_valid("4111111111111112")
     assert mod97_valid("WEST12345698765432GB82") and not mod97_valid("WEST12345698765432GB83")
     assert mod11_valid("123456789") and not mod11_valid("123456782")
+    assert not luhn_valid("") and not mod97_valid("") and not mod11_valid("")
+
+
+@pytest.mark.parametrize("value", ["4111111111111111\u00b2", "\u0664111111111111111", "12345678\u00b9"])
+def test_checksums_refuse_digits_beyond_ascii(value: str) -> None:
+    """'²' passes `str.isdigit` but not `int`: the ValueError failed the whole document. Other scripts' digits are
+    no check digits either."""
+    assert not luhn_valid(value) and not mod11_valid(value) and not mod97_valid(value)
+    assert not mod97_valid("GB82WEST12345698765\u212a32")  # the Kelvin sign is `isalnum`
+
+
+def test_a_department_checksum_drops_a_match_with_non_ascii_characters(redactor: PiiRedactor) -> None:
+    """The global IGNORECASE lets [A-Z] match the Kelvin sign; `\\S` takes '²': the match is dropped, not a crash."""
+    rules = RedactionRules(recognizers=(
+        CustomRecognizer("ACCOUNT", r"\b[A-Z]{2}\d{2}[A-Z0-9]{10,30}\b", "mod97"),
+        CustomRecognizer("EMPLOYEE_ID", r"\bEMP-\S{6}", "luhn")))
+    text = "Pay GB82WEST12345698765\u212a32; employee EMP-12345\u00b2 joined."
+    assert redactor.redact(text, rules=rules) == text
 
 
 @pytest.mark.parametrize(("spec", "problem"), [
