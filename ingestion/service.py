@@ -91,6 +91,7 @@ def run_ingestion(*, settings: Settings, document_id: str, job_id: str) -> None:
                          redactor=get_redactor(), max_chars=settings.chunk_max_chars, rules=rules,
                          scanner=get_scanner(), limits=parse_limits(settings))
     except GovragError as exc:  # permanent: a bad or over-limit file; retrying cannot help
+        _keep_placeholder_map(settings, document_id, key, {})  # reveal answers for no earlier run
         _finish(settings, document_id, job_id, DocumentStatus.failed, error=exc.message)
         logger.info("ingestion failed permanently for document %s", document_id)
         return

@@ -310,11 +310,12 @@ def test_reveal_needs_a_document_the_privacy_officer_may_see(client: TestClient,
     assert client.post(url, json=body, headers=auth(inside)).json()["values"] == {"<PERSON_1>": "Maria Gonzalez"}
 
 
-def _reindex_one(client: TestClient, admin: str, department: str, document_id: str, editor: str) -> None:
+def _reindex_one(client: TestClient, admin: str, department: str, document_id: str, editor: str,
+                 ends: str = "ready") -> None:
     response = client.post("/v1/admin/reindex", headers=auth(admin),
                            json={"department": department, "document_ids": [document_id]})
     assert response.status_code == 202 and len(response.json()["queued"]) == 1, response.text
-    assert wait_for_document(client, editor, document_id)["status"] == "ready"
+    assert wait_for_document(client, editor, document_id)["status"] == ends
 
 
 @pytest.mark.parametrize("policy", [{"reversible": False}, {"reversible": True, "allow_list": ["Maria Gonzalez"]}],
@@ -334,6 +335,22 @@ def test_a_reindex_replaces_the_placeholder_map(client: TestClient, lab: dict[st
                       headers=auth(lab["admin"])).status_code == 200
     _reindex_one(client, lab["admin"], department, doc["document_id"], lab["editor"])
     assert client.post(url, json=body, headers=auth(pia)).status_code == 404
+    assert not (settings.blob_dir / f"{doc['document_id']}.pii").exists()
+
+
+def test_a_reindex_that_fails_removes_the_placeholder_map(client: TestClient, lab: dict[str, str], settings,  # type: ignore[no-untyped-def]
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A re-index that failed for good (here: an operator lowered a parse limit) left the earlier run's map, and
+    reveal answered from it for a document no longer ingested."""
+    department = _reversible_department(client, lab["admin"])
+    doc = _ingest(client, lab["editor"], department, "minutes.txt",
+                  b"Minutes: Maria Gonzalez approved the budget.\n\nAction: Omar Haddad books the room.")
+    url = f"/v1/documents/{doc['document_id']}/reveal"
+    pia = client.app.state.dev_issuer.issue("pia", [])  # type: ignore[attr-defined]
+    assert client.post(url, json={"placeholders": ["<PERSON_1>"]}, headers=auth(pia)).status_code == 200
+    monkeypatch.setattr(settings, "max_elements", 1)
+    _reindex_one(client, lab["admin"], department, doc["document_id"], lab["editor"], ends="failed")
+    assert client.post(url, json={"placeholders": ["<PERSON_1>"]}, headers=auth(pia)).status_code == 404
     assert not (settings.blob_dir / f"{doc['document_id']}.pii").exists()
 
 
