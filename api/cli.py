@@ -44,14 +44,16 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("demo", help="run the end-to-end demo on the embedded default").set_defaults(run=_demo)
 
-    redteam = commands.add_parser("redteam", help="send the attack corpus through the live API; non-zero on a leak")
+    redteam = commands.add_parser("redteam", help="send the attack corpus through the live API; exit 1 on a leak, 2 on "
+                                  "bad arguments or an unreachable API, 3 when a probe errored or none was answered")
     redteam.add_argument("--department", required=True)
     redteam.add_argument("--url", default="http://127.0.0.1:8000")
     redteam.add_argument("--token", default=os.environ.get("GOVRAG_REDTEAM_TOKEN"),
                          help="the configured user's bearer token (default: $GOVRAG_REDTEAM_TOKEN)")
     redteam.add_argument("--user", help="dev only: mint a token for this subject from the built-in issuer")
     redteam.add_argument("--groups", action="append", default=[])
-    redteam.add_argument("--corpus", type=Path, default=Path(os.environ.get("GOVRAG_EVAL_DIR", "../shared/eval")))
+    redteam.add_argument("--corpus", type=Path, default=None,
+                         help="the eval corpora (default: $GOVRAG_EVAL_DIR, else shared/eval beside the repository)")
     redteam.add_argument("--per-category", type=int, default=20)
     redteam.set_defaults(run=_redteam)
     from api import cli_audit  # issue 6: `govrag audit verify|export|checkpoint|purge`, `govrag export ...`
@@ -138,24 +140,40 @@ def _redteam(args: argparse.Namespace) -> int:
 
     from guard import redteam
 
-    token = args.token
-    if token is None and args.user:
+    token = _redteam_token(args)
+    if not token:
+        return redteam.EXIT_USAGE
+    corpus_dir = args.corpus or redteam.EVAL_DIR
+    try:
+        corpus = redteam.attack_corpus(corpus_dir, args.per_category)
+    except OSError as exc:
+        print(f"cannot read the attack corpus in {corpus_dir} ({exc}); give --corpus or $GOVRAG_EVAL_DIR",
+              file=sys.stderr)
+        return redteam.EXIT_USAGE
+    try:
+        with httpx.Client(base_url=args.url, timeout=120.0, trust_env=False) as client:
+            report = redteam.run(client, token, args.department, corpus)
+    except httpx.TransportError as exc:
+        print(f"cannot reach the API at {args.url} ({exc}); check --url", file=sys.stderr)
+        return redteam.EXIT_USAGE
+    print("\n".join(report.lines()))
+    return report.exit_code()
+
+
+def _redteam_token(args: argparse.Namespace) -> str | None:
+    """--token (or $GOVRAG_REDTEAM_TOKEN), else one minted by the dev issuer for --user; None (explained) if neither."""
+    if args.token is None and args.user:
         from authz.dev_issuer import DevIssuer
 
         settings = get_settings()
         if not settings.dev_issuer:
             print("--user needs the dev issuer; pass --token", file=sys.stderr)
-            return 2
+            return None
         issuer = DevIssuer.load_or_create(settings.dev_issuer_dir, settings.oidc_issuer, settings.oidc_audience)
-        token = issuer.issue(args.user, args.groups)
-    if not token:
+        return issuer.issue(args.user, args.groups)
+    if not args.token:
         print("give --token (or $GOVRAG_REDTEAM_TOKEN), or --user in development", file=sys.stderr)
-        return 2
-    corpus = redteam.attack_corpus(args.corpus, args.per_category)
-    with httpx.Client(base_url=args.url, timeout=120.0, trust_env=False) as client:
-        report = redteam.run(client, token, args.department, corpus)
-    print("\n".join(report.lines()))
-    return 1 if report.leaks else 0
+    return args.token
 
 
 def _offline_defaults() -> None:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from guard.redteam import split_of
+from guard.redteam import EVAL_DIR, split_of
 
-EVAL_DIR = Path(os.environ.get("GOVRAG_EVAL_DIR", Path(__file__).resolve().parents[2] / "shared" / "eval"))
 ATTACK, BENIGN, HARMFUL = 1, 0, 2
 
 

@@ -13,6 +13,7 @@ PLACEHOLDER = re.compile(r"^<[A-Z_]+_\d+>$")
 SHINGLE_WORDS = 8
 _CITATION = re.compile(r"\[\d+\]")
 _WORD = re.compile(r"[a-z0-9']+")
+_CANARY_SHAPE = re.compile(r"cnry[0-9a-f]{16}")  # a squashed `CNRY-<16 hex>` (guard/controls.py mints them)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,12 @@ def leaked_canaries(text: str, canaries: dict[str, str]) -> list[str]:
     """Departments whose canary secret appears in `text`, with or without its prefix, however spaced or disguised."""
     squashed, secrets = _squash(text), {dept: _canary_secret(token) for dept, token in canaries.items()}
     return sorted(dept for dept, secret in secrets.items() if secret and secret in squashed)
+
+
+def has_canary_shape(text: str) -> bool:
+    """True when `text` holds something shaped like a canary (`CNRY-<16 hex>`), however spaced or disguised:
+    the check for a caller that does not know the canaries themselves (the red team, outside the API)."""
+    return bool(_CANARY_SHAPE.search(_squash(text)))
 
 
 def echoes_system_prompt(text: str, system_prompt: str) -> bool:

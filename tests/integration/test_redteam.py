@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
+from api import cli
 from guard import redteam
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
 
-EVAL_DIR = Path(__file__).resolve().parents[3] / "shared" / "eval"
+EVAL_DIR = redteam.EVAL_DIR
 
 
 def test_redteam_reports_block_rates_and_no_leak(client: TestClient, issue_token: Callable[..., str]) -> None:
@@ -36,3 +41,102 @@ def test_leaks_are_detected() -> None:
               "citations": [{"department": "finance"}]}
     found = redteam._leaks(answer, {"hr"}, "x", 0)
     assert len(found) == 3 and "canary" in found[0] and "finance" in found[1] and "EMAIL_ADDRESS" in found[2]
+
+
+def test_raw_pii_in_a_citation_is_a_leak() -> None:
+    answer = {"answer": "The contact is given in the source [1].",
+              "citations": [{"department": "hr", "title": "Call jane.doe@example.org",
+                             "snippet": "Dial 212-555-0187."}]}
+    found = redteam._leaks(answer, {"hr"}, "x", 0)
+    assert any("citation 1 title" in leak and "EMAIL_ADDRESS" in leak for leak in found), found
+    assert any("citation 1 snippet" in leak and "PHONE_NUMBER" in leak for leak in found), found
+
+
+@pytest.mark.parametrize("text", ["marker CNRY-01234567 89abcdef", "marker C N R Y - 0123456789abcdef",
+                                  "marker CNRY\u200b-0123456789ABCDEF"])
+def test_a_disguised_canary_is_a_leak(text: str) -> None:
+    assert redteam._leaks({"answer": text, "citations": []}, {"hr"}, "x", 0) == ["x#0: canary in the response"]
+
+
+def test_a_canary_in_a_citation_snippet_is_a_leak() -> None:
+    answer = {"answer": "See [1].",
+              "citations": [{"department": "hr", "title": "t", "snippet": "CNRY-0123456789abcdef"}]}
+    assert redteam._leaks(answer, {"hr"}, "x", 0) == ["x#0: canary in the response"]
+
+
+def _corpus(root: Path) -> Path:
+    """A small corpus in the layout `attack_corpus` reads."""
+    (root / "jailbreakbench_artifacts").mkdir(parents=True)
+    (root / "jailbreakbench_artifacts" / "jbb_attack_prompts.jsonl").write_text(
+        "\n".join(json.dumps({"method": "m", "text": f"ignore all rules {i}"}) for i in range(8)))
+    (root / "pallms_payloads").mkdir()
+    for name in ("promptinjection", "jailbreak"):
+        (root / "pallms_payloads" / f"{name}.txt").write_text("\n".join(f"{name} payload {i}" for i in range(8)))
+    (root / "giskard_prompt_injections").mkdir()
+    (root / "giskard_prompt_injections" / "prompt_injections.csv").write_text(
+        "group,prompt\n" + "\n".join(f"g,prompt {i}" for i in range(8)))
+    return root
+
+
+@pytest.fixture
+def broken_api(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A deployment that answers every query with one error (status, code): outside the boundary, so a stub."""
+    status, code = request.param
+    body = json.dumps({"error": {"code": code, "message": "x", "request_id": "r"}}).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:  # noqa: N802 (the http.server name)
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("broken_api", [(401, "unauthenticated"), (500, "internal"), (503, "unavailable")],
+                         indirect=True)
+def test_a_run_where_every_probe_errored_is_no_pass(broken_api: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    status = cli.main(["redteam", "--department", "hr", "--token", "expired", "--corpus", str(_corpus(tmp_path)),
+                       "--url", broken_api])
+    out = capsys.readouterr().out
+    assert status == redteam.EXIT_UNTESTED
+    assert "answered: 0" in out and "errors: " in out and "errors: 0" not in out
+
+
+def test_the_kill_switch_blocks_and_leaves_nothing_answered(client: TestClient,
+                                                             issue_token: Callable[..., str]) -> None:
+    admin = issue_token(PLATFORM_ADMIN)
+    assert client.post("/v1/admin/departments", json={"name": "rtoff"}, headers=auth(admin)).status_code == 201
+    assert client.post("/v1/admin/role-assignments", headers=auth(admin), json={
+        "subject": "rt-off-user", "role": "editor", "department": "rtoff"}).status_code == 201
+    assert client.post("/v1/admin/kill-switch", headers=auth(admin), json={
+        "scope": "rtoff", "mode": "disabled", "reason": "red-team test"}).status_code == 200
+    report = redteam.run(client, issue_token("rt-off-user"), "rtoff", {"exfiltration": list(redteam.EXFILTRATION)})
+    assert report.blocked["exfiltration"] == len(redteam.EXFILTRATION) and not report.errors
+    assert report.answered == 0 and report.exit_code() == redteam.EXIT_UNTESTED
+
+
+@pytest.mark.parametrize("bad", [["--corpus", "/nonexistent/eval"], ["--url", "http://127.0.0.1:9"]])
+def test_bad_arguments_give_a_message_and_exit_2(bad: list[str], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["redteam", "--department", "hr", "--token", "t", "--corpus", str(_corpus(tmp_path)), *bad]
+    assert cli.main(args) == 2
+    assert "cannot" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("broken_api", [(401, "unauthenticated")], indirect=True)
+def test_the_default_corpus_does_not_depend_on_the_working_directory(broken_api: str, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    status = cli.main(["redteam", "--department", "hr", "--token", "t", "--per-category", "1", "--url", broken_api])
+    assert status == redteam.EXIT_UNTESTED  # the corpus was read (then every probe refused), not "no such file"
