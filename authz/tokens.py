@@ -308,9 +308,9 @@ def _subject(subject: Any) -> str:
 
 
 def _groups(value: Any) -> tuple[str, ...]:
-    """The groups claim as a de-duplicated tuple; absent means none, a non-list is refused."""
+    """The groups claim as a de-duplicated tuple; absent means none, anything but printable strings is refused."""
     if value is None:
         return ()
-    if not isinstance(value, list) or not all(isinstance(g, str) for g in value):
-        raise _fail("invalid groups claim")
+    if not isinstance(value, list) or not all(isinstance(g, str) and g.isprintable() for g in value):
+        raise _fail("invalid groups claim")  # a lone surrogate or control character would break the audit row
     return tuple(dict.fromkeys(g for g in value if g))

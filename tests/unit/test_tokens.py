@@ -262,7 +262,7 @@ def test_an_oversized_token_says_so(verifier: TokenVerifier, key: SigningKey) ->
              "token too large (over 16384 characters)")
 
 
-@pytest.mark.parametrize("groups", ["admins", {"admins": True}, ["ok", 7], 42])
+@pytest.mark.parametrize("groups", ["admins", {"admins": True}, ["ok", 7], 42, ["ok", "\ud800"], ["a\x00b"]])
 def test_groups_claim_not_a_list_of_strings(verifier: TokenVerifier, key: SigningKey, groups: object) -> None:
     _rejects(verifier, key.sign({"groups": groups}), "invalid groups claim")
 
