@@ -7,7 +7,11 @@ not chained, because their text can quote token parts.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlparse
@@ -47,6 +51,11 @@ _REQUIRED_CLAIMS = ["exp", "iss", "aud"]  # the subject claim is configurable an
 _DISCOVERY_PATH = "/.well-known/openid-configuration"
 _MAX_TOKEN_CHARS = 16 * 1024
 _MAX_SUBJECT_CHARS = 255
+# A fetch from the IdP (discovery document or JWK Set) gets this long in all, however slowly the bytes drip,
+# and at most this many bytes: a slow or hostile IdP cannot hold a request, or the key cache, for longer.
+_FETCH_DEADLINE_SECONDS = 10.0
+_FETCH_READ_TIMEOUT_SECONDS = 5.0
+_MAX_FETCH_BYTES = 1024 * 1024
 
 
 def _fail(reason: str) -> GovragError:
@@ -95,19 +104,13 @@ class TokenVerifier:
         self._subject_claim = subject_claim
         self._email_claim = email_claim
         self._required_azp = required_azp
-        self._client: jwt.PyJWKClient | None = None
+        self._remote_keys: _RemoteKeySet | None = None
         self._static_keys: dict[str, jwt.PyJWK] = {}
         if jwks_url is not None:
-            # cache_keys stays off: PyJWT's per-kid LRU never expires, so a key the IdP
-            # withdrew (rotated out or compromised) would verify until restart. The JWK Set
-            # cache below still serves every lookup from memory for jwks_cache_seconds.
-            self._client = jwt.PyJWKClient(
+            self._remote_keys = _RemoteKeySet(
                 jwks_url,
-                cache_keys=False,
-                cache_jwk_set=True,
-                lifespan=jwks_cache_seconds,
-                timeout=10,
-                cooldown_duration=jwks_refresh_cooldown_seconds,
+                cache_seconds=jwks_cache_seconds,
+                cooldown_seconds=jwks_refresh_cooldown_seconds,
             )
         else:
             self._static_keys = _static_signing_keys(jwks or {})
@@ -119,8 +122,7 @@ class TokenVerifier:
         if not jwks_url and settings.oidc_discovery and (not settings.dev_issuer or settings.is_production):
             jwks_url = discover_jwks_uri(settings.oidc_issuer)
         if jwks_url:
-            if urlparse(jwks_url).scheme != "https":
-                log.warning("the JWKS URL is not https; signing keys can be substituted in transit")
+            _warn_unless_https(jwks_url)
             return cls(jwks_url=jwks_url, **_common_options(settings))
         if not settings.dev_issuer or settings.is_production:
             raise ValueError("no token keys: set GOVRAG_OIDC_ISSUER (discovery) or GOVRAG_OIDC_JWKS_URL"
@@ -164,17 +166,11 @@ class TokenVerifier:
 
     def _signing_key(self, kid: str) -> jwt.PyJWK:
         """The JWK for kid, from the in-memory set or the (cached) JWKS endpoint."""
-        if self._client is None:
-            key = self._static_keys.get(kid)
-            if key is None:
-                raise _fail("unknown signing key")
-            return key
-        try:
-            return self._client.get_signing_key(kid)
-        except (jwt.PyJWKClientConnectionError, jwt.PyJWKSetError, ValueError):
-            raise Unavailable("identity provider") from None
-        except jwt.PyJWTError:
-            raise _fail("unknown signing key") from None
+        keys = self._static_keys if self._remote_keys is None else self._remote_keys.keys_for(kid)
+        key = keys.get(kid)
+        if key is None:
+            raise _fail("unknown signing key")
+        return key
 
     def _decode(self, token: str, alg: str, key: jwt.PyJWK) -> dict[str, Any]:
         """Check the signature and the registered claims; one path for both key sources."""
@@ -237,16 +233,88 @@ def _asymmetric_only(algorithms: Iterable[str]) -> frozenset[str]:
 
 def _static_signing_keys(jwks: dict[str, Any]) -> dict[str, jwt.PyJWK]:
     """The signing keys of an in-memory JWKS by kid; private or unusable keys are refused."""
-    try:
-        key_set = jwt.PyJWKSet.from_dict(jwks)
-    except jwt.PyJWTError as exc:
-        raise ValueError("the JWKS holds no usable keys") from exc
-    keys = {k.key_id: k for k in key_set.keys if k.key_id and k.public_key_use in ("sig", None)}
-    if not keys:
-        raise ValueError("the JWKS holds no signing keys with a kid")
+    keys = _signing_keys_by_kid(jwks)
     if not all(isinstance(k.key, _RSA + _EC + _OKP) for k in keys.values()):
         raise ValueError("the JWKS must hold public asymmetric keys only")
     return keys
+
+
+def _signing_keys_by_kid(jwks: Any) -> dict[str, jwt.PyJWK]:
+    """The keys with a kid that may sign (`use` "sig" or absent) of a JWK Set; ValueError if there are none."""
+    if not isinstance(jwks, dict):
+        raise ValueError("the JWKS is not a JSON object")
+    try:
+        key_set = jwt.PyJWKSet.from_dict(jwks)
+    except (jwt.PyJWTError, AttributeError, TypeError, ValueError):
+        raise ValueError("the JWKS holds no usable keys") from None
+    keys = {k.key_id: k for k in key_set.keys if k.key_id and k.public_key_use in ("sig", None)}
+    if not keys:
+        raise ValueError("the JWKS holds no signing keys with a kid")
+    return keys
+
+
+class _RemoteKeySet:
+    """An IdP's signing keys, cached for cache_seconds and fetched again at most once per cooldown.
+
+    A known kid is looked up in the current snapshot without waiting for a fetch in flight; only a
+    caller whose cache has expired waits for it (bounded by the fetch deadline). Every fetch attempt,
+    failed or not, starts the cooldown, so invented kids cannot hammer a failing IdP.
+    """
+
+    def __init__(self, jwks_url: str, *, cache_seconds: float, cooldown_seconds: float) -> None:
+        self._jwks_url = jwks_url
+        self._cache_seconds = cache_seconds
+        self._cooldown_seconds = cooldown_seconds
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._fetched_at = -math.inf
+        self._attempted_at = -math.inf
+        self._attempt_lock = threading.Lock()  # held only to claim an attempt, never across a fetch
+        self._fetch_lock = threading.Lock()
+
+    def keys_for(self, kid: str) -> dict[str, jwt.PyJWK]:
+        """Signing keys that hold kid if the IdP publishes it; Unavailable if they cannot be had."""
+        keys, fresh = self._snapshot()
+        if fresh and kid in keys:
+            return keys
+        if self._claim_attempt():
+            return self._fetch()
+        if fresh:
+            return keys  # an unknown kid within the cooldown
+        return self._after_fetch_in_flight()
+
+    def _snapshot(self) -> tuple[dict[str, jwt.PyJWK], bool]:
+        """The cached keys and whether they are still within cache_seconds."""
+        keys, fetched_at = self._keys, self._fetched_at
+        return keys, time.monotonic() - fetched_at < self._cache_seconds
+
+    def _claim_attempt(self) -> bool:
+        """True (and the cooldown restarted) if no fetch was attempted within the cooldown."""
+        with self._attempt_lock:
+            now = time.monotonic()
+            if now - self._attempted_at < self._cooldown_seconds:
+                return False
+            self._attempted_at = now
+            return True
+
+    def _fetch(self) -> dict[str, jwt.PyJWK]:
+        """Fetch and cache the key set; any fetch or parse failure is the IdP being unavailable."""
+        with self._fetch_lock:
+            try:
+                keys = _signing_keys_by_kid(_fetch_json(self._jwks_url))
+            except ValueError as exc:  # our own fixed messages: nothing from a token reaches this
+                log.warning("the identity provider's signing keys could not be fetched: %s", exc)
+                raise Unavailable("identity provider") from None
+            self._keys, self._fetched_at = keys, time.monotonic()
+            return keys
+
+    def _after_fetch_in_flight(self) -> dict[str, jwt.PyJWK]:
+        """The keys once a fetch in flight ends; Unavailable if they are still expired."""
+        if self._fetch_lock.acquire(timeout=_FETCH_DEADLINE_SECONDS + _FETCH_READ_TIMEOUT_SECONDS):
+            self._fetch_lock.release()
+        keys, fresh = self._snapshot()
+        if not fresh:
+            raise Unavailable("identity provider")
+        return keys
 
 
 def _common_options(settings: Settings) -> dict[str, Any]:
@@ -264,17 +332,12 @@ def _common_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def discover_jwks_uri(issuer: str, timeout: float = 10.0) -> str:
+def discover_jwks_uri(issuer: str) -> str:
     """The jwks_uri from the issuer's OpenID configuration, whose issuer must match exactly (OIDC Discovery 4.3)."""
-    if urlparse(issuer).scheme not in ("https", "http"):
-        raise ValueError("OIDC discovery needs GOVRAG_OIDC_ISSUER to be the issuer URL")
-    if urlparse(issuer).scheme != "https":
-        log.warning("the OIDC issuer is not https; its configuration can be substituted in transit")
+    _check_issuer_url(issuer)
     try:
-        response = httpx.get(issuer.rstrip("/") + _DISCOVERY_PATH, timeout=timeout, follow_redirects=False)
-        response.raise_for_status()
-        document = response.json()
-    except (httpx.HTTPError, ValueError) as exc:
+        document = _fetch_json(issuer.rstrip("/") + _DISCOVERY_PATH)
+    except ValueError as exc:
         raise ValueError("OIDC discovery failed: the issuer's openid-configuration could not be read") from exc
     if not isinstance(document, dict) or document.get("issuer") != issuer:
         raise ValueError("OIDC discovery failed: the configuration names a different issuer")
@@ -282,6 +345,48 @@ def discover_jwks_uri(issuer: str, timeout: float = 10.0) -> str:
     if not isinstance(jwks_uri, str) or urlparse(jwks_uri).scheme not in ("https", "http"):
         raise ValueError("OIDC discovery failed: no usable jwks_uri")
     return jwks_uri
+
+
+def _check_issuer_url(issuer: str) -> None:
+    """Discovery needs the issuer to be an http(s) URL; plain http is allowed with a warning."""
+    if urlparse(issuer).scheme not in ("https", "http"):
+        raise ValueError("OIDC discovery needs GOVRAG_OIDC_ISSUER to be the issuer URL")
+    if urlparse(issuer).scheme != "https":
+        log.warning("the OIDC issuer is not https; its configuration can be substituted in transit")
+
+
+def _warn_unless_https(jwks_url: str) -> None:
+    """Warn that keys fetched over plain http can be substituted."""
+    if urlparse(jwks_url).scheme != "https":
+        log.warning("the JWKS URL is not https; signing keys can be substituted in transit")
+
+
+def _fetch_json(url: str) -> Any:
+    """The JSON document at url, read within a wall-clock deadline and size cap; ValueError on any failure.
+
+    Redirects are not followed (a 3xx is a failure), so the document comes from the configured host.
+    """
+    deadline = time.monotonic() + _FETCH_DEADLINE_SECONDS
+    timeout = httpx.Timeout(_FETCH_READ_TIMEOUT_SECONDS)
+    try:
+        with httpx.stream("GET", url, timeout=timeout, follow_redirects=False) as response:
+            response.raise_for_status()
+            body = _read_within(response, deadline)
+        return json.loads(body)
+    except httpx.HTTPError:
+        raise ValueError("the document could not be fetched") from None
+
+
+def _read_within(response: httpx.Response, deadline: float) -> bytes:
+    """The response body, or ValueError once it passes the deadline or the size cap."""
+    body = bytearray()
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) > _MAX_FETCH_BYTES:
+            raise ValueError("the document is too large")
+        if time.monotonic() > deadline:
+            raise ValueError("the document took too long")
+    return bytes(body)
 
 
 def claim_at(claims: dict[str, Any], path: str) -> Any:

@@ -287,22 +287,45 @@ def test_bearer_token() -> None:
 
 
 class _JwksServer:
-    """A JWKS endpoint on 127.0.0.1 whose key set a test can swap (key rotation)."""
+    """A JWKS endpoint on 127.0.0.1 whose key set a test can swap (key rotation) or make misbehave."""
 
     def __init__(self) -> None:
         self.jwks: dict[str, Any] = {"keys": []}
+        self.raw: bytes | None = None  # served instead of the key set when set (HTML, "[]", ...)
+        self.status = 200
+        self.drip = False  # promise a large body, then send one byte a second until closed
         self.hits = 0
+        self.requested = threading.Event()
+        self.closing = threading.Event()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 outer.hits += 1
-                body = json.dumps(outer.jwks).encode("utf-8")
-                self.send_response(200)
+                outer.requested.set()
+                if outer.drip:
+                    self._drip()
+                    return
+                body = outer.raw if outer.raw is not None else json.dumps(outer.jwks).encode("utf-8")
+                self.send_response(outer.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
+                if 300 <= outer.status < 400:
+                    self.send_header("Location", self.path)
                 self.end_headers()
                 self.wfile.write(body)
+
+            def _drip(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", "100000")
+                self.end_headers()
+                self.wfile.write(b'{"keys": [')
+                while not outer.closing.wait(1.0):
+                    try:
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                    except OSError:
+                        return
 
             def log_message(self, *_args: object) -> None:
                 """Keep test output quiet."""
@@ -316,6 +339,7 @@ class _JwksServer:
         return self
 
     def __exit__(self, *_exc: object) -> None:
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=5)
@@ -378,6 +402,86 @@ def test_jwks_url_unreachable_is_unavailable(key: SigningKey, monkeypatch: pytes
         remote.verify(token, admins=[])
     assert caught.value.dependency == "identity provider"
     assert token not in str(caught.value)
+
+
+def _remote(jwks_server: _JwksServer, cooldown: float = 60.0) -> TokenVerifier:
+    """A verifier fetching jwks_server's key set, with a long refetch cooldown unless told."""
+    return TokenVerifier(issuer=ISSUER, audience=AUDIENCE, algorithms=ALGORITHMS, jwks_url=jwks_server.url,
+                         jwks_refresh_cooldown_seconds=cooldown)
+
+
+def _verify_in_thread(verifier: TokenVerifier, token: str) -> tuple[threading.Thread, list[object]]:
+    """Start verifying token in a daemon thread; the list receives the Identity or the exception."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(verifier.verify(token, admins=[]))
+        except Exception as exc:  # noqa: BLE001 (the test inspects whatever came out)
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_slow_drip_refetch_ends_unavailable_and_cached_keys_keep_working(jwks_server: _JwksServer,
+                                                                           key: SigningKey) -> None:
+    """PyJWKClient's timeout was per read (a JWKS dripping a byte a second never timed out) and it held a lock
+    while fetching that every cached-key lookup needed, so one invented kid stalled every request."""
+    jwks_server.jwks = {"keys": [key.jwk()]}
+    remote = _remote(jwks_server, cooldown=0)
+    assert remote.verify(key.sign(), admins=[]).subject == "alice"  # the key set is cached
+    jwks_server.drip = True
+    jwks_server.requested.clear()
+    refetch, refetch_outcome = _verify_in_thread(remote, SigningKey(kid="invented").sign())
+    assert jwks_server.requested.wait(30)  # the refetch is in flight
+    good, good_outcome = _verify_in_thread(remote, key.sign())
+    good.join(timeout=8)  # well inside the fetch deadline: the cached key must not wait for the refetch
+    assert [type(o) for o in good_outcome] == [Identity]
+    refetch.join(timeout=60)  # generous: the fetch has an overall deadline however slowly bytes drip
+    assert not refetch.is_alive()
+    assert [type(o) for o in refetch_outcome] == [Unavailable]
+
+
+def test_a_failed_fetch_starts_the_refetch_cooldown(jwks_server: _JwksServer, key: SigningKey) -> None:
+    """The cooldown only started after a successful fetch: invented kids hammered a failing IdP."""
+    jwks_server.status = 500
+    remote = _remote(jwks_server)
+    invented = [SigningKey(kid=f"invented-{n}").sign() for n in range(5)]
+    with pytest.raises(Unavailable):
+        remote.verify(key.sign(), admins=[])
+    for token in invented:
+        with pytest.raises(Unavailable):
+            remote.verify(token, admins=[])
+    assert jwks_server.hits == 1
+
+
+@pytest.mark.parametrize("body", [b"[]", b'{"keys": []}', b'{"keys": "none"}', b"<html>login</html>",
+                                  b'{"keys": [{"kty": "RSA", "kid": "x"}]}', b'{"keys": ["x"]}', b"enc-only"])
+def test_a_key_set_without_signing_keys_is_an_unavailable_idp(jwks_server: _JwksServer, key: SigningKey,
+                                                              body: bytes) -> None:
+    """A JWKS that was not an object, or held no signing keys, was a 401 "unknown signing key" instead of a 503."""
+    encryption_key = {**key.jwk(), "use": "enc"}
+    jwks_server.raw = json.dumps({"keys": [encryption_key]}).encode() if body == b"enc-only" else body
+    with pytest.raises(Unavailable):
+        _remote(jwks_server).verify(key.sign(), admins=[])
+
+
+@pytest.mark.parametrize("status", [302, 500])
+def test_a_redirect_or_error_from_the_jwks_url_is_unavailable(jwks_server: _JwksServer, key: SigningKey,
+                                                               status: int) -> None:
+    jwks_server.jwks = {"keys": [key.jwk()]}
+    jwks_server.status = status
+    with pytest.raises(Unavailable):
+        _remote(jwks_server).verify(key.sign(), admins=[])
+    assert jwks_server.hits == 1  # the redirect was not followed
+
+
+def test_an_oversized_jwks_is_unavailable(jwks_server: _JwksServer, key: SigningKey) -> None:
+    jwks_server.jwks = {"keys": [key.jwk()], "padding": "x" * (2 * 1024 * 1024)}
+    with pytest.raises(Unavailable):
+        _remote(jwks_server).verify(key.sign(), admins=[])
 
 
 def test_constructor_needs_exactly_one_key_source(key: SigningKey) -> None:
