@@ -12,7 +12,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlparse
 
@@ -88,12 +88,15 @@ class TokenVerifier:
         subject_claim: str = "sub",
         email_claim: str = "email",
         required_azp: str | None = None,
-        jwks_url: str | None = None,
+        jwks_url: str | Callable[[], str] | None = None,
         jwks: dict[str, Any] | None = None,
         jwks_cache_seconds: float = 300.0,
         jwks_refresh_cooldown_seconds: float = 30.0,
     ) -> None:
-        """Give exactly one of jwks_url or jwks; symmetric and "none" algorithms are dropped."""
+        """Give exactly one of jwks_url (or a function finding it on first use) or jwks.
+
+        Symmetric and "none" algorithms are dropped.
+        """
         if (jwks_url is None) == (jwks is None):
             raise ValueError("give exactly one of jwks_url or jwks")
         self._algorithms = _asymmetric_only(algorithms)
@@ -106,24 +109,26 @@ class TokenVerifier:
         self._required_azp = required_azp
         self._remote_keys: _RemoteKeySet | None = None
         self._static_keys: dict[str, jwt.PyJWK] = {}
-        if jwks_url is not None:
+        if jwks is None:
             self._remote_keys = _RemoteKeySet(
-                jwks_url,
+                jwks_url if callable(jwks_url) else lambda: jwks_url,
                 cache_seconds=jwks_cache_seconds,
                 cooldown_seconds=jwks_refresh_cooldown_seconds,
             )
         else:
-            self._static_keys = _static_signing_keys(jwks or {})
+            self._static_keys = _static_signing_keys(jwks)
 
     @classmethod
     def from_settings(cls, settings: Settings, dev_issuer: DevIssuer | None) -> TokenVerifier:
         """The OIDC provider's JWKS URL if configured, else the dev issuer's keys if enabled."""
         jwks_url = settings.oidc_jwks_url
-        if not jwks_url and settings.oidc_discovery and (not settings.dev_issuer or settings.is_production):
-            jwks_url = discover_jwks_uri(settings.oidc_issuer)
         if jwks_url:
             _warn_unless_https(jwks_url)
             return cls(jwks_url=jwks_url, **_common_options(settings))
+        if settings.oidc_discovery and (not settings.dev_issuer or settings.is_production):
+            _check_issuer_url(settings.oidc_issuer)
+            # on first use, so an IdP that is down at start-up is a 503 that recovers, not an API that won't start
+            return cls(jwks_url=lambda: _discovered_jwks_uri(settings.oidc_issuer), **_common_options(settings))
         if not settings.dev_issuer or settings.is_production:
             raise ValueError("no token keys: set GOVRAG_OIDC_ISSUER (discovery) or GOVRAG_OIDC_JWKS_URL"
                              " (or GOVRAG_DEV_ISSUER=true in development)")
@@ -261,8 +266,9 @@ class _RemoteKeySet:
     failed or not, starts the cooldown, so invented kids cannot hammer a failing IdP.
     """
 
-    def __init__(self, jwks_url: str, *, cache_seconds: float, cooldown_seconds: float) -> None:
-        self._jwks_url = jwks_url
+    def __init__(self, find_jwks_url: Callable[[], str], *, cache_seconds: float, cooldown_seconds: float) -> None:
+        self._find_jwks_url = find_jwks_url
+        self._jwks_url: str | None = None  # found on the first fetch (discovery), then kept
         self._cache_seconds = cache_seconds
         self._cooldown_seconds = cooldown_seconds
         self._keys: dict[str, jwt.PyJWK] = {}
@@ -300,6 +306,7 @@ class _RemoteKeySet:
         """Fetch and cache the key set; any fetch or parse failure is the IdP being unavailable."""
         with self._fetch_lock:
             try:
+                self._jwks_url = self._jwks_url or self._find_jwks_url()
                 keys = _signing_keys_by_kid(_fetch_json(self._jwks_url))
             except ValueError as exc:  # our own fixed messages: nothing from a token reaches this
                 log.warning("the identity provider's signing keys could not be fetched: %s", exc)
@@ -344,6 +351,13 @@ def discover_jwks_uri(issuer: str) -> str:
     jwks_uri = document.get("jwks_uri")
     if not isinstance(jwks_uri, str) or urlparse(jwks_uri).scheme not in ("https", "http"):
         raise ValueError("OIDC discovery failed: no usable jwks_uri")
+    return jwks_uri
+
+
+def _discovered_jwks_uri(issuer: str) -> str:
+    """discover_jwks_uri for the key set's first fetch: a failure is a ValueError the fetch maps to Unavailable."""
+    jwks_uri = discover_jwks_uri(issuer)
+    _warn_unless_https(jwks_uri)
     return jwks_uri
 
 

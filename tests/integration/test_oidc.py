@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from api.deps import CurrentUser
 from api.errors import install_error_handlers
 from authz.tokens import TokenVerifier, discover_jwks_uri
-from core.errors import GovragError
+from core.errors import GovragError, Unavailable
 from core.settings import Settings
 from tests.support.oidc_issuer import LocalIssuer, SigningKey, ec_key
 
@@ -67,6 +67,22 @@ def test_discovery_finds_the_jwks_uri_and_checks_the_issuer(issuer: LocalIssuer)
         discover_jwks_uri(issuer.issuer + "/")  # a configuration for another issuer string is refused
     with pytest.raises(ValueError, match="could not be read"):
         discover_jwks_uri(issuer.issuer.replace("/realms/test", "/realms/nope"))
+
+
+def test_an_idp_down_at_start_up_is_a_503_on_use_not_a_crash(issuer: LocalIssuer) -> None:
+    """Discovery ran in from_settings, so an unreachable IdP raised ValueError and the API would not start."""
+    with LocalIssuer() as stopped:
+        dead_issuer = stopped.issuer  # its port is closed once the block ends
+    verifier = TokenVerifier.from_settings(_settings(issuer, oidc_issuer=dead_issuer), None)
+    with pytest.raises(Unavailable):
+        verifier.verify(issuer.token(iss=dead_issuer), admins=[])
+
+
+def test_deferred_discovery_still_checks_the_issuer_exactly(issuer: LocalIssuer) -> None:
+    verifier = TokenVerifier.from_settings(_settings(issuer, oidc_issuer=issuer.issuer + "/",
+                                                     oidc_required_azp=None), None)
+    with pytest.raises(Unavailable):  # the configuration names issuer.issuer, not the configured one
+        verifier.verify(issuer.token(iss=issuer.issuer + "/"), admins=[])
 
 
 def test_valid_token_maps_nested_groups_email_and_admin(api: TestClient, issuer: LocalIssuer) -> None:
