@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from audit import export, integrity, repository, training
@@ -81,7 +80,7 @@ def _append(session: Session, settings: Settings | None, events: list[RetrievalE
             session.commit()
         for event in events:
             metrics.AUDIT_EVENTS.labels(event_type=event.event_type).inc()
-    except SQLAlchemyError as exc:
+    except Exception as exc:  # any failure (the database, or content it cannot store or hash) is `unavailable`
         session.rollback()
         metrics.AUDIT_WRITE_FAILURES.inc()
         raise GovragError(ErrorCode.unavailable, AUDIT_UNAVAILABLE) from exc

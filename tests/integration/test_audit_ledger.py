@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -213,6 +214,20 @@ def test_one_bad_event_in_a_group_fails_only_its_own_request(ledger: Settings) -
     with get_session_factory(ledger.resolved_database_url)() as session:
         requests = sorted(session.scalars(select(RetrievalEvent.request_id)))
     assert requests == ["req-0", "req-1", "req-3", "req-4"]
+    assert _verify(ledger)["ok"] is True
+
+
+@pytest.mark.parametrize("content", ["\ud800", "\x00"], ids=["lone-surrogate", "nul"])
+def test_an_event_that_cannot_be_hashed_or_stored_fails_only_its_own_request(ledger: Settings,
+                                                                            content: str) -> None:
+    """Whichever caller writes the group, only the bad event's request fails, as `unavailable` (no raw error)."""
+    bad = replace(_record(1), question_masked=f"question {content}")  # JSON "\ud800" parses to a lone surrogate
+    assert _append_waiting_together(ledger, [bad]) == ["GovragError"]
+    outcomes = _append_waiting_together(ledger, [_record(0), bad, _record(2), _record(3)])
+    assert outcomes == ["committed", "GovragError", "committed", "committed"]
+    with get_session_factory(ledger.resolved_database_url)() as session:
+        requests = sorted(session.scalars(select(RetrievalEvent.request_id)))
+    assert requests == ["req-0", "req-2", "req-3"]
     assert _verify(ledger)["ok"] is True
 
 
