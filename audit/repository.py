@@ -20,13 +20,20 @@ _BATCH = 1000
 
 
 def lock_chain(session: Session) -> None:
-    """Serialise appends so the hash chain never forks (PostgreSQL: a transaction-scoped advisory lock)."""
+    """Serialise appends across processes, before the chain end is read, so the hash chain never forks (`govrag
+    audit export|purge|checkpoint` append while `govrag serve` runs). PostgreSQL: a transaction-scoped advisory
+    lock. SQLite: the database's write lock (`BEGIN IMMEDIATE`), held until the transaction ends; a transaction
+    that has written already holds it (the driver begins one only before its first write)."""
     if is_postgres(session):
         session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _CHAIN_LOCK_ID})
+        return
+    connection = session.connection()
+    if not connection.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def local_chain_lock() -> threading.RLock:
-    """SQLite (embedded, one process) serialises appends with a process lock."""
+    """The lock between this process's appending threads (one group commit writes at a time)."""
     return _local_chain_lock
 
 
