@@ -28,6 +28,17 @@ def _settings(data_dir: Path, url: str, **overrides: object):  # type: ignore[no
                     task_queue=f"govrag-dispatch-{uuid.uuid4().hex[:8]}", **overrides)
 
 
+def _embedded(tmp_path: Path, **overrides: object):  # type: ignore[no-untyped-def]
+    """A migrated SQLite database and its settings: the memory broker, no worker and no sweep unless overridden (each
+    test runs or sends its jobs itself)."""
+    from core import migrate
+
+    url = f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    defaults: dict[str, object] = {"broker_url": "memory://", "inprocess_worker": False, "job_sweep_seconds": 0}
+    return url, _settings(tmp_path / "data", url, **{**defaults, **overrides})
+
+
 def _upload(client: TestClient, token: str, n: int) -> dict[str, str]:
     response = client.post("/v1/documents", headers=auth(token), data={"department": "desk"},
                            files={"file": (f"note-{n}.txt", f"Note {n}: the desk opens at nine.".encode())})
@@ -47,12 +58,9 @@ def test_jobs_queued_on_the_embedded_default_survive_a_restart(tmp_path: Path) -
     """The embedded default's broker lives in the API's memory: jobs queued when the API stopped were lost with it
     and their documents stayed `queued` for ever. At start-up every unfinished job is sent again."""
     from api.app import create_app
-    from core import migrate
     from retrieval.store import close_vector_store
 
-    url = f"sqlite:///{tmp_path / 'govrag.db'}"
-    migrate.upgrade(url)
-    first = _settings(tmp_path / "data", url, broker_url="memory://", inprocess_worker=False, job_sweep_seconds=0)
+    url, first = _embedded(tmp_path)
     with TestClient(create_app(first)) as client:
         editor = desk_member(client, "editor")
         jobs = [_upload(client, editor, n)["job_id"] for n in range(3)]
@@ -68,12 +76,9 @@ def test_a_job_whose_document_was_deleted_before_it_ran_ends_when_it_runs(tmp_pa
     """Its run found the document deleted and did nothing: the job stayed `queued` for ever, sent again at every
     start-up (and, on Redis, by every sweep that found the broker idle). Now the run ends it."""
     from api.app import create_app
-    from core import migrate
     from retrieval.store import close_vector_store
 
-    url = f"sqlite:///{tmp_path / 'govrag.db'}"
-    migrate.upgrade(url)
-    first = _settings(tmp_path / "data", url, broker_url="memory://", inprocess_worker=False, job_sweep_seconds=0)
+    url, first = _embedded(tmp_path)
     with TestClient(create_app(first)) as client:
         editor = desk_member(client, "editor")
         uploaded = _upload(client, editor, 0)
@@ -93,15 +98,12 @@ def test_a_late_duplicate_of_a_finished_job_leaves_the_document_to_its_new_job(t
     then found its document ready and stayed `queued` for ever, sent again at every start-up. Now a delivery of a
     job that already ended does nothing."""
     from api.app import create_app
-    from core import migrate
     from core.db import unit_of_work
     from ingestion import quarantine
     from ingestion import service as ingestion_service
     from retrieval.store import close_vector_store
 
-    url = f"sqlite:///{tmp_path / 'govrag.db'}"
-    migrate.upgrade(url)
-    settings = _settings(tmp_path / "data", url, broker_url="memory://", inprocess_worker=False, job_sweep_seconds=0)
+    url, settings = _embedded(tmp_path)
     with TestClient(create_app(settings)) as client:
         editor = desk_member(client, "editor")
         uploaded = _upload(client, editor, 0)
@@ -138,7 +140,6 @@ def test_a_document_that_kills_its_worker_is_failed_after_a_few_runs_not_retried
     (by the broker, by the stall sweep, or on the embedded default at every start-up of the API it took down) with
     no end. Now the third run that died fails it."""
     from api.app import create_app
-    from core import migrate
     from ingestion import service as ingestion_service
     from retrieval.store import close_vector_store
     from workers.celery_app import create_celery
@@ -147,9 +148,7 @@ def test_a_document_that_kills_its_worker_is_failed_after_a_few_runs_not_retried
     def dies(*_: object, **__: object) -> object:
         raise WorkerDied
 
-    url = f"sqlite:///{tmp_path / 'govrag.db'}"
-    migrate.upgrade(url)
-    settings = _settings(tmp_path / "data", url, broker_url="memory://", inprocess_worker=False, job_sweep_seconds=0)
+    url, settings = _embedded(tmp_path)
     with TestClient(create_app(settings)) as client:
         editor = desk_member(client, "editor")
         uploaded = _upload(client, editor, 0)
@@ -239,16 +238,12 @@ def test_an_upload_while_the_broker_hangs_is_accepted_unsent(tmp_path: Path) -> 
     waiting after 5 minutes when measured): the publish had no socket timeout. Now it gives up after
     `broker_socket_timeout_seconds` and the job waits unsent for the sweep."""
     from api.app import create_app
-    from core import migrate
     from retrieval.store import close_vector_store
 
     silent = socket.create_server(("127.0.0.1", 0))
     held: list[socket.socket] = []
     threading.Thread(target=_hold_connections, args=(silent, held), daemon=True).start()
-    url = f"sqlite:///{tmp_path / 'govrag.db'}"
-    migrate.upgrade(url)
-    settings = _settings(tmp_path / "data", url, broker_url=f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
-                         inprocess_worker=False, job_sweep_seconds=0)
+    url, settings = _embedded(tmp_path, broker_url=f"redis://127.0.0.1:{silent.getsockname()[1]}/0")
     with TestClient(create_app(settings)) as client:
         editor, accepted = desk_member(client, "editor"), {}
         upload = threading.Thread(target=lambda: accepted.update(_upload(client, editor, 1)), daemon=True)
@@ -264,14 +259,10 @@ def test_an_upload_while_the_broker_hangs_is_accepted_unsent(tmp_path: Path) -> 
 def test_the_sweep_sends_each_unsent_job_once_and_only_after_its_grace(tmp_path: Path) -> None:
     """A job just created is left to its uploader; an older unsent one goes out once; a sent one never again."""
     from api.app import create_app
-    from core import migrate
     from retrieval.store import close_vector_store
     from workers.dispatch import send_unsent
 
-    url = f"sqlite:///{tmp_path / 'govrag.db'}"
-    migrate.upgrade(url)
-    settings = _settings(tmp_path / "data", url, broker_url=UNREACHABLE_BROKER, inprocess_worker=False,
-                         job_sweep_seconds=0)
+    url, settings = _embedded(tmp_path, broker_url=UNREACHABLE_BROKER)
     with TestClient(create_app(settings)) as client:
         editor = desk_member(client, "editor")
         jobs = [_upload(client, editor, n)["job_id"] for n in range(2)]
@@ -293,16 +284,13 @@ def test_a_job_stalled_in_processing_is_sent_again_once(tmp_path: Path) -> None:
     `processing` for ever. Once it is older than any run can last, the sweep sends it again; a job updated recently
     (a run may still be going) is left alone, and a resent one is not sent again at the next sweep."""
     from api.app import create_app
-    from core import migrate
     from core.db import unit_of_work
     from core.models import IngestionJob, utcnow
     from retrieval.store import close_vector_store
     from workers.celery_app import create_celery
     from workers.dispatch import resend_stalled, send_unsent
 
-    url = f"sqlite:///{tmp_path / 'govrag.db'}"
-    migrate.upgrade(url)
-    settings = _settings(tmp_path / "data", url, broker_url="memory://", inprocess_worker=False, job_sweep_seconds=0)
+    url, settings = _embedded(tmp_path)
     with TestClient(create_app(settings)) as client:
         editor = desk_member(client, "editor")
         stalled, running = (_upload(client, editor, n)["job_id"] for n in range(2))
