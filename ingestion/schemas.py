@@ -6,13 +6,14 @@ import re
 from datetime import datetime
 from enum import StrEnum
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from core.errors import ErrorCode, GovragError
 from core.text import RequestModel
 
 GROUP_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 MAX_ACL_GROUPS = 256
+MAX_KEYWORD_CHARS = 200  # a department classification keyword (a word or a phrase)
 
 
 class Classification(StrEnum):
@@ -123,6 +124,15 @@ class IngestionPolicyIn(RequestModel):
     allow_list: list[str] = Field(default_factory=list, max_length=1000)
     recognizers: list[CustomRecognizerIn] = Field(default_factory=list, max_length=50)
     reversible: bool = False  # keep placeholder → original (sealed); only `reveal` holders may read it
+
+    @field_validator("keywords")
+    @classmethod
+    def _keywords_have_words(cls, keywords: dict[str, Classification]) -> dict[str, Classification]:
+        """A keyword without a letter or digit (blank, punctuation, invisible characters) would match at every word
+        boundary and raise every document of the department."""
+        if any(not any(ch.isalnum() for ch in keyword) or len(keyword) > MAX_KEYWORD_CHARS for keyword in keywords):
+            raise ValueError(f"keywords: each needs a letter or digit, and at most {MAX_KEYWORD_CHARS} characters")
+        return keywords
 
 
 class IngestionPolicyOut(IngestionPolicyIn):

@@ -74,6 +74,16 @@ def test_bad_custom_recognizer_is_refused(client: TestClient, lab: dict[str, str
     assert "does not compile" in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("keyword", ["", "   ", "\u200b\u200b", "--", "x" * 201])
+def test_a_keyword_without_words_is_refused(client: TestClient, lab: dict[str, str], keyword: str) -> None:
+    """A blank or punctuation-only keyword matched at every word boundary: one typo in the policy raised (and, over
+    the AI level, quarantined) every document of the department."""
+    url = f"/v1/admin/departments/{lab['department']}/ingestion-policy"
+    response = client.put(url, json={"keywords": {keyword: "restricted"}}, headers=auth(lab["dept_admin"]))
+    assert response.status_code == 422, response.text
+    assert client.get(url, headers=auth(lab["dept_admin"])).json()["keywords"] == {"project falcon": "restricted"}
+
+
 def test_plain_document_stays_at_its_declared_level(client: TestClient, lab: dict[str, str]) -> None:
     doc = _ingest(client, lab["editor"], lab["department"], "canteen.txt",
                   b"The canteen opens at eight and closes at three on weekdays.", classification="public")
