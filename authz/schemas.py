@@ -15,16 +15,19 @@ from ingestion.schemas import Classification
 DEPARTMENT_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
 GLOBAL_SCOPE = "global"  # the kill switch's platform-wide scope
 RESERVED_DEPARTMENT_NAMES = frozenset({GLOBAL_SCOPE})  # scopes that must never name a department
-SUBJECT_PATTERN = r"^[^\s,*]{1,255}$"
+# Casbin stores policy rows as text and splits them on commas outside ( ) and [ ]: a bracket in a stored name made
+# every later policy load fail (every process, every department), so names stored in the policy hold none.
+SUBJECT_PATTERN = r"^[^\s,*()\[\]]{1,255}$"
 ROLE_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
-GROUP_PATTERN = r"^[^\s,*]{1,240}$"
+GROUP_PATTERN = r"^[^\s,*()\[\]]{1,240}$"
 
 
 def _user_or_group(subject: str) -> str:
     """A subject a token can carry, or group:<a group name a token's groups claim can carry>."""
     if subject.startswith(GROUP_PREFIX):
         if not re.fullmatch(GROUP_PATTERN, subject.removeprefix(GROUP_PREFIX)):
-            raise ValueError("a group subject is group:<name>, the name 1-240 characters without spaces, ',' or '*'")
+            raise ValueError("a group subject is group:<name>, the name 1-240 characters without spaces, brackets, "
+                             "',' or '*'")
     elif subject.startswith(RESERVED_PREFIXES):
         raise ValueError("a subject is a user or group:<name>, never a role or one of the platform's own actors")
     return subject

@@ -210,7 +210,8 @@ def test_a_subject_named_like_a_role_holds_no_role(client: TestClient, world: di
     assert response.status_code == 403
 
 
-@pytest.mark.parametrize("subject", ["role:reader", "group:", "group:" + "g" * 241, "system:guard", "cli:ops"])
+@pytest.mark.parametrize("subject", ["role:reader", "group:", "group:" + "g" * 241, "system:guard", "cli:ops",
+                                     "eve(x", "group:team[a"])
 def test_a_subject_no_token_can_carry_cannot_be_assigned(client: TestClient, world: dict[str, Any],
                                                           subject: str) -> None:
     """Assigning to "role:reader" would silently create a hierarchy link; only role-inheritance may do that. A group
@@ -220,6 +221,17 @@ def test_a_subject_no_token_can_carry_cannot_be_assigned(client: TestClient, wor
                            json={"subject": subject, "role": "reader", "department": OPS})
     assert response.status_code == 422, response.text
     assert client.get("/v1/admin/group-mappings", headers=auth(world["tokens"]["admin"])).status_code == 200
+
+
+@pytest.mark.parametrize("group", ["team(a", "team)a", "ops[1]"])
+def test_a_group_name_with_brackets_is_refused_and_the_policy_keeps_loading(
+        client: TestClient, world: dict[str, Any], issue_token: Callable[..., str], group: str) -> None:
+    """Casbin reloads stored rows from text and splits them on commas outside brackets: a department admin's group
+    mapping for "team(a" was stored, and then every policy load failed, for every department (500s everywhere)."""
+    response = client.post("/v1/admin/group-mappings", headers=auth(world["tokens"]["admin"]),
+                           json={"group": group, "role": "reader", "department": OPS})
+    assert response.status_code == 422, response.text
+    assert client.get("/v1/admin/policy-version", headers=auth(world["tokens"]["admin"])).status_code == 200
 
 
 def test_recheck_drops_a_hit_the_filter_let_through_and_counts_it(client: TestClient, world: dict[str, Any],
