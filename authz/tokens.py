@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from authz.dev_issuer import DevIssuer
 from authz.identity import RESERVED_PREFIXES, Identity, is_platform_admin
 from core.errors import ErrorCode, GovragError, Unavailable
+from core.http import read_within
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -385,22 +386,10 @@ def _fetch_json(url: str) -> Any:
     try:
         with httpx.stream("GET", url, timeout=timeout, follow_redirects=False) as response:
             response.raise_for_status()
-            body = _read_within(response, deadline)
+            body = read_within(response, deadline=deadline, max_bytes=_MAX_FETCH_BYTES)
         return json.loads(body)
     except httpx.HTTPError:
         raise ValueError("the document could not be fetched") from None
-
-
-def _read_within(response: httpx.Response, deadline: float) -> bytes:
-    """The response body, or ValueError once it passes the deadline or the size cap."""
-    body = bytearray()
-    for chunk in response.iter_bytes():
-        body += chunk
-        if len(body) > _MAX_FETCH_BYTES:
-            raise ValueError("the document is too large")
-        if time.monotonic() > deadline:
-            raise ValueError("the document took too long")
-    return bytes(body)
 
 
 def claim_at(claims: dict[str, Any], path: str) -> Any:

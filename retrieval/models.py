@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Protocol
 
 import httpx
 
 from core.errors import ErrorCode, GovragError
+from core.http import read_within
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 CHARS_PER_TOKEN = 3.0  # conservative estimate where the tokenizer is remote
+MAX_REPLY_BYTES = 1024 * 1024  # a chat completion is a few kilobytes; more is a broken or hostile server
 
 
 class Generator(Protocol):
@@ -67,15 +71,21 @@ class OpenAIGenerator:
         self._client = httpx.Client(base_url=str(settings.llm_base_url).rstrip("/"), headers=headers,
                                     timeout=settings.llm_timeout_seconds, follow_redirects=False, trust_env=False)
         self.model_id = settings.llm_model
+        self._timeout_seconds = settings.llm_timeout_seconds
 
     def complete(self, messages: list[dict[str, str]], *, max_tokens: int) -> str:
-        """POST /v1/chat/completions, greedy."""
+        """POST /v1/chat/completions, greedy, the reply read within llm_timeout_seconds in all and MAX_REPLY_BYTES.
+
+        Any failure to call the server or read its reply (a status, a slow or huge body, JSON nested too deep to
+        parse, a missing field) is a ModelError, so the caller falls back to the extractive answer."""
+        deadline = time.monotonic() + self._timeout_seconds
+        request = {"model": self.model_id, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
         try:
-            reply = self._client.post("/v1/chat/completions", json={
-                "model": self.model_id, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0})
-            reply.raise_for_status()
-            return str(reply.json()["choices"][0]["message"]["content"] or "")
-        except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError) as exc:
+            with self._client.stream("POST", "/v1/chat/completions", json=request) as reply:
+                reply.raise_for_status()
+                body = read_within(reply, deadline=deadline, max_bytes=MAX_REPLY_BYTES)
+            return str(json.loads(body)["choices"][0]["message"]["content"] or "")
+        except Exception as exc:  # noqa: BLE001 - every way the reply can be unusable, RecursionError included
             raise ModelError(type(exc).__name__) from exc
 
     def count_tokens(self, text: str) -> int:
