@@ -214,7 +214,7 @@ _STOP_WORDS = frozenset(
     with within without would yet you your yours yourself yourselves tell know many
     """.split()
 )
-_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_TOKEN = re.compile(r"[^\W_]+(?:'[^\W_]+)?")  # words in any script: a Cyrillic or CJK claim has terms too
 
 
 def _stem(word: str) -> str:

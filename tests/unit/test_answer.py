@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from retrieval.answer import ExtractiveAnswer, Passage, extractive_answer, find_words, split_sentences
+from retrieval.answer import ExtractiveAnswer, Passage, content_terms, extractive_answer, find_words, split_sentences
 from retrieval.embeddings import Embedder, get_embedder
 
 ANNUAL = (
@@ -209,3 +209,9 @@ def test_find_words_finds_what_the_whitespace_regex_finds() -> None:
         position = rng.randint(0, len(text))
         match = re.compile(r"\s+".join(re.escape(word) for word in words)).search(text, position)
         assert find_words(text, words, position) == (match.span() if match else None), (text, words, position)
+
+
+def test_content_terms_are_words_in_any_script() -> None:
+    assert content_terms("Всем сотрудникам положена премия") == {"всем", "сотрудникам", "положена", "премия"}
+    assert content_terms("Reisekosten für Zürich") == {"reisekosten", "für", "zürich"}
+    assert content_terms("The employee's claims, I'm sure") == {"employe", "claim", "sur"}  # stemmed
