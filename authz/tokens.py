@@ -388,7 +388,7 @@ def _fetch_json(url: str) -> Any:
             response.raise_for_status()
             body = read_within(response, deadline=deadline, max_bytes=_MAX_FETCH_BYTES)
         return json.loads(body)
-    except httpx.HTTPError:
+    except (httpx.HTTPError, RecursionError):  # RecursionError: JSON nested deeper than the parser goes
         raise ValueError("the document could not be fetched") from None
 
 

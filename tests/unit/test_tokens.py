@@ -458,10 +458,14 @@ def test_a_failed_fetch_starts_the_refetch_cooldown(jwks_server: _JwksServer, ke
 
 
 @pytest.mark.parametrize("body", [b"[]", b'{"keys": []}', b'{"keys": "none"}', b"<html>login</html>",
-                                  b'{"keys": [{"kty": "RSA", "kid": "x"}]}', b'{"keys": ["x"]}', b"enc-only"])
+                                  b'{"keys": [{"kty": "RSA", "kid": "x"}]}', b'{"keys": ["x"]}', b"enc-only",
+                                  b'{"keys": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"],
+                         ids=["list", "no-keys", "keys-not-a-list", "html", "no-key-material", "key-not-an-object",
+                              "enc-only", "nested-too-deep"])
 def test_a_key_set_without_signing_keys_is_an_unavailable_idp(jwks_server: _JwksServer, key: SigningKey,
                                                               body: bytes) -> None:
-    """A JWKS that was not an object, or held no signing keys, was a 401 "unknown signing key" instead of a 503."""
+    """A JWKS that was not an object, or held no signing keys, was a 401 "unknown signing key" instead of a 503; one
+    nested deeper than the JSON parser goes was a RecursionError (a 500)."""
     encryption_key = {**key.jwk(), "use": "enc"}
     jwks_server.raw = json.dumps({"keys": [encryption_key]}).encode() if body == b"enc-only" else body
     with pytest.raises(Unavailable):
