@@ -56,11 +56,14 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     rotate.set_defaults(run=rotate_command)
 
 
-def files_under(path: Path) -> list[Path]:
-    """The regular files to ingest, sorted; hidden files skipped."""
+def files_under(path: Path) -> tuple[list[Path], int]:
+    """The regular files to ingest, sorted, and how many hidden ones were skipped (a name below PATH starting with
+    `.`; PATH itself may be `../inbox` or lie in a hidden folder)."""
     if path.is_file():
-        return [path]
-    return sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts))
+        return [path], 0
+    found = [p for p in path.rglob("*") if p.is_file()]
+    visible = sorted(p for p in found if not any(part.startswith(".") for part in p.relative_to(path).parts))
+    return visible, len(found) - len(visible)
 
 
 def ingest_command(args: argparse.Namespace) -> int:
@@ -76,8 +79,13 @@ def ingest_command(args: argparse.Namespace) -> int:
     if not args.path.exists():  # a mistyped path is not an empty folder
         Console(stderr=True).print(f"no such file or folder: {args.path}", markup=False)
         return 2
-    files = files_under(args.path)
+    files, hidden = files_under(args.path)
+    if not files:  # an empty folder, or one of hidden files only, is a mistake too
+        Console(stderr=True).print(_nothing_found(args.path, hidden), markup=False)
+        return 2
     console = Console(stderr=True)
+    if hidden:
+        console.print(_hidden_skipped(hidden))
     uploader = _api_uploader(args) if args.api_url else _inprocess_uploader(args)
     outcomes: list[Outcome] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -88,6 +96,16 @@ def ingest_command(args: argparse.Namespace) -> int:
             progress.advance(task)
     Console().print(summary_table(outcomes))
     return 0 if all(o.status in ("ready", "quarantined", "duplicate") for o in outcomes) else 1
+
+
+def _nothing_found(path: Path, hidden: int) -> str:
+    """Why a folder holds nothing to ingest."""
+    skipped = f" ({_hidden_skipped(hidden)})" if hidden else ""
+    return f"no files found under {path}{skipped}; nothing ingested"
+
+
+def _hidden_skipped(hidden: int) -> str:
+    return f"{hidden} hidden file{'s' * (hidden != 1)} skipped (a name starting with '.')"
 
 
 def summary_table(outcomes: list[Outcome]) -> Table:

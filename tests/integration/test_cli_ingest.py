@@ -117,3 +117,32 @@ def test_the_cli_reads_acl_groups_like_the_api(cli_env: str, tmp_path: Path,
                  "--acl-group", "managers"]) == 0
     with unit_of_work(cli_env) as session:
         assert session.scalars(select(Document.acl_groups)).one() == ["hr-staff", "managers", "payroll"]
+
+
+@pytest.mark.parametrize("hidden", [[], [".DS_Store"], [".notes.md", ".git/config"]])
+def test_a_folder_with_nothing_to_ingest_is_an_error_that_counts_the_hidden_files(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], hidden: list[str]) -> None:
+    """An empty folder, or one of hidden files only, exited 0 with an empty table: a wrong folder looked done."""
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    for name in hidden:
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_text("# Notes\n\nNothing to see.\n")
+    assert main(["ingest", str(folder), "--department", "hr"]) == 2
+    captured = capsys.readouterr()
+    err = " ".join(captured.err.split())
+    assert f"no files found under {folder}" in err and "ingestion summary" not in captured.out
+    assert (f"{len(hidden)} hidden file" in err) == bool(hidden)
+
+
+def test_a_relative_path_climbing_out_of_the_working_folder_is_ingested(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`govrag ingest ../inbox` took `..` for a hidden folder: every file was skipped and the run exited 0."""
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "inbox" / "leave.md").write_text("# Parental leave\n\nParents get sixteen weeks of paid leave.\n")
+    (tmp_path / "inbox" / ".draft.md").write_text("# Draft\n\nNot yet.\n")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["ingest", "../inbox", "--department", "hr"]) == 0
+    captured = capsys.readouterr()
+    assert "ready: 1" in captured.out and "1 hidden file skipped" in " ".join(captured.err.split())
