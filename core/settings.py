@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -14,12 +16,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from core import crypto
 
 MAX_DEFAULT_INGEST_CONCURRENCY = 4
+_KEYRING_FORM = "base64 of 32 bytes, or `v<N>:<base64>` entries (one per version)"
 # Each key setting, the parser its users read it with, and what it must be (never quoting what it is).
 _KEY_PARSERS = {
-    "master_key": (crypto.parse_master_keyring,
-                   "GOVRAG_MASTER_KEY must be base64 of 32 bytes, or `v<N>:<base64>` entries (one per version)"),
+    "master_key": (crypto.parse_master_keyring, f"GOVRAG_MASTER_KEY must be {_KEYRING_FORM}"),
     "audit_checkpoint_key": (crypto.decode_master_key, "GOVRAG_AUDIT_CHECKPOINT_KEY must be base64 of 32 bytes"),
 }
+
+logger = logging.getLogger(__name__)
 
 
 class Environment(StrEnum):
@@ -148,6 +152,14 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _master_key_file_usable(self) -> Settings:
+        """The key file (read when GOVRAG_MASTER_KEY is not set) is parsed at start as the key store parses it, like
+        GOVRAG_MASTER_KEY; a missing one is generated outside production and refused in it (below)."""
+        if self.master_key is None:
+            _check_master_key_file(self.resolved_master_key_file, production=self.is_production)
+        return self
+
+    @model_validator(mode="after")
     def _llm_host_on_allowlist(self) -> Settings:
         """Customer data may only go to a model server on the allowlist: anything else refuses to start."""
         if self.answer_backend == "openai":
@@ -215,6 +227,25 @@ class Settings(BaseSettings):
     @property
     def dev_issuer_dir(self) -> Path:
         return self.data_dir / "dev-issuer"
+
+
+def _check_master_key_file(path: Path, *, production: bool) -> None:
+    """Refuse a key file that cannot be read or parsed (never quoting it); one other users may read or write is
+    refused in production and warned of in development (the generated file is 0600)."""
+    if not path.exists():
+        return
+    where = f"the master key file {path}"
+    try:
+        crypto.parse_master_keyring(path.read_text(encoding="utf-8"))
+    except OSError as exc:  # a folder, no permission
+        raise ValueError(f"{where} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    except ValueError:  # not text, not base64, not 32 bytes, empty
+        raise ValueError(f"{where} must hold {_KEYRING_FORM}") from None
+    if path.stat().st_mode & (stat.S_IROTH | stat.S_IWOTH):
+        complaint = f"{where} is readable or writable by other users: chmod 600 it"
+        if production:
+            raise ValueError(complaint)
+        logger.warning(complaint)
 
 
 @lru_cache

@@ -55,6 +55,48 @@ def test_unusable_key_material_is_refused_at_start_without_quoting_it(override: 
     assert not value or value not in str(refused.value)
 
 
+@pytest.mark.parametrize("content", [
+    "",  # emptied
+    "not-base64-key-material\n",
+    base64.b64encode(b"k" * 16).decode() + "\n",  # AES-128-sized
+    "v1:" + base64.b64encode(b"k" * 32).decode() + "\nv1:" + base64.b64encode(b"j" * 32).decode() + "\n",
+    b"\xff\xfe binary",
+], ids=["empty", "not-base64", "16-bytes", "version-twice", "not-text"])
+@pytest.mark.parametrize("env", ["development", "production"])
+def test_an_unusable_master_key_file_is_refused_at_start_without_quoting_it(
+        tmp_path: Path, content: str | bytes, env: str) -> None:
+    """It was read only by the first upload or query (a 500, in production as in the embedded default)."""
+    path = tmp_path / "master.key"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    path.chmod(0o600)
+    settings = {**PROD, "master_key": None, "master_key_file": path} if env == "production" else {
+        "data_dir": tmp_path}
+    with pytest.raises(ValidationError, match=f"master key file {path} must hold base64 of 32 bytes") as refused:
+        Settings(**settings)
+    text = content.decode(errors="replace") if isinstance(content, bytes) else content
+    assert not any(entry in str(refused.value) for entry in text.split())
+
+
+def test_a_master_key_file_that_cannot_be_read_is_refused_at_start(tmp_path: Path) -> None:
+    (tmp_path / "master.key").mkdir()
+    with pytest.raises(ValidationError, match=f"master key file {tmp_path / 'master.key'} cannot be read"):
+        Settings(data_dir=tmp_path)
+
+
+def test_a_master_key_file_every_user_can_read_is_refused_in_production_and_warned_of_in_development(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "master.key"
+    crypto.write_master_keyring(path, {1: crypto.new_key()})
+    assert Settings(**{**PROD, "master_key": None, "master_key_file": path}).is_production  # created 0600: usable
+    path.chmod(0o644)
+    with pytest.raises(ValidationError, match="readable or writable by other users: chmod 600"):
+        Settings(**{**PROD, "master_key": None, "master_key_file": path})
+    with caplog.at_level("WARNING", logger="core.settings"):
+        assert not Settings(data_dir=tmp_path).is_production
+    assert "readable or writable by other users" in caplog.text
+    assert Settings(**PROD, master_key_file=path).master_key is not None  # GOVRAG_MASTER_KEY: the file is unused
+
+
 def test_a_usable_checkpoint_key_and_keyring_are_accepted() -> None:
     key = base64.b64encode(b"c" * 32).decode()
     settings = Settings(**{**PROD, "audit_checkpoint_key": key, "master_key": f"v2:{key},v1:{PROD['master_key']}"})
