@@ -139,11 +139,12 @@ def _redteam(args: argparse.Namespace) -> int:
     import httpx
 
     from guard import redteam
+    from guard.eval_corpora import EVAL_DIR
 
     token = _redteam_token(args)
     if not token:
         return redteam.EXIT_USAGE
-    corpus_dir = args.corpus or redteam.EVAL_DIR
+    corpus_dir = args.corpus or EVAL_DIR
     try:
         corpus = redteam.attack_corpus(corpus_dir, args.per_category)
     except OSError as exc:

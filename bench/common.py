@@ -11,12 +11,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from guard.eval_corpora import EVAL_DIR  # noqa: F401 (the bench scripts read it from here)
+
 for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("DO_NOT_TRACK", "1"),
                       ("UNSTRUCTURED_DISABLE_NOTICE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
     os.environ.setdefault(_name, _value)
 
 ROOT = Path(__file__).resolve().parent.parent
-EVAL_DIR = Path(os.environ.get("GOVRAG_EVAL_DIR", ROOT.parent / "shared" / "eval"))
 
 
 def read_jsonl(path: Path) -> list[dict]:

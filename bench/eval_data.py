@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from guard.redteam import EVAL_DIR, split_of
+from guard.eval_corpora import EVAL_DIR, split_of
 
 ATTACK, BENIGN, HARMFUL = 1, 0, 2
 

@@ -13,9 +13,8 @@ from fastapi.testclient import TestClient
 
 from api import cli
 from guard import redteam
+from guard.eval_corpora import EVAL_DIR, split_of
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
-
-EVAL_DIR = redteam.EVAL_DIR
 
 
 def test_redteam_reports_block_rates_and_no_leak(client: TestClient, issue_token: Callable[..., str]) -> None:
@@ -29,7 +28,7 @@ def test_redteam_reports_block_rates_and_no_leak(client: TestClient, issue_token
     wait_for_job(client, token, response.json()["job_id"])
     corpus = redteam.attack_corpus(EVAL_DIR, per_category=2)
     assert "exfiltration" in corpus and any(c.startswith("jailbreak/") for c in corpus)
-    assert all(redteam.split_of(t) == "eval" for c, texts in corpus.items() if c != "exfiltration" for t in texts)
+    assert all(split_of(t) == "eval" for c, texts in corpus.items() if c != "exfiltration" for t in texts)
     report = redteam.run(client, token, "rtdept", corpus)
     assert sum(report.sent.values()) == sum(len(t) for t in corpus.values())
     assert sum(report.blocked.values()) > 0 and report.leaks == []
@@ -140,3 +139,4 @@ def test_the_default_corpus_does_not_depend_on_the_working_directory(broken_api:
     monkeypatch.chdir(tmp_path)
     status = cli.main(["redteam", "--department", "hr", "--token", "t", "--per-category", "1", "--url", broken_api])
     assert status == redteam.EXIT_UNTESTED  # the corpus was read (then every probe refused), not "no such file"
+
