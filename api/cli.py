@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     redteam.add_argument("--groups", action="append", default=[])
     redteam.add_argument("--corpus", type=Path, default=None,
                          help="the eval corpora (default: $GOVRAG_EVAL_DIR, else shared/eval beside the repository)")
-    redteam.add_argument("--per-category", type=int, default=20)
+    redteam.add_argument("--per-category", type=_at_least_one, default=20)
     redteam.set_defaults(run=_redteam)
     from api import cli_audit  # issue 6: `govrag audit verify|export|checkpoint|purge`, `govrag export ...`
 

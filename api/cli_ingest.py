@@ -83,6 +83,9 @@ def ingest_command(args: argparse.Namespace) -> int:
     if not files:  # an empty folder, or one of hidden files only, is a mistake too
         Console(stderr=True).print(_nothing_found(args.path, hidden), markup=False)
         return 2
+    if not args.api_url and _unknown_departments(get_settings(), [args.department]):  # an API answers for itself
+        Console(stderr=True).print(f"no such department: {args.department}; nothing ingested", markup=False)
+        return 2
     console = Console(stderr=True)
     if hidden:
         console.print(_hidden_skipped(hidden))

@@ -146,3 +146,14 @@ def test_a_relative_path_climbing_out_of_the_working_folder_is_ingested(
     assert main(["ingest", "../inbox", "--department", "hr"]) == 0
     captured = capsys.readouterr()
     assert "ready: 1" in captured.out and "1 hidden file skipped" in " ".join(captured.err.split())
+
+
+def test_ingesting_into_a_department_that_does_not_exist_names_it_and_ingests_nothing(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A typo in --department failed every file with "internal error while ingesting the file" (exit 1)."""
+    (tmp_path / "pay.md").write_text("# Pay\n\nPay day is the 25th.\n")
+    assert main(["ingest", str(tmp_path / "pay.md"), "--department", "hrr"]) == 2
+    captured = capsys.readouterr()
+    assert "no such department: hrr" in " ".join(captured.err.split()) and "ingestion summary" not in captured.out
+    with unit_of_work(cli_env) as session:
+        assert session.scalars(select(Document.id)).all() == []

@@ -140,3 +140,13 @@ def test_the_default_corpus_does_not_depend_on_the_working_directory(broken_api:
     status = cli.main(["redteam", "--department", "hr", "--token", "t", "--per-category", "1", "--url", broken_api])
     assert status == redteam.EXIT_UNTESTED  # the corpus was read (then every probe refused), not "no such file"
 
+
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_fewer_than_one_prompt_per_category_is_a_usage_error(count: str, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`--per-category 0` sent only the three exfiltration probes and could exit 0, the attack corpus untested; a
+    negative count silently dropped prompts from the end of each category."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["redteam", "--department", "hr", "--token", "t", "--corpus", str(_corpus(tmp_path)),
+                  "--per-category", count, "--url", "http://127.0.0.1:9"])
+    assert exited.value.code == 2 and "must be at least 1" in capsys.readouterr().err
