@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from core.settings import get_settings
 
 
@@ -15,7 +17,19 @@ def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
     parser = _parser()
     args = parser.parse_args(argv)
-    return int(args.run(args) or 0)
+    try:
+        return int(args.run(args) or 0)
+    except ValidationError as refused:
+        if refused.title != "Settings":
+            raise
+        print(f"govrag: the settings were refused; nothing was started\n{_reasons(refused)}", file=sys.stderr)
+        return 2
+
+
+def _reasons(refused: ValidationError) -> str:
+    """One line per refused setting: its name and why (the settings never quote the values they refuse)."""
+    return "\n".join(f"  GOVRAG_{'.'.join(map(str, error['loc'])).upper()}: {error['msg']}"
+                     if error["loc"] else f"  {error['msg']}" for error in refused.errors())
 
 
 def _parser() -> argparse.ArgumentParser:

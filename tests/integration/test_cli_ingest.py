@@ -157,3 +157,18 @@ def test_ingesting_into_a_department_that_does_not_exist_names_it_and_ingests_no
     assert "no such department: hrr" in " ".join(captured.err.split()) and "ingestion summary" not in captured.out
     with unit_of_work(cli_env) as session:
         assert session.scalars(select(Document.id)).all() == []
+
+
+def test_refused_settings_are_named_in_one_clear_line_each_and_never_quoted(
+        cli_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    secret_looking = "c2VjcmV0c2VjcmV0"
+    monkeypatch.setenv("GOVRAG_MASTER_KEY", secret_looking)
+    get_settings.cache_clear()
+    (tmp_path / "note.txt").write_text("nothing to see")
+
+    assert main(["ingest", str(tmp_path / "note.txt"), "--department", "hr"]) == 2
+
+    refusal = capsys.readouterr().err
+    assert "settings were refused" in refusal
+    assert "GOVRAG_MASTER_KEY:" in refusal
+    assert secret_looking not in refusal and "Traceback" not in refusal
