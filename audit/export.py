@@ -121,7 +121,7 @@ def to_ocsf(row: dict[str, Any]) -> dict[str, Any]:
     """An OCSF 1.3 API Activity (class 6003) event; ledger-specific fields under `unmapped`."""
     activity_id, activity = _OCSF_ACTIVITY.get(row["event_type"], (3, "Update"))
     created = datetime.fromisoformat(row["created_at"].rstrip("Z")).replace(tzinfo=UTC)
-    denied = row["decision"] in ("refused", "blocked", "withheld")
+    denied = row["decision"] in ("refused", "blocked", "withheld", "error")
     return {
         "class_uid": 6003, "class_name": "API Activity", "category_uid": 6, "category_name": "Application Activity",
         "activity_id": activity_id, "activity_name": activity, "type_uid": 6003 * 100 + activity_id,

@@ -177,7 +177,7 @@ class RetrievalEvent(Base):
     groups: Mapped[list[str]] = mapped_column(JSON, default=list)
     departments_requested: Mapped[list[str]] = mapped_column(JSON, default=list)
     departments_searched: Mapped[list[str]] = mapped_column(JSON, default=list)
-    decision: Mapped[str] = mapped_column(String(32))  # answered | refused
+    decision: Mapped[str] = mapped_column(String(32))  # audit.schemas.Decision
     reason: Mapped[str | None] = mapped_column(String(255), nullable=True)
     chunks: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     question_masked: Mapped[str] = mapped_column(Text)

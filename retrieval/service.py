@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
@@ -69,20 +70,50 @@ def answer_query(*, session: Session, settings: Settings, enforcer: PolicyEnforc
         vector = embedding.result()
     admission = guard_service.admit(session=session, settings=settings, question=query.question, vector=vector,
                                     departments=scope.departments)  # kill switch and prompt firewall
-    opened, outcome = (_answer(session, settings, enforcer, identity, query, vector, request_id, scope, admission)
-                       if admission.blocked_reason is None else ([], None))
+    asked = _Asked(request_id=request_id, identity=identity, requested=requested, scope=scope, admission=admission,
+                   question_masked=masking, purpose_masked=purpose_masking, started=started)
+    opened: list[OpenedChunk] = []  # filled as chunks are decrypted: a failure after that still records them
+    try:
+        outcome = (_answer(session, settings, enforcer, identity, query, vector, request_id, scope, admission, opened)
+                   if admission.blocked_reason is None else None)
+    except Exception as exc:
+        _record_failure(session, settings, asked, opened, exc)
+        raise  # the client's 500 (`api.errors.crash_response`), or 503 for a dependency that is down
     response = outcome.response if outcome else _refusal(request_id, str(admission.blocked_reason),
                                                          guard_service.refusal_text(admission))
-    record = _audit_record(request_id, identity, requested, scope, admission, opened, outcome, response,
-                           question_masked=masking.result(),
-                           purpose_masked=purpose_masking.result() if purpose_masking else None,
-                           latency_ms=(time.perf_counter() - started) * 1000)
+    record = _audit_record(asked, opened, outcome, decision=_decision(response, admission, outcome),
+                           reason=response.reason)
     audit_service.record_retrieval(session=session, record=record, settings=settings)
     metrics.QUERIES.labels(decision="refused" if response.refused else "answered").inc()
     metrics.QUERY_LATENCY.observe(time.perf_counter() - started)
     if admission.disabled:
         raise GovragError(ErrorCode.unavailable, guard_service.DISABLED_MESSAGE)
     return response
+
+
+@dataclass(frozen=True)
+class _Asked:
+    """What the ledger keeps of a query whatever becomes of it: who asked what, and the scope it was given."""
+
+    request_id: str
+    identity: Identity
+    requested: list[str] | None
+    scope: authz_service.ReadScope
+    admission: guard_service.Admission
+    question_masked: Future[str]
+    purpose_masked: Future[str] | None
+    started: float
+
+
+def _record_failure(session: Session, settings: Settings, asked: _Asked, opened: list[OpenedChunk],
+                    failure: Exception) -> None:
+    """A query that failed after its admission is still a retrieval event: recorded as `error` with the chunks it
+    had opened and the failure's class name (never its message, which may quote a question or a chunk). If this
+    write fails too, the ledger's `unavailable` (503) replaces the failure: nothing leaves unrecorded."""
+    session.rollback()  # a statement that failed leaves the transaction unusable for the append
+    record = _audit_record(asked, opened, None, decision=Decision.error, reason=type(failure).__name__)
+    audit_service.record_retrieval(session=session, record=record, settings=settings)
+    metrics.QUERIES.labels(decision=Decision.error.value).inc()
 
 
 @functools.lru_cache(maxsize=2)
@@ -93,34 +124,34 @@ def _question_embedder(backend: str) -> MicroBatcher[str, list[float]]:
 
 def _answer(session: Session, settings: Settings, enforcer: PolicyEnforcer, identity: Identity, query: QueryRequest,
             vector: list[float], request_id: str, scope: authz_service.ReadScope,
-            admission: guard_service.Admission) -> tuple[list[OpenedChunk], generation.Generation]:
-    """Search what the caller may read, then the model (or the extractive answer) behind the output guard."""
+            admission: guard_service.Admission, opened: list[OpenedChunk]) -> generation.Generation:
+    """Search what the caller may read (into `opened`), then the model (or the extractive answer) behind the output
+    guard."""
     searched = scope.departments
-    opened = _retrieve(session, settings, enforcer, identity, query, vector, scope) if searched else []
-    outcome = generation.respond(
-        session=session, settings=settings, question=query.question, chunks=opened, kill_mode=admission.kill_mode,
-        departments=searched, cite=_citation,
+    if searched:
+        _retrieve(session, settings, enforcer, identity, query, vector, scope, opened)
+    return generation.respond(
+        session=session, settings=settings, question=query.question, chunks=list(opened),
+        kill_mode=admission.kill_mode, departments=searched, cite=_citation,
         extractive=lambda chunks: _respond(query, vector, chunks, request_id, searched, settings),
     )
-    return opened, outcome
 
 
-def _audit_record(request_id: str, identity: Identity, requested: list[str] | None,
-                  scope: authz_service.ReadScope, admission: guard_service.Admission, opened: list[OpenedChunk],
-                  outcome: generation.Generation | None, response: QueryResponse, question_masked: str,
-                  purpose_masked: str | None, latency_ms: float) -> RetrievalRecord:
+def _audit_record(asked: _Asked, opened: list[OpenedChunk], outcome: generation.Generation | None, *,
+                  decision: Decision, reason: str | None) -> RetrievalRecord:
     """What the ledger keeps of this decision: ids, hashes and verdicts; the question and purpose only masked."""
     cited = outcome.cited if outcome else set()
+    scope, admission, purpose_masked = asked.scope, asked.admission, asked.purpose_masked
+    purpose = purpose_masked.result() if purpose_masked else None
     return RetrievalRecord(
-        request_id=request_id, subject=identity.subject, groups=list(identity.groups),
-        departments_requested=requested or [], departments_searched=scope.departments,
-        policy_version=str(scope.policy_version), roles=scope.roles,
-        decision=_decision(response, admission, outcome), reason=response.reason,
+        request_id=asked.request_id, subject=asked.identity.subject, groups=list(asked.identity.groups),
+        departments_requested=asked.requested or [], departments_searched=scope.departments,
+        policy_version=str(scope.policy_version), roles=scope.roles, decision=decision, reason=reason,
         guard_verdicts={**admission.verdicts, **(outcome.verdicts if outcome else {})},
         model_backend=outcome.backend if outcome else None, model_id=outcome.model_id if outcome else None,
         kill_switch_mode=admission.kill_mode.value,
-        question_masked=question_masked, purpose=purpose_masked and purpose_masked[:PURPOSE_COLUMN_CHARS],
-        latency_ms=round(latency_ms, 2),
+        question_masked=asked.question_masked.result(), purpose=purpose and purpose[:PURPOSE_COLUMN_CHARS],
+        latency_ms=round((time.perf_counter() - asked.started) * 1000, 2),
         chunks=[{"document_id": c.document_id, "chunk_id": c.chunk_id, "score": round(c.score, 4),
                  "cited": i + 1 in cited, "content_sha256": hashlib.sha256(c.text.encode()).hexdigest()}
                 for i, c in enumerate(opened)],
@@ -129,7 +160,8 @@ def _audit_record(request_id: str, identity: Identity, requested: list[str] | No
 
 def _decision(response: QueryResponse, admission: guard_service.Admission,
               outcome: generation.Generation | None) -> Decision:
-    """answered, refused, blocked (firewall or kill switch) or withheld (output guard)."""
+    """answered, refused, blocked (firewall or kill switch) or withheld (output guard); a failure is `error`
+    (`_record_failure`)."""
     if admission.blocked_reason is not None:
         return Decision.blocked
     if outcome is not None and outcome.withheld:
@@ -138,21 +170,25 @@ def _decision(response: QueryResponse, admission: guard_service.Admission,
 
 
 def _retrieve(session: Session, settings: Settings, enforcer: PolicyEnforcer, identity: Identity,
-              query: QueryRequest, vector: list[float], scope: authz_service.ReadScope) -> list[OpenedChunk]:
-    """Filtered search in each authorised collection, merged by score, then re-checked and decrypted."""
+              query: QueryRequest, vector: list[float], scope: authz_service.ReadScope,
+              opened: list[OpenedChunk]) -> None:
+    """Filtered search in each authorised collection, merged by score, then re-checked and decrypted into
+    `opened`."""
     top_k = min(query.top_k or settings.default_top_k, settings.max_top_k)
     access = {department: AccessFilter(identity.groups, clearance)
               for department, clearance in scope.clearance_by_department.items()}
     hits = open_vector_store(settings).search_many(access, vector, limit=top_k)
-    return _recheck_and_open(session, settings, enforcer, identity, hits)
+    _recheck_and_open(session, settings, enforcer, identity, hits, opened)
 
 
 def _recheck_and_open(session: Session, settings: Settings, enforcer: PolicyEnforcer, identity: Identity,
-                      hits: list[Hit]) -> list[OpenedChunk]:
-    """Defence in depth: every hit is checked again against the policy and the document's state."""
+                      hits: list[Hit], opened: list[OpenedChunk]) -> list[OpenedChunk]:
+    """Defence in depth: every hit is checked again against the policy and the document's state; those that pass
+    are decrypted into `opened` (each as soon as it is, so a failure with the next one still has it recorded), which
+    is returned."""
     documents = ingestion_service.ready_documents(session=session,
                                                   document_ids={str(h.payload.get("document_id")) for h in hits})
-    keystore, opened = keystore_for(settings), []
+    keystore = keystore_for(settings)
     titles: dict[str, str] = {}  # the title each document is cited under: one visibility check per document
     for hit in hits:
         document = documents.get(str(hit.payload.get("document_id")))

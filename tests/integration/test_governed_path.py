@@ -11,6 +11,9 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
+from audit import service as audit_service
+from core.db import unit_of_work
+from retrieval import generation
 from retrieval.store import open_vector_store
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
 
@@ -239,6 +242,65 @@ def test_no_audit_no_answer(client: TestClient, world: dict, settings) -> None:
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "unavailable"
     assert "PERSON" not in response.text and "raise" not in response.text
+
+
+FAULT = "guard exploded near Maria Gonzalez HR-CANARY-7F3A9"  # a message quoting content: it must go nowhere
+
+
+def _fail_in_the_answer_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection: the output guard, run after the chunks were decrypted, raises."""
+    def explode(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError(FAULT)
+
+    monkeypatch.setattr(generation, "_guard_output", explode)
+
+
+def test_a_query_failing_after_decryption_is_recorded_as_an_error(client: TestClient, world: dict, settings,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash after chunks were decrypted used to leave no ledger row for a retrieval that happened."""
+    _fail_in_the_answer_stage(monkeypatch)
+    question = "Who chaired the salary review meeting? Reply to maria.gonzalez@example.com"
+    response = client.post("/v1/query", headers=auth(world["tokens"]["alice"]), json={"question": question})
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error == {"code": "internal", "message": "internal error", "request_id": response.headers["X-Request-ID"]}
+    exported = client.get("/v1/audit/retrievals", params={"decision": "error"}, headers=auth(world["tokens"]["carol"]))
+    assert exported.status_code == 200, exported.text
+    *events, _manifest = [json.loads(line) for line in exported.text.splitlines() if line]
+    mine = [e for e in events if e["request_id"] == error["request_id"]]
+    assert len(mine) == 1 and all(e["decision"] == "error" for e in events)
+    event = mine[0]
+    assert event["subject"] == "alice" and event["departments_searched"] == ["hr"]
+    assert event["reason"] == "RuntimeError"
+    assert world["docs"]["hr"] in {chunk["document_id"] for chunk in event["chunks"]}
+    assert all(chunk["chunk_id"] and not chunk["cited"] for chunk in event["chunks"])
+    assert "<EMAIL_ADDRESS" in event["question_masked"] and "maria.gonzalez@" not in exported.text
+    assert "exploded" not in exported.text and HR_CANARY not in exported.text
+    ocsf = client.get("/v1/audit/retrievals", params={"decision": "error", "format": "ocsf"},
+                      headers=auth(world["tokens"]["carol"]))
+    assert json.loads(ocsf.text.splitlines()[0])["status"] == "Failure"
+    with unit_of_work(settings.resolved_database_url) as session:
+        assert audit_service.verify(session=session, settings=settings).ok
+
+
+def test_a_failed_query_whose_error_row_cannot_be_written_is_unavailable(
+        client: TestClient, world: dict, settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    _fail_in_the_answer_stage(monkeypatch)
+    dsn = settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE FUNCTION refuse_audit() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'audit down'; "
+                     "END $$ LANGUAGE plpgsql")
+        conn.execute("CREATE TRIGGER refuse_audit BEFORE INSERT ON retrieval_events FOR EACH ROW "
+                     "EXECUTE FUNCTION refuse_audit()")
+        try:
+            response = client.post("/v1/query", headers=auth(world["tokens"]["alice"]),
+                                   json={"question": "Who chaired the salary review meeting?"})
+        finally:
+            conn.execute("DROP TRIGGER refuse_audit ON retrieval_events")
+            conn.execute("DROP FUNCTION refuse_audit()")
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "unavailable"
+    assert "exploded" not in response.text and "Gonzalez" not in response.text
 
 
 def test_corrupt_pdf_fails_with_a_clear_reason_and_the_api_stays_up(client: TestClient, world: dict) -> None:
