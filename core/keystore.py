@@ -7,7 +7,8 @@ wraps it; new keys are wrapped under the newest version.
 
 A rotation retires a key version only once no transaction can still wrap under it: wrapping takes the parent's lock
 (`transaction_lock`) shared before reading the version, the steps that look for rows under old versions before
-retiring take it exclusively.
+retiring take it exclusively. Reading takes no lock: a reader whose key row's version was retired after it read the
+row reads the row that replaced it (`document_key`).
 """
 
 from __future__ import annotations
@@ -96,12 +97,18 @@ class KeyStore:
         cached = self._cached(("document", document_id))
         if cached is not None:
             return cached
-        row = _latest(session, "document", document_id)
-        if row is None:
-            return None
-        key = self._unwrap_document(session, department, row)
-        self._remember(("document", document_id), key)
+        try:
+            key = self._open_latest(session, department, document_id)
+        except LookupError:  # the version that wrapped the row read was retired since (a rotation finishing)
+            key = self._open_latest(session, department, document_id)  # the row that replaced it
+        if key is not None:
+            self._remember(("document", document_id), key)
         return key
+
+    def _open_latest(self, session: Session, department: str, document_id: str) -> bytes | None:
+        """The document's newest key row, unwrapped; None if it has none."""
+        row = _latest(session, "document", document_id)
+        return None if row is None else self._unwrap_document(session, department, row)
 
     def _unwrap_document(self, session: Session, department: str, row: WrappedKey) -> bytes:
         """Open a document key row with the department key version that wrapped it."""

@@ -118,3 +118,39 @@ def test_an_upload_committed_as_the_rotation_finishes_stays_readable(
     assert _versions(settings, "document", document_id) == [(2, 2)]
     assert _readable(settings, department, document_id).startswith(TEXT)
     assert wait_for_job(client, token, response.json()["job_id"])["status"] == "ready"
+
+
+def test_a_query_that_read_a_key_row_as_the_rotation_finished_is_answered(
+        client: TestClient, issue_token: Callable[..., str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A query read the document's key row (under department key v1), then the rotation's last step committed and
+    deleted v1 before the query unwrapped the row: the query failed with a 500. Now it reads the row again."""
+    department = f"rot{uuid.uuid4().hex[:6]}"
+    admin = issue_token(PLATFORM_ADMIN)
+    assert client.post("/v1/admin/departments", json={"name": department}, headers=auth(admin)).status_code == 201
+    client.post("/v1/admin/role-assignments", headers=auth(admin),
+                json={"subject": "rita", "role": "editor", "department": department})
+    token = issue_token("rita", [])
+    response = client.post("/v1/documents", headers=auth(token), data={"department": department},
+                           files={"file": ("oslo.txt", TEXT)})
+    assert response.status_code == 202
+    assert wait_for_job(client, token, response.json()["job_id"])["status"] == "ready"
+    store, url = keystore_for(settings), settings.resolved_database_url
+    with unit_of_work(url) as session:
+        version = store.begin_rotation(session=session, department=department)
+    store._cache.clear()  # the query unwraps from the rows it reads
+    real_unwrap, finished = KeyStore._unwrap_document, []
+
+    def finish_first(self: KeyStore, session: object, owner: str, row: WrappedKey) -> bytes:
+        if owner == department and not finished:  # the query holds row v1: the rotation's last step commits now
+            finished.append(row.parent_version)
+            with unit_of_work(url) as other:
+                store.finish_rotation(session=other, department=department, version=version)
+        return real_unwrap(self, session, owner, row)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(KeyStore, "_unwrap_document", finish_first)
+    answer = client.post("/v1/query", headers=auth(token),
+                         json={"question": "What is the Oslo office wellness budget?", "departments": [department]})
+    assert finished == [1]
+    assert answer.status_code == 200, answer.text
+    assert "300" in answer.json()["answer"]
+    assert [v for v, _ in _versions(settings, "department", department)] == [version]  # v1 is gone indeed
