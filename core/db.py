@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 _ADVISORY_SPACE = 0x676F7672  # the key space of `transaction_lock` (the ledger's one-key advisory lock is apart)
-_HELD = "govrag_transaction_locks"  # session.info key: the names whose process locks this transaction holds
+_HELD = "govrag_transaction_locks"  # session.info key: the names this transaction holds → their file locks (SQLite)
 
 
 @lru_cache
@@ -40,18 +43,83 @@ def transaction_lock(session: Session, name: str, *, shared: bool = False) -> No
     keys under a key version, a rotation retiring that version).
 
     PostgreSQL: a transaction-scoped advisory lock (distinct names may rarely share a key: they then wait for each
-    other, harmlessly). SQLite (embedded, one process): a process lock per name, released when the outermost
-    transaction commits or rolls back."""
+    other, harmlessly). SQLite: a process lock per name, then (a database file, which other processes may open:
+    `govrag keys rotate` beside `govrag serve`) a file lock on that name's file next to it (`_NameFileLock`); both
+    released when the outermost transaction commits or rolls back."""
     if is_postgres(session):
         key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big", signed=True)
         function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
         session.execute(text(f"SELECT {function}(:space, :key)"), {"space": _ADVISORY_SPACE, "key": key})
         return
     session.connection()  # a transaction is begun, so its end (which releases the lock) will come
-    held: set[str] = session.info.setdefault(_HELD, set())
-    if name not in held:
-        _PROCESS_LOCKS.acquire(name, shared=shared)
-        held.add(name)
+    held: dict[str, _NameFileLock | None] = session.info.setdefault(_HELD, {})
+    if name in held:
+        return
+    _PROCESS_LOCKS.acquire(name, shared=shared)
+    try:
+        locks = _lock_dir(session)
+        held[name] = _NameFileLock.acquire(locks, name, shared=shared) if locks is not None else None
+    except BaseException:
+        _PROCESS_LOCKS.release(name)
+        raise
+
+
+def _lock_dir(session: Session) -> Path | None:
+    """Where the SQLite database's name locks live: `<database file>.locks`; None for an in-memory database."""
+    url = session.get_bind().url
+    database = url.database or ""
+    if url.query.get("uri") == "true":
+        database = database.removeprefix("file:")
+    if database in ("", ":memory:") or url.query.get("mode") == "memory":
+        return None
+    return Path(database).with_name(Path(database).name + ".locks")
+
+
+@dataclass
+class _NameFileLock:
+    """A lock name's file, locked (`flock`, shared or exclusive) by this descriptor: processes sharing one SQLite file
+    wait for each other as threads of one process do (after `_NamedLocks`, which orders this process's own).
+
+    One file per name (its hash), so distinct names never wait for each other; the last holder to release removes it,
+    so per-document names leave nothing behind. A waiter that then gets the lock on the removed file opens the new
+    one."""
+
+    path: Path
+    fd: int
+
+    @classmethod
+    def acquire(cls, directory: Path, name: str, *, shared: bool) -> _NameFileLock:
+        directory.mkdir(mode=0o700, exist_ok=True)
+        path = directory / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.lock"
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+                if _same_file(fd, path):
+                    return cls(path, fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # locked a file the last holder removed meanwhile: lock the one at `path` now
+
+    def release(self) -> None:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken only when no one else holds the file
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            pass  # held (shared) by another, which removes the file then; or already removed
+        finally:
+            os.close(self.fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open file `fd` is still the one at `path`."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 @dataclass
@@ -99,7 +167,9 @@ _PROCESS_LOCKS = _NamedLocks()
 @event.listens_for(Session, "after_transaction_end")
 def _release_process_locks(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None and _HELD in session.info:  # not a savepoint (an attachment refused) ending
-        for name in session.info.pop(_HELD):
+        for name, file_lock in session.info.pop(_HELD).items():
+            if file_lock is not None:
+                file_lock.release()
             _PROCESS_LOCKS.release(name)
 
 

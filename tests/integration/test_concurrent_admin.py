@@ -3,6 +3,9 @@ other (each used to race its check against the other's insert: 500s and duplicat
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -18,6 +21,7 @@ from core.db import _PROCESS_LOCKS, get_session_factory, transaction_lock
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_document
 
 AT_ONCE = 4
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _at_once(send: Callable[[int], Any]) -> list[Any]:
@@ -117,6 +121,47 @@ def test_sqlite_shared_process_locks_admit_each_other_and_hold_off_an_exclusive_
         waiter.join(10)
     assert order == ["second commits", "second has the lock"]
     assert not _PROCESS_LOCKS._locks
+
+
+@pytest.mark.parametrize(("held_shared", "asked_shared", "waits"),
+                         [(True, False, True), (False, True, True), (True, True, False)],
+                         ids=["exclusive-waits-for-shared", "shared-waits-for-exclusive", "shared-with-shared"])
+def test_sqlite_locks_hold_off_another_process(tmp_path: Path, held_shared: bool, asked_shared: bool,
+                                               waits: bool) -> None:
+    """`govrag keys rotate` beside `govrag serve` on the embedded database: the lock was only this process's, so a
+    rotation in another process retired a key version while an upload here was wrapping under it. Now a file lock
+    next to the database holds off the other process too (shared with shared, exclusive with neither)."""
+    url = f"sqlite:///{tmp_path / 'locks.db'}"
+    with get_session_factory(url)() as first:
+        transaction_lock(first, "keys:department:desk", shared=held_shared)
+        other = subprocess.Popen(  # noqa: S603 (fixed argv)
+            [sys.executable, "-m", "tests.support.lock_process", url, "keys:department:desk",
+             "shared" if asked_shared else "exclusive"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert other.stdout is not None and other.stdout.readline() == "ready\n"
+        try:
+            other.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            assert waits, "the other process waited for a lock it may share"
+        else:
+            assert not waits, "the other process took the lock this one holds"
+        first.commit()
+        out, _ = other.communicate(timeout=60)
+    assert other.returncode == 0 and out == "locked\n"
+    assert not list((tmp_path / "locks.db.locks").iterdir())  # the last holder removed its lock file
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_in_memory_sqlite_locks_stay_in_the_process(url: str, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """An in-memory database belongs to one process: the process lock alone, no lock file anywhere."""
+    monkeypatch.chdir(tmp_path)
+    with get_session_factory(url)() as session:
+        transaction_lock(session, "desk")
+        assert "desk" in _PROCESS_LOCKS._locks
+        session.commit()
+    assert not _PROCESS_LOCKS._locks
+    assert not list(tmp_path.iterdir())
 
 
 def _take_and_note(sessions, order: list[str]) -> None:  # type: ignore[no-untyped-def]
