@@ -20,6 +20,7 @@ RESERVED_DEPARTMENT_NAMES = frozenset({GLOBAL_SCOPE})  # scopes that must never 
 SUBJECT_PATTERN = r"^[^\s,*()\[\]]{1,255}$"
 ROLE_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
 GROUP_PATTERN = r"^[^\s,*()\[\]]{1,240}$"
+CHUNK_ID_PATTERN = r"^[^:]{1,64}:[0-9]{1,9}$"
 
 
 def _user_or_group(subject: str) -> str:
@@ -103,7 +104,8 @@ class ExplainRequest(RequestModel):
     subject: Subject
     groups: list[str] = Field(default_factory=list, max_length=500)
     document_id: str | None = Field(default=None, max_length=64)
-    chunk_id: str | None = Field(default=None, max_length=80)
+    chunk_id: str | None = Field(default=None, max_length=80, pattern=CHUNK_ID_PATTERN,
+                                 description="<document_id>:<chunk index>, as citations give it")
 
     @model_validator(mode="after")
     def _one_target(self) -> ExplainRequest:
@@ -116,9 +118,16 @@ class ExplainRequest(RequestModel):
         """The document the request is about (a chunk id is "<document_id>:<index>")."""
         return self.document_id or str(self.chunk_id).rsplit(":", 1)[0]
 
+    @property
+    def chunk_index(self) -> int:
+        """The chunk's place in its document (only with a chunk_id)."""
+        return int(str(self.chunk_id).rsplit(":", 1)[1])
+
 
 class ExplainCheck(BaseModel):
-    name: Literal["department_read", "acl", "clearance"]
+    # department_read, acl, clearance: the visibility rule; department_upload: editors see every document of their
+    # department; lineage: an attachment is seen only with every e-mail above it; chunk_payload: an unsound payload
+    name: Literal["department_read", "acl", "clearance", "department_upload", "lineage", "chunk_payload"]
     passed: bool
     detail: str
     rules: list[str] = Field(default_factory=list)

@@ -6,6 +6,7 @@ share a group with the caller, and its classification is at most the caller's cl
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,8 @@ from core.keystore import KeyStore
 from core.models import Document
 from core.settings import Settings
 from ingestion import service as ingestion_service
+from ingestion.schemas import Classification
+from retrieval.store import VectorIndex
 
 POLICY_LOCK = "policy"  # the `transaction_lock` every policy change holds (see ChangeContext)
 
@@ -104,6 +107,26 @@ def may_read_chunk(enforcer: PolicyEnforcer, identity: Identity, *, department: 
     if acl_groups and not set(acl_groups) & set(identity.groups):
         return False
     return rank(classification) <= enforcer.clearance_rank(identity.subjects, department)
+
+
+def readable_chunk_level(enforcer: PolicyEnforcer, identity: Identity, document: Document,
+                         payload: Mapping[str, Any]) -> str | None:
+    """The query path's re-check of one stored chunk before decryption: its level, when the caller may read it.
+    The policy is asked again from the document row (department, ACL) and the chunk's own level as its payload states
+    it (decryption then proves it); None drops the chunk. Explain asks the same of a chunk."""
+    level = stored_chunk_level(document, payload)
+    if level is None or not may_read_chunk(enforcer, identity, department=document.department,
+                                           acl_groups=list(document.acl_groups or []), classification=level):
+        return None
+    return level
+
+
+def stored_chunk_level(document: Document, payload: Mapping[str, Any]) -> str | None:
+    """A chunk's level as its payload states it, if the payload is sound (its document's department, a known level)."""
+    level = str(payload.get("classification"))
+    if payload.get("department") != document.department or level not in Classification.__members__:
+        return None
+    return level
 
 
 def may_see_document(enforcer: PolicyEnforcer, identity: Identity, document: Document, *, session: Session) -> bool:
@@ -328,8 +351,7 @@ def _validate_assignment(session: Session, role: str, department: str) -> None:
 
 def explain_checks(enforcer: PolicyEnforcer, identity: Identity, *, department: str, acl_groups: list[str],
                    classification: str) -> list[ExplainCheck]:
-    """Each part of the visibility rule for one document, with the rows that decided it."""
-    enforcer.refresh(force=True)
+    """Each part of the visibility rule (`may_read_chunk`) for one chunk or document, with the rows that decided it."""
     granting = [(s, enforcer.matched_rule(s, department, "read")) for s in identity.subjects]
     granting = [(s, rule) for s, rule in granting if rule]
     read = ExplainCheck(
@@ -352,18 +374,69 @@ def explain_checks(enforcer: PolicyEnforcer, identity: Identity, *, department: 
     return [read, acl, clearance]
 
 
-def explain(*, session: Session, enforcer: PolicyEnforcer, request: ExplainRequest) -> ExplainOut:
-    """Whether a subject with these groups would see a ready document (or one of its chunks), and why."""
+def explain(*, session: Session, enforcer: PolicyEnforcer, store: VectorIndex, request: ExplainRequest) -> ExplainOut:
+    """Whether a subject with these groups would see a ready document or one of its chunks, and why: a document as
+    `may_see_document` decides (status, listing, citation titles), a chunk as the query's re-check does
+    (`readable_chunk_level`, at the chunk's own level)."""
     document_id = request.target_document_id
     document = ingestion_service.ready_documents(session=session, document_ids={document_id}).get(document_id)
     if document is None:
         raise GovragError(ErrorCode.not_found, "no such ready document")
     subject = Identity(subject=request.subject, groups=tuple(dict.fromkeys(request.groups)), is_platform_admin=False)
-    checks = explain_checks(enforcer, subject, department=document.department,
-                            acl_groups=list(document.acl_groups or []), classification=document.classification)
-    return ExplainOut(decision="allow" if all(c.passed for c in checks) else "deny", subject=request.subject,
+    enforcer.refresh(force=True)
+    if request.chunk_id is None:
+        allowed, checks = _explain_document(session, enforcer, subject, document)
+    else:
+        allowed, checks = _explain_chunk(session, enforcer, store, subject, document, request.chunk_index)
+    return ExplainOut(decision="allow" if allowed else "deny", subject=request.subject,
                       document_id=document_id, chunk_id=request.chunk_id, department=document.department,
                       policy_version=enforcer.version, checks=checks)
+
+
+def _explain_document(session: Session, enforcer: PolicyEnforcer, identity: Identity,
+                      document: Document) -> tuple[bool, list[ExplainCheck]]:
+    """`may_see_document`: the department's editors, or readers who may read it whole; for an attachment, each
+    e-mail above it too."""
+    editor = is_allowed(enforcer, identity, "upload", document.department)
+    upload = ExplainCheck(name="department_upload", passed=editor,
+                          detail=(f"upload in {document.department} granted: editors see every document there"
+                                  if editor else f"no role of the subject or its groups grants upload in "
+                                  f"{document.department} (editors see every document there)"))
+    checks = [*explain_checks(enforcer, identity, department=document.department,
+                              acl_groups=list(document.acl_groups or []), classification=document.classification),
+              upload, *_lineage_check(session, enforcer, identity, document,
+                                              if_hidden="so the attachment is hidden too")]
+    return may_see_document(enforcer, identity, document, session=session), checks
+
+
+def _explain_chunk(session: Session, enforcer: PolicyEnforcer, store: VectorIndex, identity: Identity,
+                   document: Document, chunk_index: int) -> tuple[bool, list[ExplainCheck]]:
+    """The query's re-check of the stored chunk; for an attachment, whether its title would be shown with it."""
+    payload = store.chunk_payload(document.department, document.id, chunk_index)
+    if payload is None or payload.get("document_id") != document.id:
+        raise GovragError(ErrorCode.not_found, "no such chunk")
+    level = stored_chunk_level(document, payload)
+    if level is None:
+        return False, [ExplainCheck(name="chunk_payload", passed=False,
+                                    detail="the stored chunk's department or level does not match its document: "
+                                           "the re-check drops it")]
+    checks = [*explain_checks(enforcer, identity, department=document.department,
+                              acl_groups=list(document.acl_groups or []), classification=level),
+              *_lineage_check(session, enforcer, identity, document,
+                             if_hidden="the chunk is returned under a withheld title")]
+    return readable_chunk_level(enforcer, identity, document, payload) is not None, checks
+
+
+def _lineage_check(session: Session, enforcer: PolicyEnforcer, identity: Identity, document: Document, *,
+                   if_hidden: str) -> list[ExplainCheck]:
+    """For an attachment: whether the subject may see each e-mail above it (`may_see_document`'s lineage rule)."""
+    emails = ingestion_service.emails_above(session=session, document=document)
+    if not emails:
+        return []
+    hidden = [email.id for email in emails if not _may_see_one(enforcer, identity, email)]
+    detail = (f"may not see the e-mail(s) above this attachment: {', '.join(hidden)}; {if_hidden}" if hidden
+              else "may see each e-mail above this attachment")
+    return [ExplainCheck(name="lineage", passed=not hidden, detail=detail)]
 
 
 def named_definition(name: str, body: RoleDefinition) -> RoleDefinition:

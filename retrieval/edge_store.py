@@ -15,7 +15,7 @@ from typing import Any
 import qdrant_edge as edge
 from qdrant_client import models
 
-from retrieval.store import AccessFilter, Hit, VectorPoint
+from retrieval.store import AccessFilter, Hit, VectorPoint, point_id
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,12 @@ class EdgeVectorStore:
         selector = edge.Filter(must=[edge.FieldCondition(key="document_id", match=edge.MatchValue(document_id))])
         shard.update(edge.UpdateOperation.delete_points_by_filter(selector))
         shard.flush()
+
+    def chunk_payload(self, department: str, document_id: str, chunk_index: int) -> dict[str, Any] | None:
+        """One chunk's payload (for explanations), None when the department holds no such chunk."""
+        shard = self._shard(department, create=False)
+        records = shard.retrieve([point_id(document_id, chunk_index)], True, False) if shard is not None else []
+        return dict(records[0].payload or {}) if records else None
 
     def count(self, department: str) -> int:
         """Points stored for a department."""

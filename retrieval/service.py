@@ -24,7 +24,6 @@ from core.settings import Settings
 from guard import service as guard_service
 from ingestion import service as ingestion_service
 from ingestion.pipeline import chunk_context, sentences_context
-from ingestion.schemas import Classification
 from retrieval import generation, sentence_vectors
 from retrieval.answer import Passage, extractive_answer
 from retrieval.embeddings import get_embedder
@@ -194,8 +193,8 @@ def _recheck_and_open(session: Session, settings: Settings, enforcer: PolicyEnfo
         document = documents.get(str(hit.payload.get("document_id")))
         if document is None:
             continue  # deleted or failed since it was indexed: not a policy disagreement
-        level = _chunk_level(hit, document)
-        if level is None or not _may_read(enforcer, identity, document, level):
+        level = authz_service.readable_chunk_level(enforcer, identity, document, hit.payload)
+        if level is None:
             metrics.AUTHZ_RECHECK_DROPS.labels(department=document.department).inc()
             continue
         key = keystore.document_key(session=session, department=document.department, document_id=document.id)
@@ -209,14 +208,6 @@ def _recheck_and_open(session: Session, settings: Settings, enforcer: PolicyEnfo
             continue
         opened.append(chunk)
     return opened
-
-
-def _chunk_level(hit: Hit, document: Document) -> str | None:
-    """The chunk's level as the payload states it (decryption proves it), if the payload is sound."""
-    level = str(hit.payload.get("classification"))
-    if hit.payload.get("department") != document.department or level not in Classification.__members__:
-        return None
-    return level
 
 
 def _shown_title(session: Session, enforcer: PolicyEnforcer, identity: Identity, document: Document) -> str:
@@ -240,12 +231,6 @@ def _open(key: bytes, hit: Hit, document: Document, level: str, *, title: str) -
     return OpenedChunk(document_id=document.id, chunk_id=str(hit.payload["chunk_id"]), department=document.department,
                        title=title, text=text, score=hit.score, sentence_vectors=vectors,
                        scanned_by=scanned_by)
-
-
-def _may_read(enforcer: PolicyEnforcer, identity: Identity, document: Document, level: str) -> bool:
-    """The policy, asked again from the document row (department, ACL) and the chunk's proven level."""
-    return authz_service.may_read_chunk(enforcer, identity, department=document.department,
-                                        acl_groups=list(document.acl_groups or []), classification=level)
 
 
 def _respond(query: QueryRequest, vector: list[float], opened: list[OpenedChunk], request_id: str, searched: list[str],

@@ -32,7 +32,12 @@ class VectorPoint:
     @property
     def point_id(self) -> str:
         """Deterministic, so re-running ingestion overwrites instead of duplicating."""
-        return str(uuid.uuid5(POINT_NAMESPACE, f"{self.document_id}:{self.chunk_index}"))
+        return point_id(self.document_id, self.chunk_index)
+
+
+def point_id(document_id: str, chunk_index: int) -> str:
+    """The id of a chunk's point in its department's collection."""
+    return str(uuid.uuid5(POINT_NAMESPACE, f"{document_id}:{chunk_index}"))
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,15 @@ class VectorStore:
             self._client.delete(collection_name=collection_name(department),
                                 points_selector=models.FilterSelector(filter=selector), wait=True)
 
+    def chunk_payload(self, department: str, document_id: str, chunk_index: int) -> dict[str, Any] | None:
+        """One chunk's payload (for explanations), None when the department holds no such chunk."""
+        with self._calling():
+            if not self._client.collection_exists(collection_name(department)):
+                return None
+            records = self._client.retrieve(collection_name(department), ids=[point_id(document_id, chunk_index)],
+                                            with_payload=True, with_vectors=False)
+        return dict(records[0].payload or {}) if records else None
+
     def count(self, department: str) -> int:
         """Points stored for a department."""
         with self._calling():
@@ -188,6 +202,7 @@ class VectorIndex(Protocol):
     def search_many(self, access_by_department: dict[str, AccessFilter], vector: list[float],
                     limit: int) -> list[Hit]: ...
     def delete_document(self, department: str, document_id: str) -> None: ...
+    def chunk_payload(self, department: str, document_id: str, chunk_index: int) -> dict[str, Any] | None: ...
     def count(self, department: str) -> int: ...
     def scroll_payloads(self, department: str) -> list[dict[str, Any]]: ...
     def ping(self) -> None: ...

@@ -2,7 +2,7 @@
 
 The decision (authz.service.read_scope on the real PostgreSQL policy), the mandatory Qdrant payload filter
 (retrieval.store.AccessFilter against a real local-mode Qdrant) and the re-check before decryption
-(retrieval.service._may_read) are exercised directly with fixed vectors, so thousands of random worlds
+(authz.service.readable_chunk_level) are exercised directly with fixed vectors, so thousands of random worlds
 stay fast. The oracle below restates the rules in plain Python without Casbin or Qdrant.
 GOVRAG_PROPERTY_EXAMPLES raises the number of worlds (default 60; `make test-property` runs 1500).
 """
@@ -27,7 +27,6 @@ from authz.identity import GROUP_PREFIX, Identity
 from core.db import get_engine
 from core.models import CasbinRule, Clearance, Document
 from ingestion.schemas import Classification
-from retrieval.service import _may_read
 from retrieval.store import AccessFilter, VectorPoint, VectorStore, collection_name
 
 EXAMPLES = int(os.environ.get("GOVRAG_PROPERTY_EXAMPLES", "60"))
@@ -178,8 +177,9 @@ def test_filter_and_recheck_never_exceed_the_oracle(world: World, policy_db: str
             for doc in world.documents:
                 row = Document(department=doc[0], acl_groups=list(doc[1]), classification=doc[2])
                 COUNTS["recheck_decisions"] += 1
-                assert _may_read(enforcer, identity, row, doc[2]) == oracle_allows(world, identity.subjects, groups,
-                                                                                   doc)
+                payload = {"department": doc[0], "classification": doc[2]}
+                readable = authz_service.readable_chunk_level(enforcer, identity, row, payload) is not None
+                assert readable == oracle_allows(world, identity.subjects, groups, doc)
 
 
 def test_property_counts_are_reported() -> None:

@@ -140,3 +140,31 @@ def test_a_level_lowered_in_the_vector_store_no_longer_opens(client: TestClient,
     finally:
         store.upsert(mixed["department"], [VectorPoint(document_id=mixed["document_id"], chunk_index=1,
                                                        vector=vector.tolist(), payload=payload)])
+
+
+def _explain(client: TestClient, admin: str, subject: str, **target: str) -> dict[str, object]:
+    response = client.post("/v1/authz/explain", headers=auth(admin), json={"subject": subject, **target})
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def test_explain_judges_a_chunk_at_its_own_level_as_the_query_does(client: TestClient, mixed: dict[str, str],
+                                                                   issue_token: Callable[..., str]) -> None:
+    """The document is confidential (its highest chunk), its plain chunks internal: the internal reader's queries
+    return them. Explain for a chunk used to judge the document's level and answered deny for a chunk that reader's
+    queries return. It now asks what the re-check asks, of the chunk's own stored level."""
+    admin, document_id = issue_token(PLATFORM_ADMIN), mixed["document_id"]
+    answer = client.post("/v1/query", headers=auth(mixed["internal"]), json={
+        "question": "When does the parking garage under the east wing open?", "departments": [mixed["department"]]})
+    cited = {c["chunk_id"] for c in answer.json()["citations"] if c["document_id"] == document_id}
+    assert cited
+    for chunk_id in cited:
+        assert _explain(client, admin, "ivan", chunk_id=chunk_id)["decision"] == "allow", chunk_id
+    plain = _explain(client, admin, "ivan", chunk_id=f"{document_id}:0")
+    assert plain["decision"] == "allow" and "classification internal" in str(plain["checks"])
+    assert _explain(client, admin, "ivan", chunk_id=f"{document_id}:1")["decision"] == "deny"
+    assert _explain(client, admin, "cora", chunk_id=f"{document_id}:1")["decision"] == "allow"
+    assert _explain(client, admin, "ivan", document_id=document_id)["decision"] == "deny"  # the listing hides it
+    missing = client.post("/v1/authz/explain", headers=auth(admin),
+                          json={"subject": "ivan", "chunk_id": f"{document_id}:99"})
+    assert missing.status_code == 404, missing.text

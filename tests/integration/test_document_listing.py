@@ -195,3 +195,38 @@ def test_pages_walk_the_same_way_on_the_embedded_default(tmp_path) -> None:  # t
     close_vector_store(settings)
     memory.Channel.queues.pop(settings.task_queue, None)  # the three jobs nobody ran
     assert listed == ids[::-1] and sizes[:3] == [1, 1, 1]
+
+
+def test_explain_applies_the_lineage_rule_to_an_attachment(client: TestClient, shelf: dict,  # type: ignore[type-arg]
+                                                           issue_token: Callable[..., str]) -> None:
+    """An attachment whose e-mail was raised above the reader's clearance after it was taken: the listing and the
+    status hide it from the reader, a citation of its chunk withholds its title. Explain judged the attachment's own
+    row and answered allow for the document; it now applies the lineage rule, as they do."""
+    marker, title = f"egret{uuid.uuid4().hex[:6]}", f"Merger {uuid.uuid4().hex[:6]}"
+    parent, attachment = _ingest_email(client, shelf, title, f"Notes on project {marker}.",
+                                       f"The Lyon desk opens at noon {marker}.")
+    admin = auth(issue_token(PLATFORM_ADMIN))
+    assert client.put(f"/v1/admin/departments/{shelf['department']}/ingestion-policy", headers=admin,
+                      json={"keywords": {f"project {marker}": "confidential"}}).status_code == 200
+    reindexed = client.post("/v1/admin/reindex", headers=admin,
+                            json={"department": shelf["department"], "document_ids": [parent["document_id"]]})
+    assert reindexed.status_code == 202
+    assert wait_for_document(client, shelf["editor"], parent["document_id"])["classification"] == "confidential"
+
+    def explain(subject: str, **target: str) -> dict:  # type: ignore[type-arg]
+        response = client.post("/v1/authz/explain", headers=admin, json={"subject": subject, **target})
+        assert response.status_code == 200, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+    document = explain("rita", document_id=attachment["document_id"])
+    checks = {check["name"]: check for check in document["checks"]}
+    assert document["decision"] == "deny" and not checks["lineage"]["passed"]
+    assert checks["department_read"]["passed"] and checks["acl"]["passed"] and checks["clearance"]["passed"]
+    assert parent["document_id"] in checks["lineage"]["detail"] and title not in str(document)
+    chunk = explain("rita", chunk_id=f"{attachment['document_id']}:0")  # the query returns it, under no title
+    assert chunk["decision"] == "allow"
+    assert "withheld" in {check["name"]: check for check in chunk["checks"]}["lineage"]["detail"]
+    assert explain("lina", document_id=attachment["document_id"])["decision"] == "allow"  # the department's editor
+    assert explain("rita", document_id=shelf["ids"][0])["decision"] == "allow"  # an upload: no lineage check
+    assert "lineage" not in {c["name"] for c in explain("rita", document_id=shelf["ids"][0])["checks"]}
+    assert client.delete(f"/v1/documents/{parent['document_id']}", headers=auth(shelf["editor"])).status_code == 204
