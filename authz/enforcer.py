@@ -96,6 +96,12 @@ class PolicyEnforcer:
         """The policy version this process decides with."""
         return self._snapshot.version
 
+    @property
+    def max_inheritance_links(self) -> int:
+        """The longest role-inheritance chain Casbin's matcher follows, read from its role manager: its
+        max_hierarchy_level counts the subject itself and its granted role, then one level per inherited role."""
+        return int(self._casbin.get_role_manager().max_hierarchy_level) - 2
+
     def refresh(self, *, force: bool = False, session: Session | None = None) -> int:
         """Reload if the stored version moved; read the database at most every check_seconds unless forced.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import ColumnElement, delete, select, update
 from sqlalchemy.orm import Session
 
+from authz.identity import ROLE_PREFIX
 from core.models import CasbinRule, Clearance, Department, PolicyState
 
 
@@ -88,6 +89,13 @@ def permission_rows(session: Session) -> list[tuple[str, str]]:
     """Every (action, role:<name>) permission row."""
     rows = session.execute(select(CasbinRule.v0, CasbinRule.v1).where(CasbinRule.ptype == "p"))
     return [(str(action), str(role)) for action, role in rows]
+
+
+def inheritance_links(session: Session, department: str) -> list[tuple[str, str]]:
+    """Every (role:<name>, inherited role:<name>) link of a department's role hierarchy."""
+    rows = session.execute(select(CasbinRule.v0, CasbinRule.v1).where(
+        CasbinRule.ptype == "g", CasbinRule.v2 == department, CasbinRule.v0.startswith(ROLE_PREFIX)))
+    return [(str(role), str(inherits)) for role, inherits in rows]
 
 
 def role_in_use(session: Session, role: str) -> bool:

@@ -294,10 +294,57 @@ def add_inheritance(*, ctx: ChangeContext, link: RoleInheritance) -> bool:
     _validate_assignment(ctx.session, link.inherits, link.department)
     if link.role == link.inherits:
         raise GovragError(ErrorCode.invalid_request, "a role cannot inherit itself")
+    _refuse_cycle_or_overlong_chain(ctx, link)
     if not repository.add_rule(ctx.session, "g", ROLE_PREFIX + link.role, ROLE_PREFIX + link.inherits, link.department):
         return False
     _record_change(ctx, AdminEventType.role_inheritance_added, link.department, link.model_dump())
     return True
+
+
+def _refuse_cycle_or_overlong_chain(ctx: ChangeContext, link: RoleInheritance) -> None:
+    """Conflict when the link closes a cycle, or makes a chain longer than Casbin's matcher follows (the grant index
+    behind read_scope would follow it, the re-check would not: departments searched, then every hit dropped)."""
+    below: dict[str, set[str]] = {}  # role → the roles it inherits directly
+    above: dict[str, set[str]] = {}  # role → the roles inheriting it directly
+    for role, inherits in repository.inheritance_links(ctx.session, link.department):
+        below.setdefault(role, set()).add(inherits)
+        above.setdefault(inherits, set()).add(role)
+    role, inherits = ROLE_PREFIX + link.role, ROLE_PREFIX + link.inherits
+    if inherits in below.get(role, set()):
+        return  # already there: add_rule changes nothing
+    if role in _reachable(below, inherits):
+        raise GovragError(ErrorCode.conflict, f"{link.inherits} already inherits {link.role} in {link.department}: "
+                                              "this link would make a cycle")
+    links = _longest_chain(above, role) + 1 + _longest_chain(below, inherits)
+    limit = ctx.enforcer.max_inheritance_links
+    if links > limit:
+        raise GovragError(ErrorCode.conflict, f"this link would make a chain of {links} inheritance links in "
+                                              f"{link.department}; at most {limit} are followed")
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every role reachable from `start` along the graph's links, `start` included."""
+    seen, frontier = {start}, [start]
+    while frontier:
+        for following in graph.get(frontier.pop(), set()) - seen:
+            seen.add(following)
+            frontier.append(following)
+    return seen
+
+
+def _longest_chain(graph: dict[str, set[str]], start: str) -> int:
+    """The most links a path from `start` takes along the graph (a cycle stored earlier ends a path where it closes);
+    each role's longest path is worked out once, however many paths lead to it."""
+    lengths: dict[str, int] = {}
+
+    def walk(role: str, path: set[str]) -> int:
+        if role not in lengths:
+            path.add(role)
+            lengths[role] = max((1 + walk(following, path) for following in graph.get(role, set()) - path), default=0)
+            path.discard(role)
+        return lengths[role]
+
+    return walk(start, set())
 
 
 def remove_inheritance(*, ctx: ChangeContext, link: RoleInheritance) -> None:

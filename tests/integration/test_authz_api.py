@@ -168,6 +168,33 @@ def test_role_hierarchy_per_department(client: TestClient, world: dict[str, Any]
     assert in_use.status_code == 409
 
 
+def test_a_role_chain_deeper_than_casbin_follows_and_a_cycle_are_refused(client: TestClient, world: dict[str, Any],
+                                                                        issue_token: Callable[..., str]) -> None:
+    """Casbin's matcher follows a role chain for at most max_hierarchy_level (10) hops, the subject's grant being the
+    first; govrag's grant index followed any number: a ninth link let read_scope search a department whose re-check
+    and listing then denied everything. A link making a chain longer than Casbin follows, or a cycle, is refused."""
+    admin = world["tokens"]["admin"]
+    roles = [f"chain{i}-{SUFFIX}" for i in range(9)]
+    for role in roles:
+        response = client.put(f"/v1/admin/roles/{role}", headers=auth(admin),
+                              json={"name": role, "permissions": ["export_audit"]})
+        assert response.status_code == 200, response.text
+    for role, inherits in zip(roles[1:8], [*roles[2:8], "reader"], strict=True):  # chain1 → … → chain7 → reader
+        _post(client, admin, "/v1/admin/role-inheritance", {"role": role, "inherits": inherits, "department": OPS})
+    _post(client, admin, "/v1/admin/role-inheritance", {"role": roles[0], "inherits": roles[1], "department": OPS})
+    _post(client, admin, "/v1/admin/role-assignments", {"subject": f"deep-{SUFFIX}", "role": roles[0],
+                                                        "department": OPS})
+    assert _seen(client, issue_token(f"deep-{SUFFIX}"), QUESTIONS[:1]) == {"open"}  # 8 links: Casbin follows them
+    for link, reason in [({"role": roles[8], "inherits": roles[0]}, "9 inheritance links"),
+                         ({"role": "reader", "inherits": roles[8]}, "9 inheritance links"),
+                         ({"role": roles[7], "inherits": roles[3]}, "cycle"),
+                         ({"role": "reader", "inherits": roles[0]}, "cycle")]:
+        response = client.post("/v1/admin/role-inheritance", headers=auth(admin), json={**link, "department": OPS})
+        assert response.status_code == 409, (link, response.text)
+        assert response.json()["error"]["code"] == "conflict" and reason in response.json()["error"]["message"]
+    _post(client, admin, "/v1/admin/role-inheritance", {"role": roles[8], "inherits": roles[0], "department": LEGAL})
+
+
 def test_revoked_group_mapping_takes_effect_on_the_next_query(client: TestClient, world: dict[str, Any],
                                                               settings: Any, issue_token: Callable[..., str]) -> None:
     admin, group = world["tokens"]["admin"], f"temp-{SUFFIX}"
