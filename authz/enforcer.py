@@ -9,13 +9,16 @@ version bump and the admin audit event; the in-memory copy is never edited direc
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import casbin
+from casbin import persist
 from casbin.model import fast_policy_filter
 from sqlalchemy.orm import Session
 from sqlalchemy_adapter import Adapter
@@ -27,6 +30,7 @@ from core.models import CasbinRule
 from ingestion.schemas import Classification
 
 MODEL_PATH = Path(__file__).with_name("rbac_model.conf")
+logger = logging.getLogger(__name__)
 __all__ = ["ROLE_PERMISSIONS", "ROLE_PREFIX", "PolicyEnforcer", "get_enforcer", "rank"]
 
 # Built-in roles (seeded by migration 0003). Deny by default: nothing else is allowed.
@@ -39,12 +43,44 @@ ROLE_PERMISSIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Casbin reloads stored rows from "ptype, v0, v1, …" text split on commas outside ( ) and [ ], and trims each value: a
+# value holding one of these, or spaces at either end, cannot come back as stored (one stopped every policy load).
+_BREAKS_POLICY_TEXT = frozenset(",()[]")
+UNLOADABLE_ROW = ("stored before such names were refused: a value holds ',', '(', ')', '[' or ']' or spaces at "
+                  "either end, so the policy leaves it out and it grants nothing; revoke it")
+
+
 def rank(level: str) -> int:
     """The order of a classification or clearance level (public 0 … restricted 3)."""
     return Classification(level).rank
 
 
 _MAX_REMEMBERED_DECISIONS = 100_000  # per policy version; beyond it, start again (memory stays bounded)
+
+
+class _PolicyAdapter(Adapter):
+    """The SQLAlchemy adapter, except that a stored row Casbin's text reload cannot give back as stored (stored before
+    such names were refused) is left out, so it grants nothing, and kept in `unloadable` for the listings."""
+
+    unloadable: tuple[tuple[str, ...], ...] = ()
+
+    def load_policy(self, model: Any) -> None:
+        with Session(self._engine) as session:
+            rows = repository.policy_rows(session)
+        unloadable = []
+        for row in rows:
+            if all(_survives_policy_text(value) for value in row):
+                persist.load_policy_line(", ".join(row), model)
+            else:
+                unloadable.append(row)
+        self.unloadable = tuple(unloadable)
+        if unloadable:
+            logger.warning("%d stored policy rows cannot be loaded and grant nothing until revoked (the listings of "
+                           "role assignments and group mappings mark them invalid)", len(unloadable))
+
+
+def _survives_policy_text(value: str) -> bool:
+    return value == value.strip() and not _BREAKS_POLICY_TEXT.intersection(value)
 
 
 @dataclass(frozen=True)
@@ -65,6 +101,7 @@ class Snapshot:
     permissions: tuple[tuple[str, str], ...] = ()  # (action, role:<name>)
     departments: frozenset[str] = frozenset()  # those that exist (creating one moves the version)
     decisions: dict[tuple[str, str, str], bool] = field(default_factory=dict)  # Casbin's answers, this version
+    unloadable: tuple[tuple[str, ...], ...] = ()  # stored rows left out of the policy: (ptype, v0, v1, …)
 
 
 @dataclass(frozen=True)
@@ -81,9 +118,9 @@ class PolicyEnforcer:
 
     def __init__(self, database_url: str, *, default_clearance: str = "internal", check_seconds: float = 0.5) -> None:
         self._engine = get_engine(database_url)
-        adapter = Adapter(self._engine, db_class=CasbinRule, create_table=False)
+        self._adapter = _PolicyAdapter(self._engine, db_class=CasbinRule, create_table=False)
         # FastEnforcer filters policies in place during enforce, so every call holds the lock.
-        self._casbin = casbin.FastEnforcer(str(MODEL_PATH), adapter, cache_key_order=[0])
+        self._casbin = casbin.FastEnforcer(str(MODEL_PATH), self._adapter, cache_key_order=[0])
         self._lock = threading.Lock()
         self._default_rank = rank(default_clearance)
         self._check_seconds = check_seconds
@@ -129,7 +166,8 @@ class PolicyEnforcer:
         with self._lock:
             self._casbin.load_policy()
             self._snapshot = Snapshot(version=version, grants=self._index_grants(permissions),
-                                      clearances=clearances, permissions=permissions, departments=departments)
+                                      clearances=clearances, permissions=permissions, departments=departments,
+                                      unloadable=self._adapter.unloadable)
 
     def _index_grants(self, permissions: tuple[tuple[str, str], ...]) -> dict[str, dict[str, Grant]]:
         """principal → department → roles and permissions, resolved once per policy version (lock held)."""
@@ -202,6 +240,10 @@ class PolicyEnforcer:
         """Every g row: [subject or role:<name>, role:<name>, department]."""
         with self._lock:
             return [list(row) for row in self._casbin.get_grouping_policy()]
+
+    def unloadable_grouping_rows(self) -> list[list[str]]:
+        """Every stored g row left out of the policy (`UNLOADABLE_ROW`): [subject, role:<name>, department]."""
+        return [list(row[1:]) for row in self._snapshot.unloadable if row[0] == "g" and len(row) == 4]
 
     def permission_rows(self) -> list[list[str]]:
         """Every p row: [action, role:<name>] (kept at load: FastPolicy cannot be listed unfiltered)."""

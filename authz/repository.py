@@ -85,6 +85,14 @@ def delete_clearance(session: Session, subject: str, department: str) -> bool:
     return bool(getattr(result, "rowcount", 0))
 
 
+def policy_rows(session: Session) -> list[tuple[str, ...]]:
+    """Every Casbin row as (ptype, v0, v1, …), empty columns left out (as the adapter's text form leaves them)."""
+    columns = (CasbinRule.ptype, CasbinRule.v0, CasbinRule.v1, CasbinRule.v2, CasbinRule.v3, CasbinRule.v4,
+               CasbinRule.v5)
+    return [tuple(str(value) for value in row if value is not None)
+            for row in session.execute(select(*columns).order_by(CasbinRule.id))]
+
+
 def permission_rows(session: Session) -> list[tuple[str, str]]:
     """Every (action, role:<name>) permission row."""
     rows = session.execute(select(CasbinRule.v0, CasbinRule.v1).where(CasbinRule.ptype == "p"))

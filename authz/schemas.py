@@ -39,6 +39,18 @@ Subject = Annotated[str, Field(pattern=SUBJECT_PATTERN, description="a user subj
                     AfterValidator(_user_or_group)]
 
 
+def _not_reserved(subject: str) -> str:
+    """Any subject as the policy may hold it, but never a role (that row is a hierarchy link) or the platform's own."""
+    if not subject.startswith(GROUP_PREFIX) and subject.startswith(RESERVED_PREFIXES):
+        raise ValueError("a subject is a user or group:<name>, never a role or one of the platform's own actors")
+    return subject
+
+
+# A subject as a stored row may hold it, also one stored before today's rules (the listings mark those `invalid`).
+StoredSubject = Annotated[str, Field(min_length=1, max_length=255, description="a subject as listed"),
+                          AfterValidator(_not_reserved)]
+
+
 class Permission(StrEnum):
     read = "read"
     upload = "upload"
@@ -56,18 +68,44 @@ class DepartmentOut(BaseModel):
     name: str
 
 
-class RoleAssignment(RequestModel):
-    subject: Subject
+class RoleAssignmentKey(RequestModel):
+    """An assignment to revoke: as granted, or as listed (also a row stored before today's rules on subjects)."""
+
+    subject: StoredSubject
     role: str = Field(pattern=ROLE_PATTERN)
     department: str = Field(pattern=DEPARTMENT_PATTERN)
 
 
-class GroupMapping(RequestModel):
+class RoleAssignment(RoleAssignmentKey):
+    subject: Subject
+
+
+class RoleAssignmentOut(BaseModel):
+    subject: str
+    role: str
+    department: str
+    invalid: str | None = Field(default=None, description="set on a stored row that grants nothing: why")
+
+
+class GroupMappingKey(RequestModel):
+    """A mapping to withdraw: as made, or as listed (also a row stored before today's rules on group names)."""
+
+    group: str = Field(max_length=255 - len(GROUP_PREFIX), description="the group as listed")
+    role: str = Field(pattern=ROLE_PATTERN)
+    department: str = Field(pattern=DEPARTMENT_PATTERN)
+
+
+class GroupMapping(GroupMappingKey):
     """Members of an IdP group hold `role` in `department`."""
 
     group: str = Field(pattern=GROUP_PATTERN, description="the group as the token's groups claim carries it")
-    role: str = Field(pattern=ROLE_PATTERN)
-    department: str = Field(pattern=DEPARTMENT_PATTERN)
+
+
+class GroupMappingOut(BaseModel):
+    group: str
+    role: str
+    department: str
+    invalid: str | None = Field(default=None, description="set on a stored row that grants nothing: why")
 
 
 class RoleDefinition(RequestModel):

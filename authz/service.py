@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from audit import service as audit_service
 from audit.schemas import AdminEventType
 from authz import repository
-from authz.enforcer import ROLE_PREFIX, PolicyEnforcer, rank
+from authz.enforcer import ROLE_PREFIX, UNLOADABLE_ROW, PolicyEnforcer, rank
 from authz.identity import GROUP_PREFIX, Identity
 from authz.schemas import (
     RESERVED_DEPARTMENT_NAMES,
@@ -25,7 +25,11 @@ from authz.schemas import (
     ExplainOut,
     ExplainRequest,
     GroupMapping,
+    GroupMappingKey,
+    GroupMappingOut,
     RoleAssignment,
+    RoleAssignmentKey,
+    RoleAssignmentOut,
     RoleDefinition,
     RoleInheritance,
 )
@@ -215,7 +219,7 @@ def assign_role(*, ctx: ChangeContext, assignment: RoleAssignment) -> bool:
     return True
 
 
-def revoke_role(*, ctx: ChangeContext, assignment: RoleAssignment) -> None:
+def revoke_role(*, ctx: ChangeContext, assignment: RoleAssignmentKey) -> None:
     """Withdraw a role; not_found when it was not granted."""
     _validate_assignment(ctx.session, assignment.role, assignment.department)
     if not repository.remove_rules(ctx.session, "g", assignment.subject, ROLE_PREFIX + assignment.role,
@@ -224,34 +228,34 @@ def revoke_role(*, ctx: ChangeContext, assignment: RoleAssignment) -> None:
     _record_change(ctx, AdminEventType.role_revoked, assignment.department, assignment.model_dump())
 
 
-def list_assignments(enforcer: PolicyEnforcer, department: str | None = None) -> list[RoleAssignment]:
-    """Role assignments of users and groups, optionally for one department."""
+def list_assignments(enforcer: PolicyEnforcer, department: str | None = None) -> list[RoleAssignmentOut]:
+    """Role assignments of users and groups, optionally for one department; stored rows the policy leaves out (they
+    grant nothing) come last, marked `invalid`, so an admin can revoke them."""
     enforcer.refresh()
-    return [
-        RoleAssignment(subject=subject, role=role[len(ROLE_PREFIX):], department=dept)
-        for subject, role, dept in enforcer.grouping_rows()
-        if not subject.startswith(ROLE_PREFIX) and (department is None or dept == department)
-    ]
+    loaded = [(row, None) for row in enforcer.grouping_rows()]
+    unloadable = [(row, UNLOADABLE_ROW) for row in enforcer.unloadable_grouping_rows()]
+    return [RoleAssignmentOut(subject=subject, role=role.removeprefix(ROLE_PREFIX), department=dept, invalid=invalid)
+            for (subject, role, dept, *_), invalid in loaded + unloadable
+            if not subject.startswith(ROLE_PREFIX) and (department is None or dept == department)]
 
 
 def map_group(*, ctx: ChangeContext, mapping: GroupMapping) -> bool:
     """Members of an IdP group get a role in a department."""
-    return assign_role(ctx=ctx, assignment=_group_assignment(mapping))
+    return assign_role(ctx=ctx, assignment=RoleAssignment(subject=GROUP_PREFIX + mapping.group, role=mapping.role,
+                                                          department=mapping.department))
 
 
-def unmap_group(*, ctx: ChangeContext, mapping: GroupMapping) -> None:
+def unmap_group(*, ctx: ChangeContext, mapping: GroupMappingKey) -> None:
     """Withdraw a group → role mapping."""
-    revoke_role(ctx=ctx, assignment=_group_assignment(mapping))
+    revoke_role(ctx=ctx, assignment=RoleAssignmentKey(subject=GROUP_PREFIX + mapping.group, role=mapping.role,
+                                                      department=mapping.department))
 
 
-def list_group_mappings(enforcer: PolicyEnforcer, department: str | None = None) -> list[GroupMapping]:
-    """Group → role mappings, optionally for one department."""
-    return [GroupMapping(group=a.subject[len(GROUP_PREFIX):], role=a.role, department=a.department)
+def list_group_mappings(enforcer: PolicyEnforcer, department: str | None = None) -> list[GroupMappingOut]:
+    """Group → role mappings, optionally for one department (as `list_assignments`, unloadable rows marked)."""
+    return [GroupMappingOut(group=a.subject.removeprefix(GROUP_PREFIX), role=a.role, department=a.department,
+                            invalid=a.invalid)
             for a in list_assignments(enforcer, department) if a.subject.startswith(GROUP_PREFIX)]
-
-
-def _group_assignment(mapping: GroupMapping) -> RoleAssignment:
-    return RoleAssignment(subject=GROUP_PREFIX + mapping.group, role=mapping.role, department=mapping.department)
 
 
 def define_role(*, ctx: ChangeContext, definition: RoleDefinition) -> None:

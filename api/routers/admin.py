@@ -17,8 +17,12 @@ from authz.schemas import (
     DepartmentIn,
     DepartmentOut,
     GroupMapping,
+    GroupMappingKey,
+    GroupMappingOut,
     PolicyVersionOut,
     RoleAssignment,
+    RoleAssignmentKey,
+    RoleAssignmentOut,
     RoleDefinition,
     RoleInheritance,
 )
@@ -55,10 +59,11 @@ def assign_role(body: RoleAssignment, session: SessionDep, enforcer: EnforcerDep
     return body
 
 
-@router.get("/role-assignments", response_model=list[RoleAssignment])
+@router.get("/role-assignments", response_model=list[RoleAssignmentOut], response_model_exclude_none=True)
 def list_role_assignments(enforcer: EnforcerDep, user: CurrentUser,
-                          department: str | None = None) -> list[RoleAssignment]:
-    """Role assignments: all for platform admins, a department's for its admins."""
+                          department: str | None = None) -> list[RoleAssignmentOut]:
+    """Role assignments: all for platform admins, a department's for its admins; `invalid` marks a stored row that
+    grants nothing (revoke it with the body it is listed under)."""
     if department is None:
         authz_service.require_platform_admin(user)
     else:
@@ -67,9 +72,9 @@ def list_role_assignments(enforcer: EnforcerDep, user: CurrentUser,
 
 
 @router.delete("/role-assignments", status_code=status.HTTP_204_NO_CONTENT)
-def revoke_role(body: RoleAssignment, session: SessionDep, enforcer: EnforcerDep, settings: SettingsDep,
+def revoke_role(body: RoleAssignmentKey, session: SessionDep, enforcer: EnforcerDep, settings: SettingsDep,
                 user: CurrentUser) -> None:
-    """Withdraw a role (same JSON body as the grant); audited by authz."""
+    """Withdraw a role (same JSON body as the grant, or as listed); audited by authz."""
     authz_service.require_manage(enforcer, user, body.department)
     authz_service.revoke_role(ctx=_change(session, enforcer, user, settings), assignment=body)
 
@@ -130,17 +135,18 @@ def map_group(body: GroupMapping, session: SessionDep, enforcer: EnforcerDep, se
     return body
 
 
-@router.get("/group-mappings", response_model=list[GroupMapping])
-def list_group_mappings(enforcer: EnforcerDep, user: CurrentUser, department: str | None = None) -> list[GroupMapping]:
-    """Group → role mappings."""
+@router.get("/group-mappings", response_model=list[GroupMappingOut], response_model_exclude_none=True)
+def list_group_mappings(enforcer: EnforcerDep, user: CurrentUser,
+                        department: str | None = None) -> list[GroupMappingOut]:
+    """Group → role mappings; `invalid` marks a stored row that grants nothing (revoke it as listed)."""
     _require_scope(enforcer, user, department)
     return authz_service.list_group_mappings(enforcer, department)
 
 
 @router.delete("/group-mappings", status_code=status.HTTP_204_NO_CONTENT)
-def unmap_group(body: GroupMapping, session: SessionDep, enforcer: EnforcerDep, settings: SettingsDep,
+def unmap_group(body: GroupMappingKey, session: SessionDep, enforcer: EnforcerDep, settings: SettingsDep,
                 user: CurrentUser) -> None:
-    """Withdraw a group → role mapping (same JSON body as the mapping)."""
+    """Withdraw a group → role mapping (same JSON body as the mapping, or as listed)."""
     authz_service.require_manage(enforcer, user, body.department)
     authz_service.unmap_group(ctx=_change(session, enforcer, user, settings), mapping=body)
 

@@ -261,6 +261,50 @@ def test_a_group_name_with_brackets_is_refused_and_the_policy_keeps_loading(
     assert client.get("/v1/admin/policy-version", headers=auth(world["tokens"]["admin"])).status_code == 200
 
 
+@pytest.mark.parametrize("group", ["team(a", "team)a", "ops[1]", "a,b"])
+def test_a_legacy_group_row_casbin_cannot_load_grants_nothing_and_can_be_revoked(
+        client: TestClient, world: dict[str, Any], settings: Any, issue_token: Callable[..., str], group: str) -> None:
+    """A group mapping stored before such names were refused (inserted here directly) stopped every policy load and
+    every group-mapping listing (500s everywhere) until someone removed it from the database by hand. It is now left
+    out of the policy (it grants nothing), listed with an `invalid` reason, and revoked with the body it is listed
+    under."""
+    from authz import repository
+    from authz.enforcer import PolicyEnforcer
+    from core.models import CasbinRule
+
+    admin, engine = world["tokens"]["admin"], get_engine(settings.resolved_database_url)
+    mapping = {"group": group, "role": "reader", "department": LEGAL}
+    with Session(engine) as session:
+        session.add(CasbinRule(ptype="g", v0=f"group:{group}", v1="role:reader", v2=LEGAL))
+        repository.bump_policy_version(session)
+        session.commit()
+    try:
+        loaded = client.get("/v1/admin/policy-version", headers=auth(admin))  # a forced policy load
+        assert loaded.status_code == 200, loaded.text
+        restarted = PolicyEnforcer(settings.resolved_database_url)  # a process starting now
+        assert [f"group:{group}", "role:reader", LEGAL] in restarted.unloadable_grouping_rows()
+        listed = client.get("/v1/admin/group-mappings", headers=auth(admin))
+        assert listed.status_code == 200, listed.text
+        [entry] = [m for m in listed.json() if m["group"] == group]
+        assert "grants nothing" in entry.pop("invalid") and entry == mapping
+        assert all("invalid" not in m for m in listed.json() if m["group"] != group)
+        assert client.get("/v1/admin/group-mappings", headers=auth(admin),
+                          params={"department": LEGAL}).status_code == 200
+        assignments = client.get("/v1/admin/role-assignments", headers=auth(admin))
+        assert assignments.status_code == 200 and any(a["subject"] == f"group:{group}" and "invalid" in a
+                                                      for a in assignments.json())
+        assert _seen(client, issue_token(f"legacy-{SUFFIX}", [group]), QUESTIONS[3:]) == set()  # fails closed
+        assert _seen(client, world["tokens"]["lawyer"], QUESTIONS[3:]) == {"legal"}  # everyone else unaffected
+        revoked = client.request("DELETE", "/v1/admin/group-mappings", headers=auth(admin), json=mapping)
+        assert revoked.status_code == 204, revoked.text
+        assert group not in {m["group"] for m in client.get("/v1/admin/group-mappings", headers=auth(admin)).json()}
+    finally:
+        with Session(engine) as session:
+            if session.query(CasbinRule).filter_by(ptype="g", v0=f"group:{group}").delete():
+                repository.bump_policy_version(session)
+            session.commit()
+
+
 def test_recheck_drops_a_hit_the_filter_let_through_and_counts_it(client: TestClient, world: dict[str, Any],
                                                                   settings: Any) -> None:
     """A point whose payload understates its classification passes the filter; the re-check (document row)
