@@ -121,15 +121,22 @@ class RoleInheritance(RequestModel):
     department: str = Field(pattern=DEPARTMENT_PATTERN)
 
 
-class ClearanceIn(RequestModel):
-    subject: Subject
+class ClearanceKey(RequestModel):
+    """A clearance to remove: as set, or as listed (also one stored before today's rules on subjects)."""
+
+    subject: StoredSubject
     department: str = Field(pattern=DEPARTMENT_PATTERN)
+
+
+class ClearanceIn(ClearanceKey):
+    subject: Subject
     level: Classification  # the highest classification the subject may read there
 
 
-class ClearanceKey(RequestModel):
-    subject: Subject
-    department: str = Field(pattern=DEPARTMENT_PATTERN)
+class ClearanceOut(BaseModel):
+    subject: str
+    department: str
+    level: str
 
 
 class PolicyVersionOut(BaseModel):

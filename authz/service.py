@@ -21,6 +21,7 @@ from authz.schemas import (
     RESERVED_DEPARTMENT_NAMES,
     ClearanceIn,
     ClearanceKey,
+    ClearanceOut,
     ExplainCheck,
     ExplainOut,
     ExplainRequest,
@@ -383,10 +384,10 @@ def remove_clearance(*, ctx: ChangeContext, key: ClearanceKey) -> None:
     _record_change(ctx, AdminEventType.clearance_removed, key.department, key.model_dump())
 
 
-def list_clearances(enforcer: PolicyEnforcer, department: str | None = None) -> list[ClearanceIn]:
-    """Explicit clearances, optionally for one department."""
+def list_clearances(enforcer: PolicyEnforcer, department: str | None = None) -> list[ClearanceOut]:
+    """Explicit clearances, optionally for one department (also one stored before today's rules on subjects)."""
     enforcer.refresh()
-    return [ClearanceIn(subject=subject, department=dept, level=level)  # type: ignore[arg-type]
+    return [ClearanceOut(subject=subject, department=dept, level=level)
             for (subject, dept), level in sorted(enforcer.clearances().items())
             if department is None or dept == department]
 

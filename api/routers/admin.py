@@ -14,6 +14,7 @@ from authz.identity import Identity
 from authz.schemas import (
     ClearanceIn,
     ClearanceKey,
+    ClearanceOut,
     DepartmentIn,
     DepartmentOut,
     GroupMapping,
@@ -184,8 +185,8 @@ def set_clearance(body: ClearanceIn, session: SessionDep, enforcer: EnforcerDep,
     return body
 
 
-@router.get("/clearances", response_model=list[ClearanceIn])
-def list_clearances(enforcer: EnforcerDep, user: CurrentUser, department: str | None = None) -> list[ClearanceIn]:
+@router.get("/clearances", response_model=list[ClearanceOut])
+def list_clearances(enforcer: EnforcerDep, user: CurrentUser, department: str | None = None) -> list[ClearanceOut]:
     """Explicit clearances (everyone else has the default)."""
     _require_scope(enforcer, user, department)
     return authz_service.list_clearances(enforcer, department)

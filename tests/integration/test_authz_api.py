@@ -305,6 +305,35 @@ def test_a_legacy_group_row_casbin_cannot_load_grants_nothing_and_can_be_revoked
             session.commit()
 
 
+def test_a_legacy_clearance_with_brackets_is_listed_and_can_be_removed(client: TestClient, world: dict[str, Any],
+                                                                       settings: Any) -> None:
+    """A clearance stored for group:team(a before such names were refused (inserted here directly) made every
+    clearance listing a 500, and no DELETE body could name it. It is listed and removed with the body listed."""
+    from authz import repository
+    from core.models import Clearance
+
+    admin, engine = world["tokens"]["admin"], get_engine(settings.resolved_database_url)
+    key = {"subject": "group:team(a", "department": LEGAL}
+    with Session(engine) as session:
+        session.add(Clearance(subject=key["subject"], department=LEGAL, level="restricted"))
+        repository.bump_policy_version(session)
+        session.commit()
+    try:
+        assert client.get("/v1/admin/policy-version", headers=auth(admin)).status_code == 200
+        listed = client.get("/v1/admin/clearances", headers=auth(admin))
+        assert listed.status_code == 200, listed.text
+        assert {**key, "level": "restricted"} in listed.json()
+        removed = client.request("DELETE", "/v1/admin/clearances", headers=auth(admin), json=key)
+        assert removed.status_code == 204, removed.text
+        assert key["subject"] not in {c["subject"] for c in client.get("/v1/admin/clearances",
+                                                                       headers=auth(admin)).json()}
+    finally:
+        with Session(engine) as session:
+            if session.query(Clearance).filter_by(subject=key["subject"]).delete():
+                repository.bump_policy_version(session)
+            session.commit()
+
+
 def test_recheck_drops_a_hit_the_filter_let_through_and_counts_it(client: TestClient, world: dict[str, Any],
                                                                   settings: Any) -> None:
     """A point whose payload understates its classification passes the filter; the re-check (document row)
