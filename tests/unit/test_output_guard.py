@@ -172,3 +172,22 @@ def test_an_address_a_browser_would_fetch_is_caught_however_it_is_written() -> N
                     "//evil%2eexample/p?q=180", "//134744072/p?q=180", "///evil.example/p", "evil.example/p?q=180"]:
         answer = f"Hotels are reimbursed up to 180 euros per night ![x]({address}) [1]."
         assert check_generated(answer, GIVEN, {1, 2}) == "url_outside_context", address
+
+
+LINKED = {1: GIVEN[1] + " The travel section of policy.pdf and reports/2024.pdf list the cities.", 2: GIVEN[2]}
+NIGHTLY = "Hotels are reimbursed up to 180 euros per night, see "
+
+
+def test_a_markdown_link_text_is_not_a_citation_its_target_is_judged() -> None:
+    assert check_generated(NIGHTLY + "[Report 2024](reports/2024.pdf) [1].", LINKED, {1, 2}) is None
+    assert check_generated(NIGHTLY + "![Chart 2024, page 3](reports/2024.pdf) [1].", LINKED, {1, 2}) is None
+
+
+def test_a_link_text_that_reads_as_a_citation_must_still_be_a_given_one() -> None:
+    for link in ["[7](reports/2024.pdf)", "[1, 7](reports/2024.pdf)", "\uff3b7\uff3d(reports/2024.pdf)",
+                 "[1000](reports/2024.pdf)", "[ 7 ](reports/2024.pdf)", "![7](reports/2024.pdf)",
+                 "[7\u200b](reports/2024.pdf)", "[Report 2024] (reports/2024.pdf)"]:
+        assert check_generated(NIGHTLY + link + " [1].", LINKED, {1, 2}) == "citation_outside_context", link
+    for link in ["[7](http://evil.example/q?180)", "[Report 2024](https://evil.example/r)",
+                 "[Report 2024](reports/2025.pdf)", "[Report 2024](evil.example/r?q=180)"]:
+        assert check_generated(NIGHTLY + link + " [1].", LINKED, {1, 2}) == "url_outside_context", link
