@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 import unicodedata
 from collections.abc import Callable
@@ -26,11 +27,18 @@ MALFORMED_CITATION = re.compile(r"\[(?!\d+\])([^\[\]\n]*\d[^\[\]\n]*)\](\(?)")
 _LETTER = re.compile(r"[^\W\d_]")
 MIN_SUPPORT = 0.5  # share of a sentence's content words that its cited sources must contain
 ABSTAIN = re.compile(r"\bi (?:do not|don't) know\b", re.IGNORECASE)
-# An absolute, protocol-relative or www. address, or a markdown link/image target or `src=`: a client that renders
-# markdown fetches `![x](url)` by itself. Matched after `\` became `/` and %-escapes were decoded, as a browser does.
+# An absolute, protocol-relative or www. address, or `src=`: a client that renders markdown fetches `![x](url)` by
+# itself. Matched after `\` became `/` and %-escapes were decoded, as a browser does. Markdown link/image targets are
+# judged on their own (see _target_allowed).
 _URL_END = r"[^\s<>()\[\]\"'`]*"
 URL = re.compile(rf"(?i)\b[a-z][a-z0-9+.-]*:/{{2,}}{_URL_END}|(?<![\w/:])/{{2,}}[\w-]+(?:\.[\w-]+)*{_URL_END}"
-                 rf"|\bwww\.[\w-]+(?:\.[\w-]+)+{_URL_END}|(?<=\]\()\s*<?[^\s<>()]+|\bsrc\s*=\s*[\"']?[^\s\"'<>]+")
+                 rf"|\bwww\.[\w-]+(?:\.[\w-]+)+{_URL_END}|\bsrc\s*=\s*[\"']?[^\s\"'<>]+")
+_LINK_OPEN = re.compile(r"\]\(\s*")  # `[text](` or `![alt](`: the link or image target follows
+_ANGLE_TARGET = re.compile(r"<[^>\n]*")  # `](<a target with spaces>)`
+_PLAIN_FRAGMENT = re.compile(r"[\w.-]*")  # what may follow `#` in a target the sources need not hold
+_RELATIVE = re.compile(r"(?!/)[^:/?#]*(?:[/?#].*)?", re.DOTALL)  # no `//` host, no `scheme:` (read as a browser does)
+_LEADING_DOTS = re.compile(r"^(?:\./)+")  # `./policy.pdf` is `policy.pdf`
+_URL_SPACE = "".join(map(chr, range(33)))  # a browser trims C0 controls and spaces, and drops tabs and newlines inside
 CLAIM_END = re.compile(r"(?<=\])[.!?]+\s+")  # `[1]. ` ends a claim, whatever script the next one is in
 _DELIMITER = re.compile(r"<\s*(/?)\s*(source)", re.IGNORECASE)
 
@@ -89,15 +97,52 @@ def citations_in(text: str) -> list[int]:
 
 
 def _as_browser_reads(text: str) -> str:
-    """`\\` as `/` and %-escapes decoded, as a browser reads an address (`https:\\evil%2eexample` is evil.example)."""
-    return unquote(text.replace("\\", "/"))
+    """`\\` as `/` and %-escapes decoded, as a browser reads an address (`https:\\evil%2eexample` is evil.example);
+    a decoded `%5c` is taken for `/` too."""
+    return unquote(text.replace("\\", "/")).replace("\\", "/")
+
+
+def _link_target_end(text: str, start: int) -> int:
+    """Where the markdown link destination at `start` ends: `<...>`, or a space or the `)` that closes it."""
+    angle = _ANGLE_TARGET.match(text, start)
+    if angle:
+        return angle.end()
+    depth, end = 0, start
+    while end < len(text) and not text[end].isspace() and (text[end] != ")" or depth):
+        depth += {"(": 1, ")": -1}.get(text[end], 0)
+        end += 1
+    return end
+
+
+def _link_targets(text: str) -> list[str]:
+    """Every markdown link or image target in `text`, as a browser reads it. A `](` inside a target opens no link
+    (and is judged as part of that target): skipping it keeps this linear however many `](` an answer holds."""
+    targets, reached = [], 0
+    for match in _LINK_OPEN.finditer(text):
+        if match.start() >= reached:
+            reached = _link_target_end(text, match.end())
+            targets.append(text[match.end():reached].removeprefix("<"))
+    return [_as_browser_reads(re.sub(r"[\t\n\r]", "", html.unescape(target))).strip(_URL_SPACE) for target in targets]
+
+
+def _target_allowed(target: str, context: str) -> bool:
+    """A target the sources hold, or a relative one (it names no host) to a plain fragment of the page itself or of
+    a path the sources hold (`#travel`, `./policy.pdf#travel`)."""
+    target = target.rstrip(".,;:!?")
+    if target in context:
+        return True
+    path, _, fragment = target.partition("#")
+    path = _LEADING_DOTS.sub("", path)
+    return bool(_RELATIVE.fullmatch(target) and _PLAIN_FRAGMENT.fullmatch(fragment) and (not path or path in context))
 
 
 def urls_outside(text: str, context: str) -> list[str]:
-    """Addresses in `text` that `context` does not contain (both read as a browser reads them)."""
+    """Addresses in `text` that `context` does not contain (both read as a browser reads them), and link or image
+    targets it does not allow."""
     context = _as_browser_reads(context)
     matches = (match.strip().lstrip("<").rstrip(".,;:!?") for match in URL.findall(_as_browser_reads(text)))
-    return [url for url in matches if url not in context]
+    targets = [target for target in _link_targets(text) if not _target_allowed(target, context)]
+    return [url for url in matches if url not in context] + targets
 
 
 def _nfkc(text: str) -> str:

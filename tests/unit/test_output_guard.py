@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from core.settings import Settings
@@ -191,3 +192,31 @@ def test_a_link_text_that_reads_as_a_citation_must_still_be_a_given_one() -> Non
     for link in ["[7](http://evil.example/q?180)", "[Report 2024](https://evil.example/r)",
                  "[Report 2024](reports/2025.pdf)", "[Report 2024](evil.example/r?q=180)"]:
         assert check_generated(NIGHTLY + link + " [1].", LINKED, {1, 2}) == "url_outside_context", link
+
+
+def test_a_relative_link_within_the_sources_or_to_a_fragment_is_harmless() -> None:
+    for link in ["[the travel section](#travel)", "[top](#)", "[the policy](./policy.pdf)",
+                 "[the travel section](policy.pdf#travel)", "[the policy](<policy.pdf>)",
+                 '[the policy](policy.pdf "travel section")', "[the policy](policy.pdf#travel-section)"]:
+        assert check_generated(NIGHTLY + link + " [1].", LINKED, {1, 2}) is None, link
+
+
+def test_a_link_target_that_is_not_relative_or_not_in_the_sources_is_caught() -> None:
+    """Relative means it cannot name a host: `//`, `\\\\`, their %-escapes and any scheme are not relative."""
+    for target in ["//evil.example/p", "\\\\evil.example/p", "%2f%2fevil.example/p", "%5c%5cevil.example/p",
+                   "/%2fevil.example/p", "/\\evil.example/p", "javascript:alert(180)", "JavaScript:alert(180)",
+                   "data:text/html;base64,PHNjcmlwdD4=", "<java\tscript:alert(180)>", "<javascript:alert(180)>",
+                   " javascript:alert(180)", "policy.pdf?q=180", "policy.pdf/../180", "#travel/../180",
+                   "#travel?q=180", "./evil.example/p", "#travel%2f%2fevil.example", "policy.pdf#x\\evil.example",
+                   "&#x2F;&#x2F;evil.example/p", "#&#47;&#47;evil.example", "policy.pdf(180)", "#travel(180)"]:
+        answer = NIGHTLY + f"[the policy]({target}) [1]."
+        assert check_generated(answer, LINKED, {1, 2}) == "url_outside_context", target
+        assert check_generated(NIGHTLY + f"![the policy]({target}) [1].", LINKED, {1, 2}) == "url_outside_context"
+
+
+def test_many_link_openers_are_judged_in_linear_time() -> None:
+    """Each `](` inside a target is part of that target, not the start of another scan over the rest."""
+    started = time.monotonic()
+    for answer in ["](((" * 20000, "](" * 30000, "](<" * 20000, "](a(" * 20000]:
+        assert check_generated(NIGHTLY + answer + " [1].", LINKED, {1, 2}) == "url_outside_context"
+    assert time.monotonic() - started < 5  # minutes when each `](` rescanned the rest of the answer
