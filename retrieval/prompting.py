@@ -27,14 +27,18 @@ MALFORMED_CITATION = re.compile(r"\[(?!\d+\])([^\[\]\n]*\d[^\[\]\n]*)\](\(?)")
 _LETTER = re.compile(r"[^\W\d_]")
 MIN_SUPPORT = 0.5  # share of a sentence's content words that its cited sources must contain
 ABSTAIN = re.compile(r"\bi (?:do not|don't) know\b", re.IGNORECASE)
-# An absolute, protocol-relative or www. address, or `src=`: a client that renders markdown fetches `![x](url)` by
-# itself. Matched after `\` became `/` and %-escapes were decoded, as a browser does. Markdown link/image targets are
-# judged on their own (see _target_allowed).
+# An absolute, protocol-relative or www. address: a client that renders markdown fetches `![x](url)` by itself.
+# Matched after `\` became `/` and %-escapes were decoded, as a browser does. Markdown link/image targets and `src=`
+# values in a tag or attribute list are judged on their own (see _target_allowed).
 _URL_END = r"[^\s<>()\[\]\"'`]*"
 URL = re.compile(rf"(?i)\b[a-z][a-z0-9+.-]*:/{{2,}}{_URL_END}|(?<![\w/:])/{{2,}}[\w-]+(?:\.[\w-]+)*{_URL_END}"
-                 rf"|\bwww\.[\w-]+(?:\.[\w-]+)+{_URL_END}|\bsrc\s*=\s*[\"']?[^\s\"'<>]+")
+                 rf"|\bwww\.[\w-]+(?:\.[\w-]+)+{_URL_END}")
 _LINK_OPEN = re.compile(r"\]\(\s*")  # `[text](` or `![alt](`: the link or image target follows
 _ANGLE_TARGET = re.compile(r"<[^>\n]*")  # `](<a target with spaces>)`
+# `src=` counts inside an HTML tag (`<img alt="a>b" src=...>`) or a `{...}` attribute list, not in prose ("set src=
+# to the folder"): every one in the tag, quoted values included, though a browser reads only the first.
+_ATTRIBUTES = re.compile(r"""(?i)<[a-z](?:"[^"]*"|'[^']*'|[^<>"'])*|\{[^{}]*""")
+_SRC_VALUE = re.compile(r"""(?i)(?<=[\s/"'{])src\s*=\s*(?:"([^"]*)"?|'([^']*)'?|([^\s"'<>{}]*))""")
 _PLAIN_FRAGMENT = re.compile(r"[\w.-]*")  # what may follow `#` in a target the sources need not hold
 _RELATIVE = re.compile(r"(?!/)[^:/?#]*(?:[/?#].*)?", re.DOTALL)  # no `//` host, no `scheme:` (read as a browser does)
 _LEADING_DOTS = re.compile(r"^(?:\./)+")  # `./policy.pdf` is `policy.pdf`
@@ -115,14 +119,22 @@ def _link_target_end(text: str, start: int) -> int:
 
 
 def _link_targets(text: str) -> list[str]:
-    """Every markdown link or image target in `text`, as a browser reads it. A `](` inside a target opens no link
-    (and is judged as part of that target): skipping it keeps this linear however many `](` an answer holds."""
+    """Every markdown link or image target in `text`. A `](` inside a target opens no link (and is judged as part
+    of that target): skipping it keeps this linear however many `](` an answer holds."""
     targets, reached = [], 0
     for match in _LINK_OPEN.finditer(text):
         if match.start() >= reached:
             reached = _link_target_end(text, match.end())
             targets.append(text[match.end():reached].removeprefix("<"))
-    return [_as_browser_reads(re.sub(r"[\t\n\r]", "", html.unescape(target))).strip(_URL_SPACE) for target in targets]
+    return targets
+
+
+def _targets(text: str) -> list[str]:
+    """Every markdown link or image target and tag or attribute-list `src=` value in `text`, as a browser reads it."""
+    sources = ["".join(value.groups(default="")) for attributes in _ATTRIBUTES.finditer(text)
+               for value in _SRC_VALUE.finditer(attributes.group())]
+    return [_as_browser_reads(re.sub(r"[\t\n\r]", "", html.unescape(target))).strip(_URL_SPACE)
+            for target in _link_targets(text) + sources]
 
 
 def _target_allowed(target: str, context: str) -> bool:
@@ -137,11 +149,11 @@ def _target_allowed(target: str, context: str) -> bool:
 
 
 def urls_outside(text: str, context: str) -> list[str]:
-    """Addresses in `text` that `context` does not contain (both read as a browser reads them), and link or image
-    targets it does not allow."""
+    """Addresses in `text` that `context` does not contain (both read as a browser reads them), and link, image or
+    `src=` targets it does not allow."""
     context = _as_browser_reads(context)
     matches = (match.strip().lstrip("<").rstrip(".,;:!?") for match in URL.findall(_as_browser_reads(text)))
-    targets = [target for target in _link_targets(text) if not _target_allowed(target, context)]
+    targets = [target for target in _targets(text) if not _target_allowed(target, context)]
     return [url for url in matches if url not in context] + targets
 
 

