@@ -214,7 +214,12 @@ _STOP_WORDS = frozenset(
     with within without would yet you your yours yourself yourselves tell know many
     """.split()
 )
-_TOKEN = re.compile(r"[^\W_]+(?:'[^\W_]+)?")  # words in any script: a Cyrillic or CJK claim has terms too
+_TOKEN = re.compile(r"[^\W_]+(?:'[^\W_]+)?")  # words in any script: a Cyrillic claim has terms too
+# Scripts written without spaces (Han, kana, Thai, Lao, Myanmar, Khmer): a run of them is cut into character bigrams.
+UNSPACED = ("\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff"  # Thai, Lao, Myanmar, Khmer
+            "\u3041-\u30fa\u30fc-\u30ff"  # kana (not the middle dot)
+            "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f")  # Han
+_UNSPACED_RUN = re.compile(f"[{UNSPACED}]+")
 
 
 def _stem(word: str) -> str:
@@ -244,10 +249,18 @@ def _content_token(token: str) -> str | None:
     return base
 
 
+def _bigrams(run: str) -> list[str]:
+    """Overlapping character pairs of a run in a script without spaces (a lone character stands for itself)."""
+    return [run[i:i + 2] for i in range(max(1, len(run) - 1))]
+
+
 def content_terms(text: str) -> frozenset[str]:
-    """Lower-cased, stemmed content words of `text` (stop-words and contractions dropped)."""
-    tokens = (_content_token(token) for token in _TOKEN.findall(text.lower().replace("\u2019", "'")))
-    return frozenset(_stem(token) for token in tokens if token)
+    """Lower-cased, stemmed content words of `text` (stop-words and contractions dropped), and the character bigrams
+    of its runs in scripts written without spaces."""
+    text = text.lower().replace("\u2019", "'")
+    tokens = (_content_token(token) for token in _TOKEN.findall(_UNSPACED_RUN.sub(" ", text)))
+    bigrams = (pair for run in _UNSPACED_RUN.findall(text) for pair in _bigrams(run))
+    return frozenset(_stem(token) for token in tokens if token).union(bigrams)
 
 
 def _overlap(question_terms: frozenset[str], sentence: str, cosine: float) -> float:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from retrieval.answer import content_terms, split_sentences
+from retrieval.answer import UNSPACED, content_terms, split_sentences
 
 SYSTEM_PROMPT = (
     "You answer questions for govrag using only the numbered sources in the user message. "
@@ -43,7 +43,8 @@ _PLAIN_FRAGMENT = re.compile(r"[\w.-]*")  # what may follow `#` in a target the 
 _RELATIVE = re.compile(r"(?!/)[^:/?#]*(?:[/?#].*)?", re.DOTALL)  # no `//` host, no `scheme:` (read as a browser does)
 _LEADING_DOTS = re.compile(r"^(?:\./)+")  # `./policy.pdf` is `policy.pdf`
 _URL_SPACE = "".join(map(chr, range(33)))  # a browser trims C0 controls and spaces, and drops tabs and newlines inside
-CLAIM_END = re.compile(r"(?<=\])[.!?]+\s+")  # `[1]. ` ends a claim, whatever script the next one is in
+# `[1]. ` ends a claim, whatever script the next one is in; so does `。`, and `.`, `!` or `?` before a CJK sentence.
+CLAIM_END = re.compile(rf"(?<=\])[.!?]+\s+|(?<=[。.!?])\s*(?=[{UNSPACED}])|(?<=。)")
 _DELIMITER = re.compile(r"<\s*(/?)\s*(source)", re.IGNORECASE)
 
 

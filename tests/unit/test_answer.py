@@ -215,3 +215,11 @@ def test_content_terms_are_words_in_any_script() -> None:
     assert content_terms("Всем сотрудникам положена премия") == {"всем", "сотрудникам", "положена", "премия"}
     assert content_terms("Reisekosten für Zürich") == {"reisekosten", "für", "zürich"}
     assert content_terms("The employee's claims, I'm sure") == {"employe", "claim", "sur"}  # stemmed
+
+
+def test_content_terms_of_scripts_without_spaces_are_character_bigrams() -> None:
+    """A Chinese or Japanese sentence is not one long word: its runs are cut into overlapping character pairs."""
+    assert content_terms("酒店住宿费") == {"酒店", "店住", "住宿", "宿费"}
+    assert content_terms("报销180欧元。") == {"报销", "180", "欧元"}
+    assert content_terms("出張費は、税") == {"出張", "張費", "費は", "税"}
+    assert content_terms("Hotel 酒店 costs") == {"hotel", "酒店", "cost"}

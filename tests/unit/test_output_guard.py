@@ -240,3 +240,25 @@ def test_src_in_a_tag_or_attribute_list_must_be_in_the_sources() -> None:
         answer = f"Hotels are reimbursed up to 180 euros per night {tag} [1]."
         assert check_generated(answer, LINKED, {1, 2}) == "url_outside_context", tag
     assert check_generated(NIGHTLY + '<img src="reports/2024.pdf"> [1].', LINKED, {1, 2}) is None
+
+
+CJK_GIVEN = {1: "酒店住宿费在首都城市每晚最高报销180欧元。报销申请须在30天内提交，并附上收据。",
+             2: "出張の宿泊費は首都では一泊180ユーロまで払い戻されます。"}
+
+
+def test_a_cjk_claim_copied_or_paraphrased_from_its_chunk_is_supported() -> None:
+    for answer in ["酒店住宿费在首都城市每晚最高报销180欧元[1]。", "在首都城市，酒店住宿每晚最多可报销180欧元[1]。",
+                   "报销申请须在30天内提交[1]。酒店住宿费每晚最高报销180欧元[1]。",
+                   "出張の宿泊費は首都では一泊180ユーロまで払い戻されます[2]。",
+                   "首都での出張の宿泊費は、一泊180ユーロまで払い戻されます[2]。"]:
+        assert check_generated(answer, CJK_GIVEN, {1, 2}) is None, answer
+
+
+def test_an_invented_cjk_claim_is_unsupported_even_beside_a_copied_one() -> None:
+    copied, invented = "酒店住宿费在首都城市每晚最高报销180欧元", "所有员工每年可以获得四百万美元的奖金"
+    japanese = "出張の宿泊費は首都では一泊180ユーロまで払い戻されます[2]。"
+    for answer in [f"{invented}[1]。", f"{copied}[1]。{invented}[1]。", f"{copied}。{invented}[1]。",
+                   f"{copied}[1]!{invented}[1]!", f"{copied}[1]. {invented}[1].",
+                   "社長の年俸は四百万ドルで、全社員に毎年賞与が支給されます[2]。",
+                   japanese + "社長の年俸は四百万ドルで、全社員に毎年賞与が支給されます[2]。"]:
+        assert check_generated(answer, CJK_GIVEN, {1, 2}) == "unsupported_statement", answer
