@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -135,20 +135,21 @@ def _keep(sentence: str) -> bool:
     return len(sentence) >= MIN_SENTENCE_CHARS and any(ch.isalpha() for ch in sentence)
 
 
-def _sentences_in_context(text: str) -> list[tuple[str, str]]:
+def _sentences_in_context(text: str, keep: Callable[[str], bool] = _keep) -> list[tuple[str, str]]:
     """(heading, sentence) pairs; the heading is the latest markdown heading above, or ""."""
     result: list[tuple[str, str]] = []
     for heading, block in _paragraphs(text):
         for piece in _split_block(block):
             sentence = _SPACES.sub(" ", piece).strip()
-            if _keep(sentence):
+            if keep(sentence):
                 result.append((heading, sentence))
     return result
 
 
-def split_sentences(text: str) -> list[str]:
-    """Split text into quotable sentences (lists, newlines and headings respected)."""
-    return [sentence for _, sentence in _sentences_in_context(text)]
+def split_sentences(text: str, *, every: bool = False) -> list[str]:
+    """Split text into quotable sentences (lists, newlines and headings respected); with `every`, also those too
+    short or bare to quote (`CEO earns 4M.`): every sentence a reader reads."""
+    return [sentence for _, sentence in _sentences_in_context(text, bool if every else _keep)]
 
 
 def scored_sentences(text: str) -> list[str]:

@@ -164,9 +164,10 @@ def _nfkc(text: str) -> str:
 
 
 def _claims(text: str) -> list[str]:
-    """The sentences of `text`, also cut after each citation that ends one: split_sentences starts a sentence only
-    at a Latin capital, and a claim in another script must not hide inside the sentence before it."""
-    return [claim for sentence in split_sentences(text) for claim in CLAIM_END.split(sentence) if claim.strip()]
+    """Every sentence of `text`, however short, also cut after each citation that ends one: split_sentences starts a
+    sentence only at a Latin capital, and a claim in another script must not hide inside the sentence before it."""
+    return [claim for sentence in split_sentences(text, every=True) for claim in CLAIM_END.split(sentence)
+            if claim.strip()]
 
 
 def _malformed_citation(text: str) -> bool:

@@ -262,3 +262,13 @@ def test_an_invented_cjk_claim_is_unsupported_even_beside_a_copied_one() -> None
                    "社長の年俸は四百万ドルで、全社員に毎年賞与が支給されます[2]。",
                    japanese + "社長の年俸は四百万ドルで、全社員に毎年賞与が支給されます[2]。"]:
         assert check_generated(answer, CJK_GIVEN, {1, 2}) == "unsupported_statement", answer
+
+
+def test_a_short_invented_sentence_is_checked_too() -> None:
+    """Sentences too short or too bare to quote in an extractive answer are still claims a reader reads."""
+    filed = "Expense claims must be filed within 30 days [2]. "
+    for answer in [filed + "CEO earns 4M [2].", filed + "4000000 [2].", "员工每年获得四百万美元奖金[1]。",
+                   filed + "Bonus: 4M [2]."]:
+        assert check_generated(answer, {**GIVEN, 1: CJK_GIVEN[1]}, {1, 2}) == "unsupported_statement", answer
+    assert check_generated(filed + "Receipts attached [2].", GIVEN, {1, 2}) is None
+    assert check_generated(filed + "30 days [2].", GIVEN, {1, 2}) is None
