@@ -52,6 +52,18 @@ def unavailable_dependency(exc: BaseException) -> str | None:
     """Which dependency `exc` says is unreachable ("database", "vector store"), or None for any other failure."""
     if isinstance(exc, Unavailable):
         return exc.dependency
-    if isinstance(exc, _DATABASE_UNAVAILABLE):
+    if isinstance(exc, _DATABASE_UNAVAILABLE) and not _statement_refused(exc):
         return "database"
     return None
+
+
+def _statement_refused(exc: db_errors.SQLAlchemyError) -> bool:
+    """PostgreSQL (or its client library) refused a statement for what it is, on a connection still up: more than
+    65,535 parameters (no SQLSTATE), a program limit exceeded (SQLSTATE class 54). The same statement fails again
+    however long the caller waits: a bug, not an outage. A lost connection, a deadlock, a lock or statement
+    timeout, too many connections keep their SQLSTATE (or invalidate the connection) and stay outages; so does
+    every SQLite error (no SQLSTATE attribute at all)."""
+    if not isinstance(exc, db_errors.OperationalError) or exc.statement is None or exc.connection_invalidated:
+        return False
+    sqlstate = getattr(exc.orig, "sqlstate", "")
+    return sqlstate is None or sqlstate.startswith("54")

@@ -9,6 +9,8 @@ from sqlalchemy.orm import Session
 
 from core.models import RETIRED, Document, DocumentStatus, IngestionJob, IngestionPolicy, utcnow
 
+IDS_PER_STATEMENT = 5_000  # ids bound in one IN list: PostgreSQL takes at most 65,535 parameters per statement
+
 
 def get_document(session: Session, document_id: str) -> Document | None:
     """A document row by id."""
@@ -100,9 +102,12 @@ def documents_to_reindex(session: Session, *, department: str | None, document_i
     query = select(Document).where(Document.status == "ready")
     if department is not None:
         query = query.where(Document.department == department)
-    if document_ids is not None:
-        query = query.where(Document.id.in_(document_ids))
-    return list(session.scalars(query.order_by(Document.created_at)))
+    if document_ids is None:
+        return list(session.scalars(query.order_by(Document.created_at)))
+    ids = sorted(set(document_ids))
+    found = [document for start in range(0, len(ids), IDS_PER_STATEMENT)
+             for document in session.scalars(query.where(Document.id.in_(ids[start:start + IDS_PER_STATEMENT])))]
+    return sorted(found, key=lambda document: document.created_at)
 
 
 def new_job(session: Session, *, job_id: str, document_id: str, from_status: str) -> bool:

@@ -14,6 +14,7 @@ from core.text import RequestModel
 GROUP_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 MAX_ACL_GROUPS = 256
 MAX_KEYWORD_CHARS = 200  # a department classification keyword (a word or a phrase)
+MAX_REINDEX_IDS = 10_000  # documents named in one re-index request
 
 
 class Classification(StrEnum):
@@ -162,7 +163,8 @@ class ReviewDecision(BaseModel):
 
 class ReindexIn(RequestModel):
     department: str
-    document_ids: list[str] | None = Field(default=None, min_length=1)  # omitted: all; empty: a 422, not all
+    # omitted: all; empty: a 422, not all; more than the maximum: a 422 (send them in several requests)
+    document_ids: list[str] | None = Field(default=None, min_length=1, max_length=MAX_REINDEX_IDS)
 
 
 class ReindexOut(BaseModel):

@@ -12,7 +12,11 @@ from pathlib import Path
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import bindparam, make_url, text
+from sqlalchemy.exc import OperationalError
 
+from core.db import get_engine
+from core.errors import unavailable_dependency
 from tests.conftest import PG_ADMIN_DSN, PLATFORM_ADMIN, auth, desk_member
 
 
@@ -114,3 +118,17 @@ def test_an_identity_provider_that_does_not_answer_is_a_503(tmp_path: Path, monk
         assert response.headers["retry-after"] == "5" and token not in response.text
     close_vector_store(settings)
 
+
+def test_a_statement_postgresql_refuses_for_its_size_is_no_database_outage(settings) -> None:  # type: ignore[no-untyped-def]
+    """Every OperationalError was reported as the database being down (a 503 to retry, an outage in the logs), a
+    statement with too many parameters too: it fails again whatever the wait. A database that cannot be reached
+    stays an outage."""
+    too_many = text("SELECT 1 WHERE 1 IN :ids").bindparams(bindparam("ids", expanding=True))
+    with get_engine(settings.resolved_database_url).connect() as connection, \
+            pytest.raises(OperationalError) as refused:
+        connection.execute(too_many, {"ids": list(range(70_000))})
+    assert unavailable_dependency(refused.value) is None
+    unreachable = make_url(settings.resolved_database_url).set(port=9)  # nothing listens there
+    with pytest.raises(OperationalError) as down:
+        get_engine(unreachable.render_as_string(hide_password=False)).connect()
+    assert unavailable_dependency(down.value) == "database"

@@ -16,6 +16,7 @@ from email.message import EmailMessage
 import pytest
 from fastapi.testclient import TestClient
 
+from core.db import get_session_factory
 from retrieval.store import open_vector_store
 from tests.conftest import PLATFORM_ADMIN, auth, damaged_doc, wait_for_attachments, wait_for_document, wait_for_job
 
@@ -222,6 +223,34 @@ def test_an_empty_reindex_selection_is_refused_not_taken_for_all(client: TestCli
     response = client.post("/v1/admin/reindex", headers=auth(lab["dept_admin"]),
                            json={"department": lab["department"], "document_ids": []})
     assert response.status_code == 422 and "document_ids" in response.json()["error"]["message"], response.text
+
+
+def test_a_reindex_naming_too_many_documents_is_a_422_not_a_database_outage(client: TestClient,
+                                                                           lab: dict[str, str]) -> None:
+    """70,000 ids (well inside the body limit) passed PostgreSQL's 65,535 bound parameters: a 503 "the database is
+    unavailable; try again shortly", a retry that could never succeed and a phantom outage for the operators."""
+    ids = [str(i) for i in range(70_000)]
+    response = client.post("/v1/admin/reindex", headers=auth(lab["dept_admin"]),
+                           json={"department": lab["department"], "document_ids": ids})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request" and "document_ids" in error["message"] and "10000" in error["message"]
+
+
+def test_a_reindex_listing_binds_its_ids_in_statements_postgresql_takes(client: TestClient, lab: dict[str, str],
+                                                                         settings) -> None:  # type: ignore[no-untyped-def]
+    """The repository is not bounded by the API's limit (the CLI, a later caller): more ids than one statement may
+    bind are looked up in parts, in creation order, each document once."""
+    from ingestion import repository
+
+    for name in ("first-of-two.txt", "second-of-two.txt"):
+        _ingest(client, lab["editor"], lab["department"], name, f"{name} rota {uuid.uuid4().hex[:6]}.".encode())
+    with get_session_factory(settings.resolved_database_url)() as session:
+        ready = repository.documents_to_reindex(session, department=lab["department"], document_ids=None)
+        assert len(ready) >= 2
+        ids = [f"missing-{i}" for i in range(70_000)] + [d.id for d in reversed(ready)] + [ready[0].id]
+        listed = repository.documents_to_reindex(session, department=lab["department"], document_ids=ids)
+    assert [d.id for d in listed] == [d.id for d in ready]
 
 
 def test_a_document_deleted_while_a_reindex_is_queued_stays_deleted(
