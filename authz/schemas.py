@@ -9,10 +9,10 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from authz.identity import GROUP_PREFIX, RESERVED_PREFIXES
+from core.models import DEPARTMENT_PATTERN
 from core.text import RequestModel
 from ingestion.schemas import Classification
 
-DEPARTMENT_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
 GLOBAL_SCOPE = "global"  # the kill switch's platform-wide scope
 RESERVED_DEPARTMENT_NAMES = frozenset({GLOBAL_SCOPE})  # scopes that must never name a department
 # Casbin stores policy rows as text and splits them on commas outside ( ) and [ ]: a bracket in a stored name made

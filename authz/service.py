@@ -179,6 +179,12 @@ def create_department(*, session: Session, keystore: KeyStore, name: str) -> Non
     keystore.create_department_key(session=session, department=name)
 
 
+def require_department(session: Session, name: str) -> None:
+    """Raise not_found unless a department of that name exists."""
+    if not repository.department_exists(session, name):
+        raise GovragError(ErrorCode.not_found, "no such department")
+
+
 def list_departments(*, session: Session) -> list[str]:
     """All department names."""
     return repository.department_names(session)
@@ -370,8 +376,7 @@ def list_inheritance(enforcer: PolicyEnforcer, department: str | None = None) ->
 
 def set_clearance(*, ctx: ChangeContext, clearance: ClearanceIn) -> None:
     """Set the highest classification a subject may read in a department."""
-    if not repository.department_exists(ctx.session, clearance.department):
-        raise GovragError(ErrorCode.not_found, "no such department")
+    require_department(ctx.session, clearance.department)
     repository.set_clearance(ctx.session, clearance.subject, clearance.department, clearance.level.value)
     _record_change(ctx, AdminEventType.clearance_set, clearance.department,
                    clearance.model_dump(mode="json"))
@@ -395,8 +400,7 @@ def list_clearances(enforcer: PolicyEnforcer, department: str | None = None) -> 
 def _validate_assignment(session: Session, role: str, department: str) -> None:
     if not any(r == ROLE_PREFIX + role for _, r in repository.permission_rows(session)):
         raise GovragError(ErrorCode.invalid_request, "unknown role; define it first (GET /v1/admin/roles lists them)")
-    if not repository.department_exists(session, department):
-        raise GovragError(ErrorCode.not_found, "no such department")
+    require_department(session, department)
 
 
 # --- explanations ---

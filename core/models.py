@@ -52,6 +52,9 @@ UNFINISHED = (DocumentStatus.queued, DocumentStatus.processing)  # a document or
 RETIRED = (DocumentStatus.deleted, DocumentStatus.rejected)  # final: the key is shredded, nothing moves it back
 
 
+DEPARTMENT_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"  # a department's name: lower-case letters, digits, '-' or '_'
+
+
 class Department(Base):
     __tablename__ = "departments"
 

@@ -41,8 +41,7 @@ def get_policy(*, session: Session, department: str) -> IngestionPolicyOut:
 
 def set_policy(*, session: Session, department: str, policy: IngestionPolicyIn, actor: str) -> IngestionPolicyOut:
     """Replace a department's ingestion policy after checking every custom recognizer compiles safely."""
-    if department not in authz_service.list_departments(session=session):
-        raise GovragError(ErrorCode.not_found, "no such department")
+    authz_service.require_department(session, department)
     for spec in policy.recognizers:
         problem = validate_custom(_custom(spec))
         if problem is not None:
@@ -104,7 +103,9 @@ def reject(*, session: Session, settings: Settings, document: Document) -> tuple
 
 def queue_reindex(*, session: Session, department: str, document_ids: list[str] | None) -> list[tuple[str, str]]:
     """Queue a fresh ingestion of ready documents from their encrypted originals; returns (document, job) ids. A
-    document deleted since the listing stays deleted (and is left out)."""
+    document deleted since the listing stays deleted (and is left out); not_found for a department that does not
+    exist."""
+    authz_service.require_department(session, department)
     queued = []
     for document in repository.documents_to_reindex(session, department=department, document_ids=document_ids):
         job_id = str(uuid.uuid4())

@@ -9,6 +9,7 @@ from enum import StrEnum
 from pydantic import BaseModel, Field, field_validator
 
 from core.errors import ErrorCode, GovragError
+from core.models import DEPARTMENT_PATTERN
 from core.text import RequestModel
 
 GROUP_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
@@ -162,7 +163,7 @@ class ReviewDecision(BaseModel):
 
 
 class ReindexIn(RequestModel):
-    department: str
+    department: str = Field(pattern=DEPARTMENT_PATTERN)
     # omitted: all; empty: a 422, not all; more than the maximum: a 422 (send them in several requests)
     document_ids: list[str] | None = Field(default=None, min_length=1, max_length=MAX_REINDEX_IDS)
 

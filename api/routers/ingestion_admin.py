@@ -25,8 +25,9 @@ router = APIRouter(prefix="/v1/admin", tags=["ingestion admin"])
 
 @router.get("/departments/{department}/ingestion-policy", response_model=IngestionPolicyOut)
 def get_policy(department: str, session: SessionDep, enforcer: EnforcerDep, user: CurrentUser) -> IngestionPolicyOut:
-    """A department's ingestion policy (its admins)."""
+    """A department's ingestion policy (its admins); a department that does not exist is a 404, as for the PUT."""
     authz_service.require_manage(enforcer, user, department)
+    authz_service.require_department(session, department)
     return quarantine.get_policy(session=session, department=department)
 
 

@@ -67,6 +67,16 @@ def test_policy_needs_the_department_admin(client: TestClient, lab: dict[str, st
     assert got["ai_max_level"] == "internal" and got["recognizers"][0]["entity"] == "EMPLOYEE_ID"
 
 
+def test_the_policy_of_a_department_that_does_not_exist_is_a_404(client: TestClient, lab: dict[str, str]) -> None:
+    """A typo answered 200 with the default policy (for any name, even '..'), while a PUT on it was a 404."""
+    name = f"nope{uuid.uuid4().hex[:8]}"
+    assert client.put(f"/v1/admin/departments/{name}/ingestion-policy", json={},
+                      headers=auth(lab["admin"])).status_code == 404
+    response = client.get(f"/v1/admin/departments/{name}/ingestion-policy", headers=auth(lab["admin"]))
+    assert response.status_code == 404, response.text
+    assert response.json()["error"]["message"] == "no such department"
+
+
 def test_bad_custom_recognizer_is_refused(client: TestClient, lab: dict[str, str]) -> None:
     url = f"/v1/admin/departments/{lab['department']}/ingestion-policy"
     body = {"recognizers": [{"entity": "BROKEN", "pattern": "(unclosed", "checksum": "luhn"}]}
@@ -223,6 +233,17 @@ def test_an_empty_reindex_selection_is_refused_not_taken_for_all(client: TestCli
     response = client.post("/v1/admin/reindex", headers=auth(lab["dept_admin"]),
                            json={"department": lab["department"], "document_ids": []})
     assert response.status_code == 422 and "document_ids" in response.json()["error"]["message"], response.text
+
+
+def test_a_reindex_of_a_department_that_does_not_exist_is_a_404(client: TestClient, lab: dict[str, str]) -> None:
+    """A typo ("finanse") answered 202 {"queued": []} and wrote a reindex event for a department that does not exist,
+    while the kill switch, clearances and grants answer 404; a name no department may have is a 422."""
+    response = client.post("/v1/admin/reindex", json={"department": f"nope{uuid.uuid4().hex[:8]}"},
+                           headers=auth(lab["admin"]))
+    assert response.status_code == 404, response.text
+    assert response.json()["error"]["message"] == "no such department"
+    malformed = client.post("/v1/admin/reindex", json={"department": "../Finance"}, headers=auth(lab["admin"]))
+    assert malformed.status_code == 422 and "department" in malformed.json()["error"]["message"], malformed.text
 
 
 def test_a_reindex_naming_too_many_documents_is_a_422_not_a_database_outage(client: TestClient,
