@@ -15,6 +15,8 @@ from core.logs import exception_frames, request_id_var
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 5
+KEY_PLACEHOLDER = "<key>"  # a submitted dict key in a validation error's location: the client's text, never echoed
+REQUEST_PARTS = ("body", "query", "path", "header", "cookie", "[key]")  # [key]: pydantic's mark of a bad dict key
 
 _HTTP_CODES = {401: ErrorCode.unauthenticated, 403: ErrorCode.forbidden, 404: ErrorCode.not_found,
                413: ErrorCode.payload_too_large, 415: ErrorCode.unsupported_type}
@@ -36,9 +38,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.code.status, exc.code.name, exc.message)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        # Name the fields and the problem, never echo the submitted values.
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Name the fields and the problem, never echo the submitted values (a dict's keys included).
+        names = _schema_names(request.app)
+        problems = "; ".join(f"{_location(err['loc'], names)}: {err['msg']}" for err in exc.errors())
         return error_response(422, ErrorCode.invalid_request.name, f"invalid request: {problems}"[:500])
 
     @app.exception_handler(StarletteHTTPException)
@@ -46,6 +49,30 @@ def install_error_handlers(app: FastAPI) -> None:
         code = _HTTP_CODES.get(exc.status_code, ErrorCode.invalid_request)
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         return error_response(exc.status_code, code.name, message)
+
+
+def _location(loc: tuple[int | str, ...], names: frozenset[str]) -> str:
+    """Where a validation error is, as the schema names it: a list index, or a field or parameter name; anything
+    else is a key of a submitted dict (a department's confidential keyword, say), shown as `<key>`."""
+    return ".".join(str(part) if isinstance(part, int) or part in names else KEY_PLACEHOLDER for part in loc)
+
+
+def _schema_names(app: FastAPI) -> frozenset[str]:
+    """Every name the API's OpenAPI document gives a field or a parameter, and the parts of a request they sit in;
+    worked out once per app."""
+    names: frozenset[str] | None = getattr(app.state, "schema_names", None)
+    if names is None:
+        found, pending = set(REQUEST_PARTS), [app.openapi()]
+        while pending:
+            item = pending.pop()
+            if isinstance(item, dict):
+                found.update(item.get("properties", {}) if isinstance(item.get("properties"), dict) else ())
+                found.update(p["name"] for p in item.get("parameters", []) if isinstance(p, dict) and "name" in p)
+                pending.extend(item.values())
+            elif isinstance(item, list):
+                pending.extend(item)
+        names = app.state.schema_names = frozenset(found)
+    return names
 
 
 def crash_response(exc: Exception) -> JSONResponse:

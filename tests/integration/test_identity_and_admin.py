@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+import uuid
 from collections.abc import Callable
 
 import jwt
@@ -114,3 +115,17 @@ def test_validation_errors_do_not_echo_input(client: TestClient, issue_token: Ca
     assert response.status_code == 422
     assert "4111" not in response.text
     assert response.json()["error"]["code"] == "invalid_request"
+
+
+def test_a_422_never_echoes_a_submitted_dict_key(client: TestClient, issue_token: Callable[..., str]) -> None:
+    """The location of a validation error carried the submitted dict key: a department's confidential keyword (a
+    project code name) came back in the message. Field names from the schema are still given."""
+    admin = auth(issue_token(PLATFORM_ADMIN))
+    department = f"kw{uuid.uuid4().hex[:8]}"
+    assert client.post("/v1/admin/departments", json={"name": department}, headers=admin).status_code == 201
+    response = client.put(f"/v1/admin/departments/{department}/ingestion-policy", headers=admin,
+                          json={"keywords": {"Project Nightingale merger": "top-secret"}, "ai_max_level": "secret"})
+    assert response.status_code == 422, response.text
+    message = response.json()["error"]["message"]
+    assert "Nightingale" not in response.text
+    assert "body.keywords.<key>:" in message and "body.ai_max_level:" in message, message
