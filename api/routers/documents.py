@@ -36,7 +36,10 @@ router = APIRouter(prefix="/v1", tags=["documents"])
 MAX_PAGE = 200  # documents per listing page
 
 
-@router.post("/documents", status_code=status.HTTP_202_ACCEPTED, response_model=UploadAccepted)
+# One document per upload: with two files, the last was taken and the others silently lost. A second one is a 400
+# ("Too many files") as the form is read.
+@router.post("/documents", status_code=status.HTTP_202_ACCEPTED, response_model=UploadAccepted,
+             form_limits={"max_files": 1})
 def upload_document(
     session: SessionDep, settings: SettingsDep, enforcer: EnforcerDep, celery: CeleryDep, user: CurrentUser,
     file: Annotated[UploadFile, File()],

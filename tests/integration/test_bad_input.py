@@ -112,6 +112,19 @@ def test_upload_form_fields_with_a_nul_are_refused_by_name(client: TestClient, d
     assert message.startswith(f"{field}:") and "NUL" in message and SECRET_WORD not in message
 
 
+def test_an_upload_with_two_files_is_refused(client: TestClient, desk: dict[str, str]) -> None:
+    """Two `file` parts answered 202 for one document: the first file was silently lost."""
+    first, second = f"The first of two {uuid.uuid4().hex}.".encode(), f"The second of two {uuid.uuid4().hex}.".encode()
+    response = client.post("/v1/documents", headers=auth(desk["editor"]), data={"department": desk["department"]},
+                           files=[("file", ("first.txt", first, "text/plain")),
+                                  ("file", ("second.txt", second, "text/plain"))])
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request" and "Too many files" in error["message"], error
+    listed = client.get(f"/v1/documents?department={desk['department']}", headers=auth(desk["editor"])).json()
+    assert not {"first.txt", "second.txt"} & {d["title"] for d in listed["documents"]}
+
+
 def test_an_upload_names_at_most_256_acl_groups(client: TestClient, desk: dict[str, str]) -> None:
     """Every chunk's payload carries the groups and every read re-checks them: 80,000 took 15 s to ingest."""
     def upload(count: int) -> int:
