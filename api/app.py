@@ -14,6 +14,7 @@ import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import crash_response, error_response, install_error_handlers
@@ -42,6 +43,7 @@ from workers.inprocess import InProcessWorker
 logger = logging.getLogger(__name__)
 
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
+BODY_TOO_LARGE = "request body exceeds the upload limit"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -109,8 +111,9 @@ def _sweeper(celery: GovragCelery, settings: Settings) -> Sweeper | None:
 
 
 class RequestContext:
-    """A request id for every line and response, stage timings, request metrics; oversized uploads refused
-    before the body is read. Plain ASGI: Starlette's BaseHTTPMiddleware costs a task and a stream per request."""
+    """A request id for every line and response, stage timings, request metrics; oversized bodies refused before
+    they are read (a declared Content-Length) or as they are read (chunked). Plain ASGI: Starlette's
+    BaseHTTPMiddleware costs a task and a stream per request."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -136,7 +139,7 @@ class RequestContext:
 
         try:
             refusal = _refusal(scope, settings)
-            await (refusal or self.app)(scope, receive, send_with_context)
+            await (refusal or self.app)(scope, _within_limit(receive, _body_limit(settings)), send_with_context)
         except Exception as exc:
             if status_sent:  # the response has begun: nothing more can be said to this client
                 raise
@@ -146,10 +149,44 @@ class RequestContext:
             request_id_var.reset(token)
 
 
+class BodyTooLarge(StarletteHTTPException):
+    """A request body passed the limit as it was read (sent chunked, without a Content-Length): the error handler
+    answers it like an oversized declared body, whoever sent it, before anything reads further."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=413, detail=BODY_TOO_LARGE)
+
+
+def _body_limit(settings: Settings) -> int:
+    """The most body bytes a request may carry: an upload and its multipart framing."""
+    return settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+
+
+def _within_limit(receive: Receive, limit: int) -> Receive:
+    """`receive`, raising `BodyTooLarge` as soon as more than `limit` body bytes have arrived: the JSON parser and
+    the multipart parser (temporary files) never take in more, and neither does an unauthenticated caller."""
+    received = 0
+
+    async def receive_within_limit() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise BodyTooLarge
+        return message
+
+    return receive_within_limit
+
+
+def _too_large() -> JSONResponse:
+    return error_response(413, ErrorCode.payload_too_large.name, BODY_TOO_LARGE)
+
+
 def _refusal(scope: Scope, settings: Settings) -> JSONResponse | None:
     """A request refused before it runs: an oversized declared body, or a NUL in the URL (PostgreSQL stores none)."""
-    if _declared_size(scope) > settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES:
-        return error_response(413, ErrorCode.payload_too_large.name, "request body exceeds the upload limit")
+    if _declared_size(scope) > _body_limit(settings):
+        return _too_large()
     if NUL in scope["path"] or b"%00" in scope.get("query_string", b""):
         return error_response(422, ErrorCode.invalid_request.name, f"invalid request: the URL's {NUL_MESSAGE}")
     return None

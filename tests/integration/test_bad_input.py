@@ -3,6 +3,7 @@ and upload forms; names from inside files are cleaned; an unexpected crash still
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -123,6 +124,46 @@ def test_an_upload_with_two_files_is_refused(client: TestClient, desk: dict[str,
     assert error["code"] == "invalid_request" and "Too many files" in error["message"], error
     listed = client.get(f"/v1/documents?department={desk['department']}", headers=auth(desk["editor"])).json()
     assert not {"first.txt", "second.txt"} & {d["title"] for d in listed["documents"]}
+
+
+@pytest.mark.parametrize(("path", "content_type", "opening"), [
+    ("/v1/query", "application/json", b'{"question": "'),
+    ("/v1/documents", "multipart/form-data; boundary=cut",
+     b'--cut\r\nContent-Disposition: form-data; name="file"; filename="big.txt"\r\n\r\n'),
+])
+def test_an_oversized_body_without_content_length_is_refused_as_it_is_read(
+        client: TestClient, settings, path: str, content_type: str, opening: bytes) -> None:  # type: ignore[no-untyped-def]
+    """A body sent chunked (no Content-Length) was read whole before anything checked its size, before
+    authentication: an anonymous client could make the API buffer any amount (JSON in memory, multipart in
+    temporary files). The same body declared with a Content-Length was refused at once. Driven over ASGI to count
+    the bytes the API takes in."""
+    limit = settings.max_upload_bytes + 64 * 1024
+    chunk = b"a" * 65536
+    pieces = [opening] + [chunk] * (2 * limit // len(chunk))
+    consumed, sent = 0, []
+
+    async def receive() -> dict[str, object]:
+        nonlocal consumed
+        if not pieces:
+            return {"type": "http.disconnect"}
+        piece = pieces.pop(0)
+        consumed += len(piece)
+        return {"type": "http.request", "body": piece, "more_body": bool(pieces)}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+             "headers": [(b"host", b"testserver"), (b"content-type", content_type.encode()),
+                         (b"transfer-encoding", b"chunked")],
+             "client": ("testclient", 50000), "server": ("testserver", 80), "state": {}}
+    client.portal.call(client.app, scope, receive, send)  # type: ignore[union-attr]
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    assert status == 413, f"answered {status} after reading {consumed} bytes (limit {limit})"
+    assert consumed <= limit + len(chunk)
+    body = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+    assert body["error"]["code"] == "payload_too_large" and body["error"]["request_id"], body
 
 
 def test_an_upload_names_at_most_256_acl_groups(client: TestClient, desk: dict[str, str]) -> None:
