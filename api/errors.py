@@ -48,7 +48,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, ErrorCode.invalid_request)
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        return error_response(exc.status_code, code.name, message)
+        return error_response(exc.status_code, code.name, message, headers=exc.headers)  # a 405's Allow, say
 
 
 def _location(loc: tuple[int | str, ...], names: frozenset[str]) -> str:

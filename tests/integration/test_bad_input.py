@@ -166,6 +166,15 @@ def test_an_oversized_body_without_content_length_is_refused_as_it_is_read(
     assert body["error"]["code"] == "payload_too_large" and body["error"]["request_id"], body
 
 
+def test_a_405_names_the_allowed_methods(client: TestClient, desk: dict[str, str]) -> None:
+    """`PUT /v1/query` answered 405 without the `Allow` header HTTP requires (RFC 9110 15.5.6): the error handler
+    rebuilt the response and dropped the headers Starlette set."""
+    response = client.put("/v1/query", json={}, headers=auth(desk["editor"]))
+    assert response.status_code == 405
+    assert response.headers.get("allow") == "POST", dict(response.headers)
+    assert response.json()["error"]["request_id"] == response.headers["x-request-id"]
+
+
 def test_an_upload_names_at_most_256_acl_groups(client: TestClient, desk: dict[str, str]) -> None:
     """Every chunk's payload carries the groups and every read re-checks them: 80,000 took 15 s to ingest."""
     def upload(count: int) -> int:
