@@ -17,7 +17,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import crash_response, error_response, install_error_handlers
+from api.errors import ERROR_RESPONSES, crash_response, error_response, install_error_handlers
 from api.routers import admin, audit, authz, documents, guard_admin, health, ingestion_admin, metrics, query
 from authz.dev_issuer import DevIssuer
 from authz.enforcer import get_enforcer
@@ -52,8 +52,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings or get_settings()
     install_error_handlers(app)
     app.add_middleware(RequestContext)
-    for module in (health, documents, query, admin, authz, audit, guard_admin, metrics, ingestion_admin):
+    for module in (health, metrics):  # their own answers (readyz: {"ready", "checks"}, a 503 included)
         app.include_router(module.router)
+    for module in (documents, query, admin, authz, audit, guard_admin, ingestion_admin):
+        app.include_router(module.router, responses=ERROR_RESPONSES)
     return app
 
 

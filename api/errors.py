@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import ErrorCode, GovragError, unavailable_dependency
@@ -20,6 +22,27 @@ REQUEST_PARTS = ("body", "query", "path", "header", "cookie", "[key]")  # [key]:
 
 _HTTP_CODES = {401: ErrorCode.unauthenticated, 403: ErrorCode.forbidden, 404: ErrorCode.not_found,
                413: ErrorCode.payload_too_large, 415: ErrorCode.unsupported_type}
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="what went wrong, e.g. invalid_request, unauthenticated, not_found, unavailable")
+    message: str = Field(description="for people; never carries the request's content")
+    request_id: str = Field(description="also in the X-Request-ID header and the service's log lines")
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx and 5xx the API sends."""
+
+    error: ErrorDetail
+
+
+# Documented on every /v1 operation. 422 by its number: FastAPI's own entry ({"detail": [...]}) is one the API never
+# sends, and only gives way to an entry for 422 itself.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    422: {"model": ErrorBody, "description": "Invalid request (a field named, its value never echoed)"},
+    "4XX": {"model": ErrorBody, "description": "Refused: bad input, no or bad token, not allowed, not found, ..."},
+    "5XX": {"model": ErrorBody, "description": "Internal error, or a dependency unavailable (503, Retry-After)"},
+}
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
