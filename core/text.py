@@ -18,6 +18,7 @@ from core.errors import ErrorCode, GovragError
 NUL = "\x00"
 NUL_MESSAGE = "text must not contain NUL (\\u0000) characters"
 REPLACEMENT = "\ufffd"
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # LRE..RLO, LRI..PDI
 
 
 def has_nul(value: object) -> bool:
@@ -47,8 +48,10 @@ def require_no_nul(**fields: object) -> None:
 
 
 def printable_name(name: str) -> str:
-    """A name taken from inside a file, with each control character (NUL, escapes, line breaks) replaced by U+FFFD."""
-    return "".join(REPLACEMENT if unicodedata.category(ch) == "Cc" else ch for ch in name)
+    """A name taken from inside a file, or a title, with each control character (NUL, escapes, line breaks) and each
+    bidirectional embedding, override or isolate (which make "report\u202Eexe.pdf" read "reportfdp.exe") replaced
+    by U+FFFD."""
+    return "".join(REPLACEMENT if unicodedata.category(ch) == "Cc" or ch in BIDI_CONTROLS else ch for ch in name)
 
 
 class RequestModel(BaseModel):

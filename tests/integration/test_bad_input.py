@@ -218,6 +218,22 @@ def test_names_from_inside_files_lose_their_control_characters(client: TestClien
     assert child["title"] == f"rota mail / rota{REPLACEMENT}{REPLACEMENT}.txt" and child["status"] == "ready"
 
 
+def test_titles_lose_their_bidirectional_controls(client: TestClient, desk: dict[str, str]) -> None:
+    """A right-to-left override (U+202E) was stored in the title as sent: "invoice<RLO>fdp.exe" shows as
+    "invoiceexe.pdf" in every listing and citation. Each embedding, override and isolate is replaced, as control
+    characters are, in a given title and in a file's name."""
+    titled = client.post("/v1/documents", headers=auth(desk["editor"]),
+                         data={"department": desk["department"], "title": "invoice\u202efdp.exe"},
+                         files={"file": ("invoice.txt", f"Invoice {uuid.uuid4().hex}.".encode())})
+    named = client.post("/v1/documents", headers=auth(desk["editor"]), data={"department": desk["department"]},
+                        files={"file": ("\u2067notes\u2069\u202a.txt", f"Notes {uuid.uuid4().hex}.".encode())})
+    titles = []
+    for response in (titled, named):
+        assert response.status_code == 202, response.text
+        titles.append(wait_for_document(client, desk["editor"], response.json()["document_id"])["title"])
+    assert titles == [f"invoice{REPLACEMENT}fdp.exe", f"{REPLACEMENT}notes{REPLACEMENT}{REPLACEMENT}.txt"]
+
+
 def _first_attachment(client: TestClient, token: str, document_id: str) -> dict[str, object]:
     deadline = time.monotonic() + 120
     while not (children := client.get(f"/v1/documents/{document_id}", headers=auth(token)).json()["attachment_ids"]):
