@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from python_multipart.exceptions import MultipartParseError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import ErrorCode, GovragError, unavailable_dependency
@@ -70,8 +71,17 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, ErrorCode.invalid_request)
-        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        message = _multipart_problem(exc) or (exc.detail if isinstance(exc.detail, str) else "request failed")
         return error_response(exc.status_code, code.name, message, headers=exc.headers)  # a 405's Allow, say
+
+
+def _multipart_problem(exc: StarletteHTTPException) -> str | None:
+    """What Starlette's "Invalid multipart data." stands for when the form parser found a header line too long: a
+    part's file name of more than ~4,000 bytes. None for anything else (the detail is then said as it is)."""
+    cause = exc.__context__.__cause__ if exc.__context__ is not None else None
+    if isinstance(cause, MultipartParseError) and "header size" in str(cause):
+        return "invalid multipart data: a part's header is too long (a file name is at most about 4,000 bytes)"
+    return None
 
 
 def _location(loc: tuple[int | str, ...], names: frozenset[str]) -> str:
