@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Response, status
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentUser, EnforcerDep, SessionDep, SettingsDep
@@ -51,12 +51,18 @@ def list_departments(session: SessionDep, user: CurrentUser) -> list[DepartmentO
     return [DepartmentOut(name=name) for name in authz_service.list_departments(session=session)]
 
 
-@router.post("/role-assignments", status_code=status.HTTP_201_CREATED, response_model=RoleAssignment)
+# A grant already in place: 200 with it, nothing recorded (201 said something was created).
+ALREADY_IN_PLACE = {status.HTTP_200_OK: {"description": "Already in place: nothing changed, nothing recorded"}}
+
+
+@router.post("/role-assignments", status_code=status.HTTP_201_CREATED, response_model=RoleAssignment,
+             responses=ALREADY_IN_PLACE)
 def assign_role(body: RoleAssignment, session: SessionDep, enforcer: EnforcerDep, settings: SettingsDep,
-                user: CurrentUser) -> RoleAssignment:
+                user: CurrentUser, response: Response) -> RoleAssignment:
     """Grant a role in a department (platform admins, or the department's admins); audited by authz."""
     authz_service.require_manage(enforcer, user, body.department)
-    authz_service.assign_role(ctx=_change(session, enforcer, user, settings), assignment=body)
+    if not authz_service.assign_role(ctx=_change(session, enforcer, user, settings), assignment=body):
+        response.status_code = status.HTTP_200_OK
     return body
 
 
@@ -127,12 +133,14 @@ def delete_role(name: str, session: SessionDep, enforcer: EnforcerDep, settings:
     authz_service.delete_role(ctx=_change(session, enforcer, user, settings), name=name)
 
 
-@router.post("/group-mappings", status_code=status.HTTP_201_CREATED, response_model=GroupMapping)
+@router.post("/group-mappings", status_code=status.HTTP_201_CREATED, response_model=GroupMapping,
+             responses=ALREADY_IN_PLACE)
 def map_group(body: GroupMapping, session: SessionDep, enforcer: EnforcerDep, settings: SettingsDep,
-              user: CurrentUser) -> GroupMapping:
+              user: CurrentUser, response: Response) -> GroupMapping:
     """Members of an IdP group get a role in a department."""
     authz_service.require_manage(enforcer, user, body.department)
-    authz_service.map_group(ctx=_change(session, enforcer, user, settings), mapping=body)
+    if not authz_service.map_group(ctx=_change(session, enforcer, user, settings), mapping=body):
+        response.status_code = status.HTTP_200_OK
     return body
 
 

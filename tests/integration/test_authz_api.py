@@ -201,6 +201,7 @@ def test_revoked_group_mapping_takes_effect_on_the_next_query(client: TestClient
     mapping = {"group": group, "role": "reader", "department": LEGAL}
     token = issue_token(f"temp-user-{SUFFIX}", [group])
     _post(client, admin, "/v1/admin/group-mappings", mapping)
+    _post(client, admin, "/v1/admin/group-mappings", mapping, status=200)  # already in place: nothing created
     assert _seen(client, token, QUESTIONS[3:]) == {"legal"}
     assert mapping in client.get("/v1/admin/group-mappings", headers=auth(admin)).json()
     before = client.get("/v1/admin/policy-version", headers=auth(admin)).json()["version"]

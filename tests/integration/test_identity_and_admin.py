@@ -131,6 +131,8 @@ def test_role_assignment_lifecycle_and_deny_by_default(client: TestClient, issue
         "reason"] == "no_authorised_departments"
     grant = {"subject": "dave", "role": "reader", "department": "sales"}
     assert client.post("/v1/admin/role-assignments", json=grant, headers=admin).status_code == 201
+    again = client.post("/v1/admin/role-assignments", json=grant, headers=admin)  # was a 201: nothing is created
+    assert again.status_code == 200 and again.json() == grant
     listed = client.get("/v1/admin/role-assignments", params={"department": "sales"}, headers=admin).json()
     assert grant in listed
     assert client.post("/v1/query", headers=dave, json={"question": "q", "departments": ["sales"]}).json()[
