@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from sqlalchemy.orm import Session
 
 from api.deps import CurrentUser, EnforcerDep, SessionDep, SettingsDep
 from authz import service as authz_service
-from core.errors import ErrorCode, GovragError
 from guard import controls
 from guard.schemas import GLOBAL_SCOPE, FirewallModeIn, GuardStateOut, KillSwitchIn, KillSwitchOut
 
@@ -22,7 +20,7 @@ def set_kill_switch(body: KillSwitchIn, session: SessionDep, settings: SettingsD
         authz_service.require_platform_admin(user)
     else:
         authz_service.require_manage(enforcer, user, body.scope)
-        _require_department(session, body.scope)
+        authz_service.require_department(session, body.scope)
     state = controls.set_kill_switch(session=session, settings=settings, identity=user, scope=body.scope,
                                      mode=body.mode, reason=body.reason)
     return KillSwitchOut(scope=body.scope, mode=state.kill_mode, reason=state.reason, updated_by=user.subject)
@@ -33,19 +31,12 @@ def set_firewall_mode(body: FirewallModeIn, session: SessionDep, settings: Setti
                       user: CurrentUser) -> GuardStateOut:
     """Set a department's prompt-firewall mode: `block`, `flag` or `off` (its admins)."""
     authz_service.require_manage(enforcer, user, body.department)
-    _require_department(session, body.department)
+    authz_service.require_department(session, body.department)
     controls.set_firewall_mode(session=session, settings=settings, identity=user, department=body.department,
                                mode=body.mode)
     state = controls.list_states(session=session, settings=settings)[body.department]
     return GuardStateOut(scope=body.department, kill_mode=state.kill_mode, firewall_mode=state.firewall_mode,
                          reason=state.reason)
-
-
-def _require_department(session: Session, department: str) -> None:
-    """Refuse a name that is no department (after the permission check: no existence oracle for outsiders); a
-    responder's typo would otherwise answer 200 and switch nothing."""
-    if department not in authz_service.list_departments(session=session):
-        raise GovragError(ErrorCode.not_found, "no such department")
 
 
 @router.get("/guard", response_model=list[GuardStateOut])
