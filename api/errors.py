@@ -23,6 +23,7 @@ REQUEST_PARTS = ("body", "query", "path", "header", "cookie", "[key]")  # [key]:
 
 _HTTP_CODES = {401: ErrorCode.unauthenticated, 403: ErrorCode.forbidden, 404: ErrorCode.not_found,
                413: ErrorCode.payload_too_large, 415: ErrorCode.unsupported_type}
+NOT_JSON_MESSAGE = "invalid request: the body must be JSON (Content-Type: application/json)"
 
 
 class ErrorDetail(BaseModel):
@@ -63,6 +64,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if _body_not_sent_as_json(exc):
+            return error_response(422, ErrorCode.invalid_request.name, NOT_JSON_MESSAGE)
         # Name the fields and the problem, never echo the submitted values (a dict's keys included).
         names = _schema_names(request.app)
         problems = "; ".join(f"{_location(err['loc'], names)}: {err['msg']}" for err in exc.errors())
@@ -106,6 +109,12 @@ def _schema_names(app: FastAPI) -> frozenset[str]:
                 pending.extend(item)
         names = app.state.schema_names = frozenset(found)
     return names
+
+
+def _body_not_sent_as_json(exc: RequestValidationError) -> bool:
+    """A JSON endpoint sent another content type (curl's `-d` sends a form type, or none): FastAPI does not parse
+    the body and validates its raw bytes, which pydantic calls "not a valid dictionary"."""
+    return any(error["loc"] == ("body",) and isinstance(error.get("input"), bytes) for error in exc.errors())
 
 
 def crash_response(exc: Exception) -> JSONResponse:

@@ -81,6 +81,21 @@ def test_a_nul_anywhere_in_a_request_body_is_a_422(client: TestClient, desk: dic
     assert "NUL" in response.json()["error"]["message"] and SECRET_WORD not in response.text
 
 
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain", None])
+@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/admin/group-mappings"), ("PUT", "/v1/admin/clearances"),
+                                              ("POST", "/v1/query")])
+def test_a_json_body_sent_as_another_type_is_told_to_send_json(client: TestClient, desk: dict[str, str], method: str,
+                                                               path: str, content_type: str | None) -> None:
+    """`curl -d '{...}'` without a JSON Content-Type was told "body: Input should be a valid dictionary or object to
+    extract fields from": now the 422 says the body must be JSON, and echoes nothing of it."""
+    headers = auth(desk["admin"]) | ({"content-type": content_type} if content_type else {})
+    response = client.request(method, path, content=f'{{"question": "{SECRET_WORD}"}}', headers=headers)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request" and "Content-Type: application/json" in error["message"], error
+    assert SECRET_WORD not in response.text
+
+
 @pytest.mark.parametrize("depth", [900, 200_000])
 @pytest.mark.parametrize("path", ["/v1/query", "/v1/admin/kill-switch", "/v1/admin/departments"])
 def test_a_body_nested_deeper_than_the_stack_is_a_4xx_and_a_short_log(
