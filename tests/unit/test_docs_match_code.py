@@ -6,6 +6,8 @@ import re
 import shlex
 from pathlib import Path
 
+from core.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[2]
 CODE_BLOCK = re.compile(r"^```[a-z]*\n(.*?)^```", re.S | re.M)
 DATA_OPTIONS = {"-d", "--data", "--data-raw", "--data-binary", "--data-ascii"}
@@ -39,3 +41,9 @@ def test_every_curl_example_that_sends_a_body_declares_it_json() -> None:
     assert len(with_body) >= 3, commands  # the admin examples are found at all
     assert [" ".join(c) for c in with_body if not _sends_json_content_type(c)] == []
 
+
+def test_every_setting_is_documented_by_its_environment_name() -> None:
+    text = "\n".join(_docs().values())
+    missing = [name for field in Settings.model_fields
+               if not re.search(rf"{(name := f'GOVRAG_{field.upper()}')}(?![A-Z0-9_])", text)]
+    assert missing == [], f"document these in README.md's settings table or docs/: {missing}"
