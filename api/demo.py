@@ -15,6 +15,9 @@ from core.settings import Settings, get_settings
 from retrieval.store import close_vector_store
 
 DOCS_DIR = Path(__file__).with_name("demo_docs")
+# Warnings and errors still show; the INFO lines (a JSON line per request, job and model load) would bury the story.
+LOG_LEVEL = "WARNING"
+VECTOR_STORES = {"edge": "Qdrant Edge", "qdrant_local": "Qdrant local mode"}
 ADMIN = "demo-admin"
 PEOPLE = {  # subject → groups from the (dev) identity provider
     "alice": ["hr-staff"],
@@ -35,13 +38,11 @@ QUESTIONS = [
 
 def run() -> int:
     """Run the demo in a fresh data dir under GOVRAG_DATA_DIR; returns a process exit code."""
-    base = get_settings()
-    data_dir = base.data_dir / "demo"
-    shutil.rmtree(data_dir, ignore_errors=True)
-    settings = Settings(data_dir=data_dir, admins=[ADMIN], broker_url="memory://", inprocess_worker=True)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    settings = demo_settings(get_settings())
+    shutil.rmtree(settings.data_dir, ignore_errors=True)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate.upgrade(settings.resolved_database_url)
-    _say(f"embedded default in {data_dir}: SQLite, Qdrant local mode, in-process Celery, dev token issuer")
+    _say(banner(settings))
     with TestClient(create_app(settings)) as client:
         issuer = client.app.state.dev_issuer  # type: ignore[attr-defined]
         tokens = {sub: issuer.issue(sub, groups) for sub, groups in PEOPLE.items()}
@@ -53,6 +54,19 @@ def run() -> int:
         _show_audit(client, tokens["carol"])
     close_vector_store(settings)
     return 0
+
+
+def demo_settings(base: Settings) -> Settings:
+    """The embedded default in a `demo` folder of the data dir, logging at LOG_LEVEL unless GOVRAG_LOG_LEVEL says."""
+    log_level = base.log_level if "log_level" in base.model_fields_set else LOG_LEVEL
+    return Settings(data_dir=base.data_dir / "demo", admins=[ADMIN], broker_url="memory://", inprocess_worker=True,
+                    log_level=log_level)
+
+
+def banner(settings: Settings) -> str:
+    """What the demo runs on."""
+    return (f"embedded default in {settings.data_dir}: SQLite, {VECTOR_STORES[settings.vector_backend]}, "
+            "in-process Celery, dev token issuer")
 
 
 def _setup(client: TestClient, admin_token: str) -> None:
