@@ -24,6 +24,7 @@ def _model_dir() -> Path:
 
 
 def _cache_dir() -> Path:
+    """GOVRAG_MODEL_CACHE (the image sets it and builds the model into it), else the user's cache."""
     base = os.environ.get("GOVRAG_MODEL_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "govrag")
     return Path(base)
@@ -68,6 +69,16 @@ def export_onnx(target: Path) -> None:
     temp.replace(target)
 
 
+def ensure_onnx_model() -> Path:
+    """The exported model's path, exporting it first if this weights version has none yet (the Dockerfile runs this
+    at build time, so containers start without exporting)."""
+    path = onnx_path()
+    if not path.exists():
+        logger.info("exporting the embedding model to ONNX (once per weights version)")
+        export_onnx(path)
+    return path
+
+
 class OnnxEmbedder:
     """Same interface as `retrieval.embeddings.Embedder`: float32, L2-normalised rows."""
 
@@ -75,10 +86,7 @@ class OnnxEmbedder:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        path = onnx_path()
-        if not path.exists():
-            logger.info("exporting the embedding model to ONNX (once per weights version)")
-            export_onnx(path)
+        path = ensure_onnx_model()
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, min(2, os.cpu_count() or 1))
         # Idle threads sleep instead of spinning: the API serves many requests at once and the worker shares the

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 from audit import observability  # noqa: F401 - registers the scrape-time gauges
 from core.metrics import REGISTRY
+from retrieval import onnx_embedder
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 METRIC = re.compile(r"\bgovrag_[a-z_]+")
@@ -55,3 +58,31 @@ def test_compose_requires_the_metrics_token_and_hands_it_to_prometheus() -> None
     assert "metrics-token" in compose["services"]["prometheus"]["secrets"]
     scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"][0]
     assert scrape["authorization"] == {"type": "Bearer", "credentials_file": "/run/secrets/metrics-token"}
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions as (INSTRUCTION, arguments), continuation lines joined, comments dropped."""
+    lines = (DEPLOY.parent / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
+    words = [line.strip().split(None, 1) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return [(word[0].upper(), word[1] if len(word) > 1 else "") for word in words]
+
+
+def test_the_image_copies_every_file_the_package_build_names() -> None:
+    """pyproject's license-files names LICENSE, which the image never copied: the installed package lacked its licence
+    and setuptools warned "Pattern 'LICENSE' did not match any files" (a build error from 2027-02-18)."""
+    project = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]
+    copied = {source for instruction, args in _dockerfile() if instruction == "COPY" for source in args.split()[:-1]}
+    assert {"pyproject.toml", project["readme"], *project["license-files"]} <= copied, copied
+
+
+def test_the_image_builds_the_onnx_model_into_the_cache_it_runs_with(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every container exported the embedding model at start, into a home folder no volume keeps."""
+    instructions = _dockerfile()
+    env = dict(pair.split("=", 1) for args in (a for i, a in instructions if i == "ENV") for pair in args.split())
+    step = [n for n, (i, args) in enumerate(instructions) if i == "RUN" and "ensure_onnx_model()" in args]
+    install = [n for n, (i, args) in enumerate(instructions) if i == "RUN" and "pip install ." in args]
+    user = [n for n, (i, _) in enumerate(instructions) if i == "USER"]
+    assert len(step) == 1 and install[0] < step[0] < user[0], "export after installing, as root (read-only at run)"
+    monkeypatch.setenv("GOVRAG_MODEL_CACHE", env["GOVRAG_MODEL_CACHE"])
+    assert onnx_embedder.onnx_path().parent == Path(env["GOVRAG_MODEL_CACHE"])
+    assert callable(onnx_embedder.ensure_onnx_model)
