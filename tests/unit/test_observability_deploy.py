@@ -6,12 +6,14 @@ import json
 import re
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
 from audit import observability  # noqa: F401 - registers the scrape-time gauges
 from core.metrics import REGISTRY
+from core.settings import Settings
 from retrieval import onnx_embedder
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -86,3 +88,47 @@ def test_the_image_builds_the_onnx_model_into_the_cache_it_runs_with(monkeypatch
     monkeypatch.setenv("GOVRAG_MODEL_CACHE", env["GOVRAG_MODEL_CACHE"])
     assert onnx_embedder.onnx_path().parent == Path(env["GOVRAG_MODEL_CACHE"])
     assert callable(onnx_embedder.ensure_onnx_model)
+
+
+def _compose() -> dict:  # type: ignore[type-arg]
+    return yaml.safe_load((DEPLOY.parent / "docker-compose.yml").read_text())  # type: ignore[no-any-return]
+
+
+def _default(value: str) -> str:
+    """The default of a compose `${NAME:-default}` value (the value itself when it has none)."""
+    match = re.fullmatch(r"\$\{[A-Z0-9_]+:-(.*)\}", value)
+    return match.group(1) if match else value
+
+
+def test_every_long_running_service_has_a_healthcheck() -> None:
+    """The worker, Prometheus and Grafana had none: a wedged worker or a dead scraper showed as running."""
+    services = _compose()["services"]
+    unchecked = [name for name, service in services.items()
+                 if service.get("restart") != "no" and not service.get("healthcheck", {}).get("test")]
+    assert unchecked == []
+
+
+def test_everything_a_service_references_is_declared() -> None:
+    compose = _compose()
+    for name, service in compose["services"].items():
+        secrets = {s if isinstance(s, str) else s["source"] for s in service.get("secrets", [])}
+        assert secrets <= set(compose.get("secrets", {})), name
+        named = {v.split(":", 1)[0] for v in service.get("volumes", []) if not v.startswith(("/", ".", "$"))}
+        assert named <= set(compose.get("volumes", {})), name
+        assert set(service.get("networks", [])) <= set(compose.get("networks", {})), name
+
+
+def test_compose_sets_only_real_settings_and_its_model_server_is_allowed(tmp_path: Path) -> None:
+    """The API took no answer-backend setting; with the optional model-server its defaults must pass the allowlist."""
+    compose = _compose()
+    services = compose["services"]
+    names = {key for service in services.values() for key in service.get("environment", {})
+             if key.startswith("GOVRAG_")}
+    assert {f"GOVRAG_{field.upper()}" for field in Settings.model_fields} >= names
+    api = services["api"]["environment"]
+    assert {"GOVRAG_ANSWER_BACKEND", "GOVRAG_LLM_BASE_URL", "GOVRAG_LLM_MODEL", "GOVRAG_LLM_ALLOWED_HOSTS"} <= set(api)
+    settings = Settings(data_dir=tmp_path, answer_backend="openai", llm_base_url=_default(api["GOVRAG_LLM_BASE_URL"]),
+                        llm_allowed_hosts=json.loads(_default(api["GOVRAG_LLM_ALLOWED_HOSTS"])))
+    assert urlsplit(settings.llm_base_url).hostname in services  # the compose service, reachable by that name
+    assert services["model-server"]["profiles"], "the model server starts only when its profile is asked for"
+    assert set(services["model-server"]["networks"]) == {"backend"}  # internal: no way out to the internet
