@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from core.migrate import MigrationError
 from core.settings import get_settings
 
 
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"govrag: the settings were refused; nothing was started\n{_reasons(refused)}", file=sys.stderr)
         return 2
+    except MigrationError as refused:  # a database unreachable or at another revision: said in one line
+        print(f"govrag: {refused}", file=sys.stderr)
+        return refused.exit_code
 
 
 def _reasons(refused: ValidationError) -> str:
