@@ -1,4 +1,7 @@
-"""Run Alembic migrations programmatically: the only way the schema changes."""
+"""Run Alembic migrations programmatically: the only way the schema changes.
+
+Also the guard a destructive downgrade runs first (`refuse_data_loss`).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +13,9 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
+from alembic.script import Script, ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Connection, create_engine, exc, make_url, pool
+from sqlalchemy import Connection, create_engine, exc, make_url, pool, text
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 class MigrationError(Exception):
@@ -29,6 +32,10 @@ class UnknownRevision(MigrationError):
     """The database (or a requested target) is at a revision this release does not ship."""
 
     exit_code = 2
+
+
+class DowngradeRefused(MigrationError):
+    """A downgrade would delete data the schema it returns to cannot hold."""
 
 
 def alembic_config(database_url: str) -> Config:
@@ -63,8 +70,38 @@ def upgrade(database_url: str, revision: str = "head") -> None:
 
 
 def downgrade(database_url: str, revision: str) -> None:
-    """Take the schema down to `revision`."""
-    command.downgrade(alembic_config(database_url), revision)
+    """Take the schema down to `revision`, refusing before any step runs if one of them would delete data."""
+    current = current_revision(database_url)
+    _refuse_unknown(current)
+    with _revision_errors():
+        steps = _steps_down(current, revision)
+        with _connection(database_url) as connection:
+            for step in steps:
+                refuse_data_loss(step.revision, getattr(step.module, "data_at_risk", _nothing)(connection))
+        command.downgrade(alembic_config(database_url), revision)
+
+
+def refuse_data_loss(revision: str, at_risk: list[str]) -> None:
+    """Called by a downgrade before it drops anything: DowngradeRefused naming what would be lost."""
+    if at_risk:
+        raise DowngradeRefused(f"refusing to undo revision {revision}: it would delete {'; '.join(at_risk)}. "
+                               "Nothing was changed")
+
+
+def count_rows(connection: Connection, table: str, where: str = "") -> int:
+    """Rows of `table` (matching the SQL condition `where`); for downgrade guards."""
+    condition = f" WHERE {where}" if where else ""
+    return int(connection.execute(text(f"SELECT count(*) FROM {table}{condition}")).scalar_one())  # noqa: S608
+
+
+def rows_at_risk(connection: Connection, checks: list[tuple[str, str, str]]) -> list[str]:
+    """For each (what, table, condition) holding rows: "N what"."""
+    counted = ((what, count_rows(connection, table, where)) for what, table, where in checks)
+    return [f"{count} {what}" for what, count in counted if count]
+
+
+def _nothing(_connection: Connection) -> list[str]:
+    return []
 
 
 def _known(revision: str) -> bool:
@@ -78,6 +115,19 @@ def _refuse_unknown(current: str | None) -> None:
     if current is not None and not _known(current):
         raise UnknownRevision(f"database schema is at {current}, which this release does not know (its newest is "
                               f"{head_revision()}): run the release that migrated it")
+
+
+def _steps_down(current: str | None, target: str) -> list[Script]:
+    """The revisions a downgrade from `current` to `target` undoes, newest first."""
+    scripts = _scripts()
+    stop = None if target == "base" else scripts.get_revision(target)
+    if target != "base" and stop is None:
+        raise UnknownRevision(f"no revision {target} in this release")
+    steps, step = [], scripts.get_revision(current) if current else None
+    while step is not None and (stop is None or step.revision != stop.revision):
+        steps.append(step)
+        step = scripts.get_revision(step.down_revision) if step.down_revision else None
+    return steps
 
 
 @contextmanager

@@ -10,6 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from core.migrate import refuse_data_loss, rows_at_risk
+
 
 revision = '0001'
 down_revision = None
@@ -108,7 +110,17 @@ def upgrade() -> None:
 
 
 
+def data_at_risk(connection: sa.Connection) -> list[str]:
+    """What undoing this revision would delete (the p rows are the default policy a later downgrade wrote)."""
+    return rows_at_risk(connection, [
+        ("departments", "departments", ""), ("documents", "documents", ""),
+        ("ingestion jobs", "ingestion_jobs", ""), ("wrapped keys", "wrapped_keys", ""),
+        ("role grants", "casbin_rule", "ptype = 'g'"), ("ledger events", "retrieval_events", ""),
+    ])
+
+
 def downgrade() -> None:
+    refuse_data_loss(revision, data_at_risk(op.get_bind()))
     with op.batch_alter_table('ingestion_jobs', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_ingestion_jobs_document_id'))
 

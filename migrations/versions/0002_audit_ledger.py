@@ -9,6 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from core.migrate import refuse_data_loss, rows_at_risk
+
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
@@ -41,7 +43,16 @@ def upgrade() -> None:
     )
 
 
+def data_at_risk(connection: sa.Connection) -> list[str]:
+    """What undoing this revision would delete: every ledger event's hash covers the columns it drops."""
+    return rows_at_risk(connection, [
+        ("ledger events (their hashes cover the roles, policy, guard and model columns)", "retrieval_events", ""),
+        ("signed audit checkpoints", "audit_checkpoints", ""),
+    ])
+
+
 def downgrade() -> None:
+    refuse_data_loss(revision, data_at_risk(op.get_bind()))
     op.drop_table("audit_checkpoints")
     with op.batch_alter_table("retrieval_events", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_retrieval_events_event_type"))

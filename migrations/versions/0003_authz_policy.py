@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from alembic import op
 
+from core.migrate import refuse_data_loss, rows_at_risk
+
 revision = "0003"
 down_revision = "0002"
 branch_labels = None
@@ -66,7 +68,23 @@ def _prefix_roles() -> None:
                             for role, actions in DEFAULT_ROLE_PERMISSIONS.items() for action in actions])
 
 
+def data_at_risk(connection: sa.Connection) -> list[str]:
+    """What undoing this revision would delete: clearances, role inheritance, custom roles and permissions."""
+    at_risk = rows_at_risk(connection, [
+        ("clearances", "authz_clearances", ""),
+        ("role inheritance rules", "casbin_rule", f"ptype = 'g' AND v0 LIKE '{ROLE_PREFIX}%'"),
+    ])
+    defaults = {(action, ROLE_PREFIX + role) for role, actions in DEFAULT_ROLE_PERMISSIONS.items()
+                for action in actions}
+    permissions = connection.execute(sa.select(_rules.c.v0, _rules.c.v1).where(_rules.c.ptype == "p")).all()
+    custom = [row for row in permissions if tuple(row) not in defaults]
+    if custom:
+        at_risk.append(f"{len(custom)} custom role permissions")
+    return at_risk
+
+
 def downgrade() -> None:
+    refuse_data_loss(revision, data_at_risk(op.get_bind()))
     bind = op.get_bind()
     bind.execute(_rules.delete().where(_rules.c.ptype == "g", _rules.c.v0.like(ROLE_PREFIX + "%")))
     for row in bind.execute(sa.select(_rules.c.id, _rules.c.v1).where(_rules.c.ptype == "g")).all():

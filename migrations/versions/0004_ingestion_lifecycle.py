@@ -9,6 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from core.migrate import refuse_data_loss, rows_at_risk
+
 revision = "0004"
 down_revision = "0003"
 branch_labels = None
@@ -42,7 +44,18 @@ def upgrade() -> None:
         batch.create_index("ix_documents_parent_id", ["parent_id"], unique=False)
 
 
+def data_at_risk(connection: sa.Connection) -> list[str]:
+    """What undoing this revision would delete: ingestion policies and documents' classification and review."""
+    return rows_at_risk(connection, [
+        ("department ingestion policies", "ingestion_policies", ""),
+        ("documents' classification, review or attachment details", "documents",
+         "declared_classification IS NOT NULL OR classification_reasons IS NOT NULL OR flagged_chunks <> 0"
+         " OR review_reason IS NOT NULL OR approved_by IS NOT NULL OR parent_id IS NOT NULL"),
+    ])
+
+
 def downgrade() -> None:
+    refuse_data_loss(revision, data_at_risk(op.get_bind()))
     with op.batch_alter_table("documents") as batch:
         batch.drop_index("ix_documents_parent_id")
         batch.drop_index("ix_documents_department_sha256")

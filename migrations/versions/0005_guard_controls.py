@@ -9,6 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from core.migrate import refuse_data_loss, rows_at_risk
+
 revision = "0005"
 down_revision = "0004"
 branch_labels = None
@@ -31,5 +33,11 @@ def upgrade() -> None:
     )
 
 
+def data_at_risk(connection: sa.Connection) -> list[str]:
+    """What undoing this revision would delete: firewall modes and kill switches."""
+    return rows_at_risk(connection, [("guard controls (firewall modes, kill switches)", "guard_controls", "")])
+
+
 def downgrade() -> None:
+    refuse_data_loss(revision, data_at_risk(op.get_bind()))
     op.drop_table("guard_controls")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from core.migrate import refuse_data_loss, rows_at_risk
+
 revision = "0006"
 down_revision = "0005"
 branch_labels = None
@@ -22,6 +24,13 @@ def upgrade() -> None:
     op.execute("UPDATE ingestion_jobs SET sent_at = created_at")
 
 
+def data_at_risk(connection: sa.Connection) -> list[str]:
+    """What undoing this revision would lose: which jobs never reached the broker (an upgrade marks all sent)."""
+    return rows_at_risk(connection, [("ingestion jobs not yet sent to the broker", "ingestion_jobs",
+                                      "sent_at IS NULL")])
+
+
 def downgrade() -> None:
+    refuse_data_loss(revision, data_at_risk(op.get_bind()))
     with op.batch_alter_table("ingestion_jobs") as batch:
         batch.drop_column("sent_at")

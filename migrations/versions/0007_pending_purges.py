@@ -9,6 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from core.migrate import refuse_data_loss, rows_at_risk
+
 revision = "0007"
 down_revision = "0006"
 branch_labels = None
@@ -26,6 +28,12 @@ def upgrade() -> None:
     op.create_index("ix_pending_purges_retired_at", "pending_purges", ["retired_at"])
 
 
+def data_at_risk(connection: sa.Connection) -> list[str]:
+    """What undoing this revision would delete: deleted documents whose vectors and files are still to purge."""
+    return rows_at_risk(connection, [("pending purges of deleted documents", "pending_purges", "")])
+
+
 def downgrade() -> None:
+    refuse_data_loss(revision, data_at_risk(op.get_bind()))
     op.drop_index("ix_pending_purges_retired_at", table_name="pending_purges")
     op.drop_table("pending_purges")

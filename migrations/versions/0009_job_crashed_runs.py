@@ -9,6 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from core.migrate import refuse_data_loss, rows_at_risk
+
 revision = "0009"
 down_revision = "0008"
 branch_labels = None
@@ -20,6 +22,12 @@ def upgrade() -> None:
         batch.add_column(sa.Column("crashed_runs", sa.Integer(), nullable=False, server_default="0"))
 
 
+def data_at_risk(connection: sa.Connection) -> list[str]:
+    """What undoing this revision would lose: how often a job's worker died (the crash loop breaker)."""
+    return rows_at_risk(connection, [("ingestion jobs' crashed-run counts", "ingestion_jobs", "crashed_runs <> 0")])
+
+
 def downgrade() -> None:
+    refuse_data_loss(revision, data_at_risk(op.get_bind()))
     with op.batch_alter_table("ingestion_jobs") as batch:
         batch.drop_column("crashed_runs")

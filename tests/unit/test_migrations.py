@@ -45,6 +45,10 @@ def test_upgrade_downgrade_upgrade_postgresql(make_pg_database: Callable[[], str
     _round_trip(make_pg_database())
 
 
+def _database(kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> str:
+    return f"sqlite:///{tmp_path / 'schema.db'}" if kind == "sqlite" else make_pg_database()
+
+
 def _execute(url: str, *statements: str) -> None:
     engine = create_engine(url)
     try:
@@ -53,6 +57,80 @@ def _execute(url: str, *statements: str) -> None:
                 conn.execute(text(statement))
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "pg"])
+def test_downgrade_refuses_to_drop_the_hashed_ledger_columns(kind: str, tmp_path: Path,
+                                                              make_pg_database: Callable[[], str]) -> None:
+    """Undoing 0002 dropped the columns every ledger hash covers (and the signed checkpoints): upgraded again, verify
+    reported tampering. Now the downgrade refuses, names the revision and what would be lost, and changes nothing."""
+    from audit import service as audit_service
+    from audit.schemas import AdminEventType
+    from authz.identity import operator_identity
+    from core.db import get_engine, unit_of_work
+    from core.settings import Settings
+
+    url = _database(kind, tmp_path, make_pg_database)
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path, database_url=url, audit_checkpoint_every=0)
+    with unit_of_work(url) as session:
+        audit_service.record_admin_event(session=session, identity=operator_identity("ops"), settings=settings,
+                                         event_type=AdminEventType.key_rotation, details={"new_version": 2})
+        audit_service.checkpoint_now(session=session, settings=settings)
+    get_engine.cache_clear()
+    with pytest.raises(migrate.DowngradeRefused, match=r"revision 0002: .*1 ledger events.*1 signed audit checkpoints"):
+        migrate.downgrade(url, "0001")
+    assert migrate.current_revision(url) == migrate.head_revision()  # no step ran, on SQLite too
+    with unit_of_work(url) as session:
+        assert audit_service.verify(session=session, settings=settings).ok
+    get_engine.cache_clear()
+
+
+@pytest.mark.parametrize(("what", "rows"), [
+    ("clearances", "INSERT INTO authz_clearances (subject, department, level, updated_at) "
+                   "VALUES ('alice', 'hr', 'confidential', '2026-01-01 00:00:00')"),
+    ("role inheritance rules", "INSERT INTO casbin_rule (ptype, v0, v1, v2) "
+                               "VALUES ('g', 'role:lead', 'role:editor', 'hr')"),
+    ("custom role permissions", "INSERT INTO casbin_rule (ptype, v0, v1) VALUES ('p', 'read', 'role:auditor')"),
+])
+def test_downgrade_refuses_to_drop_the_authorization_model(what: str, rows: str, tmp_path: Path) -> None:
+    """Undoing 0003 dropped clearances, role inheritance and custom roles without a word."""
+    url = f"sqlite:///{tmp_path / 'schema.db'}"
+    migrate.upgrade(url)
+    _execute(url, rows)
+    with pytest.raises(migrate.DowngradeRefused, match=rf"revision 0003: .*1 {what}"):
+        migrate.downgrade(url, "0002")
+    assert migrate.current_revision(url) == migrate.head_revision()
+
+
+@pytest.mark.parametrize(("target", "revision", "rows"), [
+    ("0004", "0005", ["INSERT INTO guard_controls (scope, kill_mode, updated_by, updated_at) "
+                      "VALUES ('hr', 'retrieval_only', 'ops', '2026-01-01 00:00:00')"]),
+    ("0006", "0007", ["INSERT INTO pending_purges (document_id, department, retired_at) "
+                      "VALUES ('d1', 'hr', '2026-01-01 00:00:00')"]),
+    ("0000", "0001", ["INSERT INTO departments (name, created_at) VALUES ('hr', '2026-01-01 00:00:00')"]),
+])
+def test_other_destructive_downgrades_refuse_when_they_would_drop_data(target: str, revision: str, rows: list[str],
+                                                                       tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'schema.db'}"
+    migrate.upgrade(url)
+    _execute(url, *rows)
+    with pytest.raises(migrate.DowngradeRefused, match=rf"revision {revision}: "):
+        migrate.downgrade(url, "base" if target == "0000" else target)
+    assert migrate.current_revision(url) == migrate.head_revision()
+
+
+def test_a_refusing_downgrade_is_also_refused_when_run_through_alembic(tmp_path: Path) -> None:
+    """The guard is in the migration itself: `alembic downgrade` (not only govrag's helper) stops before dropping."""
+    from alembic import command
+
+    url = f"sqlite:///{tmp_path / 'schema.db'}"
+    migrate.upgrade(url)
+    _execute(url, "INSERT INTO guard_controls (scope, kill_mode, updated_by, updated_at) "
+                  "VALUES ('hr', 'retrieval_only', 'ops', '2026-01-01 00:00:00')")
+    with pytest.raises(migrate.DowngradeRefused, match="revision 0005"):
+        command.downgrade(migrate.alembic_config(url), "0004")
+    assert "guard_controls" in _tables(url)
 
 
 def test_migrate_on_a_database_newer_than_the_release_says_so_in_one_line(
