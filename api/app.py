@@ -22,7 +22,7 @@ from api.routers import admin, audit, authz, documents, guard_admin, health, ing
 from authz.dev_issuer import DevIssuer
 from authz.enforcer import get_enforcer
 from authz.tokens import TokenVerifier
-from core import timing
+from core import migrate, timing
 from core.errors import ErrorCode
 from core.logs import configure_logging, request_id_var
 from core.metrics import observe_request
@@ -66,6 +66,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     configure_logging(settings.log_level)
     configure_tracing(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrate.require_head(settings.resolved_database_url)  # never serve requests the schema cannot answer
+    app.state.schema_watch = migrate.SchemaWatch(settings.resolved_database_url)
     # Sync endpoints run in anyio's thread pool (40 threads by default). Queries are CPU-bound under one GIL: more
     # threads than this only stretch every request, and the ledger's serialised append with them.
     anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads

@@ -101,6 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
     if not settings.is_production:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         migrate.upgrade(settings.resolved_database_url)
+    migrate.require_head(settings.resolved_database_url)  # production never migrates: a stale schema stops here
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None)
     return 0
 
@@ -114,6 +115,9 @@ def _worker(args: argparse.Namespace) -> int:
         print("a separate worker process needs GOVRAG_QDRANT_URL: the embedded store allows one process, "
               "and `govrag serve` already runs an in-process worker", file=sys.stderr)
         return 2
+    from core import migrate
+
+    migrate.require_head(settings.resolved_database_url)
     configure_logging(settings.log_level)
     from core.tracing import configure_tracing
 

@@ -1,10 +1,14 @@
 """Run Alembic migrations programmatically: the only way the schema changes.
 
-Also the guard a destructive downgrade runs first (`refuse_data_loss`).
+Also what the running code needs from the schema: `require_head` (start-up refuses a database at another revision)
+and `SchemaWatch` (readiness notices a schema changed under a running process), and the guard a destructive
+downgrade runs first (`refuse_data_loss`).
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -18,6 +22,9 @@ from alembic.util import CommandError
 from sqlalchemy import Connection, create_engine, exc, make_url, pool, text
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+SCHEMA_CHECK_SECONDS = 5.0  # how long readiness trusts its last look at the database's revision
+
+
 class MigrationError(Exception):
     """A schema problem told to an operator in one line; `exit_code` is what the CLI exits with."""
 
@@ -32,6 +39,10 @@ class UnknownRevision(MigrationError):
     """The database (or a requested target) is at a revision this release does not ship."""
 
     exit_code = 2
+
+
+class SchemaMismatch(MigrationError):
+    """The database's revision is not the one this release's code was written for."""
 
 
 class DowngradeRefused(MigrationError):
@@ -60,6 +71,44 @@ def current_revision(database_url: str) -> str | None:
     """The database's revision (None before the first migration); DatabaseUnreachable if it cannot be asked."""
     with _connection(database_url) as connection:
         return MigrationContext.configure(connection).get_current_revision()
+
+
+def schema_problem(database_url: str) -> str | None:
+    """Why this release cannot run on the database's schema, or None when it is at the code's head."""
+    current, head = current_revision(database_url), head_revision()
+    if current == head:
+        return None
+    if current is not None and not _known(current):
+        return (f"database schema is at {current}, newer than this release knows (it needs {head}): "
+                "run the release that migrated it")
+    return f"database schema is at {current or 'no revision'}, this release needs {head}: run `govrag migrate`"
+
+
+def require_head(database_url: str) -> None:
+    """Refuse to start (SchemaMismatch, saying what to do) unless the database is at the code's head."""
+    problem = schema_problem(database_url)
+    if problem is not None:
+        raise SchemaMismatch(problem)
+
+
+class SchemaWatch:
+    """The schema problem of a running process's database, asked at most every SCHEMA_CHECK_SECONDS."""
+
+    def __init__(self, database_url: str, every_seconds: float | None = None) -> None:
+        self._url = database_url
+        self._every = SCHEMA_CHECK_SECONDS if every_seconds is None else every_seconds
+        self._lock = threading.Lock()
+        self._checked_at: float | None = None
+        self._problem: str | None = None
+
+    def problem(self) -> str | None:
+        """The cached answer of `schema_problem`; a failure to ask raises and is not cached."""
+        with self._lock:
+            now = time.monotonic()
+            if self._checked_at is None or now - self._checked_at >= self._every:
+                self._problem = schema_problem(self._url)
+                self._checked_at = now
+            return self._problem
 
 
 def upgrade(database_url: str, revision: str = "head") -> None:

@@ -24,14 +24,17 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(request: Request, session: SessionDep, settings: SettingsDep) -> JSONResponse:
-    """Database, broker and vector store all answer."""
+    """Database, broker and vector store all answer, and the database's schema is the one this code needs (a
+    migration run or undone under a running process is noticed within SCHEMA_CHECK_SECONDS, with its reason)."""
     checks = {
         "database": _check(lambda: session.execute(text("SELECT 1"))),
         "broker": _check(lambda: _ping_broker(request)),
         "vector_store": _check(lambda: open_vector_store(settings).ping()),
     }
+    checks["schema"], reason = _schema_check(request)
     ready = all(value == "ok" for value in checks.values())
-    return JSONResponse(status_code=200 if ready else 503, content={"ready": ready, "checks": checks})
+    content = {"ready": ready, "checks": checks} | ({"reason": reason} if reason else {})
+    return JSONResponse(status_code=200 if ready else 503, content=content)
 
 
 @router.get("/dev-issuer/jwks.json")
@@ -46,6 +49,16 @@ def dev_issuer_jwks(request: Request) -> dict[str, object]:
 def _ping_broker(request: Request) -> None:
     with request.app.state.celery.connection_for_write() as connection:
         connection.ensure_connection(max_retries=1, timeout=2)
+
+
+def _schema_check(request: Request) -> tuple[str, str | None]:
+    """"ok"; "mismatch" and what to do; or "down" when the database's revision could not be read."""
+    try:
+        problem = request.app.state.schema_watch.problem()
+    except Exception as exc:  # noqa: BLE001 - readiness reports any failure as "down"
+        logger.warning("readiness check failed: %s", type(exc).__name__)
+        return "down", None
+    return ("ok", None) if problem is None else ("mismatch", problem)
 
 
 def _check(probe) -> str:  # type: ignore[no-untyped-def]
