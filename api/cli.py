@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from core.errors import EmbeddedStoreHeld
 from core.migrate import MigrationError
 from core.settings import get_settings
 
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     except MigrationError as refused:  # a database unreachable or at another revision: said in one line
         print(f"govrag: {refused}", file=sys.stderr)
         return refused.exit_code
+    except EmbeddedStoreHeld as held:
+        print(f"govrag: {held}", file=sys.stderr)
+        return 1
 
 
 def _reasons(refused: ValidationError) -> str:

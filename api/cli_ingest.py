@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from core.errors import EmbeddedStoreHeld
 from core.settings import Settings, get_settings
 
 FINAL_STATES = ("ready", "failed", "quarantined", "rejected")
@@ -86,6 +87,11 @@ def ingest_command(args: argparse.Namespace) -> int:
     if not args.api_url and _unknown_departments(get_settings(), [args.department]):  # an API answers for itself
         Console(stderr=True).print(f"no such department: {args.department}; nothing ingested", markup=False)
         return 2
+    if not args.api_url and (held := _store_held(get_settings())):  # before any document row is written
+        Console(stderr=True).print(f"{held}; or upload through the running API: govrag ingest {args.path} "
+                                   f"--department {args.department} --api-url http://HOST:PORT --token TOKEN; "
+                                   "nothing ingested", markup=False)
+        return 1
     console = Console(stderr=True)
     if hidden:
         console.print(_hidden_skipped(hidden))
@@ -238,6 +244,17 @@ def rotate_command(args: argparse.Namespace) -> int:
                 details={"new_version": report.new_version, "documents_rewrapped": report.documents_rewrapped})
     Console().print(table)
     return 0 if reports or not args.departments else 1
+
+
+def _store_held(settings: Settings) -> EmbeddedStoreHeld | None:
+    """Why in-process ingestion cannot write vectors here (another process holds the embedded store), or None."""
+    from retrieval.store import open_vector_store
+
+    try:
+        open_vector_store(settings)
+    except EmbeddedStoreHeld as held:
+        return held
+    return None
 
 
 def _unknown_departments(settings: Settings, named: list[str]) -> list[str]:

@@ -193,12 +193,14 @@ def purge_expired(*, session: Session, settings: Settings, identity: Identity,
 
 def export_training_data(*, session: Session, settings: Settings, identity: Identity,
                          department: str) -> Iterator[str]:
-    """Record the training-data export, then stream redacted chunks of ready documents and a manifest."""
+    """Read the department's chunks, record the training-data export, then stream redacted chunks of ready documents
+    and a manifest."""
     if department not in authz_service.list_departments(session=session):
         raise GovragError(ErrorCode.not_found, "no such department")
+    payloads = training.department_payloads(settings, department)
     record_admin_event(session=session, identity=identity, event_type=AdminEventType.training_export,
                        department=department, settings=settings, details={"department": department})
-    rows = training.training_rows(session=session, settings=settings, department=department)
+    rows = training.training_rows(session=session, settings=settings, department=department, payloads=payloads)
     return training.render_jsonl(rows, department=department)
 
 

@@ -18,12 +18,18 @@ from ingestion.pipeline import chunk_context
 from retrieval.store import open_vector_store
 
 
-def training_rows(*, session: Session, settings: Settings, department: str) -> Iterator[dict[str, Any]]:
-    """One row per chunk of each ready document in `department`, text as redacted at ingestion."""
+def department_payloads(settings: Settings, department: str) -> list[dict[str, Any]]:
+    """Every chunk payload of `department`, in document and chunk order (read before the export is recorded, so an
+    unavailable store fails the export before the ledger says it happened)."""
+    return sorted(open_vector_store(settings).scroll_payloads(department),
+                  key=lambda p: (str(p.get("document_id")), int(p.get("chunk_index", 0))))
+
+
+def training_rows(*, session: Session, settings: Settings, department: str,
+                  payloads: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """One row per chunk (of `payloads`) of each ready document in `department`, text as redacted at ingestion."""
     ready = repository.ready_documents(session, department)
     keystore = keystore_for(settings)
-    payloads = sorted(open_vector_store(settings).scroll_payloads(department),
-                      key=lambda p: (str(p.get("document_id")), int(p.get("chunk_index", 0))))
     for payload in payloads:
         document = ready.get(str(payload.get("document_id")))
         if document is None:

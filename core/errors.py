@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 
 from sqlalchemy import exc as db_errors
 
@@ -32,6 +33,15 @@ class GovragError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class EmbeddedStoreHeld(Exception):
+    """Another process (a running `govrag serve`, most likely) has the embedded store open: one process per path."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"the embedded vector store in {path} is held by another process (a running `govrag serve`?):"
+                         " stop it, or set GOVRAG_QDRANT_URL to a Qdrant server that several processes can share")
+        self.path = path
 
 
 class Unavailable(Exception):

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
 import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol, TextIO
 
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from core.errors import Unavailable
+from core.errors import EmbeddedStoreHeld, Unavailable
 from core.settings import Settings
 
 POINT_NAMESPACE = uuid.UUID("6f1d0c1e-8a4b-4bb0-9a55-2b9c3f1e7a10")
@@ -210,24 +212,55 @@ class VectorIndex(Protocol):
 
 
 _STORES: dict[str, VectorIndex] = {}
+_HOLDS: dict[str, TextIO] = {}  # an embedded store's lock file, held while this process has the store open
 _STORES_LOCK = threading.Lock()
 
 
 def open_vector_store(settings: Settings) -> VectorIndex:
-    """The process's store: a Qdrant server when configured, else the embedded engine under the data dir."""
+    """The process's store: a Qdrant server when configured, else the embedded engine under the data dir
+    (EmbeddedStoreHeld if another process has that open)."""
     location = _location(settings)
     with _STORES_LOCK:
         if location not in _STORES:
-            _STORES[location] = _build(settings)
+            if not settings.qdrant_url:
+                _HOLDS[location] = _hold(settings.resolved_qdrant_path)
+            try:
+                _STORES[location] = _build(settings)
+            except BaseException:
+                _release(location)
+                raise
         return _STORES[location]
 
 
 def close_vector_store(settings: Settings) -> None:
     """Release the store, so another process may open an embedded store's path."""
+    location = _location(settings)
     with _STORES_LOCK:
-        store = _STORES.pop(_location(settings), None)
-    if store is not None:
-        store.close()
+        store = _STORES.pop(location, None)
+        try:
+            if store is not None:
+                store.close()
+        finally:
+            _release(location)
+
+
+def _hold(path: Path) -> TextIO:
+    """Lock `<path>.lock` for this process, or raise EmbeddedStoreHeld. The engines lock their own files only when
+    a shard is first used, and fail then with an engine error in the middle of the work."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.with_name(path.name + ".lock").open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise EmbeddedStoreHeld(path) from None
+    return handle
+
+
+def _release(location: str) -> None:
+    handle = _HOLDS.pop(location, None)
+    if handle is not None:
+        handle.close()  # closing the file releases the lock
 
 
 def _location(settings: Settings) -> str:
