@@ -70,6 +70,18 @@ EMBEDDING_NOTE = ("hashed char/word n-grams and rule/shape features of the norma
 # nearest of a bank as regression columns (0.927-0.935), nor a second logistic regression over the booster's inputs
 # (with or without the embedding: 0.932-0.934), nor RBF similarities to every bank example as regression columns
 # (0.932).
+# Also rejected, each scored against 0.9409 with the same pooled out-of-fold TPR (C=256, the booster at 1% FPR):
+# - PAIR-style framing counts from regexes (role/scenario, "purely hypothetical"/"for educational purposes" style
+#   disclaimers, "your task is", a harmful-topic lexicon, and role x harm and disclaimer x harm products) as
+#   regression and booster columns: 0.927. As booster inputs only: 0.937.
+# - Booster inputs harmful-bank similarity x the no_restrictions, persona and fiction_frame rule hits: 0.940.
+# - Train harmful requests (jbb_behaviors) as positives that only teach: 0.924.
+# - Sample weight x2 on the WildGuard (NotInject) benign rows: 0.937; on the PAIR attacks: 0.937.
+# - Booster blend 0.7: 0.939; 200 trees: 0.938; min_samples_leaf 10: 0.936; depth 2 with 150 trees: 0.939.
+# - One disguised copy of each train attack (leetspeak digits, Cyrillic look-alikes or zero-width spaces by turns,
+#   the disguises guard.normalise undoes) as positives that only teach, each in its original's fold: 0.933; with a
+#   copy of each benign row as well: 0.927. (With the copies in random folds it reads 0.957: an attack's copy in the
+#   training folds leaks it; never count copies apart from their original.)
 BOOSTER_PARAMS = {"max_iter": 100, "learning_rate": 0.05, "max_depth": 3, "min_samples_leaf": 20}
 BOOSTER_BLEND = 0.5
 BOOSTER_NOTE = ("the regression's logit (clipped), nearest similarity to each bank and mean of the 3 nearest attacks "
