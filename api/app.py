@@ -48,8 +48,11 @@ BODY_TOO_LARGE = "request body exceeds the upload limit"
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for `settings` (default: from the environment)."""
-    app = FastAPI(title="govrag", version="0.1.0", lifespan=_lifespan)
-    app.state.settings = settings or get_settings()
+    settings = settings or get_settings()
+    # Swagger UI and ReDoc load their scripts from a public CDN: not in production (/openapi.json stays).
+    pages = {} if not settings.is_production else {"docs_url": None, "redoc_url": None}
+    app = FastAPI(title="govrag", version="0.1.0", lifespan=_lifespan, **pages)
+    app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(RequestContext)
     for module in (health, metrics):  # their own answers (readyz: {"ready", "checks"}, a 503 included)

@@ -191,3 +191,14 @@ def test_a_worker_ingests_one_document_per_core_unless_told_otherwise(monkeypatc
     assert _parser().parse_args(["worker", "--concurrency", "4"]).concurrency == 4
     with pytest.raises(SystemExit):
         _parser().parse_args(["worker", "--concurrency", "0"])
+
+
+def test_production_serves_no_api_pages_that_load_scripts_from_a_public_cdn(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from api.app import create_app
+
+    production = create_app(Settings(**PROD, data_dir=tmp_path))
+    development = create_app(Settings(data_dir=tmp_path))
+
+    assert (production.docs_url, production.redoc_url) == (None, None)
+    assert production.openapi_url == "/openapi.json"
+    assert development.docs_url == "/docs"
