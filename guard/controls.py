@@ -210,9 +210,9 @@ def record_guard_hit(*, session: Session, settings: Settings, departments: list[
     limit, tripped = settings.guard_auto_trip_per_minute, []
     if limit <= 0:
         return tripped
-    counter = _trip_counter(settings)
     for department in departments:
-        if _count(counter, department) >= limit and kill_mode(
+        count, counter = _count(_trip_counter(settings), department)
+        if count >= limit and kill_mode(
                 session=session, settings=settings, departments=[department]) is KillMode.normal \
                 and _claim(counter, department):
             set_kill_switch(session=session, settings=settings, identity=SYSTEM_IDENTITY, scope=department,
@@ -222,17 +222,19 @@ def record_guard_hit(*, session: Session, settings: Settings, departments: list[
     return tripped
 
 
-def _count(counter: _TripWindow | _RedisTripCounter, department: str) -> int:
-    """Add one hit; if Redis is unreachable, count in this process rather than fail the query."""
+def _count(counter: _TripWindow | _RedisTripCounter, department: str) -> tuple[int, _TripWindow | _RedisTripCounter]:
+    """Add one hit: the window's count and the counter that holds it (Redis unreachable: this process's, so the
+    trip resets the window that counted, exactly as in the embedded default, rather than failing the query)."""
     try:
-        return counter.add(department)
+        return counter.add(department), counter
     except redis.RedisError:
         logger.warning("guard hit counter unavailable in Redis; counting in this process")
-        return _TRIPS.add(department)
+        return _TRIPS.add(department), _TRIPS
 
 
 def _claim(counter: _TripWindow | _RedisTripCounter, department: str) -> bool:
-    """Win the right to trip (Redis unreachable: trip anyway; a second trip changes nothing)."""
+    """Win the right to trip by resetting the window that counted (Redis gone since the count: trip anyway; a
+    second trip changes nothing)."""
     try:
         return counter.claim(department)
     except redis.RedisError:

@@ -16,6 +16,7 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from authz.identity import Identity
 from core import migrate
 from core.db import unit_of_work
 from core.models import RetrievalEvent
@@ -98,6 +99,39 @@ def test_embedded_default_counts_in_process(tmp_path: Path) -> None:
     assert [_hit(embedded, department) for _ in range(3)] == [[], [], [department]]
     assert _mode(embedded, department) is KillMode.retrieval_only
     assert redis.Redis.from_url(REDIS_URL).keys(f"govrag:guard-hits:*:{department}") == []
+
+
+def _reset(settings: Settings, department: str) -> None:
+    admin = Identity(subject=PLATFORM_ADMIN, groups=(), is_platform_admin=True)
+    with unit_of_work(settings.resolved_database_url) as session:
+        controls.set_kill_switch(session=session, settings=settings, identity=admin, scope=department,
+                                 mode=KillMode.normal, reason="false alarm, reset by the admin")
+
+
+def _one_hit_after_a_reset(settings: Settings) -> tuple[list[str], KillMode]:
+    """Trip a department with `limit` hits, let the admin reset it, then one more hit: its trips and mode."""
+    department = f"trip{uuid.uuid4().hex[:6]}"
+    trips = [_hit(settings, department) for _ in range(settings.guard_auto_trip_per_minute)]
+    assert trips[-1] == [department] and _mode(settings, department) is KillMode.retrieval_only
+    _reset(settings, department)
+    return _hit(settings, department), _mode(settings, department)
+
+
+def test_embedded_counter_one_hit_after_an_admin_reset_does_not_retrip(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'embedded.db'}"
+    migrate.upgrade(url)
+    embedded = Settings(data_dir=tmp_path, database_url=url, broker_url="memory://", guard_auto_trip_per_minute=3)
+    assert _one_hit_after_a_reset(embedded) == ([], KillMode.normal)
+
+
+def test_redis_down_one_hit_after_an_admin_reset_does_not_retrip(tmp_path: Path) -> None:
+    """Redis (the shared counter) down: hits are counted in this process, and the trip must empty that window as
+    the embedded counter does, else one hit after the admin's reset trips the department again."""
+    url = f"sqlite:///{tmp_path / 'down.db'}"
+    migrate.upgrade(url)
+    down = Settings(data_dir=tmp_path, database_url=url, broker_url="redis://127.0.0.1:9/0",
+                    guard_auto_trip_per_minute=3)
+    assert _one_hit_after_a_reset(down) == ([], KillMode.normal)
 
 
 def test_a_scope_that_is_no_department_is_refused_and_nothing_is_stored(client: TestClient,
