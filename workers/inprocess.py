@@ -6,10 +6,11 @@ import threading
 
 from celery.exceptions import WorkerShutdown
 from celery.platforms import EX_OK
-from celery.worker import WorkController
+from celery.worker import WorkController, state
 from kombu.asynchronous import set_event_loop
 
-from workers.celery_app import GovragCelery
+from ingestion import service as ingestion_service
+from workers.celery_app import INGEST_TASK, GovragCelery
 
 
 class InProcessWorker:
@@ -41,13 +42,24 @@ class InProcessWorker:
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the current task and stop, in the worker's own thread: its event loop raises `WorkerShutdown`, as
         after a signal. Stopping from the caller's thread would use the broker connection that the worker thread is
-        polling (kombu's are not thread-safe); with a job enqueued just before, it waited forever for a BRPOP reply."""
+        polling (kombu's are not thread-safe); with a job enqueued just before, it waited forever for a BRPOP reply.
+        A run still going after `timeout` is abandoned (the process exits under it) and its job handed back: the
+        next start runs it again as a retry, not as a run that crashed (a clean stop must never count towards the
+        crashed-runs limit; a kill, which runs none of this, still does)."""
         hub = getattr(self._controller, "hub", None)
         if hub is None or not self._thread.is_alive():
             self._controller.stop(in_sighandler=False)
         else:
             hub.call_soon(_shut_down)
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            for job_id in self._running_jobs():
+                ingestion_service.hand_back(settings=self._app.govrag_settings, job_id=job_id)
+
+    def _running_jobs(self) -> list[str]:
+        """The ids of the ingestion jobs this worker's thread is running (Celery's record of accepted tasks)."""
+        return [request.args[1] for request in list(state.active_requests)
+                if request.hostname == self._controller.hostname and request.task_name == INGEST_TASK]
 
 
 def _shut_down() -> None:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -168,6 +169,58 @@ def test_a_document_that_kills_its_worker_is_failed_after_a_few_runs_not_retried
     assert (document["status"], document["error"]) == ("failed", ingestion_service.CRASHED_TOO_OFTEN)
     assert resend_unfinished(create_celery(settings)) == 0  # nothing left to send at the next start-up
     memory.Channel.queues.pop(settings.task_queue, None)
+
+
+def _hold_document_row(url: str, job_id: str, document_id: str) -> contextlib.AbstractContextManager[object]:
+    """Once the job's run has claimed its document (processing, committed), a transaction locking the document row,
+    so the run is still going (it cannot write its outcome) while the test acts, as a long document's run is."""
+    import psycopg
+
+    dsn = url.replace("postgresql+psycopg://", "postgresql://", 1)
+    deadline = time.monotonic() + 120
+    while _job_row(url, job_id)[0] != "processing":
+        assert time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.02)
+
+    @contextlib.contextmanager
+    def held() -> Iterator[object]:
+        with psycopg.connect(dsn) as holder:
+            holder.execute("SELECT id FROM documents WHERE id = %s FOR UPDATE", (document_id,))
+            yield holder
+            holder.rollback()
+
+    return held()
+
+
+def test_a_clean_stop_during_a_run_hands_its_job_back_instead_of_counting_a_crash(
+        make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """`govrag serve` stopped (Ctrl-C, a deploy) while its in-process worker ran a long document left the job
+    `processing`: the next start counted a crash, and three ordinary restarts failed the document as 'the worker
+    died 3 times'. The stop now hands the abandoned run's job back, so the next run is a retry, not a crash."""
+    from api.app import create_app
+    from core import migrate
+    from retrieval.store import close_vector_store
+    from workers.inprocess import InProcessWorker
+
+    url = make_pg_database()
+    migrate.upgrade(url)
+    settings = _settings(tmp_path / "data", url, broker_url="memory://", inprocess_worker=False, job_sweep_seconds=0)
+    text = "\n\n".join(f"Section {n}. The facilities team reviewed the lifts of building {n}." for n in range(60))
+    with TestClient(create_app(settings)) as client:
+        editor = desk_member(client, "editor")
+        uploaded = client.post("/v1/documents", headers=auth(editor), data={"department": "desk"},
+                               files={"file": ("maintenance.txt", text.encode())}).json()
+        worker = InProcessWorker(client.app.state.celery)  # type: ignore[attr-defined]
+        worker.start()
+        with _hold_document_row(url, uploaded["job_id"], uploaded["document_id"]):
+            worker.stop(timeout=1.0)  # the run cannot end meanwhile: it is abandoned, as at a process exit
+            at_stop = _job_row(url, uploaded["job_id"])
+        worker.stop(timeout=120)  # released: the abandoned run ends (in a real stop the process is gone)
+        final = _job_row(url, uploaded["job_id"])
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    assert at_stop == ("queued", None, 1, 0)  # handed back: its next run is a retry, no crash counted
+    assert final == ("ready", None, 1, 0)
 
 
 def test_runs_that_fail_cleanly_are_retried_and_never_counted_as_crashes(

@@ -1,0 +1,116 @@
+"""`govrag serve` (embedded broker, in-process worker) stopped cleanly while a document is being ingested: three
+ordinary restarts (deploys) must not fail the document as 'the worker died 3 times'. The in-process variant is
+tests/integration/test_job_dispatch.py::test_a_clean_stop_during_a_run_hands_its_job_back_instead_of_counting_a_crash.
+Marked `worker`: `make test` runs them separately."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from tests.conftest import PLATFORM_ADMIN
+
+pytestmark = pytest.mark.worker
+ROOT = Path(__file__).resolve().parents[2]
+PARAGRAPH = ("Section {n}. The facilities team reviewed the maintenance schedule for building {n}; the lifts, "
+             "the heating and the fire doors were inspected and the findings were filed with the site office.")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve(data_dir: Path, url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GOVRAG_")}
+    env.update({"GOVRAG_DATA_DIR": str(data_dir), "GOVRAG_DATABASE_URL": url, "GOVRAG_ADMINS": f'["{PLATFORM_ADMIN}"]',
+                "PYTHONPATH": str(ROOT)})
+    handle = log.open("ab")
+    proc = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],  # noqa: S603
+                            cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("serve did not start")
+
+
+def _psycopg_dsn(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def _job(url: str, job_id: str) -> tuple[str, int, int]:
+    with psycopg.connect(_psycopg_dsn(url)) as conn:
+        row = conn.execute("SELECT status, attempts, crashed_runs FROM ingestion_jobs WHERE id = %s",
+                           (job_id,)).fetchone()
+    assert row is not None
+    return row[0], row[1], row[2]
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _stop_serve_mid_run(proc: subprocess.Popen[bytes], url: str, job_id: str, document_id: str, run: int) -> None:
+    """Once the run has claimed the document (processing, committed), hold the document row so the run is still
+    going when the operator stops `govrag serve` (Ctrl-C), as a run of a long document is; then let it go."""
+    _wait(lambda: _job(url, job_id)[:2] == ("processing", run), 120, f"run {run} to start")
+    with psycopg.connect(_psycopg_dsn(url)) as holder:
+        holder.execute("SELECT id FROM documents WHERE id = %s FOR UPDATE", (document_id,))
+        proc.send_signal(signal.SIGINT)  # a clean stop: what Ctrl-C, systemctl stop or a deploy does
+        proc.wait(120)
+        holder.rollback()
+
+
+def test_clean_restarts_of_serve_during_a_long_ingestion_do_not_fail_the_document(
+        make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    from authz.dev_issuer import DevIssuer
+    from core import migrate
+
+    url = make_pg_database()
+    migrate.upgrade(url)
+    data_dir, port, log = tmp_path / "data", _free_port(), tmp_path / "serve.log"
+    proc = _serve(data_dir, url, port, log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        issuer = DevIssuer.load_or_create(data_dir / "dev-issuer", "govrag-dev-issuer", "govrag")
+        admin = {"Authorization": f"Bearer {issuer.issue(PLATFORM_ADMIN, [])}"}
+        assert httpx.post(f"{base}/v1/admin/departments", json={"name": "desk"}, headers=admin).status_code == 201
+        assert httpx.post(f"{base}/v1/admin/role-assignments", headers=admin, json={
+            "subject": "stella", "role": "editor", "department": "desk"}).status_code == 201
+        editor = {"Authorization": f"Bearer {issuer.issue('stella', [])}"}
+        text = "\n\n".join(PARAGRAPH.format(n=n) for n in range(60)).encode()
+        accepted = httpx.post(f"{base}/v1/documents", headers=editor, data={"department": "desk"},
+                              files={"file": ("maintenance.txt", text)}, timeout=60).json()
+        for run in (1, 2, 3):  # three ordinary restarts (deploys) while the document is being ingested
+            _stop_serve_mid_run(proc, url, accepted["job_id"], accepted["document_id"], run)
+            proc = _serve(data_dir, url, port, log)
+        _wait(lambda: _job(url, accepted["job_id"])[0] not in ("queued", "processing"), 180, "the job to end")
+        document = httpx.get(f"{base}/v1/documents/{accepted['document_id']}", headers=editor).json()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(120)
+    assert (document["status"], document["error"]) == ("ready", None), document
+    assert _job(url, accepted["job_id"]) == ("ready", 4, 0)  # four runs, none counted as a crash
