@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
@@ -101,17 +102,41 @@ def reject(*, session: Session, settings: Settings, document: Document) -> tuple
     return ReviewDecision(document_id=document.id, status=DocumentStatus.rejected), retired
 
 
-def queue_reindex(*, session: Session, department: str, document_ids: list[str] | None) -> list[tuple[str, str]]:
-    """Queue a fresh ingestion of ready documents from their encrypted originals; returns (document, job) ids. A
-    document deleted since the listing stays deleted (and is left out); not_found for a department that does not
-    exist."""
+@dataclass(frozen=True)
+class Reindex:
+    """What a re-index did: new jobs to send once committed (document id, job id), the jobs of documents being
+    ingested that run again under the current rules (already sent), and the documents it left alone."""
+
+    queued: list[tuple[str, str]]
+    rerun: list[str]
+    skipped: list[str]
+
+
+def queue_reindex(*, session: Session, department: str, document_ids: list[str] | None) -> Reindex:
+    """Queue a fresh ingestion of ready documents from their encrypted originals. A document being ingested is
+    covered too: its run read the department's rules when it started, perhaps before the policy change this
+    re-index follows, so its job is handed back: the run writes nothing and goes again under the current rules
+    (ingestion/service.py). Skipped: ids named that are neither (unknown, another department's, quarantined,
+    failed, deleted), and documents that left both states meanwhile (a deletion stays deleted); not_found for a
+    department that does not exist."""
     authz_service.require_department(session, department)
-    queued = []
-    for document in repository.documents_to_reindex(session, department=department, document_ids=document_ids):
+    listed = repository.documents_to_reindex(session, department=department, document_ids=document_ids)
+    queued: list[tuple[str, str]] = []
+    rerun: list[str] = []
+    covered: set[str] = set()
+    for document in listed:
+        if document.status != DocumentStatus.ready:  # before the queueing: a run ending now commits first
+            for job_id in repository.unfinished_jobs(session, document.id):
+                repository.hand_back(session, job_id)
         job_id = str(uuid.uuid4())
         if repository.new_job(session, job_id=job_id, document_id=document.id, from_status=DocumentStatus.ready):
             queued.append((document.id, job_id))
-    return queued
+            covered.add(document.id)
+        elif running := repository.unfinished_jobs(session, document.id):
+            rerun.extend(running)
+            covered.add(document.id)
+    wanted = document_ids if document_ids is not None else [document.id for document in listed]
+    return Reindex(queued=queued, rerun=rerun, skipped=[i for i in dict.fromkeys(wanted) if i not in covered])
 
 
 def _custom(spec: CustomRecognizerIn) -> CustomRecognizer:

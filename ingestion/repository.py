@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from core.models import RETIRED, Document, DocumentStatus, IngestionJob, IngestionPolicy, utcnow
+from core.models import RETIRED, UNFINISHED, Document, DocumentStatus, IngestionJob, IngestionPolicy, utcnow
 
 IDS_PER_STATEMENT = 5_000  # ids bound in one IN list: PostgreSQL takes at most 65,535 parameters per statement
 
@@ -23,10 +23,11 @@ def get_job(session: Session, job_id: str) -> IngestionJob | None:
 
 
 def set_status(session: Session, *, document_id: str, job_id: str, status: str, error: str | None = None,
-               chunk_count: int | None = None) -> bool:
+               chunk_count: int | None = None, run: bool = False) -> bool:
     """Move a document and its job to `status` together, unless the document is retired: a conditional update, so
-    a deletion committed meanwhile (of the document or of an e-mail above it) is never written over. Whether it
-    moved."""
+    a deletion committed meanwhile (of the document or of an e-mail above it) is never written over. A run's outcome
+    (`run`) also needs its job still `processing`: a re-index that handed it back meanwhile made the run stale, and
+    the caller then rolls back the document's move. Whether both moved."""
     values: dict[str, object] = {"status": status, "error": error, "updated_at": utcnow()}
     if chunk_count is not None:
         values["chunk_count"] = chunk_count
@@ -34,9 +35,11 @@ def set_status(session: Session, *, document_id: str, job_id: str, status: str, 
                             .values(**values))
     if not moved.rowcount:  # type: ignore[attr-defined]
         return False
-    session.execute(update(IngestionJob).where(IngestionJob.id == job_id)
-                    .values(status=status, error=error, updated_at=utcnow()))
-    return True
+    job = update(IngestionJob).where(IngestionJob.id == job_id)
+    if run:
+        job = job.where(IngestionJob.status == DocumentStatus.processing)
+    ended = session.execute(job.values(status=status, error=error, updated_at=utcnow()))
+    return not run or bool(ended.rowcount)  # type: ignore[attr-defined]
 
 
 def end_job(session: Session, *, job_id: str, status: str, error: str) -> None:
@@ -52,11 +55,21 @@ def count_attempt(session: Session, job_id: str, *, after_a_crash: bool) -> None
                             crashed_runs=IngestionJob.crashed_runs + (1 if after_a_crash else 0), updated_at=utcnow()))
 
 
-def hand_back(session: Session, job_id: str) -> None:
-    """A run that failed cleanly and will be retried: its job is waiting again, not being processed."""
-    session.execute(update(IngestionJob).where(IngestionJob.id == job_id,
-                                               IngestionJob.status == DocumentStatus.processing)
-                    .values(status=DocumentStatus.queued, updated_at=utcnow()))
+def hand_back(session: Session, job_id: str) -> bool:
+    """A job whose run will not write its outcome (it failed cleanly and will be retried, it was abandoned at a clean
+    stop, or a re-index made its rules stale) is waiting again, not being processed: its next run is no crash.
+    Whether it was processing."""
+    handed = session.execute(update(IngestionJob).where(IngestionJob.id == job_id,
+                                                        IngestionJob.status == DocumentStatus.processing)
+                             .values(status=DocumentStatus.queued, updated_at=utcnow()))
+    return bool(handed.rowcount)  # type: ignore[attr-defined]
+
+
+def unfinished_jobs(session: Session, document_id: str) -> list[str]:
+    """Ids of the document's jobs still queued or processing."""
+    query = select(IngestionJob.id).where(IngestionJob.document_id == document_id,
+                                          IngestionJob.status.in_(UNFINISHED))
+    return list(session.scalars(query.order_by(IngestionJob.created_at)))
 
 
 def ready_documents(session: Session, document_ids: set[str]) -> dict[str, Document]:
@@ -97,9 +110,9 @@ def quarantined(session: Session, departments: list[str] | None) -> list[Documen
 
 
 def documents_to_reindex(session: Session, *, department: str | None, document_ids: list[str] | None) -> list[Document]:
-    """Ready documents of a department (or the given ids; `None` is every one, an empty list none) whose originals
-    can be parsed again."""
-    query = select(Document).where(Document.status == "ready")
+    """Documents of a department (or the given ids; `None` is every one, an empty list none) that a re-index covers:
+    ready ones, whose originals can be parsed again, and those being ingested."""
+    query = select(Document).where(Document.status.in_((DocumentStatus.ready, *UNFINISHED)))
     if department is not None:
         query = query.where(Document.department == department)
     if document_ids is None:

@@ -169,7 +169,8 @@ class ReindexIn(RequestModel):
 
 
 class ReindexOut(BaseModel):
-    queued: list[str]  # job ids
+    queued: list[str]  # job ids to follow: a new one per ready document, the running one per document in flight
+    skipped: list[str] = []  # document ids not re-indexed: named but neither ready nor being ingested
 
 
 class RevealIn(RequestModel):

@@ -82,19 +82,26 @@ def accept_upload(
 
 
 def run_ingestion(*, settings: Settings, document_id: str, job_id: str) -> None:
-    """Process one queued document to ready, quarantined or failed. Unexpected errors propagate for a retry."""
+    """Process one queued document to ready, quarantined or failed. Unexpected errors propagate for a retry. A run
+    whose job was handed back while it went on (a re-index: its rules may predate a policy change) writes nothing
+    and starts again from the claim, under the rules of that time."""
+    while not _run_once(settings, document_id, job_id):
+        pass
+
+
+def _run_once(settings: Settings, document_id: str, job_id: str) -> bool:
+    """One run of the job; False when its outcome was not written (then `_start` decides whether it goes again)."""
     facts, key, data, rules = _start(settings, document_id, job_id)
     if facts is None or key is None or data is None or rules is None:
-        return
+        return True
     try:
         result = protect(data, facts, key=key, embedder=get_embedder(settings.embedding_backend),
                          redactor=get_redactor(), max_chars=settings.chunk_max_chars, rules=rules,
                          scanner=get_scanner(), limits=parse_limits(settings))
     except GovragError as exc:  # permanent: a bad or over-limit file; retrying cannot help
         _keep_placeholder_map(settings, document_id, key, {})  # reveal answers for no earlier run
-        _finish(settings, document_id, job_id, DocumentStatus.failed, error=exc.message)
         logger.info("ingestion failed permanently for document %s", document_id)
-        return
+        return _finish(settings, document_id, job_id, DocumentStatus.failed, error=exc.message, run=True)
     _keep_placeholder_map(settings, document_id, key, result.placeholders if rules.reversible else {})
     store = open_vector_store(settings)
     store.delete_document(facts.department, document_id)  # a retried run leaves no stale points
@@ -105,9 +112,11 @@ def run_ingestion(*, settings: Settings, document_id: str, job_id: str) -> None:
         repository.record_outcome, document_id=document_id, classification=result.verdict.level.value,
         declared=facts.classification.value, reasons=list(result.verdict.reasons), flagged=len(result.flagged),
         review_reason=result.review_reason)
-    if _finish(settings, document_id, job_id, status, chunk_count=len(result.points), outcome=outcome):
-        logger.info("ingested document %s: %s, %d chunks, %d flagged", document_id, status, len(result.points),
-                    len(result.flagged))
+    if not _finish(settings, document_id, job_id, status, chunk_count=len(result.points), outcome=outcome, run=True):
+        return False
+    logger.info("ingested document %s: %s, %d chunks, %d flagged", document_id, status, len(result.points),
+                len(result.flagged))
+    return True
 
 
 def _keep_placeholder_map(settings: Settings, document_id: str, key: bytes, placeholders: dict[str, str]) -> None:
@@ -327,18 +336,26 @@ def _claim(session: Session, settings: Settings, document: Document,
 
 
 def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentStatus, *, error: str | None = None,
-            chunk_count: int | None = None, outcome: Callable[[Session], None] | None = None) -> bool:
+            chunk_count: int | None = None, outcome: Callable[[Session], None] | None = None,
+            run: bool = False) -> bool:
     """Write the final status, with the pipeline's outcome when there is one, in a single transaction; unless the
     document was deleted (or rejected) while the worker ran: then only its job ends, the points it indexed go, and
-    the answer is False."""
+    the answer is False. A run's outcome (`run`) is written only while the run still holds its job: one handed back
+    meanwhile (by a re-index) writes nothing, and the answer is False too."""
     with unit_of_work(settings.resolved_database_url) as session:
         if repository.set_status(session, document_id=document_id, job_id=job_id, status=status, error=error,
-                                 chunk_count=chunk_count):
+                                 chunk_count=chunk_count, run=run):
             if outcome is not None:
                 outcome(session)
             department = repository.get_document(session, document_id).department  # type: ignore[union-attr]
         else:
-            _withdraw(session, _current(session, document_id), job_id)
+            session.rollback()  # a stale run's document moved before its job was found handed back: undone
+            document = _current(session, document_id)
+            if document is not None and document.status not in RETIRED:
+                logger.info("the run of document %s lost its job (a re-index); its outcome is not written",
+                            document_id)
+                return False
+            _withdraw(session, document, job_id)
             department = None
     if department is None:  # withdrawn: purged once the job's end is committed
         purge.purge_now(settings, [document_id])

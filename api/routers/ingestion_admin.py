@@ -82,15 +82,17 @@ def reject(document_id: str, session: SessionDep, enforcer: EnforcerDep, setting
 @router.post("/reindex", status_code=status.HTTP_202_ACCEPTED, response_model=ReindexOut)
 def reindex(body: ReindexIn, session: SessionDep, enforcer: EnforcerDep, settings: SettingsDep,
             celery: CeleryDep, user: CurrentUser) -> ReindexOut:
-    """Parse, redact and embed a department's ready documents again from their encrypted originals."""
+    """Parse, redact and embed a department's ready documents again from their encrypted originals; documents
+    being ingested run again under the current rules."""
     authz_service.require_manage(enforcer, user, body.department)
-    queued = quarantine.queue_reindex(session=session, department=body.department, document_ids=body.document_ids)
+    reindex = quarantine.queue_reindex(session=session, department=body.department, document_ids=body.document_ids)
     audit_service.record_admin_event(session=session, identity=user, event_type=AdminEventType.reindex,
                                      department=body.department, settings=settings,
-                                     details={"documents": len(queued)})
-    for document_id, job_id in queued:
+                                     details={"documents": len(reindex.queued) + len(reindex.rerun),
+                                              "skipped": len(reindex.skipped)})
+    for document_id, job_id in reindex.queued:
         send_job(celery, document_id=document_id, job_id=job_id)
-    return ReindexOut(queued=[job_id for _, job_id in queued])
+    return ReindexOut(queued=[job_id for _, job_id in reindex.queued] + reindex.rerun, skipped=reindex.skipped)
 
 
 def _under_review(session: SessionDep, enforcer: EnforcerDep, user: CurrentUser, document_id: str) -> Document:

@@ -274,6 +274,51 @@ def test_a_reindex_listing_binds_its_ids_in_statements_postgresql_takes(client: 
     assert [d.id for d in listed] == [d.id for d in ready]
 
 
+def test_a_reindex_after_a_policy_change_covers_a_document_being_ingested(
+        client: TestClient, issue_token: Callable[..., str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A department declares 'project heron' restricted (above its AI approval) and re-indexes. A document whose run
+    had read the old policy was skipped (202, `queued: []`, no reason) and ended `ready`, its restricted text
+    answerable. Now its run is sent round again under the new policy: the document is quarantined."""
+    from ingestion import service
+
+    department, admin = f"heron{uuid.uuid4().hex[:6]}", auth(issue_token(PLATFORM_ADMIN))
+    assert client.post("/v1/admin/departments", json={"name": department}, headers=admin).status_code == 201
+    assert client.post("/v1/admin/role-assignments", headers=admin,
+                       json={"subject": "hana", "role": "editor", "department": department}).status_code == 201
+    editor, canary = issue_token("hana", []), uuid.uuid4().hex
+    real_protect, asked = service.protect, []
+
+    def protect_then_reindex(data: bytes, facts, **kwargs):  # type: ignore[no-untyped-def]
+        result = real_protect(data, facts, **kwargs)  # under the rules the run read when it started
+        if canary.encode() in data and not asked:
+            asked.append(client.put(f"/v1/admin/departments/{department}/ingestion-policy", headers=admin,
+                                    json={"keywords": {"project heron": "restricted"}}))
+            asked.append(client.post("/v1/admin/reindex", headers=admin, json={"department": department}))
+        return result
+
+    monkeypatch.setattr(service, "protect", protect_then_reindex)
+    uploaded = _upload(client, editor, department, "heron.txt",
+                       f"Minutes {canary}: Project Heron starts in May.".encode())
+    assert uploaded.status_code == 202, uploaded.text
+    job = wait_for_job(client, editor, uploaded.json()["job_id"])
+    policy, reindex = asked
+    assert policy.status_code == 200 and reindex.status_code == 202, reindex.text
+    assert reindex.json() == {"queued": [uploaded.json()["job_id"]], "skipped": []}  # its job runs again
+    assert job["status"] == "quarantined" and job["attempts"] == 2
+    document = client.get(f"/v1/documents/{uploaded.json()['document_id']}", headers=auth(editor)).json()
+    assert document["status"] == "quarantined" and "keyword 'project heron'" in document["classification_reasons"]
+
+
+def test_a_reindex_names_the_documents_it_skipped(client: TestClient, lab: dict[str, str]) -> None:
+    """Named documents that are neither ready nor being ingested (unknown, quarantined, failed) were left out with
+    no word; they are now listed as skipped."""
+    unknown = str(uuid.uuid4())
+    response = client.post("/v1/admin/reindex", headers=auth(lab["dept_admin"]),
+                           json={"department": lab["department"], "document_ids": [unknown, unknown]})
+    assert response.status_code == 202, response.text
+    assert response.json() == {"queued": [], "skipped": [unknown]}
+
+
 def test_a_document_deleted_while_a_reindex_is_queued_stays_deleted(
         client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """A reindex lists the ready documents, then queues a job for each: a DELETE committed in between was written

@@ -111,7 +111,8 @@ def test_a_late_duplicate_of_a_finished_job_leaves_the_document_to_its_new_job(t
         first, document_id = uploaded["job_id"], uploaded["document_id"]
         ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=first)
         with unit_of_work(url) as session:
-            [(_, reindex)] = quarantine.queue_reindex(session=session, department="desk", document_ids=[document_id])
+            [(_, reindex)] = quarantine.queue_reindex(session=session, department="desk",
+                                                     document_ids=[document_id]).queued
         ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=first)  # the duplicate
         assert client.get(f"/v1/jobs/{reindex}", headers=auth(editor)).json()["status"] == "queued"
         ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=reindex)
@@ -215,12 +216,49 @@ def test_a_clean_stop_during_a_run_hands_its_job_back_instead_of_counting_a_cras
         with _hold_document_row(url, uploaded["job_id"], uploaded["document_id"]):
             worker.stop(timeout=1.0)  # the run cannot end meanwhile: it is abandoned, as at a process exit
             at_stop = _job_row(url, uploaded["job_id"])
-        worker.stop(timeout=120)  # released: the abandoned run ends (in a real stop the process is gone)
+        worker.stop(timeout=120)  # released: the abandoned run lets go (in a real stop the process is gone)
         final = _job_row(url, uploaded["job_id"])
     close_vector_store(settings)
     memory.Channel.queues.pop(settings.task_queue, None)
     assert at_stop == ("queued", None, 1, 0)  # handed back: its next run is a retry, no crash counted
-    assert final == ("ready", None, 1, 0)
+    assert (final[0], final[3]) == ("ready", 0)
+
+
+def test_a_reindex_while_a_run_waits_to_write_its_outcome_runs_it_again_under_the_new_policy(
+        make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """The re-index skipped a document being ingested (`queued: []`) and its run, which read the rules before the
+    policy change, ended it `ready`. Now, even while the run is about to write its outcome (held here by a lock on
+    the document row, as a long document's run is held by its work), the re-index hands its job back: the run writes
+    nothing and goes again under the new policy."""
+    from api.app import create_app
+    from core import migrate
+    from ingestion import service as ingestion_service
+    from retrieval.store import close_vector_store
+
+    url = make_pg_database()
+    migrate.upgrade(url)
+    settings = _settings(tmp_path / "data", url, broker_url="memory://", inprocess_worker=False, job_sweep_seconds=0)
+    text = "\n\n".join(f"Section {n}. The facilities team reviewed the lifts of building {n}." for n in range(60))
+    with TestClient(create_app(settings)) as client:
+        admin = auth(client.app.state.dev_issuer.issue(PLATFORM_ADMIN, []))  # type: ignore[attr-defined]
+        editor = desk_member(client, "editor")
+        uploaded = client.post("/v1/documents", headers=auth(editor), data={"department": "desk"},
+                               files={"file": ("falcon.txt", f"{text}\n\nProject Falcon starts in May.".encode())})
+        run = threading.Thread(target=ingestion_service.run_ingestion, kwargs={
+            "settings": settings, "document_id": uploaded.json()["document_id"], "job_id": uploaded.json()["job_id"]})
+        run.start()  # what the worker does with the upload's job
+        with _hold_document_row(url, uploaded.json()["job_id"], uploaded.json()["document_id"]):
+            policy = client.put("/v1/admin/departments/desk/ingestion-policy", headers=admin,
+                                json={"keywords": {"project falcon": "restricted"}})
+            reindex = client.post("/v1/admin/reindex", headers=admin, json={"department": "desk"})
+        run.join(120)
+        document = client.get(f"/v1/documents/{uploaded.json()['document_id']}", headers=auth(editor)).json()
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    assert policy.status_code == 200 and reindex.status_code == 202, reindex.text
+    assert reindex.json() == {"queued": [uploaded.json()["job_id"]], "skipped": []}
+    assert document["status"] == "quarantined", document
+    assert _job_row(url, uploaded.json()["job_id"]) == ("quarantined", None, 2, 0)  # run again, no crash counted
 
 
 def test_runs_that_fail_cleanly_are_retried_and_never_counted_as_crashes(
