@@ -173,9 +173,12 @@ def _ingest_file(settings: Settings, args: argparse.Namespace, path: Path) -> Ou
 
 
 def _ingest_with_attachments(settings: Settings, document_id: str, job_id: str) -> None:
-    """Ingest a document, then its attachments, theirs, and so on (spawn_attachments bounds the depth)."""
+    """Ingest a document, then its attachments, theirs, and so on (spawn_attachments bounds the depth). Each job is
+    recorded as sent first: this process runs it, and an API's sweep must not send it to a worker as well."""
     from ingestion import service as ingestion_service
+    from workers.dispatch import record_sent
 
+    record_sent(settings, job_id)
     ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id)
     for child in ingestion_service.spawn_attachments(settings=settings, document_id=document_id):
         _ingest_with_attachments(settings, child.document_id, child.job_id)

@@ -1,12 +1,12 @@
 """Sending ingestion jobs to the broker. The database is the record of what must run; the broker only carries it.
 
-A job row is committed (status `queued`, `sent_at` empty) with the work it describes; `send_job` then publishes
-its task and stamps `sent_at`. A broker that refuses leaves the job unsent, not lost: `sweep_jobs` (run by a thread
-in every API process, core/sweeper.py) sends each job still unsent some seconds after it was created — the broker
-was down, or the API died between its commit and the send — and, on Redis, each job a restarted Redis lost; a job
-left `processing` with no run behind it goes again too (`resend_stalled`). On the embedded default the broker
-lives in the API's memory, so at start-up it holds nothing: every unfinished job is sent again
-(`resend_unfinished`).
+A job row is committed (status `queued`, `sent_at` empty) with the work it describes; `send_job` then publishes its
+task and stamps `sent_at` (`govrag ingest` in process stamps the jobs it runs itself). A broker that refuses leaves
+the job unsent, not lost: `sweep_jobs` (run by a thread in every API process, core/sweeper.py) sends each job still
+unsent some seconds after it was created — the broker was down, or the API died between its commit and the send —
+and, on Redis, each job a restarted Redis lost; a job left `processing` with no run behind it goes again too
+(`resend_stalled`). On the embedded default the broker lives in the API's memory, so at start-up it holds nothing:
+every unfinished job is sent again (`resend_unfinished`).
 
 Delivery is at least once: a job may run twice (a crash between the send and the stamp); a second run of a
 document that is already ready changes nothing, and a run that finds its document deleted ends the job and purges
@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from core.db import transaction_lock, unit_of_work
 from core.models import UNFINISHED, DocumentStatus, IngestionJob, utcnow
+from core.settings import Settings
 from workers.celery_app import INGEST_TASK, GovragCelery
 
 logger = logging.getLogger(__name__)
@@ -36,9 +37,15 @@ def send_job(app: GovragCelery, *, document_id: str, job_id: str) -> bool:
     """Publish the job's task and record that it was sent; False (the job stays unsent) if the broker refused."""
     if not _published(app, document_id, job_id):
         return False
-    with unit_of_work(app.govrag_settings.resolved_database_url) as session:
-        _mark_sent(session, job_id)
+    record_sent(app.govrag_settings, job_id)
     return True
+
+
+def record_sent(settings: Settings, job_id: str) -> None:
+    """Record that the job is taken care of: its task reached the broker, or this process runs it itself (`govrag
+    ingest` in process), so the sweep does not send it to a worker as well."""
+    with unit_of_work(settings.resolved_database_url) as session:
+        _mark_sent(session, job_id)
 
 
 def send_unsent(app: GovragCelery, *, older_than_seconds: float) -> int:

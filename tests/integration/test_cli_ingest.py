@@ -107,6 +107,43 @@ def test_a_file_that_fails_unexpectedly_is_failed_and_the_rest_are_ingested(
     assert statuses == ["failed", "ready"]  # the memo failed; the notes and the damaged .doc were never accepted
 
 
+def test_a_file_the_cli_is_ingesting_is_not_sent_to_a_worker_as_well(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-process CLI never marked the jobs it ran (an upload's, its attachments') as sent: the sweep of an API
+    on the same database took any run longer than its grace for a job the broker never got, and a worker ran the
+    same document at once, its claim counting a crash that never happened. Now they are marked taken."""
+    from email.message import EmailMessage
+
+    from kombu.transport import memory
+
+    from core.models import IngestionJob
+    from ingestion import service
+    from workers.celery_app import create_celery
+    from workers.dispatch import send_unsent
+
+    settings, real_protect, swept = get_settings(), service.protect, []
+
+    def protect_while_the_api_sweeps(data: bytes, *args: object, **kwargs: object) -> object:
+        swept.append(send_unsent(create_celery(settings), older_than_seconds=0))  # the run is longer than the grace
+        return real_protect(data, *args, **kwargs)
+
+    monkeypatch.setattr(service, "protect", protect_while_the_api_sweeps)
+    mail = EmailMessage()
+    mail["From"], mail["To"], mail["Subject"] = "desk@example.org", "hr@example.org", "Rota"
+    mail.set_content("The new rota is attached.")
+    mail.add_attachment(b"The Porto desk rota changes on Fridays.", maintype="text", subtype="plain",
+                        filename="rota.txt")
+    (tmp_path / "rota.eml").write_bytes(mail.as_bytes())
+    try:
+        assert main(["ingest", str(tmp_path / "rota.eml"), "--department", "hr"]) == 0, capsys.readouterr().out
+    finally:
+        memory.Channel.queues.pop(settings.task_queue, None)
+    with unit_of_work(cli_env) as session:
+        jobs = sorted((job.status, job.attempts, job.crashed_runs) for job in session.scalars(select(IngestionJob)))
+    assert swept == [0, 0]  # neither the e-mail's job nor its attachment's was sent while the CLI ran it
+    assert jobs == [("ready", 1, 0), ("ready", 1, 0)]
+
+
 def test_the_cli_reads_acl_groups_like_the_api(cli_env: str, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     """`--acl-group hr-staff,payroll` was stored as one group nobody has, and a malformed name was not refused."""
