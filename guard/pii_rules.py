@@ -74,6 +74,7 @@ _NOT_NAMES = frozenset(
         "Note", "Re", "Fwd", "Yes", "No", "Hello", "Hi", "Dear", "Regards", "Sincerely", "Dept",
         "Department", "Company", "Customer", "Client", "Manager", "Employee", "Patient", "Guardian",
         "Mr", "Mrs", "Ms", "Mx", "Miss", "Dr", "Prof", "Herr", "Frau", "Mme", "Mlle",
+        "From", "To", "Cc", "CC", "Bcc", "BCC", "Sent", "Attachments",  # e-mail header names: "From: …" is no speaker
     }
 )  # fmt: skip
 _SPEAKER_MIN_LINES = 2

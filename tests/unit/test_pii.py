@@ -273,3 +273,14 @@ def test_fast_token_lookup_matches_presidio() -> None:
                 _FastContextEnhancer._find_index_of_match_token("", start, doc, offsets)
             continue
         assert _FastContextEnhancer._find_index_of_match_token("", start, doc, offsets) == expected
+
+
+def test_e_mail_header_names_are_kept_and_the_people_in_them_redacted(redactor: PiiRedactor) -> None:
+    header = ("From: Theodora Blackwood <theo@example.org>\nTo: Marcus Lee <marcus@example.org>\n"
+              "Cc: Priya Shah\nSubject: Budget review\n\nHi Marcus, the budget is attached.")
+
+    redacted = redactor.redact(header)
+
+    assert redacted.startswith(
+        "From: <PERSON_1> <<EMAIL_ADDRESS_1>>\nTo: <PERSON_2> <<EMAIL_ADDRESS_2>>\nCc: <PERSON_3>")
+    assert not any(name in redacted for name in ("Theodora", "Blackwood", "Marcus", "Priya", "Shah"))
