@@ -7,7 +7,7 @@ import functools
 import importlib
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import regex
@@ -71,6 +71,7 @@ REDACTED_ENTITIES: tuple[str, ...] = (
 _DIGIT_ENTITIES = frozenset({"PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "IBAN_CODE", "US_BANK_NUMBER", "US_PASSPORT"})
 _AT_ENTITIES = frozenset({"EMAIL_ADDRESS"})
 _DIGIT = re.compile(r"\d")
+_FILE_EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,8}$")
 
 # Every label the small English model emits besides PERSON: ignored at the NLP engine,
 # so LOCATION, DATE_TIME, ORG… are never produced (and never logged as "unmapped").
@@ -414,12 +415,22 @@ def resolve_overlaps(results: Iterable[RecognizerResult]) -> list[RecognizerResu
 
 def _substitute(text: str, results: list[RecognizerResult], placeholders: PlaceholderMap) -> str:
     """Replace each kept span with its placeholder, left to right."""
+    return _replace_spans(text, results, placeholders.placeholder_for)
+
+
+def type_placeholder(entity_type: str, _value: str) -> str:
+    """The unnumbered placeholder of a value redacted on its own (a document title): `<PERSON>`."""
+    return f"<{entity_type}>"
+
+
+def _replace_spans(text: str, results: list[RecognizerResult], placeholder: Callable[[str, str], str]) -> str:
+    """Replace each kept span with `placeholder(type, value)`, left to right."""
     parts: list[str] = []
     cursor = 0
     for result in resolve_overlaps(results):
         parts.append(text[cursor : result.start])
         value = text[result.start : result.end]
-        parts.append(placeholders.placeholder_for(result.entity_type, value))
+        parts.append(placeholder(result.entity_type, value))
         cursor = result.end
     parts.append(text[cursor:])
     return "".join(parts)
@@ -450,6 +461,17 @@ class PiiRedactor:
         """Return the text with PII replaced; pass a shared map to keep placeholders stable."""
         mapping = placeholders if placeholders is not None else PlaceholderMap()
         return _substitute(text, self.analyze(text, rules), mapping)
+
+    def redact_title(self, title: str, rules: RedactionRules | None = None) -> str:
+        """Return a document title with each value replaced by its type alone (`<PERSON>`, `<EMAIL_ADDRESS>`): the
+        title is redacted on its own, before the text is read, and a numbered placeholder would pass for the one the
+        text's map gives (and be revealed as that one). A title ending in a file extension is read without it too:
+        in `maria@example.com.txt` the extension hides the e-mail address's domain."""
+        results = self.analyze(title, rules)
+        extension = _FILE_EXTENSION.search(title)
+        if extension:
+            results += self.analyze(title[: extension.start()], rules)
+        return _replace_spans(title, results, type_placeholder)
 
     def redact_many(self, texts: list[str], placeholders: PlaceholderMap,
                     rules: RedactionRules | None = None) -> list[str]:

@@ -35,6 +35,8 @@ _CONTACT_KINDS = ("EMAIL_ADDRESS", "PHONE_NUMBER")
 _DENSE_PER_KCHAR = 5.0
 # A placeholder the redactor wrote, e.g. <US_SSN_2>: its kind is what the chunk's content shows.
 _PLACEHOLDER = re.compile(r"<([^<>\s]+)_\d+>")
+# A value redacted from a document title, e.g. <CREDIT_CARD> (guard/pii.py: titles are redacted unnumbered).
+_TITLE_PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]*)>")
 # Invisible format characters (zero-width spaces and joiners, word joiner, BOM, soft hyphen…): a keyword matches
 # with any of them inside a word, and with any of them or any whitespace (line breaks, no-break spaces) between words
 # (so one next to a word also ends it: wrongly raising a document is the safe side).
@@ -103,6 +105,16 @@ def classify_chunks(*, declared: Classification, texts: Sequence[str], redacted:
                        and reason not in reasons)
     return Verdict(level=level, reasons=tuple(reasons) if level != declared else (),
                    chunk_levels=tuple(_raise(chunk.level, declared) for chunk in chunks))
+
+
+def with_title_pii(pii_counts: Mapping[str, int], title: str, kinds: Collection[str]) -> dict[str, int]:
+    """The document's distinct values per kind, counting those redacted from its title too (a card number in the
+    file name raises the document, whose level decides who sees the title). `kinds` are the redacted types: other
+    `<WORDS>` an uploader typed are no placeholder."""
+    counts = dict(pii_counts)
+    for kind in {match.group(1) for match in _TITLE_PLACEHOLDER.finditer(title)} & set(kinds):
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
 
 
 def _chunk_pii_counts(redacted_text: str, placeholders: Collection[str]) -> dict[str, int]:

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 from core import crypto
 from guard.injection import InjectionScanner
-from guard.pii import PiiRedactor, PlaceholderMap
+from guard.pii import REDACTED_ENTITIES, PiiRedactor, PlaceholderMap
 from guard.pii_rules import RedactionRules
 from ingestion.chunk import Chunk, chunk_sections
-from ingestion.classify import Verdict, classify_chunks
+from ingestion.classify import Verdict, classify_chunks, with_title_pii
 from ingestion.parse import ParseLimits, parse_document
 from ingestion.schemas import Classification
 from retrieval import sentence_vectors
@@ -70,8 +70,9 @@ def protect(data: bytes, facts: DocumentFacts, *, key: bytes, embedder: TextEmbe
     placeholders = PlaceholderMap()
     redacted = redactor.redact_many(texts, placeholders, rules.redaction)
     clock.lap("pii")
+    pii_counts = with_title_pii(placeholders.counts(), facts.title, [*REDACTED_ENTITIES, *rules.redaction.entities])
     verdict = classify_chunks(declared=facts.classification, texts=texts, redacted=redacted,
-                              pii_counts=placeholders.counts(), placeholders=placeholders.mapping().keys(),
+                              pii_counts=pii_counts, placeholders=placeholders.mapping().keys(),
                               keywords=rules.keywords)
     flagged = () if scanner is None else tuple(
         c.index for c, score in zip(chunks, scanner.score_many(redacted), strict=True) if score >= scanner.threshold)

@@ -42,6 +42,7 @@ from retrieval.store import open_vector_store
 logger = logging.getLogger(__name__)
 
 MAX_TITLE_CHARS = 300
+_TITLE_READ_CHARS = 4 * MAX_TITLE_CHARS  # of a longer name, what is redacted (and then cut to MAX_TITLE_CHARS)
 MAX_ATTACHMENT_DEPTH = 3  # levels of attachments followed below an uploaded e-mail (attached e-mails nest)
 ATTACHMENT_FAILED = "the attachment could not be taken (an internal error)"
 MAX_CRASHED_RUNS = 3  # runs a worker died in (a kill, the OOM killer, a parser crash) before the document fails
@@ -71,10 +72,10 @@ def accept_upload(
                                                      document_id=document_id)
     blobs.write_sealed(settings.blob_dir, document_id, key, data)
     session.add(Document(
-        id=document_id, department=department, title=_title(title, filename), content_type=content_type,
-        size_bytes=len(data), sha256=sha256, acl_groups=acl_groups, classification=classification.value,
-        declared_classification=classification.value, status=DocumentStatus.queued, uploaded_by=uploaded_by,
-        parent_id=parent_id,
+        id=document_id, department=department, title=_title(session, department, title, filename),
+        content_type=content_type, size_bytes=len(data), sha256=sha256, acl_groups=acl_groups,
+        classification=classification.value, declared_classification=classification.value,
+        status=DocumentStatus.queued, uploaded_by=uploaded_by, parent_id=parent_id,
     ))
     session.add(IngestionJob(id=job_id, document_id=document_id, status=DocumentStatus.queued))
     session.flush()
@@ -221,7 +222,8 @@ def _record_refused_attachment(session: Session, parent: Document, name: str, pa
     except Exception:  # refused for its bytes or not, it is recorded
         content_type = "application/octet-stream"
     session.add(Document(
-        id=str(uuid.uuid4()), department=parent.department, title=_title(f"{parent.title} / {name}", None),
+        id=str(uuid.uuid4()), department=parent.department,
+        title=_title(session, parent.department, f"{parent.title} / {name}", None),
         content_type=content_type[:120], size_bytes=len(payload), sha256=hashlib.sha256(payload).hexdigest(),
         acl_groups=list(parent.acl_groups), classification=parent.classification,
         declared_classification=parent.declared_classification, status=DocumentStatus.failed, error=reason,
@@ -398,10 +400,14 @@ def _withdraw(session: Session, document: Document | None, job_id: str) -> None:
     logger.info("ingestion of a %s document was withdrawn", state)
 
 
-def _title(title: str | None, filename: str | None) -> str:
-    """The title given, else the file's name; control characters (a NUL in an attachment's name) replaced."""
-    chosen = printable_name((title or filename or "untitled").strip()) or "untitled"
-    return chosen[:MAX_TITLE_CHARS]
+def _title(session: Session, department: str, title: str | None, filename: str | None) -> str:
+    """The title given, else the file's name, with control characters (a NUL in an attachment's name) replaced and
+    PII replaced by its type (`<EMAIL_ADDRESS>`, guard/pii.py, with the department's redaction rules): a title is
+    shown beside redacted text (citations, the listing, the model's prompt, the training export)."""
+    chosen = printable_name((title or filename or "").strip())[:_TITLE_READ_CHARS]
+    rules = quarantine.rules_for(session=session, department=department).redaction
+    redacted = get_redactor().redact_title(chosen, rules) if chosen else ""
+    return redacted.strip()[:MAX_TITLE_CHARS] or "untitled"
 
 
 def document_status(*, session: Session, can_see: Callable[[Document], bool],

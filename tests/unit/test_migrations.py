@@ -166,3 +166,29 @@ def _cli(monkeypatch: pytest.MonkeyPatch, data_dir: Path, url: str, argv: list[s
         return cli.main(argv)
     finally:
         get_settings.cache_clear()
+
+
+@pytest.mark.usefixtures("make_pg_database")
+def test_titles_stored_before_redaction_are_redacted(
+        make_pg_database: Callable[[], str]) -> None:
+    """Titles were stored raw (a file name with an e-mail address)."""
+    url = make_pg_database()
+    migrate.upgrade(url, "0009")
+    engine = create_engine(url)
+    columns = "id, department, title, content_type, size_bytes, sha256, acl_groups, classification, status, " \
+              "chunk_count, uploaded_by, created_at, updated_at, flagged_chunks"
+    values = "'text/plain', 10, :sha, '[]', 'internal', :status, 0, 'ed', now(), now(), 0"
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("INSERT INTO departments (name, created_at) VALUES ('hr', now())"))
+            for document_id, title, status in [("a", "Travel claim maria.gonzalez@example.com.txt", "ready"),
+                                               ("b", "Quarterly report 2024.pdf", "ready")]:
+                connection.execute(text(f"INSERT INTO documents ({columns}) VALUES (:id, 'hr', :title, {values})"),  # noqa: S608
+                                   {"id": document_id, "title": title, "sha": "ab" * 32, "status": status})
+        migrate.upgrade(url)
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT id, title, sha256, size_bytes FROM documents ORDER BY id")).all()
+    finally:
+        engine.dispose()
+    assert [tuple(row) for row in rows] == [("a", "Travel claim <EMAIL_ADDRESS>.txt", "ab" * 32, 10),
+                                            ("b", "Quarterly report 2024.pdf", "ab" * 32, 10)]

@@ -1,0 +1,46 @@
+"""titles stored before their PII was redacted are redacted
+
+A title (from the upload form, the file's name, an e-mail attachment's name) was stored as given and shown to readers
+beside redacted text. Titles are now redacted when they are set (ingestion/service.py): this brings rows written
+before up to date. Titles are redacted with the default entity set (a department's own
+recognizers and allow-list are not applied to them). The PII model loads only when there is a title to read.
+
+Revision ID: 0010
+Revises: 0009
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0010"
+down_revision = "0009"
+branch_labels = None
+depends_on = None
+
+_BATCH = 500
+
+
+def upgrade() -> None:
+    connection = op.get_bind()
+    after = ""
+    while rows := connection.execute(sa.text(
+            "SELECT id, title FROM documents WHERE id > :after "
+            "ORDER BY id LIMIT :batch"), {"after": after, "batch": _BATCH}).all():
+        for document_id, title in rows:
+            redacted = _redacted(title)
+            if redacted != title:
+                connection.execute(sa.text("UPDATE documents SET title = :title WHERE id = :id"),
+                                   {"title": redacted, "id": document_id})
+        after = rows[-1][0]
+
+
+def _redacted(title: str) -> str:
+    from guard.pii import get_redactor  # loaded only when a database holds documents
+
+    return get_redactor().redact_title(title).strip()[:300] or "untitled"
+
+
+def downgrade() -> None:
+    """The raw titles are gone: nothing to restore."""

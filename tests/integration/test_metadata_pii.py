@@ -1,0 +1,150 @@
+"""PII in metadata: titles (from the upload form, a file name, an attachment's name) are redacted before they are
+stored."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from email.message import EmailMessage
+from pathlib import Path
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from guard.redteam import _raw_pii
+from tests.conftest import (
+    PLATFORM_ADMIN,
+    auth,
+    damaged_doc,
+    wait_for_attachments,
+    wait_for_document,
+    wait_for_job,
+)
+
+DEPARTMENT = "pii"
+EMAIL = "maria.gonzalez@example.com"
+CARD = "4111 1111 1111 1111"
+SSN = "078-05-1120"
+BODY = ("Bonus memo\n\nThe quarterly bonus pool for the Lisbon platform squad is eleven thousand euros. "
+        f"Maria Gonzalez approved it. Questions go to {EMAIL}.\n")
+PII_FILENAME = f"Payslip Maria Gonzalez {EMAIL}.txt"
+SAMPLES = Path("/work/shared/eval/enterprise_docs_ingestion/unstructured_example_docs")
+
+
+def _upload(client: TestClient, token: str, filename: str, data: bytes, **form: str) -> dict:
+    response = client.post("/v1/documents", headers=auth(token), data={"department": DEPARTMENT, **form},
+                           files={"file": (filename, data)})
+    assert response.status_code == 202, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def _ingest(client: TestClient, token: str, filename: str, data: bytes, **form: str) -> dict:
+    accepted = _upload(client, token, filename, data, **form)
+    assert wait_for_job(client, token, accepted["job_id"])["status"] in ("ready", "quarantined")
+    return client.get(f"/v1/documents/{accepted['document_id']}", headers=auth(token)).json()  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def world(client: TestClient, issue_token: Callable[..., str]) -> dict:
+    admin = issue_token(PLATFORM_ADMIN)
+    assert client.post("/v1/admin/departments", json={"name": DEPARTMENT}, headers=auth(admin)).status_code == 201
+    for subject, role in [("group:pii-editors", "editor"), ("group:pii-readers", "reader")]:
+        response = client.post("/v1/admin/role-assignments", headers=auth(admin),
+                               json={"subject": subject, "role": role, "department": DEPARTMENT})
+        assert response.status_code == 201, response.text
+    editor, reader = issue_token("ed", ["pii-editors"]), issue_token("rita", ["pii-readers"])
+    memo = _ingest(client, editor, PII_FILENAME, BODY.encode())
+    assert memo["status"] == "ready"
+    return {"editor": editor, "reader": reader, "memo": memo["document_id"]}
+
+
+def _rows_with(settings, markers: list[str]) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+    """(table, marker) for every marker found in any row of any table, read as JSON."""
+    dsn = settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://")
+    found = []
+    with psycopg.connect(dsn) as conn:
+        tables = [r[0] for r in conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema='public'").fetchall()]
+        for table in tables:
+            for (row,) in conn.execute(f'SELECT row_to_json(t)::text FROM "{table}" t').fetchall():  # noqa: S608
+                found += [(table, marker) for marker in markers if marker in row]
+    return sorted(set(found))
+
+
+def test_a_citation_title_from_a_file_name_holds_no_raw_pii(client: TestClient, world: dict) -> None:
+    response = client.post("/v1/query", headers=auth(world["reader"]),
+                           json={"question": "How large is the quarterly bonus pool for the Lisbon squad?"})
+    assert response.status_code == 200, response.text
+    cited = [c for c in response.json()["citations"] if c["document_id"] == world["memo"]]
+    assert cited, response.json()
+    assert EMAIL not in cited[0]["snippet"]
+    assert _raw_pii(cited[0]["title"]) == [], cited[0]["title"]  # the red-team check, on the title
+    assert "<EMAIL_ADDRESS>.txt" in cited[0]["title"] and "Gonzalez" not in cited[0]["title"], cited[0]["title"]
+
+
+def test_the_listing_and_status_show_a_reader_the_redacted_title(client: TestClient, world: dict) -> None:
+    response = client.get("/v1/documents", params={"department": DEPARTMENT}, headers=auth(world["reader"]))
+    assert response.status_code == 200
+    titles = [d["title"] for d in response.json()["documents"] if d["document_id"] == world["memo"]]
+    status = client.get(f"/v1/documents/{world['memo']}", headers=auth(world["reader"])).json()
+    assert titles == [status["title"]], (titles, status["title"])
+    assert "<EMAIL_ADDRESS>.txt" in status["title"] and "Gonzalez" not in status["title"], status["title"]
+
+
+def test_the_training_export_marked_redacted_holds_no_raw_title(client: TestClient, world: dict, settings) -> None:  # type: ignore[no-untyped-def]
+    from audit.training import department_payloads, training_rows
+    from core.db import unit_of_work
+
+    payloads = department_payloads(settings, DEPARTMENT)
+    with unit_of_work(settings.resolved_database_url) as session:
+        rows = [r for r in training_rows(session=session, settings=settings, department=DEPARTMENT,
+                                         payloads=payloads) if r["document_id"] == world["memo"]]
+    assert rows and all(EMAIL not in r["text"] for r in rows)
+    assert all(EMAIL not in r["title"] and "Gonzalez" not in r["title"] for r in rows), rows[0]["title"]
+
+
+def test_a_title_given_by_the_uploader_is_redacted_too(client: TestClient, world: dict, settings) -> None:  # type: ignore[no-untyped-def]
+    document = _ingest(client, world["editor"], "parking.txt", b"Parking rules\n\nThe garage closes at nine.\n",
+                       title=f"Parking for Ignatius Worthington ({EMAIL})")
+    assert document["title"] == "Parking for <PERSON> (<EMAIL_ADDRESS>)", document["title"]
+    assert _rows_with(settings, ["Worthington"]) == []
+
+
+def test_a_card_number_in_a_title_raises_the_document(client: TestClient, world: dict, settings) -> None:  # type: ignore[no-untyped-def]
+    """The title's card number is redacted, and counted: the document's level decides who sees its title."""
+    document = _ingest(client, world["editor"], f"Card {CARD} refund.txt",
+                       b"Refund note\n\nThe refund for the conference ticket was paid back in March.\n")
+    assert document["title"] == "Card <CREDIT_CARD> refund.txt"
+    assert document["classification"] == "confidential" and document["declared_classification"] == "internal"
+    assert document["classification_reasons"] == ["credit_card x1"]
+    assert _rows_with(settings, [CARD]) == []
+
+
+def _mail_with_attachments(attachments: list[tuple[str, bytes, str, str]]) -> bytes:
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = "hr@example.com", "payroll@example.com", "Quarterly payslips"
+    message.set_content("Please find the payslips attached. Regards, HR.")
+    for name, payload, maintype, subtype in attachments:
+        message.add_attachment(payload, maintype=maintype, subtype=subtype, filename=name)
+    return message.as_bytes()
+
+
+def test_attachment_names_reach_readers_redacted_taken_or_refused(client: TestClient, world: dict,
+                                                                 settings) -> None:  # type: ignore[no-untyped-def]
+    """An attachment's name comes from inside the uploaded file: taken or refused, its title is redacted."""
+    taken, refused = f"Payslip John Smith SSN {SSN}.txt", f"Appraisal {EMAIL}.doc"
+    mail = _upload(client, world["editor"], "payslips.eml", _mail_with_attachments([
+        (taken, b"Payslip for the quarter: base salary and bonus as agreed.\n", "text", "plain"),
+        (refused, damaged_doc(), "application", "msword")]))
+    assert wait_for_document(client, world["editor"], mail["document_id"])["status"] == "ready"
+    child_ids = wait_for_attachments(client, world["editor"], mail["document_id"])["attachment_ids"]
+    children = [wait_for_document(client, world["editor"], child_id) for child_id in child_ids]
+    assert sorted(child["status"] for child in children) == ["failed", "ready"], children
+    titles = sorted(child["title"] for child in children)
+    assert titles[0] == "payslips.eml / Appraisal <EMAIL_ADDRESS>.doc", titles
+    assert titles[1].startswith("payslips.eml / Payslip <PERSON> SSN <") and SSN not in titles[1], titles
+    assert _rows_with(settings, [SSN, "John Smith", EMAIL]) == []
+
+
+def test_no_raw_pii_from_a_title_in_any_database_column(client: TestClient, world: dict, settings) -> None:  # type: ignore[no-untyped-def]
+    assert _rows_with(settings, [EMAIL, "Gonzalez", "eleven thousand euros"]) == []
