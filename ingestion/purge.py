@@ -44,11 +44,23 @@ ORPHAN_SWEEP_SECONDS = 3600.0  # how often each API process looks: the scan read
 
 
 def retire(session: Session, settings: Settings, document: Document, status: DocumentStatus) -> None:
-    """In the caller's transaction: shred the document's key, set its final status, and record the purge owed."""
+    """In the caller's transaction: shred the document's key, set its final status, forget what identifies the
+    original, and record the purge owed."""
     keystore_for(settings).shred_document_key(session=session, document_id=document.id)
     document.status = status
     document.chunk_count = 0
+    _forget_original(document, status)
     owe_purge(session, document)
+
+
+def _forget_original(document: Document, status: DocumentStatus) -> None:
+    """Clear the row's metadata that names or confirms the original (its title, a file or attachment name, its
+    content hash, size and type); its id, department, status and times stay, for the ledger's references. A new
+    upload of the same bytes is then no duplicate of anything (retired rows never were)."""
+    document.title = f"({status})"
+    document.sha256 = ""
+    document.size_bytes = 0
+    document.content_type = ""
 
 
 def retire_family(session: Session, settings: Settings, document: Document, status: DocumentStatus) -> list[str]:

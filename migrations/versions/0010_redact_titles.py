@@ -1,8 +1,9 @@
-"""titles stored before their PII was redacted are redacted
+"""titles stored before their PII was redacted are redacted; retired documents forget what named their original
 
 A title (from the upload form, the file's name, an e-mail attachment's name) was stored as given and shown to readers
-beside redacted text. Titles are now redacted when they are set (ingestion/service.py): this brings rows written
-before up to date. Titles are redacted with the default entity set (a department's own
+beside redacted text; a deleted or rejected document's row kept its title and its original's sha256. Titles are now
+redacted when they are set, and retirement clears that metadata (ingestion/service.py, ingestion/purge.py): this
+brings rows written before up to date. Titles are redacted with the default entity set (a department's own
 recognizers and allow-list are not applied to them). The PII model loads only when there is a title to read.
 
 Revision ID: 0010
@@ -20,13 +21,18 @@ branch_labels = None
 depends_on = None
 
 _BATCH = 500
+_RETIRED = ("deleted", "rejected")
 
 
 def upgrade() -> None:
     connection = op.get_bind()
+    for status in _RETIRED:
+        connection.execute(sa.text("UPDATE documents SET title = :title, sha256 = '', size_bytes = 0, "
+                                   "content_type = '' WHERE status = :status"),
+                           {"title": f"({status})", "status": status})
     after = ""
     while rows := connection.execute(sa.text(
-            "SELECT id, title FROM documents WHERE id > :after "
+            "SELECT id, title FROM documents WHERE id > :after AND status NOT IN ('deleted', 'rejected') "
             "ORDER BY id LIMIT :batch"), {"after": after, "batch": _BATCH}).all():
         for document_id, title in rows:
             redacted = _redacted(title)
@@ -43,4 +49,4 @@ def _redacted(title: str) -> str:
 
 
 def downgrade() -> None:
-    """The raw titles are gone: nothing to restore."""
+    """The raw titles and hashes are gone: nothing to restore."""

@@ -1,8 +1,9 @@
 """PII in metadata: titles (from the upload form, a file name, an attachment's name) are redacted before they are
-stored."""
+stored, and a deleted document's row keeps nothing that names or confirms it."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
@@ -148,3 +149,21 @@ def test_attachment_names_reach_readers_redacted_taken_or_refused(client: TestCl
 
 def test_no_raw_pii_from_a_title_in_any_database_column(client: TestClient, world: dict, settings) -> None:  # type: ignore[no-untyped-def]
     assert _rows_with(settings, [EMAIL, "Gonzalez", "eleven thousand euros"]) == []
+
+
+def test_deleting_a_document_leaves_nothing_that_names_or_confirms_it(client: TestClient, world: dict,
+                                                                      settings) -> None:  # type: ignore[no-untyped-def]
+    """Crypto-shred took the bytes but the row kept the title and the original's sha256: the row now keeps its id,
+    department, status and times only, and the same bytes uploaded again are a new document, not a duplicate."""
+    data = b"Dismissal letter\n\nThe contract of the night porter ends on the last day of June.\n"
+    document = _ingest(client, world["editor"], "Dismissal letter night porter.txt", data)
+    assert client.delete(f"/v1/documents/{document['document_id']}", headers=auth(world["editor"])).status_code == 204
+    digest = hashlib.sha256(data).hexdigest()
+    assert _rows_with(settings, ["night porter", digest]) == []
+    dsn = settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT title, sha256, size_bytes, content_type, department, status FROM documents "
+                           "WHERE id = %s", (document["document_id"],)).fetchone()
+    assert row == ("(deleted)", "", 0, "", DEPARTMENT, "deleted")
+    again = _ingest(client, world["editor"], "Dismissal letter night porter.txt", data)
+    assert again["status"] == "ready" and again["document_id"] != document["document_id"]

@@ -169,9 +169,9 @@ def _cli(monkeypatch: pytest.MonkeyPatch, data_dir: Path, url: str, argv: list[s
 
 
 @pytest.mark.usefixtures("make_pg_database")
-def test_titles_stored_before_redaction_are_redacted(
+def test_titles_stored_before_redaction_are_redacted_and_retired_rows_forget_their_original(
         make_pg_database: Callable[[], str]) -> None:
-    """Titles were stored raw (a file name with an e-mail address)."""
+    """Titles were stored raw (a file name with an e-mail address), and a deleted document kept its title and hash."""
     url = make_pg_database()
     migrate.upgrade(url, "0009")
     engine = create_engine(url)
@@ -182,7 +182,8 @@ def test_titles_stored_before_redaction_are_redacted(
         with engine.begin() as connection:
             connection.execute(text("INSERT INTO departments (name, created_at) VALUES ('hr', now())"))
             for document_id, title, status in [("a", "Travel claim maria.gonzalez@example.com.txt", "ready"),
-                                               ("b", "Quarterly report 2024.pdf", "ready")]:
+                                               ("b", "Quarterly report 2024.pdf", "ready"),
+                                               ("c", "Dismissal of maria.gonzalez@example.com.txt", "deleted")]:
                 connection.execute(text(f"INSERT INTO documents ({columns}) VALUES (:id, 'hr', :title, {values})"),  # noqa: S608
                                    {"id": document_id, "title": title, "sha": "ab" * 32, "status": status})
         migrate.upgrade(url)
@@ -191,4 +192,5 @@ def test_titles_stored_before_redaction_are_redacted(
     finally:
         engine.dispose()
     assert [tuple(row) for row in rows] == [("a", "Travel claim <EMAIL_ADDRESS>.txt", "ab" * 32, 10),
-                                            ("b", "Quarterly report 2024.pdf", "ab" * 32, 10)]
+                                            ("b", "Quarterly report 2024.pdf", "ab" * 32, 10),
+                                            ("c", "(deleted)", "", 0)]
