@@ -38,6 +38,14 @@ _LIBRARY_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "celery", "cel
                     "celery.app.trace", "celery.redirected", "kombu", "httpx", "sqlalchemy", "alembic")
 
 
+# Libraries that log what they read at DEBUG (or their own DETAIL level): pdfminer each token of a PDF's text,
+# unstructured (`unstructured.trace`) the text of the elements it sorts, Presidio the words around each PII match
+# (of a document or a question), pypandoc, Python-Markdown, charset_normalizer, Pillow and matplotlib their steps
+# through a file. They stay at WARNING whatever GOVRAG_LOG_LEVEL says: a document's text never reaches the logs.
+QUIET_LIBRARY_LOGGERS = ("pdfminer", "unstructured", "unstructured.trace", "presidio-analyzer", "pypandoc",
+                         "MARKDOWN", "charset_normalizer", "PIL", "matplotlib")
+
+
 def mask_secrets(text: str) -> str:
     """Replace private keys, tokens, secrets and credentials in URLs."""
     for pattern, replacement in _SECRET_MASKS:
@@ -111,6 +119,8 @@ def configure_logging(level: str = "INFO") -> None:
         library = logging.getLogger(name)
         library.handlers.clear()
         library.propagate = True
+    for name in QUIET_LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
     mask_all_handlers()
     _take_over_celery_logging()
 

@@ -1,10 +1,12 @@
-"""PII in metadata: titles (from the upload form, a file name, an attachment's name) are redacted before they are
-stored, and a deleted document's row keeps nothing that names or confirms it."""
+"""PII and document text in metadata and logs: titles (from the upload form, a file name, an attachment's name) are
+redacted before they are stored, a deleted document's row keeps nothing that names or confirms it, and parser
+libraries log no document text at DEBUG."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
+from core.logs import JsonFormatter, MaskingFilter
 from guard.redteam import _raw_pii
 from tests.conftest import (
     PLATFORM_ADMIN,
@@ -167,3 +170,51 @@ def test_deleting_a_document_leaves_nothing_that_names_or_confirms_it(client: Te
     assert row == ("(deleted)", "", 0, "", DEPARTMENT, "deleted")
     again = _ingest(client, world["editor"], "Dismissal letter night porter.txt", data)
     assert again["status"] == "ready" and again["document_id"] != document["document_id"]
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.setFormatter(JsonFormatter())
+        self.addFilter(MaskingFilter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def debug_logs() -> Iterator[_Capture]:
+    """GOVRAG_LOG_LEVEL=DEBUG: the root logger at DEBUG, output through the masking filter and JSON formatter."""
+    root, capture = logging.getLogger(), _Capture()
+    level = root.level
+    root.setLevel(logging.DEBUG)
+    root.addHandler(capture)
+    yield capture
+    root.removeHandler(capture)
+    root.setLevel(level)
+
+
+def test_debug_logs_hold_no_pdf_text(client: TestClient, world: dict, debug_logs: _Capture) -> None:
+    """pdfminer logged each token of the text it parsed, Presidio the words around each PII match."""
+    _ingest(client, world["editor"], "memo.pdf", (SAMPLES / "pdf" / "fake-memo.pdf").read_bytes())
+    assert any("ingested document" in line for line in debug_logs.lines)  # the capture sees the worker's lines
+    leaked = [line for line in debug_logs.lines if "bottles of water" in line or "laptops" in line]
+    assert not leaked, leaked[0][:300]
+
+
+def test_debug_logs_hold_no_text_document_sentences(client: TestClient, world: dict, debug_logs: _Capture) -> None:
+    """unstructured's trace logger logged the text of the elements it sorted."""
+    text = ("Leave memo\n\nThe parental leave of Theodora Blackwood-Finch starts on the ninth of May. "
+            "Her replacement is the Oslo treasury desk.\n\nRegards,\nTheodora Blackwood\n")
+    _ingest(client, world["editor"], "leave.txt", text.encode())
+    leaked = [line for line in debug_logs.lines if "Blackwood" in line or "Oslo treasury" in line]
+    assert not leaked, leaked[0][:300]
+
+
+def test_debug_logs_hold_no_raw_question(client: TestClient, world: dict, debug_logs: _Capture) -> None:
+    question = "Does Zebediah Quorndon-Pike get the quarterly bonus pool for the Lisbon squad?"
+    response = client.post("/v1/query", headers=auth(world["reader"]), json={"question": question})
+    assert response.status_code == 200
+    leaked = [line for line in debug_logs.lines if "Quorndon" in line]
+    assert not leaked, leaked[0][:300]

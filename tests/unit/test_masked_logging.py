@@ -178,3 +178,13 @@ def test_an_ingestion_retry_hands_celery_the_fault_type_only(monkeypatch: pytest
     with pytest.raises(RuntimeError, match="retry scheduled"):
         tasks.ingest_document(task, "doc", "job")  # type: ignore[arg-type]
     assert [type(e).__name__ for e in handed] == ["TransientFault"] and str(handed[0]) == "ValueError"
+
+def test_at_debug_parser_libraries_stay_at_warning(clean_logging: None) -> None:
+    """At GOVRAG_LOG_LEVEL=DEBUG pdfminer logged a PDF's text token by token, unstructured the text it sorted."""
+    logging.getLogger().handlers[:] = []
+    configure_logging("DEBUG")
+    assert logging.getLogger().isEnabledFor(logging.DEBUG)
+    for name in ("pdfminer.psparser", "pdfminer.pdfinterp", "unstructured", "unstructured.trace", "presidio-analyzer"):
+        assert not logging.getLogger(name).isEnabledFor(logging.INFO), name
+    assert logging.getLogger("ingestion.service").isEnabledFor(logging.DEBUG)
+
