@@ -1,12 +1,15 @@
 """Word 97-2003 (.doc) and PowerPoint 97-2003 (.ppt): converted to DOCX/PPTX by LibreOffice (Debian's `soffice`,
-headless, offline, a private profile per conversion, killed at the parse time limit), then parsed like any
-DOCX/PPTX. Where LibreOffice is not installed they are refused with that reason."""
+headless, offline, a private profile per conversion, killed at the parse time limit with every process it started),
+then parsed like any DOCX/PPTX. Where LibreOffice is not installed they are refused with that reason."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,13 +50,50 @@ def convert(data: bytes, content_type: str, timeout_seconds: float) -> tuple[byt
         command = [soffice, "--headless", "--norestore", "--nolockcheck", "--nodefault",
                    f"-env:UserInstallation={(Path(work) / 'profile').as_uri()}",
                    "--convert-to", legacy.converted_extension, "--outdir", str(output), str(source)]
-        try:
-            subprocess.run(command, capture_output=True, timeout=timeout_seconds or None, check=False)  # noqa: S603
-        except subprocess.TimeoutExpired:  # subprocess.run has killed LibreOffice
+        if not _run_to_the_end(command, timeout_seconds):
             raise GovragError(ErrorCode.invalid_request, f"converting the {legacy.name} file took longer than "
-                                                         f"the {timeout_seconds:g} s limit") from None
+                                                         f"the {timeout_seconds:g} s limit")
         converted = output / f"upload.{legacy.converted_extension}"
         if not converted.is_file():
             raise GovragError(ErrorCode.invalid_request,
                               f"could not convert the {legacy.name} file: it is corrupt or malformed")
         return converted.read_bytes(), legacy.converted_type
+
+
+GROUP_EXIT_WAIT_SECONDS = 2.0  # after the kill, how long to wait for LibreOffice's processes to be gone
+
+
+def _run_to_the_end(command: list[str], timeout_seconds: float) -> bool:
+    """Run LibreOffice in a session of its own; whether it ended within the limit. Whatever happens (its end, the
+    limit, the parse's own time limit interrupting the wait), every process of the session is killed before the
+    working directory (which holds the plaintext copy) is removed: `soffice` starts `soffice.bin`, which a kill of
+    `soffice` alone would leave running, writing into it."""
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,  # noqa: S603
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        process.wait(timeout=timeout_seconds or None)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+    finally:
+        _kill_session(process)
+
+
+def _kill_session(process: subprocess.Popen[bytes]) -> None:
+    """Kill every process of the session `process` leads, reap it, and wait (briefly) for the others to be gone."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:  # all of them had ended
+        return
+    process.wait()
+    deadline = time.monotonic() + GROUP_EXIT_WAIT_SECONDS
+    while time.monotonic() < deadline and _group_alive(process.pid):
+        time.sleep(0.02)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -60,3 +60,44 @@ def test_a_corrupt_legacy_file_fails_with_a_reason_not_a_crash() -> None:
     with pytest.raises(GovragError) as broken:
         parse_document(bytes(data), sniff.APPLICATION_DOC)
     assert broken.value.code in (ErrorCode.invalid_request, ErrorCode.unsupported_type)
+
+
+FAKE_SOFFICE = """#!/bin/sh
+# Like soffice: starts a process of its own (soffice.bin) that goes on writing into the output directory.
+prev=""; for arg in "$@"; do [ "$prev" = "--outdir" ] && out="$arg"; prev="$arg"; source="$arg"; done
+( sleep 1; mkdir -p "$out"; cp "$source" "$out/plaintext-copy"; exec sleep 300 ) &
+echo $! > "{pid_file}"
+wait
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_timed_out_conversion_kills_what_soffice_started_and_leaves_no_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A timeout killed `soffice` only: the `soffice.bin` it started ran on, and could write the plaintext into the
+    working directory after its removal (recreating it). Now its whole session is killed before the removal."""
+    bin_dir, temp_dir, pid_file = tmp_path / "bin", tmp_path / "tmp", tmp_path / "child.pid"
+    bin_dir.mkdir()
+    temp_dir.mkdir()
+    fake = bin_dir / "soffice"
+    fake.write_text(FAKE_SOFFICE.format(pid_file=pid_file))
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.setattr(legacy_office.tempfile, "tempdir", str(temp_dir))
+    with pytest.raises(GovragError) as slow:
+        legacy_office.convert(b"secret plaintext of the upload", sniff.APPLICATION_DOC, 0.3)
+    assert "took longer than the 0.3 s limit" in slow.value.message
+    child = int(pid_file.read_text())
+    time.sleep(1.5)  # past the moment the child would have written its copy
+    try:
+        assert _gone(child), "the process soffice started is still running"
+        assert list(temp_dir.iterdir()) == []
+    finally:
+        if not _gone(child):
+            psutil.Process(child).kill()
