@@ -10,6 +10,15 @@ from contextvars import ContextVar
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 
+# Words that describe a secret rather than being one ("the password is wrong."), and words that start a phrase.
+_SECRET_STATE_WORDS = "|".join((
+    "not", "no", "the", "a", "an", "my", "your", "his", "her", "our", "their", "its", "this", "that", "it", "mine",
+    "yours", "ours", "theirs", "here", "there", "what", "which", "required", "mandatory", "optional", "needed",
+    "expired", "valid", "invalid", "wrong", "correct", "incorrect", "right", "weak", "strong", "secure", "insecure",
+    "missing", "empty", "blank", "set", "unset", "reset", "changed", "new", "old", "same", "different", "long", "short",
+    "compromised", "leaked", "stolen", "lost", "locked", "unknown", "ok", "okay", "fine", "enabled", "disabled",
+    "active", "inactive", "revoked", "sensitive", "confidential", "private", "secret", "strict", "good", "bad",
+    "stored", "encrypted", "hashed", "rotated", "shared", "used", "needed", "forgotten", "case"))
 _SECRET_MASKS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)", re.S),
      "<PRIVATE_KEY>"),
@@ -21,6 +30,14 @@ _SECRET_MASKS: tuple[tuple[re.Pattern[str], str], ...] = (
                 r"checkpoint[_-]?key|authorization|client[_-]?secret)([\"']?\s*[=:]\s*)"
                 r"((?:basic|bearer|digest|negotiate|ntlm|token|apikey)\s+)?(?:\"[^\"]*\"?|'[^']*'?|[^\s\"',;]+)"),
      r"\1\2\3<SECRET>"),
+    # "my password is hunter2", "the api key is 'x y'": after "is", one token that has a digit or a symbol, a
+    # quoted value, or a lone word ending the clause that is no word describing a secret ("the password is
+    # expired."); "the password policy is strict" names no secret.
+    (re.compile(r"(?i)(?<![a-z0-9])(password|passwd|passcode|passphrase|api[ _-]?key|access[ _-]?token|token|"
+                r"secret)(\s+is\s+)(?:\"[^\"]*\"?|'[^']*'?|"
+                rf"(?!(?:{_SECRET_STATE_WORDS})\b)(?:[^\s\"',;]*(?:[^\s\"',;a-z.!?:-]|[.!?:-](?=[^\s\"',;]))"
+                r"[^\s\"',;]*|[a-z]+(?=\s*(?:[.!?,;)]|$))))"),
+     r"\1\2<SECRET>"),
     (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "<SECRET>"),
     (re.compile(r"\b(?:sk|pk|rk|ghp|gho|xox[abp])[-_][A-Za-z0-9_-]{16,}\b"), "<SECRET>"),
     (re.compile(r"[a-z][a-z0-9+.-]*://[^\s:/@]*:[^\s@/]+@"), "<URL_WITH_CREDENTIALS>@"),  # user may be empty
@@ -36,8 +53,6 @@ _PII_MASKS: tuple[tuple[re.Pattern[str], str], ...] = (
 # Loggers that libraries give their own handlers or stop from propagating; they are routed to ours.
 _LIBRARY_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "celery", "celery.task", "celery.worker",
                     "celery.app.trace", "celery.redirected", "kombu", "httpx", "sqlalchemy", "alembic")
-
-
 # Libraries that log what they read at DEBUG (or their own DETAIL level): pdfminer each token of a PDF's text,
 # unstructured (`unstructured.trace`) the text of the elements it sorts, Presidio the words around each PII match
 # (of a document or a question), pypandoc, Python-Markdown, charset_normalizer, Pillow and matplotlib their steps

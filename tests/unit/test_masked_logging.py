@@ -179,6 +179,7 @@ def test_an_ingestion_retry_hands_celery_the_fault_type_only(monkeypatch: pytest
         tasks.ingest_document(task, "doc", "job")  # type: ignore[arg-type]
     assert [type(e).__name__ for e in handed] == ["TransientFault"] and str(handed[0]) == "ValueError"
 
+
 def test_at_debug_parser_libraries_stay_at_warning(clean_logging: None) -> None:
     """At GOVRAG_LOG_LEVEL=DEBUG pdfminer logged a PDF's text token by token, unstructured the text it sorted."""
     logging.getLogger().handlers[:] = []
@@ -188,3 +189,30 @@ def test_at_debug_parser_libraries_stay_at_warning(clean_logging: None) -> None:
         assert not logging.getLogger(name).isEnabledFor(logging.INFO), name
     assert logging.getLogger("ingestion.service").isEnabledFor(logging.DEBUG)
 
+
+@pytest.mark.parametrize("question, secret", [
+    ("my password is hunter2, why can I not log in?", "hunter2"),
+    ("The password is letmein", "letmein"),
+    ("is it bad that our api key is 9f8e7d6c5b4a?", "9f8e7d6c5b4a"),
+    ("the token is 'abc def ghi' for the build", "abc def ghi"),
+    ("My passcode is 4821.", "4821"),
+    ("the secret is Hunter-Two! right?", "Hunter-Two"),
+])
+def test_a_question_naming_a_secret_with_is_keeps_no_secret(question: str, secret: str) -> None:
+    """`password is hunter2` was kept: the pattern needed `=` or `:`."""
+    from audit.service import mask_questions
+
+    [masked] = mask_questions([question])
+    assert secret not in masked and "<SECRET>" in masked, masked
+
+
+@pytest.mark.parametrize("sentence", [
+    "the password policy is strict",
+    "Is the password expired?",
+    "the token is valid for 24 hours",
+    "my password is wrong.",
+    "the password is case-sensitive",
+    "what is the password reset process?",
+])
+def test_a_sentence_about_a_secret_is_not_masked(sentence: str) -> None:
+    assert mask(sentence) == sentence
