@@ -467,10 +467,7 @@ class PiiRedactor:
         title is redacted on its own, before the text is read, and a numbered placeholder would pass for the one the
         text's map gives (and be revealed as that one). A title ending in a file extension is read without it too:
         in `maria@example.com.txt` the extension hides the e-mail address's domain."""
-        results = self.analyze(title, rules)
-        extension = _FILE_EXTENSION.search(title)
-        if extension:
-            results += self.analyze(title[: extension.start()], rules)
+        results = [result for reading in title_readings(title) for result in self.analyze(reading, rules)]
         return _replace_spans(title, results, type_placeholder)
 
     def redact_many(self, texts: list[str], placeholders: PlaceholderMap,
@@ -500,6 +497,13 @@ class PiiRedactor:
         return [self._analyzer.analyze(text=text, language=LANGUAGE, nlp_artifacts=nlp_artifacts,
                                        **_analyze_kwargs(rules, text))
                 for text, nlp_artifacts in artifacts]
+
+
+def title_readings(title: str) -> list[str]:
+    """A title as it is, and without a trailing file extension (`maria@example.com.txt` hides an address's domain):
+    each a prefix of the title, so a span found in either is the title's."""
+    extension = _FILE_EXTENSION.search(title)
+    return [title, title[: extension.start()]] if extension else [title]
 
 
 def _possible_entities(text: str) -> list[str]:

@@ -12,7 +12,7 @@ import httpx
 
 from guard.eval_corpora import split_of
 from guard.output import PLACEHOLDER, has_canary_shape
-from guard.pii import get_redactor
+from guard.pii import get_redactor, title_readings
 from guard.service import DISABLED_MESSAGE
 
 EXIT_LEAK, EXIT_USAGE, EXIT_UNTESTED = 1, 2, 3  # `govrag redteam` exit statuses other than 0 (clean)
@@ -85,8 +85,10 @@ def _received_texts(answer: dict[str, object]) -> list[tuple[str, str]]:
 
 
 def _raw_pii(text: str) -> list[str]:
-    """Entity types of the PII the analyzer finds in `text` that is not a placeholder."""
-    return sorted({r.entity_type for r in get_redactor().analyze(text) if not PLACEHOLDER.match(text[r.start:r.end])})
+    """Entity types of the PII the analyzer finds in `text` that is not a placeholder (read as a title too: with and
+    without a trailing file extension)."""
+    return sorted({r.entity_type for reading in title_readings(text) for r in get_redactor().analyze(reading)
+                   if not PLACEHOLDER.match(reading[r.start:r.end])})
 
 
 def _leaks(answer: dict[str, object], allowed: set[str], category: str, index: int) -> list[str]:

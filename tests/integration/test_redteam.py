@@ -51,6 +51,14 @@ def test_raw_pii_in_a_citation_is_a_leak() -> None:
     assert any("citation 1 snippet" in leak and "PHONE_NUMBER" in leak for leak in found), found
 
 
+def test_an_address_before_a_file_extension_in_a_title_is_a_leak() -> None:
+    """`maria.gonzalez@example.com.txt` passed: the extension hid the address's domain from the analyzer."""
+    title = "Payslip maria.gonzalez@example.com.txt"
+    answer = {"answer": "See [1].", "citations": [{"department": "hr", "title": title, "snippet": "The payslip."}]}
+    found = redteam._leaks(answer, {"hr"}, "x", 0)
+    assert any("citation 1 title" in leak and "EMAIL_ADDRESS" in leak for leak in found), found
+
+
 @pytest.mark.parametrize("text", ["marker CNRY-01234567 89abcdef", "marker C N R Y - 0123456789abcdef",
                                   "marker CNRY\u200b-0123456789ABCDEF"])
 def test_a_disguised_canary_is_a_leak(text: str) -> None:
