@@ -73,10 +73,12 @@ _ABBREVIATIONS = frozenset(
 _BULLET = re.compile(r"^\s*(?:[-*+\u2022\u2023\u25e6\u2043\u2219]|\(?\d{1,3}[.)]|\(?[a-zA-Z][.)])\s+")
 _HEADING = re.compile(r"^\s*#{1,6}\s")
 _TERMINAL = re.compile(r"[.!?:;][\"')\]]*$")
-_BOUNDARY = re.compile(r"[.!?]+[\"')\]\u201d\u2019]*\s+(?=[\"'(\[\u201c\u2018<A-Z0-9])")
+# Tried only where a run of `.!?` starts (tried at each dot of `.....` it took quadratic time); group 1 ends the head.
+_BOUNDARY = re.compile(r"(?<![.!?])([.!?]+[\"')\]\u201d\u2019]*)\s+(?=[\"'(\[\u201c\u2018<A-Z0-9])")
 _WORD_BEFORE = re.compile(r"([A-Za-z][A-Za-z.]*)\.$")
+_WORD_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.")
 _SPACES = re.compile(r"\s+")
-_TABLE_RULE = re.compile(r"^\s*\|?[\s:|-]+\|?\s*$")
+_TABLE_RULE = re.compile(r"^[\s:|-]+$")  # what `^\s*\|?[\s:|-]+\|?\s*$` matched, without its quadratic backtracking
 _QUOTED_MARKER = re.compile(r"\[(\d+)\]")  # a `[4]` in quoted text would read as a citation
 
 
@@ -116,15 +118,24 @@ def _is_continuation(previous: str, line: str) -> bool:
     return not _TERMINAL.search(previous) and line[:1].islower()
 
 
+def _last_word(block: str, start: int, end: int) -> str:
+    """The run of letters and dots ending at `end` (not before `start`): all `_WORD_BEFORE` reads of a head, taken
+    without copying or searching the whole head (which grows while abbreviations are skipped)."""
+    first = end
+    while first > start and block[first - 1] in _WORD_CHARS:
+        first -= 1
+    return block[first:end]
+
+
 def _split_block(block: str) -> list[str]:
     """Split one block at sentence-ending punctuation, sparing abbreviations."""
     sentences: list[str] = []
     start = 0
     for match in _BOUNDARY.finditer(block):
-        head = block[start : match.end()].rstrip()
-        if head.endswith(".") and _is_abbreviation(head):
+        head_end = match.end(1)
+        if block[head_end - 1] == "." and _is_abbreviation(_last_word(block, start, head_end)):
             continue
-        sentences.append(head)
+        sentences.append(block[start:head_end])
         start = match.end()
     sentences.append(block[start:])
     return sentences
@@ -280,7 +291,7 @@ _MONTHS = (
 )
 _DATE = re.compile(
     r"\b(?:1[89]|20)\d{2}\b|\b\d{1,4}[/.-]\d{1,2}[/.-]\d{1,4}\b"
-    rf"|\b(?:{_MONTHS})\b\.?\s*\d|\d\s*(?:st|nd|rd|th)?\s+(?:of\s+)?(?:{_MONTHS})\b"
+    rf"|\b(?:{_MONTHS})\b\.?\s*\d|\d(?:\s*(?:st|nd|rd|th))?\s+(?:of\s+)?(?:{_MONTHS})\b"  # no \s*\s+: quadratic
     r"|\b(?:monday|tuesday|wednesday|thursday|friday|saturday|sunday|quarter|q[1-4])\b"
     r"|<DATE(?:_TIME)?_\d+>",
     re.IGNORECASE,

@@ -23,7 +23,10 @@ QUESTION = "Sources (data only):\n{sources}\n\nQuestion: {question}\nAnswer with
 CITATION = re.compile(r"\[(\d+)\]")
 # Any other bracket holding a digit (`[1, 7]`, `[2-4]`, `[see 7]`) would read as a citation that cannot be checked;
 # the text of a markdown link (`[Report 2024](...)`) is not one when it holds a letter: its target is judged instead.
-MALFORMED_CITATION = re.compile(r"\[(?!\d+\])([^\[\]\n]*\d[^\[\]\n]*)\](\(?)")
+# Every bracket is matched and the digit test made after: `[^\[\]\n]*\d[^\[\]\n]*` took quadratic time on `[1 1 1 ...`.
+MALFORMED_CITATION = re.compile(r"\[([^\[\]\n]*)\](\(?)")
+_DIGIT = re.compile(r"\d")
+_NUMBER = re.compile(r"\d+")
 _LETTER = re.compile(r"[^\W\d_]")
 MIN_SUPPORT = 0.5  # share of a sentence's content words that its cited sources must contain
 ABSTAIN = re.compile(r"\bi (?:do not|don't) know\b", re.IGNORECASE)
@@ -31,8 +34,12 @@ ABSTAIN = re.compile(r"\bi (?:do not|don't) know\b", re.IGNORECASE)
 # Matched after `\` became `/` and %-escapes were decoded, as a browser does. Markdown link/image targets and `src=`
 # values in a tag or attribute list are judged on their own (see _target_allowed).
 _URL_END = r"[^\s<>()\[\]\"'`]*"
-URL = re.compile(rf"(?i)\b[a-z][a-z0-9+.-]*:/{{2,}}{_URL_END}|(?<![\w/:])/{{2,}}[\w-]+(?:\.[\w-]+)*{_URL_END}"
-                 rf"|\bwww\.[\w-]+(?:\.[\w-]+)+{_URL_END}")
+# A scheme is tried only where its run of scheme characters starts, and only when that run ends in `://`: tried at
+# every letter of `a.a.a.a...` it took quadratic time. The address itself is the `url` group.
+URL = re.compile(rf"(?i)(?<![a-z0-9+.-])(?=[a-z0-9+.-]*:/{{2}})[a-z0-9+.-]*?"
+                 rf"(?P<url>\b[a-z][a-z0-9+.-]*:/{{2,}}{_URL_END})"
+                 rf"|(?P<relative>(?<![\w/:])/{{2,}}[\w-]+(?:\.[\w-]+)*{_URL_END})"
+                 rf"|(?P<www>\bwww\.[\w-]+(?:\.[\w-]+)+{_URL_END})")
 _LINK_OPEN = re.compile(r"\]\(\s*")  # `[text](` or `![alt](`: the link or image target follows
 _ANGLE_TARGET = re.compile(r"<[^>\n]*")  # `](<a target with spaces>)`
 # `src=` counts inside an HTML tag (`<img alt="a>b" src=...>`) or a `{...}` attribute list, not in prose ("set src=
@@ -45,7 +52,7 @@ _LEADING_DOTS = re.compile(r"^(?:\./)+")  # `./policy.pdf` is `policy.pdf`
 _URL_SPACE = "".join(map(chr, range(33)))  # a browser trims C0 controls and spaces, and drops tabs and newlines inside
 # `[1]. ` ends a claim, whatever script the next one is in; so does `。`, and `.`, `!` or `?` before a CJK sentence.
 CLAIM_END = re.compile(rf"(?<=\])[.!?]+\s+|(?<=[。.!?])\s*(?=[{UNSPACED}])|(?<=。)")
-_DELIMITER = re.compile(r"<\s*(/?)\s*(source)", re.IGNORECASE)
+_DELIMITER = re.compile(r"<\s*+(/?)\s*+(source)", re.IGNORECASE)  # possessive: `<` + spaces stays linear
 
 
 @dataclass(frozen=True)
@@ -153,7 +160,8 @@ def urls_outside(text: str, context: str) -> list[str]:
     """Addresses in `text` that `context` does not contain (both read as a browser reads them), and link, image or
     `src=` targets it does not allow."""
     context = _as_browser_reads(context)
-    matches = (match.strip().lstrip("<").rstrip(".,;:!?") for match in URL.findall(_as_browser_reads(text)))
+    matches = (match.group(match.lastgroup).strip().lstrip("<").rstrip(".,;:!?")
+               for match in URL.finditer(_as_browser_reads(text)))
     targets = [target for target in _targets(text) if not _target_allowed(target, context)]
     return [url for url in matches if url not in context] + targets
 
@@ -172,7 +180,8 @@ def _claims(text: str) -> list[str]:
 
 def _malformed_citation(text: str) -> bool:
     """True when a bracket holding a digit reads as a citation but is not a plain `[n]` (link text aside)."""
-    return any(not (match.group(2) and _LETTER.search(match.group(1))) for match in MALFORMED_CITATION.finditer(text))
+    return any(_DIGIT.search(inside) and not _NUMBER.fullmatch(inside) and not (link and _LETTER.search(inside))
+               for inside, link in MALFORMED_CITATION.findall(text))
 
 
 def check_generated(text: str, given: dict[int, str], visible: set[int]) -> str | None:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from core.settings import Settings
-from guard.injection import get_scanner
+from guard.firewall import rule_hits
+from guard.injection import get_scanner, segments
+from guard.normalise import normalise
 from guard.output import check_output, echoes_system_prompt, leaked_canaries
+from retrieval.answer import split_sentences
 from retrieval.generation import scan_chunks
 from retrieval.prompting import SYSTEM_PROMPT, PromptChunk, build_prompt, check_generated
 
@@ -272,3 +278,32 @@ def test_a_short_invented_sentence_is_checked_too() -> None:
         assert check_generated(answer, {**GIVEN, 1: CJK_GIVEN[1]}, {1, 2}) == "unsupported_statement", answer
     assert check_generated(filed + "Receipts attached [2].", GIVEN, {1, 2}) is None
     assert check_generated(filed + "30 days [2].", GIVEN, {1, 2}) is None
+
+
+ADVERSARIAL = {  # 200 KB inputs that took minutes (or hours) when a pattern backtracked or restarted over them
+    "scheme": "a." * 100_000, "bracket": "[" + "1 " * 100_000, "delimiter": "<" + " " * 200_000 + "x",
+    "dots": "." * 200_000 + "x", "abbreviations": "Mr. " * 50_000, "word before": "A" * 200_000 + "1. X",
+    "table": "- " + " " * 200_000 + "-x", "date": "1" + " " * 200_000 + "x", "leet": "!1" * 100_000,
+    "leet letters": "a!" * 100_000,
+}
+
+
+def _check_every_adversarial_input(finished: list[str]) -> None:
+    for name, text in ADVERSARIAL.items():
+        check_generated(text + " [1].", GIVEN, {1, 2})
+        check_generated(GIVEN[1] + " [1].", {1: text, 2: GIVEN[2]}, {1, 2})  # chunk text the model may copy
+        build_prompt("q", [PromptChunk(n=1, title="t", text=text)], {}, budget_tokens=10**7, count_tokens=len)
+        split_sentences(text)
+        rule_hits(normalise(text))
+        segments(text)
+        finished.append(name)
+
+
+def test_every_pattern_on_an_answer_or_a_chunk_runs_in_linear_time() -> None:
+    """A model reply may be 1 MiB and chunk text comes from uploaded documents: no input may stall a worker.
+    A hang guard with a huge margin (about a second of work now; a quadratic pattern takes minutes), not a timing
+    target. In a subprocess: a regex holds the GIL, so a stalled one cannot be timed out from a thread."""
+    check = "import tests.unit.test_output_guard as t; f = []; t._check_every_adversarial_input(f); print(len(f))"
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=30,  # noqa: S603
+                         cwd=Path(__file__).resolve().parents[2])
+    assert run.stdout.strip() == str(len(ADVERSARIAL)), run.stderr[-2000:]
