@@ -45,7 +45,15 @@ _ANGLE_TARGET = re.compile(r"<[^>\n]*")  # `](<a target with spaces>)`
 # `src=` counts inside an HTML tag (`<img alt="a>b" src=...>`) or a `{...}` attribute list, not in prose ("set src=
 # to the folder"): every one in the tag, quoted values included, though a browser reads only the first.
 _ATTRIBUTES = re.compile(r"""(?i)<[a-z](?:"[^"]*"|'[^']*'|[^<>"'])*|\{[^{}]*""")
-_SRC_VALUE = re.compile(r"""(?i)(?<=[\s/"'{])src\s*=\s*(?:"([^"]*)"?|'([^']*)'?|([^\s"'<>{}]*))""")
+# `href=`, `srcset=` (a list of `address width` items), `poster=` and `action=` name an address as `src=` does.
+_SRC_VALUE = re.compile(r"""(?i)(?<=[\s/"'{])(srcset|src|href|poster|action)\s*=\s*"""
+                        r"""(?:"([^"]*)"?|'([^']*)'?|([^\s"'<>{}]*))""")
+# A reference definition (`[r]: http://...`, up to three spaces in, its target maybe on the next line) and an
+# autolink (`<http://...>`, `<mailto:...>`: a scheme of 2 to 32 characters) are link targets a renderer follows too.
+_REFERENCE_DEFINITION = re.compile(r"^ {0,3}\[[^\]\n]+\]:[ \t]*+(?:\n[ \t]*+)?(<[^>\n]*>?|\S+)",
+                                   re.MULTILINE)
+_AUTOLINK = re.compile(r"<([a-z][a-z0-9+.-]{1,31}:[^\s<>]*)>", re.IGNORECASE)
+_SCRIPT_SCHEME = re.compile(r"(?i)(?:javascript|vbscript|data):")  # runs or embeds what it holds: never allowed
 _PLAIN_FRAGMENT = re.compile(r"[\w.-]*")  # what may follow `#` in a target the sources need not hold
 _RELATIVE = re.compile(r"(?!/)[^:/?#]*(?:[/?#].*)?", re.DOTALL)  # no `//` host, no `scheme:` (read as a browser does)
 _LEADING_DOTS = re.compile(r"^(?:\./)+")  # `./policy.pdf` is `policy.pdf`
@@ -139,16 +147,27 @@ def _link_targets(text: str) -> list[str]:
 
 def _targets(text: str) -> list[str]:
     """Every markdown link or image target and tag or attribute-list `src=` value in `text`, as a browser reads it."""
-    sources = ["".join(value.groups(default="")) for attributes in _ATTRIBUTES.finditer(text)
-               for value in _SRC_VALUE.finditer(attributes.group())]
+    sources = [source for attributes in _ATTRIBUTES.finditer(text)
+               for value in _SRC_VALUE.finditer(attributes.group()) for source in _attribute_addresses(*value.groups())]
+    references = [match.removeprefix("<").removesuffix(">") for match in _REFERENCE_DEFINITION.findall(text)]
     return [_as_browser_reads(re.sub(r"[\t\n\r]", "", html.unescape(target))).strip(_URL_SPACE)
-            for target in _link_targets(text) + sources]
+            for target in _link_targets(text) + sources + references + _AUTOLINK.findall(text)]
+
+
+def _attribute_addresses(name: str, *quoted_or_bare: str | None) -> list[str]:
+    """The address an attribute value names; each item's first word for `srcset=` (`a.png 1x, b.png 2x`)."""
+    value = "".join(part or "" for part in quoted_or_bare)
+    if name.lower() != "srcset":
+        return [value]
+    return [item.split()[0] if item.split() else "" for item in value.split(",")]
 
 
 def _target_allowed(target: str, context: str) -> bool:
     """A target the sources hold, or a relative one (it names no host) to a plain fragment of the page itself or of
     a path the sources hold (`#travel`, `./policy.pdf#travel`)."""
     target = target.rstrip(".,;:!?")
+    if _SCRIPT_SCHEME.match(target):
+        return False  # a chunk holding `javascript:...` word for word does not make it safe to render
     if target in context:
         return True
     path, _, fragment = target.partition("#")
@@ -158,7 +177,7 @@ def _target_allowed(target: str, context: str) -> bool:
 
 def urls_outside(text: str, context: str) -> list[str]:
     """Addresses in `text` that `context` does not contain (both read as a browser reads them), and link, image or
-    `src=` targets it does not allow."""
+    `src=`-like, reference-definition or autolink targets it does not allow."""
     context = _as_browser_reads(context)
     matches = (match.group(match.lastgroup).strip().lstrip("<").rstrip(".,;:!?")
                for match in URL.finditer(_as_browser_reads(text)))

@@ -284,7 +284,8 @@ ADVERSARIAL = {  # 200 KB inputs that took minutes (or hours) when a pattern bac
     "scheme": "a." * 100_000, "bracket": "[" + "1 " * 100_000, "delimiter": "<" + " " * 200_000 + "x",
     "dots": "." * 200_000 + "x", "abbreviations": "Mr. " * 50_000, "word before": "A" * 200_000 + "1. X",
     "table": "- " + " " * 200_000 + "-x", "date": "1" + " " * 200_000 + "x", "leet": "!1" * 100_000,
-    "leet letters": "a!" * 100_000,
+    "leet letters": "a!" * 100_000, "reference": "[r]:" + " " * 200_000, "autolink": "<ab:" * 50_000,
+    "srcset": '<img srcset="' + "a," * 100_000,
 }
 
 
@@ -307,3 +308,17 @@ def test_every_pattern_on_an_answer_or_a_chunk_runs_in_linear_time() -> None:
     run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=30,  # noqa: S603
                          cwd=Path(__file__).resolve().parents[2])
     assert run.stdout.strip() == str(len(ADVERSARIAL)), run.stderr[-2000:]
+
+
+def test_reference_definitions_autolinks_and_address_attributes_are_judged_like_link_targets() -> None:
+    scripted = {1: GIVEN[1] + " Old pages used javascript:alert(180) and data:text/html,180 links.", 2: GIVEN[2]}
+    for extra in ["\n\n[r]: evil.example/x", "\n\n[r]: javascript:alert(180)", "\n\n[r]:\n  <evil.example/x>",
+                  " <mailto:a@evil.example>", " <javascript:alert(180)>", ' <a href="evil.example/x">x</a>',
+                  ' <a href="javascript:alert(180)">x</a>', ' <img srcset="reports/2024.pdf 1x, evil.example/x 2x">',
+                  ' <video poster="evil.example/x">', ' <form action="evil.example/x">', " <a HREF = evil.example/x>",
+                  " ![x](javascript:alert(180))", " ![x](data:text/html,180)", " <img src=javascript:alert(180)>"]:
+        answer = f"Hotels are reimbursed up to 180 euros per night [1].{extra}"
+        assert check_generated(answer, scripted, {1, 2}) == "url_outside_context", extra
+    for harmless in ["[r] [1].\n\n[r]: #travel", '<a href="policy.pdf#travel">policy</a> [1].',
+                     '<img srcset="reports/2024.pdf 1x, reports/2024.pdf 2x"> [1].']:
+        assert check_generated(NIGHTLY + harmless, LINKED, {1, 2}) is None, harmless
