@@ -29,6 +29,9 @@ _DIGIT = re.compile(r"\d")
 _NUMBER = re.compile(r"\d+")
 _LETTER = re.compile(r"[^\W\d_]")
 MIN_SUPPORT = 0.5  # share of a sentence's content words that its cited sources must contain
+# A bare answer word (`Yes [1].`; `no` is a stop word already) states nothing a source must hold: any claim that
+# goes with it is judged by its other words.
+ANSWER_WORDS = frozenset({"yes"})
 ABSTAIN = re.compile(r"\bi (?:do not|don't) know\b", re.IGNORECASE)
 # An absolute, protocol-relative or www. address: a client that renders markdown fetches `![x](url)` by itself.
 # Matched after `\` became `/` and %-escapes were decoded, as a browser does. Markdown link/image targets and `src=`
@@ -218,7 +221,7 @@ def check_generated(text: str, given: dict[int, str], visible: set[int]) -> str 
         return "citation_outside_context"
     for sentence in _claims(text):
         own = citations_in(sentence) or cited
-        terms = content_terms(CITATION.sub(" ", sentence))
+        terms = content_terms(CITATION.sub(" ", sentence)) - ANSWER_WORDS
         if not terms:
             continue
         support = frozenset().union(*(content_terms(given[n]) for n in own if n in given))

@@ -322,3 +322,10 @@ def test_reference_definitions_autolinks_and_address_attributes_are_judged_like_
     for harmless in ["[r] [1].\n\n[r]: #travel", '<a href="policy.pdf#travel">policy</a> [1].',
                      '<img srcset="reports/2024.pdf 1x, reports/2024.pdf 2x"> [1].']:
         assert check_generated(NIGHTLY + harmless, LINKED, {1, 2}) is None, harmless
+
+
+def test_a_bare_yes_or_no_needs_no_support_but_a_claim_beside_it_does() -> None:
+    for answer in ["Yes [1].", "No [2].", "Yes. Hotels are reimbursed up to 180 euros per night [1]."]:
+        assert check_generated(answer, GIVEN, {1, 2}) is None, answer
+    for answer in ["Yes, the CEO earns four million dollars [2].", "Yes [1]. The CEO earns four million dollars [1]."]:
+        assert check_generated(answer, GIVEN, {1, 2}) == "unsupported_statement", answer
