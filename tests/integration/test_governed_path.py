@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -226,7 +227,9 @@ def test_sentence_vectors_are_sealed_per_chunk_and_spare_embedding_at_query_time
     assert embedded == ["How much are hotel costs reimbursed per night?"]  # the question only
 
 
-def test_no_audit_no_answer(client: TestClient, world: dict, settings) -> None:
+@contextlib.contextmanager
+def _ledger_refusing_appends(settings) -> Iterator[None]:  # type: ignore[no-untyped-def]
+    """PostgreSQL refuses every retrieval_events insert while the block runs."""
     dsn = settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE FUNCTION refuse_audit() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'audit down'; "
@@ -234,11 +237,16 @@ def test_no_audit_no_answer(client: TestClient, world: dict, settings) -> None:
         conn.execute("CREATE TRIGGER refuse_audit BEFORE INSERT ON retrieval_events FOR EACH ROW "
                      "EXECUTE FUNCTION refuse_audit()")
         try:
-            response = client.post("/v1/query", headers=auth(world["tokens"]["alice"]),
-                                   json={"question": "Who chaired the salary review meeting?"})
+            yield
         finally:
             conn.execute("DROP TRIGGER refuse_audit ON retrieval_events")
             conn.execute("DROP FUNCTION refuse_audit()")
+
+
+def test_no_audit_no_answer(client: TestClient, world: dict, settings) -> None:
+    with _ledger_refusing_appends(settings):
+        response = client.post("/v1/query", headers=auth(world["tokens"]["alice"]),
+                               json={"question": "Who chaired the salary review meeting?"})
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "unavailable"
     assert "PERSON" not in response.text and "raise" not in response.text
@@ -286,18 +294,9 @@ def test_a_query_failing_after_decryption_is_recorded_as_an_error(client: TestCl
 def test_a_failed_query_whose_error_row_cannot_be_written_is_unavailable(
         client: TestClient, world: dict, settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     _fail_in_the_answer_stage(monkeypatch)
-    dsn = settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE FUNCTION refuse_audit() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'audit down'; "
-                     "END $$ LANGUAGE plpgsql")
-        conn.execute("CREATE TRIGGER refuse_audit BEFORE INSERT ON retrieval_events FOR EACH ROW "
-                     "EXECUTE FUNCTION refuse_audit()")
-        try:
-            response = client.post("/v1/query", headers=auth(world["tokens"]["alice"]),
-                                   json={"question": "Who chaired the salary review meeting?"})
-        finally:
-            conn.execute("DROP TRIGGER refuse_audit ON retrieval_events")
-            conn.execute("DROP FUNCTION refuse_audit()")
+    with _ledger_refusing_appends(settings):
+        response = client.post("/v1/query", headers=auth(world["tokens"]["alice"]),
+                               json={"question": "Who chaired the salary review meeting?"})
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "unavailable"
     assert "exploded" not in response.text and "Gonzalez" not in response.text

@@ -36,14 +36,19 @@ def _readable(settings, department: str, document_id: str) -> bytes:  # type: ig
     return blobs.read_sealed(settings.blob_dir, document_id, key)
 
 
-def test_rotation_rewraps_without_reembedding(client: TestClient, issue_token: Callable[..., str],
-                                              settings) -> None:  # type: ignore[no-untyped-def]
+def _department_with_editor(client: TestClient, issue_token: Callable[..., str]) -> tuple[str, str]:
+    """A new department and the token of rita, its editor."""
     department = f"rot{uuid.uuid4().hex[:6]}"
     admin = issue_token(PLATFORM_ADMIN)
     assert client.post("/v1/admin/departments", json={"name": department}, headers=auth(admin)).status_code == 201
     client.post("/v1/admin/role-assignments", headers=auth(admin),
                 json={"subject": "rita", "role": "editor", "department": department})
-    token = issue_token("rita", [])
+    return department, issue_token("rita", [])
+
+
+def test_rotation_rewraps_without_reembedding(client: TestClient, issue_token: Callable[..., str],
+                                              settings) -> None:  # type: ignore[no-untyped-def]
+    department, token = _department_with_editor(client, issue_token)
     uploads = []
     for n in range(3):
         response = client.post("/v1/documents", headers=auth(token), data={"department": department},
@@ -124,12 +129,7 @@ def test_a_query_that_read_a_key_row_as_the_rotation_finished_is_answered(
         client: TestClient, issue_token: Callable[..., str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """A query read the document's key row (under department key v1), then the rotation's last step committed and
     deleted v1 before the query unwrapped the row: the query failed with a 500. Now it reads the row again."""
-    department = f"rot{uuid.uuid4().hex[:6]}"
-    admin = issue_token(PLATFORM_ADMIN)
-    assert client.post("/v1/admin/departments", json={"name": department}, headers=auth(admin)).status_code == 201
-    client.post("/v1/admin/role-assignments", headers=auth(admin),
-                json={"subject": "rita", "role": "editor", "department": department})
-    token = issue_token("rita", [])
+    department, token = _department_with_editor(client, issue_token)
     response = client.post("/v1/documents", headers=auth(token), data={"department": department},
                            files={"file": ("oslo.txt", TEXT)})
     assert response.status_code == 202
