@@ -5,21 +5,44 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import html
 import re
 import unicodedata
 
 # Characters that render as nothing (or as a space) and are used to split trigger words.
 _INVISIBLE = re.compile("[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
                         "\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\U000e0000-\U000e007f]")
-# Latin look-alikes from Cyrillic, Greek and others that NFKC leaves alone.
-_CONFUSABLES = str.maketrans({
+# Latin look-alikes from Cyrillic, Greek, Armenian, Cherokee and others that NFKC leaves alone.
+_LOOK_ALIKES = {
     "а": "a", "в": "b", "е": "e", "ё": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p", "с": "c", "т": "t",
     "у": "y", "х": "x", "і": "i", "ї": "i", "ј": "j", "ѕ": "s", "ԁ": "d", "ԛ": "q", "ԝ": "w", "ɡ": "g", "ı": "i",
     "А": "A", "В": "B", "Е": "E", "К": "K", "М": "M", "Н": "H", "О": "O", "Р": "P", "С": "C", "Т": "T", "Х": "X",
     "І": "I", "Ј": "J", "Ѕ": "S", "α": "a", "ο": "o", "ν": "v", "τ": "t", "ι": "i", "κ": "k", "ρ": "p",
     "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Κ": "K", "Μ": "M", "Ν": "N", "Ο": "O", "Ρ": "P",
     "Τ": "T", "Υ": "Y", "Χ": "X", "ß": "ss",
-})
+    "һ": "h", "ӏ": "l", "Ӏ": "I", "ү": "y", "Ү": "Y", "ɑ": "a", "ɩ": "i", "ϳ": "j",
+    "օ": "o", "ս": "u", "ո": "n", "հ": "h", "զ": "q", "ց": "g", "Օ": "O", "Ս": "U",
+    "Ꭺ": "A", "Ᏼ": "B", "Ꮯ": "C", "Ꭼ": "E", "Ꮋ": "H", "Ꭻ": "J", "Ꮶ": "K", "Ꮮ": "L", "Ꮇ": "M", "Ꮲ": "P",
+    "Ꮪ": "S", "Ꭲ": "T", "Ꮩ": "V", "Ꮃ": "W", "Ꮓ": "Z",
+}
+# Letters whose Unicode name says which Latin letter they draw: small capitals (`ɪɢɴᴏʀᴇ`, the "small caps" text
+# generators' output) and negative circled or squared capitals (NFKC folds the plain circled and squared ones).
+_NAMED_LETTER = re.compile(r"(LATIN LETTER SMALL CAPITAL|NEGATIVE (?:CIRCLED|SQUARED) LATIN CAPITAL LETTER) ([A-Z])")
+_NAMED_BLOCKS = ((0x0250, 0x02B0), (0x1D00, 0x1DC0), (0xA720, 0xA800), (0x1DF00, 0x1E000), (0x1F100, 0x1F200))
+
+
+def _named_letters() -> dict[str, str]:
+    """Each letter `_NAMED_LETTER` describes, as that Latin letter (a small capital in lower case)."""
+    letters = {}
+    for first, end in _NAMED_BLOCKS:
+        for code in range(first, end):
+            if match := _NAMED_LETTER.fullmatch(unicodedata.name(chr(code), "")):
+                kind, letter = match.groups()
+                letters[chr(code)] = letter.lower() if kind.endswith("SMALL CAPITAL") else letter
+    return letters
+
+
+_CONFUSABLES = str.maketrans({**_named_letters(), **_LOOK_ALIKES})
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s", "!": "i",
                        "|": "l", "+": "t"})
 _LEET_WORD = re.compile(r"\b(?=[a-z0-9@$!|+]*[a-z])(?=[a-z0-9@$!|+]*[0-9@$|+])[a-z0-9@$!|+]{3,}\b", re.IGNORECASE)
@@ -28,6 +51,10 @@ _WORD_BOUNDARY = re.compile(r"\b")
 _BASE64 = re.compile(r"(?<![A-Za-z0-9+/=])[A-Za-z0-9+/]{16,}={0,2}(?![A-Za-z0-9+/=])")
 _HEX = re.compile(r"\b(?:[0-9a-fA-F]{2}){12,}\b")
 _SPACES = re.compile(r"[ \t]+")
+# A word hyphenated across a line wrap (`in-\nstructions`, or `in- structions` once the lines are joined).
+_WRAPPED_HYPHEN = re.compile(r"(?<=[^\W\d_])[-\u2010]\s+(?=[^\W\d_])")
+# An HTML character reference: `&#73;` (the `;` may be left off a number, as browsers allow), `&#x49;`, `&amp;`.
+_CHARACTER_REFERENCE = re.compile(r"&(?:#[0-9]{1,7};?|#[xX][0-9a-fA-F]{1,6};?|[A-Za-z][A-Za-z0-9]{1,31};)")
 _COMMON = frozenset("the and you are to of a is in that it for your all this with not be as on ignore instructions "
                     "previous now say print reveal system prompt tell me what".split())
 MAX_DECODED = 4
@@ -97,9 +124,15 @@ def decoded_payloads(text: str) -> list[str]:
     return found[:MAX_DECODED]
 
 
+def _unescape_references(text: str) -> str:
+    """HTML character references decoded (`&#73;gnore` is `Ignore` to any reader of markup); the rest as it is."""
+    return _CHARACTER_REFERENCE.sub(lambda match: html.unescape(match.group()), text)
+
+
 def normalise(text: str) -> str:
-    """One canonical text: the visible letters, de-leeted, with any decoded payloads appended."""
-    clean = _SPACES.sub(" ", strip_invisible(text))
+    """One canonical text: the visible letters, words hyphenated across a line wrap joined, de-leeted, with any
+    decoded payloads appended."""
+    clean = _SPACES.sub(" ", _WRAPPED_HYPHEN.sub("", strip_invisible(_unescape_references(text))))
     visible = deleet(clean)
     extra = [deleet(strip_invisible(p)) for p in decoded_payloads(clean)]
     return "\n".join([visible, *extra])
