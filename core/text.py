@@ -19,6 +19,8 @@ NUL = "\x00"
 NUL_MESSAGE = "text must not contain NUL (\\u0000) characters"
 REPLACEMENT = "\ufffd"
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # LRE..RLO, LRI..PDI
+# Every character `str.splitlines` ends a line at: a reader (and a model) takes each for a line break.
+LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 
 
 def has_nul(value: object) -> bool:

@@ -10,24 +10,97 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.cache import BoundedCache
-from guard.firewall import FirewallModel
+from core.text import LINE_BREAKS
+from guard.firewall import HARD_RULES, HARD_SCORE, FirewallModel, rule_hits
+from guard.normalise import normalise
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
+_LINE_BREAK = re.compile("|".join(map(re.escape, ["\r\n", *sorted(LINE_BREAKS)])))
+_WORD = re.compile(r"\S+")
 MAX_SEGMENT_CHARS = 400
+# Consecutive windows of a long run share at least this many characters: any phrase up to this long (a rule's match
+# in practice) lies whole in one of them.
+SEGMENT_OVERLAP = 200
 MIN_SEGMENT_CHARS = 12
 SCORE_CACHE_SIZE = 50_000
+# Bump when what a chunk is judged on changes (segmentation, normalisation): chunks an older revision passed at
+# ingestion are then scanned again at query time.
+SEGMENTATION_REVISION = 2
+REMOVED = "[removed: instruction-like text]"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A part of a text that is scored on its own: where it lies in the text, and the words it holds as scored."""
+
+    start: int
+    end: int
+    text: str
+    across_lines: bool  # a window of the whole text read as one line, not a piece of one line
+
+
+def segment_spans(text: str) -> list[Segment]:
+    """What the scanner scores in `text`, so that no part of it escapes a reading whole:
+
+    - each line (at every break `str.splitlines` knows, U+2028 and the like too), split at sentence ends, a long
+      sentence in overlapping windows, for the classifier; fragments under MIN_SEGMENT_CHARS are left to the next;
+    - the whole text as a model reads it, every line break and run of spaces one space (a list of short items, words
+      split over separators, a sentence across lines or sentences), in overlapping windows, for the hard rules."""
+    found: list[Segment] = []
+    for line_start, line_end in _between(_LINE_BREAK, text, 0, len(text)):
+        for start, end in _between(_SENTENCE, text, line_start, line_end):
+            found += [Segment(a, b, text[a:b], False) for a, b in _windows(_words(text, start, end))]
+    seen = {(segment.start, segment.end) for segment in found}
+    for a, b in _windows(_words(text, 0, len(text))):
+        if (a, b) not in seen:
+            found.append(Segment(a, b, " ".join(text[a:b].split()), True))
+    return [segment for segment in found if len(segment.text) >= MIN_SEGMENT_CHARS]
 
 
 def segments(text: str) -> list[str]:
-    """Lines, split further at sentence ends and cut to a bounded length; tiny fragments skipped."""
-    found: list[str] = []
-    for line in text.splitlines():
-        for sentence in _SENTENCE.split(line.strip()):
-            for start in range(0, len(sentence), MAX_SEGMENT_CHARS):
-                piece = sentence[start:start + MAX_SEGMENT_CHARS].strip()
-                if len(piece) >= MIN_SEGMENT_CHARS:
-                    found.append(piece)
-    return found
+    """The pieces of lines `segment_spans` finds: what the classifier scores (and is trained on)."""
+    return [segment.text for segment in segment_spans(text) if not segment.across_lines]
+
+
+def _between(separator: re.Pattern[str], text: str, start: int, end: int) -> list[tuple[int, int]]:
+    """The spans of text[start:end] between matches of `separator`."""
+    spans, at = [], start
+    for match in separator.finditer(text, start, end):
+        spans.append((at, match.start()))
+        at = match.end()
+    return [*spans, (at, end)]
+
+
+def _words(text: str, start: int, end: int) -> list[tuple[int, int]]:
+    """The words of text[start:end]; a word longer than MAX_SEGMENT_CHARS in overlapping pieces."""
+    words = []
+    for match in _WORD.finditer(text, start, end):
+        first, last = match.span()
+        while last - first > MAX_SEGMENT_CHARS:
+            words.append((first, first + MAX_SEGMENT_CHARS))
+            first += MAX_SEGMENT_CHARS - SEGMENT_OVERLAP
+        words.append((first, last))
+    return words
+
+
+def _windows(words: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Runs of consecutive `words` of at most MAX_SEGMENT_CHARS (joined by single spaces), each sharing its last
+    words, SEGMENT_OVERLAP characters or more, with the next; as (start, end) of the text they span."""
+    windows, first = [], 0
+    while first < len(words):
+        last, length = first, words[first][1] - words[first][0]
+        while last + 1 < len(words) and length + 1 + words[last + 1][1] - words[last + 1][0] <= MAX_SEGMENT_CHARS:
+            last += 1
+            length += 1 + words[last][1] - words[last][0]
+        windows.append((words[first][0], words[last][1]))
+        if last + 1 == len(words):
+            break
+        shared, following = 0, last + 1
+        while following > first + 1 and shared < SEGMENT_OVERLAP:
+            following -= 1
+            shared += 1 + words[following][1] - words[following][0]
+        first = following
+    return windows
 
 
 @dataclass(frozen=True)
@@ -46,8 +119,8 @@ class InjectionScanner:
         self.threshold = model.threshold
         # Which weights and threshold judged a chunk: ingestion records it, and a chunk judged clean by this very
         # version need not be scanned again at query time (only chunks ingested before a change are).
-        self.version = hashlib.sha256(np.ascontiguousarray(model.coef).tobytes()
-                                      + repr((model.intercept, model.threshold)).encode()).hexdigest()[:16]
+        self.version = hashlib.sha256(np.ascontiguousarray(model.coef).tobytes() + repr(
+            (model.intercept, model.threshold, SEGMENTATION_REVISION)).encode()).hexdigest()[:16]
         # The same chunks come back query after query: remember their scores (keyed by a hash, never the text).
         self._scores: BoundedCache[bytes, float] = BoundedCache(SCORE_CACHE_SIZE)
 
@@ -56,13 +129,12 @@ class InjectionScanner:
         return self.score_many([text])[0]
 
     def score_many(self, texts: list[str]) -> list[float]:
-        """`score` for each text; the segments of all texts not seen before go to the model in one call."""
+        """`score` for each text; the segments of all texts not seen before are scored in one call."""
         keys = [hashlib.sha256(text.encode()).digest() for text in texts]
         values = [self._scores.get(key) for key in keys]
         missing = [i for i, value in enumerate(values) if value is None]
-        parts = [segments(texts[i]) for i in missing]
-        flat = [part for text_parts in parts for part in text_parts]
-        scores = self.model.scores(flat)[0] if flat else np.zeros(0)
+        parts = [segment_spans(texts[i]) for i in missing]
+        scores = self._segment_scores([part for text_parts in parts for part in text_parts])
         start = 0
         for i, text_parts in zip(missing, parts, strict=True):
             chunk_scores = scores[start:start + len(text_parts)]
@@ -71,21 +143,43 @@ class InjectionScanner:
             start += len(text_parts)
         return [float(value) for value in values]  # type: ignore[arg-type]
 
+    def _segment_scores(self, parts: list[Segment]) -> np.ndarray:
+        """The classifier's score of each piece of a line (what it was trained on), and, for a window across lines,
+        HARD_SCORE where a hard rule fires (0 otherwise): the classifier reads flattened code and tables as
+        instructions far more often than it reads any instruction there (BIPIA eval: 14 clean documents flagged
+        instead of 6, for 3 more of 456 injections), the rules do not."""
+        scores = np.zeros(len(parts))
+        own = [i for i, part in enumerate(parts) if not part.across_lines]
+        if own:
+            scores[own] = self.model.scores([parts[i].text for i in own])[0]
+        for i, part in enumerate(parts):
+            if part.across_lines and HARD_RULES.intersection(rule_hits(normalise(part.text))):
+                scores[i] = HARD_SCORE
+        return scores
+
     def scan(self, text: str) -> ScanResult:
         """Score `text` and compare with the shipped threshold."""
         value = self.score(text)
         return ScanResult(score=value, flagged=value >= self.threshold)
 
     def neutralise(self, text: str) -> str:
-        """The text without its flagged segments (each replaced by a marker)."""
-        parts = segments(text)
+        """The text with each flagged segment replaced by a marker (a window across lines only where no piece of a
+        line inside it was flagged on its own)."""
+        parts = segment_spans(text)
         if not parts:
             return text
-        scores, _ = self.model.scores(parts)
-        for part, value in zip(parts, scores, strict=True):
-            if value >= self.threshold:
-                text = text.replace(part, "[removed: instruction-like text]")
-        return text
+        scores = self._segment_scores(parts)
+        flagged = [part for part, value in zip(parts, scores, strict=True) if value >= self.threshold]
+        own = [part for part in flagged if not part.across_lines]
+        spans = [(part.start, part.end) for part in own] + [
+            (part.start, part.end) for part in flagged
+            if part.across_lines and not any(o.start < part.end and part.start < o.end for o in own)]
+        pieces, copied = [], 0
+        for start, end in sorted(spans):
+            if not pieces or start > copied:
+                pieces += [text[copied:start], REMOVED]
+            copied = max(copied, end)
+        return "".join([*pieces, text[copied:]])
 
 
 @functools.lru_cache(maxsize=1)
