@@ -50,10 +50,16 @@ def require_no_nul(**fields: object) -> None:
 
 
 def printable_name(name: str) -> str:
-    """A name taken from inside a file, or a title, with each control character (NUL, escapes, line breaks) and each
-    bidirectional embedding, override or isolate (which make "report\u202Eexe.pdf" read "reportfdp.exe") replaced
-    by U+FFFD."""
-    return "".join(REPLACEMENT if unicodedata.category(ch) == "Cc" or ch in BIDI_CONTROLS else ch for ch in name)
+    """A name taken from inside a file, or a title, on one line: each line break (`LINE_BREAKS`, U+2028 and U+2029
+    too) a space, and each other control character (NUL, escapes) and each bidirectional embedding, override or
+    isolate (which make "report\u202Eexe.pdf" read "reportfdp.exe") replaced by U+FFFD."""
+    return "".join(_printable(ch) for ch in name)
+
+
+def _printable(ch: str) -> str:
+    if ch in LINE_BREAKS:
+        return " "
+    return REPLACEMENT if unicodedata.category(ch) == "Cc" or ch in BIDI_CONTROLS else ch
 
 
 class RequestModel(BaseModel):

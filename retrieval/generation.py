@@ -57,7 +57,7 @@ def scan_chunks(chunks: Sequence[Any], settings: Settings) -> tuple[list[Any], l
         return list(chunks), []
     kept, flagged = [], []
     for n, chunk in enumerate(chunks, start=1):
-        neutralised = _neutralised_fields(chunk, title_flagged=_title_flagged(chunk.title))
+        neutralised = _neutralised_fields(chunk)
         if neutralised:
             flagged.append(n)
             chunk = dataclasses.replace(chunk, **neutralised)
@@ -68,17 +68,19 @@ def scan_chunks(chunks: Sequence[Any], settings: Settings) -> tuple[list[Any], l
 
 
 @functools.lru_cache(maxsize=4096)
-def _title_flagged(title: str) -> bool:
-    """Whether the retrieved-text scanner flags a title (the same titles come back query after query)."""
-    return get_scanner().scan(title).flagged
+def _title_flagged(shown: str) -> bool:
+    """Whether the retrieved-text scanner flags a title as the prompt shows it (the same titles come back query after
+    query)."""
+    return get_scanner().scan(shown).flagged
 
 
-def _neutralised_fields(chunk: Any, *, title_flagged: bool) -> dict[str, str]:
+def _neutralised_fields(chunk: Any) -> dict[str, str]:
     """The chunk's title and text that need neutralising, neutralised (text this very scanner passed at ingestion
-    is not scored again)."""
+    is not scored again). The title is judged, and neutralised, as the prompt shows it: on one line."""
     scanner, fields = get_scanner(), {}
-    if title_flagged:
-        fields["title"] = scanner.neutralise(chunk.title)
+    shown = prompting.title_as_shown(chunk.title)
+    if _title_flagged(shown):
+        fields["title"] = scanner.neutralise(shown)
     if getattr(chunk, "scanned_by", "") != scanner.version and scanner.scan(chunk.text).flagged:
         fields["text"] = scanner.neutralise(chunk.text)
     return fields

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
+from guard.normalise import strip_invisible
 from retrieval.answer import UNSPACED, content_terms, split_sentences
 
 SYSTEM_PROMPT = (
@@ -64,6 +65,8 @@ _URL_SPACE = "".join(map(chr, range(33)))  # a browser trims C0 controls and spa
 # `[1]. ` ends a claim, whatever script the next one is in; so does `。`, and `.`, `!` or `?` before a CJK sentence.
 CLAIM_END = re.compile(rf"(?<=\])[.!?]+\s+|(?<=[。.!?])\s*(?=[{UNSPACED}])|(?<=。)")
 _DELIMITER = re.compile(r"<\s*+(/?)\s*+(source)", re.IGNORECASE)  # possessive: `<` + spaces stays linear
+_ATTRIBUTE_SAFE = str.maketrans({'"': "'", "<": "(", ">": ")"})  # nothing in a title closes its attribute or tag
+_ATTRIBUTE_BREAKERS = frozenset('"<>')
 
 
 @dataclass(frozen=True)
@@ -89,9 +92,15 @@ def _escape(text: str) -> str:
     return _DELIMITER.sub(r"< \1\2", text)  # `</SOURCE >` too: any case, any spacing
 
 
-def _attribute(value: str) -> str:
-    """A title as one line that can close neither its attribute nor its tag."""
-    return " ".join(value.split()).replace('"', "'").replace("<", "(").replace(">", ")")
+def title_as_shown(value: str) -> str:
+    """A title as the prompt shows it: one line (every line break and separator a space) that can close neither its
+    attribute nor its tag (quotes and angle brackets replaced, also where a compatibility form reads as one)."""
+    return "".join(_attribute_safe(ch) for ch in " ".join(value.split()))
+
+
+def _attribute_safe(ch: str) -> str:
+    read = strip_invisible(ch)
+    return read.translate(_ATTRIBUTE_SAFE) if _ATTRIBUTE_BREAKERS.intersection(read) else ch
 
 
 def build_prompt(question: str, chunks: list[PromptChunk], canaries: dict[str, str], *, budget_tokens: int,
@@ -102,7 +111,7 @@ def build_prompt(question: str, chunks: list[PromptChunk], canaries: dict[str, s
     remaining = budget_tokens - count_tokens(system) - count_tokens(QUESTION.format(sources="", question=question))
     sources, given = [], {}
     for chunk in chunks:
-        source = SOURCE.format(n=chunk.n, title=_attribute(chunk.title), text=_escape(chunk.text))
+        source = SOURCE.format(n=chunk.n, title=title_as_shown(chunk.title), text=_escape(chunk.text))
         cost = count_tokens(source) + 2
         if cost > remaining:
             continue

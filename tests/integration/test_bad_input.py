@@ -266,6 +266,16 @@ def test_titles_lose_their_bidirectional_controls(client: TestClient, desk: dict
     assert titles == [f"invoice{REPLACEMENT}fdp.exe", f"{REPLACEMENT}notes{REPLACEMENT}{REPLACEMENT}.txt"]
 
 
+def test_titles_lose_their_line_separators(client: TestClient, desk: dict[str, str]) -> None:
+    """U+2028 and the other characters a reader breaks a line at were stored in the title: a title on several lines
+    in a listing, and one the query-time title scan read in pieces. Each is a space now."""
+    uploaded = client.post("/v1/documents", headers=auth(desk["editor"]),
+                           data={"department": desk["department"], "title": "rota\u2028march\u2029leeds\x85desk"},
+                           files={"file": ("rota.txt", f"Rota {uuid.uuid4().hex}.".encode())})
+    assert uploaded.status_code == 202, uploaded.text
+    assert wait_for_document(client, desk["editor"], uploaded.json()["document_id"])["title"] == "rota march leeds desk"
+
+
 def _first_attachment(client: TestClient, token: str, document_id: str) -> dict[str, object]:
     deadline = time.monotonic() + 120
     while not (children := client.get(f"/v1/documents/{document_id}", headers=auth(token)).json()["attachment_ids"]):
