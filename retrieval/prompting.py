@@ -64,7 +64,10 @@ _LEADING_DOTS = re.compile(r"^(?:\./)+")  # `./policy.pdf` is `policy.pdf`
 _URL_SPACE = "".join(map(chr, range(33)))  # a browser trims C0 controls and spaces, and drops tabs and newlines inside
 # `[1]. ` ends a claim, whatever script the next one is in; so does `。`, and `.`, `!` or `?` before a CJK sentence.
 CLAIM_END = re.compile(rf"(?<=\])[.!?]+\s+|(?<=[。.!?])\s*(?=[{UNSPACED}])|(?<=。)")
-_DELIMITER = re.compile(r"<\s*+(/?)\s*+(source)", re.IGNORECASE)  # possessive: `<` + spaces stays linear
+# A source tag as a reader takes it in (see _as_read): `<`, `/` and their look-alikes, any case and spacing;
+# possessive spaces keep `<` + spaces linear.
+_DELIMITER = re.compile(r"[<\u2039\u02c2\u1438\u2329\u27e8\u3008]\s*+([/\u2044\u2215\u29f8]?)\s*+(source)",
+                        re.IGNORECASE)
 _ATTRIBUTE_SAFE = str.maketrans({'"': "'", "<": "(", ">": ")"})  # nothing in a title closes its attribute or tag
 _ATTRIBUTE_BREAKERS = frozenset('"<>')
 
@@ -87,9 +90,30 @@ class Prompt:
     system: str
 
 
+def _as_read(text: str) -> tuple[str, list[int]]:
+    """`text` as the guard's normaliser reads it, character by character (compatibility forms folded, invisible
+    characters gone, look-alike letters Latin: `＜\u200b/ѕource` is `</source`), and the index in `text` of each
+    character of that view."""
+    view, origin = [], []
+    for index, ch in enumerate(text):
+        for read in strip_invisible(ch):
+            view.append(read)
+            origin.append(index)
+    return "".join(view), origin
+
+
 def _escape(text: str) -> str:
-    """Keep retrieved text from closing its own delimiter."""
-    return _DELIMITER.sub(r"< \1\2", text)  # `</SOURCE >` too: any case, any spacing
+    """Keep retrieved text from closing or opening a source delimiter, however it is spelt: `</SOURCE >`, and with
+    invisible characters, look-alikes or compatibility forms inside (each such token is written `< /source`)."""
+    if not _DELIMITER.search(strip_invisible(text)):
+        return text  # the usual case, decided without the per-character view
+    view, origin = _as_read(text)
+    parts, copied = [], 0
+    for match in _DELIMITER.finditer(view):
+        start, end = origin[match.start()], origin[match.end() - 1] + 1
+        parts += [text[copied:start], "< ", match.group(1) and "/", match.group(2)]
+        copied = end
+    return "".join(parts + [text[copied:]])
 
 
 def title_as_shown(value: str) -> str:
