@@ -466,8 +466,11 @@ class PiiRedactor:
         """Return a document title with each value replaced by its type alone (`<PERSON>`, `<EMAIL_ADDRESS>`): the
         title is redacted on its own, before the text is read, and a numbered placeholder would pass for the one the
         text's map gives (and be revealed as that one). A title ending in a file extension is read without it too:
-        in `maria@example.com.txt` the extension hides the e-mail address's domain."""
-        results = [result for reading in title_readings(title) for result in self.analyze(reading, rules)]
+        in `maria@example.com.txt` the extension hides the e-mail address's domain. No span reaches into the
+        extension: the NER takes `Lease.pdf` in `Jordan Office Lease.pdf` for a name."""
+        readings = title_readings(title)
+        stem_end = len(readings[-1])
+        results = [result for reading in readings for result in self.analyze(reading, rules) if result.end <= stem_end]
         return _replace_spans(title, results, type_placeholder)
 
     def redact_many(self, texts: list[str], placeholders: PlaceholderMap,

@@ -284,3 +284,13 @@ def test_e_mail_header_names_are_kept_and_the_people_in_them_redacted(redactor: 
     assert redacted.startswith(
         "From: <PERSON_1> <<EMAIL_ADDRESS_1>>\nTo: <PERSON_2> <<EMAIL_ADDRESS_2>>\nCc: <PERSON_3>")
     assert not any(name in redacted for name in ("Theodora", "Blackwood", "Marcus", "Priya", "Shah"))
+
+
+@pytest.mark.parametrize(("title", "redacted"), [
+    ("Jordan Office Lease.pdf", "Jordan Office Lease.pdf"),  # the NER took "Lease.pdf" for a name
+    ("Payslip March.pdf", "Payslip March.pdf"),  # ... and the whole title, extension included
+    ("Sarah Connor performance review.docx", "<PERSON> performance review.docx"),
+    ("maria.gonzalez@example.com.txt", "<EMAIL_ADDRESS>.txt"),  # the extension hid the domain
+])
+def test_a_title_is_redacted_up_to_its_file_extension(redactor: PiiRedactor, title: str, redacted: str) -> None:
+    assert redactor.redact_title(title) == redacted
