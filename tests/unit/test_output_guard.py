@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from core.settings import Settings
 from guard.firewall import rule_hits
 from guard.injection import get_scanner, segments
@@ -353,3 +355,22 @@ def test_a_bare_yes_or_no_needs_no_support_but_a_claim_beside_it_does() -> None:
         assert check_generated(answer, GIVEN, {1, 2}) is None, answer
     for answer in ["Yes, the CEO earns four million dollars [2].", "Yes [1]. The CEO earns four million dollars [1]."]:
         assert check_generated(answer, GIVEN, {1, 2}) == "unsupported_statement", answer
+
+
+@pytest.mark.parametrize("answer", [
+    "**Answer:**\nExpense claims must be filed within 30 days [2].",
+    "In short:\n- Expense claims must be filed within 30 days [2].\n- Receipts must be attached [2].",
+    "Expense claims must be filed within 30 days [2]. Hope this helps!",
+    "Expense claims must be filed within 30 days [2].\n\nSources: [2]",
+])
+def test_a_grounded_answer_with_framing_that_states_nothing_is_not_unsupported(answer: str) -> None:
+    assert check_generated(answer, GIVEN, {1, 2}) is None
+
+
+@pytest.mark.parametrize("framed", [
+    "Hope this helps! CEO earns 4M [2].", "In short: 4000000 [2].", "Sources: the CEO [2]",
+    "**Answer:** 最高经营者 [2].", "Hope Smith helps [2].",
+])
+def test_framing_words_beside_any_other_word_are_still_a_claim(framed: str) -> None:
+    answer = f"Expense claims must be filed within 30 days [2].\n{framed}"
+    assert check_generated(answer, GIVEN, {1, 2}) == "unsupported_statement", framed
