@@ -155,6 +155,22 @@ def test_migrate_on_an_unreachable_database_says_so_in_one_line(
     assert "s3cret" not in error
 
 
+@pytest.mark.parametrize("query", ["password={pw}", "PassWord={pw}&connect_timeout=2", "sslpassword={pw}",
+                                   "passfile=/tmp/{pw}"])
+def test_an_unreachable_database_never_prints_a_password_given_as_a_query_parameter(
+        query: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """libpq (and psycopg) take `?password=`; a misspelt option (`PassWord`, refused by libpq) is hidden too."""
+    password = "S3cret-Pw-7781"
+    url = f"postgresql+psycopg://govrag@127.0.0.1:1/govrag?{query.format(pw=password)}"
+    assert _cli(monkeypatch, tmp_path, url, ["migrate"]) == 1
+    error = capsys.readouterr().err
+    assert "cannot reach the database at postgresql+psycopg://govrag@127.0.0.1:1/govrag" in error, error
+    assert password not in error, error
+    with pytest.raises(migrate.DatabaseUnreachable) as refused:  # what start-up (require_head) says
+        migrate.require_head(url)
+    assert password not in str(refused.value)
+
+
 def _cli(monkeypatch: pytest.MonkeyPatch, data_dir: Path, url: str, argv: list[str]) -> int:
     from api import cli
     from core.settings import get_settings
