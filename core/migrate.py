@@ -18,7 +18,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from alembic.script import Script, ScriptDirectory
+from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Connection, create_engine, exc, make_url, pool, text
 
@@ -123,15 +123,22 @@ def upgrade(database_url: str, revision: str = "head") -> None:
 
 
 def downgrade(database_url: str, revision: str) -> None:
-    """Take the schema down to `revision`, refusing before any step runs if one of them would delete data."""
-    current = current_revision(database_url)
-    _refuse_unknown(current)
+    """Take the schema down to `revision`, refusing before any step runs if one of them would delete data (the
+    check migrations/env.py runs for every downgrade: refuse_downgrade_losing_data)."""
+    _refuse_unknown(current_revision(database_url))
     with _revision_errors():
-        steps = _steps_down(current, revision)
-        with _connection(database_url) as connection:
-            for step in steps:
-                refuse_data_loss(step.revision, getattr(step.module, "data_at_risk", _nothing)(connection))
         command.downgrade(alembic_config(database_url), revision)
+
+
+def refuse_downgrade_losing_data(migration: MigrationContext) -> None:
+    """Before any step of a downgrade runs, DowngradeRefused if a revision it would undo holds data: checked in each
+    step only, a refusal on SQLite (no transactional DDL) came after the later steps were undone for good."""
+    plan = migration._migrations_fn  # the command's own plan: what alembic runs next, relative targets resolved
+    if migration.as_sql or getattr(plan, "__name__", "") != "downgrade" or plan is None:
+        return
+    for step in plan(migration.get_current_heads(), migration):
+        script = step.revision
+        refuse_data_loss(script.revision, getattr(script.module, "data_at_risk", _nothing)(migration.connection))
 
 
 def refuse_data_loss(revision: str, at_risk: list[str]) -> None:
@@ -168,19 +175,6 @@ def _refuse_unknown(current: str | None) -> None:
     if current is not None and not _known(current):
         raise UnknownRevision(f"database schema is at {current}, which this release does not know (its newest is "
                               f"{head_revision()}): run the release that migrated it")
-
-
-def _steps_down(current: str | None, target: str) -> list[Script]:
-    """The revisions a downgrade from `current` to `target` undoes, newest first."""
-    scripts = _scripts()
-    stop = None if target == "base" else scripts.get_revision(target)
-    if target != "base" and stop is None:
-        raise UnknownRevision(f"no revision {target} in this release")
-    steps, step = [], scripts.get_revision(current) if current else None
-    while step is not None and (stop is None or step.revision != stop.revision):
-        steps.append(step)
-        step = scripts.get_revision(step.down_revision) if step.down_revision else None
-    return steps
 
 
 @contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
+from core.migrate import refuse_downgrade_losing_data
 from core.models import Base
 
 config = context.config
@@ -34,6 +35,7 @@ def run_migrations_online() -> None:
 def _run(connection) -> None:  # type: ignore[no-untyped-def]
     context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
     with context.begin_transaction():
+        refuse_downgrade_losing_data(context.get_context())  # before any step: SQLite cannot undo one
         context.run_migrations()
 
 

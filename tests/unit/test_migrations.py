@@ -131,6 +131,10 @@ def test_a_refusing_downgrade_is_also_refused_when_run_through_alembic(tmp_path:
     with pytest.raises(migrate.DowngradeRefused, match="revision 0005"):
         command.downgrade(migrate.alembic_config(url), "0004")
     assert "guard_controls" in _tables(url)
+    assert migrate.current_revision(url) == migrate.head_revision()  # SQLite undid 0010..0006 before 0005 refused
+    with pytest.raises(migrate.DowngradeRefused, match="revision 0005"):
+        command.downgrade(migrate.alembic_config(url), "-6")  # a relative target is judged the same way
+    assert migrate.current_revision(url) == migrate.head_revision()
 
 
 def test_migrate_on_a_database_newer_than_the_release_says_so_in_one_line(
