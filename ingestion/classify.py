@@ -37,6 +37,7 @@ _DENSE_PER_KCHAR = 5.0
 _PLACEHOLDER = re.compile(r"<([^<>\s]+)_\d+>")
 # A value redacted from a document title, e.g. <CREDIT_CARD> (guard/pii.py: titles are redacted unnumbered).
 _TITLE_PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]*)>")
+_PARTIAL_PLACEHOLDER = re.compile(r"<[A-Z0-9_]*$")  # a placeholder a cut split
 # Invisible format characters (zero-width spaces and joiners, word joiner, BOM, soft hyphen…): a keyword matches
 # with any of them inside a word, and with any of them or any whitespace (line breaks, no-break spaces) between words
 # (so one next to a word also ends it: wrongly raising a document is the safe side).
@@ -115,6 +116,22 @@ def with_title_pii(pii_counts: Mapping[str, int], title: str, kinds: Collection[
     for kind in {match.group(1) for match in _TITLE_PLACEHOLDER.finditer(title)} & set(kinds):
         counts[kind] = counts.get(kind, 0) + 1
     return counts
+
+
+def cut_title(title: str, limit: int) -> str:
+    """A redacted `title` within `limit` characters, never cut inside a placeholder, and ending with the placeholder
+    of each type only the part cut off held: with_title_pii reads the stored title, and a card number at the end of
+    a long file name must still raise the document."""
+    if len(title) <= limit:
+        return title
+    kinds = list(dict.fromkeys(match.group(0) for match in _TITLE_PLACEHOLDER.finditer(title)))
+    room = limit
+    while True:
+        head = _PARTIAL_PLACEHOLDER.sub("", title[:room]).rstrip()
+        tail = " ".join(kind for kind in kinds if kind not in head)
+        if not tail or len(head) + 3 + len(tail) <= limit or not head:
+            return f"{head} … {tail}".strip()[:limit] if tail else head
+        room = limit - 3 - len(tail)
 
 
 def _chunk_pii_counts(redacted_text: str, placeholders: Collection[str]) -> dict[str, int]:

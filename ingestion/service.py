@@ -23,6 +23,7 @@ from core.text import printable_name
 from guard.injection import get_scanner
 from guard.pii import get_redactor
 from ingestion import formats, purge, quarantine, repository
+from ingestion.classify import cut_title
 from ingestion.parse import ParseLimits, check_zip_container
 from ingestion.pipeline import DocumentFacts, IngestionRules, protect
 from ingestion.schemas import (
@@ -42,7 +43,7 @@ from retrieval.store import open_vector_store
 logger = logging.getLogger(__name__)
 
 MAX_TITLE_CHARS = 300
-_TITLE_READ_CHARS = 4 * MAX_TITLE_CHARS  # of a longer name, what is redacted (and then cut to MAX_TITLE_CHARS)
+_TITLE_READ_CHARS = 4 * MAX_TITLE_CHARS  # of a longer name, what is redacted (and then cut: classify.cut_title)
 MAX_ATTACHMENT_DEPTH = 3  # levels of attachments followed below an uploaded e-mail (attached e-mails nest)
 ATTACHMENT_FAILED = "the attachment could not be taken (an internal error)"
 MAX_CRASHED_RUNS = 3  # runs a worker died in (a kill, the OOM killer, a parser crash) before the document fails
@@ -407,7 +408,7 @@ def _title(session: Session, department: str, title: str | None, filename: str |
     chosen = printable_name((title or filename or "").strip())[:_TITLE_READ_CHARS]
     rules = quarantine.rules_for(session=session, department=department).redaction
     redacted = get_redactor().redact_title(chosen, rules) if chosen else ""
-    return redacted.strip()[:MAX_TITLE_CHARS] or "untitled"
+    return cut_title(redacted.strip(), MAX_TITLE_CHARS) or "untitled"
 
 
 def document_status(*, session: Session, can_see: Callable[[Document], bool],

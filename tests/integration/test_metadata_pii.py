@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from core.logs import JsonFormatter, MaskingFilter
 from guard.redteam import _raw_pii
+from ingestion.service import MAX_TITLE_CHARS
 from tests.conftest import (
     PLATFORM_ADMIN,
     auth,
@@ -123,6 +124,19 @@ def test_a_card_number_in_a_title_raises_the_document(client: TestClient, world:
     assert document["classification"] == "confidential" and document["declared_classification"] == "internal"
     assert document["classification_reasons"] == ["credit_card x1"]
     assert _rows_with(settings, [CARD]) == []
+
+
+@pytest.mark.parametrize("length", [292, 500])
+def test_a_card_number_at_the_end_of_a_long_file_name_still_raises_the_document(
+        client: TestClient, world: dict, settings, length: int) -> None:  # type: ignore[no-untyped-def]
+    """A title is cut to 300 characters after redaction: the cut split `<CREDIT_CARD>` (at 292) or dropped it (at
+    500), and the level no longer counted the card."""
+    prefix = ("Quarterly expense report for the travel desk " * 12)[:length].rstrip() + " "
+    document = _ingest(client, world["editor"], f"{prefix}{CARD} receipt.txt",
+                       f"Receipt {length}\n\nThe airport taxi was paid by the traveller.\n".encode())
+    assert len(document["title"]) <= MAX_TITLE_CHARS and "<CREDIT_CARD>" in document["title"], document["title"]
+    assert document["classification"] == "confidential", document["title"][-40:]
+    assert document["classification_reasons"] == ["credit_card x1"]
 
 
 def _mail_with_attachments(attachments: list[tuple[str, bytes, str, str]]) -> bytes:

@@ -11,7 +11,7 @@ import pikepdf
 import pytest
 
 from core.errors import ErrorCode, GovragError
-from ingestion.classify import classify, keyword_hits
+from ingestion.classify import classify, cut_title, keyword_hits, with_title_pii
 from ingestion.parse import ParseLimits, check_zip_container, parse_document, run_with_timeout
 from ingestion.schemas import Classification
 
@@ -141,3 +141,13 @@ def test_parse_timeout_off_the_main_thread_returns_control() -> None:
     thread.join(2)
     assert not thread.is_alive() and "limit" in outcome["message"]
     assert run_with_timeout(lambda: 41 + 1, 1.0) == 42
+
+
+def test_a_cut_title_splits_no_placeholder_and_keeps_every_type_it_held() -> None:
+    for title in ["x" * 290 + " <CREDIT_CARD> receipt <PERSON>", "<PERSON> " + "y" * 400 + " <IBAN_CODE>",
+                  "z" * 298 + "<EMAIL_ADDRESS>"]:
+        cut = cut_title(title, 300)
+        kinds = ["CREDIT_CARD", "PERSON", "IBAN_CODE", "EMAIL_ADDRESS"]
+        assert len(cut) <= 300 and not cut.rstrip().endswith(tuple(f"<{k[:n]}" for k in kinds for n in range(12)))
+        assert with_title_pii({}, cut, kinds) == with_title_pii({}, title, kinds), cut[-40:]
+    assert cut_title("Card <CREDIT_CARD> refund.txt", 300) == "Card <CREDIT_CARD> refund.txt"
