@@ -216,11 +216,12 @@ class _PersonRecognizer(SpacyRecognizer):
 
 
 def _heading_or_label(text: str, start: int, end: int) -> bool:
-    """A cut Title Case run, or a lone "Word:" field label (a speaker only when several lines are shaped so)."""
+    """A cut Title Case run, or a lone "Word:" field label (a speaker only when several lines are shaped so, and
+    never an e-mail header name: `Bcc:`)."""
     if _TITLE_CASE_AFTER.match(text, end):
         return True
     lone_label = text.startswith(":", end) and " " not in text[start:end] and _LINE_START.match(text, 0, start)
-    return bool(lone_label) and len(_LABEL_LINES.findall(text)) < 2
+    return bool(lone_label) and (len(_LABEL_LINES.findall(text)) < 2 or text[start:end] in pii_rules.HEADER_NAMES)
 
 
 def _skip_non_name_words(text: str, start: int, end: int) -> int:

@@ -64,8 +64,10 @@ _PERSON_PATTERNS = [
         0.5,
     ),
 ]
+# An e-mail's header names: "From: …" names no speaker (here, and a lone label spaCy tags PERSON: guard/pii.py).
+HEADER_NAMES = frozenset({"From", "To", "Cc", "CC", "Bcc", "BCC", "Sent", "Attachments"})
 # Words that an intro phrase may precede but that are never names on their own.
-_NOT_NAMES = frozenset(
+_NOT_NAMES = HEADER_NAMES | frozenset(
     {
         "The", "This", "That", "These", "Those", "It", "He", "She", "They", "We", "You", "I", "A", "An",
         "My", "Our", "Your", "His", "Her", "Their", "Please", "Thanks", "Thank", "Team", "All", "Sir",
@@ -74,7 +76,6 @@ _NOT_NAMES = frozenset(
         "Note", "Re", "Fwd", "Yes", "No", "Hello", "Hi", "Dear", "Regards", "Sincerely", "Dept",
         "Department", "Company", "Customer", "Client", "Manager", "Employee", "Patient", "Guardian",
         "Mr", "Mrs", "Ms", "Mx", "Miss", "Dr", "Prof", "Herr", "Frau", "Mme", "Mlle",
-        "From", "To", "Cc", "CC", "Bcc", "BCC", "Sent", "Attachments",  # e-mail header names: "From: …" is no speaker
     }
 )  # fmt: skip
 _SPEAKER_MIN_LINES = 2

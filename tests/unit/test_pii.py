@@ -294,3 +294,14 @@ def test_e_mail_header_names_are_kept_and_the_people_in_them_redacted(redactor: 
 ])
 def test_a_title_is_redacted_up_to_its_file_extension(redactor: PiiRedactor, title: str, redacted: str) -> None:
     assert redactor.redact_title(title) == redacted
+
+
+def test_a_header_name_spacy_tags_as_a_person_is_kept_too(redactor: PiiRedactor) -> None:
+    """spaCy's NER (not only the context patterns) tags `Bcc` PERSON: the Bcc line read `<PERSON_3>: <PERSON_4>`."""
+    header = ("From: Maria Gonzalez <maria.gonzalez@example.com>\nTo: Peter Novak <peter.novak@example.com>\n"
+              "Bcc: Jan Horak <jan.horak@example.com>\nSubject: Budget\n\nThe Oslo budget is 300 EUR.")
+
+    redacted = redactor.redact(header)
+
+    assert "\nBcc: <PERSON_" in redacted, redacted
+    assert not any(name in redacted for name in ("Gonzalez", "Novak", "Horak"))
