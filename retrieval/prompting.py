@@ -42,11 +42,13 @@ ABSTAIN = re.compile(r"\bi (?:do not|don't) know\b", re.IGNORECASE)
 # values in a tag or attribute list are judged on their own (see _target_allowed).
 _URL_END = r"[^\s<>()\[\]\"'`]*"
 # A scheme is tried only where its run of scheme characters starts, and only when that run ends in `://`: tried at
-# every letter of `a.a.a.a...` it took quadratic time. The address itself is the `url` group.
+# every letter of `a.a.a.a...` it took quadratic time. The address itself is the `url` group. A browser reads
+# `https:evil.example` and `https:/evil.example` as https://evil.example: http(s) without `//` is the `web` group.
 URL = re.compile(rf"(?i)(?<![a-z0-9+.-])(?=[a-z0-9+.-]*:/{{2}})[a-z0-9+.-]*?"
                  rf"(?P<url>\b[a-z][a-z0-9+.-]*:/{{2,}}{_URL_END})"
                  rf"|(?P<relative>(?<![\w/:])/{{2,}}[\w-]+(?:\.[\w-]+)*{_URL_END})"
-                 rf"|(?P<www>\bwww\.[\w-]+(?:\.[\w-]+)+{_URL_END})")
+                 rf"|(?P<www>\bwww\.[\w-]+(?:\.[\w-]+)+{_URL_END})"
+                 rf"|(?P<web>(?<![a-z0-9+.-])https?:/?(?=[\w-]){_URL_END})")
 _LINK_OPEN = re.compile(r"\]\(\s*")  # `[text](` or `![alt](`: the link or image target follows
 _ANGLE_TARGET = re.compile(r"<[^>\n]*")  # `](<a target with spaces>)`
 # `src=` counts inside an HTML tag (`<img alt="a>b" src=...>`) or a `{...}` attribute list, not in prose ("set src=

@@ -374,3 +374,14 @@ def test_a_grounded_answer_with_framing_that_states_nothing_is_not_unsupported(a
 def test_framing_words_beside_any_other_word_are_still_a_claim(framed: str) -> None:
     answer = f"Expense claims must be filed within 30 days [2].\n{framed}"
     assert check_generated(answer, GIVEN, {1, 2}) == "unsupported_statement", framed
+
+
+@pytest.mark.parametrize("address", ["<https:evil.example/x>", "https:evil.example/x", "(http:/evil.example)",
+                                     "HTTPS:evil.example", "[site](https:evil.example)"])
+def test_an_http_address_without_slashes_is_judged_like_one_with_them(address: str) -> None:
+    """A browser reads `https:evil.example` (and `https:/evil.example`) as https://evil.example."""
+    answer = f"Hotel costs are reimbursed up to 180 euros per night in capital cities {address} [1]."
+    assert check_generated(answer, GIVEN, {1, 2}) == "url_outside_context", address
+    held = {1: GIVEN[1] + " Rates: https:hotels.example/rates"}
+    assert check_generated("Rates: https:hotels.example/rates [1].", held, {1}) is None
+    assert check_generated("Use HTTP: hotel costs are reimbursed up to 180 euros per night [1].", GIVEN, {1}) is None
