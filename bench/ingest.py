@@ -148,7 +148,7 @@ def _protected(named: tuple[str, bytes]) -> Protected:
     name, data = named
     facts = DocumentFacts(document_id=str(uuid.uuid4()), department=DEPARTMENT, title=name,
                           content_type=sniff_content_type(data, name), acl_groups=(),
-                          classification=Classification.internal, approved=True)
+                          classification=Classification.internal, approved_level=Classification.restricted)
     return protect(data, facts, key=crypto.new_key(), embedder=get_embedder(get_settings().embedding_backend),
                    redactor=get_redactor(), max_chars=MAX_CHARS, scanner=get_scanner())
 

@@ -87,6 +87,7 @@ class Document(Base):
     flagged_chunks: Mapped[int] = mapped_column(Integer, default=0)  # instruction-like chunks found
     review_reason: Mapped[str | None] = mapped_column(String(500), nullable=True)  # why quarantined
     approved_by: Mapped[str | None] = mapped_column(String(255), nullable=True)  # admin who released it
+    approved_level: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the level that admin was shown
     parent_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)  # e-mail of an attachment
 
 

@@ -28,7 +28,8 @@ class DocumentFacts:
     content_type: str
     acl_groups: tuple[str, ...]
     classification: Classification  # as declared by the uploader: the floor
-    approved: bool = False  # an admin released it from quarantine: the gate is passed
+    approved_level: Classification | None = None  # an admin released it from quarantine at this level: up to it,
+    # the gate is passed; a run that finds it higher holds it for review again
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def protect(data: bytes, facts: DocumentFacts, *, key: bytes, embedder: TextEmbe
     flagged = () if scanner is None else tuple(
         c.index for c, score in zip(chunks, scanner.score_many(redacted), strict=True) if score >= scanner.threshold)
     clock.lap("scan")
-    reason = None if facts.approved else review_reason(verdict, flagged, rules)
+    reason = review_reason(verdict, flagged, rules, approved_level=facts.approved_level)
     if reason is not None:
         return Protected(points=[], verdict=verdict, flagged=flagged, review_reason=reason,
                          stage_seconds=clock.laps, placeholders=placeholders.mapping())
@@ -95,8 +96,22 @@ def protect(data: bytes, facts: DocumentFacts, *, key: bytes, embedder: TextEmbe
                      stage_seconds=clock.laps, placeholders=placeholders.mapping())
 
 
-def review_reason(verdict: Verdict, flagged: tuple[int, ...], rules: IngestionRules) -> str | None:
-    """Why a document must wait for an admin (no document text), or None when AI use is approved."""
+def review_reason(verdict: Verdict, flagged: tuple[int, ...], rules: IngestionRules, *,
+                  approved_level: Classification | None = None) -> str | None:
+    """Why a document must wait for an admin (no document text), or None when AI use is approved: by the
+    department's policy, or by an admin who released it at `approved_level` or higher."""
+    reason = _policy_reason(verdict, flagged, rules)
+    if reason is None or approved_level is None:
+        return reason
+    if verdict.level.rank <= approved_level.rank:
+        return None
+    why = "; ".join(verdict.reasons) or "declared level"
+    return (f"classified {verdict.level.value} ({why}); the level rose since its approval at "
+            f"{approved_level.value}")[:500]
+
+
+def _policy_reason(verdict: Verdict, flagged: tuple[int, ...], rules: IngestionRules) -> str | None:
+    """Why the department's policy holds a document for review, or None."""
     if verdict.level.rank > rules.ai_max_level.rank:
         why = "; ".join(verdict.reasons) or "declared level"
         return (f"classified {verdict.level.value} ({why}); the department approves AI use up to "

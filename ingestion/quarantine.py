@@ -88,8 +88,10 @@ def quarantined_document(*, session: Session, document_id: str, can_see: Callabl
 
 
 def approve(*, session: Session, document: Document, actor: str) -> ReviewDecision:
-    """Release a quarantined document for AI use: it is ingested again with the gate passed."""
+    """Release a quarantined document for AI use at the level the review queue shows: it is ingested again with
+    the gate passed up to that level (a run that finds it higher, as the policy changed, holds it again)."""
     document.approved_by = actor
+    document.approved_level = document.classification
     job_id = str(uuid.uuid4())
     repository.new_job(session, job_id=job_id, document_id=document.id, from_status=DocumentStatus.quarantined)
     return ReviewDecision(document_id=document.id, status=DocumentStatus.queued, job_id=job_id)
@@ -113,11 +115,13 @@ class Reindex:
 
 
 def queue_reindex(*, session: Session, department: str, document_ids: list[str] | None) -> Reindex:
-    """Queue a fresh ingestion of ready documents from their encrypted originals. A document being ingested is
+    """Queue a fresh ingestion of ready and quarantined documents from their encrypted originals (a quarantined
+    one is classified again, so the review queue never shows a level older than the rules: an approval releases
+    at most the level shown; one the current rules no longer hold is released). A document being ingested is
     covered too: its run read the department's rules when it started, perhaps before the policy change this
     re-index follows, so its job is handed back: the run writes nothing and goes again under the current rules
-    (ingestion/service.py). Skipped: ids named that are neither (unknown, another department's, quarantined,
-    failed, deleted), and documents that left both states meanwhile (a deletion stays deleted); not_found for a
+    (ingestion/service.py). Skipped: ids named that are none of these (unknown, another department's, failed,
+    deleted), and documents that left both states meanwhile (a deletion stays deleted); not_found for a
     department that does not exist."""
     authz_service.require_department(session, department)
     listed = repository.documents_to_reindex(session, department=department, document_ids=document_ids)
@@ -125,11 +129,13 @@ def queue_reindex(*, session: Session, department: str, document_ids: list[str] 
     rerun: list[str] = []
     covered: set[str] = set()
     for document in listed:
-        if document.status != DocumentStatus.ready:  # before the queueing: a run ending now commits first
+        ended = document.status in repository.REINDEXED
+        if not ended:  # before the queueing: a run ending now commits first
             for job_id in repository.unfinished_jobs(session, document.id):
                 repository.hand_back(session, job_id)
         job_id = str(uuid.uuid4())
-        if repository.new_job(session, job_id=job_id, document_id=document.id, from_status=DocumentStatus.ready):
+        from_status = document.status if ended else DocumentStatus.ready
+        if repository.new_job(session, job_id=job_id, document_id=document.id, from_status=from_status):
             queued.append((document.id, job_id))
             covered.add(document.id)
         elif running := repository.unfinished_jobs(session, document.id):

@@ -109,10 +109,14 @@ def quarantined(session: Session, departments: list[str] | None) -> list[Documen
     return list(session.scalars(query))
 
 
+REINDEXED = (DocumentStatus.ready, DocumentStatus.quarantined)  # the ended states a re-index runs again
+
+
 def documents_to_reindex(session: Session, *, department: str | None, document_ids: list[str] | None) -> list[Document]:
     """Documents of a department (or the given ids; `None` is every one, an empty list none) that a re-index covers:
-    ready ones, whose originals can be parsed again, and those being ingested."""
-    query = select(Document).where(Document.status.in_((DocumentStatus.ready, *UNFINISHED)))
+    ready and quarantined ones, whose originals can be parsed again (a quarantined one shows the review queue its
+    level under the current rules), and those being ingested."""
+    query = select(Document).where(Document.status.in_((*REINDEXED, *UNFINISHED)))
     if department is not None:
         query = query.where(Document.department == department)
     if document_ids is None:

@@ -333,9 +333,16 @@ def _claim(session: Session, settings: Settings, document: Document,
         document_id=document.id, department=document.department, title=document.title,
         content_type=document.content_type, acl_groups=tuple(document.acl_groups),
         classification=Classification(document.declared_classification or document.classification),
-        approved=document.approved_by is not None,
+        approved_level=_approved_level(document),
     )
     return facts, key, quarantine.rules_for(session=session, department=document.department)
+
+
+def _approved_level(document: Document) -> Classification | None:
+    """The level an admin released the document at, if one did."""
+    if document.approved_by is None or document.approved_level is None:
+        return None
+    return Classification(document.approved_level)
 
 
 def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentStatus, *, error: str | None = None,

@@ -131,9 +131,9 @@ def test_a_refusing_downgrade_is_also_refused_when_run_through_alembic(tmp_path:
     with pytest.raises(migrate.DowngradeRefused, match="revision 0005"):
         command.downgrade(migrate.alembic_config(url), "0004")
     assert "guard_controls" in _tables(url)
-    assert migrate.current_revision(url) == migrate.head_revision()  # SQLite undid 0010..0006 before 0005 refused
+    assert migrate.current_revision(url) == migrate.head_revision()  # SQLite undid 0011..0006 before 0005 refused
     with pytest.raises(migrate.DowngradeRefused, match="revision 0005"):
-        command.downgrade(migrate.alembic_config(url), "-6")  # a relative target is judged the same way
+        command.downgrade(migrate.alembic_config(url), "-7")  # a relative target is judged the same way
     assert migrate.current_revision(url) == migrate.head_revision()
 
 
@@ -214,3 +214,29 @@ def test_titles_stored_before_redaction_are_redacted_and_retired_rows_forget_the
     assert [tuple(row) for row in rows] == [("a", "Travel claim <EMAIL_ADDRESS>.txt", "ab" * 32, 10),
                                             ("b", "Quarterly report 2024.pdf", "ab" * 32, 10),
                                             ("c", "(deleted)", "", 0)]
+
+
+def test_approvals_stored_before_0011_cover_the_level_they_released_and_a_held_one_refuses_the_downgrade(
+        tmp_path: Path) -> None:
+    """An approval recorded no level (every later run skipped the review); 0011 gives approved documents the level
+    they hold, and undoing it is refused while a document is held because its level rose since its approval."""
+    url = f"sqlite:///{tmp_path / 'schema.db'}"
+    migrate.upgrade(url, "0010")
+    columns = "id, department, title, content_type, size_bytes, sha256, acl_groups, classification, status, " \
+              "chunk_count, uploaded_by, created_at, updated_at, flagged_chunks, approved_by"
+    values = "'t', 'text/plain', 1, 'ab', '[]', 'confidential', 'ready', 0, 'ed', '2026-01-01', '2026-01-01', 0"
+    _execute(url, "INSERT INTO departments (name, created_at) VALUES ('hr', '2026-01-01 00:00:00')",
+             f"INSERT INTO documents ({columns}) VALUES ('a', 'hr', {values}, 'rolf')",  # noqa: S608
+             f"INSERT INTO documents ({columns}) VALUES ('b', 'hr', {values}, NULL)")  # noqa: S608
+    migrate.upgrade(url)
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            levels = connection.execute(text("SELECT id, approved_level FROM documents ORDER BY id")).all()
+    finally:
+        engine.dispose()
+    assert [tuple(row) for row in levels] == [("a", "confidential"), ("b", None)]
+    _execute(url, "UPDATE documents SET classification = 'restricted', status = 'quarantined' WHERE id = 'a'")
+    with pytest.raises(migrate.DowngradeRefused, match=r"revision 0011: .*1 documents' approved levels"):
+        migrate.downgrade(url, "0010")
+    assert migrate.current_revision(url) == migrate.head_revision()

@@ -1,0 +1,104 @@
+"""The quarantine review on real components: an approval covers the level reviewed, the queue shows the level the
+current rules give, titles are classified and redacted by the department's current policy, and the decisions on an
+e-mail's family are recorded as they happened."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+from fastapi.testclient import TestClient
+
+from tests.conftest import PLATFORM_ADMIN, auth, wait_for_document
+
+PAYROLL = b"Payroll export. Social security number 536-22-8741 for the March run. The canteen menu changes."
+STRICTER = {"ai_max_level": "internal", "keywords": {"canteen menu": "restricted"}}
+
+
+def _department(client: TestClient, issue_token: Callable[..., str], policy: dict) -> dict[str, str]:  # type: ignore[type-arg]
+    """A department with an editor and a department admin, under `policy`."""
+    department = f"rv{uuid.uuid4().hex[:6]}"
+    admin = issue_token(PLATFORM_ADMIN)
+    assert client.post("/v1/admin/departments", json={"name": department}, headers=auth(admin)).status_code == 201
+    for subject, role in (("rita", "editor"), ("rolf", "admin")):
+        assert client.post("/v1/admin/role-assignments", headers=auth(admin),
+                           json={"subject": subject, "role": role, "department": department}).status_code == 201
+    lab = {"department": department, "admin": admin, "editor": issue_token("rita", []),
+           "dept_admin": issue_token("rolf", [])}
+    _set_policy(client, lab, policy)
+    return lab
+
+
+def _set_policy(client: TestClient, lab: dict[str, str], policy: dict) -> None:  # type: ignore[type-arg]
+    response = client.put(f"/v1/admin/departments/{lab['department']}/ingestion-policy", json=policy,
+                          headers=auth(lab["dept_admin"]))
+    assert response.status_code == 200, response.text
+
+
+def _ingest(client: TestClient, lab: dict[str, str], name: str, data: bytes, **form: str) -> dict:  # type: ignore[type-arg]
+    response = client.post("/v1/documents", headers=auth(lab["editor"]), data={"department": lab["department"], **form},
+                           files={"file": (name, data)})
+    assert response.status_code == 202, response.text
+    return wait_for_document(client, lab["editor"], response.json()["document_id"])
+
+
+def _settled(client: TestClient, lab: dict[str, str], document_id: str) -> dict:  # type: ignore[type-arg]
+    time.sleep(0.5)
+    return wait_for_document(client, lab["editor"], document_id)
+
+
+def _reindex(client: TestClient, lab: dict[str, str], document_id: str) -> dict:  # type: ignore[type-arg]
+    response = client.post("/v1/admin/reindex", headers=auth(lab["dept_admin"]),
+                           json={"department": lab["department"], "document_ids": [document_id]})
+    assert response.status_code == 202, response.text
+    return _settled(client, lab, document_id)
+
+
+def _approve(client: TestClient, lab: dict[str, str], document_id: str) -> dict:  # type: ignore[type-arg]
+    response = client.post(f"/v1/admin/quarantine/{document_id}/approve", headers=auth(lab["dept_admin"]))
+    assert response.status_code == 200, response.text
+    return _settled(client, lab, document_id)
+
+
+def test_an_approval_covers_only_the_level_reviewed(client: TestClient, issue_token: Callable[..., str]) -> None:
+    """An approval was permanent: a document approved at confidential, re-indexed under a policy that makes it
+    restricted, was released at restricted with no new review. It is now held for review again."""
+    lab = _department(client, issue_token, {"ai_max_level": "internal"})
+    doc = _ingest(client, lab, "payroll.txt", PAYROLL, classification="public")
+    assert doc["status"] == "quarantined" and doc["classification"] == "confidential"
+    released = _approve(client, lab, doc["document_id"])
+    assert released["status"] == "ready" and released["classification"] == "confidential"
+    again = _reindex(client, lab, doc["document_id"])  # at the same level the approval still holds
+    assert again["status"] == "ready", again
+    _set_policy(client, lab, STRICTER)
+    again = _reindex(client, lab, doc["document_id"])
+    assert again["classification"] == "restricted"
+    assert again["status"] == "quarantined", again
+    assert "rose since its approval at confidential" in again["review_reason"]
+    released = _approve(client, lab, doc["document_id"])  # a new review, of the level shown, releases it
+    assert (released["status"], released["classification"]) == ("ready", "restricted")
+
+
+def test_the_review_queue_shows_the_level_an_approval_releases(client: TestClient,
+                                                               issue_token: Callable[..., str]) -> None:
+    """A re-index skipped quarantined documents: after a stricter policy the queue still showed confidential, and
+    approving what it showed released the document at restricted. The re-index now classifies them again."""
+    lab = _department(client, issue_token, {"ai_max_level": "internal"})
+    doc = _ingest(client, lab, "payroll2.txt", PAYROLL, classification="public")
+    assert doc["status"] == "quarantined" and doc["classification"] == "confidential"
+    _set_policy(client, lab, STRICTER)
+    response = client.post("/v1/admin/reindex", headers=auth(lab["dept_admin"]), json={"department": lab["department"]})
+    assert response.status_code == 202 and response.json()["skipped"] == [], response.text
+    assert _settled(client, lab, doc["document_id"])["status"] == "quarantined"
+    queue = client.get("/v1/admin/quarantine", params={"department": lab["department"]},
+                       headers=auth(lab["dept_admin"]))
+    shown = {item["document_id"]: item["classification"] for item in queue.json()}[doc["document_id"]]
+    assert shown == "restricted"
+    released = _approve(client, lab, doc["document_id"])
+    assert (released["status"], released["classification"]) == ("ready", shown)
+
+
+def test_the_ledger_still_verifies(client: TestClient, issue_token: Callable[..., str]) -> None:
+    response = client.get("/v1/audit/verify", headers=auth(issue_token(PLATFORM_ADMIN)))
+    assert response.status_code == 200 and response.json()["ok"], response.text
