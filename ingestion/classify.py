@@ -83,8 +83,9 @@ def classify(*, declared: Classification, pii_counts: Mapping[str, int], text_ch
 
 def classify_chunks(*, declared: Classification, texts: Sequence[str], redacted: Sequence[str],
                     pii_counts: Mapping[str, int], placeholders: Collection[str],
-                    keywords: Mapping[str, str]) -> Verdict:
-    """Each chunk's level from its own content (never below `declared`); the document's is the highest of them.
+                    keywords: Mapping[str, str], title: str = "") -> Verdict:
+    """Each chunk's level from its own content (never below `declared`); the document's is the highest of them,
+    and at least what a department keyword in its `title` raises it to (the level decides who sees the title).
 
     `texts` and `redacted` are the chunks before and after redaction, `pii_counts` the document's distinct values
     per kind and `placeholders` every placeholder the redactor minted. What only the whole document shows (many
@@ -92,7 +93,7 @@ def classify_chunks(*, declared: Classification, texts: Sequence[str], redacted:
     """
     # The whole text, as the chunks split it at whitespace: a keyword across a chunk boundary still raises the document.
     document = classify(declared=declared, pii_counts=pii_counts, text_chars=sum(map(len, texts)),
-                        keyword_hits=keyword_hits(["\n".join(texts)], keywords))
+                        keyword_hits=keyword_hits(["\n".join(texts), title], keywords))
     floor = _raise(declared, Classification.confidential) \
         if _aggregate_reasons(pii_counts, sum(map(len, texts))) else declared
     chunks = [classify(declared=floor, pii_counts=_chunk_pii_counts(text, placeholders), text_chars=len(original),

@@ -74,7 +74,7 @@ def protect(data: bytes, facts: DocumentFacts, *, key: bytes, embedder: TextEmbe
     pii_counts = with_title_pii(placeholders.counts(), facts.title, [*REDACTED_ENTITIES, *rules.redaction.entities])
     verdict = classify_chunks(declared=facts.classification, texts=texts, redacted=redacted,
                               pii_counts=pii_counts, placeholders=placeholders.mapping().keys(),
-                              keywords=rules.keywords)
+                              keywords=rules.keywords, title=facts.title)
     flagged = () if scanner is None else tuple(
         c.index for c, score in zip(chunks, scanner.score_many(redacted), strict=True) if score >= scanner.threshold)
     clock.lap("scan")

@@ -99,6 +99,21 @@ def test_the_review_queue_shows_the_level_an_approval_releases(client: TestClien
     assert (released["status"], released["classification"]) == ("ready", shown)
 
 
+def test_a_restricted_keyword_in_the_title_raises_the_level(client: TestClient,
+                                                            issue_token: Callable[..., str]) -> None:
+    """Only chunk texts were matched against the department's keywords: a document titled with a restricted topic
+    stayed public and its title was listed to readers of the default (internal) clearance."""
+    lab = _department(client, issue_token, {"ai_max_level": "restricted", "keywords": {"project falcon": "restricted"}})
+    doc = _ingest(client, lab, "plan.txt", b"The canteen opens at eight and closes at three on weekdays.",
+                  title="Project Falcon acquisition plan", classification="public")
+    assert (doc["status"], doc["classification"]) == ("ready", "restricted"), doc
+    assert doc["classification_reasons"] == ["keyword 'project falcon'"]
+    assert client.post("/v1/admin/role-assignments", headers=auth(lab["admin"]),
+                       json={"subject": "ivo", "role": "reader", "department": lab["department"]}).status_code == 201
+    listing = client.get("/v1/documents", params={"department": lab["department"]}, headers=auth(issue_token("ivo")))
+    assert listing.status_code == 200 and "Falcon" not in listing.text, listing.text[:300]
+
+
 def test_the_ledger_still_verifies(client: TestClient, issue_token: Callable[..., str]) -> None:
     response = client.get("/v1/audit/verify", headers=auth(issue_token(PLATFORM_ADMIN)))
     assert response.status_code == 200 and response.json()["ok"], response.text

@@ -49,3 +49,13 @@ def test_what_only_the_whole_document_shows_raises_every_chunk() -> None:
     verdict = _verdict(redacted, redacted, {"PERSON": 24, "EMAIL_ADDRESS": 24}, minted)
     assert verdict.level is C.confidential
     assert verdict.chunk_levels == (C.confidential, C.confidential)  # a personnel list, split across chunks
+
+
+def test_a_keyword_in_the_title_raises_the_document_not_its_chunks() -> None:
+    """Only chunk texts were matched: a restricted topic named in the title left the document (whose level decides
+    who sees the title) at its declared level."""
+    texts = ["The canteen opens at eight."]
+    verdict = classify_chunks(declared=C.public, texts=texts, redacted=texts, pii_counts={}, placeholders=set(),
+                              keywords={"project falcon": "restricted"}, title="Project\u200bFalcon  acquisition")
+    assert verdict.level is C.restricted and verdict.reasons == ("keyword 'project falcon'",)
+    assert verdict.chunk_levels == (C.public,)
