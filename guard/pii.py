@@ -452,9 +452,16 @@ class PiiRedactor:
             context_aware_enhancer=_FastContextEnhancer(),
         )
 
-    def analyze(self, text: str, rules: RedactionRules | None = None) -> list[RecognizerResult]:
-        """Return the PII spans found in one text (overlaps not yet resolved)."""
-        results = self._analyzer.analyze(text=text, language=LANGUAGE, **_analyze_kwargs(rules, text))
+    def analyze(self, text: str, rules: RedactionRules | None = None, *,
+                rules_only: bool = False) -> list[RecognizerResult]:
+        """Return the PII spans found in one text (overlaps not yet resolved); with `rules_only`, those of the
+        department's own recognizers alone."""
+        kwargs = _analyze_kwargs(rules, text)
+        if rules_only:
+            if rules is None or not rules.recognizers:
+                return []
+            kwargs["entities"] = rules.entities
+        results = self._analyzer.analyze(text=text, language=LANGUAGE, **kwargs)
         return pii_rules.propagate_people(text, results)
 
     def redact(self, text: str, placeholders: PlaceholderMap | None = None,
@@ -463,15 +470,18 @@ class PiiRedactor:
         mapping = placeholders if placeholders is not None else PlaceholderMap()
         return _substitute(text, self.analyze(text, rules), mapping)
 
-    def redact_title(self, title: str, rules: RedactionRules | None = None) -> str:
+    def redact_title(self, title: str, rules: RedactionRules | None = None, *, rules_only: bool = False) -> str:
         """Return a document title with each value replaced by its type alone (`<PERSON>`, `<EMAIL_ADDRESS>`): the
         title is redacted on its own, before the text is read, and a numbered placeholder would pass for the one the
         text's map gives (and be revealed as that one). A title ending in a file extension is read without it too:
         in `maria@example.com.txt` the extension hides the e-mail address's domain. No span reaches into the
-        extension: the NER takes `Lease.pdf` in `Jordan Office Lease.pdf` for a name."""
+        extension: the NER takes `Lease.pdf` in `Jordan Office Lease.pdf` for a name. `rules_only` applies the
+        department's recognizers alone, to a title already redacted (the models would read its placeholders as
+        context and take a word beside one for a name)."""
         readings = title_readings(title)
         stem_end = len(readings[-1])
-        results = [result for reading in readings for result in self.analyze(reading, rules) if result.end <= stem_end]
+        results = [result for reading in readings for result in self.analyze(reading, rules, rules_only=rules_only)
+                   if result.end <= stem_end]
         return _replace_spans(title, results, type_placeholder)
 
     def redact_many(self, texts: list[str], placeholders: PlaceholderMap,

@@ -22,6 +22,7 @@ from core.settings import Settings
 from core.text import printable_name
 from guard.injection import get_scanner
 from guard.pii import get_redactor
+from guard.pii_rules import RedactionRules
 from ingestion import formats, purge, quarantine, repository
 from ingestion.classify import cut_title
 from ingestion.parse import ParseLimits, check_zip_container
@@ -329,13 +330,15 @@ def _claim(session: Session, settings: Settings, document: Document,
         return None
     if not repository.set_status(session, document_id=document.id, job_id=job.id, status=DocumentStatus.processing):
         return None
+    rules = quarantine.rules_for(session=session, department=document.department)
+    document.title = _redacted_title(document.title, rules.redaction, rules_only=True)  # a rule added since
     facts = DocumentFacts(
         document_id=document.id, department=document.department, title=document.title,
         content_type=document.content_type, acl_groups=tuple(document.acl_groups),
         classification=Classification(document.declared_classification or document.classification),
         approved_level=_approved_level(document),
     )
-    return facts, key, quarantine.rules_for(session=session, department=document.department)
+    return facts, key, rules
 
 
 def _approved_level(document: Document) -> Classification | None:
@@ -413,8 +416,16 @@ def _title(session: Session, department: str, title: str | None, filename: str |
     PII replaced by its type (`<EMAIL_ADDRESS>`, guard/pii.py, with the department's redaction rules): a title is
     shown beside redacted text (citations, the listing, the model's prompt, the training export)."""
     chosen = printable_name((title or filename or "").strip())[:_TITLE_READ_CHARS]
-    rules = quarantine.rules_for(session=session, department=department).redaction
-    redacted = get_redactor().redact_title(chosen, rules) if chosen else ""
+    return _redacted_title(chosen, quarantine.rules_for(session=session, department=department).redaction)
+
+
+def _redacted_title(title: str, rules: RedactionRules, *, rules_only: bool = False) -> str:
+    """`title` with PII replaced by its type under `rules`, within MAX_TITLE_CHARS. Every run applies the
+    department's own recognizers (`rules_only`) again to the stored title, redacted when it was set (the raw one is
+    gone): a rule added since then reaches it."""
+    if rules_only and not rules.recognizers:
+        return title
+    redacted = get_redactor().redact_title(title, rules, rules_only=rules_only) if title else ""
     return cut_title(redacted.strip(), MAX_TITLE_CHARS) or "untitled"
 
 

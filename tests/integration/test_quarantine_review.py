@@ -114,6 +114,23 @@ def test_a_restricted_keyword_in_the_title_raises_the_level(client: TestClient,
     assert listing.status_code == 200 and "Falcon" not in listing.text, listing.text[:300]
 
 
+def test_a_redaction_rule_added_later_reaches_the_title_at_the_next_run(
+        client: TestClient, issue_token: Callable[..., str]) -> None:
+    """Titles were redacted only at upload: after a department added a recognizer, a re-index redacted the text
+    but left the value in the title, listed to every reader. Each run now applies the current rules to it."""
+    lab = _department(client, issue_token, {})
+    code = "PRJ-482913"
+    doc = _ingest(client, lab, "notes.txt", f"The budget of {code} was agreed on Monday.".encode(),
+                  title=f"Budget review {code}")
+    assert doc["status"] == "ready" and code in doc["title"]
+    _set_policy(client, lab, {"recognizers": [{"entity": "PROJECT_CODE", "pattern": r"\bPRJ-\d{6}\b",
+                                               "checksum": "none"}]})
+    again = _reindex(client, lab, doc["document_id"])
+    assert again["status"] == "ready" and again["title"] == "Budget review <PROJECT_CODE>", again
+    listing = client.get("/v1/documents", params={"department": lab["department"]}, headers=auth(lab["editor"]))
+    assert listing.status_code == 200 and code not in listing.text
+
+
 def test_the_ledger_still_verifies(client: TestClient, issue_token: Callable[..., str]) -> None:
     response = client.get("/v1/audit/verify", headers=auth(issue_token(PLATFORM_ADMIN)))
     assert response.status_code == 200 and response.json()["ok"], response.text

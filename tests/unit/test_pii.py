@@ -305,3 +305,15 @@ def test_a_header_name_spacy_tags_as_a_person_is_kept_too(redactor: PiiRedactor)
 
     assert "\nBcc: <PERSON_" in redacted, redacted
     assert not any(name in redacted for name in ("Gonzalez", "Novak", "Horak"))
+
+
+def test_a_department_rule_applied_again_to_a_redacted_title_changes_only_its_values(redactor: PiiRedactor) -> None:
+    """Re-running every recognizer on a stored (redacted) title took a word beside a placeholder for a name; a run
+    applies the department's own recognizers alone to it."""
+    from guard.pii_rules import CustomRecognizer, RedactionRules
+
+    rules = RedactionRules(recognizers=(CustomRecognizer(entity="PROJECT_CODE", pattern=r"\bPRJ-\d{6}\b"),))
+    stored = "payslips.eml / Payslip <PERSON> SSN <US_SSN> PRJ-482913.txt"
+    assert redactor.redact_title(stored, rules, rules_only=True) == \
+        "payslips.eml / Payslip <PERSON> SSN <US_SSN> <PROJECT_CODE>.txt"
+    assert redactor.redact_title(stored, RedactionRules(), rules_only=True) == stored
