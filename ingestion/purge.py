@@ -21,7 +21,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from core import blobs
-from core.db import unit_of_work
+from core.db import transaction_lock, unit_of_work
 from core.errors import unavailable_dependency
 from core.keystore import keystore_for
 from core.models import Document, DocumentStatus, PendingPurge, utcnow
@@ -65,10 +65,15 @@ def _forget_original(document: Document, status: DocumentStatus) -> None:
 
 def retire_family(session: Session, settings: Settings, document: Document, status: DocumentStatus) -> list[str]:
     """In the caller's transaction (which holds the document's lock): retire the document and everything attached
-    below it, an e-mail taking its attachments (one already deleted stays deleted). Returns the ids to purge once
-    the caller commits (`purge_now`)."""
-    family = [document, *(child for child in repository.descendants(session, document.id)
-                          if child.status != DocumentStatus.deleted)]
+    below it, an e-mail taking its attachments (one already deleted stays deleted). Each attachment's lock is taken,
+    e-mails before their attachments (the order `quarantine.quarantined_document` takes them in), so a review of an
+    attachment ends before its e-mail's retirement reads it. Returns the ids to purge once the caller commits
+    (`purge_now`)."""
+    below = repository.descendants(session, document.id)  # level by level: each e-mail before its attachments
+    for child in below:
+        transaction_lock(session, f"document:{child.id}")
+        session.refresh(child)  # as a review or deletion that held its lock left it
+    family = [document, *(child for child in below if child.status != DocumentStatus.deleted)]
     for target in family:
         retire(session, settings, target, status)
     session.flush()

@@ -79,8 +79,11 @@ def list_quarantined(*, session: Session, departments: list[str] | None) -> list
 def quarantined_document(*, session: Session, document_id: str, can_see: Callable[[Document], bool]) -> Document:
     """A quarantined document the caller may see, or not found (also for documents in any other state, so an id the
     caller may not see looks exactly like an unknown one). Reviews of one document run one after the other: of two
-    admins approving and rejecting at once, the second finds it no longer quarantined."""
-    transaction_lock(session, f"document:{document_id}")
+    admins approving and rejecting at once, the second finds it no longer quarantined. The locks of the e-mails an
+    attachment was taken from are taken first, from the uploaded one down (purge.retire_family's order): a review
+    of an attachment and a rejection or deletion of its e-mail also run one after the other."""
+    for line_id in repository.lineage(session, document_id):
+        transaction_lock(session, f"document:{line_id}")
     document = repository.get_document(session, document_id)
     if document is None or document.status != DocumentStatus.quarantined or not can_see(document):
         raise GovragError(ErrorCode.not_found, "no such quarantined document")
@@ -89,11 +92,14 @@ def quarantined_document(*, session: Session, document_id: str, can_see: Callabl
 
 def approve(*, session: Session, document: Document, actor: str) -> ReviewDecision:
     """Release a quarantined document for AI use at the level the review queue shows: it is ingested again with
-    the gate passed up to that level (a run that finds it higher, as the policy changed, holds it again)."""
+    the gate passed up to that level (a run that finds it higher, as the policy changed, holds it again). One that
+    left quarantine meanwhile (a re-index queued it) is not found, as after another review."""
+    job_id = str(uuid.uuid4())
+    if not repository.new_job(session, job_id=job_id, document_id=document.id,
+                              from_status=DocumentStatus.quarantined):
+        raise GovragError(ErrorCode.not_found, "no such quarantined document")
     document.approved_by = actor
     document.approved_level = document.classification
-    job_id = str(uuid.uuid4())
-    repository.new_job(session, job_id=job_id, document_id=document.id, from_status=DocumentStatus.quarantined)
     return ReviewDecision(document_id=document.id, status=DocumentStatus.queued, job_id=job_id)
 
 

@@ -4,13 +4,19 @@ e-mail's family are recorded as they happened."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from email.message import EmailMessage
 
+import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
-from tests.conftest import PLATFORM_ADMIN, auth, wait_for_document
+from core.db import unit_of_work
+from core.models import RetrievalEvent
+from tests.conftest import PLATFORM_ADMIN, auth, wait_for_attachments, wait_for_document
 
 PAYROLL = b"Payroll export. Social security number 536-22-8741 for the March run. The canteen menu changes."
 STRICTER = {"ai_max_level": "internal", "keywords": {"canteen menu": "restricted"}}
@@ -129,6 +135,90 @@ def test_a_redaction_rule_added_later_reaches_the_title_at_the_next_run(
     assert again["status"] == "ready" and again["title"] == "Budget review <PROJECT_CODE>", again
     listing = client.get("/v1/documents", params={"department": lab["department"]}, headers=auth(lab["editor"]))
     assert listing.status_code == 200 and code not in listing.text
+
+
+def _quarantined_mail(client: TestClient, lab: dict[str, str]) -> tuple[str, str]:
+    """An e-mail quarantined for a restricted keyword, and its attachment (declared at the e-mail's level)."""
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = "ana@example.com", "ben@example.com", "falcon"
+    message.set_content("Notes on project falcon for the board. " + uuid.uuid4().hex)
+    message.add_attachment(b"The weekend rota: Leeds desk on Saturday. " + uuid.uuid4().hex.encode(),
+                           maintype="text", subtype="plain", filename="rota.txt")
+    mail = _ingest(client, lab, "falcon.eml", message.as_bytes())
+    assert mail["status"] == "quarantined"
+    (child_id,) = wait_for_attachments(client, lab["editor"], mail["document_id"])["attachment_ids"]
+    assert wait_for_document(client, lab["editor"], child_id)["status"] == "quarantined"
+    return mail["document_id"], child_id
+
+
+def _decisions(settings, document_id: str) -> list[dict]:  # type: ignore[no-untyped-def, type-arg]
+    with unit_of_work(settings.resolved_database_url) as session:
+        return [event.details for event in session.scalars(select(RetrievalEvent).where(
+            RetrievalEvent.event_type == "quarantine_decision")) if event.details.get("document_id") == document_id]
+
+
+FALCON = {"ai_max_level": "internal", "keywords": {"project falcon": "restricted"}}
+
+
+def test_an_approval_of_a_document_that_left_quarantine_meanwhile_is_refused(
+        client: TestClient, issue_token: Callable[..., str], settings,  # type: ignore[no-untyped-def]
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The approval ignored that its conditional update moved nothing: a document a re-index queued between the
+    check and the update got a 200 "queued" with a job that does not exist, and a ledger row saying it was
+    released. It is now refused like any other review that finds the document gone from the queue."""
+    from ingestion import quarantine
+
+    lab = _department(client, issue_token, FALCON)
+    doc = _ingest(client, lab, "f.txt", b"Notes on project falcon. " + uuid.uuid4().hex.encode())
+    assert doc["status"] == "quarantined"
+    real_approve = quarantine.approve
+
+    def reindexed_meanwhile(**kwargs):  # type: ignore[no-untyped-def]
+        response = client.post("/v1/admin/reindex", headers=auth(lab["dept_admin"]),
+                               json={"department": lab["department"], "document_ids": [doc["document_id"]]})
+        assert response.status_code == 202 and response.json()["skipped"] == [], response.text
+        return real_approve(**kwargs)
+
+    monkeypatch.setattr(quarantine, "approve", reindexed_meanwhile)
+    approved = client.post(f"/v1/admin/quarantine/{doc['document_id']}/approve", headers=auth(lab["dept_admin"]))
+    monkeypatch.undo()
+    assert approved.status_code == 404, approved.text
+    assert _decisions(settings, doc["document_id"]) == []
+    assert _settled(client, lab, doc["document_id"])["status"] == "quarantined"  # the re-index's run held it again
+
+
+def test_a_rejection_of_an_email_waits_for_a_review_of_its_attachment(
+        client: TestClient, issue_token: Callable[..., str], settings,  # type: ignore[no-untyped-def]
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review locked only the attachment's id, a rejection the e-mail's: the e-mail's rejection shredded the
+    attachment in the middle of its approval, which answered 200 "queued" and recorded a release that never
+    happened. The rejection now waits for the approval, then takes the approved attachment with the e-mail."""
+    from ingestion import quarantine
+
+    lab = _department(client, issue_token, FALCON)
+    mail_id, child_id = _quarantined_mail(client, lab)
+    real_approve = quarantine.approve
+    rejected: list = []  # type: ignore[type-arg]
+    waited: list[bool] = []
+    threads: list[threading.Thread] = []
+
+    def email_rejected_meanwhile(**kwargs):  # type: ignore[no-untyped-def]
+        rejection = threading.Thread(target=lambda: rejected.append(client.post(
+            f"/v1/admin/quarantine/{mail_id}/reject", headers=auth(issue_token(PLATFORM_ADMIN)))))
+        rejection.start()
+        rejection.join(timeout=1.5)
+        waited.append(rejection.is_alive())
+        threads.append(rejection)
+        return real_approve(**kwargs)
+
+    monkeypatch.setattr(quarantine, "approve", email_rejected_meanwhile)
+    approved = client.post(f"/v1/admin/quarantine/{child_id}/approve", headers=auth(lab["dept_admin"]))
+    monkeypatch.undo()
+    threads[0].join(timeout=60)
+    assert waited == [True], "the e-mail's rejection went ahead during the attachment's review"
+    assert approved.status_code == 200 and rejected[0].status_code == 200, (approved.text, rejected[0].text)
+    assert [d["decision"] for d in _decisions(settings, child_id)] == ["queued"]
+    assert _settled(client, lab, child_id)["status"] == "rejected"  # taken with its e-mail after the approval
 
 
 def test_the_ledger_still_verifies(client: TestClient, issue_token: Callable[..., str]) -> None:
