@@ -63,7 +63,8 @@ def approve(document_id: str, session: SessionDep, enforcer: EnforcerDep, settin
     """Release a quarantined document for AI use; it is indexed by a new job."""
     document = _under_review(session, enforcer, user, document_id)
     decision = quarantine.approve(session=session, document=document, actor=user.subject)
-    _audit_decision(session, settings, user, document.department, decision)
+    _audit_decision(session, settings, user, document.department,
+                    {"document_id": document_id, "decision": "approved", "job_id": decision.job_id})
     send_job(celery, document_id=document_id, job_id=str(decision.job_id))
     return decision
 
@@ -74,7 +75,8 @@ def reject(document_id: str, session: SessionDep, enforcer: EnforcerDep, setting
     """Refuse a quarantined document (an e-mail with its attachments): keys shredded, stored bytes removed."""
     document = _under_review(session, enforcer, user, document_id)
     decision, retired = quarantine.reject(session=session, settings=settings, document=document)
-    _audit_decision(session, settings, user, document.department, decision)
+    _audit_decision(session, settings, user, document.department,
+                    {"document_id": document_id, "decision": "rejected", "retired": sorted(retired)})
     purge.purge_now(settings, retired)
     return decision
 
@@ -107,8 +109,9 @@ def _under_review(session: SessionDep, enforcer: EnforcerDep, user: CurrentUser,
 
 
 def _audit_decision(session: SessionDep, settings: SettingsDep, user: CurrentUser, department: str,
-                    decision: ReviewDecision) -> None:
-    """Record the decision in the ledger (commits the session)."""
+                    details: dict[str, object]) -> None:
+    """Record the decision in the ledger (commits the session): the document, "approved" with the job that
+    releases it or "rejected" with every id retired (an e-mail's attachments too), as a DELETE records them."""
     audit_service.record_admin_event(
         session=session, identity=user, event_type=AdminEventType.quarantine_decision, department=department,
-        settings=settings, details={"document_id": decision.document_id, "decision": decision.status})
+        settings=settings, details=details)

@@ -217,8 +217,23 @@ def test_a_rejection_of_an_email_waits_for_a_review_of_its_attachment(
     threads[0].join(timeout=60)
     assert waited == [True], "the e-mail's rejection went ahead during the attachment's review"
     assert approved.status_code == 200 and rejected[0].status_code == 200, (approved.text, rejected[0].text)
-    assert [d["decision"] for d in _decisions(settings, child_id)] == ["queued"]
+    assert [d["decision"] for d in _decisions(settings, child_id)] == ["approved"]
     assert _settled(client, lab, child_id)["status"] == "rejected"  # taken with its e-mail after the approval
+    (rejection,) = _decisions(settings, mail_id)
+    assert rejection["decision"] == "rejected" and set(rejection["retired"]) == {mail_id, child_id}
+
+
+def test_rejecting_an_email_names_the_attachments_it_shredded_in_the_ledger(
+        client: TestClient, issue_token: Callable[..., str], settings) -> None:  # type: ignore[no-untyped-def]
+    """A DELETE's ledger row names every id it retired; the rejection of an e-mail, which shreds its attachments
+    too, named only the e-mail (and an approval read "queued")."""
+    lab = _department(client, issue_token, FALCON)
+    mail_id, child_id = _quarantined_mail(client, lab)
+    response = client.post(f"/v1/admin/quarantine/{mail_id}/reject", headers=auth(lab["dept_admin"]))
+    assert response.status_code == 200, response.text
+    assert client.get(f"/v1/documents/{child_id}", headers=auth(lab["editor"])).json()["status"] == "rejected"
+    (row,) = _decisions(settings, mail_id)
+    assert row == {"document_id": mail_id, "decision": "rejected", "retired": sorted([mail_id, child_id])}, row
 
 
 def test_the_ledger_still_verifies(client: TestClient, issue_token: Callable[..., str]) -> None:
