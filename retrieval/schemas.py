@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from authz.schemas import DEPARTMENT_PATTERN
 from core.text import RequestModel
+from guard.normalise import strip_invisible
 
 
 class QueryRequest(RequestModel):
@@ -18,9 +19,11 @@ class QueryRequest(RequestModel):
 
     @field_validator("question")
     @classmethod
-    def _not_blank(cls, question: str) -> str:
-        if not question.strip():
-            raise ValueError("the question is blank")
+    def _holds_a_word(cls, question: str) -> str:
+        """A question with no letter or digit in any script once invisible characters are dropped (blank, `?`,
+        `...`, a lone U+200B) asks nothing: refused here, before the prompt firewall would count it as an attack."""
+        if not any(ch.isalnum() for ch in strip_invisible(question)):
+            raise ValueError("the question holds no words (it needs at least one letter or digit)")
         return question
 
     def department_names(self) -> list[str] | None:

@@ -66,7 +66,7 @@ def test_a_blank_question_is_a_422(client: TestClient, desk: dict[str, str], que
     """It was answered as a refusal ("no relevant content") and audited as a question."""
     refused = client.post("/v1/query", json={"question": question}, headers=auth(desk["editor"]))
     assert refused.status_code == 422, refused.text
-    assert "the question is blank" in refused.json()["error"]["message"]
+    assert "the question holds no words" in refused.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(("method", "path", "body"), [

@@ -1,0 +1,80 @@
+"""POST /v1/query with the inputs real users send: punctuation-only questions, misspelt fields, loose types."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
+
+FIN_DOC = """Travel and Expense Policy
+
+Hotel costs are reimbursed up to 180 euros per night in capital cities and 120 euros elsewhere.
+Expense claims must be filed within 30 days, with receipts attached.
+"""
+HOTEL = "How much are hotel costs reimbursed per night?"
+
+
+def _ingest(client: TestClient, token: str, department: str, name: str, data: bytes) -> str:
+    response = client.post("/v1/documents", headers=auth(token), data={"department": department, "title": name},
+                           files={"file": (name, data)})
+    assert response.status_code == 202, response.text
+    assert wait_for_job(client, token, response.json()["job_id"])["status"] == "ready"
+    return str(response.json()["document_id"])
+
+
+@pytest.fixture(scope="module")
+def desk(client: TestClient, issue_token: Callable[..., str]) -> dict[str, str]:
+    """Two departments (`fin` with a policy, `ops`) for an editor; a reader alone in a third; a compliance officer."""
+    admin = issue_token(PLATFORM_ADMIN)
+    suffix = uuid.uuid4().hex[:6]
+    names = {key: f"{key}{suffix}" for key in ("ops", "fin", "qm")}
+    for name in names.values():
+        assert client.post("/v1/admin/departments", json={"name": name}, headers=auth(admin)).status_code == 201
+    for subject, role, key in [("qr-ed", "editor", "ops"), ("qr-ed", "editor", "fin"), ("qr-quinn", "reader", "qm"),
+                               ("qr-carol", "compliance", "ops"), ("qr-carol", "compliance", "fin"),
+                               ("qr-carol", "compliance", "qm")]:
+        response = client.post("/v1/admin/role-assignments", headers=auth(admin),
+                               json={"subject": subject, "role": role, "department": names[key]})
+        assert response.status_code == 201, response.text
+    editor = issue_token("qr-ed", [])
+    _ingest(client, editor, names["fin"], "travel.md", FIN_DOC.encode())
+    return {**names, "admin": admin, "editor": editor, "reader": issue_token("qr-quinn", []),
+            "compliance": issue_token("qr-carol", [])}
+
+
+def _ledger_row(client: TestClient, desk: dict[str, str], request_id: str) -> dict[str, object]:
+    response = client.get("/v1/audit/retrievals", params={"format": "jsonl"}, headers=auth(desk["compliance"]))
+    assert response.status_code == 200, response.text
+    rows = [json.loads(line) for line in response.text.splitlines() if line]
+    [row] = [row for row in rows if row.get("request_id") == request_id]
+    return row
+
+
+@pytest.mark.parametrize("question", ["?", "???", "...", ":)", "-", "\u200b", "\u200b?\u200b", "   "])
+def test_a_question_without_a_letter_or_digit_is_a_422(client: TestClient, desk: dict[str, str],
+                                                       question: str) -> None:
+    """It was blocked by the prompt firewall, audited as an attack and counted as a guard hit."""
+    response = client.post("/v1/query", headers=auth(desk["editor"]), json={"question": question})
+    assert response.status_code == 422, response.text
+    assert "the question holds no words" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("question", ["5?", "首都?", "Où?"])
+def test_a_short_question_with_a_letter_or_digit_in_any_script_is_asked(client: TestClient, desk: dict[str, str],
+                                                                        question: str) -> None:
+    response = client.post("/v1/query", headers=auth(desk["editor"]), json={"question": question})
+    assert response.status_code == 200, response.text
+
+
+def test_ten_question_marks_do_not_trip_the_departments_kill_switch(client: TestClient, desk: dict[str, str]) -> None:
+    """Each '?' was a blocked injection; ten in a minute put the department into retrieval_only for everyone."""
+    for _ in range(10):
+        client.post("/v1/query", headers=auth(desk["reader"]), json={"question": "?"})
+    response = client.post("/v1/query", headers=auth(desk["reader"]), json={"question": "Where is the canteen?"})
+    row = _ledger_row(client, desk, response.json()["request_id"])
+    assert row["kill_switch_mode"] == "normal", (row["kill_switch_mode"], row["guard_verdicts"])
