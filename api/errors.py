@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -68,7 +69,7 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(422, ErrorCode.invalid_request.name, NOT_JSON_MESSAGE)
         # Name the fields and the problem, never echo the submitted values (a dict's keys included).
         names = _schema_names(request.app)
-        problems = "; ".join(f"{_location(err['loc'], names)}: {err['msg']}" for err in exc.errors())
+        problems = "; ".join(f"{_location(err['loc'], names)}: {_problem(err)}" for err in exc.errors())
         return error_response(422, ErrorCode.invalid_request.name, f"invalid request: {problems}"[:500])
 
     @app.exception_handler(StarletteHTTPException)
@@ -85,6 +86,13 @@ def _multipart_problem(exc: StarletteHTTPException) -> str | None:
     if isinstance(cause, MultipartParseError) and "header size" in str(cause):
         return "invalid multipart data: a part's header is too long (a file name is at most about 4,000 bytes)"
     return None
+
+
+def _problem(error: Mapping[str, Any]) -> str:
+    """What is wrong, in words the caller can act on (pydantic's own message for most errors)."""
+    if error["type"] == "extra_forbidden":
+        return "unknown field (not in this request's schema; check its spelling)"
+    return str(error["msg"])
 
 
 def _location(loc: tuple[int | str, ...], names: frozenset[str]) -> str:

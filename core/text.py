@@ -11,7 +11,7 @@ from __future__ import annotations
 import unicodedata
 from typing import Any
 
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from core.errors import ErrorCode, GovragError
 
@@ -63,7 +63,11 @@ def _printable(ch: str) -> str:
 
 
 class RequestModel(BaseModel):
-    """Base of every request body: a NUL anywhere in it is a validation error (a 422), before any handler runs."""
+    """Base of every request body: a NUL anywhere in it, or a field the schema does not name (`department` for
+    `departments` would otherwise be dropped and the request run without it), is a validation error (a 422), before
+    any handler runs."""
+
+    model_config = ConfigDict(extra="forbid")
 
     @model_validator(mode="before")
     @classmethod

@@ -78,3 +78,23 @@ def test_ten_question_marks_do_not_trip_the_departments_kill_switch(client: Test
     response = client.post("/v1/query", headers=auth(desk["reader"]), json={"question": "Where is the canteen?"})
     row = _ledger_row(client, desk, response.json()["request_id"])
     assert row["kill_switch_mode"] == "normal", (row["kill_switch_mode"], row["guard_verdicts"])
+
+
+@pytest.mark.parametrize(("body", "location"), [
+    ({"question": HOTEL, "department": "ops"}, "body.department"),  # `departments` misspelt: it searched everything
+    ({"question": HOTEL, "Zanzibar-7Q": 1}, "body.<key>"),  # a name no schema uses is the client's text: not echoed
+])
+def test_an_unknown_field_is_a_422_naming_where_it_is(client: TestClient, desk: dict[str, str],
+                                                      body: dict[str, object], location: str) -> None:
+    response = client.post("/v1/query", headers=auth(desk["editor"]), json=body)
+    assert response.status_code == 422, response.text
+    message = response.json()["error"]["message"]
+    assert f"{location}: unknown field" in message and "Zanzibar" not in message, message
+
+
+def test_every_request_body_refuses_unknown_fields(client: TestClient, desk: dict[str, str]) -> None:
+    response = client.post("/v1/admin/departments", headers=auth(desk["admin"]),
+                           json={"name": f"x{uuid.uuid4().hex[:6]}", "description": "typo'd schema"})
+    assert response.status_code == 422, response.text
+    assert "unknown field" in response.json()["error"]["message"]
+
