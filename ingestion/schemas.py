@@ -114,7 +114,7 @@ class CustomRecognizerIn(RequestModel):
     pattern: str = Field(min_length=2, max_length=300)
     checksum: str = "none"
     context: list[str] = Field(default_factory=list, max_length=20)
-    score: float = Field(default=0.6, ge=0.1, le=1.0)
+    score: float = Field(default=0.6, ge=0.1, le=1.0, strict=True)  # a number; a whole one is taken
 
 
 class IngestionPolicyIn(RequestModel):
@@ -125,7 +125,8 @@ class IngestionPolicyIn(RequestModel):
     keywords: dict[str, Classification] = Field(default_factory=dict, max_length=500)
     allow_list: list[str] = Field(default_factory=list, max_length=1000)
     recognizers: list[CustomRecognizerIn] = Field(default_factory=list, max_length=50)
-    reversible: bool = False  # keep placeholder → original (sealed); only `reveal` holders may read it
+    # keep placeholder → original (sealed); only `reveal` holders may read it. true or false, never "yes" or 1
+    reversible: bool = Field(default=False, strict=True)
 
     @field_validator("keywords")
     @classmethod

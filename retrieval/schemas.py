@@ -14,7 +14,7 @@ from guard.normalise import strip_invisible
 class QueryRequest(RequestModel):
     question: str = Field(min_length=1, max_length=2000)
     departments: list[str] | None = Field(default=None, max_length=50)
-    top_k: int | None = Field(default=None, ge=1, le=50)
+    top_k: int | None = Field(default=None, ge=1, le=50, strict=True)  # `true`, "5", 2.0: a client bug
     purpose: str | None = Field(default=None, max_length=200)
 
     @field_validator("question")

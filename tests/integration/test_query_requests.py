@@ -98,3 +98,31 @@ def test_every_request_body_refuses_unknown_fields(client: TestClient, desk: dic
     assert response.status_code == 422, response.text
     assert "unknown field" in response.json()["error"]["message"]
 
+
+@pytest.mark.parametrize("top_k", [True, "5", 2.0])
+def test_top_k_of_another_type_is_a_422(client: TestClient, desk: dict[str, str], top_k: object) -> None:
+    """`true` was read as 1 and `"5"` as 5: a client bug answered as if it were meant."""
+    response = client.post("/v1/query", headers=auth(desk["editor"]), json={"question": HOTEL, "top_k": top_k})
+    assert response.status_code == 422, response.text
+    assert "body.top_k" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("field", "value"), [("reversible", "yes"), ("reversible", 1),
+                                              ("recognizers", [{"entity": "STAFF_ID", "pattern": "S-[0-9]{5}",
+                                                                "score": "0.6"}])])
+def test_an_ingestion_policy_field_of_another_type_is_a_422(client: TestClient, desk: dict[str, str],
+                                                            field: str, value: object) -> None:
+    """`"reversible": "yes"` turned on sealed originals (a privacy decision) from a string."""
+    response = client.put(f"/v1/admin/departments/{desk['ops']}/ingestion-policy", headers=auth(desk["admin"]),
+                          json={field: value})
+    assert response.status_code == 422, response.text
+    assert f"body.{field}" in response.json()["error"]["message"]
+
+
+def test_whole_numbers_and_true_booleans_are_still_taken(client: TestClient, desk: dict[str, str]) -> None:
+    asked = client.post("/v1/query", headers=auth(desk["editor"]), json={"question": HOTEL, "top_k": 3})
+    assert asked.status_code == 200, asked.text
+    response = client.put(f"/v1/admin/departments/{desk['ops']}/ingestion-policy", headers=auth(desk["admin"]),
+                          json={"reversible": False, "recognizers": [{"entity": "STAFF_ID", "pattern": "S-[0-9]{5}",
+                                                                      "score": 1}]})
+    assert response.status_code == 200, response.text
