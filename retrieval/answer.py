@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,6 +25,7 @@ DUPLICATE_COSINE = 0.9
 MIN_SENTENCE_CHARS = 20
 MAX_EMBEDDED = 24  # sentences embedded at query time per answer, at most (precomputed ones are free)
 SENTENCE_KEY_BYTES = 8
+ELLIPSIS = "…"  # marks where a snippet cuts its chunk
 VECTOR_CACHE_SIZE = 50_000  # sentence vectors kept per process (~75 MiB)
 
 _VECTOR_CACHE: BoundedCache[tuple[int, bytes], np.ndarray] = BoundedCache(VECTOR_CACHE_SIZE)
@@ -43,10 +44,12 @@ class Passage:
 
 @dataclass(frozen=True)
 class ExtractiveAnswer:
-    """Rendered answer text and the citation numbers it uses, in order of first use."""
+    """Rendered answer text, the citation numbers it uses (in order of first use), and the first sentence it quotes
+    from each (as the passage has it, for the citation's snippet)."""
 
     text: str
     cited: tuple[int, ...]
+    quoted: Mapping[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,39 @@ def _words_follow(text: str, words: list[str], start: int) -> int | None:
             return None
         cursor = gap_end + len(word)
     return cursor
+
+
+def quote_window(text: str, sentence: str | None, limit: int) -> str:
+    """At most `limit` characters of `text`, from where `sentence` first occurs in it (its start when `sentence` is
+    None or not found), reaching further back when the text ends first; cut between words, each cut marked `…`."""
+    if len(text) <= limit:
+        return text
+    span = find_words(text, sentence.split()) if sentence else None
+    budget = limit - 2 * len(ELLIPSIS)
+    start = span[0] if span else 0
+    end = min(len(text), start + budget)
+    widened = max(0, min(start, end - budget))
+    start = start if widened == start else _next_word_start(text, widened, end)
+    end = _last_word_end(text, start, end)
+    lead = ELLIPSIS if text[:start].strip() else ""
+    tail = ELLIPSIS if text[end:].strip() else ""
+    return f"{lead}{text[start:end].strip()}{tail}"
+
+
+def _next_word_start(text: str, start: int, end: int) -> int:
+    """`start`, or past the word it cuts in half (unless that word fills the window)."""
+    cut = start
+    while 0 < cut < end and not text[cut - 1].isspace():
+        cut += 1
+    return cut if cut < end else start
+
+
+def _last_word_end(text: str, start: int, end: int) -> int:
+    """`end`, or back before the word it cuts in half (unless that word fills the window)."""
+    cut = end
+    while start < cut < len(text) and not text[cut].isspace():
+        cut -= 1
+    return cut if cut > start else end
 
 
 # --------------------------------------------------------------------------- lexical
@@ -450,7 +486,8 @@ def _render(chosen: list[_Candidate]) -> ExtractiveAnswer:
     ordered = sorted(chosen, key=lambda c: (c.n, c.position))
     text = " ".join(f"{_unmarked(c.text)} [{c.n}]" for c in ordered)
     cited = tuple(dict.fromkeys(c.n for c in ordered))
-    return ExtractiveAnswer(text=text, cited=cited)
+    quoted = {c.n: c.text for c in reversed(ordered)}  # reversed: the first sentence of each passage stays
+    return ExtractiveAnswer(text=text, cited=cited, quoted=quoted)
 
 
 def extractive_answer(

@@ -25,7 +25,7 @@ from guard import service as guard_service
 from ingestion import service as ingestion_service
 from ingestion.pipeline import chunk_context, sentences_context
 from retrieval import generation, sentence_vectors
-from retrieval.answer import Passage, extractive_answer
+from retrieval.answer import Passage, extractive_answer, quote_window
 from retrieval.embeddings import get_embedder
 from retrieval.schemas import Citation, QueryRequest, QueryResponse
 from retrieval.sentence_vectors import SentenceVectors
@@ -245,13 +245,15 @@ def _respond(query: QueryRequest, vector: list[float], opened: list[OpenedChunk]
                                min_relevance=settings.min_relevance)
     if answer is None:
         return _refusal(request_id, "no_relevant_content"), set()
-    citations = [_citation(n, opened[n - 1]) for n in answer.cited]
+    citations = [_citation(n, opened[n - 1], answer.quoted.get(n)) for n in answer.cited]
     return QueryResponse(answer=answer.text, citations=citations, refused=False, reason=None,
                          request_id=request_id), set(answer.cited)
 
 
-def _citation(n: int, chunk: OpenedChunk) -> Citation:
-    snippet = chunk.text if len(chunk.text) <= SNIPPET_CHARS else chunk.text[:SNIPPET_CHARS].rstrip() + "…"
+def _citation(n: int, chunk: OpenedChunk, quoted: str | None = None) -> Citation:
+    """Citation `n` of `chunk`; its snippet shows the sentence the answer `quoted` from it (a model's answer, which
+    paraphrases, shows the chunk's start)."""
+    snippet = quote_window(chunk.text, quoted, SNIPPET_CHARS)
     return Citation(n=n, document_id=chunk.document_id, chunk_id=chunk.chunk_id, title=chunk.title,
                     department=chunk.department, snippet=snippet, score=round(chunk.score, 4))
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Callable
 
 import pytest
 from fastapi.testclient import TestClient
 
+from retrieval.service import SNIPPET_CHARS
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
 
 FIN_DOC = """Travel and Expense Policy
@@ -126,3 +128,20 @@ def test_whole_numbers_and_true_booleans_are_still_taken(client: TestClient, des
                           json={"reversible": False, "recognizers": [{"entity": "STAFF_ID", "pattern": "S-[0-9]{5}",
                                                                       "score": 1}]})
     assert response.status_code == 200, response.text
+
+
+LONG_DOC = ("Office Handbook\n\n" + " ".join(
+    f"Paragraph filler sentence number {i} talks about general office matters and nothing specific." for i in range(8))
+    + " The bicycle storage room is on level minus two and opens at seven in the morning.\n")
+
+
+def test_each_citation_snippet_shows_the_sentence_it_backs(client: TestClient, desk: dict[str, str]) -> None:
+    """The snippet was the chunk's first 240 characters: the quoted sentence, near its end, was not in it."""
+    _ingest(client, desk["editor"], desk["ops"], "handbook.txt", LONG_DOC.encode())
+    body = client.post("/v1/query", headers=auth(desk["editor"]),
+                       json={"question": "Where is the bicycle storage room?", "departments": [desk["ops"]]}).json()
+    assert body["refused"] is False and "bicycle" in body["answer"], body
+    snippets = {c["n"]: c["snippet"] for c in body["citations"]}
+    for sentence, n in re.findall(r"(.+?) \[(\d+)\]\s*", body["answer"]):
+        assert sentence.strip() in snippets[int(n)], (sentence, snippets[int(n)])
+    assert all(len(snippet) <= SNIPPET_CHARS for snippet in snippets.values())

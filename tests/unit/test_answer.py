@@ -14,7 +14,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from retrieval.answer import ExtractiveAnswer, Passage, content_terms, extractive_answer, find_words, split_sentences
+from retrieval.answer import (
+    ExtractiveAnswer,
+    Passage,
+    content_terms,
+    extractive_answer,
+    find_words,
+    quote_window,
+    split_sentences,
+)
 from retrieval.embeddings import Embedder, get_embedder
 
 ANNUAL = (
@@ -223,3 +231,39 @@ def test_content_terms_of_scripts_without_spaces_are_character_bigrams() -> None
     assert content_terms("报销180欧元。") == {"报销", "180", "欧元"}
     assert content_terms("出張費は、税") == {"出張", "張費", "費は", "税"}
     assert content_terms("Hotel 酒店 costs") == {"hotel", "酒店", "cost"}
+
+
+FILLER = " ".join(f"Filler sentence {i} says nothing in particular about the office." for i in range(8))
+
+
+@pytest.mark.parametrize(("text", "sentence"), [
+    (FILLER + " The bicycle room opens at seven.", "The bicycle room opens at seven."),  # near the end
+    ("The bicycle room opens at seven. " + FILLER, "The bicycle room opens at seven."),  # at the start
+    (FILLER + " The bicycle room opens at seven. " + FILLER, "The bicycle room opens at seven."),  # in the middle
+    (FILLER, None),  # nothing quoted: the start
+    (FILLER, "A sentence the chunk does not hold."),
+])
+def test_a_quote_window_holds_the_sentence_on_word_boundaries(text: str, sentence: str | None) -> None:
+    window = quote_window(text, sentence, 120)
+    assert len(window) <= 120
+    core = window.removeprefix("…").removesuffix("…")
+    assert core in text and core == core.strip()
+    assert window.startswith("…") == (not text.startswith(core))
+    assert window.endswith("…") == (not text.endswith(core))
+    start = text.index(core)
+    assert start == 0 or text[start - 1].isspace()  # never a word cut in half
+    assert start + len(core) == len(text) or text[start + len(core)].isspace()
+    if sentence is not None and sentence in text:
+        assert sentence in core
+    else:
+        assert start == 0
+
+
+def test_a_quote_window_of_a_short_text_is_the_text() -> None:
+    assert quote_window("Short text.", "Short text.", 120) == "Short text."
+
+
+def test_a_sentence_longer_than_the_window_shows_its_start() -> None:
+    sentence = " ".join(["word"] * 60) + "."
+    window = quote_window("Lead in. " + sentence, sentence, 120)
+    assert window.startswith("…word word") and window.endswith("…") and len(window) <= 120
