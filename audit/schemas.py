@@ -63,7 +63,7 @@ class RetrievalRecord:
     request_id: str
     subject: str
     groups: list[str]
-    departments_requested: list[str]
+    departments_requested: list[str] | None  # None: none named (all the caller may read); []: named, none valid
     departments_searched: list[str]
     decision: Decision
     reason: str | None

@@ -179,7 +179,7 @@ class RetrievalEvent(Base):
     event_type: Mapped[str] = mapped_column(String(32), default="retrieval")
     subject: Mapped[str] = mapped_column(String(255), index=True)
     groups: Mapped[list[str]] = mapped_column(JSON, default=list)
-    departments_requested: Mapped[list[str]] = mapped_column(JSON, default=list)
+    departments_requested: Mapped[list[str] | None] = mapped_column(JSON, default=list)  # JSON null: none named
     departments_searched: Mapped[list[str]] = mapped_column(JSON, default=list)
     decision: Mapped[str] = mapped_column(String(32))  # audit.schemas.Decision
     reason: Mapped[str | None] = mapped_column(String(255), nullable=True)

@@ -144,7 +144,7 @@ def _audit_record(asked: _Asked, opened: list[OpenedChunk], outcome: generation.
     purpose = purpose_masked.result() if purpose_masked else None
     return RetrievalRecord(
         request_id=asked.request_id, subject=asked.identity.subject, groups=list(asked.identity.groups),
-        departments_requested=asked.requested or [], departments_searched=scope.departments,
+        departments_requested=asked.requested, departments_searched=scope.departments,
         policy_version=str(scope.policy_version), roles=scope.roles, decision=decision, reason=reason,
         guard_verdicts={**admission.verdicts, **(outcome.verdicts if outcome else {})},
         model_backend=outcome.backend if outcome else None, model_id=outcome.model_id if outcome else None,

@@ -9,7 +9,11 @@ from collections.abc import Callable
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
+from audit import service as audit_service
+from core.db import unit_of_work
+from core.models import RetrievalEvent
 from retrieval.service import SNIPPET_CHARS
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
 
@@ -145,3 +149,20 @@ def test_each_citation_snippet_shows_the_sentence_it_backs(client: TestClient, d
     for sentence, n in re.findall(r"(.+?) \[(\d+)\]\s*", body["answer"]):
         assert sentence.strip() in snippets[int(n)], (sentence, snippets[int(n)])
     assert all(len(snippet) <= SNIPPET_CHARS for snippet in snippets.values())
+
+
+def test_the_ledger_tells_no_departments_named_from_an_empty_list(client: TestClient, desk: dict[str, str],
+                                                                   settings) -> None:  # type: ignore[no-untyped-def]
+    """Both were stored as `departments_requested = []`: "search all I may read" and "search none" read the same."""
+    everything = client.post("/v1/query", headers=auth(desk["editor"]), json={"question": HOTEL}).json()
+    nothing = client.post("/v1/query", headers=auth(desk["editor"]), json={"question": HOTEL, "departments": []}).json()
+    assert everything["refused"] is False and nothing["reason"] == "no_authorised_departments"
+    assert _ledger_row(client, desk, everything["request_id"])["departments_requested"] is None
+    with unit_of_work(settings.resolved_database_url) as session:  # a row no department's officer sees: read directly
+        stored = session.scalars(select(RetrievalEvent.departments_requested)
+                                 .where(RetrievalEvent.request_id == nothing["request_id"])).one()
+    assert stored == []
+    with unit_of_work(settings.resolved_database_url) as session:
+        assert audit_service.verify(session=session, settings=settings).ok
+    csv_export = client.get("/v1/audit/retrievals", params={"format": "csv"}, headers=auth(desk["compliance"]))
+    assert csv_export.status_code == 200, csv_export.text
