@@ -9,7 +9,7 @@ from typing import Any
 from guard.normalise import strip_invisible
 from guard.pii import get_redactor
 
-PLACEHOLDER = re.compile(r"^<[A-Z_]+_\d+>$")
+PLACEHOLDER = re.compile(r"^<[A-Z_]+_\d+(?:·\d+)?>$")  # `·n`: qualified by its citation (retrieval.prompting)
 SHINGLE_WORDS = 8
 _CITATION = re.compile(r"\[\d+\]")
 _WORD = re.compile(r"[a-z0-9']+")

@@ -28,6 +28,7 @@ WITHHELD_TEXT = "The answer was withheld by the output guard."
 class ChunkLike(Protocol):
     """What generation needs of an opened chunk (retrieval.service.OpenedChunk)."""
 
+    document_id: str
     department: str
     title: str
     text: str
@@ -103,6 +104,8 @@ def respond(*, session: Session, settings: Settings, question: str, chunks: Sequ
         result.verdicts["model"] = {"called": False, "reason": "no_authorised_relevant_content"}
     if not result.response.refused and "output" not in result.verdicts:
         _guard_output(session, settings, chunks, departments, result)
+    answer = prompting.qualify_placeholders(result.response.answer, [c.document_id for c in chunks])
+    result.response = result.response.model_copy(update={"answer": answer})
     return result
 
 

@@ -166,3 +166,25 @@ def test_the_ledger_tells_no_departments_named_from_an_empty_list(client: TestCl
         assert audit_service.verify(session=session, settings=settings).ok
     csv_export = client.get("/v1/audit/retrievals", params={"format": "csv"}, headers=auth(desk["compliance"]))
     assert csv_export.status_code == 200, csv_export.text
+
+
+def test_one_answer_does_not_give_two_people_the_same_placeholder(client: TestClient, desk: dict[str, str],
+                                                                  issue_token: Callable[..., str]) -> None:
+    """Placeholders are numbered per document: an answer quoting two documents showed two different people as
+    <PERSON_1>, reading as if one person did both. Each is now qualified by its document's citation number."""
+    board = f"board{uuid.uuid4().hex[:6]}"
+    assert client.post("/v1/admin/departments", json={"name": board}, headers=auth(desk["admin"])).status_code == 201
+    assert client.post("/v1/admin/role-assignments", headers=auth(desk["admin"]),
+                       json={"subject": "qr-ed", "role": "editor", "department": board}).status_code == 201
+    _ingest(client, desk["editor"], board, "march.txt",
+            b"Budget committee minutes. Maria Gonzalez chaired the budget committee and approved the travel budget.")
+    _ingest(client, desk["editor"], board, "april.txt",
+            b"Audit committee minutes. The audit committee was led by John Smith, who signed off the annual accounts.")
+    body = client.post("/v1/query", headers=auth(desk["editor"]), json={
+        "question": "Who led the budget committee and the audit committee?", "departments": [board]}).json()
+    assert body["refused"] is False and len({c["document_id"] for c in body["citations"]}) == 2, body
+    placeholders = re.findall(r"<PERSON_\d+(?:·\d+)?>", body["answer"])
+    assert len(placeholders) == 2 and len(set(placeholders)) == 2, body["answer"]
+    for sentence, n in re.findall(r"(.+?) \[(\d+)\]\s*", body["answer"]):
+        if "<PERSON" in sentence:  # the qualifier is the citation the sentence carries
+            assert f"·{n}>" in sentence, body["answer"]

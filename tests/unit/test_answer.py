@@ -24,6 +24,7 @@ from retrieval.answer import (
     split_sentences,
 )
 from retrieval.embeddings import Embedder, get_embedder
+from retrieval.prompting import qualify_placeholders
 
 ANNUAL = (
     "# Annual leave\n"
@@ -267,3 +268,16 @@ def test_a_sentence_longer_than_the_window_shows_its_start() -> None:
     sentence = " ".join(["word"] * 60) + "."
     window = quote_window("Lead in. " + sentence, sentence, 120)
     assert window.startswith("…word word") and window.endswith("…") and len(window) <= 120
+
+
+@pytest.mark.parametrize(("answer", "documents", "expected"), [
+    ("<PERSON_1> chaired it. [1] <PERSON_1> led it. [2]", ["a", "b"],
+     "<PERSON_1·1> chaired it. [1] <PERSON_1·2> led it. [2]"),
+    ("<PERSON_1> chaired it. [1] <PERSON_1> led it. [2]", ["a", "a"],  # one document: one numbering, left alone
+     "<PERSON_1> chaired it. [1] <PERSON_1> led it. [2]"),
+    ("<PERSON_1> chaired it. [3] <EMAIL_ADDRESS_2> wrote. [2] <PERSON_1> led it. [1]", ["a", "b", "a"],
+     "<PERSON_1·3> chaired it. [3] <EMAIL_ADDRESS_2·2> wrote. [2] <PERSON_1·3> led it. [1]"),  # its first citation
+])
+def test_placeholders_are_qualified_by_their_documents_citation(answer: str, documents: list[str],
+                                                                 expected: str) -> None:
+    assert qualify_placeholders(answer, documents) == expected
