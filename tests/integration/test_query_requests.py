@@ -16,6 +16,7 @@ from core.db import unit_of_work
 from core.models import RetrievalEvent
 from retrieval.service import SNIPPET_CHARS
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
+from tests.integration.test_guardrails import StubModel
 
 FIN_DOC = """Travel and Expense Policy
 
@@ -168,23 +169,62 @@ def test_the_ledger_tells_no_departments_named_from_an_empty_list(client: TestCl
     assert csv_export.status_code == 200, csv_export.text
 
 
+
+@pytest.fixture(scope="module")
+def board(client: TestClient, desk: dict[str, str]) -> str:
+    """A department whose two minutes name different people, each `<PERSON_1>` in its own document."""
+    name = f"board{uuid.uuid4().hex[:6]}"
+    assert client.post("/v1/admin/departments", json={"name": name}, headers=auth(desk["admin"])).status_code == 201
+    assert client.post("/v1/admin/role-assignments", headers=auth(desk["admin"]),
+                       json={"subject": "qr-ed", "role": "editor", "department": name}).status_code == 201
+    _ingest(client, desk["editor"], name, "march.txt",
+            b"Budget committee minutes. Maria Gonzalez chaired the budget committee and approved the travel budget.")
+    _ingest(client, desk["editor"], name, "april.txt",
+            b"Audit committee minutes. The audit committee was led by John Smith, who signed off the annual accounts.")
+    return name
+
+
+BOARD_QUESTION = "Who led the budget committee and the audit committee?"
+
+
+def _assert_two_people(body: dict[str, object]) -> None:
+    assert body["refused"] is False and len({c["document_id"] for c in body["citations"]}) == 2, body
+    answer = str(body["answer"])
+    placeholders = re.findall(r"<PERSON_\d+(?:·\d+)?>", answer)
+    assert len(placeholders) == 2 and len(set(placeholders)) == 2, answer
+    for sentence, n in re.findall(r"(.+?) \[(\d+)\]\.?\s*", answer):
+        if "<PERSON" in sentence:  # the qualifier is the citation the sentence carries
+            assert f"·{n}>" in sentence, answer
+
+
 def test_one_answer_does_not_give_two_people_the_same_placeholder(client: TestClient, desk: dict[str, str],
-                                                                  issue_token: Callable[..., str]) -> None:
+                                                                  board: str) -> None:
     """Placeholders are numbered per document: an answer quoting two documents showed two different people as
     <PERSON_1>, reading as if one person did both. Each is now qualified by its document's citation number."""
-    board = f"board{uuid.uuid4().hex[:6]}"
-    assert client.post("/v1/admin/departments", json={"name": board}, headers=auth(desk["admin"])).status_code == 201
-    assert client.post("/v1/admin/role-assignments", headers=auth(desk["admin"]),
-                       json={"subject": "qr-ed", "role": "editor", "department": board}).status_code == 201
-    _ingest(client, desk["editor"], board, "march.txt",
-            b"Budget committee minutes. Maria Gonzalez chaired the budget committee and approved the travel budget.")
-    _ingest(client, desk["editor"], board, "april.txt",
-            b"Audit committee minutes. The audit committee was led by John Smith, who signed off the annual accounts.")
-    body = client.post("/v1/query", headers=auth(desk["editor"]), json={
-        "question": "Who led the budget committee and the audit committee?", "departments": [board]}).json()
-    assert body["refused"] is False and len({c["document_id"] for c in body["citations"]}) == 2, body
-    placeholders = re.findall(r"<PERSON_\d+(?:·\d+)?>", body["answer"])
-    assert len(placeholders) == 2 and len(set(placeholders)) == 2, body["answer"]
-    for sentence, n in re.findall(r"(.+?) \[(\d+)\]\s*", body["answer"]):
-        if "<PERSON" in sentence:  # the qualifier is the citation the sentence carries
-            assert f"·{n}>" in sentence, body["answer"]
+    body = client.post("/v1/query", headers=auth(desk["editor"]),
+                       json={"question": BOARD_QUESTION, "departments": [board]}).json()
+    _assert_two_people(body)
+
+
+def _quote_each_person(messages: list[dict[str, str]]) -> str:
+    """A model that quotes, from each source, the sentence naming its person, with that source's citation."""
+    sources = re.findall(r'<source n="(\d+)"[^>]*>\n(.*?)\n</source>', messages[1]["content"], re.DOTALL)
+    return " ".join(f"{sentence.strip()} [{n}]." for n, text in sources
+                    for sentence in re.findall(r"[^.]*<PERSON_1>[^.]*(?=\.)", text))
+
+
+def test_a_generated_answer_does_not_give_two_people_the_same_placeholder(client: TestClient, desk: dict[str, str],
+                                                                          board: str) -> None:
+    stub = StubModel()
+    stub.reply = _quote_each_person
+    original = client.app.state.settings  # type: ignore[attr-defined]
+    client.app.state.settings = original.model_copy(update={  # type: ignore[attr-defined]
+        "answer_backend": "openai", "llm_base_url": stub.url, "llm_model": "stub"})
+    try:
+        body = client.post("/v1/query", headers=auth(desk["editor"]),
+                           json={"question": BOARD_QUESTION, "departments": [board]}).json()
+    finally:
+        client.app.state.settings = original  # type: ignore[attr-defined]
+        stub.server.shutdown()
+    assert stub.requests and "minutes" not in body["answer"], body  # the model's answer, not the extractive one
+    _assert_two_people(body)
