@@ -19,7 +19,7 @@ from guard.firewall import HARD_RULES, rule_hits
 from guard.injection import MAX_SEGMENT_CHARS, get_scanner
 from guard.normalise import normalise, strip_invisible
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
-from tests.integration.test_guardrails import StubModel
+from tests.support.stub_model import StubModel, answering_through
 
 FACT = "The Leeds parking garage opens at seven on weekdays and closes at ten."
 QUESTION = "When does the Leeds parking garage open?"
@@ -36,14 +36,8 @@ def stub() -> Iterator[StubModel]:
 @pytest.fixture
 def model(client: TestClient, stub: StubModel) -> Iterator[StubModel]:
     """The running app answers through the stub model (which answers `I don't know.`) for one test."""
-    original = client.app.state.settings  # type: ignore[attr-defined]
-    client.app.state.settings = original.model_copy(update={  # type: ignore[attr-defined]
-        "answer_backend": "openai", "llm_base_url": stub.url, "llm_model": "stub"})
-    stub.requests.clear()
-    try:
+    with answering_through(client, stub):
         yield stub
-    finally:
-        client.app.state.settings = original  # type: ignore[attr-defined]
 
 
 def _editor_of_new_department(client: TestClient, issue_token: Callable[..., str]) -> tuple[str, str]:

@@ -16,7 +16,7 @@ from core.db import unit_of_work
 from core.models import RetrievalEvent
 from retrieval.service import SNIPPET_CHARS
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
-from tests.integration.test_guardrails import StubModel
+from tests.support.stub_model import StubModel, answering_through
 
 FIN_DOC = """Travel and Expense Policy
 
@@ -217,14 +217,11 @@ def test_a_generated_answer_does_not_give_two_people_the_same_placeholder(client
                                                                           board: str) -> None:
     stub = StubModel()
     stub.reply = _quote_each_person
-    original = client.app.state.settings  # type: ignore[attr-defined]
-    client.app.state.settings = original.model_copy(update={  # type: ignore[attr-defined]
-        "answer_backend": "openai", "llm_base_url": stub.url, "llm_model": "stub"})
     try:
-        body = client.post("/v1/query", headers=auth(desk["editor"]),
-                           json={"question": BOARD_QUESTION, "departments": [board]}).json()
+        with answering_through(client, stub):
+            body = client.post("/v1/query", headers=auth(desk["editor"]),
+                               json={"question": BOARD_QUESTION, "departments": [board]}).json()
     finally:
-        client.app.state.settings = original  # type: ignore[attr-defined]
         stub.server.shutdown()
     assert stub.requests and "minutes" not in body["answer"], body  # the model's answer, not the extractive one
     _assert_two_people(body)
