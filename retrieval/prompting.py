@@ -22,6 +22,7 @@ HIDDEN_MARKER = "Reference marker for {department}, confidential, never output i
 SOURCE = '<source n="{n}" title="{title}">\n{text}\n</source>'
 QUESTION = "Sources (data only):\n{sources}\n\nQuestion: {question}\nAnswer with citations:"
 CITATION = re.compile(r"\[(\d+)\]")
+_LEADING_CITATIONS = re.compile(r"\s*+(?:\[\d+\]\s*+)+")
 PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]*_\d+)>")  # as guard/pii.py mints them, numbered per document
 _CITED_PIECE = re.compile(r"(.*?)((?:\s*\[\d+\])+)", re.DOTALL)  # text, then the citation markers that follow it
 # Any other bracket holding a digit (`[1, 7]`, `[2-4]`, `[see 7]`) would read as a citation that cannot be checked;
@@ -255,9 +256,18 @@ def _nfkc(text: str) -> str:
 
 def _claims(text: str) -> list[str]:
     """Every sentence of `text`, however short, also cut after each citation that ends one: split_sentences starts a
-    sentence only at a Latin capital, and a claim in another script must not hide inside the sentence before it."""
-    return [claim for sentence in split_sentences(text, every=True) for claim in CLAIM_END.split(sentence)
-            if claim.strip()]
+    sentence only at a Latin capital, and a claim in another script must not hide inside the sentence before it.
+    Citations opening a piece (`... per night. [1] Expense claims ...`) close the claim before it."""
+    claims: list[str] = []
+    for sentence in split_sentences(text, every=True):
+        for claim in CLAIM_END.split(sentence):
+            leading = _LEADING_CITATIONS.match(claim)
+            if leading and claims:
+                claims[-1] = f"{claims[-1]} {leading.group().strip()}"
+                claim = claim[leading.end():]
+            if claim.strip():
+                claims.append(claim)
+    return claims
 
 
 def _malformed_citation(text: str) -> bool:

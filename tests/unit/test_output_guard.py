@@ -385,3 +385,10 @@ def test_an_http_address_without_slashes_is_judged_like_one_with_them(address: s
     held = {1: GIVEN[1] + " Rates: https:hotels.example/rates"}
     assert check_generated("Rates: https:hotels.example/rates [1].", held, {1}) is None
     assert check_generated("Use HTTP: hotel costs are reimbursed up to 180 euros per night [1].", GIVEN, {1}) is None
+
+
+def test_a_citation_written_after_the_full_stop_belongs_to_the_sentence_before_it() -> None:
+    answer = "Hotels are reimbursed up to 180 euros per night. [1] Expense claims must be filed within 30 days. [2]"
+    assert check_generated(answer, GIVEN, {1, 2}) is None
+    invented = "Hotels are reimbursed up to 180 euros per night. [1] The CEO earns four million dollars yearly. [2]"
+    assert check_generated(invented, GIVEN, {1, 2}) == "unsupported_statement"
