@@ -399,7 +399,8 @@ def list_clearances(enforcer: PolicyEnforcer, department: str | None = None) -> 
 
 def _validate_assignment(session: Session, role: str, department: str) -> None:
     if not any(r == ROLE_PREFIX + role for _, r in repository.permission_rows(session)):
-        raise GovragError(ErrorCode.invalid_request, "unknown role; define it first (GET /v1/admin/roles lists them)")
+        raise GovragError(ErrorCode.invalid_request,
+                          "unknown role; a platform admin defines roles (PUT /v1/admin/roles/{name}) and lists them")
     require_department(session, department)
 
 

@@ -161,11 +161,12 @@ def unmap_group(body: GroupMappingKey, session: SessionDep, enforcer: EnforcerDe
 
 
 @router.post("/role-inheritance", status_code=status.HTTP_201_CREATED, response_model=RoleInheritance)
-def add_inheritance(body: RoleInheritance, session: SessionDep, enforcer: EnforcerDep, settings: SettingsDep,
-                    user: CurrentUser) -> RoleInheritance:
-    """Inside a department, holders of `role` also hold `inherits`."""
+def add_inheritance(body: RoleInheritance, response: Response, session: SessionDep, enforcer: EnforcerDep,
+                    settings: SettingsDep, user: CurrentUser) -> RoleInheritance:
+    """Inside a department, holders of `role` also hold `inherits` (200 when the link was already there)."""
     authz_service.require_manage(enforcer, user, body.department)
-    authz_service.add_inheritance(ctx=_change(session, enforcer, user, settings), link=body)
+    if not authz_service.add_inheritance(ctx=_change(session, enforcer, user, settings), link=body):
+        response.status_code = status.HTTP_200_OK
     return body
 
 

@@ -158,6 +158,7 @@ def test_role_hierarchy_per_department(client: TestClient, world: dict[str, Any]
     assert _seen(client, token, QUESTIONS[:1]) == set()
     link = {"role": f"auditor-{SUFFIX}", "inherits": "reader", "department": OPS}
     _post(client, admin, "/v1/admin/role-inheritance", link)
+    _post(client, admin, "/v1/admin/role-inheritance", link, status=200)  # already there: nothing created
     assert _seen(client, token, QUESTIONS[:1]) == {"open"}  # inherited read, in OPS only
     assert _seen(client, token, QUESTIONS[3:]) == set()
     inheritance = client.get("/v1/admin/role-inheritance", headers=auth(admin), params={"department": OPS}).json()
