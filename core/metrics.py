@@ -8,8 +8,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-QUERIES = Counter("govrag_queries_total", "Governed queries by decision (answered, refused, error)", ["decision"],
-                  registry=REGISTRY)
+QUERIES = Counter("govrag_queries_total",
+                  "Governed queries by the ledger's decision (answered, refused, blocked, withheld, error)",
+                  ["decision"], registry=REGISTRY)
 QUERY_LATENCY = Histogram("govrag_query_latency_seconds", "End-to-end governed query latency", registry=REGISTRY)
 AUTHZ_RECHECK_DROPS = Counter(
     "govrag_authz_recheck_drops_total",

@@ -80,10 +80,10 @@ def answer_query(*, session: Session, settings: Settings, enforcer: PolicyEnforc
         raise  # the client's 500 (`api.errors.crash_response`), or 503 for a dependency that is down
     response = outcome.response if outcome else _refusal(request_id, str(admission.blocked_reason),
                                                          guard_service.refusal_text(admission))
-    record = _audit_record(asked, opened, outcome, decision=_decision(response, admission, outcome),
-                           reason=response.reason)
+    decision = _decision(response, admission, outcome)
+    record = _audit_record(asked, opened, outcome, decision=decision, reason=response.reason)
     audit_service.record_retrieval(session=session, record=record, settings=settings)
-    metrics.QUERIES.labels(decision="refused" if response.refused else "answered").inc()
+    metrics.QUERIES.labels(decision=decision.value).inc()  # the ledger's decision
     metrics.QUERY_LATENCY.observe(time.perf_counter() - started)
     if admission.disabled:
         raise GovragError(ErrorCode.unavailable, guard_service.DISABLED_MESSAGE)

@@ -113,6 +113,7 @@ def test_firewall_blocks_an_injection_with_a_code_and_audits_it_masked(client: T
     assert "sam.g5@example.com" not in event.question_masked and event.chunks == []
     metrics = client.get("/metrics").text
     assert re.search(r'govrag_firewall_blocks_total\{department="g5sales"\} [1-9]', metrics)
+    assert re.search(r'govrag_queries_total\{decision="blocked"\} [1-9]', metrics)  # as the ledger says, not "refused"
 
 
 def test_department_admin_sets_flag_mode_and_the_question_goes_through(client: TestClient, world: dict,
