@@ -119,20 +119,35 @@ def with_title_pii(pii_counts: Mapping[str, int], title: str, kinds: Collection[
     return counts
 
 
-def cut_title(title: str, limit: int) -> str:
+def cut_title(title: str, limit: int, kinds: Collection[str]) -> str:
     """A redacted `title` within `limit` characters, never cut inside a placeholder, and ending with the placeholder
-    of each type only the part cut off held: with_title_pii reads the stored title, and a card number at the end of
-    a long file name must still raise the document."""
+    of each of `kinds` only the part cut off held: with_title_pii reads the stored title, and a card number at the
+    end of a long file name must still raise the document (an uploader's own `<WORDS>` are text, cut like it).
+    Each round keeps less of the title, so it ends."""
     if len(title) <= limit:
         return title
-    kinds = list(dict.fromkeys(match.group(0) for match in _TITLE_PLACEHOLDER.finditer(title)))
+    kinds = list(dict.fromkeys(match.group(0) for match in _TITLE_PLACEHOLDER.finditer(title)
+                               if match.group(1) in kinds))
     room = limit
-    while True:
+    while room > 0:
         head = _PARTIAL_PLACEHOLDER.sub("", title[:room]).rstrip()
-        tail = " ".join(kind for kind in kinds if kind not in head)
-        if not tail or len(head) + 3 + len(tail) <= limit or not head:
-            return f"{head} … {tail}".strip()[:limit] if tail else head
-        room = limit - 3 - len(tail)
+        tail = _whole_placeholders([kind for kind in kinds if kind not in head], limit - len(" … "))
+        if not tail:
+            return head
+        if len(head) + len(" … ") + len(tail) <= limit:
+            return f"{head} … {tail}".strip()
+        room = min(room - 1, limit - len(" … ") - len(tail))
+    return _whole_placeholders(kinds, limit)  # no word of the title fits beside the placeholders it holds
+
+
+def _whole_placeholders(placeholders: list[str], limit: int) -> str:
+    """The placeholders, space-separated, as many whole ones as fit in `limit` characters."""
+    kept: list[str] = []
+    for placeholder in placeholders:
+        if len(" ".join([*kept, placeholder])) > limit:
+            break
+        kept.append(placeholder)
+    return " ".join(kept)
 
 
 def _chunk_pii_counts(redacted_text: str, placeholders: Collection[str]) -> dict[str, int]:

@@ -21,7 +21,7 @@ from core.models import RETIRED, UNFINISHED, Document, DocumentStatus, Ingestion
 from core.settings import Settings
 from core.text import printable_name
 from guard.injection import get_scanner
-from guard.pii import get_redactor
+from guard.pii import REDACTED_ENTITIES, get_redactor
 from guard.pii_rules import RedactionRules
 from ingestion import formats, purge, quarantine, repository
 from ingestion.classify import cut_title
@@ -426,7 +426,8 @@ def _redacted_title(title: str, rules: RedactionRules, *, rules_only: bool = Fal
     if rules_only and not rules.recognizers:
         return title
     redacted = get_redactor().redact_title(title, rules, rules_only=rules_only) if title else ""
-    return cut_title(redacted.strip(), MAX_TITLE_CHARS) or "untitled"
+    kinds = [*REDACTED_ENTITIES, *rules.entities]  # the types with_title_pii counts (ingestion/pipeline.py)
+    return cut_title(redacted.strip(), MAX_TITLE_CHARS, kinds) or "untitled"
 
 
 def document_status(*, session: Session, can_see: Callable[[Document], bool],
