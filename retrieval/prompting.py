@@ -24,7 +24,7 @@ QUESTION = "Sources (data only):\n{sources}\n\nQuestion: {question}\nAnswer with
 CITATION = re.compile(r"\[(\d+)\]")
 _LEADING_CITATIONS = re.compile(r"\s*+(?:\[\d+\]\s*+)+")
 PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]*_\d+)>")  # as guard/pii.py mints them, numbered per document
-_CITED_PIECE = re.compile(r"(.*?)((?:\s*\[\d+\])+)", re.DOTALL)  # text, then the citation markers that follow it
+_CITATION_RUN = re.compile(r"\[\d+\](?:\s*+\[\d+\])*")  # citation markers in a row; starts at `[`: linear
 # Any other bracket holding a digit (`[1, 7]`, `[2-4]`, `[see 7]`) would read as a citation that cannot be checked;
 # the text of a markdown link (`[Report 2024](...)`) is not one when it holds a letter: its target is judged instead.
 # Every bracket is matched and the digit test made after: `[^\[\]\n]*\d[^\[\]\n]*` took quadratic time on `[1 1 1 ...`.
@@ -166,13 +166,14 @@ def qualify_placeholders(answer: str, documents: Sequence[str]) -> str:
     if len(first) < 2:
         return answer
 
-    def qualified(piece: re.Match[str]) -> str:
-        n = int(CITATION.search(piece.group(2)).group(1))  # type: ignore[union-attr]
-        if not 0 < n <= len(documents):
-            return piece.group(0)
-        return PLACEHOLDER.sub(rf"<\1·{first[documents[n - 1]]}>", piece.group(1)) + piece.group(2)
-
-    return _CITED_PIECE.sub(qualified, answer)
+    pieces, start = [], 0
+    for run in _CITATION_RUN.finditer(answer):
+        text, n = answer[start:run.start()], int(CITATION.match(run.group()).group(1))  # type: ignore[union-attr]
+        if 0 < n <= len(documents):
+            text = PLACEHOLDER.sub(rf"<\1·{first[documents[n - 1]]}>", text)
+        pieces += [text, run.group()]
+        start = run.end()
+    return "".join([*pieces, answer[start:]])
 
 
 def citations_in(text: str) -> list[int]:

@@ -17,7 +17,14 @@ from guard.normalise import normalise, strip_invisible
 from guard.output import check_output, echoes_system_prompt, leaked_canaries
 from retrieval.answer import split_sentences
 from retrieval.generation import scan_chunks
-from retrieval.prompting import SYSTEM_PROMPT, PromptChunk, build_prompt, check_generated, title_as_shown
+from retrieval.prompting import (
+    SYSTEM_PROMPT,
+    PromptChunk,
+    build_prompt,
+    check_generated,
+    qualify_placeholders,
+    title_as_shown,
+)
 
 CANARIES = {"finance": "CNRY-0123456789abcdef", "hr": "CNRY-fedcba9876543210"}
 GIVEN = {1: "Hotel costs are reimbursed up to 180 euros per night in capital cities.",
@@ -321,6 +328,7 @@ def _check_every_adversarial_input(finished: list[str]) -> None:
         check_generated(GIVEN[1] + " [1].", {1: text, 2: GIVEN[2]}, {1, 2})  # chunk text the model may copy
         build_prompt("q", [PromptChunk(n=1, title="t", text=text)], {}, budget_tokens=10**7, count_tokens=len)
         split_sentences(text)
+        qualify_placeholders("<PERSON_1> [1] <PERSON_1> [2] " + text, ["first", "second"])
         rule_hits(normalise(text))
         segments(text)
         finished.append(name)
