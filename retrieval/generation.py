@@ -69,19 +69,18 @@ def scan_chunks(chunks: Sequence[Any], settings: Settings) -> tuple[list[Any], l
 
 
 @functools.lru_cache(maxsize=4096)
-def _title_flagged(shown: str) -> bool:
+def _title_flagged(title: str) -> bool:
     """Whether the retrieved-text scanner flags a title as the prompt shows it (the same titles come back query after
-    query)."""
-    return get_scanner().scan(shown).flagged
+    query: cached on the stored title, so showing it is paid once too)."""
+    return get_scanner().scan(prompting.title_as_shown(title)).flagged
 
 
 def _neutralised_fields(chunk: Any) -> dict[str, str]:
     """The chunk's title and text that need neutralising, neutralised (text this very scanner passed at ingestion
     is not scored again). The title is judged, and neutralised, as the prompt shows it: on one line."""
     scanner, fields = get_scanner(), {}
-    shown = prompting.title_as_shown(chunk.title)
-    if _title_flagged(shown):
-        fields["title"] = scanner.neutralise(shown)
+    if _title_flagged(chunk.title):
+        fields["title"] = scanner.neutralise(prompting.title_as_shown(chunk.title))
     if getattr(chunk, "scanned_by", "") != scanner.version and scanner.scan(chunk.text).flagged:
         fields["text"] = scanner.neutralise(chunk.text)
     return fields
