@@ -21,7 +21,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from core import blobs
-from core.db import transaction_lock, unit_of_work
+from core.db import unit_of_work
 from core.errors import unavailable_dependency
 from core.keystore import keystore_for
 from core.models import Document, DocumentStatus, PendingPurge, utcnow
@@ -71,7 +71,7 @@ def retire_family(session: Session, settings: Settings, document: Document, stat
     (`purge_now`)."""
     below = repository.descendants(session, document.id)  # level by level: each e-mail before its attachments
     for child in below:
-        transaction_lock(session, f"document:{child.id}")
+        repository.lock_document(session, child.id)
         session.refresh(child)  # as a review or deletion that held its lock left it
     family = [document, *(child for child in below if child.status != DocumentStatus.deleted)]
     for target in family:

@@ -82,8 +82,7 @@ def quarantined_document(*, session: Session, document_id: str, can_see: Callabl
     admins approving and rejecting at once, the second finds it no longer quarantined. The locks of the e-mails an
     attachment was taken from are taken first, from the uploaded one down (purge.retire_family's order): a review
     of an attachment and a rejection or deletion of its e-mail also run one after the other."""
-    for line_id in repository.lineage(session, document_id):
-        transaction_lock(session, f"document:{line_id}")
+    repository.lock_lineage(session, document_id)
     document = repository.get_document(session, document_id)
     if document is None or document.status != DocumentStatus.quarantined or not can_see(document):
         raise GovragError(ErrorCode.not_found, "no such quarantined document")

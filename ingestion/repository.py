@@ -7,6 +7,7 @@ from datetime import datetime
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from core.db import transaction_lock
 from core.models import RETIRED, UNFINISHED, Document, DocumentStatus, IngestionJob, IngestionPolicy, utcnow
 
 IDS_PER_STATEMENT = 5_000  # ids bound in one IN list: PostgreSQL takes at most 65,535 parameters per statement
@@ -190,3 +191,17 @@ def lineage(session: Session, document_id: str) -> list[str]:
         line.append(current.parent_id)
         current = get_document(session, current.parent_id)
     return line[::-1]
+
+
+def lock_document(session: Session, document_id: str) -> None:
+    """Hold the document's lock (transaction_lock) until the transaction ends: its reviews, its deletion and an
+    e-mail taking its attachments run one after the other."""
+    transaction_lock(session, f"document:{document_id}")
+
+
+def lock_lineage(session: Session, document_id: str) -> list[str]:
+    """Lock every document from the uploaded e-mail down to this one (that order, everywhere); returns their ids."""
+    line = lineage(session, document_id)
+    for line_id in line:
+        lock_document(session, line_id)
+    return line

@@ -140,9 +140,7 @@ def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAcc
     deep, one too many) is kept as a failed child with the reason: nothing disappears without a trace.
     """
     with unit_of_work(settings.resolved_database_url) as session:
-        line = repository.lineage(session, document_id)
-        for line_id in line:  # a deletion of this e-mail or of one above it in flight commits first, or waits
-            transaction_lock(session, f"document:{line_id}")
+        line = repository.lock_lineage(session, document_id)  # a deletion above in flight commits first, or waits
         parent = repository.get_document(session, document_id)
         if (parent is None or parent.content_type not in formats.MAIL_TYPES
                 or parent.status not in (DocumentStatus.ready, DocumentStatus.quarantined)
@@ -508,7 +506,7 @@ def delete_document(*, session: Session, settings: Settings, document_id: str,
                     can_delete: Callable[[str], bool]) -> tuple[str, list[str]]:
     """Retire the document (an e-mail takes its attachments): keys shredded, purges owed. Returns its department
     and the ids to purge once the caller commits (ingestion/purge.py)."""
-    transaction_lock(session, f"document:{document_id}")
+    repository.lock_document(session, document_id)
     document = repository.get_document(session, document_id)
     if document is None or document.status == DocumentStatus.deleted or not can_delete(document.department):
         raise GovragError(ErrorCode.not_found, "no such document")
