@@ -15,13 +15,15 @@ ATTACK, BENIGN, HARMFUL = 1, 0, 2
 
 @dataclass(frozen=True)
 class Row:
-    """One prompt: its text, its label (attack / benign / harmful request), source, category and split."""
+    """One prompt: its text, its label (attack / benign / harmful request), source, category and split; `goal`: the
+    harmful behaviour a JailbreakBench row pursues (its attack's goal, or a behaviour's own text), else empty."""
 
     text: str
     label: int
     source: str
     category: str
     split: str
+    goal: str = ""
 
 
 def _jsonl(path: Path) -> Iterator[dict[str, object]]:
@@ -31,16 +33,17 @@ def _jsonl(path: Path) -> Iterator[dict[str, object]]:
                 yield json.loads(line)
 
 
-def _row(text: str, label: int, source: str, category: str, split: str | None = None) -> Row:
-    return Row(text=text, label=label, source=source, category=category, split=split or split_of(text))
+def _row(text: str, label: int, source: str, category: str, split: str | None = None, goal: str = "") -> Row:
+    return Row(text=text, label=label, source=source, category=category, split=split or split_of(text), goal=goal)
 
 
 def _jailbreakbench() -> Iterator[Row]:
     folder = EVAL_DIR / "jailbreakbench_artifacts"
     for item in _jsonl(folder / "jbb_attack_prompts.jsonl"):
-        yield _row(str(item["text"]), ATTACK, "jailbreakbench", f"jailbreak/{item['method']}")
+        yield _row(str(item["text"]), ATTACK, "jailbreakbench", f"jailbreak/{item['method']}", goal=str(item["goal"]))
     for item in _jsonl(folder / "jbb_harmful_behaviors.jsonl"):
-        yield _row(str(item["goal"]), HARMFUL, "jbb_behaviors", f"harmful/{item['category']}")
+        goal = str(item["goal"])
+        yield _row(goal, HARMFUL, "jbb_behaviors", f"harmful/{item['category']}", goal=goal)
 
 
 def _pallms() -> Iterator[Row]:

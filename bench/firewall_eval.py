@@ -1,7 +1,8 @@
 """Prompt-firewall figures on the EVAL split of ../shared/eval (the weights never saw these rows).
 
 Prints: ROC-AUC (attacks vs pooled benign), TPR at the threshold giving <= 1% FPR on the pooled benign eval rows,
-the same at the shipped threshold (fixed on train), per source and category, harmful requests separately, the
+the same at the shipped threshold (fixed on train), per source and category (and JailbreakBench attacks by whether
+their goal is one a train row names: those goals are in the harmful bank), harmful requests separately, the
 retrieved-text scanner on BIPIA documents by injection position, and latency per prompt: the firewall's own cost
 given the question's sentence embedding (what it adds to the query path, which embeds the question for retrieval
 anyway) and, apart, the cost of that embedding.
@@ -15,6 +16,7 @@ import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from operator import attrgetter
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -25,10 +27,14 @@ from guard.firewall import FirewallModel, get_firewall, question_vectors
 from guard.injection import get_scanner
 
 
-def _grouped(rows: list[Row], detected: np.ndarray, key: str) -> dict[str, tuple[int, int]]:
+def _grouped(rows: list[Row], detected: np.ndarray, key: str | Callable[[Row], str]) -> dict[str, tuple[int, int]]:
+    """(hits, total) per group: the rows' `key` attribute, or what `key(row)` names (rows it names "" are left out)."""
+    name_of = key if callable(key) else attrgetter(key)
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for row, hit in zip(rows, detected, strict=True):
-        name = getattr(row, key)
+        name = name_of(row)
+        if not name:
+            continue
         groups[name][0] += int(hit)
         groups[name][1] += 1
     return {name: (hits, total) for name, (hits, total) in sorted(groups.items())}
@@ -45,6 +51,7 @@ def _prompts(model: FirewallModel) -> None:
     texts = [r.text for r in rows]
     scores, _ = model.scores(texts, question_vectors(texts) if model.uses_embedding else None)
     labels = np.array([r.label for r in rows])
+    train_goals = {r.goal for r in prompt_rows() if r.split == "train" and r.goal}
     attack, benign, harmful = labels == ATTACK, labels == BENIGN, labels == HARMFUL
     auc = roc_auc_score(attack[attack | benign], scores[attack | benign])
     at_fpr = threshold_at_fpr(scores[benign])
@@ -58,10 +65,19 @@ def _prompts(model: FirewallModel) -> None:
         attack_rows = [r for r in rows if r.label == ATTACK]
         _print_groups(" attacks detected, by source:", _grouped(attack_rows, detected[attack], "source"))
         _print_groups(" attacks detected, by category:", _grouped(attack_rows, detected[attack], "category"))
+        by_goal = _grouped(attack_rows, detected[attack], lambda row: _goal_seen(row, train_goals))
+        _print_groups(" JailbreakBench attacks, by whether a train row names their goal (the harmful bank holds "
+                      "those goals):", by_goal)
         _print_groups(" benign false positives, by source:",
                       _grouped([r for r in rows if r.label == BENIGN], detected[benign], "source"))
         _print_groups(" harmful requests (not injections) flagged, by source:",
                       _grouped([r for r in rows if r.label == HARMFUL], detected[harmful], "source"))
+
+
+def _goal_seen(row: Row, train_goals: set[str]) -> str:
+    if not row.goal:
+        return ""
+    return "goal named by a train row" if row.goal in train_goals else "goal no train row names"
 
 
 def _documents() -> None:

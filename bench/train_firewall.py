@@ -11,6 +11,8 @@ its C and threshold pool the out-of-fold scores of several fold shufflings (FIRE
 The firewall's model also weighs each question's all-MiniLM-L6-v2 embedding (the packaged model, as the query path
 computes it for retrieval), one more block of columns in the same logistic regression, and the question's nearest
 similarity to three banks of train examples (harmful requests, attacks, benign prompts), kept in the weights file.
+The harmful bank holds the train harmful requests and the goals the train attacks name (JailbreakBench records the
+behaviour each attack pursues); in each out-of-fold run only the goals of that fold's training rows.
 A small gradient-boosted tree ensemble over the regression's out-of-fold logit, bank similarities and rule/shape
 features is blended with it (BOOSTER_PARAMS; stored as plain arrays, scored in numpy by guard.firewall.Booster).
 Banks hold only rows whose licence allows shipping them (SHAREABLE_SOURCES: MIT and ODC-BY, never AlpacaEval); in
@@ -70,6 +72,12 @@ EMBEDDING_NOTE = ("hashed char/word n-grams and rule/shape features of the norma
 # nearest of a bank as regression columns (0.927-0.935), nor a second logistic regression over the booster's inputs
 # (with or without the embedding: 0.932-0.934), nor RBF similarities to every bank example as regression columns
 # (0.932).
+# Kept (session 15): the goals named by the training rows' JailbreakBench attacks join the harmful bank (93 goals
+# beside the 37 train harmful requests). JailbreakBench pursues 100 behaviours with five methods each, so a PAIR
+# scenario often pursues a goal whose GCG or DSN prompt is a train row; its nearest harmful similarity then finds
+# that goal. Pooled out-of-fold TPR, measured on the same machine: regression alone 0.934 -> 0.941, with the booster
+# 0.940 -> 0.948 (every fold seed up). bench/firewall_eval.py also reports the eval attacks on goals no train row
+# names, apart.
 # Also rejected, each scored against 0.9409 with the same pooled out-of-fold TPR (C=256, the booster at 1% FPR):
 # - PAIR-style framing counts from regexes (role/scenario, "purely hypothetical"/"for educational purposes" style
 #   disclaimers, "your task is", a harmful-topic lexicon, and role x harm and disclaimer x harm products) as
@@ -97,18 +105,23 @@ BANK_ATTRIBUTION = ("benign bank: WildGuardMix (WildGuardTest benign rows via In
 
 @dataclass(frozen=True)
 class BankSource:
-    """What the firewall's example banks are drawn from: the harmful-request vectors, and for each training row its
-    vector, label and whether its source may ship."""
+    """What the firewall's example banks are drawn from: the harmful-request vectors; for each training row its
+    vector, label, whether its source may ship, and the harmful goal it pursues (`goal_of`: an index into `goals`,
+    the vectors of the goals the training rows name that are no harmful request already; -1 for none)."""
 
     harmful: np.ndarray
     vectors: np.ndarray
     labels: np.ndarray
     shareable: np.ndarray
+    goals: np.ndarray
+    goal_of: np.ndarray
 
     def banks(self, rows: np.ndarray) -> ExampleBanks:
-        """Banks from the training rows `rows` (indices) only."""
+        """Banks from the training rows `rows` (indices) only: the harmful bank adds the goals those rows name."""
         keep = rows[self.shareable[rows]]
-        return ExampleBanks.stored(harmful=self.harmful, attacks=self.vectors[keep[self.labels[keep] == 1]],
+        named = np.unique(self.goal_of[keep][self.goal_of[keep] >= 0])
+        return ExampleBanks.stored(harmful=np.vstack([self.harmful, self.goals[named]]),
+                                   attacks=self.vectors[keep[self.labels[keep] == 1]],
                                    benign=self.vectors[keep[self.labels[keep] == 0]])
 
     def columns(self, banks: ExampleBanks, rows: np.ndarray, seen: bool) -> sparse.csr_matrix:
@@ -361,6 +374,7 @@ class FirewallData:
     labels: np.ndarray
     counted: np.ndarray
     shareable: np.ndarray
+    goals: list[str]
 
 
 def _firewall_data(rows: list[Row]) -> FirewallData:
@@ -377,12 +391,18 @@ def _firewall_data(rows: list[Row]) -> FirewallData:
         questions=[r.text for r in rows] + code_attacks + code_questions,
         labels=np.array([r.label for r in rows] + [ATTACK] * len(code_attacks) + [BENIGN] * len(code_questions)),
         counted=np.array([True] * len(rows) + [False] * added),
-        shareable=np.array([r.source in SHAREABLE_SOURCES for r in rows] + [False] * added))
+        shareable=np.array([r.source in SHAREABLE_SOURCES for r in rows] + [False] * added),
+        goals=[r.goal for r in rows] + [""] * added)
 
 
 def _bank_source(data: FirewallData, vectors: np.ndarray, train_rows: list[Row]) -> BankSource:
     harmful = [r.text for r in train_rows if r.label == HARMFUL and r.source in SHAREABLE_SOURCES]
-    return BankSource(harmful=question_vectors(harmful), vectors=vectors, labels=data.labels, shareable=data.shareable)
+    named = sorted({goal for goal, shareable in zip(data.goals, data.shareable, strict=True) if goal and shareable}
+                   - set(harmful))
+    index = {goal: at for at, goal in enumerate(named)}
+    goals = question_vectors(named) if named else np.zeros((0, vectors.shape[1]), dtype=np.float32)
+    return BankSource(harmful=question_vectors(harmful), vectors=vectors, labels=data.labels, shareable=data.shareable,
+                      goals=goals, goal_of=np.array([index.get(goal, -1) for goal in data.goals]))
 
 
 def main(argv: list[str] | None = None) -> int:
