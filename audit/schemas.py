@@ -15,7 +15,7 @@ class Decision(StrEnum):
     refused = "refused"
     blocked = "blocked"  # a guard (firewall, output guard, kill switch) stopped it
     withheld = "withheld"  # an answer was produced but not released (e.g. PII resurfaced)
-    error = "error"  # the query failed after its admission; `reason` names the failure's class, nothing returned
+    error = "error"  # the query failed (an unexpected exception, any stage); `reason` names its class, nothing returned
     admin = "admin"  # admin events (role changes, kill switch, exports, ...)
 
 

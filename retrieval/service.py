@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -17,11 +18,13 @@ from authz.enforcer import PolicyEnforcer
 from authz.identity import Identity
 from core import crypto, metrics, timing
 from core.batching import MicroBatcher
-from core.errors import ErrorCode, GovragError
+from core.errors import ErrorCode, GovragError, unavailable_dependency
 from core.keystore import keystore_for
+from core.logs import exception_frames
 from core.models import Document
 from core.settings import Settings
 from guard import service as guard_service
+from guard.schemas import KillMode
 from ingestion import service as ingestion_service
 from ingestion.pipeline import chunk_context, sentences_context
 from retrieval import generation, sentence_vectors
@@ -37,6 +40,8 @@ REFUSAL_TEXT = "I can't answer that from documents you are allowed to see."
 WITHHELD_TITLE = "(title withheld)"
 SNIPPET_CHARS = 240
 PURPOSE_COLUMN_CHARS = 255  # placeholders may make a masked purpose longer than the 200 characters asked
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,62 +61,81 @@ class OpenedChunk:
 def answer_query(*, session: Session, settings: Settings, enforcer: PolicyEnforcer, identity: Identity,
                  query: QueryRequest, request_id: str) -> QueryResponse:
     """Answer from what the caller may see, audit the decision, then return it."""
-    started = time.perf_counter()
-    # The question is embedded (for the firewall and the search) and masked (for the audit record), and the purpose
-    # masked too, in background threads, batched with concurrent queries, while the policy is read: the ONNX run
-    # and the database round trip release the GIL.
-    embedding = _question_embedder(settings.embedding_backend).submit(query.question)
-    masking = audit_service.question_masker.submit(query.question)
-    purpose_masking = audit_service.question_masker.submit(query.purpose) if query.purpose else None
-    requested = query.department_names()
-    scope = authz_service.read_scope(session=session, enforcer=enforcer, identity=identity, requested=requested)
-    with timing.stage("embed"):
-        vector = embedding.result()
-    admission = guard_service.admit(session=session, settings=settings, question=query.question, vector=vector,
-                                    departments=scope.departments)  # kill switch and prompt firewall
-    asked = _Asked(request_id=request_id, identity=identity, requested=requested, scope=scope, admission=admission,
-                   question_masked=masking, purpose_masked=purpose_masking, started=started)
+    asked = _Asked(request_id=request_id, identity=identity, requested=query.department_names(),
+                   started=time.perf_counter())
     opened: list[OpenedChunk] = []  # filled as chunks are decrypted: a failure after that still records them
     try:
-        outcome = (_answer(session, settings, enforcer, identity, query, vector, request_id, scope, admission, opened)
-                   if admission.blocked_reason is None else None)
-    except Exception as exc:
+        response, record = _decide(session, settings, enforcer, query, asked, opened)
+    except Exception as exc:  # any stage up to the record's: the ledger's own failure below is no query's error
         _record_failure(session, settings, asked, opened, exc)
         raise  # the client's 500 (`api.errors.crash_response`), or 503 for a dependency that is down
-    response = outcome.response if outcome else _refusal(request_id, str(admission.blocked_reason),
-                                                         guard_service.refusal_text(admission))
-    decision = _decision(response, admission, outcome)
-    record = _audit_record(asked, opened, outcome, decision=decision, reason=response.reason)
     audit_service.record_retrieval(session=session, record=record, settings=settings)
-    metrics.QUERIES.labels(decision=decision.value).inc()  # the ledger's decision
-    metrics.QUERY_LATENCY.observe(time.perf_counter() - started)
-    if admission.disabled:
+    metrics.QUERIES.labels(decision=record.decision.value).inc()  # the ledger's decision
+    metrics.QUERY_LATENCY.observe(time.perf_counter() - asked.started)
+    if record.kill_switch_mode == KillMode.disabled.value:  # recorded as `blocked`, then the kill switch's 503
         raise GovragError(ErrorCode.unavailable, guard_service.DISABLED_MESSAGE)
     return response
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Asked:
-    """What the ledger keeps of a query whatever becomes of it: who asked what, and the scope it was given."""
+    """What the ledger keeps of a query whatever becomes of it: who asked what, and, as each stage gives them, the
+    masked question and purpose, the scope and the admission."""
 
     request_id: str
     identity: Identity
     requested: list[str] | None
-    scope: authz_service.ReadScope
-    admission: guard_service.Admission
-    question_masked: Future[str]
-    purpose_masked: Future[str] | None
     started: float
+    question_masked: Future[str] | None = None
+    purpose_masked: Future[str] | None = None
+    scope: authz_service.ReadScope | None = None
+    admission: guard_service.Admission | None = None
+
+
+def _decide(session: Session, settings: Settings, enforcer: PolicyEnforcer, query: QueryRequest, asked: _Asked,
+            opened: list[OpenedChunk]) -> tuple[QueryResponse, RetrievalRecord]:
+    """Scope, admission, then the answer: what the caller gets and what the ledger is to record of it."""
+    # The question is masked (for the audit record), the purpose too, and the question embedded (for the firewall and
+    # the search), in background threads, batched with concurrent queries, while the policy is read: the ONNX run and
+    # the database round trip release the GIL.
+    asked.question_masked = audit_service.question_masker.submit(query.question)
+    asked.purpose_masked = audit_service.question_masker.submit(query.purpose) if query.purpose else None
+    embedding = _question_embedder(settings.embedding_backend).submit(query.question)
+    scope = asked.scope = authz_service.read_scope(session=session, enforcer=enforcer, identity=asked.identity,
+                                                   requested=asked.requested)
+    with timing.stage("embed"):
+        vector = embedding.result()
+    admission = asked.admission = guard_service.admit(
+        session=session, settings=settings, question=query.question, vector=vector,
+        departments=scope.departments)  # kill switch and prompt firewall
+    outcome = (_answer(session, settings, enforcer, asked.identity, query, vector, asked.request_id, scope, admission,
+                       opened)
+               if admission.blocked_reason is None else None)
+    response = outcome.response if outcome else _refusal(asked.request_id, str(admission.blocked_reason),
+                                                         guard_service.refusal_text(admission))
+    record = _audit_record(asked, opened, outcome, decision=_decision(response, admission, outcome),
+                           reason=response.reason)
+    return response, record
 
 
 def _record_failure(session: Session, settings: Settings, asked: _Asked, opened: list[OpenedChunk],
                     failure: Exception) -> None:
-    """A query that failed after its admission is still a retrieval event: recorded as `error` with the chunks it
-    had opened and the failure's class name (never its message, which may quote a question or a chunk). If this
-    write fails too, the ledger's `unavailable` (503) replaces the failure: nothing leaves unrecorded."""
+    """A query that failed at any stage (the policy read, the embedding, the firewall, the search, decryption, the
+    answer, the masking) is still a retrieval event: recorded as `error` with what it had got to (scope, chunks
+    opened) and the failure's class name (never its message, which may quote a question or a chunk); the caller then
+    re-raises `failure`. If this write fails too, an outage's own 503 stands (the database down is said as such,
+    with its Retry-After); any other failure gives way to the ledger's `unavailable` (503: no row, no answer) and
+    is logged here, its class and frames, so it is not lost."""
     session.rollback()  # a statement that failed leaves the transaction unusable for the append
     record = _audit_record(asked, opened, None, decision=Decision.error, reason=type(failure).__name__)
-    audit_service.record_retrieval(session=session, record=record, settings=settings)
+    try:
+        audit_service.record_retrieval(session=session, record=record, settings=settings)
+    except GovragError:
+        if unavailable_dependency(failure) is not None:
+            return  # re-raised by the caller
+        logger.error("query failed with %s and its ledger row could not be written\n%s", type(failure).__name__,
+                     exception_frames(failure))
+        raise
     metrics.QUERIES.labels(decision=Decision.error.value).inc()
 
 
@@ -138,23 +162,35 @@ def _answer(session: Session, settings: Settings, enforcer: PolicyEnforcer, iden
 
 def _audit_record(asked: _Asked, opened: list[OpenedChunk], outcome: generation.Generation | None, *,
                   decision: Decision, reason: str | None) -> RetrievalRecord:
-    """What the ledger keeps of this decision: ids, hashes and verdicts; the question and purpose only masked."""
+    """What the ledger keeps of this decision: ids, hashes and verdicts; the question and purpose only masked. An
+    `error` keeps what the query had got to: no scope or admission if it failed before them."""
     cited = outcome.cited if outcome else set()
-    scope, admission, purpose_masked = asked.scope, asked.admission, asked.purpose_masked
-    purpose = purpose_masked.result() if purpose_masked else None
+    scope, admission = asked.scope, asked.admission
+    failed = decision is Decision.error
+    purpose = _masked(asked.purpose_masked, failed=failed)
     return RetrievalRecord(
         request_id=asked.request_id, subject=asked.identity.subject, groups=list(asked.identity.groups),
-        departments_requested=asked.requested, departments_searched=scope.departments,
-        policy_version=str(scope.policy_version), roles=scope.roles, decision=decision, reason=reason,
-        guard_verdicts={**admission.verdicts, **(outcome.verdicts if outcome else {})},
+        departments_requested=asked.requested, departments_searched=scope.departments if scope else [],
+        policy_version=str(scope.policy_version) if scope else None, roles=scope.roles if scope else [],
+        decision=decision, reason=reason,
+        guard_verdicts={**(admission.verdicts if admission else {}), **(outcome.verdicts if outcome else {})},
         model_backend=outcome.backend if outcome else None, model_id=outcome.model_id if outcome else None,
-        kill_switch_mode=admission.kill_mode.value,
-        question_masked=asked.question_masked.result(), purpose=purpose and purpose[:PURPOSE_COLUMN_CHARS],
+        kill_switch_mode=admission.kill_mode.value if admission else None,
+        question_masked=_masked(asked.question_masked, failed=failed) or "",
+        purpose=purpose and purpose[:PURPOSE_COLUMN_CHARS],
         latency_ms=round((time.perf_counter() - asked.started) * 1000, 2),
         chunks=[{"document_id": c.document_id, "chunk_id": c.chunk_id, "score": round(c.score, 4),
                  "cited": i + 1 in cited, "content_sha256": hashlib.sha256(c.text.encode()).hexdigest()}
                 for i, c in enumerate(opened)],
     )
+
+
+def _masked(masking: Future[str] | None, *, failed: bool) -> str | None:
+    """A masking's result. A failed query's record keeps nothing (None) where the masking was never started or
+    itself failed, never the raw text; any other record fails with it (and is then recorded as an `error`)."""
+    if masking is None or (failed and masking.exception() is not None):
+        return None
+    return masking.result()
 
 
 def _decision(response: QueryResponse, admission: guard_service.Admission,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,8 +14,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from audit import service as audit_service
+from authz import service as authz_service
+from core.batching import MicroBatcher
 from core.db import unit_of_work
+from guard import service as guard_service
 from retrieval import generation
+from retrieval import service as retrieval_service
 from retrieval.store import open_vector_store
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
 
@@ -300,6 +305,79 @@ def test_a_failed_query_whose_error_row_cannot_be_written_is_unavailable(
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "unavailable"
     assert "exploded" not in response.text and "Gonzalez" not in response.text
+
+
+def _explode(*_args: object, **_kwargs: object) -> None:
+    raise RuntimeError(FAULT)
+
+
+# Fault injection before admission: the policy read, the question's embedding (in the batcher's thread), the prompt
+# firewall. (module, attribute, departments searched when it fails)
+BEFORE_ADMISSION = {
+    "policy": (authz_service, "read_scope", []),
+    "embedder": (retrieval_service, "get_embedder", ["hr"]),
+    "firewall": (guard_service, "get_firewall", ["hr"]),
+}
+
+
+def _error_row(client: TestClient, world: dict, request_id: str) -> tuple[dict[str, object], str]:
+    """The one ledger row of `request_id` (it must be `error`), and the whole export it came in."""
+    exported = client.get("/v1/audit/retrievals", params={"decision": "error"}, headers=auth(world["tokens"]["carol"]))
+    assert exported.status_code == 200, exported.text
+    mine = [json.loads(line) for line in exported.text.splitlines() if request_id in line]
+    assert len(mine) == 1 and mine[0]["decision"] == "error", mine
+    return mine[0], exported.text
+
+
+@pytest.mark.parametrize("stage", sorted(BEFORE_ADMISSION))
+def test_a_query_failing_before_its_admission_is_recorded_as_an_error(
+        client: TestClient, world: dict, settings, monkeypatch: pytest.MonkeyPatch, stage: str) -> None:  # type: ignore[no-untyped-def]
+    """A crash before the query was admitted (nothing searched yet) used to leave no ledger row at all."""
+    module, name, searched = BEFORE_ADMISSION[stage]
+    monkeypatch.setattr(module, name, _explode)
+    question = "Who chaired the salary review meeting? Reply to maria.gonzalez@example.com"
+    response = client.post("/v1/query", headers=auth(world["tokens"]["alice"]),
+                           json={"question": question, "departments": ["hr"]})  # hr's compliance officer sees it
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error == {"code": "internal", "message": "internal error", "request_id": response.headers["X-Request-ID"]}
+    monkeypatch.undo()  # the export reads the policy
+    event, exported = _error_row(client, world, error["request_id"])
+    assert event["subject"] == "alice" and event["departments_requested"] == ["hr"]
+    assert event["departments_searched"] == searched
+    assert event["reason"] == "RuntimeError" and event["chunks"] == []
+    assert "<EMAIL_ADDRESS" in event["question_masked"] and "maria.gonzalez@" not in exported
+    assert "exploded" not in exported and HR_CANARY not in exported
+    with unit_of_work(settings.resolved_database_url) as session:
+        assert audit_service.verify(session=session, settings=settings).ok
+
+
+def test_a_question_that_cannot_be_masked_is_recorded_as_an_error_without_it(
+        client: TestClient, world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ledger's masking of the question fails: the query is an `error` row keeping no question (never the raw
+    one); it used to fail when its row was built, leaving none."""
+    monkeypatch.setattr(audit_service, "question_masker", MicroBatcher(_explode, name="test-mask"))
+    response = client.post("/v1/query", headers=auth(world["tokens"]["alice"]),
+                           json={"question": "Who chaired the salary review meeting?", "purpose": "for Maria"})
+    assert response.status_code == 500
+    event, _exported = _error_row(client, world, response.json()["error"]["request_id"])
+    assert event["question_masked"] == "" and event["purpose"] is None and event["reason"] == "RuntimeError"
+    assert "salary review" not in json.dumps(event) and "Maria" not in json.dumps(event)
+
+
+def test_a_query_failing_before_its_admission_whose_error_row_cannot_be_written_is_unavailable(
+        client: TestClient, world: dict, settings, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+        caplog: pytest.LogCaptureFixture) -> None:
+    """No row, no answer: the ledger's 503, as for a failure after admission; the failure itself is logged (its
+    class and frames), not lost behind the ledger's."""
+    monkeypatch.setattr(retrieval_service, "get_embedder", _explode)
+    with _ledger_refusing_appends(settings), caplog.at_level(logging.ERROR):
+        response = client.post("/v1/query", headers=auth(world["tokens"]["alice"]),
+                               json={"question": "Who chaired the salary review meeting?"})
+    assert response.status_code == 503
+    assert response.json()["error"]["message"] == audit_service.AUDIT_UNAVAILABLE
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "RuntimeError" in logged and "exploded" not in logged and "salary" not in logged
 
 
 def test_corrupt_pdf_fails_with_a_clear_reason_and_the_api_stays_up(client: TestClient, world: dict) -> None:
