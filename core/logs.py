@@ -19,6 +19,13 @@ _SECRET_STATE_WORDS = "|".join((
     "compromised", "leaked", "stolen", "lost", "locked", "unknown", "ok", "okay", "fine", "enabled", "disabled",
     "active", "inactive", "revoked", "sensitive", "confidential", "private", "secret", "strict", "good", "bad",
     "stored", "encrypted", "hashed", "rotated", "shared", "used", "needed", "forgotten", "case"))
+# libpq's connection options that hold a password or name the file keeping one: `core.migrate` leaves them out of a
+# database URL it prints, and the masks below know them in any case, as libpq's variables too (PGPASSWORD, PGPASSFILE).
+PASSWORD_PARAMETERS = frozenset({"password", "passfile", "sslpassword"})
+_PASSWORD_NAMES = f"(?:pg)?(?:{'|'.join(sorted(PASSWORD_PARAMETERS))})"
+# A value: quoted (a backslash escapes the next character, as in a libpq DSN, JSON or a Python repr), or up to a
+# space, quote, comma or semicolon (where a backslash escapes one too: a DSN's `a\ b` is one value).
+_MASKED_VALUE = r"(?:\"(?:[^\"\\]|\\.)*\"?|'(?:[^'\\]|\\.)*'?|(?:\\.|[^\s\"',;\\])+)"
 _SECRET_MASKS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)", re.S),
      "<PRIVATE_KEY>"),
@@ -26,15 +33,15 @@ _SECRET_MASKS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(?i)bearer\s+\S+"), "Bearer <TOKEN>"),
     # The name may end a longer one (`GOVRAG_MASTER_KEY`: `_` is a word character, so no `\b` before it); quoted
     # names and values as JSON or a Python repr write them.
-    (re.compile(r"(?i)(?<![a-z0-9])(password|passwd|pwd|secret|api[_-]?key|access[_-]?key|token|master[_-]?key|"
-                r"checkpoint[_-]?key|authorization|client[_-]?secret)([\"']?\s*[=:]\s*)"
-                r"((?:basic|bearer|digest|negotiate|ntlm|token|apikey)\s+)?(?:\"[^\"]*\"?|'[^']*'?|[^\s\"',;]+)"),
+    (re.compile(rf"(?i)(?<![a-z0-9])({_PASSWORD_NAMES}|passwd|pwd|secret|api[_-]?key|access[_-]?key|token|"
+                r"master[_-]?key|checkpoint[_-]?key|authorization|client[_-]?secret)([\"']?\s*[=:]\s*)"
+                rf"((?:basic|bearer|digest|negotiate|ntlm|token|apikey)\s+)?{_MASKED_VALUE}"),
      r"\1\2\3<SECRET>"),
     # "my password is hunter2", "the api key is 'x y'": after "is", one token that has a digit or a symbol, a
     # quoted value, or a lone word ending the clause that is no word describing a secret ("the password is
     # expired."); "the password policy is strict" names no secret.
-    (re.compile(r"(?i)(?<![a-z0-9])(password|passwd|passcode|passphrase|api[ _-]?key|access[ _-]?token|token|"
-                r"secret)(\s+is\s+)(?:\"[^\"]*\"?|'[^']*'?|"
+    (re.compile(rf"(?i)(?<![a-z0-9])({_PASSWORD_NAMES}|passwd|passcode|passphrase|api[ _-]?key|access[ _-]?token|"
+                r"token|secret)(\s+is\s+)(?:\"[^\"]*\"?|'[^']*'?|"
                 rf"(?!(?:{_SECRET_STATE_WORDS})\b)(?:[^\s\"',;]*(?:[^\s\"',;a-z.!?:-]|[.!?:-](?=[^\s\"',;]))"
                 r"[^\s\"',;]*|[a-z]+(?=\s*(?:[.!?,;)]|$))))"),
      r"\1\2<SECRET>"),

@@ -7,7 +7,6 @@ downgrade runs first (`refuse_data_loss`).
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -22,10 +21,9 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Connection, create_engine, exc, make_url, pool, text
 
+from core.logs import PASSWORD_PARAMETERS, mask_secrets
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
-# Query parameters (libpq's connection options) that hold a secret or name where one is kept: never printed.
-_PASSWORD_PARAMETERS = frozenset({"password", "passfile", "sslpassword"})
-_PASSWORD_OPTION = re.compile(r"(?i)\b(?:ssl)?pass(?:word|file)\s*=")
 SCHEMA_CHECK_SECONDS = 5.0  # how long readiness trusts its last look at the database's revision
 
 
@@ -192,7 +190,7 @@ def _without_passwords(database_url: str) -> tuple[str, list[str]]:
     """The URL as it may be printed (`***` for the user-info password, password-like query parameters left out), and
     the values hidden."""
     url = make_url(database_url)
-    hidden = {key: value for key, value in url.query.items() if key.lower() in _PASSWORD_PARAMETERS}
+    hidden = {key: value for key, value in url.query.items() if key.lower() in PASSWORD_PARAMETERS}
     secrets = [url.password or ""] + [item for value in hidden.values()
                                       for item in ((value,) if isinstance(value, str) else value)]
     url = url.difference_update_query(hidden)
@@ -209,7 +207,7 @@ def _connection(database_url: str) -> Iterator[Connection]:
         except (exc.OperationalError, exc.ProgrammingError) as error:  # refused, or an option libpq does not take
             where, secrets = _without_passwords(database_url)
             reason = str(error.orig).strip().splitlines()[0] if error.orig else ""
-            if not reason or any(secret in reason for secret in secrets) or _PASSWORD_OPTION.search(reason):
+            if not reason or any(secret in reason for secret in secrets) or mask_secrets(reason) != reason:
                 reason = type(error).__name__  # the driver echoes option values: one may be the password
             raise DatabaseUnreachable(f"cannot reach the database at {where}: {reason}") from None
         with connection:

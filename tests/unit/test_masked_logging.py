@@ -12,7 +12,14 @@ import uvicorn.config
 from celery import Celery
 from celery.utils.log import get_task_logger
 
-from core.logs import JsonFormatter, configure_logging, mask, mask_all_handlers, request_id_var
+from core.logs import (
+    PASSWORD_PARAMETERS,
+    JsonFormatter,
+    configure_logging,
+    mask,
+    mask_all_handlers,
+    request_id_var,
+)
 
 SECRETS = {
     "email": "maria.gonzalez@example.com",
@@ -89,6 +96,30 @@ def test_credentials_after_an_authorization_scheme_word_are_masked() -> None:
 def test_project_variables_quoted_values_and_password_only_urls_are_masked(line: str, secret: str) -> None:
     """A name ending a longer one (`GOVRAG_..._KEY`), a Python repr's quotes, a URL with a password and no user."""
     assert secret not in mask(line), mask(line)
+
+
+@pytest.mark.parametrize("line, secret, kept", [
+    ("connect host=db user=app sslpassword=Ssl-Secret-1 dbname=govrag", "Ssl-Secret-1", "dbname=govrag"),
+    ("postgresql://govrag@db/govrag?SSLPassword=Ssl-Secret-1&sslmode=require", "Ssl-Secret-1", "govrag@db"),
+    ("host=db passfile=/run/secrets/pgpass-7781 dbname=govrag", "pgpass-7781", "dbname=govrag"),
+    ("host=db sslpassword = 'Ssl Secret 1' user=app", "Secret 1", "user=app"),
+    (r"host=db password='it\'s a long secret' user=app", "long secret", "user=app"),
+    (r"host=db password=two\ words user=app", "words", "user=app"),
+    ("PGPASSWORD=Pg-Secret-9 psql -h db", "Pg-Secret-9", "psql -h db"),
+    ('{"sslpassword": "Ssl-Secret-1", "host": "db"}', "Ssl-Secret-1", '"host": "db"'),
+])
+def test_libpq_password_options_in_a_dsn_or_url_are_masked(line: str, secret: str, kept: str) -> None:
+    """`sslpassword=` and `passfile=` were logged as written (only `password` was known), and a quoted DSN value
+    with an escaped quote (`'it\\'s ...'`) or an escaped space (`two\\ words`) kept all after the escape."""
+    masked = mask(line)
+    assert secret not in masked and "<SECRET>" in masked and kept in masked, masked
+
+
+@pytest.mark.parametrize("name", sorted(PASSWORD_PARAMETERS))
+def test_every_parameter_migrate_hides_from_a_url_is_masked_in_a_log_line(name: str) -> None:
+    """`core.migrate` leaves these out of a database URL it prints; a log line masks the same names."""
+    for written in (name, name.upper(), name.title()):
+        assert mask(f"dsn: host=db {written}=Value-7781 port=5432") == f"dsn: host=db {written}=<SECRET> port=5432"
 
 
 def test_a_setting_whose_name_merely_contains_a_secret_word_is_kept() -> None:
