@@ -5,12 +5,14 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import StrEnum
+from typing import Annotated
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 from core.errors import ErrorCode, GovragError
 from core.models import DEPARTMENT_PATTERN
 from core.text import RequestModel
+from retrieval.prompting import document_placeholder
 
 GROUP_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 MAX_ACL_GROUPS = 256
@@ -174,10 +176,17 @@ class ReindexOut(BaseModel):
     skipped: list[str] = []  # document ids not re-indexed: named but neither ready nor being ingested
 
 
+def _shown_placeholder(value: str) -> str:
+    """A placeholder as an answer shows it (`document_placeholder`; anything else is a 422), kept as written."""
+    document_placeholder(value)
+    return value
+
+
 class RevealIn(RequestModel):
-    placeholders: list[str] = Field(min_length=1, max_length=100)
+    # `<PERSON_1>`, or `<PERSON_1·2>` as copied from an answer citing several documents (send it to citation [2]'s)
+    placeholders: list[Annotated[str, AfterValidator(_shown_placeholder)]] = Field(min_length=1, max_length=100)
 
 
 class RevealOut(BaseModel):
     document_id: str
-    values: dict[str, str]  # placeholder → original; unknown placeholders are left out
+    values: dict[str, str]  # each placeholder as sent → original; those the document does not hold are left out

@@ -39,6 +39,7 @@ from ingestion.schemas import (
 )
 from ingestion.sniff import ZIP_BASED_TYPES, sniff_content_type
 from retrieval.embeddings import get_embedder
+from retrieval.prompting import document_placeholder
 from retrieval.store import open_vector_store
 
 logger = logging.getLogger(__name__)
@@ -244,7 +245,8 @@ def reveal(*, session: Session, settings: Settings, document_id: str, placeholde
            can_reveal: Callable[[str], bool], can_see: Callable[[Document], bool]) -> tuple[str, RevealOut]:
     """The originals behind placeholders of a document kept reversibly, for a caller holding `reveal` in its
     department who may also see it (ACL, clearance); others look exactly like a missing id. Returns (department,
-    result)."""
+    result). A placeholder qualified as an answer shows it (`<PERSON_1·2>`) is read as the document's own
+    (`<PERSON_1>`) and answered under the name sent: the caller chose this document as that answer's citation [2]."""
     document = repository.get_document(session, document_id)
     if (document is None or document.status in RETIRED or not can_reveal(document.department)
             or not can_see(document)):
@@ -255,8 +257,9 @@ def reveal(*, session: Session, settings: Settings, document_id: str, placeholde
     if raw is None:
         raise GovragError(ErrorCode.not_found, "the document keeps no reversible placeholders")
     mapping: dict[str, str] = json.loads(raw)
+    own = {shown: document_placeholder(shown) for shown in placeholders}
     return document.department, RevealOut(document_id=document_id,
-                                          values={p: mapping[p] for p in placeholders if p in mapping})
+                                          values={shown: mapping[p] for shown, p in own.items() if p in mapping})
 
 
 def hand_back(*, settings: Settings, job_id: str) -> None:

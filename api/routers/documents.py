@@ -29,6 +29,7 @@ from ingestion.schemas import (
     UploadAccepted,
     parse_acl_groups,
 )
+from retrieval.prompting import document_placeholder
 from workers.dispatch import send_job
 
 router = APIRouter(prefix="/v1", tags=["documents"])
@@ -107,14 +108,14 @@ def delete_document(document_id: str, session: SessionDep, settings: SettingsDep
 def reveal(document_id: str, body: RevealIn, session: SessionDep, settings: SettingsDep, enforcer: EnforcerDep,
            user: CurrentUser) -> RevealOut:
     """The originals behind placeholders of a reversibly pseudonymised document (permission: reveal, on a document
-    the caller may see); audited."""
+    the caller may see); audited under the document's own placeholder names."""
     department, result = ingestion_service.reveal(
         session=session, settings=settings, document_id=document_id, placeholders=body.placeholders,
         can_reveal=lambda dept: authz_service.is_allowed(enforcer, user, "reveal", dept),
         can_see=_visibility(session, enforcer, user))
     audit_service.record_admin_event(
         session=session, identity=user, event_type=AdminEventType.reveal, department=department, settings=settings,
-        details={"document_id": document_id, "placeholders": sorted(result.values)})
+        details={"document_id": document_id, "placeholders": sorted({document_placeholder(p) for p in result.values})})
     return result
 
 

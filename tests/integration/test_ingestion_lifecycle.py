@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 import time
 import uuid
@@ -413,6 +414,43 @@ def test_reveal_needs_a_document_the_privacy_officer_may_see(client: TestClient,
     assert hidden.json()["error"]["message"] == unknown.json()["error"]["message"]
     inside = client.app.state.dev_issuer.issue("pia", ["board"])  # type: ignore[attr-defined]
     assert client.post(url, json=body, headers=auth(inside)).json()["values"] == {"<PERSON_1>": "Maria Gonzalez"}
+
+
+def test_a_placeholder_copied_from_an_answer_citing_two_documents_is_revealed(
+        client: TestClient, lab: dict[str, str], settings) -> None:  # type: ignore[no-untyped-def]
+    """An answer citing two documents shows `<PERSON_1·1>` and `<PERSON_1·2>`; reveal took only `<PERSON_1>` and left
+    the name copied from the answer out of its values. Sent to its citation's document, each is revealed under the
+    name sent (audited as the document's own); a malformed one is a 422, where it was silently left out."""
+    import psycopg
+
+    department = _reversible_department(client, lab["admin"])
+    for name, text in (("march.txt", b"Budget committee minutes. Maria Gonzalez chaired the budget committee."),
+                       ("april.txt", b"Audit committee minutes. The audit committee was led by John Smith.")):
+        assert _ingest(client, lab["editor"], department, name, text)["status"] == "ready"
+    body = client.post("/v1/query", headers=auth(lab["editor"]), json={
+        "question": "Who led the budget committee and the audit committee?", "departments": [department]}).json()
+    cited = {citation["n"]: citation["document_id"] for citation in body["citations"]}
+    shown = sorted(set(re.findall(r"<PERSON_1·(\d+)>", body["answer"])))
+    assert len(shown) == 2, body
+    pia = client.app.state.dev_issuer.issue("pia", [])  # type: ignore[attr-defined]
+    revealed = {}
+    for n in shown:
+        response = client.post(f"/v1/documents/{cited[int(n)]}/reveal", headers=auth(pia),
+                               json={"placeholders": [f"<PERSON_1·{n}>"]})
+        assert response.status_code == 200, response.text
+        revealed.update(response.json()["values"])
+    assert sorted(revealed) == [f"<PERSON_1·{n}>" for n in shown], revealed
+    assert sorted(revealed.values()) == ["John Smith", "Maria Gonzalez"]
+    dsn = settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn) as conn:
+        audited = conn.execute("SELECT details->'placeholders' FROM retrieval_events WHERE event_type = 'reveal' "
+                               "AND details->>'document_id' = %s", (cited[int(shown[0])],)).fetchall()
+    assert audited == [(["<PERSON_1>"],)]
+    for malformed in ("PERSON_1", "<PERSON>", "<PERSON_1·>", "<PERSON_1·0>", "<PERSON_1> "):
+        refused = client.post(f"/v1/documents/{cited[int(shown[0])]}/reveal", headers=auth(pia),
+                              json={"placeholders": ["<PERSON_1>", malformed]})
+        message = refused.json()["error"]["message"]
+        assert refused.status_code == 422 and "placeholders.1" in message and "<TYPE_N>" in message, message
 
 
 def _reindex_one(client: TestClient, admin: str, department: str, document_id: str, editor: str,
