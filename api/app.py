@@ -11,13 +11,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import ERROR_RESPONSES, crash_response, error_response, install_error_handlers
+from api.query_params import strict_query
 from api.routers import admin, audit, authz, documents, guard_admin, health, ingestion_admin, metrics, query
 from authz.dev_issuer import DevIssuer
 from authz.enforcer import get_enforcer
@@ -55,10 +56,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(RequestContext)
-    for module in (health, metrics):  # their own answers (readyz: {"ready", "checks"}, a 503 included)
+    # Their own answers (readyz: {"ready", "checks"}, a 503 included); a probe's or a scraper's query string (a
+    # Prometheus job's `params`, a cache buster) is left alone: they read none.
+    for module in (health, metrics):
         app.include_router(module.router)
     for module in (documents, query, admin, authz, audit, guard_admin, ingestion_admin):
-        app.include_router(module.router, responses=ERROR_RESPONSES)
+        app.include_router(module.router, responses=ERROR_RESPONSES, dependencies=[Depends(strict_query)])
     return app
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel
+from pydantic import AfterValidator, BaseModel, BeforeValidator
 
 
 class Decision(StrEnum):
@@ -102,7 +103,18 @@ def utc_bound(value: datetime) -> datetime:
         raise ValueError("the time falls outside the calendar once converted to UTC") from exc
 
 
-WindowBound = Annotated[datetime, AfterValidator(utc_bound)]
+_SECONDS = re.compile(r"[-+]?[0-9]+(?:\.[0-9]*)?")
+
+
+def _iso_time(value: object) -> object:
+    """An export window's bound written as an ISO 8601 time, as `govrag audit export` takes it: pydantic alone
+    also reads a number (`1700000000`, `-5`) as seconds since 1970, which the CLI refuses."""
+    if isinstance(value, str) and _SECONDS.fullmatch(value):
+        raise ValueError("a time is written in ISO 8601 (2026-11-16T00:00:00Z), not as seconds since 1970")
+    return value
+
+
+WindowBound = Annotated[datetime, BeforeValidator(_iso_time), AfterValidator(utc_bound)]
 
 
 @dataclass(frozen=True)

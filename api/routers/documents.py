@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, UploadFile, status
 
 from api.deps import CeleryDep, CurrentUser, EnforcerDep, SessionDep, SettingsDep
+from api.query_params import JSON_INTEGER
 from audit import service as audit_service
 from audit.schemas import AdminEventType
 from authz import service as authz_service
@@ -68,7 +69,7 @@ def list_documents(
     session: SessionDep, enforcer: EnforcerDep, user: CurrentUser,
     department: Annotated[str, Query(max_length=64)],
     status: ListedStatus | None = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE), JSON_INTEGER] = 50,
     after: Annotated[str | None, Query(max_length=200)] = None,
 ) -> DocumentPage:
     """A department's documents, newest first (metadata only): all of them for its editors, for its readers those

@@ -332,6 +332,56 @@ def test_export_windows_outside_the_calendar_are_a_422(client: TestClient, desk:
         assert "calendar" in exported.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(("path", "query", "problem"), [
+    ("/v1/documents", "limit=5.0", "query.limit: Value error, an integer"),  # pydantic alone read these as 5
+    ("/v1/documents", "limit=%2B5", "query.limit: Value error, an integer"),
+    ("/v1/documents", "limit=05", "query.limit: Value error, an integer"),
+    ("/v1/documents", "limit=%205", "query.limit: Value error, an integer"),
+    ("/v1/documents", "limit=1_0", "query.limit: Value error, an integer"),
+    ("/v1/documents", "limit=1.5", "query.limit: Value error, an integer"),
+    ("/v1/documents", "limit=true", "query.limit: Value error, an integer"),
+    ("/v1/documents", "limit=1&limit=2", "query.limit: given more than once"),  # the last one was read
+    ("/v1/documents", "status=ready&status=failed", "query.status: given more than once"),
+    ("/v1/documents", "department=other", "query.department: given more than once"),
+    ("/v1/documents", "limti=5", "query.<key>: unknown field"),  # dropped, and the default limit used
+    ("/v1/audit/retrievals", "departmnet=x", "query.<key>: unknown field"),  # exported every department in scope
+    ("/v1/audit/retrievals", "since=1700000000", "query.since: Value error, a time is written in ISO 8601"),
+])
+def test_a_query_string_is_read_as_strictly_as_a_body(client: TestClient, desk: dict[str, str], path: str,
+                                                       query: str, problem: str) -> None:
+    """Query parameters took whatever pydantic could read (`5.0`, `+5`, a number of seconds for a time), the last of
+    a repeated one, and dropped a name the endpoint does not take."""
+    response = client.get(f"{path}?department={desk['department']}&{query}", headers=auth(desk["editor"]))
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request" and problem in error["message"], error
+    assert "1700000000" not in error["message"] and "departmnet" not in error["message"]  # values never echoed
+
+
+def test_a_query_parameter_on_an_endpoint_that_takes_none_is_a_422(client: TestClient, desk: dict[str, str]) -> None:
+    """`POST /v1/query?departments=x` was answered from every department the caller may read."""
+    response = client.post("/v1/query?departments=x", json={"question": "When does the desk open?"},
+                           headers=auth(desk["editor"]))
+    assert response.status_code == 422, response.text
+    assert "query.departments: unknown field" in response.json()["error"]["message"]
+
+
+def test_a_query_string_as_documented_is_taken(client: TestClient, desk: dict[str, str],
+                                               issue_token: Callable[..., str]) -> None:
+    listed = client.get("/v1/documents", params={"department": desk["department"], "limit": 5, "status": "ready"},
+                        headers=auth(desk["editor"]))
+    assert listed.status_code == 200, listed.text
+    documents = listed.json()["documents"]
+    assert 1 <= len(documents) <= 5 and {document["status"] for document in documents} == {"ready"}, documents
+    response = client.post("/v1/admin/role-assignments", headers=auth(desk["admin"]),
+                           json={"subject": "cora", "role": "compliance", "department": desk["department"]})
+    assert response.status_code in (200, 201), response.text  # granted, or already in place
+    exported = client.get("/v1/audit/retrievals", headers=auth(issue_token("cora", [])), params={
+        "department": desk["department"], "format": "csv", "since": "2026-01-01", "user": "nadia"})
+    assert exported.status_code == 200, exported.text
+    assert client.get("/healthz?probe=1&probe=2").status_code == 200  # probes and scrapers: left alone
+
+
 def test_the_cli_export_takes_the_same_window_bounds() -> None:
     from api.cli_audit import window_bound
 
