@@ -39,7 +39,6 @@ from bench.eval_data import ATTACK, BENIGN, EVAL_DIR, HARMFUL, Row, bipia_docume
 from guard.firewall import (
     BANK_NAMES,
     DENSE_COLUMNS,
-    HARD_RULES,
     HARD_SCORE,
     META_FILE,
     WEIGHTS_FILE,
@@ -48,6 +47,7 @@ from guard.firewall import (
     ExampleBanks,
     booster_inputs,
     featurise,
+    fires_hard_rule,
     question_vectors,
 )
 from guard.injection import segments
@@ -254,7 +254,7 @@ def train(name: str, texts: list[str], labels: np.ndarray, out: Path, documents:
     if vectors is not None:
         matrix = sparse.hstack([matrix, sparse.csr_matrix(vectors)], format="csr")
     embedded_columns = matrix.shape[1]
-    hard = np.array([bool(set(h) & HARD_RULES) for h in hits])
+    hard = np.array([fires_hard_rule(h) for h in hits])
     counted = np.ones(len(labels), dtype=bool) if counted is None else counted
     groups = _fold_groups(labels, documents)
     c, threshold, figures = _choose_c(name, matrix, labels, groups, hard, source, documents, counted, fold_seeds)

@@ -17,7 +17,7 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from importlib import resources
@@ -117,6 +117,11 @@ def _bounded(text: str) -> str:
 def rule_hits(normalised: str) -> tuple[str, ...]:
     """Names of the rules whose pattern occurs in the normalised text."""
     return tuple(rule.name for rule in RULES if rule.pattern.search(normalised))
+
+
+def fires_hard_rule(hits: Iterable[str]) -> bool:
+    """Whether the rule `hits` (`rule_hits`) hold a rule that blocks on its own."""
+    return not HARD_RULES.isdisjoint(hits)
 
 
 def lexical_features(raw: str, normalised: str, hits: tuple[str, ...]) -> np.ndarray:
@@ -366,7 +371,7 @@ class FirewallModel:
                     inputs = booster_inputs(logits, neighbourhood, matrix[:, DENSE_COLUMNS].toarray())
                     logits = self.booster.blended(inputs)
         probabilities = 1.0 / (1.0 + np.exp(-logits))
-        hard = np.array([bool(set(h) & HARD_RULES) for h in hits])
+        hard = np.array([fires_hard_rule(h) for h in hits])
         return np.where(hard, np.maximum(probabilities, HARD_SCORE), probabilities), hits
 
     @staticmethod

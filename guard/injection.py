@@ -11,7 +11,7 @@ import numpy as np
 
 from core.cache import BoundedCache
 from core.text import LINE_BREAKS
-from guard.firewall import HARD_RULES, HARD_SCORE, FirewallModel, rule_hits
+from guard.firewall import HARD_SCORE, FirewallModel, fires_hard_rule, rule_hits
 from guard.normalise import normalise
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
@@ -103,12 +103,14 @@ def _windows(words: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return windows
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ScanResult:
-    """The highest segment score and whether it crosses the threshold."""
+    """The highest segment score, whether it crosses the threshold, and the spans of the text `neutralise` replaces
+    (each flagged piece of a line, and each flagged window across lines that holds none of them)."""
 
     score: float
     flagged: bool
+    removed: tuple[tuple[int, int], ...] = ()
 
 
 class InjectionScanner:
@@ -121,27 +123,39 @@ class InjectionScanner:
         # version need not be scanned again at query time (only chunks ingested before a change are).
         self.version = hashlib.sha256(np.ascontiguousarray(model.coef).tobytes() + repr(
             (model.intercept, model.threshold, SEGMENTATION_REVISION)).encode()).hexdigest()[:16]
-        # The same chunks come back query after query: remember their scores (keyed by a hash, never the text).
-        self._scores: BoundedCache[bytes, float] = BoundedCache(SCORE_CACHE_SIZE)
+        # The same chunks come back query after query: remember their scans (keyed by a hash, never the text).
+        self._scans: BoundedCache[bytes, ScanResult] = BoundedCache(SCORE_CACHE_SIZE)
 
     def score(self, text: str) -> float:
         """Maximum segment score (0 for a text with no segment)."""
-        return self.score_many([text])[0]
+        return self.scan(text).score
 
-    def score_many(self, texts: list[str]) -> list[float]:
-        """`score` for each text; the segments of all texts not seen before are scored in one call."""
+    def scan(self, text: str) -> ScanResult:
+        """Score `text` and compare with the shipped threshold."""
+        return self.scan_many([text])[0]
+
+    def scan_many(self, texts: list[str]) -> list[ScanResult]:
+        """`scan` for each text; the segments of all texts not seen before are scored in one call."""
         keys = [hashlib.sha256(text.encode()).digest() for text in texts]
-        values = [self._scores.get(key) for key in keys]
-        missing = [i for i, value in enumerate(values) if value is None]
+        results = [self._scans.get(key) for key in keys]
+        missing = [i for i, result in enumerate(results) if result is None]
         parts = [segment_spans(texts[i]) for i in missing]
         scores = self._segment_scores([part for text_parts in parts for part in text_parts])
         start = 0
         for i, text_parts in zip(missing, parts, strict=True):
-            chunk_scores = scores[start:start + len(text_parts)]
-            values[i] = float(np.max(chunk_scores)) if len(text_parts) else 0.0
-            self._scores.put(keys[i], values[i])
+            results[i] = self._judged(text_parts, scores[start:start + len(text_parts)])
+            self._scans.put(keys[i], results[i])
             start += len(text_parts)
-        return [float(value) for value in values]  # type: ignore[arg-type]
+        return results  # type: ignore[return-value]
+
+    def _judged(self, parts: list[Segment], scores: np.ndarray) -> ScanResult:
+        """One text's scan from its segments and their scores."""
+        score = float(np.max(scores)) if len(parts) else 0.0
+        flagged = [part for part, value in zip(parts, scores, strict=True) if value >= self.threshold]
+        own = [(part.start, part.end) for part in flagged if not part.across_lines]
+        removed = own + [(part.start, part.end) for part in flagged
+                         if part.across_lines and not any(a < part.end and part.start < b for a, b in own)]
+        return ScanResult(score=score, flagged=score >= self.threshold, removed=tuple(sorted(removed)))
 
     def _segment_scores(self, parts: list[Segment]) -> np.ndarray:
         """The classifier's score of each piece of a line (what it was trained on), and, for a window across lines,
@@ -153,29 +167,15 @@ class InjectionScanner:
         if own:
             scores[own] = self.model.scores([parts[i].text for i in own])[0]
         for i, part in enumerate(parts):
-            if part.across_lines and HARD_RULES.intersection(rule_hits(normalise(part.text))):
+            if part.across_lines and fires_hard_rule(rule_hits(normalise(part.text))):
                 scores[i] = HARD_SCORE
         return scores
 
-    def scan(self, text: str) -> ScanResult:
-        """Score `text` and compare with the shipped threshold."""
-        value = self.score(text)
-        return ScanResult(score=value, flagged=value >= self.threshold)
-
     def neutralise(self, text: str) -> str:
-        """The text with each flagged segment replaced by a marker (a window across lines only where no piece of a
-        line inside it was flagged on its own)."""
-        parts = segment_spans(text)
-        if not parts:
-            return text
-        scores = self._segment_scores(parts)
-        flagged = [part for part, value in zip(parts, scores, strict=True) if value >= self.threshold]
-        own = [part for part in flagged if not part.across_lines]
-        spans = [(part.start, part.end) for part in own] + [
-            (part.start, part.end) for part in flagged
-            if part.across_lines and not any(o.start < part.end and part.start < o.end for o in own)]
+        """The text with each span its scan flagged replaced by a marker (a text scanned just before is not scored
+        again)."""
         pieces, copied = [], 0
-        for start, end in sorted(spans):
+        for start, end in self.scan(text).removed:
             if not pieces or start > copied:
                 pieces += [text[copied:start], REMOVED]
             copied = max(copied, end)

@@ -76,7 +76,7 @@ def protect(data: bytes, facts: DocumentFacts, *, key: bytes, embedder: TextEmbe
                               pii_counts=pii_counts, placeholders=placeholders.mapping().keys(),
                               keywords=rules.keywords, title=facts.title)
     flagged = () if scanner is None else tuple(
-        c.index for c, score in zip(chunks, scanner.score_many(redacted), strict=True) if score >= scanner.threshold)
+        c.index for c, scan in zip(chunks, scanner.scan_many(redacted), strict=True) if scan.flagged)
     clock.lap("scan")
     reason = review_reason(verdict, flagged, rules, approved_level=facts.approved_level)
     if reason is not None:
