@@ -105,20 +105,22 @@ def review_reason(verdict: Verdict, flagged: tuple[int, ...], rules: IngestionRu
         return reason
     if verdict.level.rank <= approved_level.rank:
         return None
-    why = "; ".join(verdict.reasons) or "declared level"
-    return (f"classified {verdict.level.value} ({why}); the level rose since its approval at "
-            f"{approved_level.value}")[:500]
+    return _level_reason(verdict, f"the level rose since its approval at {approved_level.value}")
 
 
 def _policy_reason(verdict: Verdict, flagged: tuple[int, ...], rules: IngestionRules) -> str | None:
     """Why the department's policy holds a document for review, or None."""
     if verdict.level.rank > rules.ai_max_level.rank:
-        why = "; ".join(verdict.reasons) or "declared level"
-        return (f"classified {verdict.level.value} ({why}); the department approves AI use up to "
-                f"{rules.ai_max_level.value}")[:500]
+        return _level_reason(verdict, f"the department approves AI use up to {rules.ai_max_level.value}")
     if flagged and rules.injection_action == "quarantine":
         return f"instruction-like text aimed at a model in {len(flagged)} chunk(s)"
     return None
+
+
+def _level_reason(verdict: Verdict, why_held: str) -> str:
+    """A review reason for the document's level (what raised it, or the declared level), within 500 characters."""
+    raised_by = "; ".join(verdict.reasons) or "declared level"
+    return f"classified {verdict.level.value} ({raised_by}); {why_held}"[:500]
 
 
 class _Stopwatch:

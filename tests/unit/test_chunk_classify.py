@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ingestion.classify import classify_chunks
+from ingestion.classify import Verdict, classify_chunks
+from ingestion.pipeline import IngestionRules, review_reason
 from ingestion.schemas import Classification as C
 
 
@@ -59,3 +60,18 @@ def test_a_keyword_in_the_title_raises_the_document_not_its_chunks() -> None:
                               keywords={"project falcon": "restricted"}, title="Project\u200bFalcon  acquisition")
     assert verdict.level is C.restricted and verdict.reasons == ("keyword 'project falcon'",)
     assert verdict.chunk_levels == (C.public,)
+
+
+def test_a_review_reason_names_the_level_what_raised_it_and_why_the_document_is_held() -> None:
+    """A level over the department's limit, or over the one an admin approved, reads alike: the level, what raised
+    it (the declared level when nothing did), why it is held; within 500 characters."""
+    raised = Verdict(level=C.restricted, reasons=("US_SSN x1", "keyword: merger"))
+    below = IngestionRules(ai_max_level=C.internal)
+    assert review_reason(raised, (), below) == \
+        "classified restricted (US_SSN x1; keyword: merger); the department approves AI use up to internal"
+    assert review_reason(raised, (), below, approved_level=C.confidential) == \
+        "classified restricted (US_SSN x1; keyword: merger); the level rose since its approval at confidential"
+    assert review_reason(Verdict(level=C.confidential, reasons=()), (), below) == \
+        "classified confidential (declared level); the department approves AI use up to internal"
+    reason = review_reason(Verdict(level=C.restricted, reasons=("x" * 600,)), (), below)
+    assert reason is not None and len(reason) == 500 and reason.startswith("classified restricted (xxx")
