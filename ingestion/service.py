@@ -423,9 +423,7 @@ def _title(session: Session, department: str, title: str | None, filename: str |
 def _redacted_title(title: str, rules: RedactionRules, *, rules_only: bool = False) -> str:
     """`title` with PII replaced by its type under `rules`, within MAX_TITLE_CHARS. Every run applies the
     department's own recognizers (`rules_only`) again to the stored title, redacted when it was set (the raw one is
-    gone): a rule added since then reaches it."""
-    if rules_only and not rules.recognizers:
-        return title
+    gone): a rule added since then reaches it; with none, the stored title comes back as it is."""
     redacted = get_redactor().redact_title(title, rules, rules_only=rules_only) if title else ""
     kinds = [*REDACTED_ENTITIES, *rules.entities]  # the types with_title_pii counts (ingestion/pipeline.py)
     return cut_title(redacted.strip(), MAX_TITLE_CHARS, kinds) or "untitled"

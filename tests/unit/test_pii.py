@@ -317,3 +317,16 @@ def test_a_department_rule_applied_again_to_a_redacted_title_changes_only_its_va
     assert redactor.redact_title(stored, rules, rules_only=True) == \
         "payslips.eml / Payslip <PERSON> SSN <US_SSN> <PROJECT_CODE>.txt"
     assert redactor.redact_title(stored, RedactionRules(), rules_only=True) == stored
+
+
+def test_a_run_without_department_recognizers_gives_back_the_stored_title() -> None:
+    """A run applies the department's own recognizers again to the stored title; with none, the title as stored at
+    upload (redacted, cut, stripped, or 'untitled') comes back unchanged."""
+    from guard.pii_rules import RedactionRules
+    from ingestion.service import MAX_TITLE_CHARS, _redacted_title
+
+    raws = ["Travel claim maria.gonzalez@example.com.txt", "  Quarterly report 2024.pdf  ", "",
+            "Minutes of the board " * 12 + "card 4111 1111 1111 1111.pdf"]
+    stored = [_redacted_title(raw, RedactionRules()) for raw in raws]
+    assert stored[2] == "untitled" and len(stored[3]) <= MAX_TITLE_CHARS and "<CREDIT_CARD>" in stored[3]
+    assert [_redacted_title(title, RedactionRules(), rules_only=True) for title in stored] == stored
