@@ -1,8 +1,8 @@
 """Run Alembic migrations programmatically: the only way the schema changes.
 
 Also what the running code needs from the schema: `require_head` (start-up refuses a database at another revision)
-and `SchemaWatch` (readiness notices a schema changed under a running process), and the guard a destructive
-downgrade runs first (`refuse_data_loss`).
+and `SchemaWatch` (readiness notices a schema changed under a running process), and the guard every downgrade runs
+first (`refuse_downgrade_losing_data`, over each migration's `data_at_risk`).
 """
 
 from __future__ import annotations
@@ -129,21 +129,23 @@ def downgrade(database_url: str, revision: str) -> None:
 
 
 def refuse_downgrade_losing_data(migration: MigrationContext) -> None:
-    """Before any step of a downgrade runs, DowngradeRefused if a revision it would undo holds data: checked in each
-    step only, a refusal on SQLite (no transactional DDL) came after the later steps were undone for good."""
+    """Before any step of a downgrade runs, DowngradeRefused if a revision it would undo holds data (its migration's
+    `data_at_risk`): the one place this is checked, so that a refusal on SQLite (no transactional DDL) comes before
+    any step was undone for good. Writing such a downgrade as SQL (`--sql`) is refused: no rows to count."""
     plan = migration._migrations_fn  # the command's own plan: what alembic runs next, relative targets resolved
-    if migration.as_sql or getattr(plan, "__name__", "") != "downgrade" or plan is None:
+    if getattr(plan, "__name__", "") != "downgrade" or plan is None:
         return
     for step in plan(migration.get_current_heads(), migration):
-        script = step.revision
-        refuse_data_loss(script.revision, getattr(script.module, "data_at_risk", _nothing)(migration.connection))
-
-
-def refuse_data_loss(revision: str, at_risk: list[str]) -> None:
-    """Called by a downgrade before it drops anything: DowngradeRefused naming what would be lost."""
-    if at_risk:
-        raise DowngradeRefused(f"refusing to undo revision {revision}: it would delete {'; '.join(at_risk)}. "
-                               "Nothing was changed")
+        revision, at_risk = step.revision.revision, getattr(step.revision.module, "data_at_risk", None)
+        if at_risk is None:
+            continue
+        if migration.as_sql:
+            raise DowngradeRefused(f"refusing to write SQL undoing revision {revision}: what it would delete cannot "
+                                   "be counted without the database. Nothing was changed")
+        lost = at_risk(migration.connection)
+        if lost:
+            raise DowngradeRefused(f"refusing to undo revision {revision}: it would delete {'; '.join(lost)}. "
+                                   "Nothing was changed")
 
 
 def count_rows(connection: Connection, table: str, where: str = "") -> int:
@@ -156,10 +158,6 @@ def rows_at_risk(connection: Connection, checks: list[tuple[str, str, str]]) -> 
     """For each (what, table, condition) holding rows: "N what"."""
     counted = ((what, count_rows(connection, table, where)) for what, table, where in checks)
     return [f"{count} {what}" for what, count in counted if count]
-
-
-def _nothing(_connection: Connection) -> list[str]:
-    return []
 
 
 def _known(revision: str) -> bool:

@@ -16,8 +16,7 @@ def run_migrations_offline() -> None:
     """Emit SQL without a connection."""
     context.configure(url=config.get_main_option("sqlalchemy.url"), target_metadata=target_metadata,
                       literal_binds=True, render_as_batch=True)
-    with context.begin_transaction():
-        context.run_migrations()
+    _migrate()
 
 
 def run_migrations_online() -> None:
@@ -34,6 +33,11 @@ def run_migrations_online() -> None:
 
 def _run(connection) -> None:  # type: ignore[no-untyped-def]
     context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
+    _migrate()
+
+
+def _migrate() -> None:
+    """Run the planned steps; a downgrade is checked for data it would delete before any of them runs."""
     with context.begin_transaction():
         refuse_downgrade_losing_data(context.get_context())  # before any step: SQLite cannot undo one
         context.run_migrations()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from core.migrate import refuse_data_loss, rows_at_risk
+from core.migrate import rows_at_risk
 
 
 revision = '0001'
@@ -120,7 +120,6 @@ def data_at_risk(connection: sa.Connection) -> list[str]:
 
 
 def downgrade() -> None:
-    refuse_data_loss(revision, data_at_risk(op.get_bind()))
     with op.batch_alter_table('ingestion_jobs', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_ingestion_jobs_document_id'))
 

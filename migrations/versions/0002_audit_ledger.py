@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from core.migrate import refuse_data_loss, rows_at_risk
+from core.migrate import rows_at_risk
 
 revision = "0002"
 down_revision = "0001"
@@ -52,7 +52,6 @@ def data_at_risk(connection: sa.Connection) -> list[str]:
 
 
 def downgrade() -> None:
-    refuse_data_loss(revision, data_at_risk(op.get_bind()))
     op.drop_table("audit_checkpoints")
     with op.batch_alter_table("retrieval_events", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_retrieval_events_event_type"))

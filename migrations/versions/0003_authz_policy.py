@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from alembic import op
 
-from core.migrate import refuse_data_loss, rows_at_risk
+from core.migrate import rows_at_risk
 
 revision = "0003"
 down_revision = "0002"
@@ -84,7 +84,6 @@ def data_at_risk(connection: sa.Connection) -> list[str]:
 
 
 def downgrade() -> None:
-    refuse_data_loss(revision, data_at_risk(op.get_bind()))
     bind = op.get_bind()
     bind.execute(_rules.delete().where(_rules.c.ptype == "g", _rules.c.v0.like(ROLE_PREFIX + "%")))
     for row in bind.execute(sa.select(_rules.c.id, _rules.c.v1).where(_rules.c.ptype == "g")).all():

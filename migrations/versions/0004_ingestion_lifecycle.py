@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from core.migrate import refuse_data_loss, rows_at_risk
+from core.migrate import rows_at_risk
 
 revision = "0004"
 down_revision = "0003"
@@ -55,7 +55,6 @@ def data_at_risk(connection: sa.Connection) -> list[str]:
 
 
 def downgrade() -> None:
-    refuse_data_loss(revision, data_at_risk(op.get_bind()))
     with op.batch_alter_table("documents") as batch:
         batch.drop_index("ix_documents_parent_id")
         batch.drop_index("ix_documents_department_sha256")

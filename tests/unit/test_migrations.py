@@ -137,6 +137,38 @@ def test_a_refusing_downgrade_is_also_refused_when_run_through_alembic(tmp_path:
     assert migrate.current_revision(url) == migrate.head_revision()
 
 
+def test_a_downgrade_counts_what_each_revision_would_delete_once(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data check ran before any step and again in each migration's own downgrade; it runs once, before."""
+    url = f"sqlite:///{tmp_path / 'schema.db'}"
+    migrate.upgrade(url)
+    counted: list[tuple[str, str]] = []
+    count_rows = migrate.count_rows
+    monkeypatch.setattr(migrate, "count_rows", lambda connection, table, where="": counted.append((table, where))
+                        or count_rows(connection, table, where))
+    migrate.downgrade(url, "0008")  # undoes 0011 and 0009 (both checked) and 0010
+    assert migrate.current_revision(url) == "0008"
+    assert sorted(counted) == sorted(set(counted)) and {table for table, _ in counted} == {"documents",
+                                                                                          "ingestion_jobs"}
+
+
+def test_a_downgrade_written_as_sql_is_refused_where_a_revision_may_hold_data(tmp_path: Path) -> None:
+    """`alembic downgrade --sql` cannot count rows: it stopped with an AttributeError at a revision holding data
+    (the check in the migration); it is refused, and one that drops no data is still written."""
+    import contextlib
+    import io
+
+    from alembic import command
+
+    config = migrate.alembic_config(f"sqlite:///{tmp_path / 'schema.db'}")
+    with pytest.raises(migrate.DowngradeRefused, match="revision 0009: .*cannot be counted"):
+        command.downgrade(config, "0010:0008", sql=True)
+    written = io.StringIO()
+    with contextlib.redirect_stdout(written):
+        command.downgrade(config, "0010:0009", sql=True)
+    assert "Running downgrade 0010 -> 0009" in written.getvalue()
+
+
 def test_migrate_on_a_database_newer_than_the_release_says_so_in_one_line(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """`govrag migrate` against a schema a newer release wrote printed a raw alembic traceback."""
