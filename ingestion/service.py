@@ -93,6 +93,15 @@ def run_ingestion(*, settings: Settings, document_id: str, job_id: str) -> None:
         pass
 
 
+def load_models(settings: Settings) -> None:
+    """Load the models a run uses, once per process. A worker does as it starts (workers/tasks.py): a run loading the
+    PII model itself does so in `_claim` (the stored title's re-redaction), inside the transaction holding the
+    document's row locks, for seconds, and a crash there rolls back the count of crashed runs with the claim."""
+    get_embedder(settings.embedding_backend)
+    get_redactor()
+    get_scanner()
+
+
 def _run_once(settings: Settings, document_id: str, job_id: str) -> bool:
     """One run of the job; False when its outcome was not written (then `_start` decides whether it goes again)."""
     facts, key, data, rules = _start(settings, document_id, job_id)

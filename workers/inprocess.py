@@ -22,6 +22,7 @@ class InProcessWorker:
         # process (an API restarted in the same process, as tests do) would share the first's, and `stop` would
         # shut down whichever worker thread ran the loop next. Each worker gets its own.
         set_event_loop(None)
+        app.set_current()  # the solo pool starts in this thread, and with it the loading of the models (tasks.py)
         self._controller = WorkController(
             app=app, concurrency=1, pool="solo", hostname=f"govrag-inprocess-{id(self)}@localhost",
             without_heartbeat=True, without_mingle=True, without_gossip=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from billiard.exceptions import TimeLimitExceeded
-from celery import Task
+from celery import Task, current_app, signals
 
 from core.errors import unavailable_dependency
 from ingestion import service as ingestion_service
@@ -57,6 +57,16 @@ class IngestionTask(Task):
                            document_id)
             ingestion_service.mark_failed(settings=self.app.govrag_settings, document_id=document_id, job_id=job_id,
                                           reason=f"ingestion took longer than the {self.time_limit:g} s limit")
+
+
+@signals.worker_process_init.connect
+def load_models_on_start(**_: object) -> None:
+    """A worker process loads the models before it takes a job (see `load_models`): a prefork child of `govrag
+    worker` (a replaced one too) or a solo pool's process (the in-process worker of `govrag serve`). Celery sends
+    this signal in that process, with the worker's app current; a failure is logged, and the first run loads them."""
+    settings = getattr(current_app, "govrag_settings", None)
+    if settings is not None:
+        ingestion_service.load_models(settings)
 
 
 def register_tasks(app: GovragCelery) -> None:

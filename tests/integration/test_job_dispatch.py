@@ -4,6 +4,7 @@ rest are sent again (workers/dispatch.py). Real SQLite/PostgreSQL, real Redis, t
 from __future__ import annotations
 
 import contextlib
+import inspect
 import socket
 import threading
 import time
@@ -222,6 +223,39 @@ def test_a_clean_stop_during_a_run_hands_its_job_back_instead_of_counting_a_cras
     memory.Channel.queues.pop(settings.task_queue, None)
     assert at_stop == ("queued", None, 1, 0)  # handed back: its next run is a retry, no crash counted
     assert (final[0], final[3]) == ("ready", 0)
+
+
+def test_a_worker_loads_the_pii_model_as_it_starts_and_its_first_claim_does_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh worker loaded the PII model (spaCy via Presidio) on its first job, in the claim's re-redaction of the
+    stored title: for seconds inside the transaction holding the document's row locks, and a crash there rolled back
+    the crashed-runs count with the claim. A worker loads it as it starts; its first claim finds it loaded."""
+    from api.app import create_app
+    from guard import pii
+    from retrieval.store import close_vector_store
+    from workers.inprocess import InProcessWorker
+
+    real, loads = pii.get_redactor(), []
+
+    def load() -> pii.PiiRedactor:
+        loads.append("in a claim" if any(frame.function == "_claim" for frame in inspect.stack()) else "elsewhere")
+        return real
+
+    _, settings = _embedded(tmp_path)
+    with TestClient(create_app(settings)) as client:
+        editor = desk_member(client, "editor")
+        uploaded = _upload(client, editor, 0)  # no worker yet: the job waits in the broker
+        monkeypatch.setattr(pii, "PiiRedactor", load)
+        pii.get_redactor.cache_clear()  # as in a fresh worker process: nothing loaded
+        worker = InProcessWorker(client.app.state.celery)  # type: ignore[attr-defined]
+        assert loads == ["elsewhere"]  # loaded as the worker started, before any job
+        worker.start()
+        job = wait_for_job(client, editor, uploaded["job_id"])
+        worker.stop()
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    assert job["status"] == "ready"
+    assert loads == ["elsewhere"]  # the claim (and the rest of the run) used the loaded model
 
 
 def test_a_reindex_while_a_run_waits_to_write_its_outcome_runs_it_again_under_the_new_policy(
