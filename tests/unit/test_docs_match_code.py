@@ -47,3 +47,15 @@ def test_every_setting_is_documented_by_its_environment_name() -> None:
     missing = [name for field in Settings.model_fields
                if not re.search(rf"{(name := f'GOVRAG_{field.upper()}')}(?![A-Z0-9_])", text)]
     assert missing == [], f"document these in README.md's settings table or docs/: {missing}"
+
+
+def test_the_readme_names_every_revision_whose_downgrade_refuses_to_lose_data() -> None:
+    """The README's list of what a downgrade refuses to lose left out 0011 (approved levels held for review), which
+    `data_at_risk` guards: the revisions it names are those whose migration defines one."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    listed = re.search(r"A downgrade \(Alembic's.*?the error names the revision", readme, re.S)
+    assert listed is not None, "README.md's paragraph on refused downgrades moved: update this test"
+    guarded = {path.name[:4] for path in (ROOT / "migrations" / "versions").glob("[0-9][0-9][0-9][0-9]_*.py")
+               if re.search(r"^def data_at_risk\(", path.read_text(encoding="utf-8"), re.M)}
+    assert len(guarded) >= 9, guarded  # the migrations are found at all
+    assert set(re.findall(r"\b\d{4}\b", listed.group(0))) == guarded
