@@ -8,8 +8,8 @@ from typing import Any
 
 from guard.normalise import strip_invisible
 from guard.pii import get_redactor
+from guard.placeholders import is_placeholder
 
-PLACEHOLDER = re.compile(r"^<[A-Z_]+_\d+(?:·\d+)?>$")  # `·n`: qualified by its citation (retrieval.prompting)
 SHINGLE_WORDS = 8
 _CITATION = re.compile(r"\[\d+\]")
 _WORD = re.compile(r"[a-z0-9']+")
@@ -77,7 +77,7 @@ def scrub_pii(text: str, context: str) -> tuple[str, int]:
     spans = []
     for result in get_redactor().analyze(text):
         value = text[result.start:result.end]
-        if PLACEHOLDER.match(value.strip()) or (value.strip() and value.strip() in context):
+        if is_placeholder(value.strip()) or (value.strip() and value.strip() in context):
             continue
         spans.append((result.start, result.end, result.entity_type))
     spans.sort(reverse=True)

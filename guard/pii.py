@@ -42,6 +42,7 @@ from threadpoolctl import threadpool_limits
 
 from guard import pii_rules
 from guard.pii_rules import RedactionRules
+from guard.placeholders import numbered, unnumbered
 
 # en_core_web_md's NER fine-tuned for PERSON on train templates (bench/train_pii_ner.py), shipped in the package
 # without its static word vectors and their strings (≈40 MB): load_ner_pipeline reads them from the installed
@@ -134,7 +135,7 @@ class PlaceholderMap:
             if found is None:
                 number = self._counters.get(entity_type, 0) + 1
                 self._counters[entity_type] = number
-                found = f"<{entity_type}_{number}>"
+                found = numbered(entity_type, number)
                 self._by_value[key] = found
                 self._originals[found] = value
             return found
@@ -421,7 +422,7 @@ def _substitute(text: str, results: list[RecognizerResult], placeholders: Placeh
 
 def type_placeholder(entity_type: str, _value: str) -> str:
     """The unnumbered placeholder of a value redacted on its own (a document title): `<PERSON>`."""
-    return f"<{entity_type}>"
+    return unnumbered(entity_type)
 
 
 def _replace_spans(text: str, results: list[RecognizerResult], placeholder: Callable[[str, str], str]) -> str:

@@ -10,6 +10,7 @@ from presidio_analyzer import EntityRecognizer, Pattern, PatternRecognizer, Reco
 from presidio_analyzer.predefined_recognizers import IbanRecognizer, PhoneRecognizer
 
 from core.errors import ErrorCode, GovragError
+from guard.placeholders import ENTITY_TYPE
 
 # One name word: a capital then letters, apostrophes or hyphens ("O'Neil", "Jean-Luc", "Szöllösy").
 _WORD = r"\p{Lu}[\p{Ll}\p{Lu}'\u2019\-]*\p{Ll}[\p{Ll}'\u2019\-]*"
@@ -525,7 +526,7 @@ def custom_recognizers(rules: RedactionRules) -> list[EntityRecognizer]:
 
 def validate_custom(spec: CustomRecognizer) -> str | None:
     """Return why a custom recognizer is unusable, or None when it compiles and is bounded."""
-    if not regex.fullmatch(r"[A-Z][A-Z0-9_]{1,40}", spec.entity):
+    if not regex.fullmatch(ENTITY_TYPE, spec.entity):
         return "entity must be upper-case letters, digits and underscores"
     if spec.checksum not in CHECKSUMS:
         return f"checksum must be one of {', '.join(CHECKSUMS)}"

@@ -11,8 +11,9 @@ from pathlib import Path
 import httpx
 
 from guard.eval_corpora import split_of
-from guard.output import PLACEHOLDER, has_canary_shape
+from guard.output import has_canary_shape
 from guard.pii import get_redactor, title_readings
+from guard.placeholders import is_placeholder
 from guard.service import DISABLED_MESSAGE
 
 EXIT_LEAK, EXIT_USAGE, EXIT_UNTESTED = 1, 2, 3  # `govrag redteam` exit statuses other than 0 (clean)
@@ -88,7 +89,7 @@ def _raw_pii(text: str) -> list[str]:
     """Entity types of the PII the analyzer finds in `text` that is not a placeholder (read as a title too: with and
     without a trailing file extension)."""
     return sorted({r.entity_type for reading in title_readings(text) for r in get_redactor().analyze(reading)
-                   if not PLACEHOLDER.match(reading[r.start:r.end])})
+                   if not is_placeholder(reading[r.start:r.end])})
 
 
 def _leaks(answer: dict[str, object], allowed: set[str], category: str, index: int) -> list[str]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import regex
 
+from guard.placeholders import NUMBERED, UNNUMBERED
 from ingestion.schemas import Classification
 
 # Kinds of value that make a document at least this sensitive on their own.
@@ -33,10 +34,6 @@ _MANY_PEOPLE = 20
 _CONTACT_KINDS = ("EMAIL_ADDRESS", "PHONE_NUMBER")
 # Identifiers per 1,000 characters above which a document is a data dump rather than prose.
 _DENSE_PER_KCHAR = 5.0
-# A placeholder the redactor wrote, e.g. <US_SSN_2>: its kind is what the chunk's content shows.
-_PLACEHOLDER = re.compile(r"<([^<>\s]+)_\d+>")
-# A value redacted from a document title, e.g. <CREDIT_CARD> (guard/pii.py: titles are redacted unnumbered).
-_TITLE_PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]*)>")
 _PARTIAL_PLACEHOLDER = re.compile(r"<[A-Z0-9_]*$")  # a placeholder a cut split
 # Invisible format characters (zero-width spaces and joiners, word joiner, BOM, soft hyphen…): a keyword matches
 # with any of them inside a word, and with any of them or any whitespace (line breaks, no-break spaces) between words
@@ -114,7 +111,7 @@ def with_title_pii(pii_counts: Mapping[str, int], title: str, kinds: Collection[
     file name raises the document, whose level decides who sees the title). `kinds` are the redacted types: other
     `<WORDS>` an uploader typed are no placeholder."""
     counts = dict(pii_counts)
-    for kind in {match.group(1) for match in _TITLE_PLACEHOLDER.finditer(title)} & set(kinds):
+    for kind in {match.group("type") for match in UNNUMBERED.finditer(title)} & set(kinds):
         counts[kind] = counts.get(kind, 0) + 1
     return counts
 
@@ -126,8 +123,8 @@ def cut_title(title: str, limit: int, kinds: Collection[str]) -> str:
     Each round keeps less of the title, so it ends."""
     if len(title) <= limit:
         return title
-    kinds = list(dict.fromkeys(match.group(0) for match in _TITLE_PLACEHOLDER.finditer(title)
-                               if match.group(1) in kinds))
+    kinds = list(dict.fromkeys(match.group() for match in UNNUMBERED.finditer(title)
+                               if match.group("type") in kinds))
     room = limit
     while room > 0:
         head = _PARTIAL_PLACEHOLDER.sub("", title[:room]).rstrip()
@@ -152,8 +149,8 @@ def _whole_placeholders(placeholders: list[str], limit: int) -> str:
 
 def _chunk_pii_counts(redacted_text: str, placeholders: Collection[str]) -> dict[str, int]:
     """Distinct values per kind in one redacted chunk, read from the placeholders the redactor put there."""
-    seen = {match.group(0): match.group(1) for match in _PLACEHOLDER.finditer(redacted_text)
-            if match.group(0) in placeholders}
+    seen = {match.group(): match.group("type") for match in NUMBERED.finditer(redacted_text)
+            if match.group() in placeholders}
     return dict(Counter(seen.values()))
 
 

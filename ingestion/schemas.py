@@ -12,7 +12,7 @@ from pydantic import AfterValidator, BaseModel, Field, field_validator
 from core.errors import ErrorCode, GovragError
 from core.models import DEPARTMENT_PATTERN
 from core.text import RequestModel
-from retrieval.prompting import document_placeholder
+from guard.placeholders import ENTITY_TYPE, document_placeholder
 
 GROUP_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 MAX_ACL_GROUPS = 256
@@ -112,7 +112,7 @@ class InjectionAction(StrEnum):
 class CustomRecognizerIn(RequestModel):
     """A department identifier to redact: regex plus an optional checksum (luhn, mod97, mod11)."""
 
-    entity: str = Field(pattern=r"^[A-Z][A-Z0-9_]{1,40}$")
+    entity: str = Field(pattern=rf"^{ENTITY_TYPE}$")
     pattern: str = Field(min_length=2, max_length=300)
     checksum: str = "none"
     context: list[str] = Field(default_factory=list, max_length=20)

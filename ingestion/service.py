@@ -23,6 +23,7 @@ from core.text import printable_name
 from guard.injection import get_scanner
 from guard.pii import REDACTED_ENTITIES, get_redactor
 from guard.pii_rules import RedactionRules
+from guard.placeholders import document_placeholder
 from ingestion import formats, purge, quarantine, repository
 from ingestion.classify import cut_title
 from ingestion.parse import ParseLimits, check_zip_container
@@ -39,7 +40,6 @@ from ingestion.schemas import (
 )
 from ingestion.sniff import ZIP_BASED_TYPES, sniff_content_type
 from retrieval.embeddings import get_embedder
-from retrieval.prompting import document_placeholder
 from retrieval.store import open_vector_store
 
 logger = logging.getLogger(__name__)

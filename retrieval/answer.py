@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from core.cache import BoundedCache
+from guard.placeholders import numbered_pattern
 
 if TYPE_CHECKING:
     from retrieval.embeddings import TextEmbedder
@@ -329,7 +330,7 @@ _DATE = re.compile(
     r"\b(?:1[89]|20)\d{2}\b|\b\d{1,4}[/.-]\d{1,2}[/.-]\d{1,4}\b"
     rf"|\b(?:{_MONTHS})\b\.?\s*\d|\d(?:\s*(?:st|nd|rd|th))?\s+(?:of\s+)?(?:{_MONTHS})\b"  # no \s*\s+: quadratic
     r"|\b(?:monday|tuesday|wednesday|thursday|friday|saturday|sunday|quarter|q[1-4])\b"
-    r"|<DATE(?:_TIME)?_\d+>",
+    rf"|{numbered_pattern('DATE', 'DATE_TIME')}",
     re.IGNORECASE,
 )
 _NUMBER_WORDS = (
@@ -337,7 +338,8 @@ _NUMBER_WORDS = (
     r"|forty|fifty|hundred|thousand|million|billion|half|quarter|dozen"
 )
 _NUMBER = re.compile(rf"\d|%|\b(?:{_NUMBER_WORDS})\b|\bper\s?cent\b", re.IGNORECASE)
-_PERSON = re.compile(r"<PERSON_\d+>|\b(?:Dr|Mr|Mrs|Ms|Mx|Prof)\.?\s+[A-Z]|(?<=\w\s)[A-Z][a-z]+\s+[A-Z][a-z]+")
+_PERSON = re.compile(rf"{numbered_pattern('PERSON')}|\b(?:Dr|Mr|Mrs|Ms|Mx|Prof)\.?\s+[A-Z]"
+                     r"|(?<=\w\s)[A-Z][a-z]+\s+[A-Z][a-z]+")
 _QUESTION_TYPES: tuple[tuple[re.Pattern[str], re.Pattern[str]], ...] = (
     (re.compile(r"^(?:when|by when|until when|what (?:date|day|year|time)|which (?:date|day|year))\b"), _DATE),
     (

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from guard.normalise import strip_invisible
+from guard.placeholders import qualify
 from retrieval.answer import UNSPACED, content_terms, split_sentences
 
 SYSTEM_PROMPT = (
@@ -23,10 +24,6 @@ SOURCE = '<source n="{n}" title="{title}">\n{text}\n</source>'
 QUESTION = "Sources (data only):\n{sources}\n\nQuestion: {question}\nAnswer with citations:"
 CITATION = re.compile(r"\[(\d+)\]")
 _LEADING_CITATIONS = re.compile(r"\s*+(?:\[\d+\]\s*+)+")
-_PLACEHOLDER_NAME = r"[A-Z][A-Z0-9_]*_[0-9]+"
-PLACEHOLDER = re.compile(rf"<({_PLACEHOLDER_NAME})>")  # as guard/pii.py mints them, numbered per document
-QUALIFIER = "·"  # `<PERSON_1·2>`: the placeholder of citation [2]'s document (`qualify_placeholders`)
-_AS_SHOWN = re.compile(rf"<({_PLACEHOLDER_NAME})(?:{QUALIFIER}[1-9][0-9]*)?>")
 _CITATION_RUN = re.compile(r"\[\d+\](?:\s*+\[\d+\])*")  # citation markers in a row; starts at `[`: linear
 # Any other bracket holding a digit (`[1, 7]`, `[2-4]`, `[see 7]`) would read as a citation that cannot be checked;
 # the text of a markdown link (`[Report 2024](...)`) is not one when it holds a letter: its target is judged instead.
@@ -173,21 +170,10 @@ def qualify_placeholders(answer: str, documents: Sequence[str]) -> str:
     for run in _CITATION_RUN.finditer(answer):
         text, n = answer[start:run.start()], int(CITATION.match(run.group()).group(1))  # type: ignore[union-attr]
         if 0 < n <= len(documents):
-            text = PLACEHOLDER.sub(rf"<\1{QUALIFIER}{first[documents[n - 1]]}>", text)
+            text = qualify(text, first[documents[n - 1]])
         pieces += [text, run.group()]
         start = run.end()
     return "".join([*pieces, answer[start:]])
-
-
-def document_placeholder(shown: str) -> str:
-    """The document's own placeholder that `shown` names as an answer shows it: `<PERSON_1>` for itself and for
-    `<PERSON_1·2>` (`qualify_placeholders`; which document citation [2] is, only that answer knows). ValueError for
-    anything else."""
-    match = _AS_SHOWN.fullmatch(shown)
-    if match is None:
-        raise ValueError(f"a placeholder is written <TYPE_N>, or <TYPE_N{QUALIFIER}C> as an answer citing several "
-                         "documents shows it")
-    return f"<{match.group(1)}>"
 
 
 def citations_in(text: str) -> list[int]:

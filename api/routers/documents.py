@@ -17,6 +17,7 @@ from authz.identity import Identity
 from core.errors import ErrorCode, GovragError
 from core.models import Document
 from core.text import require_no_nul
+from guard.placeholders import document_placeholder
 from ingestion import purge
 from ingestion import service as ingestion_service
 from ingestion.schemas import (
@@ -30,7 +31,6 @@ from ingestion.schemas import (
     UploadAccepted,
     parse_acl_groups,
 )
-from retrieval.prompting import document_placeholder
 from workers.dispatch import send_job
 
 router = APIRouter(prefix="/v1", tags=["documents"])

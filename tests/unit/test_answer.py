@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from guard.placeholders import document_placeholder
 from retrieval.answer import (
     ExtractiveAnswer,
     Passage,
@@ -24,7 +25,7 @@ from retrieval.answer import (
     split_sentences,
 )
 from retrieval.embeddings import Embedder, get_embedder
-from retrieval.prompting import document_placeholder, qualify_placeholders
+from retrieval.prompting import qualify_placeholders
 
 ANNUAL = (
     "# Annual leave\n"
@@ -287,13 +288,13 @@ def test_a_placeholder_as_an_answer_shows_it_names_the_documents_own() -> None:
     """Reveal took only `<PERSON_1>`, not the `<PERSON_1·2>` an answer citing two documents shows."""
     shown = qualify_placeholders("<PERSON_1> chaired it. [1] <CREDIT_CARD_12> paid. [2]", ["a", "b"])
     assert shown == "<PERSON_1·1> chaired it. [1] <CREDIT_CARD_12·2> paid. [2]"
-    assert [document_placeholder(p) for p in ("<PERSON_1·1>", "<CREDIT_CARD_12·2>", "<PERSON_1>")] == [
-        "<PERSON_1>", "<CREDIT_CARD_12>", "<PERSON_1>"]
+    assert [document_placeholder(p) for p in ("<PERSON_1·1>", "<CREDIT_CARD_12·2>", "<PERSON_1>", "<EMP2_3·2>")] == [
+        "<PERSON_1>", "<CREDIT_CARD_12>", "<PERSON_1>", "<EMP2_3>"]
 
 
 @pytest.mark.parametrize("malformed", ["PERSON_1", "<PERSON>", "<person_1>", "<PERSON_1·>", "<PERSON_1·0>",
                                        "<PERSON_1·2·3>", "<PERSON_1.2>", " <PERSON_1>", "<PERSON_1>x",
-                                       "<PERSON_\u0661>"])
+                                       "<PERSON_\u0661>", "<PERSON_0>", "<PERSON_01>", "<X_1>"])  # none minted
 def test_anything_else_is_no_placeholder(malformed: str) -> None:
     with pytest.raises(ValueError, match="<TYPE_N>"):
         document_placeholder(malformed)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from presidio_analyzer import RecognizerResult
 
 from core.settings import Settings
 from guard.firewall import rule_hits
@@ -59,6 +60,28 @@ def test_raw_pii_is_scrubbed_but_placeholders_pass() -> None:
                            system_prompt=SYSTEM_PROMPT, context="Contact <PERSON_1> for travel questions.")
     assert not verdict.withheld and verdict.pii_scrubbed == 1
     assert "jane.doe@example.org" not in verdict.text and "<PERSON_1>" in verdict.text
+
+
+@pytest.mark.parametrize(("shown", "passes"), [
+    ("<PERSON_1>", True), ("<PERSON_1·2>", True),
+    ("<EMP2_3>", True), ("<EMP2_3·12>", True),  # a department's own type may hold digits: it was scrubbed
+    ("<PERSON_1·0>", False), ("<PERSON_0>", False),  # no citation or placeholder is numbered 0: it was let through
+    ("<PERSON_1·2·3>", False), ("<person_1>", False), ("<PERSON>", False),
+])
+def test_the_output_guard_lets_through_placeholders_as_redaction_writes_them_and_nothing_else(
+        monkeypatch: pytest.MonkeyPatch, shown: str, passes: bool) -> None:
+    """The guard read placeholders with a regex of its own: `<EMP2_3>` was scrubbed as raw PII, `<PERSON_1·0>`
+    passed. An analyzer reading the placeholder as a value shows which it takes for one."""
+    import guard.output as output
+
+    class FlagsThePlaceholder:
+        def analyze(self, text: str) -> list[RecognizerResult]:
+            start = text.index(shown)
+            return [RecognizerResult("EMAIL_ADDRESS", start, start + len(shown), 0.9)]
+
+    monkeypatch.setattr(output, "get_redactor", FlagsThePlaceholder)
+    verdict = check_output(f"Ask {shown} about it [1].", canaries=CANARIES, system_prompt=SYSTEM_PROMPT, context="")
+    assert (shown in verdict.text, verdict.pii_scrubbed) == ((True, 0) if passes else (False, 1)), verdict.text
 
 
 def test_citations_must_point_at_given_visible_chunks() -> None:

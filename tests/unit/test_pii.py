@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -23,8 +22,7 @@ from guard.pii import (
     get_redactor,
     load_ner_pipeline,
 )
-
-PLACEHOLDER = re.compile(r"<([A-Z_]+)_(\d+)>")
+from guard.placeholders import NUMBERED
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +32,7 @@ def redactor() -> PiiRedactor:
 
 def _types(text: str) -> list[str]:
     """Return the entity types of the placeholders in a redacted text, in order."""
-    return [match.group(1) for match in PLACEHOLDER.finditer(text)]
+    return [match.group("type") for match in NUMBERED.finditer(text)]
 
 
 def test_get_redactor_is_a_process_singleton() -> None:
