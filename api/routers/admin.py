@@ -6,6 +6,7 @@ from fastapi import APIRouter, Response, status
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentUser, EnforcerDep, SessionDep, SettingsDep
+from api.query_params import DepartmentFilter
 from audit import service as audit_service
 from audit.schemas import AdminEventType
 from authz import service as authz_service
@@ -68,7 +69,7 @@ def assign_role(body: RoleAssignment, session: SessionDep, enforcer: EnforcerDep
 
 @router.get("/role-assignments", response_model=list[RoleAssignmentOut], response_model_exclude_none=True)
 def list_role_assignments(enforcer: EnforcerDep, user: CurrentUser,
-                          department: str | None = None) -> list[RoleAssignmentOut]:
+                          department: DepartmentFilter = None) -> list[RoleAssignmentOut]:
     """Role assignments: all for platform admins, a department's for its admins; `invalid` marks a stored row that
     grants nothing (revoke it with the body it is listed under)."""
     if department is None:
@@ -146,7 +147,7 @@ def map_group(body: GroupMapping, session: SessionDep, enforcer: EnforcerDep, se
 
 @router.get("/group-mappings", response_model=list[GroupMappingOut], response_model_exclude_none=True)
 def list_group_mappings(enforcer: EnforcerDep, user: CurrentUser,
-                        department: str | None = None) -> list[GroupMappingOut]:
+                        department: DepartmentFilter = None) -> list[GroupMappingOut]:
     """Group → role mappings; `invalid` marks a stored row that grants nothing (revoke it as listed)."""
     _require_scope(enforcer, user, department)
     return authz_service.list_group_mappings(enforcer, department)
@@ -171,7 +172,8 @@ def add_inheritance(body: RoleInheritance, response: Response, session: SessionD
 
 
 @router.get("/role-inheritance", response_model=list[RoleInheritance])
-def list_inheritance(enforcer: EnforcerDep, user: CurrentUser, department: str | None = None) -> list[RoleInheritance]:
+def list_inheritance(enforcer: EnforcerDep, user: CurrentUser,
+                     department: DepartmentFilter = None) -> list[RoleInheritance]:
     """The role hierarchy per department."""
     _require_scope(enforcer, user, department)
     return authz_service.list_inheritance(enforcer, department)
@@ -195,7 +197,8 @@ def set_clearance(body: ClearanceIn, session: SessionDep, enforcer: EnforcerDep,
 
 
 @router.get("/clearances", response_model=list[ClearanceOut])
-def list_clearances(enforcer: EnforcerDep, user: CurrentUser, department: str | None = None) -> list[ClearanceOut]:
+def list_clearances(enforcer: EnforcerDep, user: CurrentUser,
+                    department: DepartmentFilter = None) -> list[ClearanceOut]:
     """Explicit clearances (everyone else has the default)."""
     _require_scope(enforcer, user, department)
     return authz_service.list_clearances(enforcer, department)

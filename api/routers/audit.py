@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from api.deps import CurrentUser, EnforcerDep, SessionDep, SettingsDep
+from api.query_params import DepartmentFilter
 from audit import service as audit_service
 from audit.export import MEDIA_TYPES
 from audit.schemas import Decision, ExportFilters, ExportFormat, VerifyResult, WindowBound
@@ -20,7 +21,7 @@ def export_retrievals(session: SessionDep, settings: SettingsDep, enforcer: Enfo
                       fmt: Annotated[ExportFormat, Query(alias="format")] = ExportFormat.jsonl,
                       since: WindowBound | None = None, until: WindowBound | None = None,
                       subject: Annotated[str | None, Query(alias="user")] = None,
-                      department: str | None = None, decision: Decision | None = None,
+                      department: DepartmentFilter = None, decision: Decision | None = None,
                       document_id: str | None = None, event_type: str | None = None) -> StreamingResponse:
     """Stream ledger events of the departments where the caller holds `compliance`, closed by a manifest line."""
     filters = ExportFilters(since=since, until=until, subject=subject, department=department,

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, UploadFile, status
 
 from api.deps import CeleryDep, CurrentUser, EnforcerDep, SessionDep, SettingsDep
-from api.query_params import JSON_INTEGER
+from api.query_params import JSON_INTEGER, Department
 from audit import service as audit_service
 from audit.schemas import AdminEventType
 from authz import service as authz_service
@@ -67,7 +67,7 @@ def upload_document(
 @router.get("/documents", response_model=DocumentPage)
 def list_documents(
     session: SessionDep, enforcer: EnforcerDep, user: CurrentUser,
-    department: Annotated[str, Query(max_length=64)],
+    department: Department,
     status: ListedStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE), JSON_INTEGER] = 50,
     after: Annotated[str | None, Query(max_length=200)] = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 
 from api.deps import CeleryDep, CurrentUser, EnforcerDep, SessionDep, SettingsDep
+from api.query_params import DepartmentFilter
 from audit import service as audit_service
 from audit.schemas import AdminEventType
 from authz import service as authz_service
@@ -48,7 +49,7 @@ def put_policy(department: str, body: IngestionPolicyIn, session: SessionDep, en
 
 @router.get("/quarantine", response_model=list[QuarantinedOut])
 def list_quarantine(session: SessionDep, enforcer: EnforcerDep, user: CurrentUser,
-                    department: str | None = None) -> list[QuarantinedOut]:
+                    department: DepartmentFilter = None) -> list[QuarantinedOut]:
     """Documents held for review: all for platform admins, a department's for its admins."""
     if department is None:
         authz_service.require_platform_admin(user)

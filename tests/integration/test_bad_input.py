@@ -17,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from core import metrics
 from core.db import get_engine
+from core.models import DEPARTMENT_PATTERN
 from core.text import REPLACEMENT
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_document, wait_for_job
 
@@ -356,6 +357,41 @@ def test_a_query_string_is_read_as_strictly_as_a_body(client: TestClient, desk: 
     error = response.json()["error"]
     assert error["code"] == "invalid_request" and problem in error["message"], error
     assert "1700000000" not in error["message"] and "departmnet" not in error["message"]  # values never echoed
+
+
+DEPARTMENT_LISTS = ["/v1/documents", "/v1/audit/retrievals", "/v1/admin/quarantine", "/v1/admin/role-assignments",
+                    "/v1/admin/group-mappings", "/v1/admin/role-inheritance", "/v1/admin/clearances"]
+
+
+@pytest.mark.parametrize("path", DEPARTMENT_LISTS)
+@pytest.mark.parametrize("name", ["a" * 64, "a" * 10_000, "Desk", "-desk", f"desk {SECRET_WORD}"])
+def test_a_department_in_a_query_string_is_a_department_name_or_a_422(client: TestClient, path: str, name: str,
+                                                                       issue_token: Callable[..., str]) -> None:
+    """Only `/v1/documents` limited it (to 64 characters of any text); the admin lists and the audit export took
+    any text of any length. Each reads it as a body reads a department's name now."""
+    response = client.get(path, params={"department": name}, headers=auth(issue_token(PLATFORM_ADMIN)))
+    assert response.status_code == 422, response.text
+    message = response.json()["error"]["message"]
+    assert "query.department: String should match pattern" in message and name not in message, message
+
+
+@pytest.mark.parametrize("path", DEPARTMENT_LISTS)
+def test_the_longest_department_name_is_taken_in_a_query_string(client: TestClient, path: str,
+                                                                 issue_token: Callable[..., str]) -> None:
+    response = client.get(path, params={"department": "a" * 63}, headers=auth(issue_token(PLATFORM_ADMIN)))
+    assert response.status_code != 422, response.text
+
+
+def test_every_department_query_parameter_is_read_as_a_department_name(client: TestClient) -> None:
+    """The OpenAPI document names each: an endpoint added later must take the same definition."""
+    found = {}
+    for path, methods in client.app.openapi()["paths"].items():  # type: ignore[attr-defined]
+        for operation in methods.values():
+            for parameter in operation.get("parameters", []):
+                if parameter["in"] == "query" and "department" in parameter["name"]:
+                    schema = parameter["schema"]
+                    found[path] = [s.get("pattern") for s in schema.get("anyOf", [schema]) if s.get("type") != "null"]
+    assert found == dict.fromkeys(DEPARTMENT_LISTS, [DEPARTMENT_PATTERN])
 
 
 def test_a_query_parameter_on_an_endpoint_that_takes_none_is_a_422(client: TestClient, desk: dict[str, str]) -> None:
