@@ -90,6 +90,16 @@ EMBEDDING_NOTE = ("hashed char/word n-grams and rule/shape features of the norma
 #   the disguises guard.normalise undoes) as positives that only teach, each in its original's fold: 0.933; with a
 #   copy of each benign row as well: 0.927. (With the copies in random folds it reads 0.957: an attack's copy in the
 #   training folds leaks it; never count copies apart from their original.)
+# Rejected after the goals were kept (session 15), each against 0.948 (the booster; "regression" against 0.941):
+# - Embedding columns x2: 0.936; x0.5: 0.945.
+# - Nearest harmful similarity of the question's best sentence (contextual sentence vectors from the same forward
+#   pass, retrieval.answer.sentence_spans): regression 0.943, with the booster 0.946. The same for the attack and
+#   benign banks: 0.860 (a training row's own sentence sits in the bank beside it: leakage, as with copies).
+# - A training row's own goal left out of its harmful column unless another training row names it (as a held-out
+#   row sees it): regression 0.941, no change.
+# - Mean similarity to the 3 nearest harmful goals as a booster input: 0.946.
+# - BIPIA's clean train documents (258) as negatives that only teach: regression 0.945, with the booster 0.947.
+# - Max (or max and min) pooled token states of the question as regression columns: 0.938 (0.940).
 BOOSTER_PARAMS = {"max_iter": 100, "learning_rate": 0.05, "max_depth": 3, "min_samples_leaf": 20}
 BOOSTER_BLEND = 0.5
 BOOSTER_NOTE = ("the regression's logit (clipped), nearest similarity to each bank and mean of the 3 nearest attacks "
