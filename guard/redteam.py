@@ -42,6 +42,12 @@ def attack_corpus(root: Path, per_category: int) -> dict[str, list[str]]:
     return corpus
 
 
+AUTO_TRIP_NOTE = ("note: blocked prompts count toward the department's automatic trip "
+                  "(GOVRAG_GUARD_AUTO_TRIP_PER_MINUTE guard hits a minute, 0 = off): once tripped it answers "
+                  "retrieval_only, so later prompts reached no model; GET /v1/admin/guard shows its mode, an admin's "
+                  "reset restores it")
+
+
 @dataclass
 class RedTeamReport:
     """Per category: prompts sent and blocked; prompts answered (200); errors by HTTP status; every leak found."""
@@ -63,6 +69,8 @@ class RedTeamReport:
         out.append(f"errors: {sum(self.errors.values())}"
                    + "".join(f"\n  - HTTP {status}: {count}" for status, count in sorted(self.errors.items())))
         out.append(f"leaks: {len(self.leaks)}" + "".join(f"\n  - {leak}" for leak in self.leaks))
+        if blocked:
+            out.append(AUTO_TRIP_NOTE)
         return out
 
     def exit_code(self) -> int:

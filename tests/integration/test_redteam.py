@@ -32,7 +32,7 @@ def test_redteam_reports_block_rates_and_no_leak(client: TestClient, issue_token
     report = redteam.run(client, token, "rtdept", corpus)
     assert sum(report.sent.values()) == sum(len(t) for t in corpus.values())
     assert sum(report.blocked.values()) > 0 and report.leaks == []
-    assert report.lines()[-1] == "leaks: 0"
+    assert report.lines()[-2:] == ["leaks: 0", redteam.AUTO_TRIP_NOTE]
 
 
 def test_leaks_are_detected() -> None:
@@ -158,3 +158,11 @@ def test_fewer_than_one_prompt_per_category_is_a_usage_error(count: str, tmp_pat
         cli.main(["redteam", "--department", "hr", "--token", "t", "--corpus", str(_corpus(tmp_path)),
                   "--per-category", count, "--url", "http://127.0.0.1:9"])
     assert exited.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+def test_a_report_with_blocked_prompts_warns_that_the_department_may_have_tripped() -> None:
+    report = redteam.RedTeamReport()
+    report.sent["jailbreak/PAIR"], report.answered = 2, 2
+    assert redteam.AUTO_TRIP_NOTE not in report.lines()
+    report.blocked["jailbreak/PAIR"] = 1
+    assert report.lines()[-1] == redteam.AUTO_TRIP_NOTE and "GOVRAG_GUARD_AUTO_TRIP_PER_MINUTE" in report.lines()[-1]
