@@ -16,12 +16,12 @@ from sqlalchemy.orm import Session
 
 from audit import repository
 from audit.integrity import plain
-from audit.schemas import EXPORT_FIELDS, ExportFilters, ExportFormat
+from audit.schemas import EXPORT_FIELDS, RETRIEVAL_EVENT, ExportFilters, ExportFormat
 from core.models import utcnow
 
 MEDIA_TYPES = {ExportFormat.jsonl: "application/x-ndjson", ExportFormat.csv: "text/csv",
                ExportFormat.ocsf: "application/x-ndjson"}
-_OCSF_ACTIVITY = {"retrieval": (2, "Read")}  # admin events are "Update" (3)
+_OCSF_ACTIVITY = {RETRIEVAL_EVENT: (2, "Read")}  # admin events are "Update" (3)
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs a cell starting so as a formula
 
 

@@ -53,6 +53,11 @@ class AdminEventType(StrEnum):
     reindex = "reindex"
 
 
+RETRIEVAL_EVENT = "retrieval"
+# Every event type the ledger records: what an export may filter on (anything else is a 422, not an empty export).
+EventType = StrEnum("EventType", {RETRIEVAL_EVENT: RETRIEVAL_EVENT} | {e.value: e.value for e in AdminEventType})
+
+
 @dataclass(frozen=True)
 class RetrievalRecord:
     """Everything the ledger keeps about one query; the question arrives already masked.

@@ -12,7 +12,15 @@ from sqlalchemy.orm import Session
 
 from audit import export, integrity, repository, training
 from audit.integrity import event_hash
-from audit.schemas import AdminEventType, Decision, ExportFilters, ExportFormat, RetrievalRecord, VerifyResult
+from audit.schemas import (
+    RETRIEVAL_EVENT,
+    AdminEventType,
+    Decision,
+    ExportFilters,
+    ExportFormat,
+    RetrievalRecord,
+    VerifyResult,
+)
 from authz import service as authz_service
 from authz.identity import Identity, is_platform_admin
 from core import metrics
@@ -42,7 +50,7 @@ question_masker: MicroBatcher[str, str] = MicroBatcher(mask_questions, name="gov
 def record_retrieval(*, session: Session, record: RetrievalRecord, settings: Settings | None = None) -> None:
     """Append the event to the chain and return once it is committed; any failure is `unavailable`: no audit,
     no answer. Retrievals arriving together share one transaction (see `_GroupCommit`)."""
-    _retrievals.append(session, settings, RetrievalEvent(event_type="retrieval", **vars(record)))
+    _retrievals.append(session, settings, RetrievalEvent(event_type=RETRIEVAL_EVENT, **vars(record)))
 
 
 def record_admin_event(*, session: Session, identity: Identity, event_type: AdminEventType | str,

@@ -51,7 +51,7 @@ _KEY_TYPES_BY_ALG: dict[str, tuple[type, ...]] = {
 _REQUIRED_CLAIMS = ["exp", "iss", "aud"]  # the subject claim is configurable and checked after decoding
 _DISCOVERY_PATH = "/.well-known/openid-configuration"
 _MAX_TOKEN_CHARS = 16 * 1024
-_MAX_SUBJECT_CHARS = 255
+MAX_SUBJECT_CHARS = 255
 # A fetch from the IdP (discovery document or JWK Set) gets this long in all, however slowly the bytes drip,
 # and at most this many bytes: a slow or hostile IdP cannot hold a request, or the key cache, for longer.
 _FETCH_DEADLINE_SECONDS = 10.0
@@ -410,7 +410,7 @@ def _subject(subject: Any) -> str:
         raise _fail("missing required claim")
     if not isinstance(subject, str) or not subject.strip():
         raise _fail("invalid subject")
-    if len(subject) > _MAX_SUBJECT_CHARS or subject.startswith(RESERVED_PREFIXES) or not subject.isprintable():
+    if len(subject) > MAX_SUBJECT_CHARS or subject.startswith(RESERVED_PREFIXES) or not subject.isprintable():
         raise _fail("invalid subject")
     return subject
 

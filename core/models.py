@@ -63,11 +63,14 @@ class Department(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+DOCUMENT_ID_CHARS = 36  # a UUID in text
+
+
 class Document(Base):
     __tablename__ = "documents"
     __table_args__ = (Index("ix_documents_department_created", "department", "created_at", "id"),)  # listing pages
 
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    id: Mapped[str] = mapped_column(String(DOCUMENT_ID_CHARS), primary_key=True)
     department: Mapped[str] = mapped_column(ForeignKey("departments.name"), index=True)
     title: Mapped[str] = mapped_column(String(300))
     content_type: Mapped[str] = mapped_column(String(120))

@@ -11,7 +11,9 @@ from api.deps import CurrentUser, EnforcerDep, SessionDep, SettingsDep
 from api.query_params import DepartmentFilter
 from audit import service as audit_service
 from audit.export import MEDIA_TYPES
-from audit.schemas import Decision, ExportFilters, ExportFormat, VerifyResult, WindowBound
+from audit.schemas import Decision, EventType, ExportFilters, ExportFormat, VerifyResult, WindowBound
+from authz.tokens import MAX_SUBJECT_CHARS
+from core.models import DOCUMENT_ID_CHARS
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 
@@ -20,13 +22,14 @@ router = APIRouter(prefix="/v1/audit", tags=["audit"])
 def export_retrievals(session: SessionDep, settings: SettingsDep, enforcer: EnforcerDep, user: CurrentUser,
                       fmt: Annotated[ExportFormat, Query(alias="format")] = ExportFormat.jsonl,
                       since: WindowBound | None = None, until: WindowBound | None = None,
-                      subject: Annotated[str | None, Query(alias="user")] = None,
+                      subject: Annotated[str | None, Query(alias="user", max_length=MAX_SUBJECT_CHARS)] = None,
                       department: DepartmentFilter = None, decision: Decision | None = None,
-                      document_id: str | None = None, event_type: str | None = None) -> StreamingResponse:
+                      document_id: Annotated[str | None, Query(max_length=DOCUMENT_ID_CHARS)] = None,
+                      event_type: EventType | None = None) -> StreamingResponse:
     """Stream ledger events of the departments where the caller holds `compliance`, closed by a manifest line."""
     filters = ExportFilters(since=since, until=until, subject=subject, department=department,
                             decision=decision.value if decision else None, document_id=document_id,
-                            event_type=event_type)
+                            event_type=event_type.value if event_type else None)
     scope = audit_service.compliance_scope(session=session, settings=settings, enforcer=enforcer, identity=user)
     rows = audit_service.export_events(session=session, settings=settings, identity=user, scope=scope,
                                        filters=filters, fmt=fmt)

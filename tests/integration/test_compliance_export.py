@@ -213,3 +213,22 @@ def test_training_data_export_is_redacted_ready_only_and_audited(client: TestCli
     assert "dana.whitfield@example.com" not in text and "Dana Whitfield" not in text
     exports, _ = _export(client, scene["officer_token"], event_type="training_export")
     assert [row["subject"] for row in exports] == [operator.subject]
+
+
+@pytest.mark.parametrize(("name", "value"), [("user", "x" * 256), ("document_id", "x" * 37),
+                                             ("event_type", "x" * 10_000), ("event_type", "retrievals")])
+def test_an_export_filter_out_of_shape_is_a_422_and_never_reaches_the_ledger(client: TestClient,
+                                                                             scene: dict[str, str], name: str,
+                                                                             value: str) -> None:
+    """Each export writes its filters into the append-only ledger: an unbounded one stayed there for good."""
+    params = {"department": scene["dept"], name: value}
+    response = client.get("/v1/audit/retrievals", headers=auth(scene["officer_token"]), params=params)
+    assert response.status_code == 422 and value not in response.text
+    events, _ = _export(client, scene["officer_token"], department=scene["dept"], event_type="export")
+    assert all(value not in json.dumps(event) for event in events)
+
+
+def test_every_event_type_the_ledger_records_is_a_filter(client: TestClient, scene: dict[str, str]) -> None:
+    for event_type in ("retrieval", "export", "role_granted"):
+        events, _ = _export(client, scene["officer_token"], department=scene["dept"], event_type=event_type)
+        assert {event["event_type"] for event in events} <= {event_type}
