@@ -14,6 +14,7 @@ class GovragCelery(Celery):
 
 
 INGEST_TASK = "govrag.ingest_document"
+WORKER_START_SECONDS = 60.0
 
 
 def create_celery(settings: Settings) -> GovragCelery:
@@ -29,6 +30,9 @@ def create_celery(settings: Settings) -> GovragCelery:
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
+        # a prefork child loads its models before it reports itself up (workers.tasks, worker_process_init): 1-2 s
+        # alone, 4-6 s when two children load at once on 2 busy cores; Celery's 4 s default killed such a child
+        worker_proc_alive_timeout=WORKER_START_SECONDS,
         broker_transport_options=_transport_options(settings),
     )
     app.govrag_settings = settings

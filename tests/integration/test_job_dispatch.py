@@ -225,6 +225,16 @@ def test_a_clean_stop_during_a_run_hands_its_job_back_instead_of_counting_a_cras
     assert (final[0], final[3]) == ("ready", 0)
 
 
+def test_a_prefork_child_has_time_to_load_its_models_before_celery_counts_it_dead(tmp_path: Path) -> None:
+    """Children load the models in worker_process_init, before they report themselves up: 4-6 s for two at once on 2
+    busy cores, and Celery's default 4 s (`worker_proc_alive_timeout`) killed a child that took longer."""
+    from core.settings import Settings
+    from workers.celery_app import create_celery
+
+    app = create_celery(Settings(data_dir=tmp_path, broker_url="memory://"))
+    assert app.conf.worker_proc_alive_timeout >= 30
+
+
 def test_a_worker_loads_the_pii_model_as_it_starts_and_its_first_claim_does_not(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A fresh worker loaded the PII model (spaCy via Presidio) on its first job, in the claim's re-redaction of the
