@@ -63,6 +63,11 @@ def _rx(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern, re.IGNORECASE | re.DOTALL)
 
 
+_CREDENTIAL_COMPOUNDS = (  # "password" + these: a compound noun
+    r"[\s-]+(?:polic(?:y|ies)|resets?|requirements?|rules?|managers?|expiry|expiration|length|changes?|complexity|"
+    r"strength|guidelines?|format|history|hints?|standards?|procedures?|process(?:es)?|rotation|vault)\b")
+_CANARY_COMPOUNDS = (r"[\s-]+(?:deployments?|releases?|rollouts?|builds?|tests?|testing|versions?|channels?|process|"
+                     r"servers?|clusters?|analysis|stage|environment)\b")
 RULES: tuple[Rule, ...] = (
     Rule("ignore_instructions", _rx(
         r"\b(ignore|disregard|forget|override|bypass)\b\W+(?:\w+\W+){0,4}?(previous|prior|above|earlier|preceding|"
@@ -71,8 +76,11 @@ RULES: tuple[Rule, ...] = (
     Rule("reveal_prompt", _rx(
         r"\b(reveal|print|show|repeat|output|display|leak|spell out|tell me|what (?:is|are|were))\b\W+(?:\w+\W+){0,4}?"
         r"(system prompt|initial (?:instructions|prompt)|(?:your|hidden|secret|original) (?:instructions|prompt|"
-        r"rules|guidelines)|the (?:canary|password|secret (?:password|key|code|word|phrase)\b|secret\b(?!\s+\w)))"),
-        hard=True),  # "the secret" as a noun, not as an adjective ("the secret headquarters of...")
+        r"rules|guidelines)|the (?:canary\b(?!" + _CANARY_COMPOUNDS + r")|password\b(?!" + _CREDENTIAL_COMPOUNDS + r")|"
+        r"secret (?:password|key|code|word|phrase)\b|secret\b(?!\s+\w)))"),
+        hard=True),  # "the secret" as a noun, not as an adjective ("the secret headquarters of..."); "the password" and
+    # "the canary" as the thing itself, not the first word of an everyday compound ("the password policy", "the canary
+    # release"): an employee asking about those is no attack, and a hard rule blocks without the classifier's say
     Rule("do_anything_now", _rx(r"\b(do anything now|developer mode|dev mode|jailbr(?:oken|eak)|unfiltered (?:ai|mode)"
                                 r"|anti-?dan|evil ?bot|god ?mode)\b"), hard=True),
     Rule("no_restrictions", _rx(
