@@ -100,6 +100,8 @@ EMBEDDING_NOTE = ("hashed char/word n-grams and rule/shape features of the norma
 # - Mean similarity to the 3 nearest harmful goals as a booster input: 0.946.
 # - BIPIA's clean train documents (258) as negatives that only teach: regression 0.945, with the booster 0.947.
 # - Max (or max and min) pooled token states of the question as regression columns: 0.938 (0.940).
+# - A learned harmfulness direction (a logistic regression, per fold, of the harmful bank against the benign prompts
+#   over embeddings) as a regression column, on the question's vector: 0.937; its best sentence's: 0.940.
 BOOSTER_PARAMS = {"max_iter": 100, "learning_rate": 0.05, "max_depth": 3, "min_samples_leaf": 20}
 BOOSTER_BLEND = 0.5
 BOOSTER_NOTE = ("the regression's logit (clipped), nearest similarity to each bank and mean of the 3 nearest attacks "
