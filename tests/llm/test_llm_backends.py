@@ -122,7 +122,17 @@ def llama_server() -> Iterator[str]:
             raise RuntimeError("llama_cpp.server did not start")
         yield url
     finally:
-        process.terminate()
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Terminate the server; one still generating for a client that timed out (a loaded machine: the backend's
+    ReadTimeout falls back to the extractive answer) finishes that answer before it exits, so it is killed."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
         process.wait(timeout=30)
 
 
