@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import re
@@ -53,8 +54,18 @@ def segment_spans(text: str) -> list[Segment]:
     seen = {(segment.start, segment.end) for segment in found}
     for a, b in _windows(_words(text, 0, len(text))):
         if (a, b) not in seen:
-            found.append(Segment(a, b, " ".join(text[a:b].split()), True))
+            found.append(Segment(a, b, _as_one_line(text, a, b), True))
     return [segment for segment in found if len(segment.text) >= MIN_SEGMENT_CHARS]
+
+
+def _as_one_line(text: str, start: int, end: int) -> str:
+    """text[start:end] as a model reads it: every line break and run of spaces one space."""
+    return " ".join(text[start:end].split())
+
+
+def _fires_hard_rule(line: str) -> bool:
+    """Whether a hard rule fires on `line` (text read across lines, which the classifier is not trusted with)."""
+    return fires_hard_rule(rule_hits(normalise(line)))
 
 
 def segments(text: str) -> list[str]:
@@ -103,10 +114,40 @@ def _windows(words: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return windows
 
 
+def _firing_runs(text: str, start: int, end: int) -> list[tuple[int, int]]:
+    """The shortest runs of the words of text[start:end] that fire a hard rule read as one line, left to right, each
+    after the last. What is left between them fires none (a rule that fires on some words fires on more): each run
+    ends at the first word where the words since the last run fire one, and starts at the last word from which they
+    still do; each is found by bisection, a few readings of a 400-character window."""
+    words, runs, first = _words(text, start, end), [], 0
+
+    def fires(a: int, b: int) -> bool:
+        return _fires_hard_rule(_as_one_line(text, words[a][0], words[b][1]))
+
+    while first < len(words) and fires(first, len(words) - 1):
+        last = first + bisect.bisect_left(range(first, len(words)), True, key=lambda i: fires(first, i))
+        begin = last - bisect.bisect_left(range(last, first - 1, -1), True, key=lambda i: fires(i, last))
+        runs.append((words[begin][0], words[last][1]))
+        first = last + 1
+    return runs
+
+
+def _merged(spans: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """`spans` in order, those that overlap or touch as one."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return tuple(merged)
+
+
 @dataclass(frozen=True, slots=True)
 class ScanResult:
-    """The highest segment score, whether it crosses the threshold, and the spans of the text `neutralise` replaces
-    (each flagged piece of a line, and each flagged window across lines that holds none of them)."""
+    """The highest segment score, whether it crosses the threshold, and the spans of the text `neutralise` replaces,
+    in order and apart (each flagged piece of a line, and the words that fire a hard rule in each flagged window
+    across lines, also where a flagged piece of a line lies in that window)."""
 
     score: float
     flagged: bool
@@ -143,19 +184,21 @@ class InjectionScanner:
         scores = self._segment_scores([part for text_parts in parts for part in text_parts])
         start = 0
         for i, text_parts in zip(missing, parts, strict=True):
-            results[i] = self._judged(text_parts, scores[start:start + len(text_parts)])
+            results[i] = self._judged(texts[i], text_parts, scores[start:start + len(text_parts)])
             self._scans.put(keys[i], results[i])
             start += len(text_parts)
         return results  # type: ignore[return-value]
 
-    def _judged(self, parts: list[Segment], scores: np.ndarray) -> ScanResult:
-        """One text's scan from its segments and their scores."""
+    def _judged(self, text: str, parts: list[Segment], scores: np.ndarray) -> ScanResult:
+        """One text's scan from its segments and their scores: what made a segment flagged is removed, each flagged
+        piece of a line whole and, in a window across lines, the runs of words that fire its hard rules."""
         score = float(np.max(scores)) if len(parts) else 0.0
         flagged = [part for part, value in zip(parts, scores, strict=True) if value >= self.threshold]
-        own = [(part.start, part.end) for part in flagged if not part.across_lines]
-        removed = own + [(part.start, part.end) for part in flagged
-                         if part.across_lines and not any(a < part.end and part.start < b for a, b in own)]
-        return ScanResult(score=score, flagged=score >= self.threshold, removed=tuple(sorted(removed)))
+        removed = [(part.start, part.end) for part in flagged if not part.across_lines]
+        for part in flagged:
+            if part.across_lines:
+                removed += _firing_runs(text, part.start, part.end)
+        return ScanResult(score=score, flagged=score >= self.threshold, removed=_merged(removed))
 
     def _segment_scores(self, parts: list[Segment]) -> np.ndarray:
         """The classifier's score of each piece of a line (what it was trained on), and, for a window across lines,
@@ -167,7 +210,7 @@ class InjectionScanner:
         if own:
             scores[own] = self.model.scores([parts[i].text for i in own])[0]
         for i, part in enumerate(parts):
-            if part.across_lines and fires_hard_rule(rule_hits(normalise(part.text))):
+            if part.across_lines and _fires_hard_rule(part.text):
                 scores[i] = HARD_SCORE
         return scores
 
@@ -176,9 +219,8 @@ class InjectionScanner:
         again)."""
         pieces, copied = [], 0
         for start, end in self.scan(text).removed:
-            if not pieces or start > copied:
-                pieces += [text[copied:start], REMOVED]
-            copied = max(copied, end)
+            pieces += [text[copied:start], REMOVED]
+            copied = end
         return "".join([*pieces, text[copied:]])
 
 
