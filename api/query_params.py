@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Query, Request
+from fastapi import Request
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BeforeValidator
-
-from core.models import DEPARTMENT_PATTERN
 
 _JSON_INTEGER = re.compile(r"-?(?:0|[1-9][0-9]*)")
 
@@ -34,12 +32,6 @@ def _json_integer(value: object) -> object:
 # `Annotated[int, Query(ge=1), JSON_INTEGER]`: after `Query`, whose bounds then still reach the OpenAPI document as
 # `minimum`/`maximum` (placed before them, a validator leaves them there as unknown `ge`/`le` keys).
 JSON_INTEGER = BeforeValidator(_json_integer)
-
-# A department's name in a query string, read as a request body reads one (`DEPARTMENT_PATTERN`, at most 63
-# characters): any other text is a 422 before the handler runs. `DepartmentFilter` when it may be left out.
-_DEPARTMENT = Query(pattern=DEPARTMENT_PATTERN, description="lower-case letters, digits, '-' or '_'")
-Department = Annotated[str, _DEPARTMENT]
-DepartmentFilter = Annotated[str | None, _DEPARTMENT]
 
 
 async def strict_query(request: Request) -> None:

@@ -9,8 +9,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from authz.identity import GROUP_PREFIX, RESERVED_PREFIXES
-from core.models import DEPARTMENT_PATTERN
-from core.text import RequestModel
+from core.text import DepartmentName, RequestModel
 from ingestion.schemas import Classification
 
 GLOBAL_SCOPE = "global"  # the kill switch's platform-wide scope
@@ -61,7 +60,7 @@ class Permission(StrEnum):
 
 
 class DepartmentIn(RequestModel):
-    name: str = Field(pattern=DEPARTMENT_PATTERN, description="lower-case letters, digits, '-' or '_'")
+    name: DepartmentName
 
 
 class DepartmentOut(BaseModel):
@@ -73,7 +72,7 @@ class RoleAssignmentKey(RequestModel):
 
     subject: StoredSubject
     role: str = Field(pattern=ROLE_PATTERN)
-    department: str = Field(pattern=DEPARTMENT_PATTERN)
+    department: DepartmentName
 
 
 class RoleAssignment(RoleAssignmentKey):
@@ -92,7 +91,7 @@ class GroupMappingKey(RequestModel):
 
     group: str = Field(max_length=255 - len(GROUP_PREFIX), description="the group as listed")
     role: str = Field(pattern=ROLE_PATTERN)
-    department: str = Field(pattern=DEPARTMENT_PATTERN)
+    department: DepartmentName
 
 
 class GroupMapping(GroupMappingKey):
@@ -118,14 +117,14 @@ class RoleInheritance(RequestModel):
 
     role: str = Field(pattern=ROLE_PATTERN)
     inherits: str = Field(pattern=ROLE_PATTERN)
-    department: str = Field(pattern=DEPARTMENT_PATTERN)
+    department: DepartmentName
 
 
 class ClearanceKey(RequestModel):
     """A clearance to remove: as set, or as listed (also one stored before today's rules on subjects)."""
 
     subject: StoredSubject
-    department: str = Field(pattern=DEPARTMENT_PATTERN)
+    department: DepartmentName
 
 
 class ClearanceIn(ClearanceKey):

@@ -9,11 +9,12 @@ inside files (an upload's file name, an e-mail attachment's) are not the caller'
 from __future__ import annotations
 
 import unicodedata
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.errors import ErrorCode, GovragError
+from core.models import DEPARTMENT_PATTERN
 
 NUL = "\x00"
 NUL_MESSAGE = "text must not contain NUL (\\u0000) characters"
@@ -21,6 +22,11 @@ REPLACEMENT = "\ufffd"
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # LRE..RLO, LRI..PDI
 # Every character `str.splitlines` ends a line at: a reader (and a model) takes each for a line break.
 LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+
+# A department's name wherever a request gives one: a body field, a path segment, a query string, an upload's form
+# field (`Annotated[DepartmentName, Form()]`). Anything but `DEPARTMENT_PATTERN` (at most 63 characters) is a 422
+# naming the field, never the value, before the handler runs; the OpenAPI document shows the pattern.
+DepartmentName = Annotated[str, Field(pattern=DEPARTMENT_PATTERN, description="lower-case letters, digits, '-' or '_'")]
 
 
 def has_nul(value: object) -> bool:

@@ -6,9 +6,9 @@ from enum import StrEnum
 
 from pydantic import BaseModel, Field
 
-from authz.schemas import DEPARTMENT_PATTERN
 from authz.schemas import GLOBAL_SCOPE as GLOBAL_SCOPE  # the kill switch's global scope, never a department
-from core.text import RequestModel
+from core.models import DEPARTMENT_PATTERN
+from core.text import DepartmentName, RequestModel
 from guard.firewall import GuardMode
 
 SCOPE_PATTERN = DEPARTMENT_PATTERN  # "global" or a department name
@@ -25,7 +25,7 @@ class KillMode(StrEnum):
 
 
 class KillSwitchIn(RequestModel):
-    scope: str = Field(pattern=SCOPE_PATTERN, max_length=64)
+    scope: str = Field(pattern=SCOPE_PATTERN)
     mode: KillMode
     reason: str = Field(min_length=1, max_length=500)
 
@@ -38,7 +38,7 @@ class KillSwitchOut(BaseModel):
 
 
 class FirewallModeIn(RequestModel):
-    department: str = Field(pattern=DEPARTMENT_PATTERN, max_length=64)
+    department: DepartmentName
     mode: GuardMode
 
 

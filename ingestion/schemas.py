@@ -10,8 +10,7 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 from core.errors import ErrorCode, GovragError
-from core.models import DEPARTMENT_PATTERN
-from core.text import RequestModel
+from core.text import DepartmentName, RequestModel
 from guard.placeholders import ENTITY_TYPE, document_placeholder
 
 GROUP_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
@@ -166,7 +165,7 @@ class ReviewDecision(BaseModel):
 
 
 class ReindexIn(RequestModel):
-    department: str = Field(pattern=DEPARTMENT_PATTERN)
+    department: DepartmentName
     # omitted: all; empty: a 422, not all; more than the maximum: a 422 (send them in several requests)
     document_ids: list[str] | None = Field(default=None, min_length=1, max_length=MAX_REINDEX_IDS)
 

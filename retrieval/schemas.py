@@ -6,7 +6,7 @@ import re
 
 from pydantic import BaseModel, Field, field_validator
 
-from authz.schemas import DEPARTMENT_PATTERN
+from core.models import DEPARTMENT_PATTERN
 from core.text import RequestModel
 from guard.normalise import strip_invisible
 

@@ -6,7 +6,6 @@ from fastapi import APIRouter, Response, status
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentUser, EnforcerDep, SessionDep, SettingsDep
-from api.query_params import DepartmentFilter
 from audit import service as audit_service
 from audit.schemas import AdminEventType
 from authz import service as authz_service
@@ -30,6 +29,7 @@ from authz.schemas import (
 )
 from core.keystore import keystore_for
 from core.settings import Settings
+from core.text import DepartmentName
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
@@ -69,7 +69,7 @@ def assign_role(body: RoleAssignment, session: SessionDep, enforcer: EnforcerDep
 
 @router.get("/role-assignments", response_model=list[RoleAssignmentOut], response_model_exclude_none=True)
 def list_role_assignments(enforcer: EnforcerDep, user: CurrentUser,
-                          department: DepartmentFilter = None) -> list[RoleAssignmentOut]:
+                          department: DepartmentName | None = None) -> list[RoleAssignmentOut]:
     """Role assignments: all for platform admins, a department's for its admins; `invalid` marks a stored row that
     grants nothing (revoke it with the body it is listed under)."""
     if department is None:
@@ -147,7 +147,7 @@ def map_group(body: GroupMapping, session: SessionDep, enforcer: EnforcerDep, se
 
 @router.get("/group-mappings", response_model=list[GroupMappingOut], response_model_exclude_none=True)
 def list_group_mappings(enforcer: EnforcerDep, user: CurrentUser,
-                        department: DepartmentFilter = None) -> list[GroupMappingOut]:
+                        department: DepartmentName | None = None) -> list[GroupMappingOut]:
     """Group → role mappings; `invalid` marks a stored row that grants nothing (revoke it as listed)."""
     _require_scope(enforcer, user, department)
     return authz_service.list_group_mappings(enforcer, department)
@@ -173,7 +173,7 @@ def add_inheritance(body: RoleInheritance, response: Response, session: SessionD
 
 @router.get("/role-inheritance", response_model=list[RoleInheritance])
 def list_inheritance(enforcer: EnforcerDep, user: CurrentUser,
-                     department: DepartmentFilter = None) -> list[RoleInheritance]:
+                     department: DepartmentName | None = None) -> list[RoleInheritance]:
     """The role hierarchy per department."""
     _require_scope(enforcer, user, department)
     return authz_service.list_inheritance(enforcer, department)
@@ -198,7 +198,7 @@ def set_clearance(body: ClearanceIn, session: SessionDep, enforcer: EnforcerDep,
 
 @router.get("/clearances", response_model=list[ClearanceOut])
 def list_clearances(enforcer: EnforcerDep, user: CurrentUser,
-                    department: DepartmentFilter = None) -> list[ClearanceOut]:
+                    department: DepartmentName | None = None) -> list[ClearanceOut]:
     """Explicit clearances (everyone else has the default)."""
     _require_scope(enforcer, user, department)
     return authz_service.list_clearances(enforcer, department)

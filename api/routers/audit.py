@@ -8,12 +8,12 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from api.deps import CurrentUser, EnforcerDep, SessionDep, SettingsDep
-from api.query_params import DepartmentFilter
 from audit import service as audit_service
 from audit.export import MEDIA_TYPES
 from audit.schemas import Decision, EventType, ExportFilters, ExportFormat, VerifyResult, WindowBound
 from authz.tokens import MAX_SUBJECT_CHARS
 from core.models import DOCUMENT_ID_CHARS
+from core.text import DepartmentName
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 
@@ -23,7 +23,7 @@ def export_retrievals(session: SessionDep, settings: SettingsDep, enforcer: Enfo
                       fmt: Annotated[ExportFormat, Query(alias="format")] = ExportFormat.jsonl,
                       since: WindowBound | None = None, until: WindowBound | None = None,
                       subject: Annotated[str | None, Query(alias="user", max_length=MAX_SUBJECT_CHARS)] = None,
-                      department: DepartmentFilter = None, decision: Decision | None = None,
+                      department: DepartmentName | None = None, decision: Decision | None = None,
                       document_id: Annotated[str | None, Query(max_length=DOCUMENT_ID_CHARS)] = None,
                       event_type: EventType | None = None) -> StreamingResponse:
     """Stream ledger events of the departments where the caller holds `compliance`, closed by a manifest line."""

@@ -9,14 +9,14 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, UploadFile, status
 
 from api.deps import CeleryDep, CurrentUser, EnforcerDep, SessionDep, SettingsDep
-from api.query_params import JSON_INTEGER, Department
+from api.query_params import JSON_INTEGER
 from audit import service as audit_service
 from audit.schemas import AdminEventType
 from authz import service as authz_service
 from authz.identity import Identity
 from core.errors import ErrorCode, GovragError
 from core.models import Document
-from core.text import require_no_nul
+from core.text import DepartmentName, require_no_nul
 from guard.placeholders import document_placeholder
 from ingestion import purge
 from ingestion import service as ingestion_service
@@ -45,13 +45,13 @@ MAX_PAGE = 200  # documents per listing page
 def upload_document(
     session: SessionDep, settings: SettingsDep, enforcer: EnforcerDep, celery: CeleryDep, user: CurrentUser,
     file: Annotated[UploadFile, File()],
-    department: Annotated[str, Form()],
+    department: Annotated[DepartmentName, Form()],
     title: Annotated[str | None, Form(max_length=300)] = None,
     acl_groups: Annotated[list[str] | None, Form()] = None,
     classification: Annotated[Classification, Form()] = Classification.internal,
 ) -> UploadAccepted:
     """Accept a file for ingestion into a department (role: editor)."""
-    require_no_nul(department=department, title=title, acl_groups=acl_groups)
+    require_no_nul(title=title, acl_groups=acl_groups)
     authz_service.require(enforcer, user, "upload", department)
     data = file.file.read(settings.max_upload_bytes + 1)
     accepted = ingestion_service.accept_upload(
@@ -67,7 +67,7 @@ def upload_document(
 @router.get("/documents", response_model=DocumentPage)
 def list_documents(
     session: SessionDep, enforcer: EnforcerDep, user: CurrentUser,
-    department: Department,
+    department: DepartmentName,
     status: ListedStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE), JSON_INTEGER] = 50,
     after: Annotated[str | None, Query(max_length=200)] = None,

@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 
 from api.deps import CeleryDep, CurrentUser, EnforcerDep, SessionDep, SettingsDep
-from api.query_params import DepartmentFilter
 from audit import service as audit_service
 from audit.schemas import AdminEventType
 from authz import service as authz_service
 from core.models import Document
+from core.text import DepartmentName
 from ingestion import purge, quarantine
 from ingestion.schemas import (
     IngestionPolicyIn,
@@ -25,7 +25,8 @@ router = APIRouter(prefix="/v1/admin", tags=["ingestion admin"])
 
 
 @router.get("/departments/{department}/ingestion-policy", response_model=IngestionPolicyOut)
-def get_policy(department: str, session: SessionDep, enforcer: EnforcerDep, user: CurrentUser) -> IngestionPolicyOut:
+def get_policy(department: DepartmentName, session: SessionDep, enforcer: EnforcerDep,
+               user: CurrentUser) -> IngestionPolicyOut:
     """A department's ingestion policy (its admins); a department that does not exist is a 404, as for the PUT."""
     authz_service.require_manage(enforcer, user, department)
     authz_service.require_department(session, department)
@@ -33,7 +34,7 @@ def get_policy(department: str, session: SessionDep, enforcer: EnforcerDep, user
 
 
 @router.put("/departments/{department}/ingestion-policy", response_model=IngestionPolicyOut)
-def put_policy(department: str, body: IngestionPolicyIn, session: SessionDep, enforcer: EnforcerDep,
+def put_policy(department: DepartmentName, body: IngestionPolicyIn, session: SessionDep, enforcer: EnforcerDep,
                settings: SettingsDep, user: CurrentUser) -> IngestionPolicyOut:
     """Set the levels approved for AI, the injection action, keywords and redaction rules (its admins)."""
     authz_service.require_manage(enforcer, user, department)
@@ -49,7 +50,7 @@ def put_policy(department: str, body: IngestionPolicyIn, session: SessionDep, en
 
 @router.get("/quarantine", response_model=list[QuarantinedOut])
 def list_quarantine(session: SessionDep, enforcer: EnforcerDep, user: CurrentUser,
-                    department: DepartmentFilter = None) -> list[QuarantinedOut]:
+                    department: DepartmentName | None = None) -> list[QuarantinedOut]:
     """Documents held for review: all for platform admins, a department's for its admins."""
     if department is None:
         authz_service.require_platform_admin(user)

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -118,7 +119,7 @@ def test_a_nul_in_the_url_is_a_422(client: TestClient, desk: dict[str, str], pat
     assert response.json()["error"]["code"] == "invalid_request" and "NUL" in response.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("field", ["title", "department", "acl_groups"])
+@pytest.mark.parametrize("field", ["title", "acl_groups"])  # a department's name: a 422 (below)
 def test_upload_form_fields_with_a_nul_are_refused_by_name(client: TestClient, desk: dict[str, str],
                                                           field: str) -> None:
     form = {"department": desk["department"], "title": "memo", field: f"{desk['department']}\x00{SECRET_WORD}"}
@@ -382,16 +383,91 @@ def test_the_longest_department_name_is_taken_in_a_query_string(client: TestClie
     assert response.status_code != 422, response.text
 
 
-def test_every_department_query_parameter_is_read_as_a_department_name(client: TestClient) -> None:
-    """The OpenAPI document names each: an endpoint added later must take the same definition."""
-    found = {}
-    for path, methods in client.app.openapi()["paths"].items():  # type: ignore[attr-defined]
-        for operation in methods.values():
+BAD_NAMES = ["a" * 64, "a" * 10_000, "Desk", "-desk", "desk.x", f"desk {SECRET_WORD}"]
+POLICY = "/v1/admin/departments/{}/ingestion-policy"
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT"])
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_a_department_in_a_path_is_a_department_name_or_a_422(client: TestClient, method: str, name: str,
+                                                               issue_token: Callable[..., str]) -> None:
+    """The ingestion policy's path took any text of any length and looked it up: a 404 "no such department" (a
+    403 for a department's admin)."""
+    response = client.request(method, POLICY.format(name), json={}, headers=auth(issue_token(PLATFORM_ADMIN)))
+    assert response.status_code == 422, response.text
+    message = response.json()["error"]["message"]
+    assert "path.department: String should match pattern" in message and name not in message, message
+
+
+@pytest.mark.parametrize("name", [*BAD_NAMES, "../x", f"desk\x00{SECRET_WORD}"])
+def test_a_department_in_an_upload_form_is_a_department_name_or_a_422(
+        client: TestClient, desk: dict[str, str], settings, name: str,  # type: ignore[no-untyped-def]
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The form's department took any text of any length: a 403 "not allowed to upload in this department" (a NUL
+    a 400). Now a 422 as a body's department, before the file is looked at; neither a log line nor the ledger
+    holds the value."""
+    with get_engine(settings.resolved_database_url).connect() as connection:
+        ledger_rows = connection.execute(text("SELECT count(*) FROM retrieval_events")).scalar_one()
+    with caplog.at_level(logging.DEBUG):
+        response = client.post("/v1/documents", headers=auth(desk["editor"]), data={"department": name},
+                               files={"file": ("memo.txt", f"A memo {uuid.uuid4().hex}.".encode())})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request", error
+    assert "body.department: String should match pattern" in error["message"] and name not in error["message"]
+    server_lines = [r.getMessage() for r in caplog.records if not r.name.startswith("httpx")]  # the client's own
+    assert not [line for line in server_lines if "aaaaaaaaaaaaaaaaaaaa" in line or SECRET_WORD in line]
+    with get_engine(settings.resolved_database_url).connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM retrieval_events")).scalar_one() == ledger_rows
+
+
+def test_the_longest_department_name_is_taken_in_a_path_and_a_form(client: TestClient, desk: dict[str, str]) -> None:
+    name = f"desk{uuid.uuid4().hex}".ljust(63, "x")
+    admin = auth(desk["admin"])
+    assert client.post("/v1/admin/departments", json={"name": name}, headers=admin).status_code == 201
+    assert client.post("/v1/admin/role-assignments", headers=admin,
+                       json={"subject": "nadia", "role": "editor", "department": name}).status_code == 201
+    assert client.put(POLICY.format(name), json={"keywords": {"rota": "internal"}}, headers=admin).status_code == 200
+    assert client.get(POLICY.format(name), headers=admin).json()["keywords"] == {"rota": "internal"}
+    uploaded = client.post("/v1/documents", headers=auth(desk["editor"]), data={"department": name},
+                           files={"file": ("memo.txt", f"A memo {uuid.uuid4().hex}.".encode())})
+    assert uploaded.status_code == 202, uploaded.text
+
+
+def _patterns(schema: dict[str, Any]) -> list[str | None]:
+    """The pattern a parameter's or a field's schema sets on each value it may take (a list's on its items)."""
+    options = [option for option in schema.get("anyOf", [schema]) if option.get("type") != "null"]
+    return [option.get("items", option).get("pattern") for option in options]
+
+
+def _department_inputs(openapi: dict[str, Any]) -> dict[str, list[str | None]]:
+    """Each place a request gives a department's name (a parameter, a body's or a form's field, a department's own
+    `name`), with the patterns its schema sets."""
+    schemas, found = openapi["components"]["schemas"], {}
+    for path, methods in openapi["paths"].items():
+        for method, operation in methods.items():
             for parameter in operation.get("parameters", []):
-                if parameter["in"] == "query" and "department" in parameter["name"]:
-                    schema = parameter["schema"]
-                    found[path] = [s.get("pattern") for s in schema.get("anyOf", [schema]) if s.get("type") != "null"]
-    assert found == dict.fromkeys(DEPARTMENT_LISTS, [DEPARTMENT_PATTERN])
+                if "department" in parameter["name"]:
+                    found[f"{method.upper()} {path} {parameter['in']}"] = _patterns(parameter["schema"])
+            for content in operation.get("requestBody", {}).get("content", {}).values():
+                body = schemas[content["schema"]["$ref"].rsplit("/", 1)[-1]]
+                for name, field in body["properties"].items():
+                    if "department" in name or path == "/v1/admin/departments":
+                        found[f"{method.upper()} {path} body.{name}"] = _patterns(field)
+    return found
+
+
+def test_every_department_name_a_request_gives_is_read_as_one(client: TestClient) -> None:
+    """The OpenAPI document names each: an endpoint added later must take the same definition."""
+    found = _department_inputs(client.app.openapi())  # type: ignore[attr-defined]
+    expected = [f"GET {path} query" for path in DEPARTMENT_LISTS] + [
+        f"{method} {POLICY.format('{department}')} path" for method in ("GET", "PUT")] + [
+        "POST /v1/documents body.department", "POST /v1/admin/departments body.name",
+        "POST /v1/admin/role-assignments body.department", "PUT /v1/admin/firewall-mode body.department",
+        "POST /v1/admin/reindex body.department"]
+    assert set(expected) <= found.keys(), sorted(found)
+    unchecked = {key: patterns for key, patterns in found.items() if patterns != [DEPARTMENT_PATTERN]}
+    assert unchecked == {"POST /v1/query body.departments": [None]}  # a malformed name there is dropped, unsearched
 
 
 def test_a_query_parameter_on_an_endpoint_that_takes_none_is_a_422(client: TestClient, desk: dict[str, str]) -> None:
