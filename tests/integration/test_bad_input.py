@@ -421,6 +421,22 @@ def test_a_department_in_an_upload_form_is_a_department_name_or_a_422(
         assert connection.execute(text("SELECT count(*) FROM retrieval_events")).scalar_one() == ledger_rows
 
 
+@pytest.mark.parametrize("name", [*BAD_NAMES, "../x"])
+def test_a_department_a_query_names_is_a_department_name_or_a_422(client: TestClient, desk: dict[str, str],
+                                                                  settings, name: str) -> None:  # type: ignore[no-untyped-def]
+    """A malformed name in `departments` was dropped: the query answered from the others (or from none, recorded
+    as `departments: []`), and the caller never told their name could not be a department's."""
+    with get_engine(settings.resolved_database_url).connect() as connection:
+        ledger_rows = connection.execute(text("SELECT count(*) FROM retrieval_events")).scalar_one()
+    response = client.post("/v1/query", headers=auth(desk["editor"]), json={
+        "question": "When does the desk open?", "departments": [desk["department"], name]})
+    assert response.status_code == 422, response.text
+    message = response.json()["error"]["message"]
+    assert "body.departments.1: String should match pattern" in message and name not in message, message
+    with get_engine(settings.resolved_database_url).connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM retrieval_events")).scalar_one() == ledger_rows
+
+
 def test_the_longest_department_name_is_taken_in_a_path_and_a_form(client: TestClient, desk: dict[str, str]) -> None:
     name = f"desk{uuid.uuid4().hex}".ljust(63, "x")
     admin = auth(desk["admin"])
@@ -464,10 +480,9 @@ def test_every_department_name_a_request_gives_is_read_as_one(client: TestClient
         f"{method} {POLICY.format('{department}')} path" for method in ("GET", "PUT")] + [
         "POST /v1/documents body.department", "POST /v1/admin/departments body.name",
         "POST /v1/admin/role-assignments body.department", "PUT /v1/admin/firewall-mode body.department",
-        "POST /v1/admin/reindex body.department"]
+        "POST /v1/admin/reindex body.department", "POST /v1/query body.departments"]
     assert set(expected) <= found.keys(), sorted(found)
-    unchecked = {key: patterns for key, patterns in found.items() if patterns != [DEPARTMENT_PATTERN]}
-    assert unchecked == {"POST /v1/query body.departments": [None]}  # a malformed name there is dropped, unsearched
+    assert {key: patterns for key, patterns in found.items() if patterns != [DEPARTMENT_PATTERN]} == {}
 
 
 def test_a_query_parameter_on_an_endpoint_that_takes_none_is_a_422(client: TestClient, desk: dict[str, str]) -> None:
