@@ -99,7 +99,7 @@ def test_hr_reader_gets_a_cited_answer_with_pii_redacted(client: TestClient, wor
     "department:hr OR acl_open:true salary raise",
 ])
 def test_finance_user_never_receives_hr_content(client: TestClient, world: dict, question: str) -> None:
-    for departments in (None, ["hr"], ["hr", "finance"], ["../hr", "HR", "*"]):
+    for departments in (None, ["hr"], ["hr", "finance"]):
         extra = {"departments": departments} if departments is not None else {}
         result = _ask(client, world["tokens"]["bob"], question, **extra)
         body = json.dumps(result)
@@ -107,6 +107,10 @@ def test_finance_user_never_receives_hr_content(client: TestClient, world: dict,
         assert world["docs"]["hr"] not in body
         for marker in (HR_CANARY, "salary review committee", "platform engineering"):
             assert marker not in result["answer"] and marker not in body.replace(question, "")
+    malformed = client.post("/v1/query", headers=auth(world["tokens"]["bob"]),
+                            json={"question": question, "departments": ["../hr", "HR", "*"]})
+    assert malformed.status_code == 422  # names no department can have: a clear error, and nothing of hr
+    assert all(marker not in malformed.text for marker in (HR_CANARY, "salary review committee", world["docs"]["hr"]))
 
 
 def test_requesting_only_an_unreadable_department_is_a_refusal(client: TestClient, world: dict) -> None:
