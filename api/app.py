@@ -32,10 +32,8 @@ from core.sweeper import Sweeper, at_most_every
 from core.text import NUL, NUL_MESSAGE
 from core.tracing import configure_tracing
 from guard.firewall import get_firewall
-from guard.injection import get_scanner
-from guard.pii import get_redactor
+from ingestion import service as ingestion_service
 from ingestion.purge import ORPHAN_SWEEP_SECONDS, PURGE_GRACE_SECONDS, purge_pending, sweep_orphan_files
-from retrieval.embeddings import get_embedder
 from retrieval.store import open_vector_store
 from workers.celery_app import GovragCelery, create_celery
 from workers.dispatch import resend_unfinished, sweep_jobs
@@ -84,9 +82,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.verifier = TokenVerifier.from_settings(settings, app.state.dev_issuer)
     app.state.celery = create_celery(settings)
     open_vector_store(settings)
-    get_embedder(settings.embedding_backend)
-    get_redactor()
-    get_firewall(), get_scanner()  # issue 5: load the guard weights before the first query
+    ingestion_service.load_models(settings)  # embedder, PII model, scanner: what a worker loads as it starts
+    get_firewall()  # issue 5: the guard weights before the first query
     # The models above leave ~0.5 M long-lived objects that a full garbage collection would walk, pausing every
     # request for ~0.3 s (measured here). Frozen, the collector skips them.
     gc.collect()
