@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -26,7 +26,7 @@ from authz.tokens import TokenVerifier
 from core import migrate, timing
 from core.errors import ErrorCode
 from core.logs import configure_logging, request_id_var
-from core.metrics import observe_request
+from core.metrics import observe_request, route_and_method
 from core.settings import Settings, get_settings
 from core.sweeper import Sweeper, at_most_every
 from core.text import NUL, NUL_MESSAGE
@@ -118,8 +118,8 @@ def _sweeper(celery: GovragCelery, settings: Settings) -> Sweeper | None:
 
 
 class RequestContext:
-    """A request id for every line and response, stage timings, request metrics; oversized bodies refused before
-    they are read (a declared Content-Length) or as they are read (chunked). Plain ASGI: Starlette's
+    """A request id for every line and response, stage timings, request metrics and log line; oversized bodies
+    refused before they are read (a declared Content-Length) or as they are read (chunked). Plain ASGI: Starlette's
     BaseHTTPMiddleware costs a task and a stream per request."""
 
     def __init__(self, app: ASGIApp) -> None:
@@ -152,8 +152,16 @@ class RequestContext:
                 raise
             await crash_response(exc)(scope, receive, send_with_context)
         finally:
-            observe_request(Request(scope), status, time.perf_counter() - started)
+            _record_request(scope, status, time.perf_counter() - started)
             request_id_var.reset(token)
+
+
+def _record_request(scope: Scope, status: int, seconds: float) -> None:
+    """The request's metrics and its log line: method, route template, status, duration (uvicorn's access line, the
+    raw request line with its query string, is off: core.logs)."""
+    route, method = route_and_method(scope)
+    observe_request(route, method, status, seconds)
+    logger.info("%s %s %d %.1f ms", method, route, status, seconds * 1000)
 
 
 class BodyTooLarge(StarletteHTTPException):

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -95,6 +96,11 @@ def _at_least_one(value: str) -> int:
     return number
 
 
+# How `govrag serve` runs uvicorn: the logging is ours (core.logs, at start-up), without uvicorn's access line, the raw
+# request line with its query string; the API's request middleware logs each request without it.
+UVICORN_OPTIONS: dict[str, Any] = {"log_config": None, "access_log": False}
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -106,7 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         migrate.upgrade(settings.resolved_database_url)
     migrate.require_head(settings.resolved_database_url)  # production never migrates: a stale schema stops here
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, **UVICORN_OPTIONS)
     return 0
 
 

@@ -58,8 +58,12 @@ _PII_MASKS: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 # Loggers that libraries give their own handlers or stop from propagating; they are routed to ours.
-_LIBRARY_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "celery", "celery.task", "celery.worker",
+_LIBRARY_LOGGERS = ("uvicorn", "uvicorn.error", "celery", "celery.task", "celery.worker",
                     "celery.app.trace", "celery.redirected", "kombu", "httpx", "sqlalchemy", "alembic")
+# uvicorn's access line is the raw request line, query string and all (an export's `user=` filter, 10,000 characters
+# of junk): off whoever started uvicorn (`govrag serve` says access_log=False too). The API's request middleware logs
+# each request as its method, route template and status instead.
+_SILENCED_LIBRARY_LOGGERS = ("uvicorn.access",)
 # Libraries that log what they read at DEBUG (or their own DETAIL level): pdfminer each token of a PDF's text,
 # unstructured (`unstructured.trace`) the text of the elements it sorts, Presidio the words around each PII match
 # (of a document or a question), pypandoc, Python-Markdown, charset_normalizer, Pillow and matplotlib their steps
@@ -141,6 +145,10 @@ def configure_logging(level: str = "INFO") -> None:
         library = logging.getLogger(name)
         library.handlers.clear()
         library.propagate = True
+    for name in _SILENCED_LIBRARY_LOGGERS:
+        silenced = logging.getLogger(name)
+        silenced.handlers.clear()
+        silenced.propagate = False  # no handler at all: uvicorn then does not even format the line
     for name in QUIET_LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
     mask_all_handlers()

@@ -53,9 +53,15 @@ AUDIT_EVENTS = Counter("govrag_audit_events_total", "Ledger rows written, by eve
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
 
 
-def observe_request(request: Any, status: int, seconds: float) -> None:
-    """Count and time one HTTP request under its route template (never the raw path: ids stay out of labels)."""
-    route = getattr(request.scope.get("route"), "path", None) or "unmatched"
-    method = request.method if request.method in HTTP_METHODS else "other"
+def route_and_method(scope: Any) -> tuple[str, str]:
+    """A request's route template ("unmatched" when none) and method ("other" when not a standard one): never the raw
+    path or query string, so ids stay out of labels and a caller's text out of the logs."""
+    route = getattr(scope.get("route"), "path", None) or "unmatched"
+    method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+    return route, method
+
+
+def observe_request(route: str, method: str, status: int, seconds: float) -> None:
+    """Count and time one HTTP request under its route template and method (from `route_and_method`)."""
     HTTP_REQUESTS.labels(route=route, method=method, status=str(status)).inc()
     HTTP_LATENCY.labels(route=route, method=method).observe(seconds)
