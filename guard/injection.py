@@ -27,7 +27,11 @@ SCORE_CACHE_SIZE = 50_000
 # Bump when what a chunk is judged on changes (segmentation, normalisation): chunks an older revision passed at
 # ingestion are then scanned again at query time.
 SEGMENTATION_REVISION = 2
-REMOVED = "[removed: instruction-like text]"
+# What `neutralise` puts in place of a removed span. No word of it is in any rule's phrase ("instruction" was: "Please
+# ignore all previous" + the marker fired ignore_instructions, so neutralised text was flagged again), and it has more
+# words (5) than any rule lets stand between two of a phrase's (4), so it cannot join the words left on either side.
+# It changes no scan, so no SEGMENTATION_REVISION: neutralised text is never stored, only shown to a model.
+REMOVED = "[removed: words the scanner flagged]"
 
 
 @dataclass(frozen=True)
