@@ -67,9 +67,11 @@ _SILENCED_LIBRARY_LOGGERS = ("uvicorn.access",)
 # Libraries that log what they read at DEBUG (or their own DETAIL level): pdfminer each token of a PDF's text,
 # unstructured (`unstructured.trace`) the text of the elements it sorts, Presidio the words around each PII match
 # (of a document or a question), pypandoc, Python-Markdown, charset_normalizer, Pillow and matplotlib their steps
-# through a file. They stay at WARNING whatever GOVRAG_LOG_LEVEL says: a document's text never reaches the logs.
+# through a file; httpx and httpcore each request's full URL, query string and all (an export's `user=` filter sent by
+# the demo's client, a model server's address). They stay at WARNING whatever GOVRAG_LOG_LEVEL says: a document's
+# text, or a caller's, never reaches the logs.
 QUIET_LIBRARY_LOGGERS = ("pdfminer", "unstructured", "unstructured.trace", "presidio-analyzer", "pypandoc",
-                         "MARKDOWN", "charset_normalizer", "PIL", "matplotlib")
+                         "MARKDOWN", "charset_normalizer", "PIL", "matplotlib", "httpx", "httpcore")
 
 
 def mask_secrets(text: str) -> str:

@@ -221,6 +221,14 @@ def test_at_debug_parser_libraries_stay_at_warning(clean_logging: None) -> None:
     assert logging.getLogger("ingestion.service").isEnabledFor(logging.DEBUG)
 
 
+def test_at_info_http_clients_log_no_request_url(clean_logging: None) -> None:
+    """httpx logged each request's full URL at INFO: an audit export's `user=` filter sent by the demo's client."""
+    logging.getLogger().handlers[:] = []
+    configure_logging("INFO")
+    for name in ("httpx", "httpcore", "httpcore.http11"):
+        assert not logging.getLogger(name).isEnabledFor(logging.INFO), name
+
+
 @pytest.mark.parametrize("question, secret", [
     ("my password is hunter2, why can I not log in?", "hunter2"),
     ("The password is letmein", "letmein"),
