@@ -102,6 +102,17 @@ EMBEDDING_NOTE = ("hashed char/word n-grams and rule/shape features of the norma
 # - Max (or max and min) pooled token states of the question as regression columns: 0.938 (0.940).
 # - A learned harmfulness direction (a logistic regression, per fold, of the harmful bank against the benign prompts
 #   over embeddings) as a regression column, on the question's vector: 0.937; its best sentence's: 0.940.
+# Rejected in session 16, each against 0.948 (regression alone: 0.9409). Missed train attacks out of fold are mostly
+# PAIR (6.8 of 50 per fold seed, all under the model's 256-token window), so nothing about truncation was tried.
+# - C=1024 (C_GRID tops out at 256): regression 0.9416, with the booster 0.9445; C=4096 regression 0.9416.
+# - Mean logit of regressions at several C (16+256, 64+256, 256+1024, all four): 0.9402; the booster's score averaged
+#   with a regression at C=16, 64 or 1024: 0.9473, 0.9452, 0.9438.
+# - Booster inputs adding the out-of-fold logits of a lexical-only and an embedding-and-banks-only regression (views
+#   stacked): 0.9438; the latter alone: 0.9431.
+# - Hard negatives weighed up in the booster (negatives in the top 10% of inner logits x2): 0.9488, but x1.5, x3 and
+#   the top 20% x2 each 0.9452: noise, not a gain.
+# - en_core_web_md's mean word vector (300-d, the PII NER's vectors) as regression columns, x1 / x0.5: regression
+#   0.9409 / 0.9402, with the booster 0.9438 / 0.948.
 BOOSTER_PARAMS = {"max_iter": 100, "learning_rate": 0.05, "max_depth": 3, "min_samples_leaf": 20}
 BOOSTER_BLEND = 0.5
 BOOSTER_NOTE = ("the regression's logit (clipped), nearest similarity to each bank and mean of the 3 nearest attacks "
