@@ -11,6 +11,7 @@ SYSTEM_PREFIX = "system:"  # the platform's own actions in the ledger (an automa
 CLI_PREFIX = "cli:"  # an operator's server-side command in the ledger (`govrag audit`, `govrag ingest`)
 # No token subject may start with these: a caller must never pass for a group, a role or the ledger's own actors.
 RESERVED_PREFIXES = (GROUP_PREFIX, ROLE_PREFIX, SYSTEM_PREFIX, CLI_PREFIX)
+MAX_SUBJECT_CHARS = 255  # longest subject (a token's `sub`, a user or group:<name> in the policy), in characters
 
 
 @dataclass(frozen=True)

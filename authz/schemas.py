@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 
-from authz.identity import GROUP_PREFIX, RESERVED_PREFIXES
+from authz.identity import GROUP_PREFIX, MAX_SUBJECT_CHARS, RESERVED_PREFIXES
 from core.text import DepartmentName, RequestModel
 from ingestion.schemas import Classification
 
@@ -16,7 +16,7 @@ GLOBAL_SCOPE = "global"  # the kill switch's platform-wide scope
 RESERVED_DEPARTMENT_NAMES = frozenset({GLOBAL_SCOPE})  # scopes that must never name a department
 # Casbin stores policy rows as text and splits them on commas outside ( ) and [ ]: a bracket in a stored name made
 # every later policy load fail (every process, every department), so names stored in the policy hold none.
-SUBJECT_PATTERN = r"^[^\s,*()\[\]]{1,255}$"
+SUBJECT_PATTERN = rf"^[^\s,*()\[\]]{{1,{MAX_SUBJECT_CHARS}}}$"
 ROLE_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
 GROUP_PATTERN = r"^[^\s,*()\[\]]{1,240}$"
 CHUNK_ID_PATTERN = r"^[^:]{1,64}:[0-9]{1,9}$"
@@ -46,7 +46,7 @@ def _not_reserved(subject: str) -> str:
 
 
 # A subject as a stored row may hold it, also one stored before today's rules (the listings mark those `invalid`).
-StoredSubject = Annotated[str, Field(min_length=1, max_length=255, description="a subject as listed"),
+StoredSubject = Annotated[str, Field(min_length=1, max_length=MAX_SUBJECT_CHARS, description="a subject as listed"),
                           AfterValidator(_not_reserved)]
 
 
@@ -89,7 +89,7 @@ class RoleAssignmentOut(BaseModel):
 class GroupMappingKey(RequestModel):
     """A mapping to withdraw: as made, or as listed (also a row stored before today's rules on group names)."""
 
-    group: str = Field(max_length=255 - len(GROUP_PREFIX), description="the group as listed")
+    group: str = Field(max_length=MAX_SUBJECT_CHARS - len(GROUP_PREFIX), description="the group as listed")
     role: str = Field(pattern=ROLE_PATTERN)
     department: DepartmentName
 

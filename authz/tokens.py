@@ -21,7 +21,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from authz.dev_issuer import DevIssuer
-from authz.identity import RESERVED_PREFIXES, Identity, is_platform_admin
+from authz.identity import MAX_SUBJECT_CHARS, RESERVED_PREFIXES, Identity, is_platform_admin
 from core.errors import ErrorCode, GovragError, Unavailable
 from core.http import read_within
 from core.settings import Settings
@@ -51,7 +51,6 @@ _KEY_TYPES_BY_ALG: dict[str, tuple[type, ...]] = {
 _REQUIRED_CLAIMS = ["exp", "iss", "aud"]  # the subject claim is configurable and checked after decoding
 _DISCOVERY_PATH = "/.well-known/openid-configuration"
 _MAX_TOKEN_CHARS = 16 * 1024
-MAX_SUBJECT_CHARS = 255
 # A fetch from the IdP (discovery document or JWK Set) gets this long in all, however slowly the bytes drip,
 # and at most this many bytes: a slow or hostile IdP cannot hold a request, or the key cache, for longer.
 _FETCH_DEADLINE_SECONDS = 10.0

@@ -11,7 +11,7 @@ from api.deps import CurrentUser, EnforcerDep, SessionDep, SettingsDep
 from audit import service as audit_service
 from audit.export import MEDIA_TYPES
 from audit.schemas import Decision, EventType, ExportFilters, ExportFormat, VerifyResult, WindowBound
-from authz.tokens import MAX_SUBJECT_CHARS
+from authz.identity import MAX_SUBJECT_CHARS
 from core.models import DOCUMENT_ID_CHARS
 from core.text import DepartmentName
 
