@@ -15,10 +15,13 @@ again (ingestion/service.py), so no job of a deleted document is left unfinished
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
-from kombu.exceptions import ChannelError, OperationalError
+from kombu.exceptions import OperationalError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -27,10 +30,19 @@ from core.models import UNFINISHED, DocumentStatus, IngestionJob, utcnow
 from core.settings import Settings
 from workers.celery_app import INGEST_TASK, GovragCelery
 
+if TYPE_CHECKING:
+    from kombu.transport.redis import Channel as RedisChannel
+    from redis import Redis
+
 logger = logging.getLogger(__name__)
 
 _SWEEP_BATCH = 500
 _SWEEP_LOCK = "ingestion-job-sweep"
+# How many tasks a sweep reads from Redis, at most, to find lost jobs (read _BROKER_PAGE at a time); past it lost
+# jobs wait until the broker holds fewer
+_BROKER_READ_LIMIT = 10_000
+_BROKER_PAGE = 500
+_UNREADABLE = (ValueError, KeyError, IndexError, TypeError, AttributeError)  # a message not shaped like a task
 
 
 def send_job(app: GovragCelery, *, document_id: str, job_id: str) -> bool:
@@ -83,17 +95,23 @@ def resend_unfinished(app: GovragCelery) -> int:
 
 
 def resend_lost(app: GovragCelery, *, older_than_seconds: float) -> int:
-    """Redis broker only: a Redis that restarted without persistence (or evicted its keys) lost every task it held.
-    When it holds none — no task waiting in the queue, none taken by a worker and not yet acknowledged — a job still
-    `queued` that was sent more than `older_than_seconds` ago was lost with it: it is marked unsent (and the sweep
-    sends it again). Returns how many were marked."""
-    if not app.govrag_settings.broker_url.startswith(("redis://", "rediss://")) or not _redis_holds_no_task(app):
+    """Redis broker only: a Redis that restarted without persistence (or evicted its keys) lost the tasks it held. A
+    job still `queued` that was sent more than `older_than_seconds` ago and whose task Redis no longer holds —
+    neither waiting in the queue nor taken by a worker and not yet acknowledged — was lost: it is marked unsent (and
+    the sweep sends it again), whatever other tasks wait. Returns how many were marked."""
+    if not app.govrag_settings.broker_url.startswith(("redis://", "rediss://")):
         return 0
     cutoff = utcnow() - timedelta(seconds=older_than_seconds)
     with unit_of_work(app.govrag_settings.resolved_database_url) as session:
         transaction_lock(session, _SWEEP_LOCK)
+        try:  # read before the update: a job whose task was acked meanwhile has left `queued` (acks_late)
+            on_broker = _jobs_on_redis(app)
+        except _TasksUnknown as unknown:
+            logger.warning("lost ingestion jobs not looked for: %s", unknown)
+            return 0
         lost = session.execute(update(IngestionJob).where(
             IngestionJob.status == DocumentStatus.queued.value, IngestionJob.sent_at <= cutoff,
+            IngestionJob.id.not_in(on_broker),
         ).values(sent_at=None, updated_at=IngestionJob.updated_at))
     if lost.rowcount:  # type: ignore[attr-defined]
         logger.warning("%d queued ingestion job(s) were no longer on the broker; sending them again",
@@ -119,15 +137,71 @@ def resend_stalled(app: GovragCelery, *, stalled_after_seconds: float) -> int:
     return int(stalled.rowcount)  # type: ignore[attr-defined]
 
 
-def _redis_holds_no_task(app: GovragCelery) -> bool:
-    """No task waits in the job queue and none is held unacknowledged by a worker (kombu's Redis `unacked` hash)."""
+class _TasksUnknown(Exception):
+    """Which jobs' tasks Redis holds cannot be told: it holds more than a sweep reads, or a task it cannot read."""
+
+
+def _jobs_on_redis(app: GovragCelery) -> set[str]:
+    """Ids of the jobs whose ingestion task Redis holds: waiting in the job queue, or taken by a worker and not yet
+    acknowledged. A task is matched by the job id it carries, not by its task id, which no job records."""
     with app.connection_for_read() as connection:
         channel = connection.default_channel
-        try:
-            waiting = channel.queue_declare(queue=app.govrag_settings.task_queue, passive=True).message_count
-        except ChannelError:  # the broker does not know the queue (a Redis that restarted empty): nothing waits
-            waiting = 0
-        return waiting == 0 and channel.client.hlen(channel.unacked_key) == 0
+        # unacknowledged, waiting, unacknowledged again: a task that moves while they are read (a worker takes it,
+        # or a redelivery hands it back) is in one of the three reads
+        taken = _unacked_entries(channel)
+        waiting = _waiting_entries(channel, app.govrag_settings.task_queue)
+        taken += _unacked_entries(channel)
+    try:
+        # kombu keeps an unacknowledged task as [message, exchange, routing key]
+        messages = [json.loads(raw) for raw in waiting] + [json.loads(entry)[0] for entry in taken]
+        return {job_id for job_id in map(_job_id_of, messages) if job_id is not None}
+    except _UNREADABLE as error:
+        raise _TasksUnknown(f"a task on the broker could not be read ({type(error).__name__})") from None
+
+
+def _waiting_entries(channel: RedisChannel, queue: str) -> list[bytes]:
+    """The queue's waiting messages: kombu keeps one Redis list per priority step, pushes at the head and takes from
+    the tail. Each list is read from the head in pages, so a task pushed meanwhile makes a page re-read one, never
+    skip one."""
+    keys = dict.fromkeys(channel._q_for_pri(queue, step) for step in channel.priority_steps)  # kombu's key names
+    entries: list[bytes] = []
+    for key in keys:
+        entries += _read_list(channel.client, key, room=_BROKER_READ_LIMIT - len(entries))
+    return entries
+
+
+def _read_list(client: Redis, key: str, *, room: int) -> list[bytes]:
+    """The entries of one Redis list, read in pages; `_TasksUnknown` if it holds more than `room`."""
+    entries: list[bytes] = []
+    while page := client.lrange(key, len(entries), len(entries) + _BROKER_PAGE - 1):
+        entries += page
+        if len(entries) > room:
+            raise _TasksUnknown(f"more than {_BROKER_READ_LIMIT} tasks wait on the broker")
+        if len(page) < _BROKER_PAGE:
+            break
+    return entries
+
+
+def _unacked_entries(channel: RedisChannel) -> list[bytes]:
+    """The tasks taken by workers and not yet acknowledged (kombu's `unacked` hash: a few per worker, as each takes
+    one task at a time)."""
+    held = int(channel.client.hlen(channel.unacked_key))
+    if held > _BROKER_READ_LIMIT:
+        raise _TasksUnknown(f"{held} tasks are held unacknowledged, more than the {_BROKER_READ_LIMIT} a sweep reads")
+    return list(channel.client.hvals(channel.unacked_key))
+
+
+def _job_id_of(message: Any) -> str | None:
+    """The job id an ingestion task carries (its second argument, see `_published`); None for any other task."""
+    if message["headers"].get("task") != INGEST_TASK:
+        return None
+    if message["content-type"] != "application/json":  # govrag sends JSON only; nothing else is decoded here
+        raise ValueError("not JSON")
+    body = message["body"]
+    if message["properties"].get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    args, _kwargs, _embed = json.loads(body)
+    return str(args[1])
 
 
 def _published(app: GovragCelery, document_id: str, job_id: str) -> bool:

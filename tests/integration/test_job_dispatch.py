@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import socket
 import threading
 import time
@@ -471,3 +472,51 @@ def test_jobs_a_restarted_redis_lost_are_sent_again(make_pg_database: Callable[[
     with TestClient(create_app(restarted)) as client:
         assert [wait_for_job(client, editor, job)["status"] for job in jobs] == ["ready"] * 2
     close_vector_store(restarted)
+
+
+def test_a_job_redis_lost_is_sent_again_while_other_tasks_wait_and_one_on_the_broker_is_not(
+        make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Lost jobs were looked for only when Redis held no task at all: on a busy deployment new uploads kept the queue
+    non-empty, and a job a restart lost stayed `queued` for ever. Now each job is looked for: one whose task is gone
+    is sent again (once), one whose task waits in the queue or is held unacknowledged by a worker is not. When the
+    broker holds more tasks than a sweep reads, nothing is marked and the warning gives counts only."""
+    import redis
+
+    from api.app import create_app
+    from core import migrate
+    from retrieval.store import close_vector_store
+    from workers import dispatch
+    from workers.celery_app import create_celery
+
+    url = make_pg_database()
+    migrate.upgrade(url)
+    broker = REDIS_URL.rsplit("/", 1)[0] + "/8"  # a database of its own; only this test's keys are removed
+    settings = _settings(tmp_path / "data", url, broker_url=broker, inprocess_worker=False, job_sweep_seconds=0)
+    monkeypatch.setattr(dispatch, "_BROKER_PAGE", 1)  # several pages even for a few tasks
+    app, queue = create_celery(settings), settings.task_queue
+    with TestClient(create_app(settings)) as client, app.connection_for_write() as connection:
+        editor = desk_member(client, "editor")
+        taken = _upload(client, editor, 0)["job_id"]
+        held = connection.default_channel.basic_get(queue, no_ack=False)  # a worker took it and has not acked
+        try:
+            assert held.decode()[0][1] == taken
+            lost = _upload(client, editor, 1)["job_id"]
+            redis.Redis.from_url(broker).delete(queue)  # what a restart without persistence left of its task
+            waiting = [_upload(client, editor, n)["job_id"] for n in (2, 3)]
+            read_limit = dispatch._BROKER_READ_LIMIT
+            monkeypatch.setattr(dispatch, "_BROKER_READ_LIMIT", 1)
+            with caplog.at_level(logging.WARNING, logger="workers.dispatch"):
+                assert dispatch.resend_lost(app, older_than_seconds=0) == 0
+            assert "more than 1 tasks wait on the broker" in caplog.text
+            assert not any(job in caplog.text for job in (taken, lost, *waiting))
+            monkeypatch.setattr(dispatch, "_BROKER_READ_LIMIT", read_limit)
+            assert dispatch.resend_lost(app, older_than_seconds=0) == 1
+            assert _sent_at(url, lost) is None
+            assert all(_sent_at(url, job) is not None for job in (taken, *waiting))
+            assert dispatch.send_unsent(app, older_than_seconds=0) == 1
+            assert dispatch.resend_lost(app, older_than_seconds=0) == 0  # its task waits again: not sent twice
+        finally:
+            held.ack()
+            redis.Redis.from_url(broker).delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
+    close_vector_store(settings)
