@@ -14,6 +14,7 @@ from core import crypto
 from core.keystore import keystore_for
 from core.models import utcnow
 from core.settings import Settings
+from ingestion import service as ingestion_service
 from ingestion.pipeline import chunk_context
 from retrieval.store import open_vector_store
 
@@ -32,8 +33,8 @@ def training_rows(*, session: Session, settings: Settings, department: str,
     keystore = keystore_for(settings)
     for payload in payloads:
         document = ready.get(str(payload.get("document_id")))
-        if document is None:
-            continue  # not (or no longer) approved: deleted, failed or still processing
+        if document is None or not ingestion_service.is_served(document, payload):
+            continue  # not (or no longer) approved: deleted, failed or still processing; or a generation not served
         key = keystore.document_key(session=session, department=department, document_id=document.id)
         if key is None:
             continue  # crypto-shredded

@@ -436,7 +436,7 @@ def explain(*, session: Session, enforcer: PolicyEnforcer, store: VectorIndex, r
     `may_see_document` decides (status, listing, citation titles), a chunk as the query's re-check does
     (`readable_chunk_level`, at the chunk's own level)."""
     document_id = request.target_document_id
-    document = ingestion_service.ready_documents(session=session, document_ids={document_id}).get(document_id)
+    document = ingestion_service.served_documents(session=session, document_ids={document_id}).get(document_id)
     if document is None:
         raise GovragError(ErrorCode.not_found, "no such ready document")
     subject = Identity(subject=request.subject, groups=tuple(dict.fromkeys(request.groups)), is_platform_admin=False)
@@ -469,8 +469,10 @@ def _explain_document(session: Session, enforcer: PolicyEnforcer, identity: Iden
 def _explain_chunk(session: Session, enforcer: PolicyEnforcer, store: VectorIndex, identity: Identity,
                    document: Document, chunk_index: int) -> tuple[bool, list[ExplainCheck]]:
     """The query's re-check of the stored chunk; for an attachment, whether its title would be shown with it."""
-    payload = store.chunk_payload(document.department, document.id, chunk_index)
-    if payload is None or payload.get("document_id") != document.id:
+    payload = store.chunk_payload(document.department, document.id, chunk_index,
+                                  document.served_generation or 0)  # set: a served document
+    served = payload is not None and ingestion_service.is_served(document, payload)
+    if payload is None or payload.get("document_id") != document.id or not served:
         raise GovragError(ErrorCode.not_found, "no such chunk")
     level = stored_chunk_level(document, payload)
     if level is None:

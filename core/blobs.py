@@ -10,10 +10,12 @@ from pathlib import Path
 
 from core import crypto
 
-# What this module writes: `<document id>.bin` (the upload), `<document id>.pii` (its placeholder map), each
-# through a `.tmp` sibling renamed into place.
+# What this module writes: `<document id>.bin` (the upload), `<document id>.<generation>.pii` (the placeholder map
+# of one index generation; `<document id>.pii` is generation 0's, written before generations), each through a
+# `.tmp` sibling renamed into place.
 _STORED_NAME = re.compile(r"(?P<document_id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
-                          r"\.(?:bin|pii)(?P<unfinished>\.tmp)?")
+                          r"\.(?:bin|(?:[1-9][0-9]*\.)?pii)(?P<unfinished>\.tmp)?")
+_MAP_GENERATION = re.compile(r"\.(?P<generation>[1-9][0-9]*)\.pii")
 
 
 def _path(blob_dir: Path, document_id: str) -> Path:
@@ -40,31 +42,45 @@ def read_sealed(blob_dir: Path, document_id: str, key: bytes) -> bytes:
 
 
 def remove(blob_dir: Path, document_id: str) -> None:
-    """Delete the stored upload and the document's sealed placeholder map, if present."""
+    """Delete the stored upload and every sealed placeholder map of the document."""
     _path(blob_dir, document_id).unlink(missing_ok=True)
-    remove_map(blob_dir, document_id)
+    for _, path in _maps(blob_dir, document_id):
+        path.unlink(missing_ok=True)
 
 
 # issue 3: reversible pseudonymisation — placeholder → original, sealed under the same document key
 
 
-def _map_path(blob_dir: Path, document_id: str) -> Path:
-    return blob_dir / f"{document_id}.pii"
+def _map_path(blob_dir: Path, document_id: str, generation: int) -> Path:
+    return blob_dir / (f"{document_id}.{generation}.pii" if generation else f"{document_id}.pii")
 
 
-def write_sealed_map(blob_dir: Path, document_id: str, key: bytes, data: bytes) -> None:
-    """Store a document's placeholder map encrypted (temp file, then rename)."""
-    _write_sealed(_map_path(blob_dir, document_id), key, data, f"govrag:pii-map:{document_id}")
+def _maps(blob_dir: Path, document_id: str) -> list[tuple[int, Path]]:
+    """(generation, path) of each placeholder map the document has."""
+    found = [(0, path) for path in blob_dir.glob(f"{document_id}.pii")]
+    for path in blob_dir.glob(f"{document_id}.*.pii"):
+        numbered = _MAP_GENERATION.fullmatch(path.name[len(document_id):])
+        if numbered is not None:
+            found.append((int(numbered["generation"]), path))
+    return found
 
 
-def remove_map(blob_dir: Path, document_id: str) -> None:
-    """Delete the document's sealed placeholder map, if present."""
-    _map_path(blob_dir, document_id).unlink(missing_ok=True)
+def write_sealed_map(blob_dir: Path, document_id: str, key: bytes, data: bytes, generation: int) -> None:
+    """Store the placeholder map of one index generation of a document, encrypted (temp file, then rename)."""
+    _write_sealed(_map_path(blob_dir, document_id, generation), key, data, f"govrag:pii-map:{document_id}")
 
 
-def read_sealed_map(blob_dir: Path, document_id: str, key: bytes) -> bytes | None:
-    """The placeholder map, decrypted; None when the document kept none."""
-    path = _map_path(blob_dir, document_id)
+def remove_superseded_maps(blob_dir: Path, document_id: str, *, served: int | None, through: int) -> None:
+    """Delete the document's placeholder maps of generations up to `through` other than the served one (as
+    `retrieval.store.superseded_points` selects its points)."""
+    for generation, path in _maps(blob_dir, document_id):
+        if generation <= through and generation != served:
+            path.unlink(missing_ok=True)
+
+
+def read_sealed_map(blob_dir: Path, document_id: str, key: bytes, generation: int) -> bytes | None:
+    """The placeholder map of one index generation, decrypted; None when that generation kept none."""
+    path = _map_path(blob_dir, document_id, generation)
     if not path.exists():
         return None
     return crypto.open_sealed(key, path.read_bytes(), f"govrag:pii-map:{document_id}")

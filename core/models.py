@@ -92,6 +92,11 @@ class Document(Base):
     approved_by: Mapped[str | None] = mapped_column(String(255), nullable=True)  # admin who released it
     approved_level: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the level that admin was shown
     parent_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)  # e-mail of an attachment
+    # Each run of the pipeline writes its points (and placeholder map) under a generation of its own: the newest one
+    # claimed, and the one queries cite (None: none, as before its first run ends ready, or once quarantined). A
+    # re-index leaves the served one in place until its run ends ready (ingestion/service.py).
+    index_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    served_generation: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class IngestionPolicy(Base):

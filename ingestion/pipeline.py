@@ -15,7 +15,7 @@ from ingestion.parse import ParseLimits, parse_document
 from ingestion.schemas import Classification
 from retrieval import sentence_vectors
 from retrieval.embeddings import TextEmbedder
-from retrieval.store import VectorPoint
+from retrieval.store import GENERATION, VectorPoint
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class DocumentFacts:
     classification: Classification  # as declared by the uploader: the floor
     approved_level: Classification | None = None  # an admin released it from quarantine at this level: up to it,
     # the gate is passed; a run that finds it higher holds it for review again
+    generation: int = 0  # the run's index generation: its points stand beside the served ones until it ends ready
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ def _payload(facts: DocumentFacts, chunk: Chunk, key: bytes, redacted_text: str,
         "document_id": facts.document_id,
         "chunk_id": chunk_id(facts.document_id, chunk.index),
         "chunk_index": chunk.index,
+        GENERATION: facts.generation,
         "department": facts.department,
         "acl_groups": list(facts.acl_groups),
         "acl_scope": "groups" if facts.acl_groups else "open",  # a keyword: Qdrant Edge cannot match booleans

@@ -49,6 +49,7 @@ def retire(session: Session, settings: Settings, document: Document, status: Doc
     keystore_for(settings).shred_document_key(session=session, document_id=document.id)
     document.status = status
     document.chunk_count = 0
+    document.served_generation = None
     _forget_original(document, status)
     owe_purge(session, document)
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, case, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.db import transaction_lock
 from core.models import RETIRED, UNFINISHED, Document, DocumentStatus, IngestionJob, IngestionPolicy, utcnow
 
 IDS_PER_STATEMENT = 5_000  # ids bound in one IN list: PostgreSQL takes at most 65,535 parameters per statement
+SERVING = (DocumentStatus.ready, *UNFINISHED)  # a document being re-indexed keeps serving its previous index
+REINDEX_FAILED = "the re-index failed; the previous index is still served: {error}"
 
 
 def get_document(session: Session, document_id: str) -> Document | None:
@@ -24,23 +26,49 @@ def get_job(session: Session, job_id: str) -> IngestionJob | None:
 
 
 def set_status(session: Session, *, document_id: str, job_id: str, status: str, error: str | None = None,
-               chunk_count: int | None = None, run: bool = False) -> bool:
+               chunk_count: int | None = None, generation: int | None = None) -> bool:
     """Move a document and its job to `status` together, unless the document is retired: a conditional update, so
     a deletion committed meanwhile (of the document or of an e-mail above it) is never written over. A run's outcome
-    (`run`) also needs its job still `processing`: a re-index that handed it back meanwhile made the run stale, and
-    the caller then rolls back the document's move. Whether both moved."""
-    values: dict[str, object] = {"status": status, "error": error, "updated_at": utcnow()}
+    (written under its `generation`) also needs its job still `processing` and no later run of the document started:
+    a re-index that handed the job back meanwhile made the run stale, and the caller then rolls back the document's
+    move. The generation served moves with the status (`_serving`). Whether both moved."""
+    values = {**_serving(status, error, generation), "updated_at": utcnow()}
     if chunk_count is not None:
         values["chunk_count"] = chunk_count
-    moved = session.execute(update(Document).where(Document.id == document_id, Document.status.not_in(RETIRED))
-                            .values(**values))
-    if not moved.rowcount:  # type: ignore[attr-defined]
+    document = update(Document).where(Document.id == document_id, Document.status.not_in(RETIRED))
+    if generation is not None:
+        document = document.where(Document.index_generation == generation)
+    if not session.execute(document.values(**values)).rowcount:  # type: ignore[attr-defined]
         return False
     job = update(IngestionJob).where(IngestionJob.id == job_id)
-    if run:
+    if generation is not None:
         job = job.where(IngestionJob.status == DocumentStatus.processing)
     ended = session.execute(job.values(status=status, error=error, updated_at=utcnow()))
-    return not run or bool(ended.rowcount)  # type: ignore[attr-defined]
+    return generation is None or bool(ended.rowcount)  # type: ignore[attr-defined]
+
+
+def _serving(status: str, error: str | None, generation: int | None) -> dict[str, object]:
+    """A document's status, error and served generation as it moves to `status`: a run ending ready serves its own
+    generation, a quarantined document none, and a failure of one that still serves an earlier index (a re-index)
+    leaves it ready on that index, its error saying the re-index failed (its job fails)."""
+    if status == DocumentStatus.ready and generation is not None:
+        return {"status": status, "error": error, "served_generation": generation}
+    if status == DocumentStatus.quarantined:
+        return {"status": status, "error": error, "served_generation": None}
+    if status == DocumentStatus.failed:
+        serving = Document.served_generation.is_not(None)
+        return {"status": case((serving, str(DocumentStatus.ready)), else_=str(status)),
+                "error": case((serving, REINDEX_FAILED.format(error=error)), else_=error)}
+    return {"status": status, "error": error}
+
+
+def claim_generation(session: Session, document_id: str) -> int:
+    """Number a new run of the document: the index generation its points and placeholder map are written under
+    (one statement, so two runs of one document never share one)."""
+    claimed = session.execute(update(Document).where(Document.id == document_id)
+                              .values(index_generation=Document.index_generation + 1)
+                              .returning(Document.index_generation))
+    return int(claimed.scalar_one())
 
 
 def end_job(session: Session, *, job_id: str, status: str, error: str) -> None:
@@ -73,11 +101,13 @@ def unfinished_jobs(session: Session, document_id: str) -> list[str]:
     return list(session.scalars(query.order_by(IngestionJob.created_at)))
 
 
-def ready_documents(session: Session, document_ids: set[str]) -> dict[str, Document]:
-    """Those of these documents that are currently ready (not deleted, not failed), by id."""
+def served_documents(session: Session, document_ids: set[str]) -> dict[str, Document]:
+    """Those of these documents whose index queries may cite, by id: ready ones, and those being re-indexed over an
+    index they still serve (never deleted, rejected, quarantined or failed ones)."""
     if not document_ids:
         return {}
-    query = select(Document).where(Document.id.in_(document_ids), Document.status == "ready")
+    query = select(Document).where(Document.id.in_(document_ids), Document.status.in_(SERVING),
+                                   Document.served_generation.is_not(None))
     return {document.id: document for document in session.scalars(query)}
 
 

@@ -8,8 +8,10 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -40,7 +42,7 @@ from ingestion.schemas import (
 )
 from ingestion.sniff import ZIP_BASED_TYPES, sniff_content_type
 from retrieval.embeddings import get_embedder
-from retrieval.store import open_vector_store
+from retrieval.store import open_vector_store, payload_generation
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +90,8 @@ def accept_upload(
 def run_ingestion(*, settings: Settings, document_id: str, job_id: str) -> None:
     """Process one queued document to ready, quarantined or failed. Unexpected errors propagate for a retry. A run
     whose job was handed back while it went on (a re-index: its rules may predate a policy change) writes nothing
-    and starts again from the claim, under the rules of that time."""
+    and starts again from the claim, under the rules of that time. Each run writes its points under an index
+    generation of its own, beside those the document serves (a re-index leaves them answering) until it ends."""
     while not _run_once(settings, document_id, job_id):
         pass
 
@@ -112,33 +115,25 @@ def _run_once(settings: Settings, document_id: str, job_id: str) -> bool:
                          redactor=get_redactor(), max_chars=settings.chunk_max_chars, rules=rules,
                          scanner=get_scanner(), limits=parse_limits(settings))
     except GovragError as exc:  # permanent: a bad or over-limit file; retrying cannot help
-        _keep_placeholder_map(settings, document_id, key, {})  # reveal answers for no earlier run
         logger.info("ingestion failed permanently for document %s", document_id)
-        return _finish(settings, document_id, job_id, DocumentStatus.failed, error=exc.message, run=True)
-    _keep_placeholder_map(settings, document_id, key, result.placeholders if rules.reversible else {})
-    store = open_vector_store(settings)
-    store.delete_document(facts.department, document_id)  # a retried run leaves no stale points
+        return _finish(settings, document_id, job_id, DocumentStatus.failed, error=exc.message,
+                       generation=facts.generation)
+    if result.placeholders and rules.reversible:
+        blobs.write_sealed_map(settings.blob_dir, document_id, key, json.dumps(result.placeholders).encode(),
+                               facts.generation)
     if result.review_reason is None:
-        store.upsert(facts.department, result.points)
+        open_vector_store(settings).upsert(facts.department, result.points)  # beside the served generation's
     status = DocumentStatus.ready if result.review_reason is None else DocumentStatus.quarantined
     outcome = functools.partial(
         repository.record_outcome, document_id=document_id, classification=result.verdict.level.value,
         declared=facts.classification.value, reasons=list(result.verdict.reasons), flagged=len(result.flagged),
         review_reason=result.review_reason)
-    if not _finish(settings, document_id, job_id, status, chunk_count=len(result.points), outcome=outcome, run=True):
+    if not _finish(settings, document_id, job_id, status, chunk_count=len(result.points), outcome=outcome,
+                   generation=facts.generation):
         return False
     logger.info("ingested document %s: %s, %d chunks, %d flagged", document_id, status, len(result.points),
                 len(result.flagged))
     return True
-
-
-def _keep_placeholder_map(settings: Settings, document_id: str, key: bytes, placeholders: dict[str, str]) -> None:
-    """Replace the document's sealed placeholder map with this run's; none is kept when the run minted no
-    placeholders or the department no longer keeps originals, so reveal never answers from an earlier run."""
-    if placeholders:
-        blobs.write_sealed_map(settings.blob_dir, document_id, key, json.dumps(placeholders).encode())
-    else:
-        blobs.remove_map(settings.blob_dir, document_id)
 
 
 def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAccepted]:
@@ -262,7 +257,9 @@ def reveal(*, session: Session, settings: Settings, document_id: str, placeholde
         raise GovragError(ErrorCode.not_found, "no such document")
     key = keystore_for(settings).document_key(session=session, department=document.department,
                                               document_id=document_id)
-    raw = blobs.read_sealed_map(settings.blob_dir, document_id, key) if key is not None else None
+    served = document.served_generation  # the map of the chunks queries cite, never a run's still going
+    raw = (blobs.read_sealed_map(settings.blob_dir, document_id, key, served)
+           if key is not None and served is not None else None)
     if raw is None:
         raise GovragError(ErrorCode.not_found, "the document keeps no reversible placeholders")
     mapping: dict[str, str] = json.loads(raw)
@@ -340,13 +337,14 @@ def _claim(session: Session, settings: Settings, document: Document,
         return None
     if not repository.set_status(session, document_id=document.id, job_id=job.id, status=DocumentStatus.processing):
         return None
+    generation = repository.claim_generation(session, document.id)
     rules = quarantine.rules_for(session=session, department=document.department)
     document.title = _redacted_title(document.title, rules.redaction, rules_only=True)  # a rule added since
     facts = DocumentFacts(
         document_id=document.id, department=document.department, title=document.title,
         content_type=document.content_type, acl_groups=tuple(document.acl_groups),
         classification=Classification(document.declared_classification or document.classification),
-        approved_level=_approved_level(document),
+        approved_level=_approved_level(document), generation=generation,
     )
     return facts, key, rules
 
@@ -358,33 +356,75 @@ def _approved_level(document: Document) -> Classification | None:
     return Classification(document.approved_level)
 
 
+@dataclass(frozen=True)
+class _Ended:
+    """A document as a run's end left it: its department, the index generation it serves (None: none) and the
+    newest generation a run of it has started."""
+
+    department: str
+    served: int | None
+    newest: int
+
+
 def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentStatus, *, error: str | None = None,
             chunk_count: int | None = None, outcome: Callable[[Session], None] | None = None,
-            run: bool = False) -> bool:
+            generation: int | None = None) -> bool:
     """Write the final status, with the pipeline's outcome when there is one, in a single transaction; unless the
     document was deleted (or rejected) while the worker ran: then only its job ends, the points it indexed go, and
-    the answer is False. A run's outcome (`run`) is written only while the run still holds its job: one handed back
-    meanwhile (by a re-index) writes nothing, and the answer is False too."""
+    the answer is False. A run's outcome (its `generation`) is written only while the run still holds its job and
+    is the document's latest: one handed back meanwhile (by a re-index) writes nothing, and the answer is False too.
+    Once committed, the points and placeholder maps of generations no longer served go (`_drop_superseded`)."""
     with unit_of_work(settings.resolved_database_url) as session:
-        if repository.set_status(session, document_id=document_id, job_id=job_id, status=status, error=error,
-                                 chunk_count=chunk_count, run=run):
-            if outcome is not None:
-                outcome(session)
-            department = repository.get_document(session, document_id).department  # type: ignore[union-attr]
-        else:
-            session.rollback()  # a stale run's document moved before its job was found handed back: undone
-            document = _current(session, document_id)
-            if document is not None and document.status not in RETIRED:
-                logger.info("the run of document %s lost its job (a re-index); its outcome is not written",
-                            document_id)
-                return False
-            _withdraw(session, document, job_id)
-            department = None
-    if department is None:  # withdrawn: purged once the job's end is committed
+        written = _write_end(session, document_id, job_id, status, error=error, chunk_count=chunk_count,
+                             outcome=outcome, generation=generation)
+        ended = _ended(session, document_id, job_id)
+    if ended is None:  # withdrawn: purged once the job's end is committed
         purge.purge_now(settings, [document_id])
         return False
-    metrics.INGESTED_DOCUMENTS.labels(department=department, status=str(status)).inc()
+    through = ended.newest if written else generation  # a stale run drops its own points, never a later run's
+    if through is not None:
+        _drop_superseded(settings, document_id, ended, through)
+    if not written:
+        logger.info("the run of document %s lost its job (a re-index); its outcome is not written", document_id)
+        return False
+    metrics.INGESTED_DOCUMENTS.labels(department=ended.department, status=str(status)).inc()
     return True
+
+
+def _write_end(session: Session, document_id: str, job_id: str, status: DocumentStatus, *, error: str | None,
+               chunk_count: int | None, outcome: Callable[[Session], None] | None, generation: int | None) -> bool:
+    """Move the document and its job to `status`, with the pipeline's outcome; whether they moved."""
+    if not repository.set_status(session, document_id=document_id, job_id=job_id, status=status, error=error,
+                                 chunk_count=chunk_count, generation=generation):
+        session.rollback()  # a stale run's document moved before its job was found handed back: undone
+        return False
+    if outcome is not None:
+        outcome(session)
+    return True
+
+
+def _ended(session: Session, document_id: str, job_id: str) -> _Ended | None:
+    """The document as its run's end leaves it, or None when it was retired meanwhile (its job is withdrawn)."""
+    document = _current(session, document_id)
+    if document is None or document.status in RETIRED:
+        _withdraw(session, document, job_id)
+        return None
+    return _Ended(document.department, document.served_generation, document.index_generation)
+
+
+def _drop_superseded(settings: Settings, document_id: str, ended: _Ended, through: int) -> None:
+    """Remove the points and placeholder maps of the document's generations up to `through` other than the one it
+    serves: after a run ended ready, the previous index; after one that failed or went stale, its own. An outage
+    leaves them (never cited: queries re-check the generation) to the document's next run."""
+    try:
+        open_vector_store(settings).delete_superseded(ended.department, document_id, served=ended.served,
+                                                      through=through)
+    except Exception as exc:
+        if unavailable_dependency(exc) is None:
+            raise
+        logger.warning("superseded points of document %s stay until its next run: the vector store is unavailable",
+                       document_id)
+    blobs.remove_superseded_maps(settings.blob_dir, document_id, served=ended.served, through=through)
 
 
 def _current(session: Session, document_id: str) -> Document | None:
@@ -507,9 +547,15 @@ def emails_above(*, session: Session, document: Document) -> list[Document]:
     return [email for email_id in line if (email := repository.get_document(session, email_id)) is not None]
 
 
-def ready_documents(*, session: Session, document_ids: set[str]) -> dict[str, Document]:
-    """Documents that may still be cited: ready, not deleted or failed."""
-    return repository.ready_documents(session, document_ids)
+def served_documents(*, session: Session, document_ids: set[str]) -> dict[str, Document]:
+    """Documents that may still be cited (`repository.served_documents`)."""
+    return repository.served_documents(session, document_ids)
+
+
+def is_served(document: Document, payload: Mapping[str, Any]) -> bool:
+    """Whether a point belongs to the index generation its document serves (not one a run is still writing, nor
+    one a later run superseded)."""
+    return document.served_generation is not None and payload_generation(payload) == document.served_generation
 
 
 def delete_document(*, session: Session, settings: Settings, document_id: str,

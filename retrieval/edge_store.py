@@ -15,7 +15,7 @@ from typing import Any
 import qdrant_edge as edge
 from qdrant_client import models
 
-from retrieval.store import AccessFilter, Hit, VectorPoint, point_id
+from retrieval.store import AccessFilter, Hit, VectorPoint, point_id, superseded_points
 
 logger = logging.getLogger(__name__)
 
@@ -99,10 +99,21 @@ class EdgeVectorStore:
         shard.update(edge.UpdateOperation.delete_points_by_filter(selector))
         shard.flush()
 
-    def chunk_payload(self, department: str, document_id: str, chunk_index: int) -> dict[str, Any] | None:
-        """One chunk's payload (for explanations), None when the department holds no such chunk."""
+    def delete_superseded(self, department: str, document_id: str, *, served: int | None, through: int) -> None:
+        """Remove the document's points of generations up to `through` other than the served one."""
         shard = self._shard(department, create=False)
-        records = shard.retrieve([point_id(document_id, chunk_index)], True, False) if shard is not None else []
+        if shard is None:
+            return
+        selector = to_edge_filter(superseded_points(document_id, served=served, through=through))
+        shard.update(edge.UpdateOperation.delete_points_by_filter(selector))
+        shard.flush()
+
+    def chunk_payload(self, department: str, document_id: str, chunk_index: int,
+                      generation: int) -> dict[str, Any] | None:
+        """One chunk's payload of a generation (for explanations), None when the department holds no such chunk."""
+        shard = self._shard(department, create=False)
+        ids = [point_id(document_id, chunk_index, generation)]
+        records = shard.retrieve(ids, True, False) if shard is not None else []
         return dict(records[0].payload or {}) if records else None
 
     def count(self, department: str) -> int:

@@ -221,14 +221,14 @@ def _recheck_and_open(session: Session, settings: Settings, enforcer: PolicyEnfo
     """Defence in depth: every hit is checked again against the policy and the document's state; those that pass
     are decrypted into `opened` (each as soon as it is, so a failure with the next one still has it recorded), which
     is returned."""
-    documents = ingestion_service.ready_documents(session=session,
-                                                  document_ids={str(h.payload.get("document_id")) for h in hits})
+    documents = ingestion_service.served_documents(session=session,
+                                                   document_ids={str(h.payload.get("document_id")) for h in hits})
     keystore = keystore_for(settings)
     titles: dict[str, str] = {}  # the title each document is cited under: one visibility check per document
     for hit in hits:
         document = documents.get(str(hit.payload.get("document_id")))
-        if document is None:
-            continue  # deleted or failed since it was indexed: not a policy disagreement
+        if document is None or not ingestion_service.is_served(document, hit.payload):
+            continue  # deleted or failed since it was indexed, or not its served generation: no policy disagreement
         level = authz_service.readable_chunk_level(enforcer, identity, document, hit.payload)
         if level is None:
             metrics.AUTHZ_RECHECK_DROPS.labels(department=document.department).inc()

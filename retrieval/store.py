@@ -5,7 +5,7 @@ from __future__ import annotations
 import fcntl
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +18,7 @@ from core.errors import EmbeddedStoreHeld, Unavailable
 from core.settings import Settings
 
 POINT_NAMESPACE = uuid.UUID("6f1d0c1e-8a4b-4bb0-9a55-2b9c3f1e7a10")
+GENERATION = "generation"  # the payload field naming the run that wrote a point (ingestion/service.py)
 _OVERLOADED = (502, 503, 504)  # a Qdrant node (or the proxy before it) that cannot serve now
 SCROLL_PAGE = 1000  # points per scroll call
 
@@ -33,13 +34,36 @@ class VectorPoint:
 
     @property
     def point_id(self) -> str:
-        """Deterministic, so re-running ingestion overwrites instead of duplicating."""
-        return point_id(self.document_id, self.chunk_index)
+        """Deterministic, so writing a chunk again overwrites instead of duplicating; a new generation's points
+        stand beside the served one's."""
+        return point_id(self.document_id, self.chunk_index, payload_generation(self.payload))
 
 
-def point_id(document_id: str, chunk_index: int) -> str:
-    """The id of a chunk's point in its department's collection."""
-    return str(uuid.uuid5(POINT_NAMESPACE, f"{document_id}:{chunk_index}"))
+def point_id(document_id: str, chunk_index: int, generation: int) -> str:
+    """The id of a chunk's point of one generation in its department's collection (generation 0's, written before
+    generations, keep the id they had)."""
+    name = f"{document_id}:{chunk_index}" + (f":{generation}" if generation else "")
+    return str(uuid.uuid5(POINT_NAMESPACE, name))
+
+
+def payload_generation(payload: Mapping[str, Any]) -> int:
+    """The generation a point belongs to: points written before generations carry none and are generation 0; a
+    value that is no generation's (an altered payload) is -1, which no document serves."""
+    value = payload.get(GENERATION, 0)
+    return value if type(value) is int else -1
+
+
+def superseded_points(document_id: str, *, served: int | None, through: int) -> models.Filter:
+    """The document's points of every generation up to `through` except the served one: a later generation's
+    belong to a run still going. Points without a generation are generation 0."""
+    document = models.FieldCondition(key="document_id", match=models.MatchValue(value=document_id))
+    if served == 0:  # keep the points that carry no generation: select the numbered ones only
+        numbered = models.FieldCondition(key=GENERATION, range=models.Range(gt=0, lte=through))
+        return models.Filter(must=[document, numbered])
+    kept: list[models.Condition] = [models.FieldCondition(key=GENERATION, range=models.Range(gt=through))]
+    if served is not None:
+        kept.append(models.FieldCondition(key=GENERATION, match=models.MatchValue(value=served)))
+    return models.Filter(must=[document], must_not=kept)
 
 
 @dataclass(frozen=True)
@@ -125,12 +149,23 @@ class VectorStore:
             self._client.delete(collection_name=collection_name(department),
                                 points_selector=models.FilterSelector(filter=selector), wait=True)
 
-    def chunk_payload(self, department: str, document_id: str, chunk_index: int) -> dict[str, Any] | None:
-        """One chunk's payload (for explanations), None when the department holds no such chunk."""
+    def delete_superseded(self, department: str, document_id: str, *, served: int | None, through: int) -> None:
+        """Remove the document's points of generations up to `through` other than the served one."""
+        with self._calling():
+            if not self._client.collection_exists(collection_name(department)):
+                return
+            selector = superseded_points(document_id, served=served, through=through)
+            self._client.delete(collection_name=collection_name(department),
+                                points_selector=models.FilterSelector(filter=selector), wait=True)
+
+    def chunk_payload(self, department: str, document_id: str, chunk_index: int,
+                      generation: int) -> dict[str, Any] | None:
+        """One chunk's payload of a generation (for explanations), None when the department holds no such chunk."""
         with self._calling():
             if not self._client.collection_exists(collection_name(department)):
                 return None
-            records = self._client.retrieve(collection_name(department), ids=[point_id(document_id, chunk_index)],
+            records = self._client.retrieve(collection_name(department),
+                                            ids=[point_id(document_id, chunk_index, generation)],
                                             with_payload=True, with_vectors=False)
         return dict(records[0].payload or {}) if records else None
 
@@ -204,7 +239,9 @@ class VectorIndex(Protocol):
     def search_many(self, access_by_department: dict[str, AccessFilter], vector: list[float],
                     limit: int) -> list[Hit]: ...
     def delete_document(self, department: str, document_id: str) -> None: ...
-    def chunk_payload(self, department: str, document_id: str, chunk_index: int) -> dict[str, Any] | None: ...
+    def delete_superseded(self, department: str, document_id: str, *, served: int | None, through: int) -> None: ...
+    def chunk_payload(self, department: str, document_id: str, chunk_index: int,
+                      generation: int) -> dict[str, Any] | None: ...
     def count(self, department: str) -> int: ...
     def scroll_payloads(self, department: str) -> list[dict[str, Any]]: ...
     def ping(self) -> None: ...

@@ -344,6 +344,151 @@ def test_a_document_deleted_while_a_reindex_is_queued_stays_deleted(
     assert client.get(f"/v1/documents/{doc['document_id']}", headers=auth(lab["editor"])).status_code == 404
 
 
+MINUTES = b"Minutes: Maria Gonzalez approved the travel budget for the Lisbon office."
+MINUTES_QUESTION = "Who approved the travel budget for the Lisbon office?"
+
+
+def _minutes(client: TestClient, lab: dict[str, str]) -> tuple[str, dict]:  # type: ignore[type-arg]
+    """A fresh department whose policy lets the name in the minutes through (allow list), and the minutes ingested
+    there; then the name is no longer allowed: a re-index redacts it (the rule change it follows)."""
+    department = f"mins{uuid.uuid4().hex[:6]}"
+    admin = auth(lab["admin"])
+    assert client.post("/v1/admin/departments", json={"name": department}, headers=admin).status_code == 201
+    assert client.post("/v1/admin/role-assignments", headers=admin,
+                       json={"subject": "lena", "role": "editor", "department": department}).status_code == 201
+    policy = f"/v1/admin/departments/{department}/ingestion-policy"
+    assert client.put(policy, json={"allow_list": ["Maria Gonzalez"]}, headers=admin).status_code == 200
+    doc = _ingest(client, lab["editor"], department, "minutes.txt", MINUTES)
+    assert doc["status"] == "ready" and "Maria Gonzalez" in _ask(client, lab, department)
+    assert client.put(policy, json={}, headers=admin).status_code == 200
+    return department, doc
+
+
+def _ask(client: TestClient, lab: dict[str, str], department: str) -> str:
+    """The editor's answer to the minutes question, with its citations (as text)."""
+    response = client.post("/v1/query", headers=auth(lab["editor"]),
+                           json={"question": MINUTES_QUESTION, "departments": [department]})
+    assert response.status_code == 200, response.text
+    return response.text
+
+
+def _reindex(client: TestClient, lab: dict[str, str], department: str, document_id: str) -> str:
+    response = client.post("/v1/admin/reindex", headers=auth(lab["admin"]),
+                           json={"department": department, "document_ids": [document_id]})
+    assert response.status_code == 202 and len(response.json()["queued"]) == 1, response.text
+    return str(response.json()["queued"][0])
+
+
+def _generations(settings, department: str, document_id: str) -> list[int]:  # type: ignore[no-untyped-def]
+    """The index generation of each point the document has in the store (those written before generations: 0)."""
+    return sorted(int(p.get("generation", 0)) for p in open_vector_store(settings).scroll_payloads(department)
+                  if p["document_id"] == document_id)
+
+
+def _hold_the_end(monkeypatch: pytest.MonkeyPatch, document_id: str) -> tuple[threading.Event, threading.Event]:
+    """Hold the document's next run after it wrote its points, before it writes its end: (reached, release)."""
+    from ingestion import service
+
+    real_finish, reached, release = service._finish, threading.Event(), threading.Event()
+
+    def held(settings, finished_id: str, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if finished_id == document_id:
+            reached.set()
+            release.wait(120)
+        return real_finish(settings, finished_id, *args, **kwargs)
+
+    monkeypatch.setattr(service, "_finish", held)
+    return reached, release
+
+
+def test_a_reindex_in_progress_keeps_answering_from_the_previous_index(
+        client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A re-index took the document out of `ready` until its run ended: a department re-indexed after a rule change
+    answered nothing from it meanwhile. The run now writes a new generation beside the served one; queries cite the
+    served one (never a mixture) until the run ends ready, then only the new one, the previous one gone."""
+    department, doc = _minutes(client, lab)
+    reached, release = _hold_the_end(monkeypatch, str(doc["document_id"]))
+    _reindex(client, lab, department, str(doc["document_id"]))
+    try:
+        assert reached.wait(120)
+        during = _ask(client, lab, department)
+        status = client.get(f"/v1/documents/{doc['document_id']}", headers=auth(lab["editor"])).json()["status"]
+        written = _generations(settings, department, str(doc["document_id"]))
+    finally:
+        release.set()
+    assert "Maria Gonzalez" in during and "<PERSON" not in during and str(doc["document_id"]) in during
+    assert status == "processing" and len(set(written)) == 2  # the new generation stands beside the served one
+    rebuilt = wait_for_document(client, lab["editor"], str(doc["document_id"]))
+    after = _ask(client, lab, department)
+    assert rebuilt["status"] == "ready" and rebuilt["error"] is None
+    assert "<PERSON_1>" in after and "Maria Gonzalez" not in after
+    left = _generations(settings, department, str(doc["document_id"]))
+    assert len(left) == rebuilt["chunk_count"] and set(left) == {max(written)}  # the previous index is gone
+
+
+def test_a_reindex_that_fails_keeps_serving_the_previous_index(
+        client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A re-index whose run failed (here every attempt dies after writing its points, until the retries run out)
+    left the document `failed`: its previous, complete index no longer answered, and points stayed behind. Now it
+    stays ready on that index, its error says the re-index failed, the job fails, and the runs' points are gone."""
+    from core.models import DocumentStatus
+    from ingestion import service
+
+    department, doc = _minutes(client, lab)
+    served = _generations(settings, department, str(doc["document_id"]))
+    real_finish, ends = service._finish, []
+
+    def dies_before_its_end(settings, document_id: str, job_id: str, status, **kwargs):  # type: ignore[no-untyped-def]
+        if document_id == doc["document_id"] and status != DocumentStatus.failed:
+            ends.append(_generations(settings, department, document_id))
+            raise RuntimeError("the run died before writing its end")
+        return real_finish(settings, document_id, job_id, status, **kwargs)
+
+    monkeypatch.setattr(service, "_finish", dies_before_its_end)
+    job = wait_for_job(client, lab["editor"], _reindex(client, lab, department, str(doc["document_id"])))
+    document = client.get(f"/v1/documents/{doc['document_id']}", headers=auth(lab["editor"])).json()
+    answer = _ask(client, lab, department)
+    assert "Maria Gonzalez" in answer and "<PERSON" not in answer
+    assert document["status"] == "ready" and "the re-index failed" in str(document["error"])
+    assert job["status"] == "failed" and "retries exhausted" in str(job["error"])
+    assert document["chunk_count"] == doc["chunk_count"]
+    assert len(ends) == 4 and len(set(ends[0])) == 2  # the first attempt wrote a generation beside the served one
+    assert _generations(settings, department, str(doc["document_id"])) == served  # nothing of the failed runs
+
+
+def test_a_reindex_that_quarantines_the_document_takes_it_out_of_answers_at_once(
+        client: TestClient, lab: dict[str, str], settings) -> None:  # type: ignore[no-untyped-def]
+    """The previous index is served only while the document is ready or being re-indexed: a run ending quarantined
+    stops it in the same transaction, and its points go."""
+    department, doc = _minutes(client, lab)
+    assert client.put(f"/v1/admin/departments/{department}/ingestion-policy", headers=auth(lab["admin"]),
+                      json={"keywords": {"lisbon office": "restricted"}}).status_code == 200
+    _reindex(client, lab, department, str(doc["document_id"]))
+    assert wait_for_document(client, lab["editor"], str(doc["document_id"]))["status"] == "quarantined"
+    answer = _ask(client, lab, department)
+    assert "Maria Gonzalez" not in answer and str(doc["document_id"]) not in answer
+    assert _generations(settings, department, str(doc["document_id"])) == []
+
+
+def test_a_document_deleted_during_its_reindex_is_gone_at_once_with_both_generations(
+        client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A deletion while the run holds a new generation beside the served one: neither is answered from the moment
+    the DELETE commits, the run withdraws, and no point of either generation stays."""
+    department, doc = _minutes(client, lab)
+    reached, release = _hold_the_end(monkeypatch, str(doc["document_id"]))
+    job_id = _reindex(client, lab, department, str(doc["document_id"]))
+    try:
+        assert reached.wait(120)
+        deleted = client.delete(f"/v1/documents/{doc['document_id']}", headers=auth(lab["editor"]))
+        answer = _ask(client, lab, department)
+    finally:
+        release.set()
+    assert deleted.status_code == 204
+    assert "Maria Gonzalez" not in answer and str(doc["document_id"]) not in answer
+    assert wait_for_job(client, lab["editor"], job_id)["status"] == "deleted"
+    assert _leftovers(settings, department, {str(doc["document_id"])}) == set()
+
+
 def test_zip_bomb_disguised_as_docx_is_refused_at_upload(client: TestClient, lab: dict[str, str],
                                                          settings) -> None:  # type: ignore[no-untyped-def]
     buffer = io.BytesIO()
@@ -378,8 +523,8 @@ def test_reversible_pseudonymisation_reveals_only_with_permission_and_is_audited
     doc = _ingest(client, lab["editor"], department, "minutes.txt",
                   b"Minutes: Maria Gonzalez approved the budget; Maria will report in May.")
     assert doc["status"] == "ready"
-    sealed = settings.blob_dir / f"{doc['document_id']}.pii"
-    assert sealed.exists() and b"Maria" not in sealed.read_bytes()
+    [sealed] = settings.blob_dir.glob(f"{doc['document_id']}.*.pii")  # its first generation's
+    assert b"Maria" not in sealed.read_bytes()
 
     url = f"/v1/documents/{doc['document_id']}/reveal"
     body = {"placeholders": ["<PERSON_1>", "<EMAIL_ADDRESS_7>"]}
@@ -453,12 +598,11 @@ def test_a_placeholder_copied_from_an_answer_citing_two_documents_is_revealed(
         assert refused.status_code == 422 and "placeholders.1" in message and "<TYPE_N>" in message, message
 
 
-def _reindex_one(client: TestClient, admin: str, department: str, document_id: str, editor: str,
-                 ends: str = "ready") -> None:
+def _reindex_one(client: TestClient, admin: str, department: str, document_id: str, editor: str) -> None:
     response = client.post("/v1/admin/reindex", headers=auth(admin),
                            json={"department": department, "document_ids": [document_id]})
     assert response.status_code == 202 and len(response.json()["queued"]) == 1, response.text
-    assert wait_for_document(client, editor, document_id)["status"] == ends
+    assert wait_for_document(client, editor, document_id)["status"] == "ready"  # a failed re-index too
 
 
 @pytest.mark.parametrize("policy", [{"reversible": False}, {"reversible": True, "allow_list": ["Maria Gonzalez"]}],
@@ -478,23 +622,30 @@ def test_a_reindex_replaces_the_placeholder_map(client: TestClient, lab: dict[st
                       headers=auth(lab["admin"])).status_code == 200
     _reindex_one(client, lab["admin"], department, doc["document_id"], lab["editor"])
     assert client.post(url, json=body, headers=auth(pia)).status_code == 404
-    assert not (settings.blob_dir / f"{doc['document_id']}.pii").exists()
+    assert not list(settings.blob_dir.glob(f"{doc['document_id']}*.pii"))
 
 
-def test_a_reindex_that_fails_removes_the_placeholder_map(client: TestClient, lab: dict[str, str], settings,  # type: ignore[no-untyped-def]
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """A re-index that failed for good (here: an operator lowered a parse limit) left the earlier run's map, and
-    reveal answered from it for a document no longer ingested."""
+def test_a_reindex_that_fails_keeps_the_placeholder_map_of_the_index_still_served(
+        client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A re-index that failed for good (here: an operator lowered a parse limit) leaves the document answering from
+    its previous index, whose placeholders reveal still answers; a run that never ended ready wrote no map of its
+    own, and an upload that fails on its first run keeps none."""
     department = _reversible_department(client, lab["admin"])
     doc = _ingest(client, lab["editor"], department, "minutes.txt",
                   b"Minutes: Maria Gonzalez approved the budget.\n\nAction: Omar Haddad books the room.")
     url = f"/v1/documents/{doc['document_id']}/reveal"
     pia = client.app.state.dev_issuer.issue("pia", [])  # type: ignore[attr-defined]
-    assert client.post(url, json={"placeholders": ["<PERSON_1>"]}, headers=auth(pia)).status_code == 200
+    before = client.post(url, json={"placeholders": ["<PERSON_1>"]}, headers=auth(pia)).json()["values"]
     monkeypatch.setattr(settings, "max_elements", 1)
-    _reindex_one(client, lab["admin"], department, doc["document_id"], lab["editor"], ends="failed")
-    assert client.post(url, json={"placeholders": ["<PERSON_1>"]}, headers=auth(pia)).status_code == 404
-    assert not (settings.blob_dir / f"{doc['document_id']}.pii").exists()
+    _reindex_one(client, lab["admin"], department, doc["document_id"], lab["editor"])
+    revealed = client.post(url, json={"placeholders": ["<PERSON_1>"]}, headers=auth(pia))
+    assert before and revealed.json()["values"] == before, revealed.text
+    assert len(list(settings.blob_dir.glob(f"{doc['document_id']}*.pii"))) == 1
+    failed = _ingest(client, lab["editor"], department, "more.txt",
+                     b"Minutes: John Smith chaired.\n\nAction: Omar Haddad books the room.")
+    assert failed["status"] == "failed"
+    assert client.post(f"/v1/documents/{failed['document_id']}/reveal", json={"placeholders": ["<PERSON_1>"]},
+                       headers=auth(pia)).status_code == 404
 
 
 def test_email_attachments_become_child_documents(client: TestClient, lab: dict[str, str]) -> None:

@@ -125,6 +125,41 @@ def test_a_late_duplicate_of_a_finished_job_leaves_the_document_to_its_new_job(t
     assert [job["status"] for job in jobs] == ["ready", "ready"] and jobs[1]["attempts"] == 1
 
 
+def test_a_reindex_waiting_in_the_queue_leaves_the_document_answering(tmp_path: Path) -> None:
+    """A re-index queued the document (`ready` to `queued`) and queries found nothing of it until a worker had run
+    the job: with no worker free, or the broker down, for as long as that took. It now answers from the index it
+    serves until the job has run; then from the new one alone (SQLite numbers the generations as PostgreSQL does)."""
+    from api.app import create_app
+    from ingestion import service as ingestion_service
+    from retrieval.store import close_vector_store, open_vector_store
+
+    _, settings = _embedded(tmp_path)
+    with TestClient(create_app(settings)) as client:
+        admin = auth(client.app.state.dev_issuer.issue(PLATFORM_ADMIN, []))  # type: ignore[attr-defined]
+        editor = desk_member(client, "editor")
+        uploaded = _upload(client, editor, 0)
+        document_id = uploaded["document_id"]
+        ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=uploaded["job_id"])
+        reindex = client.post("/v1/admin/reindex", headers=admin, json={"department": "desk"})
+        waiting = _ask_when_the_desk_opens(client, editor)
+        status = client.get(f"/v1/documents/{document_id}", headers=auth(editor)).json()["status"]
+        [job] = reindex.json()["queued"]
+        ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job)
+        after = _ask_when_the_desk_opens(client, editor)
+        generations = [p.get("generation") for p in open_vector_store(settings).scroll_payloads("desk")]
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    assert status == "queued" and document_id in waiting["cited"] and "nine" in waiting["answer"]
+    assert document_id in after["cited"] and generations == [2] * len(generations) and generations
+
+
+def _ask_when_the_desk_opens(client: TestClient, token: str) -> dict[str, object]:
+    response = client.post("/v1/query", headers=auth(token),
+                           json={"question": "When does the desk open?", "departments": ["desk"]})
+    assert response.status_code == 200, response.text
+    return {"answer": response.json()["answer"], "cited": {c["document_id"] for c in response.json()["citations"]}}
+
+
 class WorkerDied(BaseException):  # noqa: N818 - what a kill looks like from inside: no handler of the run sees it
     """Stands for the worker process dying mid-document (the OOM killer, a segfault in a parser)."""
 

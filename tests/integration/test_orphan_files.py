@@ -92,15 +92,16 @@ def test_the_sweep_keeps_what_a_document_owns_and_what_is_not_ours(
     owned = settings.blob_dir / f"{document_id}.bin"
     cut_short = settings.blob_dir / f"{document_id}.bin.tmp"  # a rewrite a crash interrupted
     orphan, young = (settings.blob_dir / f"{uuid.uuid4()}.pii" for _ in range(2))
+    orphan_generation = settings.blob_dir / f"{uuid.uuid4()}.3.pii"  # the placeholder map of an index generation
     foreign = settings.blob_dir / "README.txt"  # not a name this code writes
-    for path in (cut_short, orphan, young, foreign):
+    for path in (cut_short, orphan, orphan_generation, young, foreign):
         path.write_bytes(b"\0" * 16)
-    for path in (owned, cut_short, orphan, foreign):
+    for path in (owned, cut_short, orphan, orphan_generation, foreign):
         _age(path)
 
-    assert sweep_orphan_files(settings) == 2
+    assert sweep_orphan_files(settings) == 3
     assert owned.exists() and young.exists() and foreign.exists()
-    assert not cut_short.exists() and not orphan.exists()
+    assert not cut_short.exists() and not orphan.exists() and not orphan_generation.exists()
     assert [d for d, _, _ in blobs.stale_files(settings.blob_dir, ORPHAN_GRACE_SECONDS)] == [document_id]
     reindexed = client.post("/v1/admin/reindex", headers=auth(issue_token(PLATFORM_ADMIN)),
                             json={"department": department, "document_ids": [document_id]})

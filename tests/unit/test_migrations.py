@@ -131,9 +131,9 @@ def test_a_refusing_downgrade_is_also_refused_when_run_through_alembic(tmp_path:
     with pytest.raises(migrate.DowngradeRefused, match="revision 0005"):
         command.downgrade(migrate.alembic_config(url), "0004")
     assert "guard_controls" in _tables(url)
-    assert migrate.current_revision(url) == migrate.head_revision()  # SQLite undid 0011..0006 before 0005 refused
+    assert migrate.current_revision(url) == migrate.head_revision()  # SQLite undid 0012..0006 before 0005 refused
     with pytest.raises(migrate.DowngradeRefused, match="revision 0005"):
-        command.downgrade(migrate.alembic_config(url), "-7")  # a relative target is judged the same way
+        command.downgrade(migrate.alembic_config(url), "-8")  # a relative target is judged the same way
     assert migrate.current_revision(url) == migrate.head_revision()
 
 
@@ -272,3 +272,36 @@ def test_approvals_stored_before_0011_cover_the_level_they_released_and_a_held_o
     with pytest.raises(migrate.DowngradeRefused, match=r"revision 0011: .*1 documents' approved levels"):
         migrate.downgrade(url, "0010")
     assert migrate.current_revision(url) == migrate.head_revision()
+
+
+def test_documents_ready_before_0012_serve_the_points_they_have_and_a_numbered_generation_refuses_the_downgrade(
+        tmp_path: Path) -> None:
+    """Points indexed before index generations carry none: a ready document serves them as generation 0, any other
+    serves none until its run ends ready. Undoing 0012 is refused once a run has numbered a generation: an upgrade
+    after it would number runs again from 0 and not know which points to cite."""
+    url = f"sqlite:///{tmp_path / 'schema.db'}"
+    migrate.upgrade(url, "0011")
+    columns = "id, department, title, content_type, size_bytes, sha256, acl_groups, classification, status, " \
+              "chunk_count, uploaded_by, created_at, updated_at, flagged_chunks"
+    row = "('{id}', 'hr', 't', 'text/plain', 1, 'ab', '[]', 'internal', '{status}', 0, 'ed', '2026-01-01', " \
+          "'2026-01-01', 0)"
+    rows = ", ".join(row.format(id=i, status=status) for i, status in (("a", "ready"), ("b", "queued"),
+                                                                       ("c", "quarantined")))
+    _execute(url, "INSERT INTO departments (name, created_at) VALUES ('hr', '2026-01-01 00:00:00')",
+             f"INSERT INTO documents ({columns}) VALUES {rows}")  # noqa: S608
+    migrate.upgrade(url)
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            served = connection.execute(text("SELECT id, index_generation, served_generation FROM documents "
+                                             "ORDER BY id")).all()
+    finally:
+        engine.dispose()
+    assert [tuple(row) for row in served] == [("a", 0, 0), ("b", 0, None), ("c", 0, None)]
+    _execute(url, "UPDATE documents SET index_generation = 1, served_generation = 1 WHERE id = 'a'")
+    with pytest.raises(migrate.DowngradeRefused, match=r"revision 0012: .*1 documents' index generations"):
+        migrate.downgrade(url, "0011")
+    assert migrate.current_revision(url) == migrate.head_revision()
+    _execute(url, "UPDATE documents SET index_generation = 0, served_generation = 0")
+    migrate.downgrade(url, "0011")  # nothing numbered yet: nothing to lose
+    assert migrate.current_revision(url) == "0011"

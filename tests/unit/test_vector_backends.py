@@ -108,6 +108,33 @@ def test_backends_agree_on_delete_and_count(stores) -> None:  # type: ignore[no-
         assert store.search("nonexistent", [0.0] * DIM, everything, limit=3) == []
 
 
+def _generation(store, generation: int, chunks: int) -> None:  # type: ignore[no-untyped-def]
+    """`hr-doc-3`'s chunks written again by a run of `generation` (beside the corpus's, which carry none)."""
+    store.upsert("hr", [VectorPoint(document_id="hr-doc-3", chunk_index=chunk, vector=[0.5] * DIM,
+                                    payload={"document_id": "hr-doc-3", "generation": generation})
+                        for chunk in range(chunks)])
+
+
+def _generations(store) -> list[int]:  # type: ignore[no-untyped-def]
+    return sorted(int(p.get("generation", 0)) for p in store.scroll_payloads("hr") if p["document_id"] == "hr-doc-3")
+
+
+@pytest.mark.parametrize(("served", "through", "left"), [
+    (2, 2, [2, 2, 3, 3, 3]),  # a run of 2 ended ready: 0 and 1 go, 3 (a later run's) stays
+    (0, 3, [0, 0, 0, 0, 0]),  # re-indexes that failed: the points without a generation are served and stay
+    (1, 3, [1]),  # a failed re-index over generation 1: 2 and 3 go, and the unnumbered ones (superseded by 1)
+    (None, 2, [3, 3, 3]),  # quarantined: nothing is served, a later run's points stay
+])
+def test_backends_agree_on_removing_superseded_generations(stores, served: int | None, through: int,  # type: ignore[no-untyped-def]
+                                                           left: list[int]) -> None:
+    for store in stores.values():
+        for generation, chunks in ((1, 1), (2, 2), (3, 3)):
+            _generation(store, generation, chunks)
+        store.delete_superseded("hr", "hr-doc-3", served=served, through=through)
+    assert {name: _generations(store) for name, store in stores.items()} == dict.fromkeys(stores, left)
+    assert {store.count("hr") for store in stores.values()} == {55 + len(left)}  # no other document's is touched
+
+
 def test_edge_store_persists_and_reopens(tmp_path: Path) -> None:
     store = EdgeVectorStore(tmp_path / "edge", dimension=DIM)
     store.upsert("hr", _corpus()["hr"])
