@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from enum import Enum, auto
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -106,7 +107,7 @@ def load_models(settings: Settings) -> None:
 
 
 def _run_once(settings: Settings, document_id: str, job_id: str) -> bool:
-    """One run of the job; False when its outcome was not written (then `_start` decides whether it goes again)."""
+    """One run of the job; False when it goes again (its job was handed back: `_start` claims the document anew)."""
     facts, key, data, rules = _start(settings, document_id, job_id)
     if facts is None or key is None or data is None or rules is None:
         return True
@@ -117,7 +118,7 @@ def _run_once(settings: Settings, document_id: str, job_id: str) -> bool:
     except GovragError as exc:  # permanent: a bad or over-limit file; retrying cannot help
         logger.info("ingestion failed permanently for document %s", document_id)
         return _finish(settings, document_id, job_id, DocumentStatus.failed, error=exc.message,
-                       generation=facts.generation)
+                       generation=facts.generation) is not RunEnd.again
     if result.placeholders and rules.reversible:
         blobs.write_sealed_map(settings.blob_dir, document_id, key, json.dumps(result.placeholders).encode(),
                                facts.generation)
@@ -128,12 +129,12 @@ def _run_once(settings: Settings, document_id: str, job_id: str) -> bool:
         repository.record_outcome, document_id=document_id, classification=result.verdict.level.value,
         declared=facts.classification.value, reasons=list(result.verdict.reasons), flagged=len(result.flagged),
         review_reason=result.review_reason)
-    if not _finish(settings, document_id, job_id, status, chunk_count=len(result.points), outcome=outcome,
-                   generation=facts.generation):
-        return False
-    logger.info("ingested document %s: %s, %d chunks, %d flagged", document_id, status, len(result.points),
-                len(result.flagged))
-    return True
+    ended = _finish(settings, document_id, job_id, status, chunk_count=len(result.points), outcome=outcome,
+                    generation=facts.generation)
+    if ended is RunEnd.written:
+        logger.info("ingested document %s: %s, %d chunks, %d flagged", document_id, status, len(result.points),
+                    len(result.flagged))
+    return ended is not RunEnd.again
 
 
 def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAccepted]:
@@ -356,6 +357,14 @@ def _approved_level(document: Document) -> Classification | None:
     return Classification(document.approved_level)
 
 
+class RunEnd(Enum):
+    """How a run's end came out."""
+
+    written = auto()  # the document and its job moved to the run's outcome
+    again = auto()  # nothing written: a re-index handed the job back, and the run goes again under its rules
+    over = auto()  # nothing written, nor to write: the document was retired, or a later run of it claimed it
+
+
 @dataclass(frozen=True)
 class _Ended:
     """A document as a run's end left it: its department, the index generation it serves (None: none) and the
@@ -368,27 +377,38 @@ class _Ended:
 
 def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentStatus, *, error: str | None = None,
             chunk_count: int | None = None, outcome: Callable[[Session], None] | None = None,
-            generation: int | None = None) -> bool:
+            generation: int | None = None) -> RunEnd:
     """Write the final status, with the pipeline's outcome when there is one, in a single transaction; unless the
-    document was deleted (or rejected) while the worker ran: then only its job ends, the points it indexed go, and
-    the answer is False. A run's outcome (its `generation`) is written only while the run still holds its job and
-    is the document's latest: one handed back meanwhile (by a re-index) writes nothing, and the answer is False too.
-    Once committed, the points and placeholder maps of generations no longer served go (`_drop_superseded`)."""
+    document was deleted (or rejected) while the worker ran: then only its job ends and the points it indexed go. A
+    run's outcome (its `generation`) is written only while the run still holds its job and is the document's latest
+    claim: one handed back meanwhile (by a re-index) goes again; one a later claim outdid (the broker's second
+    delivery of its job, while it ran) leaves the document to that run. Once committed, the points and placeholder
+    maps of generations no longer served go (`_drop_superseded`)."""
     with unit_of_work(settings.resolved_database_url) as session:
         written = _write_end(session, document_id, job_id, status, error=error, chunk_count=chunk_count,
                              outcome=outcome, generation=generation)
         ended = _ended(session, document_id, job_id)
     if ended is None:  # withdrawn: purged once the job's end is committed
         purge.purge_now(settings, [document_id])
-        return False
+        return RunEnd.over
     through = ended.newest if written else generation  # a stale run drops its own points, never a later run's
     if through is not None:
         _drop_superseded(settings, document_id, ended, through)
     if not written:
-        logger.info("the run of document %s lost its job (a re-index); its outcome is not written", document_id)
-        return False
+        return _unwritten(document_id, ended, generation)
     metrics.INGESTED_DOCUMENTS.labels(department=ended.department, status=str(status)).inc()
-    return True
+    return RunEnd.written
+
+
+def _unwritten(document_id: str, ended: _Ended, generation: int | None) -> RunEnd:
+    """Why a run's outcome was not written: a later claim of the document took it over (that run ends it), else a
+    re-index handed the job back (this run goes again). Claiming again over a later claim made each of two
+    overlapping deliveries outdo the other in turn, a crash counted at each claim, until the document failed."""
+    if ended.newest != generation:
+        logger.info("a later run of document %s took it over; this run ends without its outcome", document_id)
+        return RunEnd.over
+    logger.info("the run of document %s lost its job (a re-index); its outcome is not written", document_id)
+    return RunEnd.again
 
 
 def _write_end(session: Session, document_id: str, job_id: str, status: DocumentStatus, *, error: str | None,

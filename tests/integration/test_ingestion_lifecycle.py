@@ -1122,6 +1122,6 @@ def test_a_late_run_of_a_document_already_ready_leaves_it_indexed(client: TestCl
     document = wait_for_document(client, lab["editor"], uploaded.json()["document_id"])
     assert document["status"] == "ready"
     assert service._finish(settings, str(document["document_id"]), uploaded.json()["job_id"], DocumentStatus.ready,
-                           chunk_count=int(document["chunk_count"]))  # type: ignore[arg-type]
+                           chunk_count=int(document["chunk_count"])) is service.RunEnd.written  # type: ignore[arg-type]
     indexed = open_vector_store(settings).scroll_payloads(lab["department"])
     assert len([p for p in indexed if p.get("document_id") == document["document_id"]]) == document["chunk_count"]

@@ -341,6 +341,62 @@ def test_a_reindex_while_a_run_waits_to_write_its_outcome_runs_it_again_under_th
     assert _job_row(url, uploaded.json()["job_id"]) == ("quarantined", None, 2, 0)  # run again, no crash counted
 
 
+def test_two_deliveries_of_one_job_running_at_once_leave_the_document_to_the_later_claim(
+        make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Delivery is at least once: the broker delivers a job again when its run outlives the visibility timeout, while
+    that run goes on. The run that ended first found the other delivery's later claim of the document and went
+    again, claiming a newer generation; the other then did the same. Each claim over a job still processing counted
+    a crash, and the third failed a document no worker had died on ('the worker died 3 times'). A run that a later
+    claim of its document outdid now ends there: the later one writes the outcome."""
+    from api.app import create_app
+    from core import migrate
+    from ingestion import service as ingestion_service
+    from retrieval.store import close_vector_store, open_vector_store
+
+    url = make_pg_database()
+    migrate.upgrade(url)
+    settings = _settings(tmp_path / "data", url, broker_url="memory://", inprocess_worker=False, job_sweep_seconds=0)
+    real_finish, reached = ingestion_service._finish, {g: threading.Event() for g in (1, 2, 3)}
+    runs: list[threading.Thread] = []
+
+    def wait(until: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 60
+        while not until() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def interleaved(*args: object, generation: int | None = None, **kwargs: object) -> object:
+        """Each run's end waits for the next claim's: the first for the redelivery's, that one for a third."""
+        if generation in reached:
+            reached[generation].set()
+        if generation == 1:
+            wait(reached[2].is_set)
+        elif generation == 2:
+            wait(lambda: reached[3].is_set() or not runs[0].is_alive())
+        elif generation == 3:
+            wait(lambda: not runs[1].is_alive())
+        return real_finish(*args, generation=generation, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ingestion_service, "_finish", interleaved)
+    with TestClient(create_app(settings)) as client:
+        editor = desk_member(client, "editor")
+        uploaded = _upload(client, editor, 0)
+        delivery = {"settings": settings, "document_id": uploaded["document_id"], "job_id": uploaded["job_id"]}
+        runs.append(threading.Thread(target=ingestion_service.run_ingestion, kwargs=delivery))
+        runs[0].start()
+        assert reached[1].wait(120)  # the first delivery wrote its points and is about to end
+        runs.append(threading.Thread(target=ingestion_service.run_ingestion, kwargs=delivery))
+        runs[1].start()  # the broker's second delivery of the same job
+        for run in runs:
+            run.join(120)
+        document = client.get(f"/v1/documents/{uploaded['document_id']}", headers=auth(editor)).json()
+        generations = {p.get("generation") for p in open_vector_store(settings).scroll_payloads("desk")}
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    assert (document["status"], document["error"]) == ("ready", None), document
+    assert _job_row(url, uploaded["job_id"]) == ("ready", None, 2, 1)  # the second delivery counted as a crash
+    assert generations == {2}  # the first delivery's points went with it
+
+
 def test_runs_that_fail_cleanly_are_retried_and_never_counted_as_crashes(
         client: TestClient, issue_token: Callable[..., str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """A run that raises hands its job back before the retry: retries (transient faults, outages) are bounded by
