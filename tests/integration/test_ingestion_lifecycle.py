@@ -1125,3 +1125,29 @@ def test_a_late_run_of_a_document_already_ready_leaves_it_indexed(client: TestCl
                            chunk_count=int(document["chunk_count"])) is service.RunEnd.written  # type: ignore[arg-type]
     indexed = open_vector_store(settings).scroll_payloads(lab["department"])
     assert len([p for p in indexed if p.get("document_id") == document["document_id"]]) == document["chunk_count"]
+
+
+def test_a_quarantined_document_keeps_no_placeholder_map_and_its_approval_run_writes_one(
+        client: TestClient, lab: dict[str, str], settings) -> None:  # type: ignore[no-untyped-def]
+    """A quarantined document serves nothing, its placeholders included (reveal: 404, no map kept); the run its
+    approval queues keeps the map of the chunks it indexes, and reveal answers from it."""
+    department = _reversible_department(client, lab["admin"])
+    assert client.put(f"/v1/admin/departments/{department}/ingestion-policy", headers=auth(lab["admin"]),
+                      json={"reversible": True, "ai_max_level": "internal"}).status_code == 200
+    assert client.put("/v1/admin/clearances", headers=auth(lab["admin"]), json={
+        "subject": "pia", "department": department, "level": "confidential"}).status_code in (200, 201)
+    doc = _ingest(client, lab["editor"], department, "payroll.txt",
+                  b"Payroll: Maria Gonzalez, social security number 536-22-8741, joins in March.",
+                  classification="public")
+    url = f"/v1/documents/{doc['document_id']}/reveal"
+    pia = client.app.state.dev_issuer.issue("pia", [])  # type: ignore[attr-defined]
+    body = {"placeholders": ["<PERSON_1>"]}
+    assert doc["status"] == "quarantined"
+    assert client.post(url, json=body, headers=auth(pia)).status_code == 404
+    assert not list(settings.blob_dir.glob(f"{doc['document_id']}*.pii"))
+    approved = client.post(f"/v1/admin/quarantine/{doc['document_id']}/approve", headers=auth(lab["admin"]))
+    assert approved.status_code == 200, approved.text
+    assert wait_for_document(client, lab["editor"], doc["document_id"])["status"] == "ready"
+    revealed = client.post(url, json=body, headers=auth(pia))
+    assert revealed.status_code == 200 and revealed.json()["values"] == {"<PERSON_1>": "Maria Gonzalez"}, revealed.text
+    assert len(list(settings.blob_dir.glob(f"{doc['document_id']}*.pii"))) == 1
