@@ -1,7 +1,8 @@
 """Qdrant Edge backend: Qdrant's embedded Rust engine, one shard per department under the data dir.
 
-Same operations as `retrieval.store.VectorStore`. Filters are built once, as qdrant-client models, by
-`AccessFilter.to_qdrant()`; this module translates them, so both backends always enforce the same filter.
+Same operations as `retrieval.store.VectorStore`. Filters are built once, as qdrant-client models, in
+`retrieval.store` (`AccessFilter.to_qdrant()`, `document_points`, `superseded_points`); this module translates them,
+so both backends always enforce and delete by the same filter.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import qdrant_edge as edge
 from qdrant_client import models
 
-from retrieval.store import AccessFilter, Hit, VectorPoint, point_id, superseded_points
+from retrieval.store import AccessFilter, Hit, VectorPoint, document_points, point_id, superseded_points
 
 logger = logging.getLogger(__name__)
 
@@ -92,20 +93,18 @@ class EdgeVectorStore:
 
     def delete_document(self, department: str, document_id: str) -> None:
         """Remove every point of a document."""
-        shard = self._shard(department, create=False)
-        if shard is None:
-            return
-        selector = edge.Filter(must=[edge.FieldCondition(key="document_id", match=edge.MatchValue(document_id))])
-        shard.update(edge.UpdateOperation.delete_points_by_filter(selector))
-        shard.flush()
+        self._delete(department, document_points(document_id))
 
     def delete_superseded(self, department: str, document_id: str, *, served: int | None, through: int) -> None:
         """Remove the document's points of generations up to `through` other than the served one."""
+        self._delete(department, superseded_points(document_id, served=served, through=through))
+
+    def _delete(self, department: str, selector: models.Filter) -> None:
+        """Remove the department's points that match `selector`."""
         shard = self._shard(department, create=False)
         if shard is None:
             return
-        selector = to_edge_filter(superseded_points(document_id, served=served, through=through))
-        shard.update(edge.UpdateOperation.delete_points_by_filter(selector))
+        shard.update(edge.UpdateOperation.delete_points_by_filter(to_edge_filter(selector)))
         shard.flush()
 
     def chunk_payload(self, department: str, document_id: str, chunk_index: int,

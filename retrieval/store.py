@@ -53,10 +53,19 @@ def payload_generation(payload: Mapping[str, Any]) -> int:
     return value if type(value) is int else -1
 
 
+def _of_document(document_id: str) -> models.FieldCondition:
+    return models.FieldCondition(key="document_id", match=models.MatchValue(value=document_id))
+
+
+def document_points(document_id: str) -> models.Filter:
+    """Every point of a document, of every generation."""
+    return models.Filter(must=[_of_document(document_id)])
+
+
 def superseded_points(document_id: str, *, served: int | None, through: int) -> models.Filter:
     """The document's points of every generation up to `through` except the served one: a later generation's
     belong to a run still going. Points without a generation are generation 0."""
-    document = models.FieldCondition(key="document_id", match=models.MatchValue(value=document_id))
+    document = _of_document(document_id)
     if served == 0:  # keep the points that carry no generation: select the numbered ones only
         numbered = models.FieldCondition(key=GENERATION, range=models.Range(gt=0, lte=through))
         return models.Filter(must=[document, numbered])
@@ -141,20 +150,17 @@ class VectorStore:
 
     def delete_document(self, department: str, document_id: str) -> None:
         """Remove every point of a document."""
-        with self._calling():
-            if not self._client.collection_exists(collection_name(department)):
-                return
-            selector = models.Filter(must=[models.FieldCondition(key="document_id",
-                                                                 match=models.MatchValue(value=document_id))])
-            self._client.delete(collection_name=collection_name(department),
-                                points_selector=models.FilterSelector(filter=selector), wait=True)
+        self._delete(department, document_points(document_id))
 
     def delete_superseded(self, department: str, document_id: str, *, served: int | None, through: int) -> None:
         """Remove the document's points of generations up to `through` other than the served one."""
+        self._delete(department, superseded_points(document_id, served=served, through=through))
+
+    def _delete(self, department: str, selector: models.Filter) -> None:
+        """Remove the department's points that match `selector`."""
         with self._calling():
             if not self._client.collection_exists(collection_name(department)):
                 return
-            selector = superseded_points(document_id, served=served, through=through)
             self._client.delete(collection_name=collection_name(department),
                                 points_selector=models.FilterSelector(filter=selector), wait=True)
 
