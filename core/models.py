@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -94,9 +95,12 @@ class Document(Base):
     parent_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)  # e-mail of an attachment
     # Each run of the pipeline writes its points (and placeholder map) under a generation of its own: the newest one
     # claimed, and the one queries cite (None: none, as before its first run ends ready, or once quarantined). A
-    # re-index leaves the served one in place until its run ends ready (ingestion/service.py).
+    # re-index leaves the served one in place until its run ends ready (ingestion/service.py), unless it withholds it.
     index_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     served_generation: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # A re-index (not `serve_previous`) stopped serving the document's index until its run ends ready: a run that
+    # fails leaves it failed, the index it served never served again (ingestion/repository.py).
+    withheld: Mapped[bool] = mapped_column(default=False, server_default=false())
 
 
 class IngestionPolicy(Base):

@@ -119,21 +119,25 @@ class Reindex:
     skipped: list[str]
 
 
-def queue_reindex(*, session: Session, department: str, document_ids: list[str] | None) -> Reindex:
+def queue_reindex(*, session: Session, department: str, document_ids: list[str] | None,
+                  serve_previous: bool) -> Reindex:
     """Queue a fresh ingestion of ready and quarantined documents from their encrypted originals (a quarantined
     one is classified again, so the review queue never shows a level older than the rules: an approval releases
     at most the level shown; one the current rules no longer hold is released). A document being ingested is
     covered too: its run read the department's rules when it started, perhaps before the policy change this
     re-index follows, so its job is handed back: the run writes nothing and goes again under the current rules
-    (ingestion/service.py). Skipped: ids named that are none of these (unknown, another department's, failed,
-    deleted), and documents that left both states meanwhile (a deletion stays deleted); not_found for a
-    department that does not exist."""
+    (ingestion/service.py). Unless `serve_previous` (a change that tightens nothing: chunk size, model), the
+    documents stop being served at once (`repository.withhold`): the rule change may have ruled their index out.
+    Skipped: ids named that are none of these (unknown, another department's, failed, deleted), and documents that
+    left both states meanwhile (a deletion stays deleted); not_found for a department that does not exist."""
     authz_service.require_department(session, department)
     listed = repository.documents_to_reindex(session, department=department, document_ids=document_ids)
     queued: list[tuple[str, str]] = []
     rerun: list[str] = []
     covered: set[str] = set()
     for document in listed:
+        if not serve_previous:  # before any job's row: a run's end locks the document's row, then its job's
+            repository.withhold(session, document.id)
         ended = document.status in repository.REINDEXED
         if not ended:  # before the queueing: a run ending now commits first
             for job_id in repository.unfinished_jobs(session, document.id):

@@ -11,8 +11,9 @@ from core.db import transaction_lock
 from core.models import RETIRED, UNFINISHED, Document, DocumentStatus, IngestionJob, IngestionPolicy, utcnow
 
 IDS_PER_STATEMENT = 5_000  # ids bound in one IN list: PostgreSQL takes at most 65,535 parameters per statement
-SERVING = (DocumentStatus.ready, *UNFINISHED)  # a document being re-indexed keeps serving its previous index
+SERVING = (DocumentStatus.ready, *UNFINISHED)  # a document being re-indexed may keep serving its previous index
 REINDEX_FAILED = "the re-index failed; the previous index is still served: {error}"
+WITHHELD_REINDEX_FAILED = "the re-index failed; the previous index, withheld when it began, is not served: {error}"
 
 
 def get_document(session: Session, document_id: str) -> Document | None:
@@ -49,17 +50,27 @@ def set_status(session: Session, *, document_id: str, job_id: str, status: str, 
 
 def _serving(status: str, error: str | None, generation: int | None) -> dict[str, object]:
     """A document's status, error and served generation as it moves to `status`: a run ending ready serves its own
-    generation, a quarantined document none, and a failure of one that still serves an earlier index (a re-index)
-    leaves it ready on that index, its error saying the re-index failed (its job fails)."""
+    generation, a quarantined document none, and a failure of one that still serves an earlier index (a re-index
+    with `serve_previous`) leaves it ready on that index, its error saying the re-index failed (its job fails); one
+    whose re-index withheld its index (`withhold`) stays failed, its error saying so. Each ends the withholding."""
     if status == DocumentStatus.ready and generation is not None:
-        return {"status": status, "error": error, "served_generation": generation}
+        return {"status": status, "error": error, "served_generation": generation, "withheld": False}
     if status == DocumentStatus.quarantined:
-        return {"status": status, "error": error, "served_generation": None}
+        return {"status": status, "error": error, "served_generation": None, "withheld": False}
     if status == DocumentStatus.failed:
         serving = Document.served_generation.is_not(None)
         return {"status": case((serving, str(DocumentStatus.ready)), else_=str(status)),
-                "error": case((serving, REINDEX_FAILED.format(error=error)), else_=error)}
+                "error": case((serving, REINDEX_FAILED.format(error=error)),
+                              (Document.withheld, WITHHELD_REINDEX_FAILED.format(error=error)), else_=error),
+                "withheld": False}
     return {"status": status, "error": error}
+
+
+def withhold(session: Session, document_id: str) -> None:
+    """Stop serving the document's index at once, for a re-index after a rule that may tighten what is shown: its
+    run's new generation is served once it ends ready, and a failure leaves the document unserved (`_serving`)."""
+    session.execute(update(Document).where(Document.id == document_id, Document.served_generation.is_not(None))
+                    .values(served_generation=None, withheld=True, updated_at=utcnow()))
 
 
 def claim_generation(session: Session, document_id: str) -> int:

@@ -168,6 +168,10 @@ class ReindexIn(RequestModel):
     department: DepartmentName
     # omitted: all; empty: a 422, not all; more than the maximum: a 422 (send them in several requests)
     document_ids: list[str] | None = Field(default=None, min_length=1, max_length=MAX_REINDEX_IDS)
+    # false (after a rule that may tighten what is shown): the documents stop being served until their runs end
+    # ready, and a failed run leaves them failed; true (chunk size, model): the previous index is served meanwhile.
+    # true or false, never "yes" or 1
+    serve_previous: bool = Field(default=False, strict=True)
 
 
 class ReindexOut(BaseModel):

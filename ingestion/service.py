@@ -92,7 +92,8 @@ def run_ingestion(*, settings: Settings, document_id: str, job_id: str) -> None:
     """Process one queued document to ready, quarantined or failed. Unexpected errors propagate for a retry. A run
     whose job was handed back while it went on (a re-index: its rules may predate a policy change) writes nothing
     and starts again from the claim, under the rules of that time. Each run writes its points under an index
-    generation of its own, beside those the document serves (a re-index leaves them answering) until it ends."""
+    generation of its own, beside those the document serves (a re-index with `serve_previous` leaves them
+    answering) until it ends."""
     while not _run_once(settings, document_id, job_id):
         pass
 
@@ -313,17 +314,19 @@ def _start(settings: Settings, document_id: str, job_id: str) -> tuple[
             withdrawn = _end_unfinished(session, document_id, job_id)
     if withdrawn:
         purge.purge_now(settings, [document_id])
-    if claimed is None:
+    if isinstance(claimed, _Ended):  # failed: the points its dead runs wrote go, as at any failed run's end
+        _drop_superseded(settings, document_id, claimed, claimed.newest)
+    if claimed is None or isinstance(claimed, _Ended):
         return None, None, None, None
     facts, key, rules = claimed
     return facts, key, blobs.read_sealed(settings.blob_dir, document_id, key), rules
 
 
 def _claim(session: Session, settings: Settings, document: Document,
-           job: IngestionJob) -> tuple[DocumentFacts, bytes, IngestionRules] | None:
+           job: IngestionJob) -> tuple[DocumentFacts, bytes, IngestionRules] | _Ended | None:
     """Count the attempt and mark the document processing; what the run needs, or None if it was retired (its key
-    gone) or has crashed its worker too often (then it is failed: a file that kills the parser must not take the
-    worker, or the embedded default's API, down again at every redelivery)."""
+    gone), or the document as its failure leaves it if it has crashed its worker too often (a file that kills the
+    parser must not take the worker, or the embedded default's API, down again at every redelivery)."""
     key = keystore_for(settings).document_key(session=session, department=document.department,
                                               document_id=document.id)
     if key is None:
@@ -332,10 +335,11 @@ def _claim(session: Session, settings: Settings, document: Document,
     crashed_runs = job.crashed_runs + after_a_crash
     repository.count_attempt(session, job.id, after_a_crash=after_a_crash)
     if crashed_runs >= MAX_CRASHED_RUNS:
-        repository.set_status(session, document_id=document.id, job_id=job.id, status=DocumentStatus.failed,
-                              error=CRASHED_TOO_OFTEN)
+        if not repository.set_status(session, document_id=document.id, job_id=job.id, status=DocumentStatus.failed,
+                                     error=CRASHED_TOO_OFTEN):
+            return None
         logger.warning("ingestion of document %s stopped: its runs crashed %d times", document.id, MAX_CRASHED_RUNS)
-        return None
+        return _ended(session, document.id, job.id)
     if not repository.set_status(session, document_id=document.id, job_id=job.id, status=DocumentStatus.processing):
         return None
     generation = repository.claim_generation(session, document.id)
@@ -434,8 +438,9 @@ def _ended(session: Session, document_id: str, job_id: str) -> _Ended | None:
 
 def _drop_superseded(settings: Settings, document_id: str, ended: _Ended, through: int) -> None:
     """Remove the points and placeholder maps of the document's generations up to `through` other than the one it
-    serves: after a run ended ready, the previous index; after one that failed or went stale, its own. An outage
-    leaves them (never cited: queries re-check the generation) to the document's next run."""
+    serves: after a run ended ready, the previous index; after one that failed or went stale, its own (and the
+    index a re-index withheld). An outage leaves them (never cited: queries re-check the generation) to the
+    document's next run."""
     try:
         open_vector_store(settings).delete_superseded(ended.department, document_id, served=ended.served,
                                                       through=through)

@@ -87,13 +87,15 @@ def reject(document_id: str, session: SessionDep, enforcer: EnforcerDep, setting
 def reindex(body: ReindexIn, session: SessionDep, enforcer: EnforcerDep, settings: SettingsDep,
             celery: CeleryDep, user: CurrentUser) -> ReindexOut:
     """Parse, redact and embed a department's ready documents again from their encrypted originals; documents
-    being ingested run again under the current rules."""
+    being ingested run again under the current rules. They stop being served meanwhile unless `serve_previous`."""
     authz_service.require_manage(enforcer, user, body.department)
-    reindex = quarantine.queue_reindex(session=session, department=body.department, document_ids=body.document_ids)
+    reindex = quarantine.queue_reindex(session=session, department=body.department, document_ids=body.document_ids,
+                                       serve_previous=body.serve_previous)
     audit_service.record_admin_event(session=session, identity=user, event_type=AdminEventType.reindex,
                                      department=body.department, settings=settings,
                                      details={"documents": len(reindex.queued) + len(reindex.rerun),
-                                              "skipped": len(reindex.skipped)})
+                                              "skipped": len(reindex.skipped),
+                                              "serve_previous": body.serve_previous})
     for document_id, job_id in reindex.queued:
         send_job(celery, document_id=document_id, job_id=job_id)
     return ReindexOut(queued=[job_id for _, job_id in reindex.queued] + reindex.rerun, skipped=reindex.skipped)

@@ -372,9 +372,11 @@ def _ask(client: TestClient, lab: dict[str, str], department: str) -> str:
     return response.text
 
 
-def _reindex(client: TestClient, lab: dict[str, str], department: str, document_id: str) -> str:
+def _reindex(client: TestClient, lab: dict[str, str], department: str, document_id: str, *,
+             serve_previous: bool = False) -> str:
     response = client.post("/v1/admin/reindex", headers=auth(lab["admin"]),
-                           json={"department": department, "document_ids": [document_id]})
+                           json={"department": department, "document_ids": [document_id],
+                                 "serve_previous": serve_previous})
     assert response.status_code == 202 and len(response.json()["queued"]) == 1, response.text
     return str(response.json()["queued"][0])
 
@@ -401,14 +403,33 @@ def _hold_the_end(monkeypatch: pytest.MonkeyPatch, document_id: str) -> tuple[th
     return reached, release
 
 
+def _dies_before_its_end(monkeypatch: pytest.MonkeyPatch, department: str, document_id: str) -> list[list[int]]:
+    """Every run of the document dies after writing its points, before its end, until its retries run out: the
+    generations of the document's points as each run died."""
+    from core.models import DocumentStatus
+    from ingestion import service
+
+    real_finish, ends = service._finish, []
+
+    def dies(settings, finished_id: str, job_id: str, status, **kwargs):  # type: ignore[no-untyped-def]
+        if finished_id == document_id and status != DocumentStatus.failed:
+            ends.append(_generations(settings, department, finished_id))
+            raise RuntimeError("the run died before writing its end")
+        return real_finish(settings, finished_id, job_id, status, **kwargs)
+
+    monkeypatch.setattr(service, "_finish", dies)
+    return ends
+
+
 def test_a_reindex_in_progress_keeps_answering_from_the_previous_index(
         client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """A re-index took the document out of `ready` until its run ended: a department re-indexed after a rule change
-    answered nothing from it meanwhile. The run now writes a new generation beside the served one; queries cite the
-    served one (never a mixture) until the run ends ready, then only the new one, the previous one gone."""
+    answered nothing from it meanwhile. With `serve_previous` (a change that tightens nothing) the run now writes a
+    new generation beside the served one; queries cite the served one (never a mixture) until the run ends ready,
+    then only the new one, the previous one gone."""
     department, doc = _minutes(client, lab)
     reached, release = _hold_the_end(monkeypatch, str(doc["document_id"]))
-    _reindex(client, lab, department, str(doc["document_id"]))
+    _reindex(client, lab, department, str(doc["document_id"]), serve_previous=True)
     try:
         assert reached.wait(120)
         during = _ask(client, lab, department)
@@ -424,28 +445,21 @@ def test_a_reindex_in_progress_keeps_answering_from_the_previous_index(
     assert "<PERSON_1>" in after and "Maria Gonzalez" not in after
     left = _generations(settings, department, str(doc["document_id"]))
     assert len(left) == rebuilt["chunk_count"] and set(left) == {max(written)}  # the previous index is gone
+    [event] = [e for e in _ledger(settings, "reindex") if e.departments_requested == [department]]
+    assert event.details["serve_previous"] is True
 
 
 def test_a_reindex_that_fails_keeps_serving_the_previous_index(
         client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """A re-index whose run failed (here every attempt dies after writing its points, until the retries run out)
-    left the document `failed`: its previous, complete index no longer answered, and points stayed behind. Now it
-    stays ready on that index, its error says the re-index failed, the job fails, and the runs' points are gone."""
-    from core.models import DocumentStatus
-    from ingestion import service
-
+    left the document `failed`: its previous, complete index no longer answered, and points stayed behind. With
+    `serve_previous` it now stays ready on that index, its error says the re-index failed, the job fails, and the
+    runs' points are gone."""
     department, doc = _minutes(client, lab)
     served = _generations(settings, department, str(doc["document_id"]))
-    real_finish, ends = service._finish, []
-
-    def dies_before_its_end(settings, document_id: str, job_id: str, status, **kwargs):  # type: ignore[no-untyped-def]
-        if document_id == doc["document_id"] and status != DocumentStatus.failed:
-            ends.append(_generations(settings, department, document_id))
-            raise RuntimeError("the run died before writing its end")
-        return real_finish(settings, document_id, job_id, status, **kwargs)
-
-    monkeypatch.setattr(service, "_finish", dies_before_its_end)
-    job = wait_for_job(client, lab["editor"], _reindex(client, lab, department, str(doc["document_id"])))
+    ends = _dies_before_its_end(monkeypatch, department, str(doc["document_id"]))
+    job = wait_for_job(client, lab["editor"], _reindex(client, lab, department, str(doc["document_id"]),
+                                                       serve_previous=True))
     document = client.get(f"/v1/documents/{doc['document_id']}", headers=auth(lab["editor"])).json()
     answer = _ask(client, lab, department)
     assert "Maria Gonzalez" in answer and "<PERSON" not in answer
@@ -454,6 +468,62 @@ def test_a_reindex_that_fails_keeps_serving_the_previous_index(
     assert document["chunk_count"] == doc["chunk_count"]
     assert len(ends) == 4 and len(set(ends[0])) == 2  # the first attempt wrote a generation beside the served one
     assert _generations(settings, department, str(doc["document_id"])) == served  # nothing of the failed runs
+
+
+def test_a_reindex_stops_serving_the_document_until_its_run_ends_ready(
+        client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A re-index after a rule that tightens what may be shown (here: a name no longer allowed) kept answering from
+    the previous index, the name in it, until its run ended. By default it now stops serving the document in the
+    request's transaction; the run's generation is served once it ends ready, the previous one gone."""
+    department, doc = _minutes(client, lab)
+    document_id = str(doc["document_id"])
+    reached, release = _hold_the_end(monkeypatch, document_id)
+    _reindex(client, lab, department, document_id)
+    try:
+        queued = _ask(client, lab, department)  # the run may not have started: refused as soon as the 202 is out
+        assert reached.wait(120)
+        during = _ask(client, lab, department)
+        status = client.get(f"/v1/documents/{document_id}", headers=auth(lab["editor"])).json()["status"]
+        written = _generations(settings, department, document_id)
+    finally:
+        release.set()
+    for answer in (queued, during):
+        assert "Maria Gonzalez" not in answer and document_id not in answer
+    assert status == "processing" and len(set(written)) == 2  # written beside the withheld one, which is not cited
+    rebuilt = wait_for_document(client, lab["editor"], document_id)
+    after = _ask(client, lab, department)
+    assert rebuilt["status"] == "ready" and rebuilt["error"] is None
+    assert "<PERSON_1>" in after and "Maria Gonzalez" not in after and document_id in after
+    left = _generations(settings, department, document_id)
+    assert len(left) == rebuilt["chunk_count"] and set(left) == {max(written)}
+    [event] = [e for e in _ledger(settings, "reindex") if e.departments_requested == [department]]
+    assert event.details == {"documents": 1, "skipped": 0, "serve_previous": False}
+
+
+def test_a_reindex_that_fails_leaves_the_document_unserved(
+        client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """By default a failed re-index does not fall back to the index it withheld: the document is `failed`, its error
+    saying the re-index failed, nothing of it is answered, and no point of either generation stays."""
+    department, doc = _minutes(client, lab)
+    document_id = str(doc["document_id"])
+    ends = _dies_before_its_end(monkeypatch, department, document_id)
+    job = wait_for_job(client, lab["editor"], _reindex(client, lab, department, document_id))
+    document = client.get(f"/v1/documents/{document_id}", headers=auth(lab["editor"])).json()
+    answer = _ask(client, lab, department)
+    assert "Maria Gonzalez" not in answer and document_id not in answer
+    assert document["status"] == "failed" and "the re-index failed" in str(document["error"])
+    assert "not served" in str(document["error"]) and "retries exhausted" in str(document["error"])
+    assert job["status"] == "failed" and len(ends) == 4 and len(set(ends[0])) == 2
+    assert _generations(settings, department, document_id) == []  # neither the withheld index nor the runs'
+    skipped = client.post("/v1/admin/reindex", headers=auth(lab["admin"]),
+                          json={"department": department, "document_ids": [document_id], "serve_previous": True})
+    assert skipped.json() == {"queued": [], "skipped": [document_id]}, skipped.text  # nothing brings it back
+
+
+def test_serve_previous_is_true_or_false_never_a_truthy_string(client: TestClient, lab: dict[str, str]) -> None:
+    response = client.post("/v1/admin/reindex", headers=auth(lab["admin"]),
+                           json={"department": lab["department"], "serve_previous": "yes"})
+    assert response.status_code == 422 and "serve_previous" in response.text, response.text
 
 
 def test_a_reindex_that_quarantines_the_document_takes_it_out_of_answers_at_once(
@@ -598,11 +668,13 @@ def test_a_placeholder_copied_from_an_answer_citing_two_documents_is_revealed(
         assert refused.status_code == 422 and "placeholders.1" in message and "<TYPE_N>" in message, message
 
 
-def _reindex_one(client: TestClient, admin: str, department: str, document_id: str, editor: str) -> None:
-    response = client.post("/v1/admin/reindex", headers=auth(admin),
-                           json={"department": department, "document_ids": [document_id]})
+def _reindex_one(client: TestClient, admin: str, department: str, document_id: str, editor: str, *,
+                 serve_previous: bool = False) -> str:
+    """The document's status once its re-index ended."""
+    response = client.post("/v1/admin/reindex", headers=auth(admin), json={
+        "department": department, "document_ids": [document_id], "serve_previous": serve_previous})
     assert response.status_code == 202 and len(response.json()["queued"]) == 1, response.text
-    assert wait_for_document(client, editor, document_id)["status"] == "ready"  # a failed re-index too
+    return str(wait_for_document(client, editor, document_id)["status"])
 
 
 @pytest.mark.parametrize("policy", [{"reversible": False}, {"reversible": True, "allow_list": ["Maria Gonzalez"]}],
@@ -620,7 +692,7 @@ def test_a_reindex_replaces_the_placeholder_map(client: TestClient, lab: dict[st
     assert client.post(url, json=body, headers=auth(pia)).json()["values"] == {"<PERSON_1>": "Maria Gonzalez"}
     assert client.put(f"/v1/admin/departments/{department}/ingestion-policy", json=policy,
                       headers=auth(lab["admin"])).status_code == 200
-    _reindex_one(client, lab["admin"], department, doc["document_id"], lab["editor"])
+    assert _reindex_one(client, lab["admin"], department, doc["document_id"], lab["editor"]) == "ready"
     assert client.post(url, json=body, headers=auth(pia)).status_code == 404
     assert not list(settings.blob_dir.glob(f"{doc['document_id']}*.pii"))
 
@@ -637,7 +709,8 @@ def test_a_reindex_that_fails_keeps_the_placeholder_map_of_the_index_still_serve
     pia = client.app.state.dev_issuer.issue("pia", [])  # type: ignore[attr-defined]
     before = client.post(url, json={"placeholders": ["<PERSON_1>"]}, headers=auth(pia)).json()["values"]
     monkeypatch.setattr(settings, "max_elements", 1)
-    _reindex_one(client, lab["admin"], department, doc["document_id"], lab["editor"])
+    assert _reindex_one(client, lab["admin"], department, doc["document_id"], lab["editor"],
+                        serve_previous=True) == "ready"  # failed, on the index still served
     revealed = client.post(url, json={"placeholders": ["<PERSON_1>"]}, headers=auth(pia))
     assert before and revealed.json()["values"] == before, revealed.text
     assert len(list(settings.blob_dir.glob(f"{doc['document_id']}*.pii"))) == 1
@@ -646,6 +719,22 @@ def test_a_reindex_that_fails_keeps_the_placeholder_map_of_the_index_still_serve
     assert failed["status"] == "failed"
     assert client.post(f"/v1/documents/{failed['document_id']}/reveal", json={"placeholders": ["<PERSON_1>"]},
                        headers=auth(pia)).status_code == 404
+
+
+def test_a_reindex_that_fails_leaves_no_placeholder_map_to_reveal(
+        client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """By default reveal answers nothing of a document whose re-index withheld its index, and once the re-index has
+    failed (an operator lowered a parse limit) no map of either generation is left."""
+    department = _reversible_department(client, lab["admin"])
+    doc = _ingest(client, lab["editor"], department, "minutes.txt",
+                  b"Minutes: Maria Gonzalez approved the budget.\n\nAction: Omar Haddad books the room.")
+    url, body = f"/v1/documents/{doc['document_id']}/reveal", {"placeholders": ["<PERSON_1>"]}
+    pia = client.app.state.dev_issuer.issue("pia", [])  # type: ignore[attr-defined]
+    assert client.post(url, json=body, headers=auth(pia)).status_code == 200
+    monkeypatch.setattr(settings, "max_elements", 1)
+    assert _reindex_one(client, lab["admin"], department, doc["document_id"], lab["editor"]) == "failed"
+    assert client.post(url, json=body, headers=auth(pia)).status_code == 404
+    assert not list(settings.blob_dir.glob(f"{doc['document_id']}*.pii"))
 
 
 def test_email_attachments_become_child_documents(client: TestClient, lab: dict[str, str]) -> None:

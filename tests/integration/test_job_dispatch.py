@@ -113,8 +113,8 @@ def test_a_late_duplicate_of_a_finished_job_leaves_the_document_to_its_new_job(t
         first, document_id = uploaded["job_id"], uploaded["document_id"]
         ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=first)
         with unit_of_work(url) as session:
-            [(_, reindex)] = quarantine.queue_reindex(session=session, department="desk",
-                                                     document_ids=[document_id]).queued
+            [(_, reindex)] = quarantine.queue_reindex(session=session, department="desk", document_ids=[document_id],
+                                                     serve_previous=False).queued
         ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=first)  # the duplicate
         assert client.get(f"/v1/jobs/{reindex}", headers=auth(editor)).json()["status"] == "queued"
         ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=reindex)
@@ -125,10 +125,14 @@ def test_a_late_duplicate_of_a_finished_job_leaves_the_document_to_its_new_job(t
     assert [job["status"] for job in jobs] == ["ready", "ready"] and jobs[1]["attempts"] == 1
 
 
-def test_a_reindex_waiting_in_the_queue_leaves_the_document_answering(tmp_path: Path) -> None:
+@pytest.mark.parametrize("serve_previous", [True, False])
+def test_a_reindex_waiting_in_the_queue_answers_from_the_previous_index_only_if_told_to(
+        tmp_path: Path, serve_previous: bool) -> None:
     """A re-index queued the document (`ready` to `queued`) and queries found nothing of it until a worker had run
-    the job: with no worker free, or the broker down, for as long as that took. It now answers from the index it
-    serves until the job has run; then from the new one alone (SQLite numbers the generations as PostgreSQL does)."""
+    the job: with no worker free, or the broker down, for as long as that took. With `serve_previous` it answers
+    from the index it serves until the job has run; by default (the re-index may follow a rule that tightens what
+    is shown) nothing of it is answered, the 202 out; then from the new index alone (SQLite numbers the generations
+    as PostgreSQL does)."""
     from api.app import create_app
     from ingestion import service as ingestion_service
     from retrieval.store import close_vector_store, open_vector_store
@@ -140,7 +144,8 @@ def test_a_reindex_waiting_in_the_queue_leaves_the_document_answering(tmp_path: 
         uploaded = _upload(client, editor, 0)
         document_id = uploaded["document_id"]
         ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=uploaded["job_id"])
-        reindex = client.post("/v1/admin/reindex", headers=admin, json={"department": "desk"})
+        reindex = client.post("/v1/admin/reindex", headers=admin,
+                              json={"department": "desk", "serve_previous": serve_previous})
         waiting = _ask_when_the_desk_opens(client, editor)
         status = client.get(f"/v1/documents/{document_id}", headers=auth(editor)).json()["status"]
         [job] = reindex.json()["queued"]
@@ -149,8 +154,45 @@ def test_a_reindex_waiting_in_the_queue_leaves_the_document_answering(tmp_path: 
         generations = [p.get("generation") for p in open_vector_store(settings).scroll_payloads("desk")]
     close_vector_store(settings)
     memory.Channel.queues.pop(settings.task_queue, None)
-    assert status == "queued" and document_id in waiting["cited"] and "nine" in waiting["answer"]
+    assert status == "queued" and (document_id in waiting["cited"]) is serve_previous
+    assert ("nine" in str(waiting["answer"])) is serve_previous
     assert document_id in after["cited"] and generations == [2] * len(generations) and generations
+
+
+def test_a_reindex_whose_runs_kill_their_worker_leaves_the_document_unserved_and_no_points(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A re-index that withheld the document's index, whose runs each died after writing their points until the
+    crashes failed it: the document is `failed`, saying the re-index failed, and neither the withheld index nor a
+    dead run's points stay (the crashes fail it at a claim, which removed nothing)."""
+    from api.app import create_app
+    from ingestion import service as ingestion_service
+    from retrieval.store import close_vector_store, open_vector_store
+
+    def dies(*_: object, **__: object) -> object:
+        raise WorkerDied
+
+    _, settings = _embedded(tmp_path)
+    with TestClient(create_app(settings)) as client:
+        admin = auth(client.app.state.dev_issuer.issue(PLATFORM_ADMIN, []))  # type: ignore[attr-defined]
+        editor = desk_member(client, "editor")
+        uploaded = _upload(client, editor, 0)
+        document_id = uploaded["document_id"]
+        ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=uploaded["job_id"])
+        [job] = client.post("/v1/admin/reindex", headers=admin, json={"department": "desk"}).json()["queued"]
+        monkeypatch.setattr(ingestion_service, "_finish", dies)  # after the run's points are written
+        for _ in range(ingestion_service.MAX_CRASHED_RUNS):
+            with pytest.raises(WorkerDied):
+                ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job)
+        written = len(open_vector_store(settings).scroll_payloads("desk"))
+        ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job)  # fails it
+        document = client.get(f"/v1/documents/{document_id}", headers=auth(editor)).json()
+        answer = _ask_when_the_desk_opens(client, editor)
+        left = open_vector_store(settings).scroll_payloads("desk")
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    assert document["status"] == "failed" and "the re-index failed" in str(document["error"])
+    assert ingestion_service.CRASHED_TOO_OFTEN in str(document["error"])
+    assert document_id not in answer["cited"] and written > 1 and left == []
 
 
 def _ask_when_the_desk_opens(client: TestClient, token: str) -> dict[str, object]:

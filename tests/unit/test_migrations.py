@@ -131,9 +131,9 @@ def test_a_refusing_downgrade_is_also_refused_when_run_through_alembic(tmp_path:
     with pytest.raises(migrate.DowngradeRefused, match="revision 0005"):
         command.downgrade(migrate.alembic_config(url), "0004")
     assert "guard_controls" in _tables(url)
-    assert migrate.current_revision(url) == migrate.head_revision()  # SQLite undid 0012..0006 before 0005 refused
+    assert migrate.current_revision(url) == migrate.head_revision()  # SQLite undid 0013..0006 before 0005 refused
     with pytest.raises(migrate.DowngradeRefused, match="revision 0005"):
-        command.downgrade(migrate.alembic_config(url), "-8")  # a relative target is judged the same way
+        command.downgrade(migrate.alembic_config(url), "-9")  # a relative target is judged the same way
     assert migrate.current_revision(url) == migrate.head_revision()
 
 
