@@ -43,7 +43,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
     export_data = commands.add_parser("export", help="export data sets")
     export_kinds = export_data.add_subparsers(required=True, metavar="KIND")
-    training = export_kinds.add_parser("training-data", help="redacted chunks of ready documents as JSONL")
+    training = export_kinds.add_parser("training-data", help="redacted chunks queries may cite, as JSONL")
     training.add_argument("--department", required=True)
     training.add_argument("--output", "-o", default="-", help="file path, or - for stdout")
     add_actor_argument(training)

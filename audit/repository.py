@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from audit.schemas import ExportFilters
 from core.db import is_postgres
-from core.models import AuditCheckpoint, Document, DocumentStatus, RetrievalEvent
+from core.models import AuditCheckpoint, Document, RetrievalEvent
 
 GENESIS_HASH = "0" * 64
 _CHAIN_LOCK_ID = 734_112  # arbitrary, constant advisory-lock id for the ledger chain
@@ -127,12 +127,6 @@ def delete_through(session: Session, through_id: int) -> int:
     """Delete events with id <= `through_id` (only the retention purge calls this)."""
     result = session.execute(delete(RetrievalEvent).where(RetrievalEvent.id <= through_id))
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
-
-
-def ready_documents(session: Session, department: str) -> dict[str, Document]:
-    """The department's ready (approved) documents by id, for the training-data export."""
-    query = select(Document).where(Document.department == department, Document.status == DocumentStatus.ready)
-    return {document.id: document for document in session.scalars(query)}
 
 
 def document_counts(session: Session) -> list[tuple[str, str, int, int]]:

@@ -201,8 +201,8 @@ def purge_expired(*, session: Session, settings: Settings, identity: Identity,
 
 def export_training_data(*, session: Session, settings: Settings, identity: Identity,
                          department: str) -> Iterator[str]:
-    """Read the department's chunks, record the training-data export, then stream redacted chunks of ready documents
-    and a manifest."""
+    """Read the department's chunks, record the training-data export, then stream the redacted chunks queries may cite
+    (`training.training_rows`) and a manifest."""
     if department not in authz_service.list_departments(session=session):
         raise GovragError(ErrorCode.not_found, "no such department")
     payloads = training.department_payloads(settings, department)

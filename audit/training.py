@@ -1,4 +1,6 @@
-"""Redacted training-data export: the sealed (already redacted) chunks of ready documents, never originals."""
+"""Redacted training-data export: the sealed (already redacted) chunks queries may cite, never originals: those of
+the index generation each served document serves (`ingestion.repository.SERVED`, `ingestion.service.is_served`), so
+a document being re-indexed with `serve_previous` is exported from its previous index, and a withheld one not."""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from audit import repository
 from core import crypto
 from core.keystore import keystore_for
 from core.models import utcnow
@@ -28,13 +29,14 @@ def department_payloads(settings: Settings, department: str) -> list[dict[str, A
 
 def training_rows(*, session: Session, settings: Settings, department: str,
                   payloads: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """One row per chunk (of `payloads`) of each ready document in `department`, text as redacted at ingestion."""
-    ready = repository.ready_documents(session, department)
+    """One row per chunk (of `payloads`) that queries may cite, of the documents `department` serves, text as
+    redacted at ingestion."""
+    served = ingestion_service.served_in_department(session=session, department=department)
     keystore = keystore_for(settings)
     for payload in payloads:
-        document = ready.get(str(payload.get("document_id")))
+        document = served.get(str(payload.get("document_id")))
         if document is None or not ingestion_service.is_served(document, payload):
-            continue  # not (or no longer) approved: deleted, failed or still processing; or a generation not served
+            continue  # not served (deleted, quarantined, failed, withheld, not yet ingested) or not this generation
         key = keystore.document_key(session=session, department=department, document_id=document.id)
         if key is None:
             continue  # crypto-shredded

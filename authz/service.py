@@ -432,9 +432,9 @@ def explain_checks(enforcer: PolicyEnforcer, identity: Identity, *, department: 
 
 
 def explain(*, session: Session, enforcer: PolicyEnforcer, store: VectorIndex, request: ExplainRequest) -> ExplainOut:
-    """Whether a subject with these groups would see a ready document or one of its chunks, and why: a document as
-    `may_see_document` decides (status, listing, citation titles), a chunk as the query's re-check does
-    (`readable_chunk_level`, at the chunk's own level)."""
+    """Whether a subject with these groups would see a served document (one queries may cite) or one of its chunks,
+    and why: a document as `may_see_document` decides (status, listing, citation titles), a chunk as the query's
+    re-check does (`readable_chunk_level`, at the chunk's own level)."""
     document_id = request.target_document_id
     document = ingestion_service.served_documents(session=session, document_ids={document_id}).get(document_id)
     if document is None:

@@ -12,6 +12,10 @@ from core.models import RETIRED, UNFINISHED, Document, DocumentStatus, Ingestion
 
 IDS_PER_STATEMENT = 5_000  # ids bound in one IN list: PostgreSQL takes at most 65,535 parameters per statement
 SERVING = (DocumentStatus.ready, *UNFINISHED)  # a document being re-indexed may keep serving its previous index
+# The one rule for which documents' index may be read (cited by queries, explained, exported for training): ready
+# ones, and those being re-indexed over an index they still serve (`serve_previous`); never deleted, rejected,
+# quarantined, failed or withheld ones. Of their points, only the served generation's are read (`service.is_served`).
+SERVED = and_(Document.status.in_(SERVING), Document.served_generation.is_not(None))
 REINDEX_FAILED = "the re-index failed; the previous index is still served: {error}"
 WITHHELD_REINDEX_FAILED = "the re-index failed; the previous index, withheld when it began, is not served: {error}"
 
@@ -113,12 +117,16 @@ def unfinished_jobs(session: Session, document_id: str) -> list[str]:
 
 
 def served_documents(session: Session, document_ids: set[str]) -> dict[str, Document]:
-    """Those of these documents whose index queries may cite, by id: ready ones, and those being re-indexed over an
-    index they still serve (never deleted, rejected, quarantined or failed ones)."""
+    """Those of these documents whose index queries may cite (`SERVED`), by id."""
     if not document_ids:
         return {}
-    query = select(Document).where(Document.id.in_(document_ids), Document.status.in_(SERVING),
-                                   Document.served_generation.is_not(None))
+    query = select(Document).where(Document.id.in_(document_ids), SERVED)
+    return {document.id: document for document in session.scalars(query)}
+
+
+def served_in_department(session: Session, department: str) -> dict[str, Document]:
+    """The department's documents whose index may be read (`SERVED`), by id."""
+    query = select(Document).where(Document.department == department, SERVED)
     return {document.id: document for document in session.scalars(query)}
 
 

@@ -577,6 +577,11 @@ def served_documents(*, session: Session, document_ids: set[str]) -> dict[str, D
     return repository.served_documents(session, document_ids)
 
 
+def served_in_department(*, session: Session, department: str) -> dict[str, Document]:
+    """The department's documents that may still be cited, as queries cite them (`repository.SERVED`)."""
+    return repository.served_in_department(session, department)
+
+
 def is_served(document: Document, payload: Mapping[str, Any]) -> bool:
     """Whether a point belongs to the index generation its document serves (not one a run is still writing, nor
     one a later run superseded)."""

@@ -196,7 +196,7 @@ def test_verify_endpoint_and_concurrent_queries_keep_one_chain(client: TestClien
     assert len(rows) >= 13
 
 
-def test_training_data_export_is_redacted_ready_only_and_audited(client: TestClient, scene: dict[str, str],
+def test_training_data_export_is_redacted_and_audited(client: TestClient, scene: dict[str, str],
                                                                  settings) -> None:  # type: ignore[no-untyped-def]
     from audit import service as audit_service
     from authz.identity import Identity

@@ -159,6 +159,42 @@ def test_a_reindex_waiting_in_the_queue_answers_from_the_previous_index_only_if_
     assert document_id in after["cited"] and generations == [2] * len(generations) and generations
 
 
+@pytest.mark.parametrize("serve_previous", [True, False])
+def test_the_training_export_holds_a_document_being_reindexed_exactly_when_queries_cite_it(
+        tmp_path: Path, serve_previous: bool) -> None:
+    """The export took `ready` documents only: one a `serve_previous` re-index kept serving (`queued` until a worker
+    ran its job) was cited by every query yet missing from the export. The export now reads what queries cite: that
+    document's previous index, and nothing of one whose re-index withheld it."""
+    from api.app import create_app
+    from audit.training import department_payloads, training_rows
+    from core.db import unit_of_work
+    from ingestion import service as ingestion_service
+    from retrieval.store import close_vector_store
+
+    _, settings = _embedded(tmp_path)
+    with TestClient(create_app(settings)) as client:
+        admin = auth(client.app.state.dev_issuer.issue(PLATFORM_ADMIN, []))  # type: ignore[attr-defined]
+        editor = desk_member(client, "editor")
+        uploaded = _upload(client, editor, 0)
+        document_id = uploaded["document_id"]
+        ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=uploaded["job_id"])
+        reindex = client.post("/v1/admin/reindex", headers=admin,
+                              json={"department": "desk", "serve_previous": serve_previous})
+        status = client.get(f"/v1/documents/{document_id}", headers=auth(editor)).json()["status"]
+        cited = _ask_when_the_desk_opens(client, editor)["cited"]
+        payloads = department_payloads(settings, "desk")
+        with unit_of_work(settings.resolved_database_url) as session:
+            rows = list(training_rows(session=session, settings=settings, department="desk", payloads=payloads))
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    previous = {str(p["chunk_id"]) for p in payloads if p.get("generation") == 1}
+    assert reindex.status_code == 202 and status == "queued"  # no worker: the re-index's job has not run
+    assert previous and {p.get("generation") for p in payloads} == {1}
+    assert (document_id in cited) is serve_previous
+    assert {row["chunk_id"] for row in rows} == (previous if serve_previous else set())
+    assert all(row["document_id"] == document_id and "nine" in row["text"] for row in rows)
+
+
 def test_a_reindex_whose_runs_kill_their_worker_leaves_the_document_unserved_and_no_points(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A re-index that withheld the document's index, whose runs each died after writing their points until the
