@@ -324,24 +324,26 @@ def _start(settings: Settings, document_id: str, job_id: str) -> tuple[
 
 def _claim(session: Session, settings: Settings, document: Document,
            job: IngestionJob) -> tuple[DocumentFacts, bytes, IngestionRules] | _Ended | None:
-    """Count the attempt and mark the document processing; what the run needs, or None if it was retired (its key
+    """Mark the document processing and count the attempt; what the run needs, or None if it was retired (its key
     gone), or the document as its failure leaves it if it has crashed its worker too often (a file that kills the
-    parser must not take the worker, or the embedded default's API, down again at every redelivery)."""
+    parser must not take the worker, or the embedded default's API, down again at every redelivery). The document's
+    row is locked before its job's, as a run's end and a re-index do: the other order let a claim and a re-index of
+    one document deadlock on PostgreSQL."""
     key = keystore_for(settings).document_key(session=session, department=document.department,
                                               document_id=document.id)
     if key is None:
         return None
     after_a_crash = job.status == DocumentStatus.processing  # the run before neither ended nor handed the job back
-    crashed_runs = job.crashed_runs + after_a_crash
-    repository.count_attempt(session, job.id, after_a_crash=after_a_crash)
-    if crashed_runs >= MAX_CRASHED_RUNS:
-        if not repository.set_status(session, document_id=document.id, job_id=job.id, status=DocumentStatus.failed,
-                                     error=CRASHED_TOO_OFTEN):
-            return None
+    crashed_too_often = job.crashed_runs + after_a_crash >= MAX_CRASHED_RUNS
+    moved = repository.set_status(session, document_id=document.id, job_id=job.id,
+                                  status=DocumentStatus.failed if crashed_too_often else DocumentStatus.processing,
+                                  error=CRASHED_TOO_OFTEN if crashed_too_often else None)
+    repository.count_attempt(session, job.id, after_a_crash=after_a_crash)  # counted even if the document was retired
+    if not moved:
+        return None
+    if crashed_too_often:
         logger.warning("ingestion of document %s stopped: its runs crashed %d times", document.id, MAX_CRASHED_RUNS)
         return _ended(session, document.id, job.id)
-    if not repository.set_status(session, document_id=document.id, job_id=job.id, status=DocumentStatus.processing):
-        return None
     generation = repository.claim_generation(session, document.id)
     rules = quarantine.rules_for(session=session, department=document.department)
     document.title = _redacted_title(document.title, rules.redaction, rules_only=True)  # a rule added since

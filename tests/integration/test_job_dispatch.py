@@ -419,6 +419,60 @@ def test_a_reindex_while_a_run_waits_to_write_its_outcome_runs_it_again_under_th
     assert _job_row(url, uploaded.json()["job_id"]) == ("quarantined", None, 2, 0)  # run again, no crash counted
 
 
+def test_a_redelivered_jobs_claim_locks_its_document_row_before_its_job_row_as_a_reindex_does(
+        make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """A claim counted the attempt (locking the job's row) before it marked the document processing, while a
+    re-index locks the document's row (`withhold`) before its jobs' (`hand_back`), as a run's end does: a job
+    redelivered while a re-index covered its document could deadlock them, PostgreSQL aborting one (the admin's
+    request or the claim). A claim now waits for the document's row holding no job row, so the re-index that holds
+    it goes on to the job's row; and the claim still counts the attempt and the crash before it."""
+    import psycopg
+
+    from api.app import create_app
+    from core import migrate
+    from core.db import unit_of_work
+    from core.models import IngestionJob
+    from ingestion import service as ingestion_service
+    from retrieval.store import close_vector_store
+
+    url = make_pg_database()
+    migrate.upgrade(url)
+    dsn = url.replace("postgresql+psycopg://", "postgresql://", 1)
+    settings = _settings(tmp_path / "data", url, broker_url="memory://", inprocess_worker=False, job_sweep_seconds=0)
+    with TestClient(create_app(settings)) as client:
+        uploaded = _upload(client, desk_member(client, "editor"), 0)
+        with unit_of_work(url) as session:  # the run before died mid-document: the broker delivers the job again
+            session.execute(update(IngestionJob).where(IngestionJob.id == uploaded["job_id"])
+                            .values(status="processing"))
+        run = threading.Thread(target=ingestion_service.run_ingestion, kwargs={
+            "settings": settings, "document_id": uploaded["document_id"], "job_id": uploaded["job_id"]})
+        with psycopg.connect(dsn) as reindex, psycopg.connect(dsn, autocommit=True) as observer:
+            reindex.execute("UPDATE documents SET updated_at = now() WHERE id = %s", (uploaded["document_id"],))
+            run.start()  # the redelivery's claim, while the re-index holds the document's row
+            _wait_for_a_lock_wait(observer)
+            try:  # what the re-index does next (`hand_back`), without waiting
+                reindex.execute("SELECT id FROM ingestion_jobs WHERE id = %s FOR UPDATE NOWAIT", (uploaded["job_id"],))
+                job_row_free = True
+            except psycopg.errors.LockNotAvailable:
+                job_row_free = False
+            reindex.rollback()
+        run.join(120)
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    assert job_row_free, "the claim held the job's row while it waited for the document's"
+    assert not run.is_alive() and _job_row(url, uploaded["job_id"]) == ("ready", None, 1, 1)
+
+
+def _wait_for_a_lock_wait(observer: object) -> None:
+    """Until a session of the observer's database waits for a lock (the claim, on the document's row)."""
+    deadline = time.monotonic() + 120
+    while not observer.execute(  # type: ignore[attr-defined]
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    ).fetchone()[0]:
+        assert time.monotonic() < deadline, "the claim never waited for the document's row"
+        time.sleep(0.02)
+
+
 def test_two_deliveries_of_one_job_running_at_once_leave_the_document_to_the_later_claim(
         make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Delivery is at least once: the broker delivers a job again when its run outlives the visibility timeout, while
