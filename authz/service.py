@@ -438,7 +438,7 @@ def explain(*, session: Session, enforcer: PolicyEnforcer, store: VectorIndex, r
     document_id = request.target_document_id
     document = ingestion_service.served_documents(session=session, document_ids={document_id}).get(document_id)
     if document is None:
-        raise GovragError(ErrorCode.not_found, "no such ready document")
+        raise GovragError(ErrorCode.not_found, "no such served document")
     subject = Identity(subject=request.subject, groups=tuple(dict.fromkeys(request.groups)), is_platform_admin=False)
     enforcer.refresh(force=True)
     if request.chunk_id is None:

@@ -98,8 +98,9 @@ class Document(Base):
     # re-index leaves the served one in place until its run ends ready (ingestion/service.py), unless it withholds it.
     index_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     served_generation: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    # A re-index (not `serve_previous`) stopped serving the document's index until its run ends ready: a run that
-    # fails leaves it failed, the index it served never served again (ingestion/repository.py).
+    # Index withheld by a fail-closed re-index (not `serve_previous`; nothing to do with the output guard's
+    # `withheld` answers): it stopped serving the document's index until its run ends ready; a run that fails leaves
+    # it failed, the index it served never served again (ingestion/repository.py `withhold`, `_serving`).
     withheld: Mapped[bool] = mapped_column(default=False, server_default=false())
 
 

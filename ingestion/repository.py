@@ -32,11 +32,12 @@ def get_job(session: Session, job_id: str) -> IngestionJob | None:
 
 def set_status(session: Session, *, document_id: str, job_id: str, status: str, error: str | None = None,
                chunk_count: int | None = None, generation: int | None = None) -> bool:
-    """Move a document and its job to `status` together, unless the document is retired: a conditional update, so
-    a deletion committed meanwhile (of the document or of an e-mail above it) is never written over. A run's outcome
-    (written under its `generation`) also needs its job still `processing` and no later run of the document started:
-    a re-index that handed the job back meanwhile made the run stale, and the caller then rolls back the document's
-    move. The generation served moves with the status (`_serving`). Whether both moved."""
+    """Move a job to `status` and its document with it, unless the document is retired: a conditional update, so
+    a deletion committed meanwhile (of the document or of an e-mail above it) is never written over. The document
+    moves as `_serving` says (status, error, served generation), not always to `status`: a failure of one still
+    serving an earlier index leaves it `ready` on that index. A run's outcome (written under its `generation`) also
+    needs its job still `processing` and no later run of the document started: a re-index that handed the job back
+    meanwhile made the run stale, and the caller then rolls back the document's move. Whether both moved."""
     values = {**_serving(status, error, generation), "updated_at": utcnow()}
     if chunk_count is not None:
         values["chunk_count"] = chunk_count

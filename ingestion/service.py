@@ -130,12 +130,12 @@ def _run_once(settings: Settings, document_id: str, job_id: str) -> bool:
         repository.record_outcome, document_id=document_id, classification=result.verdict.level.value,
         declared=facts.classification.value, reasons=list(result.verdict.reasons), flagged=len(result.flagged),
         review_reason=result.review_reason)
-    ended = _finish(settings, document_id, job_id, status, chunk_count=len(result.points), outcome=outcome,
-                    generation=facts.generation)
-    if ended is RunEnd.written:
+    end = _finish(settings, document_id, job_id, status, chunk_count=len(result.points), outcome=outcome,
+                  generation=facts.generation)
+    if end is RunEnd.written:
         logger.info("ingested document %s: %s, %d chunks, %d flagged", document_id, status, len(result.points),
                     len(result.flagged))
-    return ended is not RunEnd.again
+    return end is not RunEnd.again
 
 
 def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAccepted]:
@@ -314,16 +314,16 @@ def _start(settings: Settings, document_id: str, job_id: str) -> tuple[
             withdrawn = _end_unfinished(session, document_id, job_id)
     if withdrawn:
         purge.purge_now(settings, [document_id])
-    if isinstance(claimed, _Ended):  # failed: the points its dead runs wrote go, as at any failed run's end
+    if isinstance(claimed, _IndexState):  # failed: the points its dead runs wrote go, as at any failed run's end
         _drop_superseded(settings, document_id, claimed, claimed.newest)
-    if claimed is None or isinstance(claimed, _Ended):
+    if claimed is None or isinstance(claimed, _IndexState):
         return None, None, None, None
     facts, key, rules = claimed
     return facts, key, blobs.read_sealed(settings.blob_dir, document_id, key), rules
 
 
 def _claim(session: Session, settings: Settings, document: Document,
-           job: IngestionJob) -> tuple[DocumentFacts, bytes, IngestionRules] | _Ended | None:
+           job: IngestionJob) -> tuple[DocumentFacts, bytes, IngestionRules] | _IndexState | None:
     """Mark the document processing and count the attempt; what the run needs, or None if it was retired (its key
     gone), or the document as its failure leaves it if it has crashed its worker too often (a file that kills the
     parser must not take the worker, or the embedded default's API, down again at every redelivery). The document's
@@ -343,7 +343,7 @@ def _claim(session: Session, settings: Settings, document: Document,
         return None
     if crashed_too_often:
         logger.warning("ingestion of document %s stopped: its runs crashed %d times", document.id, MAX_CRASHED_RUNS)
-        return _ended(session, document.id, job.id)
+        return _index_state(session, document.id, job.id)
     generation = repository.claim_generation(session, document.id)
     rules = quarantine.rules_for(session=session, department=document.department)
     document.title = _redacted_title(document.title, rules.redaction, rules_only=True)  # a rule added since
@@ -372,9 +372,9 @@ class RunEnd(Enum):
 
 
 @dataclass(frozen=True)
-class _Ended:
-    """A document as a run's end left it: its department, the index generation it serves (None: none) and the
-    newest generation a run of it has started."""
+class _IndexState:
+    """Where a document's index stands as a run's end (or a claim that failed it) left it: its department, the index
+    generation it serves (None: none) and the newest generation a run of it has started."""
 
     department: str
     served: int | None
@@ -393,24 +393,24 @@ def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentS
     with unit_of_work(settings.resolved_database_url) as session:
         written = _write_end(session, document_id, job_id, status, error=error, chunk_count=chunk_count,
                              outcome=outcome, generation=generation)
-        ended = _ended(session, document_id, job_id)
-    if ended is None:  # withdrawn: purged once the job's end is committed
+        state = _index_state(session, document_id, job_id)
+    if state is None:  # withdrawn: purged once the job's end is committed
         purge.purge_now(settings, [document_id])
         return RunEnd.over
-    through = ended.newest if written else generation  # a stale run drops its own points, never a later run's
+    through = state.newest if written else generation  # a stale run drops its own points, never a later run's
     if through is not None:
-        _drop_superseded(settings, document_id, ended, through)
+        _drop_superseded(settings, document_id, state, through)
     if not written:
-        return _unwritten(document_id, ended, generation)
-    metrics.INGESTED_DOCUMENTS.labels(department=ended.department, status=str(status)).inc()
+        return _unwritten(document_id, state, generation)
+    metrics.INGESTED_DOCUMENTS.labels(department=state.department, status=str(status)).inc()
     return RunEnd.written
 
 
-def _unwritten(document_id: str, ended: _Ended, generation: int | None) -> RunEnd:
+def _unwritten(document_id: str, state: _IndexState, generation: int | None) -> RunEnd:
     """Why a run's outcome was not written: a later claim of the document took it over (that run ends it), else a
     re-index handed the job back (this run goes again). Claiming again over a later claim made each of two
     overlapping deliveries outdo the other in turn, a crash counted at each claim, until the document failed."""
-    if ended.newest != generation:
+    if state.newest != generation:
         logger.info("a later run of document %s took it over; this run ends without its outcome", document_id)
         return RunEnd.over
     logger.info("the run of document %s lost its job (a re-index); its outcome is not written", document_id)
@@ -429,29 +429,30 @@ def _write_end(session: Session, document_id: str, job_id: str, status: Document
     return True
 
 
-def _ended(session: Session, document_id: str, job_id: str) -> _Ended | None:
-    """The document as its run's end leaves it, or None when it was retired meanwhile (its job is withdrawn)."""
+def _index_state(session: Session, document_id: str, job_id: str) -> _IndexState | None:
+    """Where the document's index stands as its run's end leaves it, or None when it was retired meanwhile (its job
+    is withdrawn)."""
     document = _current(session, document_id)
     if document is None or document.status in RETIRED:
         _withdraw(session, document, job_id)
         return None
-    return _Ended(document.department, document.served_generation, document.index_generation)
+    return _IndexState(document.department, document.served_generation, document.index_generation)
 
 
-def _drop_superseded(settings: Settings, document_id: str, ended: _Ended, through: int) -> None:
+def _drop_superseded(settings: Settings, document_id: str, state: _IndexState, through: int) -> None:
     """Remove the points and placeholder maps of the document's generations up to `through` other than the one it
     serves: after a run ended ready, the previous index; after one that failed or went stale, its own (and the
     index a re-index withheld). An outage leaves them (never cited: queries re-check the generation) to the
     document's next run."""
     try:
-        open_vector_store(settings).delete_superseded(ended.department, document_id, served=ended.served,
+        open_vector_store(settings).delete_superseded(state.department, document_id, served=state.served,
                                                       through=through)
     except Exception as exc:
         if unavailable_dependency(exc) is None:
             raise
         logger.warning("superseded points of document %s stay until its next run: the vector store is unavailable",
                        document_id)
-    blobs.remove_superseded_maps(settings.blob_dir, document_id, served=ended.served, through=through)
+    blobs.remove_superseded_maps(settings.blob_dir, document_id, served=state.served, through=through)
 
 
 def _current(session: Session, document_id: str) -> Document | None:
