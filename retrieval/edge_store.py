@@ -63,7 +63,8 @@ class EdgeVectorStore:
             return []
         request = edge.QueryRequest(limit=limit, query=edge.Query.Nearest(list(vector)),
                                     filter=_edge_filter(access), with_payload=True)
-        return [Hit(score=point.score, payload=dict(point.payload or {})) for point in shard.query(request)]
+        return [Hit(point_id=str(point.id), score=point.score, payload=dict(point.payload or {}))
+                for point in shard.query(request)]
 
     def search_many(self, access_by_department: dict[str, AccessFilter], vector: list[float],
                     limit: int) -> list[Hit]:
@@ -79,7 +80,8 @@ class EdgeVectorStore:
                 scored.extend((point.score, department, point.id) for point in shard.query(request))
         kept = sorted(scored, key=lambda item: item[0], reverse=True)[:limit]
         payloads = self._payloads(kept)
-        return [Hit(score=score, payload=payloads[(department, point_id)]) for score, department, point_id in kept
+        return [Hit(point_id=str(point_id), score=score, payload=payloads[(department, point_id)])
+                for score, department, point_id in kept
                 if (department, point_id) in payloads]  # a point deleted meanwhile is simply gone
 
     def _payloads(self, kept: list[tuple[float, str, Any]]) -> dict[tuple[str, Any], dict[str, Any]]:

@@ -40,6 +40,17 @@ REFUSAL_TEXT = "I can't answer that from documents you are allowed to see."
 WITHHELD_TITLE = "(title withheld)"
 SNIPPET_CHARS = 240
 PURPOSE_COLUMN_CHARS = 255  # placeholders may make a masked purpose longer than the 200 characters asked
+# The re-check drops hits the access filter cannot tell from served ones: the points a re-index is writing beside the
+# served ones, those of a document a fail-closed re-index withheld (kept until its run ends), a deleted document's
+# before its purge, and those the policy, a shredded key or an altered payload now refuse. A query searches for
+# `top_k` hits (once, when none is dropped); while drops leave it short and the page was full, it searches again
+# SEARCH_WIDENING times as wide, SEARCH_ROUNDS searches in all: top_k × 16 hits at most (320 at the default
+# GOVRAG_MAX_TOP_K). A `serve_previous` re-index doubles each chunk it covers (the run's point scores as the served
+# one), which one widening absorbs even for a whole department; a fail-closed one hides whole documents, whose chunks
+# may fill pages: up to 15 × top_k of them are looked past. Beyond that the query answers from what passed, as it
+# always did; one whose every match is hidden costs three searches and three reads of document rows, no decryption.
+SEARCH_WIDENING = 4
+SEARCH_ROUNDS = 3
 
 logger = logging.getLogger(__name__)
 
@@ -207,25 +218,38 @@ def _decision(response: QueryResponse, admission: guard_service.Admission,
 def _retrieve(session: Session, settings: Settings, enforcer: PolicyEnforcer, identity: Identity,
               query: QueryRequest, vector: list[float], scope: authz_service.ReadScope,
               opened: list[OpenedChunk]) -> None:
-    """Filtered search in each authorised collection, merged by score, then re-checked and decrypted into
-    `opened`."""
+    """Filtered search in each authorised collection, merged by score, then re-checked and decrypted into `opened`:
+    the best `top_k` hits that pass, in score order, searching wider while dropped hits leave places
+    (SEARCH_WIDENING)."""
     top_k = min(query.top_k or settings.default_top_k, settings.max_top_k)
     access = {department: AccessFilter(identity.groups, clearance)
               for department, clearance in scope.clearance_by_department.items()}
-    hits = open_vector_store(settings).search_many(access, vector, limit=top_k)
-    _recheck_and_open(session, settings, enforcer, identity, hits, opened)
+    store = open_vector_store(settings)
+    checked: set[str] = set()  # a wider search finds the narrower one's hits again: each is re-checked (counted) once
+    limit = top_k
+    for _ in range(SEARCH_ROUNDS):
+        hits = store.search_many(access, vector, limit=limit)
+        fresh = [hit for hit in hits if hit.point_id not in checked]
+        checked.update(hit.point_id for hit in fresh)
+        _recheck_and_open(session, settings, enforcer, identity, fresh, opened, wanted=top_k)
+        if len(opened) >= top_k or len(hits) < limit:
+            break  # enough passed, or there is nothing more to find
+        limit *= SEARCH_WIDENING
+    opened.sort(key=lambda chunk: chunk.score, reverse=True)  # an approximate index may rank a wider search's higher
 
 
 def _recheck_and_open(session: Session, settings: Settings, enforcer: PolicyEnforcer, identity: Identity,
-                      hits: list[Hit], opened: list[OpenedChunk]) -> list[OpenedChunk]:
+                      hits: list[Hit], opened: list[OpenedChunk], *, wanted: int) -> list[OpenedChunk]:
     """Defence in depth: every hit is checked again against the policy and the document's state; those that pass
-    are decrypted into `opened` (each as soon as it is, so a failure with the next one still has it recorded), which
-    is returned."""
+    are decrypted into `opened` (each as soon as it is, so a failure with the next one still has it recorded) until
+    it holds `wanted`; it is returned."""
     documents = ingestion_service.served_documents(session=session,
                                                    document_ids={str(h.payload.get("document_id")) for h in hits})
     keystore = keystore_for(settings)
     titles: dict[str, str] = {}  # the title each document is cited under: one visibility check per document
     for hit in hits:
+        if len(opened) >= wanted:
+            break
         document = documents.get(str(hit.payload.get("document_id")))
         if document is None or not ingestion_service.is_served(document, hit.payload):
             continue  # deleted or failed since it was indexed, or not its served generation: no policy disagreement

@@ -97,6 +97,9 @@ class AccessFilter:
 
 @dataclass(frozen=True)
 class Hit:
+    """A point a search found: its id tells apart two hits of one chunk (generations) and one hit found twice."""
+
+    point_id: str
     score: float
     payload: dict[str, Any]
 
@@ -139,7 +142,8 @@ class VectorStore:
                 collection_name=collection_name(department), query=vector, query_filter=access.to_qdrant(),
                 limit=limit, with_payload=True,
             )
-        return [Hit(score=point.score, payload=dict(point.payload or {})) for point in response.points]
+        return [Hit(point_id=str(point.id), score=point.score, payload=dict(point.payload or {}))
+                for point in response.points]
 
     def search_many(self, access_by_department: dict[str, AccessFilter], vector: list[float],
                     limit: int) -> list[Hit]:
