@@ -95,7 +95,7 @@ def approve(*, session: Session, document: Document, actor: str) -> ReviewDecisi
     left quarantine meanwhile (a re-index queued it) is not found, as after another review."""
     job_id = str(uuid.uuid4())
     if not repository.new_job(session, job_id=job_id, document_id=document.id,
-                              from_status=DocumentStatus.quarantined):
+                              from_statuses=(DocumentStatus.quarantined,)):
         raise GovragError(ErrorCode.not_found, "no such quarantined document")
     document.approved_by = actor
     document.approved_level = document.classification
@@ -127,24 +127,23 @@ def queue_reindex(*, session: Session, department: str, document_ids: list[str] 
     covered too: its run read the department's rules when it started, perhaps before the policy change this
     re-index follows, so its job is handed back: the run writes nothing and goes again under the current rules
     (ingestion/service.py). Unless `serve_previous` (a change that tightens nothing: chunk size, model), the
-    documents stop being served at once (`repository.withhold`): the rule change may have ruled their index out.
-    Skipped: ids named that are none of these (unknown, another department's, failed, deleted), and documents that
-    left both states meanwhile (a deletion stays deleted); not_found for a department that does not exist."""
+    documents stop being served at once: the rule change may have ruled their index out. Each document is taken as
+    it is when queued, not as listed (an approval run or a deletion may end meanwhile): its index is withheld only
+    in the statement that queues its job, or while it is being ingested. Skipped: ids named that are none of these
+    (unknown, another department's, failed, deleted), and documents that left them all meanwhile (a deletion stays
+    deleted); not_found for a department that does not exist."""
     authz_service.require_department(session, department)
     listed = repository.documents_to_reindex(session, department=department, document_ids=document_ids)
+    withhold = not serve_previous
     queued: list[tuple[str, str]] = []
     rerun: list[str] = []
     covered: set[str] = set()
     for document in listed:
-        if not serve_previous:  # before any job's row: a run's end locks the document's row, then its job's
-            repository.withhold(session, document.id)
-        ended = document.status in repository.REINDEXED
-        if not ended:  # before the queueing: a run ending now commits first
-            for job_id in repository.unfinished_jobs(session, document.id):
-                repository.hand_back(session, job_id)
-        job_id = str(uuid.uuid4())
-        from_status = document.status if ended else DocumentStatus.ready
-        if repository.new_job(session, job_id=job_id, document_id=document.id, from_status=from_status):
+        job_id = _queue(session, document.id, withhold)
+        if job_id is None:  # being ingested, as listed or since
+            _hand_back(session, document.id, withhold)
+            job_id = _queue(session, document.id, withhold)  # a run that ended meanwhile committed first
+        if job_id is not None:
             queued.append((document.id, job_id))
             covered.add(document.id)
         elif running := repository.unfinished_jobs(session, document.id):
@@ -152,6 +151,25 @@ def queue_reindex(*, session: Session, department: str, document_ids: list[str] 
             covered.add(document.id)
     wanted = document_ids if document_ids is not None else [document.id for document in listed]
     return Reindex(queued=queued, rerun=rerun, skipped=[i for i in dict.fromkeys(wanted) if i not in covered])
+
+
+def _queue(session: Session, document_id: str, withhold: bool) -> str | None:
+    """A new job for the document if it is ready or quarantined now, its index withheld in the same statement (with
+    `withhold`); the job's id, or None."""
+    job_id = str(uuid.uuid4())
+    if repository.new_job(session, job_id=job_id, document_id=document_id, from_statuses=repository.REINDEXED,
+                          withhold=withhold):
+        return job_id
+    return None
+
+
+def _hand_back(session: Session, document_id: str, withhold: bool) -> None:
+    """Send the runs of a document being ingested round again under the current rules: its jobs are handed back,
+    after its index is withheld (with `withhold`): a run's end locks the document's row, then its job's."""
+    if withhold:
+        repository.withhold(session, document_id)
+    for job_id in repository.unfinished_jobs(session, document_id):
+        repository.hand_back(session, job_id)
 
 
 def _custom(spec: CustomRecognizerIn) -> CustomRecognizer:

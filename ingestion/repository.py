@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import and_, case, or_, select, update
+from sqlalchemy import and_, case, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from core.db import transaction_lock
@@ -72,9 +72,12 @@ def _serving(status: str, error: str | None, generation: int | None) -> dict[str
 
 
 def withhold(session: Session, document_id: str) -> None:
-    """Stop serving the document's index at once, for a re-index after a rule that may tighten what is shown: its
-    run's new generation is served once it ends ready, and a failure leaves the document unserved (`_serving`)."""
-    session.execute(update(Document).where(Document.id == document_id, Document.served_generation.is_not(None))
+    """Stop serving the index of a document being ingested (a re-index with `serve_previous` left it serving) at
+    once, for a re-index after a rule that may tighten what is shown: its run's new generation is served once it
+    ends ready, and a failure leaves the document unserved (`_serving`). One that left the pipeline meanwhile is
+    left alone: a run that ended ready is withheld by the statement that queues its new job (`new_job`)."""
+    session.execute(update(Document).where(Document.id == document_id, Document.status.in_(UNFINISHED),
+                                           Document.served_generation.is_not(None))
                     .values(served_generation=None, withheld=True, updated_at=utcnow()))
 
 
@@ -178,14 +181,22 @@ def documents_to_reindex(session: Session, *, department: str | None, document_i
     return sorted(found, key=lambda document: document.created_at)
 
 
-def new_job(session: Session, *, job_id: str, document_id: str, from_status: str) -> bool:
-    """Queue another ingestion job for an existing document if it is still `from_status`: a conditional update, so
-    a change committed meanwhile (a deletion) is not written over. Whether the job was queued."""
-    moved = session.execute(update(Document).where(Document.id == document_id, Document.status == from_status)
-                            .values(status="queued", error=None, updated_at=utcnow()))
+def new_job(session: Session, *, job_id: str, document_id: str, from_statuses: tuple[str, ...],
+            withhold: bool = False) -> bool:
+    """Queue another ingestion job for an existing document if it is still in one of `from_statuses`: a conditional
+    update, so a change committed meanwhile (a deletion, a run's end) is read, not written over. With `withhold` (a
+    re-index after a rule that may tighten what is shown) the same statement stops serving the document's index
+    (`withhold`'s effect): only a document that is queued stops being served, never one whose status changed since
+    it was listed. Whether the job was queued."""
+    values: dict[str, object] = {"status": DocumentStatus.queued, "error": None, "updated_at": utcnow()}
+    if withhold:  # SET reads the row as it was: `withheld` says whether it served something
+        values |= {"served_generation": None,
+                   "withheld": case((Document.served_generation.is_not(None), true()), else_=Document.withheld)}
+    moved = session.execute(update(Document).where(Document.id == document_id, Document.status.in_(from_statuses))
+                            .values(**values))
     if not moved.rowcount:  # type: ignore[attr-defined]
         return False
-    session.add(IngestionJob(id=job_id, document_id=document_id, status="queued"))
+    session.add(IngestionJob(id=job_id, document_id=document_id, status=DocumentStatus.queued))
     session.flush()
     return True
 

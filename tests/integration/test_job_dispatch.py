@@ -231,6 +231,74 @@ def test_a_reindex_whose_runs_kill_their_worker_leaves_the_document_unserved_and
     assert document_id not in answer["cited"] and written > 1 and left == []
 
 
+def _on(database: str, make_pg_database: Callable[[], str], tmp_path: Path):  # type: ignore[no-untyped-def]
+    """`_embedded`'s shape (memory broker, no worker, no sweep) on SQLite or on a fresh PostgreSQL database."""
+    if database == "sqlite":
+        return _embedded(tmp_path)
+    from core import migrate
+
+    url = make_pg_database()
+    migrate.upgrade(url)
+    return url, _settings(tmp_path / "data", url, broker_url="memory://", inprocess_worker=False, job_sweep_seconds=0)
+
+
+def _document_row(url: str, document_id: str) -> tuple[object, ...]:
+    from core.db import unit_of_work
+    from core.models import Document
+
+    with unit_of_work(url) as session:
+        document = session.get(Document, document_id)
+        return document.status, document.served_generation, document.withheld  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_document_whose_approval_run_ends_after_the_reindex_listed_it_is_queued_withheld(
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A re-index withheld each document by the status it listed: a quarantined one whose approval run ended ready
+    between the listing and the queueing lost its served index, then was not queued (it had left quarantine) and was
+    reported skipped: `ready`, serving nothing, with no job and no error. The index is now withheld only in the
+    statement that queues the job, from the status the document has then: it is queued (its approval run may have
+    read the rules before the change) and withheld, and its run serves it again."""
+    from api.app import create_app
+    from ingestion import repository
+    from ingestion import service as ingestion_service
+    from retrieval.store import close_vector_store
+
+    url, settings = _on(database, make_pg_database, tmp_path)
+    with TestClient(create_app(settings)) as client:
+        admin = auth(client.app.state.dev_issuer.issue(PLATFORM_ADMIN, []))  # type: ignore[attr-defined]
+        editor = desk_member(client, "editor")
+        assert client.put("/v1/admin/departments/desk/ingestion-policy", headers=admin,
+                          json={"keywords": {"opens at nine": "restricted"}}).status_code == 200
+        uploaded = _upload(client, editor, 0)
+        document_id = uploaded["document_id"]
+        ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=uploaded["job_id"])
+        quarantined = _document_row(url, document_id)
+        real_listing = repository.documents_to_reindex
+
+        def approved_meanwhile(session, **kwargs):  # type: ignore[no-untyped-def]
+            listed = real_listing(session, **kwargs)
+            approval = client.post(f"/v1/admin/quarantine/{document_id}/approve", headers=admin)
+            assert approval.status_code == 200, approval.text
+            ingestion_service.run_ingestion(settings=settings, document_id=document_id,
+                                            job_id=approval.json()["job_id"])
+            return listed
+
+        monkeypatch.setattr(repository, "documents_to_reindex", approved_meanwhile)
+        reindex = client.post("/v1/admin/reindex", headers=admin, json={"department": "desk"})
+        monkeypatch.undo()
+        between = _document_row(url, document_id)
+        for job in reindex.json()["queued"]:
+            ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job)
+        after = _document_row(url, document_id)
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    assert quarantined == ("quarantined", None, False) and reindex.status_code == 202, reindex.text
+    assert between == ("queued", None, True), between  # not ("ready", None, True): ready and serving nothing
+    assert reindex.json()["skipped"] == [] and len(reindex.json()["queued"]) == 1
+    assert after[0] == "ready" and after[1] is not None and after[2] is False
+
+
 def _ask_when_the_desk_opens(client: TestClient, token: str) -> dict[str, object]:
     response = client.post("/v1/query", headers=auth(token),
                            json={"question": "When does the desk open?", "departments": ["desk"]})
