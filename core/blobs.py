@@ -41,6 +41,11 @@ def read_sealed(blob_dir: Path, document_id: str, key: bytes) -> bytes:
     return crypto.open_sealed(key, _path(blob_dir, document_id).read_bytes(), f"govrag:raw:{document_id}")
 
 
+def has_original(blob_dir: Path, document_id: str) -> bool:
+    """Whether the document's sealed upload is stored (a refused attachment never had one of its own)."""
+    return _path(blob_dir, document_id).is_file()
+
+
 def remove(blob_dir: Path, document_id: str) -> None:
     """Delete the stored upload and every sealed placeholder map of the document."""
     _path(blob_dir, document_id).unlink(missing_ok=True)

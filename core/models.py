@@ -51,6 +51,7 @@ class DocumentStatus(StrEnum):
 
 UNFINISHED = (DocumentStatus.queued, DocumentStatus.processing)  # a document or job still in the pipeline
 RETIRED = (DocumentStatus.deleted, DocumentStatus.rejected)  # final: the key is shredded, nothing moves it back
+MAX_CRASHED_RUNS = 3  # runs a worker died in (a kill, the OOM killer, a parser crash) before the document fails
 
 
 DEPARTMENT_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"  # a department's name: lower-case letters, digits, '-' or '_'

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from authz import service as authz_service
+from core import blobs
 from core.db import transaction_lock
 from core.errors import ErrorCode, GovragError
+from core.keystore import keystore_for
 from core.models import Document, DocumentStatus, IngestionPolicy
 from core.settings import Settings
 from guard.pii_rules import CustomRecognizer, RedactionRules, validate_custom
@@ -119,30 +121,46 @@ class Reindex:
     skipped: list[str]
 
 
-def queue_reindex(*, session: Session, department: str, document_ids: list[str] | None,
+def queue_reindex(*, session: Session, settings: Settings, department: str, document_ids: list[str] | None,
                   serve_previous: bool) -> Reindex:
-    """Queue a fresh ingestion of ready and quarantined documents from their encrypted originals (a quarantined
-    one is classified again, so the review queue never shows a level older than the rules: an approval releases
-    at most the level shown; one the current rules no longer hold is released). A document being ingested is
-    covered too: its run read the department's rules when it started, perhaps before the policy change this
+    """Queue a fresh ingestion of ready, quarantined and failed documents from their encrypted originals (a
+    quarantined one is classified again, so the review queue never shows a level older than the rules: an approval
+    releases at most the level shown; one the current rules no longer hold is released). A document being ingested
+    is covered too: its run read the department's rules when it started, perhaps before the policy change this
     re-index follows, so its job is handed back: the run writes nothing and goes again under the current rules
     (ingestion/service.py). Unless `serve_previous` (a change that tightens nothing: chunk size, model), the
     documents stop being served at once: the rule change may have ruled their index out. Each document is taken as
     it is when queued, not as listed (an approval run or a deletion may end meanwhile): its index is withheld only
-    in the statement that queues its job, or while it is being ingested. Skipped: ids named that are none of these
-    (unknown, another department's, failed, deleted), and documents that left them all meanwhile (a deletion stays
-    deleted); not_found for a department that does not exist."""
+    in the statement that queues its job, or while it is being ingested.
+
+    A failed document (a re-index whose runs failed, an outage that outlasted the retries) serves nothing until its
+    run ends ready; a run that fails again (a file no parser reads, a parse or time limit not raised since) leaves it
+    failed with the new reason, having cost one run. It is covered if its data key and sealed original are kept (a
+    refused attachment never had either: its bytes are its e-mail's) and its department has no live copy of its
+    content (one uploaded again after the failure, under a new id: two copies would answer twice). One whose worker
+    died on it too often (`MAX_CRASHED_RUNS`) is covered only when named: rerun by every department-wide re-index, a
+    file that kills the parser would take a worker (or the embedded default's API) down that many times again;
+    naming it (after a parser fix, with more memory) is a choice.
+
+    Skipped: ids named that none of this covers (unknown, another department's, deleted, a refused attachment,
+    failed with a live copy), and documents that left these states meanwhile (a deletion stays deleted); not_found for a
+    department that does not exist."""
     authz_service.require_department(session, department)
-    listed = repository.documents_to_reindex(session, department=department, document_ids=document_ids)
+    listed = [document for document in repository.documents_to_reindex(session, department=department,
+                                                                       document_ids=document_ids)
+              if document.status != DocumentStatus.failed or _original_kept(session, settings, document)]
     withhold = not serve_previous
     queued: list[tuple[str, str]] = []
     rerun: list[str] = []
     covered: set[str] = set()
     for document in listed:
-        job_id = _queue(session, document.id, withhold)
+        if document.status == DocumentStatus.failed:
+            job_id = _queue_failed(session, document, withhold)
+        else:
+            job_id = _queue(session, document.id, repository.REINDEXED, withhold)
         if job_id is None:  # being ingested, as listed or since
             _hand_back(session, document.id, withhold)
-            job_id = _queue(session, document.id, withhold)  # a run that ended meanwhile committed first
+            job_id = _queue(session, document.id, repository.REINDEXED, withhold)  # a run ended meanwhile first
         if job_id is not None:
             queued.append((document.id, job_id))
             covered.add(document.id)
@@ -153,14 +171,31 @@ def queue_reindex(*, session: Session, department: str, document_ids: list[str] 
     return Reindex(queued=queued, rerun=rerun, skipped=[i for i in dict.fromkeys(wanted) if i not in covered])
 
 
-def _queue(session: Session, document_id: str, withhold: bool) -> str | None:
-    """A new job for the document if it is ready or quarantined now, its index withheld in the same statement (with
-    `withhold`); the job's id, or None."""
+def _queue(session: Session, document_id: str, from_statuses: tuple[str, ...], withhold: bool) -> str | None:
+    """A new job for the document if it is in one of `from_statuses` now, its index withheld in the same statement
+    (with `withhold`); the job's id, or None."""
     job_id = str(uuid.uuid4())
-    if repository.new_job(session, job_id=job_id, document_id=document_id, from_statuses=repository.REINDEXED,
+    if repository.new_job(session, job_id=job_id, document_id=document_id, from_statuses=from_statuses,
                           withhold=withhold):
         return job_id
     return None
+
+
+def _original_kept(session: Session, settings: Settings, document: Document) -> bool:
+    """Whether a run can read the document's original: its data key (kept until it is deleted or rejected) opens its
+    sealed upload, as the run's claim reads them (ingestion/service.py)."""
+    key = keystore_for(settings).document_key(session=session, department=document.department,
+                                              document_id=document.id)
+    return key is not None and blobs.has_original(settings.blob_dir, document.id)
+
+
+def _queue_failed(session: Session, document: Document, withhold: bool) -> str | None:
+    """A new job for a failed document, unless its department has its content live: checked under the content's
+    lock, as an upload checks, so an upload of it meanwhile and this job never both go live."""
+    repository.lock_content(session, department=document.department, sha256=document.sha256)
+    if repository.find_duplicate(session, department=document.department, sha256=document.sha256) is not None:
+        return None
+    return _queue(session, document.id, (DocumentStatus.failed,), withhold)
 
 
 def _hand_back(session: Session, document_id: str, withhold: bool) -> None:

@@ -175,8 +175,9 @@ class ReindexIn(RequestModel):
 
 
 class ReindexOut(BaseModel):
-    queued: list[str]  # job ids to follow: a new one per ready document, the running one per document in flight
-    skipped: list[str] = []  # document ids not re-indexed: named but neither ready nor being ingested
+    queued: list[str]  # job ids to follow: a new one per ready, quarantined or failed document, the running one per
+    # document in flight
+    skipped: list[str] = []  # document ids not re-indexed: named but not covered (quarantine.queue_reindex)
 
 
 def _shown_placeholder(value: str) -> str:

@@ -17,10 +17,10 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from core import blobs, metrics
-from core.db import transaction_lock, unit_of_work
+from core.db import unit_of_work
 from core.errors import ErrorCode, GovragError, unavailable_dependency
 from core.keystore import keystore_for
-from core.models import RETIRED, UNFINISHED, Document, DocumentStatus, IngestionJob
+from core.models import MAX_CRASHED_RUNS, RETIRED, UNFINISHED, Document, DocumentStatus, IngestionJob
 from core.settings import Settings
 from core.text import printable_name
 from guard.injection import get_scanner
@@ -51,7 +51,6 @@ MAX_TITLE_CHARS = 300
 _TITLE_READ_CHARS = 4 * MAX_TITLE_CHARS  # of a longer name, what is redacted (and then cut: classify.cut_title)
 MAX_ATTACHMENT_DEPTH = 3  # levels of attachments followed below an uploaded e-mail (attached e-mails nest)
 ATTACHMENT_FAILED = "the attachment could not be taken (an internal error)"
-MAX_CRASHED_RUNS = 3  # runs a worker died in (a kill, the OOM killer, a parser crash) before the document fails
 CRASHED_TOO_OFTEN = f"ingestion stopped: the worker died {MAX_CRASHED_RUNS} times while processing this document"
 ATTACHMENTS_UNLISTED = "the e-mail's attachments could not be read (an internal error); none was ingested"
 
@@ -68,7 +67,7 @@ def accept_upload(
     if content_type in ZIP_BASED_TYPES:
         check_zip_container(data, parse_limits(settings))  # a zip bomb is refused before it is stored
     sha256 = hashlib.sha256(data).hexdigest()
-    transaction_lock(session, f"upload:{department}:{sha256}")  # copies sent at once: one gets in, the others 409
+    repository.lock_content(session, department=department, sha256=sha256)  # copies at once: one gets in, others 409
     duplicate = repository.find_duplicate(session, department=department, sha256=sha256)
     if duplicate is not None:
         raise GovragError(ErrorCode.conflict,

@@ -113,8 +113,8 @@ def test_a_late_duplicate_of_a_finished_job_leaves_the_document_to_its_new_job(t
         first, document_id = uploaded["job_id"], uploaded["document_id"]
         ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=first)
         with unit_of_work(url) as session:
-            [(_, reindex)] = quarantine.queue_reindex(session=session, department="desk", document_ids=[document_id],
-                                                     serve_previous=False).queued
+            [(_, reindex)] = quarantine.queue_reindex(session=session, settings=settings, department="desk",
+                                                     document_ids=[document_id], serve_previous=False).queued
         ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=first)  # the duplicate
         assert client.get(f"/v1/jobs/{reindex}", headers=auth(editor)).json()["status"] == "queued"
         ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=reindex)
@@ -229,6 +229,48 @@ def test_a_reindex_whose_runs_kill_their_worker_leaves_the_document_unserved_and
     assert document["status"] == "failed" and "the re-index failed" in str(document["error"])
     assert ingestion_service.CRASHED_TOO_OFTEN in str(document["error"])
     assert document_id not in answer["cited"] and written > 1 and left == []
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_document_that_killed_its_worker_is_reindexed_only_when_named(
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A re-index runs failed documents again, but not one whose worker died on it too often unless it names it: a
+    department-wide re-index would let a file that kills the parser take a worker down that many times again, at
+    every re-index. Named (after a parser fix), it runs again: here it no longer kills, and it ends ready."""
+    from api.app import create_app
+    from ingestion import service as ingestion_service
+    from retrieval.store import close_vector_store
+
+    def dies(*_: object, **__: object) -> object:
+        raise WorkerDied
+
+    _, settings = _on(database, make_pg_database, tmp_path)
+    with TestClient(create_app(settings)) as client:
+        admin = auth(client.app.state.dev_issuer.issue(PLATFORM_ADMIN, []))  # type: ignore[attr-defined]
+        editor = desk_member(client, "editor")
+        uploaded = _upload(client, editor, 0)
+        document_id = uploaded["document_id"]
+        with monkeypatch.context() as patched:
+            patched.setattr(ingestion_service, "protect", dies)
+            for _ in range(ingestion_service.MAX_CRASHED_RUNS):
+                with pytest.raises(WorkerDied):
+                    ingestion_service.run_ingestion(settings=settings, document_id=document_id,
+                                                    job_id=uploaded["job_id"])
+            ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=uploaded["job_id"])
+        failed = client.get(f"/v1/documents/{document_id}", headers=auth(editor)).json()
+        department_wide = client.post("/v1/admin/reindex", headers=admin, json={"department": "desk"}).json()
+        named = client.post("/v1/admin/reindex", headers=admin,
+                            json={"department": "desk", "document_ids": [document_id]}).json()
+        for job in named["queued"]:
+            ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job)
+        document = client.get(f"/v1/documents/{document_id}", headers=auth(editor)).json()
+        answer = _ask_when_the_desk_opens(client, editor)
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    assert (failed["status"], failed["error"]) == ("failed", ingestion_service.CRASHED_TOO_OFTEN)
+    assert department_wide == {"queued": [], "skipped": []}
+    assert len(named["queued"]) == 1 and named["skipped"] == []
+    assert (document["status"], document["error"]) == ("ready", None) and document_id in answer["cited"]
 
 
 def _on(database: str, make_pg_database: Callable[[], str], tmp_path: Path):  # type: ignore[no-untyped-def]
