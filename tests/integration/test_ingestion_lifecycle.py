@@ -311,8 +311,8 @@ def test_a_reindex_after_a_policy_change_covers_a_document_being_ingested(
 
 
 def test_a_reindex_names_the_documents_it_skipped(client: TestClient, lab: dict[str, str]) -> None:
-    """Named documents that are neither ready nor being ingested (unknown, quarantined, failed) were left out with
-    no word; they are now listed as skipped."""
+    """Named documents a re-index does not cover (here an unknown id, named twice) were left out with no word; they
+    are now listed as skipped, once."""
     unknown = str(uuid.uuid4())
     response = client.post("/v1/admin/reindex", headers=auth(lab["dept_admin"]),
                            json={"department": lab["department"], "document_ids": [unknown, unknown]})
