@@ -5,7 +5,9 @@
     extractive answer and a hash-chained audit row per query (kill switch `retrieval_only` when available).
 Reports p50/p95/p99, throughput, errors at 1 and 8 clients, the (b)/(a) ratio, where govrag's time goes
 (Server-Timing), and a bounded soak (fixed duration, loopback only): errors, server memory growth, audit rows
-= requests. Usage: python bench/query.py [--chunks 10000] [--requests 200] [--soak-seconds 120]
+= requests; then queries at 1 client while a fail-closed re-index of one department runs (its documents are
+withheld, their old points still in the collection until each run ends: the query searches past them), against the
+same queries before it. Usage: python bench/query.py [--chunks 10000] [--requests 200] [--soak-seconds 120]
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ DEPARTMENTS = ("hr", "finance", "legal", "engineering")
 CHUNKS_PER_DOCUMENT = 20
 CHUNK_CHARS = 300
 MEMORY_BOUND_MIB = 100  # allowed server RSS growth over the soak (caches are bounded)
+REINDEX_TIMEOUT_SECONDS = 900  # the during-re-index section stops querying after this, the re-index unfinished
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -140,8 +143,20 @@ class Governed:
         return time.perf_counter() - started
 
     def audit_rows(self) -> int:
+        return self._count("SELECT count(*) FROM retrieval_events WHERE event_type = 'retrieval'")
+
+    def unfinished(self, department: str) -> int:
+        """The department's documents still queued or being ingested."""
+        return self._count("SELECT count(*) FROM documents WHERE department = %s AND status IN ('queued', "
+                           "'processing')", department)
+
+    def withheld(self, department: str) -> int:
+        """The department's documents a fail-closed re-index withheld and no run has served again."""
+        return self._count("SELECT count(*) FROM documents WHERE department = %s AND withheld", department)
+
+    def _count(self, sql: str, *parameters: str) -> int:
         with psycopg.connect(self.dsn) as conn:
-            row = conn.execute("SELECT count(*) FROM retrieval_events WHERE event_type = 'retrieval'").fetchone()
+            row = conn.execute(sql, parameters).fetchone()  # type: ignore[arg-type]
             return int(row[0]) if row else 0
 
     def close(self) -> None:
@@ -256,6 +271,7 @@ def report(args, asked: list[str], governed: Governed, baseline_url: str, chunk_
             print(f"- {name}: {sum(values) / len(values):.1f}")
     if args.soak_seconds > 0:
         soak(args, asked, governed, before + sent)
+    during_reindex(args, asked, governed)
 
 
 def soak(args, asked: list[str], governed: Governed, expected_before: int) -> None:  # type: ignore[no-untyped-def]
@@ -279,6 +295,57 @@ def soak(args, asked: list[str], governed: Governed, expected_before: int) -> No
     print(f"\nServer memory growth over the soak: {growth:.0f} MiB (bound {MEMORY_BOUND_MIB} MiB): "
           f"{'OK' if growth <= MEMORY_BOUND_MIB else 'EXCEEDED'}")
     print(f"Audit rows {rows} for {expected} governed requests sent: {'OK' if rows == expected else 'MISMATCH'}")
+
+
+def during_reindex(args, asked: list[str], governed: Governed) -> None:  # type: ignore[no-untyped-def]
+    """1 client before and while a fail-closed re-index of the first department runs in the server's in-process
+    queue: latency, the search stage (widened while withheld points are dropped), citations per answer, refusals."""
+    department = DEPARTMENTS[0]
+    before = _sequential(governed, asked, args.requests)
+    with httpx.Client(base_url=governed.url, headers=governed.headers(governed.admin), timeout=60) as admin:
+        queued = admin.post("/v1/admin/reindex", json={"department": department})
+        queued.raise_for_status()
+    started = time.monotonic()
+    during = _sequential(governed, asked, 10**9, until=lambda: governed.unfinished(department) == 0,
+                         deadline=started + REINDEX_TIMEOUT_SECONDS)
+    took = time.monotonic() - started
+    print(f"\nDuring a fail-closed re-index of `{department}` ({len(queued.json()['queued'])} documents, "
+          f"{took:.0f} s; 1 client, every department readable):\n")
+    print("| when | queries | p50 ms | p95 ms | search ms (mean) | citations per answer | refused | errors |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, result in (("before", before), ("during", during)):
+        ms = [x * 1000 for x in result["latencies"]]
+        search = result["stages"].get("search", [0.0])
+        print(f"| {name} | {len(ms)} | {percentile(ms, 50):.1f} | {percentile(ms, 95):.1f} | "
+              f"{sum(search) / len(search):.1f} | {sum(result['citations']) / max(len(ms), 1):.2f} | "
+              f"{result['refused']} | {result['errors']} |")
+    left = governed.unfinished(department)
+    print(f"\nDocuments of `{department}` still being re-indexed at the end: {left}"
+          f"{' (timed out)' if left else ''}; withheld documents left unserved: {governed.withheld(department)}")
+
+
+def _sequential(governed: Governed, asked: list[str], total: int, *, until=None,  # type: ignore[no-untyped-def]
+                deadline: float | None = None) -> dict:  # type: ignore[type-arg]
+    """One client's queries, in order: latencies, Server-Timing stages, citations per answer, refusals, errors;
+    stops after `total`, once `until()` holds (checked every 10 queries) or at `deadline`."""
+    result: dict = {"latencies": [], "stages": defaultdict(list), "citations": [], "refused": 0,  # type: ignore[type-arg]
+                    "errors": 0}
+    with httpx.Client(base_url=governed.url, headers=governed.headers(governed.user), timeout=60) as client:
+        for i in range(total):
+            if (until is not None and i % 10 == 0 and until()) or (deadline and time.monotonic() > deadline):
+                break
+            started = time.perf_counter()
+            response = client.post("/v1/query", json={"question": asked[i % len(asked)], "purpose": "bench"})
+            result["latencies"].append(time.perf_counter() - started)
+            if response.status_code != 200:
+                result["errors"] += 1
+                continue
+            body = response.json()
+            result["citations"].append(len(body["citations"]))
+            result["refused"] += bool(body["refused"])
+            for name, value in _server_timing(response):
+                result["stages"][name].append(value)
+    return result
 
 
 def _settled(read, quiet_seconds: float = 3.0, timeout: float = 120.0) -> int:  # type: ignore[no-untyped-def]
