@@ -182,8 +182,10 @@ def _queue(session: Session, document_id: str, from_statuses: tuple[str, ...], w
 
 
 def _original_kept(session: Session, settings: Settings, document: Document) -> bool:
-    """Whether a run can read the document's original: its data key (kept until it is deleted or rejected) opens its
-    sealed upload, as the run's claim reads them (ingestion/service.py)."""
+    """Whether the document kept what a run reads: its data key (kept until it is deleted or rejected) and its sealed
+    upload. One without either is left failed with its reason: its run would fail at once on it (the claim on a
+    missing key, the read of the original on a missing file; ingestion/service.py). Whether the original opens
+    under the key is the run's to find (it fails at once too), not read here for each failed document."""
     key = keystore_for(settings).document_key(session=session, department=document.department,
                                               document_id=document.id)
     return key is not None and blobs.has_original(settings.blob_dir, document.id)

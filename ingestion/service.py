@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from core import blobs, metrics
+from core import blobs, crypto, metrics
 from core.db import unit_of_work
 from core.errors import ErrorCode, GovragError, unavailable_dependency
 from core.keystore import keystore_for
@@ -53,6 +53,8 @@ MAX_ATTACHMENT_DEPTH = 3  # levels of attachments followed below an uploaded e-m
 ATTACHMENT_FAILED = "the attachment could not be taken (an internal error)"
 CRASHED_TOO_OFTEN = f"ingestion stopped: the worker died {MAX_CRASHED_RUNS} times while processing this document"
 ATTACHMENTS_UNLISTED = "the e-mail's attachments could not be read (an internal error); none was ingested"
+KEY_MISSING = "the document's data key is missing: upload it again"
+ORIGINAL_UNREADABLE = "the document's stored original is missing or does not open under its key: upload it again"
 
 
 def accept_upload(
@@ -108,14 +110,16 @@ def load_models(settings: Settings) -> None:
 
 def _run_once(settings: Settings, document_id: str, job_id: str) -> bool:
     """One run of the job; False when it goes again (its job was handed back: `_start` claims the document anew)."""
-    facts, key, data, rules = _start(settings, document_id, job_id)
-    if facts is None or key is None or data is None or rules is None:
+    claimed = _start(settings, document_id, job_id)
+    if claimed is None:
         return True
+    facts, key, rules = claimed
     try:
-        result = protect(data, facts, key=key, embedder=get_embedder(settings.embedding_backend),
-                         redactor=get_redactor(), max_chars=settings.chunk_max_chars, rules=rules,
-                         scanner=get_scanner(), limits=parse_limits(settings))
-    except GovragError as exc:  # permanent: a bad or over-limit file; retrying cannot help
+        result = protect(_original(settings, document_id, key), facts, key=key,
+                         embedder=get_embedder(settings.embedding_backend), redactor=get_redactor(),
+                         max_chars=settings.chunk_max_chars, rules=rules, scanner=get_scanner(),
+                         limits=parse_limits(settings))
+    except GovragError as exc:  # permanent: a bad or over-limit file, an original lost; retrying cannot help
         logger.info("ingestion failed permanently for document %s", document_id)
         return _finish(settings, document_id, job_id, DocumentStatus.failed, error=exc.message,
                        generation=facts.generation) is not RunEnd.again
@@ -297,13 +301,15 @@ def _run_ended(settings: Settings, document_id: str) -> bool:
         return document is not None and document.status not in (*UNFINISHED, *RETIRED)
 
 
-def _start(settings: Settings, document_id: str, job_id: str) -> tuple[
-        DocumentFacts | None, bytes | None, bytes | None, IngestionRules | None]:
-    """Mark processing and load what the pipeline needs; the session is released before slow work. Delivery is at
-    least once: a delivery of a job that already ended does nothing (a late duplicate must not take over a document
-    that a newer job, a re-index, has queued). A delivery that finds its document retired (before or while it
-    claims it) ends the job and purges again: an earlier run may have written after the retirement's purge and died
-    before it could withdraw."""
+_Claimed = tuple[DocumentFacts, bytes, IngestionRules]  # what a claimed run needs: the facts, the data key, the rules
+
+
+def _start(settings: Settings, document_id: str, job_id: str) -> _Claimed | None:
+    """Mark processing and load what the pipeline needs (None: nothing to run); the session is released before slow
+    work, the original's read (`_original`) included. Delivery is at least once: a delivery of a job that already
+    ended does nothing (a late duplicate must not take over a document that a newer job, a re-index, has queued). A
+    delivery that finds its document retired (before or while it claims it) ends the job and purges again: an
+    earlier run may have written after the retirement's purge and died before it could withdraw."""
     withdrawn, claimed = False, None
     with unit_of_work(settings.resolved_database_url) as session:
         job, document = repository.get_job(session, job_id), repository.get_document(session, document_id)
@@ -315,33 +321,33 @@ def _start(settings: Settings, document_id: str, job_id: str) -> tuple[
         purge.purge_now(settings, [document_id])
     if isinstance(claimed, _IndexState):  # failed: the points its dead runs wrote go, as at any failed run's end
         _drop_superseded(settings, document_id, claimed, claimed.newest)
-    if claimed is None or isinstance(claimed, _IndexState):
-        return None, None, None, None
-    facts, key, rules = claimed
-    return facts, key, blobs.read_sealed(settings.blob_dir, document_id, key), rules
+        return None
+    return claimed
 
 
 def _claim(session: Session, settings: Settings, document: Document,
-           job: IngestionJob) -> tuple[DocumentFacts, bytes, IngestionRules] | _IndexState | None:
+           job: IngestionJob) -> _Claimed | _IndexState | None:
     """Mark the document processing and count the attempt; what the run needs, or None if it was retired (its key
-    gone), or the document as its failure leaves it if it has crashed its worker too often (a file that kills the
-    parser must not take the worker, or the embedded default's API, down again at every redelivery). The document's
-    row is locked before its job's, as a run's end and a re-index do: the other order let a claim and a re-index of
-    one document deadlock on PostgreSQL."""
+    shredded with it), or the document as its failure leaves it if it cannot run: its data key is missing though it
+    was not retired (a key store restored from an older backup: no retry brings the key back, and its job would stay
+    `queued` for ever), or it has crashed its worker too often (a file that kills the parser must not take the
+    worker, or the embedded default's API, down again at every redelivery). The document's row is locked before its
+    job's, as a run's end and a re-index do: the other order let a claim and a re-index of one document deadlock on
+    PostgreSQL."""
     key = keystore_for(settings).document_key(session=session, department=document.department,
                                               document_id=document.id)
-    if key is None:
-        return None
     after_a_crash = job.status == DocumentStatus.processing  # the run before neither ended nor handed the job back
     crashed_too_often = job.crashed_runs + after_a_crash >= MAX_CRASHED_RUNS
+    failure = KEY_MISSING if key is None else CRASHED_TOO_OFTEN if crashed_too_often else None
     moved = repository.set_status(session, document_id=document.id, job_id=job.id,
-                                  status=DocumentStatus.failed if crashed_too_often else DocumentStatus.processing,
-                                  error=CRASHED_TOO_OFTEN if crashed_too_often else None)
+                                  status=DocumentStatus.processing if failure is None else DocumentStatus.failed,
+                                  error=failure)  # a retirement committed meanwhile wins: not moved
     repository.count_attempt(session, job.id, after_a_crash=after_a_crash)  # counted even if the document was retired
     if not moved:
         return None
-    if crashed_too_often:
-        logger.warning("ingestion of document %s stopped: its runs crashed %d times", document.id, MAX_CRASHED_RUNS)
+    if key is None or failure is not None:
+        logger.warning("ingestion of document %s failed as it was claimed: %s", document.id,
+                       "its data key is missing" if key is None else f"its runs crashed {MAX_CRASHED_RUNS} times")
         return _index_state(session, document.id, job.id)
     generation = repository.claim_generation(session, document.id)
     rules = quarantine.rules_for(session=session, department=document.department)
@@ -353,6 +359,19 @@ def _claim(session: Session, settings: Settings, document: Document,
         approved_level=_approved_level(document), generation=generation,
     )
     return facts, key, rules
+
+
+def _original(settings: Settings, document_id: str, key: bytes) -> bytes:
+    """The document's upload, opened from its sealed original. One that is missing, or does not open under the
+    document's key (another key, altered bytes), fails the run at once: no retry brings it back. Any other fault
+    propagates for a retry, a missing blob directory too (a volume not mounted: no fault of the document)."""
+    try:
+        return blobs.read_sealed(settings.blob_dir, document_id, key)
+    except (FileNotFoundError, crypto.DecryptionError) as exc:
+        if not settings.blob_dir.is_dir():
+            raise
+        logger.warning("the stored original of document %s is missing or does not open under its key", document_id)
+        raise GovragError(ErrorCode.internal, ORIGINAL_UNREADABLE) from exc
 
 
 def _approved_level(document: Document) -> Classification | None:

@@ -563,6 +563,50 @@ def test_a_failed_document_uploaded_again_is_not_reindexed_beside_its_copy(
     assert client.get(f"/v1/documents/{document_id}", headers=auth(lab["editor"])).json()["status"] == "failed"
 
 
+def test_a_document_whose_data_key_is_missing_fails_at_once(
+        client: TestClient, lab: dict[str, str], settings) -> None:  # type: ignore[no-untyped-def]
+    """A document whose key row is gone though it was neither deleted nor rejected (a key store restored from an
+    older backup, a row removed by hand) was taken by its run's claim for a retired one: nothing ran and nothing
+    ended it, its job `queued` for ever with no error anywhere. The claim now fails it at once, saying why."""
+    from core.db import unit_of_work
+    from core.keystore import keystore_for
+    from ingestion import service
+
+    department, doc = _minutes(client, lab)
+    document_id = str(doc["document_id"])
+    with unit_of_work(settings.resolved_database_url) as session:  # the row goes; this process forgets the key too
+        keystore_for(settings).shred_document_key(session=session, document_id=document_id)
+    job = wait_for_job(client, lab["editor"], _reindex(client, lab, department, document_id), timeout=60)
+    document = client.get(f"/v1/documents/{document_id}", headers=auth(lab["editor"])).json()
+    assert (job["status"], job["error"], job["attempts"]) == ("failed", service.KEY_MISSING, 1)
+    assert document["status"] == "failed" and str(document["error"]).endswith(service.KEY_MISSING)
+    assert _generations(settings, department, document_id) == []  # the index the re-index withheld is gone
+
+
+@pytest.mark.parametrize("damage", ["missing", "altered"])
+def test_a_document_whose_stored_original_is_lost_fails_at_once(
+        client: TestClient, lab: dict[str, str], settings, damage: str) -> None:  # type: ignore[no-untyped-def]
+    """A run whose sealed original was gone, or did not open under the document's key (altered bytes), failed after
+    its retries as a generic internal error, though no retry could bring it back. It now fails at its first attempt,
+    saying why."""
+    from ingestion import service
+
+    department, doc = _minutes(client, lab)
+    document_id = str(doc["document_id"])
+    original = settings.blob_dir / f"{document_id}.bin"
+    if damage == "missing":
+        original.unlink()
+    else:
+        sealed = bytearray(original.read_bytes())
+        sealed[-1] ^= 0x01  # one bit of the authentication tag
+        original.write_bytes(bytes(sealed))
+    job = wait_for_job(client, lab["editor"], _reindex(client, lab, department, document_id))
+    document = client.get(f"/v1/documents/{document_id}", headers=auth(lab["editor"])).json()
+    assert (job["status"], job["error"], job["attempts"]) == ("failed", service.ORIGINAL_UNREADABLE, 1)
+    assert document["status"] == "failed" and str(document["error"]).endswith(service.ORIGINAL_UNREADABLE)
+    assert _generations(settings, department, document_id) == []
+
+
 def test_serve_previous_is_true_or_false_never_a_truthy_string(client: TestClient, lab: dict[str, str]) -> None:
     response = client.post("/v1/admin/reindex", headers=auth(lab["admin"]),
                            json={"department": lab["department"], "serve_previous": "yes"})

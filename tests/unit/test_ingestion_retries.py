@@ -4,6 +4,7 @@ after ~15 s)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -67,3 +68,18 @@ def test_a_database_outage_is_waited_out_with_a_capped_backoff(monkeypatch: pyte
     waited = sum(min(2 ** n, MAX_BACKOFF_SECONDS) for n in range(OUTAGE_RETRIES))
     assert 25 * 60 <= waited <= 40 * 60  # about half an hour of outage before the job fails
     assert "retries exhausted" in str(_run(monkeypatch, _outage(), OUTAGE_RETRIES)["failed"])
+
+
+def test_a_lost_original_fails_at_once_but_a_missing_blob_directory_is_retried(tmp_path: Path) -> None:
+    """A document's sealed original that is gone fails its run at once (no retry brings it back); the whole blob
+    directory gone (a volume not mounted on this worker) is no fault of the document: the run is retried, as any
+    other fault, rather than failing every document with "upload it again"."""
+    from core.errors import GovragError
+    from ingestion import service
+
+    mounted = SimpleNamespace(blob_dir=tmp_path)
+    with pytest.raises(GovragError) as lost:
+        service._original(mounted, "doc", bytes(32))  # type: ignore[arg-type]
+    assert lost.value.message == service.ORIGINAL_UNREADABLE
+    with pytest.raises(FileNotFoundError):
+        service._original(SimpleNamespace(blob_dir=tmp_path / "unmounted"), "doc", bytes(32))  # type: ignore[arg-type]
