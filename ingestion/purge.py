@@ -66,19 +66,61 @@ def _forget_original(document: Document, status: DocumentStatus) -> None:
 
 def retire_family(session: Session, settings: Settings, document: Document, status: DocumentStatus) -> list[str]:
     """In the caller's transaction (which holds the document's lock): retire the document and everything attached
-    below it, an e-mail taking its attachments (one already deleted stays deleted). Each attachment's lock is taken,
-    e-mails before their attachments (the order `quarantine.quarantined_document` takes them in), so a review of an
-    attachment ends before its e-mail's retirement reads it. Returns the ids to purge once the caller commits
+    below it, an e-mail taking its attachments (one already deleted stays deleted), and the department's failed
+    copies of their content with what is attached below those (`_failed_copies`): a failed document is no
+    duplicate, so the same bytes may have been uploaded again after it failed; erased, they must not come back when a
+    re-index names the failed one. The locks are taken before the first write: each attachment's, e-mails before
+    their attachments (the order `quarantine.quarantined_document` takes them in), so a review of an attachment ends
+    before its e-mail's retirement reads it; then each content's, sorted (as a re-index takes them), so an upload or
+    a re-index of the same bytes runs before or after. Returns the ids to purge once the caller commits
     (`purge_now`)."""
     below = repository.descendants(session, document.id)  # level by level: each e-mail before its attachments
     for child in below:
         repository.lock_document(session, child.id)
-        session.refresh(child)  # as a review or deletion that held its lock left it
-    family = [document, *(child for child in below if child.status != DocumentStatus.deleted)]
-    for target in family:
+    family = [document, *below]
+    for department, sha256 in sorted({(member.department, member.sha256) for member in family if member.sha256}):
+        repository.lock_content(session, department=department, sha256=sha256)
+    family = _as_now(session, family)
+    copies = _as_now(session, [member for copy in _failed_copies(session, settings, family)
+                               for member in (copy, *repository.descendants(session, copy.id))])
+    retiring = list({target.id: target for target in (*family, *copies)}.values())
+    for target in retiring:
         retire(session, settings, target, status)
     session.flush()
-    return [target.id for target in family]
+    return [target.id for target in retiring]
+
+
+def _as_now(session: Session, documents: list[Document]) -> list[Document]:
+    """The documents as they are now, those deleted meanwhile left out: a review or a deletion that held a lock taken
+    here, or another retirement that took a failed copy under its content's lock (`_failed_copies`), may have
+    changed them since they were read."""
+    for document in documents:
+        session.refresh(document)
+    return [document for document in documents if document.status != DocumentStatus.deleted]
+
+
+def _failed_copies(session: Session, settings: Settings, family: list[Document]) -> list[Document]:
+    """The department's failed documents (none of `family`) with the content of a member, read under that content's
+    lock, that a re-index could run again (`original_kept`; a refused attachment keeps no original of its own: its
+    bytes are its e-mail's, which this leaves alone). No lock of a copy, nor of an attachment below one, is taken: a
+    deletion of either holds that lock while it waits for a content lock held here, and the two would deadlock (on
+    SQLite, hang). A copy moves only under its content's lock (a re-index, its own deletion, another retirement),
+    held here; an attachment below one is retired as it is read then (`_as_now`)."""
+    members = {member.id for member in family}
+    found = {copy.id: copy for member in family if member.sha256
+             for copy in repository.failed_copies(session, department=member.department, sha256=member.sha256)
+             if copy.id not in members}
+    return [copy for copy in found.values() if original_kept(session, settings, copy)]
+
+
+def original_kept(session: Session, settings: Settings, document: Document) -> bool:
+    """Whether the document kept what a run reads: its data key (kept until it is deleted or rejected) and its sealed
+    upload. A re-index leaves one without either failed with its reason: its run would fail at once on it (the claim
+    on a missing key, the read of the original on a missing file; ingestion/service.py). Whether the original opens
+    under the key is the run's to find (it fails at once too), not read here for each failed document."""
+    key = keystore_for(settings).document_key(session=session, department=document.department,
+                                              document_id=document.id)
+    return key is not None and blobs.has_original(settings.blob_dir, document.id)
 
 
 def owe_purge(session: Session, document: Document) -> None:

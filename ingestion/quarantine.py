@@ -9,11 +9,9 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from authz import service as authz_service
-from core import blobs
 from core.db import transaction_lock
 from core.errors import ErrorCode, GovragError
-from core.keystore import keystore_for
-from core.models import Document, DocumentStatus, IngestionPolicy
+from core.models import UNFINISHED, Document, DocumentStatus, IngestionPolicy
 from core.settings import Settings
 from guard.pii_rules import CustomRecognizer, RedactionRules, validate_custom
 from ingestion import purge, repository
@@ -105,9 +103,13 @@ def approve(*, session: Session, document: Document, actor: str) -> ReviewDecisi
 
 
 def reject(*, session: Session, settings: Settings, document: Document) -> tuple[ReviewDecision, list[str]]:
-    """Refuse a quarantined document, and with an e-mail the attachments taken from it meanwhile: their keys are
-    shredded and purges owed. Returns the decision and the ids to purge once the caller commits (purge.purge_now)."""
+    """Refuse a quarantined document, and with an e-mail the attachments taken from it meanwhile, and the failed
+    copies of their content (purge.retire_family): their keys are shredded and purges owed. Returns the decision and
+    the ids to purge once the caller commits (purge.purge_now). One deleted meanwhile (below a failed copy of content
+    deleted elsewhere) is not found, as after another review."""
     retired = purge.retire_family(session, settings, document, DocumentStatus.rejected)
+    if document.id not in retired:
+        raise GovragError(ErrorCode.not_found, "no such quarantined document")
     return ReviewDecision(document_id=document.id, status=DocumentStatus.rejected), retired
 
 
@@ -123,44 +125,41 @@ class Reindex:
 
 def queue_reindex(*, session: Session, settings: Settings, department: str, document_ids: list[str] | None,
                   serve_previous: bool) -> Reindex:
-    """Queue a fresh ingestion of ready, quarantined and failed documents from their encrypted originals (a
-    quarantined one is classified again, so the review queue never shows a level older than the rules: an approval
-    releases at most the level shown; one the current rules no longer hold is released). A document being ingested
-    is covered too: its run read the department's rules when it started, perhaps before the policy change this
-    re-index follows, so its job is handed back: the run writes nothing and goes again under the current rules
-    (ingestion/service.py). Unless `serve_previous` (a change that tightens nothing: chunk size, model), the
+    """Queue a fresh ingestion of ready and quarantined documents from their encrypted originals (a quarantined one
+    is classified again, so the review queue never shows a level older than the rules: an approval releases at most
+    the level shown; one the current rules no longer hold is released), and of the failed ones named. A document
+    being ingested is covered too: its run read the department's rules when it started, perhaps before the policy
+    change this re-index follows, so its job is handed back: the run writes nothing and goes again under the current
+    rules (ingestion/service.py). Unless `serve_previous` (a change that tightens nothing: chunk size, model), the
     documents stop being served at once: the rule change may have ruled their index out. Each document is taken as
     it is when queued, not as listed (an approval run or a deletion may end meanwhile): its index is withheld only
     in the statement that queues its job, or while it is being ingested.
 
-    A failed document (a re-index whose runs failed, an outage that outlasted the retries) serves nothing until its
-    run ends ready; a run that fails again (a file no parser reads, a parse or time limit not raised since) leaves it
-    failed with the new reason, having cost one run. It is covered if its data key and sealed original are kept (a
-    refused attachment never had either: its bytes are its e-mail's) and its department has no live copy of its
-    content (one uploaded again after the failure, under a new id: two copies would answer twice). One whose worker
-    died on it too often (`MAX_CRASHED_RUNS`) is covered only when named: rerun by every department-wide re-index, a
-    file that kills the parser would take a worker (or the embedded default's API) down that many times again;
-    naming it (after a parser fix, with more memory) is a choice.
+    A failed document (a re-index whose runs failed, an outage that outlasted the retries) runs again only when
+    named in `document_ids` (so is one listed being ingested whose run ends failed before it is queued): the admin
+    chooses it, as a department-wide re-index never did (a user may have given up on it, a file that kills the
+    parser would take a worker down again). It serves nothing until its run ends ready; a run that fails again
+    leaves it failed with the new reason. It is covered if its data key and sealed original are kept
+    (`purge.original_kept`: a refused attachment never had either, its bytes are its e-mail's) and its department has
+    no live copy of its content (one uploaded again after the failure, under a new id: two copies would answer
+    twice). A deletion or rejection of its content retires it (purge.retire_family).
 
     Skipped: ids named that none of this covers (unknown, another department's, deleted, a refused attachment,
-    failed with a live copy), and documents that left these states meanwhile (a deletion stays deleted); not_found for a
-    department that does not exist."""
+    failed with a live copy), and documents listed that left these states before being queued (a deletion stays
+    deleted; department-wide, one whose run ended failed); not_found for a department that does not exist."""
     authz_service.require_department(session, department)
-    listed = [document for document in repository.documents_to_reindex(session, department=department,
-                                                                       document_ids=document_ids)
-              if document.status != DocumentStatus.failed or _original_kept(session, settings, document)]
+    listed = repository.documents_to_reindex(session, department=department, document_ids=document_ids)
+    may_run_failed = _lock_failed_contents(session, listed) if document_ids is not None else set()
     withhold = not serve_previous
     queued: list[tuple[str, str]] = []
     rerun: list[str] = []
     covered: set[str] = set()
     for document in listed:
-        if document.status == DocumentStatus.failed:
-            job_id = _queue_failed(session, document, withhold)
-        else:
-            job_id = _queue(session, document.id, repository.REINDEXED, withhold)
+        failed_too = document.id in may_run_failed
+        job_id = _queue_now(session, settings, document, withhold, failed_too)
         if job_id is None:  # being ingested, as listed or since
             _hand_back(session, document.id, withhold)
-            job_id = _queue(session, document.id, repository.REINDEXED, withhold)  # a run ended meanwhile first
+            job_id = _queue_now(session, settings, document, withhold, failed_too)  # a run ended meanwhile first
         if job_id is not None:
             queued.append((document.id, job_id))
             covered.add(document.id)
@@ -169,6 +168,27 @@ def queue_reindex(*, session: Session, settings: Settings, department: str, docu
             covered.add(document.id)
     wanted = document_ids if document_ids is not None else [document.id for document in listed]
     return Reindex(queued=queued, rerun=rerun, skipped=[i for i in dict.fromkeys(wanted) if i not in covered])
+
+
+def _lock_failed_contents(session: Session, listed: list[Document]) -> set[str]:
+    """Before the re-index's first write, take the content lock (sorted) of each named document that is failed, or
+    being ingested (its run may end failed before it is queued): an upload takes it before it writes, and on SQLite
+    the first write takes the database's one write lock, so a lock taken after earlier documents' rows held an upload
+    of the same bytes past the busy timeout, and failed it. The ids whose failed path may run (`_queue_failed`)."""
+    may_fail = [document for document in listed if document.status in (DocumentStatus.failed, *UNFINISHED)]
+    for department, sha256 in sorted({(document.department, document.sha256) for document in may_fail}):
+        repository.lock_content(session, department=department, sha256=sha256)
+    return {document.id for document in may_fail}
+
+
+def _queue_now(session: Session, settings: Settings, document: Document, withhold: bool,
+               failed_too: bool) -> str | None:
+    """A new job for the document as it is now: ready or quarantined, or with `failed_too` (named, its content
+    locked) failed, its original kept and no live copy (`_queue_failed`); the job's id, or None."""
+    job_id = _queue(session, document.id, repository.REINDEXED, withhold)
+    if job_id is None and failed_too:
+        job_id = _queue_failed(session, settings, document, withhold)
+    return job_id
 
 
 def _queue(session: Session, document_id: str, from_statuses: tuple[str, ...], withhold: bool) -> str | None:
@@ -181,21 +201,13 @@ def _queue(session: Session, document_id: str, from_statuses: tuple[str, ...], w
     return None
 
 
-def _original_kept(session: Session, settings: Settings, document: Document) -> bool:
-    """Whether the document kept what a run reads: its data key (kept until it is deleted or rejected) and its sealed
-    upload. One without either is left failed with its reason: its run would fail at once on it (the claim on a
-    missing key, the read of the original on a missing file; ingestion/service.py). Whether the original opens
-    under the key is the run's to find (it fails at once too), not read here for each failed document."""
-    key = keystore_for(settings).document_key(session=session, department=document.department,
-                                              document_id=document.id)
-    return key is not None and blobs.has_original(settings.blob_dir, document.id)
-
-
-def _queue_failed(session: Session, document: Document, withhold: bool) -> str | None:
-    """A new job for a failed document, unless its department has its content live: checked under the content's
-    lock, as an upload checks, so an upload of it meanwhile and this job never both go live."""
-    repository.lock_content(session, department=document.department, sha256=document.sha256)
-    if repository.find_duplicate(session, department=document.department, sha256=document.sha256) is not None:
+def _queue_failed(session: Session, settings: Settings, document: Document, withhold: bool) -> str | None:
+    """A new job for the document if it is failed now, unless its department has its content live (a copy uploaded
+    since, or the document itself, still being ingested) or it lost what a run reads (`purge.original_kept`):
+    checked under the content's lock (`_lock_failed_contents`), as an upload checks, so an upload of it meanwhile and
+    this job never both go live, and a retirement of its content (purge.retire_family) retires it first or waits."""
+    if (repository.find_duplicate(session, department=document.department, sha256=document.sha256) is not None
+            or not purge.original_kept(session, settings, document)):
         return None
     return _queue(session, document.id, (DocumentStatus.failed,), withhold)
 

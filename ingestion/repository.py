@@ -4,20 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, and_, case, func, or_, select, true, update
+from sqlalchemy import and_, case, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from core.db import transaction_lock
-from core.models import (
-    MAX_CRASHED_RUNS,
-    RETIRED,
-    UNFINISHED,
-    Document,
-    DocumentStatus,
-    IngestionJob,
-    IngestionPolicy,
-    utcnow,
-)
+from core.models import RETIRED, UNFINISHED, Document, DocumentStatus, IngestionJob, IngestionPolicy, utcnow
 
 IDS_PER_STATEMENT = 5_000  # ids bound in one IN list: PostgreSQL takes at most 65,535 parameters per statement
 SERVING = (DocumentStatus.ready, *UNFINISHED)  # a document being re-indexed may keep serving its previous index
@@ -173,37 +164,39 @@ def quarantined(session: Session, departments: list[str] | None) -> list[Documen
 
 
 REINDEXED = (DocumentStatus.ready, DocumentStatus.quarantined)  # the ended states a re-index runs again
-RERUN = (*REINDEXED, DocumentStatus.failed)  # and failed ones, their originals checked first (quarantine.py)
 
 
 def documents_to_reindex(session: Session, *, department: str | None, document_ids: list[str] | None) -> list[Document]:
     """Documents of a department (or the given ids; `None` is every one, an empty list none) that a re-index covers:
-    ready, quarantined and failed ones, whose originals can be parsed again (a quarantined one shows the review
-    queue its level under the current rules), and those being ingested. A failed one whose worker died on it too
-    often only when named (`_crashed_out`)."""
-    query = select(Document).where(Document.status.in_((*RERUN, *UNFINISHED)))
+    ready and quarantined ones, whose originals can be parsed again (a quarantined one shows the review queue its
+    level under the current rules), those being ingested, and failed ones only when named: running one again is an
+    admin's choice (quarantine.queue_reindex)."""
+    named = (DocumentStatus.failed,) if document_ids is not None else ()
+    query = select(Document).where(Document.status.in_((*REINDEXED, *UNFINISHED, *named)))
     if department is not None:
         query = query.where(Document.department == department)
     if document_ids is None:
-        return list(session.scalars(query.where(~_crashed_out()).order_by(Document.created_at)))
+        return list(session.scalars(query.order_by(Document.created_at)))
     ids = sorted(set(document_ids))
     found = [document for start in range(0, len(ids), IDS_PER_STATEMENT)
              for document in session.scalars(query.where(Document.id.in_(ids[start:start + IDS_PER_STATEMENT])))]
     return sorted(found, key=lambda document: document.created_at)
 
 
-def _crashed_out() -> ColumnElement[bool]:
-    """A document failed because its worker died on it MAX_CRASHED_RUNS times (its latest job counted them): a file
-    that kills the parser, whose every re-run may take a worker (or the embedded default's API) down as often."""
-    latest_crashes = (select(IngestionJob.crashed_runs).where(IngestionJob.document_id == Document.id)
-                      .order_by(IngestionJob.created_at.desc()).limit(1).scalar_subquery())
-    return and_(Document.status == DocumentStatus.failed, func.coalesce(latest_crashes, 0) >= MAX_CRASHED_RUNS)
-
-
 def lock_content(session: Session, *, department: str, sha256: str) -> None:
     """Hold the lock on this content in the department until the transaction ends: of an upload of it and another
-    upload or a re-index of a failed copy at once, the later one finds the first (`find_duplicate`)."""
+    upload or a re-index of a failed copy at once, the later one finds the first (`find_duplicate`); a retirement of
+    it and a re-index of a failed copy run one after the other (`failed_copies`)."""
     transaction_lock(session, f"upload:{department}:{sha256}")
+
+
+def failed_copies(session: Session, *, department: str, sha256: str) -> list[Document]:
+    """The department's failed documents with this content, oldest first: a re-index naming one may run it again
+    (quarantine.queue_reindex), so retiring the content retires them too (purge.retire_family)."""
+    query = (select(Document).where(Document.department == department, Document.sha256 == sha256,
+                                    Document.status == DocumentStatus.failed)
+             .order_by(Document.created_at))
+    return list(session.scalars(query))
 
 
 def new_job(session: Session, *, job_id: str, document_id: str, from_statuses: tuple[str, ...],

@@ -175,9 +175,11 @@ class ReindexIn(RequestModel):
 
 
 class ReindexOut(BaseModel):
-    queued: list[str]  # job ids to follow: a new one per ready, quarantined or failed document, the running one per
-    # document in flight
-    skipped: list[str] = []  # document ids not re-indexed: named but not covered (quarantine.queue_reindex)
+    queued: list[str]  # job ids to follow: a new one per ready or quarantined document and per failed one named, the
+    # running one per document in flight
+    # document ids not re-indexed: those named that it does not cover, and any it listed that left the states it
+    # covers before it queued them (deleted meanwhile; department-wide, a run ending failed): quarantine.queue_reindex
+    skipped: list[str] = []
 
 
 def _shown_placeholder(value: str) -> str:

@@ -611,10 +611,14 @@ def is_served(document: Document, payload: Mapping[str, Any]) -> bool:
 
 def delete_document(*, session: Session, settings: Settings, document_id: str,
                     can_delete: Callable[[str], bool]) -> tuple[str, list[str]]:
-    """Retire the document (an e-mail takes its attachments): keys shredded, purges owed. Returns its department
-    and the ids to purge once the caller commits (ingestion/purge.py)."""
+    """Retire the document (an e-mail takes its attachments) and the failed copies of its content: keys shredded,
+    purges owed (purge.retire_family). Returns its department and the ids to purge once the caller commits. One
+    deleted meanwhile (a failed copy of content deleted elsewhere) is not found, as once it is deleted."""
     repository.lock_document(session, document_id)
     document = repository.get_document(session, document_id)
     if document is None or document.status == DocumentStatus.deleted or not can_delete(document.department):
         raise GovragError(ErrorCode.not_found, "no such document")
-    return document.department, purge.retire_family(session, settings, document, DocumentStatus.deleted)
+    retired = purge.retire_family(session, settings, document, DocumentStatus.deleted)
+    if document_id not in retired:
+        raise GovragError(ErrorCode.not_found, "no such document")
+    return document.department, retired

@@ -86,9 +86,9 @@ def reject(document_id: str, session: SessionDep, enforcer: EnforcerDep, setting
 @router.post("/reindex", status_code=status.HTTP_202_ACCEPTED, response_model=ReindexOut)
 def reindex(body: ReindexIn, session: SessionDep, enforcer: EnforcerDep, settings: SettingsDep,
             celery: CeleryDep, user: CurrentUser) -> ReindexOut:
-    """Parse, redact and embed a department's ready, quarantined and failed documents again from their encrypted
-    originals (`quarantine.queue_reindex`); documents being ingested run again under the current rules. They stop
-    being served meanwhile unless `serve_previous`."""
+    """Parse, redact and embed a department's ready and quarantined documents, and the failed ones named, again from
+    their encrypted originals (`quarantine.queue_reindex`); documents being ingested run again under the current
+    rules. They stop being served meanwhile unless `serve_previous`."""
     authz_service.require_manage(enforcer, user, body.department)
     reindex = quarantine.queue_reindex(session=session, settings=settings, department=body.department,
                                        document_ids=body.document_ids, serve_previous=body.serve_previous)

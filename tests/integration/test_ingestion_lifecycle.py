@@ -529,16 +529,14 @@ def _failed_by_a_reindex(client: TestClient, lab: dict[str, str], monkeypatch: p
     return department, document_id
 
 
-@pytest.mark.parametrize("named", [True, False], ids=["named", "department-wide"])
-def test_a_document_a_failed_reindex_left_failed_is_indexed_again_by_a_later_one(
-        client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch, named: bool) -> None:  # type: ignore[no-untyped-def]
+def test_a_document_a_failed_reindex_left_failed_is_indexed_again_when_named(
+        client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """A failed document was never re-indexed (`skipped`): after a fail-closed re-index whose runs all failed, each
-    document had to be uploaded again under a new id. A later re-index now runs it again from the original it kept,
-    and it answers, under the current rules, once its run ends ready."""
+    document had to be uploaded again under a new id. A re-index naming it now runs it again from the original it
+    kept, and it answers, under the current rules, once its run ends ready."""
     department, document_id = _failed_by_a_reindex(client, lab, monkeypatch)
-    selection = {"document_ids": [document_id]} if named else {}
     response = client.post("/v1/admin/reindex", headers=auth(lab["admin"]),
-                           json={"department": department, **selection})
+                           json={"department": department, "document_ids": [document_id]})
     assert response.status_code == 202 and response.json()["skipped"] == [], response.text
     [job] = response.json()["queued"]
     assert wait_for_job(client, lab["editor"], job)["status"] == "ready"
@@ -549,14 +547,31 @@ def test_a_document_a_failed_reindex_left_failed_is_indexed_again_by_a_later_one
     assert len(_generations(settings, department, document_id)) == document["chunk_count"] > 0
 
 
+def test_a_department_wide_reindex_leaves_a_failed_document_failed(
+        client: TestClient, lab: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A department-wide re-index ran every failed document of the department again, ones users had given up on
+    under the rule that failed is final (and whose content they may have erased since, uploaded again under a new
+    id). Running a failed one again is now an admin's choice: only when named."""
+    department, document_id = _failed_by_a_reindex(client, lab, monkeypatch)
+    other = _ingest(client, lab["editor"], department, "rota.txt", b"The Lisbon desk rota changes on Mondays.")
+    response = client.post("/v1/admin/reindex", headers=auth(lab["admin"]), json={"department": department})
+    assert response.status_code == 202 and response.json()["skipped"] == [], response.text
+    [job] = response.json()["queued"]
+    assert wait_for_job(client, lab["editor"], job)["document_id"] == other["document_id"]
+    document = client.get(f"/v1/documents/{document_id}", headers=auth(lab["editor"])).json()
+    assert document["status"] == "failed" and "the re-index failed" in str(document["error"])
+
+
 def test_a_failed_document_uploaded_again_is_not_reindexed_beside_its_copy(
         client: TestClient, lab: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed document's content uploaded again (as a failure used to require) is live under a new id: re-running
-    the failed one would make a second copy of it answer. It is skipped; the copy is re-indexed."""
+    the failed one would make a second copy of it answer. Named with its copy, it is skipped; the copy is
+    re-indexed."""
     department, document_id = _failed_by_a_reindex(client, lab, monkeypatch)
     copy = _ingest(client, lab["editor"], department, "minutes-again.txt", MINUTES)
     assert copy["status"] == "ready"
-    response = client.post("/v1/admin/reindex", headers=auth(lab["admin"]), json={"department": department})
+    response = client.post("/v1/admin/reindex", headers=auth(lab["admin"]),
+                           json={"department": department, "document_ids": [document_id, copy["document_id"]]})
     assert response.status_code == 202 and response.json()["skipped"] == [document_id], response.text
     [job] = response.json()["queued"]
     assert wait_for_job(client, lab["editor"], job)["document_id"] == copy["document_id"]
@@ -605,6 +620,35 @@ def test_a_document_whose_stored_original_is_lost_fails_at_once(
     assert (job["status"], job["error"], job["attempts"]) == ("failed", service.ORIGINAL_UNREADABLE, 1)
     assert document["status"] == "failed" and str(document["error"]).endswith(service.ORIGINAL_UNREADABLE)
     assert _generations(settings, department, document_id) == []
+
+
+@pytest.mark.parametrize("retirement", ["deleted", "rejected"])
+def test_erasing_content_erases_its_failed_copy(client: TestClient, lab: dict[str, str], settings,  # type: ignore[no-untyped-def]
+                                                monkeypatch: pytest.MonkeyPatch, retirement: str) -> None:
+    """A document failed, its bytes were uploaded again (as a failure used to require), and that copy was then
+    deleted (an erasure request) or rejected: the failed one kept its key and sealed original, and its content no
+    longer had a live copy, so a re-index ran it again and queries cited the erased content. Retiring the copy now
+    retires the failed document with it: its key shredded, its original purged, a re-index naming it skips it."""
+    department, document_id = _failed_by_a_reindex(client, lab, monkeypatch)
+    declared = "restricted" if retirement == "rejected" else "internal"  # above the policy's maximum: quarantined
+    copy = _ingest(client, lab["editor"], department, "minutes-again.txt", MINUTES, classification=declared)
+    assert copy["status"] == ("quarantined" if retirement == "rejected" else "ready"), copy
+    if retirement == "deleted":
+        response = client.delete(f"/v1/documents/{copy['document_id']}", headers=auth(lab["editor"]))
+        [event] = [event for event in _ledger(settings, "document_deleted")
+                   if event.details["document_id"] == copy["document_id"]]
+    else:
+        response = client.post(f"/v1/admin/quarantine/{copy['document_id']}/reject", headers=auth(lab["admin"]))
+        [event] = [event for event in _ledger(settings, "quarantine_decision")
+                   if event.details["document_id"] == copy["document_id"]]
+    assert response.status_code in (200, 204), response.text
+    status = client.get(f"/v1/documents/{document_id}", headers=auth(lab["editor"]))
+    reindex = client.post("/v1/admin/reindex", headers=auth(lab["admin"]),
+                          json={"department": department, "document_ids": [document_id]})
+    assert sorted(event.details["retired"]) == sorted([copy["document_id"], document_id])
+    assert (status.status_code == 404) if retirement == "deleted" else (status.json()["status"] == "rejected")
+    assert reindex.json() == {"queued": [], "skipped": [document_id]}, reindex.text
+    assert _leftovers(settings, department, {document_id}) == set()
 
 
 def test_serve_previous_is_true_or_false_never_a_truthy_string(client: TestClient, lab: dict[str, str]) -> None:

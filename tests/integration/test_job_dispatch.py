@@ -234,7 +234,7 @@ def test_a_reindex_whose_runs_kill_their_worker_leaves_the_document_unserved_and
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_a_document_that_killed_its_worker_is_reindexed_only_when_named(
         database: str, make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A re-index runs failed documents again, but not one whose worker died on it too often unless it names it: a
+    """A re-index runs a failed document again only when it names it, one whose worker died on it too often too: a
     department-wide re-index would let a file that kills the parser take a worker down that many times again, at
     every re-index. Named (after a parser fix), it runs again: here it no longer kills, and it ends ready."""
     from api.app import create_app
@@ -339,6 +339,193 @@ def test_a_document_whose_approval_run_ends_after_the_reindex_listed_it_is_queue
     assert between == ("queued", None, True), between  # not ("ready", None, True): ready and serving nothing
     assert reindex.json()["skipped"] == [] and len(reindex.json()["queued"]) == 1
     assert after[0] == "ready" and after[1] is not None and after[2] is False
+
+
+def _unreadable(*_: object, **__: object) -> object:
+    """A run's pipeline refusing the file for good (a parse or time limit, a file no parser reads)."""
+    from core.errors import ErrorCode, GovragError
+
+    raise GovragError(ErrorCode.unsupported_type, "the file could not be read")
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["named", "department-wide"])
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_document_whose_run_ends_failed_after_the_reindex_listed_it_runs_again_when_named(
+        database: str, named: bool, make_pg_database: Callable[[], str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A named document being ingested when the re-index listed it, whose run ended failed before the re-index
+    queued it, was reported skipped: neither statement queueing a ready or quarantined document found it, and no
+    job of it was running. It now goes the way of a failed document named: it runs again from the original it kept.
+    Department-wide, a failed document is left alone (skipped), as one failed before the listing is (not listed)."""
+    from api.app import create_app
+    from ingestion import repository
+    from ingestion import service as ingestion_service
+    from retrieval.store import close_vector_store
+
+    url, settings = _on(database, make_pg_database, tmp_path)
+    with TestClient(create_app(settings)) as client:
+        admin = auth(client.app.state.dev_issuer.issue(PLATFORM_ADMIN, []))  # type: ignore[attr-defined]
+        editor = desk_member(client, "editor")
+        uploaded = _upload(client, editor, 0)
+        document_id = uploaded["document_id"]
+        real_listing = repository.documents_to_reindex
+
+        def failed_meanwhile(session, **kwargs):  # type: ignore[no-untyped-def]
+            listed = real_listing(session, **kwargs)
+            with monkeypatch.context() as patched:
+                patched.setattr(ingestion_service, "protect", _unreadable)
+                ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=uploaded["job_id"])
+            return listed
+
+        monkeypatch.setattr(repository, "documents_to_reindex", failed_meanwhile)
+        selection = {"document_ids": [document_id]} if named else {}
+        reindex = client.post("/v1/admin/reindex", headers=admin, json={"department": "desk", **selection})
+        monkeypatch.undo()
+        between = _document_row(url, document_id)
+        for job in reindex.json()["queued"]:
+            ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job)
+        document = client.get(f"/v1/documents/{document_id}", headers=auth(editor)).json()
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    assert reindex.status_code == 202, reindex.text
+    if named:
+        assert reindex.json()["skipped"] == [] and len(reindex.json()["queued"]) == 1
+        assert between[0] == "queued" and (document["status"], document["error"]) == ("ready", None)
+    else:
+        assert reindex.json() == {"queued": [], "skipped": [document_id]}
+        assert between[0] == document["status"] == "failed"
+
+
+def test_a_reindex_naming_a_failed_document_and_an_upload_of_its_bytes_do_not_stall_each_other(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On SQLite (the embedded default) a re-index wrote the rows of the documents listed before a failed one, which
+    takes the database's one write lock, and only then took the failed one's content lock; an upload of the same
+    bytes, holding that lock, waited for the write lock until the busy timeout (30 s), then failed. The re-index now
+    takes the content locks of the failed documents named before its first write: it waits for the upload, which is
+    accepted, and then skips the failed one, its content live again."""
+    from api.app import create_app
+    from core.db import unit_of_work
+    from ingestion import quarantine, repository
+    from ingestion import service as ingestion_service
+    from ingestion.schemas import Classification
+    from retrieval.store import close_vector_store
+
+    url, settings = _embedded(tmp_path)
+    with TestClient(create_app(settings)) as client:
+        editor = desk_member(client, "editor")
+        ready, failed = _upload(client, editor, 0), _upload(client, editor, 1)  # listed in this order
+        ingestion_service.run_ingestion(settings=settings, document_id=ready["document_id"], job_id=ready["job_id"])
+        with monkeypatch.context() as patched:
+            patched.setattr(ingestion_service, "protect", _unreadable)
+            ingestion_service.run_ingestion(settings=settings, document_id=failed["document_id"],
+                                            job_id=failed["job_id"])
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    real_find, real_lock = repository.find_duplicate, repository.lock_content
+    uploading, reindex_locking, go_on = threading.Event(), threading.Event(), threading.Event()
+
+    def upload_waits(session, **kwargs):  # type: ignore[no-untyped-def]
+        if threading.current_thread().name == "upload":  # holding the content lock, before its first write
+            uploading.set()
+            go_on.wait(60)
+        return real_find(session, **kwargs)
+
+    def reindex_locks(session, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        if threading.current_thread().name == "reindex":
+            reindex_locking.set()
+        real_lock(session, **kwargs)
+
+    monkeypatch.setattr(repository, "find_duplicate", upload_waits)
+    monkeypatch.setattr(repository, "lock_content", reindex_locks)
+    outcomes: dict[str, object] = {}
+
+    def upload() -> None:
+        try:
+            with unit_of_work(url) as session:
+                outcomes["upload"] = ingestion_service.accept_upload(
+                    session=session, settings=settings, uploaded_by="stella", department="desk",
+                    filename="note-1.txt", data=b"Note 1: the desk opens at nine.", title=None, acl_groups=[],
+                    classification=Classification.internal).document_id
+        except Exception as exc:  # noqa: BLE001 - the outcome is what the test reads
+            outcomes["upload"] = type(exc).__name__
+
+    def reindex() -> None:
+        with unit_of_work(url) as session:
+            outcomes["reindex"] = quarantine.queue_reindex(
+                session=session, settings=settings, department="desk", serve_previous=False,
+                document_ids=[ready["document_id"], failed["document_id"]])
+
+    threads = [threading.Thread(target=upload, name="upload"), threading.Thread(target=reindex, name="reindex")]
+    threads[0].start()
+    assert uploading.wait(30)
+    threads[1].start()
+    assert reindex_locking.wait(30)
+    time.sleep(0.5)  # the re-index waits for the content lock
+    go_on.set()
+    for thread in threads:
+        thread.join(90)
+    reindexed = outcomes["reindex"]
+    assert isinstance(outcomes["upload"], str) and len(outcomes["upload"]) == 36, outcomes  # a document id
+    assert reindexed.skipped == [failed["document_id"]]  # type: ignore[attr-defined]
+    assert [document for document, _ in reindexed.queued] == [ready["document_id"]]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_deleting_a_document_and_its_failed_copy_at_once_deletes_both_once(
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deletion retires the failed copies of its content under the content's lock alone, never a copy's own: the
+    deletion of a copy holds that while it waits for the content's lock, and the two would deadlock (on SQLite, a
+    hang). Here the copy's deletion has read it, failed, and waits; the other deletion retires it; the copy's then
+    finds it deleted: a 404, as for any document deleted before."""
+    from api.app import create_app
+    from core.db import unit_of_work
+    from core.errors import GovragError
+    from ingestion import repository
+    from ingestion import service as ingestion_service
+    from retrieval.store import close_vector_store
+
+    url, settings = _on(database, make_pg_database, tmp_path)
+    with TestClient(create_app(settings)) as client:
+        editor = desk_member(client, "editor")
+        failed = _upload(client, editor, 1)
+        with monkeypatch.context() as patched:
+            patched.setattr(ingestion_service, "protect", _unreadable)
+            ingestion_service.run_ingestion(settings=settings, document_id=failed["document_id"],
+                                            job_id=failed["job_id"])
+        copy = _upload(client, editor, 1)  # the same bytes: a failed document is no duplicate
+        ingestion_service.run_ingestion(settings=settings, document_id=copy["document_id"], job_id=copy["job_id"])
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    real_lock, waiting, deleted = repository.lock_content, threading.Event(), threading.Event()
+
+    def copy_deletion_waits(session, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        if threading.current_thread().name == failed["document_id"]:  # its own lock held, the document read
+            waiting.set()
+            deleted.wait(60)
+        real_lock(session, **kwargs)
+
+    monkeypatch.setattr(repository, "lock_content", copy_deletion_waits)
+    outcomes: dict[str, object] = {}
+
+    def delete(document_id: str) -> None:
+        try:
+            with unit_of_work(url) as session:
+                outcomes[document_id] = sorted(ingestion_service.delete_document(
+                    session=session, settings=settings, document_id=document_id, can_delete=lambda _: True)[1])
+        except GovragError as exc:
+            outcomes[document_id] = exc.code.name
+
+    deletions = {document_id: threading.Thread(target=delete, args=(document_id,), name=document_id, daemon=True)
+                 for document_id in (failed["document_id"], copy["document_id"])}
+    deletions[failed["document_id"]].start()
+    assert waiting.wait(30)
+    deletions[copy["document_id"]].start()
+    deletions[copy["document_id"]].join(30)
+    deleted.set()
+    deletions[failed["document_id"]].join(30)
+    assert outcomes == {copy["document_id"]: sorted([copy["document_id"], failed["document_id"]]),
+                        failed["document_id"]: "not_found"}
+    assert {_document_row(url, document_id)[0] for document_id in deletions} == {"deleted"}
 
 
 def _ask_when_the_desk_opens(client: TestClient, token: str) -> dict[str, object]:
