@@ -165,6 +165,8 @@ def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAcc
             _record_refused_attachment(session, parent, "attachments", b"", ATTACHMENTS_UNLISTED)
             return []
         too_deep = len(line) - 1 >= MAX_ATTACHMENT_DEPTH  # e-mails above this one
+        if not too_deep:
+            _lock_contents(session, parent.department, [payload for _, payload in found[:formats.MAX_ATTACHMENTS]])
         accepted = [child for name, payload in found[:formats.MAX_ATTACHMENTS]
                     if (child := _accept_attachment(session, settings, parent, name, payload, too_deep)) is not None]
         if len(found) > formats.MAX_ATTACHMENTS:
@@ -174,6 +176,15 @@ def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAcc
                                        f"the e-mail has {len(found)} attachments; only the first "
                                        f"{formats.MAX_ATTACHMENTS} are ingested")
     return accepted
+
+
+def _lock_contents(session: Session, department: str, payloads: list[bytes]) -> None:
+    """Take the content lock of each attachment, sorted, before the first is accepted (each acceptance takes its own
+    again, as any upload does): a deletion and a re-index take several in that order (ingestion/purge.py,
+    quarantine.py), so taken one by one in the e-mail's order, a forwarded e-mail's attachments and the deletion of
+    the first e-mail could each hold a lock the other waits for (for ever on SQLite, where a write lock is held too)."""
+    for sha256 in sorted({hashlib.sha256(payload).hexdigest() for payload in payloads if payload}):
+        repository.lock_content(session, department=department, sha256=sha256)
 
 
 def _listed_attachments(settings: Settings, parent: Document, key: bytes) -> list[tuple[str, bytes]] | None:

@@ -4,6 +4,7 @@ rest are sent again (workers/dispatch.py). Real SQLite/PostgreSQL, real Redis, t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import logging
 import socket
@@ -526,6 +527,76 @@ def test_deleting_a_document_and_its_failed_copy_at_once_deletes_both_once(
     assert outcomes == {copy["document_id"]: sorted([copy["document_id"], failed["document_id"]]),
                         failed["document_id"]: "not_found"}
     assert {_document_row(url, document_id)[0] for document_id in deletions} == {"deleted"}
+
+
+def test_a_deletion_and_the_attachments_of_another_e_mail_with_the_same_files_take_their_locks_in_one_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deletion takes the content locks of the document and its attachments, sorted, before its first write (it
+    retires their failed copies under them); taking an e-mail's attachments took each one's as it accepted it, in the
+    e-mail's order. A forwarded e-mail carries the same files: with them in the other order, each held one lock the
+    other wanted, for ever on SQLite (process locks; PostgreSQL aborts one). Taking attachments now locks them sorted
+    before the first is accepted: the deletion of one e-mail and the attachments of the other run one after the
+    other."""
+    from email.message import EmailMessage
+
+    from api.app import create_app
+    from core.db import unit_of_work
+    from ingestion import repository
+    from ingestion import service as ingestion_service
+    from retrieval.store import close_vector_store
+
+    files = sorted((f"Attachment {n}: the desk opens at nine.".encode() for n in range(2)),
+                   key=lambda data: hashlib.sha256(data).hexdigest())  # first, the one locked first when sorted
+
+    def mail(subject: str, attachments: list[bytes]) -> bytes:
+        message = EmailMessage()
+        message["Subject"], message["From"], message["To"] = subject, "a@example.org", "b@example.org"
+        message.set_content(f"{subject}: see the attached notes.")
+        for n, data in enumerate(attachments):
+            message.add_attachment(data, maintype="text", subtype="plain", filename=f"notes-{n}.txt")
+        return message.as_bytes()
+
+    url, settings = _embedded(tmp_path)
+    with TestClient(create_app(settings)) as client:
+        editor = desk_member(client, "editor")
+        sent = [client.post("/v1/documents", headers=auth(editor), data={"department": "desk"},
+                            files={"file": (f"{subject}.eml", mail(subject, attachments))}).json()
+                for subject, attachments in (("Notes", files), ("Fwd: Notes", files[::-1]))]
+        for uploaded in sent:
+            ingestion_service.run_ingestion(settings=settings, document_id=uploaded["document_id"],
+                                            job_id=uploaded["job_id"])
+        ingestion_service.spawn_attachments(settings=settings, document_id=sent[0]["document_id"])
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    first, second = (hashlib.sha256(data).hexdigest() for data in files)
+    real_lock, holding = repository.lock_content, {"delete": threading.Event(), "attach": threading.Event()}
+
+    def lock_then_meet(session, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        real_lock(session, **kwargs)
+        name = threading.current_thread().name
+        if (name, kwargs["sha256"]) in (("delete", first), ("attach", second)):  # each its first of the two
+            holding[name].set()
+            holding["attach" if name == "delete" else "delete"].wait(5)
+
+    monkeypatch.setattr(repository, "lock_content", lock_then_meet)
+    outcomes: dict[str, object] = {}
+
+    def delete() -> None:
+        with unit_of_work(url) as session:
+            outcomes["delete"] = len(ingestion_service.delete_document(
+                session=session, settings=settings, document_id=sent[0]["document_id"], can_delete=lambda _: True)[1])
+
+    def attach() -> None:
+        outcomes["attach"] = len(ingestion_service.spawn_attachments(settings=settings,
+                                                                     document_id=sent[1]["document_id"]))
+
+    threads = [threading.Thread(target=work, name=work.__name__, daemon=True) for work in (delete, attach)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads), "deadlocked"
+    assert outcomes["delete"] == 3 and outcomes["attach"] in (0, 2), outcomes  # duplicates, or taken once deleted
 
 
 def _ask_when_the_desk_opens(client: TestClient, token: str) -> dict[str, object]:
