@@ -271,6 +271,12 @@ class KeyStore:
         self._cache.put(ref, key)
 
 
+# Whether the Document row a query reads still has its data key: a key row of it, at any version (a rotation keeps two
+# for a while; shredding deletes them all). Existence only, in the query: nothing is read per row or unwrapped, so a
+# row whose key would not open (tampered, its department key lost) is found like any other.
+HAS_DOCUMENT_KEY = exists().where(WrappedKey.kind == "document", WrappedKey.owner == Document.id)
+
+
 def _latest(session: Session, kind: str, owner: str) -> WrappedKey | None:
     query = select(WrappedKey).where(WrappedKey.kind == kind, WrappedKey.owner == owner)
     return session.scalars(query.order_by(WrappedKey.version.desc()).limit(1)).first()

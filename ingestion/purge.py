@@ -64,7 +64,8 @@ def _forget_original(document: Document, status: DocumentStatus) -> None:
     document.content_type = ""
 
 
-def retire_family(session: Session, settings: Settings, document: Document, status: DocumentStatus) -> list[str]:
+def retire_family(session: Session, settings: Settings, document: Document, status: DocumentStatus, *,
+                  from_statuses: Collection[str] | None = None) -> list[str]:
     """In the caller's transaction (which holds the document's lock): retire the document and everything attached
     below it, an e-mail taking its attachments (one already deleted stays deleted), and the department's failed
     copies of their content with what is attached below those (`_failed_copies`): a failed document is no
@@ -72,8 +73,10 @@ def retire_family(session: Session, settings: Settings, document: Document, stat
     re-index names the failed one. The locks are taken before the first write: each attachment's, e-mails before
     their attachments (the order `quarantine.quarantined_document` takes them in), so a review of an attachment ends
     before its e-mail's retirement reads it; then each content's, sorted (as a re-index takes them), so an upload or
-    a re-index of the same bytes runs before or after. Returns the ids to purge once the caller commits
-    (`purge_now`)."""
+    a re-index of the same bytes runs before or after. The rows are then written oldest first, as a re-index writes
+    them (`repository.in_row_order`), each before the next. Returns the ids to purge once the caller commits
+    (`purge_now`); none if the document, as it is under those locks, is deleted or (given) not in `from_statuses`:
+    another retirement took it as a failed copy's attachment meanwhile (the caller's 404)."""
     below = repository.descendants(session, document.id)  # level by level: each e-mail before its attachments
     for child in below:
         repository.lock_document(session, child.id)
@@ -81,12 +84,14 @@ def retire_family(session: Session, settings: Settings, document: Document, stat
     for department, sha256 in sorted({(member.department, member.sha256) for member in family if member.sha256}):
         repository.lock_content(session, department=department, sha256=sha256)
     family = _as_now(session, family)
-    copies = _as_now(session, [member for copy in _failed_copies(session, settings, family)
+    if document not in family or (from_statuses is not None and document.status not in from_statuses):
+        return []
+    copies = _as_now(session, [member for copy in _failed_copies(session, family)
                                for member in (copy, *repository.descendants(session, copy.id))])
-    retiring = list({target.id: target for target in (*family, *copies)}.values())
+    retiring = repository.in_row_order({target.id: target for target in (*family, *copies)}.values())
     for target in retiring:
         retire(session, settings, target, status)
-    session.flush()
+        session.flush()  # its rows written (locked) now, before the next's: not in the flush's own order (by id)
     return [target.id for target in retiring]
 
 
@@ -99,28 +104,20 @@ def _as_now(session: Session, documents: list[Document]) -> list[Document]:
     return [document for document in documents if document.status != DocumentStatus.deleted]
 
 
-def _failed_copies(session: Session, settings: Settings, family: list[Document]) -> list[Document]:
+def _failed_copies(session: Session, family: list[Document]) -> list[Document]:
     """The department's failed documents (none of `family`) with the content of a member, read under that content's
-    lock, that a re-index could run again (`original_kept`; a refused attachment keeps no original of its own: its
-    bytes are its e-mail's, which this leaves alone). No lock of a copy, nor of an attachment below one, is taken: a
-    deletion of either holds that lock while it waits for a content lock held here, and the two would deadlock (on
-    SQLite, hang). A copy moves only under its content's lock (a re-index, its own deletion, another retirement),
-    held here; an attachment below one is retired as it is read then (`_as_now`)."""
+    lock, that kept their data key (`repository.failed_copies`: a refused attachment has none, its bytes are its
+    e-mail's, which this leaves alone): every one a re-index naming it could run again, whether or not its key opens
+    or its stored original can be read now (a volume not mounted, a key store restored). No lock of a copy, nor of
+    an attachment below one, is taken: a deletion of either holds that lock while it waits for a content lock held
+    here, and the two would deadlock (on SQLite, hang). A copy moves only under its content's lock (a re-index, its
+    own deletion, another retirement), held here; an attachment below one is retired as it is read then
+    (`_as_now`)."""
     members = {member.id for member in family}
     found = {copy.id: copy for member in family if member.sha256
              for copy in repository.failed_copies(session, department=member.department, sha256=member.sha256)
              if copy.id not in members}
-    return [copy for copy in found.values() if original_kept(session, settings, copy)]
-
-
-def original_kept(session: Session, settings: Settings, document: Document) -> bool:
-    """Whether the document kept what a run reads: its data key (kept until it is deleted or rejected) and its sealed
-    upload. A re-index leaves one without either failed with its reason: its run would fail at once on it (the claim
-    on a missing key, the read of the original on a missing file; ingestion/service.py). Whether the original opens
-    under the key is the run's to find (it fails at once too), not read here for each failed document."""
-    key = keystore_for(settings).document_key(session=session, department=document.department,
-                                              document_id=document.id)
-    return key is not None and blobs.has_original(settings.blob_dir, document.id)
+    return list(found.values())
 
 
 def owe_purge(session: Session, document: Document) -> None:

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from authz import service as authz_service
+from core import blobs
 from core.db import transaction_lock
 from core.errors import ErrorCode, GovragError
+from core.keystore import keystore_for
 from core.models import UNFINISHED, Document, DocumentStatus, IngestionPolicy
 from core.settings import Settings
 from guard.pii_rules import CustomRecognizer, RedactionRules, validate_custom
@@ -105,9 +107,11 @@ def approve(*, session: Session, document: Document, actor: str) -> ReviewDecisi
 def reject(*, session: Session, settings: Settings, document: Document) -> tuple[ReviewDecision, list[str]]:
     """Refuse a quarantined document, and with an e-mail the attachments taken from it meanwhile, and the failed
     copies of their content (purge.retire_family): their keys are shredded and purges owed. Returns the decision and
-    the ids to purge once the caller commits (purge.purge_now). One deleted meanwhile (below a failed copy of content
-    deleted elsewhere) is not found, as after another review."""
-    retired = purge.retire_family(session, settings, document, DocumentStatus.rejected)
+    the ids to purge once the caller commits (purge.purge_now). One no longer quarantined once its content is locked
+    (deleted or rejected as the attachment of a failed copy of content retired elsewhere) is not found, as after
+    another review: never rejected twice."""
+    retired = purge.retire_family(session, settings, document, DocumentStatus.rejected,
+                                  from_statuses=(DocumentStatus.quarantined,))
     if document.id not in retired:
         raise GovragError(ErrorCode.not_found, "no such quarantined document")
     return ReviewDecision(document_id=document.id, status=DocumentStatus.rejected), retired
@@ -140,7 +144,7 @@ def queue_reindex(*, session: Session, settings: Settings, department: str, docu
     chooses it, as a department-wide re-index never did (a user may have given up on it, a file that kills the
     parser would take a worker down again). It serves nothing until its run ends ready; a run that fails again
     leaves it failed with the new reason. It is covered if its data key and sealed original are kept
-    (`purge.original_kept`: a refused attachment never had either, its bytes are its e-mail's) and its department has
+    (`_original_kept`: a refused attachment never had either, its bytes are its e-mail's) and its department has
     no live copy of its content (one uploaded again after the failure, under a new id: two copies would answer
     twice). A deletion or rejection of its content retires it (purge.retire_family).
 
@@ -203,13 +207,23 @@ def _queue(session: Session, document_id: str, from_statuses: tuple[str, ...], w
 
 def _queue_failed(session: Session, settings: Settings, document: Document, withhold: bool) -> str | None:
     """A new job for the document if it is failed now, unless its department has its content live (a copy uploaded
-    since, or the document itself, still being ingested) or it lost what a run reads (`purge.original_kept`):
+    since, or the document itself, still being ingested) or it lost what a run reads (`_original_kept`):
     checked under the content's lock (`_lock_failed_contents`), as an upload checks, so an upload of it meanwhile and
     this job never both go live, and a retirement of its content (purge.retire_family) retires it first or waits."""
     if (repository.find_duplicate(session, department=document.department, sha256=document.sha256) is not None
-            or not purge.original_kept(session, settings, document)):
+            or not _original_kept(session, settings, document)):
         return None
     return _queue(session, document.id, (DocumentStatus.failed,), withhold)
+
+
+def _original_kept(session: Session, settings: Settings, document: Document) -> bool:
+    """Whether the document kept what a run reads: its data key (kept until it is deleted or rejected) and its sealed
+    upload. A re-index leaves one without either failed with its reason: its run would fail at once on it (the claim
+    on a missing key, the read of the original on a missing file; ingestion/service.py). Whether the original opens
+    under the key is the run's to find (it fails at once too), not read here for each failed document."""
+    key = keystore_for(settings).document_key(session=session, department=document.department,
+                                              document_id=document.id)
+    return key is not None and blobs.has_original(settings.blob_dir, document.id)
 
 
 def _hand_back(session: Session, document_id: str, withhold: bool) -> None:

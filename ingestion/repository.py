@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 
 from sqlalchemy import and_, case, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from core.db import transaction_lock
+from core.keystore import HAS_DOCUMENT_KEY
 from core.models import RETIRED, UNFINISHED, Document, DocumentStatus, IngestionJob, IngestionPolicy, utcnow
 
 IDS_PER_STATEMENT = 5_000  # ids bound in one IN list: PostgreSQL takes at most 65,535 parameters per statement
@@ -176,11 +178,19 @@ def documents_to_reindex(session: Session, *, department: str | None, document_i
     if department is not None:
         query = query.where(Document.department == department)
     if document_ids is None:
-        return list(session.scalars(query.order_by(Document.created_at)))
+        return list(session.scalars(query.order_by(Document.created_at, Document.id)))  # `in_row_order`
     ids = sorted(set(document_ids))
-    found = [document for start in range(0, len(ids), IDS_PER_STATEMENT)
-             for document in session.scalars(query.where(Document.id.in_(ids[start:start + IDS_PER_STATEMENT])))]
-    return sorted(found, key=lambda document: document.created_at)
+    batches = (ids[start:start + IDS_PER_STATEMENT] for start in range(0, len(ids), IDS_PER_STATEMENT))
+    return in_row_order(document for batch in batches
+                        for document in session.scalars(query.where(Document.id.in_(batch))))
+
+
+def in_row_order(documents: Iterable[Document]) -> list[Document]:
+    """The documents in the order a transaction writing several of their rows writes (so locks) them: oldest first,
+    then by id, as a re-index queues them (`documents_to_reindex`) and a retirement retires them
+    (purge.retire_family). Two such transactions never each hold a row the other waits for: PostgreSQL would abort
+    one (its request a 500)."""
+    return sorted(documents, key=lambda document: (document.created_at, document.id))
 
 
 def lock_content(session: Session, *, department: str, sha256: str) -> None:
@@ -191,11 +201,15 @@ def lock_content(session: Session, *, department: str, sha256: str) -> None:
 
 
 def failed_copies(session: Session, *, department: str, sha256: str) -> list[Document]:
-    """The department's failed documents with this content, oldest first: a re-index naming one may run it again
-    (quarantine.queue_reindex), so retiring the content retires them too (purge.retire_family)."""
+    """The department's failed documents with this content that kept their data key, oldest first: a re-index naming
+    one may run it again (quarantine.queue_reindex), so retiring the content retires them too (purge.retire_family).
+    A refused attachment has no key (its bytes are its e-mail's): every duplicate attachment is one, so a file many
+    e-mails carry (a logo) has many, and so has empty content (every unreadable attachment's). The key is looked for
+    in this query, whatever the key or the stored original is like: one the volume or the key store cannot give now
+    is retired all the same, never left to a later re-index."""
     query = (select(Document).where(Document.department == department, Document.sha256 == sha256,
-                                    Document.status == DocumentStatus.failed)
-             .order_by(Document.created_at))
+                                    Document.status == DocumentStatus.failed, HAS_DOCUMENT_KEY)
+             .order_by(Document.created_at, Document.id))
     return list(session.scalars(query))
 
 

@@ -3,9 +3,11 @@ custom redaction rules, re-indexing and bad input."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -649,6 +651,79 @@ def test_erasing_content_erases_its_failed_copy(client: TestClient, lab: dict[st
     assert (status.status_code == 404) if retirement == "deleted" else (status.json()["status"] == "rejected")
     assert reindex.json() == {"queued": [], "skipped": [document_id]}, reindex.text
     assert _leftovers(settings, department, {document_id}) == set()
+
+
+@pytest.mark.parametrize("loss", ["original out of reach", "key unreadable"])
+def test_erasing_content_erases_a_failed_copy_whose_original_or_key_cannot_be_read_at_that_moment(
+        client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+        tmp_path, loss: str) -> None:  # type: ignore[no-untyped-def]
+    """A deletion retired a failed copy of its content only if it found the copy's stored original there and opened
+    its key: with the blob volume not mounted at that moment, the copy kept its key, and once the volume was back a
+    re-index naming it brought the erased content back; a copy whose key row did not open (tampered, a key store
+    restored from elsewhere) turned the user's deletion into a 500. Every failed copy with a key row is now
+    retired, neither its original nor its key read."""
+    from sqlalchemy import select
+
+    from core.db import unit_of_work
+    from core.keystore import keystore_for
+    from core.models import WrappedKey
+
+    department, document_id = _failed_by_a_reindex(client, lab, monkeypatch)
+    copy = _ingest(client, lab["editor"], department, "minutes-again.txt", MINUTES)
+    original, aside = settings.blob_dir / f"{document_id}.bin", tmp_path / "aside.bin"
+    if loss == "original out of reach":
+        shutil.move(original, aside)
+    else:
+        with unit_of_work(settings.resolved_database_url) as session:
+            row = session.scalars(select(WrappedKey).where(WrappedKey.kind == "document",
+                                                           WrappedKey.owner == document_id)).one()
+            row.wrapped = row.wrapped[:-1] + bytes([row.wrapped[-1] ^ 0x01])  # one bit of the authentication tag
+        keystore_for(settings)._cache.pop(("document", document_id))  # as in a process that never opened it
+    response = client.delete(f"/v1/documents/{copy['document_id']}", headers=auth(lab["editor"]))
+    if loss == "original out of reach":
+        shutil.move(aside, original)  # the volume is back
+    status = client.get(f"/v1/documents/{document_id}", headers=auth(lab["editor"]))
+    reindex = client.post("/v1/admin/reindex", headers=auth(lab["admin"]),
+                          json={"department": department, "document_ids": [document_id]})
+    assert response.status_code == 204, response.text
+    [event] = [event for event in _ledger(settings, "document_deleted")
+               if event.details["document_id"] == copy["document_id"]]
+    assert sorted(event.details["retired"]) == sorted([copy["document_id"], document_id])
+    assert status.status_code == 404 and reindex.json() == {"queued": [], "skipped": [document_id]}, reindex.text
+
+
+def test_a_deletion_reads_no_key_of_the_refused_attachments_with_its_content(
+        client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Every duplicate attachment is refused: a failed row with the content's hash and no key of its own (its bytes
+    are its e-mail's), so a file many e-mails carry leaves as many. A deletion of its live copy read each one and
+    looked up its key, under the content's lock. The failed copies it retires are now found in one query, those
+    with a key row: the refused ones are not even read, and stay as they are."""
+    from core.db import unit_of_work
+    from core.keystore import KeyStore
+    from ingestion import repository
+
+    department, rota = lab["department"], b"The Lisbon desk rota: " + uuid.uuid4().hex.encode()
+    mails = [_ingest(client, lab["editor"], department, f"rota-{n}.eml",
+                     _mail(f"Rota {n}", f"Rota {n} is attached.", [("rota.txt", rota)]).as_bytes())
+             for n in range(3)]
+    taken, *refused = (_descendants(client, lab["editor"], mail)["rota.txt"] for mail in mails)
+    assert [taken["status"]] + [child["status"] for child in refused] == ["ready", "failed", "failed"]
+    with unit_of_work(settings.resolved_database_url) as session:
+        copies = repository.failed_copies(session, department=department, sha256=hashlib.sha256(rota).hexdigest())
+    real_lookup, looked_up = KeyStore.document_key, []
+
+    def lookup(self, *, document_id: str, **kwargs):  # type: ignore[no-untyped-def]
+        looked_up.append(document_id)
+        return real_lookup(self, document_id=document_id, **kwargs)
+
+    monkeypatch.setattr(KeyStore, "document_key", lookup)
+    response = client.delete(f"/v1/documents/{mails[0]['document_id']}", headers=auth(lab["editor"]))
+    monkeypatch.undo()
+    assert response.status_code == 204, response.text
+    assert copies == [] and not {child["document_id"] for child in refused} & set(looked_up), looked_up
+    for child in refused:
+        assert client.get(f"/v1/documents/{child['document_id']}", headers=auth(lab["editor"])).json()["status"] \
+            == "failed"
 
 
 def test_serve_previous_is_true_or_false_never_a_truthy_string(client: TestClient, lab: dict[str, str]) -> None:

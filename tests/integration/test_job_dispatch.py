@@ -529,6 +529,72 @@ def test_deleting_a_document_and_its_failed_copy_at_once_deletes_both_once(
     assert {_document_row(url, document_id)[0] for document_id in deletions} == {"deleted"}
 
 
+def test_a_deletion_writes_the_rows_it_retires_oldest_first_as_a_reindex_queues_them(
+        make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """A deletion retires the failed copies of its content with what is attached below them, and wrote their rows
+    after its own document's, while a department-wide re-index writes (queues) documents oldest first. A failed
+    e-mail older than the document, its attachment ready: the re-index held the attachment's row and waited for the
+    document's, the deletion held the document's and waited for the attachment's, and PostgreSQL aborted one (a
+    500). The deletion now writes its rows oldest first too: waiting for the attachment's, it holds no newer row."""
+    from email.message import EmailMessage
+
+    import psycopg
+
+    from api.app import create_app
+    from core.db import unit_of_work
+    from core.models import Document
+    from ingestion import service as ingestion_service
+    from retrieval.store import close_vector_store
+
+    message = EmailMessage()
+    message["Subject"], message["From"], message["To"] = "Rota", "a@example.org", "b@example.org"
+    message.set_content("The rota is attached.")
+    message.add_attachment(b"The desk opens at nine on Saturdays.", maintype="text", subtype="plain",
+                           filename="rota.txt")
+    url, settings = _on("postgresql", make_pg_database, tmp_path)
+    dsn = url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with TestClient(create_app(settings)) as client:
+        editor = desk_member(client, "editor")
+
+        def ingest(name: str) -> str:
+            uploaded = client.post("/v1/documents", headers=auth(editor), data={"department": "desk"},
+                                   files={"file": (name, message.as_bytes())}).json()
+            ingestion_service.run_ingestion(settings=settings, document_id=uploaded["document_id"],
+                                            job_id=uploaded["job_id"])
+            return str(uploaded["document_id"])
+
+        failed = ingest("rota.eml")
+        [attachment] = ingestion_service.spawn_attachments(settings=settings, document_id=failed)
+        ingestion_service.run_ingestion(settings=settings, document_id=attachment.document_id,
+                                        job_id=attachment.job_id)
+        with unit_of_work(url) as session:  # as a re-index whose runs all failed leaves it
+            session.execute(update(Document).where(Document.id == failed).values(status="failed"))
+        copy = ingest("rota-again.eml")  # the same bytes: a failed document is no duplicate
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    retired: list[str] = []
+
+    def delete() -> None:
+        with unit_of_work(url) as session:
+            retired.extend(ingestion_service.delete_document(session=session, settings=settings, document_id=copy,
+                                                             can_delete=lambda _: True)[1])
+
+    deletion = threading.Thread(target=delete, daemon=True)
+    with psycopg.connect(dsn) as reindex, psycopg.connect(dsn, autocommit=True) as observer:
+        reindex.execute("UPDATE documents SET updated_at = now() WHERE id = %s", (attachment.document_id,))
+        deletion.start()  # while the re-index holds the attachment's row, older than the document's
+        _wait_for_a_lock_wait(observer)
+        try:  # what the re-index does next (`new_job` of the document), without waiting
+            reindex.execute("SELECT id FROM documents WHERE id = %s FOR UPDATE NOWAIT", (copy,))
+            document_row_free = True
+        except psycopg.errors.LockNotAvailable:
+            document_row_free = False
+        reindex.rollback()
+    deletion.join(60)
+    assert document_row_free, "the deletion held the document's row while it waited for an older one"
+    assert not deletion.is_alive() and sorted(retired) == sorted([copy, failed, attachment.document_id])
+
+
 def test_a_deletion_and_the_attachments_of_another_e_mail_with_the_same_files_take_their_locks_in_one_order(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A deletion takes the content locks of the document and its attachments, sorted, before its first write (it

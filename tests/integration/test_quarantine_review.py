@@ -137,14 +137,20 @@ def test_a_redaction_rule_added_later_reaches_the_title_at_the_next_run(
     assert listing.status_code == 200 and code not in listing.text
 
 
-def _quarantined_mail(client: TestClient, lab: dict[str, str]) -> tuple[str, str]:
-    """An e-mail quarantined for a restricted keyword, and its attachment (declared at the e-mail's level)."""
+def _falcon_mail() -> bytes:
+    """An e-mail with a restricted keyword, and an attachment."""
     message = EmailMessage()
     message["From"], message["To"], message["Subject"] = "ana@example.com", "ben@example.com", "falcon"
     message.set_content("Notes on project falcon for the board. " + uuid.uuid4().hex)
     message.add_attachment(b"The weekend rota: Leeds desk on Saturday. " + uuid.uuid4().hex.encode(),
                            maintype="text", subtype="plain", filename="rota.txt")
-    mail = _ingest(client, lab, "falcon.eml", message.as_bytes())
+    return message.as_bytes()
+
+
+def _quarantined_mail(client: TestClient, lab: dict[str, str], data: bytes | None = None) -> tuple[str, str]:
+    """An e-mail (`_falcon_mail`, unless given) quarantined for a restricted keyword, and its attachment (declared at
+    the e-mail's level)."""
+    mail = _ingest(client, lab, "falcon.eml", data or _falcon_mail())
     assert mail["status"] == "quarantined"
     (child_id,) = wait_for_attachments(client, lab["editor"], mail["document_id"])["attachment_ids"]
     assert wait_for_document(client, lab["editor"], child_id)["status"] == "quarantined"
@@ -234,6 +240,37 @@ def test_rejecting_an_email_names_the_attachments_it_shredded_in_the_ledger(
     assert client.get(f"/v1/documents/{child_id}", headers=auth(lab["editor"])).json()["status"] == "rejected"
     (row,) = _decisions(settings, mail_id)
     assert row == {"document_id": mail_id, "decision": "rejected", "retired": sorted([mail_id, child_id])}, row
+
+
+def test_a_rejection_of_an_attachment_that_another_rejection_took_meanwhile_is_refused(
+        client: TestClient, issue_token: Callable[..., str], settings) -> None:  # type: ignore[no-untyped-def]
+    """A rejection takes the failed copies of its content and what is attached below them without their locks
+    (ingestion/purge.py): a review of such an attachment that had found it quarantined then found it rejected by the
+    other rejection, and rejected it again: a 200 and a second ledger row. It is now refused, as after another
+    review."""
+    from sqlalchemy import update
+
+    from core.errors import ErrorCode, GovragError
+    from core.models import Document
+    from ingestion import quarantine
+
+    lab = _department(client, issue_token, FALCON)
+    data = _falcon_mail()
+    failed_id, child_id = _quarantined_mail(client, lab, data)
+    with unit_of_work(settings.resolved_database_url) as session:  # as a re-index whose runs all failed leaves it
+        session.execute(update(Document).where(Document.id == failed_id).values(status="failed"))
+    copy = _ingest(client, lab, "falcon-again.eml", data)  # the same bytes: a failed document is no duplicate
+    assert copy["status"] == "quarantined"
+    wait_for_attachments(client, lab["editor"], copy["document_id"])
+    with unit_of_work(settings.resolved_database_url) as session:
+        review = quarantine.quarantined_document(session=session, document_id=child_id, can_see=lambda _: True)
+        rejected = client.post(f"/v1/admin/quarantine/{copy['document_id']}/reject", headers=auth(lab["dept_admin"]))
+        with pytest.raises(GovragError) as refused:
+            quarantine.reject(session=session, settings=settings, document=review)
+    assert rejected.status_code == 200, rejected.text
+    assert refused.value.code == ErrorCode.not_found
+    assert {failed_id, child_id} <= set(_decisions(settings, copy["document_id"])[0]["retired"])
+    assert _settled(client, lab, child_id)["status"] == "rejected"
 
 
 def test_the_ledger_still_verifies(client: TestClient, issue_token: Callable[..., str]) -> None:
