@@ -140,13 +140,7 @@ def test_a_reindex_waiting_in_the_queue_answers_from_the_previous_index_only_if_
 
     _, settings = _embedded(tmp_path)
     with TestClient(create_app(settings)) as client:
-        admin = auth(client.app.state.dev_issuer.issue(PLATFORM_ADMIN, []))  # type: ignore[attr-defined]
-        editor = desk_member(client, "editor")
-        uploaded = _upload(client, editor, 0)
-        document_id = uploaded["document_id"]
-        ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=uploaded["job_id"])
-        reindex = client.post("/v1/admin/reindex", headers=admin,
-                              json={"department": "desk", "serve_previous": serve_previous})
+        editor, document_id, reindex = _ingested_then_reindexed(client, settings, serve_previous=serve_previous)
         waiting = _ask_when_the_desk_opens(client, editor)
         status = client.get(f"/v1/documents/{document_id}", headers=auth(editor)).json()["status"]
         [job] = reindex.json()["queued"]
@@ -169,18 +163,11 @@ def test_the_training_export_holds_a_document_being_reindexed_exactly_when_queri
     from api.app import create_app
     from audit.training import department_payloads, training_rows
     from core.db import unit_of_work
-    from ingestion import service as ingestion_service
     from retrieval.store import close_vector_store
 
     _, settings = _embedded(tmp_path)
     with TestClient(create_app(settings)) as client:
-        admin = auth(client.app.state.dev_issuer.issue(PLATFORM_ADMIN, []))  # type: ignore[attr-defined]
-        editor = desk_member(client, "editor")
-        uploaded = _upload(client, editor, 0)
-        document_id = uploaded["document_id"]
-        ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=uploaded["job_id"])
-        reindex = client.post("/v1/admin/reindex", headers=admin,
-                              json={"department": "desk", "serve_previous": serve_previous})
+        editor, document_id, reindex = _ingested_then_reindexed(client, settings, serve_previous=serve_previous)
         status = client.get(f"/v1/documents/{document_id}", headers=auth(editor)).json()["status"]
         cited = _ask_when_the_desk_opens(client, editor)["cited"]
         payloads = department_payloads(settings, "desk")
@@ -663,6 +650,21 @@ def test_a_deletion_and_the_attachments_of_another_e_mail_with_the_same_files_ta
         thread.join(60)
     assert not any(thread.is_alive() for thread in threads), "deadlocked"
     assert outcomes["delete"] == 3 and outcomes["attach"] in (0, 2), outcomes  # duplicates, or taken once deleted
+
+
+def _ingested_then_reindexed(client: TestClient, settings, *, serve_previous: bool):  # type: ignore[no-untyped-def]
+    """A desk editor's token, a document ingested (run in this thread) and the desk's re-index response (its job
+    left queued)."""
+    from ingestion import service as ingestion_service
+
+    admin = auth(client.app.state.dev_issuer.issue(PLATFORM_ADMIN, []))  # type: ignore[attr-defined]
+    editor = desk_member(client, "editor")
+    uploaded = _upload(client, editor, 0)
+    document_id = uploaded["document_id"]
+    ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=uploaded["job_id"])
+    reindex = client.post("/v1/admin/reindex", headers=admin,
+                          json={"department": "desk", "serve_previous": serve_previous})
+    return editor, document_id, reindex
 
 
 def _ask_when_the_desk_opens(client: TestClient, token: str) -> dict[str, object]:
