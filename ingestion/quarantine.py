@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -95,9 +94,8 @@ def approve(*, session: Session, document: Document, actor: str) -> ReviewDecisi
     """Release a quarantined document for AI use at the level the review queue shows: it is ingested again with
     the gate passed up to that level (a run that finds it higher, as the policy changed, holds it again). One that
     left quarantine meanwhile (a re-index queued it) is not found, as after another review."""
-    job_id = str(uuid.uuid4())
-    if not repository.new_job(session, job_id=job_id, document_id=document.id,
-                              from_statuses=(DocumentStatus.quarantined,)):
+    job_id = repository.new_job(session, document_id=document.id, from_statuses=(DocumentStatus.quarantined,))
+    if job_id is None:
         raise GovragError(ErrorCode.not_found, "no such quarantined document")
     document.approved_by = actor
     document.approved_level = document.classification
@@ -189,20 +187,11 @@ def _queue_now(session: Session, settings: Settings, document: Document, withhol
                failed_too: bool) -> str | None:
     """A new job for the document as it is now: ready or quarantined, or with `failed_too` (named, its content
     locked) failed, its original kept and no live copy (`_queue_failed`); the job's id, or None."""
-    job_id = _queue(session, document.id, repository.REINDEXED, withhold)
+    job_id = repository.new_job(session, document_id=document.id, from_statuses=repository.REINDEXED,
+                                withhold=withhold)
     if job_id is None and failed_too:
         job_id = _queue_failed(session, settings, document, withhold)
     return job_id
-
-
-def _queue(session: Session, document_id: str, from_statuses: tuple[str, ...], withhold: bool) -> str | None:
-    """A new job for the document if it is in one of `from_statuses` now, its index withheld in the same statement
-    (with `withhold`); the job's id, or None."""
-    job_id = str(uuid.uuid4())
-    if repository.new_job(session, job_id=job_id, document_id=document_id, from_statuses=from_statuses,
-                          withhold=withhold):
-        return job_id
-    return None
 
 
 def _queue_failed(session: Session, settings: Settings, document: Document, withhold: bool) -> str | None:
@@ -213,7 +202,8 @@ def _queue_failed(session: Session, settings: Settings, document: Document, with
     if (repository.find_duplicate(session, department=document.department, sha256=document.sha256) is not None
             or not _original_kept(session, settings, document)):
         return None
-    return _queue(session, document.id, (DocumentStatus.failed,), withhold)
+    return repository.new_job(session, document_id=document.id, from_statuses=(DocumentStatus.failed,),
+                              withhold=withhold)
 
 
 def _original_kept(session: Session, settings: Settings, document: Document) -> bool:

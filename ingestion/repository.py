@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 from datetime import datetime
 
@@ -213,13 +214,13 @@ def failed_copies(session: Session, *, department: str, sha256: str) -> list[Doc
     return list(session.scalars(query))
 
 
-def new_job(session: Session, *, job_id: str, document_id: str, from_statuses: tuple[str, ...],
-            withhold: bool = False) -> bool:
+def new_job(session: Session, *, document_id: str, from_statuses: tuple[str, ...],
+            withhold: bool = False) -> str | None:
     """Queue another ingestion job for an existing document if it is still in one of `from_statuses`: a conditional
     update, so a change committed meanwhile (a deletion, a run's end) is read, not written over. With `withhold` (a
     re-index after a rule that may tighten what is shown) the same statement stops serving the document's index
     (`withhold`'s effect): only a document that is queued stops being served, never one whose status changed since
-    it was listed. Whether the job was queued."""
+    it was listed. The new job's id, or None when the document was not in those states."""
     values: dict[str, object] = {"status": DocumentStatus.queued, "error": None, "updated_at": utcnow()}
     if withhold:  # SET reads the row as it was: `withheld` says whether it served something
         values |= {"served_generation": None,
@@ -227,10 +228,11 @@ def new_job(session: Session, *, job_id: str, document_id: str, from_statuses: t
     moved = session.execute(update(Document).where(Document.id == document_id, Document.status.in_(from_statuses))
                             .values(**values))
     if not moved.rowcount:  # type: ignore[attr-defined]
-        return False
+        return None
+    job_id = str(uuid.uuid4())
     session.add(IngestionJob(id=job_id, document_id=document_id, status=DocumentStatus.queued))
     session.flush()
-    return True
+    return job_id
 
 
 def record_outcome(session: Session, *, document_id: str, classification: str, declared: str, reasons: list[str],
