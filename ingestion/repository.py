@@ -34,14 +34,15 @@ def get_job(session: Session, job_id: str) -> IngestionJob | None:
 
 
 def set_status(session: Session, *, document_id: str, job_id: str, status: str, error: str | None = None,
-               chunk_count: int | None = None, generation: int | None = None) -> bool:
+               chunk_count: int | None = None, generation: int | None = None, index_lost: bool = False) -> bool:
     """Move a job to `status` and its document with it, unless the document is retired: a conditional update, so
     a deletion committed meanwhile (of the document or of an e-mail above it) is never written over. The document
     moves as `_serving` says (status, error, served generation), not always to `status`: a failure of one still
-    serving an earlier index leaves it `ready` on that index. A run's outcome (written under its `generation`) also
-    needs its job still `processing` and no later run of the document started: a re-index that handed the job back
-    meanwhile made the run stale, and the caller then rolls back the document's move. Whether both moved."""
-    values = {**_serving(status, error, generation), "updated_at": utcnow()}
+    serving an earlier index leaves it `ready` on that index, unless that index was lost (`index_lost`). A run's
+    outcome (written under its `generation`) also needs its job still `processing` and no later run of the document
+    started: a re-index that handed the job back meanwhile made the run stale, and the caller then rolls back the
+    document's move. Whether both moved."""
+    values = {**_serving(status, error, generation, index_lost), "updated_at": utcnow()}
     if chunk_count is not None:
         values["chunk_count"] = chunk_count
     document = update(Document).where(Document.id == document_id, Document.status.not_in(RETIRED))
@@ -56,14 +57,16 @@ def set_status(session: Session, *, document_id: str, job_id: str, status: str, 
     return generation is None or bool(ended.rowcount)  # type: ignore[attr-defined]
 
 
-def _serving(status: str, error: str | None, generation: int | None) -> dict[str, object]:
+def _serving(status: str, error: str | None, generation: int | None, index_lost: bool) -> dict[str, object]:
     """A document's status, error and served generation as it moves to `status`: a run ending ready serves its own
     generation, a quarantined document none, and a failure of one that still serves an earlier index (a re-index
     with `serve_previous`) leaves it ready on that index, its error saying the re-index failed (its job fails); one
-    whose re-index withheld its index (`withhold`) stays failed, its error saying so. Each ends the withholding."""
+    whose re-index withheld its index (`withhold`) stays failed, its error saying so. A failure that lost the
+    document's index (`index_lost`: its data key is missing, so no generation of it opens) serves none, whatever a
+    re-index kept serving or withheld, its error its own. Each ends the withholding."""
     if status == DocumentStatus.ready and generation is not None:
         return {"status": status, "error": error, "served_generation": generation, "withheld": False}
-    if status == DocumentStatus.quarantined:
+    if status == DocumentStatus.quarantined or (status == DocumentStatus.failed and index_lost):
         return {"status": status, "error": error, "served_generation": None, "withheld": False}
     if status == DocumentStatus.failed:
         serving = Document.served_generation.is_not(None)

@@ -341,7 +341,8 @@ def _claim(session: Session, settings: Settings, document: Document,
     """Mark the document processing and count the attempt; what the run needs, or None if it was retired (its key
     shredded with it), or the document as its failure leaves it if it cannot run: its data key is missing though it
     was not retired (a key store restored from an older backup: no retry brings the key back, and its job would stay
-    `queued` for ever), or it has crashed its worker too often (a file that kills the parser must not take the
+    `queued` for ever; nothing of it is served then, not even the index a re-index with `serve_previous` kept, which
+    no longer opens), or it has crashed its worker too often (a file that kills the parser must not take the
     worker, or the embedded default's API, down again at every redelivery). The document's row is locked before its
     job's, as a run's end and a re-index do: the other order let a claim and a re-index of one document deadlock on
     PostgreSQL."""
@@ -352,7 +353,7 @@ def _claim(session: Session, settings: Settings, document: Document,
     failure = KEY_MISSING if key is None else CRASHED_TOO_OFTEN if crashed_too_often else None
     moved = repository.set_status(session, document_id=document.id, job_id=job.id,
                                   status=DocumentStatus.processing if failure is None else DocumentStatus.failed,
-                                  error=failure)  # a retirement committed meanwhile wins: not moved
+                                  error=failure, index_lost=key is None)  # a retirement meanwhile wins: not moved
     repository.count_attempt(session, job.id, after_a_crash=after_a_crash)  # counted even if the document was retired
     if not moved:
         return None
@@ -471,8 +472,8 @@ def _index_state(session: Session, document_id: str, job_id: str) -> _IndexState
 def _drop_superseded(settings: Settings, document_id: str, state: _IndexState, through: int) -> None:
     """Remove the points and placeholder maps of the document's generations up to `through` other than the one it
     serves: after a run ended ready, the previous index; after one that failed or went stale, its own (and the
-    index a re-index withheld). An outage leaves them (never cited: queries re-check the generation) to the
-    document's next run."""
+    index a re-index withheld, or one lost with the document's key). An outage leaves them (never cited: queries
+    re-check the generation) to the document's next run."""
     try:
         open_vector_store(settings).delete_superseded(state.department, document_id, served=state.served,
                                                       through=through)

@@ -580,11 +580,15 @@ def test_a_failed_document_uploaded_again_is_not_reindexed_beside_its_copy(
     assert client.get(f"/v1/documents/{document_id}", headers=auth(lab["editor"])).json()["status"] == "failed"
 
 
+@pytest.mark.parametrize("serve_previous", [False, True])
 def test_a_document_whose_data_key_is_missing_fails_at_once(
-        client: TestClient, lab: dict[str, str], settings) -> None:  # type: ignore[no-untyped-def]
+        client: TestClient, lab: dict[str, str], settings, serve_previous: bool) -> None:  # type: ignore[no-untyped-def]
     """A document whose key row is gone though it was neither deleted nor rejected (a key store restored from an
     older backup, a row removed by hand) was taken by its run's claim for a retired one: nothing ran and nothing
-    ended it, its job `queued` for ever with no error anywhere. The claim now fails it at once, saying why."""
+    ended it, its job `queued` for ever with no error anywhere. The claim now fails it at once, saying why. A
+    re-index with `serve_previous` then left it `ready` on its previous index, which no longer opens without the
+    key: served, as explain said, while queries and the training export dropped its chunks, silently. It is now
+    unserved too, and the points of that index are gone."""
     from core.db import unit_of_work
     from core.keystore import keystore_for
     from ingestion import service
@@ -593,11 +597,15 @@ def test_a_document_whose_data_key_is_missing_fails_at_once(
     document_id = str(doc["document_id"])
     with unit_of_work(settings.resolved_database_url) as session:  # the row goes; this process forgets the key too
         keystore_for(settings).shred_document_key(session=session, document_id=document_id)
-    job = wait_for_job(client, lab["editor"], _reindex(client, lab, department, document_id), timeout=60)
+    reindex = _reindex(client, lab, department, document_id, serve_previous=serve_previous)
+    job = wait_for_job(client, lab["editor"], reindex, timeout=60)
     document = client.get(f"/v1/documents/{document_id}", headers=auth(lab["editor"])).json()
+    explained = client.post("/v1/authz/explain", headers=auth(lab["admin"]),
+                            json={"subject": "lena", "document_id": document_id})
     assert (job["status"], job["error"], job["attempts"]) == ("failed", service.KEY_MISSING, 1)
-    assert document["status"] == "failed" and str(document["error"]).endswith(service.KEY_MISSING)
-    assert _generations(settings, department, document_id) == []  # the index the re-index withheld is gone
+    assert (document["status"], document["error"]) == ("failed", service.KEY_MISSING)
+    assert explained.status_code == 404 and "no such served document" in explained.text
+    assert _generations(settings, department, document_id) == []  # the index the re-index withheld or kept is gone
 
 
 @pytest.mark.parametrize("damage", ["missing", "altered"])
