@@ -22,6 +22,8 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from kombu.exceptions import OperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -43,6 +45,11 @@ _SWEEP_LOCK = "ingestion-job-sweep"
 _BROKER_READ_LIMIT = 10_000
 _BROKER_PAGE = 500
 _UNREADABLE = (ValueError, KeyError, IndexError, TypeError, AttributeError)  # a message not shaped like a task
+# Redis not reached: kombu's error for a connection it could not make, redis-py's for a read on one Redis dropped or
+# left unanswered
+_BROKER_UNREACHABLE = (OperationalError, RedisConnectionError, RedisTimeoutError)
+# A sweep connects to Redis once, not in kombu's retry loop (seconds, under the sweep's lock): its next round retries
+_CONNECT_ONCE = {"max_retries": 0}
 
 
 def send_job(app: GovragCelery, *, document_id: str, job_id: str) -> bool:
@@ -98,7 +105,8 @@ def resend_lost(app: GovragCelery, *, older_than_seconds: float) -> int:
     """Redis broker only: a Redis that restarted without persistence (or evicted its keys) lost the tasks it held. A
     job still `queued` that was sent more than `older_than_seconds` ago and whose task Redis no longer holds —
     neither waiting in the queue nor taken by a worker and not yet acknowledged — was lost: it is marked unsent (and
-    the sweep sends it again), whatever other tasks wait. Returns how many were marked."""
+    the sweep sends it again), whatever other tasks wait. Returns how many were marked: none when Redis cannot be
+    reached or read (a warning says why), the sweep's other steps going on."""
     if not app.govrag_settings.broker_url.startswith(("redis://", "rediss://")):
         return 0
     cutoff = utcnow() - timedelta(seconds=older_than_seconds)
@@ -138,19 +146,24 @@ def resend_stalled(app: GovragCelery, *, stalled_after_seconds: float) -> int:
 
 
 class _TasksUnknown(Exception):
-    """Which jobs' tasks Redis holds cannot be told: it holds more than a sweep reads, or a task it cannot read."""
+    """Which jobs' tasks Redis holds cannot be told: it holds more than a sweep reads, a task it cannot read, or it
+    cannot be reached."""
 
 
 def _jobs_on_redis(app: GovragCelery) -> set[str]:
     """Ids of the jobs whose ingestion task Redis holds: waiting in the job queue, or taken by a worker and not yet
-    acknowledged. A task is matched by the job id it carries, not by its task id, which no job records."""
-    with app.connection_for_read() as connection:
-        channel = connection.default_channel
-        # unacknowledged, waiting, unacknowledged again: a task that moves while they are read (a worker takes it,
-        # or a redelivery hands it back) is in one of the three reads
-        taken = _unacked_entries(channel)
-        waiting = _waiting_entries(channel, app.govrag_settings.task_queue)
-        taken += _unacked_entries(channel)
+    acknowledged. A task is matched by the job id it carries, not by its task id, which no job records. Only the
+    error's type is told when Redis cannot be reached: its message may name the broker's address."""
+    try:
+        with app.connection_for_read(transport_options=_CONNECT_ONCE) as connection:
+            channel = connection.default_channel
+            # unacknowledged, waiting, unacknowledged again: a task that moves while they are read (a worker takes
+            # it, or a redelivery hands it back) is in one of the three reads
+            taken = _unacked_entries(channel)
+            waiting = _waiting_entries(channel, app.govrag_settings.task_queue)
+            taken += _unacked_entries(channel)
+    except _BROKER_UNREACHABLE as error:
+        raise _TasksUnknown(f"the broker is unreachable ({type(error).__name__})") from None
     try:
         # kombu keeps an unacknowledged task as [message, exchange, routing key]
         messages = [json.loads(raw) for raw in waiting] + [json.loads(entry)[0] for entry in taken]
@@ -222,8 +235,8 @@ def _mark_sent(session: Session, job_id: str) -> None:
 
 
 def sweep_jobs(app: GovragCelery, *, older_than_seconds: float) -> None:
-    """The API's periodic sweep (core/sweeper.py): jobs a restarted Redis lost, jobs stalled in processing, then
-    every job still unsent."""
+    """The API's periodic sweep (core/sweeper.py): jobs a restarted Redis lost (skipped while Redis cannot be
+    reached), jobs stalled in processing, then every job still unsent."""
     settings = app.govrag_settings
     resend_lost(app, older_than_seconds=older_than_seconds)
     resend_stalled(app, stalled_after_seconds=settings.ingest_time_limit_seconds + settings.broker_visibility_timeout)

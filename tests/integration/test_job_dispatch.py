@@ -1104,6 +1104,38 @@ def test_a_job_stalled_in_processing_is_sent_again_once(tmp_path: Path) -> None:
     memory.Channel.queues.pop(settings.task_queue, None)
 
 
+def test_a_sweep_while_redis_is_down_still_sends_a_stalled_job_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Looking for jobs a restarted Redis lost reads Redis: while it could not be reached the read raised and the
+    sweep's round ended there, so a job stalled in `processing` (a step that needs the database only) was not sent
+    again for as long as the outage lasted. Now that step warns, naming no address nor password, and the round goes
+    on."""
+    from api.app import create_app
+    from core.db import unit_of_work
+    from core.models import IngestionJob, utcnow
+    from retrieval.store import close_vector_store
+    from workers.celery_app import create_celery
+    from workers.dispatch import sweep_jobs
+
+    url, settings = _embedded(tmp_path)
+    with TestClient(create_app(settings)) as client:
+        stalled = _upload(client, desk_member(client, "editor"), 0)["job_id"]
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    with unit_of_work(url) as session:
+        session.execute(update(IngestionJob).where(IngestionJob.id == stalled)
+                        .values(status="processing", updated_at=utcnow() - timedelta(days=1)))
+    assert _sent_at(url, stalled) is not None
+    secret = uuid.uuid4().hex
+    down = settings.model_copy(update={"broker_url": UNREACHABLE_BROKER.replace("://", f"://:{secret}@")})
+    with caplog.at_level(logging.WARNING, logger="workers.dispatch"):
+        sweep_jobs(create_celery(down), older_than_seconds=0)
+    warned = " ".join(r.getMessage() for r in caplog.records if r.name == "workers.dispatch")
+    assert _sent_at(url, stalled) is None  # marked unsent: the sweep sends it once the broker answers
+    assert "lost ingestion jobs not looked for: the broker is unreachable" in warned
+    assert secret not in warned and "127.0.0.1" not in warned
+
+
 def test_jobs_a_restarted_redis_lost_are_sent_again(make_pg_database: Callable[[], str], tmp_path: Path) -> None:
     """A Redis without persistence that restarts loses the tasks it held; their documents stayed `queued` for ever.
     While tasks still wait on the broker nothing is touched; once it holds none, the queued jobs are sent again."""
