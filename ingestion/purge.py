@@ -43,25 +43,24 @@ ORPHAN_GRACE_SECONDS = 24 * 3600.0
 ORPHAN_SWEEP_SECONDS = 3600.0  # how often each API process looks: the scan reads every stored file's metadata
 
 
-def retire(session: Session, settings: Settings, document: Document, status: DocumentStatus) -> None:
+def retire(session: Session, settings: Settings, document: Document, status: DocumentStatus) -> bool:
     """In the caller's transaction: shred the document's key, set its final status, forget what identifies the
-    original, and record the purge owed."""
+    original, and record the purge owed. Whether it was retired: not if it is deleted, or rejected for a rejection,
+    as a retirement committed since it was read may have left it (`repository.retire`); nothing is recorded then.
+    Its key rows are deleted first, as before (every retirement takes the two rows' locks in this order): one
+    retired meanwhile has none left."""
     keystore_for(settings).shred_document_key(session=session, document_id=document.id)
-    document.status = status
-    document.chunk_count = 0
-    document.served_generation = None
-    _forget_original(document, status)
+    if not repository.retire(session, document_id=document.id, status=status, forgotten=_forgotten(status)):
+        return False
     owe_purge(session, document)
+    return True
 
 
-def _forget_original(document: Document, status: DocumentStatus) -> None:
-    """Clear the row's metadata that names or confirms the original (its title, a file or attachment name, its
-    content hash, size and type); its id, department, status and times stay, for the ledger's references. A new
+def _forgotten(status: DocumentStatus) -> dict[str, object]:
+    """The row's metadata that names or confirms the original (its title, a file or attachment name, its content
+    hash, size and type), cleared; its id, department, status and times stay, for the ledger's references. A new
     upload of the same bytes is then no duplicate of anything (retired rows never were)."""
-    document.title = f"({status})"
-    document.sha256 = ""
-    document.size_bytes = 0
-    document.content_type = ""
+    return {"title": f"({status})", "sha256": "", "size_bytes": 0, "content_type": ""}
 
 
 def retire_family(session: Session, settings: Settings, document: Document, status: DocumentStatus, *,
@@ -74,9 +73,11 @@ def retire_family(session: Session, settings: Settings, document: Document, stat
     their attachments (the order `quarantine.quarantined_document` takes them in), so a review of an attachment ends
     before its e-mail's retirement reads it; then each content's, sorted (as a re-index takes them), so an upload or
     a re-index of the same bytes runs before or after. The rows are then written oldest first, as a re-index writes
-    them (`repository.in_row_order`), each before the next. Returns the ids to purge once the caller commits
-    (`purge_now`); none if the document, as it is under those locks, is deleted or (given) not in `from_statuses`:
-    another retirement took it as a failed copy's attachment meanwhile (the caller's 404)."""
+    them (`repository.in_row_order`), each before the next; one that another retirement took after it was read
+    here (an attachment below a failed copy, whose lock neither takes) is skipped (`retire`). Returns the ids to
+    purge once the caller commits (`purge_now`), those retired here; none if the document, as it is under those
+    locks, is deleted or (given) not in `from_statuses`, and not the document's if it was skipped: another
+    retirement took it as a failed copy's attachment meanwhile (the caller's 404)."""
     below = repository.descendants(session, document.id)  # level by level: each e-mail before its attachments
     for child in below:
         repository.lock_document(session, child.id)
@@ -88,11 +89,12 @@ def retire_family(session: Session, settings: Settings, document: Document, stat
         return []
     copies = _as_now(session, [member for copy in _failed_copies(session, family)
                                for member in (copy, *repository.descendants(session, copy.id))])
-    retiring = repository.in_row_order({target.id: target for target in (*family, *copies)}.values())
-    for target in retiring:
-        retire(session, settings, target, status)
-        session.flush()  # its rows written (locked) now, before the next's: not in the flush's own order (by id)
-    return [target.id for target in retiring]
+    retired: list[str] = []
+    for target in repository.in_row_order({target.id: target for target in (*family, *copies)}.values()):
+        if retire(session, settings, target, status):
+            session.flush()  # its rows written (locked) now, before the next's: not in the flush's own order (by id)
+            retired.append(target.id)
+    return retired
 
 
 def _as_now(session: Session, documents: list[Document]) -> list[Document]:
@@ -112,7 +114,7 @@ def _failed_copies(session: Session, family: list[Document]) -> list[Document]:
     an attachment below one, is taken: a deletion of either holds that lock while it waits for a content lock held
     here, and the two would deadlock (on SQLite, hang). A copy moves only under its content's lock (a re-index, its
     own deletion, another retirement), held here; an attachment below one is retired as it is read then
-    (`_as_now`)."""
+    (`_as_now`), unless a retirement that took it since has left it retired (`retire`)."""
     members = {member.id for member in family}
     found = {copy.id: copy for member in family if member.sha256
              for copy in repository.failed_copies(session, department=member.department, sha256=member.sha256)

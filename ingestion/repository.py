@@ -77,6 +77,20 @@ def _serving(status: str, error: str | None, generation: int | None, index_lost:
     return {"status": status, "error": error}
 
 
+def retire(session: Session, *, document_id: str, status: str, forgotten: dict[str, object]) -> bool:
+    """Move the document to its final `status` (deleted or rejected), serving nothing, with what named its original
+    cleared (`forgotten`), unless it is deleted or has `status` already: a conditional update, so a retirement
+    committed since the row was read is not done again (on PostgreSQL one not yet committed is waited for and the
+    row read again); a rejected document may still be deleted. Whether it moved (the session's copy with it)."""
+    retired = session.execute(update(Document)
+                              .where(Document.id == document_id,
+                                     Document.status.not_in((DocumentStatus.deleted, status)))
+                              .values(status=status, chunk_count=0, served_generation=None, updated_at=utcnow(),
+                                      **forgotten)
+                              .execution_options(synchronize_session="fetch"))
+    return bool(retired.rowcount)  # type: ignore[attr-defined]
+
+
 def withhold(session: Session, document_id: str) -> None:
     """Stop serving the index of a document being ingested (a re-index with `serve_previous` left it serving) at
     once, for a re-index after a rule that may tighten what is shown: its run's new generation is served once it

@@ -273,6 +273,63 @@ def test_a_rejection_of_an_attachment_that_another_rejection_took_meanwhile_is_r
     assert _settled(client, lab, child_id)["status"] == "rejected"
 
 
+def test_a_rejection_of_an_attachment_that_a_deletion_is_taking_is_refused_once_the_deletion_commits(
+        client: TestClient, issue_token: Callable[..., str], settings) -> None:  # type: ignore[no-untyped-def]
+    """A deletion takes the failed copies of its content and what is attached below them without their locks
+    (ingestion/purge.py). A review of such an attachment that read it quarantined while the deletion had retired it
+    but not committed then waited for its row, and rejected the deleted attachment once the deletion committed:
+    a 200, a "rejected" decision, the attachment moved from deleted to rejected and its purge owed again. The
+    rejection's conditional write now finds it deleted and it is refused, as after another review."""
+    import psycopg
+    from sqlalchemy import update
+
+    from core.models import Document, PendingPurge
+    from ingestion import purge
+    from ingestion import service as ingestion_service
+
+    lab = _department(client, issue_token, FALCON)
+    data = _falcon_mail()
+    failed_id, child_id = _quarantined_mail(client, lab, data)
+    with unit_of_work(settings.resolved_database_url) as session:  # as a re-index whose runs all failed leaves it
+        session.execute(update(Document).where(Document.id == failed_id).values(status="failed"))
+    copy_id = _ingest(client, lab, "falcon-again.eml", data)["document_id"]  # a failed document is no duplicate
+    (copy_child_id,) = wait_for_attachments(client, lab["editor"], copy_id)["attachment_ids"]
+    wait_for_document(client, lab["editor"], copy_child_id)
+    # deleted, its hash forgotten: the copy's deletion locks no content of the attachment (as when an e-mail is
+    # deleted before its attachments are taken)
+    deleted = client.delete(f"/v1/documents/{copy_child_id}", headers=auth(lab["editor"]))
+    assert deleted.status_code == 204, deleted.text
+    dsn = settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    rejected: list = []  # type: ignore[type-arg]
+    rejection = threading.Thread(target=lambda: rejected.append(client.post(
+        f"/v1/admin/quarantine/{child_id}/reject", headers=auth(lab["dept_admin"]))))
+    with unit_of_work(settings.resolved_database_url) as deletion, psycopg.connect(dsn, autocommit=True) as observer:
+        _, retired = ingestion_service.delete_document(session=deletion, settings=settings, document_id=copy_id,
+                                                       can_delete=lambda _: True)
+        owed = deletion.get(PendingPurge, child_id).retired_at  # type: ignore[union-attr]
+        rejection.start()  # reads the attachment quarantined: the deletion has not committed
+        _wait_for_a_lock_wait(observer)
+    rejection.join(timeout=60)
+    with unit_of_work(settings.resolved_database_url) as session:
+        status = session.get(Document, child_id).status  # type: ignore[union-attr]
+        purges = list(session.scalars(select(PendingPurge.retired_at).where(PendingPurge.document_id == child_id)))
+    purge.purge_now(settings, retired)  # what the deletion's request does once committed
+    assert {failed_id, child_id} <= set(retired)
+    assert not rejection.is_alive() and rejected[0].status_code == 404, rejected[0].text
+    assert rejected[0].json()["error"]["message"] == "no such quarantined document"
+    assert (status, purges, _decisions(settings, child_id)) == ("deleted", [owed], [])
+
+
+def _wait_for_a_lock_wait(observer: object) -> None:
+    """Until a session of the observer's database waits for a lock (the rejection, on the deletion's rows)."""
+    deadline = time.monotonic() + 60
+    while not observer.execute(  # type: ignore[attr-defined]
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    ).fetchone()[0]:
+        assert time.monotonic() < deadline, "the rejection never waited for the deletion"
+        time.sleep(0.02)
+
+
 def test_the_ledger_still_verifies(client: TestClient, issue_token: Callable[..., str]) -> None:
     response = client.get("/v1/audit/verify", headers=auth(issue_token(PLATFORM_ADMIN)))
     assert response.status_code == 200 and response.json()["ok"], response.text
