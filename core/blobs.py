@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from core import crypto
+from core.errors import Unavailable
 
 # What this module writes: `<document id>.bin` (the upload), `<document id>.<generation>.pii` (the placeholder map
 # of one index generation; `<document id>.pii` is generation 0's, written before generations), each through a
@@ -47,7 +48,10 @@ def has_original(blob_dir: Path, document_id: str) -> bool:
 
 
 def remove(blob_dir: Path, document_id: str) -> None:
-    """Delete the stored upload and every sealed placeholder map of the document."""
+    """Delete the stored upload and every sealed placeholder map of the document. With the directory itself missing
+    (its volume not mounted) nothing can be removed, and the files would be back with the volume: `Unavailable`."""
+    if not blob_dir.is_dir():
+        raise Unavailable("blob volume")
     _path(blob_dir, document_id).unlink(missing_ok=True)
     for _, path in _maps(blob_dir, document_id):
         path.unlink(missing_ok=True)

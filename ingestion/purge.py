@@ -2,8 +2,8 @@
 
 Retirement is one transaction: the document's key is shredded (its ciphertexts can never be read again), its status
 changes, and a `pending_purges` row says that its vectors and stored bytes may still exist. Once that commits,
-`purge_now` removes them and the row. If the vector store (or the database) is away, the row stays and the API's
-sweep finishes the purge later (`purge_pending`).
+`purge_now` removes them and the row. If the vector store, the blob volume (not mounted) or the database is away,
+the row stays and the API's sweep finishes the purge later (`purge_pending`).
 
 In this order a failure can only leave unreadable ciphertext behind for a while. Purging first, as deletion used
 to, could leave a document that still looked `ready` with its vectors and original already gone (the vector store
@@ -144,7 +144,8 @@ def purge_pending(settings: Settings, *, document_ids: Collection[str] | None = 
                   older_than_seconds: float = 0.0) -> int:
     """Remove the vectors and stored bytes of retired documents still owed a purge (those named, else those retired
     more than `older_than_seconds` ago); returns how many were purged. Each purge commits on its own, so an outage
-    partway keeps what was done."""
+    partway keeps what was done. The vectors go first, then the files (`Unavailable` while the blob volume is not
+    mounted), then the record."""
     with unit_of_work(settings.resolved_database_url) as session:
         owed = _owed(session, document_ids, older_than_seconds)
     for document_id, department, retired_at in owed:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import re
 import shutil
 import threading
@@ -1252,6 +1253,39 @@ def _leftovers(settings, department: str, document_ids: set[str]) -> set[str]:  
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.25)
+
+
+def test_a_purge_while_the_blob_volume_is_not_mounted_is_left_to_the_sweep(
+        client: TestClient, lab: dict[str, str], settings, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    """With the blob directory missing (its volume not mounted), the purge found no file to remove and dropped its
+    record anyway: once the volume was back, the deleted document's sealed original stayed for ever (the orphan
+    sweep leaves the files of a document row alone). Now that purge is not done: its record stays, and a purge once
+    the volume is back removes the files and the record."""
+    from core.errors import Unavailable
+    from core.models import PendingPurge
+    from ingestion.purge import purge_pending
+
+    doc = _ingest(client, lab["editor"], lab["department"], "shifts.txt", f"Night shifts {uuid.uuid4().hex}.".encode())
+    document_id, mounted = doc["document_id"], settings.blob_dir
+    unmounted = mounted.with_name(f"{mounted.name}.unmounted")
+
+    def owed() -> bool:
+        with get_session_factory(settings.resolved_database_url)() as session:
+            return session.get(PendingPurge, document_id) is not None
+
+    mounted.rename(unmounted)
+    try:
+        with caplog.at_level(logging.WARNING, logger="ingestion.purge"):
+            response = client.delete(f"/v1/documents/{document_id}", headers=auth(lab["editor"]))
+        assert response.status_code == 204
+        assert "the blob volume is unavailable: 1 retired document(s) will be purged by the sweep" in caplog.messages
+        with pytest.raises(Unavailable):  # the sweep's round, as the volume is still away
+            purge_pending(settings, document_ids=[document_id])
+    finally:
+        unmounted.rename(mounted)
+    assert owed() and (mounted / f"{document_id}.bin").is_file()
+    assert purge_pending(settings, document_ids=[document_id]) == 1
+    assert not owed() and _leftovers(settings, lab["department"], {document_id}) == set()
 
 
 def test_the_api_stops_with_jobs_just_queued_and_loses_none(make_pg_database: Callable[[], str],
