@@ -8,6 +8,8 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
+from core.errors import unavailable_dependency
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,8 +34,12 @@ class Sweeper:
             for name, sweep in self._sweeps.items():
                 try:
                     sweep()
-                except Exception:  # noqa: BLE001 - a dependency may be briefly away; the next round tries again
-                    logger.exception("the %s sweep failed", name)
+                except Exception as exc:  # noqa: BLE001 - a dependency may be briefly away; the next round tries again
+                    dependency = unavailable_dependency(exc)  # away (a volume not mounted, a server down): a warning
+                    if dependency is None:
+                        logger.exception("the %s sweep failed", name)
+                    else:
+                        logger.warning("the %s sweep waits for the %s: the next round tries again", name, dependency)
 
 
 def at_most_every(seconds: float, sweep: Callable[[], object]) -> Callable[[], object]:

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from core.errors import Unavailable
 from core.sweeper import Sweeper, at_most_every
 
 
@@ -31,6 +32,25 @@ def test_a_failing_sweep_is_logged_and_the_others_keep_running(caplog: pytest.Lo
     stopped_at = len(rounds)
     threading.Event().wait(0.1)
     assert len(rounds) == stopped_at  # stopped means no further round
+
+
+def test_a_sweep_waiting_for_a_dependency_is_a_warning_without_a_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """A purge while the blob volume is not mounted (or the vector store is down) was logged as a failure with its
+    traceback every round; it is a warning naming what is away."""
+    ran = threading.Event()
+
+    def unmounted() -> None:
+        ran.set()
+        raise Unavailable("blob volume")
+
+    sweeper = Sweeper({"document purge": unmounted}, interval=0.01)
+    with caplog.at_level(logging.WARNING, logger="core.sweeper"):
+        sweeper.start()
+        assert ran.wait(timeout=30)
+        sweeper.stop()
+    waiting = "the document purge sweep waits for the blob volume: the next round tries again"
+    assert caplog.records
+    assert {(r.levelno, r.getMessage(), r.exc_info) for r in caplog.records} == {(logging.WARNING, waiting, None)}
 
 
 def test_a_throttled_sweep_runs_at_most_once_per_period_even_when_it_fails() -> None:
