@@ -9,6 +9,11 @@ A rotation retires a key version only once no transaction can still wrap under i
 (`transaction_lock`) shared before reading the version, the steps that look for rows under old versions before
 retiring take it exclusively. Reading takes no lock: a reader whose key row's version was retired after it read the
 row reads the row that replaced it (`document_key`).
+
+A shredded key must stay shredded: a department rotation rewraps document keys (a new row each) under the department's
+lock held exclusively, and a transaction shredding document keys holds that lock shared from before its first write
+until it ends (`lock_department_keys`), so the two run one after the other: a rewrap never reads a row a shredding
+has deleted but not committed, nor commits a row that a shredding then misses.
 """
 
 from __future__ import annotations
@@ -130,7 +135,11 @@ class KeyStore:
 
     def rewrap_documents(self, *, session: Session, department: str, document_ids: list[str],
                          version: int) -> int:
-        """Wrap these documents' keys under department key `version`; returns how many were rewrapped."""
+        """Wrap these documents' keys under department key `version`; returns how many were rewrapped. The
+        department's lock, held exclusively before any row is read, waits for shreddings in flight (their keys are
+        then found gone) and holds off those arriving until this transaction ends (they then delete the new rows too).
+        """
+        transaction_lock(session, _department_lock(department))
         parent = self.department_key(session=session, department=department, version=version)
         done = 0
         for document_id in document_ids:
@@ -150,7 +159,8 @@ class KeyStore:
         """Drop the superseded wrappings and the old department key versions (after every rewrap committed); returns
         how many document keys were still under an old version and rewrapped here. The department's lock, held
         exclusively, waits for uploads that read an old version: their keys are rewrapped here, never lost; uploads
-        arriving meanwhile wait, then wrap under `version`."""
+        arriving meanwhile wait, then wrap under `version`. Shreddings wait too (or are waited for), so the rows
+        deleted here and the rows a shredding deletes are never each locked by the other."""
         transaction_lock(session, _department_lock(department))
         late = self.rewrap_documents(session=session, department=department, version=version,
                                      document_ids=_documents_only_below(session, department, version))
@@ -260,7 +270,8 @@ class KeyStore:
         return version, masters[version]
 
     def shred_document_key(self, *, session: Session, document_id: str) -> None:
-        """Destroy the document's key: its ciphertexts become unreadable for good."""
+        """Destroy the document's key: its ciphertexts become unreadable for good. The caller holds its
+        department's lock (`lock_department_keys`) from before its transaction's first write."""
         session.execute(delete(WrappedKey).where(WrappedKey.kind == "document", WrappedKey.owner == document_id))
         self._cache.pop(("document", document_id))
 
@@ -299,8 +310,16 @@ def _documents_only_below(session: Session, department: str, version: int) -> li
     return list(session.scalars(query.distinct()))
 
 
+def lock_department_keys(session: Session, department: str) -> None:
+    """Hold the department's key lock shared until the transaction ends, before shredding any of its document keys
+    (and before the transaction's first write: a rotation holding it exclusively writes key rows the shredding
+    deletes). A rotation's rewrap then never wraps a key again as it is shredded."""
+    transaction_lock(session, _department_lock(department), shared=True)
+
+
 def _department_lock(department: str) -> str:
-    """Shared: wrapping under the department's newest key version; exclusive: retiring its older versions."""
+    """Shared: wrapping under the department's newest key version, or shredding document keys; exclusive: wrapping
+    document keys under a new version, retiring the older ones."""
     return f"keys:department:{department}"
 
 

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from core import blobs
 from core.db import unit_of_work
 from core.errors import unavailable_dependency
-from core.keystore import keystore_for
+from core.keystore import keystore_for, lock_department_keys
 from core.models import Document, DocumentStatus, PendingPurge, utcnow
 from core.settings import Settings
 from ingestion import repository
@@ -47,8 +47,9 @@ def retire(session: Session, settings: Settings, document: Document, status: Doc
     """In the caller's transaction: shred the document's key, set its final status, forget what identifies the
     original, and record the purge owed. Whether it was retired: not if it is deleted, or rejected for a rejection,
     as a retirement committed since it was read may have left it (`repository.retire`); nothing is recorded then.
-    Its key rows are deleted first, as before (every retirement takes the two rows' locks in this order): one
-    retired meanwhile has none left."""
+    Its key rows are deleted first, as before (every retirement takes the two rows' locks in this order), under its
+    department's key lock, held since before the transaction's first write (`retire_family`): one retired meanwhile
+    has none left."""
     keystore_for(settings).shred_document_key(session=session, document_id=document.id)
     if not repository.retire(session, document_id=document.id, status=status, forgotten=_forgotten(status)):
         return False
@@ -72,18 +73,22 @@ def retire_family(session: Session, settings: Settings, document: Document, stat
     re-index names the failed one. The locks are taken before the first write: each attachment's, e-mails before
     their attachments (the order `quarantine.quarantined_document` takes them in), so a review of an attachment ends
     before its e-mail's retirement reads it; then each content's, sorted (as a re-index takes them), so an upload or
-    a re-index of the same bytes runs before or after. The rows are then written oldest first, as a re-index writes
-    them (`repository.in_row_order`), each before the next; one that another retirement took after it was read
-    here (an attachment below a failed copy, whose lock neither takes) is skipped (`retire`). Returns the ids to
-    purge once the caller commits (`purge_now`), those retired here; none if the document, as it is under those
-    locks, is deleted or (given) not in `from_statuses`, and not the document's if it was skipped: another
-    retirement took it as a failed copy's attachment meanwhile (the caller's 404)."""
+    a re-index of the same bytes runs before or after; then the department's key lock, shared (after the content
+    locks, as an upload takes it), so a key rotation rewrapping or retiring the department's key rows runs before or
+    after: it never wraps a key shredded here again, nor meets these key rows in another order. The rows are then
+    written oldest first, as a re-index writes them (`repository.in_row_order`), each before the next; one that
+    another retirement took after it was read here (an attachment below a failed copy, whose lock neither takes) is
+    skipped (`retire`). Returns the ids to purge once the caller commits (`purge_now`), those retired here; none if
+    the document, as it is under those locks, is deleted or (given) not in `from_statuses`, and not the document's
+    if it was skipped: another retirement took it as a failed copy's attachment meanwhile (the caller's 404)."""
     below = repository.descendants(session, document.id)  # level by level: each e-mail before its attachments
     for child in below:
         repository.lock_document(session, child.id)
     family = [document, *below]
     for department, sha256 in sorted({(member.department, member.sha256) for member in family if member.sha256}):
         repository.lock_content(session, department=department, sha256=sha256)
+    for department in sorted({member.department for member in family}):  # its failed copies' too: same departments
+        lock_department_keys(session, department)
     family = _as_now(session, family)
     if document not in family or (from_statuses is not None and document.status not in from_statuses):
         return []

@@ -1,14 +1,18 @@
-"""Key rotation on real PostgreSQL: department keys renewed, document keys rewrapped, nothing re-embedded."""
+"""Key rotation on real PostgreSQL (and SQLite where it differs): department keys renewed, document keys rewrapped,
+nothing re-embedded."""
 
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from core import blobs
 from core.db import unit_of_work
@@ -16,7 +20,7 @@ from core.keystore import KeyStore, keystore_for
 from core.models import WrappedKey
 from ingestion import keys
 from retrieval.store import open_vector_store
-from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
+from tests.conftest import PLATFORM_ADMIN, auth, desk_member, wait_for_job
 
 TEXT = b"The Oslo office wellness budget is 300 kroner per employee per quarter. Ref ROTCANARY-3."
 
@@ -154,3 +158,196 @@ def test_a_query_that_read_a_key_row_as_the_rotation_finished_is_answered(
     assert answer.status_code == 200, answer.text
     assert "300" in answer.json()["answer"]
     assert [v for v, _ in _versions(settings, "department", department)] == [version]  # v1 is gone indeed
+
+
+def _ready_upload(client: TestClient, token: str, department: str, name: str, data: bytes) -> str:
+    response = client.post("/v1/documents", headers=auth(token), data={"department": department},
+                           files={"file": (name, data)})
+    assert response.status_code == 202, response.text
+    assert wait_for_job(client, token, response.json()["job_id"])["status"] == "ready"
+    return response.json()["document_id"]  # type: ignore[no-any-return]
+
+
+def _lock_waited_for(observer: object, waiter: threading.Thread) -> str | None:
+    """Once a session of the observer's database waits for a lock, what it waits for (`advisory`: a
+    `transaction_lock`; `transactionid`, `tuple`: a row); None if `waiter` ended without waiting."""
+    deadline = time.monotonic() + 60
+    while waiter.is_alive():
+        waiting = observer.execute(  # type: ignore[attr-defined]
+            "SELECT wait_event FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ).fetchone()
+        if waiting is not None:
+            return str(waiting[0])
+        assert time.monotonic() < deadline, "nothing waited for a lock"
+        time.sleep(0.02)
+    return None
+
+
+def _observer(settings):  # type: ignore[no-untyped-def]
+    import psycopg
+
+    dsn = settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    return psycopg.connect(dsn, autocommit=True)
+
+
+def _in_a_transaction(url: str, step: Callable[[Session], object]) -> None:
+    with unit_of_work(url) as session:
+        step(session)
+
+
+def _shredded(settings, department: str, document_id: str) -> bool:  # type: ignore[no-untyped-def]
+    store = keystore_for(settings)
+    store._cache.clear()
+    with unit_of_work(settings.resolved_database_url) as session:
+        key = store.document_key(session=session, department=department, document_id=document_id)
+    return key is None and _versions(settings, "document", document_id) == []
+
+
+def test_a_rotation_reaching_a_document_whose_deletion_has_not_committed_leaves_it_shredded(
+        client: TestClient, issue_token: Callable[..., str], settings) -> None:  # type: ignore[no-untyped-def]
+    """A rotation's rewrap read a document's key row while its deletion, not yet committed, had deleted it, and wrapped
+    the key again under the new department key version once the deletion committed: the deleted document had a live
+    key again (its stored bytes and vectors, in backups too, readable), which the rotation's last step kept. The
+    rewrap now waits for the deletion (the department's key lock), then finds no key to wrap."""
+    from ingestion import service as ingestion_service
+
+    department, token = _department_with_editor(client, issue_token)
+    deleted_id = _ready_upload(client, token, department, "gone.txt", TEXT + b" to be deleted")
+    kept_id = _ready_upload(client, token, department, "kept.txt", TEXT + b" to be kept")
+    reports: list[keys.RotationReport] = []
+    rotation = threading.Thread(target=lambda: reports.extend(
+        keys.rotate_department_keys(settings=settings, departments=[department])))
+    with unit_of_work(settings.resolved_database_url) as deletion, _observer(settings) as observer:
+        ingestion_service.delete_document(session=deletion, settings=settings, document_id=deleted_id,
+                                          can_delete=lambda _: True)
+        rotation.start()
+        _lock_waited_for(observer, rotation)
+    rotation.join(timeout=60)
+    assert not rotation.is_alive() and reports[0].new_version == 2
+    assert _shredded(settings, department, deleted_id)
+    assert _versions(settings, "document", kept_id) == [(2, 2)]
+    assert _readable(settings, department, kept_id).startswith(TEXT)
+
+
+def test_a_deletion_of_a_document_whose_rewrap_has_not_committed_shreds_the_new_wrapping_too(
+        client: TestClient, issue_token: Callable[..., str], settings) -> None:  # type: ignore[no-untyped-def]
+    """A deletion ran while a rotation's batch had wrapped the document's key under the new version but not
+    committed: it deleted the rows it saw (the old one) and the batch then committed the new one, so the deleted
+    document had a live key again. The deletion now waits for the batch (the department's key lock), then deletes
+    both rows."""
+    department, token = _department_with_editor(client, issue_token)
+    deleted_id = _ready_upload(client, token, department, "gone.txt", TEXT + b" to be deleted")
+    kept_id = _ready_upload(client, token, department, "kept.txt", TEXT + b" to be kept")
+    store, url = keystore_for(settings), settings.resolved_database_url
+    with unit_of_work(url) as session:
+        version = store.begin_rotation(session=session, department=department)
+    deleted: list = []  # type: ignore[type-arg]
+    deletion = threading.Thread(target=lambda: deleted.append(
+        client.delete(f"/v1/documents/{deleted_id}", headers=auth(token))))
+    with unit_of_work(url) as rewrap, _observer(settings) as observer:
+        assert store.rewrap_documents(session=rewrap, department=department, document_ids=[deleted_id, kept_id],
+                                      version=version) == 2
+        deletion.start()
+        _lock_waited_for(observer, deletion)
+    deletion.join(timeout=60)
+    with unit_of_work(url) as session:
+        assert store.finish_rotation(session=session, department=department, version=version) == 0
+    assert not deletion.is_alive() and deleted[0].status_code == 204, deleted[0].text
+    assert _shredded(settings, department, deleted_id)
+    assert _versions(settings, "document", kept_id) == [(2, 2)]
+    assert _readable(settings, department, kept_id).startswith(TEXT)
+
+
+@pytest.mark.parametrize("first", ["deletion", "finish"])
+def test_a_rotation_finishing_and_a_deletion_of_two_documents_run_one_after_the_other(
+        client: TestClient, issue_token: Callable[..., str], settings, first: str) -> None:  # type: ignore[no-untyped-def]
+    """A rotation's last step deletes the department's old key rows in one statement, while a deletion retiring
+    several documents (here one and a failed copy of its content) deletes each one's rows in turn: meeting in
+    opposite orders, each could hold a row the other waited for, and PostgreSQL aborted one (the admin's deletion
+    a 500, or the rotation). Whichever comes first, the other now waits for the department's key lock before it
+    writes anything (an advisory lock wait, not a row's), and both end."""
+    from sqlalchemy import update
+
+    from core.models import Document
+    from ingestion import service as ingestion_service
+
+    department, token = _department_with_editor(client, issue_token)
+    url, store = settings.resolved_database_url, keystore_for(settings)
+    data = TEXT + b" uploaded twice"
+    failed_id = _ready_upload(client, token, department, "first.txt", data)
+    with unit_of_work(url) as session:  # as a re-index whose runs all failed leaves it
+        session.execute(update(Document).where(Document.id == failed_id).values(status="failed"))
+    copy_id = _ready_upload(client, token, department, "again.txt", data)  # a failed document is no duplicate
+    kept_id = _ready_upload(client, token, department, "kept.txt", TEXT + b" to be kept")
+    with unit_of_work(url) as session:
+        version = store.begin_rotation(session=session, department=department)
+    with unit_of_work(url) as session:
+        store.rewrap_documents(session=session, department=department, version=version,
+                               document_ids=[failed_id, copy_id, kept_id])
+    retired: list[str] = []
+
+    def delete(session: Session) -> None:
+        retired.extend(ingestion_service.delete_document(session=session, settings=settings, document_id=copy_id,
+                                                         can_delete=lambda _: True)[1])
+
+    def finish(session: Session) -> None:
+        store.finish_rotation(session=session, department=department, version=version)
+
+    held, waiting = (delete, finish) if first == "deletion" else (finish, delete)
+    second = threading.Thread(target=lambda: _in_a_transaction(url, waiting))
+    with unit_of_work(url) as session, _observer(settings) as observer:
+        held(session)
+        second.start()
+        waited_for = _lock_waited_for(observer, second)
+    second.join(timeout=60)
+    assert waited_for == "advisory"
+    assert not second.is_alive() and sorted(retired) == sorted([failed_id, copy_id])
+    assert _shredded(settings, department, failed_id) and _shredded(settings, department, copy_id)
+    assert _versions(settings, "document", kept_id) == [(2, 2)]
+    assert [v for v, _ in _versions(settings, "department", department)] == [version]
+
+
+def test_on_sqlite_a_rotation_batch_reaching_a_document_whose_deletion_has_not_committed_leaves_it_shredded(
+        tmp_path: Path) -> None:
+    """On the embedded SQLite a rotation's batch read the document's key row outside any transaction (the driver
+    begins one only before the first write), waited for the deletion's write lock, then wrapped the key again once
+    the deletion committed. The batch now takes the department's key lock before it reads, which the deletion holds
+    until it commits."""
+    from api.app import create_app
+    from core import migrate
+    from core.settings import Settings
+    from ingestion import service as ingestion_service
+    from ingestion.schemas import Classification
+    from retrieval.store import close_vector_store
+
+    url = f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=url, admins=[PLATFORM_ADMIN], broker_url="memory://",
+                        inprocess_worker=False, job_sweep_seconds=0, task_queue=f"govrag-rot-{uuid.uuid4().hex[:8]}")
+    with TestClient(create_app(settings)) as client:
+        desk_member(client, "editor")
+    close_vector_store(settings)
+
+    def upload(n: int) -> str:
+        with unit_of_work(url) as session:
+            return ingestion_service.accept_upload(
+                session=session, settings=settings, uploaded_by="stella", department="desk", filename=f"{n}.txt",
+                data=TEXT + f" copy {n}".encode(), title=None, acl_groups=[],
+                classification=Classification.internal).document_id
+
+    deleted_id, kept_id = upload(0), upload(1)
+    store = keystore_for(settings)
+    with unit_of_work(url) as session:
+        version = store.begin_rotation(session=session, department="desk")
+    batch = threading.Thread(target=_in_a_transaction, args=(url, lambda session: store.rewrap_documents(
+        session=session, department="desk", document_ids=[deleted_id, kept_id], version=version)))
+    with unit_of_work(url) as deletion:
+        ingestion_service.delete_document(session=deletion, settings=settings, document_id=deleted_id,
+                                          can_delete=lambda _: True)
+        batch.start()
+        time.sleep(0.5)  # the batch waits: for the department's key lock (before: for the database's write lock)
+    batch.join(timeout=60)
+    assert not batch.is_alive()
+    assert _shredded(settings, "desk", deleted_id)
+    assert _versions(settings, "document", kept_id) == [(1, 1), (2, 2)]
+    assert _readable(settings, "desk", kept_id).startswith(TEXT)
