@@ -79,20 +79,33 @@ def write_sealed_map(blob_dir: Path, document_id: str, key: bytes, data: bytes, 
     _write_sealed(_map_path(blob_dir, document_id, generation), key, data, f"govrag:pii-map:{document_id}")
 
 
-def remove_superseded_maps(blob_dir: Path, document_id: str, *, served: int | None, through: int) -> None:
-    """Delete the document's placeholder maps of generations up to `through` other than the served one (as
-    `retrieval.store.superseded_points` selects its points)."""
+def remove_superseded_maps(blob_dir: Path, document_id: str, *, served: int | None, through: int,
+                           since: int = 0) -> None:
+    """Delete the document's placeholder maps of generations from `since` up to `through` other than the served one
+    (as `retrieval.store.superseded_points` selects its points)."""
     for generation, path in _maps(blob_dir, document_id):
-        if generation <= through and generation != served:
+        if since <= generation <= through and generation != served:
             path.unlink(missing_ok=True)
 
 
 def read_sealed_map(blob_dir: Path, document_id: str, key: bytes, generation: int) -> bytes | None:
-    """The placeholder map of one index generation, decrypted; None when that generation kept none."""
-    path = _map_path(blob_dir, document_id, generation)
-    if not path.exists():
+    """The placeholder map of one index generation, decrypted; None when that generation kept none (or it was
+    removed meanwhile)."""
+    try:
+        sealed = _map_path(blob_dir, document_id, generation).read_bytes()
+    except FileNotFoundError:
         return None
-    return crypto.open_sealed(key, path.read_bytes(), f"govrag:pii-map:{document_id}")
+    return crypto.open_sealed(key, sealed, f"govrag:pii-map:{document_id}")
+
+
+def read_newest_sealed_map(blob_dir: Path, document_id: str, key: bytes, below: int) -> bytes | None:
+    """The placeholder map of the newest generation below `below` still stored, decrypted; None when none is."""
+    for generation in sorted((generation for generation, _ in _maps(blob_dir, document_id) if generation < below),
+                             reverse=True):
+        found = read_sealed_map(blob_dir, document_id, key, generation)
+        if found is not None:
+            return found
+    return None
 
 
 def stale_files(blob_dir: Path, older_than_seconds: float) -> Iterator[tuple[str, Path, bool]]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import bisect
 import functools
 import importlib
+import json
 import re
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import regex
@@ -42,7 +44,7 @@ from threadpoolctl import threadpool_limits
 
 from guard import pii_rules
 from guard.pii_rules import RedactionRules
-from guard.placeholders import numbered, unnumbered
+from guard.placeholders import numbered, type_and_number, unnumbered
 
 # en_core_web_md's NER fine-tuned for PERSON on train templates (bench/train_pii_ner.py), shipped in the package
 # without its static word vectors and their strings (≈40 MB): load_ner_pipeline reads them from the installed
@@ -118,46 +120,101 @@ def _lower_lemma(doc: Doc) -> Doc:
     return doc
 
 
-class PlaceholderMap:
-    """Original value → placeholder per entity type, shared by all chunks of one document."""
+@dataclass(frozen=True)
+class Numbering:
+    """A document's placeholders as one run of it numbered them: each placeholder → the first original seen for it
+    (raw PII: sealed under the document key), and the highest number minted per type over all its runs, those no
+    longer used included (never minted again: an older answer's `<PERSON_2>` may name it)."""
 
-    def __init__(self) -> None:
+    placeholders: dict[str, str] = field(default_factory=dict)
+    highest: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        """The sealed map file's content."""
+        return json.dumps({"placeholders": self.placeholders, "highest": self.highest}).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Numbering:
+        """A sealed map file's content; one written before numbers were kept is the placeholders alone."""
+        stored = json.loads(raw)
+        if "placeholders" not in stored:
+            return cls(placeholders=stored)
+        return cls(placeholders=stored["placeholders"], highest=stored["highest"])
+
+    def highest_numbers(self) -> dict[str, int]:
+        """The highest number minted per type: those kept, and those of the placeholders."""
+        highest = dict(self.highest)
+        for placeholder in self.placeholders:
+            entity_type, number = type_and_number(placeholder)
+            highest[entity_type] = max(highest.get(entity_type, 0), number)
+        return highest
+
+    def __repr__(self) -> str:
+        # Never show the values: this object holds raw PII.
+        return f"Numbering(placeholders={len(self.placeholders)}, highest={self.highest!r})"
+
+
+class PlaceholderMap:
+    """Original value → placeholder per entity type, shared by all chunks of one document. Seeded with the
+    `previous` run's numbering, a value it numbered keeps its placeholder and a new one is numbered after the
+    highest of its type ever minted; what the map tells (`mapping`, `counts`, `numbering`'s placeholders) is still
+    this run's values alone."""
+
+    def __init__(self, previous: Numbering | None = None) -> None:
         self._by_value: dict[tuple[str, str], str] = {}
         self._originals: dict[str, str] = {}  # placeholder → first value seen (reversible pseudonymisation)
-        self._counters: dict[str, int] = {}
+        self._counts: dict[str, int] = {}  # distinct placeholders of this run per type
+        self._previous: dict[tuple[str, str], str] = {}  # the previous run's values, by comparison key
+        self._highest: dict[str, int] = {}
+        if previous is not None:
+            self._highest = previous.highest_numbers()
+            for placeholder, value in previous.placeholders.items():
+                entity_type, _ = type_and_number(placeholder)
+                self._previous[(entity_type, _normalise(entity_type, value))] = placeholder
         self._lock = threading.Lock()
 
     def placeholder_for(self, entity_type: str, value: str) -> str:
-        """Return the placeholder for a value, minting `<TYPE_N>` on first sight."""
+        """Return the placeholder for a value: this run's, else the previous run's, else `<TYPE_N>` minted."""
         key = (entity_type, _normalise(entity_type, value))
         with self._lock:
-            found = self._by_value.get(key) or self._same_person(entity_type, key[1])
-            if found is None:
-                number = self._counters.get(entity_type, 0) + 1
-                self._counters[entity_type] = number
-                found = numbered(entity_type, number)
+            found = (self._by_value.get(key) or self._previous.get(key) or self._same_person(entity_type, key[1])
+                     or self._mint(entity_type))
+            if found not in self._originals:  # its first value in this run
                 self._by_value[key] = found
                 self._originals[found] = value
+                self._counts[entity_type] = self._counts.get(entity_type, 0) + 1
             return found
 
+    def _mint(self, entity_type: str) -> str:
+        number = self._highest.get(entity_type, 0) + 1
+        self._highest[entity_type] = number
+        return numbered(entity_type, number)
+
     def _same_person(self, entity_type: str, value: str) -> str | None:
-        """"Maria" after "Maria Gonzalez" (or the reverse) is the same person when only one name fits."""
+        """"Maria" after "Maria Gonzalez" (or the reverse) is the same person when only one name fits, of those seen
+        in this run or numbered by the previous one."""
         if entity_type != "PERSON":
             return None
         words = set(value.split())
-        matches = {placeholder for (kind, seen), placeholder in self._by_value.items()
-                   if kind == "PERSON" and (words <= set(seen.split()) or set(seen.split()) <= words)}
+        seen = [*self._by_value.items(), *self._previous.items()]
+        matches = {placeholder for (kind, name), placeholder in seen
+                   if kind == "PERSON" and (words <= set(name.split()) or set(name.split()) <= words)}
         return matches.pop() if len(matches) == 1 else None
 
     def mapping(self) -> dict[str, str]:
-        """Placeholder → the first original value seen for it (for reversible pseudonymisation)."""
+        """Placeholder → the first original value seen for it in this run (for reversible pseudonymisation)."""
         with self._lock:
             return dict(self._originals)
 
     def counts(self) -> dict[str, int]:
-        """Return how many distinct values were seen per entity type."""
+        """Return how many distinct values (placeholders) this run saw per entity type."""
         with self._lock:
-            return dict(self._counters)
+            return dict(self._counts)
+
+    def numbering(self) -> Numbering:
+        """This run's placeholders and the highest numbers ever minted, to seal for the document's next run."""
+        with self._lock:
+            return Numbering(placeholders=dict(self._originals), highest=dict(self._highest))
 
     def __len__(self) -> int:
         return len(self._by_value)

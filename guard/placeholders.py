@@ -14,7 +14,7 @@ ENTITY_TYPE = r"[A-Z][A-Z0-9_]{1,40}"  # a type's name, built in (EMAIL_ADDRESS)
 QUALIFIER = "·"
 _NUMBER = r"[1-9][0-9]*"  # ASCII digits, counted from 1: per document for N, citations for C
 
-NUMBERED = re.compile(rf"<(?P<type>{ENTITY_TYPE})_{_NUMBER}>")  # as a document's text holds it
+NUMBERED = re.compile(rf"<(?P<type>{ENTITY_TYPE})_(?P<number>{_NUMBER})>")  # as a document's text holds it
 UNNUMBERED = re.compile(rf"<(?P<type>{ENTITY_TYPE})>")  # as a title holds it
 _AS_SHOWN = re.compile(rf"(?P<own><{ENTITY_TYPE}_{_NUMBER})(?:{QUALIFIER}{_NUMBER})?>")
 
@@ -22,6 +22,15 @@ _AS_SHOWN = re.compile(rf"(?P<own><{ENTITY_TYPE}_{_NUMBER})(?:{QUALIFIER}{_NUMBE
 def numbered(entity_type: str, number: int) -> str:
     """The document's `number`th placeholder of `entity_type`: `<PERSON_1>`."""
     return f"<{entity_type}_{number}>"
+
+
+def type_and_number(placeholder: str) -> tuple[str, int]:
+    """The type and number of a document's placeholder: ("PERSON", 2) for `<PERSON_2>`. ValueError for anything
+    else."""
+    match = NUMBERED.fullmatch(placeholder)
+    if match is None:
+        raise ValueError("not a document's placeholder")
+    return match["type"], int(match["number"])
 
 
 def unnumbered(entity_type: str) -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from core import crypto
 from guard.injection import InjectionScanner
-from guard.pii import REDACTED_ENTITIES, PiiRedactor, PlaceholderMap
+from guard.pii import REDACTED_ENTITIES, Numbering, PiiRedactor, PlaceholderMap
 from guard.pii_rules import RedactionRules
 from ingestion.chunk import Chunk, chunk_sections
 from ingestion.classify import Verdict, classify_chunks, with_title_pii
@@ -53,7 +53,7 @@ class Protected:
     flagged: tuple[int, ...]  # chunk indices with instruction-like text
     review_reason: str | None  # set: quarantine, index nothing
     stage_seconds: dict[str, float]
-    placeholders: dict[str, str] = field(default_factory=dict)  # placeholder → original (raw PII: seal it)
+    numbering: Numbering = field(default_factory=Numbering)  # this run's placeholders (raw PII: seal them)
 
     def __repr__(self) -> str:
         # Never show the placeholder values: they are raw PII.
@@ -62,14 +62,17 @@ class Protected:
 
 def protect(data: bytes, facts: DocumentFacts, *, key: bytes, embedder: TextEmbedder, redactor: PiiRedactor,
             max_chars: int, rules: IngestionRules | None = None, scanner: InjectionScanner | None = None,
-            limits: ParseLimits | None = None) -> Protected:
-    """Parse, chunk, redact, classify, scan, then embed the redacted text and seal it: nothing is plaintext."""
+            limits: ParseLimits | None = None, previous_numbering: Numbering | None = None) -> Protected:
+    """Parse, chunk, redact, classify, scan, then embed the redacted text and seal it: nothing is plaintext. With
+    `previous_numbering` (the placeholders an earlier run of the document kept), a value it numbered keeps its
+    placeholder and a new one is numbered after the highest ever minted; the counts, the level and the numbering
+    returned are this run's values alone."""
     rules = rules or IngestionRules()
     clock = _Stopwatch()
     chunks = chunk_sections(parse_document(data, facts.content_type, limits), max_chars=max_chars)
     clock.lap("parse")
     texts = [chunk.text for chunk in chunks]
-    placeholders = PlaceholderMap()
+    placeholders = PlaceholderMap(previous_numbering)
     redacted = redactor.redact_many(texts, placeholders, rules.redaction)
     clock.lap("pii")
     pii_counts = with_title_pii(placeholders.counts(), facts.title, [*REDACTED_ENTITIES, *rules.redaction.entities])
@@ -82,7 +85,7 @@ def protect(data: bytes, facts: DocumentFacts, *, key: bytes, embedder: TextEmbe
     reason = review_reason(verdict, flagged, rules, approved_level=facts.approved_level)
     if reason is not None:
         return Protected(points=[], verdict=verdict, flagged=flagged, review_reason=reason,
-                         stage_seconds=clock.laps, placeholders=placeholders.mapping())
+                         stage_seconds=clock.laps, numbering=placeholders.numbering())
     kept = [(c, t) for c, t in zip(chunks, redacted, strict=True) if c.index not in set(flagged)]
     vectors, sentences = sentence_vectors.embed_chunks(embedder, [text for _, text in kept])
     clock.lap("embed")
@@ -94,7 +97,7 @@ def protect(data: bytes, facts: DocumentFacts, *, key: bytes, embedder: TextEmbe
     ]
     clock.lap("encrypt")
     return Protected(points=points, verdict=verdict, flagged=flagged, review_reason=None,
-                     stage_seconds=clock.laps, placeholders=placeholders.mapping())
+                     stage_seconds=clock.laps, numbering=placeholders.numbering())
 
 
 def review_reason(verdict: Verdict, flagged: tuple[int, ...], rules: IngestionRules, *,

@@ -24,7 +24,7 @@ from core.models import MAX_CRASHED_RUNS, RETIRED, UNFINISHED, Document, Documen
 from core.settings import Settings
 from core.text import printable_name
 from guard.injection import get_scanner
-from guard.pii import REDACTED_ENTITIES, get_redactor
+from guard.pii import REDACTED_ENTITIES, Numbering, get_redactor
 from guard.pii_rules import RedactionRules
 from guard.placeholders import document_placeholder
 from ingestion import formats, purge, quarantine, repository
@@ -55,6 +55,8 @@ CRASHED_TOO_OFTEN = f"ingestion stopped: the worker died {MAX_CRASHED_RUNS} time
 ATTACHMENTS_UNLISTED = "the e-mail's attachments could not be read (an internal error); none was ingested"
 KEY_MISSING = "the document's data key is missing: upload it again"
 ORIGINAL_UNREADABLE = "the document's stored original is missing or does not open under its key: upload it again"
+MAP_UNREADABLE = ("the document's placeholder map does not open under its key, so its placeholders cannot be numbered "
+                  "as before: upload it again")
 
 
 def accept_upload(
@@ -115,17 +117,17 @@ def _run_once(settings: Settings, document_id: str, job_id: str) -> bool:
         return True
     facts, key, rules = claimed
     try:
-        result = protect(_original(settings, document_id, key), facts, key=key,
-                         embedder=get_embedder(settings.embedding_backend), redactor=get_redactor(),
-                         max_chars=settings.chunk_max_chars, rules=rules, scanner=get_scanner(),
-                         limits=parse_limits(settings))
+        data = _original(settings, document_id, key)
+        result = protect(data, facts, key=key, embedder=get_embedder(settings.embedding_backend),
+                         redactor=get_redactor(), max_chars=settings.chunk_max_chars, rules=rules,
+                         scanner=get_scanner(), limits=parse_limits(settings),
+                         previous_numbering=_previous_numbering(settings, facts, key) if rules.reversible else None)
     except GovragError as exc:  # permanent: a bad or over-limit file, an original lost; retrying cannot help
         logger.info("ingestion failed permanently for document %s", document_id)
         return _finish(settings, document_id, job_id, DocumentStatus.failed, error=exc.message,
                        generation=facts.generation) is not RunEnd.again
-    if result.placeholders and rules.reversible:
-        blobs.write_sealed_map(settings.blob_dir, document_id, key, json.dumps(result.placeholders).encode(),
-                               facts.generation)
+    if rules.reversible and (result.numbering.placeholders or result.numbering.highest):
+        blobs.write_sealed_map(settings.blob_dir, document_id, key, result.numbering.to_json(), facts.generation)
     if result.review_reason is None:
         open_vector_store(settings).upsert(facts.department, result.points)  # beside the served generation's
     status = DocumentStatus.ready if result.review_reason is None else DocumentStatus.quarantined
@@ -276,9 +278,9 @@ def reveal(*, session: Session, settings: Settings, document_id: str, placeholde
     served = document.served_generation  # the map of the chunks queries cite, never a run's still going
     raw = (blobs.read_sealed_map(settings.blob_dir, document_id, key, served)
            if key is not None and served is not None else None)
-    if raw is None:
+    mapping = Numbering.from_json(raw).placeholders if raw is not None else {}  # {}: the run minted none
+    if not mapping:
         raise GovragError(ErrorCode.not_found, "the document keeps no reversible placeholders")
-    mapping: dict[str, str] = json.loads(raw)
     own = {shown: document_placeholder(shown) for shown in placeholders}
     return document.department, RevealOut(document_id=document_id,
                                           values={shown: mapping[p] for shown, p in own.items() if p in mapping})
@@ -386,6 +388,20 @@ def _original(settings: Settings, document_id: str, key: bytes) -> bytes:
         raise GovragError(ErrorCode.internal, ORIGINAL_UNREADABLE) from exc
 
 
+def _previous_numbering(settings: Settings, facts: DocumentFacts, key: bytes) -> Numbering | None:
+    """The placeholders the document's newest earlier run kept (its sealed map, of a generation below this run's,
+    still stored: the served one, the one a fail-closed re-index withheld, or one a run that died wrote), for this
+    run to number as it did; None when no earlier run kept one. A map that does not open under the document's key
+    (altered bytes) fails the run at once: numbered afresh, an answer's `<PERSON_1>` from an earlier run would be
+    revealed as whoever this run numbered first."""
+    try:
+        raw = blobs.read_newest_sealed_map(settings.blob_dir, facts.document_id, key, below=facts.generation)
+    except crypto.DecryptionError as exc:
+        logger.warning("a placeholder map of document %s does not open under its key", facts.document_id)
+        raise GovragError(ErrorCode.internal, MAP_UNREADABLE) from exc
+    return Numbering.from_json(raw) if raw is not None else None
+
+
 def _approved_level(document: Document) -> Classification | None:
     """The level an admin released the document at, if one did."""
     if document.approved_by is None or document.approved_level is None:
@@ -428,8 +444,8 @@ def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentS
         purge.purge_now(settings, [document_id])
         return RunEnd.over
     through = state.newest if written else generation  # a stale run drops its own points, never a later run's
-    if through is not None:
-        _drop_superseded(settings, document_id, state, through)
+    if through is not None:  # and its own map only: the one it was numbered from numbers its next run too
+        _drop_superseded(settings, document_id, state, through, maps_since=0 if written else through)
     if not written:
         return _unwritten(document_id, state, generation)
     metrics.INGESTED_DOCUMENTS.labels(department=state.department, status=str(status)).inc()
@@ -469,11 +485,12 @@ def _index_state(session: Session, document_id: str, job_id: str) -> _IndexState
     return _IndexState(document.department, document.served_generation, document.index_generation)
 
 
-def _drop_superseded(settings: Settings, document_id: str, state: _IndexState, through: int) -> None:
-    """Remove the points and placeholder maps of the document's generations up to `through` other than the one it
-    serves: after a run ended ready, the previous index; after one that failed or went stale, its own (and the
-    index a re-index withheld, or one lost with the document's key). An outage leaves them (never cited: queries
-    re-check the generation) to the document's next run."""
+def _drop_superseded(settings: Settings, document_id: str, state: _IndexState, through: int, *,
+                     maps_since: int = 0) -> None:
+    """Remove the points and placeholder maps (those from generation `maps_since`) of the document's generations up
+    to `through` other than the one it serves: after a run ended ready, the previous index; after one that failed
+    or went stale, its own (and the index a re-index withheld, or one lost with the document's key). An outage
+    leaves the points (never cited: queries re-check the generation) to the document's next run."""
     try:
         open_vector_store(settings).delete_superseded(state.department, document_id, served=state.served,
                                                       through=through)
@@ -482,7 +499,8 @@ def _drop_superseded(settings: Settings, document_id: str, state: _IndexState, t
             raise
         logger.warning("superseded points of document %s stay until its next run: the vector store is unavailable",
                        document_id)
-    blobs.remove_superseded_maps(settings.blob_dir, document_id, served=state.served, through=through)
+    blobs.remove_superseded_maps(settings.blob_dir, document_id, served=state.served, through=through,
+                                 since=maps_since)
 
 
 def _current(session: Session, document_id: str) -> Document | None:

@@ -20,6 +20,7 @@ from email.message import EmailMessage
 import pytest
 from fastapi.testclient import TestClient
 
+from core import blobs
 from core.db import get_session_factory
 from retrieval.store import open_vector_store
 from tests.conftest import PLATFORM_ADMIN, auth, damaged_doc, wait_for_attachments, wait_for_document, wait_for_job
@@ -892,12 +893,19 @@ def _reindex_one(client: TestClient, admin: str, department: str, document_id: s
     return str(wait_for_document(client, editor, document_id)["status"])
 
 
-@pytest.mark.parametrize("policy", [{"reversible": False}, {"reversible": True, "allow_list": ["Maria Gonzalez"]}],
-                         ids=["reversible-turned-off", "no-placeholders-minted"])
+@pytest.mark.parametrize(("policy", "numbers_kept"), [
+    ({"reversible": False}, None),
+    ({"reversible": True, "allow_list": ["Maria Gonzalez"]}, {"PERSON": 1}),
+], ids=["reversible-turned-off", "no-placeholders-minted"])
 def test_a_reindex_replaces_the_placeholder_map(client: TestClient, lab: dict[str, str], settings,  # type: ignore[no-untyped-def]
-                                                policy: dict[str, object]) -> None:
+                                                policy: dict[str, object], numbers_kept: dict[str, int] | None) -> None:
     """The sealed map was only ever written: after the department stopped keeping originals, or after a re-index
-    that minted no placeholders, reveal still answered the originals of the earlier run."""
+    that minted no placeholders, reveal still answered the originals of the earlier run. A run that minted none
+    keeps the highest numbers minted before, and no original: a later run never gives `<PERSON_1>` to another."""
+    from core.db import unit_of_work
+    from core.keystore import keystore_for
+    from guard.pii import Numbering
+
     department = _reversible_department(client, lab["admin"])
     doc = _ingest(client, lab["editor"], department, "minutes.txt",
                   b"Minutes: Maria Gonzalez approved the budget.")
@@ -909,7 +917,16 @@ def test_a_reindex_replaces_the_placeholder_map(client: TestClient, lab: dict[st
                       headers=auth(lab["admin"])).status_code == 200
     assert _reindex_one(client, lab["admin"], department, doc["document_id"], lab["editor"]) == "ready"
     assert client.post(url, json=body, headers=auth(pia)).status_code == 404
-    assert not list(settings.blob_dir.glob(f"{doc['document_id']}*.pii"))
+    maps = list(settings.blob_dir.glob(f"{doc['document_id']}*.pii"))
+    if numbers_kept is None:
+        assert not maps
+        return
+    with unit_of_work(settings.resolved_database_url) as session:
+        key = keystore_for(settings).document_key(session=session, department=department,
+                                                  document_id=doc["document_id"])
+    raw = blobs.read_newest_sealed_map(settings.blob_dir, doc["document_id"], key, below=2**31)  # type: ignore[arg-type]
+    assert len(maps) == 1 and raw is not None
+    assert Numbering.from_json(raw) == Numbering(placeholders={}, highest=numbers_kept)
 
 
 def test_a_reindex_that_fails_keeps_the_placeholder_map_of_the_index_still_served(
@@ -950,6 +967,97 @@ def test_a_reindex_that_fails_leaves_no_placeholder_map_to_reveal(
     assert _reindex_one(client, lab["admin"], department, doc["document_id"], lab["editor"]) == "failed"
     assert client.post(url, json=body, headers=auth(pia)).status_code == 404
     assert not list(settings.blob_dir.glob(f"{doc['document_id']}*.pii"))
+
+
+BUDGET_MINUTES = (b"Minutes of the budget meeting. Omar Haddad opened the meeting. Maria Gonzalez approved the budget. "
+                  b"John Smith booked the room.")
+
+
+def _two_people_then_three(client: TestClient, lab: dict[str, str]) -> tuple[str, str, str, dict[str, str]]:
+    """The minutes ingested where the department lets the name that opens them through (allow list): two people
+    numbered, each revealed; then the name is no longer allowed, for the re-index to find a third person first in
+    the text. The department, the document's id, the privacy officer's token and the two people revealed."""
+    department = _reversible_department(client, lab["admin"])
+    policy = f"/v1/admin/departments/{department}/ingestion-policy"
+    assert client.put(policy, json={"reversible": True, "allow_list": ["Omar Haddad"]},
+                      headers=auth(lab["admin"])).status_code == 200
+    document_id = str(_ingest(client, lab["editor"], department, "budget.txt", BUDGET_MINUTES)["document_id"])
+    pia = client.app.state.dev_issuer.issue("pia", [])  # type: ignore[attr-defined]
+    revealed = client.post(f"/v1/documents/{document_id}/reveal", headers=auth(pia),
+                           json={"placeholders": ["<PERSON_1>", "<PERSON_2>", "<PERSON_3>"]}).json()["values"]
+    assert revealed == {"<PERSON_1>": "Maria Gonzalez", "<PERSON_2>": "John Smith"}, revealed
+    assert client.put(policy, json={"reversible": True}, headers=auth(lab["admin"])).status_code == 200
+    return department, document_id, pia, revealed
+
+
+def _revealed_after_the_reindex(client: TestClient, lab: dict[str, str], department: str, document_id: str,
+                                pia: str) -> dict[str, str]:
+    """The three people revealed once the document is ready again, and the answer naming them as its text does."""
+    assert wait_for_document(client, lab["editor"], document_id)["status"] == "ready"
+    response = client.post(f"/v1/documents/{document_id}/reveal", headers=auth(pia),
+                           json={"placeholders": ["<PERSON_1>", "<PERSON_2>", "<PERSON_3>", "<PERSON_4>"]})
+    assert response.status_code == 200, response.text
+    answer = client.post("/v1/query", headers=auth(lab["editor"]), json={
+        "question": "Who opened the budget meeting and who approved the budget?", "departments": [department]})
+    assert answer.status_code == 200, answer.text
+    assert "<PERSON_3> opened the meeting" in answer.text and "<PERSON_1> approved the budget" in answer.text
+    return dict(response.json()["values"])
+
+
+def test_a_reindex_that_finds_one_more_person_keeps_the_numbers_it_gave_before(
+        client: TestClient, lab: dict[str, str], settings) -> None:  # type: ignore[no-untyped-def]
+    """A re-index numbered the placeholders from 1 again: after a rule change that found one more person earlier in
+    the text, `<PERSON_1>` of the answers before it (shown to users, in their notes, in the audit) was another
+    person, and revealing it named the wrong one. A value numbered before now keeps its placeholder, and a new one
+    is numbered after the highest ever minted."""
+    department, document_id, pia, before = _two_people_then_three(client, lab)
+    _reindex(client, lab, department, document_id)
+    assert _revealed_after_the_reindex(client, lab, department, document_id, pia) == {
+        **before, "<PERSON_3>": "Omar Haddad"}
+    assert len(list(settings.blob_dir.glob(f"{document_id}*.pii"))) == 1
+
+
+def test_a_reindex_during_a_reindex_keeps_the_numbers_given_before_both(
+        client: TestClient, lab: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second re-index handing the first one's run back (its rules may predate the second change) made that run
+    remove the map of the index the first one withheld, as its own; the run going again found none to number as it
+    did. A run handed back now removes its own map only."""
+    department, document_id, pia, before = _two_people_then_three(client, lab)
+    reached, release = _hold_the_end(monkeypatch, document_id)
+    job = _reindex(client, lab, department, document_id)
+    try:
+        assert reached.wait(120)
+        again = client.post("/v1/admin/reindex", headers=auth(lab["admin"]),
+                            json={"department": department, "document_ids": [document_id]})
+        assert again.status_code == 202 and again.json()["queued"] == [job], again.text  # its run goes again
+    finally:
+        release.set()
+    assert _revealed_after_the_reindex(client, lab, department, document_id, pia) == {
+        **before, "<PERSON_3>": "Omar Haddad"}
+
+
+def test_a_reindex_whose_placeholder_map_was_altered_fails_at_once(
+        client: TestClient, lab: dict[str, str], settings, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    """A run reads the placeholder map an earlier run sealed, to number its placeholders as that run did; one that
+    does not open under the document's key (altered bytes) fails the run at once, saying to upload the document
+    again: numbered afresh, an older answer's `<PERSON_1>` would be revealed as whoever this run numbered first. The
+    warning names the document, never a value."""
+    from ingestion import service
+
+    department = _reversible_department(client, lab["admin"])
+    document_id = str(_ingest(client, lab["editor"], department, "budget.txt", BUDGET_MINUTES)["document_id"])
+    [sealed_map] = settings.blob_dir.glob(f"{document_id}*.pii")
+    sealed = bytearray(sealed_map.read_bytes())
+    sealed[-1] ^= 0x01  # one bit of the authentication tag
+    sealed_map.write_bytes(bytes(sealed))
+    with caplog.at_level("WARNING", logger="ingestion.service"):
+        job = wait_for_job(client, lab["editor"], _reindex(client, lab, department, document_id))
+    document = client.get(f"/v1/documents/{document_id}", headers=auth(lab["editor"])).json()
+    assert (job["status"], job["error"], job["attempts"]) == ("failed", service.MAP_UNREADABLE, 1)
+    assert document["status"] == "failed" and str(document["error"]).endswith(service.MAP_UNREADABLE)
+    warned = [r.getMessage() for r in caplog.records if r.name == "ingestion.service" and r.levelname == "WARNING"]
+    assert any(document_id in message and "placeholder map" in message for message in warned), warned
+    assert not any(name in caplog.text for name in ("Maria", "Gonzalez", "Omar", "Haddad", "John Smith"))
 
 
 def test_email_attachments_become_child_documents(client: TestClient, lab: dict[str, str]) -> None:

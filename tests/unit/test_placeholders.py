@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from guard.pii import PlaceholderMap, type_placeholder
+from guard.pii import Numbering, PlaceholderMap, type_placeholder
 from guard.pii_rules import CustomRecognizer, validate_custom
 from guard.placeholders import NUMBERED, UNNUMBERED, document_placeholder, is_placeholder, qualify
 
@@ -25,3 +25,45 @@ def test_what_redaction_mints_every_reader_takes_for_a_placeholder(entity_type: 
 def test_a_type_no_department_may_name_is_no_placeholder(entity_type: str) -> None:
     assert validate_custom(CustomRecognizer(entity=entity_type, pattern=r"\d{6}")) is not None
     assert not is_placeholder(f"<{entity_type}_1>") and NUMBERED.fullmatch(f"<{entity_type}_1>") is None
+
+
+def test_a_map_seeded_with_an_earlier_numbering_keeps_its_numbers_and_tells_this_run_alone() -> None:
+    """A re-index numbered from 1 again: one more person found earlier in the text shifted every `<PERSON_N>`, and
+    an older answer's placeholder was revealed as another person. Seeded with the earlier run's numbering, a value it
+    numbered keeps its placeholder and a new one comes after the highest ever minted (a retired number included);
+    the counts, the mapping and the numbering to seal hold only the values this run saw."""
+    earlier = Numbering(placeholders={"<PERSON_1>": "Maria Gonzalez", "<PERSON_2>": "John Smith",
+                                      "<EMAIL_ADDRESS_1>": "maria@example.com"},
+                        highest={"PERSON": 3, "EMAIL_ADDRESS": 1})  # <PERSON_3>: a value no longer detected
+    placeholders = PlaceholderMap(earlier)
+    assert placeholders.placeholder_for("PERSON", "Omar Haddad") == "<PERSON_4>"  # first in the text, numbered after
+    assert placeholders.placeholder_for("PERSON", "JOHN  smith") == "<PERSON_2>"
+    assert placeholders.placeholder_for("PERSON", "Maria") == "<PERSON_1>"  # "Maria Gonzalez", as numbered before
+    assert placeholders.placeholder_for("PERSON", "Maria Gonzalez") == "<PERSON_1>"
+    assert placeholders.placeholder_for("EMAIL_ADDRESS", "omar@example.com") == "<EMAIL_ADDRESS_2>"
+    assert placeholders.counts() == {"PERSON": 3, "EMAIL_ADDRESS": 1}  # this run's values: the level's input
+    assert placeholders.mapping() == {"<PERSON_4>": "Omar Haddad", "<PERSON_2>": "JOHN  smith", "<PERSON_1>": "Maria",
+                                      "<EMAIL_ADDRESS_2>": "omar@example.com"}  # maria@example.com: not seen now
+    sealed = placeholders.numbering()
+    assert sealed.placeholders == placeholders.mapping() and sealed.highest == {"PERSON": 4, "EMAIL_ADDRESS": 2}
+    assert Numbering.from_json(sealed.to_json()) == sealed
+    assert "Maria" not in repr(sealed) and "Omar" not in repr(placeholders)
+
+
+def test_a_map_seeded_from_a_map_kept_before_numbers_were_continues_after_its_placeholders() -> None:
+    """A sealed map written before the highest numbers were kept is the placeholders alone."""
+    earlier = Numbering.from_json(b'{"<PERSON_2>": "John Smith", "<EMP2_1>": "EMP-123455"}')
+    assert earlier.placeholders == {"<PERSON_2>": "John Smith", "<EMP2_1>": "EMP-123455"}
+    placeholders = PlaceholderMap(earlier)
+    assert placeholders.placeholder_for("PERSON", "Maria Gonzalez") == "<PERSON_3>"
+    assert placeholders.placeholder_for("EMP2", "EMP-000018") == "<EMP2_2>"
+    assert placeholders.placeholder_for("EMP2", "EMP-123455") == "<EMP2_1>"
+
+
+def test_a_first_name_matching_two_people_gets_a_number_of_its_own_when_one_was_numbered_before() -> None:
+    """"Maria" is the same person as the one "Maria …" seen, in this run or numbered before; with one of each it
+    could be either, and gets a number of its own rather than the wrong person's."""
+    placeholders = PlaceholderMap(Numbering(placeholders={"<PERSON_1>": "Maria Gonzalez"}))
+    assert placeholders.placeholder_for("PERSON", "Maria Lopez") == "<PERSON_2>"
+    assert placeholders.placeholder_for("PERSON", "Maria") == "<PERSON_3>"
+    assert placeholders.placeholder_for("PERSON", "Maria Gonzalez") == "<PERSON_1>"
