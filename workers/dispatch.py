@@ -236,8 +236,12 @@ def _mark_sent(session: Session, job_id: str) -> None:
 
 def sweep_jobs(app: GovragCelery, *, older_than_seconds: float) -> None:
     """The API's periodic sweep (core/sweeper.py): jobs a restarted Redis lost (skipped while Redis cannot be
-    reached), jobs stalled in processing, then every job still unsent."""
+    reached), jobs stalled in processing, then every job still unsent. Looking for lost jobs holds back neither
+    other step: a read Redis refuses (an ACL without LRANGE) is raised once they have run."""
     settings = app.govrag_settings
-    resend_lost(app, older_than_seconds=older_than_seconds)
-    resend_stalled(app, stalled_after_seconds=settings.ingest_time_limit_seconds + settings.broker_visibility_timeout)
-    send_unsent(app, older_than_seconds=older_than_seconds)
+    try:
+        resend_lost(app, older_than_seconds=older_than_seconds)
+    finally:
+        resend_stalled(app,
+                       stalled_after_seconds=settings.ingest_time_limit_seconds + settings.broker_visibility_timeout)
+        send_unsent(app, older_than_seconds=older_than_seconds)

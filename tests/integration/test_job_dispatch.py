@@ -1136,6 +1136,42 @@ def test_a_sweep_while_redis_is_down_still_sends_a_stalled_job_again(
     assert secret not in warned and "127.0.0.1" not in warned
 
 
+def test_a_sweep_whose_redis_refuses_its_read_still_sends_a_stalled_job_again(tmp_path: Path) -> None:
+    """Redis reached but refusing the read that looks for lost jobs (an ACL granting the commands Celery uses and not
+    LRANGE: NOPERM) ended the sweep's round there: a job stalled in `processing` was never sent again. The refusal
+    still fails the round (a misconfiguration, logged with its traceback), once its other steps have run."""
+    import redis
+    from redis.exceptions import NoPermissionError
+
+    from api.app import create_app
+    from core.db import unit_of_work
+    from core.models import IngestionJob, utcnow
+    from retrieval.store import close_vector_store
+    from workers.celery_app import create_celery
+    from workers.dispatch import sweep_jobs
+
+    url, settings = _embedded(tmp_path)
+    with TestClient(create_app(settings)) as client:
+        stalled = _upload(client, desk_member(client, "editor"), 0)["job_id"]
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    with unit_of_work(url) as session:
+        session.execute(update(IngestionJob).where(IngestionJob.id == stalled)
+                        .values(status="processing", updated_at=utcnow() - timedelta(days=1)))
+    admin, queue = redis.Redis.from_url(REDIS_URL), settings.task_queue
+    user, password = f"govrag-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    admin.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["*"], channels=["*"],
+                      commands=["+@all", "-lrange"])
+    try:
+        refusing = settings.model_copy(update={"broker_url": REDIS_URL.replace("://", f"://{user}:{password}@")})
+        with pytest.raises(NoPermissionError):
+            sweep_jobs(create_celery(refusing), older_than_seconds=0)
+        assert admin.llen(queue) == 1  # the stalled job, sent again
+    finally:
+        admin.acl_deluser(user)
+        admin.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
+
+
 def test_jobs_a_restarted_redis_lost_are_sent_again(make_pg_database: Callable[[], str], tmp_path: Path) -> None:
     """A Redis without persistence that restarts loses the tasks it held; their documents stayed `queued` for ever.
     While tasks still wait on the broker nothing is touched; once it holds none, the queued jobs are sent again."""
