@@ -307,6 +307,16 @@ def test_a_rotation_finishing_and_a_deletion_of_two_documents_run_one_after_the_
     assert [v for v, _ in _versions(settings, "department", department)] == [version]
 
 
+def _wait_for_a_second_user(name: str, waiter: threading.Thread) -> None:
+    """Until a second transaction of this process holds or waits for the SQLite lock `name` (`transaction_lock`)."""
+    from core.db import _PROCESS_LOCKS
+
+    deadline = time.monotonic() + 60
+    while (lock := _PROCESS_LOCKS._locks.get(name)) is None or lock.users < 2:
+        assert waiter.is_alive() and time.monotonic() < deadline, f"nothing waited for {name}"
+        time.sleep(0.02)
+
+
 def test_on_sqlite_a_rotation_batch_reaching_a_document_whose_deletion_has_not_committed_leaves_it_shredded(
         tmp_path: Path) -> None:
     """On the embedded SQLite a rotation's batch read the document's key row outside any transaction (the driver
@@ -345,7 +355,7 @@ def test_on_sqlite_a_rotation_batch_reaching_a_document_whose_deletion_has_not_c
         ingestion_service.delete_document(session=deletion, settings=settings, document_id=deleted_id,
                                           can_delete=lambda _: True)
         batch.start()
-        time.sleep(0.5)  # the batch waits: for the department's key lock (before: for the database's write lock)
+        _wait_for_a_second_user("keys:department:desk", batch)  # before: it read the row, then waited to write
     batch.join(timeout=60)
     assert not batch.is_alive()
     assert _shredded(settings, "desk", deleted_id)
