@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
-from core.errors import unavailable_dependency
+from core.errors import Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +34,10 @@ class Sweeper:
             for name, sweep in self._sweeps.items():
                 try:
                     sweep()
-                except Exception as exc:  # noqa: BLE001 - a dependency may be briefly away; the next round tries again
-                    dependency = unavailable_dependency(exc)  # away (a volume not mounted, a server down): a warning
-                    if dependency is None:
-                        logger.exception("the %s sweep failed", name)
-                    else:
-                        logger.warning("the %s sweep waits for the %s: the next round tries again", name, dependency)
+                except Unavailable as away:  # a volume not mounted, the vector store down: said, not a failure
+                    logger.warning("the %s sweep waits for the %s: the next round tries again", name, away.dependency)
+                except Exception:  # noqa: BLE001 - the next round tries again; a database error keeps its traceback
+                    logger.exception("the %s sweep failed", name)  # (its outage and a missing table look alike)
 
 
 def at_most_every(seconds: float, sweep: Callable[[], object]) -> Callable[[], object]:

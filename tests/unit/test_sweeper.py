@@ -68,3 +68,24 @@ def test_a_throttled_sweep_runs_at_most_once_per_period_even_when_it_fails() -> 
     with pytest.raises(ConnectionError):
         throttled()
     assert len(runs) == 2
+
+
+def test_a_sweep_failing_on_a_database_error_keeps_its_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """A database error may be an outage or a bug (SQLite's "no such table" after a missed migration looks like
+    one): it is logged as the sweep's failure, with its traceback, not as a wait."""
+    from sqlalchemy.exc import OperationalError
+
+    ran = threading.Event()
+
+    def missing_table() -> None:
+        ran.set()
+        raise OperationalError("SELECT 1", {}, Exception("no such table: pending_purges"))
+
+    sweeper = Sweeper({"document purge": missing_table}, interval=0.01)
+    with caplog.at_level(logging.WARNING, logger="core.sweeper"):
+        sweeper.start()
+        assert ran.wait(timeout=30)
+        sweeper.stop()
+    assert caplog.records
+    assert {(r.levelno, r.getMessage()) for r in caplog.records} == {(logging.ERROR, "the document purge sweep failed")}
+    assert all(r.exc_info is not None for r in caplog.records)
