@@ -85,7 +85,7 @@ class KeyStore:
     def create_document_key(self, *, session: Session, department: str, document_id: str) -> bytes:
         """A new data key for a document, stored wrapped by the department key."""
         key = crypto.new_key()
-        transaction_lock(session, _department_lock(department), shared=True)  # before reading the version
+        lock_department_keys(session, department)  # before reading the version
         parent_row = _latest(session, "department", department)
         if parent_row is None:
             raise LookupError("department has no key")
@@ -311,7 +311,8 @@ def _documents_only_below(session: Session, department: str, version: int) -> li
 
 
 def lock_department_keys(session: Session, department: str) -> None:
-    """Hold the department's key lock shared until the transaction ends, before shredding any of its document keys
+    """Hold the department's key lock shared until the transaction ends: before wrapping a document key under its
+    newest version (a rotation retiring the older ones waits for it), and before shredding any of its document keys
     (and before the transaction's first write: a rotation holding it exclusively writes key rows the shredding
     deletes). A rotation's rewrap then never wraps a key again as it is shredded."""
     transaction_lock(session, _department_lock(department), shared=True)
