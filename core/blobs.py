@@ -79,13 +79,21 @@ def write_sealed_map(blob_dir: Path, document_id: str, key: bytes, data: bytes, 
     _write_sealed(_map_path(blob_dir, document_id, generation), key, data, f"govrag:pii-map:{document_id}")
 
 
-def remove_superseded_maps(blob_dir: Path, document_id: str, *, served: int | None, through: int,
-                           since: int = 0) -> None:
-    """Delete the document's placeholder maps of generations from `since` up to `through` other than the served one
-    (as `retrieval.store.superseded_points` selects its points)."""
-    for generation, path in _maps(blob_dir, document_id):
-        if since <= generation <= through and generation != served:
+def remove_superseded_maps(blob_dir: Path, document_id: str, *, served: int | None, through: int) -> None:
+    """Delete the document's placeholder maps of generations up to `through` (as `retrieval.store.superseded_points`
+    selects its points) but the one its next run numbers from: the served one, or while it serves none (failed or
+    quarantined, it may run again), the newest one. That one goes at the end of a later run that ends ready (serving
+    its own map, if it keeps one), or with the document (`remove`); reveal reads only the served generation's map."""
+    maps = [(generation, path) for generation, path in _maps(blob_dir, document_id) if generation <= through]
+    kept = served if served is not None else max((generation for generation, _ in maps), default=None)
+    for generation, path in maps:
+        if generation != kept:
             path.unlink(missing_ok=True)
+
+
+def remove_map(blob_dir: Path, document_id: str, generation: int) -> None:
+    """Delete the placeholder map of one index generation of the document, if it has one."""
+    _map_path(blob_dir, document_id, generation).unlink(missing_ok=True)
 
 
 def read_sealed_map(blob_dir: Path, document_id: str, key: bytes, generation: int) -> bytes | None:

@@ -390,10 +390,10 @@ def _original(settings: Settings, document_id: str, key: bytes) -> bytes:
 
 def _previous_numbering(settings: Settings, facts: DocumentFacts, key: bytes) -> Numbering | None:
     """The placeholders the document's newest earlier run kept (its sealed map, of a generation below this run's,
-    still stored: the served one, the one a fail-closed re-index withheld, or one a run that died wrote), for this
-    run to number as it did; None when no earlier run kept one. A map that does not open under the document's key
-    (altered bytes) fails the run at once: numbered afresh, an answer's `<PERSON_1>` from an earlier run would be
-    revealed as whoever this run numbered first."""
+    still stored: the served one, the one a fail-closed re-index withheld, one a run that died wrote, or the newest
+    one a failed or quarantined document kept), for this run to number as it did; None when no earlier run kept one.
+    A map that does not open under the document's key (altered bytes) fails the run at once: numbered afresh, an
+    answer's `<PERSON_1>` from an earlier run would be revealed as whoever this run numbered first."""
     try:
         raw = blobs.read_newest_sealed_map(settings.blob_dir, facts.document_id, key, below=facts.generation)
     except crypto.DecryptionError as exc:
@@ -435,7 +435,7 @@ def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentS
     run's outcome (its `generation`) is written only while the run still holds its job and is the document's latest
     claim: one handed back meanwhile (by a re-index) goes again; one a later claim outdid (the broker's second
     delivery of its job, while it ran) leaves the document to that run. Once committed, the points and placeholder
-    maps of generations no longer served go (`_drop_superseded`)."""
+    maps of generations no longer served go (`_drop_superseded`; while none is served, the newest map stays)."""
     with unit_of_work(settings.resolved_database_url) as session:
         written = _write_end(session, document_id, job_id, status, error=error, chunk_count=chunk_count,
                              outcome=outcome, generation=generation)
@@ -444,8 +444,8 @@ def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentS
         purge.purge_now(settings, [document_id])
         return RunEnd.over
     through = state.newest if written else generation  # a stale run drops its own points, never a later run's
-    if through is not None:  # and its own map only: the one it was numbered from numbers its next run too
-        _drop_superseded(settings, document_id, state, through, maps_since=0 if written else through)
+    if through is not None:
+        _drop_superseded(settings, document_id, state, through, stale=not written)
     if not written:
         return _unwritten(document_id, state, generation)
     metrics.INGESTED_DOCUMENTS.labels(department=state.department, status=str(status)).inc()
@@ -486,11 +486,13 @@ def _index_state(session: Session, document_id: str, job_id: str) -> _IndexState
 
 
 def _drop_superseded(settings: Settings, document_id: str, state: _IndexState, through: int, *,
-                     maps_since: int = 0) -> None:
-    """Remove the points and placeholder maps (those from generation `maps_since`) of the document's generations up
-    to `through` other than the one it serves: after a run ended ready, the previous index; after one that failed
-    or went stale, its own (and the index a re-index withheld, or one lost with the document's key). An outage
-    leaves the points (never cited: queries re-check the generation) to the document's next run."""
+                     stale: bool = False) -> None:
+    """Remove the points of the document's generations up to `through` other than the one it serves: after a run
+    ended ready, the previous index; after one that failed or went stale (`stale`), its own (and the index a
+    re-index withheld, or one lost with the document's key). An outage leaves them (never cited: queries re-check
+    the generation) to the document's next run. The placeholder maps go as `blobs.remove_superseded_maps` says,
+    the newest kept while nothing is served, for the document's next run to number from; a stale run removes its
+    own map only: the one it was numbered from numbers the run going on (or going again) too."""
     try:
         open_vector_store(settings).delete_superseded(state.department, document_id, served=state.served,
                                                       through=through)
@@ -499,8 +501,10 @@ def _drop_superseded(settings: Settings, document_id: str, state: _IndexState, t
             raise
         logger.warning("superseded points of document %s stay until its next run: the vector store is unavailable",
                        document_id)
-    blobs.remove_superseded_maps(settings.blob_dir, document_id, served=state.served, through=through,
-                                 since=maps_since)
+    if stale:
+        blobs.remove_map(settings.blob_dir, document_id, through)
+    else:
+        blobs.remove_superseded_maps(settings.blob_dir, document_id, served=state.served, through=through)
 
 
 def _current(session: Session, document_id: str) -> Document | None:

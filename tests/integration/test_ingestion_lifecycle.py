@@ -956,7 +956,8 @@ def test_a_reindex_that_fails_keeps_the_placeholder_map_of_the_index_still_serve
 def test_a_reindex_that_fails_leaves_no_placeholder_map_to_reveal(
         client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """By default reveal answers nothing of a document whose re-index withheld its index, and once the re-index has
-    failed (an operator lowered a parse limit) no map of either generation is left."""
+    failed (an operator lowered a parse limit) it still answers nothing: the withheld index's map is kept, sealed,
+    only for the document's next run to number from, and goes with the document."""
     department = _reversible_department(client, lab["admin"])
     doc = _ingest(client, lab["editor"], department, "minutes.txt",
                   b"Minutes: Maria Gonzalez approved the budget.\n\nAction: Omar Haddad books the room.")
@@ -966,6 +967,8 @@ def test_a_reindex_that_fails_leaves_no_placeholder_map_to_reveal(
     monkeypatch.setattr(settings, "max_elements", 1)
     assert _reindex_one(client, lab["admin"], department, doc["document_id"], lab["editor"]) == "failed"
     assert client.post(url, json=body, headers=auth(pia)).status_code == 404
+    assert len(list(settings.blob_dir.glob(f"{doc['document_id']}*.pii"))) == 1
+    assert client.delete(f"/v1/documents/{doc['document_id']}", headers=auth(lab["editor"])).status_code == 204
     assert not list(settings.blob_dir.glob(f"{doc['document_id']}*.pii"))
 
 
@@ -1034,6 +1037,45 @@ def test_a_reindex_during_a_reindex_keeps_the_numbers_given_before_both(
         release.set()
     assert _revealed_after_the_reindex(client, lab, department, document_id, pia) == {
         **before, "<PERSON_3>": "Omar Haddad"}
+
+
+def test_a_document_a_failed_reindex_left_failed_keeps_the_numbers_it_gave_when_named_again(
+        client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A fail-closed re-index that failed (an operator lowered a parse limit) removed every placeholder map of the
+    document, the one it withheld included: the run of a re-index naming it later numbered afresh, and the
+    placeholders of the answers given before it were revealed as other people. The document, serving nothing, now
+    keeps the newest map (reveal: 404 meanwhile) for its next run to number from."""
+    department, document_id, pia, before = _two_people_then_three(client, lab)
+    monkeypatch.setattr(settings, "max_elements", 0)  # the minutes are one element
+    assert _reindex_one(client, lab["admin"], department, document_id, lab["editor"]) == "failed"
+    monkeypatch.undo()
+    assert client.post(f"/v1/documents/{document_id}/reveal", headers=auth(pia),
+                       json={"placeholders": ["<PERSON_1>"]}).status_code == 404
+    assert len(list(settings.blob_dir.glob(f"{document_id}*.pii"))) == 1
+    _reindex(client, lab, department, document_id)
+    assert _revealed_after_the_reindex(client, lab, department, document_id, pia) == {
+        **before, "<PERSON_3>": "Omar Haddad"}
+    assert len(list(settings.blob_dir.glob(f"{document_id}*.pii"))) == 1
+
+
+def test_a_document_a_reindex_quarantined_keeps_the_numbers_it_gave_once_approved(
+        client: TestClient, lab: dict[str, str], settings) -> None:  # type: ignore[no-untyped-def]
+    """A re-index that quarantined a served document (its level now above what the department approves) removed
+    every placeholder map of it: the run its approval queued numbered afresh, and the placeholders of the answers
+    given before were revealed as other people. The quarantined document now keeps its run's map (reveal: 404
+    meanwhile), numbered as before, for the approval's run to number from."""
+    department, document_id, pia, before = _two_people_then_three(client, lab)
+    assert client.put(f"/v1/admin/departments/{department}/ingestion-policy", headers=auth(lab["admin"]),
+                      json={"reversible": True, "ai_max_level": "public"}).status_code == 200
+    assert _reindex_one(client, lab["admin"], department, document_id, lab["editor"]) == "quarantined"
+    assert client.post(f"/v1/documents/{document_id}/reveal", headers=auth(pia),
+                       json={"placeholders": ["<PERSON_1>"]}).status_code == 404
+    assert len(list(settings.blob_dir.glob(f"{document_id}*.pii"))) == 1
+    approved = client.post(f"/v1/admin/quarantine/{document_id}/approve", headers=auth(lab["admin"]))
+    assert approved.status_code == 200, approved.text
+    assert _revealed_after_the_reindex(client, lab, department, document_id, pia) == {
+        **before, "<PERSON_3>": "Omar Haddad"}
+    assert len(list(settings.blob_dir.glob(f"{document_id}*.pii"))) == 1
 
 
 def test_a_reindex_whose_placeholder_map_was_altered_fails_at_once(
@@ -1576,10 +1618,11 @@ def test_a_late_run_of_a_document_already_ready_leaves_it_indexed(client: TestCl
     assert len([p for p in indexed if p.get("document_id") == document["document_id"]]) == document["chunk_count"]
 
 
-def test_a_quarantined_document_keeps_no_placeholder_map_and_its_approval_run_writes_one(
+def test_a_quarantined_document_reveals_nothing_and_its_approval_run_serves_its_map(
         client: TestClient, lab: dict[str, str], settings) -> None:  # type: ignore[no-untyped-def]
-    """A quarantined document serves nothing, its placeholders included (reveal: 404, no map kept); the run its
-    approval queues keeps the map of the chunks it indexes, and reveal answers from it."""
+    """A quarantined document serves nothing, its placeholders included (reveal: 404; its run's map is kept, sealed,
+    only for the next run to number from); the run its approval queues keeps the map of the chunks it indexes, in
+    place of that one, and reveal answers from it."""
     department = _reversible_department(client, lab["admin"])
     assert client.put(f"/v1/admin/departments/{department}/ingestion-policy", headers=auth(lab["admin"]),
                       json={"reversible": True, "ai_max_level": "internal"}).status_code == 200
@@ -1593,10 +1636,11 @@ def test_a_quarantined_document_keeps_no_placeholder_map_and_its_approval_run_wr
     body = {"placeholders": ["<PERSON_1>"]}
     assert doc["status"] == "quarantined"
     assert client.post(url, json=body, headers=auth(pia)).status_code == 404
-    assert not list(settings.blob_dir.glob(f"{doc['document_id']}*.pii"))
+    [kept] = settings.blob_dir.glob(f"{doc['document_id']}*.pii")
     approved = client.post(f"/v1/admin/quarantine/{doc['document_id']}/approve", headers=auth(lab["admin"]))
     assert approved.status_code == 200, approved.text
     assert wait_for_document(client, lab["editor"], doc["document_id"])["status"] == "ready"
     revealed = client.post(url, json=body, headers=auth(pia))
     assert revealed.status_code == 200 and revealed.json()["values"] == {"<PERSON_1>": "Maria Gonzalez"}, revealed.text
-    assert len(list(settings.blob_dir.glob(f"{doc['document_id']}*.pii"))) == 1
+    [served] = settings.blob_dir.glob(f"{doc['document_id']}*.pii")
+    assert served != kept
