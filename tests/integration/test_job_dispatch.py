@@ -21,6 +21,7 @@ from kombu.transport import memory
 from sqlalchemy import select, update
 
 from tests.conftest import PLATFORM_ADMIN, REDIS_URL, auth, desk_member, wait_for_job
+from tests.support.lock_waits import wait_for_a_lock_wait
 
 UNREACHABLE_BROKER = "redis://127.0.0.1:9/0"  # nothing listens there: every publish is refused
 
@@ -567,10 +568,10 @@ def test_a_deletion_writes_the_rows_it_retires_oldest_first_as_a_reindex_queues_
                                                              can_delete=lambda _: True)[1])
 
     deletion = threading.Thread(target=delete, daemon=True)
-    with psycopg.connect(dsn) as reindex, psycopg.connect(dsn, autocommit=True) as observer:
+    with psycopg.connect(dsn) as reindex:
         reindex.execute("UPDATE documents SET updated_at = now() WHERE id = %s", (attachment.document_id,))
         deletion.start()  # while the re-index holds the attachment's row, older than the document's
-        _wait_for_a_lock_wait(observer)
+        assert wait_for_a_lock_wait(url, deletion, timeout=120) is not None
         try:  # what the re-index does next (`new_job` of the document), without waiting
             reindex.execute("SELECT id FROM documents WHERE id = %s FOR UPDATE NOWAIT", (copy,))
             document_row_free = True
@@ -882,10 +883,10 @@ def test_a_redelivered_jobs_claim_locks_its_document_row_before_its_job_row_as_a
                             .values(status="processing"))
         run = threading.Thread(target=ingestion_service.run_ingestion, kwargs={
             "settings": settings, "document_id": uploaded["document_id"], "job_id": uploaded["job_id"]})
-        with psycopg.connect(dsn) as reindex, psycopg.connect(dsn, autocommit=True) as observer:
+        with psycopg.connect(dsn) as reindex:
             reindex.execute("UPDATE documents SET updated_at = now() WHERE id = %s", (uploaded["document_id"],))
             run.start()  # the redelivery's claim, while the re-index holds the document's row
-            _wait_for_a_lock_wait(observer)
+            assert wait_for_a_lock_wait(url, run, timeout=120) is not None
             try:  # what the re-index does next (`hand_back`), without waiting
                 reindex.execute("SELECT id FROM ingestion_jobs WHERE id = %s FOR UPDATE NOWAIT", (uploaded["job_id"],))
                 job_row_free = True
@@ -897,16 +898,6 @@ def test_a_redelivered_jobs_claim_locks_its_document_row_before_its_job_row_as_a
     memory.Channel.queues.pop(settings.task_queue, None)
     assert job_row_free, "the claim held the job's row while it waited for the document's"
     assert not run.is_alive() and _job_row(url, uploaded["job_id"]) == ("ready", None, 1, 1)
-
-
-def _wait_for_a_lock_wait(observer: object) -> None:
-    """Until a session of the observer's database waits for a lock (the claim, on the document's row)."""
-    deadline = time.monotonic() + 120
-    while not observer.execute(  # type: ignore[attr-defined]
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    ).fetchone()[0]:
-        assert time.monotonic() < deadline, "the claim never waited for the document's row"
-        time.sleep(0.02)
 
 
 def test_two_deliveries_of_one_job_running_at_once_leave_the_document_to_the_later_claim(

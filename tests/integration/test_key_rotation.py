@@ -4,7 +4,6 @@ nothing re-embedded."""
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ from core.models import WrappedKey
 from ingestion import keys
 from retrieval.store import open_vector_store
 from tests.conftest import PLATFORM_ADMIN, auth, desk_member, wait_for_job
+from tests.support.lock_waits import wait_for_a_lock_wait
 
 TEXT = b"The Oslo office wellness budget is 300 kroner per employee per quarter. Ref ROTCANARY-3."
 
@@ -168,28 +168,6 @@ def _ready_upload(client: TestClient, token: str, department: str, name: str, da
     return response.json()["document_id"]  # type: ignore[no-any-return]
 
 
-def _lock_waited_for(observer: object, waiter: threading.Thread) -> str | None:
-    """Once a session of the observer's database waits for a lock, what it waits for (`advisory`: a
-    `transaction_lock`; `transactionid`, `tuple`: a row); None if `waiter` ended without waiting."""
-    deadline = time.monotonic() + 60
-    while waiter.is_alive():
-        waiting = observer.execute(  # type: ignore[attr-defined]
-            "SELECT wait_event FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-        ).fetchone()
-        if waiting is not None:
-            return str(waiting[0])
-        assert time.monotonic() < deadline, "nothing waited for a lock"
-        time.sleep(0.02)
-    return None
-
-
-def _observer(settings):  # type: ignore[no-untyped-def]
-    import psycopg
-
-    dsn = settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://", 1)
-    return psycopg.connect(dsn, autocommit=True)
-
-
 def _in_a_transaction(url: str, step: Callable[[Session], object]) -> None:
     with unit_of_work(url) as session:
         step(session)
@@ -217,11 +195,11 @@ def test_a_rotation_reaching_a_document_whose_deletion_has_not_committed_leaves_
     reports: list[keys.RotationReport] = []
     rotation = threading.Thread(target=lambda: reports.extend(
         keys.rotate_department_keys(settings=settings, departments=[department])))
-    with unit_of_work(settings.resolved_database_url) as deletion, _observer(settings) as observer:
+    with unit_of_work(settings.resolved_database_url) as deletion:
         ingestion_service.delete_document(session=deletion, settings=settings, document_id=deleted_id,
                                           can_delete=lambda _: True)
         rotation.start()
-        _lock_waited_for(observer, rotation)
+        wait_for_a_lock_wait(settings.resolved_database_url, rotation)
     rotation.join(timeout=60)
     assert not rotation.is_alive() and reports[0].new_version == 2
     assert _shredded(settings, department, deleted_id)
@@ -244,11 +222,11 @@ def test_a_deletion_of_a_document_whose_rewrap_has_not_committed_shreds_the_new_
     deleted: list = []  # type: ignore[type-arg]
     deletion = threading.Thread(target=lambda: deleted.append(
         client.delete(f"/v1/documents/{deleted_id}", headers=auth(token))))
-    with unit_of_work(url) as rewrap, _observer(settings) as observer:
+    with unit_of_work(url) as rewrap:
         assert store.rewrap_documents(session=rewrap, department=department, document_ids=[deleted_id, kept_id],
                                       version=version) == 2
         deletion.start()
-        _lock_waited_for(observer, deletion)
+        wait_for_a_lock_wait(url, deletion)
     deletion.join(timeout=60)
     with unit_of_work(url) as session:
         assert store.finish_rotation(session=session, department=department, version=version) == 0
@@ -295,26 +273,16 @@ def test_a_rotation_finishing_and_a_deletion_of_two_documents_run_one_after_the_
 
     held, waiting = (delete, finish) if first == "deletion" else (finish, delete)
     second = threading.Thread(target=lambda: _in_a_transaction(url, waiting))
-    with unit_of_work(url) as session, _observer(settings) as observer:
+    with unit_of_work(url) as session:
         held(session)
         second.start()
-        waited_for = _lock_waited_for(observer, second)
+        waited_for = wait_for_a_lock_wait(url, second)
     second.join(timeout=60)
     assert waited_for == "advisory"
     assert not second.is_alive() and sorted(retired) == sorted([failed_id, copy_id])
     assert _shredded(settings, department, failed_id) and _shredded(settings, department, copy_id)
     assert _versions(settings, "document", kept_id) == [(2, 2)]
     assert [v for v, _ in _versions(settings, "department", department)] == [version]
-
-
-def _wait_for_a_second_user(name: str, waiter: threading.Thread) -> None:
-    """Until a second transaction of this process holds or waits for the SQLite lock `name` (`transaction_lock`)."""
-    from core.db import _PROCESS_LOCKS
-
-    deadline = time.monotonic() + 60
-    while (lock := _PROCESS_LOCKS._locks.get(name)) is None or lock.users < 2:
-        assert waiter.is_alive() and time.monotonic() < deadline, f"nothing waited for {name}"
-        time.sleep(0.02)
 
 
 def test_on_sqlite_a_rotation_batch_reaching_a_document_whose_deletion_has_not_committed_leaves_it_shredded(
@@ -355,8 +323,9 @@ def test_on_sqlite_a_rotation_batch_reaching_a_document_whose_deletion_has_not_c
         ingestion_service.delete_document(session=deletion, settings=settings, document_id=deleted_id,
                                           can_delete=lambda _: True)
         batch.start()
-        _wait_for_a_second_user("keys:department:desk", batch)  # before: it read the row, then waited to write
+        waited_for = wait_for_a_lock_wait(url, batch)  # before: it read the row, then waited to write
     batch.join(timeout=60)
+    assert waited_for == "keys:department:desk"
     assert not batch.is_alive()
     assert _shredded(settings, "desk", deleted_id)
     assert _versions(settings, "document", kept_id) == [(1, 1), (2, 2)]

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from core.db import unit_of_work
 from core.models import RetrievalEvent
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_attachments, wait_for_document
+from tests.support.lock_waits import wait_for_a_lock_wait
 
 PAYROLL = b"Payroll export. Social security number 536-22-8741 for the March run. The canteen menu changes."
 STRICTER = {"ai_max_level": "internal", "keywords": {"canteen menu": "restricted"}}
@@ -280,7 +281,6 @@ def test_a_rejection_of_an_attachment_that_a_deletion_is_taking_is_refused_once_
     but not committed then waited for its row, and rejected the deleted attachment once the deletion committed:
     a 200, a "rejected" decision, the attachment moved from deleted to rejected and its purge owed again. The
     rejection's conditional write now finds it deleted and it is refused, as after another review."""
-    import psycopg
     from sqlalchemy import update
 
     from core.models import Document, PendingPurge
@@ -299,16 +299,15 @@ def test_a_rejection_of_an_attachment_that_a_deletion_is_taking_is_refused_once_
     # deleted before its attachments are taken)
     deleted = client.delete(f"/v1/documents/{copy_child_id}", headers=auth(lab["editor"]))
     assert deleted.status_code == 204, deleted.text
-    dsn = settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://", 1)
     rejected: list = []  # type: ignore[type-arg]
     rejection = threading.Thread(target=lambda: rejected.append(client.post(
         f"/v1/admin/quarantine/{child_id}/reject", headers=auth(lab["dept_admin"]))))
-    with unit_of_work(settings.resolved_database_url) as deletion, psycopg.connect(dsn, autocommit=True) as observer:
+    with unit_of_work(settings.resolved_database_url) as deletion:
         _, retired = ingestion_service.delete_document(session=deletion, settings=settings, document_id=copy_id,
                                                        can_delete=lambda _: True)
         owed = deletion.get(PendingPurge, child_id).retired_at  # type: ignore[union-attr]
         rejection.start()  # reads the attachment quarantined: the deletion has not committed
-        _wait_for_a_lock_wait(observer)
+        assert wait_for_a_lock_wait(settings.resolved_database_url, rejection) is not None
     rejection.join(timeout=60)
     with unit_of_work(settings.resolved_database_url) as session:
         status = session.get(Document, child_id).status  # type: ignore[union-attr]
@@ -318,16 +317,6 @@ def test_a_rejection_of_an_attachment_that_a_deletion_is_taking_is_refused_once_
     assert not rejection.is_alive() and rejected[0].status_code == 404, rejected[0].text
     assert rejected[0].json()["error"]["message"] == "no such quarantined document"
     assert (status, purges, _decisions(settings, child_id)) == ("deleted", [owed], [])
-
-
-def _wait_for_a_lock_wait(observer: object) -> None:
-    """Until a session of the observer's database waits for a lock (the rejection, on the deletion's rows)."""
-    deadline = time.monotonic() + 60
-    while not observer.execute(  # type: ignore[attr-defined]
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    ).fetchone()[0]:
-        assert time.monotonic() < deadline, "the rejection never waited for the deletion"
-        time.sleep(0.02)
 
 
 def test_the_ledger_still_verifies(client: TestClient, issue_token: Callable[..., str]) -> None:
