@@ -23,7 +23,7 @@ from api.routers import admin, audit, authz, documents, guard_admin, health, ing
 from authz.dev_issuer import DevIssuer
 from authz.enforcer import get_enforcer
 from authz.tokens import TokenVerifier
-from core import migrate, timing
+from core import blobs, migrate, timing
 from core.errors import ErrorCode
 from core.logs import configure_logging, request_id_var
 from core.metrics import observe_request, route_and_method
@@ -70,6 +70,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     configure_logging(settings.log_level)
     configure_tracing(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    blobs.create_dir(settings.blob_dir)  # only here: missing later, its volume is not mounted (a 503)
     migrate.require_head(settings.resolved_database_url)  # never serve requests the schema cannot answer
     app.state.schema_watch = migrate.SchemaWatch(settings.resolved_database_url)
     # Sync endpoints run in anyio's thread pool (40 threads by default). Queries are CPU-bound under one GIL: more

@@ -125,9 +125,10 @@ def _worker(args: argparse.Namespace) -> int:
         print("a separate worker process needs GOVRAG_QDRANT_URL: the embedded store allows one process, "
               "and `govrag serve` already runs an in-process worker", file=sys.stderr)
         return 2
-    from core import migrate
+    from core import blobs, migrate
 
     migrate.require_head(settings.resolved_database_url)
+    blobs.create_dir(settings.blob_dir)  # only here: missing later, its volume is not mounted (runs wait it out)
     configure_logging(settings.log_level)
     from core.tracing import configure_tracing
 

@@ -133,7 +133,10 @@ def summary_table(outcomes: list[Outcome]) -> Table:
 
 def _inprocess_uploader(args: argparse.Namespace) -> Callable[[list[Path]], Iterator[Outcome]]:
     """Accept and ingest each file here, synchronously (the embedded store allows one process)."""
+    from core import blobs
+
     settings = get_settings()
+    blobs.create_dir(settings.blob_dir)  # this process's start: missing later, its volume is not mounted
 
     def run(files: list[Path]) -> Iterator[Outcome]:
         for path in files:

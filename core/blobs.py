@@ -1,4 +1,10 @@
-"""Encrypted raw uploads on disk, one file per document, sealed under the document key."""
+"""Encrypted raw uploads on disk, one file per document, sealed under the document key.
+
+The directory is created once, as a process starts (`create_dir`: the API, `govrag worker`, the in-process `govrag
+ingest`); from then on a missing directory means its volume is not mounted, and every operation here raises
+`Unavailable("blob volume")` (`_mounted`), waited out like any other outage: nothing is written where the volume
+should be (a file there would be hidden, then lost, once it is mounted again), and nothing read or listed there is
+taken for the truth (no file is not "no original", "no placeholder map" or "nothing to remove")."""
 
 from __future__ import annotations
 
@@ -19,8 +25,20 @@ _STORED_NAME = re.compile(r"(?P<document_id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-
 _MAP_GENERATION = re.compile(r"\.(?P<generation>[1-9][0-9]*)\.pii")
 
 
+def create_dir(blob_dir: Path) -> None:
+    """Create the blob directory (and the data directory above it) if it is missing: at a process's start only."""
+    blob_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def _mounted(blob_dir: Path) -> Path:
+    """`blob_dir`, which must exist: missing, its volume is not mounted (`Unavailable`)."""
+    if not blob_dir.is_dir():
+        raise Unavailable("blob volume")
+    return blob_dir
+
+
 def _path(blob_dir: Path, document_id: str) -> Path:
-    return blob_dir / f"{document_id}.bin"
+    return _mounted(blob_dir) / f"{document_id}.bin"
 
 
 def write_sealed(blob_dir: Path, document_id: str, key: bytes, data: bytes) -> None:
@@ -29,7 +47,6 @@ def write_sealed(blob_dir: Path, document_id: str, key: bytes, data: bytes) -> N
 
 
 def _write_sealed(target: Path, key: bytes, data: bytes, context: str) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     temp = target.with_name(target.name + ".tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
@@ -38,7 +55,7 @@ def _write_sealed(target: Path, key: bytes, data: bytes, context: str) -> None:
 
 
 def read_sealed(blob_dir: Path, document_id: str, key: bytes) -> bytes:
-    """The raw upload, decrypted."""
+    """The raw upload, decrypted; FileNotFoundError when the document's file is missing (its directory is there)."""
     return crypto.open_sealed(key, _path(blob_dir, document_id).read_bytes(), f"govrag:raw:{document_id}")
 
 
@@ -50,8 +67,6 @@ def has_original(blob_dir: Path, document_id: str) -> bool:
 def remove(blob_dir: Path, document_id: str) -> None:
     """Delete the stored upload and every sealed placeholder map of the document. With the directory itself missing
     (its volume not mounted) nothing can be removed, and the files would be back with the volume: `Unavailable`."""
-    if not blob_dir.is_dir():
-        raise Unavailable("blob volume")
     _path(blob_dir, document_id).unlink(missing_ok=True)
     for _, path in _maps(blob_dir, document_id):
         path.unlink(missing_ok=True)
@@ -61,11 +76,12 @@ def remove(blob_dir: Path, document_id: str) -> None:
 
 
 def _map_path(blob_dir: Path, document_id: str, generation: int) -> Path:
-    return blob_dir / (f"{document_id}.{generation}.pii" if generation else f"{document_id}.pii")
+    return _mounted(blob_dir) / (f"{document_id}.{generation}.pii" if generation else f"{document_id}.pii")
 
 
 def _maps(blob_dir: Path, document_id: str) -> list[tuple[int, Path]]:
     """(generation, path) of each placeholder map the document has."""
+    blob_dir = _mounted(blob_dir)
     found = [(0, path) for path in blob_dir.glob(f"{document_id}.pii")]
     for path in blob_dir.glob(f"{document_id}.*.pii"):
         numbered = _MAP_GENERATION.fullmatch(path.name[len(document_id):])
@@ -118,13 +134,10 @@ def read_newest_sealed_map(blob_dir: Path, document_id: str, key: bytes, below: 
 
 def stale_files(blob_dir: Path, older_than_seconds: float) -> Iterator[tuple[str, Path, bool]]:
     """(document id, path, whether it is an unfinished write) for each file this module wrote that has not been
-    modified for `older_than_seconds`; other files in the directory are not ours and are never listed."""
+    modified for `older_than_seconds`; other files in the directory are not ours and are never listed. With the
+    directory missing, `Unavailable` (the orphan sweep waits for the volume) rather than nothing to list."""
     cutoff = time.time() - older_than_seconds
-    try:
-        entries = os.scandir(blob_dir)
-    except FileNotFoundError:
-        return
-    with entries:
+    with os.scandir(_mounted(blob_dir)) as entries:
         for entry in entries:
             match = _STORED_NAME.fullmatch(entry.name)
             if match is None or not entry.is_file(follow_symlinks=False):

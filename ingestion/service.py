@@ -378,12 +378,11 @@ def _claim(session: Session, settings: Settings, document: Document,
 def _original(settings: Settings, document_id: str, key: bytes) -> bytes:
     """The document's upload, opened from its sealed original. One that is missing, or does not open under the
     document's key (another key, altered bytes), fails the run at once: no retry brings it back. Any other fault
-    propagates for a retry, a missing blob directory too (a volume not mounted: no fault of the document)."""
+    propagates for a retry: the blob volume not mounted (`Unavailable`, no fault of the document) is waited out as
+    an outage."""
     try:
         return blobs.read_sealed(settings.blob_dir, document_id, key)
     except (FileNotFoundError, crypto.DecryptionError) as exc:
-        if not settings.blob_dir.is_dir():
-            raise
         logger.warning("the stored original of document %s is missing or does not open under its key", document_id)
         raise GovragError(ErrorCode.internal, ORIGINAL_UNREADABLE) from exc
 

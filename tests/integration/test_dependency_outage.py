@@ -1,13 +1,16 @@
 """An outage of the database or the vector store server is a 503 the client may retry (it was a 500 "internal error",
-logged as a crash), and the API recovers by itself when the database is back. Real PostgreSQL: the test database
-stops taking connections; a Qdrant URL where nothing listens."""
+logged as a crash), and the API recovers by itself when the database is back; so is the blob volume not mounted,
+which an ingestion run waits out too. Real PostgreSQL: the test database stops taking connections; a Qdrant URL
+where nothing listens; the blob directory renamed away."""
 
 from __future__ import annotations
 
 import logging
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import psycopg
 import pytest
@@ -72,6 +75,78 @@ def test_a_database_outage_is_a_503_to_retry_and_the_api_recovers(outage: dict[s
     assert [r for r in caplog.records if r.name == "api.errors" and "database unavailable" in r.getMessage()]
     _allow_connections(str(outage["database"]), True)
     assert client.post("/v1/query", headers=editor, json={"question": "When does the desk open?"}).status_code == 200
+
+
+@contextmanager
+def _blob_volume_unmounted(blob_dir: Path) -> Iterator[None]:
+    """The blob directory gone for the block, as with its volume not mounted; back (mounted again) after it."""
+    aside = blob_dir.with_name(f"{blob_dir.name}.unmounted")
+    blob_dir.rename(aside)
+    try:
+        yield
+    finally:
+        aside.rename(blob_dir)
+
+
+def test_an_upload_while_the_blob_volume_is_not_mounted_is_a_503_and_writes_nothing_in_its_place(
+        outage: dict[str, object], caplog: pytest.LogCaptureFixture) -> None:
+    """An upload with the blob directory missing created it again, on the disk below the mount point: the sealed
+    original was hidden, then lost, once the volume was mounted over it, and from then on purges took that
+    directory for the volume (removing nothing on it, dropping their records). It is now the 503 of any outage,
+    nothing written, no row kept: the same upload is accepted once the volume is back."""
+    client, editor = outage["client"], outage["editor"]
+    assert isinstance(client, TestClient) and isinstance(editor, dict)
+    blob_dir = client.app.state.settings.blob_dir  # type: ignore[attr-defined]
+    upload = {"data": {"department": "desk"}, "files": {"file": ("rota.txt", b"The desk opens at nine.")}}
+    with _blob_volume_unmounted(blob_dir), caplog.at_level(logging.WARNING):
+        response = client.post("/v1/documents", headers=editor, **upload)  # type: ignore[arg-type]
+        assert not blob_dir.exists()
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["message"] == "the blob volume is unavailable; try again shortly"
+    assert response.headers["retry-after"] == "5"
+    assert not [r for r in caplog.records if r.name == "api.errors" and r.levelno >= logging.ERROR]
+    assert client.get("/v1/documents", params={"department": "desk"}, headers=editor).json()["documents"] == []
+    assert client.post("/v1/documents", headers=editor, **upload).status_code == 202  # type: ignore[arg-type]
+
+
+class _Scheduled(Exception):
+    """What the task's `retry` returned, for it to raise: Celery runs the task again later."""
+
+
+def _task(settings: object, retries: int, scheduled: list[dict[str, object]]) -> SimpleNamespace:
+    """The Celery task `ingest_document` is bound to, at its `retries`-th retry; each retry it asks for is noted."""
+
+    def retry(**kwargs: object) -> Exception:
+        scheduled.append(kwargs)
+        return _Scheduled()
+
+    return SimpleNamespace(app=SimpleNamespace(govrag_settings=settings), request=SimpleNamespace(retries=retries),
+                           retry=retry)
+
+
+def test_a_run_while_the_blob_volume_is_not_mounted_is_waited_out_as_an_outage(outage: dict[str, object]) -> None:
+    """A run with the blob directory missing was retried as a fault of the document, 3 times, then failed ("retries
+    exhausted") though nothing was wrong with it. It is now an outage, waited out as one of the database is, and
+    the run ends ready once the volume is back."""
+    from workers.tasks import MAX_RETRIES, OUTAGE_RETRIES, ingest_document
+
+    client, editor = outage["client"], outage["editor"]
+    assert isinstance(client, TestClient) and isinstance(editor, dict)
+    settings = client.app.state.settings  # type: ignore[attr-defined]
+    accepted = client.post("/v1/documents", headers=editor, data={"department": "desk"},
+                           files={"file": ("hours.txt", b"The desk closes at five.")})
+    assert accepted.status_code == 202, accepted.text
+    document_id, job_id = accepted.json()["document_id"], accepted.json()["job_id"]
+    scheduled: list[dict[str, object]] = []
+    with _blob_volume_unmounted(settings.blob_dir):
+        with pytest.raises(_Scheduled):  # its ordinary retries used up: still retried
+            ingest_document(_task(settings, MAX_RETRIES, scheduled), document_id, job_id)  # type: ignore[arg-type]
+        assert not settings.blob_dir.exists()
+    assert [retry["max_retries"] for retry in scheduled] == [OUTAGE_RETRIES]
+    assert client.get(f"/v1/jobs/{job_id}", headers=editor).json()["status"] == "queued"  # handed back, not failed
+    ingest_document(_task(settings, MAX_RETRIES + 1, scheduled), document_id, job_id)  # type: ignore[arg-type]
+    assert client.get(f"/v1/documents/{document_id}", headers=editor).json()["status"] == "ready"
+    assert len(scheduled) == 1
 
 
 def test_a_vector_store_server_that_does_not_answer_is_a_503(tmp_path: Path) -> None:

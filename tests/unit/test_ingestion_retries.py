@@ -1,6 +1,6 @@
 """How long an ingestion job keeps retrying: a fault of the document's own gives up after a few seconds; an outage
-of the database or the vector store is waited out for about half an hour before the job is failed (it used to fail
-after ~15 s)."""
+of the database, the vector store or the blob volume is waited out for about half an hour before the job is failed
+(it used to fail after ~15 s)."""
 
 from __future__ import annotations
 
@@ -70,16 +70,18 @@ def test_a_database_outage_is_waited_out_with_a_capped_backoff(monkeypatch: pyte
     assert "retries exhausted" in str(_run(monkeypatch, _outage(), OUTAGE_RETRIES)["failed"])
 
 
-def test_a_lost_original_fails_at_once_but_a_missing_blob_directory_is_retried(tmp_path: Path) -> None:
+def test_a_lost_original_fails_at_once_but_a_missing_blob_directory_is_an_outage(tmp_path: Path) -> None:
     """A document's sealed original that is gone fails its run at once (no retry brings it back); the whole blob
-    directory gone (a volume not mounted on this worker) is no fault of the document: the run is retried, as any
-    other fault, rather than failing every document with "upload it again"."""
-    from core.errors import GovragError
+    directory gone (a volume not mounted on this worker) is no fault of the document: an outage, waited out as one
+    of the database is, rather than failing every document with "upload it again" (or, retried as a fault of the
+    document, with "retries exhausted")."""
+    from core.errors import GovragError, Unavailable, unavailable_dependency
     from ingestion import service
 
     mounted = SimpleNamespace(blob_dir=tmp_path)
     with pytest.raises(GovragError) as lost:
         service._original(mounted, "doc", bytes(32))  # type: ignore[arg-type]
     assert lost.value.message == service.ORIGINAL_UNREADABLE
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(Unavailable) as away:
         service._original(SimpleNamespace(blob_dir=tmp_path / "unmounted"), "doc", bytes(32))  # type: ignore[arg-type]
+    assert unavailable_dependency(away.value) == "blob volume"
