@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from core import blobs, crypto, metrics
 from core.db import unit_of_work
-from core.errors import ErrorCode, GovragError, unavailable_dependency
+from core.errors import ErrorCode, GovragError, Unavailable, unavailable_dependency
 from core.keystore import keystore_for
 from core.models import MAX_CRASHED_RUNS, RETIRED, UNFINISHED, Document, DocumentStatus, IngestionJob
 from core.settings import Settings
@@ -488,10 +488,11 @@ def _drop_superseded(settings: Settings, document_id: str, state: _IndexState, t
                      stale: bool = False) -> None:
     """Remove the points of the document's generations up to `through` other than the one it serves: after a run
     ended ready, the previous index; after one that failed or went stale (`stale`), its own (and the index a
-    re-index withheld, or one lost with the document's key). An outage leaves them (never cited: queries re-check
-    the generation) to the document's next run. The placeholder maps go as `blobs.remove_superseded_maps` says,
-    the newest kept while nothing is served, for the document's next run to number from; a stale run removes its
-    own map only: the one it was numbered from numbers the run going on (or going again) too."""
+    re-index withheld, or one lost with the document's key). A vector store outage leaves them (never cited: queries
+    re-check the generation) to the document's next run, as the blob volume's leaves the maps. The placeholder maps
+    go as `blobs.remove_superseded_maps` says, the newest kept while nothing is served, for the document's next run
+    to number from; a stale run removes its own map only: the one it was numbered from numbers the run going on (or
+    going again) too."""
     try:
         open_vector_store(settings).delete_superseded(state.department, document_id, served=state.served,
                                                       through=through)
@@ -500,10 +501,14 @@ def _drop_superseded(settings: Settings, document_id: str, state: _IndexState, t
             raise
         logger.warning("superseded points of document %s stay until its next run: the vector store is unavailable",
                        document_id)
-    if stale:
-        blobs.remove_map(settings.blob_dir, document_id, through)
-    else:
-        blobs.remove_superseded_maps(settings.blob_dir, document_id, served=state.served, through=through)
+    try:
+        if stale:
+            blobs.remove_map(settings.blob_dir, document_id, through)
+        else:
+            blobs.remove_superseded_maps(settings.blob_dir, document_id, served=state.served, through=through)
+    except Unavailable:  # the run's end is committed: a retry would find nothing to do, and leave them too
+        logger.warning("superseded placeholder maps of document %s stay until its next run: the blob volume is "
+                       "unavailable", document_id)
 
 
 def _current(session: Session, document_id: str) -> Document | None:

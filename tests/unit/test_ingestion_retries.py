@@ -85,3 +85,33 @@ def test_a_lost_original_fails_at_once_but_a_missing_blob_directory_is_an_outage
     with pytest.raises(Unavailable) as away:
         service._original(SimpleNamespace(blob_dir=tmp_path / "unmounted"), "doc", bytes(32))  # type: ignore[arg-type]
     assert unavailable_dependency(away.value) == "blob volume"
+
+
+def test_a_run_ending_while_the_blob_volume_is_away_leaves_its_superseded_maps_and_does_not_raise(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A run's end is committed before its superseded points and placeholder maps go: the blob volume away just
+    then raised out of the finished run (a retry that found nothing to do); the maps now stay for the document's
+    next run, with a warning naming the document only, as the points do when the vector store is away."""
+    import logging
+
+    from core import blobs
+    from core.settings import Settings
+    from ingestion import service
+    from retrieval.store import close_vector_store
+
+    settings = Settings(data_dir=tmp_path)
+    blobs.create_dir(settings.blob_dir)
+    key = bytes(32)
+    for generation in (1, 2):
+        blobs.write_sealed_map(settings.blob_dir, "doc", key, b"{}", generation)
+    state = service._IndexState("desk", 2, 2)
+    away = settings.blob_dir.rename(tmp_path / "unmounted")
+    try:
+        with caplog.at_level(logging.WARNING, logger="ingestion.service"):
+            service._drop_superseded(settings, "doc", state, 2)
+    finally:
+        close_vector_store(settings)
+        away.rename(settings.blob_dir)
+    assert [r.getMessage() for r in caplog.records] == [
+        "superseded placeholder maps of document doc stay until its next run: the blob volume is unavailable"]
+    assert blobs.read_sealed_map(settings.blob_dir, "doc", key, 1) is not None  # left for the next run
