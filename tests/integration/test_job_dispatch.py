@@ -1095,18 +1095,13 @@ def test_a_job_stalled_in_processing_is_sent_again_once(tmp_path: Path) -> None:
     memory.Channel.queues.pop(settings.task_queue, None)
 
 
-def test_a_sweep_while_redis_is_down_still_sends_a_stalled_job_again(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Looking for jobs a restarted Redis lost reads Redis: while it could not be reached the read raised and the
-    sweep's round ended there, so a job stalled in `processing` (a step that needs the database only) was not sent
-    again for as long as the outage lasted. Now that step warns, naming no address nor password, and the round goes
-    on."""
+def _a_job_stalled_a_day(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """An embedded deployment (its API stopped, its in-memory queue emptied) with one uploaded document whose job has
+    been `processing` for a day, as a run that gave up during a database outage leaves it: (url, settings, job id)."""
     from api.app import create_app
     from core.db import unit_of_work
     from core.models import IngestionJob, utcnow
     from retrieval.store import close_vector_store
-    from workers.celery_app import create_celery
-    from workers.dispatch import sweep_jobs
 
     url, settings = _embedded(tmp_path)
     with TestClient(create_app(settings)) as client:
@@ -1116,6 +1111,19 @@ def test_a_sweep_while_redis_is_down_still_sends_a_stalled_job_again(
     with unit_of_work(url) as session:
         session.execute(update(IngestionJob).where(IngestionJob.id == stalled)
                         .values(status="processing", updated_at=utcnow() - timedelta(days=1)))
+    return url, settings, stalled
+
+
+def test_a_sweep_while_redis_is_down_still_sends_a_stalled_job_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Looking for jobs a restarted Redis lost reads Redis: while it could not be reached the read raised and the
+    sweep's round ended there, so a job stalled in `processing` (a step that needs the database only) was not sent
+    again for as long as the outage lasted. Now that step warns, naming no address nor password, and the round goes
+    on."""
+    from workers.celery_app import create_celery
+    from workers.dispatch import sweep_jobs
+
+    url, settings, stalled = _a_job_stalled_a_day(tmp_path)
     assert _sent_at(url, stalled) is not None
     secret = uuid.uuid4().hex
     down = settings.model_copy(update={"broker_url": UNREACHABLE_BROKER.replace("://", f"://:{secret}@")})
@@ -1134,21 +1142,10 @@ def test_a_sweep_whose_redis_refuses_its_read_still_sends_a_stalled_job_again(tm
     import redis
     from redis.exceptions import NoPermissionError
 
-    from api.app import create_app
-    from core.db import unit_of_work
-    from core.models import IngestionJob, utcnow
-    from retrieval.store import close_vector_store
     from workers.celery_app import create_celery
     from workers.dispatch import sweep_jobs
 
-    url, settings = _embedded(tmp_path)
-    with TestClient(create_app(settings)) as client:
-        stalled = _upload(client, desk_member(client, "editor"), 0)["job_id"]
-    close_vector_store(settings)
-    memory.Channel.queues.pop(settings.task_queue, None)
-    with unit_of_work(url) as session:
-        session.execute(update(IngestionJob).where(IngestionJob.id == stalled)
-                        .values(status="processing", updated_at=utcnow() - timedelta(days=1)))
+    url, settings, stalled = _a_job_stalled_a_day(tmp_path)
     admin, queue = redis.Redis.from_url(REDIS_URL), settings.task_queue
     user, password = f"govrag-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     admin.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["*"], channels=["*"],
