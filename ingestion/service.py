@@ -55,6 +55,7 @@ CRASHED_TOO_OFTEN = f"ingestion stopped: the worker died {MAX_CRASHED_RUNS} time
 ATTACHMENTS_UNLISTED = "the e-mail's attachments could not be read (an internal error); none was ingested"
 KEY_MISSING = "the document's data key is missing: upload it again"
 ORIGINAL_UNREADABLE = "the document's stored original is missing or does not open under its key: upload it again"
+SERVED_MAP_UNREADABLE = "the document's placeholder map does not open under its key: upload it again"
 MAP_UNREADABLE = ("the document's placeholder map does not open under its key, so its placeholders cannot be numbered "
                   "as before: upload it again")
 
@@ -276,14 +277,23 @@ def reveal(*, session: Session, settings: Settings, document_id: str, placeholde
     key = keystore_for(settings).document_key(session=session, department=document.department,
                                               document_id=document_id)
     served = document.served_generation  # the map of the chunks queries cite, never a run's still going
-    raw = (blobs.read_sealed_map(settings.blob_dir, document_id, key, served)
-           if key is not None and served is not None else None)
+    raw = _served_map(settings, document_id, key, served) if key is not None and served is not None else None
     mapping = Numbering.from_json(raw).placeholders if raw is not None else {}  # {}: the run minted none
     if not mapping:
         raise GovragError(ErrorCode.not_found, "the document keeps no reversible placeholders")
     own = {shown: document_placeholder(shown) for shown in placeholders}
     return document.department, RevealOut(document_id=document_id,
                                           values={shown: mapping[p] for shown, p in own.items() if p in mapping})
+
+
+def _served_map(settings: Settings, document_id: str, key: bytes, served: int) -> bytes | None:
+    """The served generation's placeholder map, decrypted; one that does not open under the document's key (altered
+    bytes) is a clear error, logged with the document's id only, not an unexplained 500."""
+    try:
+        return blobs.read_sealed_map(settings.blob_dir, document_id, key, served)
+    except crypto.DecryptionError as exc:
+        logger.warning("the placeholder map of document %s does not open under its key", document_id)
+        raise GovragError(ErrorCode.internal, SERVED_MAP_UNREADABLE) from exc
 
 
 def hand_back(*, settings: Settings, job_id: str) -> None:

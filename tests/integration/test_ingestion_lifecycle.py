@@ -828,6 +828,28 @@ def test_reversible_pseudonymisation_reveals_only_with_permission_and_is_audited
     assert not sealed.exists()
 
 
+def test_a_reveal_whose_placeholder_map_was_altered_is_a_clear_error(
+        client: TestClient, lab: dict[str, str], settings, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    """A served placeholder map whose bytes were altered failed the reveal with an unexplained 500 (the decryption
+    error escaped); it is a 500 saying what is wrong and what to do, logged with the document's id only."""
+    from ingestion import service
+
+    department = _reversible_department(client, lab["admin"])
+    doc = _ingest(client, lab["editor"], department, "minutes.txt", b"Minutes: Maria Gonzalez approved the budget.")
+    [sealed] = settings.blob_dir.glob(f"{doc['document_id']}.*.pii")
+    altered = bytearray(sealed.read_bytes())
+    altered[-1] ^= 0x01
+    sealed.write_bytes(bytes(altered))
+    pia = client.app.state.dev_issuer.issue("pia", [])  # type: ignore[attr-defined]
+    with caplog.at_level(logging.WARNING, logger="ingestion.service"):
+        refused = client.post(f"/v1/documents/{doc['document_id']}/reveal", json={"placeholders": ["<PERSON_1>"]},
+                              headers=auth(pia))
+    assert refused.status_code == 500
+    assert refused.json()["error"]["message"] == service.SERVED_MAP_UNREADABLE
+    warned = [r.getMessage() for r in caplog.records if r.name == "ingestion.service" and r.levelno >= logging.WARNING]
+    assert warned == [f"the placeholder map of document {doc['document_id']} does not open under its key"]
+
+
 def test_reveal_needs_a_document_the_privacy_officer_may_see(client: TestClient, lab: dict[str, str]) -> None:
     """Reveal checked only the department's `reveal` permission: a privacy officer outside the document's ACL got
     its originals while its status answered 404."""
