@@ -161,7 +161,7 @@ class PlaceholderMap:
     this run's values alone."""
 
     def __init__(self, previous: Numbering | None = None) -> None:
-        self._by_value: dict[tuple[str, str], str] = {}
+        self._by_value: dict[tuple[str, str], str] = {}  # every value of this run → its placeholder
         self._originals: dict[str, str] = {}  # placeholder → first value seen (reversible pseudonymisation)
         self._counts: dict[str, int] = {}  # distinct placeholders of this run per type
         self._previous: dict[tuple[str, str], str] = {}  # the previous run's values, by comparison key
@@ -179,8 +179,8 @@ class PlaceholderMap:
         with self._lock:
             found = (self._by_value.get(key) or self._previous.get(key) or self._same_person(entity_type, key[1])
                      or self._mint(entity_type))
+            self._by_value.setdefault(key, found)  # the value keeps it, and the placeholder stands for the value too
             if found not in self._originals:  # its first value in this run
-                self._by_value[key] = found
                 self._originals[found] = value
                 self._counts[entity_type] = self._counts.get(entity_type, 0) + 1
             return found
@@ -191,15 +191,18 @@ class PlaceholderMap:
         return numbered(entity_type, number)
 
     def _same_person(self, entity_type: str, value: str) -> str | None:
-        """"Maria" after "Maria Gonzalez" (or the reverse) is the same person when only one name fits, of those seen
-        in this run or numbered by the previous one."""
+        """"Maria" after "Maria Gonzalez" (or the reverse) is the same person when only one person fits, of those
+        seen in this run or numbered by the previous one. A person is every name given their placeholder, together:
+        once "Maria" and "Maria Gonzalez" share one, "Maria Lopez" fits it no longer (two people, one placeholder)."""
         if entity_type != "PERSON":
             return None
         words = set(value.split())
-        seen = [*self._by_value.items(), *self._previous.items()]
-        matches = {placeholder for (kind, name), placeholder in seen
-                   if kind == "PERSON" and (words <= set(name.split()) or set(name.split()) <= words)}
-        return matches.pop() if len(matches) == 1 else None
+        people: dict[str, set[str]] = {}
+        for (kind, name), placeholder in [*self._by_value.items(), *self._previous.items()]:
+            if kind == "PERSON":
+                people.setdefault(placeholder, set()).update(name.split())
+        matches = [placeholder for placeholder, names in people.items() if words <= names or names <= words]
+        return matches[0] if len(matches) == 1 else None
 
     def mapping(self) -> dict[str, str]:
         """Placeholder → the first original value seen for it in this run (for reversible pseudonymisation)."""
@@ -217,7 +220,7 @@ class PlaceholderMap:
             return Numbering(placeholders=dict(self._originals), highest=dict(self._highest))
 
     def __len__(self) -> int:
-        return len(self._by_value)
+        return len(self._originals)
 
     def __repr__(self) -> str:
         # Never show the values: this object holds raw PII.

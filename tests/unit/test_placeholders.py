@@ -67,3 +67,21 @@ def test_a_first_name_matching_two_people_gets_a_number_of_its_own_when_one_was_
     assert placeholders.placeholder_for("PERSON", "Maria Lopez") == "<PERSON_2>"
     assert placeholders.placeholder_for("PERSON", "Maria") == "<PERSON_3>"
     assert placeholders.placeholder_for("PERSON", "Maria Gonzalez") == "<PERSON_1>"
+
+
+def test_two_people_with_one_first_name_never_share_a_placeholder_the_first_name_alone_was_given() -> None:
+    """A placeholder first given to "Maria" alone took every "Maria …" after it: "Maria Gonzalez" (that Maria,
+    perhaps) and then "Maria Lopez" too, two people under one `<PERSON_1>` (revealed as Maria Gonzalez, counted as
+    one), and across runs too, an earlier run's "Maria" drawing both into its number. A name now joins a placeholder
+    only when it fits every name the placeholder already stands for; a name keeps the placeholder it was given."""
+    seeded = PlaceholderMap(Numbering(placeholders={"<PERSON_1>": "Maria"}))
+    assert [seeded.placeholder_for("PERSON", name) for name in ("Maria Gonzalez", "Maria Lopez", "Maria")] == [
+        "<PERSON_1>", "<PERSON_2>", "<PERSON_1>"]
+    assert seeded.counts() == {"PERSON": 2}
+    fresh = PlaceholderMap()
+    assert [fresh.placeholder_for("PERSON", name) for name in ("Maria", "Maria Gonzalez", "Maria Lopez", "Maria")] == [
+        "<PERSON_1>", "<PERSON_1>", "<PERSON_2>", "<PERSON_1>"]
+    assert fresh.counts() == {"PERSON": 2} and len(fresh) == 2
+    ordered = PlaceholderMap()
+    assert [ordered.placeholder_for("PERSON", name) for name in ("Maria Gonzalez", "Maria", "Maria Lopez", "Maria")
+            ] == ["<PERSON_1>", "<PERSON_1>", "<PERSON_2>", "<PERSON_1>"]  # "Maria" was <PERSON_3> the second time
