@@ -27,6 +27,7 @@ OPERATIONS: dict[str, Callable[[Path], object]] = {
     "has_original": lambda blob_dir: blobs.has_original(blob_dir, DOCUMENT),
     "remove": lambda blob_dir: blobs.remove(blob_dir, DOCUMENT),
     "remove_superseded_maps": lambda blob_dir: blobs.remove_superseded_maps(blob_dir, DOCUMENT, served=None, through=1),
+    "remove_map": lambda blob_dir: blobs.remove_map(blob_dir, DOCUMENT, 1),
     "stale_files": lambda blob_dir: list(blobs.stale_files(blob_dir, 0)),
 }
 
