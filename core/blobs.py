@@ -95,13 +95,16 @@ def write_sealed_map(blob_dir: Path, document_id: str, key: bytes, data: bytes, 
     _write_sealed(_map_path(blob_dir, document_id, generation), key, data, f"govrag:pii-map:{document_id}")
 
 
-def remove_superseded_maps(blob_dir: Path, document_id: str, *, served: int | None, through: int) -> None:
+def remove_superseded_maps(blob_dir: Path, document_id: str, *, served: int | None, through: int,
+                           keep_numbering: bool = True) -> None:
     """Delete the document's placeholder maps of generations up to `through` (as `retrieval.store.superseded_points`
     selects its points) but the one its next run numbers from: the served one, or while it serves none (failed or
-    quarantined, it may run again), the newest one. That one goes at the end of a later run that ends ready (serving
-    its own map, if it keeps one), or with the document (`remove`); reveal reads only the served generation's map."""
+    quarantined, it may run again) and `keep_numbering` (its department still keeps maps), the newest one. That one
+    goes at the end of a later run that ends ready (serving its own map, if it keeps one), or with the document
+    (`remove`); reveal reads only the served generation's map."""
     maps = [(generation, path) for generation, path in _maps(blob_dir, document_id) if generation <= through]
-    kept = served if served is not None else max((generation for generation, _ in maps), default=None)
+    newest = max((generation for generation, _ in maps), default=None) if keep_numbering else None
+    kept = served if served is not None else newest
     for generation, path in maps:
         if generation != kept:
             path.unlink(missing_ok=True)

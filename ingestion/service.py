@@ -126,7 +126,7 @@ def _run_once(settings: Settings, document_id: str, job_id: str) -> bool:
     except GovragError as exc:  # permanent: a bad or over-limit file, an original lost; retrying cannot help
         logger.info("ingestion failed permanently for document %s", document_id)
         return _finish(settings, document_id, job_id, DocumentStatus.failed, error=exc.message,
-                       generation=facts.generation) is not RunEnd.again
+                       generation=facts.generation, keep_numbering=rules.reversible) is not RunEnd.again
     if rules.reversible and (result.numbering.placeholders or result.numbering.highest):
         blobs.write_sealed_map(settings.blob_dir, document_id, key, result.numbering.to_json(), facts.generation)
     if result.review_reason is None:
@@ -137,7 +137,7 @@ def _run_once(settings: Settings, document_id: str, job_id: str) -> bool:
         declared=facts.classification.value, reasons=list(result.verdict.reasons), flagged=len(result.flagged),
         review_reason=result.review_reason)
     end = _finish(settings, document_id, job_id, status, chunk_count=len(result.points), outcome=outcome,
-                  generation=facts.generation)
+                  generation=facts.generation, keep_numbering=rules.reversible)
     if end is RunEnd.written:
         logger.info("ingested document %s: %s, %d chunks, %d flagged", document_id, status, len(result.points),
                     len(result.flagged))
@@ -438,13 +438,14 @@ class _IndexState:
 
 def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentStatus, *, error: str | None = None,
             chunk_count: int | None = None, outcome: Callable[[Session], None] | None = None,
-            generation: int | None = None) -> RunEnd:
+            generation: int | None = None, keep_numbering: bool = True) -> RunEnd:
     """Write the final status, with the pipeline's outcome when there is one, in a single transaction; unless the
     document was deleted (or rejected) while the worker ran: then only its job ends and the points it indexed go. A
     run's outcome (its `generation`) is written only while the run still holds its job and is the document's latest
     claim: one handed back meanwhile (by a re-index) goes again; one a later claim outdid (the broker's second
     delivery of its job, while it ran) leaves the document to that run. Once committed, the points and placeholder
-    maps of generations no longer served go (`_drop_superseded`; while none is served, the newest map stays)."""
+    maps of generations no longer served go (`_drop_superseded`; while none is served, the newest map stays, unless
+    the run's rules keep no map: `keep_numbering`, the department's `reversible`)."""
     with unit_of_work(settings.resolved_database_url) as session:
         written = _write_end(session, document_id, job_id, status, error=error, chunk_count=chunk_count,
                              outcome=outcome, generation=generation)
@@ -454,7 +455,7 @@ def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentS
         return RunEnd.over
     through = state.newest if written else generation  # a stale run drops its own points, never a later run's
     if through is not None:
-        _drop_superseded(settings, document_id, state, through, stale=not written)
+        _drop_superseded(settings, document_id, state, through, stale=not written, keep_numbering=keep_numbering)
     if not written:
         return _unwritten(document_id, state, generation)
     metrics.INGESTED_DOCUMENTS.labels(department=state.department, status=str(status)).inc()
@@ -495,14 +496,14 @@ def _index_state(session: Session, document_id: str, job_id: str) -> _IndexState
 
 
 def _drop_superseded(settings: Settings, document_id: str, state: _IndexState, through: int, *,
-                     stale: bool = False) -> None:
+                     stale: bool = False, keep_numbering: bool = True) -> None:
     """Remove the points of the document's generations up to `through` other than the one it serves: after a run
     ended ready, the previous index; after one that failed or went stale (`stale`), its own (and the index a
     re-index withheld, or one lost with the document's key). A vector store outage leaves them (never cited: queries
     re-check the generation) to the document's next run, as the blob volume's leaves the maps. The placeholder maps
-    go as `blobs.remove_superseded_maps` says, the newest kept while nothing is served, for the document's next run
-    to number from; a stale run removes its own map only: the one it was numbered from numbers the run going on (or
-    going again) too."""
+    go as `blobs.remove_superseded_maps` says, the newest kept while nothing is served (and `keep_numbering`), for
+    the document's next run to number from; a stale run removes its own map only: the one it was numbered from
+    numbers the run going on (or going again) too."""
     try:
         open_vector_store(settings).delete_superseded(state.department, document_id, served=state.served,
                                                       through=through)
@@ -515,7 +516,8 @@ def _drop_superseded(settings: Settings, document_id: str, state: _IndexState, t
         if stale:
             blobs.remove_map(settings.blob_dir, document_id, through)
         else:
-            blobs.remove_superseded_maps(settings.blob_dir, document_id, served=state.served, through=through)
+            blobs.remove_superseded_maps(settings.blob_dir, document_id, served=state.served, through=through,
+                                         keep_numbering=keep_numbering)
     except Unavailable:  # the run's end is committed: a retry would find nothing to do, and leave them too
         logger.warning("superseded placeholder maps of document %s stay until its next run: the blob volume is "
                        "unavailable", document_id)

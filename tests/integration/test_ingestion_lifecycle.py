@@ -1080,6 +1080,19 @@ def test_a_document_a_failed_reindex_left_failed_keeps_the_numbers_it_gave_when_
     assert len(list(settings.blob_dir.glob(f"{document_id}*.pii"))) == 1
 
 
+def test_a_failed_run_once_reversible_is_off_keeps_no_placeholder_map(
+        client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A document serving nothing keeps its newest placeholder map for its next run to number from, but only while
+    its department keeps maps: a run that failed after `reversible` was turned off kept the raw values sealed until
+    the document's next ready run or deletion; it now keeps none, as a ready run with `reversible` off."""
+    department, document_id, _, _ = _two_people_then_three(client, lab)
+    assert client.put(f"/v1/admin/departments/{department}/ingestion-policy", headers=auth(lab["admin"]),
+                      json={"reversible": False}).status_code == 200
+    monkeypatch.setattr(settings, "max_elements", 0)  # the minutes are one element
+    assert _reindex_one(client, lab["admin"], department, document_id, lab["editor"]) == "failed"
+    assert list(settings.blob_dir.glob(f"{document_id}*.pii")) == []
+
+
 def test_a_document_a_reindex_quarantined_keeps_the_numbers_it_gave_once_approved(
         client: TestClient, lab: dict[str, str], settings) -> None:  # type: ignore[no-untyped-def]
     """A re-index that quarantined a served document (its level now above what the department approves) removed
