@@ -55,8 +55,14 @@ def _write_sealed(target: Path, key: bytes, data: bytes, context: str) -> None:
 
 
 def read_sealed(blob_dir: Path, document_id: str, key: bytes) -> bytes:
-    """The raw upload, decrypted; FileNotFoundError when the document's file is missing (its directory is there)."""
-    return crypto.open_sealed(key, _path(blob_dir, document_id).read_bytes(), f"govrag:raw:{document_id}")
+    """The raw upload, decrypted; FileNotFoundError when the document's file is missing (its directory is there,
+    looked at again after the read: a volume unmounted just before it is `Unavailable`, not a lost file)."""
+    try:
+        sealed = _path(blob_dir, document_id).read_bytes()
+    except FileNotFoundError:
+        _mounted(blob_dir)
+        raise
+    return crypto.open_sealed(key, sealed, f"govrag:raw:{document_id}")
 
 
 def has_original(blob_dir: Path, document_id: str) -> bool:

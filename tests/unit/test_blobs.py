@@ -52,6 +52,26 @@ def test_with_the_directory_there_a_missing_file_is_no_outage(tmp_path: Path) ->
     assert blobs.read_sealed_map(tmp_path / "blobs", DOCUMENT, KEY, 1) is None
 
 
+def test_a_volume_unmounted_between_the_check_and_the_read_is_an_outage_not_a_lost_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The directory is looked at before the read: a volume unmounted just after that made the read's
+    FileNotFoundError look like the document's own file lost (its run failed at once, "upload it again")."""
+    blob_dir = tmp_path / "blobs"
+    blobs.create_dir(blob_dir)
+    blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
+    checked = blobs._path
+
+    def then_unmounted(directory: Path, document_id: str) -> Path:
+        path = checked(directory, document_id)
+        directory.rename(tmp_path / "elsewhere")
+        return path
+
+    monkeypatch.setattr(blobs, "_path", then_unmounted)
+    with pytest.raises(Unavailable):
+        blobs.read_sealed(blob_dir, DOCUMENT, KEY)
+
+
 def test_the_start_up_creates_the_directory_private_and_writes_then_go_there(tmp_path: Path) -> None:
     blob_dir = tmp_path / "data" / "blobs"
     blobs.create_dir(blob_dir)
