@@ -16,6 +16,11 @@ AUTHZ_RECHECK_DROPS = Counter(
     "govrag_authz_recheck_drops_total",
     "ALERT: hits returned by the filtered search that failed the policy re-check (filter and policy disagree)",
     ["department"], registry=REGISTRY)
+SERVED_KEYS_MISSING = Counter(
+    "govrag_served_keys_missing_total",
+    "ALERT: hits of served documents whose data key is missing (a key store restored from an older backup): their"
+    " chunks are left out of answers until the documents are uploaded again",
+    ["department"], registry=REGISTRY)
 AUDIT_WRITE_FAILURES = Counter("govrag_audit_write_failures_total", "ALERT: audit events that could not be written",
                                registry=REGISTRY)
 INGESTED_DOCUMENTS = Counter("govrag_ingested_documents_total", "Ingestion outcomes by department",

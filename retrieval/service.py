@@ -258,7 +258,8 @@ def _recheck_and_open(session: Session, settings: Settings, enforcer: PolicyEnfo
             metrics.AUTHZ_RECHECK_DROPS.labels(department=document.department).inc()
             continue
         key = keystore.document_key(session=session, department=document.department, document_id=document.id)
-        if key is None:
+        if key is None:  # served, yet its key is gone (not retired: that takes it out of the served ones first)
+            metrics.SERVED_KEYS_MISSING.labels(department=document.department).inc()
             continue
         if document.id not in titles:
             titles[document.id] = _shown_title(session, enforcer, identity, document)

@@ -610,6 +610,26 @@ def test_a_document_whose_data_key_is_missing_fails_at_once(
     assert _generations(settings, department, document_id) == []  # the index the re-index withheld or kept is gone
 
 
+def test_a_query_finding_a_served_document_without_its_data_key_counts_it_for_an_alert(
+        client: TestClient, lab: dict[str, str], settings) -> None:  # type: ignore[no-untyped-def]
+    """A ready document whose key row is gone (a key store restored from an older backup) is caught by its next run;
+    until then every query dropped its chunks without a trace. Each such hit now counts in
+    govrag_served_keys_missing_total (an alert rule), by department; the answer still leaves the chunks out."""
+    from core import metrics
+    from core.db import unit_of_work
+    from core.keystore import keystore_for
+
+    department, doc = _minutes(client, lab)
+    with unit_of_work(settings.resolved_database_url) as session:  # the row goes; this process forgets the key too
+        keystore_for(settings).shred_document_key(session=session, document_id=str(doc["document_id"]))
+    sample = ("govrag_served_keys_missing_total", {"department": department})
+    before = metrics.REGISTRY.get_sample_value(*sample) or 0.0
+    answer = client.post("/v1/query", headers=auth(lab["editor"]),
+                         json={"question": MINUTES_QUESTION, "departments": [department]}).json()
+    assert answer["citations"] == []
+    assert (metrics.REGISTRY.get_sample_value(*sample) or 0.0) > before
+
+
 @pytest.mark.parametrize("damage", ["missing", "altered"])
 def test_a_document_whose_stored_original_is_lost_fails_at_once(
         client: TestClient, lab: dict[str, str], settings, damage: str) -> None:  # type: ignore[no-untyped-def]
