@@ -8,6 +8,7 @@ import importlib
 import json
 import re
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,7 +164,6 @@ class PlaceholderMap:
     def __init__(self, previous: Numbering | None = None) -> None:
         self._by_value: dict[tuple[str, str], str] = {}  # every value of this run → its placeholder
         self._originals: dict[str, str] = {}  # placeholder → first value seen (reversible pseudonymisation)
-        self._counts: dict[str, int] = {}  # distinct placeholders of this run per type
         self._previous: dict[tuple[str, str], str] = {}  # the previous run's values, by comparison key
         self._highest: dict[str, int] = {}
         if previous is not None:
@@ -182,7 +182,6 @@ class PlaceholderMap:
             self._by_value.setdefault(key, found)  # the value keeps it, and the placeholder stands for the value too
             if found not in self._originals:  # its first value in this run
                 self._originals[found] = value
-                self._counts[entity_type] = self._counts.get(entity_type, 0) + 1
             return found
 
     def _mint(self, entity_type: str) -> str:
@@ -212,7 +211,7 @@ class PlaceholderMap:
     def counts(self) -> dict[str, int]:
         """Return how many distinct values (placeholders) this run saw per entity type."""
         with self._lock:
-            return dict(self._counts)
+            return dict(Counter(type_and_number(placeholder)[0] for placeholder in self._originals))
 
     def numbering(self) -> Numbering:
         """This run's placeholders and the highest numbers ever minted, to seal for the document's next run."""
