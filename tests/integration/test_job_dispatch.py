@@ -51,6 +51,13 @@ def _upload(client: TestClient, token: str, n: int) -> dict[str, str]:
     return response.json()  # type: ignore[no-any-return]
 
 
+def _admin_and_an_upload(client: TestClient) -> tuple[dict[str, str], str, dict[str, str]]:
+    """The platform admin's headers, a desk editor's token and that editor's upload of document 0."""
+    admin = auth(client.app.state.dev_issuer.issue(PLATFORM_ADMIN, []))  # type: ignore[attr-defined]
+    editor = desk_member(client, "editor")
+    return admin, editor, _upload(client, editor, 0)
+
+
 def _sent_at(url: str, job_id: str) -> object:
     from core.db import unit_of_work
     from core.models import IngestionJob
@@ -198,9 +205,7 @@ def test_a_reindex_whose_runs_kill_their_worker_leaves_the_document_unserved_and
 
     _, settings = _embedded(tmp_path)
     with TestClient(create_app(settings)) as client:
-        admin = auth(client.app.state.dev_issuer.issue(PLATFORM_ADMIN, []))  # type: ignore[attr-defined]
-        editor = desk_member(client, "editor")
-        uploaded = _upload(client, editor, 0)
+        admin, editor, uploaded = _admin_and_an_upload(client)
         document_id = uploaded["document_id"]
         ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=uploaded["job_id"])
         [job] = client.post("/v1/admin/reindex", headers=admin, json={"department": "desk"}).json()["queued"]
@@ -235,9 +240,7 @@ def test_a_document_that_killed_its_worker_is_reindexed_only_when_named(
 
     _, settings = _on(database, make_pg_database, tmp_path)
     with TestClient(create_app(settings)) as client:
-        admin = auth(client.app.state.dev_issuer.issue(PLATFORM_ADMIN, []))  # type: ignore[attr-defined]
-        editor = desk_member(client, "editor")
-        uploaded = _upload(client, editor, 0)
+        admin, editor, uploaded = _admin_and_an_upload(client)
         document_id = uploaded["document_id"]
         with monkeypatch.context() as patched:
             patched.setattr(ingestion_service, "protect", dies)
@@ -353,9 +356,7 @@ def test_a_document_whose_run_ends_failed_after_the_reindex_listed_it_runs_again
 
     url, settings = _on(database, make_pg_database, tmp_path)
     with TestClient(create_app(settings)) as client:
-        admin = auth(client.app.state.dev_issuer.issue(PLATFORM_ADMIN, []))  # type: ignore[attr-defined]
-        editor = desk_member(client, "editor")
-        uploaded = _upload(client, editor, 0)
+        admin, editor, uploaded = _admin_and_an_upload(client)
         document_id = uploaded["document_id"]
         real_listing = repository.documents_to_reindex
 
@@ -658,9 +659,7 @@ def _ingested_then_reindexed(client: TestClient, settings, *, serve_previous: bo
     left queued)."""
     from ingestion import service as ingestion_service
 
-    admin = auth(client.app.state.dev_issuer.issue(PLATFORM_ADMIN, []))  # type: ignore[attr-defined]
-    editor = desk_member(client, "editor")
-    uploaded = _upload(client, editor, 0)
+    admin, editor, uploaded = _admin_and_an_upload(client)
     document_id = uploaded["document_id"]
     ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=uploaded["job_id"])
     reindex = client.post("/v1/admin/reindex", headers=admin,
