@@ -49,13 +49,16 @@ _SECRET_MASKS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\b(?:sk|pk|rk|ghp|gho|xox[abp])[-_][A-Za-z0-9_-]{16,}\b"), "<SECRET>"),
     (re.compile(r"[a-z][a-z0-9+.-]*://[^\s:/@]*:[^\s@/]+@"), "<URL_WITH_CREDENTIALS>@"),  # user may be empty
 )
-_PII_MASKS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+"), "<EMAIL>"),
+_EMAIL_MASK = (re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+"), "<EMAIL>")
+_NUMBER_MASKS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\b\d{3}-\d{2}-\d{4}\b"), "<SSN>"),
-    (re.compile(r"\b(?:\d[ -]?){13,19}\b"), "<NUMBER>"),
+    (re.compile(r"\b\d(?:[ -]?\d){12,18}\b"), "<NUMBER>"),
     (re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b"), "<IBAN>"),
     (re.compile(r"\+?\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}\b"), "<PHONE>"),
 )
+# A document's, job's or request's id: the digits in one are no card or phone number (`…-8694-810088041610` is), and
+# an id is what an operator follows through the logs, so the number masks leave ids whole.
+_ID = re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b")
 
 # Loggers that libraries give their own handlers or stop from propagating; they are routed to ours.
 _LIBRARY_LOGGERS = ("uvicorn", "uvicorn.error", "celery", "celery.task", "celery.worker",
@@ -83,8 +86,17 @@ def mask_secrets(text: str) -> str:
 
 def mask(text: str) -> str:
     """Replace private keys, tokens, secrets, credentials in URLs, e-mails, account/card and phone numbers."""
-    text = mask_secrets(text)
-    for pattern, replacement in _PII_MASKS:
+    text = _EMAIL_MASK[0].sub(_EMAIL_MASK[1], mask_secrets(text))
+    pieces: list[str] = []
+    start = 0
+    for found in _ID.finditer(text):
+        pieces += [_mask_numbers(text[start:found.start()]), found.group()]
+        start = found.end()
+    return "".join(pieces) + _mask_numbers(text[start:])
+
+
+def _mask_numbers(text: str) -> str:
+    for pattern, replacement in _NUMBER_MASKS:
         text = pattern.sub(replacement, text)
     return text
 

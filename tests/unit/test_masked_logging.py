@@ -255,3 +255,17 @@ def test_a_question_naming_a_secret_with_is_keeps_no_secret(question: str, secre
 ])
 def test_a_sentence_about_a_secret_is_not_masked(sentence: str) -> None:
     assert mask(sentence) == sentence
+
+
+@pytest.mark.parametrize("document_id", ["8f2a37ee-d26e-4b15-8694-810088041610",
+                                         "12345678-1234-5678-9012-345678901234"])
+def test_an_id_whose_digits_look_like_a_card_number_is_logged_whole(document_id: str) -> None:
+    """An operator follows a document through the logs by its id: the number masks leave it, and the words around it,
+    as they were."""
+    line = f"the placeholder map of document {document_id} does not open under its key"
+    assert mask(line) == line
+
+
+def test_a_card_number_beside_an_id_is_still_masked_and_the_next_word_kept() -> None:
+    line = mask("document 8f2a37ee-d26e-4b15-8694-810088041610 card 4111 1111 1111 1111 is refused")
+    assert line == "document 8f2a37ee-d26e-4b15-8694-810088041610 card <NUMBER> is refused"
