@@ -25,6 +25,7 @@ from core import migrate
 from core.db import get_session_factory
 from core.models import RetrievalEvent, utcnow
 from core.settings import Settings
+from tests.support.postgres import libpq_dsn
 
 ADMIN = Identity(subject="root-admin", groups=(), is_platform_admin=True)
 
@@ -68,7 +69,7 @@ def _verify(settings: Settings) -> dict[str, object]:
 
 
 def _sql(settings: Settings, statement: str) -> None:
-    dsn = settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    dsn = libpq_dsn(settings.resolved_database_url)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(statement)  # type: ignore[arg-type]
 

@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 
 from core.db import _PROCESS_LOCKS, get_session_factory, transaction_lock
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_document
+from tests.support.postgres import libpq_dsn
 
 AT_ONCE = 4
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +42,7 @@ def admin(issue_token: Callable[..., str]) -> dict[str, str]:
 
 
 def _rows(settings, query: str, *params: object) -> list[tuple[Any, ...]]:  # type: ignore[no-untyped-def]
-    dsn = settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://")
+    dsn = libpq_dsn(settings.resolved_database_url)
     with psycopg.connect(dsn) as conn:
         return conn.execute(query, params).fetchall()
 

@@ -22,6 +22,7 @@ from retrieval import generation
 from retrieval import service as retrieval_service
 from retrieval.store import open_vector_store
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
+from tests.support.postgres import libpq_dsn
 
 HR_CANARY = "HR-CANARY-7F3A9"
 HR_DOC = f"""Salary Review 2026
@@ -239,7 +240,7 @@ def test_sentence_vectors_are_sealed_per_chunk_and_spare_embedding_at_query_time
 @contextlib.contextmanager
 def _ledger_refusing_appends(settings) -> Iterator[None]:  # type: ignore[no-untyped-def]
     """PostgreSQL refuses every retrieval_events insert while the block runs."""
-    dsn = settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://")
+    dsn = libpq_dsn(settings.resolved_database_url)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE FUNCTION refuse_audit() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'audit down'; "
                      "END $$ LANGUAGE plpgsql")
@@ -458,7 +459,7 @@ def test_deleted_document_leaves_nothing_in_the_data_dir_or_qdrant(client: TestC
             assert canary.encode() not in content and b"Locker rentals" not in content, path.name
             assert document_id.encode() not in content or path.suffix not in (".bin", ".tmp"), path.name
     assert not list(settings.blob_dir.glob(f"{document_id}*"))
-    dsn = settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://")
+    dsn = libpq_dsn(settings.resolved_database_url)
     with psycopg.connect(dsn) as conn:  # the key is gone: nothing sealed under it can ever be opened
         rows = conn.execute("SELECT count(*) FROM wrapped_keys WHERE kind = 'document' AND owner = %s",
                             (document_id,)).fetchone()

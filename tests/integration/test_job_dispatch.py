@@ -22,6 +22,7 @@ from sqlalchemy import select, update
 
 from tests.conftest import PLATFORM_ADMIN, REDIS_URL, auth, desk_member, wait_for_job
 from tests.support.lock_waits import wait_for_a_lock_wait
+from tests.support.postgres import libpq_dsn
 
 UNREACHABLE_BROKER = "redis://127.0.0.1:9/0"  # nothing listens there: every publish is refused
 
@@ -541,7 +542,7 @@ def test_a_deletion_writes_the_rows_it_retires_oldest_first_as_a_reindex_queues_
     message.add_attachment(b"The desk opens at nine on Saturdays.", maintype="text", subtype="plain",
                            filename="rota.txt")
     url, settings = _on("postgresql", make_pg_database, tmp_path)
-    dsn = url.replace("postgresql+psycopg://", "postgresql://", 1)
+    dsn = libpq_dsn(url)
     with TestClient(create_app(settings)) as client:
         editor = desk_member(client, "editor")
 
@@ -728,7 +729,7 @@ def _hold_document_row(url: str, job_id: str, document_id: str) -> contextlib.Ab
     so the run is still going (it cannot write its outcome) while the test acts, as a long document's run is."""
     import psycopg
 
-    dsn = url.replace("postgresql+psycopg://", "postgresql://", 1)
+    dsn = libpq_dsn(url)
     deadline = time.monotonic() + 120
     while _job_row(url, job_id)[0] != "processing":
         assert time.monotonic() < deadline, "the run did not start"
@@ -873,7 +874,7 @@ def test_a_redelivered_jobs_claim_locks_its_document_row_before_its_job_row_as_a
 
     url = make_pg_database()
     migrate.upgrade(url)
-    dsn = url.replace("postgresql+psycopg://", "postgresql://", 1)
+    dsn = libpq_dsn(url)
     settings = _settings(tmp_path / "data", url, broker_url="memory://", inprocess_worker=False, job_sweep_seconds=0)
     with TestClient(create_app(settings)) as client:
         uploaded = _upload(client, desk_member(client, "editor"), 0)

@@ -25,6 +25,7 @@ from tests.conftest import (
     wait_for_document,
     wait_for_job,
 )
+from tests.support.postgres import libpq_dsn
 
 DEPARTMENT = "pii"
 EMAIL = "maria.gonzalez@example.com"
@@ -66,7 +67,7 @@ def world(client: TestClient, issue_token: Callable[..., str]) -> dict:
 def _rows_with(settings, markers: list[str]) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
     """(table, marker) for every marker found in any row of any table, read as JSON; not in the ingestion policies,
     which hold what admins typed (another test's allow list names "Maria Gonzalez" in this session's database)."""
-    dsn = settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://")
+    dsn = libpq_dsn(settings.resolved_database_url)
     found = []
     with psycopg.connect(dsn) as conn:
         tables = [r[0] for r in conn.execute(
@@ -178,7 +179,7 @@ def test_deleting_a_document_leaves_nothing_that_names_or_confirms_it(client: Te
     assert client.delete(f"/v1/documents/{document['document_id']}", headers=auth(world["editor"])).status_code == 204
     digest = hashlib.sha256(data).hexdigest()
     assert _rows_with(settings, ["night porter", digest]) == []
-    dsn = settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://")
+    dsn = libpq_dsn(settings.resolved_database_url)
     with psycopg.connect(dsn) as conn:
         row = conn.execute("SELECT title, sha256, size_bytes, content_type, department, status FROM documents "
                            "WHERE id = %s", (document["document_id"],)).fetchone()

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from core import blobs
 from ingestion.purge import ORPHAN_GRACE_SECONDS, sweep_orphan_files
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_document
+from tests.support.postgres import libpq_dsn
 
 A_DAY_AGO = time.time() - ORPHAN_GRACE_SECONDS - 3600
 
@@ -37,7 +38,7 @@ def commit_fails_for(settings) -> Iterator[str]:  # type: ignore[no-untyped-def]
     """A title whose upload the database refuses at COMMIT (a deferred trigger raising `disk_full`), as a server
     running out of disk would: the upload's file is already written by then."""
     title = f"commit-fails-{uuid.uuid4().hex[:8]}"
-    dsn = settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    dsn = libpq_dsn(settings.resolved_database_url)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE OR REPLACE FUNCTION govrag_test_disk_full() RETURNS trigger LANGUAGE plpgsql AS "
                      "$$ BEGIN RAISE EXCEPTION 'could not extend file' USING ERRCODE = '53100'; END $$")

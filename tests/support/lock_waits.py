@@ -7,6 +7,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from tests.support.postgres import libpq_dsn
+
 
 def wait_for_a_lock_wait(database_url: str, waiter: threading.Thread, timeout: float = 60) -> str | None:
     """Once a transaction on `database_url` waits for a lock, what it waits for; None if `waiter` ended first.
@@ -32,7 +34,7 @@ def _lock_waits(database_url: str) -> Iterator[Callable[[], str | None]]:
         return
     import psycopg
 
-    dsn = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    dsn = libpq_dsn(database_url)
     with psycopg.connect(dsn, autocommit=True) as observer:  # each query its own snapshot of pg_stat_activity
         yield lambda: _a_wait_event(observer)
 

@@ -19,6 +19,8 @@ import psycopg
 import pytest
 
 from tests.conftest import PLATFORM_ADMIN
+from tests.support.polling import wait_until
+from tests.support.postgres import libpq_dsn
 
 pytestmark = pytest.mark.worker
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,32 +53,19 @@ def _serve(data_dir: Path, url: str, port: int, log: Path) -> subprocess.Popen[b
     raise AssertionError("serve did not start")
 
 
-def _psycopg_dsn(url: str) -> str:
-    return url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
 def _job(url: str, job_id: str) -> tuple[str, int, int]:
-    with psycopg.connect(_psycopg_dsn(url)) as conn:
+    with psycopg.connect(libpq_dsn(url)) as conn:
         row = conn.execute("SELECT status, attempts, crashed_runs FROM ingestion_jobs WHERE id = %s",
                            (job_id,)).fetchone()
     assert row is not None
     return row[0], row[1], row[2]
 
 
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _stop_serve_mid_run(proc: subprocess.Popen[bytes], url: str, job_id: str, document_id: str, run: int) -> None:
     """Once the run has claimed the document (processing, committed), hold the document row so the run is still
     going when the operator stops `govrag serve` (Ctrl-C), as a run of a long document is; then let it go."""
-    _wait(lambda: _job(url, job_id)[:2] == ("processing", run), 120, f"run {run} to start")
-    with psycopg.connect(_psycopg_dsn(url)) as holder:
+    wait_until(lambda: _job(url, job_id)[:2] == ("processing", run), 120, f"run {run} to start", every=0.05)
+    with psycopg.connect(libpq_dsn(url)) as holder:
         holder.execute("SELECT id FROM documents WHERE id = %s FOR UPDATE", (document_id,))
         proc.send_signal(signal.SIGINT)  # a clean stop: what Ctrl-C, systemctl stop or a deploy does
         proc.wait(120)
@@ -106,7 +95,8 @@ def test_clean_restarts_of_serve_during_a_long_ingestion_do_not_fail_the_documen
         for run in (1, 2, 3):  # three ordinary restarts (deploys) while the document is being ingested
             _stop_serve_mid_run(proc, url, accepted["job_id"], accepted["document_id"], run)
             proc = _serve(data_dir, url, port, log)
-        _wait(lambda: _job(url, accepted["job_id"])[0] not in ("queued", "processing"), 180, "the job to end")
+        wait_until(lambda: _job(url, accepted["job_id"])[0] not in ("queued", "processing"), 180, "the job to end",
+                   every=0.05)
         document = httpx.get(f"{base}/v1/documents/{accepted['document_id']}", headers=editor).json()
     finally:
         if proc.poll() is None:

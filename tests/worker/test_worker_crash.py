@@ -22,6 +22,7 @@ from core.db import unit_of_work
 from core.models import Document, IngestionJob
 from core.settings import Settings
 from tests.conftest import REDIS_URL
+from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.worker
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,15 +80,6 @@ def _state(settings: Settings, document_id: str, job_id: str) -> tuple[str, int,
         return document.status, document.chunk_count, job.attempts
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_killed_worker_resumes_to_ready_without_duplicates(make_pg_database: Callable[[], str],
                                                            tmp_path: Path) -> None:
     from ingestion import service as ingestion_service
@@ -108,8 +100,8 @@ def test_killed_worker_resumes_to_ready_without_duplicates(make_pg_database: Cal
     log = tmp_path / "worker.log"
     first = _start_worker(settings, log)
     try:
-        _wait_for(lambda: _state(settings, accepted.document_id, accepted.job_id)[0] == "processing", 120,
-                  "the worker to start the document")
+        wait_until(lambda: _state(settings, accepted.document_id, accepted.job_id)[0] == "processing", 120,
+                   "the worker to start the document")
         time.sleep(1.0)  # well inside parsing/redaction/embedding of 400 paragraphs
         assert _state(settings, accepted.document_id, accepted.job_id)[0] == "processing"
     finally:
@@ -118,8 +110,8 @@ def test_killed_worker_resumes_to_ready_without_duplicates(make_pg_database: Cal
 
     second = _start_worker(settings, log)
     try:
-        _wait_for(lambda: _state(settings, accepted.document_id, accepted.job_id)[0] in ("ready", "failed"), 300,
-                  "the restarted worker to finish the document")
+        wait_until(lambda: _state(settings, accepted.document_id, accepted.job_id)[0] in ("ready", "failed"), 300,
+                   "the restarted worker to finish the document")
     finally:
         _stop(second)
 
@@ -160,8 +152,8 @@ def test_a_parser_beyond_the_alarm_meets_the_hard_time_limit_and_the_worker_goes
                            GOVRAG_PARSE_TIMEOUT_SECONDS="1", GOVRAG_INGEST_TIME_LIMIT_SECONDS="6")
     stuck, following = accepted["stuck.txt"], accepted["next.txt"]
     try:
-        _wait_for(lambda: _state(settings, following.document_id, following.job_id)[0] in ("ready", "failed"), 300,
-                  "the worker to go on with the next document")
+        wait_until(lambda: _state(settings, following.document_id, following.job_id)[0] in ("ready", "failed"), 300,
+                   "the worker to go on with the next document")
         time.sleep(5)  # longer than the visibility timeout: a redelivered task would show as a second attempt
     finally:
         _stop(worker)
