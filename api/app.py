@@ -70,8 +70,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     configure_logging(settings.log_level)
     configure_tracing(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    blobs.create_dir(settings.blob_dir)  # only here: missing later, its volume is not mounted (a 503)
     migrate.require_head(settings.resolved_database_url)  # never serve requests the schema cannot answer
+    blobs.open_at_start(settings.blob_dir, settings.resolved_database_url)  # only here (its volume away: a 503)
     app.state.schema_watch = migrate.SchemaWatch(settings.resolved_database_url)
     # Sync endpoints run in anyio's thread pool (40 threads by default). Queries are CPU-bound under one GIL: more
     # threads than this only stretch every request, and the ledger's serialised append with them.

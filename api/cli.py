@@ -128,8 +128,8 @@ def _worker(args: argparse.Namespace) -> int:
     from core import blobs, migrate
 
     migrate.require_head(settings.resolved_database_url)
-    blobs.create_dir(settings.blob_dir)  # only here: missing later, its volume is not mounted (runs wait it out)
     configure_logging(settings.log_level)
+    blobs.open_at_start(settings.blob_dir, settings.resolved_database_url)  # only here (its volume away: runs wait)
     from core.tracing import configure_tracing
 
     configure_tracing(settings)

@@ -136,7 +136,7 @@ def _inprocess_uploader(args: argparse.Namespace) -> Callable[[list[Path]], Iter
     from core import blobs
 
     settings = get_settings()
-    blobs.create_dir(settings.blob_dir)  # this process's start: missing later, its volume is not mounted
+    blobs.open_at_start(settings.blob_dir, settings.resolved_database_url)  # this process's start, as the API's
 
     def run(files: list[Path]) -> Iterator[Outcome]:
         for path in files:

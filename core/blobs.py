@@ -1,21 +1,35 @@
 """Encrypted raw uploads on disk, one file per document, sealed under the document key.
 
-The directory is created once, as a process starts (`create_dir`: the API, `govrag worker`, the in-process `govrag
-ingest`); from then on a missing directory means its volume is not mounted, and every operation here raises
-`Unavailable("blob volume")` (`_mounted`), waited out like any other outage: nothing is written where the volume
-should be (a file there would be hidden, then lost, once it is mounted again), and nothing read or listed there is
-taken for the truth (no file is not "no original", "no placeholder map" or "nothing to remove")."""
+The store is a directory holding a marker file (`MARKER`, a random id) beside what it stores: a directory without
+it is not the store, whether missing (its volume not mounted) or an empty mount point, or the disk below one. Only a
+process's start (`open_at_start`: the API, `govrag worker`, the in-process `govrag ingest`) creates the directory and
+its marker, and only for a fresh deployment (no document in the database: the store never held anything) or for a
+store written before markers (it holds files of ours). With documents in the database and no marker, the volume is
+not mounted: that start writes nothing, logs an error and goes on. From then on every operation here without the
+marker raises `Unavailable("blob volume")` (`_mounted`), waited out like any other outage: nothing is written where
+the volume should be (a file there would be hidden, then lost, once it is mounted), and nothing read or listed there
+is taken for the truth (no file is not "no original", "no placeholder map" or "nothing to remove")."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from sqlalchemy import select
+
 from core import crypto
+from core.db import unit_of_work
 from core.errors import Unavailable
+from core.models import Document
+
+logger = logging.getLogger(__name__)
+
+MARKER = ".govrag-blobs"  # in the store's directory: this is govrag's blob store (see the module docstring)
 
 # What this module writes: `<document id>.bin` (the upload), `<document id>.<generation>.pii` (the placeholder map
 # of one index generation; `<document id>.pii` is generation 0's, written before generations), each through a
@@ -25,14 +39,59 @@ _STORED_NAME = re.compile(r"(?P<document_id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-
 _MAP_GENERATION = re.compile(r"\.(?P<generation>[1-9][0-9]*)\.pii")
 
 
-def create_dir(blob_dir: Path) -> None:
-    """Create the blob directory (and the data directory above it) if it is missing: at a process's start only."""
-    blob_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+def open_at_start(blob_dir: Path, database_url: str) -> None:
+    """At a process's start only, after its schema check: make the blob store ready, unless the database shows that
+    it existed and its volume is not mounted (`open_store`)."""
+    with unit_of_work(database_url) as session:
+        documents_exist = session.scalar(select(Document.id).limit(1)) is not None
+    open_store(blob_dir, documents_exist=documents_exist)
+
+
+def open_store(blob_dir: Path, *, documents_exist: bool) -> None:
+    """Write the store's marker where the store is known to be: a directory of ours without one (a store from before
+    markers), or, with no document in the database (every document, a retired one too, keeps its row), any directory
+    (created if missing, with the data directory above it). Otherwise the volume is not mounted: write nothing
+    (it would land on the disk below the mount point) and say so; the process goes on (queries need no blobs)."""
+    if (blob_dir / MARKER).is_file():
+        return
+    if _holds_stored_files(blob_dir) or not documents_exist:
+        blob_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _write_marker(blob_dir)
+        return
+    logger.error("the blob volume is not mounted: %s has no %s marker though the database holds documents; uploads "
+                 "and reveals are a 503 and ingestion runs wait until it is mounted there (a store from before the "
+                 "marker needs a restart once mounted, to be marked)", blob_dir, MARKER)
+
+
+def _holds_stored_files(blob_dir: Path) -> bool:
+    """Whether the directory holds a file this module wrote (a store from before markers)."""
+    try:
+        with os.scandir(blob_dir) as entries:
+            return any(_STORED_NAME.fullmatch(entry.name) is not None for entry in entries)
+    except FileNotFoundError:
+        return False
+
+
+def _write_marker(blob_dir: Path) -> None:
+    """Write the marker in one step: a temp file linked into place, so a process starting at the same moment (the
+    API beside a worker) finds either none or a whole one, and the first one written stays."""
+    temp = blob_dir / f"{MARKER}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(16) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(temp, blob_dir / MARKER)
+    except FileExistsError:
+        pass
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def _mounted(blob_dir: Path) -> Path:
-    """`blob_dir`, which must exist: missing, its volume is not mounted (`Unavailable`)."""
-    if not blob_dir.is_dir():
+    """`blob_dir`, which must hold the store's marker: without it, its volume is not mounted (`Unavailable`)."""
+    if not (blob_dir / MARKER).is_file():
         raise Unavailable("blob volume")
     return blob_dir
 
@@ -55,7 +114,7 @@ def _write_sealed(target: Path, key: bytes, data: bytes, context: str) -> None:
 
 
 def read_sealed(blob_dir: Path, document_id: str, key: bytes) -> bytes:
-    """The raw upload, decrypted; FileNotFoundError when the document's file is missing (its directory is there,
+    """The raw upload, decrypted; FileNotFoundError when the document's file is missing (the store is there,
     looked at again after the read: a volume unmounted just before it is `Unavailable`, not a lost file)."""
     try:
         sealed = _path(blob_dir, document_id).read_bytes()
@@ -71,7 +130,7 @@ def has_original(blob_dir: Path, document_id: str) -> bool:
 
 
 def remove(blob_dir: Path, document_id: str) -> None:
-    """Delete the stored upload and every sealed placeholder map of the document. With the directory itself missing
+    """Delete the stored upload and every sealed placeholder map of the document. With the store's marker missing
     (its volume not mounted) nothing can be removed, and the files would be back with the volume: `Unavailable`."""
     _path(blob_dir, document_id).unlink(missing_ok=True)
     for _, path in _maps(blob_dir, document_id):
@@ -143,8 +202,8 @@ def read_newest_sealed_map(blob_dir: Path, document_id: str, key: bytes, below: 
 
 def stale_files(blob_dir: Path, older_than_seconds: float) -> Iterator[tuple[str, Path, bool]]:
     """(document id, path, whether it is an unfinished write) for each file this module wrote that has not been
-    modified for `older_than_seconds`; other files in the directory are not ours and are never listed. With the
-    directory missing, `Unavailable` (the orphan sweep waits for the volume) rather than nothing to list."""
+    modified for `older_than_seconds`; other files in the directory (the marker among them) are never listed. With
+    the store's marker missing, `Unavailable` (the orphan sweep waits for the volume) rather than nothing to list."""
     cutoff = time.time() - older_than_seconds
     with os.scandir(_mounted(blob_dir)) as entries:
         for entry in entries:

@@ -149,6 +149,50 @@ def test_a_run_while_the_blob_volume_is_not_mounted_is_waited_out_as_an_outage(o
     assert len(scheduled) == 1
 
 
+@pytest.mark.parametrize("mount_point", ["missing", "an empty directory"])
+def test_an_api_started_while_the_blob_volume_is_not_mounted_writes_nothing_and_takes_the_volume_once_mounted(
+        make_pg_database: Callable[[], str], tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        mount_point: str) -> None:
+    """A start with the blob directory missing created it on the disk below the mount point (an empty mount point
+    was taken for the store as it stood): the uploads that followed were hidden, then lost, once the volume was
+    mounted. With documents in the database the store existed before: that start now creates nothing and says so,
+    queries answer, uploads are the 503 of an outage, and once the volume is mounted it is used without a restart."""
+    from api.app import create_app
+    from core import migrate
+    from core.settings import Settings
+    from retrieval.store import close_vector_store
+
+    url = make_pg_database()
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url="memory://", inprocess_worker=False,
+                        job_sweep_seconds=0, admins=[PLATFORM_ADMIN])
+    with TestClient(create_app(settings)) as client:  # a fresh deployment: its store is created
+        editor = auth(desk_member(client, "editor"))
+        assert client.post("/v1/documents", headers=editor, data={"department": "desk"},
+                           files={"file": ("rota.txt", b"The desk opens at nine.")}).status_code == 202
+    close_vector_store(settings)
+    volume = settings.blob_dir.rename(tmp_path / "volume")  # not mounted at the next start
+    if mount_point == "an empty directory":
+        settings.blob_dir.mkdir()
+    upload = {"data": {"department": "desk"}, "files": {"file": ("hours.txt", b"The desk closes at five.")}}
+    with caplog.at_level(logging.ERROR, logger="core.blobs"), TestClient(create_app(settings)) as client:
+        response = client.post("/v1/documents", headers=editor, **upload)  # type: ignore[arg-type]
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["message"] == "the blob volume is unavailable; try again shortly"
+        said = [r.getMessage() for r in caplog.records if r.name == "core.blobs"]
+        assert len(said) == 1 and said[0].startswith("the blob volume is not mounted"), said
+        question = {"question": "When does the desk open?"}
+        assert client.post("/v1/query", headers=editor, json=question).status_code == 200  # no blob needed
+        if mount_point == "an empty directory":
+            assert list(settings.blob_dir.iterdir()) == []
+            settings.blob_dir.rmdir()
+        else:
+            assert not settings.blob_dir.exists()
+        volume.rename(settings.blob_dir)  # mounted
+        assert client.post("/v1/documents", headers=editor, **upload).status_code == 202  # type: ignore[arg-type]
+    close_vector_store(settings)
+
+
 def test_a_vector_store_server_that_does_not_answer_is_a_503(tmp_path: Path) -> None:
     """The production backend (`GOVRAG_QDRANT_URL`) down: queries are a 503 to retry, not a crash."""
     from api.app import create_app

@@ -1545,7 +1545,7 @@ def test_copies_of_a_file_sent_at_once_make_one_document(database: str, make_pg_
     url = make_pg_database() if database == "postgresql" else f"sqlite:///{tmp_path / 'govrag.db'}"
     migrate.upgrade(url)
     settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url="memory://", inprocess_worker=False)
-    blobs.create_dir(settings.blob_dir)  # as a process starting with these settings does
+    blobs.open_at_start(settings.blob_dir, url)  # as a process starting with these settings does
     with unit_of_work(url) as session:
         authz_service.create_department(session=session, keystore=keystore_for(settings), name="desk")
     data = f"Shift notes {uuid.uuid4().hex}: the same bytes, four times at once.".encode()

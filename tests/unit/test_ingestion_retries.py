@@ -75,9 +75,11 @@ def test_a_lost_original_fails_at_once_but_a_missing_blob_directory_is_an_outage
     directory gone (a volume not mounted on this worker) is no fault of the document: an outage, waited out as one
     of the database is, rather than failing every document with "upload it again" (or, retried as a fault of the
     document, with "retries exhausted")."""
+    from core import blobs
     from core.errors import GovragError, Unavailable, unavailable_dependency
     from ingestion import service
 
+    blobs.open_store(tmp_path, documents_exist=False)
     mounted = SimpleNamespace(blob_dir=tmp_path)
     with pytest.raises(GovragError) as lost:
         service._original(mounted, "doc", bytes(32))  # type: ignore[arg-type]
@@ -100,7 +102,7 @@ def test_a_run_ending_while_the_blob_volume_is_away_leaves_its_superseded_maps_a
     from retrieval.store import close_vector_store
 
     settings = Settings(data_dir=tmp_path)
-    blobs.create_dir(settings.blob_dir)
+    blobs.open_store(settings.blob_dir, documents_exist=False)
     key = bytes(32)
     for generation in (1, 2):
         blobs.write_sealed_map(settings.blob_dir, "doc", key, b"{}", generation)

@@ -57,7 +57,7 @@ def _worker_settings(make_pg_database: Callable[[], str], tmp_path: Path, queue:
     settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url=REDIS_URL,
                         task_queue=f"govrag-{queue}-{uuid.uuid4().hex[:8]}", inprocess_worker=False,
                         broker_visibility_timeout=3)
-    blobs.create_dir(settings.blob_dir)  # as a process starting with these settings does (the API's, here)
+    blobs.open_at_start(settings.blob_dir, url)  # as a process starting with these settings does (the API's, here)
     with unit_of_work(url) as session:
         authz_service.create_department(session=session, keystore=keystore_for(settings), name="facilities")
     return settings
