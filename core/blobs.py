@@ -1,6 +1,6 @@
 """Encrypted raw uploads on disk, one file per document, sealed under the document key.
 
-The store is a directory holding a marker file (`MARKER`, a random id) beside what it stores: a directory without
+The store is a directory holding a marker file (`MARKER`, empty) beside what it stores: a directory without
 it is not the store, whether missing (its volume not mounted) or an empty mount point, or the disk below one. Only a
 process's start (`open_at_start`: the API, `govrag worker`, the in-process `govrag ingest`) creates the directory and
 its marker, and only for a fresh deployment (no document in the database: the store never held anything) or for a
@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ from core.models import Document
 
 logger = logging.getLogger(__name__)
 
-MARKER = ".govrag-blobs"  # in the store's directory: this is govrag's blob store (see the module docstring)
+MARKER = ".govrag-blobs"  # in the store's directory, empty: this is govrag's blob store (see the module docstring)
 
 # What this module writes: `<document id>.bin` (the upload), `<document id>.<generation>.pii` (the placeholder map
 # of one index generation; `<document id>.pii` is generation 0's, written before generations), each through a
@@ -73,20 +72,10 @@ def _holds_stored_files(blob_dir: Path) -> bool:
 
 
 def _write_marker(blob_dir: Path) -> None:
-    """Write the marker in one step: a temp file linked into place, so a process starting at the same moment (the
-    API beside a worker) finds either none or a whole one, and the first one written stays."""
-    temp = blob_dir / f"{MARKER}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(16) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.link(temp, blob_dir / MARKER)
-    except FileExistsError:
-        pass
-    finally:
-        temp.unlink(missing_ok=True)
+    """Create the marker, empty: only its presence is read. Created in place, never replaced (no hard link, which
+    object store mounts and SMB shares refuse), so of processes starting at the same moment (the API beside a
+    worker) the first one's stays and the others find it."""
+    (blob_dir / MARKER).touch(mode=0o600)
 
 
 def _mounted(blob_dir: Path) -> Path:

@@ -6,7 +6,9 @@ and only for a fresh deployment (no document in the database) or a store written
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import stat
 import uuid
 from collections.abc import Callable
@@ -91,9 +93,9 @@ def test_a_volume_unmounted_between_the_check_and_the_read_is_an_outage_not_a_lo
 def test_a_fresh_deployment_gets_its_directory_and_marker_private_and_writes_then_go_there(tmp_path: Path) -> None:
     blob_dir = tmp_path / "data" / "blobs"
     blobs.open_store(blob_dir, documents_exist=False)
-    marker = (blob_dir / blobs.MARKER).read_text()
+    marker = (blob_dir / blobs.MARKER).stat().st_ino
     blobs.open_store(blob_dir, documents_exist=True)  # a restart, documents stored since: the same store
-    assert (blob_dir / blobs.MARKER).read_text() == marker
+    assert (blob_dir / blobs.MARKER).stat().st_ino == marker
     assert stat.S_IMODE(blob_dir.stat().st_mode) & 0o077 == 0
     assert stat.S_IMODE((blob_dir / blobs.MARKER).stat().st_mode) == 0o600
     blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
@@ -160,10 +162,30 @@ def test_a_store_from_before_the_marker_is_marked_at_the_start_and_used(tmp_path
     assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"the upload"
 
 
-def test_a_marker_written_at_the_same_moment_by_another_process_stays_and_no_temp_file_is_left(tmp_path: Path) -> None:
+def test_a_marker_written_at_the_same_moment_by_another_process_stays_and_no_other_file_is_left(
+    tmp_path: Path
+) -> None:
     """The API and a worker starting together on a fresh deployment: the first marker written is the store's."""
     blobs.open_store(tmp_path, documents_exist=False)
-    first = (tmp_path / blobs.MARKER).read_text()
+    first = (tmp_path / blobs.MARKER).stat().st_ino
     blobs._write_marker(tmp_path)  # the other process, which found no marker a moment ago
-    assert (tmp_path / blobs.MARKER).read_text() == first
+    assert (tmp_path / blobs.MARKER).stat().st_ino == first
     assert [path.name for path in tmp_path.iterdir()] == [blobs.MARKER]
+
+
+def test_a_fresh_store_on_a_filesystem_without_hard_links_is_marked_and_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Object store mounts and SMB shares (a shared volume the docs allow at /data) refuse hard links: the marker was
+    linked into place, so every start of a fresh deployment there failed with an OSError (the API never served)."""
+
+    def refused(*_args: object, **_kwargs: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")  # as such a filesystem answers link(2)
+
+    monkeypatch.setattr(os, "link", refused)
+    blob_dir = tmp_path / "blobs"
+    blobs.open_store(blob_dir, documents_exist=False)
+    assert [path.name for path in blob_dir.iterdir()] == [blobs.MARKER]
+    assert stat.S_IMODE((blob_dir / blobs.MARKER).stat().st_mode) == 0o600
+    blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
+    assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"the upload"
