@@ -58,8 +58,9 @@ def open_store(blob_dir: Path, *, documents_exist: bool) -> None:
         _write_marker(blob_dir)
         return
     logger.error("the blob volume is not mounted: %s has no %s marker though the database holds documents; uploads "
-                 "and reveals are a 503 and ingestion runs wait until it is mounted there (a store from before the "
-                 "marker needs a restart once mounted, to be marked)", blob_dir, MARKER)
+                 "and reveals are a 503 and ingestion runs wait until it is mounted there. If it is mounted there: a "
+                 "store from before the marker is marked at the next start; one holding no file of govrag's (every "
+                 "document deleted) is the store once an empty %s is created", blob_dir, MARKER, blob_dir / MARKER)
 
 
 def _holds_stored_files(blob_dir: Path) -> bool:

@@ -123,8 +123,9 @@ def test_a_start_with_documents_in_the_database_and_no_directory_creates_nothing
     assert list(tmp_path.iterdir()) == []
     assert [record.getMessage() for record in caplog.records] == [
         f"the blob volume is not mounted: {blob_dir} has no .govrag-blobs marker though the database holds documents; "
-        "uploads and reveals are a 503 and ingestion runs wait until it is mounted there (a store from before the "
-        "marker needs a restart once mounted, to be marked)"]
+        "uploads and reveals are a 503 and ingestion runs wait until it is mounted there. If it is mounted there: a "
+        "store from before the marker is marked at the next start; one holding no file of govrag's (every document "
+        f"deleted) is the store once an empty {blob_dir / '.govrag-blobs'} is created"]
     with pytest.raises(Unavailable):
         blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
     assert list(tmp_path.iterdir()) == []
@@ -159,6 +160,24 @@ def test_a_store_from_before_the_marker_is_marked_at_the_start_and_used(tmp_path
     (blob_dir / blobs.MARKER).unlink()  # as every store was before markers
     blobs.open_store(blob_dir, documents_exist=True)
     assert (blob_dir / blobs.MARKER).is_file()
+    assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"the upload"
+
+
+def test_a_store_from_before_the_marker_whose_documents_were_all_deleted_is_refused_with_the_way_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Mounted, but holding no file of ours (every document deleted, its files purged): no start can tell it from an
+    empty mount point. The error said the volume was not mounted, and how to mark only a store holding files."""
+    blob_dir = tmp_path / "blobs"
+    blob_dir.mkdir()
+    with caplog.at_level(logging.ERROR, logger="core.blobs"):
+        blobs.open_store(blob_dir, documents_exist=True)
+    [said] = [record.getMessage() for record in caplog.records]
+    marker = blob_dir / blobs.MARKER
+    assert said.endswith(f"holding no file of govrag's (every document deleted) is the store once an empty {marker} "
+                         "is created")
+    marker.touch()  # as the error says
+    blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
     assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"the upload"
 
 
