@@ -92,6 +92,10 @@ def ingest_command(args: argparse.Namespace) -> int:
                                    f"--department {args.department} --api-url http://HOST:PORT --token TOKEN; "
                                    "nothing ingested", markup=False)
         return 1
+    if not args.api_url and not _blob_store_opened(get_settings()):  # the error logged says why and what to do
+        Console(stderr=True).print(f"the blob volume is not mounted at {get_settings().blob_dir}; nothing ingested",
+                                   markup=False)
+        return 1
     console = Console(stderr=True)
     if hidden:
         console.print(_hidden_skipped(hidden))
@@ -133,10 +137,7 @@ def summary_table(outcomes: list[Outcome]) -> Table:
 
 def _inprocess_uploader(args: argparse.Namespace) -> Callable[[list[Path]], Iterator[Outcome]]:
     """Accept and ingest each file here, synchronously (the embedded store allows one process)."""
-    from core import blobs
-
     settings = get_settings()
-    blobs.open_at_start(settings.blob_dir, settings.resolved_database_url)  # this process's start, as the API's
 
     def run(files: list[Path]) -> Iterator[Outcome]:
         for path in files:
@@ -261,6 +262,14 @@ def _store_held(settings: Settings) -> EmbeddedStoreHeld | None:
     except EmbeddedStoreHeld as held:
         return held
     return None
+
+
+def _blob_store_opened(settings: Settings) -> bool:
+    """Open the blob store, as any process's start does (`blobs.open_at_start`): False when its volume is not mounted,
+    where every file would fail (nothing to ingest into, unlike a server, which still answers queries)."""
+    from core import blobs
+
+    return blobs.open_at_start(settings.blob_dir, settings.resolved_database_url)
 
 
 def _unknown_departments(settings: Settings, named: list[str]) -> list[str]:

@@ -38,29 +38,31 @@ _STORED_NAME = re.compile(r"(?P<document_id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-
 _MAP_GENERATION = re.compile(r"\.(?P<generation>[1-9][0-9]*)\.pii")
 
 
-def open_at_start(blob_dir: Path, database_url: str) -> None:
+def open_at_start(blob_dir: Path, database_url: str) -> bool:
     """At a process's start only, after its schema check: make the blob store ready, unless the database shows that
-    it existed and its volume is not mounted (`open_store`)."""
+    it existed and its volume is not mounted (`open_store`). Whether the store is there."""
     with unit_of_work(database_url) as session:
         documents_exist = session.scalar(select(Document.id).limit(1)) is not None
-    open_store(blob_dir, documents_exist=documents_exist)
+    return open_store(blob_dir, documents_exist=documents_exist)
 
 
-def open_store(blob_dir: Path, *, documents_exist: bool) -> None:
+def open_store(blob_dir: Path, *, documents_exist: bool) -> bool:
     """Write the store's marker where the store is known to be: a directory of ours without one (a store from before
     markers), or, with no document in the database (every document, a retired one too, keeps its row), any directory
     (created if missing, with the data directory above it). Otherwise the volume is not mounted: write nothing
-    (it would land on the disk below the mount point) and say so; the process goes on (queries need no blobs)."""
+    (it would land on the disk below the mount point) and say so; a server goes on (queries need no blobs). Whether
+    the store is there."""
     if (blob_dir / MARKER).is_file():
-        return
+        return True
     if _holds_stored_files(blob_dir) or not documents_exist:
         blob_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         _write_marker(blob_dir)
-        return
+        return True
     logger.error("the blob volume is not mounted: %s has no %s marker though the database holds documents; uploads "
                  "and reveals are a 503 and ingestion runs wait until it is mounted there. If it is mounted there: a "
                  "store from before the marker is marked at the next start; one holding no file of govrag's (every "
                  "document deleted) is the store once an empty %s is created", blob_dir, MARKER, blob_dir / MARKER)
+    return False
 
 
 def _holds_stored_files(blob_dir: Path) -> bool:

@@ -196,6 +196,27 @@ def test_ingesting_into_a_department_that_does_not_exist_names_it_and_ingests_no
         assert session.scalars(select(Document.id)).all() == []
 
 
+def test_ingesting_while_the_blob_volume_is_not_mounted_says_so_and_ingests_nothing(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Started with the volume away (documents in the database, no marker), the in-process CLI logged the error and
+    went on: every file "failed" with "internal error while ingesting the file" (exit 1), the cause known from the
+    start. Now it stops there, as for an unknown department."""
+    (tmp_path / "pay.md").write_text("# Pay\n\nPay day is the 25th.\n")
+    (tmp_path / "leave.md").write_text("# Leave\n\nParents get sixteen weeks of paid leave.\n")
+    assert main(["ingest", str(tmp_path / "pay.md"), "--department", "hr"]) == 0
+    blob_dir = get_settings().blob_dir
+    blob_dir.rename(tmp_path / "volume")  # not mounted at the next start
+    capsys.readouterr()
+    assert main(["ingest", str(tmp_path / "leave.md"), "--department", "hr"]) == 1
+    captured = capsys.readouterr()
+    said = " ".join(captured.err.split())
+    assert f"the blob volume is not mounted at {blob_dir}; nothing ingested" in said, said
+    assert "ingestion summary" not in captured.out and "internal error" not in captured.out + said
+    assert not blob_dir.exists()
+    with unit_of_work(cli_env) as session:
+        assert len(session.scalars(select(Document.id)).all()) == 1
+
+
 def test_refused_settings_are_named_in_one_clear_line_each_and_never_quoted(
         cli_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     secret_looking = "c2VjcmV0c2VjcmV0"
