@@ -6,7 +6,7 @@ import argparse
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -18,6 +18,9 @@ from core.settings import Settings, get_settings
 
 FINAL_STATES = ("ready", "failed", "quarantined", "rejected")
 INTERNAL_FAILURE = "internal error while ingesting the file"
+UNAVAILABLE, NOT_ATTEMPTED, PENDING = "unavailable", "not attempted", "pending"
+# Who runs a job this process could neither finish nor give back (`dispatch.give_back`), or that another one has
+LEFT_TO_THE_API = "a worker, or `govrag serve` at its next start, ingests it"
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,7 @@ class Outcome:
     path: str
     status: str
     reason: str = ""
+    unavailable: str | None = None  # the dependency whose outage stopped the run at this file
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -108,7 +112,14 @@ def ingest_command(args: argparse.Namespace) -> int:
             outcomes.append(outcome)
             progress.advance(task)
     Console().print(summary_table(outcomes))
+    if stopped_by := next((o.unavailable for o in outcomes if o.unavailable), None):
+        console.print(_stopped_line(stopped_by, sum(o.status == NOT_ATTEMPTED for o in outcomes)), markup=False)
     return 0 if all(o.status in ("ready", "quarantined", "duplicate") for o in outcomes) else 1
+
+
+def _stopped_line(dependency: str, not_attempted: int) -> str:
+    return (f"stopped: the {dependency} is unavailable ({not_attempted} file{'s' * (not_attempted != 1)} not "
+            "attempted); run the same command again once it is back (files already ingested show as duplicates)")
 
 
 def _nothing_found(path: Path, hidden: int) -> str:
@@ -136,56 +147,178 @@ def summary_table(outcomes: list[Outcome]) -> Table:
 
 
 def _inprocess_uploader(args: argparse.Namespace) -> Callable[[list[Path]], Iterator[Outcome]]:
-    """Accept and ingest each file here, synchronously (the embedded store allows one process)."""
+    """Accept and ingest each file here, synchronously (the embedded store allows one process). A dependency that
+    goes away stops the run at that file: every file after it would meet the outage too."""
     settings = get_settings()
 
     def run(files: list[Path]) -> Iterator[Outcome]:
-        for path in files:
-            yield _ingest_file(settings, args, path)
+        for index, path in enumerate(files):
+            outcome = _ingest_file(settings, args, path)
+            yield outcome
+            if outcome.unavailable:
+                for rest in files[index + 1:]:
+                    yield Outcome(str(rest), NOT_ATTEMPTED, f"stopped: the {outcome.unavailable} is unavailable")
+                return
 
     return run
 
 
+@dataclass
+class _FileRun:
+    """How far the ingestion of one file got: its document, once accepted (or found accepted before), and the jobs
+    this process took to run, as (document id, job id)."""
+
+    document_id: str | None = None
+    taken: list[tuple[str, str]] = field(default_factory=list)
+
+    def own_job(self) -> str | None:
+        """The job of the file's own document, if this process took one."""
+        return next((job for document, job in self.taken if document == self.document_id), None)
+
+
 def _ingest_file(settings: Settings, args: argparse.Namespace, path: Path) -> Outcome:
-    """Accept and ingest one file. A refusal says why; any other failure is a generic `failed` (its message may quote
-    the file) and fails a document it left unfinished; either way the run goes on."""
+    """Accept and ingest one file. A dependency that went away (the database, the vector store, the blob volume, as
+    `unavailable_dependency` tells them for the Celery path) is named, and what the file's run took is given back to
+    wait, never failed (`_stopped`); any other failure is handled by `_ingest_or_fail`."""
+    from core.errors import unavailable_dependency
+
+    run = _FileRun()
+    try:
+        return _ingest_or_fail(settings, args, path, run)
+    except Exception as exc:
+        dependency = unavailable_dependency(exc)
+        if dependency is None:
+            raise
+        return _stopped(settings, path, dependency, run)
+
+
+def _ingest_or_fail(settings: Settings, args: argparse.Namespace, path: Path, run: _FileRun) -> Outcome:
+    """Accept and ingest one file. A refusal says why; any failure but an outage is a generic `failed` (its message
+    may quote the file) and fails each document it left unfinished; either way the run goes on."""
+    from core.errors import unavailable_dependency
+
+    try:
+        return _accept_and_ingest(settings, args, path, run)
+    except Exception as exc:
+        if unavailable_dependency(exc) is not None:
+            raise  # stops the run (`_ingest_file`)
+        failure = type(exc).__name__
+    return _failed(settings, path, run, failure)
+
+
+def _accept_and_ingest(settings: Settings, args: argparse.Namespace, path: Path, run: _FileRun) -> Outcome:
     from core.db import unit_of_work
     from core.errors import GovragError
     from ingestion import service as ingestion_service
     from ingestion.schemas import Classification
 
+    data = path.read_bytes()
     try:
         with unit_of_work(settings.resolved_database_url) as session:
             accepted = ingestion_service.accept_upload(
                 session=session, settings=settings, uploaded_by=args.as_user, department=args.department,
-                filename=path.name, data=path.read_bytes(), title=path.name, acl_groups=args.acl_groups,
+                filename=path.name, data=data, title=path.name, acl_groups=args.acl_groups,
                 classification=Classification(args.classification))
     except GovragError as exc:
-        return Outcome(str(path), _refusal(exc.message), exc.message)
-    except Exception as exc:
-        logger.warning("accepting a file failed: %s", type(exc).__name__)
-        return Outcome(str(path), "failed", INTERNAL_FAILURE)
-    try:
-        _ingest_with_attachments(settings, accepted.document_id, accepted.job_id)
-    except Exception as exc:
-        logger.warning("ingesting document %s failed: %s", accepted.document_id, type(exc).__name__)
-        ingestion_service.mark_failed(settings=settings, document_id=accepted.document_id, job_id=accepted.job_id,
+        if _refusal(exc.message) == "duplicate":
+            return _go_on(settings, args, path, data, exc.message, run)
+        return Outcome(str(path), "refused", exc.message)
+    run.document_id = accepted.document_id
+    _ingest_with_attachments(settings, accepted.document_id, accepted.job_id, run)
+    return _job_outcome(settings, path, accepted.job_id)
+
+
+def _failed(settings: Settings, path: Path, run: _FileRun, failure: str) -> Outcome:
+    """A file whose acceptance or ingestion raised anything but a refusal or an outage: each job its run took and
+    left unfinished fails with a generic reason; the file shows its document's status (an e-mail whose attachment
+    step failed keeps its own), else a generic `failed`."""
+    from ingestion import service as ingestion_service
+
+    if run.document_id is None:
+        logger.warning("accepting a file failed: %s", failure)
+    else:
+        logger.warning("ingesting document %s failed: %s", run.document_id, failure)
+    for document_id, job_id in run.taken:
+        ingestion_service.mark_failed(settings=settings, document_id=document_id, job_id=job_id,
                                       reason=INTERNAL_FAILURE)
+    own_job = run.own_job()
+    return _job_outcome(settings, path, own_job) if own_job else Outcome(str(path), "failed", INTERNAL_FAILURE)
+
+
+def _stopped(settings: Settings, path: Path, dependency: str, run: _FileRun) -> Outcome:
+    """A file whose ingestion a dependency's outage stopped. Nothing failed: the jobs its run took wait again, given
+    back unsent as a worker's retry hands its job back (`dispatch.give_back`), for the same command run again to
+    take (`_go_on`); with the database away even that cannot be recorded, and an API runs them again."""
+    from workers import dispatch
+
+    if run.document_id is None:
+        what = "nothing was stored"
+    elif dispatch.give_back(settings, [job for _, job in run.taken]):
+        what = "accepted, not ingested yet: run the same command again once it is back"
+    else:
+        what = f"accepted, not ingested yet: {LEFT_TO_THE_API}"
+    return Outcome(str(path), UNAVAILABLE, f"the {dependency} is unavailable; {what}", unavailable=dependency)
+
+
+def _job_outcome(settings: Settings, path: Path, job_id: str) -> Outcome:
+    from core.db import unit_of_work
+    from ingestion import service as ingestion_service
+
     with unit_of_work(settings.resolved_database_url) as session:
-        status = ingestion_service.job_status(session=session, can_see=lambda *_: True, job_id=accepted.job_id)
+        status = ingestion_service.job_status(session=session, can_see=lambda *_: True, job_id=job_id)
     return Outcome(str(path), status.status, status.error or "")
 
 
-def _ingest_with_attachments(settings: Settings, document_id: str, job_id: str) -> None:
+def _ingest_with_attachments(settings: Settings, document_id: str, job_id: str, run: _FileRun) -> None:
     """Ingest a document, then its attachments, theirs, and so on (spawn_attachments bounds the depth). Each job is
     recorded as sent first: this process runs it, and an API's sweep must not send it to a worker as well."""
     from ingestion import service as ingestion_service
     from workers.dispatch import record_sent
 
+    run.taken.append((document_id, job_id))
     record_sent(settings, job_id)
     ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id)
     for child in ingestion_service.spawn_attachments(settings=settings, document_id=document_id):
-        _ingest_with_attachments(settings, child.document_id, child.job_id)
+        _ingest_with_attachments(settings, child.document_id, child.job_id, run)
+
+
+def _go_on(settings: Settings, args: argparse.Namespace, path: Path, data: bytes, refusal: str,
+           run: _FileRun) -> Outcome:
+    """A file the department holds already: a duplicate, unless an outage stopped its ingestion (this command's, run
+    before); what waits of it is ingested now (`_carry_on`), and what another process has is `pending`."""
+    from core.db import unit_of_work
+    from ingestion import service as ingestion_service
+
+    with unit_of_work(settings.resolved_database_url) as session:
+        run.document_id = ingestion_service.live_copy(session=session, department=args.department, data=data)
+    if run.document_id is None:  # retired since its upload was refused
+        return Outcome(str(path), "duplicate", refusal)
+    if not _carry_on(settings, run.document_id, run):
+        return Outcome(str(path), PENDING, f"accepted before as document {run.document_id}, not ingested yet: "
+                                           f"{LEFT_TO_THE_API}")
+    own_job = run.own_job()
+    return _job_outcome(settings, path, own_job) if own_job else Outcome(str(path), "duplicate", refusal)
+
+
+def _carry_on(settings: Settings, document_id: str, run: _FileRun) -> bool:
+    """Go on with a document accepted before, as an outage may have left it: run its job if it waits with nobody to
+    run it (`take_waiting_job`), take its attachments if that step never ran, and the same for each attachment.
+    Whether it and its attachments have all finished."""
+    from core.db import unit_of_work
+    from core.models import UNFINISHED
+    from ingestion import service as ingestion_service
+    from workers.dispatch import take_waiting_job
+
+    if (job_id := take_waiting_job(settings, document_id)) is not None:
+        run.taken.append((document_id, job_id))
+        ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id)
+    for child in ingestion_service.spawn_attachments(settings=settings, document_id=document_id):
+        _ingest_with_attachments(settings, child.document_id, child.job_id, run)
+    with unit_of_work(settings.resolved_database_url) as session:
+        document = ingestion_service.document_status(session=session, can_see=lambda *_: True,
+                                                     document_id=document_id)
+    attachments_finished = [_carry_on(settings, child_id, run) for child_id in document.attachment_ids]
+    return document.status not in UNFINISHED and all(attachments_finished)
 
 
 def _api_uploader(args: argparse.Namespace) -> Callable[[list[Path]], Iterator[Outcome]]:
@@ -216,7 +349,7 @@ def _poll(http: object, path: str, document_id: str, timeout: float = 600.0) -> 
         if body.get("status") in FINAL_STATES:
             return Outcome(path, body["status"], body.get("error") or body.get("review_reason") or "")
         time.sleep(0.5)
-    return Outcome(path, "pending", "still processing when the CLI stopped waiting")
+    return Outcome(path, PENDING, "still processing when the CLI stopped waiting")
 
 
 def _refusal(message: str) -> str:

@@ -92,6 +92,13 @@ def accept_upload(
     return UploadAccepted(document_id=document_id, job_id=job_id)
 
 
+def live_copy(*, session: Session, department: str, data: bytes) -> str | None:
+    """The id of the department's document holding this content, which an upload of it is refused as a duplicate
+    of (`accept_upload`), or None."""
+    duplicate = repository.find_duplicate(session, department=department, sha256=hashlib.sha256(data).hexdigest())
+    return duplicate.id if duplicate is not None else None
+
+
 def run_ingestion(*, settings: Settings, document_id: str, job_id: str) -> None:
     """Process one queued document to ready, quarantined or failed. Unexpected errors propagate for a retry. A run
     whose job was handed back while it went on (a re-index: its rules may predate a policy change) writes nothing

@@ -48,6 +48,15 @@ def make_pg_database() -> Iterator[Callable[[], str]]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def allow_connections(database: str, allowed: bool) -> None:
+    """The test database stops taking connections (those open are dropped too: the server went away), or takes them
+    again: a database outage, and its end."""
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS {str(allowed).lower()}')
+        if not allowed:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,))
+
+
 @pytest.fixture(scope="session")
 def pg_url(make_pg_database: Callable[[], str]) -> str:
     """A migrated PostgreSQL database for the integration suite."""

@@ -1,7 +1,8 @@
 """Sending ingestion jobs to the broker. The database is the record of what must run; the broker only carries it.
 
 A job row is committed (status `queued`, `sent_at` empty) with the work it describes; `send_job` then publishes its
-task and stamps `sent_at` (`govrag ingest` in process stamps the jobs it runs itself). A broker that refuses leaves
+task and stamps `sent_at` (`govrag ingest` in process stamps the jobs it runs itself, and gives back unstamped those an
+outage stopped: `give_back`, `take_waiting_job`). A broker that refuses leaves
 the job unsent, not lost: `sweep_jobs` (run by a thread in every API process, core/sweeper.py) sends each job still
 unsent some seconds after it was created — the broker was down, or the API died between its commit and the send —
 and, on Redis, each job a restarted Redis lost; a job left `processing` with no run behind it goes again too
@@ -24,12 +25,14 @@ from typing import TYPE_CHECKING, Any
 from kombu.exceptions import OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from core.db import transaction_lock, unit_of_work
+from core.errors import unavailable_dependency
 from core.models import UNFINISHED, DocumentStatus, IngestionJob, utcnow
 from core.settings import Settings
+from ingestion import repository as ingestion_repository
 from workers.celery_app import INGEST_TASK, GovragCelery
 
 if TYPE_CHECKING:
@@ -65,6 +68,50 @@ def record_sent(settings: Settings, job_id: str) -> None:
     ingest` in process), so the sweep does not send it to a worker as well."""
     with unit_of_work(settings.resolved_database_url) as session:
         _mark_sent(session, job_id)
+
+
+def give_back(settings: Settings, job_ids: list[str]) -> bool:
+    """Jobs this process took to run itself (`govrag ingest` in process) and cannot finish now, a dependency being
+    unavailable: each one unfinished waits again, handed back as a worker's retry hands its job back (its next run
+    is no crash), and unsent, for the next sweep of an API to send or `take_waiting_job` to take. False, logged, when
+    the database cannot record it (it is the one away): the jobs stay as they are, `processing`, until an API runs
+    them again (`resend_unfinished` at its start, `resend_stalled`)."""
+    if not job_ids:
+        return True
+    try:
+        with unit_of_work(settings.resolved_database_url) as session:
+            for job_id in job_ids:
+                ingestion_repository.hand_back(session, job_id)
+            session.execute(update(IngestionJob).where(IngestionJob.id.in_(job_ids),
+                                                       IngestionJob.status.in_(UNFINISHED))
+                            .values(sent_at=None, updated_at=IngestionJob.updated_at))
+    except Exception as exc:
+        dependency = unavailable_dependency(exc)
+        if dependency is None:
+            raise
+        logger.warning("%d ingestion job(s) not handed back: the %s is unavailable", len(job_ids), dependency)
+        return False
+    return True
+
+
+def take_waiting_job(settings: Settings, document_id: str) -> str | None:
+    """The document's unfinished job that nobody sends or runs, marked sent: this process runs it itself (`govrag
+    ingest` run again after an outage stopped it). A job waits so when it is unsent and either a run of it began
+    before it was given back (`give_back`), or it has been unsent for longer than the sweep's grace: a younger one
+    that never ran may be an upload whose task is being published right now. Taken under the sweep's lock: the
+    sweep sends it or this process runs it, never both."""
+    cutoff = utcnow() - timedelta(seconds=settings.job_resend_after_seconds)
+    with unit_of_work(settings.resolved_database_url) as session:
+        transaction_lock(session, _SWEEP_LOCK)
+        job_id = session.scalars(
+            select(IngestionJob.id)
+            .where(IngestionJob.document_id == document_id, IngestionJob.sent_at.is_(None),
+                   IngestionJob.status.in_(UNFINISHED),
+                   or_(IngestionJob.attempts > 0, IngestionJob.created_at <= cutoff))
+            .order_by(IngestionJob.created_at).limit(1)).first()
+        if job_id is not None:
+            _mark_sent(session, job_id)
+    return job_id
 
 
 def send_unsent(app: GovragCelery, *, older_than_seconds: float) -> int:

@@ -230,3 +230,131 @@ def test_refused_settings_are_named_in_one_clear_line_each_and_never_quoted(
     assert "settings were refused" in refusal
     assert "GOVRAG_MASTER_KEY:" in refusal
     assert secret_looking not in refusal and "Traceback" not in refusal
+
+
+def _three_files(tmp_path: Path, canary: str) -> Path:
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    (folder / "a-leave.md").write_text("# Parental leave\n\nParents get sixteen weeks of paid leave.\n")
+    (folder / "b-pay.md").write_text(f"# Pay\n\nPay day is the 25th of each month. {canary}\n")
+    (folder / "c-rota.md").write_text("# Rota\n\nThe desk rota changes on Fridays.\n")
+    return folder
+
+
+def _rows(url: str) -> dict[str, tuple[str, str]]:
+    """Each document's title → its status and its job's."""
+    from core.models import IngestionJob
+
+    with unit_of_work(url) as session:
+        return {title: (document, job) for title, document, job in session.execute(
+            select(Document.title, Document.status, IngestionJob.status)
+            .join(IngestionJob, IngestionJob.document_id == Document.id))}
+
+
+def _unmounted_as_the_second_run_starts(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The blob directory renamed away (its volume unmounted) as the command's second run of a document starts, once;
+    where it went, to mount it again."""
+    from ingestion import service
+
+    settings, real_run, runs = get_settings(), service.run_ingestion, []
+    aside = settings.blob_dir.with_name("blobs.unmounted")
+
+    def unmounted_at_the_second_run(**kwargs: str) -> None:
+        runs.append(kwargs["document_id"])
+        if len(runs) == 2:
+            settings.blob_dir.rename(aside)
+        real_run(**kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service, "run_ingestion", unmounted_at_the_second_run)
+    monkeypatch.setenv("COLUMNS", "400")  # each reason on one line of the table
+    return aside
+
+
+def test_the_blob_volume_going_away_mid_run_stops_the_run_naming_it_and_running_it_again_finishes(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blob volume unmounted under a run: the file being ingested was `failed` with "internal error while
+    ingesting the file" (a permanent failure, where the Celery path waits the outage out), and so was every file
+    after it. Now the run stops there naming the volume and exits 1; the document waits (its job handed back, not
+    failed), and the same command run again once the volume is back ingests it and the files not attempted."""
+    settings, canary = get_settings(), uuid.uuid4().hex
+    aside = _unmounted_as_the_second_run_starts(monkeypatch)
+    folder = _three_files(tmp_path, canary)
+    assert main(["ingest", str(folder), "--department", "hr"]) == 1
+    captured = capsys.readouterr()
+    out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
+    assert "the blob volume is unavailable" in out and "internal error" not in out and canary not in out
+    assert "ready: 1" in out and "unavailable: 1" in out and "not attempted: 1" in out
+    assert "stopped: the blob volume is unavailable" in err and "run the same command again" in err
+    assert _rows(cli_env) == {"a-leave.md": ("ready", "ready"), "b-pay.md": ("processing", "queued")}
+
+    aside.rename(settings.blob_dir)  # mounted again
+    assert main(["ingest", str(folder), "--department", "hr"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "duplicate: 1" in out and "ready: 2" in out
+    assert set(_rows(cli_env).values()) == {("ready", "ready")} and len(_rows(cli_env)) == 3
+    from core.models import IngestionJob
+
+    with unit_of_work(cli_env) as session:
+        assert session.scalars(select(IngestionJob.crashed_runs)).all() == [0, 0, 0]  # an outage is no crash
+
+
+def test_the_database_going_away_mid_run_stops_the_run_naming_it_and_leaves_nothing_failed(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL stopped taking connections as a file's run ended: marking it failed needed the database too, and
+    the command ended in a traceback. Now the run stops there naming the database (never its URL), exits 1 and
+    leaves the document unfinished, not failed; run again, the command says the document is not ingested yet and
+    how it will be, and ingests the file not attempted."""
+    from ingestion import service
+    from tests.conftest import allow_connections
+
+    canary, real_protect, database = uuid.uuid4().hex, service.protect, cli_env.rsplit("/", 1)[1]
+
+    def the_database_goes_as_the_pay_file_is_protected(data: bytes, *args: object, **kwargs: object) -> object:
+        protected = real_protect(data, *args, **kwargs)
+        if canary.encode() in data:
+            allow_connections(database, False)
+        return protected
+
+    monkeypatch.setattr(service, "protect", the_database_goes_as_the_pay_file_is_protected)
+    monkeypatch.setenv("COLUMNS", "400")  # each reason on one line of the table
+    folder = _three_files(tmp_path, canary)
+    try:
+        assert main(["ingest", str(folder), "--department", "hr"]) == 1
+    finally:
+        allow_connections(database, True)
+    captured = capsys.readouterr()
+    out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
+    assert "the database is unavailable" in out and "internal error" not in out
+    assert "ready: 1" in out and "unavailable: 1" in out and "not attempted: 1" in out
+    assert "stopped: the database is unavailable" in err
+    assert database not in out + err and canary not in out + err and "Traceback" not in out + err
+    assert _rows(cli_env) == {"a-leave.md": ("ready", "ready"), "b-pay.md": ("processing", "processing")}
+
+    assert main(["ingest", str(folder), "--department", "hr"]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "duplicate: 1" in out and "ready: 1" in out and "pending: 1" in out and "govrag serve" in out
+    assert _rows(cli_env)["c-rota.md"] == ("ready", "ready")
+
+
+def test_an_attachment_whose_run_met_the_outage_is_ingested_when_the_command_runs_again(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An outage in an e-mail's attachment's run left the attachment `processing` for good (the e-mail, whose own run
+    had ended, kept `ready`); now its job waits, and the command run again takes it up from the e-mail."""
+    from email.message import EmailMessage
+
+    settings = get_settings()
+    aside = _unmounted_as_the_second_run_starts(monkeypatch)
+    mail = EmailMessage()
+    mail["From"], mail["To"], mail["Subject"] = "desk@example.org", "hr@example.org", "Rota"
+    mail.set_content("The new rota is attached.")
+    mail.add_attachment(b"The Porto desk rota changes on Fridays.", maintype="text", subtype="plain",
+                        filename="rota.txt")
+    (tmp_path / "rota.eml").write_bytes(mail.as_bytes())
+    assert main(["ingest", str(tmp_path / "rota.eml"), "--department", "hr"]) == 1
+    assert "the blob volume is unavailable" in " ".join(capsys.readouterr().out.split())
+    assert sorted(_rows(cli_env).values()) == [("processing", "queued"), ("ready", "ready")]
+
+    aside.rename(settings.blob_dir)
+    assert main(["ingest", str(tmp_path / "rota.eml"), "--department", "hr"]) == 0
+    assert "duplicate: 1" in capsys.readouterr().out
+    assert sorted(_rows(cli_env).values()) == [("ready", "ready"), ("ready", "ready")]

@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
-import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import bindparam, make_url, text
@@ -20,14 +19,7 @@ from sqlalchemy.exc import OperationalError
 
 from core.db import get_engine
 from core.errors import unavailable_dependency
-from tests.conftest import PG_ADMIN_DSN, PLATFORM_ADMIN, auth, desk_member
-
-
-def _allow_connections(database: str, allowed: bool) -> None:
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS {str(allowed).lower()}')
-        if not allowed:  # drop the pool's open connections too: the server went away
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,))
+from tests.conftest import PLATFORM_ADMIN, allow_connections, auth, desk_member
 
 
 @pytest.fixture
@@ -46,7 +38,7 @@ def outage(make_pg_database: Callable[[], str], tmp_path: Path) -> Iterator[dict
         try:
             yield {"client": client, "editor": auth(desk_member(client, "editor")), "database": database}
         finally:
-            _allow_connections(database, True)
+            allow_connections(database, True)
     close_vector_store(settings)
 
 
@@ -62,7 +54,7 @@ def test_a_database_outage_is_a_503_to_retry_and_the_api_recovers(outage: dict[s
                                                                    caplog: pytest.LogCaptureFixture) -> None:
     client, editor = outage["client"], outage["editor"]
     assert isinstance(client, TestClient) and isinstance(editor, dict)
-    _allow_connections(str(outage["database"]), False)
+    allow_connections(str(outage["database"]), False)
     with caplog.at_level(logging.WARNING):
         for method, path, kwargs in _requests():
             response = client.request(method, path, headers=editor, **kwargs)  # type: ignore[arg-type]
@@ -73,7 +65,7 @@ def test_a_database_outage_is_a_503_to_retry_and_the_api_recovers(outage: dict[s
             assert response.headers["retry-after"] == "5"
     assert not [r for r in caplog.records if r.name == "api.errors" and r.levelno >= logging.ERROR]
     assert [r for r in caplog.records if r.name == "api.errors" and "database unavailable" in r.getMessage()]
-    _allow_connections(str(outage["database"]), True)
+    allow_connections(str(outage["database"]), True)
     assert client.post("/v1/query", headers=editor, json={"question": "When does the desk open?"}).status_code == 200
 
 
