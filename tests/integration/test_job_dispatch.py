@@ -1065,6 +1065,90 @@ def test_the_sweep_sends_each_unsent_job_once_and_only_after_its_grace(tmp_path:
     memory.Channel.queues.pop(reachable.task_queue, None)
 
 
+def _set_job(url: str, job_id: str, **values: object) -> None:
+    from core.db import unit_of_work
+    from core.models import IngestionJob
+
+    with unit_of_work(url) as session:
+        session.execute(update(IngestionJob).where(IngestionJob.id == job_id).values(**values))
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_govrag_ingest_run_again_takes_a_job_given_back_once_and_one_just_uploaded_never(
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """`govrag ingest` run again after an outage takes the document's waiting job (dispatch.take_waiting_job): one
+    handed back after its run began (dispatch.give_back) at once and once, one that never ran once it is past the
+    sweep's grace. A younger unsent job may be its uploader's (an API's upload, another `govrag ingest` between
+    accepting a file and stamping its job), sent or run right now: taking it would run it twice."""
+    from api.app import create_app
+    from core.models import utcnow
+    from retrieval.store import close_vector_store
+    from workers.dispatch import give_back, take_waiting_job
+
+    url, settings = _on(database, make_pg_database, tmp_path)
+    with TestClient(create_app(settings)) as client:
+        editor = desk_member(client, "editor")
+        just_uploaded, given_back, long_unsent = (_upload(client, editor, n) for n in range(3))
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    _set_job(url, just_uploaded["job_id"], sent_at=None)  # its send refused, or not made yet
+    _set_job(url, given_back["job_id"], status="processing", attempts=1)  # a run of it began here, and met an outage
+    _set_job(url, long_unsent["job_id"], sent_at=None, created_at=utcnow() - timedelta(hours=1))
+    assert give_back(settings, [given_back["job_id"]])
+    assert _job_row(url, given_back["job_id"])[0] == "queued" and _sent_at(url, given_back["job_id"]) is None
+
+    assert take_waiting_job(settings, just_uploaded["document_id"]) is None
+    assert take_waiting_job(settings, given_back["document_id"]) == given_back["job_id"]
+    assert take_waiting_job(settings, given_back["document_id"]) is None
+    assert take_waiting_job(settings, long_unsent["document_id"]) == long_unsent["job_id"]
+    assert _sent_at(url, just_uploaded["job_id"]) is None and _sent_at(url, given_back["job_id"]) is not None
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_sweep_sending_a_waiting_job_as_govrag_ingest_takes_it_leaves_it_to_one_of_them(
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An API's sweep and `govrag ingest` run again may both find a job waiting unsent: the sweep reads it, publishes
+    its task, then stamps it. `take_waiting_job` takes the sweep's lock, so it waits for that stamp and leaves the
+    job to the worker; reading it meanwhile, it would run the job beside the worker."""
+    from api.app import create_app
+    from retrieval.store import close_vector_store
+    from workers import dispatch
+    from workers.celery_app import create_celery
+
+    url, settings = _on(database, make_pg_database, tmp_path)
+    with TestClient(create_app(settings)) as client:
+        uploaded = _upload(client, desk_member(client, "editor"), 0)
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    _set_job(url, uploaded["job_id"], sent_at=None, attempts=1)  # handed back by a run of `govrag ingest`
+    publishing, go_on, real_publish = threading.Event(), threading.Event(), dispatch._published
+
+    def published_once_the_cli_waits(*args: object) -> bool:
+        publishing.set()
+        assert go_on.wait(60)
+        return real_publish(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dispatch, "_published", published_once_the_cli_waits)
+    sent: list[int] = []
+    taken: list[str | None] = []
+    sweep = threading.Thread(target=lambda: sent.append(dispatch.send_unsent(create_celery(settings),
+                                                                             older_than_seconds=0)), daemon=True)
+    cli = threading.Thread(target=lambda: taken.append(dispatch.take_waiting_job(settings, uploaded["document_id"])),
+                           daemon=True)
+    sweep.start()
+    assert publishing.wait(60)
+    cli.start()
+    try:
+        assert wait_for_a_lock_wait(url, cli) is not None  # the sweep's lock
+    finally:
+        go_on.set()
+        sweep.join(60)
+        cli.join(60)
+    assert sent == [1] and taken == [None]
+    assert memory.Channel.queues[settings.task_queue].qsize() == 1
+    memory.Channel.queues.pop(settings.task_queue, None)
+
+
 def test_a_job_stalled_in_processing_is_sent_again_once(tmp_path: Path) -> None:
     """A run whose retries ran out while the database was down could not mark its job failed: the job stayed
     `processing` for ever. Once it is older than any run can last, the sweep sends it again; a job updated recently
