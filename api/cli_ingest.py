@@ -6,8 +6,9 @@ import argparse
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -15,6 +16,9 @@ from rich.table import Table
 
 from core.errors import EmbeddedStoreHeld
 from core.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from ingestion.schemas import DocumentStatusOut
 
 FINAL_STATES = ("ready", "failed", "quarantined", "rejected")
 INTERNAL_FAILURE = "internal error while ingesting the file"
@@ -293,32 +297,41 @@ def _go_on(settings: Settings, args: argparse.Namespace, path: Path, data: bytes
         run.document_id = ingestion_service.live_copy(session=session, department=args.department, data=data)
     if run.document_id is None:  # retired since its upload was refused
         return Outcome(str(path), "duplicate", refusal)
+    accepted_before = f"accepted before as document {run.document_id}"
     if not _carry_on(settings, run.document_id, run):
-        return Outcome(str(path), PENDING, f"accepted before as document {run.document_id}, not ingested yet: "
+        return Outcome(str(path), PENDING, f"{accepted_before}, not ingested yet: another process has it, or "
                                            f"{LEFT_TO_THE_API}")
-    own_job = run.own_job()
-    return _job_outcome(settings, path, own_job) if own_job else Outcome(str(path), "duplicate", refusal)
+    if (own_job := run.own_job()) is None:
+        return Outcome(str(path), "duplicate", refusal)
+    outcome = _job_outcome(settings, path, own_job)  # that upload's groups and classification, not this command's
+    return replace(outcome, reason=outcome.reason or f"{accepted_before}, ingested now")
 
 
 def _carry_on(settings: Settings, document_id: str, run: _FileRun) -> bool:
     """Go on with a document accepted before, as an outage may have left it: run its job if it waits with nobody to
     run it (`take_waiting_job`), take its attachments if that step never ran, and the same for each attachment.
     Whether it and its attachments have all finished."""
-    from core.db import unit_of_work
     from core.models import UNFINISHED
     from ingestion import service as ingestion_service
     from workers.dispatch import take_waiting_job
 
-    if (job_id := take_waiting_job(settings, document_id)) is not None:
-        run.taken.append((document_id, job_id))
-        ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id)
+    if _status(settings, document_id).status in UNFINISHED:  # a finished one has no job waiting: no sweep lock
+        if (job_id := take_waiting_job(settings, document_id)) is not None:
+            run.taken.append((document_id, job_id))
+            ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id)
     for child in ingestion_service.spawn_attachments(settings=settings, document_id=document_id):
         _ingest_with_attachments(settings, child.document_id, child.job_id, run)
-    with unit_of_work(settings.resolved_database_url) as session:
-        document = ingestion_service.document_status(session=session, can_see=lambda *_: True,
-                                                     document_id=document_id)
+    document = _status(settings, document_id)
     attachments_finished = [_carry_on(settings, child_id, run) for child_id in document.attachment_ids]
     return document.status not in UNFINISHED and all(attachments_finished)
+
+
+def _status(settings: Settings, document_id: str) -> DocumentStatusOut:
+    from core.db import unit_of_work
+    from ingestion import service as ingestion_service
+
+    with unit_of_work(settings.resolved_database_url) as session:
+        return ingestion_service.document_status(session=session, can_see=lambda *_: True, document_id=document_id)
 
 
 def _api_uploader(args: argparse.Namespace) -> Callable[[list[Path]], Iterator[Outcome]]:

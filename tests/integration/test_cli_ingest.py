@@ -288,9 +288,11 @@ def test_the_blob_volume_going_away_mid_run_stops_the_run_naming_it_and_running_
     assert _rows(cli_env) == {"a-leave.md": ("ready", "ready"), "b-pay.md": ("processing", "queued")}
 
     aside.rename(settings.blob_dir)  # mounted again
+    monkeypatch.setenv("COLUMNS", "400")  # each reason on one line of the table
     assert main(["ingest", str(folder), "--department", "hr"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "duplicate: 1" in out and "ready: 2" in out
+    assert out.count("accepted before as document") == 1 and "ingested now" in out  # b-pay.md's upload, not this run's
     assert set(_rows(cli_env).values()) == {("ready", "ready")} and len(_rows(cli_env)) == 3
     from core.models import IngestionJob
 
