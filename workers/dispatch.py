@@ -9,6 +9,11 @@ and, on Redis, each job a restarted Redis lost; a job left `processing` with no 
 (`resend_stalled`). On the embedded default the broker lives in the API's memory, so at start-up it holds nothing:
 every unfinished job is sent again (`resend_unfinished`).
 
+The sweep never waits for a job row: each step takes only the rows no other transaction holds (`_unheld`), so it
+deadlocks with nothing, whatever order others take job rows in: a re-index handing back jobs (in its documents' row
+order, ingestion/quarantine.py), a run's claim or end, an uploader marking its job sent. A job held by one of them
+is being worked on right now, not stalled, lost nor forgotten: the next round looks at it again.
+
 Delivery is at least once: a job may run twice (a crash between the send and the stamp); a second run of a
 document that is already ready changes nothing, and a run that finds its document deleted ends the job and purges
 again (ingestion/service.py), so no job of a deleted document is left unfinished to be sent for ever.
@@ -25,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from kombu.exceptions import OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, Select, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.db import transaction_lock, unit_of_work
@@ -124,11 +129,11 @@ def send_unsent(app: GovragCelery, *, older_than_seconds: float) -> int:
     with unit_of_work(settings.resolved_database_url) as session:
         transaction_lock(session, _SWEEP_LOCK)
         cutoff = utcnow() - timedelta(seconds=older_than_seconds)
-        unsent = session.execute(
+        unsent = session.execute(  # locked now, so marking one sent below waits for no one (`_unheld`)
             select(IngestionJob.id, IngestionJob.document_id)
             .where(IngestionJob.sent_at.is_(None), IngestionJob.status.in_(UNFINISHED),
                    IngestionJob.created_at <= cutoff)
-            .order_by(IngestionJob.created_at).limit(_SWEEP_BATCH)).all()
+            .order_by(IngestionJob.created_at).limit(_SWEEP_BATCH).with_for_update(skip_locked=True)).all()
         for job_id, document_id in unsent:
             if not _published(app, document_id, job_id):
                 break  # the broker is down: the rest wait for the next sweep
@@ -164,10 +169,10 @@ def resend_lost(app: GovragCelery, *, older_than_seconds: float) -> int:
         except _TasksUnknown as unknown:
             logger.warning("lost ingestion jobs not looked for: %s", unknown)
             return 0
-        lost = session.execute(update(IngestionJob).where(
+        lost = session.execute(update(IngestionJob).where(IngestionJob.id.in_(_unheld(
             IngestionJob.status == DocumentStatus.queued.value, IngestionJob.sent_at <= cutoff,
             IngestionJob.id.not_in(on_broker),
-        ).values(sent_at=None, updated_at=IngestionJob.updated_at))
+        ))).values(sent_at=None, updated_at=IngestionJob.updated_at))
     if lost.rowcount:  # type: ignore[attr-defined]
         logger.warning("%d queued ingestion job(s) were no longer on the broker; sending them again",
                        lost.rowcount)  # type: ignore[attr-defined]
@@ -182,14 +187,25 @@ def resend_stalled(app: GovragCelery, *, stalled_after_seconds: float) -> int:
     cutoff = utcnow() - timedelta(seconds=stalled_after_seconds)
     with unit_of_work(app.govrag_settings.resolved_database_url) as session:
         transaction_lock(session, _SWEEP_LOCK)
-        stalled = session.execute(update(IngestionJob).where(
+        stalled = session.execute(update(IngestionJob).where(IngestionJob.id.in_(_unheld(
             IngestionJob.status == DocumentStatus.processing.value, IngestionJob.sent_at.is_not(None),
             IngestionJob.updated_at <= cutoff,
-        ).values(sent_at=None, updated_at=utcnow()))  # its stall clock restarts with the new send
+        ))).values(sent_at=None, updated_at=utcnow()))  # its stall clock restarts with the new send
     if stalled.rowcount:  # type: ignore[attr-defined]
         logger.warning("%d ingestion job(s) stalled in processing; sending them again",
                        stalled.rowcount)  # type: ignore[attr-defined]
     return int(stalled.rowcount)  # type: ignore[attr-defined]
+
+
+def _unheld(*criteria: ColumnElement[bool]) -> Select[str]:
+    """The ids of the jobs meeting `criteria` that no other transaction holds, locked by the statement that reads
+    them (PostgreSQL's FOR UPDATE SKIP LOCKED), so an UPDATE of these ids waits for no row. One UPDATE of every job
+    meeting them locked their rows in the order they are stored, waiting for each held one while holding those before
+    it: a re-index handing back two of them in the other order held one and waited for the other, and PostgreSQL
+    aborted the sweep or the re-index (a 500). SQLite has no row locks (a writer holds the whole database; SQLAlchemy
+    leaves the clause out there)."""
+    # not correlated with an UPDATE of ingestion_jobs: the subquery reads the table itself
+    return select(IngestionJob.id).where(*criteria).with_for_update(skip_locked=True).correlate(None)
 
 
 class _TasksUnknown(Exception):

@@ -1179,6 +1179,98 @@ def test_a_job_stalled_in_processing_is_sent_again_once(tmp_path: Path) -> None:
     memory.Channel.queues.pop(settings.task_queue, None)
 
 
+def _stored_order(url: str) -> list[str]:
+    """The job ids in the order PostgreSQL stores their rows (a sequential scan's order)."""
+    import psycopg
+
+    with psycopg.connect(libpq_dsn(url)) as connection:
+        return [job_id for (job_id,) in connection.execute("SELECT id FROM ingestion_jobs ORDER BY ctid")]
+
+
+def _error_name(error: BaseException) -> str:
+    """The database's error (psycopg's, that SQLAlchemy wraps) or the error itself, by its type's name."""
+    return type(getattr(error, "orig", None) or error).__name__
+
+
+@pytest.mark.parametrize(("step", "next_round"), [("resend_stalled", 0), ("send_unsent", 1)])
+def test_a_sweep_and_a_reindex_handing_back_the_same_jobs_never_deadlock(
+        step: str, next_round: int, make_pg_database: Callable[[], str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A re-index hands back the jobs of documents being ingested in the documents' row order (oldest first), each
+    job's row locked until it commits; the sweep marked every stalled job unsent in one UPDATE (rows locked in the
+    order they are stored) and marked the unsent jobs it sent one by one (oldest job first). Two jobs in the other
+    order: each held a row the other waited for, and PostgreSQL aborted the sweep's round or the admin's re-index (a
+    500). The sweep now takes only job rows nobody holds: one the re-index holds is looked at next round (stalled no
+    longer, once handed back; still unsent, and sent then)."""
+    from api.app import create_app
+    from core.db import unit_of_work
+    from core.models import Document, IngestionJob, utcnow
+    from ingestion import quarantine, repository
+    from retrieval.store import close_vector_store
+    from workers import dispatch
+    from workers.celery_app import create_celery
+
+    url, settings = _on("postgresql", make_pg_database, tmp_path)
+    with TestClient(create_app(settings)) as client:
+        editor = desk_member(client, "editor")
+        uploads = [_upload(client, editor, n) for n in (0, 1)]
+    documents, jobs = [upload["document_id"] for upload in uploads], [upload["job_id"] for upload in uploads]
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    long_ago = utcnow() - timedelta(hours=2)
+    with unit_of_work(url) as session:  # both being ingested, their runs gone: stalled, or marked unsent since
+        session.execute(update(Document).where(Document.id.in_(documents)).values(status="processing"))
+        for job_id, created in ((jobs[1], long_ago), (jobs[0], long_ago + timedelta(minutes=30))):
+            session.execute(update(IngestionJob).where(IngestionJob.id == job_id).values(  # job 0 stored last
+                status="processing", created_at=created, updated_at=long_ago,
+                sent_at=long_ago if step == "resend_stalled" else None))
+    # the stall sweep's scan (storage order) and the send (oldest job first) meet document 1's job first; the
+    # re-index hands back document 0's first (oldest document first)
+    assert _stored_order(url) == [jobs[1], jobs[0]]
+    app, outcomes = create_celery(settings), dict[str, object]()
+    sweep_step = {"resend_stalled": lambda: dispatch.resend_stalled(app, stalled_after_seconds=3600),
+                  "send_unsent": lambda: dispatch.send_unsent(app, older_than_seconds=0)}[step]
+    first_handed_back, go_on = threading.Event(), threading.Event()
+    real_hand_back = repository.hand_back
+
+    def hand_back_then_wait(session, job_id: str) -> bool:  # type: ignore[no-untyped-def]
+        """The re-index, holding document 0's job row, goes on to document 1's once the sweep waits or is done."""
+        handed = real_hand_back(session, job_id)
+        if job_id == jobs[0]:
+            first_handed_back.set()
+            go_on.wait(60)
+        return handed
+
+    def run(name: str, action: Callable[[], object]) -> None:
+        try:
+            outcomes[name] = action()
+        except Exception as error:  # noqa: BLE001 - told apart by the assertion
+            outcomes[name] = _error_name(error)
+
+    def reindex() -> object:
+        with unit_of_work(url) as session:
+            return quarantine.queue_reindex(session=session, settings=settings, department="desk", document_ids=None,
+                                            serve_previous=False).rerun
+
+    monkeypatch.setattr(repository, "hand_back", hand_back_then_wait)
+    reindexing = threading.Thread(target=run, args=("reindex", reindex), daemon=True)
+    sweeping = threading.Thread(target=run, args=("sweep", sweep_step), daemon=True)
+    try:
+        reindexing.start()
+        assert first_handed_back.wait(60)
+        sweeping.start()
+        wait_for_a_lock_wait(url, sweeping, timeout=60)  # for document 0's job row, or done
+    finally:
+        go_on.set()
+        reindexing.join(60)
+        sweeping.join(60)
+    try:
+        assert outcomes == {"reindex": jobs, "sweep": 1}, outcomes
+        assert sweep_step() == next_round
+    finally:
+        memory.Channel.queues.pop(settings.task_queue, None)
+
+
 def _a_job_stalled_a_day(tmp_path: Path):  # type: ignore[no-untyped-def]
     """An embedded deployment (its API stopped, its in-memory queue emptied) with one uploaded document whose job has
     been `processing` for a day, as a run that gave up during a database outage leaves it: (url, settings, job id)."""
@@ -1319,3 +1411,43 @@ def test_a_job_redis_lost_is_sent_again_while_other_tasks_wait_and_one_on_the_br
             held.ack()
             redis.Redis.from_url(broker).delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
     close_vector_store(settings)
+
+
+def test_looking_for_lost_jobs_waits_for_no_job_row_another_transaction_holds(
+        make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """Marking lost jobs unsent was one UPDATE of every queued job Redis no longer held: it waited for each row
+    another transaction held (a claim, a hand-back) while holding the rows it had already marked, as the stall sweep
+    did when it deadlocked with a re-index. It now marks only the jobs nobody holds; a held one is looked at next
+    round."""
+    import psycopg
+    import redis
+
+    from api.app import create_app
+    from core import migrate
+    from retrieval.store import close_vector_store
+    from workers import dispatch
+    from workers.celery_app import create_celery
+
+    url = make_pg_database()
+    migrate.upgrade(url)
+    broker = REDIS_URL.rsplit("/", 1)[0] + "/8"  # a database of its own; only this test's keys are removed
+    settings = _settings(tmp_path / "data", url, broker_url=broker, inprocess_worker=False, job_sweep_seconds=0)
+    app, queue, marked = create_celery(settings), settings.task_queue, []
+    try:
+        with TestClient(create_app(settings)) as client:
+            editor = desk_member(client, "editor")
+            held, free = (_upload(client, editor, n)["job_id"] for n in (0, 1))
+        redis.Redis.from_url(broker).delete(queue)  # what a restart without persistence left of their tasks
+        sweep = threading.Thread(target=lambda: marked.append(dispatch.resend_lost(app, older_than_seconds=0)))
+        with psycopg.connect(libpq_dsn(url)) as holder:
+            holder.execute("SELECT id FROM ingestion_jobs WHERE id = %s FOR UPDATE", (held,))
+            sweep.start()
+            waited_for = wait_for_a_lock_wait(url, sweep, timeout=60)
+            holder.rollback()
+        sweep.join(60)
+        assert waited_for is None and marked == [1], (waited_for, marked)
+        assert _sent_at(url, free) is None and _sent_at(url, held) is not None
+        assert dispatch.resend_lost(app, older_than_seconds=0) == 1  # the next round
+    finally:
+        redis.Redis.from_url(broker).delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
+        close_vector_store(settings)
