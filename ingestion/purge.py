@@ -18,10 +18,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import delete, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from core import blobs
-from core.db import unit_of_work
+from core.db import is_postgres, unit_of_work
 from core.errors import unavailable_dependency
 from core.keystore import keystore_for, lock_department_keys
 from core.models import Document, DocumentStatus, PendingPurge, utcnow
@@ -129,8 +130,14 @@ def _failed_copies(session: Session, family: list[Document]) -> list[Document]:
 
 def owe_purge(session: Session, document: Document) -> None:
     """Record that the document's vectors and stored bytes must go (again: a late ingestion run may have written
-    some after its retirement)."""
-    session.merge(PendingPurge(document_id=document.id, department=document.department, retired_at=utcnow()))
+    some after its retirement), as of now: one statement that updates the row it meets, so two transactions owing
+    the purge at once (a deletion of a rejected document and a late run withdrawing its job) both commit, in either
+    order, the later time kept. (Reading the row, then inserting it if missing, failed the second on the first's.)"""
+    owed = (postgresql.insert if is_postgres(session) else sqlite.insert)(PendingPurge).values(
+        document_id=document.id, department=document.department, retired_at=utcnow())
+    session.execute(owed.on_conflict_do_update(
+        index_elements=[PendingPurge.document_id],
+        set_={"department": owed.excluded.department, "retired_at": owed.excluded.retired_at}))
 
 
 def purge_now(settings: Settings, document_ids: Collection[str]) -> None:

@@ -1494,6 +1494,48 @@ def test_a_purge_while_the_blob_volume_is_not_mounted_is_left_to_the_sweep(
     assert not owed() and _leftovers(settings, lab["department"], {document_id}) == set()
 
 
+def test_two_transactions_owing_a_purge_of_one_document_at_once_both_commit(
+        make_pg_database: Callable[[], str]) -> None:
+    """A purge was owed by reading the document's pending_purges row, then inserting it if there was none: two
+    transactions owing one at once (a deletion of a rejected document whose purge was done, and a late run of it
+    withdrawing its job) both read none, and the second insert failed on the first's row once it committed (the
+    deletion's request a 500, or the run's end rolled back). It is now one insert that updates the row it meets,
+    the later retirement time kept: a purge that read the earlier one leaves the row for the sweep."""
+    from sqlalchemy import select
+
+    from core import migrate
+    from core.db import unit_of_work
+    from core.models import Document, PendingPurge
+    from ingestion import purge
+    from tests.support.lock_waits import wait_for_a_lock_wait
+
+    url = make_pg_database()
+    migrate.upgrade(url)
+    document = Document(id=str(uuid.uuid4()), department="desk")  # owed by id and department only
+    outcomes: list[object] = []
+
+    def owe_again() -> None:
+        try:
+            with unit_of_work(url) as session:
+                purge.owe_purge(session, document)
+            outcomes.append("committed")
+        except Exception as error:  # noqa: BLE001 - told apart by the assertion
+            outcomes.append(type(getattr(error, "orig", None) or error).__name__)
+
+    second = threading.Thread(target=owe_again, daemon=True)
+    with unit_of_work(url) as first:
+        purge.owe_purge(first, document)
+        first.flush()
+        owed_first = first.get(PendingPurge, document.id).retired_at  # type: ignore[union-attr]
+        second.start()
+        assert wait_for_a_lock_wait(url, second, timeout=60) is not None  # for the first's row
+    second.join(60)
+    with unit_of_work(url) as session:
+        owed = list(session.scalars(select(PendingPurge.retired_at).where(PendingPurge.document_id == document.id)))
+    assert outcomes == ["committed"]
+    assert len(owed) == 1 and owed[0] > owed_first
+
+
 def test_the_api_stops_with_jobs_just_queued_and_loses_none(make_pg_database: Callable[[], str],
                                                             tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The in-process worker is stopped from its own thread: stopped from the API's, it shared the broker connection
