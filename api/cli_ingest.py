@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -18,6 +19,8 @@ from core.errors import EmbeddedStoreHeld
 from core.settings import Settings, get_settings
 
 if TYPE_CHECKING:
+    import httpx
+
     from ingestion.schemas import DocumentStatusOut
 
 FINAL_STATES = ("ready", "failed", "quarantined", "rejected")
@@ -92,33 +95,56 @@ def ingest_command(args: argparse.Namespace) -> int:
     if not files:  # an empty folder, or one of hidden files only, is a mistake too
         Console(stderr=True).print(_nothing_found(args.path, hidden), markup=False)
         return 2
-    if not args.api_url and _unknown_departments(get_settings(), [args.department]):  # an API answers for itself
-        Console(stderr=True).print(f"no such department: {args.department}; nothing ingested", markup=False)
-        return 2
-    if not args.api_url and (held := _store_held(get_settings())):  # before any document row is written
-        Console(stderr=True).print(f"{held}; or upload through the running API: govrag ingest {args.path} "
-                                   f"--department {args.department} --api-url http://HOST:PORT --token TOKEN; "
-                                   "nothing ingested", markup=False)
-        return 1
-    if not args.api_url and not _blob_store_opened(get_settings()):  # the error logged says why and what to do
-        Console(stderr=True).print(f"the blob volume is not mounted at {get_settings().blob_dir}; nothing ingested",
-                                   markup=False)
-        return 1
+    if not args.api_url and (refused := _refused_at_start(args)):  # an API answers for itself
+        message, code = refused
+        Console(stderr=True).print(message, markup=False)
+        return code
     console = Console(stderr=True)
     if hidden:
         console.print(_hidden_skipped(hidden))
     uploader = _api_uploader(args) if args.api_url else _inprocess_uploader(args)
     outcomes: list[Outcome] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("ingesting", total=len(files))
-        for outcome in uploader(files):
-            outcomes.append(outcome)
-            progress.advance(task)
+    try:
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("ingesting", total=len(files))
+            for outcome in uploader(files):
+                outcomes.append(outcome)
+                progress.advance(task)
+    except KeyboardInterrupt:  # Ctrl-C: the file's jobs were handed back (`_ingest_file`); no traceback to read
+        console.print(_interrupted_line(files[len(outcomes):]), markup=False)
+        return 130
     Console().print(summary_table(outcomes))
     if stopped_by := next((o.unavailable for o in outcomes if o.unavailable), None):
         console.print(_stopped_line(stopped_by, sum(o.status == NOT_ATTEMPTED for o in outcomes)), markup=False)
     return 0 if all(o.status in ("ready", "quarantined", "duplicate") for o in outcomes) else 1
+
+
+def _refused_at_start(args: argparse.Namespace) -> tuple[str, int] | None:
+    """Why in-process ingestion cannot start, before any document row is written, and the exit code; None if it can.
+    A dependency unavailable already is said as one mid-run is (exit 1), never with its address."""
+    from core.errors import unavailable_dependency
+
+    settings = get_settings()
+    try:
+        if _unknown_departments(settings, [args.department]):
+            return f"no such department: {args.department}; nothing ingested", 2
+        if held := _store_held(settings):
+            return (f"{held}; or upload through the running API: govrag ingest {args.path} --department "
+                    f"{args.department} --api-url http://HOST:PORT --token TOKEN; nothing ingested", 1)
+        if not _blob_store_opened(settings):  # the error logged says why and what to do
+            return f"the blob volume is not mounted at {settings.blob_dir}; nothing ingested", 1
+    except Exception as exc:
+        if (dependency := unavailable_dependency(exc)) is None:
+            raise
+        return f"the {dependency} is unavailable; nothing ingested: run the same command again once it is back", 1
+    return None
+
+
+def _interrupted_line(left: list[Path]) -> str:
+    """What a Ctrl-C stopped: the file being ingested, if any, and how many were left."""
+    at = f" at {left[0]} ({len(left)} file{'s' * (len(left) != 1)} not done)" if left else ""
+    return f"interrupted{at}; run the same command again to go on (files already ingested show as duplicates)"
 
 
 def _stopped_line(dependency: str, not_attempted: int) -> str:
@@ -154,17 +180,18 @@ def _inprocess_uploader(args: argparse.Namespace) -> Callable[[list[Path]], Iter
     """Accept and ingest each file here, synchronously (the embedded store allows one process). A dependency that
     goes away stops the run at that file: every file after it would meet the outage too."""
     settings = get_settings()
+    return lambda files: _until_unavailable(files, lambda path: _ingest_file(settings, args, path))
 
-    def run(files: list[Path]) -> Iterator[Outcome]:
-        for index, path in enumerate(files):
-            outcome = _ingest_file(settings, args, path)
-            yield outcome
-            if outcome.unavailable:
-                for rest in files[index + 1:]:
-                    yield Outcome(str(rest), NOT_ATTEMPTED, f"stopped: the {outcome.unavailable} is unavailable")
-                return
 
-    return run
+def _until_unavailable(files: list[Path], ingest: Callable[[Path], Outcome]) -> Iterator[Outcome]:
+    """Each file's outcome, until one met an outage; the files after it are `not attempted`."""
+    for index, path in enumerate(files):
+        outcome = ingest(path)
+        yield outcome
+        if outcome.unavailable:
+            for rest in files[index + 1:]:
+                yield Outcome(str(rest), NOT_ATTEMPTED, f"stopped: the {outcome.unavailable} is unavailable")
+            return
 
 
 @dataclass
@@ -179,16 +206,25 @@ class _FileRun:
         """The job of the file's own document, if this process took one."""
         return next((job for document, job in self.taken if document == self.document_id), None)
 
+    def give_back(self, settings: Settings) -> bool:
+        """Hand the jobs taken back to wait, unsent (`dispatch.give_back`); whether the database recorded it."""
+        from workers import dispatch
+
+        return dispatch.give_back(settings, [job for _, job in self.taken])
+
 
 def _ingest_file(settings: Settings, args: argparse.Namespace, path: Path) -> Outcome:
     """Accept and ingest one file. A dependency that went away (the database, the vector store, the blob volume, as
     `unavailable_dependency` tells them for the Celery path) is named, and what the file's run took is given back to
-    wait, never failed (`_stopped`); any other failure is handled by `_ingest_or_fail`."""
+    wait, never failed (`_stopped`), as it is on a Ctrl-C; any other failure is handled by `_ingest_or_fail`."""
     from core.errors import unavailable_dependency
 
     run = _FileRun()
     try:
         return _ingest_or_fail(settings, args, path, run)
+    except KeyboardInterrupt:  # the same command run again takes the jobs up (`_go_on`)
+        run.give_back(settings)
+        raise
     except Exception as exc:
         dependency = unavailable_dependency(exc)
         if dependency is None:
@@ -253,11 +289,9 @@ def _stopped(settings: Settings, path: Path, dependency: str, run: _FileRun) -> 
     """A file whose ingestion a dependency's outage stopped. Nothing failed: the jobs its run took wait again, given
     back unsent as a worker's retry hands its job back (`dispatch.give_back`), for the same command run again to
     take (`_go_on`); with the database away even that cannot be recorded, and an API runs them again."""
-    from workers import dispatch
-
     if run.document_id is None:
         what = "nothing was stored"
-    elif dispatch.give_back(settings, [job for _, job in run.taken]):
+    elif run.give_back(settings):
         what = "accepted, not ingested yet: run the same command again once it is back"
     else:
         what = f"accepted, not ingested yet: {LEFT_TO_THE_API}"
@@ -342,23 +376,67 @@ def _api_uploader(args: argparse.Namespace) -> Callable[[list[Path]], Iterator[O
 
     def run(files: list[Path]) -> Iterator[Outcome]:
         with httpx.Client(base_url=args.api_url, headers=headers, timeout=60) as http:
-            for path in files:
-                form = {"department": args.department, "classification": args.classification,
-                        "acl_groups": args.acl_groups, "title": path.name}
-                response = http.post("/v1/documents", data=form, files={"file": (path.name, path.read_bytes())})
-                if response.status_code != 202:
-                    message = response.json().get("error", {}).get("message", response.text[:200])
-                    yield Outcome(str(path), _refusal(message), message)
-                    continue
-                yield _poll(http, str(path), response.json()["document_id"])
+            yield from _until_unavailable(files, lambda path: _upload(http, args, path))
 
     return run
 
 
-def _poll(http: object, path: str, document_id: str, timeout: float = 600.0) -> Outcome:
+class _ApiUnavailable(Exception):
+    """The API cannot be reached, or answered that a dependency of its own is unavailable (a 503): every file after
+    this one would meet it too."""
+
+    def __init__(self, dependency: str, message: str) -> None:
+        super().__init__(message)
+        self.dependency, self.message = dependency, message
+
+
+def _upload(http: httpx.Client, args: argparse.Namespace, path: Path) -> Outcome:
+    """Upload one file and poll its document to a final state; an outage stops the run there, as in process."""
+    form = {"department": args.department, "classification": args.classification, "acl_groups": args.acl_groups,
+            "title": path.name}
+    document_id = None
+    try:
+        response = _request(http, "POST", "/v1/documents", data=form,
+                            files={"file": (path.name, path.read_bytes())})
+        if response.status_code != 202:
+            message = _error_message(response)
+            return Outcome(str(path), _refusal(message), message)
+        document_id = response.json()["document_id"]
+        return _poll(http, str(path), document_id)
+    except _ApiUnavailable as stop:
+        accepted = f"; accepted as document {document_id}, not ingested yet: the API ingests it" if document_id else ""
+        return Outcome(str(path), UNAVAILABLE, stop.message + accepted, unavailable=stop.dependency)
+
+
+def _request(http: httpx.Client, method: str, url: str, **kwargs: object) -> httpx.Response:
+    """The API's answer; `_ApiUnavailable` if it cannot be reached (named by its address, without credentials) or
+    answers 503, whose message names the dependency (api/errors.py: "the database is unavailable; ...")."""
+    import httpx
+
+    api = f"API at {http.base_url.copy_with(userinfo=b'')}"
+    try:
+        response = http.request(method, url, **kwargs)  # type: ignore[arg-type]
+    except httpx.TransportError as error:
+        raise _ApiUnavailable(api, f"the {api} cannot be reached ({type(error).__name__})") from None
+    if response.status_code == 503:
+        message = _error_message(response)
+        named = re.match(r"the (.+?) is unavailable", message)
+        raise _ApiUnavailable(named.group(1) if named else api, message)
+    return response
+
+
+def _error_message(response: httpx.Response) -> str:
+    """The message of the API's error body, else the start of whatever answered (a proxy's page, say)."""
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200]
+
+
+def _poll(http: httpx.Client, path: str, document_id: str, timeout: float = 600.0) -> Outcome:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        body = http.get(f"/v1/documents/{document_id}").json()  # type: ignore[attr-defined]
+        body = _request(http, "GET", f"/v1/documents/{document_id}").json()
         if body.get("status") in FINAL_STATES:
             return Outcome(path, body["status"], body.get("error") or body.get("review_reason") or "")
         time.sleep(0.5)
@@ -400,11 +478,12 @@ def rotate_command(args: argparse.Namespace) -> int:
 
 
 def _store_held(settings: Settings) -> EmbeddedStoreHeld | None:
-    """Why in-process ingestion cannot write vectors here (another process holds the embedded store), or None."""
+    """Why in-process ingestion cannot write vectors here (another process holds the embedded store), or None; a
+    Qdrant server that does not answer raises `Unavailable` (it is only contacted once a file is accepted)."""
     from retrieval.store import open_vector_store
 
     try:
-        open_vector_store(settings)
+        open_vector_store(settings).ping()
     except EmbeddedStoreHeld as held:
         return held
     return None

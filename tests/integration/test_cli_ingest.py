@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import select
 
 from api.cli import main
 from core.db import unit_of_work
 from core.models import Document
 from core.settings import get_settings
-from tests.conftest import damaged_doc
+from tests.conftest import PLATFORM_ADMIN, allow_connections, auth, damaged_doc
 
 
 @pytest.fixture
@@ -360,3 +365,208 @@ def test_an_attachment_whose_run_met_the_outage_is_ingested_when_the_command_run
     assert main(["ingest", str(tmp_path / "rota.eml"), "--department", "hr"]) == 0
     assert "duplicate: 1" in capsys.readouterr().out
     assert sorted(_rows(cli_env).values()) == [("ready", "ready"), ("ready", "ready")]
+
+
+def test_a_ctrl_c_hands_the_file_back_and_running_the_command_again_finishes(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C ended the command in a traceback and left the document being ingested `processing`, its job marked
+    sent: nothing took it up until an API's stall sweep (on the embedded default, nothing at all). Now its job is
+    handed back, the command says where it stopped and exits 130, and run again it ingests that file and the rest."""
+    from core.models import IngestionJob
+    from ingestion import service
+
+    canary, real_protect, interrupted = uuid.uuid4().hex, service.protect, []
+
+    def ctrl_c_as_the_pay_file_is_protected(data: bytes, *args: object, **kwargs: object) -> object:
+        if canary.encode() in data and not interrupted:
+            interrupted.append(canary)
+            raise KeyboardInterrupt
+        return real_protect(data, *args, **kwargs)
+
+    monkeypatch.setattr(service, "protect", ctrl_c_as_the_pay_file_is_protected)
+    monkeypatch.setenv("COLUMNS", "400")  # the line unwrapped
+    folder = _three_files(tmp_path, canary)
+    try:
+        code = main(["ingest", str(folder), "--department", "hr"])
+    except KeyboardInterrupt:  # escaping, it would end the test session
+        code = None
+    captured = capsys.readouterr()
+    assert code == 130 and interrupted and "Traceback" not in captured.err
+    said = " ".join(captured.err.split())
+    assert f"interrupted at {folder / 'b-pay.md'} (2 files not done); run the same command again" in said, said
+    assert _rows(cli_env) == {"a-leave.md": ("ready", "ready"), "b-pay.md": ("processing", "queued")}
+
+    assert main(["ingest", str(folder), "--department", "hr"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "duplicate: 1" in out and "ready: 2" in out and "ingested now" in out
+    assert set(_rows(cli_env).values()) == {("ready", "ready")} and len(_rows(cli_env)) == 3
+    with unit_of_work(cli_env) as session:
+        assert session.scalars(select(IngestionJob.crashed_runs)).all() == [0, 0, 0]  # an interrupt is no crash
+
+
+@pytest.mark.parametrize("dependency", ["database", "vector store"])
+def test_a_dependency_unavailable_as_the_command_starts_is_said_in_one_line_and_nothing_is_written(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        dependency: str) -> None:
+    """The database away as the in-process command started ended it in a traceback (its URL in the error); a Qdrant
+    server not answering let the first file be accepted before the run stopped. Now either is one line naming it,
+    exit 1, nothing written."""
+    from retrieval.store import close_vector_store
+
+    database, nothing_listens = cli_env.rsplit("/", 1)[1], _closed_port()
+    (tmp_path / "pay.md").write_text("# Pay\n\nPay day is the 25th.\n")
+    if dependency == "vector store":
+        monkeypatch.setenv("GOVRAG_QDRANT_URL", f"http://127.0.0.1:{nothing_listens}")
+        get_settings.cache_clear()
+    else:
+        allow_connections(database, False)
+    try:
+        code = main(["ingest", str(tmp_path / "pay.md"), "--department", "hr"])
+    finally:
+        allow_connections(database, True)
+        if dependency == "vector store":
+            close_vector_store(get_settings())
+    captured = capsys.readouterr()
+    said = " ".join(captured.err.split())
+    assert code == 1 and f"the {dependency} is unavailable; nothing ingested" in said, said
+    assert "Traceback" not in said and database not in said and str(nothing_listens) not in said
+    assert "ingestion summary" not in captured.out
+    with unit_of_work(cli_env) as session:
+        assert session.scalars(select(Document.id)).all() == []
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.create_server(("127.0.0.1", 0)) as bound:
+        return int(bound.getsockname()[1])
+
+
+@contextmanager
+def _served(app: FastAPI) -> Iterator[str]:
+    """The app served over HTTP on a loopback port by uvicorn, as `govrag serve` serves it, in a thread: its URL."""
+    import uvicorn
+
+    start_ended = threading.Event()
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            try:
+                await super().startup(sockets)
+            finally:
+                start_ended.set()
+
+    def serve() -> None:
+        try:
+            server.run(sockets=[listening])
+        finally:
+            start_ended.set()  # it gave up before its start
+
+    listening = socket.create_server(("127.0.0.1", 0))
+    server = Server(uvicorn.Config(app, log_config=None))
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        start_ended.wait()
+        assert server.started, "the API did not start"
+        yield f"http://127.0.0.1:{listening.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join()
+        listening.close()
+
+
+@pytest.fixture
+def served_api(make_pg_database: Callable[[], str], tmp_path: Path,
+               monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str, str]]:
+    """An API as `govrag serve` runs it (embedded store, in-process worker) on its own PostgreSQL database, served over
+    HTTP, with the department `hr`: its URL, an editor's token there, and the database's name."""
+    from api.app import create_app
+    from core import migrate
+    from core.settings import Settings
+    from retrieval.store import close_vector_store
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    url = make_pg_database()
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path / "served", database_url=url, broker_url="memory://", inprocess_worker=True,
+                        admins=[PLATFORM_ADMIN])
+    app, database = create_app(settings), url.rsplit("/", 1)[1]
+    try:
+        with _served(app) as api_url:
+            token = app.state.dev_issuer.issue(PLATFORM_ADMIN, [])
+            with httpx.Client(base_url=api_url, headers=auth(token)) as http:
+                assert http.post("/v1/admin/departments", json={"name": "hr"}).status_code == 201
+                assert http.post("/v1/admin/role-assignments", json={
+                    "subject": PLATFORM_ADMIN, "role": "editor", "department": "hr"}).status_code == 201
+            try:
+                yield api_url, token, database
+            finally:
+                allow_connections(database, True)
+    finally:
+        close_vector_store(settings)
+
+
+@pytest.mark.parametrize("when", ["as the file is uploaded", "as its document is polled"])
+def test_through_the_api_a_dependency_unavailable_stops_the_run_as_in_process(
+        served_api: tuple[str, str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    """With `--api-url`, the API's 503 for its database away was shown as `refused` and every file after it was sent
+    to meet the same 503 (or, once the file was accepted, polled for ten minutes). Now, as in process, that file is
+    `unavailable` with the API's message naming the dependency, the rest `not attempted`, exit 1, the run stopped
+    in one line, and the same command run again once it is back goes on."""
+    from api.routers import documents
+    from ingestion import service
+
+    api_url, token, database = served_api
+    canary, real_accept, real_send, seen = uuid.uuid4().hex, service.accept_upload, documents.send_job, []
+
+    def accept_upload(**kwargs: bytes) -> object:
+        if canary.encode() in kwargs["data"] and not seen:
+            seen.append(when)
+            if when == "as the file is uploaded":
+                allow_connections(database, False)  # its acceptance fails
+        return real_accept(**kwargs)
+
+    def send_job(celery: object, *, document_id: str, job_id: str) -> bool:
+        sent = real_send(celery, document_id=document_id, job_id=job_id)  # type: ignore[arg-type]
+        if seen == ["as its document is polled"]:
+            seen.append("accepted")
+            allow_connections(database, False)  # accepted, then the database goes
+        return sent
+
+    monkeypatch.setattr(service, "accept_upload", accept_upload)
+    monkeypatch.setattr(documents, "send_job", send_job)
+    monkeypatch.setenv("COLUMNS", "400")  # each reason on one line of the table
+    folder = _three_files(tmp_path, canary)
+    command = ["ingest", str(folder), "--department", "hr", "--api-url", api_url, "--token", token]
+    assert main(command) == 1
+    captured = capsys.readouterr()
+    out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
+    assert "the database is unavailable; try again shortly" in out and "refused" not in out
+    assert ("accepted as document" in out) == (when == "as its document is polled")
+    assert "ready: 1" in out and "unavailable: 1" in out and "not attempted: 1" in out
+    assert "stopped: the database is unavailable (1 file not attempted); run the same command again" in err, err
+    assert "Traceback" not in err
+
+    allow_connections(database, True)
+    assert main(command) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("duplicate: 1" in out and "ready: 2" in out if when == "as the file is uploaded"
+            else "duplicate: 2" in out and "ready: 1" in out), out
+
+
+def test_through_the_api_an_api_that_cannot_be_reached_stops_the_run_naming_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--api-url` with no API answering there ended in httpx's traceback. Now the first file is `unavailable`,
+    naming the API by its address (never the credentials in it), the rest `not attempted`, exit 1."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("COLUMNS", "400")
+    api = f"http://127.0.0.1:{_closed_port()}"
+    command = ["ingest", str(_three_files(tmp_path, "")), "--department", "hr",
+               "--api-url", api.replace("//", "//cli:s3cret@"), "--token", "t0ken"]
+    assert main(command) == 1
+    captured = capsys.readouterr()
+    out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
+    assert f"the API at {api} cannot be reached (ConnectError)" in out and "not attempted: 2" in out, out
+    assert f"stopped: the API at {api} is unavailable (2 files not attempted)" in err, err
+    assert "s3cret" not in out + err and "t0ken" not in out + err and "Traceback" not in err
