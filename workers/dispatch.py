@@ -4,10 +4,19 @@ A job row is committed (status `queued`, `sent_at` empty) with the work it descr
 task and stamps `sent_at` (`govrag ingest` in process stamps the jobs it runs itself, and gives back unstamped those an
 outage stopped: `give_back`, `take_waiting_job`). A broker that refuses leaves
 the job unsent, not lost: `sweep_jobs` (run by a thread in every API process, core/sweeper.py) sends each job still
-unsent some seconds after it was created — the broker was down, or the API died between its commit and the send —
-and, on Redis, each job a restarted Redis lost; a job left `processing` with no run behind it goes again too
-(`resend_stalled`). On the embedded default the broker lives in the API's memory, so at start-up it holds nothing:
-every unfinished job is sent again (`resend_unfinished`).
+unsent some seconds after it was created — the broker was down, or the API died between its commit and the send.
+A job left `processing` with no run behind it goes again too (`resend_stalled`). On the embedded default the broker
+lives in the API's memory, so at start-up it holds nothing: every unfinished job is sent again (`resend_unfinished`).
+
+A job `queued` and sent has one rule (`resend_lost`): sent longer ago than the same grace, and its task held by the
+broker nowhere — neither waiting in the queue nor taken by a worker and not yet acknowledged — it has no run left, and
+is sent again. A restarted Redis lost its task; or a re-index handed the job back (ingestion/quarantine.py) while it
+was `processing` with its run dead (the worker killed, or the run gave up during a database outage and could not
+record it): `queued` again and still marked sent, no other step would ever send it. A run still going keeps its task
+taken (late acks) while it notices the hand-back and goes round again itself, under the new rules
+(ingestion/service.py); a task waiting behind a long queue is held too: neither is sent twice. Redis is read for its
+queue and its unacknowledged tasks; the in-memory broker for its queue and for the tasks this process's worker holds
+(its one worker runs in this process, workers/inprocess.py).
 
 The sweep never waits for a job row: each step takes only the rows no other transaction holds (`_unheld`), so it
 deadlocks with nothing, whatever order others take job rows in: a re-index handing back jobs (in its documents' row
@@ -24,10 +33,13 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from celery.worker import state as worker_state
 from kombu.exceptions import OperationalError
+from kombu.transport import memory
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import ColumnElement, Select, or_, select, update
@@ -154,18 +166,20 @@ def resend_unfinished(app: GovragCelery) -> int:
 
 
 def resend_lost(app: GovragCelery, *, older_than_seconds: float) -> int:
-    """Redis broker only: a Redis that restarted without persistence (or evicted its keys) lost the tasks it held. A
-    job still `queued` that was sent more than `older_than_seconds` ago and whose task Redis no longer holds —
-    neither waiting in the queue nor taken by a worker and not yet acknowledged — was lost: it is marked unsent (and
-    the sweep sends it again), whatever other tasks wait. Returns how many were marked: none when Redis cannot be
-    reached or read (a warning says why), the sweep's other steps going on."""
-    if not app.govrag_settings.broker_url.startswith(("redis://", "rediss://")):
+    """A job still `queued` that was sent more than `older_than_seconds` ago and whose task the broker no longer
+    holds — neither waiting in the queue nor taken by a worker and not yet acknowledged — has no run left: a Redis
+    that restarted without persistence (or evicted its keys) lost it, or a re-index handed it back after its run
+    died (the module's docstring). It is marked unsent (and the sweep sends it again), whatever other tasks wait.
+    Returns how many were marked: none when the broker cannot be reached or read (a warning says why), the sweep's
+    other steps going on."""
+    read_jobs = _broker_reader(app.govrag_settings.broker_url)
+    if read_jobs is None:
         return 0
     cutoff = utcnow() - timedelta(seconds=older_than_seconds)
     with unit_of_work(app.govrag_settings.resolved_database_url) as session:
         transaction_lock(session, _SWEEP_LOCK)
         try:  # read before the update: a job whose task was acked meanwhile has left `queued` (acks_late)
-            on_broker = _jobs_on_redis(app)
+            on_broker = read_jobs(app)
         except _TasksUnknown as unknown:
             logger.warning("lost ingestion jobs not looked for: %s", unknown)
             return 0
@@ -209,8 +223,46 @@ def _unheld(*criteria: ColumnElement[bool]) -> Select[str]:
 
 
 class _TasksUnknown(Exception):
-    """Which jobs' tasks Redis holds cannot be told: it holds more than a sweep reads, a task it cannot read, or it
-    cannot be reached."""
+    """Which jobs' tasks the broker holds cannot be told: it holds more than a sweep reads, a task it cannot read, or
+    it cannot be reached."""
+
+
+def _broker_reader(broker_url: str) -> Callable[[GovragCelery], set[str]] | None:
+    """How to read the ids of the jobs whose tasks the broker holds (`_jobs_on_redis`, `_jobs_in_memory`); None for a
+    broker this cannot read."""
+    if broker_url.startswith(("redis://", "rediss://")):
+        return _jobs_on_redis
+    if broker_url.startswith("memory://"):
+        return _jobs_in_memory
+    return None
+
+
+def _jobs_in_memory(app: GovragCelery) -> set[str]:
+    """Ids of the jobs whose ingestion task the in-memory broker holds: waiting in the job queue, or taken by this
+    process's worker (the broker's only one) and not yet finished: running, reserved, or held for a retry's countdown
+    (Celery's record of its requests, as `InProcessWorker` reads it). Read as Redis is: taken, waiting, taken again,
+    so a task the worker takes meanwhile is in one of the reads, unless read in the instant between its leaving the
+    queue and Celery recording its request: that job is sent once more, and its one worker (solo) runs the second
+    delivery after the first, never beside it (delivery is at least once)."""
+    taken = _requested_jobs()
+    waiting = memory.Channel.queues.get(app.govrag_settings.task_queue)  # kombu's queues, one per name, process-wide
+    messages: list[Any] = []
+    if waiting is not None:
+        with waiting.mutex:  # the worker's thread takes from it meanwhile
+            messages = list(waiting.queue)
+    if len(messages) > _BROKER_READ_LIMIT:
+        raise _TasksUnknown(f"more than {_BROKER_READ_LIMIT} tasks wait on the broker")
+    taken |= _requested_jobs()
+    try:
+        return taken | {job_id for job_id in map(_job_id_of, messages) if job_id is not None}
+    except _UNREADABLE as error:
+        raise _TasksUnknown(f"a task on the broker could not be read ({type(error).__name__})") from None
+
+
+def _requested_jobs() -> set[str]:
+    """Ids of the ingestion jobs whose tasks a worker of this process has taken and not finished."""
+    requests = list(worker_state.requests.values())  # one copy of the dict, which the worker's thread changes
+    return {str(request.args[1]) for request in requests if request.task_name == INGEST_TASK}
 
 
 def _jobs_on_redis(app: GovragCelery) -> set[str]:
@@ -298,9 +350,10 @@ def _mark_sent(session: Session, job_id: str) -> None:
 
 
 def sweep_jobs(app: GovragCelery, *, older_than_seconds: float) -> None:
-    """The API's periodic sweep (core/sweeper.py): jobs a restarted Redis lost (skipped while Redis cannot be
-    reached), jobs stalled in processing, then every job still unsent. Looking for lost jobs holds back neither
-    other step: a read Redis refuses (an ACL without LRANGE) is raised once they have run."""
+    """The API's periodic sweep (core/sweeper.py): queued jobs whose tasks the broker lost or never got back
+    (skipped while Redis cannot be reached), jobs stalled in processing, then every job still unsent. Looking for
+    lost jobs holds back neither other step: a read Redis refuses (an ACL without LRANGE) is raised once they have
+    run."""
     settings = app.govrag_settings
     try:
         resend_lost(app, older_than_seconds=older_than_seconds)

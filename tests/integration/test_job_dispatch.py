@@ -1451,3 +1451,169 @@ def test_looking_for_lost_jobs_waits_for_no_job_row_another_transaction_holds(
     finally:
         redis.Redis.from_url(broker).delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
         close_vector_store(settings)
+
+
+def _falcon_upload(client: TestClient, editor: str, n: int) -> dict[str, str]:
+    """An upload the policy `_restrict_falcon_and_reindex` sets quarantines, and the default policy does not."""
+    text = "\n\n".join(f"Section {k}. The facilities team reviewed the lifts of building {k + n}." for k in range(60))
+    response = client.post("/v1/documents", headers=auth(editor), data={"department": "desk"},
+                           files={"file": (f"falcon-{n}.txt", f"{text}\n\nProject Falcon starts in May.".encode())})
+    assert response.status_code == 202, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def _restrict_falcon_and_reindex(client: TestClient) -> dict[str, object]:
+    """The admin's policy change (Project Falcon is restricted) and the re-index that follows it; its answer."""
+    admin = auth(client.app.state.dev_issuer.issue(PLATFORM_ADMIN, []))  # type: ignore[attr-defined]
+    policy = client.put("/v1/admin/departments/desk/ingestion-policy", headers=admin,
+                        json={"keywords": {"project falcon": "restricted"}})
+    assert policy.status_code == 200, policy.text
+    reindex = client.post("/v1/admin/reindex", headers=admin, json={"department": "desk"})
+    assert reindex.status_code == 202, reindex.text
+    return reindex.json()  # type: ignore[no-any-return]
+
+
+def _ago(**delta: float) -> object:
+    from core.models import utcnow
+
+    return utcnow() - timedelta(**delta)
+
+
+def _jobs_waiting_on_the_memory_broker(queue: str) -> list[str]:
+    from workers.dispatch import _job_id_of
+
+    waiting = memory.Channel.queues.get(queue)
+    return [] if waiting is None else [job for job in map(_job_id_of, list(waiting.queue)) if job is not None]
+
+
+def _jobs_waiting_on_redis(queue: str) -> list[str]:
+    import json
+
+    import redis
+
+    from workers.dispatch import _job_id_of
+
+    raw = redis.Redis.from_url(REDIS_URL).lrange(queue, 0, -1)
+    return [job for job in (_job_id_of(json.loads(entry)) for entry in raw) if job is not None]
+
+
+@pytest.mark.parametrize("broker", ["memory://", REDIS_URL])
+def test_a_job_a_reindex_hands_back_after_its_run_died_runs_again_under_the_new_rules(
+        broker: str, make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """A job left `processing` with no run behind it (its run gave up while the database was down and could not
+    record it, its task acknowledged) that a re-index handed back was `queued` and marked sent: the stall sweep looks
+    at `processing` jobs only, the send at unsent ones, and lost tasks were looked for on Redis only, so on the
+    embedded broker nothing ran it until the API's next start, its document `processing` until then. The sweep now
+    finds its task neither waiting on the in-memory broker nor held by the in-process worker, as it finds one gone
+    from Redis, and sends it again; it runs under the rules the re-index followed."""
+    import redis
+
+    from api.app import create_app
+    from core.db import unit_of_work
+    from core.models import Document, IngestionJob
+    from retrieval.store import close_vector_store
+    from workers.dispatch import sweep_jobs
+    from workers.inprocess import InProcessWorker
+
+    url, settings = _on("postgresql", make_pg_database, tmp_path)
+    settings = settings.model_copy(update={"broker_url": broker})
+    queue = settings.task_queue
+    waiting_jobs = _jobs_waiting_on_the_memory_broker if broker == "memory://" else _jobs_waiting_on_redis
+    try:
+        with TestClient(create_app(settings)) as client:
+            editor = desk_member(client, "editor")
+            uploaded = _falcon_upload(client, editor, 0)
+            memory.Channel.queues.pop(queue, None)  # the worker took its task, and the run gave up since
+            redis.Redis.from_url(REDIS_URL).delete(queue)
+            an_hour_ago = _ago(hours=1)
+            with unit_of_work(url) as session:
+                session.execute(update(Document).where(Document.id == uploaded["document_id"])
+                                .values(status="processing"))
+                session.execute(update(IngestionJob).where(IngestionJob.id == uploaded["job_id"]).values(
+                    status="processing", attempts=1, created_at=an_hour_ago, sent_at=an_hour_ago,
+                    updated_at=_ago(minutes=10)))
+            assert _restrict_falcon_and_reindex(client) == {"queued": [uploaded["job_id"]], "skipped": []}
+            celery = client.app.state.celery  # type: ignore[attr-defined]
+            sweep_jobs(celery, older_than_seconds=settings.job_resend_after_seconds)
+            assert waiting_jobs(queue) == [uploaded["job_id"]]
+            worker = InProcessWorker(celery)
+            worker.start()
+            job = wait_for_job(client, editor, uploaded["job_id"])
+            worker.stop()
+    finally:
+        close_vector_store(settings)
+        memory.Channel.queues.pop(queue, None)
+        redis.Redis.from_url(REDIS_URL).delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
+    assert job["status"] == "quarantined", job  # the new policy's level
+    assert _job_row(url, uploaded["job_id"]) == ("quarantined", None, 2, 0)
+
+
+def test_looking_for_lost_jobs_on_the_in_memory_broker_leaves_a_job_running_or_waiting_there(
+        make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """Two jobs handed back by a re-index, sent long ago, are not lost and are not sent twice: one whose run the
+    in-process worker still runs (it goes round again itself, under the new rules), and one whose task still waits
+    on the in-memory broker behind it (a long queue)."""
+    from api.app import create_app
+    from retrieval.store import close_vector_store
+    from workers import dispatch
+    from workers.inprocess import InProcessWorker
+
+    url, settings = _on("postgresql", make_pg_database, tmp_path)
+    try:
+        with TestClient(create_app(settings)) as client:
+            editor = desk_member(client, "editor")
+            running, waiting = (_falcon_upload(client, editor, n) for n in (0, 1))
+            celery = client.app.state.celery  # type: ignore[attr-defined]
+            worker = InProcessWorker(celery)
+            worker.start()  # takes the first task; the second waits behind it
+            with _hold_document_row(url, running["job_id"], running["document_id"]):
+                rerun = _restrict_falcon_and_reindex(client)["queued"]
+                for job in (running, waiting):
+                    _set_job(url, job["job_id"], sent_at=_ago(hours=1))
+                assert _jobs_waiting_on_the_memory_broker(settings.task_queue) == [waiting["job_id"]]
+                lost = dispatch.resend_lost(celery, older_than_seconds=0)
+            jobs = [wait_for_job(client, editor, job["job_id"]) for job in (running, waiting)]
+            worker.stop()
+    finally:
+        close_vector_store(settings)
+        memory.Channel.queues.pop(settings.task_queue, None)
+    assert sorted(rerun) == sorted([running["job_id"], waiting["job_id"]])  # type: ignore[type-var]
+    assert lost == 0
+    assert [job["status"] for job in jobs] == ["quarantined"] * 2
+    assert _job_row(url, running["job_id"]) == ("quarantined", None, 2, 0)  # its run went round once, no crash
+
+
+
+
+def test_looking_for_lost_jobs_on_the_in_memory_broker_leaves_a_retry_waiting_out_its_countdown(
+        make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """A run that failed cleanly hands its job back (`queued`, still marked sent) and publishes its retry with a
+    countdown: the in-process worker takes that task off the queue and holds it until then. The job is not lost:
+    sent again, it would run twice."""
+    from api.app import create_app
+    from retrieval.store import close_vector_store
+    from workers import dispatch
+    from workers.celery_app import INGEST_TASK
+    from workers.inprocess import InProcessWorker
+
+    url, settings = _on("postgresql", make_pg_database, tmp_path)
+    try:
+        with TestClient(create_app(settings)) as client:
+            uploaded = _upload(client, desk_member(client, "editor"), 0)
+            memory.Channel.queues.pop(settings.task_queue, None)  # its first run took the task, and failed
+            _set_job(url, uploaded["job_id"], attempts=1, sent_at=_ago(hours=1))  # handed back, `queued`
+            celery = client.app.state.celery  # type: ignore[attr-defined]
+            celery.tasks[INGEST_TASK].apply_async(args=[uploaded["document_id"], uploaded["job_id"]], countdown=3600)
+            worker = InProcessWorker(celery)
+            worker.start()
+            deadline = time.monotonic() + 60
+            while _jobs_waiting_on_the_memory_broker(settings.task_queue):
+                assert time.monotonic() < deadline, "the worker did not take the retry"
+                time.sleep(0.02)
+            lost = dispatch.resend_lost(celery, older_than_seconds=0)
+            worker.stop()
+    finally:
+        close_vector_store(settings)
+        memory.Channel.queues.pop(settings.task_queue, None)
+    assert lost == 0
+    assert _sent_at(url, uploaded["job_id"]) is not None and _job_row(url, uploaded["job_id"])[0] == "queued"
