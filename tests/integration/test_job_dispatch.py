@@ -1590,6 +1590,8 @@ def test_looking_for_lost_jobs_on_the_in_memory_broker_leaves_a_retry_waiting_ou
     """A run that failed cleanly hands its job back (`queued`, still marked sent) and publishes its retry with a
     countdown: the in-process worker takes that task off the queue and holds it until then. The job is not lost:
     sent again, it would run twice."""
+    from celery.worker import state as worker_state
+
     from api.app import create_app
     from retrieval.store import close_vector_store
     from workers import dispatch
@@ -1606,8 +1608,8 @@ def test_looking_for_lost_jobs_on_the_in_memory_broker_leaves_a_retry_waiting_ou
             celery.tasks[INGEST_TASK].apply_async(args=[uploaded["document_id"], uploaded["job_id"]], countdown=3600)
             worker = InProcessWorker(celery)
             worker.start()
-            deadline = time.monotonic() + 60
-            while _jobs_waiting_on_the_memory_broker(settings.task_queue):
+            deadline = time.monotonic() + 60  # its request recorded: off the queue is not yet held
+            while uploaded["job_id"] not in {str(request.args[1]) for request in worker_state.requests.values()}:
                 assert time.monotonic() < deadline, "the worker did not take the retry"
                 time.sleep(0.02)
             lost = dispatch.resend_lost(celery, older_than_seconds=0)
