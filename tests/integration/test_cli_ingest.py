@@ -117,8 +117,6 @@ def test_a_file_the_cli_is_ingesting_is_not_sent_to_a_worker_as_well(
     """The in-process CLI never marked the jobs it ran (an upload's, its attachments') as sent: the sweep of an API
     on the same database took any run longer than its grace for a job the broker never got, and a worker ran the
     same document at once, its claim counting a crash that never happened. Now they are marked taken."""
-    from email.message import EmailMessage
-
     from kombu.transport import memory
 
     from core.models import IngestionJob
@@ -133,12 +131,7 @@ def test_a_file_the_cli_is_ingesting_is_not_sent_to_a_worker_as_well(
         return real_protect(data, *args, **kwargs)
 
     monkeypatch.setattr(service, "protect", protect_while_the_api_sweeps)
-    mail = EmailMessage()
-    mail["From"], mail["To"], mail["Subject"] = "desk@example.org", "hr@example.org", "Rota"
-    mail.set_content("The new rota is attached.")
-    mail.add_attachment(b"The Porto desk rota changes on Fridays.", maintype="text", subtype="plain",
-                        filename="rota.txt")
-    (tmp_path / "rota.eml").write_bytes(mail.as_bytes())
+    _rota_mail(tmp_path / "rota.eml")
     try:
         assert main(["ingest", str(tmp_path / "rota.eml"), "--department", "hr"]) == 0, capsys.readouterr().out
     finally:
@@ -347,16 +340,9 @@ def test_an_attachment_whose_run_met_the_outage_is_ingested_when_the_command_run
         cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """An outage in an e-mail's attachment's run left the attachment `processing` for good (the e-mail, whose own run
     had ended, kept `ready`); now its job waits, and the command run again takes it up from the e-mail."""
-    from email.message import EmailMessage
-
     settings = get_settings()
     aside = _unmounted_as_the_second_run_starts(monkeypatch)
-    mail = EmailMessage()
-    mail["From"], mail["To"], mail["Subject"] = "desk@example.org", "hr@example.org", "Rota"
-    mail.set_content("The new rota is attached.")
-    mail.add_attachment(b"The Porto desk rota changes on Fridays.", maintype="text", subtype="plain",
-                        filename="rota.txt")
-    (tmp_path / "rota.eml").write_bytes(mail.as_bytes())
+    _rota_mail(tmp_path / "rota.eml")
     assert main(["ingest", str(tmp_path / "rota.eml"), "--department", "hr"]) == 1
     assert "the blob volume is unavailable" in " ".join(capsys.readouterr().out.split())
     assert sorted(_rows(cli_env).values()) == [("processing", "queued"), ("ready", "ready")]
@@ -570,3 +556,15 @@ def test_through_the_api_an_api_that_cannot_be_reached_stops_the_run_naming_it(
     assert f"the API at {api} cannot be reached (ConnectError)" in out and "not attempted: 2" in out, out
     assert f"stopped: the API at {api} is unavailable (2 files not attempted)" in err, err
     assert "s3cret" not in out + err and "t0ken" not in out + err and "Traceback" not in err
+
+
+def _rota_mail(path: Path) -> None:
+    """An e-mail with one text attachment, written to `path`."""
+    from email.message import EmailMessage
+
+    mail = EmailMessage()
+    mail["From"], mail["To"], mail["Subject"] = "desk@example.org", "hr@example.org", "Rota"
+    mail.set_content("The new rota is attached.")
+    mail.add_attachment(b"The Porto desk rota changes on Fridays.", maintype="text", subtype="plain",
+                        filename="rota.txt")
+    path.write_bytes(mail.as_bytes())
