@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import shlex
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,7 @@ from core.settings import Settings, get_settings
 if TYPE_CHECKING:
     import httpx
 
+    from ingestion.keys import RotationReport
     from ingestion.schemas import DocumentStatusOut
 
 FINAL_STATES = ("ready", "failed", "quarantined", "rejected")
@@ -448,33 +450,67 @@ def _refusal(message: str) -> str:
 
 
 def rotate_command(args: argparse.Namespace) -> int:
-    """Rotate department keys (or the master key) and record each rotation in the audit ledger."""
+    """Rotate department keys (or the master key), each rotation audited as it commits; a database outage (at the
+    start or midway) is one line saying what is done and how to go on, exit 1."""
     if args.master:
         return _rotate_master(args)
-    from audit import service as audit_service
-    from audit.schemas import AdminEventType
     from authz.identity import operator_identity
-    from core.db import unit_of_work
     from ingestion import keys
 
     settings = get_settings()
-    unknown = _unknown_departments(settings, args.departments or [])
+    try:
+        chosen, unknown = _departments_to_rotate(settings, args.departments or [])
+    except Exception as exc:
+        if (dependency := _outage(exc)) is None:
+            raise
+        Console(stderr=True).print(f"the {dependency} is unavailable; nothing rotated: run the same command again "
+                                   "once it is back", markup=False)
+        return 1
     if unknown:
         Console(stderr=True).print(f"no such department: {', '.join(unknown)}; nothing rotated", markup=False)
         return 2
-    reports = keys.rotate_department_keys(settings=settings, departments=args.departments)
+    reports: list[keys.RotationReport] = []
+    identity = operator_identity(args.actor)
+    try:
+        for department in chosen:  # one by one: an outage leaves the ones done audited, and this loop knows them
+            reports += keys.rotate_department_keys(settings=settings, identity=identity, departments=[department])
+    except Exception as exc:
+        if (dependency := _outage(exc)) is None:
+            raise
+        if reports:
+            _print_rotations(reports)
+        Console(stderr=True).print(_rotation_stopped_line(dependency, reports, chosen[len(reports):], args.actor),
+                                   markup=False)
+        return 1
+    _print_rotations(reports)
+    return 0 if reports or not args.departments else 1
+
+
+def _outage(exc: BaseException) -> str | None:
+    """The dependency an outage names, raised as it is or behind the audit log's `unavailable` (a database going as
+    the event is written)."""
+    from core.errors import unavailable_dependency
+
+    return unavailable_dependency(exc) or (unavailable_dependency(exc.__cause__) if exc.__cause__ else None)
+
+
+def _print_rotations(reports: list[RotationReport]) -> None:
     table = Table(title="key rotation")
     for column in ("department", "new key version", "document keys rewrapped"):
         table.add_column(column)
     for report in reports:
         table.add_row(report.department, str(report.new_version), str(report.documents_rewrapped))
-        with unit_of_work(settings.resolved_database_url) as session:
-            audit_service.record_admin_event(
-                session=session, identity=operator_identity(args.actor),
-                event_type=AdminEventType.key_rotation, department=report.department, settings=settings,
-                details={"new_version": report.new_version, "documents_rewrapped": report.documents_rewrapped})
     Console().print(table)
-    return 0 if reports or not args.departments else 1
+
+
+def _rotation_stopped_line(dependency: str, done: list[RotationReport], left: list[str], actor: str) -> str:
+    """What an outage midway left: the rotations committed (each audited with it), and the command that rotates the
+    rest (the one it stopped in, begun and not finished, is redone under a newer version: nothing is lost)."""
+    rotated = ", ".join(f"{report.department} (v{report.new_version})" for report in done) or "none"
+    named = [argument for department in left for argument in ("--department", department)]
+    again = shlex.join(["govrag", "keys", "rotate", *named, "--actor", actor])
+    return (f"stopped: the {dependency} is unavailable; rotated and audited: {rotated}; not rotated: "
+            f"{', '.join(left)}; run `{again}` once it is back")
 
 
 def _store_held(settings: Settings) -> EmbeddedStoreHeld | None:
@@ -499,36 +535,50 @@ def _blob_store_opened(settings: Settings) -> bool:
 
 def _unknown_departments(settings: Settings, named: list[str]) -> list[str]:
     """The names given with --department that are not departments (a typo would otherwise be skipped silently)."""
+    return _departments_to_rotate(settings, named)[1]
+
+
+def _departments_to_rotate(settings: Settings, named: list[str]) -> tuple[list[str], list[str]]:
+    """The departments named (every one when none is), and the names that are not departments."""
     from authz import service as authz_service
     from core.db import unit_of_work
 
     with unit_of_work(settings.resolved_database_url) as session:
-        known = set(authz_service.list_departments(session=session))
-    return [name for name in named if name not in known]
+        known = authz_service.list_departments(session=session)
+    return [d for d in known if d in named or not named], [name for name in named if name not in known]
 
 
 def _rotate_master(args: argparse.Namespace) -> int:
-    """Rotate the master key and record it in the audit ledger (an admin event without a department)."""
-    from audit import service as audit_service
-    from audit.schemas import AdminEventType
+    """Rotate the master key, audited (an admin event without a department) as the rotation's last step commits."""
     from authz.identity import operator_identity
-    from core.db import unit_of_work
     from ingestion import keys
 
     settings = get_settings()
+    where = "removed from the key file" if settings.master_key is None else "remove them from GOVRAG_MASTER_KEY"
     try:
-        report = keys.rotate_master_key(settings=settings)
+        report = keys.rotate_master_key(settings=settings, identity=operator_identity(args.actor))
     except LookupError as exc:  # keys from settings: the new version must be supplied first
         Console(stderr=True).print(str(exc))
         return 2
-    with unit_of_work(settings.resolved_database_url) as session:
-        audit_service.record_admin_event(
-            session=session, identity=operator_identity(args.actor),
-            event_type=AdminEventType.key_rotation, department=None, settings=settings,
-            details={"scope": "master", "new_version": report.new_version, "keys_rewrapped": report.keys_rewrapped,
-                     "retired_versions": list(report.retired_versions)})
-    retired = ", ".join(f"v{v}" for v in report.retired_versions) or "none"
-    where = "removed from the key file" if settings.master_key is None else "remove them from GOVRAG_MASTER_KEY"
+    except keys.OldMasterVersionsKept as kept:
+        if (dependency := _outage(kept.__cause__ or kept)) is None:
+            raise
+        Console(stderr=True).print(
+            f"stopped: the {dependency} is unavailable; the master key is now v{kept.report.new_version} and audited, "
+            f"but the old versions ({_versions(kept.report.retired_versions)}) are still in the key file, unused: run "
+            "the same command again once it is back (it rotates once more and removes them)", markup=False)
+        return 1
+    except Exception as exc:
+        if (dependency := _outage(exc)) is None:
+            raise
+        Console(stderr=True).print(f"stopped: the {dependency} is unavailable; the master key is not rotated (nothing "
+                                   "audited, every key stays readable): run the same command again once it is back",
+                                   markup=False)
+        return 1
     Console().print(f"master key now v{report.new_version}: {report.keys_rewrapped} keys rewrapped; "
-                    f"old versions no longer needed: {retired} ({where})")
+                    f"old versions no longer needed: {_versions(report.retired_versions)} ({where})")
     return 0
+
+
+def _versions(versions: tuple[int, ...]) -> str:
+    return ", ".join(f"v{v}" for v in versions) or "none"

@@ -233,17 +233,22 @@ class KeyStore:
         session.flush()
         return len(rows)
 
-    def retire_master_versions(self, *, session: Session, version: int) -> list[int]:
-        """Drop every master version but `version` once no row needs them (from the key file; else the caller
-        removes them from GOVRAG_MASTER_KEY). Returns the retired versions. Checked and written under the master
-        lock held exclusively: no key is wrapped under a version as it is retired."""
+    def retirable_master_versions(self, *, session: Session, version: int) -> list[int]:
+        """Every master version but `version`, once no row needs them (else RuntimeError). Checked under the master
+        lock held exclusively, which the transaction keeps: no key is wrapped under an old version until it ends."""
         transaction_lock(session, _MASTER_LOCK)
         pending = session.scalars(select(WrappedKey.id).where(WrappedKey.kind.in_(MASTER_WRAPPED_KINDS),
                                                               WrappedKey.parent_version != version).limit(1)).first()
         if pending is not None:
             raise RuntimeError("rows are still wrapped under an old master version")
+        return sorted(v for v in self._masters_now() if v != version)
+
+    def retire_master_versions(self, *, session: Session, version: int) -> list[int]:
+        """Drop every master version but `version` once no row needs them (from the key file; else the caller
+        removes them from GOVRAG_MASTER_KEY). Returns the retired versions. Checked and written under the master
+        lock held exclusively: no key is wrapped under a version as it is retired."""
+        retired = self.retirable_master_versions(session=session, version=version)
         masters = self._masters_now()
-        retired = sorted(v for v in masters if v != version)
         if self._key_file is not None and retired:
             crypto.write_master_keyring(self._key_file, {version: masters[version]})
             self._masters_now()

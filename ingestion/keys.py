@@ -1,12 +1,21 @@
 """Key rotation in committed batches, then the old versions retired: department keys (every document key
-rewrapped) and the master key (every department key rewrapped). Data keys, ciphertexts and vectors stay."""
+rewrapped) and the master key (every department key rewrapped). Data keys, ciphertexts and vectors stay.
+
+Each rotation's `key_rotation` audit event commits in the transaction that completes it: a rotation is done if and
+only if the ledger says so, whatever stops the run (a crash, a Ctrl-C, the database going away)."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
+from sqlalchemy.orm import Session
+
+from audit import service as audit_service
+from audit.schemas import AdminEventType
 from authz import service as authz_service
+from authz.identity import Identity
 from core.db import unit_of_work
 from core.keystore import keystore_for
 from core.settings import Settings
@@ -26,9 +35,10 @@ class RotationReport:
     documents_rewrapped: int
 
 
-def rotate_department_keys(*, settings: Settings, departments: list[str] | None = None,
+def rotate_department_keys(*, settings: Settings, identity: Identity, departments: list[str] | None = None,
                            batch_size: int = BATCH_SIZE) -> list[RotationReport]:
-    """Rotate the keys of the given departments (all when None); data keys and vectors are untouched.
+    """Rotate the keys of the given departments (all when None), one after the other, each audited as done by
+    `identity`; data keys and vectors are untouched.
 
     Each stage commits on its own: until the last one, documents open through whichever wrapping is
     newest, so old key versions stay readable while the rotation runs (and a crash can simply re-run).
@@ -36,10 +46,10 @@ def rotate_department_keys(*, settings: Settings, departments: list[str] | None 
     with unit_of_work(settings.resolved_database_url) as session:
         known = authz_service.list_departments(session=session)
     chosen = known if departments is None else [d for d in departments if d in known]
-    return [_rotate_one(settings, department, batch_size) for department in chosen]
+    return [_rotate_one(settings, identity, department, batch_size) for department in chosen]
 
 
-def _rotate_one(settings: Settings, department: str, batch_size: int) -> RotationReport:
+def _rotate_one(settings: Settings, identity: Identity, department: str, batch_size: int) -> RotationReport:
     keystore = keystore_for(settings)
     url = settings.resolved_database_url
     with unit_of_work(url) as session:
@@ -53,8 +63,11 @@ def _rotate_one(settings: Settings, department: str, batch_size: int) -> Rotatio
                                                    version=version)
     with unit_of_work(url) as session:  # uploads that read the old version meanwhile are rewrapped here
         rewrapped += keystore.finish_rotation(session=session, department=department, version=version)
+        report = RotationReport(department=department, new_version=version, documents_rewrapped=rewrapped)
+        _audit(session, settings, identity, department,
+               {"new_version": report.new_version, "documents_rewrapped": report.documents_rewrapped})
     logger.info("rotated department key of %s to v%d: %d document keys rewrapped", department, version, rewrapped)
-    return RotationReport(department=department, new_version=version, documents_rewrapped=rewrapped)
+    return report
 
 
 @dataclass(frozen=True)
@@ -66,11 +79,25 @@ class MasterRotationReport:
     retired_versions: tuple[int, ...]
 
 
-def rotate_master_key(*, settings: Settings, batch_size: int = BATCH_SIZE) -> MasterRotationReport:
-    """A new master version; department keys (and the audit checkpoint key) rewrapped under it; old versions retired.
+class OldMasterVersionsKept(Exception):
+    """The master rotation is done and audited, but dropping the old versions from the key file failed (its cause
+    says why): they stay there, unused, until a rotation retires them."""
+
+    def __init__(self, report: MasterRotationReport) -> None:
+        super().__init__(f"master key rotated to v{report.new_version}; old versions not removed from the key file")
+        self.report = report
+
+
+def rotate_master_key(*, settings: Settings, identity: Identity,
+                      batch_size: int = BATCH_SIZE) -> MasterRotationReport:
+    """A new master version; department keys (and the audit checkpoint key) rewrapped under it; old versions retired;
+    audited as done by `identity`.
 
     The old version stays in the keyring until every row is rewrapped and committed, so a crash midway leaves
-    everything readable; running it again finishes the job under a newer version.
+    everything readable; running it again finishes the job under a newer version. The audit event commits with the
+    check that no key needs an old version any more; only then are they dropped from the key file (a file cannot
+    commit with the database: this way round a crash leaves a rotation audited and old versions unused in the
+    file, as keys from settings stay until the operator removes them, never one rotated and unaudited).
     """
     keystore = keystore_for(settings)
     url = settings.resolved_database_url
@@ -85,6 +112,23 @@ def rotate_master_key(*, settings: Settings, batch_size: int = BATCH_SIZE) -> Ma
         if done < batch_size:
             break
     with unit_of_work(url) as session:
-        retired = keystore.retire_master_versions(session=session, version=version)
+        retired = keystore.retirable_master_versions(session=session, version=version)
+        report = MasterRotationReport(new_version=version, keys_rewrapped=rewrapped, retired_versions=tuple(retired))
+        _audit(session, settings, identity, None,
+               {"scope": "master", "new_version": report.new_version, "keys_rewrapped": report.keys_rewrapped,
+                "retired_versions": list(report.retired_versions)})
+    if settings.master_key is None:  # a key file: drop the old versions from it (from settings the operator does)
+        try:
+            with unit_of_work(url) as session:
+                keystore.retire_master_versions(session=session, version=version)
+        except Exception as exc:
+            raise OldMasterVersionsKept(report) from exc
     logger.info("rotated the master key to v%d: %d keys rewrapped, versions %s retired", version, rewrapped, retired)
-    return MasterRotationReport(new_version=version, keys_rewrapped=rewrapped, retired_versions=tuple(retired))
+    return report
+
+
+def _audit(session: Session, settings: Settings, identity: Identity, department: str | None,
+           details: dict[str, Any]) -> None:
+    """Record the rotation in the ledger; this commits the session: the rotation's last step and its event at once."""
+    audit_service.record_admin_event(session=session, identity=identity, event_type=AdminEventType.key_rotation,
+                                     department=department, settings=settings, details=details)

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from authz.identity import operator_identity
 from core import blobs
 from core.db import unit_of_work
 from core.keystore import KeyStore, keystore_for
@@ -21,6 +22,8 @@ from ingestion import keys
 from retrieval.store import open_vector_store
 from tests.conftest import PLATFORM_ADMIN, auth, desk_member, wait_for_job
 from tests.support.lock_waits import wait_for_a_lock_wait
+
+ROTATOR = operator_identity("tester")
 
 TEXT = b"The Oslo office wellness budget is 300 kroner per employee per quarter. Ref ROTCANARY-3."
 
@@ -75,7 +78,8 @@ def test_rotation_rewraps_without_reembedding(client: TestClient, issue_token: C
     assert all(_readable(settings, department, d).startswith(TEXT) for d in uploads)
 
     # The whole rotation (the service finishes the half-done one, then a second full one).
-    reports = keys.rotate_department_keys(settings=settings, departments=[department], batch_size=2)
+    reports = keys.rotate_department_keys(settings=settings, identity=ROTATOR, departments=[department],
+                                          batch_size=2)
     assert reports[0].new_version == 3 and reports[0].documents_rewrapped == 3
     assert [version for version, _ in _versions(settings, "department", department)] == [3]  # under any master
     for document_id in uploads:
@@ -106,7 +110,7 @@ def test_an_upload_committed_as_the_rotation_finishes_stays_readable(
     def rotate_meanwhile(*args: object) -> None:  # the upload's key is wrapped, its transaction still open
         if not rotation:
             rotation.append(threading.Thread(target=lambda: reports.extend(
-                keys.rotate_department_keys(settings=settings, departments=[department]))))
+                keys.rotate_department_keys(settings=settings, identity=ROTATOR, departments=[department]))))
             rotation[0].start()
             assert finishing.wait(timeout=60)  # the rotation is at its last step; the upload then commits
         real_write(*args)  # type: ignore[arg-type]
@@ -194,7 +198,7 @@ def test_a_rotation_reaching_a_document_whose_deletion_has_not_committed_leaves_
     kept_id = _ready_upload(client, token, department, "kept.txt", TEXT + b" to be kept")
     reports: list[keys.RotationReport] = []
     rotation = threading.Thread(target=lambda: reports.extend(
-        keys.rotate_department_keys(settings=settings, departments=[department])))
+        keys.rotate_department_keys(settings=settings, identity=ROTATOR, departments=[department])))
     with unit_of_work(settings.resolved_database_url) as deletion:
         ingestion_service.delete_document(session=deletion, settings=settings, document_id=deleted_id,
                                           can_delete=lambda _: True)
@@ -330,3 +334,128 @@ def test_on_sqlite_a_rotation_batch_reaching_a_document_whose_deletion_has_not_c
     assert _shredded(settings, "desk", deleted_id)
     assert _versions(settings, "document", kept_id) == [(1, 1), (2, 2)]
     assert _readable(settings, "desk", kept_id).startswith(TEXT)
+
+
+def _cli_on(settings, monkeypatch: pytest.MonkeyPatch) -> Callable[..., int]:  # type: ignore[no-untyped-def]
+    """`govrag keys rotate ...` run in this process against `settings`."""
+    from api import cli, cli_ingest
+
+    monkeypatch.setattr(cli_ingest, "get_settings", lambda: settings)
+    return lambda *args: cli.main(["keys", "rotate", "--actor", "tester", *args])
+
+
+def test_a_crash_right_after_a_department_rotation_commits_leaves_it_audited(
+        make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command wrote the rotations' audit events only after every department was rotated, each in a transaction
+    of its own: a crash (a kill, a Ctrl-C, the database going) as soon as a department's last step committed left
+    its key rotated and the ledger without a word of it. The event now commits with that last step."""
+    from contextlib import contextmanager
+
+    from tests.support.key_rotation import audited_department_versions, department_key_versions, two_departments
+
+    settings = two_departments(make_pg_database, tmp_path)
+    rotate = _cli_on(settings, monkeypatch)
+    real_finish, real_unit_of_work, finishing = KeyStore.finish_rotation, keys.unit_of_work, []
+
+    def finish(self: KeyStore, **kwargs: object) -> int:
+        finishing.append(kwargs["department"])
+        return real_finish(self, **kwargs)  # type: ignore[arg-type]
+
+    @contextmanager
+    def crash_once_the_finish_commits(url: str):  # type: ignore[no-untyped-def]
+        with real_unit_of_work(url) as session:
+            yield session
+        if finishing:  # the transaction that ran finish_rotation has committed
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(KeyStore, "finish_rotation", finish)
+    monkeypatch.setattr(keys, "unit_of_work", crash_once_the_finish_commits)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        rotate()
+    monkeypatch.setattr(keys, "unit_of_work", real_unit_of_work)
+    assert finishing == ["alpha"]
+    assert department_key_versions(settings, "alpha") == [2] and audited_department_versions(settings, "alpha") == [2]
+    assert department_key_versions(settings, "beta") == [1] and audited_department_versions(settings, "beta") == []
+
+    assert rotate() == 0  # run again: every department rotated once more, each audited
+    assert audited_department_versions(settings, "alpha") == [2, 3]
+    assert department_key_versions(settings, "alpha") == [3]
+    assert audited_department_versions(settings, "beta") == [2] and department_key_versions(settings, "beta") == [2]
+
+
+def test_the_database_going_away_mid_rotation_says_what_was_rotated_and_running_again_finishes(
+        make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """PostgreSQL stopping as the second department's rotation reached its last step ended the command in a traceback,
+    the first department rotated and not audited. Now the first is audited as its rotation commits, and the command
+    says in one line that the database is unavailable (never its address), what was rotated, what was not and how
+    to go on, exit 1; that command, run once the database is back, finishes the half-done rotation and audits it."""
+    from tests.conftest import allow_connections
+    from tests.support.key_rotation import (
+        audited_department_versions,
+        audited_details,
+        database_name,
+        department_key_versions,
+        two_departments,
+    )
+
+    settings = two_departments(make_pg_database, tmp_path)
+    database, rotate, real_finish = database_name(settings), _cli_on(settings, monkeypatch), KeyStore.finish_rotation
+
+    def the_database_goes_at_betas_last_step(self: KeyStore, **kwargs: object) -> int:
+        if kwargs["department"] == "beta":
+            allow_connections(database, False)
+        return real_finish(self, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(KeyStore, "finish_rotation", the_database_goes_at_betas_last_step)
+    monkeypatch.setenv("COLUMNS", "400")
+    try:
+        code = rotate()
+    finally:
+        allow_connections(database, True)
+    monkeypatch.setattr(KeyStore, "finish_rotation", real_finish)
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 1
+    assert ("stopped: the database is unavailable; rotated and audited: alpha (v2); not rotated: beta; "
+            "run `govrag keys rotate --department beta --actor tester` once it is back") in err, err
+    assert "Traceback" not in err and database not in err and "postgres" not in err
+    assert audited_details(settings, "alpha") == [{"new_version": 2, "documents_rewrapped": 1}]
+    assert department_key_versions(settings, "alpha") == [2]
+    assert department_key_versions(settings, "beta") == [1, 2] and audited_department_versions(settings, "beta") == []
+
+    assert rotate("--department", "beta") == 0  # the command it said
+    assert audited_details(settings, "beta") == [{"new_version": 3, "documents_rewrapped": 1}]
+    assert department_key_versions(settings, "beta") == [3]
+    assert audited_department_versions(settings, "alpha") == [2] and department_key_versions(settings, "alpha") == [2]
+    assert _readable_key(settings, "beta")
+
+
+def test_the_database_away_as_the_rotation_starts_is_said_in_one_line(
+        make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The database refusing connections as the command started ended it in a traceback; now it is one line naming
+    it, exit 1, nothing rotated."""
+    from tests.conftest import allow_connections
+    from tests.support.key_rotation import database_name, department_key_versions, two_departments
+
+    settings = two_departments(make_pg_database, tmp_path)
+    database, rotate = database_name(settings), _cli_on(settings, monkeypatch)
+    monkeypatch.setenv("COLUMNS", "400")
+    allow_connections(database, False)
+    try:
+        code = rotate()
+    finally:
+        allow_connections(database, True)
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 1
+    assert "the database is unavailable; nothing rotated: run the same command again once it is back" in err, err
+    assert "Traceback" not in err and database not in err
+    assert department_key_versions(settings, "alpha") == [1] and department_key_versions(settings, "beta") == [1]
+
+
+def _readable_key(settings, department: str) -> bytes | None:  # type: ignore[no-untyped-def]
+    """The department's document key, unwrapped from its rows (nothing cached)."""
+    store = keystore_for(settings)
+    store._cache.clear()
+    with unit_of_work(settings.resolved_database_url) as session:
+        return store.document_key(session=session, department=department, document_id=f"{department}-doc")

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from api import cli, cli_ingest
 from audit import integrity
+from authz.identity import operator_identity
 from core import blobs, crypto, migrate
 from core import keystore as keystore_module
 from core.db import transaction_lock, unit_of_work
@@ -29,6 +30,8 @@ from core.settings import Settings
 from ingestion import keys
 from retrieval.store import open_vector_store
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
+
+ROTATOR = operator_identity("tester")
 
 TEXT = b"The Bergen office bicycle allowance is 450 kroner per employee per month. Ref MASTERROT-7."
 
@@ -85,7 +88,7 @@ def test_master_rotation_interrupted_then_rerun(client: TestClient, issue_token:
 
     monkeypatch.setattr(KeyStore, "rewrap_under_master", crash_after_one_batch)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        keys.rotate_master_key(settings=settings, batch_size=1)
+        keys.rotate_master_key(settings=settings, batch_size=1, identity=ROTATOR)
     monkeypatch.undo()
     half_ring = crypto.load_or_create_master_keyring(key_file, create=False)
     new_version = max(first_ring) + 1
@@ -161,11 +164,12 @@ def test_master_rotation_with_keys_from_settings(database_url: str, tmp_path: Pa
     sealed = crypto.seal_text(data_key, "quarterly numbers", "govrag:chunk:doc-1:0")
     checkpoint_key = integrity.checkpoint_key(before)
     with pytest.raises(LookupError, match="GOVRAG_MASTER_KEY"):
-        keys.rotate_master_key(settings=before)  # the operator must supply the new version first
+        keys.rotate_master_key(settings=before, identity=ROTATOR)  # the operator must supply the new version first
 
-    report = keys.rotate_master_key(settings=configured(f"v2:{new},v1:{old}"), batch_size=1)
+    report = keys.rotate_master_key(settings=configured(f"v2:{new},v1:{old}"), identity=ROTATOR, batch_size=1)
     assert (report.new_version, report.keys_rewrapped, report.retired_versions) == (2, 3, (1,))
-    assert keys.rotate_master_key(settings=configured(f"v2:{new}\nv1:{old}")).keys_rewrapped == 0  # idempotent
+    again = keys.rotate_master_key(settings=configured(f"v2:{new}\nv1:{old}"), identity=ROTATOR)
+    assert again.keys_rewrapped == 0  # idempotent
 
     after = KeyStore.from_settings(configured(f"v2:{new}"))  # v1 removed from the secret
     with unit_of_work(database_url) as session:
@@ -200,7 +204,8 @@ def test_a_department_created_as_the_master_rotates_stays_readable(client: TestC
 
     def rotate_meanwhile(self: KeyStore, **kwargs: str) -> None:
         real_create(self, **kwargs)  # wrapped under the current master version, the transaction still open
-        rotation.append(threading.Thread(target=lambda: reports.append(keys.rotate_master_key(settings=settings))))
+        rotation.append(threading.Thread(target=lambda: reports.append(
+            keys.rotate_master_key(settings=settings, identity=ROTATOR))))
         rotation[0].start()
         assert past_the_check.wait(timeout=60)  # then the department commits (201)
 
@@ -225,3 +230,110 @@ def test_a_department_created_as_the_master_rotates_stays_readable(client: TestC
     assert _master_parents(settings) == {max(ring_before) + 1}
     with unit_of_work(settings.resolved_database_url) as session:
         assert KeyStore.from_settings(settings).department_key(session=session, department=department)
+
+
+def _audited_master_versions(settings: Settings) -> list[int]:
+    from tests.support.key_rotation import rotation_events
+
+    return [event.details["new_version"] for event in rotation_events(settings)
+            if event.details.get("scope") == "master"]
+
+
+def _cli_on(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    monkeypatch.setattr(cli_ingest, "get_settings", lambda: settings)
+    return lambda: cli.main(["keys", "rotate", "--master", "--actor", "tester"])
+
+
+def test_a_crash_right_after_the_master_rotation_commits_leaves_it_audited(
+        make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command wrote the master rotation's audit event only once the rotation had returned, in a transaction of
+    its own: a crash as soon as its last step committed (the old versions checked unneeded and dropped from the key
+    file) left the master key rotated and the ledger without a word of it. The event now commits with the check;
+    only then are the old versions dropped, so a crash there leaves them in the file, unused, and audited."""
+    from contextlib import contextmanager
+
+    from tests.support.key_rotation import two_departments
+
+    settings = two_departments(make_pg_database, tmp_path)
+    rotate, key_file = _cli_on(settings, monkeypatch), settings.resolved_master_key_file
+    real_retirable, real_retire, real_unit_of_work = (KeyStore.__dict__.get("retirable_master_versions"),
+                                                      KeyStore.retire_master_versions, keys.unit_of_work)
+    last_step: list[str] = []
+
+    def retire(self: KeyStore, **kwargs: object) -> list[int]:
+        last_step.append("retire")
+        return real_retire(self, **kwargs)  # type: ignore[arg-type]
+
+    def retirable(self: KeyStore, **kwargs: object) -> list[int]:
+        last_step.append("retirable")
+        return real_retirable(self, **kwargs)  # type: ignore[misc]
+
+    @contextmanager
+    def crash_once_the_last_step_commits(url: str):  # type: ignore[no-untyped-def]
+        with real_unit_of_work(url) as session:
+            yield session
+        if last_step:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(KeyStore, "retire_master_versions", retire)
+    monkeypatch.setattr(KeyStore, "retirable_master_versions", retirable, raising=False)  # where it exists
+    monkeypatch.setattr(keys, "unit_of_work", crash_once_the_last_step_commits)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        rotate()
+    monkeypatch.setattr(keys, "unit_of_work", real_unit_of_work)
+    assert _master_parents(settings) == {2} and _audited_master_versions(settings) == [2]
+
+    assert rotate() == 0  # run again: rotated once more, audited, every old version dropped
+    assert _master_parents(settings) == {3} and _audited_master_versions(settings) == [2, 3]
+    assert list(crypto.load_or_create_master_keyring(key_file, create=False)) == [3]
+
+
+@pytest.mark.parametrize("when", ["starting", "rewrapping", "dropping the old versions"])
+def test_the_database_going_away_during_a_master_rotation_is_said_in_one_line_and_running_again_finishes(
+        make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], when: str) -> None:
+    """PostgreSQL refusing connections as the master rotation started, rewrapped or dropped the old versions ended
+    the command in a traceback. Now it is one line naming the database (never its address) that says whether the
+    rotation is done and audited, exit 1; the same command run once it is back finishes (a newer version), audited."""
+    from tests.conftest import allow_connections
+    from tests.support.key_rotation import database_name, two_departments
+
+    settings = two_departments(make_pg_database, tmp_path)
+    database, key_file = database_name(settings), settings.resolved_master_key_file
+    rotate = _cli_on(settings, monkeypatch)
+    step = {"rewrapping": "rewrap_under_master", "dropping the old versions": "retire_master_versions"}.get(when)
+    if step is not None:
+        real_step = getattr(KeyStore, step)
+
+        def the_database_goes(self: KeyStore, **kwargs: object) -> object:
+            allow_connections(database, False)
+            return real_step(self, **kwargs)
+
+        monkeypatch.setattr(KeyStore, step, the_database_goes)
+    else:
+        allow_connections(database, False)
+    monkeypatch.setenv("COLUMNS", "400")
+    try:
+        code = rotate()
+    finally:
+        allow_connections(database, True)
+        monkeypatch.undo()
+    rotate = _cli_on(settings, monkeypatch)
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 1 and "Traceback" not in err and database not in err
+    if when == "dropping the old versions":
+        assert ("stopped: the database is unavailable; the master key is now v2 and audited, but the old versions (v1) "
+                "are still in the key file, unused: run the same command again once it is back") in err, err
+        assert _master_parents(settings) == {2} and _audited_master_versions(settings) == [2]
+    else:
+        assert ("stopped: the database is unavailable; the master key is not rotated (nothing audited, every key stays "
+                "readable): run the same command again once it is back") in err, err
+        assert _master_parents(settings) == {1} and _audited_master_versions(settings) == []
+    assert 1 in crypto.load_or_create_master_keyring(key_file, create=False)
+
+    assert rotate() == 0
+    final = max(crypto.load_or_create_master_keyring(key_file, create=False))
+    assert list(crypto.load_or_create_master_keyring(key_file, create=False)) == [final]
+    assert _master_parents(settings) == {final} and _audited_master_versions(settings)[-1] == final
+    with unit_of_work(settings.resolved_database_url) as session:
+        assert KeyStore.from_settings(settings).department_key(session=session, department="alpha")

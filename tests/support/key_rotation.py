@@ -1,0 +1,63 @@
+"""A fresh database with two departments for `govrag keys rotate` tests, and what the ledger and the keys say after."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from core.db import unit_of_work
+from core.models import Document, RetrievalEvent, WrappedKey
+from core.settings import Settings
+
+DEPARTMENTS = ("alpha", "beta")  # rotated in this order (`list_departments` sorts)
+
+
+def two_departments(make_pg_database: Callable[[], str], tmp_path: Path) -> Settings:
+    """A migrated PostgreSQL database of its own (it may be cut off), a key file in `tmp_path`, departments alpha
+    and beta with one document (and its key) each."""
+    from authz import service as authz_service
+    from core import migrate
+    from core.keystore import keystore_for
+
+    url = make_pg_database()
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=url)
+    store = keystore_for(settings)
+    with unit_of_work(url) as session:
+        for department in DEPARTMENTS:
+            authz_service.create_department(session=session, keystore=store, name=department)
+            session.add(Document(id=f"{department}-doc", department=department, title="t", content_type="text/plain",
+                                 size_bytes=1, sha256="0" * 64, uploaded_by="tester", status="ready"))
+            store.create_document_key(session=session, department=department, document_id=f"{department}-doc")
+    return settings
+
+
+def database_name(settings: Settings) -> str:
+    return settings.resolved_database_url.rsplit("/", 1)[1]
+
+
+def department_key_versions(settings: Settings, department: str) -> list[int]:
+    """The department's key versions still stored: one once a rotation has finished, two while one is half-done."""
+    with unit_of_work(settings.resolved_database_url) as session:
+        return sorted(session.scalars(select(WrappedKey.version).where(WrappedKey.kind == "department",
+                                                                      WrappedKey.owner == department)))
+
+
+def rotation_events(settings: Settings) -> list[RetrievalEvent]:
+    """The ledger's `key_rotation` events, oldest first."""
+    with unit_of_work(settings.resolved_database_url) as session:
+        return list(session.scalars(select(RetrievalEvent).where(RetrievalEvent.event_type == "key_rotation")
+                                    .order_by(RetrievalEvent.id)))
+
+
+def audited_department_versions(settings: Settings, department: str) -> list[int]:
+    """The new versions the ledger says the department's key was rotated to."""
+    return [event.details["new_version"] for event in rotation_events(settings)
+            if event.departments_requested == [department]]
+
+
+def audited_details(settings: Settings, department: str) -> list[dict[str, Any]]:
+    return [event.details for event in rotation_events(settings) if event.departments_requested == [department]]
