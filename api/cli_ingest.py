@@ -474,13 +474,14 @@ def rotate_command(args: argparse.Namespace) -> int:
     try:
         for department in chosen:  # one by one: an outage leaves the ones done audited, and this loop knows them
             reports += keys.rotate_department_keys(settings=settings, identity=identity, departments=[department])
+    except KeyboardInterrupt:  # Ctrl-C: as an outage, no traceback to read
+        _rotation_stopped(reports, "interrupted", chosen[len(reports):], args.actor, "to go on")
+        return 130
     except Exception as exc:
         if (dependency := _outage(exc)) is None:
             raise
-        if reports:
-            _print_rotations(reports)
-        Console(stderr=True).print(_rotation_stopped_line(dependency, reports, chosen[len(reports):], args.actor),
-                                   markup=False)
+        _rotation_stopped(reports, f"stopped: the {dependency} is unavailable", chosen[len(reports):], args.actor,
+                          "once it is back")
         return 1
     _print_rotations(reports)
     return 0 if reports or not args.departments else 1
@@ -503,14 +504,17 @@ def _print_rotations(reports: list[RotationReport]) -> None:
     Console().print(table)
 
 
-def _rotation_stopped_line(dependency: str, done: list[RotationReport], left: list[str], actor: str) -> str:
-    """What an outage midway left: the rotations committed (each audited with it), and the command that rotates the
-    rest (the one it stopped in, begun and not finished, is redone under a newer version: nothing is lost)."""
+def _rotation_stopped(done: list[RotationReport], why: str, left: list[str], actor: str, when: str) -> None:
+    """What an outage or a Ctrl-C midway left: the rotations committed (each audited with it), and the command that
+    rotates the rest (the one it stopped in, begun and not finished, is redone under a newer version: nothing is
+    lost)."""
+    if done:
+        _print_rotations(done)
     rotated = ", ".join(f"{report.department} (v{report.new_version})" for report in done) or "none"
     named = [argument for department in left for argument in ("--department", department)]
     again = shlex.join(["govrag", "keys", "rotate", *named, "--actor", actor])
-    return (f"stopped: the {dependency} is unavailable; rotated and audited: {rotated}; not rotated: "
-            f"{', '.join(left)}; run `{again}` once it is back")
+    Console(stderr=True).print(f"{why}; rotated and audited: {rotated}; not rotated: {', '.join(left)}; run "
+                               f"`{again}` {when}", markup=False)
 
 
 def _store_held(settings: Settings) -> EmbeddedStoreHeld | None:

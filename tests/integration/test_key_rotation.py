@@ -430,6 +430,36 @@ def test_the_database_going_away_mid_rotation_says_what_was_rotated_and_running_
     assert _readable_key(settings, "beta")
 
 
+def test_a_ctrl_c_mid_rotation_says_what_was_rotated_and_running_again_finishes(
+        make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A Ctrl-C in the second department's rotation ended the command in a traceback; now it says, as an outage
+    does, what was rotated (and audited) and the command that rotates the rest, exit 130."""
+    from tests.support.key_rotation import audited_department_versions, department_key_versions, two_departments
+
+    settings = two_departments(make_pg_database, tmp_path)
+    rotate, real_finish = _cli_on(settings, monkeypatch), KeyStore.finish_rotation
+
+    def interrupted_at_betas_last_step(self: KeyStore, **kwargs: object) -> int:
+        if kwargs["department"] == "beta":
+            raise KeyboardInterrupt
+        return real_finish(self, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(KeyStore, "finish_rotation", interrupted_at_betas_last_step)
+    monkeypatch.setenv("COLUMNS", "400")
+    try:
+        code: int | None = rotate()
+    except KeyboardInterrupt:  # escaped the command (caught: it would end the test session)
+        code = None
+    assert code == 130
+    err = " ".join(capsys.readouterr().err.split())
+    assert ("interrupted; rotated and audited: alpha (v2); not rotated: beta; run `govrag keys rotate --department "
+            "beta --actor tester` to go on") in err and "Traceback" not in err, err
+    monkeypatch.setattr(KeyStore, "finish_rotation", real_finish)
+    assert rotate("--department", "beta") == 0
+    assert audited_department_versions(settings, "beta") == [3] and department_key_versions(settings, "beta") == [3]
+
+
 def test_the_database_away_as_the_rotation_starts_is_said_in_one_line(
         make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
