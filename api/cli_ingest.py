@@ -28,10 +28,19 @@ if TYPE_CHECKING:
 FINAL_STATES = ("ready", "failed", "quarantined", "rejected")
 INTERNAL_FAILURE = "internal error while ingesting the file"
 UNAVAILABLE, NOT_ATTEMPTED, PENDING = "unavailable", "not attempted", "pending"
+GATEWAY_ERRORS = (502, 504)  # a reverse proxy's answer for an API behind it that is down or does not answer
 # Who runs a job this process could neither finish nor give back (`dispatch.give_back`), or that another one has
 LEFT_TO_THE_API = "a worker, or `govrag serve` at its next start, ingests it"
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why a run stopped at a file (every file after it would meet it too), and when running it again goes on."""
+
+    why: str  # "the database is unavailable"
+    again: str  # "once it is back"
 
 
 @dataclass(frozen=True)
@@ -41,7 +50,11 @@ class Outcome:
     path: str
     status: str
     reason: str = ""
-    unavailable: str | None = None  # the dependency whose outage stopped the run at this file
+    stop: Stop | None = None  # the run stopped at this file: an outage, or the API refusing the token
+
+
+def _unavailable(dependency: str) -> Stop:
+    return Stop(f"the {dependency} is unavailable", "once it is back")
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -117,7 +130,7 @@ def ingest_command(args: argparse.Namespace) -> int:
         console.print(_interrupted_line(files[len(outcomes):]), markup=False)
         return 130
     Console().print(summary_table(outcomes))
-    if stopped_by := next((o.unavailable for o in outcomes if o.unavailable), None):
+    if stopped_by := next((o.stop for o in outcomes if o.stop), None):
         console.print(_stopped_line(stopped_by, sum(o.status == NOT_ATTEMPTED for o in outcomes)), markup=False)
     return 0 if all(o.status in ("ready", "quarantined", "duplicate") for o in outcomes) else 1
 
@@ -149,9 +162,9 @@ def _interrupted_line(left: list[Path]) -> str:
     return f"interrupted{at}; run the same command again to go on (files already ingested show as duplicates)"
 
 
-def _stopped_line(dependency: str, not_attempted: int) -> str:
-    return (f"stopped: the {dependency} is unavailable ({not_attempted} file{'s' * (not_attempted != 1)} not "
-            "attempted); run the same command again once it is back (files already ingested show as duplicates)")
+def _stopped_line(stop: Stop, not_attempted: int) -> str:
+    return (f"stopped: {stop.why} ({not_attempted} file{'s' * (not_attempted != 1)} not attempted); run the same "
+            f"command again {stop.again} (files already ingested show as duplicates)")
 
 
 def _nothing_found(path: Path, hidden: int) -> str:
@@ -182,17 +195,18 @@ def _inprocess_uploader(args: argparse.Namespace) -> Callable[[list[Path]], Iter
     """Accept and ingest each file here, synchronously (the embedded store allows one process). A dependency that
     goes away stops the run at that file: every file after it would meet the outage too."""
     settings = get_settings()
-    return lambda files: _until_unavailable(files, lambda path: _ingest_file(settings, args, path))
+    return lambda files: _until_stopped(files, lambda path: _ingest_file(settings, args, path))
 
 
-def _until_unavailable(files: list[Path], ingest: Callable[[Path], Outcome]) -> Iterator[Outcome]:
-    """Each file's outcome, until one met an outage; the files after it are `not attempted`."""
+def _until_stopped(files: list[Path], ingest: Callable[[Path], Outcome]) -> Iterator[Outcome]:
+    """Each file's outcome, until one stopped the run (an outage, a token refused); the files after it are
+    `not attempted`."""
     for index, path in enumerate(files):
         outcome = ingest(path)
         yield outcome
-        if outcome.unavailable:
+        if outcome.stop:
             for rest in files[index + 1:]:
-                yield Outcome(str(rest), NOT_ATTEMPTED, f"stopped: the {outcome.unavailable} is unavailable")
+                yield Outcome(str(rest), NOT_ATTEMPTED, f"stopped: {outcome.stop.why}")
             return
 
 
@@ -297,7 +311,7 @@ def _stopped(settings: Settings, path: Path, dependency: str, run: _FileRun) -> 
         what = "accepted, not ingested yet: run the same command again once it is back"
     else:
         what = f"accepted, not ingested yet: {LEFT_TO_THE_API}"
-    return Outcome(str(path), UNAVAILABLE, f"the {dependency} is unavailable; {what}", unavailable=dependency)
+    return Outcome(str(path), UNAVAILABLE, f"the {dependency} is unavailable; {what}", stop=_unavailable(dependency))
 
 
 def _job_outcome(settings: Settings, path: Path, job_id: str) -> Outcome:
@@ -378,14 +392,14 @@ def _api_uploader(args: argparse.Namespace) -> Callable[[list[Path]], Iterator[O
 
     def run(files: list[Path]) -> Iterator[Outcome]:
         with httpx.Client(base_url=args.api_url, headers=headers, timeout=60) as http:
-            yield from _until_unavailable(files, lambda path: _upload(http, args, path))
+            yield from _until_stopped(files, lambda path: _upload(http, args, path))
 
     return run
 
 
 class _ApiUnavailable(Exception):
-    """The API cannot be reached, or answered that a dependency of its own is unavailable (a 503): every file after
-    this one would meet it too."""
+    """The API cannot be reached (no answer, or a gateway's 502 or 504 for it), or answered that a dependency of its
+    own is unavailable (a 503): every file after this one would meet it too."""
 
     def __init__(self, dependency: str, message: str) -> None:
         super().__init__(message)
@@ -402,17 +416,18 @@ def _upload(http: httpx.Client, args: argparse.Namespace, path: Path) -> Outcome
                             files={"file": (path.name, path.read_bytes())})
         if response.status_code != 202:
             message = _error_message(response)
-            return Outcome(str(path), _refusal(message), message)
+            return Outcome(str(path), _refusal(message), message, stop=_token_refused(response, message))
         document_id = response.json()["document_id"]
         return _poll(http, str(path), document_id)
     except _ApiUnavailable as stop:
         accepted = f"; accepted as document {document_id}, not ingested yet: the API ingests it" if document_id else ""
-        return Outcome(str(path), UNAVAILABLE, stop.message + accepted, unavailable=stop.dependency)
+        return Outcome(str(path), UNAVAILABLE, stop.message + accepted, stop=_unavailable(stop.dependency))
 
 
 def _request(http: httpx.Client, method: str, url: str, **kwargs: object) -> httpx.Response:
-    """The API's answer; `_ApiUnavailable` if it cannot be reached (named by its address, without credentials) or
-    answers 503, whose message names the dependency (api/errors.py: "the database is unavailable; ...")."""
+    """The API's answer; `_ApiUnavailable` if it cannot be reached (named by its address, without credentials: no
+    answer, or a reverse proxy's 502 or 504 for it) or answers 503, whose message names the dependency
+    (api/errors.py: "the database is unavailable; ...")."""
     import httpx
 
     api = f"API at {http.base_url.copy_with(userinfo=b'')}"
@@ -420,6 +435,9 @@ def _request(http: httpx.Client, method: str, url: str, **kwargs: object) -> htt
         response = http.request(method, url, **kwargs)  # type: ignore[arg-type]
     except httpx.TransportError as error:
         raise _ApiUnavailable(api, f"the {api} cannot be reached ({type(error).__name__})") from None
+    if response.status_code in GATEWAY_ERRORS:  # the proxy in front answered for an API it could not reach
+        raise _ApiUnavailable(api, f"the {api} cannot be reached ({response.status_code} {response.reason_phrase} "
+                                   "from a gateway)")
     if response.status_code == 503:
         message = _error_message(response)
         named = re.match(r"the (.+?) is unavailable", message)
@@ -436,13 +454,27 @@ def _error_message(response: httpx.Response) -> str:
 
 
 def _poll(http: httpx.Client, path: str, document_id: str, timeout: float = 600.0) -> Outcome:
+    """The document's final state. An error answer (a token refused, a document gone, a 429, a 500) ends the poll at
+    once, `refused` with the API's message, rather than asking again until the timeout, for every file (an outage
+    stops the run: `_request`)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        body = _request(http, "GET", f"/v1/documents/{document_id}").json()
+        response = _request(http, "GET", f"/v1/documents/{document_id}")
+        if not response.is_success:
+            message = _error_message(response)
+            return Outcome(path, "refused", f"{message}; accepted as document {document_id}, its outcome not known "
+                                            "here", stop=_token_refused(response, message))
+        body = response.json()
         if body.get("status") in FINAL_STATES:
             return Outcome(path, body["status"], body.get("error") or body.get("review_reason") or "")
         time.sleep(0.5)
     return Outcome(path, PENDING, "still processing when the CLI stopped waiting")
+
+
+def _token_refused(response: httpx.Response, message: str) -> Stop | None:
+    """A 401 stops the run: the token (never shown) is no longer accepted, and every request after it would be
+    refused too."""
+    return Stop(f"the API refused the token ({message})", "with a valid token") if response.status_code == 401 else None
 
 
 def _refusal(message: str) -> str:

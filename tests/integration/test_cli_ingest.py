@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 import threading
 import uuid
@@ -555,6 +556,122 @@ def test_through_the_api_an_api_that_cannot_be_reached_stops_the_run_naming_it(
     out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
     assert f"the API at {api} cannot be reached (ConnectError)" in out and "not attempted: 2" in out, out
     assert f"stopped: the API at {api} is unavailable (2 files not attempted)" in err, err
+    assert "s3cret" not in out + err and "t0ken" not in out + err and "Traceback" not in err
+
+
+def _refused_once_accepted(answer: str, monkeypatch: pytest.MonkeyPatch, canary: str) -> list[str]:
+    """The API answers `answer` to the requests after it accepted the file holding `canary`: 401, its token refused
+    from then on (as one expiring); 404, that document gone; 500, its status read crashing. The document's id,
+    once accepted."""
+    from authz import tokens
+    from core.errors import ErrorCode, GovragError
+    from ingestion import service
+
+    real_accept, real_status, real_verify, accepted = service.accept_upload, service.document_status, \
+        tokens.TokenVerifier.verify, []
+
+    def accept_upload(**kwargs: bytes) -> object:
+        upload = real_accept(**kwargs)  # type: ignore[arg-type]
+        if canary.encode() in kwargs["data"]:
+            accepted.append(upload.document_id)
+        return upload
+
+    def document_status(**kwargs: str) -> object:
+        if accepted and kwargs["document_id"] == accepted[0]:
+            if answer.startswith("404"):
+                raise GovragError(ErrorCode.not_found, "no such document")
+            if answer.startswith("500"):
+                raise RuntimeError(f"a crash quoting the file: {canary}")
+        return real_status(**kwargs)  # type: ignore[arg-type]
+
+    def verify(self: tokens.TokenVerifier, token: str, admins: list[str]) -> object:
+        if accepted and answer.startswith("401"):
+            raise GovragError(ErrorCode.unauthenticated, "token expired")
+        return real_verify(self, token, admins)
+
+    monkeypatch.setattr(service, "accept_upload", accept_upload)
+    monkeypatch.setattr(service, "document_status", document_status)
+    monkeypatch.setattr(tokens.TokenVerifier, "verify", verify)
+    return accepted
+
+
+@pytest.mark.parametrize("answer", ["401 token expired", "404 no such document", "500 internal error"])
+def test_through_the_api_an_error_answer_to_a_poll_ends_that_files_poll_and_a_token_refused_stops_the_run(
+        served_api: tuple[str, str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, answer: str) -> None:
+    """Once a file was accepted, an error answer to its poll (a token expired, the document gone, a 500) was read as
+    a body with no status: the CLI asked again until its ten-minute timeout, for every file. Now that file is
+    `refused` at once with the API's message and the document accepted, and the run goes on; a 401 stops it (every
+    request after it would be refused too): the rest `not attempted`, exit 1, one line saying so."""
+    from api import cli_ingest
+
+    api_url, token, _ = served_api
+    canary = uuid.uuid4().hex
+    monkeypatch.setattr(cli_ingest._poll, "__defaults__", (60.0,))  # the old code fails in a minute, not ten
+    monkeypatch.setenv("COLUMNS", "400")  # each reason on one line of the table
+    accepted = _refused_once_accepted(answer, monkeypatch, canary)
+    code = main(["ingest", str(_three_files(tmp_path, canary)), "--department", "hr", "--api-url", api_url,
+                 "--token", token])
+    captured = capsys.readouterr()
+    out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
+    message = answer.split(" ", 1)[1]
+    assert code == 1 and len(accepted) == 1
+    assert f"│ refused │ {message}; accepted as document {accepted[0]}, its outcome not known here" in out, out
+    assert "pending" not in out and canary not in out + err and token not in out + err and "Traceback" not in err
+    if answer.startswith("401"):
+        assert "ready: 1" in out and "refused: 1" in out and "not attempted: 1" in out
+        assert ("stopped: the API refused the token (token expired) (1 file not attempted); run the same command "
+                "again with a valid token") in err, err
+    else:
+        assert "ready: 2" in out and "refused: 1" in out and "not attempted" not in out and "stopped" not in err
+
+
+def test_through_the_api_a_token_refused_at_the_first_upload_stops_the_run(
+        served_api: tuple[str, str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token the API refuses had every file sent to meet the same 401, each `refused`. Now the first is, the run
+    stops there (exit 1, the rest `not attempted`) saying to run it again with a valid token, never quoting it."""
+    api_url, _, _ = served_api
+    monkeypatch.setenv("COLUMNS", "400")
+    bad_token = f"not-a-token-{uuid.uuid4().hex}"
+    assert main(["ingest", str(_three_files(tmp_path, "")), "--department", "hr", "--api-url", api_url,
+                 "--token", bad_token]) == 1
+    captured = capsys.readouterr()
+    out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
+    assert "refused: 1" in out and "not attempted: 2" in out, out
+    assert ("stopped: the API refused the token (malformed token) (2 files not attempted); run the same command "
+            "again with a valid token") in err, err
+    assert bad_token not in out + err
+
+
+@pytest.mark.parametrize("when", ["as the file is uploaded", "as its document is polled"])
+@pytest.mark.parametrize(("status", "phrase"), [(502, "Bad Gateway"), (504, "Gateway Timeout")])
+def test_through_the_api_a_gateway_error_stops_the_run_as_an_api_that_cannot_be_reached(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, when: str, status: int,
+        phrase: str) -> None:
+    """A reverse proxy's 502 or 504 (the API behind it down, or not answering) was `refused` and every file after it
+    met the same answer; its HTML page while polling ended the run in a traceback. Now it is the API not reached:
+    that file `unavailable`, naming the API by its address (never the credentials in it), the rest `not
+    attempted`, exit 1. The proxy is outside the boundary: an httpx MockTransport stands in for it."""
+    api, requests = "http://govrag.example:8443", []
+
+    def proxy(request: httpx.Request) -> httpx.Response:
+        requests.append(request.method)
+        if request.method == "POST" and when == "as its document is polled":
+            return httpx.Response(202, json={"document_id": "d-1", "job_id": "j-1"})
+        return httpx.Response(status, html=f"<html><body><h1>{status} {phrase}</h1></body></html>")
+
+    monkeypatch.setattr(httpx, "Client", functools.partial(httpx.Client, transport=httpx.MockTransport(proxy)))
+    monkeypatch.setenv("COLUMNS", "400")
+    assert main(["ingest", str(_three_files(tmp_path, "")), "--department", "hr",
+                 "--api-url", api.replace("//", "//cli:s3cret@"), "--token", "t0ken"]) == 1
+    captured = capsys.readouterr()
+    out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
+    assert f"the API at {api} cannot be reached ({status} {phrase} from a gateway)" in out, out
+    assert "unavailable: 1" in out and "not attempted: 2" in out and "refused" not in out
+    assert ("accepted as document d-1" in out) == (when == "as its document is polled")
+    assert f"stopped: the API at {api} is unavailable (2 files not attempted)" in err, err
+    assert requests == (["POST"] if when == "as the file is uploaded" else ["POST", "GET"])
     assert "s3cret" not in out + err and "t0ken" not in out + err and "Traceback" not in err
 
 
