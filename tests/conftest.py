@@ -27,6 +27,12 @@ def _pg_url(database: str) -> str:
     return f"{base}/{database}"
 
 
+# The URLs of the databases the running test made: their engines' pooled connections are closed after it
+# (`_close_the_pooled_connections_of_its_databases`), else each test's pool stays open until the session ends and
+# the suite runs out of PostgreSQL's connections (max_connections, 100 here).
+_MADE_BY_THIS_TEST: list[str] = []
+
+
 @pytest.fixture(scope="session")
 def make_pg_database() -> Iterator[Callable[[], str]]:
     """Creates throw-away databases on the machine's PostgreSQL; all dropped at the end."""
@@ -37,6 +43,7 @@ def make_pg_database() -> Iterator[Callable[[], str]]:
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         created.append(name)
+        _MADE_BY_THIS_TEST.append(_pg_url(name))
         return _pg_url(name)
 
     yield make
@@ -46,6 +53,18 @@ def make_pg_database() -> Iterator[Callable[[], str]]:
     with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
         for name in created:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(autouse=True)
+def _close_the_pooled_connections_of_its_databases() -> Iterator[None]:
+    """After each test, the idle pooled connections to the databases it made are closed (an engine still in use, by
+    a fixture shared with later tests, opens new ones when asked)."""
+    yield
+    if _MADE_BY_THIS_TEST:
+        from core.db import get_engine
+
+        while _MADE_BY_THIS_TEST:
+            get_engine(_MADE_BY_THIS_TEST.pop()).dispose()
 
 
 def allow_connections(database: str, allowed: bool) -> None:
