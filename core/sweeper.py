@@ -8,7 +8,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from core.errors import Unavailable, unavailable_dependency
 
@@ -23,12 +23,12 @@ STILL_FAILING_EVERY_ROUNDS = 60
 
 @dataclass
 class _Failing:
-    """A sweep failing since round `first_round` (at `since`, in `time.monotonic()` seconds): on `what` (a
-    dependency's name, or a bug's `_failure_site`), last logged above DEBUG in round `logged_round`."""
+    """A sweep failing since round `first_round` (at `since`, in `time.monotonic()` seconds); the failures it logged
+    (a dependency's name, a bug's `_failure_site`), the last line above DEBUG in round `logged_round`."""
 
     first_round: int
     since: float
-    what: Hashable = None
+    logged: set[Hashable] = field(default_factory=set)
     logged_round: int = 0
 
 
@@ -73,13 +73,14 @@ class Sweeper:
                         self._round - failing.first_round, time.monotonic() - failing.since)
 
     def _failed(self, name: str, exc: Exception) -> None:
-        """A failure's first round is logged with its traceback (`_log_failure`), the rounds after it at DEBUG; a bug
-        is said to fail still at most once per `STILL_FAILING_EVERY_ROUNDS`."""
+        """Each failure is logged once (`_log_failure`) while the sweep fails, even as failures take turns; its rounds
+        after that at DEBUG. A bug is said to fail still at most once per `STILL_FAILING_EVERY_ROUNDS`."""
         dependency = unavailable_dependency(exc)
         what = dependency or _failure_site(exc)
         failing = self._failing.setdefault(name, _Failing(first_round=self._round, since=time.monotonic()))
-        if failing.what != what:
-            failing.what, failing.logged_round = what, self._round
+        if what not in failing.logged:
+            failing.logged.add(what)
+            failing.logged_round = self._round
             _log_failure(name, exc, dependency)
         elif dependency is None and self._round - failing.logged_round >= STILL_FAILING_EVERY_ROUNDS:
             failing.logged_round = self._round

@@ -148,6 +148,26 @@ def test_a_bug_is_logged_with_its_traceback_once_then_now_and_then_per_sweep(
     assert not [r for r in caplog.records if "alice" in r.getMessage()]
 
 
+def test_failures_that_take_turns_are_each_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A purge whose vector store answers one round in two (its timeout one round, a bug past it the next) logged a
+    warning and a traceback every round, as each failure differed from the one before: each is logged once, for as
+    long as the sweep fails."""
+    rounds = []
+
+    def flapping() -> None:
+        rounds.append(1)
+        if len(rounds) % 2:
+            raise Unavailable("vector store")
+        raise KeyError("points")
+
+    sweeper = Sweeper({"document purge": flapping}, interval=60)
+    with caplog.at_level(logging.DEBUG, logger="core.sweeper"):
+        _rounds(sweeper, 10)
+    assert _logged(caplog) == [
+        (logging.WARNING, "the document purge sweep waits for the vector store: the next round tries again", False),
+        (logging.ERROR, "the document purge sweep failed", True)]
+
+
 def test_a_throttled_sweep_that_failed_does_not_run_again_until_it_does(caplog: pytest.LogCaptureFixture) -> None:
     """The rounds a throttled sweep skips after failing are no success: no line says it runs again."""
     def broken() -> None:
