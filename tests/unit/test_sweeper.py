@@ -89,7 +89,7 @@ def test_a_database_outage_is_one_warning_with_its_traceback_then_one_line_when_
             _rounds(sweeper, 5)
             assert _logged(caplog) == [(
                 logging.WARNING, "the ingestion job sweep waits for the database: the next round tries again", True)]
-            assert len([r for r in caplog.records if r.levelno == logging.DEBUG]) == 4
+            assert len([r for r in caplog.records if r.name == "core.sweeper" and r.levelno == logging.DEBUG]) == 4
         finally:
             allow_connections(database, True)
         _rounds(sweeper, 2)
@@ -180,18 +180,29 @@ def test_a_throttled_sweep_that_failed_does_not_run_again_until_it_does(caplog: 
         (logging.WARNING, "the orphan file sweep waits for the vector store: the next round tries again", False)]
 
 
-def test_a_throttled_sweep_runs_at_most_once_per_period_even_when_it_fails() -> None:
-    runs = []
-
+def _failing_run(runs: list[int]) -> Callable[[], None]:
     def failing() -> None:
         runs.append(1)
         raise ConnectionError("the database is away")
+    return failing
 
-    throttled = at_most_every(0.2, failing)
+
+def test_a_throttled_sweep_runs_at_most_once_per_period_even_when_it_fails() -> None:
+    """Within its period a throttled sweep does not run again, not even after a failure (a period of an hour: no
+    pause of a loaded machine between two calls outlasts it)."""
+    runs: list[int] = []
+    throttled = at_most_every(3600, _failing_run(runs))
     with pytest.raises(ConnectionError):
         throttled()
-    assert throttled() is NOT_RUN and len(runs) == 1  # within the period: not run again, not even after a failure
-    threading.Event().wait(0.25)
+    assert throttled() is NOT_RUN and len(runs) == 1
+
+
+def test_a_throttled_sweep_runs_again_once_its_period_is_over() -> None:
+    runs: list[int] = []
+    throttled = at_most_every(0.05, _failing_run(runs))
+    with pytest.raises(ConnectionError):
+        throttled()
+    threading.Event().wait(0.1)  # twice the period: a slower machine only waits longer
     with pytest.raises(ConnectionError):
         throttled()
     assert len(runs) == 2
