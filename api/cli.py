@@ -82,9 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     from api import cli_audit  # issue 6: `govrag audit verify|export|checkpoint|purge`, `govrag export ...`
 
     cli_audit.add_commands(commands)
-    from api import cli_ingest  # issue 3: `govrag ingest PATH` and `govrag keys rotate`
+    from api import cli_ingest, cli_keys  # issue 3: `govrag ingest PATH` and `govrag keys rotate`
 
     cli_ingest.add_commands(commands)
+    cli_keys.add_commands(commands)
     return parser
 
 

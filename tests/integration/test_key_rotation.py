@@ -338,9 +338,9 @@ def test_on_sqlite_a_rotation_batch_reaching_a_document_whose_deletion_has_not_c
 
 def _cli_on(settings, monkeypatch: pytest.MonkeyPatch) -> Callable[..., int]:  # type: ignore[no-untyped-def]
     """`govrag keys rotate ...` run in this process against `settings`."""
-    from api import cli, cli_ingest
+    from api import cli, cli_keys
 
-    monkeypatch.setattr(cli_ingest, "get_settings", lambda: settings)
+    monkeypatch.setattr(cli_keys, "get_settings", lambda: settings)
     return lambda *args: cli.main(["keys", "rotate", "--actor", "tester", *args])
 
 

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api import cli, cli_ingest
+from api import cli, cli_keys
 from audit import integrity
 from authz.identity import operator_identity
 from core import blobs, crypto, migrate
@@ -97,7 +97,7 @@ def test_master_rotation_interrupted_then_rerun(client: TestClient, issue_token:
     _read_all(KeyStore.from_settings(settings), settings, documents)  # a fresh process reads everything
 
     # Re-run through the CLI: finishes under a newer version, retires the rest, audits it.
-    monkeypatch.setattr(cli_ingest, "get_settings", lambda: settings)
+    monkeypatch.setattr(cli_keys, "get_settings", lambda: settings)
     assert cli.main(["keys", "rotate", "--master", "--actor", "tester"]) == 0
     final_ring = crypto.load_or_create_master_keyring(key_file, create=False)
     assert list(final_ring) == [new_version + 1]
@@ -240,7 +240,7 @@ def _audited_master_versions(settings: Settings) -> list[int]:
 
 
 def _cli_on(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
-    monkeypatch.setattr(cli_ingest, "get_settings", lambda: settings)
+    monkeypatch.setattr(cli_keys, "get_settings", lambda: settings)
     return lambda: cli.main(["keys", "rotate", "--master", "--actor", "tester"])
 
 

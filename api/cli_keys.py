@@ -1,0 +1,144 @@
+"""`govrag keys rotate`: new department keys (document keys rewrapped) or a new master key (department keys
+rewrapped), each rotation audited as it commits (issue 3)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+
+from core.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from ingestion.keys import RotationReport
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `keys rotate`."""
+    keys = commands.add_parser("keys", help="key management")
+    key_commands = keys.add_subparsers(required=True, metavar="ACTION")
+    rotate = key_commands.add_parser("rotate", help="new department keys (document keys rewrapped) or a new "
+                                                    "master key (department keys rewrapped); no re-embedding")
+    scope = rotate.add_mutually_exclusive_group()
+    scope.add_argument("--department", action="append", dest="departments",
+                       help="only this department (repeatable; default: all)")
+    scope.add_argument("--master", action="store_true", help="rotate the master key instead")
+    rotate.add_argument("--actor", default="cli", help="who is recorded in the audit ledger")
+    rotate.set_defaults(run=rotate_command)
+
+
+def rotate_command(args: argparse.Namespace) -> int:
+    """Rotate department keys (or the master key), each rotation audited as it commits; a database outage (at the
+    start or midway) is one line saying what is done and how to go on, exit 1."""
+    if args.master:
+        return _rotate_master(args)
+    from authz.identity import operator_identity
+    from ingestion import keys
+
+    settings = get_settings()
+    try:
+        chosen, unknown = departments_named(settings, args.departments or [])
+    except Exception as exc:
+        if (dependency := _outage(exc)) is None:
+            raise
+        Console(stderr=True).print(f"the {dependency} is unavailable; nothing rotated: run the same command again "
+                                   "once it is back", markup=False)
+        return 1
+    if unknown:
+        Console(stderr=True).print(f"no such department: {', '.join(unknown)}; nothing rotated", markup=False)
+        return 2
+    reports: list[keys.RotationReport] = []
+    identity = operator_identity(args.actor)
+    try:
+        for department in chosen:  # one by one: an outage leaves the ones done audited, and this loop knows them
+            reports += keys.rotate_department_keys(settings=settings, identity=identity, departments=[department])
+    except KeyboardInterrupt:  # Ctrl-C: as an outage, no traceback to read
+        _rotation_stopped(reports, "interrupted", chosen[len(reports):], args.actor, "to go on")
+        return 130
+    except Exception as exc:
+        if (dependency := _outage(exc)) is None:
+            raise
+        _rotation_stopped(reports, f"stopped: the {dependency} is unavailable", chosen[len(reports):], args.actor,
+                          "once it is back")
+        return 1
+    _print_rotations(reports)
+    return 0 if reports or not args.departments else 1
+
+
+def _outage(exc: BaseException) -> str | None:
+    """The dependency an outage names, raised as it is or behind the audit log's `unavailable` (a database going as
+    the event is written)."""
+    from core.errors import unavailable_dependency
+
+    return unavailable_dependency(exc) or (unavailable_dependency(exc.__cause__) if exc.__cause__ else None)
+
+
+def _print_rotations(reports: list[RotationReport]) -> None:
+    table = Table(title="key rotation")
+    for column in ("department", "new key version", "document keys rewrapped"):
+        table.add_column(column)
+    for report in reports:
+        table.add_row(report.department, str(report.new_version), str(report.documents_rewrapped))
+    Console().print(table)
+
+
+def _rotation_stopped(done: list[RotationReport], why: str, left: list[str], actor: str, when: str) -> None:
+    """What an outage or a Ctrl-C midway left: the rotations committed (each audited with it), and the command that
+    rotates the rest (the one it stopped in, begun and not finished, is redone under a newer version: nothing is
+    lost)."""
+    if done:
+        _print_rotations(done)
+    rotated = ", ".join(f"{report.department} (v{report.new_version})" for report in done) or "none"
+    named = [argument for department in left for argument in ("--department", department)]
+    again = shlex.join(["govrag", "keys", "rotate", *named, "--actor", actor])
+    Console(stderr=True).print(f"{why}; rotated and audited: {rotated}; not rotated: {', '.join(left)}; run "
+                               f"`{again}` {when}", markup=False)
+
+
+def departments_named(settings: Settings, named: list[str]) -> tuple[list[str], list[str]]:
+    """The departments named (every one when none is), and the names that are not departments."""
+    from authz import service as authz_service
+    from core.db import unit_of_work
+
+    with unit_of_work(settings.resolved_database_url) as session:
+        known = authz_service.list_departments(session=session)
+    return [d for d in known if d in named or not named], [name for name in named if name not in known]
+
+
+def _rotate_master(args: argparse.Namespace) -> int:
+    """Rotate the master key, audited (an admin event without a department) as the rotation's last step commits."""
+    from authz.identity import operator_identity
+    from ingestion import keys
+
+    settings = get_settings()
+    where = "removed from the key file" if settings.master_key is None else "remove them from GOVRAG_MASTER_KEY"
+    try:
+        report = keys.rotate_master_key(settings=settings, identity=operator_identity(args.actor))
+    except LookupError as exc:  # keys from settings: the new version must be supplied first
+        Console(stderr=True).print(str(exc))
+        return 2
+    except keys.OldMasterVersionsKept as kept:
+        if (dependency := _outage(kept.__cause__ or kept)) is None:
+            raise
+        Console(stderr=True).print(
+            f"stopped: the {dependency} is unavailable; the master key is now v{kept.report.new_version} and audited, "
+            f"but the old versions ({_versions(kept.report.retired_versions)}) are still in the key file, unused: run "
+            "the same command again once it is back (it rotates once more and removes them)", markup=False)
+        return 1
+    except Exception as exc:
+        if (dependency := _outage(exc)) is None:
+            raise
+        Console(stderr=True).print(f"stopped: the {dependency} is unavailable; the master key is not rotated (nothing "
+                                   "audited, every key stays readable): run the same command again once it is back",
+                                   markup=False)
+        return 1
+    Console().print(f"master key now v{report.new_version}: {report.keys_rewrapped} keys rewrapped; "
+                    f"old versions no longer needed: {_versions(report.retired_versions)} ({where})")
+    return 0
+
+
+def _versions(versions: tuple[int, ...]) -> str:
+    return ", ".join(f"v{v}" for v in versions) or "none"
