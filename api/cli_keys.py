@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from core.errors import unavailable_dependency
 from core.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ def rotate_command(args: argparse.Namespace) -> int:
     try:
         chosen, unknown = departments_named(settings, args.departments or [])
     except Exception as exc:
-        if (dependency := _outage(exc)) is None:
+        if (dependency := unavailable_dependency(exc)) is None:
             raise
         Console(stderr=True).print(f"the {dependency} is unavailable; nothing rotated: run the same command again "
                                    "once it is back", markup=False)
@@ -59,21 +60,13 @@ def rotate_command(args: argparse.Namespace) -> int:
         _rotation_stopped(reports, "interrupted", chosen[len(reports):], args.actor, "to go on")
         return 130
     except Exception as exc:
-        if (dependency := _outage(exc)) is None:
+        if (dependency := unavailable_dependency(exc)) is None:
             raise
         _rotation_stopped(reports, f"stopped: the {dependency} is unavailable", chosen[len(reports):], args.actor,
                           "once it is back")
         return 1
     _print_rotations(reports)
     return 0 if reports or not args.departments else 1
-
-
-def _outage(exc: BaseException) -> str | None:
-    """The dependency an outage names, raised as it is or behind the audit log's `unavailable` (a database going as
-    the event is written)."""
-    from core.errors import unavailable_dependency
-
-    return unavailable_dependency(exc) or (unavailable_dependency(exc.__cause__) if exc.__cause__ else None)
 
 
 def _print_rotations(reports: list[RotationReport]) -> None:
@@ -121,7 +114,7 @@ def _rotate_master(args: argparse.Namespace) -> int:
         Console(stderr=True).print(str(exc))
         return 2
     except keys.OldMasterVersionsKept as kept:
-        if (dependency := _outage(kept.__cause__ or kept)) is None:
+        if (dependency := unavailable_dependency(kept)) is None:
             raise
         Console(stderr=True).print(
             f"stopped: the {dependency} is unavailable; the master key is now v{kept.report.new_version} and audited, "
@@ -129,7 +122,7 @@ def _rotate_master(args: argparse.Namespace) -> int:
             "the same command again once it is back (it rotates once more and removes them)", markup=False)
         return 1
     except Exception as exc:
-        if (dependency := _outage(exc)) is None:
+        if (dependency := unavailable_dependency(exc)) is None:
             raise
         Console(stderr=True).print(f"stopped: the {dependency} is unavailable; the master key is not rotated (nothing "
                                    "audited, every key stays readable): run the same command again once it is back",

@@ -59,7 +59,22 @@ _DATABASE_UNAVAILABLE = (db_errors.OperationalError, db_errors.InterfaceError, d
 
 
 def unavailable_dependency(exc: BaseException) -> str | None:
-    """Which dependency `exc` says is unreachable ("database", "vector store"), or None for any other failure."""
+    """Which dependency `exc` says is unreachable ("database", "vector store"), itself or through the failure it was
+    raised from (`raise ... from`: the audit log's `unavailable` when the database goes as an event is written), or
+    None for any other failure. Only the explicit cause is followed: a failure raised while handling an outage is no
+    outage."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:  # a chain made into a loop by hand still ends
+        if (dependency := _named_outage(cause)) is not None:
+            return dependency
+        seen.add(id(cause))
+        cause = cause.__cause__
+    return None
+
+
+def _named_outage(exc: BaseException) -> str | None:
+    """The dependency `exc` itself says is unreachable, or None."""
     if isinstance(exc, Unavailable):
         return exc.dependency
     if isinstance(exc, _DATABASE_UNAVAILABLE) and not _statement_refused(exc):

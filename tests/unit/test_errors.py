@@ -1,0 +1,51 @@
+"""`unavailable_dependency`: the one way to ask whether a failure is an outage, and of which dependency."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from core.errors import ErrorCode, GovragError, Unavailable, unavailable_dependency
+
+
+def _raised(failure: BaseException, cause: BaseException | None) -> BaseException:
+    """`failure` as `raise failure from cause` leaves it."""
+    try:
+        raise failure from cause
+    except BaseException as caught:  # noqa: BLE001 - handed back to the test
+        return caught
+
+
+def _database_down() -> OperationalError:
+    return OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+
+def _audit_unavailable(cause: BaseException) -> BaseException:
+    """What the audit log raises when an event cannot be written (audit.service: `raise ... from exc`)."""
+    return _raised(GovragError(ErrorCode.unavailable, "the audit log is unavailable"), cause)
+
+
+def test_a_failure_raised_from_an_outage_names_the_dependency() -> None:
+    """The audit log's `unavailable`, raised from the database going as the event was written, was no outage to
+    anyone asking `unavailable_dependency` (only the key rotation CLI looked behind it, with a helper of its own);
+    it now names the database, as deep as the explicit causes go."""
+    assert unavailable_dependency(_audit_unavailable(_database_down())) == "database"
+    kept = _raised(RuntimeError("old versions kept"), _audit_unavailable(Unavailable("vector store")))
+    assert unavailable_dependency(kept) == "vector store"
+
+
+def test_a_failure_raised_from_anything_else_or_while_handling_an_outage_is_none() -> None:
+    assert unavailable_dependency(_audit_unavailable(ValueError("cannot hash the event"))) is None
+    assert unavailable_dependency(_raised(RuntimeError("no cause"), None)) is None
+    with pytest.raises(RuntimeError) as during:
+        try:
+            raise _database_down()
+        except OperationalError:
+            raise RuntimeError("a bug in the cleanup")  # noqa: B904 - its context, not its cause
+    assert during.value.__context__ is not None and unavailable_dependency(during.value) is None
+
+
+def test_a_cause_chain_made_into_a_loop_ends() -> None:
+    first, second = RuntimeError("first"), RuntimeError("second")
+    first.__cause__, second.__cause__ = second, first
+    assert unavailable_dependency(first) is None
