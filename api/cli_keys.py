@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from rich.console import Console
 from rich.table import Table
@@ -14,7 +14,7 @@ from core.errors import unavailable_dependency
 from core.settings import Settings, get_settings
 
 if TYPE_CHECKING:
-    from ingestion.keys import RotationReport
+    from ingestion.keys import MasterRotationReport, RotationReport
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -31,9 +31,27 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     rotate.set_defaults(run=rotate_command)
 
 
+class _Stopped(NamedTuple):
+    """Why a rotation stopped midway, when running it again goes on, and the command's exit code."""
+
+    why: str  # "interrupted", "stopped: the database is unavailable"
+    when: str  # "to go on", "once it is back"
+    exit_code: int
+
+
+def _stopped_by(exc: BaseException) -> _Stopped | None:
+    """A Ctrl-C (exit 130) or an outage (exit 1) that stopped a rotation; None for any other failure."""
+    if isinstance(exc, KeyboardInterrupt):
+        return _Stopped("interrupted", "to go on", 130)
+    if (dependency := unavailable_dependency(exc)) is not None:
+        return _Stopped(f"stopped: the {dependency} is unavailable", "once it is back", 1)
+    return None
+
+
 def rotate_command(args: argparse.Namespace) -> int:
     """Rotate department keys (or the master key), each rotation audited as it commits; a database outage (at the
-    start or midway) is one line saying what is done and how to go on, exit 1."""
+    start or midway) or a Ctrl-C midway is one line saying what is done and how to go on, exit 1 (130 for a
+    Ctrl-C)."""
     if args.master:
         return _rotate_master(args)
     from authz.identity import operator_identity
@@ -56,15 +74,11 @@ def rotate_command(args: argparse.Namespace) -> int:
     try:
         for department in chosen:  # one by one: an outage leaves the ones done audited, and this loop knows them
             reports += keys.rotate_department_keys(settings=settings, identity=identity, departments=[department])
-    except KeyboardInterrupt:  # Ctrl-C: as an outage, no traceback to read
-        _rotation_stopped(reports, "interrupted", chosen[len(reports):], args.actor, "to go on")
-        return 130
-    except Exception as exc:
-        if (dependency := unavailable_dependency(exc)) is None:
+    except (Exception, KeyboardInterrupt) as exc:  # a Ctrl-C as an outage: no traceback to read
+        if (stop := _stopped_by(exc)) is None:
             raise
-        _rotation_stopped(reports, f"stopped: the {dependency} is unavailable", chosen[len(reports):], args.actor,
-                          "once it is back")
-        return 1
+        _rotation_stopped(reports, stop.why, chosen[len(reports):], args.actor, stop.when)
+        return stop.exit_code
     _print_rotations(reports)
     return 0 if reports or not args.departments else 1
 
@@ -113,24 +127,32 @@ def _rotate_master(args: argparse.Namespace) -> int:
     except LookupError as exc:  # keys from settings: the new version must be supplied first
         Console(stderr=True).print(str(exc))
         return 2
-    except keys.OldMasterVersionsKept as kept:
-        if (dependency := unavailable_dependency(kept)) is None:
+    except keys.OldMasterVersionsKept as kept:  # rotated and audited; dropping the old versions failed or was cut
+        if (code := _master_stopped(kept.report, kept.__cause__ or kept)) is None:
             raise
-        Console(stderr=True).print(
-            f"stopped: the {dependency} is unavailable; the master key is now v{kept.report.new_version} and audited, "
-            f"but the old versions ({_versions(kept.report.retired_versions)}) are still in the key file, unused: run "
-            "the same command again once it is back (it rotates once more and removes them)", markup=False)
-        return 1
-    except Exception as exc:
-        if (dependency := unavailable_dependency(exc)) is None:
+        return code
+    except (Exception, KeyboardInterrupt) as exc:  # a Ctrl-C as an outage: no traceback to read
+        if (code := _master_stopped(None, exc)) is None:
             raise
-        Console(stderr=True).print(f"stopped: the {dependency} is unavailable; the master key is not rotated (nothing "
-                                   "audited, every key stays readable): run the same command again once it is back",
-                                   markup=False)
-        return 1
+        return code
     Console().print(f"master key now v{report.new_version}: {report.keys_rewrapped} keys rewrapped; "
                     f"old versions no longer needed: {_versions(report.retired_versions)} ({where})")
     return 0
+
+
+def _master_stopped(kept: MasterRotationReport | None, exc: BaseException) -> int | None:
+    """Say what an outage or a Ctrl-C left of the master rotation: not rotated (nothing audited), or rotated and
+    audited with the old versions `kept` in the key file; and the exit code. None for any other failure."""
+    if (stop := _stopped_by(exc)) is None:
+        return None
+    if kept is None:
+        left, then = "the master key is not rotated (nothing audited, every key stays readable)", ""
+    else:
+        left = (f"the master key is now v{kept.new_version} and audited, but the old versions "
+                f"({_versions(kept.retired_versions)}) are still in the key file, unused")
+        then = " (it rotates once more and removes them)"
+    Console(stderr=True).print(f"{stop.why}; {left}: run the same command again {stop.when}{then}", markup=False)
+    return stop.exit_code
 
 
 def _versions(versions: tuple[int, ...]) -> str:

@@ -80,8 +80,9 @@ class MasterRotationReport:
 
 
 class OldMasterVersionsKept(Exception):
-    """The master rotation is done and audited, but dropping the old versions from the key file failed (its cause
-    says why): they stay there, unused, until a rotation retires them."""
+    """The master rotation is done and audited, but dropping the old versions from the key file failed or was
+    interrupted (its cause says why: a failure, or a Ctrl-C): they stay there, unused, until a rotation retires
+    them."""
 
     def __init__(self, report: MasterRotationReport) -> None:
         super().__init__(f"master key rotated to v{report.new_version}; old versions not removed from the key file")
@@ -121,7 +122,7 @@ def rotate_master_key(*, settings: Settings, identity: Identity,
         try:
             with unit_of_work(url) as session:
                 keystore.retire_master_versions(session=session, version=version)
-        except Exception as exc:
+        except (Exception, KeyboardInterrupt) as exc:  # a Ctrl-C too: the caller says the rotation is done
             raise OldMasterVersionsKept(report) from exc
     logger.info("rotated the master key to v%d: %d keys rewrapped, versions %s retired", version, rewrapped, retired)
     return report

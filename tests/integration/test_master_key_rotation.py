@@ -299,7 +299,7 @@ def test_the_database_going_away_during_a_master_rotation_is_said_in_one_line_an
     from tests.support.key_rotation import database_name, two_departments
 
     settings = two_departments(make_pg_database, tmp_path)
-    database, key_file = database_name(settings), settings.resolved_master_key_file
+    database = database_name(settings)
     rotate = _cli_on(settings, monkeypatch)
     step = {"rewrapping": "rewrap_under_master", "dropping the old versions": "retire_master_versions"}.get(when)
     if step is not None:
@@ -324,11 +324,18 @@ def test_the_database_going_away_during_a_master_rotation_is_said_in_one_line_an
     if when == "dropping the old versions":
         assert ("stopped: the database is unavailable; the master key is now v2 and audited, but the old versions (v1) "
                 "are still in the key file, unused: run the same command again once it is back") in err, err
-        assert _master_parents(settings) == {2} and _audited_master_versions(settings) == [2]
     else:
         assert ("stopped: the database is unavailable; the master key is not rotated (nothing audited, every key stays "
                 "readable): run the same command again once it is back") in err, err
-        assert _master_parents(settings) == {1} and _audited_master_versions(settings) == []
+    _left_as_said_then_finished(settings, rotate, audited=when == "dropping the old versions")
+
+
+def _left_as_said_then_finished(settings: Settings, rotate: Callable[[], int], *, audited: bool) -> None:
+    """A master rotation stopped midway left rotated to v2 and audited, or not rotated at all, v1 in the key file
+    either way; the same command run again finishes it under a newer version, audited, every key readable."""
+    key_file = settings.resolved_master_key_file
+    assert _master_parents(settings) == ({2} if audited else {1})
+    assert _audited_master_versions(settings) == ([2] if audited else [])
     assert 1 in crypto.load_or_create_master_keyring(key_file, create=False)
 
     assert rotate() == 0
@@ -337,3 +344,38 @@ def test_the_database_going_away_during_a_master_rotation_is_said_in_one_line_an
     assert _master_parents(settings) == {final} and _audited_master_versions(settings)[-1] == final
     with unit_of_work(settings.resolved_database_url) as session:
         assert KeyStore.from_settings(settings).department_key(session=session, department="alpha")
+
+
+@pytest.mark.parametrize("when", ["rewrapping", "dropping the old versions"])
+def test_a_ctrl_c_during_a_master_rotation_says_what_an_outage_says_and_running_again_finishes(
+        make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], when: str) -> None:
+    """A Ctrl-C as the master rotation rewrapped or dropped the old versions ended the command in a traceback; now it
+    says, as an outage does, whether the rotation is done and audited and the command that finishes it, exit 130;
+    that command finishes (a newer version), audited."""
+    from tests.support.key_rotation import two_departments
+
+    settings = two_departments(make_pg_database, tmp_path)
+    rotate = _cli_on(settings, monkeypatch)
+    step = {"rewrapping": "rewrap_under_master", "dropping the old versions": "retire_master_versions"}[when]
+
+    def interrupted(self: KeyStore, **kwargs: object) -> object:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(KeyStore, step, interrupted)
+    monkeypatch.setenv("COLUMNS", "400")
+    try:
+        code: int | None = rotate()
+    except KeyboardInterrupt:  # escaped the command (caught: it would end the test session)
+        code = None
+    monkeypatch.undo()
+    rotate = _cli_on(settings, monkeypatch)
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 130 and "Traceback" not in err
+    if when == "dropping the old versions":
+        assert ("interrupted; the master key is now v2 and audited, but the old versions (v1) are still in the key "
+                "file, unused: run the same command again to go on (it rotates once more and removes them)") in err, err
+    else:
+        assert ("interrupted; the master key is not rotated (nothing audited, every key stays readable): run the same "
+                "command again to go on") in err, err
+    _left_as_said_then_finished(settings, rotate, audited=when == "dropping the old versions")
