@@ -209,6 +209,11 @@ class _FileRun:
         """The job of the file's own document, if this process took one."""
         return next((job for document, job in self.taken if document == self.document_id), None)
 
+    def outcome(self, settings: Settings, path: Path, otherwise: Outcome) -> Outcome:
+        """The file's outcome as its own document's job ended, if this process took one; else `otherwise`."""
+        own_job = self.own_job()
+        return _job_outcome(settings, path, own_job) if own_job else otherwise
+
     def give_back(self, settings: Settings) -> bool:
         """Hand the jobs taken back to wait, unsent (`dispatch.give_back`); whether the database recorded it."""
         from workers import dispatch
@@ -284,8 +289,7 @@ def _failed(settings: Settings, path: Path, run: _FileRun, failure: str) -> Outc
     for document_id, job_id in run.taken:
         ingestion_service.mark_failed(settings=settings, document_id=document_id, job_id=job_id,
                                       reason=INTERNAL_FAILURE)
-    own_job = run.own_job()
-    return _job_outcome(settings, path, own_job) if own_job else Outcome(str(path), "failed", INTERNAL_FAILURE)
+    return run.outcome(settings, path, otherwise=Outcome(str(path), "failed", INTERNAL_FAILURE))
 
 
 def _stopped(settings: Settings, path: Path, dependency: str, run: _FileRun) -> Outcome:
@@ -338,9 +342,8 @@ def _go_on(settings: Settings, args: argparse.Namespace, path: Path, data: bytes
     if not _carry_on(settings, run.document_id, run):
         return Outcome(str(path), PENDING, f"{accepted_before}, not ingested yet: another process has it, or "
                                            f"{LEFT_TO_THE_API}")
-    if (own_job := run.own_job()) is None:
-        return Outcome(str(path), "duplicate", refusal)
-    outcome = _job_outcome(settings, path, own_job)  # that upload's groups and classification, not this command's
+    # its job's outcome: that upload's groups and classification, not this command's; a duplicate keeps its refusal
+    outcome = run.outcome(settings, path, otherwise=Outcome(str(path), "duplicate", refusal))
     return replace(outcome, reason=outcome.reason or f"{accepted_before}, ingested now")
 
 
