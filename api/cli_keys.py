@@ -127,7 +127,7 @@ def _rotate_master(args: argparse.Namespace) -> int:
     except LookupError as exc:  # keys from settings: the new version must be supplied first
         Console(stderr=True).print(str(exc))
         return 2
-    except keys.OldMasterVersionsKept as kept:  # rotated and audited; dropping the old versions failed or was cut
+    except (keys.OldMasterVersionsKept, keys.OldMasterVersionsKeptInterrupted) as kept:  # rotated and audited
         if (code := _master_stopped(kept.report, kept.__cause__ or kept)) is None:
             raise
         return code

@@ -80,12 +80,22 @@ class MasterRotationReport:
 
 
 class OldMasterVersionsKept(Exception):
-    """The master rotation is done and audited, but dropping the old versions from the key file failed or was
-    interrupted (its cause says why: a failure, or a Ctrl-C): they stay there, unused, until a rotation retires
-    them."""
+    """The master rotation is done and audited, but dropping the old versions from the key file failed (its cause
+    says why): they stay there, unused, until a rotation retires them."""
 
     def __init__(self, report: MasterRotationReport) -> None:
         super().__init__(f"master key rotated to v{report.new_version}; old versions not removed from the key file")
+        self.report = report
+
+
+class OldMasterVersionsKeptInterrupted(KeyboardInterrupt):
+    """What `OldMasterVersionsKept` says (the rotation done and audited, `report`), the dropping cut by a Ctrl-C.
+    Still a KeyboardInterrupt: a caller that does not look for it stops as on any Ctrl-C (`except Exception` does
+    not swallow it)."""
+
+    def __init__(self, report: MasterRotationReport) -> None:
+        super().__init__(f"master key rotated to v{report.new_version}; interrupted as the old versions were being "
+                         "removed from the key file")
         self.report = report
 
 
@@ -122,7 +132,9 @@ def rotate_master_key(*, settings: Settings, identity: Identity,
         try:
             with unit_of_work(url) as session:
                 keystore.retire_master_versions(session=session, version=version)
-        except (Exception, KeyboardInterrupt) as exc:  # a Ctrl-C too: the caller says the rotation is done
+        except KeyboardInterrupt as interrupt:  # still an interrupt, which says the rotation is done
+            raise OldMasterVersionsKeptInterrupted(report) from interrupt
+        except Exception as exc:
             raise OldMasterVersionsKept(report) from exc
     logger.info("rotated the master key to v%d: %d keys rewrapped, versions %s retired", version, rewrapped, retired)
     return report

@@ -379,3 +379,23 @@ def test_a_ctrl_c_during_a_master_rotation_says_what_an_outage_says_and_running_
         assert ("interrupted; the master key is not rotated (nothing audited, every key stays readable): run the same "
                 "command again to go on") in err, err
     _left_as_said_then_finished(settings, rotate, audited=when == "dropping the old versions")
+
+
+def test_a_ctrl_c_as_the_old_master_versions_are_dropped_stays_an_interrupt_that_says_the_rotation_is_done(
+        make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rotate_master_key` turned a Ctrl-C in its last step into `OldMasterVersionsKept`, an Exception: a caller's
+    `except Exception` swallowed the interrupt (a test run went on). It is still a KeyboardInterrupt now, with the
+    report the CLI needs: rotated to v2 and audited, v1 still in the key file."""
+    from tests.support.key_rotation import two_departments
+
+    settings = two_departments(make_pg_database, tmp_path)
+
+    def interrupted(self: KeyStore, **kwargs: object) -> object:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(KeyStore, "retire_master_versions", interrupted)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        keys.rotate_master_key(settings=settings, identity=ROTATOR)
+    assert isinstance(caught.value, keys.OldMasterVersionsKeptInterrupted) and caught.value.report.new_version == 2
+    assert _audited_master_versions(settings) == [2]
+    assert set(crypto.load_or_create_master_keyring(settings.resolved_master_key_file, create=False)) == {1, 2}
