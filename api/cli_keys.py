@@ -49,9 +49,8 @@ def _stopped_by(exc: BaseException) -> _Stopped | None:
 
 
 def rotate_command(args: argparse.Namespace) -> int:
-    """Rotate department keys (or the master key), each rotation audited as it commits; a database outage (at the
-    start or midway) or a Ctrl-C midway is one line saying what is done and how to go on, exit 1 (130 for a
-    Ctrl-C)."""
+    """Rotate department keys (or the master key), each rotation audited as it commits; a database outage or a Ctrl-C
+    (at the start or midway) is one line saying what is done and how to go on, exit 1 (130 for a Ctrl-C)."""
     if args.master:
         return _rotate_master(args)
     from authz.identity import operator_identity
@@ -60,12 +59,12 @@ def rotate_command(args: argparse.Namespace) -> int:
     settings = get_settings()
     try:
         chosen, unknown = departments_named(settings, args.departments or [])
-    except Exception as exc:
-        if (dependency := unavailable_dependency(exc)) is None:
+    except (Exception, KeyboardInterrupt) as exc:  # before any rotation began
+        if (stop := _stopped_by(exc)) is None:
             raise
-        Console(stderr=True).print(f"the {dependency} is unavailable; nothing rotated: run the same command again "
-                                   "once it is back", markup=False)
-        return 1
+        Console(stderr=True).print(f"{stop.why}; nothing rotated: run the same command again {stop.when}",
+                                   markup=False)
+        return stop.exit_code
     if unknown:
         Console(stderr=True).print(f"no such department: {', '.join(unknown)}; nothing rotated", markup=False)
         return 2

@@ -483,6 +483,32 @@ def test_the_database_away_as_the_rotation_starts_is_said_in_one_line(
     assert department_key_versions(settings, "alpha") == [1] and department_key_versions(settings, "beta") == [1]
 
 
+def test_a_ctrl_c_as_the_departments_are_listed_says_nothing_rotated(
+        make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A Ctrl-C while the command still listed the departments, before any rotation began, ended it in a
+    traceback; now it says nothing was rotated and to run it again, exit 130."""
+    from authz import service as authz_service
+    from tests.support.key_rotation import department_key_versions, two_departments
+
+    settings = two_departments(make_pg_database, tmp_path)
+    rotate = _cli_on(settings, monkeypatch)
+
+    def interrupted(**kwargs: object) -> list[str]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(authz_service, "list_departments", interrupted)
+    monkeypatch.setenv("COLUMNS", "400")
+    try:
+        code: int | None = rotate()
+    except KeyboardInterrupt:  # escaped the command (caught: it would end the test session)
+        code = None
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 130
+    assert "interrupted; nothing rotated: run the same command again to go on" in err and "Traceback" not in err, err
+    assert department_key_versions(settings, "alpha") == [1] and department_key_versions(settings, "beta") == [1]
+
+
 def _readable_key(settings, department: str) -> bytes | None:  # type: ignore[no-untyped-def]
     """The department's document key, unwrapped from its rows (nothing cached)."""
     store = keystore_for(settings)
