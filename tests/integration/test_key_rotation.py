@@ -435,7 +435,12 @@ def test_a_ctrl_c_mid_rotation_says_what_was_rotated_and_running_again_finishes(
         capsys: pytest.CaptureFixture[str]) -> None:
     """A Ctrl-C in the second department's rotation ended the command in a traceback; now it says, as an outage
     does, what was rotated (and audited) and the command that rotates the rest, exit 130."""
-    from tests.support.key_rotation import audited_department_versions, department_key_versions, two_departments
+    from tests.support.key_rotation import (
+        audited_department_versions,
+        department_key_versions,
+        exit_code_unless_interrupted,
+        two_departments,
+    )
 
     settings = two_departments(make_pg_database, tmp_path)
     rotate, real_finish = _cli_on(settings, monkeypatch), KeyStore.finish_rotation
@@ -447,10 +452,7 @@ def test_a_ctrl_c_mid_rotation_says_what_was_rotated_and_running_again_finishes(
 
     monkeypatch.setattr(KeyStore, "finish_rotation", interrupted_at_betas_last_step)
     monkeypatch.setenv("COLUMNS", "400")
-    try:
-        code: int | None = rotate()
-    except KeyboardInterrupt:  # escaped the command (caught: it would end the test session)
-        code = None
+    code = exit_code_unless_interrupted(rotate)
     assert code == 130
     err = " ".join(capsys.readouterr().err.split())
     assert ("interrupted; rotated and audited: alpha (v2); not rotated: beta; run `govrag keys rotate --department "
@@ -489,7 +491,7 @@ def test_a_ctrl_c_as_the_departments_are_listed_says_nothing_rotated(
     """A Ctrl-C while the command still listed the departments, before any rotation began, ended it in a
     traceback; now it says nothing was rotated and to run it again, exit 130."""
     from authz import service as authz_service
-    from tests.support.key_rotation import department_key_versions, two_departments
+    from tests.support.key_rotation import department_key_versions, exit_code_unless_interrupted, two_departments
 
     settings = two_departments(make_pg_database, tmp_path)
     rotate = _cli_on(settings, monkeypatch)
@@ -499,10 +501,7 @@ def test_a_ctrl_c_as_the_departments_are_listed_says_nothing_rotated(
 
     monkeypatch.setattr(authz_service, "list_departments", interrupted)
     monkeypatch.setenv("COLUMNS", "400")
-    try:
-        code: int | None = rotate()
-    except KeyboardInterrupt:  # escaped the command (caught: it would end the test session)
-        code = None
+    code = exit_code_unless_interrupted(rotate)
     err = " ".join(capsys.readouterr().err.split())
     assert code == 130
     assert "interrupted; nothing rotated: run the same command again to go on" in err and "Traceback" not in err, err

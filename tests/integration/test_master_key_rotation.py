@@ -353,7 +353,7 @@ def test_a_ctrl_c_during_a_master_rotation_says_what_an_outage_says_and_running_
     """A Ctrl-C as the master rotation rewrapped or dropped the old versions ended the command in a traceback; now it
     says, as an outage does, whether the rotation is done and audited and the command that finishes it, exit 130;
     that command finishes (a newer version), audited."""
-    from tests.support.key_rotation import two_departments
+    from tests.support.key_rotation import exit_code_unless_interrupted, two_departments
 
     settings = two_departments(make_pg_database, tmp_path)
     rotate = _cli_on(settings, monkeypatch)
@@ -364,10 +364,7 @@ def test_a_ctrl_c_during_a_master_rotation_says_what_an_outage_says_and_running_
 
     monkeypatch.setattr(KeyStore, step, interrupted)
     monkeypatch.setenv("COLUMNS", "400")
-    try:
-        code: int | None = rotate()
-    except KeyboardInterrupt:  # escaped the command (caught: it would end the test session)
-        code = None
+    code = exit_code_unless_interrupted(rotate)
     monkeypatch.undo()
     rotate = _cli_on(settings, monkeypatch)
     err = " ".join(capsys.readouterr().err.split())

@@ -61,3 +61,11 @@ def audited_department_versions(settings: Settings, department: str) -> list[int
 
 def audited_details(settings: Settings, department: str) -> list[dict[str, Any]]:
     return [event.details for event in rotation_events(settings) if event.departments_requested == [department]]
+
+
+def exit_code_unless_interrupted(command: Callable[[], int]) -> int | None:
+    """`command`'s exit code, or None when a Ctrl-C escaped it (caught here: it would end the test session)."""
+    try:
+        return command()
+    except KeyboardInterrupt:
+        return None
