@@ -1,68 +1,146 @@
 """Encrypted raw uploads on disk, one file per document, sealed under the document key.
 
-The store is a directory holding a marker file (`MARKER`, empty) beside what it stores: a directory without
-it is not the store, whether missing (its volume not mounted) or an empty mount point, or the disk below one. Only a
-process's start (`open_at_start`: the API, `govrag worker`, the in-process `govrag ingest`) creates the directory and
-its marker, and only for a fresh deployment (no document in the database: the store never held anything) or for a
-store written before markers (it holds files of ours). With documents in the database and no marker, the volume is
-not mounted: that start writes nothing, logs an error and goes on. From then on every operation here without the
-marker raises `Unavailable("blob volume")` (`_mounted`), waited out like any other outage: nothing is written where
-the volume should be (a file there would be hidden, then lost, once it is mounted), and nothing read or listed there
-is taken for the truth (no file is not "no original", "no placeholder map" or "nothing to remove")."""
+The store is a directory holding a marker file (`MARKER`) beside what it stores: a directory without it is not the
+store, whether missing (its volume not mounted) or an empty mount point, or the disk below one. The marker holds the
+store's id (a random UUID) and the database records the id of its store (`BlobStore`): a govrag store mounted there
+whose id is another (another deployment's volume, or a restored copy belonging to another database) is not this
+deployment's store either. Only a process's start (`open_at_start`: the API, `govrag worker`, the in-process `govrag
+ingest`) creates the directory and its marker, and only for a fresh deployment (no document in the database: the
+store never held anything) or for a store written before markers (it holds files of ours) or before ids (an empty
+marker) while the database records no store; a database recording none (fresh, or upgraded to ids) records the id of
+the store its start opens. With documents in the database and no marker, the volume is not mounted; with another
+id (or none while the database records one) it is another store: that start writes nothing, logs an error and goes
+on. From then on every operation here without this store's marker raises `Unavailable("blob volume")` (`_mounted`),
+waited out like any other outage: nothing is written where the volume should be (a file there would be hidden, then
+lost, once it is mounted, or mixed into another deployment's store), and nothing read or listed there is taken for
+the truth (no file is not "no original", "no placeholder map" or "nothing to remove")."""
 
 from __future__ import annotations
 
 import logging
 import os
 import re
+import stat
 import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
 
 from core import crypto
-from core.db import unit_of_work
+from core.db import transaction_lock, unit_of_work
 from core.errors import Unavailable
-from core.models import Document
+from core.models import BlobStore, Document
 
 logger = logging.getLogger(__name__)
 
-MARKER = ".govrag-blobs"  # in the store's directory, empty: this is govrag's blob store (see the module docstring)
+MARKER = ".govrag-blobs"  # in the store's directory, holding the store's id (see the module docstring)
 
+_ID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"  # a document's or a store's (a UUID)
 # What this module writes: `<document id>.bin` (the upload), `<document id>.<generation>.pii` (the placeholder map
 # of one index generation; `<document id>.pii` is generation 0's, written before generations), each through a
 # `.tmp` sibling renamed into place.
-_STORED_NAME = re.compile(r"(?P<document_id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
-                          r"\.(?:bin|(?:[1-9][0-9]*\.)?pii)(?P<unfinished>\.tmp)?")
+_STORED_NAME = re.compile(rf"(?P<document_id>{_ID})\.(?:bin|(?:[1-9][0-9]*\.)?pii)(?P<unfinished>\.tmp)?")
 _MAP_GENERATION = re.compile(r"\.(?P<generation>[1-9][0-9]*)\.pii")
+
+
+class GarbledMarker(ValueError):
+    """The marker holds something other than a store id (its content is never quoted)."""
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """What this process knows of a store directory: the store id its database records (None: none was recorded at
+    its start, and any store's marker is taken), the marker last judged there (`_signature`) and whether it was that
+    store's. A marker is read again only when its signature changes, so an operation costs one stat, as before ids."""
+
+    store_id: str | None
+    marker: tuple[int, ...] | None = None
+    ours: bool = False
+
+
+_seen: dict[Path, _Seen] = {}
+_Marked = str | GarbledMarker | OSError | None  # the marker's id, "" (empty), what kept it unread, or no marker
 
 
 def open_at_start(blob_dir: Path, database_url: str) -> bool:
     """At a process's start only, after its schema check: make the blob store ready, unless the database shows that
-    it existed and its volume is not mounted (`open_store`). Whether the store is there."""
+    its volume is not mounted or another store is (`open_store`); record the store's id if the database has none.
+    Processes starting at once (the API beside a worker) take turns. Whether the store is there."""
     with unit_of_work(database_url) as session:
+        transaction_lock(session, "blob store")
         documents_exist = session.scalar(select(Document.id).limit(1)) is not None
-    return open_store(blob_dir, documents_exist=documents_exist)
+        recorded = session.scalar(select(BlobStore.store_id).where(BlobStore.id == 1))
+        store_id = open_store(blob_dir, documents_exist=documents_exist, store_id=recorded)
+        if store_id is not None and recorded is None:
+            session.add(BlobStore(id=1, store_id=store_id))
+    return store_id is not None
 
 
-def open_store(blob_dir: Path, *, documents_exist: bool) -> bool:
-    """Write the store's marker where the store is known to be: a directory of ours without one (a store from before
-    markers), or, with no document in the database (every document, a retired one too, keeps its row), any directory
-    (created if missing, with the data directory above it). Otherwise the volume is not mounted: write nothing
-    (it would land on the disk below the mount point) and say so; a server goes on (queries need no blobs). Whether
-    the store is there."""
-    if (blob_dir / MARKER).is_file():
-        return True
-    if _holds_stored_files(blob_dir) or not documents_exist:
-        blob_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _write_marker(blob_dir)
-        return True
-    logger.error("the blob volume is not mounted: %s has no %s marker though the database holds documents; uploads "
-                 "and reveals are a 503 and ingestion runs wait until it is mounted there. If it is mounted there: a "
-                 "store from before the marker is marked at the next start; one holding no file of govrag's (every "
-                 "document deleted) is the store once an empty %s is created", blob_dir, MARKER, blob_dir / MARKER)
-    return False
+def open_store(blob_dir: Path, *, documents_exist: bool, store_id: str | None = None) -> str | None:
+    """Open the store at `blob_dir` for the database recording `store_id` (None: none yet): its id, or None when it is
+    not there (an error logged saying why and what to do; nothing written). A marker holding an id is the store if it
+    is the id recorded (or none is). A store from before ids or markers (an empty marker, or files of ours) is given
+    an id only while none is recorded. With no marker and no such file, the directory is marked (created if missing,
+    with the data directory above it) only when the database holds no document (every document, a retired one too,
+    keeps its row): otherwise the volume is not mounted, and anything written would land on the disk below the mount
+    point. A server goes on either way (queries need no blobs)."""
+    signature = _signature(blob_dir)  # taken before the read: a marker changed after it is judged again when used
+    marked = _read_marker(blob_dir)
+    opened = _adopt(blob_dir, marked, documents_exist=documents_exist, store_id=store_id)
+    if opened is None:
+        logger.error("%s", _refusal(blob_dir, marked, store_id))
+    judged = opened is None and not isinstance(marked, OSError)  # a read that failed is tried again when used
+    _seen[blob_dir] = _Seen(opened or store_id, signature if judged else None)
+    return opened
+
+
+def _adopt(blob_dir: Path, marked: _Marked, *, documents_exist: bool, store_id: str | None) -> str | None:
+    """`open_store`'s decision, writing the marker where it may: the store's id, or None."""
+    if isinstance(marked, Exception):
+        return None
+    if marked:
+        return marked if store_id in (None, marked) else None
+    if marked == "" or _holds_stored_files(blob_dir):
+        return _mark(blob_dir, str(uuid.uuid4())) if store_id is None else None
+    if documents_exist:
+        return None
+    blob_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return _mark(blob_dir, store_id or str(uuid.uuid4()))
+
+
+def _refusal(blob_dir: Path, marked: _Marked, store_id: str | None) -> str:
+    """Why the directory is not the store of the database recording `store_id`, and what to do (one log line)."""
+    marker, waiting = blob_dir / MARKER, "uploads and reveals are a 503 and ingestion runs wait until"
+    if isinstance(marked, Exception):
+        reason = "it holds no store id" if isinstance(marked, GarbledMarker) else marked.strerror or "an OSError"
+        return (f"the blob store's marker {marker} cannot be read ({reason}); {waiting} it holds this database's "
+                f"store id. If it is this database's store, {_how_to_mark(marker, store_id)}")
+    if marked:
+        return (f"a different blob store is mounted: {blob_dir} holds store {marked}, this database's store is "
+                f"{store_id}; nothing is written into it, and {waiting} this database's store is mounted there. "
+                f"Mount the volume whose {MARKER} holds {store_id} there, or run this process against the database "
+                f"of store {marked}")
+    if marked == "" or _holds_stored_files(blob_dir):
+        return (f"the blob store at {blob_dir} has no store id (it was marked before ids, or not at all) while this "
+                f"database's store is {store_id}: it may be another's; nothing is written into it, and {waiting} "
+                f"this database's store is mounted there. If it is this database's store, "
+                f"{_how_to_mark(marker, store_id)}")
+    unmarked = ("a store from before the marker is marked at the next start; one holding no file of govrag's (every "
+                f"document deleted) is the store once an empty {marker} is created" if store_id is None else
+                f"a store holding no file of govrag's (every document deleted) is the store once {marker} is "
+                f"created holding {store_id}")
+    return (f"the blob volume is not mounted: {blob_dir} has no {MARKER} marker though the database holds "
+            f"documents; {waiting} it is mounted there. If it is mounted there: {unmarked}")
+
+
+def _how_to_mark(marker: Path, store_id: str | None) -> str:
+    """What an operator does to have a store taken as the database's (its marker unreadable or without an id)."""
+    if store_id is None:
+        return f"empty {marker}: it is given an id at the next start"
+    return f"write {store_id} into {marker}: it is used from then on"
 
 
 def _holds_stored_files(blob_dir: Path) -> bool:
@@ -74,18 +152,60 @@ def _holds_stored_files(blob_dir: Path) -> bool:
         return False
 
 
-def _write_marker(blob_dir: Path) -> None:
-    """Create the marker, empty: only its presence is read. Created in place, never replaced (no hard link, which
-    object store mounts and SMB shares refuse), so of processes starting at the same moment (the API beside a
-    worker) the first one's stays and the others find it."""
-    (blob_dir / MARKER).touch(mode=0o600)
+def _mark(blob_dir: Path, store_id: str) -> str:
+    """Write the marker holding `store_id` through a temp file renamed into place (never half-written, and no hard
+    link, which object store mounts and SMB shares refuse); `open_at_start` writes it under its lock. The id."""
+    _replace(blob_dir / MARKER, f"{store_id}\n".encode())
+    return store_id
+
+
+def _read_marker(blob_dir: Path) -> _Marked:
+    """The id the marker holds, "" when it is empty (written before ids), None when there is none; GarbledMarker
+    when it holds anything else, the OSError when it cannot be read."""
+    try:
+        text = (blob_dir / MARKER).read_bytes().decode("ascii", errors="replace").strip().lower()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as error:
+        return error
+    return text if not text or re.fullmatch(_ID, text) else GarbledMarker()
+
+
+def _signature(blob_dir: Path) -> tuple[int, ...] | None:
+    """What tells one marker file, and one change of it (a write, a chmod), from another without reading it; None
+    without a marker."""
+    try:
+        found = (blob_dir / MARKER).stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not stat.S_ISREG(found.st_mode):
+        return None
+    return found.st_dev, found.st_ino, found.st_size, found.st_ctime_ns
 
 
 def _mounted(blob_dir: Path) -> Path:
-    """`blob_dir`, which must hold the store's marker: without it, its volume is not mounted (`Unavailable`)."""
-    if not (blob_dir / MARKER).is_file():
+    """`blob_dir`, which must hold this store's marker: without it, its volume is not mounted; with another id (or
+    none while the database records one), another store is (`Unavailable` either way). A marker is judged again only
+    when it changed (an error logged when it is not this store's)."""
+    signature = _signature(blob_dir)
+    seen = _seen.get(blob_dir, _Seen(None))
+    if signature is not None and signature != seen.marker:
+        seen = _judge(blob_dir, seen.store_id, signature)
+    if signature is None or not seen.ours:
         raise Unavailable("blob volume")
     return blob_dir
+
+
+def _judge(blob_dir: Path, store_id: str | None, signature: tuple[int, ...]) -> _Seen:
+    """Read the marker that changed: this store's (any store's, or an empty one, while none is recorded) or not."""
+    marked = _read_marker(blob_dir)
+    if marked is None or isinstance(marked, OSError):  # gone, or unreadable, since the stat: judged at the next use
+        return _Seen(store_id)
+    ours = isinstance(marked, str) and store_id in (None, marked)
+    if not ours:
+        logger.error("%s", _refusal(blob_dir, marked, store_id))
+    _seen[blob_dir] = _Seen(store_id, signature, ours)
+    return _seen[blob_dir]
 
 
 def _path(blob_dir: Path, document_id: str) -> Path:
@@ -98,10 +218,15 @@ def write_sealed(blob_dir: Path, document_id: str, key: bytes, data: bytes) -> N
 
 
 def _write_sealed(target: Path, key: bytes, data: bytes, context: str) -> None:
+    _replace(target, crypto.seal(key, data, context))
+
+
+def _replace(target: Path, data: bytes) -> None:
+    """Write `target` (private) through a `.tmp` sibling renamed into place, so it is never half-written."""
     temp = target.with_name(target.name + ".tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
-        handle.write(crypto.seal(key, data, context))
+        handle.write(data)
     temp.replace(target)
 
 

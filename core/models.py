@@ -250,6 +250,17 @@ class PolicyState(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
+class BlobStore(Base):
+    """One row: the id of this database's blob store, which its marker file holds (core/blobs.py); recorded at the
+    first start that opens a store, so a start finding another store's marker refuses it."""
+
+    __tablename__ = "blob_store"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1
+    store_id: Mapped[str] = mapped_column(String(36))
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class GuardControl(Base):
     """Guard settings of one scope ("global" or a department): firewall mode, kill-switch mode, canary (issue 5)."""
 

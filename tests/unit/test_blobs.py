@@ -2,7 +2,11 @@
 blob operation says so (`Unavailable`, an outage to wait out), none creates or writes anything (an upload written
 there would be hidden, then lost, once the volume is mounted over it), and none takes the empty place for the truth
 (no original, no placeholder map, nothing to remove). Only a process's start creates the directory and its marker,
-and only for a fresh deployment (no document in the database) or a store written before markers."""
+and only for a fresh deployment (no document in the database) or a store written before markers.
+
+The marker holds the store's id and the database records it: a store with another id mounted there (another
+deployment's volume, a restored copy belonging to another database) is refused the same way, nothing written into it
+(on the embedded SQLite and on PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -10,14 +14,19 @@ import errno
 import logging
 import os
 import stat
+import threading
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
-from core import blobs
+from core import blobs, migrate
+from core.db import unit_of_work
 from core.errors import Unavailable, unavailable_dependency
+from core.models import BlobStore
 
 KEY = bytes(32)
 DOCUMENT = str(uuid.uuid4())
@@ -181,17 +190,6 @@ def test_a_store_from_before_the_marker_whose_documents_were_all_deleted_is_refu
     assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"the upload"
 
 
-def test_a_marker_written_at_the_same_moment_by_another_process_stays_and_no_other_file_is_left(
-    tmp_path: Path
-) -> None:
-    """The API and a worker starting together on a fresh deployment: the first marker written is the store's."""
-    blobs.open_store(tmp_path, documents_exist=False)
-    first = (tmp_path / blobs.MARKER).stat().st_ino
-    blobs._write_marker(tmp_path)  # the other process, which found no marker a moment ago
-    assert (tmp_path / blobs.MARKER).stat().st_ino == first
-    assert [path.name for path in tmp_path.iterdir()] == [blobs.MARKER]
-
-
 def test_a_fresh_store_on_a_filesystem_without_hard_links_is_marked_and_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -208,3 +206,187 @@ def test_a_fresh_store_on_a_filesystem_without_hard_links_is_marked_and_used(
     assert stat.S_IMODE((blob_dir / blobs.MARKER).stat().st_mode) == 0o600
     blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
     assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"the upload"
+
+
+def _migrated(kind: str, tmp_path: Path, make_pg_database: Callable[[], str], name: str = "govrag") -> str:
+    url = f"sqlite:///{tmp_path / f'{name}.db'}" if kind == "sqlite" else make_pg_database()
+    migrate.upgrade(url)
+    return url
+
+
+def _recorded(url: str) -> str | None:
+    """The id of the blob store the database records."""
+    with unit_of_work(url) as session:
+        return session.scalar(select(BlobStore.store_id))
+
+
+def _marked(blob_dir: Path) -> str:
+    return (blob_dir / blobs.MARKER).read_text().strip()
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in directory.iterdir()}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_fresh_deployment_gets_a_store_id_in_its_marker_and_its_database_and_a_restart_opens_it(
+        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
+    url = _migrated(kind, tmp_path, make_pg_database)
+    blob_dir = tmp_path / "data" / "blobs"
+    assert blobs.open_at_start(blob_dir, url)
+    store_id = _marked(blob_dir)
+    assert str(uuid.UUID(store_id, version=4)) == store_id == _recorded(url)
+    assert stat.S_IMODE((blob_dir / blobs.MARKER).stat().st_mode) == 0o600
+    marker = (blob_dir / blobs.MARKER).stat().st_ino
+    blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
+    assert blobs.open_at_start(blob_dir, url)  # a restart on the same store
+    assert (blob_dir / blobs.MARKER).stat().st_ino == marker and _recorded(url) == store_id
+    assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"the upload"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_volume_of_another_deployment_is_refused_and_nothing_is_written_into_it(
+        kind: str, tmp_path: Path, make_pg_database: Callable[[], str], caplog: pytest.LogCaptureFixture) -> None:
+    """Any govrag store mounted at the blob path was taken as this deployment's: its uploads went into another
+    deployment's volume, and every document of its own was "missing" there."""
+    ours, theirs = _migrated(kind, tmp_path, make_pg_database, "ours"), _migrated(kind, tmp_path, make_pg_database,
+                                                                                   "theirs")
+    blob_dir, their_volume = tmp_path / "blobs", tmp_path / "their-volume"
+    assert blobs.open_at_start(blob_dir, ours) and blobs.open_at_start(their_volume, theirs)
+    blobs.write_sealed(their_volume, DOCUMENT, KEY, b"their upload")
+    our_id, their_id = _recorded(ours), _recorded(theirs)
+    blob_dir.rename(tmp_path / "our-volume")
+    their_volume.rename(blob_dir)  # their volume mounted where ours belongs
+    before = _files(blob_dir)
+    with caplog.at_level(logging.ERROR, logger="core.blobs"):
+        assert not blobs.open_at_start(blob_dir, ours)
+        for operation in OPERATIONS.values():
+            with pytest.raises(Unavailable) as caught:
+                operation(blob_dir)
+            assert unavailable_dependency(caught.value) == "blob volume"
+    assert _files(blob_dir) == before and _recorded(ours) == our_id
+    assert [record.getMessage() for record in caplog.records] == [
+        f"a different blob store is mounted: {blob_dir} holds store {their_id}, this database's store is {our_id}; "
+        "nothing is written into it, and uploads and reveals are a 503 and ingestion runs wait until this "
+        f"database's store is mounted there. Mount the volume whose .govrag-blobs holds {our_id} there, or run this "
+        f"process against the database of store {their_id}"]
+    blob_dir.rename(their_volume)
+    (tmp_path / "our-volume").rename(blob_dir)  # ours mounted back: used without a restart
+    blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"our upload")
+    assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"our upload"
+
+
+def test_another_store_mounted_while_running_is_refused_at_the_next_operation(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The check at each operation costs a stat; a marker that changed (another volume) is read, and refused."""
+    blob_dir, their_volume = tmp_path / "blobs", tmp_path / "their-volume"
+    our_id = blobs.open_store(blob_dir, documents_exist=False)
+    their_id = blobs.open_store(their_volume, documents_exist=False)
+    blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"our upload")
+    blob_dir.rename(tmp_path / "our-volume")
+    their_volume.rename(blob_dir)
+    with caplog.at_level(logging.ERROR, logger="core.blobs"):
+        for _ in range(3):
+            with pytest.raises(Unavailable):
+                blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"our next upload")
+    assert [path.name for path in blob_dir.iterdir()] == [blobs.MARKER]  # nothing written into theirs
+    [said] = [record.getMessage() for record in caplog.records]  # once, not at every operation
+    assert said.startswith(f"a different blob store is mounted: {blob_dir} holds store {their_id}, this database's "
+                           f"store is {our_id}")
+
+
+def test_an_operation_reads_the_marker_only_when_it_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blob_dir = tmp_path / "blobs"
+    blobs.open_store(blob_dir, documents_exist=False)
+    reads: list[Path] = []
+    read_marker = blobs._read_marker
+    monkeypatch.setattr(blobs, "_read_marker", lambda directory: reads.append(directory) or read_marker(directory))
+    for _ in range(5):
+        blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
+        assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"the upload"
+    assert reads == [blob_dir]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_store_marked_before_ids_is_given_an_id_that_the_database_records(
+        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
+    """An upgraded deployment: an empty marker (and its files) is the store, as before; it gets its id now."""
+    url = _migrated(kind, tmp_path, make_pg_database)
+    blob_dir = tmp_path / "blobs"
+    blobs.open_store(blob_dir, documents_exist=False)
+    blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
+    (blob_dir / blobs.MARKER).write_bytes(b"")  # as every marker was before ids
+    assert blobs.open_at_start(blob_dir, url)
+    assert _recorded(url) == _marked(blob_dir) and uuid.UUID(_marked(blob_dir))
+    assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"the upload"
+    assert sorted(path.name for path in blob_dir.iterdir()) == sorted([blobs.MARKER, f"{DOCUMENT}.bin"])
+
+
+def test_a_store_from_before_markers_is_given_an_id(tmp_path: Path) -> None:
+    blob_dir = tmp_path / "blobs"
+    blobs.open_store(blob_dir, documents_exist=False)
+    blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
+    (blob_dir / blobs.MARKER).unlink()
+    store_id = blobs.open_store(blob_dir, documents_exist=True)
+    assert store_id is not None and _marked(blob_dir) == store_id
+
+
+@pytest.mark.parametrize("marker", ["empty", "absent"])
+def test_a_store_without_an_id_is_refused_once_the_database_records_one_until_its_id_is_written(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, marker: str) -> None:
+    """A restored copy from before ids (or before markers) may be another database's: no id, no adoption."""
+    blob_dir = tmp_path / "blobs"
+    blobs.open_store(blob_dir, documents_exist=False)
+    blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
+    if marker == "empty":
+        (blob_dir / blobs.MARKER).write_bytes(b"")
+    else:
+        (blob_dir / blobs.MARKER).unlink()
+    recorded = str(uuid.uuid4())
+    with caplog.at_level(logging.ERROR, logger="core.blobs"):
+        assert blobs.open_store(blob_dir, documents_exist=True, store_id=recorded) is None
+        with pytest.raises(Unavailable):
+            blobs.read_sealed(blob_dir, DOCUMENT, KEY)
+    [said] = [record.getMessage() for record in caplog.records]
+    assert said.startswith(f"the blob store at {blob_dir} has no store id (it was marked before ids, or not at all) "
+                           f"while this database's store is {recorded}: it may be another's")
+    assert said.endswith(f"If it is this database's store, write {recorded} into {blob_dir / blobs.MARKER}: it is "
+                         "used from then on")
+    (blob_dir / blobs.MARKER).write_text(f"{recorded}\n")  # as the error says
+    assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"the upload"
+
+
+@pytest.mark.parametrize("content", [b"not an id", b"\xff\xfe", str(uuid.uuid4()).encode()[:-4]])
+def test_a_garbled_marker_is_refused_with_a_clear_error_that_quotes_nothing_of_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, content: bytes) -> None:
+    blob_dir = tmp_path / "blobs"
+    store_id = blobs.open_store(blob_dir, documents_exist=False)
+    (blob_dir / blobs.MARKER).write_bytes(content)
+    with caplog.at_level(logging.ERROR, logger="core.blobs"):
+        assert blobs.open_store(blob_dir, documents_exist=True, store_id=store_id) is None
+        with pytest.raises(Unavailable):
+            blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
+    assert [record.getMessage() for record in caplog.records] == [
+        f"the blob store's marker {blob_dir / blobs.MARKER} cannot be read (it holds no store id); uploads and "
+        "reveals are a 503 and ingestion runs wait until it holds this database's store id. If it is this "
+        f"database's store, write {store_id} into {blob_dir / blobs.MARKER}: it is used from then on"]
+    assert [path.name for path in blob_dir.iterdir()] == [blobs.MARKER]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_processes_starting_at_once_on_a_fresh_deployment_open_one_store(
+        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
+    """The API and workers starting together: each found no marker; they take turns, so one id is written and
+    recorded, and every one of them opens that store."""
+    url = _migrated(kind, tmp_path, make_pg_database)
+    blob_dir = tmp_path / "blobs"
+    barrier = threading.Barrier(4)
+
+    def start(_: int) -> bool:
+        barrier.wait()
+        return blobs.open_at_start(blob_dir, url)
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(start, range(4))) == [True] * 4
+    assert _marked(blob_dir) == _recorded(url)
+    assert [path.name for path in blob_dir.iterdir()] == [blobs.MARKER]

@@ -11,7 +11,8 @@ from sqlalchemy import create_engine, inspect, text
 
 from core import migrate
 
-EXPECTED_TABLES = {"departments", "documents", "ingestion_jobs", "wrapped_keys", "casbin_rule", "retrieval_events"}
+EXPECTED_TABLES = {"departments", "documents", "ingestion_jobs", "wrapped_keys", "casbin_rule", "retrieval_events",
+                   "blob_store"}
 
 
 def test_single_head() -> None:
@@ -131,9 +132,9 @@ def test_a_refusing_downgrade_is_also_refused_when_run_through_alembic(tmp_path:
     with pytest.raises(migrate.DowngradeRefused, match="revision 0005"):
         command.downgrade(migrate.alembic_config(url), "0004")
     assert "guard_controls" in _tables(url)
-    assert migrate.current_revision(url) == migrate.head_revision()  # SQLite undid 0013..0006 before 0005 refused
+    assert migrate.current_revision(url) == migrate.head_revision()  # SQLite undid 0014..0006 before 0005 refused
     with pytest.raises(migrate.DowngradeRefused, match="revision 0005"):
-        command.downgrade(migrate.alembic_config(url), "-9")  # a relative target is judged the same way
+        command.downgrade(migrate.alembic_config(url), "-10")  # a relative target is judged the same way
     assert migrate.current_revision(url) == migrate.head_revision()
 
 
@@ -305,3 +306,26 @@ def test_documents_ready_before_0012_serve_the_points_they_have_and_a_numbered_g
     _execute(url, "UPDATE documents SET index_generation = 0, served_generation = 0")
     migrate.downgrade(url, "0011")  # nothing numbered yet: nothing to lose
     assert migrate.current_revision(url) == "0011"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "pg"])
+def test_the_recorded_blob_store_id_goes_with_0014_and_the_next_start_records_the_store_again(
+        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
+    """0014 records the id of the database's blob store; undoing it loses only that record."""
+    from core import blobs
+
+    url = _database(kind, tmp_path, make_pg_database)
+    migrate.upgrade(url)
+    blob_dir = tmp_path / "blobs"
+    assert blobs.open_at_start(blob_dir, url)
+    store_id = (blob_dir / blobs.MARKER).read_text().strip()
+    migrate.downgrade(url, "0013")
+    assert "blob_store" not in _tables(url)
+    migrate.upgrade(url)
+    assert blobs.open_at_start(blob_dir, url)
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT store_id FROM blob_store")).scalars().all() == [store_id]
+    finally:
+        engine.dispose()
