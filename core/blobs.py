@@ -5,15 +5,16 @@ store, whether missing (its volume not mounted) or an empty mount point, or the 
 store's id (a random UUID) and the database records the id of its store (`BlobStore`): a govrag store mounted there
 whose id is another (another deployment's volume, or a restored copy belonging to another database) is not this
 deployment's store either. Only a process's start (`open_at_start`: the API, `govrag worker`, the in-process `govrag
-ingest`) creates the directory and its marker, and only for a fresh deployment (no document in the database: the
-store never held anything) or for a store written before markers (it holds files of ours) or before ids (an empty
-marker) while the database records no store; a database recording none (fresh, or upgraded to ids) records the id of
-the store its start opens. With documents in the database and no marker, the volume is not mounted; with another
-id (or none while the database records one) it is another store: that start writes nothing, logs an error and goes
-on. From then on every operation here without this store's marker raises `Unavailable("blob volume")` (`_mounted`),
-waited out like any other outage: nothing is written where the volume should be (a file there would be hidden, then
-lost, once it is mounted, or mixed into another deployment's store), and nothing read or listed there is taken for
-the truth (no file is not "no original", "no placeholder map" or "nothing to remove")."""
+ingest`) creates the directory and its marker, and only for a fresh deployment (no document in the database: the store
+never held anything) or for a store written before markers (it holds files of ours) or before ids (an empty marker)
+while the database records no store, or, marked before ids, while it holds a file of a document the database knows (a
+backup of the store from before ids, restored); a database recording none (fresh, or upgraded to ids) records the id of
+the store its start opens. With documents in the database and no marker, the volume is not mounted; with another id (or
+none while the database records one, but for that backup) it is another store: that start writes nothing, logs an error
+and goes on. From then on every operation here without this store's marker raises `Unavailable("blob volume")`
+(`_mounted`), waited out like any other outage: nothing is written where the volume should be (a file there would be
+hidden, then lost, once it is mounted, or mixed into another deployment's store), and nothing read or listed there is
+taken for the truth (no file is not "no original", "no placeholder map" or "nothing to remove")."""
 
 from __future__ import annotations
 
@@ -23,11 +24,12 @@ import re
 import stat
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from core import crypto
 from core.db import transaction_lock, unit_of_work
@@ -44,6 +46,8 @@ _ID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"  # a docum
 # `.tmp` sibling renamed into place.
 _STORED_NAME = re.compile(rf"(?P<document_id>{_ID})\.(?:bin|(?:[1-9][0-9]*\.)?pii)(?P<unfinished>\.tmp)?")
 _MAP_GENERATION = re.compile(r"\.(?P<generation>[1-9][0-9]*)\.pii")
+# How many documents' files an id-less store is looked at for one the database knows (one query's parameters).
+_SAMPLED_DOCUMENTS = 500
 
 
 class GarbledMarker(ValueError):
@@ -73,23 +77,26 @@ def open_at_start(blob_dir: Path, database_url: str) -> bool:
         transaction_lock(session, "blob store")
         documents_exist = session.scalar(select(Document.id).limit(1)) is not None
         recorded = session.scalar(select(BlobStore.store_id).where(BlobStore.id == 1))
-        store_id = open_store(blob_dir, documents_exist=documents_exist, store_id=recorded)
+        store_id = open_store(blob_dir, documents_exist=documents_exist, store_id=recorded,
+                              knows=lambda document_ids: _knows_any(session, document_ids))
         if store_id is not None and recorded is None:
             session.add(BlobStore(id=1, store_id=store_id))
     return store_id is not None
 
 
-def open_store(blob_dir: Path, *, documents_exist: bool, store_id: str | None = None) -> str | None:
+def open_store(blob_dir: Path, *, documents_exist: bool, store_id: str | None = None,
+               knows: Callable[[set[str]], bool] = lambda _document_ids: False) -> str | None:
     """Open the store at `blob_dir` for the database recording `store_id` (None: none yet): its id, or None when it is
-    not there (an error logged saying why and what to do; nothing written). A marker holding an id is the store if it
-    is the id recorded (or none is). A store from before ids or markers (an empty marker, or files of ours) is given
-    an id only while none is recorded. With no marker and no such file, the directory is marked (created if missing,
-    with the data directory above it) only when the database holds no document (every document, a retired one too,
-    keeps its row): otherwise the volume is not mounted, and anything written would land on the disk below the mount
-    point. A server goes on either way (queries need no blobs)."""
+    not there (an error logged saying why and what to do; nothing written). A marker holding an id is the store if it is
+    the id recorded (or none is). A store from before ids or markers (an empty marker, or files of ours) is given a new
+    id while none is recorded; one marked before ids is given the recorded one when it holds a file of a document the
+    database `knows` (a backup of the store taken before ids, restored). With no marker and no such file, the directory
+    is marked (created if missing, with the data directory above it) only when the database holds no document (every
+    document, a retired one too, keeps its row): otherwise the volume is not mounted, and anything written would land on
+    the disk below the mount point. A server goes on either way (queries need no blobs)."""
     signature = _signature(blob_dir)  # taken before the read: a marker changed after it is judged again when used
     marked = _read_marker(blob_dir)
-    opened = _adopt(blob_dir, marked, documents_exist=documents_exist, store_id=store_id)
+    opened = _adopt(blob_dir, marked, documents_exist=documents_exist, store_id=store_id, knows=knows)
     if opened is None:
         logger.error("%s", _refusal(blob_dir, marked, store_id))
     judged = opened is None and not isinstance(marked, OSError)  # a read that failed is tried again when used
@@ -97,14 +104,19 @@ def open_store(blob_dir: Path, *, documents_exist: bool, store_id: str | None = 
     return opened
 
 
-def _adopt(blob_dir: Path, marked: _Marked, *, documents_exist: bool, store_id: str | None) -> str | None:
+def _adopt(blob_dir: Path, marked: _Marked, *, documents_exist: bool, store_id: str | None,
+           knows: Callable[[set[str]], bool]) -> str | None:
     """`open_store`'s decision, writing the marker where it may: the store's id, or None."""
     if isinstance(marked, Exception):
         return None
     if marked:
         return marked if store_id in (None, marked) else None
-    if marked == "" or _holds_stored_files(blob_dir):
-        return _mark(blob_dir, str(uuid.uuid4())) if store_id is None else None
+    stored = _stored_document_ids(blob_dir)
+    if marked == "" or stored:
+        if store_id is None:
+            return _mark(blob_dir, str(uuid.uuid4()))
+        # Not without a marker: that may be the disk below the mount point, written before markers, the volume away.
+        return _mark(blob_dir, store_id) if marked == "" and stored and knows(stored) else None
     if documents_exist:
         return None
     blob_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -123,10 +135,12 @@ def _refusal(blob_dir: Path, marked: _Marked, store_id: str | None) -> str:
                 f"{store_id}; nothing is written into it, and {waiting} this database's store is mounted there. "
                 f"Mount the volume whose {MARKER} holds {store_id} there, or run this process against the database "
                 f"of store {marked}")
-    if marked == "" or _holds_stored_files(blob_dir):
+    if marked == "" or _stored_document_ids(blob_dir):
+        taken = (" (a start takes it as this database's only when it holds a file of a document the database knows)"
+                 if marked == "" else "")
         return (f"the blob store at {blob_dir} has no store id (it was marked before ids, or not at all) while this "
-                f"database's store is {store_id}: it may be another's; nothing is written into it, and {waiting} "
-                f"this database's store is mounted there. If it is this database's store, "
+                f"database's store is {store_id}: it may be another's{taken}; nothing is written into it, and "
+                f"{waiting} this database's store is mounted there. If it is this database's store, "
                 f"{_how_to_mark(marker, store_id)}")
     unmarked = ("a store from before the marker is marked at the next start; one holding no file of govrag's (every "
                 f"document deleted) is the store once an empty {marker} is created" if store_id is None else
@@ -143,13 +157,26 @@ def _how_to_mark(marker: Path, store_id: str | None) -> str:
     return f"write {store_id} into {marker}: it is used from then on"
 
 
-def _holds_stored_files(blob_dir: Path) -> bool:
-    """Whether the directory holds a file this module wrote (a store from before markers)."""
+def _stored_document_ids(blob_dir: Path) -> set[str]:
+    """The documents of the first files this module wrote found in the directory (a store from before markers holds
+    some), `_SAMPLED_DOCUMENTS` at most: a sample to tell whose store it is, not a listing."""
+    found: set[str] = set()
     try:
         with os.scandir(blob_dir) as entries:
-            return any(_STORED_NAME.fullmatch(entry.name) is not None for entry in entries)
+            for entry in entries:
+                stored = _STORED_NAME.fullmatch(entry.name)
+                if stored is not None:
+                    found.add(stored["document_id"])
+                if len(found) >= _SAMPLED_DOCUMENTS:
+                    break
     except FileNotFoundError:
-        return False
+        pass
+    return found
+
+
+def _knows_any(session: Session, document_ids: set[str]) -> bool:
+    """Whether the database holds a row of one of these documents (every document, a retired one too, keeps it)."""
+    return session.scalar(select(Document.id).where(Document.id.in_(document_ids)).limit(1)) is not None
 
 
 def _mark(blob_dir: Path, store_id: str) -> str:

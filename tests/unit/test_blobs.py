@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import stat
 import threading
 import uuid
@@ -21,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import create_engine, select, text
 
 from core import blobs, migrate
 from core.db import unit_of_work
@@ -348,8 +349,10 @@ def test_a_store_without_an_id_is_refused_once_the_database_records_one_until_it
         with pytest.raises(Unavailable):
             blobs.read_sealed(blob_dir, DOCUMENT, KEY)
     [said] = [record.getMessage() for record in caplog.records]
+    taken = " (a start takes it as this database's only when it holds a file of a document the database knows)"
     assert said.startswith(f"the blob store at {blob_dir} has no store id (it was marked before ids, or not at all) "
-                           f"while this database's store is {recorded}: it may be another's")
+                           f"while this database's store is {recorded}: it may be another's"
+                           f"{taken if marker == 'empty' else ''}; nothing is written into it")
     assert said.endswith(f"If it is this database's store, write {recorded} into {blob_dir / blobs.MARKER}: it is "
                          "used from then on")
     (blob_dir / blobs.MARKER).write_text(f"{recorded}\n")  # as the error says
@@ -390,3 +393,77 @@ def test_processes_starting_at_once_on_a_fresh_deployment_open_one_store(
         assert list(pool.map(start, range(4))) == [True] * 4
     assert _marked(blob_dir) == _recorded(url)
     assert [path.name for path in blob_dir.iterdir()] == [blobs.MARKER]
+
+
+def _at_0013_with_a_document(kind: str, tmp_path: Path, make_pg_database: Callable[[], str], document_id: str) -> str:
+    """A deployment from before store ids: its database at 0013, holding one document."""
+    url = f"sqlite:///{tmp_path / 'govrag.db'}" if kind == "sqlite" else make_pg_database()
+    migrate.upgrade(url, "0013")
+    columns = "id, department, title, content_type, size_bytes, sha256, acl_groups, classification, status, " \
+              "chunk_count, uploaded_by, created_at, updated_at, flagged_chunks"
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("INSERT INTO departments (name, created_at) VALUES ('hr', '2026-01-01')"))
+            connection.execute(text(f"INSERT INTO documents ({columns}) VALUES (:id, 'hr', 't', 'text/plain', 1, "  # noqa: S608
+                                    "'ab', '[]', 'internal', 'ready', 0, 'ed', '2026-01-01', '2026-01-01', 0)"),
+                               {"id": document_id})
+    finally:
+        engine.dispose()
+    return url
+
+
+def _store_from_before_ids(blob_dir: Path, document_id: str) -> None:
+    """The blob store as a deployment from before store ids left it: an empty marker beside the document's file."""
+    blobs.open_store(blob_dir, documents_exist=False)
+    blobs.write_sealed(blob_dir, document_id, KEY, b"the upload")
+    (blob_dir / blobs.MARKER).write_bytes(b"")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_deployment_upgraded_from_0013_with_documents_opens_its_store_with_no_manual_step(
+        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
+    url = _at_0013_with_a_document(kind, tmp_path, make_pg_database, DOCUMENT)
+    blob_dir = tmp_path / "blobs"
+    _store_from_before_ids(blob_dir, DOCUMENT)
+    migrate.upgrade(url)
+    assert blobs.open_at_start(blob_dir, url)
+    assert _recorded(url) == _marked(blob_dir) and uuid.UUID(_marked(blob_dir))
+    assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"the upload"
+    uploaded = str(uuid.uuid4())
+    blobs.write_sealed(blob_dir, uploaded, KEY, b"an upload after the upgrade")
+    assert blobs.open_at_start(blob_dir, url)  # the next start: the same store
+    assert blobs.read_sealed(blob_dir, uploaded, KEY) == b"an upload after the upgrade"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_backup_of_the_store_from_before_ids_restored_after_the_upgrade_is_taken_and_another_one_is_not(
+        kind: str, tmp_path: Path, make_pg_database: Callable[[], str], caplog: pytest.LogCaptureFixture) -> None:
+    """A backup of the blob volume taken before ids has an empty marker, while the database records an id since the
+    upgrade: it was refused (an operator had to write the id by hand). It holds files of this database's documents,
+    so it is this database's store; a store without an id holding none of them may be another's, and files of ours
+    with no marker may be the disk below the mount point: both stay refused."""
+    url = _at_0013_with_a_document(kind, tmp_path, make_pg_database, DOCUMENT)
+    blob_dir, backup, theirs = tmp_path / "blobs", tmp_path / "backup", tmp_path / "their-volume"
+    _store_from_before_ids(backup, DOCUMENT)
+    _store_from_before_ids(theirs, str(uuid.uuid4()))
+    shutil.copytree(backup, blob_dir)
+    migrate.upgrade(url)
+    assert blobs.open_at_start(blob_dir, url)
+    recorded = _recorded(url)
+    shutil.rmtree(blob_dir)
+    theirs.rename(blob_dir)  # another deployment's store from before ids mounted there
+    with caplog.at_level(logging.ERROR, logger="core.blobs"):
+        assert not blobs.open_at_start(blob_dir, url)
+        assert (blob_dir / blobs.MARKER).read_bytes() == b""  # nothing written into theirs
+        shutil.rmtree(blob_dir)
+        shutil.copytree(backup, blob_dir)
+        (blob_dir / blobs.MARKER).unlink()  # our files without a marker: maybe the disk below the mount point
+        assert not blobs.open_at_start(blob_dir, url)
+        assert not (blob_dir / blobs.MARKER).exists()
+    assert len(caplog.records) == 2
+    shutil.rmtree(blob_dir)
+    backup.rename(blob_dir)  # the backup restored
+    assert blobs.open_at_start(blob_dir, url)
+    assert _marked(blob_dir) == recorded == _recorded(url)
+    assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"the upload"
