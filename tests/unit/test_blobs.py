@@ -46,6 +46,11 @@ OPERATIONS: dict[str, Callable[[Path], object]] = {
 }
 
 
+def _said(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What this module logged (a migration run in the test logs too, once logging is configured at INFO)."""
+    return [record.getMessage() for record in caplog.records if record.name == "core.blobs"]
+
+
 @pytest.mark.parametrize("operation", OPERATIONS)
 def test_every_blob_operation_with_the_directory_missing_is_an_outage_and_creates_nothing(
     tmp_path: Path, operation: str
@@ -131,7 +136,7 @@ def test_a_start_with_documents_in_the_database_and_no_directory_creates_nothing
     with caplog.at_level(logging.ERROR, logger="core.blobs"):
         blobs.open_store(blob_dir, documents_exist=True)
     assert list(tmp_path.iterdir()) == []
-    assert [record.getMessage() for record in caplog.records] == [
+    assert _said(caplog) == [
         f"the blob volume is not mounted: {blob_dir} has no .govrag-blobs marker though the database holds documents; "
         "uploads and reveals are a 503 and ingestion runs wait until it is mounted there. If it is mounted there: a "
         "store from before the marker is marked at the next start; one holding no file of govrag's (every document "
@@ -182,7 +187,7 @@ def test_a_store_from_before_the_marker_whose_documents_were_all_deleted_is_refu
     blob_dir.mkdir()
     with caplog.at_level(logging.ERROR, logger="core.blobs"):
         blobs.open_store(blob_dir, documents_exist=True)
-    [said] = [record.getMessage() for record in caplog.records]
+    [said] = _said(caplog)
     marker = blob_dir / blobs.MARKER
     assert said.endswith(f"holding no file of govrag's (every document deleted) is the store once an empty {marker} "
                          "is created")
@@ -266,7 +271,7 @@ def test_a_volume_of_another_deployment_is_refused_and_nothing_is_written_into_i
                 operation(blob_dir)
             assert unavailable_dependency(caught.value) == "blob volume"
     assert _files(blob_dir) == before and _recorded(ours) == our_id
-    assert [record.getMessage() for record in caplog.records] == [
+    assert _said(caplog) == [
         f"a different blob store is mounted: {blob_dir} holds store {their_id}, this database's store is {our_id}; "
         "nothing is written into it, and uploads and reveals are a 503 and ingestion runs wait until this "
         f"database's store is mounted there. Mount the volume whose .govrag-blobs holds {our_id} there, or run this "
@@ -291,7 +296,7 @@ def test_another_store_mounted_while_running_is_refused_at_the_next_operation(
             with pytest.raises(Unavailable):
                 blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"our next upload")
     assert [path.name for path in blob_dir.iterdir()] == [blobs.MARKER]  # nothing written into theirs
-    [said] = [record.getMessage() for record in caplog.records]  # once, not at every operation
+    [said] = _said(caplog)  # once, not at every operation
     assert said.startswith(f"a different blob store is mounted: {blob_dir} holds store {their_id}, this database's "
                            f"store is {our_id}")
 
@@ -348,7 +353,7 @@ def test_a_store_without_an_id_is_refused_once_the_database_records_one_until_it
         assert blobs.open_store(blob_dir, documents_exist=True, store_id=recorded) is None
         with pytest.raises(Unavailable):
             blobs.read_sealed(blob_dir, DOCUMENT, KEY)
-    [said] = [record.getMessage() for record in caplog.records]
+    [said] = _said(caplog)
     taken = " (a start takes it as this database's only when it holds a file of a document the database knows)"
     assert said.startswith(f"the blob store at {blob_dir} has no store id (it was marked before ids, or not at all) "
                            f"while this database's store is {recorded}: it may be another's"
@@ -369,7 +374,7 @@ def test_a_garbled_marker_is_refused_with_a_clear_error_that_quotes_nothing_of_i
         assert blobs.open_store(blob_dir, documents_exist=True, store_id=store_id) is None
         with pytest.raises(Unavailable):
             blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
-    assert [record.getMessage() for record in caplog.records] == [
+    assert _said(caplog) == [
         f"the blob store's marker {blob_dir / blobs.MARKER} cannot be read (it holds no store id); uploads and "
         "reveals are a 503 and ingestion runs wait until it holds this database's store id. If it is this "
         f"database's store, write {store_id} into {blob_dir / blobs.MARKER}: it is used from then on"]
@@ -461,9 +466,10 @@ def test_a_backup_of_the_store_from_before_ids_restored_after_the_upgrade_is_tak
         (blob_dir / blobs.MARKER).unlink()  # our files without a marker: maybe the disk below the mount point
         assert not blobs.open_at_start(blob_dir, url)
         assert not (blob_dir / blobs.MARKER).exists()
-    assert len(caplog.records) == 2
+    assert len(_said(caplog)) == 2
     shutil.rmtree(blob_dir)
     backup.rename(blob_dir)  # the backup restored
     assert blobs.open_at_start(blob_dir, url)
     assert _marked(blob_dir) == recorded == _recorded(url)
     assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"the upload"
+
