@@ -249,12 +249,17 @@ def _write_sealed(target: Path, key: bytes, data: bytes, context: str) -> None:
 
 
 def _replace(target: Path, data: bytes) -> None:
-    """Write `target` (private) through a `.tmp` sibling renamed into place, so it is never half-written."""
+    """Write `target` (private) through a `.tmp` sibling renamed into place, so it is never half-written; a write or
+    rename that fails takes its `.tmp` with it (the orphan sweep would not remove the marker's)."""
     temp = target.with_name(target.name + ".tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    temp.replace(target)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        temp.replace(target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def read_sealed(blob_dir: Path, document_id: str, key: bytes) -> bytes:

@@ -95,13 +95,14 @@ def test_the_sweep_keeps_what_a_document_owns_and_what_is_not_ours(
     orphan, young = (settings.blob_dir / f"{uuid.uuid4()}.pii" for _ in range(2))
     orphan_generation = settings.blob_dir / f"{uuid.uuid4()}.3.pii"  # the placeholder map of an index generation
     foreign = settings.blob_dir / "README.txt"  # not a name this code writes
-    for path in (cut_short, orphan, orphan_generation, young, foreign):
+    marker, marker_cut_short = settings.blob_dir / blobs.MARKER, settings.blob_dir / f"{blobs.MARKER}.tmp"
+    for path in (cut_short, orphan, orphan_generation, young, foreign, marker_cut_short):
         path.write_bytes(b"\0" * 16)
-    for path in (owned, cut_short, orphan, orphan_generation, foreign):
+    for path in (owned, cut_short, orphan, orphan_generation, foreign, marker, marker_cut_short):
         _age(path)
 
     assert sweep_orphan_files(settings) == 3
-    assert owned.exists() and young.exists() and foreign.exists()
+    assert owned.exists() and young.exists() and foreign.exists() and marker.exists() and marker_cut_short.exists()
     assert not cut_short.exists() and not orphan.exists() and not orphan_generation.exists()
     assert [d for d, _, _ in blobs.stale_files(settings.blob_dir, ORPHAN_GRACE_SECONDS)] == [document_id]
     reindexed = client.post("/v1/admin/reindex", headers=auth(issue_token(PLATFORM_ADMIN)),
@@ -110,3 +111,4 @@ def test_the_sweep_keeps_what_a_document_owns_and_what_is_not_ours(
     assert wait_for_document(client, editor, document_id)["status"] == "ready"  # rebuilt from the kept original
     young.unlink()
     foreign.unlink()
+    marker_cut_short.unlink()

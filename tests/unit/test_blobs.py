@@ -473,3 +473,19 @@ def test_a_backup_of_the_store_from_before_ids_restored_after_the_upgrade_is_tak
     assert _marked(blob_dir) == recorded == _recorded(url)
     assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"the upload"
 
+
+@pytest.mark.parametrize("written", ["marker", "upload"])
+def test_a_write_that_fails_leaves_no_temp_file_behind(tmp_path: Path, written: str) -> None:
+    """A write through a `.tmp` sibling that failed left the sibling: the marker's is no name the orphan sweep
+    removes, so it stayed for good."""
+    blob_dir = tmp_path / "blobs"
+    store_id = blobs.open_store(blob_dir, documents_exist=False)
+    target = blob_dir / (blobs.MARKER if written == "marker" else f"{DOCUMENT}.bin")
+    target.unlink(missing_ok=True)
+    (target / "in-the-way").mkdir(parents=True)  # the rename into place fails
+    with pytest.raises(IsADirectoryError):
+        if written == "marker":
+            blobs._mark(blob_dir, str(store_id))
+        else:
+            blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
+    assert not any(path.name.endswith(".tmp") for path in blob_dir.iterdir())
