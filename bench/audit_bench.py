@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import random
 import resource
 import tempfile
@@ -25,29 +24,12 @@ from pathlib import Path
 
 import psycopg
 
-from bench.common import machine
+from bench.common import libpq_dsn, machine, throwaway_postgres
 
-PG_ADMIN_DSN = os.environ.get("GOVRAG_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 COLUMNS = ("id", "request_id", "created_at", "event_type", "subject", "groups", "departments_requested",
            "departments_searched", "decision", "reason", "chunks", "question_masked", "purpose", "latency_ms",
            "roles", "policy_version", "guard_verdicts", "model_backend", "model_id", "kill_switch_mode", "details",
            "prev_hash", "hash")
-
-
-def _database() -> tuple[str, str]:
-    name = f"govrag_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')  # noqa: S608 - generated name
-    base = PG_ADMIN_DSN.rsplit("/", 1)[0]
-    return name, f"{base}/{name}".replace("postgresql://", "postgresql+psycopg://", 1)
-
-
-def _drop(name: str) -> None:
-    from core.db import get_engine
-
-    get_engine.cache_clear()
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _synthetic(n: int, start: datetime, rng: random.Random):  # type: ignore[no-untyped-def]
@@ -77,9 +59,8 @@ def _populate(url: str, rows: int, data_dir: Path) -> None:
     settings = Settings(data_dir=data_dir, database_url=url)
     key = integrity.checkpoint_key(settings)
     rng, start, previous = random.Random(7), datetime(2026, 1, 1, tzinfo=UTC), GENESIS_HASH
-    dsn = url.replace("postgresql+psycopg://", "postgresql://", 1)
     started = time.perf_counter()
-    with psycopg.connect(dsn) as conn, conn.cursor() as cursor:
+    with psycopg.connect(libpq_dsn(url)) as conn, conn.cursor() as cursor:
         with cursor.copy(f"COPY retrieval_events ({', '.join(COLUMNS)}) FROM STDIN") as copy:  # noqa: S608
             checkpoints = []
             for n in range(1, rows + 1):
@@ -150,24 +131,20 @@ def run(sizes: list[int], formats: list[str]) -> None:
     """Build, verify and export a ledger of each size."""
     print(f"audit bench on PostgreSQL — {machine()}")
     for rows in sizes:
-        name, url = _database()
-        try:
+        with throwaway_postgres("govrag_bench_audit") as url, tempfile.TemporaryDirectory() as tmp:
             from core import migrate
 
             migrate.upgrade(url)
-            with tempfile.TemporaryDirectory() as tmp:
-                print(f"ledger of {rows:,} rows")
-                _populate(url, rows, Path(tmp))
-                _verify(url, Path(tmp))
-                for fmt in formats:
-                    count, size, seconds, _ = _export(url, Path(tmp), fmt, trace_memory=False)
-                    print(f"  export {fmt:5}: {count:,} rows, {size / 1e6:,.1f} MB in {seconds:.1f} s = "
-                          f"{count / seconds:,.0f} rows/s")
-                _, _, _, peak = _export(url, Path(tmp), "jsonl", trace_memory=True)
-                print(f"  export jsonl peak Python memory (tracemalloc): {peak / 1e6:.1f} MB; process max RSS so "
-                      f"far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3:.0f} MB")
-        finally:
-            _drop(name)
+            print(f"ledger of {rows:,} rows")
+            _populate(url, rows, Path(tmp))
+            _verify(url, Path(tmp))
+            for fmt in formats:
+                count, size, seconds, _ = _export(url, Path(tmp), fmt, trace_memory=False)
+                print(f"  export {fmt:5}: {count:,} rows, {size / 1e6:,.1f} MB in {seconds:.1f} s = "
+                      f"{count / seconds:,.0f} rows/s")
+            _, _, _, peak = _export(url, Path(tmp), "jsonl", trace_memory=True)
+            print(f"  export jsonl peak Python memory (tracemalloc): {peak / 1e6:.1f} MB; process max RSS so "
+                  f"far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3:.0f} MB")
 
 
 def main() -> None:

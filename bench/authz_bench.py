@@ -16,24 +16,20 @@ Figures are printed, never asserted.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import time
-import uuid
 from collections.abc import Callable
 
 import casbin
-import psycopg
 from sqlalchemy.orm import Session
 from sqlalchemy_adapter import Adapter
 
-from bench.common import machine, percentile
+from bench.common import machine, percentile, throwaway_postgres
 from core import migrate
 from core.db import get_engine
 from core.models import CasbinRule, Clearance, Department
 
-PG_ADMIN_DSN = os.environ.get("GOVRAG_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 DEPARTMENTS = [f"dept{i:02d}" for i in range(20)]
 ROLES = ["reader", "editor", "compliance", "privacy_officer", "admin"]
 OLD_MODEL = """
@@ -48,14 +44,6 @@ e = some(where (p.eft == allow))
 [matchers]
 m = g(r.sub, p.role, r.dom) && r.act == p.act
 """
-
-
-def _database() -> tuple[str, str]:
-    name = f"govrag_authz_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    return name, f"{base}/{name}"
 
 
 def _load(url: str, assignments: int, rng: random.Random) -> list[tuple[str, tuple[str, ...]]]:
@@ -89,15 +77,10 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=2000)
     args = parser.parse_args()
     rng = random.Random(4)
-    name, url = _database()
-    try:
+    with throwaway_postgres("govrag_bench_authz") as url:
         migrate.upgrade(url)
         callers = _load(url, args.assignments, rng)
         _measure(url, callers, args, rng)
-    finally:
-        get_engine(url).dispose()
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _measure(url: str, callers: list[tuple[str, tuple[str, ...]]], args: argparse.Namespace,

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections import defaultdict
 from pathlib import Path
 
@@ -32,9 +31,8 @@ import httpx  # noqa: E402
 import psutil  # noqa: E402
 import psycopg  # noqa: E402
 
-from bench.common import EVAL_DIR, ROOT, machine, percentile, read_jsonl  # noqa: E402
+from bench.common import EVAL_DIR, ROOT, libpq_dsn, machine, percentile, read_jsonl, throwaway_postgres  # noqa: E402
 
-PG_ADMIN_DSN = os.environ.get("GOVRAG_BENCH_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 DEPARTMENTS = ("hr", "finance", "legal", "engineering")
 CHUNKS_PER_DOCUMENT = 20
 CHUNK_CHARS = 300
@@ -93,23 +91,24 @@ def wait_http(url: str, timeout: float = 600) -> None:
 
 
 class Governed:
-    """A `govrag serve` process on its own PostgreSQL database and data dir."""
+    """A `govrag serve` process on its own PostgreSQL database (at `database_url`, empty) and data dir."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.database = f"govrag_bench_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{self.database}"')
-        self.dsn = PG_ADMIN_DSN.rsplit("/", 1)[0] + f"/{self.database}"
+    def __init__(self, workdir: Path, database_url: str) -> None:
+        self.dsn = libpq_dsn(database_url)
         self.port, self.data_dir = free_port(), workdir / "govrag-data"
         env = {**os.environ, "GOVRAG_DATA_DIR": str(self.data_dir), "GOVRAG_ADMINS": '["bench-admin"]',
-               "GOVRAG_DATABASE_URL": self.dsn.replace("postgresql://", "postgresql+psycopg://"),
+               "GOVRAG_DATABASE_URL": database_url,
                "GOVRAG_CHUNK_MAX_CHARS": str(CHUNK_CHARS + 20), "GOVRAG_BROKER_URL": "memory://",
                "GOVRAG_SERVER_TIMING": "true"}
         command = [sys.executable, "-m", "api.cli", "serve", "--port", str(self.port)]
         self.process = subprocess.Popen(command, cwd=ROOT, env=env,  # noqa: S603
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}"
-        wait_http(f"{self.url}/healthz")
+        try:
+            wait_http(f"{self.url}/healthz")
+        except BaseException:  # it never started, or Ctrl-C: no server left behind
+            self.close()
+            raise
         from authz.dev_issuer import DevIssuer
 
         issuer = DevIssuer.load_or_create(self.data_dir / "dev-issuer", "govrag-dev-issuer", "govrag")
@@ -162,8 +161,6 @@ class Governed:
     def close(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=30)
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
 
 
 async def run_load(url: str, headers: dict[str, str], body_for, total: int, clients: int,  # type: ignore[no-untyped-def]
@@ -220,12 +217,12 @@ def main() -> None:
     parser.add_argument("--soak-seconds", type=int, default=120)
     args = parser.parse_args()
     asked = questions()
-    with tempfile.TemporaryDirectory() as directory:
+    with tempfile.TemporaryDirectory() as directory, throwaway_postgres("govrag_bench_query") as database_url:
         workdir = Path(directory)
         chunks = build_corpus(args.chunks)
         corpus_file = workdir / "corpus.jsonl"
         corpus_file.write_text("".join(json.dumps(c) + "\n" for c in chunks))
-        governed = Governed(workdir)
+        governed = Governed(workdir, database_url)
         baseline = None
         try:
             ingest_seconds = governed.load(chunks)

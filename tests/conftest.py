@@ -12,19 +12,16 @@ import struct  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
+from contextlib import ExitStack  # noqa: E402
 
 import psycopg  # noqa: E402
 import pytest  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-PG_ADMIN_DSN = os.environ.get("GOVRAG_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+from bench.common import PG_ADMIN_DSN, throwaway_postgres  # noqa: E402
+
 REDIS_URL = os.environ.get("GOVRAG_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PLATFORM_ADMIN = "root-admin"
-
-
-def _pg_url(database: str) -> str:
-    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    return f"{base}/{database}"
 
 
 # The URLs of the databases the running test made: their engines' pooled connections are closed after it
@@ -36,23 +33,14 @@ _MADE_BY_THIS_TEST: list[str] = []
 @pytest.fixture(scope="session")
 def make_pg_database() -> Iterator[Callable[[], str]]:
     """Creates throw-away databases on the machine's PostgreSQL; all dropped at the end."""
-    created: list[str] = []
+    with ExitStack() as databases:
 
-    def make() -> str:
-        name = f"govrag_test_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        created.append(name)
-        _MADE_BY_THIS_TEST.append(_pg_url(name))
-        return _pg_url(name)
+        def make() -> str:
+            url = databases.enter_context(throwaway_postgres("govrag_test"))
+            _MADE_BY_THIS_TEST.append(url)
+            return url
 
-    yield make
-    from core.db import get_engine
-
-    get_engine.cache_clear()
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-        for name in created:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield make
 
 
 @pytest.fixture(autouse=True)

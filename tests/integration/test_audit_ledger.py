@@ -21,11 +21,11 @@ from audit import service as audit_service
 from audit.integrity import event_hash
 from audit.schemas import AdminEventType, Decision, RetrievalRecord
 from authz.identity import Identity
+from bench.common import libpq_dsn
 from core import migrate
 from core.db import get_session_factory
 from core.models import RetrievalEvent, utcnow
 from core.settings import Settings
-from tests.support.postgres import libpq_dsn
 
 ADMIN = Identity(subject="root-admin", groups=(), is_platform_admin=True)
 

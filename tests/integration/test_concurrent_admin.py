@@ -17,9 +17,9 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
+from bench.common import libpq_dsn
 from core.db import _PROCESS_LOCKS, get_session_factory, transaction_lock
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_document
-from tests.support.postgres import libpq_dsn
 
 AT_ONCE = 4
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from audit import service as audit_service
 from authz import service as authz_service
+from bench.common import libpq_dsn
 from core.batching import MicroBatcher
 from core.db import unit_of_work
 from guard import service as guard_service
@@ -22,7 +23,6 @@ from retrieval import generation
 from retrieval import service as retrieval_service
 from retrieval.store import open_vector_store
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
-from tests.support.postgres import libpq_dsn
 
 HR_CANARY = "HR-CANARY-7F3A9"
 HR_DOC = f"""Salary Review 2026

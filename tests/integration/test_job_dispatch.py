@@ -20,9 +20,9 @@ from fastapi.testclient import TestClient
 from kombu.transport import memory
 from sqlalchemy import select, update
 
+from bench.common import libpq_dsn
 from tests.conftest import PLATFORM_ADMIN, REDIS_URL, auth, desk_member, wait_for_job
 from tests.support.lock_waits import wait_for_a_lock_wait
-from tests.support.postgres import libpq_dsn
 
 UNREACHABLE_BROKER = "redis://127.0.0.1:9/0"  # nothing listens there: every publish is refused
 

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
+from bench.common import libpq_dsn
 from core.logs import JsonFormatter, MaskingFilter
 from guard.redteam import _raw_pii
 from ingestion.service import MAX_TITLE_CHARS
@@ -25,7 +26,6 @@ from tests.conftest import (
     wait_for_document,
     wait_for_job,
 )
-from tests.support.postgres import libpq_dsn
 
 DEPARTMENT = "pii"
 EMAIL = "maria.gonzalez@example.com"

@@ -14,10 +14,10 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
+from bench.common import libpq_dsn
 from core import blobs
 from ingestion.purge import ORPHAN_GRACE_SECONDS, sweep_orphan_files
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_document
-from tests.support.postgres import libpq_dsn
 
 A_DAY_AGO = time.time() - ORPHAN_GRACE_SECONDS - 3600
 

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from tests.support.postgres import libpq_dsn
+from bench.common import libpq_dsn
 
 
 def wait_for_a_lock_wait(database_url: str, waiter: threading.Thread, timeout: float = 60) -> str | None:

@@ -18,9 +18,9 @@ import httpx
 import psycopg
 import pytest
 
+from bench.common import libpq_dsn
 from tests.conftest import PLATFORM_ADMIN
 from tests.support.polling import wait_until
-from tests.support.postgres import libpq_dsn
 
 pytestmark = pytest.mark.worker
 ROOT = Path(__file__).resolve().parents[2]
