@@ -9,12 +9,17 @@ ingest`) creates the directory and its marker, and only for a fresh deployment (
 never held anything) or for a store written before markers (it holds files of ours) or before ids (an empty marker)
 while the database records no store, or, marked before ids, while it holds a file of a document the database knows (a
 backup of the store from before ids, restored); a database recording none (fresh, or upgraded to ids) records the id of
-the store its start opens. With documents in the database and no marker, the volume is not mounted; with another id (or
-none while the database records one, but for that backup) it is another store: that start writes nothing, logs an error
-and goes on. From then on every operation here without this store's marker raises `Unavailable("blob volume")`
-(`_mounted`), waited out like any other outage: nothing is written where the volume should be (a file there would be
-hidden, then lost, once it is mounted, or mixed into another deployment's store), and nothing read or listed there is
-taken for the truth (no file is not "no original", "no placeholder map" or "nothing to remove")."""
+the store its start opens. A marker holding an id while the database records none is taken only if the store holds no
+file of govrag's or a file of a document the database knows: else it is another deployment's volume (a fresh database
+pointed at it, or the wrong volume mounted into an upgraded deployment), whose files the orphan sweep would delete as
+no document's. With documents in the database and no marker, the volume is not mounted; with another id (or none while
+the database records one, but for that backup) it is another store: that start writes nothing, logs an error and goes
+on. A store mounted after a start that recorded none is decided the same way at its first use, its id then recorded
+(`_judge`); the orphan sweep lists only a store checked against the database (`_verified`). From then on every
+operation here without this store's marker raises `Unavailable("blob volume")` (`_mounted`), waited out like any other
+outage: nothing is written where the volume should be (a file there would be hidden, then lost, once it is mounted, or
+mixed into another deployment's store), and nothing read or listed there is taken for the truth (no file is not "no
+original", "no placeholder map" or "nothing to remove")."""
 
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sqlalchemy import select
@@ -57,12 +62,15 @@ class GarbledMarker(ValueError):
 @dataclass(frozen=True)
 class _Seen:
     """What this process knows of a store directory: the store id its database records (None: none was recorded at
-    its start, and any store's marker is taken), the marker last judged there (`_signature`) and whether it was that
-    store's. A marker is read again only when its signature changes, so an operation costs one stat, as before ids."""
+    its start), the database it asks when a store appears there while that database records none (None: no start in
+    this process, whose operations take any marker, but whose orphan sweep does not: `_verified`), the marker last
+    judged there (`_signature`) and whether it was that store's. A marker is read again only when its signature
+    changes, so an operation costs one stat, as before ids."""
 
     store_id: str | None
     marker: tuple[int, ...] | None = None
     ours: bool = False
+    database_url: str | None = None
 
 
 _seen: dict[Path, _Seen] = {}
@@ -70,38 +78,48 @@ _Marked = str | GarbledMarker | OSError | None  # the marker's id, "" (empty), w
 
 
 def open_at_start(blob_dir: Path, database_url: str) -> bool:
-    """At a process's start only, after its schema check: make the blob store ready, unless the database shows that
-    its volume is not mounted or another store is (`open_store`); record the store's id if the database has none.
-    Processes starting at once (the API beside a worker) take turns. Whether the store is there."""
+    """At a process's start (after its schema check), and at the first use of a store mounted after a start that
+    recorded none (`_judge`): make the blob store ready, unless the database shows that its volume is not mounted or
+    another store is (`open_store`); record the store's id if the database has none. Processes (and threads) deciding
+    at once take turns. Whether the store is there."""
     with unit_of_work(database_url) as session:
         transaction_lock(session, "blob store")
         documents_exist = session.scalar(select(Document.id).limit(1)) is not None
         recorded = session.scalar(select(BlobStore.store_id).where(BlobStore.id == 1))
-        store_id = open_store(blob_dir, documents_exist=documents_exist, store_id=recorded,
-                              knows=lambda document_ids: _knows_any(session, document_ids))
-        if store_id is not None and recorded is None:
-            session.add(BlobStore(id=1, store_id=store_id))
-    return store_id is not None
+        opened, seen = _decide(blob_dir, documents_exist=documents_exist, store_id=recorded,
+                               knows=lambda document_ids: _knows_any(session, document_ids))
+        if opened is not None and recorded is None:
+            session.add(BlobStore(id=1, store_id=opened))
+    _seen[blob_dir] = replace(seen, database_url=database_url)  # once recorded: a failed commit decides again
+    return opened is not None
 
 
 def open_store(blob_dir: Path, *, documents_exist: bool, store_id: str | None = None,
                knows: Callable[[set[str]], bool] = lambda _document_ids: False) -> str | None:
     """Open the store at `blob_dir` for the database recording `store_id` (None: none yet): its id, or None when it is
     not there (an error logged saying why and what to do; nothing written). A marker holding an id is the store if it is
-    the id recorded (or none is). A store from before ids or markers (an empty marker, or files of ours) is given a new
-    id while none is recorded; one marked before ids is given the recorded one when it holds a file of a document the
-    database `knows` (a backup of the store taken before ids, restored). With no marker and no such file, the directory
-    is marked (created if missing, with the data directory above it) only when the database holds no document (every
-    document, a retired one too, keeps its row): otherwise the volume is not mounted, and anything written would land on
-    the disk below the mount point. A server goes on either way (queries need no blobs)."""
+    the id recorded; while none is, if the store holds no file of govrag's or a file of a document the database `knows`
+    (else it is another deployment's, whose files the orphan sweep would delete). A store from before ids or markers
+    (an empty marker, or files of ours) is given a new id while none is recorded; one marked before ids is given the
+    recorded one when it holds a file of a document the database `knows` (a backup of the store taken before ids,
+    restored). With no marker and no such file, the directory is marked (created if missing, with the data directory
+    above it) only when the database holds no document (every document, a retired one too, keeps its row): otherwise
+    the volume is not mounted, and anything written would land on the disk below the mount point. A server goes on
+    either way (queries need no blobs)."""
+    opened, _seen[blob_dir] = _decide(blob_dir, documents_exist=documents_exist, store_id=store_id, knows=knows)
+    return opened
+
+
+def _decide(blob_dir: Path, *, documents_exist: bool, store_id: str | None,
+            knows: Callable[[set[str]], bool]) -> tuple[str | None, _Seen]:
+    """`open_store`'s decision, logged when it refuses: the id opened (or None) and what this process then knows."""
     signature = _signature(blob_dir)  # taken before the read: a marker changed after it is judged again when used
     marked = _read_marker(blob_dir)
     opened = _adopt(blob_dir, marked, documents_exist=documents_exist, store_id=store_id, knows=knows)
     if opened is None:
         logger.error("%s", _refusal(blob_dir, marked, store_id))
-    judged = opened is None and not isinstance(marked, OSError)  # a read that failed is tried again when used
-    _seen[blob_dir] = _Seen(opened or store_id, signature if judged else None)
-    return opened
+    judged = not isinstance(marked, OSError)  # a read that failed is tried again when used
+    return opened, _Seen(opened or store_id, signature if judged else None, ours=opened is not None)
 
 
 def _adopt(blob_dir: Path, marked: _Marked, *, documents_exist: bool, store_id: str | None,
@@ -109,9 +127,11 @@ def _adopt(blob_dir: Path, marked: _Marked, *, documents_exist: bool, store_id: 
     """`open_store`'s decision, writing the marker where it may: the store's id, or None."""
     if isinstance(marked, Exception):
         return None
-    if marked:
-        return marked if store_id in (None, marked) else None
+    if marked and store_id is not None:
+        return marked if marked == store_id else None
     stored = _stored_document_ids(blob_dir)
+    if marked:  # not another deployment's volume: the orphan sweep deletes the files no document of ours owns
+        return marked if not stored or knows(stored) else None
     if marked == "" or stored:
         if store_id is None:
             return _mark(blob_dir, str(uuid.uuid4()))
@@ -130,6 +150,12 @@ def _refusal(blob_dir: Path, marked: _Marked, store_id: str | None) -> str:
         reason = "it holds no store id" if isinstance(marked, GarbledMarker) else marked.strerror or "an OSError"
         return (f"the blob store's marker {marker} cannot be read ({reason}); {waiting} it holds this database's "
                 f"store id. If it is this database's store, {_how_to_mark(marker, store_id)}")
+    if marked and store_id is None:
+        return (f"the blob volume at {blob_dir} holds another deployment's files: its store {marked} holds files of "
+                f"documents this database does not know, and this database records no store yet; nothing is written "
+                f"into it or deleted from it, and {waiting} this database's store is mounted there. Mount this "
+                f"deployment's volume there, or run this process against the database of store {marked}, or, to "
+                f"start afresh deliberately, use an empty directory")
     if marked:
         return (f"a different blob store is mounted: {blob_dir} holds store {marked}, this database's store is "
                 f"{store_id}; nothing is written into it, and {waiting} this database's store is mounted there. "
@@ -217,22 +243,36 @@ def _mounted(blob_dir: Path) -> Path:
     signature = _signature(blob_dir)
     seen = _seen.get(blob_dir, _Seen(None))
     if signature is not None and signature != seen.marker:
-        seen = _judge(blob_dir, seen.store_id, signature)
+        seen = _judge(blob_dir, seen, signature)
     if signature is None or not seen.ours:
         raise Unavailable("blob volume")
     return blob_dir
 
 
-def _judge(blob_dir: Path, store_id: str | None, signature: tuple[int, ...]) -> _Seen:
-    """Read the marker that changed: this store's (any store's, or an empty one, while none is recorded) or not."""
+def _judge(blob_dir: Path, seen: _Seen, signature: tuple[int, ...]) -> _Seen:
+    """Read the marker that changed: this store's or not. A store appearing while the database records none is
+    decided as at a start, and its id recorded (`open_at_start`); without a start in this process, any store's
+    marker (or an empty one) is taken."""
+    if seen.store_id is None and seen.database_url is not None:
+        open_at_start(blob_dir, seen.database_url)
+        return _seen[blob_dir]
     marked = _read_marker(blob_dir)
     if marked is None or isinstance(marked, OSError):  # gone, or unreadable, since the stat: judged at the next use
-        return _Seen(store_id)
-    ours = isinstance(marked, str) and store_id in (None, marked)
+        return replace(seen, marker=None, ours=False)
+    ours = isinstance(marked, str) and seen.store_id in (None, marked)
     if not ours:
-        logger.error("%s", _refusal(blob_dir, marked, store_id))
-    _seen[blob_dir] = _Seen(store_id, signature, ours)
+        logger.error("%s", _refusal(blob_dir, marked, seen.store_id))
+    _seen[blob_dir] = replace(seen, marker=signature, ours=ours)
     return _seen[blob_dir]
+
+
+def _verified(blob_dir: Path) -> Path:
+    """`_mounted`, and a store whose id this process checked against the one its database records (or was given,
+    `open_store`): the orphan sweep deletes what no document of the database owns, which in a store taken without
+    that check may be another deployment's files (`Unavailable` until then)."""
+    if _seen.get(_mounted(blob_dir), _Seen(None)).store_id is None:
+        raise Unavailable("blob volume")
+    return blob_dir
 
 
 def _path(blob_dir: Path, document_id: str) -> Path:
@@ -352,9 +392,10 @@ def read_newest_sealed_map(blob_dir: Path, document_id: str, key: bytes, below: 
 def stale_files(blob_dir: Path, older_than_seconds: float) -> Iterator[tuple[str, Path, bool]]:
     """(document id, path, whether it is an unfinished write) for each file this module wrote that has not been
     modified for `older_than_seconds`; other files in the directory (the marker among them) are never listed. With
-    the store's marker missing, `Unavailable` (the orphan sweep waits for the volume) rather than nothing to list."""
+    the store's marker missing, or a store not checked against the database (`_verified`), `Unavailable` (the orphan
+    sweep waits for the volume) rather than nothing to list."""
     cutoff = time.time() - older_than_seconds
-    with os.scandir(_mounted(blob_dir)) as entries:
+    with os.scandir(_verified(blob_dir)) as entries:
         for entry in entries:
             match = _STORED_NAME.fullmatch(entry.name)
             if match is None or not entry.is_file(follow_symlinks=False):

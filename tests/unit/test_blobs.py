@@ -6,7 +6,9 @@ and only for a fresh deployment (no document in the database) or a store written
 
 The marker holds the store's id and the database records it: a store with another id mounted there (another
 deployment's volume, a restored copy belonging to another database) is refused the same way, nothing written into it
-(on the embedded SQLite and on PostgreSQL)."""
+(on the embedded SQLite and on PostgreSQL). While the database records no id, a store holding files of documents it
+does not know is refused too, at a start or at the first use of a volume mounted after it: the orphan sweep would
+delete them, and it sweeps only a store checked against the database."""
 
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from core import blobs, migrate
 from core.db import unit_of_work
 from core.errors import Unavailable, unavailable_dependency
 from core.models import BlobStore
+from core.settings import Settings
+from ingestion.purge import sweep_orphan_files
 
 KEY = bytes(32)
 DOCUMENT = str(uuid.uuid4())
@@ -472,6 +476,128 @@ def test_a_backup_of_the_store_from_before_ids_restored_after_the_upgrade_is_tak
     assert blobs.open_at_start(blob_dir, url)
     assert _marked(blob_dir) == recorded == _recorded(url)
     assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"the upload"
+
+
+def _another_deployments_volume(volume: Path, document_id: str) -> str:
+    """A store of another deployment, holding a file of one of its documents: its id."""
+    store_id = blobs.open_store(volume, documents_exist=False)
+    blobs.write_sealed(volume, document_id, KEY, b"their upload")
+    assert store_id is not None
+    return store_id
+
+
+def _refused_as_anothers(blob_dir: Path, store_id: str) -> str:
+    return (f"the blob volume at {blob_dir} holds another deployment's files: its store {store_id} holds files of "
+            "documents this database does not know, and this database records no store yet; nothing is written into "
+            "it or deleted from it, and uploads and reveals are a 503 and ingestion runs wait until this database's "
+            "store is mounted there. Mount this deployment's volume there, or run this process against the database "
+            f"of store {store_id}, or, to start afresh deliberately, use an empty directory")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_fresh_database_pointed_at_another_deployments_volume_is_refused_and_its_files_survive_a_sweep(
+        kind: str, tmp_path: Path, make_pg_database: Callable[[], str], caplog: pytest.LogCaptureFixture) -> None:
+    """A database recording no store took any store's marker: another deployment's volume became its store, and the
+    orphan sweep deleted that deployment's files (no document of this database owns them)."""
+    settings = Settings(data_dir=tmp_path / "data", database_url=_migrated(kind, tmp_path, make_pg_database))
+    settings.data_dir.mkdir()
+    their_id = _another_deployments_volume(settings.blob_dir, str(uuid.uuid4()))
+    before = _files(settings.blob_dir)
+    with caplog.at_level(logging.ERROR, logger="core.blobs"):
+        assert not blobs.open_at_start(settings.blob_dir, settings.resolved_database_url)
+        with pytest.raises(Unavailable) as caught:
+            sweep_orphan_files(settings, older_than_seconds=-60)
+        with pytest.raises(Unavailable):
+            blobs.write_sealed(settings.blob_dir, DOCUMENT, KEY, b"our upload")
+    assert unavailable_dependency(caught.value) == "blob volume"
+    assert _files(settings.blob_dir) == before and _recorded(settings.resolved_database_url) is None
+    assert _said(caplog) == [_refused_as_anothers(settings.blob_dir, their_id)]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_volume_holding_only_a_marker_is_adopted(
+        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
+    """Nothing in it for the sweep to delete: a store marked elsewhere (or whose files were all purged) is taken."""
+    url = _migrated(kind, tmp_path, make_pg_database)
+    blob_dir = tmp_path / "blobs"
+    store_id = blobs.open_store(tmp_path / "marked-elsewhere", documents_exist=False)
+    (tmp_path / "marked-elsewhere").rename(blob_dir)
+    (blob_dir / "lost+found").mkdir()  # not a file of govrag's
+    assert blobs.open_at_start(blob_dir, url)
+    assert _recorded(url) == store_id == _marked(blob_dir)
+    blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
+    assert sweep_orphan_files(Settings(data_dir=tmp_path, database_url=url), older_than_seconds=-60) == 1  # checked
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_volume_mounted_after_a_start_that_recorded_no_store_is_checked_at_its_first_use(
+        kind: str, tmp_path: Path, make_pg_database: Callable[[], str], caplog: pytest.LogCaptureFixture) -> None:
+    """An upgraded deployment started with its volume away records no store; whatever marker appeared then was
+    taken, another deployment's too (its files then swept). The first use decides as a start does, and records."""
+    url = _at_0013_with_a_document(kind, tmp_path, make_pg_database, DOCUMENT)
+    migrate.upgrade(url)
+    blob_dir, theirs, ours = tmp_path / "blobs", tmp_path / "their-volume", tmp_path / "our-volume"
+    their_id = _another_deployments_volume(theirs, str(uuid.uuid4()))
+    our_id = blobs.open_store(ours, documents_exist=False)  # marked with an id, holding a document the database knows
+    blobs.write_sealed(ours, DOCUMENT, KEY, b"our upload")
+    with caplog.at_level(logging.ERROR, logger="core.blobs"):
+        assert not blobs.open_at_start(blob_dir, url)  # not mounted: nothing recorded
+        theirs.rename(blob_dir)
+        before = _files(blob_dir)
+        for _ in range(3):
+            with pytest.raises(Unavailable):
+                blobs.has_original(blob_dir, DOCUMENT)
+        with pytest.raises(Unavailable):
+            list(blobs.stale_files(blob_dir, -60))
+    assert _files(blob_dir) == before and _recorded(url) is None
+    assert _said(caplog)[1:] == [_refused_as_anothers(blob_dir, their_id)]  # once, after the start's "not mounted"
+    blob_dir.rename(theirs)
+    ours.rename(blob_dir)
+    assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"our upload"
+    assert _recorded(url) == our_id  # every process agrees from now on, and so does this one:
+    blob_dir.rename(ours)
+    theirs.rename(blob_dir)
+    with pytest.raises(Unavailable):
+        blobs.has_original(blob_dir, DOCUMENT)
+    assert _said(caplog)[-1].startswith(f"a different blob store is mounted: {blob_dir} holds store {their_id}, "
+                                        f"this database's store is {our_id}")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_threads_first_using_a_store_mounted_after_the_start_take_turns_and_record_one_id(
+        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
+    """The deployment's store from before ids (an empty marker) mounted after the start: it is given an id at its
+    first use, once, under the start's lock, and every thread using it then opens that store."""
+    url = _at_0013_with_a_document(kind, tmp_path, make_pg_database, DOCUMENT)
+    migrate.upgrade(url)
+    blob_dir, volume = tmp_path / "blobs", tmp_path / "volume"
+    _store_from_before_ids(volume, DOCUMENT)
+    assert not blobs.open_at_start(blob_dir, url)
+    volume.rename(blob_dir)
+    barrier = threading.Barrier(4)
+
+    def first_use(_: int) -> bytes:
+        barrier.wait()
+        return blobs.read_sealed(blob_dir, DOCUMENT, KEY)
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(first_use, range(4))) == [b"the upload"] * 4
+    assert uuid.UUID(_marked(blob_dir)) and _recorded(url) == _marked(blob_dir)
+
+
+def test_the_orphan_sweep_never_deletes_from_a_store_this_process_did_not_check_against_its_database(
+        tmp_path: Path) -> None:
+    """A process that opened no store (no start) takes any store's marker for its operations, but a sweep from it
+    deleted what its database does not know: another deployment's files, maybe."""
+    settings = Settings(data_dir=tmp_path / "data")
+    settings.data_dir.mkdir()
+    migrate.upgrade(settings.resolved_database_url)
+    _another_deployments_volume(tmp_path / "their-volume", DOCUMENT)
+    (tmp_path / "their-volume").rename(settings.blob_dir)
+    before = _files(settings.blob_dir)
+    with pytest.raises(Unavailable):
+        sweep_orphan_files(settings, older_than_seconds=-60)
+    assert _files(settings.blob_dir) == before
 
 
 @pytest.mark.parametrize("written", ["marker", "upload"])
