@@ -6,16 +6,18 @@ store's id (a random UUID) and the database records the id of its store (`BlobSt
 whose id is another (another deployment's volume, or a restored copy belonging to another database) is not this
 deployment's store either. Only a process's start (`open_at_start`: the API, `govrag worker`, the in-process `govrag
 ingest`) creates the directory and its marker, and only for a fresh deployment (no document in the database: the store
-never held anything) or for a store written before markers (it holds files of ours) or before ids (an empty marker)
-while the database records no store, or, marked before ids, while it holds a file of a document the database knows (a
-backup of the store from before ids, restored); a database recording none (fresh, or upgraded to ids) records the id of
-the store its start opens. A marker holding an id while the database records none is taken only if the store holds no
-file of govrag's or a file of a document the database knows: else it is another deployment's volume (a fresh database
-pointed at it, or the wrong volume mounted into an upgraded deployment), whose files the orphan sweep would delete as
-no document's. With documents in the database and no marker, the volume is not mounted; with another id (or none while
-the database records one, but for that backup) it is another store: that start writes nothing, logs an error and goes
-on. A store mounted after a start that recorded none is decided the same way at its first use, its id then recorded
-(`_judge`); the orphan sweep lists only a store checked against the database (`_verified`). From then on every
+never held anything), for a store written before markers (it holds files of ours) or before ids (an empty marker)
+while the database records no store, or for one marked before ids while it records one (a backup of the store from
+before ids, restored); a database recording none (fresh, or upgraded to ids) records the id of the store its start
+opens. A store whose marker does not hold the recorded id (none is recorded, or it was marked before ids) is taken
+only if it holds no file of govrag's (while none is recorded) or files of documents the database knows (every
+document keeps its row): else it is another deployment's volume (a fresh database pointed at it, or the wrong volume
+mounted into an upgraded deployment), whose files the orphan sweep would delete as no document's. With documents in
+the database and no marker, the volume is not mounted; with another id (or none while the database records one, but
+for that backup) it is another store: that start writes nothing, logs an error and goes on. A marked store mounted
+after a start that recorded none is decided the same way at its first use, its id then recorded (`_judge`: callers
+whose transaction writes before that use have it decided first, `decide_first_use`); the orphan sweep lists only a
+store checked against the database (`_verified`). From then on every
 operation here without this store's marker raises `Unavailable("blob volume")` (`_mounted`), waited out like any other
 outage: nothing is written where the volume should be (a file there would be hidden, then lost, once it is mounted, or
 mixed into another deployment's store), and nothing read or listed there is taken for the truth (no file is not "no
@@ -23,6 +25,7 @@ original", "no placeholder map" or "nothing to remove")."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -98,14 +101,15 @@ def open_store(blob_dir: Path, *, documents_exist: bool, store_id: str | None = 
                knows: Callable[[set[str]], bool] = lambda _document_ids: False) -> str | None:
     """Open the store at `blob_dir` for the database recording `store_id` (None: none yet): its id, or None when it is
     not there (an error logged saying why and what to do; nothing written). A marker holding an id is the store if it is
-    the id recorded; while none is, if the store holds no file of govrag's or a file of a document the database `knows`
-    (else it is another deployment's, whose files the orphan sweep would delete). A store from before ids or markers
-    (an empty marker, or files of ours) is given a new id while none is recorded; one marked before ids is given the
-    recorded one when it holds a file of a document the database `knows` (a backup of the store taken before ids,
-    restored). With no marker and no such file, the directory is marked (created if missing, with the data directory
-    above it) only when the database holds no document (every document, a retired one too, keeps its row): otherwise
-    the volume is not mounted, and anything written would land on the disk below the mount point. A server goes on
-    either way (queries need no blobs)."""
+    the id recorded. While none is, a store holding files of govrag's is the store only if one of them is of a document
+    the database `knows` (else it is another deployment's, whose files the orphan sweep would delete), whatever its
+    marker: one holding an id keeps it, one from before ids or markers (an empty marker, or none) is given a new id;
+    one holding none of govrag's files (only its marker, perhaps an empty one) is the store. One marked before ids is
+    given the recorded id when it holds a file of a document the database `knows` (a backup of the store taken before
+    ids, restored). With no marker and no such file, the directory is marked (created if missing, with the data
+    directory above it) only when the database holds no document (every document, a retired one too, keeps its row):
+    otherwise the volume is not mounted, and anything written would land on the disk below the mount point. A server
+    goes on either way (queries need no blobs)."""
     opened, _seen[blob_dir] = _decide(blob_dir, documents_exist=documents_exist, store_id=store_id, knows=knows)
     return opened
 
@@ -130,13 +134,15 @@ def _adopt(blob_dir: Path, marked: _Marked, *, documents_exist: bool, store_id: 
     if marked and store_id is not None:
         return marked if marked == store_id else None
     stored = _stored_document_ids(blob_dir)
-    if marked:  # not another deployment's volume: the orphan sweep deletes the files no document of ours owns
-        return marked if not stored or knows(stored) else None
+    if stored and not knows(stored):  # another deployment's files, whose documents the orphan sweep would not find
+        return None
+    if marked:
+        return marked
     if marked == "" or stored:
         if store_id is None:
             return _mark(blob_dir, str(uuid.uuid4()))
         # Not without a marker: that may be the disk below the mount point, written before markers, the volume away.
-        return _mark(blob_dir, store_id) if marked == "" and stored and knows(stored) else None
+        return _mark(blob_dir, store_id) if marked == "" and stored else None
     if documents_exist:
         return None
     blob_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -150,12 +156,14 @@ def _refusal(blob_dir: Path, marked: _Marked, store_id: str | None) -> str:
         reason = "it holds no store id" if isinstance(marked, GarbledMarker) else marked.strerror or "an OSError"
         return (f"the blob store's marker {marker} cannot be read ({reason}); {waiting} it holds this database's "
                 f"store id. If it is this database's store, {_how_to_mark(marker, store_id)}")
-    if marked and store_id is None:
-        return (f"the blob volume at {blob_dir} holds another deployment's files: its store {marked} holds files of "
+    if store_id is None and (marked is not None or _stored_document_ids(blob_dir)):  # refused for its files only
+        store = f"store {marked}" if marked else "that store"
+        told = store if marked else "store, marked before ids," if marked == "" else "store, from before markers,"
+        return (f"the blob volume at {blob_dir} holds another deployment's files: its {told} holds files of "
                 f"documents this database does not know, and this database records no store yet; nothing is written "
                 f"into it or deleted from it, and {waiting} this database's store is mounted there. Mount this "
-                f"deployment's volume there, or run this process against the database of store {marked}, or, to "
-                f"start afresh deliberately, use an empty directory")
+                f"deployment's volume there, or run this process against the database of {store}, or, to start "
+                f"afresh deliberately, use an empty directory")
     if marked:
         return (f"a different blob store is mounted: {blob_dir} holds store {marked}, this database's store is "
                 f"{store_id}; nothing is written into it, and {waiting} this database's store is mounted there. "
@@ -168,8 +176,9 @@ def _refusal(blob_dir: Path, marked: _Marked, store_id: str | None) -> str:
                 f"database's store is {store_id}: it may be another's{taken}; nothing is written into it, and "
                 f"{waiting} this database's store is mounted there. If it is this database's store, "
                 f"{_how_to_mark(marker, store_id)}")
-    unmarked = ("a store from before the marker is marked at the next start; one holding no file of govrag's (every "
-                f"document deleted) is the store once an empty {marker} is created" if store_id is None else
+    unmarked = ("a store from before the marker holding files of this database's documents is marked at the next "
+                f"start; one holding no file of govrag's (every document deleted) is the store once an empty {marker} "
+                "is created" if store_id is None else
                 f"a store holding no file of govrag's (every document deleted) is the store once {marker} is "
                 f"created holding {store_id}")
     return (f"the blob volume is not mounted: {blob_dir} has no {MARKER} marker though the database holds "
@@ -264,6 +273,15 @@ def _judge(blob_dir: Path, seen: _Seen, signature: tuple[int, ...]) -> _Seen:
         logger.error("%s", _refusal(blob_dir, marked, seen.store_id))
     _seen[blob_dir] = replace(seen, marker=signature, ours=ours)
     return _seen[blob_dir]
+
+
+def decide_first_use(blob_dir: Path) -> None:
+    """Have the first use of a store mounted after a start that recorded none decided now (`_judge`), by a caller
+    whose transaction is about to write before it uses the store: the decision records the store's id on a connection
+    of its own, which on SQLite waits for the one write lock that transaction would then hold (the busy timeout, then
+    "database is locked"). Whether the store is there is left to the caller's operation on it."""
+    with contextlib.suppress(Unavailable):
+        _mounted(blob_dir)
 
 
 def _verified(blob_dir: Path) -> Path:

@@ -152,6 +152,8 @@ def queue_reindex(*, session: Session, settings: Settings, department: str, docu
     authz_service.require_department(session, department)
     listed = repository.documents_to_reindex(session, department=department, document_ids=document_ids)
     may_run_failed = _lock_failed_contents(session, listed) if document_ids is not None else set()
+    if may_run_failed:
+        blobs.decide_first_use(settings.blob_dir)  # before the first write: `_original_kept` uses the store
     withhold = not serve_previous
     queued: list[tuple[str, str]] = []
     rerun: list[str] = []

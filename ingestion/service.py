@@ -77,6 +77,7 @@ def accept_upload(
     if duplicate is not None:
         raise GovragError(ErrorCode.conflict,
                           f"duplicate upload: the department already has this content as document {duplicate.id}")
+    blobs.decide_first_use(settings.blob_dir)  # before this transaction's first write (the key's)
     document_id, job_id = str(uuid.uuid4()), str(uuid.uuid4())
     key = keystore_for(settings).create_document_key(session=session, department=department,
                                                      document_id=document_id)

@@ -24,14 +24,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import create_engine, delete, select, text, update
 
+from authz import service as authz_service
 from core import blobs, migrate
 from core.db import unit_of_work
 from core.errors import Unavailable, unavailable_dependency
-from core.models import BlobStore
+from core.keystore import keystore_for
+from core.models import BlobStore, Document, DocumentStatus
 from core.settings import Settings
+from ingestion import quarantine
+from ingestion import service as ingestion_service
 from ingestion.purge import sweep_orphan_files
+from ingestion.schemas import Classification
 
 KEY = bytes(32)
 DOCUMENT = str(uuid.uuid4())
@@ -143,8 +148,9 @@ def test_a_start_with_documents_in_the_database_and_no_directory_creates_nothing
     assert _said(caplog) == [
         f"the blob volume is not mounted: {blob_dir} has no .govrag-blobs marker though the database holds documents; "
         "uploads and reveals are a 503 and ingestion runs wait until it is mounted there. If it is mounted there: a "
-        "store from before the marker is marked at the next start; one holding no file of govrag's (every document "
-        f"deleted) is the store once an empty {blob_dir / '.govrag-blobs'} is created"]
+        "store from before the marker holding files of this database's documents is marked at the next start; one "
+        f"holding no file of govrag's (every document deleted) is the store once an empty {blob_dir / '.govrag-blobs'} "
+        "is created"]
     with pytest.raises(Unavailable):
         blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
     assert list(tmp_path.iterdir()) == []
@@ -171,13 +177,16 @@ def test_the_volume_mounted_after_the_start_is_used_without_a_restart(tmp_path: 
     assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"the upload"
 
 
-def test_a_store_from_before_the_marker_is_marked_at_the_start_and_used(tmp_path: Path) -> None:
-    """A deployment upgraded to the marker: its directory holds files of ours, so it is the store."""
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_store_from_before_the_marker_is_marked_at_the_start_and_used(
+        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
+    """A deployment upgraded to the marker: its directory holds files of its database's documents, so it is the
+    store."""
+    url = _upgraded_knowing(kind, tmp_path, make_pg_database, DOCUMENT)
     blob_dir = tmp_path / "blobs"
-    blobs.open_store(blob_dir, documents_exist=False)
-    blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
+    _store_from_before_ids(blob_dir, DOCUMENT)
     (blob_dir / blobs.MARKER).unlink()  # as every store was before markers
-    blobs.open_store(blob_dir, documents_exist=True)
+    assert blobs.open_at_start(blob_dir, url)
     assert (blob_dir / blobs.MARKER).is_file()
     assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"the upload"
 
@@ -320,25 +329,26 @@ def test_an_operation_reads_the_marker_only_when_it_changed(tmp_path: Path, monk
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 def test_a_store_marked_before_ids_is_given_an_id_that_the_database_records(
         kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
-    """An upgraded deployment: an empty marker (and its files) is the store, as before; it gets its id now."""
-    url = _migrated(kind, tmp_path, make_pg_database)
+    """An upgraded deployment: an empty marker (and files of its database's documents) is the store, as before; it
+    gets its id now."""
+    url = _upgraded_knowing(kind, tmp_path, make_pg_database, DOCUMENT)
     blob_dir = tmp_path / "blobs"
-    blobs.open_store(blob_dir, documents_exist=False)
-    blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
-    (blob_dir / blobs.MARKER).write_bytes(b"")  # as every marker was before ids
+    _store_from_before_ids(blob_dir, DOCUMENT)  # an empty marker, as every marker was before ids
     assert blobs.open_at_start(blob_dir, url)
     assert _recorded(url) == _marked(blob_dir) and uuid.UUID(_marked(blob_dir))
     assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"the upload"
     assert sorted(path.name for path in blob_dir.iterdir()) == sorted([blobs.MARKER, f"{DOCUMENT}.bin"])
 
 
-def test_a_store_from_before_markers_is_given_an_id(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_store_from_before_markers_is_given_an_id(
+        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
+    url = _upgraded_knowing(kind, tmp_path, make_pg_database, DOCUMENT)
     blob_dir = tmp_path / "blobs"
-    blobs.open_store(blob_dir, documents_exist=False)
-    blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
+    _store_from_before_ids(blob_dir, DOCUMENT)
     (blob_dir / blobs.MARKER).unlink()
-    store_id = blobs.open_store(blob_dir, documents_exist=True)
-    assert store_id is not None and _marked(blob_dir) == store_id
+    assert blobs.open_at_start(blob_dir, url)
+    assert uuid.UUID(_marked(blob_dir)) and _recorded(url) == _marked(blob_dir)
 
 
 @pytest.mark.parametrize("marker", ["empty", "absent"])
@@ -422,6 +432,13 @@ def _at_0013_with_a_document(kind: str, tmp_path: Path, make_pg_database: Callab
     return url
 
 
+def _upgraded_knowing(kind: str, tmp_path: Path, make_pg_database: Callable[[], str], document_id: str) -> str:
+    """A deployment from before store ids holding one document, upgraded to them (its database records no store)."""
+    url = _at_0013_with_a_document(kind, tmp_path, make_pg_database, document_id)
+    migrate.upgrade(url)
+    return url
+
+
 def _store_from_before_ids(blob_dir: Path, document_id: str) -> None:
     """The blob store as a deployment from before store ids left it: an empty marker beside the document's file."""
     blobs.open_store(blob_dir, documents_exist=False)
@@ -486,12 +503,15 @@ def _another_deployments_volume(volume: Path, document_id: str) -> str:
     return store_id
 
 
-def _refused_as_anothers(blob_dir: Path, store_id: str) -> str:
-    return (f"the blob volume at {blob_dir} holds another deployment's files: its store {store_id} holds files of "
-            "documents this database does not know, and this database records no store yet; nothing is written into "
-            "it or deleted from it, and uploads and reveals are a 503 and ingestion runs wait until this database's "
-            "store is mounted there. Mount this deployment's volume there, or run this process against the database "
-            f"of store {store_id}, or, to start afresh deliberately, use an empty directory")
+def _refused_as_anothers(blob_dir: Path, marker: str) -> str:
+    """The error refusing another deployment's store whose marker holds `marker`: its id, or "empty", or "absent"."""
+    store = "that store" if marker in ("empty", "absent") else f"store {marker}"
+    told = {"empty": "store, marked before ids,", "absent": "store, from before markers,"}.get(marker, store)
+    return (f"the blob volume at {blob_dir} holds another deployment's files: its {told} holds files of documents "
+            "this database does not know, and this database records no store yet; nothing is written into it or "
+            "deleted from it, and uploads and reveals are a 503 and ingestion runs wait until this database's store "
+            f"is mounted there. Mount this deployment's volume there, or run this process against the database of "
+            f"{store}, or, to start afresh deliberately, use an empty directory")
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
@@ -514,17 +534,48 @@ def test_a_fresh_database_pointed_at_another_deployments_volume_is_refused_and_i
     assert _said(caplog) == [_refused_as_anothers(settings.blob_dir, their_id)]
 
 
+@pytest.mark.parametrize("database", ["fresh", "upgraded"])
+@pytest.mark.parametrize("marker", ["empty", "absent"])
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_another_deployments_store_without_an_id_is_refused_and_its_files_survive_a_sweep(
+        kind: str, marker: str, database: str, tmp_path: Path, make_pg_database: Callable[[], str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A database recording no store gave a new id to any store from before ids (an empty marker) or before markers
+    (files of govrag's, no marker) without looking whose files it held: another deployment's volume became its store,
+    and the orphan sweep deleted that deployment's files (no document of this database owns them)."""
+    url = (_migrated(kind, tmp_path, make_pg_database) if database == "fresh" else
+           _upgraded_knowing(kind, tmp_path, make_pg_database, DOCUMENT))
+    settings = Settings(data_dir=tmp_path / "data", database_url=url)
+    _store_from_before_ids(settings.blob_dir, str(uuid.uuid4()))  # theirs, holding a document of theirs
+    if marker == "absent":
+        (settings.blob_dir / blobs.MARKER).unlink()
+    before = _files(settings.blob_dir)
+    with caplog.at_level(logging.ERROR, logger="core.blobs"):
+        assert not blobs.open_at_start(settings.blob_dir, url)
+        with pytest.raises(Unavailable):
+            sweep_orphan_files(settings, older_than_seconds=-60)
+        with pytest.raises(Unavailable):
+            blobs.write_sealed(settings.blob_dir, DOCUMENT, KEY, b"our upload")
+    assert _files(settings.blob_dir) == before and _recorded(url) is None
+    assert _said(caplog) == [_refused_as_anothers(settings.blob_dir, marker)]
+
+
+@pytest.mark.parametrize("marker", ["id", "empty"])
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 def test_a_volume_holding_only_a_marker_is_adopted(
-        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
-    """Nothing in it for the sweep to delete: a store marked elsewhere (or whose files were all purged) is taken."""
+        kind: str, marker: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
+    """Nothing in it for the sweep to delete: a store marked elsewhere (or whose files were all purged) is taken, its
+    id kept (an empty marker, from before ids, is given one)."""
     url = _migrated(kind, tmp_path, make_pg_database)
     blob_dir = tmp_path / "blobs"
     store_id = blobs.open_store(tmp_path / "marked-elsewhere", documents_exist=False)
+    if marker == "empty":
+        (tmp_path / "marked-elsewhere" / blobs.MARKER).write_bytes(b"")
     (tmp_path / "marked-elsewhere").rename(blob_dir)
     (blob_dir / "lost+found").mkdir()  # not a file of govrag's
     assert blobs.open_at_start(blob_dir, url)
-    assert _recorded(url) == store_id == _marked(blob_dir)
+    assert _recorded(url) == _marked(blob_dir) and uuid.UUID(_marked(blob_dir))
+    assert marker == "empty" or _marked(blob_dir) == store_id
     blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
     assert sweep_orphan_files(Settings(data_dir=tmp_path, database_url=url), older_than_seconds=-60) == 1  # checked
 
@@ -534,8 +585,7 @@ def test_a_volume_mounted_after_a_start_that_recorded_no_store_is_checked_at_its
         kind: str, tmp_path: Path, make_pg_database: Callable[[], str], caplog: pytest.LogCaptureFixture) -> None:
     """An upgraded deployment started with its volume away records no store; whatever marker appeared then was
     taken, another deployment's too (its files then swept). The first use decides as a start does, and records."""
-    url = _at_0013_with_a_document(kind, tmp_path, make_pg_database, DOCUMENT)
-    migrate.upgrade(url)
+    url = _upgraded_knowing(kind, tmp_path, make_pg_database, DOCUMENT)
     blob_dir, theirs, ours = tmp_path / "blobs", tmp_path / "their-volume", tmp_path / "our-volume"
     their_id = _another_deployments_volume(theirs, str(uuid.uuid4()))
     our_id = blobs.open_store(ours, documents_exist=False)  # marked with an id, holding a document the database knows
@@ -568,8 +618,7 @@ def test_threads_first_using_a_store_mounted_after_the_start_take_turns_and_reco
         kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
     """The deployment's store from before ids (an empty marker) mounted after the start: it is given an id at its
     first use, once, under the start's lock, and every thread using it then opens that store."""
-    url = _at_0013_with_a_document(kind, tmp_path, make_pg_database, DOCUMENT)
-    migrate.upgrade(url)
+    url = _upgraded_knowing(kind, tmp_path, make_pg_database, DOCUMENT)
     blob_dir, volume = tmp_path / "blobs", tmp_path / "volume"
     _store_from_before_ids(volume, DOCUMENT)
     assert not blobs.open_at_start(blob_dir, url)
@@ -583,6 +632,64 @@ def test_threads_first_using_a_store_mounted_after_the_start_take_turns_and_reco
     with ThreadPoolExecutor(4) as pool:
         assert list(pool.map(first_use, range(4))) == [b"the upload"] * 4
     assert uuid.UUID(_marked(blob_dir)) and _recorded(url) == _marked(blob_dir)
+
+
+def _with_a_department(kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> Settings:
+    """A migrated database holding the department `desk` (and no document), and settings of a process using it."""
+    url = _migrated(kind, tmp_path, make_pg_database)
+    settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url="memory://", inprocess_worker=False)
+    settings.data_dir.mkdir()
+    with unit_of_work(url) as session:
+        authz_service.create_department(session=session, keystore=keystore_for(settings), name="desk")
+    return settings
+
+
+def _upload(settings: Settings, content: bytes) -> str:
+    """Upload `content` to `desk`, committed: the document's id."""
+    with unit_of_work(settings.resolved_database_url) as session:
+        return ingestion_service.accept_upload(
+            session=session, settings=settings, uploaded_by="stella", department="desk", filename="notes.txt",
+            data=content, title=None, acl_groups=[], classification=Classification.internal).document_id
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_an_upload_first_using_a_store_mounted_after_the_start_is_accepted_and_records_the_store(
+        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
+    """The first use records the store's id on a connection of its own: an upload's came after its transaction wrote
+    the document's key, so on SQLite it waited for the write lock that transaction held (the 30 s busy timeout),
+    then failed ("database is locked")."""
+    settings = _with_a_department(kind, tmp_path, make_pg_database)
+    _another_deployments_volume(settings.blob_dir, str(uuid.uuid4()))
+    assert not blobs.open_at_start(settings.blob_dir, settings.resolved_database_url)  # theirs: nothing recorded
+    settings.blob_dir.rename(tmp_path / "their-volume")
+    our_id = blobs.open_store(tmp_path / "our-volume", documents_exist=False)  # ours: only its marker
+    (tmp_path / "our-volume").rename(settings.blob_dir)
+    document_id = _upload(settings, b"Shift notes: the lifts were inspected.")
+    assert _recorded(settings.resolved_database_url) == our_id == _marked(settings.blob_dir)
+    assert (settings.blob_dir / f"{document_id}.bin").is_file()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_reindex_of_a_failed_document_first_using_a_store_mounted_after_the_start_queues_it(
+        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
+    """Whether a failed document named kept its original was the store's first use, after the re-index's first
+    write: on SQLite its id's record waited for the write lock that transaction held, then failed."""
+    settings = _with_a_department(kind, tmp_path, make_pg_database)
+    url, volume = settings.resolved_database_url, tmp_path / "volume"
+    assert blobs.open_at_start(settings.blob_dir, url)
+    document_id = _upload(settings, b"Shift notes: the heating was serviced.")
+    with unit_of_work(url) as session:
+        session.execute(update(Document).where(Document.id == document_id).values(status=DocumentStatus.failed))
+        session.execute(delete(BlobStore))  # as a deployment from before store ids, upgraded:
+    (settings.blob_dir / blobs.MARKER).write_bytes(b"")
+    settings.blob_dir.rename(volume)
+    assert not blobs.open_at_start(settings.blob_dir, url)  # started with its volume away: nothing recorded
+    volume.rename(settings.blob_dir)
+    with unit_of_work(url) as session:
+        reindex = quarantine.queue_reindex(session=session, settings=settings, department="desk",
+                                           document_ids=[document_id], serve_previous=True)
+    assert [queued for queued, _job in reindex.queued] == [document_id]
+    assert _recorded(url) == _marked(settings.blob_dir) and uuid.UUID(_marked(settings.blob_dir))
 
 
 def test_the_orphan_sweep_never_deletes_from_a_store_this_process_did_not_check_against_its_database(
