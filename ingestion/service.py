@@ -229,8 +229,8 @@ def _accept_attachment(session: Session, settings: Settings, parent: Document, n
 def _take_attachment(session: Session, settings: Settings, parent: Document, name: str,
                      payload: bytes) -> UploadAccepted | str:
     """Accept an attachment under its e-mail, or say why not (a savepoint undoes what a refusal began). A failure
-    other than a refusal gets a generic reason, as its message may quote the attachment; an outage propagates, for
-    the attachment step to be retried."""
+    other than a refusal gets a generic reason, as its message may quote the attachment; one that says "not now"
+    (`_not_now`) propagates, for the attachment step to be retried."""
     try:
         with session.begin_nested():
             return accept_upload(
@@ -238,13 +238,22 @@ def _take_attachment(session: Session, settings: Settings, parent: Document, nam
                 filename=name, data=payload, title=f"{parent.title} / {name}", acl_groups=list(parent.acl_groups),
                 classification=Classification(parent.classification),
                 parent_id=parent.id)
-    except GovragError as exc:
-        return exc.message
     except Exception as exc:
-        if unavailable_dependency(exc) is not None:
+        if _not_now(exc):
             raise
+        if isinstance(exc, GovragError):
+            return exc.message
         logger.warning("taking an attachment of document %s failed: %s", parent.id, type(exc).__name__)
         return ATTACHMENT_FAILED
+
+
+def _not_now(exc: BaseException) -> bool:
+    """Whether a failure to take an attachment is no refusal of it but a reason to retry: an outage, itself or what
+    it was raised from (`unavailable_dependency`: the audit log's `unavailable` when the database goes), or any
+    GovragError `unavailable` (a 503 says "not now", never "not this file"). A refusal is recorded for good: the
+    failed child keeps no bytes to take again."""
+    return unavailable_dependency(exc) is not None or (isinstance(exc, GovragError)
+                                                       and exc.code is ErrorCode.unavailable)
 
 
 def _record_refused_attachment(session: Session, parent: Document, name: str, payload: bytes, reason: str) -> None:

@@ -117,3 +117,27 @@ def test_a_run_ending_while_the_blob_volume_is_away_leaves_its_superseded_maps_a
     assert [r.getMessage() for r in caplog.records] == [
         "superseded placeholder maps of document doc stay until its next run: the blob volume is unavailable"]
     assert blobs.read_sealed_map(settings.blob_dir, "doc", key, 1) is not None  # left for the next run
+
+
+def test_an_attachment_is_refused_for_its_own_fault_only_never_for_an_outage_or_a_503() -> None:
+    """Taking an e-mail's attachment caught GovragError before it asked whether the failure was an outage: the audit
+    log's `unavailable` raised from the database going (any GovragError raised from an outage), or any 503, filed
+    the attachment as refused for good (a failed child keeps no bytes to take again) instead of retrying the step.
+    No path through `accept_upload` raises one today; the classification is checked here."""
+    from core.errors import ErrorCode, GovragError, Unavailable
+    from ingestion import service
+
+    def raised(failure: BaseException, cause: BaseException | None) -> BaseException:
+        try:
+            raise failure from cause
+        except BaseException as caught:  # noqa: BLE001 - handed back to the test
+            return caught
+
+    audit_unavailable = GovragError(ErrorCode.unavailable, "the audit log is unavailable")
+    assert service._not_now(raised(audit_unavailable, _outage()))
+    assert service._not_now(GovragError(ErrorCode.unavailable, "not now"))
+    assert service._not_now(raised(GovragError(ErrorCode.conflict, "duplicate"), Unavailable("blob volume")))
+    assert service._not_now(_outage()) and service._not_now(Unavailable("blob volume"))
+    assert not service._not_now(GovragError(ErrorCode.unsupported_type, "not a supported file type"))
+    assert not service._not_now(raised(GovragError(ErrorCode.conflict, "duplicate"), ValueError("bad")))
+    assert not service._not_now(ValueError("bad"))
