@@ -493,6 +493,8 @@ def _blob_store_opened(settings: Settings) -> bool:
 
 def _unknown_departments(settings: Settings, named: list[str]) -> list[str]:
     """The names given with --department that are not departments (a typo would otherwise be skipped silently)."""
-    from api import cli_keys
+    from authz import service as authz_service
+    from core.db import unit_of_work
 
-    return cli_keys.departments_named(settings, named)[1]
+    with unit_of_work(settings.resolved_database_url) as session:
+        return authz_service.departments_named(session=session, named=named)[1]

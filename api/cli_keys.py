@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from core.errors import unavailable_dependency
-from core.settings import Settings, get_settings
+from core.settings import get_settings
 
 if TYPE_CHECKING:
     from ingestion.keys import MasterRotationReport, RotationReport
@@ -53,12 +53,15 @@ def rotate_command(args: argparse.Namespace) -> int:
     (at the start or midway) is one line saying what is done and how to go on, exit 1 (130 for a Ctrl-C)."""
     if args.master:
         return _rotate_master(args)
+    from authz import service as authz_service
     from authz.identity import operator_identity
+    from core.db import unit_of_work
     from ingestion import keys
 
     settings = get_settings()
     try:
-        chosen, unknown = departments_named(settings, args.departments or [])
+        with unit_of_work(settings.resolved_database_url) as session:
+            chosen, unknown = authz_service.departments_named(session=session, named=args.departments or [])
     except (Exception, KeyboardInterrupt) as exc:  # before any rotation began
         if (stop := _stopped_by(exc)) is None:
             raise
@@ -102,16 +105,6 @@ def _rotation_stopped(done: list[RotationReport], why: str, left: list[str], act
     again = shlex.join(["govrag", "keys", "rotate", *named, "--actor", actor])
     Console(stderr=True).print(f"{why}; rotated and audited: {rotated}; not rotated: {', '.join(left)}; run "
                                f"`{again}` {when}", markup=False)
-
-
-def departments_named(settings: Settings, named: list[str]) -> tuple[list[str], list[str]]:
-    """The departments named (every one when none is), and the names that are not departments."""
-    from authz import service as authz_service
-    from core.db import unit_of_work
-
-    with unit_of_work(settings.resolved_database_url) as session:
-        known = authz_service.list_departments(session=session)
-    return [d for d in known if d in named or not named], [name for name in named if name not in known]
 
 
 def _rotate_master(args: argparse.Namespace) -> int:

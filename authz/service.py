@@ -190,6 +190,12 @@ def list_departments(*, session: Session) -> list[str]:
     return repository.department_names(session)
 
 
+def departments_named(*, session: Session, named: list[str]) -> tuple[list[str], list[str]]:
+    """The departments named (every one when none is), and the names that are not departments."""
+    known = list_departments(session=session)
+    return [d for d in known if d in named or not named], [name for name in named if name not in known]
+
+
 # --- policy changes: rows, version bump and admin audit event commit together ---
 
 @dataclass(frozen=True)
