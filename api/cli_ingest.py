@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import httpx
 
     from ingestion.schemas import DocumentStatusOut
+    from workers.dispatch import JobsHeld
 
 FINAL_STATES = ("ready", "failed", "quarantined", "rejected")
 INTERNAL_FAILURE = "internal error while ingesting the file"
@@ -200,10 +201,17 @@ def _until_stopped(files: list[Path], ingest: Callable[[Path], Outcome]) -> Iter
 @dataclass
 class _FileRun:
     """How far the ingestion of one file got: its document, once accepted (or found accepted before), and the jobs
-    this process took to run, as (document id, job id)."""
+    this process took to run, as (document id, job id), held from the sweep of any API on the same database until
+    the file's run ends (`held`, released by `_ingest_file` once what it took is given back)."""
 
+    held: JobsHeld
     document_id: str | None = None
     taken: list[tuple[str, str]] = field(default_factory=list)
+
+    def take(self, document_id: str, job_id: str) -> None:
+        """Record a job this process runs itself, and hold it (`dispatch.JobsHeld`)."""
+        self.taken.append((document_id, job_id))
+        self.held.hold(job_id)
 
     def own_job(self) -> str | None:
         """The job of the file's own document, if this process took one."""
@@ -226,8 +234,9 @@ def _ingest_file(settings: Settings, args: argparse.Namespace, path: Path) -> Ou
     `unavailable_dependency` tells them for the Celery path) is named, and what the file's run took is given back to
     wait, never failed (`_stopped`), as it is on a Ctrl-C; any other failure is handled by `_ingest_or_fail`."""
     from core.errors import unavailable_dependency
+    from workers.dispatch import JobsHeld
 
-    run = _FileRun()
+    run = _FileRun(JobsHeld(settings))
     try:
         return _ingest_or_fail(settings, args, path, run)
     except KeyboardInterrupt:  # the same command run again takes the jobs up (`_go_on`)
@@ -238,6 +247,8 @@ def _ingest_file(settings: Settings, args: argparse.Namespace, path: Path) -> Ou
         if dependency is None:
             raise
         return _stopped(settings, path, dependency, run)
+    finally:
+        run.held.release()
 
 
 def _ingest_or_fail(settings: Settings, args: argparse.Namespace, path: Path, run: _FileRun) -> Outcome:
@@ -316,11 +327,11 @@ def _job_outcome(settings: Settings, path: Path, job_id: str) -> Outcome:
 
 def _ingest_with_attachments(settings: Settings, document_id: str, job_id: str, run: _FileRun) -> None:
     """Ingest a document, then its attachments, theirs, and so on (spawn_attachments bounds the depth). Each job is
-    recorded as sent first: this process runs it, and an API's sweep must not send it to a worker as well."""
+    held and recorded as sent first: this process runs it, and an API's sweep must not send it to a worker as well."""
     from ingestion import service as ingestion_service
     from workers.dispatch import record_sent
 
-    run.taken.append((document_id, job_id))
+    run.take(document_id, job_id)
     record_sent(settings, job_id)
     ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id)
     for child in ingestion_service.spawn_attachments(settings=settings, document_id=document_id):
@@ -357,7 +368,7 @@ def _carry_on(settings: Settings, document_id: str, run: _FileRun) -> bool:
 
     if _status(settings, document_id).status in UNFINISHED:  # a finished one has no job waiting: no sweep lock
         if (job_id := take_waiting_job(settings, document_id)) is not None:
-            run.taken.append((document_id, job_id))
+            run.take(document_id, job_id)
             ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id)
     for child in ingestion_service.spawn_attachments(settings=settings, document_id=document_id):
         _ingest_with_attachments(settings, child.document_id, child.job_id, run)

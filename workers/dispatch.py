@@ -1,10 +1,11 @@
 """Sending ingestion jobs to the broker. The database is the record of what must run; the broker only carries it.
 
 A job row is committed (status `queued`, `sent_at` empty) with the work it describes; `send_job` then publishes its
-task and stamps `sent_at` (`govrag ingest` in process stamps the jobs it runs itself, and gives back unstamped those an
-outage stopped: `give_back`, `take_waiting_job`). A broker that refuses leaves
-the job unsent, not lost: `sweep_jobs` (run by a thread in every API process, core/sweeper.py) sends each job still
-unsent some seconds after it was created — the broker was down, or the API died between its commit and the send.
+task and stamps `sent_at` (`govrag ingest` in process stamps the jobs it runs itself, holds them while it runs them
+(`JobsHeld`), and gives back unstamped those an outage stopped: `give_back`, `take_waiting_job`). A broker that
+refuses leaves the job unsent, not lost: `sweep_jobs` (run by a thread in every API process, core/sweeper.py) sends
+each job still unsent some seconds after it was created — the broker was down, or the API died between its commit and
+the send.
 A job left `processing` with no run behind it goes again too (`resend_stalled`). On the embedded default the broker
 lives in the API's memory, so at start-up it holds nothing: every unfinished job is sent again (`resend_unfinished`).
 
@@ -20,8 +21,9 @@ queue and its unacknowledged tasks; the in-memory broker for its queue and for t
 
 The sweep never waits for a job row: each step takes only the rows no other transaction holds (`_unheld`), so it
 deadlocks with nothing, whatever order others take job rows in: a re-index handing back jobs (in its documents' row
-order, ingestion/quarantine.py), a run's claim or end, an uploader marking its job sent. A job held by one of them
-is being worked on right now, not stalled, lost nor forgotten: the next round looks at it again.
+order, ingestion/quarantine.py), a run's claim or end, an uploader marking its job sent, `govrag ingest` running it
+in process for as long as its run lasts (`JobsHeld`: no broker holds its task). A job held by one of them is being
+worked on right now, not stalled, lost nor forgotten: the next round looks at it again.
 
 Delivery is at least once: a job may run twice (a crash between the send and the stamp); a second run of a
 document that is already ready changes nothing, and a run that finds its document deleted ends the job and purges
@@ -42,10 +44,10 @@ from kombu.exceptions import OperationalError
 from kombu.transport import memory
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from sqlalchemy import ColumnElement, Select, or_, select, update
+from sqlalchemy import ColumnElement, Connection, Select, or_, select, update
 from sqlalchemy.orm import Session
 
-from core.db import transaction_lock, unit_of_work
+from core.db import get_engine, transaction_lock, unit_of_work
 from core.errors import unavailable_dependency
 from core.models import UNFINISHED, DocumentStatus, IngestionJob, utcnow
 from core.settings import Settings
@@ -111,6 +113,46 @@ def give_back(settings: Settings, job_ids: list[str]) -> bool:
     return True
 
 
+class JobsHeld:
+    """The jobs this process runs itself (`govrag ingest` in process), held from `hold` until `release`, so that no
+    sweep of an API on the same database sends one to a worker while this process runs it. A worker's run keeps its
+    task taken on the broker, which the sweep reads (`resend_lost`); this run has no task anywhere, and a job it runs
+    is sent again as lost once a re-index hands it back (`queued`, sent long ago), as stalled once its run outlasts
+    a worker's time limit (in process there is none), as unfinished by an embedded API starting: a worker then ran
+    the document beside this process, each claim counting a crash of the other.
+
+    Each job's row is read FOR KEY SHARE in one transaction kept open on a connection of its own: it leaves every
+    other write of the job alone (this run's claim and end, a re-index's hand-back, `give_back`: none changes its
+    key), while each sweep step takes only the rows FOR UPDATE SKIP LOCKED (`_unheld`) and passes it by. A process
+    killed mid-run drops its connection and the hold with it: the sweep finds the job as it finds any dead run's.
+    SQLite has no row locks: nothing is held there."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._engine = get_engine(settings.resolved_database_url)
+        self._connection: Connection | None = None
+
+    def hold(self, job_id: str) -> None:
+        """Hold the job until `release` (waiting, at most a sweep's round, for a sweep step locking it now)."""
+        if self._engine.dialect.name != "postgresql":
+            return
+        if self._connection is None:
+            self._connection = self._engine.connect()
+        self._connection.execute(select(IngestionJob.id).where(IngestionJob.id == job_id)
+                                 .with_for_update(read=True, key_share=True))
+
+    def release(self) -> None:
+        """Let the sweep look at the jobs again. A database gone meanwhile took the hold with the connection: there
+        is nothing left to release, and the run's own outcome is not replaced by that error."""
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        try:
+            connection.close()  # rolls the holding transaction back
+        except Exception as exc:
+            if unavailable_dependency(exc) is None:
+                raise
+
+
 def take_waiting_job(settings: Settings, document_id: str) -> str | None:
     """The document's unfinished job that nobody sends or runs, marked sent: this process runs it itself (`govrag
     ingest` run again after an outage stopped it). A job waits so when it is unsent and either a run of it began
@@ -158,9 +200,10 @@ def send_unsent(app: GovragCelery, *, older_than_seconds: float) -> int:
 
 def resend_unfinished(app: GovragCelery) -> int:
     """Embedded default only (an in-memory broker, empty at start-up): mark every unfinished job unsent, then send
-    them all. A job that was `processing` when the process stopped runs again from the start."""
+    them all. A job that was `processing` when the process stopped runs again from the start; one held (`_unheld`:
+    `govrag ingest` beside it, on a Qdrant server, running it now) is left to its run."""
     with unit_of_work(app.govrag_settings.resolved_database_url) as session:
-        session.execute(update(IngestionJob).where(IngestionJob.status.in_(UNFINISHED))
+        session.execute(update(IngestionJob).where(IngestionJob.id.in_(_unheld(IngestionJob.status.in_(UNFINISHED))))
                         .values(sent_at=None, updated_at=IngestionJob.updated_at))
     return send_unsent(app, older_than_seconds=0)
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import functools
+import os
 import socket
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -20,6 +24,11 @@ from core.db import unit_of_work
 from core.models import Document
 from core.settings import get_settings
 from tests.conftest import PLATFORM_ADMIN, allow_connections, auth, damaged_doc
+
+if TYPE_CHECKING:
+    from workers.celery_app import GovragCelery
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -141,6 +150,106 @@ def test_a_file_the_cli_is_ingesting_is_not_sent_to_a_worker_as_well(
         jobs = sorted((job.status, job.attempts, job.crashed_runs) for job in session.scalars(select(IngestionJob)))
     assert swept == [0, 0]  # neither the e-mail's job nor its attachment's was sent while the CLI ran it
     assert jobs == [("ready", 1, 0), ("ready", 1, 0)]
+
+
+def _reindex_hands_it_back_then_lost_jobs_are_looked_for(app: GovragCelery) -> int:
+    """A re-index of `hr` (its job handed back: `queued`, sent long ago), then the sweep's look for lost jobs and its
+    send; how many jobs they marked and sent."""
+    from ingestion import quarantine
+    from workers import dispatch
+
+    settings = get_settings()
+    with unit_of_work(settings.resolved_database_url) as session:
+        quarantine.queue_reindex(session=session, settings=settings, department="hr", document_ids=None,
+                                 serve_previous=True)
+    return dispatch.resend_lost(app, older_than_seconds=0) + dispatch.send_unsent(app, older_than_seconds=0)
+
+
+def _stalled_jobs_are_looked_for(app: GovragCelery) -> int:
+    """The sweep's look for jobs stalled in processing, as once the run outlasts any worker's, then its send."""
+    from workers import dispatch
+
+    return (dispatch.resend_stalled(app, stalled_after_seconds=0)
+            + dispatch.send_unsent(app, older_than_seconds=0))
+
+
+def _an_embedded_api_starts(app: GovragCelery) -> int:
+    """An API starting on the embedded broker: every unfinished job sent again; how many were sent."""
+    from workers import dispatch
+
+    return dispatch.resend_unfinished(app)
+
+
+@pytest.mark.parametrize("sweep", [_reindex_hands_it_back_then_lost_jobs_are_looked_for, _stalled_jobs_are_looked_for,
+                                   _an_embedded_api_starts])
+def test_a_job_the_cli_is_running_is_not_sent_to_a_worker_whatever_the_sweep_looks_for(
+        sweep: Callable[[GovragCelery], int], cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Marked sent, the job the CLI ran was still the sweep's to send again: as lost once a re-index handed it back
+    (`queued`, sent long ago, no task on any broker), as stalled once its run outlasted a worker's time limit (the
+    CLI has none), as unfinished by an API starting on the embedded broker. A worker then ran the document beside
+    the CLI. Now the CLI holds the job while it runs it, and every step of the sweep passes it by."""
+    from kombu.transport import memory
+
+    from core.models import IngestionJob
+    from ingestion import service
+    from workers.celery_app import create_celery
+
+    settings, real_protect, swept = get_settings(), service.protect, []
+
+    def protect_while_the_api_sweeps(data: bytes, *args: object, **kwargs: object) -> object:
+        if not swept:
+            swept.append(sweep(create_celery(settings)))
+        return real_protect(data, *args, **kwargs)
+
+    monkeypatch.setattr(service, "protect", protect_while_the_api_sweeps)
+    (tmp_path / "leave.md").write_text("# Parental leave\n\nParents get sixteen weeks of paid leave.\n")
+    try:
+        assert main(["ingest", str(tmp_path / "leave.md"), "--department", "hr"]) == 0, capsys.readouterr().out
+    finally:
+        memory.Channel.queues.pop(settings.task_queue, None)
+    with unit_of_work(cli_env) as session:
+        (job,) = session.scalars(select(IngestionJob)).all()
+    assert swept == [0]  # neither marked to be sent again nor sent
+    assert (job.status, job.crashed_runs, job.sent_at is not None) == ("ready", 0, True)
+
+
+def test_a_job_the_cli_was_running_when_it_was_killed_is_sent_to_a_worker(cli_env: str, tmp_path: Path) -> None:
+    """The hold of a `govrag ingest` process on the job it runs keeps an API's sweep off it, and ends with it: killed
+    mid-run, its job is found stalled (as a dead worker's run is) and sent to a worker, which ingests it."""
+    from kombu.transport import memory
+
+    from core.models import IngestionJob
+    from tests.support.polling import wait_until
+    from workers.celery_app import create_celery
+    from workers.dispatch import resend_stalled, send_unsent
+    from workers.inprocess import InProcessWorker
+
+    settings = get_settings()
+    (tmp_path / "leave.md").write_text("# Parental leave\n\nParents get sixteen weeks of paid leave.\n")
+    argv = [sys.executable, "-m", "tests.support.cli_stopped_mid_run", str(tmp_path / "leave.md"), "hr"]
+    log = tmp_path / "cli.log"
+    with log.open("w") as errors:
+        cli = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},  # noqa: S603 (fixed argv)
+                               stdout=subprocess.PIPE, stderr=errors, text=True)
+    try:
+        assert cli.stdout is not None and cli.stdout.readline() == "running\n", log.read_text()[-800:]
+        app = create_celery(settings)
+        assert resend_stalled(app, stalled_after_seconds=0) == 0  # held: its run goes on
+    finally:
+        cli.kill()
+        cli.wait(60)
+    wait_until(lambda: resend_stalled(app, stalled_after_seconds=0) == 1, 30, "the killed CLI's job found stalled")
+    worker = InProcessWorker(app)
+    try:
+        assert send_unsent(app, older_than_seconds=0) == 1
+        worker.start()
+        wait_until(lambda: _rows(cli_env) == {"leave.md": ("ready", "ready")}, 300, "the job ingested by a worker")
+    finally:
+        worker.stop()
+        memory.Channel.queues.pop(settings.task_queue, None)
+    with unit_of_work(cli_env) as session:
+        assert session.scalars(select(IngestionJob.crashed_runs)).all() == [1]  # the killed run
 
 
 def test_the_cli_reads_acl_groups_like_the_api(cli_env: str, tmp_path: Path,
