@@ -21,7 +21,7 @@ from core.settings import Settings, get_settings
 if TYPE_CHECKING:
     import httpx
 
-    from ingestion.schemas import DocumentStatusOut
+    from ingestion.schemas import DocumentStatusOut, UploadAccepted
     from workers.dispatch import JobsHeld
 
 FINAL_STATES = ("ready", "failed", "quarantined", "rejected")
@@ -202,7 +202,8 @@ def _until_stopped(files: list[Path], ingest: Callable[[Path], Outcome]) -> Iter
 class _FileRun:
     """How far the ingestion of one file got: its document, once accepted (or found accepted before), and the jobs
     this process took to run, as (document id, job id), held from the sweep of any API on the same database until
-    the file's run ends (`held`, released by `_ingest_file` once what it took is given back)."""
+    the file's run ends (`held`, released by `_ingest_file` once what it took is given back; an e-mail's attachments
+    are held from their acceptance on, before their turn comes: `spawn_attachments`)."""
 
     held: JobsHeld
     document_id: str | None = None
@@ -212,6 +213,17 @@ class _FileRun:
         """Record a job this process runs itself, and hold it (`dispatch.JobsHeld`)."""
         self.taken.append((document_id, job_id))
         self.held.hold(job_id)
+
+    def spawn_attachments(self, settings: Settings, document_id: str) -> list[UploadAccepted]:
+        """The attachments of an e-mail whose run ended (`spawn_attachments`), each job held at once: those waiting
+        their turn behind the first one's run are this process's to run, not the sweep's to send once their grace is
+        over (a worker then ran one beside this process). Each is `take`n as its turn comes."""
+        from ingestion import service as ingestion_service
+
+        children = ingestion_service.spawn_attachments(settings=settings, document_id=document_id)
+        for child in children:
+            self.held.hold(child.job_id)
+        return children
 
     def own_job(self) -> str | None:
         """The job of the file's own document, if this process took one."""
@@ -334,7 +346,7 @@ def _ingest_with_attachments(settings: Settings, document_id: str, job_id: str, 
     run.take(document_id, job_id)
     record_sent(settings, job_id)
     ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id)
-    for child in ingestion_service.spawn_attachments(settings=settings, document_id=document_id):
+    for child in run.spawn_attachments(settings, document_id):
         _ingest_with_attachments(settings, child.document_id, child.job_id, run)
 
 
@@ -370,7 +382,7 @@ def _carry_on(settings: Settings, document_id: str, run: _FileRun) -> bool:
         if (job_id := take_waiting_job(settings, document_id)) is not None:
             run.take(document_id, job_id)
             ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id)
-    for child in ingestion_service.spawn_attachments(settings=settings, document_id=document_id):
+    for child in run.spawn_attachments(settings, document_id):
         _ingest_with_attachments(settings, child.document_id, child.job_id, run)
     document = _status(settings, document_id)
     attachments_finished = [_carry_on(settings, child_id, run) for child_id in document.attachment_ids]

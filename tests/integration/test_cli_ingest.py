@@ -214,6 +214,37 @@ def test_a_job_the_cli_is_running_is_not_sent_to_a_worker_whatever_the_sweep_loo
     assert (job.status, job.crashed_runs, job.sent_at is not None) == ("ready", 0, True)
 
 
+def test_an_attachment_waiting_its_turn_in_the_cli_is_not_sent_to_a_worker(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An e-mail's attachments are all accepted (their jobs unsent) before the first one runs; the CLI held each only
+    as its turn came, so one waiting behind a run longer than the sweep's grace was sent to a worker, which ran it
+    beside the CLI. Now the CLI holds them all at once, and the sweep's send passes them by."""
+    from kombu.transport import memory
+
+    from core.models import IngestionJob
+    from ingestion import service
+    from workers.celery_app import create_celery
+    from workers.dispatch import send_unsent
+
+    settings, real_protect, swept = get_settings(), service.protect, []
+
+    def the_sweep_sends_as_the_first_attachment_runs(data: bytes, *args: object, **kwargs: object) -> object:
+        if b"Porto" in data and not swept:  # as if it had run past the grace: the jobs behind it are old enough
+            swept.append(send_unsent(create_celery(settings), older_than_seconds=0))
+        return real_protect(data, *args, **kwargs)
+
+    monkeypatch.setattr(service, "protect", the_sweep_sends_as_the_first_attachment_runs)
+    _rota_mail(tmp_path / "rota.eml", b"The Lisbon desk rota changes on Mondays.")
+    try:
+        assert main(["ingest", str(tmp_path / "rota.eml"), "--department", "hr"]) == 0, capsys.readouterr().out
+    finally:
+        memory.Channel.queues.pop(settings.task_queue, None)
+    assert swept == [0]  # nothing sent
+    assert sorted(_rows(cli_env).values()) == [("ready", "ready")] * 3
+    with unit_of_work(cli_env) as session:
+        assert session.scalars(select(IngestionJob.crashed_runs)).all() == [0, 0, 0]
+
+
 def test_a_job_the_cli_was_running_when_it_was_killed_is_sent_to_a_worker(cli_env: str, tmp_path: Path) -> None:
     """The hold of a `govrag ingest` process on the job it runs keeps an API's sweep off it, and ends with it: killed
     mid-run, its job is found stalled (as a dead worker's run is) and sent to a worker, which ingests it."""
@@ -784,13 +815,13 @@ def test_through_the_api_a_gateway_error_stops_the_run_as_an_api_that_cannot_be_
     assert "s3cret" not in out + err and "t0ken" not in out + err and "Traceback" not in err
 
 
-def _rota_mail(path: Path) -> None:
-    """An e-mail with one text attachment, written to `path`."""
+def _rota_mail(path: Path, *more: bytes) -> None:
+    """An e-mail with one text attachment, then one more for each of `more`, written to `path`."""
     from email.message import EmailMessage
 
     mail = EmailMessage()
     mail["From"], mail["To"], mail["Subject"] = "desk@example.org", "hr@example.org", "Rota"
     mail.set_content("The new rota is attached.")
-    mail.add_attachment(b"The Porto desk rota changes on Fridays.", maintype="text", subtype="plain",
-                        filename="rota.txt")
+    for number, text in enumerate([b"The Porto desk rota changes on Fridays.", *more]):
+        mail.add_attachment(text, maintype="text", subtype="plain", filename=f"rota-{number}.txt")
     path.write_bytes(mail.as_bytes())
