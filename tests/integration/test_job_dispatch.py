@@ -1453,6 +1453,51 @@ def test_looking_for_lost_jobs_waits_for_no_job_row_another_transaction_holds(
         close_vector_store(settings)
 
 
+def test_a_job_govrag_ingest_holds_stays_held_past_the_servers_idle_in_transaction_timeout(
+        make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """`govrag ingest`'s hold (dispatch.JobsHeld) is a transaction left idle for a file's whole run: a server (or a
+    database, or a role) with an `idle_in_transaction_session_timeout` ended it once idle that long, the hold gone
+    unseen (the sweep sent the job the CLI was running to a worker as stalled) and its connection with it (the next
+    hold, an e-mail's attachment's, raised: the file failed). Those timeouts are now off for the holding transaction
+    alone."""
+    import psycopg
+
+    from api.app import create_app
+    from core.db import get_engine, unit_of_work
+    from core.models import IngestionJob, utcnow
+    from retrieval.store import close_vector_store
+    from tests.support.polling import wait_until
+    from workers.celery_app import create_celery
+    from workers.dispatch import JobsHeld, resend_stalled
+
+    url, settings = _on("postgresql", make_pg_database, tmp_path)
+    with TestClient(create_app(settings)) as client:
+        editor = desk_member(client, "editor")
+        running, next_one = (_upload(client, editor, n)["job_id"] for n in range(2))
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    with unit_of_work(url) as session:  # both taken by the CLI, their runs as long as a worker's could last
+        session.execute(update(IngestionJob).values(status="processing", updated_at=utcnow() - timedelta(days=1)))
+    with psycopg.connect(libpq_dsn(url), autocommit=True) as admin:
+        admin.execute(f"ALTER DATABASE {admin.info.dbname} SET idle_in_transaction_session_timeout = '100ms'")
+
+        def holding_idle_past_the_timeout() -> bool:  # or ended by the server
+            return not admin.execute("SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND state = "
+                                     "'idle in transaction' AND clock_timestamp() - state_change < interval '1 s'"
+                                     ).fetchall()
+
+        get_engine(url).dispose()  # its pooled connections predate the setting
+        held = JobsHeld(settings)
+        try:
+            held.hold(running)
+            wait_until(holding_idle_past_the_timeout, 30, "the hold idle past the server's timeout")
+            held.hold(next_one)
+            assert resend_stalled(create_celery(settings), stalled_after_seconds=0) == 0
+        finally:
+            held.release()
+    assert resend_stalled(create_celery(settings), stalled_after_seconds=0) == 2  # released: the sweep's again
+
+
 def _falcon_upload(client: TestClient, editor: str, n: int) -> dict[str, str]:
     """An upload the policy `_restrict_falcon_and_reindex` sets quarantines, and the default policy does not."""
     text = "\n\n".join(f"Section {k}. The facilities team reviewed the lifts of building {k + n}." for k in range(60))
