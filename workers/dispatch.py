@@ -6,6 +6,8 @@ task and stamps `sent_at` (`govrag ingest` in process stamps the jobs it runs it
 refuses leaves the job unsent, not lost: `sweep_jobs` (run by a thread in every API process, core/sweeper.py) sends
 each job still unsent some seconds after it was created — the broker was down, or the API died between its commit and
 the send.
+An upload whose job is not sent says so once; a sweep raises `Unavailable("broker")` once it has done what it can,
+and the Sweeper says so once per outage, not once per round or per job.
 A job left `processing` with no run behind it goes again too (`resend_stalled`). On the embedded default the broker
 lives in the API's memory, so at start-up it holds nothing: every unfinished job is sent again (`resend_unfinished`).
 
@@ -35,7 +37,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +50,7 @@ from sqlalchemy import ColumnElement, Connection, Select, or_, select, text, upd
 from sqlalchemy.orm import Session
 
 from core.db import get_engine, transaction_lock, unit_of_work
-from core.errors import unavailable_dependency
+from core.errors import Unavailable, unavailable_dependency
 from core.models import UNFINISHED, DocumentStatus, IngestionJob, utcnow
 from core.settings import Settings
 from ingestion import repository as ingestion_repository
@@ -75,11 +77,22 @@ _CONNECT_ONCE = {"max_retries": 0}
 
 
 def send_job(app: GovragCelery, *, document_id: str, job_id: str) -> bool:
-    """Publish the job's task and record that it was sent; False (the job stays unsent) if the broker refused."""
-    if not _published(app, document_id, job_id):
-        return False
-    record_sent(app.govrag_settings, job_id)
-    return True
+    """Publish the job's task and record that it was sent; False, logged, if the broker refused: the job stays
+    unsent, for the sweep."""
+    return send_jobs(app, [(document_id, job_id)]) == 1
+
+
+def send_jobs(app: GovragCelery, jobs: Sequence[tuple[str, str]]) -> int:
+    """Send each (document id, job id) as `send_job` does; returns how many went out. Stops at the first refusal:
+    that job and the rest stay unsent, for the sweep, said in one line (a re-index of a thousand documents while
+    the broker is down is one line, and waits for one refusal, not a thousand)."""
+    for sent, (document_id, job_id) in enumerate(jobs):
+        if not _published(app, document_id, job_id):
+            logger.warning("%d ingestion job(s) not sent (the first: %s): the broker is unreachable; the sweep sends "
+                           "them once it answers", len(jobs) - sent, job_id)
+            return sent
+        record_sent(app.govrag_settings, job_id)
+    return len(jobs)
 
 
 def record_sent(settings: Settings, job_id: str) -> None:
@@ -185,7 +198,8 @@ def send_unsent(app: GovragCelery, *, older_than_seconds: float) -> int:
     """Send the unfinished jobs left unsent for longer than `older_than_seconds`; returns how many went out.
 
     One API process sweeps at a time (a lock held for the sweep's transaction), so replicas do not send one job
-    twice. Stops at the first refusal: the broker is down, the next sweep tries again."""
+    twice. Stops at the first refusal: the broker is down; once the jobs sent are recorded, `Unavailable("broker")`,
+    and the next sweep sends the rest."""
     settings = app.govrag_settings
     sent = 0
     with unit_of_work(settings.resolved_database_url) as session:
@@ -203,6 +217,8 @@ def send_unsent(app: GovragCelery, *, older_than_seconds: float) -> int:
             sent += 1
     if sent:
         logger.info("sent %d ingestion job(s) that had not reached the broker", sent)
+    if sent < len(unsent):
+        raise Unavailable("broker")
     return sent
 
 
@@ -221,8 +237,8 @@ def resend_lost(app: GovragCelery, *, older_than_seconds: float) -> int:
     holds — neither waiting in the queue nor taken by a worker and not yet acknowledged — has no run left: a Redis
     that restarted without persistence (or evicted its keys) lost it, or a re-index handed it back after its run
     died (the module's docstring). It is marked unsent (and the sweep sends it again), whatever other tasks wait.
-    Returns how many were marked: none when the broker cannot be reached or read (a warning says why), the sweep's
-    other steps going on."""
+    Returns how many were marked: none when the broker cannot be read (a warning says why); `Unavailable("broker")`
+    when it cannot be reached. Either way the sweep's other steps go on (`sweep_jobs`)."""
     read_jobs = _broker_reader(app.govrag_settings.broker_url)
     if read_jobs is None:
         return 0
@@ -274,8 +290,8 @@ def _unheld(*criteria: ColumnElement[bool]) -> Select[str]:
 
 
 class _TasksUnknown(Exception):
-    """Which jobs' tasks the broker holds cannot be told: it holds more than a sweep reads, a task it cannot read, or
-    it cannot be reached."""
+    """Which jobs' tasks the broker holds cannot be told: it holds more than a sweep reads, or a task it cannot
+    read."""
 
 
 def _broker_reader(broker_url: str) -> Callable[[GovragCelery], set[str]] | None:
@@ -318,8 +334,9 @@ def _requested_jobs() -> set[str]:
 
 def _jobs_on_redis(app: GovragCelery) -> set[str]:
     """Ids of the jobs whose ingestion task Redis holds: waiting in the job queue, or taken by a worker and not yet
-    acknowledged. A task is matched by the job id it carries, not by its task id, which no job records. Only the
-    error's type is told when Redis cannot be reached: its message may name the broker's address."""
+    acknowledged. A task is matched by the job id it carries, not by its task id, which no job records.
+    `Unavailable("broker")` when Redis cannot be reached, without Redis's error: its message may name the broker's
+    address."""
     try:
         with app.connection_for_read(transport_options=_CONNECT_ONCE) as connection:
             channel = connection.default_channel
@@ -328,8 +345,8 @@ def _jobs_on_redis(app: GovragCelery) -> set[str]:
             taken = _unacked_entries(channel)
             waiting = _waiting_entries(channel, app.govrag_settings.task_queue)
             taken += _unacked_entries(channel)
-    except _BROKER_UNREACHABLE as error:
-        raise _TasksUnknown(f"the broker is unreachable ({type(error).__name__})") from None
+    except _BROKER_UNREACHABLE:
+        raise Unavailable("broker") from None
     try:
         # kombu keeps an unacknowledged task as [message, exchange, routing key]
         messages = [json.loads(raw) for raw in waiting] + [json.loads(entry)[0] for entry in taken]
@@ -384,13 +401,11 @@ def _job_id_of(message: Any) -> str | None:
 
 
 def _published(app: GovragCelery, document_id: str, job_id: str) -> bool:
-    """Put the ingestion task on the broker; False, logged, if the broker refused."""
+    """Put the ingestion task on the broker; False if the broker refused (its caller says so, once)."""
     try:
         # No time limit in the message: the worker's own GOVRAG_INGEST_TIME_LIMIT_SECONDS applies, not the sender's.
         app.tasks[INGEST_TASK].apply_async(args=[document_id, job_id], time_limit=None)
-    except (OperationalError, OSError) as error:
-        logger.warning("ingestion job %s not sent (%s): the broker is unreachable; it will be sent again",
-                       job_id, type(error).__name__)
+    except (OperationalError, OSError):
         return False
     return True
 
@@ -401,10 +416,10 @@ def _mark_sent(session: Session, job_id: str) -> None:
 
 
 def sweep_jobs(app: GovragCelery, *, older_than_seconds: float) -> None:
-    """The API's periodic sweep (core/sweeper.py): queued jobs whose tasks the broker lost or never got back
-    (skipped while Redis cannot be reached), jobs stalled in processing, then every job still unsent. Looking for
-    lost jobs holds back neither other step: a read Redis refuses (an ACL without LRANGE) is raised once they have
-    run."""
+    """The API's periodic sweep (core/sweeper.py): queued jobs whose tasks the broker lost or never got back, jobs
+    stalled in processing, then every job still unsent. Looking for lost jobs holds back neither other step: Redis
+    unreachable (`Unavailable("broker")`, which sending raises too) or refusing a read (an ACL without LRANGE) is
+    raised once they have run."""
     settings = app.govrag_settings
     try:
         resend_lost(app, older_than_seconds=older_than_seconds)

@@ -10,7 +10,7 @@ from celery import Task, current_app, signals
 from core.errors import unavailable_dependency
 from ingestion import service as ingestion_service
 from workers.celery_app import INGEST_TASK, GovragCelery
-from workers.dispatch import send_job
+from workers.dispatch import send_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +30,8 @@ def ingest_document(task: Task, document_id: str, job_id: str) -> None:
     settings = task.app.govrag_settings
     try:
         ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id)
-        for child in ingestion_service.spawn_attachments(settings=settings, document_id=document_id):
-            send_job(task.app, document_id=child.document_id, job_id=child.job_id)
+        children = ingestion_service.spawn_attachments(settings=settings, document_id=document_id)
+        send_jobs(task.app, [(child.document_id, child.job_id) for child in children])
     except Exception as exc:
         retries = OUTAGE_RETRIES if unavailable_dependency(exc) else MAX_RETRIES
         if task.request.retries >= retries:

@@ -19,7 +19,7 @@ from ingestion.schemas import (
     ReindexOut,
     ReviewDecision,
 )
-from workers.dispatch import send_job
+from workers.dispatch import send_job, send_jobs
 
 router = APIRouter(prefix="/v1/admin", tags=["ingestion admin"])
 
@@ -97,8 +97,7 @@ def reindex(body: ReindexIn, session: SessionDep, enforcer: EnforcerDep, setting
                                      details={"documents": len(reindex.queued) + len(reindex.rerun),
                                               "skipped": len(reindex.skipped),
                                               "serve_previous": body.serve_previous})
-    for document_id, job_id in reindex.queued:
-        send_job(celery, document_id=document_id, job_id=job_id)
+    send_jobs(celery, reindex.queued)
     return ReindexOut(queued=[job_id for _, job_id in reindex.queued] + reindex.rerun, skipped=reindex.skipped)
 
 

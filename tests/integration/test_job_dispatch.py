@@ -7,9 +7,11 @@ import contextlib
 import hashlib
 import inspect
 import logging
+import re
 import socket
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -1294,8 +1296,9 @@ def test_a_sweep_while_redis_is_down_still_sends_a_stalled_job_again(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Looking for jobs a restarted Redis lost reads Redis: while it could not be reached the read raised and the
     sweep's round ended there, so a job stalled in `processing` (a step that needs the database only) was not sent
-    again for as long as the outage lasted. Now that step warns, naming no address nor password, and the round goes
-    on."""
+    again for as long as the outage lasted. Now the round goes on, and ends in `Unavailable("broker")` (for the
+    Sweeper to say once) naming no address nor password, in its message, its traceback or a line logged."""
+    from core.errors import Unavailable
     from workers.celery_app import create_celery
     from workers.dispatch import sweep_jobs
 
@@ -1303,12 +1306,147 @@ def test_a_sweep_while_redis_is_down_still_sends_a_stalled_job_again(
     assert _sent_at(url, stalled) is not None
     secret = uuid.uuid4().hex
     down = settings.model_copy(update={"broker_url": UNREACHABLE_BROKER.replace("://", f"://:{secret}@")})
-    with caplog.at_level(logging.WARNING, logger="workers.dispatch"):
+    with caplog.at_level(logging.DEBUG, logger="workers.dispatch"), pytest.raises(Unavailable) as raised:
         sweep_jobs(create_celery(down), older_than_seconds=0)
-    warned = " ".join(r.getMessage() for r in caplog.records if r.name == "workers.dispatch")
     assert _sent_at(url, stalled) is None  # marked unsent: the sweep sends it once the broker answers
-    assert "lost ingestion jobs not looked for: the broker is unreachable" in warned
-    assert secret not in warned and "127.0.0.1" not in warned
+    assert raised.value.dependency == "broker"
+    said = "".join(traceback.format_exception(raised.value)) + caplog.text
+    assert secret not in said and "127.0.0.1" not in said
+
+
+def _said_by_the_sweep(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
+    """The lines above DEBUG the ingestion job sweep and its Sweeper logged: level and message."""
+    return [(r.levelno, r.getMessage()) for r in caplog.records
+            if r.name in ("workers.dispatch", "core.sweeper") and r.levelno > logging.DEBUG]
+
+
+def test_a_broker_outage_is_one_warning_for_the_sweep_then_one_line_when_its_jobs_go_out(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """While the broker could not be reached, every sweep round (every 10 s) warned that lost jobs were not looked
+    for and that a job was not sent, naming it, for as long as the outage lasted. Now the round that finds it away
+    is one warning, the rounds after it DEBUG only, and the round that sends them two lines: how many went out, and
+    that the sweep runs again. Nothing is lost: each job is sent, once. The warning counts nothing: a round sends at
+    most 500 jobs, and only those past their grace (30 s), so the round that finds a Redis outage (its read fails
+    first) has next to none to count, and the jobs it meant to count are said as they go out."""
+    import redis
+
+    from api.app import create_app
+    from core.sweeper import Sweeper
+    from retrieval.store import close_vector_store
+    from workers.celery_app import create_celery
+    from workers.dispatch import sweep_jobs
+
+    url, settings = _embedded(tmp_path, broker_url=UNREACHABLE_BROKER)
+    with TestClient(create_app(settings)) as client:
+        editor = desk_member(client, "editor")
+        jobs = [_upload(client, editor, n)["job_id"] for n in range(3)]
+    close_vector_store(settings)
+    broker = {"app": create_celery(settings)}
+    sweeper = Sweeper({"ingestion job": lambda: sweep_jobs(broker["app"], older_than_seconds=0)}, interval=60)
+    queue = settings.task_queue
+    try:
+        with caplog.at_level(logging.DEBUG):
+            caplog.clear()
+            for _ in range(4):
+                sweeper.run_round()
+            assert _said_by_the_sweep(caplog) == [
+                (logging.WARNING, "the ingestion job sweep waits for the broker: the next round tries again")]
+            assert not [r for r in caplog.records if any(job in r.getMessage() for job in jobs)]
+            assert all(_sent_at(url, job) is None for job in jobs)
+            caplog.clear()
+            broker["app"] = create_celery(settings.model_copy(update={"broker_url": REDIS_URL}))
+            for _ in range(2):
+                sweeper.run_round()
+        sent, ran_again = _said_by_the_sweep(caplog)
+        assert sent == (logging.INFO, "sent 3 ingestion job(s) that had not reached the broker")
+        assert ran_again[0] == logging.INFO
+        assert re.fullmatch(r"the ingestion job sweep runs again, 4 round\(s\) and \d+ s after it failed", ran_again[1])
+        assert all(_sent_at(url, job) is not None for job in jobs)
+        assert sorted(_jobs_waiting_on_redis(queue)) == sorted(jobs)
+    finally:
+        redis.Redis.from_url(REDIS_URL).delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
+
+
+def test_a_reindex_while_the_broker_is_down_says_so_in_one_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A re-index sent its jobs one by one while the broker was down, each waiting out its own refusal and logging
+    its own line: a department of a thousand documents, a thousand lines from one request. Now the first refusal
+    ends the sending: one line counting the jobs left unsent for the sweep."""
+    from api.app import create_app
+    from ingestion import service as ingestion_service
+    from retrieval.store import close_vector_store
+
+    url, settings = _embedded(tmp_path, broker_url=UNREACHABLE_BROKER)
+    with TestClient(create_app(settings)) as client:
+        admin, editor, first = _admin_and_an_upload(client)
+        for uploaded in (first, _upload(client, editor, 1), _upload(client, editor, 2)):
+            ingestion_service.run_ingestion(settings=settings, document_id=uploaded["document_id"],
+                                            job_id=uploaded["job_id"])
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="workers.dispatch"):
+            reindex = client.post("/v1/admin/reindex", headers=admin, json={"department": "desk"})
+    close_vector_store(settings)
+    assert reindex.status_code == 202, reindex.text
+    queued = reindex.json()["queued"]
+    assert len(queued) == 3
+    assert [r.getMessage() for r in caplog.records if r.name == "workers.dispatch"] == [
+        f"3 ingestion job(s) not sent (the first: {queued[0]}): the broker is unreachable; the sweep sends them once "
+        "it answers"]
+    assert all(_sent_at(url, job) is None for job in queued)
+
+
+def _jobs_waiting_in_memory(queue: str) -> list[str]:
+    from workers.dispatch import _job_id_of
+
+    waiting = memory.Channel.queues.get(queue)
+    return [] if waiting is None else [job for job in map(_job_id_of, waiting.queue) if job is not None]
+
+
+@pytest.mark.parametrize("sender", ["sweep", "request"])
+def test_jobs_sent_before_the_broker_refuses_are_recorded_sent_and_the_rest_go_out_once_it_answers(
+        sender: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker taking two jobs of a sweep's round (or of one request's, a re-index's) and refusing the third: the
+    two are recorded sent before the round says it waits (`Unavailable`), so the next round sends only the third:
+    each job reaches the broker once, none is left behind."""
+    from kombu.exceptions import OperationalError
+
+    from api.app import create_app
+    from core.errors import Unavailable
+    from retrieval.store import close_vector_store
+    from workers.celery_app import INGEST_TASK, create_celery
+    from workers.dispatch import send_jobs, sweep_jobs
+
+    url, settings = _embedded(tmp_path, broker_url=UNREACHABLE_BROKER)
+    with TestClient(create_app(settings)) as client:
+        editor = desk_member(client, "editor")
+        uploads = [_upload(client, editor, n) for n in range(3)]
+    close_vector_store(settings)
+    jobs = [upload["job_id"] for upload in uploads]
+    app = create_celery(settings.model_copy(update={"broker_url": "memory://"}))
+    task, queue = app.tasks[INGEST_TASK], settings.task_queue
+    publish = task.apply_async
+
+    def the_broker_takes_two(*args: object, **kwargs: object) -> object:
+        if len(_jobs_waiting_in_memory(queue)) == 2:
+            raise OperationalError("the broker went away")
+        return publish(*args, **kwargs)
+
+    monkeypatch.setattr(task, "apply_async", the_broker_takes_two)
+    try:
+        if sender == "sweep":
+            with pytest.raises(Unavailable):
+                sweep_jobs(app, older_than_seconds=0)
+        else:
+            assert send_jobs(app, [(upload["document_id"], upload["job_id"]) for upload in uploads]) == 2
+        taken = _jobs_waiting_in_memory(queue)
+        assert len(taken) == 2
+        assert {job for job in jobs if _sent_at(url, job) is not None} == set(taken)
+        monkeypatch.undo()
+        sweep_jobs(app, older_than_seconds=0)
+        assert sorted(_jobs_waiting_in_memory(queue)) == sorted(jobs)
+        assert all(_sent_at(url, job) is not None for job in jobs)
+    finally:
+        memory.Channel.queues.pop(queue, None)
 
 
 def test_a_sweep_whose_redis_refuses_its_read_still_sends_a_stalled_job_again(tmp_path: Path) -> None:
