@@ -103,6 +103,7 @@ class _Waiting:
     event: RetrievalEvent
     settled: bool = False
     failed: bool = False
+    failure: GovragError | None = None  # why its write failed, raised from by every caller whose event it carried
 
 
 class _GroupCommit:
@@ -111,7 +112,8 @@ class _GroupCommit:
     The chain is written one transaction at a time. Whoever gets the chain lock writes every event waiting at
     that moment in one transaction (one advisory lock, one last-hash read, one commit); the callers whose
     events it carried find theirs settled when they get the lock, and return, or raise `unavailable` if that
-    write failed. Every caller still returns only after its own event is committed."""
+    write failed, raised from its failure as the writer's own is (a database outage behind it is told as one).
+    Every caller still returns only after its own event is committed."""
 
     def __init__(self) -> None:
         self._waiting: list[_Waiting] = []
@@ -126,17 +128,18 @@ class _GroupCommit:
                 with self._guard:
                     batch, self._waiting = self._waiting, []
                 self._write(session, settings, batch)
-        if mine.failed:
-            raise GovragError(ErrorCode.unavailable, AUDIT_UNAVAILABLE)
+        if mine.failed:  # from the write's failure, whoever wrote it: `unavailable_dependency` tells an outage
+            raise GovragError(ErrorCode.unavailable, AUDIT_UNAVAILABLE) from mine.failure
 
     @classmethod
     def _write(cls, session: Session, settings: Settings | None, batch: list[_Waiting]) -> None:
         """Write the batch in one transaction; if that fails, each event alone (one bad row fails only itself)."""
-        failed = True
+        failed, failure = True, None
         try:
             _append(session, settings, [waiting.event for waiting in batch])
             failed = False
-        except GovragError:
+        except GovragError as error:
+            failure = error
             if len(batch) == 1:
                 return
             for waiting in batch:
@@ -144,7 +147,7 @@ class _GroupCommit:
         finally:
             for waiting in batch:
                 if not waiting.settled:
-                    waiting.settled, waiting.failed = True, failed
+                    waiting.settled, waiting.failed, waiting.failure = True, failed, failure
 
 
 _retrievals = _GroupCommit()

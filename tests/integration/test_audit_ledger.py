@@ -24,8 +24,10 @@ from authz.identity import Identity
 from bench.common import libpq_dsn
 from core import migrate
 from core.db import get_session_factory
+from core.errors import unavailable_dependency
 from core.models import RetrievalEvent, utcnow
 from core.settings import Settings
+from tests.conftest import allow_connections
 
 ADMIN = Identity(subject="root-admin", groups=(), is_platform_admin=True)
 
@@ -173,18 +175,24 @@ def test_concurrent_appends_never_fork_the_chain(ledger: Settings) -> None:
 
 
 def _append_waiting_together(settings: Settings, records: list[RetrievalRecord]) -> list[str]:
-    """Every record appended from its own thread, all queued before any may write: one group commit."""
+    """Every record appended from its own thread, all queued before any may write: one group commit; each one's
+    outcome, `committed` or the name of the error its caller got."""
+    return [type(error).__name__ if error else "committed" for error in _errors_waiting_together(settings, records)]
+
+
+def _errors_waiting_together(settings: Settings, records: list[RetrievalRecord]) -> list[Exception | None]:
+    """Every record appended from its own thread, all queued before any may write: one group commit; the error each
+    caller got, if any."""
     from audit.repository import local_chain_lock
 
-    outcomes: list[str] = [""] * len(records)
+    outcomes: list[Exception | None] = [None] * len(records)
 
     def worker(i: int) -> None:
         with get_session_factory(settings.resolved_database_url)() as session:
             try:
                 audit_service.record_retrieval(session=session, record=records[i], settings=settings)
-                outcomes[i] = "committed"
             except Exception as exc:  # noqa: BLE001 - reported in outcomes
-                outcomes[i] = type(exc).__name__
+                outcomes[i] = exc
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(records))]
     with local_chain_lock():  # nobody writes until all are waiting
@@ -216,6 +224,23 @@ def test_one_bad_event_in_a_group_fails_only_its_own_request(ledger: Settings) -
         requests = sorted(session.scalars(select(RetrievalEvent.request_id)))
     assert requests == ["req-0", "req-1", "req-3", "req-4"]
     assert _verify(ledger)["ok"] is True
+
+
+def test_every_request_of_a_group_a_database_outage_failed_is_told_the_database_is_unavailable(
+        make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """The caller whose events rode in another caller's failed write got a bare `unavailable`, so
+    `unavailable_dependency` (the API's 503 naming what is away, a run waiting the outage out) saw no database behind
+    it. Now every caller of the group gets the error raised from that write's failure, with the same message."""
+    url = make_pg_database()
+    migrate.upgrade(url)
+    database = url.rsplit("/", 1)[1]
+    allow_connections(database, False)
+    try:
+        errors = _errors_waiting_together(Settings(data_dir=tmp_path, database_url=url), [_record(n) for n in range(3)])
+    finally:
+        allow_connections(database, True)
+    assert [unavailable_dependency(error) for error in errors if error] == ["database"] * 3
+    assert {str(error) for error in errors} == {audit_service.AUDIT_UNAVAILABLE}
 
 
 @pytest.mark.parametrize("content", ["\ud800", "\x00"], ids=["lone-surrogate", "nul"])
