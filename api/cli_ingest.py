@@ -214,6 +214,16 @@ class _FileRun:
         self.taken.append((document_id, job_id))
         self.held.hold(job_id)
 
+    def take_waiting(self, settings: Settings, document_id: str) -> str | None:
+        """The document's job waiting with nobody to run it, if any, held and recorded as sent in one step
+        (`dispatch.take_waiting_job`), and recorded as one this process runs itself."""
+        from workers.dispatch import take_waiting_job
+
+        job_id = take_waiting_job(settings, document_id, self.held)
+        if job_id is not None:
+            self.taken.append((document_id, job_id))
+        return job_id
+
     def spawn_attachments(self, settings: Settings, document_id: str) -> list[UploadAccepted]:
         """The attachments of an e-mail whose run ended (`spawn_attachments`), each job held at once: those waiting
         their turn behind the first one's run are this process's to run, not the sweep's to send once their grace is
@@ -372,15 +382,12 @@ def _go_on(settings: Settings, args: argparse.Namespace, path: Path, data: bytes
 
 def _carry_on(settings: Settings, document_id: str, run: _FileRun) -> bool:
     """Go on with a document accepted before, as an outage may have left it: run its job if it waits with nobody to
-    run it (`take_waiting_job`), take its attachments if that step never ran, and the same for each attachment.
+    run it (`_FileRun.take_waiting`), take its attachments if that step never ran, and the same for each attachment.
     Whether it and its attachments have all finished."""
     from core.models import UNFINISHED
     from ingestion import service as ingestion_service
-    from workers.dispatch import take_waiting_job
-
     if _status(settings, document_id).status in UNFINISHED:  # a finished one has no job waiting: no sweep lock
-        if (job_id := take_waiting_job(settings, document_id)) is not None:
-            run.take(document_id, job_id)
+        if (job_id := run.take_waiting(settings, document_id)) is not None:
             ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id)
     for child in run.spawn_attachments(settings, document_id):
         _ingest_with_attachments(settings, child.document_id, child.job_id, run)

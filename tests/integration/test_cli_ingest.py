@@ -24,6 +24,7 @@ from core.db import unit_of_work
 from core.models import Document
 from core.settings import get_settings
 from tests.conftest import PLATFORM_ADMIN, allow_connections, auth, damaged_doc
+from tests.support.lock_waits import wait_for_a_lock_wait
 
 if TYPE_CHECKING:
     from workers.celery_app import GovragCelery
@@ -243,6 +244,74 @@ def test_an_attachment_waiting_its_turn_in_the_cli_is_not_sent_to_a_worker(
     assert sorted(_rows(cli_env).values()) == [("ready", "ready")] * 3
     with unit_of_work(cli_env) as session:
         assert session.scalars(select(IngestionJob.crashed_runs)).all() == [0, 0, 0]
+
+
+@contextmanager
+def _an_embedded_api_starting_at_the_first_hold(url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """An API starting on the embedded broker (`resend_unfinished`) just before the CLI holds its first job
+    (`JobsHeld.hold`): in the window between taking that job and holding it, if there is one. The start runs beside
+    the CLI until it ends or waits for a lock the CLI holds; yields how many jobs each start sent, once it ended."""
+    from workers import dispatch
+    from workers.celery_app import create_celery
+
+    real_hold, starts, swept = dispatch.JobsHeld.hold, [], []
+
+    def hold_as_an_api_starts(held: dispatch.JobsHeld, job_id: str) -> None:
+        if not starts:
+            app = create_celery(get_settings())
+            starts.append(threading.Thread(target=lambda: swept.append(dispatch.resend_unfinished(app)), daemon=True))
+            starts[0].start()
+            wait_for_a_lock_wait(url, starts[0])  # it ended, or it waits for the CLI
+        real_hold(held, job_id)
+
+    monkeypatch.setattr(dispatch.JobsHeld, "hold", hold_as_an_api_starts)
+    try:
+        yield swept
+    finally:
+        for start in starts:
+            start.join(60)
+
+
+def _ingested_beside_an_api_starting(url: str, path: Path, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """`govrag ingest path` with an embedded API starting as it holds its first job; how many jobs the start sent."""
+    from kombu.transport import memory
+
+    try:
+        with _an_embedded_api_starting_at_the_first_hold(url, monkeypatch) as swept:
+            assert main(["ingest", str(path), "--department", "hr"]) == 0
+    finally:
+        memory.Channel.queues.pop(get_settings().task_queue, None)
+    return swept
+
+
+def _the_one_job(url: str) -> tuple[str, int, bool]:
+    from core.models import IngestionJob
+
+    with unit_of_work(url) as session:
+        (job,) = session.scalars(select(IngestionJob)).all()
+        return job.status, job.crashed_runs, job.sent_at is not None
+
+
+def test_a_job_the_cli_takes_up_again_is_not_sent_to_a_worker_by_an_api_starting(
+        cli_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run again after a Ctrl-C, the CLI took the file's job (`take_waiting_job`, its stamp committed) and only then
+    held it: an API starting on the embedded broker in between marked it unsent again and sent it to a worker, which
+    ran it beside the CLI. Now the job is held before its stamp commits, and the start passes it by."""
+    from ingestion import service
+
+    real_protect = service.protect
+
+    def ctrl_c_once(data: bytes, *args: object, **kwargs: object) -> object:
+        monkeypatch.setattr(service, "protect", real_protect)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(service, "protect", ctrl_c_once)
+    (tmp_path / "leave.md").write_text("# Parental leave\n\nParents get sixteen weeks of paid leave.\n")
+    assert main(["ingest", str(tmp_path / "leave.md"), "--department", "hr"]) == 130
+    assert _the_one_job(cli_env) == ("queued", 0, False)  # given back, waiting for the command run again
+
+    assert _ingested_beside_an_api_starting(cli_env, tmp_path / "leave.md", monkeypatch) == [0]
+    assert _the_one_job(cli_env) == ("ready", 0, True)
 
 
 def test_a_job_the_cli_was_running_when_it_was_killed_is_sent_to_a_worker(cli_env: str, tmp_path: Path) -> None:

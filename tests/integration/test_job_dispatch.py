@@ -1085,7 +1085,7 @@ def test_govrag_ingest_run_again_takes_a_job_given_back_once_and_one_just_upload
     from api.app import create_app
     from core.models import utcnow
     from retrieval.store import close_vector_store
-    from workers.dispatch import give_back, take_waiting_job
+    from workers.dispatch import JobsHeld, give_back, take_waiting_job
 
     url, settings = _on(database, make_pg_database, tmp_path)
     with TestClient(create_app(settings)) as client:
@@ -1099,10 +1099,14 @@ def test_govrag_ingest_run_again_takes_a_job_given_back_once_and_one_just_upload
     assert give_back(settings, [given_back["job_id"]])
     assert _job_row(url, given_back["job_id"])[0] == "queued" and _sent_at(url, given_back["job_id"]) is None
 
-    assert take_waiting_job(settings, just_uploaded["document_id"]) is None
-    assert take_waiting_job(settings, given_back["document_id"]) == given_back["job_id"]
-    assert take_waiting_job(settings, given_back["document_id"]) is None
-    assert take_waiting_job(settings, long_unsent["document_id"]) == long_unsent["job_id"]
+    held = JobsHeld(settings)
+    try:
+        assert take_waiting_job(settings, just_uploaded["document_id"], held) is None
+        assert take_waiting_job(settings, given_back["document_id"], held) == given_back["job_id"]
+        assert take_waiting_job(settings, given_back["document_id"], held) is None
+        assert take_waiting_job(settings, long_unsent["document_id"], held) == long_unsent["job_id"]
+    finally:
+        held.release()
     assert _sent_at(url, just_uploaded["job_id"]) is None and _sent_at(url, given_back["job_id"]) is not None
 
 
@@ -1135,8 +1139,9 @@ def test_a_sweep_sending_a_waiting_job_as_govrag_ingest_takes_it_leaves_it_to_on
     taken: list[str | None] = []
     sweep = threading.Thread(target=lambda: sent.append(dispatch.send_unsent(create_celery(settings),
                                                                              older_than_seconds=0)), daemon=True)
-    cli = threading.Thread(target=lambda: taken.append(dispatch.take_waiting_job(settings, uploaded["document_id"])),
-                           daemon=True)
+    held = dispatch.JobsHeld(settings)
+    cli = threading.Thread(target=lambda: taken.append(dispatch.take_waiting_job(settings, uploaded["document_id"],
+                                                                                 held)), daemon=True)
     sweep.start()
     assert publishing.wait(60)
     cli.start()
@@ -1146,6 +1151,7 @@ def test_a_sweep_sending_a_waiting_job_as_govrag_ingest_takes_it_leaves_it_to_on
         go_on.set()
         sweep.join(60)
         cli.join(60)
+        held.release()
     assert sent == [1] and taken == [None]
     assert memory.Channel.queues[settings.task_queue].qsize() == 1
     memory.Channel.queues.pop(settings.task_queue, None)
