@@ -175,29 +175,26 @@ class JobsHeld:
 
 
 def take_waiting_job(settings: Settings, document_id: str, held: JobsHeld) -> str | None:
-    """The document's unfinished job that nobody sends or runs (`_waiting_for_nobody`), held (`held`) and marked sent:
-    this process runs it itself (`govrag ingest` run again after an outage stopped it). Taken under the sweep's lock:
-    the sweep sends it or this process runs it, never both. Held before its stamp commits: stamped and not yet held,
-    an API starting on the embedded broker (`resend_unfinished`) would mark it unsent and send it to a worker."""
+    """The document's unfinished job that nobody sends or runs, held (`held`) and marked sent: this process runs it
+    itself (`govrag ingest` run again after an outage stopped it). A job waits so when it is unsent and either a run
+    of it began before it was given back (`give_back`), or it has been unsent for longer than the sweep's grace: a
+    younger one that never ran may be its uploader's, whose task is being published right now, or one `govrag
+    ingest` has just accepted. Taken under the sweep's lock: the sweep sends it or this process runs it, never both.
+    Held before its stamp commits: stamped and not yet held, an API starting on the embedded broker
+    (`resend_unfinished`) would mark it unsent and send it to a worker."""
+    cutoff = utcnow() - timedelta(seconds=settings.job_resend_after_seconds)
     with unit_of_work(settings.resolved_database_url) as session:
         transaction_lock(session, _SWEEP_LOCK)
         job_id = session.scalars(
             select(IngestionJob.id)
             .where(IngestionJob.document_id == document_id, IngestionJob.sent_at.is_(None),
-                   IngestionJob.status.in_(UNFINISHED), _waiting_for_nobody(settings))
+                   IngestionJob.status.in_(UNFINISHED),
+                   or_(IngestionJob.attempts > 0, IngestionJob.created_at <= cutoff))
             .order_by(IngestionJob.created_at).limit(1)).first()
         if job_id is not None:
             held.hold(job_id)
             _mark_sent(session, job_id)
     return job_id
-
-
-def _waiting_for_nobody(settings: Settings) -> ColumnElement[bool]:
-    """An unsent job waits for nobody when either a run of it began before it was given back (`give_back`), or it has
-    been unsent for longer than the sweep's grace: a younger one that never ran may be its uploader's, whose task is
-    being published right now, or which `govrag ingest` has just accepted."""
-    cutoff = utcnow() - timedelta(seconds=settings.job_resend_after_seconds)
-    return or_(IngestionJob.attempts > 0, IngestionJob.created_at <= cutoff)
 
 
 def send_unsent(app: GovragCelery, *, older_than_seconds: float) -> int:
