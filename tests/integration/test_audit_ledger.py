@@ -194,16 +194,19 @@ def _errors_waiting_together(settings: Settings, records: list[RetrievalRecord])
             except Exception as exc:  # noqa: BLE001 - reported in outcomes
                 outcomes[i] = exc
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(records))]
-    with local_chain_lock():  # nobody writes until all are waiting
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(records))]
+    try:
+        with local_chain_lock():  # nobody writes until all are waiting
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + 30
+            while len(audit_service._retrievals._waiting) < len(records) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(audit_service._retrievals._waiting) == len(records)
+    finally:
         for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 30
-        while len(audit_service._retrievals._waiting) < len(records) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(audit_service._retrievals._waiting) == len(records)
-    for thread in threads:
-        thread.join()
+            thread.join(60)
+    assert not any(thread.is_alive() for thread in threads), "an append never returned"
     return outcomes
 
 
