@@ -9,7 +9,9 @@ the send.
 An upload whose job is not sent says so once; a sweep raises `Unavailable("broker")` once it has done what it can,
 and the Sweeper says so once per outage, not once per round or per job.
 A job left `processing` with no run behind it goes again too (`resend_stalled`). On the embedded default the broker
-lives in the API's memory, so at start-up it holds nothing: every unfinished job is sent again (`resend_unfinished`).
+lives in the API's memory, so at start-up it holds nothing: every unfinished job marked sent is sent again at once
+(`resend_unfinished`); one never sent waits for the sweep's grace like any other (`govrag ingest` may have just
+accepted it, and holds it only afterwards).
 
 A job `queued` and sent has one rule (`resend_lost`): sent longer ago than the same grace, and its task held by the
 broker nowhere — neither waiting in the queue nor taken by a worker and not yet acknowledged — it has no run left, and
@@ -203,15 +205,19 @@ def send_unsent(app: GovragCelery, *, older_than_seconds: float) -> int:
     One API process sweeps at a time (a lock held for the sweep's transaction), so replicas do not send one job
     twice. Stops at the first refusal: the broker is down; once the jobs sent are recorded, `Unavailable("broker")`,
     and the next sweep sends the rest."""
+    cutoff = utcnow() - timedelta(seconds=older_than_seconds)
+    return _send_unsent_where(app, IngestionJob.created_at <= cutoff)
+
+
+def _send_unsent_where(app: GovragCelery, *criteria: ColumnElement[bool]) -> int:
+    """`send_unsent` for the unsent unfinished jobs meeting `criteria` (at most a batch, oldest first)."""
     settings = app.govrag_settings
     sent = 0
     with unit_of_work(settings.resolved_database_url) as session:
         transaction_lock(session, _SWEEP_LOCK)
-        cutoff = utcnow() - timedelta(seconds=older_than_seconds)
         unsent = session.execute(  # locked now, so marking one sent below waits for no one (`_unheld`)
             select(IngestionJob.id, IngestionJob.document_id)
-            .where(IngestionJob.sent_at.is_(None), IngestionJob.status.in_(UNFINISHED),
-                   IngestionJob.created_at <= cutoff)
+            .where(IngestionJob.sent_at.is_(None), IngestionJob.status.in_(UNFINISHED), *criteria)
             .order_by(IngestionJob.created_at).limit(_SWEEP_BATCH).with_for_update(skip_locked=True)).all()
         for job_id, document_id in unsent:
             if not _published(app, document_id, job_id):
@@ -226,13 +232,18 @@ def send_unsent(app: GovragCelery, *, older_than_seconds: float) -> int:
 
 
 def resend_unfinished(app: GovragCelery) -> int:
-    """Embedded default only (an in-memory broker, empty at start-up): mark every unfinished job unsent, then send
-    them all. A job that was `processing` when the process stopped runs again from the start; one held (`_unheld`:
-    `govrag ingest` beside it, on a Qdrant server, running it now) is left to its run."""
+    """Embedded default only (an in-memory broker, empty at start-up): every unfinished job marked sent lost its task
+    with the process before; each is marked unsent and sent again at once. A job that was `processing` when the
+    process stopped runs again from the start; one held (`_unheld`: `govrag ingest` beside it, on a Qdrant server,
+    running it now) is left to its run. A job never sent is left to the sweep's grace (`send_unsent`): one `govrag
+    ingest` has just accepted and not yet held would otherwise run in a worker beside it; one whose API died between
+    its commit and its send goes out a grace later."""
     with unit_of_work(app.govrag_settings.resolved_database_url) as session:
-        session.execute(update(IngestionJob).where(IngestionJob.id.in_(_unheld(IngestionJob.status.in_(UNFINISHED))))
-                        .values(sent_at=None, updated_at=IngestionJob.updated_at))
-    return send_unsent(app, older_than_seconds=0)
+        unstamped = session.scalars(update(IngestionJob).where(IngestionJob.id.in_(_unheld(
+            IngestionJob.status.in_(UNFINISHED), IngestionJob.sent_at.is_not(None),
+        ))).values(sent_at=None, updated_at=IngestionJob.updated_at).returning(IngestionJob.id)).all()
+    return sum(_send_unsent_where(app, IngestionJob.id.in_(unstamped[start:start + _SWEEP_BATCH]))
+               for start in range(0, len(unstamped), _SWEEP_BATCH))
 
 
 def resend_lost(app: GovragCelery, *, older_than_seconds: float) -> int:

@@ -87,6 +87,37 @@ def test_jobs_queued_on_the_embedded_default_survive_a_restart(tmp_path: Path) -
     close_vector_store(restarted)
 
 
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_an_embedded_api_starting_sends_at_once_only_the_jobs_sent_before_it_and_leaves_unsent_ones_to_the_sweep(
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At start-up the embedded API sent every unfinished job at once, one never sent too: one `govrag ingest` had
+    just accepted (committed unsent, as accept_upload leaves it) and not yet held went to a worker, and the document
+    ran twice. Now only the jobs marked sent (their tasks lost with the broker's memory) go out at once, however
+    many batches they fill; one never sent waits for the sweep's grace."""
+    from api.app import create_app
+    from retrieval.store import close_vector_store
+    from workers import dispatch
+    from workers.celery_app import create_celery
+
+    url, settings = _on(database, make_pg_database, tmp_path)
+    with TestClient(create_app(settings)) as client:
+        editor = desk_member(client, "editor")
+        just_accepted, queued, processing = (_upload(client, editor, n)["job_id"] for n in range(3))
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)  # the restart: an empty broker
+    _set_job(url, processing, status="processing", attempts=1)
+    _set_job(url, just_accepted, sent_at=None)
+    monkeypatch.setattr(dispatch, "_SWEEP_BATCH", 1)
+    app = create_celery(settings)
+    try:
+        sent = dispatch.resend_unfinished(app)
+        assert _sent_at(url, just_accepted) is None  # the oldest, first in a batch: still not sent
+        assert (sent, sorted(_jobs_waiting_in_memory(settings.task_queue))) == (2, sorted([queued, processing]))
+        assert dispatch.send_unsent(app, older_than_seconds=0) == 1  # the sweep, once its grace is past
+    finally:
+        memory.Channel.queues.pop(settings.task_queue, None)
+
+
 def test_a_job_whose_document_was_deleted_before_it_ran_ends_when_it_runs(tmp_path: Path) -> None:
     """Its run found the document deleted and did nothing: the job stayed `queued` for ever, sent again at every
     start-up (and, on Redis, by every sweep that found the broker idle). Now the run ends it."""
