@@ -164,11 +164,12 @@ def test_concurrent_appends_never_fork_the_chain(ledger: Settings) -> None:
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads), "an append never returned"
     assert errors == []
     assert _verify(ledger)["checked"] == 80
     assert _verify(ledger)["ok"] is True

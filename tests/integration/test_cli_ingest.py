@@ -270,6 +270,7 @@ def _an_embedded_api_starting_at_the_first_hold(url: str, monkeypatch: pytest.Mo
     finally:
         for start in starts:
             start.join(60)
+    assert not any(start.is_alive() for start in starts), "the API's start never ended"
 
 
 def _ingested_beside_an_api_starting(url: str, path: Path, monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -659,16 +660,17 @@ def _served(app: FastAPI) -> Iterator[str]:
 
     listening = socket.create_server(("127.0.0.1", 0))
     server = Server(uvicorn.Config(app, log_config=None))
-    thread = threading.Thread(target=serve)
+    thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        start_ended.wait()
+        assert start_ended.wait(60), "the API's start never ended"
         assert server.started, "the API did not start"
         yield f"http://127.0.0.1:{listening.getsockname()[1]}"
     finally:
         server.should_exit = True
-        thread.join()
+        thread.join(60)
         listening.close()
+    assert not thread.is_alive(), "the API did not stop"
 
 
 @pytest.fixture
