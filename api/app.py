@@ -36,7 +36,7 @@ from ingestion import service as ingestion_service
 from ingestion.purge import ORPHAN_SWEEP_SECONDS, PURGE_GRACE_SECONDS, purge_pending, sweep_orphan_files
 from retrieval.store import open_vector_store
 from workers.celery_app import GovragCelery, create_celery
-from workers.dispatch import resend_unfinished, sweep_jobs
+from workers.dispatch import resend_unfinished, send_unsent, sweep_jobs
 from workers.inprocess import InProcessWorker
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if worker is not None:
         if settings.broker_url.startswith("memory://"):
             resend_unfinished(app.state.celery)  # the in-memory broker starts empty: what was queued is gone
+            if settings.job_sweep_seconds <= 0:  # no sweep sends a job never sent (its API died before): the start
+                send_unsent(app.state.celery, older_than_seconds=0)
         worker.start()
     sweeper = _sweeper(app.state.celery, settings)
     if sweeper is not None:

@@ -87,6 +87,25 @@ def test_jobs_queued_on_the_embedded_default_survive_a_restart(tmp_path: Path) -
     close_vector_store(restarted)
 
 
+def test_with_the_sweep_off_an_embedded_api_starting_sends_a_job_never_sent_too(tmp_path: Path) -> None:
+    """A job never sent (its API died between the commit and the send) is left by the start to the sweep's grace;
+    with the sweep off (GOVRAG_JOB_SWEEP_SECONDS=0) nothing else would ever send it, so the start does."""
+    from api.app import create_app
+    from retrieval.store import close_vector_store
+
+    url, first = _embedded(tmp_path)
+    with TestClient(create_app(first)) as client:
+        editor = desk_member(client, "editor")
+        job = _upload(client, editor, 0)["job_id"]
+    close_vector_store(first)
+    memory.Channel.queues.pop(first.task_queue, None)  # what a new process starts with: an empty broker
+    _set_job(url, job, sent_at=None)  # its API died before the send
+    restarted = first.model_copy(update={"inprocess_worker": True})
+    with TestClient(create_app(restarted)) as client:
+        assert wait_for_job(client, editor, job)["status"] == "ready"
+    close_vector_store(restarted)
+
+
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_an_embedded_api_starting_sends_at_once_only_the_jobs_sent_before_it_and_leaves_unsent_ones_to_the_sweep(
         database: str, make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
