@@ -90,13 +90,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     gc.collect()
     gc.freeze()
     worker = InProcessWorker(app.state.celery) if settings.inprocess_worker else None
+    sweeper = _sweeper(app.state.celery, settings)
     if worker is not None:
         if settings.broker_url.startswith("memory://"):
             resend_unfinished(app.state.celery)  # the in-memory broker starts empty: what was queued is gone
-            if settings.job_sweep_seconds <= 0:  # no sweep sends a job never sent (its API died before): the start
+            if sweeper is None:  # no sweep sends a job never sent (its API died before): the start does
                 send_unsent(app.state.celery, older_than_seconds=0)
         worker.start()
-    sweeper = _sweeper(app.state.celery, settings)
     if sweeper is not None:
         sweeper.start()
     logger.info("govrag ready (env=%s, in-process worker=%s)", settings.env, worker is not None)
