@@ -1,4 +1,5 @@
-"""ORM classes. The schema changes only through Alembic (migrations/)."""
+"""ORM classes. The schema changes only through Alembic (migrations/); the classes describe the schema the migrations
+build, indexes and server defaults included (test_the_migrated_schema_is_the_models compares them)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -70,7 +72,10 @@ DOCUMENT_ID_CHARS = 36  # a UUID in text
 
 class Document(Base):
     __tablename__ = "documents"
-    __table_args__ = (Index("ix_documents_department_created", "department", "created_at", "id"),)  # listing pages
+    __table_args__ = (
+        Index("ix_documents_department_created", "department", "created_at", "id"),  # listing pages
+        Index("ix_documents_department_sha256", "department", "sha256"),  # an upload's duplicates (find_duplicate)
+    )
 
     id: Mapped[str] = mapped_column(String(DOCUMENT_ID_CHARS), primary_key=True)
     department: Mapped[str] = mapped_column(ForeignKey("departments.name"), index=True)
@@ -89,7 +94,7 @@ class Document(Base):
     # issue 3: the uploader's level (classification is the level after the content raised it)
     declared_classification: Mapped[str | None] = mapped_column(String(32), nullable=True)
     classification_reasons: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
-    flagged_chunks: Mapped[int] = mapped_column(Integer, default=0)  # instruction-like chunks found
+    flagged_chunks: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # instruction-like chunks found
     review_reason: Mapped[str | None] = mapped_column(String(500), nullable=True)  # why quarantined
     approved_by: Mapped[str | None] = mapped_column(String(255), nullable=True)  # admin who released it
     approved_level: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the level that admin was shown
@@ -116,7 +121,8 @@ class IngestionPolicy(Base):
     keywords: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)  # keyword → level it raises to
     allow_list: Mapped[list[str]] = mapped_column(JSON, default=list)  # values never redacted
     recognizers: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)  # custom regex + checksum
-    reversible: Mapped[bool] = mapped_column(default=False)  # keep a sealed placeholder → original map
+    # keep a sealed placeholder → original map
+    reversible: Mapped[bool] = mapped_column(default=False, server_default=false())
     updated_by: Mapped[str] = mapped_column(String(255), default="")
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
@@ -190,10 +196,11 @@ class RetrievalEvent(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     request_id: Mapped[str] = mapped_column(String(64), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
-    event_type: Mapped[str] = mapped_column(String(32), default="retrieval")
+    event_type: Mapped[str] = mapped_column(String(32), default="retrieval", index=True)
     subject: Mapped[str] = mapped_column(String(255), index=True)
     groups: Mapped[list[str]] = mapped_column(JSON, default=list)
-    departments_requested: Mapped[list[str] | None] = mapped_column(JSON, default=list)  # JSON null: none named
+    # None is stored as JSON null (none named), never SQL NULL: the column is NOT NULL
+    departments_requested: Mapped[list[str] | None] = mapped_column(JSON, nullable=False, default=list)
     departments_searched: Mapped[list[str]] = mapped_column(JSON, default=list)
     decision: Mapped[str] = mapped_column(String(32))  # audit.schemas.Decision
     reason: Mapped[str | None] = mapped_column(String(255), nullable=True)
@@ -202,13 +209,14 @@ class RetrievalEvent(Base):
     purpose: Mapped[str | None] = mapped_column(String(255), nullable=True)
     latency_ms: Mapped[float] = mapped_column(default=0.0)
     # issue 6: who decided with what policy, what the guards said, which model, which kill-switch mode.
-    roles: Mapped[list[str]] = mapped_column(JSON, default=list)
+    roles: Mapped[list[str]] = mapped_column(JSON, default=list, server_default=text("'[]'"))
     policy_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    guard_verdicts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    guard_verdicts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default=text("'{}'"))
     model_backend: Mapped[str | None] = mapped_column(String(64), nullable=True)
     model_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
     kill_switch_mode: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # admin events: what changed
+    # admin events: what changed
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default=text("'{}'"))
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
 
@@ -269,8 +277,8 @@ class GuardControl(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     scope: Mapped[str] = mapped_column(String(64), unique=True)
     firewall_mode: Mapped[str | None] = mapped_column(String(8), nullable=True)  # None: the settings default
-    kill_mode: Mapped[str] = mapped_column(String(16), default="normal")
+    kill_mode: Mapped[str] = mapped_column(String(16), default="normal", server_default="normal")
     reason: Mapped[str | None] = mapped_column(String(500), nullable=True)
     canary: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    updated_by: Mapped[str] = mapped_column(String(255), default="")
+    updated_by: Mapped[str] = mapped_column(String(255), default="", server_default="")
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
