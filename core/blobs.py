@@ -1,27 +1,20 @@
 """Encrypted raw uploads on disk, one file per document, sealed under the document key.
 
-The store is a directory holding a marker file (`MARKER`) beside what it stores: a directory without it is not the
-store, whether missing (its volume not mounted) or an empty mount point, or the disk below one. The marker holds the
-store's id (a random UUID) and the database records the id of its store (`BlobStore`): a govrag store mounted there
-whose id is another (another deployment's volume, or a restored copy belonging to another database) is not this
-deployment's store either. Only a process's start (`open_at_start`: the API, `govrag worker`, the in-process `govrag
-ingest`) creates the directory and its marker, and only for a fresh deployment (no document in the database: the store
-never held anything), for a store written before markers (it holds files of ours) or before ids (an empty marker)
-while the database records no store, or for one marked before ids while it records one (a backup of the store from
-before ids, restored); a database recording none (fresh, or upgraded to ids) records the id of the store its start
-opens. A store whose marker does not hold the recorded id (none is recorded, or it was marked before ids) is taken
-only if it holds no file of govrag's (while none is recorded) or files of documents the database knows (every
-document keeps its row): else it is another deployment's volume (a fresh database pointed at it, or the wrong volume
-mounted into an upgraded deployment), whose files the orphan sweep would delete as no document's. With documents in
-the database and no marker, the volume is not mounted; with another id (or none while the database records one, but
-for that backup) it is another store: that start writes nothing, logs an error and goes on. A marked store mounted
-after a start that recorded none is decided the same way at its first use, its id then recorded (`_judge`: callers
-whose transaction writes before that use have it decided first, `decide_first_use`); the orphan sweep lists only a
-store checked against the database (`_verified`). From then on every
-operation here without this store's marker raises `Unavailable("blob volume")` (`_mounted`), waited out like any other
-outage: nothing is written where the volume should be (a file there would be hidden, then lost, once it is mounted, or
-mixed into another deployment's store), and nothing read or listed there is taken for the truth (no file is not "no
-original", "no placeholder map" or "nothing to remove")."""
+The store is a directory holding a marker file (`MARKER`) with the store's id; the database records the id of its store
+(`BlobStore`). Only a process's start (`open_at_start`) creates the directory and its marker, adopts a store from
+before markers or ids, or refuses a directory that is not this database's store (one error logged, nothing written):
+the table "The blob store's marker" in docs/scaling.md gives each situation, what a start does and the way out.
+
+A store mounted after a start that recorded none is decided as a start would at its first use (`_judge`), its id
+recorded on a connection of its own. So any caller whose transaction writes before it uses the store must call
+`decide_first_use` before that first write: on SQLite the record would otherwise wait for the write lock that
+transaction holds (the busy timeout, then "database is locked").
+
+From then on every operation here without this store's marker raises `Unavailable("blob volume")` (`_mounted`), waited
+out like any other outage: nothing is written where the volume should be (a file there would be hidden, then lost, once
+it is mounted, or mixed into another deployment's store), and nothing read or listed there is taken for the truth (no
+file is not "no original", "no placeholder map" or "nothing to remove"). The orphan sweep lists only a store checked
+against the database (`_verified`)."""
 
 from __future__ import annotations
 
@@ -99,17 +92,11 @@ def open_at_start(blob_dir: Path, database_url: str) -> bool:
 
 def open_store(blob_dir: Path, *, documents_exist: bool, store_id: str | None = None,
                knows: Callable[[set[str]], bool] = lambda _document_ids: False) -> str | None:
-    """Open the store at `blob_dir` for the database recording `store_id` (None: none yet): its id, or None when it is
-    not there (an error logged saying why and what to do; nothing written). A marker holding an id is the store if it is
-    the id recorded. While none is, a store holding files of govrag's is the store only if one of them is of a document
-    the database `knows` (else it is another deployment's, whose files the orphan sweep would delete), whatever its
-    marker: one holding an id keeps it, one from before ids or markers (an empty marker, or none) is given a new id;
-    one holding none of govrag's files (only its marker, perhaps an empty one) is the store. One marked before ids is
-    given the recorded id when it holds a file of a document the database `knows` (a backup of the store taken before
-    ids, restored). With no marker and no such file, the directory is marked (created if missing, with the data
-    directory above it) only when the database holds no document (every document, a retired one too, keeps its row):
-    otherwise the volume is not mounted, and anything written would land on the disk below the mount point. A server
-    goes on either way (queries need no blobs)."""
+    """Open the store at `blob_dir` for the database recording `store_id` (None: none yet), holding documents or not,
+    and knowing which of some documents (`knows`: whether it holds a row of one of them; every document, a retired one
+    too, keeps its row): its id, or None when it is not there (an error logged saying why and what to do; nothing
+    written), as the table "The blob store's marker" in docs/scaling.md says. A server goes on either way (queries need
+    no blobs)."""
     opened, _seen[blob_dir] = _decide(blob_dir, documents_exist=documents_exist, store_id=store_id, knows=knows)
     return opened
 
@@ -119,44 +106,48 @@ def _decide(blob_dir: Path, *, documents_exist: bool, store_id: str | None,
     """`open_store`'s decision, logged when it refuses: the id opened (or None) and what this process then knows."""
     signature = _signature(blob_dir)  # taken before the read: a marker changed after it is judged again when used
     marked = _read_marker(blob_dir)
-    opened = _adopt(blob_dir, marked, documents_exist=documents_exist, store_id=store_id, knows=knows)
+    opened, stored = _adopt(blob_dir, marked, documents_exist=documents_exist, store_id=store_id, knows=knows)
     if opened is None:
-        logger.error("%s", _refusal(blob_dir, marked, store_id))
+        logger.error("%s", _refusal(blob_dir, marked, store_id, stored))
     judged = not isinstance(marked, OSError)  # a read that failed is tried again when used
     return opened, _Seen(opened or store_id, signature if judged else None, ours=opened is not None)
 
 
 def _adopt(blob_dir: Path, marked: _Marked, *, documents_exist: bool, store_id: str | None,
-           knows: Callable[[set[str]], bool]) -> str | None:
-    """`open_store`'s decision, writing the marker where it may: the store's id, or None."""
+           knows: Callable[[set[str]], bool]) -> tuple[str | None, set[str]]:
+    """`open_store`'s decision, writing the marker where it may: the store's id (or None), and the documents of the
+    files of govrag's it found in the directory (none when the marker decided alone), for `_refusal` to word a
+    refusal by without listing the directory again."""
     if isinstance(marked, Exception):
-        return None
+        return None, set()
     if marked and store_id is not None:
-        return marked if marked == store_id else None
+        return (marked if marked == store_id else None), set()
     stored = _stored_document_ids(blob_dir)
     if stored and not knows(stored):  # another deployment's files, whose documents the orphan sweep would not find
-        return None
+        return None, stored
     if marked:
-        return marked
+        return marked, stored
     if marked == "" or stored:
         if store_id is None:
-            return _mark(blob_dir, str(uuid.uuid4()))
+            return _mark(blob_dir, str(uuid.uuid4())), stored
         # Not without a marker: that may be the disk below the mount point, written before markers, the volume away.
-        return _mark(blob_dir, store_id) if marked == "" and stored else None
+        return (_mark(blob_dir, store_id) if marked == "" and stored else None), stored
     if documents_exist:
-        return None
+        return None, stored
     blob_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return _mark(blob_dir, store_id or str(uuid.uuid4()))
+    return _mark(blob_dir, store_id or str(uuid.uuid4())), stored
 
 
-def _refusal(blob_dir: Path, marked: _Marked, store_id: str | None) -> str:
-    """Why the directory is not the store of the database recording `store_id`, and what to do (one log line)."""
+def _refusal(blob_dir: Path, marked: _Marked, store_id: str | None, stored: set[str]) -> str:
+    """Why the directory is not the store of the database recording `store_id`, and what to do (one log line);
+    `stored`: the documents of govrag's files `_adopt` found there (it lists the directory whenever the marker leaves
+    the message to them)."""
     marker, waiting = blob_dir / MARKER, "uploads and reveals are a 503 and ingestion runs wait until"
     if isinstance(marked, Exception):
         reason = "it holds no store id" if isinstance(marked, GarbledMarker) else marked.strerror or "an OSError"
         return (f"the blob store's marker {marker} cannot be read ({reason}); {waiting} it holds this database's "
                 f"store id. If it is this database's store, {_how_to_mark(marker, store_id)}")
-    if store_id is None and (marked is not None or _stored_document_ids(blob_dir)):  # refused for its files only
+    if store_id is None and (marked is not None or stored):  # refused for its files only
         store = f"store {marked}" if marked else "that store"
         told = store if marked else "store, marked before ids," if marked == "" else "store, from before markers,"
         return (f"the blob volume at {blob_dir} holds another deployment's files: its {told} holds files of "
@@ -169,7 +160,7 @@ def _refusal(blob_dir: Path, marked: _Marked, store_id: str | None) -> str:
                 f"{store_id}; nothing is written into it, and {waiting} this database's store is mounted there. "
                 f"Mount the volume whose {MARKER} holds {store_id} there, or run this process against the database "
                 f"of store {marked}")
-    if marked == "" or _stored_document_ids(blob_dir):
+    if marked == "" or stored:
         taken = (" (a start takes it as this database's only when it holds a file of a document the database knows)"
                  if marked == "" else "")
         return (f"the blob store at {blob_dir} has no store id (it was marked before ids, or not at all) while this "
@@ -270,7 +261,7 @@ def _judge(blob_dir: Path, seen: _Seen, signature: tuple[int, ...]) -> _Seen:
         return replace(seen, marker=None, ours=False)
     ours = isinstance(marked, str) and seen.store_id in (None, marked)
     if not ours:
-        logger.error("%s", _refusal(blob_dir, marked, seen.store_id))
+        logger.error("%s", _refusal(blob_dir, marked, seen.store_id, set()))  # a marker read words the refusal alone
     _seen[blob_dir] = replace(seen, marker=signature, ours=ours)
     return _seen[blob_dir]
 

@@ -177,20 +177,6 @@ def test_the_volume_mounted_after_the_start_is_used_without_a_restart(tmp_path: 
     assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"the upload"
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
-def test_a_store_from_before_the_marker_is_marked_at_the_start_and_used(
-        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
-    """A deployment upgraded to the marker: its directory holds files of its database's documents, so it is the
-    store."""
-    url = _upgraded_knowing(kind, tmp_path, make_pg_database, DOCUMENT)
-    blob_dir = tmp_path / "blobs"
-    _store_from_before_ids(blob_dir, DOCUMENT)
-    (blob_dir / blobs.MARKER).unlink()  # as every store was before markers
-    assert blobs.open_at_start(blob_dir, url)
-    assert (blob_dir / blobs.MARKER).is_file()
-    assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"the upload"
-
-
 def test_a_store_from_before_the_marker_whose_documents_were_all_deleted_is_refused_with_the_way_out(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -326,29 +312,22 @@ def test_an_operation_reads_the_marker_only_when_it_changed(tmp_path: Path, monk
     assert reads == [blob_dir]
 
 
+@pytest.mark.parametrize("marker", ["empty", "absent"])
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
-def test_a_store_marked_before_ids_is_given_an_id_that_the_database_records(
-        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
-    """An upgraded deployment: an empty marker (and files of its database's documents) is the store, as before; it
-    gets its id now."""
+def test_a_store_from_before_ids_or_markers_is_given_an_id_that_the_database_records_and_used(
+        kind: str, marker: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
+    """An upgraded deployment: its directory, with an empty marker (as every marker was before ids) or none (as every
+    store was before markers), holds files of its database's documents, so it is the store, as before; it gets its id
+    now."""
     url = _upgraded_knowing(kind, tmp_path, make_pg_database, DOCUMENT)
     blob_dir = tmp_path / "blobs"
-    _store_from_before_ids(blob_dir, DOCUMENT)  # an empty marker, as every marker was before ids
+    _store_from_before_ids(blob_dir, DOCUMENT)
+    if marker == "absent":
+        (blob_dir / blobs.MARKER).unlink()
     assert blobs.open_at_start(blob_dir, url)
     assert _recorded(url) == _marked(blob_dir) and uuid.UUID(_marked(blob_dir))
     assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"the upload"
     assert sorted(path.name for path in blob_dir.iterdir()) == sorted([blobs.MARKER, f"{DOCUMENT}.bin"])
-
-
-@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
-def test_a_store_from_before_markers_is_given_an_id(
-        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
-    url = _upgraded_knowing(kind, tmp_path, make_pg_database, DOCUMENT)
-    blob_dir = tmp_path / "blobs"
-    _store_from_before_ids(blob_dir, DOCUMENT)
-    (blob_dir / blobs.MARKER).unlink()
-    assert blobs.open_at_start(blob_dir, url)
-    assert uuid.UUID(_marked(blob_dir)) and _recorded(url) == _marked(blob_dir)
 
 
 @pytest.mark.parametrize("marker", ["empty", "absent"])
@@ -393,6 +372,49 @@ def test_a_garbled_marker_is_refused_with_a_clear_error_that_quotes_nothing_of_i
         "reveals are a 503 and ingestion runs wait until it holds this database's store id. If it is this "
         f"database's store, write {store_id} into {blob_dir / blobs.MARKER}: it is used from then on"]
     assert [path.name for path in blob_dir.iterdir()] == [blobs.MARKER]
+
+
+NOT_HERE = "nothing is written into it, and uploads and reveals are a 503 and ingestion runs wait until"
+STORE_WITHOUT_ID = ("the blob store at {blob_dir} has no store id (it was marked before ids, or not at all) while this "
+                    "database's store is {recorded}: it may be another's")
+# How a start's refusal begins, by situation (documents in the database): what its files of govrag's decide.
+REFUSALS = {
+    "not mounted": "the blob volume is not mounted: {blob_dir} has no .govrag-blobs marker though the database holds "
+                   "documents; uploads and reveals are a 503 and ingestion runs wait until it is mounted there.",
+    "not mounted, an id recorded": "the blob volume is not mounted: {blob_dir} has no .govrag-blobs marker though the "
+                                   "database holds documents;",
+    "their files, no marker": "the blob volume at {blob_dir} holds another deployment's files: its store, from before "
+                              "markers, holds files of documents this database does not know",
+    "our files, no marker, an id recorded": f"{STORE_WITHOUT_ID}; {NOT_HERE}",
+    "an empty marker, an id recorded": f"{STORE_WITHOUT_ID} (a start takes it as this database's only when it holds a "
+                                       f"file of a document the database knows); {NOT_HERE}",
+}
+
+
+@pytest.mark.parametrize("situation", REFUSALS)
+def test_a_refused_start_lists_the_directory_once_and_says_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, situation: str) -> None:
+    """The decision lists the directory (its files of govrag's choose the refusal); the refusal's message listed it
+    again."""
+    blob_dir, recorded = tmp_path / "blobs", str(uuid.uuid4())
+    if "files" in situation:
+        _store_from_before_ids(blob_dir, DOCUMENT if situation.startswith("our") else str(uuid.uuid4()))
+        (blob_dir / blobs.MARKER).unlink()
+    else:
+        blob_dir.mkdir()
+        if "an empty marker" in situation:
+            (blob_dir / blobs.MARKER).write_bytes(b"")
+    listings: list[Path] = []
+    listed = blobs._stored_document_ids
+    monkeypatch.setattr(blobs, "_stored_document_ids",
+                        lambda directory: listings.append(directory) or listed(directory))
+    with caplog.at_level(logging.ERROR, logger="core.blobs"):
+        assert blobs.open_store(blob_dir, documents_exist=True,
+                                store_id=recorded if situation.endswith("an id recorded") else None,
+                                knows=lambda document_ids: DOCUMENT in document_ids) is None
+    assert listings == [blob_dir]
+    [refused] = _said(caplog)
+    assert refused.startswith(REFUSALS[situation].format(blob_dir=blob_dir, recorded=recorded))
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
