@@ -109,20 +109,22 @@ def _decide(blob_dir: Path, *, documents_exist: bool, store_id: str | None,
     opened, stored = _adopt(blob_dir, marked, documents_exist=documents_exist, store_id=store_id, knows=knows)
     if opened is None:
         logger.error("%s", _refusal(blob_dir, marked, store_id, stored))
-    judged = not isinstance(marked, OSError)  # a read that failed is tried again when used
+    judged = not isinstance(marked, OSError) and not isinstance(stored, OSError)  # a failed read: tried again when used
     return opened, _Seen(opened or store_id, signature if judged else None, ours=opened is not None)
 
 
 def _adopt(blob_dir: Path, marked: _Marked, *, documents_exist: bool, store_id: str | None,
-           knows: Callable[[set[str]], bool]) -> tuple[str | None, set[str]]:
+           knows: Callable[[set[str]], bool]) -> tuple[str | None, set[str] | OSError]:
     """`open_store`'s decision, writing the marker where it may: the store's id (or None), and the documents of the
-    files of govrag's it found in the directory (none when the marker decided alone), for `_refusal` to word a
-    refusal by without listing the directory again."""
+    files of govrag's it found in the directory (none when the marker decided alone; the OSError when it could not
+    be listed), for `_refusal` to word a refusal by without listing the directory again."""
     if isinstance(marked, Exception):
         return None, set()
     if marked and store_id is not None:
         return (marked if marked == store_id else None), set()
     stored = _stored_document_ids(blob_dir)
+    if isinstance(stored, OSError):  # not a directory this process can list (a file there): nothing to decide by
+        return None, stored
     if stored and not knows(stored):  # another deployment's files, whose documents the orphan sweep would not find
         return None, stored
     if marked:
@@ -138,15 +140,18 @@ def _adopt(blob_dir: Path, marked: _Marked, *, documents_exist: bool, store_id: 
     return _mark(blob_dir, store_id or str(uuid.uuid4())), stored
 
 
-def _refusal(blob_dir: Path, marked: _Marked, store_id: str | None, stored: set[str]) -> str:
+def _refusal(blob_dir: Path, marked: _Marked, store_id: str | None, stored: set[str] | OSError) -> str:
     """Why the directory is not the store of the database recording `store_id`, and what to do (one log line);
-    `stored`: the documents of govrag's files `_adopt` found there (it lists the directory whenever the marker leaves
-    the message to them)."""
+    `stored`: the documents of govrag's files `_adopt` found there, or the OSError that kept it from listing them (it
+    lists the directory whenever the marker leaves the message to them)."""
     marker, waiting = blob_dir / MARKER, "uploads and reveals are a 503 and ingestion runs wait until"
     if isinstance(marked, Exception):
         reason = "it holds no store id" if isinstance(marked, GarbledMarker) else marked.strerror or "an OSError"
         return (f"the blob store's marker {marker} cannot be read ({reason}); {waiting} it holds this database's "
                 f"store id. If it is this database's store, {_how_to_mark(marker, store_id)}")
+    if isinstance(stored, OSError):
+        return (f"the blob directory {blob_dir} cannot be listed ({stored.strerror or 'an OSError'}); {waiting} it "
+                f"can be: mount the blob volume there, as a directory this process can read")
     if store_id is None and (marked is not None or stored):  # refused for its files only
         store = f"store {marked}" if marked else "that store"
         told = store if marked else "store, marked before ids," if marked == "" else "store, from before markers,"
@@ -183,9 +188,10 @@ def _how_to_mark(marker: Path, store_id: str | None) -> str:
     return f"write {store_id} into {marker}: it is used from then on"
 
 
-def _stored_document_ids(blob_dir: Path) -> set[str]:
+def _stored_document_ids(blob_dir: Path) -> set[str] | OSError:
     """The documents of the first files this module wrote found in the directory (a store from before markers holds
-    some), `_SAMPLED_DOCUMENTS` at most: a sample to tell whose store it is, not a listing."""
+    some), `_SAMPLED_DOCUMENTS` at most: a sample to tell whose store it is, not a listing. The OSError when the
+    directory cannot be listed (not a directory, or not readable by this process); none when it is missing."""
     found: set[str] = set()
     try:
         with os.scandir(blob_dir) as entries:
@@ -197,6 +203,8 @@ def _stored_document_ids(blob_dir: Path) -> set[str]:
                     break
     except FileNotFoundError:
         pass
+    except OSError as error:
+        return error
     return found
 
 
@@ -229,7 +237,7 @@ def _signature(blob_dir: Path) -> tuple[int, ...] | None:
     without a marker."""
     try:
         found = (blob_dir / MARKER).stat()
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # none, or none this process may look at (the directory not searchable): its read says which
         return None
     if not stat.S_ISREG(found.st_mode):
         return None

@@ -374,6 +374,53 @@ def test_a_garbled_marker_is_refused_with_a_clear_error_that_quotes_nothing_of_i
     assert [path.name for path in blob_dir.iterdir()] == [blobs.MARKER]
 
 
+AS_ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root reads and searches any directory")
+
+
+@pytest.mark.parametrize("unlistable", ["a file", "below a file", pytest.param("not readable", marks=AS_ROOT),
+                                        pytest.param("not searchable", marks=AS_ROOT)])
+def test_a_blob_directory_that_cannot_be_listed_is_refused_until_it_can_be(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, unlistable: str) -> None:
+    """A file where the directory should be (or above it), or a directory this process may not read: its listing
+    raised, and the start crashed with a traceback. It is refused as another directory that is not the store is (one
+    error, nothing written or recorded, an outage), and the store is taken at its first use once it is there."""
+    url = f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    blob_dir = tmp_path / "data" / "blobs"
+    if unlistable == "a file":
+        blob_dir.parent.mkdir()
+        blob_dir.write_bytes(b"not a directory")
+    elif unlistable == "below a file":
+        blob_dir.parent.write_bytes(b"not a directory")
+    else:  # a store from before ids (no id recorded: its files decide), with its permissions wrong
+        blob_dir.mkdir(parents=True)
+        (blob_dir / blobs.MARKER).write_bytes(b"")
+        blob_dir.chmod(0o300 if unlistable == "not readable" else 0)
+    with caplog.at_level(logging.ERROR, logger="core.blobs"):
+        assert not blobs.open_at_start(blob_dir, url)
+        refused = _said(caplog)
+        with pytest.raises(Unavailable):
+            blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
+    waiting, marker = "uploads and reveals are a 503 and ingestion runs wait until", blob_dir / blobs.MARKER
+    reason = "Permission denied" if unlistable.startswith("not") else "Not a directory"
+    if unlistable == "not searchable":  # not even its marker can be looked at: refused as an unreadable marker
+        assert refused == [f"the blob store's marker {marker} cannot be read ({reason}); {waiting} it holds this "
+                           f"database's store id. If it is this database's store, empty {marker}: it is given an id "
+                           "at the next start"]
+    else:
+        assert refused == [f"the blob directory {blob_dir} cannot be listed ({reason}); {waiting} it can be: mount "
+                           "the blob volume there, as a directory this process can read"]
+    assert _recorded(url) is None
+    if unlistable.startswith("not"):
+        blob_dir.chmod(0o700)  # as the error says
+    else:
+        (tmp_path / "data").unlink() if unlistable == "below a file" else blob_dir.unlink()
+        blob_dir.mkdir(parents=True, exist_ok=True)  # the volume mounted there: a store from before ids
+        (blob_dir / blobs.MARKER).write_bytes(b"")
+    blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")  # no restart
+    assert _recorded(url) == _marked(blob_dir) and uuid.UUID(_marked(blob_dir))
+
+
 NOT_HERE = "nothing is written into it, and uploads and reveals are a 503 and ingestion runs wait until"
 STORE_WITHOUT_ID = ("the blob store at {blob_dir} has no store id (it was marked before ids, or not at all) while this "
                     "database's store is {recorded}: it may be another's")
