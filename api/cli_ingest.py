@@ -289,7 +289,7 @@ def _ingest_or_fail(settings: Settings, args: argparse.Namespace, path: Path, ru
 
 def _accept_and_ingest(settings: Settings, args: argparse.Namespace, path: Path, run: _FileRun) -> Outcome:
     from core.db import unit_of_work
-    from core.errors import GovragError
+    from core.errors import GovragError, unavailable_dependency
     from ingestion import service as ingestion_service
     from ingestion.schemas import Classification
 
@@ -301,6 +301,8 @@ def _accept_and_ingest(settings: Settings, args: argparse.Namespace, path: Path,
                 filename=path.name, data=data, title=path.name, acl_groups=args.acl_groups,
                 classification=Classification(args.classification))
     except GovragError as exc:
+        if unavailable_dependency(exc) is not None:
+            raise  # raised from an outage: no refusal of the file; it stops the run (`_ingest_file`)
         if _refusal(exc.message) == "duplicate":
             return _go_on(settings, args, path, data, exc.message, run)
         return Outcome(str(path), "refused", exc.message)

@@ -132,6 +132,8 @@ def _run_once(settings: Settings, document_id: str, job_id: str) -> bool:
                          scanner=get_scanner(), limits=parse_limits(settings),
                          previous_numbering=_previous_numbering(settings, facts, key) if rules.reversible else None)
     except GovragError as exc:  # permanent: a bad or over-limit file, an original lost; retrying cannot help
+        if unavailable_dependency(exc) is not None:
+            raise  # raised from an outage: no fault of the document, waited out as one (the task retries)
         logger.info("ingestion failed permanently for document %s", document_id)
         return _finish(settings, document_id, job_id, DocumentStatus.failed, error=exc.message,
                        generation=facts.generation, keep_numbering=rules.reversible) is not RunEnd.again

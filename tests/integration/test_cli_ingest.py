@@ -547,6 +547,47 @@ def test_the_database_going_away_mid_run_stops_the_run_naming_it_and_leaves_noth
     assert _rows(cli_env)["c-rota.md"] == ("ready", "ready")
 
 
+def test_a_refusal_raised_from_an_outage_stops_the_run_naming_the_outage_and_refuses_nothing(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Accepting a file caught GovragError (a refusal: a bad file, a limit) before it asked whether the failure was
+    raised from an outage: such a file was `refused` for good and the run went on. No path raises one today: the
+    acceptance is made to turn the database's real outage into a refusal. Now the run stops there naming the
+    database, nothing stored, and run again once it is back ingests that file and the rest."""
+    from sqlalchemy.exc import OperationalError
+
+    from core.errors import ErrorCode, GovragError
+    from ingestion import service
+
+    canary, real_accept, database = uuid.uuid4().hex, service.accept_upload, cli_env.rsplit("/", 1)[1]
+
+    def refused_from_the_outage(**kwargs: bytes) -> object:
+        if canary.encode() in kwargs["data"]:
+            allow_connections(database, False)
+        try:
+            return real_accept(**kwargs)
+        except OperationalError as down:
+            raise GovragError(ErrorCode.invalid_request, "the file could not be checked") from down
+
+    monkeypatch.setattr(service, "accept_upload", refused_from_the_outage)
+    monkeypatch.setenv("COLUMNS", "400")  # each reason on one line of the table
+    folder = _three_files(tmp_path, canary)
+    try:
+        assert main(["ingest", str(folder), "--department", "hr"]) == 1
+    finally:
+        allow_connections(database, True)
+    captured = capsys.readouterr()
+    out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
+    assert "the database is unavailable; nothing was stored" in out and "refused" not in out
+    assert "ready: 1" in out and "unavailable: 1" in out and "not attempted: 1" in out
+    assert "stopped: the database is unavailable (1 file not attempted)" in err
+    assert _rows(cli_env) == {"a-leave.md": ("ready", "ready")}
+
+    monkeypatch.setattr(service, "accept_upload", real_accept)
+    assert main(["ingest", str(folder), "--department", "hr"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "duplicate: 1" in out and "ready: 2" in out
+
+
 def test_an_attachment_whose_run_met_the_outage_is_ingested_when_the_command_runs_again(
         cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """An outage in an e-mail's attachment's run left the attachment `processing` for good (the e-mail, whose own run

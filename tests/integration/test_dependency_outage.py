@@ -141,6 +141,40 @@ def test_a_run_while_the_blob_volume_is_not_mounted_is_waited_out_as_an_outage(o
     assert len(scheduled) == 1
 
 
+def test_a_refusal_raised_from_an_outage_in_a_run_is_waited_out_as_the_outage(
+        outage: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run caught GovragError (a bad file, a limit, an original lost: the document failed for good) before it asked
+    whether the failure was raised from an outage: one was failed "upload it again" though nothing was wrong with
+    it. No path raises one today: the original's read is made to turn the blob volume's real outage into its
+    refusal. The run now hands its job back to be retried as an outage, and ends ready once the volume is back."""
+    from core.errors import ErrorCode, GovragError, Unavailable
+    from ingestion import service
+    from workers.tasks import OUTAGE_RETRIES, ingest_document
+
+    client, editor = outage["client"], outage["editor"]
+    assert isinstance(client, TestClient) and isinstance(editor, dict)
+    settings, real_original = client.app.state.settings, service._original  # type: ignore[attr-defined]
+
+    def refused_from_the_outage(*args: object) -> bytes:
+        try:
+            return real_original(*args)  # type: ignore[arg-type]
+        except Unavailable as away:
+            raise GovragError(ErrorCode.internal, service.ORIGINAL_UNREADABLE) from away
+
+    monkeypatch.setattr(service, "_original", refused_from_the_outage)
+    accepted = client.post("/v1/documents", headers=editor, data={"department": "desk"},
+                           files={"file": ("hours.txt", b"The desk closes at five.")})
+    assert accepted.status_code == 202, accepted.text
+    document_id, job_id = accepted.json()["document_id"], accepted.json()["job_id"]
+    scheduled: list[dict[str, object]] = []
+    with _blob_volume_unmounted(settings.blob_dir), pytest.raises(_Scheduled):
+        ingest_document(_task(settings, 0, scheduled), document_id, job_id)  # type: ignore[arg-type]
+    assert [retry["max_retries"] for retry in scheduled] == [OUTAGE_RETRIES]
+    assert client.get(f"/v1/jobs/{job_id}", headers=editor).json()["status"] == "queued"  # handed back, not failed
+    ingest_document(_task(settings, 1, scheduled), document_id, job_id)  # type: ignore[arg-type]
+    assert client.get(f"/v1/documents/{document_id}", headers=editor).json()["status"] == "ready"
+
+
 @pytest.mark.parametrize("mount_point", ["missing", "an empty directory"])
 def test_an_api_started_while_the_blob_volume_is_not_mounted_writes_nothing_and_takes_the_volume_once_mounted(
         make_pg_database: Callable[[], str], tmp_path: Path, caplog: pytest.LogCaptureFixture,
