@@ -90,8 +90,12 @@ def send_jobs(app: GovragCelery, jobs: Sequence[tuple[str, str]]) -> int:
     the broker is down is one line, and waits for one refusal, not a thousand)."""
     for sent, (document_id, job_id) in enumerate(jobs):
         if not _published(app, document_id, job_id):
-            logger.warning("%d ingestion job(s) not sent (the first: %s): the broker is unreachable; the sweep sends "
-                           "them once it answers", len(jobs) - sent, job_id)
+            if (left := len(jobs) - sent) == 1:
+                logger.warning("ingestion job %s not sent: the broker is unreachable; the sweep sends it once it "
+                               "answers", job_id)
+            else:
+                logger.warning("%d ingestion jobs not sent (the first: %s): the broker is unreachable; the sweep "
+                               "sends them once it answers", left, job_id)
             return sent
         record_sent(app.govrag_settings, job_id)
     return len(jobs)

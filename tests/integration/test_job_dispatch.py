@@ -1446,9 +1446,24 @@ def test_a_reindex_while_the_broker_is_down_says_so_in_one_line(
     queued = reindex.json()["queued"]
     assert len(queued) == 3
     assert [r.getMessage() for r in caplog.records if r.name == "workers.dispatch"] == [
-        f"3 ingestion job(s) not sent (the first: {queued[0]}): the broker is unreachable; the sweep sends them once "
+        f"3 ingestion jobs not sent (the first: {queued[0]}): the broker is unreachable; the sweep sends them once "
         "it answers"]
     assert all(_sent_at(url, job) is None for job in queued)
+
+
+def test_an_upload_while_the_broker_is_down_names_its_one_job_in_words_for_one(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One job not sent read "1 ingestion job(s) not sent (the first: ...)": now it is named as the one job it is."""
+    from api.app import create_app
+    from retrieval.store import close_vector_store
+
+    url, settings = _embedded(tmp_path, broker_url=UNREACHABLE_BROKER)
+    with TestClient(create_app(settings)) as client, caplog.at_level(logging.DEBUG, logger="workers.dispatch"):
+        job_id = _admin_and_an_upload(client)[2]["job_id"]
+    close_vector_store(settings)
+    assert [r.getMessage() for r in caplog.records if r.name == "workers.dispatch"] == [
+        f"ingestion job {job_id} not sent: the broker is unreachable; the sweep sends it once it answers"]
+    assert _sent_at(url, job_id) is None
 
 
 def _jobs_waiting_in_memory(queue: str) -> list[str]:
