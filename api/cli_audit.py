@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from audit.schemas import Decision, ExportFilters, ExportFormat, utc_bound
 from authz.identity import Identity, operator_identity
 from core.db import get_session_factory
-from core.errors import GovragError
+from core.errors import GovragError, unavailable_dependency
 from core.settings import get_settings
 
 
@@ -86,18 +86,25 @@ def _session() -> Iterator[Session]:
 
 def _reported(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """A refused command, or one whose output cannot be written, prints the (content-free) reason and exits 2
-    instead of a traceback."""
+    instead of a traceback. An outage (`unavailable_dependency`: the database, gone before the command or behind
+    the ledger's `unavailable` as the export is recorded) is no refusal: said as `govrag ingest` says one, exit 1."""
 
     @functools.wraps(command)
     def run(args: argparse.Namespace) -> int:
         try:
             return command(args)
-        except GovragError as exc:
-            print(f"refused: {exc.message}", file=sys.stderr)
-            return 2
-        except OSError as exc:  # a missing folder, no permission, a full disk
-            print(f"failed: {exc.strerror or type(exc).__name__}: {exc.filename or args.output}", file=sys.stderr)
-            return 2
+        except Exception as exc:
+            if (dependency := unavailable_dependency(exc)) is not None:
+                print(f"stopped: the {dependency} is unavailable; run the same command again once it is back",
+                      file=sys.stderr)
+                return 1
+            if isinstance(exc, GovragError):
+                print(f"refused: {exc.message}", file=sys.stderr)
+                return 2
+            if isinstance(exc, OSError):  # a missing folder, no permission, a full disk
+                print(f"failed: {exc.strerror or type(exc).__name__}: {exc.filename or args.output}", file=sys.stderr)
+                return 2
+            raise
 
     return run
 

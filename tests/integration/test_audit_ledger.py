@@ -363,6 +363,48 @@ def test_a_cli_export_to_a_missing_folder_fails_cleanly_and_is_not_recorded(
     assert _verify(cli_on_ledger)["checked"] == rows  # no export row
 
 
+@pytest.mark.parametrize("command", [["audit", "export"], ["export", "training-data", "--department"]])
+@pytest.mark.parametrize("goes", ["before the command", "as the export is recorded"])
+def test_a_cli_export_during_a_database_outage_says_it_stopped_on_the_outage_not_refused(
+        cli_on_ledger: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        command: list[str], goes: str) -> None:
+    """The database going as the export was recorded printed "refused: the audit log is unavailable ..." (exit 2, a
+    refusal: the command as typed is wrong), as the ledger's `unavailable` is a GovragError; gone before the command,
+    the outage's raw error was a traceback. Either way it now says what `govrag ingest` says of an outage (exit 1),
+    nothing recorded and an earlier file left as it was."""
+    from api import cli
+    from authz import service as authz_service
+    from core.db import unit_of_work
+    from core.keystore import keystore_for
+
+    department, database = f"hr{uuid.uuid4().hex[:6]}", cli_on_ledger.resolved_database_url.rsplit("/", 1)[1]
+    with unit_of_work(cli_on_ledger.resolved_database_url) as session:
+        authz_service.create_department(session=session, keystore=keystore_for(cli_on_ledger), name=department)
+    rows = _verify(cli_on_ledger)["checked"]
+    real_record = audit_service.record_admin_event
+
+    def recorded_as_the_database_goes(**kwargs: object) -> None:
+        allow_connections(database, False)
+        real_record(**kwargs)  # type: ignore[arg-type]
+
+    if goes == "before the command":
+        allow_connections(database, False)
+    else:
+        monkeypatch.setattr(audit_service, "record_admin_event", recorded_as_the_database_goes)
+    (exports := tmp_path / "exports").mkdir()  # tmp_path is the data directory too
+    earlier = exports / "out.jsonl"
+    earlier.write_text("last week's export\n")
+    argv = [*command, department] if command[0] == "export" else command
+    try:
+        assert cli.main([*argv, "-o", str(earlier)]) == 1
+    finally:
+        allow_connections(database, True)
+    assert capsys.readouterr().err == ("stopped: the database is unavailable; run the same command again once it "
+                                       "is back\n")
+    assert earlier.read_text() == "last week's export\n" and list(exports.iterdir()) == [earlier]
+    assert _verify(cli_on_ledger)["checked"] == rows  # no export row
+
+
 def test_a_refused_cli_export_leaves_an_earlier_file_as_it_was(cli_on_ledger: Settings, tmp_path: Path) -> None:
     from api import cli
 
