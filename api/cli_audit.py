@@ -85,9 +85,10 @@ def _session() -> Iterator[Session]:
 
 
 def _reported(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """A refused command, or one whose output cannot be written, prints the (content-free) reason and exits 2
-    instead of a traceback. An outage (`unavailable_dependency`: the database, gone before the command or behind
-    the ledger's `unavailable` as the export is recorded) is no refusal: said as `govrag ingest` says one, exit 1."""
+    """Every command here: a refused one, or one whose file cannot be written (or read), prints the (content-free)
+    reason and exits 2 instead of a traceback. An outage (`unavailable_dependency`: the database, gone before the
+    command or behind the ledger's `unavailable` as an event is recorded) is no refusal: said as `govrag ingest` says
+    one, exit 1, never with the server's address."""
 
     @functools.wraps(command)
     def run(args: argparse.Namespace) -> int:
@@ -101,8 +102,9 @@ def _reported(command: Callable[[argparse.Namespace], int]) -> Callable[[argpars
             if isinstance(exc, GovragError):
                 print(f"refused: {exc.message}", file=sys.stderr)
                 return 2
-            if isinstance(exc, OSError):  # a missing folder, no permission, a full disk
-                print(f"failed: {exc.strerror or type(exc).__name__}: {exc.filename or args.output}", file=sys.stderr)
+            if isinstance(exc, OSError):  # a missing folder, no permission, a full disk, a mirror file unreadable
+                where = exc.filename or getattr(args, "output", "")  # verify, checkpoint and purge have no output
+                print(f"failed: {exc.strerror or type(exc).__name__}: {where}", file=sys.stderr)
                 return 2
             raise
 
@@ -113,6 +115,7 @@ def _actor(args: argparse.Namespace) -> Identity:
     return operator_identity(args.actor or getpass.getuser())
 
 
+@_reported
 def verify(_args: argparse.Namespace) -> int:
     """Print the verification result; exit 1 when the chain is broken."""
     from audit import service as audit_service
@@ -149,6 +152,7 @@ def training_data(args: argparse.Namespace) -> int:
     return 0
 
 
+@_reported
 def checkpoint(_args: argparse.Namespace) -> int:
     """Sign a checkpoint at the end of the chain."""
     from audit import service as audit_service
@@ -159,6 +163,7 @@ def checkpoint(_args: argparse.Namespace) -> int:
     return 0
 
 
+@_reported
 def purge(args: argparse.Namespace) -> int:
     """Apply the retention period (GOVRAG_AUDIT_RETENTION_DAYS)."""
     from audit import service as audit_service

@@ -405,6 +405,47 @@ def test_a_cli_export_during_a_database_outage_says_it_stopped_on_the_outage_not
     assert _verify(cli_on_ledger)["checked"] == rows  # no export row
 
 
+@pytest.mark.parametrize("action", ["verify", "checkpoint", "purge"])
+def test_a_cli_audit_command_during_a_database_outage_says_it_stopped_on_the_outage(
+        cli_on_ledger: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        action: str) -> None:
+    """`govrag audit verify|checkpoint|purge` printed the outage's raw traceback, which names the server's address;
+    each now says it as `govrag audit export` does (exit 1), nothing signed or purged, nothing of the database's URL
+    on either stream."""
+    from sqlalchemy.engine import make_url
+
+    from api import cli
+    from core.settings import get_settings
+
+    _append(cli_on_ledger, 3)
+    monkeypatch.setenv("GOVRAG_AUDIT_RETENTION_DAYS", "1")  # else purge refuses before it asks the database
+    monkeypatch.setattr(integrity, "utcnow", lambda: utcnow() + timedelta(days=2))  # the three rows have expired
+    get_settings.cache_clear()
+    url = make_url(cli_on_ledger.resolved_database_url)
+    allow_connections(url.database, False)
+    try:
+        assert cli.main(["audit", action]) == 1
+    finally:
+        allow_connections(url.database, True)
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", "stopped: the database is unavailable; run the same command again once it is back\n")
+    named = [cli_on_ledger.resolved_database_url, url.render_as_string(hide_password=False), url.host, url.database,
+             f":{url.port}", url.password]
+    assert not [part for part in named if part and part in out + err]
+    assert {k: _verify(cli_on_ledger)[k] for k in ("ok", "checked", "checkpoints_checked", "purged_through")} == {
+        "ok": True, "checked": 3, "checkpoints_checked": 0, "purged_through": None}
+
+
+def test_a_cli_verify_whose_checkpoint_mirror_cannot_be_read_says_so(
+        cli_on_ledger: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    """It printed a traceback; now one line naming the file, exit 2 (not 1, a broken chain)."""
+    from api import cli
+
+    cli_on_ledger.resolved_checkpoint_file.mkdir()
+    assert cli.main(["audit", "verify"]) == 2
+    assert capsys.readouterr() == ("", f"failed: Is a directory: {cli_on_ledger.resolved_checkpoint_file}\n")
+
+
 def test_a_refused_cli_export_leaves_an_earlier_file_as_it_was(cli_on_ledger: Settings, tmp_path: Path) -> None:
     from api import cli
 
