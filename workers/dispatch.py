@@ -90,15 +90,19 @@ def send_jobs(app: GovragCelery, jobs: Sequence[tuple[str, str]]) -> int:
     the broker is down is one line, and waits for one refusal, not a thousand)."""
     for sent, (document_id, job_id) in enumerate(jobs):
         if not _published(app, document_id, job_id):
-            if (left := len(jobs) - sent) == 1:
-                logger.warning("ingestion job %s not sent: the broker is unreachable; the sweep sends it once it "
-                               "answers", job_id)
-            else:
-                logger.warning("%d ingestion jobs not sent (the first: %s): the broker is unreachable; the sweep "
-                               "sends them once it answers", left, job_id)
+            left, them = _named([job for _, job in jobs[sent:]])
+            logger.warning("%s not sent: the broker is unreachable; the sweep sends %s once it answers", left, them)
             return sent
         record_sent(app.govrag_settings, job_id)
     return len(jobs)
+
+
+def _named(job_ids: Sequence[str]) -> tuple[str, str]:
+    """How a log line names jobs, and the pronoun for them: "ingestion job X", "it" for one; "N ingestion jobs (the
+    first: X)", "them" for several."""
+    if len(job_ids) == 1:
+        return f"ingestion job {job_ids[0]}", "it"
+    return f"{len(job_ids)} ingestion jobs (the first: {job_ids[0]})", "them"
 
 
 def record_sent(settings: Settings, job_id: str) -> None:
@@ -127,7 +131,7 @@ def give_back(settings: Settings, job_ids: list[str]) -> bool:
         dependency = unavailable_dependency(exc)
         if dependency is None:
             raise
-        logger.warning("%d ingestion job(s) not handed back: the %s is unavailable", len(job_ids), dependency)
+        logger.warning("%s not handed back: the %s is unavailable", _named(job_ids)[0], dependency)
         return False
     return True
 
@@ -216,7 +220,7 @@ def send_unsent(app: GovragCelery, *, older_than_seconds: float) -> int:
 def _send_unsent_where(app: GovragCelery, *criteria: ColumnElement[bool]) -> int:
     """`send_unsent` for the unsent unfinished jobs meeting `criteria` (at most a batch, oldest first)."""
     settings = app.govrag_settings
-    sent = 0
+    sent: list[str] = []
     with unit_of_work(settings.resolved_database_url) as session:
         transaction_lock(session, _SWEEP_LOCK)
         unsent = session.execute(  # locked now, so marking one sent below waits for no one (`_unheld`)
@@ -227,12 +231,12 @@ def _send_unsent_where(app: GovragCelery, *criteria: ColumnElement[bool]) -> int
             if not _published(app, document_id, job_id):
                 break  # the broker is down: the rest wait for the next sweep
             _mark_sent(session, job_id)
-            sent += 1
+            sent.append(job_id)
     if sent:
-        logger.info("sent %d ingestion job(s) that had not reached the broker", sent)
-    if sent < len(unsent):
+        logger.info("sent %s that had not reached the broker", _named(sent)[0])
+    if len(sent) < len(unsent):
         raise Unavailable("broker")
-    return sent
+    return len(sent)
 
 
 def resend_unfinished(app: GovragCelery) -> int:
@@ -268,14 +272,13 @@ def resend_lost(app: GovragCelery, *, older_than_seconds: float) -> int:
         except _TasksUnknown as unknown:
             logger.warning("lost ingestion jobs not looked for: %s", unknown)
             return 0
-        lost = session.execute(update(IngestionJob).where(IngestionJob.id.in_(_unheld(
+        lost = session.scalars(update(IngestionJob).where(IngestionJob.id.in_(_unheld(
             IngestionJob.status == DocumentStatus.queued.value, IngestionJob.sent_at <= cutoff,
             IngestionJob.id.not_in(on_broker),
-        ))).values(sent_at=None, updated_at=IngestionJob.updated_at))
-    if lost.rowcount:  # type: ignore[attr-defined]
-        logger.warning("%d queued ingestion job(s) were no longer on the broker; sending them again",
-                       lost.rowcount)  # type: ignore[attr-defined]
-    return int(lost.rowcount)  # type: ignore[attr-defined]
+        ))).values(sent_at=None, updated_at=IngestionJob.updated_at).returning(IngestionJob.id)).all()
+    if lost:
+        logger.warning("%s queued but no longer on the broker; sending %s again", *_named(lost))
+    return len(lost)
 
 
 def resend_stalled(app: GovragCelery, *, stalled_after_seconds: float) -> int:
@@ -286,14 +289,14 @@ def resend_stalled(app: GovragCelery, *, stalled_after_seconds: float) -> int:
     cutoff = utcnow() - timedelta(seconds=stalled_after_seconds)
     with unit_of_work(app.govrag_settings.resolved_database_url) as session:
         transaction_lock(session, _SWEEP_LOCK)
-        stalled = session.execute(update(IngestionJob).where(IngestionJob.id.in_(_unheld(
+        stalled = session.scalars(update(IngestionJob).where(IngestionJob.id.in_(_unheld(
             IngestionJob.status == DocumentStatus.processing.value, IngestionJob.sent_at.is_not(None),
             IngestionJob.updated_at <= cutoff,
-        ))).values(sent_at=None, updated_at=utcnow()))  # its stall clock restarts with the new send
-    if stalled.rowcount:  # type: ignore[attr-defined]
-        logger.warning("%d ingestion job(s) stalled in processing; sending them again",
-                       stalled.rowcount)  # type: ignore[attr-defined]
-    return int(stalled.rowcount)  # type: ignore[attr-defined]
+        ))).values(sent_at=None, updated_at=utcnow())  # its stall clock restarts with the new send
+            .returning(IngestionJob.id)).all()
+    if stalled:
+        logger.warning("%s stalled in processing; sending %s again", *_named(stalled))
+    return len(stalled)
 
 
 def _unheld(*criteria: ColumnElement[bool]) -> Select[str]:

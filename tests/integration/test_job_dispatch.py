@@ -1207,10 +1207,11 @@ def test_a_sweep_sending_a_waiting_job_as_govrag_ingest_takes_it_leaves_it_to_on
     memory.Channel.queues.pop(settings.task_queue, None)
 
 
-def test_a_job_stalled_in_processing_is_sent_again_once(tmp_path: Path) -> None:
+def test_a_job_stalled_in_processing_is_sent_again_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A run whose retries ran out while the database was down could not mark its job failed: the job stayed
-    `processing` for ever. Once it is older than any run can last, the sweep sends it again; a job updated recently
-    (a run may still be going) is left alone, and a resent one is not sent again at the next sweep."""
+    `processing` for ever. Once it is older than any run can last, the sweep sends it again, saying which ("1
+    ingestion job(s) stalled" named none); a job updated recently (a run may still be going) is left alone, and a
+    resent one is not sent again at the next sweep."""
     from api.app import create_app
     from core.db import unit_of_work
     from core.models import IngestionJob, utcnow
@@ -1229,12 +1230,37 @@ def test_a_job_stalled_in_processing_is_sent_again_once(tmp_path: Path) -> None:
             session.execute(update(IngestionJob).where(IngestionJob.id == job_id)
                             .values(status="processing", updated_at=utcnow() - age))
     app = create_celery(settings)
-    assert resend_stalled(app, stalled_after_seconds=3600) == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="workers.dispatch"):
+        assert resend_stalled(app, stalled_after_seconds=3600) == 1
+    assert _said_by_the_sweep(caplog) == [
+        (logging.WARNING, f"ingestion job {stalled} stalled in processing; sending it again")]
     assert _sent_at(url, stalled) is None and _sent_at(url, running) is not None
     assert send_unsent(app, older_than_seconds=0) == 1
     assert memory.Channel.queues[settings.task_queue].qsize() == 1
     assert resend_stalled(app, stalled_after_seconds=3600) == 0  # its clock restarted with the send
     memory.Channel.queues.pop(settings.task_queue, None)
+
+
+def test_jobs_not_handed_back_in_a_database_outage_are_named_in_one_line(
+        make_pg_database: Callable[[], str], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`give_back` in a database outage logged "2 ingestion job(s) not handed back", naming none; it now says which,
+    as `send_jobs` does, in one line."""
+    from sqlalchemy.engine import make_url
+
+    from tests.conftest import allow_connections
+    from workers.dispatch import give_back
+
+    url = make_pg_database()
+    database = make_url(url).database
+    allow_connections(database, False)
+    try:
+        with caplog.at_level(logging.WARNING, logger="workers.dispatch"):
+            assert not give_back(_settings(tmp_path, url), ["job-1", "job-2"])
+    finally:
+        allow_connections(database, True)
+    assert [r.getMessage() for r in caplog.records if r.name == "workers.dispatch"] == [
+        "2 ingestion jobs (the first: job-1) not handed back: the database is unavailable"]
 
 
 def _stored_order(url: str) -> list[str]:
@@ -1414,7 +1440,7 @@ def test_a_broker_outage_is_one_warning_for_the_sweep_then_one_line_when_its_job
             for _ in range(2):
                 sweeper.run_round()
         sent, ran_again = _said_by_the_sweep(caplog)
-        assert sent == (logging.INFO, "sent 3 ingestion job(s) that had not reached the broker")
+        assert sent == (logging.INFO, f"sent 3 ingestion jobs (the first: {jobs[0]}) that had not reached the broker")
         assert ran_again[0] == logging.INFO
         assert re.fullmatch(r"the ingestion job sweep runs again, 4 round\(s\) and \d+ s after it failed", ran_again[1])
         assert all(_sent_at(url, job) is not None for job in jobs)
@@ -1446,7 +1472,7 @@ def test_a_reindex_while_the_broker_is_down_says_so_in_one_line(
     queued = reindex.json()["queued"]
     assert len(queued) == 3
     assert [r.getMessage() for r in caplog.records if r.name == "workers.dispatch"] == [
-        f"3 ingestion jobs not sent (the first: {queued[0]}): the broker is unreachable; the sweep sends them once "
+        f"3 ingestion jobs (the first: {queued[0]}) not sent: the broker is unreachable; the sweep sends them once "
         "it answers"]
     assert all(_sent_at(url, job) is None for job in queued)
 
@@ -1611,7 +1637,11 @@ def test_a_job_redis_lost_is_sent_again_while_other_tasks_wait_and_one_on_the_br
             assert "more than 1 tasks wait on the broker" in caplog.text
             assert not any(job in caplog.text for job in (taken, lost, *waiting))
             monkeypatch.setattr(dispatch, "_BROKER_READ_LIMIT", read_limit)
-            assert dispatch.resend_lost(app, older_than_seconds=0) == 1
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="workers.dispatch"):
+                assert dispatch.resend_lost(app, older_than_seconds=0) == 1
+            assert _said_by_the_sweep(caplog) == [
+                (logging.WARNING, f"ingestion job {lost} queued but no longer on the broker; sending it again")]
             assert _sent_at(url, lost) is None
             assert all(_sent_at(url, job) is not None for job in (taken, *waiting))
             assert dispatch.send_unsent(app, older_than_seconds=0) == 1
