@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from audit.schemas import Decision, ExportFilters, ExportFormat, utc_bound
 from authz.identity import Identity, operator_identity
 from core.db import get_session_factory
-from core.errors import GovragError, unavailable_dependency
+from core.errors import ErrorCode, GovragError, unavailable_dependency
 from core.settings import get_settings
 
 
@@ -170,8 +170,8 @@ def purge(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     if settings.audit_retention_days is None:
-        print("no retention period configured (GOVRAG_AUDIT_RETENTION_DAYS); nothing purged", file=sys.stderr)
-        return 2
+        raise GovragError(ErrorCode.invalid_request,
+                          "no retention period configured (GOVRAG_AUDIT_RETENTION_DAYS); nothing purged")
     with _session() as session:
         removed = audit_service.purge_expired(session=session, settings=settings, identity=_actor(args))
     print(json.dumps({"purged": removed}))

@@ -321,6 +321,8 @@ def test_cli_verify_export_checkpoint_and_purge(ledger: Settings, monkeypatch: p
         assert cli.main(["audit", "verify"]) == 1
         assert json.loads(capsys.readouterr().out)["first_broken"] == 2
         assert cli.main(["audit", "purge"]) == 2  # no retention configured: nothing is deleted
+        assert capsys.readouterr().err == ("refused: no retention period configured (GOVRAG_AUDIT_RETENTION_DAYS); "
+                                           "nothing purged\n")
         monkeypatch.setenv("GOVRAG_AUDIT_RETENTION_DAYS", "1")
         monkeypatch.setattr(integrity, "utcnow", lambda: utcnow() + timedelta(days=2))  # two days later
         get_settings.cache_clear()

@@ -1242,6 +1242,31 @@ def test_a_job_stalled_in_processing_is_sent_again_once(tmp_path: Path, caplog: 
     memory.Channel.queues.pop(settings.task_queue, None)
 
 
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_job_the_in_memory_broker_lost_is_named_and_sent_again(
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The sweep's look for lost jobs on the embedded broker, on either database (SQLite, the embedded default, runs
+    its UPDATE ... RETURNING too): a job `queued` and sent whose task the broker no longer holds is marked unsent
+    and named ("1 queued ingestion job(s) were no longer on the broker" named none)."""
+    from api.app import create_app
+    from retrieval.store import close_vector_store
+    from workers.celery_app import create_celery
+    from workers.dispatch import resend_lost
+
+    url, settings = _on(database, make_pg_database, tmp_path)
+    with TestClient(create_app(settings)) as client:
+        lost = _upload(client, desk_member(client, "editor"), 0)["job_id"]
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)  # the broker lost its task
+    _set_job(url, lost, sent_at=_ago(hours=1))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="workers.dispatch"):
+        assert resend_lost(create_celery(settings), older_than_seconds=0) == 1
+    assert _said_by_the_sweep(caplog) == [
+        (logging.WARNING, f"ingestion job {lost} queued but no longer on the broker; sending it again")]
+    assert _sent_at(url, lost) is None
+
+
 def test_jobs_not_handed_back_in_a_database_outage_are_named_in_one_line(
         make_pg_database: Callable[[], str], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """`give_back` in a database outage logged "2 ingestion job(s) not handed back", naming none; it now says which,
