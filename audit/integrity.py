@@ -179,21 +179,17 @@ def _broken(result: VerifyResult, event_id: int, reason: str) -> VerifyResult:
     return result.model_copy(update={"ok": False, "first_broken": event_id, "reason": reason})
 
 
-def purge_expired(*, session: Session, settings: Settings, now: datetime | None = None) -> tuple[int, int] | None:
-    """Retention: sign a purge checkpoint at the last expired row, then delete through it. (count, through_id)."""
+def purge_checkpoint(*, session: Session, settings: Settings, now: datetime | None = None) -> AuditCheckpoint | None:
+    """Retention: lock the chain and sign a purge checkpoint at the last expired row (its `event_count` the rows
+    through it); None when nothing has expired. Uncommitted: the caller (audit.service.purge_expired) holds
+    `local_chain_lock`, records the purge, deletes through the row, commits, and only then mirrors the checkpoint."""
     if settings.audit_retention_days is None:
         return None
     cutoff = (now or utcnow()) - timedelta(days=settings.audit_retention_days)
-    with repository.local_chain_lock():
-        repository.lock_chain(session)
-        last_expired = repository.last_event_before(session, cutoff)
-        if last_expired is None:
-            session.rollback()
-            return None
-        count = repository.count_through(session, last_expired.id)
-        checkpoint = make_checkpoint(session=session, settings=settings, event=last_expired, kind="purge",
-                                     event_count=count)
-        deleted = repository.delete_through(session, last_expired.id)
-        session.commit()
-    mirror_checkpoint(settings, checkpoint)
-    return deleted, last_expired.id
+    repository.lock_chain(session)
+    last_expired = repository.last_event_before(session, cutoff)
+    if last_expired is None:
+        session.rollback()
+        return None
+    return make_checkpoint(session=session, settings=settings, event=last_expired, kind="purge",
+                           event_count=repository.count_through(session, last_expired.id))

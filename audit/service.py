@@ -61,17 +61,29 @@ def record_admin_event(*, session: Session, identity: Identity, event_type: Admi
     `details` must be metadata only (names, ids, counts) — never document text, questions, tokens or keys.
     `departments` (several) may replace `department` (one) for actions spanning departments, e.g. exports.
     """
-    departments = sorted(departments or ([department] if department else []))
-    _append(session, settings, [RetrievalEvent(
+    departments = departments or ([department] if department else [])
+    _append(session, settings, [_admin_event(identity, event_type, departments, details or {})])
+
+
+def _admin_event(identity: Identity, event_type: AdminEventType | str, departments: list[str],
+                 details: dict[str, Any]) -> RetrievalEvent:
+    """An admin action as a ledger row, not yet linked to the chain."""
+    departments = sorted(departments)
+    return RetrievalEvent(
         event_type=str(event_type.value if isinstance(event_type, AdminEventType) else event_type),
         request_id=request_id_var.get(),
         subject=identity.subject, groups=list(identity.groups), departments_requested=departments,
         departments_searched=departments, decision=Decision.admin.value, reason=None, question_masked="",
-        purpose=None, latency_ms=0.0, chunks=[], details=details or {})])
+        purpose=None, latency_ms=0.0, chunks=[], details=details)
 
 
-def _append(session: Session, settings: Settings | None, events: list[RetrievalEvent]) -> None:
-    """Link `events`, in order, to the end of the chain and commit them (with a signed checkpoint every N rows)."""
+def _append(session: Session, settings: Settings | None, events: list[RetrievalEvent], *,
+            purging_through: int | None = None) -> None:
+    """Link `events`, in order, to the end of the chain and commit them (with a signed checkpoint every N rows).
+
+    `purging_through`: the retention purge deletes the events through that id in the same transaction, once its
+    `retention_purge` event is linked: a purge is never left unrecorded, and never deletes the newest row (SQLite,
+    without AUTOINCREMENT, hands the highest id out again once its row is gone)."""
     checkpoint: AuditCheckpoint | None = None
     try:
         with repository.local_chain_lock():
@@ -85,6 +97,8 @@ def _append(session: Session, settings: Settings | None, events: list[RetrievalE
             if settings is not None and settings.audit_checkpoint_every > 0 and \
                     last.id - checkpointed >= settings.audit_checkpoint_every:
                 checkpoint = integrity.make_checkpoint(session=session, settings=settings, event=last)
+            if purging_through is not None:
+                repository.delete_through(session, purging_through)
             session.commit()
         for event in events:
             metrics.AUDIT_EVENTS.labels(event_type=event.event_type).inc()
@@ -191,15 +205,19 @@ def verify(*, session: Session, settings: Settings) -> VerifyResult:
 
 def purge_expired(*, session: Session, settings: Settings, identity: Identity,
                   now: datetime | None = None) -> int:
-    """Retention: a signed purge checkpoint, the delete, then a `retention_purge` event; returns rows removed."""
-    outcome = integrity.purge_expired(session=session, settings=settings, now=now)
-    if outcome is None:
-        return 0
-    deleted, through_id = outcome
-    record_admin_event(session=session, identity=identity, event_type=AdminEventType.retention_purge,
-                       settings=settings, details={"rows": deleted, "through_event_id": through_id,
-                                                   "retention_days": settings.audit_retention_days})
-    return deleted
+    """Retention: a signed purge checkpoint at the last expired row, the `retention_purge` event and the delete
+    through that row, in one transaction; returns rows removed. The delete once committed before its event, the
+    database going between the two left rows deleted that no event named (and a run again found nothing to purge)."""
+    with repository.local_chain_lock():  # from the chain's lock to the commit of the purge with its event
+        checkpoint = integrity.purge_checkpoint(session=session, settings=settings, now=now)
+        if checkpoint is None:
+            return 0
+        details = {"rows": checkpoint.event_count, "through_event_id": checkpoint.last_event_id,
+                   "retention_days": settings.audit_retention_days}
+        _append(session, settings, [_admin_event(identity, AdminEventType.retention_purge, [], details)],
+                purging_through=checkpoint.last_event_id)
+    integrity.mirror_checkpoint(settings, checkpoint)
+    return checkpoint.event_count
 
 
 def export_training_data(*, session: Session, settings: Settings, identity: Identity,

@@ -287,6 +287,24 @@ def test_the_longest_retention_period_purges_nothing_recent(ledger: Settings) ->
     assert _verify(settings)["checked"] == 3
 
 
+def test_a_purge_of_every_row_on_sqlite_leaves_no_id_to_be_handed_out_again(tmp_path: Path) -> None:
+    """SQLite (the embedded default; no AUTOINCREMENT) hands the highest id out again once its row is gone: after a
+    purge of every row, its `retention_purge` event took id 1, it and the events after it up to the purged id went
+    unchecked, and the first one past it was reported `chain_link_broken`. The event is now linked before the
+    delete, in its transaction: the newest row is never deleted."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path, database_url=url, audit_checkpoint_every=3, audit_retention_days=1)
+    _append(settings, 4)
+    with get_session_factory(url)() as session:
+        assert audit_service.purge_expired(session=session, settings=settings, identity=ADMIN,
+                                           now=utcnow() + timedelta(days=2)) == 4
+        assert session.execute(select(RetrievalEvent.id, RetrievalEvent.event_type)).all() == [(5, "retention_purge")]
+    _append(settings, 4)
+    result = _verify(settings)
+    assert (result["ok"], result["checked"], result["purged_through"]) == (True, 5, 4)
+
+
 def test_verification_matches_on_sqlite(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     migrate.upgrade(url)
@@ -436,6 +454,55 @@ def test_a_cli_audit_command_during_a_database_outage_says_it_stopped_on_the_out
     assert not [part for part in named if part and part in out + err]
     assert {k: _verify(cli_on_ledger)[k] for k in ("ok", "checked", "checkpoints_checked", "purged_through")} == {
         "ok": True, "checked": 3, "checkpoints_checked": 0, "purged_through": None}
+
+
+@pytest.mark.parametrize("goes", ["as its event is written", "as the rows are deleted"])
+def test_a_cli_purge_during_a_database_outage_is_undone_whole_never_left_unrecorded(
+        cli_on_ledger: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        goes: str) -> None:
+    """`govrag audit purge` committed the delete and its signed checkpoint, then recorded the `retention_purge`
+    event in a transaction of its own: the database going between the two left rows deleted that no event named,
+    and the command run again found nothing to purge. The checkpoint, the event and the delete are now one
+    transaction: an outage undoes all three (nothing deleted, signed or mirrored), and the command run again purges
+    and records it."""
+    from sqlalchemy.engine import make_url
+
+    from api import cli
+    from audit import repository
+    from core.settings import get_settings
+
+    _append(cli_on_ledger, 3)
+    monkeypatch.setenv("GOVRAG_AUDIT_RETENTION_DAYS", "1")
+    monkeypatch.setattr(integrity, "utcnow", lambda: utcnow() + timedelta(days=2))  # the three rows have expired
+    get_settings.cache_clear()
+    database = make_url(cli_on_ledger.resolved_database_url).database
+    step = "add_events" if goes == "as its event is written" else "delete_through"
+    real_step = getattr(repository, step)
+
+    def as_the_database_goes(*args: object) -> object:
+        allow_connections(database, False)
+        return real_step(*args)
+
+    with monkeypatch.context() as outage:
+        outage.setattr(repository, step, as_the_database_goes)
+        try:
+            assert cli.main(["audit", "purge", "--actor", "ops"]) == 1
+        finally:
+            allow_connections(database, True)
+    assert capsys.readouterr() == ("", "stopped: the database is unavailable; run the same command again once it "
+                                       "is back\n")
+    assert {k: _verify(cli_on_ledger)[k] for k in ("ok", "checked", "checkpoints_checked", "purged_through")} == {
+        "ok": True, "checked": 3, "checkpoints_checked": 0, "purged_through": None}
+    assert not cli_on_ledger.resolved_checkpoint_file.exists()
+    assert cli.main(["audit", "purge", "--actor", "ops"]) == 0  # run again: purged, and recorded
+    assert json.loads(capsys.readouterr().out) == {"purged": 3}
+    assert {k: _verify(cli_on_ledger)[k] for k in ("ok", "checked", "checkpoints_checked", "purged_through")} == {
+        "ok": True, "checked": 1, "checkpoints_checked": 2, "purged_through": 3}  # the checkpoint, and its mirror
+    with get_session_factory(cli_on_ledger.resolved_database_url)() as session:
+        recorded = session.execute(select(RetrievalEvent.event_type, RetrievalEvent.subject,
+                                          RetrievalEvent.details)).all()
+    assert [tuple(row) for row in recorded] == [
+        ("retention_purge", "cli:ops", {"rows": 3, "through_event_id": 3, "retention_days": 1})]
 
 
 def test_a_cli_verify_whose_checkpoint_mirror_cannot_be_read_says_so(
