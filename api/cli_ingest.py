@@ -135,8 +135,8 @@ def _refused_at_start(args: argparse.Namespace) -> tuple[str, int] | None:
         if held := _store_held(settings):
             return (f"{held}; or upload through the running API: govrag ingest {args.path} --department "
                     f"{args.department} --api-url http://HOST:PORT --token TOKEN; nothing ingested", 1)
-        if not _blob_store_opened(settings):  # the error logged says why and what to do
-            return f"the blob volume is not mounted at {settings.blob_dir}; nothing ingested", 1
+        if not _blob_store_opened(settings):  # the error logged just before says why and what to do
+            return f"the blob store at {settings.blob_dir} cannot be used (see the error above); nothing ingested", 1
     except Exception as exc:
         if (dependency := unavailable_dependency(exc)) is None:
             raise
@@ -516,8 +516,9 @@ def _store_held(settings: Settings) -> EmbeddedStoreHeld | None:
 
 
 def _blob_store_opened(settings: Settings) -> bool:
-    """Open the blob store, as any process's start does (`blobs.open_at_start`): False when its volume is not mounted,
-    where every file would fail (nothing to ingest into, unlike a server, which still answers queries)."""
+    """Open the blob store, as any process's start does (`blobs.open_at_start`): False when it refuses the directory
+    (its volume not mounted, another store there, a directory it cannot write...), where every file would fail
+    (nothing to ingest into, unlike a server, which still answers queries)."""
     from core import blobs
 
     return blobs.open_at_start(settings.blob_dir, settings.resolved_database_url)

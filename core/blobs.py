@@ -2,8 +2,9 @@
 
 The store is a directory holding a marker file (`MARKER`) with the store's id; the database records the id of its store
 (`BlobStore`). Only a process's start (`open_at_start`) creates the directory and its marker, adopts a store from
-before markers or ids, or refuses a directory that is not this database's store (one error logged, nothing written):
-the table "The blob store's marker" in docs/scaling.md gives each situation, what a start does and the way out.
+before markers or ids, or refuses a directory that is not this database's store, or where it cannot write them (one
+error logged, nothing written): the table "The blob store's marker" in docs/scaling.md gives each situation, what a
+start does and the way out.
 
 A store mounted after a start that recorded none is decided as a start would at its first use (`_judge`), its id
 recorded on a connection of its own. So any caller whose transaction writes before it uses the store must call
@@ -61,12 +62,14 @@ class _Seen:
     its start), the database it asks when a store appears there while that database records none (None: no start in
     this process, whose operations take any marker, but whose orphan sweep does not: `_verified`), the marker last
     judged there (`_signature`) and whether it was that store's. A marker is read again only when its signature
-    changes, so an operation costs one stat, as before ids."""
+    changes, so an operation costs one stat, as before ids. `unwritten`: the decision could not write the directory
+    or its marker (a read-only volume, a full disk), so each use decides again (`_mounted`) until it can."""
 
     store_id: str | None
     marker: tuple[int, ...] | None = None
     ours: bool = False
     database_url: str | None = None
+    unwritten: bool = False
 
 
 _seen: dict[Path, _Seen] = {}
@@ -106,18 +109,24 @@ def _decide(blob_dir: Path, *, documents_exist: bool, store_id: str | None,
     """`open_store`'s decision, logged when it refuses: the id opened (or None) and what this process then knows."""
     signature = _signature(blob_dir)  # taken before the read: a marker changed after it is judged again when used
     marked = _read_marker(blob_dir)
-    opened, stored = _adopt(blob_dir, marked, documents_exist=documents_exist, store_id=store_id, knows=knows)
+    unwritten: OSError | None = None
+    try:
+        opened, stored = _adopt(blob_dir, marked, documents_exist=documents_exist, store_id=store_id, knows=knows)
+    except OSError as error:  # the directory or its marker could not be written: refused as any other directory
+        opened, stored, unwritten = None, set(), error
     if opened is None:
-        logger.error("%s", _refusal(blob_dir, marked, store_id, stored))
+        logger.error("%s", _refusal(blob_dir, marked, store_id, stored, unwritten))
     judged = not isinstance(marked, OSError) and not isinstance(stored, OSError)  # a failed read: tried again when used
-    return opened, _Seen(opened or store_id, signature if judged else None, ours=opened is not None)
+    return opened, _Seen(opened or store_id, signature if judged else None, ours=opened is not None,
+                         unwritten=unwritten is not None)
 
 
 def _adopt(blob_dir: Path, marked: _Marked, *, documents_exist: bool, store_id: str | None,
            knows: Callable[[set[str]], bool]) -> tuple[str | None, set[str] | OSError]:
     """`open_store`'s decision, writing the marker where it may: the store's id (or None), and the documents of the
     files of govrag's it found in the directory (none when the marker decided alone; the OSError when it could not
-    be listed), for `_refusal` to word a refusal by without listing the directory again."""
+    be listed), for `_refusal` to word a refusal by without listing the directory again. The OSError of a write
+    (the directory or its marker) is raised."""
     if isinstance(marked, Exception):
         return None, set()
     if marked and store_id is not None:
@@ -140,11 +149,17 @@ def _adopt(blob_dir: Path, marked: _Marked, *, documents_exist: bool, store_id: 
     return _mark(blob_dir, store_id or str(uuid.uuid4())), stored
 
 
-def _refusal(blob_dir: Path, marked: _Marked, store_id: str | None, stored: set[str] | OSError) -> str:
+def _refusal(blob_dir: Path, marked: _Marked, store_id: str | None, stored: set[str] | OSError,
+             unwritten: OSError | None = None) -> str:
     """Why the directory is not the store of the database recording `store_id`, and what to do (one log line);
     `stored`: the documents of govrag's files `_adopt` found there, or the OSError that kept it from listing them (it
-    lists the directory whenever the marker leaves the message to them)."""
+    lists the directory whenever the marker leaves the message to them); `unwritten`: the OSError that kept `_adopt`
+    from writing the directory or its marker."""
     marker, waiting = blob_dir / MARKER, "uploads and reveals are a 503 and ingestion runs wait until"
+    if unwritten is not None:
+        return (f"the blob store cannot be created or marked in {blob_dir} ({unwritten.strerror or 'an OSError'}); "
+                f"{waiting} it can be: make that directory (or, while it is missing, the one above it) writable by "
+                f"this process, on a volume mounted read-write with free space")
     if isinstance(marked, Exception):
         reason = "it holds no store id" if isinstance(marked, GarbledMarker) else marked.strerror or "an OSError"
         return (f"the blob store's marker {marker} cannot be read ({reason}); {waiting} it holds this database's "
@@ -247,9 +262,12 @@ def _signature(blob_dir: Path) -> tuple[int, ...] | None:
 def _mounted(blob_dir: Path) -> Path:
     """`blob_dir`, which must hold this store's marker: without it, its volume is not mounted; with another id (or
     none while the database records one), another store is (`Unavailable` either way). A marker is judged again only
-    when it changed (an error logged when it is not this store's)."""
+    when it changed (an error logged when it is not this store's), or at each use while it could not be written."""
     signature = _signature(blob_dir)
     seen = _seen.get(blob_dir, _Seen(None))
+    if seen.unwritten and seen.database_url is not None:  # decided again as at the start, which could not write it
+        open_at_start(blob_dir, seen.database_url)
+        signature, seen = _signature(blob_dir), _seen[blob_dir]
     if signature is not None and signature != seen.marker:
         seen = _judge(blob_dir, seen, signature)
     if signature is None or not seen.ours:

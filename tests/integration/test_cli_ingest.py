@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from core.db import unit_of_work
 from core.models import Document
 from core.settings import get_settings
 from tests.conftest import PLATFORM_ADMIN, allow_connections, auth, damaged_doc
+from tests.support.file_permissions import permission_bits_bind
 from tests.support.lock_waits import wait_for_a_lock_wait
 
 if TYPE_CHECKING:
@@ -419,9 +421,35 @@ def test_ingesting_while_the_blob_volume_is_not_mounted_says_so_and_ingests_noth
     assert main(["ingest", str(tmp_path / "leave.md"), "--department", "hr"]) == 1
     captured = capsys.readouterr()
     said = " ".join(captured.err.split())
-    assert f"the blob volume is not mounted at {blob_dir}; nothing ingested" in said, said
+    assert f"the blob store at {blob_dir} cannot be used (see the error above); nothing ingested" in said, said
     assert "ingestion summary" not in captured.out and "internal error" not in captured.out + said
     assert not blob_dir.exists()
+    with unit_of_work(cli_env) as session:
+        assert len(session.scalars(select(Document.id)).all()) == 1
+
+
+def test_ingesting_while_the_blob_directory_cannot_be_written_says_so_and_ingests_nothing(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """A fresh deployment whose blob directory this process may not write (a read-only volume, another owner): the
+    start's marker write raised, and `govrag ingest` ended in a traceback. It stops as for any refused directory,
+    the error logged naming the directory and the reason; once the directory can be written, a run ingests."""
+    (tmp_path / "pay.md").write_text("# Pay\n\nPay day is the 25th.\n")
+    blob_dir = get_settings().blob_dir
+    blob_dir.mkdir(parents=True)
+    blob_dir.chmod(0o500)
+    with permission_bits_bind(), caplog.at_level(logging.ERROR, logger="core.blobs"):
+        assert main(["ingest", str(tmp_path / "pay.md"), "--department", "hr"]) == 1
+    captured = capsys.readouterr()
+    said = " ".join(captured.err.split())
+    assert f"the blob store at {blob_dir} cannot be used (see the error above); nothing ingested" in said, said
+    assert "ingestion summary" not in captured.out and "Traceback" not in said
+    logged = [record.getMessage() for record in caplog.records if record.name == "core.blobs"]
+    assert len(logged) == 1, logged
+    assert logged[0].startswith(f"the blob store cannot be created or marked in {blob_dir} (Permission denied); ")
+    with unit_of_work(cli_env) as session:
+        assert session.scalars(select(Document.id)).all() == []
+    blob_dir.chmod(0o700)  # as the error says
+    assert main(["ingest", str(tmp_path / "pay.md"), "--department", "hr"]) == 0
     with unit_of_work(cli_env) as session:
         assert len(session.scalars(select(Document.id)).all()) == 1
 

@@ -418,6 +418,59 @@ def test_a_blob_directory_that_cannot_be_listed_is_refused_until_it_can_be(
     assert _recorded(url) == _marked(blob_dir) and uuid.UUID(_marked(blob_dir))
 
 
+@pytest.mark.parametrize("unwritable", ["its parent not writable", "not writable", "marked before ids, not writable",
+                                        "the disk full"])
+def test_a_blob_store_that_cannot_be_created_or_marked_is_refused_until_it_can_be(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, unwritable: str) -> None:
+    """A fresh deployment's directory that cannot be created (its parent not writable), or a directory whose marker
+    cannot be written (a fresh one, or a store from before ids): the write raised, and the start crashed with a
+    traceback. It is refused as a directory that is not the store is (one error naming the directory, the OS's reason
+    and what to do; nothing recorded; an outage), and the store is taken at its first use once it can be written."""
+    url = f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    blob_dir = tmp_path / "data" / "blobs"
+    blob_dir.parent.mkdir()
+
+    def full() -> None:
+        """The marker's temp file writes to /dev/full, as to a full disk (a failed write removes it: space freed)."""
+        if unwritable == "the disk full":
+            (blob_dir / f"{blobs.MARKER}.tmp").symlink_to("/dev/full")
+
+    if unwritable == "its parent not writable":
+        blob_dir.parent.chmod(0o500)
+    else:
+        blob_dir.mkdir()
+        if unwritable.startswith("marked"):  # no document yet: a start takes it, giving it an id
+            (blob_dir / blobs.MARKER).write_bytes(b"")
+        if unwritable != "the disk full":
+            blob_dir.chmod(0o500)
+    with permission_bits_bind(), caplog.at_level(logging.ERROR, logger="core.blobs"):
+        full()
+        assert not blobs.open_at_start(blob_dir, url)
+        full()
+        with pytest.raises(Unavailable):
+            blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
+        refused = _said(caplog)
+    reason = "No space left on device" if unwritable == "the disk full" else "Permission denied"
+    assert refused[0] == (f"the blob store cannot be created or marked in {blob_dir} ({reason}); uploads and reveals "
+                          "are a 503 and ingestion runs wait until it can be: make that directory (or, while it is "
+                          "missing, the one above it) writable by this process, on a volume mounted read-write with "
+                          "free space")
+    assert refused == refused[:1] * 2 and _recorded(url) is None  # the start, then the use deciding again
+    left = {} if unwritable.startswith("its parent") else {"blobs": b""}
+    if unwritable.startswith("marked"):
+        left[f"blobs/{blobs.MARKER}"] = b""
+    assert {str(path.relative_to(blob_dir.parent)): b"" if path.is_dir() else path.read_bytes()
+            for path in blob_dir.parent.rglob("*")} == left  # as it was
+    blob_dir.parent.chmod(0o700)  # as the error says
+    if blob_dir.is_dir():
+        blob_dir.chmod(0o700)
+    with permission_bits_bind():
+        blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")  # no restart
+    assert _recorded(url) == _marked(blob_dir) and uuid.UUID(_marked(blob_dir))
+    assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"the upload"
+
+
 NOT_HERE = "nothing is written into it, and uploads and reveals are a 503 and ingestion runs wait until"
 STORE_WITHOUT_ID = ("the blob store at {blob_dir} has no store id (it was marked before ids, or not at all) while this "
                     "database's store is {recorded}: it may be another's")
