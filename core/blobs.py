@@ -2,9 +2,9 @@
 
 The store is a directory holding a marker file (`MARKER`) with the store's id; the database records the id of its store
 (`BlobStore`). Only a process's start (`open_at_start`) creates the directory and its marker, adopts a store from
-before markers or ids, or refuses a directory that is not this database's store, or where it cannot write them (one
-error logged, nothing written): the table "The blob store's marker" in docs/scaling.md gives each situation, what a
-start does and the way out.
+before markers or ids, or refuses a directory that is not this database's store, or where it cannot write them
+(nothing written; an error logged, at DEBUG while the same refusal repeats): the table "The blob store's marker" in
+docs/scaling.md gives each situation, what a start does and the way out.
 
 A store mounted after a start that recorded none is decided as a start would at its first use (`_judge`), its id
 recorded on a connection of its own. So any caller whose transaction writes before it uses the store must call
@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -62,17 +63,20 @@ class _Seen:
     its start), the database it asks when a store appears there while that database records none (None: no start in
     this process, whose operations take any marker, but whose orphan sweep does not: `_verified`), the marker last
     judged there (`_signature`) and whether it was that store's. A marker is read again only when its signature
-    changes, so an operation costs one stat, as before ids. `unwritten`: the decision could not write the directory
-    or its marker (a read-only volume, a full disk), so each use decides again (`_mounted`) until it can."""
+    changes, so an operation costs one stat, as before ids. `undecided`: the decision could not read the marker, list
+    the directory or write either (permissions, a full disk), so each use decides again (`_mounted`) until it can."""
 
     store_id: str | None
     marker: tuple[int, ...] | None = None
     ours: bool = False
     database_url: str | None = None
-    unwritten: bool = False
+    undecided: bool = False
 
 
 _seen: dict[Path, _Seen] = {}
+# The refusals logged as errors for each directory since its store was last taken (`_say_refused`), and their lock.
+_refusals_said: dict[Path, set[str]] = {}
+_refusals_lock = threading.Lock()
 _Marked = str | GarbledMarker | OSError | None  # the marker's id, "" (empty), what kept it unread, or no marker
 
 
@@ -109,24 +113,28 @@ def _decide(blob_dir: Path, *, documents_exist: bool, store_id: str | None,
     """`open_store`'s decision, logged when it refuses: the id opened (or None) and what this process then knows."""
     signature = _signature(blob_dir)  # taken before the read: a marker changed after it is judged again when used
     marked = _read_marker(blob_dir)
+    opened, stored = _adopt(blob_dir, marked, documents_exist=documents_exist, store_id=store_id, knows=knows)
     unwritten: OSError | None = None
-    try:
-        opened, stored = _adopt(blob_dir, marked, documents_exist=documents_exist, store_id=store_id, knows=knows)
-    except OSError as error:  # the directory or its marker could not be written: refused as any other directory
-        opened, stored, unwritten = None, set(), error
+    if opened is not None and opened != marked:  # a fresh store, or one without an id yet
+        try:
+            _mark(blob_dir, opened)
+        except OSError as error:  # refused as any other directory, until it can be written
+            opened, unwritten = None, error
     if opened is None:
-        logger.error("%s", _refusal(blob_dir, marked, store_id, stored, unwritten))
-    judged = not isinstance(marked, OSError) and not isinstance(stored, OSError)  # a failed read: tried again when used
-    return opened, _Seen(opened or store_id, signature if judged else None, ours=opened is not None,
-                         unwritten=unwritten is not None)
+        _say_refused(blob_dir, _refusal(blob_dir, marked, store_id, stored, unwritten))
+    else:
+        _say_taken(blob_dir)
+    undecided = isinstance(marked, OSError) or isinstance(stored, OSError) or unwritten is not None
+    return opened, _Seen(opened or store_id, None if undecided else signature,  # None: its marker judged when used
+                         ours=opened is not None, undecided=undecided)
 
 
 def _adopt(blob_dir: Path, marked: _Marked, *, documents_exist: bool, store_id: str | None,
            knows: Callable[[set[str]], bool]) -> tuple[str | None, set[str] | OSError]:
-    """`open_store`'s decision, writing the marker where it may: the store's id (or None), and the documents of the
-    files of govrag's it found in the directory (none when the marker decided alone; the OSError when it could not
-    be listed), for `_refusal` to word a refusal by without listing the directory again. The OSError of a write
-    (the directory or its marker) is raised."""
+    """`open_store`'s decision, writing nothing: the store's id (or None; `_decide` writes it into the marker where
+    the marker does not hold it yet), and the documents of the files of govrag's it found in the directory (none when
+    the marker decided alone; the OSError when it could not be listed), for `_refusal` to word a refusal by without
+    listing the directory again."""
     if isinstance(marked, Exception):
         return None, set()
     if marked and store_id is not None:
@@ -140,13 +148,31 @@ def _adopt(blob_dir: Path, marked: _Marked, *, documents_exist: bool, store_id: 
         return marked, stored
     if marked == "" or stored:
         if store_id is None:
-            return _mark(blob_dir, str(uuid.uuid4())), stored
+            return str(uuid.uuid4()), stored
         # Not without a marker: that may be the disk below the mount point, written before markers, the volume away.
-        return (_mark(blob_dir, store_id) if marked == "" and stored else None), stored
+        return (store_id if marked == "" and stored else None), stored
     if documents_exist:
         return None, stored
-    blob_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return _mark(blob_dir, store_id or str(uuid.uuid4())), stored
+    return store_id or str(uuid.uuid4()), stored
+
+
+def _say_refused(blob_dir: Path, refusal: str) -> None:
+    """Log a refusal as an error, once while the store is refused (each use decides again while the decision could not
+    read or write: `_Seen.undecided`): a refusal said already since the store was last taken is logged at DEBUG, a
+    different one as an error, as the sweeps log an outage (`core.sweeper`)."""
+    with _refusals_lock:
+        said = _refusals_said.setdefault(blob_dir, set())
+        repeated = refusal in said
+        said.add(refusal)
+    logger.log(logging.DEBUG if repeated else logging.ERROR, "%s", refusal)
+
+
+def _say_taken(blob_dir: Path) -> None:
+    """Log, once, that the store is used after a refusal was logged."""
+    with _refusals_lock:
+        refused = _refusals_said.pop(blob_dir, None) is not None
+    if refused:
+        logger.info("the blob store at %s is used now: uploads, reveals and ingestion runs go on", blob_dir)
 
 
 def _refusal(blob_dir: Path, marked: _Marked, store_id: str | None, stored: set[str] | OSError,
@@ -228,11 +254,12 @@ def _knows_any(session: Session, document_ids: set[str]) -> bool:
     return session.scalar(select(Document.id).where(Document.id.in_(document_ids)).limit(1)) is not None
 
 
-def _mark(blob_dir: Path, store_id: str) -> str:
-    """Write the marker holding `store_id` through a temp file renamed into place (never half-written, and no hard
-    link, which object store mounts and SMB shares refuse); `open_at_start` writes it under its lock. The id."""
+def _mark(blob_dir: Path, store_id: str) -> None:
+    """Write the marker holding `store_id`, creating the directory if it is missing, through a temp file renamed into
+    place (never half-written, and no hard link, which object store mounts and SMB shares refuse); `open_at_start`
+    writes it under its lock."""
+    blob_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     _replace(blob_dir / MARKER, f"{store_id}\n".encode())
-    return store_id
 
 
 def _read_marker(blob_dir: Path) -> _Marked:
@@ -262,13 +289,14 @@ def _signature(blob_dir: Path) -> tuple[int, ...] | None:
 def _mounted(blob_dir: Path) -> Path:
     """`blob_dir`, which must hold this store's marker: without it, its volume is not mounted; with another id (or
     none while the database records one), another store is (`Unavailable` either way). A marker is judged again only
-    when it changed (an error logged when it is not this store's), or at each use while it could not be written."""
+    when it changed (an error logged when it is not this store's), or, after a start that could not read or write the
+    directory, decided again as at a start at each use until it can."""
     signature = _signature(blob_dir)
     seen = _seen.get(blob_dir, _Seen(None))
-    if seen.unwritten and seen.database_url is not None:  # decided again as at the start, which could not write it
+    if seen.undecided and seen.database_url is not None:
         open_at_start(blob_dir, seen.database_url)
         signature, seen = _signature(blob_dir), _seen[blob_dir]
-    if signature is not None and signature != seen.marker:
+    elif signature is not None and signature != seen.marker:
         seen = _judge(blob_dir, seen, signature)
     if signature is None or not seen.ours:
         raise Unavailable("blob volume")
@@ -287,7 +315,9 @@ def _judge(blob_dir: Path, seen: _Seen, signature: tuple[int, ...]) -> _Seen:
         return replace(seen, marker=None, ours=False)
     ours = isinstance(marked, str) and seen.store_id in (None, marked)
     if not ours:
-        logger.error("%s", _refusal(blob_dir, marked, seen.store_id, set()))  # a marker read words the refusal alone
+        _say_refused(blob_dir, _refusal(blob_dir, marked, seen.store_id, set()))  # a marker read words it alone
+    else:
+        _say_taken(blob_dir)
     _seen[blob_dir] = replace(seen, marker=signature, ours=ours)
     return _seen[blob_dir]
 

@@ -447,16 +447,17 @@ def test_a_blob_store_that_cannot_be_created_or_marked_is_refused_until_it_can_b
     with permission_bits_bind(), caplog.at_level(logging.ERROR, logger="core.blobs"):
         full()
         assert not blobs.open_at_start(blob_dir, url)
-        full()
-        with pytest.raises(Unavailable):
-            blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
-        refused = _said(caplog)
+        for _ in range(3):  # each use decides again (an upload flood during the outage)
+            full()
+            with pytest.raises(Unavailable):
+                blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
+        [refused] = _said(caplog)  # once: the uses deciding again said it at DEBUG
     reason = "No space left on device" if unwritable == "the disk full" else "Permission denied"
-    assert refused[0] == (f"the blob store cannot be created or marked in {blob_dir} ({reason}); uploads and reveals "
-                          "are a 503 and ingestion runs wait until it can be: make that directory (or, while it is "
-                          "missing, the one above it) writable by this process, on a volume mounted read-write with "
-                          "free space")
-    assert refused == refused[:1] * 2 and _recorded(url) is None  # the start, then the use deciding again
+    assert refused == (f"the blob store cannot be created or marked in {blob_dir} ({reason}); uploads and reveals "
+                       "are a 503 and ingestion runs wait until it can be: make that directory (or, while it is "
+                       "missing, the one above it) writable by this process, on a volume mounted read-write with "
+                       "free space")
+    assert _recorded(url) is None
     left = {} if unwritable.startswith("its parent") else {"blobs": b""}
     if unwritable.startswith("marked"):
         left[f"blobs/{blobs.MARKER}"] = b""
@@ -469,6 +470,54 @@ def test_a_blob_store_that_cannot_be_created_or_marked_is_refused_until_it_can_b
         blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")  # no restart
     assert _recorded(url) == _marked(blob_dir) and uuid.UUID(_marked(blob_dir))
     assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"the upload"
+
+
+def test_a_refusal_decided_again_at_each_use_is_an_error_once_and_the_store_taken_after_it_one_info_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """While a start could not list or write the directory, each use decides again as a start: each use (an upload
+    flood during that outage) logged the full error again, and a fresh deployment's directory that could not be
+    listed (a file at its path) stayed refused once the file was gone, until a restart. A refusal is an error once
+    while the store is refused, a different one too (even as they take turns), their repeats DEBUG; the store taken
+    (at the next use, no restart) is one INFO line, and a refusal after that an error again."""
+    url = f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    blob_dir = tmp_path / "data" / "blobs"
+    blob_dir.parent.mkdir()
+    blob_dir.write_bytes(b"not a directory")
+
+    def refused_uses(count: int) -> None:
+        for _ in range(count):
+            with pytest.raises(Unavailable):
+                blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
+
+    with permission_bits_bind(), caplog.at_level(logging.DEBUG, logger="core.blobs"):
+        assert not blobs.open_at_start(blob_dir, url)
+        refused_uses(3)
+        blob_dir.unlink()
+        blob_dir.mkdir(mode=0o500)  # a directory it may not write
+        refused_uses(3)
+        blob_dir.rmdir()
+        blob_dir.write_bytes(b"not a directory")  # the first refusal again
+        refused_uses(2)
+        blob_dir.unlink()  # as the error says: a fresh deployment's store is created at the next use
+        for _ in range(3):
+            blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
+        ours, theirs = _marked(blob_dir), str(uuid.uuid4())
+        (blob_dir / blobs.MARKER).write_text(f"{theirs}\n")  # another store: refused again
+        refused_uses(2)
+        (blob_dir / blobs.MARKER).write_text(f"{ours}\n")
+        blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
+    said = [(record.levelname, record.getMessage()) for record in caplog.records if record.name == "core.blobs"]
+    errors = [message for level, message in said if level == "ERROR"]
+    assert [message.split(";")[0] for message in errors] == [
+        f"the blob directory {blob_dir} cannot be listed (Not a directory)",
+        f"the blob store cannot be created or marked in {blob_dir} (Permission denied)",
+        f"a different blob store is mounted: {blob_dir} holds store {theirs}, this database's store is {ours}"]
+    listed, unwritten, _ = errors
+    taken = f"the blob store at {blob_dir} is used now: uploads, reveals and ingestion runs go on"
+    assert said == [("ERROR", listed), *[("DEBUG", listed)] * 3, ("ERROR", unwritten), *[("DEBUG", unwritten)] * 2,
+                    *[("DEBUG", listed)] * 2, ("INFO", taken), ("ERROR", errors[2]), ("INFO", taken)]
+    assert _recorded(url) == ours
 
 
 NOT_HERE = "nothing is written into it, and uploads and reveals are a 503 and ingestion runs wait until"
