@@ -113,6 +113,11 @@ EMBEDDING_NOTE = ("hashed char/word n-grams and rule/shape features of the norma
 #   the top 20% x2 each 0.9452: noise, not a gain.
 # - en_core_web_md's mean word vector (300-d, the PII NER's vectors) as regression columns, x1 / x0.5: regression
 #   0.9409 / 0.9402, with the booster 0.9438 / 0.948.
+# Rejected in session 21, against 0.948 (reproduced exactly: regression 0.9409, booster 0.9480):
+# - A learned attention pool (4 queries) over the question's frozen last-layer token states (the same forward pass
+#   as the retrieval vector) and a linear head, trained per fold (AdamW, 200 steps, balanced loss): head alone 0.755;
+#   its out-of-fold logit blended with the booster's x0.25 / x0.5 / x1: 0.939 / 0.922 / 0.873. Fine-tuning the last
+#   transformer layer on cached layer-5 states was not run (25 trainings per protocol did not fit on 2 cores).
 BOOSTER_PARAMS = {"max_iter": 100, "learning_rate": 0.05, "max_depth": 3, "min_samples_leaf": 20}
 BOOSTER_BLEND = 0.5
 BOOSTER_NOTE = ("the regression's logit (clipped), nearest similarity to each bank and mean of the 3 nearest attacks "
