@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -97,8 +97,9 @@ def _is_abbreviation(head: str) -> bool:
     return word in _ABBREVIATIONS
 
 
-def _paragraphs(text: str) -> list[tuple[str, str]]:
-    """(heading, block) pairs: blank lines, bullets and headings start a new block."""
+def _paragraphs(text: str, *, headings: bool = False) -> list[tuple[str, str]]:
+    """(heading, block) pairs: blank lines, bullets and headings start a new block; with `headings`, each heading's
+    own text is a block too (a reader reads it)."""
     blocks: list[tuple[str, str]] = []
     heading = ""
     current: list[str] = []
@@ -110,6 +111,8 @@ def _paragraphs(text: str) -> list[tuple[str, str]]:
             current = []
         if _HEADING.match(line):
             heading = _SPACES.sub(" ", line.lstrip("#")).strip()
+            if headings:
+                blocks.append((heading, heading))
         elif not starts_block:
             current.append(_BULLET.sub("", line, count=1))
     if current:
@@ -150,10 +153,12 @@ def _keep(sentence: str) -> bool:
     return len(sentence) >= MIN_SENTENCE_CHARS and any(ch.isalpha() for ch in sentence)
 
 
-def _sentences_in_context(text: str, keep: Callable[[str], bool] = _keep) -> list[tuple[str, str]]:
-    """(heading, sentence) pairs; the heading is the latest markdown heading above, or ""."""
+def _sentences_in_context(text: str, *, every: bool = False) -> list[tuple[str, str]]:
+    """(heading, sentence) pairs; the heading is the latest markdown heading above, or "". With `every`, also the
+    sentences too short or bare to quote and those of the headings themselves."""
     result: list[tuple[str, str]] = []
-    for heading, block in _paragraphs(text):
+    keep = bool if every else _keep
+    for heading, block in _paragraphs(text, headings=every):
         for piece in _split_block(block):
             sentence = _SPACES.sub(" ", piece).strip()
             if keep(sentence):
@@ -163,8 +168,9 @@ def _sentences_in_context(text: str, keep: Callable[[str], bool] = _keep) -> lis
 
 def split_sentences(text: str, *, every: bool = False) -> list[str]:
     """Split text into quotable sentences (lists, newlines and headings respected); with `every`, also those too
-    short or bare to quote (`CEO earns 4M.`): every sentence a reader reads."""
-    return [sentence for _, sentence in _sentences_in_context(text, bool if every else _keep)]
+    short or bare to quote (`CEO earns 4M.`) and the headings' own (`# CEO earns 4M`): every sentence a reader
+    reads."""
+    return [sentence for _, sentence in _sentences_in_context(text, every=every)]
 
 
 def scored_sentences(text: str) -> list[str]:

@@ -36,9 +36,11 @@ MIN_SUPPORT = 0.5  # share of a sentence's content words that its cited sources 
 # A bare answer word (`Yes [1].`; `no` is a stop word already) states nothing a source must hold: any claim that
 # goes with it is judged by its other words.
 ANSWER_WORDS = frozenset({"yes"})
-# Framing around a cited answer (`**Answer:**`, `In short:`, `Sources: [1]`, `Hope this helps!`) states nothing a
-# source must hold: a sentence made of these words alone is not a claim. They count as usual beside any other word.
-FRAMING_TERMS = content_terms("answer in short in summary in brief sources source hope this helps")
+# Framing around a cited answer (`**Answer:**`, `In short:`, `Sources: [1]`, `Hope this helps!`, `## Key points`)
+# states nothing a source must hold: a sentence made of these words alone is not a claim. They count as usual beside
+# any other word.
+FRAMING_TERMS = content_terms("answer in short in summary in brief sources source hope this helps overview details "
+                              "key points notes")
 ABSTAIN = re.compile(r"\bi (?:do not|don't) know\b", re.IGNORECASE)
 # An absolute, protocol-relative or www. address: a client that renders markdown fetches `![x](url)` by itself.
 # Matched after `\` became `/` and %-escapes were decoded, as a browser does. Markdown link/image targets and `src=`

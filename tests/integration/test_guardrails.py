@@ -234,6 +234,34 @@ def test_a_generated_answer_linking_outside_its_sources_falls_back_to_extractive
     assert "evil.example" not in json.dumps(event.guard_verdicts)
 
 
+RENEWALS = "Contract renewals are reviewed by the legal team 60 days before expiry [1]."
+
+
+@pytest.mark.parametrize("reply", [
+    f"# The CEO earns 4 million euros a year\n{RENEWALS}", f"{RENEWALS}\n\n## CEO earns 4M",
+    f"{RENEWALS}\n- CEO earns 4M.", f"{RENEWALS}\n\n| Role | Pay |\n|---|---|\n| CEO | 4M euros |",
+    f"{RENEWALS} CEO earns 4M", f"{RENEWALS} CEO earns 4M.",
+], ids=["heading", "heading last", "bullet", "table row", "after the last full stop", "short fragment"])
+def test_a_generated_answer_smuggling_a_claim_in_a_heading_or_fragment_falls_back_to_extractive(
+        client: TestClient, world: dict, settings: Any, model_backend: StubModel, reply: str) -> None:
+    """A heading was never checked against the sources: an injected instruction could have the model state (or
+    leak) anything as `# ...` above one supported sentence."""
+    model_backend.reply = lambda _messages: reply
+    body = _ask(client, world["tokens"]["lea"], "When are contract renewals reviewed?")
+    assert model_backend.requests and not body["refused"] and "CEO" not in body["answer"]
+    assert {c["document_id"] for c in body["citations"]} == {world["docs"]["legal"]}
+    assert _event(settings, body["request_id"]).guard_verdicts["model"]["fallback"] == "unsupported_statement"
+
+
+def test_a_generated_answer_under_a_heading_its_source_supports_is_kept(
+        client: TestClient, world: dict, settings: Any, model_backend: StubModel) -> None:
+    reply = f"## Contract renewals\n\n### Key points\n- {RENEWALS}"
+    model_backend.reply = lambda _messages: reply
+    body = _ask(client, world["tokens"]["lea"], "When are contract renewals reviewed?")
+    assert body["answer"] == reply and body["citations"][0]["n"] == 1
+    assert "fallback" not in _event(settings, body["request_id"]).guard_verdicts["model"]
+
+
 def test_kill_switch_retrieval_only_then_disabled_then_normal(client: TestClient, world: dict, settings: Any,
                                                               model_backend: StubModel) -> None:
     tokens, question = world["tokens"], "When are contract renewals reviewed?"

@@ -177,6 +177,14 @@ def test_split_sentences_lists_headings_and_wrapped_lines() -> None:
     ]
 
 
+def test_every_sentence_includes_the_short_ones_and_the_headings_own() -> None:
+    """`every` is what the output guard checks: a heading is read as well as the sentences under it."""
+    text = "# Device rules\nShort.\n## Lost devices. Report them\n- USB sticks are forbidden on site\n\n#"
+    assert split_sentences(text, every=True) == [
+        "Device rules", "Short.", "Lost devices.", "Report them", "USB sticks are forbidden on site", "#"]
+    assert split_sentences(text) == ["USB sticks are forbidden on site"]
+
+
 def test_split_sentences_keeps_placeholders() -> None:
     text = "Please contact <PERSON_1> about leave. <PERSON_2> signed the form on <DATE_TIME_1>."
     assert split_sentences(text) == [

@@ -348,6 +348,54 @@ def test_a_short_invented_sentence_is_checked_too() -> None:
     assert check_generated(filed + "30 days [2].", GIVEN, {1, 2}) is None
 
 
+FILED = "Expense claims must be filed within 30 days [2]."
+SMUGGLED = {  # an unsupported claim in each form of text a reader reads beside a supported sentence
+    "heading": f"# The CEO earns 4 million euros a year\n{FILED}",
+    "heading with a citation": f"### The CEO earns 4 million euros a year [2]\n{FILED}",
+    "closed heading": f"## CEO earns 4M ##\n{FILED}",
+    "indented heading": f"   # CEO earns 4M\n{FILED}",
+    "heading last": f"{FILED}\n\n## CEO earns 4M",
+    "heading of two sentences": f"# Expense claims. CEO earns 4M.\n{FILED}",
+    "setext heading": f"The CEO earns 4 million euros a year\n===\n{FILED}",
+    "bullet": f"{FILED}\n- CEO earns 4M.",
+    "numbered item": f"{FILED}\n1. CEO earns 4M.",
+    "table row": f"{FILED}\n\n| Role | Pay |\n|---|---|\n| CEO | 4M euros |",
+    "quote": f"{FILED}\n> CEO earns 4M.",
+    "code block": f"{FILED}\n```\nCEO earns 4M\n```",
+    "after the last full stop": f"{FILED} CEO earns 4M",
+    "short fragment": f"{FILED} CEO earns 4M.",
+}
+
+
+@pytest.mark.parametrize("form", SMUGGLED)
+def test_an_unsupported_claim_in_any_text_a_reader_reads_is_unsupported(form: str) -> None:
+    """Markdown headings were context to the sentence splitter, never sentences: `# The CEO earns 4 million euros`
+    passed unchecked beside one supported sentence."""
+    assert check_generated(SMUGGLED[form], GIVEN, {1, 2}) == "unsupported_statement"
+
+
+@pytest.mark.parametrize("answer", [
+    "## Expense claims\nExpense claims must be filed within 30 days [2].\n\n## Hotel costs\n"
+    "Hotels are reimbursed up to 180 euros per night [1].",
+    "# Travel expenses\n\n## Hotels\n- Up to 180 euros per night in capital cities [1].\n\n## Claims\n"
+    "- File within 30 days [2].\n- Attach receipts [2].",
+    "## Overview\nExpense claims must be filed within 30 days [2].\n\n### Key points\n- Receipts attached [2].\n\n"
+    "## Details\nHotels are reimbursed up to 180 euros per night [1].\n\n## Notes\n[1] [2]",
+    "## Summary\nExpense claims must be filed within 30 days [2].\n\n#\n\n---",
+])
+def test_an_answer_whose_headings_are_supported_or_framing_passes(answer: str) -> None:
+    assert check_generated(answer, GIVEN, {1, 2}) is None
+
+
+def test_a_canary_or_raw_pii_in_a_heading_is_caught_like_anywhere_else() -> None:
+    leak = check_output(f"# Marker CNRY-0123456789abcdef\n{FILED}", canaries=CANARIES, system_prompt=SYSTEM_PROMPT,
+                        context=GIVEN[2])
+    assert leak.withheld and leak.reason == "canary" and leak.canary_departments == ["finance"]
+    scrubbed = check_output(f"## Write to jane.doe@example.org\n{FILED}", canaries=CANARIES,
+                            system_prompt=SYSTEM_PROMPT, context=GIVEN[2])
+    assert not scrubbed.withheld and scrubbed.pii_scrubbed == 1 and "jane.doe@example.org" not in scrubbed.text
+
+
 ADVERSARIAL = {  # 200 KB inputs that took minutes (or hours) when a pattern backtracked or restarted over them
     "scheme": "a." * 100_000, "bracket": "[" + "1 " * 100_000, "delimiter": "<" + " " * 200_000 + "x",
     "dots": "." * 200_000 + "x", "abbreviations": "Mr. " * 50_000, "word before": "A" * 200_000 + "1. X",
