@@ -364,6 +364,9 @@ SMUGGLED = {  # an unsupported claim in each form of text a reader reads beside 
     "code block": f"{FILED}\n```\nCEO earns 4M\n```",
     "after the last full stop": f"{FILED} CEO earns 4M",
     "short fragment": f"{FILED} CEO earns 4M.",
+    "claim after a framing word": f"{FILED}\nDetails: the CEO earns 4M.",
+    "framing heading with a claim": f"## Notes: CEO earns 4M\n{FILED}",
+    "heading of framing words and a claim": f"### Key points overview CEO 4M\n{FILED}",
 }
 
 
@@ -483,3 +486,9 @@ def test_a_citation_written_after_the_full_stop_belongs_to_the_sentence_before_i
     assert check_generated(answer, GIVEN, {1, 2}) is None
     invented = "Hotels are reimbursed up to 180 euros per night. [1] The CEO earns four million dollars yearly. [2]"
     assert check_generated(invented, GIVEN, {1, 2}) == "unsupported_statement"
+    assert check_generated("Hotels are reimbursed up to 180 euros per night. [1]", GIVEN, {1}) is None
+    assert check_generated("Hotels are reimbursed up to 180 euros per night.\n\n[1]", GIVEN, {1}) is None
+    swapped = "Hotels are reimbursed up to 180 euros per night. [2] Expense claims must be filed within 30 days. [1]"
+    assert check_generated(swapped, GIVEN, {1, 2}) == "unsupported_statement"
+    borrowing = "The CEO earns four million dollars yearly. Hotels are reimbursed up to 180 euros per night. [1]"
+    assert check_generated(borrowing, GIVEN, {1}) == "unsupported_statement"
