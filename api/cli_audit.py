@@ -25,13 +25,16 @@ from core.db import get_session_factory
 from core.errors import ErrorCode, GovragError, unavailable_dependency
 from core.settings import get_settings
 
+EXIT_UNVERIFIED = 3  # `govrag audit verify`: the ledger fails verification (told apart from an outage's 1)
+
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`govrag audit verify|export|checkpoint|purge` and `govrag export training-data` (issue 6)."""
     audit = commands.add_parser("audit", help="verify, export, checkpoint or purge the audit ledger")
     audit_commands = audit.add_subparsers(required=True, metavar="ACTION")
-    audit_commands.add_parser("verify", help="walk the hash chain and signed checkpoints").set_defaults(
-        run=verify)
+    verifying = (f"walk the hash chain and signed checkpoints; exit {EXIT_UNVERIFIED} when the ledger fails "
+                 "verification (tampering), 1 when the database is unavailable")
+    audit_commands.add_parser("verify", help=verifying, description=verifying).set_defaults(run=verify)
     exporting = audit_commands.add_parser("export", help="stream ledger events (JSONL, CSV or OCSF) with a manifest")
     add_export_arguments(exporting)
     exporting.set_defaults(run=export)
@@ -117,13 +120,14 @@ def _actor(args: argparse.Namespace) -> Identity:
 
 @_reported
 def verify(_args: argparse.Namespace) -> int:
-    """Print the verification result; exit 1 when the chain is broken."""
+    """Print the verification result; exit EXIT_UNVERIFIED when the ledger fails verification (tampering), never
+    1: a monitor reading only the exit code tells it from an outage."""
     from audit import service as audit_service
 
     with _session() as session:
         result = audit_service.verify(session=session, settings=get_settings())
     print(result.model_dump_json())
-    return 0 if result.ok else 1
+    return 0 if result.ok else EXIT_UNVERIFIED
 
 
 @_reported

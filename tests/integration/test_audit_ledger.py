@@ -336,7 +336,7 @@ def test_cli_verify_export_checkpoint_and_purge(ledger: Settings, monkeypatch: p
         assert cli.main(["audit", "verify"]) == 0
         assert json.loads(capsys.readouterr().out)["checked"] == 4  # 3 queries and the export event
         _sql(ledger, "UPDATE retrieval_events SET decision = 'refused' WHERE id = 2")
-        assert cli.main(["audit", "verify"]) == 1
+        assert cli.main(["audit", "verify"]) == 3
         assert json.loads(capsys.readouterr().out)["first_broken"] == 2
         assert cli.main(["audit", "purge"]) == 2  # no retention configured: nothing is deleted
         assert capsys.readouterr().err == ("refused: no retention period configured (GOVRAG_AUDIT_RETENTION_DAYS); "
@@ -456,6 +456,31 @@ def test_a_cli_audit_command_during_a_database_outage_says_it_stopped_on_the_out
         "ok": True, "checked": 3, "checkpoints_checked": 0, "purged_through": None}
 
 
+def test_a_cli_verify_tells_a_tampered_ledger_from_a_database_outage_by_its_exit_code(
+        cli_on_ledger: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    """Both exited 1: a cron job or a monitor reading only the exit code could not tell tampering, the security
+    signal, from an outage. A ledger that fails verification now exits 3 (its result on stdout), an outage 1 (the
+    "stopped: ..." line on stderr, nothing on stdout)."""
+    from sqlalchemy.engine import make_url
+
+    from api import cli
+
+    _append(cli_on_ledger, 3)
+    _sql(cli_on_ledger, "UPDATE retrieval_events SET purpose = 'something else' WHERE id = 2")
+    assert cli.main(["audit", "verify"]) == 3
+    out, err = capsys.readouterr()
+    assert (json.loads(out)["ok"], json.loads(out)["first_broken"], json.loads(out)["reason"], err) == (
+        False, 2, "content_changed", "")
+    database = make_url(cli_on_ledger.resolved_database_url).database
+    allow_connections(database, False)
+    try:
+        assert cli.main(["audit", "verify"]) == 1
+    finally:
+        allow_connections(database, True)
+    assert capsys.readouterr() == ("", "stopped: the database is unavailable; run the same command again once it "
+                                       "is back\n")
+
+
 @pytest.mark.parametrize("goes", ["as its event is written", "as the rows are deleted"])
 def test_a_cli_purge_during_a_database_outage_is_undone_whole_never_left_unrecorded(
         cli_on_ledger: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
@@ -507,7 +532,7 @@ def test_a_cli_purge_during_a_database_outage_is_undone_whole_never_left_unrecor
 
 def test_a_cli_verify_whose_checkpoint_mirror_cannot_be_read_says_so(
         cli_on_ledger: Settings, capsys: pytest.CaptureFixture[str]) -> None:
-    """It printed a traceback; now one line naming the file, exit 2 (not 1, a broken chain)."""
+    """It printed a traceback; now one line naming the file, exit 2 (not 3, a ledger failing verification)."""
     from api import cli
 
     cli_on_ledger.resolved_checkpoint_file.mkdir()
