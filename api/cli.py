@@ -130,7 +130,8 @@ def _worker(args: argparse.Namespace) -> int:
 
     migrate.require_head(settings.resolved_database_url)
     configure_logging(settings.log_level)
-    blobs.open_at_start(settings.blob_dir, settings.resolved_database_url)  # only here (its volume away: runs wait)
+    with migrate.reached(settings.resolved_database_url):  # the database lost since require_head: said as it says it
+        blobs.open_at_start(settings.blob_dir, settings.resolved_database_url)  # only here (its volume away: runs wait)
     from core.tracing import configure_tracing
 
     configure_tracing(settings)

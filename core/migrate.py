@@ -21,6 +21,7 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Connection, create_engine, exc, make_url, pool, text
 
+from core.errors import unavailable_dependency
 from core.logs import PASSWORD_PARAMETERS, mask_secrets
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -203,12 +204,31 @@ def _connection(database_url: str) -> Iterator[Connection]:
         try:
             connection = engine.connect()
         except (exc.OperationalError, exc.ProgrammingError) as error:  # refused, or an option libpq does not take
-            where, secrets = _without_passwords(database_url)
-            reason = str(error.orig).strip().splitlines()[0] if error.orig else ""
-            if not reason or any(secret in reason for secret in secrets) or mask_secrets(reason) != reason:
-                reason = type(error).__name__  # the driver echoes option values: one may be the password
-            raise DatabaseUnreachable(f"cannot reach the database at {where}: {reason}") from None
+            raise _unreachable(database_url, error) from None
         with connection:
             yield connection
     finally:
         engine.dispose()
+
+
+@contextmanager
+def reached(database_url: str) -> Iterator[None]:
+    """A start's step after `require_head`: the database lost since (an outage, `unavailable_dependency`) is
+    DatabaseUnreachable, said in one line as `require_head` says it, never a traceback naming the server."""
+    try:
+        yield
+    except Exception as error:
+        if unavailable_dependency(error) != "database":
+            raise
+        raise _unreachable(database_url, error) from None
+
+
+def _unreachable(database_url: str, error: Exception) -> DatabaseUnreachable:
+    """`error`, the database refusing or dropping the connection, in one line: host and the driver's reason, never the
+    password."""
+    where, secrets = _without_passwords(database_url)
+    driver_error = getattr(error, "orig", None)
+    reason = str(driver_error).strip().splitlines()[0] if driver_error else ""
+    if not reason or any(secret in reason for secret in secrets) or mask_secrets(reason) != reason:
+        reason = type(error).__name__  # the driver echoes option values: one may be the password
+    return DatabaseUnreachable(f"cannot reach the database at {where}: {reason}")

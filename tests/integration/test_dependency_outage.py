@@ -277,3 +277,45 @@ def test_a_statement_postgresql_refuses_for_its_size_is_no_database_outage(setti
     with pytest.raises(OperationalError) as down:
         get_engine(unreachable.render_as_string(hide_password=False)).connect()
     assert unavailable_dependency(down.value) == "database"
+
+
+def test_a_worker_whose_database_goes_after_its_schema_check_says_so_in_one_line(
+        make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`govrag worker` opened the blob store (`blobs.open_at_start`) after its schema check with no outage handling:
+    the database lost between the two ended in the driver's raw traceback. It now says it as the schema check says an
+    unreachable database, "govrag: cannot reach the database at ...", one line, exit 1 (never the password), and
+    starts nothing; the same command starts the worker once the database is back. Real PostgreSQL: the database
+    stops taking connections as the schema check returns."""
+    from api import cli
+    from core import migrate
+    from core.settings import get_settings
+
+    url = make_pg_database()
+    migrate.upgrade(url)
+    for name, value in (("DATA_DIR", str(tmp_path)), ("DATABASE_URL", url), ("BROKER_URL", "memory://"),
+                        ("QDRANT_URL", "http://127.0.0.1:9")):
+        monkeypatch.setenv(f"GOVRAG_{name}", value)
+    started: list[str] = []
+    monkeypatch.setattr("workers.celery_app.GovragCelery.worker_main", lambda *_a, **_k: started.append("worker"))
+    real_require_head, database = migrate.require_head, make_url(url).database
+
+    def checked_as_the_database_goes(database_url: str) -> None:
+        real_require_head(database_url)
+        allow_connections(database, False)
+
+    get_settings.cache_clear()
+    try:
+        with monkeypatch.context() as outage:
+            outage.setattr(migrate, "require_head", checked_as_the_database_goes)
+            try:
+                assert cli.main(["worker"]) == 1
+            finally:
+                allow_connections(database, True)
+        out, err = capsys.readouterr()
+        assert (out, started) == ("", [])
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith(f"govrag: cannot reach the database at {make_url(url).render_as_string()}: "), err
+        assert cli.main(["worker"]) == 0 and started == ["worker"]  # back: the same command starts the worker
+    finally:
+        get_settings.cache_clear()
