@@ -158,8 +158,9 @@ def _adopt(blob_dir: Path, marked: _Marked, *, documents_exist: bool, store_id: 
 
 def _say_refused(blob_dir: Path, refusal: str) -> None:
     """Log a refusal as an error, once while the store is refused (each use decides again while the decision could not
-    read or write: `_Seen.undecided`): a refusal said already since the store was last taken is logged at DEBUG, a
-    different one as an error, as the sweeps log an outage (`core.sweeper`)."""
+    read or write, `_Seen.undecided`, and reads again a marker `_judge` could not read): a refusal said already since
+    the store was last taken is logged at DEBUG, a different one as an error, as the sweeps log an outage
+    (`core.sweeper`)."""
     with _refusals_lock:
         said = _refusals_said.setdefault(blob_dir, set())
         repeated = refusal in said
@@ -304,20 +305,23 @@ def _mounted(blob_dir: Path) -> Path:
 
 
 def _judge(blob_dir: Path, seen: _Seen, signature: tuple[int, ...]) -> _Seen:
-    """Read the marker that changed: this store's or not. A store appearing while the database records none is
-    decided as at a start, and its id recorded (`open_at_start`); without a start in this process, any store's
-    marker (or an empty one) is taken."""
+    """Read the marker that changed: this store's or not (a refusal logged as a start's is, `_say_refused`; one that
+    cannot be read is read again at the next use). A store appearing while the database records none is decided as at
+    a start, and its id recorded (`open_at_start`); without a start in this process, any store's marker (or an empty
+    one) is taken."""
     if seen.store_id is None and seen.database_url is not None:
         open_at_start(blob_dir, seen.database_url)
         return _seen[blob_dir]
     marked = _read_marker(blob_dir)
-    if marked is None or isinstance(marked, OSError):  # gone, or unreadable, since the stat: judged at the next use
+    if marked is None:  # gone since the stat: judged at the next use
         return replace(seen, marker=None, ours=False)
     ours = isinstance(marked, str) and seen.store_id in (None, marked)
     if not ours:
         _say_refused(blob_dir, _refusal(blob_dir, marked, seen.store_id, set()))  # a marker read words it alone
     else:
         _say_taken(blob_dir)
+    if isinstance(marked, OSError):  # unreadable: read again at the next use, until it can be
+        return replace(seen, marker=None, ours=False)
     _seen[blob_dir] = replace(seen, marker=signature, ours=ours)
     return _seen[blob_dir]
 

@@ -520,6 +520,55 @@ def test_a_refusal_decided_again_at_each_use_is_an_error_once_and_the_store_take
     assert _recorded(url) == ours
 
 
+def test_a_marker_made_unreadable_while_running_is_logged_as_a_starts_refusal_is(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A marker that became unreadable while the process ran, the store's id recorded, was refused (`_judge`) with no
+    log line at all, at every use, and the store taken back without one. It is logged as a start's refusal is: an
+    error once, its repeats (it is read again at each use) DEBUG, a different refusal (another store's marker put
+    there) an error, the store taken again one INFO line, and unreadable after that an error again. Each marker
+    written has a size of its own, so that each is told from the one before without a clock tick between them."""
+    url = f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    blob_dir = tmp_path / "blobs"
+    assert blobs.open_at_start(blob_dir, url)
+    marker, ours, theirs = blob_dir / blobs.MARKER, _marked(blob_dir), str(uuid.uuid4())
+    written = iter(range(2, 10))
+
+    def marked(store_id: str, mode: int) -> None:
+        marker.chmod(0o600)
+        marker.write_text(store_id + "\n" * next(written))
+        marker.chmod(mode)
+
+    def refused_uses(count: int) -> None:
+        for _ in range(count):
+            with pytest.raises(Unavailable):
+                blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
+
+    with permission_bits_bind(), caplog.at_level(logging.DEBUG, logger="core.blobs"):
+        blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
+        marked(ours, 0)  # unreadable
+        refused_uses(3)
+        marked(theirs, 0o600)  # another store's
+        refused_uses(2)
+        marked(ours, 0o600)
+        blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
+        marked(ours, 0)
+        refused_uses(1)
+        marked(ours, 0o600)
+        blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
+    said = [(record.levelname, record.getMessage()) for record in caplog.records if record.name == "core.blobs"]
+    unreadable = (f"the blob store's marker {marker} cannot be read (Permission denied); uploads and reveals are a "
+                  f"503 and ingestion runs wait until it holds this database's store id. If it is this database's "
+                  f"store, write {ours} into {marker}: it is used from then on")
+    theirs_said = next(message for _, message in said if message.startswith("a different blob store is mounted"))
+    assert theirs_said.startswith(f"a different blob store is mounted: {blob_dir} holds store {theirs}, this "
+                                  f"database's store is {ours};")
+    taken = f"the blob store at {blob_dir} is used now: uploads, reveals and ingestion runs go on"
+    assert said == [("ERROR", unreadable), *[("DEBUG", unreadable)] * 2, ("ERROR", theirs_said),  # theirs read once
+                    ("INFO", taken), ("ERROR", unreadable), ("INFO", taken)]
+    assert _recorded(url) == ours
+
+
 NOT_HERE = "nothing is written into it, and uploads and reveals are a 503 and ingestion runs wait until"
 STORE_WITHOUT_ID = ("the blob store at {blob_dir} has no store id (it was marked before ids, or not at all) while this "
                     "database's store is {recorded}: it may be another's")
