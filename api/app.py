@@ -45,13 +45,15 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 BODY_TOO_LARGE = "request body exceeds the upload limit"
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the API for `settings` (default: from the environment)."""
+def create_app(settings: Settings | None = None, *, blob_store_opened: bool = False) -> FastAPI:
+    """Build the API for `settings` (default: from the environment). `blob_store_opened`: the caller checked the
+    schema and opened the blob store (`blobs.open_at_start`) already, so the start does not again: `govrag serve`,
+    which does both before uvicorn, whose start would say a refusal as a traceback, not in one line."""
     settings = settings or get_settings()
     # Swagger UI and ReDoc load their scripts from a public CDN: not in production (/openapi.json stays).
     pages = {} if not settings.is_production else {"docs_url": None, "redoc_url": None}
     app = FastAPI(title="govrag", version="0.1.0", lifespan=_lifespan, **pages)
-    app.state.settings = settings
+    app.state.settings, app.state.blob_store_opened = settings, blob_store_opened
     install_error_handlers(app)
     app.add_middleware(RequestContext)
     # Their own answers (readyz: {"ready", "checks"}, a 503 included); a probe's or a scraper's query string (a
@@ -70,8 +72,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     configure_logging(settings.log_level)
     configure_tracing(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    migrate.require_head(settings.resolved_database_url)  # never serve requests the schema cannot answer
-    blobs.open_at_start(settings.blob_dir, settings.resolved_database_url)  # only here (its volume away: a 503)
+    if not app.state.blob_store_opened:
+        migrate.require_head(settings.resolved_database_url)  # never serve requests the schema cannot answer
+        blobs.open_at_start(settings.blob_dir, settings.resolved_database_url)  # its volume away: a 503
     app.state.schema_watch = migrate.SchemaWatch(settings.resolved_database_url)
     # Sync endpoints run in anyio's thread pool (40 threads by default). Queries are CPU-bound under one GIL: more
     # threads than this only stretch every request, and the ledger's serialised append with them.

@@ -106,14 +106,19 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.app import create_app
-    from core import migrate
+    from core import blobs, migrate
+    from core.logs import configure_logging
 
     settings = get_settings()
     if not settings.is_production:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         migrate.upgrade(settings.resolved_database_url)
     migrate.require_head(settings.resolved_database_url)  # production never migrates: a stale schema stops here
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, **UVICORN_OPTIONS)
+    configure_logging(settings.log_level)
+    # Before uvicorn, as the worker does: its start would say the database lost since require_head as a traceback.
+    with migrate.reached(settings.resolved_database_url):
+        blobs.open_at_start(settings.blob_dir, settings.resolved_database_url)
+    uvicorn.run(create_app(settings, blob_store_opened=True), host=args.host, port=args.port, **UVICORN_OPTIONS)
     return 0
 
 

@@ -8,6 +8,7 @@ for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("
                       ("UNSTRUCTURED_DISABLE_NOTICE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
     os.environ[_name] = _value
 
+import logging  # noqa: E402
 import struct  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
@@ -28,6 +29,21 @@ PLATFORM_ADMIN = "root-admin"
 # (`_close_the_pooled_connections_of_its_databases`), else each test's pool stays open until the session ends and
 # the suite runs out of PostgreSQL's connections (max_connections, 100 here).
 _MADE_BY_THIS_TEST: list[str] = []
+
+
+@pytest.fixture
+def clean_logging() -> Iterator[None]:
+    """Restore the logging tree afterwards (other tests share the process): a test whose command configures logging
+    (`core.logs.configure_logging`) leaves no handler writing to its captured stderr, closed once it ends."""
+    root = logging.getLogger()
+    saved = {name: (lg.handlers[:], lg.propagate, lg.level) for name, lg in logging.Logger.manager.loggerDict.items()
+             if isinstance(lg, logging.Logger)}
+    root_saved = (root.handlers[:], root.level)
+    yield
+    for name, (handlers, propagate, level) in saved.items():
+        logger = logging.getLogger(name)
+        logger.handlers[:], logger.propagate, logger.level = handlers, propagate, level
+    root.handlers[:], root.level = root_saved
 
 
 @pytest.fixture(scope="session")

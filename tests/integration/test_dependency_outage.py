@@ -279,25 +279,30 @@ def test_a_statement_postgresql_refuses_for_its_size_is_no_database_outage(setti
     assert unavailable_dependency(down.value) == "database"
 
 
-def test_a_worker_whose_database_goes_after_its_schema_check_says_so_in_one_line(
-        make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    """`govrag worker` opened the blob store (`blobs.open_at_start`) after its schema check with no outage handling:
-    the database lost between the two ended in the driver's raw traceback. It now says it as the schema check says an
-    unreachable database, "govrag: cannot reach the database at ...", one line, exit 1 (never the password), and
-    starts nothing; the same command starts the worker once the database is back. Real PostgreSQL: the database
-    stops taking connections as the schema check returns."""
+@pytest.mark.parametrize("command", ["worker", "serve"])
+def test_a_start_whose_database_goes_after_its_schema_check_says_so_in_one_line(
+        command: str, make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], clean_logging: None) -> None:
+    """`govrag worker` and `govrag serve` opened the blob store (`blobs.open_at_start`) after their schema check with
+    no outage handling: the database lost between the two ended in the driver's raw traceback (the worker), or in
+    uvicorn's "Application startup failed" and its traceback, exit 3 (the server, whose start ran in uvicorn). Each now
+    says it as the schema check says an unreachable database, "govrag: cannot reach the database at ...", one line,
+    exit 1, the URL's password left out, and starts nothing (uvicorn is not run); the same command starts once the
+    database is back. Real PostgreSQL: the database stops taking connections as the schema check returns."""
     from api import cli
     from core import migrate
     from core.settings import get_settings
 
-    url = make_pg_database()
+    url, password = make_pg_database(), "a-password-never-printed"
     migrate.upgrade(url)
-    for name, value in (("DATA_DIR", str(tmp_path)), ("DATABASE_URL", url), ("BROKER_URL", "memory://"),
-                        ("QDRANT_URL", "http://127.0.0.1:9")):
+    with_password = make_url(url).set(password=password)  # accepted (trust) and never printed
+    for name, value in (("DATA_DIR", str(tmp_path)), ("DATABASE_URL", with_password.render_as_string(False)),
+                        ("BROKER_URL", "memory://"), ("QDRANT_URL", "http://127.0.0.1:9")):
         monkeypatch.setenv(f"GOVRAG_{name}", value)
     started: list[str] = []
     monkeypatch.setattr("workers.celery_app.GovragCelery.worker_main", lambda *_a, **_k: started.append("worker"))
+    monkeypatch.setattr("uvicorn.run", lambda app, **_k: started.append(
+        f"serve {getattr(app.state, 'blob_store_opened', None)}"))
     real_require_head, database = migrate.require_head, make_url(url).database
 
     def checked_as_the_database_goes(database_url: str) -> None:
@@ -309,13 +314,15 @@ def test_a_worker_whose_database_goes_after_its_schema_check_says_so_in_one_line
         with monkeypatch.context() as outage:
             outage.setattr(migrate, "require_head", checked_as_the_database_goes)
             try:
-                assert cli.main(["worker"]) == 1
+                assert cli.main([command]) == 1
             finally:
                 allow_connections(database, True)
         out, err = capsys.readouterr()
         assert (out, started) == ("", [])
-        assert err.count("\n") == 1 and "Traceback" not in err, err
-        assert err.startswith(f"govrag: cannot reach the database at {make_url(url).render_as_string()}: "), err
-        assert cli.main(["worker"]) == 0 and started == ["worker"]  # back: the same command starts the worker
+        assert err.count("\n") == 1 and "Traceback" not in err and password not in err, err
+        assert err.startswith(f"govrag: cannot reach the database at {with_password.render_as_string()}: "), err
+        assert "***" in err
+        assert cli.main([command]) == 0  # back: the same command starts
+        assert started == [{"worker": "worker", "serve": "serve True"}[command]]  # the server's start not again
     finally:
         get_settings.cache_clear()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import logging
 import logging.config
-from collections.abc import Iterator
 
 import pytest
 import uvicorn.config
@@ -39,20 +38,6 @@ SECRETS = {
 FORBIDDEN = ["maria.gonzalez", "eyJhbGciOiJSUzI1NiJ9", "opaque-access-token", "123-45-6789", "4111 1111",
              "3704 0044", "555-0142", "hunter2", "9f8e7d6c5b4a39281706", "AKIAIOSFODNN7EXAMPLE", "sk-proj-abc",
              "s3cretpass", "MIIEvQIBADAN"]
-
-
-@pytest.fixture
-def clean_logging() -> Iterator[None]:
-    """Restore the logging tree afterwards (other tests share the process)."""
-    root = logging.getLogger()
-    saved = {name: (lg.handlers[:], lg.propagate, lg.level) for name, lg in logging.Logger.manager.loggerDict.items()
-             if isinstance(lg, logging.Logger)}
-    root_saved = (root.handlers[:], root.level)
-    yield
-    for name, (handlers, propagate, level) in saved.items():
-        logger = logging.getLogger(name)
-        logger.handlers[:], logger.propagate, logger.level = handlers, propagate, level
-    root.handlers[:], root.level = root_saved
 
 
 def _emit_everything(logger: logging.Logger) -> None:
