@@ -291,7 +291,8 @@ def _mounted(blob_dir: Path) -> Path:
     """`blob_dir`, which must hold this store's marker: without it, its volume is not mounted; with another id (or
     none while the database records one), another store is (`Unavailable` either way). A marker is judged again only
     when it changed (an error logged when it is not this store's), or, after a start that could not read or write the
-    directory, decided again as at a start at each use until it can."""
+    directory, decided again as at a start at each use until it can; the store's marker gone is logged once
+    (`_lost`)."""
     signature = _signature(blob_dir)
     seen = _seen.get(blob_dir, _Seen(None))
     if seen.undecided and seen.database_url is not None:
@@ -299,6 +300,8 @@ def _mounted(blob_dir: Path) -> Path:
         signature, seen = _signature(blob_dir), _seen[blob_dir]
     elif signature is not None and signature != seen.marker:
         seen = _judge(blob_dir, seen, signature)
+    elif signature is None and seen.ours:
+        seen = _lost(blob_dir, seen)
     if signature is None or not seen.ours:
         raise Unavailable("blob volume")
     return blob_dir
@@ -323,6 +326,16 @@ def _judge(blob_dir: Path, seen: _Seen, signature: tuple[int, ...]) -> _Seen:
     if isinstance(marked, OSError):  # unreadable: read again at the next use, until it can be
         return replace(seen, marker=None, ours=False)
     _seen[blob_dir] = replace(seen, marker=signature, ours=ours)
+    return _seen[blob_dir]
+
+
+def _lost(blob_dir: Path, seen: _Seen) -> _Seen:
+    """The marker of the store in use gone (its volume unmounted, or the directory moved away): refused, logged as a
+    start's refusal is (`_say_refused`), until a marker is there again to be judged (`_judge`: the store taken again
+    one INFO line)."""
+    _say_refused(blob_dir, f"the blob volume is no longer mounted at {blob_dir}: the store's marker {MARKER} is gone; "
+                           f"uploads and reveals are a 503 and ingestion runs wait until it is mounted there again")
+    _seen[blob_dir] = replace(seen, marker=None, ours=False)
     return _seen[blob_dir]
 
 

@@ -569,6 +569,49 @@ def test_a_marker_made_unreadable_while_running_is_logged_as_a_starts_refusal_is
     assert _recorded(url) == ours
 
 
+def test_a_volume_unmounted_while_running_is_logged_as_a_starts_refusal_is(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The store's marker gone while the process ran (its volume unmounted, the directory moved away) was an outage with
+    no line saying why: each operation raised Unavailable silently (an API logged a warning per 503, naming no
+    directory), and the store mounted again was taken without the INFO line. It is logged as a start's refusal is: an
+    error once (the uses after it, the volume still away, say nothing more), the store taken again one INFO line, and
+    away again an error again; another store's volume mounted there instead is that refusal, an error."""
+    url = f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    blob_dir, aside = tmp_path / "blobs", tmp_path / "blobs.unmounted"
+    assert blobs.open_at_start(blob_dir, url)
+    ours, theirs = _marked(blob_dir), str(uuid.uuid4())
+
+    def refused_uses(count: int) -> None:
+        for _ in range(count):
+            with pytest.raises(Unavailable):
+                blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
+
+    with caplog.at_level(logging.DEBUG, logger="core.blobs"):
+        blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
+        blob_dir.rename(aside)  # unmounted
+        refused_uses(3)
+        aside.rename(blob_dir)  # mounted again
+        assert blobs.read_sealed(blob_dir, DOCUMENT, KEY) == b"the upload"
+        blob_dir.rename(aside)
+        refused_uses(1)
+        blob_dir.mkdir()
+        (blob_dir / blobs.MARKER).write_text(f"{theirs}\n")  # another store's volume mounted there instead
+        refused_uses(2)
+        shutil.rmtree(blob_dir)
+        aside.rename(blob_dir)
+        blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload")
+    said = [(record.levelname, record.getMessage()) for record in caplog.records if record.name == "core.blobs"]
+    gone = (f"the blob volume is no longer mounted at {blob_dir}: the store's marker {blobs.MARKER} is gone; uploads "
+            f"and reveals are a 503 and ingestion runs wait until it is mounted there again")
+    theirs_said = next(message for _, message in said if message.startswith("a different blob store is mounted"))
+    assert theirs_said.startswith(f"a different blob store is mounted: {blob_dir} holds store {theirs}, this "
+                                  f"database's store is {ours};")
+    taken = f"the blob store at {blob_dir} is used now: uploads, reveals and ingestion runs go on"
+    assert said == [("ERROR", gone), ("INFO", taken), ("ERROR", gone), ("ERROR", theirs_said), ("INFO", taken)]
+    assert _recorded(url) == ours
+
+
 NOT_HERE = "nothing is written into it, and uploads and reveals are a 503 and ingestion runs wait until"
 STORE_WITHOUT_ID = ("the blob store at {blob_dir} has no store id (it was marked before ids, or not at all) while this "
                     "database's store is {recorded}: it may be another's")
