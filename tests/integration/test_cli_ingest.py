@@ -544,7 +544,6 @@ def test_the_database_going_away_mid_run_stops_the_run_naming_it_and_leaves_noth
     leaves the document unfinished, not failed; run again, the command says the document is not ingested yet and
     how it will be, and ingests the file not attempted."""
     from ingestion import service
-    from tests.conftest import allow_connections
 
     canary, real_protect, database = uuid.uuid4().hex, service.protect, cli_env.rsplit("/", 1)[1]
 
@@ -555,14 +554,7 @@ def test_the_database_going_away_mid_run_stops_the_run_naming_it_and_leaves_noth
         return protected
 
     monkeypatch.setattr(service, "protect", the_database_goes_as_the_pay_file_is_protected)
-    monkeypatch.setenv("COLUMNS", "400")  # each reason on one line of the table
-    folder = _three_files(tmp_path, canary)
-    try:
-        assert main(["ingest", str(folder), "--department", "hr"]) == 1
-    finally:
-        allow_connections(database, True)
-    captured = capsys.readouterr()
-    out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
+    folder, (out, err) = _ingest_stopped_by_the_outage(tmp_path, canary, database, capsys, monkeypatch)
     assert "the database is unavailable" in out and "internal error" not in out
     assert "ready: 1" in out and "unavailable: 1" in out and "not attempted: 1" in out
     assert "stopped: the database is unavailable" in err
@@ -573,6 +565,20 @@ def test_the_database_going_away_mid_run_stops_the_run_naming_it_and_leaves_noth
     out = " ".join(capsys.readouterr().out.split())
     assert "duplicate: 1" in out and "ready: 1" in out and "pending: 1" in out and "govrag serve" in out
     assert _rows(cli_env)["c-rota.md"] == ("ready", "ready")
+
+
+def _ingest_stopped_by_the_outage(tmp_path: Path, canary: str, database: str, capsys: pytest.CaptureFixture[str],
+                                  monkeypatch: pytest.MonkeyPatch) -> tuple[Path, tuple[str, str]]:
+    """`govrag ingest` of `_three_files` whose canary file takes `database` away (the test's patch does): the run
+    stops (exit 1), the database comes back; the folder and what the run printed (stdout, stderr, spaces folded)."""
+    monkeypatch.setenv("COLUMNS", "400")  # each reason on one line of the table
+    folder = _three_files(tmp_path, canary)
+    try:
+        assert main(["ingest", str(folder), "--department", "hr"]) == 1
+    finally:
+        allow_connections(database, True)
+    captured = capsys.readouterr()
+    return folder, (" ".join(captured.out.split()), " ".join(captured.err.split()))
 
 
 def test_a_refusal_raised_from_an_outage_stops_the_run_naming_the_outage_and_refuses_nothing(
@@ -597,14 +603,7 @@ def test_a_refusal_raised_from_an_outage_stops_the_run_naming_the_outage_and_ref
             raise GovragError(ErrorCode.invalid_request, "the file could not be checked") from down
 
     monkeypatch.setattr(service, "accept_upload", refused_from_the_outage)
-    monkeypatch.setenv("COLUMNS", "400")  # each reason on one line of the table
-    folder = _three_files(tmp_path, canary)
-    try:
-        assert main(["ingest", str(folder), "--department", "hr"]) == 1
-    finally:
-        allow_connections(database, True)
-    captured = capsys.readouterr()
-    out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
+    folder, (out, err) = _ingest_stopped_by_the_outage(tmp_path, canary, database, capsys, monkeypatch)
     assert "the database is unavailable; nothing was stored" in out and "refused" not in out
     assert "ready: 1" in out and "unavailable: 1" in out and "not attempted: 1" in out
     assert "stopped: the database is unavailable (1 file not attempted)" in err
