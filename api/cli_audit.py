@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from audit.schemas import Decision, ExportFilters, ExportFormat, utc_bound
 from authz.identity import Identity, operator_identity
+from core import migrate
 from core.db import get_session_factory
 from core.errors import ErrorCode, GovragError, unavailable_dependency
 from core.settings import get_settings
@@ -79,8 +80,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 @contextmanager
 def _session() -> Iterator[Session]:
-    """A session on the configured database (audit.service is imported here: it loads the PII models)."""
-    session = get_session_factory(get_settings().resolved_database_url)()
+    """A session on the configured database at the code's revision (SchemaMismatch, said by `cli.main`, before any
+    command reads or writes: a ledger verified on a schema the code does not know proves nothing either; audit.service
+    is imported here: it loads the PII models)."""
+    database_url = get_settings().resolved_database_url
+    migrate.require_head_for_command(database_url)
+    session = get_session_factory(database_url)()
     try:
         yield session
     finally:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from rich.console import Console
 from rich.table import Table
 
+from core import migrate
 from core.errors import unavailable_dependency
 from core.settings import get_settings
 
@@ -50,7 +51,8 @@ def _stopped_by(exc: BaseException) -> _Stopped | None:
 
 def rotate_command(args: argparse.Namespace) -> int:
     """Rotate department keys (or the master key), each rotation audited as it commits; a database outage or a Ctrl-C
-    (at the start or midway) is one line saying what is done and how to go on, exit 1 (130 for a Ctrl-C)."""
+    (at the start or midway) is one line saying what is done and how to go on, exit 1 (130 for a Ctrl-C). A schema at
+    another revision than the code's is refused first (SchemaMismatch, said by `cli.main`)."""
     if args.master:
         return _rotate_master(args)
     from authz import service as authz_service
@@ -60,6 +62,7 @@ def rotate_command(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     try:
+        migrate.require_head_for_command(settings.resolved_database_url)
         with unit_of_work(settings.resolved_database_url) as session:
             chosen, unknown = authz_service.departments_named(session=session, named=args.departments or [])
     except (Exception, KeyboardInterrupt) as exc:  # before any rotation began
@@ -115,6 +118,7 @@ def _rotate_master(args: argparse.Namespace) -> int:
     settings = get_settings()
     where = "removed from the key file" if settings.master_key is None else "remove them from GOVRAG_MASTER_KEY"
     try:
+        migrate.require_head_for_command(settings.resolved_database_url)
         report = keys.rotate_master_key(settings=settings, identity=operator_identity(args.actor))
     except LookupError as exc:  # keys from settings: the new version must be supplied first
         Console(stderr=True).print(str(exc))

@@ -1,8 +1,9 @@
 """Run Alembic migrations programmatically: the only way the schema changes.
 
-Also what the running code needs from the schema: `require_head` (start-up refuses a database at another revision)
-and `SchemaWatch` (readiness notices a schema changed under a running process), and the guard every downgrade runs
-first (`refuse_downgrade_losing_data`, over each migration's `data_at_risk`).
+Also what the running code needs from the schema: `require_head` (start-up refuses a database at another revision;
+`require_head_for_command` before a command writes to it) and `SchemaWatch` (readiness notices a schema changed under a
+running process), and the guard every downgrade runs first (`refuse_downgrade_losing_data`, over each migration's
+`data_at_risk`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Connection, create_engine, exc, make_url, pool, text
 
-from core.errors import unavailable_dependency
+from core.errors import Unavailable, unavailable_dependency
 from core.logs import PASSWORD_PARAMETERS, mask_secrets
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -92,6 +93,16 @@ def require_head(database_url: str) -> None:
     problem = schema_problem(database_url)
     if problem is not None:
         raise SchemaMismatch(problem)
+
+
+def require_head_for_command(database_url: str) -> None:
+    """`require_head` for a command writing to the database (an in-process `govrag ingest`, `govrag keys rotate`,
+    `govrag audit ...`) before it writes anything: a database it cannot reach is Unavailable("database"), which the
+    command says as it says any outage (`unavailable_dependency`), without the address."""
+    try:
+        require_head(database_url)
+    except DatabaseUnreachable:
+        raise Unavailable("database") from None
 
 
 class SchemaWatch:

@@ -1,13 +1,14 @@
-"""The API and the worker run only on the schema revision their code was written for (production never migrates)."""
+"""The API and the worker run only on the schema revision their code was written for (production never migrates); so do
+the commands writing to the database (an in-process `govrag ingest`, `govrag keys rotate`, `govrag audit ...`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, inspect, text
 
 from core import migrate
 
@@ -122,3 +123,92 @@ def test_production_serve_and_the_worker_refuse_a_stale_schema(tmp_path: Path, m
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [f"govrag: database schema is at 0008, this release needs {migrate.head_revision()}: "
                      "run `govrag migrate`"] * 2
+
+
+@pytest.fixture
+def cli_database(make_pg_database: Callable[[], str], tmp_path: Path,
+                 monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """GOVRAG_* variables for a fresh PostgreSQL database at the code's revision, with the department `hr`, and a data
+    dir (tmp_path/data); a retention period, so that `govrag audit purge` is not refused before it starts."""
+    from authz import service as authz_service
+    from core.db import unit_of_work
+    from core.keystore import keystore_for
+    from core.settings import get_settings
+    from retrieval.store import close_vector_store
+
+    url = make_pg_database()
+    migrate.upgrade(url)
+    monkeypatch.setenv("GOVRAG_DATABASE_URL", url)
+    monkeypatch.setenv("GOVRAG_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("GOVRAG_AUDIT_RETENTION_DAYS", "1")
+    get_settings.cache_clear()
+    settings = get_settings()
+    with unit_of_work(url) as session:
+        authz_service.create_department(session=session, keystore=keystore_for(settings), name="hr")
+    yield url
+    close_vector_store(settings)
+    get_settings.cache_clear()
+
+
+def _off_head(url: str, schema: str) -> str:
+    """Put the database one revision behind the code (an upgrade whose `govrag migrate` did not run) or at a revision
+    newer than it knows (an older release on a migrated database); what a start says of it."""
+    head = migrate.head_revision()
+    if schema == "ahead":
+        _set_revision(url, "0099")
+        return (f"govrag: database schema is at 0099, newer than this release knows (it needs {head}): run the release "
+                "that migrated it")
+    migrate.downgrade(url, "-1")
+    below = migrate.current_revision(url)
+    assert below is not None and below != head
+    return f"govrag: database schema is at {below}, this release needs {head}: run `govrag migrate`"
+
+
+def _stored(url: str, data_dir: Path) -> tuple[dict[str, int], dict[str, bytes]]:
+    """The rows of every table and the files of the data dir: what a command may have written."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = {table: conn.execute(text(f'SELECT count(*) FROM "{table}"')).scalar_one()  # noqa: S608
+                    for table in inspect(conn).get_table_names()}
+    finally:
+        engine.dispose()
+    return rows, {str(path): path.read_bytes() for path in sorted(data_dir.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("schema", ["behind", "ahead"])
+def test_an_in_process_ingest_refuses_a_schema_off_the_codes_revision_and_stores_nothing(
+        cli_database: str, schema: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`govrag serve` and `govrag worker` refuse to start on such a schema, but an in-process `govrag ingest` never
+    asked: it wrote into a schema it does not know (ahead), or ended in a raw traceback mid-run (behind). It now
+    refuses first, in the same one line, exit 1, nothing stored."""
+    from api import cli
+
+    said = _off_head(cli_database, schema)
+    (tmp_path / "pay.md").write_text("# Pay\n\nPay day is the 25th.\n")
+    before = _stored(cli_database, tmp_path / "data")
+    code = cli.main(["ingest", str(tmp_path / "pay.md"), "--department", "hr"])
+    captured = capsys.readouterr()
+    assert (code, captured.err.strip().splitlines(), captured.out) == (1, [said], "")
+    assert _stored(cli_database, tmp_path / "data") == before
+
+
+@pytest.mark.parametrize("schema", ["behind", "ahead"])
+def test_key_rotation_and_the_audit_commands_refuse_a_schema_off_the_codes_revision_and_write_nothing(
+        cli_database: str, schema: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`govrag keys rotate` (department keys or the master key) and `govrag audit ...` rotated, checkpointed, purged
+    and recorded exports into a schema they do not know; verify judged a ledger whose columns it does not know. Each
+    now refuses first, as `govrag serve` does, writing nothing (no export file either)."""
+    from api import cli
+
+    said = _off_head(cli_database, schema)
+    exported = tmp_path / "exported"
+    before = _stored(cli_database, tmp_path / "data")
+    for command in (["keys", "rotate"], ["keys", "rotate", "--master"], ["audit", "verify"],
+                    ["audit", "export", "-o", str(exported)], ["audit", "checkpoint"], ["audit", "purge"],
+                    ["export", "training-data", "--department", "hr", "-o", str(exported)]):
+        code = cli.main(command)
+        captured = capsys.readouterr()
+        assert (code, captured.err.strip().splitlines(), captured.out) == (1, [said], ""), command
+    assert _stored(cli_database, tmp_path / "data") == before
+    assert list(tmp_path.glob("*exported*")) == []
