@@ -110,9 +110,7 @@ def _serve(args: argparse.Namespace) -> int:
     from core.logs import configure_logging
 
     settings = get_settings()
-    if not settings.is_production:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        migrate.upgrade(settings.resolved_database_url)
+    migrate.migrate_in_development(settings)
     migrate.require_head(settings.resolved_database_url)  # production never migrates: a stale schema stops here
     configure_logging(settings.log_level)
     # Before uvicorn, as the worker does: its start would say the database lost since require_head as a traceback.

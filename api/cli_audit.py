@@ -83,9 +83,9 @@ def _session() -> Iterator[Session]:
     """A session on the configured database at the code's revision (SchemaMismatch, said by `cli.main`, before any
     command reads or writes: a ledger verified on a schema the code does not know proves nothing either; audit.service
     is imported here: it loads the PII models)."""
-    database_url = get_settings().resolved_database_url
-    migrate.require_head_for_command(database_url)
-    session = get_session_factory(database_url)()
+    settings = get_settings()
+    migrate.require_head_for_command(settings)
+    session = get_session_factory(settings.resolved_database_url)()
     try:
         yield session
     finally:

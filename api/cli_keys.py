@@ -62,7 +62,7 @@ def rotate_command(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     try:
-        migrate.require_head_for_command(settings.resolved_database_url)
+        migrate.require_head_for_command(settings)
         with unit_of_work(settings.resolved_database_url) as session:
             chosen, unknown = authz_service.departments_named(session=session, named=args.departments or [])
     except (Exception, KeyboardInterrupt) as exc:  # before any rotation began
@@ -118,7 +118,7 @@ def _rotate_master(args: argparse.Namespace) -> int:
     settings = get_settings()
     where = "removed from the key file" if settings.master_key is None else "remove them from GOVRAG_MASTER_KEY"
     try:
-        migrate.require_head_for_command(settings.resolved_database_url)
+        migrate.require_head_for_command(settings)
         report = keys.rotate_master_key(settings=settings, identity=operator_identity(args.actor))
     except LookupError as exc:  # keys from settings: the new version must be supplied first
         Console(stderr=True).print(str(exc))

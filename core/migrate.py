@@ -1,9 +1,9 @@
 """Run Alembic migrations programmatically: the only way the schema changes.
 
 Also what the running code needs from the schema: `require_head` (start-up refuses a database at another revision;
-`require_head_for_command` before a command writes to it) and `SchemaWatch` (readiness notices a schema changed under a
-running process), and the guard every downgrade runs first (`refuse_downgrade_losing_data`, over each migration's
-`data_at_risk`).
+`require_head_for_command` before a command writes to it; `migrate_in_development` before either, for a start on the
+embedded default) and `SchemaWatch` (readiness notices a schema changed under a running process), and the guard every
+downgrade runs first (`refuse_downgrade_losing_data`, over each migration's `data_at_risk`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alembic import command
 from alembic.config import Config
@@ -24,6 +25,9 @@ from sqlalchemy import Connection, create_engine, exc, make_url, pool, text
 
 from core.errors import Unavailable, unavailable_dependency
 from core.logs import PASSWORD_PARAMETERS, mask_secrets
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 SCHEMA_CHECK_SECONDS = 5.0  # how long readiness trusts its last look at the database's revision
@@ -95,12 +99,24 @@ def require_head(database_url: str) -> None:
         raise SchemaMismatch(problem)
 
 
-def require_head_for_command(database_url: str) -> None:
-    """`require_head` for a command writing to the database (an in-process `govrag ingest`, `govrag keys rotate`,
-    `govrag audit ...`) before it writes anything: a database it cannot reach is Unavailable("database"), which the
-    command says as it says any outage (`unavailable_dependency`), without the address."""
+def migrate_in_development(settings: Settings) -> None:
+    """What a start (`govrag serve`, an in-process `govrag ingest`) does first outside production: make the data dir
+    and bring the schema to head, so that a fresh embedded default, or one a newer release left behind, needs no
+    `govrag migrate`. Production never migrates: its `require_head` refuses."""
+    if not settings.is_production:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(settings.resolved_database_url)
+
+
+def require_head_for_command(settings: Settings, *, starts: bool = False) -> None:
+    """`require_head` for a command on the database (an in-process `govrag ingest`, which `starts` as `govrag serve`
+    does: `migrate_in_development` first; `govrag keys rotate`, `govrag audit ...`) before it reads or writes anything:
+    a database it cannot reach is Unavailable("database"), which the command says as it says any outage
+    (`unavailable_dependency`), without the address (the converse of `reached`, for a start naming it)."""
     try:
-        require_head(database_url)
+        if starts:
+            migrate_in_development(settings)
+        require_head(settings.resolved_database_url)
     except DatabaseUnreachable:
         raise Unavailable("database") from None
 

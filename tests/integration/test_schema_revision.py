@@ -178,12 +178,15 @@ def _stored(url: str, data_dir: Path) -> tuple[dict[str, int], dict[str, bytes]]
 
 @pytest.mark.parametrize("schema", ["behind", "ahead"])
 def test_an_in_process_ingest_refuses_a_schema_off_the_codes_revision_and_stores_nothing(
-        cli_database: str, schema: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`govrag serve` and `govrag worker` refuse to start on such a schema, but an in-process `govrag ingest` never
-    asked: it wrote into a schema it does not know (ahead), or ended in a raw traceback mid-run (behind). It now
-    refuses first, in the same one line, exit 1, nothing stored."""
+        cli_database: str, schema: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`govrag serve` and `govrag worker` refuse to start on such a schema in production, but an in-process `govrag
+    ingest` never asked: it wrote into a schema it does not know (ahead), or ended in a raw traceback mid-run (behind).
+    It now refuses first, in the same one line, exit 1, nothing stored."""
     from api import cli
+    from core.settings import Settings
 
+    monkeypatch.setattr(Settings, "is_production", property(lambda _self: True))
     said = _off_head(cli_database, schema)
     (tmp_path / "pay.md").write_text("# Pay\n\nPay day is the 25th.\n")
     before = _stored(cli_database, tmp_path / "data")
@@ -212,3 +215,26 @@ def test_key_rotation_and_the_audit_commands_refuse_a_schema_off_the_codes_revis
         assert (code, captured.err.strip().splitlines(), captured.out) == (1, [said], ""), command
     assert _stored(cli_database, tmp_path / "data") == before
     assert list(tmp_path.glob("*exported*")) == []
+
+
+def test_an_in_process_ingest_on_a_fresh_embedded_default_migrates_as_serve_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`govrag serve` migrates on start in development; an in-process `govrag ingest`, its stand-in on the embedded
+    store, said "the database is unavailable ... once it is back" on a fresh data dir (the SQLite file's folder did
+    not exist yet), or "run `govrag migrate`" on one whose schema a new release left behind. It now migrates as
+    serve does, and goes on to say what is really missing."""
+    from api import cli
+    from core.settings import get_settings
+
+    data_dir = tmp_path / "fresh"
+    monkeypatch.delenv("GOVRAG_DATABASE_URL", raising=False)
+    monkeypatch.setenv("GOVRAG_DATA_DIR", str(data_dir))
+    (tmp_path / "pay.md").write_text("# Pay\n\nPay day is the 25th.\n")
+    get_settings.cache_clear()
+    try:
+        code = cli.main(["ingest", str(tmp_path / "pay.md"), "--department", "hr"])
+        url = get_settings().resolved_database_url
+    finally:
+        get_settings.cache_clear()
+    assert (code, capsys.readouterr().err.split()) == (2, "no such department: hr; nothing ingested".split())
+    assert migrate.current_revision(url) == migrate.head_revision()
