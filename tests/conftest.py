@@ -14,6 +14,7 @@ import time  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from contextlib import ExitStack  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import psycopg  # noqa: E402
 import pytest  # noqa: E402
@@ -90,6 +91,27 @@ def pg_url(make_pg_database: Callable[[], str]) -> str:
     return url
 
 
+@pytest.fixture
+def cli_env(make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """GOVRAG_* variables for a fresh database and data dir; the department `hr` exists."""
+    from authz import service as authz_service
+    from core import migrate
+    from core.db import unit_of_work
+    from core.keystore import keystore_for
+    from core.settings import get_settings
+    from retrieval.store import close_vector_store
+
+    url = make_pg_database()
+    migrate.upgrade(url)
+    monkeypatch.setenv("GOVRAG_DATABASE_URL", url)
+    monkeypatch.setenv("GOVRAG_DATA_DIR", str(tmp_path / "data"))
+    get_settings.cache_clear()
+    settings = get_settings()
+    with unit_of_work(url) as session:
+        authz_service.create_department(session=session, keystore=keystore_for(settings), name="hr")
+    yield url
+    close_vector_store(settings)
+    get_settings.cache_clear()
 @pytest.fixture(scope="session")
 def settings(pg_url: str, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """The production shape where the machine allows: PostgreSQL, Redis broker; Qdrant in local mode."""

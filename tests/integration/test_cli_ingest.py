@@ -34,28 +34,6 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def cli_env(make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """GOVRAG_* variables for a fresh database and data dir; the department `hr` exists."""
-    from authz import service as authz_service
-    from core import migrate
-    from core.keystore import keystore_for
-
-    url = make_pg_database()
-    migrate.upgrade(url)
-    monkeypatch.setenv("GOVRAG_DATABASE_URL", url)
-    monkeypatch.setenv("GOVRAG_DATA_DIR", str(tmp_path / "data"))
-    get_settings.cache_clear()
-    settings = get_settings()
-    with unit_of_work(url) as session:
-        authz_service.create_department(session=session, keystore=keystore_for(settings), name="hr")
-    yield url
-    from retrieval.store import close_vector_store
-
-    close_vector_store(settings)
-    get_settings.cache_clear()
-
-
 def test_ingest_folder_reports_each_outcome(cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "inbox"
     folder.mkdir()

@@ -3,7 +3,7 @@ the commands writing to the database (an in-process `govrag ingest`, `govrag key
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -126,28 +126,14 @@ def test_production_serve_and_the_worker_refuse_a_stale_schema(tmp_path: Path, m
 
 
 @pytest.fixture
-def cli_database(make_pg_database: Callable[[], str], tmp_path: Path,
-                 monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """GOVRAG_* variables for a fresh PostgreSQL database at the code's revision, with the department `hr`, and a data
-    dir (tmp_path/data); a retention period, so that `govrag audit purge` is not refused before it starts."""
-    from authz import service as authz_service
-    from core.db import unit_of_work
-    from core.keystore import keystore_for
+def cli_database(cli_env: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """`cli_env` (a fresh PostgreSQL database at the code's revision, the department `hr`, a data dir tmp_path/data)
+    with a retention period, so that `govrag audit purge` is not refused before it starts."""
     from core.settings import get_settings
-    from retrieval.store import close_vector_store
 
-    url = make_pg_database()
-    migrate.upgrade(url)
-    monkeypatch.setenv("GOVRAG_DATABASE_URL", url)
-    monkeypatch.setenv("GOVRAG_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("GOVRAG_AUDIT_RETENTION_DAYS", "1")
     get_settings.cache_clear()
-    settings = get_settings()
-    with unit_of_work(url) as session:
-        authz_service.create_department(session=session, keystore=keystore_for(settings), name="hr")
-    yield url
-    close_vector_store(settings)
-    get_settings.cache_clear()
+    return cli_env
 
 
 def _off_head(url: str, schema: str) -> str:
