@@ -26,6 +26,7 @@ from tests.conftest import (
     wait_for_document,
     wait_for_job,
 )
+from tests.support.polling import wait_until
 
 DEPARTMENT = "pii"
 EMAIL = "maria.gonzalez@example.com"
@@ -213,8 +214,10 @@ def debug_logs() -> Iterator[_Capture]:
 
 def test_debug_logs_hold_no_pdf_text(client: TestClient, world: dict, debug_logs: _Capture) -> None:
     """pdfminer logged each token of the text it parsed, Presidio the words around each PII match."""
-    _ingest(client, world["editor"], "memo.pdf", (SAMPLES / "pdf" / "fake-memo.pdf").read_bytes())
-    assert any("ingested document" in line for line in debug_logs.lines)  # the capture sees the worker's lines
+    document = _ingest(client, world["editor"], "memo.pdf", (SAMPLES / "pdf" / "fake-memo.pdf").read_bytes())
+    # The capture sees the worker's lines; its last is written once the document's status is, which the test read.
+    ingested = f"ingested document {document['document_id']}"
+    wait_until(lambda: any(ingested in line for line in debug_logs.lines), 60, f"the worker's line {ingested!r}")
     leaked = [line for line in debug_logs.lines if "bottles of water" in line or "laptops" in line]
     assert not leaked, leaked[0][:300]
 

@@ -17,6 +17,7 @@ from api import cli
 from api.app import create_app
 from core import migrate
 from core.settings import Settings
+from tests.support.polling import wait_until
 
 MARKER = "zqmarker41"  # nothing the masks replace
 
@@ -76,12 +77,18 @@ def test_a_query_string_reaches_no_log_record_and_each_request_is_logged(
                          headers={"Authorization": f"Bearer {token}"}).status_code,
                 http.get(f"/{MARKER}?user={MARKER}").status_code,
             ]
+        expected = (f"GET /healthz {statuses[0]} ", f"GET /v1/audit/retrievals {statuses[1]} ",
+                    f"GET unmatched {statuses[2]} ")
+        # The middleware logs a request once its response is sent, on the server's thread: this client may read the
+        # last response before that line is written.
+        wait_until(lambda: all(_logged(records, start) for start in expected), 60, f"a log line for each of {expected}")
     finally:
         root.removeHandler(records)
     server_lines = [line for line in records.lines if line[0] != "httpx"]  # httpx: this test's own client
     assert not [line for line in server_lines if MARKER in line[1]]
     assert not [line for line in server_lines if line[0] == "uvicorn.access"]
-    logged = [message for name, message in server_lines if name == "api.app"]
-    for expected in (f"GET /healthz {statuses[0]} ", f"GET /v1/audit/retrievals {statuses[1]} ",
-                     f"GET unmatched {statuses[2]} "):
-        assert any(message.startswith(expected) for message in logged), (expected, logged)
+
+
+def _logged(records: _Records, start: str) -> bool:
+    """Whether the API logged a request line beginning `start` (its method, route template and status)."""
+    return any(name == "api.app" and message.startswith(start) for name, message in records.lines)
