@@ -133,7 +133,7 @@ def _refused_at_start(args: argparse.Namespace) -> tuple[str, int] | None:
 
     settings = get_settings()
     try:
-        migrate.require_head_for_command(settings, starts=True)
+        migrate.require_head_for_command(settings)
         if _unknown_departments(settings, [args.department]):
             return f"no such department: {args.department}; nothing ingested", 2
         if held := _store_held(settings):

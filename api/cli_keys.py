@@ -51,8 +51,9 @@ def _stopped_by(exc: BaseException) -> _Stopped | None:
 
 def rotate_command(args: argparse.Namespace) -> int:
     """Rotate department keys (or the master key), each rotation audited as it commits; a database outage or a Ctrl-C
-    (at the start or midway) is one line saying what is done and how to go on, exit 1 (130 for a Ctrl-C). A schema at
-    another revision than the code's is refused first (SchemaMismatch, said by `cli.main`)."""
+    (at the start or midway) is one line saying what is done and how to go on, exit 1 (130 for a Ctrl-C). The schema is
+    migrated first in development, as `govrag serve` does; in production one at another revision than the code's is
+    refused first (SchemaMismatch, said by `cli.main`)."""
     if args.master:
         return _rotate_master(args)
     from authz import service as authz_service
@@ -74,6 +75,9 @@ def rotate_command(args: argparse.Namespace) -> int:
     if unknown:
         Console(stderr=True).print(f"no such department: {', '.join(unknown)}; nothing rotated", markup=False)
         return 2
+    if not chosen:  # no department yet (a fresh embedded default): done, and said rather than an empty table
+        Console().print("no departments yet; nothing to rotate")
+        return 0
     reports: list[keys.RotationReport] = []
     identity = operator_identity(args.actor)
     try:

@@ -1,9 +1,9 @@
 """Run Alembic migrations programmatically: the only way the schema changes.
 
 Also what the running code needs from the schema: `require_head` (start-up refuses a database at another revision;
-`require_head_for_command` before a command writes to it; `migrate_in_development` before either, for a start on the
-embedded default) and `SchemaWatch` (readiness notices a schema changed under a running process), and the guard every
-downgrade runs first (`refuse_downgrade_losing_data`, over each migration's `data_at_risk`).
+`require_head_for_command` before a command uses it; `migrate_in_development` before either, in development) and
+`SchemaWatch` (readiness notices a schema changed under a running process), and the guard every downgrade runs first
+(`refuse_downgrade_losing_data`, over each migration's `data_at_risk`).
 """
 
 from __future__ import annotations
@@ -45,6 +45,12 @@ class DatabaseUnreachable(MigrationError):
 
 class UnknownRevision(MigrationError):
     """The database (or a requested target) is at a revision this release does not ship."""
+
+    exit_code = 2
+
+
+class DatabaseMissing(MigrationError):
+    """No database where the settings point: a SQLite file whose folder does not exist (a path that does not exist)."""
 
     exit_code = 2
 
@@ -100,25 +106,40 @@ def require_head(database_url: str) -> None:
 
 
 def migrate_in_development(settings: Settings) -> None:
-    """What a start (`govrag serve`, an in-process `govrag ingest`) does first outside production: make the data dir
-    and bring the schema to head, so that a fresh embedded default, or one a newer release left behind, needs no
+    """What `govrag serve` and every CLI command on the database do first outside production: make the data dir and
+    bring the schema to head, so that a fresh embedded default, or one a newer release left behind, needs no
     `govrag migrate`. Production never migrates: its `require_head` refuses."""
     if not settings.is_production:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         upgrade(settings.resolved_database_url)
 
 
-def require_head_for_command(settings: Settings, *, starts: bool = False) -> None:
-    """`require_head` for a command on the database (an in-process `govrag ingest`, which `starts` as `govrag serve`
-    does: `migrate_in_development` first; `govrag keys rotate`, `govrag audit ...`) before it reads or writes anything:
-    a database it cannot reach is Unavailable("database"), which the command says as it says any outage
-    (`unavailable_dependency`), without the address (the converse of `reached`, for a start naming it)."""
+def require_head_for_command(settings: Settings) -> None:
+    """A CLI command's start on the database (an in-process `govrag ingest`, `govrag keys rotate`, `govrag audit ...`,
+    `govrag export training-data`), before it reads or writes anything: what `govrag serve` does,
+    `migrate_in_development` then `require_head`. A database it cannot reach is Unavailable("database"), which the
+    command says as it says any outage (`unavailable_dependency`), without the address (the converse of `reached`, for
+    a start naming it); but a SQLite file whose folder does not exist is no outage that ends: DatabaseMissing names
+    the file."""
+    database_url = settings.resolved_database_url
     try:
-        if starts:
-            migrate_in_development(settings)
-        require_head(settings.resolved_database_url)
+        migrate_in_development(settings)
+        require_head(database_url)
     except DatabaseUnreachable:
+        if (database := _sqlite_file_without_folder(database_url)) is not None:
+            raise DatabaseMissing(f"no database at {database}: its folder does not exist (create it, or point "
+                                  "GOVRAG_DATABASE_URL at the database)") from None
         raise Unavailable("database") from None
+
+
+def _sqlite_file_without_folder(database_url: str) -> Path | None:
+    """The SQLite file `database_url` names when its folder does not exist (SQLite cannot create it), else None."""
+    url = make_url(database_url)
+    name = url.database
+    if url.get_backend_name() != "sqlite" or not name or name == ":memory:" or url.query.get("uri"):
+        return None  # another database, one in memory, or a `file:` URI (its path is SQLite's to read)
+    database = Path(name).resolve()
+    return None if database.parent.is_dir() else database
 
 
 class SchemaWatch:

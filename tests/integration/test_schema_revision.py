@@ -1,5 +1,6 @@
 """The API and the worker run only on the schema revision their code was written for (production never migrates); so do
-the commands writing to the database (an in-process `govrag ingest`, `govrag keys rotate`, `govrag audit ...`)."""
+the commands on the database (an in-process `govrag ingest`, `govrag keys rotate`, `govrag audit ...`), which in
+development migrate first, as `govrag serve` does."""
 
 from __future__ import annotations
 
@@ -138,7 +139,7 @@ def cli_database(cli_env: str, monkeypatch: pytest.MonkeyPatch) -> str:
 
 def _off_head(url: str, schema: str) -> str:
     """Put the database one revision behind the code (an upgrade whose `govrag migrate` did not run) or at a revision
-    newer than it knows (an older release on a migrated database); what a start says of it."""
+    newer than it knows (an older release on a migrated database); what a start in production says of it."""
     head = migrate.head_revision()
     if schema == "ahead":
         _set_revision(url, "0099")
@@ -148,6 +149,24 @@ def _off_head(url: str, schema: str) -> str:
     below = migrate.current_revision(url)
     assert below is not None and below != head
     return f"govrag: database schema is at {below}, this release needs {head}: run `govrag migrate`"
+
+
+# What a start in development, which migrates first as `govrag migrate` does, says of a database a newer release
+# migrated (exit 2, as `govrag migrate` exits).
+UNKNOWN_IN_DEVELOPMENT = (2, f"govrag: database schema is at 0099, which this release does not know (its newest is "
+                             f"{migrate.head_revision()}): run the release that migrated it")
+
+
+def _refusal(url: str, environment: str, schema: str, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
+    """The database put off the code's revision (`_off_head`) in `environment`: the exit code and line a command
+    refuses it with (production only refuses; development migrates first, and only a newer schema stops it)."""
+    from core.settings import Settings
+
+    said = _off_head(url, schema)
+    if environment == "production":
+        monkeypatch.setattr(Settings, "is_production", property(lambda _self: True))
+        return 1, said
+    return UNKNOWN_IN_DEVELOPMENT
 
 
 def _stored(url: str, data_dir: Path) -> tuple[dict[str, int], dict[str, bytes]]:
@@ -162,65 +181,144 @@ def _stored(url: str, data_dir: Path) -> tuple[dict[str, int], dict[str, bytes]]
     return rows, {str(path): path.read_bytes() for path in sorted(data_dir.rglob("*")) if path.is_file()}
 
 
-@pytest.mark.parametrize("schema", ["behind", "ahead"])
+REFUSED = [("production", "behind"), ("production", "ahead"), ("development", "ahead")]
+
+
+@pytest.mark.parametrize(("environment", "schema"), REFUSED)
 def test_an_in_process_ingest_refuses_a_schema_off_the_codes_revision_and_stores_nothing(
-        cli_database: str, schema: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        cli_database: str, environment: str, schema: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
     """`govrag serve` and `govrag worker` refuse to start on such a schema in production, but an in-process `govrag
     ingest` never asked: it wrote into a schema it does not know (ahead), or ended in a raw traceback mid-run (behind).
-    It now refuses first, in the same one line, exit 1, nothing stored."""
+    It now refuses first, in the same one line, exit 1, nothing stored; in development, where it migrates first as
+    serve does, a schema newer than the code stops it as it stops `govrag migrate`."""
     from api import cli
-    from core.settings import Settings
 
-    monkeypatch.setattr(Settings, "is_production", property(lambda _self: True))
-    said = _off_head(cli_database, schema)
+    code, said = _refusal(cli_database, environment, schema, monkeypatch)
     (tmp_path / "pay.md").write_text("# Pay\n\nPay day is the 25th.\n")
     before = _stored(cli_database, tmp_path / "data")
-    code = cli.main(["ingest", str(tmp_path / "pay.md"), "--department", "hr"])
+    exit_code = cli.main(["ingest", str(tmp_path / "pay.md"), "--department", "hr"])
     captured = capsys.readouterr()
-    assert (code, captured.err.strip().splitlines(), captured.out) == (1, [said], "")
+    assert (exit_code, captured.err.strip().splitlines(), captured.out) == (code, [said], "")
     assert _stored(cli_database, tmp_path / "data") == before
 
 
-@pytest.mark.parametrize("schema", ["behind", "ahead"])
+# `govrag keys rotate` (department keys or the master key), `govrag audit ...` and `govrag export training-data`: the
+# commands working on the database besides ingest, run in tmp_path (what they export goes to tmp_path/exported).
+DATABASE_COMMANDS = [["keys", "rotate"], ["keys", "rotate", "--master"], ["audit", "verify"],
+                     ["audit", "export", "-o", "exported"], ["audit", "checkpoint"], ["audit", "purge"],
+                     ["export", "training-data", "--department", "hr", "-o", "exported"]]
+
+
+@pytest.mark.parametrize(("environment", "schema"), REFUSED)
 def test_key_rotation_and_the_audit_commands_refuse_a_schema_off_the_codes_revision_and_write_nothing(
-        cli_database: str, schema: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        cli_database: str, environment: str, schema: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """`govrag keys rotate` (department keys or the master key) and `govrag audit ...` rotated, checkpointed, purged
     and recorded exports into a schema they do not know; verify judged a ledger whose columns it does not know. Each
-    now refuses first, as `govrag serve` does, writing nothing (no export file either)."""
+    now refuses first, as `govrag serve` does, writing nothing (no export file either): in production anything off the
+    code's revision, in development (which migrates first) a schema newer than the code."""
     from api import cli
 
-    said = _off_head(cli_database, schema)
-    exported = tmp_path / "exported"
+    code, said = _refusal(cli_database, environment, schema, monkeypatch)
+    monkeypatch.chdir(tmp_path)
     before = _stored(cli_database, tmp_path / "data")
-    for command in (["keys", "rotate"], ["keys", "rotate", "--master"], ["audit", "verify"],
-                    ["audit", "export", "-o", str(exported)], ["audit", "checkpoint"], ["audit", "purge"],
-                    ["export", "training-data", "--department", "hr", "-o", str(exported)]):
-        code = cli.main(command)
+    for command in DATABASE_COMMANDS:
+        exit_code = cli.main(command)
         captured = capsys.readouterr()
-        assert (code, captured.err.strip().splitlines(), captured.out) == (1, [said], ""), command
+        assert (exit_code, captured.err.strip().splitlines(), captured.out) == (code, [said], ""), command
     assert _stored(cli_database, tmp_path / "data") == before
     assert list(tmp_path.glob("*exported*")) == []
 
 
-def test_an_in_process_ingest_on_a_fresh_embedded_default_migrates_as_serve_does(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    """`govrag serve` migrates on start in development; an in-process `govrag ingest`, its stand-in on the embedded
-    store, said "the database is unavailable ... once it is back" on a fresh data dir (the SQLite file's folder did
-    not exist yet), or "run `govrag migrate`" on one whose schema a new release left behind. It now migrates as
-    serve does, and goes on to say what is really missing."""
+@pytest.mark.parametrize("argv", DATABASE_COMMANDS, ids=" ".join)
+def test_every_command_on_the_database_migrates_a_development_schema_left_behind_as_serve_does(
+        cli_database: str, argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A development database a new release left behind: `govrag serve` and an in-process `govrag ingest` migrate
+    it, but `govrag keys rotate`, `govrag audit ...` and `govrag export training-data` said "run `govrag migrate`".
+    Each now migrates first, and does what it was asked."""
+    from api import cli
+
+    monkeypatch.chdir(tmp_path)
+    _off_head(cli_database, "behind")
+    exit_code = cli.main(argv)
+    assert (exit_code, "govrag migrate" in capsys.readouterr().err) == (0, False), argv
+    assert migrate.current_revision(cli_database) == migrate.head_revision()
+
+
+# What each command on the database does on a fresh embedded default (no data dir yet), once migrated: what it says of
+# an empty database (on stdout, or stderr for a refusal), and its exit code.
+ON_A_FRESH_DEFAULT = [
+    (["ingest", "pay.md", "--department", "hr"], 2, "no such department: hr; nothing ingested"),
+    (["keys", "rotate"], 0, "no departments yet; nothing to rotate"),
+    (["keys", "rotate", "--department", "hr"], 2, "no such department: hr; nothing rotated"),
+    (["keys", "rotate", "--master"], 0, "master key now v2: 1 keys rewrapped"),
+    (["audit", "verify"], 0, '{"ok":true,"checked":0,"first_broken":null,"reason":null,"checkpoints_checked":0,'
+                             '"purged_through":null}'),
+    (["audit", "export"], 0, '"rows": 0'),
+    (["audit", "checkpoint"], 0, '{"checkpointed_event_id": null}'),
+    (["audit", "purge"], 0, '{"purged": 0}'),
+    (["export", "training-data", "--department", "hr"], 2, "refused: no such department"),
+]
+
+
+@pytest.mark.parametrize(("argv", "code", "said"), ON_A_FRESH_DEFAULT,
+                         ids=[" ".join(argv) for argv, *_ in ON_A_FRESH_DEFAULT])
+def test_every_command_on_a_fresh_embedded_default_migrates_as_serve_does(
+        argv: list[str], code: int, said: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`govrag serve` and an in-process `govrag ingest` migrate on start in development; the other commands on the
+    database said "the database is unavailable ... once it is back" on a fresh data dir (the SQLite file's folder did
+    not exist yet: it never comes back). Each now migrates as serve does, and says what it finds in an empty
+    database."""
     from api import cli
     from core.settings import get_settings
+    from retrieval.store import close_vector_store
 
-    data_dir = tmp_path / "fresh"
+    monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("GOVRAG_DATABASE_URL", raising=False)
-    monkeypatch.setenv("GOVRAG_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("GOVRAG_DATA_DIR", str(tmp_path / "fresh"))
+    monkeypatch.setenv("GOVRAG_AUDIT_RETENTION_DAYS", "1")
     (tmp_path / "pay.md").write_text("# Pay\n\nPay day is the 25th.\n")
     get_settings.cache_clear()
     try:
-        code = cli.main(["ingest", str(tmp_path / "pay.md"), "--department", "hr"])
-        url = get_settings().resolved_database_url
+        exit_code = cli.main(argv)
+        settings = get_settings()
+        close_vector_store(settings)
     finally:
         get_settings.cache_clear()
-    assert (code, capsys.readouterr().err.split()) == (2, "no such department: hr; nothing ingested".split())
-    assert migrate.current_revision(url) == migrate.head_revision()
+    captured = capsys.readouterr()
+    assert (exit_code, said in " ".join((captured.out + captured.err).split())) == (code, True), captured
+    assert migrate.current_revision(settings.resolved_database_url) == migrate.head_revision()
+
+
+def test_a_sqlite_database_whose_folder_does_not_exist_is_named_not_said_to_be_unavailable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A SQLite file in a folder that does not exist cannot be opened (SQLite makes no folder): the commands said "the
+    database is unavailable; ... run the same command again once it is back", which never comes. They now name the
+    file, as a path that does not exist (exit 2), in development and in production alike, and create nothing."""
+    from api import cli
+    from core.settings import Settings, get_settings
+
+    database = tmp_path / "nowhere" / "govrag.db"
+    (tmp_path / "pay.md").write_text("# Pay\n\nPay day is the 25th.\n")
+    monkeypatch.setenv("GOVRAG_DATABASE_URL", f"sqlite:///{database}")
+    monkeypatch.setenv("GOVRAG_DATA_DIR", str(tmp_path / "data"))
+    said = (f"govrag: no database at {database}: its folder does not exist (create it, or point GOVRAG_DATABASE_URL "
+            "at the database)")
+    get_settings.cache_clear()
+    outcomes = []
+    try:
+        for production in (False, True):
+            monkeypatch.setattr(Settings, "is_production", property(lambda _self, p=production: p))
+            for argv in (["ingest", str(tmp_path), "--department", "hr"], ["keys", "rotate"],
+                         ["keys", "rotate", "--master"], ["audit", "verify"],
+                         ["export", "training-data", "--department", "hr"]):
+                exit_code = cli.main(argv)
+                captured = capsys.readouterr()
+                outcomes.append((exit_code, captured.err.strip().splitlines(), captured.out))
+    finally:
+        get_settings.cache_clear()
+    assert outcomes == [(2, [said], "")] * 10
+    assert not database.parent.exists()
