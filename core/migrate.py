@@ -23,6 +23,7 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Connection, create_engine, exc, make_url, pool, text
 
+from core.db import transaction_lock, unit_of_work
 from core.errors import Unavailable, unavailable_dependency
 from core.logs import PASSWORD_PARAMETERS, mask_secrets
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 SCHEMA_CHECK_SECONDS = 5.0  # how long readiness trusts its last look at the database's revision
+MIGRATION_LOCK = "schema migration"  # the `transaction_lock` an upgrade or a downgrade holds while it runs
 
 
 class MigrationError(Exception):
@@ -163,18 +165,30 @@ class SchemaWatch:
 
 
 def upgrade(database_url: str, revision: str = "head") -> None:
-    """Bring the schema up to `revision`."""
+    """Bring the schema up to `revision` (one process at a time: `_one_at_a_time`)."""
     _refuse_unknown(current_revision(database_url))
-    with _revision_errors():
+    with _one_at_a_time(database_url), _revision_errors():
         command.upgrade(alembic_config(database_url), revision)
 
 
 def downgrade(database_url: str, revision: str) -> None:
     """Take the schema down to `revision`, refusing before any step runs if one of them would delete data (the
-    check migrations/env.py runs for every downgrade: refuse_downgrade_losing_data)."""
+    check migrations/env.py runs for every downgrade: refuse_downgrade_losing_data); one process at a time."""
     _refuse_unknown(current_revision(database_url))
-    with _revision_errors():
+    with _one_at_a_time(database_url), _revision_errors():
         command.downgrade(alembic_config(database_url), revision)
+
+
+@contextmanager
+def _one_at_a_time(database_url: str) -> Iterator[None]:
+    """MIGRATION_LOCK held around a schema change. In development every command on the database migrates first, so two
+    started together on one not yet migrated (`govrag serve` and a `govrag audit verify`, two `govrag ingest`) both ran
+    the same steps: the second ended in a traceback on what the first had just created, and on SQLite, whose schema
+    changes do not roll back, could run a data step twice. The second now waits, and Alembic, reading the revision
+    again under the lock, finds nothing left to do."""
+    with unit_of_work(database_url) as session:
+        transaction_lock(session, MIGRATION_LOCK)
+        yield
 
 
 def refuse_downgrade_losing_data(migration: MigrationContext) -> None:

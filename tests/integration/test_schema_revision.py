@@ -4,14 +4,20 @@ development migrate first, as `govrag serve` does."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import Connection, create_engine, inspect, text
 
 from core import migrate
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _settings(url: str, data_dir: Path):  # type: ignore[no-untyped-def]
@@ -245,6 +251,48 @@ def test_every_command_on_the_database_migrates_a_development_schema_left_behind
     exit_code = cli.main(argv)
     assert (exit_code, "govrag migrate" in capsys.readouterr().err) == (0, False), argv
     assert migrate.current_revision(cli_database) == migrate.head_revision()
+
+
+def test_two_commands_migrating_one_database_at_once_run_its_steps_once(
+        make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """In development every command on the database migrates first, so two started together on a database a new
+    release left behind (`govrag serve` and a `govrag audit verify` from cron; here `govrag keys rotate` and `govrag
+    migrate`) both ran the missing step: the second ended in a traceback (UniqueViolation on the table the first had
+    just created). The second now waits for the first, then finds nothing left to do. The first is held as it records
+    its step (alembic_version locked; reading it is still allowed) until the second is waiting too."""
+    url = make_pg_database()
+    migrate.upgrade(url)
+    migrate.downgrade(url, "-1")
+    env = {**os.environ, "GOVRAG_DATABASE_URL": url, "GOVRAG_DATA_DIR": str(tmp_path / "data")}
+    engine = create_engine(url)
+    try:
+        with engine.connect() as holder:
+            holder.execute(text("LOCK TABLE alembic_version IN EXCLUSIVE MODE"))
+            commands = [subprocess.Popen([sys.executable, "-m", "api.cli", *argv], cwd=ROOT, env=env,  # noqa: S603
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                        for argv in (["keys", "rotate"], ["migrate"])]
+            try:
+                _wait_for_sessions_waiting(holder, len(commands))
+            finally:
+                holder.rollback()
+                said = [command.communicate(timeout=600) for command in commands]
+    finally:
+        engine.dispose()
+    assert [(command.returncode, out.strip(), err) for command, (out, err) in zip(commands, said, strict=True)] == [
+        (0, "no departments yet; nothing to rotate", ""), (0, "schema is at the latest revision", "")]
+    assert migrate.current_revision(url) == migrate.head_revision()
+
+
+def _wait_for_sessions_waiting(connection: Connection, count: int) -> None:
+    """Until `count` sessions on the connection's database wait for a lock (at most five minutes: commands start)."""
+    waiting, deadline = 0, time.monotonic() + 300
+    while waiting < count and time.monotonic() < deadline:
+        time.sleep(0.1)
+        connection.execute(text("SELECT pg_stat_clear_snapshot()"))  # else the transaction's first look is kept
+        waiting = connection.execute(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )).scalar_one()
+    assert waiting == count
 
 
 # What each command on the database does on a fresh embedded default (no data dir yet), once migrated: what it says of
