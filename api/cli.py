@@ -148,7 +148,7 @@ def _migrate(_args: argparse.Namespace) -> int:
     from core import migrate
 
     settings = get_settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrate.make_data_dir(settings)
     migrate.upgrade(settings.resolved_database_url)
     print("schema is at the latest revision")
     return 0

@@ -8,6 +8,7 @@ Also what the running code needs from the schema: `require_head` (start-up refus
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -51,8 +52,9 @@ class UnknownRevision(MigrationError):
     exit_code = 2
 
 
-class DatabaseMissing(MigrationError):
-    """No database where the settings point: a SQLite file whose folder does not exist (a path that does not exist)."""
+class UnusablePath(MigrationError):
+    """A folder the settings name that does not exist or this user may not write (the data dir, a SQLite file's):
+    no outage that ends by waiting, but README's exit 2 (a path that does not exist or cannot be written)."""
 
     exit_code = 2
 
@@ -112,8 +114,18 @@ def migrate_in_development(settings: Settings) -> None:
     bring the schema to head, so that a fresh embedded default, or one a newer release left behind, needs no
     `govrag migrate`. Production never migrates: its `require_head` refuses."""
     if not settings.is_production:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        make_data_dir(settings)
         upgrade(settings.resolved_database_url)
+
+
+def make_data_dir(settings: Settings) -> None:
+    """Create the data dir (and its parents) if missing; UnusablePath, said in one line, if this user cannot."""
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UnusablePath(f"cannot create the data dir {settings.data_dir.resolve()}: "
+                           f"{error.strerror or type(error).__name__} (create it, or point GOVRAG_DATA_DIR at a folder "
+                           "this user may write)") from None
 
 
 def require_head_for_command(settings: Settings) -> None:
@@ -121,27 +133,12 @@ def require_head_for_command(settings: Settings) -> None:
     `govrag export training-data`), before it reads or writes anything: what `govrag serve` does,
     `migrate_in_development` then `require_head`. A database it cannot reach is Unavailable("database"), which the
     command says as it says any outage (`unavailable_dependency`), without the address (the converse of `reached`, for
-    a start naming it); but a SQLite file whose folder does not exist is no outage that ends: DatabaseMissing names
-    the file."""
-    database_url = settings.resolved_database_url
+    a start naming it); a folder it cannot use is UnusablePath, as for a start."""
     try:
         migrate_in_development(settings)
-        require_head(database_url)
+        require_head(settings.resolved_database_url)
     except DatabaseUnreachable:
-        if (database := _sqlite_file_without_folder(database_url)) is not None:
-            raise DatabaseMissing(f"no database at {database}: its folder does not exist (create it, or point "
-                                  "GOVRAG_DATABASE_URL at the database)") from None
         raise Unavailable("database") from None
-
-
-def _sqlite_file_without_folder(database_url: str) -> Path | None:
-    """The SQLite file `database_url` names when its folder does not exist (SQLite cannot create it), else None."""
-    url = make_url(database_url)
-    name = url.database
-    if url.get_backend_name() != "sqlite" or not name or name == ":memory:" or url.query.get("uri"):
-        return None  # another database, one in memory, or a `file:` URI (its path is SQLite's to read)
-    database = Path(name).resolve()
-    return None if database.parent.is_dir() else database
 
 
 class SchemaWatch:
@@ -285,12 +282,31 @@ def reached(database_url: str) -> Iterator[None]:
         raise _unreachable(database_url, error) from None
 
 
-def _unreachable(database_url: str, error: Exception) -> DatabaseUnreachable:
+def _unreachable(database_url: str, error: Exception) -> MigrationError:
     """`error`, the database refusing or dropping the connection, in one line: host and the driver's reason, never the
-    password."""
+    password (DatabaseUnreachable); or, for a SQLite file, its folder when that is why (UnusablePath)."""
+    if (unusable := _sqlite_folder_unusable(database_url)) is not None:
+        return UnusablePath(unusable)
     where, secrets = _without_passwords(database_url)
     driver_error = getattr(error, "orig", None)
     reason = str(driver_error).strip().splitlines()[0] if driver_error else ""
     if not reason or any(secret in reason for secret in secrets) or mask_secrets(reason) != reason:
         reason = type(error).__name__  # the driver echoes option values: one may be the password
     return DatabaseUnreachable(f"cannot reach the database at {where}: {reason}")
+
+
+def _sqlite_folder_unusable(database_url: str) -> str | None:
+    """Why SQLite cannot open the file `database_url` names when its folder is the cause (SQLite makes no folder, and
+    needs to write in it: the file, its journal), else None."""
+    url = make_url(database_url)
+    name = url.database
+    if url.get_backend_name() != "sqlite" or not name or name == ":memory:" or url.query.get("uri"):
+        return None  # another database, one in memory, or a `file:` URI (its path is SQLite's to read)
+    database = Path(name).resolve()
+    if not database.parent.is_dir():
+        return (f"no database at {database}: its folder does not exist (create it, or point GOVRAG_DATABASE_URL at "
+                "the database)")
+    if not os.access(database.parent, os.W_OK | os.X_OK, effective_ids=True):  # as SQLite, with this process's rights
+        return (f"cannot open the database at {database}: this user may not write its folder (let it, or point "
+                "GOVRAG_DATA_DIR or GOVRAG_DATABASE_URL at a folder it may write)")
+    return None

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Connection, create_engine, inspect, text
 
 from core import migrate
+from tests.support.file_permissions import permission_bits_bind
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -341,32 +342,73 @@ def test_every_command_on_a_fresh_embedded_default_migrates_as_serve_does(
     assert migrate.current_revision(settings.resolved_database_url) == migrate.head_revision()
 
 
-def test_a_sqlite_database_whose_folder_does_not_exist_is_named_not_said_to_be_unavailable(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    """A SQLite file in a folder that does not exist cannot be opened (SQLite makes no folder): the commands said "the
-    database is unavailable; ... run the same command again once it is back", which never comes. They now name the
-    file, as a path that does not exist (exit 2), in development and in production alike, and create nothing."""
+# Every start on the database, run in tmp_path: the commands working on it, `govrag migrate` and `govrag serve`.
+STARTS = [["ingest", "pay.md", "--department", "hr"], ["keys", "rotate"], ["keys", "rotate", "--master"],
+          ["audit", "verify"], ["export", "training-data", "--department", "hr"], ["migrate"], ["serve"]]
+
+
+def _what_each_start_says(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *,
+                          production: bool) -> list[tuple[int, list[str], str]]:
+    """Each of STARTS run in production or development (`govrag serve` must stop before uvicorn runs): its exit code,
+    the lines on stderr and what is on stdout."""
     from api import cli
     from core.settings import Settings, get_settings
 
+    monkeypatch.setattr(Settings, "is_production", property(lambda _self: production))
+    monkeypatch.setattr("uvicorn.run", lambda *_a, **_k: pytest.fail("govrag serve started"))
+    outcomes = []
+    for argv in STARTS:
+        get_settings.cache_clear()
+        try:
+            exit_code = cli.main(argv)
+        finally:
+            get_settings.cache_clear()
+        captured = capsys.readouterr()
+        outcomes.append((exit_code, captured.err.strip().splitlines(), captured.out))
+    return outcomes
+
+
+def test_a_sqlite_database_whose_folder_does_not_exist_is_named_not_said_to_be_unavailable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A SQLite file in a folder that does not exist cannot be opened (SQLite makes no folder): the commands said "the
+    database is unavailable; ... run the same command again once it is back", which never comes; `govrag serve` and
+    `govrag migrate` "cannot reach the database at URL: unable to open database file", exit 1. Every start now names
+    the file, as a path that does not exist (exit 2), in development and in production alike, and creates nothing."""
     database = tmp_path / "nowhere" / "govrag.db"
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "pay.md").write_text("# Pay\n\nPay day is the 25th.\n")
     monkeypatch.setenv("GOVRAG_DATABASE_URL", f"sqlite:///{database}")
     monkeypatch.setenv("GOVRAG_DATA_DIR", str(tmp_path / "data"))
     said = (f"govrag: no database at {database}: its folder does not exist (create it, or point GOVRAG_DATABASE_URL "
             "at the database)")
-    get_settings.cache_clear()
-    outcomes = []
-    try:
-        for production in (False, True):
-            monkeypatch.setattr(Settings, "is_production", property(lambda _self, p=production: p))
-            for argv in (["ingest", str(tmp_path), "--department", "hr"], ["keys", "rotate"],
-                         ["keys", "rotate", "--master"], ["audit", "verify"],
-                         ["export", "training-data", "--department", "hr"]):
-                exit_code = cli.main(argv)
-                captured = capsys.readouterr()
-                outcomes.append((exit_code, captured.err.strip().splitlines(), captured.out))
-    finally:
-        get_settings.cache_clear()
-    assert outcomes == [(2, [said], "")] * 10
+    outcomes = [*_what_each_start_says(monkeypatch, capsys, production=False),
+                *_what_each_start_says(monkeypatch, capsys, production=True)]
+    assert outcomes == [(2, [said], "")] * 2 * len(STARTS)
     assert not database.parent.exists()
+
+
+@pytest.mark.parametrize("locked", ["its parent", "the data dir"])
+def test_a_data_dir_this_user_may_not_write_is_named_in_one_line(
+        locked: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A data dir this user may not create (its parent not writable) ended `govrag serve`, `govrag migrate`, `govrag
+    keys rotate` and an in-process `govrag ingest` in a PermissionError traceback, the audit commands in "failed:
+    Permission denied: PATH"; one it may not write (SQLite cannot make the database there) was "the database is
+    unavailable; ... once it is back" (exit 1), or for serve and migrate "cannot reach the database at URL: unable to
+    open database file". Every start now says which folder and what to do in one line, exit 2, writing nothing."""
+    data_dir = tmp_path / "parent" / "data"
+    folder = data_dir.parent if locked == "its parent" else data_dir
+    folder.mkdir(parents=True)
+    folder.chmod(0o500)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pay.md").write_text("# Pay\n\nPay day is the 25th.\n")
+    monkeypatch.delenv("GOVRAG_DATABASE_URL", raising=False)
+    monkeypatch.setenv("GOVRAG_DATA_DIR", str(data_dir))
+    said = {"its parent": f"govrag: cannot create the data dir {data_dir}: Permission denied (create it, or point "
+                          "GOVRAG_DATA_DIR at a folder this user may write)",
+            "the data dir": f"govrag: cannot open the database at {data_dir / 'govrag.db'}: this user may not write "
+                            "its folder (let it, or point GOVRAG_DATA_DIR or GOVRAG_DATABASE_URL at a folder it may "
+                            "write)"}[locked]
+    with permission_bits_bind():  # root too is refused what the bits refuse
+        outcomes = _what_each_start_says(monkeypatch, capsys, production=False)
+    assert outcomes == [(2, [said], "")] * len(STARTS)
+    assert list(folder.iterdir()) == []
