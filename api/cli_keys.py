@@ -135,7 +135,8 @@ def _rotate_master(args: argparse.Namespace) -> int:
         if (code := _master_stopped(None, exc)) is None:
             raise
         return code
-    Console().print(f"master key now v{report.new_version}: {report.keys_rewrapped} keys rewrapped; "
+    rewrapped = report.keys_rewrapped
+    Console().print(f"master key now v{report.new_version}: {rewrapped} key{'s' * (rewrapped != 1)} rewrapped; "
                     f"old versions no longer needed: {_versions(report.retired_versions)} ({where})")
     return 0
 
