@@ -148,8 +148,7 @@ def _migrate(_args: argparse.Namespace) -> int:
     from core import migrate
 
     settings = get_settings()
-    migrate.make_data_dir(settings)
-    migrate.upgrade(settings.resolved_database_url)
+    migrate.migrate_to_head(settings)
     print("schema is at the latest revision")
     return 0
 

@@ -80,9 +80,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 @contextmanager
 def _session() -> Iterator[Session]:
-    """A session on the configured database at the code's revision (migrated first in development, as `govrag serve`
-    does; in production SchemaMismatch, said by `cli.main`, before any command reads or writes: a ledger verified on a
-    schema the code does not know proves nothing either; audit.service is imported here: it loads the PII models)."""
+    """A session on the configured database at the code's revision (migrated first only where
+    `migrate.command_migrates_first`: the embedded SQLite database in development; else SchemaMismatch, said by
+    `cli.main`, before any command reads or writes: a ledger verified on a schema the code does not know proves nothing
+    either; audit.service is imported here: it loads the PII models)."""
     settings = get_settings()
     migrate.require_head_for_command(settings)
     session = get_session_factory(settings.resolved_database_url)()

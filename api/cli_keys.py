@@ -52,8 +52,8 @@ def _stopped_by(exc: BaseException) -> _Stopped | None:
 def rotate_command(args: argparse.Namespace) -> int:
     """Rotate department keys (or the master key), each rotation audited as it commits; a database outage or a Ctrl-C
     (at the start or midway) is one line saying what is done and how to go on, exit 1 (130 for a Ctrl-C). The schema is
-    migrated first in development, as `govrag serve` does; in production one at another revision than the code's is
-    refused first (SchemaMismatch, said by `cli.main`)."""
+    migrated first only on the embedded SQLite database in development (`migrate.command_migrates_first`); else one at
+    another revision than the code's is refused first (SchemaMismatch, said by `cli.main`)."""
     if args.master:
         return _rotate_master(args)
     from authz import service as authz_service

@@ -1,9 +1,10 @@
 """Run Alembic migrations programmatically: the only way the schema changes.
 
 Also what the running code needs from the schema: `require_head` (start-up refuses a database at another revision;
-`require_head_for_command` before a command uses it; `migrate_in_development` before either, in development) and
-`SchemaWatch` (readiness notices a schema changed under a running process), and the guard every downgrade runs first
-(`refuse_downgrade_losing_data`, over each migration's `data_at_risk`).
+`migrate_in_development` before `govrag serve`'s; `require_head_for_command` before a command uses the database,
+migrating first only where `command_migrates_first`) and `SchemaWatch` (readiness notices a schema changed under a
+running process), and the guard every downgrade runs first (`refuse_downgrade_losing_data`, over each migration's
+`data_at_risk`).
 """
 
 from __future__ import annotations
@@ -109,16 +110,30 @@ def require_head(database_url: str) -> None:
         raise SchemaMismatch(problem)
 
 
+def migrate_to_head(settings: Settings) -> None:
+    """What `govrag migrate` does: make the data dir (UnusablePath if this user cannot) and bring the schema to head."""
+    _make_data_dir(settings)
+    upgrade(settings.resolved_database_url)
+
+
 def migrate_in_development(settings: Settings) -> None:
-    """What `govrag serve` and every CLI command on the database do first outside production: make the data dir and
-    bring the schema to head, so that a fresh embedded default, or one a newer release left behind, needs no
-    `govrag migrate`. Production never migrates: its `require_head` refuses."""
+    """`govrag serve`'s first step outside production, `migrate_to_head`, so that a fresh embedded default, or one a
+    newer release left behind, needs no `govrag migrate`. Production never migrates: its `require_head` refuses."""
     if not settings.is_production:
-        make_data_dir(settings)
-        upgrade(settings.resolved_database_url)
+        migrate_to_head(settings)
 
 
-def make_data_dir(settings: Settings) -> None:
+def command_migrates_first(settings: Settings) -> bool:
+    """Whether a CLI command on the database (not `govrag serve`, the deployment's own process, nor `govrag migrate`)
+    migrates it before it starts: only in development on the embedded SQLite database, one local file the command and
+    `govrag serve` share and nothing else runs against. On a server database (PostgreSQL) it never does, whatever
+    GOVRAG_ENV says (development unless set, so also on a shell pointed at production): an upgrade there would take a
+    running API of the older release out of service (`/readyz` 503), for a command as harmless as `govrag audit
+    verify`. There, as in production, a schema off the code's revision is refused: `govrag migrate` is the way."""
+    return not settings.is_production and settings.embedded_database
+
+
+def _make_data_dir(settings: Settings) -> None:
     """Create the data dir (and its parents) if missing; UnusablePath, said in one line, if this user cannot."""
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -130,12 +145,13 @@ def make_data_dir(settings: Settings) -> None:
 
 def require_head_for_command(settings: Settings) -> None:
     """A CLI command's start on the database (an in-process `govrag ingest`, `govrag keys rotate`, `govrag audit ...`,
-    `govrag export training-data`), before it reads or writes anything: what `govrag serve` does,
-    `migrate_in_development` then `require_head`. A database it cannot reach is Unavailable("database"), which the
+    `govrag export training-data`), before it reads or writes anything: `migrate_to_head` where
+    `command_migrates_first`, then `require_head`. A database it cannot reach is Unavailable("database"), which the
     command says as it says any outage (`unavailable_dependency`), without the address (the converse of `reached`, for
     a start naming it); a folder it cannot use is UnusablePath, as for a start."""
     try:
-        migrate_in_development(settings)
+        if command_migrates_first(settings):
+            migrate_to_head(settings)
         require_head(settings.resolved_database_url)
     except DatabaseUnreachable:
         raise Unavailable("database") from None
@@ -178,11 +194,11 @@ def downgrade(database_url: str, revision: str) -> None:
 
 @contextmanager
 def _one_at_a_time(database_url: str) -> Iterator[None]:
-    """MIGRATION_LOCK held around a schema change. In development every command on the database migrates first, so two
-    started together on one not yet migrated (`govrag serve` and a `govrag audit verify`, two `govrag ingest`) both ran
-    the same steps: the second ended in a traceback on what the first had just created, and on SQLite, whose schema
-    changes do not roll back, could run a data step twice. The second now waits, and Alembic, reading the revision
-    again under the lock, finds nothing left to do."""
+    """MIGRATION_LOCK held around a schema change. Two processes started together on a database not yet migrated
+    (`govrag migrate` beside a `govrag serve` in development; on the embedded default, `govrag serve` and a `govrag
+    audit verify`, two `govrag ingest`) both ran the same steps: the second ended in a traceback on what the first had
+    just created, and on SQLite, whose schema changes do not roll back, could run a data step twice. The second now
+    waits, and Alembic, reading the revision again under the lock, finds nothing left to do."""
     with unit_of_work(database_url) as session:
         transaction_lock(session, MIGRATION_LOCK)
         yield

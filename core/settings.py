@@ -183,7 +183,7 @@ class Settings(BaseSettings):
                 )
             if self.master_key_file is not None and not self.master_key_file.exists():
                 raise ValueError("GOVRAG_MASTER_KEY_FILE does not exist; it is never generated in production")
-            if not self.database_url or self.database_url.startswith("sqlite"):
+            if self.embedded_database:
                 raise ValueError("production needs GOVRAG_DATABASE_URL pointing at PostgreSQL")
             if self.metrics_token is None or not self.metrics_token.get_secret_value():
                 raise ValueError("production needs GOVRAG_METRICS_TOKEN: an open /metrics names every department and"
@@ -206,6 +206,12 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'govrag.db').resolve()}"
+
+    @property
+    def embedded_database(self) -> bool:
+        """True on the embedded SQLite database (the default, a file in the data dir, or any GOVRAG_DATABASE_URL
+        `sqlite:`), False on a server database (PostgreSQL)."""
+        return self.resolved_database_url.startswith("sqlite")
 
     @property
     def resolved_qdrant_path(self) -> Path:

@@ -92,8 +92,11 @@ def pg_url(make_pg_database: Callable[[], str]) -> str:
 
 
 @pytest.fixture
-def cli_env(make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """GOVRAG_* variables for a fresh database and data dir; the department `hr` exists."""
+def cli_env(request: pytest.FixtureRequest, make_pg_database: Callable[[], str], tmp_path: Path,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """GOVRAG_* variables for a fresh database at the code's revision and a data dir tmp_path/data; the department `hr`
+    exists. The database is PostgreSQL, or the embedded default (SQLite in the data dir) for a test parametrizing
+    `cli_env` (indirect) with "embedded"."""
     from authz import service as authz_service
     from core import migrate
     from core.db import unit_of_work
@@ -101,12 +104,16 @@ def cli_env(make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: py
     from core.settings import get_settings
     from retrieval.store import close_vector_store
 
-    url = make_pg_database()
-    migrate.upgrade(url)
-    monkeypatch.setenv("GOVRAG_DATABASE_URL", url)
     monkeypatch.setenv("GOVRAG_DATA_DIR", str(tmp_path / "data"))
+    if getattr(request, "param", "postgresql") == "embedded":
+        monkeypatch.delenv("GOVRAG_DATABASE_URL", raising=False)
+        (tmp_path / "data").mkdir()
+    else:
+        monkeypatch.setenv("GOVRAG_DATABASE_URL", make_pg_database())
     get_settings.cache_clear()
     settings = get_settings()
+    url = settings.resolved_database_url
+    migrate.upgrade(url)
     with unit_of_work(url) as session:
         authz_service.create_department(session=session, keystore=keystore_for(settings), name="hr")
     yield url

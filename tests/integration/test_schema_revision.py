@@ -1,6 +1,6 @@
 """The API and the worker run only on the schema revision their code was written for (production never migrates); so do
-the commands on the database (an in-process `govrag ingest`, `govrag keys rotate`, `govrag audit ...`), which in
-development migrate first, as `govrag serve` does."""
+the commands on the database (an in-process `govrag ingest`, `govrag keys rotate`, `govrag audit ...`), which migrate
+first only the embedded SQLite database in development (`migrate.command_migrates_first`)."""
 
 from __future__ import annotations
 
@@ -158,26 +158,16 @@ def _off_head(url: str, schema: str) -> str:
     return f"govrag: database schema is at {below}, this release needs {head}: run `govrag migrate`"
 
 
-# What a start in development, which migrates first as `govrag migrate` does, says of a database a newer release
-# migrated (exit 2, as `govrag migrate` exits).
-UNKNOWN_IN_DEVELOPMENT = (2, f"govrag: database schema is at 0099, which this release does not know (its newest is "
-                             f"{migrate.head_revision()}): run the release that migrated it")
-
-
-def _refusal(url: str, environment: str, schema: str, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
-    """The database put off the code's revision (`_off_head`) in `environment`: the exit code and line a command
-    refuses it with (production only refuses; development migrates first, and only a newer schema stops it)."""
+def _run_in(environment: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commands run from now on in production or development (GOVRAG_ENV=production would also ask for its secrets)."""
     from core.settings import Settings
 
-    said = _off_head(url, schema)
-    if environment == "production":
-        monkeypatch.setattr(Settings, "is_production", property(lambda _self: True))
-        return 1, said
-    return UNKNOWN_IN_DEVELOPMENT
+    monkeypatch.setattr(Settings, "is_production", property(lambda _self: environment == "production"))
 
 
-def _stored(url: str, data_dir: Path) -> tuple[dict[str, int], dict[str, bytes]]:
-    """The rows of every table and the files of the data dir: what a command may have written."""
+def _stored(url: str, data_dir: Path) -> tuple[str | None, dict[str, int], dict[str, bytes]]:
+    """The schema's revision, the rows of every table and the files of the data dir: what a command may have
+    changed."""
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
@@ -185,10 +175,13 @@ def _stored(url: str, data_dir: Path) -> tuple[dict[str, int], dict[str, bytes]]
                     for table in inspect(conn).get_table_names()}
     finally:
         engine.dispose()
-    return rows, {str(path): path.read_bytes() for path in sorted(data_dir.rglob("*")) if path.is_file()}
+    files = {str(path): path.read_bytes() for path in sorted(data_dir.rglob("*")) if path.is_file()}
+    return migrate.current_revision(url), rows, files
 
 
-REFUSED = [("production", "behind"), ("production", "ahead"), ("development", "ahead")]
+# PostgreSQL, in production and in development alike (a shell pointed at a production database without
+# GOVRAG_ENV=production runs in development): a schema one revision behind the code or newer than it.
+REFUSED = [(environment, schema) for environment in ("production", "development") for schema in ("behind", "ahead")]
 
 
 @pytest.mark.parametrize(("environment", "schema"), REFUSED)
@@ -197,16 +190,17 @@ def test_an_in_process_ingest_refuses_a_schema_off_the_codes_revision_and_stores
         monkeypatch: pytest.MonkeyPatch) -> None:
     """`govrag serve` and `govrag worker` refuse to start on such a schema in production, but an in-process `govrag
     ingest` never asked: it wrote into a schema it does not know (ahead), or ended in a raw traceback mid-run (behind).
-    It now refuses first, in the same one line, exit 1, nothing stored; in development, where it migrates first as
-    serve does, a schema newer than the code stops it as it stops `govrag migrate`."""
+    It now refuses first, in the same one line, exit 1, nothing stored and nothing migrated: on PostgreSQL in
+    development too, where it had upgraded the schema under a running API of the older release."""
     from api import cli
 
-    code, said = _refusal(cli_database, environment, schema, monkeypatch)
+    _run_in(environment, monkeypatch)
+    said = _off_head(cli_database, schema)
     (tmp_path / "pay.md").write_text("# Pay\n\nPay day is the 25th.\n")
     before = _stored(cli_database, tmp_path / "data")
     exit_code = cli.main(["ingest", str(tmp_path / "pay.md"), "--department", "hr"])
     captured = capsys.readouterr()
-    assert (exit_code, captured.err.strip().splitlines(), captured.out) == (code, [said], "")
+    assert (exit_code, captured.err.strip().splitlines(), captured.out) == (1, [said], "")
     assert _stored(cli_database, tmp_path / "data") == before
 
 
@@ -223,28 +217,38 @@ def test_key_rotation_and_the_audit_commands_refuse_a_schema_off_the_codes_revis
         monkeypatch: pytest.MonkeyPatch) -> None:
     """`govrag keys rotate` (department keys or the master key) and `govrag audit ...` rotated, checkpointed, purged
     and recorded exports into a schema they do not know; verify judged a ledger whose columns it does not know. Each
-    now refuses first, as `govrag serve` does, writing nothing (no export file either): in production anything off the
-    code's revision, in development (which migrates first) a schema newer than the code."""
+    now refuses first, as `govrag serve` does in production, writing nothing (no export file either) and migrating
+    nothing: in development too, where a `govrag audit verify` from a shell without GOVRAG_ENV=production had
+    upgraded a production schema under the running API (its /readyz then 503)."""
+    _run_in(environment, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    _each_command_refuses(cli_database, (1, _off_head(cli_database, schema)), tmp_path, capsys)
+
+
+def _each_command_refuses(url: str, refusal: tuple[int, str], tmp_path: Path,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Each of DATABASE_COMMANDS, run in tmp_path, exits with the code of `refusal` and says its line, alone, on
+    stderr; none changes the database or the data dir or writes an export."""
     from api import cli
 
-    code, said = _refusal(cli_database, environment, schema, monkeypatch)
-    monkeypatch.chdir(tmp_path)
-    before = _stored(cli_database, tmp_path / "data")
+    before = _stored(url, tmp_path / "data")
     for command in DATABASE_COMMANDS:
         exit_code = cli.main(command)
         captured = capsys.readouterr()
-        assert (exit_code, captured.err.strip().splitlines(), captured.out) == (code, [said], ""), command
-    assert _stored(cli_database, tmp_path / "data") == before
+        assert (exit_code, captured.err.strip().splitlines(), captured.out) == (refusal[0], [refusal[1]], ""), command
+    assert _stored(url, tmp_path / "data") == before
     assert list(tmp_path.glob("*exported*")) == []
 
 
+@pytest.mark.parametrize("cli_env", ["embedded"], indirect=True)
 @pytest.mark.parametrize("argv", DATABASE_COMMANDS, ids=" ".join)
-def test_every_command_on_the_database_migrates_a_development_schema_left_behind_as_serve_does(
+def test_every_command_on_the_database_migrates_an_embedded_development_schema_left_behind_as_serve_does(
         cli_database: str, argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A development database a new release left behind: `govrag serve` and an in-process `govrag ingest` migrate
-    it, but `govrag keys rotate`, `govrag audit ...` and `govrag export training-data` said "run `govrag migrate`".
-    Each now migrates first, and does what it was asked."""
+    """An embedded default (SQLite in the data dir, which only `govrag serve` and these commands open) a new release
+    left behind, in development: `govrag serve` and an in-process `govrag ingest` migrate it, but `govrag keys
+    rotate`, `govrag audit ...` and `govrag export training-data` said "run `govrag migrate`". Each now migrates
+    first, and does what it was asked."""
     from api import cli
 
     monkeypatch.chdir(tmp_path)
@@ -254,13 +258,25 @@ def test_every_command_on_the_database_migrates_a_development_schema_left_behind
     assert migrate.current_revision(cli_database) == migrate.head_revision()
 
 
+@pytest.mark.parametrize("cli_env", ["embedded"], indirect=True)
+def test_every_command_stops_on_an_embedded_development_schema_newer_than_the_code_as_migrate_does(
+        cli_database: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded default a newer release migrated, in development: each command on it, migrating first, stops as
+    `govrag migrate` does (exit 2, one line), writing nothing."""
+    monkeypatch.chdir(tmp_path)
+    _off_head(cli_database, "ahead")
+    said = (f"govrag: database schema is at 0099, which this release does not know (its newest is "
+            f"{migrate.head_revision()}): run the release that migrated it")
+    _each_command_refuses(cli_database, (2, said), tmp_path, capsys)
+
+
 def test_two_commands_migrating_one_database_at_once_run_its_steps_once(
         make_pg_database: Callable[[], str], tmp_path: Path) -> None:
-    """In development every command on the database migrates first, so two started together on a database a new
-    release left behind (`govrag serve` and a `govrag audit verify` from cron; here `govrag keys rotate` and `govrag
-    migrate`) both ran the missing step: the second ended in a traceback (UniqueViolation on the table the first had
-    just created). The second now waits for the first, then finds nothing left to do. The first is held as it records
-    its step (alembic_version locked; reading it is still allowed) until the second is waiting too."""
+    """Two processes migrating a database a new release left behind at once (`govrag migrate` beside a `govrag serve`
+    starting in development; here two `govrag migrate`) both ran the missing step: the second ended in a traceback
+    (UniqueViolation on the table the first had just created). The second now waits for the first, then finds nothing
+    left to do. The first is held as it records its step (alembic_version locked; reading it is still allowed) until
+    the second is waiting too."""
     url = make_pg_database()
     migrate.upgrade(url)
     migrate.downgrade(url, "-1")
@@ -269,9 +285,9 @@ def test_two_commands_migrating_one_database_at_once_run_its_steps_once(
     try:
         with engine.connect() as holder:
             holder.execute(text("LOCK TABLE alembic_version IN EXCLUSIVE MODE"))
-            commands = [subprocess.Popen([sys.executable, "-m", "api.cli", *argv], cwd=ROOT, env=env,  # noqa: S603
+            commands = [subprocess.Popen([sys.executable, "-m", "api.cli", "migrate"], cwd=ROOT, env=env,  # noqa: S603
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                        for argv in (["keys", "rotate"], ["migrate"])]
+                        for _ in range(2)]
             try:
                 _wait_for_sessions_waiting(holder, len(commands))
             finally:
@@ -280,7 +296,7 @@ def test_two_commands_migrating_one_database_at_once_run_its_steps_once(
     finally:
         engine.dispose()
     assert [(command.returncode, out.strip(), err) for command, (out, err) in zip(commands, said, strict=True)] == [
-        (0, "no departments yet; nothing to rotate", ""), (0, "schema is at the latest revision", "")]
+        (0, "schema is at the latest revision", "")] * 2
     assert migrate.current_revision(url) == migrate.head_revision()
 
 
