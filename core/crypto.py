@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import os
 import secrets
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -93,7 +96,8 @@ def format_master_keyring(ring: dict[int, bytes]) -> str:
 
 def load_or_create_master_keyring(path: Path, *, create: bool) -> dict[int, bytes]:
     """Read the master key file, creating it 0600 when allowed (embedded mode only): durably, as a rotation writes it,
-    and never over a file another process created meanwhile."""
+    and never over a file another process created meanwhile (processes starting together all read the one that was
+    published first)."""
     if not path.exists():
         if not create:
             raise FileNotFoundError("master key file does not exist")
@@ -104,28 +108,36 @@ def load_or_create_master_keyring(path: Path, *, create: bool) -> dict[int, byte
 
 
 def write_master_keyring(path: Path, ring: dict[int, bytes]) -> None:
-    """Replace the key file atomically: a crash leaves the old or the new ring."""
+    """Replace the key file atomically: a crash leaves the old or the new ring. The caller holds
+    `master_keyring_lock`, so no other rotation rewrites the file from a ring read before this write."""
     _write_key_file(path, ring, replace=True)
 
 
+@contextlib.contextmanager
+def master_keyring_lock(path: Path) -> Iterator[None]:
+    """Hold the key file's lock (`flock` on `.<name>.lock` beside it, kept there) until the block ends: rotations,
+    which read the ring and write it back, run one after the other."""
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _write_key_file(path: Path, ring: dict[int, bytes], *, replace: bool) -> None:
-    """Write the ring to a 0600 temp file and fsync it; rename it over `path` (replace) or link it as `path` (create:
-    FileExistsError when `path` exists); fsync the directory. A crash leaves no file, the old one or the new one,
-    never a partial one."""
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.unlink(missing_ok=True)
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(format_master_keyring(ring))
-        handle.flush()
-        os.fsync(handle.fileno())
-    if replace:
-        os.replace(temp, path)
-    else:
-        try:
-            os.link(temp, path)
-        finally:
-            temp.unlink()
+    """Write the ring to a 0600 temp file of this call's own and fsync it; rename it over `path` (replace) or link it
+    as `path` (create: FileExistsError when `path` exists); fsync the directory. A crash leaves no file, the old one
+    or the new one, never a partial one; processes writing at once never touch each other's temp file."""
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # 0600, O_EXCL
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(format_master_keyring(ring))
+            handle.flush()
+            os.fsync(handle.fileno())
+        (os.replace if replace else os.link)(temp_name, path)
+    finally:
+        Path(temp_name).unlink(missing_ok=True)  # gone already once renamed
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)

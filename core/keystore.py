@@ -18,6 +18,7 @@ has deleted but not committed, nor commits a row that a shredding then misses.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Mapping
@@ -206,8 +207,14 @@ class KeyStore:
                                wrapped=crypto.seal(master, key, _context(kind, owner, version))))
         session.flush()
 
+    def master_rotation(self) -> contextlib.AbstractContextManager[None]:
+        """Held for a whole master rotation: the key file's lock (`crypto.master_keyring_lock`), so two rotations
+        never write the file from the same ring; keys from settings need none (nothing is written)."""
+        return contextlib.nullcontext() if self._key_file is None else crypto.master_keyring_lock(self._key_file)
+
     def add_master_version(self) -> int:
-        """A new master version: generated into the key file, or (keys from settings) the newest one given."""
+        """A new master version: generated into the key file (inside `master_rotation`), or (keys from settings) the
+        newest one given."""
         masters = self._masters_now()
         if self._key_file is None:
             if len(masters) < 2:

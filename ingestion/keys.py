@@ -17,7 +17,7 @@ from audit.schemas import AdminEventType
 from authz import service as authz_service
 from authz.identity import Identity
 from core.db import unit_of_work
-from core.keystore import keystore_for
+from core.keystore import KeyStore, keystore_for
 from core.settings import Settings
 from ingestion import repository
 
@@ -108,9 +108,17 @@ def rotate_master_key(*, settings: Settings, identity: Identity,
     everything readable; running it again finishes the job under a newer version. The audit event commits with the
     check that no key needs an old version any more; only then are they dropped from the key file (a file cannot
     commit with the database: this way round a crash leaves a rotation audited and old versions unused in the
-    file, as keys from settings stay until the operator removes them, never one rotated and unaudited).
+    file, as keys from settings stay until the operator removes them, never one rotated and unaudited). With a key
+    file, rotations run one after the other (its lock): each reads the ring the one before wrote.
     """
     keystore = keystore_for(settings)
+    with keystore.master_rotation():  # a second rotation started meanwhile waits for this one, then rotates again
+        return _rotate_master(keystore, settings, identity, batch_size)
+
+
+def _rotate_master(keystore: KeyStore, settings: Settings, identity: Identity,
+                   batch_size: int) -> MasterRotationReport:
+    """`rotate_master_key`'s steps, with the key file's lock held."""
     url = settings.resolved_database_url
     with unit_of_work(url) as session:
         keystore.keep_checkpoint_key(session=session)  # before any new version: signatures outlive the old one

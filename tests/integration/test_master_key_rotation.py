@@ -7,7 +7,10 @@ keys given in settings, on a fresh PostgreSQL and a SQLite database.
 from __future__ import annotations
 
 import base64
+import os
 import stat
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -30,8 +33,11 @@ from core.settings import Settings
 from ingestion import keys
 from retrieval.store import open_vector_store
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
+from tests.support.lock_waits import waits_for_a_file_lock
+from tests.support.polling import wait_until
 
 ROTATOR = operator_identity("tester")
+ROOT = Path(__file__).resolve().parents[2]
 
 TEXT = b"The Bergen office bicycle allowance is 450 kroner per employee per month. Ref MASTERROT-7."
 
@@ -396,3 +402,42 @@ def test_a_ctrl_c_as_the_old_master_versions_are_dropped_stays_an_interrupt_that
     assert isinstance(caught.value, keys.OldMasterVersionsKeptInterrupted) and caught.value.report.new_version == 2
     assert _audited_master_versions(settings) == [2]
     assert set(crypto.load_or_create_master_keyring(settings.resolved_master_key_file, create=False)) == {1, 2}
+
+
+def test_two_master_rotations_at_once_run_one_after_the_other_and_lose_no_key(
+        make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rotation reads the keyring, adds a version and writes the ring back. A second `govrag keys rotate --master`
+    run while the first was between reading and writing read the same ring and wrote the same version with a key of
+    its own: the first then wrote over it, after the second had wrapped every department key under it (all lost for
+    good). Now the second waits for the key file's lock, then rotates once more."""
+    from tests.support.key_rotation import DEPARTMENTS, two_departments
+
+    settings = two_departments(make_pg_database, tmp_path)
+    url, key_file = settings.resolved_database_url, settings.resolved_master_key_file
+    with unit_of_work(url) as session:
+        store = keystore_for(settings)
+        data_keys = {d: store.document_key(session=session, department=d, document_id=f"{d}-doc") for d in DEPARTMENTS}
+        checkpoint_key = store.checkpoint_key(session=session)
+    real_new_key, other = crypto.new_key, []
+
+    def new_key_once_another_rotation_is_done_or_waits() -> bytes:
+        if not other:  # this rotation has read the keyring
+            env = {**os.environ, "GOVRAG_DATA_DIR": str(settings.data_dir), "GOVRAG_DATABASE_URL": url}
+            other.append(subprocess.Popen([sys.executable, "-m", "api.cli", "keys", "rotate", "--master"],  # noqa: S603
+                                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            wait_until(lambda: other[0].poll() is not None or waits_for_a_file_lock(other[0].pid), timeout=300,
+                       what="the other rotation to end or to wait for a lock")
+        return real_new_key()
+
+    monkeypatch.setattr(crypto, "new_key", new_key_once_another_rotation_is_done_or_waits)
+    first = keys.rotate_master_key(settings=settings, identity=ROTATOR)
+    output, errors = other[0].communicate(timeout=600)
+
+    fresh = KeyStore(crypto.load_or_create_master_keyring(key_file, create=False))  # a process started now
+    with unit_of_work(url) as session:
+        assert {d: fresh.document_key(session=session, department=d, document_id=f"{d}-doc")
+                for d in DEPARTMENTS} == data_keys
+        assert fresh.checkpoint_key(session=session) == checkpoint_key
+    assert (first.new_version, other[0].returncode) == (2, 0), errors
+    assert "master key now v3" in output
+    assert list(crypto.load_or_create_master_keyring(key_file, create=False)) == [3]

@@ -6,6 +6,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from bench.common import libpq_dsn
 
@@ -54,3 +55,9 @@ def _a_process_lock_waited_for() -> str | None:
         return next(
             (name for name, lock in _PROCESS_LOCKS._locks.items() if lock.users > lock.readers + lock.writer), None
         )
+
+
+def waits_for_a_file_lock(pid: int) -> bool:
+    """Whether process `pid` waits for a `flock` now: Linux lists each waiter in /proc/locks with `->` before it."""
+    return any(fields[1:2] == ["->"] and fields[5:6] == [str(pid)]
+               for fields in (line.split() for line in Path("/proc/locks").read_text().splitlines()))

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from core import crypto
 from core.settings import MAX_DEFAULT_INGEST_CONCURRENCY, Settings
+from tests.support.master_key_creators import create_all_at_once
 
 PROD = {"env": "production", "dev_issuer": False, "oidc_jwks_url": "https://idp.example/jwks",
         "database_url": "postgresql+psycopg://u@db/govrag", "master_key": base64.b64encode(b"k" * 32).decode(),
@@ -146,6 +147,17 @@ def test_the_master_key_file_is_created_durably(tmp_path: Path, monkeypatch: pyt
 
     monkeypatch.setattr(crypto, "new_key", created_meanwhile)
     assert crypto.load_or_create_master_keyring(raced, create=True) == theirs
+
+
+def test_processes_creating_the_master_key_at_once_all_use_the_one_published_first(tmp_path: Path) -> None:
+    """They wrote one temp file name (`.master.key.tmp`), each removing the one before: every creator but one failed
+    ("No such file or directory"). Held together between writing their key and publishing it, each now publishes its
+    own temp file or, beaten, drops it and reads the winner's key."""
+    path = tmp_path / "fresh" / "master.key"
+    outcomes = create_all_at_once(path, creators=4)
+    assert outcomes == [crypto.load_or_create_master_keyring(path, create=False)] * 4
+    assert [entry.name for entry in path.parent.iterdir()] == ["master.key"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 def test_sealed_text_round_trips_and_is_bound_to_its_context() -> None:
