@@ -7,7 +7,6 @@ import contextlib
 import fcntl
 import os
 import secrets
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,27 +95,28 @@ def format_master_keyring(ring: dict[int, bytes]) -> str:
 
 def load_or_create_master_keyring(path: Path, *, create: bool) -> dict[int, bytes]:
     """Read the master key file, creating it 0600 when allowed (embedded mode only): durably, as a rotation writes it,
-    and never over a file another process created meanwhile (processes starting together all read the one that was
-    published first)."""
+    under the key file's lock (processes starting together all read the one created first), and never over a file
+    that exists."""
     if not path.exists():
         if not create:
             raise FileNotFoundError("master key file does not exist")
         path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileExistsError):  # another process created it first: read theirs
-            _write_key_file(path, {1: new_key()}, replace=False)
+        with master_keyring_lock(path), contextlib.suppress(FileExistsError):  # put there without the lock: read
+            if not path.exists():  # another process may have created it while this one waited for the lock
+                _write_key_file(path, {1: new_key()}, replace=False)
     return parse_master_keyring(path.read_text())
 
 
 def write_master_keyring(path: Path, ring: dict[int, bytes]) -> None:
     """Replace the key file atomically: a crash leaves the old or the new ring. The caller holds
-    `master_keyring_lock`, so no other rotation rewrites the file from a ring read before this write."""
+    `master_keyring_lock`, so no other process writes the file meanwhile (nor from a ring read before this write)."""
     _write_key_file(path, ring, replace=True)
 
 
 @contextlib.contextmanager
 def master_keyring_lock(path: Path) -> Iterator[None]:
-    """Hold the key file's lock (`flock` on `.<name>.lock` beside it, kept there) until the block ends: rotations,
-    which read the ring and write it back, run one after the other."""
+    """Hold the key file's lock (`flock` on `.<name>.lock` beside it, kept there) until the block ends. Every write
+    of the key file holds it: creations and rotations (which read the ring and write it back) run one at a time."""
     fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -126,18 +126,21 @@ def master_keyring_lock(path: Path) -> Iterator[None]:
 
 
 def _write_key_file(path: Path, ring: dict[int, bytes], *, replace: bool) -> None:
-    """Write the ring to a 0600 temp file of this call's own and fsync it; rename it over `path` (replace) or link it
-    as `path` (create: FileExistsError when `path` exists); fsync the directory. A crash leaves no file, the old one
-    or the new one, never a partial one; processes writing at once never touch each other's temp file."""
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # 0600, O_EXCL
+    """Write the ring to a 0600 temp file and fsync it; rename it over `path` (replace) or link it as `path` (create:
+    FileExistsError when `path` exists); fsync the directory. A crash leaves no file, the old one or the new one,
+    never a partial one. The caller holds `master_keyring_lock`: no other writer uses the temp file, so one a crashed
+    writer left (key material) is removed here."""
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.unlink(missing_ok=True)
     try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(format_master_keyring(ring))
             handle.flush()
             os.fsync(handle.fileno())
-        (os.replace if replace else os.link)(temp_name, path)
+        (os.replace if replace else os.link)(temp, path)
     finally:
-        Path(temp_name).unlink(missing_ok=True)  # gone already once renamed
+        temp.unlink(missing_ok=True)  # gone already once renamed
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)

@@ -176,6 +176,7 @@ def test_master_rotation_with_keys_from_settings(database_url: str, tmp_path: Pa
     assert (report.new_version, report.keys_rewrapped, report.retired_versions) == (2, 3, (1,))
     again = keys.rotate_master_key(settings=configured(f"v2:{new}\nv1:{old}"), identity=ROTATOR)
     assert again.keys_rewrapped == 0  # idempotent
+    assert [entry.name for entry in tmp_path.iterdir() if "master.key" in entry.name] == []  # no file, no lock
 
     after = KeyStore.from_settings(configured(f"v2:{new}"))  # v1 removed from the secret
     with unit_of_work(database_url) as session:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from pydantic import ValidationError
 
 from core import crypto
 from core.settings import MAX_DEFAULT_INGEST_CONCURRENCY, Settings
-from tests.support.master_key_creators import create_all_at_once
+from tests.support.lock_waits import waits_for_a_file_lock
+from tests.support.polling import wait_until
 
 PROD = {"env": "production", "dev_issuer": False, "oidc_jwks_url": "https://idp.example/jwks",
         "database_url": "postgresql+psycopg://u@db/govrag", "master_key": base64.b64encode(b"k" * 32).decode(),
@@ -136,7 +138,7 @@ def test_the_master_key_file_is_created_durably(tmp_path: Path, monkeypatch: pyt
     path = tmp_path / "master.key"
     crypto.load_or_create_master_keyring(path, create=True)
     assert sorted(synced) == [False, True]
-    assert [entry.name for entry in tmp_path.iterdir()] == ["master.key"]
+    assert _key_folder(tmp_path) == [".master.key.lock", "master.key"]  # no temp file left
 
     theirs, real_new_key = {1: crypto.new_key()}, crypto.new_key
     raced = tmp_path / "raced.key"
@@ -149,15 +151,63 @@ def test_the_master_key_file_is_created_durably(tmp_path: Path, monkeypatch: pyt
     assert crypto.load_or_create_master_keyring(raced, create=True) == theirs
 
 
-def test_processes_creating_the_master_key_at_once_all_use_the_one_published_first(tmp_path: Path) -> None:
-    """They wrote one temp file name (`.master.key.tmp`), each removing the one before: every creator but one failed
-    ("No such file or directory"). Held together between writing their key and publishing it, each now publishes its
-    own temp file or, beaten, drops it and reads the winner's key."""
+def test_a_process_creating_the_master_key_while_another_does_uses_the_one_created_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """They wrote one temp file name (`.master.key.tmp`), each removing the one before: a creator starting while
+    another was between writing its key and publishing it removed that one's temp file, which then failed ("No such
+    file or directory"). Every writer of the key file now holds its lock: the second creator waits, then reads the
+    key the first created."""
     path = tmp_path / "fresh" / "master.key"
-    outcomes = create_all_at_once(path, creators=4)
-    assert outcomes == [crypto.load_or_create_master_keyring(path, create=False)] * 4
-    assert [entry.name for entry in path.parent.iterdir()] == ["master.key"]
+    written, publish, real_link = threading.Event(), threading.Event(), os.link
+
+    def link_the_first_key_when_told(source: Path, target: Path) -> None:
+        if not written.is_set():
+            written.set()
+            publish.wait(timeout=300)
+        real_link(source, target)
+
+    monkeypatch.setattr(os, "link", link_the_first_key_when_told)
+    outcomes: dict[str, dict[int, bytes] | str] = {}
+
+    def create(name: str) -> None:
+        try:
+            outcomes[name] = crypto.load_or_create_master_keyring(path, create=True)
+        except Exception as exc:  # reported, for the test to show
+            outcomes[name] = f"{type(exc).__name__}: {exc}"
+
+    first = threading.Thread(target=create, args=("first",))
+    first.start()
+    assert written.wait(timeout=300)
+    second = threading.Thread(target=create, args=("second",))
+    second.start()
+    wait_until(lambda: not second.is_alive() or waits_for_a_file_lock(os.getpid()), timeout=300,
+               what="the second creator to finish or to wait for a lock")
+    publish.set()
+    first.join(timeout=300)
+    second.join(timeout=300)
+    ring = crypto.load_or_create_master_keyring(path, create=False)
+    assert outcomes == {"first": ring, "second": ring}
+    assert _key_folder(path.parent) == [".master.key.lock", "master.key"]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_the_temp_file_a_crashed_writer_left_is_gone_after_the_next_write(tmp_path: Path) -> None:
+    """A writer killed between writing its temp file and publishing it leaves key material beside the key file; the
+    next write, creating the file or rotating, holds the lock (nobody else is mid-write) and removes it."""
+    path, left = tmp_path / "master.key", tmp_path / ".master.key.tmp"
+    left.write_text(crypto.format_master_keyring({1: crypto.new_key()}))
+    ring = crypto.load_or_create_master_keyring(path, create=True)
+    assert _key_folder(tmp_path) == [".master.key.lock", "master.key"]
+    left.write_text(crypto.format_master_keyring({**ring, 2: crypto.new_key()}))
+    with crypto.master_keyring_lock(path):
+        crypto.write_master_keyring(path, {**ring, 3: crypto.new_key()})
+    assert _key_folder(tmp_path) == [".master.key.lock", "master.key"]
+    assert set(crypto.load_or_create_master_keyring(path, create=False)) == {1, 3}
+
+
+def _key_folder(folder: Path) -> list[str]:
+    """The names in the key file's folder."""
+    return sorted(entry.name for entry in folder.iterdir())
 
 
 def test_sealed_text_round_trips_and_is_bound_to_its_context() -> None:
