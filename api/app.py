@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import anyio.to_thread
 from fastapi import Depends, FastAPI
@@ -34,7 +35,7 @@ from core.tracing import configure_tracing
 from guard.firewall import get_firewall
 from ingestion import service as ingestion_service
 from ingestion.purge import ORPHAN_SWEEP_SECONDS, PURGE_GRACE_SECONDS, purge_pending, sweep_orphan_files
-from retrieval.store import open_vector_store
+from retrieval.store import close_vector_store, open_vector_store
 from workers.celery_app import GovragCelery, create_celery
 from workers.dispatch import resend_unfinished, send_unsent, sweep_jobs
 from workers.inprocess import InProcessWorker
@@ -45,15 +46,14 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 BODY_TOO_LARGE = "request body exceeds the upload limit"
 
 
-def create_app(settings: Settings | None = None, *, blob_store_opened: bool = False) -> FastAPI:
-    """Build the API for `settings` (default: from the environment). `blob_store_opened`: the caller checked the
-    schema and opened the blob store (`blobs.open_at_start`) already, so the start does not again: `govrag serve`,
-    which does both before uvicorn, whose start would say a refusal as a traceback, not in one line."""
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API for `settings` (default: from the environment); its lifespan starts it (`start`) unless the caller
+    did."""
     settings = settings or get_settings()
     # Swagger UI and ReDoc load their scripts from a public CDN: not in production (/openapi.json stays).
     pages = {} if not settings.is_production else {"docs_url": None, "redoc_url": None}
     app = FastAPI(title="govrag", version="0.1.0", lifespan=_lifespan, **pages)
-    app.state.settings, app.state.blob_store_opened = settings, blob_store_opened
+    app.state.settings, app.state.started = settings, None
     install_error_handlers(app)
     app.add_middleware(RequestContext)
     # Their own answers (readyz: {"ready", "checks"}, a 503 included); a probe's or a scraper's query string (a
@@ -65,20 +65,41 @@ def create_app(settings: Settings | None = None, *, blob_store_opened: bool = Fa
     return app
 
 
-@asynccontextmanager
-async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Open shared clients once; run an in-process worker when the store is embedded."""
+@dataclass(frozen=True)
+class Background:
+    """The API's threads, made by `start`: the lifespan runs them while it serves, and stops them."""
+
+    worker: InProcessWorker | None
+    sweeper: Sweeper | None
+
+    def run(self) -> None:
+        """Start the worker, then the sweeper."""
+        if self.worker is not None:
+            self.worker.start()
+        if self.sweeper is not None:
+            self.sweeper.start()
+
+    def stop(self) -> None:
+        """Stop the sweeper, then the worker (which hands back a job it cannot finish in time)."""
+        if self.sweeper is not None:
+            self.sweeper.stop()
+        if self.worker is not None:
+            self.worker.stop()
+
+
+def start(app: FastAPI) -> Background:
+    """Every step the API takes before it serves, a failure raised as it is (the schema, the blob store, the policy,
+    the dev issuer, the vector store, the models, the jobs the in-memory broker lost), and the threads to run, kept as
+    `app.state.started`. `govrag serve` calls it before uvicorn, whose start would say a refusal as a traceback, not in
+    one line; the lifespan calls it when the caller did not. Nothing runs yet: the vector store it opened is released
+    if a later step fails."""
     settings: Settings = app.state.settings
     configure_logging(settings.log_level)
     configure_tracing(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    if not app.state.blob_store_opened:
-        migrate.require_head(settings.resolved_database_url)  # never serve requests the schema cannot answer
-        blobs.open_at_start(settings.blob_dir, settings.resolved_database_url)  # its volume away: a 503
+    migrate.require_head(settings.resolved_database_url)  # never serve requests the schema cannot answer
+    blobs.open_at_start(settings.blob_dir, settings.resolved_database_url)  # its volume away: a 503
     app.state.schema_watch = migrate.SchemaWatch(settings.resolved_database_url)
-    # Sync endpoints run in anyio's thread pool (40 threads by default). Queries are CPU-bound under one GIL: more
-    # threads than this only stretch every request, and the ledger's serialised append with them.
-    anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
     app.state.enforcer = get_enforcer(settings.resolved_database_url, settings.authz_default_clearance,
                                       settings.authz_policy_check_seconds)
     app.state.dev_issuer = (DevIssuer.load_or_create(settings.dev_issuer_dir, settings.oidc_issuer,
@@ -86,30 +107,46 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.verifier = TokenVerifier.from_settings(settings, app.state.dev_issuer)
     app.state.celery = create_celery(settings)
     open_vector_store(settings)
+    try:
+        app.state.started = _ready(app.state.celery, settings)
+    except BaseException:
+        close_vector_store(settings)
+        raise
+    return app.state.started
+
+
+def _ready(celery: GovragCelery, settings: Settings) -> Background:
+    """The models loaded, and the threads made (not run): an in-process worker when the store is embedded, with the
+    jobs the in-memory broker lost sent again."""
     ingestion_service.load_models(settings)  # embedder, PII model, scanner: what a worker loads as it starts
     get_firewall()  # issue 5: the guard weights before the first query
     # The models above leave ~0.5 M long-lived objects that a full garbage collection would walk, pausing every
     # request for ~0.3 s (measured here). Frozen, the collector skips them.
     gc.collect()
     gc.freeze()
-    worker = InProcessWorker(app.state.celery) if settings.inprocess_worker else None
-    sweeper = _sweeper(app.state.celery, settings)
-    if worker is not None:
-        if settings.broker_url.startswith("memory://"):
-            resend_unfinished(app.state.celery)  # the in-memory broker starts empty: what was queued is gone
-            if sweeper is None:  # no sweep sends a job never sent (its API died before): the start does
-                send_unsent(app.state.celery, older_than_seconds=0)
-        worker.start()
-    if sweeper is not None:
-        sweeper.start()
-    logger.info("govrag ready (env=%s, in-process worker=%s)", settings.env, worker is not None)
+    worker = InProcessWorker(celery) if settings.inprocess_worker else None
+    sweeper = _sweeper(celery, settings)
+    if worker is not None and settings.broker_url.startswith("memory://"):
+        resend_unfinished(celery)  # the in-memory broker starts empty: what was queued is gone
+        if sweeper is None:  # no sweep sends a job never sent (its API died before): the start does
+            send_unsent(celery, older_than_seconds=0)
+    return Background(worker, sweeper)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Start the API (`start`) unless its caller did, run its threads while it serves, stop them."""
+    background = app.state.started or start(app)
+    app.state.started = None  # the next run of the lifespan (a test client entered again) starts afresh
+    # Sync endpoints run in anyio's thread pool (40 threads by default). Queries are CPU-bound under one GIL: more
+    # threads than this only stretch every request, and the ledger's serialised append with them.
+    anyio.to_thread.current_default_thread_limiter().total_tokens = app.state.settings.api_threads
+    background.run()
+    logger.info("govrag ready (env=%s, in-process worker=%s)", app.state.settings.env, background.worker is not None)
     try:
         yield
     finally:
-        if sweeper is not None:
-            sweeper.stop()
-        if worker is not None:
-            worker.stop()
+        background.stop()
 
 
 def _sweeper(celery: GovragCelery, settings: Settings) -> Sweeper | None:

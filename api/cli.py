@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from core.errors import EmbeddedStoreHeld
+from core.errors import StartRefused
 from core.migrate import MigrationError
 from core.settings import get_settings
 
@@ -27,12 +27,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"govrag: the settings were refused; nothing was started\n{_reasons(refused)}", file=sys.stderr)
         return 2
-    except MigrationError as refused:  # a database unreachable or at another revision: said in one line
-        print(f"govrag: {refused}", file=sys.stderr)
+    except (MigrationError, StartRefused) as refused:  # a database unreachable or at another revision, a store held
+        print(f"govrag: {refused}", file=sys.stderr)  # by another process, ...: said in one line
         return refused.exit_code
-    except EmbeddedStoreHeld as held:
-        print(f"govrag: {held}", file=sys.stderr)
-        return 1
 
 
 def _reasons(refused: ValidationError) -> str:
@@ -105,18 +102,17 @@ UVICORN_OPTIONS: dict[str, Any] = {"log_config": None, "access_log": False}
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from api.app import create_app
-    from core import blobs, migrate
-    from core.logs import configure_logging
+    from api.app import create_app, start
+    from core import migrate
 
     settings = get_settings()
-    migrate.migrate_in_development(settings)
-    migrate.require_head(settings.resolved_database_url)  # production never migrates: a stale schema stops here
-    configure_logging(settings.log_level)
-    # Before uvicorn, as the worker does: its start would say the database lost since require_head as a traceback.
+    migrate.migrate_in_development(settings)  # production never migrates: start's schema check refuses a stale one
+    app = create_app(settings)
+    # Before uvicorn, whose start would say a refusal as a traceback; the database lost since the schema check, at any
+    # step, said as that check says it.
     with migrate.reached(settings.resolved_database_url):
-        blobs.open_at_start(settings.blob_dir, settings.resolved_database_url)
-    uvicorn.run(create_app(settings, blob_store_opened=True), host=args.host, port=args.port, **UVICORN_OPTIONS)
+        start(app)
+    uvicorn.run(app, host=args.host, port=args.port, **UVICORN_OPTIONS)
     return 0
 
 

@@ -23,6 +23,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from core.errors import StartRefused
+
 log = logging.getLogger(__name__)
 
 ALGORITHM = "RS256"
@@ -84,6 +86,10 @@ def _create_private_key(path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class DevIssuerUnusable(StartRefused):
+    """The dev issuer's directory cannot be used, or its key does not parse: said in one line with the way out."""
+
+
 @dataclass(frozen=True)
 class DevIssuer:
     """DEV-ONLY: signs RS256 tokens for any subject; trust it only on a developer machine."""
@@ -96,13 +102,22 @@ class DevIssuer:
 
     @classmethod
     def load_or_create(cls, directory: Path, issuer: str, audience: str) -> DevIssuer:
-        """Reuse directory/private.pem, or create it (dir 0700, file 0600) on first run."""
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        directory.chmod(0o700)
+        """Reuse directory/private.pem, or create it (dir 0700, file 0600) on first run; DevIssuerUnusable if the
+        directory cannot be used or the key there does not parse."""
         path = directory / KEY_FILE
-        if not path.exists():
-            _create_private_key(path)
-        private_key = _load_private_key(path)
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            directory.chmod(0o700)
+            if not path.exists():
+                _create_private_key(path)
+            private_key = _load_private_key(path)
+        except OSError as error:
+            raise DevIssuerUnusable(f"cannot use the dev issuer's key in {directory} "
+                                    f"({error.strerror or type(error).__name__}): let the user govrag runs as read "
+                                    "and write it, or set GOVRAG_DATA_DIR to a data dir it may use") from None
+        except (ValueError, TypeError):  # not PEM, not RSA, or encrypted
+            raise DevIssuerUnusable(f"the dev issuer's key {path} is not an unencrypted RSA private key in PEM: remove "
+                                    "it and a new one is made (the tokens the old one signed stop verifying)") from None
         public_jwk = rsa_public_jwk(private_key.public_key())
         kid = jwk_thumbprint(public_jwk)
         log.warning("DEV-ONLY token issuer in use (kid %s); never enable it in production", kid)

@@ -35,7 +35,14 @@ class GovragError(Exception):
         self.message = message
 
 
-class EmbeddedStoreHeld(Exception):
+class StartRefused(Exception):
+    """A process cannot start (or a command go on) for a reason said to the operator in one line: what, where and the
+    way out, never a secret; `exit_code` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class EmbeddedStoreHeld(StartRefused):
     """Another process (a running `govrag serve`, most likely) has the embedded store open: one process per path."""
 
     def __init__(self, path: Path) -> None:

@@ -6,11 +6,14 @@ where nothing listens; the blob directory renamed away."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import pytest
 from fastapi.testclient import TestClient
@@ -20,6 +23,12 @@ from sqlalchemy.exc import OperationalError
 from core.db import get_engine
 from core.errors import unavailable_dependency
 from tests.conftest import PLATFORM_ADMIN, allow_connections, auth, desk_member
+
+if TYPE_CHECKING:
+    from core.settings import Settings
+    from retrieval.store import VectorIndex
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -301,8 +310,7 @@ def test_a_start_whose_database_goes_after_its_schema_check_says_so_in_one_line(
         monkeypatch.setenv(f"GOVRAG_{name}", value)
     started: list[str] = []
     monkeypatch.setattr("workers.celery_app.GovragCelery.worker_main", lambda *_a, **_k: started.append("worker"))
-    monkeypatch.setattr("uvicorn.run", lambda app, **_k: started.append(
-        f"serve {getattr(app.state, 'blob_store_opened', None)}"))
+    monkeypatch.setattr("uvicorn.run", lambda app, **_k: started.append(f"serve {app.state.started is not None}"))
     real_require_head, database = migrate.require_head, make_url(url).database
 
     def checked_as_the_database_goes(database_url: str) -> None:
@@ -326,3 +334,38 @@ def test_a_start_whose_database_goes_after_its_schema_check_says_so_in_one_line(
         assert started == [{"worker": "worker", "serve": "serve True"}[command]]  # the server's start not again
     finally:
         get_settings.cache_clear()
+
+
+def test_a_serve_whose_database_goes_after_it_opened_the_embedded_store_says_so_in_one_line_and_releases_it(
+        cli_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        clean_logging: None) -> None:
+    """Every step of `govrag serve`'s start after the blob store's ran in uvicorn's lifespan: the database lost at one
+    (loading the policy, sending again the jobs the in-memory broker lost) ended in "Application startup failed" and a
+    traceback naming the database's host, exit 3, the embedded store still held. The whole start now runs before
+    uvicorn: "govrag: cannot reach the database at ...", one line, exit 1, uvicorn not run, and the store released
+    (another command opens it). Real PostgreSQL: the database stops taking connections as the store opens."""
+    from api import app as api_app
+    from api import cli
+    from retrieval.store import open_vector_store
+
+    served: list[object] = []
+    monkeypatch.setattr("uvicorn.run", lambda app, **_k: served.append(app))
+    database = make_url(cli_env).database
+
+    def opened_as_the_database_goes(settings: Settings) -> VectorIndex:
+        store = open_vector_store(settings)
+        allow_connections(str(database), False)
+        return store
+
+    monkeypatch.setattr(api_app, "open_vector_store", opened_as_the_database_goes)
+    try:
+        assert cli.main(["serve"]) == 1
+    finally:
+        allow_connections(str(database), True)
+    err = capsys.readouterr().err
+    assert served == [] and "Traceback" not in err, err[-3000:]
+    assert err.splitlines()[-1].startswith(f"govrag: cannot reach the database at {make_url(cli_env)}: "), err[-3000:]
+    export = subprocess.run([sys.executable, "-m", "api.cli", "export", "training-data", "--department", "hr",  # noqa: S603
+                             "-o", str(tmp_path / "hr.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            check=False)
+    assert export.returncode == 0, export.stderr[-3000:]
