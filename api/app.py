@@ -94,10 +94,12 @@ def start(app: FastAPI) -> Background:
     one line; the lifespan calls it when the caller did not. Nothing runs yet: the vector store it opened is released
     if a later step fails."""
     settings: Settings = app.state.settings
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Never serve requests the schema cannot answer. Before the logging: Alembic's lines as it reads the revision are
+    # no part of what a start says.
+    migrate.require_head(settings.resolved_database_url)
     configure_logging(settings.log_level)
     configure_tracing(settings)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    migrate.require_head(settings.resolved_database_url)  # never serve requests the schema cannot answer
     blobs.open_at_start(settings.blob_dir, settings.resolved_database_url)  # its volume away: a 503
     app.state.schema_watch = migrate.SchemaWatch(settings.resolved_database_url)
     app.state.enforcer = get_enforcer(settings.resolved_database_url, settings.authz_default_clearance,
