@@ -88,13 +88,13 @@ class Background:
 
 
 def start(app: FastAPI) -> Background:
-    """Every step the API takes before it serves, a failure raised as it is (the schema, the blob store, the policy,
-    the dev issuer, the vector store, the models, the jobs the in-memory broker lost), and the threads to run, kept as
-    `app.state.started`. `govrag serve` calls it before uvicorn, whose start would say a refusal as a traceback, not in
-    one line; the lifespan calls it when the caller did not. Nothing runs yet: the vector store it opened is released
-    if a later step fails."""
+    """Every step the API takes before it serves, a failure raised as it is (the data dir, the schema, the blob store,
+    the policy, the dev issuer, the vector store, the models, the jobs the in-memory broker lost), and the threads to
+    run, kept as `app.state.started`. `govrag serve` calls it before uvicorn, whose start would say a refusal as a
+    traceback, not in one line; the lifespan calls it when the caller did not. Nothing runs yet: the vector store it
+    opened is released if a later step fails."""
     settings: Settings = app.state.settings
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrate.make_data_dir(settings)
     # Never serve requests the schema cannot answer. Before the logging: Alembic's lines as it reads the revision are
     # no part of what a start says.
     migrate.require_head(settings.resolved_database_url)

@@ -40,8 +40,7 @@ def run() -> int:
     """Run the demo in a fresh data dir under GOVRAG_DATA_DIR; returns a process exit code."""
     settings = demo_settings(get_settings())
     shutil.rmtree(settings.data_dir, ignore_errors=True)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    migrate.upgrade(settings.resolved_database_url)
+    migrate.migrate_to_head(settings)
     _say(banner(settings))
     with TestClient(create_app(settings)) as client:
         issuer = client.app.state.dev_issuer  # type: ignore[attr-defined]

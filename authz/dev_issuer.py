@@ -23,7 +23,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from core.errors import StartRefused
+from core.errors import StartRefused, UnusablePath
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def _create_private_key(path: Path) -> None:
 
 
 class DevIssuerUnusable(StartRefused):
-    """The dev issuer's directory cannot be used, or its key does not parse: said in one line with the way out."""
+    """The dev issuer's key does not parse: said in one line with the way out."""
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,8 @@ class DevIssuer:
 
     @classmethod
     def load_or_create(cls, directory: Path, issuer: str, audience: str) -> DevIssuer:
-        """Reuse directory/private.pem, or create it (dir 0700, file 0600) on first run; DevIssuerUnusable if the
-        directory cannot be used or the key there does not parse."""
+        """Reuse directory/private.pem, or create it (dir 0700, file 0600) on first run; UnusablePath if the
+        directory cannot be used, DevIssuerUnusable if the key there does not parse."""
         path = directory / KEY_FILE
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -112,9 +112,7 @@ class DevIssuer:
                 _create_private_key(path)
             private_key = _load_private_key(path)
         except OSError as error:
-            raise DevIssuerUnusable(f"cannot use the dev issuer's key in {directory} "
-                                    f"({error.strerror or type(error).__name__}): let the user govrag runs as read "
-                                    "and write it, or set GOVRAG_DATA_DIR to a data dir it may use") from None
+            raise UnusablePath.refused(f"the dev issuer's key in {directory}", error, "GOVRAG_DATA_DIR") from None
         except (ValueError, TypeError):  # not PEM, not RSA, or encrypted
             raise DevIssuerUnusable(f"the dev issuer's key {path} is not an unencrypted RSA private key in PEM: remove "
                                     "it and a new one is made (the tokens the old one signed stop verifying)") from None

@@ -42,6 +42,21 @@ class StartRefused(Exception):
     exit_code = 1
 
 
+class UnusablePath(StartRefused):
+    """A path the settings name that does not exist or this user may not use (the data dir, a SQLite file's folder,
+    the embedded vector store's folder, the dev issuer's key): no outage that ends by waiting, but README's exit 2 (a
+    path that does not exist or cannot be written)."""
+
+    exit_code = 2
+
+    @classmethod
+    def refused(cls, what: str, error: OSError, setting: str) -> UnusablePath:
+        """`what`, which the system refused this user (`error`): why, on which file, and the way out."""
+        on = f" on {error.filename}" if error.filename else ""
+        return cls(f"cannot use {what}: {error.strerror or type(error).__name__}{on} (let this user read and write it, "
+                   f"or point {setting} at a folder it may write)")
+
+
 class EmbeddedStoreHeld(StartRefused):
     """Another process (a running `govrag serve`, most likely) has the embedded store open: one process per path."""
 

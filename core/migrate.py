@@ -26,7 +26,7 @@ from alembic.util import CommandError
 from sqlalchemy import Connection, create_engine, exc, make_url, pool, text
 
 from core.db import transaction_lock, unit_of_work
-from core.errors import Unavailable, unavailable_dependency
+from core.errors import Unavailable, UnusablePath, unavailable_dependency
 from core.logs import PASSWORD_PARAMETERS, mask_secrets
 
 if TYPE_CHECKING:
@@ -49,13 +49,6 @@ class DatabaseUnreachable(MigrationError):
 
 class UnknownRevision(MigrationError):
     """The database (or a requested target) is at a revision this release does not ship."""
-
-    exit_code = 2
-
-
-class UnusablePath(MigrationError):
-    """A folder the settings name that does not exist or this user may not write (the data dir, a SQLite file's):
-    no outage that ends by waiting, but README's exit 2 (a path that does not exist or cannot be written)."""
 
     exit_code = 2
 
@@ -112,7 +105,7 @@ def require_head(database_url: str) -> None:
 
 def migrate_to_head(settings: Settings) -> None:
     """What `govrag migrate` does: make the data dir (UnusablePath if this user cannot) and bring the schema to head."""
-    _make_data_dir(settings)
+    make_data_dir(settings)
     upgrade(settings.resolved_database_url)
 
 
@@ -133,8 +126,9 @@ def command_migrates_first(settings: Settings) -> bool:
     return not settings.is_production and settings.embedded_database
 
 
-def _make_data_dir(settings: Settings) -> None:
-    """Create the data dir (and its parents) if missing; UnusablePath, said in one line, if this user cannot."""
+def make_data_dir(settings: Settings) -> None:
+    """Create the data dir (and its parents) if missing, as every start does first; UnusablePath, said in one line, if
+    this user cannot."""
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -298,7 +292,7 @@ def reached(database_url: str) -> Iterator[None]:
         raise _unreachable(database_url, error) from None
 
 
-def _unreachable(database_url: str, error: Exception) -> MigrationError:
+def _unreachable(database_url: str, error: Exception) -> DatabaseUnreachable | UnusablePath:
     """`error`, the database refusing or dropping the connection, in one line: host and the driver's reason, never the
     password (DatabaseUnreachable); or, for a SQLite file, its folder when that is why (UnusablePath)."""
     if (unusable := _sqlite_folder_unusable(database_url)) is not None:

@@ -14,7 +14,7 @@ from typing import Any, Protocol, TextIO
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from core.errors import EmbeddedStoreHeld, Unavailable
+from core.errors import EmbeddedStoreHeld, Unavailable, UnusablePath
 from core.settings import Settings
 
 POINT_NAMESPACE = uuid.UUID("6f1d0c1e-8a4b-4bb0-9a55-2b9c3f1e7a10")
@@ -265,18 +265,32 @@ _STORES_LOCK = threading.Lock()
 
 def open_vector_store(settings: Settings) -> VectorIndex:
     """The process's store: a Qdrant server when configured, else the embedded engine under the data dir
-    (EmbeddedStoreHeld if another process has that open)."""
+    (EmbeddedStoreHeld if another process has that open, UnusablePath if this user may not use its folder)."""
     location = _location(settings)
     with _STORES_LOCK:
         if location not in _STORES:
-            if not settings.qdrant_url:
-                _HOLDS[location] = _hold(settings.resolved_qdrant_path)
-            try:
-                _STORES[location] = _build(settings)
-            except BaseException:
-                _release(location)
-                raise
+            with _folder_usable(settings):
+                if not settings.qdrant_url:
+                    _HOLDS[location] = _hold(settings.resolved_qdrant_path)
+                try:
+                    _STORES[location] = _build(settings)
+                except BaseException:
+                    _release(location)
+                    raise
         return _STORES[location]
+
+
+@contextmanager
+def _folder_usable(settings: Settings) -> Iterator[None]:
+    """An embedded store whose folder (or the lock file beside it) this user may not make, read or write:
+    UnusablePath, said in one line, not the engine's traceback."""
+    try:
+        yield
+    except OSError as error:
+        if settings.qdrant_url:
+            raise
+        raise UnusablePath.refused(f"the embedded vector store in {settings.resolved_qdrant_path}", error,
+                                   "GOVRAG_QDRANT_PATH") from None
 
 
 def close_vector_store(settings: Settings) -> None:

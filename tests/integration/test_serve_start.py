@@ -1,11 +1,13 @@
 """`govrag serve` refuses a start it cannot complete in one line, before uvicorn runs: what, where and the way out, no
-traceback, exit 1. Its start ran in uvicorn's lifespan (the schema check and the blob store's opening excepted), where
-any failure ended in "Application startup failed" with the whole traceback, exit 3. The real command, in its own
-process, on a fresh embedded default. `govrag token`, which uses the dev issuer's key too, says its refusal so as well.
+traceback, exit 1 (2 for a path to fix). Its start ran in uvicorn's lifespan (the schema check and the blob store's
+opening excepted), where any failure ended in "Application startup failed" with the whole traceback, exit 3. The real
+command, in its own process, on a fresh embedded default. `govrag token`, which uses the dev issuer's key too, says
+its refusal so as well.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from authz.dev_issuer import KEY_FILE, DevIssuer
+from core import migrate
 from core.errors import EmbeddedStoreHeld
 from core.settings import Settings
 from retrieval.store import close_vector_store, open_vector_store
@@ -22,32 +25,33 @@ from tests.support.file_permissions import PERMISSION_BITS_BIND
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE = ("serve", "--port", "0")
+WAY_OUT = "(let this user read and write it, or point {setting} at a folder it may write)"
 
 
-def _govrag(data_dir: Path, argv: Sequence[str], prefix: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
-    """This checkout's `govrag` on `data_dir` (run through `prefix`), in its own process, until it exits."""
+def _govrag(argv: Sequence[str], prefix: Sequence[str] = (), **settings: str) -> subprocess.CompletedProcess[str]:
+    """This checkout's `govrag` with only these settings (data_dir="..." for GOVRAG_DATA_DIR), run through `prefix`,
+    in its own process, until it exits."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("GOVRAG_")}
-    env["GOVRAG_DATA_DIR"] = str(data_dir)
+    env.update({f"GOVRAG_{name.upper()}": value for name, value in settings.items()})
     return subprocess.run([*prefix, sys.executable, "-m", "api.cli", *argv], cwd=ROOT, env=env,  # noqa: S603
                           capture_output=True, text=True, timeout=600, check=False)
 
 
-def _refusal(result: subprocess.CompletedProcess[str]) -> str:
-    """The line a start was refused with: its last, after the log lines of the steps before; exit 1, no traceback, and
-    uvicorn never started."""
-    assert result.returncode == 1, result.stderr[-3000:]
+def _refusal(result: subprocess.CompletedProcess[str]) -> tuple[int, str]:
+    """The exit code and the line a start was refused with (its last, after the log lines of the steps before); no
+    traceback, and uvicorn never started."""
     assert "Traceback" not in result.stderr and "Started server process" not in result.stderr, result.stderr[-3000:]
-    return result.stderr.splitlines()[-1]
+    return result.returncode, result.stderr.splitlines()[-1]
 
 
 def test_a_serve_beside_a_process_holding_the_embedded_store_refuses_in_one_line(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "data")
     open_vector_store(settings)  # this process holds it, as a running `govrag serve` would
     try:
-        result = _govrag(settings.data_dir, SERVE)
+        result = _govrag(SERVE, data_dir=str(settings.data_dir))
     finally:
         close_vector_store(settings)
-    assert _refusal(result) == f"govrag: {EmbeddedStoreHeld(settings.resolved_qdrant_path)}"
+    assert _refusal(result) == (1, f"govrag: {EmbeddedStoreHeld(settings.resolved_qdrant_path)}")
 
 
 def _key_unreadable(key_file: Path) -> None:
@@ -59,18 +63,58 @@ def _key_garbled(key_file: Path) -> None:
 
 
 @pytest.mark.parametrize(("spoil", "refusal"), [
-    (_key_unreadable, "govrag: cannot use the dev issuer's key in {directory} (Permission denied): let the user govrag "
-                      "runs as read and write it, or set GOVRAG_DATA_DIR to a data dir it may use"),
-    (_key_garbled, "govrag: the dev issuer's key {directory}/private.pem is not an unencrypted RSA private key in PEM: "
-                   "remove it and a new one is made (the tokens the old one signed stop verifying)"),
+    (_key_unreadable, (2, "govrag: cannot use the dev issuer's key in {directory}: Permission denied on "
+                          "{directory}/private.pem " + WAY_OUT.format(setting="GOVRAG_DATA_DIR"))),
+    (_key_garbled, (1, "govrag: the dev issuer's key {directory}/private.pem is not an unencrypted RSA private key in "
+                       "PEM: remove it and a new one is made (the tokens the old one signed stop verifying)")),
 ], ids=["unreadable", "garbled"])
 @pytest.mark.parametrize("argv", [SERVE, ("token", "--sub", "alice")], ids=["serve", "token"])
-def test_a_dev_issuer_key_it_cannot_use_is_refused_in_one_line(spoil: Callable[[Path], None], refusal: str,
+def test_a_dev_issuer_key_it_cannot_use_is_refused_in_one_line(spoil: Callable[[Path], None], refusal: tuple[int, str],
                                                                argv: Sequence[str], tmp_path: Path) -> None:
     """A key left by an earlier start that this user may not read (root too: the bits bind in the child), or that
     does not parse; `govrag token`, which uses the same key, ended in a traceback too."""
     directory = Settings(data_dir=tmp_path / "data").dev_issuer_dir
     DevIssuer.load_or_create(directory, "issuer", "audience")
     spoil(directory / KEY_FILE)
-    result = _govrag(tmp_path / "data", argv, PERMISSION_BITS_BIND)
-    assert _refusal(result) == refusal.format(directory=directory)
+    result = _govrag(argv, PERMISSION_BITS_BIND, data_dir=str(tmp_path / "data"))
+    assert _refusal(result) == (refusal[0], refusal[1].format(directory=directory))
+
+
+
+# Production as the settings accept it; the database is a test's.
+PRODUCTION = {"env": "production", "dev_issuer": "false", "oidc_jwks_url": "https://idp.example/jwks",
+              "master_key": base64.b64encode(b"k" * 32).decode(), "metrics_token": "scrape-token"}
+
+
+def test_a_production_serve_whose_data_dir_it_may_not_make_is_refused_in_one_line(
+        make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """A data dir missing in a folder this user may not write (the default, `.govrag-data`, in a service's read-only
+    working directory): a development start says so as it migrates (test_schema_revision); in production start's
+    own mkdir ended in a traceback, exit 3 under uvicorn."""
+    database_url = make_pg_database()
+    migrate.upgrade(database_url)
+    data_dir = tmp_path / "read-only" / "data"
+    data_dir.parent.mkdir()
+    data_dir.parent.chmod(0o555)
+    result = _govrag(SERVE, PERMISSION_BITS_BIND, data_dir=str(data_dir), database_url=database_url, **PRODUCTION)
+    assert _refusal(result) == (2, f"govrag: cannot create the data dir {data_dir}: Permission denied (create it, or "
+                                   "point GOVRAG_DATA_DIR at a folder this user may write)")
+    assert not data_dir.exists()
+
+
+def test_a_serve_on_a_data_dir_it_may_not_write_is_refused_in_one_line(make_pg_database: Callable[[], str],
+                                                                       tmp_path: Path) -> None:
+    """The embedded vector store's folder and lock file are made in the data dir: one this user may not write ended
+    in the lock file's traceback (exit 3 under uvicorn). The blob store, in it too, says its own ERROR line and would
+    answer 503 until its volume can be written; the vector store cannot be served without its folder. In production,
+    where nothing migrates first (a development start on PostgreSQL says the same)."""
+    database_url = make_pg_database()
+    migrate.upgrade(database_url)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    data_dir.chmod(0o555)
+    store = Settings(data_dir=data_dir).resolved_qdrant_path
+    result = _govrag(SERVE, PERMISSION_BITS_BIND, data_dir=str(data_dir), database_url=database_url, **PRODUCTION)
+    assert _refusal(result) == (2, f"govrag: cannot use the embedded vector store in {store}: Permission denied on "
+                                   f"{store}.lock {WAY_OUT.format(setting='GOVRAG_QDRANT_PATH')}")
+    assert list(data_dir.iterdir()) == []
