@@ -95,9 +95,7 @@ def start(app: FastAPI) -> Background:
     opened is released if a later step fails."""
     settings: Settings = app.state.settings
     migrate.make_data_dir(settings)
-    # Never serve requests the schema cannot answer. Before the logging: Alembic's lines as it reads the revision are
-    # no part of what a start says.
-    migrate.require_head(settings.resolved_database_url)
+    migrate.require_head(settings.resolved_database_url)  # never serve requests the schema cannot answer
     configure_logging(settings.log_level)
     configure_tracing(settings)
     blobs.open_at_start(settings.blob_dir, settings.resolved_database_url)  # its volume away: a 503

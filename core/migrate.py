@@ -23,7 +23,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Connection, create_engine, exc, make_url, pool, text
+from sqlalchemy import Connection, column, create_engine, exc, inspect, make_url, pool, select, table, text
 
 from core.db import transaction_lock, unit_of_work
 from core.errors import Unavailable, UnusablePath, unavailable_dependency
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 SCHEMA_CHECK_SECONDS = 5.0  # how long readiness trusts its last look at the database's revision
 MIGRATION_LOCK = "schema migration"  # the `transaction_lock` an upgrade or a downgrade holds while it runs
+VERSION_TABLE = table("alembic_version", column("version_num"))  # Alembic's record of the revision (its default name)
 
 
 class MigrationError(Exception):
@@ -80,9 +81,16 @@ def head_revision() -> str:
 
 
 def current_revision(database_url: str) -> str | None:
-    """The database's revision (None before the first migration); DatabaseUnreachable if it cannot be asked."""
+    """The database's revision (None before the first migration); DatabaseUnreachable if it cannot be asked. Read
+    from Alembic's version table itself: a MigrationContext says two INFO lines each time one is made ("Context impl
+    PostgresqlImpl.", "Will assume transactional DDL."), a running API's log every few seconds (`SchemaWatch`)."""
     with _connection(database_url) as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+        if not inspect(connection).has_table(VERSION_TABLE.name):
+            return None
+        revisions = connection.execute(select(VERSION_TABLE.c.version_num)).scalars().all()
+    if len(revisions) > 1:  # as Alembic's get_current_revision: branches this release (one head) never makes
+        raise CommandError(f"Version table '{VERSION_TABLE.name}' has more than one head present")
+    return revisions[0] if revisions else None
 
 
 def schema_problem(database_url: str) -> str | None:

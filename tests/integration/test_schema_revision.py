@@ -4,6 +4,7 @@ first only the embedded SQLite database in development (`migrate.command_migrate
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -104,6 +105,23 @@ def test_the_schema_check_is_cached_briefly(tmp_path: Path) -> None:
     _set_revision(url, "0008")
     assert watch.problem() is None  # still the cached answer
     assert migrate.SchemaWatch(url, every_seconds=0).problem() is not None
+
+
+def test_reading_the_revision_logs_nothing_and_a_migration_still_logs_its_steps(
+        make_pg_database: Callable[[], str], caplog: pytest.LogCaptureFixture) -> None:
+    """Each schema check of a running API (/readyz's SchemaWatch, every few seconds) and each start's require_head
+    logged Alembic's "Context impl PostgresqlImpl." and "Will assume transactional DDL.", noise in a service's log.
+    Reading the revision now logs nothing; a migration still logs each step it runs."""
+    url = make_pg_database()
+    migrate.upgrade(url, "0008")
+    with caplog.at_level(logging.INFO, logger="alembic"):
+        migrate.upgrade(url)
+        upgraded = caplog.messages
+        caplog.clear()
+        migrate.require_head(url)
+        assert migrate.SchemaWatch(url, every_seconds=0).problem() is None
+    assert [record.getMessage() for record in caplog.records if record.name.startswith("alembic")] == []
+    assert any(message.startswith("Running upgrade 0008 -> 0009") for message in upgraded), upgraded
 
 
 def test_production_serve_and_the_worker_refuse_a_stale_schema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
