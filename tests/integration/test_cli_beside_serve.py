@@ -4,9 +4,6 @@ document row)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +13,7 @@ from sqlalchemy import create_engine, text
 
 from core import migrate
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.govrag_process import govrag_env, run_govrag
 
 
 @pytest.fixture
@@ -46,14 +42,6 @@ def serving(tmp_path: Path) -> Iterator[tuple[TestClient, Path]]:
         close_vector_store(settings)
 
 
-def _govrag(data_dir: Path, *argv: str) -> subprocess.CompletedProcess[str]:
-    """This checkout's `govrag` in its own process."""
-    env = {**os.environ, "GOVRAG_DATA_DIR": str(data_dir)}
-    env.pop("GOVRAG_DATABASE_URL", None)
-    return subprocess.run([sys.executable, "-m", "api.cli", *argv], cwd=ROOT, env=env,  # noqa: S603 (fixed argv)
-                          capture_output=True, text=True, timeout=600, check=False)
-
-
 def _column(data_dir: Path, query: str) -> list[str]:
     engine = create_engine(f"sqlite:///{data_dir / 'govrag.db'}")
     try:
@@ -69,7 +57,8 @@ def test_training_export_beside_serve_refuses_without_a_ledger_row(serving: tupl
     an export that never happened."""
     _, data_dir = serving
     before = _column(data_dir, "SELECT event_type FROM retrieval_events ORDER BY id")
-    result = _govrag(data_dir, "export", "training-data", "--department", "hr", "-o", str(tmp_path / "hr.jsonl"))
+    result = run_govrag(["export", "training-data", "--department", "hr", "-o", str(tmp_path / "hr.jsonl")],
+                        env=govrag_env(data_dir=str(data_dir)))
     assert result.returncode == 1, result.stderr[-800:]
     assert "Traceback" not in result.stderr
     assert "held by another process" in result.stderr and "GOVRAG_QDRANT_URL" in result.stderr
@@ -85,7 +74,7 @@ def test_ingest_beside_serve_refuses_before_writing_a_document(serving: tuple[Te
     inbox.mkdir()
     (inbox / "policy.txt").write_text("Remote work is allowed two days a week.", encoding="utf-8")
     before = _column(data_dir, "SELECT id FROM documents ORDER BY id")
-    result = _govrag(data_dir, "ingest", str(inbox), "--department", "hr")
+    result = run_govrag(["ingest", str(inbox), "--department", "hr"], env=govrag_env(data_dir=str(data_dir)))
     assert result.returncode == 1, result.stderr[-800:]
     message = " ".join(result.stderr.split())  # rich wraps long lines
     assert "Traceback" not in message and "held by another process" in message and "--api-url" in message

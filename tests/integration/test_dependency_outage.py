@@ -6,8 +6,6 @@ where nothing listens; the blob directory renamed away."""
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,12 +21,11 @@ from sqlalchemy.exc import OperationalError
 from core.db import get_engine
 from core.errors import unavailable_dependency
 from tests.conftest import PLATFORM_ADMIN, allow_connections, auth, desk_member
+from tests.support.govrag_process import run_govrag
 
 if TYPE_CHECKING:
     from core.settings import Settings
     from retrieval.store import VectorIndex
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -365,7 +362,5 @@ def test_a_serve_whose_database_goes_after_it_opened_the_embedded_store_says_so_
     err = capsys.readouterr().err
     assert served == [] and "Traceback" not in err, err[-3000:]
     assert err.splitlines()[-1].startswith(f"govrag: cannot reach the database at {make_url(cli_env)}: "), err[-3000:]
-    export = subprocess.run([sys.executable, "-m", "api.cli", "export", "training-data", "--department", "hr",  # noqa: S603
-                             "-o", str(tmp_path / "hr.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            check=False)
+    export = run_govrag(["export", "training-data", "--department", "hr", "-o", str(tmp_path / "hr.jsonl")])
     assert export.returncode == 0, export.stderr[-3000:]

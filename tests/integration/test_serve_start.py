@@ -8,9 +8,7 @@ its refusal so as well.
 from __future__ import annotations
 
 import base64
-import os
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,19 +20,10 @@ from core.errors import EmbeddedStoreHeld
 from core.settings import Settings
 from retrieval.store import close_vector_store, open_vector_store
 from tests.support.file_permissions import PERMISSION_BITS_BIND
+from tests.support.govrag_process import govrag_env, run_govrag
 
-ROOT = Path(__file__).resolve().parents[2]
 SERVE = ("serve", "--port", "0")
 WAY_OUT = "(let this user read and write it, or point {setting} at a folder it may write)"
-
-
-def _govrag(argv: Sequence[str], prefix: Sequence[str] = (), **settings: str) -> subprocess.CompletedProcess[str]:
-    """This checkout's `govrag` with only these settings (data_dir="..." for GOVRAG_DATA_DIR), run through `prefix`,
-    in its own process, until it exits."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("GOVRAG_")}
-    env.update({f"GOVRAG_{name.upper()}": value for name, value in settings.items()})
-    return subprocess.run([*prefix, sys.executable, "-m", "api.cli", *argv], cwd=ROOT, env=env,  # noqa: S603
-                          capture_output=True, text=True, timeout=600, check=False)
 
 
 def _refusal(result: subprocess.CompletedProcess[str]) -> tuple[int, str]:
@@ -48,7 +37,7 @@ def test_a_serve_beside_a_process_holding_the_embedded_store_refuses_in_one_line
     settings = Settings(data_dir=tmp_path / "data")
     open_vector_store(settings)  # this process holds it, as a running `govrag serve` would
     try:
-        result = _govrag(SERVE, data_dir=str(settings.data_dir))
+        result = run_govrag(SERVE, env=govrag_env(data_dir=str(settings.data_dir)))
     finally:
         close_vector_store(settings)
     assert _refusal(result) == (1, f"govrag: {EmbeddedStoreHeld(settings.resolved_qdrant_path)}")
@@ -76,7 +65,7 @@ def test_a_dev_issuer_key_it_cannot_use_is_refused_in_one_line(spoil: Callable[[
     directory = Settings(data_dir=tmp_path / "data").dev_issuer_dir
     DevIssuer.load_or_create(directory, "issuer", "audience")
     spoil(directory / KEY_FILE)
-    result = _govrag(argv, PERMISSION_BITS_BIND, data_dir=str(tmp_path / "data"))
+    result = run_govrag(argv, env=govrag_env(data_dir=str(tmp_path / "data")), prefix=PERMISSION_BITS_BIND)
     assert _refusal(result) == (refusal[0], refusal[1].format(directory=directory))
 
 
@@ -96,7 +85,8 @@ def test_a_production_serve_whose_data_dir_it_may_not_make_is_refused_in_one_lin
     data_dir = tmp_path / "read-only" / "data"
     data_dir.parent.mkdir()
     data_dir.parent.chmod(0o555)
-    result = _govrag(SERVE, PERMISSION_BITS_BIND, data_dir=str(data_dir), database_url=database_url, **PRODUCTION)
+    result = run_govrag(SERVE, env=govrag_env(data_dir=str(data_dir), database_url=database_url, **PRODUCTION),
+                        prefix=PERMISSION_BITS_BIND)
     assert _refusal(result) == (2, f"govrag: cannot create the data dir {data_dir}: Permission denied (create it, or "
                                    "point GOVRAG_DATA_DIR at a folder this user may write)")
     assert not data_dir.exists()
@@ -114,7 +104,8 @@ def test_a_serve_on_a_data_dir_it_may_not_write_is_refused_in_one_line(make_pg_d
     data_dir.mkdir()
     data_dir.chmod(0o555)
     store = Settings(data_dir=data_dir).resolved_qdrant_path
-    result = _govrag(SERVE, PERMISSION_BITS_BIND, data_dir=str(data_dir), database_url=database_url, **PRODUCTION)
+    result = run_govrag(SERVE, env=govrag_env(data_dir=str(data_dir), database_url=database_url, **PRODUCTION),
+                        prefix=PERMISSION_BITS_BIND)
     assert _refusal(result) == (2, f"govrag: cannot use the embedded vector store in {store}: Permission denied on "
                                    f"{store}.lock {WAY_OUT.format(setting='GOVRAG_QDRANT_PATH')}")
     assert list(data_dir.iterdir()) == []
