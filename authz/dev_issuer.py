@@ -23,7 +23,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from core.errors import StartRefused, UnusablePath
+from core.errors import UnusablePath
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +86,6 @@ def _create_private_key(path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-class DevIssuerUnusable(StartRefused):
-    """The dev issuer's key does not parse: said in one line with the way out."""
-
-
 @dataclass(frozen=True)
 class DevIssuer:
     """DEV-ONLY: signs RS256 tokens for any subject; trust it only on a developer machine."""
@@ -103,7 +99,7 @@ class DevIssuer:
     @classmethod
     def load_or_create(cls, directory: Path, issuer: str, audience: str) -> DevIssuer:
         """Reuse directory/private.pem, or create it (dir 0700, file 0600) on first run; UnusablePath if the
-        directory cannot be used, DevIssuerUnusable if the key there does not parse."""
+        directory cannot be used or the key there does not parse."""
         path = directory / KEY_FILE
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -114,8 +110,8 @@ class DevIssuer:
         except OSError as error:
             raise UnusablePath.refused(f"the dev issuer's key in {directory}", error, "GOVRAG_DATA_DIR") from None
         except (ValueError, TypeError):  # not PEM, not RSA, or encrypted
-            raise DevIssuerUnusable(f"the dev issuer's key {path} is not an unencrypted RSA private key in PEM: remove "
-                                    "it and a new one is made (the tokens the old one signed stop verifying)") from None
+            raise UnusablePath(f"the dev issuer's key {path} is not an unencrypted RSA private key in PEM: remove it "
+                               "and a new one is made (the tokens the old one signed stop verifying)") from None
         public_jwk = rsa_public_jwk(private_key.public_key())
         kid = jwk_thumbprint(public_jwk)
         log.warning("DEV-ONLY token issuer in use (kid %s); never enable it in production", kid)

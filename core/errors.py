@@ -44,8 +44,9 @@ class StartRefused(Exception):
 
 class UnusablePath(StartRefused):
     """A path the settings name that does not exist or this user may not use (the data dir, a SQLite file's folder,
-    the embedded vector store's folder, the dev issuer's key): no outage that ends by waiting, but README's exit 2 (a
-    path that does not exist or cannot be written)."""
+    the embedded vector store's folder, the dev issuer's key), or a key file there that does not parse: no outage that
+    ends by waiting, but README's exit 2 (a path to fix, as a master key file that does not parse is a setting to
+    fix)."""
 
     exit_code = 2
 

@@ -54,7 +54,7 @@ def _key_garbled(key_file: Path) -> None:
 @pytest.mark.parametrize(("spoil", "refusal"), [
     (_key_unreadable, (2, "govrag: cannot use the dev issuer's key in {directory}: Permission denied on "
                           "{directory}/private.pem " + WAY_OUT.format(setting="GOVRAG_DATA_DIR"))),
-    (_key_garbled, (1, "govrag: the dev issuer's key {directory}/private.pem is not an unencrypted RSA private key in "
+    (_key_garbled, (2, "govrag: the dev issuer's key {directory}/private.pem is not an unencrypted RSA private key in "
                        "PEM: remove it and a new one is made (the tokens the old one signed stop verifying)")),
 ], ids=["unreadable", "garbled"])
 @pytest.mark.parametrize("argv", [SERVE, ("token", "--sub", "alice")], ids=["serve", "token"])

@@ -9,7 +9,7 @@ import json
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Self
@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from authz.dev_issuer import DevIssuer, jwk_thumbprint, rsa_public_jwk
 from authz.identity import Identity, is_platform_admin
 from authz.tokens import TokenVerifier, bearer_token
-from core.errors import ErrorCode, GovragError, Unavailable
+from core.errors import ErrorCode, GovragError, Unavailable, UnusablePath
 from core.settings import Settings
 
 ISSUER = "https://idp.example.test/realms/govrag"
@@ -550,6 +550,32 @@ def test_dev_issuer_jwks_is_public_only(tmp_path: Path) -> None:
     assert (jwk["alg"], jwk["use"], jwk["kid"]) == ("RS256", "sig", issuer.kid)
     assert issuer.kid == jwk_thumbprint(jwk)
     assert "private" not in repr(issuer).lower()
+
+
+def _pkcs8(private: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
+           encryption: serialization.KeySerializationEncryption) -> bytes:
+    return private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+
+
+@pytest.mark.parametrize("content", [
+    lambda _: b"not a key\n",
+    lambda _: _pkcs8(ec.generate_private_key(ec.SECP256R1()), serialization.NoEncryption()),
+    lambda key: _pkcs8(key.private, serialization.BestAvailableEncryption(b"a passphrase")),
+], ids=["not-pem", "not-rsa", "encrypted"])
+def test_a_dev_issuer_key_that_does_not_parse_is_a_path_to_fix(content: Callable[[SigningKey], bytes], key: SigningKey,
+                                                               tmp_path: Path) -> None:
+    """It exited 1, as a failure, where a master key file that does not parse is a setting to fix, exit 2 (README's
+    exit codes); the key is left for the user to remove."""
+    key_file = tmp_path / "dev" / "private.pem"
+    key_file.parent.mkdir()
+    written = content(key)
+    key_file.write_bytes(written)
+    with pytest.raises(UnusablePath) as refused:
+        DevIssuer.load_or_create(key_file.parent, "iss", "aud")
+    assert (str(refused.value), refused.value.exit_code) == (
+        f"the dev issuer's key {key_file} is not an unencrypted RSA private key in PEM: remove it and a new one is "
+        "made (the tokens the old one signed stop verifying)", 2)
+    assert key_file.read_bytes() == written
 
 
 def test_dev_issuer_rfc7638_thumbprint_vector() -> None:
