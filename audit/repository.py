@@ -19,13 +19,23 @@ _local_chain_lock = threading.RLock()
 _BATCH = 1000
 
 
+# The statements every append runs, built once (each built per call costs its construction and cache key).
+_LOCK_CHAIN = text("SELECT pg_advisory_xact_lock(:id)")
+_CHAIN_END = select(
+    select(RetrievalEvent.hash).order_by(RetrievalEvent.id.desc()).limit(1).scalar_subquery(),
+    select(AuditCheckpoint.last_hash).where(AuditCheckpoint.kind == "purge")  # the signed purge anchor
+    .order_by(AuditCheckpoint.last_event_id.desc()).limit(1).scalar_subquery(),
+    select(AuditCheckpoint.last_event_id).order_by(AuditCheckpoint.id.desc()).limit(1).scalar_subquery(),
+)
+
+
 def lock_chain(session: Session) -> None:
     """Serialise appends across processes, before the chain end is read, so the hash chain never forks (`govrag
     audit export|purge|checkpoint` append while `govrag serve` runs). PostgreSQL: a transaction-scoped advisory
     lock. SQLite: the database's write lock (`BEGIN IMMEDIATE`), held until the transaction ends; a transaction
     that has written already holds it (the driver begins one only before its first write)."""
     if is_postgres(session):
-        session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _CHAIN_LOCK_ID})
+        session.execute(_LOCK_CHAIN, {"id": _CHAIN_LOCK_ID})
         return
     connection = session.connection()
     if not connection.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
@@ -45,11 +55,7 @@ def last_event(session: Session) -> RetrievalEvent | None:
 def chain_end(session: Session) -> tuple[str, int]:
     """In one round trip: the hash at the end of the chain (after a purge that removed every row, the signed
     purge anchor) and the event id the newest checkpoint covers (0 when none)."""
-    newest = select(RetrievalEvent.hash).order_by(RetrievalEvent.id.desc()).limit(1).scalar_subquery()
-    anchor = (select(AuditCheckpoint.last_hash).where(AuditCheckpoint.kind == "purge")
-              .order_by(AuditCheckpoint.last_event_id.desc()).limit(1).scalar_subquery())
-    checkpointed = select(AuditCheckpoint.last_event_id).order_by(AuditCheckpoint.id.desc()).limit(1).scalar_subquery()
-    last, purge_anchor, covered = session.execute(select(newest, anchor, checkpointed)).one()
+    last, purge_anchor, covered = session.execute(_CHAIN_END).one()
     return last or purge_anchor or GENESIS_HASH, int(covered or 0)
 
 

@@ -27,9 +27,12 @@ def add_department(session: Session, name: str) -> None:
 
 # --- policy rows, clearances and the policy version (issue 4) ---
 
+_POLICY_VERSION = select(PolicyState.version).where(PolicyState.id == 1)  # every query reads it: built once
+
+
 def policy_version(session: Session) -> int:
     """The stored policy version (1 after migration)."""
-    return int(session.scalar(select(PolicyState.version).where(PolicyState.id == 1)) or 0)
+    return int(session.scalar(_POLICY_VERSION) or 0)
 
 
 def bump_policy_version(session: Session) -> int:

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Iterable
 from datetime import datetime
 
-from sqlalchemy import and_, case, or_, select, true, update
+from sqlalchemy import and_, bindparam, case, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from core.db import transaction_lock
@@ -140,12 +140,16 @@ def unfinished_jobs(session: Session, document_id: str) -> list[str]:
     return list(session.scalars(query.order_by(IngestionJob.created_at)))
 
 
+# Built once: every query's re-check runs it, and a statement built per call costs its construction and cache key.
+_SERVED_AMONG = select(Document).where(Document.id.in_(bindparam("document_ids", expanding=True)), SERVED)
+
+
 def served_documents(session: Session, document_ids: set[str]) -> dict[str, Document]:
     """Those of these documents whose index queries may cite (`SERVED`), by id."""
     if not document_ids:
         return {}
-    query = select(Document).where(Document.id.in_(document_ids), SERVED)
-    return {document.id: document for document in session.scalars(query)}
+    rows = session.scalars(_SERVED_AMONG, {"document_ids": list(document_ids)})
+    return {document.id: document for document in rows}
 
 
 def served_in_department(session: Session, department: str) -> dict[str, Document]:
