@@ -19,14 +19,9 @@ _local_chain_lock = threading.RLock()
 _BATCH = 1000
 
 
-# The statements every append runs, built once (each built per call costs its construction and cache key).
+# Every append runs this and `_CHAIN_END`: both built once (a statement built per call costs its construction and
+# cache key).
 _LOCK_CHAIN = text("SELECT pg_advisory_xact_lock(:id)")
-_CHAIN_END = select(
-    select(RetrievalEvent.hash).order_by(RetrievalEvent.id.desc()).limit(1).scalar_subquery(),
-    select(AuditCheckpoint.last_hash).where(AuditCheckpoint.kind == "purge")  # the signed purge anchor
-    .order_by(AuditCheckpoint.last_event_id.desc()).limit(1).scalar_subquery(),
-    select(AuditCheckpoint.last_event_id).order_by(AuditCheckpoint.id.desc()).limit(1).scalar_subquery(),
-)
 
 
 def lock_chain(session: Session) -> None:
@@ -50,6 +45,17 @@ def local_chain_lock() -> threading.RLock:
 def last_event(session: Session) -> RetrievalEvent | None:
     """The row at the end of the chain."""
     return session.scalar(select(RetrievalEvent).order_by(RetrievalEvent.id.desc()).limit(1))
+
+
+_CHAIN_END = select(
+    # the newest event's hash
+    select(RetrievalEvent.hash).order_by(RetrievalEvent.id.desc()).limit(1).scalar_subquery(),
+    # the signed purge anchor
+    select(AuditCheckpoint.last_hash).where(AuditCheckpoint.kind == "purge")
+    .order_by(AuditCheckpoint.last_event_id.desc()).limit(1).scalar_subquery(),
+    # the event id the newest checkpoint covers
+    select(AuditCheckpoint.last_event_id).order_by(AuditCheckpoint.id.desc()).limit(1).scalar_subquery(),
+)
 
 
 def chain_end(session: Session) -> tuple[str, int]:
