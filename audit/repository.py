@@ -19,8 +19,7 @@ _local_chain_lock = threading.RLock()
 _BATCH = 1000
 
 
-# Every append runs this and `_CHAIN_END`: both built once (a statement built per call costs its construction and
-# cache key).
+# Built once: every query runs it (a statement built per call costs its construction and cache key).
 _LOCK_CHAIN = text("SELECT pg_advisory_xact_lock(:id)")
 
 
@@ -47,6 +46,7 @@ def last_event(session: Session) -> RetrievalEvent | None:
     return session.scalar(select(RetrievalEvent).order_by(RetrievalEvent.id.desc()).limit(1))
 
 
+# Built once: every query runs it (a statement built per call costs its construction and cache key).
 _CHAIN_END = select(
     # the newest event's hash
     select(RetrievalEvent.hash).order_by(RetrievalEvent.id.desc()).limit(1).scalar_subquery(),

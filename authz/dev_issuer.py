@@ -110,8 +110,8 @@ class DevIssuer:
         except OSError as error:
             raise UnusablePath.refused(f"the dev issuer's key in {directory}", error, "GOVRAG_DATA_DIR") from None
         except (ValueError, TypeError):  # not PEM, not RSA, or encrypted
-            raise UnusablePath(f"the dev issuer's key {path} is not an unencrypted RSA private key in PEM: remove it "
-                               "and a new one is made (the tokens the old one signed stop verifying)") from None
+            raise UnusablePath(f"the dev issuer's key {path} must hold an unencrypted RSA private key in PEM: remove "
+                               "it and a new one is made (the tokens the old one signed stop verifying)") from None
         public_jwk = rsa_public_jwk(private_key.public_key())
         kid = jwk_thumbprint(public_jwk)
         log.warning("DEV-ONLY token issuer in use (kid %s); never enable it in production", kid)

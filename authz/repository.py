@@ -27,7 +27,8 @@ def add_department(session: Session, name: str) -> None:
 
 # --- policy rows, clearances and the policy version (issue 4) ---
 
-_POLICY_VERSION = select(PolicyState.version).where(PolicyState.id == 1)  # every query reads it: built once
+# Built once: every query runs it (a statement built per call costs its construction and cache key).
+_POLICY_VERSION = select(PolicyState.version).where(PolicyState.id == 1)
 
 
 def policy_version(session: Session) -> int:

@@ -51,11 +51,13 @@ class UnusablePath(StartRefused):
     exit_code = 2
 
     @classmethod
-    def refused(cls, what: str, error: OSError, setting: str) -> UnusablePath:
-        """`what`, which the system refused this user (`error`): why, on which file, and the way out."""
+    def refused(cls, what: str, error: OSError, setting: str, *, fix: str | None = None) -> UnusablePath:
+        """Every such line, one shape: `what` (naming its path), the system's reason for refusing this user (`error`'s
+        strerror, never a traceback) on the file it names, and the way out: `fix` (letting this user read and write
+        that file, unless said) or `setting` pointed elsewhere."""
         on = f" on {error.filename}" if error.filename else ""
-        return cls(f"cannot use {what}: {error.strerror or type(error).__name__}{on} (let this user read and write it, "
-                   f"or point {setting} at a folder it may write)")
+        return cls(f"cannot use {what}: {error.strerror or type(error).__name__}{on} "
+                   f"({fix or 'let this user read and write it'}, or point {setting} at a folder it may write)")
 
 
 class EmbeddedStoreHeld(StartRefused):

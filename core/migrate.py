@@ -9,6 +9,7 @@ running process), and the guard every downgrade runs first (`refuse_downgrade_lo
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -140,9 +141,8 @@ def make_data_dir(settings: Settings) -> None:
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise UnusablePath(f"cannot create the data dir {settings.data_dir.resolve()}: "
-                           f"{error.strerror or type(error).__name__} (create it, or point GOVRAG_DATA_DIR at a folder "
-                           "this user may write)") from None
+        raise UnusablePath.refused(f"the data dir {settings.data_dir.resolve()}", error, "GOVRAG_DATA_DIR",
+                                   fix="create it") from None
 
 
 def require_head_for_command(settings: Settings) -> None:
@@ -304,7 +304,7 @@ def _unreachable(database_url: str, error: Exception) -> DatabaseUnreachable | U
     """`error`, the database refusing or dropping the connection, in one line: host and the driver's reason, never the
     password (DatabaseUnreachable); or, for a SQLite file, its folder when that is why (UnusablePath)."""
     if (unusable := _sqlite_folder_unusable(database_url)) is not None:
-        return UnusablePath(unusable)
+        return unusable
     where, secrets = _without_passwords(database_url)
     driver_error = getattr(error, "orig", None)
     reason = str(driver_error).strip().splitlines()[0] if driver_error else ""
@@ -313,18 +313,19 @@ def _unreachable(database_url: str, error: Exception) -> DatabaseUnreachable | U
     return DatabaseUnreachable(f"cannot reach the database at {where}: {reason}")
 
 
-def _sqlite_folder_unusable(database_url: str) -> str | None:
-    """Why SQLite cannot open the file `database_url` names when its folder is the cause (SQLite makes no folder, and
-    needs to write in it: the file, its journal), else None."""
+def _sqlite_folder_unusable(database_url: str) -> UnusablePath | None:
+    """The file `database_url` names, when SQLite cannot open it because of its folder (SQLite makes no folder, and
+    needs to write in it: the file, its journal), as UnusablePath; else None."""
     url = make_url(database_url)
     name = url.database
     if url.get_backend_name() != "sqlite" or not name or name == ":memory:" or url.query.get("uri"):
         return None  # another database, one in memory, or a `file:` URI (its path is SQLite's to read)
     database = Path(name).resolve()
     if not database.parent.is_dir():
-        return (f"no database at {database}: its folder does not exist (create it, or point GOVRAG_DATABASE_URL at "
-                "the database)")
-    if not os.access(database.parent, os.W_OK | os.X_OK, effective_ids=True):  # as SQLite, with this process's rights
-        return (f"cannot open the database at {database}: this user may not write its folder (let it, or point "
-                "GOVRAG_DATA_DIR or GOVRAG_DATABASE_URL at a folder it may write)")
-    return None
+        code, setting, fix = errno.ENOENT, "GOVRAG_DATABASE_URL", "create it"
+    elif not os.access(database.parent, os.W_OK | os.X_OK, effective_ids=True):  # as SQLite, with this process's rights
+        code, setting, fix = errno.EACCES, "GOVRAG_DATA_DIR or GOVRAG_DATABASE_URL", None
+    else:
+        return None
+    return UnusablePath.refused(f"the database at {database}", OSError(code, os.strerror(code), str(database.parent)),
+                                setting, fix=fix)

@@ -140,15 +140,15 @@ def unfinished_jobs(session: Session, document_id: str) -> list[str]:
     return list(session.scalars(query.order_by(IngestionJob.created_at)))
 
 
-# Built once: every query's re-check runs it, and a statement built per call costs its construction and cache key.
-_SERVED_AMONG = select(Document).where(Document.id.in_(bindparam("document_ids", expanding=True)), SERVED)
+# Built once: every query runs it (a statement built per call costs its construction and cache key).
+_SERVED_AMONG_IDS = select(Document).where(Document.id.in_(bindparam("document_ids", expanding=True)), SERVED)
 
 
 def served_documents(session: Session, document_ids: set[str]) -> dict[str, Document]:
     """Those of these documents whose index queries may cite (`SERVED`), by id."""
     if not document_ids:
         return {}
-    rows = session.scalars(_SERVED_AMONG, {"document_ids": list(document_ids)})
+    rows = session.scalars(_SERVED_AMONG_IDS, {"document_ids": list(document_ids)})
     return {document.id: document for document in rows}
 
 

@@ -119,6 +119,8 @@ def cli_env(request: pytest.FixtureRequest, make_pg_database: Callable[[], str],
     yield url
     close_vector_store(settings)
     get_settings.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def settings(pg_url: str, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """The production shape where the machine allows: PostgreSQL, Redis broker; Qdrant in local mode."""

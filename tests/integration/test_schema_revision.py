@@ -413,8 +413,8 @@ def test_a_sqlite_database_whose_folder_does_not_exist_is_named_not_said_to_be_u
     (tmp_path / "pay.md").write_text("# Pay\n\nPay day is the 25th.\n")
     monkeypatch.setenv("GOVRAG_DATABASE_URL", f"sqlite:///{database}")
     monkeypatch.setenv("GOVRAG_DATA_DIR", str(tmp_path / "data"))
-    said = (f"govrag: no database at {database}: its folder does not exist (create it, or point GOVRAG_DATABASE_URL "
-            "at the database)")
+    said = (f"govrag: cannot use the database at {database}: No such file or directory on {database.parent} (create "
+            "it, or point GOVRAG_DATABASE_URL at a folder it may write)")
     outcomes = [*_what_each_start_says(monkeypatch, capsys, production=False),
                 *_what_each_start_says(monkeypatch, capsys, production=True)]
     assert outcomes == [(2, [said], "")] * 2 * len(STARTS)
@@ -437,11 +437,11 @@ def test_a_data_dir_this_user_may_not_write_is_named_in_one_line(
     (tmp_path / "pay.md").write_text("# Pay\n\nPay day is the 25th.\n")
     monkeypatch.delenv("GOVRAG_DATABASE_URL", raising=False)
     monkeypatch.setenv("GOVRAG_DATA_DIR", str(data_dir))
-    said = {"its parent": f"govrag: cannot create the data dir {data_dir}: Permission denied (create it, or point "
-                          "GOVRAG_DATA_DIR at a folder this user may write)",
-            "the data dir": f"govrag: cannot open the database at {data_dir / 'govrag.db'}: this user may not write "
-                            "its folder (let it, or point GOVRAG_DATA_DIR or GOVRAG_DATABASE_URL at a folder it may "
-                            "write)"}[locked]
+    said = {"its parent": f"govrag: cannot use the data dir {data_dir}: Permission denied on {data_dir} (create it, "
+                          "or point GOVRAG_DATA_DIR at a folder it may write)",
+            "the data dir": f"govrag: cannot use the database at {data_dir / 'govrag.db'}: Permission denied on "
+                            f"{data_dir} (let this user read and write it, or point GOVRAG_DATA_DIR or "
+                            "GOVRAG_DATABASE_URL at a folder it may write)"}[locked]
     with permission_bits_bind():  # root too is refused what the bits refuse
         outcomes = _what_each_start_says(monkeypatch, capsys, production=False)
     assert outcomes == [(2, [said], "")] * len(STARTS)

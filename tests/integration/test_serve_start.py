@@ -23,7 +23,8 @@ from tests.support.file_permissions import PERMISSION_BITS_BIND
 from tests.support.govrag_process import govrag_env, run_govrag
 
 SERVE = ("serve", "--port", "0")
-WAY_OUT = "(let this user read and write it, or point {setting} at a folder it may write)"
+WAY_OUT = "({fix}, or point {setting} at a folder it may write)"
+READ_AND_WRITE = "let this user read and write it"
 
 
 def _refusal(result: subprocess.CompletedProcess[str]) -> tuple[int, str]:
@@ -53,9 +54,9 @@ def _key_garbled(key_file: Path) -> None:
 
 @pytest.mark.parametrize(("spoil", "refusal"), [
     (_key_unreadable, (2, "govrag: cannot use the dev issuer's key in {directory}: Permission denied on "
-                          "{directory}/private.pem " + WAY_OUT.format(setting="GOVRAG_DATA_DIR"))),
-    (_key_garbled, (2, "govrag: the dev issuer's key {directory}/private.pem is not an unencrypted RSA private key in "
-                       "PEM: remove it and a new one is made (the tokens the old one signed stop verifying)")),
+                          "{directory}/private.pem " + WAY_OUT.format(fix=READ_AND_WRITE, setting="GOVRAG_DATA_DIR"))),
+    (_key_garbled, (2, "govrag: the dev issuer's key {directory}/private.pem must hold an unencrypted RSA private key "
+                       "in PEM: remove it and a new one is made (the tokens the old one signed stop verifying)")),
 ], ids=["unreadable", "garbled"])
 @pytest.mark.parametrize("argv", [SERVE, ("token", "--sub", "alice")], ids=["serve", "token"])
 def test_a_dev_issuer_key_it_cannot_use_is_refused_in_one_line(spoil: Callable[[Path], None], refusal: tuple[int, str],
@@ -87,8 +88,8 @@ def test_a_production_serve_whose_data_dir_it_may_not_make_is_refused_in_one_lin
     data_dir.parent.chmod(0o555)
     result = run_govrag(SERVE, env=govrag_env(data_dir=str(data_dir), database_url=database_url, **PRODUCTION),
                         prefix=PERMISSION_BITS_BIND)
-    assert _refusal(result) == (2, f"govrag: cannot create the data dir {data_dir}: Permission denied (create it, or "
-                                   "point GOVRAG_DATA_DIR at a folder this user may write)")
+    assert _refusal(result) == (2, f"govrag: cannot use the data dir {data_dir}: Permission denied on {data_dir} "
+                                   f"{WAY_OUT.format(fix='create it', setting='GOVRAG_DATA_DIR')}")
     assert not data_dir.exists()
 
 
@@ -107,5 +108,5 @@ def test_a_serve_on_a_data_dir_it_may_not_write_is_refused_in_one_line(make_pg_d
     result = run_govrag(SERVE, env=govrag_env(data_dir=str(data_dir), database_url=database_url, **PRODUCTION),
                         prefix=PERMISSION_BITS_BIND)
     assert _refusal(result) == (2, f"govrag: cannot use the embedded vector store in {store}: Permission denied on "
-                                   f"{store}.lock {WAY_OUT.format(setting='GOVRAG_QDRANT_PATH')}")
+                                   f"{store}.lock {WAY_OUT.format(fix=READ_AND_WRITE, setting='GOVRAG_QDRANT_PATH')}")
     assert list(data_dir.iterdir()) == []

@@ -573,7 +573,7 @@ def test_a_dev_issuer_key_that_does_not_parse_is_a_path_to_fix(content: Callable
     with pytest.raises(UnusablePath) as refused:
         DevIssuer.load_or_create(key_file.parent, "iss", "aud")
     assert (str(refused.value), refused.value.exit_code) == (
-        f"the dev issuer's key {key_file} is not an unencrypted RSA private key in PEM: remove it and a new one is "
+        f"the dev issuer's key {key_file} must hold an unencrypted RSA private key in PEM: remove it and a new one is "
         "made (the tokens the old one signed stop verifying)", 2)
     assert key_file.read_bytes() == written
 
