@@ -57,7 +57,7 @@ class UnusablePath(StartRefused):
         that file, unless said) or `setting` pointed elsewhere."""
         on = f" on {error.filename}" if error.filename else ""
         return cls(f"cannot use {what}: {error.strerror or type(error).__name__}{on} "
-                   f"({fix or 'let this user read and write it'}, or point {setting} at a folder it may write)")
+                   f"({fix or 'let this user read and write it'}, or point {setting} at a folder this user may write)")
 
 
 class EmbeddedStoreHeld(StartRefused):

@@ -138,11 +138,11 @@ def command_migrates_first(settings: Settings) -> bool:
 def make_data_dir(settings: Settings) -> None:
     """Create the data dir (and its parents) if missing, as every start does first; UnusablePath, said in one line, if
     this user cannot."""
+    data_dir = settings.data_dir.resolve()  # the folder the system refuses is then named whole, as the data dir is
     try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise UnusablePath.refused(f"the data dir {settings.data_dir.resolve()}", error, "GOVRAG_DATA_DIR",
-                                   fix="create it") from None
+        raise UnusablePath.refused(f"the data dir {data_dir}", error, "GOVRAG_DATA_DIR", fix="create it") from None
 
 
 def require_head_for_command(settings: Settings) -> None:

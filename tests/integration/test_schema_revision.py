@@ -414,7 +414,7 @@ def test_a_sqlite_database_whose_folder_does_not_exist_is_named_not_said_to_be_u
     monkeypatch.setenv("GOVRAG_DATABASE_URL", f"sqlite:///{database}")
     monkeypatch.setenv("GOVRAG_DATA_DIR", str(tmp_path / "data"))
     said = (f"govrag: cannot use the database at {database}: No such file or directory on {database.parent} (create "
-            "it, or point GOVRAG_DATABASE_URL at a folder it may write)")
+            "it, or point GOVRAG_DATABASE_URL at a folder this user may write)")
     outcomes = [*_what_each_start_says(monkeypatch, capsys, production=False),
                 *_what_each_start_says(monkeypatch, capsys, production=True)]
     assert outcomes == [(2, [said], "")] * 2 * len(STARTS)
@@ -436,12 +436,12 @@ def test_a_data_dir_this_user_may_not_write_is_named_in_one_line(
     monkeypatch.chdir(tmp_path)
     (tmp_path / "pay.md").write_text("# Pay\n\nPay day is the 25th.\n")
     monkeypatch.delenv("GOVRAG_DATABASE_URL", raising=False)
-    monkeypatch.setenv("GOVRAG_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("GOVRAG_DATA_DIR", str(data_dir.relative_to(tmp_path)))  # as the default: named whole
     said = {"its parent": f"govrag: cannot use the data dir {data_dir}: Permission denied on {data_dir} (create it, "
-                          "or point GOVRAG_DATA_DIR at a folder it may write)",
+                          "or point GOVRAG_DATA_DIR at a folder this user may write)",
             "the data dir": f"govrag: cannot use the database at {data_dir / 'govrag.db'}: Permission denied on "
                             f"{data_dir} (let this user read and write it, or point GOVRAG_DATA_DIR or "
-                            "GOVRAG_DATABASE_URL at a folder it may write)"}[locked]
+                            "GOVRAG_DATABASE_URL at a folder this user may write)"}[locked]
     with permission_bits_bind():  # root too is refused what the bits refuse
         outcomes = _what_each_start_says(monkeypatch, capsys, production=False)
     assert outcomes == [(2, [said], "")] * len(STARTS)

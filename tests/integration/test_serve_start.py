@@ -23,7 +23,7 @@ from tests.support.file_permissions import PERMISSION_BITS_BIND
 from tests.support.govrag_process import govrag_env, run_govrag
 
 SERVE = ("serve", "--port", "0")
-WAY_OUT = "({fix}, or point {setting} at a folder it may write)"
+WAY_OUT = "({fix}, or point {setting} at a folder this user may write)"
 READ_AND_WRITE = "let this user read and write it"
 
 
