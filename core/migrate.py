@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -321,11 +322,15 @@ def _sqlite_folder_unusable(database_url: str) -> UnusablePath | None:
     if url.get_backend_name() != "sqlite" or not name or name == ":memory:" or url.query.get("uri"):
         return None  # another database, one in memory, or a `file:` URI (its path is SQLite's to read)
     database = Path(name).resolve()
-    if not database.parent.is_dir():
-        code, setting, fix = errno.ENOENT, "GOVRAG_DATABASE_URL", "create it"
-    elif not os.access(database.parent, os.W_OK | os.X_OK, effective_ids=True):  # as SQLite, with this process's rights
-        code, setting, fix = errno.EACCES, "GOVRAG_DATA_DIR or GOVRAG_DATABASE_URL", None
-    else:
-        return None
-    return UnusablePath.refused(f"the database at {database}", OSError(code, os.strerror(code), str(database.parent)),
-                                setting, fix=fix)
+    try:  # the system's own reason where it gives one: the folder missing, or one above it not searchable
+        if not stat.S_ISDIR(database.parent.stat().st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(database.parent))
+        if not os.access(database.parent, os.W_OK | os.X_OK, effective_ids=True):  # as SQLite, with this user's rights
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(database.parent))
+    except OSError as error:
+        # no such folder: one GOVRAG_DATABASE_URL names (the data dir is made before the database is opened)
+        missing = error.errno in (errno.ENOENT, errno.ENOTDIR)
+        return UnusablePath.refused(f"the database at {database}", error,
+                                    "GOVRAG_DATABASE_URL" if missing else "GOVRAG_DATA_DIR or GOVRAG_DATABASE_URL",
+                                    fix="create it" if missing else None)
+    return None

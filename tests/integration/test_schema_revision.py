@@ -402,6 +402,14 @@ def _what_each_start_says(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captur
     return outcomes
 
 
+def _starts_in(tmp_path: Path, *, on: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """STARTS run in tmp_path (pay.md to ingest, the data dir `data`) on the SQLite database file `on`."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pay.md").write_text("# Pay\n\nPay day is the 25th.\n")
+    monkeypatch.setenv("GOVRAG_DATABASE_URL", f"sqlite:///{on}")
+    monkeypatch.setenv("GOVRAG_DATA_DIR", str(tmp_path / "data"))
+
+
 def test_a_sqlite_database_whose_folder_does_not_exist_is_named_not_said_to_be_unavailable(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A SQLite file in a folder that does not exist cannot be opened (SQLite makes no folder): the commands said "the
@@ -409,16 +417,38 @@ def test_a_sqlite_database_whose_folder_does_not_exist_is_named_not_said_to_be_u
     `govrag migrate` "cannot reach the database at URL: unable to open database file", exit 1. Every start now names
     the file, as a path that does not exist (exit 2), in development and in production alike, and creates nothing."""
     database = tmp_path / "nowhere" / "govrag.db"
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "pay.md").write_text("# Pay\n\nPay day is the 25th.\n")
-    monkeypatch.setenv("GOVRAG_DATABASE_URL", f"sqlite:///{database}")
-    monkeypatch.setenv("GOVRAG_DATA_DIR", str(tmp_path / "data"))
+    _starts_in(tmp_path, on=database, monkeypatch=monkeypatch)
     said = (f"govrag: cannot use the database at {database}: No such file or directory on {database.parent} (create "
             "it, or point GOVRAG_DATABASE_URL at a folder this user may write)")
     outcomes = [*_what_each_start_says(monkeypatch, capsys, production=False),
                 *_what_each_start_says(monkeypatch, capsys, production=True)]
     assert outcomes == [(2, [said], "")] * 2 * len(STARTS)
     assert not database.parent.exists()
+
+
+@pytest.mark.parametrize("blocked", ["a file", "not searchable"])
+def test_a_sqlite_database_whose_folder_is_a_file_or_under_one_not_searchable_is_named_in_one_line(
+        blocked: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A SQLite file whose folder is a file was said to be in a folder that does not exist ("No such file or
+    directory" on a file that does); one in a folder under another this user may not search ended every start in a
+    PermissionError traceback, exit 1. Each start now gives the system's own reason on that folder in one line, exit
+    2."""
+    database = tmp_path / "above" / "folder" / "govrag.db"
+    database.parent.parent.mkdir()
+    if blocked == "a file":
+        database.parent.write_text("")
+        reason, way_out = "Not a directory", "create it, or point GOVRAG_DATABASE_URL"
+    else:
+        database.parent.mkdir()
+        database.parent.parent.chmod(0o600)
+        reason = "Permission denied"
+        way_out = "let this user read and write it, or point GOVRAG_DATA_DIR or GOVRAG_DATABASE_URL"
+    _starts_in(tmp_path, on=database, monkeypatch=monkeypatch)
+    said = (f"govrag: cannot use the database at {database}: {reason} on {database.parent} ({way_out} at a folder "
+            "this user may write)")
+    with permission_bits_bind():  # root too is refused what the bits refuse
+        outcomes = _what_each_start_says(monkeypatch, capsys, production=False)
+    assert outcomes == [(2, [said], "")] * len(STARTS)
 
 
 @pytest.mark.parametrize("locked", ["its parent", "the data dir"])
