@@ -185,7 +185,11 @@ def compliance_scope(*, session: Session, settings: Settings, enforcer: Any,
 
 def export_events(*, session: Session, settings: Settings, identity: Identity, scope: set[str] | None,
                   filters: ExportFilters, fmt: ExportFormat) -> Iterator[str]:
-    """Record the export in the ledger, then stream the events in `scope` (None: all) and a closing manifest."""
+    """Record the export in the ledger, then stream the events in `scope` (None: all) and a closing manifest. A window
+    whose `since` (inclusive) is after its `until` (exclusive) is refused: its empty export would read as no events."""
+    if filters.since is not None and filters.until is not None and filters.since > filters.until:
+        raise GovragError(ErrorCode.invalid_request, "since is after until: the export window is inverted (since is "
+                                                     "inclusive, until exclusive)")
     if scope is not None and filters.department is not None and filters.department not in scope:
         raise GovragError(ErrorCode.forbidden, "the compliance role is required in this department")
     through_id = repository.max_event_id(session)

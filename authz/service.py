@@ -222,9 +222,32 @@ def _record_change(ctx: ChangeContext, event: AdminEventType, department: str | 
     return version
 
 
+# --- separation of duties: no admin raises their own access; another admin must ---
+
+def _own_access(what: str) -> GovragError:
+    """The refusal of a policy change that would raise the acting admin's own access."""
+    return GovragError(ErrorCode.forbidden, f"an admin may not {what}; another admin must do it")
+
+
+def _refuse_own_subject(ctx: ChangeContext, subject: str, what: str) -> None:
+    """Forbidden when `subject` is the acting admin or one of the groups their token carries."""
+    if subject in ctx.actor.subjects:
+        raise _own_access(f"{what} themselves or a group they belong to")
+
+
+def _refuse_held_role(ctx: ChangeContext, role: str, departments: list[str], what: str) -> None:
+    """Forbidden when the acting admin (or one of their groups) holds `role`, inherited included, in a department."""
+    ctx.enforcer.refresh(force=True, session=ctx.session)  # under POLICY_LOCK: the latest committed policy
+    if any(role in ctx.enforcer.roles(subject, department)
+           for subject in ctx.actor.subjects for department in departments):
+        raise _own_access(what)
+
+
 def assign_role(*, ctx: ChangeContext, assignment: RoleAssignment) -> bool:
-    """Grant a role in a department; False (and nothing recorded) when it was already granted."""
+    """Grant a role in a department; False (and nothing recorded) when it was already granted. Never to the acting
+    admin or a group of theirs."""
     _validate_assignment(ctx.session, assignment.role, assignment.department)
+    _refuse_own_subject(ctx, assignment.subject, "grant a role to")
     if not repository.add_rule(ctx.session, "g", assignment.subject, ROLE_PREFIX + assignment.role,
                                assignment.department):
         return False
@@ -271,9 +294,13 @@ def list_group_mappings(enforcer: PolicyEnforcer, department: str | None = None)
             for a in list_assignments(enforcer, department) if a.subject.startswith(GROUP_PREFIX)]
 
 
-def define_role(*, ctx: ChangeContext, definition: RoleDefinition) -> None:
-    """Create or replace a role's permissions (platform-wide role names, granted per department)."""
+def define_role(*, ctx: ChangeContext, definition: RoleDefinition) -> RoleDefinition:
+    """Create or replace a role's permissions (platform-wide role names, granted per department); the role as stored.
+    No permission is added to a role the acting admin holds."""
     role, wanted = ROLE_PREFIX + definition.name, {p.value for p in definition.permissions}
+    if wanted - {action for action, existing in repository.permission_rows(ctx.session) if existing == role}:
+        _refuse_held_role(ctx, definition.name, repository.department_names(ctx.session),
+                          "add permissions to a role they hold")
     for action in sorted(wanted):
         repository.add_rule(ctx.session, "p", action, role)
     for action, existing_role in repository.permission_rows(ctx.session):
@@ -281,6 +308,7 @@ def define_role(*, ctx: ChangeContext, definition: RoleDefinition) -> None:
             repository.remove_rules(ctx.session, "p", action, role)
     _record_change(ctx, AdminEventType.role_defined, None,
                    {"role": definition.name, "permissions": sorted(wanted)})
+    return RoleDefinition(name=definition.name, permissions=sorted(wanted))
 
 
 def delete_role(*, ctx: ChangeContext, name: str) -> None:
@@ -306,11 +334,12 @@ def list_roles(enforcer: PolicyEnforcer) -> list[RoleDefinition]:
 
 
 def add_inheritance(*, ctx: ChangeContext, link: RoleInheritance) -> bool:
-    """Inside a department, holders of link.role also hold link.inherits."""
+    """Inside a department, holders of link.role also hold link.inherits; never a role the acting admin holds there."""
     _validate_assignment(ctx.session, link.role, link.department)
     _validate_assignment(ctx.session, link.inherits, link.department)
     if link.role == link.inherits:
         raise GovragError(ErrorCode.invalid_request, "a role cannot inherit itself")
+    _refuse_held_role(ctx, link.role, [link.department], "make a role they hold inherit another")
     _refuse_cycle_or_overlong_chain(ctx, link)
     if not repository.add_rule(ctx.session, "g", ROLE_PREFIX + link.role, ROLE_PREFIX + link.inherits, link.department):
         return False
@@ -381,15 +410,23 @@ def list_inheritance(enforcer: PolicyEnforcer, department: str | None = None) ->
 
 
 def set_clearance(*, ctx: ChangeContext, clearance: ClearanceIn) -> None:
-    """Set the highest classification a subject may read in a department."""
+    """Set the highest classification a subject may read in a department; never the acting admin's or their group's."""
     require_department(ctx.session, clearance.department)
+    _refuse_own_subject(ctx, clearance.subject, "set the clearance of")
     repository.set_clearance(ctx.session, clearance.subject, clearance.department, clearance.level.value)
     _record_change(ctx, AdminEventType.clearance_set, clearance.department,
                    clearance.model_dump(mode="json"))
 
 
 def remove_clearance(*, ctx: ChangeContext, key: ClearanceKey) -> None:
-    """Fall back to the default clearance; not_found when none was set."""
+    """Fall back to the default clearance; not_found when none was set. The acting admin may remove their own (or
+    their group's) unless that raises their clearance: one set below the default, or below a group's, held them."""
+    if key.subject in ctx.actor.subjects:
+        ctx.enforcer.refresh(force=True, session=ctx.session)
+        without = tuple(subject for subject in ctx.actor.subjects if subject != key.subject)
+        if (ctx.enforcer.clearance_rank(without, key.department)
+                > ctx.enforcer.clearance_rank(ctx.actor.subjects, key.department)):
+            raise _own_access("remove a clearance of theirs, or their group's, when that raises their own")
     if not repository.delete_clearance(ctx.session, key.subject, key.department):
         raise GovragError(ErrorCode.not_found, "no such clearance")
     _record_change(ctx, AdminEventType.clearance_removed, key.department, key.model_dump())

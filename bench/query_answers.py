@@ -31,6 +31,7 @@ CODE_ROOT = "GOVRAG_ANSWERS_CODE_ROOT"
 sys.path.insert(0, os.environ.get(CODE_ROOT) or str(Path(__file__).resolve().parent.parent))
 
 ADMIN = "answers-admin"
+UPLOADER = "answers-uploader"  # an editor of every department (an admin grants no role to themselves)
 DEPARTMENTS = ("hr", "finance", "legal", "engineering")
 CALLERS = {  # subject → groups; group:staff reads every department, group:hr-staff only hr
     "staff": ["staff"],
@@ -124,26 +125,26 @@ def ingest(corpus: list[dict[str, str]], database_url: str) -> None:
         documents: dict[tuple[str, str], list[str]] = defaultdict(list)
         for chunk in corpus:
             documents[(chunk["department"], chunk["document"])].append(chunk["text"])
-        jobs = [upload(client, tokens[ADMIN], department, title, texts, shared=n % SHARED_WITH_LEADS_EVERY == 0)
+        jobs = [upload(client, tokens[UPLOADER], department, title, texts, shared=n % SHARED_WITH_LEADS_EVERY == 0)
                 for n, ((department, title), texts) in enumerate(sorted(documents.items()))]
         for job in jobs:
-            while client.get(f"/v1/jobs/{job}", headers=tokens[ADMIN]).json()["status"] not in ("ready", "failed"):
+            while client.get(f"/v1/jobs/{job}", headers=tokens[UPLOADER]).json()["status"] not in ("ready", "failed"):
                 time.sleep(0.2)
     close_vector_store(settings)
     take_out_of_service(database_url)
 
 
 def issue_tokens(client: Any) -> dict[str, dict[str, str]]:
-    """An Authorization header per caller and for the admin, from the dev issuer."""
+    """An Authorization header per caller, for the admin and the uploader, from the dev issuer."""
     issuer = client.app.state.dev_issuer
-    people = {**CALLERS, ADMIN: []}
+    people = {**CALLERS, ADMIN: [], UPLOADER: []}
     return {subject: {"Authorization": f"Bearer {issuer.issue(subject, groups, ttl_seconds=7200)}"}
             for subject, groups in people.items()}
 
 
 def setup_roles(client: Any, admin: dict[str, str]) -> None:
     assignments = [("group:staff", "reader", d) for d in DEPARTMENTS] + [("group:hr-staff", "reader", "hr")]
-    assignments += [(ADMIN, "editor", d) for d in DEPARTMENTS]
+    assignments += [(UPLOADER, "editor", d) for d in DEPARTMENTS]
     for department in DEPARTMENTS:
         client.post("/v1/admin/departments", json={"name": department}, headers=admin).raise_for_status()
     for subject, role, department in assignments:
@@ -151,13 +152,13 @@ def setup_roles(client: Any, admin: dict[str, str]) -> None:
                     json={"subject": subject, "role": role, "department": department}).raise_for_status()
 
 
-def upload(client: Any, admin: dict[str, str], department: str, title: str, texts: list[str], *,
+def upload(client: Any, editor: dict[str, str], department: str, title: str, texts: list[str], *,
            shared: bool) -> str:
     """One document; its ingestion job's id."""
     form: dict[str, Any] = {"department": department, "title": title}
     if shared:
         form["acl_groups"] = ["leads"]
-    response = client.post("/v1/documents", data=form, headers=admin,
+    response = client.post("/v1/documents", data=form, headers=editor,
                            files={"file": (f"{title}.md", "\n\n".join(texts).encode())})
     response.raise_for_status()
     return str(response.json()["job_id"])

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from authz.schemas import GLOBAL_SCOPE as GLOBAL_SCOPE  # the kill switch's global scope, never a department
 from core.models import DEPARTMENT_PATTERN
@@ -24,10 +25,19 @@ class KillMode(StrEnum):
         return {"normal": 0, "retrieval_only": 1, "disabled": 2}[self.value]
 
 
+def _printable_reason(reason: str) -> str:
+    """A reason people read in the guard listing and the ledger's exports: some text on one printable line (as a
+    token's subject is), never only spaces, control or escape characters (a terminal runs those), or bidi controls."""
+    if not reason.strip() or not reason.isprintable():
+        raise ValueError("a reason is printable text on one line, not only spaces: no line breaks, tabs, control, "
+                         "escape or bidirectional characters")
+    return reason
+
+
 class KillSwitchIn(RequestModel):
     scope: str = Field(pattern=SCOPE_PATTERN)
     mode: KillMode
-    reason: str = Field(min_length=1, max_length=500)
+    reason: Annotated[str, Field(min_length=1, max_length=500), AfterValidator(_printable_reason)]
 
 
 class KillSwitchOut(BaseModel):

@@ -119,11 +119,11 @@ def list_roles(enforcer: EnforcerDep, user: CurrentUser) -> list[RoleDefinition]
 @router.put("/roles/{name}", response_model=RoleDefinition)
 def define_role(name: str, body: RoleDefinition, session: SessionDep, enforcer: EnforcerDep, settings: SettingsDep,
                 user: CurrentUser) -> RoleDefinition:
-    """Create a role or replace its permissions (platform admins); the path and body names must agree."""
+    """Create a role or replace its permissions (platform admins); the path and body names must agree. Answers the
+    role as stored (each permission once)."""
     authz_service.require_platform_admin(user)
-    authz_service.define_role(ctx=_change(session, enforcer, user, settings),
-                              definition=authz_service.named_definition(name, body))
-    return body
+    return authz_service.define_role(ctx=_change(session, enforcer, user, settings),
+                                     definition=authz_service.named_definition(name, body))
 
 
 @router.delete("/roles/{name}", status_code=status.HTTP_204_NO_CONTENT)

@@ -364,6 +364,22 @@ def cli_on_ledger(ledger: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator
     get_settings.cache_clear()
 
 
+def test_a_cli_export_of_an_inverted_window_is_refused_and_not_recorded(
+        cli_on_ledger: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--since` after `--until` wrote an empty export (and recorded it), which reads as "nobody accessed it"."""
+    from api import cli
+
+    _append(cli_on_ledger, 2)
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    assert cli.main(["audit", "export", "--since", "2027-01-01", "--until", "2026-01-01",
+                     "-o", str(exports / "window.jsonl")]) == 2
+    assert capsys.readouterr().err.startswith("refused: since is after until")
+    assert _verify(cli_on_ledger)["checked"] == 2 and list(exports.iterdir()) == []  # no export row, no file
+    assert cli.main(["audit", "export", "--since", "2026-01-01", "--until", "2026-01-01"]) == 0  # an empty window
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["manifest"]["rows"] == 0
+
+
 @pytest.mark.parametrize("command", [["audit", "export"], ["export", "training-data", "--department"]])
 def test_a_cli_export_to_a_missing_folder_fails_cleanly_and_is_not_recorded(
         cli_on_ledger: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:

@@ -229,6 +229,98 @@ def test_policy_admin_needs_manage_rights(client: TestClient, world: dict[str, A
         assert client.request(method, path, headers=auth(lo), json=body).status_code == 403, path
 
 
+def _version(client: TestClient, admin: str) -> int:
+    return int(client.get("/v1/admin/policy-version", headers=auth(admin)).json()["version"])
+
+
+def _refused_as_own_access(response: Any) -> None:
+    assert response.status_code == 403, response.text
+    error = response.json()["error"]
+    assert error["code"] == "forbidden" and error["message"].endswith("; another admin must do it"), error
+
+
+def test_a_department_admin_may_not_raise_their_own_access(client: TestClient, world: dict[str, Any],
+                                                           issue_token: Callable[..., str]) -> None:
+    """A department admin granted themselves `compliance` or `privacy_officer` in their department (or mapped a group
+    of theirs onto it, made a role they hold inherit it, raised their own clearance) and then exported its ledger or
+    revealed its PII. Each is now a 403 that changes nothing; another admin may do it, the department admin may grant
+    it to someone else, and revoking one's own grant stays allowed."""
+    root, boss, team = world["tokens"]["admin"], f"boss-{SUFFIX}", f"bosses-{SUFFIX}"
+    _post(client, root, "/v1/admin/role-assignments", {"subject": boss, "role": "admin", "department": OPS})
+    _post(client, root, "/v1/admin/group-mappings", {"group": team, "role": "reader", "department": OPS})
+    token, before = issue_token(boss, [team]), _version(client, root)
+    for method, path, body in [
+        ("POST", "/v1/admin/role-assignments", {"subject": boss, "role": "compliance", "department": OPS}),
+        ("POST", "/v1/admin/role-assignments", {"subject": boss, "role": "privacy_officer", "department": OPS}),
+        ("POST", "/v1/admin/role-assignments", {"subject": f"group:{team}", "role": "compliance", "department": OPS}),
+        ("POST", "/v1/admin/group-mappings", {"group": team, "role": "privacy_officer", "department": OPS}),
+        ("POST", "/v1/admin/role-inheritance", {"role": "admin", "inherits": "compliance", "department": OPS}),
+        ("POST", "/v1/admin/role-inheritance", {"role": "reader", "inherits": "privacy_officer", "department": OPS}),
+        ("PUT", "/v1/admin/clearances", {"subject": boss, "department": OPS, "level": "restricted"}),
+        ("PUT", "/v1/admin/clearances", {"subject": f"group:{team}", "department": OPS, "level": "restricted"}),
+    ]:
+        _refused_as_own_access(client.request(method, path, headers=auth(token), json=body))
+    assert _version(client, root) == before  # nothing changed, nothing recorded
+    assert client.get("/v1/audit/retrievals", headers=auth(token)).status_code == 403
+    _post(client, token, "/v1/admin/role-assignments",
+          {"subject": f"auditor-{SUFFIX}", "role": "compliance", "department": OPS})
+    grant = {"subject": boss, "role": "compliance", "department": OPS}
+    _post(client, root, "/v1/admin/role-assignments", grant)
+    assert client.get("/v1/audit/retrievals", headers=auth(token), params={"department": OPS}).status_code == 200
+    assert client.request("DELETE", "/v1/admin/role-assignments", headers=auth(token), json=grant).status_code == 204
+    assert client.get("/v1/audit/retrievals", headers=auth(token)).status_code == 403
+
+
+def test_a_platform_admin_may_not_raise_their_own_access_either(client: TestClient, world: dict[str, Any],
+                                                                issue_token: Callable[..., str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """GOVRAG_ADMINS makes a platform admin, who manages every department but reads nothing by that: a role they
+    take, a group of theirs mapped, or a permission added to a role they hold comes from another admin."""
+    root, ops_team, viewer = world["tokens"]["admin"], f"platform-ops-{SUFFIX}", f"viewer-{SUFFIX}"
+    _refused_as_own_access(client.post("/v1/admin/role-assignments", headers=auth(root),
+                                       json={"subject": PLATFORM_ADMIN, "role": "editor", "department": OPS}))
+    monkeypatch.setattr(client.app.state.settings, "admins",  # type: ignore[attr-defined]
+                        [PLATFORM_ADMIN, f"group:{ops_team}"])
+    olga = issue_token(f"olga-{SUFFIX}", [ops_team])
+    _refused_as_own_access(client.post("/v1/admin/group-mappings", headers=auth(olga),
+                                       json={"group": ops_team, "role": "reader", "department": LEGAL}))
+    assert client.put(f"/v1/admin/roles/{viewer}", headers=auth(root),
+                      json={"name": viewer, "permissions": ["read"]}).status_code == 200
+    _post(client, root, "/v1/admin/role-assignments",
+          {"subject": f"olga-{SUFFIX}", "role": viewer, "department": LEGAL})
+    _refused_as_own_access(client.put(f"/v1/admin/roles/{viewer}", headers=auth(olga),
+                                      json={"name": viewer, "permissions": ["read", "reveal"]}))
+    assert client.put(f"/v1/admin/roles/{viewer}", headers=auth(olga),  # nothing added: no access raised
+                      json={"name": viewer, "permissions": ["read"]}).status_code == 200
+
+
+def test_an_admin_may_remove_their_own_clearance_unless_it_held_them_below_the_default(
+        client: TestClient, world: dict[str, Any], issue_token: Callable[..., str]) -> None:
+    """Removing a clearance falls back to the default (`internal`): for one set at `public` to restrict someone, that
+    raises it, so the restricted admin may not remove it; one above the default they may drop."""
+    root, chief = world["tokens"]["admin"], f"chief-{SUFFIX}"
+    _post(client, root, "/v1/admin/role-assignments", {"subject": chief, "role": "admin", "department": LEGAL})
+    key = {"subject": chief, "department": LEGAL}
+    assert client.put("/v1/admin/clearances", headers=auth(root), json={**key, "level": "public"}).status_code == 200
+    _refused_as_own_access(client.request("DELETE", "/v1/admin/clearances", headers=auth(issue_token(chief)),
+                                          json=key))
+    assert {**key, "level": "public"} in client.get("/v1/admin/clearances", headers=auth(root)).json()
+    raised = client.put("/v1/admin/clearances", headers=auth(root), json={**key, "level": "confidential"})
+    assert raised.status_code == 200, raised.text
+    removed = client.request("DELETE", "/v1/admin/clearances", headers=auth(issue_token(chief)), json=key)
+    assert removed.status_code == 204, removed.text
+
+
+def test_a_role_definition_answers_what_is_stored(client: TestClient, world: dict[str, Any]) -> None:
+    """A permission given twice was stored once but echoed twice."""
+    admin, name = world["tokens"]["admin"], f"dup-{SUFFIX}"
+    response = client.put(f"/v1/admin/roles/{name}", headers=auth(admin),
+                          json={"name": name, "permissions": ["upload", "read", "read"]})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"name": name, "permissions": ["read", "upload"]}
+    assert response.json() in client.get("/v1/admin/roles", headers=auth(admin)).json()
+
+
 @pytest.mark.parametrize("subject", ["reader", "editor", "admin"])
 def test_a_subject_named_like_a_role_holds_no_role(client: TestClient, world: dict[str, Any],
                                                    issue_token: Callable[..., str], subject: str) -> None:

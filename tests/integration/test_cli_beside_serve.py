@@ -31,12 +31,12 @@ def serving(tmp_path: Path) -> Iterator[tuple[TestClient, Path]]:
         with TestClient(create_app(settings)) as client:
             admin = auth(client.app.state.dev_issuer.issue(PLATFORM_ADMIN, []))
             assert client.post("/v1/admin/departments", json={"name": "hr"}, headers=admin).status_code == 201
-            client.post("/v1/admin/role-assignments", headers=admin,
-                        json={"subject": PLATFORM_ADMIN, "role": "editor", "department": "hr"})
-            job = client.post("/v1/documents", headers=admin, data={"department": "hr"},
+            assert client.post("/v1/admin/role-assignments", headers=admin,
+                               json={"subject": "edith", "role": "editor", "department": "hr"}).status_code == 201
+            editor = client.app.state.dev_issuer.issue("edith", [])
+            job = client.post("/v1/documents", headers=auth(editor), data={"department": "hr"},
                               files={"file": ("a.txt", b"Annual leave is 28 days for every employee.")}).json()
-            assert wait_for_job(client, client.app.state.dev_issuer.issue(PLATFORM_ADMIN, []),
-                                job["job_id"])["status"] == "ready"
+            assert wait_for_job(client, editor, job["job_id"])["status"] == "ready"
             yield client, data_dir
     finally:
         close_vector_store(settings)

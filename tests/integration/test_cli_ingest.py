@@ -737,11 +737,12 @@ def served_api(make_pg_database: Callable[[], str], tmp_path: Path,
     app, database = create_app(settings), url.rsplit("/", 1)[1]
     try:
         with _served(app) as api_url:
-            token = app.state.dev_issuer.issue(PLATFORM_ADMIN, [])
-            with httpx.Client(base_url=api_url, headers=auth(token)) as http:
+            admin = app.state.dev_issuer.issue(PLATFORM_ADMIN, [])
+            with httpx.Client(base_url=api_url, headers=auth(admin)) as http:
                 assert http.post("/v1/admin/departments", json={"name": "hr"}).status_code == 201
                 assert http.post("/v1/admin/role-assignments", json={
-                    "subject": PLATFORM_ADMIN, "role": "editor", "department": "hr"}).status_code == 201
+                    "subject": "ingrid", "role": "editor", "department": "hr"}).status_code == 201
+            token = app.state.dev_issuer.issue("ingrid", [])
             try:
                 yield api_url, token, database
             finally:

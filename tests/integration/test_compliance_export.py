@@ -228,6 +228,20 @@ def test_an_export_filter_out_of_shape_is_a_422_and_never_reaches_the_ledger(cli
     assert all(value not in json.dumps(event) for event in events)
 
 
+def test_an_inverted_window_is_refused_and_never_reaches_the_ledger(client: TestClient, scene: dict[str, str]) -> None:
+    """`since` after `until` answered 200 with an empty export, which reads as "nobody accessed it"."""
+    since = "2031-05-04T03:02:01Z"
+    response = client.get("/v1/audit/retrievals", headers=auth(scene["officer_token"]),
+                          params={"department": scene["dept"], "since": since, "until": "2030-01-01T00:00:00Z"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request" and error["message"].startswith("since is after until"), error
+    events, _ = _export(client, scene["officer_token"], department=scene["dept"], event_type="export")
+    assert events and all("2031-05-04" not in json.dumps(event) for event in events)
+    rows, manifest = _export(client, scene["officer_token"], department=scene["dept"], since=since, until=since)
+    assert rows == [] and manifest["rows"] == 0  # since inclusive, until exclusive: an empty window
+
+
 def test_every_event_type_the_ledger_records_is_a_filter(client: TestClient, scene: dict[str, str]) -> None:
     for event_type in ("retrieval", "export", "role_granted"):
         events, _ = _export(client, scene["officer_token"], department=scene["dept"], event_type=event_type)

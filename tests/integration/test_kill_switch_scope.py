@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -147,3 +148,24 @@ def test_a_scope_that_is_no_department_is_refused_and_nothing_is_stored(client: 
         assert response.json()["error"]["message"] == "no such department"
     scopes = {state["scope"] for state in client.get("/v1/admin/guard", headers=admin).json()}
     assert typo not in scopes
+
+
+@pytest.mark.parametrize("reason", ["   ", "\t", "\u200b", "drill\nsecond line", "\x1b[2J\x1b[31mall clear\x1b[0m",
+                                    "incident\u202e24 txe"])
+def test_a_kill_switch_reason_is_printable_text(client: TestClient, issue_token: Callable[..., str],
+                                                reason: str) -> None:
+    """A reason of spaces only, or carrying line breaks, control, escape or bidi characters, was stored, listed by
+    GET /v1/admin/guard and exported from the ledger (a terminal showing either ran the escapes). It is a 422 that
+    stores nothing; ordinary text in any script is taken."""
+    admin = issue_token(PLATFORM_ADMIN)
+    department = _department(client, admin)
+    response = client.post("/v1/admin/kill-switch", headers=auth(admin),
+                           json={"scope": department, "mode": "retrieval_only", "reason": reason})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request" and "body.reason: Value error, a reason is printable" in error["message"]
+    assert "all clear" not in response.text and "txe" not in response.text
+    assert department not in {s["scope"] for s in client.get("/v1/admin/guard", headers=auth(admin)).json()}
+    taken = client.post("/v1/admin/kill-switch", headers=auth(admin),
+                        json={"scope": department, "mode": "normal", "reason": "Störung – Modell geprüft (№ 7)"})
+    assert taken.status_code == 200 and taken.json()["reason"] == "Störung – Modell geprüft (№ 7)", taken.text
