@@ -294,6 +294,28 @@ def test_a_platform_admin_may_not_raise_their_own_access_either(client: TestClie
                       json={"name": viewer, "permissions": ["read"]}).status_code == 200
 
 
+def test_a_role_held_through_inheritance_is_one_the_admin_holds(client: TestClient, world: dict[str, Any],
+                                                                 issue_token: Callable[..., str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """An admin holding `admin`, which inherits `lead`, holds `lead` too: linking `lead` onward, or adding permissions
+    to it, raises their own access as a change to `admin` would. A role they do not hold stays theirs to change."""
+    root, department, lead, pat = world["tokens"]["admin"], f"chain-{SUFFIX}", f"lead-{SUFFIX}", f"pat-{SUFFIX}"
+    _post(client, root, "/v1/admin/departments", {"name": department})
+    assert client.put(f"/v1/admin/roles/{lead}", headers=auth(root),
+                      json={"name": lead, "permissions": ["read"]}).status_code == 200
+    _post(client, root, "/v1/admin/role-assignments", {"subject": pat, "role": "admin", "department": department})
+    _post(client, root, "/v1/admin/role-inheritance", {"role": "admin", "inherits": lead, "department": department})
+    monkeypatch.setattr(client.app.state.settings, "admins", [PLATFORM_ADMIN, pat])  # type: ignore[attr-defined]
+    token, before = issue_token(pat), _version(client, root)
+    _refused_as_own_access(client.post("/v1/admin/role-inheritance", headers=auth(token),
+                                       json={"role": lead, "inherits": "compliance", "department": department}))
+    _refused_as_own_access(client.put(f"/v1/admin/roles/{lead}", headers=auth(token),
+                                      json={"name": lead, "permissions": ["read", "export_audit"]}))
+    assert _version(client, root) == before
+    _post(client, token, "/v1/admin/role-inheritance",
+          {"role": "reader", "inherits": "compliance", "department": department})
+
+
 def test_an_admin_may_remove_their_own_clearance_unless_it_held_them_below_the_default(
         client: TestClient, world: dict[str, Any], issue_token: Callable[..., str]) -> None:
     """Removing a clearance falls back to the default (`internal`): for one set at `public` to restrict someone, that
