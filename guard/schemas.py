@@ -27,10 +27,12 @@ class KillMode(StrEnum):
 
 def _printable_reason(reason: str) -> str:
     """A reason people read in the guard listing and the ledger's exports: some text on one printable line (as a
-    token's subject is), never only spaces, control or escape characters (a terminal runs those), or bidi controls."""
+    token's subject is), never only spaces, control or escape characters (a terminal runs those), invisible format
+    characters (zero-width, bidi controls) or spaces other than U+0020 (a non-breaking one pasted from a document)."""
     if not reason.strip() or not reason.isprintable():
         raise ValueError("a reason is printable text on one line, not only spaces: no line breaks, tabs, control, "
-                         "escape or bidirectional characters")
+                         "escape, zero-width or bidirectional characters, and no spaces but the plain one (a "
+                         "non-breaking space is refused)")
     return reason
 
 

@@ -151,7 +151,8 @@ def test_a_scope_that_is_no_department_is_refused_and_nothing_is_stored(client: 
 
 
 @pytest.mark.parametrize("reason", ["   ", "\t", "\u200b", "drill\nsecond line", "\x1b[2J\x1b[31mall clear\x1b[0m",
-                                    "incident\u202e24 txe"])
+                                    "incident\u202e24 txe",
+                                    "model\u00a0paused"])
 def test_a_kill_switch_reason_is_printable_text(client: TestClient, issue_token: Callable[..., str],
                                                 reason: str) -> None:
     """A reason of spaces only, or carrying line breaks, control, escape or bidi characters, was stored, listed by
