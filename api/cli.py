@@ -141,11 +141,19 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _migrate(_args: argparse.Namespace) -> int:
+    """One line per revision applied as it commits, then the revision the database is at, and which database."""
     from core import migrate
 
     settings = get_settings()
-    migrate.migrate_to_head(settings)
-    print("schema is at the latest revision")
+    applied: list[str] = []
+
+    def say(step: str) -> None:
+        applied.append(step)
+        print(f"govrag: {step}", flush=True)
+
+    migrate.migrate_to_head(settings, report=say)
+    database = migrate.shown_url(settings.resolved_database_url)
+    print(f"govrag: {'at' if applied else 'already at'} head {migrate.head_revision()} in {database}")
     return 0
 
 

@@ -14,7 +14,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
+from alembic.runtime.migration import MigrationContext, MigrationInfo
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Connection, column, create_engine, exc, inspect, make_url, pool, select, table, text
@@ -113,10 +113,11 @@ def require_head(database_url: str) -> None:
         raise SchemaMismatch(problem)
 
 
-def migrate_to_head(settings: Settings) -> None:
-    """What `govrag migrate` does: make the data dir (UnusablePath if this user cannot) and bring the schema to head."""
+def migrate_to_head(settings: Settings, report: Callable[[str], None] | None = None) -> None:
+    """What `govrag migrate` does: make the data dir (UnusablePath if this user cannot) and bring the schema to head
+    (`report`: as `upgrade`)."""
     make_data_dir(settings)
-    upgrade(settings.resolved_database_url)
+    upgrade(settings.resolved_database_url, report=report)
 
 
 def migrate_in_development(settings: Settings) -> None:
@@ -180,11 +181,22 @@ class SchemaWatch:
             return self._problem
 
 
-def upgrade(database_url: str, revision: str = "head") -> None:
-    """Bring the schema up to `revision` (one process at a time: `_one_at_a_time`)."""
+def upgrade(database_url: str, revision: str = "head", *, report: Callable[[str], None] | None = None) -> None:
+    """Bring the schema up to `revision`, each revision in a transaction of its own (migrations/env.py), one process
+    at a time (`_one_at_a_time`). `report` is told of each revision applied as its transaction commits ("migrated
+    0013 -> 0014 (blob store id)"), without Alembic's INFO logging."""
     _refuse_unknown(current_revision(database_url))
+    config = alembic_config(database_url)
+    if report is not None:
+        config.attributes["on_version_apply"] = lambda step, **_: report(_applied(step))
     with _one_at_a_time(database_url), _revision_errors():
-        command.upgrade(alembic_config(database_url), revision)
+        command.upgrade(config, revision)
+
+
+def _applied(step: MigrationInfo) -> str:
+    """A revision applied, in words: its revision, the one before and the name of its file."""
+    name = Path(_scripts().get_revision(step.up_revision_id).path).stem.partition("_")[2].replace("_", " ")
+    return f"migrated {', '.join(step.source_revision_ids) or 'base'} -> {step.up_revision_id} ({name})"
 
 
 def downgrade(database_url: str, revision: str) -> None:
@@ -200,8 +212,8 @@ def _one_at_a_time(database_url: str) -> Iterator[None]:
     """MIGRATION_LOCK held around a schema change. Two processes started together on a database not yet migrated
     (`govrag migrate` beside a `govrag serve` in development; on the embedded default, `govrag serve` and a `govrag
     audit verify`, two `govrag ingest`) both ran the same steps: the second ended in a traceback on what the first had
-    just created, and on SQLite, whose schema changes do not roll back, could run a data step twice. The second now
-    waits, and Alembic, reading the revision again under the lock, finds nothing left to do."""
+    just created, and on SQLite could run a data step twice. The second now waits, and Alembic, reading the revision
+    again under the lock, finds nothing left to do."""
     with unit_of_work(database_url) as session:
         transaction_lock(session, MIGRATION_LOCK)
         yield
@@ -209,8 +221,8 @@ def _one_at_a_time(database_url: str) -> Iterator[None]:
 
 def refuse_downgrade_losing_data(migration: MigrationContext) -> None:
     """Before any step of a downgrade runs, DowngradeRefused if a revision it would undo holds data (its migration's
-    `data_at_risk`): the one place this is checked, so that a refusal on SQLite (no transactional DDL) comes before
-    any step was undone for good. Writing such a downgrade as SQL (`--sql`) is refused: no rows to count."""
+    `data_at_risk`): the one place this is checked, so that a refusal comes before any revision was undone for good
+    (each commits on its own). Writing such a downgrade as SQL (`--sql`) is refused: no rows to count."""
     plan = migration._migrations_fn  # the command's own plan: what alembic runs next, relative targets resolved
     if getattr(plan, "__name__", "") != "downgrade" or plan is None:
         return
@@ -261,6 +273,11 @@ def _revision_errors() -> Iterator[None]:
         if "revision" not in str(error).lower():
             raise
         raise UnknownRevision(str(error)) from None
+
+
+def shown_url(database_url: str) -> str:
+    """The database's URL as it may be printed (`_without_passwords`)."""
+    return _without_passwords(database_url)[0]
 
 
 def _without_passwords(database_url: str) -> tuple[str, list[str]]:

@@ -1,9 +1,11 @@
-"""Alembic environment: the URL comes from the caller's config, never from a file."""
+"""Alembic environment: the URL comes from the caller's config, never from a file. Each revision runs in a
+transaction of its own, on SQLite too (`_transactional_ddl`): one interrupted (Ctrl-C, a crash, a failing step) leaves
+the database exactly at the revision before it, the ones before kept."""
 
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import engine_from_config, pool
+from sqlalchemy import Connection, Engine, engine_from_config, event, pool
 
 from core.migrate import refuse_downgrade_losing_data
 from core.models import Base
@@ -27,19 +29,37 @@ def run_migrations_online() -> None:
         return
     engine = engine_from_config(config.get_section(config.config_ini_section, {}), prefix="sqlalchemy.",
                                 poolclass=pool.NullPool)
+    if engine.dialect.name == "sqlite":
+        _transactional_ddl(engine)
     with engine.connect() as new_connection:
         _run(new_connection)
 
 
+def _transactional_ddl(engine: Engine) -> None:
+    """SQLite's schema changes in the transaction SQLAlchemy begins (its pysqlite recipe): the driver begins one only
+    before DML, so each CREATE or ALTER before it committed on its own, and a revision interrupted in its middle left
+    its changes without its record (a column, a table, a batch copy `_alembic_tmp_*`) for the next upgrade to fail
+    on. The driver now begins none; SQLAlchemy's `begin` emits BEGIN, and the driver's COMMIT or ROLLBACK ends it."""
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN")
+
+
 def _run(connection) -> None:  # type: ignore[no-untyped-def]
-    context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
+    context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True,
+                      transaction_per_migration=True, on_version_apply=config.attributes.get("on_version_apply"))
     _migrate()
 
 
 def _migrate() -> None:
     """Run the planned steps; a downgrade is checked for data it would delete before any of them runs."""
     with context.begin_transaction():
-        refuse_downgrade_losing_data(context.get_context())  # before any step: SQLite cannot undo one
+        refuse_downgrade_losing_data(context.get_context())  # before any step: each revision commits on its own
         context.run_migrations()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from sqlalchemy import Connection, create_engine, inspect, text
 
 from core import migrate
 from tests.support.file_permissions import permission_bits_bind
+from tests.support.govrag_process import govrag_env, run_govrag
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -313,9 +315,32 @@ def test_two_commands_migrating_one_database_at_once_run_its_steps_once(
                 said = [command.communicate(timeout=600) for command in commands]
     finally:
         engine.dispose()
-    assert [(command.returncode, out.strip(), err) for command, (out, err) in zip(commands, said, strict=True)] == [
-        (0, "schema is at the latest revision", "")] * 2
-    assert migrate.current_revision(url) == migrate.head_revision()
+    head, below = migrate.head_revision(), f"{int(migrate.head_revision()) - 1:04d}"
+    waited, first = sorted((command.returncode, err, out.splitlines())
+                           for command, (out, err) in zip(commands, said, strict=True))
+    assert waited == (0, "", [f"govrag: already at head {head} in {url}"])
+    assert first[:2] == (0, "") and first[2][0].startswith(f"govrag: migrated {below} -> {head} (")
+    assert first[2][1:] == [f"govrag: at head {head} in {url}"]
+    assert migrate.current_revision(url) == head
+
+
+def test_migrate_names_each_revision_it_applies_then_the_head_and_the_database(
+        make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """`govrag migrate` said "schema is at the latest revision" whether it had applied every revision or none, and not
+    of which database. It now names each revision as it commits it, then the head and the database, its password
+    masked, on stdout (Alembic's log lines stay off)."""
+    url = make_pg_database().replace("postgres@", "postgres:S3cret-Pw-7781@")  # trust: any password is taken
+    env = govrag_env(database_url=url, data_dir=str(tmp_path / "data"))
+    first, again = run_govrag(["migrate"], env=env), run_govrag(["migrate"], env=env)
+    head, shown = migrate.head_revision(), url.replace("S3cret-Pw-7781", "***")
+    *steps, done = first.stdout.splitlines()
+    revisions = ["base", *(f"{number:04d}" for number in range(1, int(head) + 1))]
+    assert (first.returncode, first.stderr, done) == (0, "", f"govrag: at head {head} in {shown}")
+    assert [step.split(" (")[0] for step in steps] == [f"govrag: migrated {before} -> {after}"
+                                                       for before, after in zip(revisions, revisions[1:], strict=False)]
+    assert steps[:2] == ["govrag: migrated base -> 0001 (initial schema)",
+                         "govrag: migrated 0001 -> 0002 (audit ledger)"]
+    assert (again.returncode, again.stderr, again.stdout) == (0, "", f"govrag: already at head {head} in {shown}\n")
 
 
 def _wait_for_sessions_waiting(connection: Connection, count: int) -> None:
@@ -476,3 +501,98 @@ def test_a_data_dir_this_user_may_not_write_is_named_in_one_line(
         outcomes = _what_each_start_says(monkeypatch, capsys, production=False)
     assert outcomes == [(2, [said], "")] * len(STARTS)
     assert list(folder.iterdir()) == []
+
+
+# What `govrag migrate` says of each revision it applies from 0010 (named after its file).
+APPLIED = {"0011": "approved level", "0012": "index generations", "0013": "withheld reindex", "0014": "blob store id"}
+
+# A `govrag migrate` from 0010 stopped in a revision, as it records it (every step of it run), by Ctrl-C or a crash:
+# 0011 adds a column, then fills it; 0013 copies the documents table on SQLite (batch), adds a column on PostgreSQL;
+# 0014 creates a table.
+INTERRUPTED = [("sqlite", "0011", signal.SIGKILL), ("sqlite", "0013", signal.SIGKILL),
+               ("sqlite", "0013", signal.SIGINT), ("sqlite", "0014", signal.SIGINT),
+               ("pg", "0013", signal.SIGKILL), ("pg", "0014", signal.SIGINT)]
+
+
+@pytest.mark.parametrize(("kind", "revision", "interruption"), INTERRUPTED,
+                         ids=[f"{kind}-{revision}-{signal.Signals(sent).name}" for kind, revision, sent in INTERRUPTED])
+def test_a_migration_interrupted_in_a_revision_leaves_the_revision_before_and_a_rerun_completes(
+        kind: str, revision: str, interruption: signal.Signals, tmp_path: Path,
+        make_pg_database: Callable[[], str]) -> None:
+    """pysqlite begins a transaction only before DML: each schema change of a revision on SQLite committed on its
+    own, so a `govrag migrate` interrupted in one left its changes without its record (0011's column at 0010, 0014's
+    table at 0013, 0013's half-made copy `_alembic_tmp_documents` left behind), and every later `govrag migrate`
+    failed on them (duplicate column, table already exists) until someone repaired the file by hand. PostgreSQL ran
+    the whole upgrade in one transaction, so the revisions the run had finished were undone with it. Each revision is
+    now one transaction on both: the database is exactly where the revision before left it, data intact, the
+    revisions the run finished (the ones it named) kept, and `govrag migrate` again completes."""
+    interrupted, reference = (make_pg_database() if kind == "pg" else f"sqlite:///{tmp_path / name}.db"
+                              for name in ("interrupted", "reference"))
+    for url in (interrupted, reference):
+        migrate.upgrade(url, "0010")
+        _seed_documents(url)
+    env = govrag_env(database_url=interrupted, data_dir=str(tmp_path / "data"))
+    argv = [sys.executable, "-m", "tests.support.migrate_stopped_at_revision", revision]
+    command = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,  # noqa: S603
+                               text=True)
+    try:
+        said = _lines_until_running(command)
+        command.send_signal(interruption)
+        _, errors = command.communicate(timeout=120)
+    finally:
+        command.kill()
+        command.wait(60)
+    before = f"{int(revision) - 1:04d}"
+    assert command.returncode != 0 and said[-1:] == ["running"], errors[-2000:]
+    assert said[:-1] == [f"govrag: migrated {int(step) - 1:04d} -> {step} ({APPLIED[step]})"
+                         for step in APPLIED if step < revision]
+    migrate.upgrade(reference, before)
+    assert _schema_and_documents(interrupted) == _schema_and_documents(reference)
+    rerun = run_govrag(["migrate"], env=env)
+    assert rerun.returncode == 0, rerun.stderr
+    migrate.upgrade(reference)
+    assert _schema_and_documents(interrupted) == _schema_and_documents(reference)
+
+
+def _seed_documents(url: str) -> None:
+    """A department with an approved document, ready, and a queued one, as a database at 0010 holds them."""
+    columns = "id, department, title, content_type, size_bytes, sha256, acl_groups, classification, status, " \
+              "chunk_count, uploaded_by, created_at, updated_at, flagged_chunks, approved_by"
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("INSERT INTO departments (name, created_at) VALUES ('hr', '2026-01-01')"))
+            connection.execute(text(
+                f"INSERT INTO documents ({columns}) VALUES "  # noqa: S608
+                "('a', 'hr', 'Pay', 'text/plain', 1, 'ab', '[]', 'confidential', 'ready', 2, 'ed', '2026-01-01', "
+                "'2026-01-01', 0, 'rolf'), ('b', 'hr', 'Leave', 'text/plain', 1, 'cd', '[]', 'internal', 'queued', 0, "
+                "'ed', '2026-01-02', '2026-01-02', 0, NULL)"))
+    finally:
+        engine.dispose()
+
+
+def _lines_until_running(command: subprocess.Popen[str]) -> list[str]:
+    """What the process printed up to its `running` line (all it printed, if it ended before)."""
+    assert command.stdout is not None
+    lines: list[str] = []
+    while line := command.stdout.readline():
+        lines.append(line.rstrip("\n"))
+        if lines[-1] == "running":
+            break
+    return lines
+
+
+def _schema_and_documents(url: str) -> tuple[str | None, dict[str, object], list[tuple[object, ...]]]:
+    """The revision, every table's columns and indexes, and the rows of the documents table."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            found = inspect(connection)
+            schema = {table: ([(column["name"], str(column["type"]), column["nullable"], str(column["default"]))
+                               for column in found.get_columns(table)],
+                              sorted((index["name"], *index["column_names"]) for index in found.get_indexes(table)))
+                      for table in sorted(found.get_table_names())}
+            documents = [tuple(row) for row in connection.execute(text("SELECT * FROM documents ORDER BY id"))]
+    finally:
+        engine.dispose()
+    return migrate.current_revision(url), schema, documents

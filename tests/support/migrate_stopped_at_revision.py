@@ -1,0 +1,29 @@
+"""`govrag migrate` in a process of its own that stops as it records one revision, for a test to interrupt it there.
+
+Usage: python -m tests.support.migrate_stopped_at_revision REVISION (settings from GOVRAG_* in the environment)
+Prints `running` once the upgrade has run REVISION's steps and is about to record it in Alembic's version table (the
+last statement of the revision), then waits to be interrupted (SIGINT: Ctrl-C) or killed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from sqlalchemy import Engine, event
+
+from api.cli import main
+
+
+def _stop_before_recording(revision: str) -> None:
+    @event.listens_for(Engine, "before_cursor_execute")
+    def _stop(_connection, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
+        if statement.startswith("UPDATE alembic_version SET version_num=") and f"='{revision}'" in statement:
+            print("running", flush=True)
+            while True:
+                time.sleep(60)
+
+
+if __name__ == "__main__":
+    _stop_before_recording(sys.argv[1])
+    sys.exit(main(["migrate"]))
