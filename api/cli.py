@@ -141,7 +141,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _migrate(_args: argparse.Namespace) -> int:
-    """One line per revision applied as it commits, then the revision the database is at, and which database."""
+    """One line per revision applied once it committed, then the revision the database is at, and which database."""
     from core import migrate
 
     settings = get_settings()

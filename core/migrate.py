@@ -25,7 +25,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext, MigrationInfo
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Connection, column, create_engine, exc, inspect, make_url, pool, select, table, text
+from sqlalchemy import Connection, column, create_engine, event, exc, inspect, make_url, pool, select, table, text
 
 from core.db import transaction_lock, unit_of_work
 from core.errors import Unavailable, UnusablePath, unavailable_dependency
@@ -183,14 +183,36 @@ class SchemaWatch:
 
 def upgrade(database_url: str, revision: str = "head", *, report: Callable[[str], None] | None = None) -> None:
     """Bring the schema up to `revision`, each revision in a transaction of its own (migrations/env.py), one process
-    at a time (`_one_at_a_time`). `report` is told of each revision applied as its transaction commits ("migrated
-    0013 -> 0014 (blob store id)"), without Alembic's INFO logging."""
+    at a time (`_one_at_a_time`). `report` is told of each revision applied once its transaction committed
+    (`_told_once_committed`: "migrated 0013 -> 0014 (blob store id)"), without Alembic's INFO logging."""
     _refuse_unknown(current_revision(database_url))
     config = alembic_config(database_url)
-    if report is not None:
-        config.attributes["on_version_apply"] = lambda step, **_: report(_applied(step))
-    with _one_at_a_time(database_url), _revision_errors():
+    with _one_at_a_time(database_url), _revision_errors(), _told_once_committed(config, report):
         command.upgrade(config, revision)
+
+
+@contextmanager
+def _told_once_committed(config: Config, report: Callable[[str], None] | None) -> Iterator[None]:
+    """`report` told of each revision the upgrade in the block applies, once it committed. Alembic's on_version_apply
+    is called in the revision's transaction, before a commit that may yet fail or be interrupted: the revision is held
+    until its connection begins the next transaction (the next revision's) or the block ends without an error."""
+    if report is None:
+        yield
+        return
+    held: list[str] = []
+
+    def tell(*_: object) -> None:
+        while held:
+            report(held.pop(0))
+
+    def hold(ctx: MigrationContext, step: MigrationInfo, **_: object) -> None:
+        if not event.contains(ctx.connection, "begin", tell):
+            event.listen(ctx.connection, "begin", tell)
+        held.append(_applied(step))
+
+    config.attributes["on_version_apply"] = hold
+    yield
+    tell()
 
 
 def _applied(step: MigrationInfo) -> str:

@@ -327,7 +327,7 @@ def test_two_commands_migrating_one_database_at_once_run_its_steps_once(
 def test_migrate_names_each_revision_it_applies_then_the_head_and_the_database(
         make_pg_database: Callable[[], str], tmp_path: Path) -> None:
     """`govrag migrate` said "schema is at the latest revision" whether it had applied every revision or none, and not
-    of which database. It now names each revision as it commits it, then the head and the database, its password
+    of which database. It now names each revision once it committed, then the head and the database, its password
     masked, on stdout (Alembic's log lines stay off)."""
     url = make_pg_database().replace("postgres@", "postgres:S3cret-Pw-7781@")  # trust: any password is taken
     env = govrag_env(database_url=url, data_dir=str(tmp_path / "data"))
@@ -506,9 +506,9 @@ def test_a_data_dir_this_user_may_not_write_is_named_in_one_line(
 # What `govrag migrate` says of each revision it applies from 0010 (named after its file).
 APPLIED = {"0011": "approved level", "0012": "index generations", "0013": "withheld reindex", "0014": "blob store id"}
 
-# A `govrag migrate` from 0010 stopped in a revision, as it records it (every step of it run), by Ctrl-C or a crash:
-# 0011 adds a column, then fills it; 0013 copies the documents table on SQLite (batch), adds a column on PostgreSQL;
-# 0014 creates a table.
+# A `govrag migrate` from 0010 stopped in a revision as it commits it (every statement run, its record included), by
+# Ctrl-C or a crash: 0011 adds a column, then fills it; 0013 copies the documents table on SQLite (batch), adds a column
+# on PostgreSQL; 0014 creates a table.
 INTERRUPTED = [("sqlite", "0011", signal.SIGKILL), ("sqlite", "0013", signal.SIGKILL),
                ("sqlite", "0013", signal.SIGINT), ("sqlite", "0014", signal.SIGINT),
                ("pg", "0013", signal.SIGKILL), ("pg", "0014", signal.SIGINT)]
@@ -525,7 +525,8 @@ def test_a_migration_interrupted_in_a_revision_leaves_the_revision_before_and_a_
     failed on them (duplicate column, table already exists) until someone repaired the file by hand. PostgreSQL ran
     the whole upgrade in one transaction, so the revisions the run had finished were undone with it. Each revision is
     now one transaction on both: the database is exactly where the revision before left it, data intact, the
-    revisions the run finished (the ones it named) kept, and `govrag migrate` again completes."""
+    revisions the run finished (the ones it named) kept, and `govrag migrate` again completes. The revision stopped
+    as it commits is not named: Alembic's callback, in its transaction, said "migrated" before the commit."""
     interrupted, reference = (make_pg_database() if kind == "pg" else f"sqlite:///{tmp_path / name}.db"
                               for name in ("interrupted", "reference"))
     for url in (interrupted, reference):

@@ -1,8 +1,8 @@
-"""`govrag migrate` in a process of its own that stops as it records one revision, for a test to interrupt it there.
+"""`govrag migrate` in a process of its own that stops as it commits one revision, for a test to interrupt it there.
 
 Usage: python -m tests.support.migrate_stopped_at_revision REVISION (settings from GOVRAG_* in the environment)
-Prints `running` once the upgrade has run REVISION's steps and is about to record it in Alembic's version table (the
-last statement of the revision), then waits to be interrupted (SIGINT: Ctrl-C) or killed.
+Prints `running` once the upgrade has run every statement of REVISION, its record in Alembic's version table included,
+and is about to commit its transaction, then waits to be interrupted (SIGINT: Ctrl-C) or killed.
 """
 
 from __future__ import annotations
@@ -15,15 +15,22 @@ from sqlalchemy import Engine, event
 from api.cli import main
 
 
-def _stop_before_recording(revision: str) -> None:
+def _stop_before_committing(revision: str) -> None:
+    recorded: list[str] = []
+
     @event.listens_for(Engine, "before_cursor_execute")
-    def _stop(_connection, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
+    def _record(_connection, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
         if statement.startswith("UPDATE alembic_version SET version_num=") and f"='{revision}'" in statement:
+            recorded.append(revision)
+
+    @event.listens_for(Engine, "commit")
+    def _stop(_connection) -> None:  # type: ignore[no-untyped-def]
+        if recorded:
             print("running", flush=True)
             while True:
                 time.sleep(60)
 
 
 if __name__ == "__main__":
-    _stop_before_recording(sys.argv[1])
+    _stop_before_committing(sys.argv[1])
     sys.exit(main(["migrate"]))
