@@ -295,11 +295,12 @@ def test_two_commands_migrating_one_database_at_once_run_its_steps_once(
     """Two processes migrating a database a new release left behind at once (`govrag migrate` beside a `govrag serve`
     starting in development; here two `govrag migrate`) both ran the missing step: the second ended in a traceback
     (UniqueViolation on the table the first had just created). The second now waits for the first, then finds nothing
-    left to do. The first is held as it records its step (alembic_version locked; reading it is still allowed) until
-    the second is waiting too."""
+    left to do. The first is held as it records its first step (alembic_version locked; reading it is still allowed)
+    until the second is waiting too. Two steps, each committed on its own: the second waits for the whole upgrade,
+    not for the first step's commit."""
     url = make_pg_database()
     migrate.upgrade(url)
-    migrate.downgrade(url, "-1")
+    migrate.downgrade(url, "-2")
     env = {**os.environ, "GOVRAG_DATABASE_URL": url, "GOVRAG_DATA_DIR": str(tmp_path / "data")}
     engine = create_engine(url)
     try:
@@ -315,12 +316,14 @@ def test_two_commands_migrating_one_database_at_once_run_its_steps_once(
                 said = [command.communicate(timeout=600) for command in commands]
     finally:
         engine.dispose()
-    head, below = migrate.head_revision(), f"{int(migrate.head_revision()) - 1:04d}"
+    head = migrate.head_revision()
+    revisions = [f"{int(head) - below:04d}" for below in (2, 1, 0)]
     waited, first = sorted((command.returncode, err, out.splitlines())
                            for command, (out, err) in zip(commands, said, strict=True))
     assert waited == (0, "", [f"govrag: already at head {head} in {url}"])
-    assert first[:2] == (0, "") and first[2][0].startswith(f"govrag: migrated {below} -> {head} (")
-    assert first[2][1:] == [f"govrag: at head {head} in {url}"]
+    assert first[:2] == (0, "") and first[2][-1] == f"govrag: at head {head} in {url}"
+    assert [step.split(" (")[0] for step in first[2][:-1]] == [
+        f"govrag: migrated {before} -> {after}" for before, after in zip(revisions, revisions[1:], strict=False)]
     assert migrate.current_revision(url) == head
 
 
