@@ -39,7 +39,9 @@ def _transactional_ddl(engine: Engine) -> None:
     """SQLite's schema changes in the transaction SQLAlchemy begins (its pysqlite recipe): the driver begins one only
     before DML, so each CREATE or ALTER before it committed on its own, and a revision interrupted in its middle left
     its changes without its record (a column, a table, a batch copy `_alembic_tmp_*`) for the next upgrade to fail
-    on. The driver now begins none; SQLAlchemy's `begin` emits BEGIN, and the driver's COMMIT or ROLLBACK ends it."""
+    on. The driver now begins none; SQLAlchemy's `begin` emits BEGIN IMMEDIATE, and the driver's COMMIT or ROLLBACK
+    ends it. IMMEDIATE: a revision reads (its version, a table to copy) before it writes, and a deferred BEGIN's first
+    write failed at once ("database is locked", no wait) if another process had written in between."""
 
     @event.listens_for(engine, "connect")
     def _no_implicit_begin(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
@@ -47,7 +49,7 @@ def _transactional_ddl(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN")
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _run(connection) -> None:  # type: ignore[no-untyped-def]

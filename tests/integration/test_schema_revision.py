@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Connection, create_engine, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 
 from core import migrate
 from tests.support.file_permissions import permission_bits_bind
@@ -600,3 +601,31 @@ def _schema_and_documents(url: str) -> tuple[str | None, dict[str, object], list
     finally:
         engine.dispose()
     return migrate.current_revision(url), schema, documents
+
+
+def test_a_sqlite_revision_holds_the_write_lock_from_its_first_read(tmp_path: Path) -> None:
+    """A revision's transaction on SQLite began deferred: it read (its version, the table a batch copy reflects), then
+    wrote, and a write another process committed in between (a running `govrag serve`'s worker) made its first write
+    fail at once ("database is locked": SQLite does not wait when the snapshot a write would build on is stale). It
+    now begins IMMEDIATE: the other writer is the one that waits (here, asking with no wait, it is refused)."""
+    path = tmp_path / "govrag.db"
+    url = f"sqlite:///{path}"
+    migrate.upgrade(url, "0012")
+    beside = sqlite3.connect(path, timeout=0, isolation_level=None)
+    wrote: list[str] = []
+
+    def write_as_the_copy_reflects(_connection, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
+        if statement == 'PRAGMA main.table_xinfo("documents")' and not wrote:
+            try:
+                beside.execute("INSERT INTO departments (name, created_at) VALUES ('hr', '2026-01-01')")
+                wrote.append("committed")
+            except sqlite3.OperationalError as error:
+                wrote.append(str(error))
+
+    event.listen(Engine, "before_cursor_execute", write_as_the_copy_reflects)
+    try:
+        migrate.upgrade(url, "0013")
+    finally:
+        event.remove(Engine, "before_cursor_execute", write_as_the_copy_reflects)
+        beside.close()
+    assert (wrote, migrate.current_revision(url)) == (["database is locked"], "0013")
