@@ -634,13 +634,16 @@ def _page_cursor(document: Document) -> str:
 
 
 def _page_position(after: str | None) -> tuple[datetime, str] | None:
-    """The position a `_page_cursor` token holds; a token that is not one is refused."""
+    """The position a `_page_cursor` token holds; a token that is not one is refused. The id must be text a
+    database can bind: a JSON escape in a tampered token (a NUL, a lone surrogate) failed the query (a 500)."""
     if after is None:
         return None
     try:
         created_at, document_id = json.loads(base64.urlsafe_b64decode(after + "=" * (-len(after) % 4)))
-        return datetime.fromisoformat(created_at), str(document_id)
-    except (ValueError, TypeError) as exc:  # bad base64, JSON, shape or timestamp
+        if not isinstance(document_id, str) or not document_id.isprintable():
+            raise ValueError("not a document id")
+        return datetime.fromisoformat(created_at), document_id
+    except (ValueError, TypeError) as exc:  # bad base64, JSON, shape, id or timestamp
         raise GovragError(ErrorCode.invalid_request, "after: not a cursor from a previous page") from exc
 
 

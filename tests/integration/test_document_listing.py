@@ -101,6 +101,10 @@ def test_a_listing_filters_by_status(client: TestClient, shelf: dict) -> None:  
     ({"after": "not-a-cursor"}, 400, "after: not a cursor from a previous page"),
     ({"after": base64.urlsafe_b64encode(b'{"at": 1}').decode()}, 400, "after: not a cursor from a previous page"),
     ({"after": base64.urlsafe_b64encode(b'["yesterday", "x"]').decode()}, 400, "not a cursor"),
+    # JSON escapes no database binds (a 500 before): NUL (PostgreSQL), a lone surrogate (any database)
+    ({"after": base64.urlsafe_b64encode(b'["2026-01-01T00:00:00", "a\\u0000b"]').decode()}, 400, "not a cursor"),
+    ({"after": base64.urlsafe_b64encode(b'["2026-01-01T00:00:00", "\\ud800"]').decode()}, 400, "not a cursor"),
+    ({"after": base64.urlsafe_b64encode(b'["2026-01-01T00:00:00", 7]').decode()}, 400, "not a cursor"),
     ({"after": "a\x00b"}, 422, "NUL"),
 ])
 def test_a_bad_listing_request_gets_a_clear_error(client: TestClient, shelf: dict, params: dict, status: int,  # type: ignore[type-arg]
