@@ -22,8 +22,19 @@ GROUP_PATTERN = r"^[^\s,*()\[\]]{1,240}$"
 CHUNK_ID_PATTERN = r"^[^:]{1,64}:[0-9]{1,9}$"
 
 
+def _printable(name: str) -> str:
+    """A name a token can carry: tokens with a subject or group holding a control, format or other unprintable
+    character (U+200B, U+202E, ...) are refused (`authz.tokens`), so a grant to one granted nothing, and showed in
+    listings as the name it looks like."""
+    if not name.isprintable():
+        raise ValueError("holds a control, format or other unprintable character (a zero-width space, a direction "
+                         "mark, ...), which no token carries")
+    return name
+
+
 def _user_or_group(subject: str) -> str:
     """A subject a token can carry, or group:<a group name a token's groups claim can carry>."""
+    _printable(subject)
     if subject.startswith(GROUP_PREFIX):
         if not re.fullmatch(GROUP_PATTERN, subject.removeprefix(GROUP_PREFIX)):
             raise ValueError("a group subject is group:<name>, the name 1-240 characters without spaces, brackets, "
@@ -97,7 +108,8 @@ class GroupMappingKey(RequestModel):
 class GroupMapping(GroupMappingKey):
     """Members of an IdP group hold `role` in `department`."""
 
-    group: str = Field(pattern=GROUP_PATTERN, description="the group as the token's groups claim carries it")
+    group: Annotated[str, Field(pattern=GROUP_PATTERN, description="the group as the token's groups claim carries it"),
+                     AfterValidator(_printable)]
 
 
 class GroupMappingOut(BaseModel):

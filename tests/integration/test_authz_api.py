@@ -354,7 +354,7 @@ def test_a_subject_named_like_a_role_holds_no_role(client: TestClient, world: di
 
 
 @pytest.mark.parametrize("subject", ["role:reader", "group:", "group:" + "g" * 241, "system:guard", "cli:ops",
-                                     "eve(x", "group:team[a"])
+                                     "eve(x", "group:team[a", "na\u200bdia", "bell\x07", "group:team\u202e"])
 def test_a_subject_no_token_can_carry_cannot_be_assigned(client: TestClient, world: dict[str, Any],
                                                           subject: str) -> None:
     """Assigning to "role:reader" would silently create a hierarchy link; only role-inheritance may do that. A group
@@ -364,6 +364,20 @@ def test_a_subject_no_token_can_carry_cannot_be_assigned(client: TestClient, wor
                            json={"subject": subject, "role": "reader", "department": OPS})
     assert response.status_code == 422, response.text
     assert client.get("/v1/admin/group-mappings", headers=auth(world["tokens"]["admin"])).status_code == 200
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/admin/group-mappings", {"group": "ops\u200bteam", "role": "reader"}),
+    ("/v1/admin/clearances", {"subject": "na\u200bdia", "level": "restricted"}),
+])
+def test_a_name_with_an_invisible_character_is_refused_as_no_token_carries_it(client: TestClient, world: dict[str, Any],
+                                                                             path: str, body: dict[str, str]) -> None:
+    """Tokens with such a subject or group are refused, so a grant or clearance to one was a 201 or 200 that changed
+    nothing for anyone, listed as the name it looks like (a zero-width space shows as nothing)."""
+    method = "PUT" if path.endswith("clearances") else "POST"
+    response = client.request(method, path, headers=auth(world["tokens"]["admin"]), json={**body, "department": OPS})
+    assert response.status_code == 422, response.text
+    assert "unprintable character" in response.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("group", ["team(a", "team)a", "ops[1]"])
