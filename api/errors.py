@@ -25,6 +25,9 @@ REQUEST_PARTS = ("body", "query", "path", "header", "cookie", "[key]")  # [key]:
 _HTTP_CODES = {401: ErrorCode.unauthenticated, 403: ErrorCode.forbidden, 404: ErrorCode.not_found,
                413: ErrorCode.payload_too_large, 415: ErrorCode.unsupported_type}
 NOT_JSON_MESSAGE = "invalid request: the body must be JSON (Content-Type: application/json)"
+# FastAPI says "There was an error parsing the body" for both: what the JSON parser failed on, named.
+NOT_UTF8_MESSAGE = "invalid request: the body is not UTF-8 text (JSON is sent in UTF-8, uncompressed)"
+TOO_DEEP_MESSAGE = "invalid request: the body's JSON is nested too deeply"
 
 
 class ErrorDetail(BaseModel):
@@ -75,13 +78,19 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, ErrorCode.invalid_request)
-        message = _multipart_problem(exc) or (exc.detail if isinstance(exc.detail, str) else "request failed")
+        message = _parse_problem(exc) or (exc.detail if isinstance(exc.detail, str) else "request failed")
         return error_response(exc.status_code, code.name, message, headers=exc.headers)  # a 405's Allow, say
 
 
-def _multipart_problem(exc: StarletteHTTPException) -> str | None:
-    """What Starlette's "Invalid multipart data." stands for when the form parser found a header line too long: a
-    part's file name of more than ~4,000 bytes. None for anything else (the detail is then said as it is)."""
+def _parse_problem(exc: StarletteHTTPException) -> str | None:
+    """What a parser's generic 400 stands for: a JSON body that is not UTF-8 (a gzip-compressed one, say: a body is
+    read as sent) or nested deeper than the parser goes; Starlette's "Invalid multipart data." when the form parser
+    found a header line too long (a part's file name of more than ~4,000 bytes). None for anything else (the detail
+    is then said as it is)."""
+    if isinstance(exc.__cause__, UnicodeDecodeError):
+        return NOT_UTF8_MESSAGE
+    if isinstance(exc.__cause__, RecursionError):
+        return TOO_DEEP_MESSAGE
     cause = exc.__context__.__cause__ if exc.__context__ is not None else None
     if isinstance(cause, MultipartParseError) and "header size" in str(cause):
         return "invalid multipart data: a part's header is too long (a file name is at most about 4,000 bytes)"

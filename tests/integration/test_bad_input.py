@@ -3,6 +3,7 @@ and upload forms; names from inside files are cleaned; an unexpected crash still
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import time
@@ -110,6 +111,23 @@ def test_a_body_nested_deeper_than_the_stack_is_a_4xx_and_a_short_log(
         response = client.post(path, content=body, headers={**auth(desk["admin"]), "content-type": "application/json"})
     assert response.status_code in (400, 422), response.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    if response.status_code == 400:  # "There was an error parsing the body" said nothing of what to change
+        assert response.json()["error"]["message"] == "invalid request: the body's JSON is nested too deeply"
+
+
+@pytest.mark.parametrize(("body", "encoding"), [(gzip.compress(f'{{"question": "{SECRET_WORD}"}}'.encode()), "gzip"),
+                                              (f'{{"question": "\xe9t\xe9 {SECRET_WORD}"}}'.encode("latin-1"), None)],
+                         ids=["gzip", "latin-1"])
+def test_a_json_body_not_in_utf8_is_told_to_send_utf8(client: TestClient, desk: dict[str, str], body: bytes,
+                                                      encoding: str | None) -> None:
+    """A gzip-compressed body (bodies are read as sent, whatever their Content-Encoding) or one in Latin-1 was told
+    "There was an error parsing the body": now the 400 names the encoding, and echoes nothing of the body."""
+    headers = {**auth(desk["editor"]), "content-type": "application/json"}
+    response = client.post("/v1/query", content=body, headers=headers | ({"content-encoding": encoding} if encoding
+                                                                            else {}))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request" and "not UTF-8" in error["message"] and SECRET_WORD not in response.text
 
 
 @pytest.mark.parametrize("path", ["/v1/documents/abc%00def", "/v1/jobs/x%00y", "/v1/audit/retrievals?user=eve%00x"])
