@@ -58,6 +58,9 @@ _CHARACTER_REFERENCE = re.compile(r"&(?:#[0-9]{1,7};?|#[xX][0-9a-fA-F]{1,6};?|[A
 _COMMON = frozenset("the and you are to of a is in that it for your all this with not be as on ignore instructions "
                     "previous now say print reveal system prompt tell me what".split())
 MAX_DECODED = 4
+# Unicode tag characters mirror printable ASCII (U+E0041 is a hidden `A`) and render as nothing, but a model reads the
+# text they spell ("ASCII smuggling"): stripped as invisible, that text went to the model unjudged.
+_TAG_RUN = re.compile("[\U000e0020-\U000e007e]+")
 
 
 def has_invisible(text: str) -> bool:
@@ -124,6 +127,11 @@ def decoded_payloads(text: str) -> list[str]:
     return found[:MAX_DECODED]
 
 
+def tag_texts(text: str) -> list[str]:
+    """The ASCII texts spelled in Unicode tag characters inside `text`, one per run."""
+    return ["".join(chr(ord(ch) - 0xE0000) for ch in run) for run in _TAG_RUN.findall(text)]
+
+
 def _unescape_references(text: str) -> str:
     """HTML character references decoded (`&#73;gnore` is `Ignore` to any reader of markup); the rest as it is."""
     return _CHARACTER_REFERENCE.sub(lambda match: html.unescape(match.group()), text)
@@ -131,8 +139,9 @@ def _unescape_references(text: str) -> str:
 
 def normalise(text: str) -> str:
     """One canonical text: the visible letters, words hyphenated across a line wrap joined, de-leeted, with any
-    decoded payloads appended."""
-    clean = _SPACES.sub(" ", _WRAPPED_HYPHEN.sub("", strip_invisible(_unescape_references(text))))
+    decoded payloads and any text spelled in tag characters appended."""
+    unescaped = _unescape_references(text)
+    clean = _SPACES.sub(" ", _WRAPPED_HYPHEN.sub("", strip_invisible(unescaped)))
     visible = deleet(clean)
-    extra = [deleet(strip_invisible(p)) for p in decoded_payloads(clean)]
+    extra = [deleet(strip_invisible(p)) for p in [*decoded_payloads(clean), *tag_texts(unescaped)]]
     return "\n".join([visible, *extra])
