@@ -14,6 +14,13 @@ RESERVED_PREFIXES = (GROUP_PREFIX, ROLE_PREFIX, SYSTEM_PREFIX, CLI_PREFIX)
 MAX_SUBJECT_CHARS = 255  # longest subject (a token's `sub`, a user or group:<name> in the policy), in characters
 
 
+def token_can_carry(name: str) -> bool:
+    """Whether a token's subject or groups claim may hold `name`: printable characters only. A control, format or
+    other invisible character (a zero-width space, a direction mark) or a lone surrogate is refused: it would break
+    an audit row, or show as a name it is not."""
+    return name.isprintable()
+
+
 @dataclass(frozen=True)
 class Identity:
     """A caller proven by a verified token; never built from unverified input."""

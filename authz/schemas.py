@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 
-from authz.identity import GROUP_PREFIX, MAX_SUBJECT_CHARS, RESERVED_PREFIXES
+from authz.identity import GROUP_PREFIX, MAX_SUBJECT_CHARS, RESERVED_PREFIXES, token_can_carry
 from core.text import DepartmentName, RequestModel
 from ingestion.schemas import Classification
 
@@ -23,10 +23,9 @@ CHUNK_ID_PATTERN = r"^[^:]{1,64}:[0-9]{1,9}$"
 
 
 def _printable(name: str) -> str:
-    """A name a token can carry: tokens with a subject or group holding a control, format or other unprintable
-    character (U+200B, U+202E, ...) are refused (`authz.tokens`), so a grant to one granted nothing, and showed in
-    listings as the name it looks like."""
-    if not name.isprintable():
+    """A name a token can carry (`token_can_carry`, the token verifier's rule): a grant to any other granted nothing,
+    and showed in listings as the name it looks like."""
+    if not token_can_carry(name):
         raise ValueError("holds a control, format or other unprintable character (a zero-width space, a direction "
                          "mark, ...), which no token carries")
     return name
@@ -148,6 +147,7 @@ class ClearanceOut(BaseModel):
     subject: str
     department: str
     level: str
+    invalid: str | None = Field(default=None, description="set on a stored row that grants nothing: why")
 
 
 class PolicyVersionOut(BaseModel):

@@ -16,7 +16,7 @@ from audit import service as audit_service
 from audit.schemas import AdminEventType
 from authz import repository
 from authz.enforcer import ROLE_PREFIX, UNLOADABLE_ROW, PolicyEnforcer, rank
-from authz.identity import GROUP_PREFIX, Identity
+from authz.identity import GROUP_PREFIX, Identity, token_can_carry
 from authz.schemas import (
     RESERVED_DEPARTMENT_NAMES,
     ClearanceIn,
@@ -264,11 +264,21 @@ def revoke_role(*, ctx: ChangeContext, assignment: RoleAssignmentKey) -> None:
     _record_change(ctx, AdminEventType.role_revoked, assignment.department, assignment.model_dump())
 
 
+UNCARRIED_NAME = ("stored before such names were refused: the name holds an unprintable character (a control "
+                  "character, a zero-width space, a direction mark) no token carries, so it grants nothing; revoke it")
+
+
+def _uncarried(subject: str) -> str | None:
+    """Why a stored row to `subject` grants nothing when no token can carry it (stored before such names were
+    refused), else None."""
+    return None if token_can_carry(subject) else UNCARRIED_NAME
+
+
 def list_assignments(enforcer: PolicyEnforcer, department: str | None = None) -> list[RoleAssignmentOut]:
-    """Role assignments of users and groups, optionally for one department; stored rows the policy leaves out (they
-    grant nothing) come last, marked `invalid`, so an admin can revoke them."""
+    """Role assignments of users and groups, optionally for one department; stored rows that grant nothing are marked
+    `invalid` (those the policy leaves out come last), so an admin can revoke them."""
     enforcer.refresh()
-    loaded = [(row, None) for row in enforcer.grouping_rows()]
+    loaded = [(row, _uncarried(row[0])) for row in enforcer.grouping_rows()]
     unloadable = [(row, UNLOADABLE_ROW) for row in enforcer.unloadable_grouping_rows()]
     return [RoleAssignmentOut(subject=subject, role=role.removeprefix(ROLE_PREFIX), department=dept, invalid=invalid)
             for (subject, role, dept, *_), invalid in loaded + unloadable
@@ -433,9 +443,10 @@ def remove_clearance(*, ctx: ChangeContext, key: ClearanceKey) -> None:
 
 
 def list_clearances(enforcer: PolicyEnforcer, department: str | None = None) -> list[ClearanceOut]:
-    """Explicit clearances, optionally for one department (also one stored before today's rules on subjects)."""
+    """Explicit clearances, optionally for one department (also one stored before today's rules on subjects, marked
+    `invalid` when no token can carry it)."""
     enforcer.refresh()
-    return [ClearanceOut(subject=subject, department=dept, level=level)
+    return [ClearanceOut(subject=subject, department=dept, level=level, invalid=_uncarried(subject))
             for (subject, dept), level in sorted(enforcer.clearances().items())
             if department is None or dept == department]
 

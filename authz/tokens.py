@@ -21,7 +21,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from authz.dev_issuer import DevIssuer
-from authz.identity import MAX_SUBJECT_CHARS, RESERVED_PREFIXES, Identity, is_platform_admin
+from authz.identity import MAX_SUBJECT_CHARS, RESERVED_PREFIXES, Identity, is_platform_admin, token_can_carry
 from core.errors import ErrorCode, GovragError, Unavailable
 from core.http import read_within
 from core.settings import Settings
@@ -409,7 +409,7 @@ def _subject(subject: Any) -> str:
         raise _fail("missing required claim")
     if not isinstance(subject, str) or not subject.strip():
         raise _fail("invalid subject")
-    if len(subject) > MAX_SUBJECT_CHARS or subject.startswith(RESERVED_PREFIXES) or not subject.isprintable():
+    if len(subject) > MAX_SUBJECT_CHARS or subject.startswith(RESERVED_PREFIXES) or not token_can_carry(subject):
         raise _fail("invalid subject")
     return subject
 
@@ -418,6 +418,6 @@ def _groups(value: Any) -> tuple[str, ...]:
     """The groups claim as a de-duplicated tuple; absent means none, anything but printable strings is refused."""
     if value is None:
         return ()
-    if not isinstance(value, list) or not all(isinstance(g, str) and g.isprintable() for g in value):
+    if not isinstance(value, list) or not all(isinstance(g, str) and token_can_carry(g) for g in value):
         raise _fail("invalid groups claim")  # a lone surrogate or control character would break the audit row
     return tuple(dict.fromkeys(g for g in value if g))

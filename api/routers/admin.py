@@ -196,7 +196,7 @@ def set_clearance(body: ClearanceIn, session: SessionDep, enforcer: EnforcerDep,
     return body
 
 
-@router.get("/clearances", response_model=list[ClearanceOut])
+@router.get("/clearances", response_model=list[ClearanceOut], response_model_exclude_none=True)
 def list_clearances(enforcer: EnforcerDep, user: CurrentUser,
                     department: DepartmentName | None = None) -> list[ClearanceOut]:
     """Explicit clearances (everyone else has the default)."""

@@ -464,6 +464,47 @@ def test_a_legacy_clearance_with_brackets_is_listed_and_can_be_removed(client: T
             session.commit()
 
 
+
+def test_a_stored_row_to_a_name_no_token_carries_is_marked_invalid_and_can_be_revoked(
+        client: TestClient, world: dict[str, Any], settings: Any) -> None:
+    """A grant, group mapping or clearance to a name holding an unprintable character, stored before the admin API
+    refused such names (inserted here directly), grants nothing: tokens carrying one are refused. The listings showed
+    `na<U+200B>dia` as a valid `nadia`; now each is marked `invalid`, and is removed with the body it is listed
+    under (the names a revocation takes are not narrowed)."""
+    from authz import repository
+    from core.models import CasbinRule, Clearance
+
+    admin, engine = world["tokens"]["admin"], get_engine(settings.resolved_database_url)
+    user, group = f"na\u200bdia-{SUFFIX}", f"ops\u202eteam-{SUFFIX}"
+    with Session(engine) as session:
+        session.add(CasbinRule(ptype="g", v0=user, v1="role:reader", v2=LEGAL))
+        session.add(CasbinRule(ptype="g", v0=f"group:{group}", v1="role:reader", v2=LEGAL))
+        session.add(Clearance(subject=user, department=LEGAL, level="restricted"))
+        repository.bump_policy_version(session)
+        session.commit()
+    stored = {"role-assignments": {"subject": user, "role": "reader", "department": LEGAL},
+              "group-mappings": {"group": group, "role": "reader", "department": LEGAL},
+              "clearances": {"subject": user, "department": LEGAL}}
+    try:
+        assert client.get("/v1/admin/policy-version", headers=auth(admin)).status_code == 200  # a forced policy load
+        listed = {path: client.get(f"/v1/admin/{path}", headers=auth(admin)).json() for path in stored}
+        for path, key in stored.items():
+            [entry] = [row for row in listed[path] if key.items() <= row.items()]
+            assert "no token carries" in entry["invalid"], entry
+            assert all("invalid" not in row for row in listed[path]
+                       if all(value.isprintable() for value in row.values())), path  # the rest are not marked
+            removed = client.request("DELETE", f"/v1/admin/{path}", headers=auth(admin), json=key)
+            assert removed.status_code == 204, removed.text
+        with Session(engine) as session:
+            assert not session.query(CasbinRule).filter(CasbinRule.v0.in_([user, f"group:{group}"])).count()
+            assert not session.query(Clearance).filter_by(subject=user).count()
+    finally:
+        with Session(engine) as session:
+            session.query(CasbinRule).filter(CasbinRule.v0.in_([user, f"group:{group}"])).delete()
+            session.query(Clearance).filter_by(subject=user).delete()
+            repository.bump_policy_version(session)
+            session.commit()
+
 def test_recheck_drops_a_hit_the_filter_let_through_and_counts_it(client: TestClient, world: dict[str, Any],
                                                                   settings: Any) -> None:
     """A point whose payload understates its classification passes the filter; the re-check (document row)
