@@ -58,8 +58,10 @@ _CHARACTER_REFERENCE = re.compile(r"&(?:#[0-9]{1,7};?|#[xX][0-9a-fA-F]{1,6};?|[A
 _COMMON = frozenset("the and you are to of a is in that it for your all this with not be as on ignore instructions "
                     "previous now say print reveal system prompt tell me what".split())
 MAX_DECODED = 4
-# Unicode tag characters mirror printable ASCII (U+E0041 is a hidden `A`) and render as nothing, but a model reads the
-# text they spell ("ASCII smuggling"): stripped as invisible, that text went to the model unjudged.
+# Unicode tag characters (U+E0000-U+E007F) render as nothing; from U+E0020 to U+E007E they mirror printable ASCII
+# (U+E0041 is a hidden `A`), and a model reads the text they spell ("ASCII smuggling"): stripped as invisible, that
+# text went to the model unjudged.
+_TAG_CHARACTERS = re.compile("[\U000e0000-\U000e007f]+")
 _TAG_RUN = re.compile("[\U000e0020-\U000e007e]+")
 
 
@@ -130,6 +132,11 @@ def decoded_payloads(text: str) -> list[str]:
 def tag_texts(text: str) -> list[str]:
     """The ASCII texts spelled in Unicode tag characters inside `text`, one per run."""
     return ["".join(chr(ord(ch) - 0xE0000) for ch in run) for run in _TAG_RUN.findall(text)]
+
+
+def without_tags(text: str) -> str:
+    """`text` without Unicode tag characters: what a reader sees, and all a model is given to read."""
+    return _TAG_CHARACTERS.sub("", text)
 
 
 def _unescape_references(text: str) -> str:

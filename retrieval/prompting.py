@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from guard.normalise import strip_invisible
+from guard.normalise import strip_invisible, without_tags
 from guard.placeholders import qualify
 from retrieval.answer import UNSPACED, content_terms, split_sentences
 
@@ -128,8 +128,9 @@ def _escape(text: str) -> str:
 
 def title_as_shown(value: str) -> str:
     """A title as the prompt shows it: one line (every line break and separator a space) that can close neither its
-    attribute nor its tag (quotes and angle brackets replaced, also where a compatibility form reads as one)."""
-    return "".join(_attribute_safe(ch) for ch in " ".join(value.split()))
+    attribute nor its tag (quotes and angle brackets replaced, also where a compatibility form reads as one), without
+    the text hidden in tag characters."""
+    return "".join(_attribute_safe(ch) for ch in " ".join(without_tags(value).split()))
 
 
 def _attribute_safe(ch: str) -> str:
@@ -139,19 +140,23 @@ def _attribute_safe(ch: str) -> str:
 
 def build_prompt(question: str, chunks: list[PromptChunk], canaries: dict[str, str], *, budget_tokens: int,
                  count_tokens: Callable[[str], int]) -> Prompt:
-    """System rules (+ hidden canaries), then as many top chunks as fit the budget, then the question."""
+    """System rules (+ hidden canaries), then as many top chunks as fit the budget, then the question. Text hidden in
+    Unicode tag characters (invisible, but a model reads what they spell) is left out of the question, titles and
+    chunks: the model reads only what a person sees."""
     hidden = "\n".join(HIDDEN_MARKER.format(department=d, canary=c) for d, c in sorted(canaries.items()))
     system = f"{SYSTEM_PROMPT}\n{hidden}" if hidden else SYSTEM_PROMPT
+    question = without_tags(question)
     remaining = budget_tokens - count_tokens(system) - count_tokens(QUESTION.format(sources="", question=question))
     sources, given = [], {}
     for chunk in chunks:
-        source = SOURCE.format(n=chunk.n, title=title_as_shown(chunk.title), text=_escape(chunk.text))
+        text = without_tags(chunk.text)
+        source = SOURCE.format(n=chunk.n, title=title_as_shown(chunk.title), text=_escape(text))
         cost = count_tokens(source) + 2
         if cost > remaining:
             continue
         remaining -= cost
         sources.append(source)
-        given[chunk.n] = chunk.text
+        given[chunk.n] = text
     user = QUESTION.format(sources="\n".join(sources), question=question)
     return Prompt(messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
                   given=given, system=system)
