@@ -111,7 +111,8 @@ def test_a_body_nested_deeper_than_the_stack_is_a_4xx_and_a_short_log(
         response = client.post(path, content=body, headers={**auth(desk["admin"]), "content-type": "application/json"})
     assert response.status_code in (400, 422), response.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
-    if response.status_code == 400:  # "There was an error parsing the body" said nothing of what to change
+    if depth == 200_000:  # the parser's 400 said "There was an error parsing the body", nothing of what to change
+        assert response.status_code == 400, response.text
         assert response.json()["error"]["message"] == "invalid request: the body's JSON is nested too deeply"
 
 
