@@ -1,4 +1,5 @@
-"""Partitioners for the formats beyond text, HTML, PDF and DOCX (issue 3), all offline.
+"""Partitioners for the formats beyond text, HTML, PDF and DOCX (issue 3), all offline; ODT, RTF and EPUB are
+converted to DOCX or HTML first (ingestion/pandoc.py).
 
 E-mail attachments become child documents of the e-mail (ingestion/service.py, `spawn_attachments`).
 """
@@ -121,27 +122,6 @@ def partition_delimited(delimiter: str) -> Callable[[bytes], list[Element]]:
     return partition
 
 
-def partition_odt(data: bytes) -> list[Element]:
-    """OpenDocument text (converted by the pandoc that pypandoc-binary ships)."""
-    from unstructured.partition.odt import partition_odt as partition
-
-    return partition(file=io.BytesIO(data), languages=_LANGUAGES)
-
-
-def partition_rtf(data: bytes) -> list[Element]:
-    """Rich Text Format (through pandoc)."""
-    from unstructured.partition.rtf import partition_rtf as partition
-
-    return partition(file=io.BytesIO(data), languages=_LANGUAGES)
-
-
-def partition_epub(data: bytes) -> list[Element]:
-    """An EPUB book (through pandoc to HTML)."""
-    from unstructured.partition.epub import partition_epub as partition
-
-    return partition(file=io.BytesIO(data), languages=_LANGUAGES)
-
-
 def partition_xml(data: bytes) -> list[Element]:
     """XML text content, without tags; entities are not resolved (no XXE)."""
     from unstructured.partition.xml import partition_xml as partition
@@ -193,8 +173,5 @@ PARTITIONERS: dict[str, Callable[[bytes], list[Element]]] = {
     sniff.APPLICATION_XLS: partition_spreadsheet,
     sniff.TEXT_CSV: partition_delimited(","),
     sniff.TEXT_TSV: partition_delimited("\t"),
-    sniff.APPLICATION_ODT: partition_odt,
-    sniff.APPLICATION_RTF: partition_rtf,
-    sniff.APPLICATION_EPUB: partition_epub,
     sniff.APPLICATION_XML: partition_xml,
 }

@@ -50,7 +50,7 @@ def convert(data: bytes, content_type: str, timeout_seconds: float) -> tuple[byt
         command = [soffice, "--headless", "--norestore", "--nolockcheck", "--nodefault",
                    f"-env:UserInstallation={(Path(work) / 'profile').as_uri()}",
                    "--convert-to", legacy.converted_extension, "--outdir", str(output), str(source)]
-        if not _run_to_the_end(command, timeout_seconds):
+        if run_to_the_end(command, timeout_seconds) is None:
             raise GovragError(ErrorCode.invalid_request, f"converting the {legacy.name} file took longer than "
                                                          f"the {timeout_seconds:g} s limit")
         converted = output / f"upload.{legacy.converted_extension}"
@@ -63,18 +63,17 @@ def convert(data: bytes, content_type: str, timeout_seconds: float) -> tuple[byt
 GROUP_EXIT_WAIT_SECONDS = 2.0  # after the kill, how long to wait for LibreOffice's processes to be gone
 
 
-def _run_to_the_end(command: list[str], timeout_seconds: float) -> bool:
-    """Run LibreOffice in a session of its own; whether it ended within the limit. Whatever happens (its end, the
-    limit, the parse's own time limit interrupting the wait), every process of the session is killed before the
-    working directory (which holds the plaintext copy) is removed: `soffice` starts `soffice.bin`, which a kill of
-    `soffice` alone would leave running, writing into it."""
+def run_to_the_end(command: list[str], timeout_seconds: float) -> int | None:
+    """Run a converter (LibreOffice, pandoc) in a session of its own; its exit status, or None when it ran past the
+    limit. Whatever happens (its end, the limit, the parse's own time limit interrupting the wait), every process of
+    the session is killed before the working directory (which holds the plaintext copy) is removed: `soffice` starts
+    `soffice.bin`, which a kill of `soffice` alone would leave running, writing into it."""
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,  # noqa: S603
                                stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        process.wait(timeout=timeout_seconds or None)
-        return True
+        return process.wait(timeout=timeout_seconds or None)
     except subprocess.TimeoutExpired:
-        return False
+        return None
     finally:
         _kill_session(process)
 

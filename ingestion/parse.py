@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, TypeVar
 import pikepdf
 
 from core.errors import ErrorCode, GovragError
-from ingestion import formats, legacy_office, sniff
+from ingestion import formats, legacy_office, pandoc, sniff
 
 if TYPE_CHECKING:
     from spacy.language import Language
@@ -159,6 +159,8 @@ def parse_document(data: bytes, content_type: str, limits: ParseLimits | None = 
         data, content_type = legacy_office.convert(data, content_type, limits.timeout_seconds)
     if content_type in sniff.ZIP_BASED_TYPES:  # a legacy file's conversion included
         check_zip_container(data, limits)
+    if content_type in pandoc.FORMATS:  # ODT, RTF, EPUB: to DOCX or HTML
+        data, content_type = pandoc.convert(data, content_type, limits.timeout_seconds)
     if content_type == sniff.APPLICATION_PDF:
         return _parse_pdf(data, limits)
     partitioner = _partitioner(content_type)

@@ -1,0 +1,62 @@
+"""ODT, RTF and EPUB: converted to DOCX or HTML by the pandoc that pypandoc-binary ships, then parsed like any DOCX or
+HTML. Run here, not through unstructured's own pypandoc call, which waits for pandoc with no limit: at the parse time
+limit (SIGALRM in a Celery prefork child) pandoc ran on, alone with the document, for minutes and with a heap that
+grew with it. Each conversion is sandboxed (no file or network access beyond its input), its heap capped, and killed
+with every process of its session at the time limit (`legacy_office.run_to_the_end`)."""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.errors import ErrorCode, GovragError
+from ingestion import legacy_office, sniff
+
+HEAP_LIMIT_MB = 1024  # pandoc's documented guard for untrusted input (+RTS -M); a 5 MB ODT took 600 MB and counting
+_HEAP_EXHAUSTED = 251  # the exit status of a Haskell program out of heap (GHC's EXIT_HEAPOVERFLOW)
+
+
+@dataclass(frozen=True)
+class PandocFormat:
+    name: str
+    reader: str
+    writer: str
+    converted_type: str
+
+
+FORMATS = {
+    sniff.APPLICATION_ODT: PandocFormat("ODT", "odt", "docx", sniff.APPLICATION_DOCX),
+    sniff.APPLICATION_RTF: PandocFormat("RTF", "rtf", "html", sniff.TEXT_HTML),
+    sniff.APPLICATION_EPUB: PandocFormat("EPUB", "epub", "html", sniff.TEXT_HTML),
+}
+
+
+def convert(data: bytes, content_type: str, timeout_seconds: float) -> tuple[bytes, str]:
+    """The DOCX/HTML bytes of an ODT, RTF or EPUB file and their content type, or a GovragError with the reason."""
+    source_format = FORMATS[content_type]
+    with tempfile.TemporaryDirectory(prefix="govrag-pandoc-") as work:
+        source, output = Path(work) / f"upload.{source_format.reader}", Path(work) / f"out.{source_format.writer}"
+        source.write_bytes(data)
+        status = legacy_office.run_to_the_end(
+            [_pandoc(), "--sandbox", f"--from={source_format.reader}", f"--to={source_format.writer}", str(source),
+             f"--output={output}", "+RTS", f"-M{HEAP_LIMIT_MB}m", "-RTS"], timeout_seconds)
+        if status is None:
+            raise GovragError(ErrorCode.invalid_request, f"converting the {source_format.name} file took longer "
+                                                         f"than the {timeout_seconds:g} s limit")
+        if status == _HEAP_EXHAUSTED:
+            raise GovragError(ErrorCode.payload_too_large, f"converting the {source_format.name} file needs more "
+                                                           f"than {HEAP_LIMIT_MB} MB of memory")
+        if status != 0 or not output.is_file():
+            raise GovragError(ErrorCode.invalid_request,
+                              f"could not parse the {source_format.name}: the file is corrupt or malformed")
+        return output.read_bytes(), source_format.converted_type
+
+
+@functools.cache
+def _pandoc() -> str:
+    """The pandoc that unstructured would run (pypandoc-binary's own, unless another is on PATH)."""
+    import pypandoc
+
+    return str(pypandoc.get_pandoc_path())

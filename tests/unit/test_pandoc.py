@@ -1,0 +1,73 @@
+"""ODT, RTF and EPUB go through pandoc: a conversion past the parse time limit is killed with its session, and its
+heap is capped, so a hostile file cannot leave pandoc running on after its document has failed."""
+
+from __future__ import annotations
+
+import io
+import random
+import re
+import time
+import zipfile
+from pathlib import Path
+
+import psutil
+import pytest
+
+from core.errors import ErrorCode, GovragError
+from ingestion import pandoc, sniff
+from ingestion.parse import ParseLimits, parse_document
+
+FOLDER = Path(__file__).resolve().parents[3] / "shared" / "eval" / "enterprise_docs_ingestion"
+ODT = FOLDER / "unstructured_example_docs" / "fake.odt"
+
+
+def _long_odt(paragraphs: int = 300_000) -> bytes:
+    """fake.odt with its text replaced by many short paragraphs of digits (5 MB zipped, under the bomb ratio):
+    minutes of pandoc's time and a heap past 600 MB."""
+    seed = zipfile.ZipFile(ODT)
+    head, tail = re.split(rb"<office:text>.*</office:text>", seed.read("content.xml"), flags=re.DOTALL)
+    rng = random.Random(7)
+    body = b"".join(b"<text:p>%d %d budget line %d.</text:p>" % (rng.getrandbits(40), rng.getrandbits(40), i)
+                    for i in range(paragraphs))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as odt:
+        for info in seed.infolist():
+            content = head + b"<office:text>" + body + b"</office:text>" + tail if info.filename == "content.xml" \
+                else seed.read(info.filename)
+            odt.writestr(info, content, zipfile.ZIP_STORED if info.filename == "mimetype" else zipfile.ZIP_DEFLATED)
+    return out.getvalue()
+
+
+def _pandocs_started_here() -> list[psutil.Process]:
+    return [child for child in psutil.Process().children(recursive=True)
+            if child.name() == "pandoc" and child.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_a_conversion_past_the_time_limit_is_killed_not_left_running() -> None:
+    """On a Celery prefork child (a test's main thread too), the time limit interrupted unstructured's wait for
+    pandoc and left pandoc converting the document for minutes after it had failed."""
+    data = _long_odt()
+    assert sniff.sniff_content_type(data, "minutes.odt") == sniff.APPLICATION_ODT
+    with pytest.raises(GovragError) as slow:
+        parse_document(data, sniff.APPLICATION_ODT, ParseLimits(timeout_seconds=1))
+    assert "took longer than the 1 s limit" in slow.value.message
+    time.sleep(0.5)
+    left = _pandocs_started_here()
+    for process in left:
+        process.kill()
+    assert not left, "pandoc still converts the document that failed"
+
+
+def test_a_conversion_past_the_heap_limit_fails_with_that_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pandoc, "HEAP_LIMIT_MB", 64)
+    with pytest.raises(GovragError) as large:
+        parse_document(_long_odt(), sniff.APPLICATION_ODT, ParseLimits(timeout_seconds=300))
+    assert large.value.code is ErrorCode.payload_too_large
+    assert large.value.message == "converting the ODT file needs more than 64 MB of memory"
+
+
+def test_a_file_pandoc_cannot_read_is_refused_as_corrupt() -> None:
+    with pytest.raises(GovragError) as broken:
+        parse_document(b"{\\rtf1 " + bytes(range(256)) * 4, sniff.APPLICATION_RTF)
+    assert broken.value.code is ErrorCode.invalid_request
+    assert broken.value.message == "could not parse the RTF: the file is corrupt or malformed"
