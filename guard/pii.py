@@ -56,6 +56,10 @@ VECTORS_META_KEY = "govrag_vectors_from"
 LANGUAGE = "en"
 SCORE_THRESHOLD = 0.4
 BATCH_SIZE = 32
+# Of each of two consecutive texts, what is read again as one text: a value the boundary between two chunks cut in two
+# (a card number in a table row too wide for one chunk) is found there, as neither piece is on its own. 50 holds the
+# longest IBAN (34 characters, 42 spaced) on either side; 100 cost twice as much (bench/pii_speed.py).
+CUT_CONTEXT_CHARS = 50
 
 REDACTED_ENTITIES: tuple[str, ...] = (
     "PERSON",
@@ -479,6 +483,48 @@ def _substitute(text: str, results: list[RecognizerResult], placeholders: Placeh
     return _replace_spans(text, results, placeholders.placeholder_for)
 
 
+@dataclass(frozen=True)
+class _CutPiece:
+    """The part of a value that one of two consecutive texts holds: `length` characters at its end or start."""
+
+    length: int
+    entity_type: str
+    value: str  # the whole value, as the join of the two texts reads it
+
+
+def _cut_value(join: str, seam: int, results: list[RecognizerResult]) -> tuple[_CutPiece | None, _CutPiece | None]:
+    """The pieces (at the end of the text before, at the start of the one after) of a value found across the space
+    at `seam` that joins two texts (`redact_many`), or (None, None)."""
+    crossing = [result for result in results if result.start < seam < result.end - 1]
+    if not crossing:
+        return None, None
+    found = max(crossing, key=lambda result: (result.score, result.end - result.start))
+    value = join[found.start : found.end]
+    return (_CutPiece(seam - min(result.start for result in crossing), found.entity_type, value),
+            _CutPiece(max(result.end for result in crossing) - seam - 1, found.entity_type, value))
+
+
+def _substitute_between(text: str, results: list[RecognizerResult], placeholders: PlaceholderMap, *,
+                        head: _CutPiece | None, tail: _CutPiece | None) -> str:
+    """`_substitute` for a text whose first (`head`) or last (`tail`) characters are a piece of a value cut at its
+    edge: each piece becomes the whole value's placeholder, widened over any value found overlapping it (more is
+    redacted, nothing is left half-raw)."""
+    start, end = head.length if head else 0, len(text) - tail.length if tail else len(text)
+    for result in sorted(results, key=lambda r: r.start):
+        if result.start < start:
+            start = max(start, result.end)
+    for result in sorted(results, key=lambda r: -r.end):
+        if result.end > end:
+            end = min(end, result.start)
+    inside = [RecognizerResult(r.entity_type, r.start - start, r.end - start, r.score) for r in results
+              if start <= r.start and r.end <= end]
+    pieces = [placeholders.placeholder_for(head.entity_type, head.value)] if head else []
+    pieces.append(_substitute(text[start:end], inside, placeholders) if start < end else "")
+    if tail:
+        pieces.append(placeholders.placeholder_for(tail.entity_type, tail.value))
+    return "".join(pieces)
+
+
 def type_placeholder(entity_type: str, _value: str) -> str:
     """The unnumbered placeholder of a value redacted on its own (a document title): `<PERSON>`."""
     return unnumbered(entity_type)
@@ -546,15 +592,23 @@ class PiiRedactor:
 
     def redact_many(self, texts: list[str], placeholders: PlaceholderMap,
                     rules: RedactionRules | None = None) -> list[str]:
-        """Redact several texts in order, batching the spaCy work, with one shared map."""
+        """Redact several texts in order (a document's chunks), batching the spaCy work, with one shared map. A value
+        cut in two by the boundary between two consecutive texts has each piece replaced by its placeholder."""
         if not texts:
             return []
-        batches = self._analyze_batch(texts, rules)
+        ends = [before[-CUT_CONTEXT_CHARS:] for before in texts[:-1]]
+        joins = [end + " " + after[:CUT_CONTEXT_CHARS] for end, after in zip(ends, texts[1:], strict=True)]
+        batches = self._analyze_batch([*texts, *joins], rules)
+        cuts = [_cut_value(join, len(end), found)
+                for join, end, found in zip(joins, ends, batches[len(texts) :], strict=True)]
+        batches = batches[: len(texts)]
         # A name found in one chunk is redacted wherever its words reappear in the document.
         known = set().union(*(pii_rules.person_words(t, r) for t, r in zip(texts, batches, strict=True)))
         return [
-            _substitute(text, pii_rules.propagate_people(text, results, known), placeholders)
-            for text, results in zip(texts, batches, strict=True)
+            _substitute_between(text, pii_rules.propagate_people(text, results, known), placeholders,
+                                head=cuts[index - 1][1] if index else None,
+                                tail=cuts[index][0] if index < len(cuts) else None)
+            for index, (text, results) in enumerate(zip(texts, batches, strict=True))
         ]
 
     def redact_each(self, texts: list[str]) -> list[str]:

@@ -152,6 +152,25 @@ def test_redact_many_matches_redact(redactor: PiiRedactor) -> None:
     assert redactor.redact_many([], PlaceholderMap()) == []
 
 
+@pytest.mark.parametrize(("value", "entity"), [("4111 1111 1111 1111", "CREDIT_CARD"),
+                                               ("+44 20 7946 0958", "PHONE_NUMBER"),
+                                               ("GB82 WEST 1234 5698 7654 32", "IBAN_CODE")])
+def test_a_value_a_chunk_boundary_cuts_in_two_is_redacted_in_both_chunks(redactor: PiiRedactor, value: str,
+                                                                         entity: str) -> None:
+    """A table row too wide for one chunk is cut between words: each chunk was redacted alone, and neither piece of
+    the number was recognised, so both were stored and embedded raw (12 of a card's 16 digits)."""
+    from ingestion.chunk import chunk_sections
+    from ingestion.parse import Section
+
+    row = "x" * 990 + f" {value} | paid in full | " + "notes " * 10
+    chunks = [c.text for c in chunk_sections([Section(text=row, kind="table", page=None, heading=None)], 1000)]
+    assert len(chunks) == 2 and value not in chunks[0] and value not in chunks[1]  # the boundary cuts it
+    placeholders = PlaceholderMap()
+    first, second = redactor.redact_many(chunks, placeholders)
+    assert first.endswith(f" <{entity}_1>") and second.startswith(f"<{entity}_1> | paid in full")
+    assert placeholders.mapping() == {f"<{entity}_1>": value}
+
+
 def test_formatting_variants_of_a_number_share_a_placeholder(redactor: PiiRedactor) -> None:
     redacted = redactor.redact("Cards 4111 1111 1111 1111 and 4111-1111-1111-1111 are the same.")
     assert redacted.count("<CREDIT_CARD_1>") == 2
