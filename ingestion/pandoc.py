@@ -36,11 +36,17 @@ FORMATS = {
 def convert(data: bytes, content_type: str, timeout_seconds: float) -> tuple[bytes, str]:
     """The DOCX/HTML bytes of an ODT, RTF or EPUB file and their content type, or a GovragError with the reason."""
     source_format = FORMATS[content_type]
+    try:
+        pandoc = _pandoc()
+    except OSError:  # pypandoc found none it could run: pypandoc-binary missing, or PYPANDOC_PANDOC wrong
+        raise GovragError(ErrorCode.unsupported_type, f"converting the {source_format.name} file needs pandoc (the "
+                                                      "pypandoc-binary package), which this deployment does not "
+                                                      "have") from None
     with tempfile.TemporaryDirectory(prefix="govrag-pandoc-") as work:
         source, output = Path(work) / f"upload.{source_format.reader}", Path(work) / f"out.{source_format.writer}"
         source.write_bytes(data)
         status = legacy_office.run_to_the_end(
-            [_pandoc(), "--sandbox", f"--from={source_format.reader}", f"--to={source_format.writer}", str(source),
+            [pandoc, "--sandbox", f"--from={source_format.reader}", f"--to={source_format.writer}", str(source),
              f"--output={output}", "+RTS", f"-M{HEAP_LIMIT_MB}m", "-RTS"], timeout_seconds)
         if status is None:
             raise GovragError(ErrorCode.invalid_request, f"converting the {source_format.name} file took longer "
@@ -56,7 +62,8 @@ def convert(data: bytes, content_type: str, timeout_seconds: float) -> tuple[byt
 
 @functools.cache
 def _pandoc() -> str:
-    """The pandoc that unstructured would run (pypandoc-binary's own, unless another is on PATH)."""
+    """The pandoc pypandoc finds: pypandoc-binary's own, unless PYPANDOC_PANDOC names another or a newer one is on
+    PATH; OSError when there is none it can run."""
     import pypandoc
 
     return str(pypandoc.get_pandoc_path())

@@ -1,5 +1,6 @@
 """ODT, RTF and EPUB go through pandoc: a conversion past the parse time limit is killed with its session, and its
-heap is capped, so a hostile file cannot leave pandoc running on after its document has failed."""
+heap is capped, so a hostile file cannot leave pandoc running on after its document has failed. Without pandoc the
+format is refused with that reason."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import random
 import re
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -71,3 +73,28 @@ def test_a_file_pandoc_cannot_read_is_refused_as_corrupt() -> None:
         parse_document(b"{\\rtf1 " + bytes(range(256)) * 4, sniff.APPLICATION_RTF)
     assert broken.value.code is ErrorCode.invalid_request
     assert broken.value.message == "could not parse the RTF: the file is corrupt or malformed"
+
+
+@pytest.fixture
+def no_pandoc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """pypandoc finding no pandoc it can run (pypandoc-binary missing): PYPANDOC_PANDOC naming none."""
+    import pypandoc
+
+    monkeypatch.setenv("PYPANDOC_PANDOC", "/nonexistent/pandoc")
+    pypandoc.clean_pandocpath_cache()
+    pandoc._pandoc.cache_clear()  # noqa: SLF001 - the path found is kept for the process
+    yield
+    monkeypatch.undo()
+    pypandoc.clean_pandocpath_cache()
+    pandoc._pandoc.cache_clear()  # noqa: SLF001
+
+
+@pytest.mark.usefixtures("no_pandoc")
+def test_without_pandoc_the_refusal_names_the_format_and_what_is_missing() -> None:
+    """It raised pypandoc's OSError, which the ingestion worker retried as a transient fault, then failed the
+    document with "internal error during ingestion; retries exhausted"."""
+    with pytest.raises(GovragError) as refused:
+        parse_document(ODT.read_bytes(), sniff.APPLICATION_ODT)
+    assert refused.value.code is ErrorCode.unsupported_type
+    assert refused.value.message == ("converting the ODT file needs pandoc (the pypandoc-binary package), which this "
+                                     "deployment does not have")
