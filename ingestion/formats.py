@@ -25,11 +25,12 @@ logger = logging.getLogger(__name__)
 _LANGUAGES = ["eng"]
 _ENCRYPTED_MAIL = ("application/pkcs7-mime", "application/x-pkcs7-mime", "multipart/encrypted")
 
+# How a parser's failure names the upload: as sent, also where it was converted first (ODT, .doc: ingestion/parse.py).
 NAMES = {
     sniff.MESSAGE_RFC822: "e-mail", sniff.APPLICATION_MSG: "Outlook message", sniff.APPLICATION_PPTX: "PPTX",
     sniff.APPLICATION_XLSX: "XLSX", sniff.APPLICATION_XLS: "XLS", sniff.APPLICATION_ODT: "ODT",
     sniff.APPLICATION_EPUB: "EPUB", sniff.APPLICATION_RTF: "RTF", sniff.APPLICATION_XML: "XML",
-    sniff.TEXT_CSV: "CSV", sniff.TEXT_TSV: "TSV",
+    sniff.TEXT_CSV: "CSV", sniff.TEXT_TSV: "TSV", sniff.APPLICATION_DOC: "DOC", sniff.APPLICATION_PPT: "PPT",
 }
 
 

@@ -155,6 +155,7 @@ def parse_document(data: bytes, content_type: str, limits: ParseLimits | None = 
     """Partition the bytes of a sniffed content type into sections, or raise a GovragError."""
     limits = limits or ParseLimits()
     configure_unstructured()
+    uploaded = content_type  # what a failure names: an ODT converted to DOCX is an ODT to whoever sent it
     if content_type in legacy_office.FORMATS:
         data, content_type = legacy_office.convert(data, content_type, limits.timeout_seconds)
     if content_type in sniff.ZIP_BASED_TYPES:  # a legacy file's conversion included
@@ -170,7 +171,7 @@ def parse_document(data: bytes, content_type: str, limits: ParseLimits | None = 
         raise
     except Exception as exc:  # parsers raise anything on malformed input; name only the type
         logger.warning("partition failed for %s: %s", content_type, type(exc).__name__)
-        raise GovragError(ErrorCode.invalid_request, _malformed(content_type)) from None
+        raise GovragError(ErrorCode.invalid_request, _malformed(uploaded)) from None
     _check_elements(elements, limits)
     sections = _to_sections(elements)
     if not sections:

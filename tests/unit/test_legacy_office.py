@@ -62,6 +62,21 @@ def test_a_corrupt_legacy_file_fails_with_a_reason_not_a_crash() -> None:
     assert broken.value.code in (ErrorCode.invalid_request, ErrorCode.unsupported_type)
 
 
+def test_a_converted_file_its_parser_rejects_is_named_as_uploaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DOCX LibreOffice made is the uploader's .doc: "could not parse the DOCX" named a file never sent."""
+    if not legacy_office.available():
+        assert shutil.which("soffice") is None
+        return
+
+    def reject(*_args: object, **_kwargs: object) -> None:
+        raise ValueError("malformed")
+
+    monkeypatch.setattr("unstructured.partition.docx.partition_docx", reject)
+    with pytest.raises(GovragError) as rejected:
+        parse_document((FOLDER / "fake.doc").read_bytes(), sniff.APPLICATION_DOC)
+    assert rejected.value.message == "could not parse the DOC: the file is corrupt or malformed"
+
+
 FAKE_SOFFICE = """#!/bin/sh
 # Like soffice: starts a process of its own (soffice.bin) that goes on writing into the output directory.
 prev=""; for arg in "$@"; do [ "$prev" = "--outdir" ] && out="$arg"; prev="$arg"; source="$arg"; done

@@ -1,6 +1,6 @@
 """ODT, RTF and EPUB go through pandoc: a conversion past the parse time limit is killed with its session, and its
-heap is capped, so a hostile file cannot leave pandoc running on after its document has failed. Without pandoc the
-format is refused with that reason."""
+heap is capped, so a hostile file cannot leave pandoc running on after its document has failed. Every refusal names
+the format uploaded, a missing pandoc included."""
 
 from __future__ import annotations
 
@@ -98,3 +98,19 @@ def test_without_pandoc_the_refusal_names_the_format_and_what_is_missing() -> No
     assert refused.value.code is ErrorCode.unsupported_type
     assert refused.value.message == ("converting the ODT file needs pandoc (the pypandoc-binary package), which this "
                                      "deployment does not have")
+
+
+@pytest.mark.parametrize(("name", "content_type", "partitioner"),
+                         [("fake.odt", sniff.APPLICATION_ODT, "unstructured.partition.docx.partition_docx"),
+                          ("fake-doc.rtf", sniff.APPLICATION_RTF, "unstructured.partition.html.partition_html")])
+def test_a_converted_file_its_parser_rejects_is_named_as_uploaded(monkeypatch: pytest.MonkeyPatch, name: str,
+                                                                 content_type: str, partitioner: str) -> None:
+    """The DOCX/HTML pandoc made is the uploader's ODT/RTF: "could not parse the DOCX" named a file never sent."""
+
+    def reject(*_args: object, **_kwargs: object) -> None:
+        raise ValueError("malformed")
+
+    monkeypatch.setattr(partitioner, reject)
+    with pytest.raises(GovragError) as rejected:
+        parse_document((FOLDER / "unstructured_example_docs" / name).read_bytes(), content_type)
+    assert rejected.value.message == f"could not parse the {name[-3:].upper()}: the file is corrupt or malformed"
