@@ -171,6 +171,16 @@ def test_a_value_a_chunk_boundary_cuts_in_two_is_redacted_in_both_chunks(redacto
     assert placeholders.mapping() == {f"<{entity}_1>": value}
 
 
+def test_a_cut_value_seen_whole_elsewhere_keeps_its_one_placeholder(redactor: PiiRedactor) -> None:
+    """The pieces take the placeholder the whole value has in another chunk, the map holds the value once, and a
+    chunk that is all piece (its start and end both the cut's) is all placeholder."""
+    placeholders = PlaceholderMap()
+    texts = ["Card 4111 1111 1111 1111 on file.", "Charged to 4111 1111", "1111 1111", "Thank you."]
+    assert redactor.redact_many(texts, placeholders) == [
+        "Card <CREDIT_CARD_1> on file.", "Charged to <CREDIT_CARD_1>", "<CREDIT_CARD_1>", "Thank you."]
+    assert placeholders.mapping() == {"<CREDIT_CARD_1>": "4111 1111 1111 1111"}
+
+
 def test_formatting_variants_of_a_number_share_a_placeholder(redactor: PiiRedactor) -> None:
     redacted = redactor.redact("Cards 4111 1111 1111 1111 and 4111-1111-1111-1111 are the same.")
     assert redacted.count("<CREDIT_CARD_1>") == 2
