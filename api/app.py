@@ -25,7 +25,7 @@ from authz.dev_issuer import DevIssuer
 from authz.enforcer import get_enforcer
 from authz.tokens import TokenVerifier
 from core import blobs, migrate, timing
-from core.errors import ErrorCode
+from core.errors import ErrorCode, loading
 from core.logs import configure_logging, request_id_var
 from core.metrics import observe_request, route_and_method
 from core.settings import Settings, get_settings
@@ -35,7 +35,7 @@ from core.tracing import configure_tracing
 from guard.firewall import get_firewall
 from ingestion import service as ingestion_service
 from ingestion.purge import ORPHAN_SWEEP_SECONDS, PURGE_GRACE_SECONDS, purge_pending, sweep_orphan_files
-from retrieval.store import close_vector_store, open_vector_store
+from retrieval.store import close_vector_store, open_vector_store, vector_store_is_open
 from workers.celery_app import GovragCelery, create_celery
 from workers.dispatch import resend_unfinished, send_unsent, sweep_jobs
 from workers.inprocess import InProcessWorker
@@ -92,7 +92,7 @@ def start(app: FastAPI) -> Background:
     the policy, the dev issuer, the vector store, the models, the jobs the in-memory broker lost), and the threads to
     run, kept as `app.state.started`. `govrag serve` calls it before uvicorn, whose start would say a refusal as a
     traceback, not in one line; the lifespan calls it when the caller did not. Nothing runs yet: the vector store it
-    opened is released if a later step fails."""
+    opened (not one this process had open before) is released if a later step fails."""
     settings: Settings = app.state.settings
     migrate.make_data_dir(settings)
     migrate.require_head(settings.resolved_database_url)  # never serve requests the schema cannot answer
@@ -106,11 +106,13 @@ def start(app: FastAPI) -> Background:
                                                      settings.oidc_audience) if settings.dev_issuer else None)
     app.state.verifier = TokenVerifier.from_settings(settings, app.state.dev_issuer)
     app.state.celery = create_celery(settings)
+    opened_before = vector_store_is_open(settings)  # by its caller (a test): theirs to close
     open_vector_store(settings)
     try:
         app.state.started = _ready(app.state.celery, settings)
     except BaseException:
-        close_vector_store(settings)
+        if not opened_before:
+            close_vector_store(settings)
         raise
     return app.state.started
 
@@ -119,7 +121,8 @@ def _ready(celery: GovragCelery, settings: Settings) -> Background:
     """The models loaded, and the threads made (not run): an in-process worker when the store is embedded, with the
     jobs the in-memory broker lost sent again."""
     ingestion_service.load_models(settings)  # embedder, PII model, scanner: what a worker loads as it starts
-    get_firewall()  # issue 5: the guard weights before the first query
+    with loading("the prompt firewall's weights"):  # issue 5: the guard weights before the first query
+        get_firewall()
     # The models above leave ~0.5 M long-lived objects that a full garbage collection would walk, pausing every
     # request for ~0.3 s (measured here). Frozen, the collector skips them.
     gc.collect()

@@ -6,7 +6,6 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 
@@ -94,25 +93,20 @@ def _at_least_one(value: str) -> int:
     return number
 
 
-# How `govrag serve` runs uvicorn: the logging is ours (core.logs, at start-up), without uvicorn's access line, the raw
-# request line with its query string; the API's request middleware logs each request without it.
-UVICORN_OPTIONS: dict[str, Any] = {"log_config": None, "access_log": False}
-
-
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from api import serving
     from api.app import create_app, start
     from core import migrate
 
     settings = get_settings()
-    migrate.migrate_in_development(settings)  # production never migrates: start's schema check refuses a stale one
-    app = create_app(settings)
-    # Before uvicorn, whose start would say a refusal as a traceback; the database lost since the schema check, at any
-    # step, said as that check says it.
-    with migrate.reached(settings.resolved_database_url):
-        start(app)
-    uvicorn.run(app, host=args.host, port=args.port, **UVICORN_OPTIONS)
+    with serving.listening(args.host, args.port) as sockets:  # an address it cannot use: refused before anything
+        migrate.migrate_in_development(settings)  # production never migrates: start's schema check refuses a stale one
+        app = create_app(settings)
+        # Before uvicorn, whose start would say a refusal as a traceback; the database lost since the schema check, at
+        # any step, said as that check says it.
+        with migrate.reached(settings.resolved_database_url):
+            start(app)
+        serving.serve(app, sockets)
     return 0
 
 

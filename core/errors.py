@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 
 from sqlalchemy import exc as db_errors
+
+logger = logging.getLogger(__name__)
 
 
 class ErrorCode(Enum):
@@ -44,9 +49,9 @@ class StartRefused(Exception):
 
 class UnusablePath(StartRefused):
     """A path the settings name that does not exist or this user may not use (the data dir, a SQLite file's folder,
-    the embedded vector store's folder, the dev issuer's key), or a key file there that does not parse: no outage that
-    ends by waiting, but README's exit 2 (a path to fix, as a master key file that does not parse is a setting to
-    fix)."""
+    the embedded vector store's folder, the dev issuer's key), or a file there that does not parse (a key file, the
+    embedding model's ONNX export): no outage that ends by waiting, but README's exit 2 (a path to fix, as a master
+    key file that does not parse is a setting to fix)."""
 
     exit_code = 2
 
@@ -55,9 +60,50 @@ class UnusablePath(StartRefused):
         """Every such line, one shape: `what` (naming its path), the system's reason for refusing this user (`error`'s
         strerror, never a traceback) on the file it names, and the way out: `fix` (letting this user read and write
         that file, unless said) or `setting` pointed elsewhere."""
-        on = f" on {error.filename}" if error.filename else ""
-        return cls(f"cannot use {what}: {error.strerror or type(error).__name__}{on} "
+        return cls(f"cannot use {what}: {_reason(error)} "
                    f"({fix or 'let this user read and write it'}, or point {setting} at a folder this user may write)")
+
+
+class AddressUnusable(StartRefused):
+    """An address `govrag serve` cannot listen on (another process listens there, a host this machine does not have,
+    a port this user may not use): an argument to fix, as a path is, so exit 2; refused before anything starts."""
+
+    exit_code = 2
+
+    def __init__(self, address: str, error: OSError) -> None:
+        super().__init__(f"cannot listen on {address}: {_reason(error)} (give another --port, or a --host of this "
+                         "machine)")
+
+
+class BrokenInstall(StartRefused):
+    """A model or weights file shipped with govrag does not load (missing, unreadable, garbled): no setting or wait
+    fixes it, the install does; exit 1, a start that ran and failed."""
+
+    def __init__(self, what: str, error: Exception) -> None:
+        super().__init__(f"cannot load {what}: {_reason(error)}; the install is broken: reinstall govrag (`make "
+                         "install` in a fresh checkout, or an image built from one)")
+
+
+@contextmanager
+def loading(what: str) -> Iterator[None]:
+    """Load `what`, shipped with govrag: any failure is BrokenInstall (its traceback logged at DEBUG), but a refusal
+    the loader said itself. Only around a load: elsewhere a programming error stays one."""
+    try:
+        yield
+    except StartRefused:
+        raise
+    except Exception as error:  # the model libraries' own errors (onnxruntime's, tokenizers') derive from Exception
+        logger.debug("loading %s failed", what, exc_info=True)
+        raise BrokenInstall(what, error) from error
+
+
+def _reason(error: Exception) -> str:
+    """Why `error` happened, without its message (a library's may run to lines, or advise loading unsafely): the
+    system's reason and the file for an OSError, else the error's type."""
+    if not isinstance(error, OSError):
+        return type(error).__name__
+    on = f" on {error.filename}" if error.filename else ""
+    return f"{error.strerror or type(error).__name__}{on}"
 
 
 class EmbeddedStoreHeld(StartRefused):

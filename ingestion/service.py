@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from core import blobs, crypto, metrics
 from core.db import unit_of_work
-from core.errors import ErrorCode, GovragError, Unavailable, unavailable_dependency
+from core.errors import ErrorCode, GovragError, Unavailable, loading, unavailable_dependency
 from core.keystore import keystore_for
 from core.models import MAX_CRASHED_RUNS, RETIRED, UNFINISHED, Document, DocumentStatus, IngestionJob
 from core.settings import Settings
@@ -113,10 +113,14 @@ def run_ingestion(*, settings: Settings, document_id: str, job_id: str) -> None:
 def load_models(settings: Settings) -> None:
     """Load the models a run uses, once per process. A worker does as it starts (workers/tasks.py): a run loading the
     PII model itself does so in `_claim` (the stored title's re-redaction), inside the transaction holding the
-    document's row locks, for seconds, and a crash there rolls back the count of crashed runs with the claim."""
-    get_embedder(settings.embedding_backend)
-    get_redactor()
-    get_scanner()
+    document's row locks, for seconds, and a crash there rolls back the count of crashed runs with the claim. One that
+    does not load is BrokenInstall, naming it."""
+    with loading("the embedding model"):
+        get_embedder(settings.embedding_backend)
+    with loading("the PII model"):
+        get_redactor()
+    with loading("the injection scanner's weights"):
+        get_scanner()
 
 
 def _run_once(settings: Settings, document_id: str, job_id: str) -> bool:

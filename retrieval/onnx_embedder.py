@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.errors import UnusablePath
+
 logger = logging.getLogger(__name__)
 
 MAX_TOKENS = 256  # the model's max_seq_length
@@ -92,7 +94,11 @@ class OnnxEmbedder:
         # Idle threads sleep instead of spinning: the API serves many requests at once and the worker shares the
         # CPU with parsing and PII detection; spinning threads would steal it from them.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        try:
+            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime's own errors (InvalidProtobuf, Fail, ...) derive from Exception
+            raise UnusablePath(f"the embedding model's ONNX export {path} does not load ({type(error).__name__}): "
+                               "remove it, and the next start exports it again") from error
         self._tokenizer = Tokenizer.from_file(str(_model_dir() / "tokenizer.json"))
         self._tokenizer.enable_truncation(MAX_TOKENS)
         self._tokenizer.enable_padding()

@@ -293,6 +293,12 @@ def _folder_usable(settings: Settings) -> Iterator[None]:
                                    "GOVRAG_QDRANT_PATH") from None
 
 
+def vector_store_is_open(settings: Settings) -> bool:
+    """Whether this process has the store open (`open_vector_store`, not closed since)."""
+    with _STORES_LOCK:
+        return _location(settings) in _STORES
+
+
 def close_vector_store(settings: Settings) -> None:
     """Release the store, so another process may open an embedded store's path."""
     location = _location(settings)

@@ -307,8 +307,10 @@ def test_a_start_whose_database_goes_after_its_schema_check_says_so_in_one_line(
         monkeypatch.setenv(f"GOVRAG_{name}", value)
     started: list[str] = []
     monkeypatch.setattr("workers.celery_app.GovragCelery.worker_main", lambda *_a, **_k: started.append("worker"))
-    monkeypatch.setattr("uvicorn.run", lambda app, **_k: started.append(f"serve {app.state.started is not None}"))
+    monkeypatch.setattr("uvicorn.Server.run",
+                        lambda server, **_k: started.append(f"serve {server.config.app.state.started is not None}"))
     real_require_head, database = migrate.require_head, make_url(url).database
+    argv = [command, "--port", "0"] if command == "serve" else [command]
 
     def checked_as_the_database_goes(database_url: str) -> None:
         real_require_head(database_url)
@@ -319,7 +321,7 @@ def test_a_start_whose_database_goes_after_its_schema_check_says_so_in_one_line(
         with monkeypatch.context() as outage:
             outage.setattr(migrate, "require_head", checked_as_the_database_goes)
             try:
-                assert cli.main([command]) == 1
+                assert cli.main(argv) == 1
             finally:
                 allow_connections(database, True)
         out, err = capsys.readouterr()
@@ -327,7 +329,7 @@ def test_a_start_whose_database_goes_after_its_schema_check_says_so_in_one_line(
         assert err.count("\n") == 1 and "Traceback" not in err and password not in err, err
         assert err.startswith(f"govrag: cannot reach the database at {with_password.render_as_string()}: "), err
         assert "***" in err
-        assert cli.main([command]) == 0  # back: the same command starts
+        assert cli.main(argv) == 0  # back: the same command starts
         assert started == [{"worker": "worker", "serve": "serve True"}[command]]  # the server's start not again
     finally:
         get_settings.cache_clear()
@@ -346,7 +348,7 @@ def test_a_serve_whose_database_goes_after_it_opened_the_embedded_store_says_so_
     from retrieval.store import open_vector_store
 
     served: list[object] = []
-    monkeypatch.setattr("uvicorn.run", lambda app, **_k: served.append(app))
+    monkeypatch.setattr("uvicorn.Server.run", lambda server, **_k: served.append(server))
     database = make_url(cli_env).database
 
     def opened_as_the_database_goes(settings: Settings) -> VectorIndex:
@@ -356,7 +358,7 @@ def test_a_serve_whose_database_goes_after_it_opened_the_embedded_store_says_so_
 
     monkeypatch.setattr(api_app, "open_vector_store", opened_as_the_database_goes)
     try:
-        assert cli.main(["serve"]) == 1
+        assert cli.main(["serve", "--port", "0"]) == 1
     finally:
         allow_connections(str(database), True)
     err = capsys.readouterr().err

@@ -139,13 +139,13 @@ def test_production_serve_and_the_worker_refuse_a_stale_schema(tmp_path: Path, m
     monkeypatch.setenv("GOVRAG_DATABASE_URL", url)
     monkeypatch.setenv("GOVRAG_QDRANT_URL", "http://127.0.0.1:1")
     started: list[str] = []
-    monkeypatch.setattr("uvicorn.run", lambda *_a, **_k: started.append("api"))
+    monkeypatch.setattr("uvicorn.Server.run", lambda *_a, **_k: started.append("api"))
     monkeypatch.setattr("workers.celery_app.GovragCelery.worker_main", lambda *_a, **_k: started.append("worker"))
     get_settings.cache_clear()
     try:
         codes = [cli.main(["worker"])]
         monkeypatch.setattr(type(get_settings()), "is_production", property(lambda _self: True))
-        codes.append(cli.main(["serve"]))
+        codes.append(cli.main(["serve", "--port", "0"]))
     finally:
         get_settings.cache_clear()
     assert codes == [1, 1] and started == []
@@ -407,7 +407,7 @@ def test_every_command_on_a_fresh_embedded_default_migrates_as_serve_does(
 
 # Every start on the database, run in tmp_path: the commands working on it, `govrag migrate` and `govrag serve`.
 STARTS = [["ingest", "pay.md", "--department", "hr"], ["keys", "rotate"], ["keys", "rotate", "--master"],
-          ["audit", "verify"], ["export", "training-data", "--department", "hr"], ["migrate"], ["serve"]]
+          ["audit", "verify"], ["export", "training-data", "--department", "hr"], ["migrate"], ["serve", "--port", "0"]]
 
 
 def _what_each_start_says(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *,
@@ -418,7 +418,7 @@ def _what_each_start_says(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captur
     from core.settings import Settings, get_settings
 
     monkeypatch.setattr(Settings, "is_production", property(lambda _self: production))
-    monkeypatch.setattr("uvicorn.run", lambda *_a, **_k: pytest.fail("govrag serve started"))
+    monkeypatch.setattr("uvicorn.Server.run", lambda *_a, **_k: pytest.fail("govrag serve started"))
     outcomes = []
     for argv in STARTS:
         get_settings.cache_clear()

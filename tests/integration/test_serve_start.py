@@ -1,26 +1,31 @@
 """`govrag serve` refuses a start it cannot complete in one line, before uvicorn runs: what, where and the way out, no
-traceback, exit 1 (2 for a path to fix). Its start ran in uvicorn's lifespan (the schema check and the blob store's
-opening excepted), where any failure ended in "Application startup failed" with the whole traceback, exit 3. The real
-command, in its own process, on a fresh embedded default. `govrag token`, which uses the dev issuer's key too, says
-its refusal so as well.
+traceback, exit 1 (2 for a path or an address to fix). Its start ran in uvicorn's lifespan (the schema check and the
+blob store's opening excepted), where any failure ended in "Application startup failed" with the whole traceback, exit
+3. The real command, in its own process, on a fresh embedded default. `govrag token`, which uses the dev issuer's key
+too, says its refusal so as well.
 """
 
 from __future__ import annotations
 
 import base64
+import shutil
+import signal
+import socket
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
+from api.app import create_app, start
 from authz.dev_issuer import KEY_FILE, DevIssuer
 from core import migrate
-from core.errors import EmbeddedStoreHeld
+from core.errors import EmbeddedStoreHeld, UnusablePath
 from core.settings import Settings
+from retrieval import embeddings, onnx_embedder
 from retrieval.store import close_vector_store, open_vector_store
 from tests.support.file_permissions import PERMISSION_BITS_BIND
-from tests.support.govrag_process import govrag_env, run_govrag
+from tests.support.govrag_process import ROOT, govrag_env, run_govrag, start_govrag, wait_serving
 
 SERVE = ("serve", "--port", "0")
 WAY_OUT = "({fix}, or point {setting} at a folder this user may write)"
@@ -44,19 +49,19 @@ def test_a_serve_beside_a_process_holding_the_embedded_store_refuses_in_one_line
     assert _refusal(result) == (1, f"govrag: {EmbeddedStoreHeld(settings.resolved_qdrant_path)}")
 
 
-def _key_unreadable(key_file: Path) -> None:
-    key_file.chmod(0)
+def _unreadable(file: Path) -> None:
+    file.chmod(0)
 
 
-def _key_garbled(key_file: Path) -> None:
-    key_file.write_text("not a key\n", encoding="utf-8")
+def _garbled(file: Path) -> None:
+    file.write_text("garbled\n", encoding="utf-8")
 
 
 @pytest.mark.parametrize(("spoil", "refusal"), [
-    (_key_unreadable, (2, "govrag: cannot use the dev issuer's key in {directory}: Permission denied on "
-                          "{directory}/private.pem " + WAY_OUT.format(fix=READ_AND_WRITE, setting="GOVRAG_DATA_DIR"))),
-    (_key_garbled, (2, "govrag: the dev issuer's key {directory}/private.pem must hold an unencrypted RSA private key "
-                       "in PEM: remove it and a new one is made (the tokens the old one signed stop verifying)")),
+    (_unreadable, (2, "govrag: cannot use the dev issuer's key in {directory}: Permission denied on "
+                       "{directory}/private.pem " + WAY_OUT.format(fix=READ_AND_WRITE, setting="GOVRAG_DATA_DIR"))),
+    (_garbled, (2, "govrag: the dev issuer's key {directory}/private.pem must hold an unencrypted RSA private key "
+                   "in PEM: remove it and a new one is made (the tokens the old one signed stop verifying)")),
 ], ids=["unreadable", "garbled"])
 @pytest.mark.parametrize("argv", [SERVE, ("token", "--sub", "alice")], ids=["serve", "token"])
 def test_a_dev_issuer_key_it_cannot_use_is_refused_in_one_line(spoil: Callable[[Path], None], refusal: tuple[int, str],
@@ -110,3 +115,101 @@ def test_a_serve_on_a_data_dir_it_may_not_write_is_refused_in_one_line(make_pg_d
     assert _refusal(result) == (2, f"govrag: cannot use the embedded vector store in {store}: Permission denied on "
                                    f"{store}.lock {WAY_OUT.format(fix=READ_AND_WRITE, setting='GOVRAG_QDRANT_PATH')}")
     assert list(data_dir.iterdir()) == []
+
+
+def test_a_serve_on_a_port_in_use_is_refused_before_it_starts_anything(tmp_path: Path) -> None:
+    """uvicorn bound its port only after the whole start (the migration, the models, the worker and the sweeper
+    threads run and stopped again), then said "[Errno 98] error while attempting to bind ..." as a log line, exit 3.
+    The port is now taken first: one line, exit 2 (an argument to fix), nothing made, not even the data dir; the same
+    command, once the port is free, serves there and stops cleanly on Ctrl-C."""
+    data_dir, log = tmp_path / "data", tmp_path / "serve.log"
+    with socket.create_server(("127.0.0.1", 0)) as held:  # another server listening there
+        port = held.getsockname()[1]
+        argv = ("serve", "--port", str(port))
+        result = run_govrag(argv, env=govrag_env(data_dir=str(data_dir)))
+    assert _refusal(result) == (2, f"govrag: cannot listen on 127.0.0.1:{port}: Address already in use (give another "
+                                   "--port, or a --host of this machine)")
+    assert not data_dir.exists()
+    serve = start_govrag(argv, log=log, env=govrag_env(data_dir=str(data_dir)))
+    try:
+        wait_serving(serve, f"http://127.0.0.1:{port}", log)
+    finally:
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(120) == 0, log.read_text()[-3000:]
+
+
+def test_a_serve_on_a_host_this_machine_does_not_have_is_refused_in_one_line(tmp_path: Path) -> None:
+    """An address of TEST-NET-1 (RFC 5737), on no machine: the same refusal, the OS's reason."""
+    result = run_govrag(("serve", "--host", "192.0.2.1", "--port", "8000"), env=govrag_env(data_dir=str(tmp_path)))
+    assert _refusal(result) == (2, "govrag: cannot listen on 192.0.2.1:8000: Cannot assign requested address (give "
+                                   "another --port, or a --host of this machine)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _garbled_onnx_export(cache: Path) -> Path:
+    """The embedding model's ONNX export in `cache` (GOVRAG_MODEL_CACHE), garbled: where a start looks for it."""
+    garbled = cache / onnx_embedder.onnx_path().name
+    cache.mkdir()
+    garbled.write_bytes(b"not an onnx model")
+    return garbled
+
+
+def test_an_onnx_export_that_does_not_load_is_refused_in_one_line(tmp_path: Path) -> None:
+    """onnxruntime's InvalidProtobuf ended the start in a traceback. The export is govrag's own file, made again when
+    missing: a path to fix, exit 2, as a dev issuer key that does not parse."""
+    garbled = _garbled_onnx_export(tmp_path / "models")
+    result = run_govrag(SERVE, env=govrag_env(data_dir=str(tmp_path / "data"), model_cache=str(tmp_path / "models")))
+    assert _refusal(result) == (2, f"govrag: the embedding model's ONNX export {garbled} does not load "
+                                   "(InvalidProtobuf): remove it, and the next start exports it again")
+
+
+def _install_with(spoiled: str, tmp_path: Path) -> Path:
+    """A copy of this checkout (links to its files) whose guard/`spoiled` is a file of its own, to spoil."""
+    install = tmp_path / "install"
+    install.mkdir()
+    for entry in ROOT.iterdir():
+        if entry.name != "guard" and not entry.name.startswith("."):
+            (install / entry.name).symlink_to(entry)
+    (install / "guard").mkdir()
+    for entry in (ROOT / "guard").iterdir():
+        (install / "guard" / entry.name).symlink_to(entry)
+    copy = install / "guard" / spoiled
+    copy.unlink()
+    shutil.copyfile(ROOT / "guard" / spoiled, copy)
+    return copy
+
+
+@pytest.mark.parametrize(("spoil", "reason"), [
+    (_unreadable, "Permission denied on {weights}"),
+    (_garbled, "ValueError"),
+], ids=["unreadable", "garbled"])
+def test_firewall_weights_that_do_not_load_are_a_broken_install_said_in_one_line(
+        spoil: Callable[[Path], None], reason: str, tmp_path: Path) -> None:
+    """The prompt firewall's weights, shipped in the package, unreadable or garbled in an install: the start ended in
+    numpy's traceback (one advising to load the file unsafely). No setting fixes it: exit 1, and the way out."""
+    weights = _install_with("firewall_weights.npz", tmp_path)
+    spoil(weights)
+    result = run_govrag(SERVE, env=govrag_env(data_dir=str(tmp_path / "data")), prefix=PERMISSION_BITS_BIND,
+                        root=weights.parents[1])
+    said = reason.format(weights=weights)
+    assert _refusal(result) == (1, f"govrag: cannot load the prompt firewall's weights: {said}; the install is broken: "
+                                   "reinstall govrag (`make install` in a fresh checkout, or an image built from one)")
+
+
+def test_a_start_that_fails_leaves_open_a_vector_store_its_caller_had_open(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_logging: None) -> None:
+    """`start` released the vector store when a step after its opening failed, one its caller (a test) had open
+    before too: closed under the caller. It now releases only a store it opened."""
+    settings = Settings(data_dir=tmp_path / "data")
+    migrate.make_data_dir(settings)
+    migrate.upgrade(settings.resolved_database_url)
+    store = open_vector_store(settings)
+    monkeypatch.setenv("GOVRAG_MODEL_CACHE", str(tmp_path / "models"))
+    _garbled_onnx_export(tmp_path / "models")
+    embeddings._build_embedder.cache_clear()  # as in a fresh process: the embedder not loaded yet
+    try:
+        with pytest.raises(UnusablePath):
+            start(create_app(settings))
+        assert open_vector_store(settings) is store
+    finally:
+        close_vector_store(settings)

@@ -8,6 +8,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import httpx
+
+from tests.support.polling import wait_until
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -20,8 +24,30 @@ def govrag_env(**settings: str) -> dict[str, str]:
 
 
 def run_govrag(argv: Sequence[str], *, env: Mapping[str, str] | None = None, prefix: Sequence[str] = (),
-               timeout: float = 600) -> subprocess.CompletedProcess[str]:
+               timeout: float = 600, root: Path = ROOT) -> subprocess.CompletedProcess[str]:
     """`govrag argv` with `env` (this process's when None), run through the command `prefix`, until it exits; more
-    than `timeout` seconds raises subprocess.TimeoutExpired."""
-    return subprocess.run([*prefix, sys.executable, "-m", "api.cli", *argv], cwd=ROOT, env=env,  # noqa: S603
+    than `timeout` seconds raises subprocess.TimeoutExpired. `root`: the checkout it runs from (another install)."""
+    return subprocess.run([*prefix, sys.executable, "-m", "api.cli", *argv], cwd=root, env=env,  # noqa: S603
                           capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def start_govrag(argv: Sequence[str], *, log: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """`govrag argv` with `env` (this process's when None) started, its stdout and stderr added to `log`; the caller
+    stops it."""
+    with log.open("ab") as output:
+        return subprocess.Popen([sys.executable, "-m", "api.cli", *argv], cwd=ROOT, env=env,  # noqa: S603
+                                stdout=output, stderr=subprocess.STDOUT)
+
+
+def wait_serving(process: subprocess.Popen[bytes], url: str, log: Path, timeout: float = 180) -> None:
+    """Returns once the `govrag serve` `process` answers `url`/healthz; fails with the end of its `log` if it exits
+    first, or after `timeout` seconds."""
+
+    def answers() -> bool:
+        assert process.poll() is None, log.read_text()[-3000:]
+        try:
+            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(answers, timeout, f"govrag serve to answer at {url}", every=0.3)

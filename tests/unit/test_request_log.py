@@ -13,7 +13,7 @@ import httpx
 import pytest
 import uvicorn
 
-from api import cli
+from api import serving
 from api.app import create_app
 from core import migrate
 from core.settings import Settings
@@ -42,7 +42,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, uvicorn.Server]]:
     saved = {name: (lg.handlers[:], lg.propagate) for name, lg in logging.Logger.manager.loggerDict.items()
              if isinstance(lg, logging.Logger)}
     root_saved = (root.handlers[:], root.level)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, **cli.UVICORN_OPTIONS))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, **serving.UVICORN_OPTIONS))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

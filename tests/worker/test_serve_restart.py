@@ -5,12 +5,9 @@ Marked `worker`: `make test` runs them separately."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,10 +17,10 @@ import pytest
 
 from bench.common import libpq_dsn
 from tests.conftest import PLATFORM_ADMIN
+from tests.support.govrag_process import govrag_env, start_govrag, wait_serving
 from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.worker
-ROOT = Path(__file__).resolve().parents[2]
 PARAGRAPH = ("Section {n}. The facilities team reviewed the maintenance schedule for building {n}; the lifts, "
              "the heating and the fire doors were inspected and the findings were filed with the site office.")
 
@@ -35,22 +32,10 @@ def _free_port() -> int:
 
 
 def _serve(data_dir: Path, url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GOVRAG_")}
-    env.update({"GOVRAG_DATA_DIR": str(data_dir), "GOVRAG_DATABASE_URL": url, "GOVRAG_ADMINS": f'["{PLATFORM_ADMIN}"]',
-                "PYTHONPATH": str(ROOT)})
-    handle = log.open("ab")
-    proc = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],  # noqa: S603
-                            cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError("serve did not start")
+    env = govrag_env(data_dir=str(data_dir), database_url=url, admins=f'["{PLATFORM_ADMIN}"]')
+    proc = start_govrag(["serve", "--host", "127.0.0.1", "--port", str(port)], log=log, env=env)
+    wait_serving(proc, f"http://127.0.0.1:{port}", log)
+    return proc
 
 
 def _job(url: str, job_id: str) -> tuple[str, int, int]:

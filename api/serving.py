@@ -1,0 +1,57 @@
+"""How `govrag serve` runs uvicorn: on sockets it listens on before its start, so an address it cannot use is refused
+in one line before anything starts (uvicorn binds only after the start, and says it with its own error, exit 3)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from core.errors import AddressUnusable
+
+logger = logging.getLogger(__name__)
+
+# The logging is ours (core.logs, at start-up), without uvicorn's access line, the raw request line with its query
+# string; the API's request middleware logs each request without it.
+UVICORN_OPTIONS: dict[str, Any] = {"log_config": None, "access_log": False}
+
+
+@contextmanager
+def listening(host: str, port: int) -> Iterator[list[socket.socket]]:
+    """Sockets listening on `port` at every address `host` resolves to, made as uvicorn's (asyncio's create_server)
+    are: SO_REUSEADDR (a restart binds beside its predecessor's closing connections), IPv6 sockets IPv6 only;
+    AddressUnusable if one cannot be. Connections made before `serve` wait in the backlog. Closed on leaving."""
+    with ExitStack() as opened:
+        sockets: list[socket.socket] = []
+        try:
+            for family, kind, proto, _, address in set(socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                                          flags=socket.AI_PASSIVE)):
+                sock = opened.enter_context(socket.socket(family, kind, proto))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                sock.listen()  # uvicorn listens again, with its backlog
+                sockets.append(sock)
+        except OSError as error:  # in use, not this machine's, a privileged port, a host name that does not resolve
+            raise AddressUnusable(_address(host, port), error) from None
+        yield sockets
+
+
+def serve(app: FastAPI, sockets: list[socket.socket]) -> None:
+    """Run `app` under uvicorn on `sockets` until it is stopped: uvicorn.run's options, signals, lifespan and graceful
+    shutdown (uvicorn.run takes no sockets)."""
+    logger.info("listening on %s", ", ".join(f"http://{_address(*sock.getsockname()[:2])}" for sock in sockets))
+    try:
+        uvicorn.Server(uvicorn.Config(app, **UVICORN_OPTIONS)).run(sockets=sockets)
+    except KeyboardInterrupt:  # the Ctrl-C uvicorn stopped on, raised again once it has (uvicorn.run ignores it too)
+        pass
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
