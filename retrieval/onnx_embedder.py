@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -76,9 +77,21 @@ def ensure_onnx_model() -> Path:
     at build time, so containers start without exporting)."""
     path = onnx_path()
     if not path.exists():
+        _writable(path.parent)
         logger.info("exporting the embedding model to ONNX (once per weights version)")
         export_onnx(path)
     return path
+
+
+def _writable(folder: Path) -> None:
+    """`folder` made if missing; UnusablePath, said in one line, if this user may not make it or write there (a
+    service user's home: not a broken install)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK, effective_ids=True):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+    except OSError as error:
+        raise UnusablePath.refused(f"the embedding model's cache in {folder}", error, "GOVRAG_MODEL_CACHE") from None
 
 
 class OnnxEmbedder:

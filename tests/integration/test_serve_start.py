@@ -163,6 +163,21 @@ def test_an_onnx_export_that_does_not_load_is_refused_in_one_line(tmp_path: Path
                                    "(InvalidProtobuf): remove it, and the next start exports it again")
 
 
+@pytest.mark.parametrize("locked", ["its parent", "the folder"])
+def test_a_model_cache_it_may_not_write_is_refused_in_one_line(locked: str, tmp_path: Path) -> None:
+    """The first start exports the embedding model into GOVRAG_MODEL_CACHE (else the user's cache): a folder this user
+    may not make or write (a service user's home) ended in a PermissionError traceback; now a path to fix, exit 2."""
+    cache = tmp_path / "read-only" / "models"
+    folder = cache.parent if locked == "its parent" else cache
+    folder.mkdir(parents=True)
+    folder.chmod(0o555)
+    result = run_govrag(SERVE, env=govrag_env(data_dir=str(tmp_path / "data"), model_cache=str(cache)),
+                        prefix=PERMISSION_BITS_BIND)
+    assert _refusal(result) == (2, f"govrag: cannot use the embedding model's cache in {cache}: Permission denied on "
+                                   f"{cache} {WAY_OUT.format(fix=READ_AND_WRITE, setting='GOVRAG_MODEL_CACHE')}")
+    assert list(folder.iterdir()) == []
+
+
 def _install_with(spoiled: str, tmp_path: Path) -> Path:
     """A copy of this checkout (links to its files) whose guard/`spoiled` is a file of its own, to spoil."""
     install = tmp_path / "install"
