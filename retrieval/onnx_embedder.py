@@ -110,8 +110,8 @@ class OnnxEmbedder:
         try:
             self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime's own errors (InvalidProtobuf, Fail, ...) derive from Exception
-            raise UnusablePath(f"the embedding model's ONNX export {path} does not load ({type(error).__name__}): "
-                               "remove it, and the next start exports it again") from error
+            raise UnusablePath(f"the embedding model's ONNX export {path} must hold a model this onnxruntime loads "
+                               f"({type(error).__name__}): remove it and the next start exports it again") from error
         self._tokenizer = Tokenizer.from_file(str(_model_dir() / "tokenizer.json"))
         self._tokenizer.enable_truncation(MAX_TOKENS)
         self._tokenizer.enable_padding()

@@ -159,8 +159,8 @@ def test_an_onnx_export_that_does_not_load_is_refused_in_one_line(tmp_path: Path
     missing: a path to fix, exit 2, as a dev issuer key that does not parse."""
     garbled = _garbled_onnx_export(tmp_path / "models")
     result = run_govrag(SERVE, env=govrag_env(data_dir=str(tmp_path / "data"), model_cache=str(tmp_path / "models")))
-    assert _refusal(result) == (2, f"govrag: the embedding model's ONNX export {garbled} does not load "
-                                   "(InvalidProtobuf): remove it, and the next start exports it again")
+    assert _refusal(result) == (2, f"govrag: the embedding model's ONNX export {garbled} must hold a model this "
+                                   "onnxruntime loads (InvalidProtobuf): remove it and the next start exports it again")
 
 
 @pytest.mark.parametrize("locked", ["its parent", "the folder"])
