@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the API (embedded default unless configured otherwise)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_port, default=8000)
     serve.set_defaults(run=_serve)
 
     worker = commands.add_parser("worker", help="run a Celery ingestion worker process (needs a Qdrant server)")
@@ -90,6 +90,14 @@ def _at_least_one(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
+def _port(value: str) -> int:
+    """An argparse type: a TCP port, 0 (any free one) to 65535; the resolver would take 70000 as 4464."""
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError("must be a port, 0 to 65535")
     return number
 
 

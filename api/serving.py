@@ -25,21 +25,29 @@ UVICORN_OPTIONS: dict[str, Any] = {"log_config": None, "access_log": False}
 def listening(host: str, port: int) -> Iterator[list[socket.socket]]:
     """Sockets listening on `port` at every address `host` resolves to, made as uvicorn's (asyncio's create_server)
     are: SO_REUSEADDR (a restart binds beside its predecessor's closing connections), IPv6 sockets IPv6 only;
-    AddressUnusable if one cannot be. Connections made before `serve` wait in the backlog. Closed on leaving."""
+    AddressUnusable if one cannot be. A family this kernel has no sockets for (IPv6 disabled at boot) is skipped, as
+    asyncio skips it, unless it is the only one. Connections made before `serve` wait in the backlog. Closed on
+    leaving."""
     with ExitStack() as opened:
         sockets: list[socket.socket] = []
         try:
-            for family, kind, proto, _, address in set(socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                                                          flags=socket.AI_PASSIVE)):
-                sock = opened.enter_context(socket.socket(family, kind, proto))
+            resolved = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            for family, kind, proto, _, address in dict.fromkeys(resolved):  # the resolver's order, each address once
+                try:
+                    sock = opened.enter_context(socket.socket(family, kind, proto))
+                except OSError as no_family:
+                    unmade = no_family
+                    continue
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(address)
                 sock.listen()  # uvicorn listens again, with its backlog
                 sockets.append(sock)
-        except OSError as error:  # in use, not this machine's, a privileged port, a host name that does not resolve
-            raise AddressUnusable(_address(host, port), error) from None
+            if not sockets:
+                raise unmade
+        except (OSError, UnicodeError) as error:  # in use, not this machine's, a privileged port, a host name that
+            raise AddressUnusable(_address(host, port), error) from None  # does not resolve (or is no name at all)
         yield sockets
 
 

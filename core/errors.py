@@ -70,7 +70,7 @@ class AddressUnusable(StartRefused):
 
     exit_code = 2
 
-    def __init__(self, address: str, error: OSError) -> None:
+    def __init__(self, address: str, error: Exception) -> None:
         super().__init__(f"cannot listen on {address}: {_reason(error)} (give another --port, or a --host of this "
                          "machine)")
 
