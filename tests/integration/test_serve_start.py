@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import shutil
-import signal
 import socket
 import subprocess
 from collections.abc import Callable, Sequence
@@ -25,7 +24,7 @@ from core.settings import Settings
 from retrieval import embeddings, onnx_embedder
 from retrieval.store import close_vector_store, open_vector_store
 from tests.support.file_permissions import PERMISSION_BITS_BIND
-from tests.support.govrag_process import ROOT, govrag_env, run_govrag, start_govrag, wait_serving
+from tests.support.govrag_process import ROOT, govrag_env, run_govrag, start_govrag, stop_govrag, wait_serving
 
 SERVE = ("serve", "--port", "0")
 WAY_OUT = "({fix}, or point {setting} at a folder this user may write)"
@@ -131,11 +130,8 @@ def test_a_serve_on_a_port_in_use_is_refused_before_it_starts_anything(tmp_path:
                                    "--port, or a --host of this machine)")
     assert not data_dir.exists()
     serve = start_govrag(argv, log=log, env=govrag_env(data_dir=str(data_dir)))
-    try:
-        wait_serving(serve, f"http://127.0.0.1:{port}", log)
-    finally:
-        serve.send_signal(signal.SIGINT)
-        assert serve.wait(120) == 0, log.read_text()[-3000:]
+    wait_serving(serve, f"http://127.0.0.1:{port}", log)
+    assert stop_govrag(serve) == 0, log.read_text()[-3000:]
 
 
 def test_a_serve_on_a_host_this_machine_does_not_have_is_refused_in_one_line(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -41,7 +42,7 @@ def start_govrag(argv: Sequence[str], *, log: Path, env: Mapping[str, str] | Non
 
 def wait_serving(process: subprocess.Popen[bytes], url: str, log: Path, timeout: float = 180) -> None:
     """Returns once the `govrag serve` `process` answers `url`/healthz; fails with the end of its `log` if it exits
-    first, or after `timeout` seconds."""
+    first, or after `timeout` seconds (killed then, so no failure leaves it running)."""
 
     def answers() -> bool:
         assert process.poll() is None, log.read_text()[-3000:]
@@ -50,4 +51,20 @@ def wait_serving(process: subprocess.Popen[bytes], url: str, log: Path, timeout:
         except httpx.HTTPError:
             return False
 
-    wait_until(answers, timeout, f"govrag serve to answer at {url}", every=0.3)
+    try:
+        wait_until(answers, timeout, f"govrag serve to answer at {url}", every=0.3)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+
+
+def stop_govrag(process: subprocess.Popen[bytes], timeout: float = 120) -> int:
+    """Ctrl-C for `process`, and its exit code once it stopped; killed if it has not after `timeout` seconds (its code
+    then the kill's, -9)."""
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()

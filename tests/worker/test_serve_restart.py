@@ -5,7 +5,6 @@ Marked `worker`: `make test` runs them separately."""
 
 from __future__ import annotations
 
-import signal
 import socket
 import subprocess
 from collections.abc import Callable
@@ -17,7 +16,7 @@ import pytest
 
 from bench.common import libpq_dsn
 from tests.conftest import PLATFORM_ADMIN
-from tests.support.govrag_process import govrag_env, start_govrag, wait_serving
+from tests.support.govrag_process import govrag_env, start_govrag, stop_govrag, wait_serving
 from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.worker
@@ -52,8 +51,7 @@ def _stop_serve_mid_run(proc: subprocess.Popen[bytes], url: str, job_id: str, do
     wait_until(lambda: _job(url, job_id)[:2] == ("processing", run), 120, f"run {run} to start", every=0.05)
     with psycopg.connect(libpq_dsn(url)) as holder:
         holder.execute("SELECT id FROM documents WHERE id = %s FOR UPDATE", (document_id,))
-        proc.send_signal(signal.SIGINT)  # a clean stop: what Ctrl-C, systemctl stop or a deploy does
-        proc.wait(120)
+        assert stop_govrag(proc) == 0  # a clean stop: what Ctrl-C, systemctl stop or a deploy does
         holder.rollback()
 
 
@@ -84,8 +82,6 @@ def test_clean_restarts_of_serve_during_a_long_ingestion_do_not_fail_the_documen
                    every=0.05)
         document = httpx.get(f"{base}/v1/documents/{accepted['document_id']}", headers=editor).json()
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(120)
+        stop_govrag(proc)
     assert (document["status"], document["error"]) == ("ready", None), document
     assert _job(url, accepted["job_id"]) == ("ready", 4, 0)  # four runs, none counted as a crash
