@@ -160,6 +160,9 @@ def verify(*, session: Session, settings: Settings) -> VerifyResult:
                           purged_through=expect.purged_through or None)
     if expect.bad_signature is not None:
         return _broken(result, expect.bad_signature, "checkpoint_signature_invalid")
+    lowest = repository.min_event_id(session)
+    if lowest is not None and lowest <= expect.purged_through:  # where no row may be (the walk starts past it)
+        return _broken(result, lowest, "chain_link_broken")
     previous = expect.anchor
     for event in repository.iter_chain(session, after_id=expect.purged_through):
         if event.prev_hash != previous:

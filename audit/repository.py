@@ -76,6 +76,11 @@ def max_event_id(session: Session) -> int:
     return int(session.scalar(select(func.max(RetrievalEvent.id))) or 0)
 
 
+def min_event_id(session: Session) -> int | None:
+    """The lowest event id (None when empty)."""
+    return session.scalar(select(func.min(RetrievalEvent.id)))
+
+
 _EVENT_COLUMNS = tuple(RetrievalEvent.__table__.columns)
 
 

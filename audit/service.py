@@ -79,7 +79,9 @@ def _admin_event(identity: Identity, event_type: AdminEventType | str, departmen
 
 def _append(session: Session, settings: Settings | None, events: list[RetrievalEvent], *,
             purging_through: int | None = None) -> None:
-    """Link `events`, in order, to the end of the chain and commit them (with a signed checkpoint every N rows).
+    """Link `events`, in order, to the end of the chain and commit them, with a signed checkpoint every N rows and at
+    each admin action (rows past the newest checkpoint can be cut unseen: an insider's role grant, export or purge
+    must not be among them).
 
     `purging_through`: the retention purge deletes the events through that id in the same transaction, once its
     `retention_purge` event is linked: a purge is never left unrecorded, and never deletes the newest row (SQLite,
@@ -91,11 +93,12 @@ def _append(session: Session, settings: Settings | None, events: list[RetrievalE
             previous, checkpointed = repository.chain_end(session)
             for event in events:
                 event.created_at, event.prev_hash = utcnow(), previous
+                event.latency_ms = float(event.latency_ms) + 0.0  # hashed as read back: 3 as 3.0, -0.0 as 0.0 (SQLite)
                 event.hash = previous = event_hash(event)
             repository.add_events(session, events)
             last = events[-1]
-            if settings is not None and settings.audit_checkpoint_every > 0 and \
-                    last.id - checkpointed >= settings.audit_checkpoint_every:
+            if settings is not None and settings.audit_checkpoint_every > 0 and (
+                    last.id - checkpointed >= settings.audit_checkpoint_every or last.decision == Decision.admin):
                 checkpoint = integrity.make_checkpoint(session=session, settings=settings, event=last)
             if purging_through is not None:
                 repository.delete_through(session, purging_through)

@@ -82,8 +82,8 @@ def test_an_untouched_chain_verifies_and_carries_the_new_fields(ledger: Settings
         audit_service.record_admin_event(session=session, identity=ADMIN, event_type=AdminEventType.kill_switch,
                                          details={"mode": "retrieval_only"}, settings=ledger)
     result = _verify(ledger)
-    assert result == {"ok": True, "checked": 13, "first_broken": None, "reason": None, "checkpoints_checked": 4,
-                      "purged_through": None}
+    assert result == {"ok": True, "checked": 13, "first_broken": None, "reason": None, "checkpoints_checked": 6,
+                      "purged_through": None}  # at rows 5, 10 and the admin action, each mirrored
 
 
 def test_editing_a_row_is_detected(ledger: Settings) -> None:
@@ -153,6 +153,39 @@ def test_a_forged_checkpoint_is_detected(ledger: Settings) -> None:
     _sql(ledger, "UPDATE audit_checkpoints SET last_event_id = 4")
     result = _verify(ledger)
     assert (result["ok"], result["reason"]) == (False, "checkpoint_signature_invalid")
+
+
+def test_an_admin_action_cut_from_the_tail_is_detected(ledger: Settings) -> None:
+    """Rows past the newest signed checkpoint could be cut unseen: an insider granted a role, used it, and deleted
+    both rows (and the checkpoints in the database) before the next checkpoint was due. An admin action is now
+    signed as it is committed, so with it everything before it."""
+    _append(ledger, 2)
+    with get_session_factory(ledger.resolved_database_url)() as session:
+        audit_service.record_admin_event(session=session, identity=ADMIN, event_type=AdminEventType.role_granted,
+                                         details={"subject": "mallory", "role": "reader"}, settings=ledger)
+    _append(ledger, 1)
+    _sql(ledger, "DELETE FROM retrieval_events WHERE id >= 3; DELETE FROM audit_checkpoints")
+    result = _verify(ledger)
+    assert (result["ok"], result["first_broken"], result["reason"]) == (False, 3, "checkpointed_rows_missing")
+
+
+@pytest.mark.parametrize("forged_id", [3, 0], ids=["below-the-purge-anchor", "id-0"])
+def test_a_row_forged_where_the_chain_has_none_is_detected(ledger: Settings, forged_id: int) -> None:
+    """Verify walked the rows past the signed purge anchor (and past id 0) only, while an export lists every row up
+    to its end: a forged row at an id the purge had emptied was exported as a ledger event, and verify said ok."""
+    _append(ledger, 6)
+    settings = ledger.model_copy(update={"audit_retention_days": 30})
+    with get_session_factory(ledger.resolved_database_url)() as session:
+        assert audit_service.purge_expired(session=session, settings=settings, identity=ADMIN,
+                                           now=utcnow() + timedelta(days=31)) == 6
+        anchor = session.scalar(select(RetrievalEvent.prev_hash))  # the purge event's: the purged tail's hash
+        forged = RetrievalEvent(id=forged_id, event_type="retrieval", created_at=utcnow(), prev_hash=anchor,
+                                **vars(_record(7, subject="bob")))
+        forged.hash = event_hash(forged)
+        session.add(forged)
+        session.commit()
+    result = _verify(settings)
+    assert (result["ok"], result["first_broken"], result["reason"]) == (False, forged_id, "chain_link_broken")
 
 
 def test_concurrent_appends_never_fork_the_chain(ledger: Settings) -> None:
@@ -315,6 +348,19 @@ def test_verification_matches_on_sqlite(tmp_path: Path) -> None:
         session.execute(text("UPDATE retrieval_events SET latency_ms = 9 WHERE id = 5"))
         session.commit()
     assert (_verify(settings)["ok"], _verify(settings)["first_broken"]) == (False, 5)
+
+
+@pytest.mark.parametrize("latency", [3, -0.0], ids=["int", "negative-zero"])
+def test_a_latency_the_database_hands_back_otherwise_still_verifies(tmp_path: Path, latency: float) -> None:
+    """The row was hashed as given and verified as read back: an int latency came back a float (3.0), and SQLite
+    keeps no -0.0; either row failed verification forever (`content_changed`), a false alarm."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path, database_url=url)
+    with get_session_factory(url)() as session:
+        audit_service.record_retrieval(session=session, record=replace(_record(1), latency_ms=latency),
+                                       settings=settings)
+    assert (_verify(settings)["ok"], _verify(settings)["checked"]) == (True, 1)
 
 
 def test_cli_verify_export_checkpoint_and_purge(ledger: Settings, monkeypatch: pytest.MonkeyPatch,
@@ -538,7 +584,7 @@ def test_a_cli_purge_during_a_database_outage_is_undone_whole_never_left_unrecor
     assert cli.main(["audit", "purge", "--actor", "ops"]) == 0  # run again: purged, and recorded
     assert json.loads(capsys.readouterr().out) == {"purged": 3}
     assert {k: _verify(cli_on_ledger)[k] for k in ("ok", "checked", "checkpoints_checked", "purged_through")} == {
-        "ok": True, "checked": 1, "checkpoints_checked": 2, "purged_through": 3}  # the checkpoint, and its mirror
+        "ok": True, "checked": 1, "checkpoints_checked": 4, "purged_through": 3}  # the purge's, its event's; mirrored
     with get_session_factory(cli_on_ledger.resolved_database_url)() as session:
         recorded = session.execute(select(RetrievalEvent.event_type, RetrievalEvent.subject,
                                           RetrievalEvent.details)).all()
