@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import threading
 import time
 import uuid
@@ -19,7 +21,7 @@ from sqlalchemy.orm import Session
 from audit import integrity
 from audit import service as audit_service
 from audit.integrity import event_hash
-from audit.schemas import AdminEventType, Decision, RetrievalRecord
+from audit.schemas import AdminEventType, Decision, ExportFilters, ExportFormat, RetrievalRecord
 from authz.identity import Identity
 from bench.common import libpq_dsn
 from core import migrate
@@ -30,6 +32,7 @@ from core.settings import Settings
 from tests.conftest import allow_connections
 
 ADMIN = Identity(subject="root-admin", groups=(), is_platform_admin=True)
+AUDIT_DOC = Path(__file__).resolve().parents[2] / "docs" / "audit.md"
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +189,50 @@ def test_a_row_forged_where_the_chain_has_none_is_detected(ledger: Settings, for
         session.commit()
     result = _verify(settings)
     assert (result["ok"], result["first_broken"], result["reason"]) == (False, forged_id, "chain_link_broken")
+
+
+def _documented_export_check() -> Callable[..., dict[str, object]]:
+    """`check_export` as docs/audit.md prints it for a recipient without the server."""
+    snippet = re.search(r"^```python\n(.*?)^```", AUDIT_DOC.read_text(encoding="utf-8"), re.S | re.M)
+    assert snippet is not None, "docs/audit.md's export check moved: update this test"
+    namespace: dict[str, object] = {}
+    exec(snippet.group(1), namespace)  # noqa: S102 - the documented code, as a reader would run it
+    return namespace["check_export"]  # type: ignore[return-value]
+
+
+def _rewritten(path: Path, rows: list[bytes]) -> Path:
+    """The export with `rows` as its body and the manifest computed again, as whoever edits it would."""
+    manifest = json.loads(path.read_bytes().split(b"\n")[-2])["manifest"]
+    body = b"".join(row + b"\n" for row in rows)
+    manifest.update(rows=len(rows), body_sha256=hashlib.sha256(body).hexdigest(),
+                    first_hash=json.loads(rows[0])["hash"], last_hash=json.loads(rows[-1])["hash"])
+    edited = path.with_name("edited.jsonl")
+    edited.write_bytes(body + json.dumps({"manifest": manifest}).encode() + b"\n")
+    return edited
+
+
+def test_an_export_checks_without_the_server_as_documented(ledger: Settings, tmp_path: Path) -> None:
+    """docs/audit.md's check passes an untouched JSONL export (a line break inside a question, an admin row's
+    details) and catches a row edited or removed even with the manifest computed again."""
+    _append(ledger, 2)
+    with get_session_factory(ledger.resolved_database_url)() as session:
+        audit_service.record_admin_event(session=session, identity=ADMIN, event_type=AdminEventType.kill_switch,
+                                         details={"mode": "retrieval_only"}, settings=ledger)
+        audit_service.record_retrieval(session=session, settings=ledger,
+                                       record=replace(_record(3), question_masked="caf\u00e9\u2028next line"))
+        export = tmp_path / "export.jsonl"
+        export.write_text("".join(audit_service.export_events(
+            session=session, settings=ledger, identity=ADMIN, scope=None, filters=ExportFilters(),
+            fmt=ExportFormat.jsonl)), encoding="utf-8")
+    check = _documented_export_check()
+    assert check(str(export), unfiltered=True)["rows"] == 4
+    rows = export.read_bytes().split(b"\n")[:-2]
+    edited = _rewritten(export, [rows[0], rows[1].replace(b'"alice"', b'"mallory"'), *rows[2:]])
+    with pytest.raises(AssertionError, match="row 2 was changed"):
+        check(str(edited), unfiltered=True)
+    cut = _rewritten(export, [rows[0], *rows[2:]])
+    with pytest.raises(AssertionError, match="a row is missing before row 3"):
+        check(str(cut), unfiltered=True)
 
 
 def test_concurrent_appends_never_fork_the_chain(ledger: Settings) -> None:
