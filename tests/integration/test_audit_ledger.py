@@ -27,7 +27,7 @@ from bench.common import libpq_dsn
 from core import migrate
 from core.db import get_session_factory
 from core.errors import unavailable_dependency
-from core.models import RetrievalEvent, utcnow
+from core.models import AuditCheckpoint, RetrievalEvent, utcnow
 from core.settings import Settings
 from tests.conftest import allow_connections
 
@@ -235,24 +235,48 @@ def test_an_export_checks_without_the_server_as_documented(ledger: Settings, tmp
         check(str(cut), unfiltered=True)
 
 
-def test_concurrent_appends_never_fork_the_chain(ledger: Settings) -> None:
+def _in_threads(work: Callable[[int], None], count: int = 8) -> None:
+    """`work(0)` ... `work(count - 1)` at once, each in its own thread; every one returns, none raises."""
     errors: list[BaseException] = []
 
-    def worker() -> None:
+    def worker(n: int) -> None:
         try:
-            _append(ledger, 10)
+            work(n)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(8)]
+    threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(60)
     assert not any(thread.is_alive() for thread in threads), "an append never returned"
     assert errors == []
+
+
+def test_concurrent_appends_never_fork_the_chain(ledger: Settings) -> None:
+    _in_threads(lambda _: _append(ledger, 10))
     assert _verify(ledger)["checked"] == 80
     assert _verify(ledger)["ok"] is True
+
+
+def test_admin_actions_at_once_beside_queries_are_each_signed_and_mirrored_whole(ledger: Settings) -> None:
+    """Every admin action signs a checkpoint as it commits: many at once, beside queries, each gets its own, in the
+    database and as one whole line of the mirror (its appends are not serialised by the chain lock)."""
+    def worker(n: int) -> None:
+        _append(ledger, 3)
+        with get_session_factory(ledger.resolved_database_url)() as session:
+            audit_service.record_admin_event(session=session, identity=ADMIN, event_type=AdminEventType.reveal,
+                                             details={"n": n}, settings=ledger)
+        _append(ledger, 3)
+
+    _in_threads(worker)
+    with get_session_factory(ledger.resolved_database_url)() as session:
+        admin_ids = set(session.scalars(select(RetrievalEvent.id).where(RetrievalEvent.decision == "admin")))
+        signed = set(session.scalars(select(AuditCheckpoint.last_event_id)))
+    mirrored = {json.loads(line)["last_event_id"] for line in ledger.resolved_checkpoint_file.read_text().splitlines()}
+    assert len(admin_ids) == 8 and admin_ids <= signed and admin_ids <= mirrored
+    assert {k: _verify(ledger)[k] for k in ("ok", "checked")} == {"ok": True, "checked": 56}
 
 
 def _append_waiting_together(settings: Settings, records: list[RetrievalRecord]) -> list[str]:
