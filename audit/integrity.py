@@ -163,7 +163,7 @@ def verify(*, session: Session, settings: Settings) -> VerifyResult:
     lowest = repository.min_event_id(session)
     if lowest is not None and lowest <= expect.purged_through:  # where no row may be (the walk starts past it)
         return _broken(result, lowest, "chain_link_broken")
-    previous = expect.anchor
+    previous, anchored_through = expect.anchor, max(expect.at, default=expect.purged_through)
     for event in repository.iter_chain(session, after_id=expect.purged_through):
         if event.prev_hash != previous:
             return _broken(result, event.id, "chain_link_broken")
@@ -173,6 +173,8 @@ def verify(*, session: Session, settings: Settings) -> VerifyResult:
             return _broken(result, event.id, "checkpoint_mismatch")
         previous = event.hash
         result.checked += 1
+        if event.id > anchored_through:
+            result.unanchored += 1
     if expect.at:
         return _broken(result, min(expect.at), "checkpointed_rows_missing")
     return result

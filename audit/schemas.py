@@ -144,3 +144,4 @@ class VerifyResult(BaseModel):
     reason: str | None = None
     checkpoints_checked: int = 0
     purged_through: int | None = None
+    unanchored: int = 0  # rows checked past the newest signed checkpoint: they could be cut or changed unseen

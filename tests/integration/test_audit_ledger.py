@@ -86,7 +86,19 @@ def test_an_untouched_chain_verifies_and_carries_the_new_fields(ledger: Settings
                                          details={"mode": "retrieval_only"}, settings=ledger)
     result = _verify(ledger)
     assert result == {"ok": True, "checked": 13, "first_broken": None, "reason": None, "checkpoints_checked": 6,
-                      "purged_through": None}  # at rows 5, 10 and the admin action, each mirrored
+                      "purged_through": None, "unanchored": 0}  # at rows 5, 10 and the admin action, each mirrored
+
+
+def test_verify_counts_the_rows_past_the_newest_checkpoint(ledger: Settings) -> None:
+    """Rows past the newest signed checkpoint can be cut or changed unseen: verify says how many there are, so the
+    exposure shows (and a checkpoint, signed on demand, takes it to 0)."""
+    _append(ledger, 8)  # signed at row 5
+    assert {k: _verify(ledger)[k] for k in ("ok", "checked", "unanchored")} == {"ok": True, "checked": 8,
+                                                                                 "unanchored": 3}
+    with get_session_factory(ledger.resolved_database_url)() as session:
+        audit_service.checkpoint_now(session=session, settings=ledger)
+    _sql(ledger, "DELETE FROM audit_checkpoints")  # the mirror still has it
+    assert {k: _verify(ledger)[k] for k in ("ok", "unanchored")} == {"ok": True, "unanchored": 0}
 
 
 def test_editing_a_row_is_detected(ledger: Settings) -> None:
