@@ -39,7 +39,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     exporting = audit_commands.add_parser("export", help="stream ledger events (JSONL, CSV or OCSF) with a manifest")
     add_export_arguments(exporting)
     exporting.set_defaults(run=export)
-    audit_commands.add_parser("checkpoint", help="sign a checkpoint at the end of the chain").set_defaults(
+    audit_commands.add_parser(
+        "checkpoint", help="sign a checkpoint at the end of the chain (none when the newest covers it)").set_defaults(
         run=checkpoint)
     purging = audit_commands.add_parser("purge", help="retention: signed, audited purge of expired events")
     add_actor_argument(purging)
@@ -164,12 +165,15 @@ def training_data(args: argparse.Namespace) -> int:
 
 @_reported
 def checkpoint(_args: argparse.Namespace) -> int:
-    """Sign a checkpoint at the end of the chain."""
+    """Sign a checkpoint at the end of the chain, unless the newest one covers it (the output says which)."""
     from audit import service as audit_service
 
     with _session() as session:
-        event_id = audit_service.checkpoint_now(session=session, settings=get_settings())
-    print(json.dumps({"checkpointed_event_id": event_id}))
+        event_id, signed = audit_service.checkpoint_now(session=session, settings=get_settings())
+    said: dict[str, object] = {"checkpointed_event_id": event_id, "signed": signed}
+    if not signed:
+        said["note"] = "the ledger is empty" if event_id is None else "nothing appended since the newest checkpoint"
+    print(json.dumps(said))
     return 0
 
 

@@ -92,16 +92,21 @@ def mirror_checkpoint(settings: Settings, checkpoint: AuditCheckpoint) -> None:
         logger.warning("could not append to the audit checkpoint mirror file")
 
 
-def checkpoint_now(*, session: Session, settings: Settings) -> AuditCheckpoint | None:
-    """A manual checkpoint at the current end of the chain (None when the ledger is empty)."""
+def checkpoint_now(*, session: Session, settings: Settings) -> tuple[int | None, bool]:
+    """A manual checkpoint at the current end of the chain: (the end's event id, None when the ledger is empty;
+    whether one was signed). None is signed when the newest checkpoint covers the end already: run from cron, a
+    quiet ledger would otherwise grow a checkpoint row and a mirror line, each held by every verification, each run."""
     with repository.local_chain_lock():
         repository.lock_chain(session)
         last = repository.last_event(session)
-        checkpoint = make_checkpoint(session=session, settings=settings, event=last, kind="manual") if last else None
+        if last is None or last.id == repository.chain_end(session)[1]:
+            end = last.id if last else None
+            session.rollback()
+            return end, False
+        checkpoint = make_checkpoint(session=session, settings=settings, event=last, kind="manual")
         session.commit()
-    if checkpoint is not None:
-        mirror_checkpoint(settings, checkpoint)
-    return checkpoint
+    mirror_checkpoint(settings, checkpoint)
+    return checkpoint.last_event_id, True
 
 
 def _as_json(checkpoint: AuditCheckpoint) -> dict[str, object]:

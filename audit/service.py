@@ -240,7 +240,7 @@ def export_training_data(*, session: Session, settings: Settings, identity: Iden
     return training.render_jsonl(rows, department=department)
 
 
-def checkpoint_now(*, session: Session, settings: Settings) -> int | None:
-    """Sign a checkpoint at the current end of the chain; the event id it covers."""
-    checkpoint = integrity.checkpoint_now(session=session, settings=settings)
-    return checkpoint.last_event_id if checkpoint else None
+def checkpoint_now(*, session: Session, settings: Settings) -> tuple[int | None, bool]:
+    """Sign a checkpoint at the current end of the chain unless the newest one covers it: (the end's event id, None
+    when the ledger is empty; whether one was signed)."""
+    return integrity.checkpoint_now(session=session, settings=settings)

@@ -493,6 +493,30 @@ def cli_on_ledger(ledger: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator
     get_settings.cache_clear()
 
 
+def test_a_cli_checkpoint_signs_none_when_nothing_was_appended_since_the_newest(
+        cli_on_ledger: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    """Run from cron every few minutes, `govrag audit checkpoint` signed one each run, on a quiet ledger too: a
+    checkpoint row and a mirror line each time, all held by every verification. Now it says it signed none."""
+    from api import cli
+
+    def checkpoint() -> dict[str, object]:
+        assert cli.main(["audit", "checkpoint"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    def mirrored() -> int:
+        return len(cli_on_ledger.resolved_checkpoint_file.read_text().splitlines())
+
+    assert checkpoint() == {"checkpointed_event_id": None, "signed": False, "note": "the ledger is empty"}
+    _append(cli_on_ledger, 3)
+    assert checkpoint() == {"checkpointed_event_id": 3, "signed": True}
+    assert (checkpoint(), mirrored()) == (
+        {"checkpointed_event_id": 3, "signed": False, "note": "nothing appended since the newest checkpoint"}, 1)
+    _append(cli_on_ledger, 1)
+    assert (checkpoint(), mirrored()) == ({"checkpointed_event_id": 4, "signed": True}, 2)
+    assert {k: _verify(cli_on_ledger)[k] for k in ("ok", "checkpoints_checked", "unanchored")} == {
+        "ok": True, "checkpoints_checked": 4, "unanchored": 0}
+
+
 def test_a_cli_export_of_an_inverted_window_is_refused_and_not_recorded(
         cli_on_ledger: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`--since` after `--until` wrote an empty export (and recorded it), which reads as "nobody accessed it"."""

@@ -369,7 +369,7 @@ ON_A_FRESH_DEFAULT = [
     (["audit", "verify"], 0, '{"ok":true,"checked":0,"first_broken":null,"reason":null,"checkpoints_checked":0,'
                              '"purged_through":null,"unanchored":0}'),
     (["audit", "export"], 0, '"rows": 0'),
-    (["audit", "checkpoint"], 0, '{"checkpointed_event_id": null}'),
+    (["audit", "checkpoint"], 0, '{"checkpointed_event_id": null, "signed": false, "note": "the ledger is empty"}'),
     (["audit", "purge"], 0, '{"purged": 0}'),
     (["export", "training-data", "--department", "hr"], 2, "refused: no such department"),
 ]
