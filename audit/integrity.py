@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import hmac
 import json
@@ -82,11 +83,14 @@ def make_checkpoint(*, session: Session, settings: Settings, event: RetrievalEve
 
 
 def mirror_checkpoint(settings: Settings, checkpoint: AuditCheckpoint) -> None:
-    """Append the committed checkpoint to the mirror file, so deleting DB checkpoints is not enough to hide a cut."""
+    """Append the committed checkpoint to the mirror file, so deleting DB checkpoints is not enough to hide a cut.
+    Each line is written under an exclusive flock: API processes sharing a mirror on a network mount (where appends
+    are not atomic) would otherwise mix their lines into one no verification can read."""
     path = settings.resolved_checkpoint_file
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
             handle.write(json.dumps(_as_json(checkpoint)) + "\n")
     except OSError:
         logger.warning("could not append to the audit checkpoint mirror file")
