@@ -7,6 +7,7 @@ with every process of its session at the time limit (`legacy_office.run_to_the_e
 from __future__ import annotations
 
 import functools
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +63,13 @@ def convert(data: bytes, content_type: str, timeout_seconds: float) -> tuple[byt
 
 @functools.cache
 def _pandoc() -> str:
-    """The pandoc pypandoc finds: pypandoc-binary's own, unless PYPANDOC_PANDOC names another or a newer one is on
-    PATH; OSError when there is none it can run."""
+    """pypandoc-binary's own pandoc (the one its version is pinned for, known to take --sandbox and +RTS -M), unless
+    PYPANDOC_PANDOC names another; the one pypandoc finds (on PATH) only where that package ships none. pypandoc
+    itself prefers a pandoc on PATH of an equal or higher version, which may refuse the heap cap and fail every file
+    as corrupt. OSError when there is none it can run."""
     import pypandoc
 
+    bundled = Path(pypandoc.__file__).parent / "files" / "pandoc"
+    if not os.environ.get("PYPANDOC_PANDOC") and os.access(bundled, os.X_OK):
+        return str(bundled)
     return str(pypandoc.get_pandoc_path())

@@ -4,7 +4,9 @@ the format uploaded, a missing pandoc included."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import random
 import re
 import time
@@ -75,18 +77,26 @@ def test_a_file_pandoc_cannot_read_is_refused_as_corrupt() -> None:
     assert broken.value.message == "could not parse the RTF: the file is corrupt or malformed"
 
 
-@pytest.fixture
-def no_pandoc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """pypandoc finding no pandoc it can run (pypandoc-binary missing): PYPANDOC_PANDOC naming none."""
+@contextlib.contextmanager
+def _pandoc_looked_up_anew(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The pandoc looked up again in the environment the test set, and again after it is undone (pypandoc and
+    `pandoc._pandoc` keep the path found for the process)."""
     import pypandoc
 
-    monkeypatch.setenv("PYPANDOC_PANDOC", "/nonexistent/pandoc")
     pypandoc.clean_pandocpath_cache()
-    pandoc._pandoc.cache_clear()  # noqa: SLF001 - the path found is kept for the process
+    pandoc._pandoc.cache_clear()  # noqa: SLF001
     yield
     monkeypatch.undo()
     pypandoc.clean_pandocpath_cache()
     pandoc._pandoc.cache_clear()  # noqa: SLF001
+
+
+@pytest.fixture
+def no_pandoc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """pypandoc finding no pandoc it can run (pypandoc-binary missing): PYPANDOC_PANDOC naming none."""
+    monkeypatch.setenv("PYPANDOC_PANDOC", "/nonexistent/pandoc")
+    with _pandoc_looked_up_anew(monkeypatch):
+        yield
 
 
 @pytest.mark.usefixtures("no_pandoc")
@@ -98,6 +108,26 @@ def test_without_pandoc_the_refusal_names_the_format_and_what_is_missing() -> No
     assert refused.value.code is ErrorCode.unsupported_type
     assert refused.value.message == ("converting the ODT file needs pandoc (the pypandoc-binary package), which this "
                                      "deployment does not have")
+
+
+@pytest.fixture
+def other_pandoc_first_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A pandoc on PATH that reports a newer version (so pypandoc would choose it) and fails every conversion, as
+    one built without -rtsopts fails on +RTS -M."""
+    fake = tmp_path / "pandoc"
+    fake.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "pandoc 99.0" && exit 0\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.delenv("PYPANDOC_PANDOC", raising=False)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with _pandoc_looked_up_anew(monkeypatch):
+        yield
+
+
+@pytest.mark.usefixtures("other_pandoc_first_on_path")
+def test_a_pandoc_on_path_is_not_run_in_place_of_the_bundled_one() -> None:
+    """pypandoc chose the pandoc on PATH (of a higher version), and every ODT, RTF and EPUB failed as corrupt."""
+    sections = parse_document(ODT.read_bytes(), sniff.APPLICATION_ODT)
+    assert sections[0].text == "Lorem ipsum dolor sit amet."
 
 
 @pytest.mark.parametrize(("name", "content_type", "partitioner"),
