@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import io
@@ -11,12 +12,13 @@ import shutil
 import signal
 import threading
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from typing import TYPE_CHECKING, TypeVar
 
 import pikepdf
+import psutil
 
 from core.errors import ErrorCode, GovragError
 from ingestion import formats, legacy_office, pandoc, sniff
@@ -259,8 +261,9 @@ def _ocr_pdf(data: bytes, limits: ParseLimits) -> list[Section]:
     from unstructured.partition.pdf import partition_pdf
 
     try:
-        elements = run_with_timeout(lambda: partition_pdf(file=io.BytesIO(data), strategy="ocr_only",
-                                                          languages=_LANGUAGES), limits.timeout_seconds)
+        with _ocr_tools_ended():
+            elements = run_with_timeout(lambda: partition_pdf(file=io.BytesIO(data), strategy="ocr_only",
+                                                              languages=_LANGUAGES), limits.timeout_seconds)
     except GovragError:
         raise
     except Exception as exc:  # a tesseract/poppler failure: report the scan as unreadable
@@ -268,6 +271,36 @@ def _ocr_pdf(data: bytes, limits: ParseLimits) -> list[Section]:
         return []
     _check_elements(elements, limits)
     return _to_sections(elements)
+
+
+# what pdf2image (pdfinfo for the page count; pdftoppm where a version renders with it) and pytesseract start
+_OCR_TOOLS = frozenset({"pdfinfo", "pdftoppm", "tesseract"})
+
+
+@contextlib.contextmanager
+def _ocr_tools_ended() -> Iterator[None]:
+    """Kill (and reap) the OCR tools started in the block that still run at its end. pdf2image and pytesseract keep
+    their Popen to themselves: the parse time limit, interrupting their wait, left tesseract (or pdfinfo) running on
+    with the document, for minutes on a large scan."""
+    before = _ocr_tools()
+    try:
+        yield
+    finally:
+        left = _ocr_tools() - before
+        for tool in left:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                tool.kill()
+        psutil.wait_procs(left, timeout=legacy_office.GROUP_EXIT_WAIT_SECONDS)
+
+
+def _ocr_tools() -> set[psutil.Process]:
+    """This process's children that are OCR tools."""
+    tools = set()
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if child.name() in _OCR_TOOLS:
+                tools.add(child)
+    return tools
 
 
 def _prepare_pdf(data: bytes, limits: ParseLimits) -> tuple[bytes, bool]:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
+import shutil
+import sys
 import zipfile
 from collections.abc import Callable
 from email.message import EmailMessage
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import docx
 import pikepdf
+import psutil
 import pytest
 
 from core.errors import ErrorCode, GovragError
@@ -19,6 +24,7 @@ from ingestion import formats, sniff
 from ingestion.chunk import Chunk, chunk_sections
 from ingestion.parse import (
     TITLE_MAX_WORDS,
+    ParseLimits,
     Section,
     configure_unstructured,
     narrative_unless_title_possible,
@@ -295,6 +301,38 @@ def test_pdf_without_text_layer_is_reported_as_scanned() -> None:
     error = _parse_error(_drawing_only_pdf(), sniff.APPLICATION_PDF)
     assert error.code is ErrorCode.invalid_request
     assert error.message == "the PDF has no extractable text (scanned?)"
+
+
+_HANGING_OCR_TOOL = """#!{python}
+import os, sys, time
+if {{"-v", "--version", "--list-langs"}} & set(sys.argv[1:]):  # what pdf2image and pytesseract ask before the work
+    os.execv({real!r}, [{real!r}, *sys.argv[1:]])
+open({started!r}, "w").close()
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("tool", ["pdfinfo", "tesseract"])  # the pages are rendered in-process (pypdfium2)
+def test_ocr_past_the_time_limit_leaves_no_ocr_tool_running(tool: str, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a Celery prefork child (a test's main thread too), the parse time limit interrupted pdf2image's or
+    pytesseract's wait and left pdfinfo or tesseract reading the scan on. Here the tool never ends, so the limit
+    always falls during OCR."""
+    started = tmp_path / "started"
+    (tmp_path / tool).write_text(_HANGING_OCR_TOOL.format(python=sys.executable, real=shutil.which(tool),
+                                                           started=str(started)))
+    (tmp_path / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    parse_document(REPORT_PDF, sniff.APPLICATION_PDF)  # unstructured's PDF and OCR modules imported before the clock
+    importlib.import_module("unstructured.partition.utils.ocr_models.tesseract_ocr")
+    with pytest.raises(GovragError) as slow:
+        parse_document(_drawing_only_pdf(), sniff.APPLICATION_PDF, ParseLimits(timeout_seconds=3))
+    assert started.exists(), "the limit fell before OCR"
+    assert slow.value.message == "parsing took longer than the 3 s limit"
+    left = [child for child in psutil.Process().children(recursive=True) if child.name() == tool]
+    for process in left:
+        process.kill()
+    assert not left, f"{tool} still reads the document that failed"
 
 
 def test_document_without_text_is_rejected() -> None:
