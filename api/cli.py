@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from core.errors import StartRefused
-from core.migrate import MigrationError
+from core.migrate import MigrationError, MigrationInterrupted
 from core.settings import get_settings
 
 
@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"govrag: the settings were refused; nothing was started\n{_reasons(refused)}", file=sys.stderr)
         return 2
-    except (MigrationError, StartRefused) as refused:  # a database unreachable or at another revision, a store held
-        print(f"govrag: {refused}", file=sys.stderr)  # by another process, ...: said in one line
+    except (MigrationError, StartRefused, MigrationInterrupted) as refused:  # a database unreachable or at another
+        print(f"govrag: {refused}", file=sys.stderr)  # revision, a store held by another process, ...: said in one line
         return refused.exit_code
 
 

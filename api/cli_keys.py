@@ -41,7 +41,10 @@ class _Stopped(NamedTuple):
 
 
 def _stopped_by(exc: BaseException) -> _Stopped | None:
-    """A Ctrl-C (exit 130) or an outage (exit 1) that stopped a rotation; None for any other failure."""
+    """A Ctrl-C (exit 130) or an outage (exit 1) that stopped a rotation; None for any other failure, and for a Ctrl-C
+    in the migration before it, which `cli.main` says as for every command that migrates first."""
+    if isinstance(exc, migrate.MigrationInterrupted):
+        return None
     if isinstance(exc, KeyboardInterrupt):
         return _Stopped("interrupted", "to go on", 130)
     if (dependency := unavailable_dependency(exc)) is not None:

@@ -64,6 +64,13 @@ class DowngradeRefused(MigrationError):
     """A downgrade would delete data the schema it returns to cannot hold."""
 
 
+class MigrationInterrupted(KeyboardInterrupt):
+    """A Ctrl-C that stopped an upgrade, with the line to say: the revision the database was left at. Still a
+    KeyboardInterrupt, which no `except Exception` on its way swallows; `exit_code` 130, as for any Ctrl-C."""
+
+    exit_code = 130
+
+
 def alembic_config(database_url: str) -> Config:
     """An Alembic config pointing at the packaged migrations and `database_url`."""
     config = Config()
@@ -185,10 +192,27 @@ def upgrade(database_url: str, revision: str = "head", *, report: Callable[[str]
     """Bring the schema up to `revision`, each revision in a transaction of its own (migrations/env.py), one process
     at a time (`_one_at_a_time`). `report` is told of each revision applied once its transaction committed
     (`_told_once_committed`: "migrated 0013 -> 0014 (blob store id)"), without Alembic's INFO logging."""
-    _refuse_unknown(current_revision(database_url))
-    config = alembic_config(database_url)
-    with _one_at_a_time(database_url), _revision_errors(), _told_once_committed(config, report):
-        command.upgrade(config, revision)
+    with _interruption_said(database_url):
+        _refuse_unknown(current_revision(database_url))
+        config = alembic_config(database_url)
+        with _one_at_a_time(database_url), _revision_errors(), _told_once_committed(config, report):
+            command.upgrade(config, revision)
+
+
+@contextmanager
+def _interruption_said(database_url: str) -> Iterator[None]:
+    """A Ctrl-C in the block as MigrationInterrupted, one line naming the revision the database is at once the one under
+    way was rolled back (each revision is a transaction of its own), instead of a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        try:
+            current = current_revision(database_url)
+        except (Exception, KeyboardInterrupt):  # unreachable now, or a second Ctrl-C
+            where = "the database's revision could not be read"
+        else:
+            where = f"the database is at revision {current}" if current else "the database is at no revision yet"
+        raise MigrationInterrupted(f"interrupted; {where} (run govrag migrate again to finish)") from None
 
 
 @contextmanager

@@ -530,14 +530,78 @@ def test_a_migration_interrupted_in_a_revision_leaves_the_revision_before_and_a_
     the whole upgrade in one transaction, so the revisions the run had finished were undone with it. Each revision is
     now one transaction on both: the database is exactly where the revision before left it, data intact, the
     revisions the run finished (the ones it named) kept, and `govrag migrate` again completes. The revision stopped
-    as it commits is not named: Alembic's callback, in its transaction, said "migrated" before the commit."""
+    as it commits is not named: Alembic's callback, in its transaction, said "migrated" before the commit. A Ctrl-C
+    printed a traceback; it is now one line naming the revision the database is at, exit 130."""
     interrupted, reference = (make_pg_database() if kind == "pg" else f"sqlite:///{tmp_path / name}.db"
                               for name in ("interrupted", "reference"))
     for url in (interrupted, reference):
         migrate.upgrade(url, "0010")
         _seed_documents(url)
     env = govrag_env(database_url=interrupted, data_dir=str(tmp_path / "data"))
-    argv = [sys.executable, "-m", "tests.support.migrate_stopped_at_revision", revision]
+    returncode, said, errors = _stopped_at_revision(revision, interruption, env)
+    before = f"{int(revision) - 1:04d}"
+    assert returncode != 0 and said[-1:] == ["running"], errors[-2000:]
+    if interruption == signal.SIGINT:  # a Ctrl-C: one line, no traceback
+        assert (returncode, errors) == (130, _interrupted_at(before))
+    assert said[:-1] == [f"govrag: migrated {int(step) - 1:04d} -> {step} ({APPLIED[step]})"
+                         for step in APPLIED if step < revision]
+    migrate.upgrade(reference, before)
+    assert _schema_and_documents(interrupted) == _schema_and_documents(reference)
+    rerun = run_govrag(["migrate"], env=env)
+    assert rerun.returncode == 0, rerun.stderr
+    migrate.upgrade(reference)
+    assert _schema_and_documents(interrupted) == _schema_and_documents(reference)
+
+
+@pytest.mark.parametrize("command", [("ingest", "{note}", "--department", "hr"), ("keys", "rotate")],
+                         ids=["ingest", "keys rotate"])
+def test_a_command_migrating_first_interrupted_in_a_revision_says_so_in_one_line(command: tuple[str, ...],
+                                                                                tmp_path: Path) -> None:
+    """A command on the embedded database in development migrates it first: a Ctrl-C in a revision printed a
+    traceback (`govrag ingest`), or a line that did not say where the database was left (`govrag keys rotate`). It is
+    now `govrag migrate`'s line, exit 130."""
+    url = f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url, "0010")
+    (tmp_path / "note.txt").write_text("a note\n")
+    env = govrag_env(database_url=url, data_dir=str(tmp_path / "data"))
+    argv = [part.format(note=tmp_path / "note.txt") for part in command]
+    assert _stopped_at_revision("0014", signal.SIGINT, env, *argv) == (130, ["running"], _interrupted_at("0013"))
+    assert migrate.current_revision(url) == "0013"
+
+
+def test_an_interrupted_upgrade_whose_revision_cannot_be_read_says_so(tmp_path: Path) -> None:
+    """After a Ctrl-C the revision is read again to be said; a database failing that read is said too, no traceback."""
+    url = f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url, "0013")
+    interrupted: list[bool] = []
+
+    def interrupt(_connection: Connection) -> None:  # as 0014 commits
+        if not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt
+
+    def fail(*_args: object) -> None:  # every statement after it
+        if interrupted:
+            raise sqlite3.OperationalError("disk I/O error")
+
+    event.listen(Engine, "commit", interrupt)
+    event.listen(Engine, "before_cursor_execute", fail)
+    try:
+        with pytest.raises(migrate.MigrationInterrupted) as stopped:
+            migrate.upgrade(url)
+    finally:
+        event.remove(Engine, "commit", interrupt)
+        event.remove(Engine, "before_cursor_execute", fail)
+    assert (stopped.value.exit_code, str(stopped.value)) == (
+        130, "interrupted; the database's revision could not be read (run govrag migrate again to finish)")
+    assert migrate.current_revision(url) == "0013"
+
+
+def _stopped_at_revision(revision: str, interruption: signal.Signals, env: dict[str, str],
+                         *command_argv: str) -> tuple[int, list[str], str]:
+    """A govrag command (`migrate` unless given) stopped as it commits `revision`, then sent `interruption`: its exit
+    code, what it printed up to `running` and its standard error."""
+    argv = [sys.executable, "-m", "tests.support.migrate_stopped_at_revision", revision, *command_argv]
     command = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,  # noqa: S603
                                text=True)
     try:
@@ -547,16 +611,12 @@ def test_a_migration_interrupted_in_a_revision_leaves_the_revision_before_and_a_
     finally:
         command.kill()
         command.wait(60)
-    before = f"{int(revision) - 1:04d}"
-    assert command.returncode != 0 and said[-1:] == ["running"], errors[-2000:]
-    assert said[:-1] == [f"govrag: migrated {int(step) - 1:04d} -> {step} ({APPLIED[step]})"
-                         for step in APPLIED if step < revision]
-    migrate.upgrade(reference, before)
-    assert _schema_and_documents(interrupted) == _schema_and_documents(reference)
-    rerun = run_govrag(["migrate"], env=env)
-    assert rerun.returncode == 0, rerun.stderr
-    migrate.upgrade(reference)
-    assert _schema_and_documents(interrupted) == _schema_and_documents(reference)
+    return command.returncode, said, errors
+
+
+def _interrupted_at(revision: str) -> str:
+    """What a Ctrl-C during an upgrade says (standard error), the database left at `revision`."""
+    return f"govrag: interrupted; the database is at revision {revision} (run govrag migrate again to finish)\n"
 
 
 def _seed_documents(url: str) -> None:

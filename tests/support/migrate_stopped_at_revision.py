@@ -1,6 +1,7 @@
 """`govrag migrate` in a process of its own that stops as it commits one revision, for a test to interrupt it there.
 
-Usage: python -m tests.support.migrate_stopped_at_revision REVISION (settings from GOVRAG_* in the environment)
+Usage: python -m tests.support.migrate_stopped_at_revision REVISION [COMMAND ...] (settings from GOVRAG_* in the
+environment; COMMAND: `migrate` unless another govrag command that migrates first is given, e.g. `keys rotate`)
 Prints `running` once the upgrade has run every statement of REVISION, its record in Alembic's version table included,
 and is about to commit its transaction, then waits to be interrupted (SIGINT: Ctrl-C) or killed.
 """
@@ -33,4 +34,4 @@ def _stop_before_committing(revision: str) -> None:
 
 if __name__ == "__main__":
     _stop_before_committing(sys.argv[1])
-    sys.exit(main(["migrate"]))
+    sys.exit(main(sys.argv[2:] or ["migrate"]))
