@@ -279,18 +279,21 @@ _OCR_TOOLS = frozenset({"pdfinfo", "pdftoppm", "tesseract"})
 
 @contextlib.contextmanager
 def _ocr_tools_ended() -> Iterator[None]:
-    """Kill (and reap) the OCR tools started in the block that still run at its end. pdf2image and pytesseract keep
-    their Popen to themselves: the parse time limit, interrupting their wait, left tesseract (or pdfinfo) running on
-    with the document, for minutes on a large scan."""
+    """When the block fails (the parse time limit, a Ctrl-C), kill (and reap) the OCR tools started in it that still
+    run. pdf2image and pytesseract keep their Popen to themselves: the limit, interrupting their wait, left tesseract
+    (or pdfinfo) running on with the document, for minutes on a large scan. They are told apart by name, which holds
+    as a process parses one document at a time (a prefork child, the in-process worker's solo pool, `govrag ingest`);
+    a block that ends normally has waited for its own and kills nothing."""
     before = _ocr_tools()
     try:
         yield
-    finally:
+    except BaseException:
         left = _ocr_tools() - before
         for tool in left:
             with contextlib.suppress(psutil.NoSuchProcess):
                 tool.kill()
         psutil.wait_procs(left, timeout=legacy_office.GROUP_EXIT_WAIT_SECONDS)
+        raise
 
 
 def _ocr_tools() -> set[psutil.Process]:

@@ -6,7 +6,10 @@ import importlib
 import io
 import os
 import shutil
+import subprocess
 import sys
+import threading
+import time
 import zipfile
 from collections.abc import Callable
 from email.message import EmailMessage
@@ -134,10 +137,10 @@ def _parse(data: bytes, filename: str) -> list[Section]:
     return parse_document(data, sniff.sniff_content_type(data, filename))
 
 
-def _parse_error(data: bytes, content_type: str) -> GovragError:
+def _parse_error(data: bytes, content_type: str, limits: ParseLimits | None = None) -> GovragError:
     """Return the GovragError parsing raises."""
     with pytest.raises(GovragError) as caught:
-        parse_document(data, content_type)
+        parse_document(data, content_type, limits)
     return caught.value
 
 
@@ -312,12 +315,13 @@ time.sleep(600)
 """
 
 
+@pytest.mark.parametrize("on_main_thread", [True, False], ids=["prefork child", "in-process worker"])
 @pytest.mark.parametrize("tool", ["pdfinfo", "tesseract"])  # the pages are rendered in-process (pypdfium2)
-def test_ocr_past_the_time_limit_leaves_no_ocr_tool_running(tool: str, tmp_path: Path,
+def test_ocr_past_the_time_limit_leaves_no_ocr_tool_running(tool: str, on_main_thread: bool, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a Celery prefork child (a test's main thread too), the parse time limit interrupted pdf2image's or
-    pytesseract's wait and left pdfinfo or tesseract reading the scan on. Here the tool never ends, so the limit
-    always falls during OCR."""
+    """On a Celery prefork child (the main thread: SIGALRM interrupts the wait) as on the in-process worker's thread
+    (the parse thread is abandoned), the parse time limit left pdfinfo or tesseract reading the scan on. Here the
+    tool never ends, so the limit always falls during OCR."""
     started = tmp_path / "started"
     (tmp_path / tool).write_text(_HANGING_OCR_TOOL.format(python=sys.executable, real=shutil.which(tool),
                                                            started=str(started)))
@@ -325,14 +329,63 @@ def test_ocr_past_the_time_limit_leaves_no_ocr_tool_running(tool: str, tmp_path:
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     parse_document(REPORT_PDF, sniff.APPLICATION_PDF)  # unstructured's PDF and OCR modules imported before the clock
     importlib.import_module("unstructured.partition.utils.ocr_models.tesseract_ocr")
-    with pytest.raises(GovragError) as slow:
-        parse_document(_drawing_only_pdf(), sniff.APPLICATION_PDF, ParseLimits(timeout_seconds=3))
+    errors: list[GovragError] = []
+    parse = threading.Thread(target=lambda: errors.append(
+        _parse_error(_drawing_only_pdf(), sniff.APPLICATION_PDF, ParseLimits(timeout_seconds=3))))
+    if on_main_thread:
+        parse.run()  # here, on the main thread
+    else:
+        parse.start()
+        parse.join()
     assert started.exists(), "the limit fell before OCR"
-    assert slow.value.message == "parsing took longer than the 3 s limit"
+    assert [error.message for error in errors] == ["parsing took longer than the 3 s limit"]
     left = [child for child in psutil.Process().children(recursive=True) if child.name() == tool]
     for process in left:
         process.kill()
     assert not left, f"{tool} still reads the document that failed"
+
+
+_OCR_TOOL_HELD = """#!{python}
+import os, pathlib, sys, time
+pathlib.Path({started!r}).touch()
+while not os.path.exists({go!r}):
+    time.sleep(0.05)
+os.execv({real!r}, [{real!r}, *sys.argv[1:]])
+"""
+
+
+def test_ocr_that_ends_normally_kills_no_ocr_tool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The OCR tools were killed by name as any OCR ended: a tesseract this process started meanwhile for something
+    else (a document parsed on another thread) went with them. Only an OCR that fails kills; this one waits in
+    pdfinfo while the other tesseract starts, then ends normally."""
+    started, go = tmp_path / "started", tmp_path / "go"
+    (tmp_path / "pdfinfo").write_text(_OCR_TOOL_HELD.format(python=sys.executable, real=shutil.which("pdfinfo"),
+                                                            started=str(started), go=str(go)))
+    (tmp_path / "pdfinfo").chmod(0o755)
+    other = tmp_path / "other" / "tesseract"
+    other.parent.mkdir()
+    other.write_text(_HANGING_OCR_TOOL.format(python=sys.executable, real=shutil.which("tesseract"),
+                                              started=str(tmp_path / "other-started")))
+    other.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    errors: list[GovragError] = []
+    ocr = threading.Thread(target=lambda: errors.append(_parse_error(_drawing_only_pdf(), sniff.APPLICATION_PDF)))
+    ocr.start()
+    tesseract = None
+    try:
+        while not started.exists() and ocr.is_alive():
+            time.sleep(0.05)
+        tesseract = subprocess.Popen([other])  # noqa: S603
+    finally:
+        go.touch()
+        ocr.join()
+        still_running = tesseract is not None and tesseract.poll() is None
+        if tesseract is not None:
+            tesseract.kill()
+            tesseract.wait()
+    assert started.exists(), "no OCR ran"
+    assert [error.message for error in errors] == ["the PDF has no extractable text (scanned?)"]
+    assert still_running, "the OCR ending killed a tesseract it did not start"
 
 
 def test_document_without_text_is_rejected() -> None:
