@@ -553,13 +553,13 @@ def test_a_migration_interrupted_in_a_revision_leaves_the_revision_before_and_a_
     assert _schema_and_documents(interrupted) == _schema_and_documents(reference)
 
 
-@pytest.mark.parametrize("command", [("ingest", "{note}", "--department", "hr"), ("keys", "rotate")],
-                         ids=["ingest", "keys rotate"])
+@pytest.mark.parametrize("command", [("ingest", "{note}", "--department", "hr"), ("keys", "rotate"),
+                                     ("keys", "rotate", "--master")], ids=["ingest", "keys rotate", "master"])
 def test_a_command_migrating_first_interrupted_in_a_revision_says_so_in_one_line(command: tuple[str, ...],
                                                                                 tmp_path: Path) -> None:
     """A command on the embedded database in development migrates it first: a Ctrl-C in a revision printed a
-    traceback (`govrag ingest`), or a line that did not say where the database was left (`govrag keys rotate`). It is
-    now `govrag migrate`'s line, exit 130."""
+    traceback (`govrag ingest`), or a line that did not say where the database was left (`govrag keys rotate`, with
+    `--master` too, which said the master key was not rotated). It is now `govrag migrate`'s line, exit 130."""
     url = f"sqlite:///{tmp_path / 'govrag.db'}"
     migrate.upgrade(url, "0010")
     (tmp_path / "note.txt").write_text("a note\n")
