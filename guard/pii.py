@@ -78,6 +78,11 @@ REDACTED_ENTITIES: tuple[str, ...] = (
 # Types whose values always hold a digit, or an "@": their recognizers are skipped on text without one.
 _DIGIT_ENTITIES = frozenset({"PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "IBAN_CODE", "US_BANK_NUMBER", "US_PASSPORT"})
 _AT_ENTITIES = frozenset({"EMAIL_ADDRESS"})
+# Top-level names no public suffix list holds, under which organisations run their own mail: special-use (RFC 6761,
+# RFC 6762's `local`), ICANN's private-use `internal` and its never-delegated `corp`, `home`, `mail`, and the usual
+# `lan`, `intranet`, `private`. `jane@hr.acme.internal` is as personal as `jane@acme.com`.
+PRIVATE_TLDS = frozenset({"internal", "local", "corp", "home", "mail", "lan", "intranet", "private", "test",
+                          "example", "invalid", "localhost"})
 _DIGIT = re.compile(r"\d")
 _FILE_EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,8}$")
 
@@ -244,8 +249,9 @@ class _OfflineEmailRecognizer(EmailRecognizer):
     _extractor = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
 
     def validate_result(self, pattern_text: str) -> bool:
-        """Accept the match only when its domain has a known public suffix."""
-        return self._extractor(pattern_text).fqdn != ""
+        """Accept the match when its domain has a known public suffix or a private-use one (PRIVATE_TLDS)."""
+        tld = pattern_text.rstrip(".").rpartition(".")[2].lower()
+        return tld in PRIVATE_TLDS or self._extractor(pattern_text).fqdn != ""
 
 
 class _FastContextEnhancer(LemmaContextAwareEnhancer):

@@ -249,6 +249,16 @@ def test_email_validation_uses_the_bundled_suffix_list(redactor: PiiRedactor, mo
     assert "a@b.invalidtld" in redacted
 
 
+@pytest.mark.parametrize("address", ["anna.berg@ops.acme.internal", "piotr.nowak@corp.local", "it-desk@acme.corp",
+                                     "Jan.Horak@HR.LAN"])
+def test_an_address_under_a_private_use_name_is_redacted_too(redactor: PiiRedactor, address: str) -> None:
+    """Mail kept inside an organisation (`.internal`, `.local`, `.corp`...) has no public suffix: it reached the
+    index, answers, snippets and titles as it was."""
+    redacted = redactor.redact(f"Complaints go to {address}. Thanks.")
+    assert address not in redacted and "<EMAIL_ADDRESS_1>" in redacted
+    assert redactor.redact_title(f"Mail {address}.txt") == "Mail <EMAIL_ADDRESS>.txt"
+
+
 def test_only_the_configured_entities_are_produced(redactor: PiiRedactor) -> None:
     text = (
         "Maria Gonzalez (maria@example.com, (212) 555-0142) lives in Boston, works at Acme Corp "
