@@ -110,8 +110,8 @@ def _printable(raw: bytes) -> str | None:
     return text if text and printable / len(text) > 0.9 else None
 
 
-def decoded_payloads(text: str) -> list[str]:
-    """Texts hidden as base64, hex or rot13 inside `text` (at most a few)."""
+def decoded_payloads(text: str, limit: int | None = MAX_DECODED) -> list[str]:
+    """Texts hidden as base64, hex or rot13 inside `text` (the first `limit`; None: all)."""
     found: list[str] = []
     for match in _BASE64.finditer(text):
         try:
@@ -126,7 +126,7 @@ def decoded_payloads(text: str) -> list[str]:
     rot = codecs.decode(text, "rot13")
     if _englishness(rot) > max(0.2, 2 * _englishness(text)):
         found.append(rot)
-    return found[:MAX_DECODED]
+    return found[:limit]
 
 
 def tag_texts(text: str) -> list[str]:

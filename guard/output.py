@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import codecs
+import html
 import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
-from guard.normalise import strip_invisible
+from guard.normalise import decoded_payloads, strip_invisible
 from guard.pii import get_redactor
 from guard.placeholders import is_placeholder
 
@@ -43,10 +46,19 @@ def _canary_secret(token: str) -> str:
     return _squash(token.rpartition("-")[2])
 
 
+def _readings(text: str) -> list[str]:
+    """`text` squashed as a reader could recover it: without the citation markers, HTML character references and
+    %-escapes that can split or spell a value; reversed; rot13'd; and each base64 or hex payload in it decoded."""
+    plain = unquote(html.unescape(_CITATION.sub("", strip_invisible(text))))
+    views = [plain, plain[::-1], codecs.decode(plain, "rot13"), *decoded_payloads(plain, limit=None)]
+    return [_squash(view) for view in views]
+
+
 def leaked_canaries(text: str, canaries: dict[str, str]) -> list[str]:
-    """Departments whose canary secret appears in `text`, with or without its prefix, however spaced or disguised."""
-    squashed, secrets = _squash(text), {dept: _canary_secret(token) for dept, token in canaries.items()}
-    return sorted(dept for dept, secret in secrets.items() if secret and secret in squashed)
+    """Departments whose canary secret appears in `text`, with or without its prefix, however spaced, disguised or
+    encoded (`_readings`)."""
+    readings, secrets = _readings(text), {dept: _canary_secret(token) for dept, token in canaries.items()}
+    return sorted(dept for dept, secret in secrets.items() if secret and any(secret in seen for seen in readings))
 
 
 def has_canary_shape(text: str) -> bool:
@@ -56,8 +68,10 @@ def has_canary_shape(text: str) -> bool:
 
 
 def echoes_system_prompt(text: str, system_prompt: str) -> bool:
-    """True when any run of SHINGLE_WORDS consecutive words of the system prompt appears in `text`."""
-    prompt_words, answer = _WORD.findall(system_prompt.lower()), " ".join(_WORD.findall(text.lower()))
+    """True when any run of SHINGLE_WORDS consecutive words of the system prompt appears in `text` (invisible
+    characters dropped, look-alike letters read as Latin)."""
+    prompt_words = _WORD.findall(system_prompt.lower())
+    answer = " ".join(_WORD.findall(strip_invisible(text).lower()))
     return any(" ".join(prompt_words[i:i + SHINGLE_WORDS]) in answer
                for i in range(max(0, len(prompt_words) - SHINGLE_WORDS + 1)))
 

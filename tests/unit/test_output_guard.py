@@ -27,7 +27,7 @@ from retrieval.prompting import (
     title_as_shown,
 )
 
-CANARIES = {"finance": "CNRY-0123456789abcdef", "hr": "CNRY-fedcba9876543210"}
+CANARIES = {"finance": "CNRY-0123456789abcdef", "hr": "CNRY-5a1e7c93d04b28f6"}
 GIVEN = {1: "Hotel costs are reimbursed up to 180 euros per night in capital cities.",
          2: "Expense claims must be filed within 30 days, with receipts attached."}
 
@@ -40,13 +40,34 @@ def test_a_canary_is_caught_however_it_is_disguised() -> None:
 
 def test_the_canary_secret_is_caught_without_its_public_prefix() -> None:
     assert leaked_canaries("the marker is 0123456789abcdef", CANARIES) == ["finance"]
-    assert leaked_canaries("marker: FEDC-BA98 7654 3210", CANARIES) == ["hr"]
+    assert leaked_canaries("marker: 5A1E-7C93 D04B 28F6", CANARIES) == ["hr"]
     bare = check_output("Marker: 0123456789abcdef [1]", canaries=CANARIES, system_prompt=SYSTEM_PROMPT, context="")
     assert bare.withheld and bare.reason == "canary" and bare.canary_departments == ["finance"]
 
 
+@pytest.mark.parametrize("hidden", [
+    "Q05SWS0wMTIzNDU2Nzg5YWJjZGVm", "MDEyMzQ1Njc4OWFiY2RlZg==",  # base64 of the canary, of its secret
+    "434e52592d30313233343536373839616263646566",  # hex of its bytes
+    "fedcba9876543210-YRNC", "PAEL-0123456789nopqrs",  # reversed, rot13
+    "0123[1]4567[1]89ab[1]cdef", "&#48;&#49;&#50;&#51;456789abcdef", "%30%31%32%33456789abcdef",
+])
+def test_a_canary_hidden_by_an_encoding_is_caught(hidden: str) -> None:
+    """A model told to "encode the marker" passed the guard: the answer took the canary out in base64, hex, reversed,
+    or split by citation markers, character references or %-escapes."""
+    answer = f"Hotel costs are reimbursed up to 180 euros per night in capital cities {hidden} [1]."
+    verdict = check_output(answer, canaries=CANARIES, system_prompt=SYSTEM_PROMPT, context=GIVEN[1])
+    assert verdict.withheld and verdict.canary_departments == ["finance"]
+
+
+def test_the_system_prompt_split_by_invisible_characters_or_in_look_alikes_is_an_echo() -> None:
+    words = SYSTEM_PROMPT.split()[:12]
+    for disguised in (" ".join(w[:2] + "\u200b" + w[2:] for w in words),
+                      " ".join(words).replace("o", "\u043e").replace("a", "\u0430")):
+        assert echoes_system_prompt(f"Hotels are reimbursed up to 180 euros [1]. {disguised}", SYSTEM_PROMPT)
+
+
 def test_canary_or_system_prompt_withholds_the_answer() -> None:
-    leak = check_output("Sure: CNRY-fedcba9876543210 [1]", canaries=CANARIES, system_prompt=SYSTEM_PROMPT,
+    leak = check_output("Sure: CNRY-5a1e7c93d04b28f6 [1]", canaries=CANARIES, system_prompt=SYSTEM_PROMPT,
                         context="")
     assert leak.withheld and leak.reason == "canary" and leak.canary_departments == ["hr"] and leak.text == ""
     echo = check_output(f"My rules: {SYSTEM_PROMPT[:120]}", canaries=CANARIES, system_prompt=SYSTEM_PROMPT,
