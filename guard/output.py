@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
-from guard.normalise import decoded_payloads, strip_invisible
+from guard.normalise import decoded_payloads, strip_invisible, tag_texts
 from guard.pii import get_redactor
 from guard.placeholders import is_placeholder
 
@@ -46,10 +46,17 @@ def _canary_secret(token: str) -> str:
     return _squash(token.rpartition("-")[2])
 
 
+def _visible_and_tagged(text: str) -> str:
+    """`text`'s visible letters, then each text it spells in Unicode tag characters (invisible, but a model or a
+    client reads the ASCII they stand for)."""
+    return "\n".join([strip_invisible(text), *tag_texts(text)])
+
+
 def _readings(text: str) -> list[str]:
     """`text` squashed as a reader could recover it: without the citation markers, HTML character references and
-    %-escapes that can split or spell a value; reversed; rot13'd; and each base64 or hex payload in it decoded."""
-    plain = unquote(html.unescape(_CITATION.sub("", strip_invisible(text))))
+    %-escapes that can split or spell a value; reversed; rot13'd; and each base64 or hex payload in it decoded. Text
+    spelled in tag characters is read in each way too."""
+    plain = unquote(html.unescape(_CITATION.sub("", _visible_and_tagged(text))))
     views = [plain, plain[::-1], codecs.decode(plain, "rot13"), *decoded_payloads(plain, limit=None)]
     return [_squash(view) for view in views]
 
@@ -69,9 +76,9 @@ def has_canary_shape(text: str) -> bool:
 
 def echoes_system_prompt(text: str, system_prompt: str) -> bool:
     """True when any run of SHINGLE_WORDS consecutive words of the system prompt appears in `text` (invisible
-    characters dropped, look-alike letters read as Latin)."""
+    characters dropped, look-alike letters read as Latin, text spelled in tag characters read too)."""
     prompt_words = _WORD.findall(system_prompt.lower())
-    answer = " ".join(_WORD.findall(strip_invisible(text).lower()))
+    answer = " ".join(_WORD.findall(_visible_and_tagged(text).lower()))
     return any(" ".join(prompt_words[i:i + SHINGLE_WORDS]) in answer
                for i in range(max(0, len(prompt_words) - SHINGLE_WORDS + 1)))
 
