@@ -448,6 +448,11 @@ ADVERSARIAL = {  # 200 KB inputs that took minutes (or hours) when a pattern bac
     "table": "- " + " " * 200_000 + "-x", "date": "1" + " " * 200_000 + "x", "leet": "!1" * 100_000,
     "leet letters": "a!" * 100_000, "reference": "[r]:" + " " * 200_000, "autolink": "<ab:" * 50_000,
     "srcset": '<img srcset="' + "a," * 100_000, "handler": "<a o" + "n" * 200_000,
+    # the output guard's readings: a base64 or hex run its end does not close, many small payloads each decoded,
+    # character references and %-escapes left unfinished, tag characters
+    "base64": "A" * 200_000 + "===", "base64 payloads": "QUJDREVGR0hJSktMTU5PUA== " * 8_000,
+    "hex": "ab" * 100_000 + "g", "hex payloads": "414243444546474849404142 " * 8_000, "references": "&#" * 100_000,
+    "escapes": "%" * 200_000, "tags": chr(0xE0041) * 200_000,
 }
 
 
@@ -460,12 +465,14 @@ def _check_every_adversarial_input(finished: list[str]) -> None:
         qualify_placeholders("<PERSON_1> [1] <PERSON_1> [2] " + text, ["first", "second"])
         rule_hits(normalise(text))
         segments(text)
+        leaked_canaries(text, CANARIES)
+        echoes_system_prompt(text, SYSTEM_PROMPT)
         finished.append(name)
 
 
 def test_every_pattern_on_an_answer_or_a_chunk_runs_in_linear_time() -> None:
     """A model reply may be 1 MiB and chunk text comes from uploaded documents: no input may stall a worker.
-    A hang guard with a huge margin (about a second of CPU now; a quadratic pattern takes minutes), not a timing
+    A hang guard with a huge margin (a few seconds of CPU now; a quadratic pattern takes minutes), not a timing
     target: the child counts its own CPU for the work alone, after its imports (which a loaded machine can stretch
     to half a minute). In a subprocess: a regex holds the GIL, so a stalled one cannot be timed out from a thread."""
     check = ("import time, tests.unit.test_output_guard as t; f = []; s = time.process_time(); "
