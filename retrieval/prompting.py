@@ -59,8 +59,10 @@ _ANGLE_TARGET = re.compile(r"<[^>\n]*")  # `](<a target with spaces>)`
 # `src=` counts inside an HTML tag (`<img alt="a>b" src=...>`) or a `{...}` attribute list, not in prose ("set src=
 # to the folder"): every one in the tag, quoted values included, though a browser reads only the first.
 _ATTRIBUTES = re.compile(r"""(?i)<[a-z](?:"[^"]*"|'[^']*'|[^<>"'])*|\{[^{}]*""")
-# `href=`, `srcset=` (a list of `address width` items), `poster=` and `action=` name an address as `src=` does.
-_SRC_VALUE = re.compile(r"""(?i)(?<=[\s/"'{])(srcset|src|href|poster|action)\s*=\s*"""
+# `href=` (SVG's `xlink:href=` too), `srcset=` (a list of `address width` items), `poster=`, `action=`, `formaction=`,
+# `data=` (an object's), `ping=` (addresses a click posts to, spaces between) and `background=` name an address as
+# `src=` does.
+_SRC_VALUE = re.compile(r"""(?i)(?<=[\s/"'{:])(srcset|src|href|poster|formaction|action|data|ping|background)\s*=\s*"""
                         r"""(?:"([^"]*)"?|'([^']*)'?|([^\s"'<>{}]*))""")
 # A reference definition (`[r]: http://...`, up to three spaces in, its target maybe on the next line) and an
 # autolink (`<http://...>`, `<mailto:...>`: a scheme of 2 to 32 characters) are link targets a renderer follows too.
@@ -70,7 +72,9 @@ _AUTOLINK = re.compile(r"<([a-z][a-z0-9+.-]{1,31}:[^\s<>]*)>", re.IGNORECASE)
 _SCRIPT_SCHEME = re.compile(r"(?i)(?:javascript|vbscript|data):")  # runs or embeds what it holds: never allowed
 # Markup that runs or styles, in a tag or attribute list: a script or style element, an `on...=` handler, `style=`,
 # `srcdoc=`. It can build an address no check here sees (`onerror=location=atob(...)`, CSS's `url(\2f\2f host)`).
-_ACTIVE_MARKUP = re.compile(r"""(?i)^<(?:script|style)\b|(?<=[\s/"'{])(?:on[a-z]+|style|srcdoc)\s*=""")
+# The `spaced` group: in a `{...}` attribute list the name touches its `=` (pandoc's and Python-Markdown's
+# `key=value`; `{style = compact}` is a setting quoted from a document, not markup).
+_ACTIVE_MARKUP = re.compile(r"""(?i)^<(?:script|style)\b|(?<=[\s/"'{])(?:on[a-z]+|style|srcdoc)(?P<spaced>\s+)?=""")
 _PLAIN_FRAGMENT = re.compile(r"[\w.-]*")  # what may follow `#` in a target the sources need not hold
 _RELATIVE = re.compile(r"(?!/)[^:/?#]*(?:[/?#].*)?", re.DOTALL)  # no `//` host, no `scheme:` (read as a browser does)
 _LEADING_DOTS = re.compile(r"^(?:\./)+")  # `./policy.pdf` is `policy.pdf`
@@ -230,8 +234,11 @@ def _targets(text: str) -> list[str]:
 
 
 def _attribute_addresses(name: str, *quoted_or_bare: str | None) -> list[str]:
-    """The address an attribute value names; each item's first word for `srcset=` (`a.png 1x, b.png 2x`)."""
+    """The address an attribute value names; each item's first word for `srcset=` (`a.png 1x, b.png 2x`), each word
+    for `ping=`."""
     value = "".join(part or "" for part in quoted_or_bare)
+    if name.lower() == "ping":
+        return value.split()
     if name.lower() != "srcset":
         return [value]
     return [item.split()[0] if item.split() else "" for item in value.split(",")]
@@ -262,7 +269,8 @@ def urls_outside(text: str, context: str) -> list[str]:
 
 def has_active_markup(text: str) -> bool:
     """True when a tag or attribute list in `text` holds markup that runs or styles (`_ACTIVE_MARKUP`)."""
-    return any(_ACTIVE_MARKUP.search(attributes.group()) for attributes in _ATTRIBUTES.finditer(text))
+    return any(attributes.group().startswith("<") or not found.group("spaced")
+               for attributes in _ATTRIBUTES.finditer(text) for found in _ACTIVE_MARKUP.finditer(attributes.group()))
 
 
 def _nfkc(text: str) -> str:

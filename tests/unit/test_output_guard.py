@@ -504,6 +504,7 @@ def test_reference_definitions_autolinks_and_address_attributes_are_judged_like_
     ('<script>location=atob("aHR0cHM6Ly9ldmlsLmV4YW1wbGU=")</script>', "active_markup"),
     ('<div style="background:url(\\2f\\2f evil.example/x)">', "active_markup"),  # a CSS escape
     ('<style>@import "\\2f\\2f evil.example/x";</style>', "active_markup"),
+    ('{#note style="background:url(\\2f\\2f evil.example/x)"}', "active_markup"),  # an attribute list
     ('<iframe srcdoc="&lt;b&gt;180&lt;/b&gt;">', "active_markup"),
     ('<object data="&#x2F;&#x2F;evil.example/x">', "url_outside_context"),  # character references, any attribute
     ('<button formaction="&#x2F;&#x2F;evil.example/x">', "url_outside_context"),
@@ -518,10 +519,23 @@ def test_markup_that_runs_styles_or_hides_an_address_makes_a_generated_answer_un
     assert check_generated(f"Hotels are reimbursed up to 180 euros per night {markup} [1].", GIVEN, {1, 2}) == reason
 
 
-@pytest.mark.parametrize("prose", ["Set style = compact for the report", "The onboarding=done flag is set"])
+@pytest.mark.parametrize("prose", ["Set style = compact for the report", "The onboarding=done flag is set",
+                                   "Its settings are {style = compact, onboarding = true}"])
 def test_handler_or_style_words_in_prose_are_no_markup(prose: str) -> None:
+    """Nor in a setting quoted in braces: an attribute list's name touches its `=`."""
     assert check_generated(f"Hotels are reimbursed up to 180 euros per night [1]. {prose} [1].",
                            {1: GIVEN[1] + f" {prose}.", 2: GIVEN[2]}, {1, 2}) is None
+
+
+@pytest.mark.parametrize("tag", ['<object data="/api/v1/export?q=180">', '<button formaction="/api/v1/export?q=180">',
+                                 '<a ping="policy.pdf /api/v1/export?q=180">x</a>', '<td background="/x.png?q=180">',
+                                 '<svg><a xlink:href="/api/v1/export?q=180"><text>t</text></a></svg>'])
+def test_every_attribute_that_names_an_address_is_judged_like_a_link_target(tag: str) -> None:
+    """`data=`, `formaction=`, `ping=`, `background=` and `xlink:href=` name an address a browser fetches or posts
+    to: one naming no host passed unread, to a path of the site that no chunk holds (`?q=` carrying the context)."""
+    assert check_generated(NIGHTLY + f"{tag} [1].", LINKED, {1, 2}) == "url_outside_context"
+    held = tag.replace("/api/v1/export?q=180", "reports/2024.pdf").replace("/x.png?q=180", "policy.pdf")
+    assert check_generated(NIGHTLY + f"{held} [1].", LINKED, {1, 2}) is None
 
 
 def test_a_bare_yes_or_no_needs_no_support_but_a_claim_beside_it_does() -> None:
