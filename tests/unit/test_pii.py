@@ -19,6 +19,7 @@ from guard.pii import (
     VECTORS_META_KEY,
     PiiRedactor,
     PlaceholderMap,
+    _OfflineEmailRecognizer,
     get_redactor,
     load_ner_pipeline,
 )
@@ -237,11 +238,15 @@ def test_placeholder_map_never_shows_values() -> None:
 
 
 def test_email_validation_uses_the_bundled_suffix_list(redactor: PiiRedactor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suffix list is loaded again here, whatever ran before, and from the snapshot in tldextract's wheel: no URL
+    is fetched. (Patching `find_first_response`, which tldextract calls with no URLs before it falls back to the
+    snapshot, failed this test whenever it loaded the list first, as when run alone.)"""
     def no_network(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("tldextract tried to reach the network")
 
-    monkeypatch.setattr(tldextract.suffix_list, "find_first_response", no_network)
+    monkeypatch.setattr(tldextract.cache.DiskCache, "cached_fetch_url", no_network)
     monkeypatch.setattr(tldextract, "extract", no_network)
+    monkeypatch.setattr(_OfflineEmailRecognizer._extractor, "_extractor", None)  # forget a list loaded earlier
     redacted = redactor.redact("Mail jane.doe@example.co.uk but not jane@localhost or a@b.invalidtld.")
     assert "<EMAIL_ADDRESS_1>" in redacted
     assert "jane.doe@example.co.uk" not in redacted
