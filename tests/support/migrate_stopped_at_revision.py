@@ -8,6 +8,7 @@ and is about to commit its transaction, then waits to be interrupted (SIGINT: Ct
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 
@@ -33,5 +34,8 @@ def _stop_before_committing(revision: str) -> None:
 
 
 if __name__ == "__main__":
+    # Ctrl-C as at a terminal: a test run started in the background by a shell without job control (CI) ignores
+    # SIGINT, every child inherits that, and a Python started ignoring it never raises KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     _stop_before_committing(sys.argv[1])
     sys.exit(main(sys.argv[2:] or ["migrate"]))
