@@ -51,10 +51,12 @@ def _matches(event: Row[Any], filters: ExportFilters) -> bool:
     return True
 
 
-def render(rows: Iterable[dict[str, Any]], fmt: ExportFormat, *, filters: ExportFilters,
-           through_id: int) -> Iterator[str]:
-    """Serialise rows, then one closing manifest (row count, first/last hash, sha256 of the body before it)."""
-    body, manifest = hashlib.sha256(), _Manifest(fmt=fmt, filters=filters, through_id=through_id)
+def render(rows: Iterable[dict[str, Any]], fmt: ExportFormat, *, filters: ExportFilters, through_id: int,
+           departments: set[str] | None) -> Iterator[str]:
+    """Serialise rows, then one closing manifest (row count, first/last hash, sha256 of the body before it, and the
+    `departments` the rows were limited to: null for every event)."""
+    body = hashlib.sha256()
+    manifest = _Manifest(fmt=fmt, filters=filters, through_id=through_id, departments=departments)
     for chunk in _serialise(manifest.count(rows), fmt):
         body.update(chunk.encode())
         yield chunk
@@ -66,8 +68,10 @@ def render(rows: Iterable[dict[str, Any]], fmt: ExportFormat, *, filters: Export
 class _Manifest:
     """Counts rows and remembers the first and last hash as they stream past."""
 
-    def __init__(self, *, fmt: ExportFormat, filters: ExportFilters, through_id: int) -> None:
+    def __init__(self, *, fmt: ExportFormat, filters: ExportFilters, through_id: int,
+                 departments: set[str] | None) -> None:
         self.fmt, self.filters, self.through_id = fmt, filters, through_id
+        self.departments = sorted(departments) if departments is not None else None
         self.rows, self.first_hash, self.last_hash = 0, None, None
 
     def count(self, rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -80,7 +84,8 @@ class _Manifest:
     def as_dict(self, body_sha256: str) -> dict[str, Any]:
         return {"rows": self.rows, "first_hash": self.first_hash, "last_hash": self.last_hash,
                 "through_event_id": self.through_id, "format": self.fmt.value, "body_sha256": body_sha256,
-                "generated_at": plain(utcnow()), "filters": filters_as_dict(self.filters)}
+                "generated_at": plain(utcnow()), "filters": filters_as_dict(self.filters),
+                "departments": self.departments}
 
 
 def filters_as_dict(filters: ExportFilters) -> dict[str, Any]:

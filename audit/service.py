@@ -202,7 +202,7 @@ def export_events(*, session: Session, settings: Settings, identity: Identity, s
                        details={"format": fmt.value, "filters": export.filters_as_dict(filters),
                                 "through_event_id": through_id, "scope": sorted(scope) if scope else "*"})
     rows = export.select_rows(session=session, departments=scope, filters=filters, through_id=through_id)
-    return export.render(rows, fmt, filters=filters, through_id=through_id)
+    return export.render(rows, fmt, filters=filters, through_id=through_id, departments=scope)
 
 
 def verify(*, session: Session, settings: Settings) -> VerifyResult:

@@ -223,6 +223,14 @@ def _rewritten(path: Path, rows: list[bytes]) -> Path:
     return edited
 
 
+def _export(settings: Settings, path: Path, *, scope: set[str] | None) -> Path:
+    with get_session_factory(settings.resolved_database_url)() as session:
+        path.write_text("".join(audit_service.export_events(
+            session=session, settings=settings, identity=ADMIN, scope=scope, filters=ExportFilters(),
+            fmt=ExportFormat.jsonl)), encoding="utf-8")
+    return path
+
+
 def test_an_export_checks_without_the_server_as_documented(ledger: Settings, tmp_path: Path) -> None:
     """docs/audit.md's check passes an untouched JSONL export (a line break inside a question, an admin row's
     details) and catches a row edited or removed even with the manifest computed again."""
@@ -232,19 +240,30 @@ def test_an_export_checks_without_the_server_as_documented(ledger: Settings, tmp
                                          details={"mode": "retrieval_only"}, settings=ledger)
         audit_service.record_retrieval(session=session, settings=ledger,
                                        record=replace(_record(3), question_masked="caf\u00e9\u2028next line"))
-        export = tmp_path / "export.jsonl"
-        export.write_text("".join(audit_service.export_events(
-            session=session, settings=ledger, identity=ADMIN, scope=None, filters=ExportFilters(),
-            fmt=ExportFormat.jsonl)), encoding="utf-8")
+    export = _export(ledger, tmp_path / "export.jsonl", scope=None)
     check = _documented_export_check()
-    assert check(str(export), unfiltered=True)["rows"] == 4
+    assert check(str(export))["rows"] == 4
     rows = export.read_bytes().split(b"\n")[:-2]
     edited = _rewritten(export, [rows[0], rows[1].replace(b'"alice"', b'"mallory"'), *rows[2:]])
     with pytest.raises(AssertionError, match="row 2 was changed"):
-        check(str(edited), unfiltered=True)
+        check(str(edited))
     cut = _rewritten(export, [rows[0], *rows[2:]])
     with pytest.raises(AssertionError, match="a row is missing before row 3"):
-        check(str(cut), unfiltered=True)
+        check(str(cut))
+
+
+def test_a_department_scoped_export_says_so_and_checks_as_documented(ledger: Settings, tmp_path: Path) -> None:
+    """A department compliance officer's export skips other departments' rows: its manifest used to name only the
+    filters (none), so it read as an export of every event and the documented check reported rows missing."""
+    _append(ledger, 1)
+    with get_session_factory(ledger.resolved_database_url)() as session:
+        audit_service.record_admin_event(session=session, identity=ADMIN, event_type=AdminEventType.kill_switch,
+                                         details={"mode": "retrieval_only"}, settings=ledger)
+    _append(ledger, 1)
+    scoped = _export(ledger, tmp_path / "scoped.jsonl", scope={"hr", "finance"})
+    manifest = _documented_export_check()(str(scoped))
+    assert (manifest["rows"], manifest["departments"], manifest["filters"]) == (2, ["finance", "hr"], {})
+    assert _documented_export_check()(str(_export(ledger, tmp_path / "all.jsonl", scope=None)))["departments"] is None
 
 
 def _in_threads(work: Callable[[int], None], count: int = 8) -> None:

@@ -95,9 +95,10 @@ def test_export_is_scoped_to_compliance_departments_and_audited(client: TestClie
     assert client.get("/v1/audit/retrievals", headers=auth(scene["reader_token"])).status_code == 403
     assert client.get("/v1/audit/retrievals", headers=auth(scene["officer_token"]),
                       params={"department": scene["other"]}).status_code == 403
-    rows, _ = _export(client, scene["officer_token"])
+    rows, manifest = _export(client, scene["officer_token"])
     touched = {d for row in rows for d in row["departments_searched"] + row["departments_requested"]}
     assert touched == {scene["dept"]}
+    assert (manifest["departments"], manifest["filters"]) == ([scene["dept"]], {})  # it never reads as a full one
     exports, _ = _export(client, scene["officer_token"], user=scene["officer"], event_type="export")
     assert len(exports) >= 2 and exports[0]["decision"] == "admin"
     assert exports[-1]["details"]["format"] == "jsonl"
