@@ -6,9 +6,10 @@ share a group with the caller, and its classification is at most the caller's cl
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy.orm import Session
 
@@ -37,11 +38,14 @@ from authz.schemas import (
 from core.db import transaction_lock
 from core.errors import ErrorCode, GovragError
 from core.keystore import KeyStore
+from core.metrics import SELF_GRANTS_REFUSED
 from core.models import Document
 from core.settings import Settings
 from ingestion import service as ingestion_service
 from ingestion.schemas import Classification
 from retrieval.store import VectorIndex
+
+logger = logging.getLogger(__name__)
 
 POLICY_LOCK = "policy"  # the `transaction_lock` every policy change holds (see ChangeContext)
 
@@ -224,30 +228,35 @@ def _record_change(ctx: ChangeContext, event: AdminEventType, department: str | 
 
 # --- separation of duties: no admin raises their own access; another admin must ---
 
-def _own_access(what: str) -> GovragError:
-    """The refusal of a policy change that would raise the acting admin's own access."""
-    return GovragError(ErrorCode.forbidden, f"an admin may not {what}; another admin must do it")
+def _refuse_own_access(what: str, department: str) -> NoReturn:
+    """Refuse a policy change that would raise the acting admin's own access in `department`: counted and logged
+    (by department, never by subject: the subject may be a person's name or e-mail address)."""
+    SELF_GRANTS_REFUSED.labels(department=department).inc()
+    logger.warning("refused a policy change raising the acting admin's own access in department %s: an admin may "
+                   "not %s", department, what)
+    raise GovragError(ErrorCode.forbidden, f"an admin may not {what}; another admin must do it")
 
 
-def _refuse_own_subject(ctx: ChangeContext, subject: str, what: str) -> None:
+def _refuse_own_subject(ctx: ChangeContext, subject: str, department: str, what: str) -> None:
     """Forbidden when `subject` is the acting admin or one of the groups their token carries."""
     if subject in ctx.actor.subjects:
-        raise _own_access(f"{what} themselves or a group they belong to")
+        _refuse_own_access(f"{what} themselves or a group they belong to", department)
 
 
 def _refuse_held_role(ctx: ChangeContext, role: str, departments: list[str], what: str) -> None:
     """Forbidden when the acting admin (or one of their groups) holds `role`, inherited included, in a department."""
     ctx.enforcer.refresh(force=True, session=ctx.session)  # under POLICY_LOCK: the latest committed policy
-    if any(role in ctx.enforcer.roles(subject, department)
-           for subject in ctx.actor.subjects for department in departments):
-        raise _own_access(what)
+    held = next((department for department in departments
+                 if any(role in ctx.enforcer.roles(subject, department) for subject in ctx.actor.subjects)), None)
+    if held is not None:
+        _refuse_own_access(what, held)
 
 
 def assign_role(*, ctx: ChangeContext, assignment: RoleAssignment) -> bool:
     """Grant a role in a department; False (and nothing recorded) when it was already granted. Never to the acting
     admin or a group of theirs."""
     _validate_assignment(ctx.session, assignment.role, assignment.department)
-    _refuse_own_subject(ctx, assignment.subject, "grant a role to")
+    _refuse_own_subject(ctx, assignment.subject, assignment.department, "grant a role to")
     if not repository.add_rule(ctx.session, "g", assignment.subject, ROLE_PREFIX + assignment.role,
                                assignment.department):
         return False
@@ -422,7 +431,7 @@ def list_inheritance(enforcer: PolicyEnforcer, department: str | None = None) ->
 def set_clearance(*, ctx: ChangeContext, clearance: ClearanceIn) -> None:
     """Set the highest classification a subject may read in a department; never the acting admin's or their group's."""
     require_department(ctx.session, clearance.department)
-    _refuse_own_subject(ctx, clearance.subject, "set the clearance of")
+    _refuse_own_subject(ctx, clearance.subject, clearance.department, "set the clearance of")
     repository.set_clearance(ctx.session, clearance.subject, clearance.department, clearance.level.value)
     _record_change(ctx, AdminEventType.clearance_set, clearance.department,
                    clearance.model_dump(mode="json"))
@@ -436,7 +445,8 @@ def remove_clearance(*, ctx: ChangeContext, key: ClearanceKey) -> None:
         without = tuple(subject for subject in ctx.actor.subjects if subject != key.subject)
         if (ctx.enforcer.clearance_rank(without, key.department)
                 > ctx.enforcer.clearance_rank(ctx.actor.subjects, key.department)):
-            raise _own_access("remove a clearance of theirs, or their group's, when that raises their own")
+            _refuse_own_access("remove a clearance of theirs, or their group's, when that raises their own",
+                               key.department)
     if not repository.delete_clearance(ctx.session, key.subject, key.department):
         raise GovragError(ErrorCode.not_found, "no such clearance")
     _record_change(ctx, AdminEventType.clearance_removed, key.department, key.model_dump())

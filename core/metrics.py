@@ -16,6 +16,11 @@ AUTHZ_RECHECK_DROPS = Counter(
     "govrag_authz_recheck_drops_total",
     "ALERT: hits returned by the filtered search that failed the policy re-check (filter and policy disagree)",
     ["department"], registry=REGISTRY)
+SELF_GRANTS_REFUSED = Counter(
+    "govrag_authz_self_grants_refused_total",
+    "ALERT: policy changes refused because they would raise the acting admin's own access (another admin must make"
+    " them), by the department the access was sought in",
+    ["department"], registry=REGISTRY)
 SERVED_KEYS_MISSING = Counter(
     "govrag_served_keys_missing_total",
     "ALERT: hits of served documents whose data key is missing (a key store restored from an older backup): their"

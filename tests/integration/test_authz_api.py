@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core import metrics
 from core.db import get_engine
 from core.models import RetrievalEvent
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
@@ -239,16 +241,24 @@ def _refused_as_own_access(response: Any) -> None:
     assert error["code"] == "forbidden" and error["message"].endswith("; another admin must do it"), error
 
 
+def _self_grants_refused(department: str) -> float:
+    return metrics.REGISTRY.get_sample_value("govrag_authz_self_grants_refused_total",
+                                             {"department": department}) or 0.0
+
+
 def test_a_department_admin_may_not_raise_their_own_access(client: TestClient, world: dict[str, Any],
-                                                           issue_token: Callable[..., str]) -> None:
+                                                           issue_token: Callable[..., str],
+                                                           caplog: pytest.LogCaptureFixture) -> None:
     """A department admin granted themselves `compliance` or `privacy_officer` in their department (or mapped a group
     of theirs onto it, made a role they hold inherit it, raised their own clearance) and then exported its ledger or
     revealed its PII. Each is now a 403 that changes nothing; another admin may do it, the department admin may grant
-    it to someone else, and revoking one's own grant stays allowed."""
+    it to someone else, and revoking one's own grant stays allowed. Each refused attempt is counted by department and
+    logged without the admin's name (it used to leave no trace)."""
     root, boss, team = world["tokens"]["admin"], f"boss-{SUFFIX}", f"bosses-{SUFFIX}"
     _post(client, root, "/v1/admin/role-assignments", {"subject": boss, "role": "admin", "department": OPS})
     _post(client, root, "/v1/admin/group-mappings", {"group": team, "role": "reader", "department": OPS})
-    token, before = issue_token(boss, [team]), _version(client, root)
+    token, before, refused = issue_token(boss, [team]), _version(client, root), _self_grants_refused(OPS)
+    caplog.set_level(logging.WARNING, logger="authz.service")
     for method, path, body in [
         ("POST", "/v1/admin/role-assignments", {"subject": boss, "role": "compliance", "department": OPS}),
         ("POST", "/v1/admin/role-assignments", {"subject": boss, "role": "privacy_officer", "department": OPS}),
@@ -261,6 +271,9 @@ def test_a_department_admin_may_not_raise_their_own_access(client: TestClient, w
     ]:
         _refused_as_own_access(client.request(method, path, headers=auth(token), json=body))
     assert _version(client, root) == before  # nothing changed, nothing recorded
+    assert _self_grants_refused(OPS) == refused + 8
+    warnings = [r.getMessage() for r in caplog.records if r.name == "authz.service"]
+    assert len(warnings) == 8 and all(OPS in w and boss not in w and team not in w for w in warnings), warnings
     assert client.get("/v1/audit/retrievals", headers=auth(token)).status_code == 403
     _post(client, token, "/v1/admin/role-assignments",
           {"subject": f"auditor-{SUFFIX}", "role": "compliance", "department": OPS})

@@ -45,7 +45,8 @@ def test_required_alerts_are_present_and_compose_references_them() -> None:
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
     names = {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
     assert {"GovragInjectionSpike", "GovragPiiResurfacedInOutput", "GovragAuthzRecheckDrops",
-            "GovragAuditWriteFailures", "GovragKillSwitchTripped", "GovragQueriesFailing"} <= names
+            "GovragAuditWriteFailures", "GovragKillSwitchTripped", "GovragQueriesFailing",
+            "GovragSelfGrantRefused"} <= names
     compose = yaml.safe_load((DEPLOY.parent / "docker-compose.yml").read_text())
     mounts = " ".join(compose["services"]["prometheus"]["volumes"] + compose["services"]["grafana"]["volumes"])
     assert "deploy/prometheus/alerts.yml" in mounts and "deploy/grafana/dashboards" in mounts
