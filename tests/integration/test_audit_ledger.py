@@ -233,7 +233,8 @@ def _export(settings: Settings, path: Path, *, scope: set[str] | None) -> Path:
 
 def test_an_export_checks_without_the_server_as_documented(ledger: Settings, tmp_path: Path) -> None:
     """docs/audit.md's check passes an untouched JSONL export (a line break inside a question, an admin row's
-    details) and catches a row edited or removed even with the manifest computed again."""
+    details) and catches a row edited or removed even with the manifest computed again, or marked scoped so the
+    links would go unchecked."""
     _append(ledger, 2)
     with get_session_factory(ledger.resolved_database_url)() as session:
         audit_service.record_admin_event(session=session, identity=ADMIN, event_type=AdminEventType.kill_switch,
@@ -242,14 +243,17 @@ def test_an_export_checks_without_the_server_as_documented(ledger: Settings, tmp
                                        record=replace(_record(3), question_masked="caf\u00e9\u2028next line"))
     export = _export(ledger, tmp_path / "export.jsonl", scope=None)
     check = _documented_export_check()
-    assert check(str(export))["rows"] == 4
+    assert check(str(export), unfiltered=True)["rows"] == 4
     rows = export.read_bytes().split(b"\n")[:-2]
     edited = _rewritten(export, [rows[0], rows[1].replace(b'"alice"', b'"mallory"'), *rows[2:]])
     with pytest.raises(AssertionError, match="row 2 was changed"):
-        check(str(edited))
+        check(str(edited), unfiltered=True)
     cut = _rewritten(export, [rows[0], *rows[2:]])
     with pytest.raises(AssertionError, match="a row is missing before row 3"):
-        check(str(cut))
+        check(str(cut), unfiltered=True)
+    cut.write_bytes(cut.read_bytes().replace(b'"departments": null', b'"departments": ["hr"]'))  # says scoped
+    with pytest.raises(AssertionError, match="the export is scoped or filtered"):
+        check(str(cut), unfiltered=True)
 
 
 def test_a_department_scoped_export_says_so_and_checks_as_documented(ledger: Settings, tmp_path: Path) -> None:
@@ -261,9 +265,12 @@ def test_a_department_scoped_export_says_so_and_checks_as_documented(ledger: Set
                                          details={"mode": "retrieval_only"}, settings=ledger)
     _append(ledger, 1)
     scoped = _export(ledger, tmp_path / "scoped.jsonl", scope={"hr", "finance"})
-    manifest = _documented_export_check()(str(scoped))
+    check = _documented_export_check()
+    manifest = check(str(scoped), unfiltered=False)
     assert (manifest["rows"], manifest["departments"], manifest["filters"]) == (2, ["finance", "hr"], {})
-    assert _documented_export_check()(str(_export(ledger, tmp_path / "all.jsonl", scope=None)))["departments"] is None
+    with pytest.raises(AssertionError, match="the export is scoped or filtered"):  # not "a row is missing"
+        check(str(scoped), unfiltered=True)
+    assert check(str(_export(ledger, tmp_path / "all.jsonl", scope=None)), unfiltered=True)["departments"] is None
 
 
 def _in_threads(work: Callable[[int], None], count: int = 8) -> None:
