@@ -299,10 +299,15 @@ def test_a_platform_admin_may_not_raise_their_own_access_either(client: TestClie
                                        json={"group": ops_team, "role": "reader", "department": LEGAL}))
     assert client.put(f"/v1/admin/roles/{viewer}", headers=auth(root),
                       json={"name": viewer, "permissions": ["read"]}).status_code == 200
-    _post(client, root, "/v1/admin/role-assignments",
-          {"subject": f"olga-{SUFFIX}", "role": viewer, "department": LEGAL})
+    for department in (OPS, LEGAL):
+        _post(client, root, "/v1/admin/role-assignments",
+              {"subject": f"olga-{SUFFIX}", "role": viewer, "department": department})
+    refused = {department: _self_grants_refused(department) for department in (OPS, LEGAL)}
     _refused_as_own_access(client.put(f"/v1/admin/roles/{viewer}", headers=auth(olga),
                                       json={"name": viewer, "permissions": ["read", "reveal"]}))
+    # a role definition is platform-wide: counted once, in the first department (by name) where she holds the role
+    assert {department: _self_grants_refused(department) - refused[department] for department in (OPS, LEGAL)} == {
+        LEGAL: 1, OPS: 0}
     assert client.put(f"/v1/admin/roles/{viewer}", headers=auth(olga),  # nothing added: no access raised
                       json={"name": viewer, "permissions": ["read"]}).status_code == 200
 
