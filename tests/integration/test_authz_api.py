@@ -342,8 +342,10 @@ def test_an_admin_may_remove_their_own_clearance_unless_it_held_them_below_the_d
     _post(client, root, "/v1/admin/role-assignments", {"subject": chief, "role": "admin", "department": LEGAL})
     key = {"subject": chief, "department": LEGAL}
     assert client.put("/v1/admin/clearances", headers=auth(root), json={**key, "level": "public"}).status_code == 200
+    refused = _self_grants_refused(LEGAL)
     _refused_as_own_access(client.request("DELETE", "/v1/admin/clearances", headers=auth(issue_token(chief)),
                                           json=key))
+    assert _self_grants_refused(LEGAL) == refused + 1
     assert {**key, "level": "public"} in client.get("/v1/admin/clearances", headers=auth(root)).json()
     raised = client.put("/v1/admin/clearances", headers=auth(root), json={**key, "level": "confidential"})
     assert raised.status_code == 200, raised.text

@@ -4,6 +4,7 @@ and no department may take the name of the global scope."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -170,3 +171,17 @@ def test_a_kill_switch_reason_is_printable_text(client: TestClient, issue_token:
     taken = client.post("/v1/admin/kill-switch", headers=auth(admin),
                         json={"scope": department, "mode": "normal", "reason": "Störung – Modell geprüft (№ 7)"})
     assert taken.status_code == 200 and taken.json()["reason"] == "Störung – Modell geprüft (№ 7)", taken.text
+
+
+def test_a_kill_switch_change_is_logged_without_who_made_it(client: TestClient, issue_token: Callable[..., str],
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """Log lines name no subject (the ledger says who, the line's request id leads there): the kill switch's warning
+    named the admin who switched it."""
+    admin = issue_token(PLATFORM_ADMIN)
+    department = _department(client, admin)
+    caplog.set_level(logging.WARNING, logger="guard.controls")
+    response = client.post("/v1/admin/kill-switch", headers=auth(admin),
+                           json={"scope": department, "mode": "retrieval_only", "reason": "drill"})
+    assert response.status_code == 200, response.text
+    said = [record.getMessage() for record in caplog.records if record.name == "guard.controls"]
+    assert said == [f"kill switch: scope={department} mode=retrieval_only (was normal)"]
