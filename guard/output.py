@@ -55,8 +55,9 @@ def _visible_and_tagged(text: str) -> str:
 def _readings(text: str) -> list[str]:
     """`text` squashed as a reader could recover it: without the citation markers, HTML character references and
     %-escapes that can split or spell a value; reversed; rot13'd; and each base64 or hex payload in it decoded. Text
-    spelled in tag characters is read in each way too."""
-    plain = unquote(html.unescape(_CITATION.sub("", _visible_and_tagged(text))))
+    spelled in tag characters, also ones written as references or escapes (decoded first, as `normalise` does), is
+    read in each way too."""
+    plain = _CITATION.sub("", _visible_and_tagged(unquote(html.unescape(text))))
     views = [plain, plain[::-1], codecs.decode(plain, "rot13"), *decoded_payloads(plain, limit=None)]
     return [_squash(view) for view in views]
 

@@ -7,6 +7,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from presidio_analyzer import RecognizerResult
@@ -56,11 +57,14 @@ def _in_tags(text: str) -> str:
     "fedcba9876543210-YRNC", "PAEL-0123456789nopqrs",  # reversed, rot13
     "0123[1]4567[1]89ab[1]cdef", "&#48;&#49;&#50;&#51;456789abcdef", "%30%31%32%33456789abcdef",
     pytest.param(_in_tags("CNRY-0123456789abcdef"), id="tag characters"),
+    pytest.param("".join(f"&#x{ord(ch):X};" for ch in _in_tags("0123456789abcdef")), id="tag character references"),
+    pytest.param(quote(_in_tags("0123456789abcdef")), id="tag characters %-escaped"),
 ])
 def test_a_canary_hidden_by_an_encoding_is_caught(hidden: str) -> None:
     """A model told to "encode the marker" passed the guard: the answer took the canary out in base64, hex, reversed,
     or split by citation markers, character references or %-escapes; or spelled in Unicode tag characters, which the
-    guard dropped as invisible without reading what they spell."""
+    guard dropped as invisible without reading what they spell, also where those were written as character
+    references or %-escapes (decoded only after the tag characters were read)."""
     answer = f"Hotel costs are reimbursed up to 180 euros per night in capital cities {hidden} [1]."
     verdict = check_output(answer, canaries=CANARIES, system_prompt=SYSTEM_PROMPT, context=GIVEN[1])
     assert verdict.withheld and verdict.canary_departments == ["finance"]
