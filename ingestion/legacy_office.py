@@ -60,7 +60,7 @@ def convert(data: bytes, content_type: str, timeout_seconds: float) -> tuple[byt
         return converted.read_bytes(), legacy.converted_type
 
 
-GROUP_EXIT_WAIT_SECONDS = 2.0  # after the kill, how long to wait for LibreOffice's processes to be gone
+GROUP_EXIT_WAIT_SECONDS = 2.0  # after the kill, how long to wait for a converter's (or the OCR tools') processes to go
 
 
 def run_to_the_end(command: list[str], timeout_seconds: float) -> int | None:
