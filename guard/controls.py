@@ -112,7 +112,7 @@ def set_kill_switch(*, session: Session, settings: Settings, identity: Identity,
     audit_service.record_admin_event(session=session, identity=identity, event_type=AdminEventType.kill_switch,
                                      department=None if scope == GLOBAL_SCOPE else scope, settings=settings,
                                      details={"scope": scope, "mode": mode.value, "previous": previous,
-                                              "reason": reason[:200]})
+                                              "reason": reason})
     _CACHE.clear()
     metrics.KILL_SWITCH_CHANGES.labels(scope=scope, mode=mode.value).inc()
     # Who did it is the ledger's (the line's request id leads there): log lines name no subject.

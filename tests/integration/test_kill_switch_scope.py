@@ -185,3 +185,20 @@ def test_a_kill_switch_change_is_logged_without_who_made_it(client: TestClient, 
     assert response.status_code == 200, response.text
     said = [record.getMessage() for record in caplog.records if record.name == "guard.controls"]
     assert said == [f"kill switch: scope={department} mode=retrieval_only (was normal)"]
+
+
+def test_a_kill_switch_reason_is_recorded_whole(client: TestClient, issue_token: Callable[..., str],
+                                               settings: Settings) -> None:
+    """The API takes a reason of up to 500 characters and says it is exported from the ledger, but the ledger kept
+    its first 200: an incident's account was cut where compliance reads it."""
+    admin = issue_token(PLATFORM_ADMIN)
+    department = _department(client, admin)
+    reason = ("Model paused after the red team run of 30 November: " + "canary seen in a draft answer; " * 20)[:500]
+    response = client.post("/v1/admin/kill-switch", headers=auth(admin),
+                           json={"scope": department, "mode": "retrieval_only", "reason": reason})
+    assert response.status_code == 200, response.text
+    with unit_of_work(settings.resolved_database_url) as session:
+        recorded = [event.details["reason"] for event in session.scalars(
+            select(RetrievalEvent).where(RetrievalEvent.event_type == "kill_switch")) if
+            event.details["scope"] == department]
+    assert recorded == [reason]
