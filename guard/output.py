@@ -47,9 +47,10 @@ def _canary_secret(token: str) -> str:
 
 
 def _visible_and_tagged(text: str) -> str:
-    """`text`'s visible letters, then each text it spells in Unicode tag characters (invisible, but a model or a
-    client reads the ASCII they stand for)."""
-    return "\n".join([strip_invisible(text), *tag_texts(text)])
+    """`text` with HTML character references and %-escapes decoded: its visible letters, then each text it spells in
+    Unicode tag characters (invisible, but a model or a client reads the ASCII they stand for)."""
+    decoded = unquote(html.unescape(text))
+    return "\n".join([strip_invisible(decoded), *tag_texts(decoded)])
 
 
 def _readings(text: str) -> list[str]:
@@ -57,7 +58,7 @@ def _readings(text: str) -> list[str]:
     %-escapes that can split or spell a value; reversed; rot13'd; and each base64 or hex payload in it decoded. Text
     spelled in tag characters, also ones written as references or escapes (decoded first, as `normalise` does), is
     read in each way too."""
-    plain = _CITATION.sub("", _visible_and_tagged(unquote(html.unescape(text))))
+    plain = _CITATION.sub("", _visible_and_tagged(text))
     views = [plain, plain[::-1], codecs.decode(plain, "rot13"), *decoded_payloads(plain, limit=None)]
     return [_squash(view) for view in views]
 
@@ -77,7 +78,8 @@ def has_canary_shape(text: str) -> bool:
 
 def echoes_system_prompt(text: str, system_prompt: str) -> bool:
     """True when any run of SHINGLE_WORDS consecutive words of the system prompt appears in `text` (invisible
-    characters dropped, look-alike letters read as Latin, text spelled in tag characters read too)."""
+    characters dropped, look-alike letters read as Latin, references and %-escapes decoded, text spelled in tag
+    characters read too: `_visible_and_tagged`)."""
     prompt_words = _WORD.findall(system_prompt.lower())
     answer = " ".join(_WORD.findall(_visible_and_tagged(text).lower()))
     return any(" ".join(prompt_words[i:i + SHINGLE_WORDS]) in answer

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -75,6 +76,18 @@ def test_the_system_prompt_split_by_invisible_characters_or_in_look_alikes_is_an
     for disguised in (" ".join(w[:2] + "\u200b" + w[2:] for w in words),
                       " ".join(words).replace("o", "\u043e").replace("a", "\u0430"), _in_tags(" ".join(words))):
         assert echoes_system_prompt(f"Hotels are reimbursed up to 180 euros [1]. {disguised}", SYSTEM_PROMPT)
+
+
+@pytest.mark.parametrize("encode", [
+    pytest.param(lambda text: "".join(f"&#x{ord(ch):X};" for ch in text), id="character references"),
+    pytest.param(quote, id="%-escapes"),
+])
+def test_the_system_prompt_in_tag_characters_written_as_references_or_escapes_is_an_echo(
+        encode: Callable[[str], str]) -> None:
+    """The echo check read tag characters but, unlike the canary check, not ones written as character references
+    or %-escapes, which a client's renderer or model decodes."""
+    hidden = encode(_in_tags(" ".join(SYSTEM_PROMPT.split()[:12])))
+    assert echoes_system_prompt(f"Hotels are reimbursed up to 180 euros [1]. {hidden}", SYSTEM_PROMPT)
 
 
 def test_canary_or_system_prompt_withholds_the_answer() -> None:
