@@ -317,14 +317,14 @@ def define_role(*, ctx: ChangeContext, definition: RoleDefinition) -> RoleDefini
     """Create or replace a role's permissions (platform-wide role names, granted per department); the role as stored.
     No permission is added to a role the acting admin holds."""
     role, wanted = ROLE_PREFIX + definition.name, {p.value for p in definition.permissions}
-    if wanted - {action for action, existing in repository.permission_rows(ctx.session) if existing == role}:
+    stored = {action for action, existing in repository.permission_rows(ctx.session) if existing == role}
+    if wanted - stored:
         _refuse_held_role(ctx, definition.name, repository.department_names(ctx.session),
                           "add permissions to a role they hold")
     for action in sorted(wanted):
         repository.add_rule(ctx.session, "p", action, role)
-    for action, existing_role in repository.permission_rows(ctx.session):
-        if existing_role == role and action not in wanted:
-            repository.remove_rules(ctx.session, "p", action, role)
+    for action in sorted(stored - wanted):
+        repository.remove_rules(ctx.session, "p", action, role)
     _record_change(ctx, AdminEventType.role_defined, None,
                    {"role": definition.name, "permissions": sorted(wanted)})
     return RoleDefinition(name=definition.name, permissions=sorted(wanted))
