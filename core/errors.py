@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -95,6 +97,13 @@ def loading(what: str) -> Iterator[None]:
     except Exception as error:  # the model libraries' own errors (onnxruntime's, tokenizers') derive from Exception
         logger.debug("loading %s failed", what, exc_info=True)
         raise BrokenInstall(what, error) from error
+
+
+def check_writable(folder: Path) -> None:
+    """PermissionError (the system's EACCES, naming `folder`) unless this user may write in `folder` and search it, as
+    making files there needs: for an UnusablePath line said before the system refuses anything."""
+    if not os.access(folder, os.W_OK | os.X_OK, effective_ids=True):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
 
 
 def _reason(error: Exception) -> str:

@@ -28,7 +28,7 @@ from alembic.util import CommandError
 from sqlalchemy import Connection, column, create_engine, event, exc, inspect, make_url, pool, select, table, text
 
 from core.db import transaction_lock, unit_of_work
-from core.errors import Unavailable, UnusablePath, unavailable_dependency
+from core.errors import Unavailable, UnusablePath, check_writable, unavailable_dependency
 from core.logs import PASSWORD_PARAMETERS, mask_secrets
 
 if TYPE_CHECKING:
@@ -388,8 +388,7 @@ def _sqlite_folder_unusable(database_url: str) -> UnusablePath | None:
     try:  # the system's own reason where it gives one: the folder missing, or one above it not searchable
         if not stat.S_ISDIR(database.parent.stat().st_mode):
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(database.parent))
-        if not os.access(database.parent, os.W_OK | os.X_OK, effective_ids=True):  # as SQLite, with this user's rights
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(database.parent))
+        check_writable(database.parent)  # as SQLite, with this user's rights
     except OSError as error:
         # no such folder: one GOVRAG_DATABASE_URL names (the data dir is made before the database is opened)
         missing = error.errno in (errno.ENOENT, errno.ENOTDIR)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import os
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.errors import UnusablePath
+from core.errors import UnusablePath, check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +87,7 @@ def _writable(folder: Path) -> None:
     service user's home: not a broken install)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        if not os.access(folder, os.W_OK | os.X_OK, effective_ids=True):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+        check_writable(folder)
     except OSError as error:
         raise UnusablePath.refused(f"the embedding model's cache in {folder}", error, "GOVRAG_MODEL_CACHE") from None
 
