@@ -215,12 +215,22 @@ def record_guard_hit(*, session: Session, settings: Settings, departments: list[
         count, counter = _count(_trip_counter(settings), department)
         if count >= limit and kill_mode(
                 session=session, settings=settings, departments=[department]) is KillMode.normal \
-                and _claim(counter, department):
-            set_kill_switch(session=session, settings=settings, identity=SYSTEM_IDENTITY, scope=department,
-                            mode=KillMode.retrieval_only, reason=f"automatic trip: {limit} guard hits in a minute")
+                and _claim(counter, department) and _trip(session, settings, department, limit):
             metrics.KILL_SWITCH_AUTO_TRIPS.labels(department=department).inc()
             tripped.append(department)
     return tripped
+
+
+def _trip(session: Session, settings: Settings, department: str, limit: int) -> bool:
+    """Move the department to retrieval_only if its stored mode, read under the scope's lock, is still normal. The
+    cached mode may be up to `guard_cache_seconds` old: an admin on another replica may have disabled the department
+    meanwhile, and a trip must never write retrieval_only over that (queries would be answered again). Commits."""
+    if KillMode(repository.get_or_create(session, department).kill_mode) is not KillMode.normal:
+        session.commit()  # nothing written: ends the transaction, which releases the scope's lock
+        return False
+    set_kill_switch(session=session, settings=settings, identity=SYSTEM_IDENTITY, scope=department,
+                    mode=KillMode.retrieval_only, reason=f"automatic trip: {limit} guard hits in a minute")
+    return True
 
 
 def _count(counter: _TripWindow | _RedisTripCounter, department: str) -> tuple[int, _TripWindow | _RedisTripCounter]:

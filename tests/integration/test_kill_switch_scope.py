@@ -47,6 +47,14 @@ def _mode(settings: Settings, department: str) -> KillMode:
         return controls.kill_mode(session=session, settings=settings, departments=[department])
 
 
+def _automatic_trips(settings: Settings, department: str) -> list[dict[str, object]]:
+    """The kill-switch changes the automatic trip recorded for the department."""
+    with unit_of_work(settings.resolved_database_url) as session:
+        return [event.details for event in session.scalars(select(RetrievalEvent).where(
+            RetrievalEvent.event_type == "kill_switch", RetrievalEvent.subject == "system:guard"))
+            if event.details["scope"] == department]
+
+
 def test_global_is_not_a_department_name(client: TestClient, issue_token: Callable[..., str]) -> None:
     admin = issue_token(PLATFORM_ADMIN)
     response = client.post("/v1/admin/departments", json={"name": "global"}, headers=auth(admin))
@@ -72,10 +80,7 @@ def test_replicas_count_guard_hits_together_in_redis(client: TestClient, issue_t
     assert _mode(settings, department) is KillMode.normal
     assert _hit(settings, department) == [department]  # the limit, counted across processes
     assert _mode(settings, department) is KillMode.retrieval_only
-    with unit_of_work(settings.resolved_database_url) as session:
-        trips = [event.details for event in session.scalars(select(RetrievalEvent).where(
-            RetrievalEvent.event_type == "kill_switch", RetrievalEvent.subject == "system:guard"))
-            if event.details["scope"] == department]
+    trips = _automatic_trips(settings, department)
     assert len(trips) == 1 and trips[0]["mode"] == "retrieval_only"  # one trip, audited once
     keys = redis.Redis.from_url(REDIS_URL).keys(f"govrag:guard-hits:*:{department}")
     assert keys == []  # the winning replica reset the counter
@@ -202,3 +207,43 @@ def test_a_kill_switch_reason_is_recorded_whole(client: TestClient, issue_token:
             select(RetrievalEvent).where(RetrievalEvent.event_type == "kill_switch")) if
             event.details["scope"] == department]
     assert recorded == [reason]
+
+
+# Another API replica: an admin's kill-switch change made there (its own process, its own cache of the controls).
+OTHER_REPLICA = """
+import sys
+from authz.identity import Identity
+from core.db import unit_of_work
+from core.settings import Settings
+from guard import controls
+from guard.schemas import KillMode
+url, department, mode = sys.argv[1:]
+admin = Identity(subject="root-admin", groups=(), is_platform_admin=True)
+with unit_of_work(url) as session:
+    controls.set_kill_switch(session=session, settings=Settings(database_url=url, broker_url="memory://"),
+                             identity=admin, scope=department, mode=KillMode(mode), reason="incident: model off")
+"""
+
+
+def _switch_on_another_replica(settings: Settings, department: str, mode: KillMode) -> None:
+    subprocess.run([sys.executable, "-c", OTHER_REPLICA, settings.resolved_database_url, department,  # noqa: S603
+                    mode.value], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, timeout=120)
+
+
+def _stored_mode(settings: Settings, department: str) -> KillMode:
+    with unit_of_work(settings.resolved_database_url) as session:
+        return controls.list_states(session=session, settings=settings)[department].kill_mode
+
+
+def test_an_automatic_trip_never_writes_over_a_kill_switch_another_replica_just_disabled(settings: Settings) -> None:
+    """This replica read the department `normal` (its cache of the controls, up to GOVRAG_GUARD_CACHE_SECONDS old);
+    an admin on another replica then disabled it; guard hits here tripped it to `retrieval_only` over the admin's
+    `disabled`, and the model answered again. The trip reads the stored mode under the scope's lock first."""
+    replica = settings.model_copy(update={"guard_auto_trip_per_minute": 2, "guard_cache_seconds": 3600.0,
+                                          "broker_url": "memory://"})  # a cache that has not expired yet
+    department = f"inc{uuid.uuid4().hex[:6]}"
+    assert _mode(replica, department) is KillMode.normal  # read (and cached) before the admin's change
+    _switch_on_another_replica(replica, department, KillMode.disabled)
+    assert [_hit(replica, department) for _ in range(2)] == [[], []]
+    assert _stored_mode(replica, department) is KillMode.disabled
+    assert _automatic_trips(replica, department) == []
