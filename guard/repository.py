@@ -19,7 +19,9 @@ def get_or_create(session: Session, scope: str) -> GuardControl:
     one after the other: two admins pulling the same kill switch at once both succeed, the second recording the
     first's mode as the previous one."""
     transaction_lock(session, f"guard:{scope}")
-    row = session.scalars(select(GuardControl).where(GuardControl.scope == scope)).first()
+    # populate_existing: a row this session already holds (kept across commits) takes the values read under the lock
+    query = select(GuardControl).where(GuardControl.scope == scope).execution_options(populate_existing=True)
+    row = session.scalars(query).first()
     if row is None:
         row = GuardControl(scope=scope, kill_mode="normal", updated_by="")
         session.add(row)

@@ -23,7 +23,7 @@ from core import migrate
 from core.db import unit_of_work
 from core.models import RetrievalEvent
 from core.settings import Settings
-from guard import controls
+from guard import controls, repository
 from guard.schemas import KillMode
 from tests.conftest import PLATFORM_ADMIN, REDIS_URL, auth
 
@@ -245,5 +245,25 @@ def test_an_automatic_trip_never_writes_over_a_kill_switch_another_replica_just_
     assert _mode(replica, department) is KillMode.normal  # read (and cached) before the admin's change
     _switch_on_another_replica(replica, department, KillMode.disabled)
     assert [_hit(replica, department) for _ in range(2)] == [[], []]
+    assert _stored_mode(replica, department) is KillMode.disabled
+    assert _automatic_trips(replica, department) == []
+
+
+def test_an_automatic_trip_reads_the_stored_mode_afresh_when_the_session_holds_the_row(settings: Settings) -> None:
+    """A session that already holds the department's row (sessions keep loaded rows across commits) counts the
+    guard hits. The trip's locked read must take the admin's `disabled` committed on another replica in between, not
+    the values of the row the session holds."""
+    replica = settings.model_copy(update={"guard_auto_trip_per_minute": 2, "guard_cache_seconds": 3600.0,
+                                          "broker_url": "memory://"})
+    department = f"inc{uuid.uuid4().hex[:6]}"
+    _switch_on_another_replica(replica, department, KillMode.normal)  # the department's row exists
+    with unit_of_work(replica.resolved_database_url) as session:
+        held = repository.get_or_create(session, department)
+        session.commit()
+        assert controls.kill_mode(session=session, settings=replica, departments=[department]) is KillMode.normal
+        _switch_on_another_replica(replica, department, KillMode.disabled)
+        assert [controls.record_guard_hit(session=session, settings=replica, departments=[department],
+                                          kind="firewall") for _ in range(2)] == [[], []]
+        assert held.kill_mode == KillMode.disabled.value
     assert _stored_mode(replica, department) is KillMode.disabled
     assert _automatic_trips(replica, department) == []
