@@ -122,6 +122,7 @@ class PolicyEnforcer:
         # FastEnforcer filters policies in place during enforce, so every call holds the lock.
         self._casbin = casbin.FastEnforcer(str(MODEL_PATH), self._adapter, cache_key_order=[0])
         self._lock = threading.Lock()
+        self._reload_lock = threading.Lock()  # one reload at a time, so none installs a version older than loaded
         self._default_rank = rank(default_clearance)
         self._check_seconds = check_seconds
         self._checked_at = float("-inf")
@@ -146,10 +147,10 @@ class PolicyEnforcer:
         now = time.monotonic()
         if not force and now - self._checked_at < self._check_seconds:
             return self._snapshot.version
-        stored = self._stored_version(session)  # read before loading: never label new rules old
+        stored = self._stored_version(session)
         self._checked_at = now
         if stored != self._snapshot.version:
-            self._reload(stored)
+            self._reload()
         return self._snapshot.version
 
     def _stored_version(self, session: Session | None) -> int:
@@ -158,11 +159,19 @@ class PolicyEnforcer:
         with Session(self._engine) as own:
             return repository.policy_version(own)
 
-    def _reload(self, version: int) -> None:
-        with Session(self._engine) as session:
-            clearances = repository.clearance_levels(session)
-            permissions = tuple(repository.permission_rows(session))
-            departments = frozenset(repository.department_names(session))
+    def _reload(self) -> None:
+        """Load the stored policy unless its version is loaded already. The version is read again under the reload
+        lock: a thread that saw an older version, then waited while another loaded a newer one, installs nothing."""
+        with self._reload_lock, Session(self._engine) as session:
+            version = repository.policy_version(session)
+            if version != self._snapshot.version:
+                self._load(session, version)
+
+    def _load(self, session: Session, version: int) -> None:
+        """Read the policy and install it as `version`, read before it: the rules are never older than their label."""
+        clearances = repository.clearance_levels(session)
+        permissions = tuple(repository.permission_rows(session))
+        departments = frozenset(repository.department_names(session))
         with self._lock:
             self._casbin.load_policy()
             self._snapshot = Snapshot(version=version, grants=self._index_grants(permissions),

@@ -120,7 +120,8 @@ def _measure(url: str, callers: list[tuple[str, tuple[str, ...]]], args: argpars
     old_rate = _rate(len(requests), lambda: (lambda a, s, d: old.enforce(s, d, a))(*next(cycle)))
     started = time.perf_counter()
     for _ in range(10):
-        enforcer._reload(enforcer.version)  # noqa: SLF001 (timing the reload itself)
+        with Session(get_engine(url)) as session:
+            enforcer._load(session, enforcer.version)  # noqa: SLF001 (timing the reload itself)
     reload_ms = (time.perf_counter() - started) * 100
     rows = len(plain.get_grouping_policy()) + len(plain.get_policy())
     print(f"machine: {machine()}")  # noqa: T201
