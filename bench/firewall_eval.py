@@ -5,7 +5,8 @@ the same at the shipped threshold (fixed on train), per source and category (and
 their goal is one a train row names: those goals are in the harmful bank), harmful requests separately, the
 retrieved-text scanner on BIPIA documents by injection position, and latency per prompt: the firewall's own cost
 given the question's sentence embedding (what it adds to the query path, which embeds the question for retrieval
-anyway) and, apart, the cost of that embedding.
+anyway) and, apart, the cost of that embedding; and the output guard's withholding checks (canary readings and
+system-prompt echo, one decoding per answer) over the same prompts read as answers.
     .venv/bin/python -m bench.firewall_eval
 """
 
@@ -25,6 +26,7 @@ from bench.eval_data import ATTACK, BENIGN, HARMFUL, Row, bipia_documents, promp
 from bench.train_firewall import threshold_at_fpr
 from guard.firewall import FirewallModel, get_firewall, question_vectors
 from guard.injection import get_scanner
+from guard.output import withholding
 
 
 def _grouped(rows: list[Row], detected: np.ndarray, key: str | Callable[[Row], str]) -> dict[str, tuple[int, int]]:
@@ -137,10 +139,27 @@ def _latency() -> None:
                        *_timed(lambda i: embedder.embed_one(texts[i]), texts, time.process_time))
 
 
+def _output_guard_latency() -> None:
+    """Per answer, one at a time: the output guard's withholding checks (`guard.output.withholding`: the canary
+    readings and the system-prompt echo check, read from one decoding of the answer), the eval prompts standing in for
+    model answers (they hold the base64, rot13, look-alike and invisible-character disguises an answer might)."""
+    from retrieval.prompting import HIDDEN_MARKER, SYSTEM_PROMPT
+
+    canaries = {"finance": "CNRY-0123456789abcdef", "hr": "CNRY-5a1e7c93d04b28f6"}
+    system = "\n".join([SYSTEM_PROMPT, *(HIDDEN_MARKER.format(department=d, canary=c) for d, c in canaries.items())])
+    texts = [r.text for r in prompt_rows() if r.split == "eval"][:600]
+    withholding("warm up", canaries=canaries, system_prompt=system)
+    _print_timings(f"\noutput guard's withholding checks per answer over {len(texts)} eval prompts read as answers "
+                   f"(mean {statistics.fmean(len(t) for t in texts):.0f} characters):",
+                   *_timed(lambda i: withholding(texts[i], canaries=canaries, system_prompt=system), texts,
+                           time.thread_time))
+
+
 def main() -> int:
     """Print every figure. Latency first: the firewall caches words, and the prompts timed must find only the words
     of the prompts timed before them, not of the whole eval set scored below."""
     _latency()
+    _output_guard_latency()
     _prompts(get_firewall().model)
     _documents()
     return 0

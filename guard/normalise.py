@@ -8,10 +8,13 @@ import codecs
 import html
 import re
 import unicodedata
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 # Characters that render as nothing (or as a space) and are used to split trigger words.
 _INVISIBLE = re.compile("[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
-                        "\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\U000e0000-\U000e007f]")
+                        "\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\U000e0000-\U000e007f\U000e0100-\U000e01ef]")
 # Latin look-alikes from Cyrillic, Greek, Armenian, Cherokee and others that NFKC leaves alone.
 _LOOK_ALIKES = {
     "а": "a", "в": "b", "е": "e", "ё": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p", "с": "c", "т": "t",
@@ -49,6 +52,9 @@ _LEET_WORD = re.compile(r"\b(?=[a-z0-9@$!|+]*[a-z])(?=[a-z0-9@$!|+]*[0-9@$|+])[a
 _LEET_RUN = re.compile(r"[a-z0-9@$!|+]{3,}", re.IGNORECASE)
 _WORD_BOUNDARY = re.compile(r"\b")
 _BASE64 = re.compile(r"(?<![A-Za-z0-9+/=])[A-Za-z0-9+/]{16,}={0,2}(?![A-Za-z0-9+/=])")
+# URL-safe base64 (RFC 4648 section 5: `-` and `_` for `+` and `/`, padding often left off): a run holding either.
+_URLSAFE_BASE64 = re.compile(r"(?<![A-Za-z0-9_=-])(?=[A-Za-z0-9]*[-_])[A-Za-z0-9_-]{16,}={0,2}(?![A-Za-z0-9_=-])")
+_URLSAFE_ALPHABET = str.maketrans("-_", "+/")
 _HEX = re.compile(r"\b(?:[0-9a-fA-F]{2}){12,}\b")
 _SPACES = re.compile(r"[ \t]+")
 # A word hyphenated across a line wrap (`in-\nstructions`, or `in- structions` once the lines are joined).
@@ -63,6 +69,15 @@ MAX_DECODED = 4
 # text went to the model unjudged.
 _TAG_CHARACTERS = re.compile("[\U000e0000-\U000e007f]+")
 _TAG_RUN = re.compile("[\U000e0020-\U000e007e]+")
+# Variation selectors (VS1-VS16, U+FE00-U+FE0F, and VS17-VS256, U+E0100-U+E01EF) render as nothing; each may stand
+# for one byte (VS1-VS16 the bytes 0-15, VS17-VS256 the bytes 16-255), and a run of them after a visible character
+# hides a whole text a model can be told to decode ("emoji smuggling"). A variation sequence is one character and ONE
+# selector (U+2764 U+FE0F is the red heart emoji, an ideograph with one of VS17-VS256 a registered glyph variant):
+# two or more in a row select nothing, so a run of two or more is a hidden payload and a single selector is left be.
+_SELECTORS = "\ufe00-\ufe0f\U000e0100-\U000e01ef"
+_SELECTOR_RUN = re.compile(f"[{_SELECTORS}]{{2,}}")
+# What `without_hidden` removes: every tag character, and every run of two or more variation selectors.
+_HIDDEN = re.compile(f"{_TAG_CHARACTERS.pattern}|{_SELECTOR_RUN.pattern}")
 
 
 def has_invisible(text: str) -> bool:
@@ -110,33 +125,57 @@ def _printable(raw: bytes) -> str | None:
     return text if text and printable / len(text) > 0.9 else None
 
 
+def _base64_text(encoded: str) -> str | None:
+    """Base64 (standard or URL-safe, padded or not) decoded, when it decodes to mostly printable UTF-8."""
+    try:
+        raw = base64.b64decode(encoded.translate(_URLSAFE_ALPHABET) + "=" * (-len(encoded) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return _printable(raw)
+
+
+def encoded_payloads(text: str) -> list[str]:
+    """Texts hidden as base64 (standard or URL-safe) or hex inside `text`."""
+    runs = [match.group(0) for pattern in (_BASE64, _URLSAFE_BASE64) for match in pattern.finditer(text)]
+    found = [decoded for run in runs if (decoded := _base64_text(run)) is not None]
+    hexes = (_printable(bytes.fromhex(match.group(0))) for match in _HEX.finditer(text))
+    return found + [decoded for decoded in hexes if decoded is not None]
+
+
 def decoded_payloads(text: str, limit: int | None = MAX_DECODED) -> list[str]:
-    """Texts hidden as base64, hex or rot13 inside `text` (the first `limit`; None: all)."""
-    found: list[str] = []
-    for match in _BASE64.finditer(text):
-        try:
-            raw = base64.b64decode(match.group(0) + "=" * (-len(match.group(0)) % 4), validate=True)
-        except (binascii.Error, ValueError):
-            continue
-        if (decoded := _printable(raw)) is not None:
-            found.append(decoded)
-    for match in _HEX.finditer(text):
-        if (decoded := _printable(bytes.fromhex(match.group(0)))) is not None:
-            found.append(decoded)
+    """Texts hidden as base64, hex (`encoded_payloads`) or rot13 inside `text` (the first `limit`; None: all)."""
+    found = encoded_payloads(text)
     rot = codecs.decode(text, "rot13")
     if _englishness(rot) > max(0.2, 2 * _englishness(text)):
         found.append(rot)
     return found[:limit]
 
 
-def tag_texts(text: str) -> list[str]:
-    """The ASCII texts spelled in Unicode tag characters inside `text`, one per run."""
-    return ["".join(chr(ord(ch) - 0xE0000) for ch in run) for run in _TAG_RUN.findall(text)]
+def _selector_byte(ch: str) -> int:
+    """The byte a variation selector stands for: VS1-VS16 0-15, VS17-VS256 16-255."""
+    return ord(ch) - 0xFE00 if ord(ch) < 0xE0000 else ord(ch) - 0xE0100 + 16
 
 
-def without_tags(text: str) -> str:
-    """`text` without Unicode tag characters: what a reader sees, and all a model is given to read."""
-    return _TAG_CHARACTERS.sub("", text)
+def hidden_texts(text: str) -> list[str]:
+    """The texts hidden in `text` that render as nothing but a model reads: the ASCII spelled in Unicode tag
+    characters, one per run, then the UTF-8 spelled in variation selectors, one per run of two or more
+    (`_SELECTOR_RUN`; bytes that are not UTF-8 read as U+FFFD)."""
+    tagged = ["".join(chr(ord(ch) - 0xE0000) for ch in run) for run in _TAG_RUN.findall(text)]
+    selected = [bytes(map(_selector_byte, run)).decode("utf-8", errors="replace")
+                for run in _SELECTOR_RUN.findall(text)]
+    return tagged + selected
+
+
+def without_hidden(text: str) -> str:
+    """`text` without what `hidden_texts` reads: every Unicode tag character and every run of two or more variation
+    selectors. What a reader sees, all a model is given to read, and all a response carries; a single variation
+    selector (the one in U+2764 U+FE0F, the red heart emoji) stays."""
+    return _HIDDEN.sub("", text)
+
+
+# A response field holding text a person wrote or a document held (a title, a reason, a snippet): shown as
+# `without_hidden` leaves it, whatever was stored.
+ShownText = Annotated[str, AfterValidator(without_hidden)]
 
 
 def _unescape_references(text: str) -> str:
@@ -146,9 +185,9 @@ def _unescape_references(text: str) -> str:
 
 def normalise(text: str) -> str:
     """One canonical text: the visible letters, words hyphenated across a line wrap joined, de-leeted, with any
-    decoded payloads and any text spelled in tag characters appended."""
+    decoded payloads and any text hidden in tag characters or variation selectors (`hidden_texts`) appended."""
     unescaped = _unescape_references(text)
     clean = _SPACES.sub(" ", _WRAPPED_HYPHEN.sub("", strip_invisible(unescaped)))
     visible = deleet(clean)
-    extra = [deleet(strip_invisible(p)) for p in [*decoded_payloads(clean), *tag_texts(unescaped)]]
+    extra = [deleet(strip_invisible(p)) for p in [*decoded_payloads(clean), *hidden_texts(unescaped)]]
     return "\n".join([visible, *extra])

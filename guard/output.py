@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
-from guard.normalise import decoded_payloads, strip_invisible, tag_texts
+from guard.normalise import encoded_payloads, hidden_texts, strip_invisible
 from guard.pii import get_redactor
 from guard.placeholders import is_placeholder
 
@@ -46,27 +46,42 @@ def _canary_secret(token: str) -> str:
     return _squash(token.rpartition("-")[2])
 
 
-def _visible_and_tagged(text: str) -> str:
-    """`text` with HTML character references and %-escapes decoded: its visible letters, then each text it spells in
-    Unicode tag characters (invisible, but a model or a client reads the ASCII they stand for)."""
+def _decoded(text: str) -> str:
+    """`text` with HTML character references and %-escapes decoded: its visible letters, then each text hidden in it
+    in Unicode tag characters or variation selectors (invisible, but a model or a client reads them: `hidden_texts`)."""
     decoded = unquote(html.unescape(text))
-    return "\n".join([strip_invisible(decoded), *tag_texts(decoded)])
+    return "\n".join([strip_invisible(decoded), *hidden_texts(decoded)])
 
 
-def _readings(text: str) -> list[str]:
-    """`text` squashed as a reader could recover it: without the citation markers, HTML character references and
-    %-escapes that can split or spell a value; reversed; rot13'd; and each base64 or hex payload in it decoded. Text
-    spelled in tag characters, also ones written as references or escapes (decoded first, as `normalise` does), is
-    read in each way too."""
-    plain = _CITATION.sub("", _visible_and_tagged(text))
-    views = [plain, plain[::-1], codecs.decode(plain, "rot13"), *decoded_payloads(plain, limit=None)]
-    return [_squash(view) for view in views]
+@dataclass(frozen=True)
+class AnswerViews:
+    """An answer as the guard reads it, decoded once and read by every check: `decoded` (`_decoded`), and
+    `readings`, each view of it a reader could recover, squashed (`_readings`)."""
+
+    decoded: str
+    readings: tuple[str, ...]
+
+    @classmethod
+    def of(cls, text: str) -> AnswerViews:
+        decoded = _decoded(text)
+        return cls(decoded=decoded, readings=_readings(decoded))
 
 
-def leaked_canaries(text: str, canaries: dict[str, str]) -> list[str]:
+def _readings(decoded: str) -> tuple[str, ...]:
+    """The decoded answer squashed as a reader could recover it: without the citation markers, HTML character
+    references and %-escapes that can split or spell a value; reversed; rot13'd; and each base64 (standard or
+    URL-safe) or hex payload in it decoded. Hidden text (tag characters, variation selectors), also written as
+    references or escapes (decoded first, as `normalise` does), is read in each way too."""
+    plain = _CITATION.sub("", decoded)
+    views = [plain, plain[::-1], codecs.decode(plain, "rot13"), *encoded_payloads(plain)]
+    return tuple(_squash(view) for view in views)
+
+
+def leaked_canaries(text: str | AnswerViews, canaries: dict[str, str]) -> list[str]:
     """Departments whose canary secret appears in `text`, with or without its prefix, however spaced, disguised or
-    encoded (`_readings`)."""
-    readings, secrets = _readings(text), {dept: _canary_secret(token) for dept, token in canaries.items()}
+    encoded (`AnswerViews.readings`)."""
+    readings = (text if isinstance(text, AnswerViews) else AnswerViews.of(text)).readings
+    secrets = {dept: _canary_secret(token) for dept, token in canaries.items()}
     return sorted(dept for dept, secret in secrets.items() if secret and any(secret in seen for seen in readings))
 
 
@@ -76,12 +91,13 @@ def has_canary_shape(text: str) -> bool:
     return bool(_CANARY_SHAPE.search(_squash(text)))
 
 
-def echoes_system_prompt(text: str, system_prompt: str) -> bool:
+def echoes_system_prompt(text: str | AnswerViews, system_prompt: str) -> bool:
     """True when any run of SHINGLE_WORDS consecutive words of the system prompt appears in `text` (invisible
-    characters dropped, look-alike letters read as Latin, references and %-escapes decoded, text spelled in tag
-    characters read too: `_visible_and_tagged`)."""
+    characters dropped, look-alike letters read as Latin, references and %-escapes decoded, text hidden in tag
+    characters or variation selectors read too: `_decoded`)."""
+    decoded = text.decoded if isinstance(text, AnswerViews) else _decoded(text)
     prompt_words = _WORD.findall(system_prompt.lower())
-    answer = " ".join(_WORD.findall(_visible_and_tagged(text).lower()))
+    answer = " ".join(_WORD.findall(decoded.lower()))
     return any(" ".join(prompt_words[i:i + SHINGLE_WORDS]) in answer
                for i in range(max(0, len(prompt_words) - SHINGLE_WORDS + 1)))
 
@@ -113,12 +129,21 @@ def scrub_pii(text: str, context: str) -> tuple[str, int]:
     return text, len(spans)
 
 
-def check_output(text: str, *, canaries: dict[str, str], system_prompt: str, context: str) -> OutputVerdict:
-    """Withhold on a canary or a system-prompt echo; otherwise scrub raw PII and let it out."""
-    leaked = leaked_canaries(text, canaries)
+def withholding(text: str, *, canaries: dict[str, str], system_prompt: str) -> OutputVerdict | None:
+    """The verdict that withholds `text` for a canary or a system-prompt echo, both read from one `AnswerViews`;
+    None when it holds neither."""
+    views = AnswerViews.of(text)
+    leaked = leaked_canaries(views, canaries)
     if leaked:
         return OutputVerdict(text="", withheld=True, reason="canary", canary_departments=leaked)
-    if system_prompt and echoes_system_prompt(text, system_prompt):
+    if system_prompt and echoes_system_prompt(views, system_prompt):
         return OutputVerdict(text="", withheld=True, reason="system_prompt", system_prompt_echo=True)
+    return None
+
+
+def check_output(text: str, *, canaries: dict[str, str], system_prompt: str, context: str) -> OutputVerdict:
+    """Withhold on a canary or a system-prompt echo (`withholding`); otherwise scrub raw PII and let it out."""
+    if (withheld := withholding(text, canaries=canaries, system_prompt=system_prompt)) is not None:
+        return withheld
     scrubbed, count = scrub_pii(text, context)
     return OutputVerdict(text=scrubbed, withheld=False, pii_scrubbed=count)

@@ -11,6 +11,7 @@ from authz.schemas import GLOBAL_SCOPE as GLOBAL_SCOPE  # the kill switch's glob
 from core.models import DEPARTMENT_PATTERN
 from core.text import DepartmentName, RequestModel
 from guard.firewall import GuardMode
+from guard.normalise import ShownText
 
 SCOPE_PATTERN = DEPARTMENT_PATTERN  # "global" or a department name
 
@@ -45,7 +46,7 @@ class KillSwitchIn(RequestModel):
 class KillSwitchOut(BaseModel):
     scope: str
     mode: KillMode
-    reason: str | None
+    reason: ShownText | None
     updated_by: str
 
 
@@ -58,4 +59,4 @@ class GuardStateOut(BaseModel):
     scope: str
     kill_mode: KillMode
     firewall_mode: GuardMode | None
-    reason: str | None
+    reason: ShownText | None

@@ -11,6 +11,7 @@ from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 from core.errors import ErrorCode, GovragError
 from core.text import DepartmentName, RequestModel
+from guard.normalise import ShownText
 from guard.placeholders import ENTITY_TYPE, document_placeholder
 
 GROUP_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
@@ -58,17 +59,18 @@ class ListedStatus(StrEnum):
 
 
 class DocumentSummaryOut(BaseModel):
-    """A document as a listing shows it: metadata only, never content."""
+    """A document as a listing shows it: metadata only, never content. Text a person or a file chose (`ShownText`)
+    is shown without the text hidden in it."""
 
     document_id: str
     department: str
-    title: str
+    title: ShownText
     content_type: str
     size_bytes: int
     classification: str
     acl_groups: list[str]
     status: str
-    error: str | None
+    error: ShownText | None
     chunk_count: int
     parent_id: str | None  # the e-mail this attachment came from
     created_at: datetime
@@ -79,9 +81,9 @@ class DocumentStatusOut(DocumentSummaryOut):
     """A document's status as GET /v1/documents/{id} shows it: the listing's fields and the classifier's findings."""
 
     declared_classification: str | None = None
-    classification_reasons: list[str] = Field(default_factory=list)
+    classification_reasons: list[ShownText] = Field(default_factory=list)
     flagged_chunks: int = 0
-    review_reason: str | None = None
+    review_reason: ShownText | None = None
     attachment_ids: list[str] = Field(default_factory=list)  # an e-mail's attachments, as child documents
 
 
@@ -97,7 +99,7 @@ class JobStatusOut(BaseModel):
     job_id: str
     document_id: str
     status: str
-    error: str | None
+    error: ShownText | None
     attempts: int
     created_at: datetime
     updated_at: datetime
@@ -148,12 +150,12 @@ class QuarantinedOut(BaseModel):
 
     document_id: str
     department: str
-    title: str
+    title: ShownText
     classification: str
     declared_classification: str | None
-    reasons: list[str]
+    reasons: list[ShownText]
     flagged_chunks: int
-    review_reason: str | None
+    review_reason: ShownText | None
     uploaded_by: str
     created_at: datetime
 
@@ -195,4 +197,4 @@ class RevealIn(RequestModel):
 
 class RevealOut(BaseModel):
     document_id: str
-    values: dict[str, str]  # each placeholder as sent → original; those the document does not hold are left out
+    values: dict[str, ShownText]  # each placeholder as sent → original; those the document does not hold are left out

@@ -15,7 +15,7 @@ from core import metrics
 from core.settings import Settings
 from guard import controls
 from guard.injection import get_scanner
-from guard.normalise import without_tags
+from guard.normalise import without_hidden
 from guard.output import OutputVerdict, check_output
 from guard.schemas import KillMode
 from retrieval import prompting
@@ -104,12 +104,11 @@ def respond(*, session: Session, settings: Settings, question: str, chunks: Sequ
         result.verdicts["model"] = {"called": False, "reason": "no_authorised_relevant_content"}
     if not result.response.refused and "output" not in result.verdicts:
         _guard_output(session, settings, chunks, departments, result)
-    # What leaves carries no tag characters: invisible to the person asking, their text (a document's, a model's)
-    # is read by any model the client passes the answer to.
-    answer = without_tags(prompting.qualify_placeholders(result.response.answer, [c.document_id for c in chunks]))
-    citations = [c.model_copy(update={"title": without_tags(c.title), "snippet": without_tags(c.snippet)})
-                 for c in result.response.citations]
-    result.response = result.response.model_copy(update={"answer": answer, "citations": citations})
+    # What leaves carries no hidden text (tag characters, variation-selector runs): invisible to the person asking,
+    # their text (a document's, a model's) is read by any model the client passes the answer to. Citations' titles
+    # and snippets are `ShownText`; the answer, replaced after it was built, is stripped here.
+    answer = without_hidden(prompting.qualify_placeholders(result.response.answer, [c.document_id for c in chunks]))
+    result.response = result.response.model_copy(update={"answer": answer})
     return result
 
 

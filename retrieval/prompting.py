@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from guard.normalise import strip_invisible, without_tags
+from guard.normalise import strip_invisible, without_hidden
 from guard.placeholders import qualify
 from retrieval.answer import UNSPACED, content_terms, split_sentences
 
@@ -136,8 +136,8 @@ def _escape(text: str) -> str:
 def title_as_shown(value: str) -> str:
     """A title as the prompt shows it: one line (every line break and separator a space) that can close neither its
     attribute nor its tag (quotes and angle brackets replaced, also where a compatibility form reads as one), without
-    the text hidden in tag characters."""
-    return "".join(_attribute_safe(ch) for ch in " ".join(without_tags(value).split()))
+    the text hidden in tag characters or variation selectors (`without_hidden`)."""
+    return "".join(_attribute_safe(ch) for ch in " ".join(without_hidden(value).split()))
 
 
 def _attribute_safe(ch: str) -> str:
@@ -148,15 +148,15 @@ def _attribute_safe(ch: str) -> str:
 def build_prompt(question: str, chunks: list[PromptChunk], canaries: dict[str, str], *, budget_tokens: int,
                  count_tokens: Callable[[str], int]) -> Prompt:
     """System rules (+ hidden canaries), then as many top chunks as fit the budget, then the question. Text hidden in
-    Unicode tag characters (invisible, but a model reads what they spell) is left out of the question, titles and
-    chunks: the model reads only what a person sees."""
+    Unicode tag characters or runs of variation selectors (invisible, but a model reads what they spell:
+    `without_hidden`) is left out of the question, titles and chunks: the model reads only what a person sees."""
     hidden = "\n".join(HIDDEN_MARKER.format(department=d, canary=c) for d, c in sorted(canaries.items()))
     system = f"{SYSTEM_PROMPT}\n{hidden}" if hidden else SYSTEM_PROMPT
-    question = without_tags(question)
+    question = without_hidden(question)
     remaining = budget_tokens - count_tokens(system) - count_tokens(QUESTION.format(sources="", question=question))
     sources, given = [], {}
     for chunk in chunks:
-        text = without_tags(chunk.text)
+        text = without_hidden(chunk.text)
         source = SOURCE.format(n=chunk.n, title=title_as_shown(chunk.title), text=_escape(text))
         cost = count_tokens(source) + 2
         if cost > remaining:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field, field_validator
 
 from core.text import DepartmentName, RequestModel
-from guard.normalise import strip_invisible
+from guard.normalise import ShownText, strip_invisible
 
 
 class QueryRequest(RequestModel):
@@ -32,9 +32,9 @@ class Citation(BaseModel):
     n: int
     document_id: str
     chunk_id: str
-    title: str
+    title: ShownText
     department: str
-    snippet: str
+    snippet: ShownText
     score: float
 
 

@@ -6,6 +6,7 @@ The model server is the one thing outside the boundary: a small OpenAI-compatibl
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
@@ -144,6 +145,22 @@ def test_a_compromised_model_cannot_exfiltrate_another_departments_canary(client
     assert event.decision == "withheld" and event.model_backend == "openai" and event.model_id == "stub"
     assert "g5legal" in event.guard_verdicts["output"]["canary_departments"]
     assert legal_canary.group(1) not in json.dumps(event.guard_verdicts)
+
+
+def test_a_canary_leaked_in_url_safe_base64_is_withheld(client: TestClient, world: dict, settings: Any,
+                                                         model_backend: StubModel) -> None:
+    """URL-safe base64 (`-` and `_` for `+` and `/`) was not decoded: a model that wrote every marker so (a dash
+    after each, ending its run where plain base64 could not decode it) took another department's canary out."""
+    def url_safe(messages: list[dict[str, str]]) -> str:
+        markers = re.findall(r"CNRY-[0-9a-f]+", messages[0]["content"])
+        encoded = [base64.urlsafe_b64encode(f"{marker}?\u2014".encode()).decode() for marker in markers]
+        return f"Markers: {' '.join(encoded)} [1]"
+
+    model_backend.reply = url_safe
+    body = _ask(client, world["tokens"]["sam"], "What does the sales handbook say about the quarterly target?")
+    assert body["refused"] and body["reason"] == "output_withheld" and body["citations"] == [], body
+    event = _event(settings, body["request_id"])
+    assert event.decision == "withheld" and "g5legal" in event.guard_verdicts["output"]["canary_departments"]
 
 
 def test_a_canary_another_replica_minted_moments_ago_is_checked(settings: Any, stub: StubModel) -> None:
