@@ -12,9 +12,15 @@ from typing import Annotated
 
 from pydantic import AfterValidator
 
-# Characters that render as nothing (or as a space) and are used to split trigger words.
-_INVISIBLE = re.compile("[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
-                        "\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\U000e0000-\U000e007f\U000e0100-\U000e01ef]")
+from core.text import VARIATION_SELECTORS
+
+# Characters that render as nothing (or as a space) and are used to split trigger words: these, Unicode tag
+# characters and variation selectors (`_TAGS`, `_SELECTORS`, below).
+_ZERO_WIDTH = ("\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164"
+               "\ufeff\uffa0")
+_TAGS = "\U000e0000-\U000e007f"
+_SELECTORS = VARIATION_SELECTORS
+_INVISIBLE = re.compile(f"[{_ZERO_WIDTH}{_TAGS}{_SELECTORS}]")
 # Latin look-alikes from Cyrillic, Greek, Armenian, Cherokee and others that NFKC leaves alone.
 _LOOK_ALIKES = {
     "а": "a", "в": "b", "е": "e", "ё": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p", "с": "c", "т": "t",
@@ -66,18 +72,26 @@ _COMMON = frozenset("the and you are to of a is in that it for your all this wit
 MAX_DECODED = 4
 # Unicode tag characters (U+E0000-U+E007F) render as nothing; from U+E0020 to U+E007E they mirror printable ASCII
 # (U+E0041 is a hidden `A`), and a model reads the text they spell ("ASCII smuggling"): stripped as invisible, that
-# text went to the model unjudged.
-_TAG_CHARACTERS = re.compile("[\U000e0000-\U000e007f]+")
-_TAG_RUN = re.compile("[\U000e0020-\U000e007e]+")
+# text went to the model unjudged. A run is read across the other invisible characters between its tags (a zero-width
+# space after each tag hides the text no less).
+_TAG_CHARACTERS = re.compile(f"[{_TAGS}]+")
+_TAG_LETTER = re.compile("[\U000e0020-\U000e007e]")
+_TAG_RUN = re.compile(f"{_TAG_LETTER.pattern}(?:[{_ZERO_WIDTH}{_SELECTORS}]*{_TAG_LETTER.pattern})*")
 # Variation selectors (VS1-VS16, U+FE00-U+FE0F, and VS17-VS256, U+E0100-U+E01EF) render as nothing; each may stand
-# for one byte (VS1-VS16 the bytes 0-15, VS17-VS256 the bytes 16-255), and a run of them after a visible character
-# hides a whole text a model can be told to decode ("emoji smuggling"). A variation sequence is one character and ONE
+# for one byte (VS1-VS16 the bytes 0-15, VS17-VS256 the bytes 16-255), and selectors after a visible character hide
+# a whole text a model can be told to decode ("emoji smuggling"). A variation sequence is one character and ONE
 # selector (U+2764 U+FE0F is the red heart emoji, an ideograph with one of VS17-VS256 a registered glyph variant):
-# two or more in a row select nothing, so a run of two or more is a hidden payload and a single selector is left be.
-_SELECTORS = "\ufe00-\ufe0f\U000e0100-\U000e01ef"
-_SELECTOR_RUN = re.compile(f"[{_SELECTORS}]{{2,}}")
-# What `without_hidden` removes: every tag character, and every run of two or more variation selectors.
-_HIDDEN = re.compile(f"{_TAG_CHARACTERS.pattern}|{_SELECTOR_RUN.pattern}")
+# a single selector is left be, but one that selects nothing is hidden text: one that follows another, with nothing
+# or only invisible characters between them (a zero-width space or a tag character between hides no less), and one of
+# VS17-VS256 after anything but a CJK unified ideograph (the only characters they select a glyph of, in Unicode's
+# Ideographic Variation Database): after every letter of a visible sentence, those hide one byte a letter, and every
+# byte of UTF-8 text is one of them (16-255).
+_IDEOGRAPHS = "\u3400-\u4dbf\u4e00-\u9fff\U00020000-\U0003ffff"
+_SELECTOR = re.compile(f"[{_SELECTORS}]")
+_HIDDEN_SELECTORS = re.compile(f"[{_SELECTORS}](?:[{_ZERO_WIDTH}{_TAGS}]*[{_SELECTORS}])+"
+                               f"|(?<![{_IDEOGRAPHS}])[\U000e0100-\U000e01ef]")
+# What `without_hidden` removes: every tag character, and every variation selector that selects nothing.
+_HIDDEN = re.compile(f"{_HIDDEN_SELECTORS.pattern}|{_TAG_CHARACTERS.pattern}")
 
 
 def has_invisible(text: str) -> bool:
@@ -158,18 +172,17 @@ def _selector_byte(ch: str) -> int:
 
 def hidden_texts(text: str) -> list[str]:
     """The texts hidden in `text` that render as nothing but a model reads: the ASCII spelled in Unicode tag
-    characters, one per run, then the UTF-8 spelled in variation selectors, one per run of two or more
-    (`_SELECTOR_RUN`; bytes that are not UTF-8 read as U+FFFD)."""
-    tagged = ["".join(chr(ord(ch) - 0xE0000) for ch in run) for run in _TAG_RUN.findall(text)]
-    selected = [bytes(map(_selector_byte, run)).decode("utf-8", errors="replace")
-                for run in _SELECTOR_RUN.findall(text)]
-    return tagged + selected
+    characters, one per run (`_TAG_RUN`), then the UTF-8 spelled in the variation selectors that select nothing
+    (`_HIDDEN_SELECTORS`), all of them as one text, in order (bytes that are not UTF-8 read as U+FFFD)."""
+    tagged = ["".join(chr(ord(ch) - 0xE0000) for ch in _TAG_LETTER.findall(run)) for run in _TAG_RUN.findall(text)]
+    selected = _SELECTOR.findall("".join(_HIDDEN_SELECTORS.findall(text)))
+    return tagged + ([bytes(map(_selector_byte, selected)).decode("utf-8", errors="replace")] if selected else [])
 
 
 def without_hidden(text: str) -> str:
-    """`text` without what `hidden_texts` reads: every Unicode tag character and every run of two or more variation
-    selectors. What a reader sees, all a model is given to read, and all a response carries; a single variation
-    selector (the one in U+2764 U+FE0F, the red heart emoji) stays."""
+    """`text` without what `hidden_texts` reads: every Unicode tag character and every variation selector that selects
+    nothing (`_HIDDEN_SELECTORS`). What a reader sees, all a model is given to read, and all a response carries; a
+    variation sequence (U+2764 U+FE0F, the red heart emoji; an ideograph and its glyph's selector) stays."""
     return _HIDDEN.sub("", text)
 
 

@@ -36,12 +36,13 @@ HIDING = pytest.mark.parametrize("hidden", [HIDDEN, SELECTED], ids=["tag charact
 # What may never reach a client: any tag character, any run of two or more variation selectors.
 _HIDDEN_TEXT = re.compile("[\U000e0000-\U000e007f]|[\ufe00-\ufe0f\U000e0100-\U000e01ef]{2}")
 
+PAYROLL = b"Payroll export. Social security number 536-22-8741 for the March run."  # held for review under internal
+SMALL_CAPITALS = dict(zip("abcdefghijklmnopqrstuvwxyz", "ᴀʙᴄᴅᴇꜰɢʜɪᴊᴋʟᴍɴᴏᴘǫʀsᴛᴜᴠᴡxʏᴢ", strict=True))
+
 
 def _seen(hidden: str) -> str:
     """What a reader sees of `hidden`: nothing, or the emoji the variation selectors follow."""
     return SELECTED[0] if hidden is SELECTED else ""
-PAYROLL = b"Payroll export. Social security number 536-22-8741 for the March run."  # held for review under internal
-SMALL_CAPITALS = dict(zip("abcdefghijklmnopqrstuvwxyz", "ᴀʙᴄᴅᴇꜰɢʜɪᴊᴋʟᴍɴᴏᴘǫʀsᴛᴜᴠᴡxʏᴢ", strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +201,7 @@ def test_a_document_cannot_close_its_source_delimiter_with_an_invisible_characte
 
 
 @HIDING
-def test_text_hidden_in_tag_characters_never_reaches_the_model(
+def test_hidden_text_never_reaches_the_model(
         client: TestClient, issue_token: Callable[..., str], model: StubModel, hidden: str) -> None:
     """Tag characters (U+E0020-U+E007E) spell ASCII that renders as nothing but a model reads ("ASCII smuggling"),
     and so do variation selectors, a byte each ("emoji smuggling"). The firewall and the scanner judge what they
@@ -214,7 +215,7 @@ def test_text_hidden_in_tag_characters_never_reaches_the_model(
 
 @HIDING
 @pytest.mark.parametrize("generated", [False, True], ids=["extractive answer", "generated answer"])
-def test_text_hidden_in_tag_characters_never_leaves_in_the_response(
+def test_hidden_text_never_leaves_in_the_response(
         client: TestClient, issue_token: Callable[..., str], model: StubModel, generated: bool, hidden: str) -> None:
     """The answer, snippets and titles quoted a document's (or a model's) tag characters or variation-selector runs
     to the client, whose own model would read the instruction they spell. The visible text is returned as it was
