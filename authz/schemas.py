@@ -27,7 +27,7 @@ def _printable(name: str) -> str:
     and showed in listings as the name it looks like."""
     if not token_can_carry(name):
         raise ValueError("holds a control, format or other unprintable character (a zero-width space, a direction "
-                         "mark, ...), which no token carries")
+                         "mark, a variation selector, ...), which no token carries")
     return name
 
 

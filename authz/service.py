@@ -274,7 +274,8 @@ def revoke_role(*, ctx: ChangeContext, assignment: RoleAssignmentKey) -> None:
 
 
 UNCARRIED_NAME = ("stored before such names were refused: the name holds an unprintable character (a control "
-                  "character, a zero-width space, a direction mark) no token carries, so it grants nothing; revoke it")
+                  "character, a zero-width space, a direction mark, a variation selector) no token carries, so it "
+                  "grants nothing; revoke it")
 
 
 def _uncarried(subject: str) -> str | None:

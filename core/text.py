@@ -20,6 +20,10 @@ NUL = "\x00"
 NUL_MESSAGE = "text must not contain NUL (\\u0000) characters"
 REPLACEMENT = "\ufffd"
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # LRE..RLO, LRI..PDI
+# Variation selectors, as a regular expression's character class: VS1-VS16 (U+FE00-U+FE0F) and VS17-VS256
+# (U+E0100-U+E01EF). Each renders as nothing (after a character with variants, it picks one of its glyphs), and
+# `isprintable` passes them; a run of them can hide text a model reads (`guard.normalise.hidden_texts`).
+VARIATION_SELECTORS = "\ufe00-\ufe0f\U000e0100-\U000e01ef"
 # Every character `str.splitlines` ends a line at: a reader (and a model) takes each for a line break.
 LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 

@@ -374,7 +374,8 @@ def test_a_subject_named_like_a_role_holds_no_role(client: TestClient, world: di
 
 
 @pytest.mark.parametrize("subject", ["role:reader", "group:", "group:" + "g" * 241, "system:guard", "cli:ops",
-                                     "eve(x", "group:team[a", "na\u200bdia", "bell\x07", "group:team\u202e"])
+                                     "eve(x", "group:team[a", "na\u200bdia", "bell\x07", "group:team\u202e",
+                                     "nadia\U000e0151\U000e0152", "group:team\ufe0f", "na\U000e0064dia"])
 def test_a_subject_no_token_can_carry_cannot_be_assigned(client: TestClient, world: dict[str, Any],
                                                           subject: str) -> None:
     """Assigning to "role:reader" would silently create a hierarchy link; only role-inheritance may do that. A group
@@ -389,6 +390,8 @@ def test_a_subject_no_token_can_carry_cannot_be_assigned(client: TestClient, wor
 @pytest.mark.parametrize(("path", "body"), [
     ("/v1/admin/group-mappings", {"group": "ops\u200bteam", "role": "reader"}),
     ("/v1/admin/clearances", {"subject": "na\u200bdia", "level": "restricted"}),
+    ("/v1/admin/group-mappings", {"group": "ops\U000e0151\U000e0152", "role": "reader"}),  # variation selectors
+    ("/v1/admin/clearances", {"subject": "nadia\ufe0f", "level": "restricted"}),
 ])
 def test_a_name_with_an_invisible_character_is_refused_as_no_token_carries_it(client: TestClient, world: dict[str, Any],
                                                                              path: str, body: dict[str, str]) -> None:

@@ -229,7 +229,9 @@ def test_missing_required_claim(verifier: TokenVerifier, key: SigningKey, claim:
 
 
 @pytest.mark.parametrize("subject", ["", "   ", "group:admins", "role:admin", "system:guard", "cli:root", "x" * 300,
-                                     "ali\nce"])
+                                     "ali\nce", "ali\U000e0041ce",
+                                     # variation selectors: invisible (`isprintable` passes them), one may hide a byte
+                                     "alice\ufe0f", "alice\U000e0151\U000e0152"])
 def test_invalid_subject(verifier: TokenVerifier, key: SigningKey, subject: str) -> None:
     _rejects(verifier, key.sign({"sub": subject}), "invalid subject")
 
@@ -262,7 +264,8 @@ def test_an_oversized_token_says_so(verifier: TokenVerifier, key: SigningKey) ->
              "token too large (over 16384 characters)")
 
 
-@pytest.mark.parametrize("groups", ["admins", {"admins": True}, ["ok", 7], 42, ["ok", "\ud800"], ["a\x00b"]])
+@pytest.mark.parametrize("groups", ["admins", {"admins": True}, ["ok", 7], 42, ["ok", "\ud800"], ["a\x00b"],
+                                    ["ok", "admins\ufe00\ufe01"], ["ok\U000e0100"]])
 def test_groups_claim_not_a_list_of_strings(verifier: TokenVerifier, key: SigningKey, groups: object) -> None:
     _rejects(verifier, key.sign({"groups": groups}), "invalid groups claim")
 
