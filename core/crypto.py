@@ -79,7 +79,10 @@ def parse_master_keyring(text: str) -> dict[int, bytes]:
         if not entry:
             continue
         label, _, encoded = entry.rpartition(":")
-        version = int(label.removeprefix("v")) if label else 1
+        try:
+            version = int(label.removeprefix("v")) if label else 1
+        except ValueError:  # int()'s own message would quote the label: with a wrong separator, key material
+            raise ValueError("master key entries must be 'v<N>:<base64>'") from None
         if version < 1 or version in ring:
             raise ValueError("master key versions must be distinct positive numbers")
         ring[version] = decode_master_key(encoded)

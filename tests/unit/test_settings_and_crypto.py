@@ -6,6 +6,7 @@ import base64
 import os
 import stat
 import threading
+import traceback
 from pathlib import Path
 
 import pytest
@@ -237,6 +238,21 @@ def test_a_malformed_token_fails_closed(token: str) -> None:
 def test_master_key_must_be_32_bytes() -> None:
     with pytest.raises(ValueError, match="32 bytes"):
         crypto.decode_master_key(base64.b64encode(b"short").decode())
+
+
+_KEY, _OTHER_KEY = base64.b64encode(b"k" * 32).decode(), base64.b64encode(b"j" * 32).decode()
+
+
+@pytest.mark.parametrize("text", [f"v2:{_KEY};v1:{_OTHER_KEY}", f"{_KEY}:", f"key-{_KEY}:{_OTHER_KEY}"],
+                         ids=["semicolons", "trailing-colon", "bad-label"])
+def test_a_keyring_that_does_not_parse_is_refused_without_quoting_it(text: str) -> None:
+    """An entry whose version label was not a number (a wrong separator, a stray colon) was refused with int()'s
+    message, which quotes the label: the keys in it, on the terminal of a command that read a key file changed under
+    it. The refusal now says what an entry must be, and nothing it was given, chained errors included."""
+    with pytest.raises(ValueError, match="v<N>:<base64>") as refused:
+        crypto.parse_master_keyring(text)
+    shown = "".join(traceback.format_exception(refused.value))
+    assert _KEY not in shown and _OTHER_KEY not in shown and _KEY[:16] not in shown
 
 
 def test_a_worker_ingests_one_document_per_core_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
