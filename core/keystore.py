@@ -43,6 +43,11 @@ _CHECKPOINT_HKDF_INFO = b"govrag audit checkpoint v1"
 _MASTER_LOCK = "keys:master"  # shared: wrapping under the newest master version; exclusive: finding rows to rewrap
 
 
+class DocumentKeyUnreadable(crypto.DecryptionError):
+    """A document's key row does not open under its department key, which opened (the row altered in the database):
+    that document alone is unreadable, not its department."""
+
+
 class KeyStore:
     """Creates, unwraps and destroys keys; caches unwrapped document keys in memory."""
 
@@ -119,12 +124,18 @@ class KeyStore:
     def _unwrap_document(self, session: Session, department: str, row: WrappedKey) -> bytes:
         """Open a document key row with the department key version that wrapped it."""
         parent = self.department_key(session=session, department=department, version=row.parent_version)
-        return crypto.open_sealed(parent, row.wrapped, _context("document", row.owner, row.version))
+        try:
+            return crypto.open_sealed(parent, row.wrapped, _context("document", row.owner, row.version))
+        except crypto.DecryptionError as exc:
+            raise DocumentKeyUnreadable("document key row failed authentication") from exc
 
     # --- rotation: new department key, document keys rewrapped (data keys unchanged: nothing re-encrypted) ---
 
     def begin_rotation(self, *, session: Session, department: str) -> int:
-        """Add a new department key version; documents stay readable through their old wrapping."""
+        """Add a new department key version; documents stay readable through their old wrapping. A lock of its own
+        (uploads do not wait for it), held before the newest version is read, makes a rotation begun meanwhile wait,
+        then add the version after this one (both read the same newest version, and one failed adding it again)."""
+        transaction_lock(session, f"keys:rotation:{department}")
         current = _latest(session, "department", department)
         if current is None:
             raise LookupError("department has no key")
@@ -141,6 +152,8 @@ class KeyStore:
         then found gone) and holds off those arriving until this transaction ends (they then delete the new rows too).
         """
         transaction_lock(session, _department_lock(department))
+        if _version(session, "department", department, version) is None:
+            return 0  # retired by a rotation begun after this one that finished first: every key is under a newer one
         parent = self.department_key(session=session, department=department, version=version)
         done = 0
         for document_id in document_ids:

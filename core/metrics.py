@@ -23,8 +23,8 @@ SELF_GRANTS_REFUSED = Counter(
     ["department"], registry=REGISTRY)
 SERVED_KEYS_MISSING = Counter(
     "govrag_served_keys_missing_total",
-    "ALERT: hits of served documents whose data key is missing (a key store restored from an older backup): their"
-    " chunks are left out of answers until the documents are uploaded again",
+    "ALERT: hits of served documents whose data key is missing (a key store restored from an older backup) or does"
+    " not open (its key row altered): their chunks are left out of answers until the documents are uploaded again",
     ["department"], registry=REGISTRY)
 AUDIT_WRITE_FAILURES = Counter("govrag_audit_write_failures_total", "ALERT: audit events that could not be written",
                                registry=REGISTRY)

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from core import blobs, crypto, metrics
 from core.db import unit_of_work
 from core.errors import ErrorCode, GovragError, Unavailable, loading, unavailable_dependency
-from core.keystore import keystore_for
+from core.keystore import DocumentKeyUnreadable, keystore_for
 from core.models import MAX_CRASHED_RUNS, RETIRED, UNFINISHED, Document, DocumentStatus, IngestionJob
 from core.settings import Settings
 from core.text import printable_name
@@ -54,6 +54,7 @@ ATTACHMENT_FAILED = "the attachment could not be taken (an internal error)"
 CRASHED_TOO_OFTEN = f"ingestion stopped: the worker died {MAX_CRASHED_RUNS} times while processing this document"
 ATTACHMENTS_UNLISTED = "the e-mail's attachments could not be read (an internal error); none was ingested"
 KEY_MISSING = "the document's data key is missing: upload it again"
+KEY_UNREADABLE = "the document's data key does not open under its department key: upload it again"
 ORIGINAL_UNREADABLE = "the document's stored original is missing or does not open under its key: upload it again"
 SERVED_MAP_UNREADABLE = "the document's placeholder map does not open under its key: upload it again"
 MAP_UNREADABLE = ("the document's placeholder map does not open under its key, so its placeholders cannot be numbered "
@@ -378,14 +379,19 @@ def _claim(session: Session, settings: Settings, document: Document,
     was not retired (a key store restored from an older backup: no retry brings the key back, and its job would stay
     `queued` for ever; nothing of it is served then, not even the index a re-index with `serve_previous` kept, which
     no longer opens), or it has crashed its worker too often (a file that kills the parser must not take the
-    worker, or the embedded default's API, down again at every redelivery). The document's row is locked before its
-    job's, as a run's end and a re-index do: the other order let a claim and a re-index of one document deadlock on
-    PostgreSQL."""
-    key = keystore_for(settings).document_key(session=session, department=document.department,
-                                              document_id=document.id)
+    worker, or the embedded default's API, down again at every redelivery). A key row that no longer opens (altered
+    in the database) is as lost as a missing one: failed at once, not retried. The document's row is locked before
+    its job's, as a run's end and a re-index do: the other order let a claim and a re-index of one document deadlock
+    on PostgreSQL."""
+    try:
+        key = keystore_for(settings).document_key(session=session, department=document.department,
+                                                  document_id=document.id)
+        lost = KEY_MISSING if key is None else None
+    except DocumentKeyUnreadable:
+        key, lost = None, KEY_UNREADABLE
     after_a_crash = job.status == DocumentStatus.processing  # the run before neither ended nor handed the job back
     crashed_too_often = job.crashed_runs + after_a_crash >= MAX_CRASHED_RUNS
-    failure = KEY_MISSING if key is None else CRASHED_TOO_OFTEN if crashed_too_often else None
+    failure = lost or (CRASHED_TOO_OFTEN if crashed_too_often else None)
     moved = repository.set_status(session, document_id=document.id, job_id=job.id,
                                   status=DocumentStatus.processing if failure is None else DocumentStatus.failed,
                                   error=failure, index_lost=key is None)  # a retirement meanwhile wins: not moved
@@ -394,7 +400,8 @@ def _claim(session: Session, settings: Settings, document: Document,
         return None
     if key is None or failure is not None:
         logger.warning("ingestion of document %s failed as it was claimed: %s", document.id,
-                       "its data key is missing" if key is None else f"its runs crashed {MAX_CRASHED_RUNS} times")
+                       "its data key is missing or does not open" if key is None
+                       else f"its runs crashed {MAX_CRASHED_RUNS} times")
         return _index_state(session, document.id, job.id)
     generation = repository.claim_generation(session, document.id)
     rules = quarantine.rules_for(session=session, department=document.department)

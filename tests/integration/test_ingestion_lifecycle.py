@@ -583,15 +583,18 @@ def test_a_failed_document_uploaded_again_is_not_reindexed_beside_its_copy(
     assert client.get(f"/v1/documents/{document_id}", headers=auth(lab["editor"])).json()["status"] == "failed"
 
 
-@pytest.mark.parametrize("serve_previous", [False, True])
+@pytest.mark.parametrize(("damage", "serve_previous"), [("missing", False), ("missing", True), ("altered", True)])
 def test_a_document_whose_data_key_is_missing_fails_at_once(
-        client: TestClient, lab: dict[str, str], settings, serve_previous: bool) -> None:  # type: ignore[no-untyped-def]
+        client: TestClient, lab: dict[str, str], settings, damage: str,  # type: ignore[no-untyped-def]
+        serve_previous: bool) -> None:
     """A document whose key row is gone though it was neither deleted nor rejected (a key store restored from an
     older backup, a row removed by hand) was taken by its run's claim for a retired one: nothing ran and nothing
     ended it, its job `queued` for ever with no error anywhere. The claim now fails it at once, saying why. A
     re-index with `serve_previous` then left it `ready` on its previous index, which no longer opens without the
     key: served, as explain said, while queries and the training export dropped its chunks, silently. It is now
-    unserved too, and the points of that index are gone."""
+    unserved too, and the points of that index are gone. A key row altered in the database (it no longer opens under
+    the department key) failed each run's claim: retried with backoff, then failed as a generic internal error,
+    though no retry could open it. It now fails at once like a missing one, saying why."""
     from core.db import unit_of_work
     from core.keystore import keystore_for
     from ingestion import service
@@ -599,36 +602,66 @@ def test_a_document_whose_data_key_is_missing_fails_at_once(
     department, doc = _minutes(client, lab)
     document_id = str(doc["document_id"])
     with unit_of_work(settings.resolved_database_url) as session:  # the row goes; this process forgets the key too
-        keystore_for(settings).shred_document_key(session=session, document_id=document_id)
+        if damage == "missing":
+            keystore_for(settings).shred_document_key(session=session, document_id=document_id)
+        else:
+            _alter_key_row(settings, session, document_id)
+    reason = service.KEY_MISSING if damage == "missing" else service.KEY_UNREADABLE
     reindex = _reindex(client, lab, department, document_id, serve_previous=serve_previous)
     job = wait_for_job(client, lab["editor"], reindex, timeout=60)
     document = client.get(f"/v1/documents/{document_id}", headers=auth(lab["editor"])).json()
     explained = client.post("/v1/authz/explain", headers=auth(lab["admin"]),
                             json={"subject": "lena", "document_id": document_id})
-    assert (job["status"], job["error"], job["attempts"]) == ("failed", service.KEY_MISSING, 1)
-    assert (document["status"], document["error"]) == ("failed", service.KEY_MISSING)
+    assert (job["status"], job["error"], job["attempts"]) == ("failed", reason, 1)
+    assert (document["status"], document["error"]) == ("failed", reason)
     assert explained.status_code == 404 and "no such served document" in explained.text
     assert _generations(settings, department, document_id) == []  # the index the re-index withheld or kept is gone
 
 
+def _alter_key_row(settings, session, document_id: str) -> None:  # type: ignore[no-untyped-def]
+    """Flip one bit of the authentication tag of the document's key row; this process forgets the key too."""
+    from sqlalchemy import select
+
+    from core.keystore import keystore_for
+    from core.models import WrappedKey
+
+    row = session.scalars(select(WrappedKey).where(WrappedKey.kind == "document",
+                                                   WrappedKey.owner == document_id)).one()
+    row.wrapped = row.wrapped[:-1] + bytes([row.wrapped[-1] ^ 0x01])
+    keystore_for(settings)._cache.pop(("document", document_id))
+
+
+@pytest.mark.parametrize("damage", ["missing", "altered"])
 def test_a_query_finding_a_served_document_without_its_data_key_counts_it_for_an_alert(
-        client: TestClient, lab: dict[str, str], settings) -> None:  # type: ignore[no-untyped-def]
+        client: TestClient, lab: dict[str, str], settings, damage: str,  # type: ignore[no-untyped-def]
+        caplog: pytest.LogCaptureFixture) -> None:
     """A ready document whose key row is gone (a key store restored from an older backup) is caught by its next run;
     until then every query dropped its chunks without a trace. Each such hit now counts in
-    govrag_served_keys_missing_total (an alert rule), by department; the answer still leaves the chunks out."""
+    govrag_served_keys_missing_total (an alert rule), by department; the answer still leaves the chunks out. A key
+    row altered in the database (it no longer opens under the department key) failed every query that found one of
+    the document's chunks with a 500, for every reader of the department: it now counts and is left out the same
+    way, logged with the document's id only."""
     from core import metrics
     from core.db import unit_of_work
     from core.keystore import keystore_for
 
     department, doc = _minutes(client, lab)
+    document_id = str(doc["document_id"])
     with unit_of_work(settings.resolved_database_url) as session:  # the row goes; this process forgets the key too
-        keystore_for(settings).shred_document_key(session=session, document_id=str(doc["document_id"]))
+        if damage == "missing":
+            keystore_for(settings).shred_document_key(session=session, document_id=document_id)
+        else:
+            _alter_key_row(settings, session, document_id)
     sample = ("govrag_served_keys_missing_total", {"department": department})
     before = metrics.REGISTRY.get_sample_value(*sample) or 0.0
-    answer = client.post("/v1/query", headers=auth(lab["editor"]),
-                         json={"question": MINUTES_QUESTION, "departments": [department]}).json()
-    assert answer["citations"] == []
+    with caplog.at_level("WARNING", logger="retrieval.service"):
+        response = client.post("/v1/query", headers=auth(lab["editor"]),
+                               json={"question": MINUTES_QUESTION, "departments": [department]})
+    assert response.status_code == 200, response.text
+    assert response.json()["citations"] == []
     assert (metrics.REGISTRY.get_sample_value(*sample) or 0.0) > before
+    if damage == "altered":
+        assert f"the data key of document {document_id} does not open" in caplog.text
 
 
 @pytest.mark.parametrize("damage", ["missing", "altered"])
@@ -693,11 +726,7 @@ def test_erasing_content_erases_a_failed_copy_whose_original_or_key_cannot_be_re
     re-index naming it brought the erased content back; a copy whose key row did not open (tampered, a key store
     restored from elsewhere) turned the user's deletion into a 500. Every failed copy with a key row is now
     retired, neither its original nor its key read."""
-    from sqlalchemy import select
-
     from core.db import unit_of_work
-    from core.keystore import keystore_for
-    from core.models import WrappedKey
 
     department, document_id = _failed_by_a_reindex(client, lab, monkeypatch)
     copy = _ingest(client, lab["editor"], department, "minutes-again.txt", MINUTES)
@@ -706,10 +735,7 @@ def test_erasing_content_erases_a_failed_copy_whose_original_or_key_cannot_be_re
         shutil.move(original, aside)
     else:
         with unit_of_work(settings.resolved_database_url) as session:
-            row = session.scalars(select(WrappedKey).where(WrappedKey.kind == "document",
-                                                           WrappedKey.owner == document_id)).one()
-            row.wrapped = row.wrapped[:-1] + bytes([row.wrapped[-1] ^ 0x01])  # one bit of the authentication tag
-        keystore_for(settings)._cache.pop(("document", document_id))  # as in a process that never opened it
+            _alter_key_row(settings, session, document_id)  # forgotten, as in a process that never opened it
     response = client.delete(f"/v1/documents/{copy['document_id']}", headers=auth(lab["editor"]))
     if loss == "original out of reach":
         shutil.move(aside, original)  # the volume is back

@@ -514,3 +514,66 @@ def _readable_key(settings, department: str) -> bytes | None:  # type: ignore[no
     store._cache.clear()
     with unit_of_work(settings.resolved_database_url) as session:
         return store.document_key(session=session, department=department, document_id=f"{department}-doc")
+
+
+def test_two_rotations_of_a_department_begun_at_once_both_finish(
+        make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two `govrag keys rotate --department alpha` begun at once both read v1 as the newest version and both added
+    v2: one failed on the duplicate key row, in a traceback. Now the second waits for the first to add its version,
+    then adds the next one; both finish, audited, and the document key opens under the newest."""
+    from core import crypto
+    from tests.support.key_rotation import audited_department_versions, department_key_versions, two_departments
+
+    settings = two_departments(make_pg_database, tmp_path)
+    real_new_key, paused, go_on = crypto.new_key, threading.Event(), threading.Event()
+    reports: list[keys.RotationReport] = []
+    failures: list[BaseException] = []
+
+    def first_pauses() -> bytes:  # the first rotation has read the newest version, not yet added its own
+        if not paused.is_set():
+            paused.set()
+            assert go_on.wait(timeout=60)
+        return real_new_key()
+
+    def rotate() -> None:
+        try:
+            reports.extend(keys.rotate_department_keys(settings=settings, identity=ROTATOR, departments=["alpha"]))
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            failures.append(exc)
+
+    monkeypatch.setattr(crypto, "new_key", first_pauses)
+    first, second = threading.Thread(target=rotate), threading.Thread(target=rotate)
+    first.start()
+    assert paused.wait(timeout=60)
+    second.start()
+    wait_for_a_lock_wait(settings.resolved_database_url, second)  # it waits for the first (before: it finished)
+    go_on.set()
+    first.join(timeout=120)
+    second.join(timeout=120)
+    assert failures == []
+    assert sorted(report.new_version for report in reports) == [2, 3]
+    assert sorted(audited_department_versions(settings, "alpha")) == [2, 3]
+    assert department_key_versions(settings, "alpha") == [3]
+    assert _readable_key(settings, "alpha") is not None
+
+
+def test_a_rotation_overtaken_by_one_begun_after_it_finishes_with_nothing_left_to_do(
+        make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """A rotation that had added v2 was overtaken by one begun after it (v3), which finished first and retired v2:
+    the first one's next batch, or its last step, failed looking for v2 (LookupError). Now it finds every key under
+    the newer version and finishes with nothing to rewrap."""
+    from tests.support.key_rotation import department_key_versions, two_departments
+
+    settings = two_departments(make_pg_database, tmp_path)
+    store, url = keystore_for(settings), settings.resolved_database_url
+    with unit_of_work(url) as session:
+        overtaken = store.begin_rotation(session=session, department="alpha")
+    [report] = keys.rotate_department_keys(settings=settings, identity=ROTATOR, departments=["alpha"])
+    assert (overtaken, report.new_version) == (2, 3)
+    with unit_of_work(url) as session:
+        assert store.rewrap_documents(session=session, department="alpha", document_ids=["alpha-doc"],
+                                      version=overtaken) == 0
+    with unit_of_work(url) as session:
+        assert store.finish_rotation(session=session, department="alpha", version=overtaken) == 0
+    assert department_key_versions(settings, "alpha") == [3]
+    assert _readable_key(settings, "alpha") is not None
