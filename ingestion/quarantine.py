@@ -11,7 +11,7 @@ from authz import service as authz_service
 from core import blobs
 from core.db import transaction_lock
 from core.errors import ErrorCode, GovragError
-from core.keystore import keystore_for
+from core.keystore import DocumentKeyUnreadable, keystore_for
 from core.models import UNFINISHED, Document, DocumentStatus, IngestionPolicy
 from core.settings import Settings
 from guard.pii_rules import CustomRecognizer, RedactionRules, validate_custom
@@ -211,10 +211,14 @@ def _queue_failed(session: Session, settings: Settings, document: Document, with
 def _original_kept(session: Session, settings: Settings, document: Document) -> bool:
     """Whether the document kept what a run reads: its data key (kept until it is deleted or rejected) and its sealed
     upload. A re-index leaves one without either failed with its reason: its run would fail at once on it (the claim
-    on a missing key, the read of the original on a missing file; ingestion/service.py). Whether the original opens
-    under the key is the run's to find (it fails at once too), not read here for each failed document."""
-    key = keystore_for(settings).document_key(session=session, department=document.department,
-                                              document_id=document.id)
+    on a missing key or one whose row no longer opens, the read of the original on a missing file;
+    ingestion/service.py). Whether the original opens under the key is the run's to find (it fails at once too), not
+    read here for each failed document."""
+    try:
+        key = keystore_for(settings).document_key(session=session, department=document.department,
+                                                  document_id=document.id)
+    except DocumentKeyUnreadable:  # as lost as a missing one; the run that failed it said why
+        return False
     return key is not None and blobs.has_original(settings.blob_dir, document.id)
 
 

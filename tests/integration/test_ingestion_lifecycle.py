@@ -594,7 +594,8 @@ def test_a_document_whose_data_key_is_missing_fails_at_once(
     key: served, as explain said, while queries and the training export dropped its chunks, silently. It is now
     unserved too, and the points of that index are gone. A key row altered in the database (it no longer opens under
     the department key) failed each run's claim: retried with backoff, then failed as a generic internal error,
-    though no retry could open it. It now fails at once like a missing one, saying why."""
+    though no retry could open it. It now fails at once like a missing one, saying why; a re-index naming it then
+    skips it, as one without its key (an altered one made that re-index, of every document named, a 500)."""
     from core.db import unit_of_work
     from core.keystore import keystore_for
     from ingestion import service
@@ -616,19 +617,22 @@ def test_a_document_whose_data_key_is_missing_fails_at_once(
     assert (document["status"], document["error"]) == ("failed", reason)
     assert explained.status_code == 404 and "no such served document" in explained.text
     assert _generations(settings, department, document_id) == []  # the index the re-index withheld or kept is gone
+    named = client.post("/v1/admin/reindex", headers=auth(lab["admin"]),
+                        json={"department": department, "document_ids": [document_id]})
+    assert named.status_code == 202 and named.json() == {"queued": [], "skipped": [document_id]}, named.text
 
 
-def _alter_key_row(settings, session, document_id: str) -> None:  # type: ignore[no-untyped-def]
-    """Flip one bit of the authentication tag of the document's key row; this process forgets the key too."""
+def _alter_key_row(settings, session, owner: str, kind: str = "document") -> None:  # type: ignore[no-untyped-def]
+    """Flip one bit of the authentication tag of a document's (or a department's) key row; this process forgets the
+    keys it opened too, as one that never opened them."""
     from sqlalchemy import select
 
     from core.keystore import keystore_for
     from core.models import WrappedKey
 
-    row = session.scalars(select(WrappedKey).where(WrappedKey.kind == "document",
-                                                   WrappedKey.owner == document_id)).one()
+    row = session.scalars(select(WrappedKey).where(WrappedKey.kind == kind, WrappedKey.owner == owner)).one()
     row.wrapped = row.wrapped[:-1] + bytes([row.wrapped[-1] ^ 0x01])
-    keystore_for(settings)._cache.pop(("document", document_id))
+    keystore_for(settings)._cache.clear()
 
 
 @pytest.mark.parametrize("damage", ["missing", "altered"])
@@ -662,6 +666,28 @@ def test_a_query_finding_a_served_document_without_its_data_key_counts_it_for_an
     assert (metrics.REGISTRY.get_sample_value(*sample) or 0.0) > before
     if damage == "altered":
         assert f"the data key of document {document_id} does not open" in caplog.text
+
+
+def test_a_query_finding_a_document_whose_department_key_does_not_open_fails(
+        client: TestClient, lab: dict[str, str], settings,  # type: ignore[no-untyped-def]
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A document key row that does not open costs that document only (above); a department key that does not open
+    under the master key (its row altered, or the wrong master key) is not one document's damage: a query finding
+    the department's chunks still fails, and is not counted as a document's lost key."""
+    from core import metrics
+    from core.db import unit_of_work
+
+    department, _ = _minutes(client, lab)
+    with unit_of_work(settings.resolved_database_url) as session:
+        _alter_key_row(settings, session, department, kind="department")
+    sample = ("govrag_served_keys_missing_total", {"department": department})
+    before = metrics.REGISTRY.get_sample_value(*sample) or 0.0
+    with caplog.at_level("ERROR", logger="api.errors"):
+        response = client.post("/v1/query", headers=auth(lab["editor"]),
+                               json={"question": MINUTES_QUESTION, "departments": [department]})
+    assert response.status_code == 500 and response.json()["error"]["code"] == "internal", response.text
+    assert (metrics.REGISTRY.get_sample_value(*sample) or 0.0) == before
+    assert "unhandled DecryptionError" in caplog.text
 
 
 @pytest.mark.parametrize("damage", ["missing", "altered"])
