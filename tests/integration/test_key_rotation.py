@@ -516,15 +516,18 @@ def _readable_key(settings, department: str) -> bytes | None:  # type: ignore[no
         return store.document_key(session=session, department=department, document_id=f"{department}-doc")
 
 
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
 def test_two_rotations_of_a_department_begun_at_once_both_finish(
-        make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
     """Two `govrag keys rotate --department alpha` begun at once both read v1 as the newest version and both added
-    v2: one failed on the duplicate key row, in a traceback. Now the second waits for the first to add its version,
-    then adds the next one; both finish, audited, and the document key opens under the newest."""
+    v2: one failed on the duplicate key row, in a traceback. Now the second waits for the first to add its version
+    (an advisory lock on PostgreSQL, a name lock on SQLite), then adds the next one; both finish, audited, and the
+    document key opens under the newest."""
     from core import crypto
     from tests.support.key_rotation import audited_department_versions, department_key_versions, two_departments
 
-    settings = two_departments(make_pg_database, tmp_path)
+    database = make_pg_database if backend == "postgresql" else lambda: f"sqlite:///{tmp_path / 'govrag.db'}"
+    settings = two_departments(database, tmp_path)
     real_new_key, paused, go_on = crypto.new_key, threading.Event(), threading.Event()
     reports: list[keys.RotationReport] = []
     failures: list[BaseException] = []
@@ -546,10 +549,11 @@ def test_two_rotations_of_a_department_begun_at_once_both_finish(
     first.start()
     assert paused.wait(timeout=60)
     second.start()
-    wait_for_a_lock_wait(settings.resolved_database_url, second)  # it waits for the first (before: it finished)
+    waited_for = wait_for_a_lock_wait(settings.resolved_database_url, second)  # before: it finished, not waiting
     go_on.set()
     first.join(timeout=120)
     second.join(timeout=120)
+    assert waited_for == ("advisory" if backend == "postgresql" else "keys:rotation:alpha")
     assert failures == []
     assert sorted(report.new_version for report in reports) == [2, 3]
     assert sorted(audited_department_versions(settings, "alpha")) == [2, 3]

@@ -16,8 +16,8 @@ DEPARTMENTS = ("alpha", "beta")  # rotated in this order (`list_departments` sor
 
 
 def two_departments(make_pg_database: Callable[[], str], tmp_path: Path) -> Settings:
-    """A migrated PostgreSQL database of its own (it may be cut off), a key file in `tmp_path`, departments alpha
-    and beta with one document (and its key) each."""
+    """A migrated database of its own (PostgreSQL, which a test may cut off; or the SQLite URL `make_pg_database`
+    returns), a key file in `tmp_path`, departments alpha and beta with one document (and its key) each."""
     from authz import service as authz_service
     from core import migrate
     from core.keystore import keystore_for
