@@ -2,18 +2,17 @@
 HTML. Run here, not through unstructured's own pypandoc call, which waits for pandoc with no limit: at the parse time
 limit (SIGALRM in a Celery prefork child) pandoc ran on, alone with the document, for minutes and with a heap that
 grew with it. Each conversion is sandboxed (no file or network access beyond its input), its heap capped, and killed
-with every process of its session at the time limit (`legacy_office.run_to_the_end`)."""
+with every process of its session at the time limit or when the process that started it dies (`ingestion.sandbox`)."""
 
 from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import ErrorCode, GovragError
-from ingestion import legacy_office, sniff
+from ingestion import sandbox, sniff
 
 HEAP_LIMIT_MB = 1024  # pandoc's documented guard for untrusted input (+RTS -M); a 5 MB ODT took 600 MB and counting
 _HEAP_EXHAUSTED = 251  # the exit status of a Haskell program out of heap (GHC's EXIT_HEAPOVERFLOW)
@@ -43,22 +42,18 @@ def convert(data: bytes, content_type: str, timeout_seconds: float) -> tuple[byt
         raise GovragError(ErrorCode.unsupported_type, f"converting the {source_format.name} file needs pandoc (the "
                                                       "pypandoc-binary package), which this deployment does not "
                                                       "have") from None
-    with tempfile.TemporaryDirectory(prefix="govrag-pandoc-") as work:
-        source, output = Path(work) / f"upload.{source_format.reader}", Path(work) / f"out.{source_format.writer}"
-        source.write_bytes(data)
-        status = legacy_office.run_to_the_end(
-            [pandoc, "--sandbox", f"--from={source_format.reader}", f"--to={source_format.writer}", str(source),
-             f"--output={output}", "+RTS", f"-M{HEAP_LIMIT_MB}m", "-RTS"], timeout_seconds)
-        if status is None:
-            raise GovragError(ErrorCode.invalid_request, f"converting the {source_format.name} file took longer "
-                                                         f"than the {timeout_seconds:g} s limit")
-        if status == _HEAP_EXHAUSTED:
-            raise GovragError(ErrorCode.payload_too_large, f"converting the {source_format.name} file needs more "
-                                                           f"than {HEAP_LIMIT_MB} MB of memory")
-        if status != 0 or not output.is_file():
-            raise GovragError(ErrorCode.invalid_request,
-                              f"could not parse the {source_format.name}: the file is corrupt or malformed")
-        return output.read_bytes(), source_format.converted_type
+    conversion = sandbox.Conversion(
+        what=source_format.name, prefix="govrag-pandoc-", source=f"upload.{source_format.reader}",
+        output=f"out.{source_format.writer}",
+        corrupt=f"could not parse the {source_format.name}: the file is corrupt or malformed",
+        heap_limit_mb=HEAP_LIMIT_MB, heap_exhausted_status=_HEAP_EXHAUSTED)
+
+    def command(work: Path) -> list[str]:
+        return [pandoc, "--sandbox", f"--from={source_format.reader}", f"--to={source_format.writer}",
+                str(work / conversion.source), f"--output={work / conversion.output}", "+RTS", f"-M{HEAP_LIMIT_MB}m",
+                "-RTS"]
+
+    return sandbox.convert(conversion, data, command, timeout_seconds), source_format.converted_type
 
 
 @functools.cache

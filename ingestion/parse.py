@@ -21,7 +21,7 @@ import pikepdf
 import psutil
 
 from core.errors import ErrorCode, GovragError
-from ingestion import formats, legacy_office, pandoc, sniff
+from ingestion import formats, legacy_office, pandoc, sandbox, sniff
 
 if TYPE_CHECKING:
     from spacy.language import Language
@@ -261,6 +261,7 @@ def _ocr_pdf(data: bytes, limits: ParseLimits) -> list[Section]:
     from unstructured.partition.pdf import partition_pdf
 
     try:
+        _start_ocr_tools_in_the_sandbox()
         with _ocr_tools_ended():
             elements = run_with_timeout(lambda: partition_pdf(file=io.BytesIO(data), strategy="ocr_only",
                                                               languages=_LANGUAGES), limits.timeout_seconds)
@@ -271,6 +272,18 @@ def _ocr_pdf(data: bytes, limits: ParseLimits) -> list[Section]:
         return []
     _check_elements(elements, limits)
     return _to_sections(elements)
+
+
+@functools.cache
+def _start_ocr_tools_in_the_sandbox() -> None:
+    """pdf2image and pytesseract start the OCR tools with their own Popen: with `sandbox.ChildPopen` in its place,
+    the tools die with this process (a worker child killed at the hard time limit) and none starts for a parse
+    abandoned at its time limit."""
+    import pdf2image.pdf2image
+    import unstructured_pytesseract.pytesseract
+
+    pdf2image.pdf2image.Popen = sandbox.ChildPopen  # type: ignore[misc]
+    unstructured_pytesseract.pytesseract.subprocess = sandbox.SUBPROCESS  # type: ignore[assignment]
 
 
 # what pdf2image (pdfinfo for the page count; pdftoppm where a version renders with it) and pytesseract start
@@ -292,7 +305,7 @@ def _ocr_tools_ended() -> Iterator[None]:
         for tool in left:
             with contextlib.suppress(psutil.NoSuchProcess):
                 tool.kill()
-        psutil.wait_procs(left, timeout=legacy_office.GROUP_EXIT_WAIT_SECONDS)
+        psutil.wait_procs(left, timeout=sandbox.GROUP_EXIT_WAIT_SECONDS)
         raise
 
 
@@ -370,17 +383,20 @@ def run_with_timeout(work: Callable[[], T], seconds: float) -> T:
     """Run `work`, failing with a clear error after `seconds`.
 
     On a process's main thread (a Celery prefork child) SIGALRM interrupts the parser itself; elsewhere
-    the parser runs on a daemon thread that is abandoned on timeout, so the worker moves on either way.
+    the parser runs on a daemon thread that is abandoned on timeout, so the worker moves on either way. An abandoned
+    parser starts no program (OCR tool, converter) after the limit: it gets `sandbox.Abandoned` instead.
     """
     if seconds <= 0:
         return work()
     if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
         return _with_alarm(work, seconds)
     outcome: dict[str, object] = {}
+    cancellation = sandbox.Cancellation()
 
     def target() -> None:
         try:
-            outcome["value"] = work()
+            with sandbox.cancelled_by(cancellation):
+                outcome["value"] = work()
         except BaseException as exc:  # handed to the caller below
             outcome["error"] = exc
 
@@ -388,6 +404,7 @@ def run_with_timeout(work: Callable[[], T], seconds: float) -> T:
     thread.start()
     thread.join(seconds)
     if thread.is_alive():
+        cancellation.cancel()  # before the caller kills what it runs: the abandoned parse starts nothing after this
         raise GovragError(ErrorCode.invalid_request, _timeout_message(seconds))
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]

@@ -4,6 +4,7 @@ with that reason where it is not; a conversion that overruns the parse time limi
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -104,7 +105,7 @@ def test_a_timed_out_conversion_kills_what_soffice_started_and_leaves_no_copy(
     fake.write_text(FAKE_SOFFICE.format(pid_file=pid_file))
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
-    monkeypatch.setattr(legacy_office.tempfile, "tempdir", str(temp_dir))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp_dir))
     with pytest.raises(GovragError) as slow:
         legacy_office.convert(b"secret plaintext of the upload", sniff.APPLICATION_DOC, 0.3)
     assert "took longer than the 0.3 s limit" in slow.value.message

@@ -5,12 +5,8 @@ the format uploaded, a missing pandoc included."""
 from __future__ import annotations
 
 import contextlib
-import io
 import os
-import random
-import re
 import time
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,26 +16,7 @@ import pytest
 from core.errors import ErrorCode, GovragError
 from ingestion import pandoc, sniff
 from ingestion.parse import ParseLimits, parse_document
-
-FOLDER = Path(__file__).resolve().parents[3] / "shared" / "eval" / "enterprise_docs_ingestion"
-ODT = FOLDER / "unstructured_example_docs" / "fake.odt"
-
-
-def _long_odt(paragraphs: int = 300_000) -> bytes:
-    """fake.odt with its text replaced by many short paragraphs of digits (5 MB zipped, under the bomb ratio):
-    minutes of pandoc's time and a heap past 600 MB."""
-    seed = zipfile.ZipFile(ODT)
-    head, tail = re.split(rb"<office:text>.*</office:text>", seed.read("content.xml"), flags=re.DOTALL)
-    rng = random.Random(7)
-    body = b"".join(b"<text:p>%d %d budget line %d.</text:p>" % (rng.getrandbits(40), rng.getrandbits(40), i)
-                    for i in range(paragraphs))
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as odt:
-        for info in seed.infolist():
-            content = head + b"<office:text>" + body + b"</office:text>" + tail if info.filename == "content.xml" \
-                else seed.read(info.filename)
-            odt.writestr(info, content, zipfile.ZIP_STORED if info.filename == "mimetype" else zipfile.ZIP_DEFLATED)
-    return out.getvalue()
+from tests.support.conversion_inputs import FOLDER, ODT, long_odt
 
 
 def _pandocs_started_here() -> list[psutil.Process]:
@@ -50,7 +27,7 @@ def _pandocs_started_here() -> list[psutil.Process]:
 def test_a_conversion_past_the_time_limit_is_killed_not_left_running() -> None:
     """On a Celery prefork child (a test's main thread too), the time limit interrupted unstructured's wait for
     pandoc and left pandoc converting the document for minutes after it had failed."""
-    data = _long_odt()
+    data = long_odt()
     assert sniff.sniff_content_type(data, "minutes.odt") == sniff.APPLICATION_ODT
     with pytest.raises(GovragError) as slow:
         parse_document(data, sniff.APPLICATION_ODT, ParseLimits(timeout_seconds=1))
@@ -65,7 +42,7 @@ def test_a_conversion_past_the_time_limit_is_killed_not_left_running() -> None:
 def test_a_conversion_past_the_heap_limit_fails_with_that_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pandoc, "HEAP_LIMIT_MB", 64)
     with pytest.raises(GovragError) as large:
-        parse_document(_long_odt(), sniff.APPLICATION_ODT, ParseLimits(timeout_seconds=300))
+        parse_document(long_odt(), sniff.APPLICATION_ODT, ParseLimits(timeout_seconds=300))
     assert large.value.code is ErrorCode.payload_too_large
     assert large.value.message == "converting the ODT file needs more than 64 MB of memory"
 

@@ -33,6 +33,7 @@ from ingestion.parse import (
     narrative_unless_title_possible,
     parse_document,
 )
+from tests.support.conversion_inputs import drawing_only_pdf
 
 CANARY = "CANARY-7f3a9"
 
@@ -57,15 +58,6 @@ def _pdf(pages: list[list[str]], *, password: str | None = None) -> bytes:
         )
         pdf.pages.append(pikepdf.Page(page))
     return _save(pdf, password)
-
-
-def _drawing_only_pdf() -> bytes:
-    """Return a PDF whose only page holds vector strokes and no text layer (like a scan)."""
-    pdf = pikepdf.new()
-    content = pikepdf.Stream(pdf, b"0 0 m 300 300 l S 10 10 200 100 re f")
-    page = pikepdf.Dictionary(Type=pikepdf.Name.Page, MediaBox=[0, 0, 612, 792], Contents=pdf.make_indirect(content))
-    pdf.pages.append(pikepdf.Page(page))
-    return _save(pdf, None)
 
 
 def _save(pdf: pikepdf.Pdf, password: str | None) -> bytes:
@@ -301,7 +293,7 @@ def test_pdf_with_only_an_owner_password_is_readable() -> None:
 
 
 def test_pdf_without_text_layer_is_reported_as_scanned() -> None:
-    error = _parse_error(_drawing_only_pdf(), sniff.APPLICATION_PDF)
+    error = _parse_error(drawing_only_pdf(), sniff.APPLICATION_PDF)
     assert error.code is ErrorCode.invalid_request
     assert error.message == "the PDF has no extractable text (scanned?)"
 
@@ -331,7 +323,7 @@ def test_ocr_past_the_time_limit_leaves_no_ocr_tool_running(tool: str, on_main_t
     importlib.import_module("unstructured.partition.utils.ocr_models.tesseract_ocr")
     errors: list[GovragError] = []
     parse = threading.Thread(target=lambda: errors.append(
-        _parse_error(_drawing_only_pdf(), sniff.APPLICATION_PDF, ParseLimits(timeout_seconds=3))))
+        _parse_error(drawing_only_pdf(), sniff.APPLICATION_PDF, ParseLimits(timeout_seconds=3))))
     if on_main_thread:
         parse.run()  # here, on the main thread
     else:
@@ -343,6 +335,50 @@ def test_ocr_past_the_time_limit_leaves_no_ocr_tool_running(tool: str, on_main_t
     for process in left:
         process.kill()
     assert not left, f"{tool} still reads the document that failed"
+
+
+_TOOL_BETWEEN_PAGES = """#!{python}
+import os, pathlib, sys
+if {{"-v", "--version", "--list-langs"}} & set(sys.argv[1:]):  # what pytesseract asks before the work
+    os.execv({real!r}, [{real!r}, *sys.argv[1:]])
+runs = pathlib.Path({runs!r})
+first = not any(runs.iterdir())
+(runs / str(os.getpid())).touch()
+if first:  # page 1 waits for the test, under a name no OCR tool has: to the parse, it is between two tools
+    wait = ("import os, sys, time\\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.05)\\n"
+            "os.execv(sys.argv[2], sys.argv[2:])")
+    os.execv({python!r}, ["page-one", "-c", wait, {go!r}, {real!r}, *sys.argv[1:]])
+os.execv({real!r}, [{real!r}, *sys.argv[1:]])
+"""
+
+
+def test_ocr_abandoned_at_the_time_limit_starts_no_tool_after_it(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the in-process worker's thread the parse runs on a thread of its own, abandoned at the limit: the OCR tools
+    running then were killed, but one that fell between two tools went on to OCR page after page, each tesseract
+    started after the limit. Here the limit falls while page 1 is being read by no process named like a tool."""
+    runs, go = tmp_path / "runs", tmp_path / "go"
+    runs.mkdir()
+    fake = _TOOL_BETWEEN_PAGES.format(python=sys.executable, real=shutil.which("tesseract"), runs=str(runs), go=str(go))
+    (tmp_path / "tesseract").write_text(fake)
+    (tmp_path / "tesseract").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    parse_document(REPORT_PDF, sniff.APPLICATION_PDF)  # unstructured's PDF and OCR modules imported before the clock
+    importlib.import_module("unstructured.partition.utils.ocr_models.tesseract_ocr")
+    errors: list[GovragError] = []
+    before = set(threading.enumerate())
+    worker = threading.Thread(target=lambda: errors.append(
+        _parse_error(drawing_only_pdf(pages=3), sniff.APPLICATION_PDF, ParseLimits(timeout_seconds=3))))
+    worker.start()
+    worker.join()
+    abandoned = [thread for thread in set(threading.enumerate()) - before if thread.name == "govrag-parse"]
+    assert [error.message for error in errors] == ["parsing took longer than the 3 s limit"]
+    assert len(list(runs.iterdir())) == 1, "the limit fell before OCR"
+    go.touch()  # page 1 ends now, after the limit
+    for thread in abandoned:
+        thread.join(120)
+    assert abandoned and not any(thread.is_alive() for thread in abandoned)
+    assert len(list(runs.iterdir())) == 1, "the abandoned parse started tesseract after its time limit"
 
 
 _OCR_TOOL_HELD = """#!{python}
@@ -369,7 +405,7 @@ def test_ocr_that_ends_normally_kills_no_ocr_tool(tmp_path: Path, monkeypatch: p
     other.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     errors: list[GovragError] = []
-    ocr = threading.Thread(target=lambda: errors.append(_parse_error(_drawing_only_pdf(), sniff.APPLICATION_PDF)))
+    ocr = threading.Thread(target=lambda: errors.append(_parse_error(drawing_only_pdf(), sniff.APPLICATION_PDF)))
     ocr.start()
     tesseract = None
     try:

@@ -1,0 +1,188 @@
+"""The programs a parse runs: the converters (pandoc, LibreOffice) and the OCR tools (pdfinfo, pdftoppm, tesseract).
+Each starts in a session of its own and dies with the process that started it: a Celery prefork child killed at the
+hard time limit left pandoc or `soffice.bin` converting the document for minutes. None starts for a parse abandoned
+at its time limit (`Cancellation`). A converter runs in a private temporary directory, its whole session killed at
+the time limit and after it ends, before that directory (which holds the plaintext copy) is removed."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.errors import ErrorCode, GovragError
+
+GROUP_EXIT_WAIT_SECONDS = 2.0  # after the kill, how long to wait for a converter's (or the OCR tools') processes to go
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# A converter's session is led by this shell, told (PR_SET_PDEATHSIG) when the process that started it dies, and then
+# kills the whole session: the signal reaches one process only, and `soffice` (oosplash) killed alone left the
+# `soffice.bin` it started converting on. "$@" runs the converter's own argument vector, never parsed by the shell.
+_SESSION_LEADER = ["/bin/sh", "-c", 'trap "kill -s KILL 0" TERM; "$@" & wait $!', "govrag-converter"]
+
+
+class Abandoned(BaseException):
+    """Raised where a parse abandoned at its time limit would start a program. Not an Exception: a library's
+    `except Exception` must not carry on to the next page."""
+
+
+class Cancellation:
+    """What tells a parse running on a thread that it was abandoned at its time limit: from then on it starts no
+    program. `cancel` returns once a program being started has started, so the caller can then kill it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        """Refuse every program the parse would start from now on."""
+        with self._lock:
+            self._cancelled = True
+
+    @contextlib.contextmanager
+    def starting(self) -> Iterator[None]:
+        """Hold off `cancel` while a program starts; raise `Abandoned` once it has been called."""
+        with self._lock:
+            if self._cancelled:
+                raise Abandoned
+            yield
+
+
+_cancellation: contextvars.ContextVar[Cancellation | None] = contextvars.ContextVar("govrag_parse_cancellation",
+                                                                                    default=None)
+
+
+@contextlib.contextmanager
+def cancelled_by(cancellation: Cancellation) -> Iterator[None]:
+    """The programs started in this block (on this thread) are refused once `cancellation` is cancelled."""
+    token = _cancellation.set(cancellation)
+    try:
+        yield
+    finally:
+        _cancellation.reset(token)
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    """libc's prctl on Linux, resolved here so that a child only calls it; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl  # type: ignore[no-any-return]
+
+
+_prctl = _load_prctl()
+
+
+def _dying_with(parent: int, signum: int) -> Callable[[], None]:
+    """A child's first step (between fork and exec): be sent `signum` when its parent dies, and end at once when the
+    parent died before it asked."""
+
+    def first_step() -> None:
+        if _prctl is not None:
+            _prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return first_step
+
+
+class ChildPopen(subprocess.Popen):  # type: ignore[type-arg]
+    """subprocess.Popen for a program a parse starts: refused for a parse abandoned at its time limit, in a session
+    of its own, killed (`dies_by`) when this process dies. pdf2image and pytesseract start the OCR tools with it."""
+
+    def __init__(self, args: Any, *more: Any, dies_by: int = signal.SIGKILL, **options: Any) -> None:
+        cancellation = _cancellation.get()
+        with cancellation.starting() if cancellation is not None else contextlib.nullcontext():
+            super().__init__(args, *more, start_new_session=True,
+                             preexec_fn=_dying_with(os.getpid(), dies_by), **options)
+
+
+class _Subprocess:
+    """The subprocess module as pytesseract sees it: its Popen is `ChildPopen`."""
+
+    Popen = ChildPopen
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+
+SUBPROCESS = _Subprocess()
+
+
+def run_to_the_end(command: list[str], timeout_seconds: float) -> int | None:
+    """Run a converter in a session of its own; its exit status, or None when it ran past the limit. Whatever
+    happens (its end, the limit, the parse's own time limit interrupting the wait), every process of the session is
+    killed: `soffice` starts `soffice.bin`, which a kill of `soffice` alone would leave running."""
+    process = ChildPopen([*_SESSION_LEADER, *command], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, dies_by=signal.SIGTERM)
+    try:
+        return process.wait(timeout=timeout_seconds or None)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        _kill_session(process)
+
+
+def _kill_session(process: subprocess.Popen[bytes]) -> None:
+    """Kill every process of the session `process` leads, reap it, and wait (briefly) for the others to be gone."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:  # all of them had ended
+        return
+    process.wait()
+    deadline = time.monotonic() + GROUP_EXIT_WAIT_SECONDS
+    while time.monotonic() < deadline and _group_alive(process.pid):
+        time.sleep(0.02)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """One converter run on an upload: its files in the private directory, and how its failures name the upload."""
+
+    what: str  # the format uploaded, as a failure names it: "ODT", "Word 97-2003 (.doc)"
+    prefix: str  # of the private directory's name
+    source: str  # the upload's name in it
+    output: str  # the converted file's path in it
+    corrupt: str  # the reason where the converter made nothing
+    heap_limit_mb: int | None = None  # a capped heap, and the exit status of a converter out of it
+    heap_exhausted_status: int | None = None
+    trusts_exit_status: bool = True  # False: only a missing output fails (soffice exits 0 either way)
+
+
+def convert(conversion: Conversion, data: bytes, command: Callable[[Path], list[str]],
+            timeout_seconds: float) -> bytes:
+    """The bytes the converter `command(private directory)` makes of `data`, or a GovragError with the reason."""
+    with tempfile.TemporaryDirectory(prefix=conversion.prefix) as work:
+        folder = Path(work)
+        (folder / conversion.source).write_bytes(data)
+        status = run_to_the_end(command(folder), timeout_seconds)
+        if status is None:
+            raise GovragError(ErrorCode.invalid_request, f"converting the {conversion.what} file took longer than "
+                                                         f"the {timeout_seconds:g} s limit")
+        if conversion.heap_exhausted_status is not None and status == conversion.heap_exhausted_status:
+            raise GovragError(ErrorCode.payload_too_large, f"converting the {conversion.what} file needs more than "
+                                                           f"{conversion.heap_limit_mb} MB of memory")
+        output = folder / conversion.output
+        if (conversion.trusts_exit_status and status != 0) or not output.is_file():
+            raise GovragError(ErrorCode.invalid_request, conversion.corrupt)
+        return output.read_bytes()
