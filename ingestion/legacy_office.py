@@ -40,15 +40,16 @@ def convert(data: bytes, content_type: str, timeout_seconds: float) -> tuple[byt
         raise GovragError(ErrorCode.unsupported_type,
                           f"it is a {legacy.name} file: save it as {legacy.converted_extension.upper()}; converting "
                           "it needs LibreOffice, which this deployment does not run")
-    conversion = sandbox.Conversion(
-        what=legacy.name, prefix="govrag-soffice-", source=f"upload.{legacy.extension}",
-        output=f"out/upload.{legacy.converted_extension}",
-        corrupt=f"could not convert the {legacy.name} file: it is corrupt or malformed",
-        trusts_exit_status=False)  # soffice exits 0 whether it converted the file or not
+    conversion = sandbox.Conversion(what=legacy.name, prefix="govrag-soffice-", source=f"upload.{legacy.extension}",
+                                    output=f"out/upload.{legacy.converted_extension}")
 
     def command(work: Path) -> list[str]:
         return [soffice, "--headless", "--norestore", "--nolockcheck", "--nodefault",
                 f"-env:UserInstallation={(work / 'profile').as_uri()}", "--convert-to", legacy.converted_extension,
                 "--outdir", str(work / "out"), str(work / conversion.source)]
 
-    return sandbox.convert(conversion, data, command, timeout_seconds), legacy.converted_type
+    _, converted = sandbox.convert(conversion, data, command, timeout_seconds)  # soffice exits 0 either way
+    if converted is None:
+        raise GovragError(ErrorCode.invalid_request,
+                          f"could not convert the {legacy.name} file: it is corrupt or malformed")
+    return converted, legacy.converted_type

@@ -42,18 +42,22 @@ def convert(data: bytes, content_type: str, timeout_seconds: float) -> tuple[byt
         raise GovragError(ErrorCode.unsupported_type, f"converting the {source_format.name} file needs pandoc (the "
                                                       "pypandoc-binary package), which this deployment does not "
                                                       "have") from None
-    conversion = sandbox.Conversion(
-        what=source_format.name, prefix="govrag-pandoc-", source=f"upload.{source_format.reader}",
-        output=f"out.{source_format.writer}",
-        corrupt=f"could not parse the {source_format.name}: the file is corrupt or malformed",
-        heap_limit_mb=HEAP_LIMIT_MB, heap_exhausted_status=_HEAP_EXHAUSTED)
+    conversion = sandbox.Conversion(what=source_format.name, prefix="govrag-pandoc-",
+                                    source=f"upload.{source_format.reader}", output=f"out.{source_format.writer}")
 
     def command(work: Path) -> list[str]:
         return [pandoc, "--sandbox", f"--from={source_format.reader}", f"--to={source_format.writer}",
                 str(work / conversion.source), f"--output={work / conversion.output}", "+RTS", f"-M{HEAP_LIMIT_MB}m",
                 "-RTS"]
 
-    return sandbox.convert(conversion, data, command, timeout_seconds), source_format.converted_type
+    status, converted = sandbox.convert(conversion, data, command, timeout_seconds)
+    if status == _HEAP_EXHAUSTED:
+        raise GovragError(ErrorCode.payload_too_large, f"converting the {source_format.name} file needs more than "
+                                                       f"{HEAP_LIMIT_MB} MB of memory")
+    if status != 0 or converted is None:
+        raise GovragError(ErrorCode.invalid_request,
+                          f"could not parse the {source_format.name}: the file is corrupt or malformed")
+    return converted, source_format.converted_type
 
 
 @functools.cache

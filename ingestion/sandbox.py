@@ -76,7 +76,7 @@ def _load_prctl() -> Callable[..., int] | None:
     """libc's prctl on Linux, resolved here so that a child only calls it; None elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl = ctypes.CDLL(None).prctl
     prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
     prctl.restype = ctypes.c_int
     return prctl  # type: ignore[no-any-return]
@@ -157,21 +157,18 @@ def _group_alive(group: int) -> bool:
 
 @dataclass(frozen=True)
 class Conversion:
-    """One converter run on an upload: its files in the private directory, and how its failures name the upload."""
+    """One converter run on an upload: its files in the private directory, and what a failure calls the upload."""
 
     what: str  # the format uploaded, as a failure names it: "ODT", "Word 97-2003 (.doc)"
     prefix: str  # of the private directory's name
     source: str  # the upload's name in it
     output: str  # the converted file's path in it
-    corrupt: str  # the reason where the converter made nothing
-    heap_limit_mb: int | None = None  # a capped heap, and the exit status of a converter out of it
-    heap_exhausted_status: int | None = None
-    trusts_exit_status: bool = True  # False: only a missing output fails (soffice exits 0 either way)
 
 
 def convert(conversion: Conversion, data: bytes, command: Callable[[Path], list[str]],
-            timeout_seconds: float) -> bytes:
-    """The bytes the converter `command(private directory)` makes of `data`, or a GovragError with the reason."""
+            timeout_seconds: float) -> tuple[int, bytes | None]:
+    """The converter `command(private directory)`'s exit status and the bytes it made of `data` (None: no output), or
+    a GovragError when it ran past the limit. What a status means is the caller's to say."""
     with tempfile.TemporaryDirectory(prefix=conversion.prefix) as work:
         folder = Path(work)
         (folder / conversion.source).write_bytes(data)
@@ -179,10 +176,5 @@ def convert(conversion: Conversion, data: bytes, command: Callable[[Path], list[
         if status is None:
             raise GovragError(ErrorCode.invalid_request, f"converting the {conversion.what} file took longer than "
                                                          f"the {timeout_seconds:g} s limit")
-        if conversion.heap_exhausted_status is not None and status == conversion.heap_exhausted_status:
-            raise GovragError(ErrorCode.payload_too_large, f"converting the {conversion.what} file needs more than "
-                                                           f"{conversion.heap_limit_mb} MB of memory")
         output = folder / conversion.output
-        if (conversion.trusts_exit_status and status != 0) or not output.is_file():
-            raise GovragError(ErrorCode.invalid_request, conversion.corrupt)
-        return output.read_bytes()
+        return status, output.read_bytes() if output.is_file() else None
