@@ -384,7 +384,7 @@ def run_with_timeout(work: Callable[[], T], seconds: float) -> T:
 
     On a process's main thread (a Celery prefork child) SIGALRM interrupts the parser itself; elsewhere
     the parser runs on a daemon thread that is abandoned on timeout, so the worker moves on either way. An abandoned
-    parser starts no program (OCR tool, converter) after the limit: it gets `sandbox.Abandoned` instead.
+    parser starts no program (an OCR tool) after the limit: it gets `sandbox.Abandoned` instead.
     """
     if seconds <= 0:
         return work()
