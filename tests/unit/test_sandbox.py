@@ -34,7 +34,15 @@ def _gone(process: psutil.Process) -> bool:
 def _working(parent: psutil.Process, name: str) -> list[psutil.Process]:
     """The processes below `parent` once one of them is called `name` (the one doing the work), else []."""
     below = parent.children(recursive=True)
-    return below if any(process.name() == name for process in below) else []
+    return below if any(_named(process) == name for process in below) else []
+
+
+def _named(process: psutil.Process) -> str | None:
+    """Its name; None once it has ended (pdfinfo and pdftoppm end while the test looks)."""
+    try:
+        return process.name()
+    except psutil.NoSuchProcess:
+        return None
 
 
 def _scenario(kind: str, tmp_path: Path) -> tuple[bytes, str, str]:
