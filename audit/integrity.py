@@ -103,7 +103,7 @@ def checkpoint_now(*, session: Session, settings: Settings) -> tuple[int | None,
     with repository.local_chain_lock():
         repository.lock_chain(session)
         last = repository.last_event(session)
-        if last is None or last.id == repository.chain_end(session)[1]:
+        if last is None or last.id == repository.checkpointed_through(session):
             end = last.id if last else None
             session.rollback()
             return end, False

@@ -46,7 +46,8 @@ def last_event(session: Session) -> RetrievalEvent | None:
     return session.scalar(select(RetrievalEvent).order_by(RetrievalEvent.id.desc()).limit(1))
 
 
-# Built once: every query runs it (a statement built per call costs its construction and cache key).
+# Built once: every query runs them (a statement built per call costs its construction and cache key).
+_CHECKPOINTED = select(AuditCheckpoint.last_event_id).order_by(AuditCheckpoint.id.desc()).limit(1)
 _CHAIN_END = select(
     # the newest event's hash
     select(RetrievalEvent.hash).order_by(RetrievalEvent.id.desc()).limit(1).scalar_subquery(),
@@ -54,7 +55,7 @@ _CHAIN_END = select(
     select(AuditCheckpoint.last_hash).where(AuditCheckpoint.kind == "purge")
     .order_by(AuditCheckpoint.last_event_id.desc()).limit(1).scalar_subquery(),
     # the event id the newest checkpoint covers
-    select(AuditCheckpoint.last_event_id).order_by(AuditCheckpoint.id.desc()).limit(1).scalar_subquery(),
+    _CHECKPOINTED.scalar_subquery(),
 )
 
 
@@ -63,6 +64,11 @@ def chain_end(session: Session) -> tuple[str, int]:
     purge anchor) and the event id the newest checkpoint covers (0 when none)."""
     last, purge_anchor, covered = session.execute(_CHAIN_END).one()
     return last or purge_anchor or GENESIS_HASH, int(covered or 0)
+
+
+def checkpointed_through(session: Session) -> int:
+    """The event id the newest checkpoint covers (0 when none)."""
+    return int(session.scalar(_CHECKPOINTED) or 0)
 
 
 def add_events(session: Session, events: list[RetrievalEvent]) -> None:

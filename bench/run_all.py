@@ -27,6 +27,7 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("bench/firewall_eval.py", []),
     ("bench/authz_bench.py", []),
     ("bench/audit_bench.py", []),
+    ("bench/sqlite_plans.py", []),
 ]
 
 

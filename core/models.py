@@ -74,7 +74,9 @@ class Document(Base):
     __tablename__ = "documents"
     __table_args__ = (
         Index("ix_documents_department_created", "department", "created_at", "id"),  # listing pages
-        Index("ix_documents_department_sha256", "department", "sha256"),  # an upload's duplicates (find_duplicate)
+        # an upload's duplicates (find_duplicate, oldest first; failed_copies): created_at and id in it, or SQLite,
+        # without statistics, reads all of the department's documents through the listing index for its order (0015)
+        Index("ix_documents_department_sha256_created", "department", "sha256", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(DOCUMENT_ID_CHARS), primary_key=True)
@@ -135,7 +137,8 @@ class IngestionJob(Base):
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     document_id: Mapped[str] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), index=True)
-    status: Mapped[str] = mapped_column(String(16), default=DocumentStatus.queued)
+    # Indexed for the job sweep (workers/dispatch.py), which looks for the few unfinished jobs every few seconds
+    status: Mapped[str] = mapped_column(String(16), default=DocumentStatus.queued, index=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Runs that neither ended nor handed the job back for a retry: the worker died in them (ingestion/service.py)
