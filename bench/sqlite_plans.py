@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import sqlite3
 import statistics
 import tempfile
@@ -31,6 +32,7 @@ from bench.common import machine
 DEPARTMENTS = ["hr", "finance", "legal", "engineering", "sales", "ops", "it", "research"]
 START = datetime(2026, 1, 1, tzinfo=UTC)
 RUNS = 7
+_NO_TABLE_WORD = re.compile(r"^(SCAN|SEARCH) TABLE ")
 
 
 def _populate(url: str, documents: int, events: int) -> list[dict[str, Any]]:
@@ -135,8 +137,10 @@ def captured_statement(url: str, table: str, call: Callable[[Session], Any]) -> 
 
 
 def query_plan(connection: sqlite3.Connection, statement: str, parameters: Any) -> list[str]:
-    """The steps of the plan SQLite picks for the statement (EXPLAIN QUERY PLAN's detail column)."""
-    return [row[3] for row in connection.execute(f"EXPLAIN QUERY PLAN {statement}", parameters)]
+    """The steps of the plan SQLite picks for the statement (EXPLAIN QUERY PLAN's detail column), worded as SQLite
+    3.36 and later word them: before it a step read "SCAN TABLE t" / "SEARCH TABLE t USING ..."."""
+    return [_NO_TABLE_WORD.sub(r"\1 ", row[3])
+            for row in connection.execute(f"EXPLAIN QUERY PLAN {statement}", parameters)]
 
 
 def _plan_and_time(raw: sqlite3.Connection, statement: str, parameters: Any) -> tuple[list[str], float]:

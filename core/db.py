@@ -178,8 +178,9 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
 
     No ANALYZE, nor `PRAGMA optimize`: without statistics the planner picks an index by its shape alone, and the
     indexes are shaped so that the hot queries' plans are right so (migration 0015). Measured with bench/sqlite_plans.py
-    (50,000 documents, 200,000 ledger events): a full ANALYZE changed none of those plans, and made key rotation's
-    `document_ids_with_keys` read the whole documents table in id order (9 ms -> 52 ms a department)."""
+    (50,000 documents, 200,000 ledger events): a full ANALYZE kept those plans' seeks (find_duplicate then sorts its
+    few rows), and made key rotation's `document_ids_with_keys` read the whole documents table in id order (9 ms -> 52
+    ms a department)."""
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
