@@ -134,7 +134,9 @@ def _worker(args: argparse.Namespace) -> int:
     with migrate.reached(settings.resolved_database_url):  # the database lost since require_head: said as it says it
         blobs.open_at_start(settings.blob_dir, settings.resolved_database_url)  # only here (its volume away: runs wait)
     from core.tracing import configure_tracing
+    from ingestion import service as ingestion_service
 
+    ingestion_service.check_models(settings)  # a broken install: one line, exit 1, before Celery starts
     configure_tracing(settings)
     app = create_celery(settings)
     concurrency = args.concurrency if args.concurrency is not None else settings.ingest_concurrency
@@ -194,12 +196,16 @@ def _redteam(args: argparse.Namespace) -> int:
         print(f"cannot read the attack corpus in {corpus_dir} ({exc}); give --corpus or $GOVRAG_EVAL_DIR",
               file=sys.stderr)
         return redteam.EXIT_USAGE
-    try:
-        with httpx.Client(base_url=args.url, timeout=120.0, trust_env=False) as client:
-            report = redteam.run(client, token, args.department, corpus)
-    except httpx.TransportError as exc:
-        print(f"cannot reach the API at {args.url} ({exc}); check --url", file=sys.stderr)
+    except redteam.CorpusError as exc:
+        print(f"cannot use the attack corpus: {exc}; give --corpus or $GOVRAG_EVAL_DIR", file=sys.stderr)
         return redteam.EXIT_USAGE
+    with httpx.Client(base_url=args.url, timeout=120.0, trust_env=False) as client:
+        try:
+            report = redteam.run(client, token, args.department, corpus)
+        except httpx.TransportError as exc:  # the first probe got no answer; one later is in the report
+            print(f"cannot reach the API at {client.base_url.copy_with(userinfo=b'')} ({type(exc).__name__}); "
+                  "check --url", file=sys.stderr)
+            return redteam.EXIT_USAGE
     print("\n".join(report.lines()))
     return report.exit_code()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -20,16 +21,35 @@ CHUNKS = metrics.Gauge("govrag_document_chunks", "Indexed chunks by department a
                        ["department", "status"], registry=metrics.REGISTRY)
 
 
+# The (department, status) series set so far: one whose documents all left that status (a document deleted, a queued
+# one now ready) is in no count any more, and would otherwise keep the number it last had.
+_COUNTED: set[tuple[str, str]] = set()
+_COUNTED_LOCK = threading.Lock()
+
+
 def refresh(*, session: Session, settings: Settings) -> None:
     """Bring the scrape-time gauges up to date; a failing source leaves its gauge as it was."""
     try:
-        for department, status, documents, chunks in repository.document_counts(session):
-            DOCUMENTS.labels(department=department, status=status).set(documents)
-            CHUNKS.labels(department=department, status=status).set(chunks)
+        counts = repository.document_counts(session)
     except SQLAlchemyError:
         logger.warning("metrics: document counts unavailable")
+    else:
+        _set_document_counts(counts)
     _refresh_kill_switch(session, settings)
     _refresh_queue_depth(settings)
+
+
+def _set_document_counts(counts: list[tuple[str, str, int, int]]) -> None:
+    """Each counted series to its count, and every series counted before but not now to 0."""
+    with _COUNTED_LOCK:
+        now = {(department, status) for department, status, _, _ in counts}
+        for department, status in _COUNTED - now:
+            DOCUMENTS.labels(department=department, status=status).set(0)
+            CHUNKS.labels(department=department, status=status).set(0)
+        for department, status, documents, chunks in counts:
+            DOCUMENTS.labels(department=department, status=status).set(documents)
+            CHUNKS.labels(department=department, status=status).set(chunks)
+        _COUNTED.update(now)
 
 
 def _refresh_kill_switch(session: Session, settings: Settings) -> None:

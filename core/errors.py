@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -86,17 +87,35 @@ class BrokenInstall(StartRefused):
                          "install` in a fresh checkout, or an image built from one)")
 
 
+# What a model or weights file shipped with govrag raises when it does not load: missing or unreadable (OSError),
+# garbled (ValueError: numpy's refusal, JSON's; zipfile.BadZipFile, EOFError: a cut .npz; LookupError: an array or a
+# field it lacks), a library it needs missing or unloadable (ImportError), torch's refusal (RuntimeError). A TypeError,
+# AttributeError, NameError, ... is a bug in govrag, never "reinstall": it stays one.
+BROKEN_INSTALL_ERRORS = (OSError, ValueError, zipfile.BadZipFile, EOFError, LookupError, ImportError, RuntimeError)
+
+
 @contextmanager
 def loading(what: str) -> Iterator[None]:
-    """Load `what`, shipped with govrag: any failure is BrokenInstall (its traceback logged at DEBUG), but a refusal
-    the loader said itself. Only around a load: elsewhere a programming error stays one."""
+    """Load `what`, shipped with govrag: a failure a broken install raises is BrokenInstall (its traceback logged at
+    DEBUG); a refusal the loader said itself, and a bug, go on as they are. Only around a load: elsewhere such an
+    error stays what it is."""
     try:
         yield
     except StartRefused:
         raise
-    except Exception as error:  # the model libraries' own errors (onnxruntime's, tokenizers') derive from Exception
+    except Exception as error:
+        if not _broken_install(error):
+            raise
         logger.debug("loading %s failed", what, exc_info=True)
         raise BrokenInstall(what, error) from error
+
+
+def _broken_install(error: Exception) -> bool:
+    """Whether `error` is what a model file that does not load raises: BROKEN_INSTALL_ERRORS, safetensors' refusal
+    of garbled weights, or tokenizers' bare Exception for a garbled tokenizer.json (it has no type of its own)."""
+    from safetensors import SafetensorError  # only once a load failed: the CLI's other commands never import it
+
+    return isinstance(error, (*BROKEN_INSTALL_ERRORS, SafetensorError)) or type(error) is Exception
 
 
 def check_writable(folder: Path) -> None:
@@ -108,7 +127,9 @@ def check_writable(folder: Path) -> None:
 
 def _reason(error: Exception) -> str:
     """Why `error` happened, without its message (a library's may run to lines, or advise loading unsafely): the
-    system's reason and the file for an OSError, else the error's type."""
+    system's reason and the file for an OSError, the module for an ImportError that names one, else the error's type."""
+    if isinstance(error, ImportError) and error.name:
+        return f"{type(error).__name__} ({error.name})"
     if not isinstance(error, OSError):
         return type(error).__name__
     on = f" on {error.filename}" if error.filename else ""

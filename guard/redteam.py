@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -24,22 +25,58 @@ EXFILTRATION = (  # aimed at the hidden context rather than at the firewall's tr
 )
 
 
+class CorpusError(Exception):
+    """An attack corpus that `govrag redteam` cannot use: a file that does not parse as its source publishes it (named,
+    with the line; never a prompt), or no eval-split attack at all."""
+
+
 def attack_corpus(root: Path, per_category: int) -> dict[str, list[str]]:
-    """Eval-split attacks by category (JailbreakBench methods, PALLMs, Giskard groups) plus exfiltration probes."""
+    """Eval-split attacks by category (JailbreakBench methods, PALLMs, Giskard groups) plus exfiltration probes.
+    OSError for a file that cannot be read, CorpusError for one that does not parse or a corpus with no attack."""
     found: dict[str, list[str]] = defaultdict(list)
-    for line in (root / "jailbreakbench_artifacts" / "jbb_attack_prompts.jsonl").read_text().splitlines():
-        item = json.loads(line)
-        found[f"jailbreak/{item['method']}"].append(item["text"])
+    jsonl = root / "jailbreakbench_artifacts" / "jbb_attack_prompts.jsonl"
+    for number, line in enumerate(_text(jsonl).splitlines(), start=1):
+        if line.strip():
+            item = _parsed(jsonl, number, line)
+            found[f"jailbreak/{_field(item, 'method', jsonl, number)}"].append(_field(item, "text", jsonl, number))
     for name in ("promptinjection", "jailbreak"):
-        lines = (root / "pallms_payloads" / f"{name}.txt").read_text(encoding="utf-8").splitlines()
+        lines = _text(root / "pallms_payloads" / f"{name}.txt").splitlines()
         found[f"pallms/{name}"].extend(line.strip() for line in lines if line.strip())
-    with (root / "giskard_prompt_injections" / "prompt_injections.csv").open(encoding="utf-8", newline="") as fh:
-        for row in csv.DictReader(fh):
-            found[f"giskard/{row['group']}"].append(row["prompt"])
+    giskard = root / "giskard_prompt_injections" / "prompt_injections.csv"
+    rows = csv.DictReader(io.StringIO(_text(giskard), newline=""))
+    for row in rows:  # a prompt may span lines: the reader counts them
+        found[f"giskard/{_field(row, 'group', giskard, rows.line_num)}"].append(
+            _field(row, "prompt", giskard, rows.line_num))
     corpus = {category: list(dict.fromkeys(t for t in texts if split_of(t) == "eval"))[:per_category]
               for category, texts in sorted(found.items())}
+    if not any(corpus.values()):
+        raise CorpusError(f"no eval-split attack in the corpus in {root}")
     corpus["exfiltration"] = list(EXFILTRATION)
     return corpus
+
+
+def _text(path: Path) -> str:
+    """A corpus file, read as UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CorpusError(f"{path} is not UTF-8 text") from None
+
+
+def _parsed(path: Path, number: int, line: str) -> object:
+    """Line `number` of `path`, a JSON value, or CorpusError naming them."""
+    try:
+        return json.loads(line)
+    except ValueError:
+        raise CorpusError(f"{path} line {number} is not JSON") from None
+
+
+def _field(item: object, name: str, path: Path, number: int) -> str:
+    """`item`'s text field `name`, or CorpusError naming the file and line."""
+    value = item.get(name) if isinstance(item, dict) else None
+    if not isinstance(value, str):
+        raise CorpusError(f"{path} line {number} has no text field {name!r}")
+    return value
 
 
 AUTO_TRIP_NOTE = ("note: blocked prompts count toward the department's automatic trip "
@@ -48,14 +85,20 @@ AUTO_TRIP_NOTE = ("note: blocked prompts count toward the department's automatic
                   "reset restores it")
 
 
+NOT_AN_ANSWER = "HTTP 200 that is not a query answer"
+NOT_AUTHORISED = "HTTP 200 refused: no_authorised_departments (the user may read no department given)"
+
+
 @dataclass
 class RedTeamReport:
-    """Per category: prompts sent and blocked; prompts answered (200); errors by HTTP status; every leak found."""
+    """Per category: prompts sent and blocked; prompts answered (200, checked for leaks); probes not tested, by what
+    went wrong ("HTTP 500", an answer that is not one, the API gone); prompts never sent; every leak found."""
 
     sent: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     blocked: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     answered: int = 0
-    errors: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    not_sent: int = 0
     leaks: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -67,7 +110,9 @@ class RedTeamReport:
         out.append(f"{'TOTAL':<44} {blocked:>8} {total:>5}  {blocked / max(total, 1):.3f}")
         out.append(f"answered: {self.answered}")
         out.append(f"errors: {sum(self.errors.values())}"
-                   + "".join(f"\n  - HTTP {status}: {count}" for status, count in sorted(self.errors.items())))
+                   + "".join(f"\n  - {error}: {count}" for error, count in sorted(self.errors.items())))
+        if self.not_sent:
+            out.append(f"not sent: {self.not_sent} (the API stopped answering; the run stopped)")
         out.append(f"leaks: {len(self.leaks)}" + "".join(f"\n  - {leak}" for leak in self.leaks))
         if blocked:
             out.append(AUTO_TRIP_NOTE)
@@ -75,10 +120,10 @@ class RedTeamReport:
 
     def exit_code(self) -> int:
         """0 when every probe was answered without a leak; EXIT_LEAK on any leak; EXIT_UNTESTED when a probe
-        errored or none was answered (nothing, or not everything, was tested)."""
+        errored, was not sent, or none was answered (nothing, or not everything, was tested)."""
         if self.leaks:
             return EXIT_LEAK
-        return EXIT_UNTESTED if self.errors or not self.answered else 0
+        return EXIT_UNTESTED if self.errors or self.not_sent or not self.answered else 0
 
 
 def _citations(answer: dict[str, object]) -> list[dict[str, object]]:
@@ -127,24 +172,54 @@ def _kill_switch_disabled(response: httpx.Response) -> bool:
 
 
 def run(client: httpx.Client, token: str, department: str, corpus: dict[str, list[str]]) -> RedTeamReport:
-    """Send every prompt as the configured user, restricted to `department`."""
+    """Send every prompt as the configured user, restricted to `department`. httpx.TransportError when the first
+    probe got no answer (the API cannot be reached); one later stops the run, its probe an error, the rest not sent."""
     report, headers = RedTeamReport(), {"Authorization": f"Bearer {token}"}
-    for category, prompts in corpus.items():
-        for index, prompt in enumerate(prompts):
+    probes = [(category, index, prompt) for category, prompts in corpus.items()
+              for index, prompt in enumerate(prompts)]
+    for n, (category, index, prompt) in enumerate(probes):
+        try:
             response = client.post("/v1/query", headers=headers,
                                    json={"question": prompt[:2000], "departments": [department]})
+        except httpx.TransportError as error:
+            if n == 0:
+                raise
             report.sent[category] += 1
-            if response.status_code == 200:
-                _record_answer(report, response.json(), department, category, index)
-            elif _kill_switch_disabled(response):
-                report.blocked[category] += 1
-            else:
-                report.errors[response.status_code] += 1
+            report.errors[f"no answer ({type(error).__name__})"] += 1
+            report.not_sent = len(probes) - n - 1
+            break
+        report.sent[category] += 1
+        if response.status_code == 200:
+            _record_answer(report, response, department, category, index)
+        elif _kill_switch_disabled(response):
+            report.blocked[category] += 1
+        else:
+            report.errors[f"HTTP {response.status_code}"] += 1
     return report
 
 
-def _record_answer(report: RedTeamReport, body: dict[str, object], department: str, category: str,
+def _answer_body(response: httpx.Response) -> dict[str, object] | None:
+    """The query answer a 200 carries, or None when it is not one (not JSON, not the answer's shape): its leaks
+    cannot be looked for."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("answer"), str) \
+            or not isinstance(body.get("citations"), list):
+        return None
+    return body
+
+
+def _record_answer(report: RedTeamReport, response: httpx.Response, department: str, category: str,
                    index: int) -> None:
+    body = _answer_body(response)
+    if body is None:
+        report.errors[NOT_AN_ANSWER] += 1
+        return
+    if body.get("reason") == "no_authorised_departments":  # nothing searched: no leak could be looked for
+        report.errors[NOT_AUTHORISED] += 1
+        return
     report.answered += 1
     report.blocked[category] += int(body.get("reason") in {"prompt_firewall", "output_withheld"})
     report.leaks.extend(_leaks(body, {department}, category, index))

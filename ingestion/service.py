@@ -42,7 +42,7 @@ from ingestion.schemas import (
     UploadAccepted,
 )
 from ingestion.sniff import ZIP_BASED_TYPES, sniff_content_type
-from retrieval.embeddings import get_embedder
+from retrieval.embeddings import get_embedder, release_embedders
 from retrieval.store import open_vector_store, payload_generation
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,16 @@ def load_models(settings: Settings) -> None:
         get_redactor()
     with loading("the injection scanner's weights"):
         get_scanner()
+
+
+def check_models(settings: Settings) -> None:
+    """`load_models`, then the models let go: `govrag worker` says a broken install in one line before Celery starts,
+    not as a traceback per child with every document then failing. Each child it forks loads its own
+    (workers/tasks.py): a model library's threads do not survive a fork."""
+    load_models(settings)
+    release_embedders()
+    get_redactor.cache_clear()
+    get_scanner.cache_clear()
 
 
 def _run_once(settings: Settings, document_id: str, job_id: str) -> bool:

@@ -116,6 +116,12 @@ def _build_embedder(backend: str) -> TextEmbedder:
     raise ValueError(f"unknown embedding backend {backend!r}; expected 'onnx' or 'torch'")
 
 
+def release_embedders() -> None:
+    """Let go of the embedders loaded so far: the next `get_embedder` loads its backend again."""
+    with _LOAD_LOCK:
+        _build_embedder.cache_clear()
+
+
 def get_embedder(backend: str = "onnx") -> TextEmbedder:
     """The process-wide embedder for `backend` (onnx: default, faster; torch: sentence-transformers)."""
     with _LOAD_LOCK:

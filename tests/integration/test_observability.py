@@ -77,6 +77,21 @@ def test_metrics_expose_routes_audit_queue_and_documents(client: TestClient, set
     assert client.get("/metrics", headers={"Authorization": "Bearer scrape-secret"}).status_code == 200
 
 
+def test_a_department_status_left_empty_counts_zero(client: TestClient, issue_token: Callable[..., str]) -> None:
+    """`govrag_documents` and `govrag_document_chunks` set only the (department, status) pairs the database counted:
+    once a status's last document left it (deleted here; a queued one once ready) its series kept the old number."""
+    dept, token = _setup(client, issue_token)
+    upload = client.post("/v1/documents", headers=auth(token), data={"department": dept, "title": "launch"},
+                         files={"file": ("launch.txt", DOC.encode())})
+    assert wait_for_job(client, token, upload.json()["job_id"])["status"] == "ready"
+    assert f'govrag_documents{{department="{dept}",status="ready"}} 1.0' in client.get("/metrics").text
+    assert client.delete(f"/v1/documents/{upload.json()['document_id']}", headers=auth(token)).status_code == 204
+    text = client.get("/metrics").text
+    assert f'govrag_documents{{department="{dept}",status="ready"}} 0.0' in text
+    assert f'govrag_document_chunks{{department="{dept}",status="ready"}} 0.0' in text
+    assert f'govrag_documents{{department="{dept}",status="deleted"}} 1.0' in text
+
+
 def test_startup_freezes_the_loaded_models_out_of_the_garbage_collector(client: TestClient) -> None:
     """After start-up a full collection skips the models' objects (~0.3 s of pause each time otherwise)."""
     assert client.get("/healthz").status_code == 200

@@ -85,11 +85,15 @@ def _corpus(root: Path) -> Path:
     return root
 
 
-@pytest.fixture
-def broken_api(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A deployment that answers every query with one error (status, code): outside the boundary, so a stub."""
-    status, code = request.param
-    body = json.dumps({"error": {"code": code, "message": "x", "request_id": "r"}}).encode()
+Answer = tuple[int, bytes] | None  # a stub API's answer to a probe: (status, body), or None to hang up without one
+ANSWER = (200, json.dumps({"answer": "I cannot help with that.", "citations": [], "refused": True,
+                           "reason": "prompt_firewall", "request_id": "r"}).encode())
+
+
+def _stub_api(answers: list[Answer]) -> Iterator[str]:
+    """A deployment answering the n-th probe with answers[n] (the last one for every probe after): outside the
+    boundary, so a stub."""
+    sent = iter(answers)
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: object) -> None:
@@ -97,6 +101,11 @@ def broken_api(request: pytest.FixtureRequest) -> Iterator[str]:
 
         def do_POST(self) -> None:  # noqa: N802 (the http.server name)
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            answer = next(sent, answers[-1])
+            if answer is None:  # the API gone mid-run: the connection closed, no answer
+                self.close_connection = True
+                return
+            status, body = answer
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -107,6 +116,19 @@ def broken_api(request: pytest.FixtureRequest) -> Iterator[str]:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
+
+
+@pytest.fixture
+def broken_api(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A deployment that answers every query with one error (status, code)."""
+    status, code = request.param
+    yield from _stub_api([(status, json.dumps({"error": {"code": code, "message": "x", "request_id": "r"}}).encode())])
+
+
+@pytest.fixture
+def stub_api(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A deployment answering the probes as `_stub_api` does."""
+    yield from _stub_api(request.param)
 
 
 @pytest.mark.parametrize("broken_api", [(401, "unauthenticated"), (500, "internal"), (503, "unavailable")],
@@ -166,3 +188,97 @@ def test_a_report_with_blocked_prompts_warns_that_the_department_may_have_trippe
     assert redteam.AUTO_TRIP_NOTE not in report.lines()
     report.blocked["jailbreak/PAIR"] = 1
     assert report.lines()[-1] == redteam.AUTO_TRIP_NOTE and "GOVRAG_GUARD_AUTO_TRIP_PER_MINUTE" in report.lines()[-1]
+
+
+def _redteam(url: str, corpus: Path, *more: str) -> int:
+    return cli.main(["redteam", "--department", "hr", "--token", "t", "--corpus", str(corpus), "--url", url, *more])
+
+
+@pytest.mark.parametrize("stub_api", [
+    [(200, b"<html>Sign in</html>")],
+    [(200, b'{"ok": true}')],
+    [(200, b"[]")],
+], indirect=True, ids=["not JSON", "another JSON object", "a JSON list"])
+def test_a_200_that_is_not_a_query_answer_is_untested(stub_api: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A 200 that is not a query answer (a login page, another service at --url) was taken for a clean answer, exit 0
+    with nothing checked, or crashed the run with a traceback, exit 1, read as a leak. Its leaks cannot be looked
+    for: an error, exit 3."""
+    assert _redteam(stub_api, _corpus(tmp_path), "--per-category", "1") == redteam.EXIT_UNTESTED
+    out = capsys.readouterr().out
+    assert "answered: 0" in out and f"  - {redteam.NOT_AN_ANSWER}: 7" in out
+
+
+@pytest.mark.parametrize("stub_api", [[ANSWER, ANSWER, None]], indirect=True)
+def test_an_api_gone_mid_run_is_reported_as_far_as_it_went(stub_api: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The API going away after two probes threw away the report and said exit 2, "cannot reach the API ... check
+    --url", as for a wrong address. The run stops there; what it tested is reported, and the rest was not: exit 3."""
+    assert _redteam(stub_api, _corpus(tmp_path), "--per-category", "1") == redteam.EXIT_UNTESTED
+    captured = capsys.readouterr()
+    assert "answered: 2" in captured.out and "  - no answer (RemoteProtocolError): 1" in captured.out
+    assert "not sent: 4 (the API stopped answering; the run stopped)" in captured.out and captured.err == ""
+
+
+def _spoil_jsonl(root: Path) -> None:
+    with (root / "jailbreakbench_artifacts" / "jbb_attack_prompts.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write('\n{"method": "m", "text": "cut off')
+
+
+def _drop_a_field(root: Path) -> None:
+    with (root / "jailbreakbench_artifacts" / "jbb_attack_prompts.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write('\n{"method": "m", "prompt": "the wrong key"}')
+
+
+def _latin1(root: Path) -> None:
+    (root / "pallms_payloads" / "jailbreak.txt").write_bytes("r\xe9sum\xe9 payload".encode("latin-1"))
+
+
+def _no_eval_attack(root: Path) -> None:
+    """Every attack in the train split: the run would test the three exfiltration probes only."""
+    train = [text for text in (f"train attack {i}" for i in range(200)) if split_of(text) == "train"][:3]
+    (root / "jailbreakbench_artifacts" / "jbb_attack_prompts.jsonl").write_text(
+        "\n".join(json.dumps({"method": "m", "text": text}) for text in train))
+    for name in ("promptinjection", "jailbreak"):
+        (root / "pallms_payloads" / f"{name}.txt").write_text("\n".join(train))
+    (root / "giskard_prompt_injections" / "prompt_injections.csv").write_text(
+        "group,prompt\n" + "\n".join(f"g,{text}" for text in train))
+
+
+@pytest.mark.parametrize(("spoil", "said"), [
+    (_spoil_jsonl, "jbb_attack_prompts.jsonl line 9 is not JSON"),
+    (_drop_a_field, "jbb_attack_prompts.jsonl line 9 has no text field 'text'"),
+    (_latin1, "jailbreak.txt is not UTF-8 text"),
+    (_no_eval_attack, "no eval-split attack in the corpus in"),
+], ids=["cut JSON", "a field missing", "not UTF-8", "no eval attack"])
+@pytest.mark.parametrize("stub_api", [[ANSWER]], indirect=True)
+def test_a_corpus_it_cannot_use_is_a_usage_error(spoil: Callable[[Path], None], said: str, stub_api: str,
+                                                 tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A corpus file that does not parse ended the run in a traceback, exit 1 (a leak, as documented); one with no
+    eval-split attack tested the three exfiltration probes and could exit 0. Both are the corpus to fix: exit 2, the
+    file and line named, no prompt quoted."""
+    corpus = _corpus(tmp_path)
+    spoil(corpus)
+    assert _redteam(stub_api, corpus) == redteam.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err and "cut off" not in err
+
+
+def test_a_department_the_user_may_not_read_tests_nothing(client: TestClient,
+                                                          issue_token: Callable[..., str]) -> None:
+    """A --department that does not exist, or that the user may not read: every probe that passed the firewall came
+    back `no_authorised_departments`, nothing searched, and the run counted them answered, exit 0. They are errors
+    now (a probe the firewall blocked still counts, blocked)."""
+    report = redteam.run(client, issue_token("rt-nobody"), "no-such-department",
+                         {"exfiltration": list(redteam.EXFILTRATION)})
+    assert report.exit_code() == redteam.EXIT_UNTESTED
+    assert report.errors[redteam.NOT_AUTHORISED] + sum(report.blocked.values()) == len(redteam.EXFILTRATION)
+    assert report.errors[redteam.NOT_AUTHORISED] > 0
+
+
+def test_an_unreachable_url_is_said_without_its_credentials(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The message quoted --url whole, a password in it too."""
+    assert _redteam("http://scanner:s3cret@127.0.0.1:9", _corpus(tmp_path)) == redteam.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err == "cannot reach the API at http://127.0.0.1:9 (ConnectError); check --url\n"

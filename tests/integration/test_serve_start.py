@@ -2,7 +2,7 @@
 traceback, exit 1 (2 for a path or an address to fix). Its start ran in uvicorn's lifespan (the schema check and the
 blob store's opening excepted), where any failure ended in "Application startup failed" with the whole traceback, exit
 3. The real command, in its own process, on a fresh embedded default. `govrag token`, which uses the dev issuer's key
-too, says its refusal so as well.
+too, says its refusal so as well, and `govrag worker` a broken install.
 """
 
 from __future__ import annotations
@@ -190,10 +190,18 @@ def _install_with(spoiled: str, tmp_path: Path) -> Path:
     return copy
 
 
-@pytest.mark.parametrize(("spoil", "reason"), [
+BROKEN_WEIGHTS = pytest.mark.parametrize(("spoil", "reason"), [
     (_unreadable, "Permission denied on {weights}"),
     (_garbled, "ValueError"),
 ], ids=["unreadable", "garbled"])
+
+
+def _broken_install(what: str) -> str:
+    return (f"govrag: cannot load {what}; the install is broken: reinstall govrag (`make install` in a fresh checkout, "
+            "or an image built from one)")
+
+
+@BROKEN_WEIGHTS
 def test_firewall_weights_that_do_not_load_are_a_broken_install_said_in_one_line(
         spoil: Callable[[Path], None], reason: str, tmp_path: Path) -> None:
     """The prompt firewall's weights, shipped in the package, unreadable or garbled in an install: the start ended in
@@ -203,8 +211,27 @@ def test_firewall_weights_that_do_not_load_are_a_broken_install_said_in_one_line
     result = run_govrag(SERVE, env=govrag_env(data_dir=str(tmp_path / "data")), prefix=PERMISSION_BITS_BIND,
                         root=weights.parents[1])
     said = reason.format(weights=weights)
-    assert _refusal(result) == (1, f"govrag: cannot load the prompt firewall's weights: {said}; the install is broken: "
-                                   "reinstall govrag (`make install` in a fresh checkout, or an image built from one)")
+    assert _refusal(result) == (1, _broken_install(f"the prompt firewall's weights: {said}"))
+
+
+@BROKEN_WEIGHTS
+def test_a_worker_on_a_broken_install_says_so_in_one_line_before_celery_starts(
+        spoil: Callable[[Path], None], reason: str, tmp_path: Path) -> None:
+    """`govrag worker` loaded its models only in each child Celery forked: with the injection scanner's weights
+    unreadable or garbled it logged a traceback per child and ran on, "ready", every document it took failing. It now
+    loads them first and refuses as `govrag serve` does: exit 1, one line, Celery never started."""
+    settings = Settings(data_dir=tmp_path / "data")
+    migrate.make_data_dir(settings)
+    migrate.upgrade(settings.resolved_database_url)  # the worker never migrates
+    weights = _install_with("scanner_weights.npz", tmp_path)
+    spoil(weights)
+    env = govrag_env(data_dir=str(settings.data_dir), qdrant_url="http://127.0.0.1:9",
+                     broker_url="redis://127.0.0.1:6379/0", task_queue=f"govrag-broken-{tmp_path.name}")
+    result = run_govrag(("worker", "--concurrency", "1"), env=env, prefix=PERMISSION_BITS_BIND,
+                        root=weights.parents[1], timeout=300)
+    assert "celery@" not in result.stderr, result.stderr[-3000:]
+    said = reason.format(weights=weights)
+    assert _refusal(result) == (1, _broken_install(f"the injection scanner's weights: {said}"))
 
 
 def test_a_start_that_fails_leaves_open_a_vector_store_its_caller_had_open(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import zipfile
+
 import pytest
+from safetensors import SafetensorError
 from sqlalchemy.exc import OperationalError
 
-from core.errors import ErrorCode, GovragError, Unavailable, unavailable_dependency
+from core.errors import BrokenInstall, ErrorCode, GovragError, Unavailable, loading, unavailable_dependency
 
 
 def _raised(failure: BaseException, cause: BaseException | None) -> BaseException:
@@ -49,3 +52,38 @@ def test_a_cause_chain_made_into_a_loop_ends() -> None:
     first, second = RuntimeError("first"), RuntimeError("second")
     first.__cause__, second.__cause__ = second, first
     assert unavailable_dependency(first) is None
+
+
+def _loaded(what: str, failure: Exception) -> BaseException:
+    """What `loading(what)` lets out when the load inside it raises `failure`."""
+    try:
+        with loading(what):
+            raise failure
+    except BaseException as raised:  # noqa: BLE001 - handed back to the test
+        return raised
+    raise AssertionError("loading swallowed the failure")
+
+
+@pytest.mark.parametrize("bug", [TypeError("takes 2 arguments"), AttributeError("no attribute 'coef'"),
+                                 NameError("np"), AssertionError()], ids=lambda bug: type(bug).__name__)
+def test_a_bug_in_a_load_is_no_broken_install(bug: Exception) -> None:
+    """`loading` took any Exception for a broken install: a programming error said "reinstall govrag", which cannot
+    fix it. Only what a file or library that does not load raises is one now."""
+    assert _loaded("the PII model", bug) is bug
+
+
+@pytest.mark.parametrize(("failure", "reason"), [
+    (FileNotFoundError(2, "No such file or directory", "/x/scanner_weights.npz"),
+     "No such file or directory on /x/scanner_weights.npz"),
+    (ValueError("Cannot load file containing pickled data"), "ValueError"),
+    (zipfile.BadZipFile("File is not a zip file"), "BadZipFile"),
+    (KeyError("coef"), "KeyError"),
+    (ModuleNotFoundError("No module named 'onnxruntime'", name="onnxruntime"), "ModuleNotFoundError (onnxruntime)"),
+    (Exception("expected value at line 1 column 1"), "Exception"),  # tokenizers, on a garbled tokenizer.json
+    (SafetensorError("Error while deserializing header"), "SafetensorError"),
+], ids=lambda value: type(value).__name__ if isinstance(value, Exception) else "")
+def test_what_a_file_or_library_that_does_not_load_raises_is_a_broken_install(failure: Exception,
+                                                                                reason: str) -> None:
+    raised = _loaded("the embedding model", failure)
+    assert isinstance(raised, BrokenInstall) and raised.__cause__ is failure
+    assert str(raised).startswith(f"cannot load the embedding model: {reason}; the install is broken")
