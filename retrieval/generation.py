@@ -128,8 +128,8 @@ def _generate(session: Session, settings: Settings, question: str, chunks: Seque
         return
     try:
         text = generator.complete(prompt.messages, max_tokens=settings.llm_max_answer_tokens)
-    except ModelError as exc:
-        trace["fallback"] = f"model_error:{exc}"
+    except ModelError as exc:  # the backend's failure by its type only: its message may echo the prompt
+        trace["fallback"] = f"model_error:{type(exc.__cause__ or exc).__name__}"
         metrics.ANSWER_FALLBACKS.labels(reason="model_error").inc()
         return
     # Every known canary, and always those this prompt carries (the cached set may predate one just minted).

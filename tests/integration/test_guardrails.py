@@ -20,6 +20,8 @@ from sqlalchemy import select
 
 from core.db import get_session_factory
 from core.models import GuardControl, RetrievalEvent
+from retrieval import generation
+from retrieval.models import ModelError
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
 from tests.support.stub_model import StubModel, answering_through
 
@@ -169,7 +171,6 @@ def test_a_canary_another_replica_minted_moments_ago_is_checked(settings: Any, s
     from core.models import GuardControl
     from guard import controls
     from guard.schemas import KillMode
-    from retrieval import generation
     from retrieval.schemas import Citation, QueryResponse
     from retrieval.service import OpenedChunk
 
@@ -263,6 +264,33 @@ def test_a_generated_answer_whose_markup_could_fetch_an_address_falls_back_to_ex
     assert model_backend.requests and not body["refused"] and "evil" not in body["answer"] and "<" not in body["answer"]
     assert {c["document_id"] for c in body["citations"]} == {world["docs"]["legal"]}
     assert _event(settings, body["request_id"]).guard_verdicts["model"]["fallback"] == reason
+
+
+class EchoingBackend:
+    """A model backend whose failure quotes the request, as a server's 400 may: outside the boundary, so a stub."""
+
+    name, model_id = "openai", "echo"
+
+    def complete(self, messages: list[dict[str, str]], *, max_tokens: int) -> str:  # noqa: ARG002
+        try:
+            raise ValueError(f"cannot serve the request: {messages[1]['content']}")
+        except ValueError as exc:
+            raise ModelError(f"the model server refused: {exc}") from exc
+
+    def count_tokens(self, text: str) -> int:
+        return len(text) // 3 + 1
+
+
+def test_a_model_error_is_audited_by_its_type_never_its_message(client: TestClient, world: dict, settings: Any,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback wrote the model error's message into the ledger's verdicts: a backend's message may quote the
+    prompt, the question and the authorised chunks. Only the failure's type is recorded."""
+    monkeypatch.setattr(generation, "get_generator", lambda _settings: EchoingBackend())
+    body = _ask(client, world["tokens"]["lea"], "When are contract renewals reviewed?")
+    assert not body["refused"] and {c["document_id"] for c in body["citations"]} == {world["docs"]["legal"]}
+    verdicts = _event(settings, body["request_id"]).guard_verdicts
+    assert verdicts["model"]["fallback"] == "model_error:ValueError"
+    assert "renewals" not in json.dumps(verdicts).lower()
 
 
 RENEWALS = "Contract renewals are reviewed by the legal team 60 days before expiry [1]."
