@@ -111,11 +111,24 @@ def loading(what: str) -> Iterator[None]:
 
 
 def _broken_install(error: Exception) -> bool:
-    """Whether `error` is what a model file that does not load raises: BROKEN_INSTALL_ERRORS, safetensors' refusal
-    of garbled weights, or tokenizers' bare Exception for a garbled tokenizer.json (it has no type of its own)."""
+    """Whether `error` is what a model file that does not load raises: BROKEN_INSTALL_ERRORS or safetensors' refusal
+    of garbled weights (tokenizers' bare Exception only as `reading_tokenizer` makes it a ValueError)."""
     from safetensors import SafetensorError  # only once a load failed: the CLI's other commands never import it
 
-    return isinstance(error, (*BROKEN_INSTALL_ERRORS, SafetensorError)) or type(error) is Exception
+    return isinstance(error, (*BROKEN_INSTALL_ERRORS, SafetensorError))
+
+
+@contextmanager
+def reading_tokenizer() -> Iterator[None]:
+    """Around the load of a tokenizer.json, and only there: tokenizers refuses a garbled one with a bare Exception (it
+    has no type of its own), a ValueError here, so `loading` says a broken install. A bare Exception raised anywhere
+    else in a load stays what it is."""
+    try:
+        yield
+    except Exception as error:
+        if type(error) is not Exception:
+            raise
+        raise ValueError("tokenizers refused the tokenizer file") from error
 
 
 def check_writable(folder: Path) -> None:

