@@ -58,7 +58,8 @@ class Settings(BaseSettings):
     oidc_audience: str = "govrag"
     oidc_jwks_url: str | None = None
     oidc_algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256", "PS256", "EdDSA"])
-    oidc_leeway_seconds: int = 30
+    # clock skew allowed on exp/nbf/iat; more than 5 minutes would accept tokens long expired
+    oidc_leeway_seconds: int = Field(default=30, ge=0, le=300)
     groups_claim: str = "groups"
     dev_issuer: bool = True
     admins: list[str] = Field(default_factory=list)  # subjects or "group:<name>"
@@ -93,7 +94,8 @@ class Settings(BaseSettings):
     # --- authorization (issue 4) ---
     oidc_discovery: bool = True  # no JWKS URL given: read <issuer>/.well-known/openid-configuration
     oidc_required_azp: str | None = None  # when set, tokens carrying azp must name this client
-    oidc_jwks_refetch_cooldown_seconds: float = 10.0  # unknown kid: at most one JWKS refetch per this long
+    # unknown kid: at most one JWKS refetch per this long; under a second, invented kids would hammer the IdP
+    oidc_jwks_refetch_cooldown_seconds: float = Field(default=10.0, ge=1.0)
     subject_claim: str = "sub"  # Entra ID: "oid"; dotted paths reach nested claims
     email_claim: str = "email"
     authz_default_clearance: str = "internal"  # public | internal | confidential | restricted

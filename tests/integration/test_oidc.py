@@ -24,7 +24,7 @@ from core.errors import GovragError, Unavailable
 from core.settings import Settings
 from tests.support.oidc_issuer import LocalIssuer, SigningKey, ec_key
 
-COOLDOWN = 0.5
+COOLDOWN = 1.0  # the shortest refetch cooldown the settings allow
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from pydantic import ValidationError
 
 from authz.dev_issuer import DevIssuer, jwk_thumbprint, rsa_public_jwk
 from authz.identity import Identity, is_platform_admin
@@ -297,6 +298,7 @@ class _JwksServer:
         self.raw: bytes | None = None  # served instead of the key set when set (HTML, "[]", ...)
         self.status = 200
         self.drip = False  # promise a large body, then send one byte a second until closed
+        self.drip_headers = False  # send the status line, then one header line a second until closed
         self.hits = 0
         self.requested = threading.Event()
         self.closing = threading.Event()
@@ -306,7 +308,7 @@ class _JwksServer:
             def do_GET(self) -> None:
                 outer.hits += 1
                 outer.requested.set()
-                if outer.drip:
+                if outer.drip or outer.drip_headers:
                     self._drip()
                     return
                 body = outer.raw if outer.raw is not None else json.dumps(outer.jwks).encode("utf-8")
@@ -320,12 +322,15 @@ class _JwksServer:
 
             def _drip(self) -> None:
                 self.send_response(200)
-                self.send_header("Content-Length", "100000")
-                self.end_headers()
-                self.wfile.write(b'{"keys": [')
+                if outer.drip_headers:
+                    self.flush_headers()  # the status line goes out; the headers never end
+                else:
+                    self.send_header("Content-Length", "100000")
+                    self.end_headers()
+                    self.wfile.write(b'{"keys": [')
                 while not outer.closing.wait(1.0):
                     try:
-                        self.wfile.write(b" ")
+                        self.wfile.write(b"X-Wait: 1\r\n" if outer.drip_headers else b" ")
                         self.wfile.flush()
                     except OSError:
                         return
@@ -447,6 +452,17 @@ def test_a_slow_drip_refetch_ends_unavailable_and_cached_keys_keep_working(jwks_
     assert [type(o) for o in refetch_outcome] == [Unavailable]
 
 
+def test_a_jwks_server_dripping_its_headers_is_unavailable_within_the_fetch_deadline(jwks_server: _JwksServer,
+                                                                                     key: SigningKey) -> None:
+    """The fetch deadline was checked only while reading the body: a server sending a header line every second (each
+    read well inside the read timeout) held the request, and the fetch lock every later refetch waits on, for ever."""
+    jwks_server.drip_headers = True
+    fetch, outcome = _verify_in_thread(_remote(jwks_server), key.sign())
+    fetch.join(timeout=60)  # generous: the fetch has an overall deadline, its headers included
+    assert not fetch.is_alive()
+    assert [type(o) for o in outcome] == [Unavailable]
+
+
 def test_a_failed_fetch_starts_the_refetch_cooldown(jwks_server: _JwksServer, key: SigningKey) -> None:
     """The cooldown only started after a successful fetch: invented kids hammered a failing IdP."""
     jwks_server.status = 500
@@ -462,17 +478,32 @@ def test_a_failed_fetch_starts_the_refetch_cooldown(jwks_server: _JwksServer, ke
 
 @pytest.mark.parametrize("body", [b"[]", b'{"keys": []}', b'{"keys": "none"}', b"<html>login</html>",
                                   b'{"keys": [{"kty": "RSA", "kid": "x"}]}', b'{"keys": ["x"]}', b"enc-only",
-                                  b'{"keys": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"],
+                                  b'{"keys": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", b"kid-list", b"kid-number"],
                          ids=["list", "no-keys", "keys-not-a-list", "html", "no-key-material", "key-not-an-object",
-                              "enc-only", "nested-too-deep"])
+                              "enc-only", "nested-too-deep", "kid-a-list", "kid-a-number"])
 def test_a_key_set_without_signing_keys_is_an_unavailable_idp(jwks_server: _JwksServer, key: SigningKey,
                                                               body: bytes) -> None:
     """A JWKS that was not an object, or held no signing keys, was a 401 "unknown signing key" instead of a 503; one
-    nested deeper than the JSON parser goes was a RecursionError (a 500)."""
-    encryption_key = {**key.jwk(), "use": "enc"}
-    jwks_server.raw = json.dumps({"keys": [encryption_key]}).encode() if body == b"enc-only" else body
+    nested deeper than the JSON parser goes, or whose only key had a list for its kid, was a TypeError or
+    RecursionError (a 500)."""
+    altered = {b"enc-only": {"use": "enc"}, b"kid-list": {"kid": [key.kid]}, b"kid-number": {"kid": 7}}
+    jwks_server.raw = json.dumps({"keys": [{**key.jwk(), **altered[body]}]}).encode() if body in altered else body
     with pytest.raises(Unavailable):
         _remote(jwks_server).verify(key.sign(), admins=[])
+
+
+def test_keys_without_a_string_kid_are_skipped(jwks_server: _JwksServer, key: SigningKey) -> None:
+    """One key whose kid was a list or an object (unhashable) made every fetch of the set a TypeError, a 500."""
+    jwks_server.jwks = {"keys": [{**SigningKey().jwk(), "kid": {"id": key.kid}}, {**SigningKey().jwk(), "kid": 7},
+                                 key.jwk()]}
+    assert _remote(jwks_server).verify(key.sign(), admins=[]).subject == "alice"
+
+
+def test_a_jwks_url_that_does_not_parse_is_unavailable(key: SigningKey) -> None:
+    """httpx's InvalidURL is no HTTPError: a jwks_uri the IdP's discovery document gave with a broken host was a 500."""
+    remote = TokenVerifier(issuer=ISSUER, audience=AUDIENCE, algorithms=ALGORITHMS, jwks_url="https://[::1/jwks")
+    with pytest.raises(Unavailable):
+        remote.verify(key.sign(), admins=[])
 
 
 @pytest.mark.parametrize("status", [302, 500])
@@ -603,6 +634,17 @@ def test_dev_issuer_expired_token_is_rejected(tmp_path: Path) -> None:
     verifier = TokenVerifier.from_settings(settings, issuer)
     now = int(time.time())
     _rejects(verifier, issuer.issue("u", [], extra_claims={"exp": now - 3600, "iat": now - 7200}), "token expired")
+
+
+@pytest.mark.parametrize(("setting", "value"), [("oidc_leeway_seconds", 86_400), ("oidc_leeway_seconds", -5),
+                                                ("oidc_jwks_refetch_cooldown_seconds", 0),
+                                                ("oidc_jwks_refetch_cooldown_seconds", -1)])
+def test_settings_refuse_a_leeway_or_refetch_cooldown_that_defeats_its_purpose(tmp_path: Path, setting: str,
+                                                                               value: int) -> None:
+    """A day of leeway accepted tokens a day after they expired, and a cooldown of 0 let every invented kid refetch
+    the JWK Set from the IdP: both started without a word."""
+    with pytest.raises(ValidationError, match=setting):
+        _settings(tmp_path, **{setting: value})
 
 
 def test_from_settings_key_sources(tmp_path: Path) -> None:
