@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from authz.dev_issuer import DevIssuer
 from authz.identity import MAX_SUBJECT_CHARS, RESERVED_PREFIXES, Identity, is_platform_admin, token_can_carry
 from core.errors import ErrorCode, GovragError, Unavailable
-from core.http import get_within
+from core.http import request_within
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ class _RemoteKeySet:
     """An IdP's signing keys, cached for cache_seconds and fetched again at most once per cooldown.
 
     A known kid is looked up in the current snapshot without waiting for a fetch in flight; only a
-    caller whose cache has expired waits for it (bounded by the fetch deadline). Every fetch attempt,
+    caller whose cache has expired waits for it (at most two fetch deadlines). Every fetch attempt,
     failed or not, starts the cooldown, so invented kids cannot hammer a failing IdP.
     """
 
@@ -386,7 +386,7 @@ def _fetch_json(url: str) -> Any:
     Redirects are not followed (a 3xx is a failure), so the document comes from the configured host.
     """
     try:
-        return json.loads(get_within(url, seconds=_FETCH_DEADLINE_SECONDS, max_bytes=_MAX_FETCH_BYTES))
+        return json.loads(request_within("GET", url, seconds=_FETCH_DEADLINE_SECONDS, max_bytes=_MAX_FETCH_BYTES))
     # InvalidURL is no HTTPError (a jwks_uri with a broken host); RecursionError: JSON nested past the parser's depth
     except (httpx.HTTPError, httpx.InvalidURL, RecursionError):
         raise ValueError("the document could not be fetched") from None

@@ -1,50 +1,55 @@
-"""Bounded reads from other servers (the IdP, the model server): a wall-clock deadline and a size cap.
+"""Bounded calls to other servers (the IdP, the model server): one wall-clock deadline and a size cap.
 
-httpx's timeouts apply to each read, so a server that sends one byte at a time could hold a call for ever;
-and a body is held in memory whole. `read_within` bounds both while a body is read; `get_within` bounds a whole
-GET, the wait for the status line and headers included.
+httpx's timeouts apply to each read, so a server that sends one byte, or one header line, at a time could hold a
+call for ever; and a body is held in memory whole. `request_within` bounds both, the wait for the headers included.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+import functools
+import ssl
+from collections.abc import Mapping
+from typing import Any
 
 import httpx
 
 
-def read_within(response: httpx.Response, *, deadline: float, max_bytes: int) -> bytes:
-    """The streamed response body, or ValueError once it passes `deadline` (time.monotonic) or `max_bytes`."""
-    body = bytearray()
-    for chunk in response.iter_bytes():
-        body += chunk
-        if len(body) > max_bytes:
-            raise ValueError("the response is too large")
-        if time.monotonic() > deadline:
-            raise ValueError("the response took too long")
-    return bytes(body)
-
-
-def get_within(url: str, *, seconds: float, max_bytes: int) -> bytes:
-    """The body of a 2xx answer to GET url, all of it (connecting, the headers, the body) within `seconds`, or
+def request_within(method: str, url: str, *, seconds: float, max_bytes: int, json: Any = None,
+                   headers: Mapping[str, str] | None = None, trust_env: bool = True) -> bytes:
+    """The body of a 2xx answer to `method url`, all of it (connecting, the headers, the body) within `seconds`, or
     ValueError once it takes longer or passes `max_bytes`; redirects are not followed (raise_for_status refuses them).
 
-    A server can drip header lines for ever inside any per-read timeout, so the exchange runs on an event loop of its
-    own under one timeout, which cancels it wherever it is. Call it off an event loop, as any blocking call."""
+    The exchange runs on an event loop of its own under one timeout, which cancels it wherever it is. It blocks, so
+    it is called from a worker thread (FastAPI's thread pool, a Celery task); on a running event loop asyncio.run
+    raises RuntimeError at once."""
+    exchange = _request(method, url, seconds=seconds, max_bytes=max_bytes, json=json, headers=headers,
+                        trust_env=trust_env)
     try:
-        return asyncio.run(_get(url, seconds=seconds, max_bytes=max_bytes))
+        return asyncio.run(exchange)
     except TimeoutError:
         raise ValueError("the response took too long") from None
+    finally:
+        exchange.close()  # never started when asyncio.run refused: no "never awaited" warning
 
 
-async def _get(url: str, *, seconds: float, max_bytes: int) -> bytes:
-    """get_within's exchange, cancelled after `seconds`."""
+async def _request(method: str, url: str, *, seconds: float, max_bytes: int, json: Any,
+                   headers: Mapping[str, str] | None, trust_env: bool) -> bytes:
+    """request_within's exchange, cancelled after `seconds`."""
     body = bytearray()
-    async with asyncio.timeout(seconds), httpx.AsyncClient(timeout=seconds, follow_redirects=False) as client:
-        async with client.stream("GET", url) as response:
-            response.raise_for_status()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > max_bytes:
-                    raise ValueError("the response is too large")
+    async with (asyncio.timeout(seconds),
+                httpx.AsyncClient(timeout=seconds, follow_redirects=False, trust_env=trust_env,
+                                  verify=_tls_context(trust_env)) as client,
+                client.stream(method, url, json=json, headers=headers) as response):
+        response.raise_for_status()
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > max_bytes:
+                raise ValueError("the response is too large")
     return bytes(body)
+
+
+@functools.cache
+def _tls_context(trust_env: bool) -> ssl.SSLContext:
+    """httpx's default TLS context, made once: loading the CA bundle takes ~40 ms, and each call has a new client."""
+    return httpx.create_ssl_context(trust_env=trust_env)

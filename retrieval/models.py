@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from pathlib import Path
 from typing import Protocol
 
-import httpx
-
 from core.errors import ErrorCode, GovragError
-from core.http import read_within
+from core.http import request_within
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -67,23 +64,22 @@ class OpenAIGenerator:
     def __init__(self, settings: Settings) -> None:
         if not settings.llm_host_allowed:  # settings refuse this already; checked again where data would leave
             raise GovragError(ErrorCode.internal, "the model server is not on the allowlist")
-        headers = {"Authorization": f"Bearer {settings.llm_api_key.get_secret_value()}"} if settings.llm_api_key else {}
-        self._client = httpx.Client(base_url=str(settings.llm_base_url).rstrip("/"), headers=headers,
-                                    timeout=settings.llm_timeout_seconds, follow_redirects=False, trust_env=False)
+        api_key = settings.llm_api_key
+        self._headers = {"Authorization": f"Bearer {api_key.get_secret_value()}"} if api_key else {}
+        self._url = str(settings.llm_base_url).rstrip("/") + "/v1/chat/completions"
         self.model_id = settings.llm_model
         self._timeout_seconds = settings.llm_timeout_seconds
 
     def complete(self, messages: list[dict[str, str]], *, max_tokens: int) -> str:
-        """POST /v1/chat/completions, greedy, the reply read within llm_timeout_seconds in all and MAX_REPLY_BYTES.
+        """POST /v1/chat/completions, greedy, answered within llm_timeout_seconds in all (headers included) and
+        MAX_REPLY_BYTES; proxy variables are ignored.
 
-        Any failure to call the server or read its reply (a status, a slow or huge body, JSON nested too deep to
+        Any failure to call the server or read its reply (a status, a slow or huge reply, JSON nested too deep to
         parse, a missing field) is a ModelError, so the caller falls back to the extractive answer."""
-        deadline = time.monotonic() + self._timeout_seconds
         request = {"model": self.model_id, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
         try:
-            with self._client.stream("POST", "/v1/chat/completions", json=request) as reply:
-                reply.raise_for_status()
-                body = read_within(reply, deadline=deadline, max_bytes=MAX_REPLY_BYTES)
+            body = request_within("POST", self._url, seconds=self._timeout_seconds, max_bytes=MAX_REPLY_BYTES,
+                                  json=request, headers=self._headers, trust_env=False)
             return str(json.loads(body)["choices"][0]["message"]["content"] or "")
         except Exception as exc:  # noqa: BLE001 - every way the reply can be unusable, RecursionError included
             raise ModelError(type(exc).__name__) from exc

@@ -321,6 +321,25 @@ def test_a_generated_answer_under_a_heading_its_source_supports_is_kept(
     assert "fallback" not in _event(settings, body["request_id"]).guard_verdicts["model"]
 
 
+def test_a_model_server_dripping_its_headers_falls_back_to_extractive_within_the_model_timeout(
+        client: TestClient, world: dict, settings: Any) -> None:
+    """The model timeout bounded only the reply's body: a server sending its status line, then a header line every
+    0.2 s (each read well inside the per-read timeout), held the query for as long as it went on."""
+    dripping = StubModel()  # a server of its own: the backend for a URL is built once, with that URL's timeout
+    dripping.reply = lambda _messages: RENEWALS  # a sound answer, kept had it arrived in time
+    dripping.header_drip_seconds = 10.0  # ten times the model timeout
+    try:
+        with answering_through(client, dripping, llm_timeout_seconds=1.0):
+            body = _ask(client, world["tokens"]["lea"], "When are contract renewals reviewed?")
+        assert dripping.drip_ended.wait(timeout=60)
+    finally:
+        dripping.server.shutdown()
+    assert dripping.client_hung_up, "the query waited for the headers to end"
+    assert dripping.requests and not body["refused"] and body["answer"] != RENEWALS
+    assert {c["document_id"] for c in body["citations"]} == {world["docs"]["legal"]}
+    assert _event(settings, body["request_id"]).guard_verdicts["model"]["fallback"].startswith("model_error:")
+
+
 def test_kill_switch_retrieval_only_then_disabled_then_normal(client: TestClient, world: dict, settings: Any,
                                                               model_backend: StubModel) -> None:
     tokens, question = world["tokens"], "When are contract renewals reviewed?"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -18,6 +19,9 @@ class StubModel:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.reply: Callable[[list[dict[str, str]]], str] = lambda _messages: "I don't know."
+        self.header_drip_seconds = 0.0  # send the status line, then a header line every 0.2 s this long, then the reply
+        self.client_hung_up = False  # the client closed the connection while the headers dripped
+        self.drip_ended = threading.Event()
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -27,10 +31,28 @@ class StubModel:
                 content = stub.reply(body["messages"])
                 data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
                 self.send_response(200)
+                if stub.header_drip_seconds and not self._drip_headers():
+                    return
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def _drip_headers(self) -> bool:
+                """The status line, then one header line every 0.2 s (never idle long enough for a per-read
+                timeout); False if the client hangs up first."""
+                self.flush_headers()
+                try:
+                    for _ in range(round(stub.header_drip_seconds / 0.2)):
+                        time.sleep(0.2)
+                        self.wfile.write(b"X-Thinking: 1\r\n")
+                        self.wfile.flush()
+                except OSError:
+                    stub.client_hung_up = True
+                    return False
+                finally:
+                    stub.drip_ended.set()
+                return True
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -41,11 +63,12 @@ class StubModel:
 
 
 @contextlib.contextmanager
-def answering_through(client: TestClient, stub: StubModel) -> Iterator[StubModel]:
-    """The running app answers through `stub` (its recorded requests cleared) while the block runs."""
+def answering_through(client: TestClient, stub: StubModel, **settings: Any) -> Iterator[StubModel]:
+    """The running app answers through `stub` (its recorded requests cleared), with `settings` changed, while the
+    block runs. The model backend is built once per server: a stub given other settings is a new StubModel."""
     original = client.app.state.settings  # type: ignore[attr-defined]
     client.app.state.settings = original.model_copy(update={  # type: ignore[attr-defined]
-        "answer_backend": "openai", "llm_base_url": stub.url, "llm_model": "stub"})
+        "answer_backend": "openai", "llm_base_url": stub.url, "llm_model": "stub", **settings})
     stub.requests.clear()
     try:
         yield stub
