@@ -217,17 +217,19 @@ from core.db import unit_of_work
 from core.settings import Settings
 from guard import controls
 from guard.schemas import KillMode
-url, department, mode = sys.argv[1:]
+url, data_dir, department, mode = sys.argv[1:]
 admin = Identity(subject="root-admin", groups=(), is_platform_admin=True)
-with unit_of_work(url) as session:
-    controls.set_kill_switch(session=session, settings=Settings(database_url=url, broker_url="memory://"),
+with unit_of_work(url) as session:  # this deployment's data dir: its master key signs the admin action's checkpoint
+    controls.set_kill_switch(session=session, settings=Settings(database_url=url, data_dir=data_dir,
+                                                                broker_url="memory://"),
                              identity=admin, scope=department, mode=KillMode(mode), reason="incident: model off")
 """
 
 
 def _switch_on_another_replica(settings: Settings, department: str, mode: KillMode) -> None:
-    subprocess.run([sys.executable, "-c", OTHER_REPLICA, settings.resolved_database_url, department,  # noqa: S603
-                    mode.value], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", OTHER_REPLICA, settings.resolved_database_url,  # noqa: S603
+                    str(settings.data_dir), department, mode.value],
+                   cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, timeout=120)
 
 
 def _stored_mode(settings: Settings, department: str) -> KillMode:
