@@ -21,7 +21,7 @@ import pikepdf
 import psutil
 
 from core.errors import ErrorCode, GovragError
-from ingestion import formats, legacy_office, pandoc, sandbox, sniff
+from ingestion import formats, legacy_office, pandoc, sandbox, scratch, sniff
 
 if TYPE_CHECKING:
     from spacy.language import Language
@@ -157,6 +157,7 @@ def parse_document(data: bytes, content_type: str, limits: ParseLimits | None = 
     """Partition the bytes of a sniffed content type into sections, or raise a GovragError."""
     limits = limits or ParseLimits()
     configure_unstructured()
+    scratch.private_dir()  # tempfile's default: what the parse writes there, the next process removes if this one dies
     uploaded = content_type  # what a failure names: an ODT converted to DOCX is an ODT to whoever sent it
     if content_type in legacy_office.FORMATS:
         data, content_type = legacy_office.convert(data, content_type, limits.timeout_seconds)

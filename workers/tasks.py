@@ -8,6 +8,7 @@ from billiard.exceptions import TimeLimitExceeded
 from celery import Task, current_app, signals
 
 from core.errors import unavailable_dependency
+from ingestion import scratch
 from ingestion import service as ingestion_service
 from workers.celery_app import INGEST_TASK, GovragCelery
 from workers.dispatch import send_jobs
@@ -67,6 +68,13 @@ def load_models_on_start(**_: object) -> None:
     settings = getattr(current_app, "govrag_settings", None)
     if settings is not None:
         ingestion_service.load_models(settings)
+
+
+@signals.worker_process_init.connect
+def private_temp_dir_on_start(**_: object) -> None:
+    """A worker process makes its private temporary directory as it starts: a child replacing one killed at the hard
+    time limit (or by the OOM killer) removes at once the plaintext that one left (`ingestion.scratch`)."""
+    scratch.private_dir()
 
 
 def register_tasks(app: GovragCelery) -> None:

@@ -18,8 +18,9 @@ from tests.support.conversion_inputs import FOLDER, drawing_only_pdf, long_odt
 from tests.support.polling import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
-# Like soffice: a launcher whose own child (soffice.bin, here `sleep`) does the work and outlives a kill of it.
-FAKE_SOFFICE = "#!/bin/sh\n( exec sleep 300 ) &\nwait\n"
+# Like soffice: a launcher whose own child (soffice.bin, here `sleep`) does the work and outlives a kill of it, with a
+# copy of the document in TMPDIR (LibreOffice's lu*.tmp).
+FAKE_SOFFICE = '#!/bin/sh\nfor last; do :; done\ncp "$last" "$TMPDIR/lu1234abcd.tmp"\n( exec sleep 300 ) &\nwait\n'
 # A tesseract that never ends reading the page (`sleep`); what pytesseract asks before the work, the real one answers.
 FAKE_TESSERACT = '#!/bin/sh\ncase "$1" in -v|--version|--list-langs) exec {real} "$@";; esac\nexec sleep 300\n'
 
@@ -57,16 +58,34 @@ def _scenario(kind: str, tmp_path: Path) -> tuple[bytes, str, str]:
     return drawing_only_pdf(), sniff.APPLICATION_PDF, "sleep"
 
 
+# What onnxruntime (imported with unstructured's PDF partitioner) writes to TMPDIR as it loads: a session id of its
+# own, no part of any document.
+ONNXRUNTIME_SESSION = ".ses"
+
+
+def _left(folder: Path) -> list[Path]:
+    """What is in `folder` but onnxruntime's session id."""
+    return [path for path in folder.iterdir() if path.name != ONNXRUNTIME_SESSION]
+
+
+def _files(folder: Path) -> list[Path]:
+    """The files below `folder`, onnxruntime's session id left out."""
+    return [path for below in _left(folder) for path in [below, *below.rglob("*")] if not path.is_dir()]
+
+
 @pytest.mark.parametrize("kind", ["pandoc", "soffice", "tesseract"])
 def test_a_conversion_dies_with_the_worker_process_that_started_it(kind: str, tmp_path: Path) -> None:
     """The Celery hard time limit SIGKILLs the worker child mid-parse: pandoc, `soffice.bin` (soffice's own child)
-    or tesseract, adopted by init, went on with the document for minutes."""
+    or tesseract, adopted by init, went on with the document for minutes. And what the parse had written to disk,
+    the document's plaintext, stayed there: the converter's private directory, unstructured's copy of the scan and
+    its page image, pytesseract's input. Now a converter's session leader removes its directory as the worker dies,
+    and the worker process that replaces it removes the rest as it starts."""
     data, content_type, worker_name = _scenario(kind, tmp_path)
     for fake in tmp_path.iterdir():
         fake.chmod(0o755)
     document, temp_dir = tmp_path / "upload", tmp_path / "tmp"
     document.write_bytes(data)
-    temp_dir.mkdir()  # the killed worker leaves its converter's directory: here, not in the system's
+    temp_dir.mkdir()
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT), "TMPDIR": str(temp_dir)}
     worker = subprocess.Popen([sys.executable, "-m", "tests.support.parse_process", str(document), content_type],  # noqa: S603
                               cwd=ROOT, env=env)
@@ -78,6 +97,14 @@ def test_a_conversion_dies_with_the_worker_process_that_started_it(kind: str, tm
         worker.send_signal(signal.SIGKILL)
         worker.wait()
         wait_until(lambda: all(_gone(process) for process in left), 30, f"{kind}'s processes to die with the worker")
+        if kind == "tesseract":
+            assert _files(temp_dir), "the killed worker left no file: nothing below shows they are removed"
+        else:  # by the session's leader, the worker being dead
+            wait_until(lambda: not _files(temp_dir), 30, f"the plaintext in {kind}'s directory to be removed")
+        (tmp_path / "next.txt").write_text("The next document.")
+        subprocess.run([sys.executable, "-m", "tests.support.parse_process", str(tmp_path / "next.txt"),  # noqa: S603
+                        sniff.TEXT_PLAIN], cwd=ROOT, env=env, check=True)
+        assert _left(temp_dir) == []
     finally:
         worker.kill()
         worker.wait()

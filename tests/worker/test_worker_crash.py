@@ -147,14 +147,18 @@ def test_a_parser_beyond_the_alarm_meets_the_hard_time_limit_and_the_worker_goes
     for job in accepted.values():
         send_job(app, document_id=job.document_id, job_id=job.job_id)
 
-    log = tmp_path / "worker.log"
+    log, temp_dir = tmp_path / "worker.log", tmp_path / "tmp"
+    temp_dir.mkdir()
     # The limit applies to next.txt too, run by the child started after the kill: 6 s failed it on a loaded machine.
     worker = _start_worker(settings, log, GOVRAG_TEST_POOL="prefork", GOVRAG_TEST_PARSER_IGNORES_ALARM="1",
-                           GOVRAG_PARSE_TIMEOUT_SECONDS="1", GOVRAG_INGEST_TIME_LIMIT_SECONDS="20")
+                           GOVRAG_PARSE_TIMEOUT_SECONDS="1", GOVRAG_INGEST_TIME_LIMIT_SECONDS="20",
+                           TMPDIR=str(temp_dir))
     stuck, following = accepted["stuck.txt"], accepted["next.txt"]
     try:
         wait_until(lambda: _state(settings, following.document_id, following.job_id)[0] in ("ready", "failed"), 300,
                    "the worker to go on with the next document")
+        # the killed child's copy of stuck.txt: removed by the child that replaced it, as it started
+        assert not [path for path in temp_dir.rglob("*") if path.is_file() and HANG_MARKER in path.read_bytes()]
         time.sleep(5)  # longer than the visibility timeout: a redelivered task would show as a second attempt
     finally:
         _stop(worker)

@@ -2,7 +2,8 @@
 GOVRAG_TEST_POOL=prefork, where the hard time limit applies).
 
 GOVRAG_TEST_PARSER_IGNORES_ALARM=1 makes the parser hang on a text containing `IGNORE-THE-ALARM` with SIGALRM
-blocked, as a parser stuck in native code would: only the hard time limit can end it.
+blocked, as a parser stuck in native code would: only the hard time limit can end it. It hangs having written the
+text to a temporary file, as unstructured's OCR writes the scan.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ HANG_MARKER = b"IGNORE-THE-ALARM"
 
 def _parser_ignoring_the_alarm() -> None:
     import signal
+    import tempfile
     import time
     from collections.abc import Callable
 
@@ -32,6 +34,8 @@ def _parser_ignoring_the_alarm() -> None:
 
         def run(data: bytes) -> list[object]:
             if HANG_MARKER in data:
+                with tempfile.NamedTemporaryFile(delete=False) as copy:
+                    copy.write(data)
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
                 time.sleep(3600)
             return chosen(data)
