@@ -2,8 +2,8 @@
 Each starts in a session of its own and dies with the process that started it: a Celery prefork child killed at the
 hard time limit left pandoc or `soffice.bin` converting the document for minutes. None starts for a parse abandoned
 at its time limit (`Cancellation`). A converter runs in a private temporary directory, its whole session killed at
-the time limit and after it ends, before that directory (which holds the plaintext copy) is removed; killed too when
-the process that started it dies, the session's leader then removing the directory (`_SESSION_LEADER`)."""
+the time limit and after it ends, before that directory (which holds the plaintext copy) is removed. Should the
+process die first, that directory stays until the next worker process removes it (`ingestion.scratch`)."""
 
 from __future__ import annotations
 
@@ -28,18 +28,8 @@ GROUP_EXIT_WAIT_SECONDS = 2.0  # after the kill, how long to wait for a converte
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # A converter's session is led by this shell, told (PR_SET_PDEATHSIG) when the process that started it dies, and then
 # kills the whole session: the signal reaches one process only, and `soffice` (oosplash) killed alone left the
-# `soffice.bin` it started converting on. Nor would the dead process remove the private directory with the plaintext
-# copy: `_CLEAN_UP`, started in a session of its own (`setsid -f`; it must outlive the kill of this one), kills the
-# session and then removes the directory, again while a dying converter's last write makes it fail. Where setsid is
-# missing the shell kills the session itself. The directory, the clean-up script and "$@" (the converter's own
-# argument vector) are arguments, never parsed by the shell.
-_CLEAN_UP = ('kill -s KILL -- "-$1"; n=0; '
-             'until rm -rf -- "$2" 2>/dev/null || [ "$n" -ge 50 ]; do n=$((n + 1)); sleep 0.1; done')
-_SESSION_LEADER = ["/bin/sh", "-c",
-                   'clean_up=$1 directory=$2; shift 2; trap \''
-                   'setsid -f /bin/sh -c "$clean_up" govrag-clean-up "$$" "$directory" || kill -s KILL 0'
-                   '\' TERM; "$@" & wait $!',
-                   "govrag-converter", _CLEAN_UP]
+# `soffice.bin` it started converting on. "$@" runs the converter's own argument vector, never parsed by the shell.
+_SESSION_LEADER = ["/bin/sh", "-c", 'trap "kill -s KILL 0" TERM; "$@" & wait $!', "govrag-converter"]
 
 
 class Abandoned(BaseException):
@@ -137,14 +127,12 @@ class _Subprocess:
 SUBPROCESS = _Subprocess()
 
 
-def run_to_the_end(command: list[str], private_dir: Path, timeout_seconds: float) -> int | None:
-    """Run a converter in a session of its own; its exit status, or None when it ran past the limit. Whatever
-    happens (its end, the limit, the parse's own time limit interrupting the wait), every process of the session is
-    killed: `soffice` starts `soffice.bin`, which a kill of `soffice` alone would leave running. Should this process
-    die first, its session is killed and `private_dir` (its TMPDIR too) removed."""
-    process = ChildPopen([*_SESSION_LEADER, str(private_dir), *command], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, dies_by=signal.SIGTERM,
-                         temp_dir=str(private_dir))
+def run_to_the_end(command: list[str], temp_dir: Path, timeout_seconds: float) -> int | None:
+    """Run a converter in a session of its own, `temp_dir` its TMPDIR; its exit status, or None when it ran past the
+    limit. Whatever happens (its end, the limit, the parse's own time limit interrupting the wait), every process of
+    the session is killed: `soffice` starts `soffice.bin`, which a kill of `soffice` alone would leave running."""
+    process = ChildPopen([*_SESSION_LEADER, *command], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, dies_by=signal.SIGTERM, temp_dir=str(temp_dir))
     try:
         return process.wait(timeout=timeout_seconds or None)
     except subprocess.TimeoutExpired:

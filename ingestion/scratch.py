@@ -1,49 +1,63 @@
-"""This process's private temporary directory: `tempfile`'s default from the first parse on, so that every temporary
-file a parse writes — a converter's working directory, unstructured's copy of a scanned PDF and its page images,
-pytesseract's `tess_*` files — lands in it, each still removed by whoever made it. A worker child SIGKILLed at the
-hard time limit (or by the OOM killer) runs no cleanup: what it was writing stays behind, the document's plaintext.
-The directory's name records its owner (pid namespace, pid, start time), and a process making its own removes those
-whose owner has ended: a Celery prefork child replacing a killed one does so as it starts. Never a live process's: a
-pid alone may be reused, but not with the same start time; directories of another pid namespace (a container sharing
-the temporary directory) are left alone, as are those of another user."""
+"""This process's private temporary directory: `tempfile`'s default from the first parse on (a worker process's
+start), so that every temporary file a parse writes — a converter's working directory, unstructured's copy of a
+scanned PDF and its page images, pytesseract's `tess_*` files — lands in it, each still removed by whoever made it. A
+worker child SIGKILLed at the hard time limit (or by the OOM killer) runs no cleanup: what it was writing stays
+behind, the document's plaintext. Its owner holds a shared lock (flock) on the directory for as long as it lives; the
+kernel drops it as the owner ends, however it ends. A process making its own directory removes those no process
+holds: a Celery prefork child replacing a killed one does so as it starts. Never a live process's, whatever its pid
+namespace (a container sharing the temporary directory), nor another user's; systemd-tmpfiles too leaves a locked
+directory alone."""
 
 from __future__ import annotations
 
 import atexit
-import contextlib
+import fcntl
 import os
-import re
 import shutil
-import stat
 import tempfile
 import threading
 from pathlib import Path
 
 PREFIX = "govrag-tmp-"
-_OWNED = re.compile(rf"{PREFIX}(?P<namespace>\d+)-(?P<pid>\d+)-(?P<started>\d+)-[^/]+")
 
 _lock = threading.Lock()
 _base: str | None = None  # the temporary directory of the system (TMPDIR), where the private ones are made
-_current: tuple[int, str] | None = None  # (owning pid, directory): a forked child makes its own
+_current: tuple[int, str, int] | None = None  # (owning pid, directory, descriptor holding its lock)
 
 
 def private_dir() -> str:
     """This process's private temporary directory, made (and made `tempfile`'s default) on the first call in a
-    process, or again when it went missing; making it removes those of processes that have ended."""
+    process (a forked child makes its own), or again when it went missing; making it removes those of processes
+    that have ended."""
     global _base, _current
     with _lock:
-        if _current is not None and _current[0] == os.getpid() and os.path.isdir(_current[1]):
-            return _current[1]
+        if _current is not None:
+            if _current[0] == os.getpid() and os.path.isdir(_current[1]):
+                return _current[1]
+            os.close(_current[2])  # a missing one's; or, in a forked child, its parent's, which it would hold too
         if _base is None:
             _base = tempfile.gettempdir()
-        owner = _owner(os.getpid())
-        if owner is not None:
-            remove_ended(Path(_base))
-        directory = tempfile.mkdtemp(prefix=f"{PREFIX}{owner}-" if owner else PREFIX, dir=_base)  # mode 0700
+        remove_ended(Path(_base))
+        directory, descriptor = _make_held(_base)
         tempfile.tempdir = directory
-        _current = (os.getpid(), directory)
+        _current = (os.getpid(), directory, descriptor)
         atexit.register(_remove_at_exit, os.getpid(), directory)
         return directory
+
+
+def _make_held(base: str) -> tuple[str, int]:
+    """A new directory in `base` (mode 0700, `mkdtemp`) and the descriptor holding its shared lock. Between the two
+    another process may take it for an ended one's and remove it: then another is made."""
+    while True:
+        directory = tempfile.mkdtemp(prefix=PREFIX, dir=base)
+        try:
+            descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            continue
+        fcntl.flock(descriptor, fcntl.LOCK_SH)  # waits for a process removing it to be done
+        if os.fstat(descriptor).st_nlink:  # still there
+            return directory, descriptor
+        os.close(descriptor)
 
 
 def _remove_at_exit(pid: int, directory: str) -> None:
@@ -53,43 +67,24 @@ def _remove_at_exit(pid: int, directory: str) -> None:
 
 
 def remove_ended(base: Path) -> list[Path]:
-    """Remove the private directories in `base` whose owner, a process of this pid namespace, has ended (or is a
-    zombie, which writes nothing more); return them. Nothing where this system cannot tell (no /proc)."""
-    namespace = _namespace()
-    if namespace is None:
-        return []
-    removed = []
-    for entry in base.iterdir():
-        owned = _OWNED.fullmatch(entry.name)
-        if owned is None or owned["namespace"] != namespace or _started(int(owned["pid"])) == owned["started"]:
-            continue
-        with contextlib.suppress(FileNotFoundError):  # another process removed it first
-            status = entry.lstat()
-            if stat.S_ISDIR(status.st_mode) and status.st_uid == os.getuid():
-                shutil.rmtree(entry, ignore_errors=True)  # symlink-safe on Linux (rmtree.avoids_symlink_attacks)
-                removed.append(entry)
-    return removed
+    """Remove the private directories in `base` that no process holds (their owner has ended), this user's only;
+    return them."""
+    return [directory for directory in base.glob(f"{PREFIX}*") if _remove_unheld(directory)]
 
 
-def _owner(pid: int) -> str | None:
-    """'namespace-pid-start' naming process `pid` for good, None where this system cannot tell."""
-    namespace, started = _namespace(), _started(pid)
-    return None if namespace is None or started is None else f"{namespace}-{pid}-{started}"
-
-
-def _namespace() -> str | None:
-    """The inode of this process's pid namespace ('pid:[4026531836]'): pids are compared within one only."""
+def _remove_unheld(directory: Path) -> bool:
+    """Remove `directory` if it is one of this user's that no process holds; whether it was removed."""
     try:
-        return "".join(filter(str.isdigit, os.readlink("/proc/self/ns/pid"))) or None
-    except OSError:
-        return None
-
-
-def _started(pid: int) -> str | None:
-    """When process `pid` started (clock ticks after boot, /proc/PID/stat field 22), None when none runs with that
-    pid: ended, or a zombie."""
+        descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:  # gone, a symbolic link, not a directory or not this user's to read
+        return False
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # the name may hold ") "
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else fields[19]
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while removing: its maker waits, then retries
+        if os.fstat(descriptor).st_uid != os.getuid():
+            return False
+        shutil.rmtree(directory, ignore_errors=True)  # symlink-safe on Linux (rmtree.avoids_symlink_attacks)
+        return True
+    except OSError:  # held by its owner (BlockingIOError), or a file system without such locks: left alone
+        return False
+    finally:
+        os.close(descriptor)

@@ -61,6 +61,14 @@ class IngestionTask(Task):
 
 
 @signals.worker_process_init.connect
+def private_temp_dir_on_start(**_: object) -> None:
+    """A worker process makes its private temporary directory as it starts, before it loads the models: a child
+    replacing one killed at the hard time limit (or by the OOM killer) removes the plaintext that one left
+    (`ingestion.scratch`). The solo pool sends this signal too; the threads pool does not: its first parse does it."""
+    scratch.private_dir()
+
+
+@signals.worker_process_init.connect
 def load_models_on_start(**_: object) -> None:
     """A worker process loads the models before it takes a job (see `load_models`): a prefork child of `govrag
     worker` (a replaced one too) or a solo pool's process (the in-process worker of `govrag serve`). Celery sends
@@ -68,13 +76,6 @@ def load_models_on_start(**_: object) -> None:
     settings = getattr(current_app, "govrag_settings", None)
     if settings is not None:
         ingestion_service.load_models(settings)
-
-
-@signals.worker_process_init.connect
-def private_temp_dir_on_start(**_: object) -> None:
-    """A worker process makes its private temporary directory as it starts: a child replacing one killed at the hard
-    time limit (or by the OOM killer) removes at once the plaintext that one left (`ingestion.scratch`)."""
-    scratch.private_dir()
 
 
 def register_tasks(app: GovragCelery) -> None:

@@ -79,8 +79,10 @@ def test_a_converted_file_its_parser_rejects_is_named_as_uploaded(monkeypatch: p
 
 
 FAKE_SOFFICE = """#!/bin/sh
-# Like soffice: starts a process of its own (soffice.bin) that goes on writing into the output directory.
+# Like soffice: copies the document into TMPDIR (LibreOffice's lu*.tmp) and starts a process of its own (soffice.bin)
+# that goes on writing into the output directory.
 prev=""; for arg in "$@"; do [ "$prev" = "--outdir" ] && out="$arg"; prev="$arg"; source="$arg"; done
+cp "$source" "$TMPDIR/lu1234abcd.tmp"
 ( sleep 1; mkdir -p "$out"; cp "$source" "$out/plaintext-copy"; exec sleep 300 ) &
 echo $! > "{pid_file}"
 wait
@@ -97,7 +99,8 @@ def _gone(pid: int) -> bool:
 def test_a_timed_out_conversion_kills_what_soffice_started_and_leaves_no_copy(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A timeout killed `soffice` only: the `soffice.bin` it started ran on, and could write the plaintext into the
-    working directory after its removal (recreating it). Now its whole session is killed before the removal."""
+    working directory after its removal (recreating it). Now its whole session is killed before the removal. And
+    the copy LibreOffice makes in TMPDIR, which a killed one never removes, is in that working directory too."""
     bin_dir, temp_dir, pid_file = tmp_path / "bin", tmp_path / "tmp", tmp_path / "child.pid"
     bin_dir.mkdir()
     temp_dir.mkdir()
@@ -106,6 +109,7 @@ def test_a_timed_out_conversion_kills_what_soffice_started_and_leaves_no_copy(
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     monkeypatch.setattr(tempfile, "tempdir", str(temp_dir))
+    monkeypatch.setenv("TMPDIR", str(temp_dir))
     with pytest.raises(GovragError) as slow:
         legacy_office.convert(b"secret plaintext of the upload", sniff.APPLICATION_DOC, 0.3)
     assert "took longer than the 0.3 s limit" in slow.value.message

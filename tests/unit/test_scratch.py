@@ -4,7 +4,9 @@ has ended, never while it runs."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -12,58 +14,69 @@ import pytest
 
 from ingestion import scratch
 
+ROOT = Path(__file__).resolve().parents[2]
+# A process that makes its private directory in TMPDIR, says which, and runs until killed.
+OWNER = "import sys, time; from ingestion import scratch; print(scratch.private_dir(), flush=True); time.sleep(600)"
 
-def _owned_by(base: Path, owner: str) -> Path:
-    directory = Path(tempfile.mkdtemp(prefix=f"{scratch.PREFIX}{owner}-", dir=base))
+
+def _owner(base: Path) -> tuple[subprocess.Popen[str], Path]:
+    """A running owner of a private directory in `base`, and that directory, with a page of a scan in it."""
+    owner = subprocess.Popen([sys.executable, "-c", OWNER], cwd=ROOT, stdout=subprocess.PIPE, text=True,  # noqa: S603
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(base)})
+    assert owner.stdout is not None
+    directory = Path(owner.stdout.readline().strip())
+    assert directory.parent == base
     (directory / "page-1.ppm").write_bytes(b"the scan's plaintext")
-    return directory
-
-
-def _start_of_zombie(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    return owner, directory
 
 
 def test_the_directories_of_ended_processes_are_removed_and_no_other(tmp_path: Path) -> None:
-    running = subprocess.Popen(["sleep", "60"])  # noqa: S607
-    zombie = subprocess.Popen(["true"])  # noqa: S607  # ended, not reaped: a killed worker its pool has not seen yet
-    ended = subprocess.Popen(["true"])  # noqa: S607
-    ended.wait()
+    running, live = _owner(tmp_path)
+    killed, of_killed = _owner(tmp_path)
+    zombie, of_zombie = _owner(tmp_path)
     try:
-        os.waitid(os.P_PID, zombie.pid, os.WEXITED | os.WNOWAIT)  # once it has ended, leaving it unreaped
-        namespace, pid, started = str(scratch._owner(running.pid)).split("-")
-        live = _owned_by(tmp_path, f"{namespace}-{pid}-{started}")
-        other_namespace = _owned_by(tmp_path, f"{int(namespace) + 1}-{ended.pid}-{started}")
-        reused_pid = _owned_by(tmp_path, f"{namespace}-{pid}-{int(started) - 1}")  # its pid now another process's
-        of_zombie = _owned_by(tmp_path, f"{namespace}-{zombie.pid}-{_start_of_zombie(zombie.pid)}")
-        of_ended = _owned_by(tmp_path, f"{namespace}-{ended.pid}-{started}")
+        for ended in (killed, zombie):
+            ended.send_signal(signal.SIGKILL)
+        killed.wait()
+        os.waitid(os.P_PID, zombie.pid, os.WEXITED | os.WNOWAIT)  # ended, unreaped: a killed child its pool missed
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (elsewhere / "keep").write_text("not a private directory")
+        (tmp_path / f"{scratch.PREFIX}link").symlink_to(elsewhere)
         unowned = tmp_path / "govrag-pandoc-abc"
         unowned.mkdir()
-        assert sorted(scratch.remove_ended(tmp_path)) == sorted([reused_pid, of_zombie, of_ended])
-        assert sorted(tmp_path.iterdir()) == sorted([live, other_namespace, unowned])
+        assert sorted(scratch.remove_ended(tmp_path)) == sorted([of_killed, of_zombie])
+        assert sorted(tmp_path.iterdir()) == sorted([live, elsewhere, tmp_path / f"{scratch.PREFIX}link", unowned])
+        assert (live / "page-1.ppm").exists() and (elsewhere / "keep").exists()
     finally:
-        running.kill()
-        running.wait()
-        zombie.wait()
+        for owner in (running, killed, zombie):
+            owner.kill()
+            owner.wait()
+            owner.stdout.close()  # type: ignore[union-attr]
 
 
 def test_a_process_parses_in_a_directory_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """tempfile's default is the process's own directory, named after it; a forked child makes its own."""
+    """tempfile's default is the process's own directory, held while it runs; a forked child makes its own."""
     monkeypatch.setattr(scratch, "_base", str(tmp_path))
     monkeypatch.setattr(scratch, "_current", None)
     monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
     directory = Path(scratch.private_dir())
-    assert directory.parent == tmp_path
-    assert directory.name.startswith(f"{scratch.PREFIX}{scratch._owner(os.getpid())}-")
-    assert tempfile.gettempdir() == str(directory)
-    assert scratch.private_dir() == str(directory)
-    read, write = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - the child reports through the pipe
-        os.write(write, scratch.private_dir().encode())
-        os._exit(0)
-    os.close(write)
-    os.waitpid(child, 0)
-    with os.fdopen(read, "rb") as answer:
-        childs = Path(answer.read().decode())
-    assert childs.parent == tmp_path
-    assert childs != directory
+    try:
+        assert directory.parent == tmp_path
+        assert directory.name.startswith(scratch.PREFIX)
+        assert tempfile.gettempdir() == str(directory)
+        assert scratch.private_dir() == str(directory)
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child reports through the pipe
+            os.write(write, scratch.private_dir().encode())
+            os._exit(0)  # no clean-up: as if killed
+        os.close(write)
+        os.waitpid(child, 0)
+        with os.fdopen(read, "rb") as answer:
+            childs = Path(answer.read().decode())
+        assert childs.parent == tmp_path
+        assert scratch.remove_ended(tmp_path) == [childs]  # this process's, inherited by the child, still held
+        assert directory.is_dir()
+    finally:
+        os.close(scratch._current[2])  # type: ignore[index]
