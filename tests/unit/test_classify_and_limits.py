@@ -105,11 +105,11 @@ def test_too_many_pdf_pages_fail_with_the_limit() -> None:
 
 
 def test_parse_timeout_on_the_main_thread_interrupts_the_work() -> None:
-    started = time.monotonic()
+    finished: list[bool] = []
     with pytest.raises(GovragError) as error:
-        run_with_timeout(lambda: time.sleep(5), 0.2)
+        run_with_timeout(lambda: (time.sleep(5), finished.append(True)), 0.2)
     assert "longer than the 0.2 s limit" in error.value.message
-    assert time.monotonic() - started < 4  # interrupted, not waited out
+    assert finished == []  # interrupted, not waited out
 
 
 def test_parse_timeout_is_not_swallowed_by_a_parser_that_catches_every_exception() -> None:
@@ -120,11 +120,12 @@ def test_parse_timeout_is_not_swallowed_by_a_parser_that_catches_every_exception
                 time.sleep(0.05)
             except Exception:  # noqa: BLE001, S112 - what a careless parser does
                 continue
+        finished.append(True)
 
-    started = time.monotonic()
+    finished: list[bool] = []
     with pytest.raises(GovragError):
         run_with_timeout(stubborn_parser, 0.2)
-    assert time.monotonic() - started < 4
+    assert finished == []  # the timeout got through the parser's catch-all, not waited out
 
 
 def test_parse_timeout_off_the_main_thread_returns_control() -> None:

@@ -54,16 +54,21 @@ def _send(body: bytes, length: int | None = None) -> Reply:
     return reply
 
 
-def _trickle(handler: BaseHTTPRequestHandler) -> None:
-    """One byte every 0.3 s: never idle long enough for a per-read timeout."""
-    _send(b"", length=100_000)(handler)
-    for _ in range(40):
+def _trickle(ended: list[str], done: threading.Event) -> Reply:
+    """One byte every 0.3 s, 12 s in all: never idle long enough for a per-read timeout. `ended` says how it ended:
+    "hung up" when the client closed the connection first, "finished" when it read to the end."""
+    def reply(handler: BaseHTTPRequestHandler) -> None:
+        _send(b"", length=100_000)(handler)
         try:
-            handler.wfile.write(b" ")
-            handler.wfile.flush()
+            for _ in range(40):
+                handler.wfile.write(b" ")
+                handler.wfile.flush()
+                time.sleep(0.3)
+            ended.append("finished")
         except OSError:
-            return
-        time.sleep(0.3)
+            ended.append("hung up")
+        done.set()
+    return reply
 
 
 def _complete(generator: OpenAIGenerator) -> str:
@@ -91,8 +96,9 @@ def test_a_reply_over_the_size_cap_is_a_model_error(serve) -> None:
 
 
 def test_a_trickling_server_cannot_hold_the_call_past_the_timeout(serve) -> None:
-    generator = serve(_trickle)
-    start = time.monotonic()
+    """llm_timeout_seconds is 1; the server would go on for 12 s. The call gives up and hangs up before the end."""
+    ended, done = [], threading.Event()
     with pytest.raises(ModelError):
-        _complete(generator)
-    assert time.monotonic() - start < 6.0  # llm_timeout_seconds is 1; the server would go on for 12 s
+        _complete(serve(_trickle(ended, done)))
+    assert done.wait(timeout=60)
+    assert ended == ["hung up"]
