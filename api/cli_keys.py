@@ -96,12 +96,21 @@ def rotate_command(args: argparse.Namespace) -> int:
 
 
 def _print_rotations(reports: list[RotationReport]) -> None:
+    """The rotations done, then a line (on stderr) per department with documents whose key no longer opened."""
     table = Table(title="key rotation")
-    for column in ("department", "new key version", "document keys rewrapped"):
+    for column in ("department", "new key version", "document keys rewrapped", "document keys unreadable"):
         table.add_column(column)
     for report in reports:
-        table.add_row(report.department, str(report.new_version), str(report.documents_rewrapped))
+        table.add_row(report.department, str(report.new_version), str(report.documents_rewrapped),
+                      str(len(report.documents_unreadable)))
     Console().print(table)
+    for report in reports:
+        if report.documents_unreadable:
+            Console(stderr=True).print(
+                f"{report.department}: the data keys of these documents no longer open under the department key "
+                f"(their key rows altered in the database), so they were not rewrapped and are lost with the old "
+                f"key version: {', '.join(report.documents_unreadable)}; delete each (DELETE /v1/documents/<id>) "
+                "or upload it again", markup=False)
 
 
 def _rotation_stopped(done: list[RotationReport], why: str, left: list[str], actor: str, when: str) -> None:

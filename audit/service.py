@@ -230,14 +230,16 @@ def purge_expired(*, session: Session, settings: Settings, identity: Identity,
 def export_training_data(*, session: Session, settings: Settings, identity: Identity,
                          department: str) -> Iterator[str]:
     """Read the department's chunks, record the training-data export, then stream the redacted chunks queries may cite
-    (`training.training_rows`) and a manifest."""
+    (`training.training_rows`) and a manifest, which lists the documents left out as they no longer open."""
     if department not in authz_service.list_departments(session=session):
         raise GovragError(ErrorCode.not_found, "no such department")
     payloads = training.department_payloads(settings, department)
     record_admin_event(session=session, identity=identity, event_type=AdminEventType.training_export,
                        department=department, settings=settings, details={"department": department})
-    rows = training.training_rows(session=session, settings=settings, department=department, payloads=payloads)
-    return training.render_jsonl(rows, department=department)
+    unreadable: set[str] = set()  # documents left out as they no longer open: filled as the rows are read
+    rows = training.training_rows(session=session, settings=settings, department=department, payloads=payloads,
+                                  unreadable=unreadable)
+    return training.render_jsonl(rows, department=department, unreadable=unreadable)
 
 
 def checkpoint_now(*, session: Session, settings: Settings) -> tuple[int | None, bool]:

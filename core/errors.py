@@ -24,6 +24,7 @@ class ErrorCode(Enum):
     forbidden = 403
     not_found = 404
     conflict = 409
+    document_key_unreadable = 410  # the document's key row no longer opens (altered): gone for good, upload it again
     payload_too_large = 413
     unsupported_type = 415
     unavailable = 503

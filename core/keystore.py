@@ -146,10 +146,12 @@ class KeyStore:
         return version
 
     def rewrap_documents(self, *, session: Session, department: str, document_ids: list[str],
-                         version: int) -> int:
+                         version: int, unreadable: set[str] | None = None) -> int:
         """Wrap these documents' keys under department key `version`; returns how many were rewrapped. The
         department's lock, held exclusively before any row is read, waits for shreddings in flight (their keys are
         then found gone) and holds off those arriving until this transaction ends (they then delete the new rows too).
+        A document whose key row no longer opens (altered in the database) is DocumentKeyUnreadable, or, given
+        `unreadable`, left as it is and its id added there: one document's damage need not stop a rotation.
         """
         transaction_lock(session, _department_lock(department))
         if _version(session, "department", department, version) is None:
@@ -160,7 +162,13 @@ class KeyStore:
             row = _latest(session, "document", document_id)
             if row is None or row.parent_version >= version:
                 continue  # shredded meanwhile, or already under the new key
-            data_key = self._unwrap_document(session, department, row)
+            try:
+                data_key = self._unwrap_document(session, department, row)
+            except DocumentKeyUnreadable:
+                if unreadable is None:
+                    raise
+                unreadable.add(document_id)
+                continue
             session.add(WrappedKey(kind="document", owner=document_id, version=row.version + 1,
                                    parent_version=version,
                                    wrapped=crypto.seal(parent, data_key,
@@ -169,15 +177,18 @@ class KeyStore:
         session.flush()
         return done
 
-    def finish_rotation(self, *, session: Session, department: str, version: int) -> int:
+    def finish_rotation(self, *, session: Session, department: str, version: int,
+                        unreadable: set[str] | None = None) -> int:
         """Drop the superseded wrappings and the old department key versions (after every rewrap committed); returns
         how many document keys were still under an old version and rewrapped here. The department's lock, held
         exclusively, waits for uploads that read an old version: their keys are rewrapped here, never lost; uploads
         arriving meanwhile wait, then wrap under `version`. Shreddings wait too (or are waited for), so the rows
-        deleted here and the rows a shredding deletes are never each locked by the other."""
+        deleted here and the rows a shredding deletes are never each locked by the other. A key row left unreadable
+        (`rewrap_documents`) goes with the other superseded wrappings: that document's key is then missing."""
         transaction_lock(session, _department_lock(department))
         late = self.rewrap_documents(session=session, department=department, version=version,
-                                     document_ids=_documents_only_below(session, department, version))
+                                     document_ids=_documents_only_below(session, department, version),
+                                     unreadable=unreadable)
         documents = select(Document.id).where(Document.department == department)
         session.execute(delete(WrappedKey).where(WrappedKey.kind == "document", WrappedKey.owner.in_(documents),
                                                  WrappedKey.parent_version < version))

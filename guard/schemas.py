@@ -9,7 +9,7 @@ from pydantic import AfterValidator, BaseModel, Field
 
 from authz.schemas import GLOBAL_SCOPE as GLOBAL_SCOPE  # the kill switch's global scope, never a department
 from core.models import DEPARTMENT_PATTERN
-from core.text import DepartmentName, RequestModel
+from core.text import DepartmentName, RequestModel, has_variation_selector
 from guard.firewall import GuardMode
 from guard.normalise import ShownText
 
@@ -29,11 +29,12 @@ class KillMode(StrEnum):
 def _printable_reason(reason: str) -> str:
     """A reason people read in the guard listing and the ledger's exports: some text on one printable line (as a
     token's subject is), never only spaces, control or escape characters (a terminal runs those), invisible format
-    characters (zero-width, bidi controls) or spaces other than U+0020 (a non-breaking one pasted from a document)."""
-    if not reason.strip() or not reason.isprintable():
+    characters (zero-width, bidi controls), variation selectors (marks `isprintable` passes, which render as nothing
+    and can spell a hidden text) or spaces other than U+0020 (a non-breaking one pasted from a document)."""
+    if not reason.strip() or not reason.isprintable() or has_variation_selector(reason):
         raise ValueError("a reason is printable text on one line, not only spaces: no line breaks, tabs, control, "
-                         "escape, zero-width or bidirectional characters, and no spaces but the plain one (a "
-                         "non-breaking space is refused)")
+                         "escape, zero-width, bidirectional characters or variation selectors, and no spaces but the "
+                         "plain one (a non-breaking space is refused)")
     return reason
 
 

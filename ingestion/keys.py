@@ -33,6 +33,9 @@ class RotationReport:
     department: str
     new_version: int
     documents_rewrapped: int
+    # Documents whose key row no longer opened (altered in the database): not rewrapped, their old wrapping dropped
+    # with the old version; each is to be deleted or uploaded again.
+    documents_unreadable: tuple[str, ...] = ()
 
 
 def rotate_department_keys(*, settings: Settings, identity: Identity, departments: list[str] | None = None,
@@ -50,22 +53,32 @@ def rotate_department_keys(*, settings: Settings, identity: Identity, department
 
 
 def _rotate_one(settings: Settings, identity: Identity, department: str, batch_size: int) -> RotationReport:
+    """One department's rotation. A document whose key row no longer opens (altered in the database) is skipped, not
+    a rotation failing at each run until it is deleted: reported, audited and logged by id (`documents_unreadable`)."""
     keystore = keystore_for(settings)
     url = settings.resolved_database_url
     with unit_of_work(url) as session:
         version = keystore.begin_rotation(session=session, department=department)
         document_ids = repository.document_ids_with_keys(session, department)
     rewrapped = 0
+    unreadable: set[str] = set()  # the documents whose key row did not open
     for start in range(0, len(document_ids), batch_size):
         with unit_of_work(url) as session:
             rewrapped += keystore.rewrap_documents(session=session, department=department,
                                                    document_ids=document_ids[start:start + batch_size],
-                                                   version=version)
+                                                   version=version, unreadable=unreadable)
     with unit_of_work(url) as session:  # uploads that read the old version meanwhile are rewrapped here
-        rewrapped += keystore.finish_rotation(session=session, department=department, version=version)
-        report = RotationReport(department=department, new_version=version, documents_rewrapped=rewrapped)
+        rewrapped += keystore.finish_rotation(session=session, department=department, version=version,
+                                              unreadable=unreadable)
+        report = RotationReport(department=department, new_version=version, documents_rewrapped=rewrapped,
+                                documents_unreadable=tuple(sorted(unreadable)))
         _audit(session, settings, identity, department,
-               {"new_version": report.new_version, "documents_rewrapped": report.documents_rewrapped})
+               {"new_version": report.new_version, "documents_rewrapped": report.documents_rewrapped,
+                "documents_unreadable": list(report.documents_unreadable)})
+    for document_id in report.documents_unreadable:
+        logger.warning("the data key of document %s does not open under its department key: not rewrapped by the "
+                       "rotation of %s, its key is gone with the old version; delete it or upload it again",
+                       document_id, department)
     logger.info("rotated department key of %s to v%d: %d document keys rewrapped", department, version, rewrapped)
     return report
 

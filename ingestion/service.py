@@ -53,6 +53,8 @@ MAX_ATTACHMENT_DEPTH = 3  # levels of attachments followed below an uploaded e-m
 ATTACHMENT_FAILED = "the attachment could not be taken (an internal error)"
 CRASHED_TOO_OFTEN = f"ingestion stopped: the worker died {MAX_CRASHED_RUNS} times while processing this document"
 ATTACHMENTS_UNLISTED = "the e-mail's attachments could not be read (an internal error); none was ingested"
+ATTACHMENTS_KEY_UNREADABLE = ("the e-mail's data key does not open under its department key, so none of its "
+                              "attachments was ingested: upload it again")
 KEY_MISSING = "the document's data key is missing: upload it again"
 KEY_UNREADABLE = "the document's data key does not open under its department key: upload it again"
 ORIGINAL_UNREADABLE = "the document's stored original is missing or does not open under its key: upload it again"
@@ -175,7 +177,9 @@ def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAcc
     Children inherit the department, the ACL, and the e-mail's level (content-raised, so no attachment is visible to
     someone the e-mail is hidden from) as their declared floor; attached e-mails are followed MAX_ATTACHMENT_DEPTH
     levels below the upload. An attachment that cannot be taken (its type, a limit, a duplicate, unreadable, too
-    deep, one too many) is kept as a failed child with the reason: nothing disappears without a trace.
+    deep, one too many) is kept as a failed child with the reason: nothing disappears without a trace. Attachments
+    that cannot be listed, or an e-mail whose key row no longer opens, leave one failed child for all of them; the
+    task does not retry what no retry can open.
     """
     with unit_of_work(settings.resolved_database_url) as session:
         line = repository.lock_lineage(session, document_id)  # a deletion above in flight commits first, or waits
@@ -184,8 +188,14 @@ def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAcc
                 or parent.status not in (DocumentStatus.ready, DocumentStatus.quarantined)
                 or repository.children(session, document_id)):
             return []
-        key = keystore_for(settings).document_key(session=session, department=parent.department,
-                                                  document_id=document_id)
+        try:
+            key = keystore_for(settings).document_key(session=session, department=parent.department,
+                                                      document_id=document_id)
+        except DocumentKeyUnreadable:  # no retry opens it: the loss is on record at once, as an unlisted one's
+            logger.warning("the data key of document %s does not open under its department key: its attachments "
+                           "were not taken", document_id)
+            _record_refused_attachment(session, parent, "attachments", b"", ATTACHMENTS_KEY_UNREADABLE)
+            return []
         if key is None:
             return []
         found = _listed_attachments(settings, parent, key)
@@ -308,8 +318,7 @@ def reveal(*, session: Session, settings: Settings, document_id: str, placeholde
     if (document is None or document.status in RETIRED or not can_reveal(document.department)
             or not can_see(document)):
         raise GovragError(ErrorCode.not_found, "no such document")
-    key = keystore_for(settings).document_key(session=session, department=document.department,
-                                              document_id=document_id)
+    key = _revealing_key(session, settings, document)
     served = document.served_generation  # the map of the chunks queries cite, never a run's still going
     raw = _served_map(settings, document_id, key, served) if key is not None and served is not None else None
     mapping = Numbering.from_json(raw).placeholders if raw is not None else {}  # {}: the run minted none
@@ -318,6 +327,18 @@ def reveal(*, session: Session, settings: Settings, document_id: str, placeholde
     own = {shown: document_placeholder(shown) for shown in placeholders}
     return document.department, RevealOut(document_id=document_id,
                                           values={shown: mapping[p] for shown, p in own.items() if p in mapping})
+
+
+def _revealing_key(session: Session, settings: Settings, document: Document) -> bytes | None:
+    """The data key a reveal opens the map with; one whose key row no longer opens (altered in the database) is a
+    410 saying so (`document_key_unreadable`), logged with the document's id only, not an unexplained 500."""
+    try:
+        return keystore_for(settings).document_key(session=session, department=document.department,
+                                                   document_id=document.id)
+    except DocumentKeyUnreadable as exc:
+        logger.warning("the data key of document %s does not open under its department key: reveal refused",
+                       document.id)
+        raise GovragError(ErrorCode.document_key_unreadable, KEY_UNREADABLE) from exc
 
 
 def _served_map(settings: Settings, document_id: str, key: bytes, served: int) -> bytes | None:

@@ -10,7 +10,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import pytest
@@ -22,6 +21,7 @@ from core.db import get_engine
 from core.errors import unavailable_dependency
 from tests.conftest import PLATFORM_ADMIN, allow_connections, auth, desk_member
 from tests.support.govrag_process import run_govrag
+from tests.support.task_retries import Scheduled, task_at_retry
 
 if TYPE_CHECKING:
     from core.settings import Settings
@@ -107,21 +107,6 @@ def test_an_upload_while_the_blob_volume_is_not_mounted_is_a_503_and_writes_noth
     assert client.post("/v1/documents", headers=editor, **upload).status_code == 202  # type: ignore[arg-type]
 
 
-class _Scheduled(Exception):
-    """What the task's `retry` returned, for it to raise: Celery runs the task again later."""
-
-
-def _task(settings: object, retries: int, scheduled: list[dict[str, object]]) -> SimpleNamespace:
-    """The Celery task `ingest_document` is bound to, at its `retries`-th retry; each retry it asks for is noted."""
-
-    def retry(**kwargs: object) -> Exception:
-        scheduled.append(kwargs)
-        return _Scheduled()
-
-    return SimpleNamespace(app=SimpleNamespace(govrag_settings=settings), request=SimpleNamespace(retries=retries),
-                           retry=retry)
-
-
 def test_a_run_while_the_blob_volume_is_not_mounted_is_waited_out_as_an_outage(outage: dict[str, object]) -> None:
     """A run with the blob directory missing was retried as a fault of the document, 3 times, then failed ("retries
     exhausted") though nothing was wrong with it. It is now an outage, waited out as one of the database is, and
@@ -137,12 +122,12 @@ def test_a_run_while_the_blob_volume_is_not_mounted_is_waited_out_as_an_outage(o
     document_id, job_id = accepted.json()["document_id"], accepted.json()["job_id"]
     scheduled: list[dict[str, object]] = []
     with _blob_volume_unmounted(settings.blob_dir):
-        with pytest.raises(_Scheduled):  # its ordinary retries used up: still retried
-            ingest_document(_task(settings, MAX_RETRIES, scheduled), document_id, job_id)  # type: ignore[arg-type]
+        with pytest.raises(Scheduled):  # its ordinary retries used up: still retried
+            ingest_document(task_at_retry(settings, MAX_RETRIES, scheduled), document_id, job_id)  # type: ignore[arg-type]
         assert not settings.blob_dir.exists()
     assert [retry["max_retries"] for retry in scheduled] == [OUTAGE_RETRIES]
     assert client.get(f"/v1/jobs/{job_id}", headers=editor).json()["status"] == "queued"  # handed back, not failed
-    ingest_document(_task(settings, MAX_RETRIES + 1, scheduled), document_id, job_id)  # type: ignore[arg-type]
+    ingest_document(task_at_retry(settings, MAX_RETRIES + 1, scheduled), document_id, job_id)  # type: ignore[arg-type]
     assert client.get(f"/v1/documents/{document_id}", headers=editor).json()["status"] == "ready"
     assert len(scheduled) == 1
 
@@ -173,11 +158,11 @@ def test_a_refusal_raised_from_an_outage_in_a_run_is_waited_out_as_the_outage(
     assert accepted.status_code == 202, accepted.text
     document_id, job_id = accepted.json()["document_id"], accepted.json()["job_id"]
     scheduled: list[dict[str, object]] = []
-    with _blob_volume_unmounted(settings.blob_dir), pytest.raises(_Scheduled):
-        ingest_document(_task(settings, 0, scheduled), document_id, job_id)  # type: ignore[arg-type]
+    with _blob_volume_unmounted(settings.blob_dir), pytest.raises(Scheduled):
+        ingest_document(task_at_retry(settings, 0, scheduled), document_id, job_id)  # type: ignore[arg-type]
     assert [retry["max_retries"] for retry in scheduled] == [OUTAGE_RETRIES]
     assert client.get(f"/v1/jobs/{job_id}", headers=editor).json()["status"] == "queued"  # handed back, not failed
-    ingest_document(_task(settings, 1, scheduled), document_id, job_id)  # type: ignore[arg-type]
+    ingest_document(task_at_retry(settings, 1, scheduled), document_id, job_id)  # type: ignore[arg-type]
     assert client.get(f"/v1/documents/{document_id}", headers=editor).json()["status"] == "ready"
 
 

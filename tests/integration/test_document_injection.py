@@ -265,15 +265,25 @@ def test_text_hidden_in_a_title_never_leaves_in_a_listing(
 
 
 def test_a_reason_hiding_text_in_variation_selectors_never_leaves_in_the_guard_state(
-        client: TestClient, issue_token: Callable[..., str]) -> None:
+        client: TestClient, issue_token: Callable[..., str], settings: Any) -> None:
     """A kill-switch reason is refused with tag characters (not printable) but took variation selectors (marks,
-    printable), and the switch's answer and the guard listing echoed them."""
+    printable), and the switch's answer and the guard listing echoed them. Such a reason is now a 422 too, storing
+    nothing; one stored before the refusal is listed without them."""
+    from authz.identity import operator_identity
+    from core.db import unit_of_work
+    from guard import controls
+    from guard.schemas import KillMode
+
     department, _ = _editor_of_new_department(client, issue_token)
     admin = auth(issue_token(PLATFORM_ADMIN))
-    switched = client.post("/v1/admin/kill-switch", headers=admin,
-                           json={"scope": department, "mode": "retrieval_only", "reason": f"drill {SELECTED}"})
+    refused = client.post("/v1/admin/kill-switch", headers=admin,
+                          json={"scope": department, "mode": "retrieval_only", "reason": f"drill {SELECTED}"})
+    assert refused.status_code == 422 and not _HIDDEN_TEXT.search(refused.text), refused.text
+    assert department not in {state["scope"] for state in client.get("/v1/admin/guard", headers=admin).json()}
+    with unit_of_work(settings.resolved_database_url) as session:  # as an earlier release stored it
+        controls.set_kill_switch(session=session, settings=settings, identity=operator_identity("tester"),
+                                 scope=department, mode=KillMode.retrieval_only, reason=f"drill {SELECTED}")
     listed = client.get("/v1/admin/guard", headers=admin)
     client.post("/v1/admin/kill-switch", headers=admin, json={"scope": department, "mode": "normal", "reason": "end"})
-    assert switched.status_code == 200 and switched.json()["reason"] == f"drill {SELECTED[0]}", switched.text
     reasons = [state["reason"] for state in listed.json() if state["scope"] == department]
     assert listed.status_code == 200 and reasons == [f"drill {SELECTED[0]}"], reasons

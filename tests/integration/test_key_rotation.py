@@ -419,12 +419,14 @@ def test_the_database_going_away_mid_rotation_says_what_was_rotated_and_running_
     assert ("stopped: the database is unavailable; rotated and audited: alpha (v2); not rotated: beta; "
             "run `govrag keys rotate --department beta --actor tester` once it is back") in err, err
     assert "Traceback" not in err and database not in err and "postgres" not in err
-    assert audited_details(settings, "alpha") == [{"new_version": 2, "documents_rewrapped": 1}]
+    assert audited_details(settings, "alpha") == [{"new_version": 2, "documents_rewrapped": 1,
+                                                   "documents_unreadable": []}]
     assert department_key_versions(settings, "alpha") == [2]
     assert department_key_versions(settings, "beta") == [1, 2] and audited_department_versions(settings, "beta") == []
 
     assert rotate("--department", "beta") == 0  # the command it said
-    assert audited_details(settings, "beta") == [{"new_version": 3, "documents_rewrapped": 1}]
+    assert audited_details(settings, "beta") == [{"new_version": 3, "documents_rewrapped": 1,
+                                                  "documents_unreadable": []}]
     assert department_key_versions(settings, "beta") == [3]
     assert audited_department_versions(settings, "alpha") == [2] and department_key_versions(settings, "alpha") == [2]
     assert _readable_key(settings, "beta")
@@ -581,3 +583,39 @@ def test_a_rotation_overtaken_by_one_begun_after_it_finishes_with_nothing_left_t
         assert store.finish_rotation(session=session, department="alpha", version=overtaken) == 0
     assert department_key_versions(settings, "alpha") == [3]
     assert _readable_key(settings, "alpha") is not None
+
+
+def test_a_rotation_meeting_a_document_key_row_that_no_longer_opens_rotates_the_rest_and_names_it(
+        make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A document's key row altered in the database (it no longer opens under its department key) failed the
+    department's rotation in its batch, in a traceback, at every run until that document was deleted: the
+    department's key could not be rotated at all, and each run left a version begun. The rotation now rewraps the
+    other keys, finishes and retires the old version; the document it could not rewrap (its key lost with the old
+    version, as it was already unreadable) is named in the command's output, with what to do, and in the audit
+    event. The next rotation has nothing left to skip."""
+    from core.models import Document
+    from tests.support.key_rotation import alter_key_row, audited_details, department_key_versions, two_departments
+
+    settings = two_departments(make_pg_database, tmp_path)
+    url, damaged = settings.resolved_database_url, "alpha-damaged"
+    with unit_of_work(url) as session:
+        session.add(Document(id=damaged, department="alpha", title="t", content_type="text/plain", size_bytes=1,
+                             sha256="1" * 64, uploaded_by="tester", status="ready"))
+        keystore_for(settings).create_document_key(session=session, department="alpha", document_id=damaged)
+    with unit_of_work(url) as session:
+        alter_key_row(settings, session, damaged)
+    rotate = _cli_on(settings, monkeypatch)
+    monkeypatch.setenv("COLUMNS", "400")
+    assert rotate("--department", "alpha") == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert ("alpha: the data keys of these documents no longer open under the department key (their key rows "
+            f"altered in the database), so they were not rewrapped and are lost with the old key version: {damaged}; "
+            "delete each (DELETE /v1/documents/<id>) or upload it again") in err and "Traceback" not in err, err
+    assert audited_details(settings, "alpha") == [{"new_version": 2, "documents_rewrapped": 1,
+                                                   "documents_unreadable": [damaged]}]
+    assert department_key_versions(settings, "alpha") == [2] and _versions(settings, "document", damaged) == []
+    assert _readable_key(settings, "alpha") is not None
+    assert rotate("--department", "alpha") == 0
+    assert audited_details(settings, "alpha")[-1] == {"new_version": 3, "documents_rewrapped": 1,
+                                                      "documents_unreadable": []}

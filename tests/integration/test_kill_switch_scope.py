@@ -158,12 +158,14 @@ def test_a_scope_that_is_no_department_is_refused_and_nothing_is_stored(client: 
 
 @pytest.mark.parametrize("reason", ["   ", "\t", "\u200b", "drill\nsecond line", "\x1b[2J\x1b[31mall clear\x1b[0m",
                                     "incident\u202e24 txe",
-                                    "model\u00a0paused"])
+                                    "model\u00a0paused", "drill\ufe0f", "drill \U000e0100\U000e0141\U000e0142",
+                                    "\u26a0\ufe0f model paused"])
 def test_a_kill_switch_reason_is_printable_text(client: TestClient, issue_token: Callable[..., str],
                                                 reason: str) -> None:
     """A reason of spaces only, or carrying line breaks, control, escape or bidi characters, was stored, listed by
     GET /v1/admin/guard and exported from the ledger (a terminal showing either ran the escapes). It is a 422 that
-    stores nothing; ordinary text in any script is taken."""
+    stores nothing; ordinary text in any script is taken. So is a variation selector (which `isprintable` passes:
+    one alone, a run spelling hidden text, or an emoji's own), as other invisible characters are."""
     admin = issue_token(PLATFORM_ADMIN)
     department = _department(client, admin)
     response = client.post("/v1/admin/kill-switch", headers=auth(admin),

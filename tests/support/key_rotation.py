@@ -1,4 +1,5 @@
-"""A fresh database with two departments for `govrag keys rotate` tests, and what the ledger and the keys say after."""
+"""A fresh database with two departments for `govrag keys rotate` tests, what the ledger and the keys say after, and a
+key row altered as in the database."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from core.db import unit_of_work
 from core.models import Document, RetrievalEvent, WrappedKey
@@ -69,3 +71,13 @@ def exit_code_unless_interrupted(command: Callable[[], int]) -> int | None:
         return command()
     except KeyboardInterrupt:
         return None
+
+
+def alter_key_row(settings: Settings, session: Session, owner: str, kind: str = "document") -> None:
+    """Flip one bit of the authentication tag of a document's (or a department's) key row; this process forgets the
+    keys it opened too, as one that never opened them."""
+    from core.keystore import keystore_for
+
+    row = session.scalars(select(WrappedKey).where(WrappedKey.kind == kind, WrappedKey.owner == owner)).one()
+    row.wrapped = row.wrapped[:-1] + bytes([row.wrapped[-1] ^ 0x01])
+    keystore_for(settings)._cache.clear()
