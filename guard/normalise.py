@@ -94,6 +94,13 @@ _HIDDEN_SELECTORS = re.compile(f"[{_SELECTORS}](?:[{_ZERO_WIDTH}{_TAGS}]*[{_SELE
 _HIDDEN = re.compile(f"{_HIDDEN_SELECTORS.pattern}|{_TAG_CHARACTERS.pattern}")
 
 
+def has_hidden_selectors(text: str) -> bool:
+    """Whether `text` hides text in variation selectors (`_HIDDEN_SELECTORS`: a run of two or more, or one of
+    VS17-VS256 after anything but a CJK ideograph), what `hidden_texts` reads and `without_hidden` removes; an emoji's
+    or an ideograph's own single selector (U+26A0 U+FE0F, the warning sign emoji) hides nothing."""
+    return _HIDDEN_SELECTORS.search(text) is not None
+
+
 def has_invisible(text: str) -> bool:
     """True when the text carries zero-width or bidi control characters."""
     return bool(_INVISIBLE.search(text))

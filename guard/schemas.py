@@ -9,9 +9,9 @@ from pydantic import AfterValidator, BaseModel, Field
 
 from authz.schemas import GLOBAL_SCOPE as GLOBAL_SCOPE  # the kill switch's global scope, never a department
 from core.models import DEPARTMENT_PATTERN
-from core.text import DepartmentName, RequestModel, has_variation_selector
+from core.text import DepartmentName, RequestModel
 from guard.firewall import GuardMode
-from guard.normalise import ShownText
+from guard.normalise import ShownText, has_hidden_selectors
 
 SCOPE_PATTERN = DEPARTMENT_PATTERN  # "global" or a department name
 
@@ -29,12 +29,13 @@ class KillMode(StrEnum):
 def _printable_reason(reason: str) -> str:
     """A reason people read in the guard listing and the ledger's exports: some text on one printable line (as a
     token's subject is), never only spaces, control or escape characters (a terminal runs those), invisible format
-    characters (zero-width, bidi controls), variation selectors (marks `isprintable` passes, which render as nothing
-    and can spell a hidden text) or spaces other than U+0020 (a non-breaking one pasted from a document)."""
-    if not reason.strip() or not reason.isprintable() or has_variation_selector(reason):
+    characters (zero-width, bidi controls), text hidden in variation selectors (`has_hidden_selectors`; an emoji's
+    own single selector, U+26A0 U+FE0F, is taken) or spaces other than U+0020 (a non-breaking one pasted from a
+    document)."""
+    if not reason.strip() or not reason.isprintable() or has_hidden_selectors(reason):
         raise ValueError("a reason is printable text on one line, not only spaces: no line breaks, tabs, control, "
-                         "escape, zero-width, bidirectional characters or variation selectors, and no spaces but the "
-                         "plain one (a non-breaking space is refused)")
+                         "escape, zero-width or bidirectional characters, no text hidden in variation selectors, and "
+                         "no spaces but the plain one (a non-breaking space is refused)")
     return reason
 
 

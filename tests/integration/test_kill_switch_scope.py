@@ -158,14 +158,14 @@ def test_a_scope_that_is_no_department_is_refused_and_nothing_is_stored(client: 
 
 @pytest.mark.parametrize("reason", ["   ", "\t", "\u200b", "drill\nsecond line", "\x1b[2J\x1b[31mall clear\x1b[0m",
                                     "incident\u202e24 txe",
-                                    "model\u00a0paused", "drill\ufe0f", "drill \U000e0100\U000e0141\U000e0142",
-                                    "\u26a0\ufe0f model paused"])
+                                    "model\u00a0paused", "drill\ufe00\ufe01", "drill \U000e0100\U000e0141\U000e0142",
+                                    "drill\U000e0141", "\u26a0\ufe0f\ufe0f model paused"])
 def test_a_kill_switch_reason_is_printable_text(client: TestClient, issue_token: Callable[..., str],
                                                 reason: str) -> None:
     """A reason of spaces only, or carrying line breaks, control, escape or bidi characters, was stored, listed by
     GET /v1/admin/guard and exported from the ledger (a terminal showing either ran the escapes). It is a 422 that
-    stores nothing; ordinary text in any script is taken. So is a variation selector (which `isprintable` passes:
-    one alone, a run spelling hidden text, or an emoji's own), as other invisible characters are."""
+    stores nothing; ordinary text in any script is taken. So is text hidden in variation selectors (which
+    `isprintable` passes): a run of them, or one of VS17-VS256 after a letter, each standing for a byte."""
     admin = issue_token(PLATFORM_ADMIN)
     department = _department(client, admin)
     response = client.post("/v1/admin/kill-switch", headers=auth(admin),
@@ -178,6 +178,23 @@ def test_a_kill_switch_reason_is_printable_text(client: TestClient, issue_token:
     taken = client.post("/v1/admin/kill-switch", headers=auth(admin),
                         json={"scope": department, "mode": "normal", "reason": "Störung – Modell geprüft (№ 7)"})
     assert taken.status_code == 200 and taken.json()["reason"] == "Störung – Modell geprüft (№ 7)", taken.text
+
+
+@pytest.mark.parametrize("reason", ["\u26a0\ufe0f outage", "\u2764\ufe0f thanks, on-call", "\u845b\U000e0100 office"],
+                         ids=["warning sign emoji", "red heart emoji", "ideographic variation"])
+def test_a_kill_switch_reason_keeps_a_character_s_own_variation_selector(
+        client: TestClient, issue_token: Callable[..., str], reason: str) -> None:
+    """Refusing every variation selector in a reason refused an emoji's own single one too (U+26A0 U+FE0F, as
+    keyboards type it). Only selectors that hide text are refused (`guard.normalise.has_hidden_selectors`); a
+    variation sequence, one character and its one selector, is taken and listed as sent."""
+    token = issue_token(PLATFORM_ADMIN)
+    admin, department = auth(token), _department(client, token)
+    taken = client.post("/v1/admin/kill-switch", headers=admin,
+                        json={"scope": department, "mode": "retrieval_only", "reason": reason})
+    assert taken.status_code == 200 and taken.json()["reason"] == reason, taken.text
+    listed = [s["reason"] for s in client.get("/v1/admin/guard", headers=admin).json() if s["scope"] == department]
+    client.post("/v1/admin/kill-switch", headers=admin, json={"scope": department, "mode": "normal", "reason": "end"})
+    assert listed == [reason], listed
 
 
 def test_a_kill_switch_change_is_logged_without_who_made_it(client: TestClient, issue_token: Callable[..., str],
