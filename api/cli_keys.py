@@ -108,9 +108,9 @@ def _print_rotations(reports: list[RotationReport]) -> None:
         if report.documents_unreadable:
             Console(stderr=True).print(
                 f"{report.department}: the data keys of these documents no longer open under the department key "
-                f"(their key rows altered in the database), so they were not rewrapped and are lost with the old "
-                f"key version: {', '.join(report.documents_unreadable)}; delete each (DELETE /v1/documents/<id>) "
-                "or upload it again", markup=False)
+                f"(their key rows altered in the database), so they were not rewrapped and are lost for good with "
+                f"the old key version: {', '.join(report.documents_unreadable)}; delete each (DELETE "
+                "/v1/documents/<id>) or upload it again", markup=False, soft_wrap=True)  # one line, for a log
 
 
 def _rotation_stopped(done: list[RotationReport], why: str, left: list[str], actor: str, when: str) -> None:

@@ -58,7 +58,9 @@ def _document_rows(session: Session, keystore: KeyStore, document: Document,
                    payloads: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
     """The document's rows, every chunk opened before any is returned: None if its key row or a chunk does not open
     (a department key that does not open is no document's damage: it fails the export); none once its key is
-    shredded."""
+    shredded. One document's rows are held at a time: no chunk cap bounds them (the upload and parse limits do), but
+    they are smaller than its payloads, which `department_payloads` already holds (about 1.3 kB a chunk against
+    1.6 kB, measured at 20,000 chunks of 1,000 characters)."""
     if not payloads:
         return []
     try:
