@@ -637,7 +637,8 @@ def _redacted_title(title: str, rules: RedactionRules, *, rules_only: bool = Fal
 
 def document_status(*, session: Session, can_see: Callable[[Document], bool],
                     document_id: str) -> DocumentStatusOut:
-    """Status and metadata of a document the caller may see; others look exactly like missing ones."""
+    """Status and metadata of a document the caller may see; others look exactly like missing ones. Its attachments
+    are listed as the caller may see each (one raised above their clearance by its content stays unknown to them)."""
     document = repository.get_document(session, document_id)
     if document is None or document.status == DocumentStatus.deleted or not can_see(document):
         raise GovragError(ErrorCode.not_found, "no such document")
@@ -646,7 +647,7 @@ def document_status(*, session: Session, can_see: Callable[[Document], bool],
         classification_reasons=list(document.classification_reasons or []), flagged_chunks=document.flagged_chunks,
         review_reason=document.review_reason,
         attachment_ids=[child.id for child in repository.children(session, document.id)
-                        if child.status != DocumentStatus.deleted],
+                        if child.status != DocumentStatus.deleted and can_see(child)],
     )
 
 
@@ -724,13 +725,13 @@ def is_served(document: Document, payload: Mapping[str, Any]) -> bool:
 
 
 def delete_document(*, session: Session, settings: Settings, document_id: str,
-                    can_delete: Callable[[str], bool]) -> tuple[str, list[str]]:
+                    can_delete: Callable[[Document], bool]) -> tuple[str, list[str]]:
     """Retire the document (an e-mail takes its attachments) and the failed copies of its content: keys shredded,
     purges owed (purge.retire_family). Returns its department and the ids to purge once the caller commits. One
     deleted meanwhile (a failed copy of content deleted elsewhere) is not found, as once it is deleted."""
     repository.lock_document(session, document_id)
     document = repository.get_document(session, document_id)
-    if document is None or document.status == DocumentStatus.deleted or not can_delete(document.department):
+    if document is None or document.status == DocumentStatus.deleted or not can_delete(document):
         raise GovragError(ErrorCode.not_found, "no such document")
     retired = purge.retire_family(session, settings, document, DocumentStatus.deleted)
     if document_id not in retired:

@@ -92,12 +92,14 @@ def get_document(document_id: str, session: SessionDep, enforcer: EnforcerDep,
 @router.delete("/documents/{document_id}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_document(document_id: str, session: SessionDep, settings: SettingsDep, enforcer: EnforcerDep,
                     user: CurrentUser) -> None:
-    """Crypto-shred a document, then remove its vectors and stored bytes (role: editor); a vector store outage
+    """Crypto-shred a document the caller may see, then remove its vectors and stored bytes (permission: delete; one
+    hidden from the caller by its ACL or level looks like a missing id, as for a reveal); a vector store outage
     leaves that removal to the sweep, the document is deleted all the same. The deletion and its ledger row commit
     together: no audit, no deletion."""
     department, retired = ingestion_service.delete_document(
         session=session, settings=settings, document_id=document_id,
-        can_delete=lambda department: authz_service.is_allowed(enforcer, user, "delete", department),
+        can_delete=lambda document: (authz_service.is_allowed(enforcer, user, "delete", document.department)
+                                     and _visibility(session, enforcer, user)(document)),
     )
     audit_service.record_admin_event(
         session=session, identity=user, event_type=AdminEventType.document_deleted, department=department,

@@ -234,3 +234,109 @@ def test_explain_applies_the_lineage_rule_to_an_attachment(client: TestClient, s
     assert explain("rita", document_id=shelf["ids"][0])["decision"] == "allow"  # an upload: no lineage check
     assert "lineage" not in {c["name"] for c in explain("rita", document_id=shelf["ids"][0])["checks"]}
     assert client.delete(f"/v1/documents/{parent['document_id']}", headers=auth(shelf["editor"])).status_code == 204
+
+
+def test_an_email_lists_only_the_attachments_the_caller_may_see(client: TestClient, shelf: dict,  # type: ignore[type-arg]
+                                                                issue_token: Callable[..., str]) -> None:
+    """An attachment its content raised above the reader's clearance is hidden from them (its status is a 404); the
+    e-mail's status listed its id all the same, so the reader learned that it exists. It now lists what they see."""
+    marker = f"osprey{uuid.uuid4().hex[:6]}"
+    admin = auth(issue_token(PLATFORM_ADMIN))
+    assert client.put(f"/v1/admin/departments/{shelf['department']}/ingestion-policy", headers=admin,
+                      json={"keywords": {f"project {marker}": "confidential"}}).status_code == 200
+    parent, attachment = _ingest_email(client, shelf, f"Rota {marker}", "The rota for next week.",
+                                       f"Costs of project {marker}.")
+    assert (parent["classification"], attachment["classification"]) == ("internal", "confidential")
+    seen = client.get(f"/v1/documents/{parent['document_id']}", headers=auth(shelf["reader"]))
+    assert seen.status_code == 200 and seen.json()["attachment_ids"] == []
+    assert client.get(f"/v1/documents/{attachment['document_id']}", headers=auth(shelf["reader"])).status_code == 404
+    assert parent["attachment_ids"] == [attachment["document_id"]]  # as the editor sees it
+    assert client.delete(f"/v1/documents/{parent['document_id']}", headers=auth(shelf["editor"])).status_code == 204
+
+
+def _refusal(response: object) -> tuple[int, str, str]:
+    """A refusal as the caller sees it: status, error code and message (the request id aside)."""
+    error = response.json()["error"]  # type: ignore[attr-defined]
+    return response.status_code, error["code"], error["message"]  # type: ignore[attr-defined]
+
+
+def test_deleting_needs_seeing_the_document(client: TestClient, shelf: dict,  # type: ignore[type-arg]
+                                            issue_token: Callable[..., str]) -> None:
+    """`delete` in a department let a role without `upload` delete a document its ACL hides from them (a 204 where a
+    missing id is a 404): they acted on, and learned of, a document they may not see. It now looks missing, as for a
+    reveal; one they may see is deleted."""
+    role, admin = f"records{uuid.uuid4().hex[:6]}", auth(issue_token(PLATFORM_ADMIN))
+    assert client.put(f"/v1/admin/roles/{role}", headers=admin,
+                      json={"name": role, "permissions": ["read", "delete"]}).status_code == 200
+    assert client.post("/v1/admin/role-assignments", headers=admin,
+                       json={"subject": "dora", "role": role, "department": shelf["department"]}).status_code == 201
+    hidden, shown = (
+        client.post("/v1/documents", headers=auth(shelf["editor"]), data={"department": shelf["department"], **form},
+                    files={"file": ("minutes.txt", f"Minutes {uuid.uuid4().hex}.".encode())}).json()["document_id"]
+        for form in ({"acl_groups": FINANCE}, {}))
+    for document_id in (hidden, shown):
+        wait_for_document(client, shelf["editor"], document_id)
+    records = auth(issue_token("dora"))
+    missing = client.delete(f"/v1/documents/{uuid.uuid4()}", headers=records)
+    assert _refusal(client.delete(f"/v1/documents/{hidden}", headers=records)) == _refusal(missing)
+    assert client.get(f"/v1/documents/{hidden}", headers=auth(shelf["editor"])).json()["status"] == "ready"
+    assert client.delete(f"/v1/documents/{shown}", headers=records).status_code == 204
+    assert client.delete(f"/v1/documents/{hidden}", headers=auth(shelf["editor"])).status_code == 204
+
+
+def test_a_department_admin_learns_nothing_of_another_department(client: TestClient, shelf: dict,  # type: ignore[type-arg]
+                                                                 issue_token: Callable[..., str]) -> None:
+    """The admin (and compliance officer) of another department probes the shelf's objects by id and by name: each
+    answer is the one a missing id or department gets, and a re-index of their own department naming the shelf's
+    documents leaves them alone. (These held before; kept as a regression guard.)"""
+    yard, admin = f"yard{uuid.uuid4().hex[:6]}", auth(issue_token(PLATFORM_ADMIN))
+    assert client.post("/v1/admin/departments", json={"name": yard}, headers=admin).status_code == 201
+    for role in ("admin", "compliance"):
+        assert client.post("/v1/admin/role-assignments", headers=admin,
+                           json={"subject": "yves", "role": role, "department": yard}).status_code == 201
+    upload = client.post("/v1/documents", headers=auth(shelf["editor"]),
+                         data={"department": shelf["department"], "classification": "restricted"},
+                         files={"file": ("plans.txt", f"Plans {uuid.uuid4().hex}.".encode())}).json()
+    held = wait_for_document(client, shelf["editor"], upload["document_id"])
+    assert held["status"] == "quarantined"
+    yves, nowhere, unknown = auth(issue_token("yves")), f"nowhere{uuid.uuid4().hex[:6]}", str(uuid.uuid4())
+    by_id = [("GET", "/v1/documents/{}", None), ("DELETE", "/v1/documents/{}", None),
+             ("POST", "/v1/documents/{}/reveal", {"placeholders": ["<PERSON_1>"]}),
+             ("POST", "/v1/admin/quarantine/{}/approve", None), ("POST", "/v1/admin/quarantine/{}/reject", None)]
+    for method, path, body in by_id:
+        for document_id in (held["document_id"], shelf["ids"][0]):
+            answer = client.request(method, path.format(document_id), headers=yves, json=body)
+            assert _refusal(answer) == _refusal(client.request(method, path.format(unknown), headers=yves, json=body))
+    job = client.get(f"/v1/jobs/{upload['job_id']}", headers=yves)
+    assert _refusal(job) == _refusal(client.get(f"/v1/jobs/{unknown}", headers=yves))
+    by_name = [("GET", "/v1/admin/departments/{}/ingestion-policy", None, None),
+               ("PUT", "/v1/admin/departments/{}/ingestion-policy", {"keywords": {"x": "restricted"}}, None),
+               ("GET", "/v1/admin/quarantine", None, "department"),
+               ("GET", "/v1/admin/role-assignments", None, "department"),
+               ("GET", "/v1/documents", None, "department"), ("GET", "/v1/audit/retrievals", None, "department")]
+    for method, path, body, param in by_name:
+        def ask(name: str) -> object:
+            return client.request(method, path.format(name), headers=yves, json=body,  # noqa: B023
+                                  params={param: name} if param else None)  # noqa: B023
+        assert _refusal(ask(shelf["department"])) == _refusal(ask(nowhere))
+    revoke = {"subject": "rita", "role": "reader"}
+    assert _refusal(client.request("DELETE", "/v1/admin/role-assignments", headers=yves,
+                                   json={**revoke, "department": shelf["department"]})) == _refusal(
+        client.request("DELETE", "/v1/admin/role-assignments", headers=yves, json={**revoke, "department": nowhere}))
+    switch = {"mode": "disabled", "reason": "probe"}
+    assert _refusal(client.post("/v1/admin/kill-switch", headers=yves,
+                                json={**switch, "scope": shelf["department"]})) == _refusal(
+        client.post("/v1/admin/kill-switch", headers=yves, json={**switch, "scope": nowhere}))
+    explained = client.post("/v1/authz/explain", headers=yves,
+                            json={"subject": "rita", "document_id": held["document_id"]})
+    assert explained.status_code == 403 and client.get("/v1/admin/guard", headers=yves).status_code == 403
+    reindex = client.post("/v1/admin/reindex", headers=yves,
+                          json={"department": yard, "document_ids": [held["document_id"], shelf["ids"][0]]})
+    assert reindex.status_code == 202 and reindex.json()["queued"] == []
+    assert sorted(reindex.json()["skipped"]) == sorted([held["document_id"], shelf["ids"][0]])
+    assert client.get(f"/v1/documents/{held['document_id']}", headers=auth(shelf["editor"])).json()["status"] \
+        == "quarantined"
+    assert client.get(f"/v1/documents/{shelf['ids'][0]}", headers=auth(shelf["reader"])).status_code == 200
+    assert {"subject": "rita", "role": "reader", "department": shelf["department"]} in client.get(
+        "/v1/admin/role-assignments", headers=admin, params={"department": shelf["department"]}).json()
+    assert client.delete(f"/v1/documents/{held['document_id']}", headers=auth(shelf["editor"])).status_code == 204
