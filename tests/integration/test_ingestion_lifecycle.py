@@ -670,9 +670,13 @@ def test_a_query_finding_a_document_whose_department_key_does_not_open_fails(
         alter_key_row(settings, session, department, kind="department")
     sample = ("govrag_served_keys_missing_total", {"department": department})
     before = metrics.REGISTRY.get_sample_value(*sample) or 0.0
-    with caplog.at_level("ERROR", logger="api.errors"):
-        response = client.post("/v1/query", headers=auth(lab["editor"]),
-                               json={"question": MINUTES_QUESTION, "departments": [department]})
+    try:
+        with caplog.at_level("ERROR", logger="api.errors"):
+            response = client.post("/v1/query", headers=auth(lab["editor"]),
+                                   json={"question": MINUTES_QUESTION, "departments": [department]})
+    finally:  # the same bit flipped back: a later master rotation in this test database rewraps every department key
+        with unit_of_work(settings.resolved_database_url) as session:
+            alter_key_row(settings, session, department, kind="department")
     assert response.status_code == 500 and response.json()["error"]["code"] == "internal", response.text
     assert (metrics.REGISTRY.get_sample_value(*sample) or 0.0) == before
     assert "unhandled DecryptionError" in caplog.text
