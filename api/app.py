@@ -35,6 +35,7 @@ from core.tracing import configure_tracing
 from guard.firewall import get_firewall
 from ingestion import service as ingestion_service
 from ingestion.purge import ORPHAN_SWEEP_SECONDS, PURGE_GRACE_SECONDS, purge_pending, sweep_orphan_files
+from retrieval.models import get_generator
 from retrieval.store import close_vector_store, open_vector_store, vector_store_is_open
 from workers.celery_app import GovragCelery, create_celery
 from workers.dispatch import resend_unfinished, send_unsent, sweep_jobs
@@ -120,6 +121,7 @@ def start(app: FastAPI) -> Background:
 def _ready(celery: GovragCelery, settings: Settings) -> Background:
     """The models loaded, and the threads made (not run): an in-process worker when the store is embedded, with the
     jobs the in-memory broker lost sent again."""
+    get_generator(settings)  # the answer model first: a GGUF llama.cpp does not load is a path to fix, said at once
     ingestion_service.load_models(settings)  # embedder, PII model, scanner: what a worker loads as it starts
     with loading("the prompt firewall's weights"):  # issue 5: the guard weights before the first query
         get_firewall()

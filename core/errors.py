@@ -60,12 +60,13 @@ class UnusablePath(StartRefused):
     exit_code = 2
 
     @classmethod
-    def refused(cls, what: str, error: OSError, setting: str, *, fix: str | None = None) -> UnusablePath:
+    def refused(cls, what: str, error: OSError, setting: str, *, fix: str | None = None,
+                instead: str = "a folder this user may write") -> UnusablePath:
         """Every such line, one shape: `what` (naming its path), the system's reason for refusing this user (`error`'s
         strerror, never a traceback) on the file it names, and the way out: `fix` (letting this user read and write
-        that file, unless said) or `setting` pointed elsewhere."""
+        that file, unless said) or `setting` pointed `instead` (at a folder this user may write, unless said)."""
         return cls(f"cannot use {what}: {_reason(error)} "
-                   f"({fix or 'let this user read and write it'}, or point {setting} at a folder this user may write)")
+                   f"({fix or 'let this user read and write it'}, or point {setting} at {instead})")
 
 
 class AddressUnusable(StartRefused):

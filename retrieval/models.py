@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import Protocol
 
-from core.errors import ErrorCode, GovragError
+from core.errors import ErrorCode, GovragError, StartRefused, UnusablePath
 from core.http import request_within
 from core.settings import Settings
 
@@ -32,22 +32,52 @@ class ModelError(Exception):
     """The model call failed (the caller falls back to the extractive answer)."""
 
 
+# What llama-cpp-python 0.3 raises as a completion fails (besides jinja2.TemplateError: a chat template that fails on
+# these messages): a prompt that fills the context window, a template's raise_exception (a model that refuses a system
+# message), numpy's refusal where llama.cpp rounded the window up past the buffers sized by n_ctx (ValueError);
+# llama_decode's failures: no room in the KV cache, a failed allocation or computation (RuntimeError); memory for
+# its buffers (MemoryError). A TypeError, KeyError, ... is a bug and stays one.
+LLAMA_COMPLETION_ERRORS: tuple[type[Exception], ...] = (ValueError, RuntimeError, MemoryError)
+
+
 class LlamaCppGenerator:
     """An in-process GGUF model through llama-cpp-python (the `llm` extra)."""
 
     name = "llamacpp"
 
     def __init__(self, model_path: Path, context_tokens: int) -> None:
-        from llama_cpp import Llama  # optional dependency: govrag[llm]
-
-        self._llm = Llama(model_path=str(model_path), n_ctx=context_tokens, n_threads=2, seed=0, verbose=False)
+        """The model loaded; a file this user may not read, or one llama.cpp does not load, is UnusablePath (a path
+        to fix, said in one line), llama-cpp-python missing a StartRefused naming the extra."""
+        try:
+            from jinja2 import TemplateError  # llama-cpp-python's chat templates: installed with it
+            from llama_cpp import Llama  # optional dependency: govrag[llm]
+        except ImportError as error:
+            raise StartRefused(f"GOVRAG_ANSWER_BACKEND=llamacpp needs llama-cpp-python ({type(error).__name__}): "
+                               "install govrag[llm], or choose another GOVRAG_ANSWER_BACKEND") from error
+        try:
+            with model_path.open("rb"):  # the system's reason, naming the file (llama.cpp says only that it failed)
+                pass
+        except OSError as error:
+            raise UnusablePath.refused(f"the answer model {model_path}", error, "GOVRAG_LLM_MODEL_PATH",
+                                       fix="let this user read it", instead="a GGUF file this user may read") from None
+        try:
+            self._llm = Llama(model_path=str(model_path), n_ctx=context_tokens, n_threads=2, seed=0, verbose=False)
+        except (ValueError, TemplateError) as error:  # not a GGUF, cut or garbled; no memory for the context
+            raise UnusablePath(f"llama.cpp does not load the answer model {model_path} with "
+                               f"GOVRAG_LLM_CONTEXT_TOKENS={context_tokens} ({type(error).__name__}): point "
+                               "GOVRAG_LLM_MODEL_PATH at a GGUF file it loads, or lower the context") from error
+        self._errors = (*LLAMA_COMPLETION_ERRORS, TemplateError)
         self._lock = threading.Lock()
         self.model_id = model_path.name
 
     def complete(self, messages: list[dict[str, str]], *, max_tokens: int) -> str:
-        """Greedy chat completion."""
+        """Greedy chat completion; what llama.cpp raises as it fails is a ModelError of its type alone (a message
+        may quote the prompt), so the caller falls back to the extractive answer."""
         with self._lock:
-            result = self._llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0)
+            try:
+                result = self._llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0)
+            except self._errors as exc:
+                raise ModelError(type(exc).__name__) from exc
         return str(result["choices"][0]["message"]["content"] or "")  # type: ignore[index]
 
     def count_tokens(self, text: str) -> int:
@@ -97,7 +127,8 @@ def get_generator(settings: Settings) -> Generator | None:
     """The configured model, or None for the extractive backend (loaded once per configuration)."""
     if settings.answer_backend == "extractive":
         return None
-    key = f"{settings.answer_backend}|{settings.llm_base_url}|{settings.llm_model}|{settings.llm_model_path}"
+    key = (f"{settings.answer_backend}|{settings.llm_base_url}|{settings.llm_model}|{settings.llm_model_path}|"
+           f"{settings.llm_context_tokens}")  # llama.cpp's window is the prompt budget: another one, another model
     with _GENERATORS_LOCK:
         if key not in _GENERATORS:
             if settings.answer_backend == "llamacpp" and settings.llm_model_path is not None:

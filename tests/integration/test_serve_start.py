@@ -11,7 +11,6 @@ import base64
 import os
 import shutil
 import socket
-import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,17 +26,11 @@ from retrieval import embeddings, onnx_embedder
 from retrieval.store import close_vector_store, open_vector_store
 from tests.support.file_permissions import PERMISSION_BITS_BIND
 from tests.support.govrag_process import ROOT, govrag_env, run_govrag, start_govrag, stop_govrag, wait_serving
+from tests.support.govrag_process import start_refusal as _refusal
 
 SERVE = ("serve", "--port", "0")
 WAY_OUT = "({fix}, or point {setting} at a folder this user may write)"
 READ_AND_WRITE = "let this user read and write it"
-
-
-def _refusal(result: subprocess.CompletedProcess[str]) -> tuple[int, str]:
-    """The exit code and the line a start was refused with (its last, after the log lines of the steps before); no
-    traceback, and uvicorn never started."""
-    assert "Traceback" not in result.stderr and "Started server process" not in result.stderr, result.stderr[-3000:]
-    return result.returncode, result.stderr.splitlines()[-1]
 
 
 def test_a_serve_beside_a_process_holding_the_embedded_store_refuses_in_one_line(tmp_path: Path) -> None:

@@ -32,6 +32,13 @@ def run_govrag(argv: Sequence[str], *, env: Mapping[str, str] | None = None, pre
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
+def start_refusal(result: subprocess.CompletedProcess[str]) -> tuple[int, str]:
+    """The exit code and the line a start was refused with (its last, after the log lines of the steps before); no
+    traceback, and uvicorn never started."""
+    assert "Traceback" not in result.stderr and "Started server process" not in result.stderr, result.stderr[-3000:]
+    return result.returncode, result.stderr.splitlines()[-1]
+
+
 def start_govrag(argv: Sequence[str], *, log: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
     """`govrag argv` with `env` (this process's when None) started, its stdout and stderr added to `log`; the caller
     stops it."""
