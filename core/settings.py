@@ -128,8 +128,10 @@ class Settings(BaseSettings):
     llm_api_key: SecretStr | None = None  # openai: sent as a bearer token if set
     llm_allowed_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1", "localhost", "::1"])
     llm_timeout_seconds: float = 60.0
-    llm_context_tokens: int = 2048  # prompt budget: system + question + chunks must fit, with room to answer
-    llm_max_answer_tokens: int = 256
+    # prompt budget: system + question + chunks (+ the chat template's markers) must fit, with room to answer; both at
+    # least 1: llama.cpp reads a context of 0 as the model's own, and an answer of 0 tokens as no limit
+    llm_context_tokens: int = Field(default=2048, ge=1)
+    llm_max_answer_tokens: int = Field(default=256, ge=1)
     firewall_default_mode: Literal["block", "flag", "off"] = "block"
     scan_retrieved_text: bool = True  # drop chunks that read like instructions before a model sees them
     guard_cache_seconds: float = 0.5  # kill-switch / mode changes reach every process within this
@@ -169,6 +171,15 @@ class Settings(BaseSettings):
                 raise ValueError("GOVRAG_LLM_BASE_URL must name a host listed in GOVRAG_LLM_ALLOWED_HOSTS")
         if self.answer_backend == "llamacpp" and self.llm_model_path is None:
             raise ValueError("GOVRAG_ANSWER_BACKEND=llamacpp needs GOVRAG_LLM_MODEL_PATH")
+        return self
+
+    @model_validator(mode="after")
+    def _llm_answer_leaves_room(self) -> Settings:
+        """A model is given what the answer leaves of its window: an answer as long as the window is no prompt, every
+        query answered extractively."""
+        if self.answer_backend != "extractive" and self.llm_max_answer_tokens >= self.llm_context_tokens:
+            raise ValueError("GOVRAG_LLM_MAX_ANSWER_TOKENS must be less than GOVRAG_LLM_CONTEXT_TOKENS: the prompt is "
+                             "given what the answer leaves of the window")
         return self
 
     @model_validator(mode="after")

@@ -116,17 +116,15 @@ def _generate(session: Session, settings: Settings, question: str, chunks: Seque
               generator: Generator, cite: Cite, result: Generation) -> None:
     """Ask the model (a canary per searched department in its hidden context); keep only a sound answer."""
     canaries = {d: controls.ensure_canary(session=session, settings=settings, department=d) for d in departments}
-    prompt = prompting.build_prompt(
-        question, [prompting.PromptChunk(n=i, title=c.title, text=c.text) for i, c in enumerate(chunks, start=1)],
-        canaries, budget_tokens=settings.llm_context_tokens - settings.llm_max_answer_tokens,
-        count_tokens=generator.count_tokens)
     result.model_id = generator.model_id
-    trace: dict[str, Any] = {"called": bool(prompt.given), "chunks_given": sorted(prompt.given)}
+    trace: dict[str, Any] = {"called": False, "chunks_given": []}
     result.verdicts["model"] = trace
-    if not prompt.given:
-        trace["fallback"] = "over_budget"
-        return
-    try:
+    try:  # the prompt measured with the model's tokenizer, then the call: the backend may fail in either
+        prompt = _prompt(settings, question, chunks, canaries, generator)
+        trace.update(called=bool(prompt.given), chunks_given=sorted(prompt.given))
+        if not prompt.given:
+            trace["fallback"] = "over_budget"
+            return
         text = generator.complete(prompt.messages, max_tokens=settings.llm_max_answer_tokens)
     except ModelError as exc:  # the backend's failure by its type only: its message may echo the prompt
         trace["fallback"] = f"model_error:{type(exc.__cause__ or exc).__name__}"
@@ -149,6 +147,15 @@ def _generate(session: Session, settings: Settings, question: str, chunks: Seque
         "answer": verdict.text.strip(), "citations": [cite(n, chunks[n - 1]) for n in sorted(cited)]})
     result.cited = cited
     result.verdicts["output"] = verdict.as_audit()
+
+
+def _prompt(settings: Settings, question: str, chunks: Sequence[Any], canaries: dict[str, str],
+            generator: Generator) -> prompting.Prompt:
+    """As many chunks as the model's window holds once the answer and the chat template's markers have their room."""
+    budget = settings.llm_context_tokens - settings.llm_max_answer_tokens - generator.template_tokens
+    return prompting.build_prompt(
+        question, [prompting.PromptChunk(n=i, title=c.title, text=c.text) for i, c in enumerate(chunks, start=1)],
+        canaries, budget_tokens=budget, count_tokens=generator.count_tokens)
 
 
 def _guard_output(session: Session, settings: Settings, chunks: Sequence[Any], departments: list[str],

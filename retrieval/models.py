@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +24,7 @@ class Generator(Protocol):
 
     name: str
     model_id: str
+    template_tokens: int  # what the chat template adds around the messages' text, counted once: the prompt's budget
 
     def complete(self, messages: list[dict[str, str]], *, max_tokens: int) -> str: ...
 
@@ -35,9 +38,11 @@ class ModelError(Exception):
 # What llama-cpp-python 0.3 raises as a completion fails (besides jinja2.TemplateError: a chat template that fails on
 # these messages): a prompt that fills the context window, a template's raise_exception (a model that refuses a system
 # message), numpy's refusal where llama.cpp rounded the window up past the buffers sized by n_ctx (ValueError);
-# llama_decode's failures: no room in the KV cache, a failed allocation or computation (RuntimeError); memory for
-# its buffers (MemoryError). A TypeError, KeyError, ... is a bug and stays one.
+# llama_decode's failures, no room in the KV cache, a failed allocation or computation, and the tokenizer's
+# (RuntimeError); memory for its buffers (MemoryError). A TypeError, KeyError, ... is a bug and stays one.
 LLAMA_COMPLETION_ERRORS: tuple[type[Exception], ...] = (ValueError, RuntimeError, MemoryError)
+# The messages govrag sends, with no text: what the chat template makes of them is its own markers alone.
+EMPTY_CHAT = [{"role": "system", "content": ""}, {"role": "user", "content": ""}]
 
 
 class LlamaCppGenerator:
@@ -46,8 +51,9 @@ class LlamaCppGenerator:
     name = "llamacpp"
 
     def __init__(self, model_path: Path, context_tokens: int) -> None:
-        """The model loaded; a file this user may not read, or one llama.cpp does not load, is UnusablePath (a path
-        to fix, said in one line), llama-cpp-python missing a StartRefused naming the extra."""
+        """The model loaded, and its chat template's tokens counted; a file this user may not read, or one llama.cpp
+        does not load or answer with, is UnusablePath (a path to fix, said in one line), llama-cpp-python missing a
+        StartRefused naming the extra."""
         try:
             from jinja2 import TemplateError  # llama-cpp-python's chat templates: installed with it
             from llama_cpp import Llama  # optional dependency: govrag[llm]
@@ -60,29 +66,42 @@ class LlamaCppGenerator:
         except OSError as error:
             raise UnusablePath.refused(f"the answer model {model_path}", error, "GOVRAG_LLM_MODEL_PATH",
                                        fix="let this user read it", instead="a GGUF file this user may read") from None
-        try:
-            self._llm = Llama(model_path=str(model_path), n_ctx=context_tokens, n_threads=2, seed=0, verbose=False)
-        except (ValueError, TemplateError) as error:  # not a GGUF, cut or garbled; no memory for the context
-            raise UnusablePath(f"llama.cpp does not load the answer model {model_path} with "
-                               f"GOVRAG_LLM_CONTEXT_TOKENS={context_tokens} ({type(error).__name__}): point "
-                               "GOVRAG_LLM_MODEL_PATH at a GGUF file it loads, or lower the context") from error
         self._errors = (*LLAMA_COMPLETION_ERRORS, TemplateError)
         self._lock = threading.Lock()
         self.model_id = model_path.name
+        try:  # not a GGUF, cut or garbled; no memory for the context; a template that refuses govrag's messages
+            self._llm = Llama(model_path=str(model_path), n_ctx=context_tokens, n_threads=2, seed=0, verbose=False)
+            self.template_tokens = self._prompt_tokens(EMPTY_CHAT)
+        except self._errors as error:
+            raise UnusablePath(f"llama.cpp does not load the answer model {model_path} with "
+                               f"GOVRAG_LLM_CONTEXT_TOKENS={context_tokens} ({type(error).__name__}): point "
+                               "GOVRAG_LLM_MODEL_PATH at a GGUF file it loads, or set another context") from error
 
-    def complete(self, messages: list[dict[str, str]], *, max_tokens: int) -> str:
-        """Greedy chat completion; what llama.cpp raises as it fails is a ModelError of its type alone (a message
-        may quote the prompt), so the caller falls back to the extractive answer."""
+    def _prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        """The tokens of the prompt `messages` make, chat template included, as llama.cpp counts them (one token
+        generated: llama-cpp-python reads 0 as no limit)."""
+        result = self._llm.create_chat_completion(messages=messages, max_tokens=1, temperature=0.0)
+        return int(result["usage"]["prompt_tokens"])  # type: ignore[index]
+
+    @contextmanager
+    def _calling(self) -> Iterator[None]:
+        """One call into llama.cpp at a time; what it raises as it fails is a ModelError of its type alone (a message
+        may quote the prompt: the tokenizer's quotes the text), so the caller falls back to the extractive answer."""
         with self._lock:
             try:
-                result = self._llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0)
+                yield
             except self._errors as exc:
                 raise ModelError(type(exc).__name__) from exc
+
+    def complete(self, messages: list[dict[str, str]], *, max_tokens: int) -> str:
+        """Greedy chat completion (a failure in llama.cpp a ModelError: `_calling`)."""
+        with self._calling():
+            result = self._llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0)
         return str(result["choices"][0]["message"]["content"] or "")  # type: ignore[index]
 
     def count_tokens(self, text: str) -> int:
         """Exact, with the model's own tokenizer."""
-        with self._lock:
+        with self._calling():
             return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False))
 
 
@@ -90,6 +109,7 @@ class OpenAIGenerator:
     """An OpenAI-compatible chat server inside the network (vLLM, llama.cpp server, Ollama, TGI)."""
 
     name = "openai"
+    template_tokens = 0  # the server's template is not known here: a prompt it finds too long is its 400, a fallback
 
     def __init__(self, settings: Settings) -> None:
         if not settings.llm_host_allowed:  # settings refuse this already; checked again where data would leave

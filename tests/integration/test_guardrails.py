@@ -267,30 +267,45 @@ def test_a_generated_answer_whose_markup_could_fetch_an_address_falls_back_to_ex
 
 
 class EchoingBackend:
-    """A model backend whose failure quotes the request, as a server's 400 may: outside the boundary, so a stub."""
+    """A model backend whose failure quotes the request, as a server's 400 or llama.cpp's tokenizer may: outside the
+    boundary, so a stub. It fails as it answers, or as it counts the prompt's tokens (`counting`)."""
 
-    name, model_id = "openai", "echo"
+    name, model_id, template_tokens = "openai", "echo", 0
+
+    def __init__(self, *, counting: bool) -> None:
+        self.counting = counting
 
     def complete(self, messages: list[dict[str, str]], *, max_tokens: int) -> str:  # noqa: ARG002
-        try:
-            raise ValueError(f"cannot serve the request: {messages[1]['content']}")
-        except ValueError as exc:
-            raise ModelError(f"the model server refused: {exc}") from exc
+        raise _echoing(messages[1]["content"])
 
     def count_tokens(self, text: str) -> int:
+        if self.counting:
+            raise _echoing(text)
         return len(text) // 3 + 1
 
 
+def _echoing(text: str) -> ModelError:
+    """The backend's failure, its message and its cause's (a ValueError) quoting `text`."""
+    error = ModelError(f"the model server refused: {text}")
+    error.__cause__ = ValueError(f"cannot serve the request: {text}")
+    return error
+
+
+@pytest.mark.parametrize("counting", [False, True], ids=["answering", "counting"])
 def test_a_model_error_is_audited_by_its_type_never_its_message(client: TestClient, world: dict, settings: Any,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 counting: bool) -> None:
     """The fallback wrote the model error's message into the ledger's verdicts: a backend's message may quote the
-    prompt, the question and the authorised chunks. Only the failure's type is recorded."""
-    monkeypatch.setattr(generation, "get_generator", lambda _settings: EchoingBackend())
+    prompt, the question and the authorised chunks. Only the failure's type is recorded. The prompt's tokens counted
+    by the model's tokenizer fail as the call may (a 500 before)."""
+    monkeypatch.setattr(generation, "get_generator", lambda _settings: EchoingBackend(counting=counting))
     body = _ask(client, world["tokens"]["lea"], "When are contract renewals reviewed?")
     assert not body["refused"] and {c["document_id"] for c in body["citations"]} == {world["docs"]["legal"]}
     verdicts = _event(settings, body["request_id"]).guard_verdicts
-    assert verdicts["model"]["fallback"] == "model_error:ValueError"
-    assert "renewals" not in json.dumps(verdicts).lower()
+    assert verdicts["model"] == {"called": not counting, "chunks_given": [] if counting else [1],
+                                 "fallback": "model_error:ValueError"}
+    recorded = json.dumps(verdicts).lower()
+    assert "renewals" not in recorded and "cannot serve" not in recorded
 
 
 RENEWALS = "Contract renewals are reviewed by the legal team 60 days before expiry [1]."

@@ -24,6 +24,7 @@ from sqlalchemy import select
 
 from core.db import get_session_factory
 from core.models import RetrievalEvent
+from retrieval.models import LlamaCppGenerator, ModelError
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
 from tests.llm import smollm2_path
 
@@ -88,49 +89,57 @@ def test_in_process_llamacpp_backend(client: TestClient, world: dict, settings: 
         _ask_and_check(client, settings, world["token"], "llamacpp")
 
 
-def _ask_cafe(client: TestClient, settings: Any, token: str, question: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`question` to llmcafe alone (its canary, its one chunk): the answer (a 200) and the ledger's model trace."""
+def _model_trace(client: TestClient, settings: Any, token: str, question: str) -> dict[str, Any]:
+    """`question` to llmcafe alone (its canary, its one chunk), answered (a 200): the ledger's model trace."""
     response = client.post("/v1/query", headers=auth(token), json={"question": question, "departments": ["llmcafe"]})
     assert response.status_code == 200, response.text
-    body = response.json()
     with get_session_factory(settings.resolved_database_url)() as session:
-        event = session.scalars(select(RetrievalEvent).where(RetrievalEvent.request_id == body["request_id"])).one()
-    return body, event.guard_verdicts.get("model", {})
+        event = session.scalars(select(RetrievalEvent).where(
+            RetrievalEvent.request_id == response.json()["request_id"])).one()
+    return event.guard_verdicts.get("model", {})
 
 
-def _fits(trace: dict[str, Any]) -> bool:
-    """The model was given the chunk and answered (its one token is no sound answer: some other fallback)."""
-    return bool(trace["chunks_given"]) and not trace.get("fallback", "").startswith(("model_error", "over_budget"))
-
-
-def test_a_llamacpp_completion_that_fails_falls_back_to_the_extractive_answer(client: TestClient, world: dict,
-                                                                              settings: Any) -> None:
-    """llama.cpp refuses a prompt that fills its window (ValueError), a real failure: the prompt budget counts the
-    text, not the chat template's markers (SmolLM2's ChatML: ~14 tokens), so with 1 token left to answer a prompt whose
-    text comes within those few tokens of the 256-token window (a multiple of 256: llama.cpp's own) is longer than it.
-    The question grows one token at a time (" cafeteria") until the model no longer answers: that prompt is refused,
-    and the query answered extractively (a 500 before), the ledger saying why by the error's type alone."""
+def test_the_longest_prompt_the_budget_gives_the_model_fits_its_window(client: TestClient, world: dict,
+                                                                       settings: Any) -> None:
+    """The prompt budget counts the chat template's markers (SmolLM2's ChatML: 14 tokens, counted as the model loads)
+    besides the text. With 1 token left to answer in a 256-token window (a multiple of 256: llama.cpp's own), the
+    question grows one word at a time (" cafeteria") to the longest the budget still gives the chunk with: the model
+    answers that prompt. Counting the text alone, it was longer than the window: llama.cpp refused it (ValueError), and
+    the query fell back."""
     base = "When does the cafeteria open?"
     tight = {"answer_backend": "llamacpp", "llm_model_path": smollm2_path(), "llm_context_tokens": 256,
              "llm_max_answer_tokens": 1}
 
-    def question(k: int) -> str:
-        return base + " cafeteria" * k
+    def trace(k: int) -> dict[str, Any]:
+        return _model_trace(client, settings, world["token"], base + " cafeteria" * k)
 
     with _with_backend(client, **tight):
-        low, high = 0, 180  # the question alone within the budget, and over it (`over_budget`: no call)
-        assert _fits(_ask_cafe(client, settings, world["token"], question(low))[1])
-        assert _ask_cafe(client, settings, world["token"], question(high))[1]["fallback"] == "over_budget"
-        while high - low > 1:  # the first length at which the model no longer answers
+        low, high = 0, 180  # the question alone given the chunk, and too long to leave it room (`over_budget`)
+        assert trace(low)["chunks_given"] == [1] and trace(high)["fallback"] == "over_budget"
+        while high - low > 1:  # the longest question the chunk is given with
             middle = (low + high) // 2
-            low, high = (middle, high) if _fits(_ask_cafe(client, settings, world["token"], question(middle))[1]) \
-                else (low, middle)
-        body, trace = _ask_cafe(client, settings, world["token"], question(high))
-    assert trace["called"] is True and trace["chunks_given"] == [1]
-    assert trace["fallback"] == "model_error:ValueError"
-    extractive, _ = _ask_cafe(client, settings, world["token"], question(high))
-    assert (body["answer"], body["citations"]) == (extractive["answer"], extractive["citations"])
-    assert not body["refused"] and body["citations"][0]["department"] == "llmcafe"
+            low, high = (middle, high) if trace(middle)["chunks_given"] else (low, middle)
+        longest = trace(low)
+    assert longest["called"] is True and longest["chunks_given"] == [1]
+    assert not longest.get("fallback", "").startswith("model_error"), longest
+
+
+def test_what_llama_cpp_raises_is_a_model_error_of_its_type_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The safety net, for the caller's extractive fallback: a prompt longer than the window (llama.cpp's ValueError),
+    a tokenizer that fails (its RuntimeError quotes the text; no real text provokes it, so llama-cpp-python's tokenize
+    is made to raise it) are ModelErrors naming the type alone. The tokenizer's was raised as it is: a 500."""
+    generator = LlamaCppGenerator(smollm2_path(), 256)
+    text = "Lunch vouchers are worth 9 euros and expire after 30 days."
+    with pytest.raises(ModelError) as too_long:
+        generator.complete([{"role": "user", "content": " ".join([text] * 40)}], max_tokens=1)
+
+    def tokenize(encoded: bytes, **_: Any) -> list[int]:
+        raise RuntimeError(f'Failed to tokenize: text="{encoded!r}" n_tokens=-1')
+
+    monkeypatch.setattr(generator._llm, "tokenize", tokenize)  # noqa: SLF001
+    with pytest.raises(ModelError) as untokenized:
+        generator.count_tokens(text)
+    assert (str(too_long.value), str(untokenized.value)) == ("ValueError", "RuntimeError")
 
 
 def _free_port() -> int:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.llm
 
 SERVE = ("serve", "--port", "0")
 NOT_LOADED = ("govrag: llama.cpp does not load the answer model {model} with GOVRAG_LLM_CONTEXT_TOKENS=2048 "
-              "(ValueError): point GOVRAG_LLM_MODEL_PATH at a GGUF file it loads, or lower the context")
+              "(ValueError): point GOVRAG_LLM_MODEL_PATH at a GGUF file it loads, or set another context")
 NOT_READ = ("govrag: cannot use the answer model {model}: {reason} on {model} (let this user read it, or point "
             "GOVRAG_LLM_MODEL_PATH at a GGUF file this user may read)")
 

@@ -24,3 +24,17 @@ def test_any_other_host_is_refused_at_start_up(url: str) -> None:
 def test_llamacpp_needs_a_model_path() -> None:
     with pytest.raises(ValidationError, match="MODEL_PATH"):
         Settings(answer_backend="llamacpp")
+
+
+@pytest.mark.parametrize(("setting", "value"), [("llm_max_answer_tokens", 0), ("llm_context_tokens", 0)])
+def test_an_answer_or_a_window_of_no_tokens_is_refused(setting: str, value: int) -> None:
+    """llama-cpp-python reads max_tokens 0 as no limit (an answer as long as the window allows), n_ctx 0 as the
+    model's own window (not the one the prompt budget counts on)."""
+    with pytest.raises(ValidationError, match=f"{setting}\n  Input should be greater than or equal to 1"):
+        Settings(**{setting: value})
+
+
+def test_an_answer_that_leaves_the_prompt_no_room_is_refused() -> None:
+    with pytest.raises(ValidationError, match="GOVRAG_LLM_MAX_ANSWER_TOKENS must be less than GOVRAG_LLM_CONTEXT"):
+        Settings(answer_backend="openai", llm_base_url="http://127.0.0.1:8080", llm_context_tokens=256,
+                 llm_max_answer_tokens=256)
