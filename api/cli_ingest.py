@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -66,7 +67,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     ingest.add_argument("--classification", default="internal",
                         choices=("public", "internal", "confidential", "restricted"))
     ingest.add_argument("--api-url", help="upload through a running API (default: in this process)")
-    ingest.add_argument("--token", help="bearer token for --api-url")
+    ingest.add_argument("--token", default=os.environ.get("GOVRAG_INGEST_TOKEN"),
+                        help="bearer token for --api-url (default: $GOVRAG_INGEST_TOKEN; on the command line other "
+                             "users can read it in `ps`)")
     ingest.add_argument("--as-user", default="cli", help="uploader recorded for in-process ingestion")
     ingest.set_defaults(run=ingest_command)
 
@@ -138,7 +141,8 @@ def _refused_at_start(args: argparse.Namespace) -> tuple[str, int] | None:
             return f"no such department: {args.department}; nothing ingested", 2
         if held := _store_held(settings):
             return (f"{held}; or upload through the running API: govrag ingest {args.path} --department "
-                    f"{args.department} --api-url http://HOST:PORT --token TOKEN; nothing ingested", 1)
+                    f"{args.department} --api-url http://HOST:PORT, the token in $GOVRAG_INGEST_TOKEN; nothing "
+                    "ingested", 1)
         if not _blob_store_opened(settings):  # the error logged just before says why and what to do
             return f"the blob store at {settings.blob_dir} cannot be used (see the error above); nothing ingested", 1
     except Exception as exc:

@@ -127,7 +127,8 @@ class TokenVerifier:
         if settings.oidc_discovery and (not settings.dev_issuer or settings.is_production):
             _check_issuer_url(settings.oidc_issuer)
             # on first use, so an IdP that is down at start-up is a 503 that recovers, not an API that won't start
-            return cls(jwks_url=lambda: _discovered_jwks_uri(settings.oidc_issuer), **_common_options(settings))
+            return cls(jwks_url=lambda: _discovered_jwks_uri(settings.oidc_issuer, production=settings.is_production),
+                       **_common_options(settings))
         if not settings.dev_issuer or settings.is_production:
             raise ValueError("no token keys: set GOVRAG_OIDC_ISSUER (discovery) or GOVRAG_OIDC_JWKS_URL"
                              " (or GOVRAG_DEV_ISSUER=true in development)")
@@ -180,6 +181,9 @@ class TokenVerifier:
         """Check the signature and the registered claims; one path for both key sources."""
         if not isinstance(key.key, _KEY_TYPES_BY_ALG[alg]):
             raise _fail("unsupported token algorithm")
+        # RFC 8725 3.1: a key published for one algorithm verifies that algorithm only (an RS256 key no PS256 token)
+        if _published_alg(key) not in (None, alg):
+            raise _fail("token algorithm does not match its signing key")
         try:
             return jwt.decode(
                 token,
@@ -255,6 +259,12 @@ def _signing_keys_by_kid(jwks: Any) -> dict[str, jwt.PyJWK]:
     if not keys:
         raise ValueError("the JWKS holds no signing keys with a kid")
     return keys
+
+
+def _published_alg(key: jwt.PyJWK) -> Any:
+    """The `alg` the JWK was published with, None if it has none (PyJWK's algorithm_name falls back to a default for
+    its key type, so it cannot tell the two apart; its own key_id and public_key_use read the same dict)."""
+    return key._jwk_data.get("alg")
 
 
 def _is_kid(kid: Any) -> bool:
@@ -358,9 +368,13 @@ def discover_jwks_uri(issuer: str) -> str:
     return jwks_uri
 
 
-def _discovered_jwks_uri(issuer: str) -> str:
-    """discover_jwks_uri for the key set's first fetch: a failure is a ValueError the fetch maps to Unavailable."""
+def _discovered_jwks_uri(issuer: str, *, production: bool) -> str:
+    """discover_jwks_uri for the key set's first fetch: a failure is a ValueError the fetch maps to Unavailable.
+
+    In production a plain-http jwks_uri is such a failure, as a plain-http GOVRAG_OIDC_JWKS_URL is refused at start."""
     jwks_uri = discover_jwks_uri(issuer)
+    if production and urlparse(jwks_uri).scheme != "https":
+        raise ValueError("OIDC discovery failed: the jwks_uri is not https (refused in production)")
     _warn_unless_https(jwks_uri)
     return jwks_uri
 

@@ -189,6 +189,9 @@ class Settings(BaseSettings):
                 raise ValueError("GOVRAG_DEV_ISSUER must be false in production")
             if not self.oidc_jwks_url and not (self.oidc_discovery and self.oidc_issuer.startswith("https://")):
                 raise ValueError("production needs GOVRAG_OIDC_JWKS_URL or an https GOVRAG_OIDC_ISSUER (discovery)")
+            if self.oidc_jwks_url and not self.oidc_jwks_url.startswith("https://"):
+                raise ValueError("production needs an https GOVRAG_OIDC_JWKS_URL: signing keys fetched over plain http"
+                                 " can be substituted in transit")
             if self.master_key is None and self.master_key_file is None:
                 raise ValueError(
                     "production needs GOVRAG_MASTER_KEY or an existing GOVRAG_MASTER_KEY_FILE;"

@@ -902,6 +902,26 @@ def test_through_the_api_a_token_refused_at_the_first_upload_stops_the_run(
     assert bad_token not in out + err
 
 
+def test_through_the_api_the_token_can_come_from_the_environment_off_the_command_line(
+        served_api: tuple[str, str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--token` was the only way to give the token, and a command line is readable by every user (`ps`). Now
+    $GOVRAG_INGEST_TOKEN gives it, as $GOVRAG_REDTEAM_TOKEN does redteam's; a `--token` given still wins."""
+    api_url, token, _ = served_api
+    monkeypatch.setenv("COLUMNS", "400")
+    monkeypatch.setenv("GOVRAG_INGEST_TOKEN", token)
+    command = ["ingest", str(_three_files(tmp_path, "")), "--department", "hr", "--api-url", api_url]
+    assert main(command) == 0
+    captured = capsys.readouterr()
+    out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
+    assert "ready: 3" in out and "refused" not in out, out + err
+    assert token not in out + err
+
+    monkeypatch.setenv("GOVRAG_INGEST_TOKEN", f"not-a-token-{uuid.uuid4().hex}")
+    assert main([*command, "--token", token]) == 0
+    assert "duplicate: 3" in " ".join(capsys.readouterr().out.split())
+
+
 @pytest.mark.parametrize("when", ["as the file is uploaded", "as its document is polled"])
 @pytest.mark.parametrize(("status", "phrase"), [(502, "Bad Gateway"), (504, "Gateway Timeout")])
 def test_through_the_api_a_gateway_error_stops_the_run_as_an_api_that_cannot_be_reached(

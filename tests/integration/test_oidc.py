@@ -140,6 +140,9 @@ def _bad_tokens(issuer: LocalIssuer) -> dict[str, str]:
         "hs256_with_public_key": hs256,
         "unpublished_key": jwt.encode(issuer.claims(azp="govrag-web"), ec_key(), algorithm="ES256",
                                       headers={"kid": key.kid}),
+        # RFC 8725 3.1: the key is published with alg RS256, so a PSS signature by it is refused
+        "pss_with_an_rs256_key": jwt.encode(issuer.claims(azp="govrag-web"), key.private, algorithm="PS256",
+                                            headers={"kid": key.kid}),
         "expired": issuer.token(azp="govrag-web", exp=now - 3600, iat=now - 7200, nbf=now - 7200),
         "not_yet_valid": issuer.token(azp="govrag-web", nbf=now + 3600),
         "wrong_audience": issuer.token(azp="govrag-web", aud="another-api"),

@@ -31,12 +31,19 @@ def test_production_accepts_a_complete_configuration() -> None:
     ({"master_key": None}, "generated master key"),
     ({"database_url": None}, "PostgreSQL"),
     ({"oidc_jwks_url": None}, "JWKS"),
+    # keys fetched in clear can be substituted; the issuer (discovery) has no loopback exception either
+    ({"oidc_jwks_url": "http://idp.example/jwks"}, "https GOVRAG_OIDC_JWKS_URL"),
+    ({"oidc_jwks_url": "http://127.0.0.1:8080/jwks"}, "https GOVRAG_OIDC_JWKS_URL"),
     ({"metrics_token": None}, "GOVRAG_METRICS_TOKEN"),  # an open /metrics names every department
     ({"metrics_token": ""}, "GOVRAG_METRICS_TOKEN"),
 ])
 def test_production_refuses_dev_defaults(override: dict[str, object], complaint: str) -> None:
     with pytest.raises(ValidationError, match=complaint):
         Settings(**{**PROD, **override})
+
+
+def test_development_takes_a_plain_http_jwks_url() -> None:
+    assert Settings(oidc_jwks_url="http://127.0.0.1:8080/jwks").oidc_jwks_url == "http://127.0.0.1:8080/jwks"
 
 
 def test_production_refuses_a_missing_master_key_file(tmp_path: Path) -> None:

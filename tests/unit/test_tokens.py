@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -14,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Self
 
+import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -209,8 +211,29 @@ def test_algorithm_must_match_key_type() -> None:
     _rejects(ec_verifier, rsa_key.sign(), "unsupported token algorithm")
 
 
-def test_pss_with_rsa_key(verifier: TokenVerifier, key: SigningKey) -> None:
+def test_pss_with_rsa_key(key: SigningKey) -> None:
+    """An RSA JWK published without `alg` verifies any RSA algorithm on the allowlist, PSS too."""
+    no_alg = {k: v for k, v in key.jwk().items() if k != "alg"}
+    verifier = TokenVerifier(issuer=ISSUER, audience=AUDIENCE, algorithms=ALGORITHMS, jwks={"keys": [no_alg]})
     assert verifier.verify(key.sign(alg="PS256"), admins=[]).subject == "alice"
+    assert verifier.verify(key.sign(alg="RS256"), admins=[]).subject == "alice"
+
+
+@pytest.mark.parametrize("published", ["RS256", "PS256"])
+def test_a_jwk_published_with_an_alg_verifies_that_alg_only(key: SigningKey, published: str) -> None:
+    """RFC 8725 3.1: a key published for RS256 also verified PS256 tokens (any RSA algorithm on the allowlist)."""
+    verifier = TokenVerifier(issuer=ISSUER, audience=AUDIENCE, algorithms=ALGORITHMS,
+                             jwks={"keys": [{**key.jwk(), "alg": published}]})
+    assert verifier.verify(key.sign(alg=published), admins=[]).subject == "alice"
+    other = "PS256" if published == "RS256" else "RS256"
+    _rejects(verifier, key.sign(alg=other), "token algorithm does not match its signing key")
+
+
+def test_a_jwk_alg_binds_keys_fetched_from_a_jwks_url(jwks_server: _JwksServer, key: SigningKey) -> None:
+    jwks_server.jwks = {"keys": [key.jwk()]}  # published with alg RS256
+    remote = _remote(jwks_server)
+    assert remote.verify(key.sign(), admins=[]).subject == "alice"
+    _rejects(remote, key.sign(alg="PS256"), "token algorithm does not match its signing key")
 
 
 def test_unknown_kid(verifier: TokenVerifier) -> None:
@@ -657,3 +680,34 @@ def test_from_settings_key_sources(tmp_path: Path) -> None:
         TokenVerifier.from_settings(_settings(tmp_path, oidc_issuer="someone-else"), issuer)
     remote = TokenVerifier.from_settings(_settings(tmp_path, oidc_jwks_url="https://idp.example.test/jwks"), issuer)
     assert isinstance(remote, TokenVerifier)
+
+
+@pytest.mark.parametrize(("env", "jwks_scheme", "verifies"), [("development", "http", True),
+                                                              ("production", "https", True),
+                                                              ("production", "http", False)])
+def test_a_plain_http_jwks_uri_from_discovery_is_refused_in_production(
+        tmp_path: Path, key: SigningKey, monkeypatch: pytest.MonkeyPatch, env: str, jwks_scheme: str,
+        verifies: bool) -> None:
+    """Production needs an https issuer for discovery, yet the jwks_uri its document named could be plain http (only
+    a warning): the keys, fetched in clear, could be substituted. Now that is a 503, as any unusable IdP answer.
+    The IdP is outside the boundary: an httpx MockTransport answers for it, over https as a real one would."""
+    jwks_uri = f"{jwks_scheme}://idp.example.test/keys"
+
+    def idp(request: httpx.Request) -> httpx.Response:
+        if str(request.url) == f"{ISSUER}/.well-known/openid-configuration":
+            return httpx.Response(200, json={"issuer": ISSUER, "jwks_uri": jwks_uri})
+        if str(request.url) == jwks_uri:
+            return httpx.Response(200, json={"keys": [key.jwk()]})
+        return httpx.Response(404)
+
+    monkeypatch.setattr(httpx, "AsyncClient", functools.partial(httpx.AsyncClient, transport=httpx.MockTransport(idp)))
+    production = {"database_url": "postgresql+psycopg://u@db/govrag", "metrics_token": "scrape-token",
+                  "master_key": base64.b64encode(b"k" * 32).decode()} if env == "production" else {}
+    settings = _settings(tmp_path, env=env, dev_issuer=False, oidc_issuer=ISSUER, oidc_audience=AUDIENCE, **production)
+    verifier = TokenVerifier.from_settings(settings, None)
+    if verifies:
+        assert verifier.verify(key.sign(), admins=[]).subject == "alice"
+    else:
+        with pytest.raises(Unavailable) as caught:
+            verifier.verify(key.sign(), admins=[])
+        assert caught.value.dependency == "identity provider"
