@@ -13,8 +13,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
-from urllib.parse import urlparse
+from typing import Any, NamedTuple
 
 import httpx
 import jwt
@@ -24,7 +23,7 @@ from authz.dev_issuer import DevIssuer
 from authz.identity import MAX_SUBJECT_CHARS, RESERVED_PREFIXES, Identity, is_platform_admin, token_can_carry
 from core.errors import ErrorCode, GovragError, Unavailable
 from core.http import request_within
-from core.settings import Settings
+from core.settings import Settings, url_scheme
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +106,7 @@ class TokenVerifier:
         self._email_claim = email_claim
         self._required_azp = required_azp
         self._remote_keys: _RemoteKeySet | None = None
-        self._static_keys: dict[str, jwt.PyJWK] = {}
+        self._static_keys: dict[str, _PublishedKey] = {}
         if jwks is None:
             self._remote_keys = _RemoteKeySet(
                 jwks_url if callable(jwks_url) else lambda: jwks_url,
@@ -120,14 +119,14 @@ class TokenVerifier:
     @classmethod
     def from_settings(cls, settings: Settings, dev_issuer: DevIssuer | None) -> TokenVerifier:
         """The OIDC provider's JWKS URL if configured, else the dev issuer's keys if enabled."""
-        jwks_url = settings.oidc_jwks_url
+        jwks_url, production = settings.oidc_jwks_url, settings.is_production
         if jwks_url:
-            _warn_unless_https(jwks_url)
+            _check_idp_url(jwks_url, "GOVRAG_OIDC_JWKS_URL", production=production)
             return cls(jwks_url=jwks_url, **_common_options(settings))
-        if settings.oidc_discovery and (not settings.dev_issuer or settings.is_production):
-            _check_issuer_url(settings.oidc_issuer)
+        if settings.oidc_discovery and (not settings.dev_issuer or production):
+            _check_idp_url(settings.oidc_issuer, "GOVRAG_OIDC_ISSUER", production=production)
             # on first use, so an IdP that is down at start-up is a 503 that recovers, not an API that won't start
-            return cls(jwks_url=lambda: _discovered_jwks_uri(settings.oidc_issuer, production=settings.is_production),
+            return cls(jwks_url=lambda: discover_jwks_uri(settings.oidc_issuer, production=production),
                        **_common_options(settings))
         if not settings.dev_issuer or settings.is_production:
             raise ValueError("no token keys: set GOVRAG_OIDC_ISSUER (discovery) or GOVRAG_OIDC_JWKS_URL"
@@ -169,7 +168,7 @@ class TokenVerifier:
             raise _fail("unknown signing key")
         return alg, kid
 
-    def _signing_key(self, kid: str) -> jwt.PyJWK:
+    def _signing_key(self, kid: str) -> _PublishedKey:
         """The JWK for kid, from the in-memory set or the (cached) JWKS endpoint."""
         keys = self._static_keys if self._remote_keys is None else self._remote_keys.keys_for(kid)
         key = keys.get(kid)
@@ -177,12 +176,12 @@ class TokenVerifier:
             raise _fail("unknown signing key")
         return key
 
-    def _decode(self, token: str, alg: str, key: jwt.PyJWK) -> dict[str, Any]:
+    def _decode(self, token: str, alg: str, key: _PublishedKey) -> dict[str, Any]:
         """Check the signature and the registered claims; one path for both key sources."""
         if not isinstance(key.key, _KEY_TYPES_BY_ALG[alg]):
             raise _fail("unsupported token algorithm")
         # RFC 8725 3.1: a key published for one algorithm verifies that algorithm only (an RS256 key no PS256 token)
-        if _published_alg(key) not in (None, alg):
+        if key.alg not in (None, alg):
             raise _fail("token algorithm does not match its signing key")
         try:
             return jwt.decode(
@@ -239,7 +238,15 @@ def _asymmetric_only(algorithms: Iterable[str]) -> frozenset[str]:
     return allowed
 
 
-def _static_signing_keys(jwks: dict[str, Any]) -> dict[str, jwt.PyJWK]:
+class _PublishedKey(NamedTuple):
+    """A JWK Set's public key and the `alg` its JWK names, None if it names none (PyJWK's algorithm_name cannot tell:
+    it falls back to a default for the key type)."""
+
+    key: Any  # a cryptography public key (a private one is refused for an in-memory set)
+    alg: str | None
+
+
+def _static_signing_keys(jwks: dict[str, Any]) -> dict[str, _PublishedKey]:
     """The signing keys of an in-memory JWKS by kid; private or unusable keys are refused."""
     keys = _signing_keys_by_kid(jwks)
     if not all(isinstance(k.key, _RSA + _EC + _OKP) for k in keys.values()):
@@ -247,24 +254,29 @@ def _static_signing_keys(jwks: dict[str, Any]) -> dict[str, jwt.PyJWK]:
     return keys
 
 
-def _signing_keys_by_kid(jwks: Any) -> dict[str, jwt.PyJWK]:
-    """The keys with a kid that may sign (`use` "sig" or absent) of a JWK Set; ValueError if there are none."""
+def _signing_keys_by_kid(jwks: Any) -> dict[str, _PublishedKey]:
+    """The keys with a kid that may sign (`use` "sig" or absent) of a JWK Set; ValueError if there are none.
+
+    Each JWK is parsed on its own (as PyJWKSet does, skipping those that are unusable), so its `alg` stays with it."""
     if not isinstance(jwks, dict):
         raise ValueError("the JWKS is not a JSON object")
-    try:
-        key_set = jwt.PyJWKSet.from_dict(jwks)
-    except (jwt.PyJWTError, AttributeError, TypeError, ValueError):
-        raise ValueError("the JWKS holds no usable keys") from None
-    keys = {k.key_id: k for k in key_set.keys if _is_kid(k.key_id) and k.public_key_use in ("sig", None)}
+    entries = jwks.get("keys")
+    if not isinstance(entries, list):
+        raise ValueError("the JWKS holds no usable keys")
+    keys = {jwk["kid"]: key for jwk in entries if (key := _published_key(jwk)) is not None}
     if not keys:
-        raise ValueError("the JWKS holds no signing keys with a kid")
+        raise ValueError("the JWKS holds no usable signing key with a kid")
     return keys
 
 
-def _published_alg(key: jwt.PyJWK) -> Any:
-    """The `alg` the JWK was published with, None if it has none (PyJWK's algorithm_name falls back to a default for
-    its key type, so it cannot tell the two apart; its own key_id and public_key_use read the same dict)."""
-    return key._jwk_data.get("alg")
+def _published_key(jwk: Any) -> _PublishedKey | None:
+    """A JWK's key if it has a kid, may sign and parses; None to skip it."""
+    if not isinstance(jwk, dict) or not _is_kid(jwk.get("kid")) or jwk.get("use") not in ("sig", None):
+        return None
+    try:
+        return _PublishedKey(jwt.PyJWK(jwk).key, jwk.get("alg") or None)  # PyJWK reads an empty alg as none too
+    except (jwt.PyJWTError, LookupError, TypeError, ValueError):  # an unknown kty, crv or alg; a member missing
+        return None
 
 
 def _is_kid(kid: Any) -> bool:
@@ -285,13 +297,13 @@ class _RemoteKeySet:
         self._jwks_url: str | None = None  # found on the first fetch (discovery), then kept
         self._cache_seconds = cache_seconds
         self._cooldown_seconds = cooldown_seconds
-        self._keys: dict[str, jwt.PyJWK] = {}
+        self._keys: dict[str, _PublishedKey] = {}
         self._fetched_at = -math.inf
         self._attempted_at = -math.inf
         self._attempt_lock = threading.Lock()  # held only to claim an attempt, never across a fetch
         self._fetch_lock = threading.Lock()
 
-    def keys_for(self, kid: str) -> dict[str, jwt.PyJWK]:
+    def keys_for(self, kid: str) -> dict[str, _PublishedKey]:
         """Signing keys that hold kid if the IdP publishes it; Unavailable if they cannot be had."""
         keys, fresh = self._snapshot()
         if fresh and kid in keys:
@@ -302,7 +314,7 @@ class _RemoteKeySet:
             return keys  # an unknown kid within the cooldown
         return self._after_fetch_in_flight()
 
-    def _snapshot(self) -> tuple[dict[str, jwt.PyJWK], bool]:
+    def _snapshot(self) -> tuple[dict[str, _PublishedKey], bool]:
         """The cached keys and whether they are still within cache_seconds."""
         keys, fetched_at = self._keys, self._fetched_at
         return keys, time.monotonic() - fetched_at < self._cache_seconds
@@ -316,7 +328,7 @@ class _RemoteKeySet:
             self._attempted_at = now
             return True
 
-    def _fetch(self) -> dict[str, jwt.PyJWK]:
+    def _fetch(self) -> dict[str, _PublishedKey]:
         """Fetch and cache the key set; any fetch or parse failure is the IdP being unavailable."""
         with self._fetch_lock:
             try:
@@ -328,7 +340,7 @@ class _RemoteKeySet:
             self._keys, self._fetched_at = keys, time.monotonic()
             return keys
 
-    def _after_fetch_in_flight(self) -> dict[str, jwt.PyJWK]:
+    def _after_fetch_in_flight(self) -> dict[str, _PublishedKey]:
         """The keys once a fetch in flight ends; Unavailable if they are still expired."""
         if self._fetch_lock.acquire(timeout=2 * _FETCH_DEADLINE_SECONDS):  # the discovery document, then the key set
             self._fetch_lock.release()
@@ -353,9 +365,12 @@ def _common_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def discover_jwks_uri(issuer: str) -> str:
-    """The jwks_uri from the issuer's OpenID configuration, whose issuer must match exactly (OIDC Discovery 4.3)."""
-    _check_issuer_url(issuer)
+def discover_jwks_uri(issuer: str, *, production: bool = False) -> str:
+    """The jwks_uri from the issuer's OpenID configuration, whose issuer must match exactly (OIDC Discovery 4.3).
+
+    A failure is a ValueError, which the key set's first fetch maps to Unavailable: in production a plain-http
+    jwks_uri is one, as a plain-http GOVRAG_OIDC_JWKS_URL is refused at start."""
+    _check_idp_url(issuer, "GOVRAG_OIDC_ISSUER", production=production)
     try:
         document = _fetch_json(issuer.rstrip("/") + _DISCOVERY_PATH)
     except ValueError as exc:
@@ -363,34 +378,24 @@ def discover_jwks_uri(issuer: str) -> str:
     if not isinstance(document, dict) or document.get("issuer") != issuer:
         raise ValueError("OIDC discovery failed: the configuration names a different issuer")
     jwks_uri = document.get("jwks_uri")
-    if not isinstance(jwks_uri, str) or urlparse(jwks_uri).scheme not in ("https", "http"):
+    if not isinstance(jwks_uri, str):
         raise ValueError("OIDC discovery failed: no usable jwks_uri")
+    _check_idp_url(jwks_uri, "the discovered jwks_uri", production=production)
     return jwks_uri
 
 
-def _discovered_jwks_uri(issuer: str, *, production: bool) -> str:
-    """discover_jwks_uri for the key set's first fetch: a failure is a ValueError the fetch maps to Unavailable.
+def _check_idp_url(url: str, name: str, *, production: bool) -> None:
+    """What govrag fetches from the IdP needs an http(s) URL; ValueError naming it (never quoting it) otherwise.
 
-    In production a plain-http jwks_uri is such a failure, as a plain-http GOVRAG_OIDC_JWKS_URL is refused at start."""
-    jwks_uri = discover_jwks_uri(issuer)
-    if production and urlparse(jwks_uri).scheme != "https":
-        raise ValueError("OIDC discovery failed: the jwks_uri is not https (refused in production)")
-    _warn_unless_https(jwks_uri)
-    return jwks_uri
-
-
-def _check_issuer_url(issuer: str) -> None:
-    """Discovery needs the issuer to be an http(s) URL; plain http is allowed with a warning."""
-    if urlparse(issuer).scheme not in ("https", "http"):
-        raise ValueError("OIDC discovery needs GOVRAG_OIDC_ISSUER to be the issuer URL")
-    if urlparse(issuer).scheme != "https":
-        log.warning("the OIDC issuer is not https; its configuration can be substituted in transit")
-
-
-def _warn_unless_https(jwks_url: str) -> None:
-    """Warn that keys fetched over plain http can be substituted."""
-    if urlparse(jwks_url).scheme != "https":
-        log.warning("the JWKS URL is not https; signing keys can be substituted in transit")
+    Over plain http the answer (a configuration, the signing keys) can be substituted in transit: refused in
+    production, a warning in development."""
+    scheme = url_scheme(url)
+    if scheme not in ("https", "http"):
+        raise ValueError(f"{name} is not an http(s) URL")
+    if scheme == "http" and production:
+        raise ValueError(f"{name} is not https (refused in production)")
+    if scheme == "http":
+        log.warning("%s is not https; what is fetched from it can be substituted in transit", name)
 
 
 def _fetch_json(url: str) -> Any:

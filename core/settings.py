@@ -9,6 +9,7 @@ from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -187,9 +188,9 @@ class Settings(BaseSettings):
         if self.env is Environment.production:
             if self.dev_issuer:
                 raise ValueError("GOVRAG_DEV_ISSUER must be false in production")
-            if not self.oidc_jwks_url and not (self.oidc_discovery and self.oidc_issuer.startswith("https://")):
+            if not self.oidc_jwks_url and not (self.oidc_discovery and url_scheme(self.oidc_issuer) == "https"):
                 raise ValueError("production needs GOVRAG_OIDC_JWKS_URL or an https GOVRAG_OIDC_ISSUER (discovery)")
-            if self.oidc_jwks_url and not self.oidc_jwks_url.startswith("https://"):
+            if self.oidc_jwks_url and url_scheme(self.oidc_jwks_url) != "https":
                 raise ValueError("production needs an https GOVRAG_OIDC_JWKS_URL: signing keys fetched over plain http"
                                  " can be substituted in transit")
             if self.master_key is None and self.master_key_file is None:
@@ -209,8 +210,6 @@ class Settings(BaseSettings):
     @property
     def llm_host_allowed(self) -> bool:
         """True when GOVRAG_LLM_BASE_URL is http(s) to a host on GOVRAG_LLM_ALLOWED_HOSTS (issue 5)."""
-        from urllib.parse import urlsplit
-
         parts = urlsplit(self.llm_base_url or "")
         host = (parts.hostname or "").lower()
         return parts.scheme in {"http", "https"} and bool(host) and host in {h.lower() for h in self.llm_allowed_hosts}
@@ -249,6 +248,17 @@ class Settings(BaseSettings):
     @property
     def dev_issuer_dir(self) -> Path:
         return self.data_dir / "dev-issuer"
+
+
+def url_scheme(url: str) -> str:
+    """The scheme of url in lower case, as it is read when fetching ("HTTPS://idp" is https); "" if it does not parse.
+
+    One reading for every https check (the issuer, the JWKS URL, a discovered jwks_uri): a prefix test would refuse
+    "HTTPS://" at start that the fetch itself takes."""
+    try:
+        return urlsplit(url).scheme
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return ""
 
 
 def _check_master_key_file(path: Path, *, production: bool) -> None:

@@ -42,6 +42,13 @@ def test_production_refuses_dev_defaults(override: dict[str, object], complaint:
         Settings(**{**PROD, **override})
 
 
+@pytest.mark.parametrize("override", [{"oidc_jwks_url": "HTTPS://IDP.example/jwks"},
+                                      {"oidc_jwks_url": None, "oidc_issuer": "HTTPS://idp.example/realms/govrag"}])
+def test_production_reads_the_https_scheme_in_any_case(override: dict[str, object]) -> None:
+    """A scheme is case-insensitive, and the fetch reads "HTTPS://" as https; a prefix test refused it at start."""
+    assert Settings(**{**PROD, **override}).is_production
+
+
 def test_development_takes_a_plain_http_jwks_url() -> None:
     assert Settings(oidc_jwks_url="http://127.0.0.1:8080/jwks").oidc_jwks_url == "http://127.0.0.1:8080/jwks"
 

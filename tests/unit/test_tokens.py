@@ -522,6 +522,14 @@ def test_keys_without_a_string_kid_are_skipped(jwks_server: _JwksServer, key: Si
     assert _remote(jwks_server).verify(key.sign(), admins=[]).subject == "alice"
 
 
+def test_keys_that_do_not_parse_are_skipped(jwks_server: _JwksServer, key: SigningKey) -> None:
+    """One key missing a member PyJWT reads by index (an `oct` key without `k`) made every fetch of the set a
+    KeyError, a 500; one whose alg was not a string made the whole set unusable, a 503."""
+    jwks_server.jwks = {"keys": [{"kty": "oct", "kid": "no-k"}, {**SigningKey().jwk(), "kid": "a", "alg": ["RS256"]},
+                                 key.jwk()]}
+    assert _remote(jwks_server).verify(key.sign(), admins=[]).subject == "alice"
+
+
 def test_a_jwks_url_that_does_not_parse_is_unavailable(key: SigningKey) -> None:
     """httpx's InvalidURL is no HTTPError: a jwks_uri the IdP's discovery document gave with a broken host was a 500."""
     remote = TokenVerifier(issuer=ISSUER, audience=AUDIENCE, algorithms=ALGORITHMS, jwks_url="https://[::1/jwks")
@@ -682,9 +690,16 @@ def test_from_settings_key_sources(tmp_path: Path) -> None:
     assert isinstance(remote, TokenVerifier)
 
 
+def test_a_jwks_url_that_is_not_http_is_refused_at_start(tmp_path: Path) -> None:
+    """It was taken with a warning (not https), then every token was a 503 no retry could end."""
+    with pytest.raises(ValueError, match="GOVRAG_OIDC_JWKS_URL is not an http"):
+        TokenVerifier.from_settings(_settings(tmp_path, oidc_jwks_url="file:///etc/jwks.json"), None)
+
+
 @pytest.mark.parametrize(("env", "jwks_scheme", "verifies"), [("development", "http", True),
                                                               ("production", "https", True),
-                                                              ("production", "http", False)])
+                                                              ("production", "http", False),
+                                                              ("production", "HTTP", False)])
 def test_a_plain_http_jwks_uri_from_discovery_is_refused_in_production(
         tmp_path: Path, key: SigningKey, monkeypatch: pytest.MonkeyPatch, env: str, jwks_scheme: str,
         verifies: bool) -> None:
@@ -696,7 +711,7 @@ def test_a_plain_http_jwks_uri_from_discovery_is_refused_in_production(
     def idp(request: httpx.Request) -> httpx.Response:
         if str(request.url) == f"{ISSUER}/.well-known/openid-configuration":
             return httpx.Response(200, json={"issuer": ISSUER, "jwks_uri": jwks_uri})
-        if str(request.url) == jwks_uri:
+        if request.url == httpx.URL(jwks_uri):
             return httpx.Response(200, json={"keys": [key.jwk()]})
         return httpx.Response(404)
 
