@@ -155,7 +155,7 @@ def _prompt(settings: Settings, question: str, chunks: Sequence[Any], canaries: 
     budget = settings.llm_context_tokens - settings.llm_max_answer_tokens - generator.template_tokens
     return prompting.build_prompt(
         question, [prompting.PromptChunk(n=i, title=c.title, text=c.text) for i, c in enumerate(chunks, start=1)],
-        canaries, budget_tokens=budget, count_tokens=generator.count_tokens)
+        canaries, budget_tokens=budget, count_tokens=generator.count_tokens, control_tokens=generator.control_tokens)
 
 
 def _guard_output(session: Session, settings: Settings, chunks: Sequence[Any], departments: list[str],

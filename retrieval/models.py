@@ -25,6 +25,7 @@ class Generator(Protocol):
     name: str
     model_id: str
     template_tokens: int  # what the chat template adds around the messages' text, counted once: the prompt's budget
+    control_tokens: frozenset[str]  # the model's control tokens as text: kept out of the prompt's untrusted text
 
     def complete(self, messages: list[dict[str, str]], *, max_tokens: int) -> str: ...
 
@@ -72,6 +73,7 @@ class LlamaCppGenerator:
         try:  # not a GGUF, cut or garbled; no memory for the context; a template that refuses govrag's messages
             self._llm = Llama(model_path=str(model_path), n_ctx=context_tokens, n_threads=2, seed=0, verbose=False)
             self.template_tokens = self._prompt_tokens(EMPTY_CHAT)
+            self.control_tokens = self._control_tokens()
         except self._errors as error:
             raise UnusablePath(f"llama.cpp does not load the answer model {model_path} with "
                                f"GOVRAG_LLM_CONTEXT_TOKENS={context_tokens} ({type(error).__name__}): point "
@@ -82,6 +84,16 @@ class LlamaCppGenerator:
         generated: llama-cpp-python reads 0 as no limit)."""
         result = self._llm.create_chat_completion(messages=messages, max_tokens=1, temperature=0.0)
         return int(result["usage"]["prompt_tokens"])  # type: ignore[index]
+
+    def _control_tokens(self) -> frozenset[str]:
+        """The text of every control token in the model's vocabulary (`<|im_end|>`, SmolLM2's `<filename>`): the chat
+        template's prompt is tokenized with special tokens parsed, so each would be one in a chunk's text."""
+        import llama_cpp
+
+        vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        return frozenset(llama_cpp.llama_vocab_get_text(vocab, token).decode("utf-8", "replace")
+                         for token in range(llama_cpp.llama_vocab_n_tokens(vocab))
+                         if llama_cpp.llama_vocab_get_attr(vocab, token) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL)
 
     @contextmanager
     def _calling(self) -> Iterator[None]:
@@ -110,6 +122,7 @@ class OpenAIGenerator:
 
     name = "openai"
     template_tokens = 0  # the server's template is not known here: a prompt it finds too long is its 400, a fallback
+    control_tokens: frozenset[str] = frozenset()  # nor its vocabulary: the common templates' tokens are kept out
 
     def __init__(self, settings: Settings) -> None:
         if not settings.llm_host_allowed:  # settings refuse this already; checked again where data would leave

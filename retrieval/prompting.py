@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -85,6 +86,17 @@ CLAIM_END = re.compile(rf"(?<=\])[.!?]+\s+|(?<=[。.!?])\s*(?=[{UNSPACED}])|(?<=
 # possessive spaces keep `<` + spaces linear.
 _DELIMITER = re.compile(r"[<\u2039\u02c2\u1438\u2329\u27e8\u3008]\s*+([/\u2044\u2215\u29f8]?)\s*+(source)",
                         re.IGNORECASE)
+# Chat-template control tokens: ChatML's `<|im_start|>` (SmolLM2, Qwen), Llama 3's `<|eot_id|>`, Phi's `<|end|>`,
+# DeepSeek's full-width `<｜...｜>`, `<s>`/`</s>`, Gemma's `<start_of_turn>`, Mistral's `[INST]`, Llama 2's `<<SYS>>`.
+# llama-cpp-python tokenizes the rendered prompt with special tokens parsed, and a server applying its template may
+# too: in untrusted text such a token would be a real one (close the user turn, open a system turn). A space after
+# its opening bracket (`< |im_end|>`, `[ INST]`) shows the same text and makes it no token.
+_CONTROL_OPENING = re.compile(
+    r"<(?=[|\uff5c])"
+    r"|<(?=/?(?:s|bos|eos|pad|unk|start_of_turn|end_of_turn)>)"
+    r"|<(?=</?sys>>)"
+    r"|\[(?=/?(?:inst|system_prompt|available_tools|tool_calls|tool_results)\])",
+    re.IGNORECASE)
 _ATTRIBUTE_SAFE = str.maketrans({'"': "'", "<": "(", ">": ")"})  # nothing in a title closes its attribute or tag
 _ATTRIBUTE_BREAKERS = frozenset('"<>')
 
@@ -133,6 +145,22 @@ def _escape(text: str) -> str:
     return "".join(parts + [text[copied:]])
 
 
+@functools.lru_cache(maxsize=8)
+def _control_tokens_pattern(tokens: frozenset[str]) -> re.Pattern[str] | None:
+    """One pattern for a model's own control tokens, longest first (`<|im_end|>` before a token it starts with)."""
+    spelt = sorted((token for token in tokens if len(token.strip()) > 1), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, spelt))) if spelt else None
+
+
+def without_control_tokens(text: str, tokens: Collection[str] = ()) -> str:
+    """`text` with nothing a chat template or tokenizer reads as a control token: the model's own (`tokens`, from its
+    vocabulary) and the common templates' (`_CONTROL_OPENING`), each shown with a space after its first character."""
+    pattern = _control_tokens_pattern(frozenset(tokens))
+    if pattern is not None:
+        text = pattern.sub(lambda match: f"{match.group()[0]} {match.group()[1:]}", text)
+    return _CONTROL_OPENING.sub("\\g<0> ", text)
+
+
 def title_as_shown(value: str) -> str:
     """A title as the prompt shows it: one line (every line break and separator a space) that can close neither its
     attribute nor its tag (quotes and angle brackets replaced, also where a compatibility form reads as one), without
@@ -146,18 +174,23 @@ def _attribute_safe(ch: str) -> str:
 
 
 def build_prompt(question: str, chunks: list[PromptChunk], canaries: dict[str, str], *, budget_tokens: int,
-                 count_tokens: Callable[[str], int]) -> Prompt:
+                 count_tokens: Callable[[str], int], control_tokens: Collection[str] = ()) -> Prompt:
     """System rules (+ hidden canaries), then as many top chunks as fit the budget, then the question. Text hidden in
     Unicode tag characters or runs of variation selectors (invisible, but a model reads what they spell:
-    `without_hidden`) is left out of the question, titles and chunks: the model reads only what a person sees."""
+    `without_hidden`) is left out of the question, titles and chunks: the model reads only what a person sees. Nor
+    does any of them carry a control token (`without_control_tokens`, the model's own `control_tokens` too)."""
     hidden = "\n".join(HIDDEN_MARKER.format(department=d, canary=c) for d, c in sorted(canaries.items()))
     system = f"{SYSTEM_PROMPT}\n{hidden}" if hidden else SYSTEM_PROMPT
-    question = without_hidden(question)
+
+    def shown(text: str) -> str:
+        return without_control_tokens(text, control_tokens)
+
+    question = shown(without_hidden(question))
     remaining = budget_tokens - count_tokens(system) - count_tokens(QUESTION.format(sources="", question=question))
     sources, given = [], {}
     for chunk in chunks:
         text = without_hidden(chunk.text)
-        source = SOURCE.format(n=chunk.n, title=title_as_shown(chunk.title), text=_escape(text))
+        source = SOURCE.format(n=chunk.n, title=shown(title_as_shown(chunk.title)), text=_escape(shown(text)))
         cost = count_tokens(source) + 2
         if cost > remaining:
             continue

@@ -270,7 +270,7 @@ class EchoingBackend:
     """A model backend whose failure quotes the request, as a server's 400 or llama.cpp's tokenizer may: outside the
     boundary, so a stub. It fails as it answers, or as it counts the prompt's tokens (`counting`)."""
 
-    name, model_id, template_tokens = "openai", "echo", 0
+    name, model_id, template_tokens, control_tokens = "openai", "echo", 0, frozenset[str]()
 
     def __init__(self, *, counting: bool) -> None:
         self.counting = counting
