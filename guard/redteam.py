@@ -87,18 +87,27 @@ AUTO_TRIP_NOTE = ("note: blocked prompts count toward the department's automatic
 
 NOT_AN_ANSWER = "HTTP 200 that is not a query answer"
 NOT_AUTHORISED = "HTTP 200 refused: no_authorised_departments (the user may read no department given)"
+# A /v1/query answer is small: the answer (llm_max_answer_tokens, 256 by default) and at most max_top_k (20) citations
+# of a 300-character title and a 240-character snippet, a few tens of KiB even with every character JSON-escaped. A
+# body past 1 MiB is not one: a broken or hostile API, or a proxy, would make the run read and scan it whole. Read no
+# further; the probe is an error, its body never parsed.
+MAX_RESPONSE_BYTES = 1 << 20
+OVER_CAP = f"body over {MAX_RESPONSE_BYTES >> 20} MiB (not read)"
+API_GONE = "the API stopped answering"
+SIGNED_OUT = "the token was refused, HTTP 401: every later probe would be too"
 
 
 @dataclass
 class RedTeamReport:
     """Per category: prompts sent and blocked; prompts answered (200, checked for leaks); probes not tested, by what
-    went wrong ("HTTP 500", an answer that is not one, the API gone); prompts never sent; every leak found."""
+    went wrong ("HTTP 500", an answer that is not one, the API gone); prompts never sent, and why; every leak found."""
 
     sent: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     blocked: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     answered: int = 0
     errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     not_sent: int = 0
+    stopped_by: str = API_GONE
     leaks: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -112,7 +121,7 @@ class RedTeamReport:
         out.append(f"errors: {sum(self.errors.values())}"
                    + "".join(f"\n  - {error}: {count}" for error, count in sorted(self.errors.items())))
         if self.not_sent:
-            out.append(f"not sent: {self.not_sent} (the API stopped answering; the run stopped)")
+            out.append(f"not sent: {self.not_sent} ({self.stopped_by}; the run stopped)")
         out.append(f"leaks: {len(self.leaks)}" + "".join(f"\n  - {leak}" for leak in self.leaks))
         if blocked:
             out.append(AUTO_TRIP_NOTE)
@@ -160,12 +169,12 @@ def _leaks(answer: dict[str, object], allowed: set[str], category: str, index: i
     return found
 
 
-def _kill_switch_disabled(response: httpx.Response) -> bool:
+def _kill_switch_disabled(status: int, body: bytes) -> bool:
     """The kill switch's documented 503 (`disabled`), told apart from an outage's 503 by its message."""
-    if response.status_code != 503:
+    if status != 503:
         return False
     try:
-        error = response.json().get("error") or {}
+        error = json.loads(body).get("error") or {}
     except (ValueError, AttributeError):
         return False
     return isinstance(error, dict) and error.get("message") == DISABLED_MESSAGE
@@ -173,47 +182,69 @@ def _kill_switch_disabled(response: httpx.Response) -> bool:
 
 def run(client: httpx.Client, token: str, department: str, corpus: dict[str, list[str]]) -> RedTeamReport:
     """Send every prompt as the configured user, restricted to `department`. httpx.TransportError when the first
-    probe got no answer (the API cannot be reached); one later stops the run, its probe an error, the rest not sent."""
+    probe got no answer (the API cannot be reached); one later, or a 401 (the token expired or revoked: every later
+    probe would be refused too), stops the run, that probe an error, the rest not sent."""
     report, headers = RedTeamReport(), {"Authorization": f"Bearer {token}"}
     probes = [(category, index, prompt) for category, prompts in corpus.items()
               for index, prompt in enumerate(prompts)]
     for n, (category, index, prompt) in enumerate(probes):
         try:
-            response = client.post("/v1/query", headers=headers,
-                                   json={"question": prompt[:2000], "departments": [department]})
+            status, body = _post(client, headers, {"question": prompt[:2000], "departments": [department]})
         except httpx.TransportError as error:
             if n == 0:
                 raise
             report.sent[category] += 1
             report.errors[f"no answer ({type(error).__name__})"] += 1
-            report.not_sent = len(probes) - n - 1
+            report.stopped_by, report.not_sent = API_GONE, len(probes) - n - 1
             break
         report.sent[category] += 1
-        if response.status_code == 200:
-            _record_answer(report, response, department, category, index)
-        elif _kill_switch_disabled(response):
-            report.blocked[category] += 1
-        else:
-            report.errors[f"HTTP {response.status_code}"] += 1
+        if status == 401:
+            report.errors["HTTP 401"] += 1
+            report.stopped_by, report.not_sent = SIGNED_OUT, len(probes) - n - 1
+            break
+        _record(report, status, body, department, category, index)
     return report
 
 
-def _answer_body(response: httpx.Response) -> dict[str, object] | None:
+def _post(client: httpx.Client, headers: dict[str, str], query: dict[str, object]) -> tuple[int, bytes | None]:
+    """POST one probe: its status and body, None for a body over MAX_RESPONSE_BYTES (closed unread past that)."""
+    with client.stream("POST", "/v1/query", headers=headers, json=query) as response:
+        body = bytearray()
+        for chunk in response.iter_bytes():
+            body += chunk
+            if len(body) > MAX_RESPONSE_BYTES:
+                return response.status_code, None
+        return response.status_code, bytes(body)
+
+
+def _record(report: RedTeamReport, status: int, body: bytes | None, department: str, category: str,
+            index: int) -> None:
+    """Count one probe's response: answered (and checked), blocked by the kill switch, or an error."""
+    if body is None:
+        report.errors[f"HTTP {status} {OVER_CAP}"] += 1
+    elif status == 200:
+        _record_answer(report, body, department, category, index)
+    elif _kill_switch_disabled(status, body):
+        report.blocked[category] += 1
+    else:
+        report.errors[f"HTTP {status}"] += 1
+
+
+def _answer_body(body: bytes) -> dict[str, object] | None:
     """The query answer a 200 carries, or None when it is not one (not JSON, not the answer's shape): its leaks
     cannot be looked for."""
     try:
-        body = response.json()
+        answer = json.loads(body)
     except ValueError:
         return None
-    if not isinstance(body, dict) or not isinstance(body.get("answer"), str) \
-            or not isinstance(body.get("citations"), list):
+    if not isinstance(answer, dict) or not isinstance(answer.get("answer"), str) \
+            or not isinstance(answer.get("citations"), list):
         return None
-    return body
+    return answer
 
 
-def _record_answer(report: RedTeamReport, response: httpx.Response, department: str, category: str,
-                   index: int) -> None:
-    body = _answer_body(response)
+def _record_answer(report: RedTeamReport, raw: bytes, department: str, category: str, index: int) -> None:
+    body = _answer_body(raw)
     if body is None:
         report.errors[NOT_AN_ANSWER] += 1
         return

@@ -110,7 +110,10 @@ def _stub_api(answers: list[Answer]) -> Iterator[str]:
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):  # a client that read no further than it wanted
+                self.close_connection = True
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -282,3 +285,36 @@ def test_an_unreachable_url_is_said_without_its_credentials(tmp_path: Path,
     assert _redteam("http://scanner:s3cret@127.0.0.1:9", _corpus(tmp_path)) == redteam.EXIT_USAGE
     err = capsys.readouterr().err
     assert err == "cannot reach the API at http://127.0.0.1:9 (ConnectError); check --url\n"
+
+
+def _answer(text: str, **more: str) -> Answer:
+    """A 200 query answer saying `text` (with more fields)."""
+    return 200, json.dumps({"answer": text, "citations": [], "refused": False, "reason": None, "request_id": "r",
+                            **more}).encode()
+
+
+LEAK = _answer("The marker is CNRY-0123456789abcdef.")
+HUGE = _answer("The marker is CNRY-0123456789abcdef.", padding="x" * (redteam.MAX_RESPONSE_BYTES + 1))
+
+
+@pytest.mark.parametrize("stub_api", [[ANSWER, HUGE, ANSWER]], indirect=True)
+def test_a_body_over_the_cap_is_not_read(stub_api: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every response was read whole and scanned: a broken or hostile API (or a proxy) answering with a huge body
+    made the run slow and big. Past MAX_RESPONSE_BYTES the body is left unread, never parsed (the canary in it is not
+    found): that probe is an error, exit 3, and the run goes on."""
+    assert _redteam(stub_api, _corpus(tmp_path), "--per-category", "1") == redteam.EXIT_UNTESTED
+    out = capsys.readouterr().out
+    assert f"  - HTTP 200 {redteam.OVER_CAP}: 1" in out and "answered: 6" in out and "leaks: 0" in out
+
+
+@pytest.mark.parametrize("stub_api", [[ANSWER, ANSWER, (401, b'{"error": {"code": "unauthenticated"}}'), LEAK]],
+                         indirect=True)
+def test_a_token_refused_mid_run_stops_the_run(stub_api: str, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A token that expired mid-run: every later probe was still sent and counted as HTTP 401. The token will not
+    come back, so the run stops there: what it tested is reported, and the rest was not sent (the leak the API would
+    have given the fourth probe is never asked for), exit 3."""
+    assert _redteam(stub_api, _corpus(tmp_path), "--per-category", "1") == redteam.EXIT_UNTESTED
+    out = capsys.readouterr().out
+    assert "answered: 2" in out and "  - HTTP 401: 1" in out and "leaks: 0" in out
+    assert f"not sent: 4 ({redteam.SIGNED_OUT}; the run stopped)" in out
