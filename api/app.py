@@ -24,7 +24,7 @@ from api.routers import admin, audit, authz, documents, guard_admin, health, ing
 from authz.dev_issuer import DevIssuer
 from authz.enforcer import get_enforcer
 from authz.tokens import TokenVerifier
-from core import blobs, migrate, timing
+from core import blobs, keystore, migrate, timing
 from core.errors import ErrorCode, loading
 from core.logs import configure_logging, request_id_var
 from core.metrics import observe_request, route_and_method
@@ -89,14 +89,15 @@ class Background:
 
 
 def start(app: FastAPI) -> Background:
-    """Every step the API takes before it serves, a failure raised as it is (the data dir, the schema, the blob store,
-    the policy, the dev issuer, the vector store, the models, the jobs the in-memory broker lost), and the threads to
-    run, kept as `app.state.started`. `govrag serve` calls it before uvicorn, whose start would say a refusal as a
-    traceback, not in one line; the lifespan calls it when the caller did not. Nothing runs yet: the vector store it
-    opened (not one this process had open before) is released if a later step fails."""
+    """Every step the API takes before it serves, a failure raised as it is (the data dir, the schema, the master key,
+    the blob store, the policy, the dev issuer, the vector store, the models, the jobs the in-memory broker lost), and
+    the threads to run, kept as `app.state.started`. `govrag serve` calls it before uvicorn, whose start would say a
+    refusal as a traceback, not in one line; the lifespan calls it when the caller did not. Nothing runs yet: the
+    vector store it opened (not one this process had open before) is released if a later step fails."""
     settings: Settings = app.state.settings
     migrate.make_data_dir(settings)
     migrate.require_head(settings.resolved_database_url)  # never serve requests the schema cannot answer
+    keystore.require_master_opens(settings)  # nor with a master key that does not open the stored keys
     configure_logging(settings.log_level)
     configure_tracing(settings)
     blobs.open_at_start(settings.blob_dir, settings.resolved_database_url)  # its volume away: a 503

@@ -127,11 +127,12 @@ def _worker(args: argparse.Namespace) -> int:
         print("a separate worker process needs GOVRAG_QDRANT_URL: the embedded store allows one process, "
               "and `govrag serve` already runs an in-process worker", file=sys.stderr)
         return 2
-    from core import blobs, migrate
+    from core import blobs, keystore, migrate
 
     migrate.require_head(settings.resolved_database_url)
     configure_logging(settings.log_level)
     with migrate.reached(settings.resolved_database_url):  # the database lost since require_head: said as it says it
+        keystore.require_master_opens(settings)
         blobs.open_at_start(settings.blob_dir, settings.resolved_database_url)  # only here (its volume away: runs wait)
     from core.tracing import configure_tracing
     from ingestion import service as ingestion_service

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from audit.schemas import Decision, ExportFilters, ExportFormat, utc_bound
 from authz.identity import Identity, operator_identity
-from core import migrate
+from core import keystore, migrate
 from core.db import get_session_factory
 from core.errors import ErrorCode, GovragError, unavailable_dependency
 from core.settings import get_settings
@@ -80,13 +80,17 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @contextmanager
-def _session() -> Iterator[Session]:
+def _session(*, opens_keys: bool = False) -> Iterator[Session]:
     """A session on the configured database at the code's revision (migrated first only where
     `migrate.command_migrates_first`: the embedded SQLite database in development; else SchemaMismatch, said by
     `cli.main`, before any command reads or writes: a ledger verified on a schema the code does not know proves nothing
-    either; audit.service is imported here: it loads the PII models)."""
+    either; audit.service is imported here: it loads the PII models). A command that `opens_keys`, or signs and checks
+    checkpoints with the key the master key wraps, first checks that the master key opens the stored keys
+    (MasterKeyRefused, said by `cli.main`): checkpoints checked with another key would all be reported as tampered."""
     settings = get_settings()
     migrate.require_head_for_command(settings)
+    if opens_keys or settings.audit_checkpoint_key is None:
+        keystore.require_master_opens(settings)
     session = get_session_factory(settings.resolved_database_url)()
     try:
         yield session
@@ -156,7 +160,7 @@ def training_data(args: argparse.Namespace) -> int:
     """Write the redacted training set with its manifest."""
     from audit import service as audit_service
 
-    with _output(args.output) as handle, _session() as session:
+    with _output(args.output) as handle, _session(opens_keys=True) as session:
         last = _copy(audit_service.export_training_data(session=session, settings=get_settings(),
                                                         identity=_actor(args), department=args.department), handle)
     _write_manifest(last, args.output)

@@ -131,12 +131,13 @@ def _refused_at_start(args: argparse.Namespace) -> tuple[str, int] | None:
     A dependency unavailable already is said as one mid-run is (exit 1), never with its address. The schema is what
     `govrag serve` finds: migrated in development (a fresh embedded default too), and in production at another revision
     than the code's SchemaMismatch, said by `cli.main` as `govrag serve` and `govrag worker` say it."""
-    from core import migrate
+    from core import keystore, migrate
     from core.errors import unavailable_dependency
 
     settings = get_settings()
     try:
         migrate.require_head_for_command(settings)
+        keystore.require_master_opens(settings)
         if _unknown_departments(settings, [args.department]):
             return f"no such department: {args.department}; nothing ingested", 2
         if held := _store_held(settings):

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from rich.console import Console
 from rich.table import Table
 
-from core import migrate
+from core import keystore, migrate
 from core.errors import unavailable_dependency
 from core.settings import get_settings
 
@@ -67,6 +67,7 @@ def rotate_command(args: argparse.Namespace) -> int:
     settings = get_settings()
     try:
         migrate.require_head_for_command(settings)
+        keystore.require_master_opens(settings)
         with unit_of_work(settings.resolved_database_url) as session:
             chosen, unknown = authz_service.departments_named(session=session, named=args.departments or [])
     except (Exception, KeyboardInterrupt) as exc:  # before any rotation began
@@ -135,6 +136,7 @@ def _rotate_master(args: argparse.Namespace) -> int:
     where = "removed from the key file" if settings.master_key is None else "remove them from GOVRAG_MASTER_KEY"
     try:
         migrate.require_head_for_command(settings)
+        keystore.require_master_opens(settings)
         report = keys.rotate_master_key(settings=settings, identity=operator_identity(args.actor))
     except LookupError as exc:  # keys from settings: the new version must be supplied first
         Console(stderr=True).print(str(exc))

@@ -80,6 +80,21 @@ class AddressUnusable(StartRefused):
                          "machine)")
 
 
+class MasterKeyRefused(StartRefused):
+    """The configured master keyring does not open the keys stored in the database: a wrong GOVRAG_MASTER_KEY, a key
+    file from elsewhere or lost (never made afresh over stored keys), a replica not given the version a master
+    rotation made current. Nothing it served could be read, and keys it wrapped would be lost once the right key is
+    back: a setting to fix, exit 2, as a key file that does not parse. Names where the key is read (`key_file`, else
+    GOVRAG_MASTER_KEY only), never key material."""
+
+    exit_code = 2
+
+    def __init__(self, why: str | None, key_file: Path | None) -> None:
+        source = "GOVRAG_MASTER_KEY" if key_file is None else f"GOVRAG_MASTER_KEY or {key_file}"
+        super().__init__(f"the master key does not open the stored keys{f' ({why})' if why else ''}: restore the "
+                         f"master key used to write them ({source})")
+
+
 class BrokenInstall(StartRefused):
     """A model or weights file shipped with govrag does not load (missing, unreadable, garbled): no setting or wait
     fixes it, the install does; exit 1, a start that ran and failed."""

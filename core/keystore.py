@@ -26,12 +26,13 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from sqlalchemy import delete, exists, select
+from sqlalchemy import delete, exists, func, select
 from sqlalchemy.orm import Session, aliased
 
 from core import crypto
 from core.cache import BoundedCache
-from core.db import transaction_lock
+from core.db import transaction_lock, unit_of_work
+from core.errors import MasterKeyRefused
 from core.models import Document, WrappedKey
 from core.settings import Settings
 
@@ -60,10 +61,13 @@ class KeyStore:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> KeyStore:
-        """Master keyring from env, else from the key file (generated only outside production)."""
+        """Master keyring from env, else from the key file (generated only outside production, and never while the
+        database holds keys a master key wraps: MasterKeyRefused, the one that wrote them is lost)."""
         if settings.master_key is not None:
             return cls(crypto.parse_master_keyring(settings.master_key.get_secret_value()))
         key_file = settings.resolved_master_key_file
+        if not key_file.exists() and _holds_master_wrapped_keys(settings.resolved_database_url):
+            raise MasterKeyRefused(f"the key file {key_file} does not exist; no new one is made over them", key_file)
         return cls(crypto.load_or_create_master_keyring(key_file, create=not settings.is_production),
                    key_file=key_file)
 
@@ -227,9 +231,29 @@ class KeyStore:
         rotation finds this row (and rewraps it) before it retires that version."""
         transaction_lock(session, _MASTER_LOCK, shared=True)
         master_version, master = self._current_master()
+        newest = session.scalar(select(func.max(WrappedKey.parent_version))
+                                .where(WrappedKey.kind.in_(MASTER_WRAPPED_KINDS)))
+        if newest is not None and newest > master_version:  # a replica not given the version a rotation made current
+            raise MasterKeyRefused(f"it has no version {newest}, the current one", self._key_file)
         session.add(WrappedKey(kind=kind, owner=owner, version=version, parent_version=master_version,
                                wrapped=crypto.seal(master, key, _context(kind, owner, version))))
         session.flush()
+
+    def check_masters(self, *, session: Session) -> None:
+        """MasterKeyRefused unless this keyring opens the master-wrapped keys: the first row under each master version
+        in use is unwrapped (a wrong key fails authentication), so a process never starts to serve keys it cannot open
+        nor to wrap new ones the right key would not open."""
+        first = (select(func.min(WrappedKey.id)).where(WrappedKey.kind.in_(MASTER_WRAPPED_KINDS))
+                 .group_by(WrappedKey.parent_version))
+        masters = self._masters_now()
+        for row in session.scalars(select(WrappedKey).where(WrappedKey.id.in_(first))):
+            if row.parent_version not in masters:
+                raise MasterKeyRefused(f"it has no version {row.parent_version}, which wraps some of them",
+                                       self._key_file)
+            try:
+                crypto.open_sealed(masters[row.parent_version], row.wrapped, _context(row.kind, row.owner, row.version))
+            except crypto.DecryptionError:
+                raise MasterKeyRefused(None, self._key_file) from None
 
     def master_rotation(self) -> contextlib.AbstractContextManager[None]:
         """Held for a whole master rotation: the key file's lock (`crypto.master_keyring_lock`), so two rotations
@@ -360,6 +384,12 @@ def _department_lock(department: str) -> str:
     return f"keys:department:{department}"
 
 
+def _holds_master_wrapped_keys(database_url: str) -> bool:
+    """Whether the database holds a key a master key wraps."""
+    with unit_of_work(database_url) as session:
+        return session.scalar(select(exists().where(WrappedKey.kind.in_(MASTER_WRAPPED_KINDS)))) is True
+
+
 def _stamp(path: Path | None) -> tuple[int, int, int] | None:
     """What changes when the key file is replaced or rewritten."""
     if path is None:
@@ -387,3 +417,12 @@ def keystore_for(settings: Settings) -> KeyStore:
         if source not in _KEYSTORES:
             _KEYSTORES[source] = KeyStore.from_settings(settings)
         return _KEYSTORES[source]
+
+
+def require_master_opens(settings: Settings) -> None:
+    """A start's check, before it serves, works or writes (`govrag serve`, `govrag worker`, the CLI commands that open
+    the key store) and /readyz's: MasterKeyRefused unless `settings`' master keyring opens the keys stored in its
+    database. With none stored yet there is nothing to check, and no key file is made for it."""
+    if _holds_master_wrapped_keys(settings.resolved_database_url):
+        with unit_of_work(settings.resolved_database_url) as session:
+            keystore_for(settings).check_masters(session=session)

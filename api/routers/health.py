@@ -9,7 +9,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.deps import SessionDep, SettingsDep
-from core.errors import ErrorCode, GovragError
+from core import keystore
+from core.errors import ErrorCode, GovragError, MasterKeyRefused
+from core.settings import Settings
 from retrieval.store import open_vector_store
 
 logger = logging.getLogger(__name__)
@@ -24,15 +26,18 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(request: Request, session: SessionDep, settings: SettingsDep) -> JSONResponse:
-    """Database, broker and vector store all answer, and the database's schema is the one this code needs (a
-    migration run or undone under a running process is noticed within SCHEMA_CHECK_SECONDS, with its reason)."""
+    """Database, broker and vector store all answer, the database's schema is the one this code needs (a migration
+    run or undone under a running process is noticed within SCHEMA_CHECK_SECONDS, with its reason), and the master
+    key opens the stored keys (a key file replaced, a master rotation this replica's key lacks), with its reason."""
     checks = {
         "database": _check(lambda: session.execute(text("SELECT 1"))),
         "broker": _check(lambda: _ping_broker(request)),
         "vector_store": _check(lambda: open_vector_store(settings).ping()),
     }
-    checks["schema"], reason = _schema_check(request)
+    checks["schema"], schema_reason = _schema_check(request)
+    checks["master_key"], key_reason = _master_key_check(settings)
     ready = all(value == "ok" for value in checks.values())
+    reason = "; ".join(filter(None, (schema_reason, key_reason)))
     content = {"ready": ready, "checks": checks} | ({"reason": reason} if reason else {})
     return JSONResponse(status_code=200 if ready else 503, content=content)
 
@@ -59,6 +64,18 @@ def _schema_check(request: Request) -> tuple[str, str | None]:
         logger.warning("readiness check failed: %s", type(exc).__name__)
         return "down", None
     return ("ok", None) if problem is None else ("mismatch", problem)
+
+
+def _master_key_check(settings: Settings) -> tuple[str, str | None]:
+    """"ok"; "mismatch" and what to do (the line a start is refused with); or "down" when it could not be asked."""
+    try:
+        keystore.require_master_opens(settings)
+    except MasterKeyRefused as refused:
+        return "mismatch", str(refused)
+    except Exception as exc:  # noqa: BLE001 - readiness reports any failure as "down"
+        logger.warning("readiness check failed: %s", type(exc).__name__)
+        return "down", None
+    return "ok", None
 
 
 def _check(probe) -> str:  # type: ignore[no-untyped-def]

@@ -471,4 +471,5 @@ def test_deleted_document_leaves_nothing_in_the_data_dir_or_qdrant(client: TestC
 def test_readyz_checks_database_broker_and_vector_store(client: TestClient) -> None:
     response = client.get("/readyz")
     assert response.status_code == 200
-    assert response.json()["checks"] == {"database": "ok", "broker": "ok", "vector_store": "ok", "schema": "ok"}
+    assert response.json()["checks"] == {"database": "ok", "broker": "ok", "vector_store": "ok", "schema": "ok",
+                                         "master_key": "ok"}
