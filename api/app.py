@@ -25,6 +25,7 @@ from authz.dev_issuer import DevIssuer
 from authz.enforcer import get_enforcer
 from authz.tokens import TokenVerifier
 from core import blobs, keystore, migrate, timing
+from core.cache import Rechecked
 from core.errors import ErrorCode, loading
 from core.logs import configure_logging, request_id_var
 from core.metrics import observe_request, route_and_method
@@ -102,6 +103,8 @@ def start(app: FastAPI) -> Background:
     configure_tracing(settings)
     blobs.open_at_start(settings.blob_dir, settings.resolved_database_url)  # its volume away: a 503
     app.state.schema_watch = migrate.SchemaWatch(settings.resolved_database_url)
+    app.state.master_key_watch = Rechecked(functools.partial(keystore.master_key_problem, settings),
+                                           keystore.MASTER_CHECK_SECONDS)
     app.state.enforcer = get_enforcer(settings.resolved_database_url, settings.authz_default_clearance,
                                       settings.authz_policy_check_seconds)
     app.state.dev_issuer = (DevIssuer.load_or_create(settings.dev_issuer_dir, settings.oidc_issuer,

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from python_multipart.exceptions import MultipartParseError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import ErrorCode, GovragError, unavailable_dependency
+from core.errors import ErrorCode, GovragError, MasterKeyRefused, unavailable_dependency
 from core.logs import exception_frames, request_id_var
 
 logger = logging.getLogger(__name__)
@@ -60,11 +60,19 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map service errors, validation errors and HTTP errors to the one JSON shape (crashes: `crash_response`)."""
+    """Map service errors, a master key refused, validation errors and HTTP errors to the one JSON shape (crashes:
+    `crash_response`)."""
 
     @app.exception_handler(GovragError)
     async def _govrag(_request: Request, exc: GovragError) -> JSONResponse:
         return error_response(exc.code.status, exc.code.name, exc.message)
+
+    @app.exception_handler(MasterKeyRefused)
+    async def _master_key(_request: Request, exc: MasterKeyRefused) -> JSONResponse:
+        # A replica whose master key lacks the version a rotation made current (or no longer opens the stored keys):
+        # the operator's line, no key material in it, logged and said to the client; no retry helps until it is fixed.
+        logger.error("%s", exc)
+        return error_response(503, ErrorCode.unavailable.name, str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,8 +1,10 @@
-"""A small thread-safe least-recently-used cache with a size bound, for per-process memoisation."""
+"""Per-process memoisation: a small thread-safe least-recently-used cache with a size bound, and an answer asked again
+only after a while (`Rechecked`)."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
@@ -50,3 +52,24 @@ class BoundedCache(Generic[K, V]):
         """Forget everything."""
         with self._lock:
             self._items.clear()
+
+
+class Rechecked:
+    """What `ask` finds wrong (None: nothing), asked again at most every `every_seconds` (readiness probes come every
+    few seconds); a failure to ask raises and is not cached."""
+
+    def __init__(self, ask: Callable[[], str | None], every_seconds: float) -> None:
+        self._ask = ask
+        self._every = every_seconds
+        self._lock = threading.Lock()
+        self._checked_at: float | None = None
+        self._problem: str | None = None
+
+    def problem(self) -> str | None:
+        """The cached answer of `ask`, asked afresh once it is `every_seconds` old."""
+        with self._lock:
+            now = time.monotonic()
+            if self._checked_at is None or now - self._checked_at >= self._every:
+                self._problem = self._ask()
+                self._checked_at = now
+            return self._problem

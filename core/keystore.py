@@ -41,6 +41,7 @@ _CACHE_SIZE = 4096
 MASTER_WRAPPED_KINDS = ("department", "checkpoint")
 _CHECKPOINT_OWNER = "audit"
 _CHECKPOINT_HKDF_INFO = b"govrag audit checkpoint v1"
+MASTER_CHECK_SECONDS = 5.0  # how long readiness trusts its last look at whether the master key opens the stored keys
 _MASTER_LOCK = "keys:master"  # shared: wrapping under the newest master version; exclusive: finding rows to rewrap
 
 
@@ -245,8 +246,12 @@ class KeyStore:
         nor to wrap new ones the right key would not open."""
         first = (select(func.min(WrappedKey.id)).where(WrappedKey.kind.in_(MASTER_WRAPPED_KINDS))
                  .group_by(WrappedKey.parent_version))
+        rows = session.scalars(select(WrappedKey).where(WrappedKey.id.in_(first))).all()
+        # The keyring read after the rows: a master rotation beside this check writes its new version to the key file
+        # before it rewraps any row under it, so a row read under that version finds it there (read before the rows,
+        # the keyring could lack it: a false refusal mid-rotation).
         masters = self._masters_now()
-        for row in session.scalars(select(WrappedKey).where(WrappedKey.id.in_(first))):
+        for row in rows:
             if row.parent_version not in masters:
                 raise MasterKeyRefused(f"it has no version {row.parent_version}, which wraps some of them",
                                        self._key_file)
@@ -426,3 +431,13 @@ def require_master_opens(settings: Settings) -> None:
     if _holds_master_wrapped_keys(settings.resolved_database_url):
         with unit_of_work(settings.resolved_database_url) as session:
             keystore_for(settings).check_masters(session=session)
+
+
+def master_key_problem(settings: Settings) -> str | None:
+    """The line `require_master_opens` refuses `settings`' master key with, or None when it opens the stored keys
+    (readiness's question, asked at most every MASTER_CHECK_SECONDS: a query and an unwrap per master version)."""
+    try:
+        require_master_opens(settings)
+    except MasterKeyRefused as refused:
+        return str(refused)
+    return None

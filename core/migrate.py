@@ -12,8 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -27,6 +25,7 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Connection, column, create_engine, event, exc, inspect, make_url, pool, select, table, text
 
+from core.cache import Rechecked
 from core.db import transaction_lock, unit_of_work
 from core.errors import Unavailable, UnusablePath, check_writable, unavailable_dependency
 from core.logs import PASSWORD_PARAMETERS, mask_secrets
@@ -168,24 +167,12 @@ def require_head_for_command(settings: Settings) -> None:
         raise Unavailable("database") from None
 
 
-class SchemaWatch:
+class SchemaWatch(Rechecked):
     """The schema problem of a running process's database, asked at most every SCHEMA_CHECK_SECONDS."""
 
     def __init__(self, database_url: str, every_seconds: float | None = None) -> None:
-        self._url = database_url
-        self._every = SCHEMA_CHECK_SECONDS if every_seconds is None else every_seconds
-        self._lock = threading.Lock()
-        self._checked_at: float | None = None
-        self._problem: str | None = None
-
-    def problem(self) -> str | None:
-        """The cached answer of `schema_problem`; a failure to ask raises and is not cached."""
-        with self._lock:
-            now = time.monotonic()
-            if self._checked_at is None or now - self._checked_at >= self._every:
-                self._problem = schema_problem(self._url)
-                self._checked_at = now
-            return self._problem
+        super().__init__(lambda: schema_problem(database_url),
+                         SCHEMA_CHECK_SECONDS if every_seconds is None else every_seconds)
 
 
 def upgrade(database_url: str, revision: str = "head", *, report: Callable[[str], None] | None = None) -> None:

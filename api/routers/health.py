@@ -9,9 +9,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.deps import SessionDep, SettingsDep
-from core import keystore
-from core.errors import ErrorCode, GovragError, MasterKeyRefused
-from core.settings import Settings
+from core.cache import Rechecked
+from core.errors import ErrorCode, GovragError
 from retrieval.store import open_vector_store
 
 logger = logging.getLogger(__name__)
@@ -28,14 +27,15 @@ async def healthz() -> dict[str, str]:
 def readyz(request: Request, session: SessionDep, settings: SettingsDep) -> JSONResponse:
     """Database, broker and vector store all answer, the database's schema is the one this code needs (a migration
     run or undone under a running process is noticed within SCHEMA_CHECK_SECONDS, with its reason), and the master
-    key opens the stored keys (a key file replaced, a master rotation this replica's key lacks), with its reason."""
+    key opens the stored keys (a key file replaced, a master rotation this replica's key lacks: noticed within
+    MASTER_CHECK_SECONDS), with its reason."""
     checks = {
         "database": _check(lambda: session.execute(text("SELECT 1"))),
         "broker": _check(lambda: _ping_broker(request)),
         "vector_store": _check(lambda: open_vector_store(settings).ping()),
     }
-    checks["schema"], schema_reason = _schema_check(request)
-    checks["master_key"], key_reason = _master_key_check(settings)
+    checks["schema"], schema_reason = _watched(request.app.state.schema_watch)
+    checks["master_key"], key_reason = _watched(request.app.state.master_key_watch)
     ready = all(value == "ok" for value in checks.values())
     reason = "; ".join(filter(None, (schema_reason, key_reason)))
     content = {"ready": ready, "checks": checks} | ({"reason": reason} if reason else {})
@@ -56,26 +56,14 @@ def _ping_broker(request: Request) -> None:
         connection.ensure_connection(max_retries=1, timeout=2)
 
 
-def _schema_check(request: Request) -> tuple[str, str | None]:
-    """"ok"; "mismatch" and what to do; or "down" when the database's revision could not be read."""
+def _watched(watch: Rechecked) -> tuple[str, str | None]:
+    """"ok"; "mismatch" and what to do; or "down" when `watch` could not ask."""
     try:
-        problem = request.app.state.schema_watch.problem()
+        problem = watch.problem()
     except Exception as exc:  # noqa: BLE001 - readiness reports any failure as "down"
         logger.warning("readiness check failed: %s", type(exc).__name__)
         return "down", None
     return ("ok", None) if problem is None else ("mismatch", problem)
-
-
-def _master_key_check(settings: Settings) -> tuple[str, str | None]:
-    """"ok"; "mismatch" and what to do (the line a start is refused with); or "down" when it could not be asked."""
-    try:
-        keystore.require_master_opens(settings)
-    except MasterKeyRefused as refused:
-        return "mismatch", str(refused)
-    except Exception as exc:  # noqa: BLE001 - readiness reports any failure as "down"
-        logger.warning("readiness check failed: %s", type(exc).__name__)
-        return "down", None
-    return "ok", None
 
 
 def _check(probe) -> str:  # type: ignore[no-untyped-def]

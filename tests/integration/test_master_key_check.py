@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from api import cli
 from api.app import create_app
+from authz import service as authz_service
 from core import crypto, keystore, migrate
 from core.db import unit_of_work
 from core.errors import MasterKeyRefused
@@ -25,6 +26,7 @@ from core.models import Document, WrappedKey
 from core.settings import Settings, get_settings
 from ingestion import keys
 from retrieval.store import close_vector_store
+from tests.conftest import PLATFORM_ADMIN, auth
 from tests.integration.test_master_key_rotation import ROTATOR
 from tests.support.govrag_process import govrag_env, run_govrag
 
@@ -116,8 +118,16 @@ def test_an_embedded_serve_refuses_a_key_file_that_does_not_open_the_stored_keys
 
 
 @pytest.fixture
-def served(make_pg_database: Callable[[], str], tmp_path: Path) -> Iterator[tuple[TestClient, Settings]]:
+def master_check_seconds() -> float:
+    """How long /readyz keeps its answer about the master key: asked afresh on each probe unless a test says."""
+    return 0.0
+
+
+@pytest.fixture
+def served(make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+           master_check_seconds: float) -> Iterator[tuple[TestClient, Settings]]:
     """A running API on a database of its own, its key file in its data dir, the department `hr` made."""
+    monkeypatch.setattr(keystore, "MASTER_CHECK_SECONDS", master_check_seconds)
     url = make_pg_database()
     migrate.upgrade(url)
     settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url="memory://", inprocess_worker=False,
@@ -151,6 +161,17 @@ def test_readyz_reports_a_master_key_that_no_longer_opens_the_stored_keys(
     assert client.get("/readyz").json()["checks"]["master_key"] == "ok"
 
 
+@pytest.mark.parametrize("master_check_seconds", [3600.0])
+def test_readyz_keeps_its_answer_about_the_master_key_for_a_while(served: tuple[TestClient, Settings]) -> None:
+    """Probes come every few seconds from each replica's orchestrator: each one ran the check's queries and unwraps.
+    The answer is kept MASTER_CHECK_SECONDS (a key file replaced meanwhile is noticed once it is asked again)."""
+    client, settings = served
+    assert client.get("/readyz").json()["checks"]["master_key"] == "ok"
+    with crypto.master_keyring_lock(settings.resolved_master_key_file):
+        crypto.write_master_keyring(settings.resolved_master_key_file, {1: crypto.new_key()})
+    assert client.get("/readyz").json()["checks"]["master_key"] == "ok"
+
+
 def test_a_replica_without_the_current_master_version_wraps_nothing_under_a_retired_one(
         make_pg_database: Callable[[], str], tmp_path: Path) -> None:
     """Keys from settings, rotated to v2 (v1 retired); a replica still given only v1 wrapped the next department's
@@ -173,3 +194,33 @@ def test_a_replica_without_the_current_master_version_wraps_nothing_under_a_reti
         KeyStore(crypto.parse_master_keyring(old)).create_department_key(session=session, department="beta")
     assert _stored(url) == before
     keystore.require_master_opens(Settings(data_dir=tmp_path, database_url=url, master_key=f"v2:{new}"))
+
+
+def test_a_running_replica_left_without_the_current_master_version_answers_503_creating_a_department(
+        make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """A replica running with only v1 while a master rotation made v2 current: `POST /v1/admin/departments` was a 500
+    ("internal error"). Now a 503 that says what to do, no key material in it, and no department made."""
+    url = make_pg_database()
+    migrate.upgrade(url)
+    old, new = (base64.b64encode(crypto.new_key()).decode() for _ in range(2))
+    stale = Settings(data_dir=tmp_path / "data", database_url=url, broker_url="memory://", inprocess_worker=False,
+                     job_sweep_seconds=0, master_key=old, admins=[PLATFORM_ADMIN])
+    with unit_of_work(url) as session:
+        authz_service.create_department(session=session, keystore=keystore_for(stale), name="alpha")
+    rotating = Settings(data_dir=tmp_path, database_url=url, master_key=f"v2:{new},v1:{old}")
+    try:
+        with TestClient(create_app(stale)) as client:
+            keys.rotate_master_key(settings=rotating, identity=ROTATOR)  # after the replica started
+            before = _stored(url)
+            admin = auth(client.app.state.dev_issuer.issue(PLATFORM_ADMIN, []))  # type: ignore[attr-defined]
+            response = client.post("/v1/admin/departments", json={"name": "beta"}, headers=admin)
+            listed = client.get("/v1/admin/departments", headers=admin).json()
+    finally:
+        close_vector_store(stale)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "unavailable"
+    assert response.json()["error"]["message"] == ("the master key does not open the stored keys (it has no version 2, "
+                                                   f"the current one): {RESTORE} (GOVRAG_MASTER_KEY)")
+    assert old not in response.text and new not in response.text
+    assert _stored(url) == before
+    assert listed == [{"name": "alpha"}]
