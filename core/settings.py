@@ -9,7 +9,7 @@ from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -210,7 +210,9 @@ class Settings(BaseSettings):
     @property
     def llm_host_allowed(self) -> bool:
         """True when GOVRAG_LLM_BASE_URL is http(s) to a host on GOVRAG_LLM_ALLOWED_HOSTS (issue 5)."""
-        parts = urlsplit(self.llm_base_url or "")
+        parts = _url_parts(self.llm_base_url or "")
+        if parts is None:  # refused by the check that names the setting, not by urlsplit's own message
+            return False
         host = (parts.hostname or "").lower()
         return parts.scheme in {"http", "https"} and bool(host) and host in {h.lower() for h in self.llm_allowed_hosts}
 
@@ -255,10 +257,17 @@ def url_scheme(url: str) -> str:
 
     One reading for every https check (the issuer, the JWKS URL, a discovered jwks_uri): a prefix test would refuse
     "HTTPS://" at start that the fetch itself takes."""
+    parts = _url_parts(url)
+    return parts.scheme if parts else ""
+
+
+def _url_parts(url: str) -> SplitResult | None:
+    """url split as the http clients read it, or None when it does not parse (an unclosed IPv6 bracket): urlsplit's
+    own ValueError, raised in a settings check, would name neither the setting nor what to fix."""
     try:
-        return urlsplit(url).scheme
-    except ValueError:  # e.g. an unclosed IPv6 bracket
-        return ""
+        return urlsplit(url)
+    except ValueError:
+        return None
 
 
 def _check_master_key_file(path: Path, *, production: bool) -> None:

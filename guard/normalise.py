@@ -102,12 +102,14 @@ def has_hidden_selectors(text: str) -> bool:
 
 
 def has_invisible(text: str) -> bool:
-    """True when the text carries zero-width or bidi control characters."""
+    """True when the text carries an invisible character (`_INVISIBLE`: zero-width, bidi controls, Unicode tag
+    characters, variation selectors)."""
     return bool(_INVISIBLE.search(text))
 
 
 def strip_invisible(text: str) -> str:
-    """NFKC, drop zero-width and bidi controls, map look-alike letters to Latin."""
+    """NFKC, drop the invisible characters (`_INVISIBLE`: zero-width, bidi controls, tag characters, variation
+    selectors, every one of them: what they hide is `hidden_texts`'s to read), map look-alike letters to Latin."""
     return _INVISIBLE.sub("", unicodedata.normalize("NFKC", text)).translate(_CONFUSABLES)
 
 

@@ -258,7 +258,9 @@ def _recheck_and_open(session: Session, settings: Settings, enforcer: PolicyEnfo
             metrics.AUTHZ_RECHECK_DROPS.labels(department=document.department).inc()
             continue
         key = _document_key(session, keystore, document)
-        if key is None:  # served, yet its key is gone (not retired: that takes it out of the served ones first)
+        # served, yet its key is gone or no longer opens (`_document_key`; not retired: that takes it out of the
+        # served ones first)
+        if key is None:
             metrics.SERVED_KEYS_MISSING.labels(department=document.department).inc()
             continue
         if document.id not in titles:
