@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     redteam.add_argument("--department", required=True)
     redteam.add_argument("--url", default="http://127.0.0.1:8000")
     redteam.add_argument("--token", default=os.environ.get("GOVRAG_REDTEAM_TOKEN"),
-                         help="the configured user's bearer token (default: $GOVRAG_REDTEAM_TOKEN)")
+                         help="the configured user's bearer token (default: $GOVRAG_REDTEAM_TOKEN; on the command "
+                              "line other users can read it in `ps`)")
     redteam.add_argument("--user", help="dev only: mint a token for this subject from the built-in issuer")
     redteam.add_argument("--groups", action="append", default=[])
     redteam.add_argument("--corpus", type=Path, default=None,
