@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from core.text import VARIATION_SELECTORS
+from core.text import VARIATION_SELECTOR
 
 GROUP_PREFIX = "group:"
 ROLE_PREFIX = "role:"
@@ -15,7 +14,6 @@ CLI_PREFIX = "cli:"  # an operator's server-side command in the ledger (`govrag 
 # No token subject may start with these: a caller must never pass for a group, a role or the ledger's own actors.
 RESERVED_PREFIXES = (GROUP_PREFIX, ROLE_PREFIX, SYSTEM_PREFIX, CLI_PREFIX)
 MAX_SUBJECT_CHARS = 255  # longest subject (a token's `sub`, a user or group:<name> in the policy), in characters
-_VARIATION_SELECTOR = re.compile(f"[{VARIATION_SELECTORS}]")
 
 
 def token_can_carry(name: str) -> bool:
@@ -23,7 +21,7 @@ def token_can_carry(name: str) -> bool:
     other invisible character (a zero-width space, a direction mark, a Unicode tag character; a variation selector,
     which `isprintable` passes) or a lone surrogate is refused: it would break an audit row, or show as a name it is
     not (`nadia` and `nadia` with selectors after it, which may spell a hidden text, look alike)."""
-    return name.isprintable() and not _VARIATION_SELECTOR.search(name)
+    return name.isprintable() and not VARIATION_SELECTOR.search(name)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ inside files (an upload's file name, an e-mail attachment's) are not the caller'
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from typing import Annotated, Any
 
@@ -24,6 +25,7 @@ BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u206
 # (U+E0100-U+E01EF). Each renders as nothing (after a character with variants, it picks one of its glyphs), and
 # `isprintable` passes them; a run of them can hide text a model reads (`guard.normalise.hidden_texts`).
 VARIATION_SELECTORS = "\ufe00-\ufe0f\U000e0100-\U000e01ef"
+VARIATION_SELECTOR = re.compile(f"[{VARIATION_SELECTORS}]")  # any one of them
 # Every character `str.splitlines` ends a line at: a reader (and a model) takes each for a line break.
 LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 

@@ -12,7 +12,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator
 
-from core.text import VARIATION_SELECTORS
+from core.text import VARIATION_SELECTOR, VARIATION_SELECTORS
 
 # Characters that render as nothing (or as a space) and are used to split trigger words: these, Unicode tag
 # characters and variation selectors (`_TAGS`, `_SELECTORS`, below).
@@ -87,7 +87,6 @@ _TAG_RUN = re.compile(f"{_TAG_LETTER.pattern}(?:[{_ZERO_WIDTH}{_SELECTORS}]*{_TA
 # Ideographic Variation Database): after every letter of a visible sentence, those hide one byte a letter, and every
 # byte of UTF-8 text is one of them (16-255).
 _IDEOGRAPHS = "\u3400-\u4dbf\u4e00-\u9fff\U00020000-\U0003ffff"
-_SELECTOR = re.compile(f"[{_SELECTORS}]")
 _HIDDEN_SELECTORS = re.compile(f"[{_SELECTORS}](?:[{_ZERO_WIDTH}{_TAGS}]*[{_SELECTORS}])+"
                                f"|(?<![{_IDEOGRAPHS}])[\U000e0100-\U000e01ef]")
 # What `without_hidden` removes: every tag character, and every variation selector that selects nothing.
@@ -184,7 +183,7 @@ def hidden_texts(text: str) -> list[str]:
     characters, one per run (`_TAG_RUN`), then the UTF-8 spelled in the variation selectors that select nothing
     (`_HIDDEN_SELECTORS`), all of them as one text, in order (bytes that are not UTF-8 read as U+FFFD)."""
     tagged = ["".join(chr(ord(ch) - 0xE0000) for ch in _TAG_LETTER.findall(run)) for run in _TAG_RUN.findall(text)]
-    selected = _SELECTOR.findall("".join(_HIDDEN_SELECTORS.findall(text)))
+    selected = VARIATION_SELECTOR.findall("".join(_HIDDEN_SELECTORS.findall(text)))
     return tagged + ([bytes(map(_selector_byte, selected)).decode("utf-8", errors="replace")] if selected else [])
 
 

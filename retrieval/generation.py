@@ -7,7 +7,7 @@ import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -24,15 +24,6 @@ from retrieval.schemas import Citation, QueryResponse
 
 logger = logging.getLogger(__name__)
 WITHHELD_TEXT = "The answer was withheld by the output guard."
-
-
-class ChunkLike(Protocol):
-    """What generation needs of an opened chunk (retrieval.service.OpenedChunk)."""
-
-    document_id: str
-    department: str
-    title: str
-    text: str
 
 
 @dataclass
