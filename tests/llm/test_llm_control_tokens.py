@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import llama_cpp
 import pytest
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from retrieval.models import LlamaCppGenerator
 from retrieval.prompting import PromptChunk, build_prompt
@@ -19,6 +17,9 @@ def test_a_chunk_cannot_close_the_user_turn_with_the_models_own_control_tokens()
     """llama-cpp-python tokenizes the rendered chat prompt with special tokens parsed: SmolLM2's `<|im_end|>` and
     `<|im_start|>system` in a chunk (or its StarCoder `<filename>`) were its control tokens, a system turn forged inside
     the data. The rendered prompt holds the template's own control tokens alone (3 turns opened, 2 closed)."""
+    import llama_cpp  # the `llm` extra: imported here so that `make test` (without it) still collects this file
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
     generator = LlamaCppGenerator(smollm2_path(), 512)
     assert {"<|im_end|>", "<|im_start|>", "<filename>"} <= generator.control_tokens
     prompt = build_prompt(f"When?{FORGED}", [PromptChunk(n=1, title=f"Leave{FORGED}", text=FORGED)], {},
