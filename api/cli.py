@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from core import offline
 from core.errors import StartRefused
 from core.migrate import MigrationError, MigrationInterrupted
 from core.settings import get_settings
@@ -230,8 +231,8 @@ def _redteam_token(args: argparse.Namespace) -> str | None:
 
 def _offline_defaults() -> None:
     """Nothing downloads or phones home at run time."""
-    for name, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("DO_NOT_TRACK", "1"),
-                        ("UNSTRUCTURED_DISABLE_NOTICE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+    offline.no_telemetry()
+    for name, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(name, value)
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, TypeVar
 import pikepdf
 import psutil
 
+from core import offline
 from core.errors import ErrorCode, GovragError
 from ingestion import formats, legacy_office, pandoc, sandbox, scratch, sniff
 
@@ -81,9 +82,7 @@ def configure_unstructured() -> None:
     with _offline_lock:
         if _offline_ready:
             return
-        # Must be set before unstructured is first imported: it pings home on import.
-        os.environ["DO_NOT_TRACK"] = "1"
-        os.environ["UNSTRUCTURED_DISABLE_NOTICE"] = "1"
+        offline.no_telemetry()  # before unstructured is first imported (it pings home), and onnxruntime with it
         from unstructured.nlp import tokenize
 
         # unstructured loads `en_core_web_sm` by name and downloads it when missing; its pipeline

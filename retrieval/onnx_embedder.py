@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core import offline
 from core.errors import UnusablePath, check_writable, reading_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class OnnxEmbedder:
     """Same interface as `retrieval.embeddings.Embedder`: float32, L2-normalised rows."""
 
     def __init__(self) -> None:
+        offline.no_telemetry()
         import onnxruntime as ort
         from tokenizers import Tokenizer
 

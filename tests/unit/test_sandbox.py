@@ -58,19 +58,9 @@ def _scenario(kind: str, tmp_path: Path) -> tuple[bytes, str, str]:
     return drawing_only_pdf(), sniff.APPLICATION_PDF, "sleep"
 
 
-# What onnxruntime (imported with unstructured's PDF partitioner) writes to TMPDIR as it loads: a session id of its
-# own, no part of any document.
-ONNXRUNTIME_SESSION = ".ses"
-
-
-def _left(folder: Path) -> list[Path]:
-    """What is in `folder` but onnxruntime's session id."""
-    return [path for path in folder.iterdir() if path.name != ONNXRUNTIME_SESSION]
-
-
 def _files(folder: Path) -> list[Path]:
-    """The files below `folder`, onnxruntime's session id left out."""
-    return [path for below in _left(folder) for path in [below, *below.rglob("*")] if not path.is_dir()]
+    """The files below `folder`."""
+    return [path for path in folder.rglob("*") if not path.is_dir()]
 
 
 @pytest.mark.parametrize("kind", ["pandoc", "soffice", "tesseract"])
@@ -100,7 +90,7 @@ def test_a_conversion_dies_with_the_worker_process_that_started_it(kind: str, tm
         (tmp_path / "next.txt").write_text("The next document.")
         subprocess.run([sys.executable, "-m", "tests.support.parse_process", str(tmp_path / "next.txt"),  # noqa: S603
                         sniff.TEXT_PLAIN], cwd=ROOT, env=env, check=True)
-        assert _left(temp_dir) == []
+        assert list(temp_dir.iterdir()) == []
     finally:
         worker.kill()
         worker.wait()
