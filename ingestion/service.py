@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from core import blobs, crypto, metrics
+from core import blobs, crypto, memory, metrics
 from core.db import unit_of_work
 from core.errors import ErrorCode, GovragError, Unavailable, loading, unavailable_dependency
 from core.keystore import DocumentKeyUnreadable, keystore_for
@@ -129,11 +129,13 @@ def load_models(settings: Settings) -> None:
 def check_models(settings: Settings) -> None:
     """`load_models`, then the models let go: `govrag worker` says a broken install in one line before Celery starts,
     not as a traceback per child with every document then failing. Each child it forks loads its own
-    (workers/tasks.py): a model library's threads do not survive a fork."""
+    (workers/tasks.py): a model library's threads do not survive a fork. The heap they leave freed goes back to the
+    system, not kept by the parent for as long as it runs."""
     load_models(settings)
     release_embedders()
     get_redactor.cache_clear()
     get_scanner.cache_clear()
+    memory.release_freed_heap()
 
 
 def _run_once(settings: Settings, document_id: str, job_id: str) -> bool:
