@@ -6,19 +6,25 @@ behind, the document's plaintext. Its owner holds a shared lock (flock) on the d
 kernel drops it as the owner ends, however it ends. A process making its own directory removes those no process
 holds: a Celery prefork child replacing a killed one does so as it starts. Never a live process's, whatever its pid
 namespace (a container sharing the temporary directory), nor another user's; systemd-tmpfiles too leaves a locked
-directory alone."""
+directory alone. Releases before these directories made the converters' working directories in the temporary
+directory itself, with no owner to tell by: those of this user a day old, past any conversion, are removed too."""
 
 from __future__ import annotations
 
 import atexit
 import fcntl
+import math
 import os
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 PREFIX = "govrag-tmp-"
+# Older releases' pandoc and LibreOffice directories, made in the temporary directory itself (now in a private one)
+LEGACY_PREFIXES = ("govrag-pandoc-", "govrag-soffice-")
+LEGACY_AGE_SECONDS = 24 * 60 * 60  # far past any conversion: each is killed at the parse time limit (default 120 s)
 
 _lock = threading.Lock()
 _base: str | None = None  # the temporary directory of the system (TMPDIR), where the private ones are made
@@ -67,20 +73,25 @@ def _remove_at_exit(pid: int, directory: str) -> None:
 
 
 def remove_ended(base: Path) -> list[Path]:
-    """Remove the private directories in `base` that no process holds (their owner has ended), this user's only;
-    return them."""
-    return [directory for directory in base.glob(f"{PREFIX}*") if _remove_unheld(directory)]
+    """Remove the private directories in `base` that no process holds (their owner has ended), and older releases'
+    converter directories there last modified a day ago or more, this user's only; return them."""
+    ended = [directory for directory in base.glob(f"{PREFIX}*") if _remove_unheld(directory)]
+    day_old = time.time() - LEGACY_AGE_SECONDS
+    return ended + [directory for prefix in LEGACY_PREFIXES for directory in base.glob(f"{prefix}*")
+                    if _remove_unheld(directory, modified_before=day_old)]
 
 
-def _remove_unheld(directory: Path) -> bool:
-    """Remove `directory` if it is one of this user's that no process holds; whether it was removed."""
+def _remove_unheld(directory: Path, modified_before: float = math.inf) -> bool:
+    """Remove `directory` if it is one of this user's that no process holds, last modified before `modified_before`
+    (a time); whether it was removed."""
     try:
         descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError:  # gone, a symbolic link, not a directory or not this user's to read
         return False
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while removing: its maker waits, then retries
-        if os.fstat(descriptor).st_uid != os.getuid():
+        status = os.fstat(descriptor)
+        if status.st_uid != os.getuid() or status.st_mtime >= modified_before:
             return False
         shutil.rmtree(directory, ignore_errors=True)  # symlink-safe on Linux (rmtree.avoids_symlink_attacks)
         return True

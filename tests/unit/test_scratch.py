@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,31 @@ def test_the_directories_of_ended_processes_are_removed_and_no_other(tmp_path: P
             owner.kill()
             owner.wait()
             owner.stdout.close()  # type: ignore[union-attr]
+
+
+def _converter_directory(base: Path, name: str, modified: float) -> Path:
+    """A converter's working directory as older releases left it in TMPDIR, with the upload, last modified then."""
+    directory = base / name
+    directory.mkdir()
+    (directory / "upload.odt").write_bytes(b"the upload's plaintext")
+    os.utime(directory, (modified, modified))
+    return directory
+
+
+def test_older_releases_converter_directories_are_removed_a_day_old(tmp_path: Path) -> None:
+    """Releases before the private directories made pandoc's and LibreOffice's directories in TMPDIR itself, with no
+    owner's lock: those a killed worker left stayed for good. A day old, past any conversion, they are removed."""
+    day_old = time.time() - scratch.LEGACY_AGE_SECONDS - 60
+    left = [_converter_directory(tmp_path, name, day_old) for name in ("govrag-pandoc-a1b2", "govrag-soffice-c3d4")]
+    converting = _converter_directory(tmp_path, "govrag-soffice-e5f6", time.time() - 60)  # may be converting still
+    other = _converter_directory(tmp_path, "other-pandoc-a1b2", day_old)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    link = tmp_path / "govrag-pandoc-link"
+    link.symlink_to(elsewhere)
+    os.utime(link, (day_old, day_old), follow_symlinks=False)
+    assert sorted(scratch.remove_ended(tmp_path)) == sorted(left)
+    assert sorted(tmp_path.iterdir()) == sorted([converting, other, elsewhere, link])
 
 
 def test_a_process_parses_in_a_directory_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
