@@ -72,13 +72,13 @@ def test_older_releases_converter_directories_are_removed_a_day_old(tmp_path: Pa
     left = [_converter_directory(tmp_path, name, day_old) for name in ("govrag-pandoc-a1b2", "govrag-soffice-c3d4")]
     converting = _converter_directory(tmp_path, "govrag-soffice-e5f6", time.time() - 60)  # may be converting still
     other = _converter_directory(tmp_path, "other-pandoc-a1b2", day_old)
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
+    elsewhere = _converter_directory(tmp_path, "elsewhere", day_old)  # what a link to it must not lead to removing
     link = tmp_path / "govrag-pandoc-link"
     link.symlink_to(elsewhere)
     os.utime(link, (day_old, day_old), follow_symlinks=False)
     assert sorted(scratch.remove_ended(tmp_path)) == sorted(left)
     assert sorted(tmp_path.iterdir()) == sorted([converting, other, elsewhere, link])
+    assert (elsewhere / "upload.odt").exists()
 
 
 def test_a_process_parses_in_a_directory_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
