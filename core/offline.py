@@ -17,4 +17,5 @@ NO_TELEMETRY = (
 def no_telemetry() -> None:
     """Turn the libraries' telemetry off in this process and those it starts (call before importing them)."""
     for name, value in NO_TELEMETRY:
-        os.environ[name] = value
+        if os.environ.get(name) != value:  # already so from the start or the image: no setenv as other threads run
+            os.environ[name] = value
