@@ -107,8 +107,7 @@ def start(app: FastAPI) -> Background:
                                            keystore.MASTER_CHECK_SECONDS)
     app.state.enforcer = get_enforcer(settings.resolved_database_url, settings.authz_default_clearance,
                                       settings.authz_policy_check_seconds)
-    app.state.dev_issuer = (DevIssuer.load_or_create(settings.dev_issuer_dir, settings.oidc_issuer,
-                                                     settings.oidc_audience) if settings.dev_issuer else None)
+    app.state.dev_issuer = DevIssuer.from_settings(settings) if settings.dev_issuer else None
     app.state.verifier = TokenVerifier.from_settings(settings, app.state.dev_issuer)
     app.state.celery = create_celery(settings)
     opened_before = vector_store_is_open(settings)  # by its caller (a test): theirs to close

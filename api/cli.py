@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     token = commands.add_parser("token", help="print a token from the built-in DEV issuer (dev only)")
     token.add_argument("--sub", required=True)
     token.add_argument("--groups", action="append", default=[])
-    token.add_argument("--ttl", type=int, default=3600)
+    token.add_argument("--ttl", type=int, default=None,
+                       help="seconds the token lives (default: an hour; at most GOVRAG_TOKEN_MAX_LIFETIME_SECONDS)")
     token.set_defaults(run=_token)
 
     commands.add_parser("demo", help="run the end-to-end demo on the embedded default").set_defaults(run=_demo)
@@ -171,9 +172,15 @@ def _token(args: argparse.Namespace) -> int:
     if not settings.dev_issuer:
         print("the dev issuer is disabled (GOVRAG_DEV_ISSUER=false)", file=sys.stderr)
         return 2
-    issuer = DevIssuer.load_or_create(settings.dev_issuer_dir, settings.oidc_issuer, settings.oidc_audience)
-    print(f"# DEV-ONLY token for sub={args.sub} groups={args.groups} ttl={args.ttl}s", file=sys.stderr)
-    print(issuer.issue(args.sub, args.groups, ttl_seconds=args.ttl))
+    issuer = DevIssuer.from_settings(settings)
+    ttl = issuer.default_ttl_seconds if args.ttl is None else args.ttl
+    try:
+        token = issuer.issue(args.sub, args.groups, ttl_seconds=ttl)
+    except ValueError as refused:  # our own message: --ttl out of range
+        print(f"govrag: --ttl refused: {refused}", file=sys.stderr)
+        return 2
+    print(f"# DEV-ONLY token for sub={args.sub} groups={args.groups} ttl={ttl}s", file=sys.stderr)
+    print(token)
     return 0
 
 
@@ -222,8 +229,7 @@ def _redteam_token(args: argparse.Namespace) -> str | None:
         if not settings.dev_issuer:
             print("--user needs the dev issuer; pass --token", file=sys.stderr)
             return None
-        issuer = DevIssuer.load_or_create(settings.dev_issuer_dir, settings.oidc_issuer, settings.oidc_audience)
-        return issuer.issue(args.user, args.groups)
+        return DevIssuer.from_settings(settings).issue(args.user, args.groups)
     if not args.token:
         print("give --token (or $GOVRAG_REDTEAM_TOKEN), or --user in development", file=sys.stderr)
     return args.token

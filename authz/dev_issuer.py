@@ -24,12 +24,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from core.errors import UnusablePath
+from core.settings import DEFAULT_TOKEN_MAX_LIFETIME_SECONDS, Settings
 
 log = logging.getLogger(__name__)
 
 ALGORITHM = "RS256"
 KEY_FILE = "private.pem"
 _KEY_BITS = 2048
+DEFAULT_TTL_SECONDS = 3600
 
 
 def _b64url_uint(value: int) -> str:
@@ -93,11 +95,19 @@ class DevIssuer:
     issuer: str
     audience: str
     kid: str
+    max_ttl_seconds: int  # the verifier's GOVRAG_TOKEN_MAX_LIFETIME_SECONDS: no token it mints lives longer
     _private_key: rsa.RSAPrivateKey = field(repr=False)
     _public_jwk: dict[str, str] = field(repr=False)
 
     @classmethod
-    def load_or_create(cls, directory: Path, issuer: str, audience: str) -> DevIssuer:
+    def from_settings(cls, settings: Settings) -> DevIssuer:
+        """The issuer the settings' verifier trusts: their data dir's key, issuer, audience and maximum lifetime."""
+        return cls.load_or_create(settings.dev_issuer_dir, settings.oidc_issuer, settings.oidc_audience,
+                                  max_ttl_seconds=settings.token_max_lifetime_seconds)
+
+    @classmethod
+    def load_or_create(cls, directory: Path, issuer: str, audience: str, *,
+                       max_ttl_seconds: int = DEFAULT_TOKEN_MAX_LIFETIME_SECONDS) -> DevIssuer:
         """Reuse directory/private.pem, or create it (dir 0700, file 0600) on first run; UnusablePath if the
         directory cannot be used or the key there does not parse."""
         path = directory / KEY_FILE
@@ -115,7 +125,13 @@ class DevIssuer:
         public_jwk = rsa_public_jwk(private_key.public_key())
         kid = jwk_thumbprint(public_jwk)
         log.warning("DEV-ONLY token issuer in use (kid %s); never enable it in production", kid)
-        return cls(issuer=issuer, audience=audience, kid=kid, _private_key=private_key, _public_jwk=public_jwk)
+        return cls(issuer=issuer, audience=audience, kid=kid, max_ttl_seconds=max_ttl_seconds, _private_key=private_key,
+                   _public_jwk=public_jwk)
+
+    @property
+    def default_ttl_seconds(self) -> int:
+        """How long a token lives unless asked otherwise: an hour, or the maximum lifetime if that is shorter."""
+        return min(DEFAULT_TTL_SECONDS, self.max_ttl_seconds)
 
     def jwks(self) -> dict[str, Any]:
         """The public JWK Set (no private members) that verifies this issuer's tokens."""
@@ -125,12 +141,15 @@ class DevIssuer:
         self,
         subject: str,
         groups: list[str],
-        ttl_seconds: int = 3600,
+        ttl_seconds: int | None = None,
         extra_claims: dict[str, Any] | None = None,
     ) -> str:
-        """Mint a signed token; extra_claims are merged last and may override the defaults."""
-        if ttl_seconds <= 0:
-            raise ValueError("ttl_seconds must be positive")
+        """Mint a signed token living ttl_seconds (default DEFAULT_TTL_SECONDS, at most max_ttl_seconds); extra_claims
+        are merged last and may override the defaults (tests mint bad tokens so)."""
+        ttl_seconds = self.default_ttl_seconds if ttl_seconds is None else ttl_seconds
+        if not 0 < ttl_seconds <= self.max_ttl_seconds:
+            raise ValueError(f"the lifetime must be 1 to {self.max_ttl_seconds} seconds "
+                             "(GOVRAG_TOKEN_MAX_LIFETIME_SECONDS)")
         now = int(time.time())
         claims: dict[str, Any] = {
             "iss": self.issuer,

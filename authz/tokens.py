@@ -23,7 +23,7 @@ from authz.dev_issuer import DevIssuer
 from authz.identity import MAX_SUBJECT_CHARS, RESERVED_PREFIXES, Identity, is_platform_admin, token_can_carry
 from core.errors import ErrorCode, GovragError, Unavailable
 from core.http import request_within
-from core.settings import Settings, url_scheme
+from core.settings import DEFAULT_TOKEN_MAX_LIFETIME_SECONDS, Settings, url_scheme
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ _KEY_TYPES_BY_ALG: dict[str, tuple[type, ...]] = {
     "ES512": _EC,
     "EdDSA": _OKP,
 }
-_REQUIRED_CLAIMS = ["exp", "iss", "aud"]  # the subject claim is configurable and checked after decoding
+# the subject claim is configurable and checked after decoding; iat bounds the token's lifetime
+_REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud"]
 _DISCOVERY_PATH = "/.well-known/openid-configuration"
 _MAX_TOKEN_CHARS = 16 * 1024
 # A fetch from the IdP (discovery document or JWK Set) gets this long in all, headers included, however slowly the
@@ -82,6 +83,7 @@ class TokenVerifier:
         audience: str,
         algorithms: Iterable[str],
         leeway_seconds: int = 30,
+        max_lifetime_seconds: int = DEFAULT_TOKEN_MAX_LIFETIME_SECONDS,
         groups_claim: str = "groups",
         subject_claim: str = "sub",
         email_claim: str = "email",
@@ -101,6 +103,7 @@ class TokenVerifier:
         self._issuer = issuer
         self._audience = audience
         self._leeway = leeway_seconds
+        self._max_lifetime = max_lifetime_seconds
         self._groups_claim = groups_claim
         self._subject_claim = subject_claim
         self._email_claim = email_claim
@@ -142,6 +145,9 @@ class TokenVerifier:
         alg, kid = self._read_header(token)
         key = self._signing_key(kid)
         claims = self._decode(token, alg, key)
+        # both read as PyJWT read them when it checked them; the lifetime is the token's own, no clock leeway in it
+        if int(claims["exp"]) - int(claims["iat"]) > self._max_lifetime:
+            raise _fail("token lifetime exceeds the allowed maximum")
         if self._required_azp is not None and claims.get("azp", self._required_azp) != self._required_azp:
             raise _fail("token issued to another client")
         subject = _subject(claim_at(claims, self._subject_claim))
@@ -357,6 +363,7 @@ def _common_options(settings: Settings) -> dict[str, Any]:
         "audience": settings.oidc_audience,
         "algorithms": settings.oidc_algorithms,
         "leeway_seconds": settings.oidc_leeway_seconds,
+        "max_lifetime_seconds": settings.token_max_lifetime_seconds,
         "groups_claim": settings.groups_claim,
         "subject_claim": settings.subject_claim,
         "email_claim": settings.email_claim,

@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from core import crypto
 
 MAX_DEFAULT_INGEST_CONCURRENCY = 4
+DEFAULT_TOKEN_MAX_LIFETIME_SECONDS = 24 * 3600
 _KEYRING_FORM = "base64 of 32 bytes, or `v<N>:<base64>` entries (one per version)"
 # Each key setting, the parser its users read it with, and what it must be (never quoting what it is).
 _KEY_PARSERS = {
@@ -61,6 +62,9 @@ class Settings(BaseSettings):
     oidc_algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256", "PS256", "EdDSA"])
     # clock skew allowed on exp/nbf/iat; more than 5 minutes would accept tokens long expired
     oidc_leeway_seconds: int = Field(default=30, ge=0, le=300)
+    # longest a token may live (exp - iat; a token without iat is refused): a minute to a week, since a token that
+    # lives longer is a standing credential, not a session. The dev issuer mints within it.
+    token_max_lifetime_seconds: int = Field(default=DEFAULT_TOKEN_MAX_LIFETIME_SECONDS, ge=60, le=7 * 24 * 3600)
     groups_claim: str = "groups"
     dev_issuer: bool = True
     admins: list[str] = Field(default_factory=list)  # subjects or "group:<name>"

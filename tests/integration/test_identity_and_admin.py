@@ -36,6 +36,8 @@ def _bad_tokens(client: TestClient) -> dict[str, str]:
         "not_yet_valid": issuer.issue("mallory", ["hr-staff"], extra_claims={"nbf": now + 3600}),
         "wrong_audience": issuer.issue("mallory", ["hr-staff"], extra_claims={"aud": "someone-else"}),
         "wrong_issuer": issuer.issue("mallory", ["hr-staff"], extra_claims={"iss": "https://evil.example"}),
+        # signed by the trusted key, valid now, but minted to live for years (GOVRAG_TOKEN_MAX_LIFETIME_SECONDS)
+        "lives_for_years": issuer.issue("mallory", ["hr-staff"], extra_claims={"exp": now + 5 * 365 * 86_400}),
         "bad_signature": jwt.encode(claims, other_key, algorithm="RS256", headers={"kid": kid}),
         "alg_none": f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{_b64(claims)}.",
         "garbage": "not-a-jwt",
@@ -43,7 +45,7 @@ def _bad_tokens(client: TestClient) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("case", ["expired", "expired_by_issuer", "not_yet_valid", "wrong_audience",
-                                  "wrong_issuer", "bad_signature", "alg_none", "garbage"])
+                                  "wrong_issuer", "lives_for_years", "bad_signature", "alg_none", "garbage"])
 def test_bad_tokens_are_rejected_with_json_401(client: TestClient, case: str) -> None:
     token = _bad_tokens(client)[case]
     response = client.post("/v1/query", headers=auth(token), json={"question": "anything"})

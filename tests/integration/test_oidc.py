@@ -8,7 +8,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jwt
@@ -163,12 +163,47 @@ def test_every_bad_token_is_a_json_401_and_never_logged(api: TestClient, issuer:
     bad = _bad_tokens(issuer)
     with caplog.at_level(logging.DEBUG):
         for name, token in bad.items():
-            response = api.get("/whoami", headers={"Authorization": f"Bearer {token}"})
-            assert response.status_code == 401, (name, response.text)
-            assert response.headers["content-type"].startswith("application/json"), name
-            error = response.json()["error"]
-            assert error["code"] == "unauthenticated", name
-            assert not any(part and part in response.text for part in token.split(".")), name
-    for token in bad.values():
+            _refusal(api, token, name)
+    _never_logged(bad.values(), caplog)
+
+
+def _refusal(api: TestClient, token: str, name: str = "") -> str:
+    """The message of the JSON 401 /whoami answers token with, which quotes no part of the token."""
+    response = api.get("/whoami", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 401, (name, response.text)
+    assert response.headers["content-type"].startswith("application/json"), name
+    error = response.json()["error"]
+    assert error["code"] == "unauthenticated", name
+    assert not any(part and part in response.text for part in token.split(".")), name
+    return error["message"]  # type: ignore[no-any-return]
+
+
+def _never_logged(tokens: Iterable[str], caplog: pytest.LogCaptureFixture) -> None:
+    for token in tokens:
         for part in token.split("."):
             assert not part or part not in caplog.text
+
+
+def _status(api: TestClient, token: str) -> int:
+    return api.get("/whoami", headers={"Authorization": f"Bearer {token}"}).status_code
+
+
+def test_a_token_living_longer_than_the_maximum_or_without_iat_is_a_401(api: TestClient, issuer: LocalIssuer,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Nothing bounded exp - iat: a token minted to live for years, or without iat, was taken until its exp. The
+    lifetime is the token's own (no clock leeway in it): GOVRAG_TOKEN_MAX_LIFETIME_SECONDS exactly is taken."""
+    longest = api.app.state.settings.token_max_lifetime_seconds  # type: ignore[attr-defined]
+    now = int(time.time())
+    assert _status(api, issuer.token(azp="govrag-web", iat=now, exp=now + longest)) == 200
+    bad = {
+        "one_second_too_long": issuer.token(azp="govrag-web", iat=now, exp=now + longest + 1),
+        "ten_years": issuer.token(azp="govrag-web", iat=now, exp=now + 10 * 365 * 86_400),
+        "issued_long_ago": issuer.token(azp="govrag-web", iat=now - 30 * 86_400, exp=now + 3600),
+        "no_iat": issuer.token(azp="govrag-web", iat=None, exp=now + 3600),
+    }
+    with caplog.at_level(logging.DEBUG):
+        messages = {name: _refusal(api, token, name) for name, token in bad.items()}
+    too_long = "token lifetime exceeds the allowed maximum"
+    assert messages == {"one_second_too_long": too_long, "ten_years": too_long, "issued_long_ago": too_long,
+                        "no_iat": "missing required claim"}
+    _never_logged(bad.values(), caplog)

@@ -22,11 +22,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import ValidationError
 
+from api import cli
 from authz.dev_issuer import DevIssuer, jwk_thumbprint, rsa_public_jwk
 from authz.identity import Identity, is_platform_admin
 from authz.tokens import TokenVerifier, bearer_token
 from core.errors import ErrorCode, GovragError, Unavailable, UnusablePath
-from core.settings import Settings
+from core.settings import Settings, get_settings
 
 ISSUER = "https://idp.example.test/realms/govrag"
 AUDIENCE = "govrag-api"
@@ -665,6 +666,52 @@ def test_dev_issuer_expired_token_is_rejected(tmp_path: Path) -> None:
     verifier = TokenVerifier.from_settings(settings, issuer)
     now = int(time.time())
     _rejects(verifier, issuer.issue("u", [], extra_claims={"exp": now - 3600, "iat": now - 7200}), "token expired")
+
+
+def test_the_dev_issuer_mints_within_the_maximum_lifetime(tmp_path: Path) -> None:
+    """Its tokens lived an hour, or any ttl asked, whatever the verifier took: with GOVRAG_TOKEN_MAX_LIFETIME_SECONDS
+    under an hour, every token it minted would be refused."""
+    settings = _settings(tmp_path, token_max_lifetime_seconds=600)
+    issuer = DevIssuer.from_settings(settings)
+    verifier = TokenVerifier.from_settings(settings, issuer)
+    token = issuer.issue("u", [])
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] == 600
+    assert verifier.verify(token, admins=[]).subject == "u"
+    for ttl in (601, 0):
+        with pytest.raises(ValueError, match=r"^the lifetime must be 1 to 600 seconds"):
+            issuer.issue("u", [], ttl_seconds=ttl)
+    now = int(time.time())
+    _rejects(verifier, issuer.issue("u", [], extra_claims={"iat": now, "exp": now + 601}),
+             "token lifetime exceeds the allowed maximum")
+
+
+def test_govrag_token_refuses_a_ttl_over_the_maximum_lifetime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`govrag token --ttl` minted a token for any lifetime (one the verifier now refuses), and a ttl of 0 ended in a
+    traceback; its default lifetime keeps within the maximum."""
+    monkeypatch.setenv("GOVRAG_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("GOVRAG_TOKEN_MAX_LIFETIME_SECONDS", "600")
+    get_settings.cache_clear()
+    try:
+        assert cli.main(["token", "--sub", "alice"]) == 0
+        claims = jwt.decode(capsys.readouterr().out.strip(), options={"verify_signature": False})
+        refused = {ttl: cli.main(["token", "--sub", "alice", "--ttl", ttl]) for ttl in ("601", "0")}
+        said = capsys.readouterr()
+    finally:
+        get_settings.cache_clear()
+    assert claims["exp"] - claims["iat"] == 600
+    assert refused == {"601": 2, "0": 2} and said.out == ""
+    assert said.err.splitlines() == ["govrag: --ttl refused: the lifetime must be 1 to 600 seconds "
+                                     "(GOVRAG_TOKEN_MAX_LIFETIME_SECONDS)"] * 2
+
+
+@pytest.mark.parametrize("value", [0, 59, 7 * 86_400 + 1, 10 * 365 * 86_400])
+def test_settings_refuse_a_maximum_token_lifetime_out_of_range(tmp_path: Path, value: int) -> None:
+    """A minute to a week: less would refuse every IdP's tokens (a value meant in minutes or hours, say), more lets a
+    token be a standing credential. There was no such setting: no lifetime was ever refused."""
+    with pytest.raises(ValidationError, match="token_max_lifetime_seconds"):
+        _settings(tmp_path, token_max_lifetime_seconds=value)
 
 
 @pytest.mark.parametrize(("setting", "value"), [("oidc_leeway_seconds", 86_400), ("oidc_leeway_seconds", -5),
