@@ -49,6 +49,10 @@ _KEY_TYPES_BY_ALG: dict[str, tuple[type, ...]] = {
 }
 # the subject claim is configurable and checked after decoding; iat bounds the token's lifetime
 _REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud"]
+# The header `typ` of an access token (RFC 9068 2.1: "at+jwt"; most IdPs send "JWT" or none), compared in lower case
+# without an "application/" prefix (RFC 7515 4.1.9). Any other typ names another kind of JWT the IdP may sign with the
+# same keys (a logout token "logout+jwt", a DPoP proof "dpop+jwt", a security event "secevent+jwt"): never a caller.
+_ACCESS_TOKEN_TYPES = frozenset({"jwt", "at+jwt"})
 _DISCOVERY_PATH = "/.well-known/openid-configuration"
 _MAX_TOKEN_CHARS = 16 * 1024
 # A fetch from the IdP (discovery document or JWK Set) gets this long in all, headers included, however slowly the
@@ -169,6 +173,8 @@ class TokenVerifier:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._algorithms:
             raise _fail("unsupported token algorithm")
+        if not _is_access_token_type(header.get("typ")):
+            raise _fail("not an access token (token type)")
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise _fail("unknown signing key")
@@ -230,6 +236,13 @@ def _reason(exc: jwt.PyJWTError) -> str:
         if isinstance(exc, exc_type):
             return reason
     return "malformed token"
+
+
+def _is_access_token_type(typ: Any) -> bool:
+    """Whether a header's typ may be an access token's: absent, or one of _ACCESS_TOKEN_TYPES in any case."""
+    if typ is None:
+        return True
+    return isinstance(typ, str) and typ.lower().removeprefix("application/") in _ACCESS_TOKEN_TYPES
 
 
 def _asymmetric_only(algorithms: Iterable[str]) -> frozenset[str]:

@@ -188,6 +188,23 @@ def _status(api: TestClient, token: str) -> int:
     return api.get("/whoami", headers={"Authorization": f"Bearer {token}"}).status_code
 
 
+def test_a_jwt_that_says_it_is_no_access_token_is_a_401(api: TestClient, issuer: LocalIssuer,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """The header's typ was not read: a back-channel logout token, a DPoP proof or a security event token the IdP
+    signs with the same keys, carrying iss, aud, sub and exp, was taken as a caller's access token. An access token's
+    typ (RFC 9068 "at+jwt", "JWT", none; a media type in any case, "application/" optional) is still taken."""
+    accepted = [None, "JWT", "jwt", "at+jwt", "AT+JWT", "application/at+jwt", "application/jwt"]
+    refused = ["logout+jwt", "dpop+jwt", "secevent+jwt", "application/logout+jwt", "JOSE", "id+jwt", 7]
+    tokens = {str(typ): issuer.token(headers={"typ": typ}, azp="govrag-web") for typ in accepted + refused}
+    assert jwt.get_unverified_header(tokens["None"]).keys() == {"alg", "kid"}  # no typ at all
+    with caplog.at_level(logging.DEBUG):
+        statuses = {typ: _status(api, token) for typ, token in tokens.items()}
+        messages = {str(typ): _refusal(api, tokens[str(typ)], str(typ)) for typ in refused}
+    assert statuses == {**{str(typ): 200 for typ in accepted}, **{str(typ): 401 for typ in refused}}
+    assert set(messages.values()) == {"not an access token (token type)"}
+    _never_logged(tokens.values(), caplog)
+
+
 def test_a_token_living_longer_than_the_maximum_or_without_iat_is_a_401(api: TestClient, issuer: LocalIssuer,
                                                                         caplog: pytest.LogCaptureFixture) -> None:
     """Nothing bounded exp - iat: a token minted to live for years, or without iat, was taken until its exp. The
