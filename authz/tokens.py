@@ -389,8 +389,9 @@ def discover_jwks_uri(issuer: str, *, production: bool = False) -> str:
     """The jwks_uri from the issuer's OpenID configuration, whose issuer must match exactly (OIDC Discovery 4.3).
 
     A failure is a ValueError, which the key set's first fetch maps to Unavailable: in production a plain-http
-    jwks_uri is one, as a plain-http GOVRAG_OIDC_JWKS_URL is refused at start."""
-    _check_idp_url(issuer, "GOVRAG_OIDC_ISSUER", production=production)
+    jwks_uri is one, as a plain-http GOVRAG_OIDC_JWKS_URL is refused at start. A plain-http issuer is not warned of
+    here: from_settings did at start, and this runs again at each fetch attempt until discovery succeeds."""
+    _check_idp_url(issuer, "GOVRAG_OIDC_ISSUER", production=production, warn=False)
     try:
         document = _fetch_json(issuer.rstrip("/") + _DISCOVERY_PATH)
     except ValueError as exc:
@@ -404,17 +405,17 @@ def discover_jwks_uri(issuer: str, *, production: bool = False) -> str:
     return jwks_uri
 
 
-def _check_idp_url(url: str, name: str, *, production: bool) -> None:
+def _check_idp_url(url: str, name: str, *, production: bool, warn: bool = True) -> None:
     """What govrag fetches from the IdP needs an http(s) URL; ValueError naming it (never quoting it) otherwise.
 
     Over plain http the answer (a configuration, the signing keys) can be substituted in transit: refused in
-    production, a warning in development."""
+    production, a warning in development (unless warn is False: said already)."""
     scheme = url_scheme(url)
     if scheme not in ("https", "http"):
         raise ValueError(f"{name} is not an http(s) URL")
     if scheme == "http" and production:
         raise ValueError(f"{name} is not https (refused in production)")
-    if scheme == "http":
+    if scheme == "http" and warn:
         log.warning("%s is not https; what is fetched from it can be substituted in transit", name)
 
 

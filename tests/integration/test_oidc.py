@@ -47,7 +47,11 @@ def _settings(issuer: LocalIssuer, **overrides: Any) -> Settings:
 @pytest.fixture(scope="module")
 def api(issuer: LocalIssuer) -> TestClient:
     """A minimal app using the real identity dependency and the real error handler."""
-    settings = _settings(issuer)
+    return _whoami_api(_settings(issuer))
+
+
+def _whoami_api(settings: Settings) -> TestClient:
+    """GET /whoami behind the real identity dependency and error handler, its verifier made from settings."""
     app = FastAPI()
     install_error_handlers(app)
     app.state.settings = settings
@@ -224,3 +228,15 @@ def test_a_token_living_longer_than_the_maximum_or_without_iat_is_a_401(api: Tes
     assert messages == {"one_second_too_long": too_long, "ten_years": too_long, "issued_long_ago": too_long,
                         "no_iat": "missing required claim"}
     _never_logged(bad.values(), caplog)
+
+
+def test_a_plain_http_issuer_is_warned_of_once(issuer: LocalIssuer, caplog: pytest.LogCaptureFixture) -> None:
+    """In development an http issuer was warned of at start, then again by discovery on first use (and at each
+    retry while discovery failed): one warning says it."""
+    with caplog.at_level(logging.WARNING, logger="authz.tokens"):
+        api = _whoami_api(_settings(issuer, oidc_required_azp=None))
+        assert _status(api, issuer.token()) == 200
+        assert _status(api, issuer.token()) == 200
+    warnings = [r.getMessage() for r in caplog.records if r.name == "authz.tokens"]
+    assert warnings == ["GOVRAG_OIDC_ISSUER is not https; what is fetched from it can be substituted in transit",
+                        "the discovered jwks_uri is not https; what is fetched from it can be substituted in transit"]
