@@ -7,7 +7,6 @@ too, says its refusal so as well, and `govrag worker` a broken install.
 
 from __future__ import annotations
 
-import base64
 import os
 import shutil
 import socket
@@ -27,6 +26,7 @@ from retrieval.store import close_vector_store, open_vector_store
 from tests.support.file_permissions import PERMISSION_BITS_BIND
 from tests.support.govrag_process import ROOT, govrag_env, run_govrag, start_govrag, stop_govrag, wait_serving
 from tests.support.govrag_process import start_refusal as _refusal
+from tests.support.production import production_settings
 
 SERVE = ("serve", "--port", "0")
 WAY_OUT = "({fix}, or point {setting} at a folder this user may write)"
@@ -69,12 +69,6 @@ def test_a_dev_issuer_key_it_cannot_use_is_refused_in_one_line(spoil: Callable[[
     assert _refusal(result) == (refusal[0], refusal[1].format(directory=directory))
 
 
-
-# Production as the settings accept it; the database is a test's.
-PRODUCTION = {"env": "production", "dev_issuer": "false", "oidc_jwks_url": "https://idp.example/jwks",
-              "master_key": base64.b64encode(b"k" * 32).decode(), "metrics_token": "scrape-token"}
-
-
 def test_a_production_serve_whose_data_dir_it_may_not_make_is_refused_in_one_line(
         make_pg_database: Callable[[], str], tmp_path: Path) -> None:
     """A data dir missing in a folder this user may not write (the default, `.govrag-data`, in a service's read-only
@@ -85,7 +79,7 @@ def test_a_production_serve_whose_data_dir_it_may_not_make_is_refused_in_one_lin
     data_dir = tmp_path / "read-only" / "data"
     data_dir.parent.mkdir()
     data_dir.parent.chmod(0o555)
-    result = run_govrag(SERVE, env=govrag_env(data_dir=str(data_dir), database_url=database_url, **PRODUCTION),
+    result = run_govrag(SERVE, env=govrag_env(data_dir=str(data_dir), **production_settings(database_url=database_url)),
                         prefix=PERMISSION_BITS_BIND)
     assert _refusal(result) == (2, f"govrag: cannot use the data dir {data_dir}: Permission denied on {data_dir} "
                                    f"{WAY_OUT.format(fix='create it', setting='GOVRAG_DATA_DIR')}")
@@ -104,7 +98,7 @@ def test_a_serve_on_a_data_dir_it_may_not_write_is_refused_in_one_line(make_pg_d
     data_dir.mkdir()
     data_dir.chmod(0o555)
     store = Settings(data_dir=data_dir).resolved_qdrant_path
-    result = run_govrag(SERVE, env=govrag_env(data_dir=str(data_dir), database_url=database_url, **PRODUCTION),
+    result = run_govrag(SERVE, env=govrag_env(data_dir=str(data_dir), **production_settings(database_url=database_url)),
                         prefix=PERMISSION_BITS_BIND)
     assert _refusal(result) == (2, f"govrag: cannot use the embedded vector store in {store}: Permission denied on "
                                    f"{store}.lock {WAY_OUT.format(fix=READ_AND_WRITE, setting='GOVRAG_QDRANT_PATH')}")

@@ -16,10 +16,9 @@ from core import crypto
 from core.settings import MAX_DEFAULT_INGEST_CONCURRENCY, Settings
 from tests.support.lock_waits import waits_for_a_file_lock
 from tests.support.polling import wait_until
+from tests.support.production import production_settings
 
-PROD = {"env": "production", "dev_issuer": False, "oidc_jwks_url": "https://idp.example/jwks",
-        "database_url": "postgresql+psycopg://u@db/govrag", "master_key": base64.b64encode(b"k" * 32).decode(),
-        "metrics_token": "scrape-token"}
+PROD = production_settings()
 
 
 def test_production_accepts_a_complete_configuration() -> None:

@@ -28,6 +28,7 @@ from authz.identity import Identity, is_platform_admin
 from authz.tokens import TokenVerifier, bearer_token
 from core.errors import ErrorCode, GovragError, Unavailable, UnusablePath
 from core.settings import Settings, get_settings
+from tests.support.production import production_settings
 
 ISSUER = "https://idp.example.test/realms/govrag"
 AUDIENCE = "govrag-api"
@@ -763,9 +764,8 @@ def test_a_plain_http_jwks_uri_from_discovery_is_refused_in_production(
         return httpx.Response(404)
 
     monkeypatch.setattr(httpx, "AsyncClient", functools.partial(httpx.AsyncClient, transport=httpx.MockTransport(idp)))
-    production = {"database_url": "postgresql+psycopg://u@db/govrag", "metrics_token": "scrape-token",
-                  "master_key": base64.b64encode(b"k" * 32).decode()} if env == "production" else {}
-    settings = _settings(tmp_path, env=env, dev_issuer=False, oidc_issuer=ISSUER, oidc_audience=AUDIENCE, **production)
+    environment = production_settings(oidc_jwks_url=None) if env == "production" else {"dev_issuer": "false"}
+    settings = _settings(tmp_path, oidc_issuer=ISSUER, oidc_audience=AUDIENCE, **environment)
     verifier = TokenVerifier.from_settings(settings, None)
     if verifies:
         assert verifier.verify(key.sign(), admins=[]).subject == "alice"
