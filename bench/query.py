@@ -37,6 +37,7 @@ DEPARTMENTS = ("hr", "finance", "legal", "engineering")
 CHUNKS_PER_DOCUMENT = 20
 CHUNK_CHARS = 300
 MEMORY_BOUND_MIB = 100  # allowed server RSS growth over the soak (caches are bounded)
+TOKEN_SECONDS = 7200  # the bench's tokens outlive its run, unless GOVRAG_TOKEN_MAX_LIFETIME_SECONDS is shorter
 REINDEX_TIMEOUT_SECONDS = 900  # the during-re-index section stops querying after this, the re-index unfinished
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -110,10 +111,13 @@ class Governed:
             self.close()
             raise
         from authz.dev_issuer import DevIssuer
+        from core.settings import Settings
 
-        issuer = DevIssuer.load_or_create(self.data_dir / "dev-issuer", "govrag-dev-issuer", "govrag")
-        self.admin = issuer.issue("bench-admin", [], ttl_seconds=7200)
-        self.user = issuer.issue("bench-user", ["bench-staff"], ttl_seconds=7200)
+        # the server's own settings (this environment, its data dir): its issuer, audience and longest token lifetime
+        issuer = DevIssuer.from_settings(Settings(data_dir=self.data_dir))
+        ttl = min(TOKEN_SECONDS, issuer.max_ttl_seconds)
+        self.admin = issuer.issue("bench-admin", [], ttl_seconds=ttl)
+        self.user = issuer.issue("bench-user", ["bench-staff"], ttl_seconds=ttl)
 
     def headers(self, token: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {token}"}
