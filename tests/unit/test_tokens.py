@@ -249,7 +249,7 @@ def test_missing_kid(verifier: TokenVerifier, key: SigningKey) -> None:
     _rejects(verifier, jwt.encode(claims, key.private, algorithm="RS256"), "unknown signing key")
 
 
-@pytest.mark.parametrize("claim", ["sub", "exp", "iss", "aud"])
+@pytest.mark.parametrize("claim", ["sub", "exp", "iat", "iss", "aud"])
 def test_missing_required_claim(verifier: TokenVerifier, key: SigningKey, claim: str) -> None:
     _rejects(verifier, key.sign(drop=(claim,)), "missing required claim")
 
@@ -705,6 +705,19 @@ def test_govrag_token_refuses_a_ttl_over_the_maximum_lifetime(tmp_path: Path, mo
     assert refused == {"601": 2, "0": 2} and said.out == ""
     assert said.err.splitlines() == ["govrag: --ttl refused: the lifetime must be 1 to 600 seconds "
                                      "(GOVRAG_TOKEN_MAX_LIFETIME_SECONDS)"] * 2
+
+
+@pytest.mark.parametrize("claims", [
+    lambda _now: {"iat": -1}, lambda _now: {"iat": False}, lambda _now: {"iat": 1.5}, lambda _now: {"iat": "-86400"},
+    lambda _now: {"exp": 10**30},
+    lambda now: {"iat": now - 2 * 86_400, "nbf": now},  # minted two days ago, valid only from now: still two days
+], ids=["negative iat", "false iat", "float iat", "numeric string iat", "exp centuries off", "nbf later than iat"])
+def test_a_lifetime_is_bounded_whatever_number_iat_and_exp_are(verifier: TokenVerifier, key: SigningKey,
+                                                               claims: Callable[[int], dict[str, Any]]) -> None:
+    """exp - iat is read from the claims as PyJWT took them (an int of a bool, a float, a numeric string): a signed
+    token valid now whose iat is negative, false, a float near 0 or a string, whose exp is centuries off, or whose nbf
+    is later than its iat, lives too long (a 401 with the fixed reason, never a 500); none was refused before."""
+    _rejects(verifier, key.sign(claims(int(time.time()))), "token lifetime exceeds the allowed maximum")
 
 
 @pytest.mark.parametrize("value", [0, 59, 7 * 86_400 + 1, 10 * 365 * 86_400])
