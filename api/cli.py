@@ -193,6 +193,7 @@ def _demo(_args: argparse.Namespace) -> int:
 def _redteam(args: argparse.Namespace) -> int:
     import httpx
 
+    from core import http
     from guard import redteam
     from guard.eval_corpora import EVAL_DIR
 
@@ -209,13 +210,12 @@ def _redteam(args: argparse.Namespace) -> int:
     except redteam.CorpusError as exc:
         print(f"cannot use the attack corpus: {exc}; give --corpus or $GOVRAG_EVAL_DIR", file=sys.stderr)
         return redteam.EXIT_USAGE
-    with httpx.Client(base_url=args.url, timeout=120.0, trust_env=False) as client:
-        try:
-            report = redteam.run(client, token, args.department, corpus)
-        except httpx.TransportError as exc:  # the first probe got no answer; one later is in the report
-            print(f"cannot reach the API at {client.base_url.copy_with(userinfo=b'')} ({type(exc).__name__}); "
-                  "check --url", file=sys.stderr)
-            return redteam.EXIT_USAGE
+    shown = httpx.URL(args.url).copy_with(userinfo=b"")  # a password in --url is never printed
+    try:
+        report = redteam.run(args.url, token, args.department, corpus)
+    except (httpx.TransportError, http.TooSlow) as exc:  # the first probe got no answer; one later is in the report
+        print(f"cannot reach the API at {shown} ({redteam.no_answer(exc)}); check --url", file=sys.stderr)
+        return redteam.EXIT_USAGE
     print("\n".join(report.lines()))
     return report.exit_code()
 

@@ -1,7 +1,9 @@
-"""Bounded calls to other servers (the IdP, the model server): one wall-clock deadline and a size cap.
+"""Bounded calls to other servers (the IdP, the model server, the API `govrag redteam` probes): one wall-clock deadline
+and a size cap.
 
 httpx's timeouts apply to each read, so a server that sends one byte, or one header line, at a time could hold a
-call for ever; and a body is held in memory whole. `request_within` bounds both, the wait for the headers included.
+call for ever; and a body is held in memory whole, decoded a network read at a time (a 64 KiB gzip read can inflate to
+64 MiB). `request_within` and `answer_within` bound all three, the wait for the headers included.
 """
 
 from __future__ import annotations
@@ -9,44 +11,108 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
-from collections.abc import Mapping
-from typing import Any
+import zlib
+from collections.abc import Coroutine, Mapping
+from typing import Any, cast
 
 import httpx
+
+
+class TooSlow(ValueError):
+    """The response, headers and body, did not come within the deadline."""
+
+
+class BodyRefused(ValueError):
+    """A response whose body is not read to its end; `status_code` is its HTTP status."""
+
+    def __init__(self, status_code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status_code = status_code
+
+
+class TooLarge(BodyRefused):
+    """A body that passed the size cap (counted decoded): read no further."""
+
+
+class NotDecodable(BodyRefused):
+    """A body that does not decode as its Content-Encoding says (not gzip, or an encoding that was not asked for)."""
 
 
 def request_within(method: str, url: str, *, seconds: float, max_bytes: int, json: Any = None,
                    headers: Mapping[str, str] | None = None, trust_env: bool = True) -> bytes:
     """The body of a 2xx answer to `method url`, all of it (connecting, the headers, the body) within `seconds`, or
-    ValueError once it takes longer or passes `max_bytes`; redirects are not followed (raise_for_status refuses them).
+    a ValueError (TooSlow, TooLarge, NotDecodable) once it takes longer, passes `max_bytes` or does not decode; another
+    status is httpx.HTTPStatusError, its body unread, and redirects are not followed (raise_for_status refuses them).
 
     The exchange runs on an event loop of its own under one timeout, which cancels it wherever it is. It blocks, so
     it is called from a worker thread (FastAPI's thread pool, a Celery task); on a running event loop asyncio.run
     raises RuntimeError at once."""
-    exchange = _request(method, url, seconds=seconds, max_bytes=max_bytes, json=json, headers=headers,
-                        trust_env=trust_env)
+    return _within(seconds, _request(method, url, seconds=seconds, max_bytes=max_bytes, json=json, headers=headers,
+                                     trust_env=trust_env, any_status=False))[1]
+
+
+def answer_within(method: str, url: str, *, seconds: float, max_bytes: int, json: Any = None,
+                  headers: Mapping[str, str] | None = None, trust_env: bool = True) -> tuple[int, bytes]:
+    """The status and body of the answer to `method url`, whatever its status, bounded as `request_within`'s."""
+    return _within(seconds, _request(method, url, seconds=seconds, max_bytes=max_bytes, json=json, headers=headers,
+                                     trust_env=trust_env, any_status=True))
+
+
+def _within(seconds: float, exchange: Coroutine[Any, Any, tuple[int, bytes]]) -> tuple[int, bytes]:
+    """Run `exchange` on an event loop of its own: TooSlow once it took `seconds`."""
     try:
         return asyncio.run(exchange)
     except TimeoutError:
-        raise ValueError("the response took too long") from None
+        raise TooSlow(f"no complete response within {seconds:g} s") from None
     finally:
         exchange.close()  # never started when asyncio.run refused: no "never awaited" warning
 
 
 async def _request(method: str, url: str, *, seconds: float, max_bytes: int, json: Any,
-                   headers: Mapping[str, str] | None, trust_env: bool) -> bytes:
-    """request_within's exchange, cancelled after `seconds`."""
-    body = bytearray()
+                   headers: Mapping[str, str] | None, trust_env: bool, any_status: bool) -> tuple[int, bytes]:
+    """The exchange, cancelled after `seconds`; a status other than 2xx refused unread unless `any_status`."""
     async with (asyncio.timeout(seconds),
                 httpx.AsyncClient(timeout=seconds, follow_redirects=False, trust_env=trust_env,
-                                  verify=_tls_context(trust_env)) as client,
+                                  verify=_tls_context(trust_env), headers={"Accept-Encoding": "gzip"}) as client,
                 client.stream(method, url, json=json, headers=headers) as response):
-        response.raise_for_status()
-        async for chunk in response.aiter_bytes():
-            body += chunk
-            if len(body) > max_bytes:
-                raise ValueError("the response is too large")
-    return bytes(body)
+        if not any_status:
+            response.raise_for_status()
+        body = _CappedBody(response, max_bytes)
+        # The raw bytes, not aiter_raw, which refuses a body an in-memory transport (MockTransport) has read already
+        async for chunk in cast(httpx.AsyncByteStream, response.stream):
+            body.add(chunk)
+        return response.status_code, bytes(body.read)
+
+
+class _CappedBody:
+    """A body as it arrives, decoded as its Content-Encoding says (gzip or none) and counted decoded: TooLarge as
+    soon as it passes `max_bytes`, before anything more is decoded."""
+
+    def __init__(self, response: httpx.Response, max_bytes: int) -> None:
+        self.read, self._status, self._max_bytes = bytearray(), response.status_code, max_bytes
+        encoding = response.headers.get("Content-Encoding", "").strip().lower() or "identity"
+        if encoding not in ("identity", "gzip"):
+            raise NotDecodable(self._status, f"Content-Encoding {encoding[:40]!r} was not asked for")
+        self._gzip = zlib.decompressobj(zlib.MAX_WBITS | 16) if encoding == "gzip" else None
+
+    def add(self, raw: bytes) -> None:
+        """Take the next bytes received."""
+        if self._gzip is None:
+            self.read += raw
+            self._check()
+            return
+        while raw:
+            try:  # at most one byte past the cap: zlib keeps the rest of the input (unconsumed_tail) for later
+                self.read += self._gzip.decompress(raw, self._max_bytes + 1 - len(self.read))
+            except zlib.error:
+                raise NotDecodable(self._status, "the body is not valid gzip") from None
+            self._check()
+            raw = self._gzip.unconsumed_tail
+
+    def _check(self) -> None:
+        if len(self.read) > self._max_bytes:
+            self.read.clear()  # never used: let it go now, not when the exception's frames do
+            raise TooLarge(self._status, f"the body is over {self._max_bytes} bytes")
 
 
 @functools.cache

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 
+from core import http
 from guard.eval_corpora import split_of
 from guard.output import has_canary_shape
 from guard.pii import get_redactor, title_readings
@@ -92,7 +93,9 @@ NOT_AUTHORISED = "HTTP 200 refused: no_authorised_departments (the user may read
 # body past 1 MiB is not one: a broken or hostile API, or a proxy, would make the run read and scan it whole. Read no
 # further; the probe is an error, its body never parsed.
 MAX_RESPONSE_BYTES = 1 << 20
-OVER_CAP = f"body over {MAX_RESPONSE_BYTES >> 20} MiB (not read)"
+OVER_CAP = f"body over {MAX_RESPONSE_BYTES >> 20} MiB (not read)"  # counted decoded: a gzip body read no further
+NOT_DECODED = "body that does not decode (its Content-Encoding)"
+PROBE_SECONDS = 120.0  # each probe's whole exchange, connecting to the last byte: a server dripping bytes is cut off
 API_GONE = "the API stopped answering"
 SIGNED_OUT = "the token was refused, HTTP 401: every later probe would be too"
 
@@ -180,21 +183,22 @@ def _kill_switch_disabled(status: int, body: bytes) -> bool:
     return isinstance(error, dict) and error.get("message") == DISABLED_MESSAGE
 
 
-def run(client: httpx.Client, token: str, department: str, corpus: dict[str, list[str]]) -> RedTeamReport:
-    """Send every prompt as the configured user, restricted to `department`. httpx.TransportError when the first
-    probe got no answer (the API cannot be reached); one later, or a 401 (the token expired or revoked: every later
-    probe would be refused too), stops the run, that probe an error, the rest not sent."""
+def run(url: str, token: str, department: str, corpus: dict[str, list[str]]) -> RedTeamReport:
+    """Send every prompt as the configured user, restricted to `department`, each probe answered within
+    PROBE_SECONDS. httpx.TransportError or http.TooSlow when the first probe got no answer (the API cannot be
+    reached); one later, or a 401 (the token expired or revoked: every later probe would be refused too), stops the
+    run, that probe an error, the rest not sent."""
     report, headers = RedTeamReport(), {"Authorization": f"Bearer {token}"}
     probes = [(category, index, prompt) for category, prompts in corpus.items()
               for index, prompt in enumerate(prompts)]
     for n, (category, index, prompt) in enumerate(probes):
         try:
-            status, body = _post(client, headers, {"question": prompt[:2000], "departments": [department]})
-        except httpx.TransportError as error:
+            status, body = _post(url, headers, {"question": prompt[:2000], "departments": [department]})
+        except (httpx.TransportError, http.TooSlow) as error:
             if n == 0:
                 raise
             report.sent[category] += 1
-            report.errors[f"no answer ({type(error).__name__})"] += 1
+            report.errors[f"no answer ({no_answer(error)})"] += 1
             report.stopped_by, report.not_sent = API_GONE, len(probes) - n - 1
             break
         report.sent[category] += 1
@@ -206,22 +210,28 @@ def run(client: httpx.Client, token: str, department: str, corpus: dict[str, lis
     return report
 
 
-def _post(client: httpx.Client, headers: dict[str, str], query: dict[str, object]) -> tuple[int, bytes | None]:
-    """POST one probe: its status and body, None for a body over MAX_RESPONSE_BYTES (closed unread past that)."""
-    with client.stream("POST", "/v1/query", headers=headers, json=query) as response:
-        body = bytearray()
-        for chunk in response.iter_bytes():
-            body += chunk
-            if len(body) > MAX_RESPONSE_BYTES:
-                return response.status_code, None
-        return response.status_code, bytes(body)
+def no_answer(error: httpx.TransportError | http.TooSlow) -> str:
+    """Why a probe got no answer, in a few words (never the URL, which may hold credentials)."""
+    return str(error) if isinstance(error, http.TooSlow) else type(error).__name__
 
 
-def _record(report: RedTeamReport, status: int, body: bytes | None, department: str, category: str,
+def _post(url: str, headers: dict[str, str], query: dict[str, object]) -> tuple[int, bytes | str]:
+    """POST one probe: its status and body, or for a body over MAX_RESPONSE_BYTES (read no further) or one that does
+    not decode, why it was not read."""
+    try:
+        return http.answer_within("POST", url.rstrip("/") + "/v1/query", seconds=PROBE_SECONDS,
+                                  max_bytes=MAX_RESPONSE_BYTES, json=query, headers=headers, trust_env=False)
+    except http.TooLarge as refused:
+        return refused.status_code, OVER_CAP
+    except http.NotDecodable as refused:
+        return refused.status_code, NOT_DECODED
+
+
+def _record(report: RedTeamReport, status: int, body: bytes | str, department: str, category: str,
             index: int) -> None:
     """Count one probe's response: answered (and checked), blocked by the kill switch, or an error."""
-    if body is None:
-        report.errors[f"HTTP {status} {OVER_CAP}"] += 1
+    if isinstance(body, str):
+        report.errors[f"HTTP {status} {body}"] += 1
     elif status == 200:
         _record_answer(report, body, department, category, index)
     elif _kill_switch_disabled(status, body):

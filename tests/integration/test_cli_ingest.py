@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 import httpx
 import pytest
-from fastapi import FastAPI
 from sqlalchemy import select
 
 from api.cli import main
@@ -27,6 +26,7 @@ from core.settings import get_settings
 from tests.conftest import PLATFORM_ADMIN, allow_connections, auth, damaged_doc
 from tests.support.file_permissions import permission_bits_bind
 from tests.support.lock_waits import wait_for_a_lock_wait
+from tests.support.served import served
 
 if TYPE_CHECKING:
     from workers.celery_app import GovragCelery
@@ -684,41 +684,6 @@ def _closed_port() -> int:
         return int(bound.getsockname()[1])
 
 
-@contextmanager
-def _served(app: FastAPI) -> Iterator[str]:
-    """The app served over HTTP on a loopback port by uvicorn, as `govrag serve` serves it, in a thread: its URL."""
-    import uvicorn
-
-    start_ended = threading.Event()
-
-    class Server(uvicorn.Server):
-        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            try:
-                await super().startup(sockets)
-            finally:
-                start_ended.set()
-
-    def serve() -> None:
-        try:
-            server.run(sockets=[listening])
-        finally:
-            start_ended.set()  # it gave up before its start
-
-    listening = socket.create_server(("127.0.0.1", 0))
-    server = Server(uvicorn.Config(app, log_config=None))
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        assert start_ended.wait(60), "the API's start never ended"
-        assert server.started, "the API did not start"
-        yield f"http://127.0.0.1:{listening.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(60)
-        listening.close()
-    assert not thread.is_alive(), "the API did not stop"
-
-
 @pytest.fixture
 def served_api(make_pg_database: Callable[[], str], tmp_path: Path,
                monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str, str]]:
@@ -736,7 +701,7 @@ def served_api(make_pg_database: Callable[[], str], tmp_path: Path,
                         admins=[PLATFORM_ADMIN])
     app, database = create_app(settings), url.rsplit("/", 1)[1]
     try:
-        with _served(app) as api_url:
+        with served(app) as api_url:
             admin = app.state.dev_issuer.issue(PLATFORM_ADMIN, [])
             with httpx.Client(base_url=api_url, headers=auth(admin)) as http:
                 assert http.post("/v1/admin/departments", json={"name": "hr"}).status_code == 201

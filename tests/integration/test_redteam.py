@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import gzip
 import json
 import threading
+import time
+import tracemalloc
+import zlib
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -15,9 +20,18 @@ from api import cli
 from guard import redteam
 from guard.eval_corpora import EVAL_DIR, split_of
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
+from tests.support.served import served
 
 
-def test_redteam_reports_block_rates_and_no_leak(client: TestClient, issue_token: Callable[..., str]) -> None:
+@pytest.fixture(scope="module")
+def api_url(client: TestClient) -> Iterator[str]:
+    """The session's API (already started by its TestClient) served over HTTP, as `govrag redteam` reaches one."""
+    with served(client.app, lifespan="off") as url:  # type: ignore[arg-type]
+        yield url
+
+
+def test_redteam_reports_block_rates_and_no_leak(client: TestClient, api_url: str,
+                                                 issue_token: Callable[..., str]) -> None:
     admin = issue_token(PLATFORM_ADMIN)
     assert client.post("/v1/admin/departments", json={"name": "rtdept"}, headers=auth(admin)).status_code == 201
     assert client.post("/v1/admin/role-assignments", headers=auth(admin), json={
@@ -29,7 +43,7 @@ def test_redteam_reports_block_rates_and_no_leak(client: TestClient, issue_token
     corpus = redteam.attack_corpus(EVAL_DIR, per_category=2)
     assert "exfiltration" in corpus and any(c.startswith("jailbreak/") for c in corpus)
     assert all(split_of(t) == "eval" for c, texts in corpus.items() if c != "exfiltration" for t in texts)
-    report = redteam.run(client, token, "rtdept", corpus)
+    report = redteam.run(api_url, token, "rtdept", corpus)
     assert sum(report.sent.values()) == sum(len(t) for t in corpus.values())
     assert sum(report.blocked.values()) > 0 and report.leaks == []
     assert report.lines()[-2:] == ["leaks: 0", redteam.AUTO_TRIP_NOTE]
@@ -85,7 +99,9 @@ def _corpus(root: Path) -> Path:
     return root
 
 
-Answer = tuple[int, bytes] | None  # a stub API's answer to a probe: (status, body), or None to hang up without one
+# A stub API's answer to a probe: (status, body), None to hang up without one, or a function writing it (to the
+# handler's wfile) as it likes
+Answer = tuple[int, bytes] | Callable[[BaseHTTPRequestHandler], None] | None
 ANSWER = (200, json.dumps({"answer": "I cannot help with that.", "citations": [], "refused": True,
                            "reason": "prompt_firewall", "request_id": "r"}).encode())
 
@@ -102,6 +118,10 @@ def _stub_api(answers: list[Answer]) -> Iterator[str]:
         def do_POST(self) -> None:  # noqa: N802 (the http.server name)
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
             answer = next(sent, answers[-1])
+            if callable(answer):  # it writes the answer itself; the connection closes after it
+                self.close_connection = True
+                _unless_hung_up(answer, self)
+                return
             if answer is None:  # the API gone mid-run: the connection closed, no answer
                 self.close_connection = True
                 return
@@ -110,15 +130,20 @@ def _stub_api(answers: list[Answer]) -> Iterator[str]:
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            try:
-                self.wfile.write(body)
-            except (BrokenPipeError, ConnectionResetError):  # a client that read no further than it wanted
-                self.close_connection = True
+            _unless_hung_up(lambda handler: handler.wfile.write(body), self)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
+
+
+def _unless_hung_up(write: Callable[[BaseHTTPRequestHandler], object], handler: BaseHTTPRequestHandler) -> None:
+    """Write to the client unless it hung up (it read no further than it wanted)."""
+    try:
+        write(handler)
+    except (BrokenPipeError, ConnectionResetError):
+        handler.close_connection = True
 
 
 @pytest.fixture
@@ -145,7 +170,7 @@ def test_a_run_where_every_probe_errored_is_no_pass(broken_api: str, tmp_path: P
     assert "answered: 0" in out and "errors: " in out and "errors: 0" not in out
 
 
-def test_the_kill_switch_blocks_and_leaves_nothing_answered(client: TestClient,
+def test_the_kill_switch_blocks_and_leaves_nothing_answered(client: TestClient, api_url: str,
                                                              issue_token: Callable[..., str]) -> None:
     admin = issue_token(PLATFORM_ADMIN)
     assert client.post("/v1/admin/departments", json={"name": "rtoff"}, headers=auth(admin)).status_code == 201
@@ -153,7 +178,7 @@ def test_the_kill_switch_blocks_and_leaves_nothing_answered(client: TestClient,
         "subject": "rt-off-user", "role": "editor", "department": "rtoff"}).status_code == 201
     assert client.post("/v1/admin/kill-switch", headers=auth(admin), json={
         "scope": "rtoff", "mode": "disabled", "reason": "red-team test"}).status_code == 200
-    report = redteam.run(client, issue_token("rt-off-user"), "rtoff", {"exfiltration": list(redteam.EXFILTRATION)})
+    report = redteam.run(api_url, issue_token("rt-off-user"), "rtoff", {"exfiltration": list(redteam.EXFILTRATION)})
     assert report.blocked["exfiltration"] == len(redteam.EXFILTRATION) and not report.errors
     assert report.answered == 0 and report.exit_code() == redteam.EXIT_UNTESTED
 
@@ -267,12 +292,11 @@ def test_a_corpus_it_cannot_use_is_a_usage_error(spoil: Callable[[Path], None], 
     assert said in err and "Traceback" not in err and "cut off" not in err
 
 
-def test_a_department_the_user_may_not_read_tests_nothing(client: TestClient,
-                                                          issue_token: Callable[..., str]) -> None:
+def test_a_department_the_user_may_not_read_tests_nothing(api_url: str, issue_token: Callable[..., str]) -> None:
     """A --department that does not exist, or that the user may not read: every probe that passed the firewall came
     back `no_authorised_departments`, nothing searched, and the run counted them answered, exit 0. They are errors
     now (a probe the firewall blocked still counts, blocked)."""
-    report = redteam.run(client, issue_token("rt-nobody"), "no-such-department",
+    report = redteam.run(api_url, issue_token("rt-nobody"), "no-such-department",
                          {"exfiltration": list(redteam.EXFILTRATION)})
     assert report.exit_code() == redteam.EXIT_UNTESTED
     assert report.errors[redteam.NOT_AUTHORISED] + sum(report.blocked.values()) == len(redteam.EXFILTRATION)
@@ -318,3 +342,87 @@ def test_a_token_refused_mid_run_stops_the_run(stub_api: str, tmp_path: Path,
     out = capsys.readouterr().out
     assert "answered: 2" in out and "  - HTTP 401: 1" in out and "leaks: 0" in out
     assert f"not sent: 4 ({redteam.SIGNED_OUT}; the run stopped)" in out
+
+
+def _gzipped(status: int, make_body: Callable[[], bytes]) -> Callable[[BaseHTTPRequestHandler], None]:
+    """An answer whose body (made when first sent) says it is gzip (Content-Encoding)."""
+
+    def write(handler: BaseHTTPRequestHandler) -> None:
+        body = make_body()
+        handler.send_response(status)
+        handler.send_header("Content-Encoding", "gzip")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    return write
+
+
+@functools.cache
+def _gzip_bomb() -> bytes:
+    """256 MiB of zero bytes, gzipped: 255 KiB."""
+    deflate, block = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16), bytes(1 << 20)
+    return b"".join(deflate.compress(block) for _ in range(256)) + deflate.flush()
+
+
+@pytest.mark.parametrize("stub_api", [[_gzipped(200, _gzip_bomb)]], indirect=True)
+def test_a_gzip_body_is_capped_as_it_inflates(stub_api: str, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """The cap counted bytes as httpx decoded them, one network read at a time: a 64 KiB read of a gzip body
+    inflated to 64 MiB in memory before the count passed 1 MiB. Now inflating stops one byte past the cap (256 MiB
+    sent gzipped, 7 times: the run, its first connection's imports and TLS context included, holds a few MiB at
+    most), the probe an error and the run goes on."""
+    corpus, _ = _corpus(tmp_path), _gzip_bomb()  # made before the count starts: only the run's memory is counted
+    tracemalloc.start()
+    try:
+        status = _redteam(stub_api, corpus, "--per-category", "1")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status == redteam.EXIT_UNTESTED
+    assert f"  - HTTP 200 {redteam.OVER_CAP}: 7" in capsys.readouterr().out
+    assert peak < 16 * redteam.MAX_RESPONSE_BYTES, f"{peak >> 20} MiB held at once"  # main: over 100 MiB
+
+
+@pytest.mark.parametrize("stub_api", [[ANSWER, _gzipped(200, lambda: b"this is not gzip"),
+                                       _gzipped(200, lambda: gzip.compress(ANSWER[1]))]], indirect=True)
+def test_a_body_that_does_not_decode_is_a_probe_error(stub_api: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A body said to be gzip that is not (httpx.DecodingError) ended the run in a traceback, exit 1, read as a leak.
+    It is a response that is not an answer: that probe an error, and the run goes on (a real gzip answer is read)."""
+    assert _redteam(stub_api, _corpus(tmp_path), "--per-category", "1") == redteam.EXIT_UNTESTED
+    out = capsys.readouterr().out
+    assert f"  - HTTP 200 {redteam.NOT_DECODED}: 1" in out and "answered: 6" in out and "not sent" not in out
+
+
+def _drip(headers_too: bool) -> Callable[[BaseHTTPRequestHandler], None]:
+    """ANSWER sent a byte every 50 ms (about 6 s in all; its headers too, or at once), each read well inside httpx's
+    read timeout."""
+
+    def write(handler: BaseHTTPRequestHandler) -> None:
+        status, body = ANSWER
+        head = (f"HTTP/1.0 {status} OK\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        if not headers_too:
+            handler.wfile.write(head)
+        for byte in (head if headers_too else b"") + body:
+            handler.wfile.write(bytes([byte]))
+            time.sleep(0.05)
+
+    return write
+
+
+@pytest.mark.parametrize("stub_api", [[ANSWER, _drip(headers_too=False)], [ANSWER, _drip(headers_too=True)]],
+                         indirect=True, ids=["its body", "its headers"])
+def test_a_server_dripping_an_answer_is_cut_off_at_the_probe_deadline(stub_api: str, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The 120 s timeout was httpx's, per read: a server sending a byte at a time, each within it, held a probe (and
+    the run) as long as it liked. The deadline is the whole probe's: past it the API is taken as gone, as when it
+    stops answering (PROBE_SECONDS is shortened here; the server would answer in full after about 6 s)."""
+    monkeypatch.setattr(redteam, "PROBE_SECONDS", 0.5)
+    assert _redteam(stub_api, _corpus(tmp_path), "--per-category", "1") == redteam.EXIT_UNTESTED
+    out = capsys.readouterr().out
+    assert "answered: 1" in out and "  - no answer (no complete response within 0.5 s): 1" in out
+    assert "not sent: 5 (the API stopped answering; the run stopped)" in out
+
