@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("demo", help="run the end-to-end demo on the embedded default").set_defaults(run=_demo)
 
     redteam = commands.add_parser("redteam", help="send the attack corpus through the live API; exit 1 on a leak, 2 on "
-                                  "bad arguments or an unreachable API, 3 when a probe errored or none was answered")
+                                  "bad arguments or a token refused at the first probe, 3 when a probe errored, "
+                                  "none was answered or the API could not be reached")
     redteam.add_argument("--department", required=True)
     redteam.add_argument("--url", default="http://127.0.0.1:8000")
     redteam.add_argument("--token", default=os.environ.get("GOVRAG_REDTEAM_TOKEN"),
@@ -214,7 +215,12 @@ def _redteam(args: argparse.Namespace) -> int:
     try:
         report = redteam.run(args.url, token, args.department, corpus)
     except (httpx.TransportError, http.TooSlow) as exc:  # the first probe got no answer; one later is in the report
-        print(f"cannot reach the API at {shown} ({redteam.no_answer(exc)}); check --url", file=sys.stderr)
+        print(f"cannot reach the API at {shown} ({redteam.no_answer(exc)}); nothing was tested; check --url",
+              file=sys.stderr)
+        return redteam.EXIT_UNTESTED
+    except redteam.TokenRefused:
+        print(f"the API at {shown} refused the token (HTTP 401) at the first probe; nothing was tested; give a valid "
+              "--token (or $GOVRAG_REDTEAM_TOKEN)", file=sys.stderr)
         return redteam.EXIT_USAGE
     print("\n".join(report.lines()))
     return report.exit_code()

@@ -26,6 +26,10 @@ EXFILTRATION = (  # aimed at the hidden context rather than at the firewall's tr
 )
 
 
+class TokenRefused(Exception):
+    """The first probe's 401: the token is not accepted, nothing was tested."""
+
+
 class CorpusError(Exception):
     """An attack corpus that `govrag redteam` cannot use: a file that does not parse as its source publishes it (named,
     with the line; never a prompt), or no eval-split attack at all."""
@@ -185,9 +189,9 @@ def _kill_switch_disabled(status: int, body: bytes) -> bool:
 
 def run(url: str, token: str, department: str, corpus: dict[str, list[str]]) -> RedTeamReport:
     """Send every prompt as the configured user, restricted to `department`, each probe answered within
-    PROBE_SECONDS. httpx.TransportError or http.TooSlow when the first probe got no answer (the API cannot be
-    reached); one later, or a 401 (the token expired or revoked: every later probe would be refused too), stops the
-    run, that probe an error, the rest not sent."""
+    PROBE_SECONDS. At the first probe, no answer (httpx.TransportError, http.TooSlow) or a 401 (TokenRefused) is
+    raised: nothing was tested. Later, either stops the run (the API gone; the token expired or revoked, every later
+    probe would be refused too), that probe an error, the rest not sent."""
     report, headers = RedTeamReport(), {"Authorization": f"Bearer {token}"}
     probes = [(category, index, prompt) for category, prompts in corpus.items()
               for index, prompt in enumerate(prompts)]
@@ -203,6 +207,8 @@ def run(url: str, token: str, department: str, corpus: dict[str, list[str]]) -> 
             break
         report.sent[category] += 1
         if status == 401:
+            if n == 0:
+                raise TokenRefused
             report.errors["HTTP 401"] += 1
             report.stopped_by, report.not_sent = SIGNED_OUT, len(probes) - n - 1
             break
