@@ -13,7 +13,7 @@ import functools
 import ssl
 import zlib
 from collections.abc import Coroutine, Mapping
-from typing import Any, cast
+from typing import Any
 
 import httpx
 
@@ -43,10 +43,11 @@ def request_within(method: str, url: str, *, seconds: float, max_bytes: int, jso
     """The body of a 2xx answer to `method url`, all of it (connecting, the headers, the body) within `seconds`, or
     a ValueError (TooSlow, TooLarge, NotDecodable) once it takes longer, passes `max_bytes` or does not decode; another
     status is httpx.HTTPStatusError, its body unread, and redirects are not followed (raise_for_status refuses them).
+    Only gzip is asked for: a body in another encoding is NotDecodable.
 
     The exchange runs on an event loop of its own under one timeout, which cancels it wherever it is. It blocks, so
-    it is called from a worker thread (FastAPI's thread pool, a Celery task); on a running event loop asyncio.run
-    raises RuntimeError at once."""
+    it is called from a worker thread (FastAPI's thread pool, a Celery task); on a running event loop it raises
+    RuntimeError at once."""
     return _within(seconds, _request(method, url, seconds=seconds, max_bytes=max_bytes, json=json, headers=headers,
                                      trust_env=trust_env, any_status=False))[1]
 
@@ -78,10 +79,9 @@ async def _request(method: str, url: str, *, seconds: float, max_bytes: int, jso
         if not any_status:
             response.raise_for_status()
         body = _CappedBody(response, max_bytes)
-        # The raw bytes, not aiter_raw, which refuses a body an in-memory transport (MockTransport) has read already
-        async for chunk in cast(httpx.AsyncByteStream, response.stream):
+        async for chunk in response.aiter_raw():  # as received: decoded (and counted) here, not by httpx
             body.add(chunk)
-        return response.status_code, bytes(body.read)
+        return response.status_code, body.ended()
 
 
 class _CappedBody:
@@ -89,29 +89,40 @@ class _CappedBody:
     soon as it passes `max_bytes`, before anything more is decoded."""
 
     def __init__(self, response: httpx.Response, max_bytes: int) -> None:
-        self.read, self._status, self._max_bytes = bytearray(), response.status_code, max_bytes
+        self._read, self._status, self._max_bytes = bytearray(), response.status_code, max_bytes
         encoding = response.headers.get("Content-Encoding", "").strip().lower() or "identity"
-        if encoding not in ("identity", "gzip"):
+        if encoding not in ("identity", "gzip", "x-gzip"):  # x-gzip: gzip's old name (RFC 9110 8.4.1.3)
             raise NotDecodable(self._status, f"Content-Encoding {encoding[:40]!r} was not asked for")
-        self._gzip = zlib.decompressobj(zlib.MAX_WBITS | 16) if encoding == "gzip" else None
+        self._gzip = zlib.decompressobj(zlib.MAX_WBITS | 16) if encoding != "identity" else None
+        self._received = False
 
     def add(self, raw: bytes) -> None:
         """Take the next bytes received."""
+        self._received = self._received or bool(raw)
         if self._gzip is None:
-            self.read += raw
+            self._read += raw
             self._check()
             return
         while raw:
+            if self._gzip.eof:  # a gzip body may be several members one after another (RFC 1952 2.2)
+                self._gzip = zlib.decompressobj(zlib.MAX_WBITS | 16)
             try:  # at most one byte past the cap: zlib keeps the rest of the input (unconsumed_tail) for later
-                self.read += self._gzip.decompress(raw, self._max_bytes + 1 - len(self.read))
+                self._read += self._gzip.decompress(raw, self._max_bytes + 1 - len(self._read))
             except zlib.error:
                 raise NotDecodable(self._status, "the body is not valid gzip") from None
             self._check()
-            raw = self._gzip.unconsumed_tail
+            raw = self._gzip.unconsumed_tail or self._gzip.unused_data
+
+    def ended(self) -> bytes:
+        """The body once all of it was received: NotDecodable if it stopped inside a gzip member (zlib alone would
+        give what came before, a truncated body taken for whole)."""
+        if self._gzip is not None and self._received and not self._gzip.eof:
+            raise NotDecodable(self._status, "the gzip body ends early")
+        return bytes(self._read)
 
     def _check(self) -> None:
-        if len(self.read) > self._max_bytes:
-            self.read.clear()  # never used: let it go now, not when the exception's frames do
+        if len(self._read) > self._max_bytes:
+            self._read.clear()  # never used: let it go now, not when the exception's frames do
             raise TooLarge(self._status, f"the body is over {self._max_bytes} bytes")
 
 

@@ -757,6 +757,11 @@ def test_a_jwks_url_that_is_not_http_is_refused_at_start(tmp_path: Path) -> None
         TokenVerifier.from_settings(_settings(tmp_path, oidc_jwks_url="file:///etc/jwks.json"), None)
 
 
+def _as_received(made: httpx.Response) -> httpx.Response:
+    """`made` as a server's response arrives, its body still to read (one made with content= is read already)."""
+    return httpx.Response(made.status_code, headers=made.headers, stream=httpx.ByteStream(made.content))
+
+
 @pytest.mark.parametrize(("env", "jwks_scheme", "verifies"), [("development", "http", True),
                                                               ("production", "https", True),
                                                               ("production", "http", False),
@@ -771,9 +776,9 @@ def test_a_plain_http_jwks_uri_from_discovery_is_refused_in_production(
 
     def idp(request: httpx.Request) -> httpx.Response:
         if str(request.url) == f"{ISSUER}/.well-known/openid-configuration":
-            return httpx.Response(200, json={"issuer": ISSUER, "jwks_uri": jwks_uri})
+            return _as_received(httpx.Response(200, json={"issuer": ISSUER, "jwks_uri": jwks_uri}))
         if request.url == httpx.URL(jwks_uri):
-            return httpx.Response(200, json={"keys": [key.jwk()]})
+            return _as_received(httpx.Response(200, json={"keys": [key.jwk()]}))
         return httpx.Response(404)
 
     monkeypatch.setattr(httpx, "AsyncClient", functools.partial(httpx.AsyncClient, transport=httpx.MockTransport(idp)))
