@@ -40,10 +40,10 @@ class NotDecodable(BodyRefused):
 
 def request_within(method: str, url: str, *, seconds: float, max_bytes: int, json: Any = None,
                    headers: Mapping[str, str] | None = None, trust_env: bool = True) -> bytes:
-    """The body of a 2xx answer to `method url`, all of it (connecting, the headers, the body) within `seconds`, or
-    a ValueError (TooSlow, TooLarge, NotDecodable) once it takes longer, passes `max_bytes` or does not decode; another
-    status is httpx.HTTPStatusError, its body unread, and redirects are not followed (raise_for_status refuses them).
-    Only gzip is asked for: a body in another encoding is NotDecodable.
+    """The body of a 2xx answer to `method url`, all of it (the host's name looked up, connecting, the headers, the
+    body) within `seconds`, or a ValueError (TooSlow, TooLarge, NotDecodable) once it takes longer, passes `max_bytes`
+    or does not decode; another status is httpx.HTTPStatusError, its body unread, and redirects are not followed
+    (raise_for_status refuses them). Only gzip is asked for: a body in another encoding is NotDecodable.
 
     The exchange runs on an event loop of its own under one timeout, which cancels it wherever it is. It blocks, so
     it is called from a worker thread (FastAPI's thread pool, a Celery task); on a running event loop it raises
@@ -61,12 +61,23 @@ def answer_within(method: str, url: str, *, seconds: float, max_bytes: int, json
 
 def _within(seconds: float, exchange: Coroutine[Any, Any, tuple[int, bytes]]) -> tuple[int, bytes]:
     """Run `exchange` on an event loop of its own: TooSlow once it took `seconds`."""
+    runner = asyncio.Runner(loop_factory=_Loop)  # its loop made by run(), once it found none running in this thread
     try:
-        return asyncio.run(exchange)
+        return runner.run(exchange)
     except TimeoutError:
         raise TooSlow(f"no complete response within {seconds:g} s") from None
     finally:
-        exchange.close()  # never started when asyncio.run refused: no "never awaited" warning
+        exchange.close()  # never started when run() refused: no "never awaited" warning
+        runner.close()
+
+
+class _Loop(asyncio.SelectorEventLoop):
+    """An event loop that, closing, does not wait for its worker threads. A host name is looked up in one
+    (getaddrinfo), which no timeout cancels: asyncio.run waited for it, so a DNS server slow to answer held the call
+    past its deadline. The lookup ends on its own, after the call has returned TooSlow."""
+
+    async def shutdown_default_executor(self, timeout: float | None = None) -> None:
+        """Nothing to wait for: close() shuts the executor down without waiting."""
 
 
 async def _request(method: str, url: str, *, seconds: float, max_bytes: int, json: Any,

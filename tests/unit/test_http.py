@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from core.http import NotDecodable, request_within
+from core.http import NotDecodable, TooSlow, request_within
 
 BODY = b'{"keys": []}'
 
@@ -25,6 +26,28 @@ def test_a_call_on_a_running_event_loop_is_refused_before_connecting() -> None:
 
     with pytest.raises(RuntimeError, match="running event loop"):
         asyncio.run(on_the_loop())
+
+
+def test_a_slow_name_lookup_is_inside_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """asyncio.run, closing its loop, waited for the thread looking the host up (getaddrinfo, which no timeout
+    cancels): a DNS server slow to answer held the call past its deadline for as long as the lookup took. The
+    resolver is outside the boundary: a stub holds the lookup until the call has returned."""
+    released, looked_up, real = threading.Event(), threading.Event(), socket.getaddrinfo
+
+    def slow(host: bytes | str | None, *args: object, **kwargs: object) -> object:
+        if host not in (b"slow-dns.test", "slow-dns.test"):
+            return real(host, *args, **kwargs)  # type: ignore[arg-type]
+        released.wait(10)  # the old code waited out these 10 s
+        looked_up.set()
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    try:
+        with pytest.raises(TooSlow):
+            request_within("GET", "http://slow-dns.test/", seconds=0.2, max_bytes=1, trust_env=False)
+        assert not looked_up.is_set(), "the call returned only once the lookup had ended"
+    finally:
+        released.set()
 
 
 @pytest.fixture
