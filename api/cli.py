@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
                                   "bad arguments or a token refused at the first probe, 3 when a probe errored, "
                                   "none was answered or the API could not be reached")
     redteam.add_argument("--department", required=True)
-    redteam.add_argument("--url", default="http://127.0.0.1:8000")
+    redteam.add_argument("--url", type=_api_url, default="http://127.0.0.1:8000")
     redteam.add_argument("--token", default=os.environ.get("GOVRAG_REDTEAM_TOKEN"),
                          help="the configured user's bearer token (default: $GOVRAG_REDTEAM_TOKEN; on the command "
                               "line other users can read it in `ps`)")
@@ -95,6 +95,19 @@ def _at_least_one(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return number
+
+
+def _api_url(value: str) -> str:
+    """An argparse type: an http(s) URL with a host. Never quoted back: it may hold a password."""
+    import httpx
+
+    try:
+        url = httpx.URL(value)
+    except httpx.InvalidURL:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise argparse.ArgumentTypeError("must be an http(s) URL, such as http://127.0.0.1:8000")
+    return value
 
 
 def _port(value: str) -> int:

@@ -207,6 +207,17 @@ def test_fewer_than_one_prompt_per_category_is_a_usage_error(count: str, tmp_pat
     assert exited.value.code == 2 and "must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("url", ["localhost:8000", "ftp://scanner:s3cret@127.0.0.1:9", "http://[::1", "http://"])
+def test_a_url_that_is_not_http_is_a_usage_error(url: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """It was taken as an API that cannot be reached (UnsupportedProtocol), exit 3 as an outage, or (a broken host)
+    ended in a traceback quoting it. It is a bad argument: said without quoting it (it may hold a password), exit 2."""
+    with pytest.raises(SystemExit) as exited:
+        _redteam(url, _corpus(tmp_path))
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "--url: must be an http(s) URL" in err and "s3cret" not in err
+
+
 def test_a_report_with_blocked_prompts_warns_that_the_department_may_have_tripped() -> None:
     report = redteam.RedTeamReport()
     report.sent["jailbreak/PAIR"], report.answered = 2, 2
