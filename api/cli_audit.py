@@ -116,6 +116,9 @@ def _reported(command: Callable[[argparse.Namespace], int]) -> Callable[[argpars
             if isinstance(exc, GovragError):
                 print(f"refused: {exc.message}", file=sys.stderr)
                 return 2
+            if isinstance(exc, keystore.DepartmentKeyUnreadable):  # found before anything is exported or recorded
+                print(f"failed: {exc}", file=sys.stderr)
+                return 2
             if isinstance(exc, OSError):  # a missing folder, no permission, a full disk, a mirror file unreadable
                 where = exc.filename or getattr(args, "output", "")  # verify, checkpoint and purge have no output
                 print(f"failed: {exc.strerror or type(exc).__name__}: {where}", file=sys.stderr)

@@ -229,16 +229,18 @@ def purge_expired(*, session: Session, settings: Settings, identity: Identity,
 
 def export_training_data(*, session: Session, settings: Settings, identity: Identity,
                          department: str) -> Iterator[str]:
-    """Read the department's chunks, record the training-data export, then stream the redacted chunks queries may cite
-    (`training.training_rows`) and a manifest, which lists the documents left out as they no longer open."""
+    """Read the department's chunks and their documents' keys, record the training-data export, then stream the
+    redacted chunks queries may cite (`training.training_rows`) and a manifest, which lists the documents left out as
+    they no longer open. What fails the whole export (the vector store unavailable, a department key that does not
+    open: DepartmentKeyUnreadable) fails it before the ledger says it happened."""
     if department not in authz_service.list_departments(session=session):
         raise GovragError(ErrorCode.not_found, "no such department")
     payloads = training.department_payloads(settings, department)
+    sources = training.export_sources(session=session, settings=settings, department=department, payloads=payloads)
     record_admin_event(session=session, identity=identity, event_type=AdminEventType.training_export,
                        department=department, settings=settings, details={"department": department})
     unreadable: set[str] = set()  # documents left out as they no longer open: filled as the rows are read
-    rows = training.training_rows(session=session, settings=settings, department=department, payloads=payloads,
-                                  unreadable=unreadable)
+    rows = training.training_rows(sources, unreadable=unreadable)
     return training.render_jsonl(rows, department=department, unreadable=unreadable)
 
 

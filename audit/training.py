@@ -9,12 +9,13 @@ import itertools
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from core import crypto
-from core.keystore import DocumentKeyUnreadable, KeyStore, keystore_for
+from core.keystore import DocumentKey, KeyState, keystore_for
 from core.models import Document, utcnow
 from core.settings import Settings
 from ingestion import service as ingestion_service
@@ -31,46 +32,63 @@ def department_payloads(settings: Settings, department: str) -> list[dict[str, A
                   key=lambda p: (str(p.get("document_id")), int(p.get("chunk_index", 0))))
 
 
-def training_rows(*, session: Session, settings: Settings, department: str, payloads: list[dict[str, Any]],
-                  unreadable: set[str] | None = None) -> Iterator[dict[str, Any]]:
-    """One row per chunk (of `payloads`, in document order) that queries may cite, of the documents `department`
-    serves, text as redacted at ingestion. A document whose key row or one of whose chunks no longer opens (altered in
-    the database or the vector store) is left out whole, as queries leave it out, and its id added to `unreadable`
-    (the manifest lists them): never an export cut off at it."""
+@dataclass(frozen=True)
+class ExportSource:
+    """A served document the training export takes: its data key, and the payloads of its chunks queries may cite."""
+
+    document: Document
+    key: DocumentKey
+    payloads: list[dict[str, Any]]
+
+
+def export_sources(*, session: Session, settings: Settings, department: str,
+                   payloads: list[dict[str, Any]]) -> list[ExportSource]:
+    """The documents `department` serves with chunks (of `payloads`, in document order) that queries may cite, and
+    their data keys: read before the export is recorded, so a department key that does not open
+    (DepartmentKeyUnreadable: no document's damage) fails the export before the ledger says it happened. A key is
+    32 bytes a document, beside payloads `department_payloads` already holds."""
     served = ingestion_service.served_in_department(session=session, department=department)
     keystore = keystore_for(settings)
+    sources = []
     for document_id, chunks in itertools.groupby(payloads, key=lambda p: str(p.get("document_id"))):
         document = served.get(document_id)
         if document is None:
             continue  # not served (deleted, quarantined, failed, withheld, not yet ingested)
         cited = [payload for payload in chunks if ingestion_service.is_served(document, payload)]  # its generation's
-        rows = _document_rows(session, keystore, document, cited)
+        if cited:
+            key = keystore.document_key(session=session, department=document.department, document_id=document.id)
+            sources.append(ExportSource(document=document, key=key, payloads=cited))
+    return sources
+
+
+def training_rows(sources: list[ExportSource], unreadable: set[str] | None = None) -> Iterator[dict[str, Any]]:
+    """One row per chunk of `sources`, text as redacted at ingestion. A document whose key row or one of whose chunks
+    no longer opens (altered in the database or the vector store) is left out whole, as queries leave it out, and its
+    id added to `unreadable` (the manifest lists them): never an export cut off at it."""
+    for source in sources:
+        rows = _document_rows(source)
         if rows is None:
             logger.warning("the data key or a chunk of document %s does not open: left out of the training export",
-                           document.id)
+                           source.document.id)
             if unreadable is not None:
-                unreadable.add(document.id)
+                unreadable.add(source.document.id)
             continue
         yield from rows
 
 
-def _document_rows(session: Session, keystore: KeyStore, document: Document,
-                   payloads: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-    """The document's rows, every chunk opened before any is returned: None if its key row or a chunk does not open
-    (a department key that does not open is no document's damage: it fails the export); none once its key is
-    shredded. One document's rows are held at a time: no chunk cap bounds them (the upload and parse limits do), but
-    they are smaller than its payloads, which `department_payloads` already holds (about 1.3 kB a chunk against
-    1.6 kB, measured at 20,000 chunks of 1,000 characters)."""
-    if not payloads:
-        return []
-    try:
-        key = keystore.document_key(session=session, department=document.department, document_id=document.id)
-    except DocumentKeyUnreadable:
+def _document_rows(source: ExportSource) -> list[dict[str, Any]] | None:
+    """The document's rows, every chunk opened before any is returned: None if its key row or a chunk does not open;
+    none once its key is shredded. One document's rows are held at a time: no chunk cap bounds them (the upload and
+    parse limits do), but they are smaller than its payloads, which `department_payloads` already holds (about 1.3 kB
+    a chunk against 1.6 kB, measured at 20,000 chunks of 1,000 characters)."""
+    document, found = source.document, source.key
+    if found.state is KeyState.unreadable:
         return None
-    if key is None:
+    if found.key is None:
         return []  # crypto-shredded
+    key = found.key
     rows = []
-    for payload in payloads:
+    for payload in source.payloads:
         index, level = int(payload["chunk_index"]), str(payload["classification"])
         context = chunk_context(document.id, index, level, str(payload.get("scanned_by", "")))
         try:

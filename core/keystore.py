@@ -19,9 +19,11 @@ has deleted but not committed, nor commits a row that a shredding then misses.
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
@@ -45,9 +47,32 @@ MASTER_CHECK_SECONDS = 5.0  # how long readiness trusts its last look at whether
 _MASTER_LOCK = "keys:master"  # shared: wrapping under the newest master version; exclusive: finding rows to rewrap
 
 
-class DocumentKeyUnreadable(crypto.DecryptionError):
-    """A document's key row does not open under its department key, which opened (the row altered in the database):
-    that document alone is unreadable, not its department."""
+class KeyState(enum.Enum):
+    """What `KeyStore.document_key` found for a document."""
+
+    opened = "opened"  # its key row opened: `DocumentKey.key` holds its data key
+    missing = "missing"  # no key row: shredded (deleted, rejected), or lost (a key store restored from an older backup)
+    # Its key row does not open under its department key, which opened (the row altered in the database): that
+    # document alone is lost, not its department.
+    unreadable = "unreadable"
+
+
+@dataclass(frozen=True)
+class DocumentKey:
+    """A document's data key lookup: `key` is set exactly when `state` is `opened`."""
+
+    state: KeyState
+    key: bytes | None = None
+
+
+class DepartmentKeyUnreadable(crypto.DecryptionError):
+    """A department's key row does not open under the master key, which opens the other stored keys (the row altered
+    in the database): no document's damage, every document of the department is unreadable. The message names the
+    department, never key material."""
+
+    def __init__(self, department: str) -> None:
+        super().__init__(f"the key of department {department} does not open under the master key (its key row was "
+                         "altered in the database): restore that row from a backup")
 
 
 class KeyStore:
@@ -88,8 +113,11 @@ class KeyStore:
         cached = self._cached(ref)
         if cached is not None:
             return cached
-        key = crypto.open_sealed(self._master(row.parent_version), row.wrapped,
-                                 _context("department", department, row.version))
+        try:
+            key = crypto.open_sealed(self._master(row.parent_version), row.wrapped,
+                                     _context("department", department, row.version))
+        except crypto.DecryptionError as exc:
+            raise DepartmentKeyUnreadable(department) from exc
         self._remember(ref, key)
         return key
 
@@ -108,31 +136,36 @@ class KeyStore:
         self._remember(("document", document_id), key)
         return key
 
-    def document_key(self, *, session: Session, department: str, document_id: str) -> bytes | None:
-        """The document's data key, or None once it has been shredded."""
+    def document_key(self, *, session: Session, department: str, document_id: str) -> DocumentKey:
+        """The document's data key, or why there is none: `missing` once it has been shredded, `unreadable` when its
+        key row does not open (each caller decides what that document's loss means; a department key that does not
+        open is DepartmentKeyUnreadable)."""
         cached = self._cached(("document", document_id))
         if cached is not None:
-            return cached
+            return DocumentKey(KeyState.opened, cached)
         try:
-            key = self._open_latest(session, department, document_id)
+            found = self._open_latest(session, department, document_id)
         except LookupError:  # the version that wrapped the row read was retired since (a rotation finishing)
-            key = self._open_latest(session, department, document_id)  # the row that replaced it
-        if key is not None:
-            self._remember(("document", document_id), key)
-        return key
+            found = self._open_latest(session, department, document_id)  # the row that replaced it
+        if found.key is not None:
+            self._remember(("document", document_id), found.key)
+        return found
 
-    def _open_latest(self, session: Session, department: str, document_id: str) -> bytes | None:
-        """The document's newest key row, unwrapped; None if it has none."""
+    def _open_latest(self, session: Session, department: str, document_id: str) -> DocumentKey:
+        """The document's newest key row, unwrapped."""
         row = _latest(session, "document", document_id)
-        return None if row is None else self._unwrap_document(session, department, row)
+        if row is None:
+            return DocumentKey(KeyState.missing)
+        key = self._unwrap_document(session, department, row)
+        return DocumentKey(KeyState.unreadable) if key is None else DocumentKey(KeyState.opened, key)
 
-    def _unwrap_document(self, session: Session, department: str, row: WrappedKey) -> bytes:
-        """Open a document key row with the department key version that wrapped it."""
+    def _unwrap_document(self, session: Session, department: str, row: WrappedKey) -> bytes | None:
+        """Open a document key row with the department key version that wrapped it; None if the row does not open."""
         parent = self.department_key(session=session, department=department, version=row.parent_version)
         try:
             return crypto.open_sealed(parent, row.wrapped, _context("document", row.owner, row.version))
-        except crypto.DecryptionError as exc:
-            raise DocumentKeyUnreadable("document key row failed authentication") from exc
+        except crypto.DecryptionError:
+            return None
 
     # --- rotation: new department key, document keys rewrapped (data keys unchanged: nothing re-encrypted) ---
 
@@ -151,12 +184,12 @@ class KeyStore:
         return version
 
     def rewrap_documents(self, *, session: Session, department: str, document_ids: list[str],
-                         version: int, unreadable: set[str] | None = None) -> int:
+                         version: int, unreadable: set[str]) -> int:
         """Wrap these documents' keys under department key `version`; returns how many were rewrapped. The
         department's lock, held exclusively before any row is read, waits for shreddings in flight (their keys are
         then found gone) and holds off those arriving until this transaction ends (they then delete the new rows too).
-        A document whose key row no longer opens (altered in the database) is DocumentKeyUnreadable, or, given
-        `unreadable`, left as it is and its id added there: one document's damage need not stop a rotation.
+        A document whose key row no longer opens (altered in the database) is left as it is and its id added to
+        `unreadable`: one document's damage need not stop a rotation.
         """
         transaction_lock(session, _department_lock(department))
         if _version(session, "department", department, version) is None:
@@ -167,11 +200,8 @@ class KeyStore:
             row = _latest(session, "document", document_id)
             if row is None or row.parent_version >= version:
                 continue  # shredded meanwhile, or already under the new key
-            try:
-                data_key = self._unwrap_document(session, department, row)
-            except DocumentKeyUnreadable:
-                if unreadable is None:
-                    raise
+            data_key = self._unwrap_document(session, department, row)
+            if data_key is None:
                 unreadable.add(document_id)
                 continue
             session.add(WrappedKey(kind="document", owner=document_id, version=row.version + 1,
@@ -182,8 +212,7 @@ class KeyStore:
         session.flush()
         return done
 
-    def finish_rotation(self, *, session: Session, department: str, version: int,
-                        unreadable: set[str] | None = None) -> int:
+    def finish_rotation(self, *, session: Session, department: str, version: int, unreadable: set[str]) -> int:
         """Drop the superseded wrappings and the old department key versions (after every rewrap committed); returns
         how many document keys were still under an old version and rewrapped here. The department's lock, held
         exclusively, waits for uploads that read an old version: their keys are rewrapped here, never lost; uploads

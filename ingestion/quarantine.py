@@ -11,7 +11,7 @@ from authz import service as authz_service
 from core import blobs
 from core.db import transaction_lock
 from core.errors import ErrorCode, GovragError
-from core.keystore import DocumentKeyUnreadable, keystore_for
+from core.keystore import KeyState, keystore_for
 from core.models import UNFINISHED, Document, DocumentStatus, IngestionPolicy
 from core.settings import Settings
 from guard.pii_rules import CustomRecognizer, RedactionRules, validate_custom
@@ -214,12 +214,10 @@ def _original_kept(session: Session, settings: Settings, document: Document) -> 
     on a missing key or one whose row no longer opens, the read of the original on a missing file;
     ingestion/service.py). Whether the original opens under the key is the run's to find (it fails at once too), not
     read here for each failed document."""
-    try:
-        key = keystore_for(settings).document_key(session=session, department=document.department,
-                                                  document_id=document.id)
-    except DocumentKeyUnreadable:  # as lost as a missing one; the run that failed it said why
-        return False
-    return key is not None and blobs.has_original(settings.blob_dir, document.id)
+    found = keystore_for(settings).document_key(session=session, department=document.department,
+                                                document_id=document.id)
+    # an unreadable key row is as lost as a missing one; the run that failed it said why
+    return found.state is KeyState.opened and blobs.has_original(settings.blob_dir, document.id)
 
 
 def _hand_back(session: Session, document_id: str, withhold: bool) -> None:

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from core import blobs, crypto, memory, metrics
 from core.db import unit_of_work
 from core.errors import ErrorCode, GovragError, Unavailable, loading, unavailable_dependency
-from core.keystore import DocumentKeyUnreadable, keystore_for
+from core.keystore import KeyState, keystore_for
 from core.models import MAX_CRASHED_RUNS, RETIRED, UNFINISHED, Document, DocumentStatus, IngestionJob
 from core.settings import Settings
 from core.text import printable_name
@@ -57,6 +57,7 @@ ATTACHMENTS_KEY_UNREADABLE = ("the e-mail's data key does not open under its dep
                               "attachments was ingested: upload it again")
 KEY_MISSING = "the document's data key is missing: upload it again"
 KEY_UNREADABLE = "the document's data key does not open under its department key: upload it again"
+_KEY_LOST = {KeyState.missing: KEY_MISSING, KeyState.unreadable: KEY_UNREADABLE}  # a claim's failure, by key state
 ORIGINAL_UNREADABLE = "the document's stored original is missing or does not open under its key: upload it again"
 SERVED_MAP_UNREADABLE = "the document's placeholder map does not open under its key: upload it again"
 MAP_UNREADABLE = ("the document's placeholder map does not open under its key, so its placeholders cannot be numbered "
@@ -190,17 +191,17 @@ def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAcc
                 or parent.status not in (DocumentStatus.ready, DocumentStatus.quarantined)
                 or repository.children(session, document_id)):
             return []
-        try:
-            key = keystore_for(settings).document_key(session=session, department=parent.department,
-                                                      document_id=document_id)
-        except DocumentKeyUnreadable:  # no retry opens it: the loss is on record at once, as an unlisted one's
+        document_key = keystore_for(settings).document_key(session=session, department=parent.department,
+                                                           document_id=document_id)
+        # unreadable: no retry opens it, the loss is on record at once, as an unlisted one's
+        if document_key.state is KeyState.unreadable:
             logger.warning("the data key of document %s does not open under its department key: its attachments "
                            "were not taken", document_id)
             _record_refused_attachment(session, parent, "attachments", b"", ATTACHMENTS_KEY_UNREADABLE)
             return []
-        if key is None:
+        if document_key.key is None:
             return []
-        found = _listed_attachments(settings, parent, key)
+        found = _listed_attachments(settings, parent, document_key.key)
         if found is None:
             _record_refused_attachment(session, parent, "attachments", b"", ATTACHMENTS_UNLISTED)
             return []
@@ -332,15 +333,16 @@ def reveal(*, session: Session, settings: Settings, document_id: str, placeholde
 
 
 def _revealing_key(session: Session, settings: Settings, document: Document) -> bytes | None:
-    """The data key a reveal opens the map with; one whose key row no longer opens (altered in the database) is a
-    410 saying so (`document_key_unreadable`), logged with the document's id only, not an unexplained 500."""
-    try:
-        return keystore_for(settings).document_key(session=session, department=document.department,
-                                                   document_id=document.id)
-    except DocumentKeyUnreadable as exc:
+    """The data key a reveal opens the map with (None once shredded); one whose key row no longer opens (altered in
+    the database) is a 410 saying so (`document_key_unreadable`), logged with the document's id only, not an
+    unexplained 500."""
+    found = keystore_for(settings).document_key(session=session, department=document.department,
+                                                document_id=document.id)
+    if found.state is KeyState.unreadable:
         logger.warning("the data key of document %s does not open under its department key: reveal refused",
                        document.id)
-        raise GovragError(ErrorCode.document_key_unreadable, KEY_UNREADABLE) from exc
+        raise GovragError(ErrorCode.document_key_unreadable, KEY_UNREADABLE)
+    return found.key
 
 
 def _served_map(settings: Settings, document_id: str, key: bytes, served: int) -> bytes | None:
@@ -416,12 +418,9 @@ def _claim(session: Session, settings: Settings, document: Document,
     in the database) is as lost as a missing one: failed at once, not retried. The document's row is locked before
     its job's, as a run's end and a re-index do: the other order let a claim and a re-index of one document deadlock
     on PostgreSQL."""
-    try:
-        key = keystore_for(settings).document_key(session=session, department=document.department,
-                                                  document_id=document.id)
-        lost = KEY_MISSING if key is None else None
-    except DocumentKeyUnreadable:
-        key, lost = None, KEY_UNREADABLE
+    found = keystore_for(settings).document_key(session=session, department=document.department,
+                                                document_id=document.id)
+    key, lost = found.key, _KEY_LOST.get(found.state)
     after_a_crash = job.status == DocumentStatus.processing  # the run before neither ended nor handed the job back
     crashed_too_often = job.crashed_runs + after_a_crash >= MAX_CRASHED_RUNS
     failure = lost or (CRASHED_TOO_OFTEN if crashed_too_often else None)

@@ -19,7 +19,7 @@ from authz.identity import Identity
 from core import crypto, metrics, timing
 from core.batching import MicroBatcher
 from core.errors import ErrorCode, GovragError, unavailable_dependency
-from core.keystore import DocumentKeyUnreadable, KeyStore, keystore_for
+from core.keystore import KeyState, KeyStore, keystore_for
 from core.logs import exception_frames
 from core.models import Document
 from core.settings import Settings
@@ -276,12 +276,11 @@ def _recheck_and_open(session: Session, settings: Settings, enforcer: PolicyEnfo
 def _document_key(session: Session, keystore: KeyStore, document: Document) -> bytes | None:
     """The document's data key; None when it is gone, or when its key row no longer opens (altered in the database):
     that document's chunks are left out, not every answer that finds one of them failed with a 500."""
-    try:
-        return keystore.document_key(session=session, department=document.department, document_id=document.id)
-    except DocumentKeyUnreadable:
+    found = keystore.document_key(session=session, department=document.department, document_id=document.id)
+    if found.state is KeyState.unreadable:
         logger.warning("the data key of document %s does not open under its department key: its chunks are left out",
                        document.id)
-        return None
+    return found.key
 
 
 def _shown_title(session: Session, enforcer: PolicyEnforcer, identity: Identity, document: Document) -> str:

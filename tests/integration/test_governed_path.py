@@ -208,7 +208,7 @@ def test_sentence_vectors_are_sealed_per_chunk_and_spare_embedding_at_query_time
     context = (document_id, index, str(payload["classification"]), str(payload["scanned_by"]))
     assert payload["scanned_by"]  # passed by the injection scanner at ingestion
     with unit_of_work(settings.resolved_database_url) as session:
-        key = keystore_for(settings).document_key(session=session, department="finance", document_id=document_id)
+        key = keystore_for(settings).document_key(session=session, department="finance", document_id=document_id).key
     assert key is not None
     with pytest.raises(crypto.DecryptionError):  # bound to its own context: not swappable with the text
         crypto.open_blob(key, str(payload["sealed_sentences"]), chunk_context(*context))

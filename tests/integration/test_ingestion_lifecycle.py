@@ -679,7 +679,38 @@ def test_a_query_finding_a_document_whose_department_key_does_not_open_fails(
             alter_key_row(settings, session, department, kind="department")
     assert response.status_code == 500 and response.json()["error"]["code"] == "internal", response.text
     assert (metrics.REGISTRY.get_sample_value(*sample) or 0.0) == before
-    assert "unhandled DecryptionError" in caplog.text
+    assert "unhandled DepartmentKeyUnreadable" in caplog.text
+
+
+def test_a_training_export_whose_department_key_does_not_open_fails_in_one_line_and_is_not_recorded(
+        client: TestClient, lab: dict[str, str], settings, tmp_path,  # type: ignore[no-untyped-def]
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A department key that does not open under the master key (its row altered in the database; the master key
+    opens the other stored keys) ended `govrag export training-data` in a traceback, and the ledger already said the
+    export happened: it was recorded before the rows were read. The keys are now read before the export is recorded:
+    one line naming the department, exit 2, nothing recorded, no file."""
+    from api import cli
+    from core.db import unit_of_work
+    from core.settings import get_settings
+
+    department, _ = _minutes(client, lab)
+    monkeypatch.setenv("GOVRAG_DATABASE_URL", settings.resolved_database_url)
+    monkeypatch.setenv("GOVRAG_DATA_DIR", str(settings.data_dir))
+    output, recorded = tmp_path / "training.jsonl", len(_ledger(settings, "training_export"))
+    with unit_of_work(settings.resolved_database_url) as session:
+        alter_key_row(settings, session, department, kind="department")
+    get_settings.cache_clear()
+    try:
+        code = cli.main(["export", "training-data", "--department", department, "-o", str(output)])
+    finally:  # the same bit flipped back: no altered key row is left in the session's database
+        get_settings.cache_clear()
+        with unit_of_work(settings.resolved_database_url) as session:
+            alter_key_row(settings, session, department, kind="department")
+    assert (code, capsys.readouterr().err) == (2, f"failed: the key of department {department} does not open under "
+                                                  "the master key (its key row was altered in the database): restore "
+                                                  "that row from a backup\n")
+    assert len(_ledger(settings, "training_export")) == recorded
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("damage", ["key row", "chunk"])
@@ -1075,7 +1106,7 @@ def test_a_reindex_replaces_the_placeholder_map(client: TestClient, lab: dict[st
         return
     with unit_of_work(settings.resolved_database_url) as session:
         key = keystore_for(settings).document_key(session=session, department=department,
-                                                  document_id=doc["document_id"])
+                                                  document_id=doc["document_id"]).key
     raw = blobs.read_newest_sealed_map(settings.blob_dir, doc["document_id"], key, below=2**31)  # type: ignore[arg-type]
     assert len(maps) == 1 and raw is not None
     assert Numbering.from_json(raw) == Numbering(placeholders={}, highest=numbers_kept)

@@ -222,7 +222,7 @@ def test_the_training_export_holds_a_document_being_reindexed_exactly_when_queri
     ran its job) was cited by every query yet missing from the export. The export now reads what queries cite: that
     document's previous index, and nothing of one whose re-index withheld it."""
     from api.app import create_app
-    from audit.training import department_payloads, training_rows
+    from audit.training import department_payloads, export_sources, training_rows
     from core.db import unit_of_work
     from retrieval.store import close_vector_store
 
@@ -233,7 +233,8 @@ def test_the_training_export_holds_a_document_being_reindexed_exactly_when_queri
         cited = _ask_when_the_desk_opens(client, editor)["cited"]
         payloads = department_payloads(settings, "desk")
         with unit_of_work(settings.resolved_database_url) as session:
-            rows = list(training_rows(session=session, settings=settings, department="desk", payloads=payloads))
+            rows = list(training_rows(export_sources(session=session, settings=settings, department="desk",
+                                                     payloads=payloads)))
     close_vector_store(settings)
     memory.Channel.queues.pop(settings.task_queue, None)
     previous = {str(p["chunk_id"]) for p in payloads if p.get("generation") == 1}

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from authz.identity import operator_identity
 from core import blobs
 from core.db import unit_of_work
-from core.keystore import KeyStore, keystore_for
+from core.keystore import KeyState, KeyStore, keystore_for
 from core.models import WrappedKey
 from ingestion import keys
 from retrieval.store import open_vector_store
@@ -38,7 +38,7 @@ def _readable(settings, department: str, document_id: str) -> bytes:  # type: ig
     store = keystore_for(settings)
     store._cache.clear()  # force unwrapping from the database rows, not a cached key
     with unit_of_work(settings.resolved_database_url) as session:
-        key = store.document_key(session=session, department=department, document_id=document_id)
+        key = store.document_key(session=session, department=department, document_id=document_id).key
     assert key is not None
     return blobs.read_sealed(settings.blob_dir, document_id, key)
 
@@ -73,7 +73,7 @@ def test_rotation_rewraps_without_reembedding(client: TestClient, issue_token: C
     assert all(_readable(settings, department, d).startswith(TEXT) for d in uploads)
     with unit_of_work(settings.resolved_database_url) as session:
         assert store.rewrap_documents(session=session, department=department, document_ids=uploads[:1],
-                                      version=version) == 1
+                                      version=version, unreadable=set()) == 1
     assert _versions(settings, "document", uploads[0]) == [(1, 1), (2, 2)]  # old wrapping kept until the end
     assert all(_readable(settings, department, d).startswith(TEXT) for d in uploads)
 
@@ -152,7 +152,7 @@ def test_a_query_that_read_a_key_row_as_the_rotation_finished_is_answered(
         if owner == department and not finished:  # the query holds row v1: the rotation's last step commits now
             finished.append(row.parent_version)
             with unit_of_work(url) as other:
-                store.finish_rotation(session=other, department=department, version=version)
+                store.finish_rotation(session=other, department=department, version=version, unreadable=set())
         return real_unwrap(self, session, owner, row)  # type: ignore[arg-type]
 
     monkeypatch.setattr(KeyStore, "_unwrap_document", finish_first)
@@ -181,8 +181,8 @@ def _shredded(settings, department: str, document_id: str) -> bool:  # type: ign
     store = keystore_for(settings)
     store._cache.clear()
     with unit_of_work(settings.resolved_database_url) as session:
-        key = store.document_key(session=session, department=department, document_id=document_id)
-    return key is None and _versions(settings, "document", document_id) == []
+        found = store.document_key(session=session, department=department, document_id=document_id)
+    return found.state is KeyState.missing and _versions(settings, "document", document_id) == []
 
 
 def test_a_rotation_reaching_a_document_whose_deletion_has_not_committed_leaves_it_shredded(
@@ -228,12 +228,13 @@ def test_a_deletion_of_a_document_whose_rewrap_has_not_committed_shreds_the_new_
         client.delete(f"/v1/documents/{deleted_id}", headers=auth(token))))
     with unit_of_work(url) as rewrap:
         assert store.rewrap_documents(session=rewrap, department=department, document_ids=[deleted_id, kept_id],
-                                      version=version) == 2
+                                      version=version, unreadable=set()) == 2
         deletion.start()
         wait_for_a_lock_wait(url, deletion)
     deletion.join(timeout=60)
     with unit_of_work(url) as session:
-        assert store.finish_rotation(session=session, department=department, version=version) == 0
+        assert store.finish_rotation(session=session, department=department, version=version,
+                                     unreadable=set()) == 0
     assert not deletion.is_alive() and deleted[0].status_code == 204, deleted[0].text
     assert _shredded(settings, department, deleted_id)
     assert _versions(settings, "document", kept_id) == [(2, 2)]
@@ -265,7 +266,7 @@ def test_a_rotation_finishing_and_a_deletion_of_two_documents_run_one_after_the_
         version = store.begin_rotation(session=session, department=department)
     with unit_of_work(url) as session:
         store.rewrap_documents(session=session, department=department, version=version,
-                               document_ids=[failed_id, copy_id, kept_id])
+                               document_ids=[failed_id, copy_id, kept_id], unreadable=set())
     retired: list[str] = []
 
     def delete(session: Session) -> None:
@@ -273,7 +274,7 @@ def test_a_rotation_finishing_and_a_deletion_of_two_documents_run_one_after_the_
                                                          can_delete=lambda _: True)[1])
 
     def finish(session: Session) -> None:
-        store.finish_rotation(session=session, department=department, version=version)
+        store.finish_rotation(session=session, department=department, version=version, unreadable=set())
 
     held, waiting = (delete, finish) if first == "deletion" else (finish, delete)
     second = threading.Thread(target=lambda: _in_a_transaction(url, waiting))
@@ -322,7 +323,8 @@ def test_on_sqlite_a_rotation_batch_reaching_a_document_whose_deletion_has_not_c
     with unit_of_work(url) as session:
         version = store.begin_rotation(session=session, department="desk")
     batch = threading.Thread(target=_in_a_transaction, args=(url, lambda session: store.rewrap_documents(
-        session=session, department="desk", document_ids=[deleted_id, kept_id], version=version)))
+        session=session, department="desk", document_ids=[deleted_id, kept_id], version=version,
+        unreadable=set())))
     with unit_of_work(url) as deletion:
         ingestion_service.delete_document(session=deletion, settings=settings, document_id=deleted_id,
                                           can_delete=lambda _: True)
@@ -515,7 +517,7 @@ def _readable_key(settings, department: str) -> bytes | None:  # type: ignore[no
     store = keystore_for(settings)
     store._cache.clear()
     with unit_of_work(settings.resolved_database_url) as session:
-        return store.document_key(session=session, department=department, document_id=f"{department}-doc")
+        return store.document_key(session=session, department=department, document_id=f"{department}-doc").key
 
 
 @pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
@@ -578,9 +580,9 @@ def test_a_rotation_overtaken_by_one_begun_after_it_finishes_with_nothing_left_t
     assert (overtaken, report.new_version) == (2, 3)
     with unit_of_work(url) as session:
         assert store.rewrap_documents(session=session, department="alpha", document_ids=["alpha-doc"],
-                                      version=overtaken) == 0
+                                      version=overtaken, unreadable=set()) == 0
     with unit_of_work(url) as session:
-        assert store.finish_rotation(session=session, department="alpha", version=overtaken) == 0
+        assert store.finish_rotation(session=session, department="alpha", version=overtaken, unreadable=set()) == 0
     assert department_key_versions(settings, "alpha") == [3]
     assert _readable_key(settings, "alpha") is not None
 

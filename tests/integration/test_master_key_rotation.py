@@ -52,7 +52,7 @@ def _read_all(store: KeyStore, settings: Settings, documents: dict[str, str]) ->
     """Every document's stored bytes open through `store` (a fresh one: nothing cached)."""
     with unit_of_work(settings.resolved_database_url) as session:
         for document_id, department in documents.items():
-            key = store.document_key(session=session, department=department, document_id=document_id)
+            key = store.document_key(session=session, department=department, document_id=document_id).key
             assert key is not None
             assert blobs.read_sealed(settings.blob_dir, document_id, key).startswith(TEXT)
 
@@ -180,7 +180,7 @@ def test_master_rotation_with_keys_from_settings(database_url: str, tmp_path: Pa
 
     after = KeyStore.from_settings(configured(f"v2:{new}"))  # v1 removed from the secret
     with unit_of_work(database_url) as session:
-        key = after.document_key(session=session, department="alpha", document_id="doc-1")
+        key = after.document_key(session=session, department="alpha", document_id="doc-1").key
         assert key is not None and crypto.open_text(key, sealed, "govrag:chunk:doc-1:0") == "quarterly numbers"
         assert after.department_key(session=session, department="beta")
         assert after.checkpoint_key(session=session) == checkpoint_key
@@ -417,7 +417,8 @@ def test_two_master_rotations_at_once_run_one_after_the_other_and_lose_no_key(
     url, key_file = settings.resolved_database_url, settings.resolved_master_key_file
     with unit_of_work(url) as session:
         store = keystore_for(settings)
-        data_keys = {d: store.document_key(session=session, department=d, document_id=f"{d}-doc") for d in DEPARTMENTS}
+        data_keys = {d: store.document_key(session=session, department=d, document_id=f"{d}-doc").key
+                     for d in DEPARTMENTS}
         checkpoint_key = store.checkpoint_key(session=session)
     real_new_key, other = crypto.new_key, []
 
@@ -436,7 +437,7 @@ def test_two_master_rotations_at_once_run_one_after_the_other_and_lose_no_key(
 
     fresh = KeyStore(crypto.load_or_create_master_keyring(key_file, create=False))  # a process started now
     with unit_of_work(url) as session:
-        assert {d: fresh.document_key(session=session, department=d, document_id=f"{d}-doc")
+        assert {d: fresh.document_key(session=session, department=d, document_id=f"{d}-doc").key
                 for d in DEPARTMENTS} == data_keys
         assert fresh.checkpoint_key(session=session) == checkpoint_key
     assert (first.new_version, other[0].returncode) == (2, 0), errors

@@ -100,13 +100,13 @@ def test_the_listing_and_status_show_a_reader_the_redacted_title(client: TestCli
 
 
 def test_the_training_export_marked_redacted_holds_no_raw_title(client: TestClient, world: dict, settings) -> None:  # type: ignore[no-untyped-def]
-    from audit.training import department_payloads, training_rows
+    from audit.training import department_payloads, export_sources, training_rows
     from core.db import unit_of_work
 
     payloads = department_payloads(settings, DEPARTMENT)
     with unit_of_work(settings.resolved_database_url) as session:
-        rows = [r for r in training_rows(session=session, settings=settings, department=DEPARTMENT,
-                                         payloads=payloads) if r["document_id"] == world["memo"]]
+        sources = export_sources(session=session, settings=settings, department=DEPARTMENT, payloads=payloads)
+        rows = [r for r in training_rows(sources) if r["document_id"] == world["memo"]]
     assert rows and all(EMAIL not in r["text"] for r in rows)
     assert all(EMAIL not in r["title"] and "Gonzalez" not in r["title"] for r in rows), rows[0]["title"]
 
