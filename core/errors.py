@@ -17,7 +17,15 @@ logger = logging.getLogger(__name__)
 
 
 class ErrorCode(Enum):
-    """Each code carries the HTTP status the API answers with."""
+    """Each code carries the HTTP status the API answers with; codes may share one (each is a member of its own)."""
+
+    status: int
+
+    def __new__(cls, status: int) -> ErrorCode:
+        code = object.__new__(cls)
+        code._value_ = len(cls.__members__)  # not the status: two codes of one status would be one member
+        code.status = status
+        return code
 
     invalid_request = 400
     unauthenticated = 401
@@ -25,14 +33,11 @@ class ErrorCode(Enum):
     not_found = 404
     conflict = 409
     document_key_unreadable = 410  # the document's key row no longer opens (altered): gone for good, upload it again
+    placeholder_map_unreadable = 410  # the document's placeholder map does not open or parse (altered): upload again
     payload_too_large = 413
     unsupported_type = 415
     unavailable = 503
     internal = 500
-
-    @property
-    def status(self) -> int:
-        return self.value
 
 
 class GovragError(Exception):

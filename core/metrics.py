@@ -26,6 +26,11 @@ SERVED_KEYS_MISSING = Counter(
     "ALERT: hits of served documents whose data key is missing (a key store restored from an older backup) or does"
     " not open (its key row altered): their chunks are left out of answers until the documents are uploaded again",
     ["department"], registry=REGISTRY)
+PLACEHOLDER_MAPS_UNREADABLE = Counter(
+    "govrag_placeholder_maps_unreadable_total",
+    "ALERT: reveals refused as the document's placeholder map does not open under its key or does not parse (its"
+    " file altered): its placeholders cannot be revealed until the document is uploaded again",
+    ["department"], registry=REGISTRY)
 AUDIT_WRITE_FAILURES = Counter("govrag_audit_write_failures_total", "ALERT: audit events that could not be written",
                                registry=REGISTRY)
 INGESTED_DOCUMENTS = Counter("govrag_ingested_documents_total", "Ingestion outcomes by department",

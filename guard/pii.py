@@ -130,6 +130,11 @@ def _lower_lemma(doc: Doc) -> Doc:
     return doc
 
 
+def _maps_to(value: object, kind: type) -> bool:
+    """Whether `value` is a JSON object of `kind` values."""
+    return isinstance(value, dict) and all(isinstance(v, kind) for v in value.values())
+
+
 @dataclass(frozen=True)
 class Numbering:
     """A document's placeholders as one run of it numbered them: each placeholder → the first original seen for it
@@ -145,10 +150,14 @@ class Numbering:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Numbering:
-        """A sealed map file's content; one written before numbers were kept is the placeholders alone."""
+        """A sealed map file's content; one written before numbers were kept is the placeholders alone. ValueError
+        if it is no such map (not JSON, or not of its shape)."""
         stored = json.loads(raw)
-        if "placeholders" not in stored:
-            return cls(placeholders=stored)
+        if isinstance(stored, dict) and "placeholders" not in stored:
+            stored = {"placeholders": stored, "highest": {}}
+        if not (isinstance(stored, dict) and _maps_to(stored.get("placeholders"), str)
+                and _maps_to(stored.get("highest"), int)):
+            raise ValueError("not a placeholder map")
         return cls(placeholders=stored["placeholders"], highest=stored["highest"])
 
     def highest_numbers(self) -> dict[str, int]:

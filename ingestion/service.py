@@ -59,7 +59,8 @@ KEY_MISSING = "the document's data key is missing: upload it again"
 KEY_UNREADABLE = "the document's data key does not open under its department key: upload it again"
 _KEY_LOST = {KeyState.missing: KEY_MISSING, KeyState.unreadable: KEY_UNREADABLE}  # a claim's failure, by key state
 ORIGINAL_UNREADABLE = "the document's stored original is missing or does not open under its key: upload it again"
-SERVED_MAP_UNREADABLE = "the document's placeholder map does not open under its key: upload it again"
+SERVED_MAP_UNREADABLE = ("the document's placeholder map does not open under its key or does not parse (altered): "
+                         "upload it again")
 MAP_UNREADABLE = ("the document's placeholder map does not open under its key, so its placeholders cannot be numbered "
                   "as before: upload it again")
 
@@ -323,8 +324,7 @@ def reveal(*, session: Session, settings: Settings, document_id: str, placeholde
         raise GovragError(ErrorCode.not_found, "no such document")
     key = _revealing_key(session, settings, document)
     served = document.served_generation  # the map of the chunks queries cite, never a run's still going
-    raw = _served_map(settings, document_id, key, served) if key is not None and served is not None else None
-    mapping = Numbering.from_json(raw).placeholders if raw is not None else {}  # {}: the run minted none
+    mapping = _served_map(settings, document, key, served) if key is not None and served is not None else {}
     if not mapping:
         raise GovragError(ErrorCode.not_found, "the document keeps no reversible placeholders")
     own = {shown: document_placeholder(shown) for shown in placeholders}
@@ -345,14 +345,18 @@ def _revealing_key(session: Session, settings: Settings, document: Document) -> 
     return found.key
 
 
-def _served_map(settings: Settings, document_id: str, key: bytes, served: int) -> bytes | None:
-    """The served generation's placeholder map, decrypted; one that does not open under the document's key (altered
-    bytes) is a clear error, logged with the document's id only, not an unexplained 500."""
+def _served_map(settings: Settings, document: Document, key: bytes, served: int) -> dict[str, str]:
+    """The served generation's placeholders and their originals ({}: the run minted none); a map that does not open
+    under the document's key or does not parse (its file altered) is a 410 saying so (`placeholder_map_unreadable`),
+    counted and logged with the document's id only, not an unexplained 500."""
     try:
-        return blobs.read_sealed_map(settings.blob_dir, document_id, key, served)
-    except crypto.DecryptionError as exc:
-        logger.warning("the placeholder map of document %s does not open under its key", document_id)
-        raise GovragError(ErrorCode.internal, SERVED_MAP_UNREADABLE) from exc
+        raw = blobs.read_sealed_map(settings.blob_dir, document.id, key, served)
+        return Numbering.from_json(raw).placeholders if raw is not None else {}
+    except (crypto.DecryptionError, ValueError) as exc:
+        metrics.PLACEHOLDER_MAPS_UNREADABLE.labels(department=document.department).inc()
+        logger.warning("the placeholder map of document %s does not open under its key or does not parse: reveal "
+                       "refused", document.id)
+        raise GovragError(ErrorCode.placeholder_map_unreadable, SERVED_MAP_UNREADABLE) from exc
 
 
 def hand_back(*, settings: Settings, job_id: str) -> None:

@@ -961,26 +961,52 @@ def test_reversible_pseudonymisation_reveals_only_with_permission_and_is_audited
     assert not sealed.exists()
 
 
-def test_a_reveal_whose_placeholder_map_was_altered_is_a_clear_error(
-        client: TestClient, lab: dict[str, str], settings, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
-    """A served placeholder map whose bytes were altered failed the reveal with an unexplained 500 (the decryption
-    error escaped); it is a 500 saying what is wrong and what to do, logged with the document's id only."""
+@pytest.mark.parametrize("damage", ["bytes altered", "not JSON", "not a map"])
+def test_a_reveal_whose_placeholder_map_was_altered_is_a_410_saying_so(
+        client: TestClient, lab: dict[str, str], settings, damage: str,  # type: ignore[no-untyped-def]
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A served placeholder map whose bytes were altered (it no longer opens under the document key) was a 500; one
+    that opens (sealed under the document key again) but is not JSON was a 500 with a traceback, and JSON of another
+    shape a 200 revealing nothing, as if the document held no such placeholder. Each is a 410
+    `placeholder_map_unreadable` saying what to do, counted by department and logged with the document's id only, no
+    reveal recorded; the map restored, the reveal answers again."""
+    from core import crypto, metrics
+    from core.keystore import keystore_for
     from ingestion import service
 
     department = _reversible_department(client, lab["admin"])
     doc = _ingest(client, lab["editor"], department, "minutes.txt", b"Minutes: Maria Gonzalez approved the budget.")
-    [sealed] = settings.blob_dir.glob(f"{doc['document_id']}.*.pii")
-    altered = bytearray(sealed.read_bytes())
-    altered[-1] ^= 0x01
-    sealed.write_bytes(bytes(altered))
+    document_id = str(doc["document_id"])
+    [sealed] = settings.blob_dir.glob(f"{document_id}.*.pii")
+    kept = sealed.read_bytes()
+    if damage == "bytes altered":
+        sealed.write_bytes(kept[:-1] + bytes([kept[-1] ^ 0x01]))
+    else:
+        with get_session_factory(settings.resolved_database_url)() as session:
+            key = keystore_for(settings).document_key(session=session, department=department, document_id=document_id)
+        assert key.key is not None
+        content = b"\xffMaria Gonzalez" if damage == "not JSON" else b'["Maria Gonzalez"]'
+        sealed.write_bytes(crypto.seal(key.key, content, f"govrag:pii-map:{document_id}"))
+    sample = ("govrag_placeholder_maps_unreadable_total", {"department": department})
     pia = client.app.state.dev_issuer.issue("pia", [])  # type: ignore[attr-defined]
-    with caplog.at_level(logging.WARNING, logger="ingestion.service"):
-        refused = client.post(f"/v1/documents/{doc['document_id']}/reveal", json={"placeholders": ["<PERSON_1>"]},
-                              headers=auth(pia))
-    assert refused.status_code == 500
-    assert refused.json()["error"]["message"] == service.SERVED_MAP_UNREADABLE
-    warned = [r.getMessage() for r in caplog.records if r.name == "ingestion.service" and r.levelno >= logging.WARNING]
-    assert warned == [f"the placeholder map of document {doc['document_id']} does not open under its key"]
+    try:
+        with caplog.at_level(logging.WARNING):
+            refused = client.post(f"/v1/documents/{document_id}/reveal", json={"placeholders": ["<PERSON_1>"]},
+                                  headers=auth(pia))
+    finally:
+        sealed.write_bytes(kept)
+    assert refused.status_code == 410, refused.text
+    error = refused.json()["error"]
+    assert (error["code"], error["message"]) == ("placeholder_map_unreadable", service.SERVED_MAP_UNREADABLE)
+    assert metrics.REGISTRY.get_sample_value(*sample) == 1.0
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warned == [f"the placeholder map of document {document_id} does not open under its key or does not "
+                      "parse: reveal refused"], warned
+    assert "Maria" not in caplog.text and "Traceback" not in caplog.text
+    assert not [event for event in _ledger(settings, "reveal") if event.details["document_id"] == document_id]
+    restored = client.post(f"/v1/documents/{document_id}/reveal", json={"placeholders": ["<PERSON_1>"]},
+                           headers=auth(pia))
+    assert restored.json()["values"] == {"<PERSON_1>": "Maria Gonzalez"}, restored.text
 
 
 def test_a_reveal_of_a_document_whose_key_row_was_altered_is_a_410_saying_so(
