@@ -61,8 +61,8 @@ _KEY_LOST = {KeyState.missing: KEY_MISSING, KeyState.unreadable: KEY_UNREADABLE}
 ORIGINAL_UNREADABLE = "the document's stored original is missing or does not open under its key: upload it again"
 SERVED_MAP_UNREADABLE = ("the document's placeholder map does not open under its key or does not parse (altered): "
                          "upload it again")
-MAP_UNREADABLE = ("the document's placeholder map does not open under its key, so its placeholders cannot be numbered "
-                  "as before: upload it again")
+MAP_UNREADABLE = ("the document's placeholder map does not open under its key or does not parse (altered), so its "
+                  "placeholders cannot be numbered as before: upload it again")
 
 
 def accept_upload(
@@ -467,14 +467,16 @@ def _previous_numbering(settings: Settings, facts: DocumentFacts, key: bytes) ->
     """The placeholders the document's newest earlier run kept (its sealed map, of a generation below this run's,
     still stored: the served one, the one a fail-closed re-index withheld, one a run that died wrote, or the newest
     one a failed or quarantined document kept), for this run to number as it did; None when no earlier run kept one.
-    A map that does not open under the document's key (altered bytes) fails the run at once: numbered afresh, an
-    answer's `<PERSON_1>` from an earlier run would be revealed as whoever this run numbered first."""
+    A map that does not open under the document's key or does not parse (its file altered) fails the run at once, no
+    retry mends it: numbered afresh, an answer's `<PERSON_1>` from an earlier run would be revealed as whoever this
+    run numbered first."""
     try:
         raw = blobs.read_newest_sealed_map(settings.blob_dir, facts.document_id, key, below=facts.generation)
-    except crypto.DecryptionError as exc:
-        logger.warning("a placeholder map of document %s does not open under its key", facts.document_id)
+        return Numbering.from_json(raw) if raw is not None else None
+    except (crypto.DecryptionError, ValueError) as exc:
+        logger.warning("a placeholder map of document %s does not open under its key or does not parse",
+                       facts.document_id)
         raise GovragError(ErrorCode.internal, MAP_UNREADABLE) from exc
-    return Numbering.from_json(raw) if raw is not None else None
 
 
 def _approved_level(document: Document) -> Classification | None:

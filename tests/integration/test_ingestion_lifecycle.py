@@ -16,6 +16,7 @@ import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from email.message import EmailMessage
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -961,7 +962,29 @@ def test_reversible_pseudonymisation_reveals_only_with_permission_and_is_audited
     assert not sealed.exists()
 
 
-@pytest.mark.parametrize("damage", ["bytes altered", "not JSON", "not a map"])
+MAP_DAMAGES = ["bytes altered", "not JSON", "not a map"]
+
+
+def _alter_map(settings, department: str, document_id: str, damage: str) -> tuple[Path, bytes]:  # type: ignore[no-untyped-def]
+    """Alter the document's one placeholder map as `damage` says (one bit of its tag flipped; or content that is not
+    JSON, or JSON that is no map, sealed under the document key, so it opens); its path and its bytes as they were."""
+    from core import crypto
+    from core.keystore import keystore_for
+
+    [sealed] = settings.blob_dir.glob(f"{document_id}.*.pii")
+    kept = sealed.read_bytes()
+    if damage == "bytes altered":
+        sealed.write_bytes(kept[:-1] + bytes([kept[-1] ^ 0x01]))
+        return sealed, kept
+    with get_session_factory(settings.resolved_database_url)() as session:
+        key = keystore_for(settings).document_key(session=session, department=department, document_id=document_id)
+    assert key.key is not None
+    content = b"\xffMaria Gonzalez" if damage == "not JSON" else b'["Maria Gonzalez"]'
+    sealed.write_bytes(crypto.seal(key.key, content, f"govrag:pii-map:{document_id}"))
+    return sealed, kept
+
+
+@pytest.mark.parametrize("damage", MAP_DAMAGES)
 def test_a_reveal_whose_placeholder_map_was_altered_is_a_410_saying_so(
         client: TestClient, lab: dict[str, str], settings, damage: str,  # type: ignore[no-untyped-def]
         caplog: pytest.LogCaptureFixture) -> None:
@@ -970,23 +993,13 @@ def test_a_reveal_whose_placeholder_map_was_altered_is_a_410_saying_so(
     shape a 200 revealing nothing, as if the document held no such placeholder. Each is a 410
     `placeholder_map_unreadable` saying what to do, counted by department and logged with the document's id only, no
     reveal recorded; the map restored, the reveal answers again."""
-    from core import crypto, metrics
-    from core.keystore import keystore_for
+    from core import metrics
     from ingestion import service
 
     department = _reversible_department(client, lab["admin"])
     doc = _ingest(client, lab["editor"], department, "minutes.txt", b"Minutes: Maria Gonzalez approved the budget.")
     document_id = str(doc["document_id"])
-    [sealed] = settings.blob_dir.glob(f"{document_id}.*.pii")
-    kept = sealed.read_bytes()
-    if damage == "bytes altered":
-        sealed.write_bytes(kept[:-1] + bytes([kept[-1] ^ 0x01]))
-    else:
-        with get_session_factory(settings.resolved_database_url)() as session:
-            key = keystore_for(settings).document_key(session=session, department=department, document_id=document_id)
-        assert key.key is not None
-        content = b"\xffMaria Gonzalez" if damage == "not JSON" else b'["Maria Gonzalez"]'
-        sealed.write_bytes(crypto.seal(key.key, content, f"govrag:pii-map:{document_id}"))
+    sealed, kept = _alter_map(settings, department, document_id, damage)
     sample = ("govrag_placeholder_maps_unreadable_total", {"department": department})
     pia = client.app.state.dev_issuer.issue("pia", [])  # type: ignore[attr-defined]
     try:
@@ -1300,20 +1313,21 @@ def test_a_document_a_reindex_quarantined_keeps_the_numbers_it_gave_once_approve
     assert len(list(settings.blob_dir.glob(f"{document_id}*.pii"))) == 1
 
 
+@pytest.mark.parametrize("damage", MAP_DAMAGES)
 def test_a_reindex_whose_placeholder_map_was_altered_fails_at_once(
-        client: TestClient, lab: dict[str, str], settings, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+        client: TestClient, lab: dict[str, str], settings, damage: str,  # type: ignore[no-untyped-def]
+        caplog: pytest.LogCaptureFixture) -> None:
     """A run reads the placeholder map an earlier run sealed, to number its placeholders as that run did; one that
-    does not open under the document's key (altered bytes) fails the run at once, saying to upload the document
-    again: numbered afresh, an older answer's `<PERSON_1>` would be revealed as whoever this run numbered first. The
-    warning names the document, never a value."""
+    does not open under the document's key (altered bytes), or opens but does not parse (not JSON, or JSON that is
+    no map: the ValueError of `Numbering.from_json`, which a run retried as any other error until its attempts ran
+    out), fails the run at once, saying to upload the document again: numbered afresh, an older answer's
+    `<PERSON_1>` would be revealed as whoever this run numbered first. The warning names the document, never a
+    value."""
     from ingestion import service
 
     department = _reversible_department(client, lab["admin"])
     document_id = str(_ingest(client, lab["editor"], department, "budget.txt", BUDGET_MINUTES)["document_id"])
-    [sealed_map] = settings.blob_dir.glob(f"{document_id}*.pii")
-    sealed = bytearray(sealed_map.read_bytes())
-    sealed[-1] ^= 0x01  # one bit of the authentication tag
-    sealed_map.write_bytes(bytes(sealed))
+    _alter_map(settings, department, document_id, damage)
     with caplog.at_level("WARNING", logger="ingestion.service"):
         job = wait_for_job(client, lab["editor"], _reindex(client, lab, department, document_id))
     document = client.get(f"/v1/documents/{document_id}", headers=auth(lab["editor"])).json()
