@@ -14,6 +14,7 @@ from python_multipart.exceptions import MultipartParseError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import ErrorCode, GovragError, MasterKeyRefused, unavailable_dependency
+from core.keystore import DepartmentKeyUnreadable
 from core.logs import exception_frames, request_id_var
 
 logger = logging.getLogger(__name__)
@@ -60,8 +61,8 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map service errors, a master key refused, validation errors and HTTP errors to the one JSON shape (crashes:
-    `crash_response`)."""
+    """Map service errors, a master key refused, a department key that does not open, validation errors and HTTP
+    errors to the one JSON shape (crashes: `crash_response`)."""
 
     @app.exception_handler(GovragError)
     async def _govrag(_request: Request, exc: GovragError) -> JSONResponse:
@@ -73,6 +74,14 @@ def install_error_handlers(app: FastAPI) -> None:
         # the operator's line, no key material in it, logged and said to the client; no retry helps until it is fixed.
         logger.error("%s", exc)
         return error_response(503, ErrorCode.unavailable.name, str(exc))
+
+    @app.exception_handler(DepartmentKeyUnreadable)
+    async def _department_key(_request: Request, exc: DepartmentKeyUnreadable) -> JSONResponse:
+        # An upload into (or a reveal in) a department whose key row was altered (a query leaves the department out):
+        # no retry helps until the row is restored. The operator's line, naming the department only, logged and said.
+        logger.error("%s", exc)
+        return error_response(ErrorCode.department_key_unreadable.status, ErrorCode.department_key_unreadable.name,
+                              str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

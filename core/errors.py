@@ -37,6 +37,7 @@ class ErrorCode(Enum):
     payload_too_large = 413
     unsupported_type = 415
     unavailable = 503
+    department_key_unreadable = 503  # its key row no longer opens under the master key (altered): restore the row
     internal = 500
 
 

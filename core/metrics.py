@@ -26,6 +26,11 @@ SERVED_KEYS_MISSING = Counter(
     "ALERT: hits of served documents whose data key is missing (a key store restored from an older backup) or does"
     " not open (its key row altered): their chunks are left out of answers until the documents are uploaded again",
     ["department"], registry=REGISTRY)
+DEPARTMENT_KEYS_UNREADABLE = Counter(
+    "govrag_department_keys_unreadable_total",
+    "ALERT: queries that left out a department whose key does not open under the master key (its key row altered):"
+    " none of its documents is cited, nor one uploaded, until that row is restored from a backup",
+    ["department"], registry=REGISTRY)
 PLACEHOLDER_MAPS_UNREADABLE = Counter(
     "govrag_placeholder_maps_unreadable_total",
     "ALERT: reveals refused as the document's placeholder map does not open under its key or does not parse (its"

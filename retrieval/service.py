@@ -19,7 +19,7 @@ from authz.identity import Identity
 from core import crypto, metrics, timing
 from core.batching import MicroBatcher
 from core.errors import ErrorCode, GovragError, unavailable_dependency
-from core.keystore import KeyState, KeyStore, keystore_for
+from core.keystore import DepartmentKeyUnreadable, KeyState, KeyStore, keystore_for
 from core.logs import exception_frames
 from core.models import Document
 from core.settings import Settings
@@ -226,12 +226,13 @@ def _retrieve(session: Session, settings: Settings, enforcer: PolicyEnforcer, id
               for department, clearance in scope.clearance_by_department.items()}
     store = open_vector_store(settings)
     checked: set[str] = set()  # a wider search finds the narrower one's hits again: each is re-checked (counted) once
+    lost: set[str] = set()  # departments whose key does not open: left out, each said once a query
     limit = top_k
     for _ in range(SEARCH_ROUNDS):
         hits = store.search_many(access, vector, limit=limit)
         fresh = [hit for hit in hits if hit.point_id not in checked]
         checked.update(hit.point_id for hit in fresh)
-        _recheck_and_open(session, settings, enforcer, identity, fresh, opened, wanted=top_k)
+        _recheck_and_open(session, settings, enforcer, identity, fresh, opened, wanted=top_k, lost=lost)
         if len(opened) >= top_k or len(hits) < limit:
             break  # enough passed, or there is nothing more to find
         limit *= SEARCH_WIDENING
@@ -239,10 +240,11 @@ def _retrieve(session: Session, settings: Settings, enforcer: PolicyEnforcer, id
 
 
 def _recheck_and_open(session: Session, settings: Settings, enforcer: PolicyEnforcer, identity: Identity,
-                      hits: list[Hit], opened: list[OpenedChunk], *, wanted: int) -> list[OpenedChunk]:
+                      hits: list[Hit], opened: list[OpenedChunk], *, wanted: int, lost: set[str]) -> list[OpenedChunk]:
     """Defence in depth: every hit is checked again against the policy and the document's state; those that pass
     are decrypted into `opened` (each as soon as it is, so a failure with the next one still has it recorded) until
-    it holds `wanted`; it is returned."""
+    it holds `wanted`; it is returned. A department whose key does not open is added to `lost` and left out
+    (`_leave_out_department`)."""
     documents = ingestion_service.served_documents(session=session,
                                                    document_ids={str(h.payload.get("document_id")) for h in hits})
     keystore = keystore_for(settings)
@@ -253,11 +255,17 @@ def _recheck_and_open(session: Session, settings: Settings, enforcer: PolicyEnfo
         document = documents.get(str(hit.payload.get("document_id")))
         if document is None or not ingestion_service.is_served(document, hit.payload):
             continue  # deleted or failed since it was indexed, or not its served generation: no policy disagreement
+        if document.department in lost:
+            continue  # its department's key did not open for an earlier hit
         level = authz_service.readable_chunk_level(enforcer, identity, document, hit.payload)
         if level is None:
             metrics.AUTHZ_RECHECK_DROPS.labels(department=document.department).inc()
             continue
-        key = _document_key(session, keystore, document)
+        try:
+            key = _document_key(session, keystore, document)
+        except DepartmentKeyUnreadable:
+            _leave_out_department(document.department, lost)
+            continue
         # served, yet its key is gone or no longer opens (`_document_key`; not retired: that takes it out of the
         # served ones first)
         if key is None:
@@ -281,6 +289,16 @@ def _document_key(session: Session, keystore: KeyStore, document: Document) -> b
         logger.warning("the data key of document %s does not open under its department key: its chunks are left out",
                        document.id)
     return found.key
+
+
+def _leave_out_department(department: str, lost: set[str]) -> None:
+    """A department whose key does not open under the master key (its key row altered in the database) is left out of
+    the answer as a document whose key row does not open is, not every query that finds one of its chunks failed
+    with a 500: logged naming the department only and counted (alert GovragDepartmentKeysUnreadable), once a query."""
+    lost.add(department)
+    metrics.DEPARTMENT_KEYS_UNREADABLE.labels(department=department).inc()
+    logger.warning("the key of department %s does not open under the master key (its key row altered): its chunks are "
+                   "left out; restore that row from a backup", department)
 
 
 def _shown_title(session: Session, enforcer: PolicyEnforcer, identity: Identity, document: Document) -> str:

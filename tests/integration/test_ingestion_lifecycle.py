@@ -657,30 +657,51 @@ def test_a_query_finding_a_served_document_without_its_data_key_counts_it_for_an
         assert f"the data key of document {document_id} does not open" in caplog.text
 
 
-def test_a_query_finding_a_document_whose_department_key_does_not_open_fails(
+def test_a_department_whose_key_does_not_open_is_left_out_of_answers_and_refuses_uploads(
         client: TestClient, lab: dict[str, str], settings,  # type: ignore[no-untyped-def]
         caplog: pytest.LogCaptureFixture) -> None:
-    """A document key row that does not open costs that document only (above); a department key that does not open
-    under the master key (its row altered, or the wrong master key) is not one document's damage: a query finding
-    the department's chunks still fails, and is not counted as a document's lost key."""
+    """A document key row that does not open costs that document only (above). A department key that does not open
+    under the master key (its row altered in the database; the master key opens the other stored keys) failed every
+    query finding one of its chunks with an "unhandled DepartmentKeyUnreadable" 500, even one asked across other
+    departments too, and an upload into it as well. The department is now left out of answers as such a document
+    is: the other departments answer, a warning names it (never a key), it is counted once a query (alert
+    GovragDepartmentKeysUnreadable), not as a document's lost key; an upload into it is a 503
+    `department_key_unreadable` saying what to do, nothing stored."""
+    from sqlalchemy import func, select
+
     from core import metrics
     from core.db import unit_of_work
+    from core.keystore import DepartmentKeyUnreadable
+    from core.models import Document
 
-    department, _ = _minutes(client, lab)
+    damaged, _ = _minutes(client, lab)
+    healthy, _ = _minutes(client, lab)
     with unit_of_work(settings.resolved_database_url) as session:
-        alter_key_row(settings, session, department, kind="department")
-    sample = ("govrag_served_keys_missing_total", {"department": department})
-    before = metrics.REGISTRY.get_sample_value(*sample) or 0.0
+        alter_key_row(settings, session, damaged, kind="department")
+    samples = [("govrag_department_keys_unreadable_total", {"department": damaged}),
+               ("govrag_served_keys_missing_total", {"department": damaged})]
+    before = [metrics.REGISTRY.get_sample_value(*sample) or 0.0 for sample in samples]
     try:
-        with caplog.at_level("ERROR", logger="api.errors"):
+        with caplog.at_level("WARNING"):
             response = client.post("/v1/query", headers=auth(lab["editor"]),
-                                   json={"question": MINUTES_QUESTION, "departments": [department]})
+                                   json={"question": MINUTES_QUESTION, "departments": [damaged, healthy]})
+            upload = _upload(client, lab["editor"], damaged, "notes.txt", b"Notes of the Lisbon office.")
     finally:  # the same bit flipped back: a later master rotation in this test database rewraps every department key
         with unit_of_work(settings.resolved_database_url) as session:
-            alter_key_row(settings, session, department, kind="department")
-    assert response.status_code == 500 and response.json()["error"]["code"] == "internal", response.text
-    assert (metrics.REGISTRY.get_sample_value(*sample) or 0.0) == before
-    assert "unhandled DepartmentKeyUnreadable" in caplog.text
+            alter_key_row(settings, session, damaged, kind="department")
+    assert response.status_code == 200, response.text
+    cited = {citation["department"] for citation in response.json()["citations"]}
+    assert cited == {healthy}, response.text
+    assert [metrics.REGISTRY.get_sample_value(*sample) or 0.0 for sample in samples] == [before[0] + 1, before[1]]
+    assert f"the key of department {damaged} does not open under the master key" in caplog.text
+    assert "unhandled" not in caplog.text and "Traceback" not in caplog.text
+    assert upload.status_code == 503, upload.text
+    assert upload.json()["error"] == {"code": "department_key_unreadable", "message": str(DepartmentKeyUnreadable(
+        damaged)), "request_id": upload.headers["X-Request-ID"]}
+    with unit_of_work(settings.resolved_database_url) as session:
+        assert session.scalar(select(func.count()).where(Document.department == damaged)) == 1  # the minutes only
+    assert client.post("/v1/query", headers=auth(lab["editor"]),  # the row restored: the department answers again
+                       json={"question": MINUTES_QUESTION, "departments": [damaged]}).json()["citations"]
 
 
 def test_a_training_export_whose_department_key_does_not_open_fails_in_one_line_and_is_not_recorded(
