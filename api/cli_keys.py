@@ -41,20 +41,25 @@ class _Stopped(NamedTuple):
 
 
 def _stopped_by(exc: BaseException) -> _Stopped | None:
-    """A Ctrl-C (exit 130) or an outage (exit 1) that stopped a rotation; None for any other failure, and for a Ctrl-C
-    in the migration before it, which `cli.main` says as for every command that migrates first."""
+    """A Ctrl-C (exit 130), an outage (exit 1) or a department key that does not open (its row altered: exit 2, found
+    before that department's rotation begins, or as a master rotation rewraps it) that stopped a rotation; None for
+    any other failure, and for a Ctrl-C in the migration before it, which `cli.main` says as for every command that
+    migrates first."""
     if isinstance(exc, migrate.MigrationInterrupted):
         return None
     if isinstance(exc, KeyboardInterrupt):
         return _Stopped("interrupted", "to go on", 130)
+    if isinstance(exc, keystore.DepartmentKeyUnreadable):
+        return _Stopped(f"failed: {exc}", "once that row is restored", 2)
     if (dependency := unavailable_dependency(exc)) is not None:
         return _Stopped(f"stopped: the {dependency} is unavailable", "once it is back", 1)
     return None
 
 
 def rotate_command(args: argparse.Namespace) -> int:
-    """Rotate department keys (or the master key), each rotation audited as it commits; a database outage or a Ctrl-C
-    (at the start or midway) is one line saying what is done and how to go on, exit 1 (130 for a Ctrl-C). The schema is
+    """Rotate department keys (or the master key), each rotation audited as it commits; a database outage, a Ctrl-C
+    (at the start or midway) or a department key that does not open is one line saying what is done and how to go on,
+    exit 1 (130 for a Ctrl-C, 2 for the key). The schema is
     migrated first only on the embedded SQLite database in development (`migrate.command_migrates_first`); else one at
     another revision than the code's is refused first (SchemaMismatch, said by `cli.main`)."""
     if args.master:

@@ -172,11 +172,16 @@ class KeyStore:
     def begin_rotation(self, *, session: Session, department: str) -> int:
         """Add a new department key version; documents stay readable through their old wrapping. A lock of its own
         (uploads do not wait for it), held before the newest version is read, makes a rotation begun meanwhile wait,
-        then add the version after this one (both read the same newest version, and one failed adding it again)."""
+        then add the version after this one (both read the same newest version, and one failed adding it again).
+        Every stored version is opened first: one that does not open (DepartmentKeyUnreadable) begins nothing, as
+        its documents could not be rewrapped."""
         transaction_lock(session, f"keys:rotation:{department}")
         current = _latest(session, "department", department)
         if current is None:
             raise LookupError("department has no key")
+        stored = select(WrappedKey.version).where(WrappedKey.kind == "department", WrappedKey.owner == department)
+        for old in session.scalars(stored).all():
+            self.department_key(session=session, department=department, version=old)
         version = current.version + 1
         key = crypto.new_key()
         self._wrap_under_master(session, "department", department, version, key)
@@ -272,7 +277,9 @@ class KeyStore:
     def check_masters(self, *, session: Session) -> None:
         """MasterKeyRefused unless this keyring opens the master-wrapped keys: the first row under each master version
         in use is unwrapped (a wrong key fails authentication), so a process never starts to serve keys it cannot open
-        nor to wrap new ones the right key would not open."""
+        nor to wrap new ones the right key would not open. A first row that does not open while another under its
+        version does is that row altered, not a wrong key: its department alone is unreadable
+        (DepartmentKeyUnreadable where its key is used), not every process refused."""
         first = (select(func.min(WrappedKey.id)).where(WrappedKey.kind.in_(MASTER_WRAPPED_KINDS))
                  .group_by(WrappedKey.parent_version))
         rows = session.scalars(select(WrappedKey).where(WrappedKey.id.in_(first))).all()
@@ -284,10 +291,9 @@ class KeyStore:
             if row.parent_version not in masters:
                 raise MasterKeyRefused(f"it has no version {row.parent_version}, which wraps some of them",
                                        self._key_file)
-            try:
-                crypto.open_sealed(masters[row.parent_version], row.wrapped, _context(row.kind, row.owner, row.version))
-            except crypto.DecryptionError:
-                raise MasterKeyRefused(None, self._key_file) from None
+            master = masters[row.parent_version]
+            if not (_opens(master, row) or _any_opens(session, master, row.parent_version)):
+                raise MasterKeyRefused(None, self._key_file)
 
     def master_rotation(self) -> contextlib.AbstractContextManager[None]:
         """Held for a whole master rotation: the key file's lock (`crypto.master_keyring_lock`), so two rotations
@@ -317,7 +323,12 @@ class KeyStore:
                                .order_by(WrappedKey.id).limit(limit).with_for_update()).all()
         for row in rows:
             context = _context(row.kind, row.owner, row.version)
-            key = crypto.open_sealed(self._master(row.parent_version), row.wrapped, context)
+            try:
+                key = crypto.open_sealed(self._master(row.parent_version), row.wrapped, context)
+            except crypto.DecryptionError as exc:  # the keyring opened the stored keys (`check_masters`): row altered
+                if row.kind != "department":
+                    raise
+                raise DepartmentKeyUnreadable(row.owner) from exc
             row.wrapped, row.parent_version = crypto.seal(master, key, context), version
         session.flush()
         return len(rows)
@@ -380,6 +391,22 @@ class KeyStore:
 # for a while; shredding deletes them all). Existence only, in the query: nothing is read per row or unwrapped, so a
 # row whose key would not open (tampered, its department key lost) is found like any other.
 HAS_DOCUMENT_KEY = exists().where(WrappedKey.kind == "document", WrappedKey.owner == Document.id)
+
+
+def _opens(master: bytes, row: WrappedKey) -> bool:
+    """Whether the master-wrapped `row` opens under `master`."""
+    try:
+        crypto.open_sealed(master, row.wrapped, _context(row.kind, row.owner, row.version))
+    except crypto.DecryptionError:
+        return False
+    return True
+
+
+def _any_opens(session: Session, master: bytes, version: int) -> bool:
+    """Whether any master-wrapped row under master `version` opens under `master` (each row read once at most)."""
+    rows = session.scalars(select(WrappedKey).where(WrappedKey.kind.in_(MASTER_WRAPPED_KINDS),
+                                                    WrappedKey.parent_version == version))
+    return any(_opens(master, row) for row in rows)
 
 
 def _latest(session: Session, kind: str, owner: str) -> WrappedKey | None:

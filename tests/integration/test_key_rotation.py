@@ -621,3 +621,43 @@ def test_a_rotation_meeting_a_document_key_row_that_no_longer_opens_rotates_the_
     assert rotate("--department", "alpha") == 0
     assert audited_details(settings, "alpha")[-1] == {"new_version": 3, "documents_rewrapped": 1,
                                                       "documents_unreadable": []}
+
+
+@pytest.mark.parametrize("damaged", ["alpha", "beta"])
+def test_a_rotation_meeting_a_department_key_that_does_not_open_stops_in_one_line(
+        make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], damaged: str) -> None:
+    """A department key row altered in the database (the master key opens the other stored keys) ended `govrag keys
+    rotate` in a traceback, a version of that department begun; and the master rotation in a traceback too. Altered,
+    the row that the start's master key check opens first (alpha's) refused every command as if the master key were
+    wrong. Each rotation now stops in one line naming the department (never key material) and what was done, exit 2,
+    nothing of that department begun; the row restored, the command it said finishes."""
+    from tests.support.key_rotation import (
+        alter_key_row,
+        audited_department_versions,
+        department_key_versions,
+        two_departments,
+    )
+
+    settings = two_departments(make_pg_database, tmp_path)
+    url, rotate = settings.resolved_database_url, _cli_on(settings, monkeypatch)
+    monkeypatch.setenv("COLUMNS", "400")
+    with unit_of_work(url) as session:
+        alter_key_row(settings, session, damaged, kind="department")
+    unreadable = (f"failed: the key of department {damaged} does not open under the master key (its key row was "
+                  "altered in the database): restore that row from a backup")
+    codes = [rotate(), rotate("--master")]
+    err = [" ".join(line.split()) for line in capsys.readouterr().err.splitlines()]
+    rotated, left = ("none", "alpha, beta") if damaged == "alpha" else ("alpha (v2)", "beta")
+    named = " ".join(f"--department {department}" for department in left.split(", "))
+    assert codes == [2, 2] and err == [
+        f"{unreadable}; rotated and audited: {rotated}; not rotated: {left}; run `govrag keys rotate {named} --actor "
+        "tester` once that row is restored",
+        f"{unreadable}; the master key is not rotated (nothing audited, every key stays readable): run the same "
+        "command again once that row is restored"], err
+    assert department_key_versions(settings, damaged) == [1] and audited_department_versions(settings, damaged) == []
+    with unit_of_work(url) as session:  # the same bit flipped back
+        alter_key_row(settings, session, damaged, kind="department")
+    assert rotate(*named.split()) == 0 and rotate("--master") == 0
+    assert department_key_versions(settings, damaged) == [2] and audited_department_versions(settings, damaged) == [2]
+    assert _readable_key(settings, damaged) is not None
