@@ -20,8 +20,9 @@ from audit import repository
 from audit.schemas import EXPORT_FIELDS, LATER_FIELDS, VerifyResult
 from core import crypto
 from core.db import unit_of_work
+from core.errors import ErrorCode, GovragError
 from core.keystore import keystore_for
-from core.models import AuditCheckpoint, RetrievalEvent, utcnow
+from core.models import AuditCheckpoint, Deployment, RetrievalEvent, utcnow
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -59,25 +60,67 @@ def checkpoint_key(settings: Settings, session: Session | None = None) -> bytes:
         return keystore_for(settings).checkpoint_key(session=own)
 
 
-def _statement(kind: str, last_event_id: int, last_hash: str, event_count: int, created_at: datetime) -> bytes:
-    stamp = created_at.astimezone(UTC).replace(tzinfo=None).isoformat() if created_at.tzinfo else \
-        created_at.isoformat()
-    return f"govrag-checkpoint|{kind}|{last_event_id}|{last_hash}|{event_count}|{stamp}".encode()
+_V2 = "v2."  # the prefix of a checkpoint signature that binds the deployment id (base64url has no ".")
 
 
-def sign(key: bytes, checkpoint: AuditCheckpoint) -> str:
-    """HMAC-SHA256 over the checkpoint's statement."""
-    statement = _statement(checkpoint.kind, checkpoint.last_event_id, checkpoint.last_hash,
-                           checkpoint.event_count, checkpoint.created_at)
+@dataclass(frozen=True)
+class Signer:
+    """What every signature binds: the checkpoint key and this deployment's id."""
+
+    key: bytes
+    deployment_id: str
+
+
+def signer_for(settings: Settings, session: Session) -> Signer:
+    """The checkpoint key and the deployment id the database records."""
+    return Signer(checkpoint_key(settings, session), _deployment(session).deployment_id)
+
+
+def _deployment(session: Session) -> Deployment:
+    deployment = repository.deployment(session)
+    if deployment is None:
+        raise GovragError(ErrorCode.internal, "the database records no deployment id (migration 0016 mints it): "
+                                              "nothing can be signed or checked")
+    return deployment
+
+
+def _utc(moment: datetime) -> datetime:
+    """An aware UTC time, whatever the database or the mirror line handed back (SQLite: naive UTC)."""
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _statement(checkpoint: AuditCheckpoint, deployment_id: str | None) -> bytes:
+    """v2: the chain's position in this deployment; None: v1, as signed before the deployment id (migration 0016)."""
+    stamp = _utc(checkpoint.created_at).replace(tzinfo=None).isoformat()
+    head = "govrag-checkpoint" if deployment_id is None else f"govrag-checkpoint|v2|{deployment_id}"
+    fields = (checkpoint.kind, checkpoint.last_event_id, checkpoint.last_hash, checkpoint.event_count, stamp)
+    return "|".join([head, *map(str, fields)]).encode()
+
+
+def _mac(key: bytes, statement: bytes) -> str:
     return base64.urlsafe_b64encode(hmac.new(key, statement, hashlib.sha256).digest()).decode()
+
+
+def sign(signer: Signer, checkpoint: AuditCheckpoint) -> str:
+    """HMAC-SHA256 over the checkpoint's v2 statement, which names the deployment."""
+    return _V2 + _mac(signer.key, _statement(checkpoint, signer.deployment_id))
+
+
+def _signed_here(signer: Signer, checkpoint: AuditCheckpoint, legacy_until: datetime) -> bool:
+    """The signature is this deployment's; an unprefixed (v1) one only if signed before the deployment id was minted:
+    a deployment sharing the key that still signs v1 cannot pass a checkpoint of its own off as this one's."""
+    if checkpoint.signature.startswith(_V2):
+        return hmac.compare_digest(sign(signer, checkpoint), checkpoint.signature)
+    return _utc(checkpoint.created_at) <= _utc(legacy_until) and hmac.compare_digest(
+        _mac(signer.key, _statement(checkpoint, None)), checkpoint.signature)
 
 
 def make_checkpoint(*, session: Session, settings: Settings, event: RetrievalEvent, kind: str = "periodic",
                     event_count: int = 0) -> AuditCheckpoint:
-    """Sign "the chain reached `event`" and store it (the caller holds the chain lock and commits)."""
+    """Sign "this deployment's chain reached `event`" and store it (the caller holds the chain lock and commits)."""
     checkpoint = AuditCheckpoint(created_at=utcnow().replace(microsecond=0), kind=kind, last_event_id=event.id,
                                  last_hash=event.hash, event_count=event_count)
-    checkpoint.signature = sign(checkpoint_key(settings, session), checkpoint)
+    checkpoint.signature = sign(signer_for(settings, session), checkpoint)
     repository.add_checkpoint(session, checkpoint)
     return checkpoint
 
@@ -145,13 +188,16 @@ class _Expectations:
     at: dict[int, str] = field(default_factory=dict)  # event id -> hash it must have
     checked: int = 0
     bad_signature: int | None = None
+    deployment_id: str | None = None
 
 
 def _expectations(session: Session, settings: Settings) -> _Expectations:
-    key, found = checkpoint_key(settings, session), _Expectations()
+    deployment = _deployment(session)
+    signer = Signer(checkpoint_key(settings, session), deployment.deployment_id)
+    found = _Expectations(deployment_id=deployment.deployment_id)
     candidates = [*repository.checkpoints(session), *_mirrored(settings.resolved_checkpoint_file)]
     for checkpoint in candidates:
-        if checkpoint is None or not hmac.compare_digest(sign(key, checkpoint), checkpoint.signature):
+        if checkpoint is None or not _signed_here(signer, checkpoint, deployment.minted_at):
             found.bad_signature = checkpoint.last_event_id if checkpoint is not None else 0
             continue
         found.checked += 1
@@ -166,7 +212,7 @@ def verify(*, session: Session, settings: Settings) -> VerifyResult:
     """Walk the chain from genesis (or the last signed purge) and check every row and checkpoint."""
     expect = _expectations(session, settings)
     result = VerifyResult(ok=True, checked=0, checkpoints_checked=expect.checked,
-                          purged_through=expect.purged_through or None)
+                          purged_through=expect.purged_through or None, deployment_id=expect.deployment_id)
     if expect.bad_signature is not None:
         return _broken(result, expect.bad_signature, "checkpoint_signature_invalid")
     lowest = repository.min_event_id(session)

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from audit.schemas import ExportFilters
 from core.db import is_postgres
-from core.models import AuditCheckpoint, Document, RetrievalEvent
+from core.models import AuditCheckpoint, Deployment, Document, RetrievalEvent
 
 GENESIS_HASH = "0" * 64
 _CHAIN_LOCK_ID = 734_112  # arbitrary, constant advisory-lock id for the ledger chain
@@ -132,6 +132,11 @@ def add_checkpoint(session: Session, checkpoint: AuditCheckpoint) -> None:
 def checkpoints(session: Session) -> list[AuditCheckpoint]:
     """All stored checkpoints, oldest first."""
     return list(session.scalars(select(AuditCheckpoint).order_by(AuditCheckpoint.id)))
+
+
+def deployment(session: Session) -> Deployment | None:
+    """This deployment's id row (migration 0016 minted it)."""
+    return session.get(Deployment, 1)
 
 
 def last_event_before(session: Session, cutoff: object) -> RetrievalEvent | None:

@@ -145,3 +145,5 @@ class VerifyResult(BaseModel):
     checkpoints_checked: int = 0
     purged_through: int | None = None
     unanchored: int = 0  # rows checked past the newest signed checkpoint: they could be cut or changed unseen
+    deployment_id: str | None = None  # the id every checkpoint and export manifest of this deployment signs
+

@@ -53,11 +53,13 @@ def _synthetic(n: int, start: datetime, rng: random.Random):  # type: ignore[no-
 def _populate(url: str, rows: int, data_dir: Path) -> None:
     from audit import integrity
     from audit.repository import GENESIS_HASH
+    from core.db import unit_of_work
     from core.models import AuditCheckpoint
     from core.settings import Settings
 
     settings = Settings(data_dir=data_dir, database_url=url)
-    key = integrity.checkpoint_key(settings)
+    with unit_of_work(url) as session:
+        signer = integrity.signer_for(settings, session)
     rng, start, previous = random.Random(7), datetime(2026, 1, 1, tzinfo=UTC), GENESIS_HASH
     started = time.perf_counter()
     with psycopg.connect(libpq_dsn(url)) as conn, conn.cursor() as cursor:
@@ -71,7 +73,7 @@ def _populate(url: str, rows: int, data_dir: Path) -> None:
                 if n % 100 == 0:
                     cp = AuditCheckpoint(created_at=event.created_at.replace(microsecond=0), kind="periodic",
                                          last_event_id=n, last_hash=event.hash, event_count=0)
-                    cp.signature = integrity.sign(key, cp)
+                    cp.signature = integrity.sign(signer, cp)
                     checkpoints.append(cp)
         with cursor.copy("COPY audit_checkpoints (created_at, kind, last_event_id, last_hash, event_count, "
                          "signature) FROM STDIN") as copy:

@@ -275,6 +275,17 @@ class BlobStore(Base):
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class Deployment(Base):
+    """One row, minted by migration 0016: the random id of this deployment, signed into every audit checkpoint and
+    export manifest so that another deployment's (sharing the checkpoint key) is not taken for this one's."""
+
+    __tablename__ = "deployment"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1
+    deployment_id: Mapped[str] = mapped_column(String(36))
+    minted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class GuardControl(Base):
     """Guard settings of one scope ("global" or a department): firewall mode, kill-switch mode, canary (issue 5)."""
 

@@ -87,6 +87,7 @@ def test_an_untouched_chain_verifies_and_carries_the_new_fields(ledger: Settings
         audit_service.record_admin_event(session=session, identity=ADMIN, event_type=AdminEventType.kill_switch,
                                          details={"mode": "retrieval_only"}, settings=ledger)
     result = _verify(ledger)
+    assert uuid.UUID(str(result.pop("deployment_id")))  # minted by the migration, signed into every checkpoint
     assert result == {"ok": True, "checked": 13, "first_broken": None, "reason": None, "checkpoints_checked": 6,
                       "purged_through": None, "unanchored": 0}  # at rows 5, 10 and the admin action, each mirrored
 

@@ -367,7 +367,7 @@ ON_A_FRESH_DEFAULT = [
     (["keys", "rotate", "--department", "hr"], 2, "no such department: hr; nothing rotated"),
     (["keys", "rotate", "--master"], 0, "master key now v2: 1 key rewrapped;"),  # the audit checkpoint key
     (["audit", "verify"], 0, '{"ok":true,"checked":0,"first_broken":null,"reason":null,"checkpoints_checked":0,'
-                             '"purged_through":null,"unanchored":0}'),
+                             '"purged_through":null,"unanchored":0,"deployment_id":"'),
     (["audit", "export"], 0, '"rows": 0'),
     (["audit", "checkpoint"], 0, '{"checkpointed_event_id": null, "signed": false, "note": "the ledger is empty"}'),
     (["audit", "purge"], 0, '{"purged": 0}'),

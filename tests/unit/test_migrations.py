@@ -127,15 +127,18 @@ def test_downgrade_refuses_to_drop_the_hashed_ledger_columns(kind: str, tmp_path
     from audit.schemas import AdminEventType
     from authz.identity import operator_identity
     from core.db import get_engine, unit_of_work
+    from core.models import utcnow
     from core.settings import Settings
+    from tests.support.legacy_checkpoint import add_v1_checkpoint
 
     url = _database(kind, tmp_path, make_pg_database)
-    migrate.upgrade(url)
+    migrate.upgrade(url, "0015")  # a checkpoint signed before the deployment id (0016), which undoing 0016 keeps
     settings = Settings(data_dir=tmp_path, database_url=url, audit_checkpoint_every=0)
     with unit_of_work(url) as session:
         audit_service.record_admin_event(session=session, identity=operator_identity("ops"), settings=settings,
                                          event_type=AdminEventType.key_rotation, details={"new_version": 2})
-        audit_service.checkpoint_now(session=session, settings=settings)
+    add_v1_checkpoint(settings, at=1, created_at=utcnow().replace(microsecond=0))
+    migrate.upgrade(url)
     get_engine.cache_clear()
     with pytest.raises(migrate.DowngradeRefused, match=r"revision 0002: .*1 ledger events.*1 signed audit checkpoints"):
         migrate.downgrade(url, "0001")
@@ -168,6 +171,9 @@ def test_downgrade_refuses_to_drop_the_authorization_model(what: str, rows: str,
     ("0006", "0007", ["INSERT INTO pending_purges (document_id, department, retired_at) "
                       "VALUES ('d1', 'hr', '2026-01-01 00:00:00')"]),
     ("0000", "0001", ["INSERT INTO departments (name, created_at) VALUES ('hr', '2026-01-01 00:00:00')"]),
+    # a checkpoint signed with the deployment id, which a downgrade would delete (checked only with it again)
+    ("0015", "0016", ["INSERT INTO audit_checkpoints (created_at, kind, last_event_id, last_hash, event_count, "
+                      "signature) VALUES ('2026-01-01 00:00:00', 'manual', 1, 'h', 0, 'v2.signed')"]),
 ])
 def test_other_destructive_downgrades_refuse_when_they_would_drop_data(target: str, revision: str, rows: list[str],
                                                                        tmp_path: Path) -> None:
@@ -206,10 +212,10 @@ def test_a_downgrade_counts_what_each_revision_would_delete_once(tmp_path: Path,
     count_rows = migrate.count_rows
     monkeypatch.setattr(migrate, "count_rows", lambda connection, table, where="": counted.append((table, where))
                         or count_rows(connection, table, where))
-    migrate.downgrade(url, "0008")  # undoes 0011 and 0009 (both checked) and 0010
+    migrate.downgrade(url, "0008")  # undoes 0016, 0011 and 0009 (each checked) and the others
     assert migrate.current_revision(url) == "0008"
-    assert sorted(counted) == sorted(set(counted)) and {table for table, _ in counted} == {"documents",
-                                                                                          "ingestion_jobs"}
+    assert sorted(counted) == sorted(set(counted)) and {table for table, _ in counted} == {
+        "documents", "ingestion_jobs", "audit_checkpoints"}
 
 
 def test_a_downgrade_written_as_sql_is_refused_where_a_revision_may_hold_data(tmp_path: Path) -> None:
