@@ -30,8 +30,8 @@ EXIT_UNVERIFIED = 3  # `govrag audit verify`: the ledger fails verification (tol
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """`govrag audit verify|export|checkpoint|purge` and `govrag export training-data` (issue 6)."""
-    audit = commands.add_parser("audit", help="verify, export, checkpoint or purge the audit ledger")
+    """`govrag audit verify|export|verify-export|checkpoint|purge` and `govrag export training-data` (issue 6)."""
+    audit = commands.add_parser("audit", help="verify, export, checkpoint or purge the ledger; check an export")
     audit_commands = audit.add_subparsers(required=True, metavar="ACTION")
     verifying = (f"walk the hash chain and signed checkpoints; exit {EXIT_UNVERIFIED} when the ledger fails "
                  "verification (tampering), 1 when the database is unavailable")
@@ -39,6 +39,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     exporting = audit_commands.add_parser("export", help="stream ledger events (JSONL, CSV or OCSF) with a manifest")
     add_export_arguments(exporting)
     exporting.set_defaults(run=export)
+    checking = (f"check an export file against its signed manifest (whole, unchanged, this deployment's); exit "
+                f"{EXIT_UNVERIFIED} when it fails")
+    checking_export = audit_commands.add_parser("verify-export", help=checking, description=checking)
+    checking_export.add_argument("file", help="the export, its manifest the last line")
+    checking_export.add_argument("--deployment-id", help="the deployment it must come from (default: this "
+                                 "database's); with GOVRAG_AUDIT_CHECKPOINT_KEY set, no database is needed")
+    checking_export.set_defaults(run=verify_export)
     audit_commands.add_parser(
         "checkpoint", help="sign a checkpoint at the end of the chain (none when the newest covers it)").set_defaults(
         run=checkpoint)
@@ -156,6 +163,24 @@ def export(args: argparse.Namespace) -> int:
                                                  scope=None, filters=filters, fmt=ExportFormat(args.format)), handle)
     _write_manifest(last, args.output)
     return 0
+
+
+@_reported
+def verify_export(args: argparse.Namespace) -> int:
+    """Print the export check; exit EXIT_UNVERIFIED when the export fails it. Reads no ledger row: with the checkpoint
+    key configured and --deployment-id given, not the database either."""
+    from audit import service as audit_service
+
+    settings, data = get_settings(), Path(args.file).read_bytes()
+    if args.deployment_id is not None and settings.audit_checkpoint_key is not None:
+        result = audit_service.verify_export(data=data, settings=settings, session=None,
+                                             deployment_id=args.deployment_id)
+    else:
+        with _session() as session:
+            result = audit_service.verify_export(data=data, settings=settings, session=session,
+                                                 deployment_id=args.deployment_id)
+    print(result.model_dump_json())
+    return 0 if result.ok else EXIT_UNVERIFIED
 
 
 @_reported

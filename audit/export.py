@@ -7,16 +7,17 @@ import hashlib
 import io
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from audit import repository
-from audit.integrity import plain
-from audit.schemas import EXPORT_FIELDS, RETRIEVAL_EVENT, ExportFilters, ExportFormat
+from audit.integrity import Signer, event_hash, manifest_signed, plain, sign_manifest
+from audit.schemas import EXPORT_FIELDS, RETRIEVAL_EVENT, ExportCheck, ExportFilters, ExportFormat
 from core.models import utcnow
 
 MEDIA_TYPES = {ExportFormat.jsonl: "application/x-ndjson", ExportFormat.csv: "text/csv",
@@ -52,15 +53,16 @@ def _matches(event: Row[Any], filters: ExportFilters) -> bool:
 
 
 def render(rows: Iterable[dict[str, Any]], fmt: ExportFormat, *, filters: ExportFilters, through_id: int,
-           departments: set[str] | None) -> Iterator[str]:
-    """Serialise rows, then one closing manifest (row count, first/last hash, sha256 of the body before it, and the
-    `departments` the rows were limited to: null for every event)."""
+           departments: set[str] | None, signer: Signer) -> Iterator[str]:
+    """Serialise rows, then one closing manifest (row count, first/last hash, sha256 of the body before it, the
+    `departments` the rows were limited to: null for every event, the deployment id), signed with the checkpoint key."""
     body = hashlib.sha256()
     manifest = _Manifest(fmt=fmt, filters=filters, through_id=through_id, departments=departments)
     for chunk in _serialise(manifest.count(rows), fmt):
         body.update(chunk.encode())
         yield chunk
-    summary = manifest.as_dict(body.hexdigest())
+    summary = manifest.as_dict(body.hexdigest()) | {"deployment_id": signer.deployment_id}
+    summary["signature"] = sign_manifest(signer, summary)
     line = json.dumps({"manifest": summary}, sort_keys=True)
     yield f"# manifest {line}\n" if fmt is ExportFormat.csv else line + "\n"
 
@@ -140,3 +142,82 @@ def to_ocsf(row: dict[str, Any]) -> dict[str, Any]:
         "resources": [{"uid": c.get("document_id"), "type": "document", "data": c} for c in row["chunks"]],
         "unmapped": {k: row[k] for k in EXPORT_FIELDS if k not in ("subject", "groups", "chunks")},
     }
+
+
+_MANIFEST_PREFIX = "# manifest "  # a CSV export's manifest line starts so
+
+
+def check_export(data: bytes, *, signer: Signer) -> ExportCheck:
+    """Whether `data` is an export this deployment signed, whole and unchanged: its manifest's signature and
+    deployment id, then its rows against the manifest (count, order, each JSONL row's hash, the body's sha256)."""
+    body, manifest = _split(data)
+    if manifest is None:
+        return _failed("manifest_missing", "no manifest closes the file: it was cut, or is no govrag export")
+    signature = manifest.pop("signature", None)
+    if not isinstance(signature, str):
+        return _failed("manifest_unsigned", "the manifest carries no signature (removed, or an export made before "
+                                            "manifests were signed)")
+    if not manifest_signed(signer, manifest, signature):
+        return _failed("manifest_signature_invalid", "the manifest was edited, or signed with another key")
+    found = ExportCheck(ok=True, rows=manifest["rows"], deployment_id=manifest["deployment_id"],
+                        through_event_id=manifest["through_event_id"])
+    if manifest["deployment_id"] != signer.deployment_id:
+        return _broken(found, "other_deployment", f"signed by deployment {manifest['deployment_id']}, not by this "
+                                                  f"one ({signer.deployment_id})")
+    return _check_rows(found, body, manifest)
+
+
+def _split(data: bytes) -> tuple[bytes, dict[str, Any] | None]:
+    """The body (every line before the last) and the manifest the last line holds (None: none there)."""
+    head, _, last = data.removesuffix(b"\n").rpartition(b"\n")
+    try:
+        manifest = json.loads(last.decode().removeprefix(_MANIFEST_PREFIX))["manifest"]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return data, None
+    return (head + b"\n" if head else b""), manifest if isinstance(manifest, dict) else None
+
+
+def _check_rows(found: ExportCheck, body: bytes, manifest: dict[str, Any]) -> ExportCheck:
+    try:
+        rows = _rows(body, ExportFormat(manifest["format"]))
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        return _broken(found, "rows_unreadable", "a row does not parse: the file was cut or edited mid-row")
+    if len(rows) != manifest["rows"]:
+        what = "removed" if len(rows) < manifest["rows"] else "added"
+        return _broken(found, f"rows_{what}", f"the manifest counts {manifest['rows']} rows, the file holds "
+                                              f"{len(rows)}: rows were {what}")
+    for before, row in zip(rows, rows[1:], strict=False):
+        if row.id <= before.id:
+            return _broken(found, "rows_reordered", f"row {row.id} comes after row {before.id}: the rows were "
+                                                    "reordered", row.id)
+    for row in rows:
+        if row.rehashed not in (None, row.hash):
+            return _broken(found, "row_changed", f"row {row.id} does not match its hash: it was changed", row.id)
+    if hashlib.sha256(body).hexdigest() != manifest["body_sha256"]:
+        return _broken(found, "body_changed", "the rows are not those exported: one was changed or replaced")
+    return found
+
+
+@dataclass(frozen=True)
+class _Row:
+    id: int
+    hash: str
+    rehashed: str | None  # a JSONL row's hash computed again from its content; None for CSV and OCSF (not whole)
+
+
+def _rows(body: bytes, fmt: ExportFormat) -> list[_Row]:
+    text = body.decode()
+    if fmt is ExportFormat.csv:
+        return [_Row(int(row["id"]), row["hash"], None) for row in csv.DictReader(io.StringIO(text, newline=""))]
+    lines = [json.loads(line) for line in text.split("\n")[:-1]]  # JSON escapes a newline inside a value
+    if fmt is ExportFormat.ocsf:
+        return [_Row(int(line["metadata"]["uid"]), line["unmapped"]["hash"], None) for line in lines]
+    return [_Row(int(line["id"]), line["hash"], event_hash(SimpleNamespace(**line))) for line in lines]
+
+
+def _failed(reason: str, message: str) -> ExportCheck:
+    return ExportCheck(ok=False, reason=reason, message=message)
+
+
+def _broken(found: ExportCheck, reason: str, message: str, row_id: int | None = None) -> ExportCheck:
+    return found.model_copy(update={"ok": False, "reason": reason, "message": message, "first_broken": row_id})

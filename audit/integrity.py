@@ -61,6 +61,7 @@ def checkpoint_key(settings: Settings, session: Session | None = None) -> bytes:
 
 
 _V2 = "v2."  # the prefix of a checkpoint signature that binds the deployment id (base64url has no ".")
+_MANIFEST_V1 = "v1."
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,17 @@ def _signed_here(signer: Signer, checkpoint: AuditCheckpoint, legacy_until: date
         return hmac.compare_digest(sign(signer, checkpoint), checkpoint.signature)
     return _utc(checkpoint.created_at) <= _utc(legacy_until) and hmac.compare_digest(
         _mac(signer.key, _statement(checkpoint, None)), checkpoint.signature)
+
+
+def sign_manifest(signer: Signer, manifest: dict[str, Any]) -> str:
+    """HMAC-SHA256 over an export manifest (its canonical JSON, which holds the deployment id)."""
+    canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _MANIFEST_V1 + _mac(signer.key, f"govrag-export-manifest|v1|{canonical}".encode())
+
+
+def manifest_signed(signer: Signer, manifest: dict[str, Any], signature: str) -> bool:
+    """Whether `signature` is this key's over `manifest` (the manifest without its signature)."""
+    return hmac.compare_digest(sign_manifest(signer, manifest), signature)
 
 
 def make_checkpoint(*, session: Session, settings: Settings, event: RetrievalEvent, kind: str = "periodic",

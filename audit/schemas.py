@@ -147,3 +147,14 @@ class VerifyResult(BaseModel):
     unanchored: int = 0  # rows checked past the newest signed checkpoint: they could be cut or changed unseen
     deployment_id: str | None = None  # the id every checkpoint and export manifest of this deployment signs
 
+
+class ExportCheck(BaseModel):
+    """The outcome of checking an export file against its signed manifest (`govrag audit verify-export`)."""
+
+    ok: bool
+    rows: int = 0  # the manifest's count, once its signature holds
+    reason: str | None = None
+    message: str | None = None  # what was found, in a sentence (ids and counts only)
+    first_broken: int | None = None  # the row id where it was found, when one row is
+    deployment_id: str | None = None
+    through_event_id: int | None = None

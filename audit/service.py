@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -16,6 +16,7 @@ from audit.schemas import (
     RETRIEVAL_EVENT,
     AdminEventType,
     Decision,
+    ExportCheck,
     ExportFilters,
     ExportFormat,
     RetrievalRecord,
@@ -195,6 +196,7 @@ def export_events(*, session: Session, settings: Settings, identity: Identity, s
                                                      "inclusive, until exclusive)")
     if scope is not None and filters.department is not None and filters.department not in scope:
         raise GovragError(ErrorCode.forbidden, "the compliance role is required in this department")
+    signer = integrity.signer_for(settings, session)  # before the export is recorded: no key, no export
     through_id = repository.max_event_id(session)
     record_admin_event(session=session, identity=identity, event_type=AdminEventType.export,
                        departments=[filters.department] if filters.department else sorted(scope or []),
@@ -202,7 +204,22 @@ def export_events(*, session: Session, settings: Settings, identity: Identity, s
                        details={"format": fmt.value, "filters": export.filters_as_dict(filters),
                                 "through_event_id": through_id, "scope": sorted(scope) if scope else "*"})
     rows = export.select_rows(session=session, departments=scope, filters=filters, through_id=through_id)
-    return export.render(rows, fmt, filters=filters, through_id=through_id, departments=scope)
+    return export.render(rows, fmt, filters=filters, through_id=through_id, departments=scope, signer=signer)
+
+
+def verify_export(*, data: bytes, settings: Settings, session: Session | None,
+                  deployment_id: str | None = None) -> ExportCheck:
+    """Check an export file against its signed manifest, reading no ledger row. `deployment_id`: the deployment it
+    must come from (default: this database's); without a session, the configured checkpoint key and `deployment_id`
+    are all it takes (an auditor's machine)."""
+    if session is not None:
+        signer = integrity.signer_for(settings, session)
+    elif deployment_id is not None and settings.audit_checkpoint_key is not None:
+        signer = integrity.Signer(integrity.checkpoint_key(settings), deployment_id)
+    else:
+        raise GovragError(ErrorCode.invalid_request, "without the database, checking an export takes the deployment "
+                                                     "id and GOVRAG_AUDIT_CHECKPOINT_KEY")
+    return export.check_export(data, signer=replace(signer, deployment_id=deployment_id or signer.deployment_id))
 
 
 def verify(*, session: Session, settings: Settings) -> VerifyResult:

@@ -1,8 +1,11 @@
-"""Checkpoints bound to the deployment, on PostgreSQL and SQLite."""
+"""Signed export manifests and checkpoints bound to the deployment, on PostgreSQL and SQLite: `govrag audit
+verify-export` tells a whole, unchanged export of this deployment from a cut, reordered, edited or foreign one."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import shutil
 from collections.abc import Callable, Iterator
 from datetime import UTC, timedelta
@@ -14,13 +17,15 @@ from pydantic import SecretStr
 from sqlalchemy import insert, select, text
 
 from audit import service as audit_service
-from audit.schemas import Decision, RetrievalRecord
+from audit.schemas import LATER_FIELDS, Decision, ExportFilters, ExportFormat, RetrievalRecord
+from authz.identity import Identity
 from core import migrate
 from core.db import get_engine, get_session_factory, unit_of_work
 from core.models import AuditCheckpoint, RetrievalEvent, utcnow
 from core.settings import Settings
 from tests.support.legacy_checkpoint import add_v1_checkpoint
 
+ADMIN = Identity(subject="root-admin", groups=(), is_platform_admin=True)
 SHARED_KEY = base64.b64encode(b"k" * 32).decode()  # two deployments configured with one checkpoint key
 
 
@@ -70,6 +75,129 @@ def _append(settings: Settings, count: int) -> None:
             audit_service.record_retrieval(session=session, record=_record(n), settings=settings)
 
 
+def _export(settings: Settings, path: Path, fmt: ExportFormat = ExportFormat.jsonl) -> Path:
+    with get_session_factory(settings.resolved_database_url)() as session:
+        path.write_text("".join(audit_service.export_events(
+            session=session, settings=settings, identity=ADMIN, scope=None, filters=ExportFilters(), fmt=fmt)),
+            encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[..., tuple]]:
+    """`govrag audit verify-export FILE [args]` configured for a deployment: (exit code, its JSON report)."""
+    from api import cli as govrag
+    from core.settings import get_settings
+
+    def verify_export(settings: Settings, path: Path, *args: str) -> tuple[int, dict[str, object]]:
+        monkeypatch.setenv("GOVRAG_DATABASE_URL", settings.resolved_database_url)
+        monkeypatch.setenv("GOVRAG_DATA_DIR", str(settings.data_dir))
+        if settings.audit_checkpoint_key is not None:
+            monkeypatch.setenv("GOVRAG_AUDIT_CHECKPOINT_KEY", settings.audit_checkpoint_key.get_secret_value())
+        get_settings.cache_clear()
+        code = govrag.main(["audit", "verify-export", str(path), *args])
+        return code, json.loads(capsys.readouterr().out)
+
+    yield verify_export
+    get_settings.cache_clear()
+
+
+def _lines(path: Path) -> list[bytes]:
+    return path.read_bytes().split(b"\n")[:-1]
+
+
+def _written(path: Path, lines: list[bytes]) -> Path:
+    edited = path.with_name("edited" + path.suffix)
+    edited.write_bytes(b"".join(line + b"\n" for line in lines))
+    return edited
+
+
+def _rehashed(row: bytes, old: bytes, new: bytes) -> bytes:
+    """The JSONL row with `old` replaced and its own hash computed again, as whoever edits it would."""
+    data = json.loads(row.replace(old, new))
+    content = {k: v for k, v in data.items()
+               if k not in ("id", "hash") and not (k in LATER_FIELDS and v in (None, [], {}))}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    data["hash"] = hashlib.sha256(canonical.encode()).hexdigest()
+    return json.dumps(data, ensure_ascii=False).encode()
+
+
+def _manifest_recomputed(rows: list[bytes], manifest_line: bytes) -> bytes:
+    """The manifest made to agree with `rows` again (count, body hash, first and last hash), its signature kept."""
+    manifest = json.loads(manifest_line)["manifest"]
+    body = b"".join(row + b"\n" for row in rows)
+    manifest.update(rows=len(rows), body_sha256=hashlib.sha256(body).hexdigest(),
+                    first_hash=json.loads(rows[0])["hash"], last_hash=json.loads(rows[-1])["hash"])
+    return json.dumps({"manifest": manifest}).encode()
+
+
+def _unsigned(manifest_line: bytes) -> bytes:
+    manifest = json.loads(manifest_line)["manifest"]
+    del manifest["signature"]
+    return json.dumps({"manifest": manifest}).encode()
+
+
+TAMPERINGS: dict[str, tuple[Callable[[list[bytes], bytes], list[bytes]], str, int | None]] = {
+    # what is done to the rows (r) and manifest line (m): the reason reported and the row id named
+    "tail cut": (lambda r, m: [*r[:-1], m], "rows_removed", None),
+    "middle row cut": (lambda r, m: [r[0], *r[2:], m], "rows_removed", None),
+    "rows swapped": (lambda r, m: [r[1], r[0], *r[2:], m], "rows_reordered", 1),
+    "row edited": (lambda r, m: [r[0], r[1].replace(b'"alice"', b'"mallory"'), *r[2:], m], "row_changed", 2),
+    "row edited and rehashed": (lambda r, m: [r[0], _rehashed(r[1], b'"alice"', b'"mallory"'), *r[2:], m],
+                                "body_changed", None),
+    "row cut, manifest recomputed": (lambda r, m: [r[0], *r[2:], _manifest_recomputed([r[0], *r[2:]], m)],
+                                     "manifest_signature_invalid", None),
+    "manifest scope edited": (lambda r, m: [*r, m.replace(b'"departments": null', b'"departments": ["hr"]')],
+                              "manifest_signature_invalid", None),
+    "signature removed": (lambda r, m: [*r, _unsigned(m)], "manifest_unsigned", None),
+    "manifest removed": (lambda r, _m: r, "manifest_missing", None),
+}
+
+
+def test_an_untouched_export_verifies_with_its_deployment_id(ledger: Settings, tmp_path: Path,
+                                                             cli: Callable[..., tuple]) -> None:
+    _append(ledger, 4)
+    export = _export(ledger, tmp_path / "export.jsonl")
+    manifest = json.loads(_lines(export)[-1])["manifest"]
+    assert manifest["signature"].startswith("v1.") and manifest["rows"] == 4
+    code, report = cli(ledger, export)
+    assert (code, report["ok"], report["rows"], report["reason"]) == (0, True, 4, None)
+    with unit_of_work(ledger.resolved_database_url) as session:
+        assert report["deployment_id"] == manifest["deployment_id"] == audit_service.verify(
+            session=session, settings=ledger).deployment_id
+
+
+@pytest.mark.parametrize("tampering", list(TAMPERINGS))
+def test_each_tampering_of_an_export_is_told_with_exit_3(ledger: Settings, tmp_path: Path,
+                                                         cli: Callable[..., tuple], tampering: str) -> None:
+    """The manifest was not signed: whoever handed an export over could cut, reorder or edit rows, compute the
+    manifest again and the recipient could not tell. Each is now a failure that says what was found."""
+    _append(ledger, 4)
+    export = _export(ledger, tmp_path / "export.jsonl")
+    *rows, manifest = _lines(export)
+    change, reason, row_id = TAMPERINGS[tampering]
+    code, report = cli(ledger, _written(export, change(rows, manifest)))
+    assert (code, report["ok"], report["reason"], report["first_broken"]) == (3, False, reason, row_id)
+    assert report["message"]
+
+
+@pytest.mark.parametrize("fmt", [ExportFormat.csv, ExportFormat.ocsf])
+def test_csv_and_ocsf_exports_are_checked_too(ledger: Settings, tmp_path: Path, cli: Callable[..., tuple],
+                                              fmt: ExportFormat) -> None:
+    _append(ledger, 3)
+    export = _export(ledger, tmp_path / f"export.{fmt.value}", fmt)
+    assert cli(ledger, export)[0] == 0
+    *rows, manifest = _lines(export)
+    first = 1 if fmt is ExportFormat.csv else 0  # the CSV header
+    cut = cli(ledger, _written(export, [*rows[:-1], manifest]))[1]
+    swapped = cli(ledger, _written(export, [*rows[:first], rows[first + 1], rows[first], *rows[first + 2:],
+                                            manifest]))[1]
+    edited = cli(ledger, _written(export, [*rows[:first], rows[first].replace(b"question 0", b"question 9"),
+                                           *rows[first + 1:], manifest]))[1]
+    assert [report["reason"] for report in (cut, swapped, edited)] == ["rows_removed", "rows_reordered",
+                                                                      "body_changed"]
+
+
 def _copy_ledger(source: Settings, target: Settings) -> None:
     """Every ledger row and checkpoint of `source`, and its mirror file, put in place of `target`'s."""
     def rows(table: Any) -> list[dict[str, Any]]:  # times in UTC, as signed (SQLite hands back naive ones)
@@ -92,6 +220,34 @@ def _keyed(settings: Settings, key: str) -> Settings:
 
 def _other(tmp_path: Path, **settings: object) -> Settings:
     return _deployment("sqlite", tmp_path / "b", None, **settings)
+
+
+def test_an_export_of_another_deployment_sharing_the_key_is_not_taken_for_this_ones(
+        ledger: Settings, tmp_path: Path, cli: Callable[..., tuple]) -> None:
+    ours = _keyed(ledger, SHARED_KEY)
+    theirs = _other(tmp_path, audit_checkpoint_key=SHARED_KEY)
+    _append(theirs, 2)
+    export = _export(theirs, tmp_path / "theirs.jsonl")
+    assert cli(theirs, export)[0] == 0
+    code, report = cli(ours, export)
+    assert (code, report["reason"]) == (3, "other_deployment")
+    assert report["deployment_id"] in report["message"]
+    unshared = _keyed(ledger, base64.b64encode(b"z" * 32).decode())
+    assert cli(unshared, export)[1]["reason"] == "manifest_signature_invalid"
+
+
+def test_an_auditor_with_the_key_and_deployment_id_checks_an_export_without_the_database(
+        ledger: Settings, tmp_path: Path, cli: Callable[..., tuple]) -> None:
+    settings = _keyed(ledger, SHARED_KEY)
+    _append(settings, 2)
+    export = _export(settings, tmp_path / "export.jsonl")
+    deployment_id = json.loads(_lines(export)[-1])["manifest"]["deployment_id"]
+    auditor = Settings(data_dir=tmp_path / "auditor", database_url=f"sqlite:///{tmp_path}/nowhere/no.db",
+                       audit_checkpoint_key=SHARED_KEY)  # a database it cannot open: none is read
+    code, report = cli(auditor, export, "--deployment-id", deployment_id)
+    assert (code, report["ok"]) == (0, True)
+    code, report = cli(auditor, export, "--deployment-id", "00000000-0000-0000-0000-000000000000")
+    assert (code, report["reason"]) == (3, "other_deployment")
 
 
 def test_a_ledger_copied_from_another_deployment_sharing_the_key_fails_verification(ledger: Settings,

@@ -91,6 +91,25 @@ def test_csv_and_ocsf_formats(client: TestClient, scene: dict[str, str]) -> None
     assert event["resources"][0]["uid"] == scene["document_id"]
 
 
+def test_a_served_export_is_signed_for_this_deployment(client: TestClient, scene: dict[str, str],
+                                                       settings) -> None:  # type: ignore[no-untyped-def]
+    """A department compliance officer's filtered export, as the API streams it, checks whole against its signed
+    manifest; without its first row it does not (a filtered export's rows do not link, so only the signed count
+    shows the cut)."""
+    from audit import service as audit_service
+    from core.db import unit_of_work
+
+    response = client.get("/v1/audit/retrievals", headers=auth(scene["officer_token"]),
+                          params={"user": scene["reader"]})
+    assert response.status_code == 200
+    lines = response.content.split(b"\n")
+    cut = b"\n".join(lines[1:])
+    with unit_of_work(settings.resolved_database_url) as session:
+        whole = audit_service.verify_export(data=response.content, settings=settings, session=session)
+        assert (whole.ok, whole.rows) == (True, len(lines) - 2)
+        assert audit_service.verify_export(data=cut, settings=settings, session=session).reason == "rows_removed"
+
+
 def test_export_is_scoped_to_compliance_departments_and_audited(client: TestClient, scene: dict[str, str]) -> None:
     assert client.get("/v1/audit/retrievals", headers=auth(scene["reader_token"])).status_code == 403
     assert client.get("/v1/audit/retrievals", headers=auth(scene["officer_token"]),
