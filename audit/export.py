@@ -152,7 +152,7 @@ def check_export(data: bytes, *, signer: Signer) -> ExportCheck:
     deployment id, then its rows against the manifest (count, order, each JSONL row's hash, the body's sha256)."""
     body, manifest = _split(data)
     if manifest is None:
-        return _failed("manifest_missing", "no manifest closes the file: it was cut, or is no govrag export")
+        return _failed("manifest_missing", "no readable manifest closes the file: it was cut, or is no govrag export")
     signature = manifest.pop("signature", None)
     if not isinstance(signature, str):
         return _failed("manifest_unsigned", "the manifest carries no signature (removed, or an export made before "
@@ -171,16 +171,24 @@ def _split(data: bytes) -> tuple[bytes, dict[str, Any] | None]:
     """The body (every line before the last) and the manifest the last line holds (None: none there)."""
     head, _, last = data.removesuffix(b"\n").rpartition(b"\n")
     try:
-        manifest = json.loads(last.decode().removeprefix(_MANIFEST_PREFIX))["manifest"]
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+        manifest = json.loads(last.decode().removeprefix(_MANIFEST_PREFIX), object_pairs_hook=_unique)["manifest"]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError):
         return data, None
     return (head + b"\n" if head else b""), manifest if isinstance(manifest, dict) else None
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys differ: a manifest saying `rows` twice reads one way here, maybe another elsewhere."""
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise ValueError("a key given twice")
+    return found
 
 
 def _check_rows(found: ExportCheck, body: bytes, manifest: dict[str, Any]) -> ExportCheck:
     try:
         rows = _rows(body, ExportFormat(manifest["format"]))
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, RecursionError, csv.Error):
         return _broken(found, "rows_unreadable", "a row does not parse: the file was cut or edited mid-row")
     if len(rows) != manifest["rows"]:
         what = "removed" if len(rows) < manifest["rows"] else "added"
@@ -208,6 +216,7 @@ class _Row:
 def _rows(body: bytes, fmt: ExportFormat) -> list[_Row]:
     text = body.decode()
     if fmt is ExportFormat.csv:
+        csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # a cell of a user in thousands of groups
         return [_Row(int(row["id"]), row["hash"], None) for row in csv.DictReader(io.StringIO(text, newline=""))]
     lines = [json.loads(line) for line in text.split("\n")[:-1]]  # JSON escapes a newline inside a value
     if fmt is ExportFormat.ocsf:

@@ -107,12 +107,18 @@ def sign(signer: Signer, checkpoint: AuditCheckpoint) -> str:
     return _V2 + _mac(signer.key, _statement(checkpoint, signer.deployment_id))
 
 
+def _same(expected: str, given: object) -> bool:
+    """Constant-time equality of a signature computed and one read back (a mirror line or an export file may hold
+    anything there: hmac.compare_digest raises on a non-ASCII str)."""
+    return isinstance(given, str) and given.isascii() and hmac.compare_digest(expected, given)
+
+
 def _signed_here(signer: Signer, checkpoint: AuditCheckpoint, legacy_until: datetime) -> bool:
     """The signature is this deployment's; an unprefixed (v1) one only if signed before the deployment id was minted:
     a deployment sharing the key that still signs v1 cannot pass a checkpoint of its own off as this one's."""
     if checkpoint.signature.startswith(_V2):
-        return hmac.compare_digest(sign(signer, checkpoint), checkpoint.signature)
-    return _utc(checkpoint.created_at) <= _utc(legacy_until) and hmac.compare_digest(
+        return _same(sign(signer, checkpoint), checkpoint.signature)
+    return _utc(checkpoint.created_at) <= _utc(legacy_until) and _same(
         _mac(signer.key, _statement(checkpoint, None)), checkpoint.signature)
 
 
@@ -124,7 +130,11 @@ def sign_manifest(signer: Signer, manifest: dict[str, Any]) -> str:
 
 def manifest_signed(signer: Signer, manifest: dict[str, Any], signature: str) -> bool:
     """Whether `signature` is this key's over `manifest` (the manifest without its signature)."""
-    return hmac.compare_digest(sign_manifest(signer, manifest), signature)
+    try:
+        expected = sign_manifest(signer, manifest)
+    except (UnicodeEncodeError, RecursionError):  # a lone surrogate (JSON spells one: \ud800), or nesting no
+        return False  # export writes: no signed manifest holds either
+    return _same(expected, signature)
 
 
 def make_checkpoint(*, session: Session, settings: Settings, event: RetrievalEvent, kind: str = "periodic",
@@ -177,10 +187,12 @@ def _as_json(checkpoint: AuditCheckpoint) -> dict[str, object]:
 def _from_json(line: str) -> AuditCheckpoint | None:
     try:
         data = json.loads(line)
+        if not all(isinstance(data[name], str) for name in ("kind", "last_hash", "signature")):
+            return None  # read as unsigned, as an unparsable line is
         return AuditCheckpoint(created_at=datetime.fromisoformat(data["created_at"]), kind=data["kind"],
                                last_event_id=int(data["last_event_id"]), last_hash=data["last_hash"],
                                event_count=int(data["event_count"]), signature=data["signature"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # a line no writer wrote
         return None
 
 

@@ -8,6 +8,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,16 @@ TAMPERINGS: dict[str, tuple[Callable[[list[bytes], bytes], list[bytes]], str, in
                               "manifest_signature_invalid", None),
     "signature removed": (lambda r, m: [*r, _unsigned(m)], "manifest_unsigned", None),
     "manifest removed": (lambda r, _m: r, "manifest_missing", None),
+    # lines no export writes, each a reason too, not a traceback (RecursionError, TypeError, UnicodeEncodeError)
+    "row nested past the parser's depth": (lambda r, m: [r[0], b"[" * 100_000, *r[2:], m], "rows_unreadable", None),
+    "manifest nested past the parser's depth": (lambda r, _m: [*r, b'{"manifest": ' + b"[" * 100_000],
+                                                "manifest_missing", None),
+    "signature not ASCII": (lambda r, m: [*r, m.replace(b'"signature": "v1.', '"signature": "v1.\u00e9'.encode())],
+                            "manifest_signature_invalid", None),
+    "lone surrogate in the manifest": (lambda r, m: [*r, m.replace(b'"filters": {}', b'"filters": {"x": "\\ud800"}')],
+                                       "manifest_signature_invalid", None),
+    "a manifest key given twice": (lambda r, m: [*r, m.replace(b'{"manifest": {', b'{"manifest": {"rows": 3, ')],
+                                   "manifest_missing", None),
 }
 
 
@@ -196,6 +207,32 @@ def test_csv_and_ocsf_exports_are_checked_too(ledger: Settings, tmp_path: Path, 
                                            *rows[first + 1:], manifest]))[1]
     assert [report["reason"] for report in (cut, swapped, edited)] == ["rows_removed", "rows_reordered",
                                                                       "body_changed"]
+
+
+def test_a_csv_export_of_a_user_in_thousands_of_groups_verifies(ledger: Settings, tmp_path: Path,
+                                                                 cli: Callable[..., tuple]) -> None:
+    """The groups cell is past the csv module's default field limit (128 KiB): checking the export was a traceback."""
+    groups = [f"directory-group-{n:05d}" for n in range(8000)]
+    with get_session_factory(ledger.resolved_database_url)() as session:
+        audit_service.record_retrieval(session=session, record=replace(_record(0), groups=groups),
+                                       settings=ledger)
+    export = _export(ledger, tmp_path / "export.csv", ExportFormat.csv)
+    code, report = cli(ledger, export)
+    assert (code, report["ok"], report["rows"]) == (0, True, 1)
+
+
+@pytest.mark.parametrize("signature", [7, "v2.\u00e9", None])
+def test_a_mirror_line_no_writer_wrote_fails_verification_in_one_line(ledger: Settings, signature: object) -> None:
+    """A mirror line whose signature is no string, or not ASCII, or one nested past the parser's depth (None), ended
+    `govrag audit verify` in a traceback; it is an unreadable checkpoint, as a line that does not parse is."""
+    _append(ledger, 5)  # signed and mirrored at row 5
+    mirror = ledger.resolved_checkpoint_file
+    line = json.loads(mirror.read_text().splitlines()[0])
+    with mirror.open("a", encoding="utf-8") as handle:
+        handle.write(("[" * 100_000 if signature is None else json.dumps(line | {"signature": signature})) + "\n")
+    with unit_of_work(ledger.resolved_database_url) as session:
+        result = audit_service.verify(session=session, settings=ledger)
+    assert (result.ok, result.reason, result.checkpoints_checked) == (False, "checkpoint_signature_invalid", 2)
 
 
 def _copy_ledger(source: Settings, target: Settings) -> None:
