@@ -62,6 +62,9 @@ def checkpoint_key(settings: Settings, session: Session | None = None) -> bytes:
 
 _V2 = "v2."  # the prefix of a checkpoint signature that binds the deployment id (base64url has no ".")
 _MANIFEST_V1 = "v1."
+# How long after migration 0016 an unprefixed (v1) checkpoint still verifies: the previous release's API processes go
+# on serving, and signing v1, until readiness (SCHEMA_CHECK_SECONDS) has them drained; one they sign then is no forgery.
+LEGACY_GRACE = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -80,8 +83,9 @@ def signer_for(settings: Settings, session: Session) -> Signer:
 def _deployment(session: Session) -> Deployment:
     deployment = repository.deployment(session)
     if deployment is None:
-        raise GovragError(ErrorCode.internal, "the database records no deployment id (migration 0016 mints it): "
-                                              "nothing can be signed or checked")
+        raise GovragError(ErrorCode.internal, "the database records no deployment id (migration 0016 mints it; "
+                                              "put its row back as docs/audit.md says): nothing can be signed or "
+                                              "checked")
     return deployment
 
 
@@ -113,12 +117,13 @@ def _same(expected: str, given: object) -> bool:
     return isinstance(given, str) and given.isascii() and hmac.compare_digest(expected, given)
 
 
-def _signed_here(signer: Signer, checkpoint: AuditCheckpoint, legacy_until: datetime) -> bool:
-    """The signature is this deployment's; an unprefixed (v1) one only if signed before the deployment id was minted:
-    a deployment sharing the key that still signs v1 cannot pass a checkpoint of its own off as this one's."""
+def _signed_here(signer: Signer, checkpoint: AuditCheckpoint, minted_at: datetime) -> bool:
+    """The signature is this deployment's; an unprefixed (v1) one only if signed before the deployment id was minted
+    (or within LEGACY_GRACE after): a deployment sharing the key that still signs v1 cannot pass a checkpoint of its own
+    off as this one's."""
     if checkpoint.signature.startswith(_V2):
         return _same(sign(signer, checkpoint), checkpoint.signature)
-    return _utc(checkpoint.created_at) <= _utc(legacy_until) and _same(
+    return _utc(checkpoint.created_at) <= _utc(minted_at) + LEGACY_GRACE and _same(
         _mac(signer.key, _statement(checkpoint, None)), checkpoint.signature)
 
 

@@ -18,6 +18,7 @@ from pydantic import SecretStr
 from sqlalchemy import insert, select, text
 
 from audit import service as audit_service
+from audit.integrity import LEGACY_GRACE
 from audit.schemas import LATER_FIELDS, Decision, ExportFilters, ExportFormat, RetrievalRecord
 from authz.identity import Identity
 from core import migrate
@@ -304,8 +305,10 @@ def test_a_ledger_copied_from_another_deployment_sharing_the_key_fails_verificat
 
 def test_checkpoints_signed_before_the_deployment_id_still_verify_and_later_ones_must_carry_it(
         tmp_path: Path) -> None:
-    """A ledger checkpointed at revision 0015 verifies after the upgrade; an unbound (v1) checkpoint dated after the
-    id was minted (another deployment sharing the key, still on the old release) is not taken."""
+    """A ledger checkpointed at revision 0015 verifies after the upgrade, and so does a v1 checkpoint the previous
+    release signed as the migration ran (its API processes serve until readiness drains them: they were reported as
+    forged); one dated past LEGACY_GRACE after the id was minted (another deployment sharing the key, still on the old
+    release) is not taken."""
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     migrate.upgrade(url, "0015")
     settings = Settings(data_dir=tmp_path, database_url=url, audit_checkpoint_every=0)
@@ -315,8 +318,35 @@ def test_checkpoints_signed_before_the_deployment_id_still_verify_and_later_ones
     with unit_of_work(url) as session:
         result = audit_service.verify(session=session, settings=settings)
     assert (result.ok, result.checkpoints_checked) == (True, 1)
-    add_v1_checkpoint(settings, at=3, created_at=utcnow().replace(microsecond=0) + timedelta(minutes=1))
+    add_v1_checkpoint(settings, at=2, created_at=utcnow().replace(microsecond=0) + timedelta(minutes=1))
+    with unit_of_work(url) as session:
+        result = audit_service.verify(session=session, settings=settings)
+    assert (result.ok, result.checkpoints_checked) == (True, 2)
+    add_v1_checkpoint(settings, at=3, created_at=utcnow().replace(microsecond=0) + LEGACY_GRACE + timedelta(minutes=1))
     with unit_of_work(url) as session:
         result = audit_service.verify(session=session, settings=settings)
     assert (result.ok, result.reason, result.first_broken) == (False, "checkpoint_signature_invalid", 3)
     get_engine(url).dispose()
+
+
+def test_a_database_whose_deployment_row_was_lost_refuses_to_sign_or_check_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A partial restore without the `deployment` row: each command refuses (exit 2) saying what is missing."""
+    from api import cli as govrag
+    from core.settings import get_settings
+
+    settings = _other(tmp_path)
+    _append(settings, 2)
+    with unit_of_work(settings.resolved_database_url) as session:
+        session.execute(text("DELETE FROM deployment"))
+        session.commit()
+    monkeypatch.setenv("GOVRAG_DATABASE_URL", settings.resolved_database_url)
+    monkeypatch.setenv("GOVRAG_DATA_DIR", str(settings.data_dir))
+    get_settings.cache_clear()
+    try:
+        assert [govrag.main(["audit", action]) for action in ("verify", "checkpoint")] == [2, 2]
+    finally:
+        get_settings.cache_clear()
+        get_engine(settings.resolved_database_url).dispose()
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("refused: the database records no deployment id") == 2
