@@ -13,6 +13,7 @@ from typing import Protocol
 from core.errors import ErrorCode, GovragError, StartRefused, UnusablePath
 from core.http import request_within
 from core.settings import Settings
+from retrieval.prompting import looks_like_marker
 
 logger = logging.getLogger(__name__)
 CHARS_PER_TOKEN = 3.0  # conservative estimate where the tokenizer is remote
@@ -86,14 +87,21 @@ class LlamaCppGenerator:
         return int(result["usage"]["prompt_tokens"])  # type: ignore[index]
 
     def _control_tokens(self) -> frozenset[str]:
-        """The text of every control token in the model's vocabulary (`<|im_end|>`, SmolLM2's `<filename>`): the chat
-        template's prompt is tokenized with special tokens parsed, so each would be one in a chunk's text."""
+        """The text of every control token in the model's vocabulary (`<|im_end|>`, SmolLM2's `<filename>`) and of every
+        user-defined one spelt like a template's marker (`<tool_call>`, `[TOOL_CALLS]`: `prompting.looks_like_marker`):
+        the chat template's prompt is tokenized with special tokens parsed, and user-defined tokens are parsed in any
+        text, so each would be one in a chunk's text."""
         import llama_cpp
 
         vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
-        return frozenset(llama_cpp.llama_vocab_get_text(vocab, token).decode("utf-8", "replace")
-                         for token in range(llama_cpp.llama_vocab_n_tokens(vocab))
-                         if llama_cpp.llama_vocab_get_attr(vocab, token) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL)
+        found = set()
+        for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+            attributes = llama_cpp.llama_vocab_get_attr(vocab, token)
+            if attributes & (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED):
+                text = llama_cpp.llama_vocab_get_text(vocab, token).decode("utf-8", "replace")
+                if attributes & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL or looks_like_marker(text):
+                    found.add(text)
+        return frozenset(found)
 
     @contextmanager
     def _calling(self) -> Iterator[None]:

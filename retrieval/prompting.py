@@ -97,6 +97,12 @@ _CONTROL_OPENING = re.compile(
     r"|<(?=</?sys>>)"
     r"|\[(?=/?(?:inst|system_prompt|available_tools|tool_calls|tool_results)\])",
     re.IGNORECASE)
+# A user-defined vocabulary token spelt as a template's markers are (llama.cpp parses user-defined tokens in any text,
+# special tokens or not): `<|...|>` or `<｜...｜>`, a name with an underscore in brackets (`<tool_call>`,
+# `<start_of_image>`), `<<SYS>>`, a capitalised name in square brackets (`[TOOL_CALLS]`); not an HTML tag (Gemma's
+# vocabulary holds `<table>`, `<h1>`), a word or a run of spaces.
+_MARKER_TOKEN = re.compile(r"<[|\uff5c][^\s<>]+[|\uff5c]>|<?</?[^\W_][^\s<>]*_[^\s<>]*>>?|<</?[^\W_]\w*>>"
+                           r"|\[/?[^\W\d_a-z][^\W\d_a-z]+(?:_\w+)?\]")
 _ATTRIBUTE_SAFE = str.maketrans({'"': "'", "<": "(", ">": ")"})  # nothing in a title closes its attribute or tag
 _ATTRIBUTE_BREAKERS = frozenset('"<>')
 
@@ -150,6 +156,12 @@ def _control_tokens_pattern(tokens: frozenset[str]) -> re.Pattern[str] | None:
     """One pattern for a model's own control tokens, longest first (`<|im_end|>` before a token it starts with)."""
     spelt = sorted((token for token in tokens if len(token.strip()) > 1), key=len, reverse=True)
     return re.compile("|".join(map(re.escape, spelt))) if spelt else None
+
+
+def looks_like_marker(token: str) -> bool:
+    """Whether a vocabulary token's text is spelt like a chat template's marker (`_MARKER_TOKEN`): the model's
+    user-defined tokens that are kept out of untrusted text, with its control tokens."""
+    return _MARKER_TOKEN.fullmatch(token) is not None
 
 
 def without_control_tokens(text: str, tokens: Collection[str] = ()) -> str:

