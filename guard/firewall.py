@@ -104,20 +104,24 @@ RULES: tuple[Rule, ...] = (
 # folded full-width forms, dropped invisible characters and decoded character references first): ChatML's
 # `<|im_start|>`, `<|im_end|>` (Phi-4's `<|im_sep|>`); Llama 3's `<|start_header_id|>`, `<|end_header_id|>`,
 # `<|eot_id|>`; Phi-3's and Zephyr's `<|system|>`, `<|user|>`, `<|assistant|>`, `<|end|>`; gpt-oss's `<|start|>`,
-# `<|message|>`; Command R's `<|START_OF_TURN_TOKEN|>`, `<|SYSTEM_TOKEN|>`; Granite's `<|start_of_role|>`; DeepSeek's
-# `<｜User｜>`, `<｜end▁of▁sentence｜>`; Gemma's `<start_of_turn>`; Llama 2's and Mistral's `[INST]`, `<<SYS>>`,
-# `[SYSTEM_PROMPT]`; and `</s>` closing a turn right before a role opens the next (`</s> User:`). A question or a
-# document holding one forges a turn: an attack by construction. Left to fake_system (soft): a bare `<s>`/`</s>`
+# `<|message|>`, `<|call|>`; Command R's `<|START_OF_TURN_TOKEN|>`, `<|SYSTEM_TOKEN|>`; Granite's `<|start_of_role|>`;
+# DeepSeek's `<｜User｜>`, `<｜end▁of▁sentence｜>`; Gemma's `<start_of_turn>`; Llama 2's and Mistral's `[INST]`,
+# `<<SYS>>`, `[SYSTEM_PROMPT]`; and `</s>` closing a turn right before a role opens the next (`</s> User:`,
+# `</s> ### Assistant:`). A question or a document holding one forges a turn: an attack by construction. A name no
+# word of prose or code is (`im_end`, not `user`) is also read with spaces inside its brackets (`<| im_end |>`, a model
+# still reads the marker) and in parentheses, as a title shows `<` and `>` (`(|im_end|)`); a plain word only as
+# written (F#'s `f <| user |> g`, its active pattern `(|Message|)`). Left to fake_system (soft): a bare `<s>`/`</s>`
 # (HTML's strike-through, code), `[system]` (an INI section), `<system>` (XML), `System:` and `### System`.
-_TURN_TOKENS = (r"im_(?:start|end|sep)|eot_id|eom_id|(?:start|end)_header_id|begin_of_text|end_?of_?text|system|user|"
-                r"assistant|end|start|message|channel|return|(?:start|end)_of_(?:turn|role)(?:_token)?|"
-                r"(?:system|user|chatbot)_token|(?:begin|end)\u2581of\u2581sentence")
+_TURN_NAMES = (r"im_(?:start|end|sep)|eot_id|eom_id|(?:start|end)_header_id|begin_of_text|end_?of_?text|"
+               r"(?:start|end)_of_(?:turn|role)(?:_token)?|(?:system|user|chatbot)_token|(?:begin|end)\u2581of\u2581sentence")
+_TURN_WORDS = r"system|user|assistant|end|start|message|channel|return|call"
 _ROLES = r"(?:system|user|assistant|human)"
 # Rules outside the classifier: they block on their own and are no feature of it (`lexical_features` has a column per
 # rule of RULES, which the shipped weights were trained on).
 RULES_OUTSIDE_MODEL: tuple[Rule, ...] = (
-    Rule("chat_template", _rx(rf"<\|(?:{_TURN_TOKENS})\|>|<(?:start|end)_of_turn>|\[/?(?:inst|system_prompt)\]"
-                              rf"|<</?sys>>|</s>\s*(?:<s>\s*)?{_ROLES}\s*:"), hard=True),
+    Rule("chat_template", _rx(rf"[<(]\s*\|\s*(?:{_TURN_NAMES})\s*\|\s*[>)]|<\|(?:{_TURN_WORDS})\|>"
+                              rf"|<\s*(?:start|end)_of_turn\s*>|\[\s*/?\s*(?:inst|system_prompt)\s*\]|<<\s*/?\s*sys\s*>>"
+                              rf"|</s>\s*(?:<s>\s*)?(?:#+\s*)?{_ROLES}\s*:"), hard=True),
 )
 HARD_RULES = frozenset(rule.name for rule in (*RULES, *RULES_OUTSIDE_MODEL) if rule.hard)
 HARD_SCORE = 0.999

@@ -578,6 +578,8 @@ ADVERSARIAL = {  # 200 KB inputs that took minutes (or hours) when a pattern bac
     "leet letters": "a!" * 100_000, "reference": "[r]:" + " " * 200_000, "autolink": "<ab:" * 50_000,
     "srcset": '<img srcset="' + "a," * 100_000, "handler": "<a o" + "n" * 200_000,
     "turn end": "</s><s>" + "\n" * 200_000 + "user", "template tokens": "<|im_end" * 25_000,
+    "spaced template tokens": "( | " * 50_000, "template token gap": "<|" + " " * 200_000 + "im_end" + " " * 200_000,
+    "turn heading": "</s>" + "#" * 200_000, "instruction brackets": "[ / " * 50_000,
     # the output guard's readings: a base64 or hex run its end does not close, many small payloads each decoded,
     # character references and %-escapes left unfinished, tag characters
     "base64": "A" * 200_000 + "===", "base64 payloads": "QUJDREVGR0hJSktMTU5PUA== " * 8_000,
