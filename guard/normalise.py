@@ -15,9 +15,11 @@ from pydantic import AfterValidator
 from core.text import VARIATION_SELECTOR, VARIATION_SELECTORS
 
 # Characters that render as nothing (or as a space) and are used to split trigger words: these, Unicode tag
-# characters and variation selectors (`_TAGS`, `_SELECTORS`, below).
+# characters and variation selectors (`_TAGS`, `_SELECTORS`, below). Together every Default_Ignorable_Code_Point of
+# Unicode's DerivedCoreProperties (the shorthand format controls, U+1BCA0-U+1BCA3, and the musical beam and slur
+# controls, U+1D173-U+1D17A, too: `<|im_\U0001bca0start|>` split ChatML's token past the chat_template rule).
 _ZERO_WIDTH = ("\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164"
-               "\ufeff\uffa0")
+               "\ufeff\uffa0\ufff0-\ufff8\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0080-\U000e00ff\U000e01f0-\U000e0fff")
 _TAGS = "\U000e0000-\U000e007f"
 _SELECTORS = VARIATION_SELECTORS
 _INVISIBLE = re.compile(f"[{_ZERO_WIDTH}{_TAGS}{_SELECTORS}]")
