@@ -15,6 +15,11 @@ from guard.firewall import Verdict, get_firewall
 from guard.schemas import KillMode
 
 FIREWALL_REFUSAL = "This question was blocked by the prompt firewall."
+# A question holding a chat template's control token (chat_template) is blocked however innocent ("what does ... mean
+# in ChatML?"): say why and how to ask, without writing such a token (the answer may be passed to another model).
+TEMPLATE_REFUSAL = (f"{FIREWALL_REFUSAL[:-1]}: it holds a chat template's control token (im_end, eot_id, INST and the "
+                    "like, in their brackets), which would end your turn and open another. To ask about one, name it "
+                    "without its brackets.")
 DISABLED_MESSAGE = "Answering is switched off by an administrator (kill switch); try again later."
 
 
@@ -59,4 +64,6 @@ def admit(*, session: Session, settings: Settings, question: str, departments: l
 
 def refusal_text(admission: Admission) -> str:
     """What a blocked caller reads."""
-    return DISABLED_MESSAGE if admission.disabled else FIREWALL_REFUSAL
+    if admission.disabled:
+        return DISABLED_MESSAGE
+    return TEMPLATE_REFUSAL if "chat_template" in admission.verdicts["firewall"]["rules"] else FIREWALL_REFUSAL
