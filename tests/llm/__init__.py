@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import struct
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -20,10 +23,19 @@ _GGUF_STRING, _GGUF_ARRAY = 8, 9
 GGUF_USER_DEFINED = 4  # a token type of `tokenizer.ggml.token_type` (llama.cpp: LLAMA_TOKEN_TYPE_USER_DEFINED)
 
 
-def with_token_types(source: Path, target: Path, types: dict[int, int]) -> Path:
-    """A copy of the GGUF `source` at `target` whose tokens `types` names are of those types (int32 each in the
+@contextmanager
+def with_token_types(source: Path, types: dict[int, int]) -> Iterator[Path]:
+    """A copy of the GGUF `source`, in a temporary directory removed on exit (not pytest's tmp_path, which keeps its
+    last runs: 100 MB each), whose tokens `types` names are of those types (int32 each in the
     `tokenizer.ggml.token_type` array, rewritten in place): a vocabulary no packaged model has."""
-    data = bytearray(source.read_bytes())
+    with tempfile.TemporaryDirectory(prefix="govrag-gguf-") as folder:
+        target = Path(folder) / source.name
+        target.write_bytes(_retyped(bytearray(source.read_bytes()), types))
+        yield target
+
+
+def _retyped(data: bytearray, types: dict[int, int]) -> bytearray:
+    """The GGUF `data` with the token types `types` written into its `tokenizer.ggml.token_type` array."""
     at = 24  # magic, version, tensor count, metadata count
     for _ in range(struct.unpack_from("<Q", data, 16)[0]):
         length = struct.unpack_from("<Q", data, at)[0]
@@ -32,10 +44,9 @@ def with_token_types(source: Path, target: Path, types: dict[int, int]) -> Path:
         if key == "tokenizer.ggml.token_type":
             for token, kind_of_token in types.items():
                 struct.pack_into("<i", data, at + 12 + 4 * token, kind_of_token)  # past the element type and count
-            target.write_bytes(data)
-            return target
+            return data
         at = _skipped(data, at, kind)
-    raise AssertionError(f"{source} has no tokenizer.ggml.token_type")
+    raise AssertionError("the GGUF has no tokenizer.ggml.token_type")
 
 
 def _skipped(data: bytearray, at: int, kind: int) -> int:
