@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Row, Select, delete, func, select, text
@@ -17,6 +18,10 @@ GENESIS_HASH = "0" * 64
 _CHAIN_LOCK_ID = 734_112  # arbitrary, constant advisory-lock id for the ledger chain
 _local_chain_lock = threading.RLock()
 _BATCH = 1000
+# How far the clocks of the ledger's writers may disagree. Each event is stamped under the chain lock, after the one
+# before it committed, so created_at follows the chain's order as far as their clocks agree: a walk over a time
+# window starts and ends this much further out, and still chooses its rows by their own time.
+_CLOCK_SKEW = timedelta(minutes=1)
 
 
 # Built once: every query runs it (a statement built per call costs its construction and cache key).
@@ -97,6 +102,7 @@ def iter_chain(session: Session, *, after_id: int) -> Iterator[Row[Any]]:
 
 def iter_events(session: Session, *, filters: ExportFilters, through_id: int) -> Iterator[Row[Any]]:
     """Events matching the column filters, up to `through_id`, in chain order (JSON filters are the caller's)."""
+    after_id, through_id = _window_ids(session, filters, through_id)
     query = select(*_EVENT_COLUMNS).where(RetrievalEvent.id <= through_id)
     if filters.since is not None:
         query = query.where(RetrievalEvent.created_at >= filters.since)
@@ -108,12 +114,29 @@ def iter_events(session: Session, *, filters: ExportFilters, through_id: int) ->
         query = query.where(RetrievalEvent.decision == filters.decision)
     if filters.event_type is not None:
         query = query.where(RetrievalEvent.event_type == filters.event_type)
-    yield from _paged(session, query)
+    yield from _paged(session, query, after_id=after_id)
 
 
-def _paged(session: Session, query: Select[Any]) -> Iterator[Row[Any]]:
-    """Keyset pagination on id: each batch is a fresh, short query, so memory stays flat at any ledger size."""
+def _window_ids(session: Session, filters: ExportFilters, through_id: int) -> tuple[int, int]:
+    """The ids a walk in chain order over a time window goes after and through, each sought through the index on
+    created_at: the last event older than `since` and the first as new as `until`, `_CLOCK_SKEW` further out (an
+    event more than that older or newer than another is before or after it in the chain). The walk began at id 0,
+    reading every older event before its first row (50 ms at 200,000 events), and went on to the ledger's end."""
     after_id = 0
+    if filters.since is not None:
+        older = RetrievalEvent.created_at < filters.since - _CLOCK_SKEW
+        after_id = session.scalar(select(RetrievalEvent.id).where(older).order_by(
+            RetrievalEvent.created_at.desc(), RetrievalEvent.id.desc()).limit(1)) or 0
+    if filters.until is not None:
+        newer = RetrievalEvent.created_at >= filters.until + _CLOCK_SKEW
+        first_after = session.scalar(select(RetrievalEvent.id).where(newer).order_by(
+            RetrievalEvent.created_at, RetrievalEvent.id).limit(1))
+        through_id = through_id if first_after is None else min(through_id, first_after - 1)
+    return after_id, through_id
+
+
+def _paged(session: Session, query: Select[Any], *, after_id: int = 0) -> Iterator[Row[Any]]:
+    """Keyset pagination on id: each batch is a fresh, short query, so memory stays flat at any ledger size."""
     while True:
         batch = session.execute(query.where(RetrievalEvent.id > after_id).order_by(RetrievalEvent.id)
                                 .limit(_BATCH)).all()
