@@ -1,12 +1,17 @@
-"""The embedded SQLite database's hot queries: the plan SQLite picks for each, and its time, at a realistic size.
+"""The database's hot queries: the plan the embedded SQLite (or PostgreSQL) picks for each, and its time, at a
+realistic size.
 
     .venv/bin/python -m bench.sqlite_plans [--documents 50000] [--events 200000] [--revision 0014] [--analyze]
+                                           [--postgres]
 
 Builds a throw-away SQLite database at `--revision` (default: head) holding documents in eight departments, one job
 each (a few unfinished, as in a steady state) and a ledger, then calls the code that issues each hot query
-(find_duplicate, failed_copies, listing pages, the ledger's walk and a windowed export, each step of the job sweep),
-captures its SQL, and prints that SQL's EXPLAIN QUERY PLAN and its median time. govrag never ANALYZEs SQLite, so the
-plans shown are those without statistics; `--analyze` runs a full ANALYZE first, to compare. Printed, never asserted.
+(find_duplicate, failed_copies, listing pages, the ledger's walk and the first page of an export over a time window,
+the /metrics document counts, each step of the job sweep), captures its SQL (every statement on the table, when it
+runs several), and prints each statement's EXPLAIN QUERY PLAN and their summed median time. govrag never ANALYZEs
+SQLite, so the plans shown are those without statistics; `--analyze` runs a full ANALYZE first, to compare.
+`--postgres` measures the same on a throw-away PostgreSQL database (GOVRAG_TEST_PG_DSN's server), VACUUM ANALYZEd as
+autovacuum leaves it, with EXPLAIN. Printed, never asserted.
 """
 
 from __future__ import annotations
@@ -20,14 +25,16 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from sqlalchemy import event, insert
 from sqlalchemy.orm import Session
 
-from bench.common import machine
+from bench.common import libpq_dsn, machine, throwaway_postgres
 
 DEPARTMENTS = ["hr", "finance", "legal", "engineering", "sales", "ops", "it", "research"]
 START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -63,7 +70,7 @@ def _populate(url: str, documents: int, events: int) -> list[dict[str, Any]]:
         connection.execute(insert(Document), rows)
         connection.execute(insert(IngestionJob), jobs)
         for first in range(1, events + 1, 20_000):
-            connection.execute(insert(RetrievalEvent), [_event(n, rng) for n in range(first, min(first + 20_000,
+            connection.execute(insert(RetrievalEvent), [event_row(n, rng) for n in range(first, min(first + 20_000,
                                                                                                  events + 1))])
         connection.execute(insert(AuditCheckpoint), [
             {"created_at": START + timedelta(seconds=n * 5), "kind": "periodic", "last_event_id": n,
@@ -71,7 +78,7 @@ def _populate(url: str, documents: int, events: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _event(n: int, rng: random.Random) -> dict[str, Any]:
+def event_row(n: int, rng: random.Random) -> dict[str, Any]:
     """A retrieval event as a row (its hashes placeholders: no plan reads them)."""
     return {"id": n, "request_id": uuid.UUID(int=rng.getrandbits(128)).hex,
             "created_at": START + timedelta(seconds=n * 5), "event_type": "retrieval",
@@ -92,6 +99,7 @@ def _probes(settings: Any, documents: list[dict[str, Any]], events: int) -> list
 
     app, middle = create_celery(settings), documents[len(documents) // 2]
     window = ExportFilters(since=START + timedelta(seconds=events * 3), until=START + timedelta(seconds=events * 3.5))
+    recent = ExportFilters(since=START + timedelta(seconds=events * 3))  # events are 5 s apart: the newest 40 %
     grace, stalled = settings.job_resend_after_seconds, settings.ingest_time_limit_seconds
     return [
         ("find_duplicate (an upload of new content)", "documents",
@@ -107,6 +115,9 @@ def _probes(settings: Any, documents: list[dict[str, Any]], events: int) -> list
          lambda s: next(ledger.iter_chain(s, after_id=events // 2))),
         ("audit export: first page of a time window", "retrieval_events",
          lambda s: next(ledger.iter_events(s, filters=window, through_id=events))),
+        ("audit export: first page since a time", "retrieval_events",
+         lambda s: next(ledger.iter_events(s, filters=recent, through_id=events))),
+        ("document_counts (each /metrics scrape)", "documents", ledger.document_counts),
         ("job sweep: resend_lost", "ingestion_jobs", lambda _: dispatch.resend_lost(app, older_than_seconds=grace)),
         ("job sweep: resend_stalled", "ingestion_jobs",
          lambda _: dispatch.resend_stalled(app, stalled_after_seconds=stalled)),
@@ -117,6 +128,12 @@ def _probes(settings: Any, documents: list[dict[str, Any]], events: int) -> list
 def captured_statement(url: str, table: str, call: Callable[[Session], Any]) -> tuple[str, Any]:
     """The first statement reading or updating `table` that `call` (given a session, rolled back after) ran on the
     database at `url`, and its parameters."""
+    return captured_statements(url, table, call)[0]
+
+
+def captured_statements(url: str, table: str, call: Callable[[Session], Any]) -> list[tuple[str, Any]]:
+    """Every statement reading or updating `table` that `call` (given a session, rolled back after) ran on the
+    database at `url`, with its parameters, in order."""
     from core.db import get_engine, get_session_factory
 
     seen: list[tuple[str, Any]] = []
@@ -133,7 +150,7 @@ def captured_statement(url: str, table: str, call: Callable[[Session], Any]) -> 
             session.rollback()
     finally:
         event.remove(engine, "before_cursor_execute", capture)
-    return seen[0]
+    return seen
 
 
 def query_plan(connection: sqlite3.Connection, statement: str, parameters: Any) -> list[str]:
@@ -143,38 +160,59 @@ def query_plan(connection: sqlite3.Connection, statement: str, parameters: Any) 
             for row in connection.execute(f"EXPLAIN QUERY PLAN {statement}", parameters)]
 
 
-def _plan_and_time(raw: sqlite3.Connection, statement: str, parameters: Any) -> tuple[list[str], float]:
-    """The plan SQLite picks for the statement, and its median time (ms) to the last row; writes are rolled back."""
-    plan = query_plan(raw, statement, parameters)
-    times = []
-    for _ in range(RUNS):
-        started = time.perf_counter()
-        raw.execute(statement, parameters).fetchall()
-        times.append((time.perf_counter() - started) * 1000)
-        raw.rollback()
-    return plan, statistics.median(times)
+def pg_query_plan(connection: psycopg.Connection[Any], statement: str, parameters: Any) -> list[str]:
+    """The nodes of the plan PostgreSQL picks for the statement (EXPLAIN without costs), one a line, stripped."""
+    return [row[0].strip() for row in connection.execute(f"EXPLAIN (COSTS OFF) {statement}", parameters)]
 
 
-def run(documents: int, events: int, revision: str, analyze: bool) -> None:
+def _plan_and_time(raw: Any, plan_of: Callable[..., list[str]], statements: list[tuple[str, Any]]) -> tuple[
+        list[str], float]:
+    """The plans the database picks for the statements, one after the other (each after its own median time when
+    there are several), and their summed median times (ms) to the last row; writes are rolled back."""
+    plans, total = [], 0.0
+    for statement, parameters in statements:
+        times = []
+        for _ in range(RUNS):
+            started = time.perf_counter()
+            raw.execute(statement, parameters).fetchall()
+            times.append((time.perf_counter() - started) * 1000)
+            raw.rollback()
+        total += statistics.median(times)
+        each = f"({statistics.median(times):.2f} ms) " if len(statements) > 1 else ""
+        plans.append(each + "; ".join(plan_of(raw, statement, parameters)))
+    return plans, total
+
+
+def run(documents: int, events: int, revision: str, analyze: bool, postgres: bool) -> None:
     from core.migrate import upgrade
     from core.settings import Settings
 
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(data_dir=Path(tmp))
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        url = stack.enter_context(throwaway_postgres("govrag_bench")) if postgres else None
+        settings = Settings(data_dir=Path(tmp), database_url=url)
         url = settings.resolved_database_url
         upgrade(url, revision)
         rows = _populate(url, documents, events)
-        raw = sqlite3.connect(settings.data_dir / "govrag.db")
-        if analyze:
-            raw.execute("ANALYZE")
-            raw.commit()
-        print(f"# SQLite query plans at revision {revision} ({machine()}, SQLite {sqlite3.sqlite_version})\n")
+        if postgres:
+            raw, plan_of, engine = psycopg.connect(libpq_dsn(url)), pg_query_plan, "PostgreSQL"
+            raw.autocommit = True
+            raw.execute("VACUUM ANALYZE")  # what autovacuum does after a bulk load: statistics, visibility map
+            raw.autocommit = False
+            version, stats = raw.info.server_version, "VACUUM ANALYZEd"
+        else:
+            raw, plan_of, engine = sqlite3.connect(settings.data_dir / "govrag.db"), query_plan, "SQLite"
+            if analyze:
+                raw.execute("ANALYZE")
+                raw.commit()
+            version = sqlite3.sqlite_version
+            stats = "after a full ANALYZE" if analyze else "no statistics (never ANALYZEd)"
+        print(f"# {engine} query plans at revision {revision} ({machine()}, {engine} {version})\n")
         print(f"{documents:,} documents in {len(DEPARTMENTS)} departments, one job each; {events:,} ledger events; "
-              f"{'after a full ANALYZE' if analyze else 'no statistics (never ANALYZEd)'}.\n")
-        print("| query | median ms | plan |\n| --- | --- | --- |")
+              f"{stats}.\n")
+        print("| query | median ms | plan (one per statement, / between) |\n| --- | --- | --- |")
         for name, table, call in _probes(settings, rows, events):
-            plan, ms = _plan_and_time(raw, *captured_statement(url, table, call))
-            print(f"| {name} | {ms:.2f} | {'; '.join(plan)} |")
+            plans, ms = _plan_and_time(raw, plan_of, captured_statements(url, table, call))
+            print(f"| {name} | {ms:.2f} | {' / '.join(plans)} |")
         raw.close()
 
 
@@ -183,9 +221,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--documents", type=int, default=50_000)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--revision", default="head", help="the schema to measure, e.g. 0014 for the one before 0015")
-    parser.add_argument("--analyze", action="store_true", help="run a full ANALYZE before measuring")
+    parser.add_argument("--analyze", action="store_true", help="run a full ANALYZE before measuring (SQLite)")
+    parser.add_argument("--postgres", action="store_true",
+                        help="measure on a throw-away PostgreSQL database (GOVRAG_TEST_PG_DSN's server), VACUUM "
+                             "ANALYZEd, instead of the embedded SQLite")
     args = parser.parse_args(argv)
-    run(args.documents, args.events, args.revision, args.analyze)
+    run(args.documents, args.events, args.revision, args.analyze, args.postgres)
 
 
 if __name__ == "__main__":
