@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Row, Select, delete, func, select, text
+from sqlalchemy import ColumnElement, Row, Select, delete, func, select, text
 from sqlalchemy.orm import Session
 
 from audit.schemas import ExportFilters
@@ -18,10 +17,6 @@ GENESIS_HASH = "0" * 64
 _CHAIN_LOCK_ID = 734_112  # arbitrary, constant advisory-lock id for the ledger chain
 _local_chain_lock = threading.RLock()
 _BATCH = 1000
-# How far the clocks of the ledger's writers may disagree. Each event is stamped under the chain lock, after the one
-# before it committed, so created_at follows the chain's order as far as their clocks agree: a walk over a time
-# window starts and ends this much further out, and still chooses its rows by their own time.
-_CLOCK_SKEW = timedelta(minutes=1)
 
 
 # Built once: every query runs it (a statement built per call costs its construction and cache key).
@@ -102,12 +97,9 @@ def iter_chain(session: Session, *, after_id: int) -> Iterator[Row[Any]]:
 
 def iter_events(session: Session, *, filters: ExportFilters, through_id: int) -> Iterator[Row[Any]]:
     """Events matching the column filters, up to `through_id`, in chain order (JSON filters are the caller's)."""
-    after_id, through_id = _window_ids(session, filters, through_id)
-    query = select(*_EVENT_COLUMNS).where(RetrievalEvent.id <= through_id)
-    if filters.since is not None:
-        query = query.where(RetrievalEvent.created_at >= filters.since)
-    if filters.until is not None:
-        query = query.where(RetrievalEvent.created_at < filters.until)
+    window = _window(filters)
+    after_id, through_id = _window_ids(session, window, through_id)
+    query = select(*_EVENT_COLUMNS).where(RetrievalEvent.id <= through_id, *window)
     if filters.subject is not None:
         query = query.where(RetrievalEvent.subject == filters.subject)
     if filters.decision is not None:
@@ -117,22 +109,28 @@ def iter_events(session: Session, *, filters: ExportFilters, through_id: int) ->
     yield from _paged(session, query, after_id=after_id)
 
 
-def _window_ids(session: Session, filters: ExportFilters, through_id: int) -> tuple[int, int]:
-    """The ids a walk in chain order over a time window goes after and through, each sought through the index on
-    created_at: the last event older than `since` and the first as new as `until`, `_CLOCK_SKEW` further out (an
-    event more than that older or newer than another is before or after it in the chain). The walk began at id 0,
-    reading every older event before its first row (50 ms at 200,000 events), and went on to the ledger's end."""
-    after_id = 0
+def _window(filters: ExportFilters) -> list[ColumnElement[bool]]:
+    """The conditions on created_at of the export's time window (since inclusive, until exclusive)."""
+    window = []
     if filters.since is not None:
-        older = RetrievalEvent.created_at < filters.since - _CLOCK_SKEW
-        after_id = session.scalar(select(RetrievalEvent.id).where(older).order_by(
-            RetrievalEvent.created_at.desc(), RetrievalEvent.id.desc()).limit(1)) or 0
+        window.append(RetrievalEvent.created_at >= filters.since)
     if filters.until is not None:
-        newer = RetrievalEvent.created_at >= filters.until + _CLOCK_SKEW
-        first_after = session.scalar(select(RetrievalEvent.id).where(newer).order_by(
-            RetrievalEvent.created_at, RetrievalEvent.id).limit(1))
-        through_id = through_id if first_after is None else min(through_id, first_after - 1)
-    return after_id, through_id
+        window.append(RetrievalEvent.created_at < filters.until)
+    return window
+
+
+def _window_ids(session: Session, window: list[ColumnElement[bool]], through_id: int) -> tuple[int, int]:
+    """The ids a walk in chain order over a time window goes after and through: just before the window's first
+    event and at its last, read from ix_retrieval_events_created_at. Exact whatever the order of the times: an event
+    stamped by a writer whose clock was behind (or ahead) sits in the chain among events older (or newer) than it,
+    and a bound sought by time alone, even with a margin, left it out. The walk began at id 0, reading every older
+    event before its first row, and went on to the ledger's end. `id + 0`: on min(id) and max(id), PostgreSQL walks
+    the primary key from either end until it meets an event in the window, reading every event outside it."""
+    if not window:
+        return 0, through_id
+    ids = RetrievalEvent.id + 0
+    first, last = session.execute(select(func.min(ids), func.max(ids)).where(*window)).one()
+    return (0, 0) if first is None else (first - 1, min(through_id, last))
 
 
 def _paged(session: Session, query: Select[Any], *, after_id: int = 0) -> Iterator[Row[Any]]:
@@ -163,10 +161,12 @@ def deployment(session: Session) -> Deployment | None:
 
 
 def last_event_before(session: Session, cutoff: object) -> RetrievalEvent | None:
-    """The newest event created before `cutoff`."""
-    query = (select(RetrievalEvent).where(RetrievalEvent.created_at < cutoff)
-             .order_by(RetrievalEvent.id.desc()).limit(1))
-    return session.scalar(query)
+    """The newest event of the chain's longest start created before `cutoff`: the purge deletes through it, so no
+    event as new as `cutoff` is before it. It was the newest event created before `cutoff`, and one stamped by a
+    writer whose clock was behind, after newer events, took them with it."""
+    first_kept = session.scalar(select(func.min(RetrievalEvent.id)).where(RetrievalEvent.created_at >= cutoff))
+    query = select(RetrievalEvent).order_by(RetrievalEvent.id.desc()).limit(1)
+    return session.scalar(query if first_kept is None else query.where(RetrievalEvent.id < first_kept))
 
 
 def count_through(session: Session, through_id: int) -> int:
