@@ -27,7 +27,7 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("bench/firewall_eval.py", []),
     ("bench/authz_bench.py", []),
     ("bench/audit_bench.py", []),
-    ("bench/sqlite_plans.py", []),
+    ("bench/sqlite_plans.py", ["--both"]),  # the embedded SQLite, then PostgreSQL
 ]
 
 

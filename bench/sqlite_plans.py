@@ -2,7 +2,7 @@
 realistic size.
 
     .venv/bin/python -m bench.sqlite_plans [--documents 50000] [--events 200000] [--revision 0014] [--analyze]
-                                           [--postgres]
+                                           [--postgres | --both]
 
 Builds a throw-away SQLite database at `--revision` (default: head) holding documents in eight departments, one job
 each (a few unfinished, as in a steady state) and a ledger, then calls the code that issues each hot query
@@ -11,7 +11,8 @@ the /metrics document counts, each step of the job sweep), captures its SQL (eve
 runs several), and prints each statement's EXPLAIN QUERY PLAN and their summed median time. govrag never ANALYZEs
 SQLite, so the plans shown are those without statistics; `--analyze` runs a full ANALYZE first, to compare.
 `--postgres` measures the same on a throw-away PostgreSQL database (GOVRAG_TEST_PG_DSN's server), VACUUM ANALYZEd as
-autovacuum leaves it, with EXPLAIN. Printed, never asserted.
+autovacuum leaves it, with EXPLAIN; `--both` measures SQLite, then PostgreSQL (bench/run_all.py runs it so: a re-run
+of `make bench` keeps both). Printed, never asserted.
 """
 
 from __future__ import annotations
@@ -222,11 +223,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--revision", default="head", help="the schema to measure, e.g. 0014 for the one before 0015")
     parser.add_argument("--analyze", action="store_true", help="run a full ANALYZE before measuring (SQLite)")
-    parser.add_argument("--postgres", action="store_true",
-                        help="measure on a throw-away PostgreSQL database (GOVRAG_TEST_PG_DSN's server), VACUUM "
-                             "ANALYZEd, instead of the embedded SQLite")
+    database = parser.add_mutually_exclusive_group()
+    database.add_argument("--postgres", action="store_true",
+                          help="measure on a throw-away PostgreSQL database (GOVRAG_TEST_PG_DSN's server), VACUUM "
+                               "ANALYZEd, instead of the embedded SQLite")
+    database.add_argument("--both", action="store_true",
+                          help="SQLite, then PostgreSQL (what `make bench` records in bench/RESULTS.md)")
     args = parser.parse_args(argv)
-    run(args.documents, args.events, args.revision, args.analyze, args.postgres)
+    for postgres in (False, True) if args.both else (args.postgres,):
+        if postgres and args.both:
+            print()  # between the SQLite table and the PostgreSQL heading
+        run(args.documents, args.events, args.revision, args.analyze, postgres)
 
 
 if __name__ == "__main__":
