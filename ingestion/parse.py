@@ -286,8 +286,9 @@ def _start_ocr_tools_in_the_sandbox() -> None:
     unstructured_pytesseract.pytesseract.subprocess = sandbox.SUBPROCESS  # type: ignore[assignment]
 
 
-# what pdf2image (pdfinfo for the page count; pdftoppm where a version renders with it) and pytesseract start
-_OCR_TOOLS = frozenset({"pdfinfo", "pdftoppm", "tesseract"})
+# what pdf2image (pdfinfo for the page count; pdftoppm where a version renders with it) and pytesseract start, and
+# what each is called until the sandbox's wrapper has become it
+_OCR_TOOLS = frozenset({"pdfinfo", "pdftoppm", "tesseract"}) | sandbox.WRAPPER_NAMES
 
 
 @contextlib.contextmanager

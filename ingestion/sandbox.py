@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,11 +25,18 @@ from typing import Any
 from core.errors import ErrorCode, GovragError
 
 GROUP_EXIT_WAIT_SECONDS = 2.0  # after the kill, how long to wait for a converter's (or the OCR tools') processes to go
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-# A converter's session is led by this shell, told (PR_SET_PDEATHSIG) when the process that started it dies, and then
-# kills the whole session: the signal reaches one process only, and `soffice` (oosplash) killed alone left the
-# `soffice.bin` it started converting on. "$@" runs the converter's own argument vector, never parsed by the shell.
+# A converter's session is led by this shell, sent SIGTERM when the process that started it dies, and then kills the
+# whole session: the signal reaches one process only, and `soffice` (oosplash) killed alone left the `soffice.bin` it
+# started converting on. "$@" runs the converter's own argument vector, never parsed by the shell.
 _SESSION_LEADER = ["/bin/sh", "-c", 'trap "kill -s KILL 0" TERM; "$@" & wait $!', "govrag-converter"]
+# Every program starts through util-linux's setpriv, which asks Linux (PR_SET_PDEATHSIG) for the signal when the
+# process that started it dies, then this shell, which ends at once should that process have died before the asking
+# ($0: its pid) and else becomes the program. No Python code runs between fork and exec (no preexec_fn, unsafe in a
+# threaded process: an at-fork hook or a lock another thread held could hang the child). Without setpriv (not Linux)
+# programs start as they are, and outlive a killed worker.
+_SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+_PARENT_STILL_THERE = '[ "$PPID" = "$0" ] || exit 1; exec "$@"'
+WRAPPER_NAMES = frozenset({"setpriv", "sh"})  # what a program is called until the wrapper has become it
 
 
 class Abandoned(BaseException):
@@ -73,30 +80,12 @@ def cancelled_by(cancellation: Cancellation) -> Iterator[None]:
         _cancellation.reset(token)
 
 
-def _load_prctl() -> Callable[..., int] | None:
-    """libc's prctl on Linux, resolved here so that a child only calls it; None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None).prctl
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    return prctl  # type: ignore[no-any-return]
-
-
-_prctl = _load_prctl()
-
-
-def _dying_with(parent: int, signum: int) -> Callable[[], None]:
-    """A child's first step (between fork and exec): be sent `signum` when its parent dies, and end at once when the
-    parent died before it asked."""
-
-    def first_step() -> None:
-        if _prctl is not None:
-            _prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return first_step
+def _dying_with(signum: int, args: list[Any]) -> list[Any]:
+    """`args` started so that the program is sent `signum` when the process that starts it dies (see `_SETPRIV`)."""
+    if _SETPRIV is None:
+        return args
+    return [_SETPRIV, f"--pdeathsig={signal.Signals(signum).name.removeprefix('SIG')}", "--", "/bin/sh", "-c",
+            _PARENT_STILL_THERE, str(os.getpid()), *args]
 
 
 class ChildPopen(subprocess.Popen):  # type: ignore[type-arg]
@@ -110,9 +99,9 @@ class ChildPopen(subprocess.Popen):  # type: ignore[type-arg]
         env = options.pop("env", None)
         env = {**(os.environ if env is None else env), "TMPDIR": temp_dir or tempfile.gettempdir()}
         cancellation = _cancellation.get()
+        program = [args] if isinstance(args, str | bytes | os.PathLike) else list(args)
         with cancellation.starting() if cancellation is not None else contextlib.nullcontext():
-            super().__init__(args, *more, start_new_session=True,
-                             preexec_fn=_dying_with(os.getpid(), dies_by), env=env, **options)
+            super().__init__(_dying_with(dies_by, program), *more, start_new_session=True, env=env, **options)
 
 
 class _Subprocess:

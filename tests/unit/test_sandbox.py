@@ -105,3 +105,21 @@ def test_a_cancelled_parse_is_refused_the_program_it_would_start(tmp_path: Path)
     with sandbox.cancelled_by(cancellation), pytest.raises(sandbox.Abandoned):
         sandbox.ChildPopen(["touch", str(tmp_path / "started")])  # noqa: S607
     assert not (tmp_path / "started").exists()
+
+
+_FORKED_CHILDREN_MARKED: list[Path] = []
+os.register_at_fork(after_in_child=lambda: [marker.touch() for marker in _FORKED_CHILDREN_MARKED])
+
+
+def test_no_python_code_runs_in_a_program_before_it_starts(tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG was asked for in a preexec_fn, Python code run between fork and exec, which Python's
+    documentation calls unsafe in a threaded process (a worker is one): the child runs the at-fork hooks, and could
+    hang on a lock another thread held. Here an at-fork hook marks a child that runs them; util-linux's setpriv now
+    asks in the child, and the program still dies with the worker (the test above)."""
+    marker = tmp_path / "python ran in the child"
+    _FORKED_CHILDREN_MARKED.append(marker)
+    try:
+        assert sandbox.ChildPopen(["true"]).wait() == 0  # noqa: S607
+    finally:
+        _FORKED_CHILDREN_MARKED.clear()
+    assert not marker.exists()
