@@ -32,7 +32,7 @@ def available() -> bool:
     return shutil.which("soffice") is not None
 
 
-def convert(data: bytes, content_type: str, timeout_seconds: float) -> tuple[bytes, str]:
+def convert(data: bytes, content_type: str, deadline: sandbox.Deadline) -> tuple[bytes, str]:
     """The DOCX/PPTX bytes of a legacy file and their content type, or a GovragError with the reason."""
     legacy = FORMATS[content_type]
     soffice = shutil.which("soffice")
@@ -48,7 +48,7 @@ def convert(data: bytes, content_type: str, timeout_seconds: float) -> tuple[byt
                 f"-env:UserInstallation={(work / 'profile').as_uri()}", "--convert-to", legacy.converted_extension,
                 "--outdir", str(work / "out"), str(work / conversion.source)]
 
-    _, converted = sandbox.convert(conversion, data, command, timeout_seconds)  # soffice exits 0 either way
+    _, converted = sandbox.convert(conversion, data, command, deadline)  # soffice exits 0 either way
     if converted is None:
         raise GovragError(ErrorCode.invalid_request,
                           f"could not convert the {legacy.name} file: it is corrupt or malformed")

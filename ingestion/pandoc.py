@@ -33,7 +33,7 @@ FORMATS = {
 }
 
 
-def convert(data: bytes, content_type: str, timeout_seconds: float) -> tuple[bytes, str]:
+def convert(data: bytes, content_type: str, deadline: sandbox.Deadline) -> tuple[bytes, str]:
     """The DOCX/HTML bytes of an ODT, RTF or EPUB file and their content type, or a GovragError with the reason."""
     source_format = FORMATS[content_type]
     try:
@@ -50,7 +50,7 @@ def convert(data: bytes, content_type: str, timeout_seconds: float) -> tuple[byt
                 str(work / conversion.source), f"--output={work / conversion.output}", "+RTS", f"-M{HEAP_LIMIT_MB}m",
                 "-RTS"]
 
-    status, converted = sandbox.convert(conversion, data, command, timeout_seconds)
+    status, converted = sandbox.convert(conversion, data, command, deadline)
     if status == _HEAP_EXHAUSTED:
         raise GovragError(ErrorCode.payload_too_large, f"converting the {source_format.name} file needs more than "
                                                        f"{HEAP_LIMIT_MB} MB of memory")

@@ -152,23 +152,26 @@ class ParseLimits:
     timeout_seconds: float = 120.0
 
 
-def parse_document(data: bytes, content_type: str, limits: ParseLimits | None = None) -> list[Section]:
-    """Partition the bytes of a sniffed content type into sections, or raise a GovragError."""
+def parse_document(data: bytes, content_type: str, limits: ParseLimits | None = None,
+                   deadline: sandbox.Deadline | None = None) -> list[Section]:
+    """Partition the bytes of a sniffed content type into sections, or raise a GovragError. Every step shares one
+    `deadline`, by default `limits.timeout_seconds` from now."""
     limits = limits or ParseLimits()
     configure_unstructured()
     scratch.private_dir()  # tempfile's default: what the parse writes there, the next process removes if this one dies
+    deadline = deadline or sandbox.Deadline(limits.timeout_seconds)
     uploaded = content_type  # what a failure names: an ODT converted to DOCX is an ODT to whoever sent it
     if content_type in legacy_office.FORMATS:
-        data, content_type = legacy_office.convert(data, content_type, limits.timeout_seconds)
+        data, content_type = legacy_office.convert(data, content_type, deadline)
     if content_type in sniff.ZIP_BASED_TYPES:  # a legacy file's conversion included
         check_zip_container(data, limits)
     if content_type in pandoc.FORMATS:  # ODT, RTF, EPUB: to DOCX or HTML
-        data, content_type = pandoc.convert(data, content_type, limits.timeout_seconds)
+        data, content_type = pandoc.convert(data, content_type, deadline)
     if content_type == sniff.APPLICATION_PDF:
-        return _parse_pdf(data, limits)
+        return _parse_pdf(data, limits, deadline)
     partitioner = _partitioner(content_type)
     try:
-        elements = run_with_timeout(lambda: partitioner(data), limits.timeout_seconds)
+        elements = run_with_timeout(lambda: partitioner(data), deadline)
     except GovragError:
         raise
     except Exception as exc:  # parsers raise anything on malformed input; name only the type
@@ -232,11 +235,11 @@ def _partition_docx(data: bytes) -> list[Element]:
     return partition_docx(file=io.BytesIO(data), languages=_LANGUAGES)
 
 
-def _parse_pdf(data: bytes, limits: ParseLimits) -> list[Section]:
+def _parse_pdf(data: bytes, limits: ParseLimits, deadline: sandbox.Deadline) -> list[Section]:
     """Partition a PDF with the fast (text layer) strategy, mapping failures to clear reasons."""
     readable, damaged = _prepare_pdf(data, limits)
     try:
-        elements = run_with_timeout(lambda: _partition_pdf(readable), limits.timeout_seconds)
+        elements = run_with_timeout(lambda: _partition_pdf(readable), deadline)
     except GovragError:
         raise
     except Exception as exc:  # pdfminer raises a zoo of types on broken files
@@ -245,7 +248,7 @@ def _parse_pdf(data: bytes, limits: ParseLimits) -> list[Section]:
     _check_elements(elements, limits)
     sections = _to_sections(elements)
     if not sections and not damaged and ocr_available():
-        sections = _ocr_pdf(readable, limits)  # no text layer: a scan; read it with Debian's tesseract
+        sections = _ocr_pdf(readable, limits, deadline)  # no text layer: a scan; read it with Debian's tesseract
     if not sections:
         raise GovragError(ErrorCode.invalid_request, _PDF_CORRUPT if damaged else _PDF_NO_TEXT)
     return sections
@@ -256,15 +259,16 @@ def ocr_available() -> bool:
     return bool(shutil.which("tesseract") and shutil.which("pdftoppm"))
 
 
-def _ocr_pdf(data: bytes, limits: ParseLimits) -> list[Section]:
-    """OCR every page with unstructured's ocr_only strategy (tesseract + poppler; no layout model)."""
+def _ocr_pdf(data: bytes, limits: ParseLimits, deadline: sandbox.Deadline) -> list[Section]:
+    """OCR every page with unstructured's ocr_only strategy (tesseract + poppler; no layout model), in what the text
+    layer left of the time limit."""
     from unstructured.partition.pdf import partition_pdf
 
     try:
         _start_ocr_tools_in_the_sandbox()
         with _ocr_tools_ended():
             elements = run_with_timeout(lambda: partition_pdf(file=io.BytesIO(data), strategy="ocr_only",
-                                                              languages=_LANGUAGES), limits.timeout_seconds)
+                                                              languages=_LANGUAGES), deadline)
     except GovragError:
         raise
     except Exception as exc:  # a tesseract/poppler failure: report the scan as unreadable
@@ -380,17 +384,18 @@ def _check_elements(elements: list[Element], limits: ParseLimits) -> None:
                           f"the document has more than {limits.max_elements} elements")
 
 
-def run_with_timeout(work: Callable[[], T], seconds: float) -> T:
-    """Run `work`, failing with a clear error after `seconds`.
+def run_with_timeout(work: Callable[[], T], deadline: sandbox.Deadline) -> T:
+    """Run `work` in what is left of `deadline`, failing with a clear error when it runs past it.
 
     On a process's main thread (a Celery prefork child) SIGALRM interrupts the parser itself; elsewhere
     the parser runs on a daemon thread that is abandoned on timeout, so the worker moves on either way. An abandoned
     parser starts no program (an OCR tool) after the limit: it gets `sandbox.Abandoned` instead.
     """
-    if seconds <= 0:
+    seconds = deadline.remaining()
+    if seconds is None:
         return work()
     if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
-        return _with_alarm(work, seconds)
+        return _with_alarm(work, seconds, deadline)
     outcome: dict[str, object] = {}
     cancellation = sandbox.Cancellation()
 
@@ -406,7 +411,7 @@ def run_with_timeout(work: Callable[[], T], seconds: float) -> T:
     thread.join(seconds)
     if thread.is_alive():
         cancellation.cancel()  # before the caller kills what it runs: the abandoned parse starts nothing after this
-        raise GovragError(ErrorCode.invalid_request, _timeout_message(seconds))
+        raise deadline.expired()
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
     return outcome["value"]  # type: ignore[return-value]
@@ -416,7 +421,7 @@ class _ParseTimeout(BaseException):
     """Not an Exception: a parser's own `except Exception` must not swallow it."""
 
 
-def _with_alarm(work: Callable[[], T], seconds: float) -> T:
+def _with_alarm(work: Callable[[], T], seconds: float, deadline: sandbox.Deadline) -> T:
     def expire(_signum: int, _frame: object) -> None:
         raise _ParseTimeout
 
@@ -425,14 +430,10 @@ def _with_alarm(work: Callable[[], T], seconds: float) -> T:
     try:
         return work()
     except _ParseTimeout:
-        raise GovragError(ErrorCode.invalid_request, _timeout_message(seconds)) from None
+        raise deadline.expired() from None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def _timeout_message(seconds: float) -> str:
-    return f"parsing took longer than the {seconds:g} s limit"
 
 
 def _partition_pdf(data: bytes) -> list[Element]:

@@ -3,7 +3,8 @@ Each starts in a session of its own and dies with the process that started it: a
 hard time limit left pandoc or `soffice.bin` converting the document for minutes. None starts for a parse abandoned
 at its time limit (`Cancellation`). A converter runs in a private temporary directory, its whole session killed at
 the time limit and after it ends, before that directory (which holds the plaintext copy) is removed. Should the
-process die first, that directory stays until the next worker process removes it (`ingestion.scratch`)."""
+process die first, that directory stays until the next worker process removes it (`ingestion.scratch`). All the
+steps of one document's parse share its time limit (`Deadline`)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,29 @@ _SESSION_LEADER = ["/bin/sh", "-c", 'trap "kill -s KILL 0" TERM; "$@" & wait $!'
 _SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
 _PARENT_STILL_THERE = '[ "$PPID" = "$0" ] || exit 1; exec "$@"'
 WRAPPER_NAMES = frozenset({"setpriv", "sh"})  # what a program is called until the wrapper has become it
+
+
+class Deadline:
+    """One document's parse time limit (`limit_seconds`; 0 or less: none), shared by the steps of its parse: each
+    (a conversion, the text layer, OCR) gets what the ones before it left, so no upload holds a worker longer."""
+
+    def __init__(self, limit_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit_seconds = limit_seconds
+        self._clock = clock
+        self._ends_at = clock() + limit_seconds
+
+    def remaining(self) -> float | None:
+        """The seconds left for the next step, None without a limit; once none is left, the parse fails (`expired`)."""
+        if self.limit_seconds <= 0:
+            return None
+        left = self._ends_at - self._clock()
+        if left <= 0:
+            raise self.expired()
+        return left
+
+    def expired(self) -> GovragError:
+        """The failure of a parse that ran past its limit."""
+        return GovragError(ErrorCode.invalid_request, f"parsing took longer than the {self.limit_seconds:g} s limit")
 
 
 class Abandoned(BaseException):
@@ -116,14 +140,15 @@ class _Subprocess:
 SUBPROCESS = _Subprocess()
 
 
-def run_to_the_end(command: list[str], temp_dir: Path, timeout_seconds: float) -> int | None:
-    """Run a converter in a session of its own, `temp_dir` its TMPDIR; its exit status, or None when it ran past the
-    limit. Whatever happens (its end, the limit, the parse's own time limit interrupting the wait), every process of
-    the session is killed: `soffice` starts `soffice.bin`, which a kill of `soffice` alone would leave running."""
+def run_to_the_end(command: list[str], temp_dir: Path, timeout_seconds: float | None) -> int | None:
+    """Run a converter in a session of its own, `temp_dir` its TMPDIR; its exit status, or None when it ran past
+    `timeout_seconds` (None: no limit). Whatever happens (its end, the limit, the parse's own time limit interrupting
+    the wait), every process of the session is killed: `soffice` starts `soffice.bin`, which a kill of `soffice`
+    alone would leave running."""
     process = ChildPopen([*_SESSION_LEADER, *command], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, dies_by=signal.SIGTERM, temp_dir=str(temp_dir))
     try:
-        return process.wait(timeout=timeout_seconds or None)
+        return process.wait(timeout=timeout_seconds)
     except subprocess.TimeoutExpired:
         return None
     finally:
@@ -161,15 +186,17 @@ class Conversion:
 
 
 def convert(conversion: Conversion, data: bytes, command: Callable[[Path], list[str]],
-            timeout_seconds: float) -> tuple[int, bytes | None]:
+            deadline: Deadline) -> tuple[int, bytes | None]:
     """The converter `command(private directory)`'s exit status and the bytes it made of `data` (None: no output), or
-    a GovragError when it ran past the limit. What a status means is the caller's to say."""
+    a GovragError when it ran past what is left of the parse's time limit (`deadline`). What a status means is the
+    caller's to say."""
+    seconds = deadline.remaining()
     with tempfile.TemporaryDirectory(prefix=conversion.prefix) as work:
         folder = Path(work)
         (folder / conversion.source).write_bytes(data)
-        status = run_to_the_end(command(folder), folder, timeout_seconds)
+        status = run_to_the_end(command(folder), folder, seconds)
         if status is None:
             raise GovragError(ErrorCode.invalid_request, f"converting the {conversion.what} file took longer than "
-                                                         f"the {timeout_seconds:g} s limit")
+                                                         f"the {deadline.limit_seconds:g} s limit")
         output = folder / conversion.output
         return status, output.read_bytes() if output.is_file() else None

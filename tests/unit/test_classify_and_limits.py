@@ -11,6 +11,7 @@ import pikepdf
 import pytest
 
 from core.errors import ErrorCode, GovragError
+from ingestion import sandbox
 from ingestion.classify import classify, cut_title, keyword_hits, with_title_pii
 from ingestion.parse import ParseLimits, check_zip_container, parse_document, run_with_timeout
 from ingestion.schemas import Classification
@@ -107,7 +108,7 @@ def test_too_many_pdf_pages_fail_with_the_limit() -> None:
 def test_parse_timeout_on_the_main_thread_interrupts_the_work() -> None:
     finished: list[bool] = []
     with pytest.raises(GovragError) as error:
-        run_with_timeout(lambda: (time.sleep(5), finished.append(True)), 0.2)
+        run_with_timeout(lambda: (time.sleep(5), finished.append(True)), sandbox.Deadline(0.2))
     assert "longer than the 0.2 s limit" in error.value.message
     assert finished == []  # interrupted, not waited out
 
@@ -124,7 +125,7 @@ def test_parse_timeout_is_not_swallowed_by_a_parser_that_catches_every_exception
 
     finished: list[bool] = []
     with pytest.raises(GovragError):
-        run_with_timeout(stubborn_parser, 0.2)
+        run_with_timeout(stubborn_parser, sandbox.Deadline(0.2))
     assert finished == []  # the timeout got through the parser's catch-all, not waited out
 
 
@@ -133,7 +134,7 @@ def test_parse_timeout_off_the_main_thread_returns_control() -> None:
 
     def worker() -> None:
         try:
-            run_with_timeout(lambda: time.sleep(3), 0.2)
+            run_with_timeout(lambda: time.sleep(3), sandbox.Deadline(0.2))
         except GovragError as exc:
             outcome["message"] = exc.message
 
@@ -141,7 +142,7 @@ def test_parse_timeout_off_the_main_thread_returns_control() -> None:
     thread.start()
     thread.join(2)
     assert not thread.is_alive() and "limit" in outcome["message"]
-    assert run_with_timeout(lambda: 41 + 1, 1.0) == 42
+    assert run_with_timeout(lambda: 41 + 1, sandbox.Deadline(1.0)) == 42
 
 
 def test_a_cut_title_splits_no_placeholder_and_keeps_every_type_it_held() -> None:

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from core.errors import ErrorCode, GovragError
-from ingestion import legacy_office, sniff
+from ingestion import legacy_office, sandbox, sniff
 from ingestion.parse import ParseLimits, parse_document
 
 FOLDER = Path(__file__).resolve().parents[3] / "shared" / "eval" / "enterprise_docs_ingestion"
@@ -111,7 +111,7 @@ def test_a_timed_out_conversion_kills_what_soffice_started_and_leaves_no_copy(
     monkeypatch.setattr(tempfile, "tempdir", str(temp_dir))
     monkeypatch.setenv("TMPDIR", str(temp_dir))
     with pytest.raises(GovragError) as slow:
-        legacy_office.convert(b"secret plaintext of the upload", sniff.APPLICATION_DOC, 0.3)
+        legacy_office.convert(b"secret plaintext of the upload", sniff.APPLICATION_DOC, sandbox.Deadline(0.3))
     assert "took longer than the 0.3 s limit" in slow.value.message
     child = int(pid_file.read_text())
     time.sleep(1.5)  # past the moment the child would have written its copy
