@@ -55,6 +55,23 @@ def test_a_conversion_past_the_time_limit_is_killed_and_fails_clearly() -> None:
     assert not [p for p in psutil.process_iter(["cmdline"]) if "govrag-soffice-" in " ".join(p.info["cmdline"] or [])]
 
 
+def test_libreoffice_converts_under_its_memory_cap_and_fails_clearly_over_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LibreOffice had no memory cap: a crafted file could make soffice.bin take the machine's memory. Under the
+    default cap the example .doc converts; under a cap of 100 MB, soffice.bin aborts and the file fails with the
+    conversion's reason, nothing left running."""
+    if not legacy_office.available():
+        assert shutil.which("soffice") is None
+        return
+    name = "fake.doc"
+    data, (content_type, expected_text) = (FOLDER / name).read_bytes(), LEGACY[name]
+    assert expected_text in " ".join(section.text for section in parse_document(data, content_type))
+    monkeypatch.setattr(legacy_office, "MEMORY_LIMIT_MB", 100)
+    with pytest.raises(GovragError) as over:
+        parse_document(data, content_type, ParseLimits(timeout_seconds=300))
+    assert over.value.message == "could not convert the Word 97-2003 (.doc) file: it is corrupt or malformed"
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "govrag-soffice-" in " ".join(p.info["cmdline"] or [])]
+
+
 def test_a_corrupt_legacy_file_fails_with_a_reason_not_a_crash() -> None:
     data = bytearray((FOLDER / "fake.doc").read_bytes())
     data[2048:] = bytes(len(data) - 2048)  # the header and directory survive, the content is gone
