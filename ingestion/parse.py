@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import contextvars
 import functools
 import importlib
 import io
@@ -12,13 +12,12 @@ import shutil
 import signal
 import threading
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from typing import TYPE_CHECKING, TypeVar
 
 import pikepdf
-import psutil
 
 from core import offline
 from core.errors import ErrorCode, GovragError
@@ -266,7 +265,7 @@ def _ocr_pdf(data: bytes, limits: ParseLimits, deadline: sandbox.Deadline) -> li
 
     try:
         _start_ocr_tools_in_the_sandbox()
-        with _ocr_tools_ended():
+        with sandbox.killed_on_failure():
             elements = run_with_timeout(lambda: partition_pdf(file=io.BytesIO(data), strategy="ocr_only",
                                                               languages=_LANGUAGES), deadline)
     except GovragError:
@@ -288,40 +287,6 @@ def _start_ocr_tools_in_the_sandbox() -> None:
 
     pdf2image.pdf2image.Popen = sandbox.ChildPopen  # type: ignore[misc]
     unstructured_pytesseract.pytesseract.subprocess = sandbox.SUBPROCESS  # type: ignore[assignment]
-
-
-# what pdf2image (pdfinfo for the page count; pdftoppm where a version renders with it) and pytesseract start, and
-# what each is called until the sandbox's wrapper has become it
-_OCR_TOOLS = frozenset({"pdfinfo", "pdftoppm", "tesseract"}) | sandbox.WRAPPER_NAMES
-
-
-@contextlib.contextmanager
-def _ocr_tools_ended() -> Iterator[None]:
-    """When the block fails (the parse time limit, a Ctrl-C), kill (and reap) the OCR tools started in it that still
-    run. pdf2image and pytesseract keep their Popen to themselves: the limit, interrupting their wait, left tesseract
-    (or pdfinfo) running on with the document, for minutes on a large scan. They are told apart by name, which holds
-    as a process parses one document at a time (a prefork child, the in-process worker's solo pool, `govrag ingest`);
-    a block that ends normally has waited for its own and kills nothing."""
-    before = _ocr_tools()
-    try:
-        yield
-    except BaseException:
-        left = _ocr_tools() - before
-        for tool in left:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                tool.kill()
-        psutil.wait_procs(left, timeout=sandbox.GROUP_EXIT_WAIT_SECONDS)
-        raise
-
-
-def _ocr_tools() -> set[psutil.Process]:
-    """This process's children that are OCR tools."""
-    tools = set()
-    for child in psutil.Process().children():
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if child.name() in _OCR_TOOLS:
-                tools.add(child)
-    return tools
 
 
 def _prepare_pdf(data: bytes, limits: ParseLimits) -> tuple[bytes, bool]:
@@ -406,7 +371,8 @@ def run_with_timeout(work: Callable[[], T], deadline: sandbox.Deadline) -> T:
         except BaseException as exc:  # handed to the caller below
             outcome["error"] = exc
 
-    thread = threading.Thread(target=target, name="govrag-parse", daemon=True)
+    # in the caller's context: what it set (`sandbox.killed_on_failure`) holds for the programs the parse starts
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(target,), name="govrag-parse", daemon=True)
     thread.start()
     thread.join(seconds)
     if thread.is_alive():
@@ -423,7 +389,8 @@ class _ParseTimeout(BaseException):
 
 def _with_alarm(work: Callable[[], T], seconds: float, deadline: sandbox.Deadline) -> T:
     def expire(_signum: int, _frame: object) -> None:
-        raise _ParseTimeout
+        if not sandbox.starting_a_program():  # else the next alarm, once the program is held (`killed_on_failure`)
+            raise _ParseTimeout
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)  # and again every second, should a parser swallow it

@@ -37,7 +37,6 @@ _SESSION_LEADER = ["/bin/sh", "-c", 'trap "kill -s KILL 0" TERM; "$@" & wait $!'
 # programs start as they are, and outlive a killed worker.
 _SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
 _PARENT_STILL_THERE = '[ "$PPID" = "$0" ] || exit 1; exec "$@"'
-WRAPPER_NAMES = frozenset({"setpriv", "sh"})  # what a program is called until the wrapper has become it
 
 
 class Deadline:
@@ -104,6 +103,47 @@ def cancelled_by(cancellation: Cancellation) -> Iterator[None]:
         _cancellation.reset(token)
 
 
+_started: contextvars.ContextVar[list[subprocess.Popen[bytes]] | None] = contextvars.ContextVar(
+    "govrag_parse_started", default=None)
+
+
+class _Starting(threading.local):
+    now = False  # this thread is starting a program
+
+
+_starting = _Starting()
+
+
+def starting_a_program() -> bool:
+    """Whether this thread is in the middle of starting a program: a signal handler that raises (the parse time limit)
+    must leave it to its next alarm, or the program would run on, started but held by no one."""
+    return _starting.now
+
+
+@contextlib.contextmanager
+def killed_on_failure() -> Iterator[None]:
+    """When the block fails (the parse time limit, a Ctrl-C), kill and reap the programs started in it (on this thread,
+    or on the thread `parse.run_with_timeout` runs it on) that still run: pdf2image and pytesseract keep their Popen
+    to themselves, and the limit, interrupting their wait, left tesseract (or pdfinfo) reading the document for
+    minutes. Only those: never a program this process started for anything else, whatever its name. A block that
+    ends normally has waited for its own and kills nothing."""
+    started: list[subprocess.Popen[bytes]] = []
+    token = _started.set(started)
+    try:
+        yield
+    except BaseException:
+        for process in started:
+            if process.poll() is None:  # not reaped: its pid, leader of its own session, is still its
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+        for process in started:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(GROUP_EXIT_WAIT_SECONDS)
+        raise
+    finally:
+        _started.reset(token)
+
+
 def _dying_with(signum: int, args: list[Any]) -> list[Any]:
     """`args` started so that the program is sent `signum` when the process that starts it dies (see `_SETPRIV`)."""
     if _SETPRIV is None:
@@ -115,7 +155,8 @@ def _dying_with(signum: int, args: list[Any]) -> list[Any]:
 class ChildPopen(subprocess.Popen):  # type: ignore[type-arg]
     """subprocess.Popen for a program a parse starts: refused for a parse abandoned at its time limit, in a session
     of its own, killed (`dies_by`) when this process dies, its TMPDIR `temp_dir` (by default `tempfile`'s, this
-    process's private one: `ingestion.scratch`), where LibreOffice writes its `lu*.tmp` copies. pdf2image and
+    process's private one: `ingestion.scratch`), where LibreOffice writes its `lu*.tmp` copies, and held by the
+    `killed_on_failure` block it starts in, before `cancel` or the parse time limit can end the start. pdf2image and
     pytesseract start the OCR tools with it."""
 
     def __init__(self, args: Any, *more: Any, dies_by: int = signal.SIGKILL, temp_dir: str | None = None,
@@ -124,8 +165,15 @@ class ChildPopen(subprocess.Popen):  # type: ignore[type-arg]
         env = {**(os.environ if env is None else env), "TMPDIR": temp_dir or tempfile.gettempdir()}
         cancellation = _cancellation.get()
         program = [args] if isinstance(args, str | bytes | os.PathLike) else list(args)
+        started = _started.get()
         with cancellation.starting() if cancellation is not None else contextlib.nullcontext():
-            super().__init__(_dying_with(dies_by, program), *more, start_new_session=True, env=env, **options)
+            _starting.now = True
+            try:
+                super().__init__(_dying_with(dies_by, program), *more, start_new_session=True, env=env, **options)
+                if started is not None:
+                    started.append(self)
+            finally:
+                _starting.now = False
 
 
 class _Subprocess:

@@ -307,6 +307,19 @@ time.sleep(600)
 """
 
 
+def _hanging(tool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Put first on PATH a `tool` that never ends (the file it makes once it started is returned), unstructured's PDF
+    and OCR modules imported before any parse's clock starts."""
+    started = tmp_path / "started"
+    (tmp_path / tool).write_text(_HANGING_OCR_TOOL.format(python=sys.executable, real=shutil.which(tool),
+                                                           started=str(started)))
+    (tmp_path / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    parse_document(REPORT_PDF, sniff.APPLICATION_PDF)
+    importlib.import_module("unstructured.partition.utils.ocr_models.tesseract_ocr")
+    return started
+
+
 @pytest.mark.parametrize("on_main_thread", [True, False], ids=["prefork child", "in-process worker"])
 @pytest.mark.parametrize("tool", ["pdfinfo", "tesseract"])  # the pages are rendered in-process (pypdfium2)
 def test_ocr_past_the_time_limit_leaves_no_ocr_tool_running(tool: str, on_main_thread: bool, tmp_path: Path,
@@ -314,13 +327,7 @@ def test_ocr_past_the_time_limit_leaves_no_ocr_tool_running(tool: str, on_main_t
     """On a Celery prefork child (the main thread: SIGALRM interrupts the wait) as on the in-process worker's thread
     (the parse thread is abandoned), the parse time limit left pdfinfo or tesseract reading the scan on. Here the
     tool never ends, so the limit always falls during OCR."""
-    started = tmp_path / "started"
-    (tmp_path / tool).write_text(_HANGING_OCR_TOOL.format(python=sys.executable, real=shutil.which(tool),
-                                                           started=str(started)))
-    (tmp_path / tool).chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    parse_document(REPORT_PDF, sniff.APPLICATION_PDF)  # unstructured's PDF and OCR modules imported before the clock
-    importlib.import_module("unstructured.partition.utils.ocr_models.tesseract_ocr")
+    started = _hanging(tool, tmp_path, monkeypatch)
     errors: list[GovragError] = []
     parse = threading.Thread(target=lambda: errors.append(
         _parse_error(drawing_only_pdf(), sniff.APPLICATION_PDF, ParseLimits(timeout_seconds=3))))
@@ -422,6 +429,54 @@ def test_ocr_that_ends_normally_kills_no_ocr_tool(tmp_path: Path, monkeypatch: p
     assert started.exists(), "no OCR ran"
     assert [error.message for error in errors] == ["the PDF has no extractable text (scanned?)"]
     assert still_running, "the OCR ending killed a tesseract it did not start"
+
+
+_SLEEPER = "#!{python}\nimport time\ntime.sleep(120)\n"
+
+
+@pytest.mark.parametrize("on_main_thread", [True, False], ids=["prefork child", "in-process worker"])
+@pytest.mark.parametrize("name", ["sh", "tesseract"])
+def test_ocr_cut_at_the_time_limit_kills_only_the_programs_it_started(name: str, on_main_thread: bool,
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the limit the OCR tools were told apart by name among this process's children: a program this process
+    started meanwhile for something else went with them, a tesseract (another document's OCR) and, once the names of
+    the sandbox's wrapper were added, any `sh` (a converter's session leader on another thread is one). Only the
+    programs the OCR started are killed."""
+    started = _hanging("tesseract", tmp_path, monkeypatch)
+    other = tmp_path / "other" / name
+    other.parent.mkdir()
+    other.write_text(_SLEEPER.format(python=sys.executable))
+    other.chmod(0o755)
+    errors: list[GovragError] = []
+    parse = threading.Thread(target=lambda: errors.append(
+        _parse_error(drawing_only_pdf(), sniff.APPLICATION_PDF, ParseLimits(timeout_seconds=5))))
+    meanwhile: list[subprocess.Popen[bytes]] = []
+
+    def start_the_other() -> None:  # once the OCR runs, before its limit
+        give_up = time.monotonic() + 120
+        while not started.exists() and not errors and time.monotonic() < give_up:
+            time.sleep(0.02)
+        meanwhile.append(subprocess.Popen([other]))  # noqa: S603
+
+    helper = threading.Thread(target=start_the_other)
+    try:
+        helper.start()
+        if on_main_thread:
+            parse.run()
+        else:
+            parse.start()
+            parse.join()
+        helper.join()
+        assert started.exists(), "the limit fell before OCR"
+        assert [error.message for error in errors] == ["parsing took longer than the 5 s limit"]
+        assert meanwhile[0].poll() is None, f"the OCR cut at its limit killed a {name} it did not start"
+    finally:
+        helper.join()
+        for process in meanwhile:
+            process.kill()
+            process.wait()
+    assert not [child for child in psutil.Process().children(recursive=True) if child.name() == "tesseract"]
 
 
 def test_document_without_text_is_rejected() -> None:

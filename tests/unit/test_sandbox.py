@@ -8,12 +8,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 
+from core.errors import GovragError
 from ingestion import sandbox, sniff
+from ingestion.parse import run_with_timeout
 from tests.support.conversion_inputs import FOLDER, drawing_only_pdf, long_odt
 from tests.support.polling import wait_until
 
@@ -123,3 +126,23 @@ def test_no_python_code_runs_in_a_program_before_it_starts(tmp_path: Path) -> No
     finally:
         _FORKED_CHILDREN_MARKED.clear()
     assert not marker.exists()
+
+
+def test_a_time_limit_falling_while_a_program_starts_leaves_it_held_and_killed() -> None:
+    """SIGALRM, the parse time limit on a worker's main thread, raised wherever it fell: in the middle of starting an
+    OCR tool, the start was abandoned with the tool already forked, held by no one, and nothing killed it. Here the
+    start takes a second (the child waits before its exec) and the limit falls during it: the limit waits for the
+    start to end, and the program is killed with the block."""
+
+    def slow_start() -> None:  # in the child, before its exec: test-only, a start that takes time
+        time.sleep(1)
+
+    before = set(psutil.Process().children())
+    with pytest.raises(GovragError) as late, sandbox.killed_on_failure():
+        run_with_timeout(lambda: sandbox.ChildPopen(["sleep", "60"], preexec_fn=slow_start).wait(),  # noqa: S607
+                         sandbox.Deadline(0.2))
+    left = set(psutil.Process().children()) - before
+    for process in left:
+        process.kill()
+    assert late.value.message == "parsing took longer than the 0.2 s limit"
+    assert not left, "the program whose start the limit interrupted runs on"
