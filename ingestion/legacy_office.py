@@ -6,6 +6,7 @@ Where LibreOffice is not installed they are refused with that reason."""
 from __future__ import annotations
 
 import logging
+import resource
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +45,12 @@ def convert(data: bytes, content_type: str, deadline: sandbox.Deadline) -> tuple
     legacy = FORMATS[content_type]
     soffice = shutil.which("soffice")
     if soffice is None:
-        raise GovragError(ErrorCode.unsupported_type,
-                          f"it is a {legacy.name} file: save it as {legacy.converted_extension.upper()}; converting "
-                          "it needs LibreOffice, which this deployment does not run")
+        raise _refused(legacy, "LibreOffice, which this deployment does not run")
+    if not _cap_allowed():  # `ulimit -d` would fail, and the file with it as corrupt
+        logger.warning("LibreOffice's memory cap of %d MB is above this process's hard data-size limit (RLIMIT_DATA): "
+                       "legacy Office files are refused", MEMORY_LIMIT_MB)
+        raise _refused(legacy, f"LibreOffice under a {MEMORY_LIMIT_MB} MB memory cap, which this deployment's "
+                               "data-size limit does not allow")
     conversion = sandbox.Conversion(what=legacy.name, prefix="govrag-soffice-", source=f"upload.{legacy.extension}",
                                     output=f"out/upload.{legacy.converted_extension}")
 
@@ -64,3 +68,16 @@ def convert(data: bytes, content_type: str, deadline: sandbox.Deadline) -> tuple
         raise GovragError(ErrorCode.invalid_request,
                           f"could not convert the {legacy.name} file: it is corrupt or malformed")
     return converted, legacy.converted_type
+
+
+def _refused(legacy: LegacyFormat, needs: str) -> GovragError:
+    """A legacy file this deployment cannot convert, saying what converting it `needs`."""
+    return GovragError(ErrorCode.unsupported_type, f"it is a {legacy.name} file: save it as "
+                                                   f"{legacy.converted_extension.upper()}; converting it needs {needs}")
+
+
+def _cap_allowed() -> bool:
+    """Whether LibreOffice can be given its memory cap: not above this process's hard RLIMIT_DATA (a service's
+    LimitDATA), which it inherits and, unprivileged, cannot raise."""
+    hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+    return hard == resource.RLIM_INFINITY or hard >= MEMORY_LIMIT_MB * 1024 * 1024

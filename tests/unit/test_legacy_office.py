@@ -3,7 +3,10 @@ with that reason where it is not; a conversion that overruns the parse time limi
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,6 +18,7 @@ from core.errors import ErrorCode, GovragError
 from ingestion import legacy_office, sandbox, sniff
 from ingestion.parse import ParseLimits, parse_document
 
+ROOT = Path(__file__).resolve().parents[2]
 FOLDER = Path(__file__).resolve().parents[3] / "shared" / "eval" / "enterprise_docs_ingestion"
 FOLDER = FOLDER / "unstructured_example_docs"
 LEGACY = {"fake.doc": (sniff.APPLICATION_DOC, "Lorem ipsum dolor sit amet."),
@@ -70,6 +74,37 @@ def test_libreoffice_converts_under_its_memory_cap_and_fails_clearly_over_it(mon
         parse_document(data, content_type, ParseLimits(timeout_seconds=300))
     assert over.value.message == "could not convert the Word 97-2003 (.doc) file: it is corrupt or malformed"
     assert not [p for p in psutil.process_iter(["cmdline"]) if "govrag-soffice-" in " ".join(p.info["cmdline"] or [])]
+
+
+# A worker whose hard RLIMIT_DATA is argv[2] bytes converting the .doc argv[1]: what it answers.
+_UNDER_A_DATA_LIMIT = """
+import resource, sys
+from pathlib import Path
+resource.setrlimit(resource.RLIMIT_DATA, (int(sys.argv[2]), int(sys.argv[2])))
+from core.errors import GovragError
+from ingestion import legacy_office, sandbox, sniff
+try:
+    legacy_office.convert(Path(sys.argv[1]).read_bytes(), sniff.APPLICATION_DOC, sandbox.Deadline(300))
+    print("converted")
+except GovragError as exc:
+    print(exc.code.name, exc.message)
+"""
+
+
+def test_a_hard_data_limit_below_the_memory_cap_refuses_legacy_files_saying_so() -> None:
+    """Under a hard data-size limit below the cap (a service's LimitDATA), `ulimit -d` failed, soffice never ran and
+    every .doc failed as "corrupt or malformed" (with CAP_SYS_RESOURCE the shell raised the operator's limit instead).
+    Refused, saying what is missing, before LibreOffice starts."""
+    if not legacy_office.available():
+        assert shutil.which("soffice") is None
+        return
+    below = (legacy_office.MEMORY_LIMIT_MB - 1) * 1024 * 1024
+    run = subprocess.run([sys.executable, "-c", _UNDER_A_DATA_LIMIT, str(FOLDER / "fake.doc"), str(below)],  # noqa: S603
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                         timeout=300, check=True)
+    assert run.stdout.strip() == ("unsupported_type it is a Word 97-2003 (.doc) file: save it as DOCX; converting it "
+                                  "needs LibreOffice under a 1024 MB memory cap, which this deployment's data-size "
+                                  "limit does not allow")
 
 
 def test_a_corrupt_legacy_file_fails_with_a_reason_not_a_crash() -> None:
