@@ -17,9 +17,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     GOVRAG_MODEL_CACHE=/opt/govrag/models
 
 # libmagic1: python-magic sniffing; tesseract-ocr + poppler-utils: offline OCR of scanned PDFs;
-# LibreOffice (writer, impress, no GUI): legacy .doc/.ppt converted to DOCX/PPTX.
+# LibreOffice (writer, impress, no GUI): legacy .doc/.ppt converted to DOCX/PPTX; util-linux (Essential, named so that
+# it stays): setpriv, through which each program a parse starts dies with the worker (ingestion/sandbox.py).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libmagic1 tesseract-ocr poppler-utils \
+    && apt-get install -y --no-install-recommends libmagic1 tesseract-ocr poppler-utils util-linux \
        libreoffice-writer-nogui libreoffice-impress-nogui \
     && rm -rf /var/lib/apt/lists/*
 
