@@ -28,8 +28,9 @@ SERVED_KEYS_MISSING = Counter(
     ["department"], registry=REGISTRY)
 DEPARTMENT_KEYS_UNREADABLE = Counter(
     "govrag_department_keys_unreadable_total",
-    "ALERT: queries that left out a department whose key does not open under the master key (its key row altered):"
-    " none of its documents is cited, nor one uploaded, until that row is restored from a backup",
+    "ALERT: queries that left out a department whose key does not open under the master key (its key row altered),"
+    " and ingestion runs it failed: none of its documents is cited, uploaded or ingested until that row is restored"
+    " from a backup",
     ["department"], registry=REGISTRY)
 PLACEHOLDER_MAPS_UNREADABLE = Counter(
     "govrag_placeholder_maps_unreadable_total",

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from core import blobs, crypto, memory, metrics
 from core.db import unit_of_work
 from core.errors import ErrorCode, GovragError, Unavailable, loading, unavailable_dependency
-from core.keystore import KeyState, keystore_for
+from core.keystore import DepartmentKeyUnreadable, KeyState, keystore_for
 from core.models import MAX_CRASHED_RUNS, RETIRED, UNFINISHED, Document, DocumentStatus, IngestionJob
 from core.settings import Settings
 from core.text import printable_name
@@ -55,9 +55,15 @@ CRASHED_TOO_OFTEN = f"ingestion stopped: the worker died {MAX_CRASHED_RUNS} time
 ATTACHMENTS_UNLISTED = "the e-mail's attachments could not be read (an internal error); none was ingested"
 ATTACHMENTS_KEY_UNREADABLE = ("the e-mail's data key does not open under its department key, so none of its "
                               "attachments was ingested: upload it again")
+ATTACHMENTS_DEPARTMENT_KEY_UNREADABLE = ("the key of the e-mail's department does not open under the master key (its "
+                                         "key row was altered in the database), so none of its attachments was "
+                                         "ingested: once that row is restored, delete the e-mail and upload it again")
 KEY_MISSING = "the document's data key is missing: upload it again"
 KEY_UNREADABLE = "the document's data key does not open under its department key: upload it again"
 _KEY_LOST = {KeyState.missing: KEY_MISSING, KeyState.unreadable: KEY_UNREADABLE}  # a claim's failure, by key state
+DEPARTMENT_KEY_UNREADABLE = ("the key of the document's department does not open under the master key (its key row was "
+                             "altered in the database): once that row is restored from a backup, a re-index naming "
+                             "this document runs it again")
 ORIGINAL_UNREADABLE = "the document's stored original is missing or does not open under its key: upload it again"
 SERVED_MAP_UNREADABLE = ("the document's placeholder map does not open under its key or does not parse (altered): "
                          "upload it again")
@@ -192,17 +198,10 @@ def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAcc
                 or parent.status not in (DocumentStatus.ready, DocumentStatus.quarantined)
                 or repository.children(session, document_id)):
             return []
-        document_key = keystore_for(settings).document_key(session=session, department=parent.department,
-                                                           document_id=document_id)
-        # unreadable: no retry opens it, the loss is on record at once, as an unlisted one's
-        if document_key.state is KeyState.unreadable:
-            logger.warning("the data key of document %s does not open under its department key: its attachments "
-                           "were not taken", document_id)
-            _record_refused_attachment(session, parent, "attachments", b"", ATTACHMENTS_KEY_UNREADABLE)
+        key = _email_key(session, settings, parent)
+        if key is None:
             return []
-        if document_key.key is None:
-            return []
-        found = _listed_attachments(settings, parent, document_key.key)
+        found = _listed_attachments(settings, parent, key)
         if found is None:
             _record_refused_attachment(session, parent, "attachments", b"", ATTACHMENTS_UNLISTED)
             return []
@@ -218,6 +217,31 @@ def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAcc
                                        f"the e-mail has {len(found)} attachments; only the first "
                                        f"{formats.MAX_ATTACHMENTS} are ingested")
     return accepted
+
+
+def _email_key(session: Session, settings: Settings, parent: Document) -> bytes | None:
+    """The e-mail's data key; None when it was shredded, or when its key row, or its department's, no longer opens:
+    no retry opens it, so the loss is on record at once, as an unlisted one's (one failed child for all)."""
+    try:
+        found = keystore_for(settings).document_key(session=session, department=parent.department,
+                                                    document_id=parent.id)
+    except DepartmentKeyUnreadable as exc:
+        _department_key_unreadable(exc, parent.department, f"the attachments of document {parent.id} were not taken")
+        _record_refused_attachment(session, parent, "attachments", b"", ATTACHMENTS_DEPARTMENT_KEY_UNREADABLE)
+        return None
+    if found.state is KeyState.unreadable:
+        logger.warning("the data key of document %s does not open under its department key: its attachments "
+                       "were not taken", parent.id)
+        _record_refused_attachment(session, parent, "attachments", b"", ATTACHMENTS_KEY_UNREADABLE)
+    return found.key
+
+
+def _department_key_unreadable(exc: DepartmentKeyUnreadable, department: str, outcome: str) -> None:
+    """A department key that does not open under the master key (its row altered), met by an ingestion step: no
+    retry opens it, so the step ends at once; counted (alert GovragDepartmentKeysUnreadable) and logged naming the
+    department and the document only."""
+    metrics.DEPARTMENT_KEYS_UNREADABLE.labels(department=department).inc()
+    logger.warning("%s; %s", exc, outcome)
 
 
 def _lock_contents(session: Session, department: str, payloads: list[bytes]) -> None:
@@ -419,24 +443,24 @@ def _claim(session: Session, settings: Settings, document: Document,
     `queued` for ever; nothing of it is served then, not even the index a re-index with `serve_previous` kept, which
     no longer opens), or it has crashed its worker too often (a file that kills the parser must not take the
     worker, or the embedded default's API, down again at every redelivery). A key row that no longer opens (altered
-    in the database) is as lost as a missing one: failed at once, not retried. The document's row is locked before
-    its job's, as a run's end and a re-index do: the other order let a claim and a re-index of one document deadlock
-    on PostgreSQL."""
-    found = keystore_for(settings).document_key(session=session, department=document.department,
-                                                document_id=document.id)
-    key, lost = found.key, _KEY_LOST.get(found.state)
+    in the database) is as lost as a missing one: failed at once, not retried; so is a department key that does not
+    open under the master key (its row altered), though that loses no index: restored, it opens again. The document's
+    row is locked before its job's, as a run's end and a re-index do: the other order let a claim and a re-index of
+    one document deadlock on PostgreSQL."""
+    key, lost = _claimed_key(session, settings, document)
     after_a_crash = job.status == DocumentStatus.processing  # the run before neither ended nor handed the job back
     crashed_too_often = job.crashed_runs + after_a_crash >= MAX_CRASHED_RUNS
     failure = lost or (CRASHED_TOO_OFTEN if crashed_too_often else None)
     moved = repository.set_status(session, document_id=document.id, job_id=job.id,
                                   status=DocumentStatus.processing if failure is None else DocumentStatus.failed,
-                                  error=failure, index_lost=key is None)  # a retirement meanwhile wins: not moved
+                                  error=failure,  # a retirement meanwhile wins: not moved
+                                  index_lost=lost in _KEY_LOST.values())
     repository.count_attempt(session, job.id, after_a_crash=after_a_crash)  # counted even if the document was retired
     if not moved:
         return None
     if key is None or failure is not None:
         logger.warning("ingestion of document %s failed as it was claimed: %s", document.id,
-                       "its data key is missing or does not open" if key is None
+                       "its data key (or its department's) is missing or does not open" if key is None
                        else f"its runs crashed {MAX_CRASHED_RUNS} times")
         return _index_state(session, document.id, job.id)
     generation = repository.claim_generation(session, document.id)
@@ -449,6 +473,19 @@ def _claim(session: Session, settings: Settings, document: Document,
         approved_level=_approved_level(document), generation=generation,
     )
     return facts, key, rules
+
+
+def _claimed_key(session: Session, settings: Settings, document: Document) -> tuple[bytes | None, str | None]:
+    """The document's data key, or why its claim fails it at once: its key row is missing or does not open (its index
+    is lost with it), or its department's key does not open under the master key (DEPARTMENT_KEY_UNREADABLE: that
+    row restored, the document and any index it serves open again)."""
+    try:
+        found = keystore_for(settings).document_key(session=session, department=document.department,
+                                                    document_id=document.id)
+    except DepartmentKeyUnreadable as exc:
+        _department_key_unreadable(exc, document.department, f"ingestion of document {document.id} failed")
+        return None, DEPARTMENT_KEY_UNREADABLE
+    return found.key, _KEY_LOST.get(found.state)
 
 
 def _original(settings: Settings, document_id: str, key: bytes) -> bytes:

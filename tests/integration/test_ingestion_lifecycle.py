@@ -704,6 +704,44 @@ def test_a_department_whose_key_does_not_open_is_left_out_of_answers_and_refuses
                        json={"question": MINUTES_QUESTION, "departments": [damaged]}).json()["citations"]
 
 
+@pytest.mark.parametrize("serve_previous", [False, True])
+def test_a_run_whose_department_key_does_not_open_fails_at_once_and_runs_again_once_it_is_restored(
+        client: TestClient, lab: dict[str, str], settings,  # type: ignore[no-untyped-def]
+        caplog: pytest.LogCaptureFixture, serve_previous: bool) -> None:
+    """A department key that does not open under the master key (its row altered in the database) failed each run's
+    claim with DepartmentKeyUnreadable: retried with backoff, 3 times, then failed as a generic "internal error ...
+    retries exhausted", though no retry could open it. It now fails at once saying why, counted for the alert, and
+    loses nothing: the index a re-index with `serve_previous` kept is still served, and the sealed original is kept,
+    so once the row is restored a re-index naming the document runs it again."""
+    from core import metrics
+    from core.db import unit_of_work
+    from ingestion import repository, service
+
+    department, doc = _minutes(client, lab)
+    document_id = str(doc["document_id"])
+    sample = ("govrag_department_keys_unreadable_total", {"department": department})
+    before = metrics.REGISTRY.get_sample_value(*sample) or 0.0
+    with unit_of_work(settings.resolved_database_url) as session:
+        alter_key_row(settings, session, department, kind="department")
+    try:
+        with caplog.at_level("WARNING", logger="ingestion.service"):
+            reindex = _reindex(client, lab, department, document_id, serve_previous=serve_previous)
+            job = wait_for_job(client, lab["editor"], reindex, timeout=60)
+    finally:  # the same bit flipped back: the session's database is shared by later tests
+        with unit_of_work(settings.resolved_database_url) as session:
+            alter_key_row(settings, session, department, kind="department")
+    document = client.get(f"/v1/documents/{document_id}", headers=auth(lab["editor"])).json()
+    assert (job["status"], job["error"], job["attempts"]) == ("failed", service.DEPARTMENT_KEY_UNREADABLE, 1), job
+    assert metrics.REGISTRY.get_sample_value(*sample) == before + 1
+    assert f"the key of department {department} does not open under the master key" in caplog.text
+    ended = ("ready", repository.REINDEX_FAILED) if serve_previous else ("failed", repository.WITHHELD_REINDEX_FAILED)
+    assert (document["status"], document["error"]) == (ended[0], ended[1].format(error=job["error"])), document
+    assert bool(_generations(settings, department, document_id)) is serve_previous  # a kept index is still served
+    assert blobs.has_original(settings.blob_dir, document_id)
+    again = wait_for_job(client, lab["editor"], _reindex(client, lab, department, document_id), timeout=60)
+    assert (again["status"], again["error"]) == ("ready", None), again
+
+
 def test_a_training_export_whose_department_key_does_not_open_fails_in_one_line_and_is_not_recorded(
         client: TestClient, lab: dict[str, str], settings, tmp_path,  # type: ignore[no-untyped-def]
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -1538,13 +1576,18 @@ def test_an_email_whose_attachments_cannot_be_listed_keeps_the_loss_on_record(
     assert parent["status"] == "ready" and parent["attachment_ids"] == [found["attachments"]["document_id"]]
 
 
+@pytest.mark.parametrize("kind", ["document", "department"])
 def test_the_attachment_step_of_an_email_whose_key_row_was_altered_ends_at_once_saying_why(
-        client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+        client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+        kind: str) -> None:
     """An e-mail whose key row was altered in the database once its run ended (the attachment step, or a redelivery
     of its task, reading the key after) raised DocumentKeyUnreadable there: the task was retried with backoff, 3
     times, then gave up as "internal error ... retries exhausted", though no retry could open the key, its
     attachments gone with only a log line. It now ends at once, no retry, the loss on record as one failed child
-    saying why; the e-mail keeps its status."""
+    saying why; the e-mail keeps its status. Its department's key row altered (it no longer opens under the master
+    key) raised DepartmentKeyUnreadable there, retried the same way: it now ends the same way, saying that, and is
+    counted for the alert."""
+    from core import metrics
     from core.db import unit_of_work
     from ingestion import service
     from tests.support.task_retries import task_at_retry
@@ -1564,15 +1607,24 @@ def test_the_attachment_step_of_an_email_whose_key_row_was_altered_ends_at_once_
     document_id, job_id = uploaded.json()["document_id"], uploaded.json()["job_id"]
     assert wait_for_document(client, lab["editor"], document_id)["status"] == "ready" and reached.wait(60)
     monkeypatch.setattr(service, "spawn_attachments", real_spawn)
+    owner = document_id if kind == "document" else lab["department"]
+    sample = ("govrag_department_keys_unreadable_total", {"department": lab["department"]})
+    before = metrics.REGISTRY.get_sample_value(*sample) or 0.0
     with unit_of_work(settings.resolved_database_url) as session:
-        alter_key_row(settings, session, document_id)
+        alter_key_row(settings, session, owner, kind=kind)
     scheduled: list[dict[str, object]] = []
-    ingest_document(task_at_retry(settings, 0, scheduled), document_id, job_id)  # type: ignore[arg-type]
+    try:
+        ingest_document(task_at_retry(settings, 0, scheduled), document_id, job_id)  # type: ignore[arg-type]
+    finally:  # the same bit flipped back: the session's database is shared by later tests
+        with unit_of_work(settings.resolved_database_url) as session:
+            alter_key_row(settings, session, owner, kind=kind)
     assert scheduled == []  # no retry asked for
     parent = client.get(f"/v1/documents/{document_id}", headers=auth(lab["editor"])).json()
     assert (parent["status"], parent["error"]) == ("ready", None) and len(parent["attachment_ids"]) == 1, parent
     child = client.get(f"/v1/documents/{parent['attachment_ids'][0]}", headers=auth(lab["editor"])).json()
-    assert (child["status"], child["error"]) == ("failed", service.ATTACHMENTS_KEY_UNREADABLE), child
+    reason = service.ATTACHMENTS_KEY_UNREADABLE if kind == "document" else service.ATTACHMENTS_DEPARTMENT_KEY_UNREADABLE
+    assert (child["status"], child["error"]) == ("failed", reason), child
+    assert (metrics.REGISTRY.get_sample_value(*sample) or 0.0) == before + (kind == "department")
 
 
 def test_an_email_deleted_while_its_attachments_are_taken_takes_them_with_it(
