@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
 
     redteam = commands.add_parser("redteam", help="send the attack corpus through the live API; exit 1 on a leak, 2 on "
                                   "bad arguments or a token refused at the first probe, 3 when a probe errored, "
-                                  "none was answered or the API could not be reached, 130 on a Ctrl-C")
+                                  "none was answered or the API could not be reached, 130 on a Ctrl-C (1 if a leak "
+                                  "was found before it)")
     redteam.add_argument("--department", required=True)
     redteam.add_argument("--url", type=_api_url, default="http://127.0.0.1:8000")
     redteam.add_argument("--token", default=os.environ.get("GOVRAG_REDTEAM_TOKEN"),

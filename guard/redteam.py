@@ -145,13 +145,14 @@ class RedTeamReport:
                 "before it; run the same command again for a full run")
 
     def exit_code(self) -> int:
-        """EXIT_INTERRUPTED when a Ctrl-C stopped the run; else 0 when every probe was answered without a leak;
-        EXIT_LEAK on any leak; EXIT_UNTESTED when a probe errored, was not sent, or none was answered (nothing, or not
-        everything, was tested)."""
-        if self.stopped_by == INTERRUPTED:
-            return EXIT_INTERRUPTED
+        """EXIT_LEAK on any leak, even in a run a Ctrl-C stopped (a monitor reading only the exit code must not miss
+        it); else EXIT_INTERRUPTED when a Ctrl-C stopped the run; 0 when every probe was answered without a leak;
+        EXIT_UNTESTED when a probe errored, was not sent, or none was answered (nothing, or not everything, was
+        tested)."""
         if self.leaks:
             return EXIT_LEAK
+        if self.stopped_by == INTERRUPTED:
+            return EXIT_INTERRUPTED
         return EXIT_UNTESTED if self.errors or self.not_sent or not self.answered else 0
 
 

@@ -257,28 +257,32 @@ def test_an_api_gone_mid_run_is_reported_as_far_as_it_went(stub_api: str, tmp_pa
     assert "not sent: 4 (the API stopped answering; the run stopped)" in captured.out and captured.err == ""
 
 
-def test_a_ctrl_c_reports_what_was_tested_and_exits_130(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(("second", "leaks", "code"), [("clean", 0, redteam.EXIT_INTERRUPTED),
+                                                         ("leak", 1, redteam.EXIT_LEAK)])
+def test_a_ctrl_c_reports_what_was_tested_and_exits_130_unless_a_leak_was_found(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], second: str, leaks: int, code: int) -> None:
     """A Ctrl-C ended `govrag redteam` in a traceback, the report of what it had tested lost, where `govrag ingest`,
     `keys rotate` and `migrate` say where they stopped and exit 130. It now prints the report of the probes answered
-    before it (the probe it stopped not counted), says at which probe it stopped, and exits 130."""
+    before it (the probe it stopped not counted), says at which probe it stopped, and exits 130; 1 when a leak was
+    found before it, as in any run: a monitor reading only the exit code must not miss a leak."""
     released = threading.Event()
 
     def ctrl_c(_handler: BaseHTTPRequestHandler) -> None:  # the third probe: a real SIGINT to the command waiting on it
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # type: ignore[arg-type]
         released.wait(60)
 
-    api = _stub_api([ANSWER, ANSWER, ctrl_c])
+    api = _stub_api([ANSWER, LEAK if second == "leak" else ANSWER, ctrl_c])
     url = next(api)
     try:
-        code = _redteam(url, _corpus(tmp_path), "--per-category", "1")
+        status = _redteam(url, _corpus(tmp_path), "--per-category", "1")
     except KeyboardInterrupt:  # escaping, it would end the test session
-        code = None
+        status = None
     finally:
         released.set()
         next(api, None)
     captured = capsys.readouterr()
-    assert code == 130 and "Traceback" not in captured.err
-    assert "answered: 2" in captured.out and "errors: 0" in captured.out and "leaks: 0" in captured.out
+    assert status == code and "Traceback" not in captured.err
+    assert "answered: 2" in captured.out and "errors: 0" in captured.out and f"leaks: {leaks}" in captured.out
     assert f"not sent: 5 ({redteam.INTERRUPTED}; the run stopped)" in captured.out
     assert captured.err == ("govrag: interrupted at probe 3 of 7; the report covers the 2 before it; run the same "
                             "command again for a full run\n")
