@@ -35,7 +35,10 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     audit_commands = audit.add_subparsers(required=True, metavar="ACTION")
     verifying = (f"walk the hash chain and signed checkpoints; exit {EXIT_UNVERIFIED} when the ledger fails "
                  "verification (tampering), 1 when the database is unavailable")
-    audit_commands.add_parser("verify", help=verifying, description=verifying).set_defaults(run=verify)
+    verifying_ledger = audit_commands.add_parser("verify", help=verifying, description=verifying)
+    verifying_ledger.add_argument("--deployment-id", help="the deployment the database must be (the id recorded): "
+                                  f"another is reason other_deployment, exit {EXIT_UNVERIFIED}")
+    verifying_ledger.set_defaults(run=verify)
     exporting = audit_commands.add_parser("export", help="stream ledger events (JSONL, CSV or OCSF) with a manifest")
     add_export_arguments(exporting)
     exporting.set_defaults(run=export)
@@ -140,13 +143,13 @@ def _actor(args: argparse.Namespace) -> Identity:
 
 
 @_reported
-def verify(_args: argparse.Namespace) -> int:
-    """Print the verification result; exit EXIT_UNVERIFIED when the ledger fails verification (tampering), never
-    1: a monitor reading only the exit code tells it from an outage."""
+def verify(args: argparse.Namespace) -> int:
+    """Print the verification result; exit EXIT_UNVERIFIED when the ledger fails verification (tampering, or a
+    database other than --deployment-id), never 1: a monitor reading only the exit code tells it from an outage."""
     from audit import service as audit_service
 
     with _session() as session:
-        result = audit_service.verify(session=session, settings=get_settings())
+        result = audit_service.verify(session=session, settings=get_settings(), deployment_id=args.deployment_id)
     print(result.model_dump_json())
     return 0 if result.ok else EXIT_UNVERIFIED
 

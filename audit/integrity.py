@@ -237,11 +237,14 @@ def _expectations(session: Session, settings: Settings) -> _Expectations:
     return found
 
 
-def verify(*, session: Session, settings: Settings) -> VerifyResult:
-    """Walk the chain from genesis (or the last signed purge) and check every row and checkpoint."""
+def verify(*, session: Session, settings: Settings, deployment_id: str | None = None) -> VerifyResult:
+    """Walk the chain from genesis (or the last signed purge) and check every row and checkpoint; `deployment_id`: the
+    deployment the database must be (the id recorded: a database writer can set the row to another's)."""
     expect = _expectations(session, settings)
     result = VerifyResult(ok=True, checked=0, checkpoints_checked=expect.checked,
                           purged_through=expect.purged_through or None, deployment_id=expect.deployment_id)
+    if deployment_id is not None and deployment_id != expect.deployment_id:
+        return result.model_copy(update={"ok": False, "reason": "other_deployment"})
     if expect.bad_signature is not None:
         return _broken(result, expect.bad_signature, "checkpoint_signature_invalid")
     lowest = repository.min_event_id(session)

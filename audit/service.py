@@ -222,9 +222,9 @@ def verify_export(*, data: bytes, settings: Settings, session: Session | None,
     return export.check_export(data, signer=replace(signer, deployment_id=deployment_id or signer.deployment_id))
 
 
-def verify(*, session: Session, settings: Settings) -> VerifyResult:
-    """Walk the chain and the signed checkpoints."""
-    return integrity.verify(session=session, settings=settings)
+def verify(*, session: Session, settings: Settings, deployment_id: str | None = None) -> VerifyResult:
+    """Walk the chain and the signed checkpoints, of the deployment `deployment_id` if given."""
+    return integrity.verify(session=session, settings=settings, deployment_id=deployment_id)
 
 
 def purge_expired(*, session: Session, settings: Settings, identity: Identity,

@@ -86,22 +86,29 @@ def _export(settings: Settings, path: Path, fmt: ExportFormat = ExportFormat.jso
 
 
 @pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[..., tuple]]:
-    """`govrag audit verify-export FILE [args]` configured for a deployment: (exit code, its JSON report)."""
+def audit_cli(monkeypatch: pytest.MonkeyPatch,
+              capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[..., tuple]]:
+    """`govrag audit ACTION [args]` configured for a deployment: (exit code, its JSON report)."""
     from api import cli as govrag
     from core.settings import get_settings
 
-    def verify_export(settings: Settings, path: Path, *args: str) -> tuple[int, dict[str, object]]:
+    def run(settings: Settings, *argv: str) -> tuple[int, dict[str, object]]:
         monkeypatch.setenv("GOVRAG_DATABASE_URL", settings.resolved_database_url)
         monkeypatch.setenv("GOVRAG_DATA_DIR", str(settings.data_dir))
         if settings.audit_checkpoint_key is not None:
             monkeypatch.setenv("GOVRAG_AUDIT_CHECKPOINT_KEY", settings.audit_checkpoint_key.get_secret_value())
         get_settings.cache_clear()
-        code = govrag.main(["audit", "verify-export", str(path), *args])
+        code = govrag.main(["audit", *argv])
         return code, json.loads(capsys.readouterr().out)
 
-    yield verify_export
+    yield run
     get_settings.cache_clear()
+
+
+@pytest.fixture
+def cli(audit_cli: Callable[..., tuple]) -> Callable[..., tuple]:
+    """`govrag audit verify-export FILE [args]` configured for a deployment: (exit code, its JSON report)."""
+    return lambda settings, path, *args: audit_cli(settings, "verify-export", str(path), *args)
 
 
 def _lines(path: Path) -> list[bytes]:
@@ -301,6 +308,33 @@ def test_a_ledger_copied_from_another_deployment_sharing_the_key_fails_verificat
     assert (result.ok, result.reason) == (False, "checkpoint_signature_invalid")
     with unit_of_work(theirs.resolved_database_url) as session:
         assert audit_service.verify(session=session, settings=theirs).ok
+
+
+def _set_deployment_id(url: str, deployment_id: str) -> None:
+    with unit_of_work(url) as session:
+        session.execute(text("UPDATE deployment SET deployment_id = :id"), {"id": deployment_id})
+        session.commit()
+
+
+def test_verify_pinned_to_the_recorded_deployment_id_tells_a_database_set_to_another_deployments(
+        ledger: Settings, tmp_path: Path, audit_cli: Callable[..., tuple]) -> None:
+    """A ledger replaced by another deployment's (one checkpoint key for both), the `deployment` row set to the other's
+    id too, verifies: only the id tells. `govrag audit verify --deployment-id` (the id recorded) now fails it, exit 3,
+    reason other_deployment, naming the id found."""
+    ours = _keyed(ledger, SHARED_KEY)
+    theirs = _other(tmp_path, audit_checkpoint_key=SHARED_KEY)
+    recorded = audit_cli(ours, "verify")[1]["deployment_id"]
+    assert audit_cli(ours, "verify", "--deployment-id", recorded)[0] == 0
+    _append(theirs, 6)
+    _copy_ledger(theirs, ours)
+    their_id = audit_cli(theirs, "verify")[1]["deployment_id"]
+    _set_deployment_id(ours.resolved_database_url, their_id)
+    try:
+        assert audit_cli(ours, "verify")[1]["ok"] is True
+        code, report = audit_cli(ours, "verify", "--deployment-id", recorded)
+    finally:
+        _set_deployment_id(ours.resolved_database_url, recorded)
+    assert (code, report["ok"], report["reason"], report["deployment_id"]) == (3, False, "other_deployment", their_id)
 
 
 def test_checkpoints_signed_before_the_deployment_id_still_verify_and_later_ones_must_carry_it(
