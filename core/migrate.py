@@ -37,6 +37,7 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 SCHEMA_CHECK_SECONDS = 5.0  # how long readiness trusts its last look at the database's revision
 MIGRATION_LOCK = "schema migration"  # the `transaction_lock` an upgrade or a downgrade holds while it runs
 VERSION_TABLE = table("alembic_version", column("version_num"))  # Alembic's record of the revision (its default name)
+DEPLOYMENT_TABLE = table("deployment", column("id"))  # migration 0016's one row: the id audit signatures bind
 
 
 class MigrationError(Exception):
@@ -57,6 +58,14 @@ class UnknownRevision(MigrationError):
 
 class SchemaMismatch(MigrationError):
     """The database's revision is not the one this release's code was written for."""
+
+
+class DeploymentMissing(SchemaMismatch):
+    """The database is at the code's revision but its deployment id row is gone: a restore to complete, exit 2 (no
+    outage that ends by waiting, nor a migration that mends it: a new id would fail every checkpoint signed with the
+    old one)."""
+
+    exit_code = 2
 
 
 class DowngradeRefused(MigrationError):
@@ -93,30 +102,54 @@ def current_revision(database_url: str) -> str | None:
     from Alembic's version table itself: a MigrationContext says two INFO lines each time one is made ("Context impl
     PostgresqlImpl.", "Will assume transactional DDL."), a running API's log every few seconds (`SchemaWatch`)."""
     with _connection(database_url) as connection:
-        if not inspect(connection).has_table(VERSION_TABLE.name):
-            return None
-        revisions = connection.execute(select(VERSION_TABLE.c.version_num)).scalars().all()
+        return _revision(connection)
+
+
+def _revision(connection: Connection) -> str | None:
+    if not inspect(connection).has_table(VERSION_TABLE.name):
+        return None
+    revisions = connection.execute(select(VERSION_TABLE.c.version_num)).scalars().all()
     if len(revisions) > 1:  # as Alembic's get_current_revision: branches this release (one head) never makes
         raise CommandError(f"Version table '{VERSION_TABLE.name}' has more than one head present")
     return revisions[0] if revisions else None
 
 
 def schema_problem(database_url: str) -> str | None:
-    """Why this release cannot run on the database's schema, or None when it is at the code's head."""
-    current, head = current_revision(database_url), head_revision()
-    if current == head:
-        return None
-    if current is not None and not _known(current):
-        return (f"database schema is at {current}, newer than this release knows (it needs {head}): "
-                "run the release that migrated it")
-    return f"database schema is at {current or 'no revision'}, this release needs {head}: run `govrag migrate`"
+    """Why this release cannot run on the database's schema, or None when it is at the code's head with its
+    deployment id."""
+    refusal = _schema_refusal(database_url)
+    return None if refusal is None else str(refusal)
 
 
 def require_head(database_url: str) -> None:
-    """Refuse to start (SchemaMismatch, saying what to do) unless the database is at the code's head."""
-    problem = schema_problem(database_url)
-    if problem is not None:
-        raise SchemaMismatch(problem)
+    """Refuse to start (SchemaMismatch, saying what to do) unless the database is at the code's head with its
+    deployment id (DeploymentMissing)."""
+    refusal = _schema_refusal(database_url)
+    if refusal is not None:
+        raise refusal
+
+
+def _schema_refusal(database_url: str) -> SchemaMismatch | None:
+    """What `require_head` raises for the database's schema (its revision, then its deployment row); None: nothing."""
+    with _connection(database_url) as connection:
+        current, head = _revision(connection), head_revision()
+        if current == head:
+            return _deployment_missing(connection)
+    if current is not None and not _known(current):
+        return SchemaMismatch(f"database schema is at {current}, newer than this release knows (it needs {head}): "
+                              "run the release that migrated it")
+    return SchemaMismatch(f"database schema is at {current or 'no revision'}, this release needs {head}: run "
+                          "`govrag migrate`")
+
+
+def _deployment_missing(connection: Connection) -> DeploymentMissing | None:
+    """DeploymentMissing unless the `deployment` row migration 0016 minted is there (a partial restore can leave it
+    out: every checkpoint due, and so every query, would then fail)."""
+    if connection.execute(select(DEPLOYMENT_TABLE.c.id).where(DEPLOYMENT_TABLE.c.id == 1)).first() is not None:
+        return None
+    return DeploymentMissing("the database records no deployment id (the `deployment` row migration 0016 minted is "
+                             "missing, as after a partial restore): put it back as docs/audit.md says (\"A lost "
+                             "deployment row\")")
 
 
 def migrate_to_head(settings: Settings, report: Callable[[str], None] | None = None) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import insert, select, text
 
@@ -363,24 +364,61 @@ def test_checkpoints_signed_before_the_deployment_id_still_verify_and_later_ones
     get_engine(url).dispose()
 
 
-def test_a_database_whose_deployment_row_was_lost_refuses_to_sign_or_check_in_one_line(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """A partial restore without the `deployment` row: each command refuses (exit 2) saying what is missing."""
+LOST_ROW = ("govrag: the database records no deployment id (the `deployment` row migration 0016 minted is missing, "
+            "as after a partial restore): put it back as docs/audit.md says (\"A lost deployment row\")")
+
+
+def _lose_deployment_row(url: str) -> None:
+    with unit_of_work(url) as session:
+        session.execute(text("DELETE FROM deployment"))
+        session.commit()
+
+
+@pytest.fixture(params=["pg", "sqlite"])
+def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database of this test's own at the code's revision: a throwaway PostgreSQL one, or a SQLite file."""
+    url = (request.getfixturevalue("make_pg_database")() if request.param == "pg"
+           else f"sqlite:///{tmp_path / 'govrag.db'}")
+    migrate.upgrade(url)
+    yield url
+    get_engine(url).dispose()
+
+
+def test_a_database_whose_deployment_row_was_lost_is_refused_at_start_in_one_line(
+        fresh_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A partial restore without the `deployment` row: `govrag serve` started and /readyz said ready, and queries
+    failed (503) once a checkpoint was due. It is now a schema problem: serve and each command on the database refuse
+    (exit 2) in one line pointing to the restore."""
     from api import cli as govrag
     from core.settings import get_settings
 
-    settings = _other(tmp_path)
-    _append(settings, 2)
-    with unit_of_work(settings.resolved_database_url) as session:
-        session.execute(text("DELETE FROM deployment"))
-        session.commit()
-    monkeypatch.setenv("GOVRAG_DATABASE_URL", settings.resolved_database_url)
-    monkeypatch.setenv("GOVRAG_DATA_DIR", str(settings.data_dir))
+    _append(Settings(data_dir=tmp_path, database_url=fresh_url, audit_checkpoint_every=5), 2)
+    _lose_deployment_row(fresh_url)
+    monkeypatch.setenv("GOVRAG_DATABASE_URL", fresh_url)
+    monkeypatch.setenv("GOVRAG_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr("uvicorn.Server.run", lambda *_a, **_k: pytest.fail("govrag serve started"))
     get_settings.cache_clear()
     try:
-        assert [govrag.main(["audit", action]) for action in ("verify", "checkpoint")] == [2, 2]
+        codes = [govrag.main(argv) for argv in (["serve", "--port", "0"], ["audit", "verify"], ["audit", "checkpoint"])]
     finally:
         get_settings.cache_clear()
-        get_engine(settings.resolved_database_url).dispose()
-    out, err = capsys.readouterr()
-    assert out == "" and err.count("refused: the database records no deployment id") == 2
+    captured = capsys.readouterr()
+    assert (codes, captured.err.strip().splitlines(), captured.out) == ([2, 2, 2], [LOST_ROW] * 3, "")
+
+
+def test_readyz_reports_a_deployment_row_lost_under_the_running_api(
+        fresh_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from api.app import create_app
+    from retrieval.store import close_vector_store
+
+    monkeypatch.setattr(migrate, "SCHEMA_CHECK_SECONDS", 0.0)
+    settings = Settings(data_dir=tmp_path, database_url=fresh_url, broker_url="memory://", inprocess_worker=False)
+    try:
+        with TestClient(create_app(settings)) as client:
+            assert client.get("/readyz").json()["checks"]["schema"] == "ok"
+            _lose_deployment_row(fresh_url)
+            response = client.get("/readyz")
+    finally:
+        close_vector_store(settings)
+    assert (response.status_code, response.json()["checks"]["schema"]) == (503, "mismatch")
+    assert response.json()["reason"] == LOST_ROW.removeprefix("govrag: ")
