@@ -174,14 +174,15 @@ def verify_export(args: argparse.Namespace) -> int:
     key configured and --deployment-id given, not the database either."""
     from audit import service as audit_service
 
-    settings, data = get_settings(), Path(args.file).read_bytes()
-    if args.deployment_id is not None and settings.audit_checkpoint_key is not None:
-        result = audit_service.verify_export(data=data, settings=settings, session=None,
-                                             deployment_id=args.deployment_id)
-    else:
-        with _session() as session:
-            result = audit_service.verify_export(data=data, settings=settings, session=session,
+    settings = get_settings()
+    with Path(args.file).open("rb") as export_file:
+        if args.deployment_id is not None and settings.audit_checkpoint_key is not None:
+            result = audit_service.verify_export(export_file=export_file, settings=settings, session=None,
                                                  deployment_id=args.deployment_id)
+        else:
+            with _session() as session:
+                result = audit_service.verify_export(export_file=export_file, settings=settings, session=session,
+                                                     deployment_id=args.deployment_id)
     print(result.model_dump_json())
     return 0 if result.ok else EXIT_UNVERIFIED
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlalchemy import Row
 from sqlalchemy.orm import Session
@@ -145,12 +145,15 @@ def to_ocsf(row: dict[str, Any]) -> dict[str, Any]:
 
 
 _MANIFEST_PREFIX = "# manifest "  # a CSV export's manifest line starts so
+_TAIL_READ = 64 * 1024  # bytes read at a time, backwards from the end, to find the manifest line
 
 
-def check_export(data: bytes, *, signer: Signer) -> ExportCheck:
-    """Whether `data` is an export this deployment signed, whole and unchanged: its manifest's signature and
-    deployment id, then its rows against the manifest (count, order, each JSONL row's hash, the body's sha256)."""
-    body, manifest = _split(data)
+def check_export(export_file: BinaryIO, *, signer: Signer) -> ExportCheck:
+    """Whether `export_file` (seekable, opened for bytes) is an export this deployment signed, whole and unchanged: its
+    manifest's signature and deployment id, then its rows against the manifest (count, order, each JSONL row's hash,
+    the body's sha256). The manifest, its last line, is read from the end; the rows then stream past once: memory
+    holds a line at a time, however long the export."""
+    body_length, manifest = _manifest(export_file)
     if manifest is None:
         return _failed("manifest_missing", "no readable manifest closes the file: it was cut, or is no govrag export")
     signature = manifest.pop("signature", None)
@@ -164,17 +167,54 @@ def check_export(data: bytes, *, signer: Signer) -> ExportCheck:
     if manifest["deployment_id"] != signer.deployment_id:
         return _broken(found, "other_deployment", f"signed by deployment {manifest['deployment_id']}, not by this "
                                                   f"one ({signer.deployment_id})")
-    return _check_rows(found, body, manifest)
+    return _check_rows(found, _Body(export_file, body_length), manifest)
 
 
-def _split(data: bytes) -> tuple[bytes, dict[str, Any] | None]:
-    """The body (every line before the last) and the manifest the last line holds (None: none there)."""
-    head, _, last = data.removesuffix(b"\n").rpartition(b"\n")
+def _manifest(export_file: BinaryIO) -> tuple[int, dict[str, Any] | None]:
+    """The length of the body (every line before the last) and the manifest the last line holds (None: none there)."""
+    body_length, last = _last_line(export_file)
     try:
         manifest = json.loads(last.decode().removeprefix(_MANIFEST_PREFIX), object_pairs_hook=_unique)["manifest"]
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError):
-        return data, None
-    return (head + b"\n" if head else b""), manifest if isinstance(manifest, dict) else None
+        return body_length, None
+    return body_length, manifest if isinstance(manifest, dict) else None
+
+
+def _last_line(export_file: BinaryIO) -> tuple[int, bytes]:
+    """Where the file's last line starts and the line, without the newline ending the file: read backwards from the
+    end, _TAIL_READ bytes at a time, until the newline before it."""
+    end = export_file.seek(0, io.SEEK_END)
+    if end:
+        export_file.seek(end - 1)
+        if export_file.read(1) == b"\n":
+            end -= 1
+    start, line = end, b""
+    while start > 0:
+        step = min(_TAIL_READ, start)
+        start -= step
+        export_file.seek(start)
+        line = export_file.read(step) + line
+        if (newline := line.rfind(b"\n")) >= 0:
+            return start + newline + 1, line[newline + 1:]
+    return 0, line
+
+
+class _Body:
+    """The lines before the manifest, each with its newline, read once from the start and hashed as they pass."""
+
+    def __init__(self, export_file: BinaryIO, length: int) -> None:
+        self.export_file, self.length, self.sha256 = export_file, length, hashlib.sha256()
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.export_file.seek(0)
+        left = self.length
+        while left > 0:
+            line = self.export_file.readline(left)  # never past the body: its last line ends where the manifest starts
+            if not line:
+                return
+            left -= len(line)
+            self.sha256.update(line)
+            yield line
 
 
 def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -185,23 +225,43 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
-def _check_rows(found: ExportCheck, body: bytes, manifest: dict[str, Any]) -> ExportCheck:
+@dataclass
+class _Tally:
+    """What the rows showed as they streamed past: their count, the first pair out of order, the first row changed."""
+
+    count: int = 0
+    previous: int | None = None
+    reordered: tuple[int, int] | None = None  # (row id, the id of the row before it)
+    changed: int | None = None
+
+    def add(self, row: _Row) -> None:
+        self.count += 1
+        if self.reordered is None and self.previous is not None and row.id <= self.previous:
+            self.reordered = (row.id, self.previous)
+        if self.changed is None and row.rehashed not in (None, row.hash):
+            self.changed = row.id
+        self.previous = row.id
+
+
+def _check_rows(found: ExportCheck, body: _Body, manifest: dict[str, Any]) -> ExportCheck:
+    tally = _Tally()
     try:
-        rows = _rows(body, ExportFormat(manifest["format"]))
+        for row in _rows(body, ExportFormat(manifest["format"])):
+            tally.add(row)
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, RecursionError, csv.Error):
         return _broken(found, "rows_unreadable", "a row does not parse: the file was cut or edited mid-row")
-    if len(rows) != manifest["rows"]:
-        what = "removed" if len(rows) < manifest["rows"] else "added"
+    if tally.count != manifest["rows"]:
+        what = "removed" if tally.count < manifest["rows"] else "added"
         return _broken(found, f"rows_{what}", f"the manifest counts {manifest['rows']} rows, the file holds "
-                                              f"{len(rows)}: rows were {what}")
-    for before, row in zip(rows, rows[1:], strict=False):
-        if row.id <= before.id:
-            return _broken(found, "rows_reordered", f"row {row.id} comes after row {before.id}: the rows were "
-                                                    "reordered", row.id)
-    for row in rows:
-        if row.rehashed not in (None, row.hash):
-            return _broken(found, "row_changed", f"row {row.id} does not match its hash: it was changed", row.id)
-    if hashlib.sha256(body).hexdigest() != manifest["body_sha256"]:
+                                              f"{tally.count}: rows were {what}")
+    if tally.reordered is not None:
+        row_id, before = tally.reordered
+        return _broken(found, "rows_reordered", f"row {row_id} comes after row {before}: the rows were reordered",
+                       row_id)
+    if tally.changed is not None:
+        return _broken(found, "row_changed", f"row {tally.changed} does not match its hash: it was changed",
+                       tally.changed)
+    if body.sha256.hexdigest() != manifest["body_sha256"]:
         return _broken(found, "body_changed", "the rows are not those exported: one was changed or replaced")
     return found
 
@@ -213,15 +273,19 @@ class _Row:
     rehashed: str | None  # a JSONL row's hash computed again from its content; None for CSV and OCSF (not whole)
 
 
-def _rows(body: bytes, fmt: ExportFormat) -> list[_Row]:
-    text = body.decode()
+def _rows(body: _Body, fmt: ExportFormat) -> Iterator[_Row]:
     if fmt is ExportFormat.csv:
-        csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # a cell of a user in thousands of groups
-        return [_Row(int(row["id"]), row["hash"], None) for row in csv.DictReader(io.StringIO(text, newline=""))]
-    lines = [json.loads(line) for line in text.split("\n")[:-1]]  # JSON escapes a newline inside a value
-    if fmt is ExportFormat.ocsf:
-        return [_Row(int(line["metadata"]["uid"]), line["unmapped"]["hash"], None) for line in lines]
-    return [_Row(int(line["id"]), line["hash"], event_hash(SimpleNamespace(**line))) for line in lines]
+        csv.field_size_limit(max(csv.field_size_limit(), body.length))  # a cell of a user in thousands of groups
+        # each line cut at \r too, as a file opened with newline="" is read: what the csv module expects
+        pieces = (piece for line in body for piece in io.StringIO(line.decode(), newline=""))
+        yield from (_Row(int(row["id"]), row["hash"], None) for row in csv.DictReader(pieces))
+        return
+    for text in body:
+        line = json.loads(text.decode())  # JSON escapes a newline inside a value
+        if fmt is ExportFormat.ocsf:
+            yield _Row(int(line["metadata"]["uid"]), line["unmapped"]["hash"], None)
+        else:
+            yield _Row(int(line["id"]), line["hash"], event_hash(SimpleNamespace(**line)))
 
 
 def _failed(reason: str, message: str) -> ExportCheck:

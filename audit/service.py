@@ -6,7 +6,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlalchemy.orm import Session
 
@@ -207,9 +207,10 @@ def export_events(*, session: Session, settings: Settings, identity: Identity, s
     return export.render(rows, fmt, filters=filters, through_id=through_id, departments=scope, signer=signer)
 
 
-def verify_export(*, data: bytes, settings: Settings, session: Session | None,
+def verify_export(*, export_file: BinaryIO, settings: Settings, session: Session | None,
                   deployment_id: str | None = None) -> ExportCheck:
-    """Check an export file against its signed manifest, reading no ledger row. `deployment_id`: the deployment it
+    """Check an export file (seekable, opened for bytes; read in one pass, a line at a time) against its signed
+    manifest, reading no ledger row. `deployment_id`: the deployment it
     must come from (default: this database's); without a session, the configured checkpoint key and `deployment_id`
     are all it takes (an auditor's machine)."""
     if session is not None:
@@ -219,7 +220,7 @@ def verify_export(*, data: bytes, settings: Settings, session: Session | None,
     else:
         raise GovragError(ErrorCode.invalid_request, "without the database, checking an export takes the deployment "
                                                      "id and GOVRAG_AUDIT_CHECKPOINT_KEY")
-    return export.check_export(data, signer=replace(signer, deployment_id=deployment_id or signer.deployment_id))
+    return export.check_export(export_file, signer=replace(signer, deployment_id=deployment_id or signer.deployment_id))
 
 
 def verify(*, session: Session, settings: Settings, deployment_id: str | None = None) -> VerifyResult:

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import shutil
+import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, timedelta
@@ -20,7 +21,7 @@ from sqlalchemy import insert, select, text
 
 from audit import service as audit_service
 from audit.integrity import LEGACY_GRACE
-from audit.schemas import LATER_FIELDS, Decision, ExportFilters, ExportFormat, RetrievalRecord
+from audit.schemas import LATER_FIELDS, RETRIEVAL_EVENT, Decision, ExportFilters, ExportFormat, RetrievalRecord
 from authz.identity import Identity
 from core import migrate
 from core.db import get_engine, get_session_factory, unit_of_work
@@ -228,6 +229,42 @@ def test_a_csv_export_of_a_user_in_thousands_of_groups_verifies(ledger: Settings
     export = _export(ledger, tmp_path / "export.csv", ExportFormat.csv)
     code, report = cli(ledger, export)
     assert (code, report["ok"], report["rows"]) == (0, True, 1)
+
+
+def _append_many(settings: Settings, count: int, question: str) -> None:
+    """`count` retrievals asking `question`, linked and committed at once (one checkpoint, not one every 5 rows)."""
+    events = [RetrievalEvent(event_type=RETRIEVAL_EVENT, **vars(replace(_record(n), question_masked=question)))
+              for n in range(count)]
+    with get_session_factory(settings.resolved_database_url)() as session:
+        audit_service._append(session, settings, events)
+
+
+@pytest.mark.parametrize("fmt", list(ExportFormat))
+def test_a_large_export_is_checked_a_line_at_a_time(ledger: Settings, tmp_path: Path, cli: Callable[..., tuple],
+                                                    fmt: ExportFormat) -> None:
+    """`govrag audit verify-export` read the whole file into memory (then its text, then every row parsed), where the
+    export streams: a large export held several times its size. It now reads the manifest from the end and the rows
+    a line at a time: what it holds at its peak is a small part of the file. The question spans lines (a CSV cell
+    then does too)."""
+    settings = _keyed(ledger, SHARED_KEY)
+    _append_many(settings, 3000, "how many days of leave\n" + "x" * 1500)
+    export = _export(settings, tmp_path / f"export.{fmt.value}", fmt)
+    deployment_id = json.loads(_lines(export)[-1].removeprefix(b"# manifest "))["manifest"]["deployment_id"]
+    auditor = Settings(data_dir=tmp_path / "auditor", database_url=f"sqlite:///{tmp_path}/nowhere/no.db",
+                       audit_checkpoint_key=SHARED_KEY)
+    assert cli(auditor, export, "--deployment-id", deployment_id)[1]["ok"] is True  # imports done before measuring
+    tracemalloc.start()
+    try:
+        code, report = cli(auditor, export, "--deployment-id", deployment_id)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    size = export.stat().st_size
+    assert (code, report["ok"], report["rows"]) == (0, True, 3000)
+    assert size > 4_000_000 and peak < size / 8, (peak, size)
+    *rows, manifest = _lines(export)
+    assert cli(auditor, _written(export, [*rows[:1500], *rows[1501:], manifest]), "--deployment-id",
+               deployment_id)[1]["reason"] == "rows_removed"
 
 
 @pytest.mark.parametrize("signature", [7, "v2.\u00e9", None])
