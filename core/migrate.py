@@ -143,13 +143,16 @@ def _schema_refusal(database_url: str) -> SchemaMismatch | None:
 
 
 def _deployment_missing(connection: Connection) -> DeploymentMissing | None:
-    """DeploymentMissing unless the `deployment` row migration 0016 minted is there (a partial restore can leave it
-    out: every checkpoint due, and so every query, would then fail)."""
-    if connection.execute(select(DEPLOYMENT_TABLE.c.id).where(DEPLOYMENT_TABLE.c.id == 1)).first() is not None:
+    """DeploymentMissing unless the `deployment` row migration 0016 minted is there (a partial restore can leave it,
+    or its whole table, out: every checkpoint due, and so every query, would then fail)."""
+    if not inspect(connection).has_table(DEPLOYMENT_TABLE.name):
+        lost = "table migration 0016 created"
+    elif connection.execute(select(DEPLOYMENT_TABLE.c.id).where(DEPLOYMENT_TABLE.c.id == 1)).first() is None:
+        lost = "row migration 0016 minted"
+    else:
         return None
-    return DeploymentMissing("the database records no deployment id (the `deployment` row migration 0016 minted is "
-                             "missing, as after a partial restore): put it back as docs/audit.md says (\"A lost "
-                             "deployment row\")")
+    return DeploymentMissing(f"the database records no deployment id (the `deployment` {lost} is missing, as after a "
+                             "partial restore): put it back as docs/audit.md says (\"A lost deployment row\")")
 
 
 def migrate_to_head(settings: Settings, report: Callable[[str], None] | None = None) -> None:

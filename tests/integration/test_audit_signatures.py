@@ -443,6 +443,28 @@ def test_a_database_whose_deployment_row_was_lost_is_refused_at_start_in_one_lin
     assert (codes, captured.err.strip().splitlines(), captured.out) == ([2, 2, 2], [LOST_ROW] * 3, "")
 
 
+def test_a_database_whose_deployment_table_was_left_out_is_refused_in_one_line(
+        fresh_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restore at the code's revision without the `deployment` table at all: the schema check's query of the row
+    failed, a traceback (UndefinedTable, or SQLite's "no such table") at each start. It is refused as a lost row is."""
+    from api import cli as govrag
+    from core.settings import get_settings
+
+    with unit_of_work(fresh_url) as session:
+        session.execute(text("DROP TABLE deployment"))
+        session.commit()
+    monkeypatch.setenv("GOVRAG_DATABASE_URL", fresh_url)
+    monkeypatch.setenv("GOVRAG_DATA_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    try:
+        code = govrag.main(["audit", "verify"])
+    finally:
+        get_settings.cache_clear()
+    captured = capsys.readouterr()
+    assert (code, captured.err.strip().splitlines(), captured.out) == (
+        2, [LOST_ROW.replace("row migration 0016 minted", "table migration 0016 created")], "")
+
+
 def test_readyz_reports_a_deployment_row_lost_under_the_running_api(
         fresh_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from api.app import create_app
