@@ -10,12 +10,14 @@ import argparse
 import functools
 import getpass
 import json
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 from sqlalchemy.orm import Session
 
@@ -175,7 +177,7 @@ def verify_export(args: argparse.Namespace) -> int:
     from audit import service as audit_service
 
     settings = get_settings()
-    with Path(args.file).open("rb") as export_file:
+    with Path(args.file).open("rb") as opened, _seekable(opened) as export_file:
         if args.deployment_id is not None and settings.audit_checkpoint_key is not None:
             result = audit_service.verify_export(export_file=export_file, settings=settings, session=None,
                                                  deployment_id=args.deployment_id)
@@ -185,6 +187,18 @@ def verify_export(args: argparse.Namespace) -> int:
                                                      deployment_id=args.deployment_id)
     print(result.model_dump_json())
     return 0 if result.ok else EXIT_UNVERIFIED
+
+
+@contextmanager
+def _seekable(opened: BinaryIO) -> Iterator[BinaryIO]:
+    """`opened`, or, when it is a pipe (`<(zcat export.jsonl.gz)`, /dev/stdin), a copy in an unnamed temporary file:
+    the check reads the manifest from the end first, then the rows, so it seeks."""
+    if opened.seekable():
+        yield opened
+        return
+    with tempfile.TemporaryFile() as copy:
+        shutil.copyfileobj(opened, copy)
+        yield copy
 
 
 @_reported

@@ -6,7 +6,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import shutil
+import threading
 import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -229,6 +231,25 @@ def test_a_csv_export_of_a_user_in_thousands_of_groups_verifies(ledger: Settings
     export = _export(ledger, tmp_path / "export.csv", ExportFormat.csv)
     code, report = cli(ledger, export)
     assert (code, report["ok"], report["rows"]) == (0, True, 1)
+
+
+def test_an_export_read_from_a_pipe_is_checked(ledger: Settings, tmp_path: Path, cli: Callable[..., tuple]) -> None:
+    """`govrag audit verify-export <(zcat export.jsonl.gz)`: read whole, a pipe did; read from its end, it failed
+    ("UnsupportedOperation"). A pipe is copied to a temporary file first; a cut one is still manifest_missing."""
+    _append(ledger, 2)
+    *rows, manifest = _lines(_export(ledger, tmp_path / "export.jsonl"))
+    for lines, expected in ((rows + [manifest], (0, True)), (rows, (3, False))):
+        pipe = tmp_path / "pipe"
+        os.mkfifo(pipe)
+        writer = threading.Thread(target=pipe.write_bytes, args=(b"".join(line + b"\n" for line in lines),),
+                                  daemon=True)
+        writer.start()
+        code, report = cli(ledger, pipe)
+        os.close(os.open(pipe, os.O_RDONLY | os.O_NONBLOCK))  # a writer still waiting for a reader is let go
+        writer.join()
+        pipe.unlink()
+        assert (code, report["ok"]) == expected
+    assert report["reason"] == "manifest_missing"
 
 
 def _append_many(settings: Settings, count: int, question: str) -> None:
