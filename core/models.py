@@ -77,7 +77,7 @@ class Document(Base):
         # an upload's duplicates (find_duplicate, oldest first; failed_copies): created_at and id in it, or SQLite,
         # without statistics, reads all of the department's documents through the listing index for its order (0015)
         Index("ix_documents_department_sha256_created", "department", "sha256", "created_at", "id"),
-        # the /metrics counts by department and status (audit.repository.document_counts), read from it alone (0018)
+        # the /metrics counts by department and status (audit.repository.document_counts), read from it alone (0017)
         Index("ix_documents_department_status_chunks", "department", "status", "chunk_count"),
     )
 

@@ -6,7 +6,7 @@ them in a temporary b-tree (81 ms at 50,000 documents), PostgreSQL read the whol
 (department, status, chunk_count) holds all the query reads, in its GROUP BY order: both databases answer it from
 the index alone. bench/sqlite_plans.py prints the plans and times.
 
-Revision ID: 0018
+Revision ID: 0017
 Revises: 0016
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from alembic import op
 
-revision = "0018"
+revision = "0017"
 down_revision = "0016"
 branch_labels = None
 depends_on = None
