@@ -22,7 +22,8 @@ import contextlib
 import enum
 import os
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from core.cache import BoundedCache
 from core.db import transaction_lock, unit_of_work
 from core.errors import MasterKeyRefused
 from core.models import Document, WrappedKey
-from core.settings import Settings
+from core.settings import DEFAULT_KEY_CACHE_SECONDS, Settings
 
 _CACHE_SIZE = 4096
 # Rows wrapped directly by the master key: department keys and the audit checkpoint key.
@@ -76,26 +77,31 @@ class DepartmentKeyUnreadable(crypto.DecryptionError):
 
 
 class KeyStore:
-    """Creates, unwraps and destroys keys; caches unwrapped document keys in memory."""
+    """Creates, unwraps and destroys keys; caches unwrapped keys in memory for at most `cache_seconds` (by `clock`),
+    so a key shredded or retired by another process leaves this one within that time. Dropping one drops a reference
+    only: Python's `bytes` cannot be safely zeroed (a caller may still hold it), so its memory is freed, not wiped."""
 
-    def __init__(self, masters: Mapping[int, bytes], *, key_file: Path | None = None) -> None:
+    def __init__(self, masters: Mapping[int, bytes], *, key_file: Path | None = None,
+                 cache_seconds: float = DEFAULT_KEY_CACHE_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
         self._masters = dict(masters)
         self._key_file = key_file  # re-read when it changes: another process may rotate the master key
         self._key_file_stamp = _stamp(key_file)
         self._masters_lock = threading.Lock()
-        self._cache: BoundedCache[tuple[str, str], bytes] = BoundedCache(_CACHE_SIZE)
+        self._cache: BoundedCache[tuple[str, str], bytes] = BoundedCache(_CACHE_SIZE, max_age=cache_seconds,
+                                                                          clock=clock)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> KeyStore:
         """Master keyring from env, else from the key file (generated only outside production, and never while the
         database holds keys a master key wraps: MasterKeyRefused, the one that wrote them is lost)."""
         if settings.master_key is not None:
-            return cls(crypto.parse_master_keyring(settings.master_key.get_secret_value()))
+            return cls(crypto.parse_master_keyring(settings.master_key.get_secret_value()),
+                       cache_seconds=settings.key_cache_seconds)
         key_file = settings.resolved_master_key_file
         if not key_file.exists() and _holds_master_wrapped_keys(settings.resolved_database_url):
             raise MasterKeyRefused(f"the key file {key_file} does not exist; no new one is made over them", key_file)
         return cls(crypto.load_or_create_master_keyring(key_file, create=not settings.is_production),
-                   key_file=key_file)
+                   key_file=key_file, cache_seconds=settings.key_cache_seconds)
 
     def create_department_key(self, *, session: Session, department: str) -> None:
         """Create the department's key when the department is created."""

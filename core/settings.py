@@ -18,6 +18,7 @@ from core import crypto
 
 MAX_DEFAULT_INGEST_CONCURRENCY = 4
 DEFAULT_TOKEN_MAX_LIFETIME_SECONDS = 24 * 3600
+DEFAULT_KEY_CACHE_SECONDS = 300.0
 _KEYRING_FORM = "base64 of 32 bytes, or `v<N>:<base64>` entries (one per version)"
 # Each key setting, the parser its users read it with, and what it must be (never quoting what it is).
 _KEY_PARSERS = {
@@ -72,6 +73,9 @@ class Settings(BaseSettings):
     # Keys
     master_key: SecretStr | None = None  # base64 of 32 bytes; production source
     master_key_file: Path | None = None  # default data_dir/master.key (created 0600 in dev)
+    # Unwrapped keys a process keeps in memory at most this long: a deleted document's key (or a retired department
+    # key version) leaves every other process within it. 0: none kept (an unwrap per document read); at most an hour.
+    key_cache_seconds: float = Field(default=DEFAULT_KEY_CACHE_SECONDS, ge=0, le=3600)
 
     # Limits and retrieval
     max_upload_bytes: int = 20 * 1024 * 1024

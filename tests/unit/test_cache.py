@@ -1,8 +1,9 @@
-"""The bounded LRU cache behind the key store, sentence vectors and scan scores."""
+"""The bounded LRU cache behind the key store (with a max age), sentence vectors and scan scores."""
 
 from __future__ import annotations
 
 from core.cache import BoundedCache
+from tests.support.polling import wait_until
 
 
 def test_least_recently_used_entry_is_evicted_first() -> None:
@@ -25,3 +26,43 @@ def test_pop_and_discard_where_forget_entries() -> None:
     assert cache.get(("document", "d1")) is None
     assert cache.get(("department", "hr:v1")) is None
     assert cache.get(("department", "hr:v2")) == b"k"
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_entry_older_than_the_max_age_is_not_served_and_is_dropped() -> None:
+    clock = Clock()
+    cache: BoundedCache[str, bytes] = BoundedCache(10, max_age=300, clock=clock)
+    cache.put("old", b"k1")
+    clock.now += 200
+    cache.put("young", b"k2")
+    assert cache.get("old") == b"k1"  # used: still its age counts from when it was put
+    clock.now += 100
+    assert (cache.get("old"), cache.get("young")) == (None, b"k2")
+    assert len(cache) == 1  # dropped, not only hidden
+    cache.put("old", b"k1")  # put again (unwrapped again): young again
+    clock.now += 299
+    assert (cache.get("old"), len(cache)) == (b"k1", 1)
+
+
+def test_a_max_age_of_0_keeps_nothing() -> None:
+    cache: BoundedCache[str, bytes] = BoundedCache(10, max_age=0, clock=Clock())
+    cache.put("a", b"k")
+    assert (cache.get("a"), len(cache)) == (None, 0)
+
+
+def test_a_cache_no_one_uses_drops_its_old_entries() -> None:
+    """The sweeper thread: a quiet process does not keep a key for ever."""
+    clock = Clock()
+    cache: BoundedCache[str, bytes] = BoundedCache(10, max_age=0.1, clock=clock)
+    cache.put("a", b"k")
+    clock.now += 1
+    wait_until(lambda: len(cache) == 0, timeout=30, what="the sweeper to drop the entry")
