@@ -13,13 +13,13 @@ from typing import Any, Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
-_MIN_SWEEP_SECONDS = 0.5  # the sweeper never wakes more often (no busy loop on a clock that stands still)
+_MIN_EXPIRE_SECONDS = 0.5  # the expiring thread never wakes more often (no busy loop on a clock that stands still)
 
 
 class BoundedCache(Generic[K, V]):
     """At most `max_items` entries; the least recently used goes first. With `max_age` (seconds by `clock`), an entry
-    is served only that long after it was put: older ones are dropped as the cache is used, and by a sweeper thread
-    (one per cache and process, started by the first put) when it is not. A `max_age` of 0 keeps nothing."""
+    is served only that long after it was put: older ones are dropped as the cache is used, and by the process's one
+    expiring thread (`_expire_all`, for every such cache) when it is not. A `max_age` of 0 keeps nothing."""
 
     def __init__(self, max_items: int, *, max_age: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -29,7 +29,8 @@ class BoundedCache(Generic[K, V]):
         self._max_age = max_age
         self._clock = clock
         self._put_at: OrderedDict[K, float] = OrderedDict()  # oldest put first: expiring stops at the first young one
-        self._sweeper_pid: int | None = None
+        if max_age:
+            _watch(self)
 
     def get(self, key: K) -> V | None:
         """The cached value, or None."""
@@ -51,9 +52,10 @@ class BoundedCache(Generic[K, V]):
             if self._max_age is not None:
                 self._put_at[key] = self._clock()
                 self._put_at.move_to_end(key)
-                self._start_sweeper_locked()
             while len(self._items) > self._max_items:
                 self._put_at.pop(self._items.popitem(last=False)[0], None)
+        if self._max_age is not None:
+            _ensure_expirer()
 
     def pop(self, key: K) -> None:
         """Forget one entry, if present."""
@@ -76,7 +78,7 @@ class BoundedCache(Generic[K, V]):
 
     def expire(self) -> float:
         """Forget the entries older than `max_age`; the seconds until the oldest left is, else `max_age` (the
-        sweeper's call)."""
+        expiring thread's call)."""
         with self._lock:
             self._expire_locked()
             max_age = self._max_age or 0.0
@@ -95,26 +97,54 @@ class BoundedCache(Generic[K, V]):
         while self._put_at and next(iter(self._put_at.values())) <= oldest:
             self._items.pop(self._put_at.popitem(last=False)[0], None)
 
-    def _start_sweeper_locked(self) -> None:
-        """A daemon thread expiring entries as they reach `max_age`, so they go even from a cache no one uses; started
-        again in a forked child (threads do not survive a fork). It ends once the cache is garbage."""
-        if self._sweeper_pid == os.getpid() or self._max_age is None:
+
+# Every cache with a max age in this process, expired by one daemon thread (`_expire_all`), started by the first put
+# into one of them and again in a forked child (threads do not survive a fork). A cache leaves the set when it is
+# garbage. `_EXPIRER_LOCK` is held through each pass and taken before a fork, so no child inherits a cache lock held by
+# the pass (it would wait on it for ever); the child gets a new `_WAKE` (the pass may have held its lock).
+_AGED: weakref.WeakSet[BoundedCache[Any, Any]] = weakref.WeakSet()
+_EXPIRER_LOCK = threading.Lock()
+_WAKE = threading.Event()  # a cache added: the pass may have to come sooner
+_expirer_pid: int | None = None
+
+
+def _watch(cache: BoundedCache[Any, Any]) -> None:
+    with _EXPIRER_LOCK:
+        _AGED.add(cache)
+    _WAKE.set()
+
+
+def _ensure_expirer() -> None:
+    """Start the process's expiring thread unless it runs (never called holding a cache's lock)."""
+    global _expirer_pid
+    if _expirer_pid == os.getpid():
+        return
+    with _EXPIRER_LOCK:
+        if _expirer_pid == os.getpid():
             return
-        self._sweeper_pid = os.getpid()
-        threading.Thread(target=_sweep, args=(weakref.ref(self), self._max_age), name="cache-sweeper",
-                         daemon=True).start()
+        _expirer_pid = os.getpid()
+    threading.Thread(target=_expire_all, name="cache-expirer", daemon=True).start()
 
 
-def _sweep(cache_ref: weakref.ref[BoundedCache[Any, Any]], max_age: float) -> None:
-    """Expire the referenced cache's entries as they reach `max_age`, until the cache is gone."""
-    wait = max_age
+def _expire_all() -> None:
+    """Expire every aged cache's entries as they reach their age; with none left, wait for one to be added."""
     while True:
-        time.sleep(wait)
-        cache = cache_ref()
-        if cache is None:
-            return
-        wait = max(cache.expire(), _MIN_SWEEP_SECONDS)
-        del cache
+        with _EXPIRER_LOCK:
+            waits = [cache.expire() for cache in list(_AGED)]
+        _WAKE.wait(max(min(waits), _MIN_EXPIRE_SECONDS) if waits else None)
+        _WAKE.clear()
+
+
+def _after_fork_in_child() -> None:
+    global _expirer_pid, _WAKE
+    _EXPIRER_LOCK.release()
+    _expirer_pid, _WAKE = None, threading.Event()
+    if _AGED:
+        _ensure_expirer()
+
+
+os.register_at_fork(before=_EXPIRER_LOCK.acquire, after_in_parent=_EXPIRER_LOCK.release,
+                    after_in_child=_after_fork_in_child)
 
 
 class Rechecked:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import threading
+
 from core.cache import BoundedCache
 from tests.support.polling import wait_until
 
@@ -60,9 +63,35 @@ def test_a_max_age_of_0_keeps_nothing() -> None:
 
 
 def test_a_cache_no_one_uses_drops_its_old_entries() -> None:
-    """The sweeper thread: a quiet process does not keep a key for ever."""
+    """The expiring thread: a quiet process does not keep a key for ever."""
     clock = Clock()
     cache: BoundedCache[str, bytes] = BoundedCache(10, max_age=0.1, clock=clock)
     cache.put("a", b"k")
     clock.now += 1
-    wait_until(lambda: len(cache) == 0, timeout=30, what="the sweeper to drop the entry")
+    wait_until(lambda: len(cache) == 0, timeout=30, what="the expiring thread to drop the entry")
+
+
+def test_one_thread_expires_every_cache_of_a_process() -> None:
+    clock, threads = Clock(), threading.active_count()
+    caches = [BoundedCache[str, bytes](10, max_age=0.1, clock=clock) for _ in range(20)]
+    for cache in caches:
+        cache.put("a", b"k")
+    assert threading.active_count() - threads <= 1  # none if an earlier test started it
+    clock.now += 1
+    wait_until(lambda: sum(map(len, caches)) == 0, timeout=30, what="the expiring thread to drop every entry")
+
+
+def test_a_forked_child_drops_the_entries_it_inherited_without_using_the_cache() -> None:
+    """Threads do not survive a fork: the child (a Celery prefork child) starts its own expiring thread."""
+    clock = Clock()
+    cache: BoundedCache[str, bytes] = BoundedCache(10, max_age=0.1, clock=clock)
+    cache.put("a", b"k")
+    pid = os.fork()
+    if pid == 0:  # the child: reads nothing, only watches the cache's size
+        try:
+            clock.now += 1
+            wait_until(lambda: len(cache) == 0, timeout=30, what="the child's expiring thread")
+        finally:
+            os._exit(0 if len(cache) == 0 else 1)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert cache.get("a") == b"k"  # the parent's clock did not move
