@@ -98,12 +98,12 @@ def start(app: FastAPI) -> Background:
     settings: Settings = app.state.settings
     migrate.make_data_dir(settings)
     migrate.require_head(settings.resolved_database_url)  # never serve requests the schema cannot answer
-    keystore.require_master_opens(settings)  # nor with a master key that does not open the stored keys
+    keystore.require_master_opens(settings, first_start=True)  # nor with a master key that does not open what is stored
     configure_logging(settings.log_level)
     configure_tracing(settings)
     blobs.open_at_start(settings.blob_dir, settings.resolved_database_url)  # its volume away: a 503
     app.state.schema_watch = migrate.SchemaWatch(settings.resolved_database_url)
-    app.state.master_key_watch = Rechecked(functools.partial(keystore.master_key_problem, settings),
+    app.state.master_key_watch = Rechecked(functools.partial(keystore.master_key_refusal, settings),
                                            keystore.MASTER_CHECK_SECONDS)
     app.state.enforcer = get_enforcer(settings.resolved_database_url, settings.authz_default_clearance,
                                       settings.authz_policy_check_seconds)

@@ -150,7 +150,7 @@ def _worker(args: argparse.Namespace) -> int:
     migrate.require_head(settings.resolved_database_url)
     configure_logging(settings.log_level)
     with migrate.reached(settings.resolved_database_url):  # the database lost since require_head: said as it says it
-        keystore.require_master_opens(settings)
+        keystore.require_master_opens(settings, first_start=True)
         blobs.open_at_start(settings.blob_dir, settings.resolved_database_url)  # only here (its volume away: runs wait)
     from core.tracing import configure_tracing
     from ingestion import service as ingestion_service

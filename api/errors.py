@@ -70,10 +70,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(MasterKeyRefused)
     async def _master_key(_request: Request, exc: MasterKeyRefused) -> JSONResponse:
-        # A replica whose master key lacks the version a rotation made current (or no longer opens the stored keys):
-        # the operator's line, no key material in it, logged and said to the client; no retry helps until it is fixed.
+        # A replica whose master key lacks the version a rotation made current (or no longer opens the stored keys, or
+        # its key file is gone): the operator's line, no key material in it, logged, and said to the client without
+        # the key file's path; no retry helps until it is fixed.
         logger.error("%s", exc)
-        return error_response(503, ErrorCode.unavailable.name, str(exc))
+        return error_response(503, ErrorCode.unavailable.name, exc.client_message)
 
     @app.exception_handler(DepartmentKeyUnreadable)
     async def _department_key(_request: Request, exc: DepartmentKeyUnreadable) -> JSONResponse:

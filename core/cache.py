@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 _MIN_EXPIRE_SECONDS = 0.5  # the expiring thread never wakes more often (no busy loop on a clock that stands still)
+P = TypeVar("P")
 
 
 class BoundedCache(Generic[K, V]):
@@ -147,18 +148,18 @@ os.register_at_fork(before=_EXPIRER_LOCK.acquire, after_in_parent=_EXPIRER_LOCK.
                     after_in_child=_after_fork_in_child)
 
 
-class Rechecked:
+class Rechecked(Generic[P]):
     """What `ask` finds wrong (None: nothing), asked again at most every `every_seconds` (readiness probes come every
     few seconds); a failure to ask raises and is not cached."""
 
-    def __init__(self, ask: Callable[[], str | None], every_seconds: float) -> None:
+    def __init__(self, ask: Callable[[], P | None], every_seconds: float) -> None:
         self._ask = ask
         self._every = every_seconds
         self._lock = threading.Lock()
         self._checked_at: float | None = None
-        self._problem: str | None = None
+        self._problem: P | None = None
 
-    def problem(self) -> str | None:
+    def problem(self) -> P | None:
         """The cached answer of `ask`, asked afresh once it is `every_seconds` old."""
         with self._lock:
             now = time.monotonic()

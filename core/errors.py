@@ -91,14 +91,33 @@ class MasterKeyRefused(StartRefused):
     file from elsewhere or lost (never made afresh over stored keys), a replica not given the version a master
     rotation made current. Nothing it served could be read, and keys it wrapped would be lost once the right key is
     back: a setting to fix, exit 2, as a key file that does not parse. Names where the key is read (`key_file`, else
-    GOVRAG_MASTER_KEY only), never key material."""
+    GOVRAG_MASTER_KEY only), never key material; `client_message` says it without the key file's path (for /readyz,
+    which asks no login, and API clients; the path is in the server's log line). `readiness` is /readyz's
+    `checks.master_key`."""
 
     exit_code = 2
+    readiness = "mismatch"
 
     def __init__(self, why: str | None, key_file: Path | None) -> None:
-        source = "GOVRAG_MASTER_KEY" if key_file is None else f"GOVRAG_MASTER_KEY or {key_file}"
-        super().__init__(f"the master key does not open the stored keys{f' ({why})' if why else ''}: restore the "
-                         f"master key used to write them ({source})")
+        super().__init__(_master_key_line(why, None if key_file is None else str(key_file)))
+        self.client_message = _master_key_line(why, None if key_file is None else "the master key file")
+
+
+class MasterKeyFileMissing(MasterKeyRefused):
+    """The key file is gone while the database holds what its key sealed: never made afresh over them (a start), and
+    a running replica, which re-reads it when it changes, says so (`readiness` "missing"), not a key that fails."""
+
+    readiness = "missing"
+
+    def __init__(self, key_file: Path) -> None:
+        super().__init__("the key file does not exist; no new one is made over them", key_file)
+
+
+def _master_key_line(why: str | None, key_file: str | None) -> str:
+    """MasterKeyRefused's line: what fails, why, and where the key is read."""
+    source = "GOVRAG_MASTER_KEY" if key_file is None else f"GOVRAG_MASTER_KEY or {key_file}"
+    return (f"the master key does not open the stored keys{f' ({why})' if why else ''}: restore the master key used "
+            f"to write them ({source})")
 
 
 class BrokenInstall(StartRefused):

@@ -3,7 +3,8 @@
 Department and document keys are stored only wrapped (encrypted) in `wrapped_keys`.
 Deleting a document's key row crypto-shreds everything sealed under it.
 The master key is versioned (a keyring): a department row's `parent_version` names the master version that
-wraps it; new keys are wrapped under the newest version.
+wraps it; new keys are wrapped under the newest version. Each master version in use also seals a fixed text (its
+verifier, `MasterKeyVerifier`): a wrong master key is told by it before any key is stored under it (`check_masters`).
 
 A rotation retires a key version only once no transaction can still wrap under it: wrapping takes the parent's lock
 (`transaction_lock`) shared before reading the version, the steps that look for rows under old versions before
@@ -20,30 +21,35 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from sqlalchemy import delete, exists, func, select
+from sqlalchemy import delete, exists, func, select, union_all
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
 from core import crypto
 from core.cache import BoundedCache
-from core.db import transaction_lock, unit_of_work
-from core.errors import MasterKeyRefused
-from core.models import Document, WrappedKey
+from core.db import is_postgres, transaction_lock, unit_of_work
+from core.errors import MasterKeyFileMissing, MasterKeyRefused
+from core.models import Document, MasterKeyVerifier, WrappedKey
 from core.settings import DEFAULT_KEY_CACHE_SECONDS, Settings
+
+logger = logging.getLogger(__name__)
 
 _CACHE_SIZE = 4096
 # Rows wrapped directly by the master key: department keys and the audit checkpoint key.
 MASTER_WRAPPED_KINDS = ("department", "checkpoint")
 _CHECKPOINT_OWNER = "audit"
 _CHECKPOINT_HKDF_INFO = b"govrag audit checkpoint v1"
+_VERIFIER = b"govrag master key verifier"  # what each master version in use seals in its MasterKeyVerifier row
 MASTER_CHECK_SECONDS = 5.0  # how long readiness trusts its last look at whether the master key opens the stored keys
 _MASTER_LOCK = "keys:master"  # shared: wrapping under the newest master version; exclusive: finding rows to rewrap
 
@@ -91,15 +97,20 @@ class KeyStore:
                                                                           clock=clock)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> KeyStore:
+    def from_settings(cls, settings: Settings, *, holds_sealed: bool | None = None) -> KeyStore:
         """Master keyring from env, else from the key file (generated only outside production, and never while the
-        database holds keys a master key wraps: MasterKeyRefused, the one that wrote them is lost)."""
+        database holds what a master key sealed: MasterKeyFileMissing, the one that sealed it is lost). Whether it
+        does is `holds_sealed` when the caller knows, else asked in a session of its own."""
         if settings.master_key is not None:
             return cls(crypto.parse_master_keyring(settings.master_key.get_secret_value()),
                        cache_seconds=settings.key_cache_seconds)
         key_file = settings.resolved_master_key_file
-        if not key_file.exists() and _holds_master_wrapped_keys(settings.resolved_database_url):
-            raise MasterKeyRefused(f"the key file {key_file} does not exist; no new one is made over them", key_file)
+        if not key_file.exists():
+            if holds_sealed is None:
+                with unit_of_work(settings.resolved_database_url) as session:
+                    holds_sealed = not MasterSealed.read(session).empty
+            if holds_sealed:
+                raise MasterKeyFileMissing(key_file)
         return cls(crypto.load_or_create_master_keyring(key_file, create=not settings.is_production),
                    key_file=key_file, cache_seconds=settings.key_cache_seconds)
 
@@ -269,37 +280,67 @@ class KeyStore:
 
     def _wrap_under_master(self, session: Session, kind: str, owner: str, version: int, key: bytes) -> None:
         """Store `key` wrapped under the newest master version, read under the master lock held shared: a master
-        rotation finds this row (and rewraps it) before it retires that version."""
+        rotation finds this row (and rewraps it) before it retires that version. That version's verifier is stored
+        first if it has none, and must open under it."""
         transaction_lock(session, _MASTER_LOCK, shared=True)
         master_version, master = self._current_master()
-        newest = session.scalar(select(func.max(WrappedKey.parent_version))
-                                .where(WrappedKey.kind.in_(MASTER_WRAPPED_KINDS)))
+        newest = _newest_master_version(session)
         if newest is not None and newest > master_version:  # a replica not given the version a rotation made current
             raise MasterKeyRefused(f"it has no version {newest}, the current one", self._key_file)
+        self._record_verifier(session, master_version, master)
         session.add(WrappedKey(kind=kind, owner=owner, version=version, parent_version=master_version,
                                wrapped=crypto.seal(master, key, _context(kind, owner, version))))
         session.flush()
 
-    def check_masters(self, *, session: Session) -> None:
-        """MasterKeyRefused unless this keyring opens the master-wrapped keys: the first row under each master version
-        in use is unwrapped (a wrong key fails authentication), so a process never starts to serve keys it cannot open
-        nor to wrap new ones the right key would not open. A first row that does not open while another under its
+    def check_masters(self, sealed: MasterSealed, *, session: Session, record: bool = False) -> None:
+        """MasterKeyRefused unless this keyring opens what is `sealed` under each master version in use (a wrong key
+        fails authentication), so a process never starts to serve keys it cannot open nor to wrap new ones the right key
+        would not open, with no department key stored yet too. A first row that does not open while another under its
         version does is that row altered, not a wrong key: its department alone is unreadable
-        (DepartmentKeyUnreadable where its key is used), not every process refused."""
-        first = (select(func.min(WrappedKey.id)).where(WrappedKey.kind.in_(MASTER_WRAPPED_KINDS))
-                 .group_by(WrappedKey.parent_version))
-        rows = session.scalars(select(WrappedKey).where(WrappedKey.id.in_(first))).all()
+        (DepartmentKeyUnreadable where its key is used), not every process refused. `session`: the one `sealed` was
+        read in. `record`: the master lock held shared there since before the read (a rotation retiring a version, and
+        its verifier, ran before or runs after); the verifier of each version just opened that has none is stored
+        (a database from before verifiers; with nothing sealed yet, the newest version's)."""
         # The keyring read after the rows: a master rotation beside this check writes its new version to the key file
         # before it rewraps any row under it, so a row read under that version finds it there (read before the rows,
         # the keyring could lack it: a false refusal mid-rotation).
         masters = self._masters_now()
-        for row in rows:
+        for row in sealed.rows:
             if row.parent_version not in masters:
                 raise MasterKeyRefused(f"it has no version {row.parent_version}, which wraps some of them",
                                        self._key_file)
             master = masters[row.parent_version]
             if not (_opens(master, row) or _any_opens(session, master, row.parent_version)):
                 raise MasterKeyRefused(None, self._key_file)
+        for verifier in sealed.verifiers:
+            self._open_master_sealed(masters, verifier.version, verifier.sealed, _verifier_context(verifier.version))
+        if record:
+            in_use = {row.parent_version for row in sealed.rows} or ({max(masters)} if sealed.empty else set())
+            for version in sorted(in_use - {verifier.version for verifier in sealed.verifiers}):
+                self._record_verifier(session, version, masters[version])
+
+    def _open_master_sealed(self, masters: Mapping[int, bytes], version: int, sealed: bytes, context: str) -> None:
+        """MasterKeyRefused unless `sealed` opens under `masters`' key `version`."""
+        if version not in masters:
+            raise MasterKeyRefused(f"it has no version {version}, which wraps some of them", self._key_file)
+        try:
+            crypto.open_sealed(masters[version], sealed, context)
+        except crypto.DecryptionError:
+            raise MasterKeyRefused(None, self._key_file) from None
+
+    def _record_verifier(self, session: Session, version: int, master: bytes) -> None:
+        """Store master `version`'s verifier unless one is (processes starting or wrapping at once: one is kept);
+        MasterKeyRefused unless the one stored opens under `master` (another key of that version stored first)."""
+        insert = (postgresql.insert if is_postgres(session) else sqlite.insert)(MasterKeyVerifier).values(
+            version=version, sealed=crypto.seal(master, _VERIFIER, _verifier_context(version)))
+        session.execute(insert.on_conflict_do_nothing(index_elements=[MasterKeyVerifier.version]))
+        stored = session.scalars(select(MasterKeyVerifier.sealed).where(MasterKeyVerifier.version == version)).one()
+        self._open_master_sealed({version: master}, version, stored, _verifier_context(version))
+
+    def forget_master_verifiers(self, *, session: Session, version: int) -> None:
+        """Drop the verifiers of every master version but `version`: in the transaction that found no row needs them
+        (`retirable_master_versions`, its master lock held), as the versions are retired."""
+        session.execute(delete(MasterKeyVerifier).where(MasterKeyVerifier.version != version))
 
     def master_rotation(self) -> contextlib.AbstractContextManager[None]:
         """Held for a whole master rotation: the key file's lock (`crypto.master_keyring_lock`), so two rotations
@@ -324,6 +365,7 @@ class KeyStore:
         The master lock, held exclusively, waits for keys being wrapped under an older version: they are found."""
         transaction_lock(session, _MASTER_LOCK)
         master = self._master(version)
+        self._record_verifier(session, version, master)
         rows = session.scalars(select(WrappedKey).where(WrappedKey.kind.in_(MASTER_WRAPPED_KINDS),
                                                         WrappedKey.parent_version != version)
                                .order_by(WrappedKey.id).limit(limit).with_for_update()).all()
@@ -365,7 +407,10 @@ class KeyStore:
         with self._masters_lock:
             stamp = _stamp(self._key_file)
             if self._key_file is not None and stamp != self._key_file_stamp:
-                self._masters = crypto.parse_master_keyring(self._key_file.read_text())
+                try:
+                    self._masters = crypto.parse_master_keyring(self._key_file.read_text())
+                except FileNotFoundError:  # deleted: what it sealed is not served from memory until a restart refuses
+                    raise MasterKeyFileMissing(self._key_file) from None
                 self._key_file_stamp = stamp
             return self._masters
 
@@ -451,10 +496,34 @@ def _department_lock(department: str) -> str:
     return f"keys:department:{department}"
 
 
-def _holds_master_wrapped_keys(database_url: str) -> bool:
-    """Whether the database holds a key a master key wraps."""
-    with unit_of_work(database_url) as session:
-        return session.scalar(select(exists().where(WrappedKey.kind.in_(MASTER_WRAPPED_KINDS)))) is True
+@dataclass(frozen=True)
+class MasterSealed:
+    """What is sealed under each master version in use: the first master-wrapped row (a department or checkpoint
+    key), the verifier."""
+
+    rows: Sequence[WrappedKey]
+    verifiers: Sequence[MasterKeyVerifier]
+
+    @classmethod
+    def read(cls, session: Session) -> MasterSealed:
+        """Read in `session`: two queries."""
+        first = (select(func.min(WrappedKey.id)).where(WrappedKey.kind.in_(MASTER_WRAPPED_KINDS))
+                 .group_by(WrappedKey.parent_version))
+        return cls(rows=session.scalars(select(WrappedKey).where(WrappedKey.id.in_(first))).all(),
+                   verifiers=session.scalars(select(MasterKeyVerifier)).all())
+
+    @property
+    def empty(self) -> bool:
+        """Nothing sealed under a master key yet: no department made, no start recorded its key."""
+        return not self.rows and not self.verifiers
+
+
+def _newest_master_version(session: Session) -> int | None:
+    """The newest master version anything stored is sealed under: a key it wraps, or its verifier."""
+    versions = union_all(select(WrappedKey.parent_version.label("version"))
+                         .where(WrappedKey.kind.in_(MASTER_WRAPPED_KINDS)),
+                         select(MasterKeyVerifier.version)).subquery()
+    return session.scalar(select(func.max(versions.c.version)))
 
 
 def _stamp(path: Path | None) -> tuple[int, int, int] | None:
@@ -472,34 +541,50 @@ def _context(kind: str, owner: str, version: int) -> str:
     return f"govrag:{kind}:{owner}:v{version}"
 
 
+def _verifier_context(version: int) -> str:
+    """The associated data of master `version`'s verifier: it names the version, so no verifier passes for another."""
+    return f"govrag:master-verifier:v{version}"
+
+
 _KEYSTORES: dict[str, KeyStore] = {}
 _KEYSTORES_LOCK = threading.Lock()
 
 
-def keystore_for(settings: Settings) -> KeyStore:
-    """The process's key store for these settings' master key source."""
+def keystore_for(settings: Settings, *, holds_sealed: bool | None = None) -> KeyStore:
+    """The process's key store for these settings' master key source (`KeyStore.from_settings` if it is new)."""
     source = (settings.master_key.get_secret_value() if settings.master_key is not None
               else str(settings.resolved_master_key_file.resolve()))
     with _KEYSTORES_LOCK:
         if source not in _KEYSTORES:
-            _KEYSTORES[source] = KeyStore.from_settings(settings)
+            _KEYSTORES[source] = KeyStore.from_settings(settings, holds_sealed=holds_sealed)
         return _KEYSTORES[source]
 
 
-def require_master_opens(settings: Settings) -> None:
+def require_master_opens(settings: Settings, *, first_start: bool = False) -> None:
     """A start's check, before it serves, works or writes (`govrag serve`, `govrag worker`, the CLI commands that open
-    the key store) and /readyz's: MasterKeyRefused unless `settings`' master keyring opens the keys stored in its
-    database. With none stored yet there is nothing to check, and no key file is made for it."""
-    if _holds_master_wrapped_keys(settings.resolved_database_url):
-        with unit_of_work(settings.resolved_database_url) as session:
-            keystore_for(settings).check_masters(session=session)
+    the key store): MasterKeyRefused unless `settings`' master keyring opens what its database holds sealed under
+    each master version in use; the verifiers of the versions it opened are then stored where missing. With nothing
+    sealed yet there is nothing to check: a process that serves or works (`first_start`) stores its newest version's
+    verifier (the key file made for it where one may be), so a later start with another key is refused; a command
+    makes no key file for it. One session."""
+    with unit_of_work(settings.resolved_database_url) as session:
+        transaction_lock(session, _MASTER_LOCK, shared=True)  # before the read: see `check_masters`
+        sealed = MasterSealed.read(session)
+        if sealed.empty and not first_start:
+            return
+        keystore_for(settings, holds_sealed=not sealed.empty).check_masters(sealed, session=session, record=True)
 
 
-def master_key_problem(settings: Settings) -> str | None:
-    """The line `require_master_opens` refuses `settings`' master key with, or None when it opens the stored keys
-    (readiness's question, asked at most every MASTER_CHECK_SECONDS: a query and an unwrap per master version)."""
+def master_key_refusal(settings: Settings) -> MasterKeyRefused | None:
+    """What `require_master_opens` would refuse `settings`' master key with (logged, with the key file's path), or None
+    when it opens what is stored; nothing is written (readiness's question, asked at most every MASTER_CHECK_SECONDS:
+    two queries and an unwrap per master version in use)."""
     try:
-        require_master_opens(settings)
+        with unit_of_work(settings.resolved_database_url) as session:
+            sealed = MasterSealed.read(session)
+            if not sealed.empty:
+                keystore_for(settings, holds_sealed=True).check_masters(sealed, session=session)
     except MasterKeyRefused as refused:
-        return str(refused)
+        logger.warning("%s", refused)
+        return refused
     return None

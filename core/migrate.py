@@ -203,7 +203,7 @@ def require_head_for_command(settings: Settings) -> None:
         raise Unavailable("database") from None
 
 
-class SchemaWatch(Rechecked):
+class SchemaWatch(Rechecked[str]):
     """The schema problem of a running process's database, asked at most every SCHEMA_CHECK_SECONDS."""
 
     def __init__(self, database_url: str, every_seconds: float | None = None) -> None:

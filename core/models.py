@@ -177,6 +177,17 @@ class WrappedKey(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class MasterKeyVerifier(Base):
+    """A fixed text sealed under one master key version, stored while that version is in use (core/keystore.py): a
+    keyring whose key of that version does not open it is the wrong one, with no department key stored yet too."""
+
+    __tablename__ = "master_key_verifiers"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)  # the master key version
+    sealed: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class CasbinRule(Base):
     """Casbin policy rows, read and written only through the casbin adapter."""
 

@@ -114,8 +114,8 @@ class OldMasterVersionsKeptInterrupted(KeyboardInterrupt):
 
 def rotate_master_key(*, settings: Settings, identity: Identity,
                       batch_size: int = BATCH_SIZE) -> MasterRotationReport:
-    """A new master version; department keys (and the audit checkpoint key) rewrapped under it; old versions retired;
-    audited as done by `identity`.
+    """A new master version (its verifier stored with the first batch); department keys (and the audit checkpoint key)
+    rewrapped under it; old versions (and their verifiers) retired; audited as done by `identity`.
 
     The old version stays in the keyring until every row is rewrapped and committed, so a crash midway leaves
     everything readable; running it again finishes the job under a newer version. The audit event commits with the
@@ -145,6 +145,7 @@ def _rotate_master(keystore: KeyStore, settings: Settings, identity: Identity,
             break
     with unit_of_work(url) as session:
         retired = keystore.retirable_master_versions(session=session, version=version)
+        keystore.forget_master_verifiers(session=session, version=version)
         report = MasterRotationReport(new_version=version, keys_rewrapped=rewrapped, retired_versions=tuple(retired))
         _audit(session, settings, identity, None,
                {"scope": "master", "new_version": report.new_version, "keys_rewrapped": report.keys_rewrapped,

@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from api.deps import SessionDep, SettingsDep
 from core.cache import Rechecked
-from core.errors import ErrorCode, GovragError
+from core.errors import ErrorCode, GovragError, MasterKeyRefused
 from retrieval.store import open_vector_store
 
 logger = logging.getLogger(__name__)
@@ -27,8 +27,8 @@ async def healthz() -> dict[str, str]:
 def readyz(request: Request, session: SessionDep, settings: SettingsDep) -> JSONResponse:
     """Database, broker and vector store all answer, the database's schema is the one this code needs (a migration
     run or undone under a running process is noticed within SCHEMA_CHECK_SECONDS, with its reason), and the master
-    key opens the stored keys (a key file replaced, a master rotation this replica's key lacks: noticed within
-    MASTER_CHECK_SECONDS), with its reason."""
+    key opens what is stored under it (a key file replaced or deleted, a master rotation this replica's key lacks:
+    noticed within MASTER_CHECK_SECONDS), with its reason (never a path: it asks no login)."""
     checks = {
         "database": _check(lambda: session.execute(text("SELECT 1"))),
         "broker": _check(lambda: _ping_broker(request)),
@@ -56,13 +56,16 @@ def _ping_broker(request: Request) -> None:
         connection.ensure_connection(max_retries=1, timeout=2)
 
 
-def _watched(watch: Rechecked) -> tuple[str, str | None]:
-    """"ok"; "mismatch" and what to do; or "down" when `watch` could not ask."""
+def _watched(watch: Rechecked[str] | Rechecked[MasterKeyRefused]) -> tuple[str, str | None]:
+    """"ok"; "mismatch" (a refused master key: its `readiness`, "missing" for a key file gone) and what to do; or
+    "down" when `watch` could not ask."""
     try:
         problem = watch.problem()
     except Exception as exc:  # noqa: BLE001 - readiness reports any failure as "down"
         logger.warning("readiness check failed: %s", type(exc).__name__)
         return "down", None
+    if isinstance(problem, MasterKeyRefused):
+        return problem.readiness, problem.client_message
     return ("ok", None) if problem is None else ("mismatch", problem)
 
 

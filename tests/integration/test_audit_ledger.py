@@ -45,11 +45,11 @@ def ledger_url(make_pg_database: Callable[[], str]) -> str:
 
 @pytest.fixture
 def ledger(ledger_url: str, tmp_path: Path) -> Iterator[Settings]:
-    """An empty ledger (ids from 1) and a fresh checkpoint mirror file for each test; no stored keys either: each
-    test's data dir has a master key of its own, which the keys of an earlier test's departments do not open (a CLI
-    command would refuse it)."""
+    """An empty ledger (ids from 1) and a fresh checkpoint mirror file for each test; no stored keys or master key
+    verifiers either: each test's data dir has a master key of its own, which what an earlier test's master key
+    sealed does not open (a CLI command would refuse it)."""
     settings = Settings(data_dir=tmp_path, database_url=ledger_url, audit_checkpoint_every=5)
-    _sql(settings, "TRUNCATE retrieval_events, audit_checkpoints, wrapped_keys RESTART IDENTITY")
+    _sql(settings, "TRUNCATE retrieval_events, audit_checkpoints, wrapped_keys, master_key_verifiers RESTART IDENTITY")
     yield settings
 
 

@@ -8,38 +8,47 @@ once the right one was restored; a replica holding only a retired master version
 from __future__ import annotations
 
 import base64
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import delete, event, select
 
 from api import cli
 from api.app import create_app
 from authz import service as authz_service
 from core import crypto, keystore, migrate
-from core.db import unit_of_work
+from core.db import get_engine, unit_of_work
 from core.errors import MasterKeyRefused
 from core.keystore import KeyStore, keystore_for
-from core.models import Document, WrappedKey
+from core.models import Document, MasterKeyVerifier, WrappedKey
 from core.settings import Settings, get_settings
 from ingestion import keys
 from retrieval.store import close_vector_store
 from tests.conftest import PLATFORM_ADMIN, auth
 from tests.integration.test_master_key_rotation import ROTATOR
-from tests.support.govrag_process import govrag_env, run_govrag
+from tests.support.govrag_process import govrag_env, run_govrag, start_refusal
 
 WRONG_KEY = base64.b64encode(b"w" * 32).decode()
 RESTORE = "restore the master key used to write them"
 
 
 def _stored(url: str) -> list[tuple[str, str, int, int, bytes]]:
-    """Every key row and document, as they are: a refused command changed none."""
+    """Every key row, master key verifier and document, as they are: a refused command changed none."""
     with unit_of_work(url) as session:
         rows = [(r.kind, r.owner, r.version, r.parent_version, r.wrapped) for r in session.scalars(
             select(WrappedKey).order_by(WrappedKey.id))]
-        return rows + [("document", d, 0, 0, b"") for d in session.scalars(select(Document.id))]
+        verifiers = [("verifier", "", v.version, v.version, v.sealed) for v in session.scalars(
+            select(MasterKeyVerifier).order_by(MasterKeyVerifier.version))]
+        return rows + verifiers + [("document", d, 0, 0, b"") for d in session.scalars(select(Document.id))]
+
+
+def _verifiers(url: str) -> list[int]:
+    """The master key versions a verifier is stored for."""
+    with unit_of_work(url) as session:
+        return list(session.scalars(select(MasterKeyVerifier.version).order_by(MasterKeyVerifier.version)))
 
 
 def _last_line(stderr: str) -> str:
@@ -96,7 +105,7 @@ def _lost(key_file: Path) -> None:
 @pytest.mark.parametrize("cli_env", ["embedded"], indirect=True)
 @pytest.mark.parametrize(("spoil", "why"), [
     (_replaced, ""),
-    (_lost, " (the key file {key_file} does not exist; no new one is made over them)"),
+    (_lost, " (the key file does not exist; no new one is made over them)"),
 ], ids=["replaced", "lost"])
 def test_an_embedded_serve_refuses_a_key_file_that_does_not_open_the_stored_keys(
         spoil: Callable[[Path], None], why: str, cli_env: str, tmp_path: Path) -> None:
@@ -110,7 +119,7 @@ def test_an_embedded_serve_refuses_a_key_file_that_does_not_open_the_stored_keys
     before = _stored(cli_env)
     result = run_govrag(["serve", "--port", "0"], timeout=300, env=govrag_env(data_dir=str(data_dir)))
     assert (result.returncode, _last_line(result.stderr)) == (
-        2, f"govrag: the master key does not open the stored keys{why.format(key_file=key_file)}: {RESTORE} "
+        2, f"govrag: the master key does not open the stored keys{why}: {RESTORE} "
            f"(GOVRAG_MASTER_KEY or {key_file})")
     assert "Started server process" not in result.stderr
     assert (key_file.read_bytes() if key_file.exists() else None) == spoiled
@@ -142,22 +151,48 @@ def served(make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pyt
 
 
 def test_readyz_reports_a_master_key_that_no_longer_opens_the_stored_keys(
-        served: tuple[TestClient, Settings]) -> None:
+        served: tuple[TestClient, Settings], caplog: pytest.LogCaptureFixture) -> None:
     """The key file replaced under a running replica (re-read when it changes): /readyz said ready. Now 503 with
-    `checks.master_key: "mismatch"` and the line a start is refused with, until the right key is back."""
+    `checks.master_key: "mismatch"` and the line a start is refused with, until the right key is back. The key file's
+    path is in the server's log line only: /readyz asks no login (it named the path to anyone)."""
     client, settings = served
     key_file = settings.resolved_master_key_file
     right = crypto.parse_master_keyring(key_file.read_text())
     assert client.get("/readyz").json()["checks"]["master_key"] == "ok"
     with crypto.master_keyring_lock(key_file):
         crypto.write_master_keyring(key_file, {1: crypto.new_key()})
-    response = client.get("/readyz")
+    with caplog.at_level(logging.WARNING, logger="core.keystore"):
+        response = client.get("/readyz")
     assert response.status_code == 503
     assert response.json()["checks"]["master_key"] == "mismatch"
     assert response.json()["reason"] == (f"the master key does not open the stored keys: {RESTORE} (GOVRAG_MASTER_KEY "
-                                         f"or {key_file})")
+                                         "or the master key file)")
+    assert str(key_file) not in response.text and str(settings.data_dir) not in response.text
+    assert f"{RESTORE} (GOVRAG_MASTER_KEY or {key_file})" in caplog.text
     with crypto.master_keyring_lock(key_file):
         crypto.write_master_keyring(key_file, right)
+    assert client.get("/readyz").json()["checks"]["master_key"] == "ok"
+
+
+def test_readyz_says_the_master_key_file_is_missing(served: tuple[TestClient, Settings],
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """The key file deleted under a running replica: /readyz read `checks.master_key: "down"`, no reason, as if the
+    database were away. Now "missing" (not "mismatch": no key fails, there is none), a reason that says so without
+    the path (in the log line), and "ok" once it is restored."""
+    client, settings = served
+    key_file = settings.resolved_master_key_file
+    kept = key_file.read_bytes()
+    key_file.unlink()
+    with caplog.at_level(logging.WARNING, logger="core.keystore"):
+        response = client.get("/readyz")
+    assert (response.status_code, response.json()["checks"]["master_key"]) == (503, "missing")
+    assert response.json()["reason"] == ("the master key does not open the stored keys (the key file does not exist; "
+                                         f"no new one is made over them): {RESTORE} (GOVRAG_MASTER_KEY or the master "
+                                         "key file)")
+    assert str(settings.data_dir) not in response.text
+    assert f"(GOVRAG_MASTER_KEY or {key_file})" in caplog.text
+    key_file.write_bytes(kept)
+    key_file.chmod(0o600)
     assert client.get("/readyz").json()["checks"]["master_key"] == "ok"
 
 
@@ -224,3 +259,105 @@ def test_a_running_replica_left_without_the_current_master_version_answers_503_c
     assert old not in response.text and new not in response.text
     assert _stored(url) == before
     assert listed == [{"name": "alpha"}]
+
+
+@pytest.mark.parametrize("database", ["postgresql", "embedded"])
+def test_serve_refuses_a_wrong_master_key_before_any_department_is_made(
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """Nothing was sealed under the master key until the first department was made: a wrong GOVRAG_MASTER_KEY (another
+    installation's, a secret mistyped) passed the check and `govrag serve` started, to wrap that department's key under
+    it (lost once the right key was back) and sign audit checkpoints with it. The first start stores a verifier sealed
+    under its master key: a start with another is one line, exit 2, nothing written."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    database_url = {"database_url": make_pg_database()} if database == "postgresql" else {}
+    first = Settings(data_dir=data_dir, **database_url)
+    url = first.resolved_database_url
+    migrate.upgrade(url)
+    keystore.require_master_opens(first, first_start=True)  # `govrag serve`'s first: the key file made, its verifier
+    assert _verifiers(url) == [1]
+    before = _stored(url)
+    result = run_govrag(["serve", "--port", "0"], timeout=300,
+                        env=govrag_env(data_dir=str(data_dir), master_key=WRONG_KEY, **database_url))
+    assert start_refusal(result) == (2, f"govrag: the master key does not open the stored keys: {RESTORE} "
+                                        "(GOVRAG_MASTER_KEY)")
+    assert _stored(url) == before
+    keystore.require_master_opens(first)  # the right key still opens it
+
+
+def test_a_database_from_before_verifiers_gets_them_from_the_first_start_that_opens_its_keys(
+        make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """A database whose keys were stored before verifiers existed: a start with a key that fails writes none (its
+    verifier would lock the right key out), the first start whose key opens the stored keys writes one per master
+    version they are under."""
+    url = make_pg_database()
+    migrate.upgrade(url)
+    right = Settings(data_dir=tmp_path, database_url=url, master_key=base64.b64encode(crypto.new_key()).decode())
+    with unit_of_work(url) as session:
+        KeyStore.from_settings(right).create_department_key(session=session, department="hr")
+        session.execute(delete(MasterKeyVerifier))  # as stored before 0016
+    with pytest.raises(MasterKeyRefused):
+        keystore.require_master_opens(Settings(data_dir=tmp_path, database_url=url, master_key=WRONG_KEY))
+    assert _verifiers(url) == []
+    keystore.require_master_opens(right)
+    assert _verifiers(url) == [1]
+    with unit_of_work(url) as session:
+        session.execute(delete(WrappedKey))  # hr's key gone: the verifier alone still tells the wrong key
+    with pytest.raises(MasterKeyRefused):
+        keystore.require_master_opens(Settings(data_dir=tmp_path, database_url=url, master_key=WRONG_KEY))
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_a_master_rotation_stores_its_new_versions_verifier_and_drops_the_retired_ones(
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """Keys from settings, no department made: the rotation stores v2's verifier and drops v1's once v1 is retired, so
+    v2 alone starts (v1 removed from the secret), and a keyring without v2, or another v2, is refused."""
+    url = make_pg_database() if database == "postgresql" else f"sqlite:///{tmp_path / 'keys.db'}"
+    migrate.upgrade(url)
+    old, new = (base64.b64encode(crypto.new_key()).decode() for _ in range(2))
+
+    def configured(master_key: str) -> Settings:
+        return Settings(data_dir=tmp_path, database_url=url, master_key=master_key)
+
+    keystore.require_master_opens(configured(old), first_start=True)
+    assert _verifiers(url) == [1]
+    keys.rotate_master_key(settings=configured(f"v2:{new},v1:{old}"), identity=ROTATOR)
+    assert _verifiers(url) == [2]
+    keystore.require_master_opens(configured(f"v2:{new}"))
+    with pytest.raises(MasterKeyRefused, match=r"it has no version 2"):
+        keystore.require_master_opens(configured(old))
+    with pytest.raises(MasterKeyRefused, match=r"stored keys: restore"):
+        keystore.require_master_opens(configured(f"v2:{WRONG_KEY}"))
+
+
+def _kept(_key_file: Path) -> None:
+    """The key file left as it is."""
+
+
+@pytest.mark.parametrize("spoil", [_kept, _lost], ids=["kept", "lost"])
+def test_a_start_checks_the_master_key_in_one_session(spoil: Callable[[Path], None],
+                                                      make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """The start's check asked whether keys were stored in a session of its own, then unwrapped them in another, and a
+    key store made fresh with its key file gone asked the first question again in a third. One session now."""
+    url = make_pg_database()
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path, database_url=url)
+    with unit_of_work(url) as session:
+        KeyStore.from_settings(settings).create_department_key(session=session, department="hr")  # none cached
+    spoil(settings.resolved_master_key_file)
+    sessions: list[object] = []
+
+    def checked_out(*connection: object) -> None:
+        sessions.append(connection)
+
+    engine = get_engine(url)
+    event.listen(engine, "checkout", checked_out)
+    try:
+        if settings.resolved_master_key_file.exists():
+            keystore.require_master_opens(settings)
+        else:
+            with pytest.raises(MasterKeyRefused, match="the key file does not exist"):
+                keystore.require_master_opens(settings)
+    finally:
+        event.remove(engine, "checkout", checked_out)
+    assert len(sessions) == 1

@@ -394,3 +394,34 @@ def test_the_recorded_blob_store_id_goes_with_0014_and_the_next_start_records_th
             assert connection.execute(text("SELECT store_id FROM blob_store")).scalars().all() == [store_id]
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "pg"])
+def test_the_master_key_verifiers_go_with_0016_and_the_next_start_stores_them_again(
+        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
+    """0016 keeps a verifier per master key version in use; undoing it loses only them."""
+    import base64
+
+    from core import crypto, keystore
+    from core.settings import Settings
+
+    url = _database(kind, tmp_path, make_pg_database)
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path, database_url=url, master_key=base64.b64encode(crypto.new_key()).decode())
+
+    def verifiers() -> list[int]:
+        engine = create_engine(url)
+        try:
+            with engine.connect() as connection:
+                return list(connection.execute(text("SELECT version FROM master_key_verifiers")).scalars())
+        finally:
+            engine.dispose()
+
+    keystore.require_master_opens(settings, first_start=True)
+    assert verifiers() == [1]
+    migrate.downgrade(url, "0015")
+    assert "master_key_verifiers" not in _tables(url)
+    migrate.upgrade(url)
+    assert verifiers() == []
+    keystore.require_master_opens(settings, first_start=True)
+    assert verifiers() == [1]
