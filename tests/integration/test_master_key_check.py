@@ -295,7 +295,7 @@ def test_a_database_from_before_verifiers_gets_them_from_the_first_start_that_op
     right = Settings(data_dir=tmp_path, database_url=url, master_key=base64.b64encode(crypto.new_key()).decode())
     with unit_of_work(url) as session:
         KeyStore.from_settings(right).create_department_key(session=session, department="hr")
-        session.execute(delete(MasterKeyVerifier))  # as stored before 0016
+        session.execute(delete(MasterKeyVerifier))  # as stored before 0018
     with pytest.raises(MasterKeyRefused):
         keystore.require_master_opens(Settings(data_dir=tmp_path, database_url=url, master_key=WRONG_KEY))
     assert _verifiers(url) == []

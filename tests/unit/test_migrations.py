@@ -397,9 +397,9 @@ def test_the_recorded_blob_store_id_goes_with_0014_and_the_next_start_records_th
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "pg"])
-def test_the_master_key_verifiers_go_with_0016_and_the_next_start_stores_them_again(
+def test_the_master_key_verifiers_go_with_0018_and_the_next_start_stores_them_again(
         kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
-    """0016 keeps a verifier per master key version in use; undoing it loses only them."""
+    """0018 keeps a verifier per master key version in use; undoing it loses only them."""
     import base64
 
     from core import crypto, keystore
@@ -419,7 +419,7 @@ def test_the_master_key_verifiers_go_with_0016_and_the_next_start_stores_them_ag
 
     keystore.require_master_opens(settings, first_start=True)
     assert verifiers() == [1]
-    migrate.downgrade(url, "0015")
+    migrate.downgrade(url, "0017")
     assert "master_key_verifiers" not in _tables(url)
     migrate.upgrade(url)
     assert verifiers() == []

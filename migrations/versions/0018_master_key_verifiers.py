@@ -10,8 +10,8 @@ when a rotation retires the version.
 Undoing this revision loses only the verifiers: the next start after upgrading again writes them for the keys it
 opens (with no department key stored, for its own master key, unchecked).
 
-Revision ID: 0016
-Revises: 0015
+Revision ID: 0018
+Revises: 0017
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0016"
-down_revision = "0015"
+revision = "0018"
+down_revision = "0017"
 branch_labels = None
 depends_on = None
 
