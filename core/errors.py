@@ -93,14 +93,16 @@ class MasterKeyRefused(StartRefused):
     back: a setting to fix, exit 2, as a key file that does not parse. Names where the key is read (`key_file`, else
     GOVRAG_MASTER_KEY only), never key material; `client_message` says it without the key file's path (for /readyz,
     which asks no login, and API clients; the path is in the server's log line). `readiness` is /readyz's
-    `checks.master_key`."""
+    `checks.master_key`. `only_verifiers`: nothing but the check a first start stored (no department made yet), which
+    the operator of a key lost for good may delete to start afresh: the line says so."""
 
     exit_code = 2
     readiness = "mismatch"
 
-    def __init__(self, why: str | None, key_file: Path | None) -> None:
-        super().__init__(_master_key_line(why, None if key_file is None else str(key_file)))
-        self.client_message = _master_key_line(why, None if key_file is None else "the master key file")
+    def __init__(self, why: str | None, key_file: Path | None, *, only_verifiers: bool = False) -> None:
+        super().__init__(_master_key_line(why, None if key_file is None else str(key_file), only_verifiers))
+        self.client_message = _master_key_line(why, None if key_file is None else "the master key file",
+                                               only_verifiers)
 
 
 class MasterKeyFileMissing(MasterKeyRefused):
@@ -109,13 +111,20 @@ class MasterKeyFileMissing(MasterKeyRefused):
 
     readiness = "missing"
 
-    def __init__(self, key_file: Path) -> None:
-        super().__init__("the key file does not exist; no new one is made over them", key_file)
+    def __init__(self, key_file: Path, *, only_verifiers: bool = False) -> None:
+        self.key_file = key_file
+        super().__init__(f"the key file does not exist; no new one is made over {'it' if only_verifiers else 'them'}",
+                         key_file, only_verifiers=only_verifiers)
 
 
-def _master_key_line(why: str | None, key_file: str | None) -> str:
-    """MasterKeyRefused's line: what fails, why, and where the key is read."""
+def _master_key_line(why: str | None, key_file: str | None, only_verifiers: bool) -> str:
+    """MasterKeyRefused's line: what fails, why, where the key is read, and (nothing but a first start's check stored)
+    how to start afresh."""
     source = "GOVRAG_MASTER_KEY" if key_file is None else f"GOVRAG_MASTER_KEY or {key_file}"
+    if only_verifiers:
+        return (f"the master key does not open the check the first start stored (no department was made yet"
+                f"{f'; {why}' if why else ''}): restore the master key that start used ({source}), or, if it is lost "
+                "for good, delete the rows of table master_key_verifiers and start again")
     return (f"the master key does not open the stored keys{f' ({why})' if why else ''}: restore the master key used "
             f"to write them ({source})")
 

@@ -97,20 +97,20 @@ class KeyStore:
                                                                           clock=clock)
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, holds_sealed: bool | None = None) -> KeyStore:
+    def from_settings(cls, settings: Settings, *, sealed: MasterSealed | None = None) -> KeyStore:
         """Master keyring from env, else from the key file (generated only outside production, and never while the
-        database holds what a master key sealed: MasterKeyFileMissing, the one that sealed it is lost). Whether it
-        does is `holds_sealed` when the caller knows, else asked in a session of its own."""
+        database holds what a master key sealed: MasterKeyFileMissing, the one that sealed it is lost). What it holds
+        is `sealed` when the caller read it, else read in a session of its own."""
         if settings.master_key is not None:
             return cls(crypto.parse_master_keyring(settings.master_key.get_secret_value()),
                        cache_seconds=settings.key_cache_seconds)
         key_file = settings.resolved_master_key_file
         if not key_file.exists():
-            if holds_sealed is None:
+            if sealed is None:
                 with unit_of_work(settings.resolved_database_url) as session:
-                    holds_sealed = not MasterSealed.read(session).empty
-            if holds_sealed:
-                raise MasterKeyFileMissing(key_file)
+                    sealed = MasterSealed.read(session)
+            if not sealed.empty:
+                raise MasterKeyFileMissing(key_file, only_verifiers=not sealed.rows)
         return cls(crypto.load_or_create_master_keyring(key_file, create=not settings.is_production),
                    key_file=key_file, cache_seconds=settings.key_cache_seconds)
 
@@ -295,47 +295,52 @@ class KeyStore:
     def check_masters(self, sealed: MasterSealed, *, session: Session, record: bool = False) -> None:
         """MasterKeyRefused unless this keyring opens what is `sealed` under each master version in use (a wrong key
         fails authentication), so a process never starts to serve keys it cannot open nor to wrap new ones the right key
-        would not open, with no department key stored yet too. A first row that does not open while another under its
-        version does is that row altered, not a wrong key: its department alone is unreadable
-        (DepartmentKeyUnreadable where its key is used), not every process refused. `session`: the one `sealed` was
-        read in. `record`: the master lock held shared there since before the read (a rotation retiring a version, and
-        its verifier, ran before or runs after); the verifier of each version just opened that has none is stored
-        (a database from before verifiers; with nothing sealed yet, the newest version's)."""
+        would not open, with no department key stored yet too. A version's key is right when its verifier opens, else
+        when one of the keys it wraps does (the first, or another: the one that did not open was altered, its
+        department alone unreadable, DepartmentKeyUnreadable where its key is used), never every process refused for
+        one altered row. `session`: the one `sealed` was read in. `record`: the master lock held shared there since
+        before the read (a rotation retiring a version, and its verifier, ran before or runs after); each version just
+        opened without a verifier that opens gets one (a database from before verifiers, an altered verifier; with
+        nothing sealed yet, the newest version's)."""
         # The keyring read after the rows: a master rotation beside this check writes its new version to the key file
         # before it rewraps any row under it, so a row read under that version finds it there (read before the rows,
         # the keyring could lack it: a false refusal mid-rotation).
-        masters = self._masters_now()
-        for row in sealed.rows:
-            if row.parent_version not in masters:
-                raise MasterKeyRefused(f"it has no version {row.parent_version}, which wraps some of them",
-                                       self._key_file)
-            master = masters[row.parent_version]
-            if not (_opens(master, row) or _any_opens(session, master, row.parent_version)):
-                raise MasterKeyRefused(None, self._key_file)
-        for verifier in sealed.verifiers:
-            self._open_master_sealed(masters, verifier.version, verifier.sealed, _verifier_context(verifier.version))
-        if record:
-            in_use = {row.parent_version for row in sealed.rows} or ({max(masters)} if sealed.empty else set())
-            for version in sorted(in_use - {verifier.version for verifier in sealed.verifiers}):
-                self._record_verifier(session, version, masters[version])
-
-    def _open_master_sealed(self, masters: Mapping[int, bytes], version: int, sealed: bytes, context: str) -> None:
-        """MasterKeyRefused unless `sealed` opens under `masters`' key `version`."""
-        if version not in masters:
-            raise MasterKeyRefused(f"it has no version {version}, which wraps some of them", self._key_file)
         try:
-            crypto.open_sealed(masters[version], sealed, context)
-        except crypto.DecryptionError:
-            raise MasterKeyRefused(None, self._key_file) from None
+            masters = self._masters_now()
+        except MasterKeyFileMissing as missing:  # deleted since this key store read it
+            raise MasterKeyFileMissing(missing.key_file, only_verifiers=not sealed.rows) from None
+        firsts = {row.parent_version: row for row in sealed.rows}
+        verified = {verifier.version for verifier in sealed.verifiers
+                    if verifier.version in masters and _verifies(masters[verifier.version], verifier)}
+        for version in sorted(firsts.keys() | {verifier.version for verifier in sealed.verifiers}):
+            if version not in masters:
+                raise MasterKeyRefused(f"it has no version {version}, which wraps some of them", self._key_file)
+            first = firsts.get(version)
+            if version not in verified and not (first is not None and _opens(masters[version], first)
+                                                or _any_opens(session, masters[version], version)):
+                raise MasterKeyRefused(None, self._key_file, only_verifiers=not sealed.rows)
+        if record:
+            in_use = set(firsts) or ({max(masters)} if sealed.empty else set())
+            for version in sorted(in_use - verified):
+                self._record_verifier(session, version, masters[version])
 
     def _record_verifier(self, session: Session, version: int, master: bytes) -> None:
         """Store master `version`'s verifier unless one is (processes starting or wrapping at once: one is kept);
-        MasterKeyRefused unless the one stored opens under `master` (another key of that version stored first)."""
+        MasterKeyRefused unless the one stored opens under `master` (another key of that version stored first) or a
+        key `master` wraps does (the verifier altered in the database: stored again)."""
+        fresh = crypto.seal(master, _VERIFIER, _verifier_context(version))
         insert = (postgresql.insert if is_postgres(session) else sqlite.insert)(MasterKeyVerifier).values(
-            version=version, sealed=crypto.seal(master, _VERIFIER, _verifier_context(version)))
+            version=version, sealed=fresh)
         session.execute(insert.on_conflict_do_nothing(index_elements=[MasterKeyVerifier.version]))
-        stored = session.scalars(select(MasterKeyVerifier.sealed).where(MasterKeyVerifier.version == version)).one()
-        self._open_master_sealed({version: master}, version, stored, _verifier_context(version))
+        stored = session.scalars(select(MasterKeyVerifier).where(MasterKeyVerifier.version == version)).one()
+        if _verifies(master, stored):
+            return
+        if not _any_opens(session, master, version):
+            raise MasterKeyRefused(None, self._key_file, only_verifiers=_holds_only_verifiers(session))
+        logger.warning("the master key verifier of version %d does not open while the keys under that version do "
+                       "(its row was altered in the database): stored again", version)
+        stored.sealed = fresh
+        session.flush()
 
     def forget_master_verifiers(self, *, session: Session, version: int) -> None:
         """Drop the verifiers of every master version but `version`: in the transaction that found no row needs them
@@ -453,6 +458,15 @@ def _opens(master: bytes, row: WrappedKey) -> bool:
     return True
 
 
+def _verifies(master: bytes, verifier: MasterKeyVerifier) -> bool:
+    """Whether `verifier` opens under `master`, its version's key."""
+    try:
+        crypto.open_sealed(master, verifier.sealed, _verifier_context(verifier.version))
+    except crypto.DecryptionError:
+        return False
+    return True
+
+
 def _any_opens(session: Session, master: bytes, version: int) -> bool:
     """Whether any master-wrapped row under master `version` opens under `master` (each row read once at most)."""
     rows = session.scalars(select(WrappedKey).where(WrappedKey.kind.in_(MASTER_WRAPPED_KINDS),
@@ -518,6 +532,11 @@ class MasterSealed:
         return not self.rows and not self.verifiers
 
 
+def _holds_only_verifiers(session: Session) -> bool:
+    """Whether nothing but verifiers is sealed under a master key: no department (nor checkpoint) key stored."""
+    return session.scalar(select(exists().where(WrappedKey.kind.in_(MASTER_WRAPPED_KINDS)))) is not True
+
+
 def _newest_master_version(session: Session) -> int | None:
     """The newest master version anything stored is sealed under: a key it wraps, or its verifier."""
     versions = union_all(select(WrappedKey.parent_version.label("version"))
@@ -550,13 +569,13 @@ _KEYSTORES: dict[str, KeyStore] = {}
 _KEYSTORES_LOCK = threading.Lock()
 
 
-def keystore_for(settings: Settings, *, holds_sealed: bool | None = None) -> KeyStore:
+def keystore_for(settings: Settings, *, sealed: MasterSealed | None = None) -> KeyStore:
     """The process's key store for these settings' master key source (`KeyStore.from_settings` if it is new)."""
     source = (settings.master_key.get_secret_value() if settings.master_key is not None
               else str(settings.resolved_master_key_file.resolve()))
     with _KEYSTORES_LOCK:
         if source not in _KEYSTORES:
-            _KEYSTORES[source] = KeyStore.from_settings(settings, holds_sealed=holds_sealed)
+            _KEYSTORES[source] = KeyStore.from_settings(settings, sealed=sealed)
         return _KEYSTORES[source]
 
 
@@ -572,7 +591,7 @@ def require_master_opens(settings: Settings, *, first_start: bool = False) -> No
         sealed = MasterSealed.read(session)
         if sealed.empty and not first_start:
             return
-        keystore_for(settings, holds_sealed=not sealed.empty).check_masters(sealed, session=session, record=True)
+        keystore_for(settings, sealed=sealed).check_masters(sealed, session=session, record=True)
 
 
 def master_key_refusal(settings: Settings) -> MasterKeyRefused | None:
@@ -583,7 +602,7 @@ def master_key_refusal(settings: Settings) -> MasterKeyRefused | None:
         with unit_of_work(settings.resolved_database_url) as session:
             sealed = MasterSealed.read(session)
             if not sealed.empty:
-                keystore_for(settings, holds_sealed=True).check_masters(sealed, session=session)
+                keystore_for(settings, sealed=sealed).check_masters(sealed, session=session)
     except MasterKeyRefused as refused:
         logger.warning("%s", refused)
         return refused

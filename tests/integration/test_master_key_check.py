@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from tests.support.govrag_process import govrag_env, run_govrag, start_refusal
 
 WRONG_KEY = base64.b64encode(b"w" * 32).decode()
 RESTORE = "restore the master key used to write them"
+START_AFRESH = "or, if it is lost for good, delete the rows of table master_key_verifiers and start again"
 
 
 def _stored(url: str) -> list[tuple[str, str, int, int, bytes]]:
@@ -279,8 +281,9 @@ def test_serve_refuses_a_wrong_master_key_before_any_department_is_made(
     before = _stored(url)
     result = run_govrag(["serve", "--port", "0"], timeout=300,
                         env=govrag_env(data_dir=str(data_dir), master_key=WRONG_KEY, **database_url))
-    assert start_refusal(result) == (2, f"govrag: the master key does not open the stored keys: {RESTORE} "
-                                        "(GOVRAG_MASTER_KEY)")
+    assert start_refusal(result) == (2, "govrag: the master key does not open the check the first start stored (no "
+                                        "department was made yet): restore the master key that start used "
+                                        f"(GOVRAG_MASTER_KEY), {START_AFRESH}")
     assert _stored(url) == before
     keystore.require_master_opens(first)  # the right key still opens it
 
@@ -361,3 +364,110 @@ def test_a_start_checks_the_master_key_in_one_session(spoil: Callable[[Path], No
     finally:
         event.remove(engine, "checkout", checked_out)
     assert len(sessions) == 1
+
+
+def test_a_lost_key_file_with_no_department_made_is_refused_saying_how_to_start_afresh(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No department made, the key file the first start made lost: refused (it signed the audit checkpoints) with
+    "restore the master key used to write them", though no key was stored, and no word of how to go on without it.
+    The line says that nothing but the first start's check is stored and how to start afresh; doing so starts."""
+    for name in ("GOVRAG_DATABASE_URL", "GOVRAG_MASTER_KEY"):  # the embedded default, its key file
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings(data_dir=tmp_path / "data")
+    settings.data_dir.mkdir()
+    url = settings.resolved_database_url
+    migrate.upgrade(url)
+    keystore.require_master_opens(settings, first_start=True)
+    _lost(settings.resolved_master_key_file)
+    with pytest.raises(MasterKeyRefused) as refused:
+        keystore.require_master_opens(settings, first_start=True)
+    assert str(refused.value) == (
+        "the master key does not open the check the first start stored (no department was made yet; the key file "
+        "does not exist; no new one is made over it): restore the master key that start used (GOVRAG_MASTER_KEY or "
+        f"{settings.resolved_master_key_file}), {START_AFRESH}")
+    monkeypatch.setattr(keystore, "_KEYSTORES", {})  # a new process (above, one whose key store read the file)
+    with pytest.raises(MasterKeyRefused, match=r"no department was made yet; the key file does not exist"):
+        keystore.require_master_opens(settings, first_start=True)
+    with unit_of_work(url) as session:
+        session.execute(delete(MasterKeyVerifier))
+    monkeypatch.setattr(keystore, "_KEYSTORES", {})  # started again
+    keystore.require_master_opens(settings, first_start=True)
+    assert settings.resolved_master_key_file.exists() and _verifiers(url) == [1]
+
+
+def _altered(url: str) -> None:
+    """The master key verifier's sealed bytes changed in the database."""
+    with unit_of_work(url) as session:
+        verifier = session.scalars(select(MasterKeyVerifier)).one()
+        verifier.sealed = verifier.sealed[:-1] + bytes([verifier.sealed[-1] ^ 1])
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_an_altered_verifier_does_not_refuse_a_master_key_that_opens_the_keys_under_its_version(
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """The verifier row altered while the department keys under its version open: every start, /readyz and every
+    department creation were refused with "restore the master key", the right one configured (an altered department
+    row refuses nothing but its department). The keys that open say the key is right; a start or a department
+    creation stores the verifier again, and a wrong key is still refused."""
+    url = make_pg_database() if database == "postgresql" else f"sqlite:///{tmp_path / 'keys.db'}"
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path, database_url=url, master_key=base64.b64encode(crypto.new_key()).decode())
+    with unit_of_work(url) as session:
+        authz_service.create_department(session=session, keystore=keystore_for(settings), name="hr")
+    _altered(url)
+    assert keystore.master_key_refusal(settings) is None
+    with unit_of_work(url) as session:
+        authz_service.create_department(session=session, keystore=keystore_for(settings), name="finance")
+    _altered(url)
+    keystore.require_master_opens(settings, first_start=True)
+    wrong = Settings(data_dir=tmp_path, database_url=url, master_key=WRONG_KEY)
+    with pytest.raises(MasterKeyRefused, match=f"stored keys: {RESTORE}"):
+        keystore.require_master_opens(wrong)
+    with unit_of_work(url) as session:
+        session.execute(delete(WrappedKey))  # the verifier alone, stored again: it opens, and tells the wrong key
+    keystore.require_master_opens(settings)
+    with pytest.raises(MasterKeyRefused, match="does not open the check the first start stored"):
+        keystore.require_master_opens(wrong)
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_two_first_starts_at_once_with_different_keys_store_one_verifier_and_one_is_refused(
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """Two processes starting at once on a fresh database, each with another master key, both having found nothing
+    sealed: one verifier is kept, the start whose key does not open it is refused, and the kept one opens under the
+    other start's key."""
+    url = make_pg_database() if database == "postgresql" else f"sqlite:///{tmp_path / 'keys.db'}"
+    migrate.upgrade(url)
+    starts = [Settings(data_dir=tmp_path, database_url=url, master_key=base64.b64encode(crypto.new_key()).decode())
+              for _ in range(2)]
+    both_read = threading.Barrier(2, timeout=60)
+
+    def inserting(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement.startswith("INSERT INTO master_key_verifiers"):
+            both_read.wait()  # each has read that nothing is sealed
+
+    outcomes: dict[int, MasterKeyRefused | None] = {}
+
+    def start(index: int) -> None:
+        try:
+            keystore.require_master_opens(starts[index], first_start=True)
+            outcomes[index] = None
+        except MasterKeyRefused as refused:
+            outcomes[index] = refused
+
+    engine = get_engine(url)
+    event.listen(engine, "before_cursor_execute", inserting)
+    try:
+        threads = [threading.Thread(target=start, args=(index,)) for index in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    finally:
+        event.remove(engine, "before_cursor_execute", inserting)
+    assert sorted(outcome is None for outcome in outcomes.values()) == [False, True]
+    assert _verifiers(url) == [1]
+    winner = next(index for index, outcome in outcomes.items() if outcome is None)
+    keystore.require_master_opens(starts[winner])
+    with pytest.raises(MasterKeyRefused):
+        keystore.require_master_opens(starts[1 - winner])

@@ -8,6 +8,7 @@ import hmac
 from datetime import datetime
 
 from audit import integrity
+from core import crypto
 from core.db import unit_of_work
 from core.models import AuditCheckpoint, RetrievalEvent
 from core.settings import Settings
@@ -22,7 +23,11 @@ def v1_signature(key: bytes, checkpoint: AuditCheckpoint) -> str:
 
 
 def add_v1_checkpoint(settings: Settings, *, at: int, created_at: datetime) -> None:
-    """Store a v1-signed manual checkpoint at event `at` (a UTC `created_at`, whole seconds)."""
+    """Store a v1-signed manual checkpoint at event `at` (a UTC `created_at`, whole seconds). The key file is made
+    first, as that release made it: this one asks the database whether it may (its master key verifiers, which a
+    database at revision 0015 has no table for)."""
+    if settings.master_key is None:
+        crypto.load_or_create_master_keyring(settings.resolved_master_key_file, create=True)
     with unit_of_work(settings.resolved_database_url) as session:
         event = session.get(RetrievalEvent, at)
         assert event is not None
