@@ -273,11 +273,15 @@ def test_a_ctrl_c_reports_what_was_tested_and_exits_130_unless_a_leak_was_found(
 
     api = _stub_api([ANSWER, LEAK if second == "leak" else ANSWER, ctrl_c])
     url = next(api)
+    # as at a terminal: a pytest started in the background (CI's `.ci/run &`) inherits SIGINT ignored, and the signal
+    # would then never reach the command
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         status = _redteam(url, _corpus(tmp_path), "--per-category", "1")
     except KeyboardInterrupt:  # escaping, it would end the test session
         status = None
     finally:
+        signal.signal(signal.SIGINT, previous)
         released.set()
         next(api, None)
     captured = capsys.readouterr()
