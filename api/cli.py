@@ -99,7 +99,8 @@ def _at_least_one(value: str) -> int:
 
 
 def _api_url(value: str) -> str:
-    """An argparse type: an http(s) URL with a host. Never quoted back: it may hold a password."""
+    """An argparse type: an http(s) URL with a host and no user name or password (httpx would send them, Basic, in
+    place of the bearer token). Never quoted back: it may hold a password."""
     import httpx
 
     try:
@@ -108,6 +109,9 @@ def _api_url(value: str) -> str:
         url = None
     if url is None or url.scheme not in ("http", "https") or not url.host:
         raise argparse.ArgumentTypeError("must be an http(s) URL, such as http://127.0.0.1:8000")
+    if url.userinfo:
+        raise argparse.ArgumentTypeError("must not hold a user name or password (user:password@): give the bearer "
+                                         "token with --token or $GOVRAG_REDTEAM_TOKEN")
     return value
 
 
@@ -209,37 +213,48 @@ def _redteam(args: argparse.Namespace) -> int:
     import httpx
 
     from core import http
-    from guard import redteam
-    from guard.eval_corpora import EVAL_DIR
 
-    token = _redteam_token(args)
-    if not token:
-        return redteam.EXIT_USAGE
-    corpus_dir = args.corpus or EVAL_DIR
-    try:
-        corpus = redteam.attack_corpus(corpus_dir, args.per_category)
-    except OSError as exc:
-        print(f"cannot read the attack corpus in {corpus_dir} ({exc}); give --corpus or $GOVRAG_EVAL_DIR",
+    try:  # before the first probe: the imports (spaCy, Presidio: seconds), a dev token, the corpus read
+        from guard import redteam
+
+        token = _redteam_token(args)
+        corpus = _attack_corpus(args) if token else None
+    except KeyboardInterrupt:  # as a Ctrl-C during the probes: one line, no traceback
+        print("govrag: interrupted before the first probe; nothing was tested; run the same command again",
               file=sys.stderr)
+        return 130
+    if not token or corpus is None:
         return redteam.EXIT_USAGE
-    except redteam.CorpusError as exc:
-        print(f"cannot use the attack corpus: {exc}; give --corpus or $GOVRAG_EVAL_DIR", file=sys.stderr)
-        return redteam.EXIT_USAGE
-    shown = httpx.URL(args.url).copy_with(userinfo=b"")  # a password in --url is never printed
     try:
         report = redteam.run(args.url, token, args.department, corpus)
     except (httpx.TransportError, http.TooSlow) as exc:  # the first probe got no answer; one later is in the report
-        print(f"cannot reach the API at {shown} ({redteam.no_answer(exc)}); nothing was tested; check --url",
+        print(f"cannot reach the API at {args.url} ({redteam.no_answer(exc)}); nothing was tested; check --url",
               file=sys.stderr)
         return redteam.EXIT_UNTESTED
     except redteam.TokenRefused:
-        print(f"the API at {shown} refused the token (HTTP 401) at the first probe; nothing was tested; give a valid "
-              "--token (or $GOVRAG_REDTEAM_TOKEN)", file=sys.stderr)
+        print(f"the API at {args.url} refused the token (HTTP 401) at the first probe; nothing was tested; give a "
+              "valid --token (or $GOVRAG_REDTEAM_TOKEN)", file=sys.stderr)
         return redteam.EXIT_USAGE
     print("\n".join(report.lines()))
     if stopped := report.interrupted_line():
         print(f"govrag: {stopped}", file=sys.stderr)
     return report.exit_code()
+
+
+def _attack_corpus(args: argparse.Namespace) -> dict[str, list[str]] | None:
+    """The eval-split attacks in --corpus (default: EVAL_DIR); None (explained) if they cannot be read or used."""
+    from guard import redteam
+    from guard.eval_corpora import EVAL_DIR
+
+    corpus_dir = args.corpus or EVAL_DIR
+    try:
+        return redteam.attack_corpus(corpus_dir, args.per_category)
+    except OSError as exc:
+        print(f"cannot read the attack corpus in {corpus_dir} ({exc}); give --corpus or $GOVRAG_EVAL_DIR",
+              file=sys.stderr)
+    except redteam.CorpusError as exc:
+        print(f"cannot use the attack corpus: {exc}; give --corpus or $GOVRAG_EVAL_DIR", file=sys.stderr)
+    return None
 
 
 def _redteam_token(args: argparse.Namespace) -> str | None:

@@ -4,6 +4,11 @@ and a size cap.
 httpx's timeouts apply to each read, so a server that sends one byte, or one header line, at a time could hold a
 call for ever; and a body is held in memory whole, decoded a network read at a time (a 64 KiB gzip read can inflate to
 64 MiB). `request_within` and `answer_within` bound all three, the wait for the headers included.
+
+What the other server sends is hostile until read: no refusal quotes it (a log line quoting a header would be the
+server's to write), redirects are never followed (the answer comes from the host that was named), and a URL holding a
+user name or password is refused before connecting (httpx would send them, Basic, in place of the caller's
+Authorization header).
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ class TooSlow(ValueError):
     """The response, headers and body, did not come within the deadline."""
 
 
+class CredentialsInURL(ValueError):
+    """A URL holding a user name or password (`user:pass@host`): refused before connecting, never quoted."""
+
+
 class BodyRefused(ValueError):
     """A response whose body is not read to its end; `status_code` is its HTTP status."""
 
@@ -31,19 +40,22 @@ class BodyRefused(ValueError):
 
 
 class TooLarge(BodyRefused):
-    """A body that passed the size cap (counted decoded): read no further."""
+    """A body that passed the size cap, counted as received and decoded (or said so by its Content-Length): read no
+    further."""
 
 
 class NotDecodable(BodyRefused):
-    """A body that does not decode as its Content-Encoding says (not gzip, or an encoding that was not asked for)."""
+    """A body that does not decode as its Content-Encoding says (not gzip, or an encoding that was not asked for: its
+    name, the server's to choose, is never quoted)."""
 
 
 def request_within(method: str, url: str, *, seconds: float, max_bytes: int, json: Any = None,
                    headers: Mapping[str, str] | None = None, trust_env: bool = True) -> bytes:
     """The body of a 2xx answer to `method url`, all of it (the host's name looked up, connecting, the headers, the
     body) within `seconds`, or a ValueError (TooSlow, TooLarge, NotDecodable) once it takes longer, passes `max_bytes`
-    or does not decode; another status is httpx.HTTPStatusError, its body unread, and redirects are not followed
-    (raise_for_status refuses them). Only gzip is asked for: a body in another encoding is NotDecodable.
+    (received or decoded, or by its Content-Length) or does not decode; another status is httpx.HTTPStatusError, its
+    body unread, and redirects are not followed (raise_for_status refuses them). Only gzip is asked for: a body in
+    another encoding is NotDecodable. A URL with a user name or password is CredentialsInURL, nothing sent.
 
     The exchange runs on an event loop of its own under one timeout, which cancels it wherever it is. It blocks, so
     it is called from a worker thread (FastAPI's thread pool, a Celery task); on a running event loop it raises
@@ -83,6 +95,8 @@ class _Loop(asyncio.SelectorEventLoop):
 async def _request(method: str, url: str, *, seconds: float, max_bytes: int, json: Any,
                    headers: Mapping[str, str] | None, trust_env: bool, any_status: bool) -> tuple[int, bytes]:
     """The exchange, cancelled after `seconds`; a status other than 2xx refused unread unless `any_status`."""
+    if httpx.URL(url).userinfo:
+        raise CredentialsInURL("a URL with a user name or password is refused; nothing was sent")
     async with (asyncio.timeout(seconds),
                 httpx.AsyncClient(timeout=seconds, follow_redirects=False, trust_env=trust_env,
                                   verify=_tls_context(trust_env), headers={"Accept-Encoding": "gzip"}) as client,
@@ -96,23 +110,26 @@ async def _request(method: str, url: str, *, seconds: float, max_bytes: int, jso
 
 
 class _CappedBody:
-    """A body as it arrives, decoded as its Content-Encoding says (gzip or none) and counted decoded: TooLarge as
-    soon as it passes `max_bytes`, before anything more is decoded."""
+    """A body as it arrives, decoded as its Content-Encoding says (gzip or none) and counted as received and decoded:
+    TooLarge as soon as either passes `max_bytes`, before anything more is decoded, or at once when its Content-Length
+    says it would. Received bytes are counted too: a gzip body of empty members inflates to nothing, however long."""
 
     def __init__(self, response: httpx.Response, max_bytes: int) -> None:
         self._read, self._status, self._max_bytes = bytearray(), response.status_code, max_bytes
         encoding = response.headers.get("Content-Encoding", "").strip().lower() or "identity"
         if encoding not in ("identity", "gzip", "x-gzip"):  # x-gzip: gzip's old name (RFC 9110 8.4.1.3)
-            raise NotDecodable(self._status, f"Content-Encoding {encoding[:40]!r} was not asked for")
+            raise NotDecodable(self._status, "a Content-Encoding that was not asked for")
+        if _content_length(response) > max_bytes:
+            raise TooLarge(self._status, f"the body is over {max_bytes} bytes (its Content-Length)")
         self._gzip = zlib.decompressobj(zlib.MAX_WBITS | 16) if encoding != "identity" else None
-        self._received = False
+        self._received = 0
 
     def add(self, raw: bytes) -> None:
         """Take the next bytes received."""
-        self._received = self._received or bool(raw)
+        self._received += len(raw)
+        self._check(self._received)
         if self._gzip is None:
             self._read += raw
-            self._check()
             return
         while raw:
             if self._gzip.eof:  # a gzip body may be several members one after another (RFC 1952 2.2)
@@ -121,7 +138,7 @@ class _CappedBody:
                 self._read += self._gzip.decompress(raw, self._max_bytes + 1 - len(self._read))
             except zlib.error:
                 raise NotDecodable(self._status, "the body is not valid gzip") from None
-            self._check()
+            self._check(len(self._read))
             raw = self._gzip.unconsumed_tail or self._gzip.unused_data
 
     def ended(self) -> bytes:
@@ -131,10 +148,20 @@ class _CappedBody:
             raise NotDecodable(self._status, "the gzip body ends early")
         return bytes(self._read)
 
-    def _check(self) -> None:
-        if len(self._read) > self._max_bytes:
+    def _check(self, counted: int) -> None:
+        """TooLarge once `counted` (bytes received, or decoded) passes the cap."""
+        if counted > self._max_bytes:
             self._read.clear()  # never used: let it go now, not when the exception's frames do
             raise TooLarge(self._status, f"the body is over {self._max_bytes} bytes")
+
+
+def _content_length(response: httpx.Response) -> int:
+    """The body's length as its Content-Length says (h11 has checked it is digits, one value); 0 when it says none
+    (chunked, or read to the connection's end)."""
+    try:
+        return int(response.headers.get("Content-Length", "0"))
+    except ValueError:
+        return 0
 
 
 @functools.cache

@@ -164,6 +164,15 @@ class Settings(BaseSettings):
                 raise ValueError(requirement) from None
         return value
 
+    @field_validator("oidc_issuer", "oidc_jwks_url", "llm_base_url")
+    @classmethod
+    def _url_without_credentials(cls, value: str | None) -> str | None:
+        """A URL govrag calls holds no user name or password: httpx would send them (Basic, in clear over http) in
+        place of the bearer token, to a server that answers 401 (GOVRAG_LLM_API_KEY is the model server's key)."""
+        if value is not None and url_has_credentials(value):
+            raise ValueError("must not hold a user name or password (user:password@host)")
+        return value
+
     @model_validator(mode="after")
     def _master_key_file_usable(self) -> Settings:
         """The key file (read when GOVRAG_MASTER_KEY is not set) is parsed at start as the key store parses it, like
@@ -267,6 +276,13 @@ def url_scheme(url: str) -> str:
     "HTTPS://" at start that the fetch itself takes."""
     parts = _url_parts(url)
     return parts.scheme if parts else ""
+
+
+def url_has_credentials(url: str) -> bool:
+    """True when url holds a user name or password (`user:password@host`, an `@` in its authority); False when it does
+    not parse (the check that names the setting refuses it)."""
+    parts = _url_parts(url)
+    return parts is not None and "@" in parts.netloc
 
 
 def _url_parts(url: str) -> SplitResult | None:

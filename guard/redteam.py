@@ -98,7 +98,7 @@ NOT_AUTHORISED = "HTTP 200 refused: no_authorised_departments (the user may read
 # body past 1 MiB is not one: a broken or hostile API, or a proxy, would make the run read and scan it whole. Read no
 # further; the probe is an error, its body never parsed.
 MAX_RESPONSE_BYTES = 1 << 20
-OVER_CAP = f"body over {MAX_RESPONSE_BYTES >> 20} MiB (not read)"  # counted decoded: a gzip body read no further
+OVER_CAP = f"body over {MAX_RESPONSE_BYTES >> 20} MiB (not read)"  # by its Content-Length, or counted as it came
 NOT_DECODED = "body that does not decode (its Content-Encoding)"
 PROBE_SECONDS = 120.0  # each probe's whole exchange, connecting to the last byte: a server dripping bytes is cut off
 API_GONE = "the API stopped answering"

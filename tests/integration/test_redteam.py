@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import gzip
 import json
+import os
 import signal
 import threading
 import time
@@ -292,6 +293,40 @@ def test_a_ctrl_c_reports_what_was_tested_and_exits_130_unless_a_leak_was_found(
                             "command again for a full run\n")
 
 
+def test_a_ctrl_c_while_the_corpus_loads_is_one_line_and_exit_130(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A Ctrl-C before the first probe (the corpus read, here a file that never ends: a FIFO whose writer sends a
+    real SIGINT once the command has opened it) ended in a traceback: one line and exit 130 now, as during the
+    probes."""
+    corpus = _corpus(tmp_path)
+    fifo = corpus / "jailbreakbench_artifacts" / "jbb_attack_prompts.jsonl"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    released = threading.Event()
+
+    def ctrl_c_once_opened() -> None:
+        with fifo.open("wb"):  # returns once the command opened the FIFO to read it
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # type: ignore[arg-type]
+            released.wait(60)
+
+    writer = threading.Thread(target=ctrl_c_once_opened, daemon=True)
+    writer.start()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # CI runs pytest with SIGINT ignored
+    try:
+        status = _redteam("http://127.0.0.1:9", corpus)
+    except KeyboardInterrupt:  # escaping, it would end the test session
+        status = None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        released.set()
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # a writer still waiting for a reader is let go
+        writer.join(60)
+    captured = capsys.readouterr()
+    assert status == redteam.EXIT_INTERRUPTED and captured.out == ""
+    assert captured.err == ("govrag: interrupted before the first probe; nothing was tested; run the same command "
+                            "again\n")
+
+
 def _spoil_jsonl(root: Path) -> None:
     with (root / "jailbreakbench_artifacts" / "jbb_attack_prompts.jsonl").open("a", encoding="utf-8") as fh:
         fh.write('\n{"method": "m", "text": "cut off')
@@ -347,14 +382,28 @@ def test_a_department_the_user_may_not_read_tests_nothing(api_url: str, issue_to
     assert report.errors[redteam.NOT_AUTHORISED] > 0
 
 
-def test_an_unreachable_url_is_said_without_its_credentials(tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    """The message quoted --url whole, a password in it too. And it exited 2, a usage error, where `govrag ingest`
-    says the same API not answering with 1: it is an outage as much as a typo, and nothing was tested, exit 3 (1 is a
-    leak for `govrag redteam`: a monitor reading the exit code must not take an outage for one)."""
-    assert _redteam("http://scanner:s3cret@127.0.0.1:9", _corpus(tmp_path)) == redteam.EXIT_UNTESTED
+def test_an_unreachable_url_is_an_outage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It exited 2, a usage error, where `govrag ingest` says the same API not answering with 1: it is an outage as
+    much as a typo, and nothing was tested, exit 3 (1 is a leak for `govrag redteam`: a monitor reading the exit code
+    must not take an outage for one)."""
+    assert _redteam("http://127.0.0.1:9", _corpus(tmp_path)) == redteam.EXIT_UNTESTED
     err = capsys.readouterr().err
     assert err == "cannot reach the API at http://127.0.0.1:9 (ConnectError); nothing was tested; check --url\n"
+
+
+@pytest.mark.parametrize("stub_api", [[ANSWER]], indirect=True)
+@pytest.mark.parametrize("userinfo", ["scanner:s3cret@", "scanner@", ":s3cret@"])
+def test_a_url_with_credentials_is_a_usage_error(stub_api: str, userinfo: str, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """httpx sent the URL's user name and password as an Authorization: Basic header in place of the bearer token
+    (the password in clear over http; the probes refused 401), and the run went on. It is a bad argument, said
+    without quoting it, exit 2, nothing sent."""
+    with pytest.raises(SystemExit) as exited:
+        _redteam(stub_api.replace("http://", f"http://{userinfo}"), _corpus(tmp_path))
+    captured = capsys.readouterr()
+    assert exited.value.code == redteam.EXIT_USAGE and captured.out == ""
+    assert "--url: must not hold a user name or password" in captured.err
+    assert "s3cret" not in captured.err and "scanner" not in captured.err
 
 
 def _answer(text: str, **more: str) -> Answer:

@@ -7,12 +7,13 @@ import asyncio
 import gzip
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 
-from core.http import NotDecodable, TooSlow, request_within
+from core.http import CredentialsInURL, NotDecodable, TooLarge, TooSlow, answer_within, request_within
 
 BODY = b'{"keys": []}'
 
@@ -52,11 +53,15 @@ def test_a_slow_name_lookup_is_inside_the_deadline(monkeypatch: pytest.MonkeyPat
 
 @pytest.fixture
 def server(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A server answering every GET with the raw HTTP response `request.param`: its URL."""
+    """A server answering every GET with the raw HTTP response `request.param`, then holding the connection open
+    until the test ends (a body is read only as far as its framing says): its URL."""
+    released = threading.Event()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (the http.server name)
             self.wfile.write(request.param)
+            self.wfile.flush()
+            released.wait(60)
             self.close_connection = True
 
         def log_message(self, *args: object) -> None:
@@ -65,6 +70,7 @@ def server(request: pytest.FixtureRequest) -> Iterator[str]:
     served = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=served.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{served.server_port}/"
+    released.set()
     served.shutdown()
     served.server_close()
 
@@ -92,3 +98,60 @@ def test_a_gzip_body_cut_short_is_refused(server: str) -> None:
     """What zlib inflated before the cut was returned as the whole body."""
     with pytest.raises(NotDecodable, match="ends early"):
         request_within("GET", server, seconds=10.0, max_bytes=10_000, trust_env=False)
+
+
+@pytest.mark.parametrize("server", [b"HTTP/1.1 200 OK\r\nContent-Length: 1001\r\n\r\n" + b"x" * 10], indirect=True)
+@pytest.mark.parametrize("answer", [request_within, answer_within])
+def test_a_body_whose_content_length_is_over_the_cap_is_refused_unread(server: str, answer: Callable[..., object],
+                                                                      ) -> None:
+    """A Content-Length over the cap was taken on trust and the body read up to one byte past the cap (here the
+    server sends 10 bytes of the 1001 it announces and waits: the call waited with it, until its deadline). The
+    header says enough: refused at once, nothing of the body read."""
+    with pytest.raises(TooLarge, match="Content-Length") as refused:
+        answer("GET", server, seconds=20.0, max_bytes=1000, trust_env=False)
+    assert refused.value.status_code == 200
+
+
+_EMPTY_MEMBER = gzip.compress(b"")
+
+
+@pytest.mark.parametrize("server", [_chunked("gzip", *[_EMPTY_MEMBER] * 100)], indirect=True)
+def test_a_gzip_body_is_capped_as_received_too(server: str) -> None:
+    """The cap counted only decoded bytes: a gzip body of empty members (20 bytes each, inflating to nothing) could
+    be sent for as long as the deadline lasted, read whole. What is received counts too."""
+    with pytest.raises(TooLarge):
+        request_within("GET", server, seconds=10.0, max_bytes=1000, trust_env=False)
+
+
+@pytest.mark.parametrize("server", [b"HTTP/1.1 200 OK\r\nContent-Encoding: br-forged-log-line-from-the-server\r\n"
+                                    b"Content-Length: 2\r\n\r\n{}"], indirect=True)
+def test_an_encoding_not_asked_for_is_refused_without_quoting_it(server: str) -> None:
+    """The refusal quoted the server's Content-Encoding (40 characters of it), and the IdP client logs it: a hostile
+    server wrote part of a log line. It is named by a fixed category."""
+    with pytest.raises(NotDecodable) as refused:
+        request_within("GET", server, seconds=10.0, max_bytes=1000, trust_env=False)
+    assert str(refused.value) == "a Content-Encoding that was not asked for"
+
+
+@pytest.mark.parametrize("answer", [request_within, answer_within])
+def test_a_url_with_credentials_is_refused_before_connecting(answer: Callable[..., object]) -> None:
+    """httpx sends a URL's user name and password as an Authorization: Basic header, in place of the caller's bearer
+    token (in clear over http); the call was made (here to a port nothing listens on: ConnectError). It is refused
+    before connecting, the password never quoted."""
+    with pytest.raises(CredentialsInURL) as refused:
+        answer("GET", "http://scanner:s3cret@127.0.0.1:9/", seconds=10.0, max_bytes=1000, trust_env=False)
+    assert "s3cret" not in str(refused.value)
+
+
+_ELSEWHERE = "http://127.0.0.1:9/keys"  # nothing listens there: a redirect followed would be a ConnectError
+
+
+@pytest.mark.parametrize("server", [f"HTTP/1.1 {status}\r\nLocation: {_ELSEWHERE}\r\nContent-Length: 0\r\n\r\n"
+                                    .encode() for status in ("302 Found", "307 Temporary Redirect")], indirect=True)
+def test_a_redirect_is_never_followed(server: str) -> None:
+    """The IdP and model server clients (request_within) refuse a redirect as any status other than 2xx; redteam's
+    (answer_within) has its status: the answer comes from the host named, and the caller's headers go nowhere else."""
+    with pytest.raises(httpx.HTTPStatusError):
+        request_within("GET", server, seconds=10.0, max_bytes=1000, trust_env=False)
+    status, body = answer_within("GET", server, seconds=10.0, max_bytes=1000, trust_env=False)
+    assert status in (302, 307) and body == b""

@@ -95,6 +95,23 @@ def test_a_reply_over_the_size_cap_is_a_model_error(serve) -> None:
         _complete(serve(_send(b'{"choices": [{"message": {"content": "' + b"a" * MAX_REPLY_BYTES + b'"}}]}')))
 
 
+def test_a_redirect_is_not_followed(serve) -> None:
+    """A model server redirecting the call (here to another server on the allowlist; it could be any host) is a
+    ModelError: the prompt, customer data, goes to the configured URL only."""
+    reached: list[str] = []
+    elsewhere = serve(lambda handler: (reached.append(handler.path), _send(b"{}")(handler)))
+
+    def redirect(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(307)
+        handler.send_header("Location", elsewhere._url)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    with pytest.raises(ModelError):
+        _complete(serve(redirect))
+    assert reached == []
+
+
 def test_a_trickling_server_cannot_hold_the_call_past_the_timeout(serve) -> None:
     """llm_timeout_seconds is 1; the server would go on for 12 s. The call gives up and hangs up before the end."""
     ended, done = [], threading.Event()

@@ -126,6 +126,43 @@ def test_a_refusal_never_quotes_the_values_it_was_given() -> None:
     assert PROD["metrics_token"] not in str(refused.value)
 
 
+_WITH_CREDENTIALS = [
+    {"answer_backend": "openai", "llm_base_url": "http://llm:s3cret@127.0.0.1:8080"},
+    {"answer_backend": "openai", "llm_base_url": "http://127.0.0.1@evil.example:8080"},  # no password, still refused
+    {"oidc_jwks_url": "https://govrag:s3cret@idp.example/jwks"},
+    {"oidc_issuer": "https://govrag:s3cret@idp.example/realms/x"},
+]
+
+
+@pytest.mark.parametrize("override", _WITH_CREDENTIALS)
+def test_a_url_govrag_calls_is_refused_at_start_with_a_user_name_or_password(override: dict[str, str]) -> None:
+    """The model server's and the IdP's URLs were taken with `user:password@` in them: httpx then sent them as an
+    Authorization: Basic header (in clear over http) in place of the bearer key, and the server said 401. Refused at
+    start, the setting named, its value never quoted."""
+    with pytest.raises(ValidationError, match="must not hold a user name or password") as refused:
+        Settings(**override)
+    (name, url), = ((k, v) for k, v in override.items() if k != "answer_backend")
+    assert name in str(refused.value) and "s3cret" not in str(refused.value) and url not in str(refused.value)
+
+
+def test_govrag_names_a_url_with_credentials_in_one_line_at_start(monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from api import cli
+    from core.settings import get_settings
+
+    monkeypatch.setenv("GOVRAG_ANSWER_BACKEND", "openai")
+    monkeypatch.setenv("GOVRAG_LLM_BASE_URL", "http://llm:s3cret@127.0.0.1:8080")
+    get_settings.cache_clear()
+    try:
+        assert cli.main(["token", "--sub", "alice"]) == 2
+    finally:
+        get_settings.cache_clear()
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == (
+        "govrag: the settings were refused; nothing was started\n"
+        "  GOVRAG_LLM_BASE_URL: Value error, must not hold a user name or password (user:password@host)\n")
+
+
 @pytest.mark.parametrize("days", [-30, 0, 36501, 1_000_000])
 def test_a_retention_period_outside_a_day_to_a_century_is_refused(days: int) -> None:
     """Negative: the cutoff lies in the future and `govrag audit purge` deletes the whole ledger; huge: it crashes."""

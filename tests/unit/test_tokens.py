@@ -791,3 +791,51 @@ def test_a_plain_http_jwks_uri_from_discovery_is_refused_in_production(
         with pytest.raises(Unavailable) as caught:
             verifier.verify(key.sign(), admins=[])
         assert caught.value.dependency == "identity provider"
+
+
+def _idp_answering(monkeypatch: pytest.MonkeyPatch, answer: Callable[[httpx.Request], httpx.Response]) -> None:
+    """The IdP (outside the boundary) answered by an httpx MockTransport, as in the test above."""
+    monkeypatch.setattr(httpx, "AsyncClient",
+                        functools.partial(httpx.AsyncClient, transport=httpx.MockTransport(answer)))
+
+
+def test_a_discovered_jwks_uri_with_credentials_is_never_fetched(tmp_path: Path, key: SigningKey,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A discovery document naming `https://user:password@host/keys` had the keys fetched with those credentials sent
+    as a Basic Authorization header. The URL is refused before connecting: the IdP is unavailable, a 503, and the
+    log line names no credential."""
+    asked: list[str] = []
+
+    def idp(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.path)
+        if request.url.path.endswith("/.well-known/openid-configuration"):
+            return _as_received(httpx.Response(200, json={"issuer": ISSUER,
+                                                          "jwks_uri": "https://idp:s3cret@idp.example.test/keys"}))
+        return _as_received(httpx.Response(200, json={"keys": [key.jwk()]}))
+
+    _idp_answering(monkeypatch, idp)
+    verifier = TokenVerifier.from_settings(_settings(tmp_path, oidc_issuer=ISSUER, oidc_audience=AUDIENCE,
+                                                     dev_issuer=False), None)
+    with pytest.raises(Unavailable):
+        verifier.verify(key.sign(), admins=[])
+    assert asked == ["/realms/govrag/.well-known/openid-configuration"]
+    assert "s3cret" not in caplog.text and "could not be fetched" in caplog.text
+
+
+def test_an_idp_answer_in_an_encoding_not_asked_for_writes_nothing_of_it_to_the_log(
+        tmp_path: Path, key: SigningKey, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The log line quoted the JWKS answer's Content-Encoding (40 characters of it): a hostile or broken server wrote
+    into govrag's log. The line says a fixed category."""
+
+    def idp(_request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"Content-Encoding": "x-forged admin=granted"},
+                              stream=httpx.ByteStream(b"{}"))
+
+    _idp_answering(monkeypatch, idp)
+    verifier = TokenVerifier.from_settings(_settings(tmp_path, oidc_jwks_url="https://idp.example.test/keys",
+                                                     dev_issuer=False), None)
+    with pytest.raises(Unavailable):
+        verifier.verify(key.sign(), admins=[])
+    assert [record.getMessage() for record in caplog.records] == [
+        "the identity provider's signing keys could not be fetched: a Content-Encoding that was not asked for"]
