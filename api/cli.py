@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from api.cli_args import api_url
 from core import offline
 from core.errors import StartRefused
 from core.migrate import MigrationError, MigrationInterrupted
@@ -70,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
                                   "none was answered or the API could not be reached, 130 on a Ctrl-C (1 if a leak "
                                   "was found before it)")
     redteam.add_argument("--department", required=True)
-    redteam.add_argument("--url", type=_api_url, default="http://127.0.0.1:8000")
+    redteam.add_argument("--url", type=api_url, default="http://127.0.0.1:8000")
     redteam.add_argument("--token", default=os.environ.get("GOVRAG_REDTEAM_TOKEN"),
                          help="the configured user's bearer token (default: $GOVRAG_REDTEAM_TOKEN; on the command "
                               "line other users can read it in `ps`)")
@@ -96,23 +97,6 @@ def _at_least_one(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return number
-
-
-def _api_url(value: str) -> str:
-    """An argparse type: an http(s) URL with a host and no user name or password (httpx would send them, Basic, in
-    place of the bearer token). Never quoted back: it may hold a password."""
-    import httpx
-
-    try:
-        url = httpx.URL(value)
-    except httpx.InvalidURL:
-        url = None
-    if url is None or url.scheme not in ("http", "https") or not url.host:
-        raise argparse.ArgumentTypeError("must be an http(s) URL, such as http://127.0.0.1:8000")
-    if url.userinfo:
-        raise argparse.ArgumentTypeError("must not hold a user name or password (user:password@): give the bearer "
-                                         "token with --token or $GOVRAG_REDTEAM_TOKEN")
-    return value
 
 
 def _port(value: str) -> int:

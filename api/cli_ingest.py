@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from api.cli_args import api_url
 from core.errors import EmbeddedStoreHeld
 from core.settings import Settings, get_settings
 
@@ -66,7 +67,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                         help="a group that may read the files (repeatable or comma-separated, as the API takes them)")
     ingest.add_argument("--classification", default="internal",
                         choices=("public", "internal", "confidential", "restricted"))
-    ingest.add_argument("--api-url", help="upload through a running API (default: in this process)")
+    ingest.add_argument("--api-url", type=api_url, help="upload through a running API (default: in this process)")
     ingest.add_argument("--token", default=os.environ.get("GOVRAG_INGEST_TOKEN"),
                         help="bearer token for --api-url (default: $GOVRAG_INGEST_TOKEN; on the command line other "
                              "users can read it in `ps`)")
@@ -456,12 +457,12 @@ def _upload(http: httpx.Client, args: argparse.Namespace, path: Path) -> Outcome
 
 
 def _request(http: httpx.Client, method: str, url: str, **kwargs: object) -> httpx.Response:
-    """The API's answer; `_ApiUnavailable` if it cannot be reached (named by its address, without credentials: no
-    answer, or a reverse proxy's 502 or 504 for it) or answers 503, whose message names the dependency
+    """The API's answer; `_ApiUnavailable` if it cannot be reached (named by its address, which holds no credentials:
+    `api_url`; no answer, or a reverse proxy's 502 or 504 for it) or answers 503, whose message names the dependency
     (api/errors.py: "the database is unavailable; ...")."""
     import httpx
 
-    api = f"API at {http.base_url.copy_with(userinfo=b'')}"
+    api = f"API at {http.base_url}"
     try:
         response = http.request(method, url, **kwargs)  # type: ignore[arg-type]
     except httpx.TransportError as error:

@@ -768,18 +768,17 @@ def test_through_the_api_a_dependency_unavailable_stops_the_run_as_in_process(
 def test_through_the_api_an_api_that_cannot_be_reached_stops_the_run_naming_it(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """`--api-url` with no API answering there ended in httpx's traceback. Now the first file is `unavailable`,
-    naming the API by its address (never the credentials in it), the rest `not attempted`, exit 1."""
+    naming the API by its address, the rest `not attempted`, exit 1."""
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("COLUMNS", "400")
     api = f"http://127.0.0.1:{_closed_port()}"
-    command = ["ingest", str(_three_files(tmp_path, "")), "--department", "hr",
-               "--api-url", api.replace("//", "//cli:s3cret@"), "--token", "t0ken"]
+    command = ["ingest", str(_three_files(tmp_path, "")), "--department", "hr", "--api-url", api, "--token", "t0ken"]
     assert main(command) == 1
     captured = capsys.readouterr()
     out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
     assert f"the API at {api} cannot be reached (ConnectError)" in out and "not attempted: 2" in out, out
     assert f"stopped: the API at {api} is unavailable (2 files not attempted)" in err, err
-    assert "s3cret" not in out + err and "t0ken" not in out + err and "Traceback" not in err
+    assert "t0ken" not in out + err and "Traceback" not in err
 
 
 def _refused_once_accepted(answer: str, monkeypatch: pytest.MonkeyPatch, canary: str) -> list[str]:
@@ -894,8 +893,8 @@ def test_through_the_api_a_gateway_error_stops_the_run_as_an_api_that_cannot_be_
         phrase: str) -> None:
     """A reverse proxy's 502 or 504 (the API behind it down, or not answering) was `refused` and every file after it
     met the same answer; its HTML page while polling ended the run in a traceback. Now it is the API not reached:
-    that file `unavailable`, naming the API by its address (never the credentials in it), the rest `not
-    attempted`, exit 1. The proxy is outside the boundary: an httpx MockTransport stands in for it."""
+    that file `unavailable`, naming the API by its address, the rest `not attempted`, exit 1. The proxy is outside
+    the boundary: an httpx MockTransport stands in for it."""
     api, requests = "http://govrag.example:8443", []
 
     def proxy(request: httpx.Request) -> httpx.Response:
@@ -906,8 +905,8 @@ def test_through_the_api_a_gateway_error_stops_the_run_as_an_api_that_cannot_be_
 
     monkeypatch.setattr(httpx, "Client", functools.partial(httpx.Client, transport=httpx.MockTransport(proxy)))
     monkeypatch.setenv("COLUMNS", "400")
-    assert main(["ingest", str(_three_files(tmp_path, "")), "--department", "hr",
-                 "--api-url", api.replace("//", "//cli:s3cret@"), "--token", "t0ken"]) == 1
+    assert main(["ingest", str(_three_files(tmp_path, "")), "--department", "hr", "--api-url", api,
+                 "--token", "t0ken"]) == 1
     captured = capsys.readouterr()
     out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
     assert f"the API at {api} cannot be reached ({status} {phrase} from a gateway)" in out, out
@@ -915,7 +914,33 @@ def test_through_the_api_a_gateway_error_stops_the_run_as_an_api_that_cannot_be_
     assert ("accepted as document d-1" in out) == (when == "as its document is polled")
     assert f"stopped: the API at {api} is unavailable (2 files not attempted)" in err, err
     assert requests == (["POST"] if when == "as the file is uploaded" else ["POST", "GET"])
-    assert "s3cret" not in out + err and "t0ken" not in out + err and "Traceback" not in err
+    assert "t0ken" not in out + err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("url", "refusal"), [
+    *((f"http://{userinfo}govrag.example:8443", "must not hold a user name or password")
+      for userinfo in ("cli:s3cret@", "cli@", ":s3cret@")),
+    ("ftp://govrag.example/", "must be an http(s) URL"), ("govrag.example:8443", "must be an http(s) URL")])
+def test_through_the_api_a_url_with_credentials_or_not_http_is_a_usage_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, url: str,
+        refusal: str) -> None:
+    """httpx sent `--api-url`'s user name and password as an Authorization: Basic header in place of the bearer token
+    (the password in clear over http; the API refused it, 401), and a URL that is no http(s) one was an API that
+    cannot be reached, exit 1. Either is a bad argument, as for `govrag redteam --url`: exit 2, the URL not quoted,
+    nothing sent (an httpx MockTransport stands in for the API and records what reaches it)."""
+    sent: list[str | None] = []
+
+    def api(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers.get("Authorization"))
+        return httpx.Response(401, json={"error": {"code": "unauthenticated", "message": "malformed token"}})
+
+    monkeypatch.setattr(httpx, "Client", functools.partial(httpx.Client, transport=httpx.MockTransport(api)))
+    with pytest.raises(SystemExit) as exited:
+        main(["ingest", str(_three_files(tmp_path, "")), "--department", "hr", "--api-url", url, "--token", "t0ken"])
+    captured = capsys.readouterr()
+    assert exited.value.code == 2 and captured.out == "" and sent == []
+    assert f"--api-url: {refusal}" in captured.err
+    assert "govrag.example" not in captured.err and "s3cret" not in captured.err and "t0ken" not in captured.err
 
 
 def _rota_mail(path: Path, *more: bytes) -> None:
