@@ -1,13 +1,14 @@
 """The ungoverned baseline for bench/query.py: same embedder, plain vector search, no auth, no audit.
 
-Run as `python bench/baseline_server.py CORPUS.jsonl PORT`; it indexes the plaintext chunks into its own Qdrant Edge
-shard (what an open RAG stack does) and serves POST /search {"question", "top_k"}.
+Run as `python bench/baseline_server.py CORPUS.jsonl PORT SHARD_DIR`; it indexes the plaintext chunks into its own
+Qdrant Edge shard in SHARD_DIR (what an open RAG stack does) and serves POST /search {"question", "top_k"}. SHARD_DIR
+is its caller's to remove: stopped by SIGTERM, the server ends by that signal (uvicorn raises it again once it has
+shut down), running no cleanup of its own.
 """
 
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -56,7 +57,6 @@ def build(corpus_path: Path, root: Path) -> tuple[FastAPI, int]:
 
 
 if __name__ == "__main__":
-    with tempfile.TemporaryDirectory() as directory:
-        application, count = build(Path(sys.argv[1]), Path(directory) / "shard")
-        print(f"baseline indexed {count} chunks", flush=True)
-        uvicorn.run(application, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+    application, count = build(Path(sys.argv[1]), Path(sys.argv[3]))
+    print(f"baseline indexed {count} chunks", flush=True)
+    uvicorn.run(application, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")

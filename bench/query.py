@@ -163,8 +163,27 @@ class Governed:
             return int(row[0]) if row else 0
 
     def close(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
+        stop(self.process)
+
+
+def start_baseline(corpus_file: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """The ungoverned baseline server on `corpus_file`, its shard in `workdir`, and its URL once it answers."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(ROOT / "bench" / "baseline_server.py"), str(corpus_file),  # noqa: S603
+                                str(port), str(workdir / "baseline-shard")], cwd=ROOT, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/healthz")
+    except BaseException:  # it never started, or Ctrl-C: no server left behind
+        stop(process)
+        raise
+    return process, url
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop a server (SIGTERM) and wait for its end: only then may the directory it writes in be removed."""
+    process.terminate()
+    process.wait(timeout=30)
 
 
 async def run_load(url: str, headers: dict[str, str], body_for, total: int, clients: int,  # type: ignore[no-untyped-def]
@@ -230,14 +249,11 @@ def main() -> None:
         baseline = None
         try:
             ingest_seconds = governed.load(chunks)
-            port = free_port()
-            baseline = subprocess.Popen([sys.executable, str(ROOT / "bench" / "baseline_server.py"),  # noqa: S603
-                                         str(corpus_file), str(port)], cwd=ROOT, stdout=subprocess.DEVNULL)
-            wait_http(f"http://127.0.0.1:{port}/healthz")
-            report(args, asked, governed, f"http://127.0.0.1:{port}", len(chunks), ingest_seconds)
-        finally:
+            baseline, baseline_url = start_baseline(corpus_file, workdir)
+            report(args, asked, governed, baseline_url, len(chunks), ingest_seconds)
+        finally:  # both ended before their directory is removed
             if baseline is not None:
-                baseline.terminate()
+                stop(baseline)
             governed.close()
 
 
