@@ -258,7 +258,7 @@ def _redteam_token(args: argparse.Namespace) -> str | None:
 
 def _offline_defaults() -> None:
     """Nothing downloads or phones home at run time."""
-    offline.no_telemetry()
+    offline.configure_libraries()
     for name, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(name, value)
 

@@ -1,11 +1,13 @@
 """Word 97-2003 (.doc) and PowerPoint 97-2003 (.ppt): converted to DOCX/PPTX by LibreOffice (Debian's `soffice`,
 headless, offline, a private profile per conversion, its memory capped, killed with every process it started at the
 parse time limit or when the process that started it dies: `ingestion.sandbox`), then parsed like any DOCX/PPTX.
-Where LibreOffice is not installed they are refused with that reason."""
+Where LibreOffice is not installed (or no longer there as a conversion starts) they are refused with that reason."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import resource
 import shutil
 from dataclasses import dataclass
@@ -19,6 +21,10 @@ logger = logging.getLogger(__name__)
 # RLIMIT_DATA (ulimit -d) of soffice and the soffice.bin it starts: a 4 MB .doc of 40,000 paragraphs peaked at 250 MB,
 # the example .doc and .ppt convert from 180 MB. Not RLIMIT_AS, which counts the address space LibreOffice reserves.
 MEMORY_LIMIT_MB = 1024
+NOT_RUN = "LibreOffice, which this deployment does not run"
+# Where soffice.bin makes its pipes, whatever TMPDIR says: /tmp, or /var/tmp where /tmp is not writable
+# (LibreOffice's sal/osl/unx/pipe.cxx)
+PIPE_FOLDERS = ("/tmp", "/var/tmp")  # noqa: S108
 
 
 @dataclass(frozen=True)
@@ -45,22 +51,26 @@ def convert(data: bytes, content_type: str, deadline: sandbox.Deadline) -> tuple
     legacy = FORMATS[content_type]
     soffice = shutil.which("soffice")
     if soffice is None:
-        raise _refused(legacy, "LibreOffice, which this deployment does not run")
+        raise _refused(legacy, NOT_RUN)
     if not _cap_allowed():  # `ulimit -d` would fail, and the file with it as corrupt
         logger.warning("LibreOffice's memory cap of %d MB is above this process's hard data-size limit (RLIMIT_DATA): "
                        "legacy Office files are refused", MEMORY_LIMIT_MB)
         raise _refused(legacy, f"LibreOffice under a {MEMORY_LIMIT_MB} MB memory cap, which this deployment's "
                                "data-size limit does not allow")
     conversion = sandbox.Conversion(what=legacy.name, prefix="govrag-soffice-", source=f"upload.{legacy.extension}",
-                                    output=f"out/upload.{legacy.converted_extension}")
+                                    output=f"out/upload.{legacy.converted_extension}", program=soffice,
+                                    sockets=ipc_pipes)
 
     def command(work: Path) -> list[str]:  # capped, and no core dump (the document's plaintext) should it abort
         return ["/bin/sh", "-c", f'ulimit -c 0 && ulimit -d {MEMORY_LIMIT_MB * 1024} && exec "$@"', "soffice", soffice,
                 "--headless", "--norestore", "--nolockcheck", "--nodefault",
-                f"-env:UserInstallation={(work / 'profile').as_uri()}", "--convert-to", legacy.converted_extension,
+                f"-env:UserInstallation={_profile_url(work)}", "--convert-to", legacy.converted_extension,
                 "--outdir", str(work / "out"), str(work / conversion.source)]
 
-    status, converted = sandbox.convert(conversion, data, command, deadline)  # 0 for most failures too
+    try:
+        status, converted = sandbox.convert(conversion, data, command, deadline)  # 0 for most failures too
+    except sandbox.ProgramMissing:  # removed since (an upgrade): not the file's fault
+        raise _refused(legacy, NOT_RUN) from None
     if status != 0:  # an abort, as when it ran out of memory under the cap
         logger.warning("LibreOffice ended with status %d converting a %s file (memory cap %d MB)", status,
                        legacy.name, MEMORY_LIMIT_MB)
@@ -68,6 +78,21 @@ def convert(data: bytes, content_type: str, deadline: sandbox.Deadline) -> tuple
         raise GovragError(ErrorCode.invalid_request,
                           f"could not convert the {legacy.name} file: it is corrupt or malformed")
     return converted, legacy.converted_type
+
+
+def _profile_url(work: Path) -> str:
+    """The URL of the LibreOffice profile of the conversion in `work`, its own."""
+    return (work / "profile").as_uri()
+
+
+def ipc_pipes(work: Path) -> list[Path]:
+    """Where soffice.bin makes the single-instance pipe of the conversion in `work`: a socket left behind when it is
+    killed at the parse time limit or aborts under its memory cap. Named, by desktop/source/app/officeipcthread.cxx,
+    after this user's id and the MD5 of its profile's URL (UTF-16), each byte in hexadecimal without padding; no
+    other LibreOffice uses that profile, nor its pipe."""
+    digest = hashlib.md5(_profile_url(work).encode("utf-16-le"), usedforsecurity=False).digest()
+    name = f"OSL_PIPE_{os.getuid()}_SingleOfficeIPC_{''.join(f'{byte:x}' for byte in digest)}"
+    return [Path(folder, name) for folder in PIPE_FOLDERS]
 
 
 def _refused(legacy: LegacyFormat, needs: str) -> GovragError:

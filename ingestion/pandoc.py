@@ -39,18 +39,21 @@ def convert(data: bytes, content_type: str, deadline: sandbox.Deadline) -> tuple
     try:
         pandoc = _pandoc()
     except OSError:  # pypandoc found none it could run: pypandoc-binary missing, or PYPANDOC_PANDOC wrong
-        raise GovragError(ErrorCode.unsupported_type, f"converting the {source_format.name} file needs pandoc (the "
-                                                      "pypandoc-binary package), which this deployment does not "
-                                                      "have") from None
+        raise _needs_pandoc(source_format) from None
     conversion = sandbox.Conversion(what=source_format.name, prefix="govrag-pandoc-",
-                                    source=f"upload.{source_format.reader}", output=f"out.{source_format.writer}")
+                                    source=f"upload.{source_format.reader}", output=f"out.{source_format.writer}",
+                                    program=pandoc)
 
     def command(work: Path) -> list[str]:
         return [pandoc, "--sandbox", f"--from={source_format.reader}", f"--to={source_format.writer}",
                 str(work / conversion.source), f"--output={work / conversion.output}", "+RTS", f"-M{HEAP_LIMIT_MB}m",
                 "-RTS"]
 
-    status, converted = sandbox.convert(conversion, data, command, deadline)
+    try:
+        status, converted = sandbox.convert(conversion, data, command, deadline)
+    except sandbox.ProgramMissing:  # gone since it was found (an upgrade): look again for the next file
+        _pandoc.cache_clear()
+        raise _needs_pandoc(source_format) from None
     if status == _HEAP_EXHAUSTED:
         raise GovragError(ErrorCode.payload_too_large, f"converting the {source_format.name} file needs more than "
                                                        f"{HEAP_LIMIT_MB} MB of memory")
@@ -58,6 +61,12 @@ def convert(data: bytes, content_type: str, deadline: sandbox.Deadline) -> tuple
         raise GovragError(ErrorCode.invalid_request,
                           f"could not parse the {source_format.name}: the file is corrupt or malformed")
     return converted, source_format.converted_type
+
+
+def _needs_pandoc(source_format: PandocFormat) -> GovragError:
+    """The refusal of a file this deployment has no pandoc to convert."""
+    return GovragError(ErrorCode.unsupported_type, f"converting the {source_format.name} file needs pandoc (the "
+                                                   "pypandoc-binary package), which this deployment does not have")
 
 
 @functools.cache

@@ -74,14 +74,15 @@ class Section:
 
 
 def configure_unstructured() -> None:
-    """Once per process: no telemetry, the installed spaCy model, and no spaCy pass whose answer is dropped."""
+    """Once per process: no telemetry nor working directory of unstructured's own, the installed spaCy model, and no
+    spaCy pass whose answer is dropped."""
     global _offline_ready
     if _offline_ready:
         return
     with _offline_lock:
         if _offline_ready:
             return
-        offline.no_telemetry()  # before unstructured is first imported (it pings home), and onnxruntime with it
+        offline.configure_libraries()  # before unstructured is first imported (it pings home), onnxruntime with it
         from unstructured.nlp import tokenize
 
         # unstructured loads `en_core_web_sm` by name and downloads it when missing; its pipeline

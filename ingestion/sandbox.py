@@ -4,26 +4,33 @@ hard time limit left pandoc or `soffice.bin` converting the document for minutes
 at its time limit (`Cancellation`). A converter runs in a private temporary directory, its whole session killed at
 the time limit and after it ends, before that directory (which holds the plaintext copy) is removed. Should the
 process die first, that directory stays until the next worker process removes it (`ingestion.scratch`). All the
-steps of one document's parse share its time limit (`Deadline`)."""
+steps of one document's parse share its time limit (`Deadline`). A program missing as it starts is `ProgramMissing`,
+whether or not it starts through setpriv and a shell (which would report it as their exit status 127)."""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
+import functools
+import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from core.errors import ErrorCode, GovragError
+
+logger = logging.getLogger(__name__)
 
 GROUP_EXIT_WAIT_SECONDS = 2.0  # after the kill, how long to wait for a converter's (or the OCR tools') processes to go
 # A converter's session is led by this shell, sent SIGTERM when the process that started it dies, and then kills the
@@ -34,9 +41,15 @@ _SESSION_LEADER = ["/bin/sh", "-c", 'trap "kill -s KILL 0" TERM; "$@" & wait $!'
 # process that started it dies, then this shell, which ends at once should that process have died before the asking
 # ($0: its pid) and else becomes the program. No Python code runs between fork and exec (no preexec_fn, unsafe in a
 # threaded process: an at-fork hook or a lock another thread held could hang the child). Without setpriv (not Linux)
-# programs start as they are, and outlive a killed worker.
+# programs start as they are, and outlive a killed worker (said once, as the first starts).
 _SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
 _PARENT_STILL_THERE = '[ "$PPID" = "$0" ] || exit 1; exec "$@"'
+_NOT_FOUND = 127  # a shell's exit status when the program it was to run is not there (POSIX)
+
+
+class ProgramMissing(FileNotFoundError):
+    """A program a parse runs is not there (any longer) as it starts. A FileNotFoundError, as subprocess.Popen
+    raises for a program it cannot find: pytesseract and pdf2image report it as their tool not installed."""
 
 
 class Deadline:
@@ -147,9 +160,28 @@ def killed_on_failure() -> Iterator[None]:
 def _dying_with(signum: int, args: list[Any]) -> list[Any]:
     """`args` started so that the program is sent `signum` when the process that starts it dies (see `_SETPRIV`)."""
     if _SETPRIV is None:
+        _warn_started_unwrapped()
         return args
     return [_SETPRIV, f"--pdeathsig={signal.Signals(signum).name.removeprefix('SIG')}", "--", "/bin/sh", "-c",
             _PARENT_STILL_THERE, str(os.getpid()), *args]
+
+
+@functools.cache
+def _warn_started_unwrapped() -> None:
+    """Say once per process that the programs a parse runs outlive a worker process killed mid-parse."""
+    logger.warning("util-linux's setpriv is not available (%s): the programs a parse runs (converters, OCR tools) "
+                   "are not killed with a worker process killed at the hard time limit", sys.platform)
+
+
+def _missing(program: str, env: Mapping[str, str]) -> bool:
+    """Whether `program` (a path, or a name looked up on `env`'s PATH, as subprocess.Popen does) cannot be run."""
+    return shutil.which(program, path=env.get("PATH", os.defpath)) is None
+
+
+def _refuse_missing(program: str, env: Mapping[str, str]) -> None:
+    """Raise `ProgramMissing` where `program` cannot be run."""
+    if _missing(program, env):
+        raise ProgramMissing(errno.ENOENT, os.strerror(errno.ENOENT), program)
 
 
 class ChildPopen(subprocess.Popen):  # type: ignore[type-arg]
@@ -157,7 +189,7 @@ class ChildPopen(subprocess.Popen):  # type: ignore[type-arg]
     of its own, killed (`dies_by`) when this process dies, its TMPDIR `temp_dir` (by default `tempfile`'s, this
     process's private one: `ingestion.scratch`), where LibreOffice writes its `lu*.tmp` copies, and held by the
     `killed_on_failure` block it starts in, before `cancel` or the parse time limit can end the start. pdf2image and
-    pytesseract start the OCR tools with it."""
+    pytesseract start the OCR tools with it. `ProgramMissing` when the program is not there."""
 
     def __init__(self, args: Any, *more: Any, dies_by: int = signal.SIGKILL, temp_dir: str | None = None,
                  **options: Any) -> None:
@@ -165,6 +197,7 @@ class ChildPopen(subprocess.Popen):  # type: ignore[type-arg]
         env = {**(os.environ if env is None else env), "TMPDIR": temp_dir or tempfile.gettempdir()}
         cancellation = _cancellation.get()
         program = [args] if isinstance(args, str | bytes | os.PathLike) else list(args)
+        _refuse_missing(os.fsdecode(program[0]), env)
         started = _started.get()
         with cancellation.starting() if cancellation is not None else contextlib.nullcontext():
             _starting.now = True
@@ -189,12 +222,15 @@ SUBPROCESS = _Subprocess()
 
 
 def run_to_the_end(command: list[str], temp_dir: Path, timeout_seconds: float | None) -> int | None:
-    """Run a converter in a session of its own, `temp_dir` its TMPDIR; its exit status, or None when it ran past
-    `timeout_seconds` (None: no limit). Whatever happens (its end, the limit, the parse's own time limit interrupting
-    the wait), every process of the session is killed: `soffice` starts `soffice.bin`, which a kill of `soffice`
-    alone would leave running."""
+    """Run a converter in a session of its own, `temp_dir` its TMPDIR and its HOME (LibreOffice keeps a dconf cache
+    there), no XDG base directory of this process's; its exit status, or None when it ran past `timeout_seconds`
+    (None: no limit). Whatever happens (its end, the limit, the parse's own time limit interrupting the wait), every
+    process of the session is killed: `soffice` starts `soffice.bin`, which a kill of `soffice` alone would leave
+    running."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("XDG_")}
     process = ChildPopen([*_SESSION_LEADER, *command], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, dies_by=signal.SIGTERM, temp_dir=str(temp_dir))
+                         stderr=subprocess.DEVNULL, dies_by=signal.SIGTERM, temp_dir=str(temp_dir),
+                         env={**env, "HOME": str(temp_dir)})
     try:
         return process.wait(timeout=timeout_seconds)
     except subprocess.TimeoutExpired:
@@ -223,6 +259,10 @@ def _group_alive(group: int) -> bool:
     return True
 
 
+def _no_sockets(_work: Path) -> list[Path]:
+    return []
+
+
 @dataclass(frozen=True)
 class Conversion:
     """One converter run on an upload: its files in the private directory, and what a failure calls the upload."""
@@ -231,20 +271,38 @@ class Conversion:
     prefix: str  # of the private directory's name
     source: str  # the upload's name in it
     output: str  # the converted file's path in it
+    program: str  # the converter the command runs: `ProgramMissing` when it is not there
+    # The sockets the converter makes outside its private directory (given its path), whatever TMPDIR says, and
+    # leaves there when it is killed or aborts: removed after every run
+    sockets: Callable[[Path], list[Path]] = _no_sockets
 
 
 def convert(conversion: Conversion, data: bytes, command: Callable[[Path], list[str]],
             deadline: Deadline) -> tuple[int, bytes | None]:
     """The converter `command(private directory)`'s exit status and the bytes it made of `data` (None: no output), or
-    a GovragError when it ran past what is left of the parse's time limit (`deadline`). What a status means is the
-    caller's to say."""
+    a GovragError when it ran past what is left of the parse's time limit (`deadline`), `ProgramMissing` when the
+    converter was not there to run. What a status means is the caller's to say."""
     seconds = deadline.remaining()
     with tempfile.TemporaryDirectory(prefix=conversion.prefix) as work:
         folder = Path(work)
         (folder / conversion.source).write_bytes(data)
-        status = run_to_the_end(command(folder), folder, seconds)
+        try:
+            status = run_to_the_end(command(folder), folder, seconds)
+        finally:
+            _remove_sockets(conversion.sockets(folder))
+        if status == _NOT_FOUND:  # the shell's, or else the converter's own
+            _refuse_missing(conversion.program, os.environ)
         if status is None:
             raise GovragError(ErrorCode.invalid_request, f"converting the {conversion.what} file took longer than "
                                                          f"the {deadline.limit_seconds:g} s limit")
         output = folder / conversion.output
         return status, output.read_bytes() if output.is_file() else None
+
+
+def _remove_sockets(paths: list[Path]) -> None:
+    """Remove those of `paths` that are sockets of this user's."""
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            status = path.lstat()
+            if stat.S_ISSOCK(status.st_mode) and status.st_uid == os.getuid():
+                path.unlink()

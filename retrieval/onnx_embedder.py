@@ -97,7 +97,7 @@ class OnnxEmbedder:
     """Same interface as `retrieval.embeddings.Embedder`: float32, L2-normalised rows."""
 
     def __init__(self) -> None:
-        offline.no_telemetry()
+        offline.configure_libraries()
         import onnxruntime as ort
         from tokenizers import Tokenizer
 

@@ -3,11 +3,14 @@ with that reason where it is not; a conversion that overruns the parse time limi
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -173,3 +176,83 @@ def test_a_timed_out_conversion_kills_what_soffice_started_and_leaves_no_copy(
     finally:
         if not _gone(child):
             psutil.Process(child).kill()
+
+
+def test_libreoffice_gone_since_it_was_found_is_refused_as_not_run(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found as the conversion starts, not there as it runs (an upgrade under a running worker): the shell starting
+    it ended with 127 and the file was refused as "corrupt or malformed". Now as when LibreOffice is not installed."""
+    found = shutil.which
+
+    def gone(name: str, *args: object, **kwargs: object) -> str | None:
+        return str(tmp_path / "soffice") if name == "soffice" else found(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(legacy_office.shutil, "which", gone)
+    with pytest.raises(GovragError) as refused:
+        legacy_office.convert((FOLDER / "fake.doc").read_bytes(), sniff.APPLICATION_DOC, sandbox.Deadline(60))
+    assert refused.value.code == ErrorCode.unsupported_type
+    assert refused.value.message == ("it is a Word 97-2003 (.doc) file: save it as DOCX; converting it needs "
+                                     "LibreOffice, which this deployment does not run")
+
+
+class _TimeLimit(Exception):  # noqa: N818 (what it stands for: the parse time limit's SIGALRM on a worker)
+    pass
+
+
+def _pipe(work: Path) -> Path:
+    """The single-instance pipe of a LibreOffice whose profile is in `work`: in /tmp (writable here), named after the
+    user and the MD5 of the profile's URL in UTF-16, bytes in hexadecimal unpadded (LibreOffice's
+    desktop/source/app/officeipcthread.cxx); no other LibreOffice run's."""
+    digest = hashlib.md5((work / "profile").as_uri().encode("utf-16-le"), usedforsecurity=False).digest()
+    return Path("/tmp", f"OSL_PIPE_{os.getuid()}_SingleOfficeIPC_{''.join(format(byte, 'x') for byte in digest)}")  # noqa: S108
+
+
+def _pipes_of(temp_dir: Path, made: list[Path], interrupt: bool, done: threading.Event) -> None:
+    """Note in `made` the pipes of the LibreOffice conversions in `temp_dir` once they are there; with `interrupt`,
+    send the main thread SIGALRM as the first is."""
+    while not done.wait(0.02):
+        for pipe in map(_pipe, temp_dir.glob("govrag-soffice-*")):
+            if os.path.lexists(pipe) and pipe not in made:
+                made.append(pipe)
+                if interrupt:
+                    signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGALRM)
+
+
+def _interrupted(*_args: object) -> None:
+    raise _TimeLimit
+
+
+@pytest.mark.parametrize("ending", ["killed at the time limit", "aborted under its memory cap"])
+def test_libreoffice_leaves_no_pipe_nor_cache_outside_its_directory(ending: str, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """soffice.bin makes its single-instance pipe, a socket, in /tmp whatever TMPDIR says, and removes it only as it
+    ends normally: each conversion killed at the parse time limit or aborted under its memory cap left an empty
+    `OSL_PIPE_<uid>_SingleOfficeIPC_*` there. It is removed after every run now. And LibreOffice's dconf cache went
+    to HOME: it is in the conversion's directory too, with its `lu*.tmp` copies."""
+    if not legacy_office.available():
+        assert shutil.which("soffice") is None
+        return
+    temp_dir, home = tmp_path / "tmp", tmp_path / "home"
+    temp_dir.mkdir()
+    home.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp_dir))
+    monkeypatch.setenv("HOME", str(home))
+    killed = ending.startswith("killed")
+    if not killed:
+        monkeypatch.setattr(legacy_office, "MEMORY_LIMIT_MB", 100)
+    made: list[Path] = []
+    done = threading.Event()
+    watcher = threading.Thread(target=_pipes_of, args=(temp_dir, made, killed, done))
+    previous = signal.signal(signal.SIGALRM, _interrupted)
+    watcher.start()
+    try:
+        with pytest.raises(_TimeLimit if killed else GovragError):
+            legacy_office.convert((FOLDER / "fake.doc").read_bytes(), sniff.APPLICATION_DOC, sandbox.Deadline(300))
+    finally:
+        done.set()
+        watcher.join()
+        signal.signal(signal.SIGALRM, previous)
+    assert made, "LibreOffice made no pipe: nothing here shows it is removed"
+    assert [pipe for pipe in made if os.path.lexists(pipe)] == []
+    assert list(temp_dir.iterdir()) == []
+    assert list(home.iterdir()) == []

@@ -87,6 +87,27 @@ def test_without_pandoc_the_refusal_names_the_format_and_what_is_missing() -> No
                                      "deployment does not have")
 
 
+def test_a_pandoc_gone_since_it_was_found_is_refused_as_missing(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pandoc found at a worker's first file, gone at a later one (pypandoc-binary upgraded under the running
+    worker): the shell starting it ended with 127, and the file was refused as "corrupt or malformed"."""
+    import pypandoc
+
+    bundled = Path(pypandoc.__file__).parent / "files" / "pandoc"
+    found = tmp_path / "pandoc"
+    found.write_text(f'#!/bin/sh\nexec "{bundled}" "$@"\n')
+    found.chmod(0o755)
+    monkeypatch.setenv("PYPANDOC_PANDOC", str(found))
+    with _pandoc_looked_up_anew(monkeypatch):
+        assert parse_document(ODT.read_bytes(), sniff.APPLICATION_ODT)[0].text == "Lorem ipsum dolor sit amet."
+        found.unlink()
+        with pytest.raises(GovragError) as refused:
+            parse_document(ODT.read_bytes(), sniff.APPLICATION_ODT)
+    assert refused.value.code is ErrorCode.unsupported_type
+    assert refused.value.message == ("converting the ODT file needs pandoc (the pypandoc-binary package), which this "
+                                     "deployment does not have")
+
+
 @pytest.fixture
 def other_pandoc_first_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A pandoc on PATH that reports a newer version (so pypandoc would choose it) and fails every conversion, as

@@ -3,12 +3,14 @@ abandoned at its time limit starts none after it."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -146,3 +148,34 @@ def test_a_time_limit_falling_while_a_program_starts_leaves_it_held_and_killed()
         process.kill()
     assert late.value.message == "parsing took longer than the 0.2 s limit"
     assert not left, "the program whose start the limit interrupted runs on"
+
+
+def test_a_missing_program_is_refused_as_it_starts_not_left_to_the_shell(tmp_path: Path) -> None:
+    """Started through setpriv and a shell, a missing program was the shell's exit status 127 (pytesseract reported
+    a TesseractError, pdf2image a page count it could not read), where subprocess.Popen, as without setpriv, raises
+    FileNotFoundError (pytesseract: its tool not installed). Now `ProgramMissing`, a FileNotFoundError, either way."""
+    for missing in (str(tmp_path / "tesseract"), "govrag-no-such-program"):
+        with pytest.raises(sandbox.ProgramMissing) as refused:
+            sandbox.ChildPopen([missing, "--version"])
+        assert isinstance(refused.value, FileNotFoundError)
+        assert refused.value.filename == missing
+
+
+@pytest.fixture
+def without_setpriv(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A system with no util-linux setpriv (not Linux), the warning about it not yet given in this process."""
+    monkeypatch.setattr(sandbox, "_SETPRIV", None)
+    sandbox._warn_started_unwrapped.cache_clear()  # noqa: SLF001
+    yield
+    sandbox._warn_started_unwrapped.cache_clear()  # noqa: SLF001
+
+
+@pytest.mark.usefixtures("without_setpriv")
+def test_without_setpriv_programs_start_as_they_are_and_that_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Without setpriv the programs started as they are, outliving a worker killed mid-parse, and nothing said so."""
+    with caplog.at_level(logging.WARNING, logger="ingestion.sandbox"):
+        for _ in range(2):
+            assert sandbox.ChildPopen(["true"]).wait() == 0  # noqa: S607
+    assert [record.getMessage() for record in caplog.records if record.name == "ingestion.sandbox"] == [
+        f"util-linux's setpriv is not available ({sys.platform}): the programs a parse runs (converters, OCR tools) "
+        "are not killed with a worker process killed at the hard time limit"]

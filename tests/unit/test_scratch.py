@@ -106,3 +106,26 @@ def test_a_process_parses_in_a_directory_of_its_own(tmp_path: Path, monkeypatch:
         assert directory.is_dir()
     finally:
         os.close(scratch._current[2])  # type: ignore[index]
+
+
+# A worker process parsing a document, then saying where tempfile's default (its private directory) is.
+PARSE_AND_SAY = ("import tempfile; from ingestion.parse import parse_document; "
+                 "parse_document(b'The text of a document.', 'text/plain'); print(tempfile.gettempdir())")
+
+
+def test_unstructured_working_directory_setting_moves_no_temporary_file_out(tmp_path: Path) -> None:
+    """Where the environment set GLOBAL_WORKING_DIR_ENABLED, importing unstructured made ~/.cache/unstructured/
+    tmp/<process group> tempfile's default: the private directory, every temporary file of a parse in it, was made
+    there, where the next worker in another process group never looks for a killed one's, and that directory was
+    left behind, one per process group."""
+    home, temp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    temp.mkdir()
+    said = subprocess.run([sys.executable, "-c", PARSE_AND_SAY], cwd=ROOT, capture_output=True, text=True,  # noqa: S603
+                          check=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(home),
+                                                        "TMPDIR": str(temp), "GLOBAL_WORKING_DIR_ENABLED": "true"})
+    private = Path(said.stdout.strip())
+    assert private.parent == temp
+    assert private.name.startswith(scratch.PREFIX)
+    assert list(temp.iterdir()) == []  # removed as the process ended
+    assert [path for path in home.rglob("*") if "unstructured" in path.parts] == []
