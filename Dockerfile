@@ -2,7 +2,8 @@
 # govrag API and Celery worker image (production shape; see docker-compose.yml).
 FROM python:3.11-slim
 
-# Everything runs offline: no model downloads, no telemetry.
+# Everything runs offline: no model downloads, no telemetry; unstructured keeps no working directory of its own
+# (what core/offline.configure_libraries sets, set here before any thread starts).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -13,6 +14,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     DO_NOT_TRACK=1 \
     UNSTRUCTURED_DISABLE_NOTICE=1 \
     ORT_DISABLE_TELEMETRY=1 \
+    GLOBAL_WORKING_DIR_ENABLED=false \
     GOVRAG_DATA_DIR=/data \
     GOVRAG_MODEL_CACHE=/opt/govrag/models
 

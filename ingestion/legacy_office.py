@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 # the example .doc and .ppt convert from 180 MB. Not RLIMIT_AS, which counts the address space LibreOffice reserves.
 MEMORY_LIMIT_MB = 1024
 NOT_RUN = "LibreOffice, which this deployment does not run"
+PREFIX = "govrag-soffice-"  # of a conversion's directory
 # Where soffice.bin makes its pipes, whatever TMPDIR says: /tmp, or /var/tmp where /tmp is not writable
 # (LibreOffice's sal/osl/unx/pipe.cxx)
 PIPE_FOLDERS = ("/tmp", "/var/tmp")  # noqa: S108
@@ -57,7 +58,7 @@ def convert(data: bytes, content_type: str, deadline: sandbox.Deadline) -> tuple
                        "legacy Office files are refused", MEMORY_LIMIT_MB)
         raise _refused(legacy, f"LibreOffice under a {MEMORY_LIMIT_MB} MB memory cap, which this deployment's "
                                "data-size limit does not allow")
-    conversion = sandbox.Conversion(what=legacy.name, prefix="govrag-soffice-", source=f"upload.{legacy.extension}",
+    conversion = sandbox.Conversion(what=legacy.name, prefix=PREFIX, source=f"upload.{legacy.extension}",
                                     output=f"out/upload.{legacy.converted_extension}", program=soffice,
                                     sockets=ipc_pipes)
 
@@ -89,7 +90,8 @@ def ipc_pipes(work: Path) -> list[Path]:
     """Where soffice.bin makes the single-instance pipe of the conversion in `work`: a socket left behind when it is
     killed at the parse time limit or aborts under its memory cap. Named, by desktop/source/app/officeipcthread.cxx,
     after this user's id and the MD5 of its profile's URL (UTF-16), each byte in hexadecimal without padding; no
-    other LibreOffice uses that profile, nor its pipe."""
+    other LibreOffice uses that profile, in a directory of this process's own (mode 0700), nor its pipe. A worker
+    process killed mid-conversion leaves it too: the next removes it with that process's directory (`scratch`)."""
     digest = hashlib.md5(_profile_url(work).encode("utf-16-le"), usedforsecurity=False).digest()
     name = f"OSL_PIPE_{os.getuid()}_SingleOfficeIPC_{''.join(f'{byte:x}' for byte in digest)}"
     return [Path(folder, name) for folder in PIPE_FOLDERS]

@@ -289,7 +289,7 @@ def convert(conversion: Conversion, data: bytes, command: Callable[[Path], list[
         try:
             status = run_to_the_end(command(folder), folder, seconds)
         finally:
-            _remove_sockets(conversion.sockets(folder))
+            remove_sockets(conversion.sockets(folder))
         if status == _NOT_FOUND:  # the shell's, or else the converter's own
             _refuse_missing(conversion.program, os.environ)
         if status is None:
@@ -299,10 +299,12 @@ def convert(conversion: Conversion, data: bytes, command: Callable[[Path], list[
         return status, output.read_bytes() if output.is_file() else None
 
 
-def _remove_sockets(paths: list[Path]) -> None:
-    """Remove those of `paths` that are sockets of this user's."""
+def remove_sockets(paths: list[Path]) -> None:
+    """Remove those of `paths` that are sockets of this user's: never a symbolic link (nor what it points to),
+    another user's socket or any other file. In a sticky directory (/tmp) no other user can put anything else in the
+    place of one of ours between the look and the removal. A failure leaves it there, and fails nothing else."""
     for path in paths:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # gone, or a folder this process cannot read
             status = path.lstat()
             if stat.S_ISSOCK(status.st_mode) and status.st_uid == os.getuid():
                 path.unlink()

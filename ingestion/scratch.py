@@ -7,7 +7,8 @@ kernel drops it as the owner ends, however it ends. A process making its own dir
 holds: a Celery prefork child replacing a killed one does so as it starts. Never a live process's, whatever its pid
 namespace (a container sharing the temporary directory), nor another user's; systemd-tmpfiles too leaves a locked
 directory alone. Releases before these directories made the converters' working directories in the temporary
-directory itself, with no owner to tell by: those of this user a day old, past any conversion, are removed too."""
+directory itself, with no owner to tell by: those of this user a day old, past any conversion, are removed too.
+With an ended process's directory go the pipes its LibreOffice conversions left in /tmp."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from ingestion import legacy_office, sandbox
 
 PREFIX = "govrag-tmp-"
 # Older releases' pandoc and LibreOffice directories, made in the temporary directory itself (now in a private one)
@@ -93,9 +96,18 @@ def _remove_unheld(directory: Path, modified_before: float = math.inf) -> bool:
         status = os.fstat(descriptor)
         if status.st_uid != os.getuid() or status.st_mtime >= modified_before:
             return False
+        _remove_converters_sockets(directory)
         shutil.rmtree(directory, ignore_errors=True)  # symlink-safe on Linux (rmtree.avoids_symlink_attacks)
         return True
     except OSError:  # held by its owner (BlockingIOError), or a file system without such locks: left alone
         return False
     finally:
         os.close(descriptor)
+
+
+def _remove_converters_sockets(directory: Path) -> None:
+    """Remove what the LibreOffice conversions in an ended process's `directory` left outside it, their pipes in
+    /tmp: the process was killed mid-conversion. Before `directory` goes, while no other process can have a
+    conversion of that path (nor, then, its pipe)."""
+    for work in directory.glob(f"{legacy_office.PREFIX}*"):
+        sandbox.remove_sockets(legacy_office.ipc_pipes(work))

@@ -3,10 +3,12 @@ abandoned at its time limit starts none after it."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -179,3 +181,25 @@ def test_without_setpriv_programs_start_as_they_are_and_that_is_said_once(caplog
     assert [record.getMessage() for record in caplog.records if record.name == "ingestion.sandbox"] == [
         f"util-linux's setpriv is not available ({sys.platform}): the programs a parse runs (converters, OCR tools) "
         "are not killed with a worker process killed at the hard time limit"]
+
+
+def test_only_this_users_sockets_are_removed_never_what_takes_their_name(tmp_path: Path) -> None:
+    """A converter's socket left outside its directory (LibreOffice's pipe in /tmp) is removed after the run; at its
+    name, a symbolic link (to a socket of ours), a file, a folder or another user's socket stays, and so does what a
+    link points to."""
+    ours, target = tmp_path / "ours", tmp_path / "target"
+    link, file, folder, theirs = tmp_path / "link", tmp_path / "file", tmp_path / "folder", tmp_path / "theirs"
+    with contextlib.ExitStack() as sockets:
+        for path in (ours, target, theirs):
+            listener = sockets.enter_context(socket.socket(socket.AF_UNIX))
+            listener.bind(str(path))
+        link.symlink_to(target)
+        file.write_text("someone's file")
+        folder.mkdir()
+        if os.geteuid() == 0:  # only root can make a socket another user's
+            os.chown(theirs, 65534, 65534)
+        else:
+            theirs.unlink()
+        sandbox.remove_sockets([ours, link, file, folder, theirs, tmp_path / "never-made"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        ["file", "folder", "link", "target"] + (["theirs"] if os.geteuid() == 0 else []))

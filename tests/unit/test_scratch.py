@@ -3,17 +3,21 @@ has ended, never while it runs."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ingestion import scratch
+from tests.unit.test_legacy_office import libreoffice_pipe
 
 ROOT = Path(__file__).resolve().parents[2]
 # A process that makes its private directory in TMPDIR, says which, and runs until killed.
@@ -129,3 +133,37 @@ def test_unstructured_working_directory_setting_moves_no_temporary_file_out(tmp_
     assert private.name.startswith(scratch.PREFIX)
     assert list(temp.iterdir()) == []  # removed as the process ended
     assert [path for path in home.rglob("*") if "unstructured" in path.parts] == []
+
+
+@contextlib.contextmanager
+def _listening(path: Path) -> Iterator[None]:
+    """A Unix socket at `path` (as LibreOffice makes its pipe), closed and removed at the end of the block."""
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+
+
+def test_libreoffice_pipes_a_killed_process_left_in_tmp_go_with_its_directory(tmp_path: Path) -> None:
+    """A worker process killed mid-conversion (the hard time limit) leaves LibreOffice's pipe in /tmp, outside its
+    private directory, which the next process removes: the pipe stayed. Now it goes with the directory; a live
+    process's conversion keeps its own."""
+    running, live = _owner(tmp_path)
+    killed, of_killed = _owner(tmp_path)
+    try:
+        killed.kill()
+        killed.wait()
+        converting, interrupted = live / "govrag-soffice-a1b2", of_killed / "govrag-soffice-c3d4"
+        for work in (converting, interrupted):
+            work.mkdir()
+        with _listening(libreoffice_pipe(converting)), _listening(libreoffice_pipe(interrupted)):
+            assert scratch.remove_ended(tmp_path) == [of_killed]
+            assert not os.path.lexists(libreoffice_pipe(interrupted))
+            assert os.path.lexists(libreoffice_pipe(converting))
+    finally:
+        for owner in (running, killed):
+            owner.kill()
+            owner.wait()
+            owner.stdout.close()  # type: ignore[union-attr]
