@@ -52,13 +52,13 @@ def retire(session: Session, settings: Settings, document: Document, status: Doc
     department's key lock, held since before the transaction's first write (`retire_family`): one retired meanwhile
     has none left."""
     keystore_for(settings).shred_document_key(session=session, document_id=document.id)
-    if not repository.retire(session, document_id=document.id, status=status, forgotten=_forgotten(status)):
+    if not repository.retire(session, document_id=document.id, status=status, forgotten=forgotten(status)):
         return False
     owe_purge(session, document)
     return True
 
 
-def _forgotten(status: DocumentStatus) -> dict[str, object]:
+def forgotten(status: DocumentStatus) -> dict[str, object]:
     """The row's metadata that names or confirms the original (its title, a file or attachment name, its content
     hash, size and type), cleared; its id, department, status and times stay, for the ledger's references. A new
     upload of the same bytes is then no duplicate of anything (retired rows never were)."""

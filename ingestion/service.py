@@ -52,12 +52,22 @@ _TITLE_READ_CHARS = 4 * MAX_TITLE_CHARS  # of a longer name, what is redacted (a
 MAX_ATTACHMENT_DEPTH = 3  # levels of attachments followed below an uploaded e-mail (attached e-mails nest)
 ATTACHMENT_FAILED = "the attachment could not be taken (an internal error)"
 CRASHED_TOO_OFTEN = f"ingestion stopped: the worker died {MAX_CRASHED_RUNS} times while processing this document"
-ATTACHMENTS_UNLISTED = "the e-mail's attachments could not be read (an internal error); none was ingested"
+ATTACHMENTS_UNLISTED = ("the e-mail's attachments could not be read (an internal error); none was ingested: a re-index "
+                        "naming the e-mail takes them again")
 ATTACHMENTS_KEY_UNREADABLE = ("the e-mail's data key does not open under its department key, so none of its "
-                              "attachments was ingested: upload it again")
+                              "attachments was ingested: delete the e-mail and upload it again")
 ATTACHMENTS_DEPARTMENT_KEY_UNREADABLE = ("the key of the e-mail's department does not open under the master key (its "
                                          "key row was altered in the database), so none of its attachments was "
-                                         "ingested: once that row is restored, delete the e-mail and upload it again")
+                                         "ingested: once that row is restored from a backup, a re-index naming the "
+                                         "e-mail takes them again")
+# The failed child "attachments" that an attachment step which took nothing leaves: the step runs again after the
+# e-mail's next run (a re-index), that record retired. With the reasons earlier versions wrote.
+_STEP_FAILED = frozenset({
+    ATTACHMENTS_UNLISTED, ATTACHMENTS_KEY_UNREADABLE, ATTACHMENTS_DEPARTMENT_KEY_UNREADABLE,
+    "the e-mail's attachments could not be read (an internal error); none was ingested",
+    "the key of the e-mail's department does not open under the master key (its key row was altered in the database), "
+    "so none of its attachments was ingested: once that row is restored, delete the e-mail and upload it again",
+})
 KEY_MISSING = "the document's data key is missing: upload it again"
 KEY_UNREADABLE = "the document's data key does not open under its department key: upload it again"
 _KEY_LOST = {KeyState.missing: KEY_MISSING, KeyState.unreadable: KEY_UNREADABLE}  # a claim's failure, by key state
@@ -188,47 +198,74 @@ def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAcc
     someone the e-mail is hidden from) as their declared floor; attached e-mails are followed MAX_ATTACHMENT_DEPTH
     levels below the upload. An attachment that cannot be taken (its type, a limit, a duplicate, unreadable, too
     deep, one too many) is kept as a failed child with the reason: nothing disappears without a trace. Attachments
-    that cannot be listed, or an e-mail whose key row no longer opens, leave one failed child for all of them; the
-    task does not retry what no retry can open.
+    that cannot be listed, or an e-mail whose key row (or its department's) no longer opens, leave one failed child
+    for all of them; the task does not retry what no retry can open, but the e-mail's next run (a re-index naming
+    it) takes them again, that record retired.
     """
     with unit_of_work(settings.resolved_database_url) as session:
         line = repository.lock_lineage(session, document_id)  # a deletion above in flight commits first, or waits
         parent = repository.get_document(session, document_id)
+        earlier = repository.children(session, document_id)
         if (parent is None or parent.content_type not in formats.MAIL_TYPES
                 or parent.status not in (DocumentStatus.ready, DocumentStatus.quarantined)
-                or repository.children(session, document_id)):
+                or not all(_step_failure(child) for child in earlier)):
             return []
-        key = _email_key(session, settings, parent)
-        if key is None:
-            return []
-        found = _listed_attachments(settings, parent, key)
-        if found is None:
-            _record_refused_attachment(session, parent, "attachments", b"", ATTACHMENTS_UNLISTED)
-            return []
+        for record in earlier:  # no key, stored bytes nor points: nothing to purge
+            repository.retire(session, document_id=record.id, status=DocumentStatus.deleted,
+                              forgotten=purge.forgotten(DocumentStatus.deleted))
         too_deep = len(line) - 1 >= MAX_ATTACHMENT_DEPTH  # e-mails above this one
-        if not too_deep:
-            _lock_contents(session, parent.department, [payload for _, payload in found[:formats.MAX_ATTACHMENTS]])
-        accepted = [child for name, payload in found[:formats.MAX_ATTACHMENTS]
-                    if (child := _accept_attachment(session, settings, parent, name, payload, too_deep)) is not None]
-        if len(found) > formats.MAX_ATTACHMENTS:
-            excess = found[formats.MAX_ATTACHMENTS:]
-            _record_refused_attachment(session, parent, f"{len(excess)} more attachments",
-                                       b"".join(payload for _, payload in excess),
-                                       f"the e-mail has {len(found)} attachments; only the first "
-                                       f"{formats.MAX_ATTACHMENTS} are ingested")
+        return _take_attachments(session, settings, parent, too_deep)
+
+
+def _step_failure(child: Document) -> bool:
+    """Whether the child is the failed child "attachments" an attachment step that took nothing left
+    (`_STEP_FAILED`)."""
+    return child.status == DocumentStatus.failed and child.error in _STEP_FAILED
+
+
+def _take_attachments(session: Session, settings: Settings, parent: Document,
+                      too_deep: bool) -> list[UploadAccepted]:
+    """The attachments accepted as children, the others recorded as failed ones. A department key that does not open
+    under the master key (its row altered), met as the e-mail's key is read or as an attachment's key is made, ends
+    the step at once: what it began is undone, and one failed child says so (no retry opens it; once the row is
+    restored, the e-mail's next run takes them)."""
+    try:
+        with session.begin_nested():
+            return _accept_attachments(session, settings, parent, too_deep)
+    except DepartmentKeyUnreadable as exc:
+        _department_key_unreadable(exc, parent.department, f"the attachments of document {parent.id} were not taken")
+        _record_refused_attachment(session, parent, "attachments", b"", ATTACHMENTS_DEPARTMENT_KEY_UNREADABLE)
+        return []
+
+
+def _accept_attachments(session: Session, settings: Settings, parent: Document,
+                        too_deep: bool) -> list[UploadAccepted]:
+    """List the e-mail's attachments and accept each (`_take_attachments`)."""
+    key = _email_key(session, settings, parent)
+    if key is None:
+        return []
+    found = _listed_attachments(settings, parent, key)
+    if found is None:
+        _record_refused_attachment(session, parent, "attachments", b"", ATTACHMENTS_UNLISTED)
+        return []
+    if not too_deep:
+        _lock_contents(session, parent.department, [payload for _, payload in found[:formats.MAX_ATTACHMENTS]])
+    accepted = [child for name, payload in found[:formats.MAX_ATTACHMENTS]
+                if (child := _accept_attachment(session, settings, parent, name, payload, too_deep)) is not None]
+    if len(found) > formats.MAX_ATTACHMENTS:
+        excess = found[formats.MAX_ATTACHMENTS:]
+        _record_refused_attachment(session, parent, f"{len(excess)} more attachments",
+                                   b"".join(payload for _, payload in excess),
+                                   f"the e-mail has {len(found)} attachments; only the first "
+                                   f"{formats.MAX_ATTACHMENTS} are ingested")
     return accepted
 
 
 def _email_key(session: Session, settings: Settings, parent: Document) -> bytes | None:
-    """The e-mail's data key; None when it was shredded, or when its key row, or its department's, no longer opens:
-    no retry opens it, so the loss is on record at once, as an unlisted one's (one failed child for all)."""
-    try:
-        found = keystore_for(settings).document_key(session=session, department=parent.department,
-                                                    document_id=parent.id)
-    except DepartmentKeyUnreadable as exc:
-        _department_key_unreadable(exc, parent.department, f"the attachments of document {parent.id} were not taken")
-        _record_refused_attachment(session, parent, "attachments", b"", ATTACHMENTS_DEPARTMENT_KEY_UNREADABLE)
-        return None
+    """The e-mail's data key; None when it was shredded, or when its key row no longer opens: no retry opens it, so
+    the loss is on record at once, as an unlisted one's (one failed child for all). Its department's key not opening
+    is DepartmentKeyUnreadable (`_take_attachments`)."""
+    found = keystore_for(settings).document_key(session=session, department=parent.department, document_id=parent.id)
     if found.state is KeyState.unreadable:
         logger.warning("the data key of document %s does not open under its department key: its attachments "
                        "were not taken", parent.id)
@@ -287,14 +324,14 @@ def _take_attachment(session: Session, settings: Settings, parent: Document, nam
     other than a refusal gets a generic reason, as its message may quote the attachment; one that says "not now"
     (`_not_now`) propagates, for the attachment step to be retried."""
     try:
-        with session.begin_nested():
+        with session.begin_nested():  # a department key that does not open propagates: the step ends
             return accept_upload(
                 session=session, settings=settings, uploaded_by=parent.uploaded_by, department=parent.department,
                 filename=name, data=payload, title=f"{parent.title} / {name}", acl_groups=list(parent.acl_groups),
                 classification=Classification(parent.classification),
                 parent_id=parent.id)
     except Exception as exc:
-        if _not_now(exc):
+        if _not_now(exc) or isinstance(exc, DepartmentKeyUnreadable):
             raise
         if isinstance(exc, GovragError):
             return exc.message

@@ -1627,6 +1627,174 @@ def test_the_attachment_step_of_an_email_whose_key_row_was_altered_ends_at_once_
     assert (metrics.REGISTRY.get_sample_value(*sample) or 0.0) == before + (kind == "department")
 
 
+def _attachments_by_name(client: TestClient, token: str, email_id: str, expected: set[str],
+                         timeout: float = 60.0) -> dict[str, dict]:  # type: ignore[type-arg]
+    """The e-mail's attachments (those listed), by file name, once their names are `expected` and each has ended;
+    what they are at the deadline otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        email = client.get(f"/v1/documents/{email_id}", headers=auth(token)).json()
+        found = {str(child["title"]).rsplit("/ ", 1)[1]: child
+                 for child in (client.get(f"/v1/documents/{child_id}", headers=auth(token)).json()
+                               for child_id in email["attachment_ids"])}
+        ended = all(child["status"] not in ("queued", "processing") for child in found.values())
+        if (set(found) == expected and ended) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.25)
+
+
+def _reindex_email(client: TestClient, lab: dict[str, str], email_id: str) -> None:
+    response = client.post("/v1/admin/reindex", headers=auth(lab["dept_admin"]),
+                           json={"department": lab["department"], "document_ids": [email_id]})
+    assert response.status_code == 202 and len(response.json()["queued"]) == 1, response.text
+    wait_for_job(client, lab["editor"], response.json()["queued"][0])
+
+
+def test_a_department_key_that_stops_opening_during_the_attachment_step_says_so_and_a_reindex_takes_them(
+        client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The department's key row altered once the attachment step had opened the e-mail's key (the step's start,
+    which alone said DEPARTMENT_KEY_UNREADABLE) failed each attachment with the generic "could not be taken (an
+    internal error)", uncounted, and nothing but a new upload could take them. Now the step ends as when that key
+    fails at its start: what it began is undone, one failed child "attachments" says why (counted for the alert),
+    and once the row is restored a re-index naming the e-mail takes the attachments, that record retired."""
+    from core import metrics
+    from core.db import unit_of_work
+    from ingestion import formats, service
+
+    canary, real_attachments, altered = uuid.uuid4().hex, formats.attachments, []
+
+    def altered_meanwhile(data: bytes, content_type: str) -> list[tuple[str, bytes]]:
+        if canary.encode() in data and not altered:  # the e-mail's key opened; its department's stops opening now
+            with unit_of_work(settings.resolved_database_url) as session:
+                alter_key_row(settings, session, lab["department"], kind="department")
+            altered.append(True)
+        return real_attachments(data, content_type)
+
+    monkeypatch.setattr(formats, "attachments", altered_meanwhile)
+    sample = ("govrag_department_keys_unreadable_total", {"department": lab["department"]})
+    before = metrics.REGISTRY.get_sample_value(*sample) or 0.0
+    mail = _mail("rota", f"The rota is attached {canary}.", [("rota.txt", b"Leeds desk on Saturday."),
+                                                              ("desks.txt", b"Porto desk on Sunday.")])
+    try:
+        email = wait_for_attachments(client, lab["editor"],
+                                     _ingest(client, lab["editor"], lab["department"], "rota.eml",
+                                             mail.as_bytes())["document_id"])
+    finally:  # the same bit flipped back: the department is shared by later tests
+        if altered:
+            with unit_of_work(settings.resolved_database_url) as session:
+                alter_key_row(settings, session, lab["department"], kind="department")
+    record = _attachments_by_name(client, lab["editor"], str(email["document_id"]), {"attachments"})
+    assert altered and list(record) == ["attachments"], {name: child["error"] for name, child in record.items()}
+    assert (record["attachments"]["status"], record["attachments"]["error"]) == (
+        "failed", service.ATTACHMENTS_DEPARTMENT_KEY_UNREADABLE)
+    assert (metrics.REGISTRY.get_sample_value(*sample) or 0.0) == before + 1
+    _reindex_email(client, lab, str(email["document_id"]))
+    taken = _attachments_by_name(client, lab["editor"], str(email["document_id"]), {"rota.txt", "desks.txt"})
+    assert {name: child["status"] for name, child in taken.items()} == {"rota.txt": "ready", "desks.txt": "ready"}
+    gone = client.get(f"/v1/documents/{record['attachments']['document_id']}", headers=auth(lab["editor"]))
+    assert gone.status_code == 404
+
+
+def test_attachments_that_could_not_be_listed_are_taken_by_a_reindex_of_their_email(
+        client: TestClient, lab: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed child "attachments" (the e-mail's attachments could not be listed) could only be cleared by deleting
+    the e-mail and uploading it again: a re-index ran the e-mail again, but the step took nothing, as the e-mail had
+    a child. Now a re-index naming the e-mail takes its attachments again, the record retired, as the reason says."""
+    from ingestion import formats, service
+
+    canary, real_attachments, failures = uuid.uuid4().hex, formats.attachments, []
+
+    def unreadable_once(data: bytes, content_type: str) -> list[tuple[str, bytes]]:
+        if canary.encode() in data and not failures:
+            failures.append(True)
+            raise RuntimeError("a library that failed once")
+        return real_attachments(data, content_type)
+
+    monkeypatch.setattr(formats, "attachments", unreadable_once)
+    mail = _mail("rota", f"The rota is attached {canary}.", [("rota.txt", f"Leeds desk {canary}.".encode())])
+    email = _ingest(client, lab["editor"], lab["department"], "rota.eml", mail.as_bytes())
+    record = _attachments_by_name(client, lab["editor"], str(email["document_id"]), {"attachments"})
+    assert record["attachments"]["error"] == service.ATTACHMENTS_UNLISTED
+    _reindex_email(client, lab, str(email["document_id"]))
+    taken = _attachments_by_name(client, lab["editor"], str(email["document_id"]), {"rota.txt"})
+    assert list(taken) == ["rota.txt"] and taken["rota.txt"]["status"] == "ready", taken
+    assert "a re-index naming the e-mail" in service.ATTACHMENTS_UNLISTED  # the reason says what to do
+    _reindex_email(client, lab, str(email["document_id"]))  # taken once: a re-index leaves them as they are
+    assert _attachments_by_name(client, lab["editor"], str(email["document_id"]), {"rota.txt"}) == taken
+
+
+@pytest.mark.parametrize("late", ["the attachment step", "an attachment's queued run", "an attachment's run"])
+def test_an_email_deleted_before_its_attachments_are_done_leaves_nothing_of_them(
+        client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch, late: str) -> None:  # type: ignore[no-untyped-def]
+    """The e-mail is deleted, then what its attachments were waiting for runs: its attachment step, an attachment's
+    queued run, or the rest of an attachment's run that had parsed it (its points are written after the deletion's
+    purge). Nothing comes back: every attachment is deleted, its key rows gone, nothing of it indexed, stored or
+    owed a purge, none counted as ingested, none cited; the ledger's deletion names each one retired."""
+    from sqlalchemy import select
+
+    from core import metrics
+    from core.db import unit_of_work
+    from core.models import PendingPurge, WrappedKey
+    from ingestion import repository, service
+    from tests.support.task_retries import task_at_retry
+    from workers.tasks import ingest_document
+
+    real_spawn, real_protect, reached = service.spawn_attachments, service.protect, threading.Event()
+
+    def not_yet(**_: object) -> list[object]:  # the run ends; the step is left to the test
+        reached.set()
+        return []
+
+    monkeypatch.setattr(service, "spawn_attachments", not_yet)
+    canary = uuid.uuid4().hex
+    mail = _mail("handover", "The handover notes are attached.",
+                 [("handover.txt", f"Keys are with the Leeds desk {canary}.".encode())])
+    uploaded = _upload(client, lab["editor"], lab["department"], "handover.eml", mail.as_bytes())
+    assert uploaded.status_code == 202, uploaded.text
+    email_id, email_job = uploaded.json()["document_id"], uploaded.json()["job_id"]
+    assert wait_for_document(client, lab["editor"], email_id)["status"] == "ready" and reached.wait(60)
+    monkeypatch.setattr(service, "spawn_attachments", real_spawn)
+    children = [] if late == "the attachment step" else service.spawn_attachments(settings=settings,
+                                                                                   document_id=email_id)
+    deletions: list[int] = []
+
+    def delete_email() -> None:
+        deletions.append(client.delete(f"/v1/documents/{email_id}", headers=auth(lab["editor"])).status_code)
+
+    def protect_then_delete(data: bytes, facts, **kwargs):  # type: ignore[no-untyped-def]
+        result = real_protect(data, facts, **kwargs)
+        delete_email()  # committed before the run writes its points
+        return result
+
+    ingested = ("govrag_ingested_documents_total", {"department": lab["department"], "status": "ready"})
+    ingested_before = metrics.REGISTRY.get_sample_value(*ingested) or 0.0
+    if late == "an attachment's run":
+        monkeypatch.setattr(service, "protect", protect_then_delete)
+    else:
+        delete_email()
+    scheduled: list[dict[str, object]] = []
+    for document_id, job_id in ([(email_id, email_job)] if late == "the attachment step"
+                                else [(child.document_id, child.job_id) for child in children]):
+        ingest_document(task_at_retry(settings, 0, scheduled), document_id, job_id)  # type: ignore[arg-type]
+    assert deletions == [204] and scheduled == []
+    with unit_of_work(settings.resolved_database_url) as session:
+        below = repository.descendants(session, email_id)
+        family = {email_id, *(child.id for child in below)}
+        assert [(child.status, child.chunk_count) for child in below] == [("deleted", 0)] * len(children)
+        assert session.scalars(select(WrappedKey.owner).where(WrappedKey.owner.in_(family))).all() == []
+        assert session.scalars(select(PendingPurge.document_id)
+                               .where(PendingPurge.document_id.in_(family))).all() == []
+        jobs = [repository.get_job(session, child.job_id) for child in children]
+        assert [(job.status, job.error) for job in jobs] == [  # type: ignore[union-attr]
+            ("deleted", "the document was deleted before its ingestion finished")] * len(children)
+    assert len(family) == 1 + len(children) and _leftovers(settings, lab["department"], family) == set()
+    assert (metrics.REGISTRY.get_sample_value(*ingested) or 0.0) == ingested_before
+    answer = client.post("/v1/query", json={"question": f"Who has the keys {canary}?"}, headers=auth(lab["editor"]))
+    assert answer.status_code == 200 and not family & {c["document_id"] for c in answer.json()["citations"]}
+    deletion = [event for event in _ledger(settings, "document_deleted") if event.details["document_id"] == email_id]
+    assert len(deletion) == 1 and set(deletion[0].details["retired"]) == family
+
+
 def test_an_email_deleted_while_its_attachments_are_taken_takes_them_with_it(
         client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """An e-mail is ready before its attachments are taken: a DELETE landing in between retired the e-mail alone,
