@@ -65,9 +65,15 @@ ATTACHMENTS_DEPARTMENT_KEY_UNREADABLE = ("the key of the e-mail's department doe
 _STEP_FAILED = frozenset({
     ATTACHMENTS_UNLISTED, ATTACHMENTS_KEY_UNREADABLE, ATTACHMENTS_DEPARTMENT_KEY_UNREADABLE,
     "the e-mail's attachments could not be read (an internal error); none was ingested",
+    "the e-mail's data key does not open under its department key, so none of its attachments was ingested: upload it "
+    "again",
     "the key of the e-mail's department does not open under the master key (its key row was altered in the database), "
     "so none of its attachments was ingested: once that row is restored, delete the e-mail and upload it again",
 })
+# A duplicate's refusal names the department's copy (`accept_upload`); a refused attachment keeps it as its reason,
+# shown whole only to a caller who may see that copy (`_shown_error`), others reading the e-mail get DUPLICATE_HIDDEN.
+_DUPLICATE_OF = "duplicate upload: the department already has this content as document "
+DUPLICATE_HIDDEN = "duplicate upload: a document already in this department has this content"
 KEY_MISSING = "the document's data key is missing: upload it again"
 KEY_UNREADABLE = "the document's data key does not open under its department key: upload it again"
 _KEY_LOST = {KeyState.missing: KEY_MISSING, KeyState.unreadable: KEY_UNREADABLE}  # a claim's failure, by key state
@@ -96,8 +102,8 @@ def accept_upload(
     repository.lock_content(session, department=department, sha256=sha256)  # copies at once: one gets in, others 409
     duplicate = repository.find_duplicate(session, department=department, sha256=sha256)
     if duplicate is not None:
-        raise GovragError(ErrorCode.conflict,
-                          f"duplicate upload: the department already has this content as document {duplicate.id}")
+        # named: whoever may upload to the department may see each of its documents (authz may_see_document)
+        raise GovragError(ErrorCode.conflict, f"{_DUPLICATE_OF}{duplicate.id}")
     blobs.decide_first_use(settings.blob_dir)  # before this transaction's first write (the key's)
     document_id, job_id = str(uuid.uuid4()), str(uuid.uuid4())
     key = keystore_for(settings).create_document_key(session=session, department=department,
@@ -210,7 +216,7 @@ def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAcc
                 or parent.status not in (DocumentStatus.ready, DocumentStatus.quarantined)
                 or not all(_step_failure(child) for child in earlier)):
             return []
-        for record in earlier:  # no key, stored bytes nor points: nothing to purge
+        for record in earlier:  # no key, stored bytes nor points: nothing to purge (one retired before stays so)
             repository.retire(session, document_id=record.id, status=DocumentStatus.deleted,
                               forgotten=purge.forgotten(DocumentStatus.deleted))
         too_deep = len(line) - 1 >= MAX_ATTACHMENT_DEPTH  # e-mails above this one
@@ -219,8 +225,8 @@ def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAcc
 
 def _step_failure(child: Document) -> bool:
     """Whether the child is the failed child "attachments" an attachment step that took nothing left
-    (`_STEP_FAILED`)."""
-    return child.status == DocumentStatus.failed and child.error in _STEP_FAILED
+    (`_STEP_FAILED`), or one such retired by a later step (deleted, its reason kept): a step may fail again."""
+    return child.status in (DocumentStatus.failed, DocumentStatus.deleted) and child.error in _STEP_FAILED
 
 
 def _take_attachments(session: Session, settings: Settings, parent: Document,
@@ -724,7 +730,7 @@ def document_status(*, session: Session, can_see: Callable[[Document], bool],
     if document is None or document.status == DocumentStatus.deleted or not can_see(document):
         raise GovragError(ErrorCode.not_found, "no such document")
     return DocumentStatusOut(
-        **_summary(document).model_dump(), declared_classification=document.declared_classification,
+        **_summary(session, document, can_see).model_dump(), declared_classification=document.declared_classification,
         classification_reasons=list(document.classification_reasons or []), flagged_chunks=document.flagged_chunks,
         review_reason=document.review_reason,
         attachment_ids=[child.id for child in repository.children(session, document.id)
@@ -738,17 +744,29 @@ def list_documents(*, session: Session, can_see: Callable[[Document], bool], dep
     rows at most, so a caller who may see few of many documents gets short pages, never a long scan."""
     rows = repository.documents_page(session, department=department, status=status, before=_page_position(after),
                                      limit=limit)
-    shown = [_summary(document) for document in rows if can_see(document)]
+    shown = [_summary(session, document, can_see) for document in rows if can_see(document)]
     return DocumentPage(documents=shown, next_after=_page_cursor(rows[-1]) if len(rows) == limit else None)
 
 
-def _summary(document: Document) -> DocumentSummaryOut:
+def _summary(session: Session, document: Document, can_see: Callable[[Document], bool]) -> DocumentSummaryOut:
     return DocumentSummaryOut(
         document_id=document.id, department=document.department, title=document.title,
         content_type=document.content_type, size_bytes=document.size_bytes, classification=document.classification,
-        acl_groups=document.acl_groups, status=document.status, error=document.error,
+        acl_groups=document.acl_groups, status=document.status, error=_shown_error(session, document, can_see),
         chunk_count=document.chunk_count, parent_id=document.parent_id, created_at=document.created_at,
         updated_at=document.updated_at)
+
+
+def _shown_error(session: Session, document: Document, can_see: Callable[[Document], bool]) -> str | None:
+    """The document's error as the caller may read it. A refused attachment is seen by whoever may see its e-mail,
+    and a duplicate's reason names the department's copy of its content, which its ACL or level may hide from them:
+    that id is shown only to a caller who may see that copy (as its status would be), others read DUPLICATE_HIDDEN."""
+    if document.error is None or not document.error.startswith(_DUPLICATE_OF):
+        return document.error
+    copy = repository.get_document(session, document.error.removeprefix(_DUPLICATE_OF))
+    if copy is not None and copy.status != DocumentStatus.deleted and can_see(copy):
+        return document.error
+    return DUPLICATE_HIDDEN
 
 
 def _page_cursor(document: Document) -> str:

@@ -210,6 +210,33 @@ def test_duplicate_upload_is_reported_not_indexed_twice(client: TestClient, lab:
     assert first["document_id"] in again.json()["error"]["message"]
 
 
+def test_a_refused_attachment_names_the_copy_it_duplicates_only_to_who_may_see_that_copy(
+        client: TestClient, lab: dict[str, str]) -> None:
+    """A reader of an e-mail read, in the reason its duplicate attachment was refused, the id of the department's copy
+    of that content, which the copy's ACL hid from them (its status: a 404). Now that reader, in the status and the
+    listing alike, is told only that the department has a copy; an editor, who sees every document of the department,
+    still reads its id (as the 409 of a direct upload tells the editor sending it)."""
+    from ingestion import service
+
+    department = lab["department"]
+    assert client.post("/v1/admin/role-assignments", headers=auth(lab["admin"]),
+                       json={"subject": "rita", "role": "reader", "department": department}).status_code == 201
+    reader = client.app.state.dev_issuer.issue("rita", [])  # type: ignore[attr-defined]
+    notes = f"Board notes {uuid.uuid4().hex}: the Lisbon lease is renewed.".encode()
+    copy = _ingest(client, lab["editor"], department, "board.txt", notes, acl_groups="board")
+    assert client.get(f"/v1/documents/{copy['document_id']}", headers=auth(reader)).status_code == 404
+    email = _ingest(client, lab["editor"], department, "notes.eml",
+                    _mail("Notes", "The notes are attached.", [("notes.txt", notes)]).as_bytes())
+    [refused] = _descendants(client, reader, email).values()
+    listed = client.get("/v1/documents", params={"department": department, "status": "failed", "limit": 200},
+                        headers=auth(reader)).json()["documents"]
+    shown = [refused["error"], *(d["error"] for d in listed if d["document_id"] == refused["document_id"])]
+    assert refused["status"] == "failed" and len(shown) == 2 and not [e for e in shown if copy["document_id"] in e]
+    assert shown == [service.DUPLICATE_HIDDEN] * 2
+    seen_by_editor = client.get(f"/v1/documents/{refused['document_id']}", headers=auth(lab["editor"])).json()
+    assert copy["document_id"] in seen_by_editor["error"] and seen_by_editor["error"].startswith("duplicate upload")
+
+
 def test_custom_recognizer_and_allow_list_shape_redaction(client: TestClient, lab: dict[str, str],
                                                           settings) -> None:  # type: ignore[no-untyped-def]
     # EMP-123455 passes the Luhn check; EMP-123456 does not.
@@ -1721,6 +1748,71 @@ def test_attachments_that_could_not_be_listed_are_taken_by_a_reindex_of_their_em
     assert "a re-index naming the e-mail" in service.ATTACHMENTS_UNLISTED  # the reason says what to do
     _reindex_email(client, lab, str(email["document_id"]))  # taken once: a re-index leaves them as they are
     assert _attachments_by_name(client, lab["editor"], str(email["document_id"]), {"rota.txt"}) == taken
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_an_attachment_step_ended_midway_by_its_department_key_leaves_nothing_it_began(
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step's savepoint on both databases. The department's key row stops opening as the second attachment's key
+    is made, the first attachment's key, sealed file and row written: the step ends with one failed child
+    "attachments" and nothing else, no key row or job of an attachment; the first one's file, sealed under a key never
+    committed, is the orphan sweep's. The next step retires that record and may fail so again; the one after takes
+    both attachments (a retired record of a failed step no longer held it back)."""
+    from sqlalchemy import select
+
+    from authz import service as authz_service
+    from core import metrics, migrate
+    from core.db import unit_of_work
+    from core.keystore import KeyStore, keystore_for
+    from core.models import Document, DocumentStatus, IngestionJob, WrappedKey
+    from core.settings import Settings
+    from ingestion import purge, repository, service
+    from ingestion.schemas import Classification
+
+    url = make_pg_database() if database == "postgresql" else f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url="memory://", inprocess_worker=False)
+    blobs.open_at_start(settings.blob_dir, url)  # as a process starting with these settings does
+    mail = _mail("rota", "The rota is attached.", [("rota.txt", b"Leeds desk on Saturday."),
+                                                  ("desks.txt", b"Porto desk on Sunday.")])
+    with unit_of_work(url) as session:
+        authz_service.create_department(session=session, keystore=keystore_for(settings), name="desk")
+        email_id = service.accept_upload(session=session, settings=settings, uploaded_by="stella", department="desk",
+                                         filename="rota.eml", data=mail.as_bytes(), title=None, acl_groups=[],
+                                         classification=Classification.internal).document_id
+        session.get_one(Document, email_id).status = DocumentStatus.ready  # as its run ends (no worker here)
+    real_create, made = KeyStore.create_document_key, []
+
+    def altered_at_the_second(self: KeyStore, *, session, department: str, document_id: str) -> bytes:  # type: ignore[no-untyped-def]
+        made.append(document_id)
+        if len(made) % 2 == 0:  # the first attachment's key row, file and row are written
+            alter_key_row(settings, session, department, kind="department")
+        return real_create(self, session=session, department=department, document_id=document_id)
+
+    sample = ("govrag_department_keys_unreadable_total", {"department": "desk"})
+    before = metrics.REGISTRY.get_sample_value(*sample) or 0.0
+    monkeypatch.setattr(KeyStore, "create_document_key", altered_at_the_second)
+    for step in (1, 2):
+        assert service.spawn_attachments(settings=settings, document_id=email_id) == []
+        with unit_of_work(url) as session:
+            children = repository.children(session, email_id)
+            assert sorted((child.status, child.error) for child in children) == sorted(
+                [("failed", service.ATTACHMENTS_DEPARTMENT_KEY_UNREADABLE)]
+                + [("deleted", service.ATTACHMENTS_DEPARTMENT_KEY_UNREADABLE)] * (step - 1))
+            assert session.scalars(select(WrappedKey.owner).where(WrappedKey.kind == "document")).all() == [email_id]
+            assert session.scalars(select(IngestionJob.document_id)).all() == [email_id]
+        assert blobs.has_original(settings.blob_dir, made[-2])  # the first attachment's file, its key rolled back
+        assert purge.sweep_orphan_files(settings, older_than_seconds=0) == 1
+        assert not blobs.has_original(settings.blob_dir, made[-2])
+    assert (metrics.REGISTRY.get_sample_value(*sample) or 0.0) == before + 2
+    monkeypatch.undo()
+    taken = service.spawn_attachments(settings=settings, document_id=email_id)
+    with unit_of_work(url) as session:
+        statuses = {child.id: child.status for child in repository.children(session, email_id)}
+    assert len(taken) == 2 and sorted(statuses.values()) == ["deleted", "deleted", "queued", "queued"], statuses
+    assert {statuses[accepted.document_id] for accepted in taken} == {"queued"}
+    assert service.spawn_attachments(settings=settings, document_id=email_id) == []  # taken once
 
 
 @pytest.mark.parametrize("late", ["the attachment step", "an attachment's queued run", "an attachment's run"])
