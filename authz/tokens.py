@@ -49,10 +49,15 @@ _KEY_TYPES_BY_ALG: dict[str, tuple[type, ...]] = {
 }
 # the subject claim is configurable and checked after decoding; iat bounds the token's lifetime
 _REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud"]
-# The header `typ` of an access token (RFC 9068 2.1: "at+jwt"; most IdPs send "JWT" or none), compared in lower case
-# without an "application/" prefix (RFC 7515 4.1.9). Any other typ names another kind of JWT the IdP may sign with the
-# same keys (a logout token "logout+jwt", a DPoP proof "dpop+jwt", a security event "secevent+jwt"): never a caller.
-_ACCESS_TOKEN_TYPES = frozenset({"jwt", "at+jwt"})
+# The `typ` of an access token, in its header (RFC 9068 2.1: "at+jwt"; most IdPs send "JWT" or none) or its payload
+# (Keycloak's "Bearer"), compared in lower case without an "application/" prefix (RFC 7515 4.1.9). Any other typ names
+# another kind of JWT the IdP may sign with the same keys: in the header a logout token "logout+jwt", a DPoP proof
+# "dpop+jwt", a security event "secevent+jwt"; in Keycloak's payload an ID, refresh, offline or logout token ("ID",
+# "Refresh", "Offline", "Logout"). Never a caller.
+_ACCESS_TOKEN_TYPES = frozenset({"jwt", "at+jwt", "bearer"})
+# The claims that are NumericDates (RFC 7519 2: a JSON number). PyJWT takes whatever int() takes: a string of digits
+# ("1700000000", " 1_700_000_000 "), a boolean (true is 1).
+_TIME_CLAIMS = ("exp", "iat", "nbf")
 _DISCOVERY_PATH = "/.well-known/openid-configuration"
 _MAX_TOKEN_CHARS = 16 * 1024
 # A fetch from the IdP (discovery document or JWK Set) gets this long in all, headers included, however slowly the
@@ -149,6 +154,10 @@ class TokenVerifier:
         alg, kid = self._read_header(token)
         key = self._signing_key(kid)
         claims = self._decode(token, alg, key)
+        if not _is_access_token_type(claims.get("typ")):
+            raise _fail("not an access token (token type)")
+        if not all(_is_numeric_date(claims[name]) for name in _TIME_CLAIMS if name in claims):
+            raise _fail("malformed token")  # as PyJWT says of a NaN, an infinity or a list
         # both read as PyJWT read them when it checked them; the lifetime is the token's own, no clock leeway in it
         if int(claims["exp"]) - int(claims["iat"]) > self._max_lifetime:
             raise _fail("token lifetime exceeds the allowed maximum")
@@ -239,10 +248,19 @@ def _reason(exc: jwt.PyJWTError) -> str:
 
 
 def _is_access_token_type(typ: Any) -> bool:
-    """Whether a header's typ may be an access token's: absent, or one of _ACCESS_TOKEN_TYPES in any case."""
+    """Whether a header's or payload's typ may be an access token's: absent, or one of _ACCESS_TOKEN_TYPES in any
+    case."""
     if typ is None:
         return True
     return isinstance(typ, str) and typ.lower().removeprefix("application/") in _ACCESS_TOKEN_TYPES
+
+
+def _is_numeric_date(value: Any) -> bool:
+    """Whether a time claim is a JSON number, as RFC 7519 has it: an int or a finite float, not a bool or a string
+    (PyJWT has refused a NaN or an infinity already; a float() of a huge int would overflow, so ints are not read)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _asymmetric_only(algorithms: Iterable[str]) -> frozenset[str]:

@@ -209,6 +209,32 @@ def test_a_jwt_that_says_it_is_no_access_token_is_a_401(api: TestClient, issuer:
     _never_logged(tokens.values(), caplog)
 
 
+def test_a_keycloak_id_refresh_or_logout_token_is_a_401_and_its_access_token_a_200(
+        api: TestClient, issuer: LocalIssuer, caplog: pytest.LogCaptureFixture) -> None:
+    """Keycloak signs its ID, refresh, offline and logout tokens with its access tokens' keys and names their kind in a
+    payload claim `typ`; an ID token for a client whose id is the API's audience was a caller. Its access token
+    ("Bearer") still is."""
+    tokens = {typ: issuer.token(azp="govrag-web", typ=typ) for typ in ("ID", "Refresh", "Offline", "Logout")}
+    with caplog.at_level(logging.DEBUG):
+        messages = {typ: _refusal(api, token, typ) for typ, token in tokens.items()}
+    assert set(messages.values()) == {"not an access token (token type)"}
+    assert _status(api, issuer.token(azp="govrag-web", typ="Bearer")) == 200
+    _never_logged(tokens.values(), caplog)
+
+
+def test_a_time_claim_that_is_no_json_number_is_a_401(api: TestClient, issuer: LocalIssuer,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """PyJWT read "1700000000" and true as times: tokens whose exp, iat and nbf were strings were callers."""
+    now = int(time.time())
+    bad = {"strings": issuer.token(azp="govrag-web", iat=str(now), nbf=str(now), exp=str(now + 300)),
+           "nbf_true": issuer.token(azp="govrag-web", nbf=True),
+           "exp_infinite": issuer.token(azp="govrag-web", exp=float("inf"))}
+    with caplog.at_level(logging.DEBUG):
+        messages = {name: _refusal(api, token, name) for name, token in bad.items()}
+    assert set(messages.values()) == {"malformed token"}
+    _never_logged(bad.values(), caplog)
+
+
 def test_a_token_living_longer_than_the_maximum_or_without_iat_is_a_401(api: TestClient, issuer: LocalIssuer,
                                                                         caplog: pytest.LogCaptureFixture) -> None:
     """Nothing bounded exp - iat: a token minted to live for years, or without iat, was taken until its exp. The

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import hmac
 import json
+import math
 import stat
 import threading
 import time
@@ -708,16 +709,62 @@ def test_govrag_token_refuses_a_ttl_over_the_maximum_lifetime(tmp_path: Path, mo
 
 
 @pytest.mark.parametrize("claims", [
-    lambda _now: {"iat": -1}, lambda _now: {"iat": False}, lambda _now: {"iat": 1.5}, lambda _now: {"iat": "-86400"},
-    lambda _now: {"exp": 10**30},
+    lambda _now: {"iat": -1}, lambda _now: {"iat": 1.5}, lambda _now: {"exp": 10**30}, lambda _now: {"exp": 10**400},
     lambda now: {"iat": now - 2 * 86_400, "nbf": now},  # minted two days ago, valid only from now: still two days
-], ids=["negative iat", "false iat", "float iat", "numeric string iat", "exp centuries off", "nbf later than iat"])
+], ids=["negative iat", "float iat", "exp centuries off", "exp past any float", "nbf later than iat"])
 def test_a_lifetime_is_bounded_whatever_number_iat_and_exp_are(verifier: TokenVerifier, key: SigningKey,
                                                                claims: Callable[[int], dict[str, Any]]) -> None:
-    """exp - iat is read from the claims as PyJWT took them (an int of a bool, a float, a numeric string): a signed
-    token valid now whose iat is negative, false, a float near 0 or a string, whose exp is centuries off, or whose nbf
-    is later than its iat, lives too long (a 401 with the fixed reason, never a 500); none was refused before."""
+    """exp - iat is read from the claims as PyJWT took them (a float, an int no float holds): a signed token valid
+    now whose iat is negative or a float near 0, whose exp is centuries off, or whose nbf is later than its iat,
+    lives too long (a 401 with the fixed reason, never a 500); none was refused before."""
     _rejects(verifier, key.sign(claims(int(time.time()))), "token lifetime exceeds the allowed maximum")
+
+
+def _time_claims_of_other_json_types(now: int) -> dict[str, dict[str, Any]]:
+    """Signed claims whose exp, iat or nbf is no JSON number, each naming a time at which the token is valid now."""
+    return {"all numeric strings": {"iat": str(now), "nbf": str(now), "exp": str(now + 300)},
+            "exp a string with spaces and underscores": {"exp": f" {now + 300:_} "},
+            "iat false": {"iat": False}, "iat a numeric string": {"iat": "-86400"}, "nbf true": {"nbf": True},
+            "nbf a string": {"nbf": "0"}, "exp NaN": {"exp": math.nan}, "exp infinite": {"exp": math.inf},
+            "iat infinite": {"iat": math.inf}, "nbf minus infinity": {"nbf": -math.inf}, "exp a list": {"exp": [now]}}
+
+
+@pytest.mark.parametrize("name", list(_time_claims_of_other_json_types(0)))
+def test_a_time_claim_must_be_a_json_number(verifier: TokenVerifier, key: SigningKey, name: str) -> None:
+    """RFC 7519's NumericDate is a JSON number, but PyJWT took whatever int() takes: a string of digits (spaces and
+    underscores too) or a boolean; a token whose exp, iat and nbf were strings, or whose nbf was true, was a caller.
+    Each is a 401 "malformed token" (as PyJWT's refusal of a NaN, an infinity or a list is), never a 500."""
+    _rejects(verifier, key.sign(_time_claims_of_other_json_types(int(time.time()))[name]), "malformed token")
+
+
+def test_a_time_claim_may_be_any_json_number(verifier: TokenVerifier, key: SigningKey) -> None:
+    now = int(time.time())
+    numbers = {"iat": float(now), "nbf": now - 0.5, "exp": now + 300.25}
+    assert verifier.verify(key.sign(numbers), admins=[]).subject == "alice"
+
+
+@pytest.mark.parametrize("typ", ["ID", "Refresh", "Offline", "Logout", "id", "Serialized-ID", "", 7, ["Bearer"]])
+def test_a_payload_typ_naming_another_kind_of_token_is_refused(verifier: TokenVerifier, key: SigningKey,
+                                                              typ: object) -> None:
+    """Keycloak names the kind of token in a payload claim `typ` and signs its ID, refresh, offline and logout tokens
+    with its access tokens' keys; only the audience kept an ID token out (and not where the API's audience is the
+    client's id). Any typ but an access token's is now refused, with a fixed reason."""
+    _rejects(verifier, key.sign({"typ": typ}), "not an access token (token type)")
+
+
+@pytest.mark.parametrize("typ", ["Bearer", "bearer", "at+jwt", None])
+def test_an_access_tokens_payload_typ_is_taken(verifier: TokenVerifier, key: SigningKey, typ: str | None) -> None:
+    """Keycloak's access token says "Bearer"; most IdPs' say nothing."""
+    token = key.sign({"typ": typ} if typ else {})
+    assert verifier.verify(token, admins=[]).subject == "alice"
+
+
+def test_the_dev_issuer_id_token_is_refused_and_its_access_token_taken(tmp_path: Path) -> None:
+    """The same keys, issuer and audience: the payload's typ alone tells an ID token from an access token."""
+    issuer = DevIssuer.load_or_create(tmp_path / "dev", ISSUER, AUDIENCE)
+    verifier = TokenVerifier(issuer=ISSUER, audience=AUDIENCE, algorithms=["RS256"], jwks=issuer.jwks())
+    _rejects(verifier, issuer.issue("u", [], extra_claims={"typ": "ID"}), "not an access token (token type)")
+    assert verifier.verify(issuer.issue("u", [], extra_claims={"typ": "Bearer"}), admins=[]).subject == "u"
 
 
 @pytest.mark.parametrize("value", [0, 59, 7 * 86_400 + 1, 10 * 365 * 86_400])
