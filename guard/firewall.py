@@ -111,7 +111,9 @@ RULES: tuple[Rule, ...] = (
 # word of prose or code is (`im_end`, not `user`) is also read with spaces inside its brackets (`<| im_end |>`, a model
 # still reads the marker) and in parentheses, as a title shows `<` and `>` (`(|im_end|)`); a plain word only as
 # written (F#'s `f <| user |> g`, its active pattern `(|Message|)`). Left to fake_system (soft): a bare `<s>`/`</s>`
-# (HTML's strike-through, code), `[system]` (an INI section), `<system>` (XML), `System:` and `### System`.
+# (HTML's strike-through, code), `[system]` (an INI section), `<system>` (XML), `System:` and `### System`. Left to
+# the classifier: a reasoning model's `<think>`, `</think>`, which forge no turn and are named in questions about
+# those models; the prompt shows them as text, not tokens (`retrieval.prompting._CONTROL_OPENING`).
 _TURN_NAMES = (r"im_(?:start|end|sep)|eot_id|eom_id|(?:start|end)_header_id|begin_of_text|end_?of_?text|"
                r"(?:start|end)_of_(?:turn|role)(?:_token)?|(?:system|user|chatbot)_token|(?:begin|end)\u2581of\u2581sentence")
 _TURN_WORDS = r"system|user|assistant|end|start|message|channel|return|call"

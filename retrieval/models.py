@@ -88,9 +88,9 @@ class LlamaCppGenerator:
 
     def _control_tokens(self) -> frozenset[str]:
         """The text of every control token in the model's vocabulary (`<|im_end|>`, SmolLM2's `<filename>`) and of every
-        user-defined one spelt like a template's marker (`<tool_call>`, `[TOOL_CALLS]`: `prompting.looks_like_marker`):
-        the chat template's prompt is tokenized with special tokens parsed, and user-defined tokens are parsed in any
-        text, so each would be one in a chunk's text."""
+        user-defined one spelt like a template's or a reasoning model's marker (`<tool_call>`, `[TOOL_CALLS]`, Qwen3's
+        `<think>`: `prompting.looks_like_marker`): the chat template's prompt is tokenized with special tokens parsed,
+        and user-defined tokens are parsed in any text, so each would be one in a chunk's text."""
         import llama_cpp
 
         vocab = llama_cpp.llama_model_get_vocab(self._llm.model)

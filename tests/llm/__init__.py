@@ -24,29 +24,50 @@ GGUF_USER_DEFINED = 4  # a token type of `tokenizer.ggml.token_type` (llama.cpp:
 
 
 @contextmanager
-def with_token_types(source: Path, types: dict[int, int]) -> Iterator[Path]:
+def with_token_types(source: Path, types: dict[int, int], texts: dict[int, str] | None = None) -> Iterator[Path]:
     """A copy of the GGUF `source`, in a temporary directory removed on exit (not pytest's tmp_path, which keeps its
     last runs: 100 MB each), whose tokens `types` names are of those types (int32 each in the
-    `tokenizer.ggml.token_type` array, rewritten in place): a vocabulary no packaged model has."""
+    `tokenizer.ggml.token_type` array, rewritten in place) and whose tokens `texts` names are spelt so (each as long
+    as the text it replaces, so nothing after it moves): a vocabulary no packaged model has."""
     with tempfile.TemporaryDirectory(prefix="govrag-gguf-") as folder:
         target = Path(folder) / source.name
-        target.write_bytes(_retyped(bytearray(source.read_bytes()), types))
+        data = _retyped(bytearray(source.read_bytes()), types)
+        target.write_bytes(_respelt(data, texts or {}))
         yield target
 
 
 def _retyped(data: bytearray, types: dict[int, int]) -> bytearray:
     """The GGUF `data` with the token types `types` written into its `tokenizer.ggml.token_type` array."""
+    at = _metadata_value(data, "tokenizer.ggml.token_type")
+    for token, kind_of_token in types.items():
+        struct.pack_into("<i", data, at + 12 + 4 * token, kind_of_token)  # past the element type and count
+    return data
+
+
+def _respelt(data: bytearray, texts: dict[int, str]) -> bytearray:
+    """The GGUF `data` with the token texts `texts` written into its `tokenizer.ggml.tokens` array."""
+    at = _metadata_value(data, "tokenizer.ggml.tokens") + 12  # past the element type and count
+    for token in range(max(texts, default=-1) + 1):
+        length = struct.unpack_from("<Q", data, at)[0]
+        if token in texts:
+            text = texts[token].encode()
+            assert len(text) == length, f"token {token} must keep its length ({length} bytes)"
+            data[at + 8:at + 8 + length] = text
+        at += 8 + length
+    return data
+
+
+def _metadata_value(data: bytearray, wanted: str) -> int:
+    """Where the value of the GGUF metadata key `wanted` starts."""
     at = 24  # magic, version, tensor count, metadata count
     for _ in range(struct.unpack_from("<Q", data, 16)[0]):
         length = struct.unpack_from("<Q", data, at)[0]
         key, at = data[at + 8:at + 8 + length].decode(), at + 8 + length
         kind, at = struct.unpack_from("<I", data, at)[0], at + 4
-        if key == "tokenizer.ggml.token_type":
-            for token, kind_of_token in types.items():
-                struct.pack_into("<i", data, at + 12 + 4 * token, kind_of_token)  # past the element type and count
-            return data
+        if key == wanted:
+            return at
         at = _skipped(data, at, kind)
-    raise AssertionError("the GGUF has no tokenizer.ggml.token_type")
+    raise AssertionError(f"the GGUF has no {wanted}")
 
 
 def _skipped(data: bytearray, at: int, kind: int) -> int:

@@ -85,6 +85,7 @@ TEMPLATE_LOOK_ALIKES = [
     "Is f <| x |> g or a <|> b valid in the billing service?",
     "Does f <| user |> g pass the user through both functions in the billing service's F#?",
     "Is let (|Message|) m = m a valid active pattern in the billing service?",
+    "How do I hide the <think>...</think> block Qwen3 writes before its answer in the helpdesk bot?",
 ]
 
 
@@ -168,7 +169,8 @@ def test_a_question_forging_a_chat_template_turn_is_blocked(text: str) -> None:
 
 def test_the_chat_template_rule_fires_on_control_tokens_not_on_their_look_alikes() -> None:
     """Markup and code that look like a template's tokens (HTML strike-through, F#'s pipes and active patterns, an INI
-    section) fire no hard rule; the tokens themselves fire chat_template."""
+    section) and a reasoning model's `<think>` asked about fire no hard rule; the tokens themselves fire
+    chat_template."""
     assert all("chat_template" in _hits(text) for text in FORGED_TURNS)
     assert not [text for text in TEMPLATE_LOOK_ALIKES if fires_hard_rule(_hits(text))]
     assert "chat_template" not in {rule.name for rule in RULES}  # outside the model: its features are unchanged
