@@ -53,7 +53,8 @@ _REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud"]
 # (Keycloak's "Bearer"), compared in lower case without an "application/" prefix (RFC 7515 4.1.9). Any other typ names
 # another kind of JWT the IdP may sign with the same keys: in the header a logout token "logout+jwt", a DPoP proof
 # "dpop+jwt", a security event "secevent+jwt"; in Keycloak's payload an ID, refresh, offline or logout token ("ID",
-# "Refresh", "Offline", "Logout"). Never a caller.
+# "Refresh", "Offline", "Logout"), or an access token bound to a key ("DPoP": govrag does not check the DPoP proof
+# that must come with it). Never a caller.
 _ACCESS_TOKEN_TYPES = frozenset({"jwt", "at+jwt", "bearer"})
 # The claims that are NumericDates (RFC 7519 2: a JSON number). PyJWT takes whatever int() takes: a string of digits
 # ("1700000000", " 1_700_000_000 "), a boolean (true is 1).

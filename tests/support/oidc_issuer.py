@@ -53,9 +53,10 @@ class LocalIssuer:
         return self.keys[0]
 
     def claims(self, subject: str = "user-1", **overrides: Any) -> dict[str, Any]:
+        """A Keycloak access token's claims (its payload `typ` "Bearer"); an override of None leaves a claim out."""
         now = int(time.time())
         claims: dict[str, Any] = {"iss": self.issuer, "aud": self.audience, "sub": subject, "iat": now, "nbf": now,
-                                  "exp": now + 300, "jti": secrets.token_urlsafe(8)}
+                                  "exp": now + 300, "jti": secrets.token_urlsafe(8), "typ": "Bearer"}
         claims.update(overrides)
         return {k: v for k, v in claims.items() if v is not None}
 

@@ -743,7 +743,8 @@ def test_a_time_claim_may_be_any_json_number(verifier: TokenVerifier, key: Signi
     assert verifier.verify(key.sign(numbers), admins=[]).subject == "alice"
 
 
-@pytest.mark.parametrize("typ", ["ID", "Refresh", "Offline", "Logout", "id", "Serialized-ID", "", 7, ["Bearer"]])
+@pytest.mark.parametrize("typ", ["ID", "Refresh", "Offline", "Logout", "DPoP", "id", "Serialized-ID", "", 7,
+                                 ["Bearer"]])
 def test_a_payload_typ_naming_another_kind_of_token_is_refused(verifier: TokenVerifier, key: SigningKey,
                                                               typ: object) -> None:
     """Keycloak names the kind of token in a payload claim `typ` and signs its ID, refresh, offline and logout tokens
