@@ -99,25 +99,14 @@ _CONTROL_OPENING = re.compile(
     r"|<(?=</?sys>>)"
     r"|\[(?=/?(?:inst|system_prompt|available_tools|tool_calls|tool_results|think)\])",
     re.IGNORECASE)
-# A user-defined vocabulary token spelt as a template's markers are (llama.cpp parses user-defined tokens in any text,
-# special tokens or not): `<|...|>` or `<｜...｜>`, a tag whose name is no HTML element's (`_TAG_TOKEN`), a name with an
-# underscore in brackets, doubled or not, `<<SYS>>`, a capitalised name in square brackets (`[TOOL_CALLS]`); not an
-# HTML tag (Gemma's vocabulary holds `<table>`, `<h1>`), a word or a run of spaces.
-_MARKER_TOKEN = re.compile(r"<[|\uff5c][^\s<>]+[|\uff5c]>|<?</?[^\W_][^\s<>]*_[^\s<>]*>>?|<</?[^\W_]\w*>>"
-                           r"|\[/?[^\W\d_a-z][^\W\d_a-z]+(?:_\w+)?\]")
-# A tag spelt as one token, opening or closing, its name starting with a letter: a template's marker (`<tool_call>`,
-# `<start_of_image>`) or a reasoning model's (`<think>`, `</think>`, Seed's `<seed:think>`, `<reasoning>`) unless its
-# name is an HTML element's (case aside), which a vocabulary holds for the web pages it was trained on.
-_TAG_TOKEN = re.compile(r"</?([^\W\d_][^\s<>/]*)>")
-_HTML_ELEMENTS = frozenset(
-    "a abbr acronym address area article aside audio b base bdi bdo big blockquote body br button canvas "
-    "caption center cite code col colgroup data datalist dd del details dfn dialog div dl dt em embed "
-    "fieldset figcaption figure font footer form frame frameset h1 h2 h3 h4 h5 h6 head header hgroup hr html "
-    "i iframe img input ins kbd label legend li link main map mark marquee menu meta meter nav nobr noscript "
-    "object ol optgroup option output p param picture pre progress q rp rt ruby s samp script search section "
-    "select slot small source span strike strong style sub summary sup table tbody td template textarea tfoot "
-    "th thead time title tr track tt u ul var video wbr"
-    .split())
+# A user-defined vocabulary token spelt as a template's or a reasoning model's markers are (llama.cpp parses
+# user-defined tokens in any text, special tokens or not): `<|...|>` or `<｜...｜>`, a tag whose name starts with a
+# letter (`<tool_call>`, `</think>`, Seed's `<seed:think>`, Gemma's `<unused0>`), a name with an underscore in brackets,
+# doubled or not, `<<SYS>>`, a capitalised name in square brackets (`[TOOL_CALLS]`); not a word or a run of spaces.
+# An HTML tag is one too (Gemma's vocabulary holds `<table>`, `<h1>`): nothing in a vocabulary tells it from a marker
+# (`<img>` wraps InternVL's images, a search agent calls `<search>`), and `< table>` still reads as one.
+_MARKER_TOKEN = re.compile(r"<[|\uff5c][^\s<>]+[|\uff5c]>|</?[^\W\d_][^\s<>/]*>|<?</?[^\W_][^\s<>]*_[^\s<>]*>>?"
+                           r"|<</?[^\W_]\w*>>|\[/?[^\W\d_a-z][^\W\d_a-z]+(?:_\w+)?\]")
 _ATTRIBUTE_SAFE = str.maketrans({'"': "'", "<": "(", ">": ")"})  # nothing in a title closes its attribute or tag
 _ATTRIBUTE_BREAKERS = frozenset('"<>')
 
@@ -174,11 +163,8 @@ def _control_tokens_pattern(tokens: frozenset[str]) -> re.Pattern[str] | None:
 
 
 def looks_like_marker(token: str) -> bool:
-    """Whether a vocabulary token's text is spelt like a chat template's or a reasoning model's marker (`_TAG_TOKEN`,
-    `_MARKER_TOKEN`): the model's user-defined tokens that are kept out of untrusted text, with its control tokens."""
-    tag = _TAG_TOKEN.fullmatch(token)
-    if tag is not None:
-        return tag.group(1).lower() not in _HTML_ELEMENTS
+    """Whether a vocabulary token's text is spelt like a chat template's or a reasoning model's marker
+    (`_MARKER_TOKEN`): the model's user-defined tokens that are kept out of untrusted text, with its control tokens."""
     return _MARKER_TOKEN.fullmatch(token) is not None
 
 
