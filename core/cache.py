@@ -30,6 +30,7 @@ class BoundedCache(Generic[K, V]):
         self._max_age = max_age
         self._clock = clock
         self._put_at: OrderedDict[K, float] = OrderedDict()  # oldest put first: expiring stops at the first young one
+        _renew_after_fork(self)
         if max_age:
             _watch(self)
 
@@ -91,6 +92,13 @@ class BoundedCache(Generic[K, V]):
         with self._lock:
             return len(self._items)
 
+    def _forked(self) -> None:
+        """In a forked child: a new lock, and no entry if a thread of the parent held the old one as it forked (its
+        change may be half made: an entry put without the time it was put would never expire)."""
+        if self._lock.locked():
+            self._items, self._put_at = OrderedDict(), OrderedDict()
+        self._lock = threading.Lock()
+
     def _expire_locked(self) -> None:
         if self._max_age is None:
             return
@@ -104,9 +112,18 @@ class BoundedCache(Generic[K, V]):
 # garbage. `_EXPIRER_LOCK` is held through each pass and taken before a fork, so no child inherits a cache lock held by
 # the pass (it would wait on it for ever); the child gets a new `_WAKE` (the pass may have held its lock).
 _AGED: weakref.WeakSet[BoundedCache[Any, Any]] = weakref.WeakSet()
+# Every cache and `Rechecked` of this process, renewed in a forked child (their `_forked`): another thread of the parent
+# (a request's) may have held one's lock as the process forked (a Celery prefork child, a gunicorn worker), and no
+# thread of the child would ever release it. Added to under `_EXPIRER_LOCK`, which a fork takes first.
+_RENEWED_AFTER_FORK: weakref.WeakSet[BoundedCache[Any, Any] | Rechecked[Any]] = weakref.WeakSet()
 _EXPIRER_LOCK = threading.Lock()
 _WAKE = threading.Event()  # a cache added: the pass may have to come sooner
 _expirer_pid: int | None = None
+
+
+def _renew_after_fork(guarded: BoundedCache[Any, Any] | Rechecked[Any]) -> None:
+    with _EXPIRER_LOCK:
+        _RENEWED_AFTER_FORK.add(guarded)
 
 
 def _watch(cache: BoundedCache[Any, Any]) -> None:
@@ -138,6 +155,8 @@ def _expire_all() -> None:
 
 def _after_fork_in_child() -> None:
     global _expirer_pid, _WAKE
+    for guarded in list(_RENEWED_AFTER_FORK):
+        guarded._forked()
     _EXPIRER_LOCK.release()
     _expirer_pid, _WAKE = None, threading.Event()
     if _AGED:
@@ -158,6 +177,7 @@ class Rechecked(Generic[P]):
         self._lock = threading.Lock()
         self._checked_at: float | None = None
         self._problem: P | None = None
+        _renew_after_fork(self)
 
     def problem(self) -> P | None:
         """The cached answer of `ask`, asked afresh once it is `every_seconds` old."""
@@ -167,3 +187,8 @@ class Rechecked(Generic[P]):
                 self._problem = self._ask()
                 self._checked_at = now
             return self._problem
+
+    def _forked(self) -> None:
+        """In a forked child: a new lock (a thread of the parent may have held the old one, asking: the child asks
+        again once its answer is old)."""
+        self._lock = threading.Lock()

@@ -26,11 +26,12 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pydantic import SecretStr
 from sqlalchemy import delete, exists, func, select, union_all
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
@@ -66,10 +67,10 @@ class KeyState(enum.Enum):
 
 @dataclass(frozen=True)
 class DocumentKey:
-    """A document's data key lookup: `key` is set exactly when `state` is `opened`."""
+    """A document's data key lookup: `key` is set exactly when `state` is `opened` (never in its repr)."""
 
     state: KeyState
-    key: bytes | None = None
+    key: bytes | None = field(default=None, repr=False)
 
 
 class DepartmentKeyUnreadable(crypto.DecryptionError):
@@ -84,15 +85,21 @@ class DepartmentKeyUnreadable(crypto.DecryptionError):
 
 class KeyStore:
     """Creates, unwraps and destroys keys; caches unwrapped keys in memory for at most `cache_seconds` (by `clock`),
-    so a key shredded or retired by another process leaves this one within that time. Dropping one drops a reference
-    only: Python's `bytes` cannot be safely zeroed (a caller may still hold it), so its memory is freed, not wiped."""
+    so a key shredded or retired by another process leaves this one within that time. The master keyring read from
+    `key_file` is held the same way: read again once it is `cache_seconds` old, or as soon as the file changed (a
+    master rotation elsewhere); one given (GOVRAG_MASTER_KEY) is kept, as the process's environment keeps it anyway.
+    Dropping one drops a reference only: Python's `bytes` cannot be safely zeroed (a caller may still hold it), so its
+    memory is freed, not wiped."""
 
     def __init__(self, masters: Mapping[int, bytes], *, key_file: Path | None = None,
                  cache_seconds: float = DEFAULT_KEY_CACHE_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
-        self._masters = dict(masters)
-        self._key_file = key_file  # re-read when it changes: another process may rotate the master key
-        self._key_file_stamp = _stamp(key_file)
-        self._masters_lock = threading.Lock()
+        self._key_file = key_file
+        self._masters = dict(masters) if key_file is None else {}  # the keyring given, kept
+        # The key file's keyring, under the file's stamp as it was read (one entry: a new stamp evicts the old one).
+        self._key_file_ring: BoundedCache[_Stamp | None, dict[int, bytes]] = BoundedCache(1, max_age=cache_seconds,
+                                                                                         clock=clock)
+        if key_file is not None:
+            self._key_file_ring.put(_stamp(key_file), dict(masters))
         self._cache: BoundedCache[tuple[str, str], bytes] = BoundedCache(_CACHE_SIZE, max_age=cache_seconds,
                                                                           clock=clock)
 
@@ -408,16 +415,19 @@ class KeyStore:
         return retired
 
     def _masters_now(self) -> dict[int, bytes]:
-        """The keyring, re-read from the key file when that changed (a rotation elsewhere)."""
-        with self._masters_lock:
-            stamp = _stamp(self._key_file)
-            if self._key_file is not None and stamp != self._key_file_stamp:
-                try:
-                    self._masters = crypto.parse_master_keyring(self._key_file.read_text())
-                except FileNotFoundError:  # deleted: what it sealed is not served from memory until a restart refuses
-                    raise MasterKeyFileMissing(self._key_file) from None
-                self._key_file_stamp = stamp
+        """The keyring: the one given, else the key file's, read again once the one held is `cache_seconds` old or
+        the file changed (a rotation elsewhere)."""
+        if self._key_file is None:
             return self._masters
+        stamp = _stamp(self._key_file)
+        masters = self._key_file_ring.get(stamp)
+        if masters is None:
+            try:
+                masters = crypto.parse_master_keyring(self._key_file.read_text())
+            except FileNotFoundError:  # deleted: what it sealed is not served from memory until a restart refuses
+                raise MasterKeyFileMissing(self._key_file) from None
+            self._key_file_ring.put(stamp, masters)
+        return masters
 
     def _master(self, version: int) -> bytes:
         masters = self._masters_now()
@@ -545,7 +555,10 @@ def _newest_master_version(session: Session) -> int | None:
     return session.scalar(select(func.max(versions.c.version)))
 
 
-def _stamp(path: Path | None) -> tuple[int, int, int] | None:
+_Stamp = tuple[int, int, int]
+
+
+def _stamp(path: Path | None) -> _Stamp | None:
     """What changes when the key file is replaced or rewritten."""
     if path is None:
         return None
@@ -565,18 +578,31 @@ def _verifier_context(version: int) -> str:
     return f"govrag:master-verifier:v{version}"
 
 
-_KEYSTORES: dict[str, KeyStore] = {}
+# The process's key stores, by master key source (GOVRAG_MASTER_KEY, masked in any repr, else the key file's path) and
+# cache age: what makes one behave otherwise than another.
+_KEYSTORES: dict[tuple[SecretStr | str, float], KeyStore] = {}
 _KEYSTORES_LOCK = threading.Lock()
 
 
 def keystore_for(settings: Settings, *, sealed: MasterSealed | None = None) -> KeyStore:
-    """The process's key store for these settings' master key source (`KeyStore.from_settings` if it is new)."""
-    source = (settings.master_key.get_secret_value() if settings.master_key is not None
+    """The process's key store for these settings' master key source and key cache age (`KeyStore.from_settings` if
+    it is new)."""
+    source = (settings.master_key if settings.master_key is not None
               else str(settings.resolved_master_key_file.resolve()))
+    key = (source, settings.key_cache_seconds)
     with _KEYSTORES_LOCK:
-        if source not in _KEYSTORES:
-            _KEYSTORES[source] = KeyStore.from_settings(settings, sealed=sealed)
-        return _KEYSTORES[source]
+        if key not in _KEYSTORES:
+            _KEYSTORES[key] = KeyStore.from_settings(settings, sealed=sealed)
+        return _KEYSTORES[key]
+
+
+def _renew_keystores_lock() -> None:
+    """In a forked child: a new `_KEYSTORES_LOCK` (a thread of the parent may have held it, making a key store)."""
+    global _KEYSTORES_LOCK
+    _KEYSTORES_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_renew_keystores_lock)
 
 
 def require_master_opens(settings: Settings, *, first_start: bool = False) -> None:

@@ -73,8 +73,9 @@ class Settings(BaseSettings):
     # Keys
     master_key: SecretStr | None = None  # base64 of 32 bytes; production source
     master_key_file: Path | None = None  # default data_dir/master.key (created 0600 in dev)
-    # Unwrapped keys a process keeps in memory at most this long: a deleted document's key (or a retired department
-    # key version) leaves every other process within it. 0: none kept (an unwrap per document read); at most an hour.
+    # Unwrapped keys (and the master keys read from the key file) a process keeps in memory at most this long: a deleted
+    # document's key (or a retired department key version) leaves every other process within it. 0: none kept (an
+    # unwrap per document read); at most an hour.
     key_cache_seconds: float = Field(default=DEFAULT_KEY_CACHE_SECONDS, ge=0, le=3600)
 
     # Limits and retrieval
