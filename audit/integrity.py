@@ -69,9 +69,9 @@ LEGACY_GRACE = timedelta(hours=1)
 
 @dataclass(frozen=True)
 class Signer:
-    """What every signature binds: the checkpoint key and this deployment's id."""
+    """What every signature binds: the checkpoint key (never in its repr) and this deployment's id."""
 
-    key: bytes
+    key: bytes = field(repr=False)
     deployment_id: str
 
 
