@@ -117,6 +117,17 @@ class MasterKeyFileMissing(MasterKeyRefused):
                          key_file, only_verifiers=only_verifiers)
 
 
+class MasterKeyFileUnreadable(MasterKeyRefused):
+    """The key file cannot be read (no permission, a folder) or no longer parses (garbled, not text) under a running
+    process, which reads it again when it changes and once its copy is GOVRAG_KEY_CACHE_SECONDS old: `readiness`
+    "unreadable", the system's reason said, never the file's bytes (nor, to clients, its path)."""
+
+    readiness = "unreadable"
+
+    def __init__(self, key_file: Path, reason: str) -> None:
+        super().__init__(f"the key file cannot be read: {reason}", key_file)
+
+
 def _master_key_line(why: str | None, key_file: str | None, only_verifiers: bool) -> str:
     """MasterKeyRefused's line: what fails, why, where the key is read, and (nothing but a first start's check stored)
     how to start afresh."""

@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session, aliased
 from core import crypto
 from core.cache import BoundedCache
 from core.db import is_postgres, transaction_lock, unit_of_work
-from core.errors import MasterKeyFileMissing, MasterKeyRefused
+from core.errors import MasterKeyFileMissing, MasterKeyFileUnreadable, MasterKeyRefused
 from core.models import Document, MasterKeyVerifier, WrappedKey
 from core.settings import DEFAULT_KEY_CACHE_SECONDS, Settings
 
@@ -118,8 +118,9 @@ class KeyStore:
                     sealed = MasterSealed.read(session)
             if not sealed.empty:
                 raise MasterKeyFileMissing(key_file, only_verifiers=not sealed.rows)
-        return cls(crypto.load_or_create_master_keyring(key_file, create=not settings.is_production),
-                   key_file=key_file, cache_seconds=settings.key_cache_seconds)
+            return cls(crypto.load_or_create_master_keyring(key_file, create=not settings.is_production),
+                       key_file=key_file, cache_seconds=settings.key_cache_seconds)
+        return cls(_read_key_file(key_file), key_file=key_file, cache_seconds=settings.key_cache_seconds)
 
     def create_department_key(self, *, session: Session, department: str) -> None:
         """Create the department's key when the department is created."""
@@ -422,10 +423,7 @@ class KeyStore:
         stamp = _stamp(self._key_file)
         masters = self._key_file_ring.get(stamp)
         if masters is None:
-            try:
-                masters = crypto.parse_master_keyring(self._key_file.read_text())
-            except FileNotFoundError:  # deleted: what it sealed is not served from memory until a restart refuses
-                raise MasterKeyFileMissing(self._key_file) from None
+            masters = _read_key_file(self._key_file)
             self._key_file_ring.put(stamp, masters)
         return masters
 
@@ -567,6 +565,23 @@ def _stamp(path: Path | None) -> _Stamp | None:
     except FileNotFoundError:
         return None
     return info.st_ino, info.st_mtime_ns, info.st_size
+
+
+def _read_key_file(path: Path) -> dict[int, bytes]:
+    """The key file's keyring. Deleted: MasterKeyFileMissing (what it sealed is not served from memory until a restart
+    refuses); unreadable or garbled: MasterKeyFileUnreadable, raised outside the handler so that no error holding the
+    file's bytes (a UnicodeDecodeError's `object`) rides along as its context."""
+    try:
+        return crypto.parse_master_keyring(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        reason = None
+    except OSError as exc:  # no permission, a folder: the system's reason, without the path its message names
+        reason = exc.strerror or type(exc).__name__
+    except ValueError:  # not text (UnicodeDecodeError), not base64, not 32 bytes, empty: never quoted
+        reason = "it does not hold `v<N>:<base64>` entries"
+    if reason is None:
+        raise MasterKeyFileMissing(path)
+    raise MasterKeyFileUnreadable(path, reason)
 
 
 def _context(kind: str, owner: str, version: int) -> str:

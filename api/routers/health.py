@@ -57,8 +57,8 @@ def _ping_broker(request: Request) -> None:
 
 
 def _watched(watch: Rechecked[str] | Rechecked[MasterKeyRefused]) -> tuple[str, str | None]:
-    """"ok"; "mismatch" (a refused master key: its `readiness`, "missing" for a key file gone) and what to do; or
-    "down" when `watch` could not ask."""
+    """"ok"; "mismatch" (a refused master key: its `readiness`, "missing" for a key file gone, "unreadable" for one
+    that cannot be read) and what to do; or "down" when `watch` could not ask."""
     try:
         problem = watch.problem()
     except Exception as exc:  # noqa: BLE001 - readiness reports any failure as "down"

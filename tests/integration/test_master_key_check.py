@@ -137,12 +137,13 @@ def master_check_seconds() -> float:
 @pytest.fixture
 def served(make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
            master_check_seconds: float) -> Iterator[tuple[TestClient, Settings]]:
-    """A running API on a database of its own, its key file in its data dir, the department `hr` made."""
+    """A running API on a database of its own, its key file in its data dir, the department `hr` made, the
+    platform admin PLATFORM_ADMIN."""
     monkeypatch.setattr(keystore, "MASTER_CHECK_SECONDS", master_check_seconds)
     url = make_pg_database()
     migrate.upgrade(url)
     settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url="memory://", inprocess_worker=False,
-                        job_sweep_seconds=0)
+                        job_sweep_seconds=0, admins=[PLATFORM_ADMIN])
     with unit_of_work(url) as session:
         keystore_for(settings).create_department_key(session=session, department="hr")
     try:
@@ -195,6 +196,51 @@ def test_readyz_says_the_master_key_file_is_missing(served: tuple[TestClient, Se
     assert f"(GOVRAG_MASTER_KEY or {key_file})" in caplog.text
     key_file.write_bytes(kept)
     key_file.chmod(0o600)
+    assert client.get("/readyz").json()["checks"]["master_key"] == "ok"
+
+
+def _made_a_folder(key_file: Path) -> None:
+    key_file.unlink()
+    key_file.mkdir()
+
+
+def _garbled(key_file: Path) -> None:
+    key_file.write_bytes(b"\xff" + key_file.read_bytes())  # not UTF-8: its UnicodeDecodeError held the file's bytes
+
+
+@pytest.mark.parametrize(("spoil", "reason"), [
+    (_made_a_folder, "Is a directory"),
+    (_garbled, "it does not hold `v<N>:<base64>` entries"),
+], ids=["unreadable", "garbled"])
+def test_a_key_file_that_cannot_be_read_under_a_running_replica_is_refused_clearly(
+        spoil: Callable[[Path], None], reason: str, served: tuple[TestClient, Settings],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The key file made unreadable or garbled under a running replica (read again when it changes, and once its copy
+    is GOVRAG_KEY_CACHE_SECONDS old): its OSError or UnicodeDecodeError (which holds the file's bytes) was a request's
+    500 and /readyz's "down". Now the master key refusal: 503, `checks.master_key: "unreadable"`, the reason said,
+    never the file's bytes, its path in the server's log only; "ok" once the file is back."""
+    client, settings = served
+    key_file = settings.resolved_master_key_file
+    kept = key_file.read_bytes()
+    spoil(key_file)
+    admin = auth(client.app.state.dev_issuer.issue(PLATFORM_ADMIN, []))  # type: ignore[attr-defined]
+    with caplog.at_level(logging.WARNING):
+        ready = client.get("/readyz")
+        created = client.post("/v1/admin/departments", json={"name": "beta"}, headers=admin)
+    line = f"the master key does not open the stored keys (the key file cannot be read: {reason}): {RESTORE} "
+    assert (ready.status_code, ready.json()["checks"]["master_key"]) == (503, "unreadable")
+    assert ready.json()["reason"] == f"{line}(GOVRAG_MASTER_KEY or the master key file)"
+    assert (created.status_code, created.json()["error"]) == (503, {
+        "code": "unavailable", "message": f"{line}(GOVRAG_MASTER_KEY or the master key file)",
+        "request_id": created.json()["error"]["request_id"]})
+    assert f"{line}(GOVRAG_MASTER_KEY or {key_file})" in caplog.text
+    shown = ready.text + created.text + caplog.text
+    assert "Traceback" not in shown and str(settings.data_dir) not in ready.text + created.text
+    masters = crypto.parse_master_keyring(kept.decode()).values()
+    assert all(base64.b64encode(key).decode() not in shown for key in masters)
+    if key_file.is_dir():
+        key_file.rmdir()
+    key_file.write_bytes(kept)
     assert client.get("/readyz").json()["checks"]["master_key"] == "ok"
 
 

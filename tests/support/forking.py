@@ -21,14 +21,14 @@ def exit_code_of_child_forked_holding(lock: threading.Lock, check: Callable[[], 
             held.set()
             release.wait()
 
-    holder = threading.Thread(target=hold)
+    holder = threading.Thread(target=hold, daemon=True)  # never keeps the run alive, whatever happens to it
     holder.start()
-    held.wait()
     try:
+        assert held.wait(30), "the other thread never took the lock"
         return exit_code_of_child(check)
     finally:
         release.set()
-        holder.join()
+        holder.join(30)
 
 
 def exit_code_of_child(check: Callable[[], bool]) -> int:

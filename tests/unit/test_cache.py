@@ -96,7 +96,6 @@ def test_a_forked_child_drops_the_entries_it_inherited_without_using_the_cache()
     assert cache.get("a") == b"k"  # the parent's clock did not move
 
 
-
 def test_a_child_forked_while_another_thread_holds_a_caches_lock_can_use_the_cache() -> None:
     """A request thread inside the cache as a Celery prefork or gunicorn parent forks: the child's cache works (its
     lock was held by a thread the child does not have), and drops what that thread may have left half changed. (No
