@@ -19,7 +19,7 @@ from core.settings import Settings
 from guard.firewall import rule_hits
 from guard.injection import get_scanner, segments
 from guard.normalise import hidden_texts, normalise, strip_invisible, without_hidden
-from guard.output import check_output, echoes_system_prompt, leaked_canaries
+from guard.output import AnswerViews, check_output, echoes_system_prompt, leaked_canaries
 from retrieval.answer import split_sentences
 from retrieval.generation import scan_chunks
 from retrieval.prompting import (
@@ -38,14 +38,14 @@ GIVEN = {1: "Hotel costs are reimbursed up to 180 euros per night in capital cit
 
 
 def test_a_canary_is_caught_however_it_is_disguised() -> None:
-    assert leaked_canaries("the marker is CNRY-0123456789abcdef", CANARIES) == ["finance"]
-    assert leaked_canaries("c n r y - 0123\u200b4567 89ab cdef", CANARIES) == ["finance"]
-    assert leaked_canaries("nothing to see", CANARIES) == []
+    assert leaked_canaries(AnswerViews.of("the marker is CNRY-0123456789abcdef"), CANARIES) == ["finance"]
+    assert leaked_canaries(AnswerViews.of("c n r y - 0123\u200b4567 89ab cdef"), CANARIES) == ["finance"]
+    assert leaked_canaries(AnswerViews.of("nothing to see"), CANARIES) == []
 
 
 def test_the_canary_secret_is_caught_without_its_public_prefix() -> None:
-    assert leaked_canaries("the marker is 0123456789abcdef", CANARIES) == ["finance"]
-    assert leaked_canaries("marker: 5A1E-7C93 D04B 28F6", CANARIES) == ["hr"]
+    assert leaked_canaries(AnswerViews.of("the marker is 0123456789abcdef"), CANARIES) == ["finance"]
+    assert leaked_canaries(AnswerViews.of("marker: 5A1E-7C93 D04B 28F6"), CANARIES) == ["hr"]
     bare = check_output("Marker: 0123456789abcdef [1]", canaries=CANARIES, system_prompt=SYSTEM_PROMPT, context="")
     assert bare.withheld and bare.reason == "canary" and bare.canary_departments == ["finance"]
 
@@ -114,7 +114,8 @@ def test_the_system_prompt_split_by_invisible_characters_or_in_look_alikes_is_an
     for disguised in (" ".join(w[:2] + "\u200b" + w[2:] for w in words),
                       " ".join(words).replace("o", "\u043e").replace("a", "\u0430"), _in_tags(" ".join(words)),
                       _in_selectors(" ".join(words))):
-        assert echoes_system_prompt(f"Hotels are reimbursed up to 180 euros [1]. {disguised}", SYSTEM_PROMPT)
+        answer = AnswerViews.of(f"Hotels are reimbursed up to 180 euros [1]. {disguised}")
+        assert echoes_system_prompt(answer, SYSTEM_PROMPT)
 
 
 @pytest.mark.parametrize("encode", [
@@ -126,7 +127,8 @@ def test_the_system_prompt_in_tag_characters_written_as_references_or_escapes_is
     """The echo check read tag characters but, unlike the canary check, not ones written as character references
     or %-escapes, which a client's renderer or model decodes."""
     hidden = encode(_in_tags(" ".join(SYSTEM_PROMPT.split()[:12])))
-    assert echoes_system_prompt(f"Hotels are reimbursed up to 180 euros [1]. {hidden}", SYSTEM_PROMPT)
+    assert echoes_system_prompt(AnswerViews.of(f"Hotels are reimbursed up to 180 euros [1]. {hidden}"),
+                                SYSTEM_PROMPT)
 
 
 def test_canary_or_system_prompt_withholds_the_answer() -> None:
@@ -136,7 +138,7 @@ def test_canary_or_system_prompt_withholds_the_answer() -> None:
     echo = check_output(f"My rules: {SYSTEM_PROMPT[:120]}", canaries=CANARIES, system_prompt=SYSTEM_PROMPT,
                         context="")
     assert echo.withheld and echo.reason == "system_prompt"
-    assert not echoes_system_prompt("Hotels are reimbursed up to 180 euros [1].", SYSTEM_PROMPT)
+    assert not echoes_system_prompt(AnswerViews.of("Hotels are reimbursed up to 180 euros [1]."), SYSTEM_PROMPT)
 
 
 def test_raw_pii_is_scrubbed_but_placeholders_pass() -> None:
@@ -626,8 +628,9 @@ def _check_every_adversarial_input(finished: list[str]) -> None:
         qualify_placeholders("<PERSON_1> [1] <PERSON_1> [2] " + text, ["first", "second"])
         rule_hits(normalise(text))
         segments(text)
-        leaked_canaries(text, CANARIES)
-        echoes_system_prompt(text, SYSTEM_PROMPT)
+        views = AnswerViews.of(text)
+        leaked_canaries(views, CANARIES)
+        echoes_system_prompt(views, SYSTEM_PROMPT)
         finished.append(name)
 
 
