@@ -19,7 +19,7 @@ from core.settings import Settings
 from guard.firewall import rule_hits
 from guard.injection import get_scanner, segments
 from guard.normalise import hidden_texts, normalise, strip_invisible, without_hidden
-from guard.output import AnswerViews, check_output, echoes_system_prompt, leaked_canaries
+from guard.output import AnswerViews, check_output, echoes_system_prompt, has_canary_shape, leaked_canaries
 from retrieval.answer import split_sentences
 from retrieval.generation import scan_chunks
 from retrieval.prompting import (
@@ -107,6 +107,19 @@ def test_a_canary_hidden_by_an_encoding_is_caught(hidden: str) -> None:
     answer = f"Hotel costs are reimbursed up to 180 euros per night in capital cities {hidden} [1]."
     verdict = check_output(answer, canaries=CANARIES, system_prompt=SYSTEM_PROMPT, context=GIVEN[1])
     assert verdict.withheld and verdict.canary_departments == ["finance"]
+
+
+@pytest.mark.parametrize("hidden", [
+    "Q05SWS0wMTIzNDU2Nzg5YWJjZGVm", "434e52592d30313233343536373839616263646566", "fedcba9876543210-YRNC",
+    "PAEL-0123456789nopqrs", "%43%4E%52%59-0123456789abcdef", "&#67;&#78;&#82;&#89;-0123456789abcdef",
+    pytest.param(_in_tags("CNRY-0123456789abcdef"), id="tag characters"),
+    pytest.param(_url_safe("CNRY-0123456789abcdef?\u2014"), id="url-safe base64"),
+])
+def test_the_red_teams_shape_check_reads_an_encoded_canary_as_the_guard_does(hidden: str) -> None:
+    """The red team, which does not know the canaries, looked for their shape in the squashed answer only: a canary
+    that got past the API in base64, hex, reversed, rot13, escaped or in tag characters went unreported."""
+    assert has_canary_shape(f"Hotel costs are reimbursed up to 180 euros per night {hidden} [1].")
+    assert not has_canary_shape("Hotel costs are reimbursed up to 180 euros per night in capital cities [1].")
 
 
 def test_the_system_prompt_split_by_invisible_characters_or_in_look_alikes_is_an_echo() -> None:
