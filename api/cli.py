@@ -152,7 +152,9 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _migrate(_args: argparse.Namespace) -> int:
-    """One line per revision applied once it committed, then the revision the database is at, and which database."""
+    """One line per revision applied once it committed, then the revision the database is at, and which database; a
+    database at head that lost its deployment id (DeploymentMissing, which no migration mends) is refused in one line,
+    exit 2."""
     from core import migrate
 
     settings = get_settings()
@@ -163,6 +165,7 @@ def _migrate(_args: argparse.Namespace) -> int:
         print(f"govrag: {step}", flush=True)
 
     migrate.migrate_to_head(settings, report=say)
+    migrate.require_head(settings.resolved_database_url)  # at head without its deployment id: never "at head", exit 2
     database = migrate.shown_url(settings.resolved_database_url)
     print(f"govrag: {'at' if applied else 'already at'} head {migrate.head_revision()} in {database}")
     return 0

@@ -442,48 +442,67 @@ def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     get_engine(url).dispose()
 
 
+@pytest.fixture
+def govrag_on_fresh(fresh_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                    monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., tuple[int, list[str], str]]]:
+    """`govrag ARGV` configured for `fresh_url`: (exit code, its stderr lines, its stdout)."""
+    from api import cli as govrag
+    from core.settings import get_settings
+
+    monkeypatch.setenv("GOVRAG_DATABASE_URL", fresh_url)
+    monkeypatch.setenv("GOVRAG_DATA_DIR", str(tmp_path))
+
+    def run(*argv: str) -> tuple[int, list[str], str]:
+        get_settings.cache_clear()
+        code = govrag.main(list(argv))
+        captured = capsys.readouterr()
+        return code, captured.err.strip().splitlines(), captured.out
+
+    yield run
+    get_settings.cache_clear()
+
+
+def _drop_deployment_table(url: str) -> None:
+    with unit_of_work(url) as session:
+        session.execute(text("DROP TABLE deployment"))
+        session.commit()
+
+
+LEFT_OUT = LOST_ROW.replace("row migration 0016 minted", "table migration 0016 created")
+
+
 def test_a_database_whose_deployment_row_was_lost_is_refused_at_start_in_one_line(
-        fresh_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+        fresh_url: str, tmp_path: Path, govrag_on_fresh: Callable[..., tuple[int, list[str], str]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A partial restore without the `deployment` row: `govrag serve` started and /readyz said ready, and queries
     failed (503) once a checkpoint was due. It is now a schema problem: serve and each command on the database refuse
     (exit 2) in one line pointing to the restore."""
-    from api import cli as govrag
-    from core.settings import get_settings
-
     _append(Settings(data_dir=tmp_path, database_url=fresh_url, audit_checkpoint_every=5), 2)
     _lose_deployment_row(fresh_url)
-    monkeypatch.setenv("GOVRAG_DATABASE_URL", fresh_url)
-    monkeypatch.setenv("GOVRAG_DATA_DIR", str(tmp_path))
     monkeypatch.setattr("uvicorn.Server.run", lambda *_a, **_k: pytest.fail("govrag serve started"))
-    get_settings.cache_clear()
-    try:
-        codes = [govrag.main(argv) for argv in (["serve", "--port", "0"], ["audit", "verify"], ["audit", "checkpoint"])]
-    finally:
-        get_settings.cache_clear()
-    captured = capsys.readouterr()
-    assert (codes, captured.err.strip().splitlines(), captured.out) == ([2, 2, 2], [LOST_ROW] * 3, "")
+    for argv in (["serve", "--port", "0"], ["audit", "verify"], ["audit", "checkpoint"]):
+        assert govrag_on_fresh(*argv) == (2, [LOST_ROW], "")
 
 
 def test_a_database_whose_deployment_table_was_left_out_is_refused_in_one_line(
-        fresh_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+        fresh_url: str, govrag_on_fresh: Callable[..., tuple[int, list[str], str]]) -> None:
     """A restore at the code's revision without the `deployment` table at all: the schema check's query of the row
     failed, a traceback (UndefinedTable, or SQLite's "no such table") at each start. It is refused as a lost row is."""
-    from api import cli as govrag
-    from core.settings import get_settings
+    _drop_deployment_table(fresh_url)
+    assert govrag_on_fresh("audit", "verify") == (2, [LEFT_OUT], "")
 
-    with unit_of_work(fresh_url) as session:
-        session.execute(text("DROP TABLE deployment"))
-        session.commit()
-    monkeypatch.setenv("GOVRAG_DATABASE_URL", fresh_url)
-    monkeypatch.setenv("GOVRAG_DATA_DIR", str(tmp_path))
-    get_settings.cache_clear()
-    try:
-        code = govrag.main(["audit", "verify"])
-    finally:
-        get_settings.cache_clear()
-    captured = capsys.readouterr()
-    assert (code, captured.err.strip().splitlines(), captured.out) == (
-        2, [LOST_ROW.replace("row migration 0016 minted", "table migration 0016 created")], "")
+
+@pytest.mark.parametrize(("lose", "said"), [(_lose_deployment_row, LOST_ROW), (_drop_deployment_table, LEFT_OUT)],
+                         ids=["row", "table"])
+def test_migrate_refuses_a_database_at_head_whose_deployment_id_was_lost(
+        lose: Callable[[str], None], said: str, fresh_url: str,
+        govrag_on_fresh: Callable[..., tuple[int, list[str], str]]) -> None:
+    """`govrag migrate` on a database at head without its `deployment` row (or table) printed "already at head 0018"
+    and exited 0, and `govrag serve` then refused to start. It now refuses as serve does: what is lost and where the
+    way to put it back is, exit 2, no "at head" line; nothing minted, so it says so again when run again."""
+    lose(fresh_url)
+    assert govrag_on_fresh("migrate") == (2, [said], "")
+    assert govrag_on_fresh("migrate") == (2, [said], "")
 
 
 def test_readyz_reports_a_deployment_row_lost_under_the_running_api(
