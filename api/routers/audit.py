@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -36,10 +37,17 @@ def export_retrievals(session: SessionDep, settings: SettingsDep, enforcer: Enfo
     return StreamingResponse(rows, media_type=MEDIA_TYPES[fmt])
 
 
+DEPLOYMENT_PIN = ("the deployment id the database must record (the one `deployment_id` said when it was noted): "
+                  "another fails verification, reason `other_deployment`, as `govrag audit verify --deployment-id`")
+
+
 @router.get("/verify", response_model=VerifyResult)
-def verify_ledger(session: SessionDep, settings: SettingsDep, enforcer: EnforcerDep,
-                  user: CurrentUser) -> VerifyResult:
-    """Walk the hash chain and the signed checkpoints (compliance officers and platform admins)."""
+def verify_ledger(session: SessionDep, settings: SettingsDep, enforcer: EnforcerDep, user: CurrentUser,
+                  deployment_id: Annotated[uuid.UUID | None, Query(description=DEPLOYMENT_PIN)] = None,
+                  ) -> VerifyResult:
+    """Walk the hash chain and the signed checkpoints, of the deployment `deployment_id` if given (compliance officers
+    and platform admins)."""
     if not user.is_platform_admin:
         audit_service.compliance_scope(session=session, settings=settings, enforcer=enforcer, identity=user)
-    return audit_service.verify(session=session, settings=settings)
+    pinned = None if deployment_id is None else str(deployment_id)  # as migration 0016 writes one: lower case
+    return audit_service.verify(session=session, settings=settings, deployment_id=pinned)

@@ -217,6 +217,32 @@ def test_verify_endpoint_and_concurrent_queries_keep_one_chain(client: TestClien
     assert len(rows) >= 13
 
 
+def test_verify_endpoint_pins_the_deployment_id_as_the_command_does(client: TestClient, scene: dict[str, str]) -> None:
+    """`govrag audit verify --deployment-id` failed a database recording another deployment's id; the API had no such
+    pin (the parameter was refused as unknown, 422). `deployment_id` now means the same: the id recorded (in any case
+    a UUID is written in) verifies, another is `ok: false`, reason `other_deployment`, naming the id found; a value
+    that is no UUID is a 422 naming the parameter, never the value; the OpenAPI document describes it."""
+    officer = auth(scene["officer_token"])
+
+    def verified(deployment_id: str) -> dict:
+        response = client.get("/v1/audit/verify", headers=officer, params={"deployment_id": deployment_id})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    recorded = client.get("/v1/audit/verify", headers=officer).json()["deployment_id"]
+    assert verified(recorded)["ok"] is True
+    assert verified(recorded.upper())["ok"] is True
+    other = verified(str(uuid.uuid4()))
+    assert (other["ok"], other["reason"], other["deployment_id"]) == (False, "other_deployment", recorded)
+    for bad in ("", "staging", recorded + "0", "x" * 5000):
+        response = client.get("/v1/audit/verify", headers=officer, params={"deployment_id": bad})
+        assert response.status_code == 422, (bad, response.text)
+        assert "deployment_id" in response.text and (not bad or bad not in response.text)
+    parameters = client.get("/openapi.json").json()["paths"]["/v1/audit/verify"]["get"]["parameters"]
+    pin = next(parameter for parameter in parameters if parameter["name"] == "deployment_id")
+    assert (pin["in"], pin["required"]) == ("query", False) and "other_deployment" in pin["description"]
+
+
 def test_training_data_export_is_redacted_and_audited(client: TestClient, scene: dict[str, str],
                                                                  settings) -> None:  # type: ignore[no-untyped-def]
     from audit import service as audit_service
