@@ -91,10 +91,11 @@ class Background:
 
 def start(app: FastAPI) -> Background:
     """Every step the API takes before it serves, a failure raised as it is (the data dir, the schema, the master key,
-    the blob store, the policy, the dev issuer, the vector store, the models, the jobs the in-memory broker lost), and
-    the threads to run, kept as `app.state.started`. `govrag serve` calls it before uvicorn, whose start would say a
-    refusal as a traceback, not in one line; the lifespan calls it when the caller did not. Nothing runs yet: the
-    vector store it opened (not one this process had open before) is released if a later step fails."""
+    the blob store, the policy, the dev issuer, the vector store, the models, the jobs the in-memory broker lost), then
+    the master key's verifiers stored, and the threads to run, kept as `app.state.started`. `govrag serve` calls it
+    before uvicorn, whose start would say a refusal as a traceback, not in one line; the lifespan calls it when the
+    caller did not. Nothing runs yet: the vector store it opened (not one this process had open before) is released if
+    a later step fails."""
     settings: Settings = app.state.settings
     migrate.make_data_dir(settings)
     migrate.require_head(settings.resolved_database_url)  # never serve requests the schema cannot answer
@@ -113,12 +114,14 @@ def start(app: FastAPI) -> Background:
     opened_before = vector_store_is_open(settings)  # by its caller (a test): theirs to close
     open_vector_store(settings)
     try:
-        app.state.started = _ready(app.state.celery, settings)
+        background = _ready(app.state.celery, settings)
+        keystore.record_master_verifiers(settings)  # last: a start refused by an earlier step pins no master key
     except BaseException:
         if not opened_before:
             close_vector_store(settings)
         raise
-    return app.state.started
+    app.state.started = background
+    return background
 
 
 def _ready(celery: GovragCelery, settings: Settings) -> Background:

@@ -146,6 +146,8 @@ def _worker(args: argparse.Namespace) -> int:
     ingestion_service.check_models(settings)  # a broken install: one line, exit 1, before Celery starts
     configure_tracing(settings)
     app = create_celery(settings)
+    with migrate.reached(settings.resolved_database_url):
+        keystore.record_master_verifiers(settings)  # last: a start refused by an earlier step pins no master key
     concurrency = args.concurrency if args.concurrency is not None else settings.ingest_concurrency
     app.worker_main(["worker", "--loglevel=INFO", f"--concurrency={concurrency}", "-Q", settings.task_queue])
     return 0

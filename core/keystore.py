@@ -623,16 +623,29 @@ os.register_at_fork(after_in_child=_renew_keystores_lock)
 def require_master_opens(settings: Settings, *, first_start: bool = False) -> None:
     """A start's check, before it serves, works or writes (`govrag serve`, `govrag worker`, the CLI commands that open
     the key store): MasterKeyRefused unless `settings`' master keyring opens what its database holds sealed under
-    each master version in use; the verifiers of the versions it opened are then stored where missing. With nothing
-    sealed yet there is nothing to check: a process that serves or works (`first_start`) stores its newest version's
-    verifier (the key file made for it where one may be), so a later start with another key is refused; a command
-    makes no key file for it. One session."""
+    each master version in use. With nothing sealed yet there is nothing to check: a process that serves or works
+    (`first_start`) makes its key store (the key file made for it where one may be); a command makes none. One
+    session; nothing is written to the database: a start stores its verifiers once every other check passed
+    (`record_master_verifiers`), a command never (on a database from before verifiers, `govrag audit verify` reads)."""
+    _check_masters(settings, first_start=first_start, record=False)
+
+
+def record_master_verifiers(settings: Settings) -> None:
+    """The last step of a start that serves or works (`govrag serve`, `govrag worker`), once every other check passed:
+    `require_master_opens` again, then the verifiers of the versions it opened stored where missing; with nothing
+    sealed yet, its newest version's, so a later start with another key is refused. A start a later check refused has
+    stored none: its key, perhaps the wrong one, is not the one every later start must have."""
+    _check_masters(settings, first_start=True, record=True)
+
+
+def _check_masters(settings: Settings, *, first_start: bool, record: bool) -> None:
+    """`KeyStore.check_masters` on what the database holds sealed, read in one session under the master lock."""
     with unit_of_work(settings.resolved_database_url) as session:
         transaction_lock(session, _MASTER_LOCK, shared=True)  # before the read: see `check_masters`
         sealed = MasterSealed.read(session)
         if sealed.empty and not first_start:
             return
-        keystore_for(settings, sealed=sealed).check_masters(sealed, session=session, record=True)
+        keystore_for(settings, sealed=sealed).check_masters(sealed, session=session, record=record)
 
 
 def master_key_refusal(settings: Settings) -> MasterKeyRefused | None:

@@ -27,6 +27,7 @@ from core.keystore import KeyStore, keystore_for
 from core.models import Document, MasterKeyVerifier, WrappedKey
 from core.settings import Settings, get_settings
 from ingestion import keys
+from retrieval.onnx_embedder import onnx_path
 from retrieval.store import close_vector_store
 from tests.conftest import PLATFORM_ADMIN, auth
 from tests.integration.test_master_key_rotation import ROTATOR
@@ -85,6 +86,23 @@ def test_a_command_opening_the_key_store_refuses_a_master_key_that_does_not_open
     assert _stored(cli_env) == before
     right = crypto.parse_master_keyring((tmp_path / "data" / "master.key").read_text())
     assert all(secret not in stderr for secret in (WRONG_KEY, *(base64.b64encode(k).decode() for k in right.values())))
+
+
+@pytest.mark.parametrize("cli_env", ["postgresql", "embedded"], indirect=True)
+def test_a_command_that_only_reads_writes_no_verifier_on_a_database_from_before_verifiers(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`hr`'s key stored before migration 0018 (no verifier): `govrag audit verify`, an export and its check stored
+    the master key's verifier, a write by a command that only reads (the database of a read-only replica, an
+    auditor's login). They now check the master key and write nothing; `govrag serve` stores it at its start."""
+    with unit_of_work(cli_env) as session:
+        session.execute(delete(MasterKeyVerifier))
+    before = _stored(cli_env)
+    exported = tmp_path / "ledger.jsonl"
+    for argv in (["audit", "verify"], ["audit", "export", "--output", str(exported)],
+                 ["audit", "verify-export", str(exported)],
+                 ["export", "training-data", "--department", "hr", "--output", str(tmp_path / "training.jsonl")]):
+        assert cli.main(argv) == 0, capsys.readouterr().err
+        assert _stored(cli_env) == before, argv
 
 
 def test_a_worker_refuses_a_master_key_that_does_not_open_the_stored_keys(cli_env: str, tmp_path: Path) -> None:
@@ -322,7 +340,7 @@ def test_serve_refuses_a_wrong_master_key_before_any_department_is_made(
     first = Settings(data_dir=data_dir, **database_url)
     url = first.resolved_database_url
     migrate.upgrade(url)
-    keystore.require_master_opens(first, first_start=True)  # `govrag serve`'s first: the key file made, its verifier
+    keystore.record_master_verifiers(first)  # `govrag serve`'s first: the key file made, its verifier
     assert _verifiers(url) == [1]
     before = _stored(url)
     result = run_govrag(["serve", "--port", "0"], timeout=300,
@@ -348,7 +366,7 @@ def test_a_database_from_before_verifiers_gets_them_from_the_first_start_that_op
     with pytest.raises(MasterKeyRefused):
         keystore.require_master_opens(Settings(data_dir=tmp_path, database_url=url, master_key=WRONG_KEY))
     assert _verifiers(url) == []
-    keystore.require_master_opens(right)
+    keystore.record_master_verifiers(right)
     assert _verifiers(url) == [1]
     with unit_of_work(url) as session:
         session.execute(delete(WrappedKey))  # hr's key gone: the verifier alone still tells the wrong key
@@ -368,7 +386,7 @@ def test_a_master_rotation_stores_its_new_versions_verifier_and_drops_the_retire
     def configured(master_key: str) -> Settings:
         return Settings(data_dir=tmp_path, database_url=url, master_key=master_key)
 
-    keystore.require_master_opens(configured(old), first_start=True)
+    keystore.record_master_verifiers(configured(old))
     assert _verifiers(url) == [1]
     keys.rotate_master_key(settings=configured(f"v2:{new},v1:{old}"), identity=ROTATOR)
     assert _verifiers(url) == [2]
@@ -377,6 +395,40 @@ def test_a_master_rotation_stores_its_new_versions_verifier_and_drops_the_retire
         keystore.require_master_opens(configured(old))
     with pytest.raises(MasterKeyRefused, match=r"stored keys: restore"):
         keystore.require_master_opens(configured(f"v2:{WRONG_KEY}"))
+
+
+def _broken_embedding_model(cache: Path) -> Path:
+    """A model cache (GOVRAG_MODEL_CACHE) whose embedding model export onnxruntime does not load: a start refused at
+    loading its models, after its master key check."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GOVRAG_MODEL_CACHE", str(cache))
+        export = onnx_path()
+    export.parent.mkdir(parents=True)
+    export.write_bytes(b"not a model")
+    return cache
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+@pytest.mark.parametrize("argv", [["serve", "--port", "0"], ["worker"]], ids=["serve", "worker"])
+def test_a_start_refused_after_its_master_key_check_stores_no_verifier(
+        argv: list[str], database: str, make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """The first start on a fresh database stored its master key's verifier at its master key check, before the steps
+    that followed (the models, the policy, the vector store, ...): a start one of those refused had already made its
+    key, perhaps the wrong one, the one every later start must have. The verifier is now stored last, once every check
+    passed: the refused start stores none, and a start with another key then starts and stores its own."""
+    url = make_pg_database() if database == "postgresql" else f"sqlite:///{tmp_path / 'keys.db'}"
+    migrate.upgrade(url)
+    first, then = (base64.b64encode(crypto.new_key()).decode() for _ in range(2))
+    result = run_govrag(argv, timeout=300, env=govrag_env(
+        data_dir=str(tmp_path / "data"), database_url=url, master_key=first, qdrant_url="http://127.0.0.1:9",
+        model_cache=str(_broken_embedding_model(tmp_path / "models"))))
+    code, line = start_refusal(result)
+    assert code == 2 and "ONNX export" in line, result.stderr[-3000:]
+    assert _verifiers(url) == []
+    keystore.record_master_verifiers(Settings(data_dir=tmp_path, database_url=url, master_key=then))
+    assert _verifiers(url) == [1]
+    with pytest.raises(MasterKeyRefused, match="does not open the check the first start stored"):
+        keystore.require_master_opens(Settings(data_dir=tmp_path, database_url=url, master_key=first))
 
 
 def _kept(_key_file: Path) -> None:
@@ -423,7 +475,7 @@ def test_a_lost_key_file_with_no_department_made_is_refused_saying_how_to_start_
     settings.data_dir.mkdir()
     url = settings.resolved_database_url
     migrate.upgrade(url)
-    keystore.require_master_opens(settings, first_start=True)
+    keystore.record_master_verifiers(settings)
     _lost(settings.resolved_master_key_file)
     with pytest.raises(MasterKeyRefused) as refused:
         keystore.require_master_opens(settings, first_start=True)
@@ -437,7 +489,7 @@ def test_a_lost_key_file_with_no_department_made_is_refused_saying_how_to_start_
     with unit_of_work(url) as session:
         session.execute(delete(MasterKeyVerifier))
     monkeypatch.setattr(keystore, "_KEYSTORES", {})  # started again
-    keystore.require_master_opens(settings, first_start=True)
+    keystore.record_master_verifiers(settings)
     assert settings.resolved_master_key_file.exists() and _verifiers(url) == [1]
 
 
@@ -465,7 +517,7 @@ def test_an_altered_verifier_does_not_refuse_a_master_key_that_opens_the_keys_un
     with unit_of_work(url) as session:
         authz_service.create_department(session=session, keystore=keystore_for(settings), name="finance")
     _altered(url)
-    keystore.require_master_opens(settings, first_start=True)
+    keystore.record_master_verifiers(settings)
     wrong = Settings(data_dir=tmp_path, database_url=url, master_key=WRONG_KEY)
     with pytest.raises(MasterKeyRefused, match=f"stored keys: {RESTORE}"):
         keystore.require_master_opens(wrong)
@@ -496,7 +548,7 @@ def test_two_first_starts_at_once_with_different_keys_store_one_verifier_and_one
 
     def start(index: int) -> None:
         try:
-            keystore.require_master_opens(starts[index], first_start=True)
+            keystore.record_master_verifiers(starts[index])
             outcomes[index] = None
         except MasterKeyRefused as refused:
             outcomes[index] = refused

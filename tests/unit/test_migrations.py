@@ -417,11 +417,11 @@ def test_the_master_key_verifiers_go_with_0018_and_the_next_start_stores_them_ag
         finally:
             engine.dispose()
 
-    keystore.require_master_opens(settings, first_start=True)
+    keystore.record_master_verifiers(settings)
     assert verifiers() == [1]
     migrate.downgrade(url, "0017")
     assert "master_key_verifiers" not in _tables(url)
     migrate.upgrade(url)
     assert verifiers() == []
-    keystore.require_master_opens(settings, first_start=True)
+    keystore.record_master_verifiers(settings)
     assert verifiers() == [1]
