@@ -106,6 +106,7 @@ def start(app: FastAPI) -> Background:
     app.state.schema_watch = migrate.SchemaWatch(settings.resolved_database_url)
     app.state.master_key_watch = Rechecked(functools.partial(keystore.master_key_refusal, settings),
                                            keystore.MASTER_CHECK_SECONDS)
+    app.state.not_ready = health.not_ready_said()
     app.state.enforcer = get_enforcer(settings.resolved_database_url, settings.authz_default_clearance,
                                       settings.authz_policy_check_seconds)
     app.state.dev_issuer = DevIssuer.from_settings(settings) if settings.dev_issuer else None

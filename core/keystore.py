@@ -649,15 +649,14 @@ def _check_masters(settings: Settings, *, first_start: bool, record: bool) -> No
 
 
 def master_key_refusal(settings: Settings) -> MasterKeyRefused | None:
-    """What `require_master_opens` would refuse `settings`' master key with (logged, with the key file's path), or None
-    when it opens what is stored; nothing is written (readiness's question, asked at most every MASTER_CHECK_SECONDS:
-    two queries and an unwrap per master version in use)."""
+    """What `require_master_opens` would refuse `settings`' master key with, or None when it opens what is stored;
+    nothing is written, nor logged (readiness logs it, with the key file's path, when its answer changes). Readiness's
+    question, asked at most every MASTER_CHECK_SECONDS: two queries and an unwrap per master version in use."""
     try:
         with unit_of_work(settings.resolved_database_url) as session:
             sealed = MasterSealed.read(session)
             if not sealed.empty:
                 keystore_for(settings, sealed=sealed).check_masters(sealed, session=session)
     except MasterKeyRefused as refused:
-        logger.warning("%s", refused)
         return refused
     return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import traceback
 from contextvars import ContextVar
 
@@ -145,6 +146,28 @@ class JsonFormatter(logging.Formatter):
         if record.exc_text:
             line["exception"] = record.exc_text
         return json.dumps(line)
+
+
+class SaidOnChange:
+    """A recurring check's problem (None: none) logged when it changes, not at each check: a WARNING as one appears or
+    becomes another (`problem_line`, a %-format of it), an INFO (`cleared_line`) once it is gone. Readiness probes
+    come every few seconds, each with the same answer."""
+
+    def __init__(self, logger: logging.Logger, problem_line: str, cleared_line: str) -> None:
+        self._logger, self._problem_line, self._cleared_line = logger, problem_line, cleared_line
+        self._lock = threading.Lock()
+        self._last: str | None = None
+
+    def tell(self, problem: str | None) -> None:
+        """Log `problem` unless it is the one told last."""
+        with self._lock:
+            if problem == self._last:
+                return
+            self._last = problem
+        if problem is None:
+            self._logger.info(self._cleared_line)
+        else:
+            self._logger.warning(self._problem_line, problem)
 
 
 def configure_logging(level: str = "INFO") -> None:

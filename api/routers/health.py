@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -11,6 +12,7 @@ from sqlalchemy import text
 from api.deps import SessionDep, SettingsDep
 from core.cache import Rechecked
 from core.errors import ErrorCode, GovragError, MasterKeyRefused
+from core.logs import SaidOnChange
 from retrieval.store import open_vector_store
 
 logger = logging.getLogger(__name__)
@@ -23,21 +25,40 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+@dataclass(frozen=True)
+class _Probe:
+    """One readiness check's answer: its state, what a client is told of it, and what the server's log says (a key
+    file's path may be in it, never in the answer)."""
+
+    state: str
+    reason: str | None = None
+    logged: str | None = None
+
+
+def not_ready_said() -> SaidOnChange:
+    """What `readyz` tells why the API is not ready, logged once per change (one per app: `api.app.start` makes it)."""
+    return SaidOnChange(logger, "not ready: %s", "ready again")
+
+
 @router.get("/readyz")
 def readyz(request: Request, session: SessionDep, settings: SettingsDep) -> JSONResponse:
     """Database, broker and vector store all answer, the database's schema is the one this code needs (a migration
     run or undone under a running process is noticed within SCHEMA_CHECK_SECONDS, with its reason), and the master
     key opens what is stored under it (a key file replaced or deleted, a master rotation this replica's key lacks:
-    noticed within MASTER_CHECK_SECONDS), with its reason (never a path: it asks no login)."""
-    checks = {
-        "database": _check(lambda: session.execute(text("SELECT 1"))),
-        "broker": _check(lambda: _ping_broker(request)),
-        "vector_store": _check(lambda: open_vector_store(settings).ping()),
+    noticed within MASTER_CHECK_SECONDS), with its reason (never a path: it asks no login). Why it is not ready is
+    logged when that changes, not at each probe (`not_ready_said`; each 503 counted in govrag_http_requests_total)."""
+    probes = {
+        "database": _probed(lambda: session.execute(text("SELECT 1"))),
+        "broker": _probed(lambda: _ping_broker(request)),
+        "vector_store": _probed(lambda: open_vector_store(settings).ping()),
+        "schema": _watched(request.app.state.schema_watch),
+        "master_key": _watched(request.app.state.master_key_watch),
     }
-    checks["schema"], schema_reason = _watched(request.app.state.schema_watch)
-    checks["master_key"], key_reason = _watched(request.app.state.master_key_watch)
-    ready = all(value == "ok" for value in checks.values())
-    reason = "; ".join(filter(None, (schema_reason, key_reason)))
+    checks = {name: probe.state for name, probe in probes.items()}
+    ready = all(state == "ok" for state in checks.values())
+    reason = "; ".join(filter(None, (probe.reason for probe in probes.values())))
+    failing = [f"{name} {probe.state} ({probe.logged})" for name, probe in probes.items() if probe.state != "ok"]
+    request.app.state.not_ready.tell("; ".join(failing) or None)
     content = {"ready": ready, "checks": checks} | ({"reason": reason} if reason else {})
     return JSONResponse(status_code=200 if ready else 503, content=content)
 
@@ -56,23 +77,21 @@ def _ping_broker(request: Request) -> None:
         connection.ensure_connection(max_retries=1, timeout=2)
 
 
-def _watched(watch: Rechecked[str] | Rechecked[MasterKeyRefused]) -> tuple[str, str | None]:
+def _watched(watch: Rechecked[str] | Rechecked[MasterKeyRefused]) -> _Probe:
     """"ok"; "mismatch" (a refused master key: its `readiness`, "missing" for a key file gone, "unreadable" for one
     that cannot be read) and what to do; or "down" when `watch` could not ask."""
     try:
         problem = watch.problem()
     except Exception as exc:  # noqa: BLE001 - readiness reports any failure as "down"
-        logger.warning("readiness check failed: %s", type(exc).__name__)
-        return "down", None
+        return _Probe("down", logged=type(exc).__name__)
     if isinstance(problem, MasterKeyRefused):
-        return problem.readiness, problem.client_message
-    return ("ok", None) if problem is None else ("mismatch", problem)
+        return _Probe(problem.readiness, problem.client_message, str(problem))
+    return _Probe("ok") if problem is None else _Probe("mismatch", problem, problem)
 
 
-def _check(probe) -> str:  # type: ignore[no-untyped-def]
+def _probed(probe) -> _Probe:  # type: ignore[no-untyped-def]
     try:
         probe()
     except Exception as exc:  # noqa: BLE001 - readiness reports any failure as "down"
-        logger.warning("readiness check failed: %s", type(exc).__name__)
-        return "down"
-    return "ok"
+        return _Probe("down", logged=type(exc).__name__)
+    return _Probe("ok")

@@ -182,7 +182,7 @@ def test_readyz_reports_a_master_key_that_no_longer_opens_the_stored_keys(
     assert client.get("/readyz").json()["checks"]["master_key"] == "ok"
     with crypto.master_keyring_lock(key_file):
         crypto.write_master_keyring(key_file, {1: crypto.new_key()})
-    with caplog.at_level(logging.WARNING, logger="core.keystore"):
+    with caplog.at_level(logging.WARNING, logger="api.routers.health"):
         response = client.get("/readyz")
     assert response.status_code == 503
     assert response.json()["checks"]["master_key"] == "mismatch"
@@ -204,7 +204,7 @@ def test_readyz_says_the_master_key_file_is_missing(served: tuple[TestClient, Se
     key_file = settings.resolved_master_key_file
     kept = key_file.read_bytes()
     key_file.unlink()
-    with caplog.at_level(logging.WARNING, logger="core.keystore"):
+    with caplog.at_level(logging.WARNING, logger="api.routers.health"):
         response = client.get("/readyz")
     assert (response.status_code, response.json()["checks"]["master_key"]) == (503, "missing")
     assert response.json()["reason"] == ("the master key does not open the stored keys (the key file does not exist; "
@@ -260,6 +260,38 @@ def test_a_key_file_that_cannot_be_read_under_a_running_replica_is_refused_clear
         key_file.rmdir()
     key_file.write_bytes(kept)
     assert client.get("/readyz").json()["checks"]["master_key"] == "ok"
+
+
+def test_readyz_logs_why_it_is_not_ready_once_per_change(served: tuple[TestClient, Settings],
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Refused, /readyz logged its WARNING at each probe (every few seconds, from each orchestrator), the same line
+    for as long as the key stayed wrong. It now logs when why it is not ready changes: once as the key stops opening
+    the stored keys, once more (INFO) as it is ready again, once as its key file is then deleted; each probe is still
+    answered 503 (and counted as one by govrag_http_requests_total)."""
+    client, settings = served
+    key_file = settings.resolved_master_key_file
+    right = key_file.read_bytes()
+
+    def probes(count: int) -> set[int]:
+        return {client.get("/readyz").status_code for _ in range(count)}
+
+    with caplog.at_level(logging.INFO):
+        assert probes(2) == {200}
+        with crypto.master_keyring_lock(key_file):
+            crypto.write_master_keyring(key_file, {1: crypto.new_key()})
+        assert probes(3) == {503}
+        key_file.write_bytes(right)
+        assert probes(2) == {200}
+        key_file.unlink()
+        assert probes(3) == {503}
+    said = [(record.levelname, record.getMessage()) for record in caplog.records
+            if record.levelno >= logging.WARNING or record.name == "api.routers.health"]
+    assert said == [
+        ("WARNING", f"not ready: master_key mismatch (the master key does not open the stored keys: {RESTORE} "
+                    f"(GOVRAG_MASTER_KEY or {key_file}))"),
+        ("INFO", "ready again"),
+        ("WARNING", "not ready: master_key missing (the master key does not open the stored keys (the key file does "
+                    f"not exist; no new one is made over them): {RESTORE} (GOVRAG_MASTER_KEY or {key_file}))")]
 
 
 @pytest.mark.parametrize("master_check_seconds", [3600.0])
