@@ -21,7 +21,7 @@ from typing import BinaryIO, TextIO
 
 from sqlalchemy.orm import Session
 
-from audit.schemas import Decision, ExportFilters, ExportFormat, utc_bound
+from audit.schemas import Decision, ExportFilters, ExportFormat, deployment_pin, utc_bound
 from authz.identity import Identity, operator_identity
 from core import keystore, migrate
 from core.db import get_session_factory
@@ -38,8 +38,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     verifying = (f"walk the hash chain and signed checkpoints; exit {EXIT_UNVERIFIED} when the ledger fails "
                  "verification (tampering), 1 when the database is unavailable")
     verifying_ledger = audit_commands.add_parser("verify", help=verifying, description=verifying)
-    verifying_ledger.add_argument("--deployment-id", help="the deployment the database must be (the id recorded): "
-                                  f"another is reason other_deployment, exit {EXIT_UNVERIFIED}")
+    verifying_ledger.add_argument("--deployment-id", type=deployment_id_argument,
+                                  help="the deployment the database must be (the id recorded, a UUID): another is "
+                                  f"reason other_deployment, exit {EXIT_UNVERIFIED}")
     verifying_ledger.set_defaults(run=verify)
     exporting = audit_commands.add_parser("export", help="stream ledger events (JSONL, CSV or OCSF) with a manifest")
     add_export_arguments(exporting)
@@ -48,8 +49,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                 f"{EXIT_UNVERIFIED} when it fails")
     checking_export = audit_commands.add_parser("verify-export", help=checking, description=checking)
     checking_export.add_argument("file", help="the export, its manifest the last line")
-    checking_export.add_argument("--deployment-id", help="the deployment it must come from (default: this "
-                                 "database's); with GOVRAG_AUDIT_CHECKPOINT_KEY set, no database is needed")
+    checking_export.add_argument("--deployment-id", type=deployment_id_argument,
+                                 help="the deployment it must come from, a UUID (default: this database's); with "
+                                 "GOVRAG_AUDIT_CHECKPOINT_KEY set, no database is needed")
     checking_export.set_defaults(run=verify_export)
     audit_commands.add_parser(
         "checkpoint", help="sign a checkpoint at the end of the chain (none when the newest covers it)").set_defaults(
@@ -70,6 +72,16 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def add_actor_argument(parser: argparse.ArgumentParser) -> None:
     """--actor: who is running the command, as recorded in the ledger."""
     parser.add_argument("--actor", default=None, help="recorded as cli:<actor> (default: the OS user)")
+
+
+def deployment_id_argument(text: str) -> str:
+    """--deployment-id: a UUID, normalised as `GET /v1/audit/verify?deployment_id=` takes it (`deployment_pin`);
+    anything else a usage error (exit 2), not a verification failed as if by another deployment (exit 3)."""
+    try:
+        return deployment_pin(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a UUID; give the deployment_id that `govrag audit verify` "
+                                         "prints") from None
 
 
 def window_bound(text: str) -> datetime:

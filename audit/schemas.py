@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, TypeAdapter
 
 
 class Decision(StrEnum):
@@ -133,6 +134,17 @@ class ExportFilters:
     decision: str | None = None
     document_id: str | None = None
     event_type: str | None = None
+
+
+_UUID = TypeAdapter(uuid.UUID)
+
+
+def deployment_pin(value: str | uuid.UUID) -> str:
+    """The deployment id a verification is pinned to (`GET /v1/audit/verify?deployment_id=`, `--deployment-id` of
+    `govrag audit verify` and `verify-export`), as migration 0016 writes one (lower case, hyphenated), from any way of
+    writing a UUID the API's parameter takes: one parse for both, so a pin the API accepts the CLI accepts too, and it
+    matches the id recorded however it was written; ValueError for anything else."""
+    return str(_UUID.validate_python(value))
 
 
 class VerifyResult(BaseModel):

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from api.deps import CurrentUser, EnforcerDep, SessionDep, SettingsDep
 from audit import service as audit_service
 from audit.export import MEDIA_TYPES
-from audit.schemas import Decision, EventType, ExportFilters, ExportFormat, VerifyResult, WindowBound
+from audit.schemas import Decision, EventType, ExportFilters, ExportFormat, VerifyResult, WindowBound, deployment_pin
 from authz.identity import MAX_SUBJECT_CHARS
 from core.models import DOCUMENT_ID_CHARS
 from core.text import DepartmentName
@@ -49,5 +49,5 @@ def verify_ledger(session: SessionDep, settings: SettingsDep, enforcer: Enforcer
     and platform admins)."""
     if not user.is_platform_admin:
         audit_service.compliance_scope(session=session, settings=settings, enforcer=enforcer, identity=user)
-    pinned = None if deployment_id is None else str(deployment_id)  # as migration 0016 writes one: lower case
+    pinned = None if deployment_id is None else deployment_pin(deployment_id)
     return audit_service.verify(session=session, settings=settings, deployment_id=pinned)

@@ -454,7 +454,10 @@ def govrag_on_fresh(fresh_url: str, tmp_path: Path, capsys: pytest.CaptureFixtur
 
     def run(*argv: str) -> tuple[int, list[str], str]:
         get_settings.cache_clear()
-        code = govrag.main(list(argv))
+        try:
+            code = govrag.main(list(argv))
+        except SystemExit as usage_error:  # argparse's
+            code = int(usage_error.code or 0)
         captured = capsys.readouterr()
         return code, captured.err.strip().splitlines(), captured.out
 
@@ -503,6 +506,26 @@ def test_migrate_refuses_a_database_at_head_whose_deployment_id_was_lost(
     lose(fresh_url)
     assert govrag_on_fresh("migrate") == (2, [said], "")
     assert govrag_on_fresh("migrate") == (2, [said], "")
+
+
+def test_the_commands_read_a_deployment_id_pin_as_the_api_does(
+        fresh_url: str, tmp_path: Path, govrag_on_fresh: Callable[..., tuple[int, list[str], str]]) -> None:
+    """`--deployment-id` of `govrag audit verify` and `verify-export` was compared as text: the recorded id written in
+    capitals, braced or without hyphens (each taken by `GET /v1/audit/verify?deployment_id=`) failed as another
+    deployment's, exit 3, and so did `staging` or a typo, as if the database were another deployment. The pin is now
+    read as the API reads it: a UUID, however written, matches the id recorded; anything else is a usage error, exit 2,
+    nothing verified (the API's 422)."""
+    recorded = json.loads(govrag_on_fresh("audit", "verify")[2])["deployment_id"]
+    exported = tmp_path / "ledger.jsonl"
+    assert govrag_on_fresh("audit", "export", "--output", str(exported))[0] == 0
+    for action in (["verify"], ["verify-export", str(exported)]):
+        for spelling in (recorded.upper(), f"{{{recorded}}}", recorded.replace("-", "")):
+            code, _, out = govrag_on_fresh("audit", *action, "--deployment-id", spelling)
+            assert (code, json.loads(out)["ok"]) == (0, True), (action, spelling, out)
+        for bad in ("staging", recorded + "0", f" {recorded}", ""):
+            code, said, out = govrag_on_fresh("audit", *action, "--deployment-id", bad)
+            assert (code, said[-1], out) == (2, f"govrag audit {action[0]}: error: argument --deployment-id: not a "
+                                                "UUID; give the deployment_id that `govrag audit verify` prints", "")
 
 
 def test_readyz_reports_a_deployment_row_lost_under_the_running_api(
