@@ -159,15 +159,17 @@ class SaidOnChange:
         self._last: str | None = None
 
     def tell(self, problem: str | None) -> None:
-        """Log `problem` unless it is the one told last."""
+        """Log `problem` unless it is the one told last. Threads tell at once (uvicorn runs sync endpoints in a pool):
+        the line is logged under the lock, so the lines come in the order the answers were kept and the last one says
+        the answer kept (logged after it, a problem told first could follow the "cleared" told second)."""
         with self._lock:
             if problem == self._last:
                 return
             self._last = problem
-        if problem is None:
-            self._logger.info(self._cleared_line)
-        else:
-            self._logger.warning(self._problem_line, problem)
+            if problem is None:
+                self._logger.info(self._cleared_line)
+            else:
+                self._logger.warning(self._problem_line, problem)
 
 
 def configure_logging(level: str = "INFO") -> None:
