@@ -429,6 +429,67 @@ def test_a_master_rotation_stores_its_new_versions_verifier_and_drops_the_retire
         keystore.require_master_opens(configured(f"v2:{WRONG_KEY}"))
 
 
+def _api_started(data_dir: Path, database_url: str | None, master_key: str | None) -> int:
+    """The API started and stopped in this process (`api.app.start` by its lifespan, as `govrag serve`, `govrag demo`
+    and an application embedding it start it), with this master key (None: the embedded key file): 0, or 2 refused."""
+    settings = Settings(data_dir=data_dir, database_url=database_url, master_key=master_key, broker_url="memory://",
+                        inprocess_worker=False, job_sweep_seconds=0)
+    try:
+        with TestClient(create_app(settings)):
+            return 0
+    except MasterKeyRefused:
+        return 2
+    finally:
+        close_vector_store(settings)
+
+
+def _worker_started(data_dir: Path, database_url: str | None, master_key: str | None,
+                    monkeypatch: pytest.MonkeyPatch) -> int:
+    """`govrag worker` in this process, its start run to the end and Celery's loop not entered: its exit code."""
+    from workers.celery_app import GovragCelery
+
+    monkeypatch.setattr(GovragCelery, "worker_main", lambda _self, _argv: None)
+    settings = {"DATA_DIR": str(data_dir), "DATABASE_URL": database_url, "MASTER_KEY": master_key,
+                "QDRANT_URL": "http://127.0.0.1:9"}
+    for name, value in settings.items():
+        monkeypatch.setenv(f"GOVRAG_{name}", value or "")
+        if value is None:
+            monkeypatch.delenv(f"GOVRAG_{name}")
+    get_settings.cache_clear()
+    try:
+        return cli.main(["worker"])
+    finally:
+        get_settings.cache_clear()
+
+
+@pytest.mark.parametrize(("mode", "database"), [("api", "postgresql"), ("api", "embedded"), ("worker", "postgresql")])
+def test_a_start_run_to_its_end_stores_the_verifier_that_refuses_another_key_at_the_next(
+        mode: str, database: str, make_pg_database: Callable[[], str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The verifier is stored by the last step of a start, no longer by its master key check: the first start of a
+    fresh database that only ever runs the API (`govrag serve`, `govrag demo`, the in-process queue, an application
+    embedding it) or a worker must still reach that step, or the next start with another key, nothing sealed yet, would
+    be let in to wrap the first department's key under it. The embedded default's first start uses its key file."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    database_url = make_pg_database() if database == "postgresql" else None
+    url = Settings(data_dir=data_dir, database_url=database_url).resolved_database_url
+    migrate.upgrade(url)
+    first = None if database == "embedded" else base64.b64encode(crypto.new_key()).decode()
+
+    def started(master_key: str | None) -> int:
+        if mode == "api":
+            return _api_started(data_dir, database_url, master_key)
+        return _worker_started(data_dir, database_url, master_key, monkeypatch)
+
+    assert started(first) == 0
+    assert _verifiers(url) == [1]
+    before = _stored(url)
+    assert started(WRONG_KEY) == 2
+    assert _stored(url) == before
+    assert started(first) == 0
+
+
 def _broken_embedding_model(cache: Path) -> Path:
     """A model cache (GOVRAG_MODEL_CACHE) whose embedding model export onnxruntime does not load: a start refused at
     loading its models, after its master key check."""
