@@ -13,6 +13,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from core.errors import AddressUnusable
+from ingestion import scratch
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +57,22 @@ def serve(app: FastAPI, sockets: list[socket.socket]) -> None:
     shutdown (uvicorn.run takes no sockets)."""
     logger.info("listening on %s", ", ".join(f"http://{_address(*sock.getsockname()[:2])}" for sock in sockets))
     try:
-        uvicorn.Server(uvicorn.Config(app, **UVICORN_OPTIONS)).run(sockets=sockets)
+        _Server(uvicorn.Config(app, **UVICORN_OPTIONS)).run(sockets=sockets)
     except KeyboardInterrupt:  # the Ctrl-C uvicorn stopped on, raised again once it has (uvicorn.run ignores it too)
         pass
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, removing this process's private temporary directory (`ingestion.scratch`: the documents the
+    in-process worker parsed) once its shutdown is done. Stopped by a signal, uvicorn then raises it again: SIGINT is
+    the KeyboardInterrupt `serve` ignores, but SIGTERM (systemd, docker, Kubernetes) ends the process as the signal
+    does, exit status and all, with no atexit to remove the directory."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().shutdown(sockets)
+        finally:
+            scratch.remove_own()
 
 
 def _address(host: str, port: int) -> str:

@@ -75,6 +75,17 @@ def _remove_at_exit(pid: int, directory: str) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def remove_own() -> None:
+    """Remove this process's directory now, for a process about to end with no atexit run: `govrag serve` once
+    uvicorn's shutdown is done, before uvicorn raises again the SIGTERM it stopped on, and a Celery prefork child,
+    which billiard ends with `os._exit`. tempfile's default stays the removed directory, where nothing more can be
+    written (a parse abandoned at the stop fails there, its copies not left in the temporary directory itself, with
+    no owner to tell by)."""
+    with _lock:
+        if _current is not None:
+            _remove_at_exit(*_current[:2])
+
+
 def remove_ended(base: Path) -> list[Path]:
     """Remove the private directories in `base` that no process holds (their owner has ended), and older releases'
     converter directories there last modified a day ago or more, this user's only; return them."""

@@ -68,6 +68,14 @@ def private_temp_dir_on_start(**_: object) -> None:
     scratch.private_dir()
 
 
+@signals.worker_process_shutdown.connect
+def private_temp_dir_removed_on_exit(**_: object) -> None:
+    """A prefork child of `govrag worker` removes its private temporary directory as it exits (a warm shutdown on
+    SIGTERM, a child replaced after its tasks): billiard ends it with `os._exit`, which runs no atexit. One killed at
+    the hard time limit sends nothing: the child replacing it removes the directory as it starts."""
+    scratch.remove_own()
+
+
 @signals.worker_process_init.connect
 def load_models_on_start(**_: object) -> None:
     """A worker process loads the models before it takes a job (see `load_models`): a prefork child of `govrag

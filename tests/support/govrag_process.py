@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 
+from authz.dev_issuer import DevIssuer
 from tests.support.polling import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,3 +76,14 @@ def stop_govrag(process: subprocess.Popen[bytes], timeout: float = 120) -> int:
     except subprocess.TimeoutExpired:
         process.kill()
         return process.wait()
+
+
+def desk_editor(base: str, data_dir: Path, admin: str) -> dict[str, str]:
+    """The headers of `stella`, made an editor of a new department `desk` by `admin` (one of GOVRAG_ADMINS) through
+    the `govrag serve` answering at `base`, on the dev issuer whose key is in `data_dir`."""
+    issuer = DevIssuer.load_or_create(data_dir / "dev-issuer", "govrag-dev-issuer", "govrag")
+    as_admin = {"Authorization": f"Bearer {issuer.issue(admin, [])}"}
+    assert httpx.post(f"{base}/v1/admin/departments", json={"name": "desk"}, headers=as_admin).status_code == 201
+    assert httpx.post(f"{base}/v1/admin/role-assignments", headers=as_admin, json={
+        "subject": "stella", "role": "editor", "department": "desk"}).status_code == 201
+    return {"Authorization": f"Bearer {issuer.issue('stella', [])}"}

@@ -16,7 +16,7 @@ import pytest
 
 from bench.common import libpq_dsn
 from tests.conftest import PLATFORM_ADMIN
-from tests.support.govrag_process import govrag_env, start_govrag, stop_govrag, wait_serving
+from tests.support.govrag_process import desk_editor, govrag_env, start_govrag, stop_govrag, wait_serving
 from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.worker
@@ -57,7 +57,6 @@ def _stop_serve_mid_run(proc: subprocess.Popen[bytes], url: str, job_id: str, do
 
 def test_clean_restarts_of_serve_during_a_long_ingestion_do_not_fail_the_document(
         make_pg_database: Callable[[], str], tmp_path: Path) -> None:
-    from authz.dev_issuer import DevIssuer
     from core import migrate
 
     url = make_pg_database()
@@ -66,12 +65,7 @@ def test_clean_restarts_of_serve_during_a_long_ingestion_do_not_fail_the_documen
     proc = _serve(data_dir, url, port, log)
     base = f"http://127.0.0.1:{port}"
     try:
-        issuer = DevIssuer.load_or_create(data_dir / "dev-issuer", "govrag-dev-issuer", "govrag")
-        admin = {"Authorization": f"Bearer {issuer.issue(PLATFORM_ADMIN, [])}"}
-        assert httpx.post(f"{base}/v1/admin/departments", json={"name": "desk"}, headers=admin).status_code == 201
-        assert httpx.post(f"{base}/v1/admin/role-assignments", headers=admin, json={
-            "subject": "stella", "role": "editor", "department": "desk"}).status_code == 201
-        editor = {"Authorization": f"Bearer {issuer.issue('stella', [])}"}
+        editor = desk_editor(base, data_dir, PLATFORM_ADMIN)
         text = "\n\n".join(PARAGRAPH.format(n=n) for n in range(60)).encode()
         accepted = httpx.post(f"{base}/v1/documents", headers=editor, data={"department": "desk"},
                               files={"file": ("maintenance.txt", text)}, timeout=60).json()
