@@ -66,7 +66,9 @@ class _Server(uvicorn.Server):
     """uvicorn's server, removing this process's private temporary directory (`ingestion.scratch`: the documents the
     in-process worker parsed) once its shutdown is done. Stopped by a signal, uvicorn then raises it again: SIGINT is
     the KeyboardInterrupt `serve` ignores, but SIGTERM (systemd, docker, Kubernetes) ends the process as the signal
-    does, exit status and all, with no atexit to remove the directory."""
+    does, exit status and all, with no atexit to remove the directory. The lifespan's shutdown has stopped the worker
+    by then, or abandoned a run past its wait with the job handed back: that run, failing in the removed directory,
+    writes no outcome, and the next start runs the job again."""
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         try:

@@ -7,7 +7,6 @@ The real command, in its own process, on the embedded default, with a temporary 
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 from pathlib import Path
 
@@ -16,19 +15,13 @@ import pytest
 
 from ingestion import scratch
 from tests.conftest import PLATFORM_ADMIN
-from tests.support.govrag_process import desk_editor, govrag_env, start_govrag, wait_serving
+from tests.support.govrag_process import desk_editor, free_port, govrag_env, start_govrag, stop_govrag, wait_serving
 from tests.support.polling import wait_until
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _serve(data_dir: Path, temp_dir: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     """`govrag serve` on the embedded default in `data_dir`, TMPDIR `temp_dir`, answering at the URL returned."""
-    port = _free_port()
+    port = free_port()
     env = {**govrag_env(data_dir=str(data_dir), admins=f'["{PLATFORM_ADMIN}"]'), "TMPDIR": str(temp_dir)}
     process = start_govrag(["serve", "--port", str(port)], log=log, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -61,8 +54,7 @@ def test_a_stopped_serve_leaves_no_private_temporary_directory(stop: signal.Sign
     try:
         _ingest_a_document(base, data_dir)
         assert len(list(temp_dir.glob(f"{scratch.PREFIX}*"))) == 1  # the serving process's own
-        process.send_signal(stop)
-        assert process.wait(120) == exit_status, log.read_text()[-3000:]
+        assert stop_govrag(process, stop) == exit_status, log.read_text()[-3000:]
     finally:
         if process.poll() is None:
             process.kill()

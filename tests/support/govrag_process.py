@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -67,10 +68,17 @@ def wait_serving(process: subprocess.Popen[bytes], url: str, log: Path, timeout:
         raise
 
 
-def stop_govrag(process: subprocess.Popen[bytes], timeout: float = 120) -> int:
-    """Ctrl-C for `process`, and its exit code once it stopped; killed if it has not after `timeout` seconds (its code
-    then the kill's, -9)."""
-    process.send_signal(signal.SIGINT)
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 free now, for a `govrag serve` to listen on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop_govrag(process: subprocess.Popen[bytes], stop: signal.Signals = signal.SIGINT, timeout: float = 120) -> int:
+    """Ctrl-C for `process` (or the signal `stop`: SIGTERM, as systemd, docker or Kubernetes stop it), and its exit
+    code once it stopped; killed if it has not after `timeout` seconds (its code then the kill's, -9)."""
+    process.send_signal(stop)
     try:
         return process.wait(timeout)
     except subprocess.TimeoutExpired:
