@@ -129,7 +129,9 @@ class KeyStore:
         self._remember(("department", f"{department}:v1"), key)
 
     def department_key(self, *, session: Session, department: str, version: int | None = None) -> bytes:
-        """The department's key (the latest version, or a given one), unwrapped by the master key."""
+        """The department's key (the latest version, or a given one), unwrapped by the master key. One that does not
+        open is DepartmentKeyUnreadable (its row altered), or MasterKeyRefused when the master key is not that
+        version's (the key file replaced under a running process): every department's is unreadable then."""
         row = (_latest(session, "department", department) if version is None
                else _version(session, "department", department, version))
         if row is None:
@@ -138,10 +140,12 @@ class KeyStore:
         cached = self._cached(ref)
         if cached is not None:
             return cached
+        master = self._master(row.parent_version)
         try:
-            key = crypto.open_sealed(self._master(row.parent_version), row.wrapped,
-                                     _context("department", department, row.version))
+            key = crypto.open_sealed(master, row.wrapped, _context("department", department, row.version))
         except crypto.DecryptionError as exc:
+            if not _master_opens(session, master, row.parent_version):  # a key file replaced by another key
+                raise MasterKeyRefused(None, self._key_file) from None
             raise DepartmentKeyUnreadable(department) from exc
         self._remember(ref, key)
         return key
@@ -473,6 +477,14 @@ def _verifies(master: bytes, verifier: MasterKeyVerifier) -> bool:
     except crypto.DecryptionError:
         return False
     return True
+
+
+def _master_opens(session: Session, master: bytes, version: int) -> bool:
+    """Whether `master` is master `version`'s right key: its verifier opens, or (none stored that opens) a key it
+    wraps does. A department key row that does not open under a right one was altered; under a wrong one (the key file
+    replaced under a running process), nothing does."""
+    verifier = session.get(MasterKeyVerifier, version)
+    return (verifier is not None and _verifies(master, verifier)) or _any_opens(session, master, version)
 
 
 def _any_opens(session: Session, master: bytes, version: int) -> bool:

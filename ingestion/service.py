@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from core import blobs, crypto, memory, metrics
 from core.db import unit_of_work
-from core.errors import ErrorCode, GovragError, Unavailable, loading, unavailable_dependency
+from core.errors import ErrorCode, GovragError, MasterKeyRefused, Unavailable, loading, unavailable_dependency
 from core.keystore import DepartmentKeyUnreadable, KeyState, keystore_for
 from core.models import MAX_CRASHED_RUNS, RETIRED, UNFINISHED, Document, DocumentStatus, IngestionJob
 from core.settings import Settings
@@ -346,12 +346,20 @@ def _take_attachment(session: Session, settings: Settings, parent: Document, nam
 
 
 def _not_now(exc: BaseException) -> bool:
-    """Whether a failure to take an attachment is no refusal of it but a reason to retry: an outage, itself or what
-    it was raised from (`unavailable_dependency`: the audit log's `unavailable` when the database goes), or any
+    """Whether a failure to take an attachment is no refusal of it but a reason to retry: an outage (`outage`), or any
     GovragError `unavailable` (a 503 says "not now", never "not this file"). A refusal is recorded for good: the
     failed child keeps no bytes to take again."""
-    return unavailable_dependency(exc) is not None or (isinstance(exc, GovragError)
-                                                       and exc.code is ErrorCode.unavailable)
+    return outage(exc) is not None or (isinstance(exc, GovragError) and exc.code is ErrorCode.unavailable)
+
+
+def outage(exc: BaseException) -> str | None:
+    """What `exc` says is unavailable to ingestion, no fault of the document, waited out: a dependency that did not
+    answer, itself or what it was raised from (`unavailable_dependency`: the audit log's `unavailable` when the
+    database goes), or "master key": the master key refused (its key file deleted, unreadable or replaced under a
+    running worker: the operator's fix, after which the job completes). None for any other failure."""
+    if isinstance(exc, MasterKeyRefused):
+        return "master key"
+    return unavailable_dependency(exc)
 
 
 def _record_refused_attachment(session: Session, parent: Document, name: str, payload: bytes, reason: str) -> None:

@@ -7,7 +7,7 @@ import logging
 from billiard.exceptions import TimeLimitExceeded
 from celery import Task, current_app, signals
 
-from core.errors import unavailable_dependency
+from core.settings import Settings
 from ingestion import scratch
 from ingestion import service as ingestion_service
 from workers.celery_app import INGEST_TASK, GovragCelery
@@ -34,17 +34,32 @@ def ingest_document(task: Task, document_id: str, job_id: str) -> None:
         children = ingestion_service.spawn_attachments(settings=settings, document_id=document_id)
         send_jobs(task.app, [(child.document_id, child.job_id) for child in children])
     except Exception as exc:
-        retries = OUTAGE_RETRIES if unavailable_dependency(exc) else MAX_RETRIES
+        outage = ingestion_service.outage(exc)
+        retries = OUTAGE_RETRIES if outage else MAX_RETRIES
         if task.request.retries >= retries:
-            logger.exception("ingestion of document %s gave up after %d retries", document_id, retries)
-            # a document whose run ended keeps its status: then it was the attachment step that gave up
-            ingestion_service.mark_failed(settings=settings, document_id=document_id, job_id=job_id,
-                                          reason="internal error during ingestion; retries exhausted")
+            _give_up(settings, document_id, job_id, retries, outage)
             return
-        logger.warning("ingestion of document %s hit %s; retrying", document_id, type(exc).__name__)
+        if outage:  # said in one line, no traceback: the operator's fix, not the document's fault
+            logger.warning("ingestion of document %s waits: the %s is unavailable; retrying", document_id, outage)
+        else:
+            logger.warning("ingestion of document %s hit %s; retrying", document_id, type(exc).__name__)
         ingestion_service.hand_back(settings=settings, job_id=job_id)
         raise task.retry(exc=TransientFault(type(exc).__name__), max_retries=retries,
                          countdown=min(2 ** task.request.retries, MAX_BACKOFF_SECONDS)) from exc
+
+
+def _give_up(settings: Settings, document_id: str, job_id: str, retries: int, outage: str | None) -> None:
+    """Fail the job once its retries ran out (called in the exception's handler), saying the outage it waited out
+    in one line, else an internal error with its traceback. A document whose run ended keeps its status: then it was
+    the attachment step that gave up."""
+    if outage:
+        logger.warning("ingestion of document %s gave up after %d retries: the %s stayed unavailable", document_id,
+                       retries, outage)
+        reason = f"the {outage} was unavailable; retries exhausted"
+    else:
+        logger.exception("ingestion of document %s gave up after %d retries", document_id, retries)
+        reason = "internal error during ingestion; retries exhausted"
+    ingestion_service.mark_failed(settings=settings, document_id=document_id, job_id=job_id, reason=reason)
 
 
 class IngestionTask(Task):

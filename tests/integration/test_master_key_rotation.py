@@ -27,6 +27,7 @@ from authz.identity import operator_identity
 from core import blobs, crypto, migrate
 from core import keystore as keystore_module
 from core.db import transaction_lock, unit_of_work
+from core.errors import MasterKeyRefused
 from core.keystore import MASTER_WRAPPED_KINDS, KeyStore, keystore_for
 from core.models import RetrievalEvent, WrappedKey
 from core.settings import Settings
@@ -184,7 +185,7 @@ def test_master_rotation_with_keys_from_settings(database_url: str, tmp_path: Pa
         assert key is not None and crypto.open_text(key, sealed, "govrag:chunk:doc-1:0") == "quarterly numbers"
         assert after.department_key(session=session, department="beta")
         assert after.checkpoint_key(session=session) == checkpoint_key
-    with unit_of_work(database_url) as session, pytest.raises(crypto.DecryptionError):
+    with unit_of_work(database_url) as session, pytest.raises(MasterKeyRefused):  # a wrong key: no row altered
         KeyStore({2: crypto.new_key()}).department_key(session=session, department="beta")
 
 
