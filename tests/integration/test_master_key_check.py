@@ -29,7 +29,7 @@ from core.settings import Settings, get_settings
 from ingestion import keys
 from retrieval.onnx_embedder import onnx_path
 from retrieval.store import close_vector_store
-from tests.conftest import PLATFORM_ADMIN, auth
+from tests.conftest import PLATFORM_ADMIN, auth, desk_member
 from tests.integration.test_master_key_rotation import ROTATOR
 from tests.support.govrag_process import govrag_env, run_govrag, start_refusal
 
@@ -662,3 +662,67 @@ def test_two_first_starts_at_once_with_different_keys_store_one_verifier_and_one
     keystore.require_master_opens(starts[winner])
     with pytest.raises(MasterKeyRefused):
         keystore.require_master_opens(starts[1 - winner])
+
+
+def _flip_department_row(url: str, department: str) -> None:
+    """One bit of a department key row's sealed bytes flipped in the database."""
+    with unit_of_work(url) as session:
+        row = session.scalars(select(WrappedKey).where(WrappedKey.kind == "department",
+                                                       WrappedKey.owner == department)).one()
+        row.wrapped = row.wrapped[:-1] + bytes([row.wrapped[-1] ^ 1])
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_one_altered_department_row_is_that_department_unreadable_never_the_master_key_refused(
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """A department key that does not open is MasterKeyRefused (every request a 503) only when the master key opens
+    nothing of its version: an altered row, even the only one of its version, or beside an altered verifier, is that
+    department's DepartmentKeyUnreadable, and the other departments' keys open; a wrong key is MasterKeyRefused."""
+    url = make_pg_database() if database == "postgresql" else f"sqlite:///{tmp_path / 'keys.db'}"
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path, database_url=url, master_key=base64.b64encode(crypto.new_key()).decode(),
+                        key_cache_seconds=0)
+    with unit_of_work(url) as session:
+        authz_service.create_department(session=session, keystore=keystore_for(settings), name="hr")
+    _flip_department_row(url, "hr")  # the only row under its version: the verifier says the key is right
+    with unit_of_work(url) as session, pytest.raises(keystore.DepartmentKeyUnreadable):
+        keystore_for(settings).department_key(session=session, department="hr")
+    with unit_of_work(url) as session:
+        authz_service.create_department(session=session, keystore=keystore_for(settings), name="finance")
+    _altered(url)  # the verifier too: the finance key under that version says the key is right
+    with unit_of_work(url) as session:
+        with pytest.raises(keystore.DepartmentKeyUnreadable):
+            keystore_for(settings).department_key(session=session, department="hr")
+        assert keystore_for(settings).department_key(session=session, department="finance")
+    wrong = Settings(data_dir=tmp_path, database_url=url, master_key=WRONG_KEY, key_cache_seconds=0)
+    with unit_of_work(url) as session, pytest.raises(MasterKeyRefused):
+        keystore_for(wrong).department_key(session=session, department="finance")
+
+
+def test_an_upload_under_a_replaced_key_file_is_a_503_saying_the_master_key_not_the_department_key(
+        served: tuple[TestClient, Settings]) -> None:
+    """The key file replaced by another key under a running replica: every department key failed to open as if its
+    row were altered, an upload a 503 `department_key_unreadable` telling the operator to restore that row (and a
+    query left every department out, answering as if nothing were found). It is now the master key's 503 `unavailable`,
+    as /readyz says, the key file's path left out; the department is none the worse once the key is back."""
+    client, settings = served
+    key_file = settings.resolved_master_key_file
+    right = crypto.parse_master_keyring(key_file.read_text())
+    editor = auth(desk_member(client, "editor"))
+
+    def upload() -> object:
+        return client.post("/v1/documents", headers=editor, data={"department": "desk"},
+                           files={"file": ("notes.txt", b"Notes of the Lisbon office.")})
+
+    keystore_for(settings)._cache.clear()  # the desk key opened when it was made: as a replica that never opened it
+    with crypto.master_keyring_lock(key_file):
+        crypto.write_master_keyring(key_file, {1: crypto.new_key()})
+    refused = upload()
+    assert refused.status_code == 503, refused.text  # type: ignore[attr-defined]
+    assert refused.json()["error"]["code"] == "unavailable"  # type: ignore[attr-defined]
+    assert refused.json()["error"]["message"] == (  # type: ignore[attr-defined]
+        f"the master key does not open the stored keys: {RESTORE} (GOVRAG_MASTER_KEY or the master key file)")
+    assert str(key_file) not in refused.text and str(settings.data_dir) not in refused.text  # type: ignore[attr-defined]
+    with crypto.master_keyring_lock(key_file):
+        crypto.write_master_keyring(key_file, right)
+    assert upload().status_code == 202  # type: ignore[attr-defined]
