@@ -31,6 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     except (MigrationError, StartRefused, MigrationInterrupted) as refused:  # a database unreachable or at another
         print(f"govrag: {refused}", file=sys.stderr)  # revision, a store held by another process, ...: said in one line
         return refused.exit_code
+    except (Exception, KeyboardInterrupt) as exc:  # a known failure no command said itself (a Ctrl-C as one starts)
+        from api.cli_failures import failure  # only then: it loads the key store
+
+        if (stop := failure(exc)) is None:
+            raise
+        print(f"govrag: {stop.line}", file=sys.stderr)
+        return stop.exit_code
 
 
 def _reasons(refused: ValidationError) -> str:

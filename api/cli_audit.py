@@ -21,11 +21,12 @@ from typing import BinaryIO, TextIO
 
 from sqlalchemy.orm import Session
 
+from api.cli_failures import failure
 from audit.schemas import Decision, ExportFilters, ExportFormat, deployment_pin, utc_bound
 from authz.identity import Identity, operator_identity
 from core import keystore, migrate
 from core.db import get_session_factory
-from core.errors import ErrorCode, GovragError, unavailable_dependency
+from core.errors import ErrorCode, GovragError
 from core.settings import get_settings
 
 EXIT_UNVERIFIED = 3  # `govrag audit verify`: the ledger fails verification (told apart from an outage's 1)
@@ -123,31 +124,20 @@ def _session(*, opens_keys: bool = False) -> Iterator[Session]:
 
 
 def _reported(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Every command here: a refused one, or one whose file cannot be written (or read), prints the (content-free)
-    reason and exits 2 instead of a traceback. An outage (`unavailable_dependency`: the database, gone before the
-    command or behind the ledger's `unavailable` as an event is recorded) is no refusal: said as `govrag ingest` says
-    one, exit 1, never with the server's address."""
+    """Every command here: a known failure (`cli_failures.failure`) is its one line instead of a traceback: a refusal,
+    a file that cannot be written (or read) or a department key that does not open, exit 2; an outage (the database,
+    gone before the command or behind the ledger's `unavailable` as an event is recorded), said as `govrag ingest`
+    says one, exit 1, never with the server's address; a Ctrl-C, exit 130 (a file being written is removed)."""
 
     @functools.wraps(command)
     def run(args: argparse.Namespace) -> int:
         try:
             return command(args)
-        except Exception as exc:
-            if (dependency := unavailable_dependency(exc)) is not None:
-                print(f"stopped: the {dependency} is unavailable; run the same command again once it is back",
-                      file=sys.stderr)
-                return 1
-            if isinstance(exc, GovragError):
-                print(f"refused: {exc.message}", file=sys.stderr)
-                return 2
-            if isinstance(exc, keystore.DepartmentKeyUnreadable):  # found before anything is exported or recorded
-                print(f"failed: {exc}", file=sys.stderr)
-                return 2
-            if isinstance(exc, OSError):  # a missing folder, no permission, a full disk, a mirror file unreadable
-                where = exc.filename or getattr(args, "output", "")  # verify, checkpoint and purge have no output
-                print(f"failed: {exc.strerror or type(exc).__name__}: {where}", file=sys.stderr)
-                return 2
-            raise
+        except (Exception, KeyboardInterrupt) as exc:
+            if (stop := failure(exc, where=getattr(args, "output", ""))) is None:  # an export's file
+                raise
+            print(stop.line, file=sys.stderr)
+            return stop.exit_code
 
     return run
 

@@ -129,11 +129,12 @@ def ingest_command(args: argparse.Namespace) -> int:
 
 def _refused_at_start(args: argparse.Namespace) -> tuple[str, int] | None:
     """Why in-process ingestion cannot start, before any document row is written, and the exit code; None if it can.
-    A dependency unavailable already is said as one mid-run is (exit 1), never with its address. The schema is what
+    A dependency unavailable already is said as one mid-run is (exit 1), never with its address; so is a Ctrl-C (130)
+    and a department key that does not open (exit 2), each as `cli_failures.failure` says it. The schema is what
     `govrag serve` finds: migrated in development (a fresh embedded default too), and in production at another revision
     than the code's SchemaMismatch, said by `cli.main` as `govrag serve` and `govrag worker` say it."""
+    from api.cli_failures import failure
     from core import keystore, migrate
-    from core.errors import unavailable_dependency
 
     settings = get_settings()
     try:
@@ -141,16 +142,17 @@ def _refused_at_start(args: argparse.Namespace) -> tuple[str, int] | None:
         keystore.require_master_opens(settings)
         if _unknown_departments(settings, [args.department]):
             return f"no such department: {args.department}; nothing ingested", 2
+        _open_department_key(settings, args.department)  # altered: DepartmentKeyUnreadable, every file would fail
         if held := _store_held(settings):
             return (f"{held}; or upload through the running API: govrag ingest {args.path} --department "
                     f"{args.department} --api-url http://HOST:PORT, the token in $GOVRAG_INGEST_TOKEN; nothing "
                     "ingested", 1)
         if not _blob_store_opened(settings):  # the error logged just before says why and what to do
             return f"the blob store at {settings.blob_dir} cannot be used (see the error above); nothing ingested", 1
-    except Exception as exc:
-        if (dependency := unavailable_dependency(exc)) is None:
+    except (Exception, KeyboardInterrupt) as exc:
+        if (stop := failure(exc)) is None:
             raise
-        return f"the {dependency} is unavailable; nothing ingested: run the same command again once it is back", 1
+        return f"{stop.why}; nothing ingested: run the same command again {stop.when}", stop.exit_code
     return None
 
 
@@ -532,6 +534,16 @@ def _blob_store_opened(settings: Settings) -> bool:
     from core import blobs
 
     return blobs.open_at_start(settings.blob_dir, settings.resolved_database_url)
+
+
+def _open_department_key(settings: Settings, department: str) -> None:
+    """Open the department's key, as each file's acceptance would: DepartmentKeyUnreadable when its key row no longer
+    opens under the master key (altered in the database), said before any file rather than as every file failing."""
+    from core.db import unit_of_work
+    from core.keystore import keystore_for
+
+    with unit_of_work(settings.resolved_database_url) as session:
+        keystore_for(settings).department_key(session=session, department=department)
 
 
 def _unknown_departments(settings: Settings, named: list[str]) -> list[str]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
+from api.cli_failures import failure
 from core import keystore, migrate
-from core.errors import unavailable_dependency
 from core.settings import get_settings
 
 if TYPE_CHECKING:
@@ -32,34 +32,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     rotate.set_defaults(run=rotate_command)
 
 
-class _Stopped(NamedTuple):
-    """Why a rotation stopped midway, when running it again goes on, and the command's exit code."""
-
-    why: str  # "interrupted", "stopped: the database is unavailable"
-    when: str  # "to go on", "once it is back"
-    exit_code: int
-
-
-def _stopped_by(exc: BaseException) -> _Stopped | None:
-    """A Ctrl-C (exit 130), an outage (exit 1) or a department key that does not open (its row altered: exit 2, found
-    before that department's rotation begins, or as a master rotation rewraps it) that stopped a rotation; None for
-    any other failure, and for a Ctrl-C in the migration before it, which `cli.main` says as for every command that
-    migrates first."""
-    if isinstance(exc, migrate.MigrationInterrupted):
-        return None
-    if isinstance(exc, KeyboardInterrupt):
-        return _Stopped("interrupted", "to go on", 130)
-    if isinstance(exc, keystore.DepartmentKeyUnreadable):
-        return _Stopped(f"failed: {exc}", "once that row is restored", 2)
-    if (dependency := unavailable_dependency(exc)) is not None:
-        return _Stopped(f"stopped: the {dependency} is unavailable", "once it is back", 1)
-    return None
-
-
 def rotate_command(args: argparse.Namespace) -> int:
     """Rotate department keys (or the master key), each rotation audited as it commits; a database outage, a Ctrl-C
-    (at the start or midway) or a department key that does not open is one line saying what is done and how to go on,
-    exit 1 (130 for a Ctrl-C, 2 for the key). The schema is
+    (at the start or midway), a department key that does not open or a key file that cannot be written
+    (`cli_failures.failure`) is one line saying what is done and how to go on, exit 1 (130 for a Ctrl-C, 2 for the
+    key row or the file). The schema is
     migrated first only on the embedded SQLite database in development (`migrate.command_migrates_first`); else one at
     another revision than the code's is refused first (SchemaMismatch, said by `cli.main`)."""
     if args.master:
@@ -76,7 +53,7 @@ def rotate_command(args: argparse.Namespace) -> int:
         with unit_of_work(settings.resolved_database_url) as session:
             chosen, unknown = authz_service.departments_named(session=session, named=args.departments or [])
     except (Exception, KeyboardInterrupt) as exc:  # before any rotation began
-        if (stop := _stopped_by(exc)) is None:
+        if (stop := failure(exc)) is None:
             raise
         Console(stderr=True).print(f"{stop.why}; nothing rotated: run the same command again {stop.when}",
                                    markup=False)
@@ -93,7 +70,7 @@ def rotate_command(args: argparse.Namespace) -> int:
         for department in chosen:  # one by one: an outage leaves the ones done audited, and this loop knows them
             reports += keys.rotate_department_keys(settings=settings, identity=identity, departments=[department])
     except (Exception, KeyboardInterrupt) as exc:  # a Ctrl-C as an outage: no traceback to read
-        if (stop := _stopped_by(exc)) is None:
+        if (stop := failure(exc)) is None:
             raise
         _rotation_stopped(reports, stop.why, chosen[len(reports):], args.actor, stop.when)
         return stop.exit_code
@@ -161,9 +138,10 @@ def _rotate_master(args: argparse.Namespace) -> int:
 
 
 def _master_stopped(kept: MasterRotationReport | None, exc: BaseException) -> int | None:
-    """Say what an outage or a Ctrl-C left of the master rotation: not rotated (nothing audited), or rotated and
-    audited with the old versions `kept` in the key file; and the exit code. None for any other failure."""
-    if (stop := _stopped_by(exc)) is None:
+    """Say what a known failure (`cli_failures.failure`: an outage, a Ctrl-C, a key file that cannot be written) left
+    of the master rotation: not rotated (nothing audited), or rotated and audited with the old versions `kept` in the
+    key file; and the exit code. None for any other failure."""
+    if (stop := failure(exc)) is None:
         return None
     if kept is None:
         left, then = "the master key is not rotated (nothing audited, every key stays readable)", ""

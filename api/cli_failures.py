@@ -1,0 +1,51 @@
+"""What a `govrag` command says of a failure it knows, in one place: a Ctrl-C, a dependency unavailable, a department
+key that does not open, a refusal, a path the system refuses. Each is one line, never a traceback nor a server's
+address, with README's exit code (130, 1, 2); the command adds what the failure left (`Failure.why`, `when`), and
+`cli.main` says, as `line`, one that a command let out."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from core.errors import GovragError, unavailable_dependency
+from core.keystore import DepartmentKeyUnreadable
+from core.migrate import MigrationInterrupted
+
+EXIT_FAILED = 1  # it ran and something failed: a dependency unavailable
+EXIT_USAGE = 2  # changed nothing, something to fix first: a refusal, a path, a key row altered
+EXIT_INTERRUPTED = 130  # a Ctrl-C, as a shell says a process SIGINT ended
+
+
+class Failure(NamedTuple):
+    """A known failure: what it is, when the same command run again goes on, and the exit code."""
+
+    why: str  # "interrupted", "stopped: the database is unavailable", "failed: ...", "refused: ..."
+    when: str  # "to go on", "once it is back", "once that row is restored", "once that is fixed"
+    exit_code: int
+
+    @property
+    def line(self) -> str:
+        """The failure said alone, for a command that changed nothing: what to fix (exit 2, the reason says it), or
+        else to run it again and when."""
+        return self.why if self.exit_code == EXIT_USAGE else f"{self.why}; run the same command again {self.when}"
+
+
+def failure(exc: BaseException, *, where: str = "") -> Failure | None:
+    """The known failure `exc` is, or None for any other (a bug: its traceback is the way to find it), and for a
+    Ctrl-C in a migration, which `cli.main` says with the revision it left. An outage is found through the failure a
+    refusal was raised from (the ledger's `unavailable`); `where`: the path an OSError naming none was about."""
+    if isinstance(exc, MigrationInterrupted):
+        return None
+    if isinstance(exc, KeyboardInterrupt):
+        return Failure("interrupted", "to go on", EXIT_INTERRUPTED)
+    if isinstance(exc, DepartmentKeyUnreadable):
+        return Failure(f"failed: {exc}", "once that row is restored", EXIT_USAGE)
+    if (dependency := unavailable_dependency(exc)) is not None:
+        return Failure(f"stopped: the {dependency} is unavailable", "once it is back", EXIT_FAILED)
+    if isinstance(exc, GovragError):
+        return Failure(f"refused: {exc.message}", "once that is fixed", EXIT_USAGE)
+    if isinstance(exc, OSError):  # a missing folder, no permission, a full disk: the system's reason, never a traceback
+        name = exc.filename or where
+        reason = exc.strerror or type(exc).__name__
+        return Failure(f"failed: {reason}: {name}" if name else f"failed: {reason}", "once that is fixed", EXIT_USAGE)
+    return None

@@ -1,0 +1,132 @@
+"""What each `govrag` command says of a known failure (a Ctrl-C, a department key that does not open, a file it cannot
+write): one line and README's exit code, never a traceback; against a PostgreSQL database of the test's own."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from sqlalchemy import event, select
+from sqlalchemy.pool import Pool
+
+from api.cli import main
+from core.db import unit_of_work
+from core.models import Document, RetrievalEvent
+from core.settings import get_settings
+from tests.support.file_permissions import permission_bits_bind
+from tests.support.key_rotation import alter_key_row, exit_code_unless_interrupted
+
+INTERRUPTED = "interrupted; run the same command again to go on\n"
+
+
+@contextmanager
+def ctrl_c_at_the_first_database_connection() -> Iterator[None]:
+    """A real SIGINT, as a Ctrl-C sends, the first time a connection is taken from any pool (a command's first step on
+    the database); Python's own handler is installed for it (CI starts pytest with SIGINT ignored)."""
+    sent: list[bool] = []
+
+    def ctrl_c(*_: object) -> None:
+        if not sent:
+            sent.append(True)
+            signal.raise_signal(signal.SIGINT)
+
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    event.listen(Pool, "checkout", ctrl_c)
+    try:
+        yield
+    finally:
+        event.remove(Pool, "checkout", ctrl_c)
+        signal.signal(signal.SIGINT, handler)
+    assert sent, "no connection was taken"
+
+
+def _events(url: str) -> int:
+    with unit_of_work(url) as session:
+        return len(session.scalars(select(RetrievalEvent.id)).all())
+
+
+@pytest.mark.parametrize("command", [["audit", "verify"], ["audit", "checkpoint"], ["audit", "purge"],
+                                     ["audit", "export", "-o", "{out}"],
+                                     ["export", "training-data", "--department", "hr", "-o", "{out}"]])
+def test_a_ctrl_c_in_an_audit_or_export_command_is_one_line_and_exit_130(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        command: list[str]) -> None:
+    """A Ctrl-C in `govrag audit ...` or `govrag export training-data` ended it in a traceback (they said an outage,
+    a refusal or a path in one line, an interrupt not); now it is one line, exit 130 as `govrag keys rotate` and
+    `govrag ingest` say theirs, nothing recorded and no file (nor its partial copy) left."""
+    monkeypatch.setenv("GOVRAG_AUDIT_RETENTION_DAYS", "30")
+    get_settings.cache_clear()
+    out = tmp_path / "out.jsonl"
+    recorded = _events(cli_env)
+    with ctrl_c_at_the_first_database_connection():
+        code = exit_code_unless_interrupted(lambda: main([argument.format(out=out) for argument in command]))
+    assert (code, capsys.readouterr()) == (130, ("", INTERRUPTED))
+    assert list(tmp_path.glob("*out.jsonl*")) == [] and _events(cli_env) == recorded
+
+
+def test_a_ctrl_c_as_an_ingest_starts_is_one_line_and_exit_130(cli_env: str, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A Ctrl-C while `govrag ingest` checked the database, the master key or the stores, before its progress bar,
+    ended it in a traceback; a Ctrl-C in the run already said where it stopped, exit 130. Now so does this one."""
+    (tmp_path / "pay.md").write_text("# Pay\n\nPay day is the 25th.\n")
+    with ctrl_c_at_the_first_database_connection():
+        code = exit_code_unless_interrupted(lambda: main(["ingest", str(tmp_path / "pay.md"), "--department", "hr"]))
+    said = capsys.readouterr()
+    assert (code, " ".join(said.err.split())) == (
+        130, "interrupted; nothing ingested: run the same command again to go on"), said.err
+    with unit_of_work(cli_env) as session:
+        assert session.scalars(select(Document.id)).all() == []
+
+
+def test_a_ctrl_c_as_a_worker_starts_is_one_line_and_exit_130(cli_env: str, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A command that says nothing of a Ctrl-C itself (`govrag worker` checking its database before Celery starts)
+    ended in a traceback; `cli.main` now says it in one line, exit 130."""
+    monkeypatch.setenv("GOVRAG_QDRANT_URL", "http://127.0.0.1:9")  # a worker's setting: never reached here
+    get_settings.cache_clear()
+    with ctrl_c_at_the_first_database_connection():
+        code = exit_code_unless_interrupted(lambda: main(["worker"]))
+    assert (code, capsys.readouterr()) == (130, ("", f"govrag: {INTERRUPTED}"))
+
+
+def test_ingesting_into_a_department_whose_key_does_not_open_is_one_line_and_exit_2(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The department's key row altered in the database, `govrag ingest` failed every file with "internal error while
+    ingesting the file", exit 1, where `govrag keys rotate` and `govrag export training-data` say the key in one
+    line, exit 2. Now ingest says it too, before any file, nothing written; the row restored, the file is ingested."""
+    (tmp_path / "pay.md").write_text("# Pay\n\nPay day is the 25th.\n")
+    settings = get_settings()
+    with unit_of_work(cli_env) as session:
+        alter_key_row(settings, session, "hr", kind="department")
+    code = main(["ingest", str(tmp_path / "pay.md"), "--department", "hr"])
+    said = capsys.readouterr()
+    assert (code, " ".join(said.err.split())) == (
+        2, "failed: the key of department hr does not open under the master key (its key row was altered in the "
+           "database): restore that row from a backup; nothing ingested: run the same command again once that row "
+           "is restored"), said.err
+    assert "ingestion summary" not in said.out
+    with unit_of_work(cli_env) as session:
+        assert session.scalars(select(Document.id)).all() == []
+        alter_key_row(settings, session, "hr", kind="department")  # the same bit flipped back
+    assert main(["ingest", str(tmp_path / "pay.md"), "--department", "hr"]) == 0
+
+
+def test_a_master_rotation_that_cannot_write_the_key_file_is_one_line_and_exit_2(
+        cli_env: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`govrag keys rotate --master` whose key file's folder this user may not write ended in a traceback (exit 1);
+    now it says what the system refused, on which file, and that nothing was rotated, exit 2 as any path to fix."""
+    monkeypatch.setenv("COLUMNS", "400")  # the line unwrapped
+    folder = get_settings().resolved_master_key_file.parent
+    folder.chmod(0o555)
+    try:
+        with permission_bits_bind():
+            code = main(["keys", "rotate", "--master"])
+    finally:
+        folder.chmod(0o755)
+    assert (code, capsys.readouterr().err) == (
+        2, f"failed: Permission denied: {folder / '.master.key.tmp'}; the master key is not rotated (nothing audited, "
+           "every key stays readable): run the same command again once that is fixed\n")
+    assert main(["keys", "rotate", "--master"]) == 0

@@ -1,0 +1,51 @@
+"""`api.cli_failures.failure`: which known failure an exception is, the line it makes and its exit code."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from sqlalchemy.exc import OperationalError
+
+from api.cli_failures import failure
+from core.errors import ErrorCode, GovragError
+from core.keystore import DepartmentKeyUnreadable
+from core.migrate import MigrationInterrupted
+
+
+def _raised_from(cause: BaseException, exc: Exception) -> Exception:
+    try:
+        raise exc from cause
+    except Exception as raised:
+        return raised
+
+
+def test_each_known_failure_is_one_line_with_readmes_exit_code() -> None:
+    outage = OperationalError("SELECT 1", {}, Exception("connection refused"))
+    ledger_unavailable = _raised_from(outage, GovragError(ErrorCode.unavailable, "the audit log is unavailable"))
+    said = {name: (stop.line, stop.exit_code) for name, exc in {
+        "ctrl-c": KeyboardInterrupt(),
+        "outage": outage,
+        "refusal raised from an outage": ledger_unavailable,
+        "refusal": GovragError(ErrorCode.not_found, "no such department"),
+        "department key": DepartmentKeyUnreadable("hr"),
+        "path": FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "/no/such/out.jsonl"),
+        "full disk": OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+    }.items() if (stop := failure(exc, where="out.jsonl")) is not None}
+    assert said == {
+        "ctrl-c": ("interrupted; run the same command again to go on", 130),
+        "outage": ("stopped: the database is unavailable; run the same command again once it is back", 1),
+        "refusal raised from an outage": (
+            "stopped: the database is unavailable; run the same command again once it is back", 1),
+        "refusal": ("refused: no such department", 2),
+        "department key": ("failed: the key of department hr does not open under the master key (its key row was "
+                           "altered in the database): restore that row from a backup", 2),
+        "path": ("failed: No such file or directory: /no/such/out.jsonl", 2),
+        "full disk": ("failed: No space left on device: out.jsonl", 2),
+    }
+
+
+def test_a_bug_and_a_ctrl_c_in_a_migration_are_left_to_their_caller() -> None:
+    """A bug keeps its traceback; `cli.main` says an interrupted migration with the revision it left."""
+    assert failure(ValueError("a bug")) is None and failure(MigrationInterrupted("at 0014")) is None
+    assert failure(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))).why == "failed: No space left on device"
