@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 
+import pytest
 from sqlalchemy.exc import OperationalError
 
+from api import cli
 from api.cli_failures import failure
 from core.errors import ErrorCode, GovragError
 from core.keystore import DepartmentKeyUnreadable
@@ -49,3 +52,13 @@ def test_a_bug_and_a_ctrl_c_in_a_migration_are_left_to_their_caller() -> None:
     """A bug keeps its traceback; `cli.main` says an interrupted migration with the revision it left."""
     assert failure(ValueError("a bug")) is None and failure(MigrationInterrupted("at 0014")) is None
     assert failure(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))).why == "failed: No space left on device"
+
+
+def test_a_bug_in_a_command_still_raises_through_cli_main(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cli.main` says in one line only the failures `failure` knows: a bug a command lets out keeps its traceback."""
+    def bug(_args: argparse.Namespace) -> int:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(cli, "_token", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["token", "--sub", "alice"])
