@@ -56,6 +56,9 @@ _REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud"]
 # "Refresh", "Offline", "Logout"), or an access token bound to a key ("DPoP": govrag does not check the DPoP proof
 # that must come with it). Never a caller.
 _ACCESS_TOKEN_TYPES = frozenset({"jwt", "at+jwt", "bearer"})
+# AWS Cognito names the kind in a payload claim `token_use` instead: "access", or "id" for its ID token, signed with the
+# same keys (its aud the app client's id: an API whose audience is that id took it as a caller).
+_COGNITO_ACCESS = "access"
 # The claims that are NumericDates (RFC 7519 2: a JSON number). PyJWT takes whatever int() takes: a string of digits
 # ("1700000000", " 1_700_000_000 "), a boolean (true is 1).
 _TIME_CLAIMS = ("exp", "iat", "nbf")
@@ -155,8 +158,7 @@ class TokenVerifier:
         alg, kid = self._read_header(token)
         key = self._signing_key(kid)
         claims = self._decode(token, alg, key)
-        if not _is_access_token_type(claims.get("typ")):
-            raise _fail("not an access token (token type)")
+        _require_access_token(claims, ("typ", "token_use"))
         if not all(_is_numeric_date(claims[name]) for name in _TIME_CLAIMS if name in claims):
             raise _fail("malformed token")  # as PyJWT says of a NaN, an infinity or a list
         # both read as PyJWT read them when it checked them; the lifetime is the token's own, no clock leeway in it
@@ -183,8 +185,7 @@ class TokenVerifier:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._algorithms:
             raise _fail("unsupported token algorithm")
-        if not _is_access_token_type(header.get("typ")):
-            raise _fail("not an access token (token type)")
+        _require_access_token(header, ("typ",))
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise _fail("unknown signing key")
@@ -248,12 +249,16 @@ def _reason(exc: jwt.PyJWTError) -> str:
     return "malformed token"
 
 
-def _is_access_token_type(typ: Any) -> bool:
-    """Whether a header's or payload's typ may be an access token's: absent, or one of _ACCESS_TOKEN_TYPES in any
-    case."""
-    if typ is None:
-        return True
-    return isinstance(typ, str) and typ.lower().removeprefix("application/") in _ACCESS_TOKEN_TYPES
+def _require_access_token(fields: dict[str, Any], names: tuple[str, ...]) -> None:
+    """Unauthenticated unless each of `names` (a header's typ; a payload's typ and token_use) that `fields` holds says
+    an access token: a typ one of _ACCESS_TOKEN_TYPES in any case, a token_use _COGNITO_ACCESS. Absent, either is
+    taken; present but no string (null, a number, a list) it is malformed, as no IdP writes it."""
+    said = {name: fields[name] for name in names if name in fields}
+    if not all(isinstance(value, str) for value in said.values()):
+        raise _fail("malformed token")
+    typ, token_use = said.get("typ", "jwt"), said.get("token_use", _COGNITO_ACCESS)
+    if typ.lower().removeprefix("application/") not in _ACCESS_TOKEN_TYPES or token_use != _COGNITO_ACCESS:
+        raise _fail("not an access token (token type)")
 
 
 def _is_numeric_date(value: Any) -> bool:

@@ -198,7 +198,7 @@ def test_a_jwt_that_says_it_is_no_access_token_is_a_401(api: TestClient, issuer:
     signs with the same keys, carrying iss, aud, sub and exp, was taken as a caller's access token. An access token's
     typ (RFC 9068 "at+jwt", "JWT", none; a media type in any case, "application/" optional) is still taken."""
     accepted = [None, "JWT", "jwt", "at+jwt", "AT+JWT", "application/at+jwt", "application/jwt"]
-    refused = ["logout+jwt", "dpop+jwt", "secevent+jwt", "application/logout+jwt", "JOSE", "id+jwt", 7]
+    refused = ["logout+jwt", "dpop+jwt", "secevent+jwt", "application/logout+jwt", "JOSE", "id+jwt"]
     tokens = {str(typ): issuer.token(headers={"typ": typ}, azp="govrag-web") for typ in accepted + refused}
     assert jwt.get_unverified_header(tokens["None"]).keys() == {"alg", "kid"}  # no typ at all
     with caplog.at_level(logging.DEBUG):
@@ -207,6 +207,7 @@ def test_a_jwt_that_says_it_is_no_access_token_is_a_401(api: TestClient, issuer:
     assert statuses == {**{str(typ): 200 for typ in accepted}, **{str(typ): 401 for typ in refused}}
     assert set(messages.values()) == {"not an access token (token type)"}
     _never_logged(tokens.values(), caplog)
+    assert _refusal(api, issuer.token(headers={"typ": 7}, azp="govrag-web"), "7") == "malformed token"
 
 
 def test_a_keycloak_id_refresh_or_logout_token_is_a_401_and_its_access_token_a_200(
@@ -220,6 +221,16 @@ def test_a_keycloak_id_refresh_or_logout_token_is_a_401_and_its_access_token_a_2
     assert set(messages.values()) == {"not an access token (token type)"}
     assert _status(api, issuer.token(azp="govrag-web", typ="Bearer")) == 200
     _never_logged(tokens.values(), caplog)
+
+
+def test_a_cognito_id_token_is_a_401_and_its_access_token_a_200(api: TestClient, issuer: LocalIssuer) -> None:
+    """AWS Cognito writes no typ and names the kind of token in `token_use`; its ID token ("id"), whose aud is the app
+    client's id, was a caller wherever that id is the API's audience. Its access token ("access") still is."""
+    def cognito(token_use: str) -> str:
+        return issuer.token(azp=None, typ=None, token_use=token_use, client_id="govrag-web")
+
+    assert _refusal(api, cognito("id"), "id") == "not an access token (token type)"
+    assert _status(api, cognito("access")) == 200
 
 
 def test_a_time_claim_that_is_no_json_number_is_a_401(api: TestClient, issuer: LocalIssuer,

@@ -743,8 +743,7 @@ def test_a_time_claim_may_be_any_json_number(verifier: TokenVerifier, key: Signi
     assert verifier.verify(key.sign(numbers), admins=[]).subject == "alice"
 
 
-@pytest.mark.parametrize("typ", ["ID", "Refresh", "Offline", "Logout", "DPoP", "id", "Serialized-ID", "", 7,
-                                 ["Bearer"]])
+@pytest.mark.parametrize("typ", ["ID", "Refresh", "Offline", "Logout", "DPoP", "id", "Serialized-ID", ""])
 def test_a_payload_typ_naming_another_kind_of_token_is_refused(verifier: TokenVerifier, key: SigningKey,
                                                               typ: object) -> None:
     """Keycloak names the kind of token in a payload claim `typ` and signs its ID, refresh, offline and logout tokens
@@ -758,6 +757,42 @@ def test_an_access_tokens_payload_typ_is_taken(verifier: TokenVerifier, key: Sig
     """Keycloak's access token says "Bearer"; most IdPs' say nothing."""
     token = key.sign({"typ": typ} if typ else {})
     assert verifier.verify(token, admins=[]).subject == "alice"
+
+
+def _signed_with_header(key: SigningKey, header: dict[str, Any]) -> str:
+    """A token of `key.sign()`'s claims under exactly `header` (PyJWT leaves out a typ of null), signed RS256."""
+    payload = jwt.decode(key.sign(), options={"verify_signature": False})
+    signing_input = f"{_segment({'alg': 'RS256', 'kid': key.kid, **header})}.{_segment(payload)}".encode("ascii")
+    signature = jwt.algorithms.RSAAlgorithm(jwt.algorithms.RSAAlgorithm.SHA256).sign(signing_input, key.private)
+    return f"{signing_input.decode('ascii')}.{_b64url(signature)}"
+
+
+@pytest.mark.parametrize(("where", "fields"), [
+    ("payload", {"typ": None}), ("payload", {"typ": 7}), ("payload", {"typ": ["Bearer"]}), ("payload", {"typ": {}}),
+    ("payload", {"typ": True}), ("payload", {"token_use": None}), ("payload", {"token_use": ["access"]}),
+    ("payload", {"token_use": 1}), ("header", {"typ": None}), ("header", {"typ": 7}), ("header", {"typ": ["JWT"]})])
+def test_a_typ_or_token_use_that_is_no_string_is_a_malformed_token(verifier: TokenVerifier, key: SigningKey,
+                                                                   where: str, fields: dict[str, Any]) -> None:
+    """A `"typ": null` was read as no typ, and the token taken; a typ that was a number or a list was "not an access
+    token". No IdP writes either: each is a 401 "malformed token" (an absent typ is still taken)."""
+    token = key.sign(fields) if where == "payload" else _signed_with_header(key, fields)
+    _rejects(verifier, token, "malformed token")
+
+
+def _cognito(token_use: str, key: SigningKey) -> str:
+    """A token shaped as an AWS Cognito user pool signs it (no typ; the kind in `token_use`), its aud this API's."""
+    return key.sign({"token_use": token_use, "cognito:username": "alice", "cognito:groups": ["eng"],
+                     "origin_jti": "o-1", "event_id": "e-1", "auth_time": int(time.time()), "client_id": AUDIENCE})
+
+
+@pytest.mark.parametrize("token_use", ["id", "ID", "refresh", "", "access ", "Access"])
+def test_a_cognito_token_whose_token_use_is_not_access_is_refused(verifier: TokenVerifier, key: SigningKey,
+                                                                   token_use: str) -> None:
+    """Cognito writes no typ: its ID token says `"token_use": "id"`, and an API whose audience is the app client's id
+    (what an ID token's aud is) took it as a caller. Any token_use but "access" is refused as Keycloak's ID token is
+    by its typ; its access token is taken."""
+    _rejects(verifier, _cognito(token_use, key), "not an access token (token type)")
+    assert verifier.verify(_cognito("access", key), admins=[]).subject == "alice"
 
 
 def test_the_dev_issuer_id_token_is_refused_and_its_access_token_taken(tmp_path: Path) -> None:
