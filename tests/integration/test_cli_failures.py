@@ -130,3 +130,17 @@ def test_a_master_rotation_that_cannot_write_the_key_file_is_one_line_and_exit_2
         2, f"failed: Permission denied: {folder / '.master.key.tmp'}; the master key is not rotated (nothing audited, "
            "every key stays readable): run the same command again once that is fixed\n")
     assert main(["keys", "rotate", "--master"]) == 0
+
+
+@pytest.mark.parametrize("command", [["audit", "export", "-o", "{out}"],
+                                     ["export", "training-data", "--department", "hr", "-o", "{out}"]])
+def test_an_export_into_a_folder_that_does_not_exist_names_that_folder(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    """An export to a file in a folder that does not exist said "No such file or directory" of the hidden
+    `.out.jsonl.partial` it writes first, a file the user never named. Now it says the folder the user gave does not
+    exist, exit 2 (a path to fix), nothing recorded and nothing made."""
+    missing = tmp_path / "reports" / "2026"
+    recorded = _events(cli_env)
+    code = main([argument.format(out=missing / "out.jsonl") for argument in command])
+    assert (code, capsys.readouterr()) == (2, ("", f"failed: the folder does not exist: {missing}\n"))
+    assert not (tmp_path / "reports").exists() and _events(cli_env) == recorded
