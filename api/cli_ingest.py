@@ -432,12 +432,13 @@ def _api_uploader(args: argparse.Namespace) -> Callable[[list[Path]], Iterator[O
 
 
 class _ApiUnavailable(Exception):
-    """The API cannot be reached (no answer, or a gateway's 502 or 504 for it), or answered that a dependency of its
-    own is unavailable (a 503): every file after this one would meet it too."""
+    """The API cannot be reached (no answer, or a gateway's 502 or 504 for it), or answered 503 (a dependency of its
+    own unavailable, a key that does not open): every file after this one would meet it too. `message` is the file's
+    reason, `stop` the run's."""
 
-    def __init__(self, dependency: str, message: str) -> None:
+    def __init__(self, message: str, stop: Stop) -> None:
         super().__init__(message)
-        self.dependency, self.message = dependency, message
+        self.message, self.stop = message, stop
 
 
 def _upload(http: httpx.Client, args: argparse.Namespace, path: Path) -> Outcome:
@@ -455,36 +456,54 @@ def _upload(http: httpx.Client, args: argparse.Namespace, path: Path) -> Outcome
         return _poll(http, str(path), document_id)
     except _ApiUnavailable as stop:
         accepted = f"; accepted as document {document_id}, not ingested yet: the API ingests it" if document_id else ""
-        return Outcome(str(path), UNAVAILABLE, stop.message + accepted, stop=_unavailable(stop.dependency))
+        return Outcome(str(path), UNAVAILABLE, stop.message + accepted, stop=stop.stop)
 
 
 def _request(http: httpx.Client, method: str, url: str, **kwargs: object) -> httpx.Response:
     """The API's answer; `_ApiUnavailable` if it cannot be reached (named by its address, which holds no credentials:
-    `api_url`; no answer, or a reverse proxy's 502 or 504 for it) or answers 503, whose message names the dependency
-    (api/errors.py: "the database is unavailable; ...")."""
+    `api_url`; no answer, or a reverse proxy's 502 or 504 for it) or answers 503 (`_stop_503`)."""
     import httpx
 
     api = f"API at {http.base_url}"
     try:
         response = http.request(method, url, **kwargs)  # type: ignore[arg-type]
     except httpx.TransportError as error:
-        raise _ApiUnavailable(api, f"the {api} cannot be reached ({type(error).__name__})") from None
+        raise _ApiUnavailable(f"the {api} cannot be reached ({type(error).__name__})", _unavailable(api)) from None
     if response.status_code in GATEWAY_ERRORS:  # the proxy in front answered for an API it could not reach
-        raise _ApiUnavailable(api, f"the {api} cannot be reached ({response.status_code} {response.reason_phrase} "
-                                   "from a gateway)")
+        raise _ApiUnavailable(f"the {api} cannot be reached ({response.status_code} {response.reason_phrase} "
+                              "from a gateway)", _unavailable(api))
     if response.status_code == 503:
-        message = _error_message(response)
-        named = re.match(r"the (.+?) is unavailable", message)
-        raise _ApiUnavailable(named.group(1) if named else api, message)
+        raise _ApiUnavailable(_error_message(response), _stop_503(api, response))
     return response
+
+
+def _stop_503(api: str, response: httpx.Response) -> Stop:
+    """Why the API's 503 stops the run, in its own words (its 503 bodies are client-safe, api/errors.py): the
+    dependency its message names ("the database is unavailable; ..."), or its reason with its code (a master key or
+    a department key that does not open); for a 503 without the API's error body (a proxy's page), the API
+    unavailable."""
+    error = _api_error(response)
+    if error is None:
+        return _unavailable(api)
+    code, message = error
+    if named := re.match(r"the (.+?) is unavailable", message):
+        return _unavailable(named.group(1))
+    return Stop(f"the {api} answered 503 {code}: {message}", "once that is fixed")
+
+
+def _api_error(response: httpx.Response) -> tuple[str, str] | None:
+    """The code and message of the API's error body, or None for any other body."""
+    try:
+        error = response.json()["error"]
+        return str(error["code"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _error_message(response: httpx.Response) -> str:
     """The message of the API's error body, else the start of whatever answered (a proxy's page, say)."""
-    try:
-        return str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return response.text[:200]
+    error = _api_error(response)
+    return response.text[:200] if error is None else error[1]
 
 
 def _poll(http: httpx.Client, path: str, document_id: str, timeout: float = 600.0) -> Outcome:

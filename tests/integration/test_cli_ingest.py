@@ -765,6 +765,43 @@ def test_through_the_api_a_dependency_unavailable_stops_the_run_as_in_process(
             else "duplicate: 2" in out and "ready: 1" in out), out
 
 
+def test_through_the_api_a_503_that_says_why_stops_the_run_saying_it(
+        served_api: tuple[str, str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API's 503 for its master key refused (the key file replaced under it) stopped the run saying only "the
+    API at URL is unavailable", as if it were down, and to run again "once it is back". Now the stop line relays the
+    API's own reason and code (client-safe: no key file path) and says to run again once that is fixed; the key file
+    restored, the same command ingests the files."""
+    from core import crypto
+    from core.keystore import keystore_for
+    from core.settings import Settings
+
+    api_url, token, _ = served_api
+    monkeypatch.setenv("COLUMNS", "400")
+    settings = Settings(data_dir=tmp_path / "served")  # the served API's key file, read by its key store
+    key_file = settings.resolved_master_key_file
+    right = crypto.parse_master_keyring(key_file.read_text())
+    keystore_for(settings)._cache.clear()  # the hr key opened when it was made: as a replica that never opened it
+    with crypto.master_keyring_lock(key_file):
+        crypto.write_master_keyring(key_file, {1: crypto.new_key()})
+    command = ["ingest", str(_three_files(tmp_path, "")), "--department", "hr", "--api-url", api_url,
+               "--token", token]
+    assert main(command) == 1
+    captured = capsys.readouterr()
+    out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
+    reason = ("the master key does not open the stored keys: restore the master key used to write them "
+              "(GOVRAG_MASTER_KEY or the master key file)")
+    assert f"unavailable │ {reason}" in out and "not attempted: 2" in out, out
+    assert (f"stopped: the API at {api_url} answered 503 unavailable: {reason} (2 files not attempted); run the "
+            "same command again once that is fixed") in err, err
+    assert str(key_file) not in out + err and "Traceback" not in err
+
+    with crypto.master_keyring_lock(key_file):
+        crypto.write_master_keyring(key_file, right)
+    assert main(command) == 0
+    assert "ready: 3" in " ".join(capsys.readouterr().out.split())
+
+
 def test_through_the_api_an_api_that_cannot_be_reached_stops_the_run_naming_it(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """`--api-url` with no API answering there ended in httpx's traceback. Now the first file is `unavailable`,
