@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -38,6 +39,7 @@ CHUNKS_PER_DOCUMENT = 20
 CHUNK_CHARS = 300
 MEMORY_BOUND_MIB = 100  # allowed server RSS growth over the soak (caches are bounded)
 TOKEN_SECONDS = 7200  # the bench's tokens outlive its run, unless GOVRAG_TOKEN_MAX_LIFETIME_SECONDS is shorter
+STOP_GRACE_SECONDS = 30  # a server stopped (SIGTERM) and still running after this is killed
 REINDEX_TIMEOUT_SECONDS = 900  # the during-re-index section stops querying after this, the re-index unfinished
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -181,9 +183,16 @@ def start_baseline(corpus_file: Path, workdir: Path) -> tuple[subprocess.Popen[b
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop a server (SIGTERM) and wait for its end: only then may the directory it writes in be removed."""
+    """Stop a server (SIGTERM) and wait for its end: only then may the directory it writes in be removed. One still
+    running after STOP_GRACE_SECONDS, or when a Ctrl-C ends the wait, is killed: never a server left behind."""
     process.terminate()
-    process.wait(timeout=30)
+    try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=STOP_GRACE_SECONDS)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
 
 
 async def run_load(url: str, headers: dict[str, str], body_for, total: int, clients: int,  # type: ignore[no-untyped-def]
@@ -252,9 +261,11 @@ def main() -> None:
             baseline, baseline_url = start_baseline(corpus_file, workdir)
             report(args, asked, governed, baseline_url, len(chunks), ingest_seconds)
         finally:  # both ended before their directory is removed
-            if baseline is not None:
-                stop(baseline)
-            governed.close()
+            try:
+                if baseline is not None:
+                    stop(baseline)
+            finally:
+                governed.close()
 
 
 def report(args, asked: list[str], governed: Governed, baseline_url: str, chunk_count: int,  # type: ignore[no-untyped-def]

@@ -1,8 +1,11 @@
-"""bench/query.py's ungoverned baseline server leaves no file behind once the bench has stopped it."""
+"""bench/query.py stops its servers: the ungoverned baseline leaves no file behind, and none is left running."""
 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -32,3 +35,22 @@ def test_the_baseline_server_stopped_leaves_its_shard_only_in_the_benchs_directo
         query.stop(server)
     assert list(temp.iterdir()) == []
     assert sorted(path.name for path in workdir.iterdir()) == ["baseline-shard", "corpus.jsonl"]
+
+
+def test_a_server_that_does_not_end_on_sigterm_is_killed_after_the_grace_period(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopping a server waited 30 s for SIGTERM to end it, then raised TimeoutExpired: the bench ended in a
+    traceback with the server still running (and the other one, stopped after it, too). Now one that outlives the
+    grace period is killed and reaped."""
+    monkeypatch.setattr(query, "STOP_GRACE_SECONDS", 1, raising=False)
+    ignores_sigterm = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', "
+                       "flush=True); time.sleep(600)")
+    server = subprocess.Popen([sys.executable, "-c", ignores_sigterm], stdout=subprocess.PIPE)  # noqa: S603
+    try:
+        assert server.stdout is not None and server.stdout.readline() == b"ready\n"  # SIGTERM is ignored from here
+        query.stop(server)
+        assert server.returncode == -signal.SIGKILL
+    finally:
+        server.kill()
+        server.wait()
+        server.stdout.close()  # type: ignore[union-attr]
