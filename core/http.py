@@ -27,8 +27,28 @@ class TooSlow(ValueError):
     """The response, headers and body, did not come within the deadline."""
 
 
-class CredentialsInURL(ValueError):
+class URLRefused(ValueError):
+    """A URL refused before connecting: what it must be, never quoting it (it may hold a password)."""
+
+
+class CredentialsInURL(URLRefused):
     """A URL holding a user name or password (`user:pass@host`): refused before connecting, never quoted."""
+
+
+def api_url(url: str) -> str:
+    """`url` if it may be a running govrag API's (`govrag redteam --url`, `govrag ingest --api-url`, `redteam.run`'s):
+    http(s) with a host, else URLRefused; holding no user name or password, which httpx would send (Basic, in clear
+    over http) in place of the bearer token, else CredentialsInURL."""
+    try:
+        parsed: httpx.URL | None = httpx.URL(url)
+    except httpx.InvalidURL:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+        raise URLRefused("must be an http(s) URL, such as http://127.0.0.1:8000")
+    if parsed.userinfo:
+        raise CredentialsInURL("must not hold a user name or password (user:password@): give the bearer token on "
+                               "its own")
+    return url
 
 
 class BodyRefused(ValueError):

@@ -206,7 +206,9 @@ def run(url: str, token: str, department: str, corpus: dict[str, list[str]]) -> 
     PROBE_SECONDS. At the first probe, no answer (httpx.TransportError, http.TooSlow) or a 401 (TokenRefused) is
     raised: nothing was tested. Later, either stops the run (the API gone; the token expired or revoked, every later
     probe would be refused too), that probe an error, the rest not sent. A Ctrl-C stops it too (`INTERRUPTED`): the
-    probe it stopped is not sent, nor counted."""
+    probe it stopped is not sent, nor counted. A `url` that is no http(s) URL, or holds a user name or password, is
+    refused before anything is sent, as `govrag redteam --url` refuses it: http.URLRefused (CredentialsInURL)."""
+    http.api_url(url)
     report, headers = RedTeamReport(), {"Authorization": f"Bearer {token}"}
     probes = [(category, index, prompt) for category, prompts in corpus.items()
               for index, prompt in enumerate(prompts)]

@@ -19,6 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api import cli
+from core import http
 from guard import redteam
 from guard.eval_corpora import EVAL_DIR, split_of
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
@@ -404,6 +405,38 @@ def test_a_url_with_credentials_is_a_usage_error(stub_api: str, userinfo: str, t
     assert exited.value.code == redteam.EXIT_USAGE and captured.out == ""
     assert "--url: must not hold a user name or password" in captured.err
     assert "s3cret" not in captured.err and "scanner" not in captured.err
+
+
+@pytest.mark.parametrize(("userinfo", "scheme", "refusal"), [
+    ("scanner:s3cret@", "http", "must not hold a user name or password (user:password@)"),
+    (":s3cret@", "http", "must not hold a user name or password (user:password@)"),
+    ("", "ftp", "must be an http(s) URL"), ("scanner:s3cret@", "ftp", "must be an http(s) URL")])
+def test_run_refuses_a_url_with_credentials_or_not_http_as_the_command_does(
+        userinfo: str, scheme: str, refusal: str) -> None:
+    """`redteam.run` called from Python, where no argparse checked the URL, raised the transport's CredentialsInURL
+    ("a URL with a user name or password is refused") from inside its first probe, or took a URL that is no http(s)
+    one for an API that does not answer (UnsupportedProtocol, httpx's). Now it refuses either before anything is
+    sent, as `govrag redteam --url` does and in its words (one check for both), never quoting the URL."""
+    received: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (the http.server name)
+            received.append(self.path)
+            self.send_response(500)
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"{scheme}://{userinfo}127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(ValueError) as refused:  # http.URLRefused
+            redteam.run(url, "t0ken", "hr", {"exfiltration": list(redteam.EXFILTRATION)})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert str(refused.value).startswith(refusal) and received == []
+    assert isinstance(refused.value, http.CredentialsInURL) == refusal.startswith("must not hold")
+    assert "s3cret" not in str(refused.value) and "scanner" not in str(refused.value)
 
 
 def _answer(text: str, **more: str) -> Answer:
