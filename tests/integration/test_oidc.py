@@ -225,7 +225,8 @@ def test_a_keycloak_id_refresh_or_logout_token_is_a_401_and_its_access_token_a_2
 
 def test_a_cognito_id_token_is_a_401_and_its_access_token_a_200(api: TestClient, issuer: LocalIssuer) -> None:
     """AWS Cognito writes no typ and names the kind of token in `token_use`; its ID token ("id"), whose aud is the app
-    client's id, was a caller wherever that id is the API's audience. Its access token ("access") still is."""
+    client's id, was a caller wherever that id is the API's audience. One saying "access" with the API's aud still
+    is (Cognito's own access tokens carry no aud: refused as any token without one)."""
     def cognito(token_use: str) -> str:
         return issuer.token(azp=None, typ=None, token_use=token_use, client_id="govrag-web")
 

@@ -759,9 +759,9 @@ def test_an_access_tokens_payload_typ_is_taken(verifier: TokenVerifier, key: Sig
     assert verifier.verify(token, admins=[]).subject == "alice"
 
 
-def _signed_with_header(key: SigningKey, header: dict[str, Any]) -> str:
-    """A token of `key.sign()`'s claims under exactly `header` (PyJWT leaves out a typ of null), signed RS256."""
-    payload = jwt.decode(key.sign(), options={"verify_signature": False})
+def _signed_with_header(key: SigningKey, header: dict[str, Any], claims: dict[str, Any] | None = None) -> str:
+    """A token of `key.sign(claims)`'s claims under exactly `header` (PyJWT leaves out a typ of null), signed RS256."""
+    payload = jwt.decode(key.sign(claims), options={"verify_signature": False})
     signing_input = f"{_segment({'alg': 'RS256', 'kid': key.kid, **header})}.{_segment(payload)}".encode("ascii")
     signature = jwt.algorithms.RSAAlgorithm(jwt.algorithms.RSAAlgorithm.SHA256).sign(signing_input, key.private)
     return f"{signing_input.decode('ascii')}.{_b64url(signature)}"
@@ -790,9 +790,36 @@ def test_a_cognito_token_whose_token_use_is_not_access_is_refused(verifier: Toke
                                                                    token_use: str) -> None:
     """Cognito writes no typ: its ID token says `"token_use": "id"`, and an API whose audience is the app client's id
     (what an ID token's aud is) took it as a caller. Any token_use but "access" is refused as Keycloak's ID token is
-    by its typ; its access token is taken."""
+    by its typ; one saying "access" with this API's aud is taken (Cognito's own access tokens carry no aud: refused,
+    as any token without one)."""
     _rejects(verifier, _cognito(token_use, key), "not an access token (token type)")
     assert verifier.verify(_cognito("access", key), admins=[]).subject == "alice"
+    payload = jwt.decode(_cognito("access", key), options={"verify_signature": False})
+    _rejects(verifier, key.sign(payload, drop=("aud",)), "missing required claim")
+
+
+# Access tokens as each IdP signs them (header beyond alg and kid; payload beyond iss, aud, sub, iat, nbf, exp, jti).
+_REAL_ACCESS_TOKENS = {
+    "keycloak": ({"typ": "JWT"}, {"typ": "Bearer", "azp": "govrag-web", "sid": "s-1", "scope": "openid email",
+                                  "realm_access": {"roles": ["offline_access"]}, "preferred_username": "alice"}),
+    "entra-v2": ({"typ": "JWT", "x5t": "x5t-1"}, {"ver": "2.0", "azp": "c-1", "azpacr": "1", "oid": "o-1",
+                                                 "tid": "t-1", "scp": "access_as_user", "uti": "u-1", "rh": "r"}),
+    "entra-v1": ({"typ": "JWT", "x5t": "x5t-1"}, {"ver": "1.0", "appid": "c-1", "appidacr": "1", "oid": "o-1",
+                                                 "tid": "t-1", "scp": "user_impersonation", "unique_name": "alice"}),
+    "okta": ({}, {"ver": 1, "cid": "c-1", "uid": "u-1", "scp": ["openid"], "auth_time": 1700000000}),
+    "auth0": ({"typ": "at+jwt"}, {"aud": [AUDIENCE, "https://tenant.auth0.com/userinfo"], "azp": "c-1",
+                                  "scope": "openid read:documents", "permissions": ["read"]}),
+    "auth0-legacy": ({"typ": "JWT"}, {"azp": "c-1", "scope": "openid", "gty": "password"}),
+}
+
+
+@pytest.mark.parametrize("idp", sorted(_REAL_ACCESS_TOKENS))
+def test_the_access_tokens_of_real_idps_are_taken(verifier: TokenVerifier, key: SigningKey, idp: str) -> None:
+    """The typ and token_use checks refuse what says it is no access token, or is malformed; the access tokens of
+    Keycloak (payload typ "Bearer"), Entra (v1 and v2), Okta (no typ at all) and Auth0 ("at+jwt" or "JWT") say
+    neither, and are still taken."""
+    header, claims = _REAL_ACCESS_TOKENS[idp]
+    assert verifier.verify(_signed_with_header(key, header, claims), admins=[]).subject == "alice"
 
 
 def test_the_dev_issuer_id_token_is_refused_and_its_access_token_taken(tmp_path: Path) -> None:
@@ -801,6 +828,7 @@ def test_the_dev_issuer_id_token_is_refused_and_its_access_token_taken(tmp_path:
     verifier = TokenVerifier(issuer=ISSUER, audience=AUDIENCE, algorithms=["RS256"], jwks=issuer.jwks())
     _rejects(verifier, issuer.issue("u", [], extra_claims={"typ": "ID"}), "not an access token (token type)")
     assert verifier.verify(issuer.issue("u", [], extra_claims={"typ": "Bearer"}), admins=[]).subject == "u"
+    assert verifier.verify(issuer.issue("u", []), admins=[]).subject == "u"  # what `govrag token` mints
 
 
 @pytest.mark.parametrize("value", [0, 59, 7 * 86_400 + 1, 10 * 365 * 86_400])
