@@ -923,6 +923,35 @@ def test_through_the_api_the_token_can_come_from_the_environment_off_the_command
     assert "duplicate: 3" in " ".join(capsys.readouterr().out.split())
 
 
+PROXIED_API = "http://govrag.example:8443"
+
+
+def _ingest_through_a_proxy(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                            when: str, answer: httpx.Response) -> tuple[str, str]:
+    """`govrag ingest` of three files through a reverse proxy at PROXIED_API that gives `answer` to the upload, or
+    accepts it and gives `answer` to its poll, asserting exit 1, no third request and nothing of the token shown; its
+    output and error, each read as one line. The proxy is outside the boundary: an httpx MockTransport stands in
+    for it."""
+    requests: list[str] = []
+
+    def proxy(request: httpx.Request) -> httpx.Response:
+        requests.append(request.method)
+        if request.method == "POST" and when == "as its document is polled":
+            return httpx.Response(202, json={"document_id": "d-1", "job_id": "j-1"})
+        return answer
+
+    monkeypatch.setattr(httpx, "Client", functools.partial(httpx.Client, transport=httpx.MockTransport(proxy)))
+    monkeypatch.setenv("COLUMNS", "400")
+    assert main(["ingest", str(_three_files(tmp_path, "")), "--department", "hr", "--api-url", PROXIED_API,
+                 "--token", "t0ken"]) == 1
+    captured = capsys.readouterr()
+    out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
+    assert ("accepted as document d-1" in out) == (when == "as its document is polled")
+    assert requests == (["POST"] if when == "as the file is uploaded" else ["POST", "GET"])
+    assert "t0ken" not in out + err and "Traceback" not in err
+    return out, err
+
+
 @pytest.mark.parametrize("when", ["as the file is uploaded", "as its document is polled"])
 @pytest.mark.parametrize(("status", "phrase"), [(502, "Bad Gateway"), (504, "Gateway Timeout")])
 def test_through_the_api_a_gateway_error_stops_the_run_as_an_api_that_cannot_be_reached(
@@ -930,28 +959,31 @@ def test_through_the_api_a_gateway_error_stops_the_run_as_an_api_that_cannot_be_
         phrase: str) -> None:
     """A reverse proxy's 502 or 504 (the API behind it down, or not answering) was `refused` and every file after it
     met the same answer; its HTML page while polling ended the run in a traceback. Now it is the API not reached:
-    that file `unavailable`, naming the API by its address, the rest `not attempted`, exit 1. The proxy is outside
-    the boundary: an httpx MockTransport stands in for it."""
-    api, requests = "http://govrag.example:8443", []
-
-    def proxy(request: httpx.Request) -> httpx.Response:
-        requests.append(request.method)
-        if request.method == "POST" and when == "as its document is polled":
-            return httpx.Response(202, json={"document_id": "d-1", "job_id": "j-1"})
-        return httpx.Response(status, html=f"<html><body><h1>{status} {phrase}</h1></body></html>")
-
-    monkeypatch.setattr(httpx, "Client", functools.partial(httpx.Client, transport=httpx.MockTransport(proxy)))
-    monkeypatch.setenv("COLUMNS", "400")
-    assert main(["ingest", str(_three_files(tmp_path, "")), "--department", "hr", "--api-url", api,
-                 "--token", "t0ken"]) == 1
-    captured = capsys.readouterr()
-    out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
-    assert f"the API at {api} cannot be reached ({status} {phrase} from a gateway)" in out, out
+    that file `unavailable`, naming the API by its address, the rest `not attempted`, exit 1."""
+    page = httpx.Response(status, html=f"<html><body><h1>{status} {phrase}</h1></body></html>")
+    out, err = _ingest_through_a_proxy(tmp_path, capsys, monkeypatch, when, page)
+    assert f"the API at {PROXIED_API} cannot be reached ({status} {phrase} from a gateway)" in out, out
     assert "unavailable: 1" in out and "not attempted: 2" in out and "refused" not in out
-    assert ("accepted as document d-1" in out) == (when == "as its document is polled")
-    assert f"stopped: the API at {api} is unavailable (2 files not attempted)" in err, err
-    assert requests == (["POST"] if when == "as the file is uploaded" else ["POST", "GET"])
-    assert "t0ken" not in out + err and "Traceback" not in err
+    assert f"stopped: the API at {PROXIED_API} is unavailable (2 files not attempted)" in err, err
+
+
+@pytest.mark.parametrize("when", ["as the file is uploaded", "as its document is polled"])
+@pytest.mark.parametrize(("body", "media_type"), [
+    ("<html><body><h1>503 Service Temporarily Unavailable</h1></body></html>", "text/html"),
+    ('{"detail": "Service Unavailable"}', "application/json"), ('{"error": "maintenance"}', "application/json")])
+def test_through_the_api_a_503_without_the_apis_error_body_stops_the_run_as_the_api_unavailable(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, when: str, body: str,
+        media_type: str) -> None:
+    """The other side of a 503 said in the API's words: one whose body is not the API's error (a reverse proxy's page,
+    its API in maintenance; a JSON of another shape) has no code or reason to relay, and stops the run as the API
+    unavailable, to run again once it is back: that file `unavailable` with the start of what answered, the rest
+    `not attempted`, exit 1."""
+    answer = httpx.Response(503, text=body, headers={"Content-Type": media_type})
+    out, err = _ingest_through_a_proxy(tmp_path, capsys, monkeypatch, when, answer)
+    assert f"unavailable │ {body}" in out and "unavailable: 1" in out and "not attempted: 2" in out, out
+    assert (f"stopped: the API at {PROXIED_API} is unavailable (2 files not attempted); run the same command again "
+            "once it is back") in err, err
+    assert "answered 503" not in err and "refused" not in out
 
 
 @pytest.mark.parametrize(("url", "refusal"), [
