@@ -185,8 +185,8 @@ def start_baseline(corpus_file: Path, workdir: Path) -> tuple[subprocess.Popen[b
 def stop(process: subprocess.Popen[bytes]) -> None:
     """Stop a server (SIGTERM) and wait for its end: only then may the directory it writes in be removed. One still
     running after STOP_GRACE_SECONDS, or when a Ctrl-C ends the wait, is killed: never a server left behind."""
-    process.terminate()
     try:
+        process.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=STOP_GRACE_SECONDS)
     finally:
