@@ -46,8 +46,7 @@ def api_url(url: str) -> str:
     if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
         raise URLRefused("must be an http(s) URL, such as http://127.0.0.1:8000")
     if parsed.userinfo:
-        raise CredentialsInURL("must not hold a user name or password (user:password@): give the bearer token on "
-                               "its own")
+        raise CredentialsInURL("must not hold a user name or password (user:password@)")
     return url
 
 

@@ -403,7 +403,8 @@ def test_a_url_with_credentials_is_a_usage_error(stub_api: str, userinfo: str, t
         _redteam(stub_api.replace("http://", f"http://{userinfo}"), _corpus(tmp_path))
     captured = capsys.readouterr()
     assert exited.value.code == redteam.EXIT_USAGE and captured.out == ""
-    assert "--url: must not hold a user name or password" in captured.err
+    assert ("--url: must not hold a user name or password (user:password@): give the bearer token with --token or "
+            "its environment variable (see --help)") in captured.err  # where it goes instead: the command's words
     assert "s3cret" not in captured.err and "scanner" not in captured.err
 
 
