@@ -249,13 +249,15 @@ def purge(args: argparse.Namespace) -> int:
 def _output(output: str) -> Iterator[TextIO]:
     """Where an export goes, opened before the export is recorded: a path that cannot be written fails before the
     ledger says anything was exported. A file is written beside its path and renamed into place once complete, so
-    a refused or failed export leaves an earlier file as it was. A folder that does not exist is said naming it, not
-    the hidden file written beside the path."""
+    a refused or failed export leaves an earlier file as it was. A folder that does not exist (or is a file) is said
+    naming it, not the hidden file written beside the path."""
     if output == "-":
         yield sys.stdout
         return
     path = Path(output)
     if not path.parent.is_dir():
+        if path.parent.exists():
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(path.parent))
         raise FileNotFoundError(errno.ENOENT, "the folder does not exist", str(path.parent))
     partial = path.with_name(f".{path.name}.partial")
     try:

@@ -144,3 +144,8 @@ def test_an_export_into_a_folder_that_does_not_exist_names_that_folder(
     code = main([argument.format(out=missing / "out.jsonl") for argument in command])
     assert (code, capsys.readouterr()) == (2, ("", f"failed: the folder does not exist: {missing}\n"))
     assert not (tmp_path / "reports").exists() and _events(cli_env) == recorded
+
+    (tmp_path / "reports").write_text("a file where the folder was meant\n")  # "Not a directory" of the hidden file
+    code = main([argument.format(out=tmp_path / "reports" / "out.jsonl") for argument in command])
+    assert (code, capsys.readouterr()) == (2, ("", f"failed: not a folder: {tmp_path / 'reports'}\n"))
+    assert _events(cli_env) == recorded
