@@ -20,9 +20,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy.orm import Session
 
 from api.cli_failures import failure
+from audit.integrity import load_public_key
 from audit.schemas import Decision, ExportFilters, ExportFormat, deployment_pin, utc_bound
 from authz.identity import Identity, operator_identity
 from core import keystore, migrate
@@ -34,7 +36,7 @@ EXIT_UNVERIFIED = 3  # `govrag audit verify`: the ledger fails verification (tol
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """`govrag audit verify|export|verify-export|checkpoint|purge` and `govrag export training-data` (issue 6)."""
+    """`govrag audit verify|export|verify-export|public-key|checkpoint|purge`; `govrag export training-data`."""
     audit = commands.add_parser("audit", help="verify, export, checkpoint or purge the ledger; check an export")
     audit_commands = audit.add_subparsers(required=True, metavar="ACTION")
     verifying = (f"walk the hash chain and signed checkpoints; exit {EXIT_UNVERIFIED} when the ledger fails "
@@ -54,7 +56,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     checking_export.add_argument("--deployment-id", type=deployment_id_argument,
                                  help="the deployment it must come from, a UUID (default: this database's); with "
                                  "GOVRAG_AUDIT_CHECKPOINT_KEY set, no database is needed")
+    checking_export.add_argument("--public-key", type=public_key_argument, metavar="PEM_FILE",
+                                 help="check the manifest's Ed25519 signature with this public key (`govrag audit "
+                                 "public-key`) alone: no secret, no database")
     checking_export.set_defaults(run=verify_export)
+    audit_commands.add_parser(
+        "public-key", help="print the Ed25519 public key (PEM) that checks this deployment's export manifests "
+        "(give it to auditors: it cannot sign)").set_defaults(run=public_key)
     audit_commands.add_parser(
         "checkpoint", help="sign a checkpoint at the end of the chain (none when the newest covers it)").set_defaults(
         run=checkpoint)
@@ -84,6 +92,15 @@ def deployment_id_argument(text: str) -> str:
     except ValueError:
         raise argparse.ArgumentTypeError("not a UUID; give the deployment_id that `govrag audit verify` "
                                          "prints") from None
+
+
+def public_key_argument(path: str) -> Ed25519PublicKey:
+    """--public-key: a PEM file holding an Ed25519 public key; anything else a usage error (exit 2)."""
+    try:
+        return load_public_key(Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"no Ed25519 public key in PEM there ({type(exc).__name__}); give the file "
+                                         "`govrag audit public-key` wrote") from None
 
 
 def window_bound(text: str) -> datetime:
@@ -175,15 +192,16 @@ def export(args: argparse.Namespace) -> int:
 
 @_reported
 def verify_export(args: argparse.Namespace) -> int:
-    """Print the export check; exit EXIT_UNVERIFIED when the export fails it. Reads no ledger row: with the checkpoint
-    key configured and --deployment-id given, not the database either."""
+    """Print the export check; exit EXIT_UNVERIFIED when the export fails it. Reads no ledger row: with --public-key,
+    or with the checkpoint key configured and --deployment-id given, not the database either."""
     from audit import service as audit_service
 
     settings = get_settings()
     with Path(args.file).open("rb") as opened, _seekable(opened) as export_file:
-        if args.deployment_id is not None and settings.audit_checkpoint_key is not None:
+        keyed = args.deployment_id is not None and settings.audit_checkpoint_key is not None
+        if args.public_key is not None or keyed:
             result = audit_service.verify_export(export_file=export_file, settings=settings, session=None,
-                                                 deployment_id=args.deployment_id)
+                                                 deployment_id=args.deployment_id, public_key=args.public_key)
         else:
             with _session() as session:
                 result = audit_service.verify_export(export_file=export_file, settings=settings, session=session,
@@ -213,6 +231,16 @@ def training_data(args: argparse.Namespace) -> int:
         last = _copy(audit_service.export_training_data(session=session, settings=get_settings(),
                                                         identity=_actor(args), department=args.department), handle)
     _write_manifest(last, args.output)
+    return 0
+
+
+@_reported
+def public_key(_args: argparse.Namespace) -> int:
+    """Print the Ed25519 public key (PEM) that checks this deployment's export manifests."""
+    from audit import service as audit_service
+
+    with _session() as session:
+        print(audit_service.public_key(session=session, settings=get_settings()).public_key_pem, end="")
     return 0
 
 

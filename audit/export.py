@@ -12,11 +12,12 @@ from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any, BinaryIO
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from audit import repository
-from audit.integrity import Signer, event_hash, manifest_signed, plain, sign_manifest
+from audit.integrity import Signer, event_hash, key_id, manifest_signatures, plain, sign_manifest
 from audit.schemas import EXPORT_FIELDS, RETRIEVAL_EVENT, ExportCheck, ExportFilters, ExportFormat
 from core.models import utcnow
 
@@ -55,14 +56,16 @@ def _matches(event: Row[Any], filters: ExportFilters) -> bool:
 def render(rows: Iterable[dict[str, Any]], fmt: ExportFormat, *, filters: ExportFilters, through_id: int,
            departments: set[str] | None, signer: Signer) -> Iterator[str]:
     """Serialise rows, then one closing manifest (row count, first/last hash, sha256 of the body before it, the
-    `departments` the rows were limited to: null for every event, the deployment id), signed with the checkpoint key."""
+    `departments` the rows were limited to: null for every event, the deployment id and the Ed25519 key id), signed with
+    the checkpoint key and with the Ed25519 key derived from it."""
     body = hashlib.sha256()
     manifest = _Manifest(fmt=fmt, filters=filters, through_id=through_id, departments=departments)
     for chunk in _serialise(manifest.count(rows), fmt):
         body.update(chunk.encode())
         yield chunk
-    summary = manifest.as_dict(body.hexdigest()) | {"deployment_id": signer.deployment_id}
-    summary["signature"] = sign_manifest(signer, summary)
+    summary = manifest.as_dict(body.hexdigest()) | {"deployment_id": signer.deployment_id,
+                                                    "key_id": key_id(signer.public_key())}
+    summary |= sign_manifest(signer, summary)
     line = json.dumps({"manifest": summary}, sort_keys=True)
     yield f"# manifest {line}\n" if fmt is ExportFormat.csv else line + "\n"
 
@@ -148,25 +151,30 @@ _MANIFEST_PREFIX = "# manifest "  # a CSV export's manifest line starts so
 _TAIL_READ = 64 * 1024  # bytes read at a time, backwards from the end, to find the manifest line
 
 
-def check_export(export_file: BinaryIO, *, signer: Signer) -> ExportCheck:
-    """Whether `export_file` (seekable, opened for bytes) is an export this deployment signed, whole and unchanged: its
-    manifest's signature and deployment id, then its rows against the manifest (count, order, each JSONL row's hash,
-    the body's sha256). The manifest, its last line, is read from the end; the rows then stream past once: memory
-    holds a line at a time, however long the export."""
+def check_export(export_file: BinaryIO, *, by: Signer | Ed25519PublicKey, deployment_id: str | None) -> ExportCheck:
+    """Whether `export_file` (seekable, opened for bytes) is an export signed by the checkpoint key (a Signer: both its
+    signatures) or the Ed25519 public key given, whole and unchanged: its manifest's signatures and deployment id (when
+    `deployment_id` is given), then its rows against the manifest (count, order, each JSONL row's hash, the body's
+    sha256). The manifest, its last line, is read from the end; the rows then stream past once: memory holds a line at
+    a time, however long the export."""
     body_length, manifest = _manifest(export_file)
     if manifest is None:
         return _failed("manifest_missing", "no readable manifest closes the file: it was cut, or is no govrag export")
-    signature = manifest.pop("signature", None)
-    if not isinstance(signature, str):
+    if not isinstance(manifest.get("signature"), str):
         return _failed("manifest_unsigned", "the manifest carries no signature (removed, or an export made before "
                                             "manifests were signed)")
-    if not manifest_signed(signer, manifest, signature):
+    signatures = manifest_signatures(by, manifest)
+    if signatures is None:
         return _failed("manifest_signature_invalid", "the manifest was edited, or signed with another key")
+    if not signatures:
+        return _failed("ed25519_signature_missing", "the manifest carries no Ed25519 signature (an export made before "
+                                                    "they were added): only the checkpoint key checks it")
     found = ExportCheck(ok=True, rows=manifest["rows"], deployment_id=manifest["deployment_id"],
-                        through_event_id=manifest["through_event_id"])
-    if manifest["deployment_id"] != signer.deployment_id:
-        return _broken(found, "other_deployment", f"signed by deployment {manifest['deployment_id']}, not by this "
-                                                  f"one ({signer.deployment_id})")
+                        through_event_id=manifest["through_event_id"], signatures=signatures,
+                        key_id=manifest.get("key_id"))
+    if deployment_id is not None and manifest["deployment_id"] != deployment_id:
+        return _broken(found, "other_deployment", f"signed by deployment {manifest['deployment_id']}, not by "
+                                                  f"{deployment_id}")
     return _check_rows(found, _Body(export_file, body_length), manifest)
 
 

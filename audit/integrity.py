@@ -13,6 +13,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
@@ -60,6 +63,10 @@ def checkpoint_key(settings: Settings, session: Session | None = None) -> bytes:
         return keystore_for(settings).checkpoint_key(session=own)
 
 
+# The Ed25519 key signing beside the HMAC: derived from the checkpoint key with a label of its own, so it follows that
+# key wherever it comes from (configured, or the master key's, kept wrapped across master rotations): nothing to store.
+_SIGNING_HKDF_INFO = b"govrag audit signing ed25519 v1"
+HMAC_SHA256, ED25519 = "hmac-sha256", "ed25519"  # the signatures an export check names as verified
 _V2 = "v2."  # the prefix of a checkpoint signature that binds the deployment id (base64url has no ".")
 _MANIFEST_V1 = "v1."
 # How long after migration 0016 an unprefixed (v1) checkpoint still verifies: the previous release's API processes go
@@ -73,6 +80,33 @@ class Signer:
 
     key: bytes = field(repr=False)
     deployment_id: str
+
+    def signing_key(self) -> Ed25519PrivateKey:
+        """The Ed25519 key derived from the checkpoint key (its repr shows no key bytes)."""
+        return Ed25519PrivateKey.from_private_bytes(crypto.derive_key(self.key, _SIGNING_HKDF_INFO))
+
+    def public_key(self) -> Ed25519PublicKey:
+        """What checks this deployment's Ed25519 signatures: published, never able to sign."""
+        return self.signing_key().public_key()
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    """A short name of a public key: the first 16 hex digits of SHA-256 over its 32 raw bytes."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def public_key_pem(public_key: Ed25519PublicKey) -> str:
+    """The public key as PEM (SubjectPublicKeyInfo), as `openssl pkey -pubin` reads it."""
+    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def load_public_key(pem: bytes) -> Ed25519PublicKey:
+    """An Ed25519 public key from its PEM; ValueError for anything else."""
+    public_key = serialization.load_pem_public_key(pem)
+    if not isinstance(public_key, Ed25519PublicKey):
+        raise ValueError("not an Ed25519 public key")
+    return public_key
 
 
 def signer_for(settings: Settings, session: Session) -> Signer:
@@ -127,19 +161,53 @@ def _signed_here(signer: Signer, checkpoint: AuditCheckpoint, minted_at: datetim
         _mac(signer.key, _statement(checkpoint, None)), checkpoint.signature)
 
 
-def sign_manifest(signer: Signer, manifest: dict[str, Any]) -> str:
-    """HMAC-SHA256 over an export manifest (its canonical JSON, which holds the deployment id)."""
+def _manifest_statement(manifest: dict[str, Any]) -> bytes:
     canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return _MANIFEST_V1 + _mac(signer.key, f"govrag-export-manifest|v1|{canonical}".encode())
+    return f"govrag-export-manifest|v1|{canonical}".encode()
 
 
-def manifest_signed(signer: Signer, manifest: dict[str, Any], signature: str) -> bool:
-    """Whether `signature` is this key's over `manifest` (the manifest without its signature)."""
+def sign_manifest(signer: Signer, manifest: dict[str, Any]) -> dict[str, str]:
+    """The manifest's signature fields: `signature`, HMAC-SHA256 with the checkpoint key over its canonical JSON (which
+    holds the deployment and key ids); `signature_ed25519` over the same statement with `signature` in it, so that the
+    public key alone covers every field."""
+    signed = {"signature": _MANIFEST_V1 + _mac(signer.key, _manifest_statement(manifest))}
+    ed25519 = signer.signing_key().sign(_manifest_statement(manifest | signed))
+    return signed | {"signature_ed25519": base64.b64encode(ed25519).decode()}
+
+
+def manifest_signatures(by: Signer | Ed25519PublicKey, manifest: dict[str, Any]) -> list[str] | None:
+    """The signatures of `manifest` (its `signature` a string) that `by` verified: with the checkpoint key (a Signer)
+    each it carries, with the public key the Ed25519 one only ([]: an export from before Ed25519, the HMAC alone);
+    None when one fails."""
+    ed25519_signed = {name: value for name, value in manifest.items() if name != "signature_ed25519"}
+    verified: list[str] = []
     try:
-        expected = sign_manifest(signer, manifest)
+        if isinstance(by, Signer):
+            hmac_signed = {name: value for name, value in ed25519_signed.items() if name != "signature"}
+            if not _same(_MANIFEST_V1 + _mac(by.key, _manifest_statement(hmac_signed)), manifest["signature"]):
+                return None
+            verified.append(HMAC_SHA256)
+        if "signature_ed25519" in manifest:
+            public_key = by.public_key() if isinstance(by, Signer) else by
+            if not _ed25519_signed(public_key, _manifest_statement(ed25519_signed), manifest["signature_ed25519"]):
+                return None
+            verified.append(ED25519)
     except (UnicodeEncodeError, RecursionError):  # a lone surrogate (JSON spells one: \ud800), or nesting no
-        return False  # export writes: no signed manifest holds either
-    return _same(expected, signature)
+        return None  # export writes: no signed manifest holds either
+    return verified
+
+
+def _ed25519_signed(public_key: Ed25519PublicKey, statement: bytes, signature: object) -> bool:
+    """Whether `signature` (base64, as written: no other spelling of the same bytes) is `public_key`'s over
+    `statement`."""
+    if not isinstance(signature, str) or not signature.isascii():
+        return False
+    try:
+        raw = base64.b64decode(signature, validate=True)
+        public_key.verify(raw, statement)
+    except (ValueError, InvalidSignature):  # binascii.Error is a ValueError
+        return False
+    return base64.b64encode(raw).decode() == signature
 
 
 def make_checkpoint(*, session: Session, settings: Settings, event: RetrievalEvent, kind: str = "periodic",

@@ -170,3 +170,14 @@ class ExportCheck(BaseModel):
     first_broken: int | None = None  # the row id where it was found, when one row is
     deployment_id: str | None = None
     through_event_id: int | None = None
+    signatures: list[str] = []  # those verified: "hmac-sha256" (the checkpoint key), "ed25519" (the public key)
+    key_id: str | None = None  # the Ed25519 key the manifest names (none before Ed25519 signatures)
+
+
+class PublicKey(BaseModel):
+    """The Ed25519 public key checking this deployment's export manifests (`GET /v1/audit/public-key`)."""
+
+    algorithm: str = "Ed25519"
+    key_id: str
+    public_key_pem: str
+    deployment_id: str

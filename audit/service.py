@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, BinaryIO
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy.orm import Session
 
 from audit import export, integrity, repository, training
@@ -19,6 +20,7 @@ from audit.schemas import (
     ExportCheck,
     ExportFilters,
     ExportFormat,
+    PublicKey,
     RetrievalRecord,
     VerifyResult,
 )
@@ -208,19 +210,29 @@ def export_events(*, session: Session, settings: Settings, identity: Identity, s
 
 
 def verify_export(*, export_file: BinaryIO, settings: Settings, session: Session | None,
-                  deployment_id: str | None = None) -> ExportCheck:
+                  deployment_id: str | None = None, public_key: Ed25519PublicKey | None = None) -> ExportCheck:
     """Check an export file (seekable, opened for bytes; read in one pass, a line at a time) against its signed
-    manifest, reading no ledger row. `deployment_id`: the deployment it
-    must come from (default: this database's); without a session, the configured checkpoint key and `deployment_id`
-    are all it takes (an auditor's machine)."""
+    manifest, reading no ledger row. `deployment_id`: the deployment it must come from (default: this database's).
+    With `public_key`, its Ed25519 signature is checked with that alone (an auditor's machine, holding no secret);
+    without a session, the configured checkpoint key and `deployment_id` are all it takes."""
+    if public_key is not None:
+        return export.check_export(export_file, by=public_key, deployment_id=deployment_id)
     if session is not None:
         signer = integrity.signer_for(settings, session)
     elif deployment_id is not None and settings.audit_checkpoint_key is not None:
         signer = integrity.Signer(integrity.checkpoint_key(settings), deployment_id)
     else:
         raise GovragError(ErrorCode.invalid_request, "without the database, checking an export takes the deployment "
-                                                     "id and GOVRAG_AUDIT_CHECKPOINT_KEY")
-    return export.check_export(export_file, signer=replace(signer, deployment_id=deployment_id or signer.deployment_id))
+                                                     "id and GOVRAG_AUDIT_CHECKPOINT_KEY, or the public key")
+    return export.check_export(export_file, by=signer, deployment_id=deployment_id or signer.deployment_id)
+
+
+def public_key(*, session: Session, settings: Settings) -> PublicKey:
+    """The Ed25519 public key that checks this deployment's export manifests, with its key id."""
+    signer = integrity.signer_for(settings, session)
+    key = signer.public_key()
+    return PublicKey(key_id=integrity.key_id(key), public_key_pem=integrity.public_key_pem(key),
+                     deployment_id=signer.deployment_id)
 
 
 def verify(*, session: Session, settings: Settings, deployment_id: str | None = None) -> VerifyResult:

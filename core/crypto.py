@@ -11,7 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -24,6 +26,11 @@ class DecryptionError(Exception):
 def new_key() -> bytes:
     """A fresh random 256-bit key."""
     return secrets.token_bytes(KEY_BYTES)
+
+
+def derive_key(secret: bytes, info: bytes) -> bytes:
+    """A 256-bit key derived from `secret` for the use `info` names (HKDF-SHA256, no salt)."""
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(secret)
 
 
 def seal(key: bytes, plaintext: bytes, context: str) -> bytes:

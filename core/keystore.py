@@ -29,8 +29,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import SecretStr
 from sqlalchemy import delete, exists, func, select, union_all
 from sqlalchemy.dialects import postgresql, sqlite
@@ -276,8 +274,7 @@ class KeyStore:
         row = _latest(session, "checkpoint", _CHECKPOINT_OWNER)
         if row is None:  # never rotated: the oldest master version is the original one
             masters = self._masters_now()
-            key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                       info=_CHECKPOINT_HKDF_INFO).derive(masters[min(masters)])
+            key = crypto.derive_key(masters[min(masters)], _CHECKPOINT_HKDF_INFO)
         else:
             key = crypto.open_sealed(self._master(row.parent_version), row.wrapped,
                                      _context("checkpoint", _CHECKPOINT_OWNER, row.version))

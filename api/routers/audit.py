@@ -11,7 +11,16 @@ from fastapi.responses import StreamingResponse
 from api.deps import CurrentUser, EnforcerDep, SessionDep, SettingsDep
 from audit import service as audit_service
 from audit.export import MEDIA_TYPES
-from audit.schemas import Decision, EventType, ExportFilters, ExportFormat, VerifyResult, WindowBound, deployment_pin
+from audit.schemas import (
+    Decision,
+    EventType,
+    ExportFilters,
+    ExportFormat,
+    PublicKey,
+    VerifyResult,
+    WindowBound,
+    deployment_pin,
+)
 from authz.identity import MAX_SUBJECT_CHARS
 from core.models import DOCUMENT_ID_CHARS
 from core.text import DepartmentName
@@ -47,7 +56,20 @@ def verify_ledger(session: SessionDep, settings: SettingsDep, enforcer: Enforcer
                   ) -> VerifyResult:
     """Walk the hash chain and the signed checkpoints, of the deployment `deployment_id` if given (compliance officers
     and platform admins)."""
-    if not user.is_platform_admin:
-        audit_service.compliance_scope(session=session, settings=settings, enforcer=enforcer, identity=user)
+    _require_compliance(session, settings, enforcer, user)
     pinned = None if deployment_id is None else deployment_pin(deployment_id)
     return audit_service.verify(session=session, settings=settings, deployment_id=pinned)
+
+
+@router.get("/public-key", response_model=PublicKey)
+def public_key(session: SessionDep, settings: SettingsDep, enforcer: EnforcerDep, user: CurrentUser) -> PublicKey:
+    """The Ed25519 public key an auditor checks export manifests with, holding no secret (compliance officers and
+    platform admins)."""
+    _require_compliance(session, settings, enforcer, user)
+    return audit_service.public_key(session=session, settings=settings)
+
+
+def _require_compliance(session: SessionDep, settings: SettingsDep, enforcer: EnforcerDep, user: CurrentUser) -> None:
+    """Platform admins, or the compliance role somewhere (else 403)."""
+    if not user.is_platform_admin:
+        audit_service.compliance_scope(session=session, settings=settings, enforcer=enforcer, identity=user)

@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
+import io
 import json
+import logging
 import os
+import re
 import shutil
+import subprocess
+import sys
 import threading
 import tracemalloc
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, timedelta
@@ -17,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import insert, select, text
 
 from audit import service as audit_service
-from audit.integrity import LEGACY_GRACE
+from audit.integrity import LEGACY_GRACE, Signer, load_public_key
 from audit.schemas import LATER_FIELDS, RETRIEVAL_EVENT, Decision, ExportFilters, ExportFormat, RetrievalRecord
 from authz.identity import Identity
 from core import migrate
@@ -33,6 +42,7 @@ from tests.support.legacy_checkpoint import add_v1_checkpoint
 
 ADMIN = Identity(subject="root-admin", groups=(), is_platform_admin=True)
 SHARED_KEY = base64.b64encode(b"k" * 32).decode()  # two deployments configured with one checkpoint key
+AUDIT_DOC = Path(__file__).resolve().parents[2] / "docs" / "audit.md"
 
 
 @pytest.fixture(scope="module")
@@ -92,18 +102,19 @@ def _export(settings: Settings, path: Path, fmt: ExportFormat = ExportFormat.jso
 @pytest.fixture
 def audit_cli(monkeypatch: pytest.MonkeyPatch,
               capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[..., tuple]]:
-    """`govrag audit ACTION [args]` configured for a deployment: (exit code, its JSON report)."""
+    """`govrag audit ACTION [args]` configured for a deployment: (exit code, its JSON report; public-key: its PEM)."""
     from api import cli as govrag
     from core.settings import get_settings
 
-    def run(settings: Settings, *argv: str) -> tuple[int, dict[str, object]]:
+    def run(settings: Settings, *argv: str) -> tuple[int, Any]:
         monkeypatch.setenv("GOVRAG_DATABASE_URL", settings.resolved_database_url)
         monkeypatch.setenv("GOVRAG_DATA_DIR", str(settings.data_dir))
         if settings.audit_checkpoint_key is not None:
             monkeypatch.setenv("GOVRAG_AUDIT_CHECKPOINT_KEY", settings.audit_checkpoint_key.get_secret_value())
         get_settings.cache_clear()
         code = govrag.main(["audit", *argv])
-        return code, json.loads(capsys.readouterr().out)
+        out = capsys.readouterr().out
+        return code, out if argv[0] == "public-key" else json.loads(out)
 
     yield run
     get_settings.cache_clear()
@@ -544,3 +555,157 @@ def test_readyz_reports_a_deployment_row_lost_under_the_running_api(
         close_vector_store(settings)
     assert (response.status_code, response.json()["checks"]["schema"]) == (503, "mismatch")
     assert response.json()["reason"] == LOST_ROW.removeprefix("govrag: ")
+
+
+# --- Ed25519: an export checked with the public key alone ---
+
+def _auditor(tmp_path: Path) -> Settings:
+    """An auditor's machine: no checkpoint key, no master key, a database it cannot open."""
+    return Settings(data_dir=tmp_path / "auditor", database_url=f"sqlite:///{tmp_path}/nowhere/no.db")
+
+
+def _published(audit_cli: Callable[..., tuple], settings: Settings, path: Path) -> Path:
+    """`govrag audit public-key > path`."""
+    code, pem = audit_cli(settings, "public-key")
+    assert code == 0 and pem.startswith("-----BEGIN PUBLIC KEY-----")
+    path.write_text(pem, encoding="ascii")
+    return path
+
+
+def test_an_export_verifies_with_the_public_key_alone_and_says_which_signature(
+        ledger: Settings, tmp_path: Path, audit_cli: Callable[..., tuple], cli: Callable[..., tuple]) -> None:
+    """Checking an export took the checkpoint key, which also signs: an auditor able to check one could forge one.
+    The manifest is now signed with Ed25519 too, and the public key (`govrag audit public-key`) checks it with no
+    secret and no database; the key holder checks both signatures, and the report names those checked."""
+    _append(ledger, 4)
+    export = _export(ledger, tmp_path / "export.jsonl")
+    public = _published(audit_cli, ledger, tmp_path / "audit.pub")
+    auditor = _auditor(tmp_path)
+    code, report = cli(auditor, export, "--public-key", str(public))
+    manifest = json.loads(_lines(export)[-1])["manifest"]
+    assert (code, report["ok"], report["rows"], report["signatures"]) == (0, True, 4, ["ed25519"])
+    assert report["key_id"] == manifest["key_id"] and report["deployment_id"] == manifest["deployment_id"]
+    assert not (auditor.data_dir / "master.key").exists()  # no key made or read on the auditor's machine
+    code, report = cli(ledger, export)
+    assert (code, report["signatures"]) == (0, ["hmac-sha256", "ed25519"])
+    code, report = cli(auditor, export, "--public-key", str(public), "--deployment-id", str(uuid.uuid4()))
+    assert (code, report["reason"]) == (3, "other_deployment")
+
+
+def test_the_documented_public_key_check_verifies_with_plain_cryptography_and_openssl(
+        ledger: Settings, tmp_path: Path, audit_cli: Callable[..., tuple]) -> None:
+    """docs/audit.md's recipe, as an auditor runs it: Python's `cryptography`, then `openssl pkeyutl`."""
+    _append(ledger, 2)
+    export = _export(ledger, tmp_path / "export.jsonl")
+    public = _published(audit_cli, ledger, tmp_path / "audit.pub")
+    namespace: dict[str, Any] = {}
+    exec(_documented("python", "def verify_manifest"), namespace)  # noqa: S102 - the documented code, as run
+    assert namespace["verify_manifest"](str(export), str(public))["rows"] == 2
+    edited = _written(export, [*_lines(export)[:-1], _lines(export)[-1].replace(b'"rows": 2', b'"rows": 1')])
+    with pytest.raises(InvalidSignature):
+        namespace["verify_manifest"](str(edited), str(public))
+    script = _documented("bash", "openssl pkeyutl")
+    for path, verified in ((export, 0), (edited, 1)):
+        run = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True,  # noqa: S603, S607
+                             check=False, env={**os.environ, "EXPORT": str(path), "PUBLIC_KEY": str(public),
+                                               "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+        assert (run.returncode, "Signature Verified Successfully" in run.stdout) == (verified, not verified), run
+
+
+def _documented(language: str, holding: str) -> str:
+    """The code block of docs/audit.md in `language` that holds `holding`."""
+    blocks = re.findall(rf"^```{language}\n(.*?)^```", AUDIT_DOC.read_text(encoding="utf-8"), re.S | re.M)
+    found = [block for block in blocks if holding in block]
+    assert len(found) == 1, "docs/audit.md's public-key check moved: update this test"
+    return found[0]
+
+
+def test_any_byte_changed_in_an_export_fails_the_public_key_check(ledger: Settings, tmp_path: Path) -> None:
+    """Each byte of the file, rows and manifest (its HMAC too, which the public key cannot check), changed."""
+    _append(ledger, 3)
+    data = _export(ledger, tmp_path / "export.jsonl").read_bytes()
+    with unit_of_work(ledger.resolved_database_url) as session:
+        public_key = load_public_key(audit_service.public_key(session=session, settings=ledger).public_key_pem.encode())
+
+    def verified(export: bytes) -> bool:
+        return audit_service.verify_export(export_file=io.BytesIO(export), settings=ledger, session=None,
+                                           public_key=public_key).ok
+
+    assert verified(data)
+    assert [at for at in range(len(data)) if verified(data[:at] + bytes([data[at] ^ 1]) + data[at + 1:])] == []
+
+
+def test_a_public_key_derived_from_another_master_key_fails(ledger: Settings, tmp_path: Path,
+                                                             audit_cli: Callable[..., tuple],
+                                                             cli: Callable[..., tuple]) -> None:
+    _append(ledger, 2)
+    export = _export(ledger, tmp_path / "export.jsonl")
+    ours = _published(audit_cli, ledger, tmp_path / "ours.pub")
+    theirs = _published(audit_cli, _other(tmp_path), tmp_path / "theirs.pub")  # its own master key file
+    assert ours.read_text() != theirs.read_text()
+    code, report = cli(_auditor(tmp_path), export, "--public-key", str(theirs))
+    assert (code, report["ok"], report["reason"]) == (3, False, "manifest_signature_invalid")
+
+
+def test_the_public_key_outlives_a_master_key_rotation(tmp_path: Path, audit_cli: Callable[..., tuple],
+                                                       cli: Callable[..., tuple]) -> None:
+    """Derived from the checkpoint key, which a master rotation keeps (wrapped): exports signed before it still check
+    with the key published after it."""
+    from ingestion import keys
+
+    settings = _other(tmp_path)
+    _append(settings, 2)
+    export = _export(settings, tmp_path / "export.jsonl")
+    before = _published(audit_cli, settings, tmp_path / "before.pub").read_text()
+    keys.rotate_master_key(settings=settings, identity=ADMIN)
+    after = _published(audit_cli, settings, tmp_path / "after.pub")
+    assert after.read_text() == before
+    assert cli(_auditor(tmp_path), export, "--public-key", str(after))[1]["ok"] is True
+
+
+def _signed_before_ed25519(export: Path, key: bytes) -> Path:
+    """The export as a release before Ed25519 signatures wrote it: no key id, the HMAC alone."""
+    *rows, line = _lines(export)
+    manifest = json.loads(line)["manifest"]
+    for name in ("key_id", "signature", "signature_ed25519"):
+        manifest.pop(name, None)
+    canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    mac = hmac.new(key, f"govrag-export-manifest|v1|{canonical}".encode(), hashlib.sha256).digest()
+    manifest["signature"] = "v1." + base64.urlsafe_b64encode(mac).decode()
+    return _written(export, [*rows, json.dumps({"manifest": manifest}).encode()])
+
+
+def test_an_export_signed_before_ed25519_still_verifies_with_the_key(ledger: Settings, tmp_path: Path,
+                                                                       audit_cli: Callable[..., tuple],
+                                                                       cli: Callable[..., tuple]) -> None:
+    """An HMAC-only export checks as before, the report saying so; the public key alone cannot check it (said as
+    such, not as tampering)."""
+    settings = _keyed(ledger, SHARED_KEY)
+    _append(settings, 3)
+    old = _signed_before_ed25519(_export(settings, tmp_path / "export.jsonl"), base64.b64decode(SHARED_KEY))
+    code, report = cli(settings, old)
+    assert (code, report["ok"], report["rows"], report["signatures"], report["key_id"]) == (
+        0, True, 3, ["hmac-sha256"], None)
+    public = _published(audit_cli, settings, tmp_path / "audit.pub")
+    code, report = cli(_auditor(tmp_path), old, "--public-key", str(public))
+    assert (code, report["ok"], report["reason"]) == (3, False, "ed25519_signature_missing")
+
+
+def test_no_private_key_bytes_in_an_export_the_public_key_a_report_or_a_log(
+        ledger: Settings, tmp_path: Path, audit_cli: Callable[..., tuple], cli: Callable[..., tuple],
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    settings = _keyed(ledger, SHARED_KEY)
+    signer = Signer(base64.b64decode(SHARED_KEY), "deployment-1")
+    private = signer.signing_key().private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                                 serialization.NoEncryption())
+    spellings = [private, private.hex().encode(), base64.b64encode(private).rstrip(b"="),
+                 base64.urlsafe_b64encode(private).rstrip(b"=")]
+    _append(settings, 2)
+    export = _export(settings, tmp_path / "export.jsonl")
+    public = _published(audit_cli, settings, tmp_path / "audit.pub")
+    reports = [cli(settings, export)[1], cli(_auditor(tmp_path), export, "--public-key", str(public))[1]]
+    shown = b"".join([export.read_bytes(), public.read_bytes(), json.dumps(reports).encode(), caplog.text.encode(),
+                      repr(signer).encode(), repr(signer.signing_key()).encode()])
+    assert b"PRIVATE" not in public.read_bytes() and all(reports[n]["ok"] for n in (0, 1))
+    assert [spelling for spelling in spellings if spelling in shown] == []

@@ -111,6 +111,25 @@ def test_a_served_export_is_signed_for_this_deployment(client: TestClient, scene
         assert cut.reason == "rows_removed"
 
 
+def test_the_published_public_key_checks_a_served_export_without_the_secret(client: TestClient,
+                                                                            scene: dict[str, str],
+                                                                            settings) -> None:  # type: ignore[no-untyped-def]
+    """`GET /v1/audit/public-key` (compliance officers): the Ed25519 key that checks what the API exports, alone."""
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    from audit import service as audit_service
+
+    assert client.get("/v1/audit/public-key", headers=auth(scene["reader_token"])).status_code == 403
+    published = client.get("/v1/audit/public-key", headers=auth(scene["officer_token"]))
+    assert published.status_code == 200 and published.json()["algorithm"] == "Ed25519"
+    response = client.get("/v1/audit/retrievals", headers=auth(scene["officer_token"]),
+                          params={"user": scene["reader"]})
+    result = audit_service.verify_export(export_file=io.BytesIO(response.content), settings=settings, session=None,
+                                         public_key=load_pem_public_key(published.json()["public_key_pem"].encode()))
+    assert (result.ok, result.signatures, result.key_id, result.deployment_id) == (
+        True, ["ed25519"], published.json()["key_id"], published.json()["deployment_id"])
+
+
 def test_export_is_scoped_to_compliance_departments_and_audited(client: TestClient, scene: dict[str, str]) -> None:
     assert client.get("/v1/audit/retrievals", headers=auth(scene["reader_token"])).status_code == 403
     assert client.get("/v1/audit/retrievals", headers=auth(scene["officer_token"]),

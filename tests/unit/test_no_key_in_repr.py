@@ -32,11 +32,12 @@ def _record_classes() -> Iterator[type]:
 
 
 def _shown_bytes_fields(cls: type) -> list[str]:
-    """The fields of `cls` typed to hold bytes that its repr shows (a NamedTuple's repr shows every field)."""
+    """The fields of `cls` typed to hold bytes or a private key (Ed25519's, the audit signing key) that its repr shows
+    (a NamedTuple's repr shows every field)."""
     hints = typing.get_type_hints(cls)
     shown = ([f.name for f in dataclasses.fields(cls) if f.repr] if dataclasses.is_dataclass(cls)
              else list(cls._fields))  # type: ignore[attr-defined]
-    return [name for name in shown if "bytes" in str(hints.get(name))]
+    return [name for name in shown if any(kind in str(hints.get(name)) for kind in ("bytes", "PrivateKey"))]
 
 
 def test_no_record_class_shows_bytes_in_its_repr() -> None:
