@@ -58,7 +58,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                                  "GOVRAG_AUDIT_CHECKPOINT_KEY set, no database is needed")
     checking_export.add_argument("--public-key", type=public_key_argument, metavar="PEM_FILE",
                                  help="check the manifest's Ed25519 signature with this public key (`govrag audit "
-                                 "public-key`) alone: no secret, no database")
+                                 "public-key`) alone, no secret, no database; takes --deployment-id")
     checking_export.set_defaults(run=verify_export)
     audit_commands.add_parser(
         "public-key", help="print the Ed25519 public key (PEM) that checks this deployment's export manifests "
@@ -236,11 +236,14 @@ def training_data(args: argparse.Namespace) -> int:
 
 @_reported
 def public_key(_args: argparse.Namespace) -> int:
-    """Print the Ed25519 public key (PEM) that checks this deployment's export manifests."""
+    """Print the Ed25519 public key (PEM) that checks this deployment's export manifests; its key id and the
+    deployment id, which an auditor keeps with it, on stderr (the PEM alone is redirected to a file)."""
     from audit import service as audit_service
 
     with _session() as session:
-        print(audit_service.public_key(session=session, settings=get_settings()).public_key_pem, end="")
+        published = audit_service.public_key(session=session, settings=get_settings())
+    print(published.public_key_pem, end="")
+    print(f"key_id {published.key_id}, deployment_id {published.deployment_id}", file=sys.stderr)
     return 0
 
 

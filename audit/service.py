@@ -213,9 +213,14 @@ def verify_export(*, export_file: BinaryIO, settings: Settings, session: Session
                   deployment_id: str | None = None, public_key: Ed25519PublicKey | None = None) -> ExportCheck:
     """Check an export file (seekable, opened for bytes; read in one pass, a line at a time) against its signed
     manifest, reading no ledger row. `deployment_id`: the deployment it must come from (default: this database's).
-    With `public_key`, its Ed25519 signature is checked with that alone (an auditor's machine, holding no secret);
-    without a session, the configured checkpoint key and `deployment_id` are all it takes."""
+    With `public_key`, its Ed25519 signature is checked with that alone (an auditor's machine, holding no secret), and
+    `deployment_id` is required: deployments sharing a checkpoint key (a clone) share the public key too; without a
+    session, the configured checkpoint key and `deployment_id` are all it takes."""
     if public_key is not None:
+        if deployment_id is None:
+            raise GovragError(ErrorCode.invalid_request, "checking with the public key takes the deployment id the "
+                                                         "export must come from (--deployment-id): deployments sharing "
+                                                         "a checkpoint key share the public key")
         return export.check_export(export_file, by=public_key, deployment_id=deployment_id)
     if session is not None:
         signer = integrity.signer_for(settings, session)

@@ -31,7 +31,7 @@ from pydantic import SecretStr
 from sqlalchemy import insert, select, text
 
 from audit import service as audit_service
-from audit.integrity import LEGACY_GRACE, Signer, load_public_key
+from audit.integrity import LEGACY_GRACE, Signer, load_public_key, manifest_signatures, sign_manifest
 from audit.schemas import LATER_FIELDS, RETRIEVAL_EVENT, Decision, ExportFilters, ExportFormat, RetrievalRecord
 from authz.identity import Identity
 from core import migrate
@@ -102,7 +102,8 @@ def _export(settings: Settings, path: Path, fmt: ExportFormat = ExportFormat.jso
 @pytest.fixture
 def audit_cli(monkeypatch: pytest.MonkeyPatch,
               capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[..., tuple]]:
-    """`govrag audit ACTION [args]` configured for a deployment: (exit code, its JSON report; public-key: its PEM)."""
+    """`govrag audit ACTION [args]` configured for a deployment: (exit code, its JSON report, or its stderr when it
+    printed none; public-key: its stdout and stderr)."""
     from api import cli as govrag
     from core.settings import get_settings
 
@@ -113,8 +114,10 @@ def audit_cli(monkeypatch: pytest.MonkeyPatch,
             monkeypatch.setenv("GOVRAG_AUDIT_CHECKPOINT_KEY", settings.audit_checkpoint_key.get_secret_value())
         get_settings.cache_clear()
         code = govrag.main(["audit", *argv])
-        out = capsys.readouterr().out
-        return code, out if argv[0] == "public-key" else json.loads(out)
+        out, err = capsys.readouterr()
+        if argv[0] == "public-key":
+            return code, (out, err)
+        return code, json.loads(out) if out else err
 
     yield run
     get_settings.cache_clear()
@@ -564,12 +567,14 @@ def _auditor(tmp_path: Path) -> Settings:
     return Settings(data_dir=tmp_path / "auditor", database_url=f"sqlite:///{tmp_path}/nowhere/no.db")
 
 
-def _published(audit_cli: Callable[..., tuple], settings: Settings, path: Path) -> Path:
-    """`govrag audit public-key > path`."""
-    code, pem = audit_cli(settings, "public-key")
+def _published(audit_cli: Callable[..., tuple], settings: Settings, path: Path) -> tuple[Path, str]:
+    """`govrag audit public-key > path`: the path and the deployment id it says on stderr (the auditor keeps both)."""
+    code, (pem, said) = audit_cli(settings, "public-key")
     assert code == 0 and pem.startswith("-----BEGIN PUBLIC KEY-----")
     path.write_text(pem, encoding="ascii")
-    return path
+    found = re.fullmatch(r"key_id [0-9a-f]{16}, deployment_id (\S+)\n", said)
+    assert found is not None, said
+    return path, found[1]
 
 
 def test_an_export_verifies_with_the_public_key_alone_and_says_which_signature(
@@ -579,12 +584,12 @@ def test_an_export_verifies_with_the_public_key_alone_and_says_which_signature(
     secret and no database; the key holder checks both signatures, and the report names those checked."""
     _append(ledger, 4)
     export = _export(ledger, tmp_path / "export.jsonl")
-    public = _published(audit_cli, ledger, tmp_path / "audit.pub")
+    public, deployment = _published(audit_cli, ledger, tmp_path / "audit.pub")
     auditor = _auditor(tmp_path)
-    code, report = cli(auditor, export, "--public-key", str(public))
+    code, report = cli(auditor, export, "--public-key", str(public), "--deployment-id", deployment)
     manifest = json.loads(_lines(export)[-1])["manifest"]
     assert (code, report["ok"], report["rows"], report["signatures"]) == (0, True, 4, ["ed25519"])
-    assert report["key_id"] == manifest["key_id"] and report["deployment_id"] == manifest["deployment_id"]
+    assert report["key_id"] == manifest["key_id"] and report["deployment_id"] == manifest["deployment_id"] == deployment
     assert not (auditor.data_dir / "master.key").exists()  # no key made or read on the auditor's machine
     code, report = cli(ledger, export)
     assert (code, report["signatures"]) == (0, ["hmac-sha256", "ed25519"])
@@ -592,24 +597,47 @@ def test_an_export_verifies_with_the_public_key_alone_and_says_which_signature(
     assert (code, report["reason"]) == (3, "other_deployment")
 
 
+def test_the_public_key_check_refuses_to_run_without_the_deployment_pin(
+        ledger: Settings, tmp_path: Path, audit_cli: Callable[..., tuple], cli: Callable[..., tuple]) -> None:
+    """Deployments sharing a checkpoint key (a clone configured with one, or given a copy of the master key) share the
+    public key: a staging export would read as production's. With the public key the deployment id is required (the
+    key holder's check pins this database's own)."""
+    settings = _keyed(ledger, SHARED_KEY)
+    _append(settings, 2)
+    export = _export(settings, tmp_path / "export.jsonl")
+    public, _ = _published(audit_cli, settings, tmp_path / "ours.pub")
+    other, clone = _published(audit_cli, _keyed(_other(tmp_path), SHARED_KEY), tmp_path / "clone.pub")
+    assert other.read_text() == public.read_text()  # one key, two deployments
+    code, said = cli(_auditor(tmp_path), export, "--public-key", str(public))
+    assert (code, said) == (2, "refused: checking with the public key takes the deployment id the export "
+                               "must come from (--deployment-id): deployments sharing a checkpoint key share the "
+                               "public key\n")
+    code, report = cli(_auditor(tmp_path), export, "--public-key", str(public), "--deployment-id", clone)
+    assert (code, report["ok"], report["reason"]) == (3, False, "other_deployment")
+
+
 def test_the_documented_public_key_check_verifies_with_plain_cryptography_and_openssl(
         ledger: Settings, tmp_path: Path, audit_cli: Callable[..., tuple]) -> None:
     """docs/audit.md's recipe, as an auditor runs it: Python's `cryptography`, then `openssl pkeyutl`."""
     _append(ledger, 2)
     export = _export(ledger, tmp_path / "export.jsonl")
-    public = _published(audit_cli, ledger, tmp_path / "audit.pub")
+    public, deployment = _published(audit_cli, ledger, tmp_path / "audit.pub")
     namespace: dict[str, Any] = {}
     exec(_documented("python", "def verify_manifest"), namespace)  # noqa: S102 - the documented code, as run
-    assert namespace["verify_manifest"](str(export), str(public))["rows"] == 2
+    assert namespace["verify_manifest"](str(export), str(public), deployment)["rows"] == 2
     edited = _written(export, [*_lines(export)[:-1], _lines(export)[-1].replace(b'"rows": 2', b'"rows": 1')])
     with pytest.raises(InvalidSignature):
-        namespace["verify_manifest"](str(edited), str(public))
+        namespace["verify_manifest"](str(edited), str(public), deployment)
+    with pytest.raises(AssertionError, match="another deployment"):
+        namespace["verify_manifest"](str(export), str(public), str(uuid.uuid4()))
     script = _documented("bash", "openssl pkeyutl")
-    for path, verified in ((export, 0), (edited, 1)):
+    cases = ((export, deployment, 0, True), (edited, deployment, 1, False), (export, str(uuid.uuid4()), 1, True))
+    for path, pinned, exit_code, signature_holds in cases:
         run = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True,  # noqa: S603, S607
                              check=False, env={**os.environ, "EXPORT": str(path), "PUBLIC_KEY": str(public),
+                                               "DEPLOYMENT_ID": pinned,
                                                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
-        assert (run.returncode, "Signature Verified Successfully" in run.stdout) == (verified, not verified), run
+        assert (run.returncode, "Signature Verified Successfully" in run.stdout) == (exit_code, signature_holds), run
 
 
 def _documented(language: str, holding: str) -> str:
@@ -625,14 +653,36 @@ def test_any_byte_changed_in_an_export_fails_the_public_key_check(ledger: Settin
     _append(ledger, 3)
     data = _export(ledger, tmp_path / "export.jsonl").read_bytes()
     with unit_of_work(ledger.resolved_database_url) as session:
-        public_key = load_public_key(audit_service.public_key(session=session, settings=ledger).public_key_pem.encode())
+        published = audit_service.public_key(session=session, settings=ledger)
+    public_key, deployment = load_public_key(published.public_key_pem.encode()), published.deployment_id
 
     def verified(export: bytes) -> bool:
         return audit_service.verify_export(export_file=io.BytesIO(export), settings=ledger, session=None,
-                                           public_key=public_key).ok
+                                           public_key=public_key, deployment_id=deployment).ok
 
     assert verified(data)
     assert [at for at in range(len(data)) if verified(data[:at] + bytes([data[at] ^ 1]) + data[at + 1:])] == []
+
+
+def test_only_the_written_base64_of_the_ed25519_signature_is_taken() -> None:
+    """The signature's bytes spelled otherwise (padding dropped, a line break, the URL-safe alphabet, the trailing
+    bits the encoder leaves zero set) are refused, as is no signature at all: one manifest, one spelling."""
+    signer = Signer(b"k" * 32, "deployment-1")
+    manifest: dict[str, Any] = {"rows": 1, "deployment_id": "deployment-1", "key_id": "0" * 16}
+    manifest |= sign_manifest(signer, manifest)
+    written = manifest["signature_ed25519"]
+    raw = base64.b64decode(written)
+    last = _BASE64.index(written[-3])  # 64 bytes: 86 characters, the last holding 4 bits the encoder leaves 0
+    spellings = [written.rstrip("="), f"{written[:40]}\n{written[40:]}", f" {written}",
+                 written.replace("+", "-").replace("/", "_") if {"+", "/"} & set(written) else written[:-3] + "-==",
+                 f"{written[:-3]}{_BASE64[last | 1]}=="]
+    assert base64.b64decode(spellings[-1]) == raw  # the same signature bytes
+    assert manifest_signatures(signer.public_key(), manifest) == ["ed25519"]
+    assert [manifest_signatures(signer.public_key(), manifest | {"signature_ed25519": spelling})
+            for spelling in [*spellings, None, 1]] == [None] * (len(spellings) + 2)
+
+
+_BASE64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
 def test_a_public_key_derived_from_another_master_key_fails(ledger: Settings, tmp_path: Path,
@@ -640,10 +690,10 @@ def test_a_public_key_derived_from_another_master_key_fails(ledger: Settings, tm
                                                              cli: Callable[..., tuple]) -> None:
     _append(ledger, 2)
     export = _export(ledger, tmp_path / "export.jsonl")
-    ours = _published(audit_cli, ledger, tmp_path / "ours.pub")
-    theirs = _published(audit_cli, _other(tmp_path), tmp_path / "theirs.pub")  # its own master key file
+    ours, deployment = _published(audit_cli, ledger, tmp_path / "ours.pub")
+    theirs, _ = _published(audit_cli, _other(tmp_path), tmp_path / "theirs.pub")  # its own master key file
     assert ours.read_text() != theirs.read_text()
-    code, report = cli(_auditor(tmp_path), export, "--public-key", str(theirs))
+    code, report = cli(_auditor(tmp_path), export, "--public-key", str(theirs), "--deployment-id", deployment)
     assert (code, report["ok"], report["reason"]) == (3, False, "manifest_signature_invalid")
 
 
@@ -656,11 +706,12 @@ def test_the_public_key_outlives_a_master_key_rotation(tmp_path: Path, audit_cli
     settings = _other(tmp_path)
     _append(settings, 2)
     export = _export(settings, tmp_path / "export.jsonl")
-    before = _published(audit_cli, settings, tmp_path / "before.pub").read_text()
+    before, deployment = _published(audit_cli, settings, tmp_path / "before.pub")
+    published = before.read_text()
     keys.rotate_master_key(settings=settings, identity=ADMIN)
-    after = _published(audit_cli, settings, tmp_path / "after.pub")
-    assert after.read_text() == before
-    assert cli(_auditor(tmp_path), export, "--public-key", str(after))[1]["ok"] is True
+    after, _ = _published(audit_cli, settings, tmp_path / "after.pub")
+    assert after.read_text() == published
+    assert cli(_auditor(tmp_path), export, "--public-key", str(after), "--deployment-id", deployment)[1]["ok"] is True
 
 
 def _signed_before_ed25519(export: Path, key: bytes) -> Path:
@@ -686,8 +737,8 @@ def test_an_export_signed_before_ed25519_still_verifies_with_the_key(ledger: Set
     code, report = cli(settings, old)
     assert (code, report["ok"], report["rows"], report["signatures"], report["key_id"]) == (
         0, True, 3, ["hmac-sha256"], None)
-    public = _published(audit_cli, settings, tmp_path / "audit.pub")
-    code, report = cli(_auditor(tmp_path), old, "--public-key", str(public))
+    public, deployment = _published(audit_cli, settings, tmp_path / "audit.pub")
+    code, report = cli(_auditor(tmp_path), old, "--public-key", str(public), "--deployment-id", deployment)
     assert (code, report["ok"], report["reason"]) == (3, False, "ed25519_signature_missing")
 
 
@@ -703,8 +754,9 @@ def test_no_private_key_bytes_in_an_export_the_public_key_a_report_or_a_log(
                  base64.urlsafe_b64encode(private).rstrip(b"=")]
     _append(settings, 2)
     export = _export(settings, tmp_path / "export.jsonl")
-    public = _published(audit_cli, settings, tmp_path / "audit.pub")
-    reports = [cli(settings, export)[1], cli(_auditor(tmp_path), export, "--public-key", str(public))[1]]
+    public, deployment = _published(audit_cli, settings, tmp_path / "audit.pub")
+    reports = [cli(settings, export)[1],
+               cli(_auditor(tmp_path), export, "--public-key", str(public), "--deployment-id", deployment)[1]]
     shown = b"".join([export.read_bytes(), public.read_bytes(), json.dumps(reports).encode(), caplog.text.encode(),
                       repr(signer).encode(), repr(signer.signing_key()).encode()])
     assert b"PRIVATE" not in public.read_bytes() and all(reports[n]["ok"] for n in (0, 1))

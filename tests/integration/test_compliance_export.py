@@ -119,13 +119,16 @@ def test_the_published_public_key_checks_a_served_export_without_the_secret(clie
 
     from audit import service as audit_service
 
+    assert client.get("/v1/audit/public-key").status_code == 401
+    assert client.get("/v1/audit/public-key", headers=auth("not-a-token")).status_code == 401
     assert client.get("/v1/audit/public-key", headers=auth(scene["reader_token"])).status_code == 403
     published = client.get("/v1/audit/public-key", headers=auth(scene["officer_token"]))
     assert published.status_code == 200 and published.json()["algorithm"] == "Ed25519"
     response = client.get("/v1/audit/retrievals", headers=auth(scene["officer_token"]),
                           params={"user": scene["reader"]})
     result = audit_service.verify_export(export_file=io.BytesIO(response.content), settings=settings, session=None,
-                                         public_key=load_pem_public_key(published.json()["public_key_pem"].encode()))
+                                         public_key=load_pem_public_key(published.json()["public_key_pem"].encode()),
+                                         deployment_id=published.json()["deployment_id"])
     assert (result.ok, result.signatures, result.key_id, result.deployment_id) == (
         True, ["ed25519"], published.json()["key_id"], published.json()["deployment_id"])
 
