@@ -201,8 +201,10 @@ def _token(args: argparse.Namespace) -> int:
 
 def _demo(_args: argparse.Namespace) -> int:
     from api import demo
+    from ingestion import scratch
 
-    return demo.run()
+    with scratch.removed_on_sigterm():  # the in-process worker's parses leave no plaintext copy behind
+        return demo.run()
 
 
 def _redteam(args: argparse.Namespace) -> int:

@@ -88,6 +88,7 @@ def files_under(path: Path) -> tuple[list[Path], int]:
 def ingest_command(args: argparse.Namespace) -> int:
     """Upload a folder with a progress bar, then print a ready / quarantined / failed table."""
     from core.errors import GovragError
+    from ingestion import scratch
     from ingestion.schemas import parse_acl_groups
 
     try:
@@ -112,8 +113,8 @@ def ingest_command(args: argparse.Namespace) -> int:
     uploader = _api_uploader(args) if args.api_url else _inprocess_uploader(args)
     outcomes: list[Outcome] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    try:
-        with Progress(*columns, console=console) as progress:
+    try:  # a SIGTERM leaves no plaintext copy of a parse behind (`scratch.removed_on_sigterm`)
+        with scratch.removed_on_sigterm(), Progress(*columns, console=console) as progress:
             task = progress.add_task("ingesting", total=len(files))
             for outcome in uploader(files):
                 outcomes.append(outcome)

@@ -154,12 +154,17 @@ class ParseLimits:
 
 def parse_document(data: bytes, content_type: str, limits: ParseLimits | None = None,
                    deadline: sandbox.Deadline | None = None) -> list[Section]:
-    """Partition the bytes of a sniffed content type into sections, or raise a GovragError. Every step shares one
-    `deadline`, by default `limits.timeout_seconds` from now."""
+    """Partition the bytes of a sniffed content type into sections, or raise a GovragError (`Unavailable` for any
+    failure once the process's private directory went from under the parse: `scratch.parsing`). Every step shares
+    one `deadline`, by default `limits.timeout_seconds` from now."""
     limits = limits or ParseLimits()
     configure_unstructured()
-    scratch.private_dir()  # tempfile's default: what the parse writes there, the next process removes if this one dies
-    deadline = deadline or sandbox.Deadline(limits.timeout_seconds)
+    with scratch.parsing():  # tempfile's default: what the parse writes there, the next process removes if it dies
+        return _parse(data, content_type, limits, deadline or sandbox.Deadline(limits.timeout_seconds))
+
+
+def _parse(data: bytes, content_type: str, limits: ParseLimits, deadline: sandbox.Deadline) -> list[Section]:
+    """`parse_document` in the private directory."""
     uploaded = content_type  # what a failure names: an ODT converted to DOCX is an ODT to whoever sent it
     if content_type in legacy_office.FORMATS:
         data, content_type = legacy_office.convert(data, content_type, deadline)

@@ -17,19 +17,26 @@ import fcntl
 import math
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from core.errors import Unavailable
 from ingestion import legacy_office, sandbox
 
 PREFIX = "govrag-tmp-"
 # Older releases' pandoc and LibreOffice directories, made in the temporary directory itself (now in a private one)
 LEGACY_PREFIXES = ("govrag-pandoc-", "govrag-soffice-")
 LEGACY_AGE_SECONDS = 24 * 60 * 60  # far past any conversion: each is killed at the parse time limit (default 120 s)
+# What a parse whose directory was removed under it (`parsing`) says is unavailable: the host's fault, not the file's
+DEPENDENCY = "temporary directory"
 
-_lock = threading.Lock()
+# Reentrant: a SIGTERM handled on the main thread (`removed_on_sigterm`) may find it held by that thread
+_lock = threading.RLock()
 _base: str | None = None  # the temporary directory of the system (TMPDIR), where the private ones are made
 _current: tuple[int, str, int] | None = None  # (owning pid, directory, descriptor holding its lock)
 
@@ -52,6 +59,21 @@ def private_dir() -> str:
         _current = (os.getpid(), directory, descriptor)
         atexit.register(_remove_at_exit, os.getpid(), directory)
         return directory
+
+
+@contextmanager
+def parsing() -> Iterator[None]:
+    """A parse in this process's private directory (`private_dir`, made here if need be): any failure of the block
+    once that directory is gone (removed under a parse still running: by `remove_own` at a stop whose shutdown was cut
+    short, as by a second Ctrl-C, or by hand) is no fault of the document but the host's, `Unavailable`, an outage
+    ingestion waits out (the next parse makes the directory again), never a file refused as malformed."""
+    directory = private_dir()
+    try:
+        yield
+    except Exception:
+        if os.path.isdir(directory):
+            raise
+        raise Unavailable(DEPENDENCY) from None
 
 
 def _make_held(base: str) -> tuple[str, int]:
@@ -77,13 +99,37 @@ def _remove_at_exit(pid: int, directory: str) -> None:
 
 def remove_own() -> None:
     """Remove this process's directory now, for a process about to end with no atexit run: `govrag serve` once
-    uvicorn's shutdown is done, before uvicorn raises again the SIGTERM it stopped on, and a Celery prefork child,
-    which billiard ends with `os._exit`. tempfile's default stays the removed directory, where nothing more can be
-    written (a parse abandoned at the stop fails there, its copies not left in the temporary directory itself, with
-    no owner to tell by)."""
+    uvicorn's shutdown is done, before uvicorn raises again the SIGTERM it stopped on, a Celery prefork child,
+    which billiard ends with `os._exit`, and `govrag demo` or `govrag ingest` on a SIGTERM (`removed_on_sigterm`).
+    tempfile's default stays the removed directory, where nothing more can be written (a parse abandoned at the stop
+    fails there, `Unavailable` (`parsing`), its copies not left in the temporary directory itself, with no owner to
+    tell by)."""
     with _lock:
         if _current is not None:
             _remove_at_exit(*_current[:2])
+
+
+@contextmanager
+def removed_on_sigterm() -> Iterator[None]:
+    """In this block, a SIGTERM (systemd, docker, Kubernetes) removes this process's directory (`remove_own`), then
+    ends the process as the signal does, exit status and all, as `govrag serve` does once uvicorn's shutdown is done:
+    `govrag demo` and `govrag ingest` left it, the plaintext copies of the parse cut short in it, for the next process
+    to remove. Off the main thread, where no signal handler can be set, as uvicorn does: nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _remove_and_end)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _remove_and_end(signum: int, _frame: object) -> None:
+    """Remove this process's directory, then end by `signum` as it does unhandled."""
+    remove_own()
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
 
 
 def remove_ended(base: Path) -> list[Path]:

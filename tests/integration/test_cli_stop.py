@@ -1,0 +1,103 @@
+"""`govrag ingest` and `govrag demo` stopped as a supervisor stops them (SIGTERM: systemd, docker, Kubernetes) leave no
+private temporary directory (`ingestion.scratch`) behind, and die by the signal, as `govrag serve` does: they left it,
+with the plaintext copy of the document being parsed in it, for the next process to remove. And a private directory
+removed under a parse still running (a second Ctrl-C cuts `govrag serve`'s shutdown short) is the host's fault, never
+the document's: it failed the file as "corrupt or malformed". The real commands, each in its own process, with a
+temporary directory of their own; the ODT's conversion waits in a pandoc of the test's until the test lets it go on."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import pypandoc
+
+from ingestion import scratch
+from tests.support.conversion_inputs import ODT
+from tests.support.govrag_process import govrag_env, run_govrag, start_govrag, stop_govrag
+from tests.support.polling import wait_until
+
+# pandoc, once the conversion started (`started` made), waiting for the test (`go`) before it runs
+HELD_PANDOC = """#!{python}
+import os, pathlib, sys, time
+if sys.argv[1:] != ["--version"]:  # what pypandoc asks as it looks for pandoc
+    pathlib.Path({started!r}).touch()
+    while not os.path.exists({go!r}):
+        time.sleep(0.05)
+os.execv({real!r}, [{real!r}, *sys.argv[1:]])
+"""
+
+
+def _held_pandoc(tmp_path: Path) -> tuple[dict[str, str], Path, Path]:
+    """The environment of an in-process `govrag ingest` (the `cli_env` database and data dir) converting with a held
+    pandoc, TMPDIR tmp_path/tmp; the file pandoc makes once it started, and the one that lets it go on."""
+    started, go, pandoc = tmp_path / "started", tmp_path / "go", tmp_path / "pandoc"
+    real = Path(pypandoc.__file__).parent / "files" / "pandoc"
+    pandoc.write_text(HELD_PANDOC.format(python=sys.executable, real=str(real), started=str(started), go=str(go)))
+    pandoc.chmod(0o755)
+    (tmp_path / "tmp").mkdir()
+    return {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "PYPANDOC_PANDOC": str(pandoc)}, started, go
+
+
+def _private_dirs(temp_dir: Path) -> list[Path]:
+    return list(temp_dir.glob(f"{scratch.PREFIX}*"))
+
+
+def test_an_ingest_stopped_by_sigterm_leaves_no_private_temporary_directory(cli_env: str, tmp_path: Path) -> None:
+    env, started, _ = _held_pandoc(tmp_path)
+    log = tmp_path / "ingest.log"
+    ingest = start_govrag(["ingest", str(ODT), "--department", "hr"], log=log, env=env)
+    try:
+        wait_until(lambda: started.exists() or ingest.poll() is not None, 300, "the ODT's conversion to start")
+        assert started.exists(), log.read_text()[-3000:]
+        [private] = _private_dirs(tmp_path / "tmp")
+        assert any(private.rglob("upload.odt"))  # the copy pandoc converts
+        assert stop_govrag(ingest, signal.SIGTERM) == -signal.SIGTERM, log.read_text()[-3000:]
+    finally:
+        if ingest.poll() is None:
+            ingest.kill()
+            ingest.wait()
+    assert _private_dirs(tmp_path / "tmp") == []
+
+
+def test_a_demo_stopped_by_sigterm_leaves_no_private_temporary_directory(tmp_path: Path) -> None:
+    temp_dir, log = tmp_path / "tmp", tmp_path / "demo.log"
+    temp_dir.mkdir()
+    env = {**govrag_env(data_dir=str(tmp_path / "data")), "TMPDIR": str(temp_dir)}
+    demo = start_govrag(["demo"], log=log, env=env)
+    try:  # its in-process worker makes the directory as it starts, before the demo uploads its documents
+        wait_until(lambda: bool(_private_dirs(temp_dir)) or demo.poll() is not None, 300, "the demo's worker")
+        assert stop_govrag(demo, signal.SIGTERM) == -signal.SIGTERM, log.read_text()[-3000:]
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert _private_dirs(temp_dir) == []
+
+
+def test_a_private_directory_removed_under_a_parse_fails_no_file(cli_env: str, tmp_path: Path) -> None:
+    """The run stops as on any outage, the file `unavailable`, its job handed back: run again, it is ingested."""
+    env, started, go = _held_pandoc(tmp_path)
+    log = tmp_path / "ingest.log"
+    argv = ["ingest", str(ODT), "--department", "hr"]
+    ingest = start_govrag(argv, log=log, env=env)
+    try:
+        wait_until(lambda: started.exists() or ingest.poll() is not None, 300, "the ODT's conversion to start")
+        assert started.exists(), log.read_text()[-3000:]
+        [private] = _private_dirs(tmp_path / "tmp")
+        shutil.rmtree(private)
+        go.touch()
+        assert ingest.wait(300) == 1, log.read_text()[-3000:]
+    finally:
+        if ingest.poll() is None:
+            ingest.kill()
+            ingest.wait()
+    said = " ".join(log.read_text().split())  # the summary table's cells, wrapped
+    assert "corrupt" not in said, said[-3000:]
+    assert "unavailable: 1" in said and "the temporary directory is unavailable" in said, said[-3000:]
+    again = run_govrag(argv, env=env)
+    assert again.returncode == 0 and "ready: 1" in again.stdout, (again.stdout, again.stderr[-3000:])
+    assert _private_dirs(tmp_path / "tmp") == []
