@@ -1,18 +1,18 @@
 """What a `govrag` command says of a failure it knows, in one place: a Ctrl-C, a dependency unavailable, a department
-key that does not open, a refusal, a path the system refuses. Each is one line, never a traceback nor a server's
-address, with README's exit code (130, 1, 2); the command adds what the failure left (`Failure.why`, `when`), and
-`cli.main` says, as `line`, one that a command let out."""
+key that does not open, a refusal, an internal failure, a path the system refuses. Each is one line, never a traceback
+nor a server's address, with README's exit code (130, 1, 2); the command adds what the failure left (`Failure.why`,
+`when`), and `cli.main` says, as `line`, one that a command let out."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from core.errors import GovragError, unavailable_dependency
+from core.errors import ErrorCode, GovragError, unavailable_dependency
 from core.keystore import DepartmentKeyUnreadable
 from core.migrate import MigrationInterrupted
 
 EXIT_FAILED = 1  # it ran and something failed: a dependency unavailable
-EXIT_USAGE = 2  # changed nothing, something to fix first: a refusal, a path, a key row altered
+EXIT_USAGE = 2  # changed nothing, something to fix first: a refusal, a path, a key row altered, an internal failure
 EXIT_INTERRUPTED = 130  # a Ctrl-C, as a shell says a process SIGINT ended
 
 
@@ -42,8 +42,9 @@ def failure(exc: BaseException, *, where: str = "") -> Failure | None:
         return Failure(f"failed: {exc}", "once that row is restored", EXIT_USAGE)
     if (dependency := unavailable_dependency(exc)) is not None:
         return Failure(f"stopped: the {dependency} is unavailable", "once it is back", EXIT_FAILED)
-    if isinstance(exc, GovragError):
-        return Failure(f"refused: {exc.message}", "once that is fixed", EXIT_USAGE)
+    if isinstance(exc, GovragError):  # internal (a 500): no refusal of the input but a failure of the deployment's own
+        said = "failed" if exc.code is ErrorCode.internal else "refused"  # state or settings (a lost deployment row)
+        return Failure(f"{said}: {exc.message}", "once that is fixed", EXIT_USAGE)
     if isinstance(exc, OSError):  # a missing folder, no permission, a full disk: the system's reason, never a traceback
         name = exc.filename or where
         reason = exc.strerror or type(exc).__name__

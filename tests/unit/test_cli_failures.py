@@ -31,6 +31,7 @@ def test_each_known_failure_is_one_line_with_readmes_exit_code() -> None:
         "outage": outage,
         "refusal raised from an outage": ledger_unavailable,
         "refusal": GovragError(ErrorCode.not_found, "no such department"),
+        "internal": GovragError(ErrorCode.internal, "the model server is not on the allowlist"),
         "department key": DepartmentKeyUnreadable("hr"),
         "path": FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "/no/such/out.jsonl"),
         "full disk": OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
@@ -41,6 +42,7 @@ def test_each_known_failure_is_one_line_with_readmes_exit_code() -> None:
         "refusal raised from an outage": (
             "stopped: the database is unavailable; run the same command again once it is back", 1),
         "refusal": ("refused: no such department", 2),
+        "internal": ("failed: the model server is not on the allowlist", 2),  # no refusal of the user's input
         "department key": ("failed: the key of department hr does not open under the master key (its key row was "
                            "altered in the database): restore that row from a backup", 2),
         "path": ("failed: No such file or directory: /no/such/out.jsonl", 2),
