@@ -35,7 +35,9 @@ LEGACY_AGE_SECONDS = 24 * 60 * 60  # far past any conversion: each is killed at 
 # What a parse whose directory was removed under it (`parsing`) says is unavailable: the host's fault, not the file's
 DEPENDENCY = "temporary directory"
 
-# Reentrant: a SIGTERM handled on the main thread (`removed_on_sigterm`) may find it held by that thread
+# Reentrant: a SIGTERM handled on the main thread (`removed_on_sigterm`) may find it held by that thread, inside
+# `private_dir`; the handler never returns there (the process ends), and at worst misses the directory being made
+# then, empty still, left unheld as the process ends: the next process to make one removes it.
 _lock = threading.RLock()
 _base: str | None = None  # the temporary directory of the system (TMPDIR), where the private ones are made
 _current: tuple[int, str, int] | None = None  # (owning pid, directory, descriptor holding its lock)
@@ -51,6 +53,7 @@ def private_dir() -> str:
             if _current[0] == os.getpid() and os.path.isdir(_current[1]):
                 return _current[1]
             os.close(_current[2])  # a missing one's; or, in a forked child, its parent's, which it would hold too
+            _current = None  # closed: a remake failing below (`$TMPDIR` gone) must not leave it to be closed again
         if _base is None:
             _base = tempfile.gettempdir()
         remove_ended(Path(_base))
@@ -66,8 +69,12 @@ def parsing() -> Iterator[None]:
     """A parse in this process's private directory (`private_dir`, made here if need be): any failure of the block
     once that directory is gone (removed under a parse still running: by `remove_own` at a stop whose shutdown was cut
     short, as by a second Ctrl-C, or by hand) is no fault of the document but the host's, `Unavailable`, an outage
-    ingestion waits out (the next parse makes the directory again), never a file refused as malformed."""
-    directory = private_dir()
+    ingestion waits out (the next parse makes the directory again), never a file refused as malformed. So is
+    `$TMPDIR` itself gone, where no directory can be made (a hand cleaning /tmp, a tmpfs unmounted)."""
+    try:
+        directory = private_dir()
+    except FileNotFoundError:  # mkdtemp in a missing `$TMPDIR`: waited out as the directory's removal is
+        raise Unavailable(DEPENDENCY) from None
     try:
         yield
     except Exception:
@@ -121,15 +128,17 @@ def removed_on_sigterm() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, _remove_and_end)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    finally:  # None: a handler set outside Python, which cannot be set again; then the default
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _remove_and_end(signum: int, _frame: object) -> None:
-    """Remove this process's directory, then end by `signum` as it does unhandled."""
-    remove_own()
-    signal.signal(signum, signal.SIG_DFL)
-    signal.raise_signal(signum)
+    """Remove this process's directory, then end by `signum` as it does unhandled. The lock is held to the end: no
+    other thread's parse makes the directory again between its removal and the process's end."""
+    with _lock:
+        remove_own()
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
 
 
 def remove_ended(base: Path) -> list[Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import ErrorCode, GovragError, Unavailable
 from ingestion import scratch
 from tests.unit.test_legacy_office import libreoffice_pipe
 
@@ -110,6 +112,73 @@ def test_a_process_parses_in_a_directory_of_its_own(tmp_path: Path, monkeypatch:
         assert directory.is_dir()
     finally:
         os.close(scratch._current[2])  # type: ignore[index]
+
+
+def test_a_parse_whose_directory_went_is_an_outage_and_only_then(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A malformed document is refused as such in its directory; the same failure once the directory, or `$TMPDIR`
+    itself, went is the host's outage; once `$TMPDIR` is back the next parse makes a directory again, closing no
+    descriptor twice (the missing directory's was closed as it found it gone)."""
+    base = tmp_path / "tmp"
+    base.mkdir()
+    monkeypatch.setattr(scratch, "_base", str(base))
+    monkeypatch.setattr(scratch, "_current", None)
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
+    malformed = GovragError(ErrorCode.unsupported_type, "could not parse the ODT: the file is corrupt or malformed")
+    with pytest.raises(GovragError) as refused, scratch.parsing():
+        raise malformed
+    assert refused.value is malformed
+    with pytest.raises(Unavailable, match="^the temporary directory is unavailable$"), scratch.parsing():
+        shutil.rmtree(tempfile.gettempdir())  # by hand, or a stop's `remove_own` under a parse it abandoned
+        raise malformed
+    shutil.rmtree(base)
+    stale = scratch._current[2]  # type: ignore[index]
+    with (tmp_path / "other").open("w") as other:  # opened before `stale` is closed, so under another number
+        with pytest.raises(Unavailable, match="^the temporary directory is unavailable$"), scratch.parsing():
+            pass
+        base.mkdir()
+        os.dup2(other.fileno(), stale)  # the descriptor number closed, now another file's
+        try:
+            with scratch.parsing():
+                assert Path(tempfile.gettempdir()).parent == base
+            assert os.path.samestat(os.fstat(stale), os.fstat(other.fileno()))
+        finally:
+            os.close(stale)
+            os.close(scratch._current[2])  # type: ignore[index]
+
+
+# A process that removes its directory on SIGTERM, SIGTERMed as its main thread holds the lock `private_dir` takes
+SIGTERMED_IN_PRIVATE_DIR = """
+import time
+from ingestion import scratch
+print(scratch.private_dir(), flush=True)
+with scratch.removed_on_sigterm(), scratch._lock:
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_sigterm_removes_the_directory_and_ends_the_process_by_it(tmp_path: Path) -> None:
+    """Even as the main thread, where the handler runs, holds the lock (no deadlock); and the block restores the
+    handler it found."""
+    before = signal.getsignal(signal.SIGTERM)
+    with scratch.removed_on_sigterm():
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
+    process = subprocess.Popen([sys.executable, "-c", SIGTERMED_IN_PRIVATE_DIR], cwd=ROOT,  # noqa: S603
+                               stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)})
+    try:
+        assert process.stdout is not None
+        directory = Path(process.stdout.readline().strip())
+        assert directory.parent == tmp_path and process.stdout.readline() == "held\n"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == -signal.SIGTERM
+        assert not directory.exists()
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()  # type: ignore[union-attr]
 
 
 # A worker process parsing a document, then saying where tempfile's default (its private directory) is.
