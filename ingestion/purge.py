@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -65,8 +66,17 @@ def forgotten(status: DocumentStatus) -> dict[str, object]:
     return {"title": f"({status})", "sha256": "", "size_bytes": 0, "content_type": ""}
 
 
+@dataclass(frozen=True)
+class Retirement:
+    """What `retire_family` did: the ids to purge once the caller commits (`purge_now`), and the jobs to send then
+    (document id, job id): attachment steps queued to take again content whose last live copy it retired."""
+
+    ids: list[str]
+    retakes: list[tuple[str, str]]
+
+
 def retire_family(session: Session, settings: Settings, document: Document, status: DocumentStatus, *,
-                  from_statuses: Collection[str] | None = None) -> list[str]:
+                  from_statuses: Collection[str] | None = None) -> Retirement:
     """In the caller's transaction (which holds the document's lock): retire the document and everything attached
     below it, an e-mail taking its attachments (one already deleted stays deleted), and the department's failed
     copies of their content with what is attached below those (`_failed_copies`): a failed document is no
@@ -81,18 +91,20 @@ def retire_family(session: Session, settings: Settings, document: Document, stat
     another retirement took after it was read here (an attachment below a failed copy, whose lock neither takes) is
     skipped (`retire`). Returns the ids to purge once the caller commits (`purge_now`), those retired here; none if
     the document, as it is under those locks, is deleted or (given) not in `from_statuses`, and not the document's
-    if it was skipped: another retirement took it as a failed copy's attachment meanwhile (the caller's 404)."""
+    if it was skipped: another retirement took it as a failed copy's attachment meanwhile (the caller's 404). With
+    them, the attachment steps it queued (`_queue_retakes`)."""
     below = repository.descendants(session, document.id)  # level by level: each e-mail before its attachments
     for child in below:
         repository.lock_document(session, child.id)
     family = [document, *below]
-    for department, sha256 in sorted({(member.department, member.sha256) for member in family if member.sha256}):
+    contents = sorted({(member.department, member.sha256) for member in family if member.sha256})
+    for department, sha256 in contents:
         repository.lock_content(session, department=department, sha256=sha256)
     for department in sorted({member.department for member in family}):  # its failed copies' too: same departments
         lock_department_keys(session, department)
     family = _as_now(session, family)
     if document not in family or (from_statuses is not None and document.status not in from_statuses):
-        return []
+        return Retirement(ids=[], retakes=[])
     copies = _as_now(session, [member for copy in _failed_copies(session, family)
                                for member in (copy, *repository.descendants(session, copy.id))])
     retired: list[str] = []
@@ -100,7 +112,24 @@ def retire_family(session: Session, settings: Settings, document: Document, stat
         if retire(session, settings, target, status):
             session.flush()  # its rows written (locked) now, before the next's: not in the flush's own order (by id)
             retired.append(target.id)
-    return retired
+    return Retirement(ids=retired, retakes=_queue_retakes(session, contents))
+
+
+def _queue_retakes(session: Session, contents: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """For each content whose department has no live copy left once the family is retired (read under the content's
+    lock, which an attachment step taking it again takes too), the attachment step of the e-mail above its oldest
+    attachment refused as a duplicate (`repository.email_with_refused_copy`), queued: it takes the attachment again
+    under that e-mail, with its ACL and level (service.spawn_attachments). None for an e-mail being ingested: its
+    run's step comes after. Of several e-mails carrying it, one takes it; the others' refusals stand."""
+    queued: list[tuple[str, str]] = []
+    for department, sha256 in contents:
+        if repository.find_duplicate(session, department=department, sha256=sha256) is not None:
+            continue  # a live copy stands
+        email = repository.email_with_refused_copy(session, department=department, sha256=sha256)
+        if email is not None and email.status in repository.REINDEXED and email.id not in dict(queued):
+            logger.info("the attachment step of document %s is queued: it carries content no longer live", email.id)
+            queued.append((email.id, repository.queue_attachment_step(session, email.id)))
+    return queued
 
 
 def _as_now(session: Session, documents: list[Document]) -> list[Document]:

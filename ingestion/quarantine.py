@@ -102,17 +102,19 @@ def approve(*, session: Session, document: Document, actor: str) -> ReviewDecisi
     return ReviewDecision(document_id=document.id, status=DocumentStatus.queued, job_id=job_id)
 
 
-def reject(*, session: Session, settings: Settings, document: Document) -> tuple[ReviewDecision, list[str]]:
+def reject(*, session: Session, settings: Settings,
+           document: Document) -> tuple[ReviewDecision, list[str], list[tuple[str, str]]]:
     """Refuse a quarantined document, and with an e-mail the attachments taken from it meanwhile, and the failed
-    copies of their content (purge.retire_family): their keys are shredded and purges owed. Returns the decision and
-    the ids to purge once the caller commits (purge.purge_now). One no longer quarantined once its content is locked
-    (deleted or rejected as the attachment of a failed copy of content retired elsewhere) is not found, as after
-    another review: never rejected twice."""
+    copies of their content (purge.retire_family): their keys are shredded and purges owed. Returns the decision,
+    the ids to purge (purge.purge_now) and the jobs to send (attachment steps taking again, under e-mails that carry
+    it, content it leaves without a live copy) once the caller commits. One no longer quarantined once its content is
+    locked (deleted or rejected as the attachment of a failed copy of content retired elsewhere) is not found, as
+    after another review: never rejected twice."""
     retired = purge.retire_family(session, settings, document, DocumentStatus.rejected,
                                   from_statuses=(DocumentStatus.quarantined,))
-    if document.id not in retired:
+    if document.id not in retired.ids:
         raise GovragError(ErrorCode.not_found, "no such quarantined document")
-    return ReviewDecision(document_id=document.id, status=DocumentStatus.rejected), retired
+    return ReviewDecision(document_id=document.id, status=DocumentStatus.rejected), retired.ids, retired.retakes
 
 
 @dataclass(frozen=True)

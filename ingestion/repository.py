@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from datetime import datetime
 
 from sqlalchemy import and_, bindparam, case, or_, select, true, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from core.db import transaction_lock
 from core.keystore import HAS_DOCUMENT_KEY
@@ -19,6 +19,11 @@ SERVING = (DocumentStatus.ready, *UNFINISHED)  # a document being re-indexed may
 # ones, and those being re-indexed over an index they still serve (`serve_previous`); never deleted, rejected,
 # quarantined, failed or withheld ones. Of their points, only the served generation's are read (`service.is_served`).
 SERVED = and_(Document.status.in_(SERVING), Document.served_generation.is_not(None))
+# An upload's refusal as a duplicate, naming the department's copy (service.accept_upload); a refused attachment keeps
+# it as its reason, which a retirement of that copy reads (`email_with_refused_copy`)
+DUPLICATE_OF = "duplicate upload: the department already has this content as document "
+# The note a job queued for an e-mail's attachment step alone carries (`queue_attachment_step`), kept as its end
+ATTACHMENT_STEP = "queued to take the e-mail's attachments again; the e-mail keeps its status"
 REINDEX_FAILED = "the re-index failed; the previous index is still served: {error}"
 WITHHELD_REINDEX_FAILED = "the re-index failed; the previous index, withheld when it began, is not served: {error}"
 
@@ -233,6 +238,28 @@ def failed_copies(session: Session, *, department: str, sha256: str) -> list[Doc
                                     Document.status == DocumentStatus.failed, HAS_DOCUMENT_KEY)
              .order_by(Document.created_at, Document.id))
     return list(session.scalars(query))
+
+
+def email_with_refused_copy(session: Session, *, department: str, sha256: str) -> Document | None:
+    """The e-mail above the oldest attachment refused as a duplicate of this content (a failed child whose reason
+    names a copy: DUPLICATE_OF), of those whose e-mail is live (ready, quarantined or being ingested), or None."""
+    email = aliased(Document)
+    query = (select(email).join(Document, Document.parent_id == email.id)
+             .where(Document.department == department, Document.sha256 == sha256,
+                    Document.status == DocumentStatus.failed, Document.error.startswith(DUPLICATE_OF, autoescape=True),
+                    email.status.in_((*REINDEXED, *UNFINISHED)))
+             .order_by(Document.created_at, Document.id).limit(1))
+    return session.scalars(query).first()
+
+
+def queue_attachment_step(session: Session, document_id: str) -> str:
+    """Queue a job for an e-mail that ended (ready or quarantined) whose run leaves it as it is
+    (service._end_unfinished ends the job with its note, ATTACHMENT_STEP) and whose attachment step then runs. Only a
+    job row is written, not the e-mail's: a retirement queues it after writing its own rows, in whatever order."""
+    job_id = str(uuid.uuid4())
+    session.add(IngestionJob(id=job_id, document_id=document_id, status=DocumentStatus.queued, error=ATTACHMENT_STEP))
+    session.flush()
+    return job_id
 
 
 def new_job(session: Session, *, document_id: str, from_statuses: tuple[str, ...],

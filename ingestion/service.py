@@ -70,9 +70,9 @@ _STEP_FAILED = frozenset({
     "the key of the e-mail's department does not open under the master key (its key row was altered in the database), "
     "so none of its attachments was ingested: once that row is restored, delete the e-mail and upload it again",
 })
-# A duplicate's refusal names the department's copy (`accept_upload`); a refused attachment keeps it as its reason,
-# shown whole only to a caller who may see that copy (`_shown_error`), others reading the e-mail get DUPLICATE_HIDDEN.
-_DUPLICATE_OF = "duplicate upload: the department already has this content as document "
+# A duplicate's refusal names the department's copy (`accept_upload`, repository.DUPLICATE_OF); a refused attachment
+# keeps it as its reason, shown whole only to a caller who may see that copy (`_shown_error`), others reading the
+# e-mail get DUPLICATE_HIDDEN.
 DUPLICATE_HIDDEN = "duplicate upload: a document already in this department has this content"
 KEY_MISSING = "the document's data key is missing: upload it again"
 KEY_UNREADABLE = "the document's data key does not open under its department key: upload it again"
@@ -103,7 +103,7 @@ def accept_upload(
     duplicate = repository.find_duplicate(session, department=department, sha256=sha256)
     if duplicate is not None:
         # named: whoever may upload to the department may see each of its documents (authz may_see_document)
-        raise GovragError(ErrorCode.conflict, f"{_DUPLICATE_OF}{duplicate.id}")
+        raise GovragError(ErrorCode.conflict, f"{repository.DUPLICATE_OF}{duplicate.id}")
     blobs.decide_first_use(settings.blob_dir)  # before this transaction's first write (the key's)
     document_id, job_id = str(uuid.uuid4()), str(uuid.uuid4())
     key = keystore_for(settings).create_document_key(session=session, department=department,
@@ -206,20 +206,20 @@ def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAcc
     deep, one too many) is kept as a failed child with the reason: nothing disappears without a trace. Attachments
     that cannot be listed, or an e-mail whose key row (or its department's) no longer opens, leave one failed child
     for all of them; the task does not retry what no retry can open, but the e-mail's next run (a re-index naming
-    it) takes them again, that record retired.
+    it) takes them again, that record retired. Once attachments were taken, a later step takes again only those
+    whose refusal may have passed (`_retaken`).
     """
     with unit_of_work(settings.resolved_database_url) as session:
         line = repository.lock_lineage(session, document_id)  # a deletion above in flight commits first, or waits
         parent = repository.get_document(session, document_id)
         earlier = repository.children(session, document_id)
         if (parent is None or parent.content_type not in formats.MAIL_TYPES
-                or parent.status not in (DocumentStatus.ready, DocumentStatus.quarantined)
-                or not all(_step_failure(child) for child in earlier)):
+                or parent.status not in (DocumentStatus.ready, DocumentStatus.quarantined)):
             return []
-        for record in earlier:  # no key, stored bytes nor points: nothing to purge (one retired before stays so)
-            repository.retire(session, document_id=record.id, status=DocumentStatus.deleted,
-                              forgotten=purge.forgotten(DocumentStatus.deleted))
         too_deep = len(line) - 1 >= MAX_ATTACHMENT_DEPTH  # e-mails above this one
+        if not all(_step_failure(child) for child in earlier):
+            return _retake_attachments(session, settings, parent, earlier, too_deep)
+        _retire_records(session, earlier)
         return _take_attachments(session, settings, parent, too_deep)
 
 
@@ -229,36 +229,67 @@ def _step_failure(child: Document) -> bool:
     return child.status in (DocumentStatus.failed, DocumentStatus.deleted) and child.error in _STEP_FAILED
 
 
-def _take_attachments(session: Session, settings: Settings, parent: Document,
-                      too_deep: bool) -> list[UploadAccepted]:
-    """The attachments accepted as children, the others recorded as failed ones. A department key that does not open
+def _retire_records(session: Session, records: list[Document]) -> None:
+    """Retire failed children a step takes again: no key, stored bytes nor points, so nothing to purge (one retired
+    before stays so); the reason is kept."""
+    for record in records:
+        repository.retire(session, document_id=record.id, status=DocumentStatus.deleted,
+                          forgotten=purge.forgotten(DocumentStatus.deleted))
+
+
+def _retake_attachments(session: Session, settings: Settings, parent: Document, earlier: list[Document],
+                        too_deep: bool) -> list[UploadAccepted]:
+    """Take again the e-mail's attachments whose failed child says the refusal may have passed (`_retaken`), under
+    their contents' locks (taken first, sorted, as a deletion takes them: it retires the department's copy a
+    duplicate names and queues this step, purge.retire_family), so of two e-mails carrying one file, one takes it."""
+    candidates = [child for child in earlier if child.status == DocumentStatus.failed
+                  and (child.error == ATTACHMENT_FAILED or (child.error or "").startswith(repository.DUPLICATE_OF))]
+    _lock_contents(session, parent.department, [child.sha256 for child in candidates])
+    retaken = [child for child in candidates if _retaken(session, child)]
+    return _take_attachments(session, settings, parent, too_deep, retaken) if retaken else []
+
+
+def _retaken(session: Session, child: Document) -> bool:
+    """Whether a failed attachment is taken again: one an internal error stopped (ATTACHMENT_FAILED), or a duplicate
+    whose department no longer has its content live (the copy it named was deleted or rejected). Refusals of the
+    file itself (its type, a limit, malformed, encrypted, too deep) stand."""
+    return child.error == ATTACHMENT_FAILED or repository.find_duplicate(
+        session, department=child.department, sha256=child.sha256) is None
+
+
+def _take_attachments(session: Session, settings: Settings, parent: Document, too_deep: bool,
+                      retaken: list[Document] | None = None) -> list[UploadAccepted]:
+    """The attachments accepted as children, the others recorded as failed ones (with `retaken`, only those these
+    failed children were of, each retired as its attachment is taken again). A department key that does not open
     under the master key (its row altered), met as the e-mail's key is read or as an attachment's key is made, ends
     the step at once: what it began is undone, and one failed child says so (no retry opens it; once the row is
-    restored, the e-mail's next run takes them)."""
+    restored, the e-mail's next run takes them); a retake records no such child: its failed children stay, for
+    the next one."""
     try:
         with session.begin_nested():
-            return _accept_attachments(session, settings, parent, too_deep)
+            return _accept_attachments(session, settings, parent, too_deep, retaken)
     except DepartmentKeyUnreadable as exc:
         _department_key_unreadable(exc, parent.department, f"the attachments of document {parent.id} were not taken")
-        _record_refused_attachment(session, parent, "attachments", b"", ATTACHMENTS_DEPARTMENT_KEY_UNREADABLE)
+        if retaken is None:
+            _record_refused_attachment(session, parent, "attachments", b"", ATTACHMENTS_DEPARTMENT_KEY_UNREADABLE)
         return []
 
 
-def _accept_attachments(session: Session, settings: Settings, parent: Document,
-                        too_deep: bool) -> list[UploadAccepted]:
-    """List the e-mail's attachments and accept each (`_take_attachments`)."""
-    key = _email_key(session, settings, parent)
-    if key is None:
+def _accept_attachments(session: Session, settings: Settings, parent: Document, too_deep: bool,
+                        retaken: list[Document] | None) -> list[UploadAccepted]:
+    """List the e-mail's attachments and accept each, or those `retaken` were of (`_take_attachments`)."""
+    found = _attachments_or_reason(session, settings, parent)
+    if isinstance(found, str):
+        if retaken is None:
+            _record_refused_attachment(session, parent, "attachments", b"", found)
         return []
-    found = _listed_attachments(settings, parent, key)
-    if found is None:
-        _record_refused_attachment(session, parent, "attachments", b"", ATTACHMENTS_UNLISTED)
-        return []
+    taken = found[:formats.MAX_ATTACHMENTS] if retaken is None else _matched(session, found, retaken)
     if not too_deep:
-        _lock_contents(session, parent.department, [payload for _, payload in found[:formats.MAX_ATTACHMENTS]])
-    accepted = [child for name, payload in found[:formats.MAX_ATTACHMENTS]
+        _lock_contents(session, parent.department,
+                       [hashlib.sha256(payload).hexdigest() for _, payload in taken if payload])
+    accepted = [child for name, payload in taken
                 if (child := _accept_attachment(session, settings, parent, name, payload, too_deep)) is not None]
-    if len(found) > formats.MAX_ATTACHMENTS:
+    if retaken is None and len(found) > formats.MAX_ATTACHMENTS:
         excess = found[formats.MAX_ATTACHMENTS:]
         _record_refused_attachment(session, parent, f"{len(excess)} more attachments",
                                    b"".join(payload for _, payload in excess),
@@ -267,16 +298,35 @@ def _accept_attachments(session: Session, settings: Settings, parent: Document,
     return accepted
 
 
-def _email_key(session: Session, settings: Settings, parent: Document) -> bytes | None:
-    """The e-mail's data key; None when it was shredded, or when its key row no longer opens: no retry opens it, so
-    the loss is on record at once, as an unlisted one's (one failed child for all). Its department's key not opening
-    is DepartmentKeyUnreadable (`_take_attachments`)."""
+def _attachments_or_reason(session: Session, settings: Settings,
+                           parent: Document) -> list[tuple[str, bytes]] | str:
+    """The e-mail's attachments (none once its key was shredded), or why none can be taken, which a step records as
+    one failed child for all: its key row no longer opens (no retry opens it, so the loss is on record at once), or
+    they cannot be listed. Its department's key not opening is DepartmentKeyUnreadable (`_take_attachments`)."""
     found = keystore_for(settings).document_key(session=session, department=parent.department, document_id=parent.id)
     if found.state is KeyState.unreadable:
         logger.warning("the data key of document %s does not open under its department key: its attachments "
                        "were not taken", parent.id)
-        _record_refused_attachment(session, parent, "attachments", b"", ATTACHMENTS_KEY_UNREADABLE)
-    return found.key
+        return ATTACHMENTS_KEY_UNREADABLE
+    if found.key is None:
+        return []
+    listed = _listed_attachments(settings, parent, found.key)
+    return ATTACHMENTS_UNLISTED if listed is None else listed
+
+
+def _matched(session: Session, found: list[tuple[str, bytes]],
+             retaken: list[Document]) -> list[tuple[str, bytes]]:
+    """The listed attachments (within the first MAX_ATTACHMENTS, as a step takes them) that the failed children
+    `retaken` were of, one per child, matched by content; each child matched is retired."""
+    left, taken = list(retaken), []
+    for name, payload in found[:formats.MAX_ATTACHMENTS]:
+        digest = hashlib.sha256(payload).hexdigest()
+        record = next((child for child in left if child.sha256 == digest), None)
+        if record is not None:
+            left.remove(record)
+            taken.append((name, payload))
+    _retire_records(session, [child for child in retaken if child not in left])
+    return taken
 
 
 def _department_key_unreadable(exc: DepartmentKeyUnreadable, department: str, outcome: str) -> None:
@@ -287,12 +337,13 @@ def _department_key_unreadable(exc: DepartmentKeyUnreadable, department: str, ou
     logger.warning("%s; %s", exc, outcome)
 
 
-def _lock_contents(session: Session, department: str, payloads: list[bytes]) -> None:
-    """Take the content lock of each attachment, sorted, before the first is accepted (each acceptance takes its own
-    again, as any upload does): a deletion and a re-index take several in that order (ingestion/purge.py,
-    quarantine.py), so taken one by one in the e-mail's order, a forwarded e-mail's attachments and the deletion of
-    the first e-mail could each hold a lock the other waits for (for ever on SQLite, where a write lock is held too)."""
-    for sha256 in sorted({hashlib.sha256(payload).hexdigest() for payload in payloads if payload}):
+def _lock_contents(session: Session, department: str, digests: list[str]) -> None:
+    """Take the content lock of each attachment (by its sha256), sorted, before the first is accepted (each acceptance
+    takes its own again, as any upload does): a deletion and a re-index take several in that order
+    (ingestion/purge.py, quarantine.py), so taken one by one in the e-mail's order, a forwarded e-mail's attachments
+    and the deletion of the first e-mail could each hold a lock the other waits for (for ever on SQLite, where a
+    write lock is held too)."""
+    for sha256 in sorted(set(digests)):
         repository.lock_content(session, department=department, sha256=sha256)
 
 
@@ -690,7 +741,8 @@ def _current(session: Session, document_id: str) -> Document | None:
 def _end_unfinished(session: Session, document_id: str, job_id: str) -> bool:
     """End the job if it is still unfinished though its document is not: withdrawn if the document was retired (the
     answer is then True: a purge is owed), else ended with the status another run gave the document (a job a late
-    duplicate of an older job overtook, before those were ignored)."""
+    duplicate of an older job overtook, before those were ignored; or one queued for an e-mail's attachment step
+    alone, repository.queue_attachment_step, which keeps its note)."""
     job, document = repository.get_job(session, job_id), _current(session, document_id)
     if job is None or job.status not in UNFINISHED or (document is not None and document.status in UNFINISHED):
         return False
@@ -698,7 +750,7 @@ def _end_unfinished(session: Session, document_id: str, job_id: str) -> bool:
         _withdraw(session, document, job_id)
         return True
     repository.end_job(session, job_id=job_id, status=document.status,
-                       error="another run of this document finished it first")
+                       error=job.error or "another run of this document finished it first")
     return False
 
 
@@ -769,9 +821,9 @@ def _shown_error(session: Session, document: Document, can_see: Callable[[Docume
     """The document's error as the caller may read it. A refused attachment is seen by whoever may see its e-mail,
     and a duplicate's reason names the department's copy of its content, which its ACL or level may hide from them:
     that id is shown only to a caller who may see that copy (as its status would be), others read DUPLICATE_HIDDEN."""
-    if document.error is None or not document.error.startswith(_DUPLICATE_OF):
+    if document.error is None or not document.error.startswith(repository.DUPLICATE_OF):
         return document.error
-    copy = repository.get_document(session, document.error.removeprefix(_DUPLICATE_OF))
+    copy = repository.get_document(session, document.error.removeprefix(repository.DUPLICATE_OF))
     if copy is not None and copy.status != DocumentStatus.deleted and can_see(copy):
         return document.error
     return DUPLICATE_HIDDEN
@@ -832,15 +884,16 @@ def is_served(document: Document, payload: Mapping[str, Any]) -> bool:
 
 
 def delete_document(*, session: Session, settings: Settings, document_id: str,
-                    can_delete: Callable[[Document], bool]) -> tuple[str, list[str]]:
+                    can_delete: Callable[[Document], bool]) -> tuple[str, list[str], list[tuple[str, str]]]:
     """Retire the document (an e-mail takes its attachments) and the failed copies of its content: keys shredded,
-    purges owed (purge.retire_family). Returns its department and the ids to purge once the caller commits. One
+    purges owed (purge.retire_family). Returns its department, the ids to purge and the jobs to send once the caller
+    commits (attachment steps taking content it leaves without a live copy again, under e-mails that carry it). One
     deleted meanwhile (a failed copy of content deleted elsewhere) is not found, as once it is deleted."""
     repository.lock_document(session, document_id)
     document = repository.get_document(session, document_id)
     if document is None or document.status == DocumentStatus.deleted or not can_delete(document):
         raise GovragError(ErrorCode.not_found, "no such document")
     retired = purge.retire_family(session, settings, document, DocumentStatus.deleted)
-    if document_id not in retired:
+    if document_id not in retired.ids:
         raise GovragError(ErrorCode.not_found, "no such document")
-    return document.department, retired
+    return document.department, retired.ids, retired.retakes

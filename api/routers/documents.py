@@ -31,7 +31,7 @@ from ingestion.schemas import (
     UploadAccepted,
     parse_acl_groups,
 )
-from workers.dispatch import send_job
+from workers.dispatch import send_job, send_jobs
 
 router = APIRouter(prefix="/v1", tags=["documents"])
 
@@ -91,12 +91,12 @@ def get_document(document_id: str, session: SessionDep, enforcer: EnforcerDep,
 
 @router.delete("/documents/{document_id}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_document(document_id: str, session: SessionDep, settings: SettingsDep, enforcer: EnforcerDep,
-                    user: CurrentUser) -> None:
+                    celery: CeleryDep, user: CurrentUser) -> None:
     """Crypto-shred a document the caller may see, then remove its vectors and stored bytes (permission: delete; one
     hidden from the caller by its ACL or level looks like a missing id, as for a reveal); a vector store outage
     leaves that removal to the sweep, the document is deleted all the same. The deletion and its ledger row commit
-    together: no audit, no deletion."""
-    department, retired = ingestion_service.delete_document(
+    together: no audit, no deletion. Content another e-mail carries is taken again under it (the jobs sent)."""
+    department, retired, retakes = ingestion_service.delete_document(
         session=session, settings=settings, document_id=document_id,
         can_delete=lambda document: (authz_service.is_allowed(enforcer, user, "delete", document.department)
                                      and _visibility(session, enforcer, user)(document)),
@@ -105,6 +105,7 @@ def delete_document(document_id: str, session: SessionDep, settings: SettingsDep
         session=session, identity=user, event_type=AdminEventType.document_deleted, department=department,
         settings=settings, details={"document_id": document_id, "retired": sorted(retired)})
     purge.purge_now(settings, retired)
+    send_jobs(celery, retakes)
 
 
 @router.post("/documents/{document_id}/reveal", response_model=RevealOut)

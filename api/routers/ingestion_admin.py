@@ -73,13 +73,15 @@ def approve(document_id: str, session: SessionDep, enforcer: EnforcerDep, settin
 
 @router.post("/quarantine/{document_id}/reject", response_model=ReviewDecision)
 def reject(document_id: str, session: SessionDep, enforcer: EnforcerDep, settings: SettingsDep,
-           user: CurrentUser) -> ReviewDecision:
-    """Refuse a quarantined document (an e-mail with its attachments): keys shredded, stored bytes removed."""
+           celery: CeleryDep, user: CurrentUser) -> ReviewDecision:
+    """Refuse a quarantined document (an e-mail with its attachments): keys shredded, stored bytes removed; content
+    another e-mail carries is taken again under it (the jobs sent)."""
     document = _under_review(session, enforcer, user, document_id)
-    decision, retired = quarantine.reject(session=session, settings=settings, document=document)
+    decision, retired, retakes = quarantine.reject(session=session, settings=settings, document=document)
     _audit_decision(session, settings, user, document.department,
                     {"document_id": document_id, "decision": "rejected", "retired": sorted(retired)})
     purge.purge_now(settings, retired)
+    send_jobs(celery, retakes)
     return decision
 
 

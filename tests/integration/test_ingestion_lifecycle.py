@@ -1750,6 +1750,224 @@ def test_attachments_that_could_not_be_listed_are_taken_by_a_reindex_of_their_em
     assert _attachments_by_name(client, lab["editor"], str(email["document_id"]), {"rota.txt"}) == taken
 
 
+def _taken_again(client: TestClient, token: str, email_id: str, record_id: str,
+                 names: set[str]) -> dict[str, dict]:  # type: ignore[type-arg]
+    """The e-mail's attachments by name once its failed child `record_id` is retired, the one taken in its place
+    listed and each ended; what they are after 120 s otherwise (a child retired as it is read is read again)."""
+    deadline = time.monotonic() + 120
+    while True:
+        listed = client.get(f"/v1/documents/{email_id}", headers=auth(token)).json()["attachment_ids"]
+        read = [client.get(f"/v1/documents/{child_id}", headers=auth(token)).json() for child_id in listed]
+        found = {str(child["title"]).rsplit("/ ", 1)[1]: child for child in read if "title" in child}
+        ended = len(found) == len(read) and all(child["status"] not in ("queued", "processing") for child in read)
+        if (set(found) == names and ended and record_id not in listed) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.25)
+
+
+def _live_copies(settings, department: str, data: bytes) -> list[tuple[str, str | None]]:  # type: ignore[no-untyped-def]
+    """(id, e-mail) of each of the department's documents holding `data` that is not failed, deleted or rejected."""
+    from sqlalchemy import select
+
+    from core.db import unit_of_work
+    from core.models import Document
+
+    with unit_of_work(settings.resolved_database_url) as session:
+        return [(document.id, document.parent_id) for document in session.scalars(
+            select(Document).where(Document.department == department,
+                                   Document.sha256 == hashlib.sha256(data).hexdigest(),
+                                   Document.status.not_in(("failed", "deleted", "rejected"))))]
+
+
+def _carried_by_three(client: TestClient, lab: dict[str, str]) -> tuple[bytes, list[dict], list[dict]]:  # type: ignore[type-arg]
+    """Three e-mails (ACL groups board, desk, leads) carrying one file: the e-mails, and their attachments (the
+    first's taken, the others' refused as duplicates of it)."""
+    rota = f"The Lisbon desk rota {uuid.uuid4().hex}: Ana on Monday, Ben on Tuesday.".encode()
+    mails = [_ingest(client, lab["editor"], lab["department"], f"rota-{n}.eml",
+                     _mail(f"Rota {n}", f"Rota {n} is attached.", [("rota.txt", rota)]).as_bytes(), acl_groups=group)
+             for n, group in enumerate(("board", "desk", "leads"))]
+    attachments = [_descendants(client, lab["editor"], mail)["rota.txt"] for mail in mails]
+    assert [child["status"] for child in attachments] == ["ready", "failed", "failed"], attachments
+    return rota, mails, attachments
+
+
+@pytest.mark.parametrize("deleted", ["the first e-mail", "its attachment"])
+def test_content_a_deletion_leaves_without_a_copy_is_taken_again_under_an_email_that_carries_it(
+        client: TestClient, lab: dict[str, str], settings, deleted: str) -> None:  # type: ignore[no-untyped-def]
+    """Three e-mails carried one file: the first's attachment was taken, the others' copies refused as duplicates of
+    it. Deleting the first e-mail (or that attachment) left the content in no index, though two e-mails still carried
+    it. Now the deletion queues the attachment step of the e-mail whose copy was refused first: it takes the file
+    under that e-mail, with that e-mail's ACL, once (the third's refusal stands); deleting that e-mail in turn takes
+    it under the third."""
+    department, editor = lab["department"], lab["editor"]
+    rota, mails, (taken, *refused) = _carried_by_three(client, lab)
+    deleted_id = (mails[0] if deleted == "the first e-mail" else taken)["document_id"]
+    assert client.delete(f"/v1/documents/{deleted_id}", headers=auth(editor)).status_code == 204
+    again = _taken_again(client, editor, mails[1]["document_id"], refused[0]["document_id"], {"rota.txt"})["rota.txt"]
+    assert (again["status"], again["parent_id"], again["acl_groups"]) == ("ready", mails[1]["document_id"], ["desk"])
+    assert _live_copies(settings, department, rota) == [(again["document_id"], mails[1]["document_id"])]
+    assert client.get(f"/v1/documents/{refused[1]['document_id']}", headers=auth(editor)).json()["status"] == "failed"
+    desk = client.app.state.dev_issuer.issue("lena", ["desk"])  # type: ignore[attr-defined]  # the second's group
+    answer = client.post("/v1/query", json={"question": "Who is on the Lisbon desk rota on Monday?",
+                                            "departments": [department]}, headers=auth(desk)).json()
+    assert again["document_id"] in {citation["document_id"] for citation in answer["citations"]}, answer
+    assert client.delete(f"/v1/documents/{mails[1]['document_id']}", headers=auth(editor)).status_code == 204
+    last = _taken_again(client, editor, mails[2]["document_id"], refused[1]["document_id"], {"rota.txt"})["rota.txt"]
+    assert (last["status"], last["acl_groups"]) == ("ready", ["leads"])
+    assert _live_copies(settings, department, rota) == [(last["document_id"], mails[2]["document_id"])]
+
+
+@pytest.mark.parametrize("meanwhile", ["that e-mail is deleted", "that e-mail is re-indexed",
+                                       "the other e-mail is re-indexed"])
+def test_content_taken_again_after_a_deletion_is_taken_once_whatever_runs_meanwhile(
+        client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch, meanwhile: str) -> None:  # type: ignore[no-untyped-def]
+    """The deletion of the first of three e-mails carrying one file queues the attachment step of the second, whose
+    copy was refused as a duplicate; meanwhile the second is deleted too (its deletion queues the third's step), or
+    re-indexed (its run's step comes too), or the third is re-indexed (its step comes too). Those steps, run at once,
+    take the file once: one live copy, under a live e-mail carrying it, with that e-mail's ACL."""
+    from ingestion import service
+    from tests.support.task_retries import task_at_retry
+    from workers.tasks import ingest_document
+
+    department, editor = lab["department"], lab["editor"]
+    rota, mails, _ = _carried_by_three(client, lab)
+    real_spawn, held = service.spawn_attachments, []
+
+    def not_yet(*, settings, document_id: str) -> list[object]:  # type: ignore[no-untyped-def]  # run by the test
+        held.append(document_id)
+        return []
+
+    def steps_held(count: int) -> None:
+        deadline = time.monotonic() + 120
+        while len(held) < count and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert len(held) == count, held
+
+    monkeypatch.setattr(service, "spawn_attachments", not_yet)
+    assert client.delete(f"/v1/documents/{mails[0]['document_id']}", headers=auth(editor)).status_code == 204
+    steps_held(1)
+    if meanwhile == "that e-mail is deleted":
+        assert client.delete(f"/v1/documents/{mails[1]['document_id']}", headers=auth(editor)).status_code == 204
+    else:
+        _reindex_email(client, lab, str(mails[1 if meanwhile == "that e-mail is re-indexed" else 2]["document_id"]))
+    steps_held(2)
+    monkeypatch.setattr(service, "spawn_attachments", real_spawn)
+    with ThreadPoolExecutor(2) as pool:
+        accepted = [child for children in pool.map(lambda email_id: real_spawn(settings=settings,
+                                                                               document_id=email_id), held)
+                    for child in children]
+    scheduled: list[dict[str, object]] = []
+    for child in accepted:
+        ingest_document(task_at_retry(settings, 0, scheduled), child.document_id, child.job_id)  # type: ignore[arg-type]
+    live = _live_copies(settings, department, rota)
+    owners = {"that e-mail is deleted": [2], "that e-mail is re-indexed": [1], "the other e-mail is re-indexed": [1, 2]}
+    assert len(accepted) == len(live) == 1 and scheduled == [], (accepted, live)
+    [(copy_id, email_id)] = live
+    assert email_id in {mails[n]["document_id"] for n in owners[meanwhile]}
+    copy = client.get(f"/v1/documents/{copy_id}", headers=auth(editor)).json()
+    email = client.get(f"/v1/documents/{email_id}", headers=auth(editor)).json()
+    assert copy["status"] == "ready" and copy["acl_groups"] == email["acl_groups"], copy
+
+
+def test_a_reindex_of_an_email_takes_again_an_attachment_an_internal_error_stopped_and_no_other(
+        client: TestClient, lab: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An attachment an internal error stopped (a library failing once) was a failed child for good: a re-index of
+    its e-mail took nothing, the e-mail having children. Now it takes that attachment again; a refusal of the file
+    itself (a damaged .doc) and a duplicate whose copy is still live stand as they were, and a second re-index
+    changes nothing."""
+    from ingestion import service
+
+    department, editor = lab["department"], lab["editor"]
+    real_sniff, failures = service.sniff_content_type, []
+
+    def fails_once(data: bytes, filename: str | None) -> str:
+        if data.startswith(b"FLAKY") and not failures:
+            failures.append(True)
+            raise RuntimeError("a library that failed once")
+        return real_sniff(data, filename)
+
+    monkeypatch.setattr(service, "sniff_content_type", fails_once)
+    board = f"Board notes {uuid.uuid4().hex}: the Lisbon lease is renewed.".encode()
+    copy = _ingest(client, editor, department, "board.txt", board)
+    mail = _mail("minutes", "The minutes are attached.",
+                 [("notes.txt", f"FLAKY notes {uuid.uuid4().hex}.".encode()), ("board.txt", board)])
+    mail.add_attachment(damaged_doc(), maintype="application", subtype="msword", filename="minutes.doc")
+    email = _ingest(client, editor, department, "minutes.eml", mail.as_bytes())
+    names = {"notes.txt", "board.txt", "minutes.doc"}
+    before = _descendants(client, editor, email)
+    assert {name: child["status"] for name, child in before.items()} == dict.fromkeys(names, "failed"), before
+    assert before["notes.txt"]["error"] == service.ATTACHMENT_FAILED and failures
+    assert copy["document_id"] in str(before["board.txt"]["error"])
+    assert "a damaged legacy Office file" in str(before["minutes.doc"]["error"])
+    _reindex_email(client, lab, str(email["document_id"]))
+    after = _taken_again(client, editor, str(email["document_id"]), before["notes.txt"]["document_id"], names)
+    assert after["notes.txt"]["status"] == "ready", after
+    assert {name: after[name]["document_id"] for name in ("board.txt", "minutes.doc")} == {
+        name: before[name]["document_id"] for name in ("board.txt", "minutes.doc")}
+    _reindex_email(client, lab, str(email["document_id"]))  # taken once: a re-index leaves them as they are
+    assert _attachments_by_name(client, editor, str(email["document_id"]), names) == after
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_a_deletion_queues_one_attachment_step_that_takes_its_content_again_once(
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """The retake on both databases, through the services a worker and the API call. The first e-mail's attachment
+    is deleted: the deletion queues a job on the second e-mail, whose copy was refused as a duplicate of it; that
+    job's run leaves the e-mail as it is, its note kept, and the step takes the attachment under it, once (a second
+    step takes nothing). Deleting that copy in turn, with no other e-mail's copy refused, queues none, and the
+    e-mail's step does not take back an attachment that was deleted."""
+    from authz import service as authz_service
+    from core import migrate
+    from core.db import unit_of_work
+    from core.keystore import keystore_for
+    from core.models import Document, DocumentStatus
+    from core.settings import Settings
+    from ingestion import repository, service
+    from ingestion.schemas import Classification
+
+    url = make_pg_database() if database == "postgresql" else f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url="memory://", inprocess_worker=False)
+    blobs.open_at_start(settings.blob_dir, url)
+    rota = b"Leeds desk on Saturday."
+
+    def ended(document_id: str) -> None:  # as its run ends (no worker here)
+        with unit_of_work(url) as session:
+            session.get_one(Document, document_id).status = DocumentStatus.ready
+
+    def delete(document_id: str) -> list[tuple[str, str]]:
+        with unit_of_work(url) as session:
+            return service.delete_document(session=session, settings=settings, document_id=document_id,
+                                           can_delete=lambda _: True)[2]
+
+    emails = []
+    with unit_of_work(url) as session:
+        authz_service.create_department(session=session, keystore=keystore_for(settings), name="desk")
+    for n, group in enumerate(("board", "desk")):
+        with unit_of_work(url) as session:
+            emails.append(service.accept_upload(
+                session=session, settings=settings, uploaded_by="stella", department="desk",
+                filename=f"rota-{n}.eml", data=_mail(f"Rota {n}", "Attached.", [("rota.txt", rota)]).as_bytes(),
+                title=None, acl_groups=[group], classification=Classification.internal).document_id)
+        ended(emails[-1])
+    [first] = service.spawn_attachments(settings=settings, document_id=emails[0])
+    ended(first.document_id)
+    assert service.spawn_attachments(settings=settings, document_id=emails[1]) == []  # refused as a duplicate
+    [(email_id, job_id)] = delete(first.document_id)
+    assert email_id == emails[1]
+    service.run_ingestion(settings=settings, document_id=email_id, job_id=job_id)
+    [again] = service.spawn_attachments(settings=settings, document_id=email_id)
+    assert service.spawn_attachments(settings=settings, document_id=email_id) == []  # taken once
+    with unit_of_work(url) as session:
+        job, copy = repository.get_job(session, job_id), repository.get_document(session, again.document_id)
+        assert (job.status, job.error) == ("ready", repository.ATTACHMENT_STEP)  # type: ignore[union-attr]
+        assert repository.get_document(session, email_id).status == "ready"  # type: ignore[union-attr]
+        assert (copy.parent_id, copy.acl_groups, copy.status) == (email_id, ["desk"], "queued")  # type: ignore[union-attr]
+    ended(again.document_id)
+    assert delete(again.document_id) == []  # no other e-mail's copy was refused
+    assert service.spawn_attachments(settings=settings, document_id=email_id) == []  # nor is a deletion undone
+
+
 @pytest.mark.parametrize("database", ["postgresql", "sqlite"])
 def test_an_attachment_step_ended_midway_by_its_department_key_leaves_nothing_it_began(
         database: str, make_pg_database: Callable[[], str], tmp_path: Path,

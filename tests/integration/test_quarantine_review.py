@@ -303,8 +303,8 @@ def test_a_rejection_of_an_attachment_that_a_deletion_is_taking_is_refused_once_
     rejection = threading.Thread(target=lambda: rejected.append(client.post(
         f"/v1/admin/quarantine/{child_id}/reject", headers=auth(lab["dept_admin"]))))
     with unit_of_work(settings.resolved_database_url) as deletion:
-        _, retired = ingestion_service.delete_document(session=deletion, settings=settings, document_id=copy_id,
-                                                       can_delete=lambda _: True)
+        _, retired, _ = ingestion_service.delete_document(session=deletion, settings=settings, document_id=copy_id,
+                                                          can_delete=lambda _: True)
         owed = deletion.get(PendingPurge, child_id).retired_at  # type: ignore[union-attr]
         rejection.start()  # reads the attachment quarantined: the deletion has not committed
         assert wait_for_a_lock_wait(settings.resolved_database_url, rejection) is not None
