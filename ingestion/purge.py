@@ -119,14 +119,16 @@ def _queue_retakes(session: Session, contents: list[tuple[str, str]]) -> list[tu
     """For each content whose department has no live copy left once the family is retired (read under the content's
     lock, which an attachment step taking it again takes too), the attachment step of the e-mail above its oldest
     attachment refused as a duplicate (`repository.email_with_refused_copy`), queued: it takes the attachment again
-    under that e-mail, with its ACL and level (service.spawn_attachments). None for an e-mail being ingested: its
-    run's step comes after. Of several e-mails carrying it, one takes it; the others' refusals stand."""
+    under that e-mail, with its ACL and level (service.spawn_attachments). An e-mail being ingested is passed over,
+    not chosen: its run's step comes after it, which a failed run never reaches (a withheld re-index failing), so
+    choosing it could leave the content in no index. Of several e-mails whose steps then run, one takes it (each
+    reads, under the content's lock, whether the other did); the others' refusals stand."""
     queued: list[tuple[str, str]] = []
     for department, sha256 in contents:
         if repository.find_duplicate(session, department=department, sha256=sha256) is not None:
             continue  # a live copy stands
         email = repository.email_with_refused_copy(session, department=department, sha256=sha256)
-        if email is not None and email.status in repository.REINDEXED and email.id not in dict(queued):
+        if email is not None and email.id not in dict(queued):
             logger.info("the attachment step of document %s is queued: it carries content no longer live", email.id)
             queued.append((email.id, repository.queue_attachment_step(session, email.id)))
     return queued

@@ -242,12 +242,12 @@ def failed_copies(session: Session, *, department: str, sha256: str) -> list[Doc
 
 def email_with_refused_copy(session: Session, *, department: str, sha256: str) -> Document | None:
     """The e-mail above the oldest attachment refused as a duplicate of this content (a failed child whose reason
-    names a copy: DUPLICATE_OF), of those whose e-mail is live (ready, quarantined or being ingested), or None."""
+    names a copy: DUPLICATE_OF), of those whose e-mail's run ended ready or quarantined (REINDEXED), or None."""
     email = aliased(Document)
     query = (select(email).join(Document, Document.parent_id == email.id)
              .where(Document.department == department, Document.sha256 == sha256,
                     Document.status == DocumentStatus.failed, Document.error.startswith(DUPLICATE_OF, autoescape=True),
-                    email.status.in_((*REINDEXED, *UNFINISHED)))
+                    email.status.in_(REINDEXED))
              .order_by(Document.created_at, Document.id).limit(1))
     return session.scalars(query).first()
 

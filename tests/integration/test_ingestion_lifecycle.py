@@ -1912,10 +1912,11 @@ def test_a_reindex_of_an_email_takes_again_an_attachment_an_internal_error_stopp
 def test_a_deletion_queues_one_attachment_step_that_takes_its_content_again_once(
         database: str, make_pg_database: Callable[[], str], tmp_path: Path) -> None:
     """The retake on both databases, through the services a worker and the API call. The first e-mail's attachment
-    is deleted: the deletion queues a job on the second e-mail, whose copy was refused as a duplicate of it; that
-    job's run leaves the e-mail as it is, its note kept, and the step takes the attachment under it, once (a second
-    step takes nothing). Deleting that copy in turn, with no other e-mail's copy refused, queues none, and the
-    e-mail's step does not take back an attachment that was deleted."""
+    is deleted while the second e-mail, whose copy was refused first, is being ingested again (a run that may fail,
+    and take no attachments): the deletion queues a job on the third, whose copy was refused too; that job's run
+    leaves the e-mail as it is, its note kept, and the step takes the attachment under it, once (a second step takes
+    nothing). Deleting that copy in turn queues the second's step, its run ended, and the third's step does not
+    take back an attachment that was deleted."""
     from authz import service as authz_service
     from core import migrate
     from core.db import unit_of_work
@@ -1931,9 +1932,9 @@ def test_a_deletion_queues_one_attachment_step_that_takes_its_content_again_once
     blobs.open_at_start(settings.blob_dir, url)
     rota = b"Leeds desk on Saturday."
 
-    def ended(document_id: str) -> None:  # as its run ends (no worker here)
+    def ended(document_id: str, status: DocumentStatus = DocumentStatus.ready) -> None:  # as its run ends (no worker)
         with unit_of_work(url) as session:
-            session.get_one(Document, document_id).status = DocumentStatus.ready
+            session.get_one(Document, document_id).status = status
 
     def delete(document_id: str) -> list[tuple[str, str]]:
         with unit_of_work(url) as session:
@@ -1943,7 +1944,7 @@ def test_a_deletion_queues_one_attachment_step_that_takes_its_content_again_once
     emails = []
     with unit_of_work(url) as session:
         authz_service.create_department(session=session, keystore=keystore_for(settings), name="desk")
-    for n, group in enumerate(("board", "desk")):
+    for n, group in enumerate(("board", "desk", "leads")):
         with unit_of_work(url) as session:
             emails.append(service.accept_upload(
                 session=session, settings=settings, uploaded_by="stella", department="desk",
@@ -1952,9 +1953,12 @@ def test_a_deletion_queues_one_attachment_step_that_takes_its_content_again_once
         ended(emails[-1])
     [first] = service.spawn_attachments(settings=settings, document_id=emails[0])
     ended(first.document_id)
-    assert service.spawn_attachments(settings=settings, document_id=emails[1]) == []  # refused as a duplicate
+    for email_id in emails[1:]:
+        assert service.spawn_attachments(settings=settings, document_id=email_id) == []  # refused as a duplicate
+    ended(emails[1], DocumentStatus.processing)  # a re-index of the second runs
     [(email_id, job_id)] = delete(first.document_id)
-    assert email_id == emails[1]
+    assert email_id == emails[2]
+    ended(emails[1])
     service.run_ingestion(settings=settings, document_id=email_id, job_id=job_id)
     [again] = service.spawn_attachments(settings=settings, document_id=email_id)
     assert service.spawn_attachments(settings=settings, document_id=email_id) == []  # taken once
@@ -1962,10 +1966,10 @@ def test_a_deletion_queues_one_attachment_step_that_takes_its_content_again_once
         job, copy = repository.get_job(session, job_id), repository.get_document(session, again.document_id)
         assert (job.status, job.error) == ("ready", repository.ATTACHMENT_STEP)  # type: ignore[union-attr]
         assert repository.get_document(session, email_id).status == "ready"  # type: ignore[union-attr]
-        assert (copy.parent_id, copy.acl_groups, copy.status) == (email_id, ["desk"], "queued")  # type: ignore[union-attr]
+        assert (copy.parent_id, copy.acl_groups, copy.status) == (email_id, ["leads"], "queued")  # type: ignore[union-attr]
     ended(again.document_id)
-    assert delete(again.document_id) == []  # no other e-mail's copy was refused
-    assert service.spawn_attachments(settings=settings, document_id=email_id) == []  # nor is a deletion undone
+    assert [email for email, _ in delete(again.document_id)] == [emails[1]]
+    assert service.spawn_attachments(settings=settings, document_id=email_id) == []  # a deletion is not undone
 
 
 @pytest.mark.parametrize("database", ["postgresql", "sqlite"])
