@@ -13,6 +13,7 @@ from typing import Protocol
 from core.errors import ErrorCode, GovragError, StartRefused, UnusablePath
 from core.http import request_within
 from core.settings import Settings
+from retrieval import gguf_file
 from retrieval.prompting import looks_like_marker
 
 logger = logging.getLogger(__name__)
@@ -53,25 +54,27 @@ class LlamaCppGenerator:
     name = "llamacpp"
 
     def __init__(self, model_path: Path, context_tokens: int) -> None:
-        """The model loaded, and its chat template's tokens counted; a file this user may not read, or one llama.cpp
-        does not load or answer with, is UnusablePath (a path to fix, said in one line), llama-cpp-python missing a
-        StartRefused naming the extra."""
+        """The model loaded, and its chat template's tokens counted; a file this user may not read, one that is no
+        whole GGUF (`gguf_file.check_whole`, before llama.cpp maps it), or one llama.cpp does not load or answer with,
+        is UnusablePath (a path to fix, said in one line), llama-cpp-python missing a StartRefused naming the extra."""
+        try:  # the system's reason, naming the file (llama.cpp says only that it failed)
+            gguf_file.check_whole(model_path)
+        except OSError as error:
+            raise UnusablePath.refused(f"the answer model {model_path}", error, "GOVRAG_LLM_MODEL_PATH",
+                                       fix="let this user read it", instead="a GGUF file this user may read") from None
+        except gguf_file.NotWholeGGUF as error:
+            raise UnusablePath(f"cannot use the answer model {model_path}: {error} (copy it whole again, or point "
+                               "GOVRAG_LLM_MODEL_PATH at a whole GGUF file)") from None
         try:
             from jinja2 import TemplateError  # llama-cpp-python's chat templates: installed with it
             from llama_cpp import Llama  # optional dependency: govrag[llm]
         except ImportError as error:
             raise StartRefused(f"GOVRAG_ANSWER_BACKEND=llamacpp needs llama-cpp-python ({type(error).__name__}): "
                                "install govrag[llm], or choose another GOVRAG_ANSWER_BACKEND") from error
-        try:
-            with model_path.open("rb"):  # the system's reason, naming the file (llama.cpp says only that it failed)
-                pass
-        except OSError as error:
-            raise UnusablePath.refused(f"the answer model {model_path}", error, "GOVRAG_LLM_MODEL_PATH",
-                                       fix="let this user read it", instead="a GGUF file this user may read") from None
         self._errors = (*LLAMA_COMPLETION_ERRORS, TemplateError)
         self._lock = threading.Lock()
         self.model_id = model_path.name
-        try:  # not a GGUF, cut or garbled; no memory for the context; a template that refuses govrag's messages
+        try:  # a GGUF it refuses; no memory for the context; a template that refuses govrag's messages
             self._llm = Llama(model_path=str(model_path), n_ctx=context_tokens, n_threads=2, seed=0, verbose=False)
             self.template_tokens = self._prompt_tokens(EMPTY_CHAT)
             self.control_tokens = self._control_tokens()

@@ -27,6 +27,7 @@ from tests.support.file_permissions import PERMISSION_BITS_BIND
 from tests.support.govrag_process import ROOT, govrag_env, run_govrag, start_govrag, stop_govrag, wait_serving
 from tests.support.govrag_process import start_refusal as _refusal
 from tests.support.production import production_settings
+from tests.support.tiny_gguf import tiny_gguf
 
 SERVE = ("serve", "--port", "0")
 WAY_OUT = "({fix}, or point {setting} at a folder this user may write)"
@@ -146,6 +147,18 @@ def test_an_onnx_export_that_does_not_load_is_refused_in_one_line(tmp_path: Path
     result = run_govrag(SERVE, env=govrag_env(data_dir=str(tmp_path / "data"), model_cache=str(tmp_path / "models")))
     assert _refusal(result) == (2, f"govrag: the embedding model's ONNX export {garbled} must hold a model this "
                                    "onnxruntime loads (InvalidProtobuf): remove it and the next start exports it again")
+
+
+def test_an_answer_model_cut_short_is_refused_in_one_line_before_llama_cpp_maps_it(tmp_path: Path) -> None:
+    """A GGUF cut short (an interrupted copy or download, a full disk) is read by govrag's own check of its header
+    before llama.cpp memory-maps it: a path to fix, exit 2, said whether or not llama-cpp-python is installed."""
+    model = tmp_path / "model.gguf"
+    model.write_bytes(tiny_gguf()[:-1])
+    env = govrag_env(data_dir=str(tmp_path / "data"), answer_backend="llamacpp", llm_model_path=str(model))
+    assert _refusal(run_govrag(SERVE, env=env)) == (
+        2, f"govrag: cannot use the answer model {model}: tensor 2's data ends at byte {len(tiny_gguf())}, past the "
+           f"file's {len(tiny_gguf()) - 1} bytes: it is cut short (copy it whole again, or point "
+           "GOVRAG_LLM_MODEL_PATH at a whole GGUF file)")
 
 
 @pytest.mark.parametrize("locked", ["its parent", "the folder"])

