@@ -29,12 +29,14 @@ def _refusal(tmp_path: Path, data: bytes) -> str:
     return str(refused.value).replace(str(model), "{model}")
 
 
+@pytest.mark.parametrize("version", [3, 2])  # the same layout: version 2 made the counts and lengths 64-bit
 @pytest.mark.parametrize("alignment", [None, 64, 1])
-def test_a_whole_gguf_passes_the_check(alignment: int | None, tmp_path: Path) -> None:
+def test_a_whole_gguf_passes_the_check(alignment: int | None, version: int, tmp_path: Path) -> None:
     model = tmp_path / "model.gguf"
-    model.write_bytes(tiny_gguf(alignment))
+    whole = b"GGUF" + struct.pack("<I", version) + tiny_gguf(alignment)[8:]
+    model.write_bytes(whole)
     gguf_file.check_whole(model)
-    model.write_bytes(tiny_gguf(alignment) + bytes(31))  # the last tensor padded, or anything after the data
+    model.write_bytes(whole + bytes(31))  # the last tensor padded, or anything after the data
     gguf_file.check_whole(model)
 
 
@@ -57,6 +59,9 @@ def test_every_gguf_cut_short_is_refused_naming_where_it_ends(alignment: int | N
     (b"PK\x03\x04" + tiny_gguf()[4:], "it does not start as a GGUF file does"),
     (b"GGUF" + struct.pack("<I", 1) + tiny_gguf()[8:], "it is GGUF version 1, and llama.cpp reads versions 2 and 3"),
     (b"GGUF" + struct.pack("<I", 4) + tiny_gguf()[8:], "it is GGUF version 4, and llama.cpp reads versions 2 and 3"),
+    (b"GGUF" + struct.pack(">I", 3) + tiny_gguf()[8:], "it is GGUF version 50331648 (a big-endian GGUF's version, read "
+                                                       "little-endian), and llama.cpp reads versions 2 and 3"),
+    (b"GGUF" + struct.pack("<I", 0) + tiny_gguf()[8:], "it is GGUF version 0, and llama.cpp reads versions 2 and 3"),
     (tiny_gguf(48), "its general.alignment is not a uint32 power of two"),
     (tiny_gguf(0), "its general.alignment is not a uint32 power of two"),
     (tiny_gguf(64).replace(gguf_file.ALIGNMENT_KEY + struct.pack("<I", gguf_file.UINT32), gguf_file.ALIGNMENT_KEY
@@ -69,8 +74,8 @@ def test_every_gguf_cut_short_is_refused_naming_where_it_ends(alignment: int | N
      "it has a metadata value of type 9, which llama.cpp does not read"),
     (tiny_gguf().replace(gguf_tensor(b"b.weight", (256, 2), 12, 64), gguf_tensor(b"b.weight", (256, 2), 31, 64)),
      "tensor 1 is of ggml type 31, which llama.cpp does not know"),
-], ids=["magic", "version-1", "version-4", "alignment-48", "alignment-0", "alignment-int32", "value-type",
-        "array-of-arrays", "tensor-type"])
+], ids=["magic", "version-1", "version-4", "big-endian", "version-0", "alignment-48", "alignment-0", "alignment-int32",
+        "value-type", "array-of-arrays", "tensor-type"])
 def test_a_file_llama_cpp_does_not_read_is_refused_saying_why(data: bytes, wrong: str, tmp_path: Path) -> None:
     assert _refusal(tmp_path, data) == f"cannot use the answer model {{model}}: {wrong} {WAY_OUT}"
 
