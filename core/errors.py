@@ -128,6 +128,18 @@ class MasterKeyFileUnreadable(MasterKeyRefused):
         super().__init__(f"the key file cannot be read: {reason}", key_file)
 
 
+class MasterKeyVersionMissing(MasterKeyRefused):
+    """The keyring lacks a master version the stored keys are wrapped under (`current`: the newest one, which new keys
+    are wrapped under): a replica not given the version a master rotation made current, a key file replaced under a
+    running process by one without it (an old copy, another installation's). `readiness` "mismatch", as any key
+    that does not open them. A rotation retiring a version as a key is read is none: the key's row, rewrapped before
+    the version left the key file, is read again first (`KeyStore.department_key`)."""
+
+    def __init__(self, version: int, key_file: Path | None, *, current: bool = False) -> None:
+        super().__init__(f"it has no version {version}, {'the current one' if current else 'which wraps some of them'}",
+                         key_file)
+
+
 def _master_key_line(why: str | None, key_file: str | None, only_verifiers: bool) -> str:
     """MasterKeyRefused's line: what fails, why, where the key is read, and (nothing but a first start's check stored)
     how to start afresh."""

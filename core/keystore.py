@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session, aliased
 from core import crypto
 from core.cache import BoundedCache
 from core.db import is_postgres, transaction_lock, unit_of_work
-from core.errors import MasterKeyFileMissing, MasterKeyFileUnreadable, MasterKeyRefused
+from core.errors import MasterKeyFileMissing, MasterKeyFileUnreadable, MasterKeyRefused, MasterKeyVersionMissing
 from core.models import Document, MasterKeyVerifier, WrappedKey
 from core.settings import DEFAULT_KEY_CACHE_SECONDS, Settings
 
@@ -76,9 +76,18 @@ class DepartmentKeyUnreadable(crypto.DecryptionError):
     in the database): no document's damage, every document of the department is unreadable. The message names the
     department, never key material."""
 
+    def __init__(self, department: str,
+                 why: str = "does not open under the master key (its key row was altered in the database)") -> None:
+        super().__init__(f"the key of department {department} {why}: restore that row from a backup")
+
+
+class DepartmentKeyMissing(DepartmentKeyUnreadable):
+    """A department with no key row at all (deleted in the database, or a database restored without it): every
+    document of the department is unreadable and no upload can be keyed, as when its row is altered; said the same
+    way (the API's 503 `department_key_unreadable`, the CLI's exit 2), naming what is wrong."""
+
     def __init__(self, department: str) -> None:
-        super().__init__(f"the key of department {department} does not open under the master key (its key row was "
-                         "altered in the database): restore that row from a backup")
+        super().__init__(department, "is missing from the database (its key row was deleted)")
 
 
 class KeyStore:
@@ -129,16 +138,15 @@ class KeyStore:
     def department_key(self, *, session: Session, department: str, version: int | None = None) -> bytes:
         """The department's key (the latest version, or a given one), unwrapped by the master key. One that does not
         open is DepartmentKeyUnreadable (its row altered), or MasterKeyRefused when the master key is not that
-        version's (the key file replaced under a running process): every department's is unreadable then."""
-        row = (_latest(session, "department", department) if version is None
-               else _version(session, "department", department, version))
-        if row is None:
-            raise LookupError("department has no key")
+        version's or the keyring lacks it (the key file replaced under a running process): every department's is
+        unreadable then. No key row
+        is DepartmentKeyMissing; `version` alone gone (retired by a rotation since it was read) a LookupError."""
+        row = _department_row(session, department, version)
         ref = ("department", f"{department}:v{row.version}")
         cached = self._cached(ref)
         if cached is not None:
             return cached
-        master = self._master(row.parent_version)
+        row, master = self._master_wrapping(session, row)
         try:
             key = crypto.open_sealed(master, row.wrapped, _context("department", department, row.version))
         except crypto.DecryptionError as exc:
@@ -152,9 +160,7 @@ class KeyStore:
         """A new data key for a document, stored wrapped by the department key."""
         key = crypto.new_key()
         lock_department_keys(session, department)  # before reading the version
-        parent_row = _latest(session, "department", department)
-        if parent_row is None:
-            raise LookupError("department has no key")
+        parent_row = _department_row(session, department)
         parent = self.department_key(session=session, department=department, version=parent_row.version)
         wrapped = crypto.seal(parent, key, _context("document", document_id, 1))
         session.add(WrappedKey(kind="document", owner=document_id, version=1, parent_version=parent_row.version,
@@ -203,9 +209,7 @@ class KeyStore:
         Every stored version is opened first: one that does not open (DepartmentKeyUnreadable) begins nothing, as
         its documents could not be rewrapped."""
         transaction_lock(session, f"keys:rotation:{department}")
-        current = _latest(session, "department", department)
-        if current is None:
-            raise LookupError("department has no key")
+        current = _department_row(session, department)
         stored = select(WrappedKey.version).where(WrappedKey.kind == "department", WrappedKey.owner == department)
         for old in session.scalars(stored).all():
             self.department_key(session=session, department=department, version=old)
@@ -276,8 +280,8 @@ class KeyStore:
             masters = self._masters_now()
             key = crypto.derive_key(masters[min(masters)], _CHECKPOINT_HKDF_INFO)
         else:
-            key = crypto.open_sealed(self._master(row.parent_version), row.wrapped,
-                                     _context("checkpoint", _CHECKPOINT_OWNER, row.version))
+            row, master = self._master_wrapping(session, row)
+            key = crypto.open_sealed(master, row.wrapped, _context("checkpoint", _CHECKPOINT_OWNER, row.version))
         self._remember(("checkpoint", _CHECKPOINT_OWNER), key)
         return key
 
@@ -295,7 +299,7 @@ class KeyStore:
         master_version, master = self._current_master()
         newest = _newest_master_version(session)
         if newest is not None and newest > master_version:  # a replica not given the version a rotation made current
-            raise MasterKeyRefused(f"it has no version {newest}, the current one", self._key_file)
+            raise MasterKeyVersionMissing(newest, self._key_file, current=True)
         self._record_verifier(session, master_version, master)
         session.add(WrappedKey(kind=kind, owner=owner, version=version, parent_version=master_version,
                                wrapped=crypto.seal(master, key, _context(kind, owner, version))))
@@ -323,7 +327,7 @@ class KeyStore:
                     if verifier.version in masters and _verifies(masters[verifier.version], verifier)}
         for version in sorted(firsts.keys() | {verifier.version for verifier in sealed.verifiers}):
             if version not in masters:
-                raise MasterKeyRefused(f"it has no version {version}, which wraps some of them", self._key_file)
+                raise MasterKeyVersionMissing(version, self._key_file)
             first = firsts.get(version)
             if version not in verified and not (first is not None and _opens(masters[version], first)
                                                 or _any_opens(session, masters[version], version)):
@@ -429,10 +433,27 @@ class KeyStore:
         return masters
 
     def _master(self, version: int) -> bytes:
+        """Master `version`'s key: MasterKeyVersionMissing when the keyring lacks it."""
         masters = self._masters_now()
         if version not in masters:
-            raise LookupError(f"master key version {version} is not available")
+            raise MasterKeyVersionMissing(version, self._key_file)
         return masters[version]
+
+    def _master_wrapping(self, session: Session, row: WrappedKey) -> tuple[WrappedKey, bytes]:
+        """The master-wrapped `row` and its master version's key. A version the keyring lacks may have been retired by
+        a master rotation since the row was read: it retires one only once every row under it is rewrapped and
+        committed, so the row is read again (a new statement sees that commit); still under a version the keyring
+        lacks, MasterKeyVersionMissing (the key file replaced by one without it). Gone meanwhile (a department
+        rotation retiring that version of the key): LookupError, as `_department_row`."""
+        masters = self._masters_now()
+        if row.parent_version in masters:
+            return row, masters[row.parent_version]
+        kind, owner, version = row.kind, row.owner, row.version
+        session.expire(row)  # its columns loaded afresh by the query below
+        fresh = _version(session, kind, owner, version)
+        if fresh is None:
+            raise LookupError(f"{kind} key version {version} was retired")
+        return fresh, self._master(fresh.parent_version)
 
     def _current_master(self) -> tuple[int, bytes]:
         masters = self._masters_now()
@@ -500,6 +521,18 @@ def _version(session: Session, kind: str, owner: str, version: int) -> WrappedKe
     query = select(WrappedKey).where(WrappedKey.kind == kind, WrappedKey.owner == owner,
                                      WrappedKey.version == version)
     return session.scalars(query).first()
+
+
+def _department_row(session: Session, department: str, version: int | None = None) -> WrappedKey:
+    """The department's key row, its newest or `version`: DepartmentKeyMissing when the department has none at all;
+    LookupError when `version` alone is gone (retired by a rotation since it was read: the caller reads again)."""
+    row = (_latest(session, "department", department) if version is None
+           else _version(session, "department", department, version))
+    if row is not None:
+        return row
+    if version is None or _latest(session, "department", department) is None:
+        raise DepartmentKeyMissing(department)
+    raise LookupError(f"department key version {version} was retired")
 
 
 def _documents_only_below(session: Session, department: str, version: int) -> list[str]:

@@ -77,9 +77,9 @@ DUPLICATE_HIDDEN = "duplicate upload: a document already in this department has 
 KEY_MISSING = "the document's data key is missing: upload it again"
 KEY_UNREADABLE = "the document's data key does not open under its department key: upload it again"
 _KEY_LOST = {KeyState.missing: KEY_MISSING, KeyState.unreadable: KEY_UNREADABLE}  # a claim's failure, by key state
-DEPARTMENT_KEY_UNREADABLE = ("the key of the document's department does not open under the master key (its key row was "
-                             "altered in the database): once that row is restored from a backup, a re-index naming "
-                             "this document runs it again")
+DEPARTMENT_KEY_UNREADABLE = ("the key of the document's department is missing or does not open under the master "
+                             "key (its key row was deleted or altered in the database): once that row is restored from "
+                             "a backup, a re-index naming this document runs it again")
 ORIGINAL_UNREADABLE = "the document's stored original is missing or does not open under its key: upload it again"
 SERVED_MAP_UNREADABLE = ("the document's placeholder map does not open under its key or does not parse (altered): "
                          "upload it again")
@@ -579,8 +579,8 @@ def _claim(session: Session, settings: Settings, document: Document,
 
 def _claimed_key(session: Session, settings: Settings, document: Document) -> tuple[bytes | None, str | None]:
     """The document's data key, or why its claim fails it at once: its key row is missing or does not open (its index
-    is lost with it), or its department's key does not open under the master key (DEPARTMENT_KEY_UNREADABLE: that
-    row restored, the document and any index it serves open again)."""
+    is lost with it), or its department's key row is missing or does not open under the master key
+    (DEPARTMENT_KEY_UNREADABLE: that row restored, the document and any index it serves open again)."""
     try:
         found = keystore_for(settings).document_key(session=session, department=document.department,
                                                     document_id=document.id)

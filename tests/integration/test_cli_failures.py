@@ -17,7 +17,7 @@ from core.db import unit_of_work
 from core.models import Document, RetrievalEvent
 from core.settings import get_settings
 from tests.support.file_permissions import permission_bits_bind
-from tests.support.key_rotation import alter_key_row, exit_code_unless_interrupted
+from tests.support.key_rotation import alter_key_row, department_key_deleted, exit_code_unless_interrupted
 
 INTERRUPTED = "interrupted; run the same command again to go on\n"
 
@@ -111,6 +111,24 @@ def test_ingesting_into_a_department_whose_key_does_not_open_is_one_line_and_exi
     with unit_of_work(cli_env) as session:
         assert session.scalars(select(Document.id)).all() == []
         alter_key_row(settings, session, "hr", kind="department")  # the same bit flipped back
+    assert main(["ingest", str(tmp_path / "pay.md"), "--department", "hr"]) == 0
+
+
+def test_ingesting_into_a_department_without_a_key_row_is_one_line_and_exit_2(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The department's key row deleted in the database, `govrag ingest` ended in a LookupError traceback as it
+    started (exit 1). Now it says which key is missing and what to do in one line, exit 2 as for an altered row,
+    nothing written; the row put back, the file is ingested."""
+    (tmp_path / "pay.md").write_text("# Pay\n\nPay day is the 25th.\n")
+    with department_key_deleted(get_settings(), "hr"):
+        code = main(["ingest", str(tmp_path / "pay.md"), "--department", "hr"])
+        said = capsys.readouterr()
+        with unit_of_work(cli_env) as session:
+            assert session.scalars(select(Document.id)).all() == []
+    assert (code, " ".join(said.err.split())) == (
+        2, "failed: the key of department hr is missing from the database (its key row was deleted): restore that "
+           "row from a backup; nothing ingested: run the same command again once that row is restored"), said.err
+    assert "ingestion summary" not in said.out
     assert main(["ingest", str(tmp_path / "pay.md"), "--department", "hr"]) == 0
 
 

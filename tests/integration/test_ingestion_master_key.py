@@ -30,6 +30,10 @@ def _replaced(key_file: Path) -> None:
     key_file.write_text(crypto.format_master_keyring({1: crypto.new_key()}))  # one from elsewhere
 
 
+def _without_its_version(key_file: Path) -> None:
+    key_file.write_text(crypto.format_master_keyring({2: crypto.new_key()}))  # no version 1, which wraps the keys
+
+
 @pytest.fixture
 def queued(make_pg_database: Callable[[], str], tmp_path: Path):  # type: ignore[no-untyped-def]
     """Settings (no key kept in memory: each read goes to the key file) and a queued job of one uploaded document."""
@@ -63,12 +67,13 @@ def _states(settings, document_id: str, job_id: str) -> tuple[tuple[str, str | N
         return (str(document.status), document.error), (str(job.status), job.error)
 
 
-@pytest.mark.parametrize("spoil", [_deleted, _made_a_folder, _replaced])
+@pytest.mark.parametrize("spoil", [_deleted, _made_a_folder, _replaced, _without_its_version])
 def test_a_master_key_refused_mid_job_is_waited_out_and_the_job_completes_once_the_key_file_is_back(
         queued, caplog: pytest.LogCaptureFixture, spoil: Callable[[Path], None]) -> None:  # type: ignore[no-untyped-def]
     """The refusal took the generic retry path (3 retries), then failed the job as "internal error during ingestion;
     retries exhausted" with a traceback (a wrong key: "the key of the document's department does not open ... its key
-    row was altered", at once), losing the upload to a deployment fault the operator can fix. It is now an outage:
+    row was altered", at once; a keyring without the version the keys are wrapped under: a LookupError, the generic
+    retries), losing the upload to a deployment fault the operator can fix. It is now an outage:
     retried as long as a database outage, the job left queued, one line without a traceback or the key file's path."""
     from workers.tasks import MAX_RETRIES, OUTAGE_RETRIES, ingest_document
 
@@ -111,4 +116,26 @@ def test_a_master_key_refused_past_the_outage_retries_fails_the_job_in_one_line_
     assert _states(settings, document_id, job_id) == (("failed", reason), ("failed", reason))
     assert not [record for record in caplog.records if record.exc_info]
     assert str(settings.resolved_master_key_file) not in caplog.text
+    assert blobs.has_original(settings.blob_dir, document_id)
+
+
+def test_a_job_whose_department_has_no_key_row_fails_at_once_saying_so_in_one_line(
+        queued, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    """The department's key row deleted in the database after the upload: the claim's LookupError took the generic
+    retry path (3 retries, then "internal error during ingestion; retries exhausted" with a traceback), though no retry
+    brings the row back. It now fails at once as for an altered row, saying what to restore, in one line; the sealed
+    original is kept for a re-index once the row is back."""
+    from ingestion import service
+    from tests.support.key_rotation import department_key_deleted
+    from workers.tasks import ingest_document
+
+    settings, document_id, job_id = queued
+    scheduled: list[dict[str, object]] = []
+    with department_key_deleted(settings, "desk"), caplog.at_level(logging.DEBUG):
+        ingest_document(task_at_retry(settings, 0, scheduled), document_id, job_id)  # type: ignore[arg-type]
+    assert scheduled == []
+    reason = service.DEPARTMENT_KEY_UNREADABLE
+    assert _states(settings, document_id, job_id) == (("failed", reason), ("failed", reason))
+    assert not [record for record in caplog.records if record.exc_info]
+    assert "the key of department desk is missing from the database" in caplog.text
     assert blobs.has_original(settings.blob_dir, document_id)

@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -699,30 +700,87 @@ def test_one_altered_department_row_is_that_department_unreadable_never_the_mast
         keystore_for(wrong).department_key(session=session, department="finance")
 
 
+def _upload(client: TestClient, editor: dict[str, str]) -> Any:
+    """An upload into `desk` (made by `desk_member`) by its editor."""
+    return client.post("/v1/documents", headers=editor, data={"department": "desk"},
+                       files={"file": ("notes.txt", b"Notes of the Lisbon office.")})
+
+
+@pytest.mark.parametrize(("version", "why"), [(1, ""), (2, " (it has no version 1, which wraps some of them)")],
+                         ids=["another key", "without its version"])
 def test_an_upload_under_a_replaced_key_file_is_a_503_saying_the_master_key_not_the_department_key(
-        served: tuple[TestClient, Settings]) -> None:
+        served: tuple[TestClient, Settings], version: int, why: str) -> None:
     """The key file replaced by another key under a running replica: every department key failed to open as if its
     row were altered, an upload a 503 `department_key_unreadable` telling the operator to restore that row (and a
-    query left every department out, answering as if nothing were found). It is now the master key's 503 `unavailable`,
-    as /readyz says, the key file's path left out; the department is none the worse once the key is back."""
+    query left every department out, answering as if nothing were found); replaced by a keyring without the version
+    the keys are wrapped under (an old copy, another installation's), a LookupError, an upload a 500 "internal error".
+    Either is now the master key's 503 `unavailable`, as /readyz says it, the key file's path left out; the department
+    is none the worse once the key is back."""
     client, settings = served
     key_file = settings.resolved_master_key_file
     right = crypto.parse_master_keyring(key_file.read_text())
     editor = auth(desk_member(client, "editor"))
-
-    def upload() -> object:
-        return client.post("/v1/documents", headers=editor, data={"department": "desk"},
-                           files={"file": ("notes.txt", b"Notes of the Lisbon office.")})
-
     keystore_for(settings)._cache.clear()  # the desk key opened when it was made: as a replica that never opened it
     with crypto.master_keyring_lock(key_file):
-        crypto.write_master_keyring(key_file, {1: crypto.new_key()})
-    refused = upload()
-    assert refused.status_code == 503, refused.text  # type: ignore[attr-defined]
-    assert refused.json()["error"]["code"] == "unavailable"  # type: ignore[attr-defined]
-    assert refused.json()["error"]["message"] == (  # type: ignore[attr-defined]
-        f"the master key does not open the stored keys: {RESTORE} (GOVRAG_MASTER_KEY or the master key file)")
-    assert str(key_file) not in refused.text and str(settings.data_dir) not in refused.text  # type: ignore[attr-defined]
+        crypto.write_master_keyring(key_file, {version: crypto.new_key()})
+    refused, ready = _upload(client, editor), client.get("/readyz")
+    line = f"the master key does not open the stored keys{why}: {RESTORE} (GOVRAG_MASTER_KEY or the master key file)"
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "unavailable"
+    assert refused.json()["error"]["message"] == line
+    assert str(key_file) not in refused.text and str(settings.data_dir) not in refused.text
+    assert (ready.status_code, ready.json()["checks"]["master_key"], ready.json()["reason"]) == (503, "mismatch", line)
     with crypto.master_keyring_lock(key_file):
         crypto.write_master_keyring(key_file, right)
-    assert upload().status_code == 202  # type: ignore[attr-defined]
+    assert _upload(client, editor).status_code == 202
+
+
+def test_an_upload_into_a_department_without_a_key_row_is_a_503_saying_so(served: tuple[TestClient, Settings]) -> None:
+    """A department whose key row was deleted in the database: `create_document_key` raised LookupError, an upload
+    answered 500 "internal error". It is now the department key's 503, naming the department and the missing row (no
+    key material, no path), as an altered row's is; the row put back, the upload goes through."""
+    from tests.support.key_rotation import department_key_deleted
+
+    client, settings = served
+    editor = auth(desk_member(client, "editor"))
+    with department_key_deleted(settings, "desk"):
+        refused = _upload(client, editor)
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "department_key_unreadable"
+    assert refused.json()["error"]["message"] == (
+        "the key of department desk is missing from the database (its key row was deleted): restore that row from a "
+        "backup")
+    assert _upload(client, editor).status_code == 202
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_a_key_row_or_master_version_missing_is_a_named_refusal_not_a_lookup_error(
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """A department without a key row, and a keyring without the master version its row is wrapped under, raised
+    LookupError from the key store (a 500, a job's generic retries, a traceback). The first is now that department's
+    DepartmentKeyMissing (an upload's, a query's, a rotation's), the second MasterKeyVersionMissing (every
+    department's: the master key's refusal)."""
+    from core.errors import MasterKeyVersionMissing
+    from tests.support.key_rotation import department_key_deleted
+
+    url = make_pg_database() if database == "postgresql" else f"sqlite:///{tmp_path / 'keys.db'}"
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=url, key_cache_seconds=0)
+    with unit_of_work(url) as session:
+        authz_service.create_department(session=session, keystore=keystore_for(settings), name="hr")
+    store = keystore_for(settings)
+    with department_key_deleted(settings, "hr"), unit_of_work(url) as session:
+        with pytest.raises(keystore.DepartmentKeyMissing, match="department hr is missing from the database"):
+            store.department_key(session=session, department="hr")
+        with pytest.raises(keystore.DepartmentKeyMissing):
+            store.create_document_key(session=session, department="hr", document_id="doc")
+        with pytest.raises(keystore.DepartmentKeyMissing):
+            store.begin_rotation(session=session, department="hr")
+    key_file = settings.resolved_master_key_file
+    right = crypto.parse_master_keyring(key_file.read_text())
+    crypto.write_master_keyring(key_file, {2: crypto.new_key()})
+    with unit_of_work(url) as session, pytest.raises(MasterKeyVersionMissing, match="it has no version 1, which wraps"):
+        store.department_key(session=session, department="hr")
+    crypto.write_master_keyring(key_file, right)
+    with unit_of_work(url) as session:
+        assert store.department_key(session=session, department="hr")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from api import cli, cli_keys
@@ -29,7 +29,7 @@ from core import keystore as keystore_module
 from core.db import transaction_lock, unit_of_work
 from core.errors import MasterKeyRefused
 from core.keystore import MASTER_WRAPPED_KINDS, KeyStore, keystore_for
-from core.models import RetrievalEvent, WrappedKey
+from core.models import Document, RetrievalEvent, WrappedKey
 from core.settings import Settings
 from ingestion import keys
 from retrieval.store import open_vector_store
@@ -115,7 +115,7 @@ def test_master_rotation_interrupted_then_rerun(client: TestClient, issue_token:
     only_new = KeyStore({new_version + 1: final_ring[new_version + 1]})
     _read_all(only_new, settings, documents)
     only_old = KeyStore(half_ring)
-    with unit_of_work(settings.resolved_database_url) as session, pytest.raises(LookupError):
+    with unit_of_work(settings.resolved_database_url) as session, pytest.raises(MasterKeyRefused):
         only_old.department_key(session=session, department=next(iter(documents.values())))
     _read_all(other_process, settings, documents)  # the replica loaded before re-reads the key file
     with unit_of_work(settings.resolved_database_url) as session:
@@ -444,3 +444,75 @@ def test_two_master_rotations_at_once_run_one_after_the_other_and_lose_no_key(
     assert (first.new_version, other[0].returncode) == (2, 0), errors
     assert "master key now v3" in output
     assert list(crypto.load_or_create_master_keyring(key_file, create=False)) == [3]
+
+
+@pytest.mark.parametrize("read", ["department key", "document key"])
+def test_a_key_read_as_a_master_rotation_retires_its_version_opens_not_refused(
+        database_url: str, tmp_path: Path, read: str) -> None:
+    """Another process's master rotation ran whole (rewrapped, committed, the old version dropped from the key file)
+    between a replica's read of a department key row and its read of the keyring: the row's version was no longer in
+    it, a LookupError (a 500, a job's generic retries). It is no refusal either: the row, rewrapped before the version
+    left the key file, is read again and opens under the new version."""
+    from authz import service as authz_service
+
+    settings = Settings(data_dir=tmp_path / "data", database_url=database_url)
+    with unit_of_work(database_url) as session:
+        authz_service.create_department(session=session, keystore=keystore_for(settings), name="desk")
+        session.add(Document(id="doc", department="desk", title="t", content_type="text/plain", size_bytes=1,
+                             sha256="0" * 64, uploaded_by="tester", status="ready"))
+        data_key = keystore_for(settings).create_document_key(session=session, department="desk", document_id="doc")
+        department_key = keystore_for(settings).department_key(session=session, department="desk")
+    replica, rotated = KeyStore.from_settings(settings), []  # another process's: nothing opened yet
+
+    def rotate_once_the_department_row_is_read(target: WrappedKey, _context: object) -> None:
+        if target.kind == "department" and not rotated:
+            rotated.append(None)  # the rotation's own reads go on
+            rotated[0] = keys.rotate_master_key(settings=settings, identity=ROTATOR)
+
+    event.listen(WrappedKey, "load", rotate_once_the_department_row_is_read)
+    try:
+        with unit_of_work(database_url) as session:
+            if read == "department key":
+                assert replica.department_key(session=session, department="desk") == department_key
+            else:
+                assert replica.document_key(session=session, department="desk", document_id="doc").key == data_key
+    finally:
+        event.remove(WrappedKey, "load", rotate_once_the_department_row_is_read)
+    assert [report.retired_versions for report in rotated] == [(1,)]
+    assert _master_parents(settings) == {2}
+
+
+def test_a_query_under_a_key_file_without_the_stored_version_is_a_503_not_a_500(
+        client: TestClient, issue_token: Callable[..., str], settings: Settings) -> None:
+    """The key file replaced under the running API by one without the master version the department keys are wrapped
+    under: a query finding a document answered 500 "internal error" (a LookupError). It is now the master key's 503
+    `unavailable`, naming the missing version and not the key file's path; the key back, the query answers."""
+    admin = issue_token(PLATFORM_ADMIN)
+    department = f"mrot{uuid.uuid4().hex[:6]}"
+    assert client.post("/v1/admin/departments", json={"name": department}, headers=auth(admin)).status_code == 201
+    client.post("/v1/admin/role-assignments", headers=auth(admin),
+                json={"subject": "mira", "role": "editor", "department": department})
+    _ingest(client, issue_token("mira", []), department)
+    key_file = settings.resolved_master_key_file
+    right = crypto.load_or_create_master_keyring(key_file, create=False)
+
+    def query() -> object:
+        keystore_for(settings)._cache.clear()  # as a replica that never opened the keys
+        return client.post("/v1/query", headers=auth(issue_token("mira", [])), json={
+            "question": "What is the Bergen office bicycle allowance?", "departments": [department]})
+
+    try:
+        with crypto.master_keyring_lock(key_file):
+            crypto.write_master_keyring(key_file, {max(right) + 1: crypto.new_key()})
+        refused = query()
+    finally:
+        with crypto.master_keyring_lock(key_file):
+            crypto.write_master_keyring(key_file, right)
+    assert refused.status_code == 503, refused.text  # type: ignore[attr-defined]
+    assert refused.json()["error"]["code"] == "unavailable"  # type: ignore[attr-defined]
+    assert refused.json()["error"]["message"] == (  # type: ignore[attr-defined]
+        f"the master key does not open the stored keys (it has no version {max(right)}, which wraps some of them): "
+        "restore the master key used to write them (GOVRAG_MASTER_KEY or the master key file)")
+    assert str(key_file) not in refused.text  # type: ignore[attr-defined]
+    answered = query()
+    assert answered.status_code == 200 and "450" in answered.json()["answer"]  # type: ignore[attr-defined]

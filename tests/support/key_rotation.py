@@ -1,9 +1,10 @@
 """A fresh database with two departments for `govrag keys rotate` tests, what the ledger and the keys say after, and a
-key row altered as in the database."""
+key row altered or deleted as in the database."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +82,25 @@ def alter_key_row(settings: Settings, session: Session, owner: str, kind: str = 
     row = session.scalars(select(WrappedKey).where(WrappedKey.kind == kind, WrappedKey.owner == owner)).one()
     row.wrapped = row.wrapped[:-1] + bytes([row.wrapped[-1] ^ 0x01])
     keystore_for(settings)._cache.clear()
+
+
+@contextmanager
+def department_key_deleted(settings: Settings, department: str) -> Iterator[None]:
+    """The department's key rows deleted in the database (this process forgets the keys it opened, as one that never
+    opened them), put back as they were when the block ends."""
+    from core.keystore import keystore_for
+
+    url = settings.resolved_database_url
+    with unit_of_work(url) as session:
+        rows = session.scalars(select(WrappedKey).where(WrappedKey.kind == "department",
+                                                        WrappedKey.owner == department)).all()
+        kept = [(row.version, row.parent_version, row.wrapped) for row in rows]
+        for row in rows:
+            session.delete(row)
+    keystore_for(settings)._cache.clear()
+    try:
+        yield
+    finally:
+        with unit_of_work(url) as session:
+            session.add_all(WrappedKey(kind="department", owner=department, version=version, parent_version=parent,
+                                       wrapped=wrapped) for version, parent, wrapped in kept)
