@@ -58,6 +58,18 @@ def _unavailable(dependency: str) -> Stop:
     return Stop(f"the {dependency} is unavailable", "once it is back")
 
 
+def _outage(exc: BaseException) -> Stop | None:
+    """What stops an in-process run at a file, as a worker waits it out (`ingestion.service.outage`): a dependency
+    that went away, named, or the master key refused under the running command (its key file deleted, unreadable or
+    replaced), said in its line without the key file's path. None for any other failure."""
+    from core.errors import MasterKeyRefused, unavailable_dependency
+
+    if isinstance(exc, MasterKeyRefused):
+        return Stop(exc.client_message, "once that is fixed")
+    dependency = unavailable_dependency(exc)
+    return None if dependency is None else _unavailable(dependency)
+
+
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `ingest`."""
     ingest = commands.add_parser("ingest", help="upload every file under PATH into a department")
@@ -266,9 +278,9 @@ class _FileRun:
 
 def _ingest_file(settings: Settings, args: argparse.Namespace, path: Path) -> Outcome:
     """Accept and ingest one file. A dependency that went away (the database, the vector store, the blob volume, as
-    `unavailable_dependency` tells them for the Celery path) is named, and what the file's run took is given back to
-    wait, never failed (`_stopped`), as it is on a Ctrl-C; any other failure is handled by `_ingest_or_fail`."""
-    from core.errors import unavailable_dependency
+    `unavailable_dependency` tells them for the Celery path) or the master key refused (`_outage`) is named, and what
+    the file's run took is given back to wait, never failed (`_stopped`), as it is on a Ctrl-C; any other failure is
+    handled by `_ingest_or_fail`."""
     from workers.dispatch import JobsHeld
 
     run = _FileRun(JobsHeld(settings))
@@ -278,10 +290,9 @@ def _ingest_file(settings: Settings, args: argparse.Namespace, path: Path) -> Ou
         run.give_back(settings)
         raise
     except Exception as exc:
-        dependency = unavailable_dependency(exc)
-        if dependency is None:
+        if (stop := _outage(exc)) is None:
             raise
-        return _stopped(settings, path, dependency, run)
+        return _stopped(settings, path, stop, run)
     finally:
         run.held.release()
 
@@ -289,12 +300,10 @@ def _ingest_file(settings: Settings, args: argparse.Namespace, path: Path) -> Ou
 def _ingest_or_fail(settings: Settings, args: argparse.Namespace, path: Path, run: _FileRun) -> Outcome:
     """Accept and ingest one file. A refusal says why; any failure but an outage is a generic `failed` (its message
     may quote the file) and fails each document it left unfinished; either way the run goes on."""
-    from core.errors import unavailable_dependency
-
     try:
         return _accept_and_ingest(settings, args, path, run)
     except Exception as exc:
-        if unavailable_dependency(exc) is not None:
+        if _outage(exc) is not None:
             raise  # stops the run (`_ingest_file`)
         failure = type(exc).__name__
     return _failed(settings, path, run, failure)
@@ -340,17 +349,17 @@ def _failed(settings: Settings, path: Path, run: _FileRun, failure: str) -> Outc
     return run.outcome(settings, path, otherwise=Outcome(str(path), "failed", INTERNAL_FAILURE))
 
 
-def _stopped(settings: Settings, path: Path, dependency: str, run: _FileRun) -> Outcome:
-    """A file whose ingestion a dependency's outage stopped. Nothing failed: the jobs its run took wait again, given
+def _stopped(settings: Settings, path: Path, stop: Stop, run: _FileRun) -> Outcome:
+    """A file whose ingestion an outage stopped (`_outage`). Nothing failed: the jobs its run took wait again, given
     back unsent as a worker's retry hands its job back (`dispatch.give_back`), for the same command run again to
     take (`_go_on`); with the database away even that cannot be recorded, and an API runs them again."""
     if run.document_id is None:
         what = "nothing was stored"
     elif run.give_back(settings):
-        what = "accepted, not ingested yet: run the same command again once it is back"
+        what = f"accepted, not ingested yet: run the same command again {stop.again}"
     else:
         what = f"accepted, not ingested yet: {LEFT_TO_THE_API}"
-    return Outcome(str(path), UNAVAILABLE, f"the {dependency} is unavailable; {what}", stop=_unavailable(dependency))
+    return Outcome(str(path), UNAVAILABLE, f"{stop.why}; {what}", stop=stop)
 
 
 def _job_outcome(settings: Settings, path: Path, job_id: str) -> Outcome:

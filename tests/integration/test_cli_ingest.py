@@ -515,6 +515,55 @@ def test_the_blob_volume_going_away_mid_run_stops_the_run_naming_it_and_running_
         assert session.scalars(select(IngestionJob.crashed_runs)).all() == [0, 0, 0]  # an outage is no crash
 
 
+def test_the_master_key_refused_mid_run_stops_the_run_and_leaves_nothing_failed(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key file replaced under a run by a keyring without the version the keys are wrapped under: the file being
+    ingested and every file after it were `failed` with "internal error while ingesting the file" (their jobs failed
+    for good), where a worker waits the master key out. Now the run stops there with the master key's line (never
+    the key file's path), exits 1 and leaves the document waiting; run again once the key file is back, the command
+    ingests it and the file not attempted."""
+    from core import crypto
+    from core.keystore import keystore_for
+    from ingestion import service
+
+    settings, canary, real_run, runs = get_settings(), uuid.uuid4().hex, service.run_ingestion, []
+    key_file = settings.resolved_master_key_file
+    right = crypto.parse_master_keyring(key_file.read_text())
+
+    def replaced_at_the_second_run(**kwargs: str) -> None:
+        runs.append(kwargs["document_id"])
+        if len(runs) == 2:
+            with crypto.master_keyring_lock(key_file):
+                crypto.write_master_keyring(key_file, {2: crypto.new_key()})
+            keystore_for(settings)._cache.clear()  # as a process that never opened the keys
+        real_run(**kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service, "run_ingestion", replaced_at_the_second_run)
+    monkeypatch.setenv("COLUMNS", "400")  # each reason on one line of the table
+    folder = _three_files(tmp_path, canary)
+    assert main(["ingest", str(folder), "--department", "hr"]) == 1
+    captured = capsys.readouterr()
+    out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
+    line = ("the master key does not open the stored keys (it has no version 1, which wraps some of them): restore "
+            "the master key used to write them (GOVRAG_MASTER_KEY or the master key file)")
+    assert f"{line}; accepted, not ingested yet: run the same command again once that is fixed" in out, out
+    assert "ready: 1" in out and "unavailable: 1" in out and "not attempted: 1" in out and "failed" not in out
+    assert f"stopped: {line} (1 file not attempted); run the same command again once that is fixed" in err, err
+    assert str(key_file) not in out + err and "Traceback" not in out + err
+    assert _rows(cli_env) == {"a-leave.md": ("ready", "ready"), "b-pay.md": ("queued", "queued")}
+
+    with crypto.master_keyring_lock(key_file):
+        crypto.write_master_keyring(key_file, right)
+    monkeypatch.setattr(service, "run_ingestion", real_run)
+    # run again once the key is back, past the sweep's grace: the refusal came at the claim, so its job never ran
+    monkeypatch.setenv("GOVRAG_JOB_RESEND_AFTER_SECONDS", "0")
+    get_settings.cache_clear()
+    assert main(["ingest", str(folder), "--department", "hr"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "duplicate: 1" in out and "ready: 2" in out
+    assert set(_rows(cli_env).values()) == {("ready", "ready")} and len(_rows(cli_env)) == 3
+
+
 def test_the_database_going_away_mid_run_stops_the_run_naming_it_and_leaves_nothing_failed(
         cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """PostgreSQL stopped taking connections as a file's run ended: marking it failed needed the database too, and
