@@ -442,9 +442,14 @@ class KeyStore:
     def _master_wrapping(self, session: Session, row: WrappedKey) -> tuple[WrappedKey, bytes]:
         """The master-wrapped `row` and its master version's key. A version the keyring lacks may have been retired by
         a master rotation since the row was read: it retires one only once every row under it is rewrapped and
-        committed, so the row is read again (a new statement sees that commit); still under a version the keyring
-        lacks, MasterKeyVersionMissing (the key file replaced by one without it). Gone meanwhile (a department
-        rotation retiring that version of the key): LookupError, as `_department_row`."""
+        committed, so the row is read again (`expire`: the identity map would keep the columns read before; the
+        caller has no change pending on a master-wrapped row). A new statement sees that commit on PostgreSQL (READ
+        COMMITTED) and on SQLite in a session that has written nothing (no read transaction is held between
+        statements; one that has written holds the write lock, which the rotation's commit would have waited for),
+        but not inside a SQLite savepoint begun before any write: there the row is still the old one, the master key's
+        refusal, which a worker waits out. Still under a version the keyring lacks, MasterKeyVersionMissing (the key
+        file replaced by one without it). Gone meanwhile (a department rotation retiring that version of the key):
+        LookupError, as `_department_row`."""
         masters = self._masters_now()
         if row.parent_version in masters:
             return row, masters[row.parent_version]

@@ -263,8 +263,8 @@ def _recheck_and_open(session: Session, settings: Settings, enforcer: PolicyEnfo
             continue
         try:
             key = _document_key(session, keystore, document)
-        except DepartmentKeyUnreadable:
-            _leave_out_department(document.department, lost)
+        except DepartmentKeyUnreadable as exc:
+            _leave_out_department(exc, document.department, lost)
             continue
         # served, yet its key is gone or no longer opens (`_document_key`; not retired: that takes it out of the
         # served ones first)
@@ -291,14 +291,14 @@ def _document_key(session: Session, keystore: KeyStore, document: Document) -> b
     return found.key
 
 
-def _leave_out_department(department: str, lost: set[str]) -> None:
-    """A department whose key does not open under the master key (its key row altered in the database) is left out of
-    the answer as a document whose key row does not open is, not every query that finds one of its chunks failed
-    with a 500: logged naming the department only and counted (alert GovragDepartmentKeysUnreadable), once a query."""
+def _leave_out_department(exc: DepartmentKeyUnreadable, department: str, lost: set[str]) -> None:
+    """A department whose key does not open under the master key or is missing (its key row altered or deleted in the
+    database) is left out of the answer as a document whose key row does not open is, not every query that finds one
+    of its chunks failed with a 500: logged in `exc`'s line (naming the department only) and counted (alert
+    GovragDepartmentKeysUnreadable), once a query."""
     lost.add(department)
     metrics.DEPARTMENT_KEYS_UNREADABLE.labels(department=department).inc()
-    logger.warning("the key of department %s does not open under the master key (its key row altered): its chunks are "
-                   "left out; restore that row from a backup", department)
+    logger.warning("%s; its chunks are left out", exc)
 
 
 def _shown_title(session: Session, enforcer: PolicyEnforcer, identity: Identity, document: Document) -> str:
