@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import threading
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from audit import repository
-from core import metrics
+from core import forksafe, metrics
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -24,7 +23,7 @@ CHUNKS = metrics.Gauge("govrag_document_chunks", "Indexed chunks by department a
 # The (department, status) series set so far: one whose documents all left that status (a document deleted, a queued
 # one now ready) is in no count any more, and would otherwise keep the number it last had.
 _COUNTED: set[tuple[str, str]] = set()
-_COUNTED_LOCK = threading.Lock()
+_COUNTED_LOCK = forksafe.lock()
 
 
 def refresh(*, session: Session, settings: Settings) -> None:

@@ -10,12 +10,13 @@ from sqlalchemy import ColumnElement, Row, Select, delete, func, select, text
 from sqlalchemy.orm import Session
 
 from audit.schemas import ExportFilters
+from core import forksafe
 from core.db import is_postgres
 from core.models import AuditCheckpoint, Deployment, Document, RetrievalEvent
 
 GENESIS_HASH = "0" * 64
 _CHAIN_LOCK_ID = 734_112  # arbitrary, constant advisory-lock id for the ledger chain
-_local_chain_lock = threading.RLock()
+_local_chain_lock = forksafe.rlock()
 _BATCH = 1000
 
 

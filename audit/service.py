@@ -26,7 +26,7 @@ from audit.schemas import (
 )
 from authz import service as authz_service
 from authz.identity import Identity, is_platform_admin
-from core import metrics
+from core import forksafe, metrics
 from core.batching import MicroBatcher
 from core.errors import ErrorCode, GovragError
 from core.logs import mask, mask_secrets, request_id_var
@@ -138,6 +138,11 @@ class _GroupCommit:
     def __init__(self) -> None:
         self._waiting: list[_Waiting] = []
         self._guard = threading.Lock()
+        forksafe.renewed(self, _GroupCommit._forked)
+
+    def _forked(self) -> None:
+        """In a forked child: nothing waiting (the parent's callers write their own events) and a lock of its own."""
+        self._waiting, self._guard = [], threading.Lock()
 
     def append(self, session: Session, settings: Settings | None, event: RetrievalEvent) -> None:
         mine = _Waiting(event)

@@ -25,6 +25,7 @@ from sqlalchemy_adapter import Adapter
 
 from authz import repository
 from authz.identity import ROLE_PREFIX
+from core import forksafe
 from core.db import get_engine
 from core.models import CasbinRule
 from ingestion.schemas import Classification
@@ -127,7 +128,16 @@ class PolicyEnforcer:
         self._check_seconds = check_seconds
         self._checked_at = float("-inf")
         self._snapshot = Snapshot()
+        forksafe.renewed(self, PolicyEnforcer._forked)
         self.refresh(force=True)
+
+    def _forked(self) -> None:
+        """In a forked child: locks of its own; and, where a thread of the parent held the lock (Casbin's policy
+        may be half loaded, or filtered in place by `matched_rule`), nothing granted until the next refresh loads the
+        policy again."""
+        if self._lock.locked():
+            self._snapshot, self._checked_at = Snapshot(version=-1), float("-inf")
+        self._lock, self._reload_lock = threading.Lock(), threading.Lock()
 
     @property
     def version(self) -> int:

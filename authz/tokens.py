@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -21,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from authz.dev_issuer import DevIssuer
 from authz.identity import MAX_SUBJECT_CHARS, RESERVED_PREFIXES, Identity, is_platform_admin, token_can_carry
+from core import forksafe
 from core.errors import ErrorCode, GovragError, Unavailable
 from core.http import request_within
 from core.settings import DEFAULT_TOKEN_MAX_LIFETIME_SECONDS, Settings, url_scheme
@@ -343,8 +343,8 @@ class _RemoteKeySet:
         self._keys: dict[str, _PublishedKey] = {}
         self._fetched_at = -math.inf
         self._attempted_at = -math.inf
-        self._attempt_lock = threading.Lock()  # held only to claim an attempt, never across a fetch
-        self._fetch_lock = threading.Lock()
+        self._attempt_lock = forksafe.lock()  # held only to claim an attempt, never across a fetch
+        self._fetch_lock = forksafe.lock()
 
     def keys_for(self, kid: str) -> dict[str, _PublishedKey]:
         """Signing keys that hold kid if the IdP publishes it; Unavailable if they cannot be had."""

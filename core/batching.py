@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Generic, TypeVar
 
+from core import forksafe
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -29,6 +31,12 @@ class MicroBatcher(Generic[Item, Result]):
         self._pending: queue.SimpleQueue[tuple[Item, Future[Result]]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        forksafe.renewed(self, MicroBatcher._forked)
+
+    def _forked(self) -> None:
+        """In a forked child: nothing pending (the parent's callers wait for their own items), no thread serving
+        yet, and a lock of its own."""
+        self._pending, self._thread, self._start_lock = queue.SimpleQueue(), None, threading.Lock()
 
     def submit(self, item: Item) -> Future[Result]:
         """Queue one item; its future holds the result, or the exception `process` raised for its batch."""

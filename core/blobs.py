@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import stat
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -34,7 +33,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import crypto
+from core import crypto, forksafe
 from core.db import transaction_lock, unit_of_work
 from core.errors import Unavailable
 from core.models import BlobStore, Document
@@ -76,7 +75,7 @@ class _Seen:
 _seen: dict[Path, _Seen] = {}
 # The refusals logged as errors for each directory since its store was last taken (`_say_refused`), and their lock.
 _refusals_said: dict[Path, set[str]] = {}
-_refusals_lock = threading.Lock()
+_refusals_lock = forksafe.lock()
 _Marked = str | GarbledMarker | OSError | None  # the marker's id, "" (empty), what kept it unread, or no marker
 
 

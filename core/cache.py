@@ -11,6 +11,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any, Generic, TypeVar
 
+from core import forksafe
+
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 _MIN_EXPIRE_SECONDS = 0.5  # the expiring thread never wakes more often (no busy loop on a clock that stands still)
@@ -30,7 +32,7 @@ class BoundedCache(Generic[K, V]):
         self._max_age = max_age
         self._clock = clock
         self._put_at: OrderedDict[K, float] = OrderedDict()  # oldest put first: expiring stops at the first young one
-        _renew_after_fork(self)
+        forksafe.renewed(self, BoundedCache._forked)
         if max_age:
             _watch(self)
 
@@ -109,21 +111,11 @@ class BoundedCache(Generic[K, V]):
 
 # Every cache with a max age in this process, expired by one daemon thread (`_expire_all`), started by the first put
 # into one of them and again in a forked child (threads do not survive a fork). A cache leaves the set when it is
-# garbage. `_EXPIRER_LOCK` is held through each pass and taken before a fork, so no child inherits a cache lock held by
-# the pass (it would wait on it for ever); the child gets a new `_WAKE` (the pass may have held its lock).
+# garbage.
 _AGED: weakref.WeakSet[BoundedCache[Any, Any]] = weakref.WeakSet()
-# Every cache and `Rechecked` of this process, renewed in a forked child (their `_forked`): another thread of the parent
-# (a request's) may have held one's lock as the process forked (a Celery prefork child, a gunicorn worker), and no
-# thread of the child would ever release it. Added to under `_EXPIRER_LOCK`, which a fork takes first.
-_RENEWED_AFTER_FORK: weakref.WeakSet[BoundedCache[Any, Any] | Rechecked[Any]] = weakref.WeakSet()
-_EXPIRER_LOCK = threading.Lock()
-_WAKE = threading.Event()  # a cache added: the pass may have to come sooner
+_EXPIRER_LOCK = forksafe.lock()
+_WAKE = forksafe.renewed(threading.Event())  # a cache added: the pass may have to come sooner
 _expirer_pid: int | None = None
-
-
-def _renew_after_fork(guarded: BoundedCache[Any, Any] | Rechecked[Any]) -> None:
-    with _EXPIRER_LOCK:
-        _RENEWED_AFTER_FORK.add(guarded)
 
 
 def _watch(cache: BoundedCache[Any, Any]) -> None:
@@ -153,18 +145,12 @@ def _expire_all() -> None:
         _WAKE.clear()
 
 
-def _after_fork_in_child() -> None:
-    global _expirer_pid, _WAKE
-    for guarded in list(_RENEWED_AFTER_FORK):
-        guarded._forked()
-    _EXPIRER_LOCK.release()
-    _expirer_pid, _WAKE = None, threading.Event()
+def _expire_in_child() -> None:
     if _AGED:
         _ensure_expirer()
 
 
-os.register_at_fork(before=_EXPIRER_LOCK.acquire, after_in_parent=_EXPIRER_LOCK.release,
-                    after_in_child=_after_fork_in_child)
+forksafe.restarted_in_child(_expire_in_child)
 
 
 class Rechecked(Generic[P]):
@@ -177,7 +163,7 @@ class Rechecked(Generic[P]):
         self._lock = threading.Lock()
         self._checked_at: float | None = None
         self._problem: P | None = None
-        _renew_after_fork(self)
+        forksafe.renewed(self, Rechecked._forked)
 
     def problem(self) -> P | None:
         """The cached answer of `ask`, asked afresh once it is `every_seconds` old."""

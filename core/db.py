@@ -15,6 +15,8 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
+from core import forksafe
+
 _ADVISORY_SPACE = 0x676F7672  # the key space of `transaction_lock` (the ledger's one-key advisory lock is apart)
 _HELD = "govrag_transaction_locks"  # session.info key: the names this transaction holds → their file locks (SQLite)
 
@@ -26,8 +28,15 @@ def get_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, hide_parameters=True)
         event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, hide_parameters=True)
+    else:
+        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, hide_parameters=True)
+    return forksafe.renewed(engine, _new_pool)
+
+
+def _new_pool(engine: Engine) -> None:
+    """In a forked child: a pool of its own, the parent's connections left to it, unclosed (SQLAlchemy's way for
+    a fork: a connection used by two processes mixes their conversations)."""
+    engine.dispose(close=False)
 
 
 def is_postgres(session: Session) -> bool:
@@ -137,6 +146,11 @@ class _NamedLocks:
     def __init__(self) -> None:
         self._changed = threading.Condition()
         self._locks: dict[str, _NamedLock] = {}
+        forksafe.renewed(self, _NamedLocks._forked)
+
+    def _forked(self) -> None:
+        """In a forked child: no name held or waited for (the parent's transactions are not the child's)."""
+        self._changed, self._locks = threading.Condition(), {}
 
     def acquire(self, name: str, *, shared: bool = False) -> None:
         with self._changed:

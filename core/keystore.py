@@ -23,7 +23,6 @@ import contextlib
 import enum
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from sqlalchemy import delete, exists, func, select, union_all
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
-from core import crypto
+from core import crypto, forksafe
 from core.cache import BoundedCache
 from core.db import is_postgres, transaction_lock, unit_of_work
 from core.errors import MasterKeyFileMissing, MasterKeyFileUnreadable, MasterKeyRefused, MasterKeyVersionMissing
@@ -643,7 +642,7 @@ def _verifier_context(version: int) -> str:
 # The process's key stores, by master key source (GOVRAG_MASTER_KEY, masked in any repr, else the key file's path) and
 # cache age: what makes one behave otherwise than another.
 _KEYSTORES: dict[tuple[SecretStr | str, float], KeyStore] = {}
-_KEYSTORES_LOCK = threading.Lock()
+_KEYSTORES_LOCK = forksafe.lock()
 
 
 def keystore_for(settings: Settings, *, sealed: MasterSealed | None = None) -> KeyStore:
@@ -656,15 +655,6 @@ def keystore_for(settings: Settings, *, sealed: MasterSealed | None = None) -> K
         if key not in _KEYSTORES:
             _KEYSTORES[key] = KeyStore.from_settings(settings, sealed=sealed)
         return _KEYSTORES[key]
-
-
-def _renew_keystores_lock() -> None:
-    """In a forked child: a new `_KEYSTORES_LOCK` (a thread of the parent may have held it, making a key store)."""
-    global _KEYSTORES_LOCK
-    _KEYSTORES_LOCK = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_renew_keystores_lock)
 
 
 def require_master_opens(settings: Settings, *, first_start: bool = False) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
 import traceback
 from contextvars import ContextVar
+
+from core import forksafe
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 
@@ -155,7 +156,7 @@ class SaidOnChange:
 
     def __init__(self, logger: logging.Logger, problem_line: str, cleared_line: str) -> None:
         self._logger, self._problem_line, self._cleared_line = logger, problem_line, cleared_line
-        self._lock = threading.Lock()
+        self._lock = forksafe.lock()
         self._last: str | None = None
 
     def tell(self, problem: str | None) -> None:

@@ -2,11 +2,46 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.registry import Collector
 
-REGISTRY = CollectorRegistry(auto_describe=True)
+from core import forksafe
+
+_LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()))
+
+
+class _Registry(CollectorRegistry):
+    """A registry whose locks, and every lock of each metric registered in it (its labelled children and their
+    values too), are free again in a forked child: a thread of the parent may have been counting as it forked, and
+    prometheus_client renews none."""
+
+    def register(self, collector: Collector) -> None:
+        super().register(collector)
+        forksafe.renewed(collector, _free_locks)
+
+
+def _free_locks(obj: object) -> None:
+    """Every lock a prometheus_client object holds, through its attributes, lists and dicts, made free."""
+    pending, seen = [obj], set()
+    while pending:
+        item = pending.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, _LOCK_TYPES):
+            item._at_fork_reinit()  # type: ignore[union-attr]
+        elif isinstance(item, dict):
+            pending += [*item.keys(), *item.values()]
+        elif isinstance(item, list | tuple):
+            pending += item
+        elif item is obj or type(item).__module__.startswith("prometheus_client."):
+            pending += getattr(item, "__dict__", {}).values()
+
+
+REGISTRY = forksafe.renewed(_Registry(auto_describe=True), _free_locks)
 
 QUERIES = Counter("govrag_queries_total",
                   "Governed queries by the ledger's decision (answered, refused, blocked, withheld, error)",

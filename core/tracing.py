@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -20,13 +19,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 from opentelemetry.trace import Status, StatusCode
 
-from core import timing
+from core import forksafe, timing
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 _SAFE_KWARGS = ("department", "departments", "document_id", "job_id")
-_lock = threading.Lock()
+_lock = forksafe.lock()
 _state: dict[str, Any] = {"tracer": None, "provider": None, "originals": []}
 
 

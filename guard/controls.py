@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from sqlalchemy.orm import Session
 from audit import service as audit_service
 from audit.schemas import AdminEventType
 from authz.identity import SYSTEM_PREFIX, Identity
-from core import metrics
+from core import forksafe, metrics
 from core.settings import Settings
 from guard import repository
 from guard.firewall import GuardMode
@@ -41,7 +40,7 @@ class _Cache:
     """The whole guard_controls table, re-read when older than the TTL (every process sees changes in < TTL)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = forksafe.lock()
         self._loaded: dict[str, tuple[float, dict[str, ScopeState]]] = {}
 
     def states(self, session: Session, ttl: float) -> dict[str, ScopeState]:
@@ -143,7 +142,7 @@ class _TripWindow:
     """Guard hits per department in the last minute (per process: the embedded default)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = forksafe.lock()
         self._hits: dict[str, deque[float]] = defaultdict(deque)
 
     def add(self, department: str) -> int:
@@ -189,7 +188,8 @@ class _RedisTripCounter:
 
 _TRIPS = _TripWindow()
 _REDIS_COUNTERS: dict[tuple[str, str], _RedisTripCounter] = {}
-_REDIS_COUNTERS_LOCK = threading.Lock()
+_REDIS_COUNTERS_LOCK = forksafe.lock()
+forksafe.rebuilt_in_child(_REDIS_COUNTERS)  # a forked child makes its own Redis connections
 
 
 def _trip_counter(settings: Settings) -> _TripWindow | _RedisTripCounter:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import pikepdf
 
-from core import offline
+from core import forksafe, offline
 from core.errors import ErrorCode, GovragError
 from ingestion import formats, legacy_office, pandoc, sandbox, scratch, sniff
 
@@ -44,7 +44,7 @@ _KINDS = {"Title": "title", "Table": "table", "ListItem": "list"}
 _BOMB_MIN_BYTES = 10 * 1024 * 1024  # small members may compress well (XML of an empty sheet) without harm
 T = TypeVar("T")
 
-_offline_lock = threading.Lock()
+_offline_lock = forksafe.lock()
 _offline_ready = False
 
 TITLE_MAX_WORDS = 12  # the default of unstructured's is_possible_title(title_max_word_length=...)

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from core import forksafe
 from core.errors import Unavailable
 from ingestion import legacy_office, sandbox
 
@@ -38,7 +39,7 @@ DEPENDENCY = "temporary directory"
 # Reentrant: a SIGTERM handled on the main thread (`removed_on_sigterm`) may find it held by that thread, inside
 # `private_dir`; the handler never returns there (the process ends), and at worst misses the directory being made
 # then, empty still, left unheld as the process ends: the next process to make one removes it.
-_lock = threading.RLock()
+_lock = forksafe.rlock()
 _base: str | None = None  # the temporary directory of the system (TMPDIR), where the private ones are made
 _current: tuple[int, str, int] | None = None  # (owning pid, directory, descriptor holding its lock)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
@@ -10,6 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from core import forksafe
 from core.errors import reading_tokenizer
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ def _normalise(vectors: np.ndarray) -> np.ndarray:
     return (vectors / norms).astype(np.float32, copy=False)
 
 
-_LOAD_LOCK = threading.Lock()
+_LOAD_LOCK = forksafe.lock()
 
 
 class TextEmbedder(Protocol):
@@ -107,9 +107,14 @@ class TextEmbedder(Protocol):
     def embed_one(self, text: str) -> list[float]: ...
 
 
-@functools.lru_cache(maxsize=2)
+# One embedder per backend, made under `_LOAD_LOCK`. A forked child makes its own: onnxruntime's and torch's thread
+# pools are the parent's threads, which the child does not have.
+_EMBEDDERS: dict[str, TextEmbedder] = {}
+forksafe.rebuilt_in_child(_EMBEDDERS)
+
+
 def _build_embedder(backend: str) -> TextEmbedder:
-    """Construct one embedder per backend (called under the load lock)."""
+    """Construct the embedder of a backend."""
     if backend == "onnx":
         from retrieval.onnx_embedder import OnnxEmbedder
 
@@ -122,10 +127,12 @@ def _build_embedder(backend: str) -> TextEmbedder:
 def release_embedders() -> None:
     """Let go of the embedders loaded so far: the next `get_embedder` loads its backend again."""
     with _LOAD_LOCK:
-        _build_embedder.cache_clear()
+        _EMBEDDERS.clear()
 
 
 def get_embedder(backend: str = "onnx") -> TextEmbedder:
     """The process-wide embedder for `backend` (onnx: default, faster; torch: sentence-transformers)."""
     with _LOAD_LOCK:
-        return _build_embedder(backend)
+        if backend not in _EMBEDDERS:
+            _EMBEDDERS[backend] = _build_embedder(backend)
+        return _EMBEDDERS[backend]

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
+from core import forksafe
 from core.errors import ErrorCode, GovragError, StartRefused, UnusablePath
 from core.http import request_within
 from core.settings import Settings
@@ -163,8 +164,9 @@ class OpenAIGenerator:
         return int(len(text) / CHARS_PER_TOKEN) + 1
 
 
-_GENERATORS: dict[str, Generator] = {}
-_GENERATORS_LOCK = threading.Lock()
+_GENERATORS: dict[str, Generator] = {}  # a forked child makes its own: llama.cpp's threads, a client's connections
+forksafe.rebuilt_in_child(_GENERATORS)
+_GENERATORS_LOCK = forksafe.lock()
 
 
 def get_generator(settings: Settings) -> Generator | None:

@@ -14,6 +14,7 @@ from typing import Any, Protocol, TextIO
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
+from core import forksafe
 from core.errors import EmbeddedStoreHeld, Unavailable, UnusablePath
 from core.settings import Settings
 
@@ -260,7 +261,12 @@ class VectorIndex(Protocol):
 
 _STORES: dict[str, VectorIndex] = {}
 _HOLDS: dict[str, TextIO] = {}  # an embedded store's lock file, held while this process has the store open
-_STORES_LOCK = threading.Lock()
+_STORES_LOCK = forksafe.lock()
+# A forked child opens its own store: the parent's client connections, engine threads and lock file are the parent's
+# (closed in the child, a store would flush into the parent's files and unlock its lock file for it). An embedded store
+# stays the parent's: the child's open is EmbeddedStoreHeld.
+forksafe.rebuilt_in_child(_STORES)
+forksafe.rebuilt_in_child(_HOLDS)
 
 
 def open_vector_store(settings: Settings) -> VectorIndex:

@@ -271,7 +271,7 @@ def test_a_start_that_fails_leaves_open_a_vector_store_its_caller_had_open(
     store = open_vector_store(settings)
     monkeypatch.setenv("GOVRAG_MODEL_CACHE", str(tmp_path / "models"))
     _garbled_onnx_export(tmp_path / "models")
-    embeddings._build_embedder.cache_clear()  # as in a fresh process: the embedder not loaded yet
+    embeddings.release_embedders()  # as in a fresh process: the embedder not loaded yet
     try:
         with pytest.raises(UnusablePath):
             start(create_app(settings))
