@@ -33,6 +33,14 @@ def _reinit(primitive: Any) -> None:
     primitive._at_fork_reinit()  # what CPython's threading, logging and concurrent.futures call in a forked child
 
 
+# `_at_fork_reinit` is CPython's, not a public API: a Python without it is refused as this module is imported (every
+# start imports it), never found out in a forked child, where the at-fork hook's error is only printed.
+_MISSING = [kind.__name__ for kind in (type(threading.Lock()), type(threading.RLock()), threading.Condition,
+                                       threading.Event) if not callable(getattr(kind, "_at_fork_reinit", None))]
+if _MISSING:
+    raise RuntimeError(f"this Python's {', '.join(_MISSING)} cannot be renewed in a forked child (no _at_fork_reinit)")
+
+
 def renewed(obj: T, renew: Callable[[T], None] = _reinit) -> T:
     """`obj`, renewed in every forked child by `renew(obj)`; by default a lock, condition or event made free and
     waited on by no one. `obj` is held weakly: `renew` must not refer to it (a class's function, not a bound method)."""
@@ -69,13 +77,26 @@ def is_renewed(obj: object) -> bool:
 
 
 def _after_fork_in_child() -> None:
+    """Every step is taken even when one fails (a library changed under a `renew`): one lock left held hangs only
+    what takes it, not everything after it in this list. The first failure is raised at the end, which CPython
+    prints as the hook's."""
+    failures: list[BaseException] = []
+
+    def step(call: Callable[[], object]) -> None:
+        try:
+            call()
+        except Exception as failure:  # noqa: BLE001 - raised below, once every step was taken
+            failures.append(failure)
+
     for obj, renew in list(_RENEWED.items()):
-        renew(obj)
+        step(lambda obj=obj, renew=renew: renew(obj))
     for cache in _REBUILT:
         _INHERITED.extend(cache.values())
         cache.clear()
     for start in _RESTARTED:
-        start()
+        step(start)
+    if failures:
+        raise failures[0]
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from celery.local import Proxy
 
-from core import forksafe
+from core import forksafe, metrics
 from tests.support.forking import exit_code_of_child_forked_holding
 
 PACKAGES = ("api", "audit", "authz", "core", "guard", "ingestion", "retrieval", "workers")
@@ -81,3 +81,49 @@ def test_a_child_forked_while_another_thread_holds_a_module_level_lock_takes_it(
             return True
 
     assert exit_code_of_child_forked_holding(_taken(lock_now()), child_takes_it) == 0
+
+
+def _value_locks() -> dict[str, tuple[Any, Callable[[], None]]]:
+    """Locks prometheus_client keeps below a metric (a labelled child's, its value's, a histogram's buckets'), which
+    `core.metrics` reaches by walking the library's objects: a release of it that moves them fails here."""
+    child = metrics.QUERIES.labels(decision="answered")
+    return {
+        "labelled child's value": (child._value._lock, child.inc),
+        "histogram bucket": (metrics.QUERY_LATENCY._buckets[0]._lock, lambda: metrics.QUERY_LATENCY.observe(0.0)),
+        "histogram sum": (metrics.QUERY_LATENCY._sum._lock, lambda: metrics.QUERY_LATENCY.observe(0.0)),
+    }
+
+
+@pytest.mark.parametrize("name", ["labelled child's value", "histogram bucket", "histogram sum"])
+def test_a_child_forked_while_another_thread_counts_counts_too(name: str) -> None:
+    """Another thread holds a metric value's lock (counting) as the process forks: the child counts."""
+    lock, count = _value_locks()[name]
+
+    def child_counts() -> bool:
+        count()
+        return True
+
+    assert exit_code_of_child_forked_holding(lock, child_counts) == 0
+
+
+class _Broken:
+    """An object whose renewal fails in a child, as a `renew` reading a library's private attribute would once the
+    library moved it."""
+
+    def fail(self) -> None:
+        raise AttributeError("moved")
+
+
+def test_a_renewal_that_fails_in_a_child_leaves_the_others_renewed() -> None:
+    """One `renew` raising does not leave the locks registered after it held in the child."""
+    broken = forksafe.renewed(_Broken(), _Broken.fail)
+    after = forksafe.lock()
+
+    def child_takes_it() -> bool:
+        with after:
+            return True
+
+    try:
+        assert exit_code_of_child_forked_holding(after, child_takes_it) == 0
+    finally:
+        del broken  # garbage: renewed no more in the forks of later tests
