@@ -10,6 +10,7 @@ from celery import Task, current_app, signals
 from core.settings import Settings
 from ingestion import scratch
 from ingestion import service as ingestion_service
+from retrieval.store import close_vector_store, vector_store_is_open
 from workers.celery_app import INGEST_TASK, GovragCelery
 from workers.dispatch import send_jobs
 
@@ -71,8 +72,14 @@ class IngestionTask(Task):
             document_id, job_id = args[0], args[1]
             logger.warning("ingestion of document %s hit the hard time limit; the worker child was replaced",
                            document_id)
-            ingestion_service.mark_failed(settings=self.app.govrag_settings, document_id=document_id, job_id=job_id,
-                                          reason=f"ingestion took longer than the {self.time_limit:g} s limit")
+            settings = self.app.govrag_settings
+            opened_here = not vector_store_is_open(settings)
+            try:
+                ingestion_service.mark_failed(settings=settings, document_id=document_id, job_id=job_id,
+                                              reason=f"ingestion took longer than the {self.time_limit:g} s limit")
+            finally:
+                if opened_here:  # the main process keeps no store: its children (forked later) open their own
+                    close_vector_store(settings)
 
 
 @signals.worker_process_init.connect
