@@ -61,13 +61,14 @@ def _unavailable(dependency: str) -> Stop:
 def _outage(exc: BaseException) -> Stop | None:
     """What stops an in-process run at a file, as a worker waits it out (`ingestion.service.outage`): a dependency
     that went away, named, or the master key refused under the running command (its key file deleted, unreadable or
-    replaced), said in its line without the key file's path. None for any other failure."""
-    from core.errors import MasterKeyRefused, unavailable_dependency
+    replaced), said in its line without the key file's path. None for any other failure: what is one is
+    `ingestion.service.outage`'s to tell, here only said."""
+    from core.errors import MasterKeyRefused
+    from ingestion.service import outage
 
-    if isinstance(exc, MasterKeyRefused):
-        return Stop(exc.client_message, "once that is fixed")
-    dependency = unavailable_dependency(exc)
-    return None if dependency is None else _unavailable(dependency)
+    if (what := outage(exc)) is None:
+        return None
+    return Stop(exc.client_message, "once that is fixed") if isinstance(exc, MasterKeyRefused) else _unavailable(what)
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
