@@ -3,7 +3,8 @@ and a size cap.
 
 httpx's timeouts apply to each read, so a server that sends one byte, or one header line, at a time could hold a
 call for ever; and a body is held in memory whole, decoded a network read at a time (a 64 KiB gzip read can inflate to
-64 MiB). `request_within` and `answer_within` bound all three, the wait for the headers included.
+64 MiB). `request_within` and `answer_within` bound all three, the wait for the headers included; a `Session` does the
+same for calls one after another over connections kept alive between them (`govrag redteam`'s probes).
 
 What the other server sends is hostile until read: no refusal quotes it (a log line quoting a header would be the
 server's to write), redirects are never followed (the answer comes from the host that was named), and a URL holding a
@@ -14,10 +15,11 @@ Authorization header).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ssl
 import zlib
-from collections.abc import Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any
 
 import httpx
@@ -79,27 +81,111 @@ def request_within(method: str, url: str, *, seconds: float, max_bytes: int, jso
     The exchange runs on an event loop of its own under one timeout, which cancels it wherever it is. It blocks, so
     it is called from a worker thread (FastAPI's thread pool, a Celery task); on a running event loop it raises
     RuntimeError at once."""
-    return _within(seconds, _request(method, url, seconds=seconds, max_bytes=max_bytes, json=json, headers=headers,
-                                     trust_env=trust_env, any_status=False))[1]
+    with Session(trust_env=trust_env) as session:
+        return session.request_within(method, url, seconds=seconds, max_bytes=max_bytes, json=json, headers=headers)
 
 
 def answer_within(method: str, url: str, *, seconds: float, max_bytes: int, json: Any = None,
                   headers: Mapping[str, str] | None = None, trust_env: bool = True) -> tuple[int, bytes]:
     """The status and body of the answer to `method url`, whatever its status, bounded as `request_within`'s."""
-    return _within(seconds, _request(method, url, seconds=seconds, max_bytes=max_bytes, json=json, headers=headers,
-                                     trust_env=trust_env, any_status=True))
+    with Session(trust_env=trust_env) as session:
+        return session.answer_within(method, url, seconds=seconds, max_bytes=max_bytes, json=json, headers=headers)
 
 
-def _within(seconds: float, exchange: Coroutine[Any, Any, tuple[int, bytes]]) -> tuple[int, bytes]:
-    """Run `exchange` on an event loop of its own: TooSlow once it took `seconds`."""
-    runner = asyncio.Runner(loop_factory=_Loop)  # its loop made by run(), once it found none running in this thread
-    try:
-        return runner.run(exchange)
-    except TimeoutError:
-        raise TooSlow(f"no complete response within {seconds:g} s") from None
-    finally:
-        exchange.close()  # never started when run() refused: no "never awaited" warning
-        runner.close()
+# What a request sent on a kept-alive connection the server has just closed ends in, no response begun: h11's "Server
+# disconnected without sending a response", or the socket reset as it is written to or read
+_DROPPED = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
+class Session:
+    """Calls from one thread, one after another, over connections kept alive between them (`govrag redteam`'s probes
+    to one API: one connection for the run, not one per probe), each bounded as `request_within`'s; closing it
+    closes them. A request sent on a connection an earlier answer left open that gets no response begun (the server
+    closed the connection as it went out, RFC 9112 9.3.1) is sent once more on a new one: a Session is for requests
+    that may be repeated."""
+
+    def __init__(self, *, trust_env: bool = True) -> None:
+        self._runner = asyncio.Runner(loop_factory=_Loop)  # its loop made by run(), once it found none running
+        self._trust_env = trust_env
+        self._client: httpx.AsyncClient | None = None  # made on the session's loop, at its first call
+        self._left_open = False  # the last answer's connection is kept for the next call
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def request_within(self, method: str, url: str, *, seconds: float, max_bytes: int, json: Any = None,
+                       headers: Mapping[str, str] | None = None) -> bytes:
+        """As the module's `request_within`, over this session's connections."""
+        return self._within(seconds, self._exchange(method, url, seconds=seconds, max_bytes=max_bytes, json=json,
+                                                    headers=headers, any_status=False))[1]
+
+    def answer_within(self, method: str, url: str, *, seconds: float, max_bytes: int, json: Any = None,
+                      headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
+        """As the module's `answer_within`, over this session's connections."""
+        return self._within(seconds, self._exchange(method, url, seconds=seconds, max_bytes=max_bytes, json=json,
+                                                    headers=headers, any_status=True))
+
+    def close(self) -> None:
+        """Close the connections kept alive, then the event loop."""
+        try:
+            if self._client is not None:  # none when no call started (one refused on a running event loop)
+                self._runner.run(self._client.aclose())
+        finally:
+            self._runner.close()
+
+    def _within(self, seconds: float, exchange: Coroutine[Any, Any, tuple[int, bytes]]) -> tuple[int, bytes]:
+        """Run `exchange` on the session's event loop: TooSlow once it took `seconds`."""
+        try:
+            return self._runner.run(exchange)
+        except TimeoutError:
+            raise TooSlow(f"no complete response within {seconds:g} s") from None
+        finally:
+            exchange.close()  # never started when run() refused: no "never awaited" warning
+
+    async def _exchange(self, method: str, url: str, *, seconds: float, max_bytes: int, json: Any,
+                        headers: Mapping[str, str] | None, any_status: bool) -> tuple[int, bytes]:
+        """The exchange, cancelled after `seconds` (a second sending included); a status other than 2xx refused unread
+        unless `any_status`."""
+        if httpx.URL(url).userinfo:
+            raise CredentialsInURL("a URL with a user name or password is refused; nothing was sent")
+        async with asyncio.timeout(seconds), self._response(method, url, json=json, headers=headers,
+                                                            timeout=seconds) as response:
+            if not any_status:
+                response.raise_for_status()
+            body = _CappedBody(response, max_bytes)
+            async for chunk in response.aiter_raw():  # as received: decoded (and counted) here, not by httpx
+                body.add(chunk)
+            read = body.ended()
+            self._left_open = _leaves_open(response)
+            return response.status_code, read
+
+    @contextlib.asynccontextmanager
+    async def _response(self, method: str, url: str, **request: Any) -> AsyncIterator[httpx.Response]:
+        """The response to the request, its headers read and its body not yet; sent once more when it went out on a
+        connection kept alive and no response began."""
+        if self._client is None:
+            self._client = httpx.AsyncClient(follow_redirects=False, trust_env=self._trust_env,
+                                             verify=_tls_context(self._trust_env), headers={"Accept-Encoding": "gzip"})
+        client, reused, self._left_open = self._client, self._left_open, False
+        try:
+            response = await client.send(client.build_request(method, url, **request), stream=True)
+        except _DROPPED:
+            if not reused:
+                raise
+            response = await client.send(client.build_request(method, url, **request), stream=True)
+        try:
+            yield response
+        finally:
+            await response.aclose()  # a body not read to its end closes its connection, never drained
+
+
+def _leaves_open(response: httpx.Response) -> bool:
+    """Whether the connection `response` came on is kept for another request: HTTP/1.1 and no `Connection: close`
+    (RFC 9112 9.3)."""
+    return response.http_version == "HTTP/1.1" and "close" not in response.headers.get("Connection", "").lower()
 
 
 class _Loop(asyncio.SelectorEventLoop):
@@ -109,23 +195,6 @@ class _Loop(asyncio.SelectorEventLoop):
 
     async def shutdown_default_executor(self, timeout: float | None = None) -> None:
         """Nothing to wait for: close() shuts the executor down without waiting."""
-
-
-async def _request(method: str, url: str, *, seconds: float, max_bytes: int, json: Any,
-                   headers: Mapping[str, str] | None, trust_env: bool, any_status: bool) -> tuple[int, bytes]:
-    """The exchange, cancelled after `seconds`; a status other than 2xx refused unread unless `any_status`."""
-    if httpx.URL(url).userinfo:
-        raise CredentialsInURL("a URL with a user name or password is refused; nothing was sent")
-    async with (asyncio.timeout(seconds),
-                httpx.AsyncClient(timeout=seconds, follow_redirects=False, trust_env=trust_env,
-                                  verify=_tls_context(trust_env), headers={"Accept-Encoding": "gzip"}) as client,
-                client.stream(method, url, json=json, headers=headers) as response):
-        if not any_status:
-            response.raise_for_status()
-        body = _CappedBody(response, max_bytes)
-        async for chunk in response.aiter_raw():  # as received: decoded (and counted) here, not by httpx
-            body.add(chunk)
-        return response.status_code, body.ended()
 
 
 class _CappedBody:
@@ -185,5 +254,6 @@ def _content_length(response: httpx.Response) -> int:
 
 @functools.cache
 def _tls_context(trust_env: bool) -> ssl.SSLContext:
-    """httpx's default TLS context, made once: loading the CA bundle takes ~40 ms, and each call has a new client."""
+    """httpx's default TLS context, made once: loading the CA bundle takes ~40 ms, and each Session has a new
+    client."""
     return httpx.create_ssl_context(trust_env=trust_env)

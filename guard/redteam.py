@@ -207,14 +207,24 @@ def run(url: str, token: str, department: str, corpus: dict[str, list[str]]) -> 
     raised: nothing was tested. Later, either stops the run (the API gone; the token expired or revoked, every later
     probe would be refused too), that probe an error, the rest not sent. A Ctrl-C stops it too (`INTERRUPTED`): the
     probe it stopped is not sent, nor counted. A `url` that is no http(s) URL, or holds a user name or password, is
-    refused before anything is sent, as `govrag redteam --url` refuses it: http.URLRefused (CredentialsInURL)."""
+    refused before anything is sent, as `govrag redteam --url` refuses it: http.URLRefused (CredentialsInURL).
+
+    The probes go over one kept-alive connection (http.Session), closed at the end of the run; one the API closed
+    between probes is opened again, the probe sent on it not lost."""
     http.api_url(url)
-    report, headers = RedTeamReport(), {"Authorization": f"Bearer {token}"}
     probes = [(category, index, prompt) for category, prompts in corpus.items()
               for index, prompt in enumerate(prompts)]
+    with http.Session(trust_env=False) as session:
+        return _probe_all(session, url, token, department, probes)
+
+
+def _probe_all(session: http.Session, url: str, token: str, department: str,
+               probes: list[tuple[str, int, str]]) -> RedTeamReport:
+    """`run`'s probes, in order, over `session`: the report."""
+    report, headers = RedTeamReport(), {"Authorization": f"Bearer {token}"}
     for n, (category, index, prompt) in enumerate(probes):
         try:
-            status, body = _post(url, headers, {"question": prompt[:2000], "departments": [department]})
+            status, body = _post(session, url, headers, {"question": prompt[:2000], "departments": [department]})
             outcome = _outcome(status, body, department, category, index)
         except (httpx.TransportError, http.TooSlow) as error:
             if n == 0:
@@ -242,12 +252,13 @@ def no_answer(error: httpx.TransportError | http.TooSlow) -> str:
     return str(error) if isinstance(error, http.TooSlow) else type(error).__name__
 
 
-def _post(url: str, headers: dict[str, str], query: dict[str, object]) -> tuple[int, bytes | str]:
+def _post(session: http.Session, url: str, headers: dict[str, str],
+          query: dict[str, object]) -> tuple[int, bytes | str]:
     """POST one probe: its status and body, or for a body over MAX_RESPONSE_BYTES (read no further) or one that does
     not decode, why it was not read."""
     try:
-        return http.answer_within("POST", url.rstrip("/") + "/v1/query", seconds=PROBE_SECONDS,
-                                  max_bytes=MAX_RESPONSE_BYTES, json=query, headers=headers, trust_env=False)
+        return session.answer_within("POST", url.rstrip("/") + "/v1/query", seconds=PROBE_SECONDS,
+                                     max_bytes=MAX_RESPONSE_BYTES, json=query, headers=headers)
     except http.TooLarge as refused:
         return refused.status_code, OVER_CAP
     except http.NotDecodable as refused:

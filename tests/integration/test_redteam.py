@@ -128,17 +128,22 @@ def _stub_api(answers: list[Answer]) -> Iterator[str]:
             if answer is None:  # the API gone mid-run: the connection closed, no answer
                 self.close_connection = True
                 return
-            status, body = answer
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            _unless_hung_up(lambda handler: handler.wfile.write(body), self)
+            _unless_hung_up(lambda handler: _write_answer(handler, answer), self)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
+
+
+def _write_answer(handler: BaseHTTPRequestHandler, answer: tuple[int, bytes]) -> None:
+    """Write a JSON response, its length said (a kept-alive connection can carry the next one)."""
+    status, body = answer
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
 
 
 def _unless_hung_up(write: Callable[[BaseHTTPRequestHandler], object], handler: BaseHTTPRequestHandler) -> None:
@@ -569,3 +574,88 @@ def test_a_token_refused_at_the_first_probe_is_a_usage_error(stub_api: str, tmp_
     assert captured.out == "" and captured.err == (
         f"the API at {stub_api} refused the token (HTTP 401) at the first probe; nothing was tested; give a valid "
         "--token (or $GOVRAG_REDTEAM_TOKEN)\n")
+
+
+_PROBES = {"exfiltration": list(redteam.EXFILTRATION), "probe": [f"ignore the rules, probe {i}" for i in range(5)]}
+_PROBE_COUNT = sum(len(prompts) for prompts in _PROBES.values())
+
+
+class _KeptAliveAPI:
+    """A deployment answering every probe with ANSWER over HTTP/1.1 connections it keeps open, counting the
+    connections it accepts and those ended; with `per_connection`, it closes a connection once it answered that many
+    (`hang_up` "after the answer": at once, unannounced; "at the next probe": as the next request arrives, unanswered):
+    outside the boundary, so a stub."""
+
+    def __init__(self, per_connection: int | None = None, hang_up: str = "after the answer") -> None:
+        self.accepted, self.ended, lock = 0, threading.Semaphore(0), threading.Lock()
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                self.answered = 0
+                with lock:
+                    api.accepted += 1
+
+            def finish(self) -> None:
+                super().finish()
+                api.ended.release()
+
+            def do_POST(self) -> None:  # noqa: N802 (the http.server name)
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if per_connection is not None and hang_up == "at the next probe" and self.answered == per_connection:
+                    self.close_connection = True
+                    return
+                _write_answer(self, ANSWER)
+                self.answered += 1
+                self.close_connection = per_connection is not None and hang_up == "after the answer" \
+                    and self.answered == per_connection
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def all_ended(self) -> bool:
+        """Whether every connection accepted has ended (waiting up to a minute for each: the server sees it close)."""
+        return all(self.ended.acquire(timeout=60) for _ in range(self.accepted))
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_run_keeps_one_connection_alive_and_closes_it_at_its_end() -> None:
+    """Every probe opened a connection of its own (a new client each time): N probes, N connections set up and torn
+    down. The run keeps one alive for all its probes (a new one only if the API closed it, or it sat idle past
+    httpx's keep-alive expiry while a first probe's answer was scanned), and closes it at its end."""
+    api = _KeptAliveAPI()
+    try:
+        report = redteam.run(api.url, "t0ken", "hr", _PROBES)
+        assert report.answered == _PROBE_COUNT and not report.errors and not report.not_sent
+        assert api.accepted < _PROBE_COUNT, f"{api.accepted} connections for {_PROBE_COUNT} probes"
+        assert api.all_ended(), "a connection was left open after the run"
+    finally:
+        api.stop()
+
+
+@pytest.mark.parametrize(("per_connection", "hang_up", "most_connections"), [
+    (2, "at the next probe", _PROBE_COUNT - 1), (1, "after the answer", _PROBE_COUNT)],
+    ids=["as the next probe arrives", "just after its answer"])
+def test_an_api_closing_the_connection_between_probes_loses_no_probe(per_connection: int, hang_up: str,
+                                                                     most_connections: int) -> None:
+    """A kept-alive connection the API closes between probes (its keep-alive timeout) is opened again: a probe sent
+    on it as it closed gets no response and is sent once more on a new connection, not counted as the API gone
+    (which would stop the run); one closed before the next probe is not used. Every probe is answered."""
+    api = _KeptAliveAPI(per_connection, hang_up)
+    try:
+        report = redteam.run(api.url, "t0ken", "hr", _PROBES)
+        assert report.answered == _PROBE_COUNT and not report.errors and not report.not_sent
+        assert api.accepted <= most_connections, f"{api.accepted} connections for {_PROBE_COUNT} probes"
+        assert api.all_ended()
+    finally:
+        api.stop()

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from core.http import CredentialsInURL, NotDecodable, TooLarge, TooSlow, answer_within, request_within
+from core.http import CredentialsInURL, NotDecodable, Session, TooLarge, TooSlow, answer_within, request_within
 
 BODY = b'{"keys": []}'
 
@@ -155,3 +155,40 @@ def test_a_redirect_is_never_followed(server: str) -> None:
         request_within("GET", server, seconds=10.0, max_bytes=1000, trust_env=False)
     status, body = answer_within("GET", server, seconds=10.0, max_bytes=1000, trust_env=False)
     assert status in (302, 307) and body == b""
+
+
+def test_a_session_sends_a_request_dropped_on_its_kept_alive_connection_once_more_only() -> None:
+    """A Session keeps the connection an answer left open; a request the server drops on it unanswered (it closed the
+    connection as the request went out) is sent once more, on a new connection, and no more: a server dropping every
+    request after the first is httpx.RemoteProtocolError, having received the second request twice, not again and
+    again."""
+    received: list[int] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802 (the http.server name)
+            received.append(1)
+            if len(received) > 1:
+                self.close_connection = True  # dropped, unanswered
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(BODY)))
+            self.end_headers()
+            self.wfile.write(BODY)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    served = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=served.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{served.server_port}/"
+    try:
+        with Session(trust_env=False) as session:
+            assert session.request_within("GET", url, seconds=10.0, max_bytes=1000) == BODY
+            with pytest.raises(httpx.RemoteProtocolError):
+                session.request_within("GET", url, seconds=10.0, max_bytes=1000)
+    finally:
+        served.shutdown()
+        served.server_close()
+    assert len(received) == 3
