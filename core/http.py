@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import ssl
+import threading
 import zlib
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any
@@ -96,17 +97,25 @@ def answer_within(method: str, url: str, *, seconds: float, max_bytes: int, json
 # disconnected without sending a response", or the socket reset as it is written to or read
 _DROPPED = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
+# Methods whose request may be sent twice, the server's state left as by one (RFC 9110 9.2.2)
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
 
 class Session:
-    """Calls from one thread, one after another, over connections kept alive between them (`govrag redteam`'s probes
-    to one API: one connection for the run, not one per probe), each bounded as `request_within`'s; closing it
-    closes them. A request sent on a connection an earlier answer left open that gets no response begun (the server
-    closed the connection as it went out, RFC 9112 9.3.1) is sent once more on a new one: a Session is for requests
-    that may be repeated."""
+    """Calls from the thread that made it, one after another, over connections kept alive between them (`govrag
+    redteam`'s probes to one API: one connection for the run, not one per probe), each bounded as `request_within`'s;
+    closing it closes them. A call from another thread is RuntimeError, nothing sent.
 
-    def __init__(self, *, trust_env: bool = True) -> None:
+    A request sent on a connection an earlier answer left open that gets no response (the server closed the
+    connection as it went out, RFC 9112 9.3.1; or a reset, or a response that does not parse) is sent once more on a
+    new one, within the same deadline, when it may be repeated: its method is idempotent, or the session is
+    `repeatable` (its requests are reads whatever their method, as redteam's POSTed queries). Any other request, an
+    upload or a model's generation, the server may have acted on: its error is raised, never sent twice."""
+
+    def __init__(self, *, trust_env: bool = True, repeatable: bool = False) -> None:
         self._runner = asyncio.Runner(loop_factory=_Loop)  # its loop made by run(), once it found none running
-        self._trust_env = trust_env
+        self._trust_env, self._repeatable = trust_env, repeatable
+        self._thread = threading.get_ident()  # an event loop and its client are not to be shared across threads
         self._client: httpx.AsyncClient | None = None  # made on the session's loop, at its first call
         self._left_open = False  # the last answer's connection is kept for the next call
 
@@ -129,16 +138,19 @@ class Session:
                                                     headers=headers, any_status=True))
 
     def close(self) -> None:
-        """Close the connections kept alive, then the event loop."""
+        """Close the connections kept alive, then the event loop; once closed, nothing more to do."""
+        client, self._client = self._client, None
         try:
-            if self._client is not None:  # none when no call started (one refused on a running event loop)
-                self._runner.run(self._client.aclose())
+            if client is not None:  # none when no call started (one refused on a running event loop), or closed
+                self._runner.run(client.aclose())
         finally:
             self._runner.close()
 
     def _within(self, seconds: float, exchange: Coroutine[Any, Any, tuple[int, bytes]]) -> tuple[int, bytes]:
         """Run `exchange` on the session's event loop: TooSlow once it took `seconds`."""
         try:
+            if threading.get_ident() != self._thread:
+                raise RuntimeError("a Session is used from the thread that made it only")
             return self._runner.run(exchange)
         except TimeoutError:
             raise TooSlow(f"no complete response within {seconds:g} s") from None
@@ -165,15 +177,16 @@ class Session:
     @contextlib.asynccontextmanager
     async def _response(self, method: str, url: str, **request: Any) -> AsyncIterator[httpx.Response]:
         """The response to the request, its headers read and its body not yet; sent once more when it went out on a
-        connection kept alive and no response began."""
+        connection kept alive, got no response and may be repeated."""
         if self._client is None:
             self._client = httpx.AsyncClient(follow_redirects=False, trust_env=self._trust_env,
                                              verify=_tls_context(self._trust_env), headers={"Accept-Encoding": "gzip"})
         client, reused, self._left_open = self._client, self._left_open, False
+        repeatable = self._repeatable or method.upper() in _IDEMPOTENT
         try:
             response = await client.send(client.build_request(method, url, **request), stream=True)
         except _DROPPED:
-            if not reused:
+            if not (reused and repeatable):
                 raise
             response = await client.send(client.build_request(method, url, **request), stream=True)
         try:

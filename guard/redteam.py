@@ -214,7 +214,7 @@ def run(url: str, token: str, department: str, corpus: dict[str, list[str]]) -> 
     http.api_url(url)
     probes = [(category, index, prompt) for category, prompts in corpus.items()
               for index, prompt in enumerate(prompts)]
-    with http.Session(trust_env=False) as session:
+    with http.Session(trust_env=False, repeatable=True) as session:  # a probe is a query, a read: sent twice at worst
         return _probe_all(session, url, token, department, probes)
 
 

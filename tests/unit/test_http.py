@@ -157,18 +157,24 @@ def test_a_redirect_is_never_followed(server: str) -> None:
     assert status in (302, 307) and body == b""
 
 
-def test_a_session_sends_a_request_dropped_on_its_kept_alive_connection_once_more_only() -> None:
-    """A Session keeps the connection an answer left open; a request the server drops on it unanswered (it closed the
-    connection as the request went out) is sent once more, on a new connection, and no more: a server dropping every
-    request after the first is httpx.RemoteProtocolError, having received the second request twice, not again and
-    again."""
-    received: list[int] = []
+@pytest.fixture
+def dropping() -> Iterator[tuple[str, list[str]]]:
+    """A server keeping its HTTP/1.1 connections alive that answers the first request and drops every later one
+    unanswered (it closes the connection as the request came in): its URL, and the method of each request received."""
+    received: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:  # noqa: N802 (the http.server name)
-            received.append(1)
+            self._answer_the_first()
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self._answer_the_first()
+
+        def _answer_the_first(self) -> None:
+            received.append(self.command)
             if len(received) > 1:
                 self.close_connection = True  # dropped, unanswered
                 return
@@ -182,13 +188,49 @@ def test_a_session_sends_a_request_dropped_on_its_kept_alive_connection_once_mor
 
     served = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=served.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{served.server_port}/"
+    yield f"http://127.0.0.1:{served.server_port}/", received
+    served.shutdown()
+    served.server_close()
+
+
+@pytest.mark.parametrize(("method", "repeatable", "sent"), [
+    ("GET", False, 2), ("POST", True, 2), ("POST", False, 1)],
+    ids=["an idempotent method", "a repeatable session's POST", "a POST, not repeated"])
+def test_a_session_sends_a_request_dropped_on_its_kept_alive_connection_once_more_only_when_repeatable(
+        dropping: tuple[str, list[str]], method: str, repeatable: bool, sent: int) -> None:
+    """A Session keeps the connection an answer left open; a request the server drops on it unanswered (it closed the
+    connection as the request went out) is sent once more, on a new connection, and no more, when it may be repeated:
+    a server dropping every request after the first is httpx.RemoteProtocolError, having received the second request
+    twice, not again and again. A POST the server may have acted on (an upload, a generation) is never sent twice
+    unless the session says its requests are repeatable."""
+    url, received = dropping
+    with Session(trust_env=False, repeatable=repeatable) as session:
+        assert session.request_within("GET", url, seconds=10.0, max_bytes=1000) == BODY
+        with pytest.raises(httpx.RemoteProtocolError):
+            session.request_within(method, url, seconds=10.0, max_bytes=1000, json={"q": 1})
+    assert received == ["GET"] + [method] * sent
+
+
+def test_a_session_is_used_from_the_thread_that_made_it_only(dropping: tuple[str, list[str]]) -> None:
+    """Its event loop and client are not to be shared: a call from another thread is refused, nothing sent (it could
+    run on the loop while the owner's call does); closing it twice is closing it once."""
+    url, received = dropping
+    refused: list[BaseException] = []
+    session = Session(trust_env=False)
+
+    def elsewhere() -> None:
+        try:
+            session.request_within("GET", url, seconds=10.0, max_bytes=1000)
+        except RuntimeError as error:
+            refused.append(error)
+
     try:
-        with Session(trust_env=False) as session:
-            assert session.request_within("GET", url, seconds=10.0, max_bytes=1000) == BODY
-            with pytest.raises(httpx.RemoteProtocolError):
-                session.request_within("GET", url, seconds=10.0, max_bytes=1000)
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        thread.join()
+        assert [str(error) for error in refused] == ["a Session is used from the thread that made it only"]
+        assert received == []
+        assert session.request_within("GET", url, seconds=10.0, max_bytes=1000) == BODY
     finally:
-        served.shutdown()
-        served.server_close()
-    assert len(received) == 3
+        session.close()
+    session.close()
