@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from authz.dev_issuer import DevIssuer
 from authz.identity import MAX_SUBJECT_CHARS, RESERVED_PREFIXES, Identity, is_platform_admin, token_can_carry
 from core import forksafe
-from core.errors import ErrorCode, GovragError, Unavailable
-from core.http import request_within
+from core.errors import ErrorCode, GovragError, StartRefused, Unavailable
+from core.http import CredentialsInURL, URLRefused, api_url, request_within
 from core.settings import DEFAULT_TOKEN_MAX_LIFETIME_SECONDS, Settings, url_scheme
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ _KEY_TYPES_BY_ALG: dict[str, tuple[type, ...]] = {
 }
 # the subject claim is configurable and checked after decoding; iat bounds the token's lifetime
 _REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud"]
+# a Cognito access token's: its app client is in client_id, checked after decoding (_require_cognito_client)
+_REQUIRED_COGNITO_CLAIMS = ["exp", "iat", "iss"]
 # The `typ` of an access token, in its header (RFC 9068 2.1: "at+jwt"; most IdPs send "JWT" or none) or its payload
 # (Keycloak's "Bearer"), compared in lower case without an "application/" prefix (RFC 7515 4.1.9). Any other typ names
 # another kind of JWT the IdP may sign with the same keys: in the header a logout token "logout+jwt", a DPoP proof
@@ -57,7 +59,9 @@ _REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud"]
 # that must come with it). Never a caller.
 _ACCESS_TOKEN_TYPES = frozenset({"jwt", "at+jwt", "bearer"})
 # AWS Cognito names the kind in a payload claim `token_use` instead: "access", or "id" for its ID token, signed with the
-# same keys (its aud the app client's id: an API whose audience is that id took it as a caller).
+# same keys (its aud the app client's id: an API whose audience is that id took it as a caller). Its access tokens carry
+# no aud but the app client's id in `client_id`: a caller only when that client is listed
+# (GOVRAG_OIDC_COGNITO_CLIENT_IDS).
 _COGNITO_ACCESS = "access"
 # The claims that are NumericDates (RFC 7519 2: a JSON number). PyJWT takes whatever int() takes: a string of digits
 # ("1700000000", " 1_700_000_000 "), a boolean (true is 1).
@@ -68,6 +72,13 @@ _MAX_TOKEN_CHARS = 16 * 1024
 # bytes drip, and at most this many bytes: a slow or hostile IdP cannot hold a request, or the key cache, for longer.
 _FETCH_DEADLINE_SECONDS = 10.0
 _MAX_FETCH_BYTES = 1024 * 1024
+
+
+class IdPURLRefused(StartRefused, ValueError):
+    """An IdP URL govrag will not fetch, named but never quoted: at start a setting to fix, said in one line (exit 2);
+    a discovered one is an unusable IdP answer (a ValueError, as any)."""
+
+    exit_code = 2
 
 
 def _fail(reason: str) -> GovragError:
@@ -101,6 +112,7 @@ class TokenVerifier:
         subject_claim: str = "sub",
         email_claim: str = "email",
         required_azp: str | None = None,
+        cognito_client_ids: Iterable[str] = (),
         jwks_url: str | Callable[[], str] | None = None,
         jwks: dict[str, Any] | None = None,
         jwks_cache_seconds: float = 300.0,
@@ -121,6 +133,7 @@ class TokenVerifier:
         self._subject_claim = subject_claim
         self._email_claim = email_claim
         self._required_azp = required_azp
+        self._cognito_client_ids = frozenset(cognito_client_ids)
         self._remote_keys: _RemoteKeySet | None = None
         self._static_keys: dict[str, _PublishedKey] = {}
         if jwks is None:
@@ -159,6 +172,8 @@ class TokenVerifier:
         key = self._signing_key(kid)
         claims = self._decode(token, alg, key)
         _require_access_token(claims, ("typ", "token_use"))
+        if "aud" not in claims:  # decoded without one only where Cognito app clients are listed
+            self._require_cognito_client(claims)
         if not all(_is_numeric_date(claims[name]) for name in _TIME_CLAIMS if name in claims):
             raise _fail("malformed token")  # as PyJWT says of a NaN, an infinity or a list
         # both read as PyJWT read them when it checked them; the lifetime is the token's own, no clock leeway in it
@@ -206,16 +221,17 @@ class TokenVerifier:
         # RFC 8725 3.1: a key published for one algorithm verifies that algorithm only (an RS256 key no PS256 token)
         if key.alg not in (None, alg):
             raise _fail("token algorithm does not match its signing key")
+        cognito = bool(self._cognito_client_ids) and _holds_no_audience(token)
         try:
             return jwt.decode(
                 token,
                 key=key.key,
                 algorithms=[alg],
-                audience=self._audience,
+                audience=None if cognito else self._audience,  # None: PyJWT refuses any aud, even one of ours
                 issuer=self._issuer,
                 leeway=self._leeway,
                 options={
-                    "require": _REQUIRED_CLAIMS,
+                    "require": _REQUIRED_COGNITO_CLAIMS if cognito else _REQUIRED_CLAIMS,
                     "verify_signature": True,
                     "verify_exp": True,
                     "verify_nbf": True,
@@ -229,6 +245,26 @@ class TokenVerifier:
             raise _fail(_reason(exc)) from None
         except (ValueError, TypeError):
             raise _fail("malformed token") from None
+
+    def _require_cognito_client(self, claims: dict[str, Any]) -> None:
+        """A token without aud is a caller only as a Cognito access token (token_use "access") whose client_id is one
+        of the listed app clients; anything else without aud is refused as it was before there was a list."""
+        if claims.get("token_use") != _COGNITO_ACCESS or "client_id" not in claims:
+            raise _fail("missing required claim")
+        client_id = claims["client_id"]
+        if not isinstance(client_id, str):
+            raise _fail("malformed token")
+        if client_id not in self._cognito_client_ids:
+            raise _fail("token issued to another client")
+
+
+def _holds_no_audience(token: str) -> bool:
+    """Whether the token's payload has no aud at all, read before its signature is checked only to choose how to check
+    it; a payload that does not decode is checked as any token (and refused as one)."""
+    try:
+        return "aud" not in jwt.decode(token, options={"verify_signature": False})
+    except (jwt.PyJWTError, ValueError, TypeError):
+        return False
 
 
 def _reason(exc: jwt.PyJWTError) -> str:
@@ -405,6 +441,7 @@ def _common_options(settings: Settings) -> dict[str, Any]:
         "subject_claim": settings.subject_claim,
         "email_claim": settings.email_claim,
         "required_azp": settings.oidc_required_azp,
+        "cognito_client_ids": settings.oidc_cognito_client_ids,
         "jwks_refresh_cooldown_seconds": settings.oidc_jwks_refetch_cooldown_seconds,
     }
 
@@ -430,15 +467,20 @@ def discover_jwks_uri(issuer: str, *, production: bool = False) -> str:
 
 
 def _check_idp_url(url: str, name: str, *, production: bool, warn: bool = True) -> None:
-    """What govrag fetches from the IdP needs an http(s) URL; ValueError naming it (never quoting it) otherwise.
+    """What govrag fetches from the IdP needs an http(s) URL with a host and no user name or password (http.api_url's
+    check, as the fetch reads it); IdPURLRefused naming it (never quoting it) otherwise.
 
     Over plain http the answer (a configuration, the signing keys) can be substituted in transit: refused in
     production, a warning in development (unless warn is False: said already)."""
+    try:
+        api_url(url)
+    except CredentialsInURL:
+        raise IdPURLRefused(f"{name} must not hold a user name or password (user:password@host)") from None
+    except URLRefused:  # another scheme, no host ("https:/idp"), or one httpx cannot read
+        raise IdPURLRefused(f"{name} is not an http(s) URL") from None
     scheme = url_scheme(url)
-    if scheme not in ("https", "http"):
-        raise ValueError(f"{name} is not an http(s) URL")
     if scheme == "http" and production:
-        raise ValueError(f"{name} is not https (refused in production)")
+        raise IdPURLRefused(f"{name} is not https (refused in production)")
     if scheme == "http" and warn:
         log.warning("%s is not https; what is fetched from it can be substituted in transit", name)
 

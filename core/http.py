@@ -39,9 +39,9 @@ class CredentialsInURL(URLRefused):
 
 
 def api_url(url: str) -> str:
-    """`url` if it may be a running govrag API's (`govrag redteam --url`, `govrag ingest --api-url`, `redteam.run`'s):
-    http(s) with a host, else URLRefused; holding no user name or password, which httpx would send (Basic, in clear
-    over http) in place of the bearer token, else CredentialsInURL."""
+    """`url` if it may be a running govrag API's (`govrag redteam --url`, `govrag ingest --api-url`, `redteam.run`'s),
+    or an IdP's govrag fetches from (authz.tokens): http(s) with a host, else URLRefused; holding no user name or
+    password, which httpx would send (Basic, in clear over http) in place of the bearer token, else CredentialsInURL."""
     try:
         parsed: httpx.URL | None = httpx.URL(url)
     except httpx.InvalidURL:

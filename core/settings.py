@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     # --- authorization (issue 4) ---
     oidc_discovery: bool = True  # no JWKS URL given: read <issuer>/.well-known/openid-configuration
     oidc_required_azp: str | None = None  # when set, tokens carrying azp must name this client
+    # AWS Cognito user pools: their access tokens carry no aud but the app client's id in client_id. A token without
+    # aud whose token_use is "access" and whose client_id is listed here is a caller; empty (the default): none is.
+    oidc_cognito_client_ids: list[str] = Field(default_factory=list)
     # unknown kid: at most one JWKS refetch per this long; under a second, invented kids would hammer the IdP
     oidc_jwks_refetch_cooldown_seconds: float = Field(default=10.0, ge=1.0)
     subject_claim: str = "sub"  # Entra ID: "oid"; dotted paths reach nested claims
@@ -172,6 +175,14 @@ class Settings(BaseSettings):
         place of the bearer token, to a server that answers 401 (GOVRAG_LLM_API_KEY is the model server's key)."""
         if value is not None and url_has_credentials(value):
             raise ValueError("must not hold a user name or password (user:password@host)")
+        return value
+
+    @field_validator("oidc_cognito_client_ids")
+    @classmethod
+    def _cognito_client_ids_named(cls, value: list[str]) -> list[str]:
+        """Each listed app client id is one a token's client_id can name: not empty, no spaces or control characters."""
+        if not all(client_id.split() == [client_id] and client_id.isprintable() for client_id in value):
+            raise ValueError("must list Cognito app client ids, none empty or holding spaces")
         return value
 
     @model_validator(mode="after")

@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -22,6 +23,7 @@ from api.errors import install_error_handlers
 from authz.tokens import TokenVerifier, discover_jwks_uri
 from core.errors import GovragError, Unavailable
 from core.settings import Settings
+from tests.support.govrag_process import govrag_env, run_govrag, start_refusal
 from tests.support.oidc_issuer import LocalIssuer, SigningKey, ec_key
 
 COOLDOWN = 1.0  # the shortest refetch cooldown the settings allow
@@ -234,6 +236,32 @@ def test_a_cognito_id_token_is_a_401_and_its_access_token_a_200(api: TestClient,
     assert _status(api, cognito("access")) == 200
 
 
+def test_a_listed_cognito_app_clients_access_token_is_a_200_and_nothing_else_without_aud(
+        issuer: LocalIssuer, caplog: pytest.LogCaptureFixture) -> None:
+    """A Cognito access token carries no aud, its app client in client_id: no Cognito user pool could be used. With its
+    app client in GOVRAG_OIDC_COGNITO_CLIENT_IDS (keys found by discovery, fetched over HTTP) it is a caller; its ID
+    token, another app client's token, or one whose aud is another API's is a 401, and no token is logged."""
+    api = _whoami_api(_settings(issuer, oidc_required_azp=None, groups_claim="cognito:groups",
+                                oidc_cognito_client_ids=["govrag-web"]))
+
+    def cognito(**overrides: Any) -> str:
+        claims = {"aud": None, "nbf": None, "typ": None, "token_use": "access", "client_id": "govrag-web",
+                  "username": "ana", "cognito:groups": ["hr-staff"], **overrides}
+        return issuer.token(**claims)
+
+    response = api.get("/whoami", headers={"Authorization": f"Bearer {cognito()}"})
+    assert response.status_code == 200, response.text
+    assert response.json()["groups"] == ["hr-staff"]
+    bad = {"id_token": cognito(token_use="id", aud=issuer.audience), "other_client": cognito(client_id="other-app"),
+           "no_client_id": cognito(client_id=None), "other_api": cognito(aud="another-api")}
+    with caplog.at_level(logging.DEBUG):
+        messages = {name: _refusal(api, token, name) for name, token in bad.items()}
+    assert messages == {"id_token": "not an access token (token type)",
+                        "other_client": "token issued to another client", "no_client_id": "missing required claim",
+                        "other_api": "invalid audience"}
+    _never_logged([cognito(), *bad.values()], caplog)
+
+
 def test_a_time_claim_that_is_no_json_number_is_a_401(api: TestClient, issuer: LocalIssuer,
                                                       caplog: pytest.LogCaptureFixture) -> None:
     """PyJWT read "1700000000" and true as times: tokens whose exp, iat and nbf were strings were callers."""
@@ -278,3 +306,14 @@ def test_a_plain_http_issuer_is_warned_of_once(issuer: LocalIssuer, caplog: pyte
     warnings = [r.getMessage() for r in caplog.records if r.name == "authz.tokens"]
     assert warnings == ["GOVRAG_OIDC_ISSUER is not https; what is fetched from it can be substituted in transit",
                         "the discovered jwks_uri is not https; what is fetched from it can be substituted in transit"]
+
+
+@pytest.mark.parametrize(("setting", "url"), [("oidc_jwks_url", "file:///etc/govrag/jwks.json"),
+                                              ("oidc_issuer", "https:/sso.example.test/realms/acme")])
+def test_govrag_serve_refuses_an_idp_url_it_cannot_fetch_in_one_line(tmp_path: Path, setting: str, url: str) -> None:
+    """`govrag serve` with a JWKS URL or discovery issuer that is not http(s) with a host ended in a ValueError's
+    traceback; now one line naming the setting (never the URL), exit 2, and uvicorn never starts."""
+    env = govrag_env(data_dir=str(tmp_path / "data"), dev_issuer="false", **{setting: url})
+    result = run_govrag(["serve", "--port", "0"], env=env, timeout=300)
+    assert start_refusal(result) == (2, f"govrag: GOVRAG_{setting.upper()} is not an http(s) URL")
+    assert url not in result.stderr

@@ -27,7 +27,7 @@ from api import cli
 from authz.dev_issuer import DevIssuer, jwk_thumbprint, rsa_public_jwk
 from authz.identity import Identity, is_platform_admin
 from authz.tokens import TokenVerifier, bearer_token
-from core.errors import ErrorCode, GovragError, Unavailable, UnusablePath
+from core.errors import ErrorCode, GovragError, StartRefused, Unavailable, UnusablePath
 from core.settings import Settings, get_settings
 from tests.support.production import production_settings
 
@@ -798,6 +798,72 @@ def test_a_cognito_token_whose_token_use_is_not_access_is_refused(verifier: Toke
     _rejects(verifier, key.sign(payload, drop=("aud",)), "missing required claim")
 
 
+COGNITO_CLIENT = "5u9a1cognitoappclient"
+
+
+_LEFT_OUT = object()  # an override leaving a claim out (None is a JSON null)
+
+
+def _cognito_access(key: SigningKey, **overrides: Any) -> str:
+    """An access token as a Cognito user pool signs it: no aud, no nbf, no typ; the app client in client_id, the kind
+    in token_use, the groups in cognito:groups."""
+    now = int(time.time())
+    claims: dict[str, Any] = {"token_use": "access", "client_id": COGNITO_CLIENT, "username": "alice",
+                              "cognito:groups": ["eng"], "scope": "aws.cognito.signin.user.admin", "auth_time": now,
+                              "origin_jti": "o-1", "event_id": "e-1", **overrides}
+    left_out = [name for name, value in claims.items() if value is _LEFT_OUT]
+    if "aud" not in overrides:
+        left_out.append("aud")
+    return key.sign({k: v for k, v in claims.items() if v is not _LEFT_OUT}, drop=("nbf", *left_out))
+
+
+def _cognito_verifier(key: SigningKey, client_ids: list[str]) -> TokenVerifier:
+    return TokenVerifier(issuer=ISSUER, audience=AUDIENCE, algorithms=ALGORITHMS, jwks={"keys": [key.jwk()]},
+                         groups_claim="cognito:groups", cognito_client_ids=client_ids)
+
+
+def test_a_cognito_access_token_of_a_listed_app_client_is_taken(key: SigningKey) -> None:
+    """Cognito's access tokens carry no aud (its app client is in client_id): no Cognito user pool could be used. With
+    the app client listed (GOVRAG_OIDC_COGNITO_CLIENT_IDS) its access token is a caller; by default it is not."""
+    identity = _cognito_verifier(key, [COGNITO_CLIENT, "another-client"]).verify(_cognito_access(key), admins=[])
+    assert (identity.subject, identity.groups) == ("alice", ("eng",))
+    _rejects(_cognito_verifier(key, []), _cognito_access(key), "missing required claim")
+
+
+_COGNITO_REFUSALS: dict[str, tuple[dict[str, Any], str]] = {
+    "an ID token (aud this API's)": ({"token_use": "id", "aud": AUDIENCE, "client_id": _LEFT_OUT},
+                                     "not an access token (token type)"),
+    "an ID token without aud": ({"token_use": "id"}, "not an access token (token type)"),
+    "another app client": ({"client_id": "someone-elses-client"}, "token issued to another client"),
+    "a client_id in another case": ({"client_id": COGNITO_CLIENT.upper()}, "token issued to another client"),
+    "no client_id": ({"client_id": _LEFT_OUT}, "missing required claim"),
+    "a client_id of null": ({"client_id": None}, "malformed token"),
+    "a client_id that is no string": ({"client_id": [COGNITO_CLIENT]}, "malformed token"),
+    "no token_use": ({"token_use": _LEFT_OUT}, "missing required claim"),
+    "an aud of another API": ({"aud": "another-api"}, "invalid audience"),
+    "an aud naming the app client": ({"aud": COGNITO_CLIENT}, "invalid audience"),
+    "an aud of null": ({"aud": None}, "missing required claim"),
+    "an empty aud": ({"aud": []}, "missing required claim"),
+    "another issuer": ({"iss": "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_other"}, "invalid issuer"),
+}
+
+
+@pytest.mark.parametrize("case", list(_COGNITO_REFUSALS))
+def test_with_cognito_app_clients_listed_only_their_access_tokens_go_without_aud(key: SigningKey, case: str) -> None:
+    """Listing app clients lets a token without aud through only as an access token (token_use "access") naming one
+    of them in client_id; an ID token, another client, a token with an aud that is not this API's, is refused."""
+    overrides, reason = _COGNITO_REFUSALS[case]
+    _rejects(_cognito_verifier(key, [COGNITO_CLIENT]), _cognito_access(key, **overrides), reason)
+
+
+def test_with_cognito_app_clients_listed_other_idps_tokens_are_checked_as_before(key: SigningKey) -> None:
+    """The list changes nothing for a token with an aud: this API's is taken, any other refused."""
+    verifier = _cognito_verifier(key, [COGNITO_CLIENT])
+    assert verifier.verify(key.sign(), admins=[]).subject == "alice"
+    _rejects(verifier, key.sign({"aud": COGNITO_CLIENT}), "invalid audience")
+    _rejects(verifier, key.sign(drop=("aud",)), "missing required claim")
+
+
 # Access tokens as each IdP signs them (header beyond alg and kid; payload beyond iss, aud, sub, iat, nbf, exp, jti).
 _REAL_ACCESS_TOKENS = {
     "keycloak": ({"typ": "JWT"}, {"typ": "Bearer", "azp": "govrag-web", "sid": "s-1", "scope": "openid email",
@@ -862,10 +928,43 @@ def test_from_settings_key_sources(tmp_path: Path) -> None:
     assert isinstance(remote, TokenVerifier)
 
 
+def test_cognito_app_clients_are_read_from_the_settings(tmp_path: Path, key: SigningKey,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """GOVRAG_OIDC_COGNITO_CLIENT_IDS (a JSON list) reaches the verifier; unset, no token without aud is taken."""
+    _idp_answering(monkeypatch, lambda _request: _as_received(httpx.Response(200, json={"keys": [key.jwk()]})))
+    remote = {"oidc_jwks_url": "https://idp.example.test/keys", "oidc_issuer": ISSUER, "oidc_audience": AUDIENCE,
+              "dev_issuer": False, "groups_claim": "cognito:groups"}
+    monkeypatch.setenv("GOVRAG_OIDC_COGNITO_CLIENT_IDS", f'["{COGNITO_CLIENT}"]')
+    listed = TokenVerifier.from_settings(_settings(tmp_path, **remote), None)
+    assert listed.verify(_cognito_access(key), admins=[]).groups == ("eng",)
+    monkeypatch.delenv("GOVRAG_OIDC_COGNITO_CLIENT_IDS")
+    _rejects(TokenVerifier.from_settings(_settings(tmp_path, **remote), None), _cognito_access(key),
+             "missing required claim")
+
+
+@pytest.mark.parametrize("client_ids", [[""], [" "], ["app client"], [f" {COGNITO_CLIENT}"], ["client\x00"]])
+def test_settings_refuse_a_cognito_app_client_id_no_token_can_name(tmp_path: Path, client_ids: list[str]) -> None:
+    with pytest.raises(ValidationError, match="oidc_cognito_client_ids") as refused:
+        _settings(tmp_path, oidc_cognito_client_ids=client_ids)
+    assert "must list Cognito app client ids, none empty or holding spaces" in str(refused.value)
+
+
 def test_a_jwks_url_that_is_not_http_is_refused_at_start(tmp_path: Path) -> None:
     """It was taken with a warning (not https), then every token was a 503 no retry could end."""
     with pytest.raises(ValueError, match="GOVRAG_OIDC_JWKS_URL is not an http"):
         TokenVerifier.from_settings(_settings(tmp_path, oidc_jwks_url="file:///etc/jwks.json"), None)
+
+
+@pytest.mark.parametrize(("setting", "url"), [
+    ("oidc_jwks_url", "https:/idp.example.test/keys"), ("oidc_jwks_url", "https:///keys"),
+    ("oidc_jwks_url", " https://idp.example.test/keys"), ("oidc_issuer", "https:idp.example.test/realms/x")])
+def test_an_idp_url_without_a_host_is_refused_at_start(tmp_path: Path, setting: str, url: str) -> None:
+    """A slash short (or a space before it) and the URL has no host as the fetch reads it: it was taken, then every
+    token was a 503 no retry could end. Refused at start as a URL that is not http(s), named, never quoted."""
+    with pytest.raises(StartRefused) as refused:  # said in one line by `govrag serve`, exit 2
+        TokenVerifier.from_settings(_settings(tmp_path, dev_issuer=False, **{setting: url}), None)
+    assert str(refused.value) == f"GOVRAG_{setting.upper()} is not an http(s) URL"
+    assert refused.value.exit_code == 2
 
 
 def _as_received(made: httpx.Response) -> httpx.Response:
