@@ -170,9 +170,12 @@ class TokenVerifier:
         """Verify a compact JWS and return the caller's Identity, or raise unauthenticated."""
         alg, kid = self._read_header(token)
         key = self._signing_key(kid)
-        claims = self._decode(token, alg, key)
+        # the audience goes unchecked only where Cognito app clients are listed and the payload has no aud: then the
+        # token must name one of them, decided by the same flag that skipped the check (never re-read from claims)
+        without_audience = bool(self._cognito_client_ids) and _holds_no_audience(token)
+        claims = self._decode(token, alg, key, without_audience=without_audience)
         _require_access_token(claims, ("typ", "token_use"))
-        if "aud" not in claims:  # decoded without one only where Cognito app clients are listed
+        if without_audience:
             self._require_cognito_client(claims)
         if not all(_is_numeric_date(claims[name]) for name in _TIME_CLAIMS if name in claims):
             raise _fail("malformed token")  # as PyJWT says of a NaN, an infinity or a list
@@ -214,24 +217,24 @@ class TokenVerifier:
             raise _fail("unknown signing key")
         return key
 
-    def _decode(self, token: str, alg: str, key: _PublishedKey) -> dict[str, Any]:
-        """Check the signature and the registered claims; one path for both key sources."""
+    def _decode(self, token: str, alg: str, key: _PublishedKey, *, without_audience: bool) -> dict[str, Any]:
+        """Check the signature and the registered claims (aud too unless without_audience); one path for both key
+        sources."""
         if not isinstance(key.key, _KEY_TYPES_BY_ALG[alg]):
             raise _fail("unsupported token algorithm")
         # RFC 8725 3.1: a key published for one algorithm verifies that algorithm only (an RS256 key no PS256 token)
         if key.alg not in (None, alg):
             raise _fail("token algorithm does not match its signing key")
-        cognito = bool(self._cognito_client_ids) and _holds_no_audience(token)
         try:
             return jwt.decode(
                 token,
                 key=key.key,
                 algorithms=[alg],
-                audience=None if cognito else self._audience,  # None: PyJWT refuses any aud, even one of ours
+                audience=None if without_audience else self._audience,  # None: PyJWT refuses any aud, even one of ours
                 issuer=self._issuer,
                 leeway=self._leeway,
                 options={
-                    "require": _REQUIRED_COGNITO_CLAIMS if cognito else _REQUIRED_CLAIMS,
+                    "require": _REQUIRED_COGNITO_CLAIMS if without_audience else _REQUIRED_CLAIMS,
                     "verify_signature": True,
                     "verify_exp": True,
                     "verify_nbf": True,
@@ -477,7 +480,7 @@ def _check_idp_url(url: str, name: str, *, production: bool, warn: bool = True) 
     except CredentialsInURL:
         raise IdPURLRefused(f"{name} must not hold a user name or password (user:password@host)") from None
     except URLRefused:  # another scheme, no host ("https:/idp"), or one httpx cannot read
-        raise IdPURLRefused(f"{name} is not an http(s) URL") from None
+        raise IdPURLRefused(f"{name} is not an http(s) URL with a host") from None
     scheme = url_scheme(url)
     if scheme == "http" and production:
         raise IdPURLRefused(f"{name} is not https (refused in production)")

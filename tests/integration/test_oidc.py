@@ -315,5 +315,5 @@ def test_govrag_serve_refuses_an_idp_url_it_cannot_fetch_in_one_line(tmp_path: P
     traceback; now one line naming the setting (never the URL), exit 2, and uvicorn never starts."""
     env = govrag_env(data_dir=str(tmp_path / "data"), dev_issuer="false", **{setting: url})
     result = run_govrag(["serve", "--port", "0"], env=env, timeout=300)
-    assert start_refusal(result) == (2, f"govrag: GOVRAG_{setting.upper()} is not an http(s) URL")
+    assert start_refusal(result) == (2, f"govrag: GOVRAG_{setting.upper()} is not an http(s) URL with a host")
     assert url not in result.stderr

@@ -963,7 +963,7 @@ def test_an_idp_url_without_a_host_is_refused_at_start(tmp_path: Path, setting: 
     token was a 503 no retry could end. Refused at start as a URL that is not http(s), named, never quoted."""
     with pytest.raises(StartRefused) as refused:  # said in one line by `govrag serve`, exit 2
         TokenVerifier.from_settings(_settings(tmp_path, dev_issuer=False, **{setting: url}), None)
-    assert str(refused.value) == f"GOVRAG_{setting.upper()} is not an http(s) URL"
+    assert str(refused.value) == f"GOVRAG_{setting.upper()} is not an http(s) URL with a host"
     assert refused.value.exit_code == 2
 
 
