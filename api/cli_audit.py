@@ -36,7 +36,8 @@ EXIT_UNVERIFIED = 3  # `govrag audit verify`: the ledger fails verification (tol
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """`govrag audit verify|export|verify-export|public-key|checkpoint|purge`; `govrag export training-data`."""
+    """`govrag audit verify|export|verify-export|verify-mirror|public-key|checkpoint|purge`; `govrag export
+    training-data`."""
     audit = commands.add_parser("audit", help="verify, export, checkpoint or purge the ledger; check an export")
     audit_commands = audit.add_subparsers(required=True, metavar="ACTION")
     verifying = (f"walk the hash chain and signed checkpoints; exit {EXIT_UNVERIFIED} when the ledger fails "
@@ -60,9 +61,20 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                                  help="check the manifest's Ed25519 signature with this public key (`govrag audit "
                                  "public-key`) alone, no secret, no database; takes --deployment-id")
     checking_export.set_defaults(run=verify_export)
+    mirroring = (f"check a checkpoint mirror file (GOVRAG_AUDIT_CHECKPOINT_FILE) with the Ed25519 public key alone, "
+                 f"no secret, no database: every checkpoint this deployment's, as signed; exit {EXIT_UNVERIFIED} when "
+                 "it fails")
+    checking_mirror = audit_commands.add_parser("verify-mirror", help=mirroring, description=mirroring)
+    checking_mirror.add_argument("file", help="the mirror file, a checkpoint a line")
+    checking_mirror.add_argument("--public-key", type=public_key_argument, metavar="PEM_FILE", required=True,
+                                 help="the public key `govrag audit public-key` printed")
+    checking_mirror.add_argument("--deployment-id", type=deployment_id_argument, required=True,
+                                 help="the deployment the checkpoints must be of, a UUID (deployments sharing a "
+                                 "checkpoint key share the public key)")
+    checking_mirror.set_defaults(run=verify_mirror)
     audit_commands.add_parser(
-        "public-key", help="print the Ed25519 public key (PEM) that checks this deployment's export manifests "
-        "(give it to auditors: it cannot sign)").set_defaults(run=public_key)
+        "public-key", help="print the Ed25519 public key (PEM) that checks this deployment's export manifests and "
+        "checkpoints (give it to auditors: it cannot sign)").set_defaults(run=public_key)
     audit_commands.add_parser(
         "checkpoint", help="sign a checkpoint at the end of the chain (none when the newest covers it)").set_defaults(
         run=checkpoint)
@@ -206,6 +218,19 @@ def verify_export(args: argparse.Namespace) -> int:
             with _session() as session:
                 result = audit_service.verify_export(export_file=export_file, settings=settings, session=session,
                                                      deployment_id=args.deployment_id)
+    print(result.model_dump_json())
+    return 0 if result.ok else EXIT_UNVERIFIED
+
+
+@_reported
+def verify_mirror(args: argparse.Namespace) -> int:
+    """Print the mirror check; exit EXIT_UNVERIFIED when the file fails it. Reads no database and no key but the
+    public one."""
+    from audit import service as audit_service
+
+    with Path(args.file).open("rb") as mirror:
+        result = audit_service.verify_mirror(mirror_lines=mirror, public_key=args.public_key,
+                                             deployment_id=args.deployment_id)
     print(result.model_dump_json())
     return 0 if result.ok else EXIT_UNVERIFIED
 

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,8 +21,8 @@ from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from audit import repository
-from audit.schemas import EXPORT_FIELDS, LATER_FIELDS, VerifyResult
-from core import crypto
+from audit.schemas import EXPORT_FIELDS, LATER_FIELDS, MirrorCheck, VerifyResult
+from core import crypto, metrics
 from core.db import unit_of_work
 from core.errors import ErrorCode, GovragError
 from core.keystore import keystore_for
@@ -68,6 +69,10 @@ def checkpoint_key(settings: Settings, session: Session | None = None) -> bytes:
 _SIGNING_HKDF_INFO = b"govrag audit signing ed25519 v1"
 HMAC_SHA256, ED25519 = "hmac-sha256", "ed25519"  # the signatures an export check names as verified
 _V2 = "v2."  # the prefix of a checkpoint signature that binds the deployment id (base64url has no ".")
+# The prefix of a checkpoint signature over the v3 statement, which also names the Ed25519 key: a v3 checkpoint carries
+# an Ed25519 signature over that statement beside it (migration 0019), so one whose Ed25519 signature was removed fails
+# (its HMAC signs v3: it cannot be passed off as a v2 checkpoint, signed before there were any, without the key).
+_V3 = "v3."
 _MANIFEST_V1 = "v1."
 # How long after migration 0016 an unprefixed (v1) checkpoint still verifies: the previous release's API processes go
 # on serving, and signing v1, until readiness (SCHEMA_CHECK_SECONDS) has them drained; one they sign then is no forgery.
@@ -128,10 +133,12 @@ def _utc(moment: datetime) -> datetime:
     return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def _statement(checkpoint: AuditCheckpoint, deployment_id: str | None) -> bytes:
-    """v2: the chain's position in this deployment; None: v1, as signed before the deployment id (migration 0016)."""
+def _statement(checkpoint: AuditCheckpoint, deployment_id: str | None, signing_key_id: str | None = None) -> bytes:
+    """v3 (a `signing_key_id`): the chain's position in this deployment, signed by that Ed25519 key too; v2: in this
+    deployment; None: v1, as signed before the deployment id (migration 0016)."""
     stamp = _utc(checkpoint.created_at).replace(tzinfo=None).isoformat()
-    head = "govrag-checkpoint" if deployment_id is None else f"govrag-checkpoint|v2|{deployment_id}"
+    head = ("govrag-checkpoint" if deployment_id is None else f"govrag-checkpoint|v2|{deployment_id}"
+            if signing_key_id is None else f"govrag-checkpoint|v3|{deployment_id}|{signing_key_id}")
     fields = (checkpoint.kind, checkpoint.last_event_id, checkpoint.last_hash, checkpoint.event_count, stamp)
     return "|".join([head, *map(str, fields)]).encode()
 
@@ -140,9 +147,18 @@ def _mac(key: bytes, statement: bytes) -> str:
     return base64.urlsafe_b64encode(hmac.new(key, statement, hashlib.sha256).digest()).decode()
 
 
-def sign(signer: Signer, checkpoint: AuditCheckpoint) -> str:
-    """HMAC-SHA256 over the checkpoint's v2 statement, which names the deployment."""
-    return _V2 + _mac(signer.key, _statement(checkpoint, signer.deployment_id))
+def sign(signer: Signer, checkpoint: AuditCheckpoint) -> tuple[str, str]:
+    """The checkpoint's two signatures over its v3 statement, which names the deployment and the Ed25519 key id:
+    HMAC-SHA256 with the checkpoint key (prefixed `v3.`), and Ed25519 (base64), which the public key checks alone."""
+    signing_key = signer.signing_key()
+    statement = _statement(checkpoint, signer.deployment_id, key_id(signing_key.public_key()))
+    return _V3 + _mac(signer.key, statement), base64.b64encode(signing_key.sign(statement)).decode()
+
+
+def _ed25519_holds(public_key: Ed25519PublicKey, deployment_id: str, checkpoint: AuditCheckpoint) -> bool:
+    """Whether the checkpoint's Ed25519 signature is `public_key`'s over its v3 statement in `deployment_id`."""
+    statement = _statement(checkpoint, deployment_id, key_id(public_key))
+    return _ed25519_signed(public_key, statement, checkpoint.signature_ed25519)
 
 
 def _same(expected: str, given: object) -> bool:
@@ -151,12 +167,18 @@ def _same(expected: str, given: object) -> bool:
     return isinstance(given, str) and given.isascii() and hmac.compare_digest(expected, given)
 
 
-def _signed_here(signer: Signer, checkpoint: AuditCheckpoint, minted_at: datetime) -> bool:
-    """The signature is this deployment's; an unprefixed (v1) one only if signed before the deployment id was minted
-    (or within LEGACY_GRACE after): a deployment sharing the key that still signs v1 cannot pass a checkpoint of its own
-    off as this one's."""
+def _signed_here(signer: Signer, public_key: Ed25519PublicKey, checkpoint: AuditCheckpoint,
+                 minted_at: datetime) -> bool:
+    """The signatures are this deployment's: a v3 one with its Ed25519 signature beside it (`public_key`: the
+    signer's), which only a v3 one carries; a v2 one alone (signed before 0019); an unprefixed (v1) one only if signed
+    before the deployment id was minted (or within LEGACY_GRACE after): a deployment sharing the key that still signs
+    v1 cannot pass a checkpoint of its own off as this one's."""
+    if checkpoint.signature.startswith(_V3) or checkpoint.signature_ed25519 is not None:
+        statement = _statement(checkpoint, signer.deployment_id, key_id(public_key))
+        return (_same(_V3 + _mac(signer.key, statement), checkpoint.signature)
+                and _ed25519_signed(public_key, statement, checkpoint.signature_ed25519))
     if checkpoint.signature.startswith(_V2):
-        return _same(sign(signer, checkpoint), checkpoint.signature)
+        return _same(_V2 + _mac(signer.key, _statement(checkpoint, signer.deployment_id)), checkpoint.signature)
     return _utc(checkpoint.created_at) <= _utc(minted_at) + LEGACY_GRACE and _same(
         _mac(signer.key, _statement(checkpoint, None)), checkpoint.signature)
 
@@ -215,7 +237,7 @@ def make_checkpoint(*, session: Session, settings: Settings, event: RetrievalEve
     """Sign "this deployment's chain reached `event`" and store it (the caller holds the chain lock and commits)."""
     checkpoint = AuditCheckpoint(created_at=utcnow().replace(microsecond=0), kind=kind, last_event_id=event.id,
                                  last_hash=event.hash, event_count=event_count)
-    checkpoint.signature = sign(signer_for(settings, session), checkpoint)
+    checkpoint.signature, checkpoint.signature_ed25519 = sign(signer_for(settings, session), checkpoint)
     repository.add_checkpoint(session, checkpoint)
     return checkpoint
 
@@ -230,8 +252,10 @@ def mirror_checkpoint(settings: Settings, checkpoint: AuditCheckpoint) -> None:
         with path.open("a", encoding="utf-8") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
             handle.write(json.dumps(_as_json(checkpoint)) + "\n")
-    except OSError:
-        logger.warning("could not append to the audit checkpoint mirror file")
+    except Exception as exc:  # committed already: whatever fails here must not fail what was recorded
+        metrics.AUDIT_MIRROR_WRITE_FAILURES.inc()
+        logger.warning("could not append to the audit checkpoint mirror file (%s): the checkpoint at event %d is in "
+                       "the database only", type(exc).__name__, checkpoint.last_event_id)  # never the path
 
 
 def checkpoint_now(*, session: Session, settings: Settings) -> tuple[int | None, bool]:
@@ -252,20 +276,26 @@ def checkpoint_now(*, session: Session, settings: Settings) -> tuple[int | None,
 
 
 def _as_json(checkpoint: AuditCheckpoint) -> dict[str, object]:
-    return {"created_at": checkpoint.created_at.astimezone(UTC).isoformat(), "kind": checkpoint.kind,
-            "last_event_id": checkpoint.last_event_id, "last_hash": checkpoint.last_hash,
-            "event_count": checkpoint.event_count, "signature": checkpoint.signature}
+    line: dict[str, object] = {
+        "created_at": checkpoint.created_at.astimezone(UTC).isoformat(), "kind": checkpoint.kind,
+        "last_event_id": checkpoint.last_event_id, "last_hash": checkpoint.last_hash,
+        "event_count": checkpoint.event_count, "signature": checkpoint.signature}
+    if checkpoint.signature_ed25519 is not None:
+        line["signature_ed25519"] = checkpoint.signature_ed25519
+    return line
 
 
-def _from_json(line: str) -> AuditCheckpoint | None:
+def _from_json(line: str | bytes) -> AuditCheckpoint | None:
     try:
         data = json.loads(line)
-        if not all(isinstance(data[name], str) for name in ("kind", "last_hash", "signature")):
+        if not all(isinstance(data[name], str) for name in ("kind", "last_hash", "signature")) or not isinstance(
+                data.get("signature_ed25519", ""), str):
             return None  # read as unsigned, as an unparsable line is
         return AuditCheckpoint(created_at=datetime.fromisoformat(data["created_at"]), kind=data["kind"],
                                last_event_id=int(data["last_event_id"]), last_hash=data["last_hash"],
-                               event_count=int(data["event_count"]), signature=data["signature"])
-    except (ValueError, KeyError, TypeError, RecursionError):  # a line no writer wrote
+                               event_count=int(data["event_count"]), signature=data["signature"],
+                               signature_ed25519=data.get("signature_ed25519"))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # a line no writer wrote
         return None
 
 
@@ -274,6 +304,48 @@ def _mirrored(path: Path) -> list[AuditCheckpoint | None]:
         return []
     with path.open(encoding="utf-8") as handle:
         return [_from_json(line) for line in handle if line.strip()]
+
+
+def check_mirror(lines: Iterable[str | bytes], *, public_key: Ed25519PublicKey, deployment_id: str) -> MirrorCheck:
+    """Whether the lines of a checkpoint mirror file are checkpoints of deployment `deployment_id` as signed, with the
+    Ed25519 public key alone: each line carrying an Ed25519 signature must hold under it (its HMAC `v3.`), and no two
+    of them may give one event two hashes. A line without one is taken, unchecked (`hmac_only`), only as a checkpoint
+    signed before the deployment signed with Ed25519 too: HMAC v1 or v2, dated no later than LEGACY_GRACE after the
+    earliest line signed with Ed25519 (the previous release's processes sign HMAC only until they are drained)."""
+    read = [(number, _from_json(line)) for number, line in enumerate(lines, 1) if line.strip()]
+    found = MirrorCheck(ok=True, lines=len(read), deployment_id=deployment_id, key_id=key_id(public_key))
+    if not read:
+        return _mirror_broken(found, None, "mirror_empty", "the file holds no checkpoint")
+    signed_since: datetime | None = None
+    at: dict[int, str] = {}
+    for number, checkpoint in read:
+        if checkpoint is None:
+            return _mirror_broken(found, number, "line_unreadable", "the line is no checkpoint a writer wrote")
+        if checkpoint.signature_ed25519 is None:
+            continue
+        if not checkpoint.signature.startswith(_V3) or not _ed25519_holds(public_key, deployment_id, checkpoint):
+            return _mirror_broken(found, number, "checkpoint_signature_invalid", "the checkpoint was edited, or signed "
+                                  "by another deployment or key")
+        if at.setdefault(checkpoint.last_event_id, checkpoint.last_hash) != checkpoint.last_hash:
+            return _mirror_broken(found, number, "checkpoint_conflict", f"an earlier line gives event "
+                                  f"{checkpoint.last_event_id} another hash")
+        found.checked += 1
+        signed_since = min(signed_since or _utc(checkpoint.created_at), _utc(checkpoint.created_at))
+    if signed_since is None:
+        return _mirror_broken(found, None, "ed25519_signature_missing", "no line carries an Ed25519 signature "
+                              "(checkpoints signed before they were added): only the checkpoint key checks them")
+    for number, checkpoint in read:
+        if checkpoint is not None and checkpoint.signature_ed25519 is None:
+            if checkpoint.signature.startswith(_V3) or _utc(checkpoint.created_at) > signed_since + LEGACY_GRACE:
+                return _mirror_broken(found, number, "ed25519_signature_missing", "the checkpoint's Ed25519 signature "
+                                      "was removed: it is dated after the deployment signed them")
+            found.hmac_only += 1
+    found.through_event_id = max(at)
+    return found
+
+
+def _mirror_broken(found: MirrorCheck, line: int | None, reason: str, message: str) -> MirrorCheck:
+    return found.model_copy(update={"ok": False, "first_broken": line, "reason": reason, "message": message})
 
 
 @dataclass
@@ -291,10 +363,11 @@ class _Expectations:
 def _expectations(session: Session, settings: Settings) -> _Expectations:
     deployment = _deployment(session)
     signer = Signer(checkpoint_key(settings, session), deployment.deployment_id)
+    public_key = signer.public_key()
     found = _Expectations(deployment_id=deployment.deployment_id)
     candidates = [*repository.checkpoints(session), *_mirrored(settings.resolved_checkpoint_file)]
     for checkpoint in candidates:
-        if checkpoint is None or not _signed_here(signer, checkpoint, deployment.minted_at):
+        if checkpoint is None or not _signed_here(signer, public_key, checkpoint, deployment.minted_at):
             found.bad_signature = checkpoint.last_event_id if checkpoint is not None else 0
             continue
         found.checked += 1

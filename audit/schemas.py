@@ -174,8 +174,25 @@ class ExportCheck(BaseModel):
     key_id: str | None = None  # the Ed25519 key the manifest names (none before Ed25519 signatures)
 
 
+class MirrorCheck(BaseModel):
+    """The outcome of checking a checkpoint mirror file with the Ed25519 public key alone (`govrag audit
+    verify-mirror`)."""
+
+    ok: bool
+    lines: int = 0  # the checkpoints the file holds
+    checked: int = 0  # those whose Ed25519 signature holds
+    hmac_only: int = 0  # signed before the deployment signed checkpoints with Ed25519: only the checkpoint key checks
+    through_event_id: int | None = None  # the newest event a checked checkpoint covers
+    reason: str | None = None
+    message: str | None = None  # what was found, in a sentence (line numbers and event ids only)
+    first_broken: int | None = None  # the line number where it was found, when one line is
+    deployment_id: str | None = None
+    key_id: str | None = None  # the public key's
+
+
 class PublicKey(BaseModel):
-    """The Ed25519 public key checking this deployment's export manifests (`GET /v1/audit/public-key`)."""
+    """The Ed25519 public key checking this deployment's export manifests and checkpoints (`GET
+    /v1/audit/public-key`)."""
 
     algorithm: str = "Ed25519"
     key_id: str

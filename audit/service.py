@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, BinaryIO
@@ -20,6 +20,7 @@ from audit.schemas import (
     ExportCheck,
     ExportFilters,
     ExportFormat,
+    MirrorCheck,
     PublicKey,
     RetrievalRecord,
     VerifyResult,
@@ -237,8 +238,15 @@ def verify_export(*, export_file: BinaryIO, settings: Settings, session: Session
     return export.check_export(export_file, by=signer, deployment_id=deployment_id or signer.deployment_id)
 
 
+def verify_mirror(*, mirror_lines: Iterable[bytes], public_key: Ed25519PublicKey, deployment_id: str) -> MirrorCheck:
+    """Check a checkpoint mirror file's lines with the Ed25519 public key alone (an auditor's machine: no secret, no
+    database), as checkpoints of the deployment `deployment_id`: deployments sharing a checkpoint key share the public
+    key too."""
+    return integrity.check_mirror(mirror_lines, public_key=public_key, deployment_id=deployment_id)
+
+
 def public_key(*, session: Session, settings: Settings) -> PublicKey:
-    """The Ed25519 public key that checks this deployment's export manifests, with its key id."""
+    """The Ed25519 public key that checks this deployment's export manifests and checkpoints, with its key id."""
     signer = integrity.signer_for(settings, session)
     key = signer.public_key()
     return PublicKey(key_id=integrity.key_id(key), public_key_pem=integrity.public_key_pem(key),

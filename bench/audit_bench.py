@@ -73,12 +73,13 @@ def _populate(url: str, rows: int, data_dir: Path) -> None:
                 if n % 100 == 0:
                     cp = AuditCheckpoint(created_at=event.created_at.replace(microsecond=0), kind="periodic",
                                          last_event_id=n, last_hash=event.hash, event_count=0)
-                    cp.signature = integrity.sign(signer, cp)
+                    cp.signature, cp.signature_ed25519 = integrity.sign(signer, cp)
                     checkpoints.append(cp)
         with cursor.copy("COPY audit_checkpoints (created_at, kind, last_event_id, last_hash, event_count, "
-                         "signature) FROM STDIN") as copy:
+                         "signature, signature_ed25519) FROM STDIN") as copy:
             for cp in checkpoints:
-                copy.write_row([cp.created_at, cp.kind, cp.last_event_id, cp.last_hash, cp.event_count, cp.signature])
+                copy.write_row([cp.created_at, cp.kind, cp.last_event_id, cp.last_hash, cp.event_count, cp.signature,
+                                cp.signature_ed25519])
         cursor.execute("SELECT setval('retrieval_events_id_seq', %s)", (rows,))
         conn.commit()
     print(f"  populated {rows:,} rows + {len(checkpoints):,} checkpoints in {time.perf_counter() - started:.1f} s")

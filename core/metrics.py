@@ -74,6 +74,11 @@ PLACEHOLDER_MAPS_UNREADABLE = Counter(
     ["department"], registry=REGISTRY)
 AUDIT_WRITE_FAILURES = Counter("govrag_audit_write_failures_total", "ALERT: audit events that could not be written",
                                registry=REGISTRY)
+AUDIT_MIRROR_WRITE_FAILURES = Counter(
+    "govrag_audit_mirror_write_failures_total",
+    "ALERT: signed audit checkpoints that could not be appended to the mirror file (GOVRAG_AUDIT_CHECKPOINT_FILE): each"
+    " is in the database only, where a database writer can delete it unseen (the retrieval was recorded and answered)",
+    registry=REGISTRY)
 INGESTED_DOCUMENTS = Counter("govrag_ingested_documents_total", "Ingestion outcomes by department",
                              ["department", "status"], registry=REGISTRY)
 # issue 5: guardrails and the kill switch

@@ -252,6 +252,8 @@ class AuditCheckpoint(Base):
     last_hash: Mapped[str] = mapped_column(String(64))
     event_count: Mapped[int] = mapped_column(Integer, default=0)  # purge: rows removed up to last_event_id
     signature: Mapped[str] = mapped_column(String(128))
+    # Ed25519 over the v3 statement (base64; migration 0019): None on checkpoints signed before it (their HMAC is v2/v1)
+    signature_ed25519: Mapped[str | None] = mapped_column(String(88), nullable=True)
 
 
 class Clearance(Base):

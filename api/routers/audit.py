@@ -63,8 +63,8 @@ def verify_ledger(session: SessionDep, settings: SettingsDep, enforcer: Enforcer
 
 @router.get("/public-key", response_model=PublicKey)
 def public_key(session: SessionDep, settings: SettingsDep, enforcer: EnforcerDep, user: CurrentUser) -> PublicKey:
-    """The Ed25519 public key an auditor checks export manifests with, holding no secret (compliance officers and
-    platform admins)."""
+    """The Ed25519 public key an auditor checks export manifests and checkpoint mirror files with, holding no secret
+    (compliance officers and platform admins)."""
     _require_compliance(session, settings, enforcer, user)
     return audit_service.public_key(session=session, settings=settings)
 

@@ -141,6 +141,32 @@ def test_truncating_the_tail_is_detected_by_the_signed_checkpoint(ledger: Settin
     assert (result["ok"], result["first_broken"], result["reason"]) == (False, 10, "checkpointed_rows_missing")
 
 
+def test_a_mirror_line_that_cannot_be_written_is_counted_for_the_alert_and_the_retrieval_still_recorded(
+        ledger: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A checkpoint the mirror file could not take was only logged: in the database alone, a database writer can delete
+    it unseen, and no monitor was told. It is now counted (govrag_audit_mirror_write_failures_total, alert
+    GovragAuditMirrorWriteFailures); the retrieval is still recorded and returns, the checkpoint in the database.
+    The warning names neither the file nor its folder."""
+    from core.metrics import REGISTRY
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    settings = ledger.model_copy(update={"audit_checkpoint_file": blocked / "mirror.jsonl"})
+
+    def failures() -> float:
+        return REGISTRY.get_sample_value("govrag_audit_mirror_write_failures_total") or 0.0
+
+    before = failures()
+    _append(settings, 5)  # signed at row 5: its mirror line fails
+    assert failures() == before + 1
+    assert {k: _verify(settings)[k] for k in ("ok", "checked", "checkpoints_checked")} == {
+        "ok": True, "checked": 5, "checkpoints_checked": 1}
+    warned = [r.getMessage() for r in caplog.records if "audit checkpoint mirror" in r.getMessage()]
+    assert warned == ["could not append to the audit checkpoint mirror file (FileExistsError): the checkpoint at "
+                      "event 5 is in the database only"]
+    assert str(tmp_path) not in caplog.text
+
+
 def test_truncating_tail_and_checkpoints_is_caught_by_the_mirror_file(ledger: Settings) -> None:
     _append(ledger, 12)
     _sql(ledger, "DELETE FROM retrieval_events WHERE id > 7; DELETE FROM audit_checkpoints WHERE last_event_id > 7")

@@ -19,7 +19,7 @@ import tracemalloc
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -410,18 +410,26 @@ def test_verify_pinned_to_the_recorded_deployment_id_tells_a_database_set_to_ano
     assert (code, report["ok"], report["reason"], report["deployment_id"]) == (3, False, "other_deployment", their_id)
 
 
+def _checkpointed_before(tmp_path: Path, revision: str, add_checkpoint: Callable[..., None]) -> Settings:
+    """A SQLite ledger of 3 rows made at `revision`, checkpointed at row 2 a minute ago as that release signed
+    (`add_checkpoint`), then upgraded to the code's revision; no periodic checkpoints."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    migrate.upgrade(url, revision)
+    settings = Settings(data_dir=tmp_path, database_url=url, audit_checkpoint_every=0)
+    _append(settings, 3)
+    add_checkpoint(settings, at=2, created_at=utcnow().replace(microsecond=0) - timedelta(minutes=1))
+    migrate.upgrade(url)
+    return settings
+
+
 def test_checkpoints_signed_before_the_deployment_id_still_verify_and_later_ones_must_carry_it(
         tmp_path: Path) -> None:
     """A ledger checkpointed at revision 0015 verifies after the upgrade, and so does a v1 checkpoint the previous
     release signed as the migration ran (its API processes serve until readiness drains them: they were reported as
     forged); one dated past LEGACY_GRACE after the id was minted (another deployment sharing the key, still on the old
     release) is not taken."""
-    url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    migrate.upgrade(url, "0015")
-    settings = Settings(data_dir=tmp_path, database_url=url, audit_checkpoint_every=0)
-    _append(settings, 3)
-    add_v1_checkpoint(settings, at=2, created_at=utcnow().replace(microsecond=0) - timedelta(minutes=1))
-    migrate.upgrade(url)
+    settings = _checkpointed_before(tmp_path, "0015", add_v1_checkpoint)
+    url = settings.resolved_database_url
     with unit_of_work(url) as session:
         result = audit_service.verify(session=session, settings=settings)
     assert (result.ok, result.checkpoints_checked) == (True, 1)
@@ -761,3 +769,192 @@ def test_no_private_key_bytes_in_an_export_the_public_key_a_report_or_a_log(
                       repr(signer).encode(), repr(signer.signing_key()).encode()])
     assert b"PRIVATE" not in public.read_bytes() and all(reports[n]["ok"] for n in (0, 1))
     assert [spelling for spelling in spellings if spelling in shown] == []
+
+
+# --- Ed25519: checkpoints, in the database and the mirror file, checked with the public key alone ---
+
+def _mirror_lines(settings: Settings) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in settings.resolved_checkpoint_file.read_text().splitlines()]
+
+
+def _write_mirror(settings: Settings, lines: list[dict[str, Any]]) -> None:
+    settings.resolved_checkpoint_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def _verified(settings: Settings) -> tuple[bool, str | None, int]:
+    with unit_of_work(settings.resolved_database_url) as session:
+        result = audit_service.verify(session=session, settings=settings)
+    return result.ok, result.reason, result.checkpoints_checked
+
+
+def test_a_checkpoint_is_signed_with_ed25519_too_and_one_stripped_of_it_fails_verification(
+        ledger: Settings, audit_cli: Callable[..., tuple]) -> None:
+    """Checkpoints carried an HMAC only. Each is now signed with Ed25519 too, in its row and its mirror line, and its
+    HMAC (`v3.`) says so: one whose Ed25519 signature is removed, or whose HMAC is relabelled `v2.` with it, or whose
+    Ed25519 signature is changed, fails `govrag audit verify` (exit 3)."""
+    _append(ledger, 5)
+    with unit_of_work(ledger.resolved_database_url) as session:
+        (stored,) = session.scalars(select(AuditCheckpoint)).all()
+        assert stored.signature.startswith("v3.") and len(base64.b64decode(stored.signature_ed25519)) == 64
+    (line,) = _mirror_lines(ledger)
+    assert (line["signature"], line["signature_ed25519"]) == (stored.signature, stored.signature_ed25519)
+    assert _verified(ledger) == (True, None, 2)
+    flipped = base64.b64encode(bytes([base64.b64decode(line["signature_ed25519"])[0] ^ 1])
+                               + base64.b64decode(line["signature_ed25519"])[1:]).decode()
+    mirror_tamperings = [{k: v for k, v in line.items() if k != "signature_ed25519"},
+                         {k: v for k, v in line.items() if k != "signature_ed25519"}
+                         | {"signature": "v2." + line["signature"][3:]},
+                         line | {"signature_ed25519": flipped}]
+    for tampered in mirror_tamperings:
+        _write_mirror(ledger, [tampered])
+        assert _verified(ledger) == (False, "checkpoint_signature_invalid", 1), tampered
+    _write_mirror(ledger, [line])
+    with unit_of_work(ledger.resolved_database_url) as session:
+        session.execute(text("UPDATE audit_checkpoints SET signature_ed25519 = NULL"))
+        session.commit()
+    assert _verified(ledger) == (False, "checkpoint_signature_invalid", 1)
+    code, report = audit_cli(ledger, "verify")
+    assert (code, report["reason"]) == (3, "checkpoint_signature_invalid")
+
+
+def test_checkpoints_signed_before_0019_still_verify_beside_those_signed_with_ed25519(tmp_path: Path) -> None:
+    """A ledger checkpointed at revision 0018 (v2, HMAC only, in the database and the mirror) verifies after the
+    upgrade beside the checkpoints signed with Ed25519 since, by the key and by the public key alone (its v2 line
+    counted as one only the key checks)."""
+    from tests.support.legacy_checkpoint import add_v2_checkpoint
+
+    settings = _checkpointed_before(tmp_path, "0018", add_v2_checkpoint).model_copy(
+        update={"audit_checkpoint_every": 5})
+    url = settings.resolved_database_url
+    _append(settings, 7)  # signed at row 7, five past the v2 checkpoint at row 2
+    assert _verified(settings) == (True, None, 4)
+    with unit_of_work(url) as session:
+        published = audit_service.public_key(session=session, settings=settings)
+    with settings.resolved_checkpoint_file.open("rb") as mirror:
+        report = audit_service.verify_mirror(mirror_lines=mirror, deployment_id=published.deployment_id,
+                                             public_key=load_public_key(published.public_key_pem.encode()))
+    assert (report.ok, report.lines, report.checked, report.hmac_only, report.through_event_id) == (
+        True, 2, 1, 1, 7)
+    get_engine(url).dispose()
+
+
+def _signed_line(key: bytes, deployment_id: str, *, at: int, last_hash: str) -> dict[str, Any]:
+    """A mirror line as the checkpoint key's holder signs one."""
+    from audit import integrity
+
+    checkpoint = AuditCheckpoint(created_at=utcnow().replace(microsecond=0), kind="manual", last_event_id=at,
+                                 last_hash=last_hash, event_count=0)
+    checkpoint.signature, checkpoint.signature_ed25519 = integrity.sign(Signer(key, deployment_id), checkpoint)
+    return integrity._as_json(checkpoint)
+
+
+MIRROR_TAMPERINGS: dict[str, tuple[Callable[[list[dict[str, Any]]], list[Any]], str, int | None]] = {
+    # what is done to the lines (each a dict; a str is written as it is): the reason reported and the line named
+    "hash edited": (lambda ls: [ls[0] | {"last_hash": "0" * 64}, *ls[1:]], "checkpoint_signature_invalid", 1),
+    "event id edited": (lambda ls: [ls[0], ls[1] | {"last_event_id": 4}], "checkpoint_signature_invalid", 2),
+    "Ed25519 stripped": (lambda ls: [ls[0], {k: v for k, v in ls[1].items() if k != "signature_ed25519"}],
+                         "ed25519_signature_missing", 2),
+    "relabelled v2": (lambda ls: [ls[0] | {"signature": "v2." + ls[0]["signature"][3:]}, ls[1]],
+                      "checkpoint_signature_invalid", 1),
+    "Ed25519 not a string": (lambda ls: [ls[0] | {"signature_ed25519": 7}, ls[1]], "line_unreadable", 1),
+    "a line no writer wrote": (lambda ls: [*ls, "{"], "line_unreadable", 3),
+    "every line stripped": (lambda ls: [{k: v for k, v in line.items() if k != "signature_ed25519"} | {
+        "signature": "v2." + line["signature"][3:]} for line in ls], "ed25519_signature_missing", None),
+    "emptied": (lambda _ls: [], "mirror_empty", None),
+}
+
+
+def _write_lines(path: Path, lines: list[Any]) -> Path:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize("tampering", list(MIRROR_TAMPERINGS))
+def test_a_mirror_file_is_checked_with_the_public_key_alone_and_each_tampering_told_with_exit_3(
+        ledger: Settings, tmp_path: Path, audit_cli: Callable[..., tuple], tampering: str) -> None:
+    """Only the checkpoint key's holder could check a checkpoint, and that key also signs. `govrag audit
+    verify-mirror FILE --public-key PEM --deployment-id ID` checks the mirror with no secret and no database."""
+    _append(ledger, 10)  # signed at rows 5 and 10
+    public, deployment = _published(audit_cli, ledger, tmp_path / "audit.pub")
+    auditor = _auditor(tmp_path)
+    code, report = audit_cli(auditor, "verify-mirror", str(ledger.resolved_checkpoint_file), "--public-key",
+                             str(public), "--deployment-id", deployment)
+    assert (code, report["ok"], report["lines"], report["checked"], report["hmac_only"]) == (0, True, 2, 2, 0)
+    assert (report["through_event_id"], report["deployment_id"]) == (10, deployment)
+    assert not (auditor.data_dir / "master.key").exists()  # no key made or read on the auditor's machine
+    tamper, reason, line = MIRROR_TAMPERINGS[tampering]
+    edited = _write_lines(tmp_path / "edited.jsonl", tamper(_mirror_lines(ledger)))
+    code, report = audit_cli(auditor, "verify-mirror", str(edited), "--public-key", str(public), "--deployment-id",
+                             deployment)
+    assert (code, report["ok"], report["reason"], report["first_broken"]) == (3, False, reason, line)
+
+
+def test_the_mirror_check_tells_another_deployment_another_key_and_two_hashes_for_one_event(
+        tmp_path: Path, audit_cli: Callable[..., tuple]) -> None:
+    """Deployments sharing a checkpoint key share the public key: only the deployment id, which each checkpoint signs,
+    tells their mirrors apart. Two lines signed by the key that give one event two hashes are told too."""
+    settings = _keyed(_other(tmp_path), SHARED_KEY)
+    _append(settings, 5)
+    public, deployment = _published(audit_cli, settings, tmp_path / "audit.pub")
+    mirror, auditor = settings.resolved_checkpoint_file, _auditor(tmp_path)
+
+    def check(path: Path, pinned: str, key: Path = public) -> tuple[int, Any]:
+        return audit_cli(auditor, "verify-mirror", str(path), "--public-key", str(key), "--deployment-id", pinned)
+
+    assert check(mirror, deployment)[0] == 0
+    assert check(mirror, str(uuid.uuid4()))[1]["reason"] == "checkpoint_signature_invalid"
+    other_key, _ = _published(audit_cli, _keyed(_other(tmp_path / "c"), base64.b64encode(b"z" * 32).decode()),
+                              tmp_path / "other.pub")
+    assert check(mirror, deployment, other_key)[1]["reason"] == "checkpoint_signature_invalid"
+    (line,) = _mirror_lines(settings)
+    forked = _signed_line(base64.b64decode(SHARED_KEY), deployment, at=5, last_hash="f" * 64)
+    code, report = check(_write_lines(tmp_path / "forked.jsonl", [line, forked]), deployment)
+    assert (code, report["reason"], report["first_broken"]) == (3, "checkpoint_conflict", 2)
+    with pytest.raises(SystemExit) as usage:  # the deployment id is required: a usage error, exit 2
+        audit_cli(auditor, "verify-mirror", str(mirror), "--public-key", str(public))
+    assert usage.value.code == 2
+
+
+def test_an_hmac_only_mirror_line_dated_after_ed25519_signing_began_fails_the_public_key_check(
+        ledger: Settings, tmp_path: Path, audit_cli: Callable[..., tuple]) -> None:
+    """A line without an Ed25519 signature is taken, unchecked, as one the previous release signed while it was
+    drained (LEGACY_GRACE after the earliest line signed with Ed25519), not later: made up then, it would pass."""
+    from tests.support.legacy_checkpoint import v2_signature
+
+    _append(ledger, 5)
+    public, deployment = _published(audit_cli, ledger, tmp_path / "audit.pub")
+    (line,) = _mirror_lines(ledger)
+    signed_at = datetime.fromisoformat(line["created_at"])
+
+    def hmac_only(at: datetime) -> dict[str, Any]:
+        checkpoint = AuditCheckpoint(created_at=at.replace(tzinfo=None), kind="manual", last_event_id=5,
+                                     last_hash=line["last_hash"], event_count=0)
+        return {"created_at": at.isoformat(), "kind": "manual", "last_event_id": 5, "last_hash": line["last_hash"],
+                "event_count": 0, "signature": v2_signature(b"x" * 32, deployment, checkpoint)}
+
+    def check(lines: list[Any]) -> dict[str, Any]:
+        path = _write_lines(tmp_path / "mirror.jsonl", lines)
+        return audit_cli(_auditor(tmp_path), "verify-mirror", str(path), "--public-key", str(public),
+                         "--deployment-id", deployment)[1]
+
+    drained = check([line, hmac_only(signed_at + LEGACY_GRACE)])
+    assert (drained["ok"], drained["checked"], drained["hmac_only"]) == (True, 1, 1)
+    late = check([line, hmac_only(signed_at + LEGACY_GRACE + timedelta(seconds=1))])
+    assert (late["ok"], late["reason"], late["first_broken"]) == (False, "ed25519_signature_missing", 2)
+
+
+def test_the_documented_mirror_line_check_verifies_with_plain_cryptography(
+        ledger: Settings, tmp_path: Path, audit_cli: Callable[..., tuple]) -> None:
+    """docs/audit.md's recipe for a mirror line, as an auditor runs it with Python's `cryptography`."""
+    _append(ledger, 10)
+    public, deployment = _published(audit_cli, ledger, tmp_path / "audit.pub")
+    namespace: dict[str, Any] = {}
+    exec(_documented("python", "def verify_checkpoint_line"), namespace)  # noqa: S102 - the documented code, as run
+    check = namespace["verify_checkpoint_line"]
+    lines = ledger.resolved_checkpoint_file.read_text().splitlines()
+    assert [check(line, str(public), deployment)["last_event_id"] for line in lines] == [5, 10]
+    edited = json.dumps(json.loads(lines[0]) | {"last_hash": "0" * 64})
+    with pytest.raises(InvalidSignature):
+        check(edited, str(public), deployment)
+    with pytest.raises(InvalidSignature):
+        check(lines[0], str(public), str(uuid.uuid4()))

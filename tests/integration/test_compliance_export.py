@@ -265,6 +265,35 @@ def test_verify_endpoint_pins_the_deployment_id_as_the_command_does(client: Test
     assert (pin["in"], pin["required"]) == ("query", False) and "other_deployment" in pin["description"]
 
 
+def test_verify_endpoint_fails_checkpoints_stripped_of_their_ed25519_signature(
+        client: TestClient, scene: dict[str, str], settings) -> None:  # type: ignore[no-untyped-def]
+    """Checkpoints are signed with Ed25519 beside the HMAC (which says so: `v3.`): `GET /v1/audit/verify` fails one
+    whose Ed25519 signature was removed, as `govrag audit verify` does."""
+    from sqlalchemy import select, update
+
+    from core.db import unit_of_work
+    from core.models import AuditCheckpoint
+
+    officer = auth(scene["officer_token"])
+    assert client.get("/v1/audit/verify", headers=officer).json()["ok"] is True
+    with unit_of_work(settings.resolved_database_url) as session:
+        newest = session.scalars(select(AuditCheckpoint).order_by(AuditCheckpoint.id.desc()).limit(1)).one()
+        checkpoint_id, signed = newest.id, newest.signature_ed25519
+        assert signed is not None and newest.signature.startswith("v3.")
+        session.execute(update(AuditCheckpoint).where(AuditCheckpoint.id == checkpoint_id).values(
+            signature_ed25519=None))
+        session.commit()
+    try:
+        result = client.get("/v1/audit/verify", headers=officer).json()
+    finally:
+        with unit_of_work(settings.resolved_database_url) as session:
+            session.execute(update(AuditCheckpoint).where(AuditCheckpoint.id == checkpoint_id).values(
+                signature_ed25519=signed))
+            session.commit()
+    assert (result["ok"], result["reason"]) == (False, "checkpoint_signature_invalid")
+    assert client.get("/v1/audit/verify", headers=officer).json()["ok"] is True
+
+
 def test_training_data_export_is_redacted_and_audited(client: TestClient, scene: dict[str, str],
                                                                  settings) -> None:  # type: ignore[no-untyped-def]
     from audit import service as audit_service

@@ -229,6 +229,7 @@ def test_an_in_process_ingest_refuses_a_schema_off_the_codes_revision_and_stores
 # commands working on the database besides ingest, run in tmp_path (what they export goes to tmp_path/exported).
 DATABASE_COMMANDS = [["keys", "rotate"], ["keys", "rotate", "--master"], ["audit", "verify"],
                      ["audit", "export", "-o", "exported"], ["audit", "checkpoint"], ["audit", "purge"],
+                     ["audit", "public-key"],
                      ["export", "training-data", "--department", "hr", "-o", "exported"]]
 
 

@@ -425,3 +425,41 @@ def test_the_master_key_verifiers_go_with_0018_and_the_next_start_stores_them_ag
     assert verifiers() == []
     keystore.record_master_verifiers(settings)
     assert verifiers() == [1]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "pg"])
+def test_ed25519_checkpoint_signatures_go_with_0019_which_refuses_to_drop_one(
+        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
+    """0019 stores each checkpoint's Ed25519 signature beside its HMAC; undoing it is refused while one is stored
+    (the `v3.` checkpoints could no longer be checked), and goes once none is."""
+    from audit import service as audit_service
+    from authz.identity import operator_identity
+    from core.db import get_engine, unit_of_work
+    from core.settings import Settings
+
+    url = _database(kind, tmp_path, make_pg_database)
+    migrate.upgrade(url, "0018")
+    assert "signature_ed25519" not in _columns(url, "audit_checkpoints")
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path, database_url=url)
+    with unit_of_work(url) as session:
+        audit_service.checkpoint_now(session=session, settings=settings)  # the ledger is empty: none signed
+        audit_service.record_admin_event(session=session, identity=operator_identity("ops"), settings=settings,
+                                         event_type="kill_switch")  # an admin action: signed at once
+    get_engine.cache_clear()
+    with pytest.raises(migrate.DowngradeRefused, match=r"revision 0019: .*1 audit checkpoints signed with Ed25519"):
+        migrate.downgrade(url, "0018")
+    assert migrate.current_revision(url) == migrate.head_revision()
+    _execute(url, "DELETE FROM audit_checkpoints")
+    migrate.downgrade(url, "0018")
+    assert "signature_ed25519" not in _columns(url, "audit_checkpoints")
+    migrate.upgrade(url)
+    assert "signature_ed25519" in _columns(url, "audit_checkpoints")
+
+
+def _columns(url: str, table: str) -> set[str]:
+    engine = create_engine(url)
+    try:
+        return {column["name"] for column in inspect(engine).get_columns(table)}
+    finally:
+        engine.dispose()

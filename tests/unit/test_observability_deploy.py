@@ -46,7 +46,7 @@ def test_required_alerts_are_present_and_compose_references_them() -> None:
     names = {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
     assert {"GovragInjectionSpike", "GovragPiiResurfacedInOutput", "GovragAuthzRecheckDrops",
             "GovragAuditWriteFailures", "GovragKillSwitchTripped", "GovragQueriesFailing",
-            "GovragSelfGrantRefused"} <= names
+            "GovragSelfGrantRefused", "GovragAuditMirrorWriteFailures"} <= names
     compose = yaml.safe_load((DEPLOY.parent / "docker-compose.yml").read_text())
     mounts = " ".join(compose["services"]["prometheus"]["volumes"] + compose["services"]["grafana"]["volumes"])
     assert "deploy/prometheus/alerts.yml" in mounts and "deploy/grafana/dashboards" in mounts
