@@ -38,7 +38,8 @@ EXIT_UNVERIFIED = 3  # `govrag audit verify`: the ledger fails verification (tol
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`govrag audit verify|export|verify-export|verify-mirror|public-key|checkpoint|purge`; `govrag export
     training-data`."""
-    audit = commands.add_parser("audit", help="verify, export, checkpoint or purge the ledger; check an export")
+    audit = commands.add_parser("audit", help="verify, export, checkpoint or purge the ledger; check an export or a "
+                                "checkpoint mirror file")
     audit_commands = audit.add_subparsers(required=True, metavar="ACTION")
     verifying = (f"walk the hash chain and signed checkpoints; exit {EXIT_UNVERIFIED} when the ledger fails "
                  "verification (tampering), 1 when the database is unavailable")

@@ -76,6 +76,7 @@ _V3 = "v3."
 _MANIFEST_V1 = "v1."
 # How long after migration 0016 an unprefixed (v1) checkpoint still verifies: the previous release's API processes go
 # on serving, and signing v1, until readiness (SCHEMA_CHECK_SECONDS) has them drained; one they sign then is no forgery.
+# Likewise how long after the earliest Ed25519-signed mirror line the public key takes an HMAC-only one (0019).
 LEGACY_GRACE = timedelta(hours=1)
 
 
@@ -311,37 +312,53 @@ def check_mirror(lines: Iterable[str | bytes], *, public_key: Ed25519PublicKey, 
     Ed25519 public key alone: each line carrying an Ed25519 signature must hold under it (its HMAC `v3.`), and no two
     of them may give one event two hashes. A line without one is taken, unchecked (`hmac_only`), only as a checkpoint
     signed before the deployment signed with Ed25519 too: HMAC v1 or v2, dated no later than LEGACY_GRACE after the
-    earliest line signed with Ed25519 (the previous release's processes sign HMAC only until they are drained)."""
+    earliest line signed with Ed25519 (the previous release's processes sign HMAC only until they are drained).
+    `first_broken` is the earliest line found broken, whichever check found it."""
     read = [(number, _from_json(line)) for number, line in enumerate(lines, 1) if line.strip()]
     found = MirrorCheck(ok=True, lines=len(read), deployment_id=deployment_id, key_id=key_id(public_key))
     if not read:
         return _mirror_broken(found, None, "mirror_empty", "the file holds no checkpoint")
-    signed_since: datetime | None = None
+    broken: list[tuple[int, str, str]] = []  # (line number, reason, message)
     at: dict[int, str] = {}
+    signed_since: datetime | None = None
     for number, checkpoint in read:
-        if checkpoint is None:
-            return _mirror_broken(found, number, "line_unreadable", "the line is no checkpoint a writer wrote")
-        if checkpoint.signature_ed25519 is None:
-            continue
-        if not checkpoint.signature.startswith(_V3) or not _ed25519_holds(public_key, deployment_id, checkpoint):
-            return _mirror_broken(found, number, "checkpoint_signature_invalid", "the checkpoint was edited, or signed "
-                                  "by another deployment or key")
-        if at.setdefault(checkpoint.last_event_id, checkpoint.last_hash) != checkpoint.last_hash:
-            return _mirror_broken(found, number, "checkpoint_conflict", f"an earlier line gives event "
-                                  f"{checkpoint.last_event_id} another hash")
-        found.checked += 1
-        signed_since = min(signed_since or _utc(checkpoint.created_at), _utc(checkpoint.created_at))
+        if (problem := _mirror_line_problem(checkpoint, public_key, deployment_id, at)) is not None:
+            broken.append((number, *problem))
+        elif checkpoint is not None and checkpoint.signature_ed25519 is not None:
+            found.checked += 1
+            signed_since = min(signed_since or _utc(checkpoint.created_at), _utc(checkpoint.created_at))
+    for number, checkpoint in read:
+        if checkpoint is None or checkpoint.signature_ed25519 is not None or checkpoint.signature.startswith(_V3):
+            continue  # told above
+        if signed_since is not None and _utc(checkpoint.created_at) > signed_since + LEGACY_GRACE:
+            broken.append((number, "ed25519_signature_missing", "the checkpoint's Ed25519 signature was removed: it "
+                           "is dated after the deployment signed them"))
+        else:
+            found.hmac_only += 1
+    if broken:
+        return _mirror_broken(found, *min(broken))
     if signed_since is None:
         return _mirror_broken(found, None, "ed25519_signature_missing", "no line carries an Ed25519 signature "
                               "(checkpoints signed before they were added): only the checkpoint key checks them")
-    for number, checkpoint in read:
-        if checkpoint is not None and checkpoint.signature_ed25519 is None:
-            if checkpoint.signature.startswith(_V3) or _utc(checkpoint.created_at) > signed_since + LEGACY_GRACE:
-                return _mirror_broken(found, number, "ed25519_signature_missing", "the checkpoint's Ed25519 signature "
-                                      "was removed: it is dated after the deployment signed them")
-            found.hmac_only += 1
     found.through_event_id = max(at)
     return found
+
+
+def _mirror_line_problem(checkpoint: AuditCheckpoint | None, public_key: Ed25519PublicKey, deployment_id: str,
+                         at: dict[int, str]) -> tuple[str, str] | None:
+    """What is wrong with one mirror line, as the public key tells it (reason, message); None for a line whose Ed25519
+    signature holds (its event's hash then kept in `at`) or one signed with HMAC alone (its date checked once all are
+    read)."""
+    if checkpoint is None:
+        return "line_unreadable", "the line is no checkpoint a writer wrote"
+    if checkpoint.signature_ed25519 is None:
+        return ("ed25519_signature_missing", "the checkpoint's Ed25519 signature was removed") if (
+            checkpoint.signature.startswith(_V3)) else None
+    if not checkpoint.signature.startswith(_V3) or not _ed25519_holds(public_key, deployment_id, checkpoint):
+        return "checkpoint_signature_invalid", "the checkpoint was edited, or signed by another deployment or key"
+    if at.setdefault(checkpoint.last_event_id, checkpoint.last_hash) != checkpoint.last_hash:
+        return "checkpoint_conflict", f"an earlier line gives event {checkpoint.last_event_id} another hash"
+    return None
 
 
 def _mirror_broken(found: MirrorCheck, line: int | None, reason: str, message: str) -> MirrorCheck:

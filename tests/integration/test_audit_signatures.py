@@ -856,6 +856,9 @@ MIRROR_TAMPERINGS: dict[str, tuple[Callable[[list[dict[str, Any]]], list[Any]], 
                          "ed25519_signature_missing", 2),
     "relabelled v2": (lambda ls: [ls[0] | {"signature": "v2." + ls[0]["signature"][3:]}, ls[1]],
                       "checkpoint_signature_invalid", 1),
+    # the earliest broken line is named, whichever check finds it (the stripped one is told on a second look)
+    "stripped, then one edited": (lambda ls: [{k: v for k, v in ls[0].items() if k != "signature_ed25519"},
+                                              ls[1] | {"last_hash": "0" * 64}], "ed25519_signature_missing", 1),
     "Ed25519 not a string": (lambda ls: [ls[0] | {"signature_ed25519": 7}, ls[1]], "line_unreadable", 1),
     "a line no writer wrote": (lambda ls: [*ls, "{"], "line_unreadable", 3),
     "every line stripped": (lambda ls: [{k: v for k, v in line.items() if k != "signature_ed25519"} | {
