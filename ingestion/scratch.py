@@ -8,7 +8,8 @@ holds: a Celery prefork child replacing a killed one does so as it starts. Never
 namespace (a container sharing the temporary directory), nor another user's; systemd-tmpfiles too leaves a locked
 directory alone. Releases before these directories made the converters' working directories in the temporary
 directory itself, with no owner to tell by: those of this user a day old, past any conversion, are removed too.
-With an ended process's directory go the pipes its LibreOffice conversions left in /tmp."""
+With a process's directory, removed by itself or after its end, go the pipes its LibreOffice conversions left in
+/tmp."""
 
 from __future__ import annotations
 
@@ -100,8 +101,11 @@ def _make_held(base: str) -> tuple[str, int]:
 
 
 def _remove_at_exit(pid: int, directory: str) -> None:
-    """At a normal exit, remove this process's directory (not a forked child's exit: it has a directory of its own)."""
+    """At a normal exit, remove this process's directory (not a forked child's exit: it has a directory of its own),
+    and the pipes its LibreOffice conversions still running (on a thread the exit abandons, or cut by a stop) made in
+    /tmp: they die with this process, leaving them there."""
     if os.getpid() == pid:
+        _remove_converters_sockets(Path(directory))
         shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -173,8 +177,8 @@ def _remove_unheld(directory: Path, modified_before: float = math.inf) -> bool:
 
 
 def _remove_converters_sockets(directory: Path) -> None:
-    """Remove what the LibreOffice conversions in an ended process's `directory` left outside it, their pipes in
-    /tmp: the process was killed mid-conversion. Before `directory` goes, while no other process can have a
+    """Remove what the LibreOffice conversions in a process's `directory` left outside it, their pipes in /tmp: the
+    process was killed, or is ending, mid-conversion. Before `directory` goes, while no other process can have a
     conversion of that path (nor, then, its pipe)."""
     for work in directory.glob(f"{legacy_office.PREFIX}*"):
         sandbox.remove_sockets(legacy_office.ipc_pipes(work))

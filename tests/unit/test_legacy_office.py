@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -27,6 +28,23 @@ FOLDER = Path(__file__).resolve().parents[3] / "shared" / "eval" / "enterprise_d
 FOLDER = FOLDER / "unstructured_example_docs"
 LEGACY = {"fake.doc": (sniff.APPLICATION_DOC, "Lorem ipsum dolor sit amet."),
           "fake-power-point.ppt": (sniff.APPLICATION_PPT, "Adding a Bullet Slide")}
+
+
+@pytest.fixture(autouse=True)
+def no_libreoffice_pipe_left(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """After each test, none of the pipes of the LibreOffice conversions it ran is left in /tmp, however the
+    conversion ended (converted, killed at the time limit, aborted under the memory cap, corrupt)."""
+    conversions: list[Path] = []
+    run = sandbox.run_to_the_end
+
+    def recorded(command: list[str], temp_dir: Path, timeout_seconds: float | None) -> int | None:
+        if temp_dir.name.startswith(legacy_office.PREFIX):
+            conversions.append(temp_dir)
+        return run(command, temp_dir, timeout_seconds)
+
+    monkeypatch.setattr(sandbox, "run_to_the_end", recorded)
+    yield
+    assert [libreoffice_pipe(work) for work in conversions if os.path.lexists(libreoffice_pipe(work))] == []
 
 
 @pytest.mark.parametrize("name", sorted(LEGACY))

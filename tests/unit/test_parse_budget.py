@@ -14,6 +14,7 @@ from core.errors import ErrorCode, GovragError
 from ingestion import legacy_office, sandbox, sniff
 from ingestion.parse import ocr_available, parse_document
 from tests.support.conversion_inputs import FOLDER, drawing_only_pdf
+from tests.unit.test_legacy_office import no_libreoffice_pipe_left  # noqa: F401 (autouse here too)
 
 DOC = (FOLDER / "unstructured_example_docs" / "fake.doc").read_bytes()
 
