@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from core import forksafe
@@ -179,6 +179,8 @@ def _remove_unheld(directory: Path, modified_before: float = math.inf) -> bool:
 def _remove_converters_sockets(directory: Path) -> None:
     """Remove what the LibreOffice conversions in a process's `directory` left outside it, their pipes in /tmp: the
     process was killed, or is ending, mid-conversion. Before `directory` goes, while no other process can have a
-    conversion of that path (nor, then, its pipe)."""
-    for work in directory.glob(f"{legacy_office.PREFIX}*"):
-        sandbox.remove_sockets(legacy_office.ipc_pipes(work))
+    conversion of that path (nor, then, its pipe). Raises nothing: it runs in a SIGTERM's handler (`_remove_and_end`),
+    which must go on to end the process; a directory gone or unreadable meanwhile leaves the pipes there."""
+    with suppress(OSError):
+        for work in directory.glob(f"{legacy_office.PREFIX}*"):
+            sandbox.remove_sockets(legacy_office.ipc_pipes(work))

@@ -269,37 +269,50 @@ def test_libreoffice_pipes_a_killed_process_left_in_tmp_go_with_its_directory(tm
             owner.stdout.close()  # type: ignore[union-attr]
 
 
-# A process converting a .doc on a thread that ends (normally, atexit run) as soon as LibreOffice's pipe is there,
-# having said which conversion's; or says nothing, once that conversion ended first.
-EXIT_MID_CONVERSION = """
+# A process converting a .doc on a thread that ends as soon as LibreOffice's pipe is there, having said which
+# conversion's: by `exit` (atexit run), or by `stop`, `remove_own` then `os._exit` (`govrag serve`, a Celery prefork
+# child); or says nothing, once that conversion ended first. The pipe of the second soffice.bin: on a new profile the
+# first makes it, makes the profile, removes its pipe and ends, for oosplash to start another, which converts.
+END_MID_CONVERSION = """
 import os, sys, threading, time
 from pathlib import Path
+import psutil
 from ingestion import legacy_office, sandbox, sniff, scratch
 private = Path(scratch.private_dir())
 data = Path(sys.argv[1]).read_bytes()
 conversion = threading.Thread(target=legacy_office.convert, args=(data, sniff.APPLICATION_DOC, sandbox.Deadline(300)),
                               daemon=True)
 conversion.start()
+first = None
 while conversion.is_alive():
+    binaries = [process.pid for process in psutil.process_iter(['name', 'cmdline'])
+                if process.info['name'] == 'soffice.bin' and str(private) in ' '.join(process.info['cmdline'] or [])]
+    first = first or min(binaries, default=None)
     for work in private.glob(legacy_office.PREFIX + '*'):
-        if any(os.path.lexists(pipe) for pipe in legacy_office.ipc_pipes(work)):
+        if any(os.path.lexists(pipe) for pipe in legacy_office.ipc_pipes(work)) and set(binaries) - {first}:
             print(work, flush=True)
+            if sys.argv[2] == 'stop':
+                scratch.remove_own()
+                os._exit(0)
             sys.exit()
     time.sleep(0.02)
 """
 
 
-def test_a_process_ending_mid_conversion_takes_libreoffices_pipe_with_its_directory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ending", ["exit", "stop"])
+def test_a_process_ending_mid_conversion_takes_libreoffices_pipe_with_its_directory(tmp_path: Path,
+                                                                                     ending: str) -> None:
     """A process ending while LibreOffice converts (a conversion on a thread its exit abandons; or `remove_own` at a
     stop) removed its directory and left the pipe in /tmp: LibreOffice, killed as that process died, never removes
     it, and no later process looks for it (its directory is gone). It goes with the directory now. A run whose
-    conversion ended before the process (the machine busy) shows nothing: it is run again."""
+    conversion ended before the process (the machine busy), or whose first soffice.bin went unseen, shows nothing: it
+    is run again."""
     if not legacy_office.available():
         assert shutil.which("soffice") is None
         return
     work = None
     for _ in range(3):
-        said = subprocess.run([sys.executable, "-c", EXIT_MID_CONVERSION, str(DOC)], cwd=ROOT,  # noqa: S603
+        said = subprocess.run([sys.executable, "-c", END_MID_CONVERSION, str(DOC), ending], cwd=ROOT,  # noqa: S603
                               capture_output=True, text=True, timeout=300,
                               env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)})
         assert said.returncode == 0
@@ -314,3 +327,19 @@ def test_a_process_ending_mid_conversion_takes_libreoffices_pipe_with_its_direct
         assert not os.path.lexists(libreoffice_pipe(work))
     finally:
         sandbox.remove_sockets([libreoffice_pipe(work)])  # on the old code: none left behind by this test
+
+
+def test_removing_the_directory_raises_nothing_when_it_goes_meanwhile(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The removal runs in a SIGTERM's handler, which then ends the process: the directory gone between the look for
+    it and the listing of its conversions (removed by hand; scandir's FileNotFoundError) raised out of the handler,
+    the process going on, the SIGTERM turned into an exception in whatever code it met."""
+    directory = tmp_path / f"{scratch.PREFIX}x"
+    directory.mkdir()
+
+    def gone(_path: Path, _pattern: str) -> Iterator[Path]:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(Path, "glob", gone)
+    scratch._remove_at_exit(os.getpid(), str(directory))
+    assert not directory.exists()
