@@ -14,6 +14,7 @@ With a process's directory, removed by itself or after its end, go the pipes its
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import math
 import os
@@ -23,7 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 from core import forksafe
@@ -181,6 +182,6 @@ def _remove_converters_sockets(directory: Path) -> None:
     process was killed, or is ending, mid-conversion. Before `directory` goes, while no other process can have a
     conversion of that path (nor, then, its pipe). Raises nothing: it runs in a SIGTERM's handler (`_remove_and_end`),
     which must go on to end the process; a directory gone or unreadable meanwhile leaves the pipes there."""
-    with suppress(OSError):
+    with contextlib.suppress(OSError):
         for work in directory.glob(f"{legacy_office.PREFIX}*"):
             sandbox.remove_sockets(legacy_office.ipc_pipes(work))
