@@ -1,4 +1,5 @@
-"""The `govrag` command: serve, worker, migrate, token, demo, redteam (and more)."""
+"""The `govrag` command: serve, worker, migrate, token, demo, redteam (and more). Only light modules are imported
+before `main` runs: a Ctrl-C as the command's own imports run is said in one line too."""
 
 from __future__ import annotations
 
@@ -6,19 +7,34 @@ import argparse
 import os
 import sys
 from pathlib import Path
-
-from pydantic import ValidationError
+from typing import TYPE_CHECKING
 
 from api.cli_args import api_url
+from api.cli_failures import INTERRUPTED, failure
 from core import offline
-from core.errors import StartRefused
-from core.migrate import MigrationError, MigrationInterrupted
-from core.settings import get_settings
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments and run one subcommand."""
+    """Parse arguments and run one subcommand; a Ctrl-C at any step, from the first import on, is one line and exit
+    130, never a traceback."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # one no command said itself: as the imports, the parser or the settings load
+        print(f"govrag: {INTERRUPTED.line}", file=sys.stderr)
+        return INTERRUPTED.exit_code
+
+
+def _main(argv: list[str] | None) -> int:
+    """`main` but for a Ctrl-C that none of this said: the libraries told to stay offline before any is imported."""
     _offline_defaults()
+    from pydantic import ValidationError
+
+    from core.errors import StartRefused
+    from core.migrate import MigrationError, MigrationInterrupted
+
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -32,8 +48,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"govrag: {refused}", file=sys.stderr)  # revision, a store held by another process, ...: said in one line
         return refused.exit_code
     except (Exception, KeyboardInterrupt) as exc:  # a known failure no command said itself (a Ctrl-C as one starts)
-        from api.cli_failures import failure  # only then: it loads the key store
-
         if (stop := failure(exc)) is None:
             raise
         print(f"govrag: {stop.line}", file=sys.stderr)
@@ -118,6 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
     from api import serving
     from api.app import create_app, start
     from core import migrate
+    from core.settings import get_settings
 
     settings = get_settings()
     with serving.listening(args.host, args.port) as sockets:  # an address it cannot use: refused before anything
@@ -133,6 +148,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     from core.logs import configure_logging
+    from core.settings import get_settings
     from workers.celery_app import create_celery
 
     settings = get_settings()
@@ -165,6 +181,7 @@ def _migrate(_args: argparse.Namespace) -> int:
     database at head that lost its deployment id (DeploymentMissing, which no migration mends) is refused in one line,
     exit 2."""
     from core import migrate
+    from core.settings import get_settings
 
     settings = get_settings()
     applied: list[str] = []
@@ -182,6 +199,7 @@ def _migrate(_args: argparse.Namespace) -> int:
 
 def _token(args: argparse.Namespace) -> int:
     from authz.dev_issuer import DevIssuer
+    from core.settings import get_settings
 
     settings = get_settings()
     if not settings.dev_issuer:
@@ -259,6 +277,7 @@ def _redteam_token(args: argparse.Namespace) -> str | None:
     """--token (or $GOVRAG_REDTEAM_TOKEN), else one minted by the dev issuer for --user; None (explained) if neither."""
     if args.token is None and args.user:
         from authz.dev_issuer import DevIssuer
+        from core.settings import get_settings
 
         settings = get_settings()
         if not settings.dev_issuer:

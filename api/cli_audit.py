@@ -29,7 +29,7 @@ from audit.schemas import Decision, ExportFilters, ExportFormat, deployment_pin,
 from authz.identity import Identity, operator_identity
 from core import keystore, migrate
 from core.db import get_session_factory
-from core.errors import ErrorCode, GovragError
+from core.errors import ErrorCode, GovragError, making_files_in
 from core.settings import get_settings
 
 EXIT_UNVERIFIED = 3  # `govrag audit verify`: the ledger fails verification (told apart from an outage's 1)
@@ -306,8 +306,8 @@ def purge(args: argparse.Namespace) -> int:
 def _output(output: str) -> Iterator[TextIO]:
     """Where an export goes, opened before the export is recorded: a path that cannot be written fails before the
     ledger says anything was exported. A file is written beside its path and renamed into place once complete, so
-    a refused or failed export leaves an earlier file as it was. A folder that does not exist (or is a file) is said
-    naming it, not the hidden file written beside the path."""
+    a refused or failed export leaves an earlier file as it was. A folder that does not exist (or is a file), or that
+    this user may not write, is said naming it, not the hidden file written beside the path."""
     if output == "-":
         yield sys.stdout
         return
@@ -318,7 +318,9 @@ def _output(output: str) -> Iterator[TextIO]:
         raise FileNotFoundError(errno.ENOENT, "the folder does not exist", str(path.parent))
     partial = path.with_name(f".{path.name}.partial")
     try:
-        with partial.open("w", encoding="utf-8", newline="") as handle:
+        with making_files_in(path.parent):  # a folder this user may not write: said of it, not of the hidden file
+            opened = partial.open("w", encoding="utf-8", newline="")
+        with opened as handle:
             yield handle
         partial.replace(path)
     finally:

@@ -15,6 +15,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from core.errors import making_files_in
+
 KEY_BYTES = 32
 NONCE_BYTES = 12
 
@@ -127,7 +129,8 @@ def write_master_keyring(path: Path, ring: dict[int, bytes]) -> None:
 def master_keyring_lock(path: Path) -> Iterator[None]:
     """Hold the key file's lock (`flock` on `.<name>.lock` beside it, kept there) until the block ends. Every write
     of the key file holds it: creations and rotations (which read the ring and write it back) run one at a time."""
-    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    with making_files_in(path.parent):  # an unwritable folder is said of the folder, not of the hidden lock
+        fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -141,9 +144,10 @@ def _write_key_file(path: Path, ring: dict[int, bytes], *, replace: bool) -> Non
     never a partial one. The caller holds `master_keyring_lock`: no other writer uses the temp file, so one a crashed
     writer left (key material) is removed here."""
     temp = path.with_name(f".{path.name}.tmp")
-    temp.unlink(missing_ok=True)
-    try:
+    with making_files_in(path.parent):  # an unwritable folder is said of the folder, not of the hidden temp file
+        temp.unlink(missing_ok=True)
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
         with os.fdopen(fd, "w") as handle:
             handle.write(format_master_keyring(ring))
             handle.flush()

@@ -40,6 +40,18 @@ class ErrorCode(Enum):
     department_key_unreadable = 503  # its key row no longer opens under the master key (altered): restore the row
     internal = 500
 
+    @property
+    def refuses_input(self) -> bool:
+        """Whether the code refuses what the caller asked or gave (to change before asking again), rather than saying
+        that the deployment's own state, data, settings or install failed: decided for each code by what it means,
+        never by the status it shares with others (a 410 is data altered in the database, not a request to fix)."""
+        return self in _INPUT_REFUSALS
+
+
+_INPUT_REFUSALS = frozenset({ErrorCode.invalid_request, ErrorCode.unauthenticated, ErrorCode.forbidden,
+                             ErrorCode.not_found, ErrorCode.conflict, ErrorCode.payload_too_large,
+                             ErrorCode.unsupported_type})
+
 
 class GovragError(Exception):
     """A failure safe to show a client: the message never carries user content."""
@@ -48,6 +60,24 @@ class GovragError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class SwitchedOff(GovragError):
+    """An administrator switched answering off (the kill switch's `disabled`): no fault of the request nor of the
+    deployment, and no outage; it answers again once an administrator switches it back on. The API's 503
+    `unavailable`, as before: only what a `govrag` command says of it tells it apart (`cli_failures`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.unavailable, message)
+
+
+class NotInstalled(GovragError):
+    """An optional component this deployment was installed without (PDF parsing, `component`): its configuration to
+    fix, neither the caller's input nor an outage that ends by waiting. The API's 503 `unavailable`, as before."""
+
+    def __init__(self, component: str) -> None:
+        super().__init__(ErrorCode.unavailable, f"{component} is not available")
+        self.component = component
 
 
 class StartRefused(Exception):
@@ -221,6 +251,25 @@ def _reason(error: Exception) -> str:
         return type(error).__name__
     on = f" on {error.filename}" if error.filename else ""
     return f"{error.strerror or type(error).__name__}{on}"
+
+
+class FolderUnwritable(OSError):
+    """This user may not make files in a folder (no permission, a read-only file system): an OSError whose `filename`
+    is that folder, which the user named or chose, never the hidden file govrag was making there."""
+
+
+_WRITES_REFUSED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+@contextmanager
+def making_files_in(folder: Path) -> Iterator[None]:
+    """Around making a hidden file beside one of the user's (a temporary copy, a lock): an OSError there names
+    `folder`, not that file (the system's reason kept); FolderUnwritable when the folder refuses this user's writes."""
+    try:
+        yield
+    except OSError as error:
+        said = FolderUnwritable if error.errno in _WRITES_REFUSED else OSError
+        raise said(error.errno, error.strerror, str(folder)) from error
 
 
 class EmbeddedStoreHeld(StartRefused):

@@ -4,6 +4,8 @@ write): one line and README's exit code, never a traceback; against a PostgreSQL
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +19,7 @@ from core.db import unit_of_work
 from core.models import Document, RetrievalEvent
 from core.settings import get_settings
 from tests.support.file_permissions import permission_bits_bind
+from tests.support.govrag_process import ROOT, govrag_env
 from tests.support.key_rotation import alter_key_row, department_key_deleted, exit_code_unless_interrupted
 
 INTERRUPTED = "interrupted; run the same command again to go on\n"
@@ -134,8 +137,10 @@ def test_ingesting_into_a_department_without_a_key_row_is_one_line_and_exit_2(
 
 def test_a_master_rotation_that_cannot_write_the_key_file_is_one_line_and_exit_2(
         cli_env: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """`govrag keys rotate --master` whose key file's folder this user may not write ended in a traceback (exit 1);
-    now it says what the system refused, on which file, and that nothing was rotated, exit 2 as any path to fix."""
+    """`govrag keys rotate --master` whose key file's folder this user may not write ended in a traceback (exit 1),
+    then named the hidden temporary file it writes first (`.master.key.tmp`), a file the user never made. Now it
+    names the folder (a real one, its permission bits binding even for root) and what to do, and says that nothing
+    was rotated, exit 2 as any path to fix."""
     monkeypatch.setenv("COLUMNS", "400")  # the line unwrapped
     folder = get_settings().resolved_master_key_file.parent
     folder.chmod(0o555)
@@ -145,8 +150,9 @@ def test_a_master_rotation_that_cannot_write_the_key_file_is_one_line_and_exit_2
     finally:
         folder.chmod(0o755)
     assert (code, capsys.readouterr().err) == (
-        2, f"failed: Permission denied: {folder / '.master.key.tmp'}; the master key is not rotated (nothing audited, "
-           "every key stays readable): run the same command again once that is fixed\n")
+        2, f"failed: cannot write in the folder {folder} (Permission denied): make it writable for this user; the "
+           "master key is not rotated (nothing audited, every key stays readable): run the same command again once "
+           "that is fixed\n")
     assert main(["keys", "rotate", "--master"]) == 0
 
 
@@ -167,3 +173,54 @@ def test_an_export_into_a_folder_that_does_not_exist_names_that_folder(
     code = main([argument.format(out=tmp_path / "reports" / "out.jsonl") for argument in command])
     assert (code, capsys.readouterr()) == (2, ("", f"failed: not a folder: {tmp_path / 'reports'}\n"))
     assert _events(cli_env) == recorded
+
+
+@pytest.mark.parametrize("command", [["audit", "export", "-o", "{out}"],
+                                     ["export", "training-data", "--department", "hr", "-o", "{out}"]])
+def test_an_export_into_a_folder_this_user_may_not_write_names_that_folder(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    """An export into a folder this user may not write said "Permission denied" of the hidden `.out.jsonl.partial`
+    it writes first, a file the user never named. Now it names the folder (a real one, its permission bits binding
+    even for root) and what to do, exit 2, nothing recorded and nothing made."""
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    reports.chmod(0o555)
+    recorded = _events(cli_env)
+    try:
+        with permission_bits_bind():
+            code = main([argument.format(out=reports / "out.jsonl") for argument in command])
+    finally:
+        reports.chmod(0o755)
+    assert (code, capsys.readouterr()) == (2, ("", f"failed: cannot write in the folder {reports} (Permission denied): "
+                                                   "make it writable for this user\n"))
+    assert list(reports.iterdir()) == [] and _events(cli_env) == recorded
+
+
+@pytest.mark.parametrize("module", ["sqlalchemy", "api.cli_audit"], ids=["as it starts", "as it parses arguments"])
+@pytest.mark.parametrize("command", [
+    ["redteam", "--department", "hr", "--token", "t", "--corpus", "{tmp}/corpus", "--url", "http://127.0.0.1:9"],
+    ["audit", "export", "-o", "{tmp}/out/events.jsonl"],
+    ["serve", "--port", "0"],
+], ids=["redteam", "audit export", "serve"])
+def test_a_ctrl_c_while_a_command_imports_what_it_runs_is_one_line_and_exit_130(
+        tmp_path: Path, command: list[str], module: str) -> None:
+    """A Ctrl-C in a command's first seconds, as `api.cli` or its argument parser imported the libraries it runs
+    (`govrag redteam` before it loads its corpus, `govrag audit export`, `govrag serve` starting), ended in a
+    KeyboardInterrupt traceback and death by the signal: they said a Ctrl-C in one line only once the command itself
+    ran. Now it is one line and exit 130 from the first import on, and nothing is made: no data dir, no export nor
+    its partial copy. The real command in a process of its own, stopped as it imports `module`."""
+    (tmp_path / "out").mkdir()
+    argv = [argument.format(tmp=tmp_path) for argument in command]
+    process = subprocess.Popen(  # noqa: S603 (the test's own command)
+        [sys.executable, "-m", "tests.support.cli_stopped_at", "import", module, *argv], cwd=ROOT,
+        env=govrag_env(data_dir=str(tmp_path / "data")), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None and process.stdout.readline() == "stopped\n", process.communicate()
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert (process.returncode, out, err) == (130, "", f"govrag: {INTERRUPTED}")
+    assert not (tmp_path / "data").exists() and list((tmp_path / "out").iterdir()) == []

@@ -11,7 +11,7 @@ from sqlalchemy.exc import OperationalError
 
 from api import cli
 from api.cli_failures import failure
-from core.errors import ErrorCode, GovragError
+from core.errors import ErrorCode, FolderUnwritable, GovragError, NotInstalled, SwitchedOff
 from core.keystore import DepartmentKeyUnreadable
 from core.migrate import MigrationInterrupted
 
@@ -48,6 +48,36 @@ def test_each_known_failure_is_one_line_with_readmes_exit_code() -> None:
         "path": ("failed: No such file or directory: /no/such/out.jsonl", 2),
         "full disk": ("failed: No space left on device: out.jsonl", 2),
     }
+
+
+def test_a_govrag_error_is_said_by_what_it_means_not_by_its_http_status() -> None:
+    """Every GovragError but an internal one (a 500) said "refused:", as if the user's input were wrong: answering
+    switched off by an administrator, an optional component not installed, the ledger failing on its own (no outage
+    behind it), a document's key row altered (a 410) are no refusal of the input. A 503 of each kind is said as what
+    it is: switched off "unavailable:" (exit 1, as an outage: it ends without changing the command), the deployment's
+    own failure "failed:" (exit 2, something to fix first), the user's input alone "refused:"."""
+    said = {name: (stop.line, stop.exit_code) for name, exc in {
+        "switched off": SwitchedOff("Answering is switched off by an administrator (kill switch); try again later."),
+        "not installed": NotInstalled("PDF parsing"),
+        "ledger failed": _raised_from(ValueError("a value it cannot hash"),
+                                      GovragError(ErrorCode.unavailable, "the audit log is unavailable")),
+        "document key altered": GovragError(ErrorCode.document_key_unreadable, "the document's key does not open"),
+        "input": GovragError(ErrorCode.unsupported_type, "unsupported file type"),
+        "folder": FolderUnwritable(errno.EROFS, os.strerror(errno.EROFS), "/srv/keys"),
+    }.items() if (stop := failure(exc)) is not None}
+    assert said == {
+        "switched off": ("unavailable: answering is switched off by an administrator (kill switch); run the same "
+                         "command again once an administrator switches it back on", 1),
+        "not installed": ("failed: PDF parsing is not installed in this deployment: install it", 2),
+        "ledger failed": ("failed: the audit log is unavailable", 2),
+        "document key altered": ("failed: the document's key does not open", 2),
+        "input": ("refused: unsupported file type", 2),
+        "folder": ("failed: cannot write in the folder /srv/keys (Read-only file system): make it writable for this "
+                   "user", 2),
+    }
+    assert {code.name for code in ErrorCode if not code.refuses_input} == {
+        "document_key_unreadable", "placeholder_map_unreadable", "unavailable", "department_key_unreadable",
+        "internal"}
 
 
 def test_a_bug_and_a_ctrl_c_in_a_migration_are_left_to_their_caller() -> None:
