@@ -1,18 +1,15 @@
-"""What a `govrag` command says of a failure it knows, in one place: a Ctrl-C, a dependency unavailable, answering
-switched off, a department key that does not open, a refusal of the user's input, a failure of the deployment's own
-(its state, data, settings or install), a path the system refuses. Each is one line, never a traceback nor a server's
-address, with README's exit code (130, 1, 2); the command adds what the failure left (`Failure.why`, `when`), and
-`cli.main` says, as `line`, one that a command let out. Light to import (what `failure` tells apart is imported as it
+"""What a `govrag` command says of a failure it knows, in one place: a Ctrl-C, a dependency unavailable, a department
+key that does not open, a refusal of the user's input, a failure of the deployment's own (its state, data or
+settings), a path the system refuses. Each is one line, never a traceback nor a server's address, with README's exit
+code (130, 1, 2); the command adds what the failure left (`Failure.why`, `when`), and `cli.main` says, as `line`, one
+that a command let out. Light to import (what `failure` tells apart is imported as it
 runs): `cli.main` says a Ctrl-C with it while the command's own imports have not finished."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
-if TYPE_CHECKING:
-    from core.errors import GovragError
-
-EXIT_FAILED = 1  # it ran and something failed that waiting ends: a dependency unavailable, answering switched off
+EXIT_FAILED = 1  # it ran and something failed: a dependency unavailable
 EXIT_USAGE = 2  # changed nothing, something to fix first: a refusal, a path, a key row altered, a failure of its own
 EXIT_INTERRUPTED = 130  # a Ctrl-C, as a shell says a process SIGINT ended
 
@@ -20,7 +17,7 @@ EXIT_INTERRUPTED = 130  # a Ctrl-C, as a shell says a process SIGINT ended
 class Failure(NamedTuple):
     """A known failure: what it is, when the same command run again goes on, and the exit code."""
 
-    why: str  # "interrupted", "stopped: the database is unavailable", "unavailable: ...", "failed: ...", "refused: ..."
+    why: str  # "interrupted", "stopped: the database is unavailable", "failed: ...", "refused: ..."
     when: str  # "to go on", "once it is back", "once that row is restored", "once that is fixed"
     exit_code: int
 
@@ -32,15 +29,13 @@ class Failure(NamedTuple):
 
 
 INTERRUPTED = Failure("interrupted", "to go on", EXIT_INTERRUPTED)
-SWITCHED_OFF = Failure("unavailable: answering is switched off by an administrator (kill switch)",
-                       "once an administrator switches it back on", EXIT_FAILED)
 
 
 def failure(exc: BaseException, *, where: str = "") -> Failure | None:
     """The known failure `exc` is, or None for any other (a bug: its traceback is the way to find it), and for a
     Ctrl-C in a migration, which `cli.main` says with the revision it left. An outage is found through the failure a
     refusal was raised from (the ledger's `unavailable`); `where`: the path an OSError naming none was about."""
-    from core.errors import FolderUnwritable, GovragError, SwitchedOff, unavailable_dependency
+    from core.errors import FolderUnwritable, GovragError, unavailable_dependency
     from core.keystore import DepartmentKeyUnreadable
     from core.migrate import MigrationInterrupted
 
@@ -52,10 +47,9 @@ def failure(exc: BaseException, *, where: str = "") -> Failure | None:
         return Failure(f"failed: {exc}", "once that row is restored", EXIT_USAGE)
     if (dependency := unavailable_dependency(exc)) is not None:
         return Failure(f"stopped: the {dependency} is unavailable", "once it is back", EXIT_FAILED)
-    if isinstance(exc, SwitchedOff):  # a 503 as an outage is, but an administrator's choice: neither input nor fault
-        return SWITCHED_OFF
-    if isinstance(exc, GovragError):
-        return _said(exc)
+    if isinstance(exc, GovragError):  # by what it means, not its status: a 410 or the ledger's own 503 refuses nothing
+        said = "refused" if exc.code.refuses_input else "failed"
+        return Failure(f"{said}: {exc.message}", "once that is fixed", EXIT_USAGE)
     if isinstance(exc, FolderUnwritable):  # of the folder the user gave, never of the hidden file made there
         return Failure(f"failed: cannot write in the folder {exc.filename} ({exc.strerror}): make it writable for "
                        "this user", "once that is fixed", EXIT_USAGE)
@@ -65,15 +59,3 @@ def failure(exc: BaseException, *, where: str = "") -> Failure | None:
         return Failure(f"failed: {reason}: {name}" if name else f"failed: {reason}", "once that is fixed", EXIT_USAGE)
     return None
 
-
-def _said(exc: GovragError) -> Failure:
-    """A GovragError by what it means, not by its HTTP status: a refusal of what the user asked or gave ("refused:"),
-    else a failure of the deployment's own ("failed:": its state or data, such as a lost deployment row or an altered
-    key row; its settings; an optional component it was installed without); both exit 2, something to fix first."""
-    from core.errors import NotInstalled
-
-    if isinstance(exc, NotInstalled):
-        return Failure(f"failed: {exc.component} is not installed in this deployment: install it", "once that is fixed",
-                       EXIT_USAGE)
-    said = "refused" if exc.code.refuses_input else "failed"
-    return Failure(f"{said}: {exc.message}", "once that is fixed", EXIT_USAGE)

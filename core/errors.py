@@ -43,7 +43,7 @@ class ErrorCode(Enum):
     @property
     def refuses_input(self) -> bool:
         """Whether the code refuses what the caller asked or gave (to change before asking again), rather than saying
-        that the deployment's own state, data, settings or install failed: decided for each code by what it means,
+        that the deployment's own state, data or settings failed: decided for each code by what it means,
         never by the status it shares with others (a 410 is data altered in the database, not a request to fix)."""
         return self in _INPUT_REFUSALS
 
@@ -60,24 +60,6 @@ class GovragError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-class SwitchedOff(GovragError):
-    """An administrator switched answering off (the kill switch's `disabled`): no fault of the request nor of the
-    deployment, and no outage; it answers again once an administrator switches it back on. The API's 503
-    `unavailable`, as before: only what a `govrag` command says of it tells it apart (`cli_failures`)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(ErrorCode.unavailable, message)
-
-
-class NotInstalled(GovragError):
-    """An optional component this deployment was installed without (PDF parsing, `component`): its configuration to
-    fix, neither the caller's input nor an outage that ends by waiting. The API's 503 `unavailable`, as before."""
-
-    def __init__(self, component: str) -> None:
-        super().__init__(ErrorCode.unavailable, f"{component} is not available")
-        self.component = component
 
 
 class StartRefused(Exception):

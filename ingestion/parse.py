@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TypeVar
 import pikepdf
 
 from core import forksafe, offline
-from core.errors import ErrorCode, GovragError, NotInstalled
+from core.errors import ErrorCode, GovragError
 from ingestion import formats, legacy_office, pandoc, sandbox, scratch, sniff
 
 if TYPE_CHECKING:
@@ -415,7 +415,7 @@ def _partition_pdf(data: bytes) -> list[Element]:
         from unstructured.partition.pdf import partition_pdf
     except ImportError as exc:
         logger.error("PDF support is not installed: missing module %s", exc.name)
-        raise NotInstalled("PDF parsing") from None
+        raise GovragError(ErrorCode.unavailable, "PDF parsing is not available") from None
     return partition_pdf(
         file=io.BytesIO(data),
         strategy="fast",

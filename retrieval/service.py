@@ -18,7 +18,7 @@ from authz.enforcer import PolicyEnforcer
 from authz.identity import Identity
 from core import crypto, metrics, timing
 from core.batching import MicroBatcher
-from core.errors import GovragError, SwitchedOff, unavailable_dependency
+from core.errors import ErrorCode, GovragError, unavailable_dependency
 from core.keystore import DepartmentKeyUnreadable, KeyState, KeyStore, keystore_for
 from core.logs import exception_frames
 from core.models import Document
@@ -84,7 +84,7 @@ def answer_query(*, session: Session, settings: Settings, enforcer: PolicyEnforc
     metrics.QUERIES.labels(decision=record.decision.value).inc()  # the ledger's decision
     metrics.QUERY_LATENCY.observe(time.perf_counter() - asked.started)
     if record.kill_switch_mode == KillMode.disabled.value:  # recorded as `blocked`, then the kill switch's 503
-        raise SwitchedOff(guard_service.DISABLED_MESSAGE)
+        raise GovragError(ErrorCode.unavailable, guard_service.DISABLED_MESSAGE)
     return response
 
 

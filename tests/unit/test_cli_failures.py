@@ -11,7 +11,7 @@ from sqlalchemy.exc import OperationalError
 
 from api import cli
 from api.cli_failures import failure
-from core.errors import ErrorCode, FolderUnwritable, GovragError, NotInstalled, SwitchedOff
+from core.errors import ErrorCode, FolderUnwritable, GovragError
 from core.keystore import DepartmentKeyUnreadable
 from core.migrate import MigrationInterrupted
 
@@ -51,14 +51,11 @@ def test_each_known_failure_is_one_line_with_readmes_exit_code() -> None:
 
 
 def test_a_govrag_error_is_said_by_what_it_means_not_by_its_http_status() -> None:
-    """Every GovragError but an internal one (a 500) said "refused:", as if the user's input were wrong: answering
-    switched off by an administrator, an optional component not installed, the ledger failing on its own (no outage
-    behind it), a document's key row altered (a 410) are no refusal of the input. A 503 of each kind is said as what
-    it is: switched off "unavailable:" (exit 1, as an outage: it ends without changing the command), the deployment's
-    own failure "failed:" (exit 2, something to fix first), the user's input alone "refused:"."""
+    """Every GovragError but an internal one (a 500) said "refused:", as if the user's input were wrong: the ledger
+    failing on its own (a 503 with no outage behind it) and a document's key row altered (a 410) are no refusal of
+    the input. The deployment's own failure is said "failed:" (exit 2, something to fix first), the user's input
+    alone "refused:"."""
     said = {name: (stop.line, stop.exit_code) for name, exc in {
-        "switched off": SwitchedOff("Answering is switched off by an administrator (kill switch); try again later."),
-        "not installed": NotInstalled("PDF parsing"),
         "ledger failed": _raised_from(ValueError("a value it cannot hash"),
                                       GovragError(ErrorCode.unavailable, "the audit log is unavailable")),
         "document key altered": GovragError(ErrorCode.document_key_unreadable, "the document's key does not open"),
@@ -66,9 +63,6 @@ def test_a_govrag_error_is_said_by_what_it_means_not_by_its_http_status() -> Non
         "folder": FolderUnwritable(errno.EROFS, os.strerror(errno.EROFS), "/srv/keys"),
     }.items() if (stop := failure(exc)) is not None}
     assert said == {
-        "switched off": ("unavailable: answering is switched off by an administrator (kill switch); run the same "
-                         "command again once an administrator switches it back on", 1),
-        "not installed": ("failed: PDF parsing is not installed in this deployment: install it", 2),
         "ledger failed": ("failed: the audit log is unavailable", 2),
         "document key altered": ("failed: the document's key does not open", 2),
         "input": ("refused: unsupported file type", 2),
