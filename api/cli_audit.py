@@ -307,7 +307,8 @@ def _output(output: str) -> Iterator[TextIO]:
     """Where an export goes, opened before the export is recorded: a path that cannot be written fails before the
     ledger says anything was exported. A file is written beside its path and renamed into place once complete, so
     a refused or failed export leaves an earlier file as it was. A folder that does not exist (or is a file), or that
-    this user may not write, is said naming it, not the hidden file written beside the path."""
+    this user may not write, is said naming it, not the hidden file written beside the path; so is a path that is a
+    folder."""
     if output == "-":
         yield sys.stdout
         return
@@ -316,6 +317,8 @@ def _output(output: str) -> Iterator[TextIO]:
         if path.parent.exists():
             raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(path.parent))
         raise FileNotFoundError(errno.ENOENT, "the folder does not exist", str(path.parent))
+    if path.is_dir():  # else written in full beside it, the export recorded, and only the rename refused
+        raise IsADirectoryError(errno.EISDIR, "a folder, not a file (give a file's path)", str(path))
     partial = path.with_name(f".{path.name}.partial")
     try:
         with making_files_in(path.parent):  # a folder this user may not write: said of it, not of the hidden file

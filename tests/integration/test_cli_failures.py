@@ -177,6 +177,21 @@ def test_an_export_into_a_folder_that_does_not_exist_names_that_folder(
 
 @pytest.mark.parametrize("command", [["audit", "export", "-o", "{out}"],
                                      ["export", "training-data", "--department", "hr", "-o", "{out}"]])
+def test_an_export_to_a_path_that_is_a_folder_names_that_folder_and_records_nothing(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    """An export whose `-o` is a folder wrote the whole export into the hidden `.reports.partial` beside it, recorded
+    the export in the ledger, then failed to rename it: "Is a directory" of the hidden file, the ledger saying an
+    export was made that no file holds. Now it is refused before anything is recorded, naming the folder, exit 2."""
+    (tmp_path / "reports").mkdir()
+    recorded = _events(cli_env)
+    code = main([argument.format(out=tmp_path / "reports") for argument in command])
+    assert (code, capsys.readouterr()) == (2, ("", f"failed: a folder, not a file (give a file's path): "
+                                                   f"{tmp_path / 'reports'}\n"))
+    assert not (tmp_path / ".reports.partial").exists() and _events(cli_env) == recorded
+
+
+@pytest.mark.parametrize("command", [["audit", "export", "-o", "{out}"],
+                                     ["export", "training-data", "--department", "hr", "-o", "{out}"]])
 def test_an_export_into_a_folder_this_user_may_not_write_names_that_folder(
         cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
     """An export into a folder this user may not write said "Permission denied" of the hidden `.out.jsonl.partial`
