@@ -117,21 +117,32 @@ def retire_family(session: Session, settings: Settings, document: Document, stat
 
 def _queue_retakes(session: Session, contents: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """For each content whose department has no live copy left once the family is retired (read under the content's
-    lock, which an attachment step taking it again takes too), the attachment step of the e-mail above its oldest
-    attachment refused as a duplicate (`repository.email_with_refused_copy`), queued: it takes the attachment again
-    under that e-mail, with its ACL and level (service.spawn_attachments). An e-mail being ingested is passed over,
-    not chosen: its run's step comes after it, which a failed run never reaches (a withheld re-index failing), so
-    choosing it could leave the content in no index. Of several e-mails whose steps then run, one takes it (each
-    reads, under the content's lock, whether the other did); the others' refusals stand."""
+    lock, which an attachment step taking it again takes too), the attachment step of an e-mail carrying it, queued
+    (`ask_carrier`): it takes the attachment again under that e-mail, with its ACL and level
+    (service.spawn_attachments). Of several e-mails whose steps then run, one takes it (each reads, under the
+    content's lock, whether the other did); the others' refusals stand."""
     queued: list[tuple[str, str]] = []
     for department, sha256 in contents:
         if repository.find_duplicate(session, department=department, sha256=sha256) is not None:
             continue  # a live copy stands
-        email = repository.email_with_refused_copy(session, department=department, sha256=sha256)
-        if email is not None and email.id not in dict(queued):
-            logger.info("the attachment step of document %s is queued: it carries content no longer live", email.id)
-            queued.append((email.id, repository.queue_attachment_step(session, email.id)))
+        if (step := ask_carrier(session, department=department, sha256=sha256)) is not None:
+            queued.append(step)
     return queued
+
+
+def ask_carrier(session: Session, *, department: str, sha256: str,
+                after: tuple[datetime, str] | None = None) -> tuple[str, str] | None:
+    """Queue the attachment step of the e-mail above the oldest attachment refused as a duplicate of this content (or
+    the oldest refused after `after`, the refusal of an e-mail whose step could not take it:
+    service.spawn_attachments), whose run ended (`repository.email_with_refused_copy`). An e-mail being ingested is
+    passed over, not chosen: its run's step comes after it and takes the content too. (document id, job id) to send
+    once the caller commits; None when no e-mail is left to ask, or the one found has a step waiting already (it
+    takes the content as it runs: asked once)."""
+    email = repository.email_with_refused_copy(session, department=department, sha256=sha256, after=after)
+    if email is None or repository.attachment_step_waiting(session, email.id):
+        return None
+    logger.info("the attachment step of document %s is queued: it carries content no longer live", email.id)
+    return email.id, repository.queue_attachment_step(session, email.id)
 
 
 def _as_now(session: Session, documents: list[Document]) -> list[Document]:

@@ -22,8 +22,11 @@ SERVED = and_(Document.status.in_(SERVING), Document.served_generation.is_not(No
 # An upload's refusal as a duplicate, naming the department's copy (service.accept_upload); a refused attachment keeps
 # it as its reason, which a retirement of that copy reads (`email_with_refused_copy`)
 DUPLICATE_OF = "duplicate upload: the department already has this content as document "
-# The note a job queued for an e-mail's attachment step alone carries (`queue_attachment_step`), kept as its end
+# The note a job queued for an e-mail's attachment step alone carries (`queue_attachment_step`), kept as its end: what
+# tells such a job from a run's (`is_attachment_step`), which no path claims (service._start)
 ATTACHMENT_STEP = "queued to take the e-mail's attachments again; the e-mail keeps its status"
+# The jobs that run their document (`new_job`, an upload's), not an e-mail's attachment step alone
+RUNS_ITS_DOCUMENT = or_(IngestionJob.error.is_(None), IngestionJob.error != ATTACHMENT_STEP)
 REINDEX_FAILED = "the re-index failed; the previous index is still served: {error}"
 WITHHELD_REINDEX_FAILED = "the re-index failed; the previous index, withheld when it began, is not served: {error}"
 
@@ -240,22 +243,52 @@ def failed_copies(session: Session, *, department: str, sha256: str) -> list[Doc
     return list(session.scalars(query))
 
 
-def email_with_refused_copy(session: Session, *, department: str, sha256: str) -> Document | None:
+def email_with_refused_copy(session: Session, *, department: str, sha256: str,
+                            after: tuple[datetime, str] | None = None) -> Document | None:
     """The e-mail above the oldest attachment refused as a duplicate of this content (a failed child whose reason
-    names a copy: DUPLICATE_OF), of those whose e-mail's run ended ready or quarantined (REINDEXED), or None."""
+    names a copy: DUPLICATE_OF), of those whose e-mail's run ended ready or quarantined (REINDEXED), or None. With
+    `after` (a refused attachment's created_at and id), the oldest refused after that one."""
     email = aliased(Document)
     query = (select(email).join(Document, Document.parent_id == email.id)
              .where(Document.department == department, Document.sha256 == sha256,
                     Document.status == DocumentStatus.failed, Document.error.startswith(DUPLICATE_OF, autoescape=True),
                     email.status.in_(REINDEXED))
              .order_by(Document.created_at, Document.id).limit(1))
+    if after is not None:
+        created_at, document_id = after
+        query = query.where(or_(Document.created_at > created_at,
+                                and_(Document.created_at == created_at, Document.id > document_id)))
     return session.scalars(query).first()
 
 
+def is_attachment_step(job: IngestionJob) -> bool:
+    """Whether the job was queued for its e-mail's attachment step alone (`queue_attachment_step`)."""
+    return job.error == ATTACHMENT_STEP
+
+
+_WAITING_STEPS = and_(IngestionJob.status.in_(UNFINISHED), IngestionJob.error == ATTACHMENT_STEP)
+
+
+def attachment_step_waiting(session: Session, document_id: str) -> bool:
+    """Whether the e-mail has an attachment step queued that has not run yet (it takes whatever may be taken again
+    as it runs)."""
+    query = select(IngestionJob.id).where(IngestionJob.document_id == document_id, _WAITING_STEPS)
+    return session.scalars(query.limit(1)).first() is not None
+
+
+def end_attachment_steps(session: Session, document_id: str) -> bool:
+    """End the e-mail's attachment steps waiting (`ready`, their note kept), as a step of it runs: it does their
+    work. Whether there were any."""
+    ended = session.execute(update(IngestionJob).where(IngestionJob.document_id == document_id, _WAITING_STEPS)
+                            .values(status=DocumentStatus.ready, updated_at=utcnow()))
+    return bool(ended.rowcount)  # type: ignore[attr-defined]
+
+
 def queue_attachment_step(session: Session, document_id: str) -> str:
-    """Queue a job for an e-mail that ended (ready or quarantined) whose run leaves it as it is
-    (service._end_unfinished ends the job with its note, ATTACHMENT_STEP) and whose attachment step then runs. Only a
-    job row is written, not the e-mail's: a retirement queues it after writing its own rows, in whatever order."""
+    """Queue a job for an e-mail's attachment step alone. No path claims its e-mail for a run with it: its run leaves
+    the e-mail, and a run of it going on, alone (service._start), and the e-mail's next attachment step, its own
+    or that of a run of the e-mail, ends it (`end_attachment_steps`). Only a job row is written, not the e-mail's: a
+    retirement queues it after writing its own rows, in whatever order."""
     job_id = str(uuid.uuid4())
     session.add(IngestionJob(id=job_id, document_id=document_id, status=DocumentStatus.queued, error=ATTACHMENT_STEP))
     session.flush()

@@ -207,18 +207,22 @@ def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAcc
     that cannot be listed, or an e-mail whose key row (or its department's) no longer opens, leave one failed child
     for all of them; the task does not retry what no retry can open, but the e-mail's next run (a re-index naming
     it) takes them again, that record retired. Once attachments were taken, a later step takes again only those
-    whose refusal may have passed (`_retaken`).
+    whose refusal may have passed (`_retaken`), whatever the e-mail's run is doing (not retired): a step asked for
+    content no longer live (purge.ask_carrier) never waits on a run of the e-mail (a re-index queued meanwhile) that
+    may fail; it ends the jobs queued for the e-mail's step alone, and what they were asked to take that it cannot
+    falls to the next e-mail carrying it. Returns the jobs to send: the attachments', and that e-mail's step.
     """
     with unit_of_work(settings.resolved_database_url) as session:
         line = repository.lock_lineage(session, document_id)  # a deletion above in flight commits first, or waits
         parent = repository.get_document(session, document_id)
         earlier = repository.children(session, document_id)
-        if (parent is None or parent.content_type not in formats.MAIL_TYPES
-                or parent.status not in (DocumentStatus.ready, DocumentStatus.quarantined)):
+        if parent is None or parent.content_type not in formats.MAIL_TYPES or parent.status in RETIRED:
             return []
         too_deep = len(line) - 1 >= MAX_ATTACHMENT_DEPTH  # e-mails above this one
         if not all(_step_failure(child) for child in earlier):
             return _retake_attachments(session, settings, parent, earlier, too_deep)
+        if parent.status not in repository.REINDEXED:  # the first step follows the run: its level is theirs
+            return []
         _retire_records(session, earlier)
         return _take_attachments(session, settings, parent, too_deep)
 
@@ -241,12 +245,34 @@ def _retake_attachments(session: Session, settings: Settings, parent: Document, 
                         too_deep: bool) -> list[UploadAccepted]:
     """Take again the e-mail's attachments whose failed child says the refusal may have passed (`_retaken`), under
     their contents' locks (taken first, sorted, as a deletion takes them: it retires the department's copy a
-    duplicate names and queues this step, purge.retire_family), so of two e-mails carrying one file, one takes it."""
+    duplicate names and queues this step, purge.retire_family), so of two e-mails carrying one file, one takes it.
+    The e-mail's steps queued alone end with it (their work done), their job rows written after the content locks
+    are taken, as a re-index writes them; content they asked for (purge.ask_carrier) that it could not take (the
+    e-mail's key or its department's does not open, its attachments cannot be listed, it is too deep...) falls to the
+    next e-mail carrying it (`_passed_on`), once: the e-mail's later steps were not asked."""
     candidates = [child for child in earlier if child.status == DocumentStatus.failed
                   and (child.error == ATTACHMENT_FAILED or (child.error or "").startswith(repository.DUPLICATE_OF))]
     _lock_contents(session, parent.department, [child.sha256 for child in candidates])
     retaken = [child for child in candidates if _retaken(session, child)]
-    return _take_attachments(session, settings, parent, too_deep, retaken) if retaken else []
+    refusals = [(child.department, child.sha256, (child.created_at, child.id)) for child in retaken]  # retired next
+    accepted = _take_attachments(session, settings, parent, too_deep, retaken) if retaken else []
+    if repository.end_attachment_steps(session, parent.id):
+        accepted += _passed_on(session, refusals)
+    return accepted
+
+
+def _passed_on(session: Session, refusals: list[tuple[str, str, tuple[datetime, str]]]) -> list[UploadAccepted]:
+    """For each content of the refusals a step took again (department, sha256, the refusal's created_at and id) that
+    its department still has no live copy of, the step of the e-mail whose refusal of it comes next, queued
+    (purge.ask_carrier): each e-mail is asked once, in the order of their refusals, until one takes it."""
+    asked = []
+    for department, sha256, refusal in refusals:
+        if repository.find_duplicate(session, department=department, sha256=sha256) is None:
+            step = purge.ask_carrier(session, department=department, sha256=sha256, after=refusal)
+            if step is not None:
+                logger.info("content a step could not take again falls to the next e-mail carrying it, %s", step[0])
+                asked.append(UploadAccepted(document_id=step[0], job_id=step[1]))
+    return asked
 
 
 def _retaken(session: Session, child: Document) -> bool:
@@ -499,17 +525,23 @@ def mark_failed(*, settings: Settings, document_id: str, job_id: str, reason: st
     """Give up on a job after its retries (or its time limit); `reason` must not hold document content. A document
     whose run ended (ready, quarantined, failed) keeps its status and reason: what gave up then was the step after
     the run, taking an e-mail's attachments."""
-    if _run_ended(settings, document_id):
+    if _step_gave_up(settings, document_id, job_id):
         logger.warning("the attachment step of document %s gave up; the document keeps its status", document_id)
         return
     _finish(settings, document_id, job_id, DocumentStatus.failed, error=reason)
 
 
-def _run_ended(settings: Settings, document_id: str) -> bool:
-    """Whether the document's run ended ready, quarantined or failed (a retired one is left to `_finish`, which
-    withdraws its job)."""
+def _step_gave_up(settings: Settings, document_id: str, job_id: str) -> bool:
+    """Whether what gave up was an attachment step: the document's run ended ready, quarantined or failed (a retired
+    one is left to `_finish`, which withdraws its job), or the job was queued for the step alone, which leaves its
+    e-mail, and a run of it going on, alone (`repository.is_attachment_step`): it fails, if still unfinished."""
     with unit_of_work(settings.resolved_database_url) as session:
-        document = repository.get_document(session, document_id)
+        document, job = repository.get_document(session, document_id), repository.get_job(session, job_id)
+        if job is not None and repository.is_attachment_step(job):
+            if job.status in UNFINISHED:  # its note kept: what it was queued for
+                repository.end_job(session, job_id=job_id, status=DocumentStatus.failed,
+                                   error=repository.ATTACHMENT_STEP)
+            return True
         return document is not None and document.status not in (*UNFINISHED, *RETIRED)
 
 
@@ -525,7 +557,8 @@ def _start(settings: Settings, document_id: str, job_id: str) -> _Claimed | None
     withdrawn, claimed = False, None
     with unit_of_work(settings.resolved_database_url) as session:
         job, document = repository.get_job(session, job_id), repository.get_document(session, document_id)
-        if job is not None and job.status in UNFINISHED and document is not None and document.status in UNFINISHED:
+        if (job is not None and job.status in UNFINISHED and not repository.is_attachment_step(job)
+                and document is not None and document.status in UNFINISHED):
             claimed = _claim(session, settings, document, job)
         if claimed is None:
             withdrawn = _end_unfinished(session, document_id, job_id)
@@ -741,16 +774,18 @@ def _current(session: Session, document_id: str) -> Document | None:
 def _end_unfinished(session: Session, document_id: str, job_id: str) -> bool:
     """End the job if it is still unfinished though its document is not: withdrawn if the document was retired (the
     answer is then True: a purge is owed), else ended with the status another run gave the document (a job a late
-    duplicate of an older job overtook, before those were ignored; or one queued for an e-mail's attachment step
-    alone, repository.queue_attachment_step, which keeps its note)."""
+    duplicate of an older job overtook, before those were ignored). A job queued for an e-mail's attachment step
+    alone (repository.queue_attachment_step) is left to that step, which ends it (`spawn_attachments`), whatever the
+    e-mail's run is doing: a re-index queued meanwhile runs under its own job, never under this one."""
     job, document = repository.get_job(session, job_id), _current(session, document_id)
-    if job is None or job.status not in UNFINISHED or (document is not None and document.status in UNFINISHED):
+    if job is None or job.status not in UNFINISHED:
         return False
     if document is None or document.status in RETIRED:
         _withdraw(session, document, job_id)
         return True
-    repository.end_job(session, job_id=job_id, status=document.status,
-                       error=job.error or "another run of this document finished it first")
+    if not repository.is_attachment_step(job) and document.status not in UNFINISHED:
+        repository.end_job(session, job_id=job_id, status=document.status,
+                           error=job.error or "another run of this document finished it first")
     return False
 
 

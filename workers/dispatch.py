@@ -191,14 +191,16 @@ def take_waiting_job(settings: Settings, document_id: str, held: JobsHeld) -> st
     younger one that never ran may be its uploader's, whose task is being published right now, or one `govrag
     ingest` has just accepted. Taken under the sweep's lock: the sweep sends it or this process runs it, never both.
     Held before its stamp commits: stamped and not yet held, an API starting on the embedded broker
-    (`resend_unfinished`) would mark it unsent and send it to a worker."""
+    (`resend_unfinished`) would mark it unsent and send it to a worker. A job queued for an e-mail's attachment step
+    alone is not the document's run (a re-index of it may wait behind it): the caller's own step does its work, and
+    a sweep sends it."""
     cutoff = utcnow() - timedelta(seconds=settings.job_resend_after_seconds)
     with unit_of_work(settings.resolved_database_url) as session:
         transaction_lock(session, _SWEEP_LOCK)
         job_id = session.scalars(
             select(IngestionJob.id)
             .where(IngestionJob.document_id == document_id, IngestionJob.sent_at.is_(None),
-                   IngestionJob.status.in_(UNFINISHED),
+                   IngestionJob.status.in_(UNFINISHED), ingestion_repository.RUNS_ITS_DOCUMENT,
                    or_(IngestionJob.attempts > 0, IngestionJob.created_at <= cutoff))
             .order_by(IngestionJob.created_at).limit(1)).first()
         if job_id is not None:

@@ -1972,6 +1972,188 @@ def test_a_deletion_queues_one_attachment_step_that_takes_its_content_again_once
     assert service.spawn_attachments(settings=settings, document_id=email_id) == []  # a deletion is not undone
 
 
+def _carriers_of_one_file(url: str, settings, groups: tuple[str, ...]) -> tuple[list[str], str]:  # type: ignore[no-untyped-def]
+    """E-mails of the department "desk" (one per ACL group, each as its run ends, no worker) carrying one file, the
+    first's attachment taken (as its run ends) and the others' refused as duplicates of it, oldest first: the
+    e-mails, and that attachment."""
+    from authz import service as authz_service
+    from core.db import unit_of_work
+    from core.keystore import keystore_for
+    from core.models import Document, DocumentStatus
+    from ingestion import repository, service
+    from ingestion.schemas import Classification, UploadAccepted
+
+    with unit_of_work(url) as session:
+        authz_service.create_department(session=session, keystore=keystore_for(settings), name="desk")
+    def ended(accepted: UploadAccepted) -> str:  # its run's end: the document and its job ready
+        with unit_of_work(url) as session:
+            session.get_one(Document, accepted.document_id).status = DocumentStatus.ready
+            repository.end_job(session, job_id=accepted.job_id, status=DocumentStatus.ready, error="")
+        return accepted.document_id
+
+    emails = []
+    for n, group in enumerate(groups):
+        mail = _mail(f"Rota {n}", "The rota is attached.", [("rota.txt", b"Leeds desk on Saturday: Ana and Ben.")])
+        with unit_of_work(url) as session:
+            emails.append(service.accept_upload(
+                session=session, settings=settings, uploaded_by="stella", department="desk", filename=f"rota-{n}.eml",
+                data=mail.as_bytes(), title=None, acl_groups=[group], classification=Classification.internal))
+        ended(emails[-1])
+    [taken] = service.spawn_attachments(settings=settings, document_id=emails[0].document_id)
+    ended(taken)
+    for email in emails[1:]:
+        assert service.spawn_attachments(settings=settings, document_id=email.document_id) == []  # a duplicate
+    return [email.document_id for email in emails], taken.document_id
+
+
+def _delete(url: str, settings, document_id: str) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+    """Delete the document as the API does; the attachment steps it queued."""
+    from core.db import unit_of_work
+    from ingestion import service
+
+    with unit_of_work(url) as session:
+        return service.delete_document(session=session, settings=settings, document_id=document_id,
+                                       can_delete=lambda _: True)[2]
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+@pytest.mark.parametrize("reindex", ["queued", "running"])
+def test_an_attachment_step_and_a_reindex_of_its_email_each_end_and_the_content_is_taken_once(
+        database: str, reindex: str, make_pg_database: Callable[[], str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deletion queues the attachment step of the e-mail whose copy of the content was refused; a re-index of that
+    e-mail is queued before the step's job runs, or is running as it runs. The step's job claimed the e-mail: a full
+    run of it (parse, classify, redact, embed) under the step's job, and one of the two runs found the other's
+    claim newer at its end and left its job `processing` until the stall sweep. Now the step's job never claims the
+    e-mail: it ends at once, the e-mail left to its re-index (its status the re-index's), and its step takes the
+    attachment under the e-mail, with its ACL and level; the re-index ends its own job, and its step takes nothing
+    more. A step that gives up then (its retries spent) leaves the e-mail's re-index alone."""
+    from sqlalchemy import select
+
+    from core import migrate
+    from core.db import unit_of_work
+    from core.models import UNFINISHED, IngestionJob
+    from core.settings import Settings
+    from ingestion import quarantine, repository, service
+    from retrieval.store import close_vector_store
+    from workers.dispatch import JobsHeld, take_waiting_job
+
+    url = make_pg_database() if database == "postgresql" else f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url="memory://", inprocess_worker=False,
+                        job_resend_after_seconds=0)
+    blobs.open_at_start(settings.blob_dir, url)
+    (first, second), taken = _carriers_of_one_file(url, settings, ("board", "desk"))
+    [(email_id, step_job)] = _delete(url, settings, taken)
+    assert email_id == second
+    with unit_of_work(url) as session:
+        [(_, reindex_job)] = quarantine.queue_reindex(session=session, settings=settings, department="desk",
+                                                      document_ids=[second], serve_previous=False).queued
+    held = JobsHeld(settings)
+    try:  # `govrag ingest` going on with the e-mail takes its re-index, not the step's job, which runs no e-mail
+        assert take_waiting_job(settings, second, held) == reindex_job
+    finally:
+        held.release()
+    stepped: list[object] = []
+
+    def the_step_meanwhile() -> None:  # as a worker runs the step's job (workers/tasks.py): its run, then its step
+        stepped.append(reindex)
+        service.run_ingestion(settings=settings, document_id=second, job_id=step_job)
+        stepped.extend(service.spawn_attachments(settings=settings, document_id=second))
+        with unit_of_work(url) as session:
+            email, job = repository.get_document(session, second), repository.get_job(session, step_job)
+            assert (job.status, job.error) == ("ready", repository.ATTACHMENT_STEP)  # type: ignore[union-attr]
+            assert email.status == ("queued" if reindex == "queued" else "processing")  # type: ignore[union-attr]
+            assert email.index_generation == (0 if reindex == "queued" else 1)  # type: ignore[union-attr]
+        service.mark_failed(settings=settings, document_id=second, job_id=step_job, reason="retries exhausted")
+
+    real_protect = service.protect
+
+    def the_step_during_the_run(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if not stepped:
+            the_step_meanwhile()
+        return real_protect(*args, **kwargs)
+
+    try:
+        if reindex == "queued":
+            the_step_meanwhile()
+        monkeypatch.setattr(service, "protect", the_step_during_the_run)
+        service.run_ingestion(settings=settings, document_id=second, job_id=reindex_job)
+        assert service.spawn_attachments(settings=settings, document_id=second) == []  # taken once
+        [child] = stepped[1:]
+        service.run_ingestion(settings=settings, document_id=child.document_id, job_id=child.job_id)  # type: ignore[attr-defined]
+        with unit_of_work(url) as session:
+            email, copy = repository.get_document(session, second), repository.get_document(session, child.document_id)  # type: ignore[attr-defined]
+            assert email.status == "ready" and email.chunk_count, email.error  # type: ignore[union-attr]
+            jobs = dict(session.execute(select(IngestionJob.id, IngestionJob.status)).all())
+            assert (jobs[step_job], jobs[reindex_job]) == ("ready", "ready")
+            assert session.scalars(select(IngestionJob.id).where(IngestionJob.status.in_(UNFINISHED))).all() == []
+            assert (copy.parent_id, copy.acl_groups, copy.status) == (second, ["desk"], "ready")  # type: ignore[union-attr]
+            assert copy.declared_classification == "internal" and copy.chunk_count  # type: ignore[union-attr]
+        assert _live_copies(settings, "desk", b"Leeds desk on Saturday: Ana and Ben.") == [(child.document_id, second)]  # type: ignore[attr-defined]
+    finally:
+        close_vector_store(settings)
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+@pytest.mark.parametrize("cannot", ["its data key does not open", "its department's key does not open",
+                                    "it is deleted"])
+def test_content_an_asked_email_cannot_take_again_falls_to_the_next_carrier_once(
+        database: str, cannot: str, make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """Four e-mails carried one file, the first's attachment taken, the others' refused in turn. Deleting that
+    attachment asks the second e-mail's step to take the content again; that step cannot (the e-mail's data key, or
+    its department's, no longer opens; or the e-mail is deleted first). The content waited for a re-index. Now it
+    falls to the next e-mail, oldest refusal first, asked once however often the step runs: the third takes it, with
+    its ACL. Where the department's key does not open, no e-mail can: each is asked once, in turn, and then none."""
+    from core import migrate
+    from core.db import unit_of_work
+    from core.settings import Settings
+    from ingestion import repository, service
+    from retrieval.store import close_vector_store
+    from tests.support.key_rotation import alter_key_row
+
+    url = make_pg_database() if database == "postgresql" else f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url="memory://", inprocess_worker=False)
+    blobs.open_at_start(settings.blob_dir, url)
+    emails, taken = _carriers_of_one_file(url, settings, ("board", "desk", "leads", "staff"))
+    try:
+        [(asked, step_job)] = _delete(url, settings, taken)
+        assert asked == emails[1]
+
+        def step(email_id: str, job_id: str) -> list[tuple[str, str]]:  # as a worker runs the step's job, twice
+            service.run_ingestion(settings=settings, document_id=email_id, job_id=job_id)
+            jobs = service.spawn_attachments(settings=settings, document_id=email_id)
+            assert service.spawn_attachments(settings=settings, document_id=email_id) == []  # asks once
+            return [(job.document_id, job.job_id) for job in jobs]
+
+        if cannot == "it is deleted":
+            [passed] = _delete(url, settings, emails[1])
+            assert step(emails[1], step_job) == []
+        else:
+            with unit_of_work(url) as session:
+                owner, kind = (emails[1], "document") if "data key" in cannot else ("desk", "department")
+                alter_key_row(settings, session, owner, kind=kind)
+            [passed] = step(emails[1], step_job)
+        assert passed[0] == emails[2]
+        asked_next = step(*passed)
+        rota = b"Leeds desk on Saturday: Ana and Ben."
+        if "department" in cannot:
+            [last] = asked_next  # the last one is asked, once
+            assert last[0] == emails[3] and step(*last) == []
+            assert _live_copies(settings, "desk", rota) == []
+        else:
+            [(copy_id, _)] = asked_next
+            with unit_of_work(url) as session:
+                copy = repository.get_document(session, copy_id)
+                assert (copy.parent_id, copy.acl_groups, copy.status) == (emails[2], ["leads"], "queued")  # type: ignore[union-attr]
+            assert _live_copies(settings, "desk", rota) == [(copy_id, emails[2])]
+        if cannot != "it is deleted":  # a later step of the e-mail asked first (a re-index's) asks nobody again
+            assert service.spawn_attachments(settings=settings, document_id=emails[1]) == []
+    finally:
+        close_vector_store(settings)  # a withdrawn job's purge opened it
+
+
 @pytest.mark.parametrize("database", ["postgresql", "sqlite"])
 def test_an_attachment_step_ended_midway_by_its_department_key_leaves_nothing_it_began(
         database: str, make_pg_database: Callable[[], str], tmp_path: Path,
