@@ -142,9 +142,10 @@ def hand_back(session: Session, job_id: str) -> bool:
 
 
 def unfinished_jobs(session: Session, document_id: str) -> list[str]:
-    """Ids of the document's jobs still queued or processing."""
+    """Ids of the document's runs' jobs still queued or processing (`RUNS_ITS_DOCUMENT`): not those of an e-mail's
+    attachment step queued alone, which run no document (a re-index lists these ids as the runs it covers)."""
     query = select(IngestionJob.id).where(IngestionJob.document_id == document_id,
-                                          IngestionJob.status.in_(UNFINISHED))
+                                          IngestionJob.status.in_(UNFINISHED), RUNS_ITS_DOCUMENT)
     return list(session.scalars(query.order_by(IngestionJob.created_at)))
 
 

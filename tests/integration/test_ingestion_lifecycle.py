@@ -2096,6 +2096,40 @@ def test_an_attachment_step_and_a_reindex_of_its_email_each_end_and_the_content_
 
 
 @pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_a_reindex_lists_the_run_of_an_email_in_flight_never_its_attachment_step(
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """A re-index naming an e-mail being ingested lists its run's job as the one to follow. Its attachment step,
+    queued by a deletion and waiting, was listed too: a job that ends `ready` as its step runs, whatever the e-mail's
+    run does (even for an e-mail that run quarantines), which an admin following it read as the re-index's end."""
+    from core import migrate
+    from core.db import unit_of_work
+    from core.settings import Settings
+    from ingestion import quarantine
+    from retrieval.store import close_vector_store
+
+    url = make_pg_database() if database == "postgresql" else f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url="memory://", inprocess_worker=False)
+    blobs.open_at_start(settings.blob_dir, url)
+    try:
+        (_, second), taken = _carriers_of_one_file(url, settings, ("board", "desk"))
+        [(asked, step_job)] = _delete(url, settings, taken)
+        assert asked == second
+
+        def reindex() -> quarantine.Reindex:
+            with unit_of_work(url) as session:
+                return quarantine.queue_reindex(session=session, settings=settings, department="desk",
+                                                document_ids=[second], serve_previous=False)
+
+        [(_, run_job)] = reindex().queued
+        again = reindex()  # the e-mail is being ingested: its run is handed back and goes again
+        assert (again.queued, again.rerun, again.skipped) == ([], [run_job], [])
+        assert step_job not in again.rerun
+    finally:
+        close_vector_store(settings)  # the deletion's purge opened it
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
 @pytest.mark.parametrize("cannot", ["its data key does not open", "its department's key does not open",
                                     "it is deleted"])
 def test_content_an_asked_email_cannot_take_again_falls_to_the_next_carrier_once(
