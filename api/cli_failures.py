@@ -44,7 +44,7 @@ def failure(exc: BaseException, *, where: str = "") -> Failure | None:
     if isinstance(exc, KeyboardInterrupt):
         return INTERRUPTED
     if isinstance(exc, DepartmentKeyUnreadable):
-        return Failure(f"failed: {exc}", "once that row is restored", EXIT_USAGE)
+        return department_key_failure(str(exc))
     if (dependency := unavailable_dependency(exc)) is not None:
         return Failure(f"stopped: the {dependency} is unavailable", "once it is back", EXIT_FAILED)
     if isinstance(exc, GovragError):  # by what it means, not its status: a 410 or the ledger's own 503 refuses nothing
@@ -59,3 +59,8 @@ def failure(exc: BaseException, *, where: str = "") -> Failure | None:
         return Failure(f"failed: {reason}: {name}" if name else f"failed: {reason}", "once that is fixed", EXIT_USAGE)
     return None
 
+
+def department_key_failure(message: str) -> Failure:
+    """A department key that does not open (DepartmentKeyUnreadable: its key row altered or missing; through an API,
+    its 503 `department_key_unreadable`), by its `message`: a row to restore, exit 2."""
+    return Failure(f"failed: {message}", "once that row is restored", EXIT_USAGE)

@@ -23,6 +23,7 @@ from core.settings import Settings, get_settings
 if TYPE_CHECKING:
     import httpx
 
+    from api.cli_failures import Failure
     from ingestion.schemas import DocumentStatusOut, UploadAccepted
     from workers.dispatch import JobsHeld
 
@@ -42,6 +43,9 @@ class Stop:
 
     why: str  # "the database is unavailable"
     again: str  # "once it is back"
+    # A configuration to fix first (the API's department key that does not open): said, exit code and all, as the
+    # in-process command says it before any file (`_refused_at_start`) when the run stopped at its first file
+    refusal: Failure | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,7 @@ def files_under(path: Path) -> tuple[list[Path], int]:
 
 def ingest_command(args: argparse.Namespace) -> int:
     """Upload a folder with a progress bar, then print a ready / quarantined / failed table."""
+    from api.cli_failures import EXIT_INTERRUPTED
     from core.errors import GovragError
     from ingestion import scratch
     from ingestion.schemas import parse_acl_groups
@@ -123,21 +128,38 @@ def ingest_command(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     if hidden:
         console.print(_hidden_skipped(hidden))
-    uploader = _api_uploader(args) if args.api_url else _inprocess_uploader(args)
+    handed_back: list[Path] = []  # in process, the files a Ctrl-C or a SIGTERM handed back (`_ingest_file`)
+    uploader = _api_uploader(args) if args.api_url else _inprocess_uploader(args, handed_back)
     outcomes: list[Outcome] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    try:  # a SIGTERM leaves no plaintext copy of a parse behind (`scratch.removed_on_sigterm`)
-        with scratch.removed_on_sigterm(), Progress(*columns, console=console) as progress:
+    try:  # a SIGTERM stops the run as a Ctrl-C does (`scratch.stopped_on_sigterm`)
+        with scratch.stopped_on_sigterm(), Progress(*columns, console=console) as progress:
             task = progress.add_task("ingesting", total=len(files))
             for outcome in uploader(files):
                 outcomes.append(outcome)
                 progress.advance(task)
-    except KeyboardInterrupt:  # Ctrl-C: the file's jobs were handed back (`_ingest_file`); no traceback to read
-        console.print(_interrupted_line(files[len(outcomes):]), markup=False)
-        return 130
+    except KeyboardInterrupt as interrupt:  # the file's jobs were handed back (`_ingest_file`); no traceback to read
+        handed = None if args.api_url else len(handed_back)  # through an API, what it accepted is the API's to ingest
+        console.print(_interrupted_line(interrupt, files[len(outcomes):], handed), markup=False)
+        if isinstance(interrupt, scratch.Terminated):  # its private directory removed, no plaintext copy left
+            scratch.end_by_sigterm()
+        return EXIT_INTERRUPTED
+    return _report(outcomes, console)
+
+
+def _report(outcomes: list[Outcome], console: Console) -> int:
+    """Print the summary table, and the line saying why the run stopped if it did; the exit code. A refusal that
+    stopped it at the first file, nothing ingested, is said alone, as in process (`Stop.refusal`)."""
+    stopped_by = next((o.stop for o in outcomes if o.stop), None)
+    refusal = stopped_by.refusal if stopped_by else None
+    if refusal is not None and outcomes[0].stop is stopped_by:
+        console.print(_nothing_ingested(refusal), markup=False)
+        return refusal.exit_code
     Console().print(summary_table(outcomes))
-    if stopped_by := next((o.stop for o in outcomes if o.stop), None):
+    if stopped_by:
         console.print(_stopped_line(stopped_by, sum(o.status == NOT_ATTEMPTED for o in outcomes)), markup=False)
+    if refusal is not None:
+        return refusal.exit_code
     return 0 if all(o.status in ("ready", "quarantined", "duplicate") for o in outcomes) else 1
 
 
@@ -166,14 +188,24 @@ def _refused_at_start(args: argparse.Namespace) -> tuple[str, int] | None:
     except (Exception, KeyboardInterrupt) as exc:
         if (stop := failure(exc)) is None:
             raise
-        return f"{stop.why}; nothing ingested: run the same command again {stop.when}", stop.exit_code
+        return _nothing_ingested(stop), stop.exit_code
     return None
 
 
-def _interrupted_line(left: list[Path]) -> str:
-    """What a Ctrl-C stopped: the file being ingested, if any, and how many were left."""
-    at = f" at {left[0]} ({len(left)} file{'s' * (len(left) != 1)} not done)" if left else ""
-    return f"interrupted{at}; run the same command again to go on (files already ingested show as duplicates)"
+def _nothing_ingested(failure: Failure) -> str:
+    """A failure that stopped the command before it ingested anything (`cli_failures.failure`), said in one line."""
+    return f"{failure.why}; nothing ingested: run the same command again {failure.when}"
+
+
+def _interrupted_line(interrupt: KeyboardInterrupt, left: list[Path], handed_back: int | None) -> str:
+    """What a Ctrl-C or a SIGTERM stopped: the file being ingested, if any, how many were left and, in process, how
+    many of them were handed back to wait."""
+    from ingestion import scratch
+
+    why = "stopped by SIGTERM" if isinstance(interrupt, scratch.Terminated) else "interrupted"
+    handed = "" if handed_back is None else f", {handed_back} handed back to wait"
+    at = f" at {left[0]} ({len(left)} file{'s' * (len(left) != 1)} not done{handed})" if left else ""
+    return f"{why}{at}; run the same command again to go on (files already ingested show as duplicates)"
 
 
 def _stopped_line(stop: Stop, not_attempted: int) -> str:
@@ -205,11 +237,13 @@ def summary_table(outcomes: list[Outcome]) -> Table:
     return table
 
 
-def _inprocess_uploader(args: argparse.Namespace) -> Callable[[list[Path]], Iterator[Outcome]]:
+def _inprocess_uploader(args: argparse.Namespace,
+                        handed_back: list[Path]) -> Callable[[list[Path]], Iterator[Outcome]]:
     """Accept and ingest each file here, synchronously (the embedded store allows one process). A dependency that
-    goes away stops the run at that file: every file after it would meet the outage too."""
+    goes away stops the run at that file: every file after it would meet the outage too. A file a Ctrl-C or a
+    SIGTERM stopped is added to `handed_back` once its jobs are."""
     settings = get_settings()
-    return lambda files: _until_stopped(files, lambda path: _ingest_file(settings, args, path))
+    return lambda files: _until_stopped(files, lambda path: _ingest_file(settings, args, path, handed_back))
 
 
 def _until_stopped(files: list[Path], ingest: Callable[[Path], Outcome]) -> Iterator[Outcome]:
@@ -277,18 +311,19 @@ class _FileRun:
         return dispatch.give_back(settings, [job for _, job in self.taken])
 
 
-def _ingest_file(settings: Settings, args: argparse.Namespace, path: Path) -> Outcome:
+def _ingest_file(settings: Settings, args: argparse.Namespace, path: Path, handed_back: list[Path]) -> Outcome:
     """Accept and ingest one file. A dependency that went away (the database, the vector store, the blob volume, as
     `unavailable_dependency` tells them for the Celery path) or the master key refused (`_outage`) is named, and what
-    the file's run took is given back to wait, never failed (`_stopped`), as it is on a Ctrl-C; any other failure is
-    handled by `_ingest_or_fail`."""
+    the file's run took is given back to wait, never failed (`_stopped`), as it is on a Ctrl-C or a SIGTERM (then
+    the file is added to `handed_back`); any other failure is handled by `_ingest_or_fail`."""
     from workers.dispatch import JobsHeld
 
     run = _FileRun(JobsHeld(settings))
     try:
         return _ingest_or_fail(settings, args, path, run)
     except KeyboardInterrupt:  # the same command run again takes the jobs up (`_go_on`)
-        run.give_back(settings)
+        if run.taken and run.give_back(settings):
+            handed_back.append(path)
         raise
     except Exception as exc:
         if (stop := _outage(exc)) is None:
@@ -490,15 +525,21 @@ def _request(http: httpx.Client, method: str, url: str, **kwargs: object) -> htt
 
 def _stop_503(api: str, response: httpx.Response) -> Stop:
     """Why the API's 503 stops the run, in its own words (its 503 bodies are client-safe, api/errors.py): the
-    dependency its message names ("the database is unavailable; ..."), or its reason with its code (a master key or
-    a department key that does not open); for a 503 without the API's error body (a proxy's page), the API
-    unavailable."""
+    dependency its message names ("the database is unavailable; ..."), or its reason with its code (a master key
+    that does not open; a department key that does not open is also the refusal the in-process command says, exit 2:
+    `Stop.refusal`); for a 503 without the API's error body (a proxy's page), the API unavailable."""
+    from api.cli_failures import department_key_failure
+    from core.errors import ErrorCode
+
     error = _api_error(response)
     if error is None:
         return _unavailable(api)
     code, message = error
     if named := re.match(r"the (.+?) is unavailable", message):
         return _unavailable(named.group(1))
+    if code == ErrorCode.department_key_unreadable.name:  # missing or altered: as the in-process command says it
+        refusal = department_key_failure(message)
+        return Stop(f"the {api} answered 503 {code}: {message}", refusal.when, refusal)
     return Stop(f"the {api} answered 503 {code}: {message}", "once that is fixed")
 
 

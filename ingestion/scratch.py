@@ -20,12 +20,14 @@ import math
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 from core import forksafe
 from core.errors import Unavailable
@@ -37,10 +39,12 @@ LEGACY_PREFIXES = ("govrag-pandoc-", "govrag-soffice-")
 LEGACY_AGE_SECONDS = 24 * 60 * 60  # far past any conversion: each is killed at the parse time limit (default 120 s)
 # What a parse whose directory was removed under it (`parsing`) says is unavailable: the host's fault, not the file's
 DEPENDENCY = "temporary directory"
+SIGTERM_AGAIN_SECONDS = 0.05  # a SIGTERM met as a program starts is sent again this much later (`_raise_terminated`)
 
 # Reentrant: a SIGTERM handled on the main thread (`removed_on_sigterm`) may find it held by that thread, inside
 # `private_dir`; the handler never returns there (the process ends), and at worst misses the directory being made
-# then, empty still, left unheld as the process ends: the next process to make one removes it.
+# then, empty still, left unheld as the process ends: the next process to make one removes it (so does a
+# `Terminated` raised there, `stopped_on_sigterm`).
 _lock = forksafe.rlock()
 _base: str | None = None  # the temporary directory of the system (TMPDIR), where the private ones are made
 _current: tuple[int, str, int] | None = None  # (owning pid, directory, descriptor holding its lock)
@@ -113,10 +117,10 @@ def _remove_at_exit(pid: int, directory: str) -> None:
 def remove_own() -> None:
     """Remove this process's directory now, for a process about to end with no atexit run: `govrag serve` once
     uvicorn's shutdown is done, before uvicorn raises again the SIGTERM it stopped on, a Celery prefork child,
-    which billiard ends with `os._exit`, and `govrag demo` or `govrag ingest` on a SIGTERM (`removed_on_sigterm`).
-    tempfile's default stays the removed directory, where nothing more can be written (a parse abandoned at the stop
-    fails there, `Unavailable` (`parsing`), its copies not left in the temporary directory itself, with no owner to
-    tell by)."""
+    which billiard ends with `os._exit`, `govrag demo` on a SIGTERM (`removed_on_sigterm`) and `govrag ingest` once a
+    SIGTERM stopped it (`end_by_sigterm`). tempfile's default stays the removed directory, where nothing more can be
+    written (a parse abandoned at the stop fails there, `Unavailable` (`parsing`), its copies not left in the
+    temporary directory itself, with no owner to tell by)."""
     with _lock:
         if _current is not None:
             _remove_at_exit(*_current[:2])
@@ -126,19 +130,65 @@ def remove_own() -> None:
 def removed_on_sigterm() -> Iterator[None]:
     """In this block, a SIGTERM (systemd, docker, Kubernetes) removes this process's directory (`remove_own`), then
     ends the process as the signal does, exit status and all, as `govrag serve` does once uvicorn's shutdown is done:
-    `govrag demo` and `govrag ingest` left it, the plaintext copies of the parse cut short in it, for the next process
-    to remove. Off the main thread, where no signal handler can be set, as uvicorn does: nothing."""
+    `govrag demo` left it, the plaintext copies of the parse cut short in it, for the next process to remove. Off the
+    main thread, where no signal handler can be set, as uvicorn does: nothing."""
+    with _sigterm_handled_by(_remove_and_end):
+        yield
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM in a `stopped_on_sigterm` block: the work it cuts short stops as on a Ctrl-C (a KeyboardInterrupt,
+    which no `except Exception` on its way swallows; `govrag ingest` hands the file's jobs back), and the command
+    then ends by the signal (`end_by_sigterm`)."""
+
+
+@contextmanager
+def stopped_on_sigterm() -> Iterator[None]:
+    """In this block, a SIGTERM raises `Terminated` on the main thread, for the command to stop as on a Ctrl-C, say
+    so and end by the signal (`end_by_sigterm`), its directory removed; a second SIGTERM as it stops, and any after
+    the block was left by the first, ends the process at once as `removed_on_sigterm` does. Off the main thread:
+    nothing."""
+    with _sigterm_handled_by(_raise_terminated):
+        yield
+
+
+def end_by_sigterm() -> None:
+    """Remove this process's directory and end the process by SIGTERM, as it ends unhandled (a supervisor reads the
+    signal in its status): a command `Terminated` stopped, once it said where. What it printed is flushed first."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    _remove_and_end(signal.SIGTERM, None)
+
+
+@contextmanager
+def _sigterm_handled_by(handler: Callable[[int, FrameType | None], None]) -> Iterator[None]:
+    """SIGTERM handled by `handler` in this block, on the main thread only (no signal handler can be set elsewhere);
+    the handler found restored after it, unless a `Terminated` left `_remove_and_end` in its place."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _remove_and_end)
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:  # None: a handler set outside Python, which cannot be set again; then the default
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        if signal.getsignal(signal.SIGTERM) is handler:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-def _remove_and_end(signum: int, _frame: object) -> None:
+def _raise_terminated(signum: int, _frame: FrameType | None) -> None:
+    """Raise `Terminated`, a second SIGTERM then ending the process at once (`_remove_and_end`). Not while this thread
+    starts a program (`sandbox.starting_a_program`): raised then, the program would run on, held by no one; the
+    signal is sent again shortly, as the parse time limit's alarm comes again."""
+    if sandbox.starting_a_program():
+        again = threading.Timer(SIGTERM_AGAIN_SECONDS, os.kill, (os.getpid(), signum))
+        again.daemon = True
+        again.start()
+        return
+    signal.signal(signum, _remove_and_end)
+    raise Terminated
+
+
+def _remove_and_end(signum: int, _frame: FrameType | None) -> None:
     """Remove this process's directory, then end by `signum` as it does unhandled. The lock is held to the end: no
     other thread's parse makes the directory again between its removal and the process's end."""
     with _lock:

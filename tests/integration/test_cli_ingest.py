@@ -24,11 +24,14 @@ from core.db import unit_of_work
 from core.models import Document
 from core.settings import get_settings
 from tests.conftest import PLATFORM_ADMIN, allow_connections, auth, damaged_doc
+from tests.integration.test_cli_failures import DEPARTMENT_KEY_ALTERED, DEPARTMENT_KEY_MISSING
 from tests.support.file_permissions import permission_bits_bind
+from tests.support.key_rotation import alter_key_row, department_key_deleted
 from tests.support.lock_waits import wait_for_a_lock_wait
 from tests.support.served import served
 
 if TYPE_CHECKING:
+    from core.settings import Settings
     from workers.celery_app import GovragCelery
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -685,7 +688,8 @@ def test_a_ctrl_c_hands_the_file_back_and_running_the_command_again_finishes(
     captured = capsys.readouterr()
     assert code == 130 and interrupted and "Traceback" not in captured.err
     said = " ".join(captured.err.split())
-    assert f"interrupted at {folder / 'b-pay.md'} (2 files not done); run the same command again" in said, said
+    assert (f"interrupted at {folder / 'b-pay.md'} (2 files not done, 1 handed back to wait); run the same command "
+            "again") in said, said
     assert _rows(cli_env) == {"a-leave.md": ("ready", "ready"), "b-pay.md": ("processing", "queued")}
 
     assert main(["ingest", str(folder), "--department", "hr"]) == 0
@@ -734,21 +738,28 @@ def _closed_port() -> int:
 
 
 @pytest.fixture
-def served_api(make_pg_database: Callable[[], str], tmp_path: Path,
-               monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str, str]]:
-    """An API as `govrag serve` runs it (embedded store, in-process worker) on its own PostgreSQL database, served over
-    HTTP, with the department `hr`: its URL, an editor's token there, and the database's name."""
-    from api.app import create_app
+def served_settings(make_pg_database: Callable[[], str], tmp_path: Path) -> Settings:
+    """The settings of the `served_api`: its own migrated PostgreSQL database, its data dir tmp_path/served."""
     from core import migrate
     from core.settings import Settings
+
+    url = make_pg_database()
+    migrate.upgrade(url)
+    return Settings(data_dir=tmp_path / "served", database_url=url, broker_url="memory://", inprocess_worker=True,
+                    admins=[PLATFORM_ADMIN])
+
+
+@pytest.fixture
+def served_api(served_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str, str]]:
+    """An API as `govrag serve` runs it (embedded store, in-process worker) on its own PostgreSQL database
+    (`served_settings`), served over HTTP, with the department `hr`: its URL, an editor's token there, and the
+    database's name."""
+    from api.app import create_app
     from retrieval.store import close_vector_store
 
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    url = make_pg_database()
-    migrate.upgrade(url)
-    settings = Settings(data_dir=tmp_path / "served", database_url=url, broker_url="memory://", inprocess_worker=True,
-                        admins=[PLATFORM_ADMIN])
-    app, database = create_app(settings), url.rsplit("/", 1)[1]
+    settings = served_settings
+    app, database = create_app(settings), settings.resolved_database_url.rsplit("/", 1)[1]
     try:
         with served(app) as api_url:
             admin = app.state.dev_issuer.issue(PLATFORM_ADMIN, [])
@@ -849,6 +860,82 @@ def test_through_the_api_a_503_that_says_why_stops_the_run_saying_it(
         crypto.write_master_keyring(key_file, right)
     assert main(command) == 0
     assert "ready: 3" in " ".join(capsys.readouterr().out.split())
+
+
+@contextmanager
+def _department_key_that_does_not_open(settings: Settings, key_row: str) -> Iterator[None]:
+    """The `hr` key row of `settings`' database altered (one bit flipped) or deleted, as it was again after the block;
+    the API's key store (this process's) forgets the keys it opened."""
+    if key_row == "deleted":
+        with department_key_deleted(settings, "hr"):
+            yield
+        return
+    with unit_of_work(settings.resolved_database_url) as session:
+        alter_key_row(settings, session, "hr", kind="department")
+    try:
+        yield
+    finally:
+        with unit_of_work(settings.resolved_database_url) as session:
+            alter_key_row(settings, session, "hr", kind="department")  # the same bit flipped back
+
+
+@pytest.mark.parametrize(("key_row", "line"), [("altered", DEPARTMENT_KEY_ALTERED),
+                                               ("deleted", DEPARTMENT_KEY_MISSING)])
+def test_through_the_api_a_department_key_that_does_not_open_is_the_in_process_line_and_exit_2(
+        served_api: tuple[str, str, str], served_settings: Settings, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, key_row: str, line: str) -> None:
+    """Through `--api-url`, the API's 503 `department_key_unreadable` (the department's key row altered or deleted)
+    stopped the run as an outage would, the file `unavailable` in a table, exit 1, where in process the same key is
+    one line before any file, exit 2: a row to restore (test_cli_failures). Now it is that line, exit 2, nothing
+    ingested; the row restored, the same command ingests the files."""
+    api_url, token, _ = served_api
+    monkeypatch.setenv("COLUMNS", "400")  # the line unwrapped
+    command = ["ingest", str(_three_files(tmp_path, "")), "--department", "hr", "--api-url", api_url,
+               "--token", token]
+    with _department_key_that_does_not_open(served_settings, key_row):
+        code = main(command)
+        captured = capsys.readouterr()
+        with unit_of_work(served_settings.resolved_database_url) as session:
+            assert session.scalars(select(Document.id)).all() == []
+    assert (code, captured.err.splitlines()[-1]) == (2, line), captured.err
+    assert "ingestion summary" not in captured.out and "Traceback" not in captured.err
+    assert main(command) == 0
+    assert "ready: 3" in " ".join(capsys.readouterr().out.split())
+
+
+def test_through_the_api_a_department_key_that_stops_opening_mid_run_stops_it_with_exit_2(
+        served_api: tuple[str, str, str], served_settings: Settings, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key row altered once a file was ingested: the run stops there in the API's words, the table says what
+    was ingested, and the exit code is the key's, 2 (a row to restore), not an outage's."""
+    from ingestion import service
+
+    api_url, token, _ = served_api
+    canary, real_accept, altered = uuid.uuid4().hex, service.accept_upload, []
+
+    def accept_upload(**kwargs: bytes) -> object:
+        if canary.encode() in kwargs["data"] and not altered:
+            altered.append(canary)
+            with unit_of_work(served_settings.resolved_database_url) as session:
+                alter_key_row(served_settings, session, "hr", kind="department")
+        return real_accept(**kwargs)
+
+    monkeypatch.setattr(service, "accept_upload", accept_upload)
+    monkeypatch.setenv("COLUMNS", "400")
+    command = ["ingest", str(_three_files(tmp_path, canary)), "--department", "hr", "--api-url", api_url,
+               "--token", token]
+    try:
+        code = main(command)
+    finally:
+        with unit_of_work(served_settings.resolved_database_url) as session:
+            alter_key_row(served_settings, session, "hr", kind="department")
+    captured = capsys.readouterr()
+    out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
+    assert code == 2 and altered, err
+    assert "ready: 1" in out and "unavailable: 1" in out and "not attempted: 1" in out, out
+    assert (f"stopped: the API at {api_url} answered 503 department_key_unreadable: the key of department hr does "
+            "not open under the master key") in err, err
+    assert "(1 file not attempted); run the same command again once that row is restored" in err, err
 
 
 def test_through_the_api_an_api_that_cannot_be_reached_stops_the_run_naming_it(

@@ -12,13 +12,16 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pypandoc
+from sqlalchemy import select
 
 from ingestion import scratch
 from tests.support.conversion_inputs import ODT
-from tests.support.govrag_process import govrag_env, start_govrag, stop_govrag
+from tests.support.govrag_process import govrag_env, run_govrag, start_govrag, stop_govrag
 from tests.support.polling import wait_until
 
 # pandoc, once the conversion started (`started` made), waiting for the test (`go`) before it runs
@@ -47,14 +50,25 @@ def _private_dirs(temp_dir: Path) -> list[Path]:
     return list(temp_dir.glob(f"{scratch.PREFIX}*"))
 
 
+@contextmanager
+def _said_on_failure(log: Path) -> Iterator[None]:
+    """A failure in the block carries the end of the command's `log`: a wait that timed out (under load) said only
+    which wait it was, `Popen.wait`'s timeout and a directory count gone wrong not even that."""
+    try:
+        yield
+    except (AssertionError, ValueError, subprocess.TimeoutExpired) as failure:
+        raise AssertionError(f"{failure}\n--- the end of {log.name}:\n{log.read_text()[-3000:]}") from failure
+
+
 def test_a_demo_stopped_by_sigterm_leaves_no_private_temporary_directory(tmp_path: Path) -> None:
     temp_dir, log = tmp_path / "tmp", tmp_path / "demo.log"
     temp_dir.mkdir()
     env = {**govrag_env(data_dir=str(tmp_path / "data")), "TMPDIR": str(temp_dir)}
     demo = start_govrag(["demo"], log=log, env=env)
     try:  # its in-process worker makes the directory as it starts, before the demo uploads its documents
-        wait_until(lambda: bool(_private_dirs(temp_dir)) or demo.poll() is not None, 300, "the demo's worker")
-        assert stop_govrag(demo, signal.SIGTERM) == -signal.SIGTERM, log.read_text()[-3000:]
+        with _said_on_failure(log):
+            wait_until(lambda: bool(_private_dirs(temp_dir)) or demo.poll() is not None, 300, "the demo's worker")
+            assert stop_govrag(demo, signal.SIGTERM) == -signal.SIGTERM
     finally:
         if demo.poll() is None:
             demo.kill()
@@ -64,10 +78,11 @@ def test_a_demo_stopped_by_sigterm_leaves_no_private_temporary_directory(tmp_pat
 
 def _held_at_conversion(ingest: subprocess.Popen[bytes], started: Path, temp_dir: Path, log: Path) -> Path:
     """The private directory of `ingest`, once its ODT's conversion started (held), with the copy pandoc converts."""
-    wait_until(lambda: started.exists() or ingest.poll() is not None, 300, "the ODT's conversion to start")
-    assert started.exists(), log.read_text()[-3000:]
-    [private] = _private_dirs(temp_dir)
-    assert any(private.rglob("upload.odt"))
+    with _said_on_failure(log):
+        wait_until(lambda: started.exists() or ingest.poll() is not None, 300, "the ODT's conversion to start")
+        assert started.exists(), "it ended before its conversion started"
+        [private] = _private_dirs(temp_dir)
+        assert any(private.rglob("upload.odt"))
     return private
 
 
@@ -83,7 +98,8 @@ def test_a_private_directory_removed_under_a_parse_fails_no_file_and_sigterm_rem
     try:
         shutil.rmtree(_held_at_conversion(ingest, started, temp_dir, log))
         go.touch()
-        assert ingest.wait(300) == 1, log.read_text()[-3000:]
+        with _said_on_failure(log):
+            assert ingest.wait(300) == 1
         said = " ".join(log.read_text().split())  # the summary table's cells, wrapped
         assert "corrupt" not in said, said[-3000:]
         assert "unavailable: 1" in said and "the temporary directory is unavailable" in said, said[-3000:]
@@ -91,10 +107,59 @@ def test_a_private_directory_removed_under_a_parse_fails_no_file_and_sigterm_rem
         go.unlink()
         ingest = start_govrag(argv, log=log, env=env)
         _held_at_conversion(ingest, started, temp_dir, log)
-        assert stop_govrag(ingest, signal.SIGTERM) == -signal.SIGTERM, log.read_text()[-3000:]
+        with _said_on_failure(log):
+            assert stop_govrag(ingest, signal.SIGTERM) == -signal.SIGTERM
     finally:
         go.touch()  # a held pandoc left (its death signal is setpriv's) goes on, and ends
         if ingest.poll() is None:
             ingest.kill()
             ingest.wait()
+    assert _private_dirs(temp_dir) == []
+
+
+def _jobs(url: str) -> dict[str, tuple[str, str, int]]:
+    """Each document's title → its status, its job's, and the job's crashed runs."""
+    from core.db import unit_of_work
+    from core.models import Document, IngestionJob
+
+    with unit_of_work(url) as session:
+        return {title: (document, job, crashed) for title, document, job, crashed in session.execute(
+            select(Document.title, Document.status, IngestionJob.status, IngestionJob.crashed_runs)
+            .join(IngestionJob, IngestionJob.document_id == Document.id))}
+
+
+def test_an_ingest_stopped_by_sigterm_mid_file_hands_it_back_and_a_run_again_finishes(cli_env: str,
+                                                                                       tmp_path: Path) -> None:
+    """A SIGTERM mid-file removed the private directory and ended the process at once: the file's job was left
+    `processing`, marked sent, for an API's stall sweep to find (on the embedded default, nothing at all), and the
+    command said nothing. Now the run stops as on a Ctrl-C: the job handed back (`queued`, no crash counted), one line
+    saying where and how many files were handed back, the private directory removed, and the process still ends by
+    the signal; the same command run again ingests that file and the rest."""
+    env, started, go = _held_pandoc(tmp_path)
+    temp_dir, log, folder = tmp_path / "tmp", tmp_path / "ingest.log", tmp_path / "inbox"
+    folder.mkdir()
+    shutil.copy(ODT, folder / "a-minutes.odt")
+    (folder / "b-pay.md").write_text("# Pay\n\nPay day is the 25th of each month.\n")
+    argv, env = ["ingest", str(folder), "--department", "hr"], {**env, "COLUMNS": "400"}  # its line unwrapped
+    ingest = start_govrag(argv, log=log, env=env)
+    try:
+        _held_at_conversion(ingest, started, temp_dir, log)
+        with _said_on_failure(log):
+            assert stop_govrag(ingest, signal.SIGTERM) == -signal.SIGTERM
+    finally:
+        go.touch()  # a held pandoc left goes on, and ends; the run again converts at once
+        if ingest.poll() is None:
+            ingest.kill()
+            ingest.wait()
+    said = " ".join(log.read_text().split())
+    assert (f"stopped by SIGTERM at {folder / 'a-minutes.odt'} (2 files not done, 1 handed back to wait); run the "
+            "same command again to go on") in said, said[-3000:]
+    assert "Traceback" not in said, said[-3000:]
+    assert _jobs(cli_env) == {"a-minutes.odt": ("processing", "queued", 0)}
+    assert _private_dirs(temp_dir) == []
+
+    again = run_govrag(argv, env=env)
+    out = " ".join(again.stdout.split())
+    assert again.returncode == 0 and "ready: 2" in out and "ingested now" in out, (out, again.stderr[-3000:])
+    assert _jobs(cli_env) == {"a-minutes.odt": ("ready", "ready", 0), "b-pay.md": ("ready", "ready", 0)}
     assert _private_dirs(temp_dir) == []

@@ -187,6 +187,42 @@ def test_a_sigterm_removes_the_directory_and_ends_the_process_by_it(tmp_path: Pa
         process.stdout.close()  # type: ignore[union-attr]
 
 
+# A process whose SIGTERM stops it (`stopped_on_sigterm`): one met as a program starts waits until it has started,
+# sent again; then, stopped, it says so and ends by the signal, its directory removed
+SIGTERMED_AS_A_PROGRAM_STARTS = """
+import os, signal, time
+from ingestion import sandbox, scratch
+print(scratch.private_dir(), flush=True)
+try:
+    with scratch.stopped_on_sigterm():
+        sandbox._starting.now = True
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("started", flush=True)
+        sandbox._starting.now = False
+        time.sleep(600)
+except scratch.Terminated:
+    print("stopped", signal.getsignal(signal.SIGTERM) is scratch._remove_and_end, flush=True)
+    scratch.end_by_sigterm()
+"""
+
+
+def test_a_sigterm_stops_the_block_then_the_process_ends_by_it_its_directory_removed(tmp_path: Path) -> None:
+    """`Terminated` is a KeyboardInterrupt (stopped as on a Ctrl-C), never raised as a program starts (it would run
+    on, held by no one) but once it has; a second SIGTERM would end the process at once; the block restores the
+    handler it found when no SIGTERM came."""
+    assert issubclass(scratch.Terminated, KeyboardInterrupt)
+    before = signal.getsignal(signal.SIGTERM)
+    with scratch.stopped_on_sigterm():
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
+    process = subprocess.run([sys.executable, "-c", SIGTERMED_AS_A_PROGRAM_STARTS], cwd=ROOT,  # noqa: S603
+                             capture_output=True, text=True, timeout=120, check=False,
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)})
+    directory, *said = process.stdout.splitlines()
+    assert (process.returncode, said) == (-signal.SIGTERM, ["started", "stopped True"]), process.stderr
+    assert Path(directory).parent == tmp_path and not Path(directory).exists()
+
+
 # A worker process parsing each document in a folder, saying what each parse gave (JSON, by file name), then where
 # tempfile's default (its private directory) is.
 PARSE_ALL_AND_SAY = """
