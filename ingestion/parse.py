@@ -402,7 +402,9 @@ def _with_alarm(work: Callable[[], T], seconds: float, deadline: sandbox.Deadlin
     signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)  # and again every second, should a parser swallow it
     try:
         return work()
-    except _ParseTimeout:
+    except _ParseTimeout as timeout:
+        if isinstance(stop := timeout.__context__, KeyboardInterrupt):  # the alarm came as a stop's cleanup ran
+            raise stop from None
         raise deadline.expired() from None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)

@@ -129,6 +129,20 @@ def test_parse_timeout_is_not_swallowed_by_a_parser_that_catches_every_exception
     assert finished == []  # the timeout got through the parser's catch-all, not waited out
 
 
+def test_a_ctrl_c_or_sigterm_met_by_the_parse_time_limit_as_its_cleanup_runs_stays_a_stop() -> None:
+    """A Ctrl-C (or `govrag ingest`'s SIGTERM, `scratch.Terminated`) whose cleanup (`sandbox.killed_on_failure`
+    waiting for the programs it killed) met the parse time limit's alarm became the file's parse timeout: the file
+    failed, and the run went on as if no stop had been asked for. The stop goes on up."""
+    def interrupted_parser() -> None:
+        try:
+            raise KeyboardInterrupt
+        finally:
+            time.sleep(60)  # the cleanup the alarm interrupts
+
+    with pytest.raises(KeyboardInterrupt):
+        run_with_timeout(interrupted_parser, sandbox.Deadline(0.2))
+
+
 def test_parse_timeout_off_the_main_thread_returns_control() -> None:
     outcome: dict[str, str] = {}
 
