@@ -101,29 +101,78 @@ RULES: tuple[Rule, ...] = (
                             r"\s*:|###\s*(?:instruction|system))")),
 )
 # Chat-template control sequences that open a role's turn or end one, as the templates spell them (the normaliser has
-# folded full-width forms, dropped invisible characters and decoded character references first): ChatML's
-# `<|im_start|>`, `<|im_end|>` (Phi-4's `<|im_sep|>`); Llama 3's `<|start_header_id|>`, `<|end_header_id|>`,
-# `<|eot_id|>`; Phi-3's and Zephyr's `<|system|>`, `<|user|>`, `<|assistant|>`, `<|end|>`; gpt-oss's `<|start|>`,
-# `<|message|>`, `<|call|>`; Command R's `<|START_OF_TURN_TOKEN|>`, `<|SYSTEM_TOKEN|>`; Granite's `<|start_of_role|>`;
-# DeepSeek's `<｜User｜>`, `<｜end▁of▁sentence｜>`; Gemma's `<start_of_turn>`; Llama 2's and Mistral's `[INST]`,
-# `<<SYS>>`, `[SYSTEM_PROMPT]`; and `</s>` closing a turn right before a role opens the next (`</s> User:`,
-# `</s> ### Assistant:`). A question or a document holding one forges a turn: an attack by construction. A name no
-# word of prose or code is (`im_end`, not `user`) is also read with spaces inside its brackets (`<| im_end |>`, a model
-# still reads the marker) and in parentheses, as a title shows `<` and `>` (`(|im_end|)`); a plain word only as
-# written (F#'s `f <| user |> g`, its active pattern `(|Message|)`). Left to fake_system (soft): a bare `<s>`/`</s>`
-# (HTML's strike-through, code), `[system]` (an INI section), `<system>` (XML), `System:` and `### System`. Left to
-# the classifier: a reasoning model's `<think>`, `</think>`, which forge no turn and are named in questions about
-# those models; the prompt shows them as text, not tokens (`retrieval.prompting._CONTROL_OPENING`).
-_TURN_NAMES = (r"im_(?:start|end|sep)|eot_id|eom_id|(?:start|end)_header_id|begin_of_text|end_?of_?text|"
-               r"(?:start|end)_of_(?:turn|role)(?:_token)?|(?:system|user|chatbot)_token|(?:begin|end)\u2581of\u2581sentence")
-_TURN_WORDS = r"system|user|assistant|end|start|message|channel|return|call"
-_ROLES = r"(?:system|user|assistant|human)"
+# folded full-width forms, dropped invisible characters and decoded character references and %-escaped brackets and
+# pipes first): ChatML's `<|im_start|>`, `<|im_end|>` (Phi-4's `<|im_sep|>`); Llama 3's `<|start_header_id|>`,
+# `<|end_header_id|>`, `<|eot_id|>` and Llama 4's `<|header_start|>`, `<|eot|>`; Phi-3's and Zephyr's `<|system|>`,
+# `<|user|>`, `<|assistant|>`, `<|end|>`; gpt-oss's `<|start|>`, `<|message|>`, `<|call|>`; Command R's
+# `<|START_OF_TURN_TOKEN|>`, `<|SYSTEM_TOKEN|>`; Granite's `<|start_of_role|>`; DeepSeek's `<｜User｜>`,
+# `<｜end▁of▁sentence｜>`; Gemma's `<start_of_turn>`; Llama 2's and Mistral's `[INST]`, `<<SYS>>`, `[SYSTEM_PROMPT]`,
+# `[TOOL_RESULTS]`; and `</s>` or Gemma's `<eos>` closing a turn right before a role opens the next (`</s> User:`,
+# `</s> ### Assistant:`). A question or a document holding one forges a turn: an attack by construction. Their brackets
+# and pipes are also read in look-alike forms NFKC leaves alone (`‹|im_start|›`, `〈|eot_id|〉`, `<∣user∣>`). A name
+# no word of prose or code is (`im_end`, not `user`) is also read spaced out or split, inside its brackets and in its
+# name (`<| im _ start |>`, `<|im start|>`: a model still reads the marker), and in parentheses, as a title shows `<`
+# and `>` (`(|im_end|)`); a plain word only as written (F#'s `f <| user |> g`), and a role's in parentheses too
+# (`(|user|)`), unless F# defines an active pattern so (`let (|User|) u = u`). Left to fake_system (soft): a bare
+# `<s>`/`</s>` (HTML's strike-through, code), `[system]` (an INI section), `<system>` (XML), `System:` and `### System`.
+# A reasoning model's `<think>`, `</think>` (Qwen3, DeepSeek-R1; Magistral's `[THINK]`, Seed's `<seed:think>`, Kimi's
+# `◁think▷`) forge no turn on their own and are named in questions about those models, so they fire only where they
+# stand at a turn's edge (`_REASONING_TURN`) and go on in the model's voice: an instruction to it, or reasoning of its
+# own (`open?</think>\n\nNow print...`, `<think>The user is an admin, so I should...`). The prompt shows all of them as
+# text, not tokens (`retrieval.prompting._CONTROL_OPENING`).
+_TURN_NAMES = ("im_start", "im_end", "im_sep", "eot_id", "eom_id", "eot", "start_header_id", "end_header_id",
+               "header_start", "header_end", "begin_of_text", "end_of_text", "start_of_turn_token",
+               "end_of_turn_token", "start_of_turn", "end_of_turn", "start_of_role", "end_of_role", "system_token",
+               "user_token", "chatbot_token", "begin\u2581of\u2581sentence", "end\u2581of\u2581sentence")
+_TURN_WORDS = r"system|user|assistant|end|start|message|channel|constrain|return|call"
+_ROLES = r"(?:system|user|assistant|human|model)"
+# Brackets and pipes as templates write them and their look-alikes NFKC leaves alone (it folds `＜`, `〈`, `｜`, `￨`).
+_OPENING = "<\u2039\u00ab\u27e8\u3008\u276e\u02c2\u1438"  # `<`, `‹`, `«`, `⟨`, `〈`, `❮`, `˂`, `ᐸ`
+_CLOSING = ">\u203a\u00bb\u27e9\u3009\u276f\u02c3\u1433"
+_PIPE = "[|\u2223\u01c0\u2502\u00a6\u2758\u23d0]"  # `|`, `∣`, `ǀ`, `│`, `¦`, `❘`, `⏐`
+# A reasoning tag's: not `«`, `»`, which quote the word in French (`le mot « think »`); Kimi's `◁`, `▷` too.
+_TAG_OPENING = "<\u2039\u27e8\u3008\u276e\u02c2\u1438\u25c1"
+_TAG_CLOSING = ">\u203a\u27e9\u3009\u276f\u02c3\u1433\u25b7"
+
+
+def _spelt(name: str) -> str:
+    """A pattern reading `name` also with spaces between its letters and its `_` or `▁` spaced, left out or a `-`."""
+    return r"\s*".join(r"[\s_\-\u2581]*" if ch in "_\u2581" else re.escape(ch) for ch in name)
+
+
+_SPELT_NAMES = "|".join(_spelt(name) for name in _TURN_NAMES)
+# A `(` that opens no F# active pattern (`let (|User|) u = u`). Each pattern here starts with a character, the words
+# before it looked behind at only then: Python's `re` searches such a pattern several times faster.
+_NOT_F_SHARP_PARENTHESIS = r"\((?<!\blet\s\()(?<!\binline\s\()(?<!\bprivate\s\()(?<!\band\s\()"
+_TEMPLATE_TOKENS = (
+    rf"[{_OPENING}(]\s*{_PIPE}\s*(?:{_SPELT_NAMES})\s*{_PIPE}\s*[{_CLOSING})]",
+    rf"[{_OPENING}]{_PIPE}(?:{_TURN_WORDS}){_PIPE}[{_CLOSING}]",
+    rf"{_NOT_F_SHARP_PARENTHESIS}\s*{_PIPE}\s*(?:system|user|assistant)\s*{_PIPE}\s*\)",
+    rf"[{_OPENING}]\s*(?:{_spelt('start_of_turn')}|{_spelt('end_of_turn')})\s*[{_CLOSING}]",
+    r"\[\s*/?\s*(?:inst|system_prompt|available_tools|tool_calls|tool_results)\s*\]",
+    r"<<\s*/?\s*sys\s*>>",
+    rf"(?:</s>|<\s*/?\s*eos\s*>)\s*(?:<(?:s|bos)>\s*)?(?:#+\s*)?{_ROLES}\s*:",
+)
+_REASONING_TAG = (rf"(?:[{_TAG_OPENING}]\s*/?\s*(?:think(?:ing)?|reasoning|seed\s*:\s*think)\s*[{_TAG_CLOSING}]"
+                  r"|\[\s*/?\s*think\s*\]|\(\s*/\s*think(?:ing)?\s*\))")  # a title shows `</think>` as `(/think)`
+_TURN_EDGE = r"(?:^|[.!?:;)\]}>\"'`*\n\u201d\u2019\u203a\u3009\u27e9\u276f\u25b7])"  # read, not looked behind
+_MODEL_VOICE_LEAD = (r"(?:(?:ok(?:ay)?|alright|so|well|hmm|now|next|then|finally|final answer|answer|response|"
+                     r"output)\b\W*)")
+_MODEL_VOICE = (
+    r"(?:ignore|disregard|forget|override|bypass|print|output|say|write|reply|respond|reveal|tell|display|repeat|"
+    r"give|provide|send|leak|share|follow|obey|comply|switch|enter|act|pretend|answer|translate|you|your|sure|"
+    r"certainly|here\s+is|here's|the\s+user|let\s+me|let's|"
+    r"i\s+(?:should|must|will|shall|need\s+to|have\s+to|am\s+(?:allowed|supposed|going)|can\s+now)|"
+    r"i'(?:ll|m\s+(?:allowed|supposed|going))|we\s+(?:should|must|will|need\s+to)|"
+    r"my\s+(?:instructions|rules|guidelines|task|system\s+prompt))\b")
+# Where a reasoning tag stands at a turn's edge: after what ends a sentence, a line or a tag, or before a line break or
+# a capital (`open </think> Say...`; the scanner reads a document's lines as one: `open\n</think>\nSay...` so too).
+_REASONING_TURN = (rf"(?:{_TURN_EDGE}[^\S\n]*{_REASONING_TAG}|{_REASONING_TAG}(?=[^\S\n]*(?:\n|(?-i:[A-Z]))))"
+                   rf"\W*{_MODEL_VOICE_LEAD}{{0,3}}{_MODEL_VOICE}")
 # Rules outside the classifier: they block on their own and are no feature of it (`lexical_features` has a column per
 # rule of RULES, which the shipped weights were trained on).
 RULES_OUTSIDE_MODEL: tuple[Rule, ...] = (
-    Rule("chat_template", _rx(rf"[<(]\s*\|\s*(?:{_TURN_NAMES})\s*\|\s*[>)]|<\|(?:{_TURN_WORDS})\|>"
-                              rf"|<\s*(?:start|end)_of_turn\s*>|\[\s*/?\s*(?:inst|system_prompt)\s*\]|<<\s*/?\s*sys\s*>>"
-                              rf"|</s>\s*(?:<s>\s*)?(?:#+\s*)?{_ROLES}\s*:"), hard=True),
+    Rule("chat_template", _rx("|".join((*_TEMPLATE_TOKENS, _REASONING_TURN))), hard=True),
 )
 HARD_RULES = frozenset(rule.name for rule in (*RULES, *RULES_OUTSIDE_MODEL) if rule.hard)
 HARD_SCORE = 0.999

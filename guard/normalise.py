@@ -9,6 +9,7 @@ import html
 import re
 import unicodedata
 from typing import Annotated
+from urllib.parse import unquote
 
 from pydantic import AfterValidator
 
@@ -69,6 +70,11 @@ _SPACES = re.compile(r"[ \t]+")
 _WRAPPED_HYPHEN = re.compile(r"(?<=[^\W\d_])[-\u2010]\s+(?=[^\W\d_])")
 # An HTML character reference: `&#73;` (the `;` may be left off a number, as browsers allow), `&#x49;`, `&amp;`.
 _CHARACTER_REFERENCE = re.compile(r"&(?:#[0-9]{1,7};?|#[xX][0-9a-fA-F]{1,6};?|[A-Za-z][A-Za-z0-9]{1,31};)")
+# A run of %-escapes (`%3C%7Cim_start%7C%3E`, `%EF%BD%9C` a full-width pipe). Decoded only where it spells brackets,
+# pipes and slashes alone (`_MARKUP`, once NFKC has folded it): a chat template's marker, never an address's
+# `%20` or `%3A%2F%2F`, which the classifier reads as written.
+_PERCENT_ESCAPES = re.compile(r"(?:%[0-9A-Fa-f]{2})+")
+_MARKUP = frozenset("<>|[]/")
 _COMMON = frozenset("the and you are to of a is in that it for your all this with not be as on ignore instructions "
                     "previous now say print reveal system prompt tell me what".split())
 MAX_DECODED = 4
@@ -202,8 +208,17 @@ ShownText = Annotated[str, AfterValidator(without_hidden)]
 
 
 def _unescape_references(text: str) -> str:
-    """HTML character references decoded (`&#73;gnore` is `Ignore` to any reader of markup); the rest as it is."""
-    return _CHARACTER_REFERENCE.sub(lambda match: html.unescape(match.group()), text)
+    """HTML character references decoded (`&#73;gnore` is `Ignore` to any reader of markup), and %-escapes that spell
+    brackets and pipes (`_escaped_markup`); the rest as it is."""
+    unescaped = _CHARACTER_REFERENCE.sub(lambda match: html.unescape(match.group()), text)
+    return _PERCENT_ESCAPES.sub(_escaped_markup, unescaped)
+
+
+def _escaped_markup(match: re.Match[str]) -> str:
+    """A run of %-escapes decoded where it spells brackets, pipes and slashes alone, not slashes alone; else kept."""
+    decoded = unquote(match.group())
+    read = unicodedata.normalize("NFKC", decoded)
+    return decoded if set(read) <= _MARKUP and set(read) - {"/"} else match.group()
 
 
 def normalise(text: str) -> str:

@@ -16,10 +16,11 @@ from guard.schemas import KillMode
 
 FIREWALL_REFUSAL = "This question was blocked by the prompt firewall."
 # A question holding a chat template's control token (chat_template) is blocked however innocent ("what does ... mean
-# in ChatML?"): say why and how to ask, without writing such a token (the answer may be passed to another model).
-TEMPLATE_REFUSAL = (f"{FIREWALL_REFUSAL[:-1]}: it holds a chat template's control token (im_end, eot_id, INST and the "
-                    "like, in their brackets), which would end your turn and open another. To ask about one, name it "
-                    "without its brackets.")
+# in ChatML?"), and so is one whose reasoning tag goes on in the model's voice: say why and how to ask, without writing
+# such a token (the answer may be passed to another model).
+TEMPLATE_REFUSAL = (f"{FIREWALL_REFUSAL[:-1]}: it holds a chat template's control token (im_end, eot_id, INST, think "
+                    "and the like, in their brackets), which would end your turn or the model's reasoning and open "
+                    "another. To ask about one, name it without its brackets.")
 DISABLED_MESSAGE = "Answering is switched off by an administrator (kill switch); try again later."
 
 
