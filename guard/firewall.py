@@ -136,25 +136,30 @@ _TAG_CLOSING = ">\u203a\u27e9\u3009\u276f\u02c3\u1433\u25b7"
 
 
 def _spelt(name: str) -> str:
-    """A pattern reading `name` also with spaces between its letters and its `_` or `▁` spaced, left out or a `-`."""
-    return r"\s*".join(r"[\s_\-\u2581]*" if ch in "_\u2581" else re.escape(ch) for ch in name)
+    """A pattern reading `name` also with spaces between its letters and its `_` or `▁` spaced, left out or a `-`.
+    One quantifier between two letters: spaces read on either side of a separator's too would try every split of a run
+    of spaces (cubic time: 80 s for 2,400 newlines)."""
+    words = re.split("[_\u2581]", name)
+    return r"[\s_\-\u2581]*".join(r"\s*".join(map(re.escape, word)) for word in words)
 
 
 _SPELT_NAMES = "|".join(_spelt(name) for name in _TURN_NAMES)
 # A `(` that opens no F# active pattern (`let (|User|) u = u`). Each pattern here starts with a character, the words
 # before it looked behind at only then: Python's `re` searches such a pattern several times faster.
 _NOT_F_SHARP_PARENTHESIS = r"\((?<!\blet\s\()(?<!\binline\s\()(?<!\bprivate\s\()(?<!\band\s\()"
+# An optional `/` and the spaces around it, read one way (`\s*/?\s*` would split a run of spaces every way it can).
+_SLASH = r"\s*(?:/\s*)?"
 _TEMPLATE_TOKENS = (
     rf"[{_OPENING}(]\s*{_PIPE}\s*(?:{_SPELT_NAMES})\s*{_PIPE}\s*[{_CLOSING})]",
     rf"[{_OPENING}]{_PIPE}(?:{_TURN_WORDS}){_PIPE}[{_CLOSING}]",
     rf"{_NOT_F_SHARP_PARENTHESIS}\s*{_PIPE}\s*(?:system|user|assistant)\s*{_PIPE}\s*\)",
     rf"[{_OPENING}]\s*(?:{_spelt('start_of_turn')}|{_spelt('end_of_turn')})\s*[{_CLOSING}]",
-    r"\[\s*/?\s*(?:inst|system_prompt|available_tools|tool_calls|tool_results)\s*\]",
-    r"<<\s*/?\s*sys\s*>>",
-    rf"(?:</s>|<\s*/?\s*eos\s*>)\s*(?:<(?:s|bos)>\s*)?(?:#+\s*)?{_ROLES}\s*:",
+    rf"\[{_SLASH}(?:inst|system_prompt|available_tools|tool_calls|tool_results)\s*\]",
+    rf"<<{_SLASH}sys\s*>>",
+    rf"(?:</s>|<{_SLASH}eos\s*>)\s*(?:<(?:s|bos)>\s*)?(?:#+\s*)?{_ROLES}\s*:",
 )
-_REASONING_TAG = (rf"(?:[{_TAG_OPENING}]\s*/?\s*(?:think(?:ing)?|reasoning|seed\s*:\s*think)\s*[{_TAG_CLOSING}]"
-                  r"|\[\s*/?\s*think\s*\]|\(\s*/\s*think(?:ing)?\s*\))")  # a title shows `</think>` as `(/think)`
+_REASONING_TAG = (rf"(?:[{_TAG_OPENING}]{_SLASH}(?:think(?:ing)?|reasoning|seed\s*:\s*think)\s*[{_TAG_CLOSING}]"
+                  rf"|\[{_SLASH}think\s*\]|\(\s*/\s*think(?:ing)?\s*\))")  # a title shows `</think>` as `(/think)`
 _TURN_EDGE = r"(?:^|[.!?:;)\]}>\"'`*\n\u201d\u2019\u203a\u3009\u27e9\u276f\u25b7])"  # read, not looked behind
 _MODEL_VOICE_LEAD = (r"(?:(?:ok(?:ay)?|alright|so|well|hmm|now|next|then|finally|final answer|answer|response|"
                      r"output)\b\W*)")

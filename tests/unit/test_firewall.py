@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import base64
 import codecs
+import contextlib
 import dataclasses
 import re
+import signal
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -219,7 +222,6 @@ def test_the_chat_template_rule_fires_on_control_tokens_not_on_their_look_alikes
     assert "chat_template" not in {rule.name for rule in RULES}  # outside the model: its features are unchanged
 
 
-
 @pytest.mark.parametrize("text", FAKE_TURNS.values(), ids=FAKE_TURNS.keys())
 def test_a_question_forging_a_reasoning_turn_or_a_disguised_template_token_is_blocked(text: str) -> None:
     """Each passed the classifier and fired no hard rule: the chat_template rule now blocks it."""
@@ -239,6 +241,33 @@ def test_only_escapes_spelling_brackets_and_pipes_are_decoded() -> None:
     assert normalise("a%3C%7Cim_end%7C%3Eb") == "a<|im_end|>b"
     assert normalise("See %3C%2Fthink%3E") == "See </think>"
     assert normalise("https%3A%2F%2Fintranet/report%2F%2F") == "https%3A%2F%2Fintranet/report%2F%2F"
+
+
+@contextlib.contextmanager
+def _hang_guard(seconds: int) -> Iterator[None]:
+    """Fail, rather than hang, when the work inside runs `seconds` (a guard against a hang, not a timing assertion)."""
+    def expired(*_: object) -> None:
+        raise AssertionError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("opening", ["<|im", "<|e", "<|", "<", "[", "<<", "\u25c1", "."])
+@pytest.mark.parametrize("space", ["\n", "\u1680"], ids=["line breaks", "Ogham spaces"])
+def test_the_chat_template_rule_reads_a_long_run_of_spaces_once(opening: str, space: str) -> None:
+    """Spaces the normaliser keeps (line breaks; U+1680, which NFKC leaves and the scanner keeps inside a line) after
+    the start of a marker: quantifiers side by side over them (`im` then spaces, then a separator's, then spaces
+    again) tried every split of the run, a 2,000-character question took 50 s of CPU, a chunk's line of 800 spaces
+    4 s. 100,000 of them take milliseconds now, hours before: the guard only stops a hang."""
+    with _hang_guard(60):
+        assert not fires_hard_rule(rule_hits(opening + space * 100_000 + "x"))
+
 
 def test_a_chunk_forging_a_chat_template_turn_is_flagged_and_its_tokens_removed() -> None:
     scanner = get_scanner()
