@@ -74,11 +74,17 @@ _FETCH_DEADLINE_SECONDS = 10.0
 _MAX_FETCH_BYTES = 1024 * 1024
 
 
-class IdPURLRefused(StartRefused, ValueError):
-    """An IdP URL govrag will not fetch, named but never quoted: at start a setting to fix, said in one line (exit 2);
-    a discovered one is an unusable IdP answer (a ValueError, as any)."""
+class VerifierSettingsRefused(StartRefused, ValueError):
+    """Token-verifier settings it cannot start with (no key source, no asymmetric algorithm, an IdP URL it will not
+    fetch): the settings named, never a value, a key or a token; a setting to fix, said in one line at start (exit
+    2)."""
 
     exit_code = 2
+
+
+class IdPURLRefused(VerifierSettingsRefused):
+    """An IdP URL govrag will not fetch, named but never quoted: at start a setting to fix; a discovered one is an
+    unusable IdP answer (a ValueError, as any)."""
 
 
 def _fail(reason: str) -> GovragError:
@@ -157,13 +163,16 @@ class TokenVerifier:
             # on first use, so an IdP that is down at start-up is a 503 that recovers, not an API that won't start
             return cls(jwks_url=lambda: discover_jwks_uri(settings.oidc_issuer, production=production),
                        **_common_options(settings))
-        if not settings.dev_issuer or settings.is_production:
-            raise ValueError("no token keys: set GOVRAG_OIDC_ISSUER (discovery) or GOVRAG_OIDC_JWKS_URL"
-                             " (or GOVRAG_DEV_ISSUER=true in development)")
-        if dev_issuer is None:
+        if not settings.dev_issuer or settings.is_production:  # production's settings refuse this case already
+            raise VerifierSettingsRefused(
+                "no token keys: GOVRAG_OIDC_JWKS_URL is unset and GOVRAG_OIDC_DISCOVERY and GOVRAG_DEV_ISSUER are false"
+                " (set GOVRAG_OIDC_JWKS_URL, or GOVRAG_OIDC_DISCOVERY=true with GOVRAG_OIDC_ISSUER; "
+                "GOVRAG_DEV_ISSUER=true in development)")
+        if dev_issuer is None:  # the caller's mistake, no setting's: create_app loads one whenever the setting is true
             raise ValueError("GOVRAG_DEV_ISSUER is true but no dev issuer was loaded")
         if (dev_issuer.issuer, dev_issuer.audience) != (settings.oidc_issuer, settings.oidc_audience):
-            raise ValueError("the dev issuer's issuer/audience differ from GOVRAG_OIDC_ISSUER/GOVRAG_OIDC_AUDIENCE")
+            raise VerifierSettingsRefused("the dev issuer's issuer/audience differ from GOVRAG_OIDC_ISSUER/"
+                                          "GOVRAG_OIDC_AUDIENCE")
         return cls(jwks=dev_issuer.jwks(), **_common_options(settings))
 
     def verify(self, token: str, admins: list[str]) -> Identity:
@@ -316,7 +325,8 @@ def _asymmetric_only(algorithms: Iterable[str]) -> frozenset[str]:
     if dropped:
         log.warning("ignoring token algorithms that are not asymmetric signatures: %s", ", ".join(dropped))
     if not allowed:
-        raise ValueError("no asymmetric token algorithm is allowed; check GOVRAG_OIDC_ALGORITHMS")
+        raise VerifierSettingsRefused("GOVRAG_OIDC_ALGORITHMS lists no asymmetric signature algorithm (one of "
+                                      f"{', '.join(_KEY_TYPES_BY_ALG)})")
     return allowed
 
 

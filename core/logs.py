@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import traceback
+from collections.abc import Mapping
 from contextvars import ContextVar
 
 from core import forksafe
@@ -150,27 +151,28 @@ class JsonFormatter(logging.Formatter):
 
 
 class SaidOnChange:
-    """A recurring check's problem (None: none) logged when it changes, not at each check: a WARNING as one appears or
-    becomes another (`problem_line`, a %-format of it), an INFO (`cleared_line`) once it is gone. Readiness probes
-    come every few seconds, each with the same answer."""
+    """A recurring check's problems, each by what it is about (a readiness check's name), logged as each changes, not
+    at each check: a WARNING as one appears or becomes another (`problem_line`, a %-format of what it is about and the
+    problem), an INFO (`cleared_line`, a %-format of what it was about) once it is gone. Readiness probes come every
+    few seconds, each with the same answer; one problem coming and going leaves what another says unrepeated."""
 
     def __init__(self, logger: logging.Logger, problem_line: str, cleared_line: str) -> None:
         self._logger, self._problem_line, self._cleared_line = logger, problem_line, cleared_line
         self._lock = forksafe.lock()
-        self._last: str | None = None
+        self._last: dict[str, str] = {}
 
-    def tell(self, problem: str | None) -> None:
-        """Log `problem` unless it is the one told last. Threads tell at once (uvicorn runs sync endpoints in a pool):
-        the line is logged under the lock, so the lines come in the order the answers were kept and the last one says
-        the answer kept (logged after it, a problem told first could follow the "cleared" told second)."""
+    def tell(self, problems: Mapping[str, str]) -> None:
+        """Log what changed since the problems told last (none: an empty mapping). Threads tell at once (uvicorn runs
+        sync endpoints in a pool): the lines are logged under the lock, so they come in the order the answers were
+        kept and the last one says the answer kept (logged after it, a problem told first could follow the "cleared"
+        told second)."""
         with self._lock:
-            if problem == self._last:
-                return
-            self._last = problem
-            if problem is None:
-                self._logger.info(self._cleared_line)
-            else:
-                self._logger.warning(self._problem_line, problem)
+            last, self._last = self._last, dict(problems)
+            for about in [about for about in last if about not in problems]:
+                self._logger.info(self._cleared_line, about)
+            for about, problem in problems.items():
+                if last.get(about) != problem:
+                    self._logger.warning(self._problem_line, about, problem)
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -13,6 +13,8 @@ from urllib.parse import SplitResult, urlsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import exc as db_errors
+from sqlalchemy.engine import make_url
 
 from core import crypto
 
@@ -177,6 +179,15 @@ class Settings(BaseSettings):
             raise ValueError("must not hold a user name or password (user:password@host)")
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_usable(cls, value: str | None) -> str | None:
+        """The database URL parses as SQLAlchemy reads it and its driver loads: refused at start in one line, never
+        quoted (it may hold a password), rather than a traceback from the first engine made."""
+        if value is not None:
+            _require_database_driver(value)
+        return value
+
     @field_validator("oidc_cognito_client_ids")
     @classmethod
     def _cognito_client_ids_named(cls, value: list[str]) -> list[str]:
@@ -304,6 +315,19 @@ def _url_parts(url: str) -> SplitResult | None:
         return urlsplit(url)
     except ValueError:
         return None
+
+
+def _require_database_driver(url: str) -> None:
+    """ValueError unless SQLAlchemy reads `url` and loads its dialect and driver; the message names the scheme only."""
+    try:
+        parsed = make_url(url)
+    except db_errors.ArgumentError:
+        raise ValueError("is not a database URL (postgresql+psycopg://USER@HOST/DATABASE, or sqlite:///PATH)") from None
+    try:
+        parsed.get_dialect().import_dbapi()
+    except (db_errors.NoSuchModuleError, ImportError):
+        raise ValueError(f"names a database driver this install does not have ({parsed.drivername}): use "
+                         "postgresql+psycopg:// (or sqlite:///)") from None
 
 
 def _check_master_key_file(path: Path, *, production: bool) -> None:

@@ -36,8 +36,9 @@ class _Probe:
 
 
 def not_ready_said() -> SaidOnChange:
-    """What `readyz` tells why the API is not ready, logged once per change (one per app: `api.app.start` makes it)."""
-    return SaidOnChange(logger, "not ready: %s", "ready again")
+    """What `readyz` tells why the API is not ready, each check's reason logged once as it changes, and once as that
+    check is ok again (one per app: `api.app.start` makes it)."""
+    return SaidOnChange(logger, "not ready: %s %s", "%s ok again")
 
 
 @router.get("/readyz")
@@ -45,8 +46,9 @@ def readyz(request: Request, session: SessionDep, settings: SettingsDep) -> JSON
     """Database, broker and vector store all answer, the database's schema is the one this code needs (a migration
     run or undone under a running process is noticed within SCHEMA_CHECK_SECONDS, with its reason), and the master
     key opens what is stored under it (a key file replaced or deleted, a master rotation this replica's key lacks:
-    noticed within MASTER_CHECK_SECONDS), with its reason (never a path: it asks no login). Why it is not ready is
-    logged when that changes, not at each probe (`not_ready_said`; each 503 counted in govrag_http_requests_total)."""
+    noticed within MASTER_CHECK_SECONDS), with its reason (never a path: it asks no login). Why each check fails is
+    logged when that changes, and once as it is ok again, not at each probe (`not_ready_said`; each 503 counted in
+    govrag_http_requests_total)."""
     probes = {
         "database": _probed(lambda: session.execute(text("SELECT 1"))),
         "broker": _probed(lambda: _ping_broker(request)),
@@ -57,8 +59,8 @@ def readyz(request: Request, session: SessionDep, settings: SettingsDep) -> JSON
     checks = {name: probe.state for name, probe in probes.items()}
     ready = all(state == "ok" for state in checks.values())
     reason = "; ".join(filter(None, (probe.reason for probe in probes.values())))
-    failing = [f"{name} {probe.state} ({probe.logged})" for name, probe in probes.items() if probe.state != "ok"]
-    request.app.state.not_ready.tell("; ".join(failing) or None)
+    request.app.state.not_ready.tell({name: f"{probe.state} ({probe.logged})" for name, probe in probes.items()
+                                      if probe.state != "ok"})
     content = {"ready": ready, "checks": checks} | ({"reason": reason} if reason else {})
     return JSONResponse(status_code=200 if ready else 503, content=content)
 

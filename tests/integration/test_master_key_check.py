@@ -33,6 +33,7 @@ from retrieval.store import close_vector_store
 from tests.conftest import PLATFORM_ADMIN, auth, desk_member
 from tests.integration.test_master_key_rotation import ROTATOR
 from tests.support.govrag_process import govrag_env, run_govrag, start_refusal
+from tests.support.schema_revision import set_revision
 
 WRONG_KEY = base64.b64encode(b"w" * 32).decode()
 RESTORE = "restore the master key used to write them"
@@ -159,6 +160,7 @@ def served(make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pyt
     """A running API on a database of its own, its key file in its data dir, the department `hr` made, the
     platform admin PLATFORM_ADMIN."""
     monkeypatch.setattr(keystore, "MASTER_CHECK_SECONDS", master_check_seconds)
+    monkeypatch.setattr(migrate, "SCHEMA_CHECK_SECONDS", 0.0)  # the schema asked afresh on each probe
     url = make_pg_database()
     migrate.upgrade(url)
     settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url="memory://", inprocess_worker=False,
@@ -263,6 +265,17 @@ def test_a_key_file_that_cannot_be_read_under_a_running_replica_is_refused_clear
     assert client.get("/readyz").json()["checks"]["master_key"] == "ok"
 
 
+def _probes(client: TestClient, count: int) -> set[int]:
+    """The statuses of `count` probes of /readyz."""
+    return {client.get("/readyz").status_code for _ in range(count)}
+
+
+def _said(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    """Each WARNING (or worse) logged, and each line readiness logged, with its level."""
+    return [(record.levelname, record.getMessage()) for record in caplog.records
+            if record.levelno >= logging.WARNING or record.name == "api.routers.health"]
+
+
 def test_readyz_logs_why_it_is_not_ready_once_per_change(served: tuple[TestClient, Settings],
                                                           caplog: pytest.LogCaptureFixture) -> None:
     """Refused, /readyz logged its WARNING at each probe (every few seconds, from each orchestrator), the same line
@@ -272,27 +285,49 @@ def test_readyz_logs_why_it_is_not_ready_once_per_change(served: tuple[TestClien
     client, settings = served
     key_file = settings.resolved_master_key_file
     right = key_file.read_bytes()
-
-    def probes(count: int) -> set[int]:
-        return {client.get("/readyz").status_code for _ in range(count)}
-
     with caplog.at_level(logging.INFO):
-        assert probes(2) == {200}
+        assert _probes(client, 2) == {200}
         with crypto.master_keyring_lock(key_file):
             crypto.write_master_keyring(key_file, {1: crypto.new_key()})
-        assert probes(3) == {503}
+        assert _probes(client, 3) == {503}
         key_file.write_bytes(right)
-        assert probes(2) == {200}
+        assert _probes(client, 2) == {200}
         key_file.unlink()
-        assert probes(3) == {503}
-    said = [(record.levelname, record.getMessage()) for record in caplog.records
-            if record.levelno >= logging.WARNING or record.name == "api.routers.health"]
-    assert said == [
+        assert _probes(client, 3) == {503}
+    assert _said(caplog) == [
         ("WARNING", f"not ready: master_key mismatch (the master key does not open the stored keys: {RESTORE} "
                     f"(GOVRAG_MASTER_KEY or {key_file}))"),
-        ("INFO", "ready again"),
+        ("INFO", "master_key ok again"),
         ("WARNING", "not ready: master_key missing (the master key does not open the stored keys (the key file does "
                     f"not exist; no new one is made over them): {RESTORE} (GOVRAG_MASTER_KEY or {key_file}))")]
+
+
+def test_readyz_says_each_checks_reason_once_while_another_comes_and_goes(served: tuple[TestClient, Settings],
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """The master key refused, then the schema changed under the API and put back: /readyz logged every failing
+    check's reason as one line, so the master key's WARNING was said again as the schema's came and again as it went,
+    and no line said the schema was back. Each check's reason is now said once as it appears, and once (INFO) as that
+    check is ok again; each probe is still answered 503 until both are."""
+    client, settings = served
+    key_file, url = settings.resolved_master_key_file, settings.resolved_database_url
+    right = key_file.read_bytes()
+    with caplog.at_level(logging.INFO):
+        with crypto.master_keyring_lock(key_file):
+            crypto.write_master_keyring(key_file, {1: crypto.new_key()})
+        assert _probes(client, 3) == {503}
+        set_revision(url, "0008")
+        assert _probes(client, 3) == {503}
+        set_revision(url, migrate.head_revision())
+        assert _probes(client, 3) == {503}
+        key_file.write_bytes(right)
+        assert _probes(client, 2) == {200}
+    assert _said(caplog) == [
+        ("WARNING", f"not ready: master_key mismatch (the master key does not open the stored keys: {RESTORE} "
+                    f"(GOVRAG_MASTER_KEY or {key_file}))"),
+        ("WARNING", f"not ready: schema mismatch (database schema is at 0008, this release needs "
+                    f"{migrate.head_revision()}: run `govrag migrate`)"),
+        ("INFO", "schema ok again"),
+        ("INFO", "master_key ok again")]
 
 
 @pytest.mark.parametrize("master_check_seconds", [3600.0])

@@ -317,3 +317,20 @@ def test_govrag_serve_refuses_an_idp_url_it_cannot_fetch_in_one_line(tmp_path: P
     result = run_govrag(["serve", "--port", "0"], env=env, timeout=300)
     assert start_refusal(result) == (2, f"govrag: GOVRAG_{setting.upper()} is not an http(s) URL with a host")
     assert url not in result.stderr
+
+
+@pytest.mark.parametrize(("settings", "line"), [
+    ({"dev_issuer": "false", "oidc_discovery": "false"},
+     "no token keys: GOVRAG_OIDC_JWKS_URL is unset and GOVRAG_OIDC_DISCOVERY and GOVRAG_DEV_ISSUER are false (set "
+     "GOVRAG_OIDC_JWKS_URL, or GOVRAG_OIDC_DISCOVERY=true with GOVRAG_OIDC_ISSUER; GOVRAG_DEV_ISSUER=true in "
+     "development)"),
+    ({"oidc_algorithms": '["HS256", "none"]'},
+     "GOVRAG_OIDC_ALGORITHMS lists no asymmetric signature algorithm (one of RS256, RS384, RS512, PS256, PS384, "
+     "PS512, ES256, ES256K, ES384, ES512, EdDSA)")])
+def test_govrag_serve_refuses_token_settings_it_cannot_verify_with_in_one_line(tmp_path: Path, settings: dict[str, str],
+                                                                               line: str) -> None:
+    """No key source, or no asymmetric algorithm allowed, ended `govrag serve` in a ValueError's traceback, exit 1; now
+    one line naming the settings, exit 2, and uvicorn never starts."""
+    result = run_govrag(["serve", "--port", "0"], env=govrag_env(data_dir=str(tmp_path / "data"), **settings),
+                        timeout=300)
+    assert start_refusal(result) == (2, f"govrag: {line}")

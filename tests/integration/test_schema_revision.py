@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from core import migrate
 from tests.support.file_permissions import permission_bits_bind
 from tests.support.govrag_process import govrag_env, run_govrag
+from tests.support.schema_revision import set_revision
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,15 +31,6 @@ def _settings(url: str, data_dir: Path):  # type: ignore[no-untyped-def]
 
     return Settings(data_dir=data_dir, database_url=url, broker_url="memory://", inprocess_worker=False,
                     admins=["root-admin"])
-
-
-def _set_revision(url: str, revision: str) -> None:
-    engine = create_engine(url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
-    finally:
-        engine.dispose()
 
 
 def test_the_api_refuses_to_start_on_a_schema_behind_the_code(tmp_path: Path,
@@ -67,7 +59,7 @@ def test_the_api_refuses_to_start_on_a_schema_newer_than_the_code(tmp_path: Path
 
     url = f"sqlite:///{tmp_path / 'govrag.db'}"
     migrate.upgrade(url)
-    _set_revision(url, "0099")
+    set_revision(url, "0099")
     settings = _settings(url, tmp_path)
     try:
         with pytest.raises(migrate.SchemaMismatch, match="database schema is at 0099, newer than this release knows"):
@@ -105,7 +97,7 @@ def test_the_schema_check_is_cached_briefly(tmp_path: Path) -> None:
     migrate.upgrade(url)
     watch = migrate.SchemaWatch(url, every_seconds=3600)
     assert watch.problem() is None
-    _set_revision(url, "0008")
+    set_revision(url, "0008")
     assert watch.problem() is None  # still the cached answer
     assert migrate.SchemaWatch(url, every_seconds=0).problem() is not None
 
@@ -170,7 +162,7 @@ def _off_head(url: str, schema: str) -> str:
     newer than it knows (an older release on a migrated database); what a start in production says of it."""
     head = migrate.head_revision()
     if schema == "ahead":
-        _set_revision(url, "0099")
+        set_revision(url, "0099")
         return (f"govrag: database schema is at 0099, newer than this release knows (it needs {head}): run the release "
                 "that migrated it")
     migrate.downgrade(url, "-1")

@@ -132,6 +132,25 @@ def test_a_serve_on_a_host_this_machine_does_not_have_is_refused_in_one_line(tmp
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("url", "why"), [
+    ("postgres:/s3cret@127.0.0.1/govrag", "is not a database URL (postgresql+psycopg://USER@HOST/DATABASE, or "
+                                          "sqlite:///PATH)"),
+    ("postgresql+psycopg2://govrag:s3cret@127.0.0.1/govrag", "names a database driver this install does not have "
+                                                            "(postgresql+psycopg2): use postgresql+psycopg:// (or "
+                                                            "sqlite:///)"),
+    ("mysql://govrag:s3cret@127.0.0.1/govrag", "names a database driver this install does not have (mysql): use "
+                                               "postgresql+psycopg:// (or sqlite:///)")])
+def test_a_database_url_it_cannot_use_is_refused_as_a_setting_without_quoting_it(tmp_path: Path, url: str,
+                                                                                 why: str) -> None:
+    """A database URL SQLAlchemy cannot read, or whose driver is not installed, ended `govrag serve` in SQLAlchemy's
+    traceback (ArgumentError, NoSuchModuleError, ModuleNotFoundError), exit 1. Now the settings' refusal, the setting
+    named and the URL (and its password) never quoted, exit 2, nothing made."""
+    result = run_govrag(SERVE, env=govrag_env(data_dir=str(tmp_path / "data"), database_url=url))
+    assert _refusal(result) == (2, f"  GOVRAG_DATABASE_URL: Value error, {why}")
+    assert result.stderr.splitlines()[-2] == "govrag: the settings were refused; nothing was started"
+    assert "s3cret" not in result.stderr and not (tmp_path / "data").exists()
+
+
 def _garbled_onnx_export(cache: Path) -> Path:
     """The embedding model's ONNX export in `cache` (GOVRAG_MODEL_CACHE), garbled: where a start looks for it."""
     garbled = cache / onnx_embedder.onnx_path().name

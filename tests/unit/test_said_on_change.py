@@ -44,19 +44,19 @@ def test_the_last_line_says_the_answer_kept_when_threads_tell_at_once() -> None:
     logger.addHandler(handler)
     logger.addFilter(stall)
     logger.setLevel(logging.INFO)
-    said = SaidOnChange(logger, "not ready: %s", "ready again")
+    said = SaidOnChange(logger, "not ready: %s %s", "%s ok again")
     try:
-        down = threading.Thread(target=said.tell, args=("broker down",))
+        down = threading.Thread(target=said.tell, args=({"broker": "down"},))
         down.start()
         assert stall.stalled.wait(timeout=60)
-        up = threading.Thread(target=said.tell, args=(None,))
+        up = threading.Thread(target=said.tell, args=({},))
         up.start()
         up.join(timeout=1)  # done at once when it need not wait for the line under way (the old code)
         stall.go_on.set()
         down.join()
         up.join()
-        said.tell(None)  # the same answer: nothing more
+        said.tell({})  # the same answer: nothing more
     finally:
         logger.removeHandler(handler)
         logger.removeFilter(stall)
-    assert handler.lines == ["not ready: broker down", "ready again"]
+    assert handler.lines == ["not ready: broker down", "broker ok again"]

@@ -922,10 +922,21 @@ def test_from_settings_key_sources(tmp_path: Path) -> None:
         TokenVerifier.from_settings(_settings(tmp_path, dev_issuer=False), issuer)
     with pytest.raises(ValueError):
         TokenVerifier.from_settings(_settings(tmp_path), None)
-    with pytest.raises(ValueError):
-        TokenVerifier.from_settings(_settings(tmp_path, oidc_issuer="someone-else"), issuer)
     remote = TokenVerifier.from_settings(_settings(tmp_path, oidc_jwks_url="https://idp.example.test/jwks"), issuer)
     assert isinstance(remote, TokenVerifier)
+
+
+@pytest.mark.parametrize("overrides", [{"oidc_issuer": "someone-else"}, {"oidc_audience": "another-api"}])
+def test_a_dev_issuer_for_another_issuer_or_audience_is_a_start_refusal(tmp_path: Path,
+                                                                        overrides: dict[str, str]) -> None:
+    """A ValueError, a traceback at start; now a setting to fix said in one line (exit 2), as every refusal of the
+    verifier's settings (`govrag serve` loads its dev issuer from the same settings, so it never meets this one)."""
+    issuer = DevIssuer.load_or_create(tmp_path / "dev", "govrag-dev-issuer", "govrag")
+    with pytest.raises(StartRefused) as refused:
+        TokenVerifier.from_settings(_settings(tmp_path, **overrides), issuer)
+    assert str(refused.value) == ("the dev issuer's issuer/audience differ from GOVRAG_OIDC_ISSUER/"
+                                  "GOVRAG_OIDC_AUDIENCE")
+    assert refused.value.exit_code == 2
 
 
 def test_cognito_app_clients_are_read_from_the_settings(tmp_path: Path, key: SigningKey,
