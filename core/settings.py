@@ -321,7 +321,7 @@ def _require_database_driver(url: str) -> None:
     """ValueError unless SQLAlchemy reads `url` and loads its dialect and driver; the message names the scheme only."""
     try:
         parsed = make_url(url)
-    except db_errors.ArgumentError:
+    except (db_errors.ArgumentError, ValueError):  # ValueError: a port that is no number, quoting a piece of the URL
         raise ValueError("is not a database URL (postgresql+psycopg://USER@HOST/DATABASE, or sqlite:///PATH)") from None
     try:
         parsed.get_dialect().import_dbapi()

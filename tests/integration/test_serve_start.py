@@ -135,6 +135,9 @@ def test_a_serve_on_a_host_this_machine_does_not_have_is_refused_in_one_line(tmp
 @pytest.mark.parametrize(("url", "why"), [
     ("postgres:/s3cret@127.0.0.1/govrag", "is not a database URL (postgresql+psycopg://USER@HOST/DATABASE, or "
                                           "sqlite:///PATH)"),
+    ("postgresql+psycopg://govrag:hunter@2:s3cret@127.0.0.1/govrag", "is not a database URL "
+                                                                    "(postgresql+psycopg://USER@HOST/DATABASE, or "
+                                                                    "sqlite:///PATH)"),
     ("postgresql+psycopg2://govrag:s3cret@127.0.0.1/govrag", "names a database driver this install does not have "
                                                             "(postgresql+psycopg2): use postgresql+psycopg:// (or "
                                                             "sqlite:///)"),
