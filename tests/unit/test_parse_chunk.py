@@ -359,6 +359,22 @@ os.execv({real!r}, [{real!r}, *sys.argv[1:]])
 """
 
 
+def _parse_threads_started(monkeypatch: pytest.MonkeyPatch) -> list[threading.Thread]:
+    """The parse threads (`govrag-parse`) started from now on, listed as each starts: read after the fact from
+    threading.enumerate(), an abandoned one that had already ended (its killed tool's error ending it at once, under
+    load before the caller's thread returned) was missed."""
+    started: list[threading.Thread] = []
+    start = threading.Thread.start
+
+    def recorded(thread: threading.Thread) -> None:
+        if thread.name == "govrag-parse":
+            started.append(thread)
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", recorded)
+    return started
+
+
 def test_ocr_abandoned_at_the_time_limit_starts_no_tool_after_it(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """On the in-process worker's thread the parse runs on a thread of its own, abandoned at the limit: the OCR tools
@@ -373,12 +389,11 @@ def test_ocr_abandoned_at_the_time_limit_starts_no_tool_after_it(tmp_path: Path,
     parse_document(REPORT_PDF, sniff.APPLICATION_PDF)  # unstructured's PDF and OCR modules imported before the clock
     importlib.import_module("unstructured.partition.utils.ocr_models.tesseract_ocr")
     errors: list[GovragError] = []
-    before = set(threading.enumerate())
+    abandoned = _parse_threads_started(monkeypatch)  # as they start: one may end before the worker's own returns
     worker = threading.Thread(target=lambda: errors.append(
         _parse_error(drawing_only_pdf(pages=3), sniff.APPLICATION_PDF, ParseLimits(timeout_seconds=3))))
     worker.start()
     worker.join()
-    abandoned = [thread for thread in set(threading.enumerate()) - before if thread.name == "govrag-parse"]
     assert [error.message for error in errors] == ["parsing took longer than the 3 s limit"]
     assert len(list(runs.iterdir())) == 1, "the limit fell before OCR"
     go.touch()  # page 1 ends now, after the limit
