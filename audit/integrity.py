@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,11 @@ class Signer:
 
     def signing_key(self) -> Ed25519PrivateKey:
         """The Ed25519 key derived from the checkpoint key (its repr shows no key bytes)."""
+        return self._derived_signing_key
+
+    @cached_property
+    def _derived_signing_key(self) -> Ed25519PrivateKey:
+        """Derived (HKDF) once per Signer, at its first signature or check, then reused."""
         return Ed25519PrivateKey.from_private_bytes(crypto.derive_key(self.key, _SIGNING_HKDF_INFO))
 
     def public_key(self) -> Ed25519PublicKey:
@@ -177,7 +183,7 @@ def _signed_here(signer: Signer, public_key: Ed25519PublicKey, checkpoint: Audit
     if checkpoint.signature.startswith(_V3) or checkpoint.signature_ed25519 is not None:
         statement = _statement(checkpoint, signer.deployment_id, key_id(public_key))
         return (_same(_V3 + _mac(signer.key, statement), checkpoint.signature)
-                and _ed25519_signed(public_key, statement, checkpoint.signature_ed25519))
+                and _ed25519_holds(public_key, signer.deployment_id, checkpoint))
     if checkpoint.signature.startswith(_V2):
         return _same(_V2 + _mac(signer.key, _statement(checkpoint, signer.deployment_id)), checkpoint.signature)
     return _utc(checkpoint.created_at) <= _utc(minted_at) + LEGACY_GRACE and _same(

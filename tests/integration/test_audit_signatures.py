@@ -693,6 +693,16 @@ def test_only_the_written_base64_of_the_ed25519_signature_is_taken() -> None:
 _BASE64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
+def test_a_signer_derives_its_ed25519_key_once() -> None:
+    """Each signature and each public key derived the Ed25519 key from the checkpoint key (HKDF) again; a Signer now
+    derives it once and keeps it, out of its repr, signing as before."""
+    signer = Signer(b"k" * 32, "deployment-1")
+    assert signer.signing_key() is signer.signing_key()
+    raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    assert signer.public_key().public_bytes(*raw) == Signer(b"k" * 32, "other").public_key().public_bytes(*raw)
+    assert "kkkk" not in repr(signer) and "PrivateKey" not in repr(signer)
+
+
 def test_a_public_key_derived_from_another_master_key_fails(ledger: Settings, tmp_path: Path,
                                                              audit_cli: Callable[..., tuple],
                                                              cli: Callable[..., tuple]) -> None:
