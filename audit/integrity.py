@@ -317,8 +317,9 @@ def check_mirror(lines: Iterable[str | bytes], *, public_key: Ed25519PublicKey, 
     """Whether the lines of a checkpoint mirror file are checkpoints of deployment `deployment_id` as signed, with the
     Ed25519 public key alone: each line carrying an Ed25519 signature must hold under it (its HMAC `v3.`), and no two
     of them may give one event two hashes. A line without one is taken, unchecked (`hmac_only`), only as a checkpoint
-    signed before the deployment signed with Ed25519 too: HMAC v1 or v2, dated no later than LEGACY_GRACE after the
-    earliest line signed with Ed25519 (the previous release's processes sign HMAC only until they are drained).
+    signed before the deployment signed with Ed25519 too: HMAC v1 or v2, written no later than LEGACY_GRACE after the
+    earliest line signed with Ed25519 (the previous release's processes sign HMAC only until they are drained), by its
+    own date and by the dates of the lines signed with Ed25519 above it in the file (see `_downgrade`).
     `first_broken` is the earliest line found broken, whichever check found it."""
     read = [(number, _from_json(line)) for number, line in enumerate(lines, 1) if line.strip()]
     found = MirrorCheck(ok=True, lines=len(read), deployment_id=deployment_id, key_id=key_id(public_key))
@@ -326,28 +327,45 @@ def check_mirror(lines: Iterable[str | bytes], *, public_key: Ed25519PublicKey, 
         return _mirror_broken(found, None, "mirror_empty", "the file holds no checkpoint")
     broken: list[tuple[int, str, str]] = []  # (line number, reason, message)
     at: dict[int, str] = {}
-    signed_since: datetime | None = None
+    earliest_signed: datetime | None = None  # the dates of the lines whose Ed25519 signature holds, so far
+    newest_signed: datetime | None = None
+    hmac_only: list[tuple[int, datetime, datetime | None]] = []  # (line, its date, the newest signed date above it)
     for number, checkpoint in read:
         if (problem := _mirror_line_problem(checkpoint, public_key, deployment_id, at)) is not None:
             broken.append((number, *problem))
         elif checkpoint is not None and checkpoint.signature_ed25519 is not None:
             found.checked += 1
-            signed_since = min(signed_since or _utc(checkpoint.created_at), _utc(checkpoint.created_at))
-    for number, checkpoint in read:
-        if checkpoint is None or checkpoint.signature_ed25519 is not None or checkpoint.signature.startswith(_V3):
-            continue  # told above
-        if signed_since is not None and _utc(checkpoint.created_at) > signed_since + LEGACY_GRACE:
-            broken.append((number, "ed25519_signature_missing", "the checkpoint's Ed25519 signature was removed: it "
-                           "is dated after the deployment signed them"))
+            dated = _utc(checkpoint.created_at)
+            earliest_signed, newest_signed = min(earliest_signed or dated, dated), max(newest_signed or dated, dated)
+        elif checkpoint is not None:
+            hmac_only.append((number, _utc(checkpoint.created_at), newest_signed))
+    drained_by = None if earliest_signed is None else earliest_signed + LEGACY_GRACE
+    for number, dated, signed_above in hmac_only:
+        if drained_by is not None and (message := _downgrade(dated, signed_above, drained_by)) is not None:
+            broken.append((number, "ed25519_signature_missing", message))
         else:
             found.hmac_only += 1
     if broken:
         return _mirror_broken(found, *min(broken))
-    if signed_since is None:
+    if drained_by is None:
         return _mirror_broken(found, None, "ed25519_signature_missing", "no line carries an Ed25519 signature "
                               "(checkpoints signed before they were added): only the checkpoint key checks them")
     found.through_event_id = max(at)
     return found
+
+
+def _downgrade(dated: datetime, signed_above: datetime | None, drained_by: datetime) -> str | None:
+    """Why an HMAC-only mirror line (dated `dated`; `signed_above`: the newest date of the lines signed with Ed25519
+    above it in the file) cannot be one the previous release signed before it was drained (`drained_by`), None when it
+    can. Lines are appended as they are signed: one below a line signed after the drain was appended after it too,
+    whatever date it gives itself (unsigned, to the public key). A v2 line above every signed line, or below those
+    signed while the previous release still ran, is the deployment's own."""
+    if dated > drained_by:
+        return "the checkpoint's Ed25519 signature was removed: it is dated after the deployment signed them"
+    if signed_above is not None and signed_above > drained_by:
+        return ("the checkpoint's Ed25519 signature was removed: it follows a line signed with Ed25519 after the "
+                "previous release was drained, and no release signs HMAC only since")
+    return None
 
 
 def _mirror_line_problem(checkpoint: AuditCheckpoint | None, public_key: Ed25519PublicKey, deployment_id: str,

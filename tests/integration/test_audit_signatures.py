@@ -848,12 +848,13 @@ def test_checkpoints_signed_before_0019_still_verify_beside_those_signed_with_ed
     get_engine(url).dispose()
 
 
-def _signed_line(key: bytes, deployment_id: str, *, at: int, last_hash: str) -> dict[str, Any]:
-    """A mirror line as the checkpoint key's holder signs one."""
+def _signed_line(key: bytes, deployment_id: str, *, at: int, last_hash: str,
+                 created_at: datetime | None = None) -> dict[str, Any]:
+    """A mirror line as the checkpoint key's holder signs one (now, or at `created_at`: aware, whole seconds)."""
     from audit import integrity
 
-    checkpoint = AuditCheckpoint(created_at=utcnow().replace(microsecond=0), kind="manual", last_event_id=at,
-                                 last_hash=last_hash, event_count=0)
+    checkpoint = AuditCheckpoint(created_at=created_at or utcnow().replace(microsecond=0), kind="manual",
+                                 last_event_id=at, last_hash=last_hash, event_count=0)
     checkpoint.signature, checkpoint.signature_ed25519 = integrity.sign(Signer(key, deployment_id), checkpoint)
     return integrity._as_json(checkpoint)
 
@@ -971,3 +972,39 @@ def test_the_documented_mirror_line_check_verifies_with_plain_cryptography(
         check(edited, str(public), deployment)
     with pytest.raises(InvalidSignature):
         check(lines[0], str(public), str(uuid.uuid4()))
+
+
+def _hmac_only(line: dict[str, Any], dated: datetime) -> dict[str, Any]:
+    """The line without its Ed25519 signature, its HMAC labelled `v2.`, dated `dated`: to the public key, a line the
+    previous release signed (HMAC only) and a `v3.` line stripped and relabelled are alike."""
+    stripped = {name: value for name, value in line.items() if name != "signature_ed25519"}
+    return stripped | {"signature": "v2." + line["signature"][3:], "created_at": dated.isoformat()}
+
+
+def test_an_hmac_only_mirror_line_below_one_signed_after_the_drain_is_a_downgrade(
+        tmp_path: Path, audit_cli: Callable[..., tuple]) -> None:
+    """A `v3.` line stripped of its Ed25519 signature, relabelled `v2.` and dated within LEGACY_GRACE of the first
+    line signed with Ed25519 (a date the public key cannot check on it) was counted hmac_only. Lines are appended as
+    they are signed: one below a line signed after the previous release was drained was written when no release signs
+    HMAC only, whatever date it gives itself. v2 lines above the first signed line (an older release's), or among
+    those signed while the previous release was drained, are still the deployment's own."""
+    settings = _keyed(_other(tmp_path), SHARED_KEY)
+    _append(settings, 5)  # signed at row 5
+    public, deployment = _published(audit_cli, settings, tmp_path / "audit.pub")
+    (first,) = _mirror_lines(settings)
+    began = datetime.fromisoformat(first["created_at"])
+    after_drain = _signed_line(base64.b64decode(SHARED_KEY), deployment, at=5, last_hash=first["last_hash"],
+                               created_at=began + LEGACY_GRACE + timedelta(seconds=1))
+
+    def check(lines: list[dict[str, Any]]) -> tuple[int, Any]:
+        return audit_cli(_auditor(tmp_path), "verify-mirror", str(_write_lines(tmp_path / "mirror.jsonl", lines)),
+                         "--public-key", str(public), "--deployment-id", deployment)
+
+    code, report = check([first, after_drain, _hmac_only(after_drain, began)])
+    assert (code, report["ok"], report["reason"], report["first_broken"]) == (3, False, "ed25519_signature_missing", 3)
+    assert "follows a line signed with Ed25519 after the previous release was drained" in report["message"]
+    older_release = _hmac_only(first, began - timedelta(days=1))
+    while_drained = _hmac_only(first, began + LEGACY_GRACE / 2)
+    for legitimate in ([older_release, first, after_drain], [first, while_drained, after_drain]):
+        code, report = check(legitimate)
+        assert (code, report["ok"], report["checked"], report["hmac_only"]) == (0, True, 2, 1), report
