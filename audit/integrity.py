@@ -292,18 +292,32 @@ def _as_json(checkpoint: AuditCheckpoint) -> dict[str, object]:
     return line
 
 
+# The type of each field a mirror line must hold (exactly: JSON's `true` is no integer, `5.0` or "5" no event id).
+_LINE_FIELDS: dict[str, type] = {"kind": str, "last_event_id": int, "last_hash": str, "event_count": int,
+                                 "signature": str}
+
+
 def _from_json(line: str | bytes) -> AuditCheckpoint | None:
     try:
-        data = json.loads(line)
-        if not all(isinstance(data[name], str) for name in ("kind", "last_hash", "signature")) or not isinstance(
+        data = json.loads(line, parse_int=_canonical_int)
+        if not all(type(data[name]) is kind for name, kind in _LINE_FIELDS.items()) or not isinstance(
                 data.get("signature_ed25519", ""), str):
             return None  # read as unsigned, as an unparsable line is
         return AuditCheckpoint(created_at=datetime.fromisoformat(data["created_at"]), kind=data["kind"],
-                               last_event_id=int(data["last_event_id"]), last_hash=data["last_hash"],
-                               event_count=int(data["event_count"]), signature=data["signature"],
+                               last_event_id=data["last_event_id"], last_hash=data["last_hash"],
+                               event_count=data["event_count"], signature=data["signature"],
                                signature_ed25519=data.get("signature_ed25519"))
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # a line no writer wrote
         return None
+
+
+def _canonical_int(spelt: str) -> int:
+    """A JSON integer as json.dumps writes it, the only spelling the line was signed in: JSON refuses "+5", "05" and
+    "1_000" already, this "-0" too."""
+    number = int(spelt)
+    if str(number) != spelt:
+        raise ValueError("an integer not in its canonical form")
+    return number
 
 
 def _mirrored(path: Path) -> list[AuditCheckpoint | None]:

@@ -1008,3 +1008,31 @@ def test_an_hmac_only_mirror_line_below_one_signed_after_the_drain_is_a_downgrad
     for legitimate in ([older_release, first, after_drain], [first, while_drained, after_drain]):
         code, report = check(legitimate)
         assert (code, report["ok"], report["checked"], report["hmac_only"]) == (0, True, 2, 1), report
+
+
+NUMBER_SPELLINGS = {"last_event_id": ['"5"', '" 5"', '"+5"', '"05"', '"0_5"', "5.0", "5e0"],
+                    "event_count": ['"0"', '"-0"', "-0", "false", "0.0", '"0_0"']}
+
+
+def test_a_mirror_line_whose_numbers_are_not_spelt_as_written_is_refused(
+        tmp_path: Path, audit_cli: Callable[..., tuple]) -> None:
+    """A mirror line's event id and row count were read with int(): "5", " 5", "+5", 5.0, `false` (0), -0 were taken
+    for the numbers signed, so a line no writer wrote verified, by the public key and by the checkpoint key. Only a
+    JSON integer as json.dumps writes it is read now; any other spelling is a line no writer wrote."""
+    settings = _keyed(_other(tmp_path), SHARED_KEY)
+    _append(settings, 5)  # signed at row 5, its count 0
+    public, deployment = _published(audit_cli, settings, tmp_path / "audit.pub")
+    (line,) = _mirror_lines(settings)
+    assert (line["last_event_id"], line["event_count"]) == (5, 0)
+    mirror = settings.resolved_checkpoint_file
+
+    def told(field: str, spelling: str) -> tuple[Any, ...]:
+        mirror.write_text(json.dumps(line | {field: "SPELT"}).replace('"SPELT"', spelling) + "\n")
+        code, report = audit_cli(_auditor(tmp_path), "verify-mirror", str(mirror), "--public-key", str(public),
+                                 "--deployment-id", deployment)
+        return code, report["reason"], report["first_broken"], _verified(settings)[:2]
+
+    refused = (3, "line_unreadable", 1, (False, "checkpoint_signature_invalid"))
+    assert {(field, spelling): found for field, spellings in NUMBER_SPELLINGS.items() for spelling in spellings
+            if (found := told(field, spelling)) != refused} == {}
+    assert told("last_event_id", "5") == (0, None, None, (True, None))  # as written
