@@ -284,7 +284,7 @@ def checkpoint_now(*, session: Session, settings: Settings) -> tuple[int | None,
 
 def _as_json(checkpoint: AuditCheckpoint) -> dict[str, object]:
     line: dict[str, object] = {
-        "created_at": checkpoint.created_at.astimezone(UTC).isoformat(), "kind": checkpoint.kind,
+        "created_at": _utc(checkpoint.created_at).isoformat(), "kind": checkpoint.kind,
         "last_event_id": checkpoint.last_event_id, "last_hash": checkpoint.last_hash,
         "event_count": checkpoint.event_count, "signature": checkpoint.signature}
     if checkpoint.signature_ed25519 is not None:
@@ -303,12 +303,12 @@ def _from_json(line: str | bytes) -> AuditCheckpoint | None:
         if not all(type(data[name]) is kind for name, kind in _LINE_FIELDS.items()) or not isinstance(
                 data.get("signature_ed25519", ""), str):
             return None  # read as unsigned, as an unparsable line is
-        return AuditCheckpoint(created_at=datetime.fromisoformat(data["created_at"]), kind=data["kind"],
+        return AuditCheckpoint(created_at=_utc(datetime.fromisoformat(data["created_at"])), kind=data["kind"],
                                last_event_id=data["last_event_id"], last_hash=data["last_hash"],
                                event_count=data["event_count"], signature=data["signature"],
                                signature_ed25519=data.get("signature_ed25519"))
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # a line no writer wrote
-        return None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError):  # a line no writer
+        return None  # wrote (OverflowError: a date no UTC time is, "9999-12-31T23:59:59-01:00")
 
 
 def _canonical_int(spelt: str) -> int:

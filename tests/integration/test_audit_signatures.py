@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import tracemalloc
 import uuid
 from collections.abc import Callable, Iterator
@@ -1036,3 +1037,45 @@ def test_a_mirror_line_whose_numbers_are_not_spelt_as_written_is_refused(
     assert {(field, spelling): found for field, spellings in NUMBER_SPELLINGS.items() for spelling in spellings
             if (found := told(field, spelling)) != refused} == {}
     assert told("last_event_id", "5") == (0, None, None, (True, None))  # as written
+
+
+@pytest.fixture
+def new_york(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's local time zone America/New_York (UTC-5 or -4) while the test runs, UTC's again after."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_a_checkpoint_read_back_from_sqlite_is_mirrored_at_its_utc_time(tmp_path: Path, new_york: None) -> None:
+    """SQLite hands created_at back naive (UTC): the mirror line took it for local time (astimezone), so on a host
+    east or west of UTC the line was dated hours off the time signed, and its signatures failed."""
+    from audit import integrity, repository
+
+    settings = _keyed(_other(tmp_path), SHARED_KEY)
+    _append(settings, 5)  # signed at row 5
+    with unit_of_work(settings.resolved_database_url) as session:
+        (stored,) = repository.checkpoints(session)
+        signer = integrity.signer_for(settings, session)
+    assert stored.created_at.tzinfo is None  # as SQLite reads it back
+    line = json.dumps(integrity._as_json(stored))
+    assert json.loads(line)["created_at"] == stored.created_at.replace(tzinfo=UTC).isoformat()
+    found = integrity.check_mirror([line], public_key=signer.public_key(), deployment_id=signer.deployment_id)
+    assert (found.ok, found.checked) == (True, 1), found
+
+
+@pytest.mark.parametrize("created_at", ["9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00"])
+@pytest.mark.parametrize("signed", [True, False])
+def test_a_mirror_line_dated_outside_what_utc_can_hold_is_unreadable(created_at: str, signed: bool) -> None:
+    """A date no UTC time is (year 9999 west of UTC, year 1 east of it) raised OverflowError out of the mirror check
+    (and the keyed verify) instead of telling the line no writer wrote."""
+    from audit import integrity
+
+    signer = Signer(b"k" * 32, "deployment-1")
+    line = {"created_at": created_at, "kind": "manual", "last_event_id": 5, "last_hash": "h", "event_count": 0,
+            "signature": "v2.x"} | ({"signature": "v3.x", "signature_ed25519": "AAAA"} if signed else {})
+    assert integrity._from_json(json.dumps(line)) is None
+    found = integrity.check_mirror([json.dumps(line)], public_key=signer.public_key(), deployment_id="deployment-1")
+    assert (found.ok, found.reason, found.first_broken) == (False, "line_unreadable", 1)
