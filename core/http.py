@@ -106,18 +106,19 @@ class Session:
     redteam`'s probes to one API: one connection for the run, not one per probe), each bounded as `request_within`'s;
     closing it closes them. A call from another thread is RuntimeError, nothing sent.
 
-    A request sent on a connection an earlier answer left open that gets no response (the server closed the
-    connection as it went out, RFC 9112 9.3.1; or a reset, or a response that does not parse) is sent once more on a
-    new one, within the same deadline, when it may be repeated: its method is idempotent, or the session is
-    `repeatable` (its requests are reads whatever their method, as redteam's POSTed queries). Any other request, an
-    upload or a model's generation, the server may have acted on: its error is raised, never sent twice."""
+    A request written on a connection kept from an earlier exchange (none opened for it) that gets no response (the
+    server closed the connection as it went out, RFC 9112 9.3.1; or a reset, or a response that does not parse) is
+    sent once more on a new one, within the same deadline, when it may be repeated: its method is idempotent, or the
+    session is `repeatable` (its requests are reads whatever their method, as redteam's POSTed queries). Any other
+    request, an upload or a model's generation, the server may have acted on: its error is raised, never sent twice.
+    So is the error of a request written on a connection opened for it (the kept one had expired, or was closed by
+    the server, or the request goes to another host): no stale connection explains it."""
 
     def __init__(self, *, trust_env: bool = True, repeatable: bool = False) -> None:
         self._runner = asyncio.Runner(loop_factory=_Loop)  # its loop made by run(), once it found none running
         self._trust_env, self._repeatable = trust_env, repeatable
         self._thread = threading.get_ident()  # an event loop and its client are not to be shared across threads
         self._client: httpx.AsyncClient | None = None  # made on the session's loop, at its first call
-        self._left_open = False  # the last answer's connection is kept for the next call
 
     def __enter__(self) -> Session:
         return self
@@ -170,23 +171,22 @@ class Session:
             body = _CappedBody(response, max_bytes)
             async for chunk in response.aiter_raw():  # as received: decoded (and counted) here, not by httpx
                 body.add(chunk)
-            read = body.ended()
-            self._left_open = _leaves_open(response)
-            return response.status_code, read
+            return response.status_code, body.ended()
 
     @contextlib.asynccontextmanager
     async def _response(self, method: str, url: str, **request: Any) -> AsyncIterator[httpx.Response]:
         """The response to the request, its headers read and its body not yet; sent once more when it went out on a
-        connection kept alive, got no response and may be repeated."""
+        connection kept from an earlier exchange, got no response and may be repeated."""
         if self._client is None:
             self._client = httpx.AsyncClient(follow_redirects=False, trust_env=self._trust_env,
                                              verify=_tls_context(self._trust_env), headers={"Accept-Encoding": "gzip"})
-        client, reused, self._left_open = self._client, self._left_open, False
+        client, sending = self._client, _Sending()
         repeatable = self._repeatable or method.upper() in _IDEMPOTENT
         try:
-            response = await client.send(client.build_request(method, url, **request), stream=True)
+            response = await client.send(client.build_request(method, url, extensions={"trace": sending}, **request),
+                                         stream=True)
         except _DROPPED:
-            if not (reused and repeatable):
+            if not (sending.on_kept_connection and repeatable):
                 raise
             response = await client.send(client.build_request(method, url, **request), stream=True)
         try:
@@ -195,10 +195,26 @@ class Session:
             await response.aclose()  # a body not read to its end closes its connection, never drained
 
 
-def _leaves_open(response: httpx.Response) -> bool:
-    """Whether the connection `response` came on is kept for another request: HTTP/1.1 and no `Connection: close`
-    (RFC 9112 9.3)."""
-    return response.http_version == "HTTP/1.1" and "close" not in response.headers.get("Connection", "").lower()
+# httpcore's trace events (the `trace` request extension) as it opens a connection, directly or to a proxy
+_OPENING = (".connect_tcp.started", ".connect_unix_socket.started")
+
+
+class _Sending:
+    """A request as httpcore says it goes out (its `trace` extension): whether it was written on a connection kept
+    from an earlier exchange, none opened for it. Not written at all, or written after opening one, it was not."""
+
+    def __init__(self) -> None:
+        self.opened = self.written = False
+
+    async def __call__(self, event: str, _info: Mapping[str, Any]) -> None:
+        if event.endswith(_OPENING):
+            self.opened = True
+        elif event.endswith(".send_request_headers.started"):
+            self.written = True
+
+    @property
+    def on_kept_connection(self) -> bool:
+        return self.written and not self.opened
 
 
 class _Loop(asyncio.SelectorEventLoop):

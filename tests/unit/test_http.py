@@ -4,6 +4,7 @@ whole, as received, or refuses it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import socket
 import threading
@@ -157,10 +158,11 @@ def test_a_redirect_is_never_followed(server: str) -> None:
     assert status in (302, 307) and body == b""
 
 
-@pytest.fixture
-def dropping() -> Iterator[tuple[str, list[str]]]:
-    """A server keeping its HTTP/1.1 connections alive that answers the first request and drops every later one
-    unanswered (it closes the connection as the request came in): its URL, and the method of each request received."""
+@contextlib.contextmanager
+def _answering_the_first(answered: int) -> Iterator[tuple[str, list[str]]]:
+    """A server keeping its HTTP/1.1 connections alive that answers its first `answered` requests and drops every later
+    one unanswered (it closes the connection as the request came in): its URL, and the method of each request
+    received."""
     received: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -175,7 +177,7 @@ def dropping() -> Iterator[tuple[str, list[str]]]:
 
         def _answer_the_first(self) -> None:
             received.append(self.command)
-            if len(received) > 1:
+            if len(received) > answered:
                 self.close_connection = True  # dropped, unanswered
                 return
             self.send_response(200)
@@ -188,9 +190,19 @@ def dropping() -> Iterator[tuple[str, list[str]]]:
 
     served = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=served.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{served.server_port}/", received
-    served.shutdown()
-    served.server_close()
+    try:
+        yield f"http://127.0.0.1:{served.server_port}/", received
+    finally:
+        served.shutdown()
+        served.server_close()
+
+
+@pytest.fixture
+def dropping() -> Iterator[tuple[str, list[str]]]:
+    """A server keeping its HTTP/1.1 connections alive that answers the first request and drops every later one
+    unanswered: its URL, and the method of each request received."""
+    with _answering_the_first(1) as served:
+        yield served
 
 
 @pytest.mark.parametrize(("method", "repeatable", "sent"), [
@@ -234,3 +246,17 @@ def test_a_session_is_used_from_the_thread_that_made_it_only(dropping: tuple[str
     finally:
         session.close()
     session.close()
+
+
+def test_a_request_dropped_on_a_connection_opened_for_it_is_not_sent_again(dropping: tuple[str, list[str]]) -> None:
+    """A request the server dropped was sent once more whenever the last answer had left its connection open, whatever
+    connection the request then went out on: here the next one goes to another server, on a connection opened for it,
+    and that server, dropping everything, got it twice. Only a request written on a kept connection may have met one
+    the server was closing (a connection the pool found closed or expired and replaced is new too)."""
+    url, _received = dropping
+    with _answering_the_first(0) as (elsewhere, dropped), Session(trust_env=False) as session:
+        assert session.request_within("GET", url, seconds=10.0, max_bytes=1000) == BODY  # its connection kept
+        with pytest.raises(httpx.RemoteProtocolError):
+            session.request_within("GET", elsewhere, seconds=10.0, max_bytes=1000)
+    assert dropped == ["GET"]
+
