@@ -22,7 +22,7 @@ from authz.dev_issuer import DevIssuer
 from authz.identity import MAX_SUBJECT_CHARS, RESERVED_PREFIXES, Identity, is_platform_admin, token_can_carry
 from core import forksafe
 from core.errors import ErrorCode, GovragError, StartRefused, Unavailable
-from core.http import CredentialsInURL, URLRefused, api_url, request_within
+from core.http import CredentialsInURL, ThreadSessions, URLRefused, api_url
 from core.settings import DEFAULT_TOKEN_MAX_LIFETIME_SECONDS, Settings, url_scheme
 
 log = logging.getLogger(__name__)
@@ -119,12 +119,13 @@ class TokenVerifier:
         email_claim: str = "email",
         required_azp: str | None = None,
         cognito_client_ids: Iterable[str] = (),
-        jwks_url: str | Callable[[], str] | None = None,
+        jwks_url: str | Callable[[ThreadSessions], str] | None = None,
         jwks: dict[str, Any] | None = None,
         jwks_cache_seconds: float = 300.0,
         jwks_refresh_cooldown_seconds: float = 30.0,
     ) -> None:
-        """Give exactly one of jwks_url (or a function finding it on first use) or jwks.
+        """Give exactly one of jwks_url (or a function finding it on first use, fetching over the sessions it is
+        given) or jwks.
 
         Symmetric and "none" algorithms are dropped.
         """
@@ -144,7 +145,7 @@ class TokenVerifier:
         self._static_keys: dict[str, _PublishedKey] = {}
         if jwks is None:
             self._remote_keys = _RemoteKeySet(
-                jwks_url if callable(jwks_url) else lambda: jwks_url,
+                jwks_url if callable(jwks_url) else lambda _idp: jwks_url,
                 cache_seconds=jwks_cache_seconds,
                 cooldown_seconds=jwks_refresh_cooldown_seconds,
             )
@@ -161,7 +162,7 @@ class TokenVerifier:
         if settings.oidc_discovery and (not settings.dev_issuer or production):
             _check_idp_url(settings.oidc_issuer, "GOVRAG_OIDC_ISSUER", production=production)
             # on first use, so an IdP that is down at start-up is a 503 that recovers, not an API that won't start
-            return cls(jwks_url=lambda: discover_jwks_uri(settings.oidc_issuer, production=production),
+            return cls(jwks_url=lambda idp: discover_jwks_uri(settings.oidc_issuer, idp, production=production),
                        **_common_options(settings))
         if not settings.dev_issuer or settings.is_production:  # production's settings refuse this case already
             raise VerifierSettingsRefused(
@@ -384,8 +385,10 @@ class _RemoteKeySet:
     failed or not, starts the cooldown, so invented kids cannot hammer a failing IdP.
     """
 
-    def __init__(self, find_jwks_url: Callable[[], str], *, cache_seconds: float, cooldown_seconds: float) -> None:
+    def __init__(self, find_jwks_url: Callable[[ThreadSessions], str], *, cache_seconds: float,
+                 cooldown_seconds: float) -> None:
         self._find_jwks_url = find_jwks_url
+        self._idp = ThreadSessions()  # a thread's fetches (the discovery document, then the keys) over one connection
         self._jwks_url: str | None = None  # found on the first fetch (discovery), then kept
         self._cache_seconds = cache_seconds
         self._cooldown_seconds = cooldown_seconds
@@ -424,8 +427,8 @@ class _RemoteKeySet:
         """Fetch and cache the key set; any fetch or parse failure is the IdP being unavailable."""
         with self._fetch_lock:
             try:
-                self._jwks_url = self._jwks_url or self._find_jwks_url()
-                keys = _signing_keys_by_kid(_fetch_json(self._jwks_url))
+                self._jwks_url = self._jwks_url or self._find_jwks_url(self._idp)
+                keys = _signing_keys_by_kid(_fetch_json(self._idp, self._jwks_url))
             except ValueError as exc:  # our own fixed messages: nothing from a token reaches this
                 log.warning("the identity provider's signing keys could not be fetched: %s", exc)
                 raise Unavailable("identity provider") from None
@@ -459,15 +462,16 @@ def _common_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def discover_jwks_uri(issuer: str, *, production: bool = False) -> str:
-    """The jwks_uri from the issuer's OpenID configuration, whose issuer must match exactly (OIDC Discovery 4.3).
+def discover_jwks_uri(issuer: str, idp: ThreadSessions, *, production: bool = False) -> str:
+    """The jwks_uri from the issuer's OpenID configuration (fetched over `idp`), whose issuer must match exactly (OIDC
+    Discovery 4.3).
 
     A failure is a ValueError, which the key set's first fetch maps to Unavailable: in production a plain-http
     jwks_uri is one, as a plain-http GOVRAG_OIDC_JWKS_URL is refused at start. A plain-http issuer is not warned of
     here: from_settings did at start, and this runs again at each fetch attempt until discovery succeeds."""
     _check_idp_url(issuer, "GOVRAG_OIDC_ISSUER", production=production, warn=False)
     try:
-        document = _fetch_json(issuer.rstrip("/") + _DISCOVERY_PATH)
+        document = _fetch_json(idp, issuer.rstrip("/") + _DISCOVERY_PATH)
     except ValueError as exc:
         raise ValueError("OIDC discovery failed: the issuer's openid-configuration could not be read") from exc
     if not isinstance(document, dict) or document.get("issuer") != issuer:
@@ -498,14 +502,14 @@ def _check_idp_url(url: str, name: str, *, production: bool, warn: bool = True) 
         log.warning("%s is not https; what is fetched from it can be substituted in transit", name)
 
 
-def _fetch_json(url: str) -> Any:
-    """The JSON document at url, read within a wall-clock deadline (headers included) and size cap; ValueError on
-    any failure.
+def _fetch_json(idp: ThreadSessions, url: str) -> Any:
+    """The JSON document at url, read over `idp` (the calling thread's connection kept for its next fetch) within a
+    wall-clock deadline (headers included) and size cap; ValueError on any failure.
 
     Redirects are not followed (a 3xx is a failure), so the document comes from the configured host.
     """
     try:
-        return json.loads(request_within("GET", url, seconds=_FETCH_DEADLINE_SECONDS, max_bytes=_MAX_FETCH_BYTES))
+        return json.loads(idp.request_within("GET", url, seconds=_FETCH_DEADLINE_SECONDS, max_bytes=_MAX_FETCH_BYTES))
     # InvalidURL is no HTTPError (a jwks_uri with a broken host); RecursionError: JSON nested past the parser's depth
     except (httpx.HTTPError, httpx.InvalidURL, RecursionError):
         raise ValueError("the document could not be fetched") from None

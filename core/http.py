@@ -4,7 +4,9 @@ and a size cap.
 httpx's timeouts apply to each read, so a server that sends one byte, or one header line, at a time could hold a
 call for ever; and a body is held in memory whole, decoded a network read at a time (a 64 KiB gzip read can inflate to
 64 MiB). `request_within` and `answer_within` bound all three, the wait for the headers included; a `Session` does the
-same for calls one after another over connections kept alive between them (`govrag redteam`'s probes).
+same for calls one after another over connections kept alive between them (`govrag redteam`'s probes), and
+`ThreadSessions` gives each thread that calls one of its own (the IdP's key fetches and the model server's generations,
+from the API's worker threads: a thread's calls reuse its connections, no two threads share one).
 
 What the other server sends is hostile until read: no refusal quotes it (a log line quoting a header would be the
 server's to write), redirects are never followed (the answer comes from the host that was named), and a URL holding a
@@ -19,11 +21,14 @@ import contextlib
 import functools
 import ssl
 import threading
+import weakref
 import zlib
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any
 
 import httpx
+
+from core import forksafe
 
 
 class TooSlow(ValueError):
@@ -193,6 +198,70 @@ class Session:
             yield response
         finally:
             await response.aclose()  # a body not read to its end closes its connection, never drained
+
+
+class ThreadSessions:
+    """A Session for each thread that calls (its first call makes it), each bounded as `request_within`'s and sending
+    a dropped request again as a Session does (never a request whose method is not idempotent, a model's generation):
+    calls from many threads (the API's workers) each reuse their own thread's connections, never another's. The
+    Session of a thread that has ended (a worker left idle) is closed at the next call; all of them by `close`, or once
+    this is garbage. A forked child forgets its parent's (their connections are the parent's), never closing them."""
+
+    def __init__(self, *, trust_env: bool = True) -> None:
+        self._trust_env = trust_env
+        self._sessions: dict[threading.Thread, Session] = {}
+        self._inherited: list[Session] = []  # a forked child's parent's: kept referenced, never used nor closed
+        self._lock = threading.Lock()
+        forksafe.renewed(self, ThreadSessions._forget_the_parents)
+        weakref.finalize(self, _close_all, self._sessions).atexit = False  # at exit a daemon thread may be calling
+
+    def request_within(self, method: str, url: str, *, seconds: float, max_bytes: int, json: Any = None,
+                       headers: Mapping[str, str] | None = None) -> bytes:
+        """As the module's `request_within`, over the calling thread's Session."""
+        return self._session().request_within(method, url, seconds=seconds, max_bytes=max_bytes, json=json,
+                                              headers=headers)
+
+    def close(self) -> None:
+        """Close every thread's Session: none may be in use (the threads have ended, or will call no more)."""
+        with self._lock:
+            _close_all(self._sessions)
+
+    def _session(self) -> Session:
+        """The calling thread's Session, made at its first call; those of threads that have ended closed first, unless
+        this thread runs an event loop (its call is refused: they wait for the next one)."""
+        with self._lock:
+            ended = [] if _on_event_loop() else [gone for gone in self._sessions if not gone.is_alive()]
+            left = [self._sessions.pop(gone) for gone in ended]
+            session = self._sessions.get(threading.current_thread())
+            if session is None:
+                session = self._sessions[threading.current_thread()] = Session(trust_env=self._trust_env)
+        for unused in left:
+            unused.close()  # its thread has ended: nothing uses it now
+        return session
+
+    def _forget_the_parents(self) -> None:
+        """In a forked child: the lock free, the parent's Sessions set aside (the dict stays the one `close` and the
+        finaliser empty)."""
+        self._lock = threading.Lock()
+        self._inherited.extend(self._sessions.values())
+        self._sessions.clear()
+
+
+def _close_all(sessions: dict[threading.Thread, Session]) -> None:
+    """Close and forget `sessions`; left to the garbage collector on a running event loop (closing runs one)."""
+    if _on_event_loop():
+        return
+    while sessions:
+        sessions.popitem()[1].close()
+
+
+def _on_event_loop() -> bool:
+    """Whether the calling thread runs an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 # httpcore's trace events (the `trace` request extension) as it opens a connection, directly or to a proxy

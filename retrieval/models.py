@@ -12,7 +12,7 @@ from typing import Protocol
 
 from core import forksafe
 from core.errors import ErrorCode, GovragError, StartRefused, UnusablePath
-from core.http import request_within
+from core.http import ThreadSessions
 from core.settings import Settings
 from retrieval import gguf_file
 from retrieval.prompting import looks_like_marker
@@ -144,17 +144,21 @@ class OpenAIGenerator:
         self._url = str(settings.llm_base_url).rstrip("/") + "/v1/chat/completions"
         self.model_id = settings.llm_model
         self._timeout_seconds = settings.llm_timeout_seconds
+        self._server = ThreadSessions(trust_env=False)  # proxy variables ignored; each API worker its own connection
 
     def complete(self, messages: list[dict[str, str]], *, max_tokens: int) -> str:
         """POST /v1/chat/completions, greedy, answered within llm_timeout_seconds in all (headers included) and
-        MAX_REPLY_BYTES; proxy variables are ignored.
+        MAX_REPLY_BYTES; proxy variables are ignored. The calling thread's connection to the server is kept for its
+        next call.
 
         Any failure to call the server or read its reply (a status, a slow or huge reply, JSON nested too deep to
-        parse, a missing field) is a ModelError, so the caller falls back to the extractive answer."""
+        parse, a missing field) is a ModelError, so the caller falls back to the extractive answer. So is a request
+        the server dropped unanswered on a kept connection (closing it as the request went out): it may have started
+        the generation, which is never sent twice; the next call opens a new connection."""
         request = {"model": self.model_id, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
         try:
-            body = request_within("POST", self._url, seconds=self._timeout_seconds, max_bytes=MAX_REPLY_BYTES,
-                                  json=request, headers=self._headers, trust_env=False)
+            body = self._server.request_within("POST", self._url, seconds=self._timeout_seconds,
+                                               max_bytes=MAX_REPLY_BYTES, json=request, headers=self._headers)
             return str(json.loads(body)["choices"][0]["message"]["content"] or "")
         except Exception as exc:  # noqa: BLE001 - every way the reply can be unusable, RecursionError included
             raise ModelError(type(exc).__name__) from exc

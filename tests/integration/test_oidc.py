@@ -22,6 +22,7 @@ from api.deps import CurrentUser
 from api.errors import install_error_handlers
 from authz.tokens import TokenVerifier, discover_jwks_uri
 from core.errors import GovragError, Unavailable
+from core.http import ThreadSessions
 from core.settings import Settings
 from tests.support.govrag_process import govrag_env, run_govrag, start_refusal
 from tests.support.oidc_issuer import LocalIssuer, SigningKey, ec_key
@@ -68,11 +69,22 @@ def _whoami_api(settings: Settings) -> TestClient:
 
 
 def test_discovery_finds_the_jwks_uri_and_checks_the_issuer(issuer: LocalIssuer) -> None:
-    assert discover_jwks_uri(issuer.issuer) == issuer.jwks_uri
+    idp = ThreadSessions()
+    assert discover_jwks_uri(issuer.issuer, idp) == issuer.jwks_uri
     with pytest.raises(ValueError, match="different issuer"):
-        discover_jwks_uri(issuer.issuer + "/")  # a configuration for another issuer string is refused
+        discover_jwks_uri(issuer.issuer + "/", idp)  # a configuration for another issuer string is refused
     with pytest.raises(ValueError, match="could not be read"):
-        discover_jwks_uri(issuer.issuer.replace("/realms/test", "/realms/nope"))
+        discover_jwks_uri(issuer.issuer.replace("/realms/test", "/realms/nope"), idp)
+    idp.close()
+
+
+def test_discovery_and_the_key_set_are_fetched_over_one_connection(issuer: LocalIssuer) -> None:
+    """Each fetch from the IdP opened a connection of its own: a verifier's first token, two (the discovery document,
+    then the key set). The thread's connection is kept between them."""
+    verifier = TokenVerifier.from_settings(_settings(issuer), None)
+    connected = issuer.connections
+    assert verifier.verify(issuer.token(azp="govrag-web"), admins=[]).subject == "user-1"
+    assert issuer.connections - connected == 1
 
 
 def test_an_idp_down_at_start_up_is_a_503_on_use_not_a_crash(issuer: LocalIssuer) -> None:

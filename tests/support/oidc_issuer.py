@@ -28,12 +28,14 @@ class SigningKey:
 
 
 class LocalIssuer:
-    """Serves /realms/test/.well-known/openid-configuration and /realms/test/jwks; counts JWKS fetches."""
+    """Serves /realms/test/.well-known/openid-configuration and /realms/test/jwks, keeping HTTP/1.1 connections alive;
+    counts JWKS fetches and connections accepted."""
 
     def __init__(self, audience: str = "govrag-api") -> None:
         self.audience = audience
         self.keys = [SigningKey()]
         self.jwks_fetches = 0
+        self.connections = 0
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.issuer = f"http://127.0.0.1:{self._server.server_address[1]}/realms/test"
         self.jwks_uri = f"{self.issuer}/jwks"
@@ -69,6 +71,12 @@ class LocalIssuer:
         issuer = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                issuer.connections += 1
+
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 if self.path == "/realms/test/.well-known/openid-configuration":
                     body: dict[str, Any] = {"issuer": issuer.issuer, "jwks_uri": issuer.jwks_uri,

@@ -6,15 +6,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import itertools
+import queue
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 
-from core.http import CredentialsInURL, NotDecodable, Session, TooLarge, TooSlow, answer_within, request_within
+from core.http import (
+    CredentialsInURL,
+    NotDecodable,
+    Session,
+    ThreadSessions,
+    TooLarge,
+    TooSlow,
+    answer_within,
+    request_within,
+)
 
 BODY = b'{"keys": []}'
 
@@ -260,3 +272,99 @@ def test_a_request_dropped_on_a_connection_opened_for_it_is_not_sent_again(dropp
             session.request_within("GET", elsewhere, seconds=10.0, max_bytes=1000)
     assert dropped == ["GET"]
 
+
+class _Connections:
+    """What a server keeping its HTTP/1.1 connections alive saw: for each request, the connection it came on (numbered
+    as accepted) and its X-Caller header; the number of each connection as its client closes it."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.requests: list[tuple[int, str]] = []
+        self.closed: queue.Queue[int] = queue.Queue()
+
+    def of(self, caller: str) -> set[int]:
+        """The connections `caller`'s requests came on."""
+        return {connection for connection, sender in self.requests if sender == caller}
+
+
+@pytest.fixture
+def connections() -> Iterator[_Connections]:
+    """A server keeping its HTTP/1.1 connections alive, answering every GET, and what it saw of them."""
+    accepted = itertools.count()
+    seen = _Connections("")
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            super().setup()
+            self.number = next(accepted)
+
+        def do_GET(self) -> None:  # noqa: N802 (the http.server name)
+            seen.requests.append((self.number, self.headers.get("X-Caller", "")))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(BODY)))
+            self.end_headers()
+            self.wfile.write(BODY)
+
+        def finish(self) -> None:
+            super().finish()
+            seen.closed.put(self.number)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    served = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=served.serve_forever, daemon=True).start()
+    seen.url = f"http://127.0.0.1:{served.server_port}/"
+    yield seen
+    served.shutdown()
+    served.server_close()
+
+
+@pytest.fixture
+def sessions() -> Iterator[ThreadSessions]:
+    made = ThreadSessions(trust_env=False)
+    yield made
+    made.close()
+
+
+def _get_as(sessions: ThreadSessions, caller: str, url: str) -> bytes:
+    return sessions.request_within("GET", url, seconds=10.0, max_bytes=1000, headers={"X-Caller": caller})
+
+
+def test_each_thread_keeps_a_connection_of_its_own(sessions: ThreadSessions, connections: _Connections) -> None:
+    """The IdP's key fetches and the model server's generations, from the API's worker threads, opened a connection
+    for every call. A thread's calls go over its own kept connection: three threads calling at once, twice each, open
+    three connections, each its thread's alone (all three are open as each thread calls again)."""
+    all_called = threading.Barrier(3)
+
+    def call_twice(caller: str) -> None:
+        for _ in range(2):
+            assert _get_as(sessions, caller, connections.url) == BODY
+            all_called.wait(10)
+
+    callers = ["first", "second", "third"]
+    with ThreadPoolExecutor(max_workers=3) as pool:  # each call blocks at the barrier: three threads
+        for called in [pool.submit(call_twice, caller) for caller in callers]:
+            called.result()
+    assert [len(connections.of(caller)) for caller in callers] == [1, 1, 1]
+    assert len(set.union(*(connections.of(caller) for caller in callers))) == 3
+
+
+def test_the_connection_of_a_thread_that_has_ended_is_closed_at_the_next_call(sessions: ThreadSessions,
+                                                                              connections: _Connections) -> None:
+    """A thread's Session outlives its calls; once the thread has ended (an API worker left idle), the next call, from
+    any thread, closes it: the thread's one connection is closed, not left open for as long as the process runs."""
+    ended = threading.Thread(target=lambda: [_get_as(sessions, "ended", connections.url) for _ in range(2)])
+    ended.start()
+    ended.join()
+    [connection] = connections.of("ended")
+    assert _get_as(sessions, "main", connections.url) == BODY
+    assert connections.closed.get(timeout=10) == connection
+
+
+def test_thread_sessions_are_closed_once_garbage(connections: _Connections) -> None:
+    """Their owner (a model backend, a key set) made again: the connections it kept are closed, not left open."""
+    assert _get_as(ThreadSessions(trust_env=False), "gone", connections.url) == BODY
+    assert connections.closed.get(timeout=10) == 0

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 
 from core.settings import Settings
@@ -119,3 +123,90 @@ def test_a_trickling_server_cannot_hold_the_call_past_the_timeout(serve) -> None
         _complete(serve(_trickle(ended, done)))
     assert done.wait(timeout=60)
     assert ended == ["hung up"]
+
+
+class _KeptAliveModel:
+    """A model server keeping its HTTP/1.1 connections alive: for each request, the connection it came on (numbered
+    as accepted) and its question; when `drops_on_kept`, a request that is not the first on its connection is dropped
+    unanswered (the server closes the connection as it comes in, as one closing an idle connection would)."""
+
+    def __init__(self, *, drops_on_kept: bool = False) -> None:
+        self.requests: list[tuple[int, str]] = []
+        accepted, model = itertools.count(), self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                self.number, self.answered = next(accepted), 0
+
+            def do_POST(self) -> None:  # noqa: N802
+                asked = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                model.requests.append((self.number, asked["messages"][0]["content"]))
+                if drops_on_kept and self.answered:
+                    self.close_connection = True
+                    return
+                self.answered += 1
+                _send(b'{"choices": [{"message": {"content": "Economy [1]."}}]}')(self)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.generator = OpenAIGenerator(Settings(answer_backend="openai", llm_timeout_seconds=10.0,
+                                                  llm_base_url=f"http://127.0.0.1:{self.server.server_port}"))
+
+    def connections_of(self, question: str) -> set[int]:
+        return {connection for connection, asked in self.requests if asked == question}
+
+
+@pytest.fixture
+def kept_alive() -> Iterator[Callable[..., _KeptAliveModel]]:
+    started: list[_KeptAliveModel] = []
+
+    def start(**behaviour: bool) -> _KeptAliveModel:
+        started.append(_KeptAliveModel(**behaviour))
+        return started[-1]
+
+    yield start
+    for model in started:
+        model.server.shutdown()
+        model.server.server_close()
+
+
+def _ask(generator: OpenAIGenerator, question: str) -> str:
+    return generator.complete([{"role": "user", "content": question}], max_tokens=8)
+
+
+def test_each_api_worker_keeps_its_own_connection_to_the_model_server(kept_alive) -> None:
+    """Every generation opened a connection of its own. The API's worker threads each keep one: three answering at
+    once, twice each, open three connections, each its thread's alone."""
+    model = kept_alive()
+    all_asked = threading.Barrier(3)
+
+    def ask_twice(question: str) -> None:
+        for _ in range(2):
+            assert _ask(model.generator, question) == "Economy [1]."
+            all_asked.wait(10)
+
+    questions = ["first", "second", "third"]
+    with ThreadPoolExecutor(max_workers=3) as workers:  # each blocks at the barrier: three threads
+        for asked in [workers.submit(ask_twice, question) for question in questions]:
+            asked.result()
+    assert [len(model.connections_of(question)) for question in questions] == [1, 1, 1]
+    assert len(set.union(*(model.connections_of(question) for question in questions))) == 3
+
+
+def test_a_generation_dropped_on_a_kept_connection_is_a_model_error_never_sent_twice(kept_alive) -> None:
+    """The server may have started a generation it dropped unanswered (a POST, no idempotent method): it is not sent
+    again, the caller falls back to the extractive answer; the next generation goes out on a new connection."""
+    model = kept_alive(drops_on_kept=True)
+    assert _ask(model.generator, "first") == "Economy [1]."
+    with pytest.raises(ModelError) as failed:
+        _ask(model.generator, "dropped")
+    assert isinstance(failed.value.__cause__, httpx.RemoteProtocolError)
+    assert model.requests == [(0, "first"), (0, "dropped")]
+    assert _ask(model.generator, "next") == "Economy [1]."
+    assert model.requests[-1] == (1, "next")
