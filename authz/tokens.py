@@ -178,11 +178,12 @@ class TokenVerifier:
 
     def verify(self, token: str, admins: list[str]) -> Identity:
         """Verify a compact JWS and return the caller's Identity, or raise unauthenticated."""
-        alg, kid = self._read_header(token)
+        alg, kid, holds_no_audience = self._read_unverified(token)
         key = self._signing_key(kid)
         # the audience goes unchecked only where Cognito app clients are listed and the payload has no aud: then the
-        # token must name one of them, decided by the same flag that skipped the check (never re-read from claims)
-        without_audience = bool(self._cognito_client_ids) and _holds_no_audience(token)
+        # token must name one of them, decided by the same flag that skipped the check (never re-read from claims);
+        # the signed decode then refuses any aud (PyJWT given no audience), so the unverified read cannot let one by
+        without_audience = bool(self._cognito_client_ids) and holds_no_audience
         claims = self._decode(token, alg, key, without_audience=without_audience)
         _require_access_token(claims, ("typ", "token_use"))
         if without_audience:
@@ -200,16 +201,18 @@ class TokenVerifier:
         return Identity(subject=subject, groups=groups, is_platform_admin=is_platform_admin(subject, groups, admins),
                         email=email if isinstance(email, str) and email.isprintable() else None)
 
-    def _read_header(self, token: str) -> tuple[str, str]:
-        """The header's alg and kid, checked against the allowlist before any crypto."""
+    def _read_unverified(self, token: str) -> tuple[str, str, bool]:
+        """The header's alg and kid, checked against the allowlist before any crypto, and whether the payload has no
+        aud at all: the token read once before its signature is checked, only to choose the key and how to check it."""
         if isinstance(token, str) and len(token) > _MAX_TOKEN_CHARS:  # e.g. a groups claim of thousands of groups
             raise _fail(f"token too large (over {_MAX_TOKEN_CHARS} characters)")
         if not isinstance(token, str) or not token or token.count(".") != 2:
             raise _fail("malformed token")
         try:
-            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode_complete(token, options={"verify_signature": False})
         except (jwt.PyJWTError, ValueError, TypeError):
             raise _fail("malformed token") from None
+        header = unverified["header"]
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._algorithms:
             raise _fail("unsupported token algorithm")
@@ -217,7 +220,7 @@ class TokenVerifier:
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise _fail("unknown signing key")
-        return alg, kid
+        return alg, kid, "aud" not in unverified["payload"]
 
     def _signing_key(self, kid: str) -> _PublishedKey:
         """The JWK for kid, from the in-memory set or the (cached) JWKS endpoint."""
@@ -269,15 +272,6 @@ class TokenVerifier:
             raise _fail("malformed token")
         if client_id not in self._cognito_client_ids:
             raise _fail("token issued to another client")
-
-
-def _holds_no_audience(token: str) -> bool:
-    """Whether the token's payload has no aud at all, read before its signature is checked only to choose how to check
-    it; a payload that does not decode is checked as any token (and refused as one)."""
-    try:
-        return "aud" not in jwt.decode(token, options={"verify_signature": False})
-    except (jwt.PyJWTError, ValueError, TypeError):
-        return False
 
 
 def _reason(exc: jwt.PyJWTError) -> str:

@@ -864,6 +864,23 @@ def test_with_cognito_app_clients_listed_other_idps_tokens_are_checked_as_before
     _rejects(verifier, key.sign(drop=("aud",)), "missing required claim")
 
 
+def test_a_cognito_token_is_read_once_before_its_signature_is_checked(key: SigningKey,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """With app clients listed, a token was split and decoded three times: its header read, its payload read unverified
+    (is there an aud?), then the signed decode. The header and the payload are read together once, then the signed
+    decode: PyJWT's reading of a token (PyJWS._load, spied on and called through) runs twice."""
+    reads: list[object] = []
+    real_load = jwt.api_jws.PyJWS._load
+
+    def counted(self: jwt.api_jws.PyJWS, token: str | bytes) -> object:
+        reads.append(token)
+        return real_load(self, token)
+
+    monkeypatch.setattr(jwt.api_jws.PyJWS, "_load", counted)
+    assert _cognito_verifier(key, [COGNITO_CLIENT]).verify(_cognito_access(key), admins=[]).subject == "alice"
+    assert len(reads) == 2
+
+
 # Access tokens as each IdP signs them (header beyond alg and kid; payload beyond iss, aud, sub, iat, nbf, exp, jti).
 _REAL_ACCESS_TOKENS = {
     "keycloak": ({"typ": "JWT"}, {"typ": "Bearer", "azp": "govrag-web", "sid": "s-1", "scope": "openid email",
