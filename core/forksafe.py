@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -66,6 +66,14 @@ def rebuilt_in_child(cache: MutableMapping[Any, Any]) -> None:
 def restarted_in_child(start: Callable[[], None]) -> None:
     """Call `start` in every forked child (threads do not survive a fork), once everything is renewed."""
     _RESTARTED.append(start)
+
+
+def kept_in_child(objects: Iterable[object]) -> None:
+    """In a forked child (from a `renew`): the parent's `objects`, forgotten by their owner, referenced for as long as
+    the child runs, never closed nor finalised, however soon their owner is garbage (an event loop closing in the child
+    takes its wake-up socket out of the epoll set it shares with the parent's loop, which then sleeps through its
+    threads' calls)."""
+    _INHERITED.extend(objects)
 
 
 def is_renewed(obj: object) -> bool:

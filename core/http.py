@@ -210,7 +210,6 @@ class ThreadSessions:
     def __init__(self, *, trust_env: bool = True) -> None:
         self._trust_env = trust_env
         self._sessions: dict[threading.Thread, Session] = {}
-        self._inherited: list[Session] = []  # a forked child's parent's: kept referenced, never used nor closed
         self._lock = threading.Lock()
         forksafe.renewed(self, ThreadSessions._forget_the_parents)
         weakref.finalize(self, _close_all, self._sessions).atexit = False  # at exit a daemon thread may be calling
@@ -240,10 +239,10 @@ class ThreadSessions:
         return session
 
     def _forget_the_parents(self) -> None:
-        """In a forked child: the lock free, the parent's Sessions set aside (the dict stays the one `close` and the
-        finaliser empty)."""
+        """In a forked child: the lock free, the parent's Sessions set aside for as long as the child runs, never used
+        nor closed (the dict stays the one `close` and the finaliser empty)."""
         self._lock = threading.Lock()
-        self._inherited.extend(self._sessions.values())
+        forksafe.kept_in_child(self._sessions.values())
         self._sessions.clear()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import gzip
 import itertools
 import queue
@@ -27,6 +28,7 @@ from core.http import (
     answer_within,
     request_within,
 )
+from tests.support.forking import exit_code_of_child
 
 BODY = b'{"keys": []}'
 
@@ -368,3 +370,23 @@ def test_thread_sessions_are_closed_once_garbage(connections: _Connections) -> N
     """Their owner (a model backend, a key set) made again: the connections it kept are closed, not left open."""
     assert _get_as(ThreadSessions(trust_env=False), "gone", connections.url) == BODY
     assert connections.closed.get(timeout=10) == 0
+
+
+def test_a_forked_child_leaves_its_parents_connections_and_event_loops_alone(connections: _Connections) -> None:
+    """A forked child sets its parent's Sessions aside, and keeps them: once its ThreadSessions was garbage, their
+    event loops were closed in the child, which took each loop's wake-up socket out of the epoll set it shares with the
+    parent's; the parent's next call that looked a host name up (in a thread, which wakes the loop) slept to TooSlow."""
+    sessions = ThreadSessions(trust_env=False)
+    assert _get_as(sessions, "parent", connections.url) == BODY  # an address: no lookup, no thread
+
+    def calls_then_lets_them_go() -> bool:
+        nonlocal sessions
+        called = _get_as(sessions, "child", connections.url) == BODY
+        del sessions
+        gc.collect()
+        return called
+
+    assert exit_code_of_child(calls_then_lets_them_go) == 0
+    assert connections.of("child").isdisjoint(connections.of("parent"))  # a connection of its own
+    assert _get_as(sessions, "parent", connections.url.replace("127.0.0.1", "localhost")) == BODY
+    sessions.close()
