@@ -134,8 +134,9 @@ def ask_carrier(session: Session, *, department: str, sha256: str,
                 after: tuple[datetime, str] | None = None) -> tuple[str, str] | None:
     """Queue the attachment step of the e-mail above the oldest attachment refused as a duplicate of this content (or
     the oldest refused after `after`, the refusal of an e-mail whose step could not take it:
-    service.spawn_attachments), whose run ended (`repository.email_with_refused_copy`). An e-mail being ingested is
-    passed over, not chosen: its run's step comes after it and takes the content too. (document id, job id) to send
+    service.spawn_attachments, or whose run or step gave up: service.mark_failed), whose run ended
+    (`repository.email_with_refused_copy`). An e-mail being ingested is passed over, not chosen: its run's step comes
+    after it and takes the content too, or passes it on here if that run gives up. (document id, job id) to send
     once the caller commits; None when no e-mail is left to ask, or the one found has a step waiting already (it
     takes the content as it runs: asked once)."""
     email = repository.email_with_refused_copy(session, department=department, sha256=sha256, after=after)

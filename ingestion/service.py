@@ -250,27 +250,40 @@ def _retake_attachments(session: Session, settings: Settings, parent: Document, 
     are taken, as a re-index writes them; content they asked for (purge.ask_carrier) that it could not take (the
     e-mail's key or its department's does not open, its attachments cannot be listed, it is too deep...) falls to the
     next e-mail carrying it (`_passed_on`), once: the e-mail's later steps were not asked."""
-    candidates = [child for child in earlier if child.status == DocumentStatus.failed
-                  and (child.error == ATTACHMENT_FAILED or (child.error or "").startswith(repository.DUPLICATE_OF))]
+    candidates = [child for child in earlier if _refused_as_duplicate(child)
+                  or (child.status == DocumentStatus.failed and child.error == ATTACHMENT_FAILED)]
     _lock_contents(session, parent.department, [child.sha256 for child in candidates])
     retaken = [child for child in candidates if _retaken(session, child)]
-    refusals = [(child.department, child.sha256, (child.created_at, child.id)) for child in retaken]  # retired next
+    refusals = [_refusal(child) for child in retaken]  # read before they are retired
     accepted = _take_attachments(session, settings, parent, too_deep, retaken) if retaken else []
     if repository.end_attachment_steps(session, parent.id):
         accepted += _passed_on(session, refusals)
     return accepted
 
 
-def _passed_on(session: Session, refusals: list[tuple[str, str, tuple[datetime, str]]]) -> list[UploadAccepted]:
-    """For each content of the refusals a step took again (department, sha256, the refusal's created_at and id) that
-    its department still has no live copy of, the step of the e-mail whose refusal of it comes next, queued
+_Refusal = tuple[str, str, tuple[datetime, str]]  # a refused attachment's department, sha256, created_at and id
+
+
+def _refused_as_duplicate(child: Document) -> bool:
+    """Whether the child is an attachment refused as a duplicate of the department's copy (repository.DUPLICATE_OF):
+    the content an e-mail may be asked to take again (purge.ask_carrier)."""
+    return child.status == DocumentStatus.failed and (child.error or "").startswith(repository.DUPLICATE_OF)
+
+
+def _refusal(child: Document) -> _Refusal:
+    return child.department, child.sha256, (child.created_at, child.id)
+
+
+def _passed_on(session: Session, refusals: list[_Refusal]) -> list[UploadAccepted]:
+    """For each content of these refusals of an e-mail whose step did not take it (could not take it again, or gave
+    up) that its department still has no live copy of, the step of the e-mail whose refusal of it comes next, queued
     (purge.ask_carrier): each e-mail is asked once, in the order of their refusals, until one takes it."""
     asked = []
     for department, sha256, refusal in refusals:
         if repository.find_duplicate(session, department=department, sha256=sha256) is None:
             step = purge.ask_carrier(session, department=department, sha256=sha256, after=refusal)
             if step is not None:
-                logger.info("content a step could not take again falls to the next e-mail carrying it, %s", step[0])
+                logger.info("content a step did not take again falls to the next e-mail carrying it, %s", step[0])
                 asked.append(UploadAccepted(document_id=step[0], job_id=step[1]))
     return asked
 
@@ -521,14 +534,35 @@ def hand_back(*, settings: Settings, job_id: str) -> None:
         logger.warning("could not hand back ingestion job %s for a retry: %s", job_id, type(exc).__name__)
 
 
-def mark_failed(*, settings: Settings, document_id: str, job_id: str, reason: str) -> None:
+def mark_failed(*, settings: Settings, document_id: str, job_id: str, reason: str) -> list[UploadAccepted]:
     """Give up on a job after its retries (or its time limit); `reason` must not hold document content. A document
     whose run ended (ready, quarantined, failed) keeps its status and reason: what gave up then was the step after
-    the run, taking an e-mail's attachments."""
+    the run, taking an e-mail's attachments. Content an e-mail's step was to take again then falls to the next
+    e-mail carrying it (`_passed_on_by_giving_up`): the steps queued for it, to send."""
     if _step_gave_up(settings, document_id, job_id):
         logger.warning("the attachment step of document %s gave up; the document keeps its status", document_id)
-        return
-    _finish(settings, document_id, job_id, DocumentStatus.failed, error=reason)
+    else:
+        _finish(settings, document_id, job_id, DocumentStatus.failed, error=reason)
+    return _passed_on_by_giving_up(settings, document_id)
+
+
+def _passed_on_by_giving_up(settings: Settings, document_id: str) -> list[UploadAccepted]:
+    """After a run of an e-mail, or its attachment step, gave up: no step of it takes the content its attachments
+    were refused as duplicates of, which an e-mail being ingested is passed over for (purge.ask_carrier), so what of
+    it the department no longer has live falls to the next e-mail carrying it (`_passed_on`), read under the contents'
+    locks (taken after the e-mail's, as a step takes them). Not while a run of the e-mail is queued or going on (its
+    step takes it, or passes it on as it gives up), nor once the e-mail is retired (its retirement asked the next)."""
+    with unit_of_work(settings.resolved_database_url) as session:
+        email = repository.get_document(session, document_id)
+        if email is None or email.content_type not in formats.MAIL_TYPES:
+            return []
+        repository.lock_lineage(session, document_id)
+        session.refresh(email)  # as a deletion, rejection or approval that held the lock left it
+        if email.status in (*UNFINISHED, *RETIRED):
+            return []
+        refused = [child for child in repository.children(session, document_id) if _refused_as_duplicate(child)]
+        _lock_contents(session, email.department, [child.sha256 for child in refused])
+        return _passed_on(session, [_refusal(child) for child in refused])
 
 
 def _step_gave_up(settings: Settings, document_id: str, job_id: str) -> bool:

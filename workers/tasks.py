@@ -10,6 +10,7 @@ from celery import Task, current_app, signals
 from core.settings import Settings
 from ingestion import scratch
 from ingestion import service as ingestion_service
+from ingestion.schemas import UploadAccepted
 from retrieval.store import close_vector_store, vector_store_is_open
 from workers.celery_app import INGEST_TASK, GovragCelery
 from workers.dispatch import send_jobs
@@ -32,13 +33,12 @@ def ingest_document(task: Task, document_id: str, job_id: str) -> None:
     settings = task.app.govrag_settings
     try:
         ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id)
-        children = ingestion_service.spawn_attachments(settings=settings, document_id=document_id)
-        send_jobs(task.app, [(child.document_id, child.job_id) for child in children])
+        send_jobs(task.app, _to_send(ingestion_service.spawn_attachments(settings=settings, document_id=document_id)))
     except Exception as exc:
         outage = ingestion_service.outage(exc)
         retries = OUTAGE_RETRIES if outage else MAX_RETRIES
         if task.request.retries >= retries:
-            _give_up(settings, document_id, job_id, retries, outage)
+            send_jobs(task.app, _give_up(settings, document_id, job_id, retries, outage))
             return
         if outage:  # said in one line, no traceback: the operator's fix, not the document's fault
             logger.warning("ingestion of document %s waits: the %s is unavailable; retrying", document_id, outage)
@@ -49,10 +49,17 @@ def ingest_document(task: Task, document_id: str, job_id: str) -> None:
                          countdown=min(2 ** task.request.retries, MAX_BACKOFF_SECONDS)) from exc
 
 
-def _give_up(settings: Settings, document_id: str, job_id: str, retries: int, outage: str | None) -> None:
+def _to_send(accepted: list[UploadAccepted]) -> list[tuple[str, str]]:
+    """The (document id, job id) of each job queued, as `send_jobs` takes them."""
+    return [(job.document_id, job.job_id) for job in accepted]
+
+
+def _give_up(settings: Settings, document_id: str, job_id: str, retries: int,
+             outage: str | None) -> list[tuple[str, str]]:
     """Fail the job once its retries ran out (called in the exception's handler), saying the outage it waited out
     in one line, else an internal error with its traceback. A document whose run ended keeps its status: then it was
-    the attachment step that gave up."""
+    the attachment step that gave up. Returns the jobs to send: the steps of e-mails that content the e-mail's step
+    was to take again falls to (service.mark_failed)."""
     if outage:
         logger.warning("ingestion of document %s gave up after %d retries: the %s stayed unavailable", document_id,
                        retries, outage)
@@ -60,12 +67,14 @@ def _give_up(settings: Settings, document_id: str, job_id: str, retries: int, ou
     else:
         logger.exception("ingestion of document %s gave up after %d retries", document_id, retries)
         reason = "internal error during ingestion; retries exhausted"
-    ingestion_service.mark_failed(settings=settings, document_id=document_id, job_id=job_id, reason=reason)
+    return _to_send(ingestion_service.mark_failed(settings=settings, document_id=document_id, job_id=job_id,
+                                                  reason=reason))
 
 
 class IngestionTask(Task):
     """When the hard time limit kills a child mid-document, the worker's main process calls `on_failure`: the
-    document fails with that reason instead of staying `processing` (a redelivery then finds it final)."""
+    document fails with that reason instead of staying `processing` (a redelivery then finds it final), and content
+    its e-mail's step was to take again falls to the next e-mail carrying it (service.mark_failed)."""
 
     def on_failure(self, exc: BaseException, _task_id: str, args: tuple, *_: object) -> None:  # type: ignore[type-arg]
         if isinstance(exc, TimeLimitExceeded):
@@ -75,8 +84,10 @@ class IngestionTask(Task):
             settings = self.app.govrag_settings
             opened_here = not vector_store_is_open(settings)
             try:
-                ingestion_service.mark_failed(settings=settings, document_id=document_id, job_id=job_id,
-                                              reason=f"ingestion took longer than the {self.time_limit:g} s limit")
+                passed_on = ingestion_service.mark_failed(
+                    settings=settings, document_id=document_id, job_id=job_id,
+                    reason=f"ingestion took longer than the {self.time_limit:g} s limit")
+                send_jobs(self.app, _to_send(passed_on))
             finally:
                 if opened_here:  # the main process keeps no store: its children (forked later) open their own
                     close_vector_store(settings)

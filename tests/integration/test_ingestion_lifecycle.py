@@ -1563,9 +1563,10 @@ def test_an_attachment_step_that_gives_up_leaves_its_email_ready(
             raise RuntimeError("the attachment step crashes")
         return real_accept(session, settings, parent, name, payload, too_deep)
 
-    def spy(**kwargs: str) -> None:
-        real_mark_failed(**kwargs)
+    def spy(**kwargs: str) -> list[object]:
+        passed_on = real_mark_failed(**kwargs)
         gave_up.add(kwargs["document_id"])
+        return passed_on
 
     monkeypatch.setattr(service, "_accept_attachment", crashing)
     monkeypatch.setattr(service, "mark_failed", spy)
@@ -2186,6 +2187,174 @@ def test_content_an_asked_email_cannot_take_again_falls_to_the_next_carrier_once
             assert service.spawn_attachments(settings=settings, document_id=emails[1]) == []
     finally:
         close_vector_store(settings)  # a withdrawn job's purge opened it
+
+
+def _retake_world(database: str, make_pg_database: Callable[[], str], tmp_path: Path,
+                  groups: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    """A migrated database of either kind with `_carriers_of_one_file`'s e-mails and taken attachment, and the Celery
+    app a worker runs the jobs with, sending to a queue of its own on the in-memory broker: (app, e-mails, taken)."""
+    from core import migrate
+    from core.settings import Settings
+    from workers.celery_app import create_celery
+
+    url = make_pg_database() if database == "postgresql" else f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url="memory://", inprocess_worker=False,
+                        task_queue=f"govrag-retake-{uuid.uuid4().hex[:8]}")
+    blobs.open_at_start(settings.blob_dir, url)
+    emails, taken = _carriers_of_one_file(url, settings, groups)
+    return create_celery(settings), emails, taken
+
+
+def _gives_up(app, how: str, document_id: str, job_id: str, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+              failing: str) -> None:
+    """The job's task gives up as a worker's does: its retries spent (the service function `failing` raising at its
+    last retry), or its hard time limit hit (the worker's main process calls the task's `on_failure`)."""
+    from billiard.exceptions import TimeLimitExceeded
+
+    from ingestion import service
+    from tests.support.task_retries import task_at_retry
+    from workers.celery_app import INGEST_TASK
+    from workers.tasks import MAX_RETRIES, ingest_document
+
+    if how == "time limit":
+        app.tasks[INGEST_TASK].on_failure(TimeLimitExceeded(20.0), "task", (document_id, job_id), {}, None)
+        return
+    real = getattr(service, failing)
+
+    def fails(*, settings, document_id: str, **kwargs: str):  # type: ignore[no-untyped-def]
+        if document_id == doomed:
+            raise RuntimeError("an internal error at every retry")
+        return real(settings=settings, document_id=document_id, **kwargs)
+
+    doomed = document_id
+    with monkeypatch.context() as patched:
+        patched.setattr(service, failing, fails)
+        ingest_document(task_at_retry(app.govrag_settings, MAX_RETRIES, [], app=app), document_id, job_id)  # type: ignore[arg-type]
+
+
+def _steps(url: str, email_id: str) -> list[tuple[str, str, bool]]:
+    """(job id, status, sent) of each job queued for the e-mail's attachment step alone, oldest first."""
+    from sqlalchemy import select
+
+    from core.db import unit_of_work
+    from core.models import IngestionJob
+    from ingestion import repository
+
+    with unit_of_work(url) as session:
+        jobs = session.scalars(select(IngestionJob).where(IngestionJob.document_id == email_id,
+                                                          IngestionJob.error == repository.ATTACHMENT_STEP)
+                               .order_by(IngestionJob.created_at))
+        return [(job.id, job.status, job.sent_at is not None) for job in jobs]
+
+
+def _taken_by(app, email_id: str, job_id: str) -> None:  # type: ignore[no-untyped-def]
+    """The e-mail's step runs as a worker runs its job, and the content it took is the department's one live copy,
+    under that e-mail, with its ACL and level; the step's job ends ready."""
+    from core.db import unit_of_work
+    from ingestion import repository
+    from tests.support.task_retries import task_at_retry
+    from workers.tasks import ingest_document
+
+    settings = app.govrag_settings
+    ingest_document(task_at_retry(settings, 0, [], app=app), email_id, job_id)  # type: ignore[arg-type]
+    [(copy_id, parent_id)] = _live_copies(settings, "desk", b"Leeds desk on Saturday: Ana and Ben.")
+    with unit_of_work(settings.resolved_database_url) as session:
+        email, copy = repository.get_document(session, email_id), repository.get_document(session, copy_id)
+        assert (parent_id, copy.acl_groups, copy.declared_classification) == (  # type: ignore[union-attr]
+            email_id, email.acl_groups, "internal")  # type: ignore[union-attr]
+        assert repository.get_job(session, job_id).status == "ready"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+@pytest.mark.parametrize("how", ["retries spent", "time limit"])
+def test_content_an_asked_email_whose_step_gives_up_falls_to_the_next_carrier(
+        database: str, how: str, make_pg_database: Callable[[], str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three e-mails carried one file, the first's attachment taken. Deleting it asks the second e-mail's step to take
+    the content again; that step's job gave up (its retries spent, or its hard time limit hit) and failed, passing
+    nothing on: the content waited for a re-index naming an e-mail. Now it falls to the next e-mail carrying it,
+    whose step the worker sends: the third takes it, once, with its ACL."""
+    from retrieval.store import close_vector_store
+
+    app, emails, taken = _retake_world(database, make_pg_database, tmp_path, ("board", "desk", "leads"))
+    url = app.govrag_settings.resolved_database_url
+    try:
+        [(asked, step_job)] = _delete(url, app.govrag_settings, taken)
+        assert asked == emails[1]
+        _gives_up(app, how, asked, step_job, monkeypatch, "spawn_attachments")
+        assert _steps(url, emails[1]) == [(step_job, "failed", False)]
+        [(passed, status, sent)] = _steps(url, emails[2])
+        assert (status, sent) == ("queued", True)
+        _taken_by(app, emails[2], passed)
+    finally:
+        close_vector_store(app.govrag_settings)
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+@pytest.mark.parametrize("how", ["retries spent", "time limit"])
+def test_content_an_email_being_ingested_was_passed_over_for_falls_to_the_next_carrier_when_its_run_gives_up(
+        database: str, how: str, make_pg_database: Callable[[], str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three e-mails carried one file, the first's attachment taken; the other two were being re-indexed when that
+    attachment was deleted: both were passed over, their runs' steps to take the content. The third's run ended
+    ready, its step gave up (no e-mail after it to ask); then the second's run gave up (its retries spent, or its
+    hard time limit hit), its step never run: the content waited for a re-index naming an e-mail. Now the run that
+    gives up passes it on to the next e-mail carrying it, whose step the worker sends: the third takes it, with its
+    ACL."""
+    from core.db import unit_of_work
+    from ingestion import quarantine, repository
+    from retrieval.store import close_vector_store
+
+    app, emails, taken = _retake_world(database, make_pg_database, tmp_path, ("board", "desk", "leads"))
+    settings = app.govrag_settings
+    url = settings.resolved_database_url
+    try:
+        with unit_of_work(url) as session:
+            runs = dict(quarantine.queue_reindex(session=session, settings=settings, department="desk",
+                                                 document_ids=emails[1:], serve_previous=False).queued)
+        assert _delete(url, settings, taken) == []  # both passed over
+        _gives_up(app, "retries spent", emails[2], runs[emails[2]], monkeypatch, "spawn_attachments")
+        assert _steps(url, emails[2]) == []
+        _gives_up(app, how, emails[1], runs[emails[1]], monkeypatch, "run_ingestion")
+        with unit_of_work(url) as session:
+            assert [repository.get_document(session, email).status for email in emails[1:]] == ["failed", "ready"]  # type: ignore[union-attr]
+        [(passed, status, sent)] = _steps(url, emails[2])
+        assert (status, sent) == ("queued", True)
+        _taken_by(app, emails[2], passed)
+    finally:
+        close_vector_store(settings)
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_content_the_last_carrier_gives_up_waits_as_when_no_carrier_is_left(
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two e-mails carried one file, the first's attachment taken. Deleting it asks the second's step, which gives
+    up: no e-mail is left to ask, so it is as when a deletion finds none: nothing is queued, the second's refusal
+    stays on record, and that e-mail's next step (a re-index naming it) takes the content."""
+    from sqlalchemy import select
+
+    from core.db import unit_of_work
+    from core.models import UNFINISHED, IngestionJob
+    from ingestion import repository, service
+    from retrieval.store import close_vector_store
+
+    app, (_, email_id), taken = _retake_world(database, make_pg_database, tmp_path, ("board", "desk"))
+    settings = app.govrag_settings
+    url = settings.resolved_database_url
+    try:
+        [(_, step_job)] = _delete(url, settings, taken)
+        _gives_up(app, "retries spent", email_id, step_job, monkeypatch, "spawn_attachments")
+        with unit_of_work(url) as session:
+            assert session.scalars(select(IngestionJob.id).where(IngestionJob.status.in_(UNFINISHED))).all() == []
+            [refusal] = repository.children(session, email_id)
+            assert (refusal.status, refusal.error) == ("failed", f"{repository.DUPLICATE_OF}{taken}")
+        [again] = service.spawn_attachments(settings=settings, document_id=email_id)
+        assert _live_copies(settings, "desk", b"Leeds desk on Saturday: Ana and Ben.") == [(again.document_id,
+                                                                                             email_id)]
+    finally:
+        close_vector_store(settings)
 
 
 @pytest.mark.parametrize("database", ["postgresql", "sqlite"])

@@ -30,7 +30,12 @@ def _run(monkeypatch: pytest.MonkeyPatch, fault: Exception, retries: int) -> dic
         return _Scheduled()
 
     monkeypatch.setattr(service, "run_ingestion", fails)
-    monkeypatch.setattr(service, "mark_failed", lambda **kwargs: seen.setdefault("failed", kwargs["reason"]))
+
+    def failed(**kwargs: str) -> list[object]:
+        seen["failed"] = kwargs["reason"]
+        return []  # no attachment step queued
+
+    monkeypatch.setattr(service, "mark_failed", failed)
     task = SimpleNamespace(app=SimpleNamespace(govrag_settings=None), request=SimpleNamespace(retries=retries),
                            retry=retry)
     try:
