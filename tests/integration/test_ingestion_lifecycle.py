@@ -2358,6 +2358,35 @@ def test_content_the_last_carrier_gives_up_waits_as_when_no_carrier_is_left(
 
 
 @pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_an_asked_email_whose_step_gives_up_beside_its_reindex_leaves_the_content_to_that_run(
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deleting the taken copy of a file three e-mails carried asks the second's step; a re-index of that e-mail is
+    queued, then the step's job gives up. The re-index's run is to take the content (its step comes after it, as for
+    an e-mail passed over), so nothing is passed on to the third; that run's step takes it under the second."""
+    from core.db import unit_of_work
+    from ingestion import quarantine, service
+    from retrieval.store import close_vector_store
+
+    app, emails, taken = _retake_world(database, make_pg_database, tmp_path, ("board", "desk", "leads"))
+    settings = app.govrag_settings
+    url = settings.resolved_database_url
+    try:
+        [(_, step_job)] = _delete(url, settings, taken)
+        with unit_of_work(url) as session:
+            [(_, run_job)] = quarantine.queue_reindex(session=session, settings=settings, department="desk",
+                                                      document_ids=[emails[1]], serve_previous=False).queued
+        _gives_up(app, "retries spent", emails[1], step_job, monkeypatch, "spawn_attachments")
+        assert _steps(url, emails[2]) == []
+        service.run_ingestion(settings=settings, document_id=emails[1], job_id=run_job)
+        [again] = service.spawn_attachments(settings=settings, document_id=emails[1])
+        assert _live_copies(settings, "desk", b"Leeds desk on Saturday: Ana and Ben.") == [(again.document_id,
+                                                                                             emails[1])]
+    finally:
+        close_vector_store(settings)
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
 def test_an_attachment_step_ended_midway_by_its_department_key_leaves_nothing_it_began(
         database: str, make_pg_database: Callable[[], str], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
