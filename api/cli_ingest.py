@@ -263,15 +263,18 @@ class _FileRun:
     """How far the ingestion of one file got: its document, once accepted (or found accepted before), and the jobs
     this process took to run, as (document id, job id), held from the sweep of any API on the same database until
     the file's run ends (`held`, released by `_ingest_file` once what it took is given back; an e-mail's attachments
-    are held from their acceptance on, before their turn comes: `spawn_attachments`)."""
+    are held from their acceptance on, before their turn comes: `spawn_attachments`), and the one of them whose run
+    or attachment step is going on (`running`): the one that gave up when either raises."""
 
     held: JobsHeld
     document_id: str | None = None
     taken: list[tuple[str, str]] = field(default_factory=list)
+    running: tuple[str, str] | None = None
 
     def take(self, document_id: str, job_id: str) -> None:
         """Record a job this process runs itself, and hold it (`dispatch.JobsHeld`)."""
         self.taken.append((document_id, job_id))
+        self.running = (document_id, job_id)
         self.held.hold(job_id)
 
     def take_waiting(self, settings: Settings, document_id: str) -> str | None:
@@ -282,6 +285,7 @@ class _FileRun:
         job_id = take_waiting_job(settings, document_id, self.held)
         if job_id is not None:
             self.taken.append((document_id, job_id))
+            self.running = (document_id, job_id)
         return job_id
 
     def spawn_attachments(self, settings: Settings, document_id: str) -> list[UploadAccepted]:
@@ -291,9 +295,14 @@ class _FileRun:
         from ingestion import service as ingestion_service
 
         children = ingestion_service.spawn_attachments(settings=settings, document_id=document_id)
-        for child in children:
-            self.held.hold(child.job_id)
+        self.running = None  # the document's run and step ended
+        self.hold(children)
         return children
+
+    def hold(self, jobs: list[UploadAccepted]) -> None:
+        """Hold jobs queued for this process to run in their turn, as an e-mail's attachments are held."""
+        for job in jobs:
+            self.held.hold(job.job_id)
 
     def own_job(self) -> str | None:
         """The job of the file's own document, if this process took one."""
@@ -379,10 +388,33 @@ def _failed(settings: Settings, path: Path, run: _FileRun, failure: str) -> Outc
         logger.warning("accepting a file failed: %s", failure)
     else:
         logger.warning("ingesting document %s failed: %s", run.document_id, failure)
-    for document_id, job_id in run.taken:
-        ingestion_service.mark_failed(settings=settings, document_id=document_id, job_id=job_id,
-                                      reason=INTERNAL_FAILURE)
+    passed_on = [step for document_id, job_id in run.taken
+                 for step in ingestion_service.mark_failed(settings=settings, document_id=document_id, job_id=job_id,
+                                                           reason=INTERNAL_FAILURE,
+                                                           pass_on=(document_id, job_id) == run.running)]
+    _run_passed_on(settings, run, passed_on)
     return run.outcome(settings, path, otherwise=Outcome(str(path), "failed", INTERNAL_FAILURE))
+
+
+def _run_passed_on(settings: Settings, run: _FileRun, steps: list[UploadAccepted]) -> None:
+    """Run here, as the file's other jobs, the attachment steps of the e-mails that content the one that gave up was
+    to take falls to (`mark_failed`): with no API running, nothing else would ever send them. One that raises (not an
+    outage: that stops the run, `_ingest_file`) fails in turn, passing the content on to the next e-mail carrying it,
+    and the others go on."""
+    from ingestion import service as ingestion_service
+
+    run.running = None
+    run.hold(steps)
+    for step in steps:
+        try:
+            _ingest_with_attachments(settings, step.document_id, step.job_id, run)
+        except Exception as exc:
+            if _outage(exc) is not None:
+                raise
+            document_id, job_id = run.running or (step.document_id, step.job_id)
+            logger.warning("ingesting document %s failed: %s", document_id, type(exc).__name__)
+            _run_passed_on(settings, run, ingestion_service.mark_failed(
+                settings=settings, document_id=document_id, job_id=job_id, reason=INTERNAL_FAILURE))
 
 
 def _stopped(settings: Settings, path: Path, stop: Stop, run: _FileRun) -> Outcome:

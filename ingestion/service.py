@@ -534,16 +534,20 @@ def hand_back(*, settings: Settings, job_id: str) -> None:
         logger.warning("could not hand back ingestion job %s for a retry: %s", job_id, type(exc).__name__)
 
 
-def mark_failed(*, settings: Settings, document_id: str, job_id: str, reason: str) -> list[UploadAccepted]:
+def mark_failed(*, settings: Settings, document_id: str, job_id: str, reason: str,
+                pass_on: bool = True) -> list[UploadAccepted]:
     """Give up on a job after its retries (or its time limit); `reason` must not hold document content. A document
     whose run ended (ready, quarantined, failed) keeps its status and reason: what gave up then was the step after
     the run, taking an e-mail's attachments. Content an e-mail's step was to take again then falls to the next
-    e-mail carrying it (`_passed_on_by_giving_up`): the steps queued for it, to send."""
+    e-mail carrying it (`_passed_on_by_giving_up`, unless not `pass_on`: the job's run and step both ended, and it is
+    failed only in case it did not): the steps queued for it, to send. That is a transaction of its own, after the
+    failure's: a process that dies between the two passes nothing on, and the content waits as when no e-mail is
+    left to ask (the next run of an e-mail carrying it, or an upload of it, takes it)."""
     if _step_gave_up(settings, document_id, job_id):
         logger.warning("the attachment step of document %s gave up; the document keeps its status", document_id)
     else:
         _finish(settings, document_id, job_id, DocumentStatus.failed, error=reason)
-    return _passed_on_by_giving_up(settings, document_id)
+    return _passed_on_by_giving_up(settings, document_id) if pass_on else []
 
 
 def _passed_on_by_giving_up(settings: Settings, document_id: str) -> list[UploadAccepted]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import socket
@@ -1158,3 +1159,67 @@ def _rota_mail(path: Path, *more: bytes) -> None:
     for number, text in enumerate([b"The Porto desk rota changes on Fridays.", *more]):
         mail.add_attachment(text, maintype="text", subtype="plain", filename=f"rota-{number}.txt")
     path.write_bytes(mail.as_bytes())
+
+
+def _carrying(path: Path, subject: str, attachment: bytes) -> None:
+    """An e-mail with one text attachment, written to `path`."""
+    from email.message import EmailMessage
+
+    mail = EmailMessage()
+    mail["From"], mail["To"], mail["Subject"] = "desk@example.org", "hr@example.org", subject
+    mail.set_content(f"{subject}: the rota is attached.")
+    mail.add_attachment(attachment, maintype="text", subtype="plain", filename="rota.txt")
+    path.write_bytes(mail.as_bytes())
+
+
+@pytest.mark.parametrize("cli_env", ["postgresql", "embedded"], indirect=True)
+def test_content_an_email_whose_run_fails_in_the_cli_passes_on_is_taken_there_with_no_api(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three e-mails carried one file, the first's attachment taken; the other two were being re-indexed when it was
+    deleted (both passed over), and the third's step then gave up. `govrag ingest` running the second again, its run
+    failing, passed the content on to the third (service.mark_failed) but never ran that step, and with no API running
+    nothing sent it: the content stayed in no index. Now the command runs it, as it runs the file's own jobs: the
+    third takes the content, with its ACL."""
+    from core.models import IngestionJob
+    from ingestion import quarantine, repository, service
+
+    settings, rota = get_settings(), f"Leeds desk rota {uuid.uuid4().hex}: Ana and Ben.".encode()
+    paths = [tmp_path / f"{name}.eml" for name in ("a", "b", "c")]
+    for path, group in zip(paths, ("board", "desk", "leads"), strict=True):
+        _carrying(path, f"Rota {path.stem}", rota)
+        assert main(["ingest", str(path), "--department", "hr", "--acl-group", group]) == 0, capsys.readouterr().out
+    with unit_of_work(cli_env) as session:
+        by_title = {document.title: document for document in session.scalars(select(Document))}
+        emails, taken = [by_title[path.name].id for path in paths], by_title["a.eml / rota.txt"].id
+        quarantine.queue_reindex(session=session, settings=settings, department="hr", document_ids=emails[1:],
+                                 serve_previous=False)
+    with unit_of_work(cli_env) as session:
+        assert service.delete_document(session=session, settings=settings, document_id=taken,
+                                       can_delete=lambda _: True)[2] == []  # both passed over
+    real_spawn, real_protect = service.spawn_attachments, service.protect
+    monkeypatch.setenv("GOVRAG_JOB_RESEND_AFTER_SECONDS", "0")  # the re-index's jobs wait with nobody to run them
+    get_settings.cache_clear()
+
+    def step_crashes(*, settings: Settings, document_id: str) -> object:
+        if document_id == emails[2]:
+            raise RuntimeError("the third e-mail's step crashes")
+        return real_spawn(settings=settings, document_id=document_id)
+
+    def run_crashes(data: bytes, *args: object, **kwargs: object) -> object:
+        if data == paths[1].read_bytes():
+            raise RuntimeError("the second e-mail's run crashes")
+        return real_protect(data, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(service, "spawn_attachments", step_crashes)
+        assert main(["ingest", str(paths[2]), "--department", "hr"]) == 0  # its run ended ready, its step gave up
+    monkeypatch.setattr(service, "protect", run_crashes)
+    assert main(["ingest", str(paths[1]), "--department", "hr"]) == 1
+    assert "failed: 1" in capsys.readouterr().out
+    with unit_of_work(cli_env) as session:
+        live = repository.find_duplicate(session, department="hr", sha256=hashlib.sha256(rota).hexdigest())
+        assert live is not None and (live.parent_id, live.acl_groups, live.status) == (emails[2], ["leads"], "ready")
+        steps = session.scalars(select(IngestionJob).where(IngestionJob.document_id == emails[2],
+                                                           IngestionJob.error == repository.ATTACHMENT_STEP)).all()
+        assert [(step.status, step.sent_at is not None) for step in steps] == [("ready", True)]
+        assert repository.get_document(session, emails[1]).status == "failed"  # type: ignore[union-attr]
