@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from api.cli_args import api_url
-from core.errors import EmbeddedStoreHeld
+from core.errors import EmbeddedStoreHeld, ErrorCode
 from core.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -370,9 +370,9 @@ def _accept_and_ingest(settings: Settings, args: argparse.Namespace, path: Path,
     except GovragError as exc:
         if unavailable_dependency(exc) is not None:
             raise  # raised from an outage: no refusal of the file; it stops the run (`_ingest_file`)
-        if _refusal(exc.message) == "duplicate":
+        if (status := _not_taken(exc.code, exc.message)) == "duplicate":
             return _go_on(settings, args, path, data, exc.message, run)
-        return Outcome(str(path), "refused", exc.message)
+        return Outcome(str(path), status, exc.message)
     run.document_id = accepted.document_id
     _ingest_with_attachments(settings, accepted.document_id, accepted.job_id, run)
     return _job_outcome(settings, path, accepted.job_id)
@@ -529,7 +529,8 @@ def _upload(http: httpx.Client, args: argparse.Namespace, path: Path) -> Outcome
                             files={"file": (path.name, path.read_bytes())})
         if response.status_code != 202:
             message = _error_message(response)
-            return Outcome(str(path), _refusal(message), message, stop=_token_refused(response, message))
+            return Outcome(str(path), _not_taken(_answer_code(response), message), message,
+                           stop=_token_refused(response, message))
         document_id = response.json()["document_id"]
         return _poll(http, str(path), document_id)
     except _ApiUnavailable as stop:
@@ -561,7 +562,6 @@ def _stop_503(api: str, response: httpx.Response) -> Stop:
     that does not open; a department key that does not open is also the refusal the in-process command says, exit 2:
     `Stop.refusal`); for a 503 without the API's error body (a proxy's page), the API unavailable."""
     from api.cli_failures import department_key_failure
-    from core.errors import ErrorCode
 
     error = _api_error(response)
     if error is None:
@@ -592,15 +592,16 @@ def _error_message(response: httpx.Response) -> str:
 
 def _poll(http: httpx.Client, path: str, document_id: str, timeout: float = 600.0) -> Outcome:
     """The document's final state. An error answer (a token refused, a document gone, a 429, a 500) ends the poll at
-    once, `refused` with the API's message, rather than asking again until the timeout, for every file (an outage
-    stops the run: `_request`)."""
+    once, with the API's message (`refused` or `failed` by what it means: `_not_taken`), rather than asking again
+    until the timeout, for every file (an outage stops the run: `_request`)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         response = _request(http, "GET", f"/v1/documents/{document_id}")
         if not response.is_success:
             message = _error_message(response)
-            return Outcome(path, "refused", f"{message}; accepted as document {document_id}, its outcome not known "
-                                            "here", stop=_token_refused(response, message))
+            return Outcome(path, _not_taken(_answer_code(response), message),
+                           f"{message}; accepted as document {document_id}, its outcome not known here",
+                           stop=_token_refused(response, message))
         body = response.json()
         if body.get("status") in FINAL_STATES:
             return Outcome(path, body["status"], body.get("error") or body.get("review_reason") or "")
@@ -614,8 +615,23 @@ def _token_refused(response: httpx.Response, message: str) -> Stop | None:
     return Stop(f"the API refused the token ({message})", "with a valid token") if response.status_code == 401 else None
 
 
-def _refusal(message: str) -> str:
-    return "duplicate" if message.startswith("duplicate upload") else "refused"
+def _not_taken(code: ErrorCode, message: str) -> str:
+    """The table's status of a file the service answered with an error, in process or through the API: `duplicate`
+    for its duplicate refusal, `refused` for any other code that refuses the user's input (the file, the command's
+    arguments, the token), else `failed`, the deployment's own failure (`ErrorCode.refuses_input`, as `govrag`'s
+    one-line failures say "refused:" or "failed:")."""
+    if message.startswith("duplicate upload"):
+        return "duplicate"
+    return "refused" if code.refuses_input else "failed"
+
+
+def _answer_code(response: httpx.Response) -> ErrorCode:
+    """The code of the API's error answer; for a code this CLI does not know or a body not the API's (a proxy's
+    page), the one its HTTP status stands for: a 4xx refuses the request, anything else is a failure."""
+    error = _api_error(response)
+    if error is not None and error[0] in ErrorCode.__members__:
+        return ErrorCode[error[0]]
+    return ErrorCode.invalid_request if response.is_client_error else ErrorCode.internal
 
 
 def _store_held(settings: Settings) -> EmbeddedStoreHeld | None:

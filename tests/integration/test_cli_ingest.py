@@ -997,8 +997,9 @@ def test_through_the_api_an_error_answer_to_a_poll_ends_that_files_poll_and_a_to
         monkeypatch: pytest.MonkeyPatch, answer: str) -> None:
     """Once a file was accepted, an error answer to its poll (a token expired, the document gone, a 500) was read as
     a body with no status: the CLI asked again until its ten-minute timeout, for every file. Now that file is
-    `refused` at once with the API's message and the document accepted, and the run goes on; a 401 stops it (every
-    request after it would be refused too): the rest `not attempted`, exit 1, one line saying so."""
+    `refused` at once with the API's message and the document accepted (`failed` for a 500, the deployment's own
+    failure), and the run goes on; a 401 stops it (every request after it would be refused too): the rest `not
+    attempted`, exit 1, one line saying so."""
     from api import cli_ingest
 
     api_url, token, _ = served_api
@@ -1012,14 +1013,15 @@ def test_through_the_api_an_error_answer_to_a_poll_ends_that_files_poll_and_a_to
     out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
     message = answer.split(" ", 1)[1]
     assert code == 1 and len(accepted) == 1
-    assert f"│ refused │ {message}; accepted as document {accepted[0]}, its outcome not known here" in out, out
+    said = "failed" if answer.startswith("500") else "refused"  # the deployment's own failure, or the input refused
+    assert f"│ {said} │ {message}; accepted as document {accepted[0]}, its outcome not known here" in out, out
     assert "pending" not in out and canary not in out + err and token not in out + err and "Traceback" not in err
     if answer.startswith("401"):
         assert "ready: 1" in out and "refused: 1" in out and "not attempted: 1" in out
         assert ("stopped: the API refused the token (token expired) (1 file not attempted); run the same command "
                 "again with a valid token") in err, err
     else:
-        assert "ready: 2" in out and "refused: 1" in out and "not attempted" not in out and "stopped" not in err
+        assert "ready: 2" in out and f"{said}: 1" in out and "not attempted" not in out and "stopped" not in err
 
 
 def test_through_the_api_a_token_refused_at_the_first_upload_stops_the_run(
@@ -1038,6 +1040,47 @@ def test_through_the_api_a_token_refused_at_the_first_upload_stops_the_run(
     assert ("stopped: the API refused the token (malformed token) (2 files not attempted); run the same command "
             "again with a valid token") in err, err
     assert bad_token not in out + err
+
+
+@contextmanager
+def _document_rows_refused(settings: Settings, data: bytes) -> Iterator[None]:
+    """PostgreSQL refuses to store the document row of a file holding `data` while the block runs (a trigger raising:
+    the deployment's own database failing, no outage: the connection stays up)."""
+    import hashlib
+
+    import psycopg
+
+    from bench.common import libpq_dsn
+
+    with psycopg.connect(libpq_dsn(settings.resolved_database_url), autocommit=True) as conn:
+        conn.execute("CREATE FUNCTION refuse_document() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'no rows here'; "
+                     "END $$ LANGUAGE plpgsql")
+        conn.execute(f"CREATE TRIGGER refuse_document BEFORE INSERT ON documents FOR EACH ROW WHEN (NEW.sha256 = "
+                     f"'{hashlib.sha256(data).hexdigest()}') EXECUTE FUNCTION refuse_document()")
+        try:
+            yield
+        finally:
+            conn.execute("DROP TRIGGER refuse_document ON documents")
+            conn.execute("DROP FUNCTION refuse_document()")
+
+
+def test_through_the_api_a_file_the_deployment_fails_is_failed_not_refused(
+        served_api: tuple[str, str, str], served_settings: Settings, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file whose upload the API answered with a failure of its own (a 500: here its database refusing the
+    document's row) was `refused` in the table, as if the file or the command were wrong, where `govrag`'s one-line
+    failures say such a failure "failed:" (`ErrorCode.refuses_input`). Now it is `failed`, with the API's message,
+    and the run goes on, exit 1; nothing of the database's own error is shown."""
+    api_url, token, _ = served_api
+    monkeypatch.setenv("COLUMNS", "400")  # each reason on one line of the table
+    folder = _three_files(tmp_path, uuid.uuid4().hex)
+    with _document_rows_refused(served_settings, (folder / "b-pay.md").read_bytes()):
+        code = main(["ingest", str(folder), "--department", "hr", "--api-url", api_url, "--token", token])
+    captured = capsys.readouterr()
+    out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
+    assert code == 1 and f"{folder / 'b-pay.md'} │ failed │ internal error │" in out, out
+    assert "ready: 2" in out and "failed: 1" in out and "refused" not in out and "stopped" not in err, out + err
+    assert "no rows here" not in out + err and token not in out + err
 
 
 def test_through_the_api_the_token_can_come_from_the_environment_off_the_command_line(
