@@ -308,7 +308,7 @@ def _output(output: str) -> Iterator[TextIO]:
     ledger says anything was exported. A file is written beside its path and renamed into place once complete, so
     a refused or failed export leaves an earlier file as it was. A folder that does not exist (or is a file), or that
     this user may not write, is said naming it, not the hidden file written beside the path; so is a path that is a
-    folder."""
+    folder, and a folder named like that hidden file, in its way (`making_files_in`)."""
     if output == "-":
         yield sys.stdout
         return
@@ -320,9 +320,9 @@ def _output(output: str) -> Iterator[TextIO]:
     if path.is_dir():  # else written in full beside it, the export recorded, and only the rename refused
         raise IsADirectoryError(errno.EISDIR, "a folder, not a file (give a file's path)", str(path))
     partial = path.with_name(f".{path.name}.partial")
-    try:
-        with making_files_in(path.parent):  # a folder this user may not write: said of it, not of the hidden file
-            opened = partial.open("w", encoding="utf-8", newline="")
+    with making_files_in(path.parent):  # a folder this user may not write: said of it, not of the hidden file
+        opened = partial.open("w", encoding="utf-8", newline="")
+    try:  # only what this export opened is removed (a folder of that name in the way stays, named)
         with opened as handle:
             yield handle
         partial.replace(path)

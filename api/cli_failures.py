@@ -35,7 +35,7 @@ def failure(exc: BaseException, *, where: str = "") -> Failure | None:
     """The known failure `exc` is, or None for any other (a bug: its traceback is the way to find it), and for a
     Ctrl-C in a migration, which `cli.main` says with the revision it left. An outage is found through the failure a
     refusal was raised from (the ledger's `unavailable`); `where`: the path an OSError naming none was about."""
-    from core.errors import FolderUnwritable, GovragError, unavailable_dependency
+    from core.errors import FolderUnwritable, GovragError, HiddenNameTaken, unavailable_dependency
     from core.keystore import DepartmentKeyUnreadable
     from core.migrate import MigrationInterrupted
 
@@ -53,6 +53,10 @@ def failure(exc: BaseException, *, where: str = "") -> Failure | None:
     if isinstance(exc, FolderUnwritable):  # of the folder the user gave, never of the hidden file made there
         return Failure(f"failed: cannot write in the folder {exc.filename} ({exc.strerror}): make it writable for "
                        "this user", "once that is fixed", EXIT_USAGE)
+    if isinstance(exc, HiddenNameTaken):  # what is in the way, named, rather than the system's "Is a directory"
+        return Failure(f"failed: cannot write in the folder {exc.filename}: a folder named {exc.filename2} is in the "
+                       "way there (govrag writes a hidden file of that name first): move it away or remove it",
+                       "once that is fixed", EXIT_USAGE)
     if isinstance(exc, OSError):  # a missing folder, no permission, a full disk: the system's reason, never a traceback
         name = exc.filename or where
         reason = exc.strerror or type(exc).__name__

@@ -240,16 +240,26 @@ class FolderUnwritable(OSError):
     is that folder, which the user named or chose, never the hidden file govrag was making there."""
 
 
+class HiddenNameTaken(OSError):
+    """A folder stands where govrag makes a hidden file in a folder (a temporary copy, a lock), named like it: an
+    OSError whose `filename` is the folder the user named or chose, `filename2` the name of the folder in the way,
+    for the user to move or remove (never the system's bare "Is a directory", which names neither)."""
+
+
 _WRITES_REFUSED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
 
 @contextmanager
 def making_files_in(folder: Path) -> Iterator[None]:
     """Around making a hidden file beside one of the user's (a temporary copy, a lock): an OSError there names
-    `folder`, not that file (the system's reason kept); FolderUnwritable when the folder refuses this user's writes."""
+    `folder`, not that file (the system's reason kept); FolderUnwritable when the folder refuses this user's writes,
+    HiddenNameTaken when a folder has that file's name."""
     try:
         yield
     except OSError as error:
+        if error.errno == errno.EISDIR and error.filename is not None:
+            raise HiddenNameTaken(error.errno, error.strerror, str(folder), None,
+                                  Path(os.fsdecode(error.filename)).name) from error
         said = FolderUnwritable if error.errno in _WRITES_REFUSED else OSError
         raise said(error.errno, error.strerror, str(folder)) from error
 

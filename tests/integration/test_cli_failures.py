@@ -213,6 +213,51 @@ def test_an_export_into_a_folder_this_user_may_not_write_names_that_folder(
     assert list(reports.iterdir()) == [] and _events(cli_env) == recorded
 
 
+@pytest.mark.parametrize("command", [["audit", "export", "-o", "{out}"],
+                                     ["export", "training-data", "--department", "hr", "-o", "{out}"]])
+def test_an_export_whose_hidden_partial_file_is_a_folder_names_what_is_in_the_way(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    """A folder named like the hidden `.out.jsonl.partial` an export writes first (made by hand, or a copy's
+    leftover) had the export say "Is a directory" of that hidden path, which the user never named nor sees. Now it
+    names the user's folder and the folder in the way, and what to do, exit 2; nothing is recorded, the earlier
+    export and the folder in the way (its content) are left as they were, and once it is moved away the export is
+    made."""
+    (reports := tmp_path / "reports").mkdir()
+    (reports / "out.jsonl").write_text("last week's export\n")
+    (in_the_way := reports / ".out.jsonl.partial").mkdir()
+    (in_the_way / "notes.txt").write_text("kept\n")
+    recorded = _events(cli_env)
+    argv = [argument.format(out=reports / "out.jsonl") for argument in command]
+    assert (main(argv), capsys.readouterr()) == (2, ("", (
+        f"failed: cannot write in the folder {reports}: a folder named .out.jsonl.partial is in the way there (govrag "
+        "writes a hidden file of that name first): move it away or remove it\n")))
+    assert _events(cli_env) == recorded and (reports / "out.jsonl").read_text() == "last week's export\n"
+    assert [path.name for path in in_the_way.iterdir()] == ["notes.txt"]
+    in_the_way.rename(tmp_path / "moved away")
+    assert main(argv) == 0 and (reports / "out.jsonl").read_text() != "last week's export\n"
+
+
+@pytest.mark.parametrize("hidden", [".master.key.lock", ".master.key.tmp"])
+def test_a_master_rotation_whose_hidden_key_file_is_a_folder_names_what_is_in_the_way(
+        cli_env: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, hidden: str) -> None:
+    """A folder named like the hidden lock or temporary copy `govrag keys rotate --master` makes beside the key file
+    had it say "failed: Is a directory: FOLDER" of the key file's folder, naming nothing in the way. Now it names the
+    folder in the way and what to do, nothing rotated, exit 2; once it is removed the rotation is made."""
+    monkeypatch.setenv("COLUMNS", "400")  # the line unwrapped
+    key_file = get_settings().resolved_master_key_file
+    (in_the_way := key_file.with_name(hidden)).unlink(missing_ok=True)  # the lock file, kept since the key was made
+    in_the_way.mkdir()
+    ring = key_file.read_text()
+    assert main(["keys", "rotate", "--master"]) == 2
+    assert capsys.readouterr().err == (
+        f"failed: cannot write in the folder {key_file.parent}: a folder named {hidden} is in the way there (govrag "
+        "writes a hidden file of that name first): move it away or remove it; the master key is not rotated (nothing "
+        "audited, every key stays readable): run the same command again once that is fixed\n")
+    assert key_file.read_text() == ring
+    in_the_way.rmdir()
+    assert main(["keys", "rotate", "--master"]) == 0 and key_file.read_text() != ring
+
+
 @pytest.mark.parametrize("module", ["sqlalchemy", "api.cli_audit"], ids=["as it starts", "as it parses arguments"])
 @pytest.mark.parametrize("command", [
     ["redteam", "--department", "hr", "--token", "t", "--corpus", "{tmp}/corpus", "--url", "http://127.0.0.1:9"],
