@@ -21,6 +21,7 @@ from core.settings import get_settings
 from tests.support.file_permissions import permission_bits_bind
 from tests.support.govrag_process import ROOT, govrag_env
 from tests.support.key_rotation import alter_key_row, department_key_deleted, exit_code_unless_interrupted
+from tests.support.polling import lines_until
 
 INTERRUPTED = "interrupted; run the same command again to go on\n"
 # What `govrag ingest` says of a department key that does not open, in process and through `--api-url` alike, exit 2
@@ -277,7 +278,7 @@ def test_a_ctrl_c_while_a_command_imports_what_it_runs_is_one_line_and_exit_130(
         [sys.executable, "-m", "tests.support.cli_stopped_at", "import", module, *argv], cwd=ROOT,
         env=govrag_env(data_dir=str(tmp_path / "data")), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert process.stdout is not None and process.stdout.readline() == "stopped\n", process.communicate()
+        lines_until(process, "stopped")
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=300)
     finally:

@@ -305,7 +305,7 @@ def test_a_job_the_cli_was_running_when_it_was_killed_is_sent_to_a_worker(cli_en
     from kombu.transport import memory
 
     from core.models import IngestionJob
-    from tests.support.polling import wait_until
+    from tests.support.polling import lines_until, wait_until
     from workers.celery_app import create_celery
     from workers.dispatch import resend_stalled, send_unsent
     from workers.inprocess import InProcessWorker
@@ -318,7 +318,7 @@ def test_a_job_the_cli_was_running_when_it_was_killed_is_sent_to_a_worker(cli_en
         cli = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},  # noqa: S603 (fixed argv)
                                stdout=subprocess.PIPE, stderr=errors, text=True)
     try:
-        assert cli.stdout is not None and cli.stdout.readline() == "running\n", log.read_text()[-800:]
+        lines_until(cli, "running", errors=log)
         app = create_celery(settings)
         assert resend_stalled(app, stalled_after_seconds=0) == 0  # held: its run goes on
     finally:

@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from core import migrate
 from tests.support.file_permissions import permission_bits_bind
 from tests.support.govrag_process import govrag_env, run_govrag
+from tests.support.polling import lines_until
 from tests.support.schema_revision import set_revision
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -598,7 +599,7 @@ def _stopped_at_revision(revision: str, interruption: signal.Signals, env: dict[
     command = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,  # noqa: S603
                                text=True)
     try:
-        said = _lines_until_running(command)
+        said = lines_until(command, "running")
         command.send_signal(interruption)
         _, errors = command.communicate(timeout=120)
     finally:
@@ -627,17 +628,6 @@ def _seed_documents(url: str) -> None:
                 "'ed', '2026-01-02', '2026-01-02', 0, NULL)"))
     finally:
         engine.dispose()
-
-
-def _lines_until_running(command: subprocess.Popen[str]) -> list[str]:
-    """What the process printed up to its `running` line (all it printed, if it ended before)."""
-    assert command.stdout is not None
-    lines: list[str] = []
-    while line := command.stdout.readline():
-        lines.append(line.rstrip("\n"))
-        if lines[-1] == "running":
-            break
-    return lines
 
 
 def _schema_and_documents(url: str) -> tuple[str | None, dict[str, object], list[tuple[object, ...]]]:

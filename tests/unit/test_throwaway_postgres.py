@@ -15,6 +15,7 @@ from sqlalchemy import text
 
 from bench.common import PG_ADMIN_DSN, libpq_dsn, throwaway_postgres
 from core.db import get_engine
+from tests.support.polling import lines_until
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 SLEEPS_IN_ITS_DATABASE = """
@@ -22,7 +23,7 @@ import signal, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal, even if pytest was started ignoring it
 from bench.common import throwaway_postgres
 with throwaway_postgres("govrag_test") as url:
-    print(url, flush=True)
+    print(url, "in it", sep="\\n", flush=True)
     time.sleep(600)
 """
 
@@ -57,9 +58,9 @@ def test_the_database_is_dropped_after_an_exception_with_connections_still_open_
 
 def test_a_process_interrupted_by_ctrl_c_leaves_no_database() -> None:
     process = subprocess.Popen([sys.executable, "-c", SLEEPS_IN_ITS_DATABASE], cwd=REPOSITORY,  # noqa: S603
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        url = process.stdout.readline().strip()  # type: ignore[union-attr]
+        url = lines_until(process, "in it")[0]
         assert _exists(url)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) != 0  # KeyboardInterrupt
