@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from bench.common import libpq_dsn
 from core.db import _PROCESS_LOCKS, get_session_factory, transaction_lock
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_document
+from tests.support.polling import lines_until
 
 AT_ONCE = 4
 ROOT = Path(__file__).resolve().parents[2]
@@ -139,7 +140,7 @@ def test_sqlite_locks_hold_off_another_process(tmp_path: Path, held_shared: bool
             [sys.executable, "-m", "tests.support.lock_process", url, "keys:department:desk",
              "shared" if asked_shared else "exclusive"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": str(ROOT)})
-        assert other.stdout is not None and other.stdout.readline() == "ready\n"
+        lines_until(other, "ready")
         try:
             other.wait(timeout=3)
         except subprocess.TimeoutExpired:

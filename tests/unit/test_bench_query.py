@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from bench import query
+from tests.support.polling import lines_until
 
 
 def test_the_baseline_server_stopped_leaves_its_shard_only_in_the_benchs_directory(
@@ -46,7 +47,7 @@ def _server(on_sigterm: str) -> Iterator[subprocess.Popen[bytes]]:
             "time.sleep(600)")
     server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)  # noqa: S603
     try:
-        assert server.stdout is not None and server.stdout.readline() == b"ready\n"
+        lines_until(server, "ready")
         yield server
     finally:
         server.kill()
