@@ -183,6 +183,20 @@ def test_an_answer_model_cut_short_is_refused_in_one_line_before_llama_cpp_maps_
            "GOVRAG_LLM_MODEL_PATH at a whole GGUF file)")
 
 
+@pytest.mark.parametrize("hidden", [".master.key.lock", ".master.key.tmp"])
+def test_a_folder_named_like_the_first_starts_hidden_key_file_is_refused_in_one_line(hidden: str,
+                                                                                   tmp_path: Path) -> None:
+    """The first start makes the master key file under a hidden lock, through a hidden temporary copy, beside it: a
+    folder of either name there (made by hand, a copy's leftover) is named as what is in the way, with the key
+    file's folder and what to do, exit 2; no key file is made."""
+    data_dir = tmp_path / "data"
+    (data_dir / hidden).mkdir(parents=True)
+    assert _refusal(run_govrag(SERVE, env=govrag_env(data_dir=str(data_dir)))) == (
+        2, f"govrag: failed: cannot write in the folder {data_dir}: a folder named {hidden} is in the way there "
+           "(govrag writes a hidden file of that name first): move it away or remove it")
+    assert not (data_dir / "master.key").exists()
+
+
 @pytest.mark.parametrize("locked", ["its parent", "the folder"])
 def test_a_model_cache_it_may_not_write_is_refused_in_one_line(locked: str, tmp_path: Path) -> None:
     """The first start exports the embedding model into GOVRAG_MODEL_CACHE (else the user's cache): a folder this user
