@@ -1083,6 +1083,34 @@ def test_through_the_api_a_file_the_deployment_fails_is_failed_not_refused(
     assert "no rows here" not in out + err and token not in out + err
 
 
+def test_in_process_a_file_the_service_fails_for_its_own_reason_is_failed_not_refused(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process, a file whose acceptance the service failed for a reason of its own (a code that refuses no input:
+    here its ledger failing with no outage behind it) was `refused`, as if the file were wrong. Now it is `failed`
+    with the service's message, as through the API, and the run goes on, exit 1; a refusal of the input stays
+    `refused`."""
+    from core.errors import ErrorCode, GovragError
+    from ingestion import service
+
+    canary, real_accept = uuid.uuid4().hex, service.accept_upload
+
+    def accept_upload(**kwargs: bytes) -> object:
+        if canary.encode() in kwargs["data"]:
+            raise GovragError(ErrorCode.unavailable, "the audit log is unavailable")
+        if b"rota" in kwargs["data"]:
+            raise GovragError(ErrorCode.unsupported_type, "unsupported file type")
+        return real_accept(**kwargs)
+
+    monkeypatch.setattr(service, "accept_upload", accept_upload)
+    monkeypatch.setenv("COLUMNS", "400")  # each reason on one line of the table
+    folder = _three_files(tmp_path, canary)
+    assert main(["ingest", str(folder), "--department", "hr"]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"{folder / 'b-pay.md'} │ failed │ the audit log is unavailable │" in out, out
+    assert f"{folder / 'c-rota.md'} │ refused │ unsupported file type │" in out, out
+    assert "ready: 1" in out and "failed: 1" in out and "refused: 1" in out, out
+
+
 def test_through_the_api_the_token_can_come_from_the_environment_off_the_command_line(
         served_api: tuple[str, str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
