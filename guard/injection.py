@@ -28,8 +28,9 @@ SCORE_CACHE_SIZE = 50_000
 # ingestion are then scanned again at query time. 3: the text spelled in Unicode tag characters is judged too. 4: and
 # the text hidden in variation selectors, and URL-safe base64 decoded. 5: chat-template control tokens fire a hard rule
 # (chat_template), and every default-ignorable character is dropped (`normalise._ZERO_WIDTH`). 6: chat_template reads
-# a reasoning tag going on in the model's voice and look-alike, %-escaped or split markers.
-SEGMENTATION_REVISION = 6
+# a reasoning tag going on in the model's voice and look-alike, %-escaped or split markers. 7: and Qwen's tool tags
+# (`<tool_call>`, `</tool_response>`) so; "you" only in an instruction, a tag ending a sentence only before one.
+SEGMENTATION_REVISION = 7
 # What `neutralise` puts in place of a removed span. No word of it is in any rule's phrase ("instruction" was: "Please
 # ignore all previous" + the marker fired ignore_instructions, so neutralised text was flagged again), and it has more
 # words (5) than any rule lets stand between two of a phrase's (4), so it cannot join the words left on either side.

@@ -88,14 +88,15 @@ _DELIMITER = re.compile(r"[<\u2039\u02c2\u1438\u2329\u27e8\u3008]\s*+([/\u2044\u
                         re.IGNORECASE)
 # Chat-template control tokens: ChatML's `<|im_start|>` (SmolLM2, Qwen), Llama 3's `<|eot_id|>`, Phi's `<|end|>`,
 # DeepSeek's full-width `<｜...｜>`, `<s>`/`</s>`, Gemma's `<start_of_turn>`, Mistral's `[INST]`, Llama 2's `<<SYS>>`,
-# and the reasoning markers `<think>`/`</think>` (Qwen3, QwQ, DeepSeek-R1, Phi-4-reasoning) and `[THINK]` (Magistral).
+# the reasoning markers `<think>`/`</think>` (Qwen3, QwQ, DeepSeek-R1, Phi-4-reasoning) and `[THINK]` (Magistral),
+# and Qwen's tool tags `<tool_call>`, `<tool_response>` (a tool's call or its result, as its template writes them).
 # llama-cpp-python tokenizes the rendered prompt with special tokens parsed, and a server applying its template may
 # too: in untrusted text such a token would be a real one (close the user turn, open a system turn, open or close the
 # model's own reasoning). A space after its opening bracket (`< |im_end|>`, `[ INST]`, `< /think>`) shows the same
 # text and makes it no token.
 _CONTROL_OPENING = re.compile(
     r"<(?=[|\uff5c])"
-    r"|<(?=/?(?:s|bos|eos|pad|unk|start_of_turn|end_of_turn|think)>)"
+    r"|<(?=/?(?:s|bos|eos|pad|unk|start_of_turn|end_of_turn|think|tool_call|tool_response)>)"
     r"|<(?=</?sys>>)"
     r"|\[(?=/?(?:inst|system_prompt|available_tools|tool_calls|tool_results|think)\])",
     re.IGNORECASE)
