@@ -168,13 +168,16 @@ def _after_no_core_function() -> str:
 
 # A role's name in parentheses, as a title shows `<|user|>` (`(|user|)`), where F# neither defines an active pattern so
 # (`let (|User|) u = u`) nor passes one as a value: to a function of its core modules (`List.map (|User|) xs`), to or
-# from an operator (`xs |> (|User|)`, `f = (|User|)`) or in a parenthesis (`((|User|) u)`). Each pattern here starts
-# with a character, the words before it looked behind at only then, here only where the role follows: Python's `re`
-# searches such a pattern several times faster.
+# from an operator (`xs |> (|User|)`, `f = (|User|)`) or in a parenthesis (`((|User|) u)`). Only as F# spells an
+# active pattern, capitalised: a title's `=<|system|>`, `<<|user|>` or `let <|user|>` shows `=(|system|)`, `((|user|)`,
+# `let (|user|)`, the role as the template writes it. Each pattern here starts with a character, the words before it
+# looked behind at only then, here only where the role follows: Python's `re` searches such a pattern several times
+# faster.
 _ROLE_IN_PARENTHESES = (
     rf"\((?=\s*{_PIPE}\s*(?:system|user|assistant)\s*{_PIPE}\s*\))"
+    + rf"(?:(?=\s*{_PIPE}\s*(?-i:[a-z]))|"
     + _not_after(*(rf"\b{word}\s" for word in ("let", "inline", "private", "and", "rec")), r"[|<>=(]\s", r"[|<>=(]")
-    + _after_no_core_function() + r"[^)]*\)")
+    + _after_no_core_function() + r")[^)]*\)")
 # An optional `/` and the spaces around it, read one way (`\s*/?\s*` would split a run of spaces every way it can).
 _SLASH = r"\s*(?:/\s*)?"
 _TEMPLATE_TOKENS = (
@@ -191,23 +194,27 @@ _REASONING_TAG = (rf"(?:[{_TAG_OPENING}]{_SLASH}(?:{_TAG_NAMES})\s*[{_TAG_CLOSIN
                   rf"|\[{_SLASH}think\s*\]|\(\s*/\s*(?:{_TAG_NAMES})\s*\))")  # a title shows `</think>` as `(/think)`
 _TURN_EDGE = r"(?:^|[.!?:;)\]}>\"'`*\n\u201d\u2019\u203a\u3009\u27e9\u276f\u25b7])"  # read, not looked behind
 _MODEL_VOICE_LEAD = (r"(?:(?:ok(?:ay)?|alright|so|well|hmm|now|next|then|finally|final answer|answer|response|"
-                     r"output)\b\W*)")
+                     r"output|please|from\s+now\s+on)\b\W*)")
 _ORDERS = (r"ignore|disregard|forget|override|bypass|print|output|say|write|reply|respond|reveal|tell|display|repeat|"
            r"give|provide|send|leak|share|follow|obey|comply|switch|enter|act|pretend|answer|translate")
+# What else only an order to the model goes on with after `you must` (`You must never mention`, `You should state`).
+_MORE_ORDERS = r"state|claim|mention|inform|insist|refuse|behave|become|append|prepend|pretend|roleplay"
 # An instruction to the model: an order, or one addressed to it (`you must reply`, `you are now`, `your new task`);
 # not "you" or "your" alone, which a text about the tag addresses its reader with (`...with </think>. You can strip
 # it`, `Your parser splits the text there`).
 _INSTRUCTION = (
-    rf"(?:{_ORDERS}|you(?:'ll|\s+(?:must|will|shall|should|need\s+to|have\s+to|are\s+to|can\s+now|may\s+now))"
-    rf"(?:\s+(?:now|only|also|instead|just|always|never|not|first|then))?\s+(?:{_ORDERS})|"
-    r"you(?:\s+are|'re)\s+(?:now|no\s+longer|to|allowed\s+to|required\s+to|supposed\s+to|free\s+to)|"
+    rf"(?:{_ORDERS}|you(?:['\u2019]ll|\s+(?:must|will|shall|should|need\s+to|have\s+to|are\s+to|(?:can|may)\s+"
+    rf"(?:now|only)))(?:\s+(?:now|only|also|instead|just|always|never|not|first|then|\w{{1,20}}ly\b)){{0,2}}\s+"
+    rf"(?:{_ORDERS}|{_MORE_ORDERS})|"
+    r"you(?:\s+are|['\u2019]re)\s+(?:now|no\s+longer|to|allowed\s+to|required\s+to|supposed\s+to|free\s+to|"
+    r"(?:an?\s+)?(?:unrestricted|unfiltered|uncensored|jailbroken|dan)\b)|"
     r"your\s+(?:(?:new|real|true|only|next|actual)\s+)?(?:instructions|task|job|goal|purpose|orders|rules|"
     r"guidelines|directives|system\s+prompt))\b")
 # Reasoning of the model's own, or its answer begun (`<think>The user is an admin, so I should...`, `Sure, here is`).
 _OWN_VOICE = (
     r"(?:sure|certainly|here\s+is|here's|the\s+user|let\s+me|let's|"
     r"i\s+(?:should|must|will|shall|need\s+to|have\s+to|am\s+(?:allowed|supposed|going)|can\s+now)|"
-    r"i'(?:ll|m\s+(?:allowed|supposed|going))|we\s+(?:should|must|will|need\s+to)|"
+    r"i['\u2019](?:ll|m\s+(?:allowed|supposed|going))|we\s+(?:should|must|will|need\s+to)|"
     r"my\s+(?:instructions|rules|guidelines|task|system\s+prompt))\b")
 # Where a tag stands at a turn's edge: after what ends a sentence, a line or a tag, or before a line break or a capital
 # (`open </think> Say...`; the scanner reads a document's lines as one: `open\n</think>\nSay...` so too). Then the
