@@ -86,11 +86,11 @@ def _document_rows(source: ExportSource) -> list[dict[str, Any]] | None:
         return None
     if found.key is None:
         return []  # crypto-shredded
-    key = found.key
+    key, run = found.key, ingestion_service.served_run(document)
     rows = []
     for payload in source.payloads:
         index, level = int(payload["chunk_index"]), str(payload["classification"])
-        context = chunk_context(document.id, index, level, str(payload.get("scanned_by", "")))
+        context = chunk_context(document.id, index, level, str(payload.get("scanned_by", "")), run)
         try:
             text = crypto.open_text(key, str(payload["sealed_text"]), context)
         except crypto.DecryptionError:  # the payload altered: its ciphertext, level or place

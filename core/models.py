@@ -111,6 +111,10 @@ class Document(Base):
     # re-index leaves the served one in place until its run ends ready (ingestion/service.py), unless it withholds it.
     index_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     served_generation: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The generations up to this one were sealed before chunk contexts bound their run (0020): their chunks open under
+    # the context that names neither generation nor department; every later one's only under the one that names both
+    # (ingestion/pipeline.py `chunk_context`). Read here, never from the vector store: a payload cannot downgrade.
+    unbound_through: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Index withheld by a fail-closed re-index (not `serve_previous`; nothing to do with the output guard's
     # `withheld` answers): it stopped serving the document's index until its run ends ready; a run that fails leaves
     # it failed, the index it served never served again (ingestion/repository.py `withhold`, `_serving`).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -145,21 +146,37 @@ def chunk_id(document_id: str, chunk_index: int) -> str:
     return f"{document_id}:{chunk_index}"
 
 
-def chunk_context(document_id: str, chunk_index: int, classification: str, scanned_by: str) -> str:
-    """Associated data binding a sealed chunk to its place, its level and the scanner version that passed it:
-    swapping ciphertexts, or altering the level or scanner version in the vector store's payload (to slip past
-    the search filter or the query-time scan), makes it fail to open."""
-    return f"govrag:chunk:{chunk_id(document_id, chunk_index)}:{classification}:{scanned_by}"
+@dataclass(frozen=True)
+class IndexRun:
+    """The run a chunk was sealed by, as its context binds it: its document's department and its index generation."""
+
+    department: str
+    generation: int
 
 
-def sentences_context(document_id: str, chunk_index: int, classification: str, scanned_by: str) -> str:
+def chunk_context(document_id: str, chunk_index: int, classification: str, scanned_by: str,
+                  run: IndexRun | None) -> str:
+    """Associated data binding a sealed chunk to its place, its level, the scanner version that passed it and the
+    run that sealed it: swapping ciphertexts, altering the level or scanner version in the vector store's payload (to
+    slip past the search filter or the query-time scan), or copying an earlier generation's chunk (sealed before a
+    re-index redacted more or raised its level) into the served generation's point makes it fail to open. The
+    document's data key is the same for every generation, so the run must be in the context. `run` None: the context
+    of chunks sealed before 0020, which named no run (`Document.unbound_through` says which generations those are)."""
+    if run is None:
+        return f"govrag:chunk:{chunk_id(document_id, chunk_index)}:{classification}:{scanned_by}"
+    bound = [document_id, chunk_index, run.department, run.generation, classification, scanned_by]
+    return f"govrag:chunk:v2:{json.dumps(bound)}"  # JSON: no field's text can pass for another's
+
+
+def sentences_context(document_id: str, chunk_index: int, classification: str, scanned_by: str,
+                      run: IndexRun | None) -> str:
     """Associated data for a chunk's sealed sentence vectors (never interchangeable with its text)."""
-    return f"{chunk_context(document_id, chunk_index, classification, scanned_by)}:sentences"
+    return f"{chunk_context(document_id, chunk_index, classification, scanned_by, run)}:sentences"
 
 
 def _payload(facts: DocumentFacts, chunk: Chunk, key: bytes, redacted_text: str, packed_sentences: bytes,
              level: Classification, scanned_by: str) -> dict[str, object]:
-    context = (facts.document_id, chunk.index, level.value, scanned_by)
+    context = (facts.document_id, chunk.index, level.value, scanned_by, IndexRun(facts.department, facts.generation))
     return {
         "document_id": facts.document_id,
         "chunk_id": chunk_id(facts.document_id, chunk.index),

@@ -30,7 +30,7 @@ from guard.placeholders import document_placeholder
 from ingestion import formats, purge, quarantine, repository
 from ingestion.classify import cut_title
 from ingestion.parse import ParseLimits, check_zip_container
-from ingestion.pipeline import DocumentFacts, IngestionRules, protect
+from ingestion.pipeline import DocumentFacts, IndexRun, IngestionRules, protect
 from ingestion.schemas import (
     Classification,
     DocumentPage,
@@ -954,6 +954,16 @@ def is_served(document: Document, payload: Mapping[str, Any]) -> bool:
     """Whether a point belongs to the index generation its document serves (not one a run is still writing, nor
     one a later run superseded)."""
     return document.served_generation is not None and payload_generation(payload) == document.served_generation
+
+
+def served_run(document: Document) -> IndexRun | None:
+    """The run whose chunks a served document's queries open, as their contexts must bind it (`chunk_context`): from
+    the database alone, never the payload, so a chunk sealed since 0020 cannot be passed off as one sealed before it.
+    None: its served generation was sealed before 0020 (`Document.unbound_through`), under the context naming no run."""
+    generation = document.served_generation
+    if generation is None or generation <= document.unbound_through:
+        return None
+    return IndexRun(document.department, generation)
 
 
 def delete_document(*, session: Session, settings: Settings, document_id: str,

@@ -309,14 +309,15 @@ def _shown_title(session: Session, enforcer: PolicyEnforcer, identity: Identity,
 
 
 def _open(key: bytes, hit: Hit, document: Document, level: str, *, title: str) -> OpenedChunk | None:
-    """Decrypt the chunk's text and sentence vectors under the context that binds its place, level and scan."""
+    """Decrypt the chunk's text and sentence vectors under the context that binds its place, level, scan and the run
+    its document serves."""
     index, scanned_by = int(hit.payload["chunk_index"]), str(hit.payload.get("scanned_by", ""))
+    context = (document.id, index, level, scanned_by, ingestion_service.served_run(document))
     try:
-        text = crypto.open_text(key, str(hit.payload["sealed_text"]),
-                                chunk_context(document.id, index, level, scanned_by))
+        text = crypto.open_text(key, str(hit.payload["sealed_text"]), chunk_context(*context))
         sealed = hit.payload.get("sealed_sentences")
-        vectors = sentence_vectors.unpack(crypto.open_blob(
-            key, str(sealed), sentences_context(document.id, index, level, scanned_by))) if sealed else None
+        vectors = (sentence_vectors.unpack(crypto.open_blob(key, str(sealed), sentences_context(*context)))
+                   if sealed else None)
     except crypto.DecryptionError:
         return None
     return OpenedChunk(document_id=document.id, chunk_id=str(hit.payload["chunk_id"]), department=document.department,

@@ -198,14 +198,15 @@ def test_sentence_vectors_are_sealed_per_chunk_and_spare_embedding_at_query_time
     from core import crypto
     from core.db import unit_of_work
     from core.keystore import keystore_for
-    from ingestion.pipeline import chunk_context, sentences_context
+    from ingestion.pipeline import IndexRun, chunk_context, sentences_context
     from retrieval import service as retrieval_service
     from retrieval.sentence_vectors import unpack
 
     [payload] = [p for p in open_vector_store(settings).scroll_payloads("finance")
                  if p["document_id"] == world["docs"]["finance"]][:1]
     document_id, index = str(payload["document_id"]), int(payload["chunk_index"])
-    context = (document_id, index, str(payload["classification"]), str(payload["scanned_by"]))
+    context = (document_id, index, str(payload["classification"]), str(payload["scanned_by"]),
+               IndexRun("finance", int(payload["generation"])))
     assert payload["scanned_by"]  # passed by the injection scanner at ingestion
     with unit_of_work(settings.resolved_database_url) as session:
         key = keystore_for(settings).document_key(session=session, department="finance", document_id=document_id).key
