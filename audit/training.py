@@ -19,7 +19,7 @@ from core.keystore import DocumentKey, KeyState, keystore_for
 from core.models import Document, utcnow
 from core.settings import Settings
 from ingestion import service as ingestion_service
-from ingestion.pipeline import chunk_context
+from ingestion.pipeline import chunk_context, chunk_id
 from retrieval.store import open_vector_store
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def _document_rows(source: ExportSource) -> list[dict[str, Any]] | None:
         except crypto.DecryptionError:  # the payload altered: its ciphertext, level or place
             return None
         rows.append({"department": document.department, "document_id": document.id, "title": document.title,
-                     "classification": level, "chunk_id": str(payload["chunk_id"]), "chunk_index": index,
+                     "classification": level, "chunk_id": chunk_id(document.id, index), "chunk_index": index,
                      "text": text})
     return rows
 

@@ -26,7 +26,7 @@ from core.settings import Settings
 from guard import service as guard_service
 from guard.schemas import KillMode
 from ingestion import service as ingestion_service
-from ingestion.pipeline import chunk_context, sentences_context
+from ingestion.pipeline import chunk_context, chunk_id, sentences_context
 from retrieval import generation, sentence_vectors
 from retrieval.answer import Passage, extractive_answer, quote_window
 from retrieval.embeddings import get_embedder
@@ -320,7 +320,8 @@ def _open(key: bytes, hit: Hit, document: Document, level: str, *, title: str) -
                    if sealed else None)
     except crypto.DecryptionError:
         return None
-    return OpenedChunk(document_id=document.id, chunk_id=str(hit.payload["chunk_id"]), department=document.department,
+    # its id from the place the context bound (the payload's `chunk_id` is no part of it: never cited or audited)
+    return OpenedChunk(document_id=document.id, chunk_id=chunk_id(document.id, index), department=document.department,
                        title=title, text=text, score=hit.score, sentence_vectors=vectors,
                        scanned_by=scanned_by)
 

@@ -6,6 +6,7 @@ PostgreSQL, Qdrant Edge or Qdrant local mode, the memory broker and no worker: e
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -196,3 +197,31 @@ def _sealed_without_run(desk: Desk) -> list[dict[str, Any]]:
     vector = _question_vector(desk)
     store.upsert("desk", [VectorPoint(desk.document_id, int(p["chunk_index"]), vector, p) for p in resealed])
     return resealed
+
+
+def test_citations_the_ledger_and_the_training_export_name_a_chunk_by_its_sealed_place_not_its_payloads_chunk_id(
+        desk: Desk) -> None:
+    """A payload's `chunk_id` is no part of its chunk's context: someone able to write the vector store could have
+    the answer cite, the ledger record and the training export name another document's chunk. They name the place
+    the chunk opened under: its document and index."""
+    from retrieval.store import VectorPoint, open_vector_store
+
+    served = _payloads(desk)
+    forged = [{**p, "chunk_id": f"{uuid.uuid4()}:{p['chunk_index']}"} for p in served]
+    open_vector_store(desk.settings).upsert("desk", [
+        VectorPoint(desk.document_id, int(p["chunk_index"]), _question_vector(desk), p) for p in forged])
+    expected = {f"{desk.document_id}:{p['chunk_index']}" for p in served}
+    response = desk.client.post("/v1/query", headers=auth(desk.editor),
+                                json={"question": QUESTION, "departments": ["desk"]})
+    assert response.status_code == 200, response.text
+    assert {c["chunk_id"] for c in response.json()["citations"]} == expected
+    grant = {"subject": "cora", "role": "compliance", "department": "desk"}
+    assert desk.client.post("/v1/admin/role-assignments", headers=desk.admin, json=grant).status_code == 201
+    auditor = auth(desk.client.app.state.dev_issuer.issue("cora", []))  # type: ignore[attr-defined]
+    ledger = desk.client.get("/v1/audit/retrievals", headers=auditor, params={"department": "desk"})
+    assert ledger.status_code == 200, ledger.text
+    *events, _manifest = [json.loads(line) for line in ledger.text.splitlines() if line]
+    event = next(e for e in events if e["request_id"] == response.headers["X-Request-ID"])
+    assert {c["chunk_id"] for c in event["chunks"]} == expected
+    rows, unreadable = _exported(desk)
+    assert {row["chunk_id"] for row in rows} == expected and not unreadable
