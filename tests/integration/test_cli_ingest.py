@@ -32,6 +32,8 @@ from tests.support.lock_waits import wait_for_a_lock_wait
 from tests.support.served import served
 
 if TYPE_CHECKING:
+    from email.message import EmailMessage
+
     from core.settings import Settings
     from workers.celery_app import GovragCelery
 
@@ -1232,15 +1234,23 @@ def _rota_mail(path: Path, *more: bytes) -> None:
     path.write_bytes(mail.as_bytes())
 
 
-def _carrying(path: Path, subject: str, attachment: bytes) -> None:
-    """An e-mail with one text attachment, written to `path`."""
+def _carrying(path: Path, subject: str, attachment: bytes, forwarded: tuple[str, ...] = ()) -> None:
+    """An e-mail with one text attachment, then one e-mail per subject in `forwarded` (NAME.eml, its subject's last
+    word) carrying the same attachment, written to `path`."""
+    mail = _mail_carrying(subject, attachment)
+    for inner in forwarded:
+        mail.add_attachment(_mail_carrying(inner, attachment), filename=f"{inner.split()[-1]}.eml")
+    path.write_bytes(mail.as_bytes())
+
+
+def _mail_carrying(subject: str, attachment: bytes) -> EmailMessage:
     from email.message import EmailMessage
 
     mail = EmailMessage()
     mail["From"], mail["To"], mail["Subject"] = "desk@example.org", "hr@example.org", subject
     mail.set_content(f"{subject}: the rota is attached.")
     mail.add_attachment(attachment, maintype="text", subtype="plain", filename="rota.txt")
-    path.write_bytes(mail.as_bytes())
+    return mail
 
 
 @pytest.mark.parametrize("cli_env", ["postgresql", "embedded"], indirect=True)
@@ -1294,3 +1304,54 @@ def test_content_an_email_whose_run_fails_in_the_cli_passes_on_is_taken_there_wi
                                                            IngestionJob.error == repository.ATTACHMENT_STEP)).all()
         assert [(step.status, step.sent_at is not None) for step in steps] == [("ready", True)]
         assert repository.get_document(session, emails[1]).status == "failed"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("cli_env", ["postgresql", "embedded"], indirect=True)
+def test_in_the_cli_a_finished_job_of_the_file_passes_nothing_on_only_the_one_that_gave_up(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """E-mail e carries a file and forwards g and i, which carry it too; f carries it as well. The department's copy
+    is a.eml's, so the others were refused, in that order. `govrag ingest e.eml` runs a re-index of e and of i: e's run
+    and step end (the copy still live), then i's run crashes as the copy is deleted beside it (the deletion asks e,
+    the oldest carrier whose run ended). Only i's job gave up: it passes the content on to the next e-mail after its
+    own refusal, f, which takes it. e's job, finished, asks no carrier: failed with pass_on as well, it would ask g,
+    next after e's refusal, and g would take the content."""
+    from core.models import IngestionJob
+    from ingestion import formats, quarantine, repository, service
+
+    settings, rota = get_settings(), f"Leeds desk rota {uuid.uuid4().hex}: Ana and Ben.".encode()
+    a, e, f = (tmp_path / f"{name}.eml" for name in "aef")
+    for path, group in ((a, "board"), (e, "desk"), (f, "leads")):
+        _carrying(path, f"Rota {path.stem}", rota, ("Rota g", "Rota i") if path == e else ())
+        assert main(["ingest", str(path), "--department", "hr", "--acl-group", group]) == 0, capsys.readouterr().out
+    with unit_of_work(cli_env) as session:
+        ids = {document.title: document.id for document in session.scalars(select(Document))}
+        carriers = {name: ids[title] for name, title in
+                    (("e", "e.eml"), ("g", "e.eml / g.eml"), ("i", "e.eml / i.eml"), ("f", "f.eml"))}
+        quarantine.queue_reindex(session=session, settings=settings, department="hr",
+                                 document_ids=[carriers["e"], carriers["i"]], serve_previous=False)
+    inner = dict(formats.attachments(e.read_bytes(), "message/rfc822"))["i.eml"]  # i's bytes, as its run reads them
+    real_protect, asked_by_the_deletion = service.protect, []
+    monkeypatch.setenv("GOVRAG_JOB_RESEND_AFTER_SECONDS", "0")  # the re-index's jobs wait with nobody to run them
+    get_settings.cache_clear()
+
+    def crashes_as_the_copy_is_deleted(data: bytes, *args: object, **kwargs: object) -> object:
+        if data != inner:
+            return real_protect(data, *args, **kwargs)
+        with unit_of_work(cli_env) as session:
+            asked_by_the_deletion.extend(service.delete_document(
+                session=session, settings=settings, document_id=ids["a.eml / rota.txt"], can_delete=lambda _: True)[2])
+        raise RuntimeError("i's run crashes")
+
+    monkeypatch.setattr(service, "protect", crashes_as_the_copy_is_deleted)
+    assert main(["ingest", str(e), "--department", "hr"]) == 0  # e's own job ended ready
+    assert [email for email, _ in asked_by_the_deletion] == [carriers["e"]]
+    with unit_of_work(cli_env) as session:
+        live = repository.find_duplicate(session, department="hr", sha256=hashlib.sha256(rota).hexdigest())
+        assert live is not None
+        assert (live.parent_id, live.acl_groups, live.status) == (carriers["f"], ["leads"], "ready")
+        steps = session.scalars(select(IngestionJob).where(IngestionJob.error == repository.ATTACHMENT_STEP)).all()
+        by_carrier = {name: [(step.status, step.sent_at is not None) for step in steps if step.document_id == id_]
+                      for name, id_ in carriers.items()}
+        assert by_carrier == {"e": [("queued", False)], "g": [], "i": [], "f": [("ready", True)]}  # g never asked
+        assert [repository.get_document(session, carriers[name]).status  # type: ignore[union-attr]
+                for name in ("e", "g", "i")] == ["ready", "ready", "failed"]
