@@ -2,8 +2,10 @@
 Each starts in a session of its own and dies with the process that started it: a Celery prefork child killed at the
 hard time limit left pandoc or `soffice.bin` converting the document for minutes. None starts for a parse abandoned
 at its time limit (`Cancellation`). A converter runs in a private temporary directory, its whole session killed at
-the time limit and after it ends, before that directory (which holds the plaintext copy) is removed. Should the
-process die first, that directory stays until the next worker process removes it (`ingestion.scratch`). All the
+the time limit and after it ends, before that directory (which holds the plaintext copy) is removed. Every program
+this process started and that still runs is killed the same way, and waited for, before its private directory goes
+(`sessions_ended`: at its exit, a SIGTERM, a stop). Should the process die first (SIGKILL), that directory stays
+until the next worker process removes it (`ingestion.scratch`). All the
 steps of one document's parse share its time limit (`Deadline`). A program missing as it starts is `ProgramMissing`,
 whether or not it starts through setpriv and a shell (which would report it as their exit status 127)."""
 
@@ -28,11 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core import forksafe
 from core.errors import ErrorCode, GovragError
 
 logger = logging.getLogger(__name__)
 
 GROUP_EXIT_WAIT_SECONDS = 2.0  # after the kill, how long to wait for a converter's (or the OCR tools') processes to go
+_PROC = Path("/proc")  # Linux's: where a process group's members (a zombie among them) can be told apart
 # A converter's session is led by this shell, sent SIGTERM when the process that started it dies, and then kills the
 # whole session: the signal reaches one process only, and `soffice` (oosplash) killed alone left the `soffice.bin` it
 # started converting on. "$@" runs the converter's own argument vector, never parsed by the shell.
@@ -126,6 +130,13 @@ class _Starting(threading.local):
 
 _starting = _Starting()
 
+# The programs this process started (each the leader of its session), by pid, until one is seen ended as the next
+# starts: those not yet reaped are killed by `sessions_ended`. Reentrant: the SIGTERM handler that ends them
+# (`scratch._remove_and_end`) may run on a thread holding it. A forked child starts it empty: never the parent's.
+_live_lock = forksafe.rlock()
+_live: dict[int, subprocess.Popen[bytes]] = {}
+forksafe.rebuilt_in_child(_live)
+
 
 def starting_a_program() -> bool:
     """Whether this thread is in the middle of starting a program: a signal handler that raises (the parse time limit)
@@ -188,8 +199,9 @@ class ChildPopen(subprocess.Popen):  # type: ignore[type-arg]
     """subprocess.Popen for a program a parse starts: refused for a parse abandoned at its time limit, in a session
     of its own, killed (`dies_by`) when this process dies, its TMPDIR `temp_dir` (by default `tempfile`'s, this
     process's private one: `ingestion.scratch`), where LibreOffice writes its `lu*.tmp` copies, and held by the
-    `killed_on_failure` block it starts in, before `cancel` or the parse time limit can end the start. pdf2image and
-    pytesseract start the OCR tools with it. `ProgramMissing` when the program is not there."""
+    `killed_on_failure` block it starts in, before `cancel` or the parse time limit can end the start, and among this
+    process's live ones (`sessions_ended`). pdf2image and pytesseract start the OCR tools with it. `ProgramMissing`
+    when the program is not there; FileNotFoundError when `temp_dir` is (`_refuse_removed`)."""
 
     def __init__(self, args: Any, *more: Any, dies_by: int = signal.SIGKILL, temp_dir: str | None = None,
                  **options: Any) -> None:
@@ -202,11 +214,57 @@ class ChildPopen(subprocess.Popen):  # type: ignore[type-arg]
         with cancellation.starting() if cancellation is not None else contextlib.nullcontext():
             _starting.now = True
             try:
-                super().__init__(_dying_with(dies_by, program), *more, start_new_session=True, env=env, **options)
+                with _live_lock:  # none starts while `sessions_ended` kills them and its block runs
+                    _refuse_removed(env["TMPDIR"])
+                    super().__init__(_dying_with(dies_by, program), *more, start_new_session=True, env=env, **options)
+                    _held_live(self)
                 if started is not None:
                     started.append(self)
             finally:
                 _starting.now = False
+
+
+def _refuse_removed(temp_dir: str) -> None:
+    """FileNotFoundError where a program's TMPDIR is gone: its process's private directory removed (`sessions_ended`
+    blocked its start until then), where LibreOffice would make its profile's folders, the directory's path, again."""
+    if not os.path.isdir(temp_dir):
+        raise FileNotFoundError(errno.ENOENT, "the program's temporary directory is gone")
+
+
+def _held_live(process: subprocess.Popen[bytes]) -> None:
+    """Hold `process`, just started, among this process's live ones; forget those that have ended (reaped now if
+    their owner has not)."""
+    for pid in [pid for pid, held in _live.items() if held.poll() is not None]:
+        del _live[pid]
+    _live[process.pid] = process
+
+
+@contextlib.contextmanager
+def sessions_ended() -> Iterator[None]:
+    """Kill the whole session of every program this process started (on any thread) that still runs, wait for them
+    to be gone (`GROUP_EXIT_WAIT_SECONDS` at most), and start none until the block ends: this process's private
+    directory is then removed with no converter or OCR tool writing in it (LibreOffice's `lu*.tmp` copies), nor a
+    `soffice.bin` making its pipe again once it was removed. Never a program another process started: a forked child
+    holds none of its parent's. One not yet reaped still holds its pid, which no other process can then be given."""
+    with _live_lock:
+        _kill_sessions([process for process in _live.values() if process.returncode is None])
+        yield
+
+
+def _kill_sessions(sessions: list[subprocess.Popen[bytes]]) -> None:
+    """Kill every process of the sessions `sessions` lead, then wait (`GROUP_EXIT_WAIT_SECONDS` at most) for all of
+    them to end, reaping the leaders no other thread is waiting for. Raises nothing: it runs in a SIGTERM's handler
+    too (`sessions_ended`)."""
+    for process in sessions:
+        with contextlib.suppress(OSError):  # all of that session had ended
+            os.killpg(process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + GROUP_EXIT_WAIT_SECONDS
+    while sessions and time.monotonic() < deadline:
+        for process in sessions:
+            process.poll()
+        sessions = [process for process in sessions if _group_alive(process.pid)]
+        if sessions:
+            time.sleep(0.02)
 
 
 class _Subprocess:
@@ -236,27 +294,27 @@ def run_to_the_end(command: list[str], temp_dir: Path, timeout_seconds: float | 
     except subprocess.TimeoutExpired:
         return None
     finally:
-        _kill_session(process)
-
-
-def _kill_session(process: subprocess.Popen[bytes]) -> None:
-    """Kill every process of the session `process` leads, reap it, and wait (briefly) for the others to be gone."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:  # all of them had ended
-        return
-    process.wait()
-    deadline = time.monotonic() + GROUP_EXIT_WAIT_SECONDS
-    while time.monotonic() < deadline and _group_alive(process.pid):
-        time.sleep(0.02)
+        _kill_sessions([process])
+        process.wait()
 
 
 def _group_alive(group: int) -> bool:
+    """Whether a process of `group` still runs: on Linux, one ended but not yet reaped (a zombie) does not."""
     try:
         os.killpg(group, 0)
     except ProcessLookupError:
         return False
-    return True
+    return not _PROC.is_dir() or any(_runs_in(stat, group) for stat in _PROC.glob("[0-9]*/stat"))
+
+
+def _runs_in(stat: Path, group: int) -> bool:
+    """Whether the process of `/proc/<pid>/stat` is in `group` and not a zombie (false once it is gone)."""
+    try:
+        text = stat.read_text()
+    except OSError:
+        return False
+    state, _parent, process_group = text[text.rindex(")") + 2:].split()[:3]
+    return int(process_group) == group and state not in ("Z", "X")
 
 
 def _no_sockets(_work: Path) -> list[Path]:

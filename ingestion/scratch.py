@@ -9,7 +9,9 @@ namespace (a container sharing the temporary directory), nor another user's; sys
 directory alone. Releases before these directories made the converters' working directories in the temporary
 directory itself, with no owner to tell by: those of this user a day old, past any conversion, are removed too.
 With a process's directory, removed by itself or after its end, go the pipes its LibreOffice conversions left in
-/tmp."""
+/tmp. A process removing its own (at its exit, on a SIGTERM, at a stop) first kills every converter and OCR tool it
+started that still runs, and waits for them (`sandbox.sessions_ended`): none writes in it, or makes a pipe, once it
+is gone."""
 
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ LEGACY_PREFIXES = ("govrag-pandoc-", "govrag-soffice-")
 LEGACY_AGE_SECONDS = 24 * 60 * 60  # far past any conversion: each is killed at the parse time limit (default 120 s)
 # What a parse whose directory was removed under it (`parsing`) says is unavailable: the host's fault, not the file's
 DEPENDENCY = "temporary directory"
-SIGTERM_AGAIN_SECONDS = 0.05  # a SIGTERM met as a program starts is sent again this much later (`_raise_terminated`)
+SIGTERM_AGAIN_SECONDS = 0.05  # a SIGTERM met as a program starts is sent again this much later (`_sent_again_later`)
 
 # Reentrant: a SIGTERM handled on the main thread (`removed_on_sigterm`) may find it held by that thread, inside
 # `private_dir`; the handler never returns there (the process ends), and at worst misses the directory being made
@@ -48,6 +50,7 @@ SIGTERM_AGAIN_SECONDS = 0.05  # a SIGTERM met as a program starts is sent again 
 _lock = forksafe.rlock()
 _base: str | None = None  # the temporary directory of the system (TMPDIR), where the private ones are made
 _current: tuple[int, str, int] | None = None  # (owning pid, directory, descriptor holding its lock)
+_removals = 0  # how many times this process began removing its directory (`parsing`)
 
 
 def private_dir() -> str:
@@ -76,16 +79,19 @@ def parsing() -> Iterator[None]:
     """A parse in this process's private directory (`private_dir`, made here if need be): any failure of the block
     once that directory is gone (removed under a parse still running: by `remove_own` at a stop whose shutdown was cut
     short, as by a second Ctrl-C, or by hand) is no fault of the document but the host's, `Unavailable`, an outage
-    ingestion waits out (the next parse makes the directory again), never a file refused as malformed. So is
-    `$TMPDIR` itself gone, where no directory can be made (a hand cleaning /tmp, a tmpfs unmounted)."""
+    ingestion waits out (the next parse makes the directory again), never a file refused as malformed. So is a
+    failure once this process began removing it: the converter or OCR tool the removal kills first makes the parse
+    fail before the directory is gone. So is `$TMPDIR` itself gone, where no directory can be made (a hand cleaning
+    /tmp, a tmpfs unmounted)."""
     try:
         directory = private_dir()
     except FileNotFoundError:  # mkdtemp in a missing `$TMPDIR`: waited out as the directory's removal is
         raise Unavailable(DEPENDENCY) from None
+    removals = _removals
     try:
         yield
     except Exception:
-        if os.path.isdir(directory):
+        if os.path.isdir(directory) and _removals == removals:
             raise
         raise Unavailable(DEPENDENCY) from None
 
@@ -107,11 +113,16 @@ def _make_held(base: str) -> tuple[str, int]:
 
 def _remove_at_exit(pid: int, directory: str) -> None:
     """At a normal exit, remove this process's directory (not a forked child's exit: it has a directory of its own),
-    and the pipes its LibreOffice conversions still running (on a thread the exit abandons, or cut by a stop) made in
-    /tmp: they die with this process, leaving them there."""
+    and the pipes its LibreOffice conversions made in /tmp. The converters and OCR tools still running (on a thread
+    the exit abandons, or cut by a stop) are killed and waited for first (`sandbox.sessions_ended`), none starting
+    until the removal is done: else they wrote on in it (LibreOffice's `lu*.tmp` copies of the document), which then
+    stayed, not empty, for the next process to remove, and a `soffice.bin` made its pipe again once removed."""
+    global _removals
     if os.getpid() == pid:
-        _remove_converters_sockets(Path(directory))
-        shutil.rmtree(directory, ignore_errors=True)
+        _removals += 1  # before the kill: the parse whose program it kills fails as the directory's removal does
+        with sandbox.sessions_ended():
+            _remove_converters_sockets(Path(directory))
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def remove_own() -> None:
@@ -180,17 +191,27 @@ def _raise_terminated(signum: int, _frame: FrameType | None) -> None:
     starts a program (`sandbox.starting_a_program`): raised then, the program would run on, held by no one; the
     signal is sent again shortly, as the parse time limit's alarm comes again."""
     if sandbox.starting_a_program():
-        again = threading.Timer(SIGTERM_AGAIN_SECONDS, os.kill, (os.getpid(), signum))
-        again.daemon = True
-        again.start()
+        _sent_again_later(signum)
         return
     signal.signal(signum, _remove_and_end)
     raise Terminated
 
 
+def _sent_again_later(signum: int) -> None:
+    """Send `signum` to this process again shortly, for a handler met as this thread starts a program: the program
+    is then held, and killed with the others (`sandbox.sessions_ended`)."""
+    again = threading.Timer(SIGTERM_AGAIN_SECONDS, os.kill, (os.getpid(), signum))
+    again.daemon = True
+    again.start()
+
+
 def _remove_and_end(signum: int, _frame: FrameType | None) -> None:
-    """Remove this process's directory, then end by `signum` as it does unhandled. The lock is held to the end: no
-    other thread's parse makes the directory again between its removal and the process's end."""
+    """Remove this process's directory, then end by `signum` as it does unhandled; met as this thread starts a
+    program, once it has started (`_sent_again_later`). The lock is held to the end: no other thread's parse makes
+    the directory again between its removal and the process's end."""
+    if sandbox.starting_a_program():
+        _sent_again_later(signum)
+        return
     with _lock:
         remove_own()
         signal.signal(signum, signal.SIG_DFL)

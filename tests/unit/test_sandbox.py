@@ -203,3 +203,11 @@ def test_only_this_users_sockets_are_removed_never_what_takes_their_name(tmp_pat
         sandbox.remove_sockets([ours, link, file, folder, theirs, tmp_path / "never-made"])
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
         ["file", "folder", "link", "target"] + (["theirs"] if os.geteuid() == 0 else []))
+
+
+def test_a_program_whose_temporary_directory_was_removed_does_not_start(tmp_path: Path) -> None:
+    """A conversion whose start waited for its process's directory to be removed (`sessions_ended`) then started
+    LibreOffice there, which made the directory's path again for its profile, and its pipe. Now it is refused."""
+    with pytest.raises(FileNotFoundError, match="the program's temporary directory is gone"):
+        sandbox.ChildPopen(["touch", str(tmp_path / "started")], temp_dir=str(tmp_path / "removed"))  # noqa: S607
+    assert not (tmp_path / "started").exists()

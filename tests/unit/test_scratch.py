@@ -13,18 +13,21 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 from core.errors import ErrorCode, GovragError, Unavailable
-from ingestion import legacy_office, parse, sandbox, scratch
+from ingestion import legacy_office, parse, sandbox, scratch, sniff
 from tests.support import canary_documents
 from tests.support.polling import wait_until
 from tests.unit.test_legacy_office import FOLDER, libreoffice_pipe
+from tests.unit.test_sandbox import FAKE_SOFFICE
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = FOLDER / "fake.doc"
@@ -151,6 +154,47 @@ def test_a_parse_whose_directory_went_is_an_outage_and_only_then(tmp_path: Path,
         finally:
             os.close(stale)
             os.close(scratch._current[2])  # type: ignore[index]
+
+
+def test_a_parse_whose_converter_the_removal_kills_is_an_outage(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop removing the directory kills the converters first: a parse whose converter it killed, failing before
+    the directory is gone, was a file refused as corrupt. It is the outage the removal is (the job run again)."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "soffice").write_text(FAKE_SOFFICE)
+    (tmp_path / "bin" / "soffice").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    base = tmp_path / "tmp"
+    base.mkdir()
+    monkeypatch.setattr(scratch, "_base", str(base))
+    monkeypatch.setattr(scratch, "_current", None)
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
+    failures: list[BaseException] = []
+
+    def parse_the_doc() -> None:
+        try:
+            parse.parse_document(DOC.read_bytes(), sniff.APPLICATION_DOC)
+        except BaseException as failure:  # noqa: BLE001 - the test's to look at
+            failures.append(failure)
+
+    parsing = threading.Thread(target=parse_the_doc)
+    parsing.start()
+    removal = shutil.rmtree
+
+    def removed_once_the_parse_failed(path: str, **options: Any) -> None:  # the parse, woken by the kill, first
+        if threading.current_thread() is not parsing:
+            parsing.join()
+        removal(path, **options)
+
+    try:
+        wait_until(lambda: bool(list(base.glob(f"*/{legacy_office.PREFIX}*/lu*.tmp"))), 60, "the converter's copy")
+        monkeypatch.setattr(shutil, "rmtree", removed_once_the_parse_failed)
+        scratch.remove_own()
+    finally:
+        parsing.join()
+        os.close(scratch._current[2])  # type: ignore[index]
+    assert [type(failure) for failure in failures] == [Unavailable]
+    assert list(base.iterdir()) == []
 
 
 # A process that removes its directory on SIGTERM, SIGTERMed as its main thread holds the lock `private_dir` takes
@@ -381,3 +425,147 @@ def test_removing_the_directory_raises_nothing_when_it_goes_meanwhile(tmp_path: 
     monkeypatch.setattr(Path, "glob", gone)
     scratch._remove_at_exit(os.getpid(), str(directory))
     assert not directory.exists()
+
+
+# A converter standing in for LibreOffice, started as it is (`sandbox.convert`): it writes copies of the document
+# (`lu*.tmp`) in its TMPDIR (argv[1], named for the processes that run in it to be found), and makes its pipe
+# (argv[2]) again whenever it is not there, as a second soffice.bin does, until it is killed.
+STILL_WRITING = """
+import os, socket, sys
+pipe, listeners, copy = sys.argv[2], [], 0
+while True:
+    copy = (copy + 1) % 50
+    try:
+        with open(os.path.join(os.environ["TMPDIR"], f"lu{copy}.tmp"), "wb") as file:
+            file.write(b"the document's plaintext")
+        if not os.path.lexists(pipe):
+            listeners.append(socket.socket(socket.AF_UNIX))
+            listeners[-1].bind(pipe)
+    except OSError:
+        pass
+"""
+# A process converting a document on a thread (`converter`: the stand-in above, or LibreOffice), which says the
+# conversion's folder once its copy of the document and its pipe are there (an empty line: the conversion ended
+# first), then ends by `exit` (atexit run), by `stop` (`remove_own` then `os._exit`: `govrag serve`, a Celery prefork
+# child) or by the SIGTERM the test sends; and says, its directory gone, which processes of the conversion run still.
+END_WHILE_CONVERTING = """
+import atexit, os, signal, sys, threading, time
+from pathlib import Path
+import psutil
+from ingestion import legacy_office, sandbox, scratch, sniff
+ending, converter = sys.argv[1:3]
+
+def running_in(folder):
+    return sorted(process.info['name'] for process in psutil.process_iter(['name', 'cmdline', 'status'])
+                  if process.info['status'] != psutil.STATUS_ZOMBIE
+                  and folder in ' '.join(process.info['cmdline'] or []))
+
+def say_what_runs(*_):
+    print(running_in(str(private)), flush=True)
+
+atexit.register(say_what_runs)  # runs after the directory's removal
+ends_by = signal.raise_signal  # as the process ends by the SIGTERM, once its directory went
+signal.raise_signal = lambda signum: (say_what_runs(), ends_by(signum))
+private = Path(scratch.private_dir())
+if converter == 'libreoffice':
+    convert = legacy_office.convert
+    args = (Path(sys.argv[3]).read_bytes(), sniff.APPLICATION_DOC, sandbox.Deadline(300))
+else:
+    convert = sandbox.convert
+    conversion = sandbox.Conversion(what='stand-in', prefix=legacy_office.PREFIX, source='upload.doc',
+                                    output='out.docx', program=sys.executable, sockets=legacy_office.ipc_pipes)
+    args = (conversion, b'the document', lambda work: [sys.executable, '-c', converter, str(work),
+                                                        str(legacy_office.ipc_pipes(work)[0])], sandbox.Deadline(300))
+with scratch.removed_on_sigterm():
+    conversion = threading.Thread(target=convert, args=args, daemon=True)
+    conversion.start()
+    while conversion.is_alive() and not [work for work in private.glob(legacy_office.PREFIX + '*')
+                                         if list(work.rglob('lu*.tmp'))
+                                         and os.path.lexists(legacy_office.ipc_pipes(work)[0])]:
+        time.sleep(0.01)
+    if converter == 'libreoffice':  # held mid-conversion, so that it cannot end before the process does
+        for process in psutil.process_iter(['name', 'cmdline']):
+            if process.info['name'] == 'soffice.bin' and str(private) in ' '.join(process.info['cmdline'] or []):
+                process.suspend()
+    print(next(private.glob(legacy_office.PREFIX + '*'), '') if conversion.is_alive() else '', flush=True)
+    if ending == 'stop':
+        scratch.remove_own()
+        say_what_runs()
+        os._exit(0)
+    if ending == 'exit':
+        sys.exit()
+    time.sleep(600)
+"""
+
+
+def _end_while_converting(tmp_path: Path, ending: str, *converter: str) -> tuple[list[str], Path | None]:
+    """Run END_WHILE_CONVERTING with TMPDIR `tmp_path`; what it said once its directory went, and its conversion's
+    folder (None: the conversion ended first), once no process of that conversion runs any longer (killed if need
+    be)."""
+    process = subprocess.Popen([sys.executable, "-c", END_WHILE_CONVERTING, ending, *converter],  # noqa: S603
+                               cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)})
+    assert process.stdout is not None
+    folder = process.stdout.readline().strip()
+    try:
+        if ending == "sigterm":
+            process.send_signal(signal.SIGTERM)
+        said = process.stdout.read().splitlines()
+        assert process.wait(timeout=120) == (-signal.SIGTERM if ending == "sigterm" else 0)
+        return said, Path(folder) if folder else None
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+        for survivor in _running_in(tmp_path):
+            survivor.kill()
+
+
+def _running_in(folder: Path) -> list[psutil.Process]:
+    """The processes, not ended, whose command line names `folder`."""
+    return [process for process in psutil.process_iter(["cmdline", "status"])
+            if process.info["status"] != psutil.STATUS_ZOMBIE
+            and str(folder) in " ".join(process.info["cmdline"] or [])]
+
+
+def _nothing_left(tmp_path: Path, said: list[str], work: Path) -> None:
+    """Nothing of the conversion in `work` ran once the directory was removed, nor runs, nor is left."""
+    pipe = legacy_office.ipc_pipes(work)[0]
+    try:
+        assert said == ["[]"]
+        assert _running_in(work) == []
+        assert list(tmp_path.iterdir()) == []
+        assert not os.path.lexists(pipe)
+    finally:
+        sandbox.remove_sockets([pipe])
+
+
+ENDINGS = ["exit", "stop", "sigterm"]
+
+
+@pytest.mark.parametrize("ending", ENDINGS)
+def test_a_process_ending_mid_conversion_kills_it_before_its_directory_goes(tmp_path: Path, ending: str) -> None:
+    """A process ending while a converter writes in its directory (on a thread its exit abandons; cut by a stop or
+    a SIGTERM) removed that directory with the converter still running, which died only with the process: its copies
+    of the document written meanwhile kept the directory there (not empty), and its pipe, made again once removed,
+    stayed in /tmp. Now it is killed and waited for first."""
+    said, work = _end_while_converting(tmp_path, ending, STILL_WRITING)
+    assert work is not None
+    _nothing_left(tmp_path, said, work)
+
+
+@pytest.mark.parametrize("ending", ENDINGS)
+def test_a_process_ending_mid_conversion_kills_libreoffice_before_its_directory_goes(tmp_path: Path,
+                                                                                     ending: str) -> None:
+    """The same with LibreOffice converting a .doc (`soffice.bin` stopped once seen, SIGSTOP, as in a long
+    conversion): it ran on in the removed directory. A run whose conversion ended before its copy and pipe were seen
+    (the machine busy) shows nothing: it is run again."""
+    if not legacy_office.available():
+        assert shutil.which("soffice") is None
+        return
+    for _ in range(3):
+        said, work = _end_while_converting(tmp_path, ending, "libreoffice", str(DOC))
+        if work is not None:
+            break
+    assert work is not None, "LibreOffice was not seen converting (three times): nothing here shows it is killed"
+    _nothing_left(tmp_path, said, work)
