@@ -116,13 +116,16 @@ def _remove_at_exit(pid: int, directory: str) -> None:
     and the pipes its LibreOffice conversions made in /tmp. The converters and OCR tools still running (on a thread
     the exit abandons, or cut by a stop) are killed and waited for first (`sandbox.sessions_ended`), none starting
     until the removal is done: else they wrote on in it (LibreOffice's `lu*.tmp` copies of the document), which then
-    stayed, not empty, for the next process to remove, and a `soffice.bin` made its pipe again once removed."""
+    stayed, not empty, for the next process to remove, and a `soffice.bin` made its pipe again once removed. `_lock`
+    is taken first, as everywhere `sandbox._live_lock` is taken with it: a SIGTERM handled during the atexit one
+    (`_remove_and_end`) then never waits for `_lock` held by a thread that waits for `_live_lock`."""
     global _removals
     if os.getpid() == pid:
-        _removals += 1  # before the kill: the parse whose program it kills fails as the directory's removal does
-        with sandbox.sessions_ended():
-            _remove_converters_sockets(Path(directory))
-            shutil.rmtree(directory, ignore_errors=True)
+        with _lock:
+            _removals += 1  # before the kill: the parse whose program it kills fails as the directory's removal does
+            with sandbox.sessions_ended():
+                _remove_converters_sockets(Path(directory))
+                shutil.rmtree(directory, ignore_errors=True)
 
 
 def remove_own() -> None:

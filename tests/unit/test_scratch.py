@@ -269,6 +269,50 @@ def test_a_sigterm_stops_the_block_then_the_process_ends_by_it_its_directory_rem
     assert Path(directory).parent == tmp_path and not Path(directory).exists()
 
 
+# A process removing its directory on SIGTERM (`removed_on_sigterm`), SIGTERMed as its main thread starts a program,
+# once forked but not yet held among the live ones (`sandbox._live_lock` held): the handler waits for the start to be
+# done, sent again, then kills it with the others and ends the process by the signal, never deadlocking on that lock
+SIGTERMED_MID_START = """
+import os, signal, subprocess, sys, time
+from ingestion import sandbox, scratch
+popen_init = subprocess.Popen.__init__
+
+def started_then_sigtermed(self, *args, **options):
+    popen_init(self, *args, **options)
+    print(self.pid, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(100_000):  # its handler runs here: a backward jump looks for signals
+        pass
+
+subprocess.Popen.__init__ = started_then_sigtermed
+print(scratch.private_dir(), flush=True)
+with scratch.removed_on_sigterm():
+    sandbox.ChildPopen(["sleep", "600"])
+    print("started", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_sigterm_met_as_a_program_starts_ends_the_process_once_it_can_kill_it(tmp_path: Path) -> None:
+    """Handled as the program was being started (the live programs' lock held by the main thread, where the handler
+    runs), the SIGTERM removed the directory with that program, not yet held, running on in it. Now it is sent again
+    once the start is done: the program killed, the directory removed, the process ended by the signal."""
+    process = subprocess.Popen([sys.executable, "-c", SIGTERMED_MID_START], cwd=ROOT,  # noqa: S603
+                               stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)})
+    try:
+        assert process.stdout is not None
+        directory, pid, *said = process.stdout.read().splitlines()
+        assert process.wait(timeout=120) == -signal.SIGTERM
+        assert said == ["started"]
+        assert Path(directory).parent == tmp_path and not Path(directory).exists()
+        assert not psutil.pid_exists(int(pid)) or psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()  # type: ignore[union-attr]
+
+
 # A worker process parsing each document in a folder, saying what each parse gave (JSON, by file name), then where
 # tempfile's default (its private directory) is.
 PARSE_ALL_AND_SAY = """
