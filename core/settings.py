@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
+from collections.abc import Mapping
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -27,6 +29,22 @@ _KEY_PARSERS = {
     "master_key": (crypto.parse_master_keyring, f"GOVRAG_MASTER_KEY must be {_KEYRING_FORM}"),
     "audit_checkpoint_key": (crypto.decode_master_key, "GOVRAG_AUDIT_CHECKPOINT_KEY must be base64 of 32 bytes"),
 }
+
+# Each setting naming a service govrag connects to: the URL schemes it is reached by (True: a scheme that needs a
+# host) and the forms a refusal suggests. The broker's are those govrag reads the broker by (workers/dispatch.py, the
+# guard's shared counters, the queue-depth metric); Qdrant's those qdrant-client speaks (it took a bare host too).
+_SERVICE_URLS: dict[str, tuple[Mapping[str, bool], str]] = {
+    "qdrant_url": ({"http": True, "https": True}, "http://HOST:6333 or https://HOST:6333"),
+    "broker_url": ({"memory": False, "redis": True, "rediss": True},
+                   "memory://, redis://HOST:6379/0 or rediss://HOST:6379/0"),
+    "otel_exporter_otlp_endpoint": ({"http": True, "https": True}, "http://HOST:4318/v1/traces"),
+}
+_SCHEME_THEN_AUTHORITY = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# An unencoded `@`, `:`, `/`, `?` or `#` in a password makes a piece of it read as the host, the port or the path: the
+# refusals of either say how to write it, quoting none of it.
+_ENCODE_CREDENTIALS = "in a user name or password, percent-encode any @ : / ? #"
+_PORT_REFUSAL = f"names a port that is not a number from 1 to 65535 ({_ENCODE_CREDENTIALS})"
+_STRAY_AT_REFUSAL = f"holds an @ after its host ({_ENCODE_CREDENTIALS})"
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +197,17 @@ class Settings(BaseSettings):
             raise ValueError("must not hold a user name or password (user:password@host)")
         return value
 
+    @field_validator(*_SERVICE_URLS)
+    @classmethod
+    def _service_url_usable(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A service URL is read at start as its client reads it: one that cannot reach its service (a bare host, a
+        typo'd scheme, no host, a port no server listens on) refuses to start in one line, quoted no more than its
+        scheme (a broker URL may hold a password), rather than fail every readiness check or be retried for ever."""
+        if value is None:
+            return value
+        schemes, forms = _SERVICE_URLS[info.field_name]
+        return service_url(value, schemes, forms)
+
     @field_validator("database_url")
     @classmethod
     def _database_url_usable(cls, value: str | None) -> str | None:
@@ -317,12 +346,46 @@ def _url_parts(url: str) -> SplitResult | None:
         return None
 
 
+def service_url(url: str, schemes: Mapping[str, bool], forms: str) -> str:
+    """`url` with its scheme in lower case (the code picking a client by it compares it so), once it is
+    `scheme://...` with a scheme of `schemes`, a host where the scheme needs one (True) and a port from 1 to 65535 if
+    it names one. Else a ValueError saying what to fix in `forms`' terms, quoting at most the scheme: never the host,
+    user name or password."""
+    parts = _url_parts(url)
+    if parts is None or not _SCHEME_THEN_AUTHORITY.match(url):
+        raise ValueError(f"is not a URL ({forms})")
+    if parts.scheme not in schemes:
+        raise ValueError(f"names a scheme govrag does not support ({parts.scheme}): use {forms}")
+    if any("@" in piece for piece in (parts.path, parts.query, parts.fragment)):
+        raise ValueError(_STRAY_AT_REFUSAL)
+    try:
+        port = parts.port
+    except ValueError:  # urlsplit's own message quotes the port, a piece of the password when one holds an '@'
+        raise ValueError(_PORT_REFUSAL) from None
+    _require_usable_port(port)
+    if schemes[parts.scheme] and not parts.hostname:
+        raise ValueError(f"names no host ({forms})")
+    return parts.scheme + url[len(parts.scheme):]
+
+
+def _require_usable_port(port: int | None) -> None:
+    """ValueError unless `port` is none or one a server can listen on (0 is "any" to a listener, no address to call)."""
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(_PORT_REFUSAL)
+
+
 def _require_database_driver(url: str) -> None:
-    """ValueError unless SQLAlchemy reads `url` and loads its dialect and driver; the message names the scheme only."""
+    """ValueError unless SQLAlchemy reads `url`, with a port from 1 to 65535 if any, and loads its dialect and driver;
+    the message names the scheme only."""
     try:
         parsed = make_url(url)
-    except (db_errors.ArgumentError, ValueError):  # ValueError: a port that is no number, quoting a piece of the URL
+    except db_errors.ArgumentError:
         raise ValueError("is not a database URL (postgresql+psycopg://USER@HOST/DATABASE, or sqlite:///PATH)") from None
+    except ValueError:  # int() of a port that is no number, quoting it (a piece of a password holding '@' then ':')
+        raise ValueError(_PORT_REFUSAL) from None
+    _require_usable_port(parsed.port)
+    if "@" in (parsed.host or ""):  # SQLAlchemy ends the password at its first '@'
+        raise ValueError(_STRAY_AT_REFUSAL)
     try:
         parsed.get_dialect().import_dbapi()
     except (db_errors.NoSuchModuleError, ImportError):

@@ -32,6 +32,8 @@ from tests.support.tiny_gguf import tiny_gguf
 SERVE = ("serve", "--port", "0")
 WAY_OUT = "({fix}, or point {setting} at a folder this user may write)"
 READ_AND_WRITE = "let this user read and write it"
+PORT_REFUSAL = ("names a port that is not a number from 1 to 65535 (in a user name or password, percent-encode any "
+                "@ : / ? #)")
 
 
 def test_a_serve_beside_a_process_holding_the_embedded_store_refuses_in_one_line(tmp_path: Path) -> None:
@@ -135,9 +137,7 @@ def test_a_serve_on_a_host_this_machine_does_not_have_is_refused_in_one_line(tmp
 @pytest.mark.parametrize(("url", "why"), [
     ("postgres:/s3cret@127.0.0.1/govrag", "is not a database URL (postgresql+psycopg://USER@HOST/DATABASE, or "
                                           "sqlite:///PATH)"),
-    ("postgresql+psycopg://govrag:hunter@2:s3cret@127.0.0.1/govrag", "is not a database URL "
-                                                                    "(postgresql+psycopg://USER@HOST/DATABASE, or "
-                                                                    "sqlite:///PATH)"),
+    ("postgresql+psycopg://govrag:hunter@2:s3cret@127.0.0.1/govrag", PORT_REFUSAL),
     ("postgresql+psycopg2://govrag:s3cret@127.0.0.1/govrag", "names a database driver this install does not have "
                                                             "(postgresql+psycopg2): use postgresql+psycopg:// (or "
                                                             "sqlite:///)"),
@@ -150,6 +150,32 @@ def test_a_database_url_it_cannot_use_is_refused_as_a_setting_without_quoting_it
     named and the URL (and its password) never quoted, exit 2, nothing made."""
     result = run_govrag(SERVE, env=govrag_env(data_dir=str(tmp_path / "data"), database_url=url))
     assert _refusal(result) == (2, f"  GOVRAG_DATABASE_URL: Value error, {why}")
+    assert result.stderr.splitlines()[-2] == "govrag: the settings were refused; nothing was started"
+    assert "s3cret" not in result.stderr and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(("argv", "setting", "url", "why"), [
+    (SERVE, "qdrant_url", "garbage", "is not a URL (http://HOST:6333 or https://HOST:6333)"),
+    (("worker",), "broker_url", "redsi://govrag:s3cret@127.0.0.1:6379/0",
+     "names a scheme govrag does not support (redsi): use memory://, redis://HOST:6379/0 or rediss://HOST:6379/0"),
+    (("worker",), "broker_url", "garbage",
+     "is not a URL (memory://, redis://HOST:6379/0 or rediss://HOST:6379/0)"),
+    (("ingest", "README.md", "--department", "hr"), "database_url",
+     "postgresql+psycopg://govrag:s3cret@127.0.0.1:65536/govrag", PORT_REFUSAL),
+    (("demo",), "broker_url", "redis://govrag:s3cret/x@127.0.0.1:6379/0",
+     "holds an @ after its host (in a user name or password, percent-encode any @ : / ? #)"),
+    (("demo",), "otel_exporter_otlp_endpoint", "http://127.0.0.1:0/v1/traces", PORT_REFUSAL),
+], ids=["serve-qdrant", "worker-broker-scheme", "worker-broker-garbage", "ingest-database-port", "demo-broker-password",
+        "demo-otlp-port"])
+def test_a_service_url_no_client_reaches_is_refused_as_a_setting_without_quoting_it(
+        tmp_path: Path, argv: Sequence[str], setting: str, url: str, why: str) -> None:
+    """GOVRAG_QDRANT_URL=garbage started (qdrant-client called http://garbage:6333; /readyz failed from then on), a
+    broker URL kombu cannot use had Celery retry for ever, a port over 65535 passed the database URL's check. Now the
+    settings' refusal, whichever command starts: the setting named, the URL (and its password) never quoted, exit 2,
+    nothing made. A usable Qdrant URL is set beside it (a worker's own refusal needs one)."""
+    settings = {"data_dir": str(tmp_path / "data"), "qdrant_url": "http://127.0.0.1:9", setting: url}
+    result = run_govrag(argv, env=govrag_env(**settings))
+    assert _refusal(result) == (2, f"  GOVRAG_{setting.upper()}: Value error, {why}")
     assert result.stderr.splitlines()[-2] == "govrag: the settings were refused; nothing was started"
     assert "s3cret" not in result.stderr and not (tmp_path / "data").exists()
 

@@ -1,0 +1,125 @@
+"""The URLs of the services govrag connects to (Qdrant, the broker, the OTLP collector, the database) are read at start
+as their clients read them: one that cannot reach its service is refused, the setting named, quoted no more than its
+scheme. `GOVRAG_QDRANT_URL=garbage` and `GOVRAG_BROKER_URL=garbage` started (qdrant-client took a bare word for a host,
+/readyz failed later; Celery retried for ever), and a port over 65535 passed the database URL's check."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from core.settings import Settings, service_url
+
+REDIS = {"memory": False, "redis": True, "rediss": True}
+REDIS_FORMS = "memory://, redis://HOST:6379/0 or rediss://HOST:6379/0"
+PORT = ("names a port that is not a number from 1 to 65535 (in a user name or password, percent-encode any "
+        "@ : / ? #)")
+STRAY_AT = "holds an @ after its host (in a user name or password, percent-encode any @ : / ? #)"
+PASSWORD = "hunter@2:s3cret/x"  # every character that ends a piece of a URL early
+SECRET_PIECES = ("hunter", "s3cret")
+
+
+@pytest.mark.parametrize("url", [
+    "memory://", "memory://localhost/", "redis://redis:6379/0", "rediss://cache.example:6380/1", "redis://[::1]:6379",
+    "redis://:hunter%402%3As3cret%2Fx@redis:6379/0", "redis://govrag:hunter@2:s3cret@redis:6379/0",
+    "redis://redis:/0"])
+def test_a_broker_url_its_clients_reach_is_taken_as_it_is(url: str) -> None:
+    """A password with an '@' and a ':' but no '/' reads as redis-py and kombu read it (the authority ends at its last
+    '@'); an empty port is the scheme's default."""
+    assert service_url(url, REDIS, REDIS_FORMS) == url
+
+
+def test_the_scheme_is_taken_in_any_case_and_handed_on_in_lower_case() -> None:
+    """The code choosing a client by the broker's scheme compares it in lower case."""
+    assert service_url("REDIS://Redis:6379/0", REDIS, REDIS_FORMS) == "redis://Redis:6379/0"
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("garbage", f"is not a URL ({REDIS_FORMS})"),
+    ("localhost:6379", f"is not a URL ({REDIS_FORMS})"),
+    (" redis://redis:6379/0", f"is not a URL ({REDIS_FORMS})"),
+    ("redis://[::1:6379/0", f"is not a URL ({REDIS_FORMS})"),
+    ("redsi://govrag:s3cret@redis:6379/0", f"names a scheme govrag does not support (redsi): use {REDIS_FORMS}"),
+    ("amqp://guest:s3cret@rabbit:5672//", f"names a scheme govrag does not support (amqp): use {REDIS_FORMS}"),
+    ("redis:///0", f"names no host ({REDIS_FORMS})"),
+    ("redis://:s3cret@:6379/0", f"names no host ({REDIS_FORMS})"),
+    ("redis://redis:0/0", PORT),
+    ("redis://redis:65536/0", PORT),
+    ("redis://redis:6379s3cret/0", PORT),
+    ("redis://redis:-1/0", PORT),
+])
+def test_a_broker_url_no_client_reaches_is_refused_naming_at_most_its_scheme(url: str, why: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        service_url(url, REDIS, REDIS_FORMS)
+    assert str(refused.value) == why and "s3cret" not in why
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    (f"redis://govrag:{PASSWORD}@redis:6379/0", STRAY_AT),  # the '/' ends the authority inside the password
+    ("redis://govrag:s3cret/x@redis:6379/0", STRAY_AT),  # "s3cret" read as the port
+    ("redis://govrag:12/34@redis:6379/0", STRAY_AT),  # "12" read as the port, "govrag" as the host
+    ("redis://govrag:12?34@redis:6379/0", STRAY_AT),
+    ("redis://govrag:12#34@redis:6379/0", STRAY_AT),
+])
+def test_a_password_holding_an_unencoded_slash_is_refused_without_a_piece_of_it(url: str, why: str) -> None:
+    """urlsplit's own message quoted the piece of the password it took for the port ("Port could not be cast to
+    integer value as 's3cret'"); a piece that is a number was a host and port to call, quoted by the client's errors."""
+    with pytest.raises(ValueError) as refused:
+        service_url(url, REDIS, REDIS_FORMS)
+    assert str(refused.value) == why and not any(piece in why for piece in SECRET_PIECES)
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("garbage", "is not a URL (http://HOST:6333 or https://HOST:6333)"),  # qdrant-client: http://garbage:6333
+    ("qdrant", "is not a URL (http://HOST:6333 or https://HOST:6333)"),
+    ("localhost:6333", "is not a URL (http://HOST:6333 or https://HOST:6333)"),
+    ("grpc://qdrant:6334", "names a scheme govrag does not support (grpc): use http://HOST:6333 or https://HOST:6333"),
+    ("http://:6333", "names no host (http://HOST:6333 or https://HOST:6333)"),
+    ("http://qdrant:0", PORT),  # qdrant-client called port 6333
+    ("http://qdrant:70000", PORT),  # urllib3's LocationParseError quoted the whole URL
+])
+def test_settings_refuse_a_qdrant_url_that_is_not_an_http_url_of_a_host(url: str, why: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        Settings(qdrant_url=url)
+    assert [(error["loc"], error["msg"]) for error in refused.value.errors()] == [(("qdrant_url",),
+                                                                                  f"Value error, {why}")]
+
+
+@pytest.mark.parametrize("url", ["http://qdrant:6333", "https://qdrant.example", "http://gateway:8080/qdrant"])
+def test_settings_take_a_qdrant_server_url(url: str) -> None:
+    assert Settings(qdrant_url=url).qdrant_url == url
+
+
+@pytest.mark.parametrize(("setting", "url", "why"), [
+    ("broker_url", f"redis://govrag:{PASSWORD}@redis:6379/0", STRAY_AT),
+    ("broker_url", "redis://govrag:hunter@2:s3cret@redis:70000/0", PORT),
+    ("broker_url", "rediss://govrag:hunter@2:s3cret@redis:0/0", PORT),
+    ("otel_exporter_otlp_endpoint", "http://collector:431800/v1/traces", PORT),  # a digit too many: export errors
+    ("database_url", "postgresql+psycopg://govrag:hunter@2:s3cret@127.0.0.1:5432/govrag", PORT),  # int()'s ValueError
+    ("database_url", "postgresql+psycopg://govrag:hunter@2@127.0.0.1:5432/govrag", STRAY_AT),  # host "2@127.0.0.1"
+    ("database_url", "postgresql+psycopg://govrag:hunter@127.0.0.1:65536/govrag", PORT),
+    ("database_url", "postgresql+psycopg://govrag:hunter@127.0.0.1:0/govrag", PORT),
+    ("database_url", "sqlite://localhost:99999/govrag.db", PORT),
+])
+def test_settings_refuse_a_port_or_an_at_sign_no_client_reads_without_quoting_the_url(setting: str, url: str,
+                                                                                     why: str) -> None:
+    """The database URL's port was read by SQLAlchemy as any number: 65536 passed the check (psycopg then refused it
+    at the first connection); a password holding an '@' and no ':' after it made the rest of it the host to call."""
+    with pytest.raises(ValidationError) as refused:
+        Settings(**{setting: url})
+    assert [(error["loc"], error["msg"]) for error in refused.value.errors()] == [((setting,), f"Value error, {why}")]
+    assert not any(piece in str(refused.value) for piece in (*SECRET_PIECES, url, "collector"))
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg://govrag:hunter%402%3As3cret%2Fx@127.0.0.1:5432/govrag",
+                                 "postgresql+psycopg://govrag:s3cret/x@127.0.0.1:65535/govrag", "sqlite:///govrag.db"])
+def test_settings_take_a_database_url_whose_port_and_password_read_as_written(url: str) -> None:
+    """SQLAlchemy ends the password at its first '@', so a '/' in it needs no encoding."""
+    assert Settings(database_url=url).database_url == url
+
+
+def test_an_otlp_endpoint_is_an_http_url_of_a_host() -> None:
+    with pytest.raises(ValidationError) as refused:
+        Settings(otel_exporter_otlp_endpoint="collector:4318/v1/traces")
+    assert refused.value.errors()[0]["msg"] == "Value error, is not a URL (http://HOST:4318/v1/traces)"
+    assert Settings(otel_exporter_otlp_endpoint="http://collector:4318/v1/traces").otel_exporter_otlp_endpoint
