@@ -202,9 +202,11 @@ class Settings(BaseSettings):
     def _service_url_usable(cls, value: str | None, info: ValidationInfo) -> str | None:
         """A service URL is read at start as its client reads it: one that cannot reach its service (a bare host, a
         typo'd scheme, no host, a port no server listens on) refuses to start in one line, quoted no more than its
-        scheme (a broker URL may hold a password), rather than fail every readiness check or be retried for ever."""
-        if value is None:
-            return value
+        scheme (a broker URL may hold a password), rather than fail every readiness check or be retried for ever.
+        An empty one of a setting unset by default (`GOVRAG_QDRANT_URL=` in a deployment template) is unset, as the code
+        reading it always took it: the embedded store, no OTLP exporter."""
+        if value is None or (value == "" and cls.model_fields[info.field_name].default is None):
+            return None
         schemes, forms = _SERVICE_URLS[info.field_name]
         return service_url(value, schemes, forms)
 

@@ -5,6 +5,8 @@ scheme. `GOVRAG_QDRANT_URL=garbage` and `GOVRAG_BROKER_URL=garbage` started (qdr
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from pydantic import ValidationError
 
@@ -17,6 +19,7 @@ PORT = ("names a port that is not a number from 1 to 65535 (in a user name or pa
 STRAY_AT = "holds an @ after its host (in a user name or password, percent-encode any @ : / ? #)"
 PASSWORD = "hunter@2:s3cret/x"  # every character that ends a piece of a URL early
 SECRET_PIECES = ("hunter", "s3cret")
+URL_BREAKERS = "@:/?#[]% \t=&"
 
 
 @pytest.mark.parametrize("url", [
@@ -41,6 +44,8 @@ def test_the_scheme_is_taken_in_any_case_and_handed_on_in_lower_case() -> None:
     ("redis://[::1:6379/0", f"is not a URL ({REDIS_FORMS})"),
     ("redsi://govrag:s3cret@redis:6379/0", f"names a scheme govrag does not support (redsi): use {REDIS_FORMS}"),
     ("amqp://guest:s3cret@rabbit:5672//", f"names a scheme govrag does not support (amqp): use {REDIS_FORMS}"),
+    ("sentinel://:s3cret@sentinel:26379", f"names a scheme govrag does not support (sentinel): use {REDIS_FORMS}"),
+    ("redis+socket:///run/s3cret.sock", f"names a scheme govrag does not support (redis+socket): use {REDIS_FORMS}"),
     ("redis:///0", f"names no host ({REDIS_FORMS})"),
     ("redis://:s3cret@:6379/0", f"names no host ({REDIS_FORMS})"),
     ("redis://redis:0/0", PORT),
@@ -123,3 +128,64 @@ def test_an_otlp_endpoint_is_an_http_url_of_a_host() -> None:
         Settings(otel_exporter_otlp_endpoint="collector:4318/v1/traces")
     assert refused.value.errors()[0]["msg"] == "Value error, is not a URL (http://HOST:4318/v1/traces)"
     assert Settings(otel_exporter_otlp_endpoint="http://collector:4318/v1/traces").otel_exporter_otlp_endpoint
+
+
+@pytest.mark.parametrize(("setting", "url"), [
+    ("qdrant_url", "http://[::1]:6333"), ("qdrant_url", "https://gateway.example/qdrant/"),
+    ("qdrant_url", "HTTP://qdrant:6333"),
+    ("broker_url", "redis://[::1]:6379/0"), ("broker_url", "redis://h"),
+    ("broker_url", "rediss://:p%40ss%3Aw%2Frd@h:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/etc/a%40b.pem"),
+    ("otel_exporter_otlp_endpoint", "http://[::1]:4318/v1/traces"), ("otel_exporter_otlp_endpoint", "https://otlp.example"),
+    ("database_url", "postgresql+psycopg://govrag@/govrag?host=/var/run/postgresql"),
+    ("database_url", "postgresql+psycopg://govrag:p%40ss@[::1]:5432/govrag?sslmode=require"),
+])
+def test_settings_take_every_form_the_deployments_and_their_clients_use(setting: str, url: str) -> None:
+    """IPv6 hosts, a Qdrant behind a proxy's path, TLS query options, a PostgreSQL Unix socket, percent-encoded
+    passwords (an '@' in a query value percent-encoded too: redis-py and kombu decode it)."""
+    assert getattr(Settings(**{setting: url}), setting).lower() == url.lower()
+
+
+def _fuzzed_url(rng: random.Random, user: str, password: str, host: str) -> str:
+    """A URL near one of the service URLs, with `user` and `password` in its userinfo and characters that end a piece
+    of a URL early (unencoded) strewn through them."""
+    def strew(text: str) -> str:
+        return "".join(char + (rng.choice(URL_BREAKERS) if rng.random() < 0.3 else "") for char in text)
+    scheme = rng.choice(["http", "https", "redis", "rediss", "memory", "amqp", "sentinel", "redsi", "grpc", "unix",
+                         "postgresql+psycopg", "sqlite", "mysql", "HTTP", "x y", ""])
+    userinfo = rng.choice([f"{user}@", f":{password}@", f"{user}:{password}@", f"{user}:{strew(password)}@",
+                           f"{strew(user)}:{password}@", f"{user}:{password}"])
+    authority = rng.choice([host, f"[{host}]", f"[{host}", "[::1]", "", f"{host}@{host}"])
+    port = rng.choice(["", ":", ":6379", ":0", ":65536", ":-1", f":{password}", ":+80", ":99999999999"])
+    rest = rng.choice(["", "/0", "/v1/traces", f"/{password}@x", "?a=b", f"#{password}", "//"])
+    return scheme + rng.choice(["://"] * 4 + [":/", ":", ""]) + userinfo + authority + port + rest
+
+
+def test_no_refusal_of_a_fuzzed_url_quotes_its_host_user_or_password() -> None:
+    """Seeded: a few hundred URLs with a secret user, password and host, refused or not; a refusal (the message and
+    the ValidationError as a whole) quotes none of them, and nothing but a ValidationError is raised."""
+    rng, refused = random.Random(20240607), 0
+    for _ in range(600):
+        user, password, host = (f"{prefix}{rng.randrange(10**6):06d}" for prefix in ("usr", "pwd", "hst"))
+        setting = rng.choice(["qdrant_url", "broker_url", "otel_exporter_otlp_endpoint", "database_url"])
+        url = _fuzzed_url(rng, user, password, host)
+        try:
+            Settings(**{setting: url})
+        except ValidationError as refusal:
+            refused += 1
+            said = str(refusal) + "".join(error["msg"] for error in refusal.errors())
+            assert not any(secret in said for secret in (user, password, host)), (setting, url)
+    assert refused > 300
+
+
+@pytest.mark.parametrize("setting", ["qdrant_url", "otel_exporter_otlp_endpoint"])
+def test_an_empty_url_of_a_setting_unset_by_default_is_unset(setting: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`GOVRAG_QDRANT_URL=` (a template's empty default) ran the embedded store and `..._OTLP_ENDPOINT=` exported
+    nothing, as their readers test the value for truth: neither is refused as "not a URL"."""
+    monkeypatch.setenv(f"GOVRAG_{setting.upper()}", "")
+    assert getattr(Settings(), setting) is None
+
+
+def test_an_empty_broker_url_is_refused_rather_than_read_as_celery_s_default_amqp() -> None:
+    with pytest.raises(ValidationError) as refused:
+        Settings(broker_url="")
+    assert refused.value.errors()[0]["msg"] == f"Value error, is not a URL ({REDIS_FORMS})"
