@@ -68,7 +68,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     checking_mirror = audit_commands.add_parser("verify-mirror", help=mirroring, description=mirroring)
     checking_mirror.add_argument("file", help="the mirror file, a checkpoint a line")
     checking_mirror.add_argument("--public-key", type=public_key_argument, metavar="PEM_FILE", required=True,
-                                 help="the public key `govrag audit public-key` printed")
+                                 action="append", help="the public key `govrag audit public-key` printed; again for "
+                                 "each key used before a rotation (a line holds under any of them)")
     checking_mirror.add_argument("--deployment-id", type=deployment_id_argument, required=True,
                                  help="the deployment the checkpoints must be of, a UUID (deployments sharing a "
                                  "checkpoint key share the public key)")
@@ -230,7 +231,7 @@ def verify_mirror(args: argparse.Namespace) -> int:
     from audit import service as audit_service
 
     with Path(args.file).open("rb") as mirror:
-        result = audit_service.verify_mirror(mirror_lines=mirror, public_key=args.public_key,
+        result = audit_service.verify_mirror(mirror_lines=mirror, public_keys=args.public_key,
                                              deployment_id=args.deployment_id)
     print(result.model_dump_json())
     return 0 if result.ok else EXIT_UNVERIFIED

@@ -8,7 +8,7 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
@@ -272,7 +272,8 @@ def checkpoint_now(*, session: Session, settings: Settings) -> tuple[int | None,
     with repository.local_chain_lock():
         repository.lock_chain(session)
         last = repository.last_event(session)
-        if last is None or last.id == repository.checkpointed_through(session):
+        if last is None or (last.id == repository.checkpointed_through(session)
+                            and _anchored_with_current_key(session, settings, last.id)):
             end = last.id if last else None
             session.rollback()
             return end, False
@@ -280,6 +281,15 @@ def checkpoint_now(*, session: Session, settings: Settings) -> tuple[int | None,
         session.commit()
     mirror_checkpoint(settings, checkpoint)
     return checkpoint.last_event_id, True
+
+
+def _anchored_with_current_key(session: Session, settings: Settings, event_id: int) -> bool:
+    """Whether a stored checkpoint at `event_id` is signed with the current checkpoint key: after a rotation the end
+    is checkpointed again, with the new key, though a checkpoint the previous key signed covers it."""
+    signer = signer_for(settings, session)
+    minted_at = _deployment(session).minted_at
+    return any(_signed_here(signer, signer.public_key(), checkpoint, minted_at)
+               for checkpoint in repository.checkpoints_at(session, event_id))
 
 
 def _as_json(checkpoint: AuditCheckpoint) -> dict[str, object]:
@@ -327,16 +337,18 @@ def _mirrored(path: Path) -> list[AuditCheckpoint | None]:
         return [_from_json(line) for line in handle if line.strip()]
 
 
-def check_mirror(lines: Iterable[str | bytes], *, public_key: Ed25519PublicKey, deployment_id: str) -> MirrorCheck:
-    """Whether the lines of a checkpoint mirror file are checkpoints of deployment `deployment_id` as signed, with the
-    Ed25519 public key alone: each line carrying an Ed25519 signature must hold under it (its HMAC `v3.`), and no two
+def check_mirror(lines: Iterable[str | bytes], *, public_keys: Sequence[Ed25519PublicKey],
+                 deployment_id: str) -> MirrorCheck:
+    """Whether the lines of a checkpoint mirror file are checkpoints of deployment `deployment_id` as signed, with
+    Ed25519 public keys alone (the current one first, then any used before a rotation; the report names the first):
+    each line carrying an Ed25519 signature must hold under one of them (its HMAC `v3.`), and no two
     of them may give one event two hashes. A line without one is taken, unchecked (`hmac_only`), only as a checkpoint
     signed before the deployment signed with Ed25519 too: HMAC v1 or v2, written no later than LEGACY_GRACE after the
     earliest line signed with Ed25519 (the previous release's processes sign HMAC only until they are drained), by its
     own date and by the dates of the lines signed with Ed25519 above it in the file (see `_downgrade`).
     `first_broken` is the earliest line found broken, whichever check found it."""
     read = [(number, _from_json(line)) for number, line in enumerate(lines, 1) if line.strip()]
-    found = MirrorCheck(ok=True, lines=len(read), deployment_id=deployment_id, key_id=key_id(public_key))
+    found = MirrorCheck(ok=True, lines=len(read), deployment_id=deployment_id, key_id=key_id(public_keys[0]))
     if not read:
         return _mirror_broken(found, None, "mirror_empty", "the file holds no checkpoint")
     broken: list[tuple[int, str, str]] = []  # (line number, reason, message)
@@ -345,7 +357,7 @@ def check_mirror(lines: Iterable[str | bytes], *, public_key: Ed25519PublicKey, 
     newest_signed: datetime | None = None
     hmac_only: list[tuple[int, datetime, datetime | None]] = []  # (line, its date, the newest signed date above it)
     for number, checkpoint in read:
-        if (problem := _mirror_line_problem(checkpoint, public_key, deployment_id, at)) is not None:
+        if (problem := _mirror_line_problem(checkpoint, public_keys, deployment_id, at)) is not None:
             broken.append((number, *problem))
         elif checkpoint is not None and checkpoint.signature_ed25519 is not None:
             found.checked += 1
@@ -382,9 +394,9 @@ def _downgrade(dated: datetime, signed_above: datetime | None, drained_by: datet
     return None
 
 
-def _mirror_line_problem(checkpoint: AuditCheckpoint | None, public_key: Ed25519PublicKey, deployment_id: str,
-                         at: dict[int, str]) -> tuple[str, str] | None:
-    """What is wrong with one mirror line, as the public key tells it (reason, message); None for a line whose Ed25519
+def _mirror_line_problem(checkpoint: AuditCheckpoint | None, public_keys: Sequence[Ed25519PublicKey],
+                         deployment_id: str, at: dict[int, str]) -> tuple[str, str] | None:
+    """What is wrong with one mirror line, as the public keys tell it (reason, message); None for a line whose Ed25519
     signature holds (its event's hash then kept in `at`) or one signed with HMAC alone (its date checked once all are
     read)."""
     if checkpoint is None:
@@ -392,7 +404,8 @@ def _mirror_line_problem(checkpoint: AuditCheckpoint | None, public_key: Ed25519
     if checkpoint.signature_ed25519 is None:
         return ("ed25519_signature_missing", "the checkpoint's Ed25519 signature was removed") if (
             checkpoint.signature.startswith(_V3)) else None
-    if not checkpoint.signature.startswith(_V3) or not _ed25519_holds(public_key, deployment_id, checkpoint):
+    if not checkpoint.signature.startswith(_V3) or not any(
+            _ed25519_holds(public_key, deployment_id, checkpoint) for public_key in public_keys):
         return "checkpoint_signature_invalid", "the checkpoint was edited, or signed by another deployment or key"
     if at.setdefault(checkpoint.last_event_id, checkpoint.last_hash) != checkpoint.last_hash:
         return "checkpoint_conflict", f"an earlier line gives event {checkpoint.last_event_id} another hash"
@@ -421,8 +434,16 @@ def _expectations(session: Session, settings: Settings) -> _Expectations:
     public_key = signer.public_key()
     found = _Expectations(deployment_id=deployment.deployment_id)
     candidates = [*repository.checkpoints(session), *_mirrored(settings.resolved_checkpoint_file)]
-    for checkpoint in candidates:
-        if checkpoint is None or not _signed_here(signer, public_key, checkpoint, deployment.minted_at):
+    signed_now = [checkpoint is not None and _signed_here(signer, public_key, checkpoint, deployment.minted_at)
+                  for checkpoint in candidates]
+    # a previous key's checkpoints are taken through the newest event the current key anchors (a leaked previous
+    # key cannot sign a purge, or anything, past it)
+    rotated_through = max((checkpoint.last_event_id for checkpoint, now in zip(candidates, signed_now, strict=True)
+                           if now and checkpoint is not None), default=0)
+    previous = _previous_signers(settings, deployment.deployment_id)
+    for checkpoint, now in zip(candidates, signed_now, strict=True):
+        if checkpoint is None or not (now or (checkpoint.last_event_id <= rotated_through and any(
+                _signed_here(old, old.public_key(), checkpoint, deployment.minted_at) for old in previous))):
             found.bad_signature = checkpoint.last_event_id if checkpoint is not None else 0
             continue
         found.checked += 1
@@ -431,6 +452,13 @@ def _expectations(session: Session, settings: Settings) -> _Expectations:
         found.at[checkpoint.last_event_id] = checkpoint.last_hash
     found.at = {event_id: h for event_id, h in found.at.items() if event_id > found.purged_through}
     return found
+
+
+def _previous_signers(settings: Settings, deployment_id: str) -> list[Signer]:
+    """The checkpoint keys used before the current one (GOVRAG_AUDIT_CHECKPOINT_PREVIOUS_KEYS), to check only."""
+    keys = settings.audit_checkpoint_previous_keys
+    return [] if keys is None else [Signer(key, deployment_id)
+                                    for key in crypto.decode_key_list(keys.get_secret_value())]
 
 
 def verify(*, session: Session, settings: Settings, deployment_id: str | None = None) -> VerifyResult:

@@ -156,6 +156,11 @@ def checkpoints(session: Session) -> list[AuditCheckpoint]:
     return list(session.scalars(select(AuditCheckpoint).order_by(AuditCheckpoint.id)))
 
 
+def checkpoints_at(session: Session, event_id: int) -> list[AuditCheckpoint]:
+    """The stored checkpoints that anchor event `event_id`."""
+    return list(session.scalars(select(AuditCheckpoint).where(AuditCheckpoint.last_event_id == event_id)))
+
+
 def deployment(session: Session) -> Deployment | None:
     """This deployment's id row (migration 0016 minted it)."""
     return session.get(Deployment, 1)

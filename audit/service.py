@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, BinaryIO
@@ -238,11 +238,12 @@ def verify_export(*, export_file: BinaryIO, settings: Settings, session: Session
     return export.check_export(export_file, by=signer, deployment_id=deployment_id or signer.deployment_id)
 
 
-def verify_mirror(*, mirror_lines: Iterable[bytes], public_key: Ed25519PublicKey, deployment_id: str) -> MirrorCheck:
-    """Check a checkpoint mirror file's lines with the Ed25519 public key alone (an auditor's machine: no secret, no
-    database), as checkpoints of the deployment `deployment_id`: deployments sharing a checkpoint key share the public
-    key too."""
-    return integrity.check_mirror(mirror_lines, public_key=public_key, deployment_id=deployment_id)
+def verify_mirror(*, mirror_lines: Iterable[bytes], public_keys: Sequence[Ed25519PublicKey],
+                  deployment_id: str) -> MirrorCheck:
+    """Check a checkpoint mirror file's lines with Ed25519 public keys alone (an auditor's machine: no secret, no
+    database; the keys used before a rotation after the current one), as checkpoints of the deployment
+    `deployment_id`: deployments sharing a checkpoint key share the public key too."""
+    return integrity.check_mirror(mirror_lines, public_keys=public_keys, deployment_id=deployment_id)
 
 
 def public_key(*, session: Session, settings: Settings) -> PublicKey:

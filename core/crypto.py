@@ -81,6 +81,11 @@ def decode_master_key(encoded: str) -> bytes:
     return key
 
 
+def decode_key_list(text: str) -> list[bytes]:
+    """Keys from comma-separated base64 entries, each of 32 bytes (blank entries skipped)."""
+    return [decode_master_key(entry) for entry in text.split(",") if entry.strip()]
+
+
 def parse_master_keyring(text: str) -> dict[int, bytes]:
     """Master key versions from `v2:<base64>` entries (newline- or comma-separated); a bare key is version 1."""
     ring: dict[int, bytes] = {}

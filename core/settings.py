@@ -28,6 +28,8 @@ _KEYRING_FORM = "base64 of 32 bytes, or `v<N>:<base64>` entries (one per version
 _KEY_PARSERS = {
     "master_key": (crypto.parse_master_keyring, f"GOVRAG_MASTER_KEY must be {_KEYRING_FORM}"),
     "audit_checkpoint_key": (crypto.decode_master_key, "GOVRAG_AUDIT_CHECKPOINT_KEY must be base64 of 32 bytes"),
+    "audit_checkpoint_previous_keys": (crypto.decode_key_list, "GOVRAG_AUDIT_CHECKPOINT_PREVIOUS_KEYS must be "
+                                       "comma-separated base64 of 32 bytes each"),
 }
 
 # Each setting naming a service govrag connects to: the URL schemes it is reached by (True: a scheme that needs a
@@ -108,6 +110,9 @@ class Settings(BaseSettings):
     # --- audit and observability (issue 6) ---
     audit_checkpoint_every: int = 100  # a signed checkpoint every N ledger rows (0: only manual/purge ones)
     audit_checkpoint_key: SecretStr | None = None  # base64 of 32 bytes; default: derived from the master key
+    # The checkpoint keys used before GOVRAG_AUDIT_CHECKPOINT_KEY was changed (comma-separated base64): `govrag audit
+    # verify` takes the checkpoints they signed through the newest one the current key signs; they sign nothing.
+    audit_checkpoint_previous_keys: SecretStr | None = None
     audit_checkpoint_file: Path | None = None  # append-only mirror of checkpoints; default data_dir/...
     # None: keep the ledger forever. At least a day (a cutoff in the future would purge it all), at most 100 years.
     audit_retention_days: int | None = Field(default=None, ge=1, le=36500)

@@ -843,7 +843,7 @@ def test_checkpoints_signed_before_0019_still_verify_beside_those_signed_with_ed
         published = audit_service.public_key(session=session, settings=settings)
     with settings.resolved_checkpoint_file.open("rb") as mirror:
         report = audit_service.verify_mirror(mirror_lines=mirror, deployment_id=published.deployment_id,
-                                             public_key=load_public_key(published.public_key_pem.encode()))
+                                             public_keys=[load_public_key(published.public_key_pem.encode())])
     assert (report.ok, report.lines, report.checked, report.hmac_only, report.through_event_id) == (
         True, 2, 1, 1, 7)
     get_engine(url).dispose()
@@ -1062,7 +1062,7 @@ def test_a_checkpoint_read_back_from_sqlite_is_mirrored_at_its_utc_time(tmp_path
     assert stored.created_at.tzinfo is None  # as SQLite reads it back
     line = json.dumps(integrity._as_json(stored))
     assert json.loads(line)["created_at"] == stored.created_at.replace(tzinfo=UTC).isoformat()
-    found = integrity.check_mirror([line], public_key=signer.public_key(), deployment_id=signer.deployment_id)
+    found = integrity.check_mirror([line], public_keys=[signer.public_key()], deployment_id=signer.deployment_id)
     assert (found.ok, found.checked) == (True, 1), found
 
 
@@ -1077,5 +1077,80 @@ def test_a_mirror_line_dated_outside_what_utc_can_hold_is_unreadable(created_at:
     line = {"created_at": created_at, "kind": "manual", "last_event_id": 5, "last_hash": "h", "event_count": 0,
             "signature": "v2.x"} | ({"signature": "v3.x", "signature_ed25519": "AAAA"} if signed else {})
     assert integrity._from_json(json.dumps(line)) is None
-    found = integrity.check_mirror([json.dumps(line)], public_key=signer.public_key(), deployment_id="deployment-1")
+    found = integrity.check_mirror([json.dumps(line)], public_keys=[signer.public_key()],
+                                   deployment_id="deployment-1")
     assert (found.ok, found.reason, found.first_broken) == (False, "line_unreadable", 1)
+
+
+OLD_KEY, NEW_KEY = base64.b64encode(b"o" * 32).decode(), base64.b64encode(b"n" * 32).decode()
+
+
+def test_a_changed_checkpoint_key_verifies_what_the_previous_one_signed_through_the_checkpoint_cut_after_it(
+        ledger: Settings, tmp_path: Path, audit_cli: Callable[..., tuple], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Changing GOVRAG_AUDIT_CHECKPOINT_KEY left every checkpoint signed before failing verification, and the mirror
+    the new public key: no rotation short of losing the ledger's proof. The previous key
+    (GOVRAG_AUDIT_CHECKPOINT_PREVIOUS_KEYS) checks what it signed through the checkpoint the new key signs at the end
+    of the chain at once, and no later one (a purge made up with the leaked key); several public keys check a mirror."""
+    old = _keyed(ledger, OLD_KEY)
+    _append(old, 10)  # signed at rows 5 and 10 with the old key
+    old_public, deployment = _published(audit_cli, old, tmp_path / "old.pub")
+    new = _keyed(ledger, NEW_KEY)
+    assert audit_cli(new, "verify")[1]["reason"] == "checkpoint_signature_invalid"  # what a change alone does
+    monkeypatch.setenv("GOVRAG_AUDIT_CHECKPOINT_PREVIOUS_KEYS", f"{base64.b64encode(b'x' * 32).decode()},{OLD_KEY}")
+    code, report = audit_cli(new, "verify")
+    assert (code, report["reason"]) == (3, "checkpoint_signature_invalid")  # not yet cut with the new key
+    assert audit_cli(new, "checkpoint") == (0, {"checkpointed_event_id": 10, "signed": True})
+    code, report = audit_cli(new, "verify")
+    assert (code, report["ok"], report["checkpoints_checked"]) == (0, True, 6)  # each in the database and mirror
+    new_public, _ = _published(audit_cli, new, tmp_path / "new.pub")
+    mirror, auditor = str(new.resolved_checkpoint_file), _auditor(tmp_path)
+    code, report = audit_cli(auditor, "verify-mirror", mirror, "--public-key", str(new_public), "--public-key",
+                             str(old_public), "--deployment-id", deployment)
+    assert (code, report["ok"], report["checked"], report["through_event_id"]) == (0, True, 3, 10)
+    code, report = audit_cli(auditor, "verify-mirror", mirror, "--public-key", str(new_public), "--deployment-id",
+                             deployment)
+    assert (code, report["reason"], report["first_broken"]) == (3, "checkpoint_signature_invalid", 1)
+    _append(new, 2)
+    made_up = _signed_line(base64.b64decode(OLD_KEY), deployment, at=12, last_hash="f" * 64)
+    _write_lines(new.resolved_checkpoint_file, [*_mirror_lines(new), made_up | {"kind": "purge"}])
+    code, report = audit_cli(new, "verify")
+    assert (code, report["reason"], report["first_broken"]) == (3, "checkpoint_signature_invalid", 12)
+    said = caplog.text + json.dumps(report)
+    assert OLD_KEY not in said and NEW_KEY not in said
+
+
+def test_a_previous_checkpoint_key_that_does_not_parse_is_refused_without_quoting_it() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as refused:
+        Settings(audit_checkpoint_previous_keys=SecretStr(f"{OLD_KEY},not-a-key-c2VjcmV0"))
+    assert "GOVRAG_AUDIT_CHECKPOINT_PREVIOUS_KEYS must be comma-separated base64" in str(refused.value)
+    assert "not-a-key" not in str(refused.value) and OLD_KEY not in str(refused.value)
+
+
+def test_the_documented_rotation_runs_and_leaves_the_ledger_verified(
+        ledger: Settings, tmp_path: Path, audit_cli: Callable[..., tuple]) -> None:
+    """docs/audit.md's rotation steps, run as written with `govrag` on the deployment's database."""
+    old = _keyed(ledger, OLD_KEY)
+    _append(old, 5)
+    shim = tmp_path / "bin" / "govrag"
+    shim.parent.mkdir()
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m api.cli "$@"\n')
+    shim.chmod(0o755)
+    env = {**os.environ, "GOVRAG_DATABASE_URL": old.resolved_database_url, "GOVRAG_DATA_DIR": str(old.data_dir),
+           "GOVRAG_AUDIT_CHECKPOINT_KEY": OLD_KEY, "PYTHONPATH": str(AUDIT_DOC.parents[1]),
+           "PATH": f"{shim.parent}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("GOVRAG_AUDIT_CHECKPOINT_PREVIOUS_KEYS", None)
+    run = subprocess.run(["bash", "-ec", _documented("bash", "GOVRAG_AUDIT_CHECKPOINT_PREVIOUS_KEYS")],  # noqa: S603, S607
+                         cwd=tmp_path, capture_output=True, text=True, check=False, env=env)
+    assert run.returncode == 0, run.stderr
+    checkpointed, verified = (json.loads(line) for line in run.stdout.splitlines())
+    assert checkpointed["signed"] is True and verified["ok"] is True
+    assert (tmp_path / "govrag-audit.pub").read_bytes() != (tmp_path / "govrag-audit-old.pub").read_bytes()
+    assert OLD_KEY not in run.stdout + run.stderr
+    deployment = verified["deployment_id"]
+    code, report = audit_cli(_auditor(tmp_path), "verify-mirror", str(old.resolved_checkpoint_file), "--public-key",
+                             str(tmp_path / "govrag-audit.pub"), "--public-key", str(tmp_path / "govrag-audit-old.pub"),
+                             "--deployment-id", deployment)
+    assert (code, report["checked"]) == (0, 2)
