@@ -69,7 +69,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     checking_mirror.add_argument("file", help="the mirror file, a checkpoint a line")
     checking_mirror.add_argument("--public-key", type=public_key_argument, metavar="PEM_FILE", required=True,
                                  action="append", help="the public key `govrag audit public-key` printed; again for "
-                                 "each key used before a rotation (a line holds under any of them)")
+                                 "each key used before a rotation, the current one first (a previous key's line holds "
+                                 "only up to the newest event a line of the first key anchors)")
     checking_mirror.add_argument("--deployment-id", type=deployment_id_argument, required=True,
                                  help="the deployment the checkpoints must be of, a UUID (deployments sharing a "
                                  "checkpoint key share the public key)")

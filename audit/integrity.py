@@ -352,12 +352,20 @@ def check_mirror(lines: Iterable[str | bytes], *, public_keys: Sequence[Ed25519P
     if not read:
         return _mirror_broken(found, None, "mirror_empty", "the file holds no checkpoint")
     broken: list[tuple[int, str, str]] = []  # (line number, reason, message)
+    signed_now = [checkpoint is not None and checkpoint.signature_ed25519 is not None
+                  and _ed25519_holds(public_keys[0], deployment_id, checkpoint) for _, checkpoint in read]
+    # a previous key's lines are taken through the newest event a line of the current key anchors, as `verify` takes
+    # its checkpoints: the leaked key cannot vouch for an event past it
+    rotated_through = max((checkpoint.last_event_id for (_, checkpoint), now in zip(read, signed_now, strict=True)
+                           if now and checkpoint is not None), default=0)
     at: dict[int, str] = {}
     earliest_signed: datetime | None = None  # the dates of the lines whose Ed25519 signature holds, so far
     newest_signed: datetime | None = None
     hmac_only: list[tuple[int, datetime, datetime | None]] = []  # (line, its date, the newest signed date above it)
-    for number, checkpoint in read:
-        if (problem := _mirror_line_problem(checkpoint, public_keys, deployment_id, at)) is not None:
+    for (number, checkpoint), now in zip(read, signed_now, strict=True):
+        in_time = checkpoint is not None and checkpoint.last_event_id <= rotated_through
+        previous_keys = public_keys[1:] if in_time else []
+        if (problem := _mirror_line_problem(checkpoint, now, previous_keys, deployment_id, at)) is not None:
             broken.append((number, *problem))
         elif checkpoint is not None and checkpoint.signature_ed25519 is not None:
             found.checked += 1
@@ -394,19 +402,22 @@ def _downgrade(dated: datetime, signed_above: datetime | None, drained_by: datet
     return None
 
 
-def _mirror_line_problem(checkpoint: AuditCheckpoint | None, public_keys: Sequence[Ed25519PublicKey],
-                         deployment_id: str, at: dict[int, str]) -> tuple[str, str] | None:
+def _mirror_line_problem(checkpoint: AuditCheckpoint | None, signed_now: bool,
+                         previous_keys: Sequence[Ed25519PublicKey], deployment_id: str,
+                         at: dict[int, str]) -> tuple[str, str] | None:
     """What is wrong with one mirror line, as the public keys tell it (reason, message); None for a line whose Ed25519
-    signature holds (its event's hash then kept in `at`) or one signed with HMAC alone (its date checked once all are
-    read)."""
+    signature holds, under the current key (`signed_now`) or one of `previous_keys` (those the line may be signed
+    with: none past the current key's lines), its event's hash then kept in `at`, or one signed with HMAC alone (its
+    date checked once all are read)."""
     if checkpoint is None:
         return "line_unreadable", "the line is no checkpoint a writer wrote"
     if checkpoint.signature_ed25519 is None:
         return ("ed25519_signature_missing", "the checkpoint's Ed25519 signature was removed") if (
             checkpoint.signature.startswith(_V3)) else None
-    if not checkpoint.signature.startswith(_V3) or not any(
-            _ed25519_holds(public_key, deployment_id, checkpoint) for public_key in public_keys):
-        return "checkpoint_signature_invalid", "the checkpoint was edited, or signed by another deployment or key"
+    if not checkpoint.signature.startswith(_V3) or not (signed_now or any(
+            _ed25519_holds(public_key, deployment_id, checkpoint) for public_key in previous_keys)):
+        return "checkpoint_signature_invalid", ("the checkpoint was edited, or signed by another deployment or key (a "
+                                                "previous key only up to the current key's lines)")
     if at.setdefault(checkpoint.last_event_id, checkpoint.last_hash) != checkpoint.last_hash:
         return "checkpoint_conflict", f"an earlier line gives event {checkpoint.last_event_id} another hash"
     return None

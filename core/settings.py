@@ -241,6 +241,17 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _previous_checkpoint_keys_rotated(self) -> Settings:
+        """A previous checkpoint key is no longer the current one: the same key in both settings (the new one never
+        set) left the old key signing, with the rotation seeming done."""
+        current, previous = self.audit_checkpoint_key, self.audit_checkpoint_previous_keys
+        if current is not None and previous is not None and crypto.decode_master_key(
+                current.get_secret_value()) in crypto.decode_key_list(previous.get_secret_value()):
+            raise ValueError("GOVRAG_AUDIT_CHECKPOINT_PREVIOUS_KEYS holds GOVRAG_AUDIT_CHECKPOINT_KEY itself: set the "
+                             "new key as GOVRAG_AUDIT_CHECKPOINT_KEY")
+        return self
+
+    @model_validator(mode="after")
     def _llm_host_on_allowlist(self) -> Settings:
         """Customer data may only go to a model server on the allowlist: anything else refuses to start."""
         if self.answer_backend == "openai":

@@ -1154,3 +1154,45 @@ def test_the_documented_rotation_runs_and_leaves_the_ledger_verified(
                              str(tmp_path / "govrag-audit.pub"), "--public-key", str(tmp_path / "govrag-audit-old.pub"),
                              "--deployment-id", deployment)
     assert (code, report["checked"]) == (0, 2)
+
+
+def test_a_mirror_line_of_the_previous_key_holds_only_through_the_current_keys_lines() -> None:
+    """verify-mirror took a line under any public key given: whoever holds the leaked previous key could add a line for
+    an event past the rotation (the hash of rows made up, or of a purge) that an auditor would check exports against.
+    A previous key's line is taken as `verify` takes its checkpoints: up to the newest event a current-key line
+    anchors."""
+    from audit import integrity
+
+    old, new = base64.b64decode(OLD_KEY), base64.b64decode(NEW_KEY)
+    lines = [_signed_line(old, "deployment-1", at=5, last_hash="a" * 64),
+             _signed_line(old, "deployment-1", at=10, last_hash="b" * 64),
+             _signed_line(new, "deployment-1", at=10, last_hash="b" * 64)]
+    keys = [Signer(new, "deployment-1").public_key(), Signer(old, "deployment-1").public_key()]
+    found = integrity.check_mirror(map(json.dumps, lines), public_keys=keys, deployment_id="deployment-1")
+    assert (found.ok, found.checked, found.through_event_id) == (True, 3, 10), found
+    forged = [*lines, _signed_line(old, "deployment-1", at=12, last_hash="f" * 64)]
+    found = integrity.check_mirror(map(json.dumps, forged), public_keys=keys, deployment_id="deployment-1")
+    assert (found.ok, found.reason, found.first_broken) == (False, "checkpoint_signature_invalid", 4), found
+    before_the_cut = integrity.check_mirror(map(json.dumps, lines[:2]), public_keys=keys, deployment_id="deployment-1")
+    assert (before_the_cut.ok, before_the_cut.first_broken) == (False, 1), before_the_cut
+
+
+def test_the_current_checkpoint_key_among_the_previous_ones_is_refused_without_quoting_it() -> None:
+    """The same key in both settings (the new one never set) left the old key signing, the rotation seeming done."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as refused:
+        Settings(audit_checkpoint_key=SecretStr(OLD_KEY),
+                 audit_checkpoint_previous_keys=SecretStr(f"{NEW_KEY}, {OLD_KEY} "))
+    assert "GOVRAG_AUDIT_CHECKPOINT_PREVIOUS_KEYS holds GOVRAG_AUDIT_CHECKPOINT_KEY itself" in str(refused.value)
+    assert OLD_KEY not in str(refused.value) and NEW_KEY not in str(refused.value)
+
+
+@pytest.mark.parametrize(("given", "keys"), [(", ,", 0), ("", 0), (f" {OLD_KEY} ,, ", 1), (f"{OLD_KEY},{OLD_KEY}", 2)])
+def test_blank_entries_of_the_previous_checkpoint_keys_are_skipped(given: str, keys: int) -> None:
+    from audit import integrity
+
+    settings = Settings(audit_checkpoint_key=SecretStr(NEW_KEY), audit_checkpoint_previous_keys=SecretStr(given))
+    previous = integrity._previous_signers(settings, "deployment-1")
+    assert [signer.key for signer in previous] == [base64.b64decode(OLD_KEY)] * keys
+    assert OLD_KEY not in repr(settings) + repr(previous) + settings.model_dump_json()
