@@ -452,17 +452,35 @@ def _expectations(session: Session, settings: Settings) -> _Expectations:
     rotated_through = max((checkpoint.last_event_id for checkpoint, now in zip(candidates, signed_now, strict=True)
                            if now and checkpoint is not None), default=0)
     previous = _previous_signers(settings, deployment.deployment_id)
+    purged_now: set[int] = set()  # the events the current key signed a purge at
+    given: dict[int, set[str]] = {}  # event id -> the hashes the checkpoints taken give it
     for checkpoint, now in zip(candidates, signed_now, strict=True):
         if checkpoint is None or not (now or (checkpoint.last_event_id <= rotated_through and any(
                 _signed_here(old, old.public_key(), checkpoint, deployment.minted_at) for old in previous))):
             found.bad_signature = checkpoint.last_event_id if checkpoint is not None else 0
             continue
         found.checked += 1
+        if checkpoint.kind == "purge" and now:
+            purged_now.add(checkpoint.last_event_id)
         if checkpoint.kind == "purge" and checkpoint.last_event_id > found.purged_through:
             found.purged_through, found.anchor = checkpoint.last_event_id, checkpoint.last_hash
         found.at[checkpoint.last_event_id] = checkpoint.last_hash
+        given.setdefault(checkpoint.last_event_id, set()).add(checkpoint.last_hash)
+    if found.purged_through and not _purge_made(session, found.purged_through, given[found.purged_through],
+                                                 found.purged_through in purged_now, rotated_through):
+        found.bad_signature = found.purged_through
     found.at = {event_id: h for event_id, h in found.at.items() if event_id > found.purged_through}
     return found
+
+
+def _purge_made(session: Session, purged_through: int, hashes: set[str], signed_now: bool,
+                rotated_through: int) -> bool:
+    """Whether the newest purge is one the ledger made: no checkpoint gives the purged event another hash, and, when a
+    previous key alone signed it, its `retention_purge` event lies between it and the newest event the current key
+    anchors (which pins that event through the chain). Whoever holds the leaked key could otherwise sign a purge at an
+    earlier event, or at a purged one for a row given its id, and delete the rows up to it."""
+    return len(hashes) == 1 and (signed_now or repository.purge_recorded(session, purged_through,
+                                                                          up_to=rotated_through))
 
 
 def _previous_signers(settings: Settings, deployment_id: str) -> list[Signer]:

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Row, Select, delete, func, select, text
 from sqlalchemy.orm import Session
 
-from audit.schemas import ExportFilters
+from audit.schemas import AdminEventType, ExportFilters
 from core import forksafe
 from core.db import is_postgres
 from core.models import AuditCheckpoint, Deployment, Document, RetrievalEvent
@@ -173,6 +173,14 @@ def last_event_before(session: Session, cutoff: object) -> RetrievalEvent | None
     first_kept = session.scalar(select(func.min(RetrievalEvent.id)).where(RetrievalEvent.created_at >= cutoff))
     query = select(RetrievalEvent).order_by(RetrievalEvent.id.desc()).limit(1)
     return session.scalar(query if first_kept is None else query.where(RetrievalEvent.id < first_kept))
+
+
+def purge_recorded(session: Session, through_id: int, *, up_to: int) -> bool:
+    """Whether a `retention_purge` event after `through_id`, at or before `up_to`, records a purge through it."""
+    recorded = session.scalars(select(RetrievalEvent.details).where(
+        RetrievalEvent.event_type == AdminEventType.retention_purge.value, RetrievalEvent.id > through_id,
+        RetrievalEvent.id <= up_to))
+    return any(isinstance(details, dict) and details.get("through_event_id") == through_id for details in recorded)
 
 
 def count_through(session: Session, through_id: int) -> int:

@@ -849,13 +849,13 @@ def test_checkpoints_signed_before_0019_still_verify_beside_those_signed_with_ed
     get_engine(url).dispose()
 
 
-def _signed_line(key: bytes, deployment_id: str, *, at: int, last_hash: str,
-                 created_at: datetime | None = None) -> dict[str, Any]:
+def _signed_line(key: bytes, deployment_id: str, *, at: int, last_hash: str, created_at: datetime | None = None,
+                 kind: str = "manual", event_count: int = 0) -> dict[str, Any]:
     """A mirror line as the checkpoint key's holder signs one (now, or at `created_at`: aware, whole seconds)."""
     from audit import integrity
 
-    checkpoint = AuditCheckpoint(created_at=created_at or utcnow().replace(microsecond=0), kind="manual",
-                                 last_event_id=at, last_hash=last_hash, event_count=0)
+    checkpoint = AuditCheckpoint(created_at=created_at or utcnow().replace(microsecond=0), kind=kind,
+                                 last_event_id=at, last_hash=last_hash, event_count=event_count)
     checkpoint.signature, checkpoint.signature_ed25519 = integrity.sign(Signer(key, deployment_id), checkpoint)
     return integrity._as_json(checkpoint)
 
@@ -1196,3 +1196,67 @@ def test_blank_entries_of_the_previous_checkpoint_keys_are_skipped(given: str, k
     previous = integrity._previous_signers(settings, "deployment-1")
     assert [signer.key for signer in previous] == [base64.b64decode(OLD_KEY)] * keys
     assert OLD_KEY not in repr(settings) + repr(previous) + settings.model_dump_json()
+
+
+def _purged_with_cli(audit_cli: Callable[..., tuple], settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """`govrag audit purge` two days later, with one day's retention: every row so far expires but the newest."""
+    from audit import integrity
+
+    monkeypatch.setenv("GOVRAG_AUDIT_RETENTION_DAYS", "1")
+    monkeypatch.setattr(integrity, "utcnow", lambda: utcnow() + timedelta(days=2))
+    try:
+        return audit_cli(settings, "purge", "--actor", "ops")
+    finally:
+        monkeypatch.setattr(integrity, "utcnow", utcnow)
+        monkeypatch.delenv("GOVRAG_AUDIT_RETENTION_DAYS")
+
+
+def _rotated_after_a_purge(ledger: Settings, audit_cli: Callable[..., tuple],
+                           monkeypatch: pytest.MonkeyPatch) -> tuple[Settings, str]:
+    """Rows 1 to 5 purged with the old key (its `retention_purge` event row 6), rows 7 to 10 added, then the key
+    changed and `govrag audit checkpoint` run: the new key's settings and the deployment id."""
+    old = _keyed(ledger, OLD_KEY)
+    _append(old, 5)
+    assert _purged_with_cli(audit_cli, old, monkeypatch) == (0, {"purged": 5})
+    _append(old, 4)
+    new = _keyed(ledger, NEW_KEY)
+    monkeypatch.setenv("GOVRAG_AUDIT_CHECKPOINT_PREVIOUS_KEYS", OLD_KEY)
+    assert audit_cli(new, "checkpoint") == (0, {"checkpointed_event_id": 10, "signed": True})
+    code, report = audit_cli(new, "verify")
+    assert (code, report["ok"], report["purged_through"]) == (0, True, 5), report  # the old key's purge holds
+    return new, report["deployment_id"]
+
+
+def test_a_purge_the_leaked_previous_key_signs_before_the_cut_fails_verification(
+        ledger: Settings, audit_cli: Callable[..., tuple], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """After a rotation, whoever held the old key could sign a purge checkpoint at an event before the new key's
+    checkpoint (the cut), delete the rows up to it, and `verify` passed: nothing tied a purge to its `retention_purge`
+    event. A purge only a previous key signed is taken now only if such an event, before the cut, records it."""
+    new, deployment = _rotated_after_a_purge(ledger, audit_cli, monkeypatch)
+    row_8 = _sql_rows(new, "SELECT hash FROM retrieval_events WHERE id = 8")[0][0]
+    forged = _signed_line(base64.b64decode(OLD_KEY), deployment, at=8, last_hash=row_8, kind="purge", event_count=7)
+    _write_lines(new.resolved_checkpoint_file, [*_mirror_lines(new), forged])
+    _sql_rows(new, "DELETE FROM retrieval_events WHERE id <= 8")
+    code, report = audit_cli(new, "verify")
+    assert (code, report["ok"], report["reason"], report["first_broken"]) == (
+        3, False, "checkpoint_signature_invalid", 8), report
+    said = caplog.text + json.dumps(report)
+    assert OLD_KEY not in said and NEW_KEY not in said
+
+
+def test_a_purge_the_new_key_signs_after_a_rotation_verifies_beside_the_old_keys(
+        ledger: Settings, audit_cli: Callable[..., tuple], monkeypatch: pytest.MonkeyPatch) -> None:
+    new, _ = _rotated_after_a_purge(ledger, audit_cli, monkeypatch)
+    _append(new, 2)  # rows 11 and 12
+    assert _purged_with_cli(audit_cli, new, monkeypatch) == (0, {"purged": 7})
+    code, report = audit_cli(new, "verify")
+    assert (code, report["ok"], report["purged_through"], report["checked"]) == (0, True, 12, 1), report
+
+
+def _sql_rows(settings: Settings, statement: str) -> list[Any]:
+    with unit_of_work(settings.resolved_database_url) as session:
+        result = session.execute(text(statement))
+        rows = list(result) if result.returns_rows else []
+        session.commit()
+    return rows
