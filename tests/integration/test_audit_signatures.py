@@ -1245,6 +1245,20 @@ def test_a_purge_the_leaked_previous_key_signs_before_the_cut_fails_verification
     assert OLD_KEY not in said and NEW_KEY not in said
 
 
+def test_a_checkpoint_giving_the_purged_event_another_hash_fails_verification(
+        ledger: Settings, audit_cli: Callable[..., tuple], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verification starts past the newest purge, so no row is left to check a checkpoint at the purged event
+    against: the old key's holder could add one giving it another hash (the walk checks only events past the purge),
+    and `verify` passed. Two accepted checkpoints that disagree on the purged event now fail it."""
+    new, deployment = _rotated_after_a_purge(ledger, audit_cli, monkeypatch)
+    other = _signed_line(base64.b64decode(OLD_KEY), deployment, at=5, last_hash="ab" * 32, kind="purge",
+                         event_count=5)
+    _write_lines(new.resolved_checkpoint_file, [*_mirror_lines(new), other])
+    code, report = audit_cli(new, "verify")
+    assert (code, report["ok"], report["reason"], report["first_broken"]) == (
+        3, False, "checkpoint_signature_invalid", 5), report
+
+
 def test_a_purge_the_new_key_signs_after_a_rotation_verifies_beside_the_old_keys(
         ledger: Settings, audit_cli: Callable[..., tuple], monkeypatch: pytest.MonkeyPatch) -> None:
     new, _ = _rotated_after_a_purge(ledger, audit_cli, monkeypatch)
