@@ -7,7 +7,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -288,18 +288,21 @@ class _FileRun:
             self.running = (document_id, job_id)
         return job_id
 
-    def spawn_attachments(self, settings: Settings, document_id: str) -> list[UploadAccepted]:
-        """The attachments of an e-mail whose run ended (`spawn_attachments`), each job held at once: those waiting
-        their turn behind the first one's run are this process's to run, not the sweep's to send once their grace is
-        over (a worker then ran one beside this process). Each is `take`n as its turn comes."""
+    def spawn_attachments(self, settings: Settings, document_id: str,
+                          raised: Sequence[UploadAccepted] = ()) -> list[UploadAccepted]:
+        """The attachments of an e-mail whose run ended: those its run raised to its level and queued again
+        (`raised`, as `run_ingestion` returned them), then those its step takes (`spawn_attachments`), each job held at
+        once: those waiting their turn behind the first one's run are this process's to run, not the sweep's to send
+        once their grace is over (a worker then ran one beside this process). Each is `take`n as its turn comes."""
         from ingestion import service as ingestion_service
 
+        self.hold(raised)  # before the step, which may raise: queued with the run's end, this process's to run
         children = ingestion_service.spawn_attachments(settings=settings, document_id=document_id)
         self.running = None  # the document's run and step ended
         self.hold(children)
-        return children
+        return [*raised, *children]
 
-    def hold(self, jobs: list[UploadAccepted]) -> None:
+    def hold(self, jobs: Sequence[UploadAccepted]) -> None:
         """Hold jobs queued for this process to run in their turn, as an e-mail's attachments are held."""
         for job in jobs:
             self.held.hold(job.job_id)
@@ -447,8 +450,8 @@ def _ingest_with_attachments(settings: Settings, document_id: str, job_id: str, 
 
     run.take(document_id, job_id)
     record_sent(settings, job_id)
-    ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id)
-    for child in run.spawn_attachments(settings, document_id):
+    raised = ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id)
+    for child in run.spawn_attachments(settings, document_id, raised):
         _ingest_with_attachments(settings, child.document_id, child.job_id, run)
 
 
@@ -478,10 +481,11 @@ def _carry_on(settings: Settings, document_id: str, run: _FileRun) -> bool:
     Whether it and its attachments have all finished."""
     from core.models import UNFINISHED
     from ingestion import service as ingestion_service
+    raised: list[UploadAccepted] = []
     if _status(settings, document_id).status in UNFINISHED:  # a finished one has no job waiting: no sweep lock
         if (job_id := run.take_waiting(settings, document_id)) is not None:
-            ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id)
-    for child in run.spawn_attachments(settings, document_id):
+            raised = ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id)
+    for child in run.spawn_attachments(settings, document_id, raised):
         _ingest_with_attachments(settings, child.document_id, child.job_id, run)
     document = _status(settings, document_id)
     attachments_finished = [_carry_on(settings, child_id, run) for child_id in document.attachment_ids]

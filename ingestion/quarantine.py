@@ -161,11 +161,7 @@ def queue_reindex(*, session: Session, settings: Settings, department: str, docu
     rerun: list[str] = []
     covered: set[str] = set()
     for document in listed:
-        failed_too = document.id in may_run_failed
-        job_id = _queue_now(session, settings, document, withhold, failed_too)
-        if job_id is None:  # being ingested, as listed or since
-            _hand_back(session, document.id, withhold)
-            job_id = _queue_now(session, settings, document, withhold, failed_too)  # a run ended meanwhile first
+        job_id = _run_again(session, settings, document, withhold, document.id in may_run_failed)
         if job_id is not None:
             queued.append((document.id, job_id))
             covered.add(document.id)
@@ -185,6 +181,24 @@ def _lock_failed_contents(session: Session, listed: list[Document]) -> set[str]:
     for department, sha256 in sorted({(document.department, document.sha256) for document in may_fail}):
         repository.lock_content(session, department=department, sha256=sha256)
     return {document.id for document in may_fail}
+
+
+def run_withheld(session: Session, settings: Settings, document: Document) -> str | None:
+    """Run a ready or quarantined document, or one being ingested, again under what governs it now (a raised level),
+    its index withheld until that run ends (`_run_again`, as a re-index without `serve_previous` does): the new job's
+    id to send once committed, or None (its running jobs go round again, or it left these states)."""
+    return _run_again(session, settings, document, withhold=True, failed_too=False)
+
+
+def _run_again(session: Session, settings: Settings, document: Document, withhold: bool,
+               failed_too: bool) -> str | None:
+    """A new job for the document as it is now (`_queue_now`), or, for one being ingested (as listed or since), its
+    runs sent round again (`_hand_back`): None, unless a run ended meanwhile first and it is queued after all."""
+    job_id = _queue_now(session, settings, document, withhold, failed_too)
+    if job_id is None:
+        _hand_back(session, document.id, withhold)
+        job_id = _queue_now(session, settings, document, withhold, failed_too)
+    return job_id
 
 
 def _queue_now(session: Session, settings: Settings, document: Document, withhold: bool,

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Iterable
 from datetime import datetime
 
-from sqlalchemy import and_, bindparam, case, or_, select, true, update
+from sqlalchemy import and_, bindparam, case, func, or_, select, true, update
 from sqlalchemy.orm import Session, aliased
 
 from core.db import transaction_lock
@@ -323,6 +323,17 @@ def record_outcome(session: Session, *, document_id: str, classification: str, d
     session.execute(update(Document).where(Document.id == document_id).values(
         classification=classification, declared_classification=declared, classification_reasons=reasons,
         flagged_chunks=flagged, review_reason=review_reason, updated_at=utcnow()))
+
+
+def raise_level(session: Session, document_id: str, level: str, below: list[str]) -> None:
+    """Raise the document's declared level (the floor its runs classify from) and its level to `level` where they
+    are one of the levels `below` it, never lowering either: read and written in one statement, so a run's outcome
+    committed meanwhile (a level its content raised higher) is kept. A retired document is left alone."""
+    declared = func.coalesce(Document.declared_classification, Document.classification)
+    session.execute(update(Document).where(Document.id == document_id, Document.status.not_in(RETIRED)).values(
+        declared_classification=case((declared.in_(below), level), else_=declared),
+        classification=case((Document.classification.in_(below), level), else_=Document.classification),
+        updated_at=utcnow()))
 
 
 def document_ids_with_keys(session: Session, department: str) -> list[str]:

@@ -30,7 +30,7 @@ from guard.placeholders import document_placeholder
 from ingestion import formats, purge, quarantine, repository
 from ingestion.classify import cut_title
 from ingestion.parse import ParseLimits, check_zip_container
-from ingestion.pipeline import DocumentFacts, IndexRun, IngestionRules, protect
+from ingestion.pipeline import DocumentFacts, IndexRun, IngestionRules, Protected, protect
 from ingestion.schemas import (
     Classification,
     DocumentPage,
@@ -127,14 +127,17 @@ def live_copy(*, session: Session, department: str, data: bytes) -> str | None:
     return duplicate.id if duplicate is not None else None
 
 
-def run_ingestion(*, settings: Settings, document_id: str, job_id: str) -> None:
+def run_ingestion(*, settings: Settings, document_id: str, job_id: str) -> list[UploadAccepted]:
     """Process one queued document to ready, quarantined or failed. Unexpected errors propagate for a retry. A run
     whose job was handed back while it went on (a re-index: its rules may predate a policy change) writes nothing
     and starts again from the claim, under the rules of that time. Each run writes its points under an index
     generation of its own, beside those the document serves (a re-index with `serve_previous` leaves them
-    answering) until it ends."""
-    while not _run_once(settings, document_id, job_id):
+    answering) until it ends. Returns the jobs its end queued, for the caller to send: the runs of an e-mail's
+    attachments raised to its level (`_raise_attachments`)."""
+    raised: list[UploadAccepted] = []
+    while not _run_once(settings, document_id, job_id, raised):
         pass
+    return raised
 
 
 def load_models(settings: Settings) -> None:
@@ -162,8 +165,9 @@ def check_models(settings: Settings) -> None:
     memory.release_freed_heap()
 
 
-def _run_once(settings: Settings, document_id: str, job_id: str) -> bool:
-    """One run of the job; False when it goes again (its job was handed back: `_start` claims the document anew)."""
+def _run_once(settings: Settings, document_id: str, job_id: str, raised: list[UploadAccepted]) -> bool:
+    """One run of the job; False when it goes again (its job was handed back: `_start` claims the document anew).
+    The jobs its end queued on attachments it raised are added to `raised`."""
     claimed = _start(settings, document_id, job_id)
     if claimed is None:
         return True
@@ -185,25 +189,65 @@ def _run_once(settings: Settings, document_id: str, job_id: str) -> bool:
     if result.review_reason is None:
         open_vector_store(settings).upsert(facts.department, result.points)  # beside the served generation's
     status = DocumentStatus.ready if result.review_reason is None else DocumentStatus.quarantined
-    outcome = functools.partial(
-        repository.record_outcome, document_id=document_id, classification=result.verdict.level.value,
-        declared=facts.classification.value, reasons=list(result.verdict.reasons), flagged=len(result.flagged),
-        review_reason=result.review_reason)
+    outcome = functools.partial(_record_outcome, settings, facts, result, raised)
     end = _finish(settings, document_id, job_id, status, chunk_count=len(result.points), outcome=outcome,
                   generation=facts.generation, keep_numbering=rules.reversible)
     if end is RunEnd.written:
         logger.info("ingested document %s: %s, %d chunks, %d flagged", document_id, status, len(result.points),
                     len(result.flagged))
+    else:
+        raised.clear()  # its outcome was not written
     return end is not RunEnd.again
+
+
+def _record_outcome(settings: Settings, facts: DocumentFacts, result: Protected, raised: list[UploadAccepted],
+                    session: Session) -> None:
+    """Store what the pipeline decided about the document (levels, reasons, flags; never content), in the
+    transaction writing its run's end; an e-mail's attachments are raised to its level with it
+    (`_raise_attachments`), the jobs queued on them added to `raised`."""
+    repository.record_outcome(session, document_id=facts.document_id, classification=result.verdict.level.value,
+                              declared=facts.classification.value, reasons=list(result.verdict.reasons),
+                              flagged=len(result.flagged), review_reason=result.review_reason)
+    if facts.content_type in formats.MAIL_TYPES:
+        raised.extend(_raise_attachments(session, settings, facts.document_id, result.verdict.level))
+
+
+def _raise_attachments(session: Session, settings: Settings, email_id: str,
+                       level: Classification) -> list[UploadAccepted]:
+    """Bring every attachment below the e-mail (theirs too) declared below its new `level` up to it, and run each
+    again under that floor, withheld until its run ends (quarantine.run_withheld): a run raising the e-mail (a rule
+    added since, then a re-index) left them at the level they were taken at, their content served to readers the
+    e-mail is now hidden from. Points are never relabelled in place (their sealed text is bound to its level:
+    pipeline.chunk_context): the run writes them anew. The department and ACL are the e-mail's for good (a re-index
+    changes neither). Never lowered: a run finding the e-mail lower (a rule removed) leaves them as they are, so no
+    re-index widens who sees an attachment. Content several e-mails carry is taken once (a duplicate is refused),
+    under the e-mail that took it, whose level it follows; another carrier's raise reaches its refused copy, a
+    record, at whose level the content is taken again should that e-mail ever take it (purge.ask_carrier). Returns
+    the new jobs, for the run's caller to send once committed (one never sent is the sweep's, as any job is)."""
+    lower = [each.value for each in Classification if each.rank < level.rank]
+    raised = [attachment for attachment in repository.descendants(session, email_id)
+              if attachment.status not in RETIRED and (attachment.declared_classification or attachment.classification)
+              in lower]
+    queued = []
+    for attachment in repository.in_row_order(raised):
+        repository.raise_level(session, attachment.id, level.value, lower)
+        if attachment.status == DocumentStatus.failed:  # serves nothing; a re-index naming it runs it at this floor
+            continue
+        if (job_id := quarantine.run_withheld(session, settings, attachment)) is not None:  # else its run goes again
+            queued.append(UploadAccepted(document_id=attachment.id, job_id=job_id))
+    if raised:
+        logger.info("document %s raised %d attachment(s) to its level", email_id, len(raised))
+    return queued
 
 
 def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAccepted]:
     """Queue each attachment of an ingested e-mail as a child document, once (the caller enqueues).
 
     Children inherit the department, the ACL, and the e-mail's level (content-raised, so no attachment is visible to
-    someone the e-mail is hidden from) as their declared floor; attached e-mails are followed MAX_ATTACHMENT_DEPTH
-    levels below the upload. An attachment that cannot be taken (its type, a limit, a duplicate, unreadable, too
-    deep, one too many) is kept as a failed child with the reason: nothing disappears without a trace. Attachments
+    someone the e-mail is hidden from) as their declared floor, raised with it by its later runs
+    (`_raise_attachments`); attached e-mails are followed MAX_ATTACHMENT_DEPTH levels below the upload. An
+    attachment that cannot be taken (its type, a limit, a duplicate, unreadable, too deep, one too many) is kept as
+    a failed child with the reason: nothing disappears without a trace. Attachments
     that cannot be listed, or an e-mail whose key row (or its department's) no longer opens, leave one failed child
     for all of them; the task does not retry what no retry can open, but the e-mail's next run (a re-index naming
     it) takes them again, that record retired. Once attachments were taken, a later step takes again only those

@@ -32,7 +32,8 @@ def ingest_document(task: Task, document_id: str, job_id: str) -> None:
     """Ingest one document; transient faults retry with backoff, then the job fails with a reason."""
     settings = task.app.govrag_settings
     try:
-        ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id)
+        raised = ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id)
+        send_jobs(task.app, _to_send(raised))  # sent before the step, which may raise (a retry finds the run ended)
         send_jobs(task.app, _to_send(ingestion_service.spawn_attachments(settings=settings, document_id=document_id)))
     except Exception as exc:
         outage = ingestion_service.outage(exc)

@@ -480,11 +480,11 @@ def _unmounted_as_the_second_run_starts(monkeypatch: pytest.MonkeyPatch) -> Path
     settings, real_run, runs = get_settings(), service.run_ingestion, []
     aside = settings.blob_dir.with_name("blobs.unmounted")
 
-    def unmounted_at_the_second_run(**kwargs: str) -> None:
+    def unmounted_at_the_second_run(**kwargs: str) -> list[object]:
         runs.append(kwargs["document_id"])
         if len(runs) == 2:
             settings.blob_dir.rename(aside)
-        real_run(**kwargs)  # type: ignore[arg-type]
+        return real_run(**kwargs)  # type: ignore[arg-type,no-any-return]
 
     monkeypatch.setattr(service, "run_ingestion", unmounted_at_the_second_run)
     monkeypatch.setenv("COLUMNS", "400")  # each reason on one line of the table
@@ -536,13 +536,13 @@ def test_the_master_key_refused_mid_run_stops_the_run_and_leaves_nothing_failed(
     key_file = settings.resolved_master_key_file
     right = crypto.parse_master_keyring(key_file.read_text())
 
-    def replaced_at_the_second_run(**kwargs: str) -> None:
+    def replaced_at_the_second_run(**kwargs: str) -> list[object]:
         runs.append(kwargs["document_id"])
         if len(runs) == 2:
             with crypto.master_keyring_lock(key_file):
                 crypto.write_master_keyring(key_file, {2: crypto.new_key()})
             keystore_for(settings)._cache.clear()  # as a process that never opened the keys
-        real_run(**kwargs)  # type: ignore[arg-type]
+        return real_run(**kwargs)  # type: ignore[arg-type,no-any-return]
 
     monkeypatch.setattr(service, "run_ingestion", replaced_at_the_second_run)
     monkeypatch.setenv("COLUMNS", "400")  # each reason on one line of the table
