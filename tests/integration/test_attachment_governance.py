@@ -1,10 +1,13 @@
 """An e-mail's attachments are governed as the e-mail is: a re-index that raises the e-mail raises every attachment
 below it, in the database and in the vector store, so no attachment's content is served to a reader the e-mail is
-now hidden from. Both databases, the memory broker and no worker: each job runs as a worker runs it (its run, then
-the e-mail's attachment step), when the test says."""
+now hidden from. Both databases, the memory broker and no worker: each job sent is taken from the broker and run
+by the worker's task (workers/tasks.py: its run, the jobs its end queued sent, then the e-mail's attachment step),
+when the test says."""
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,6 +21,7 @@ from kombu.transport import memory
 
 from tests.conftest import PLATFORM_ADMIN, auth, desk_member
 from tests.support.mail import mail as _mail
+from tests.support.task_retries import task_at_retry
 
 
 @dataclass(frozen=True)
@@ -58,14 +62,19 @@ def desk(request: pytest.FixtureRequest, make_pg_database: Callable[[], str], tm
     memory.Channel.queues.pop(settings.task_queue, None)  # the jobs this test ran itself
 
 
-def _work(settings: Any, jobs: list[tuple[str, str]]) -> None:
-    """Run each job as a worker does (workers/tasks.py): the run, then the attachment step, and the jobs they queued."""
-    from ingestion import service
+def _work(desk: Desk) -> None:
+    """Run each job the broker holds as a worker does (`ingest_document`), and those they send, until none is left."""
+    from workers.celery_app import create_celery
+    from workers.tasks import ingest_document
 
-    for document_id, job_id in jobs:
-        raised = service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id)
-        step = service.spawn_attachments(settings=settings, document_id=document_id)
-        _work(settings, [(accepted.document_id, accepted.job_id) for accepted in (*raised, *step)])
+    app, waiting = create_celery(desk.settings), memory.Channel.queues.get(desk.settings.task_queue)
+    while waiting is not None and not waiting.empty():
+        message = waiting.get_nowait()
+        body = message["body"]
+        if message["properties"].get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        document_id, job_id = json.loads(body)[0]
+        ingest_document(task_at_retry(desk.settings, 0, [], app=app), document_id, job_id)  # type: ignore[arg-type]
 
 
 def _documents(desk: Desk) -> dict[str, dict[str, Any]]:
@@ -87,19 +96,21 @@ def _upload(desk: Desk, title: str, mail: EmailMessage) -> str:
     uploaded = desk.client.post("/v1/documents", headers=auth(desk.editor), data={"department": "desk", "title": title},
                                 files={"file": (f"{title}.eml", mail.as_bytes())})
     assert uploaded.status_code == 202, uploaded.text
-    _work(desk.settings, [(uploaded.json()["document_id"], uploaded.json()["job_id"])])
+    _work(desk)
     return str(uploaded.json()["document_id"])
 
 
-def _reindex(desk: Desk, keywords: dict[str, str], email_id: str) -> None:
-    """Mark the keywords, then re-index the e-mail and run its jobs."""
+def _reindex(desk: Desk, keywords: dict[str, str], email_id: str, *, run: bool = True) -> str:
+    """Mark the keywords, then re-index the e-mail and, with `run`, run its jobs; the e-mail's new job."""
     policy = desk.client.put("/v1/admin/departments/desk/ingestion-policy", headers=desk.admin,
                              json={"keywords": keywords})
     assert policy.status_code == 200, policy.text
     reindexed = desk.client.post("/v1/admin/reindex", headers=desk.admin,
                                  json={"department": "desk", "document_ids": [email_id]})
     assert reindexed.status_code == 202, reindexed.text
-    _work(desk.settings, [(email_id, job_id) for job_id in reindexed.json()["queued"]])
+    if run:
+        _work(desk)
+    return str(reindexed.json()["queued"][0])
 
 
 def test_a_reindex_that_raises_an_email_raises_its_attachments(desk: Desk) -> None:
@@ -164,3 +175,43 @@ def test_content_two_emails_carry_follows_the_email_it_was_taken_under(desk: Des
     _reindex(desk, {f"project {second}": "confidential", f"project {first}": "confidential"}, first_id)
     assert taken["document_id"] not in _cited(desk, desk.reader, question)[0]
     assert taken["document_id"] in _cited(desk, desk.cleared, question)[0]
+
+
+def test_a_raised_attachment_is_withheld_until_its_run_even_if_its_job_was_never_sent(desk: Desk) -> None:
+    """The e-mail's run ends, raising its attachment, and the worker dies before it sends the attachment's new job:
+    from that transaction on, the attachment's old content (taken at internal) is cited to no one, exported to no
+    training set, and listed at the e-mail's level; the sweep sends the job it finds unsent, and once that run ends
+    the content is served again, at the e-mail's level."""
+    from audit.training import department_payloads, export_sources
+    from core.db import unit_of_work
+    from ingestion import service
+    from workers.celery_app import create_celery
+    from workers.dispatch import send_unsent
+
+    marker = f"stork{uuid.uuid4().hex[:6]}"
+    email_id = _upload(desk, "Merger", _mail("Merger", f"Notes on project {marker}.",
+                                             [("desk.txt", b"The Turin desk opens on Mondays at seven.")]))
+    attachment = next(document["document_id"] for document in _documents(desk).values()
+                      if document["parent_id"] == email_id)
+    question = "When does the Turin desk open on Mondays?"
+    assert attachment in _cited(desk, desk.reader, question)[0]
+
+    job_id = _reindex(desk, {f"project {marker}": "confidential"}, email_id, run=False)
+    memory.Channel.queues[desk.settings.task_queue].queue.clear()  # the e-mail's job, run here by hand
+    lost = service.run_ingestion(settings=desk.settings, document_id=email_id, job_id=job_id)  # never sent
+    assert [accepted.document_id for accepted in lost] == [attachment]
+
+    for token in (desk.reader, desk.cleared):
+        cited, response = _cited(desk, token, question)
+        assert attachment not in cited and "Mondays at seven" not in response
+    listed = {document["document_id"]: document for document in _documents(desk).values()}[attachment]
+    assert (listed["status"], listed["classification"]) == ("queued", "confidential")
+    with unit_of_work(desk.settings.resolved_database_url) as session:
+        exported = export_sources(session=session, settings=desk.settings, department="desk",
+                                  payloads=department_payloads(desk.settings, "desk"))
+    assert attachment not in {source.document.id for source in exported}
+
+    assert send_unsent(create_celery(desk.settings), older_than_seconds=0) == 1
+    _work(desk)
+    assert attachment not in _cited(desk, desk.reader, question)[0]
+    assert attachment in _cited(desk, desk.cleared, question)[0]
