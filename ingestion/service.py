@@ -191,7 +191,8 @@ def _run_once(settings: Settings, document_id: str, job_id: str, raised: list[Up
     status = DocumentStatus.ready if result.review_reason is None else DocumentStatus.quarantined
     outcome = functools.partial(_record_outcome, settings, facts, result, raised)
     end = _finish(settings, document_id, job_id, status, chunk_count=len(result.points), outcome=outcome,
-                  generation=facts.generation, keep_numbering=rules.reversible)
+                  generation=facts.generation, keep_numbering=rules.reversible,
+                  email=facts.content_type in formats.MAIL_TYPES)
     if end is RunEnd.written:
         logger.info("ingested document %s: %s, %d chunks, %d flagged", document_id, status, len(result.points),
                     len(result.flagged))
@@ -258,7 +259,7 @@ def spawn_attachments(*, settings: Settings, document_id: str) -> list[UploadAcc
     """
     with unit_of_work(settings.resolved_database_url) as session:
         line = repository.lock_lineage(session, document_id)  # a deletion above in flight commits first, or waits
-        parent = repository.get_document(session, document_id)
+        parent = _current(session, document_id)  # its level as an end of its run or of one above it last wrote it
         earlier = repository.children(session, document_id)
         if parent is None or parent.content_type not in formats.MAIL_TYPES or parent.status in RETIRED:
             return []
@@ -760,8 +761,9 @@ class _IndexState:
 
 def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentStatus, *, error: str | None = None,
             chunk_count: int | None = None, outcome: Callable[[Session], None] | None = None,
-            generation: int | None = None, keep_numbering: bool = True) -> RunEnd:
-    """Write the final status, with the pipeline's outcome when there is one, in a single transaction; unless the
+            generation: int | None = None, keep_numbering: bool = True, email: bool = False) -> RunEnd:
+    """Write the final status, with the pipeline's outcome when there is one, in a single transaction (an
+    `email`'s under its lineage's locks: `_write_end`); unless the
     document was deleted (or rejected) while the worker ran: then only its job ends and the points it indexed go. A
     run's outcome (its `generation`) is written only while the run still holds its job and is the document's latest
     claim: one handed back meanwhile (by a re-index) goes again; one a later claim outdid (the broker's second
@@ -770,7 +772,7 @@ def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentS
     the run's rules keep no map: `keep_numbering`, the department's `reversible`)."""
     with unit_of_work(settings.resolved_database_url) as session:
         written = _write_end(session, document_id, job_id, status, error=error, chunk_count=chunk_count,
-                             outcome=outcome, generation=generation)
+                             outcome=outcome, generation=generation, email=email)
         state = _index_state(session, document_id, job_id)
     if state is None:  # withdrawn: purged once the job's end is committed
         purge.purge_now(settings, [document_id])
@@ -796,8 +798,14 @@ def _unwritten(document_id: str, state: _IndexState, generation: int | None) -> 
 
 
 def _write_end(session: Session, document_id: str, job_id: str, status: DocumentStatus, *, error: str | None,
-               chunk_count: int | None, outcome: Callable[[Session], None] | None, generation: int | None) -> bool:
-    """Move the document and its job to `status`, with the pipeline's outcome; whether they moved."""
+               chunk_count: int | None, outcome: Callable[[Session], None] | None, generation: int | None,
+               email: bool = False) -> bool:
+    """Move the document and its job to `status`, with the pipeline's outcome; whether they moved. An `email`'s
+    end first takes the locks of its lineage, before any row (as its attachment steps and deletions take them): an
+    attachment step of it or of an e-mail below it, which takes attachments at their e-mail's level, commits before
+    this end reads the attachments it raises (`_raise_attachments`), or starts after it and reads the level written."""
+    if email:
+        repository.lock_lineage(session, document_id)
     if not repository.set_status(session, document_id=document_id, job_id=job_id, status=status, error=error,
                                  chunk_count=chunk_count, generation=generation):
         session.rollback()  # a stale run's document moved before its job was found handed back: undone

@@ -215,3 +215,58 @@ def test_a_raised_attachment_is_withheld_until_its_run_even_if_its_job_was_never
     _work(desk)
     assert attachment not in _cited(desk, desk.reader, question)[0]
     assert attachment in _cited(desk, desk.cleared, question)[0]
+
+
+def test_an_attachment_a_step_takes_as_the_emails_run_raises_it_is_raised(desk: Desk,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file two e-mails carry, the first deleted: the second's attachment step is queued to take the file, and runs
+    as a re-index of the second (a keyword now marking it confidential) runs. The step read the e-mail's level as it
+    started and took the file at it (internal) as it committed; the run's end, committed meanwhile, had raised the
+    attachments it found, not that one, whose content was then served to readers the e-mail is hidden from. Now an
+    e-mail's end takes its lineage's locks first, as the step does: it waits for the step and raises what it took."""
+    import threading
+
+    from ingestion import service
+    from workers.celery_app import create_celery
+    from workers.tasks import ingest_document
+
+    second = f"crane{uuid.uuid4().hex[:6]}"
+    rota = b"The Malaga desk opens on Fridays at six."
+    first_id = _upload(desk, "First", _mail("First", "Notes.", [("rota.txt", rota)]))
+    second_id = _upload(desk, "Second", _mail("Second", f"Notes on project {second}.", [("rota.txt", rota)]))
+    assert desk.client.delete(f"/v1/documents/{first_id}", headers=auth(desk.editor)).status_code == 204
+    message = memory.Channel.queues[desk.settings.task_queue].get_nowait()
+    step = json.loads(base64.b64decode(message["body"]) if message["properties"].get("body_encoding") == "base64"
+                      else message["body"])[0]
+    assert step[0] == second_id  # the second's step, queued to take the file
+    run_id = _reindex(desk, {f"project {second}": "confidential"}, second_id, run=False)
+    memory.Channel.queues[desk.settings.task_queue].queue.clear()  # the e-mail's run, started below by hand
+
+    listing, released, real_listed = threading.Event(), threading.Event(), service._listed_attachments
+
+    def listed_slowly(*args: Any) -> Any:  # the step's parse of the e-mail, as the run's end commits
+        listing.set()
+        released.wait(30)
+        return real_listed(*args)
+
+    monkeypatch.setattr(service, "_listed_attachments", listed_slowly)
+    app = create_celery(desk.settings)
+    stepping = threading.Thread(target=ingest_document, args=(task_at_retry(desk.settings, 0, [], app=app), *step))
+    stepping.start()
+    assert listing.wait(30)
+    running = threading.Thread(target=service.run_ingestion,
+                               kwargs={"settings": desk.settings, "document_id": second_id, "job_id": run_id})
+    running.start()
+    running.join(5)  # its end waits for the step now; before, it had committed by then
+    released.set()
+    stepping.join(60)
+    running.join(60)
+    monkeypatch.setattr(service, "_listed_attachments", real_listed)
+    _work(desk)
+
+    taken = [document for document in _documents(desk).values()
+             if document["parent_id"] == second_id and document["status"] == "ready"]
+    assert [document["classification"] for document in taken] == ["confidential"]
+    question = "When does the Malaga desk open on Fridays?"
+    assert taken[0]["document_id"] not in _cited(desk, desk.reader, question)[0]
+    assert taken[0]["document_id"] in _cited(desk, desk.cleared, question)[0]
