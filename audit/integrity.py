@@ -356,8 +356,7 @@ def check_mirror(lines: Iterable[str | bytes], *, public_keys: Sequence[Ed25519P
                   and _ed25519_holds(public_keys[0], deployment_id, checkpoint) for _, checkpoint in read]
     # a previous key's lines are taken through the newest event a line of the current key anchors, as `verify` takes
     # its checkpoints: the leaked key cannot vouch for an event past it
-    rotated_through = max((checkpoint.last_event_id for (_, checkpoint), now in zip(read, signed_now, strict=True)
-                           if now and checkpoint is not None), default=0)
+    rotated_through = _rotated_through([checkpoint for _, checkpoint in read], signed_now)
     at: dict[int, str] = {}
     earliest_signed: datetime | None = None  # the dates of the lines whose Ed25519 signature holds, so far
     newest_signed: datetime | None = None
@@ -449,8 +448,7 @@ def _expectations(session: Session, settings: Settings) -> _Expectations:
                   for checkpoint in candidates]
     # a previous key's checkpoints are taken through the newest event the current key anchors (a leaked previous
     # key cannot sign a purge, or anything, past it)
-    rotated_through = max((checkpoint.last_event_id for checkpoint, now in zip(candidates, signed_now, strict=True)
-                           if now and checkpoint is not None), default=0)
+    rotated_through = _rotated_through(candidates, signed_now)
     previous = _previous_signers(settings, deployment.deployment_id)
     purged_now: set[int] = set()  # the events the current key signed a purge at
     given: dict[int, set[str]] = {}  # event id -> the hashes the checkpoints taken give it
@@ -471,6 +469,13 @@ def _expectations(session: Session, settings: Settings) -> _Expectations:
         found.bad_signature = found.purged_through
     found.at = {event_id: h for event_id, h in found.at.items() if event_id > found.purged_through}
     return found
+
+
+def _rotated_through(checkpoints: Sequence[AuditCheckpoint | None], signed_now: Sequence[bool]) -> int:
+    """The newest event a checkpoint signed with the current key anchors (`signed_now`, one flag per checkpoint): a
+    previous key is taken only up to it. 0 when the current key signed none."""
+    return max((checkpoint.last_event_id for checkpoint, now in zip(checkpoints, signed_now, strict=True)
+                if now and checkpoint is not None), default=0)
 
 
 def _purge_made(session: Session, purged_through: int, hashes: set[str], signed_now: bool,
