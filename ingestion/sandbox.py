@@ -156,13 +156,7 @@ def killed_on_failure() -> Iterator[None]:
     try:
         yield
     except BaseException:
-        for process in started:
-            if process.poll() is None:  # not reaped: its pid, leader of its own session, is still its
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-        for process in started:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(GROUP_EXIT_WAIT_SECONDS)
+        _kill_sessions(_unreaped(started), reap=True)
         raise
     finally:
         _started.reset(token)
@@ -200,8 +194,9 @@ class ChildPopen(subprocess.Popen):  # type: ignore[type-arg]
     of its own, killed (`dies_by`) when this process dies, its TMPDIR `temp_dir` (by default `tempfile`'s, this
     process's private one: `ingestion.scratch`), where LibreOffice writes its `lu*.tmp` copies, and held by the
     `killed_on_failure` block it starts in, before `cancel` or the parse time limit can end the start, and among this
-    process's live ones (`sessions_ended`). pdf2image and pytesseract start the OCR tools with it. `ProgramMissing`
-    when the program is not there; FileNotFoundError when `temp_dir` is (`_refuse_removed`)."""
+    process's live ones (`sessions_ended`), or else killed: a Ctrl-C ending its start once it was forked. pdf2image
+    and pytesseract start the OCR tools with it. `ProgramMissing` when the program is not there; FileNotFoundError
+    when `temp_dir` is (`_refuse_removed`)."""
 
     def __init__(self, args: Any, *more: Any, dies_by: int = signal.SIGKILL, temp_dir: str | None = None,
                  **options: Any) -> None:
@@ -216,10 +211,13 @@ class ChildPopen(subprocess.Popen):  # type: ignore[type-arg]
             try:
                 with _live_lock:  # none starts while `sessions_ended` kills them and its block runs
                     _refuse_removed(env["TMPDIR"])
-                    super().__init__(_dying_with(dies_by, program), *more, start_new_session=True, env=env, **options)
-                    _held_live(self)
-                if started is not None:
-                    started.append(self)
+                    try:
+                        super().__init__(_dying_with(dies_by, program), *more, start_new_session=True, env=env,
+                                         **options)
+                        _held(self, started)
+                    except BaseException:  # a Ctrl-C (or a failure) after the fork left it running, held by no one
+                        _kill_sessions(_unreaped([self]), reap=True)
+                        raise
             finally:
                 _starting.now = False
 
@@ -231,12 +229,15 @@ def _refuse_removed(temp_dir: str) -> None:
         raise FileNotFoundError(errno.ENOENT, "the program's temporary directory is gone")
 
 
-def _held_live(process: subprocess.Popen[bytes]) -> None:
-    """Hold `process`, just started, among this process's live ones; forget those that have ended (reaped now if
-    their owner has not)."""
+def _held(process: subprocess.Popen[bytes], started: list[subprocess.Popen[bytes]] | None) -> None:
+    """Hold `process`, just started, among this process's live ones, and among the programs of the
+    `killed_on_failure` block it starts in (`started`; None: none); forget the live ones that have ended (reaped now
+    if their owner has not)."""
     for pid in [pid for pid, held in _live.items() if held.poll() is not None]:
         del _live[pid]
     _live[process.pid] = process
+    if started is not None:
+        started.append(process)
 
 
 @contextlib.contextmanager
@@ -247,24 +248,37 @@ def sessions_ended() -> Iterator[None]:
     `soffice.bin` making its pipe again once it was removed. Never a program another process started: a forked child
     holds none of its parent's. One not yet reaped still holds its pid, which no other process can then be given."""
     with _live_lock:
-        _kill_sessions([process for process in _live.values() if process.returncode is None])
+        _kill_sessions([process for process in _live.values() if process.returncode is None], reap=False)
         yield
 
 
-def _kill_sessions(sessions: list[subprocess.Popen[bytes]]) -> None:
+def _unreaped(processes: list[subprocess.Popen[bytes]]) -> list[subprocess.Popen[bytes]]:
+    """Those of `processes` started (forked) and not yet reaped: each one's pid, leader of its own session, is still
+    its."""
+    return [process for process in processes if getattr(process, "pid", None) is not None and process.poll() is None]
+
+
+def _kill_sessions(sessions: list[subprocess.Popen[bytes]], *, reap: bool) -> None:
     """Kill every process of the sessions `sessions` lead, then wait (`GROUP_EXIT_WAIT_SECONDS` at most) for all of
-    them to end, reaping the leaders no other thread is waiting for. Raises nothing: it runs in a SIGTERM's handler
-    too (`sessions_ended`)."""
+    them to end, reaping the leaders no other thread is waiting for. With `reap`, wait too, in what is left of that
+    time, for every leader to be reaped (by this thread, or by the one waiting for it: pytesseract's, a parse's),
+    none left a zombie; never in a SIGTERM's handler (`sessions_ended`), which may have interrupted the very thread
+    waiting for one. Raises nothing: it runs in that handler too."""
     for process in sessions:
         with contextlib.suppress(OSError):  # all of that session had ended
             os.killpg(process.pid, signal.SIGKILL)
     deadline = time.monotonic() + GROUP_EXIT_WAIT_SECONDS
-    while sessions and time.monotonic() < deadline:
-        for process in sessions:
+    running = sessions
+    while running and time.monotonic() < deadline:
+        for process in running:
             process.poll()
-        sessions = [process for process in sessions if _group_alive(process.pid)]
-        if sessions:
+        running = [process for process in running if _group_alive(process.pid)]
+        if running:
             time.sleep(0.02)
+    if reap:
+        for process in sessions:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(max(deadline - time.monotonic(), 0))
 
 
 class _Subprocess:
@@ -294,7 +308,7 @@ def run_to_the_end(command: list[str], temp_dir: Path, timeout_seconds: float | 
     except subprocess.TimeoutExpired:
         return None
     finally:
-        _kill_sessions([process])
+        _kill_sessions([process], reap=False)
         process.wait()
 
 

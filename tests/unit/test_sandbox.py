@@ -152,6 +152,40 @@ def test_a_time_limit_falling_while_a_program_starts_leaves_it_held_and_killed()
     assert not left, "the program whose start the limit interrupted runs on"
 
 
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, RuntimeError])
+def test_a_start_ended_once_the_program_is_forked_leaves_it_killed_and_reaped(
+        failure: type[BaseException], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C (or any failure) falling after subprocess.Popen had forked the program and before the program was
+    held (among this process's live ones, in its `killed_on_failure` block) ended the start with the program running
+    on, held by no one: nothing ever killed it. Here it falls as Popen returns: the program is killed and reaped."""
+    forked: list[int] = []
+    popen_start = subprocess.Popen.__init__
+
+    def interrupted_once_forked(process: subprocess.Popen[bytes], *args: object, **options: object) -> None:
+        popen_start(process, *args, **options)  # type: ignore[arg-type]
+        forked.append(process.pid)
+        raise failure
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", interrupted_once_forked)
+    with pytest.raises(failure):
+        sandbox.ChildPopen(["sleep", "60"])  # noqa: S607
+    monkeypatch.undo()
+    [pid] = forked
+    assert _reaped(pid), "the program whose start was interrupted runs on"
+
+
+def _reaped(child: int) -> bool:
+    """Whether this process's `child` has ended and been reaped; else it is killed and reaped now (the cleanup)."""
+    try:
+        ended, _status = os.waitpid(child, os.WNOHANG)
+    except ChildProcessError:  # no longer a child of this process: reaped
+        return True
+    if not ended:
+        os.killpg(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    return False
+
+
 def test_a_missing_program_is_refused_as_it_starts_not_left_to_the_shell(tmp_path: Path) -> None:
     """Started through setpriv and a shell, a missing program was the shell's exit status 127 (pytesseract reported
     a TesseractError, pdf2image a page count it could not read), where subprocess.Popen, as without setpriv, raises
