@@ -216,7 +216,7 @@ class ChildPopen(subprocess.Popen):  # type: ignore[type-arg]
                                          **options)
                         _held(self, started)
                     except BaseException:  # a Ctrl-C (or a failure) after the fork left it running, held by no one
-                        _kill_sessions(_unreaped([self]), reap=True)
+                        _kill_unheld(self)
                         raise
             finally:
                 _starting.now = False
@@ -238,6 +238,19 @@ def _held(process: subprocess.Popen[bytes], started: list[subprocess.Popen[bytes
     _live[process.pid] = process
     if started is not None:
         started.append(process)
+
+
+def _kill_unheld(process: subprocess.Popen[bytes]) -> None:
+    """Kill and reap `process`, forked but its start ended before it was held, and its session; its leader by pid
+    first: subprocess.Popen forking (not vforking) it, a Ctrl-C as Popen waits for its exec may fall before the
+    program makes its session (setsid), which the kill of that session then misses. Not yet reaped, that pid is still
+    its own: no other thread holds it, and this one's handlers of SIGTERM and the parse time limit wait for its start
+    to end (`starting_a_program`)."""
+    unreaped = _unreaped([process])
+    for leader in unreaped:
+        with contextlib.suppress(OSError):
+            os.kill(leader.pid, signal.SIGKILL)
+    _kill_sessions(unreaped, reap=True)
 
 
 @contextlib.contextmanager

@@ -158,11 +158,27 @@ def test_a_start_ended_once_the_program_is_forked_leaves_it_killed_and_reaped(
     """A Ctrl-C (or any failure) falling after subprocess.Popen had forked the program and before the program was
     held (among this process's live ones, in its `killed_on_failure` block) ended the start with the program running
     on, held by no one: nothing ever killed it. Here it falls as Popen returns: the program is killed and reaped."""
+    pid = _started_then_ended_by(failure, monkeypatch)
+    assert _reaped(pid), "the program whose start was interrupted runs on"
+
+
+def test_a_start_ended_before_the_program_made_its_session_leaves_it_killed_and_reaped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """subprocess.Popen forking (not vforking) the program, a Ctrl-C as Popen waits for its exec may fall before the
+    program has made its session (setsid): the kill of that session missed it, and it ran on. Here it never makes
+    one: the program, killed by its pid, is reaped all the same."""
+    pid = _started_then_ended_by(KeyboardInterrupt, monkeypatch, start_new_session=False)
+    assert _reaped(pid), "the program interrupted before it made its session runs on"
+
+
+def _started_then_ended_by(failure: type[BaseException], monkeypatch: pytest.MonkeyPatch, **popen: object) -> int:
+    """The pid of a program whose start (subprocess.Popen's, with `popen` in place of what ChildPopen asks for)
+    `failure` ended as Popen returned."""
     forked: list[int] = []
     popen_start = subprocess.Popen.__init__
 
     def interrupted_once_forked(process: subprocess.Popen[bytes], *args: object, **options: object) -> None:
-        popen_start(process, *args, **options)  # type: ignore[arg-type]
+        popen_start(process, *args, **{**options, **popen})  # type: ignore[arg-type]
         forked.append(process.pid)
         raise failure
 
@@ -171,17 +187,18 @@ def test_a_start_ended_once_the_program_is_forked_leaves_it_killed_and_reaped(
         sandbox.ChildPopen(["sleep", "60"])  # noqa: S607
     monkeypatch.undo()
     [pid] = forked
-    assert _reaped(pid), "the program whose start was interrupted runs on"
+    return pid
 
 
 def _reaped(child: int) -> bool:
-    """Whether this process's `child` has ended and been reaped; else it is killed and reaped now (the cleanup)."""
+    """Whether this process's `child` has ended and been reaped; else it is killed (by pid: it may lead no session,
+    and `sleep` runs in its place, none other in its session) and reaped now (the cleanup)."""
     try:
         ended, _status = os.waitpid(child, os.WNOHANG)
     except ChildProcessError:  # no longer a child of this process: reaped
         return True
     if not ended:
-        os.killpg(child, signal.SIGKILL)
+        os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
     return False
 
