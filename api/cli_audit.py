@@ -11,6 +11,7 @@ import errno
 import functools
 import getpass
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -307,10 +308,9 @@ def purge(args: argparse.Namespace) -> int:
 @contextmanager
 def _output(output: str) -> Iterator[TextIO]:
     """Where an export goes, opened before the export is recorded: a path that cannot be written fails before the
-    ledger says anything was exported. A file is written beside its path and renamed into place once complete, so
-    a refused or failed export leaves an earlier file as it was. A folder that does not exist (or is a file), or that
-    this user may not write, is said naming it, not the hidden file written beside the path; so is a path that is a
-    folder, and a folder named like that hidden file, in its way (`making_files_in`)."""
+    ledger says anything was exported. A file is written whole or not at all (`_written_whole`). A folder that does
+    not exist (or is a file), or that this user may not write, is said naming it, not the hidden file written beside
+    the path; so is a path that is a folder."""
     if output == "-":
         yield sys.stdout
         return
@@ -321,23 +321,36 @@ def _output(output: str) -> Iterator[TextIO]:
         raise FileNotFoundError(errno.ENOENT, "the folder does not exist", str(path.parent))
     if path.is_dir():  # else written in full beside it, the export recorded, and only the rename refused
         raise IsADirectoryError(errno.EISDIR, "a folder, not a file (give a file's path)", str(path))
-    partial = path.with_name(f".{path.name}.partial")
+    with _written_whole(path) as handle:
+        yield handle
+
+
+@contextmanager
+def _written_whole(path: Path) -> Iterator[TextIO]:
+    """`path` written through a hidden file of this write's own beside it (`.<name>.<random>.partial`, made by
+    mkstemp: never shared by two writes of the same path), synced to disk and renamed over `path` once the block ends,
+    mode 0600 (mkstemp's, kept: an export names who asked what, so it is its owner's alone, whatever the file it
+    replaces allowed). A write that fails (a full disk), is interrupted (Ctrl-C) or is refused leaves no hidden
+    file, and `path` as it was; of two writes of one path, the one renamed last is the file, whole."""
     with making_files_in(path.parent):  # a folder this user may not write: said of it, not of the hidden file
-        opened = partial.open("w", encoding="utf-8", newline="")
-    try:  # only what this export opened is removed (a folder of that name in the way stays, named)
-        with opened as handle:
+        descriptor, hidden = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8", newline="") as handle:
             yield handle
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
+            handle.flush()
+            os.fsync(handle.fileno())  # a full disk some file systems only report here, before the rename, not after
+        os.replace(hidden, path)
+    except BaseException:
+        Path(hidden).unlink(missing_ok=True)
+        raise
 
 
 def _write_manifest(last_line: str, output: str) -> None:
-    """A file export's manifest (its last line) also as <file>.manifest.json."""
+    """A file export's manifest (its last line) also as <file>.manifest.json, written as the export is."""
     if output != "-":
         path = Path(output)
-        path.with_name(path.name + ".manifest.json").write_text(last_line.removeprefix("# manifest "),
-                                                                 encoding="utf-8")
+        with _written_whole(path.with_name(path.name + ".manifest.json")) as handle:
+            handle.write(last_line.removeprefix("# manifest "))
 
 
 def _copy(lines: Iterator[str], handle: TextIO) -> str:
