@@ -29,6 +29,7 @@ from audit.integrity import load_public_key
 from audit.schemas import Decision, ExportFilters, ExportFormat, deployment_pin, utc_bound
 from authz.identity import Identity, operator_identity
 from core import keystore, migrate
+from core.crypto import sync_folder
 from core.db import get_session_factory
 from core.errors import ErrorCode, GovragError, making_files_in
 from core.settings import get_settings
@@ -320,7 +321,7 @@ def _output(output: str) -> Iterator[TextIO]:
             raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(path.parent))
         raise FileNotFoundError(errno.ENOENT, "the folder does not exist", str(path.parent))
     if path.is_dir():  # else written in full beside it, the export recorded, and only the rename refused
-        raise IsADirectoryError(errno.EISDIR, "a folder, not a file (give a file's path)", str(path))
+        raise _a_folder(path)
     with _written_whole(path) as handle:
         yield handle
 
@@ -331,7 +332,8 @@ def _written_whole(path: Path) -> Iterator[TextIO]:
     mkstemp: never shared by two writes of the same path), synced to disk and renamed over `path` once the block ends,
     mode 0600 (mkstemp's, kept: an export names who asked what, so it is its owner's alone, whatever the file it
     replaces allowed). A write that fails (a full disk), is interrupted (Ctrl-C) or is refused leaves no hidden
-    file, and `path` as it was; of two writes of one path, the one renamed last is the file, whole."""
+    file, and `path` as it was; of two writes of one path, the one renamed last is the file, whole. A refused rename
+    (`path` made a folder meanwhile) names `path`, never the hidden file."""
     with making_files_in(path.parent):  # a folder this user may not write: said of it, not of the hidden file
         descriptor, hidden = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
@@ -339,10 +341,27 @@ def _written_whole(path: Path) -> Iterator[TextIO]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())  # a full disk some file systems only report here, before the rename, not after
-        os.replace(hidden, path)
+        _renamed_over(hidden, path)
     except BaseException:
         Path(hidden).unlink(missing_ok=True)
         raise
+    sync_folder(path.parent)  # the rename itself survives a power cut
+
+
+def _renamed_over(hidden: str, path: Path) -> None:
+    """`hidden` renamed over `path`; refused, the error names `path` (the system's names both, the hidden file
+    first, which the user never named nor sees)."""
+    try:
+        os.replace(hidden, path)
+    except IsADirectoryError as error:
+        raise _a_folder(path) from error
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(path)) from error
+
+
+def _a_folder(path: Path) -> IsADirectoryError:
+    """What an export to `path`, a folder, fails with."""
+    return IsADirectoryError(errno.EISDIR, "a folder, not a file (give a file's path)", str(path))
 
 
 def _write_manifest(last_line: str, output: str) -> None:

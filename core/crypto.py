@@ -160,7 +160,12 @@ def _write_key_file(path: Path, ring: dict[int, bytes], *, replace: bool) -> Non
         (os.replace if replace else os.link)(temp, path)
     finally:
         temp.unlink(missing_ok=True)  # gone already once renamed
-    directory = os.open(path.parent, os.O_RDONLY)
+    sync_folder(path.parent)
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync `folder`: a file renamed or linked into it is there after a power cut, not only its content."""
+    directory = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(directory)
     finally:

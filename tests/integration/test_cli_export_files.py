@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import resource
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,7 +58,8 @@ def _export_beside_another(out: Path, monkeypatch: pytest.MonkeyPatch,
             if name == "other":
                 other_ended.set()
 
-    threads = [threading.Thread(target=export, args=(name,), name=name) for name in ("other", "this")]
+    threads = [threading.Thread(target=export, args=(name,), name=name, daemon=True)  # none keeps pytest from ending
+               for name in ("other", "this")]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -117,3 +119,57 @@ def test_an_export_the_disk_refuses_midway_leaves_the_earlier_one_and_no_hidden_
 
     assert (refused.returncode, refused.stdout, refused.stderr) == (2, "", f"failed: File too large: {out}\n")
     assert {path.name: path.read_bytes() for path in exports.iterdir()} == earlier
+
+
+def test_a_manifest_the_disk_refuses_midway_leaves_the_earlier_one_and_no_hidden_file(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """FILE.manifest.json was written in place, after FILE was renamed into place: a disk that refused it midway (a
+    full disk; here this process's file size limit, below the manifest's length while it is written, the kernel
+    refusing the write past it with EFBIG) left half a manifest. Now the earlier manifest is left as it was and no
+    hidden file beside it; the export says so in one line naming FILE, exit 2, and FILE ends with its own manifest."""
+    (exports := tmp_path / "exports").mkdir()
+    out = exports / "out.jsonl"
+    assert main(["audit", "export", "-o", str(out)]) == 0
+    capsys.readouterr()
+    earlier = (exports / "out.jsonl.manifest.json").read_bytes()
+    write_manifest = cli_audit._write_manifest
+
+    def on_a_full_disk(last_line: str, output: str) -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(last_line) // 2, hard))  # Python ignores SIGXFSZ: EFBIG
+        try:
+            write_manifest(last_line, output)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+    monkeypatch.setattr(cli_audit, "_write_manifest", on_a_full_disk)
+    assert (main(["audit", "export", "-o", str(out)]), capsys.readouterr().err) == (
+        2, f"failed: File too large: {out}\n")
+    assert sorted(path.name for path in exports.iterdir()) == ["out.jsonl", "out.jsonl.manifest.json"]
+    assert (exports / "out.jsonl.manifest.json").read_bytes() == earlier
+    assert _manifest(out) != json.loads(earlier)  # FILE is the new export, whole, ending with its own manifest
+
+
+@pytest.mark.parametrize("made_a_folder", ["out.jsonl", "out.jsonl.manifest.json"])
+def test_a_file_made_a_folder_while_the_export_is_written_is_named_not_the_hidden_file(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        made_a_folder: str) -> None:
+    """FILE (or FILE.manifest.json) made a folder after the export checked it, while it was written: the rename into
+    place was refused with the system's error naming the hidden file written first (`.out.jsonl.partial`), which the
+    user never named nor sees. Now it names the path, as an export to a folder says, exit 2, and no hidden file is
+    left."""
+    (exports := tmp_path / "exports").mkdir()
+    copy = cli_audit._copy
+
+    def copy_then_make_a_folder(lines: Iterator[str], handle: TextIO) -> str:
+        last = copy(lines, handle)
+        (exports / made_a_folder).mkdir()
+        return last
+
+    monkeypatch.setattr(cli_audit, "_copy", copy_then_make_a_folder)
+    code = main(["audit", "export", "-o", str(exports / "out.jsonl")])
+
+    assert (code, capsys.readouterr().err) == (
+        2, f"failed: a folder, not a file (give a file's path): {exports / made_a_folder}\n")
+    assert [path.name for path in exports.iterdir() if path.name.startswith(".")] == []
+    assert (exports / made_a_folder).is_dir()
