@@ -109,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
 
     cli_ingest.add_commands(commands)
     cli_keys.add_commands(commands)
+    from api import cli_reindex  # `govrag reindex`: the API's re-index, in bulk, for operators
+
+    cli_reindex.add_commands(commands)
     return parser
 
 

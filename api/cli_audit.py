@@ -140,7 +140,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @contextmanager
-def _session(*, opens_keys: bool = False) -> Iterator[Session]:
+def operator_session(*, opens_keys: bool = False) -> Iterator[Session]:
     """A session on the configured database at the code's revision (migrated first only where
     `migrate.command_migrates_first`: the embedded SQLite database in development; else SchemaMismatch, said by
     `cli.main`, before any command reads or writes: a ledger verified on a schema the code does not know proves nothing
@@ -158,11 +158,12 @@ def _session(*, opens_keys: bool = False) -> Iterator[Session]:
         session.close()
 
 
-def _reported(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Every command here: a known failure (`cli_failures.failure`) is its one line instead of a traceback: a refusal,
-    a file that cannot be written (or read) or a department key that does not open, exit 2; an outage (the database,
-    gone before the command or behind the ledger's `unavailable` as an event is recorded), said as `govrag ingest`
-    says one, exit 1, never with the server's address; a Ctrl-C, exit 130 (a file being written is removed)."""
+def reported(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Every command here, and `govrag reindex`: a known failure (`cli_failures.failure`) is its one line instead of
+    a traceback: a refusal, a file that cannot be written (or read) or a department key that does not open, exit 2; an
+    outage (the database, gone before the command or behind the ledger's `unavailable` as an event is recorded), said
+    as `govrag ingest` says one, exit 1, never with the server's address; a Ctrl-C, exit 130 (a file being written is
+    removed)."""
 
     @functools.wraps(command)
     def run(args: argparse.Namespace) -> int:
@@ -177,37 +178,38 @@ def _reported(command: Callable[[argparse.Namespace], int]) -> Callable[[argpars
     return run
 
 
-def _actor(args: argparse.Namespace) -> Identity:
+def actor(args: argparse.Namespace) -> Identity:
+    """Who runs the command, as the ledger records them: cli:<--actor>, or cli:<the OS user>."""
     return operator_identity(args.actor or getpass.getuser())
 
 
-@_reported
+@reported
 def verify(args: argparse.Namespace) -> int:
     """Print the verification result; exit EXIT_UNVERIFIED when the ledger fails verification (tampering, or a
     database other than --deployment-id), never 1: a monitor reading only the exit code tells it from an outage."""
     from audit import service as audit_service
 
-    with _session() as session:
+    with operator_session() as session:
         result = audit_service.verify(session=session, settings=get_settings(), deployment_id=args.deployment_id)
     print(result.model_dump_json())
     return 0 if result.ok else EXIT_UNVERIFIED
 
 
-@_reported
+@reported
 def export(args: argparse.Namespace) -> int:
     """Stream the export; the manifest is the last line (and, for a file, also <file>.manifest.json)."""
     from audit import service as audit_service
 
     filters = ExportFilters(since=args.since, until=args.until, subject=args.subject, department=args.department,
                             decision=args.decision, document_id=args.document_id, event_type=args.event_type)
-    with _output(args.output) as handle, _session() as session:
-        last = _copy(audit_service.export_events(session=session, settings=get_settings(), identity=_actor(args),
+    with _output(args.output) as handle, operator_session() as session:
+        last = _copy(audit_service.export_events(session=session, settings=get_settings(), identity=actor(args),
                                                  scope=None, filters=filters, fmt=ExportFormat(args.format)), handle)
     _write_manifest(last, args.output)
     return 0
 
 
-@_reported
+@reported
 def verify_export(args: argparse.Namespace) -> int:
     """Print the export check; exit EXIT_UNVERIFIED when the export fails it. Reads no ledger row: with --public-key,
     or with the checkpoint key configured and --deployment-id given, not the database either."""
@@ -220,14 +222,14 @@ def verify_export(args: argparse.Namespace) -> int:
             result = audit_service.verify_export(export_file=export_file, settings=settings, session=None,
                                                  deployment_id=args.deployment_id, public_key=args.public_key)
         else:
-            with _session() as session:
+            with operator_session() as session:
                 result = audit_service.verify_export(export_file=export_file, settings=settings, session=session,
                                                      deployment_id=args.deployment_id)
     print(result.model_dump_json())
     return 0 if result.ok else EXIT_UNVERIFIED
 
 
-@_reported
+@reported
 def verify_mirror(args: argparse.Namespace) -> int:
     """Print the mirror check; exit EXIT_UNVERIFIED when the file fails it. Reads no database and no key but the
     public one."""
@@ -252,37 +254,37 @@ def _seekable(opened: BinaryIO) -> Iterator[BinaryIO]:
         yield copy
 
 
-@_reported
+@reported
 def training_data(args: argparse.Namespace) -> int:
     """Write the redacted training set with its manifest."""
     from audit import service as audit_service
 
-    with _output(args.output) as handle, _session(opens_keys=True) as session:
+    with _output(args.output) as handle, operator_session(opens_keys=True) as session:
         last = _copy(audit_service.export_training_data(session=session, settings=get_settings(),
-                                                        identity=_actor(args), department=args.department), handle)
+                                                        identity=actor(args), department=args.department), handle)
     _write_manifest(last, args.output)
     return 0
 
 
-@_reported
+@reported
 def public_key(_args: argparse.Namespace) -> int:
     """Print the Ed25519 public key (PEM) that checks this deployment's export manifests; its key id and the
     deployment id, which an auditor keeps with it, on stderr (the PEM alone is redirected to a file)."""
     from audit import service as audit_service
 
-    with _session() as session:
+    with operator_session() as session:
         published = audit_service.public_key(session=session, settings=get_settings())
     print(published.public_key_pem, end="")
     print(f"key_id {published.key_id}, deployment_id {published.deployment_id}", file=sys.stderr)
     return 0
 
 
-@_reported
+@reported
 def checkpoint(_args: argparse.Namespace) -> int:
     """Sign a checkpoint at the end of the chain, unless the newest one covers it (the output says which)."""
     from audit import service as audit_service
 
-    with _session() as session:
+    with operator_session() as session:
         event_id, signed = audit_service.checkpoint_now(session=session, settings=get_settings())
     said: dict[str, object] = {"checkpointed_event_id": event_id, "signed": signed}
     if not signed:
@@ -291,7 +293,7 @@ def checkpoint(_args: argparse.Namespace) -> int:
     return 0
 
 
-@_reported
+@reported
 def purge(args: argparse.Namespace) -> int:
     """Apply the retention period (GOVRAG_AUDIT_RETENTION_DAYS)."""
     from audit import service as audit_service
@@ -300,8 +302,8 @@ def purge(args: argparse.Namespace) -> int:
     if settings.audit_retention_days is None:
         raise GovragError(ErrorCode.invalid_request,
                           "no retention period configured (GOVRAG_AUDIT_RETENTION_DAYS); nothing purged")
-    with _session() as session:
-        removed = audit_service.purge_expired(session=session, settings=settings, identity=_actor(args))
+    with operator_session() as session:
+        removed = audit_service.purge_expired(session=session, settings=settings, identity=actor(args))
     print(json.dumps({"purged": removed}))
     return 0
 

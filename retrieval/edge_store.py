@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,15 @@ from typing import Any
 import qdrant_edge as edge
 from qdrant_client import models
 
-from retrieval.store import AccessFilter, Hit, VectorPoint, document_points, point_id, superseded_points
+from retrieval.store import (
+    AccessFilter,
+    Hit,
+    VectorPoint,
+    document_points,
+    payload_selection,
+    point_id,
+    superseded_points,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -122,15 +131,16 @@ class EdgeVectorStore:
         shard = self._shard(department, create=False)
         return 0 if shard is None else shard.count(edge.CountRequest(exact=True))
 
-    def scroll_payloads(self, department: str) -> list[dict[str, Any]]:
-        """Every payload of a department (for audits and tests)."""
+    def scroll_payloads(self, department: str, fields: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Every payload of a department (for audits and tests); only `fields` of each when given."""
         shard = self._shard(department, create=False)
         if shard is None:
             return []
         payloads: list[dict[str, Any]] = []
         offset = None
         while True:
-            records, offset = shard.scroll(edge.ScrollRequest(offset=offset, limit=1000, with_payload=True))
+            records, offset = shard.scroll(edge.ScrollRequest(offset=offset, limit=1000,
+                                                                   with_payload=payload_selection(fields)))
             payloads.extend(dict(record.payload or {}) for record in records)
             if offset is None:
                 return payloads

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fcntl
 import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +52,11 @@ def payload_generation(payload: Mapping[str, Any]) -> int:
     value that is no generation's (an altered payload) is -1, which no document serves."""
     value = payload.get(GENERATION, 0)
     return value if type(value) is int else -1
+
+
+def payload_selection(fields: Sequence[str] | None) -> bool | list[str]:
+    """What a scroll reads of each payload, in both engines' terms: all of it, or only `fields`."""
+    return True if fields is None else list(fields)
 
 
 def _of_document(document_id: str) -> models.FieldCondition:
@@ -187,9 +192,10 @@ class VectorStore:
                 return 0
             return self._client.count(collection_name(department), exact=True).count
 
-    def scroll_payloads(self, department: str) -> list[dict[str, Any]]:
+    def scroll_payloads(self, department: str, fields: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """Every payload of a department (for audits and tests), a page at a time (one call used to stop at 100,000
-        points, and a training export then left out the rest under a manifest that vouched for it)."""
+        points, and a training export then left out the rest under a manifest that vouched for it); only `fields`
+        of each when given (no sealed text nor sentence vectors for a caller that reads none)."""
         with self._calling():
             if not self._client.collection_exists(collection_name(department)):
                 return []
@@ -198,7 +204,7 @@ class VectorStore:
         while True:
             with self._calling():
                 points, offset = self._client.scroll(collection_name(department), limit=SCROLL_PAGE, offset=offset,
-                                                     with_payload=True)
+                                                     with_payload=payload_selection(fields))
             payloads.extend(dict(point.payload or {}) for point in points)
             if offset is None:
                 return payloads
@@ -254,7 +260,7 @@ class VectorIndex(Protocol):
     def chunk_payload(self, department: str, document_id: str, chunk_index: int,
                       generation: int) -> dict[str, Any] | None: ...
     def count(self, department: str) -> int: ...
-    def scroll_payloads(self, department: str) -> list[dict[str, Any]]: ...
+    def scroll_payloads(self, department: str, fields: Sequence[str] | None = None) -> list[dict[str, Any]]: ...
     def ping(self) -> None: ...
     def close(self) -> None: ...
 

@@ -11,6 +11,7 @@ from authz import service as authz_service
 from core.models import Document
 from core.text import DepartmentName
 from ingestion import purge, quarantine
+from ingestion import reindex as reindexing
 from ingestion.schemas import (
     IngestionPolicyIn,
     IngestionPolicyOut,
@@ -89,16 +90,12 @@ def reject(document_id: str, session: SessionDep, enforcer: EnforcerDep, setting
 def reindex(body: ReindexIn, session: SessionDep, enforcer: EnforcerDep, settings: SettingsDep,
             celery: CeleryDep, user: CurrentUser) -> ReindexOut:
     """Parse, redact and embed a department's ready and quarantined documents, and the failed ones named, again from
-    their encrypted originals (`quarantine.queue_reindex`); documents being ingested run again under the current
-    rules. They stop being served meanwhile unless `serve_previous`."""
+    their encrypted originals (`quarantine.queue_reindex`), audited as one (`reindexing.queue_audited`, which
+    `govrag reindex` uses too); documents being ingested run again under the current rules. They stop being served
+    meanwhile unless `serve_previous`."""
     authz_service.require_manage(enforcer, user, body.department)
-    reindex = quarantine.queue_reindex(session=session, settings=settings, department=body.department,
+    reindex = reindexing.queue_audited(session=session, settings=settings, identity=user, department=body.department,
                                        document_ids=body.document_ids, serve_previous=body.serve_previous)
-    audit_service.record_admin_event(session=session, identity=user, event_type=AdminEventType.reindex,
-                                     department=body.department, settings=settings,
-                                     details={"documents": len(reindex.queued) + len(reindex.rerun),
-                                              "skipped": len(reindex.skipped),
-                                              "serve_previous": body.serve_previous})
     send_jobs(celery, reindex.queued)
     return ReindexOut(queued=[job_id for _, job_id in reindex.queued] + reindex.rerun, skipped=reindex.skipped)
 

@@ -1,0 +1,155 @@
+"""`govrag reindex`: the API's re-index in bulk for operators, through the command's entry point against a PostgreSQL
+database of the test's own (`cli_env`: department hr) and the embedded vector store of its data dir."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from api.cli import main
+from audit.schemas import AdminEventType
+from authz import service as authz_service
+from core.db import unit_of_work
+from core.keystore import keystore_for
+from core.models import Document, DocumentStatus, IngestionJob, RetrievalEvent
+from core.settings import get_settings
+from guard.injection import get_scanner
+from retrieval.store import VectorPoint, open_vector_store
+
+OLD_SCANNER = "0123456789abcdef"  # a version no shipped scanner has
+
+
+def _document(url: str, *, department: str = "hr", status: str = DocumentStatus.ready, served: int | None = 1,
+              unbound_through: int = 0, job: bool = False) -> str:
+    """A document row as a run left it: serving generation `served` (sealed before 0020 when it is at most
+    `unbound_through`), with a job queued when it is being ingested (`job`)."""
+    document_id = str(uuid.uuid4())
+    with unit_of_work(url) as session:
+        session.add(Document(id=document_id, department=department, title="t", content_type="text/plain",
+                             size_bytes=1, sha256=uuid.uuid4().hex * 2, uploaded_by="tester", status=status,
+                             index_generation=max(served or 0, unbound_through), served_generation=served,
+                             unbound_through=unbound_through))
+        session.flush()
+        if job:
+            session.add(IngestionJob(id=str(uuid.uuid4()), document_id=document_id, status=DocumentStatus.queued))
+    return document_id
+
+
+def _reindex(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    """`govrag reindex ARGS`, which must succeed: its JSON summary."""
+    assert main(["reindex", *args]) == 0
+    return json.loads(capsys.readouterr().out)  # type: ignore[no-any-return]
+
+
+def _state(url: str, document_id: str) -> tuple[str, int | None, int]:
+    """The document's status, served generation and number of jobs."""
+    with unit_of_work(url) as session:
+        document = session.get(Document, document_id)
+        assert document is not None
+        jobs = session.scalar(select(func.count()).where(IngestionJob.document_id == document_id))
+        return document.status, document.served_generation, int(jobs or 0)
+
+
+def _reindex_events(url: str) -> list[RetrievalEvent]:
+    with unit_of_work(url) as session:
+        events = session.scalars(select(RetrievalEvent).where(RetrievalEvent.event_type == AdminEventType.reindex.value)
+                                 .order_by(RetrievalEvent.id)).all()
+        session.expunge_all()
+        return list(events)
+
+
+def test_unbound_documents_are_listed_by_a_dry_run_then_queued_once_and_audited(
+        cli_env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Documents indexed before 0020 stayed replayable until each was re-indexed by hand, with no bulk command. Now
+    `--unbound` finds them: a dry run lists them and queues nothing; the run queues each through the API's re-index,
+    audited as an operator's; run again, it queues none twice (one being ingested already is skipped as pending)."""
+    unbound = _document(cli_env, unbound_through=1)
+    bound = _document(cli_env, served=2, unbound_through=1)
+    in_flight = _document(cli_env, status=DocumentStatus.queued, unbound_through=1, job=True)
+
+    planned = _reindex(capsys, "--department", "hr", "--unbound", "--serve-previous", "--dry-run")
+    assert (planned["dry_run"], planned["queued"], planned["documents"]) == (True, 1, [unbound])
+    assert planned["skipped"] == {"pending": 1, "not_reindexable": 0}
+    assert _state(cli_env, unbound) == (DocumentStatus.ready, 1, 0) and _reindex_events(cli_env) == []
+
+    done = _reindex(capsys, "--department", "hr", "--unbound", "--serve-previous", "--actor", "ops")
+    assert (done["dry_run"], done["queued"], done["documents"]) == (False, 1, [unbound])
+    assert done["skipped"] == {"pending": 1, "not_reindexable": 0} and done["selection"] == ["unbound"]
+    assert _state(cli_env, unbound) == (DocumentStatus.queued, 1, 1)  # its previous index still served
+    assert _state(cli_env, bound) == (DocumentStatus.ready, 2, 0) and _state(cli_env, in_flight)[2] == 1
+    [event] = _reindex_events(cli_env)
+    assert (event.subject, event.departments_requested) == ("cli:ops", ["hr"])
+    assert event.details == {"documents": 1, "skipped": 0, "serve_previous": True, "selection": ["unbound"]}
+
+    again = _reindex(capsys, "--department", "hr", "--unbound", "--serve-previous", "--actor", "ops")
+    assert (again["queued"], again["skipped"]) == (0, {"pending": 2, "not_reindexable": 0})
+    assert _state(cli_env, unbound)[2] == 1 and len(_reindex_events(cli_env)) == 1
+
+
+def test_a_department_wide_reindex_of_every_department_queues_no_document_twice(
+        cli_env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--all` without a filter is the API's department-wide re-index of each department (ready and quarantined
+    documents; failed ones left alone), the index withheld meanwhile; run again while the jobs wait, the service
+    finds each document queued and gives it no second job."""
+    with unit_of_work(cli_env) as session:
+        authz_service.create_department(session=session, keystore=keystore_for(get_settings()), name="finance")
+    ready = _document(cli_env)
+    quarantined = _document(cli_env, department="finance", status=DocumentStatus.quarantined, served=None)
+    failed = _document(cli_env, status=DocumentStatus.failed, served=None)
+
+    done = _reindex(capsys, "--all")
+    assert done["departments"] == ["finance", "hr"] and done["selection"] == ["all"]
+    assert sorted(done["documents"]) == sorted([ready, quarantined]) and done["queued"] == 2
+    assert _state(cli_env, ready) == (DocumentStatus.queued, None, 1)
+    assert _state(cli_env, quarantined)[::2] == (DocumentStatus.queued, 1)
+    assert _state(cli_env, failed) == (DocumentStatus.failed, None, 0)
+    assert sorted(e.departments_requested[0] for e in _reindex_events(cli_env)) == ["finance", "hr"]
+
+    again = _reindex(capsys, "--all")
+    assert (again["queued"], again["skipped"]["pending"]) == (0, 2)
+    assert _state(cli_env, ready)[2] == 1 and _state(cli_env, quarantined)[2] == 1
+
+
+def test_documents_another_scanner_passed_are_found_in_the_vector_store(
+        cli_env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Chunks passed by an older scanner were scanned again at query time after every start, for ever: nothing
+    re-stamped them. `--stale-scan` finds the documents whose served chunks another scanner version passed (chunks of
+    a generation no longer served do not count) and re-indexes those alone."""
+    stale, current = _document(cli_env), _document(cli_env, served=2)
+    vector = [1.0] + [0.0] * 383
+    open_vector_store(get_settings()).upsert("hr", [
+        VectorPoint(stale, 0, vector, {"document_id": stale, "chunk_index": 0, "generation": 1,
+                                       "scanned_by": OLD_SCANNER}),
+        VectorPoint(current, 0, vector, {"document_id": current, "chunk_index": 0, "generation": 1,
+                                         "scanned_by": OLD_SCANNER}),
+        VectorPoint(current, 0, vector, {"document_id": current, "chunk_index": 0, "generation": 2,
+                                         "scanned_by": get_scanner().version}),
+    ])
+
+    planned = _reindex(capsys, "--department", "hr", "--stale-scan", "--dry-run")
+    assert planned["documents"] == [stale] and _state(cli_env, stale)[2] == 0
+
+    done = _reindex(capsys, "--department", "hr", "--stale-scan")
+    assert done["documents"] == [stale] and done["selection"] == ["stale_scan"]
+    assert _state(cli_env, stale) == (DocumentStatus.queued, None, 1)
+    assert _state(cli_env, current) == (DocumentStatus.ready, 2, 0)
+
+
+def test_an_unknown_department_is_refused_and_nothing_is_queued(
+        cli_env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A department that does not exist refuses the whole command in one line, exit 2, before any department is
+    re-indexed; naming none (nor --all) is a usage error."""
+    ready = _document(cli_env)
+
+    assert main(["reindex", "--department", "hr", "--department", "nope"]) == 2
+    said = capsys.readouterr()
+    assert said.err.strip() == "refused: no such department: nope; nothing queued" and said.out == ""
+    assert _state(cli_env, ready) == (DocumentStatus.ready, 1, 0) and _reindex_events(cli_env) == []
+
+    with pytest.raises(SystemExit) as usage:
+        main(["reindex", "--unbound"])
+    assert usage.value.code == 2 and "one of the arguments --department --all is required" in capsys.readouterr().err
