@@ -153,3 +153,28 @@ def test_an_unknown_department_is_refused_and_nothing_is_queued(
     with pytest.raises(SystemExit) as usage:
         main(["reindex", "--unbound"])
     assert usage.value.code == 2 and "one of the arguments --department --all is required" in capsys.readouterr().err
+
+
+def test_with_a_redis_broker_the_jobs_are_sent_as_the_api_sends_them(
+        cli_env: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a shared broker the command sends each new job as the API does (its task on the queue, the job marked
+    sent), so workers take it at once rather than after the sweep's grace; a dry run sends nothing."""
+    import redis
+
+    from tests.conftest import REDIS_URL
+
+    queue = f"govrag-test-reindex-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("GOVRAG_BROKER_URL", REDIS_URL)
+    monkeypatch.setenv("GOVRAG_TASK_QUEUE", queue)
+    get_settings.cache_clear()
+    ready = _document(cli_env)
+    broker = redis.Redis.from_url(REDIS_URL)
+    try:
+        assert _reindex(capsys, "--department", "hr", "--dry-run")["sent"] == 0 and broker.llen(queue) == 0
+        assert _reindex(capsys, "--department", "hr")["sent"] == 1
+        assert broker.llen(queue) == 1
+    finally:
+        broker.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
+    with unit_of_work(cli_env) as session:
+        [sent_at] = session.scalars(select(IngestionJob.sent_at).where(IngestionJob.document_id == ready)).all()
+    assert sent_at is not None
