@@ -50,22 +50,22 @@ class Summary:
     departments: list[str]
     selection: list[str]  # empty: every document a department-wide re-index covers
     serve_previous: bool
-    documents: list[str] = field(default_factory=list)  # given a new job
-    jobs: list[tuple[str, str]] = field(default_factory=list)
+    jobs: list[tuple[str, str]] = field(default_factory=list)  # (document id, job id): a new job each
     # pending: being ingested already (no second job); not_reindexable: left the states a re-index covers meanwhile
     skipped: Counter[str] = field(default_factory=lambda: Counter(pending=0, not_reindexable=0))
     sent: int = 0
 
     def add(self, reindex: Reindex, pending: frozenset[str]) -> None:
         """Count one department's re-index, and the outdated documents left to the run they are in (`pending`)."""
-        self.documents += [document_id for document_id, _ in reindex.queued]
         self.jobs += reindex.queued
         self.skipped.update(pending=len(pending) + len(reindex.rerun), not_reindexable=len(reindex.skipped))
 
     def said(self) -> str:
-        return json.dumps({"queued": len(self.documents), "skipped": dict(self.skipped), "dry_run": self.dry_run,
+        """The summary as the one JSON line the command prints."""
+        return json.dumps({"queued": len(self.jobs), "skipped": dict(self.skipped), "dry_run": self.dry_run,
                            "departments": self.departments, "selection": self.selection or ["all"],
-                           "serve_previous": self.serve_previous, "documents": self.documents, "sent": self.sent})
+                           "serve_previous": self.serve_previous,
+                           "documents": [document_id for document_id, _ in self.jobs], "sent": self.sent})
 
 
 @reported
@@ -109,10 +109,10 @@ def _reindex_department(session: Session, settings: Settings, args: argparse.Nam
         return _queue(session, settings, args, department, None), frozenset()
     found = reindexing.outdated(session=session, settings=settings, department=department, unbound=args.unbound,
                                 stale_scan=args.stale_scan)
-    if not found.to_queue():
+    if not (document_ids := found.to_queue()):
         session.rollback()  # nothing to re-index: no event either
         return Reindex(queued=[], rerun=[], skipped=[]), found.pending
-    return _queue(session, settings, args, department, found.to_queue()), found.pending
+    return _queue(session, settings, args, department, document_ids), found.pending
 
 
 def _queue(session: Session, settings: Settings, args: argparse.Namespace, department: str,
