@@ -26,7 +26,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "reindex", help="queue re-indexes of departments' documents (as POST /v1/admin/reindex, audited); print a "
         "JSON summary")
     scope = reindex.add_mutually_exclusive_group(required=True)
-    scope.add_argument("--department", action="append", dest="departments", help="this department (repeatable)")
+    scope.add_argument("--department", action="append", dest="departments", metavar="NAME",
+                       help="this department (repeatable)")
     scope.add_argument("--all", action="store_true", dest="every_department", help="every department")
     reindex.add_argument("--unbound", action="store_true",
                          help="only documents whose served chunks were sealed before their run was bound in them "
