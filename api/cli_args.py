@@ -18,3 +18,16 @@ def api_url(value: str) -> str:
                                          "(see --help)") from None
     except http.URLRefused as refused:
         raise argparse.ArgumentTypeError(str(refused)) from None
+
+
+def actor(value: str) -> str:
+    """An argparse type for --actor (`govrag audit`, `export training-data`, `keys rotate`, `reindex`): a name the
+    ledger's subject column holds as cli:<actor>, in characters a token's subject may carry (`token_can_carry`);
+    anything else a usage error. A line break or a control character would break the audit row it is written in (or
+    show it as a name it is not), and a name too long for the column would fail the command as it writes its event."""
+    from authz.identity import CLI_PREFIX, MAX_SUBJECT_CHARS, token_can_carry
+
+    longest = MAX_SUBJECT_CHARS - len(CLI_PREFIX)
+    if not 0 < len(value) <= longest or not token_can_carry(value):
+        raise argparse.ArgumentTypeError(f"1 to {longest} printable characters, no line break nor control character")
+    return value

@@ -24,6 +24,7 @@ from typing import BinaryIO, TextIO
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy.orm import Session
 
+from api import cli_args
 from api.cli_failures import failure
 from audit.integrity import load_public_key
 from audit.schemas import Decision, ExportFilters, ExportFormat, deployment_pin, utc_bound
@@ -98,7 +99,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def add_actor_argument(parser: argparse.ArgumentParser) -> None:
     """--actor: who is running the command, as recorded in the ledger."""
-    parser.add_argument("--actor", default=None, help="recorded as cli:<actor> (default: the OS user)")
+    parser.add_argument("--actor", type=cli_args.actor, default=None,
+                        help="recorded as cli:<actor> (default: the OS user)")
 
 
 def deployment_id_argument(text: str) -> str:

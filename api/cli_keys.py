@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from api import cli_args
 from api.cli_failures import failure
 from core import keystore, migrate
 from core.settings import get_settings
@@ -28,7 +29,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     scope.add_argument("--department", action="append", dest="departments",
                        help="only this department (repeatable; default: all)")
     scope.add_argument("--master", action="store_true", help="rotate the master key instead")
-    rotate.add_argument("--actor", default="cli", help="who is recorded in the audit ledger")
+    rotate.add_argument("--actor", type=cli_args.actor, default="cli", help="who is recorded in the audit ledger")
     rotate.set_defaults(run=rotate_command)
 
 

@@ -123,15 +123,20 @@ def test_documents_another_scanner_passed_are_found_in_the_vector_store(
     vector = [1.0] + [0.0] * 383
     open_vector_store(get_settings()).upsert("hr", [
         VectorPoint(stale, 0, vector, {"document_id": stale, "chunk_index": 0, "generation": 1,
-                                       "scanned_by": OLD_SCANNER}),
+                                       "scanned_by": OLD_SCANNER, "text": "sealed chunk text"}),
         VectorPoint(current, 0, vector, {"document_id": current, "chunk_index": 0, "generation": 1,
                                          "scanned_by": OLD_SCANNER}),
         VectorPoint(current, 0, vector, {"document_id": current, "chunk_index": 0, "generation": 2,
                                          "scanned_by": get_scanner().version}),
     ])
 
+    read = open_vector_store(get_settings()).scroll_payloads("hr", fields=("document_id", "generation", "scanned_by"))
+    assert len(read) == 3 and all(set(payload) <= {"document_id", "generation", "scanned_by"} for payload in read)
+
     planned = _reindex(capsys, "--department", "hr", "--stale-scan", "--dry-run")
-    assert planned["documents"] == [stale] and _state(cli_env, stale)[2] == 0
+    assert planned["documents"] == [stale] and planned["serve_previous"] is False
+    # the withholding the re-index would do is rolled back with its job: still served, no job, no event
+    assert _state(cli_env, stale) == (DocumentStatus.ready, 1, 0) and _reindex_events(cli_env) == []
 
     done = _reindex(capsys, "--department", "hr", "--stale-scan")
     assert done["documents"] == [stale] and done["selection"] == ["stale_scan"]
@@ -153,6 +158,22 @@ def test_an_unknown_department_is_refused_and_nothing_is_queued(
     with pytest.raises(SystemExit) as usage:
         main(["reindex", "--unbound"])
     assert usage.value.code == 2 and "one of the arguments --department --all is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["ops\nadmin", "ops\u200b", "ops\x1b[2K", "o" * 252, ""])
+def test_an_actor_the_ledger_cannot_hold_as_written_is_a_usage_error(
+        cli_env: str, capsys: pytest.CaptureFixture[str], name: str) -> None:
+    """--actor went into the ledger's subject column as given: a line break or an escape sequence in it broke the
+    audit row (or showed another name than the one recorded), a name too long for the column failed the command as
+    it wrote its event. Now any of these is refused before anything runs, the name never echoed back."""
+    ready = _document(cli_env)
+
+    with pytest.raises(SystemExit) as usage:
+        main(["reindex", "--department", "hr", "--actor", name])
+    said = capsys.readouterr()
+    assert usage.value.code == 2 and "argument --actor: 1 to 251 printable characters" in said.err
+    assert (name == "" or name not in said.err) and said.out == ""
+    assert _state(cli_env, ready) == (DocumentStatus.ready, 1, 0) and _reindex_events(cli_env) == []
 
 
 def test_with_a_redis_broker_the_jobs_are_sent_as_the_api_sends_them(
