@@ -20,6 +20,7 @@ against the database (`_verified`)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -425,9 +426,23 @@ def _maps(blob_dir: Path, document_id: str) -> list[tuple[int, Path]]:
     return found
 
 
-def write_sealed_map(blob_dir: Path, document_id: str, key: bytes, data: bytes, generation: int) -> None:
-    """Store the placeholder map of one index generation of a document, encrypted (temp file, then rename)."""
-    _write_sealed(_map_path(blob_dir, document_id, generation), key, data, f"govrag:pii-map:{document_id}")
+def _map_context(document_id: str, generation: int, department: str | None) -> str:
+    """Associated data binding a placeholder map to its document and the run that sealed it (its department and index
+    generation), as a chunk's binds its run (ingestion/pipeline.py `chunk_context`): the document key is the same for
+    every generation, so an earlier generation's map copied over (or restored onto) a later one's file does not open,
+    nor does another document's. `department` None: the context of maps sealed before 0021, which named the document
+    only (`Document.maps_unbound_through` says which generations those are)."""
+    if department is None:
+        return f"govrag:pii-map:{document_id}"
+    return f"govrag:pii-map:v2:{json.dumps([document_id, department, generation])}"  # JSON: no field passes for another
+
+
+def write_sealed_map(blob_dir: Path, document_id: str, key: bytes, data: bytes, generation: int, *,
+                     department: str) -> None:
+    """Store the placeholder map of one index generation of a document, encrypted under the context binding its run
+    (temp file, then rename)."""
+    context = _map_context(document_id, generation, department)
+    _write_sealed(_map_path(blob_dir, document_id, generation), key, data, context)
 
 
 def remove_superseded_maps(blob_dir: Path, document_id: str, *, served: int | None, through: int,
@@ -450,21 +465,29 @@ def remove_map(blob_dir: Path, document_id: str, generation: int) -> None:
     _map_path(blob_dir, document_id, generation).unlink(missing_ok=True)
 
 
-def read_sealed_map(blob_dir: Path, document_id: str, key: bytes, generation: int) -> bytes | None:
-    """The placeholder map of one index generation, decrypted; None when that generation kept none (or it was
-    removed meanwhile)."""
+def read_sealed_map(blob_dir: Path, document_id: str, key: bytes, generation: int, *, department: str,
+                    unbound_through: int) -> bytes | None:
+    """The placeholder map of one index generation, decrypted under the context its run sealed it with
+    (`_map_context`: the generations up to `unbound_through`, `Document.maps_unbound_through`, under the one naming
+    the document only, and no others); None when that generation kept none (or it was removed meanwhile). One that
+    does not open there (altered, or another generation's or document's copied over it) is `crypto.DecryptionError`,
+    as a chunk's is."""
     try:
         sealed = _map_path(blob_dir, document_id, generation).read_bytes()
     except FileNotFoundError:
         return None
-    return crypto.open_sealed(key, sealed, f"govrag:pii-map:{document_id}")
+    sealed_by = department if generation > unbound_through else None  # from the database, never the file
+    return crypto.open_sealed(key, sealed, _map_context(document_id, generation, sealed_by))
 
 
-def read_newest_sealed_map(blob_dir: Path, document_id: str, key: bytes, below: int) -> bytes | None:
-    """The placeholder map of the newest generation below `below` still stored, decrypted; None when none is."""
+def read_newest_sealed_map(blob_dir: Path, document_id: str, key: bytes, below: int, *, department: str,
+                           unbound_through: int) -> bytes | None:
+    """The placeholder map of the newest generation below `below` still stored, decrypted (`read_sealed_map`); None
+    when none is."""
     for generation in sorted((generation for generation, _ in _maps(blob_dir, document_id) if generation < below),
                              reverse=True):
-        found = read_sealed_map(blob_dir, document_id, key, generation)
+        found = read_sealed_map(blob_dir, document_id, key, generation, department=department,
+                                unbound_through=unbound_through)
         if found is not None:
             return found
     return None

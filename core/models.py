@@ -115,6 +115,9 @@ class Document(Base):
     # the context that names neither generation nor department; every later one's only under the one that names both
     # (ingestion/pipeline.py `chunk_context`). Read here, never from the vector store: a payload cannot downgrade.
     unbound_through: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Likewise for placeholder maps (0021): the generations up to this one kept maps sealed under the context naming
+    # the document only; every later one's opens only under the one naming its run too (core/blobs.py `_map_context`).
+    maps_unbound_through: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Index withheld by a fail-closed re-index (not `serve_previous`; nothing to do with the output guard's
     # `withheld` answers): it stopped serving the document's index until its run ends ready; a run that fails leaves
     # it failed, the index it served never served again (ingestion/repository.py `withhold`, `_serving`).

@@ -32,6 +32,7 @@ class DocumentFacts:
     approved_level: Classification | None = None  # an admin released it from quarantine at this level: up to it,
     # the gate is passed; a run that finds it higher holds it for review again
     generation: int = 0  # the run's index generation: its points stand beside the served ones until it ends ready
+    maps_unbound_through: int = 0  # the earlier generations whose placeholder maps name no run (core/blobs.py)
 
 
 @dataclass(frozen=True)

@@ -185,7 +185,8 @@ def _run_once(settings: Settings, document_id: str, job_id: str, raised: list[Up
         return _finish(settings, document_id, job_id, DocumentStatus.failed, error=exc.message,
                        generation=facts.generation, keep_numbering=rules.reversible) is not RunEnd.again
     if rules.reversible and (result.numbering.placeholders or result.numbering.highest):
-        blobs.write_sealed_map(settings.blob_dir, document_id, key, result.numbering.to_json(), facts.generation)
+        blobs.write_sealed_map(settings.blob_dir, document_id, key, result.numbering.to_json(), facts.generation,
+                               department=facts.department)
     if result.review_reason is None:
         open_vector_store(settings).upsert(facts.department, result.points)  # beside the served generation's
     status = DocumentStatus.ready if result.review_reason is None else DocumentStatus.quarantined
@@ -560,7 +561,8 @@ def _served_map(settings: Settings, document: Document, key: bytes, served: int)
     under the document's key or does not parse (its file altered) is a 410 saying so (`placeholder_map_unreadable`),
     counted and logged with the document's id only, not an unexplained 500."""
     try:
-        raw = blobs.read_sealed_map(settings.blob_dir, document.id, key, served)
+        raw = blobs.read_sealed_map(settings.blob_dir, document.id, key, served, department=document.department,
+                                    unbound_through=document.maps_unbound_through)
         return Numbering.from_json(raw).placeholders if raw is not None else {}
     except (crypto.DecryptionError, ValueError) as exc:
         metrics.PLACEHOLDER_MAPS_UNREADABLE.labels(department=document.department).inc()
@@ -689,6 +691,7 @@ def _claim(session: Session, settings: Settings, document: Document,
         content_type=document.content_type, acl_groups=tuple(document.acl_groups),
         classification=Classification(document.declared_classification or document.classification),
         approved_level=_approved_level(document), generation=generation,
+        maps_unbound_through=document.maps_unbound_through,
     )
     return facts, key, rules
 
@@ -726,7 +729,8 @@ def _previous_numbering(settings: Settings, facts: DocumentFacts, key: bytes) ->
     retry mends it: numbered afresh, an answer's `<PERSON_1>` from an earlier run would be revealed as whoever this
     run numbered first."""
     try:
-        raw = blobs.read_newest_sealed_map(settings.blob_dir, facts.document_id, key, below=facts.generation)
+        raw = blobs.read_newest_sealed_map(settings.blob_dir, facts.document_id, key, below=facts.generation,
+                                           department=facts.department, unbound_through=facts.maps_unbound_through)
         return Numbering.from_json(raw) if raw is not None else None
     except (crypto.DecryptionError, ValueError) as exc:
         logger.warning("a placeholder map of document %s does not open under its key or does not parse",

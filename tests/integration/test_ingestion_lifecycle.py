@@ -1053,8 +1053,8 @@ MAP_DAMAGES = ["bytes altered", "not JSON", "not a map"]
 
 def _alter_map(settings, department: str, document_id: str, damage: str) -> tuple[Path, bytes]:  # type: ignore[no-untyped-def]
     """Alter the document's one placeholder map as `damage` says (one bit of its tag flipped; or content that is not
-    JSON, or JSON that is no map, sealed under the document key, so it opens); its path and its bytes as they were."""
-    from core import crypto
+    JSON, or JSON that is no map, sealed under the document key and its run, so it opens); its path and its bytes as
+    they were."""
     from core.keystore import keystore_for
 
     [sealed] = settings.blob_dir.glob(f"{document_id}.*.pii")
@@ -1066,7 +1066,8 @@ def _alter_map(settings, department: str, document_id: str, damage: str) -> tupl
         key = keystore_for(settings).document_key(session=session, department=department, document_id=document_id)
     assert key.key is not None
     content = b"\xffMaria Gonzalez" if damage == "not JSON" else b'["Maria Gonzalez"]'
-    sealed.write_bytes(crypto.seal(key.key, content, f"govrag:pii-map:{document_id}"))
+    generation = int(sealed.name.split(".")[1])
+    blobs.write_sealed_map(settings.blob_dir, document_id, key.key, content, generation, department=department)
     return sealed, kept
 
 
@@ -1232,7 +1233,8 @@ def test_a_reindex_replaces_the_placeholder_map(client: TestClient, lab: dict[st
     with unit_of_work(settings.resolved_database_url) as session:
         key = keystore_for(settings).document_key(session=session, department=department,
                                                   document_id=doc["document_id"]).key
-    raw = blobs.read_newest_sealed_map(settings.blob_dir, doc["document_id"], key, below=2**31)  # type: ignore[arg-type]
+    raw = blobs.read_newest_sealed_map(settings.blob_dir, doc["document_id"], key, below=2**31,  # type: ignore[arg-type]
+                                       department=department, unbound_through=0)
     assert len(maps) == 1 and raw is not None
     assert Numbering.from_json(raw) == Numbering(placeholders={}, highest=numbers_kept)
 

@@ -44,10 +44,12 @@ DOCUMENT = str(uuid.uuid4())
 
 OPERATIONS: dict[str, Callable[[Path], object]] = {
     "write_sealed": lambda blob_dir: blobs.write_sealed(blob_dir, DOCUMENT, KEY, b"the upload"),
-    "write_sealed_map": lambda blob_dir: blobs.write_sealed_map(blob_dir, DOCUMENT, KEY, b"{}", 1),
+    "write_sealed_map": lambda blob_dir: blobs.write_sealed_map(blob_dir, DOCUMENT, KEY, b"{}", 1, department="hr"),
     "read_sealed": lambda blob_dir: blobs.read_sealed(blob_dir, DOCUMENT, KEY),
-    "read_sealed_map": lambda blob_dir: blobs.read_sealed_map(blob_dir, DOCUMENT, KEY, 1),
-    "read_newest_sealed_map": lambda blob_dir: blobs.read_newest_sealed_map(blob_dir, DOCUMENT, KEY, below=2),
+    "read_sealed_map": lambda blob_dir: blobs.read_sealed_map(blob_dir, DOCUMENT, KEY, 1, department="hr",
+                                                              unbound_through=0),
+    "read_newest_sealed_map": lambda blob_dir: blobs.read_newest_sealed_map(blob_dir, DOCUMENT, KEY, below=2,
+                                                                            department="hr", unbound_through=0),
     "has_original": lambda blob_dir: blobs.has_original(blob_dir, DOCUMENT),
     "remove": lambda blob_dir: blobs.remove(blob_dir, DOCUMENT),
     "remove_superseded_maps": lambda blob_dir: blobs.remove_superseded_maps(blob_dir, DOCUMENT, served=None, through=1),
@@ -92,7 +94,7 @@ def test_with_the_directory_there_a_missing_file_is_no_outage(tmp_path: Path) ->
     with pytest.raises(FileNotFoundError):
         blobs.read_sealed(tmp_path / "blobs", DOCUMENT, KEY)
     assert not blobs.has_original(tmp_path / "blobs", DOCUMENT)
-    assert blobs.read_sealed_map(tmp_path / "blobs", DOCUMENT, KEY, 1) is None
+    assert blobs.read_sealed_map(tmp_path / "blobs", DOCUMENT, KEY, 1, department="hr", unbound_through=0) is None
 
 
 def test_a_volume_unmounted_between_the_check_and_the_read_is_an_outage_not_a_lost_file(

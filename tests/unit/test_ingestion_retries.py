@@ -110,7 +110,7 @@ def test_a_run_ending_while_the_blob_volume_is_away_leaves_its_superseded_maps_a
     blobs.open_store(settings.blob_dir, documents_exist=False)
     key = bytes(32)
     for generation in (1, 2):
-        blobs.write_sealed_map(settings.blob_dir, "doc", key, b"{}", generation)
+        blobs.write_sealed_map(settings.blob_dir, "doc", key, b"{}", generation, department="desk")
     state = service._IndexState("desk", 2, 2)
     away = settings.blob_dir.rename(tmp_path / "unmounted")
     try:
@@ -123,7 +123,8 @@ def test_a_run_ending_while_the_blob_volume_is_away_leaves_its_superseded_maps_a
         "superseded placeholder maps of document doc stay until its next run: the blob volume is unavailable"]
     assert [r.getMessage().split(":")[0] for r in caplog.records if r.name == "core.blobs"] == [
         f"the blob volume is no longer mounted at {settings.blob_dir}"]  # the store's own line, once
-    assert blobs.read_sealed_map(settings.blob_dir, "doc", key, 1) is not None  # left for the next run
+    left = blobs.read_sealed_map(settings.blob_dir, "doc", key, 1, department="desk", unbound_through=0)
+    assert left is not None  # left for the next run
 
 
 def test_an_attachment_is_refused_for_its_own_fault_only_never_for_an_outage_or_a_503() -> None:
