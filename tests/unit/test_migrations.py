@@ -364,8 +364,8 @@ def test_documents_ready_before_0012_serve_the_points_they_have_and_a_numbered_g
     finally:
         engine.dispose()
     assert [tuple(row) for row in served] == [("a", 0, 0), ("b", 0, None), ("c", 0, None)]
-    _execute(url, "UPDATE documents SET index_generation = 1, served_generation = 1, unbound_through = 1 "
-                  "WHERE id = 'a'")  # numbered before 0020: only 0012 holds it
+    _execute(url, "UPDATE documents SET index_generation = 1, served_generation = 1, unbound_through = 1, "
+                  "maps_unbound_through = 1 WHERE id = 'a'")  # numbered before 0020 and 0021: only 0012 holds it
     with pytest.raises(migrate.DowngradeRefused, match=r"revision 0012: .*1 documents' index generations"):
         migrate.downgrade(url, "0011")
     assert migrate.current_revision(url) == migrate.head_revision()
@@ -467,13 +467,18 @@ def _columns(url: str, table: str) -> set[str]:
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "pg"])
-def test_generations_numbered_before_0020_keep_their_unbound_chunk_context_and_a_later_one_refuses_the_downgrade(
-        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
-    """0020 records every generation a document numbered before it as sealed under the chunk context naming no run
-    (`unbound_through`), so its chunks keep opening; undoing it is refused once a run has numbered a later one, whose
-    chunks the release before would not open."""
-    url = _database(kind, tmp_path, make_pg_database)
-    migrate.upgrade(url, "0019")
+@pytest.mark.parametrize(("revision", "column", "sealed"), [
+    ("0020", "unbound_through", "chunks' contexts"),
+    ("0021", "maps_unbound_through", "placeholder maps' contexts"),
+], ids=["chunks", "placeholder-maps"])
+def test_generations_numbered_before_their_context_bound_the_run_keep_the_old_one_and_a_later_one_refuses_downgrade(
+        kind: str, tmp_path: Path, make_pg_database: Callable[[], str], revision: str, column: str,
+        sealed: str) -> None:
+    """0020 (chunks) and 0021 (placeholder maps) record every generation a document numbered before them as sealed
+    under the context naming no run (`column`), so what they sealed keeps opening; undoing either is refused once a
+    run has numbered a later one, whose chunks or map the release before would not open."""
+    url, before = _database(kind, tmp_path, make_pg_database), f"{int(revision) - 1:04d}"
+    migrate.upgrade(url, before)
     columns = "id, department, title, content_type, size_bytes, sha256, acl_groups, classification, status, " \
               "chunk_count, uploaded_by, created_at, updated_at, flagged_chunks, index_generation, served_generation"
     rows = ("('a', 'hr', 't', 'text/plain', 1, 'ab', '[]', 'internal', 'ready', 1, 'ed', '2026-01-01', '2026-01-01', "
@@ -481,18 +486,19 @@ def test_generations_numbered_before_0020_keep_their_unbound_chunk_context_and_a
             "'2026-01-01', 0, 0, NULL)")
     _execute(url, "INSERT INTO departments (name, created_at) VALUES ('hr', '2026-01-01 00:00:00')",
              f"INSERT INTO documents ({columns}) VALUES {rows}")  # noqa: S608
-    migrate.upgrade(url)
+    migrate.upgrade(url, revision)
     engine = create_engine(url)
     try:
         with engine.connect() as connection:
-            unbound = connection.execute(text("SELECT id, unbound_through FROM documents ORDER BY id")).all()
+            unbound = connection.execute(text(f"SELECT id, {column} FROM documents ORDER BY id")).all()  # noqa: S608
     finally:
         engine.dispose()
     assert [tuple(row) for row in unbound] == [("a", 3), ("b", 0)]
     _execute(url, "UPDATE documents SET index_generation = 1 WHERE id = 'b'")  # a run numbered since
-    with pytest.raises(migrate.DowngradeRefused, match=r"revision 0020: .*1 documents indexed with their run bound"):
-        migrate.downgrade(url, "0019")
-    assert migrate.current_revision(url) == migrate.head_revision()
+    with pytest.raises(migrate.DowngradeRefused,
+                       match=rf"revision {revision}: .*1 documents indexed with their run bound in their {sealed}"):
+        migrate.downgrade(url, before)
+    assert migrate.current_revision(url) == revision
     _execute(url, "UPDATE documents SET index_generation = 0 WHERE id = 'b'")
-    migrate.downgrade(url, "0019")
-    assert "unbound_through" not in _columns(url, "documents")
+    migrate.downgrade(url, before)
+    assert column not in _columns(url, "documents")
