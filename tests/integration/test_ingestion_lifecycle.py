@@ -1109,6 +1109,39 @@ def test_a_reveal_whose_placeholder_map_was_altered_is_a_410_saying_so(
     assert restored.json()["values"] == {"<PERSON_1>": "Maria Gonzalez"}, restored.text
 
 
+def test_an_earlier_generations_placeholder_map_restored_over_the_served_one_is_a_410(
+        client: TestClient, lab: dict[str, str], settings) -> None:  # type: ignore[no-untyped-def]
+    """A map's associated data named its document only, and one data key seals every generation: the first run's
+    map, copied over (or restored from a backup onto) the file of the re-index that no longer holds a name (allowed
+    since), opened and revealed it. It does not open under the served run's context: the 410 of an altered map; the
+    served map back, the reveal answers as before."""
+    from ingestion import service
+
+    department = _reversible_department(client, lab["admin"])
+    document_id = str(_ingest(client, lab["editor"], department, "minutes.txt",
+                              b"Minutes: Maria Gonzalez approved the budget.\n\nAction: Omar Haddad books the room.",
+                              )["document_id"])
+    url, body = f"/v1/documents/{document_id}/reveal", {"placeholders": [f"<PERSON_{n}>" for n in range(1, 5)]}
+    pia = client.app.state.dev_issuer.issue("pia", [])  # type: ignore[attr-defined]
+    assert "Omar Haddad" in client.post(url, json=body, headers=auth(pia)).json()["values"].values()
+    [first] = settings.blob_dir.glob(f"{document_id}.*.pii")
+    first_map = first.read_bytes()
+    assert client.put(f"/v1/admin/departments/{department}/ingestion-policy", headers=auth(lab["admin"]),
+                      json={"reversible": True, "allow_list": ["Omar Haddad"]}).status_code == 200
+    assert _reindex_one(client, lab["admin"], department, document_id, lab["editor"]) == "ready"
+    [served] = settings.blob_dir.glob(f"{document_id}.*.pii")
+    revealed = client.post(url, json=body, headers=auth(pia)).json()["values"]
+    assert served != first and "Omar Haddad" not in revealed.values(), revealed
+    served_map = served.read_bytes()
+    served.write_bytes(first_map)
+    refused = client.post(url, json=body, headers=auth(pia))
+    assert refused.status_code == 410 and "Omar" not in refused.text, refused.text
+    assert refused.json()["error"]["code"] == "placeholder_map_unreadable"
+    assert refused.json()["error"]["message"] == service.SERVED_MAP_UNREADABLE
+    served.write_bytes(served_map)
+    assert client.post(url, json=body, headers=auth(pia)).json()["values"] == revealed
+
+
 def test_a_reveal_of_a_document_whose_key_row_was_altered_is_a_410_saying_so(
         client: TestClient, lab: dict[str, str], settings, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
     """A document whose key row was altered in the database (it no longer opens under its department key) failed a
