@@ -558,8 +558,9 @@ def _revealing_key(session: Session, settings: Settings, document: Document) -> 
 
 def _served_map(settings: Settings, document: Document, key: bytes, served: int) -> dict[str, str]:
     """The served generation's placeholders and their originals ({}: the run minted none); a map that does not open
-    under the document's key or does not parse (its file altered) is a 410 saying so (`placeholder_map_unreadable`),
-    counted and logged with the document's id only, not an unexplained 500."""
+    under the document's key and run (its file altered, or another generation's copied over it) or does not parse is a
+    410 saying so (`placeholder_map_unreadable`), counted and logged with the document's id only, not an unexplained
+    500."""
     try:
         raw = blobs.read_sealed_map(settings.blob_dir, document.id, key, served, department=document.department,
                                     unbound_through=document.maps_unbound_through)
