@@ -1048,13 +1048,15 @@ def test_reversible_pseudonymisation_reveals_only_with_permission_and_is_audited
     assert not sealed.exists()
 
 
-MAP_DAMAGES = ["bytes altered", "not JSON", "not a map"]
+MAP_DAMAGES = ["bytes altered", "not JSON", "not a map", "sealed as before 0021"]
 
 
 def _alter_map(settings, department: str, document_id: str, damage: str) -> tuple[Path, bytes]:  # type: ignore[no-untyped-def]
-    """Alter the document's one placeholder map as `damage` says (one bit of its tag flipped; or content that is not
-    JSON, or JSON that is no map, sealed under the document key and its run, so it opens); its path and its bytes as
-    they were."""
+    """Alter the document's one placeholder map as `damage` says (one bit of its tag flipped; content that is not
+    JSON, or JSON that is no map, sealed under the document key and its run, so it opens; or its own content sealed
+    under the context naming the document only, as before 0021, which a document numbered since never opens under);
+    its path and its bytes as they were."""
+    from core import crypto
     from core.keystore import keystore_for
 
     [sealed] = settings.blob_dir.glob(f"{document_id}.*.pii")
@@ -1065,8 +1067,14 @@ def _alter_map(settings, department: str, document_id: str, damage: str) -> tupl
     with get_session_factory(settings.resolved_database_url)() as session:
         key = keystore_for(settings).document_key(session=session, department=department, document_id=document_id)
     assert key.key is not None
-    content = b"\xffMaria Gonzalez" if damage == "not JSON" else b'["Maria Gonzalez"]'
     generation = int(sealed.name.split(".")[1])
+    if damage == "sealed as before 0021":
+        content = blobs.read_sealed_map(settings.blob_dir, document_id, key.key, generation, department=department,
+                                        unbound_through=0)
+        assert content is not None
+        sealed.write_bytes(crypto.seal(key.key, content, f"govrag:pii-map:{document_id}"))
+        return sealed, kept
+    content = b"\xffMaria Gonzalez" if damage == "not JSON" else b'["Maria Gonzalez"]'
     blobs.write_sealed_map(settings.blob_dir, document_id, key.key, content, generation, department=department)
     return sealed, kept
 
@@ -1077,8 +1085,9 @@ def test_a_reveal_whose_placeholder_map_was_altered_is_a_410_saying_so(
         caplog: pytest.LogCaptureFixture) -> None:
     """A served placeholder map whose bytes were altered (it no longer opens under the document key) was a 500; one
     that opens (sealed under the document key again) but is not JSON was a 500 with a traceback, and JSON of another
-    shape a 200 revealing nothing, as if the document held no such placeholder. Each is a 410
-    `placeholder_map_unreadable` saying what to do, counted by department and logged with the document's id only, no
+    shape a 200 revealing nothing, as if the document held no such placeholder; one sealed under the context before
+    0021 (naming the document only) opened, though the database records this generation as numbered since. Each is a
+    410 `placeholder_map_unreadable` saying what to do, counted by department and logged with the document's id only, no
     reveal recorded; the map restored, the reveal answers again."""
     from core import metrics
     from ingestion import service
@@ -1441,9 +1450,9 @@ def test_a_reindex_whose_placeholder_map_was_altered_fails_at_once(
     """A run reads the placeholder map an earlier run sealed, to number its placeholders as that run did; one that
     does not open under the document's key (altered bytes), or opens but does not parse (not JSON, or JSON that is
     no map: the ValueError of `Numbering.from_json`, which a run retried as any other error until its attempts ran
-    out), fails the run at once, saying to upload the document again: numbered afresh, an older answer's
-    `<PERSON_1>` would be revealed as whoever this run numbered first. The warning names the document, never a
-    value."""
+    out), or opens only under the context before 0021 (its generation numbered since), fails the run at once, saying
+    to upload the document again: numbered afresh, an older answer's `<PERSON_1>` would be revealed as whoever this
+    run numbered first. The warning names the document, never a value."""
     from ingestion import service
 
     department = _reversible_department(client, lab["admin"])
