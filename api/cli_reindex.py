@@ -30,8 +30,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                        help="this department (repeatable)")
     scope.add_argument("--all", action="store_true", dest="every_department", help="every department")
     reindex.add_argument("--unbound", action="store_true",
-                         help="only documents whose served chunks were sealed before their run was bound in them "
-                              "(migration 0020)")
+                         help="only documents whose served chunks or placeholder map were sealed before their "
+                              "run was bound in them (migrations 0020, 0021)")
     reindex.add_argument("--stale-scan", action="store_true",
                          help="only documents whose served chunks another injection scanner version passed (reads "
                               "the vector store); with --unbound, documents that are either")

@@ -1,8 +1,9 @@
 """Re-indexes an admin or an operator asks for, each queued and audited as one (`POST /v1/admin/reindex`, `govrag
-reindex`), and the served documents whose index this release would write differently: chunks sealed before their
-contexts bound the run (migration 0020: until a re-index, an earlier generation's chunk can stand in for the served
-one's), or passed by another injection scanner than this one (scanned again at query time, in every process after
-each start, until a re-index stamps them). No release rewrites either; a re-index does."""
+reindex`), and the served documents whose index this release would write differently: chunks or a placeholder map
+sealed before their contexts bound the run (migrations 0020 and 0021: until a re-index, an earlier generation's chunk
+or map can stand in for the served one's), or passed by another injection scanner than this one (scanned again at
+query time, in every process after each start, until a re-index stamps them). No release rewrites either; a re-index
+does."""
 
 from __future__ import annotations
 
@@ -44,8 +45,8 @@ def queue_audited(*, session: Session, settings: Settings, identity: Identity, d
 @dataclass(frozen=True)
 class Outdated:
     """A department's served documents, by id, whose index this release would write differently: sealed before 0020
-    (`unbound`), passed by another scanner than this one (`stale_scan`); and those of them being ingested (`pending`):
-    their run writes them anew, so no other job is queued for them."""
+    or 0021 (`unbound`: `_unbound`), passed by another scanner than this one (`stale_scan`); and those of them being
+    ingested (`pending`): their run writes them anew, so no other job is queued for them."""
 
     unbound: frozenset[str]
     stale_scan: frozenset[str]
@@ -60,11 +61,19 @@ def outdated(*, session: Session, settings: Settings, department: str, unbound: 
     """The department's served documents outdated in the ways asked for (`Outdated`). The stale-scan check reads the
     vector store: beside a `govrag serve` holding the embedded store it is EmbeddedStoreHeld."""
     served = ingestion_service.served_in_department(session=session, department=department)
-    found_unbound = frozenset(i for i, document in served.items()
-                              if unbound and ingestion_service.served_run(document) is None)
+    found_unbound = frozenset(i for i, document in served.items() if unbound and _unbound(document))
     found_stale = frozenset(_scanned_by_another(settings, department, served) if stale_scan else ())
     return Outdated(unbound=found_unbound, stale_scan=found_stale,
                     pending=frozenset(i for i in found_unbound | found_stale if served[i].status in UNFINISHED))
+
+
+def _unbound(document: Document) -> bool:
+    """The served generation's chunks were sealed before 0020 (`served_run`: under the context naming no run), or its
+    placeholder map before 0021 (`Document.maps_unbound_through`: under the one naming the document only). Read from
+    the database alone: whether the generation kept a map at all is not looked up, a re-index binds both."""
+    generation = document.served_generation
+    return (ingestion_service.served_run(document) is None
+            or (generation is not None and generation <= document.maps_unbound_through))
 
 
 def _scanned_by_another(settings: Settings, department: str, served: dict[str, Document]) -> set[str]:

@@ -24,15 +24,17 @@ OLD_SCANNER = "0123456789abcdef"  # a version no shipped scanner has
 
 
 def _document(url: str, *, department: str = "hr", status: str = DocumentStatus.ready, served: int | None = 1,
-              unbound_through: int = 0, job: bool = False) -> str:
-    """A document row as a run left it: serving generation `served` (sealed before 0020 when it is at most
-    `unbound_through`), with a job queued when it is being ingested (`job`)."""
+              unbound_through: int = 0, maps_unbound_through: int = 0, job: bool = False) -> str:
+    """A document row as a run left it: serving generation `served` (its chunks sealed before 0020 when it is at most
+    `unbound_through`, its placeholder map before 0021 when at most `maps_unbound_through`), with a job queued when it
+    is being ingested (`job`)."""
     document_id = str(uuid.uuid4())
     with unit_of_work(url) as session:
         session.add(Document(id=document_id, department=department, title="t", content_type="text/plain",
                              size_bytes=1, sha256=uuid.uuid4().hex * 2, uploaded_by="tester", status=status,
-                             index_generation=max(served or 0, unbound_through), served_generation=served,
-                             unbound_through=unbound_through))
+                             index_generation=max(served or 0, unbound_through, maps_unbound_through),
+                             served_generation=served, unbound_through=unbound_through,
+                             maps_unbound_through=maps_unbound_through))
         session.flush()
         if job:
             session.add(IngestionJob(id=str(uuid.uuid4()), document_id=document_id, status=DocumentStatus.queued))
@@ -142,6 +144,20 @@ def test_documents_another_scanner_passed_are_found_in_the_vector_store(
     assert done["documents"] == [stale] and done["selection"] == ["stale_scan"]
     assert _state(cli_env, stale) == (DocumentStatus.queued, None, 1)
     assert _state(cli_env, current) == (DocumentStatus.ready, 2, 0)
+
+
+def test_documents_whose_placeholder_map_was_sealed_before_0021_are_unbound_too(
+        cli_env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A document re-indexed between 0020 and 0021 serves chunks bound to their run and a placeholder map that is not
+    (an earlier generation's map can stand in for it until a re-index): `--unbound` took only chunks sealed before
+    0020, so it was never queued. Now it is, and a document whose served generation was numbered since 0021 is not."""
+    map_unbound = _document(cli_env, served=2, unbound_through=1, maps_unbound_through=2)
+    bound = _document(cli_env, served=3, unbound_through=1, maps_unbound_through=2)
+
+    done = _reindex(capsys, "--department", "hr", "--unbound")
+    assert (done["queued"], done["documents"]) == (1, [map_unbound])
+    assert _state(cli_env, map_unbound) == (DocumentStatus.queued, None, 1)
+    assert _state(cli_env, bound) == (DocumentStatus.ready, 3, 0)
 
 
 def test_an_unknown_department_is_refused_and_nothing_is_queued(
