@@ -679,6 +679,9 @@ def _claim(session: Session, settings: Settings, document: Document,
     repository.count_attempt(session, job.id, after_a_crash=after_a_crash)  # counted even if the document was retired
     if not moved:
         return None
+    # its facts as its row lock leaves them, not as read before: an end of its e-mail's run raising it committed
+    # meanwhile (`_raise_attachments`), finding no run of it to hand back, and its floor is the raised one
+    session.refresh(document)
     if key is None or failure is not None:
         logger.warning("ingestion of document %s failed as it was claimed: %s", document.id,
                        "its data key (or its department's) is missing or does not open" if key is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -152,17 +153,91 @@ def test_the_command_run_again_runs_a_reindex_raising_the_email_and_the_jobs_its
     assert _point_levels(attachments) == {"confidential"}
 
 
+@contextmanager
+def _a_workers_run_ending_in_the_step(
+    email_id: str, job_id: str, end: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[list[Any]]:
+    """The e-mail's run, as a worker runs it beside the command: claimed now, it goes on once the command's attachment
+    step of the e-mail has read its lineage (`end` "before the step's locks", waited for: the step takes its locks
+    after the run's end) or holds its locks and lists the attachments ("while the step holds them", waited for until
+    it ends or waits for a lock). The command's claim of the file the step took, which read the file before, goes on
+    once the run ended. Yields what the run returns (the jobs its end queued), filled once it ended."""
+    from ingestion import repository, service
+    from tests.support.lock_waits import wait_for_a_lock_wait
+
+    settings = get_settings()
+    url, real_protect, real_spawn = settings.resolved_database_url, service.protect, service.spawn_attachments
+    real_lineage, real_listed, real_claim = repository.lineage, service._listed_attachments, service._claim
+    protecting, released, returned, in_the_step = threading.Event(), threading.Event(), [], []
+
+    def held_until_released(data: bytes, facts: Any, *args: object, **kwargs: object) -> object:
+        if facts.document_id == email_id:
+            protecting.set()
+            released.wait(300)
+        return real_protect(data, facts, *args, **kwargs)
+
+    def release() -> None:
+        in_the_step.append(end)
+        released.set()
+        if end == "before the step's locks":
+            running.join(300)
+        else:
+            wait_for_a_lock_wait(url, running)  # the run's end waits for the step's locks, or it ended
+
+    def lineage_read(session: Any, document_id: str) -> list[str]:
+        line = real_lineage(session, document_id)
+        if document_id == email_id and end == "before the step's locks" and not released.is_set():
+            release()
+        return line
+
+    def listed(*args: Any) -> Any:
+        if end == "while the step holds them" and not released.is_set():
+            release()
+        return real_listed(*args)
+
+    def claimed_once_the_run_ended(session: Any, claiming: Any, document: Any, job: Any) -> Any:
+        if document.parent_id == email_id:  # the file the step took, read before the run's end is committed
+            running.join(300)
+        return real_claim(session, claiming, document, job)
+
+    def step(**kwargs: Any) -> list[Any]:
+        with monkeypatch.context() as patched:
+            patched.setattr(repository, "lineage", lineage_read)
+            patched.setattr(service, "_listed_attachments", listed)
+            return real_spawn(**kwargs)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(service, "protect", held_until_released)
+    running = threading.Thread(
+        target=lambda: returned.append(service.run_ingestion(settings=settings, document_id=email_id, job_id=job_id))
+    )
+    running.start()
+    try:
+        assert protecting.wait(300), "the worker's run never started"
+        monkeypatch.setattr(service, "spawn_attachments", step)
+        monkeypatch.setattr(service, "_claim", claimed_once_the_run_ended)
+        yield returned
+    finally:
+        released.set()
+        running.join(300)
+    assert in_the_step == [end] and not running.is_alive() and len(returned) == 1
+
+
 @pytest.mark.parametrize("cli_env", ["postgresql", "embedded"], indirect=True)
-def test_the_commands_step_taking_content_as_the_emails_raising_run_ends_reads_the_raised_level(
-    cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("end", ["before the step's locks", "while the step holds them"])
+def test_the_commands_step_taking_content_as_a_run_raising_the_email_ends_takes_it_at_the_raised_level(
+    cli_env: str, end: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A file two e-mails carry, taken under the first, which is then deleted: the second's attachment step is
-    queued to take it, and a re-index of the second (a keyword now marking it confidential) is sent to a worker.
-    The command run on the second runs its step, which reads the e-mail as it lists its lineage, then takes its
-    locks; the worker's run ends in between, raising what it finds below the e-mail (not yet the file). The step
-    takes the file at the level the e-mail has once its locks are held, confidential, not the one read before
-    them: its content is never written at internal, for readers the e-mail is now hidden from."""
-    from ingestion import repository, service
+    queued to take it, and a re-index of the second (a keyword now marking it confidential) is run by a worker.
+    The command run on the second runs its step as the worker's run ends: after the step read the e-mail as it
+    listed its lineage and before it took its locks, or while it holds them and takes the file. Either way the file
+    is written at confidential only, never at internal for readers the e-mail is now hidden from: the step reads
+    the level the end wrote, or the end waits for the step (it takes the e-mail's lineage's locks first) and raises
+    what the step took. In the second case the command's run of the file read it (its floor internal) before the
+    end raised it, and was claimed after: the end found no run of it to hand back, and the claim took the floor as
+    read, so the run wrote the file at internal, its declared level lowered back with it. Now a claim reads the
+    document as its row lock leaves it."""
+    from ingestion import service
     from workers.dispatch import record_sent
 
     rota = f"The Malaga desk opens on Fridays at six ({uuid.uuid4().hex[:6]}).".encode()
@@ -180,29 +255,10 @@ def test_the_commands_step_taking_content_as_the_emails_raising_run_ends_reads_t
     run_id = _reindexed(cli_env, second_id)
     record_sent(settings, run_id)  # a worker's: the command leaves it alone
 
-    real_spawn, real_lineage, ended = service.spawn_attachments, repository.lineage, []
-
-    def the_run_ends_after_the_lineage_is_read(session: Any, document_id: str) -> list[str]:
-        line = real_lineage(session, document_id)
-        if document_id == second_id and not ended:
-            ended.append(
-                threading.Thread(
-                    target=service.run_ingestion,
-                    kwargs={"settings": settings, "document_id": second_id, "job_id": run_id},
-                )
-            )
-            ended[0].start()
-            ended[0].join(300)
-        return line
-
-    def step(**kwargs: Any) -> list[Any]:
-        with monkeypatch.context() as patched:
-            patched.setattr(repository, "lineage", the_run_ends_after_the_lineage_is_read)
-            return real_spawn(**kwargs)  # type: ignore[no-any-return]
-
-    monkeypatch.setattr(service, "spawn_attachments", step)
-    assert "duplicate: 1" in _ingest(second, capsys)
-    assert ended and not ended[0].is_alive()
+    with _a_workers_run_ending_in_the_step(second_id, run_id, end, monkeypatch) as returned:
+        assert "duplicate: 1" in _ingest(second, capsys)
+    for job in returned[0]:  # sent by the worker: an end raising the file after the command's run of it ended
+        service.run_ingestion(settings=settings, document_id=job.document_id, job_id=job.job_id)
     taken = [
         document
         for document in _documents(cli_env).values()
@@ -212,7 +268,7 @@ def test_the_commands_step_taking_content_as_the_emails_raising_run_ends_reads_t
         ("confidential", "confidential")
     ]
     assert _point_levels({taken[0].id}) == {"confidential"}
-    assert _jobs(cli_env, taken[0].id) == [("ready", True)]  # taken and run by the command
+    assert _documents(cli_env)[second.name].classification == "confidential"
 
 
 @pytest.mark.parametrize("approval", ["run before the raise", "waiting at the raise"])
