@@ -160,15 +160,19 @@ def _a_workers_run_ending_in_the_step(
     """The e-mail's run, as a worker runs it beside the command: claimed now, it goes on once the command's attachment
     step of the e-mail has read its lineage (`end` "before the step's locks", waited for: the step takes its locks
     after the run's end) or holds its locks and lists the attachments ("while the step holds them", waited for until
-    it ends or waits for a lock). The command's claim of the file the step took, which read the file before, goes on
-    once the run ended. Yields what the run returns (the jobs its end queued), filled once it ended."""
+    it ends or waits for a lock). The command's claim of the file the step took reads the file, then goes on once the
+    run ended; in the second case the run's end, its lineage's locks taken, waits for that read, so the claim has read
+    the file as it was before the end raised it. Yields what the run returns (the jobs its end queued), filled once
+    it ended."""
     from ingestion import repository, service
     from tests.support.lock_waits import wait_for_a_lock_wait
 
     settings = get_settings()
     url, real_protect, real_spawn = settings.resolved_database_url, service.protect, service.spawn_attachments
     real_lineage, real_listed, real_claim = repository.lineage, service._listed_attachments, service._claim
+    real_lock_lineage = repository.lock_lineage
     protecting, released, returned, in_the_step = threading.Event(), threading.Event(), [], []
+    claim_read, end_held = threading.Event(), []
 
     def held_until_released(data: bytes, facts: Any, *args: object, **kwargs: object) -> object:
         if facts.document_id == email_id:
@@ -195,8 +199,15 @@ def _a_workers_run_ending_in_the_step(
             release()
         return real_listed(*args)
 
+    def ends_once_the_claim_read_the_file(session: Any, document_id: str) -> list[str]:
+        line = real_lock_lineage(session, document_id)
+        if threading.current_thread() is running and end == "while the step holds them" and not end_held:
+            end_held.append(claim_read.wait(300))  # the step committed: the command's claim of the file reads it now
+        return line
+
     def claimed_once_the_run_ended(session: Any, claiming: Any, document: Any, job: Any) -> Any:
         if document.parent_id == email_id:  # the file the step took, read before the run's end is committed
+            claim_read.set()
             running.join(300)
         return real_claim(session, claiming, document, job)
 
@@ -207,6 +218,7 @@ def _a_workers_run_ending_in_the_step(
             return real_spawn(**kwargs)  # type: ignore[no-any-return]
 
     monkeypatch.setattr(service, "protect", held_until_released)
+    monkeypatch.setattr(repository, "lock_lineage", ends_once_the_claim_read_the_file)
     running = threading.Thread(
         target=lambda: returned.append(service.run_ingestion(settings=settings, document_id=email_id, job_id=job_id))
     )
@@ -220,6 +232,7 @@ def _a_workers_run_ending_in_the_step(
         released.set()
         running.join(300)
     assert in_the_step == [end] and not running.is_alive() and len(returned) == 1
+    assert end_held == ([True] if end == "while the step holds them" else [])
 
 
 @pytest.mark.parametrize("cli_env", ["postgresql", "embedded"], indirect=True)
