@@ -435,7 +435,16 @@ class _Expectations:
     at: dict[int, str] = field(default_factory=dict)  # event id -> hash it must have
     checked: int = 0
     bad_signature: int | None = None
+    unrecorded_purge: int | None = None  # the newest purge, signed by a previous key alone, when no event records it
     deployment_id: str | None = None
+
+    def failure(self) -> tuple[int, str] | None:
+        """What the checkpoints alone show wrong, before any row is read: (the event, the reason), None when nothing."""
+        if self.bad_signature is not None:
+            return self.bad_signature, "checkpoint_signature_invalid"
+        if self.unrecorded_purge is not None:
+            return self.unrecorded_purge, "purge_unrecorded"
+        return None
 
 
 def _expectations(session: Session, settings: Settings) -> _Expectations:
@@ -464,9 +473,11 @@ def _expectations(session: Session, settings: Settings) -> _Expectations:
             found.purged_through, found.anchor = checkpoint.last_event_id, checkpoint.last_hash
         found.at[checkpoint.last_event_id] = checkpoint.last_hash
         given.setdefault(checkpoint.last_event_id, set()).add(checkpoint.last_hash)
-    if found.purged_through and not _purge_made(session, found.purged_through, given[found.purged_through],
-                                                 found.purged_through in purged_now, rotated_through):
+    if found.purged_through and len(given[found.purged_through]) > 1:
         found.bad_signature = found.purged_through
+    elif found.purged_through and not _purge_recorded(session, found.purged_through,
+                                                      found.purged_through in purged_now, rotated_through):
+        found.unrecorded_purge = found.purged_through
     found.at = {event_id: h for event_id, h in found.at.items() if event_id > found.purged_through}
     return found
 
@@ -478,14 +489,13 @@ def _rotated_through(checkpoints: Sequence[AuditCheckpoint | None], signed_now: 
                 if now and checkpoint is not None), default=0)
 
 
-def _purge_made(session: Session, purged_through: int, hashes: set[str], signed_now: bool,
-                rotated_through: int) -> bool:
-    """Whether the newest purge is one the ledger made: no checkpoint gives the purged event another hash, and, when a
-    previous key alone signed it, its `retention_purge` event lies between it and the newest event the current key
-    anchors (which pins that event through the chain). Whoever holds the leaked key could otherwise sign a purge at an
-    earlier event, or at a purged one for a row given its id, and delete the rows up to it."""
-    return len(hashes) == 1 and (signed_now or repository.purge_recorded(session, purged_through,
-                                                                          up_to=rotated_through))
+def _purge_recorded(session: Session, purged_through: int, signed_now: bool, rotated_through: int) -> bool:
+    """Whether the newest purge is one the ledger made: signed with the current key, or, when a previous key alone
+    signed it, its `retention_purge` event lies between it and the newest event the current key anchors (which pins
+    that event through the chain). Whoever holds the leaked key could otherwise sign a purge at an earlier event, or at
+    a purged one for a row given its id, and delete the rows up to it; a purge an outage cut short before its event
+    (before purges were made in one transaction) is told the same way: its signature holds, no event records it."""
+    return signed_now or repository.purge_recorded(session, purged_through, up_to=rotated_through)
 
 
 def _previous_signers(settings: Settings, deployment_id: str) -> list[Signer]:
@@ -503,8 +513,8 @@ def verify(*, session: Session, settings: Settings, deployment_id: str | None = 
                           purged_through=expect.purged_through or None, deployment_id=expect.deployment_id)
     if deployment_id is not None and deployment_id != expect.deployment_id:
         return result.model_copy(update={"ok": False, "reason": "other_deployment"})
-    if expect.bad_signature is not None:
-        return _broken(result, expect.bad_signature, "checkpoint_signature_invalid")
+    if (failure := expect.failure()) is not None:
+        return _broken(result, *failure)
     lowest = repository.min_event_id(session)
     if lowest is not None and lowest <= expect.purged_through:  # where no row may be (the walk starts past it)
         return _broken(result, lowest, "chain_link_broken")

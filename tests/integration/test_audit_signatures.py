@@ -1232,7 +1232,8 @@ def test_a_purge_the_leaked_previous_key_signs_before_the_cut_fails_verification
         caplog: pytest.LogCaptureFixture) -> None:
     """After a rotation, whoever held the old key could sign a purge checkpoint at an event before the new key's
     checkpoint (the cut), delete the rows up to it, and `verify` passed: nothing tied a purge to its `retention_purge`
-    event. A purge only a previous key signed is taken now only if such an event, before the cut, records it."""
+    event. A purge only a previous key signed is taken now only if such an event, before the cut, records it (else
+    `purge_unrecorded`: its signature holds)."""
     new, deployment = _rotated_after_a_purge(ledger, audit_cli, monkeypatch)
     row_8 = _sql_rows(new, "SELECT hash FROM retrieval_events WHERE id = 8")[0][0]
     forged = _signed_line(base64.b64decode(OLD_KEY), deployment, at=8, last_hash=row_8, kind="purge", event_count=7)
@@ -1240,7 +1241,7 @@ def test_a_purge_the_leaked_previous_key_signs_before_the_cut_fails_verification
     _sql_rows(new, "DELETE FROM retrieval_events WHERE id <= 8")
     code, report = audit_cli(new, "verify")
     assert (code, report["ok"], report["reason"], report["first_broken"]) == (
-        3, False, "checkpoint_signature_invalid", 8), report
+        3, False, "purge_unrecorded", 8), report
     said = caplog.text + json.dumps(report)
     assert OLD_KEY not in said and NEW_KEY not in said
 
@@ -1274,3 +1275,45 @@ def _sql_rows(settings: Settings, statement: str) -> list[Any]:
         rows = list(result) if result.returns_rows else []
         session.commit()
     return rows
+
+
+def _purged_without_its_event(settings: Settings) -> None:
+    """Rows 1 to 5 purged as a release before one-transaction purges left a purge an outage cut short: its checkpoint
+    signed, committed and mirrored, the rows deleted, and no `retention_purge` event recording it."""
+    from audit import integrity, repository
+
+    with unit_of_work(settings.resolved_database_url) as session:
+        row_5 = session.get(RetrievalEvent, 5)
+        assert row_5 is not None
+        checkpoint = integrity.make_checkpoint(session=session, settings=settings, event=row_5, kind="purge",
+                                               event_count=5)
+        repository.delete_through(session, 5)
+        session.commit()
+    integrity.mirror_checkpoint(settings, checkpoint)
+
+
+def test_a_purge_of_the_previous_key_no_event_records_is_told_apart_from_a_bad_signature(
+        ledger: Settings, audit_cli: Callable[..., tuple], monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a rotation, a purge only the previous key signed and no `retention_purge` event records failed as
+    `checkpoint_signature_invalid`, though its signatures hold: an auditor looked for an edited checkpoint. It is
+    `purge_unrecorded` now; a purge checkpoint whose signature fails is still `checkpoint_signature_invalid`, and a
+    purge with the new key moves verification past the unrecorded one, as docs/audit.md says."""
+    old = _keyed(ledger, OLD_KEY)
+    _append(old, 6)
+    _purged_without_its_event(old)
+    _append(old, 4)  # rows 7 to 10
+    new = _keyed(ledger, NEW_KEY)
+    monkeypatch.setenv("GOVRAG_AUDIT_CHECKPOINT_PREVIOUS_KEYS", OLD_KEY)
+    assert audit_cli(new, "checkpoint") == (0, {"checkpointed_event_id": 10, "signed": True})
+    code, report = audit_cli(new, "verify")
+    assert (code, report["ok"], report["reason"], report["first_broken"]) == (3, False, "purge_unrecorded", 5), report
+    lines = _mirror_lines(new)
+    (purge_line,) = [line for line in lines if line["kind"] == "purge"]
+    _write_lines(new.resolved_checkpoint_file, [line | {"last_hash": "0" * 64} if line is purge_line else line
+                                                for line in lines])
+    code, report = audit_cli(new, "verify")
+    assert (code, report["reason"], report["first_broken"]) == (3, "checkpoint_signature_invalid", 5), report
+    _write_lines(new.resolved_checkpoint_file, lines)
+    assert _purged_with_cli(audit_cli, new, monkeypatch) == (0, {"purged": 5})
+    code, report = audit_cli(new, "verify")
+    assert (code, report["ok"], report["purged_through"]) == (0, True, 10), report
