@@ -435,6 +435,7 @@ class _Expectations:
     at: dict[int, str] = field(default_factory=dict)  # event id -> hash it must have
     checked: int = 0
     bad_signature: int | None = None
+    conflict: int | None = None  # the first event accepted checkpoints give two hashes
     unrecorded_purge: int | None = None  # the newest purge, signed by a previous key alone, when no event records it
     deployment_id: str | None = None
 
@@ -442,6 +443,8 @@ class _Expectations:
         """What the checkpoints alone show wrong, before any row is read: (the event, the reason), None when nothing."""
         if self.bad_signature is not None:
             return self.bad_signature, "checkpoint_signature_invalid"
+        if self.conflict is not None:
+            return self.conflict, "checkpoint_conflict"
         if self.unrecorded_purge is not None:
             return self.unrecorded_purge, "purge_unrecorded"
         return None
@@ -473,10 +476,9 @@ def _expectations(session: Session, settings: Settings) -> _Expectations:
             found.purged_through, found.anchor = checkpoint.last_event_id, checkpoint.last_hash
         found.at[checkpoint.last_event_id] = checkpoint.last_hash
         given.setdefault(checkpoint.last_event_id, set()).add(checkpoint.last_hash)
-    if found.purged_through and len(given[found.purged_through]) > 1:
-        found.bad_signature = found.purged_through
-    elif found.purged_through and not _purge_recorded(session, found.purged_through,
-                                                      found.purged_through in purged_now, rotated_through):
+    found.conflict = _first_conflict(given)
+    if found.purged_through and not _purge_recorded(session, found.purged_through,
+                                                    found.purged_through in purged_now, rotated_through):
         found.unrecorded_purge = found.purged_through
     found.at = {event_id: h for event_id, h in found.at.items() if event_id > found.purged_through}
     return found
@@ -487,6 +489,13 @@ def _rotated_through(checkpoints: Sequence[AuditCheckpoint | None], signed_now: 
     previous key is taken only up to it. 0 when the current key signed none."""
     return max((checkpoint.last_event_id for checkpoint, now in zip(checkpoints, signed_now, strict=True)
                 if now and checkpoint is not None), default=0)
+
+
+def _first_conflict(given: dict[int, set[str]]) -> int | None:
+    """The first event the accepted checkpoints (database rows and mirror lines) give more than one hash, None when
+    they agree: the walk holds one hash per event, so one that disagreed with the row went unseen when another matched
+    it, and an event at or before the newest purge has no row left to tell either."""
+    return min((event_id for event_id, hashes in given.items() if len(hashes) > 1), default=None)
 
 
 def _purge_recorded(session: Session, purged_through: int, signed_now: bool, rotated_through: int) -> bool:

@@ -1250,14 +1250,15 @@ def test_a_checkpoint_giving_the_purged_event_another_hash_fails_verification(
         ledger: Settings, audit_cli: Callable[..., tuple], monkeypatch: pytest.MonkeyPatch) -> None:
     """Verification starts past the newest purge, so no row is left to check a checkpoint at the purged event
     against: the old key's holder could add one giving it another hash (the walk checks only events past the purge),
-    and `verify` passed. Two accepted checkpoints that disagree on the purged event now fail it."""
+    and `verify` passed. Two accepted checkpoints that disagree on the purged event now fail it
+    (`checkpoint_conflict`)."""
     new, deployment = _rotated_after_a_purge(ledger, audit_cli, monkeypatch)
     other = _signed_line(base64.b64decode(OLD_KEY), deployment, at=5, last_hash="ab" * 32, kind="purge",
                          event_count=5)
     _write_lines(new.resolved_checkpoint_file, [*_mirror_lines(new), other])
     code, report = audit_cli(new, "verify")
     assert (code, report["ok"], report["reason"], report["first_broken"]) == (
-        3, False, "checkpoint_signature_invalid", 5), report
+        3, False, "checkpoint_conflict", 5), report
 
 
 def test_a_purge_the_new_key_signs_after_a_rotation_verifies_beside_the_old_keys(
@@ -1317,3 +1318,30 @@ def test_a_purge_of_the_previous_key_no_event_records_is_told_apart_from_a_bad_s
     assert _purged_with_cli(audit_cli, new, monkeypatch) == (0, {"purged": 5})
     code, report = audit_cli(new, "verify")
     assert (code, report["ok"], report["purged_through"]) == (0, True, 10), report
+
+
+@pytest.mark.parametrize("where", ["database", "mirror"])
+def test_two_checkpoints_giving_one_event_two_hashes_fail_verification(
+        ledger: Settings, audit_cli: Callable[..., tuple], where: str) -> None:
+    """The walk held one hash per event, the last checkpoint read for it: a signed checkpoint giving an event another
+    hash than the row (by a previous key's holder, before the cut) went unseen as long as another checkpoint, read
+    after it, gave the row's. Verify told it only on the purged event; now any event two accepted checkpoints give two
+    hashes fails with `checkpoint_conflict` at that event, as verify-mirror tells two lines."""
+    from audit import integrity
+
+    settings = _keyed(ledger, NEW_KEY)
+    _append(settings, 10)  # signed at rows 5 and 10
+    assert _verified(settings) == (True, None, 4)
+    with unit_of_work(settings.resolved_database_url) as session:
+        deployment = integrity.signer_for(settings, session).deployment_id
+    forked = _signed_line(base64.b64decode(NEW_KEY), deployment, at=5, last_hash="f" * 64)
+    if where == "mirror":  # read before the lines the ledger wrote
+        _write_lines(settings.resolved_checkpoint_file, [forked, *_mirror_lines(settings)])
+    else:  # read before every mirror line
+        forked_row = integrity._from_json(json.dumps(forked))
+        with unit_of_work(settings.resolved_database_url) as session:
+            session.add(forked_row)
+            session.commit()
+    code, report = audit_cli(settings, "verify")
+    assert (code, report["ok"], report["reason"], report["first_broken"]) == (
+        3, False, "checkpoint_conflict", 5), report
