@@ -78,9 +78,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                                  help="the deployment the checkpoints must be of, a UUID (deployments sharing a "
                                  "checkpoint key share the public key)")
     checking_mirror.set_defaults(run=verify_mirror)
-    audit_commands.add_parser(
+    publishing = audit_commands.add_parser(
         "public-key", help="print the Ed25519 public key (PEM) that checks this deployment's export manifests and "
-        "checkpoints (give it to auditors: it cannot sign)").set_defaults(run=public_key)
+        "checkpoints (give it to auditors: it cannot sign)")
+    publishing.add_argument("--all", action="store_true", help="after the current key, print the public key of each "
+                            "previous checkpoint key (GOVRAG_AUDIT_CHECKPOINT_PREVIOUS_KEYS), as configured: they "
+                            "check what was signed before a rotation")
+    publishing.set_defaults(run=public_key)
     audit_commands.add_parser(
         "checkpoint", help="sign a checkpoint at the end of the chain (none when the newest covers it)").set_defaults(
         run=checkpoint)
@@ -269,15 +273,22 @@ def training_data(args: argparse.Namespace) -> int:
 
 
 @reported
-def public_key(_args: argparse.Namespace) -> int:
+def public_key(args: argparse.Namespace) -> int:
     """Print the Ed25519 public key (PEM) that checks this deployment's export manifests; its key id and the
-    deployment id, which an auditor keeps with it, on stderr (the PEM alone is redirected to a file)."""
+    deployment id, which an auditor keeps with it, on stderr (the PEM alone is redirected to a file). With --all, the
+    previous keys' after it, each key id on a line of stderr of its own."""
     from audit import service as audit_service
 
+    settings = get_settings()
     with operator_session() as session:
-        published = audit_service.public_key(session=session, settings=get_settings())
+        published = audit_service.public_key(session=session, settings=settings)
+    previous = (audit_service.previous_public_keys(settings=settings, deployment_id=published.deployment_id)
+                if args.all else [])
     print(published.public_key_pem, end="")
     print(f"key_id {published.key_id}, deployment_id {published.deployment_id}", file=sys.stderr)
+    for key in previous:
+        print(key.public_key_pem, end="")
+        print(f"previous key_id {key.key_id}", file=sys.stderr)
     return 0
 
 

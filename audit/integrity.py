@@ -461,7 +461,7 @@ def _expectations(session: Session, settings: Settings) -> _Expectations:
     # a previous key's checkpoints are taken through the newest event the current key anchors (a leaked previous
     # key cannot sign a purge, or anything, past it)
     rotated_through = _rotated_through(candidates, signed_now)
-    previous = _previous_signers(settings, deployment.deployment_id)
+    previous = previous_signers(settings, deployment.deployment_id)
     purged_now: set[int] = set()  # the events the current key signed a purge at
     given: dict[int, set[str]] = {}  # event id -> the hashes the checkpoints taken give it
     for checkpoint, now in zip(candidates, signed_now, strict=True):
@@ -507,7 +507,7 @@ def _purge_recorded(session: Session, purged_through: int, signed_now: bool, rot
     return signed_now or repository.purge_recorded(session, purged_through, up_to=rotated_through)
 
 
-def _previous_signers(settings: Settings, deployment_id: str) -> list[Signer]:
+def previous_signers(settings: Settings, deployment_id: str) -> list[Signer]:
     """The checkpoint keys used before the current one (GOVRAG_AUDIT_CHECKPOINT_PREVIOUS_KEYS), to check only."""
     keys = settings.audit_checkpoint_previous_keys
     return [] if keys is None else [Signer(key, deployment_id)

@@ -248,7 +248,17 @@ def verify_mirror(*, mirror_lines: Iterable[bytes], public_keys: Sequence[Ed2551
 
 def public_key(*, session: Session, settings: Settings) -> PublicKey:
     """The Ed25519 public key that checks this deployment's export manifests and checkpoints, with its key id."""
-    signer = integrity.signer_for(settings, session)
+    return _published(integrity.signer_for(settings, session))
+
+
+def previous_public_keys(*, settings: Settings, deployment_id: str) -> list[PublicKey]:
+    """The public keys of the checkpoint keys used before the current one (GOVRAG_AUDIT_CHECKPOINT_PREVIOUS_KEYS), as
+    configured: each checks what its key signed before a rotation."""
+    return [_published(signer) for signer in integrity.previous_signers(settings, deployment_id)]
+
+
+def _published(signer: integrity.Signer) -> PublicKey:
+    """What may be shown of a signer: its Ed25519 public key, the key's id and the deployment id."""
     key = signer.public_key()
     return PublicKey(key_id=integrity.key_id(key), public_key_pem=integrity.public_key_pem(key),
                      deployment_id=signer.deployment_id)

@@ -1129,18 +1129,27 @@ def test_a_previous_checkpoint_key_that_does_not_parse_is_refused_without_quotin
     assert "not-a-key" not in str(refused.value) and OLD_KEY not in str(refused.value)
 
 
+def _shell(settings: Settings, tmp_path: Path) -> dict[str, str]:
+    """The environment of a shell running docs/audit.md's commands on the deployment: `govrag` (a shim calling this
+    checkout's CLI) on its database, with its checkpoint key."""
+    shim = tmp_path / "bin" / "govrag"
+    shim.parent.mkdir(exist_ok=True)
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m api.cli "$@"\n')
+    shim.chmod(0o755)
+    assert settings.audit_checkpoint_key is not None
+    return {**os.environ, "GOVRAG_DATABASE_URL": settings.resolved_database_url,
+            "GOVRAG_DATA_DIR": str(settings.data_dir),
+            "GOVRAG_AUDIT_CHECKPOINT_KEY": settings.audit_checkpoint_key.get_secret_value(),
+            "PYTHONPATH": str(AUDIT_DOC.parents[1]),
+            "PATH": f"{shim.parent}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+
 def test_the_documented_rotation_runs_and_leaves_the_ledger_verified(
         ledger: Settings, tmp_path: Path, audit_cli: Callable[..., tuple]) -> None:
     """docs/audit.md's rotation steps, run as written with `govrag` on the deployment's database."""
     old = _keyed(ledger, OLD_KEY)
     _append(old, 5)
-    shim = tmp_path / "bin" / "govrag"
-    shim.parent.mkdir()
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m api.cli "$@"\n')
-    shim.chmod(0o755)
-    env = {**os.environ, "GOVRAG_DATABASE_URL": old.resolved_database_url, "GOVRAG_DATA_DIR": str(old.data_dir),
-           "GOVRAG_AUDIT_CHECKPOINT_KEY": OLD_KEY, "PYTHONPATH": str(AUDIT_DOC.parents[1]),
-           "PATH": f"{shim.parent}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = _shell(old, tmp_path)
     env.pop("GOVRAG_AUDIT_CHECKPOINT_PREVIOUS_KEYS", None)
     run = subprocess.run(["bash", "-ec", _documented("bash", "GOVRAG_AUDIT_CHECKPOINT_PREVIOUS_KEYS")],  # noqa: S603, S607
                          cwd=tmp_path, capture_output=True, text=True, check=False, env=env)
@@ -1193,7 +1202,7 @@ def test_blank_entries_of_the_previous_checkpoint_keys_are_skipped(given: str, k
     from audit import integrity
 
     settings = Settings(audit_checkpoint_key=SecretStr(NEW_KEY), audit_checkpoint_previous_keys=SecretStr(given))
-    previous = integrity._previous_signers(settings, "deployment-1")
+    previous = integrity.previous_signers(settings, "deployment-1")
     assert [signer.key for signer in previous] == [base64.b64decode(OLD_KEY)] * keys
     assert OLD_KEY not in repr(settings) + repr(previous) + settings.model_dump_json()
 
@@ -1345,3 +1354,35 @@ def test_two_checkpoints_giving_one_event_two_hashes_fail_verification(
     code, report = audit_cli(settings, "verify")
     assert (code, report["ok"], report["reason"], report["first_broken"]) == (
         3, False, "checkpoint_conflict", 5), report
+
+
+def test_public_key_all_prints_each_previous_key_after_the_current_one(
+        ledger: Settings, tmp_path: Path, audit_cli: Callable[..., tuple], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`govrag audit public-key` printed the current key alone: after a rotation, an operator who had not kept the
+    old public key could not hand auditors the one checking what was signed before it. `--all` prints the public key
+    of each previous checkpoint key (GOVRAG_AUDIT_CHECKPOINT_PREVIOUS_KEYS) after the current one, each key id on
+    stderr, and never a secret; without it the output is as it was. docs/audit.md's recipe splits them into the files
+    verify-mirror takes."""
+    old = _keyed(ledger, OLD_KEY)
+    _append(old, 5)  # signed at row 5 with the old key
+    code, (old_pem, old_said) = audit_cli(old, "public-key")
+    old_key_id = re.fullmatch(r"key_id ([0-9a-f]{16}), deployment_id \S+\n", old_said)[1]  # type: ignore[index]
+    new = _keyed(ledger, NEW_KEY)
+    monkeypatch.setenv("GOVRAG_AUDIT_CHECKPOINT_PREVIOUS_KEYS", OLD_KEY)
+    assert audit_cli(new, "checkpoint") == (0, {"checkpointed_event_id": 5, "signed": True})
+    current_pem, deployment = _published(audit_cli, new, tmp_path / "current.pub")
+    current = current_pem.read_text(encoding="ascii")
+    code, (printed, said) = audit_cli(new, "public-key", "--all")
+    assert (code, printed) == (0, current + old_pem) and current != old_pem
+    assert said.splitlines()[1:] == [f"previous key_id {old_key_id}"], said
+    assert said.splitlines()[0] == audit_cli(new, "public-key")[1][1].rstrip("\n")
+    assert "PRIVATE" not in printed and OLD_KEY not in printed + said and NEW_KEY not in printed + said
+    run = subprocess.run(["bash", "-ec", _documented("bash", "public-key --all")],  # noqa: S603, S607
+                         cwd=tmp_path, capture_output=True, text=True, check=False, env=_shell(new, tmp_path))
+    assert run.returncode == 0, run.stderr
+    split = sorted(tmp_path.glob("govrag-audit-key-*.pub"))
+    assert [path.read_text(encoding="ascii") for path in split] == [current, old_pem]
+    keys = [arg for path in split for arg in ("--public-key", str(path))]
+    code, report = audit_cli(_auditor(tmp_path), "verify-mirror", str(new.resolved_checkpoint_file), *keys,
+                             "--deployment-id", deployment)
+    assert (code, report["ok"], report["checked"]) == (0, True, 2), report
