@@ -118,6 +118,13 @@ EMBEDDING_NOTE = ("hashed char/word n-grams and rule/shape features of the norma
 #   as the retrieval vector) and a linear head, trained per fold (AdamW, 200 steps, balanced loss): head alone 0.755;
 #   its out-of-fold logit blended with the booster's x0.25 / x0.5 / x1: 0.939 / 0.922 / 0.873. Fine-tuning the last
 #   transformer layer on cached layer-5 states was not run (25 trainings per protocol did not fit on 2 cores).
+# Rejected in session 22, against 0.948 (reproduced exactly: regression 0.9409, booster 0.9480):
+# - Sublinear tf (log1p counts) on the char n-grams: regression 0.9409, booster 0.9438.
+# - Word 1-3-grams: regression 0.9409, booster 0.9409. Char 2-6-grams: regression 0.9395, booster 0.948 (a tie that
+#   costs latency).
+# - C=128: regression 0.9402, booster 0.9459.
+# - Dense rule/shape columns scaled x2 / x0.5 (as WORD_WEIGHT scales the word columns): regression 0.9423 / 0.9359,
+#   booster 0.9452 / 0.9395.
 BOOSTER_PARAMS = {"max_iter": 100, "learning_rate": 0.05, "max_depth": 3, "min_samples_leaf": 20}
 BOOSTER_BLEND = 0.5
 BOOSTER_NOTE = ("the regression's logit (clipped), nearest similarity to each bank and mean of the 3 nearest attacks "
