@@ -50,7 +50,10 @@ _SECRET_MASKS: tuple[tuple[re.Pattern[str], str], ...] = (
      r"\1\2<SECRET>"),
     (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "<SECRET>"),
     (re.compile(r"\b(?:sk|pk|rk|ghp|gho|xox[abp])[-_][A-Za-z0-9_-]{16,}\b"), "<SECRET>"),
-    (re.compile(r"[a-z][a-z0-9+.-]*://[^\s:/@]*:[^\s@/]+@"), "<URL_WITH_CREDENTIALS>@"),  # user may be empty
+    # A URL's user name and password (the user may be empty): its authority ends at the first `/`, `?` or `#`, its
+    # user information at the last `@` in the authority (RFC 3986 3.2), as its clients read it: an `@` in a password
+    # is masked with all of it, one in the query (`?to=a@b`) is no end of credentials, the host before it kept.
+    (re.compile(r"(?i)[a-z][a-z0-9+.-]*://[^\s/?#]*:[^\s/?#]*@"), "<URL_WITH_CREDENTIALS>@"),
 )
 _EMAIL_MASK = (re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+"), "<EMAIL>")
 _NUMBER_MASKS: tuple[tuple[re.Pattern[str], str], ...] = (

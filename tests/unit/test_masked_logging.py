@@ -84,6 +84,20 @@ def test_project_variables_quoted_values_and_password_only_urls_are_masked(line:
 
 
 @pytest.mark.parametrize("line, secret, kept", [
+    ("broker redis://govrag:hunter@2:s3cret@redis:6379/0 down", "s3cret", "@redis:6379/0 down"),
+    ("broker REDIS://:s3cretpass@redis:6379/0 down", "s3cretpass", "@redis:6379/0 down"),
+    ("model http://vllm.internal:8000?to=ops@evil.host down", "<URL_WITH_CREDENTIALS>", "http://vllm.internal:8000?"),
+    ("model http://vllm.internal:8000#a:b@evil.host down", "<URL_WITH_CREDENTIALS>", "http://vllm.internal:8000#"),
+])
+def test_a_url_s_credentials_end_at_the_last_at_sign_of_its_authority(line: str, secret: str, kept: str) -> None:
+    """RFC 3986: the authority ends at the first `/`, `?` or `#`, the user information at its last `@`. The mask
+    ended a password at its first `@` (the rest of it logged), read no upper-case scheme, and took an `@` in a query
+    or fragment for the end of credentials (the host masked, the query's host left as the one called)."""
+    masked = mask(line)
+    assert secret not in masked and kept in masked, masked
+
+
+@pytest.mark.parametrize("line, secret, kept", [
     ("connect host=db user=app sslpassword=Ssl-Secret-1 dbname=govrag", "Ssl-Secret-1", "dbname=govrag"),
     ("postgresql://govrag@db/govrag?SSLPassword=Ssl-Secret-1&sslmode=require", "Ssl-Secret-1", "govrag@db"),
     ("host=db passfile=/run/secrets/pgpass-7781 dbname=govrag", "pgpass-7781", "dbname=govrag"),
