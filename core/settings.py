@@ -45,7 +45,8 @@ _SCHEME_THEN_AUTHORITY = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 # An unencoded `@`, `:`, `/`, `?` or `#` in a password makes a piece of it read as the host, the port or the path: the
 # refusals of either say how to write it, quoting none of it.
 _ENCODE_CREDENTIALS = "in a user name or password, percent-encode any @ : / ? #"
-_PORT_REFUSAL = f"names a port that is not a number from 1 to 65535 ({_ENCODE_CREDENTIALS})"
+_NO_USABLE_PORT = "names a port that is not a number from 1 to 65535"
+_PORT_REFUSAL = f"{_NO_USABLE_PORT} ({_ENCODE_CREDENTIALS})"
 _STRAY_AT_REFUSAL = f"holds an @ after its host ({_ENCODE_CREDENTIALS})"
 
 logger = logging.getLogger(__name__)
@@ -200,6 +201,18 @@ class Settings(BaseSettings):
         place of the bearer token, to a server that answers 401 (GOVRAG_LLM_API_KEY is the model server's key)."""
         if value is not None and url_has_credentials(value):
             raise ValueError("must not hold a user name or password (user:password@host)")
+        return value
+
+    @field_validator("oidc_issuer", "oidc_jwks_url", "llm_base_url")
+    @classmethod
+    def _called_url_port_usable(cls, value: str | None) -> str | None:
+        """A URL govrag calls (the IdP, the model server) names no port or one from 1 to 65535, refused at start, not
+        at each call (every token refused, every answer extractive): httpx takes 99999 and fails `:8o80` only when
+        called; an empty one (`host:`, a port deleted or never typed) is refused too. One that does not parse is left
+        to the checks naming the setting (the allowlist, the IdP URL's)."""
+        parts = _url_parts(value or "")
+        if parts is not None and not _url_port_usable(parts, empty_is_default=False):
+            raise ValueError(_NO_USABLE_PORT)
         return value
 
     @field_validator(*_SERVICE_URLS)
@@ -376,20 +389,28 @@ def service_url(url: str, schemes: Mapping[str, bool], forms: str) -> str:
         raise ValueError(f"names a scheme govrag does not support ({parts.scheme}): use {forms}")
     if any("@" in piece for piece in (parts.path, parts.query, parts.fragment)):
         raise ValueError(_STRAY_AT_REFUSAL)
-    try:
-        port = parts.port
-    except ValueError:  # urlsplit's own message quotes the port, a piece of the password when one holds an '@'
-        raise ValueError(_PORT_REFUSAL) from None
-    _require_usable_port(port)
+    if not _url_port_usable(parts, empty_is_default=True):
+        raise ValueError(_PORT_REFUSAL)
     if schemes[parts.scheme] and not parts.hostname:
         raise ValueError(f"names no host ({forms})")
     return parts.scheme + url[len(parts.scheme):]
 
 
-def _require_usable_port(port: int | None) -> None:
-    """ValueError unless `port` is none or one a server can listen on (0 is "any" to a listener, no address to call)."""
-    if port is not None and not 1 <= port <= 65535:
-        raise ValueError(_PORT_REFUSAL)
+def _url_port_usable(parts: SplitResult, *, empty_is_default: bool) -> bool:
+    """True when `parts` names no port or a usable one (`_port_usable`); an empty one (`host:`, which urlsplit reads
+    as none) only where `empty_is_default`, as the scheme's default port."""
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or over 65535
+        return False
+    if port is None:
+        return empty_is_default or not parts.netloc.endswith(":")
+    return _port_usable(port)
+
+
+def _port_usable(port: int | None) -> bool:
+    """True when `port` is none or one a server can listen on (0 is "any" to a listener, no address to call)."""
+    return port is None or 1 <= port <= 65535
 
 
 def _require_database_driver(url: str) -> None:
@@ -401,7 +422,8 @@ def _require_database_driver(url: str) -> None:
         raise ValueError("is not a database URL (postgresql+psycopg://USER@HOST/DATABASE, or sqlite:///PATH)") from None
     except ValueError:  # int() of a port that is no number, quoting it (a piece of a password holding '@' then ':')
         raise ValueError(_PORT_REFUSAL) from None
-    _require_usable_port(parsed.port)
+    if not _port_usable(parsed.port):
+        raise ValueError(_PORT_REFUSAL)
     if "@" in (parsed.host or ""):  # SQLAlchemy ends the password at its first '@'
         raise ValueError(_STRAY_AT_REFUSAL)
     try:

@@ -145,6 +145,23 @@ def test_a_url_govrag_calls_is_refused_at_start_with_a_user_name_or_password(ove
     assert name in str(refused.value) and "s3cret" not in str(refused.value) and url not in str(refused.value)
 
 
+@pytest.mark.parametrize(("setting", "url"), [
+    ("llm_base_url", "http://127.0.0.1:99999/v1"), ("llm_base_url", "http://127.0.0.1:8o80"),
+    ("llm_base_url", "http://127.0.0.1:"), ("llm_base_url", "http://[::1]:/v1"), ("llm_base_url", "http://localhost:0"),
+    ("oidc_jwks_url", "https://idp.example:844300/jwks"), ("oidc_jwks_url", "https://idp.example:/jwks"),
+    ("oidc_issuer", "https://idp.example:-443/realms/x"), ("oidc_issuer", "https://idp.example:/realms/x"),
+])
+def test_a_url_govrag_calls_is_refused_at_start_with_a_port_no_server_listens_on(setting: str, url: str) -> None:
+    """The model server's and the IdP's URLs were taken with any port (no check but the host's allowlist and the
+    scheme's): httpx called port 99999 and refused `:8o80` at each call, every answer extractive, every token refused.
+    An empty port is refused as well: a port deleted or never typed. Refused at start, the setting named, unquoted."""
+    with pytest.raises(ValidationError) as refused:
+        Settings(**{**({"answer_backend": "openai"} if setting == "llm_base_url" else PROD), setting: url})
+    assert [(error["loc"], error["msg"]) for error in refused.value.errors()] == [
+        ((setting,), "Value error, names a port that is not a number from 1 to 65535")]
+    assert url not in str(refused.value) and "idp.example" not in str(refused.value)
+
+
 def test_govrag_names_a_url_with_credentials_in_one_line_at_start(monkeypatch: pytest.MonkeyPatch,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     from api import cli
