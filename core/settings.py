@@ -42,6 +42,11 @@ _SERVICE_URLS: dict[str, tuple[Mapping[str, bool], str]] = {
     "otel_exporter_otlp_endpoint": ({"http": True, "https": True}, "http://HOST:4318/v1/traces"),
 }
 _SCHEME_THEN_AUTHORITY = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# A Redis URL's path is its database's number, or nothing (database 0): redis-py (the job sweep, the guard's counters,
+# the queue-depth metric) read `/abc` as database 0 and `/1/2` as 12, where kombu (Celery) refused both at its first
+# connection.
+_REDIS_SCHEMES = frozenset({"redis", "rediss"})
+_REDIS_DATABASE_PATH = re.compile(r"(?:/[0-9]*)?")
 # An unencoded `@`, `:`, `/`, `?` or `#` in a password makes a piece of it read as the host, the port or the path: the
 # refusals of either say how to write it, quoting none of it.
 _ENCODE_CREDENTIALS = "in a user name or password, percent-encode any @ : / ? #"
@@ -379,9 +384,9 @@ def _url_parts(url: str) -> SplitResult | None:
 
 def service_url(url: str, schemes: Mapping[str, bool], forms: str) -> str:
     """`url` with its scheme in lower case (the code picking a client by it compares it so), once it is
-    `scheme://...` with a scheme of `schemes`, a host where the scheme needs one (True) and a port from 1 to 65535 if
-    it names one. Else a ValueError saying what to fix in `forms`' terms, quoting at most the scheme: never the host,
-    user name or password."""
+    `scheme://...` with a scheme of `schemes`, a host where the scheme needs one (True), a port from 1 to 65535 if
+    it names one, and for Redis a path that is a database's number or nothing. Else a ValueError saying what to fix in
+    `forms`' terms, quoting at most the scheme: never the host, user name or password."""
     parts = _url_parts(url)
     if parts is None or not _SCHEME_THEN_AUTHORITY.match(url):
         raise ValueError(f"is not a URL ({forms})")
@@ -393,6 +398,8 @@ def service_url(url: str, schemes: Mapping[str, bool], forms: str) -> str:
         raise ValueError(_PORT_REFUSAL)
     if schemes[parts.scheme] and not parts.hostname:
         raise ValueError(f"names no host ({forms})")
+    if parts.scheme in _REDIS_SCHEMES and not _REDIS_DATABASE_PATH.fullmatch(parts.path):
+        raise ValueError(f"names a Redis database that is not a number (/0, /1, ...): use {forms}")
     return parts.scheme + url[len(parts.scheme):]
 
 

@@ -59,6 +59,18 @@ def test_a_broker_url_no_client_reaches_is_refused_naming_at_most_its_scheme(url
     assert str(refused.value) == why and "s3cret" not in why
 
 
+@pytest.mark.parametrize("url", [
+    "redis://redis:6379/abc", "redis://redis:6379/0/extra", "rediss://:s3cret@redis:6380/1/2", "redis://redis:6379/-1",
+    "redis://redis:6379/%31", "redis://redis:6379/\u0663", "redis://redis:6379/0 ", "redis://redis/0/"])
+def test_a_redis_url_whose_path_is_no_database_number_is_refused(url: str) -> None:
+    """The path was taken as it was: redis-py (the job sweep, the guard's counters, the queue-depth metric) read `/abc`
+    as database 0 and `/1/2` as database 12, and kombu (Celery) refused both at its first connection; `/-1` is no
+    database Redis has."""
+    with pytest.raises(ValueError) as refused:
+        service_url(url, REDIS, REDIS_FORMS)
+    assert str(refused.value) == f"names a Redis database that is not a number (/0, /1, ...): use {REDIS_FORMS}"
+
+
 @pytest.mark.parametrize(("url", "why"), [
     (f"redis://govrag:{PASSWORD}@redis:6379/0", STRAY_AT),  # the '/' ends the authority inside the password
     ("redis://govrag:s3cret/x@redis:6379/0", STRAY_AT),  # "s3cret" read as the port
