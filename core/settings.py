@@ -53,6 +53,9 @@ _ENCODE_CREDENTIALS = "in a user name or password, percent-encode any @ : / ? #"
 _NO_USABLE_PORT = "names a port that is not a number from 1 to 65535"
 _PORT_REFUSAL = f"{_NO_USABLE_PORT} ({_ENCODE_CREDENTIALS})"
 _STRAY_AT_REFUSAL = f"holds an @ after its host ({_ENCODE_CREDENTIALS})"
+# The longest scheme or database driver a refusal quotes whole, above the longest drivers' names
+# (`postgresql+psycopg2cffi`); a longer one is something else pasted in, quoted as its start and an ellipsis.
+_QUOTED_NAME_CHARS = 32
 
 logger = logging.getLogger(__name__)
 
@@ -391,7 +394,7 @@ def service_url(url: str, schemes: Mapping[str, bool], forms: str) -> str:
     if parts is None or not _SCHEME_THEN_AUTHORITY.match(url):
         raise ValueError(f"is not a URL ({forms})")
     if parts.scheme not in schemes:
-        raise ValueError(f"names a scheme govrag does not support ({parts.scheme}): use {forms}")
+        raise ValueError(f"names a scheme govrag does not support ({_quoted_name(parts.scheme)}): use {forms}")
     if any("@" in piece for piece in (parts.path, parts.query, parts.fragment)):
         raise ValueError(_STRAY_AT_REFUSAL)
     if not _url_port_usable(parts, empty_is_default=True):
@@ -401,6 +404,13 @@ def service_url(url: str, schemes: Mapping[str, bool], forms: str) -> str:
     if parts.scheme in _REDIS_SCHEMES and not _REDIS_DATABASE_PATH.fullmatch(parts.path):
         raise ValueError(f"names a Redis database that is not a number (/0, /1, ...): use {forms}")
     return parts.scheme + url[len(parts.scheme):]
+
+
+def _quoted_name(name: str) -> str:
+    """A URL's scheme (or a database URL's driver) as a refusal quotes it: its first _QUOTED_NAME_CHARS characters and
+    an ellipsis, so a value pasted into the wrong setting does not flood the log line (it holds no credentials: a
+    scheme is letters, digits, `+`, `-` and `.`)."""
+    return name if len(name) <= _QUOTED_NAME_CHARS else name[:_QUOTED_NAME_CHARS] + "…"
 
 
 def _url_port_usable(parts: SplitResult, *, empty_is_default: bool) -> bool:
@@ -436,7 +446,7 @@ def _require_database_driver(url: str) -> None:
     try:
         parsed.get_dialect().import_dbapi()
     except (db_errors.NoSuchModuleError, ImportError):
-        raise ValueError(f"names a database driver this install does not have ({parsed.drivername}): use "
+        raise ValueError(f"names a database driver this install does not have ({_quoted_name(parsed.drivername)}): use "
                          "postgresql+psycopg:// (or sqlite:///)") from None
 
 

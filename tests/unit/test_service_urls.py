@@ -157,6 +157,22 @@ def test_settings_take_every_form_the_deployments_and_their_clients_use(setting:
     assert getattr(Settings(**{setting: url}), setting).lower() == url.lower()
 
 
+@pytest.mark.parametrize(("setting", "url", "refusal"), [
+    ("broker_url", "x" * 10_000 + "://redis:6379/0", "names a scheme govrag does not support ({}): use " + REDIS_FORMS),
+    ("qdrant_url", "q" * 33 + "://qdrant:6333",
+     "names a scheme govrag does not support ({}): use http://HOST:6333 or https://HOST:6333"),
+    ("database_url", "d" * 10_000 + "://govrag@db/govrag",
+     "names a database driver this install does not have ({}): use postgresql+psycopg:// (or sqlite:///)"),
+])
+def test_a_refusal_quotes_no_more_than_32_characters_of_a_scheme(setting: str, url: str, refusal: str) -> None:
+    """A value pasted into the wrong setting (a 10,000-character scheme) was quoted whole in the refusal's one line,
+    and in the log holding it."""
+    with pytest.raises(ValidationError) as refused:
+        Settings(**{setting: url})
+    why = refusal.format(url[:32] + "…")
+    assert [(error["loc"], error["msg"]) for error in refused.value.errors()] == [((setting,), f"Value error, {why}")]
+
+
 def _fuzzed_url(rng: random.Random, user: str, password: str, host: str) -> str:
     """A URL near one of the service URLs, with `user` and `password` in its userinfo and characters that end a piece
     of a URL early (unencoded) strewn through them."""
@@ -178,7 +194,8 @@ def test_no_refusal_of_a_fuzzed_url_quotes_its_host_user_or_password() -> None:
     rng, refused = random.Random(20240607), 0
     for _ in range(600):
         user, password, host = (f"{prefix}{rng.randrange(10**6):06d}" for prefix in ("usr", "pwd", "hst"))
-        setting = rng.choice(["qdrant_url", "broker_url", "otel_exporter_otlp_endpoint", "database_url"])
+        setting = rng.choice(["qdrant_url", "broker_url", "otel_exporter_otlp_endpoint", "database_url", "llm_base_url",
+                              "oidc_jwks_url", "oidc_issuer"])
         url = _fuzzed_url(rng, user, password, host)
         try:
             Settings(**{setting: url})
