@@ -50,12 +50,18 @@ _SECRET_MASKS: tuple[tuple[re.Pattern[str], str], ...] = (
      r"\1\2<SECRET>"),
     (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "<SECRET>"),
     (re.compile(r"\b(?:sk|pk|rk|ghp|gho|xox[abp])[-_][A-Za-z0-9_-]{16,}\b"), "<SECRET>"),
-    # A URL's user name and password (the user may be empty): its authority ends at the first `/`, `?` or `#`, its
-    # user information at the last `@` in the authority (RFC 3986 3.2), as its clients read it: an `@` in a password
-    # is masked with all of it, one in the query (`?to=a@b`) is no end of credentials, the host before it kept.
-    (re.compile(r"(?i)[a-z][a-z0-9+.-]*://[^\s/?#]*:[^\s/?#]*@"), "<URL_WITH_CREDENTIALS>@"),
+    # A URL's user name and password (the user may be empty), in a scheme of any case: up to the last `@` before the
+    # first `/` after the scheme (RFC 3986 3.2 ends the user information at the authority's last `@`), so an `@` in a
+    # password is masked with all of it. A `?` or `#` does not end it: SQLAlchemy reads a database URL's password up
+    # to its `@` (`govrag:pa#ss@db` is taken, password `pa#ss`). Each piece is read once, for a line of any length:
+    # a scheme from the start of a run of scheme characters only (the lookbehind; what precedes its first letter,
+    # `...` or `1`, kept), the user name up to its first `:`.
+    (re.compile(r"(?i)(?<![a-z0-9+.-])([0-9+.-]*)[a-z][a-z0-9+.-]*://[^\s/:]*:[^\s/]*@"),
+     r"\1<URL_WITH_CREDENTIALS>@"),
 )
-_EMAIL_MASK = (re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+"), "<EMAIL>")
+# An address's local part is at most 64 characters (RFC 5321): read from each character of a line, an unbounded one
+# scanned the rest of every long word (minutes of CPU for a 200,000-character one), a longer one keeps its start.
+_EMAIL_MASK = (re.compile(r"[\w.+-]{1,64}@[\w-]+\.[\w.-]+"), "<EMAIL>")
 _NUMBER_MASKS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\b\d{3}-\d{2}-\d{4}\b"), "<SSN>"),
     (re.compile(r"\b\d(?:[ -]?\d){12,18}\b"), "<NUMBER>"),
