@@ -47,6 +47,7 @@ _SCHEME_THEN_AUTHORITY = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 # connection.
 _REDIS_SCHEMES = frozenset({"redis", "rediss"})
 _REDIS_DATABASE_PATH = re.compile(r"(?:/[0-9]*)?")
+_ASCII_PORT = re.compile(r"[0-9]+")
 # An unencoded `@`, `:`, `/`, `?` or `#` in a password makes a piece of it read as the host, the port or the path: the
 # refusals of either say how to write it, quoting none of it.
 _ENCODE_CREDENTIALS = "in a user name or password, percent-encode any @ : / ? #"
@@ -422,7 +423,9 @@ def _url_port_usable(parts: SplitResult, *, empty_is_default: bool) -> bool:
         return False
     if port is None:
         return empty_is_default or not parts.netloc.endswith(":")
-    return _port_usable(port)
+    # ASCII digits only, on every Python: urlsplit in early 3.11 releases read a port with int(), `:８０` or `:+80` as
+    # 80. Once urlsplit read a port, it is what follows the netloc's last `:`.
+    return _ASCII_PORT.fullmatch(parts.netloc.rpartition(":")[2]) is not None and _port_usable(port)
 
 
 def _port_usable(port: int | None) -> bool:

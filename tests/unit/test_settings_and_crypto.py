@@ -148,6 +148,7 @@ def test_a_url_govrag_calls_is_refused_at_start_with_a_user_name_or_password(ove
 @pytest.mark.parametrize(("setting", "url"), [
     ("llm_base_url", "http://127.0.0.1:99999/v1"), ("llm_base_url", "http://127.0.0.1:8o80"),
     ("llm_base_url", "http://127.0.0.1:"), ("llm_base_url", "http://[::1]:/v1"), ("llm_base_url", "http://localhost:0"),
+    ("llm_base_url", "http://127.0.0.1:\uff18\uff10/v1"), ("llm_base_url", "http://127.0.0.1:+80/v1"),
     ("oidc_jwks_url", "https://idp.example:844300/jwks"), ("oidc_jwks_url", "https://idp.example:/jwks"),
     ("oidc_issuer", "https://idp.example:-443/realms/x"), ("oidc_issuer", "https://idp.example:/realms/x"),
 ])
