@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import base64
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -31,6 +28,7 @@ from retrieval.prompting import (
     qualify_placeholders,
     title_as_shown,
 )
+from tests.support.cpu_bound import cpu_seconds_of
 
 CANARIES = {"finance": "CNRY-0123456789abcdef", "hr": "CNRY-5a1e7c93d04b28f6"}
 GIVEN = {1: "Hotel costs are reimbursed up to 180 euros per night in capital cities.",
@@ -654,13 +652,8 @@ def test_every_pattern_on_an_answer_or_a_chunk_runs_in_linear_time() -> None:
     A hang guard with a huge margin (a few seconds of CPU now; a quadratic pattern takes minutes), not a timing
     target: the child counts its own CPU for the work alone, after its imports (which a loaded machine can stretch
     to half a minute). In a subprocess: a regex holds the GIL, so a stalled one cannot be timed out from a thread."""
-    check = ("import time, tests.unit.test_output_guard as t; f = []; s = time.process_time(); "
-             "t._check_every_adversarial_input(f); print(len(f), time.process_time() - s)")
-    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=900,  # noqa: S603
-                         cwd=Path(__file__).resolve().parents[2])
-    reported = run.stdout.split()
-    assert reported[:1] == [str(len(ADVERSARIAL))], run.stderr[-2000:]
-    assert float(reported[1]) < 30
+    finished, cpu_seconds = cpu_seconds_of("tests.unit.test_output_guard", "_check_every_adversarial_input")
+    assert finished == len(ADVERSARIAL) and cpu_seconds < 30
 
 
 def test_reference_definitions_autolinks_and_address_attributes_are_judged_like_link_targets() -> None:
