@@ -23,7 +23,8 @@ from authz.identity import MAX_SUBJECT_CHARS, RESERVED_PREFIXES, Identity, is_pl
 from core import forksafe
 from core.errors import ErrorCode, GovragError, StartRefused, Unavailable
 from core.http import CredentialsInURL, ThreadSessions, URLRefused, api_url
-from core.settings import DEFAULT_TOKEN_MAX_LIFETIME_SECONDS, Settings, url_scheme
+from core.settings import (DEFAULT_TOKEN_MAX_LIFETIME_SECONDS, NO_USABLE_PORT, Settings, called_url_port_usable,
+                           url_scheme)
 
 log = logging.getLogger(__name__)
 
@@ -479,10 +480,14 @@ def discover_jwks_uri(issuer: str, idp: ThreadSessions, *, production: bool = Fa
 
 def _check_idp_url(url: str, name: str, *, production: bool, warn: bool = True) -> None:
     """What govrag fetches from the IdP needs an http(s) URL with a host and no user name or password (http.api_url's
-    check, as the fetch reads it); IdPURLRefused naming it (never quoting it) otherwise.
+    check, as the fetch reads it), and no port or one from 1 to 65535 (the settings' check of the URLs govrag calls:
+    httpx fetched a discovered `:８０` or `:+80` from port 80 and crashed on `:99999`); IdPURLRefused naming it (never
+    quoting it) otherwise.
 
     Over plain http the answer (a configuration, the signing keys) can be substituted in transit: refused in
     production, a warning in development (unless warn is False: said already)."""
+    if not called_url_port_usable(url):
+        raise IdPURLRefused(f"{name} {NO_USABLE_PORT}")
     try:
         api_url(url)
     except CredentialsInURL:

@@ -51,8 +51,8 @@ _ASCII_PORT = re.compile(r"[0-9]+")
 # An unencoded `@`, `:`, `/`, `?` or `#` in a password makes a piece of it read as the host, the port or the path: the
 # refusals of either say how to write it, quoting none of it.
 _ENCODE_CREDENTIALS = "in a user name or password, percent-encode any @ : / ? #"
-_NO_USABLE_PORT = "names a port that is not a number from 1 to 65535"
-_PORT_REFUSAL = f"{_NO_USABLE_PORT} ({_ENCODE_CREDENTIALS})"
+NO_USABLE_PORT = "names a port that is not a number from 1 to 65535"
+_PORT_REFUSAL = f"{NO_USABLE_PORT} ({_ENCODE_CREDENTIALS})"
 _STRAY_AT_REFUSAL = f"holds an @ after its host ({_ENCODE_CREDENTIALS})"
 # The longest scheme or database driver a refusal quotes whole, above the longest drivers' names
 # (`postgresql+psycopg2cffi`); a longer one is something else pasted in, quoted as its start and an ellipsis.
@@ -219,9 +219,8 @@ class Settings(BaseSettings):
         at each call (every token refused, every answer extractive): httpx takes 99999 and fails `:8o80` only when
         called; an empty one (`host:`, a port deleted or never typed) is refused too. One that does not parse is left
         to the checks naming the setting (the allowlist, the IdP URL's)."""
-        parts = _url_parts(value or "")
-        if parts is not None and not _url_port_usable(parts, empty_is_default=False):
-            raise ValueError(_NO_USABLE_PORT)
+        if value is not None and not called_url_port_usable(value):
+            raise ValueError(NO_USABLE_PORT)
         return value
 
     @field_validator(*_SERVICE_URLS)
@@ -375,6 +374,13 @@ def url_has_credentials(url: str) -> bool:
     not parse (the check that names the setting refuses it)."""
     parts = _url_parts(url)
     return parts is not None and "@" in parts.netloc
+
+
+def called_url_port_usable(url: str) -> bool:
+    """True when url, one govrag calls (the IdP's, the model server's), names no port or one from 1 to 65535 in ASCII
+    digits; an empty one (`host:`) is not usable. True when it does not parse: the check naming the URL refuses it."""
+    parts = _url_parts(url)
+    return parts is None or _url_port_usable(parts, empty_is_default=False)
 
 
 def _url_parts(url: str) -> SplitResult | None:

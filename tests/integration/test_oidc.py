@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
 import pytest
@@ -318,6 +319,29 @@ def test_a_plain_http_issuer_is_warned_of_once(issuer: LocalIssuer, caplog: pyte
     warnings = [r.getMessage() for r in caplog.records if r.name == "authz.tokens"]
     assert warnings == ["GOVRAG_OIDC_ISSUER is not https; what is fetched from it can be substituted in transit",
                         "the discovered jwks_uri is not https; what is fetched from it can be substituted in transit"]
+
+
+def test_a_discovered_jwks_uri_whose_port_is_no_number_from_1_to_65535_is_never_fetched(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The discovered jwks_uri's port was read by httpx, not as the settings read a configured URL's: `:+PORT`, the
+    port in fullwidth digits or after a space had the keys fetched from PORT (an empty `host:` from port 80), and
+    `:99999` or `:-1` raised a raw ExceptionGroup out of the verifier. Each is now an unusable IdP answer, a 503,
+    nothing fetched, the log line naming what is wrong without quoting the URL or the token."""
+    with LocalIssuer() as idp:
+        port = str(urlsplit(idp.issuer).port)
+        fullwidth = port.translate({ord(d): ord(d) + 0xFEE0 for d in "0123456789"})
+        bad = [f"+{port}", fullwidth, f" {port}", "", "99999", "-1", "0"]
+        for written in bad:
+            idp.jwks_uri = f"http://127.0.0.1:{written}/realms/test/jwks"
+            token = idp.token()
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="authz.tokens"), pytest.raises(Unavailable):
+                TokenVerifier.from_settings(_settings(idp, oidc_required_azp=None), None).verify(token, admins=[])
+            assert ("the identity provider's signing keys could not be fetched: the discovered jwks_uri names a port "
+                    "that is not a number from 1 to 65535") in caplog.text, written
+            assert idp.jwks_uri not in caplog.text
+            _never_logged([token], caplog)
+        assert idp.jwks_fetches == 0
 
 
 @pytest.mark.parametrize(("setting", "url"), [("oidc_jwks_url", "file:///etc/govrag/jwks.json"),
