@@ -23,8 +23,13 @@ from authz.identity import MAX_SUBJECT_CHARS, RESERVED_PREFIXES, Identity, is_pl
 from core import forksafe
 from core.errors import ErrorCode, GovragError, StartRefused, Unavailable
 from core.http import CredentialsInURL, ThreadSessions, URLRefused, api_url
-from core.settings import (DEFAULT_TOKEN_MAX_LIFETIME_SECONDS, NO_USABLE_PORT, Settings, called_url_port_usable,
-                           url_scheme)
+from core.settings import (
+    DEFAULT_TOKEN_MAX_LIFETIME_SECONDS,
+    NO_USABLE_PORT,
+    Settings,
+    called_url_port_usable,
+    url_scheme,
+)
 
 log = logging.getLogger(__name__)
 
