@@ -485,9 +485,10 @@ def discover_jwks_uri(issuer: str, idp: ThreadSessions, *, production: bool = Fa
 
 def _check_idp_url(url: str, name: str, *, production: bool, warn: bool = True) -> None:
     """What govrag fetches from the IdP needs an http(s) URL with a host and no user name or password (http.api_url's
-    check, as the fetch reads it), and no port or one from 1 to 65535 (the settings' check of the URLs govrag calls:
-    httpx fetched a discovered `:８０` or `:+80` from port 80 and crashed on `:99999`); IdPURLRefused naming it (never
-    quoting it) otherwise.
+    check, as the fetch reads it), read as http(s) by the settings too (urlsplit, whose reading the port and https
+    checks take: one it cannot read, such as a stray `]`, would pass both unchecked), and no port or one from 1 to
+    65535 (the settings' check of the URLs govrag calls: httpx fetched a discovered `:８０` or `:+80` from port 80 and
+    crashed on `:99999`); IdPURLRefused naming it (never quoting it) otherwise.
 
     Over plain http the answer (a configuration, the signing keys) can be substituted in transit: refused in
     production, a warning in development (unless warn is False: said already)."""
@@ -500,6 +501,8 @@ def _check_idp_url(url: str, name: str, *, production: bool, warn: bool = True) 
     except URLRefused:  # another scheme, no host ("https:/idp"), or one httpx cannot read
         raise IdPURLRefused(f"{name} is not an http(s) URL with a host") from None
     scheme = url_scheme(url)
+    if scheme not in ("http", "https"):  # one urlsplit cannot read
+        raise IdPURLRefused(f"{name} is not an http(s) URL with a host")
     if scheme == "http" and production:
         raise IdPURLRefused(f"{name} is not https (refused in production)")
     if scheme == "http" and warn:

@@ -1031,6 +1031,36 @@ def test_a_plain_http_jwks_uri_from_discovery_is_refused_in_production(
         assert caught.value.dependency == "identity provider"
 
 
+@pytest.mark.parametrize("jwks_uri", ["http://idp.example.test]/keys", "https://idp.example.test]:99999/keys",
+                                      "https://idp.example.test]:+443/keys"])
+def test_a_discovered_jwks_uri_the_settings_cannot_read_is_never_fetched(
+        tmp_path: Path, key: SigningKey, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        jwks_uri: str) -> None:
+    """A stray `]` after the host: urlsplit refuses the URL, httpx reads it (the host as `idp.example.test%5D`). The
+    port and https checks read a URL as the settings do (urlsplit), and took one they could not read as nothing to
+    check, so in production the keys were fetched over plain http, or from the port httpx read, and tokens verified
+    with them. Such a jwks_uri is now an unusable IdP answer, a 503, nothing fetched; as GOVRAG_OIDC_JWKS_URL it is
+    refused at start."""
+    asked: list[str] = []
+
+    def idp(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.path)
+        if request.url.path.endswith("/.well-known/openid-configuration"):
+            return _as_received(httpx.Response(200, json={"issuer": ISSUER, "jwks_uri": jwks_uri}))
+        return _as_received(httpx.Response(200, json={"keys": [key.jwk()]}))
+
+    _idp_answering(monkeypatch, idp)
+    production = production_settings(oidc_jwks_url=None)
+    verifier = TokenVerifier.from_settings(_settings(tmp_path, oidc_issuer=ISSUER, oidc_audience=AUDIENCE,
+                                                     **production), None)
+    with pytest.raises(Unavailable):
+        verifier.verify(key.sign(), admins=[])
+    assert asked == ["/realms/govrag/.well-known/openid-configuration"]
+    assert "the discovered jwks_uri is not an http(s) URL with a host" in caplog.text
+    with pytest.raises(StartRefused, match="^GOVRAG_OIDC_JWKS_URL is not an http"):
+        TokenVerifier.from_settings(_settings(tmp_path, dev_issuer=False, oidc_jwks_url=jwks_uri), None)
+
+
 def _idp_answering(monkeypatch: pytest.MonkeyPatch, answer: Callable[[httpx.Request], httpx.Response]) -> None:
     """The IdP (outside the boundary) answered by an httpx MockTransport, as in the test above."""
     monkeypatch.setattr(httpx, "AsyncClient",
