@@ -422,7 +422,11 @@ def _quoted_name(name: str) -> str:
 
 def _url_port_usable(parts: SplitResult, *, empty_is_default: bool) -> bool:
     """True when `parts` names no port or a usable one (`_port_usable`); an empty one (`host:`, which urlsplit reads
-    as none) only where `empty_is_default`, as the scheme's default port."""
+    as none) only where `empty_is_default`, as the scheme's default port. Text after an IPv6 host's `]` is a port only
+    after a `:`: urlsplit reads `[::1]8080` as no port, httpx as port 8080 (and `[::1]99999` as 99999): refused."""
+    _, bracket, after_host = parts.netloc.rpartition("@")[2].rpartition("]")
+    if bracket and after_host[:1] not in ("", ":"):
+        return False
     try:
         port = parts.port
     except ValueError:  # not a number, or over 65535

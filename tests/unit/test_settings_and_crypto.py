@@ -151,11 +151,13 @@ def test_a_url_govrag_calls_is_refused_at_start_with_a_user_name_or_password(ove
     ("llm_base_url", "http://127.0.0.1:\uff18\uff10/v1"), ("llm_base_url", "http://127.0.0.1:+80/v1"),
     ("oidc_jwks_url", "https://idp.example:844300/jwks"), ("oidc_jwks_url", "https://idp.example:/jwks"),
     ("oidc_issuer", "https://idp.example:-443/realms/x"), ("oidc_issuer", "https://idp.example:/realms/x"),
+    ("llm_base_url", "http://[::1]8080/v1"), ("oidc_jwks_url", "https://[2001:db8::1]99999/jwks"),
 ])
 def test_a_url_govrag_calls_is_refused_at_start_with_a_port_no_server_listens_on(setting: str, url: str) -> None:
     """The model server's and the IdP's URLs were taken with any port (no check but the host's allowlist and the
     scheme's): httpx called port 99999 and refused `:8o80` at each call, every answer extractive, every token refused.
-    An empty port is refused as well: a port deleted or never typed. Refused at start, the setting named, unquoted."""
+    An empty port is refused as well: a port deleted or never typed, and so is one after an IPv6 host's `]` with no `:`,
+    which httpx reads as the port and urlsplit as none. Refused at start, the setting named, unquoted."""
     with pytest.raises(ValidationError) as refused:
         Settings(**{**({"answer_backend": "openai"} if setting == "llm_base_url" else PROD), setting: url})
     assert [(error["loc"], error["msg"]) for error in refused.value.errors()] == [

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import math
+import re
 import stat
 import threading
 import time
@@ -1031,16 +1032,23 @@ def test_a_plain_http_jwks_uri_from_discovery_is_refused_in_production(
         assert caught.value.dependency == "identity provider"
 
 
-@pytest.mark.parametrize("jwks_uri", ["http://idp.example.test]/keys", "https://idp.example.test]:99999/keys",
-                                      "https://idp.example.test]:+443/keys"])
-def test_a_discovered_jwks_uri_the_settings_cannot_read_is_never_fetched(
+NOT_HTTP = "is not an http(s) URL with a host"
+NO_PORT = "names a port that is not a number from 1 to 65535"
+
+
+@pytest.mark.parametrize(("jwks_uri", "why"), [
+    ("http://idp.example.test]/keys", NOT_HTTP), ("https://idp.example.test]:99999/keys", NOT_HTTP),
+    ("https://idp.example.test]:+443/keys", NOT_HTTP), ("https://[2001:db8::1]8443/keys", NO_PORT),
+    ("https://[2001:db8::1]99999/keys", NO_PORT)])
+def test_a_discovered_jwks_uri_httpx_reads_otherwise_than_the_settings_is_never_fetched(
         tmp_path: Path, key: SigningKey, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-        jwks_uri: str) -> None:
-    """A stray `]` after the host: urlsplit refuses the URL, httpx reads it (the host as `idp.example.test%5D`). The
-    port and https checks read a URL as the settings do (urlsplit), and took one they could not read as nothing to
-    check, so in production the keys were fetched over plain http, or from the port httpx read, and tokens verified
-    with them. Such a jwks_uri is now an unusable IdP answer, a 503, nothing fetched; as GOVRAG_OIDC_JWKS_URL it is
-    refused at start."""
+        jwks_uri: str, why: str) -> None:
+    """The port and https checks read a URL as the settings do (urlsplit), the fetch as httpx does. A stray `]` after
+    the host: urlsplit refuses the URL, httpx reads it (the host as `idp.example.test%5D`), and the checks took one they
+    could not read as nothing to check. Text after an IPv6 host's `]` with no `:`: httpx reads it as the port, urlsplit
+    as none. Either way the keys were fetched (in production over plain http, or from the port httpx read) and tokens
+    verified with them. Such a jwks_uri is now an unusable IdP answer, a 503, nothing fetched; as GOVRAG_OIDC_JWKS_URL
+    it is refused at start."""
     asked: list[str] = []
 
     def idp(request: httpx.Request) -> httpx.Response:
@@ -1056,8 +1064,8 @@ def test_a_discovered_jwks_uri_the_settings_cannot_read_is_never_fetched(
     with pytest.raises(Unavailable):
         verifier.verify(key.sign(), admins=[])
     assert asked == ["/realms/govrag/.well-known/openid-configuration"]
-    assert "the discovered jwks_uri is not an http(s) URL with a host" in caplog.text
-    with pytest.raises(StartRefused, match="^GOVRAG_OIDC_JWKS_URL is not an http"):
+    assert f"could not be fetched: the discovered jwks_uri {why}" in caplog.text
+    with pytest.raises((StartRefused, ValidationError), match=re.escape(why)):
         TokenVerifier.from_settings(_settings(tmp_path, dev_issuer=False, oidc_jwks_url=jwks_uri), None)
 
 
