@@ -232,9 +232,12 @@ def _raise_attachments(session: Session, settings: Settings, email_id: str,
               in lower]
     queued = []
     for attachment in repository.in_row_order(raised):
-        repository.raise_level(session, attachment.id, level.value, lower)
-        if attachment.status == DocumentStatus.failed:  # serves nothing; a re-index naming it runs it at this floor
-            continue
+        repository.raise_level(session, attachment.id, level.value, lower)  # takes its row lock, unless retired
+        # its status as that lock leaves it, not as read before: a re-index naming a failed one and a claim of its
+        # job (at the floor below) may have committed meanwhile, and its run must go again
+        session.refresh(attachment)
+        if attachment.status in (DocumentStatus.failed, *RETIRED):  # serves nothing; a re-index naming a failed one
+            continue  # runs it at this floor
         if (job_id := quarantine.run_withheld(session, settings, attachment)) is not None:  # else its run goes again
             queued.append(UploadAccepted(document_id=attachment.id, job_id=job_id))
     if raised:

@@ -270,3 +270,55 @@ def test_an_attachment_a_step_takes_as_the_emails_run_raises_it_is_raised(desk: 
     question = "When does the Malaga desk open on Fridays?"
     assert taken[0]["document_id"] not in _cited(desk, desk.reader, question)[0]
     assert taken[0]["document_id"] in _cited(desk, desk.cleared, question)[0]
+
+
+@pytest.mark.parametrize("desk", ["postgresql"], indirect=True)  # on SQLite the e-mail's end holds the only write lock
+def test_an_attachment_a_reindex_takes_up_as_the_emails_run_raises_it_runs_again_raised(
+        desk: Desk, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An attachment failed (its re-index's retries ran out), so the end of a re-index of its e-mail raising it does
+    not run it again. A re-index naming the attachment and a worker's claim of its job (at the floor internal), one
+    transaction here, hold its row as that end lists the attachments: the end read it failed, waited for its row,
+    and once they committed acted on the status read, leaving the claimed run alone: it wrote the file at internal,
+    lowering its declared level back, its content served to readers the e-mail is now hidden from. Now the end reads
+    the status its row lock leaves: the run is handed back and goes again at the raised level."""
+    import threading
+
+    from core.db import unit_of_work
+    from ingestion import quarantine, repository, service
+    from ingestion.schemas import Classification
+    from tests.support.lock_waits import wait_for_a_lock_wait
+
+    marker = f"egret{uuid.uuid4().hex[:6]}"
+    email_id = _upload(desk, "Audit", _mail("Audit", f"Notes on project {marker}.",
+                                            [("desk.txt", b"The Oslo desk opens on Tuesdays at noon.")]))
+    attachment = next(document["document_id"] for document in _documents(desk).values()
+                      if document["parent_id"] == email_id)
+    failing = _reindex(desk, {}, attachment, run=False)
+    memory.Channel.queues[desk.settings.task_queue].queue.clear()  # its run, given up on below
+    service.mark_failed(settings=desk.settings, document_id=attachment, job_id=failing, reason="an outage outlasted "
+                        "the retries")
+    email_job = _reindex(desk, {f"project {marker}": "confidential"}, email_id, run=False)
+    memory.Channel.queues[desk.settings.task_queue].queue.clear()  # the e-mail's run, started below by hand
+
+    url, ended = desk.settings.resolved_database_url, []
+    running = threading.Thread(target=lambda: ended.append(
+        service.run_ingestion(settings=desk.settings, document_id=email_id, job_id=email_job)))
+    with unit_of_work(url) as session:
+        rerun = quarantine.queue_reindex(session=session, settings=desk.settings, department="desk",
+                                         document_ids=[attachment], serve_previous=False)
+        job_id = rerun.queued[0][1]
+        claimed = service._claim(session, desk.settings, repository.get_document(session, attachment),
+                                 repository.get_job(session, job_id))
+        running.start()
+        assert wait_for_a_lock_wait(url, running, timeout=300) in ("transactionid", "tuple")  # the attachment's row
+    running.join(300)
+    assert ended == [[]] and isinstance(claimed, tuple) and claimed[0].classification is Classification.internal
+
+    real_start, claims = service._start, [claimed]  # the claimed run goes on: its original read, then protected
+    monkeypatch.setattr(service, "_start", lambda *args: claims.pop() if claims else real_start(*args))
+    service.run_ingestion(settings=desk.settings, document_id=attachment, job_id=job_id)
+    listed = {document["document_id"]: document for document in _documents(desk).values()}[attachment]
+    assert (listed["status"], listed["classification"]) == ("ready", "confidential")
+    question = "When does the Oslo desk open on Tuesdays?"
+    assert attachment not in _cited(desk, desk.reader, question)[0]
+    assert attachment in _cited(desk, desk.cleared, question)[0]
