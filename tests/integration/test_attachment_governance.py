@@ -302,7 +302,7 @@ def test_an_attachment_a_reindex_takes_up_as_the_emails_run_raises_it_runs_again
 
     url, ended = desk.settings.resolved_database_url, []
     running = threading.Thread(target=lambda: ended.append(
-        service.run_ingestion(settings=desk.settings, document_id=email_id, job_id=email_job)))
+        service.run_ingestion(settings=desk.settings, document_id=email_id, job_id=email_job)), daemon=True)
     with unit_of_work(url) as session:
         rerun = quarantine.queue_reindex(session=session, settings=desk.settings, department="desk",
                                          document_ids=[attachment], serve_previous=False)
