@@ -119,8 +119,9 @@ def claim_generation(session: Session, document_id: str) -> int:
 
 
 def end_job(session: Session, *, job_id: str, status: str, error: str) -> None:
-    """Close a job without touching its document (which left the pipeline under it)."""
-    session.execute(update(IngestionJob).where(IngestionJob.id == job_id)
+    """Close a job without touching its document (which left the pipeline under it), unless it ended already: a
+    conditional update, so an end committed since the job was read (its e-mail's step doing a step's work) is kept."""
+    session.execute(update(IngestionJob).where(IngestionJob.id == job_id, IngestionJob.status.in_(UNFINISHED))
                     .values(status=status, error=error, updated_at=utcnow()))
 
 

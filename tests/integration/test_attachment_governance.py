@@ -322,3 +322,32 @@ def test_an_attachment_a_reindex_takes_up_as_the_emails_run_raises_it_runs_again
     question = "When does the Oslo desk open on Tuesdays?"
     assert attachment not in _cited(desk, desk.reader, question)[0]
     assert attachment in _cited(desk, desk.cleared, question)[0]
+
+
+@pytest.mark.parametrize("desk", ["postgresql"], indirect=True)  # on SQLite the step's end holds the only write lock
+def test_an_attachment_step_giving_up_as_another_step_does_its_work_keeps_that_end(desk: Desk) -> None:
+    """An e-mail's attachment step queued alone gives up (its retries ran out) as a step of the e-mail ends it
+    (`ready`: it did its work). Giving up read the job unfinished, waited for its row, and once that end committed
+    wrote the job failed over it. Now a job is ended only if it is still unfinished as its row lock leaves it."""
+    import threading
+
+    from core.db import unit_of_work
+    from ingestion import repository, service
+    from tests.support.lock_waits import wait_for_a_lock_wait
+
+    email_id = _upload(desk, "Rota", _mail("Rota", "The rota is attached.", [("rota.txt", b"Leeds desk: Ana.")]))
+    url = desk.settings.resolved_database_url
+    with unit_of_work(url) as session:
+        step = repository.queue_attachment_step(session, email_id)
+    giving_up = threading.Thread(target=service.mark_failed, kwargs={
+        "settings": desk.settings, "document_id": email_id, "job_id": step, "reason": "the time limit passed"},
+        daemon=True)
+    with unit_of_work(url) as session:
+        assert repository.end_attachment_steps(session, email_id)  # another step of the e-mail, doing its work
+        giving_up.start()
+        assert wait_for_a_lock_wait(url, giving_up, timeout=300) in ("transactionid", "tuple")  # the job's row
+    giving_up.join(300)
+    assert not giving_up.is_alive()
+    with unit_of_work(url) as session:
+        job = repository.get_job(session, step)
+        assert job is not None and (job.status, job.error) == ("ready", repository.ATTACHMENT_STEP)
