@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import errno
 import functools
+import itertools
 import logging
 import os
 import shutil
@@ -126,9 +127,26 @@ _started: contextvars.ContextVar[list[subprocess.Popen[bytes]] | None] = context
 
 class _Starting(threading.local):
     now = False  # this thread is starting a program
+    forked: list[int] | None = None  # where the start keeps the pid it forks (`_fork_exec_kept`); None: not kept
 
 
 _starting = _Starting()
+_fork_exec = subprocess._fork_exec  # type: ignore[attr-defined]
+
+
+def _fork_exec_kept(*args: Any) -> int:
+    """subprocess.Popen's fork and exec, the pid it forks kept in this thread's `_starting.forked` (when set) by C code
+    (list.extend, taking it from itertools.starmap) before any Python code runs: a Ctrl-C falling as the fork ends is
+    raised as the call returns, before Popen keeps the pid (`self.pid = _fork_exec(...)`), and the program ran on,
+    known to no one. It is every Popen's of this process; only a `ChildPopen`'s start keeps the pid."""
+    forked = _starting.forked
+    if forked is None:
+        return _fork_exec(*args)
+    forked.extend(itertools.starmap(_fork_exec, [args]))
+    return forked[-1]
+
+
+subprocess._fork_exec = _fork_exec_kept  # type: ignore[attr-defined]
 
 # The programs this process started (each the leader of its session), by pid, until one is seen ended as the next
 # starts: those not yet reaped are killed by `sessions_ended`. Reentrant: the SIGTERM handler that ends them
@@ -211,15 +229,18 @@ class ChildPopen(subprocess.Popen):  # type: ignore[type-arg]
             try:
                 with _live_lock:  # none starts while `sessions_ended` kills them and its block runs
                     _refuse_removed(env["TMPDIR"])
+                    forked: list[int] = []
+                    _starting.forked = forked
                     try:
                         super().__init__(_dying_with(dies_by, program), *more, start_new_session=True, env=env,
                                          **options)
                         _held(self, started)
                     except BaseException:  # a Ctrl-C (or a failure) after the fork left it running, held by no one
-                        _kill_unheld(self)
+                        _kill_unheld(self, forked)
                         raise
             finally:
                 _starting.now = False
+                _starting.forked = None
 
 
 def _refuse_removed(temp_dir: str) -> None:
@@ -240,12 +261,14 @@ def _held(process: subprocess.Popen[bytes], started: list[subprocess.Popen[bytes
         started.append(process)
 
 
-def _kill_unheld(process: subprocess.Popen[bytes]) -> None:
-    """Kill and reap `process`, forked but its start ended before it was held, and its session; its leader by pid
-    first: subprocess.Popen forking (not vforking) it, a Ctrl-C as Popen waits for its exec may fall before the
-    program makes its session (setsid), which the kill of that session then misses. Not yet reaped, that pid is still
-    its own: no other thread holds it, and this one's handlers of SIGTERM and the parse time limit wait for its start
-    to end (`starting_a_program`)."""
+def _kill_unheld(process: subprocess.Popen[bytes], forked: list[int]) -> None:
+    """Kill and reap `process`, forked (its pid in `forked`, where Popen may not have it yet) but its start ended
+    before it was held, and its session; its leader by pid first: subprocess.Popen forking (not vforking) it, a
+    Ctrl-C as Popen waits for its exec may fall before the program makes its session (setsid), which the kill of that
+    session then misses. Not yet reaped, that pid is still its own: no other thread holds it, and this one's handlers
+    of SIGTERM and the parse time limit wait for its start to end (`starting_a_program`)."""
+    if forked:
+        process.pid = forked[-1]
     unreaped = _unreaped([process])
     for leader in unreaped:
         with contextlib.suppress(OSError):

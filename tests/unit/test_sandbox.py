@@ -171,6 +171,25 @@ def test_a_start_ended_before_the_program_made_its_session_leaves_it_killed_and_
     assert _reaped(pid), "the program interrupted before it made its session runs on"
 
 
+def test_a_ctrl_c_falling_as_the_fork_ends_leaves_the_program_killed_and_reaped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C falling as subprocess.Popen forks the program is raised as its fork and exec returns, before Popen
+    keeps the pid: ChildPopen had no pid to kill, and the program ran on, known to no one. Here it falls there."""
+    forked: list[int] = []
+    fork_exec = subprocess._fork_exec  # type: ignore[attr-defined]
+
+    def interrupted_as_it_returns(*args: object) -> int:
+        forked.append(fork_exec(*args))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subprocess, "_fork_exec", interrupted_as_it_returns)
+    with pytest.raises(KeyboardInterrupt):
+        sandbox.ChildPopen(["sleep", "60"])  # noqa: S607
+    monkeypatch.undo()
+    [pid] = forked
+    assert _reaped(pid), "the program whose pid the Ctrl-C kept from Popen runs on"
+
+
 def _started_then_ended_by(failure: type[BaseException], monkeypatch: pytest.MonkeyPatch, **popen: object) -> int:
     """The pid of a program whose start (subprocess.Popen's, with `popen` in place of what ChildPopen asks for)
     `failure` ended as Popen returned."""
