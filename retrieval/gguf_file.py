@@ -5,12 +5,15 @@ llama.cpp memory-maps the file, so one cut short under a running process is a SI
 
 The layout (ggml's docs/gguf.md, versions 2 and 3, little-endian): magic, version, tensor count, metadata count; the
 metadata, each a key, a value type and a value; the tensor infos, each a name, its dimensions, its ggml type and the
-offset of its data; then the tensor data, from the header's end rounded up to `general.alignment` (32 unless set). Each
-length is checked against the bytes the file has left before it is used, and no string is read but the one key wanted:
-a hostile header's counts and lengths cost no allocation of their size. The items read one by one (metadata values,
-the strings of an array, tensors) each read at least 8 bytes of the file, and are MAX_ITEMS at most: the walk ends at
-the file's end or after MAX_ITEMS, whichever comes first (some 16 s of CPU on a slow core for a file of 64 MiB of
-empty strings, a fraction of a second for a real model's header).
+offset of its data; then the tensor data, from the header's end rounded up to `general.alignment` (32 unless set), each
+tensor's right after the one's before it, padded to the alignment (llama.cpp refuses any other offset). Each length is
+checked against the bytes the file has left before it is used, and no string is read but the one key wanted: a hostile
+header's counts and lengths cost no allocation of their size. A tensor's shape past what ggml counts (INT64_MAX
+elements, SIZE_MAX bytes), or rows not whole blocks of its type, and an offset anywhere but where llama.cpp expects it,
+are refused as llama.cpp refuses them. The items read one by one (metadata values, the strings of an array, tensors)
+each read at least 8 bytes of the file, and are MAX_ITEMS at most: the walk ends at the file's end or after MAX_ITEMS,
+whichever comes first (some 16 s of CPU on a slow core for a file of 64 MiB of empty strings, a fraction of a second
+for a real model's header).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ VERSIONS = (2, 3)  # what llama.cpp reads: version 1 had 32-bit counts, and a la
 ALIGNMENT_KEY = b"general.alignment"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
+INT64_MAX, SIZE_MAX = 2**63 - 1, 2**64 - 1  # what ggml counts a tensor's elements and bytes in
 # Items of a header read one by one: the largest vocabularies (Gemma 3's 262,144 tokens, Qwen's 151,643 and as many
 # merges) have well under a million; this many take seconds.
 MAX_ITEMS = 2**23
@@ -129,7 +133,8 @@ class _Reader:
 def check_whole(path: Path) -> None:
     """Returns if the GGUF file `path` has all the tensor data its header describes; NotWholeGGUF if it is no GGUF
     llama.cpp reads (magic, version), its header is cut short or is one llama.cpp refuses (a value, tensor type or
-    alignment it does not know), or a tensor's data would end past the file's end. OSError as the system refuses."""
+    alignment it does not know, a tensor's shape or offset it refuses), or a tensor's data would end past the file's
+    end. OSError as the system refuses."""
     with path.open("rb") as file:
         reader = _Reader(file)
         if reader.take(4) != MAGIC:
@@ -142,15 +147,23 @@ def check_whole(path: Path) -> None:
         alignment = DEFAULT_ALIGNMENT
         for _ in reader.walk(values):
             alignment = _metadata(reader) or alignment
-        end, furthest = 0, 0  # where the data of tensor `furthest`, the one that ends last, ends in the data section
+        end = 0  # where the last tensor's data ends in the data section
         for index in reader.walk(tensors):
-            tensor_end = _tensor_end(reader, index)
-            if tensor_end > end:
-                end, furthest = tensor_end, index
-        data_start = -(-reader.at // alignment) * alignment
+            offset, size = _tensor(reader, index)
+            expected = _aligned(end, alignment)
+            if offset != expected:
+                raise NotWholeGGUF(f"tensor {index}'s data is at byte {offset} of the data section, where llama.cpp "
+                                   f"expects it at {expected}: right after the data before it")
+            end = offset + size
+        data_start = _aligned(reader.at, alignment)
         if tensors and data_start + end > reader.size:
-            raise NotWholeGGUF(f"tensor {furthest}'s data ends at byte {data_start + end}, past the file's "
+            raise NotWholeGGUF(f"tensor {tensors - 1}'s data ends at byte {data_start + end}, past the file's "
                                f"{reader.size} bytes: it is cut short")
+
+
+def _aligned(at: int, alignment: int) -> int:
+    """`at` rounded up to a multiple of `alignment`."""
+    return -(-at // alignment) * alignment
 
 
 def _metadata(reader: _Reader) -> int | None:
@@ -181,8 +194,8 @@ def _skip_value(reader: _Reader, kind: int) -> None:
         raise NotWholeGGUF(f"it has a metadata value of type {kind}, which llama.cpp does not read")
 
 
-def _tensor_end(reader: _Reader, index: int) -> int:
-    """Tensor `index`'s info read: where its data ends, from the data section's start (ggml_nbytes past its offset)."""
+def _tensor(reader: _Reader, index: int) -> tuple[int, int]:
+    """Tensor `index`'s info read: its data's offset in the data section and its size in bytes (ggml_nbytes)."""
     reader.skip(reader.u64())  # its name
     dims = reader.u32()
     if dims > MAX_DIMS:
@@ -191,5 +204,13 @@ def _tensor_end(reader: _Reader, index: int) -> int:
     kind, offset = reader.u32(), reader.u64()
     if kind not in GGML_BLOCKS:
         raise NotWholeGGUF(f"tensor {index} is of ggml type {kind}, which llama.cpp does not know")
-    block, size = GGML_BLOCKS[kind]
-    return offset + shape[0] // block * size * math.prod(shape[1:])
+    block, block_bytes = GGML_BLOCKS[kind]
+    elements = math.prod(shape)
+    data_bytes = elements // block * block_bytes
+    if max(shape) > INT64_MAX or elements > INT64_MAX or data_bytes > SIZE_MAX:
+        raise NotWholeGGUF(f"tensor {index} is larger than ggml counts: more than {INT64_MAX} elements or "
+                           f"{SIZE_MAX} bytes")
+    if shape[0] % block:
+        raise NotWholeGGUF(f"tensor {index}'s rows of {shape[0]} elements are not whole blocks of its ggml type's "
+                           f"{block}")
+    return offset, data_bytes

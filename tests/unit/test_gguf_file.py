@@ -74,8 +74,13 @@ def test_every_gguf_cut_short_is_refused_naming_where_it_ends(alignment: int | N
      "it has a metadata value of type 9, which llama.cpp does not read"),
     (tiny_gguf().replace(gguf_tensor(b"b.weight", (256, 2), 12, 64), gguf_tensor(b"b.weight", (256, 2), 31, 64)),
      "tensor 1 is of ggml type 31, which llama.cpp does not know"),
+    (tiny_gguf().replace(gguf_tensor(b"b.weight", (256, 2), 12, 64), gguf_tensor(b"b.weight", (256, 2), 12, 96)),
+     "tensor 1's data is at byte 96 of the data section, where llama.cpp expects it at 64: right after the data "
+     "before it"),  # its data, and the next tensor's, still inside the file
+    (tiny_gguf().replace(gguf_tensor(b"b.weight", (256, 2), 12, 64), gguf_tensor(b"b.weight", (128, 4), 12, 64)),
+     "tensor 1's rows of 128 elements are not whole blocks of its ggml type's 256"),
 ], ids=["magic", "version-1", "version-4", "big-endian", "version-0", "alignment-48", "alignment-0", "alignment-int32",
-        "value-type", "array-of-arrays", "tensor-type"])
+        "value-type", "array-of-arrays", "tensor-type", "tensor-offset", "tensor-rows"])
 def test_a_file_llama_cpp_does_not_read_is_refused_saying_why(data: bytes, wrong: str, tmp_path: Path) -> None:
     assert _refusal(tmp_path, data) == f"cannot use the answer model {{model}}: {wrong} {WAY_OUT}"
 
@@ -85,6 +90,7 @@ def _hostile(tensors: int = 1, values: int = 0, body: bytes = b"") -> bytes:
 
 
 HEADER_CUT = "the file ends inside its GGUF header, at byte {size}: it is cut short"
+TOO_LARGE = f"tensor 0 is larger than ggml counts: more than {2**63 - 1} elements or {U64_MAX} bytes"
 TOO_MANY = (f"its header lists more than {gguf_file.MAX_ITEMS} metadata values, strings and tensors, far more than a "
             "model has")
 
@@ -107,15 +113,23 @@ TOO_MANY = (f"its header lists more than {gguf_file.MAX_ITEMS} metadata values, 
      "tensor 0's data ends at byte 2147483652, past the file's {size} bytes: it is cut short"),
     (_hostile(body=gguf_string(b"t") + struct.pack("<I", 2**32 - 1)),
      "tensor 0 has 4294967295 dimensions, and ggml at most 4"),
-    (_hostile(body=gguf_tensor(b"t", (U64_MAX,) * 4, 15, U64_MAX) + bytes(64)),  # Q8_K; header 81 bytes, data at 96
-     f"tensor 0's data ends at byte {96 + U64_MAX + U64_MAX // 256 * 292 * U64_MAX ** 3}, past the file's "
-     "{size} bytes: it is cut short"),
+    (_hostile(body=gguf_tensor(b"t", (U64_MAX,) * 4, 15, U64_MAX) + bytes(64)), TOO_LARGE),  # Q8_K
+    (_hostile(body=gguf_tensor(b"t", (0, 2**63), 0, 0) + bytes(64)), TOO_LARGE),  # no element, a negative int64
+    (_hostile(body=gguf_tensor(b"t", (2**32, 2**31), 0, 0) + bytes(64)), TOO_LARGE),  # 2**63 elements
+    (_hostile(body=gguf_tensor(b"t", (2**62,), 28, 0) + bytes(64)), TOO_LARGE),  # F64: 2**65 bytes
+    (_hostile(body=gguf_tensor(b"t", (255, 2**40), 12, 0) + bytes(64)),  # Q4_K: 0 whole blocks, once read as 0 bytes
+     "tensor 0's rows of 255 elements are not whole blocks of its ggml type's 256"),
+    (_hostile(body=gguf_tensor(b"t", (1,), 0, U64_MAX) + bytes(64)),
+     f"tensor 0's data is at byte {U64_MAX} of the data section, where llama.cpp expects it at 0: right after the "
+     "data before it"),
 ], ids=["tensor-count", "metadata-count", "key-length", "string-array-count", "string-array-cut",
-        "string-arrays-count", "array-count", "alignment-2GiB", "dimension-count", "dimensions-and-offset"])
+        "string-arrays-count", "array-count", "alignment-2GiB", "dimension-count", "dimensions-and-offset",
+        "dimension-int64", "elements-int64", "bytes-size_t", "rows-of-no-block", "offset"])
 def test_a_hostile_header_is_refused_without_allocating_what_it_claims(data: bytes, wrong: str,
                                                                         tmp_path: Path) -> None:
     """Counts and lengths of 2**64 - 1, or the sum of counts past MAX_ITEMS: refused (at the file's end, or at the
-    count), having allocated no more than a few kilobytes."""
+    count), having allocated no more than a few kilobytes. A tensor's shape or offset past what ggml counts or
+    expects: refused as such, not taken as a size in bytes (nor as none: 255 elements of a 256-element block)."""
     tracemalloc.start()
     try:
         refusal = _refusal(tmp_path, data)
