@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,14 +132,21 @@ class _Starting(threading.local):
 
 
 _starting = _Starting()
-_fork_exec = subprocess._fork_exec  # type: ignore[attr-defined]
 
 
-def _fork_exec_kept(*args: Any) -> int:
-    """subprocess.Popen's fork and exec, the pid it forks kept in this thread's `_starting.forked` (when set) by C code
-    (list.extend, taking it from itertools.starmap) before any Python code runs: a Ctrl-C falling as the fork ends is
-    raised as the call returns, before Popen keeps the pid (`self.pid = _fork_exec(...)`), and the program ran on,
-    known to no one. It is every Popen's of this process; only a `ChildPopen`'s start keeps the pid."""
+# subprocess.Popen starts a program with `self.pid = _fork_exec(...)`, a C function. A Ctrl-C arriving during the fork
+# is raised as KeyboardInterrupt at the interpreter's first check after that call returns, before the assignment: the
+# program runs on, and `ChildPopen` has no pid to kill it by. So subprocess's `_fork_exec` is replaced, for the whole
+# process (Popen looks it up in subprocess's globals at each start), by `_fork_exec_kept`: a plain pass-through except
+# during a `ChildPopen` start on the calling thread (`_starting` is thread-local, so other threads' starts are not
+# touched), where list.extend takes the pid from itertools.starmap calling `_fork_exec`, all of it C code, which runs
+# no signal handler: the pid is in the start's list before one can run. Blocking SIGINT around the start instead
+# (signal.pthread_sigmask) would not do: the program inherits the blocked mask across fork and exec, and the mask holds
+# for this thread only, while CPython raises KeyboardInterrupt in the main thread whichever thread the signal reached.
+# `_fork_exec` is private to subprocess (CPython 3.11 to 3.13 at least): where this Python has no C function by that
+# name, nothing is replaced, and a Ctrl-C there leaves the program running as before.
+def _fork_exec_kept(*args: Any) -> int:  # Popen passes every argument by position (fork_exec takes no keyword)
+    """subprocess.Popen's fork and exec, the pid kept in this thread's `_starting.forked` when set (see above)."""
     forked = _starting.forked
     if forked is None:
         return _fork_exec(*args)
@@ -146,7 +154,18 @@ def _fork_exec_kept(*args: Any) -> int:
     return forked[-1]
 
 
-subprocess._fork_exec = _fork_exec_kept  # type: ignore[attr-defined]
+def _c_fork_exec() -> Callable[..., int] | None:
+    """subprocess's own `_fork_exec` if it is a C function (none calling Python code between the fork and the pid's
+    return), the one `_fork_exec_kept` replaced where this module is imported again (importlib.reload); else None."""
+    fork_exec = getattr(subprocess, "_fork_exec", None)
+    fork_exec = getattr(fork_exec, "__wrapped__", fork_exec)
+    return fork_exec if isinstance(fork_exec, types.BuiltinFunctionType) else None
+
+
+_fork_exec = _c_fork_exec()
+if _fork_exec is not None:
+    _fork_exec_kept.__wrapped__ = _fork_exec  # type: ignore[attr-defined]
+    subprocess._fork_exec = _fork_exec_kept  # type: ignore[attr-defined]
 
 # The programs this process started (each the leader of its session), by pid, until one is seen ended as the next
 # starts: those not yet reaped are killed by `sessions_ended`. Reentrant: the SIGTERM handler that ends them

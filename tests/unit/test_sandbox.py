@@ -190,6 +190,33 @@ def test_a_ctrl_c_falling_as_the_fork_ends_leaves_the_program_killed_and_reaped(
     assert _reaped(pid), "the program whose pid the Ctrl-C kept from Popen runs on"
 
 
+def test_the_sandbox_imported_again_leaves_every_program_starting() -> None:
+    """subprocess's fork and exec is replaced once, by a function calling subprocess's own: imported again
+    (importlib.reload), the sandbox wrapped its own wrapper, which then called itself, and every subprocess.Popen of
+    the process failed (RecursionError)."""
+    _python_runs("import importlib, subprocess\n"
+                 "from ingestion import sandbox\n"
+                 "importlib.reload(sandbox)\n"
+                 "subprocess.run(['true'], check=True)\n"
+                 "assert sandbox.ChildPopen(['true']).wait() == 0\n")
+
+
+def test_a_python_without_subprocess_s_fork_and_exec_imports_the_sandbox() -> None:
+    """`subprocess._fork_exec` is private: a Python without it (none before 3.11, or a later one renaming it) imports
+    the sandbox, which leaves subprocess as it is, rather than failing with AttributeError."""
+    _python_runs("import subprocess\n"
+                 "del subprocess._fork_exec\n"
+                 "from ingestion import sandbox\n"
+                 "assert not hasattr(subprocess, '_fork_exec')\n")
+
+
+def _python_runs(code: str) -> None:
+    """Run `code` in a Python of its own (the sandbox imported afresh), which must end well."""
+    ran = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},  # noqa: S603
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+
+
 def _started_then_ended_by(failure: type[BaseException], monkeypatch: pytest.MonkeyPatch, **popen: object) -> int:
     """The pid of a program whose start (subprocess.Popen's, with `popen` in place of what ChildPopen asks for)
     `failure` ended as Popen returned."""
