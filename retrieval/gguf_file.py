@@ -18,7 +18,9 @@ for a real model's header).
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 import os
 import struct
 from pathlib import Path
@@ -205,9 +207,10 @@ def _tensor(reader: _Reader, index: int) -> tuple[int, int]:
     if kind not in GGML_BLOCKS:
         raise NotWholeGGUF(f"tensor {index} is of ggml type {kind}, which llama.cpp does not know")
     block, block_bytes = GGML_BLOCKS[kind]
-    elements = math.prod(shape)
-    data_bytes = elements // block * block_bytes
-    if max(shape) > INT64_MAX or elements > INT64_MAX or data_bytes > SIZE_MAX:
+    data_bytes = math.prod(shape) // block * block_bytes
+    # llama.cpp multiplies the dimensions in order, in an int64: a product past INT64_MAX before a 0 is refused too
+    counted = max(*shape, *itertools.accumulate(shape, operator.mul))
+    if counted > INT64_MAX or data_bytes > SIZE_MAX:
         raise NotWholeGGUF(f"tensor {index} is larger than ggml counts: more than {INT64_MAX} elements or "
                            f"{SIZE_MAX} bytes")
     if shape[0] % block:

@@ -116,6 +116,7 @@ TOO_MANY = (f"its header lists more than {gguf_file.MAX_ITEMS} metadata values, 
     (_hostile(body=gguf_tensor(b"t", (U64_MAX,) * 4, 15, U64_MAX) + bytes(64)), TOO_LARGE),  # Q8_K
     (_hostile(body=gguf_tensor(b"t", (0, 2**63), 0, 0) + bytes(64)), TOO_LARGE),  # no element, a negative int64
     (_hostile(body=gguf_tensor(b"t", (2**32, 2**31), 0, 0) + bytes(64)), TOO_LARGE),  # 2**63 elements
+    (_hostile(body=gguf_tensor(b"t", (2**62, 4, 0), 0, 0) + bytes(64)), TOO_LARGE),  # 2**64, then none
     (_hostile(body=gguf_tensor(b"t", (2**62,), 28, 0) + bytes(64)), TOO_LARGE),  # F64: 2**65 bytes
     (_hostile(body=gguf_tensor(b"t", (255, 2**40), 12, 0) + bytes(64)),  # Q4_K: 0 whole blocks, once read as 0 bytes
      "tensor 0's rows of 255 elements are not whole blocks of its ggml type's 256"),
@@ -124,7 +125,7 @@ TOO_MANY = (f"its header lists more than {gguf_file.MAX_ITEMS} metadata values, 
      "data before it"),
 ], ids=["tensor-count", "metadata-count", "key-length", "string-array-count", "string-array-cut",
         "string-arrays-count", "array-count", "alignment-2GiB", "dimension-count", "dimensions-and-offset",
-        "dimension-int64", "elements-int64", "bytes-size_t", "rows-of-no-block", "offset"])
+        "dimension-int64", "elements-int64", "elements-int64-before-0", "bytes-size_t", "rows-of-no-block", "offset"])
 def test_a_hostile_header_is_refused_without_allocating_what_it_claims(data: bytes, wrong: str,
                                                                         tmp_path: Path) -> None:
     """Counts and lengths of 2**64 - 1, or the sum of counts past MAX_ITEMS: refused (at the file's end, or at the
