@@ -11,7 +11,7 @@ from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,13 +47,22 @@ _SCHEME_THEN_AUTHORITY = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 # connection.
 _REDIS_SCHEMES = frozenset({"redis", "rediss"})
 _REDIS_DATABASE_PATH = re.compile(r"(?:/[0-9]*)?")
-_ASCII_PORT = re.compile(r"[0-9]+")
+# A port as written: one to five ASCII digits.
+_PORT_DIGITS = re.compile(r"[0-9]{1,5}")
+# A database URL's user information and its host and port, as SQLAlchemy reads them (sqlalchemy.engine.url's pattern):
+# the user information up to its first `@` (a user name holds no `:` or `/`), the host and port up to a `/` or `?`.
+# Each piece is optional: it matches whatever follows a URL's `://`.
+_DATABASE_AUTHORITY = re.compile(r"(?:(?P<userinfo>[^:/]*(?::[^@]*)?)@)?(?P<host_and_port>[^/?]*)")
 # An unencoded `@`, `:`, `/`, `?` or `#` in a password makes a piece of it read as the host, the port or the path: the
 # refusals of either say how to write it, quoting none of it.
 _ENCODE_CREDENTIALS = "in a user name or password, percent-encode any @ : / ? #"
 NO_USABLE_PORT = "names a port that is not a number from 1 to 65535"
 _PORT_REFUSAL = f"{NO_USABLE_PORT} ({_ENCODE_CREDENTIALS})"
 _STRAY_AT_REFUSAL = f"holds an @ after its host ({_ENCODE_CREDENTIALS})"
+# A `/` or a blank in a database URL's user information, which SQLAlchemy reads in it, but the log mask does not.
+_UNMASKABLE_CREDENTIALS = re.compile(r"[/\s]")
+_UNMASKABLE_CREDENTIALS_REFUSAL = ("holds a / or a blank in its user name or password, which the logs would show: "
+                                   "percent-encode it (/ as %2F, a space as %20)")
 # The longest scheme or database driver a refusal quotes whole, above the longest drivers' names
 # (`postgresql+psycopg2cffi`); a longer one is something else pasted in, quoted as its start and an ellipsis.
 _QUOTED_NAME_CHARS = 32
@@ -380,7 +389,7 @@ def called_url_port_usable(url: str) -> bool:
     """True when url, one govrag calls (the IdP's, the model server's), names no port or one from 1 to 65535 in ASCII
     digits; an empty one (`host:`) is not usable. True when it does not parse: the check naming the URL refuses it."""
     parts = _url_parts(url)
-    return parts is None or _url_port_usable(parts, empty_is_default=False)
+    return parts is None or _port_usable(parts.netloc, empty_is_default=False)
 
 
 def _url_parts(url: str) -> SplitResult | None:
@@ -395,8 +404,9 @@ def _url_parts(url: str) -> SplitResult | None:
 def service_url(url: str, schemes: Mapping[str, bool], forms: str) -> str:
     """`url` with its scheme in lower case (the code picking a client by it compares it so), once it is
     `scheme://...` with a scheme of `schemes`, a host where the scheme needs one (True), a port from 1 to 65535 if
-    it names one, and for Redis a path that is a database's number or nothing. Else a ValueError saying what to fix in
-    `forms`' terms, quoting at most the scheme: never the host, user name or password."""
+    it names one, and for Redis a path that is a database's number or nothing (and no `db` in the query). Else a
+    ValueError saying what to fix in `forms`' terms, quoting at most the scheme: never the host, user name or
+    password."""
     parts = _url_parts(url)
     if parts is None or not _SCHEME_THEN_AUTHORITY.match(url):
         raise ValueError(f"is not a URL ({forms})")
@@ -404,12 +414,17 @@ def service_url(url: str, schemes: Mapping[str, bool], forms: str) -> str:
         raise ValueError(f"names a scheme govrag does not support ({_quoted_name(parts.scheme)}): use {forms}")
     if any("@" in piece for piece in (parts.path, parts.query, parts.fragment)):
         raise ValueError(_STRAY_AT_REFUSAL)
-    if not _url_port_usable(parts, empty_is_default=True):
+    if not _port_usable(parts.netloc, empty_is_default=True):
         raise ValueError(_PORT_REFUSAL)
     if schemes[parts.scheme] and not parts.hostname:
         raise ValueError(f"names no host ({forms})")
     if parts.scheme in _REDIS_SCHEMES and not _REDIS_DATABASE_PATH.fullmatch(parts.path):
         raise ValueError(f"names a Redis database that is not a number (/0, /1, ...): use {forms}")
+    # redis-py (the job sweep, the guard's counters, the queue-depth metric) reads `?db=` over the path, any int() takes
+    # (`-1`, `１`), where kombu (Celery) refuses a URL holding it at its first connection.
+    if parts.scheme in _REDIS_SCHEMES and "db" in parse_qs(parts.query, keep_blank_values=True):
+        raise ValueError(f"names its Redis database in the query (?db=), which Celery does not read: name it in the "
+                         f"path (/0, /1, ...): use {forms}")
     return parts.scheme + url[len(parts.scheme):]
 
 
@@ -420,42 +435,42 @@ def _quoted_name(name: str) -> str:
     return name if len(name) <= _QUOTED_NAME_CHARS else name[:_QUOTED_NAME_CHARS] + "…"
 
 
-def _url_port_usable(parts: SplitResult, *, empty_is_default: bool) -> bool:
-    """True when `parts` names no port or a usable one (`_port_usable`); an empty one (`host:`, which urlsplit reads
-    as none) only where `empty_is_default`, as the scheme's default port. Text after an IPv6 host's `]` is a port only
-    after a `:`: urlsplit reads `[::1]8080` as no port, httpx as port 8080 (and `[::1]99999` as 99999): refused."""
-    _, bracket, after_host = parts.netloc.rpartition("@")[2].rpartition("]")
+def _port_usable(authority: str, *, empty_is_default: bool) -> bool:
+    """True when a URL's authority (`user:password@host:port`) names no port, or as written one a server can listen on:
+    ASCII digits naming 1 to 65535 (0 is "any" to a listener, no address to call). urlsplit in early 3.11 releases and
+    SQLAlchemy read a port with int(), `:８０`, `:+80` or `: 80` as 80. An empty one (`host:`, which urlsplit reads as
+    none) is taken only where `empty_is_default`, as the scheme's default port. An IPv6 host's colons are in its
+    brackets, and text after its `]` is a port only after a `:`: urlsplit reads `[::1]8080` as no port, httpx as port
+    8080 (and `[::1]99999` as 99999): refused."""
+    _, bracket, after_host = authority.rpartition("@")[2].rpartition("]")
     if bracket and after_host[:1] not in ("", ":"):
         return False
-    try:
-        port = parts.port
-    except ValueError:  # not a number, or over 65535
-        return False
-    if port is None:
-        return empty_is_default or not parts.netloc.endswith(":")
-    # ASCII digits only, on every Python: urlsplit in early 3.11 releases read a port with int(), `:８０` or `:+80` as
-    # 80. Once urlsplit read a port, it is what follows the netloc's last `:`.
-    return _ASCII_PORT.fullmatch(parts.netloc.rpartition(":")[2]) is not None and _port_usable(port)
-
-
-def _port_usable(port: int | None) -> bool:
-    """True when `port` is none or one a server can listen on (0 is "any" to a listener, no address to call)."""
-    return port is None or 1 <= port <= 65535
+    _, colon, port = after_host.partition(":")
+    if not port:
+        return not colon or empty_is_default
+    return _PORT_DIGITS.fullmatch(port) is not None and 1 <= int(port) <= 65535
 
 
 def _require_database_driver(url: str) -> None:
-    """ValueError unless SQLAlchemy reads `url`, with a port from 1 to 65535 if any, and loads its dialect and driver;
-    the message names the scheme only."""
+    """ValueError unless SQLAlchemy reads `url`, with a port from 1 to 65535 if any and a user name and password the
+    log mask reads whole, and loads its dialect and driver; the message names the scheme only."""
     try:
         parsed = make_url(url)
     except db_errors.ArgumentError:
         raise ValueError("is not a database URL (postgresql+psycopg://USER@HOST/DATABASE, or sqlite:///PATH)") from None
     except ValueError:  # int() of a port that is no number, quoting it (a piece of a password holding '@' then ':')
         raise ValueError(_PORT_REFUSAL) from None
-    if not _port_usable(parsed.port):
+    authority = _DATABASE_AUTHORITY.match(url.partition("://")[2])  # as make_url read it
+    if not _port_usable(authority["host_and_port"], empty_is_default=False):
         raise ValueError(_PORT_REFUSAL)
-    if "@" in (parsed.host or ""):  # SQLAlchemy ends the password at its first '@'
+    # SQLAlchemy ends the user information at its first '@': an '@' in a password leaves the rest in the host, a '/' in
+    # a user name all of it, password and all, in a server database's name (quoted by the server's "does not exist").
+    if "@" in (parsed.host or "") or (parsed.host and "@" in (parsed.database or "")):
         raise ValueError(_STRAY_AT_REFUSAL)
+    # SQLAlchemy reads a '/' or a blank in a password as part of it, but the log mask (reading a URL as RFC 3986 does,
+    # a blank ending it) ends the password there: the URL was logged unmasked.
+    if _UNMASKABLE_CREDENTIALS.search(authority["userinfo"] or ""):
+        raise ValueError(_UNMASKABLE_CREDENTIALS_REFUSAL)
     try:
         parsed.get_dialect().import_dbapi()
     except (db_errors.NoSuchModuleError, ImportError):

@@ -10,13 +10,17 @@ import random
 import pytest
 from pydantic import ValidationError
 
+from core.logs import mask
 from core.settings import Settings, service_url
 
 REDIS = {"memory": False, "redis": True, "rediss": True}
 REDIS_FORMS = "memory://, redis://HOST:6379/0 or rediss://HOST:6379/0"
 PORT = ("names a port that is not a number from 1 to 65535 (in a user name or password, percent-encode any "
         "@ : / ? #)")
-STRAY_AT = "holds an @ after its host (in a user name or password, percent-encode any @ : / ? #)"
+ENCODE = "in a user name or password, percent-encode any @ : / ? #"
+STRAY_AT = f"holds an @ after its host ({ENCODE})"
+UNMASKABLE = ("holds a / or a blank in its user name or password, which the logs would show: percent-encode it (/ as "
+              "%2F, a space as %20)")
 PASSWORD = "hunter@2:s3cret/x"  # every character that ends a piece of a URL early
 SECRET_PIECES = ("hunter", "s3cret")
 URL_BREAKERS = "@:/?#[]% \t=&"
@@ -52,6 +56,8 @@ def test_the_scheme_is_taken_in_any_case_and_handed_on_in_lower_case() -> None:
     ("redis://redis:65536/0", PORT),
     ("redis://redis:6379s3cret/0", PORT),
     ("redis://redis:-1/0", PORT),
+    ("redis://redis:\uff16\uff13\uff17\uff19/0", PORT),
+    ("redis://redis:+6379/0", PORT),
 ])
 def test_a_broker_url_no_client_reaches_is_refused_naming_at_most_its_scheme(url: str, why: str) -> None:
     with pytest.raises(ValueError) as refused:
@@ -130,10 +136,75 @@ def test_settings_refuse_a_port_or_an_at_sign_no_client_reads_without_quoting_th
 
 
 @pytest.mark.parametrize("url", ["postgresql+psycopg://govrag:hunter%402%3As3cret%2Fx@127.0.0.1:5432/govrag",
-                                 "postgresql+psycopg://govrag:s3cret/x@127.0.0.1:65535/govrag", "sqlite:///govrag.db"])
+                                 "postgresql+psycopg://govrag:s3cret%2Fx@127.0.0.1:65535/govrag",
+                                 "postgresql+psycopg://govrag:s3cret@127.0.0.1:0080/govrag", "sqlite:///govrag.db",
+                                 "sqlite:////srv/govrag@prod/govrag.db"])
 def test_settings_take_a_database_url_whose_port_and_password_read_as_written(url: str) -> None:
-    """SQLAlchemy ends the password at its first '@', so a '/' in it needs no encoding."""
+    """A '/' in a password percent-encoded (SQLAlchemy decodes it); an '@' in an SQLite file's path."""
     assert Settings(database_url=url).database_url == url
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("postgresql+psycopg://govrag:s3cret/x@db/govrag", UNMASKABLE),
+    ("postgresql+psycopg://govrag:s3cret?x/y@db:5432/govrag", UNMASKABLE),
+    ("postgresql+psycopg://govrag:/s3cret@db/govrag", UNMASKABLE),
+    ("postgresql+psycopg://govrag:s3cret x@db/govrag", UNMASKABLE),
+    ("postgresql+psycopg://govrag:s3cret\tx@db/govrag", UNMASKABLE),
+    ("postgresql+psycopg://gov rag:s3cret@db/govrag", UNMASKABLE),
+    ("postgresql+psycopg://gov/rag:s3cret@db/govrag", STRAY_AT),  # SQLAlchemy: host "gov", the rest the database
+])
+def test_a_database_url_whose_credentials_the_log_mask_cannot_read_is_refused(url: str, why: str) -> None:
+    """SQLAlchemy read `govrag:s3cret/x@db` as password `s3cret/x` (and `s3cret x` as `s3cret x`), but the log mask
+    (reading a URL as RFC 3986 does, a '/' or a blank ending the password) left it unmasked: the URL was logged whole.
+    A '/' in the user name made SQLAlchemy read the password into the database's name. Refused at start, saying to
+    percent-encode, quoting none of the URL."""
+    with pytest.raises(ValidationError) as refused:
+        Settings(database_url=url)
+    assert [(error["loc"], error["msg"]) for error in refused.value.errors()] == [(("database_url",),
+                                                                                  f"Value error, {why}")]
+    assert "s3cret" not in str(refused.value) and "rag:" not in str(refused.value)
+
+
+@pytest.mark.parametrize("breaker", sorted(URL_BREAKERS + "\n"))
+def test_a_database_url_the_settings_take_is_logged_with_its_credentials_masked(breaker: str) -> None:
+    """Whatever character a user name or password holds unencoded, a database URL the settings take (as SQLAlchemy
+    reads it) comes out of the log mask without a piece of either: the URL is refused, or masked whole."""
+    taken = 0
+    for user, password in (("u5er9x", f"s3c{breaker}r3t"), ("u5er9x", f"{breaker}s3cr3t"),
+                           ("u5er9x", f"s3cr3t{breaker}"), (f"u5e{breaker}r9x", "s3cr3t")):
+        url = f"postgresql+psycopg://{user}:{password}@db:5432/govrag?sslmode=require"
+        try:
+            Settings(database_url=url)
+        except ValidationError:
+            continue
+        taken += 1
+        assert not any(piece in mask(f"connecting to {url} failed") for piece in ("u5e", "r9x", "s3c", "r3t")), url
+    assert taken or breaker in "@/ \t\n"  # only those make SQLAlchemy, or the mask, read the URL otherwise
+
+
+@pytest.mark.parametrize("port", ["\uff18\uff10", "+80", "-80", " 80", "80 ", "5_432", "0", "00", "65536", "000080"])
+def test_a_database_url_s_port_is_one_to_five_ascii_digits_naming_1_to_65535(port: str) -> None:
+    """SQLAlchemy reads a port with int(): `:８０` (fullwidth), `:+80`, `: 80` and `:5_432` passed as ports 80 and 5432,
+    where the model server's, the IdP's and the service URLs refuse them."""
+    for host in ("db", "[::1]"):
+        with pytest.raises(ValidationError) as refused:
+            Settings(database_url=f"postgresql+psycopg://govrag:s3cret@{host}:{port}/govrag")
+        assert [(error["loc"], error["msg"]) for error in refused.value.errors()] == [(("database_url",),
+                                                                                      f"Value error, {PORT}")]
+        assert "s3cret" not in str(refused.value)
+
+
+@pytest.mark.parametrize("query", ["db=1", "db=abc", "db=-1", "db=\uff11", "db=", "%64b=2", "ssl_cert_reqs=none&db=1"])
+def test_a_redis_url_naming_its_database_in_the_query_is_refused(query: str) -> None:
+    """redis-py (the job sweep, the guard's counters, the queue-depth metric) read `?db=` over the path, `-1` and a
+    fullwidth `１` too, and refused `abc` only when first used; kombu (Celery) refused a URL holding any `db` in its
+    query at its first connection, so the workers never connected."""
+    with pytest.raises(ValidationError) as refused:
+        Settings(broker_url=f"redis://:s3cret@redis:6379/0?{query}")
+    assert [(error["loc"], error["msg"]) for error in refused.value.errors()] == [(
+        ("broker_url",), "Value error, names its Redis database in the query (?db=), which Celery does not read: "
+                         f"name it in the path (/0, /1, ...): use {REDIS_FORMS}")]
+    assert "s3cret" not in str(refused.value)
 
 
 def test_an_otlp_endpoint_is_an_http_url_of_a_host() -> None:
