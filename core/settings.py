@@ -440,12 +440,15 @@ def _port_usable(authority: str, *, empty_is_default: bool) -> bool:
     ASCII digits naming 1 to 65535 (0 is "any" to a listener, no address to call). urlsplit in early 3.11 releases and
     SQLAlchemy read a port with int(), `:８０`, `:+80` or `: 80` as 80. An empty one (`host:`, which urlsplit reads as
     none) is taken only where `empty_is_default`, as the scheme's default port. An IPv6 host's colons are in its
-    brackets, and text after its `]` is a port only after a `:`: urlsplit reads `[::1]8080` as no port, httpx as port
-    8080 (and `[::1]99999` as 99999): refused."""
-    _, bracket, after_host = authority.rpartition("@")[2].rpartition("]")
-    if bracket and after_host[:1] not in ("", ":"):
-        return False
-    _, colon, port = after_host.partition(":")
+    brackets, up to the first `]` (urlsplit's reading), and text after it is a port only after a `:`: urlsplit reads
+    `[::1]8080` as no port, httpx as port 8080 (and `[::1]99999` as 99999), SQLAlchemy as no port, the rest dropped;
+    `[::1]]:5432` is host `::1]` to SQLAlchemy: refused, as is a `[` never closed."""
+    host_and_port = authority.rpartition("@")[2]
+    if host_and_port.startswith("["):
+        _, bracket, host_and_port = host_and_port.partition("]")
+        if not bracket or host_and_port[:1] not in ("", ":"):
+            return False
+    _, colon, port = host_and_port.partition(":")
     if not port:
         return not colon or empty_is_default
     return _PORT_DIGITS.fullmatch(port) is not None and 1 <= int(port) <= 65535

@@ -119,6 +119,10 @@ def test_settings_take_a_qdrant_server_url(url: str) -> None:
     ("broker_url", "rediss://govrag:hunter@2:s3cret@redis:0/0", PORT),
     ("otel_exporter_otlp_endpoint", "http://collector:431800/v1/traces", PORT),  # a digit too many: export errors
     ("qdrant_url", "http://[::1]6333", PORT),  # httpx reads port 6333 after the ], urlsplit none
+    ("qdrant_url", "http://[::1]]:6333", PORT),  # urlsplit: host ::1, port 6333; httpx: an invalid IPv6 host
+    ("database_url", "postgresql+psycopg://govrag:hunter@[::1]5432/govrag", PORT),  # SQLAlchemy: no port, no database
+    ("database_url", "postgresql+psycopg://govrag:hunter@[::1]]:5432/govrag", PORT),  # SQLAlchemy: host "::1]"
+    ("database_url", "postgresql+psycopg://govrag:hunter@[::1]:5432]/govrag", PORT),  # SQLAlchemy: host "::1]:5432"
     ("database_url", "postgresql+psycopg://govrag:hunter@2:s3cret@127.0.0.1:5432/govrag", PORT),  # int()'s ValueError
     ("database_url", "postgresql+psycopg://govrag:hunter@2@127.0.0.1:5432/govrag", STRAY_AT),  # host "2@127.0.0.1"
     ("database_url", "postgresql+psycopg://govrag:hunter@127.0.0.1:65536/govrag", PORT),

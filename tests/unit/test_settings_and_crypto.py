@@ -152,6 +152,7 @@ def test_a_url_govrag_calls_is_refused_at_start_with_a_user_name_or_password(ove
     ("oidc_jwks_url", "https://idp.example:844300/jwks"), ("oidc_jwks_url", "https://idp.example:/jwks"),
     ("oidc_issuer", "https://idp.example:-443/realms/x"), ("oidc_issuer", "https://idp.example:/realms/x"),
     ("llm_base_url", "http://[::1]8080/v1"), ("oidc_jwks_url", "https://[2001:db8::1]99999/jwks"),
+    ("llm_base_url", "http://[::1]:8080]/v1"), ("oidc_jwks_url", "https://[2001:db8::1]]:8443/jwks"),
 ])
 def test_a_url_govrag_calls_is_refused_at_start_with_a_port_no_server_listens_on(setting: str, url: str) -> None:
     """The model server's and the IdP's URLs were taken with any port (no check but the host's allowlist and the
