@@ -62,7 +62,8 @@ _STRAY_AT_REFUSAL = f"holds an @ after its host ({_ENCODE_CREDENTIALS})"
 # A `/` or a blank in a database URL's user information, which SQLAlchemy reads in it, but the log mask does not.
 _UNMASKABLE_CREDENTIALS = re.compile(r"[/\s]")
 _UNMASKABLE_CREDENTIALS_REFUSAL = ("holds a / or a blank in its user name or password, which the logs would show: "
-                                   "percent-encode it (/ as %2F, a space as %20)")
+                                   "write each / as %2F and each space as %20 (a tab as %09) in the URL; the password "
+                                   "itself stays as it is")
 # The longest scheme or database driver a refusal quotes whole, above the longest drivers' names
 # (`postgresql+psycopg2cffi`); a longer one is something else pasted in, quoted as its start and an ellipsis.
 _QUOTED_NAME_CHARS = 32

@@ -19,8 +19,8 @@ PORT = ("names a port that is not a number from 1 to 65535 (in a user name or pa
         "@ : / ? #)")
 ENCODE = "in a user name or password, percent-encode any @ : / ? #"
 STRAY_AT = f"holds an @ after its host ({ENCODE})"
-UNMASKABLE = ("holds a / or a blank in its user name or password, which the logs would show: percent-encode it (/ as "
-              "%2F, a space as %20)")
+UNMASKABLE = ("holds a / or a blank in its user name or password, which the logs would show: write each / as %2F and "
+              "each space as %20 (a tab as %09) in the URL; the password itself stays as it is")
 PASSWORD = "hunter@2:s3cret/x"  # every character that ends a piece of a URL early
 SECRET_PIECES = ("hunter", "s3cret")
 URL_BREAKERS = "@:/?#[]% \t=&"
