@@ -262,13 +262,15 @@ def _check_rows(found: ExportCheck, body: _Body, manifest: dict[str, Any]) -> Ex
         what = "removed" if tally.count < manifest["rows"] else "added"
         return _broken(found, f"rows_{what}", f"the manifest counts {manifest['rows']} rows, the file holds "
                                               f"{tally.count}: rows were {what}")
+    broken: list[tuple[int, str, str]] = []  # (row id, reason, message): the lowest row is named
     if tally.reordered is not None:
         row_id, before = tally.reordered
-        return _broken(found, "rows_reordered", f"row {row_id} comes after row {before}: the rows were reordered",
-                       row_id)
+        broken.append((row_id, "rows_reordered", f"row {row_id} comes after row {before}: the rows were reordered"))
     if tally.changed is not None:
-        return _broken(found, "row_changed", f"row {tally.changed} does not match its hash: it was changed",
-                       tally.changed)
+        broken.append((tally.changed, "row_changed", f"row {tally.changed} does not match its hash: it was changed"))
+    if broken:
+        row_id, reason, message = min(broken, key=lambda found_at: found_at[0])
+        return _broken(found, reason, message, row_id)
     if body.sha256.hexdigest() != manifest["body_sha256"]:
         return _broken(found, "body_changed", "the rows are not those exported: one was changed or replaced")
     return found

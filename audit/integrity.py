@@ -434,20 +434,19 @@ class _Expectations:
     anchor: str = repository.GENESIS_HASH
     at: dict[int, str] = field(default_factory=dict)  # event id -> hash it must have
     checked: int = 0
-    bad_signature: int | None = None
+    bad_signature: int | None = None  # the lowest event a checkpoint whose signature fails names (0: unreadable)
     conflict: int | None = None  # the first event accepted checkpoints give two hashes
     unrecorded_purge: int | None = None  # the newest purge, signed by a previous key alone, when no event records it
     deployment_id: str | None = None
 
     def failure(self) -> tuple[int, str] | None:
-        """What the checkpoints alone show wrong, before any row is read: (the event, the reason), None when nothing."""
-        if self.bad_signature is not None:
-            return self.bad_signature, "checkpoint_signature_invalid"
-        if self.conflict is not None:
-            return self.conflict, "checkpoint_conflict"
-        if self.unrecorded_purge is not None:
-            return self.unrecorded_purge, "purge_unrecorded"
-        return None
+        """What the checkpoints alone show wrong, before any row is read: (the lowest event, its reason), None when
+        nothing."""
+        found = [(event_id, reason) for event_id, reason in ((self.bad_signature, "checkpoint_signature_invalid"),
+                                                             (self.conflict, "checkpoint_conflict"),
+                                                             (self.unrecorded_purge, "purge_unrecorded"))
+                 if event_id is not None]
+        return min(found, key=lambda failed: failed[0], default=None)
 
 
 def _expectations(session: Session, settings: Settings) -> _Expectations:
@@ -464,10 +463,11 @@ def _expectations(session: Session, settings: Settings) -> _Expectations:
     previous = previous_signers(settings, deployment.deployment_id)
     purged_now: set[int] = set()  # the events the current key signed a purge at
     given: dict[int, set[str]] = {}  # event id -> the hashes the checkpoints taken give it
+    unsigned: list[int] = []  # the events the checkpoints whose signatures fail name
     for checkpoint, now in zip(candidates, signed_now, strict=True):
         if checkpoint is None or not (now or (checkpoint.last_event_id <= rotated_through and any(
                 _signed_here(old, old.public_key(), checkpoint, deployment.minted_at) for old in previous))):
-            found.bad_signature = checkpoint.last_event_id if checkpoint is not None else 0
+            unsigned.append(checkpoint.last_event_id if checkpoint is not None else 0)
             continue
         found.checked += 1
         if checkpoint.kind == "purge" and now:
@@ -476,6 +476,7 @@ def _expectations(session: Session, settings: Settings) -> _Expectations:
             found.purged_through, found.anchor = checkpoint.last_event_id, checkpoint.last_hash
         found.at[checkpoint.last_event_id] = checkpoint.last_hash
         given.setdefault(checkpoint.last_event_id, set()).add(checkpoint.last_hash)
+    found.bad_signature = min(unsigned, default=None)
     found.conflict = _first_conflict(given)
     if found.purged_through and not _purge_recorded(session, found.purged_through,
                                                     found.purged_through in purged_now, rotated_through):

@@ -152,7 +152,7 @@ class VerifyResult(BaseModel):
 
     ok: bool
     checked: int
-    first_broken: int | None = None
+    first_broken: int | None = None  # the lowest event found broken (the checkpoints checked before the rows)
     reason: str | None = None
     checkpoints_checked: int = 0
     purged_through: int | None = None
@@ -167,7 +167,7 @@ class ExportCheck(BaseModel):
     rows: int = 0  # the manifest's count, once its signature holds
     reason: str | None = None
     message: str | None = None  # what was found, in a sentence (ids and counts only)
-    first_broken: int | None = None  # the row id where it was found, when one row is
+    first_broken: int | None = None  # the lowest row id found broken, when one row is
     deployment_id: str | None = None
     through_event_id: int | None = None
     signatures: list[str] = []  # those verified: "hmac-sha256" (the checkpoint key), "ed25519" (the public key)
@@ -185,7 +185,7 @@ class MirrorCheck(BaseModel):
     through_event_id: int | None = None  # the newest event a checked checkpoint covers
     reason: str | None = None
     message: str | None = None  # what was found, in a sentence (line numbers and event ids only)
-    first_broken: int | None = None  # the line number where it was found, when one line is
+    first_broken: int | None = None  # the earliest line found broken, when one line is
     deployment_id: str | None = None
     key_id: str | None = None  # the public key's
 

@@ -1386,3 +1386,28 @@ def test_public_key_all_prints_each_previous_key_after_the_current_one(
     code, report = audit_cli(_auditor(tmp_path), "verify-mirror", str(new.resolved_checkpoint_file), *keys,
                              "--deployment-id", deployment)
     assert (code, report["ok"], report["checked"]) == (0, True, 2), report
+
+
+def test_the_lowest_of_two_broken_is_named_by_verify_verify_export_and_verify_mirror(
+        ledger: Settings, tmp_path: Path, audit_cli: Callable[..., tuple], cli: Callable[..., tuple]) -> None:
+    """`first_broken` is the lowest row, event or line found broken, whichever check found it. `verify` named the
+    last checkpoint whose signature failed (in the order read: the database's, then the mirror's), and verify-export
+    a pair of rows out of order below a changed row: each names the lowest now."""
+    ledger = _keyed(ledger, NEW_KEY)
+    _append(ledger, 10)  # signed at rows 5 and 10
+    public, deployment = _published(audit_cli, ledger, tmp_path / "audit.pub")
+    export = _export(ledger, tmp_path / "export.jsonl")  # rows 1 to 10; the export itself is row 11
+    *rows, manifest = _lines(export)
+    edited = [rows[0], rows[1].replace(b'"alice"', b'"mallory"'), *rows[2:4], rows[5], rows[4], *rows[6:], manifest]
+    code, report = cli(_auditor(tmp_path), _written(export, edited), "--public-key", str(public), "--deployment-id",
+                       deployment)
+    assert (code, report["reason"], report["first_broken"]) == (3, "row_changed", 2), report
+    lines = _mirror_lines(ledger)
+    mirror = _write_lines(tmp_path / "edited-mirror.jsonl",
+                          [line | {"last_hash": "0" * 64} if n < 2 else line for n, line in enumerate(lines)])
+    code, report = audit_cli(_auditor(tmp_path), "verify-mirror", str(mirror), "--public-key", str(public),
+                             "--deployment-id", deployment)
+    assert (code, report["reason"], report["first_broken"]) == (3, "checkpoint_signature_invalid", 1), report
+    _sql_rows(ledger, "UPDATE audit_checkpoints SET last_hash = 'tampered' WHERE last_event_id IN (5, 10)")
+    code, report = audit_cli(ledger, "verify")
+    assert (code, report["reason"], report["first_broken"]) == (3, "checkpoint_signature_invalid", 5), report
