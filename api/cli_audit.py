@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from api import cli_args
 from api.cli_failures import failure
-from audit.integrity import load_public_key
+from audit.integrity import load_public_keys
 from audit.schemas import Decision, ExportFilters, ExportFormat, deployment_pin, utc_bound
 from authz.identity import Identity, operator_identity
 from core import keystore, migrate
@@ -70,10 +70,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                  "it fails")
     checking_mirror = audit_commands.add_parser("verify-mirror", help=mirroring, description=mirroring)
     checking_mirror.add_argument("file", help="the mirror file, a checkpoint a line")
-    checking_mirror.add_argument("--public-key", type=public_key_argument, metavar="PEM_FILE", required=True,
-                                 action="append", help="the public key `govrag audit public-key` printed; again for "
+    checking_mirror.add_argument("--public-key", type=public_keys_argument, metavar="PEM_FILE", required=True,
+                                 action="extend", help="the public key `govrag audit public-key` printed; again for "
                                  "each key used before a rotation, the current one first (a previous key's line holds "
-                                 "only up to the newest event a line of the first key anchors)")
+                                 "only up to the newest event a line of the first key anchors); a file of several "
+                                 "keys (`public-key --all`) gives each, in its order")
     checking_mirror.add_argument("--deployment-id", type=deployment_id_argument, required=True,
                                  help="the deployment the checkpoints must be of, a UUID (deployments sharing a "
                                  "checkpoint key share the public key)")
@@ -117,13 +118,24 @@ def deployment_id_argument(text: str) -> str:
                                          "prints") from None
 
 
-def public_key_argument(path: str) -> Ed25519PublicKey:
-    """--public-key: a PEM file holding an Ed25519 public key; anything else a usage error (exit 2)."""
+def public_keys_argument(path: str) -> list[Ed25519PublicKey]:
+    """--public-key of verify-mirror: every Ed25519 public key in a PEM file, in its order (`public-key --all`
+    writes several); a file holding anything else a usage error (exit 2)."""
     try:
-        return load_public_key(Path(path).read_bytes())
+        return load_public_keys(Path(path).read_bytes())
     except (OSError, ValueError) as exc:
         raise argparse.ArgumentTypeError(f"no Ed25519 public key in PEM there ({type(exc).__name__}); give the file "
                                          "`govrag audit public-key` wrote") from None
+
+
+def public_key_argument(path: str) -> Ed25519PublicKey:
+    """--public-key of verify-export: a PEM file holding one Ed25519 public key; a file of several a usage error (exit
+    2), as anything else is: the export checks with one key, and the file's first may not be the one that signed."""
+    keys = public_keys_argument(path)
+    if len(keys) > 1:
+        raise argparse.ArgumentTypeError(f"the file holds {len(keys)} public keys; give the file of the one key the "
+                                         "manifest's key_id names (`govrag audit public-key --all` says each key id)")
+    return keys[0]
 
 
 def window_bound(text: str) -> datetime:

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -119,6 +120,18 @@ def load_public_key(pem: bytes) -> Ed25519PublicKey:
     if not isinstance(public_key, Ed25519PublicKey):
         raise ValueError("not an Ed25519 public key")
     return public_key
+
+
+def load_public_keys(pem: bytes) -> list[Ed25519PublicKey]:
+    """Every Ed25519 public key in a PEM file, in its order (`govrag audit public-key --all` writes several, the
+    current one first); ValueError when it holds no PEM block, or one that is no Ed25519 public key."""
+    blocks = [found[0] for found in _PEM_BLOCK.finditer(pem)]
+    if not blocks:
+        raise ValueError("no PEM block")
+    return [load_public_key(block) for block in blocks]
+
+
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----.+?-----END \1-----", re.DOTALL)
 
 
 def signer_for(settings: Settings, session: Session) -> Signer:

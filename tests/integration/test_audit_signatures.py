@@ -1411,3 +1411,44 @@ def test_the_lowest_of_two_broken_is_named_by_verify_verify_export_and_verify_mi
     _sql_rows(ledger, "UPDATE audit_checkpoints SET last_hash = 'tampered' WHERE last_event_id IN (5, 10)")
     code, report = audit_cli(ledger, "verify")
     assert (code, report["reason"], report["first_broken"]) == (3, "checkpoint_signature_invalid", 5), report
+
+
+
+def _rotated(ledger: Settings, audit_cli: Callable[..., tuple], monkeypatch: pytest.MonkeyPatch,
+             tmp_path: Path) -> tuple[Settings, Path, str]:
+    """Rows 1 to 5 signed with the old key and exported, then the key changed and the end checkpointed with the new
+    one: the new key's settings (the old one in GOVRAG_AUDIT_CHECKPOINT_PREVIOUS_KEYS), the export and the old key's
+    PEM."""
+    old = _keyed(ledger, OLD_KEY)
+    _append(old, 5)
+    export = _export(old, tmp_path / "signed-before.jsonl")
+    old_pem = audit_cli(old, "public-key")[1][0]
+    new = Settings(data_dir=ledger.data_dir, database_url=ledger.resolved_database_url, audit_checkpoint_every=5,
+                   audit_checkpoint_key=SecretStr(NEW_KEY), audit_checkpoint_previous_keys=SecretStr(OLD_KEY),
+                   admins=[ADMIN.subject], broker_url="memory://", inprocess_worker=False)
+    monkeypatch.setenv("GOVRAG_AUDIT_CHECKPOINT_PREVIOUS_KEYS", OLD_KEY)
+    assert audit_cli(new, "checkpoint") == (0, {"checkpointed_event_id": 6, "signed": True})
+    return new, export, old_pem
+
+
+def test_verify_mirror_reads_every_key_of_the_file_public_key_all_writes(
+        ledger: Settings, tmp_path: Path, audit_cli: Callable[..., tuple], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`--public-key` read the first key of a PEM file alone: the file `govrag audit public-key --all` writes, given
+    whole, checked the mirror with the current key only, and the lines the previous key signed failed. Every key in
+    the file is taken now, in its order (the current one first); verify-export, which checks with one key, refuses a
+    file holding several, saying so (exit 2), rather than check with its first."""
+    new, export, old_pem = _rotated(ledger, audit_cli, monkeypatch, tmp_path)
+    code, (printed, said) = audit_cli(new, "public-key", "--all")
+    every = tmp_path / "every.pub"
+    every.write_text(printed, encoding="ascii")
+    deployment = re.match(r"key_id ([0-9a-f]{16}), deployment_id (\S+)\n", said)
+    assert code == 0 and deployment is not None and printed.endswith(old_pem), said
+    code, report = audit_cli(_auditor(tmp_path), "verify-mirror", str(new.resolved_checkpoint_file), "--public-key",
+                             str(every), "--deployment-id", deployment[2])
+    assert (code, report["ok"], report["checked"], report["key_id"]) == (0, True, 3, deployment[1]), report
+    with pytest.raises(SystemExit) as usage:
+        audit_cli(_auditor(tmp_path), "verify-export", str(export), "--public-key", str(every), "--deployment-id",
+                  deployment[2])
+    assert usage.value.code == 2
+    assert "holds 2 public keys; give the file of the one key the manifest's key_id names" in capsys.readouterr().err
