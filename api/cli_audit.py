@@ -291,14 +291,11 @@ def public_key(args: argparse.Namespace) -> int:
     previous keys' after it, each key id on a line of stderr of its own."""
     from audit import service as audit_service
 
-    settings = get_settings()
     with operator_session() as session:
-        published = audit_service.public_key(session=session, settings=settings)
-    previous = (audit_service.previous_public_keys(settings=settings, deployment_id=published.deployment_id)
-                if args.all else [])
+        published = audit_service.published_keys(session=session, settings=get_settings())
     print(published.public_key_pem, end="")
     print(f"key_id {published.key_id}, deployment_id {published.deployment_id}", file=sys.stderr)
-    for key in previous:
+    for key in published.previous if args.all else []:
         print(key.public_key_pem, end="")
         print(f"previous key_id {key.key_id}", file=sys.stderr)
     return 0

@@ -198,3 +198,11 @@ class PublicKey(BaseModel):
     key_id: str
     public_key_pem: str
     deployment_id: str
+
+
+class PublishedKeys(PublicKey):
+    """`GET /v1/audit/public-key`: the current key, and `previous`, the public key of each checkpoint key used before
+    a rotation (GOVRAG_AUDIT_CHECKPOINT_PREVIOUS_KEYS, in the order set there; [] when none), each checking what its
+    key signed before it, as `govrag audit public-key --all` prints them."""
+
+    previous: list[PublicKey] = []

@@ -22,6 +22,7 @@ from audit.schemas import (
     ExportFormat,
     MirrorCheck,
     PublicKey,
+    PublishedKeys,
     RetrievalRecord,
     VerifyResult,
 )
@@ -255,6 +256,14 @@ def previous_public_keys(*, settings: Settings, deployment_id: str) -> list[Publ
     """The public keys of the checkpoint keys used before the current one (GOVRAG_AUDIT_CHECKPOINT_PREVIOUS_KEYS), as
     configured: each checks what its key signed before a rotation."""
     return [_published(signer) for signer in integrity.previous_signers(settings, deployment_id)]
+
+
+def published_keys(*, session: Session, settings: Settings) -> PublishedKeys:
+    """The current public key with the previous ones (`previous_public_keys`): what an auditor needs to check exports
+    and mirror lines signed before a rotation too."""
+    current = public_key(session=session, settings=settings)
+    return PublishedKeys(**current.model_dump(),
+                         previous=previous_public_keys(settings=settings, deployment_id=current.deployment_id))
 
 
 def _published(signer: integrity.Signer) -> PublicKey:

@@ -16,7 +16,7 @@ from audit.schemas import (
     EventType,
     ExportFilters,
     ExportFormat,
-    PublicKey,
+    PublishedKeys,
     VerifyResult,
     WindowBound,
     deployment_pin,
@@ -61,12 +61,13 @@ def verify_ledger(session: SessionDep, settings: SettingsDep, enforcer: Enforcer
     return audit_service.verify(session=session, settings=settings, deployment_id=pinned)
 
 
-@router.get("/public-key", response_model=PublicKey)
-def public_key(session: SessionDep, settings: SettingsDep, enforcer: EnforcerDep, user: CurrentUser) -> PublicKey:
-    """The Ed25519 public key an auditor checks export manifests and checkpoint mirror files with, holding no secret
-    (compliance officers and platform admins)."""
+@router.get("/public-key", response_model=PublishedKeys)
+def public_key(session: SessionDep, settings: SettingsDep, enforcer: EnforcerDep, user: CurrentUser) -> PublishedKeys:
+    """The Ed25519 public key an auditor checks export manifests and checkpoint mirror files with, holding no secret,
+    and those of the keys used before a rotation (`previous`), which check what they signed (compliance officers and
+    platform admins)."""
     _require_compliance(session, settings, enforcer, user)
-    return audit_service.public_key(session=session, settings=settings)
+    return audit_service.published_keys(session=session, settings=settings)
 
 
 def _require_compliance(session: SessionDep, settings: SettingsDep, enforcer: EnforcerDep, user: CurrentUser) -> None:

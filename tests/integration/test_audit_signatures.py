@@ -1452,3 +1452,42 @@ def test_verify_mirror_reads_every_key_of_the_file_public_key_all_writes(
                   deployment[2])
     assert usage.value.code == 2
     assert "holds 2 public keys; give the file of the one key the manifest's key_id names" in capsys.readouterr().err
+
+
+def test_the_api_serves_the_previous_public_keys_after_a_rotation(
+        ledger: Settings, tmp_path: Path, audit_cli: Callable[..., tuple], monkeypatch: pytest.MonkeyPatch,
+        clean_logging: None) -> None:
+    """`GET /v1/audit/public-key` served the current key alone, where `govrag audit public-key --all` also prints
+    the previous ones: after a rotation an auditor going through the API could not get the key that checks an export
+    signed before it. The response now lists them in `previous` (each as the current key is given, in the order of
+    GOVRAG_AUDIT_CHECKPOINT_PREVIOUS_KEYS), its other fields as they were, under the same authorisation."""
+    from api.app import create_app
+    from retrieval.store import close_vector_store
+    from tests.conftest import auth
+
+    new, export, old_pem = _rotated(ledger, audit_cli, monkeypatch, tmp_path)
+    current_pem, said = audit_cli(new, "public-key")[1]  # before the app logs to stderr too
+    try:
+        with TestClient(create_app(new)) as client:
+            issuer = client.app.state.dev_issuer  # type: ignore[attr-defined]
+            admin, stranger = (auth(issuer.issue(subject, [])) for subject in (ADMIN.subject, "stranger"))
+            assert client.get("/v1/audit/public-key").status_code == 401
+            assert client.get("/v1/audit/public-key", headers=stranger).status_code == 403
+            response = client.get("/v1/audit/public-key", headers=admin)
+    finally:
+        close_vector_store(new)
+    assert response.status_code == 200, response.text
+    published = response.json()
+    assert (published["algorithm"], published["public_key_pem"]) == ("Ed25519", current_pem)
+    assert said == f"key_id {published['key_id']}, deployment_id {published['deployment_id']}\n"
+    (previous,) = published["previous"]
+    assert set(previous) == {"algorithm", "key_id", "public_key_pem", "deployment_id"}
+    assert (previous["public_key_pem"], previous["deployment_id"]) == (old_pem, published["deployment_id"])
+    manifest = json.loads(_lines(export)[-1])["manifest"]
+    assert manifest["key_id"] == previous["key_id"] != published["key_id"]
+    with export.open("rb") as opened:
+        checked = audit_service.verify_export(export_file=opened, settings=_auditor(tmp_path), session=None,
+                                              public_key=load_public_key(previous["public_key_pem"].encode()),
+                                              deployment_id=published["deployment_id"])
+    assert (checked.ok, checked.signatures) == (True, ["ed25519"]), checked
+    assert OLD_KEY not in response.text and NEW_KEY not in response.text and "PRIVATE" not in response.text
