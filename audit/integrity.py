@@ -124,14 +124,17 @@ def load_public_key(pem: bytes) -> Ed25519PublicKey:
 
 def load_public_keys(pem: bytes) -> list[Ed25519PublicKey]:
     """Every Ed25519 public key in a PEM file, in its order (`govrag audit public-key --all` writes several, the
-    current one first); ValueError when it holds no PEM block, or one that is no Ed25519 public key."""
-    blocks = [found[0] for found in _PEM_BLOCK.finditer(pem)]
-    if not blocks:
-        raise ValueError("no PEM block")
-    return [load_public_key(block) for block in blocks]
+    current one first); ValueError when it holds no PEM block, a BEGIN line its END does not follow (a file cut
+    short), or a block that is no Ed25519 public key."""
+    markers = list(_PEM_MARKER.finditer(pem))  # one pass: a block is read between its own two markers
+    pairs = list(zip(markers[::2], markers[1::2], strict=False))
+    if not markers or len(markers) % 2 or any((begin[1], end[1], begin[2]) != (b"BEGIN", b"END", end[2])
+                                               for begin, end in pairs):
+        raise ValueError("no PEM block, or one not closed by its END line")
+    return [load_public_key(pem[begin.start():end.end()]) for begin, end in pairs]
 
 
-_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----.+?-----END \1-----", re.DOTALL)
+_PEM_MARKER = re.compile(rb"-----(BEGIN|END) ([A-Z0-9 ]+)-----")
 
 
 def signer_for(settings: Settings, session: Session) -> Signer:

@@ -205,4 +205,4 @@ class PublishedKeys(PublicKey):
     a rotation (GOVRAG_AUDIT_CHECKPOINT_PREVIOUS_KEYS, in the order set there; [] when none), each checking what its
     key signed before it, as `govrag audit public-key --all` prints them."""
 
-    previous: list[PublicKey] = []
+    previous: list[PublicKey]  # always sent ([] when none): required in the OpenAPI schema

@@ -32,7 +32,15 @@ from pydantic import SecretStr
 from sqlalchemy import insert, select, text
 
 from audit import service as audit_service
-from audit.integrity import LEGACY_GRACE, Signer, load_public_key, manifest_signatures, sign_manifest
+from audit.integrity import (
+    LEGACY_GRACE,
+    Signer,
+    load_public_key,
+    load_public_keys,
+    manifest_signatures,
+    public_key_pem,
+    sign_manifest,
+)
 from audit.schemas import LATER_FIELDS, RETRIEVAL_EVENT, Decision, ExportFilters, ExportFormat, RetrievalRecord
 from authz.identity import Identity
 from core import migrate
@@ -1413,7 +1421,6 @@ def test_the_lowest_of_two_broken_is_named_by_verify_verify_export_and_verify_mi
     assert (code, report["reason"], report["first_broken"]) == (3, "checkpoint_signature_invalid", 5), report
 
 
-
 def _rotated(ledger: Settings, audit_cli: Callable[..., tuple], monkeypatch: pytest.MonkeyPatch,
              tmp_path: Path) -> tuple[Settings, Path, str]:
     """Rows 1 to 5 signed with the old key and exported, then the key changed and the end checkpointed with the new
@@ -1474,6 +1481,7 @@ def test_the_api_serves_the_previous_public_keys_after_a_rotation(
             assert client.get("/v1/audit/public-key").status_code == 401
             assert client.get("/v1/audit/public-key", headers=stranger).status_code == 403
             response = client.get("/v1/audit/public-key", headers=admin)
+            schema = client.app.openapi()["components"]["schemas"]["PublishedKeys"]  # type: ignore[attr-defined]
     finally:
         close_vector_store(new)
     assert response.status_code == 200, response.text
@@ -1491,3 +1499,17 @@ def test_the_api_serves_the_previous_public_keys_after_a_rotation(
                                               deployment_id=published["deployment_id"])
     assert (checked.ok, checked.signatures) == (True, ["ed25519"]), checked
     assert OLD_KEY not in response.text and NEW_KEY not in response.text and "PRIVATE" not in response.text
+    assert set(schema["required"]) == {"key_id", "public_key_pem", "deployment_id", "previous"}, schema
+
+
+def test_a_pem_file_cut_short_or_mismatched_is_refused_not_read_for_its_whole_blocks() -> None:
+    """load_public_keys took each BEGIN-to-END block a backtracking pattern found (seconds for a 100 KB file of BEGIN
+    lines, growing with the square of its size) and passed over the rest: an `--all` file cut short in its second key
+    was read as the current key alone. The markers are read in one pass and must pair up, BEGIN then its END."""
+    current, previous = (public_key_pem(Signer(base64.b64decode(key), "d").public_key()).encode()
+                         for key in (NEW_KEY, OLD_KEY))
+    assert len(load_public_keys(current + previous)) == 2
+    for broken in (current + previous[:40], current + previous.replace(b"END PUBLIC", b"END PRIVATE"),
+                   previous.replace(b"-----END PUBLIC KEY-----", b""), b"no key here"):
+        with pytest.raises(ValueError, match="no PEM block, or one not closed by its END line"):
+            load_public_keys(broken)
