@@ -11,7 +11,7 @@ from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
-from urllib.parse import SplitResult, parse_qs, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,6 +47,19 @@ _SCHEME_THEN_AUTHORITY = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 # connection.
 _REDIS_SCHEMES = frozenset({"redis", "rediss"})
 _REDIS_DATABASE_PATH = re.compile(r"(?:/[0-9]*)?")
+# The query parameters a Redis URL may hold, each with the values it takes: those kombu (Celery's broker) and redis-py
+# both read, and read alike. kombu refuses any other at its first connection (a TypeError in the worker) and redis-py
+# hands any other to the connection (a TypeError at its first command). A redis:// URL takes none: kombu reads an
+# ssl_ parameter as asking for TLS, redis-py refuses it without. Names are read as written (`SSL_CERT_REQS` by neither);
+# a value's case as both read it (`Required` by neither, `FALSE` by both).
+_REDIS_TLS_PARAMETERS: dict[str, tuple[re.Pattern[str], str]] = {
+    "ssl_cert_reqs": (re.compile("required|optional|none"), "required, optional or none"),
+    "ssl_check_hostname": (re.compile("true|false", re.IGNORECASE), "true or false"),
+    **dict.fromkeys(("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"), (re.compile(".+", re.DOTALL), "a file's path")),
+}
+_REDIS_QUERY_TAKEN = f"a redis:// URL takes none, a rediss:// URL only {', '.join(_REDIS_TLS_PARAMETERS)}"
+# A query parameter's name a refusal quotes: a name such as a client reads, nothing pasted in.
+_PARAMETER_NAME = re.compile(r"[A-Za-z0-9_]{1,32}")
 # A port as written: one to five ASCII digits.
 _PORT_DIGITS = re.compile(r"[0-9]{1,5}")
 # A database URL's user information and its host and port, as SQLAlchemy reads them (sqlalchemy.engine.url's pattern):
@@ -405,9 +418,9 @@ def _url_parts(url: str) -> SplitResult | None:
 def service_url(url: str, schemes: Mapping[str, bool], forms: str) -> str:
     """`url` with its scheme in lower case (the code picking a client by it compares it so), once it is
     `scheme://...` with a scheme of `schemes`, a host where the scheme needs one (True), a port from 1 to 65535 if
-    it names one, and for Redis a path that is a database's number or nothing (and no `db` in the query). Else a
-    ValueError saying what to fix in `forms`' terms, quoting at most the scheme: never the host, user name or
-    password."""
+    it names one, and for Redis a path that is a database's number or nothing and a query both its clients read alike.
+    Else a ValueError saying what to fix in `forms`' terms, quoting at most the scheme (and a query parameter's name):
+    never the host, user name or password."""
     parts = _url_parts(url)
     if parts is None or not _SCHEME_THEN_AUTHORITY.match(url):
         raise ValueError(f"is not a URL ({forms})")
@@ -421,12 +434,31 @@ def service_url(url: str, schemes: Mapping[str, bool], forms: str) -> str:
         raise ValueError(f"names no host ({forms})")
     if parts.scheme in _REDIS_SCHEMES and not _REDIS_DATABASE_PATH.fullmatch(parts.path):
         raise ValueError(f"names a Redis database that is not a number (/0, /1, ...): use {forms}")
-    # redis-py (the job sweep, the guard's counters, the queue-depth metric) reads `?db=` over the path, any int() takes
-    # (`-1`, `１`), where kombu (Celery) refuses a URL holding it at its first connection.
-    if parts.scheme in _REDIS_SCHEMES and "db" in parse_qs(parts.query, keep_blank_values=True):
-        raise ValueError(f"names its Redis database in the query (?db=), which Celery does not read: name it in the "
-                         f"path (/0, /1, ...): use {forms}")
+    if parts.scheme in _REDIS_SCHEMES:
+        _require_redis_query(parts.query, tls=parts.scheme == "rediss", forms=forms)
     return parts.scheme + url[len(parts.scheme):]
+
+
+def _require_redis_query(query: str, *, tls: bool, forms: str) -> None:
+    """ValueError unless each parameter of a Redis URL's query, decoded as kombu and redis-py decode it, is one of
+    _REDIS_TLS_PARAMETERS (on a rediss:// URL), named once, with a value both read alike; the refusal names the
+    parameter, never its value. redis-py reads `?db=` over the path (`-1` and a fullwidth `１` too), kombu refuses
+    it."""
+    named: set[str] = set()
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name.lower() == "db":
+            raise ValueError(f"names its Redis database in the query (?{name}=), which Celery does not read: name it "
+                             f"in the path (/0, /1, ...): use {forms}")
+        if not tls or name not in _REDIS_TLS_PARAMETERS:
+            quoted = f" ({name})" if _PARAMETER_NAME.fullmatch(name) else ""
+            raise ValueError(f"holds a query parameter{quoted} that Celery's broker and redis-py do not both read: "
+                             f"{_REDIS_QUERY_TAKEN}")
+        if name in named:  # kombu reads the last, redis-py the first
+            raise ValueError(f"names the query parameter {name} more than once: name it once")
+        values, described = _REDIS_TLS_PARAMETERS[name]
+        if not values.fullmatch(value):
+            raise ValueError(f"gives the query parameter {name} a value other than {described}")
+        named.add(name)
 
 
 def _quoted_name(name: str) -> str:

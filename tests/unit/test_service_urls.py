@@ -6,12 +6,19 @@ scheme. `GOVRAG_QDRANT_URL=garbage` and `GOVRAG_BROKER_URL=garbage` started (qdr
 from __future__ import annotations
 
 import random
+from contextlib import closing
+from pathlib import Path
+from urllib.parse import urlencode, urlsplit
 
 import pytest
+import redis
+from kombu import Connection
 from pydantic import ValidationError
 
 from core.logs import mask
 from core.settings import Settings, service_url
+from tests.conftest import REDIS_URL
+from tests.support.tls_redis import LOOPBACK, make_tls_files, tls_redis
 
 REDIS = {"memory": False, "redis": True, "rediss": True}
 REDIS_FORMS = "memory://, redis://HOST:6379/0 or rediss://HOST:6379/0"
@@ -198,17 +205,146 @@ def test_a_database_url_s_port_is_one_to_five_ascii_digits_naming_1_to_65535(por
         assert "s3cret" not in str(refused.value)
 
 
-@pytest.mark.parametrize("query", ["db=1", "db=abc", "db=-1", "db=\uff11", "db=", "%64b=2", "ssl_cert_reqs=none&db=1"])
-def test_a_redis_url_naming_its_database_in_the_query_is_refused(query: str) -> None:
+@pytest.mark.parametrize(("url", "written"), [
+    ("redis://:s3cret@redis:6379/0?db=1", "db"), ("redis://:s3cret@redis:6379/0?db=abc", "db"),
+    ("redis://:s3cret@redis:6379/0?db=-1", "db"), ("redis://:s3cret@redis:6379/0?db=\uff11", "db"),
+    ("redis://:s3cret@redis:6379/0?db=", "db"), ("redis://:s3cret@redis:6379/0?%64b=2", "db"),
+    ("rediss://:s3cret@redis:6379/0?ssl_cert_reqs=none&db=1", "db"), ("redis://:s3cret@redis:6379/0?DB=1", "DB"),
+    ("rediss://:s3cret@redis:6379/0?Db=1", "Db")])
+def test_a_redis_url_naming_its_database_in_the_query_is_refused(url: str, written: str) -> None:
     """redis-py (the job sweep, the guard's counters, the queue-depth metric) read `?db=` over the path, `-1` and a
     fullwidth `１` too, and refused `abc` only when first used; kombu (Celery) refused a URL holding any `db` in its
-    query at its first connection, so the workers never connected."""
+    query at its first connection, so the workers never connected. `?DB=` passed, which kombu refuses and redis-py
+    hands to the connection, a TypeError at its first command."""
     with pytest.raises(ValidationError) as refused:
-        Settings(broker_url=f"redis://:s3cret@redis:6379/0?{query}")
+        Settings(broker_url=url)
     assert [(error["loc"], error["msg"]) for error in refused.value.errors()] == [(
-        ("broker_url",), "Value error, names its Redis database in the query (?db=), which Celery does not read: "
-                         f"name it in the path (/0, /1, ...): use {REDIS_FORMS}")]
+        ("broker_url",), f"Value error, names its Redis database in the query (?{written}=), which Celery does not "
+                         f"read: name it in the path (/0, /1, ...): use {REDIS_FORMS}")]
     assert "s3cret" not in str(refused.value)
+
+
+TLS_PARAMETERS = "ssl_cert_reqs, ssl_check_hostname, ssl_ca_certs, ssl_certfile, ssl_keyfile"
+UNREAD = ("that Celery's broker and redis-py do not both read: a redis:// URL takes none, a rediss:// URL only "
+          f"{TLS_PARAMETERS}")
+
+
+@pytest.mark.parametrize("scheme", ["redis", "rediss"])
+@pytest.mark.parametrize("query", [
+    # kombu's Connection refuses each at its first connection (TypeError: unexpected keyword argument)
+    "socket_timeout=2", "socket_connect_timeout=2", "health_check_interval=5", "max_connections=5",
+    "retry_on_timeout=true", "client_name=x", "protocol=3", "username=x", "timeout=2", "global_keyprefix=x",
+    "visibility_timeout=5", "SSL_CERT_REQS=required", "Ssl_Ca_Certs=/etc/ca.pem",
+    # kombu reads these over the URL's own (TypeError: multiple values), or fails on the string
+    "password=s3cret", "port=6380", "virtual_host=1", "hostname=h", "userid=x", "transport=redis", "ssl=true",
+    "ssl_min_version=2", "credential_provider=x",
+    # kombu takes these; redis-py hands them to the connection, a TypeError at its first command
+    "heartbeat=10", "connect_timeout=2", "insist=1", "login_method=x",
+    "socket_timeout=2&ssl_cert_reqs=required"])
+def test_a_redis_url_holding_a_query_parameter_either_client_refuses_is_refused_naming_it(scheme: str,
+                                                                                         query: str) -> None:
+    """`redis://host:6379/0?socket_timeout=2` passed: the workers then failed at their first connection with a raw
+    TypeError (kombu refuses any parameter it does not know), a crash far from the setting. Names are read as both
+    clients read them, as written: `?SSL_CERT_REQS=` is a parameter neither knows."""
+    name = query.partition("=")[0]
+    with pytest.raises(ValidationError) as refused:
+        Settings(broker_url=f"{scheme}://:s3cret@redis:6379/0?{query}")
+    assert [(error["loc"], error["msg"]) for error in refused.value.errors()] == [(
+        ("broker_url",), f"Value error, holds a query parameter ({name}) {UNREAD}")]
+    assert "s3cret" not in str(refused.value)
+
+
+@pytest.mark.parametrize("query", ["ssl_cert_reqs=none", "ssl_ca_certs=/etc/ca.pem", "ssl_check_hostname=false",
+                                   "ssl_certfile=/etc/c.pem&ssl_keyfile=/etc/c.key"])
+def test_a_redis_url_without_tls_takes_no_tls_parameter(query: str) -> None:
+    """kombu reads an ssl_ parameter as asking for TLS (a redis:// broker spoken to in TLS), redis-py refuses it on a
+    connection without (TypeError at its first command)."""
+    with pytest.raises(ValidationError) as refused:
+        Settings(broker_url=f"redis://redis:6379/0?{query}")
+    name = query.partition("=")[0]
+    assert refused.value.errors()[0]["msg"] == f"Value error, holds a query parameter ({name}) {UNREAD}"
+
+
+@pytest.mark.parametrize("query", ["=s3cret", "\uff53sl_cert_reqs=none", "a-b=1", "x" * 33 + "=1",
+                                   "s3cret%20s3cret=1"])
+def test_a_query_parameter_not_named_as_a_client_names_one_is_refused_unquoted(query: str) -> None:
+    """A name such as no client reads (a blank one, a fullwidth letter, a dash, a long one) may be something pasted in:
+    the refusal does not quote it."""
+    with pytest.raises(ValidationError) as refused:
+        Settings(broker_url=f"rediss://redis:6380/0?{query}")
+    assert refused.value.errors()[0]["msg"] == f"Value error, holds a query parameter {UNREAD}"
+    assert "s3cret" not in str(refused.value) and "x" * 33 not in str(refused.value)
+
+
+@pytest.mark.parametrize(("query", "name"), [
+    ("ssl_cert_reqs=none&ssl_cert_reqs=required", "ssl_cert_reqs"),
+    ("ssl_check_hostname=true&ssl_ca_certs=/a.pem&ssl_check_hostname=false", "ssl_check_hostname"),
+    ("ssl_ca_certs=/a.pem&ssl%5Fca_certs=/b.pem", "ssl_ca_certs")])
+def test_a_tls_parameter_named_twice_is_refused(query: str, name: str) -> None:
+    """kombu reads the last of a parameter named twice and redis-py the first: the broker's TLS checked one way, the
+    guard's counters another."""
+    with pytest.raises(ValidationError) as refused:
+        Settings(broker_url=f"rediss://redis:6380/0?{query}")
+    assert refused.value.errors()[0]["msg"] == (f"Value error, names the query parameter {name} more than once: "
+                                                "name it once")
+
+
+@pytest.mark.parametrize(("query", "name", "values"), [
+    ("ssl_cert_reqs=CERT_REQUIRED", "ssl_cert_reqs", "required, optional or none"),  # kombu takes it, redis-py not
+    ("ssl_cert_reqs=Required", "ssl_cert_reqs", "required, optional or none"),
+    ("ssl_cert_reqs=", "ssl_cert_reqs", "required, optional or none"),  # both ignore it: the default, which differs
+    ("ssl_cert_reqs=s3cret", "ssl_cert_reqs", "required, optional or none"),
+    ("ssl_check_hostname=0", "ssl_check_hostname", "true or false"),  # kombu: true, redis-py: false
+    ("ssl_check_hostname=no", "ssl_check_hostname", "true or false"),
+    ("ssl_check_hostname=yes", "ssl_check_hostname", "true or false"),
+    ("ssl_check_hostname", "ssl_check_hostname", "true or false"),
+    ("ssl_ca_certs=", "ssl_ca_certs", "a file's path"),  # both ignore it: the system's CAs
+    ("ssl_certfile", "ssl_certfile", "a file's path"),
+    ("ssl_keyfile=", "ssl_keyfile", "a file's path")])
+def test_a_tls_parameter_with_a_value_its_clients_read_apart_is_refused_unquoted(query: str, name: str,
+                                                                                  values: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        Settings(broker_url=f"rediss://redis:6380/0?{query}")
+    assert refused.value.errors()[0]["msg"] == (f"Value error, gives the query parameter {name} a value other "
+                                                f"than {values}")
+    assert "s3cret" not in str(refused.value) and "CERT_REQUIRED" not in str(refused.value)
+
+
+@pytest.mark.parametrize("query", [
+    "", "ssl_cert_reqs=required", "ssl_cert_reqs=optional", "ssl_cert_reqs=none", "ssl_check_hostname=FALSE",
+    "ssl_check_hostname=True", "ssl_ca_certs=/etc/ssl/certs/ca.pem&ssl_certfile=/etc/c.pem&ssl_keyfile=/etc/c.key",
+    "ssl_ca_certs=/etc/a%40b%20c.pem", "ssl%5Fcert_reqs=required"])
+def test_a_rediss_url_takes_the_tls_parameters_both_clients_read(query: str) -> None:
+    url = f"rediss://:s3cret@redis:6380/0?{query}"
+    assert Settings(broker_url=url).broker_url == url
+
+
+def test_a_tls_parameter_taken_does_not_let_another_through() -> None:
+    with pytest.raises(ValidationError) as refused:
+        Settings(broker_url="rediss://redis:6380/0?ssl_cert_reqs=required&socket_timeout=2")
+    assert refused.value.errors()[0]["msg"] == f"Value error, holds a query parameter (socket_timeout) {UNREAD}"
+
+
+def test_the_tls_parameters_taken_reach_a_real_redis_through_kombu_and_redis_py(tmp_path: Path) -> None:
+    """Each parameter taken is read by both clients alike: a Redis behind TLS whose certificate is from a private CA,
+    asking for a client certificate, is reached by kombu (Celery's broker) and by redis-py (the guard's counters, the
+    queue-depth metric) with the URL's CA, certificate and key, the host name checked; without the client certificate
+    the server refuses it, so the parameters are what reached it."""
+    files = make_tls_files(tmp_path)
+    redis_at = urlsplit(REDIS_URL)
+    with tls_redis(files, (redis_at.hostname or LOOPBACK, redis_at.port or 6379)) as port:
+        query = urlencode({"ssl_cert_reqs": "required", "ssl_check_hostname": "true", "ssl_ca_certs": files.ca,
+                           "ssl_certfile": files.client_cert, "ssl_keyfile": files.client_key})
+        url = Settings(broker_url=f"rediss://{LOOPBACK}:{port}/0?{query}").broker_url
+        with Connection(url, transport_options={"socket_timeout": 5, "socket_connect_timeout": 5}) as broker:
+            broker.ensure_connection(max_retries=1)
+            assert broker.default_channel.client.ping()
+        with closing(redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)) as client:
+            assert client.ping()
+        no_client_cert = url.partition("&ssl_certfile=")[0]
+        with closing(redis.Redis.from_url(Settings(broker_url=no_client_cert).broker_url, socket_timeout=5,
+                                          socket_connect_timeout=5)) as client, pytest.raises(redis.ConnectionError):
+            client.ping()
 
 
 def test_an_otlp_endpoint_is_an_http_url_of_a_host() -> None:
