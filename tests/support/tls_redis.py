@@ -65,49 +65,62 @@ def _certificate(name: str, key: ec.EllipticCurvePrivateKey, issuer_key: ec.Elli
     return builder.sign(issuer_key, hashes.SHA256())
 
 
+# A client's handshake, and each read and write, gives up after this; an idle connection looks at whether the relay
+# is closing each _POLL_SECONDS, so closing it never waits on a client.
+_IO_SECONDS = 5.0
+_POLL_SECONDS = 0.1
+
+
 class _Relay(socketserver.BaseRequestHandler):
-    """One client: TLS ended here, its bytes passed to Redis and Redis's back, until either side closes."""
+    """One client: TLS ended here, its bytes passed to Redis and Redis's back, until either side closes or the relay
+    does."""
 
     server: _TlsRelayServer
 
     def handle(self) -> None:
+        self.request.settimeout(_IO_SECONDS)  # a client that connects and never finishes its handshake
         try:
             with self.server.context.wrap_socket(self.request, server_side=True) as tls, \
-                    socket.create_connection(self.server.target) as plain:
+                    socket.create_connection(self.server.target, timeout=_IO_SECONDS) as plain:
                 peer = {tls: plain, plain: tls}
-                while True:
+                while not self.server.closing.is_set():
                     # decrypted bytes already read off the socket are not seen by select
-                    readable = [tls] if tls.pending() else select.select(list(peer), [], [])[0]
+                    readable = [tls] if tls.pending() else select.select(list(peer), [], [], _POLL_SECONDS)[0]
                     for source in readable:
                         data = source.recv(65536)
                         if not data:
                             return
                         peer[source].sendall(data)
-        except OSError:  # a client refusing the handshake, or gone
+        except OSError:  # a client refusing the handshake, gone, or stalled
             return
 
 
 class _TlsRelayServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
+    """Closing it (server_close) waits for each client's thread, which ends once `closing` is set."""
+
+    daemon_threads = False
+    block_on_close = True
 
     def __init__(self, context: ssl.SSLContext, target: tuple[str, int]) -> None:
         super().__init__((LOOPBACK, 0), _Relay)
-        self.context, self.target = context, target
+        self.context, self.target, self.closing = context, target, threading.Event()
 
 
 @contextmanager
-def tls_redis(files: TlsFiles, target: tuple[str, int]) -> Iterator[int]:
-    """A TLS endpoint on 127.0.0.1 in front of the Redis at `target`, requiring a client certificate from the CA;
-    yields its port."""
+def tls_redis(files: TlsFiles, target: tuple[str, int], *, client_certificate: bool = True) -> Iterator[int]:
+    """A TLS endpoint on 127.0.0.1 in front of the Redis at `target`, requiring a client certificate from the CA
+    unless `client_certificate` is false; yields its port. On leaving, every connection through it is closed and
+    its thread ended."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=files.ca)
     context.load_cert_chain(files.server_cert, files.server_key)
-    context.verify_mode = ssl.CERT_REQUIRED
+    context.verify_mode = ssl.CERT_REQUIRED if client_certificate else ssl.CERT_NONE
     server = _TlsRelayServer(context, target)
-    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": _POLL_SECONDS})
     serving.start()
     try:
         yield server.server_address[1]
     finally:
+        server.closing.set()
         server.shutdown()
-        server.server_close()
         serving.join()
+        server.server_close()  # joins the clients' threads
