@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import ssl
+from urllib.parse import parse_qsl, urlsplit
+
 from celery import Celery
 
 from core.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 
 class GovragCelery(Celery):
@@ -34,6 +40,7 @@ def create_celery(settings: Settings) -> GovragCelery:
         # alone, 4-6 s when two children load at once on 2 busy cores; Celery's 4 s default killed such a child
         worker_proc_alive_timeout=WORKER_START_SECONDS,
         broker_transport_options=_transport_options(settings),
+        broker_use_ssl=_broker_tls(settings.broker_url),
     )
     app.govrag_settings = settings
     from workers.tasks import register_tasks  # tasks import this module for the app type
@@ -53,3 +60,18 @@ def _transport_options(settings: Settings) -> dict[str, float]:
                     "socket_connect_timeout": settings.broker_socket_timeout_seconds}
     return options
 
+
+def _broker_tls(broker_url: str) -> dict[str, ssl.VerifyMode] | None:
+    """Celery's TLS options for the broker: on a rediss:// URL, the server's certificate checked. kombu reads a
+    rediss:// URL naming no ssl_ parameter as asking for TLS without that check (CERT_NONE, and a warning), where
+    redis-py (the guard's counters, the queue-depth metric) checks it: so a man in the middle the counters refused
+    would have read and written the tasks. A URL naming any ssl_ parameter has kombu hand those to redis-py in place
+    of these, so its default (required) or the URL's ssl_cert_reqs is what both use; `ssl_cert_reqs=none`, the one
+    way to turn the check off, is said at start."""
+    url = urlsplit(broker_url)
+    if url.scheme != "rediss":
+        return None  # kombu speaks TLS to any broker given TLS options, a redis:// one too
+    if ("ssl_cert_reqs", "none") in parse_qsl(url.query):
+        logger.warning("GOVRAG_BROKER_URL asks for no check of the Redis server's certificate (ssl_cert_reqs=none): "
+                       "anyone between govrag and Redis can read and change the tasks")
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
