@@ -11,12 +11,15 @@ import errno
 import functools
 import getpass
 import json
+import logging
 import os
+import secrets
 import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, TextIO
@@ -27,13 +30,15 @@ from sqlalchemy.orm import Session
 from api import cli_args
 from api.cli_failures import failure
 from audit.integrity import load_public_keys
-from audit.schemas import Decision, ExportFilters, ExportFormat, deployment_pin, utc_bound
+from audit.schemas import AdminEventType, Decision, ExportFilters, ExportFormat, deployment_pin, utc_bound
 from authz.identity import Identity, operator_identity
 from core import keystore, migrate
 from core.crypto import sync_folder
 from core.db import get_session_factory
 from core.errors import ErrorCode, GovragError, making_files_in
 from core.settings import get_settings
+
+logger = logging.getLogger(__name__)
 
 EXIT_UNVERIFIED = 3  # `govrag audit verify`: the ledger fails verification (told apart from an outage's 1)
 
@@ -220,18 +225,18 @@ def export(args: argparse.Namespace) -> int:
 
     filters = ExportFilters(since=args.since, until=args.until, subject=args.subject, department=args.department,
                             decision=args.decision, document_id=args.document_id, event_type=args.event_type)
-    with _output(args.output) as handle, operator_session() as session:
-        last = _copy(audit_service.export_events(session=session, settings=get_settings(), identity=actor(args),
-                                                 scope=None, filters=filters, fmt=ExportFormat(args.format)), handle)
-    _write_manifest(last, args.output)
-    return 0
+    return _exported(args, AdminEventType.export, lambda session: audit_service.export_events(
+        session=session, settings=get_settings(), identity=actor(args), scope=None, filters=filters,
+        fmt=ExportFormat(args.format)))
 
 
 @reported
 def verify_export(args: argparse.Namespace) -> int:
     """Print the export check; exit EXIT_UNVERIFIED when the export fails it. Reads no ledger row: with --public-key,
-    or with the checkpoint key configured and --deployment-id given, not the database either."""
+    or with the checkpoint key configured and --deployment-id given, not the database either. A FILE.manifest.json
+    beside the file must be the manifest the file ends with (`manifest_file_mismatch`)."""
     from audit import service as audit_service
+    from audit.export import check_manifest_copy
 
     settings = get_settings()
     with Path(args.file).open("rb") as opened, _seekable(opened) as export_file:
@@ -243,6 +248,9 @@ def verify_export(args: argparse.Namespace) -> int:
             with operator_session() as session:
                 result = audit_service.verify_export(export_file=export_file, settings=settings, session=session,
                                                      deployment_id=args.deployment_id)
+        copy = Path(args.file).with_name(Path(args.file).name + ".manifest.json")
+        if result.ok and copy.is_file():
+            result = check_manifest_copy(result, export_file, copy.read_bytes())
     print(result.model_dump_json())
     return 0 if result.ok else EXIT_UNVERIFIED
 
@@ -277,11 +285,44 @@ def training_data(args: argparse.Namespace) -> int:
     """Write the redacted training set with its manifest."""
     from audit import service as audit_service
 
-    with _output(args.output) as handle, operator_session(opens_keys=True) as session:
-        last = _copy(audit_service.export_training_data(session=session, settings=get_settings(),
-                                                        identity=actor(args), department=args.department), handle)
-    _write_manifest(last, args.output)
+    return _exported(args, AdminEventType.training_export, lambda session: audit_service.export_training_data(
+        session=session, settings=get_settings(), identity=actor(args), department=args.department),
+        opens_keys=True)
+
+
+def _exported(args: argparse.Namespace, recorded_as: AdminEventType, lines: Callable[[Session], Iterator[str]], *,
+              opens_keys: bool = False) -> int:
+    """Write the export `lines` records (as `recorded_as`) and streams to --output. Once it is recorded, an export
+    that does not end whole in its place (a full disk, a rename refused, a Ctrl-C, the database lost midway) is
+    recorded as failed too: the ledger never says an export was made that no file holds."""
+    recorded = False
+    try:
+        with _output(args.output) as output, operator_session(opens_keys=opens_keys) as session:
+            exported = lines(session)  # recorded before the first row is read
+            recorded = True
+            output.manifest = _copy(exported, output.handle)
+    except BaseException as error:
+        if recorded:
+            _record_failed(args, recorded_as, error)
+        raise
     return 0
+
+
+def _record_failed(args: argparse.Namespace, export_type: AdminEventType, error: BaseException) -> None:
+    """An `export_failed` event after the export event of `export_type`, by the same actor and department, naming
+    the failure by its errno name or class (never a path); when it cannot be recorded (the database lost), a warning
+    says so and the export's own failure is what the command says."""
+    from audit import service as audit_service
+
+    cause = errno.errorcode.get(error.errno, "") if isinstance(error, OSError) and error.errno else ""
+    try:
+        with operator_session() as session:
+            audit_service.record_admin_event(session=session, identity=actor(args),
+                                             event_type=AdminEventType.export_failed, department=args.department,
+                                             settings=get_settings(), details={"export": export_type.value,
+                                                                               "error": cause or type(error).__name__})
+    except Exception as unrecorded:
+        logger.warning("the failed export could not be recorded as failed (%s)", type(unrecorded).__name__)
 
 
 @reported
@@ -330,14 +371,22 @@ def purge(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass
+class _Output:
+    """Where an export is written, and its manifest (its last line) once written."""
+
+    handle: TextIO
+    manifest: str = ""
+
+
 @contextmanager
-def _output(output: str) -> Iterator[TextIO]:
+def _output(output: str) -> Iterator[_Output]:
     """Where an export goes, opened before the export is recorded: a path that cannot be written fails before the
-    ledger says anything was exported. A file is written whole or not at all (`_written_whole`). A folder that does
-    not exist (or is a file), or that this user may not write, is said naming it, not the hidden file written beside
-    the path; so is a path that is a folder."""
+    ledger says anything was exported. A file is written whole with its manifest or not at all (`_written_whole`). A
+    folder that does not exist (or is a file), or that this user may not write, is said naming it, not the hidden file
+    written beside the path; so is a path that is a folder."""
     if output == "-":
-        yield sys.stdout
+        yield _Output(sys.stdout)
         return
     path = Path(output)
     if not path.parent.is_dir():
@@ -346,37 +395,65 @@ def _output(output: str) -> Iterator[TextIO]:
         raise FileNotFoundError(errno.ENOENT, "the folder does not exist", str(path.parent))
     if path.is_dir():  # else written in full beside it, the export recorded, and only the rename refused
         raise _a_folder(path)
-    with _written_whole(path) as handle:
-        yield handle
+    with _written_whole(path) as written:
+        yield written
 
 
 @contextmanager
-def _written_whole(path: Path) -> Iterator[TextIO]:
-    """`path` written through a hidden file of this write's own beside it (`.<name>.<random>.partial`, made by
-    mkstemp: never shared by two writes of the same path), synced to disk and renamed over `path` once the block ends,
-    mode 0600 (mkstemp's, kept: an export names who asked what, so it is its owner's alone, whatever the file it
-    replaces allowed). A write that fails (a full disk), is interrupted (Ctrl-C) or is refused leaves no hidden
-    file, and `path` as it was; of two writes of one path, the one renamed last is the file, whole. A refused rename
-    (`path` made a folder meanwhile) names `path`, never the hidden file."""
-    with making_files_in(path.parent):  # a folder this user may not write: said of it, not of the hidden file
-        descriptor, hidden = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+def _written_whole(path: Path) -> Iterator[_Output]:
+    """`path` and `path`.manifest.json (the manifest the block sets, as JSON) each written through a hidden file of
+    this write's own beside it (`.<name>.<random>.partial`, made new: never shared by two writes of the same path),
+    synced to disk, then renamed into place once both are whole, the earlier manifest removed first: a manifest
+    beside `path` is never another export's (a failure between the renames leaves `path` without one). Mode 0600,
+    kept: an export names who asked what, so it is its owner's alone, whatever the file it replaces allowed. A write
+    that fails (a full disk), is interrupted (Ctrl-C, from the moment a hidden file is made) or is refused leaves no
+    hidden file, and `path` and its manifest as they were; of two writes of one path, the one renamed last is the
+    file, whole. A refused rename (`path` made a folder meanwhile) names `path`, never the hidden file."""
+    manifest_path = path.with_name(path.name + ".manifest.json")
+    hidden: list[str] = []
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8", newline="") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())  # a full disk some file systems only report here, before the rename, not after
-        _renamed_over(hidden, path)
+        with _hidden_file(path, hidden) as handle:
+            written = _Output(handle)
+            yield written
+        with _hidden_file(manifest_path, hidden) as handle:
+            _write_manifest(handle, written.manifest)
+        with _said_of(manifest_path):
+            manifest_path.unlink(missing_ok=True)
+        for name, target in zip(hidden, (path, manifest_path), strict=True):
+            with _said_of(target):
+                os.replace(name, target)
     except BaseException:
-        Path(hidden).unlink(missing_ok=True)
+        for name in hidden:
+            Path(name).unlink(missing_ok=True)
         raise
-    sync_folder(path.parent)  # the rename itself survives a power cut
+    sync_folder(path.parent)  # the renames themselves survive a power cut
 
 
-def _renamed_over(hidden: str, path: Path) -> None:
-    """`hidden` renamed over `path`; refused, the error names `path` (the system's names both, the hidden file
-    first, which the user never named nor sees)."""
+@contextmanager
+def _hidden_file(path: Path, made: list[str]) -> Iterator[TextIO]:
+    """A new hidden file beside `path`, open for the block to write and synced to disk once it ends. Its name is drawn
+    and added to `made` (which the caller removes on failure) before the file is made, so a Ctrl-C as it is made, or
+    at any moment after, leaves none."""
+    hidden = str(path.with_name(f".{path.name}.{secrets.token_hex(8)}.partial"))  # 64 random bits: this write's own
+    made.append(hidden)
     try:
-        os.replace(hidden, path)
+        with making_files_in(path.parent):  # a folder this user may not write: said of it, not of the hidden file
+            descriptor = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        made.remove(hidden)  # another write's: never removed by this one
+        raise
+    with os.fdopen(descriptor, "w", encoding="utf-8", newline="") as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())  # a full disk some file systems only report here, before the rename, not after
+
+
+@contextmanager
+def _said_of(path: Path) -> Iterator[None]:
+    """Around removing or renaming over `path`: a refusal names `path` (the system's names the hidden file first,
+    which the user never named nor sees), a folder there as an export to a folder says it."""
+    try:
+        yield
     except IsADirectoryError as error:
         raise _a_folder(path) from error
     except OSError as error:
@@ -388,12 +465,9 @@ def _a_folder(path: Path) -> IsADirectoryError:
     return IsADirectoryError(errno.EISDIR, "a folder, not a file (give a file's path)", str(path))
 
 
-def _write_manifest(last_line: str, output: str) -> None:
-    """A file export's manifest (its last line) also as <file>.manifest.json, written as the export is."""
-    if output != "-":
-        path = Path(output)
-        with _written_whole(path.with_name(path.name + ".manifest.json")) as handle:
-            handle.write(last_line.removeprefix("# manifest "))
+def _write_manifest(handle: TextIO, last_line: str) -> None:
+    """A file export's manifest (its last line) as <file>.manifest.json holds it."""
+    handle.write(last_line.removeprefix("# manifest "))
 
 
 def _copy(lines: Iterator[str], handle: TextIO) -> str:

@@ -178,6 +178,18 @@ def check_export(export_file: BinaryIO, *, by: Signer | Ed25519PublicKey, deploy
     return _check_rows(found, _Body(export_file, body_length), manifest)
 
 
+def check_manifest_copy(found: ExportCheck, export_file: BinaryIO, copy: bytes) -> ExportCheck:
+    """`found` (the export's check, passed) unless `copy`, the FILE.manifest.json beside the export file, is not the
+    manifest the file ends with: another export's left beside it, or one edited, is never taken for this one's."""
+    _, manifest = _manifest(export_file)
+    try:
+        same = json.loads(copy, object_pairs_hook=_unique) == {"manifest": manifest}
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        same = False
+    return found if same else _broken(found, "manifest_file_mismatch", "the .manifest.json file beside it is not the "
+                                      "manifest the file ends with: another export's, or edited")
+
+
 def _manifest(export_file: BinaryIO) -> tuple[int, dict[str, Any] | None]:
     """The length of the body (every line before the last) and the manifest the last line holds (None: none there)."""
     body_length, last = _last_line(export_file)

@@ -40,6 +40,7 @@ class AdminEventType(StrEnum):
     reveal = "reveal"
     export = "export"
     training_export = "training_export"
+    export_failed = "export_failed"  # an export (or training_export) recorded, then not written whole: details say why
     retention_purge = "retention_purge"
     document_deleted = "document_deleted"
     # issue 4: policy changes besides grants/revocations (details say which rows changed)

@@ -13,9 +13,13 @@ from pathlib import Path
 from typing import TextIO
 
 import pytest
+from sqlalchemy import select
 
 from api import cli_audit
 from api.cli import main
+from core.db import unit_of_work
+from core.models import RetrievalEvent
+from core.settings import get_settings
 from tests.support.govrag_process import run_govrag
 
 INTERRUPTED = "interrupted; run the same command again to go on\n"
@@ -25,6 +29,20 @@ DISK_FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what a write to 
 def _manifest(export: Path) -> dict[str, object]:
     """The manifest an export file ends with."""
     return json.loads(export.read_text(encoding="utf-8").splitlines()[-1].removeprefix("# manifest "))
+
+
+def _ledger_tail(url: str) -> list[tuple[str, dict[str, object]]]:
+    """The ledger's last two events: their type and details."""
+    with unit_of_work(url) as session:
+        events = session.scalars(select(RetrievalEvent).order_by(RetrievalEvent.id.desc()).limit(2)).all()
+        return [(event.event_type, event.details) for event in reversed(events)]
+
+
+def _recorded_failed(url: str, error: str) -> bool:
+    """Whether the ledger ends with an export and its `export_failed` event naming `error`."""
+    tail = _ledger_tail(url)
+    return [event_type for event_type, _ in tail] == ["export", "export_failed"] and tail[-1][1] == {
+        "export": "export", "error": error}
 
 
 def _export_beside_another(out: Path, monkeypatch: pytest.MonkeyPatch,
@@ -102,7 +120,9 @@ def test_an_export_the_disk_refuses_midway_leaves_the_earlier_one_and_no_hidden_
         cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An export the file system stops writing midway (a full disk; here a file size limit, `prlimit --fsize`, the
     kernel refusing the write past it with EFBIG as it would with ENOSPC) says so in one line naming FILE, exit 2,
-    no traceback; the earlier export and its manifest are left as they were and no hidden file is left beside them."""
+    no traceback; the earlier export and its manifest are left as they were and no hidden file is left beside them.
+    The ledger, which recorded the export before its first row was read, said no more: an export no file holds read
+    as made. Now an `export_failed` event follows it, naming the failure (EFBIG)."""
     (exports := tmp_path / "exports").mkdir()
     out = exports / "out.jsonl"
     assert main(["audit", "export", "-o", str(out)]) == 0
@@ -110,44 +130,89 @@ def test_an_export_the_disk_refuses_midway_leaves_the_earlier_one_and_no_hidden_
     earlier = {path.name: path.read_bytes() for path in exports.iterdir()}
     assert sorted(earlier) == ["out.jsonl", "out.jsonl.manifest.json"]
 
-    # Its export is longer (the earlier one's row more); the limit binds every file it writes: the checkpoint mirror
-    # it appends to (longer than the export) is a new one, which its checkpoint's line alone does not fill.
+    # Its export is longer (the earlier one's row more); the limit binds every file it writes: no checkpoint is signed
+    # at its events, so none is appended to the mirror file (longer than the export).
     limit = f"--fsize={len(earlier['out.jsonl'])}"
     refused = run_govrag(["audit", "export", "-o", str(out)], prefix=["prlimit", limit],
-                         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1",
-                              "GOVRAG_AUDIT_CHECKPOINT_FILE": str(tmp_path / "mirror.jsonl")})
+                         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "GOVRAG_AUDIT_CHECKPOINT_EVERY": "0"})
 
     assert (refused.returncode, refused.stdout, refused.stderr) == (2, "", f"failed: File too large: {out}\n")
     assert {path.name: path.read_bytes() for path in exports.iterdir()} == earlier
+    assert _recorded_failed(cli_env, "EFBIG")
 
 
-def test_a_manifest_the_disk_refuses_midway_leaves_the_earlier_one_and_no_hidden_file(
+def test_a_manifest_the_disk_refuses_midway_leaves_the_earlier_export_and_manifest(
         cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """FILE.manifest.json was written in place, after FILE was renamed into place: a disk that refused it midway (a
-    full disk; here this process's file size limit, below the manifest's length while it is written, the kernel
-    refusing the write past it with EFBIG) left half a manifest. Now the earlier manifest is left as it was and no
-    hidden file beside it; the export says so in one line naming FILE, exit 2, and FILE ends with its own manifest."""
+    """FILE.manifest.json was written after FILE was renamed into place: a disk that refused it midway (a full disk;
+    here this process's file size limit, set once FILE's rows are on disk, below the manifest's length, the kernel
+    refusing the write past it with EFBIG) left the new FILE beside the earlier export's manifest. Now FILE and its
+    manifest are renamed into place together once both are whole: both are left as they were, no hidden file beside
+    them; the export says so in one line naming FILE, exit 2, and is recorded as failed."""
+    monkeypatch.setenv("GOVRAG_AUDIT_CHECKPOINT_EVERY", "0")  # no checkpoint mirror written under the limit
+    get_settings.cache_clear()
     (exports := tmp_path / "exports").mkdir()
     out = exports / "out.jsonl"
     assert main(["audit", "export", "-o", str(out)]) == 0
     capsys.readouterr()
-    earlier = (exports / "out.jsonl.manifest.json").read_bytes()
-    write_manifest = cli_audit._write_manifest
+    earlier = {path.name: path.read_bytes() for path in exports.iterdir()}
+    copy = cli_audit._copy
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
 
-    def on_a_full_disk(last_line: str, output: str) -> None:
-        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (len(last_line) // 2, hard))  # Python ignores SIGXFSZ: EFBIG
-        try:
-            write_manifest(last_line, output)
-        finally:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    def copy_then_fill_the_disk(lines: Iterator[str], handle: TextIO) -> str:
+        last = copy(lines, handle)
+        handle.flush()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(last) // 2, hard))  # Python ignores SIGXFSZ: EFBIG
+        return last
 
-    monkeypatch.setattr(cli_audit, "_write_manifest", on_a_full_disk)
-    assert (main(["audit", "export", "-o", str(out)]), capsys.readouterr().err) == (
-        2, f"failed: File too large: {out}\n")
-    assert sorted(path.name for path in exports.iterdir()) == ["out.jsonl", "out.jsonl.manifest.json"]
-    assert (exports / "out.jsonl.manifest.json").read_bytes() == earlier
-    assert _manifest(out) != json.loads(earlier)  # FILE is the new export, whole, ending with its own manifest
+    monkeypatch.setattr(cli_audit, "_copy", copy_then_fill_the_disk)
+    try:
+        code = main(["audit", "export", "-o", str(out)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert (code, capsys.readouterr().err) == (2, f"failed: File too large: {out}\n")
+    assert {path.name: path.read_bytes() for path in exports.iterdir()} == earlier
+    assert _recorded_failed(cli_env, "EFBIG")
+
+
+def test_a_manifest_left_beside_a_later_export_fails_its_check(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`govrag audit verify-export FILE` read FILE alone: an earlier export's FILE.manifest.json left beside a later
+    FILE (copied back, or by a writer that failed between the two files) passed with it, and whoever read the rows
+    counted, the window and the hashes from the manifest file read another export's. Now a manifest file beside FILE
+    must be the manifest FILE ends with: another is `manifest_file_mismatch`, exit 3."""
+    out = tmp_path / "out.jsonl"
+    manifest = tmp_path / "out.jsonl.manifest.json"
+    assert main(["audit", "export", "-o", str(out)]) == 0
+    earlier = manifest.read_bytes()
+    assert main(["audit", "export", "-o", str(out)]) == 0
+    capsys.readouterr()
+    for left_beside in (earlier, b"not a manifest"):
+        manifest.write_bytes(left_beside)
+        assert main(["audit", "verify-export", str(out)]) == 3
+        checked = json.loads(capsys.readouterr().out)
+        assert (checked["ok"], checked["reason"]) == (False, "manifest_file_mismatch")
+
+
+def test_a_ctrl_c_as_the_hidden_file_is_made_leaves_none(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C once the hidden `.FILE.<random>.partial` was made and before its write began (mkstemp returning, out
+    of the block that removes it on failure) left it in the folder for good. Now its name is drawn before it is made
+    and removed on any failure from then on: exit 130, one line, no file left and nothing recorded."""
+    (exports := tmp_path / "exports").mkdir()
+    made = os.open
+
+    def open_then_ctrl_c(path: str, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        descriptor = made(path, flags, mode, dir_fd=dir_fd)
+        if str(path).endswith(".partial"):
+            raise KeyboardInterrupt
+        return descriptor
+
+    recorded = _ledger_tail(cli_env)
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "open", open_then_ctrl_c)
+        code = main(["audit", "export", "-o", str(exports / "out.jsonl")])
+    assert (code, capsys.readouterr().err) == (130, INTERRUPTED)
+    assert list(exports.iterdir()) == [] and _ledger_tail(cli_env) == recorded
 
 
 @pytest.mark.parametrize("made_a_folder", ["out.jsonl", "out.jsonl.manifest.json"])
@@ -156,8 +221,8 @@ def test_a_file_made_a_folder_while_the_export_is_written_is_named_not_the_hidde
         made_a_folder: str) -> None:
     """FILE (or FILE.manifest.json) made a folder after the export checked it, while it was written: the rename into
     place was refused with the system's error naming the hidden file written first (`.out.jsonl.partial`), which the
-    user never named nor sees. Now it names the path, as an export to a folder says, exit 2, and no hidden file is
-    left."""
+    user never named nor sees. Now it names the path, as an export to a folder says, exit 2, no hidden file is left,
+    and the export is recorded as failed after it."""
     (exports := tmp_path / "exports").mkdir()
     copy = cli_audit._copy
 
@@ -173,3 +238,4 @@ def test_a_file_made_a_folder_while_the_export_is_written_is_named_not_the_hidde
         2, f"failed: a folder, not a file (give a file's path): {exports / made_a_folder}\n")
     assert [path.name for path in exports.iterdir() if path.name.startswith(".")] == []
     assert (exports / made_a_folder).is_dir()
+    assert _recorded_failed(cli_env, "EISDIR")
