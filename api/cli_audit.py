@@ -249,8 +249,9 @@ def verify_export(args: argparse.Namespace) -> int:
                 result = audit_service.verify_export(export_file=export_file, settings=settings, session=session,
                                                      deployment_id=args.deployment_id)
         copy = Path(args.file).with_name(Path(args.file).name + ".manifest.json")
-        if result.ok and copy.is_file():
-            result = check_manifest_copy(result, export_file, copy.read_bytes())
+        if result.ok and copy.is_file():  # none beside it (an export from the API, or moved alone): not checked
+            with copy.open("rb") as side:
+                result = check_manifest_copy(result, export_file, side)
     print(result.model_dump_json())
     return 0 if result.ok else EXIT_UNVERIFIED
 
@@ -404,7 +405,8 @@ def _written_whole(path: Path) -> Iterator[_Output]:
     """`path` and `path`.manifest.json (the manifest the block sets, as JSON) each written through a hidden file of
     this write's own beside it (`.<name>.<random>.partial`, made new: never shared by two writes of the same path),
     synced to disk, then renamed into place once both are whole, the earlier manifest removed first: a manifest
-    beside `path` is never another export's (a failure between the renames leaves `path` without one). Mode 0600,
+    beside `path` is never another export's (a failure from that removal to the last rename leaves `path`, the
+    earlier or the new, without one). Mode 0600,
     kept: an export names who asked what, so it is its owner's alone, whatever the file it replaces allowed. A write
     that fails (a full disk), is interrupted (Ctrl-C, from the moment a hidden file is made) or is refused leaves no
     hidden file, and `path` and its manifest as they were; of two writes of one path, the one renamed last is the

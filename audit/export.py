@@ -178,12 +178,15 @@ def check_export(export_file: BinaryIO, *, by: Signer | Ed25519PublicKey, deploy
     return _check_rows(found, _Body(export_file, body_length), manifest)
 
 
-def check_manifest_copy(found: ExportCheck, export_file: BinaryIO, copy: bytes) -> ExportCheck:
+def check_manifest_copy(found: ExportCheck, export_file: BinaryIO, copy: BinaryIO) -> ExportCheck:
     """`found` (the export's check, passed) unless `copy`, the FILE.manifest.json beside the export file, is not the
-    manifest the file ends with: another export's left beside it, or one edited, is never taken for this one's."""
-    _, manifest = _manifest(export_file)
+    manifest the file ends with: another export's left beside it, or one edited, is never taken for this one's. Read
+    up to twice the manifest line's length (and _TAIL_READ): a longer file is no copy of it, and is never held whole."""
+    body_length, manifest = _manifest(export_file)
+    longest = 2 * (export_file.seek(0, io.SEEK_END) - body_length) + _TAIL_READ
+    text = copy.read(longest + 1)
     try:
-        same = json.loads(copy, object_pairs_hook=_unique) == {"manifest": manifest}
+        same = len(text) <= longest and json.loads(text, object_pairs_hook=_unique) == {"manifest": manifest}
     except (UnicodeDecodeError, ValueError, RecursionError):
         same = False
     return found if same else _broken(found, "manifest_file_mismatch", "the .manifest.json file beside it is not the "

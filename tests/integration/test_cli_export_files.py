@@ -179,18 +179,23 @@ def test_a_manifest_left_beside_a_later_export_fails_its_check(
     """`govrag audit verify-export FILE` read FILE alone: an earlier export's FILE.manifest.json left beside a later
     FILE (copied back, or by a writer that failed between the two files) passed with it, and whoever read the rows
     counted, the window and the hashes from the manifest file read another export's. Now a manifest file beside FILE
-    must be the manifest FILE ends with: another is `manifest_file_mismatch`, exit 3."""
+    must be the manifest FILE ends with: another (or one far longer than FILE's manifest line, never read whole) is
+    `manifest_file_mismatch`, exit 3; FILE with none beside it checks as before."""
     out = tmp_path / "out.jsonl"
     manifest = tmp_path / "out.jsonl.manifest.json"
     assert main(["audit", "export", "-o", str(out)]) == 0
     earlier = manifest.read_bytes()
     assert main(["audit", "export", "-o", str(out)]) == 0
+    own = manifest.read_bytes()
     capsys.readouterr()
-    for left_beside in (earlier, b"not a manifest"):
+    for left_beside in (earlier, b"not a manifest", b" " * 1_000_000 + own):
         manifest.write_bytes(left_beside)
         assert main(["audit", "verify-export", str(out)]) == 3
         checked = json.loads(capsys.readouterr().out)
         assert (checked["ok"], checked["reason"]) == (False, "manifest_file_mismatch")
+    manifest.unlink()
+    assert main(["audit", "verify-export", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
 
 
 def test_a_ctrl_c_as_the_hidden_file_is_made_leaves_none(
@@ -239,3 +244,23 @@ def test_a_file_made_a_folder_while_the_export_is_written_is_named_not_the_hidde
     assert [path.name for path in exports.iterdir() if path.name.startswith(".")] == []
     assert (exports / made_a_folder).is_dir()
     assert _recorded_failed(cli_env, "EISDIR")
+
+
+def test_a_training_export_the_disk_refuses_midway_is_recorded_as_failed(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`govrag export training-data` recorded its `training_export` before the first row was read and said no more
+    when the disk then refused the file: an export no file holds read as made. Now an `export_failed` event naming the
+    training export and the failure (ENOSPC) follows it; the command says the failure in one line, exit 2."""
+    (exports := tmp_path / "exports").mkdir()
+    out = exports / "hr.jsonl"
+
+    def on_a_full_disk(lines: Iterator[str], handle: TextIO) -> str:
+        handle.write(next(lines))
+        raise DISK_FULL
+
+    monkeypatch.setattr(cli_audit, "_copy", on_a_full_disk)
+    code = main(["export", "training-data", "--department", "hr", "-o", str(out)])
+    assert (code, capsys.readouterr().err) == (2, f"failed: No space left on device: {out}\n")
+    assert list(exports.iterdir()) == []
+    assert _ledger_tail(cli_env) == [("training_export", {"department": "hr"}),
+                                     ("export_failed", {"export": "training_export", "error": "ENOSPC"})]
