@@ -18,12 +18,15 @@ from sqlalchemy.orm import Session
 
 from audit import repository
 from audit.integrity import Signer, event_hash, key_id, manifest_signatures, plain, sign_manifest
-from audit.schemas import EXPORT_FIELDS, RETRIEVAL_EVENT, ExportCheck, ExportFilters, ExportFormat
+from audit.schemas import EXPORT_FIELDS, RETRIEVAL_EVENT, AdminEventType, ExportCheck, ExportFilters, ExportFormat
 from core.models import utcnow
 
 MEDIA_TYPES = {ExportFormat.jsonl: "application/x-ndjson", ExportFormat.csv: "text/csv",
                ExportFormat.ocsf: "application/x-ndjson"}
 _OCSF_ACTIVITY = {RETRIEVAL_EVENT: (2, "Read")}  # admin events are "Update" (3)
+_FAILED_DECISIONS = ("refused", "blocked", "withheld", "error")
+# Admin events all carry the decision "admin"; these say an action did not happen, so OCSF reads them as failures
+_FAILED_ADMIN_EVENTS = (AdminEventType.export_failed.value,)
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs a cell starting so as a formula
 
 
@@ -131,7 +134,7 @@ def to_ocsf(row: dict[str, Any]) -> dict[str, Any]:
     """An OCSF 1.3 API Activity (class 6003) event; ledger-specific fields under `unmapped`."""
     activity_id, activity = _OCSF_ACTIVITY.get(row["event_type"], (3, "Update"))
     created = datetime.fromisoformat(row["created_at"].rstrip("Z")).replace(tzinfo=UTC)
-    denied = row["decision"] in ("refused", "blocked", "withheld", "error")
+    denied = row["decision"] in _FAILED_DECISIONS or row["event_type"] in _FAILED_ADMIN_EVENTS
     return {
         "class_uid": 6003, "class_name": "API Activity", "category_uid": 6, "category_name": "Application Activity",
         "activity_id": activity_id, "activity_name": activity, "type_uid": 6003 * 100 + activity_id,
