@@ -45,16 +45,21 @@ def queue_audited(*, session: Session, settings: Settings, identity: Identity, d
 @dataclass(frozen=True)
 class Outdated:
     """A department's served documents, by id, whose index this release would write differently: sealed before 0020
-    or 0021 (`unbound`: `_unbound`), passed by another scanner than this one (`stale_scan`); and those of them being
-    ingested (`pending`): their run writes them anew, so no other job is queued for them."""
+    or 0021 (`unbound`: `_unbound`), passed by another scanner than this one (`stale_scan`); and its served documents
+    being ingested (`being_ingested`, outdated or not)."""
 
     unbound: frozenset[str]
     stale_scan: frozenset[str]
-    pending: frozenset[str]
+    being_ingested: frozenset[str]
+
+    @property
+    def pending(self) -> frozenset[str]:
+        """The outdated documents being ingested: their run writes them anew, so no other job is queued for them."""
+        return (self.unbound | self.stale_scan) & self.being_ingested
 
     def to_queue(self) -> list[str]:
         """The ids to re-index: outdated and not being ingested."""
-        return sorted((self.unbound | self.stale_scan) - self.pending)
+        return sorted((self.unbound | self.stale_scan) - self.being_ingested)
 
 
 def outdated(*, session: Session, settings: Settings, department: str, unbound: bool, stale_scan: bool) -> Outdated:
@@ -64,7 +69,7 @@ def outdated(*, session: Session, settings: Settings, department: str, unbound: 
     found_unbound = frozenset(i for i, document in served.items() if unbound and _unbound(document))
     found_stale = frozenset(_scanned_by_another(settings, department, served) if stale_scan else ())
     return Outdated(unbound=found_unbound, stale_scan=found_stale,
-                    pending=frozenset(i for i in found_unbound | found_stale if served[i].status in UNFINISHED))
+                    being_ingested=frozenset(i for i, document in served.items() if document.status in UNFINISHED))
 
 
 def _unbound(document: Document) -> bool:
