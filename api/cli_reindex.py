@@ -52,18 +52,22 @@ class Summary:
     selection: list[str]  # empty: every document a department-wide re-index covers
     serve_previous: bool
     jobs: list[tuple[str, str]] = field(default_factory=list)  # (document id, job id): a new job each
-    # pending: being ingested already (no second job); not_reindexable: left the states a re-index covers meanwhile
+    rerun: int = 0  # runs of documents being ingested sent round again under the current rules (no second job)
+    # pending: outdated, left to the run they are in (nothing queued nor sent round again); not_reindexable: left the
+    # states a re-index covers meanwhile
     skipped: Counter[str] = field(default_factory=lambda: Counter(pending=0, not_reindexable=0))
     sent: int = 0
 
     def add(self, reindex: Reindex, pending: frozenset[str]) -> None:
         """Count one department's re-index, and the outdated documents left to the run they are in (`pending`)."""
         self.jobs += reindex.queued
-        self.skipped.update(pending=len(pending) + len(reindex.rerun), not_reindexable=len(reindex.skipped))
+        self.rerun += len(reindex.rerun)
+        self.skipped.update(pending=len(pending), not_reindexable=len(reindex.skipped))
 
     def said(self) -> str:
         """The summary as the one JSON line the command prints."""
-        return json.dumps({"queued": len(self.jobs), "skipped": dict(self.skipped), "dry_run": self.dry_run,
+        return json.dumps({"queued": len(self.jobs), "rerun": self.rerun, "skipped": dict(self.skipped),
+                           "dry_run": self.dry_run,
                            "departments": self.departments, "selection": self.selection or ["all"],
                            "serve_previous": self.serve_previous,
                            "documents": [document_id for document_id, _ in self.jobs], "sent": self.sent})

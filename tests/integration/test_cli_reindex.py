@@ -88,7 +88,7 @@ def test_unbound_documents_are_listed_by_a_dry_run_then_queued_once_and_audited(
     assert event.details == {"documents": 1, "skipped": 0, "serve_previous": True, "selection": ["unbound"]}
 
     again = _reindex(capsys, "--department", "hr", "--unbound", "--serve-previous", "--actor", "ops")
-    assert (again["queued"], again["skipped"]) == (0, {"pending": 2, "not_reindexable": 0})
+    assert (again["queued"], again["rerun"], again["skipped"]) == (0, 0, {"pending": 2, "not_reindexable": 0})
     assert _state(cli_env, unbound)[2] == 1 and len(_reindex_events(cli_env)) == 1
 
 
@@ -96,7 +96,8 @@ def test_a_department_wide_reindex_of_every_department_queues_no_document_twice(
         cli_env: str, capsys: pytest.CaptureFixture[str]) -> None:
     """`--all` without a filter is the API's department-wide re-index of each department (ready and quarantined
     documents; failed ones left alone), the index withheld meanwhile; run again while the jobs wait, the service
-    finds each document queued and gives it no second job."""
+    finds each document queued and gives it no second job but sends its run round again under the current rules.
+    The summary said those runs were skipped as `pending`, as if left alone: they are `rerun` now, none skipped."""
     with unit_of_work(cli_env) as session:
         authz_service.create_department(session=session, keystore=keystore_for(get_settings()), name="finance")
     ready = _document(cli_env)
@@ -112,7 +113,7 @@ def test_a_department_wide_reindex_of_every_department_queues_no_document_twice(
     assert sorted(e.departments_requested[0] for e in _reindex_events(cli_env)) == ["finance", "hr"]
 
     again = _reindex(capsys, "--all")
-    assert (again["queued"], again["skipped"]["pending"]) == (0, 2)
+    assert (again["queued"], again["rerun"], again["skipped"]) == (0, 2, {"pending": 0, "not_reindexable": 0})
     assert _state(cli_env, ready)[2] == 1 and _state(cli_env, quarantined)[2] == 1
 
 
