@@ -85,7 +85,7 @@ def _scanned_by_another(settings: Settings, department: str, served: dict[str, D
     """The served documents with a chunk of their served generation that another scanner version passed (or none:
     a chunk sealed before scanning was recorded)."""
     version = get_scanner().version
-    payloads = open_vector_store(settings).scroll_payloads(department, fields=_SCAN_FIELDS)
+    payloads = open_vector_store(settings).iter_payloads(department, fields=_SCAN_FIELDS)  # a page held at a time
     return {document.id for payload in payloads
             if (document := served.get(str(payload.get("document_id")))) is not None
             and ingestion_service.is_served(document, payload) and payload.get("scanned_by") != version}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 import qdrant_edge as edge
 from qdrant_client import models
 
+from retrieval import store as vector_store
 from retrieval.store import (
     AccessFilter,
     Hit,
@@ -132,18 +133,22 @@ class EdgeVectorStore:
         return 0 if shard is None else shard.count(edge.CountRequest(exact=True))
 
     def scroll_payloads(self, department: str, fields: Sequence[str] | None = None) -> list[dict[str, Any]]:
-        """Every payload of a department (for audits and tests); only `fields` of each when given."""
+        """Every payload of a department (for audits and tests): `iter_payloads`, read whole."""
+        return list(self.iter_payloads(department, fields))
+
+    def iter_payloads(self, department: str, fields: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+        """Every payload of a department, read a page (`SCROLL_PAGE` points) at a time as it is iterated; only
+        `fields` of each when given."""
         shard = self._shard(department, create=False)
         if shard is None:
-            return []
-        payloads: list[dict[str, Any]] = []
+            return
         offset = None
         while True:
-            records, offset = shard.scroll(edge.ScrollRequest(offset=offset, limit=1000,
+            records, offset = shard.scroll(edge.ScrollRequest(offset=offset, limit=vector_store.SCROLL_PAGE,
                                                                    with_payload=payload_selection(fields)))
-            payloads.extend(dict(record.payload or {}) for record in records)
+            yield from (dict(record.payload or {}) for record in records)
             if offset is None:
-                return payloads
+                return
 
     def ping(self) -> None:
         """Raise if the store directory is unusable."""

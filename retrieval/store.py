@@ -193,21 +193,25 @@ class VectorStore:
             return self._client.count(collection_name(department), exact=True).count
 
     def scroll_payloads(self, department: str, fields: Sequence[str] | None = None) -> list[dict[str, Any]]:
-        """Every payload of a department (for audits and tests), a page at a time (one call used to stop at 100,000
-        points, and a training export then left out the rest under a manifest that vouched for it); only `fields`
-        of each when given (no sealed text nor sentence vectors for a caller that reads none)."""
+        """Every payload of a department (for audits and tests): `iter_payloads`, read whole."""
+        return list(self.iter_payloads(department, fields))
+
+    def iter_payloads(self, department: str, fields: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+        """Every payload of a department, read a page (`SCROLL_PAGE` points) at a time as it is iterated (one call
+        used to stop at 100,000 points, and a training export then left out the rest under a manifest that vouched
+        for it), so a caller that keeps none holds one page; only `fields` of each when given (no sealed text nor
+        sentence vectors for a caller that reads none). The client's lock is held per page, not between them."""
         with self._calling():
             if not self._client.collection_exists(collection_name(department)):
-                return []
-        payloads: list[dict[str, Any]] = []
+                return
         offset: Any = None
         while True:
             with self._calling():
                 points, offset = self._client.scroll(collection_name(department), limit=SCROLL_PAGE, offset=offset,
                                                      with_payload=payload_selection(fields))
-            payloads.extend(dict(point.payload or {}) for point in points)
+            yield from (dict(point.payload or {}) for point in points)
             if offset is None:
-                return payloads
+                return
 
     def ping(self) -> None:
         """Raise if the store cannot answer."""
@@ -261,6 +265,7 @@ class VectorIndex(Protocol):
                       generation: int) -> dict[str, Any] | None: ...
     def count(self, department: str) -> int: ...
     def scroll_payloads(self, department: str, fields: Sequence[str] | None = None) -> list[dict[str, Any]]: ...
+    def iter_payloads(self, department: str, fields: Sequence[str] | None = None) -> Iterator[dict[str, Any]]: ...
     def ping(self) -> None: ...
     def close(self) -> None: ...
 

@@ -4,6 +4,7 @@ database of the test's own (`cli_env`: department hr) and the embedded vector st
 from __future__ import annotations
 
 import json
+import sys
 import uuid
 from typing import Any
 
@@ -145,6 +146,43 @@ def test_documents_another_scanner_passed_are_found_in_the_vector_store(
     assert done["documents"] == [stale] and done["selection"] == ["stale_scan"]
     assert _state(cli_env, stale) == (DocumentStatus.queued, None, 1)
     assert _state(cli_env, current) == (DocumentStatus.ready, 2, 0)
+
+
+def test_the_stale_scan_reads_the_vector_store_a_page_at_a_time(
+        cli_env: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--stale-scan` read every payload of the department into one list before looking at any: memory grew with the
+    collection's points. Now it checks each page's payloads before the next page is read (here 2 points a page, 5
+    points: 3 pages) and finds the same documents as reading them whole would."""
+    from ingestion import service as ingestion_service
+    from retrieval import store as store_module
+
+    stale, mixed, current = _document(cli_env), _document(cli_env), _document(cli_env)
+    vector = [1.0] + [0.0] * 383
+    scanners = {stale: [OLD_SCANNER, OLD_SCANNER], mixed: [get_scanner().version, OLD_SCANNER],
+                current: [get_scanner().version]}
+    store = open_vector_store(get_settings())
+    store.upsert("hr", [VectorPoint(document_id, chunk, vector, {"document_id": document_id, "chunk_index": chunk,
+                                                                 "generation": 1, "scanned_by": scanned_by})
+                        for document_id, chunks in scanners.items() for chunk, scanned_by in enumerate(chunks)])
+    monkeypatch.setattr(store_module, "SCROLL_PAGE", 2)
+    reads: list[str] = []  # in order: a page asked of the store ("page"), a payload checked ("payload")
+    backend = sys.modules[type(store).__module__]  # each page's scroll request selects the payload fields to read
+    real_selection, real_is_served = backend.payload_selection, ingestion_service.is_served
+
+    def payload_selection(*args: Any) -> Any:
+        reads.append("page")
+        return real_selection(*args)
+
+    def is_served(*args: Any) -> bool:
+        reads.append("payload")
+        return real_is_served(*args)
+
+    monkeypatch.setattr(backend, "payload_selection", payload_selection)
+    monkeypatch.setattr(ingestion_service, "is_served", is_served)
+
+    planned = _reindex(capsys, "--department", "hr", "--stale-scan", "--dry-run")
+    assert sorted(planned["documents"]) == sorted([stale, mixed])
+    assert reads == ["page", "payload", "payload"] * 2 + ["page", "payload"]
 
 
 def test_documents_whose_placeholder_map_was_sealed_before_0021_are_unbound_too(
