@@ -122,8 +122,8 @@ def _reindex_department(session: Session, settings: Settings, args: argparse.Nam
 
 def _queue(session: Session, settings: Settings, args: argparse.Namespace, department: str,
            document_ids: list[str] | None) -> Reindex:
-    """Queue and audit the re-index (`reindexing.queue_audited`, as the API does); with --dry-run, the same queueing
-    rolled back: what it would queue, nothing queued nor audited."""
+    """Queue and audit the re-index (`reindexing.queue_audited`, as the API does); with --dry-run, what it would
+    queue, read only (`quarantine.plan_reindex`: no row written nor locked), nothing queued nor audited."""
     from ingestion import quarantine
     from ingestion import reindex as reindexing
 
@@ -132,10 +132,10 @@ def _queue(session: Session, settings: Settings, args: argparse.Namespace, depar
                                         department=department, document_ids=document_ids,
                                         serve_previous=args.serve_previous, selection=_selection(args) or None)
     try:
-        return quarantine.queue_reindex(session=session, settings=settings, department=department,
-                                        document_ids=document_ids, serve_previous=args.serve_previous)
+        return quarantine.plan_reindex(session=session, settings=settings, department=department,
+                                       document_ids=document_ids)
     finally:
-        session.rollback()
+        session.rollback()  # ends the read's transaction: a snapshot held open would hold back vacuum
 
 
 def _send(settings: Settings, jobs: list[tuple[str, str]]) -> int:

@@ -157,12 +157,37 @@ def queue_reindex(*, session: Session, settings: Settings, department: str, docu
     if may_run_failed:
         blobs.decide_first_use(settings.blob_dir)  # before the first write: `_original_kept` uses the store
     withhold = not serve_previous
+    return _covering(session, document_ids, listed, lambda document: _run_again(
+        session, settings, document, withhold, document.id in may_run_failed))
+
+
+def plan_reindex(*, session: Session, settings: Settings, department: str,
+                 document_ids: list[str] | None) -> Reindex:
+    """What `queue_reindex` would do with the documents as they stand now, read only (`govrag reindex --dry-run`):
+    no row written nor locked (nor a content's lock taken), so an API request, a run or an upload touching these
+    documents meanwhile never waits for it. The documents it would queue (with an empty job id: no job is made), the
+    runs it would send round again, and the documents it would skip."""
+    authz_service.require_department(session, department)
+    listed = repository.documents_to_reindex(session, department=department, document_ids=document_ids)
+
+    def would_queue(document: Document) -> str | None:
+        named_failed = document_ids is not None and document.status == DocumentStatus.failed
+        if document.status in repository.REINDEXED or (named_failed and _failed_may_run(session, settings, document)):
+            return ""
+        return None
+
+    return _covering(session, document_ids, listed, would_queue)
+
+
+def _covering(session: Session, document_ids: list[str] | None, listed: list[Document],
+              job_for: Callable[[Document], str | None]) -> Reindex:
+    """The re-index of the documents listed: each one `job_for` gives a job (its id) queued, else the runs of one
+    being ingested sent round again; skipped, those named (or listed, department-wide) that neither covers."""
     queued: list[tuple[str, str]] = []
     rerun: list[str] = []
     covered: set[str] = set()
     for document in listed:
-        job_id = _run_again(session, settings, document, withhold, document.id in may_run_failed)
-        if job_id is not None:
+        if (job_id := job_for(document)) is not None:
             queued.append((document.id, job_id))
             covered.add(document.id)
         elif running := repository.unfinished_jobs(session, document.id):
@@ -217,11 +242,17 @@ def _queue_failed(session: Session, settings: Settings, document: Document, with
     since, or the document itself, still being ingested) or it lost what a run reads (`_original_kept`):
     checked under the content's lock (`_lock_failed_contents`), as an upload checks, so an upload of it meanwhile and
     this job never both go live, and a retirement of its content (purge.retire_family) retires it first or waits."""
-    if (repository.find_duplicate(session, department=document.department, sha256=document.sha256) is not None
-            or not _original_kept(session, settings, document)):
+    if not _failed_may_run(session, settings, document):
         return None
     return repository.new_job(session, document_id=document.id, from_statuses=(DocumentStatus.failed,),
                               withhold=withhold)
+
+
+def _failed_may_run(session: Session, settings: Settings, document: Document) -> bool:
+    """Whether a failed document may run again: its department has no live copy of its content and it kept what a
+    run reads (`_original_kept`)."""
+    return (repository.find_duplicate(session, department=document.department, sha256=document.sha256) is None
+            and _original_kept(session, settings, document))
 
 
 def _original_kept(session: Session, settings: Settings, document: Document) -> bool:

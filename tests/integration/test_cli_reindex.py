@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import sys
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from api.cli import main
 from audit.schemas import AdminEventType
@@ -183,6 +186,42 @@ def test_the_stale_scan_reads_the_vector_store_a_page_at_a_time(
     planned = _reindex(capsys, "--department", "hr", "--stale-scan", "--dry-run")
     assert sorted(planned["documents"]) == sorted([stale, mixed])
     assert reads == ["page", "payload", "payload"] * 2 + ["page", "payload"]
+
+
+def test_a_dry_run_locks_no_row_so_a_concurrent_update_of_one_it_lists_does_not_wait(
+        cli_env: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--dry-run` ran the real queueing and rolled it back: every document it would queue had its row updated, so
+    locked, until the department's rollback, and an API request or a run writing one of them waited for the dry run.
+    Now it only reads: while it is midway (reading the runs of the document listed after the one it would queue),
+    another session updates that document's row at once (a lock wait would end in its lock_timeout), and the dry
+    run still says what it would do."""
+    from ingestion import repository
+
+    ready = _document(cli_env)
+    in_flight = _document(cli_env, status=DocumentStatus.queued, job=True)
+    with unit_of_work(cli_env) as session:  # listed after `ready` (oldest first), so read once `ready` is planned
+        session.execute(update(Document).where(Document.id == in_flight)
+                        .values(created_at=Document.created_at + timedelta(minutes=1)))
+    real_unfinished_jobs, updated = repository.unfinished_jobs, []
+
+    def unfinished_jobs(session: Session, document_id: str) -> list[str]:
+        if document_id == in_flight:
+            try:
+                with unit_of_work(cli_env) as concurrent:
+                    concurrent.execute(text("SET LOCAL lock_timeout = '5s'"))
+                    updated.append(concurrent.execute(update(Document).where(Document.id == ready)
+                                                      .values(title="renamed")).rowcount)
+            except OperationalError as error:  # the row was locked: the wait ended in lock_timeout
+                updated.append(type(error.orig).__name__)
+        return real_unfinished_jobs(session, document_id)
+
+    monkeypatch.setattr(repository, "unfinished_jobs", unfinished_jobs)
+    planned = _reindex(capsys, "--department", "hr", "--dry-run")
+    assert updated == [1] and (planned["documents"], planned["rerun"]) == ([ready], 1)
+    assert planned["skipped"] == {"pending": 0, "not_reindexable": 0}
+    assert _state(cli_env, ready) == (DocumentStatus.ready, 1, 0) and _state(cli_env, in_flight)[::2] == (
+        DocumentStatus.queued, 1)
+    assert _reindex_events(cli_env) == []
 
 
 def test_documents_whose_placeholder_map_was_sealed_before_0021_are_unbound_too(
