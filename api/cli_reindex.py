@@ -110,6 +110,8 @@ def _reindex_department(session: Session, settings: Settings, args: argparse.Nam
     from ingestion import reindex as reindexing
     from ingestion.quarantine import Reindex
 
+    if args.dry_run:
+        _begin_read_only(session)
     if not _selection(args):
         return _queue(session, settings, args, department, None), frozenset()
     found = reindexing.outdated(session=session, settings=settings, department=department, unbound=args.unbound,
@@ -118,6 +120,16 @@ def _reindex_department(session: Session, settings: Settings, args: argparse.Nam
         session.rollback()  # nothing to re-index: no event either
         return Reindex(queued=[], rerun=[], skipped=[]), found.pending
     return _queue(session, settings, args, department, document_ids), found.pending
+
+
+def _begin_read_only(session: Session) -> None:
+    """Begin the dry run's transaction for a department: on PostgreSQL read only, so a write or a row lock the plan
+    took by mistake fails the command instead of holding a row, and on one snapshot (REPEATABLE READ), so the
+    documents listed and their runs are read as they stood together (a run ending between the two reads would
+    otherwise have its document planned as skipped, which the real queueing never does with one)."""
+    session.rollback()  # the transaction that read the departments, or the previous department's
+    if session.get_bind().dialect.name == "postgresql":  # applied as the transaction's connection is taken
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ", "postgresql_readonly": True})
 
 
 def _queue(session: Session, settings: Settings, args: argparse.Namespace, department: str,

@@ -224,6 +224,34 @@ def test_a_dry_run_locks_no_row_so_a_concurrent_update_of_one_it_lists_does_not_
     assert _reindex_events(cli_env) == []
 
 
+def test_a_dry_run_reads_one_snapshot_in_a_read_only_transaction(
+        cli_env: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dry run read the documents, then each one's runs, each statement seeing what had committed by then: a
+    run that ended between the two reads left its document listed as being ingested with no run, planned as skipped
+    (`not_reindexable`), which the real queueing never does with it (it sends the run round again, or queues the
+    document it finds ready). Its transaction now reads one snapshot, and is read only: a write the plan made by
+    mistake would fail, not hold a row."""
+    from ingestion import repository
+
+    in_flight = _document(cli_env, status=DocumentStatus.queued, job=True)
+    real_unfinished_jobs, seen = repository.unfinished_jobs, []
+
+    def unfinished_jobs(session: Session, document_id: str) -> list[str]:
+        with unit_of_work(cli_env) as concurrent:  # the document's run ends ready, after it was listed
+            concurrent.execute(update(IngestionJob).where(IngestionJob.document_id == document_id)
+                               .values(status=DocumentStatus.ready))
+            concurrent.execute(update(Document).where(Document.id == document_id)
+                               .values(status=DocumentStatus.ready))
+        seen.append(session.execute(text("SHOW transaction_read_only")).scalar())
+        return real_unfinished_jobs(session, document_id)
+
+    monkeypatch.setattr(repository, "unfinished_jobs", unfinished_jobs)
+    planned = _reindex(capsys, "--department", "hr", "--dry-run")
+    assert seen == ["on"] and (planned["documents"], planned["rerun"]) == ([], 1)
+    assert planned["skipped"] == {"pending": 0, "not_reindexable": 0}
+    assert _state(cli_env, in_flight) == (DocumentStatus.ready, 1, 1)
+
+
 def test_documents_whose_placeholder_map_was_sealed_before_0021_are_unbound_too(
         cli_env: str, capsys: pytest.CaptureFixture[str]) -> None:
     """A document re-indexed between 0020 and 0021 serves chunks bound to their run and a placeholder map that is not
