@@ -3,6 +3,7 @@ custom redaction rules, re-indexing and bad input."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -610,6 +611,32 @@ def test_a_failed_document_uploaded_again_is_not_reindexed_beside_its_copy(
     [job] = response.json()["queued"]
     assert wait_for_job(client, lab["editor"], job)["document_id"] == copy["document_id"]
     assert client.get(f"/v1/documents/{document_id}", headers=auth(lab["editor"])).json()["status"] == "failed"
+
+
+def _planned_and_queued(settings, department: str, document_ids: list[str]) -> list[tuple[list[str], list[str]]]:  # type: ignore[no-untyped-def]
+    """(documents queued, skipped) by the dry run's plan (`quarantine.plan_reindex`), then by the real queueing
+    (`queue_reindex`) of the same documents as they stand, rolled back: the two must decide alike."""
+    from ingestion import quarantine
+
+    decided = []
+    with get_session_factory(settings.resolved_database_url)() as session:
+        for decide in (quarantine.plan_reindex, functools.partial(quarantine.queue_reindex, serve_previous=False)):
+            reindex = decide(session=session, settings=settings, department=department, document_ids=document_ids)
+            session.rollback()
+            decided.append(([document for document, _ in reindex.queued], reindex.skipped))
+    return decided
+
+
+def test_a_dry_run_plans_a_named_failed_document_as_the_reindex_then_queues_it(
+        client: TestClient, lab: dict[str, str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The dry run's plan decides a named failed document with its own read of the re-index's check
+    (`_failed_may_run`), which no test ran: a failed document that kept its original is planned as queued, and
+    skipped once its content is live again under a copy, as the real queueing decides each time."""
+    department, document_id = _failed_by_a_reindex(client, lab, monkeypatch)
+    unknown = str(uuid.uuid4())
+    assert _planned_and_queued(settings, department, [document_id, unknown]) == [([document_id], [unknown])] * 2
+    copy = _ingest(client, lab["editor"], department, "minutes-again.txt", MINUTES)["document_id"]
+    assert _planned_and_queued(settings, department, [document_id, copy]) == [([copy], [document_id])] * 2
 
 
 @pytest.mark.parametrize(("damage", "serve_previous"), [("missing", False), ("missing", True), ("altered", True)])
