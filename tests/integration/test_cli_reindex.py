@@ -238,6 +238,7 @@ def test_a_dry_run_reads_one_snapshot_in_a_read_only_transaction(
 
     def unfinished_jobs(session: Session, document_id: str) -> list[str]:
         with unit_of_work(cli_env) as concurrent:  # the document's run ends ready, after it was listed
+            concurrent.execute(text("SET LOCAL lock_timeout = '5s'"))  # a row the dry run locked: an error, no hang
             concurrent.execute(update(IngestionJob).where(IngestionJob.document_id == document_id)
                                .values(status=DocumentStatus.ready))
             concurrent.execute(update(Document).where(Document.id == document_id)
