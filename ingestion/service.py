@@ -640,7 +640,8 @@ _Claimed = tuple[DocumentFacts, bytes, IngestionRules]  # what a claimed run nee
 def _start(settings: Settings, document_id: str, job_id: str) -> _Claimed | None:
     """Mark processing and load what the pipeline needs (None: nothing to run); the session is released before slow
     work, the original's read (`_original`) included. Delivery is at least once: a delivery of a job that already
-    ended does nothing (a late duplicate must not take over a document that a newer job, a re-index, has queued). A
+    ended, or that a run ends as it claims it (`_claim`), does nothing (a late duplicate must not take over a
+    document that a newer job, a re-index, has queued, nor run again one its first run left quarantined). A
     delivery that finds its document retired (before or while it claims it) ends the job and purges again: an
     earlier run may have written after the retirement's purge and died before it could withdraw."""
     withdrawn, claimed = False, None
@@ -662,7 +663,8 @@ def _start(settings: Settings, document_id: str, job_id: str) -> _Claimed | None
 def _claim(session: Session, settings: Settings, document: Document,
            job: IngestionJob) -> _Claimed | _IndexState | None:
     """Mark the document processing and count the attempt; what the run needs, or None if it was retired (its key
-    shredded with it), or the document as its failure leaves it if it cannot run: its data key is missing though it
+    shredded with it) or a run ended it or its job since `_start` read them (a duplicate delivery: nothing is written,
+    the run's end kept), or the document as its failure leaves it if it cannot run: its data key is missing though it
     was not retired (a key store restored from an older backup: no retry brings the key back, and its job would stay
     `queued` for ever; nothing of it is served then, not even the index a re-index with `serve_previous` kept, which
     no longer opens), or it has crashed its worker too often (a file that kills the parser must not take the
@@ -677,11 +679,11 @@ def _claim(session: Session, settings: Settings, document: Document,
     failure = lost or (CRASHED_TOO_OFTEN if crashed_too_often else None)
     moved = repository.set_status(session, document_id=document.id, job_id=job.id,
                                   status=DocumentStatus.processing if failure is None else DocumentStatus.failed,
-                                  error=failure,  # a retirement meanwhile wins: not moved
-                                  index_lost=lost in _KEY_LOST.values())
-    repository.count_attempt(session, job.id, after_a_crash=after_a_crash)  # counted even if the document was retired
-    if not moved:
+                                  error=failure, index_lost=lost in _KEY_LOST.values(), claim=True)
+    if not moved:  # retired, or ended by a run (this is a duplicate delivery) since it was read: nothing is written
+        session.rollback()
         return None
+    repository.count_attempt(session, job.id, after_a_crash=after_a_crash)
     # its facts as its row lock leaves them, not as read before: an end of its e-mail's run raising it committed
     # meanwhile (`_raise_attachments`), finding no run of it to hand back, and its floor is the raised one
     session.refresh(document)

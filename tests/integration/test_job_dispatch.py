@@ -1009,6 +1009,125 @@ def test_two_deliveries_of_one_job_running_at_once_leave_the_document_to_the_lat
     assert generations == {2}  # the first delivery's points went with it
 
 
+def _first_delivery_claimed(url: str, settings) -> tuple[str, str, int]:  # type: ignore[no-untyped-def]
+    """An upload whose job the first delivery claimed, its run going on: the document's and job's ids, and the
+    generation the run writes under."""
+    from api.app import create_app
+    from ingestion import service as ingestion_service
+    from retrieval.store import close_vector_store
+
+    with TestClient(create_app(settings)) as client:
+        uploaded = _upload(client, desk_member(client, "editor"), 0)
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    claimed = ingestion_service._start(settings, uploaded["document_id"], uploaded["job_id"])
+    assert claimed is not None
+    return uploaded["document_id"], uploaded["job_id"], claimed[0].generation
+
+
+def _end_quarantined(session, document_id: str, job_id: str, generation: int) -> None:  # type: ignore[no-untyped-def]
+    """The first run's end, its document quarantined for review, written in `session` (as `_finish` writes it)."""
+    from ingestion import repository
+
+    assert repository.set_status(session, document_id=document_id, job_id=job_id, status="quarantined",
+                                 chunk_count=0, generation=generation)
+
+
+def _left_to_review(url: str, document_id: str, job_id: str) -> None:
+    """The quarantined document and its job as the first run's end left them: not claimed again (no newer
+    generation), its attempt and no crash counted."""
+    from core.db import unit_of_work
+    from core.models import Document
+
+    with unit_of_work(url) as session:
+        document = session.get(Document, document_id)
+        assert (document.status, document.index_generation) == ("quarantined", 1)  # type: ignore[union-attr]
+    assert _job_row(url, job_id) == ("quarantined", None, 1, 0)
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_duplicate_delivery_that_read_its_job_before_the_first_run_ended_leaves_the_document_to_review(
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Delivery is at least once: a second delivery of a job read the job and its document unfinished, unlocked, and
+    its claim refused only a retired document, so a first run ending between that read and the claim (here
+    quarantined for review) had its document marked processing and run again, its end written over (the re-run
+    found it fit to serve: ready), and a crash counted from the job's status as read. A claim now needs the document
+    still queued or processing and its job unfinished as it writes them: the delivery ends as a duplicate."""
+    from core.db import unit_of_work
+    from ingestion import service as ingestion_service
+
+    url, settings = _on(database, make_pg_database, tmp_path)
+    document_id, job_id, generation = _first_delivery_claimed(url, settings)
+    real_claimed_key = ingestion_service._claimed_key
+
+    def first_run_ends_meanwhile(session, *args: object):  # type: ignore[no-untyped-def]
+        with unit_of_work(url) as other:  # after the second delivery read the job and document, before its claim
+            _end_quarantined(other, document_id, job_id, generation)
+        return real_claimed_key(session, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ingestion_service, "_claimed_key", first_run_ends_meanwhile)
+    assert ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id) == []
+    _left_to_review(url, document_id, job_id)
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_duplicate_delivery_of_a_job_that_ended_as_a_reindex_queued_its_document_leaves_it_to_the_new_job(
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first run ends (ready) and a re-index queues its document again under a new job, between a second
+    delivery's read of the old job and its claim: the document is queued, so the claim's document update goes
+    through, but the old job has ended. The claim needs both: it writes nothing (the document's move rolled back),
+    the document is left to the re-index's job, and the old job keeps its end, no attempt or crash counted."""
+    from core.db import unit_of_work
+    from ingestion import repository
+    from ingestion import service as ingestion_service
+
+    url, settings = _on(database, make_pg_database, tmp_path)
+    document_id, job_id, generation = _first_delivery_claimed(url, settings)
+    real_claimed_key, reindexed = ingestion_service._claimed_key, []
+
+    def ended_and_queued_again_meanwhile(session, *args: object):  # type: ignore[no-untyped-def]
+        with unit_of_work(url) as other:
+            assert repository.set_status(other, document_id=document_id, job_id=job_id, status="ready",
+                                         chunk_count=0, generation=generation)
+            reindexed.append(repository.new_job(other, document_id=document_id, from_statuses=repository.REINDEXED))
+        return real_claimed_key(session, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ingestion_service, "_claimed_key", ended_and_queued_again_meanwhile)
+    assert ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id) == []
+    assert reindexed[0] is not None and _job_row(url, reindexed[0]) == ("queued", None, 0, 0)
+    assert _job_row(url, job_id) == ("ready", None, 1, 0)
+    with unit_of_work(url) as session:
+        document = repository.get_document(session, document_id)
+        assert (document.status, document.index_generation) == ("queued", 1)  # type: ignore[union-attr]
+
+
+def test_a_duplicate_delivery_waiting_for_the_row_the_first_runs_end_holds_leaves_the_document_to_review(
+        make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """A second delivery of a job read it and its document processing while the first run's end (quarantined for
+    review) held the document's row; its claim waited for that row and, once the end committed, marked the document
+    processing again and ran it. PostgreSQL reads the claim's conditions again as the row lock leaves the row: the
+    delivery ends as a duplicate, the end kept. (PostgreSQL only: on SQLite the claim waits for the end's write lock
+    in SQLite's busy handler, which no test sees; the test above covers SQLite's end committed before the claim.)"""
+    from core.db import unit_of_work
+    from ingestion import service as ingestion_service
+
+    url, settings = _on("postgresql", make_pg_database, tmp_path)
+    document_id, job_id, generation = _first_delivery_claimed(url, settings)
+    queued: list[object] = []
+
+    def deliver_again() -> None:
+        queued.append(ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id))
+
+    second = threading.Thread(target=deliver_again, daemon=True)
+    with unit_of_work(url) as session:
+        _end_quarantined(session, document_id, job_id, generation)
+        second.start()  # the broker's second delivery, as the first run ends
+        assert wait_for_a_lock_wait(url, second, timeout=120) in ("transactionid", "tuple")  # the document's row
+    second.join(120)
+    assert queued == [[]]  # it returned: acknowledged, nothing raised
+    _left_to_review(url, document_id, job_id)
+
+
 def test_runs_that_fail_cleanly_are_retried_and_never_counted_as_crashes(
         client: TestClient, issue_token: Callable[..., str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """A run that raises hands its job back before the retry: retries (transient faults, outages) are bounded by
