@@ -43,21 +43,21 @@ def get_job(session: Session, job_id: str) -> IngestionJob | None:
 
 def set_status(session: Session, *, document_id: str, job_id: str, status: str, error: str | None = None,
                chunk_count: int | None = None, generation: int | None = None, index_lost: bool = False,
-               claim: bool = False) -> bool:
+               while_unfinished: bool = False) -> bool:
     """Move a job to `status` and its document with it, unless the document is retired: a conditional update, so
     a deletion committed meanwhile (of the document or of an e-mail above it) is never written over. The document
     moves as `_serving` says (status, error, served generation), not always to `status`: a failure of one still
     serving an earlier index leaves it `ready` on that index, unless that index was lost (`index_lost`). A run's
     outcome (written under its `generation`) also needs its job still `processing` and no later run of the document
-    started: a re-index that handed the job back meanwhile made the run stale. A `claim` (service._claim) needs the
-    document still queued or processing and its job unfinished: a run's end committed since they were read (on
-    PostgreSQL, one not yet committed is waited for and the rows read again) is kept, the claim a duplicate
-    delivery's. When the document moved and its job did not, the caller rolls back the document's move. Whether
-    both moved."""
+    started: a re-index that handed the job back meanwhile made the run stale. A claim and a give-up
+    (`while_unfinished`: service._claim, service.mark_failed) need the document still queued or processing and its
+    job unfinished: a run's end committed since they were read (on PostgreSQL, one not yet committed is waited for and
+    the rows read again) is kept. When the document moved and its job did not, the caller rolls back the document's
+    move. Whether both moved."""
     values = {**_serving(status, error, generation, index_lost), "updated_at": utcnow()}
     if chunk_count is not None:
         values["chunk_count"] = chunk_count
-    movable = Document.status.in_(UNFINISHED) if claim else Document.status.not_in(RETIRED)
+    movable = Document.status.in_(UNFINISHED) if while_unfinished else Document.status.not_in(RETIRED)
     document = update(Document).where(Document.id == document_id, movable)
     if generation is not None:
         document = document.where(Document.index_generation == generation)
@@ -66,10 +66,10 @@ def set_status(session: Session, *, document_id: str, job_id: str, status: str, 
     job = update(IngestionJob).where(IngestionJob.id == job_id)
     if generation is not None:
         job = job.where(IngestionJob.status == DocumentStatus.processing)
-    elif claim:
+    elif while_unfinished:
         job = job.where(IngestionJob.status.in_(UNFINISHED))
     ended = session.execute(job.values(status=status, error=error, updated_at=utcnow()))
-    return (generation is None and not claim) or bool(ended.rowcount)  # type: ignore[attr-defined]
+    return (generation is None and not while_unfinished) or bool(ended.rowcount)  # type: ignore[attr-defined]
 
 
 def _serving(status: str, error: str | None, generation: int | None, index_lost: bool) -> dict[str, object]:

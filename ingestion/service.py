@@ -593,11 +593,13 @@ def mark_failed(*, settings: Settings, document_id: str, job_id: str, reason: st
     e-mail carrying it (`_passed_on_by_giving_up`, unless not `pass_on`: the job's run and step both ended, and it is
     failed only in case it did not): the steps queued for it, to send. That is a transaction of its own, after the
     failure's: a process that dies between the two passes nothing on, and the content waits as when no e-mail is
-    left to ask (the next run of an e-mail carrying it, or an upload of it, takes it)."""
+    left to ask (the next run of an e-mail carrying it, or an upload of it, takes it). The failure is written only
+    while the document and its job are unfinished: an end another run of it (the broker's second delivery) committed
+    since `_step_gave_up` read them is kept, as is a re-index's job queued since."""
     if _step_gave_up(settings, document_id, job_id):
         logger.warning("the attachment step of document %s gave up; the document keeps its status", document_id)
     else:
-        _finish(settings, document_id, job_id, DocumentStatus.failed, error=reason)
+        _finish(settings, document_id, job_id, DocumentStatus.failed, error=reason, while_unfinished=True)
     return _passed_on_by_giving_up(settings, document_id) if pass_on else []
 
 
@@ -679,7 +681,7 @@ def _claim(session: Session, settings: Settings, document: Document,
     failure = lost or (CRASHED_TOO_OFTEN if crashed_too_often else None)
     moved = repository.set_status(session, document_id=document.id, job_id=job.id,
                                   status=DocumentStatus.processing if failure is None else DocumentStatus.failed,
-                                  error=failure, index_lost=lost in _KEY_LOST.values(), claim=True)
+                                  error=failure, index_lost=lost in _KEY_LOST.values(), while_unfinished=True)
     if not moved:  # retired, or ended by a run (this is a duplicate delivery) since it was read: nothing is written
         session.rollback()
         return None
@@ -774,18 +776,21 @@ class _IndexState:
 
 def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentStatus, *, error: str | None = None,
             chunk_count: int | None = None, outcome: Callable[[Session], None] | None = None,
-            generation: int | None = None, keep_numbering: bool = True, email: bool = False) -> RunEnd:
+            generation: int | None = None, keep_numbering: bool = True, email: bool = False,
+            while_unfinished: bool = False) -> RunEnd:
     """Write the final status, with the pipeline's outcome when there is one, in a single transaction (an
     `email`'s under its lineage's locks: `_write_end`); unless the
     document was deleted (or rejected) while the worker ran: then only its job ends and the points it indexed go. A
     run's outcome (its `generation`) is written only while the run still holds its job and is the document's latest
     claim: one handed back meanwhile (by a re-index) goes again; one a later claim outdid (the broker's second
-    delivery of its job, while it ran) leaves the document to that run. Once committed, the points and placeholder
+    delivery of its job, while it ran) leaves the document to that run; a give-up (`while_unfinished`) is written only
+    while the document and its job are unfinished (repository.set_status). Once committed, the points and placeholder
     maps of generations no longer served go (`_drop_superseded`; while none is served, the newest map stays, unless
     the run's rules keep no map: `keep_numbering`, the department's `reversible`)."""
     with unit_of_work(settings.resolved_database_url) as session:
         written = _write_end(session, document_id, job_id, status, error=error, chunk_count=chunk_count,
-                             outcome=outcome, generation=generation, email=email)
+                             outcome=outcome, generation=generation, email=email,
+                             while_unfinished=while_unfinished)
         state = _index_state(session, document_id, job_id)
     if state is None:  # withdrawn: purged once the job's end is committed
         purge.purge_now(settings, [document_id])
@@ -812,7 +817,7 @@ def _unwritten(document_id: str, state: _IndexState, generation: int | None) -> 
 
 def _write_end(session: Session, document_id: str, job_id: str, status: DocumentStatus, *, error: str | None,
                chunk_count: int | None, outcome: Callable[[Session], None] | None, generation: int | None,
-               email: bool = False) -> bool:
+               email: bool = False, while_unfinished: bool = False) -> bool:
     """Move the document and its job to `status`, with the pipeline's outcome; whether they moved. An `email`'s
     end first takes the locks of its lineage, before any row (as its attachment steps and deletions take them): an
     attachment step of it or of an e-mail below it, which takes attachments at their e-mail's level, commits before
@@ -820,8 +825,8 @@ def _write_end(session: Session, document_id: str, job_id: str, status: Document
     if email:
         repository.lock_lineage(session, document_id)
     if not repository.set_status(session, document_id=document_id, job_id=job_id, status=status, error=error,
-                                 chunk_count=chunk_count, generation=generation):
-        session.rollback()  # a stale run's document moved before its job was found handed back: undone
+                                 chunk_count=chunk_count, generation=generation, while_unfinished=while_unfinished):
+        session.rollback()  # a stale run's document moved before its job was found handed back (or ended): undone
         return False
     if outcome is not None:
         outcome(session)

@@ -1101,6 +1101,33 @@ def test_a_duplicate_delivery_of_a_job_that_ended_as_a_reindex_queued_its_docume
         assert (document.status, document.index_generation) == ("queued", 1)  # type: ignore[union-attr]
 
 
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_delivery_giving_up_as_another_run_ends_the_document_leaves_it_to_review(
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delivery giving up (its retries or its time limit spent) read the document unfinished (so no attachment step
+    gave up), and failed it with its job whatever committed since: another run of the job (the broker's second
+    delivery) ending it quarantined for review between that read and the failure had its end written over, the
+    document failed and out of review. The failure is now written only while the document and its job are
+    unfinished: the end is kept."""
+    from core.db import unit_of_work
+    from ingestion import service as ingestion_service
+
+    url, settings = _on(database, make_pg_database, tmp_path)
+    document_id, job_id, generation = _first_delivery_claimed(url, settings)
+    real_step_gave_up = ingestion_service._step_gave_up
+
+    def other_run_ends_meanwhile(*args: object) -> bool:
+        gave_up = real_step_gave_up(*args)  # type: ignore[arg-type]
+        with unit_of_work(url) as other:  # after the give-up read the document, before it writes the failure
+            _end_quarantined(other, document_id, job_id, generation)
+        return gave_up
+
+    monkeypatch.setattr(ingestion_service, "_step_gave_up", other_run_ends_meanwhile)
+    assert ingestion_service.mark_failed(settings=settings, document_id=document_id, job_id=job_id,
+                                         reason="internal error during ingestion; retries exhausted") == []
+    _left_to_review(url, document_id, job_id)
+
 def test_a_duplicate_delivery_waiting_for_the_row_the_first_runs_end_holds_leaves_the_document_to_review(
         make_pg_database: Callable[[], str], tmp_path: Path) -> None:
     """A second delivery of a job read it and its document processing while the first run's end (quarantined for
