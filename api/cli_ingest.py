@@ -373,7 +373,7 @@ def _accept_and_ingest(settings: Settings, args: argparse.Namespace, path: Path,
     except GovragError as exc:
         if unavailable_dependency(exc) is not None:
             raise  # raised from an outage: no refusal of the file; it stops the run (`_ingest_file`)
-        if (status := _not_taken(exc.code, exc.message)) == "duplicate":
+        if (status := _not_taken(exc.code)) == "duplicate":
             return _go_on(settings, args, path, data, exc.message, run)
         return Outcome(str(path), status, exc.message)
     run.document_id = accepted.document_id
@@ -533,7 +533,7 @@ def _upload(http: httpx.Client, args: argparse.Namespace, path: Path) -> Outcome
                             files={"file": (path.name, path.read_bytes())})
         if response.status_code != 202:
             message = _error_message(response)
-            return Outcome(str(path), _not_taken(_answer_code(response), message), message,
+            return Outcome(str(path), _not_taken(_answer_code(response)), message,
                            stop=_token_refused(response, message))
         document_id = response.json()["document_id"]
         return _poll(http, str(path), document_id)
@@ -603,7 +603,7 @@ def _poll(http: httpx.Client, path: str, document_id: str, timeout: float = 600.
         response = _request(http, "GET", f"/v1/documents/{document_id}")
         if not response.is_success:
             message = _error_message(response)
-            return Outcome(path, _not_taken(_answer_code(response), message),
+            return Outcome(path, _not_taken(_answer_code(response)),
                            f"{message}; accepted as document {document_id}, its outcome not known here",
                            stop=_token_refused(response, message))
         body = response.json()
@@ -619,12 +619,12 @@ def _token_refused(response: httpx.Response, message: str) -> Stop | None:
     return Stop(f"the API refused the token ({message})", "with a valid token") if response.status_code == 401 else None
 
 
-def _not_taken(code: ErrorCode, message: str) -> str:
-    """The table's status of a file the service answered with an error, in process or through the API: `duplicate`
-    for its duplicate refusal, `refused` for any other code that refuses the user's input (the file, the command's
-    arguments, the token), else `failed`, the deployment's own failure (`ErrorCode.refuses_input`, as `govrag`'s
-    one-line failures say "refused:" or "failed:")."""
-    if message.startswith("duplicate upload"):
+def _not_taken(code: ErrorCode) -> str:
+    """The table's status of a file the service answered with an error, in process or through the API, by its code
+    alone (never its message's wording): `duplicate` for `duplicate_upload`, `refused` for any other code that refuses
+    the user's input (the file, the command's arguments, the token), else `failed`, the deployment's own failure
+    (`ErrorCode.refuses_input`, as `govrag`'s one-line failures say "refused:" or "failed:")."""
+    if code is ErrorCode.duplicate_upload:
         return "duplicate"
     return "refused" if code.refuses_input else "failed"
 

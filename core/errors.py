@@ -32,6 +32,7 @@ class ErrorCode(Enum):
     forbidden = 403
     not_found = 404
     conflict = 409
+    duplicate_upload = 409  # the department already holds this content (the message names its document): not sent
     document_key_unreadable = 410  # the document's key row no longer opens (altered): gone for good, upload it again
     placeholder_map_unreadable = 410  # the document's placeholder map does not open or parse (altered): upload again
     payload_too_large = 413
@@ -49,8 +50,8 @@ class ErrorCode(Enum):
 
 
 _INPUT_REFUSALS = frozenset({ErrorCode.invalid_request, ErrorCode.unauthenticated, ErrorCode.forbidden,
-                             ErrorCode.not_found, ErrorCode.conflict, ErrorCode.payload_too_large,
-                             ErrorCode.unsupported_type})
+                             ErrorCode.not_found, ErrorCode.conflict, ErrorCode.duplicate_upload,
+                             ErrorCode.payload_too_large, ErrorCode.unsupported_type})
 
 
 class GovragError(Exception):

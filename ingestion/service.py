@@ -103,7 +103,7 @@ def accept_upload(
     duplicate = repository.find_duplicate(session, department=department, sha256=sha256)
     if duplicate is not None:
         # named: whoever may upload to the department may see each of its documents (authz may_see_document)
-        raise GovragError(ErrorCode.conflict, f"{repository.DUPLICATE_OF}{duplicate.id}")
+        raise GovragError(ErrorCode.duplicate_upload, f"{repository.DUPLICATE_OF}{duplicate.id}")
     blobs.decide_first_use(settings.blob_dir)  # before this transaction's first write (the key's)
     document_id, job_id = str(uuid.uuid4()), str(uuid.uuid4())
     key = keystore_for(settings).create_document_key(session=session, department=department,

@@ -1044,6 +1044,35 @@ def test_through_the_api_a_token_refused_at_the_first_upload_stops_the_run(
     assert bad_token not in out + err
 
 
+@pytest.mark.parametrize("through", ["in process", "--api-url"])
+def test_a_duplicate_is_told_by_its_refusals_code_whatever_its_message_says(
+        request: pytest.FixtureRequest, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, through: str) -> None:
+    """The CLI took a file for a duplicate when its refusal's message started "duplicate upload" (a 409 `conflict`
+    through the API): with that message reworded, the copy was `refused` and the run exited 1. The refusal's code,
+    `duplicate_upload` (409 still), says it now: the copy is `duplicate` with the message as the service words it,
+    exit 0, in process and through the API alike."""
+    from ingestion import repository
+
+    reworded = "the department holds this content already as document "
+    monkeypatch.setattr(repository, "DUPLICATE_OF", reworded)
+    monkeypatch.setenv("COLUMNS", "400")  # each reason on one line of the table
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    for name in ("leave.md", "leave-copy.md"):
+        (folder / name).write_text("# Parental leave\n\nParents get sixteen weeks of paid leave.\n")
+    command = ["ingest", str(folder), "--department", "hr"]
+    if through == "--api-url":
+        api_url, token, _ = request.getfixturevalue("served_api")
+        command += ["--api-url", api_url, "--token", token]
+    else:
+        request.getfixturevalue("cli_env")
+    assert main(command) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "ready: 1" in out and "duplicate: 1" in out and "refused" not in out, out
+    assert f"duplicate │ {reworded}" in out, out
+
+
 @contextmanager
 def _document_rows_refused(settings: Settings, data: bytes) -> Iterator[None]:
     """PostgreSQL refuses to store the document row of a file holding `data` while the block runs (a trigger raising:

@@ -207,7 +207,7 @@ def test_duplicate_upload_is_reported_not_indexed_twice(client: TestClient, lab:
     data = f"Holiday calendar {uuid.uuid4().hex}: the office closes on 24 December.".encode()
     first = _ingest(client, lab["editor"], lab["department"], "holidays.txt", data)
     again = _upload(client, lab["editor"], lab["department"], "holidays-copy.txt", data)
-    assert again.status_code == 409
+    assert again.status_code == 409 and again.json()["error"]["code"] == "duplicate_upload"
     assert first["document_id"] in again.json()["error"]["message"]
 
 
@@ -2857,7 +2857,7 @@ def test_copies_of_a_file_sent_at_once_make_one_document(database: str, make_pg_
         return "accepted"
 
     with ThreadPoolExecutor(4) as pool:
-        assert sorted(pool.map(upload, range(4))) == ["accepted", "conflict", "conflict", "conflict"]
+        assert sorted(pool.map(upload, range(4))) == ["accepted", "duplicate_upload", "duplicate_upload", "duplicate_upload"]
 
 
 def test_a_document_deleted_while_it_is_ingested_stays_deleted_and_unindexed(

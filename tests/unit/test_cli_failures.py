@@ -6,6 +6,7 @@ import argparse
 import errno
 import os
 
+import httpx
 import pytest
 from sqlalchemy.exc import OperationalError
 
@@ -72,6 +73,22 @@ def test_a_govrag_error_is_said_by_what_it_means_not_by_its_http_status() -> Non
     assert {code.name for code in ErrorCode if not code.refuses_input} == {
         "document_key_unreadable", "placeholder_map_unreadable", "unavailable", "department_key_unreadable",
         "internal"}
+
+
+@pytest.mark.parametrize(("code", "message", "said"), [
+    ("duplicate_upload", "the department holds this content already as document 7", "duplicate"),
+    ("conflict", "duplicate upload: the department already has this content as document 7", "refused"),
+])
+def test_a_duplicate_upload_is_told_by_its_code_never_by_its_messages_wording(code: str, message: str,
+                                                                               said: str) -> None:
+    """`govrag ingest` took a file for a duplicate when the refusal's message started "duplicate upload": a message
+    reworded turned duplicates into `refused` (exit 1), and any other refusal worded so was a duplicate. The code
+    `duplicate_upload` says it now, the wording never does, in process (the GovragError's code) and through the API
+    (its answer's code) alike."""
+    from api.cli_ingest import _answer_code, _not_taken
+
+    answer = httpx.Response(409, json={"error": {"code": code, "message": message, "request_id": "r"}})
+    assert _not_taken(_answer_code(answer)) == _not_taken(ErrorCode[code]) == said
 
 
 def test_a_bug_and_a_ctrl_c_in_a_migration_are_left_to_their_caller() -> None:
