@@ -2857,7 +2857,7 @@ def test_copies_of_a_file_sent_at_once_make_one_document(database: str, make_pg_
         return "accepted"
 
     with ThreadPoolExecutor(4) as pool:
-        assert sorted(pool.map(upload, range(4))) == ["accepted", "duplicate_upload", "duplicate_upload", "duplicate_upload"]
+        assert sorted(pool.map(upload, range(4))) == ["accepted"] + ["duplicate_upload"] * 3
 
 
 def test_a_document_deleted_while_it_is_ingested_stays_deleted_and_unindexed(
