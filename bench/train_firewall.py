@@ -38,7 +38,6 @@ from threadpoolctl import threadpool_limits
 from bench.eval_data import ATTACK, BENIGN, EVAL_DIR, HARMFUL, Row, bipia_documents, prompt_rows
 from guard.firewall import (
     BANK_NAMES,
-    DENSE_COLUMNS,
     HARD_SCORE,
     META_FILE,
     WEIGHTS_FILE,
@@ -279,8 +278,7 @@ def train(name: str, texts: list[str], labels: np.ndarray, out: Path, documents:
     into `coef`. `fold_seeds`: one out-of-fold run per seed, their scores pooled for the threshold and C.
     `boosted` (firewall, needs `source`): add the booster over the regression (at the C the regression chose alone);
     the threshold and reported rates are then the pair's, from `_stacked_out_of_fold`."""
-    matrix, hits = featurise(texts)
-    dense = matrix[:, DENSE_COLUMNS].toarray()
+    matrix, dense, hits = featurise(texts)
     lexical_columns = matrix.shape[1]
     scale = np.ones(lexical_columns, dtype=np.float32)
     scale[WORD_COLUMNS] = word_weight

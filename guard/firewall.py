@@ -28,7 +28,7 @@ import sklearn
 from scipy import sparse
 from sklearn.feature_extraction.text import HashingVectorizer
 
-from guard.hashed_ngrams import WordCharNgrams
+from guard.hashed_ngrams import WordCharNgrams, l2_normalised
 from guard.normalise import has_invisible, normalise
 
 WEIGHTS_FILE = "{name}_weights.npz"
@@ -320,20 +320,36 @@ def _vectorisers() -> tuple[WordCharNgrams, HashingVectorizer]:
     """Character 3-5-grams inside words (each word's hashes cached) and word uni/bigrams, hashed alike."""
     return (WordCharNgrams(ngram_range=(3, 5), n_features=N_FEATURES),
             HashingVectorizer(analyzer="word", ngram_range=(1, 2), token_pattern=r"(?u)\b\w+\b",  # noqa: S106
-                              n_features=N_FEATURES, alternate_sign=False, norm="l2", lowercase=True,
-                              dtype=np.float32))
+                              n_features=N_FEATURES, alternate_sign=False, norm=None, lowercase=True,
+                              dtype=np.float32))  # L2-normalised by `featurise`, without scikit-learn's input checks
 
 
-def featurise(texts: list[str]) -> tuple[sparse.csr_matrix, list[tuple[str, ...]]]:
-    """The classifier's input for raw `texts` and each one's rule hits (training and inference share this)."""
+def featurise(texts: list[str]) -> tuple[sparse.csr_matrix, np.ndarray, list[tuple[str, ...]]]:
+    """The classifier's input for raw `texts`, its `DENSE_COLUMNS` as an array (`lexical_features`, one row a text)
+    and each text's rule hits (training and inference share this)."""
     chars, words = _vectorisers()
     prepared = [_bounded(t) for t in texts]
     normalised = [normalise(t) for t in prepared]
     hits = [rule_hits(n) for n in normalised]
     dense = np.vstack([lexical_features(t, n, h) for t, n, h in zip(prepared, normalised, hits, strict=True)])
     with sklearn.config_context(skip_parameter_validation=True):  # constant parameters; ~0.3 ms a question
-        hashed = [chars.transform(normalised), words.transform(normalised)]
-    return sparse.hstack([*hashed, sparse.csr_matrix(dense)], format="csr"), hits
+        hashed = [chars.transform(normalised), l2_normalised(words.transform(normalised))]
+    return _side_by_side(hashed, dense), dense, hits
+
+
+def _side_by_side(hashed: list[sparse.csr_matrix], dense: np.ndarray) -> sparse.csr_matrix:
+    """`sparse.hstack([*hashed, sparse.csr_matrix(dense)], format="csr")`, entry for entry in the same order (a logit
+    sums a row's products in it), built from the blocks' arrays: scipy's took a third of a millisecond a question."""
+    rows, columns = np.nonzero(dense)
+    offsets = np.cumsum([0, *(block.shape[1] for block in hashed)])
+    row_of_entry = np.concatenate([*(np.repeat(np.arange(len(dense)), np.diff(block.indptr)) for block in hashed),
+                                   rows])
+    order = np.argsort(row_of_entry, kind="stable")  # each row: its entries block by block, each block's in its order
+    data = np.concatenate([*(block.data for block in hashed), dense[rows, columns]])[order]
+    indices = np.concatenate([*(block.indices + offset for block, offset in zip(hashed, offsets[:-1], strict=True)),
+                              columns + offsets[-1]])[order]
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(row_of_entry, minlength=len(dense)))])
+    return sparse.csr_matrix((data, indices, indptr), shape=(len(dense), offsets[-1] + dense.shape[1]))
 
 
 def question_vectors(texts: list[str]) -> np.ndarray:
@@ -495,7 +511,7 @@ class FirewallModel:
 
         `vectors`: the texts' sentence embeddings (n, EMBEDDING_DIMENSION) when the model weighs them; computed here
         when omitted. Ignored by models without embedding weights (the scanner)."""
-        matrix, hits = featurise(texts)
+        matrix, dense, hits = featurise(texts)
         logits = matrix @ self.coef + self.intercept
         if self.embedding_coef is not None:
             embeddings = self._checked(texts, vectors)
@@ -504,7 +520,7 @@ class FirewallModel:
                 neighbourhood = self.banks.neighbourhood(embeddings)
                 logits = logits + neighbourhood[:, :3] @ self.bank_coef
                 if self.booster is not None:
-                    inputs = booster_inputs(logits, neighbourhood, matrix[:, DENSE_COLUMNS].toarray())
+                    inputs = booster_inputs(logits, neighbourhood, dense)
                     logits = self.booster.blended(inputs)
         probabilities = 1.0 / (1.0 + np.exp(-logits))
         hard = np.array([fires_hard_rule(h) for h in hits])

@@ -17,11 +17,18 @@ import functools
 
 import numpy as np
 from scipy import sparse
-from sklearn.preprocessing import normalize
 from sklearn.utils import murmurhash3_32
+from sklearn.utils.sparsefuncs_fast import inplace_csr_row_normalize_l2
 
 CACHE_WORDS = 2**15  # ~8 MiB: each word's columns are kept as packed int32 bytes
 _MOST_NEGATIVE = -(2**31)
+
+
+def l2_normalised(matrix: sparse.csr_matrix) -> sparse.csr_matrix:
+    """`sklearn.preprocessing.normalize(matrix, norm="l2", copy=False)` of a float CSR matrix, the same values (it
+    calls the same routine) without its input checks: a few tenths of a millisecond a question."""
+    inplace_csr_row_normalize_l2(matrix)
+    return matrix
 
 
 class WordCharNgrams:
@@ -46,7 +53,7 @@ class WordCharNgrams:
             indptr.append(indptr[-1] + len(unique))
         matrix = sparse.csr_matrix((np.concatenate(counts), np.concatenate(indices), np.asarray(indptr)),
                                    shape=(len(texts), self.n_features), dtype=np.float32)
-        return normalize(matrix, norm="l2", copy=False)
+        return l2_normalised(matrix)
 
     def _columns_of_word(self, word: str) -> bytes:
         """The columns of a word's n-grams (packed int32), padded with a space each side; a word shorter than n

@@ -58,7 +58,9 @@ _CONFUSABLES = str.maketrans({**_named_letters(), **_LOOK_ALIKES})
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s", "!": "i",
                        "|": "l", "+": "t"})
 _LEET_WORD = re.compile(r"\b(?=[a-z0-9@$!|+]*[a-z])(?=[a-z0-9@$!|+]*[0-9@$|+])[a-z0-9@$!|+]{3,}\b", re.IGNORECASE)
-_LEET_RUN = re.compile(r"[a-z0-9@$!|+]{3,}", re.IGNORECASE)
+# A run of `_LEET_WORD`'s characters holding one that its second lookahead needs (a digit or `@$|+`): a run without
+# one, most words of a prompt, holds no leet word and is not searched for one. Tried only where a run starts.
+_LEET_RUN = re.compile(r"(?<![a-z0-9@$!|+])[a-z!]*[0-9@$|+][a-z0-9@$!|+]*", re.IGNORECASE)
 _WORD_BOUNDARY = re.compile(r"\b")
 _BASE64 = re.compile(r"(?<![A-Za-z0-9+/=])[A-Za-z0-9+/]{16,}={0,2}(?![A-Za-z0-9+/=])")
 # URL-safe base64 (RFC 4648 section 5: `-` and `_` for `+` and `/`, padding often left off): a run holding either.
