@@ -118,7 +118,10 @@ def has_invisible(text: str) -> bool:
 
 def strip_invisible(text: str) -> str:
     """NFKC, drop the invisible characters (`_INVISIBLE`: zero-width, bidi controls, tag characters, variation
-    selectors, every one of them: what they hide is `hidden_texts`'s to read), map look-alike letters to Latin."""
+    selectors, every one of them: what they hide is `hidden_texts`'s to read), map look-alike letters to Latin. ASCII
+    text is returned as it is: NFKC keeps every ASCII character, and no invisible or look-alike one is ASCII."""
+    if text.isascii():
+        return text
     return _INVISIBLE.sub("", unicodedata.normalize("NFKC", text)).translate(_CONFUSABLES)
 
 

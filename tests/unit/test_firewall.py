@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from scipy import sparse
 from sklearn.feature_extraction.text import HashingVectorizer
 
 from bench.eval_data import ATTACK as ATTACK_LABEL
@@ -26,6 +27,8 @@ from guard.firewall import (
     ExampleBanks,
     GuardMode,
     Verdict,
+    _bounded,
+    featurise,
     fires_hard_rule,
     get_firewall,
     gibberish_features,
@@ -703,3 +706,24 @@ def test_cached_char_ngrams_equal_scikit_learns_hashing_vectorizer(n_features: i
         assert np.array_equal(got.indptr, expected.indptr) and np.array_equal(got.indices, expected.indices)
         assert np.array_equal(got.data, expected.data)
     assert cached.transform([]).shape == (0, n_features)
+
+
+def test_featurise_builds_the_matrix_scipys_hstack_of_scikit_learns_vectorisers_does() -> None:
+    """Every prompt row and Unicode edge cases at once: featurise's matrix, assembled without scikit-learn's and scipy's
+    input checks, holds hstack's entries in hstack's order (a logit sums a row's products in it, so every score is the
+    same to the bit), and its dense columns are returned as they are."""
+    texts = [row.text for row in prompt_rows()] + EDGE_TEXTS
+    got, dense, hits = featurise(texts)
+    normalised = [normalise(_bounded(text)) for text in texts]
+    hashed = [HashingVectorizer(analyzer=analyzer, ngram_range=ngrams, n_features=2**18, alternate_sign=False,
+                                norm="l2", lowercase=True, dtype=np.float32, **pattern).transform(normalised)
+              for analyzer, ngrams, pattern in (("char_wb", (3, 5), {}),
+                                                ("word", (1, 2), {"token_pattern": r"(?u)\b\w+\b"}))]
+    hashed[0].sort_indices()
+    expected = sparse.hstack([*hashed, sparse.csr_matrix(dense)], format="csr")
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    assert np.array_equal(got.indptr, expected.indptr) and np.array_equal(got.indices, expected.indices)
+    assert np.array_equal(got.data, expected.data)
+    assert np.array_equal(dense, np.vstack([lexical_features(_bounded(text), text_normalised, text_hits)
+                                            for text, text_normalised, text_hits in zip(texts, normalised, hits,
+                                                                                         strict=True)]))
