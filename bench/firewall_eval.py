@@ -115,7 +115,7 @@ def _print_timings(title: str, wall: list[float], cpu: list[float]) -> None:
     print(title)
     for name, timings in (("wall", sorted(wall)), ("cpu ", sorted(cpu))):
         print(f"  {name} median {statistics.median(timings):.2f} ms, p95 {timings[int(0.95 * len(timings))]:.2f} ms, "
-              f"max {timings[-1]:.2f} ms")
+              f"p99 {timings[int(0.99 * len(timings))]:.2f} ms, max {timings[-1]:.2f} ms")
 
 
 def _latency() -> None:
