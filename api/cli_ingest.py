@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -561,37 +560,48 @@ def _request(http: httpx.Client, method: str, url: str, **kwargs: object) -> htt
 
 
 def _stop_503(api: str, response: httpx.Response) -> Stop:
-    """Why the API's 503 stops the run, in its own words (its 503 bodies are client-safe, api/errors.py): the
-    dependency its message names ("the database is unavailable; ..."), or its reason with its code (a master key
-    that does not open; a department key that does not open is also the refusal the in-process command says, exit 2:
-    `Stop.refusal`); for a 503 without the API's error body (a proxy's page), the API unavailable."""
+    """Why the API's 503 stops the run (its 503 bodies are client-safe, api/errors.py): the outage of the dependency
+    its body's `dependency` names, as in process (`_outage`; never read from the message, which may be reworded), or
+    its reason with its code (a master key that does not open; a department key that does not open is also the
+    refusal the in-process command says, exit 2: `Stop.refusal`); for a 503 without the API's error body (a proxy's
+    page), the API unavailable."""
     from api.cli_failures import department_key_failure
 
     error = _api_error(response)
     if error is None:
         return _unavailable(api)
-    code, message = error
-    if named := re.match(r"the (.+?) is unavailable", message):
-        return _unavailable(named.group(1))
-    if code == ErrorCode.department_key_unreadable.name:  # missing or altered: as the in-process command says it
-        refusal = department_key_failure(message)
-        return Stop(f"the {api} answered 503 {code}: {message}", refusal.when, refusal)
-    return Stop(f"the {api} answered 503 {code}: {message}", "once that is fixed")
+    if error.dependency is not None:
+        return _unavailable(error.dependency)
+    said = f"the {api} answered 503 {error.code}: {error.message}"
+    if error.code == ErrorCode.department_key_unreadable.name:  # missing or altered: as the in-process command says it
+        refusal = department_key_failure(error.message)
+        return Stop(said, refusal.when, refusal)
+    return Stop(said, "once that is fixed")
 
 
-def _api_error(response: httpx.Response) -> tuple[str, str] | None:
-    """The code and message of the API's error body, or None for any other body."""
+class _ApiError(NamedTuple):
+    """The API's error body (api/errors.py): its code, message, and the dependency an outage's 503 names."""
+
+    code: str
+    message: str
+    dependency: str | None
+
+
+def _api_error(response: httpx.Response) -> _ApiError | None:
+    """The API's error body, or None for any other body."""
     try:
         error = response.json()["error"]
-        return str(error["code"]), str(error["message"])
+        code, message = str(error["code"]), str(error["message"])
     except (ValueError, KeyError, TypeError):
         return None
+    dependency = error.get("dependency")
+    return _ApiError(code, message, None if dependency is None else str(dependency))
 
 
 def _error_message(response: httpx.Response) -> str:
     """The message of the API's error body, else the start of whatever answered (a proxy's page, say)."""
     error = _api_error(response)
-    return response.text[:200] if error is None else error[1]
+    return response.text[:200] if error is None else error.message
 
 
 def _poll(http: httpx.Client, path: str, document_id: str, timeout: float = 600.0) -> Outcome:
@@ -633,8 +643,8 @@ def _answer_code(response: httpx.Response) -> ErrorCode:
     """The code of the API's error answer; for a code this CLI does not know or a body not the API's (a proxy's
     page), the one its HTTP status stands for: a 4xx refuses the request, anything else is a failure."""
     error = _api_error(response)
-    if error is not None and error[0] in ErrorCode.__members__:
-        return ErrorCode[error[0]]
+    if error is not None and error.code in ErrorCode.__members__:
+        return ErrorCode[error.code]
     return ErrorCode.invalid_request if response.is_client_error else ErrorCode.internal
 
 

@@ -1,4 +1,5 @@
-"""The one error handler: every failure leaves as {"error": {"code", "message", "request_id"}}."""
+"""The one error handler: every failure leaves as {"error": {"code", "message", "request_id"}}, and an outage's 503 with
+its `dependency`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pydantic import BaseModel, Field
 from python_multipart.exceptions import MultipartParseError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import ErrorCode, GovragError, MasterKeyRefused, unavailable_dependency
+from core.errors import Dependency, ErrorCode, GovragError, MasterKeyRefused, unavailable_dependency
 from core.keystore import DepartmentKeyUnreadable
 from core.logs import exception_frames, request_id_var
 
@@ -35,6 +36,10 @@ class ErrorDetail(BaseModel):
     code: str = Field(description="what went wrong, e.g. invalid_request, unauthenticated, not_found, unavailable")
     message: str = Field(description="for people; never carries the request's content")
     request_id: str = Field(description="also in the X-Request-ID header and the service's log lines")
+    dependency: Dependency | None = Field(default=None, description=(
+        "on a 503 for an outage only (absent otherwise): the dependency that did not answer, by its fixed name; what "
+        "tells an outage, to retry once it is back, from a 503 whose cause is to fix (a master key refused), never "
+        "the message, which may be reworded"))
 
 
 class ErrorBody(BaseModel):
@@ -52,9 +57,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    """The JSON error body, with the request id."""
-    body = {"error": {"code": code, "message": message, "request_id": request_id_var.get()}}
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None, *,
+                   dependency: Dependency | None = None) -> JSONResponse:
+    """The JSON error body, with the request id, and the `dependency` an outage names."""
+    error = {"code": code, "message": message, "request_id": request_id_var.get()}
+    body = {"error": error if dependency is None else {**error, "dependency": dependency}}
     if status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return JSONResponse(status_code=status, content=body, headers=headers)
@@ -157,11 +164,12 @@ def crash_response(exc: Exception) -> JSONResponse:
 
     The API's request middleware calls this, inside the request's context; an exception handler for `Exception`
     would run outside it (no request id) and re-raise, which drops the client's keep-alive connection.
-    A database or vector store that cannot be reached is no bug: a 503 the client may retry, logged as a warning."""
+    A database or vector store that cannot be reached is no bug: a 503 the client may retry, naming it in `dependency`
+    (the one field a client tells an outage by), logged as a warning."""
     dependency = unavailable_dependency(exc)
     if dependency is not None:
         logger.warning("%s unavailable (%s)\n%s", dependency, type(exc).__name__, exception_frames(exc))
         return error_response(503, ErrorCode.unavailable.name, f"the {dependency} is unavailable; try again shortly",
-                              headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+                              headers={"Retry-After": str(RETRY_AFTER_SECONDS)}, dependency=dependency)
     logger.error("unhandled %s\n%s", type(exc).__name__, exception_frames(exc))
     return error_response(500, ErrorCode.internal.name, "internal error")

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
+from typing import Literal
 
 from sqlalchemy import exc as db_errors
 
@@ -274,11 +275,16 @@ class EmbeddedStoreHeld(StartRefused):
         self.path = path
 
 
+# What an outage names (`Unavailable`, `unavailable_dependency`): fixed names, safe to send to a client (the API's 503
+# carries one as its `dependency`), never an address nor an error's text.
+Dependency = Literal["database", "vector store", "identity provider", "broker", "blob volume", "temporary directory"]
+
+
 class Unavailable(Exception):
     """A service govrag depends on did not answer (the vector store server, ...): nothing is wrong with the request or
     the document, and the same call succeeds once it is back. The API answers 503; ingestion waits it out."""
 
-    def __init__(self, dependency: str) -> None:
+    def __init__(self, dependency: Dependency) -> None:
         super().__init__(f"the {dependency} is unavailable")
         self.dependency = dependency
 
@@ -288,7 +294,7 @@ _DATABASE_UNAVAILABLE = (db_errors.OperationalError, db_errors.InterfaceError, d
                          db_errors.DisconnectionError)
 
 
-def unavailable_dependency(exc: BaseException) -> str | None:
+def unavailable_dependency(exc: BaseException) -> Dependency | None:
     """Which dependency `exc` says is unreachable ("database", "vector store"), itself or through the failure it was
     raised from (`raise ... from`: the audit log's `unavailable` when the database goes as an event is written), or
     None for any other failure. Only the explicit cause is followed: a failure raised while handling an outage is no
@@ -303,7 +309,7 @@ def unavailable_dependency(exc: BaseException) -> str | None:
     return None
 
 
-def _named_outage(exc: BaseException) -> str | None:
+def _named_outage(exc: BaseException) -> Dependency | None:
     """The dependency `exc` itself says is unreachable, or None."""
     if isinstance(exc, Unavailable):
         return exc.dependency

@@ -835,21 +835,12 @@ def test_through_the_api_a_503_that_says_why_stops_the_run_saying_it(
     API at URL is unavailable", as if it were down, and to run again "once it is back". Now the stop line relays the
     API's own reason and code (client-safe: no key file path) and says to run again once that is fixed; the key file
     restored, the same command ingests the files."""
-    from core import crypto
-    from core.keystore import keystore_for
-    from core.settings import Settings
-
     api_url, token, _ = served_api
     monkeypatch.setenv("COLUMNS", "400")
-    settings = Settings(data_dir=tmp_path / "served")  # the served API's key file, read by its key store
-    key_file = settings.resolved_master_key_file
-    right = crypto.parse_master_keyring(key_file.read_text())
-    keystore_for(settings)._cache.clear()  # the hr key opened when it was made: as a replica that never opened it
-    with crypto.master_keyring_lock(key_file):
-        crypto.write_master_keyring(key_file, {1: crypto.new_key()})
     command = ["ingest", str(_three_files(tmp_path, "")), "--department", "hr", "--api-url", api_url,
                "--token", token]
-    assert main(command) == 1
+    with _served_master_key_replaced(tmp_path) as key_file:
+        assert main(command) == 1
     captured = capsys.readouterr()
     out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
     reason = ("the master key does not open the stored keys: restore the master key used to write them "
@@ -859,10 +850,68 @@ def test_through_the_api_a_503_that_says_why_stops_the_run_saying_it(
             "same command again once that is fixed") in err, err
     assert str(key_file) not in out + err and "Traceback" not in err
 
-    with crypto.master_keyring_lock(key_file):
-        crypto.write_master_keyring(key_file, right)
     assert main(command) == 0
     assert "ready: 3" in " ".join(capsys.readouterr().out.split())
+
+
+@contextmanager
+def _served_master_key_replaced(tmp_path: Path) -> Iterator[Path]:
+    """The `served_api`'s key file (under tmp_path/served) replaced by another key for the block, as under a running
+    replica, and restored after it: its path."""
+    from core import crypto
+    from core.keystore import keystore_for
+    from core.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "served")  # the served API's key file, read by its key store
+    key_file = settings.resolved_master_key_file
+    right = crypto.parse_master_keyring(key_file.read_text())
+    keystore_for(settings)._cache.clear()  # the hr key opened when it was made: as a replica that never opened it
+    with crypto.master_keyring_lock(key_file):
+        crypto.write_master_keyring(key_file, {1: crypto.new_key()})
+    try:
+        yield key_file
+    finally:
+        with crypto.master_keyring_lock(key_file):
+            crypto.write_master_keyring(key_file, right)
+
+
+@pytest.mark.parametrize(("cause", "reworded", "stopped"), [
+    ("its database away", "Die Datenbank antwortet nicht; bitte später erneut versuchen",
+     "stopped: the database is unavailable (2 files not attempted); run the same command again once it is back"),
+    ("its master key refused", "the master key is unavailable: restore the key file",
+     "stopped: the API at {api_url} answered 503 unavailable: the master key is unavailable: restore the key file (2 "
+     "files not attempted); run the same command again once that is fixed")])
+def test_through_the_api_a_503_is_told_by_its_dependency_field_never_by_its_message(
+        served_api: tuple[str, str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, cause: str, reworded: str, stopped: str) -> None:
+    """`govrag ingest --api-url` told an outage's 503 from the master key's by matching the API's message against
+    "the (.+?) is unavailable" and took the dependency's name from its text: the database's 503 reworded was said as
+    a cause to fix ("answered 503 unavailable: ..., once that is fixed"), and a master key's message worded so was
+    taken for an outage of "master key", to wait out. Now the API names an outage's dependency in its error body's
+    `dependency` and the CLI reads that alone: with every 503 message of the real API reworded, the database away
+    still stops the run as its outage (as in process) and the master key refused as the API's reason to fix."""
+    from api import errors
+
+    api_url, token, database = served_api
+    real_error_response = errors.error_response
+
+    def reworded_503(status: int, code: str, message: str, *args: object, **kwargs: object) -> object:
+        return real_error_response(status, code, reworded if status == 503 else message, *args, **kwargs)
+
+    monkeypatch.setattr(errors, "error_response", reworded_503)
+    monkeypatch.setenv("COLUMNS", "400")
+    command = ["ingest", str(_three_files(tmp_path, "")), "--department", "hr", "--api-url", api_url,
+               "--token", token]
+    if cause == "its database away":
+        allow_connections(database, False)  # the fixture allows them again
+        assert main(command) == 1
+    else:
+        with _served_master_key_replaced(tmp_path):
+            assert main(command) == 1
+    captured = capsys.readouterr()
+    out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
+    assert f"unavailable │ {reworded}" in out and "not attempted: 2" in out, out
+    assert stopped.format(api_url=api_url) in err, err
 
 
 @contextmanager

@@ -100,8 +100,12 @@ def test_openapi_documents_the_error_shape_the_api_sends(client: TestClient, iss
             ref = operation["responses"][status]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
             assert list(schemas[ref]["properties"]) == ["error"], (name, status)
             detail = schemas[ref]["properties"]["error"]["$ref"].rsplit("/", 1)[-1]
-            assert set(schemas[detail]["properties"]) == {"code", "message", "request_id"}, (name, status)
+            assert set(schemas[detail]["properties"]) == {"code", "message", "request_id", "dependency"}, (name, status)
+            assert set(schemas[detail]["required"]) == {"code", "message", "request_id"}, (name, status)
     assert "HTTPValidationError" not in schemas
+    named = schemas["ErrorDetail"]["properties"]["dependency"]["anyOf"][0]  # an outage's 503 only: fixed names
+    assert set(named["enum"]) == {"database", "vector store", "identity provider", "broker", "blob volume",
+                                  "temporary directory"}, named
 
 
 def test_only_platform_admins_create_departments(client: TestClient, issue_token: Callable[..., str]) -> None:
