@@ -594,8 +594,8 @@ def _api_error(response: httpx.Response) -> _ApiError | None:
         code, message = str(error["code"]), str(error["message"])
     except (ValueError, KeyError, TypeError):
         return None
-    dependency = error.get("dependency")
-    return _ApiError(code, message, None if dependency is None else str(dependency))
+    dependency = error.get("dependency")  # a name, or absent: anything else names nothing
+    return _ApiError(code, message, dependency if isinstance(dependency, str) and dependency else None)
 
 
 def _error_message(response: httpx.Response) -> str:

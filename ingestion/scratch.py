@@ -32,7 +32,7 @@ from pathlib import Path
 from types import FrameType
 
 from core import forksafe
-from core.errors import Unavailable
+from core.errors import Dependency, Unavailable
 from ingestion import legacy_office, sandbox
 
 PREFIX = "govrag-tmp-"
@@ -40,7 +40,7 @@ PREFIX = "govrag-tmp-"
 LEGACY_PREFIXES = ("govrag-pandoc-", "govrag-soffice-")
 LEGACY_AGE_SECONDS = 24 * 60 * 60  # far past any conversion: each is killed at the parse time limit (default 120 s)
 # What a parse whose directory was removed under it (`parsing`) says is unavailable: the host's fault, not the file's
-DEPENDENCY = "temporary directory"
+DEPENDENCY: Dependency = "temporary directory"
 SIGTERM_AGAIN_SECONDS = 0.05  # a SIGTERM met as a program starts is sent again this much later (`_sent_again_later`)
 
 # Reentrant: a SIGTERM handled on the main thread (`removed_on_sigterm`) may find it held by that thread, inside
