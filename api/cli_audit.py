@@ -248,7 +248,7 @@ def verify_export(args: argparse.Namespace) -> int:
             with operator_session() as session:
                 result = audit_service.verify_export(export_file=export_file, settings=settings, session=session,
                                                      deployment_id=args.deployment_id)
-        copy = Path(args.file).with_name(Path(args.file).name + ".manifest.json")
+        copy = _manifest_path(Path(args.file))
         if result.ok and copy.is_file():  # none beside it (an export from the API, or moved alone): not checked
             with copy.open("rb") as side:
                 result = check_manifest_copy(result, export_file, side)
@@ -411,7 +411,7 @@ def _written_whole(path: Path) -> Iterator[_Output]:
     that fails (a full disk), is interrupted (Ctrl-C, from the moment a hidden file is made) or is refused leaves no
     hidden file, and `path` and its manifest as they were; of two writes of one path, the one renamed last is the
     file, whole. A refused rename (`path` made a folder meanwhile) names `path`, never the hidden file."""
-    manifest_path = path.with_name(path.name + ".manifest.json")
+    manifest_path = _manifest_path(path)
     hidden: list[str] = []
     try:
         with _hidden_file(path, hidden) as handle:
@@ -465,6 +465,11 @@ def _said_of(path: Path) -> Iterator[None]:
 def _a_folder(path: Path) -> IsADirectoryError:
     """What an export to `path`, a folder, fails with."""
     return IsADirectoryError(errno.EISDIR, "a folder, not a file (give a file's path)", str(path))
+
+
+def _manifest_path(path: Path) -> Path:
+    """Where a file export's manifest is written beside it, and where verify-export looks for it."""
+    return path.with_name(path.name + ".manifest.json")
 
 
 def _write_manifest(handle: TextIO, last_line: str) -> None:
