@@ -74,6 +74,7 @@ _PORT_REFUSAL = f"{NO_USABLE_PORT} ({_ENCODE_CREDENTIALS})"
 _STRAY_AT_REFUSAL = f"holds an @ after its host ({_ENCODE_CREDENTIALS})"
 # A `/` or a blank in a database URL's user information, which SQLAlchemy reads in it, but the log mask does not.
 _UNMASKABLE_CREDENTIALS = re.compile(r"[/\s]")
+_URL_AUTHORITY_END = re.compile(r"[/?#]")
 _UNMASKABLE_CREDENTIALS_REFUSAL = ("holds a / or a blank in its user name or password, which the logs would show: "
                                    "write each / as %2F and each space as %20 (a tab as %09) in the URL; the password "
                                    "itself stays as it is")
@@ -432,9 +433,11 @@ def service_url(url: str, schemes: Mapping[str, bool], forms: str) -> str:
         raise ValueError(_PORT_REFUSAL)
     if schemes[parts.scheme] and not parts.hostname:
         raise ValueError(f"names no host ({forms})")
-    if parts.scheme in _REDIS_SCHEMES and not _REDIS_DATABASE_PATH.fullmatch(parts.path):
-        raise ValueError(f"names a Redis database that is not a number (/0, /1, ...): use {forms}")
+    # the user information as written: urlsplit drops a tab or a newline, which the logged URL keeps
+    _require_maskable_credentials(_URL_AUTHORITY_END.split(url.partition("://")[2], maxsplit=1)[0].rpartition("@")[0])
     if parts.scheme in _REDIS_SCHEMES:
+        if not _REDIS_DATABASE_PATH.fullmatch(parts.path):
+            raise ValueError(f"names a Redis database that is not a number (/0, /1, ...): use {forms}")
         _require_redis_query(parts.query, tls=parts.scheme == "rediss", forms=forms)
     return parts.scheme + url[len(parts.scheme):]
 
@@ -459,6 +462,14 @@ def _require_redis_query(query: str, *, tls: bool, forms: str) -> None:
         if not values.fullmatch(value):
             raise ValueError(f"gives the query parameter {name} a value other than {described}")
         named.add(name)
+
+
+def _require_maskable_credentials(userinfo: str) -> None:
+    """ValueError unless a URL's user name and password hold no '/' or blank: the clients (SQLAlchemy, redis-py,
+    httpx) read either as part of them, but the log mask (reading a URL as RFC 3986 does, a blank ending it) ends the
+    password there, and the URL was logged unmasked."""
+    if _UNMASKABLE_CREDENTIALS.search(userinfo):
+        raise ValueError(_UNMASKABLE_CREDENTIALS_REFUSAL)
 
 
 def _quoted_name(name: str) -> str:
@@ -503,10 +514,7 @@ def _require_database_driver(url: str) -> None:
     # a user name all of it, password and all, in a server database's name (quoted by the server's "does not exist").
     if "@" in (parsed.host or "") or (parsed.host and "@" in (parsed.database or "")):
         raise ValueError(_STRAY_AT_REFUSAL)
-    # SQLAlchemy reads a '/' or a blank in a password as part of it, but the log mask (reading a URL as RFC 3986 does,
-    # a blank ending it) ends the password there: the URL was logged unmasked.
-    if _UNMASKABLE_CREDENTIALS.search(authority["userinfo"] or ""):
-        raise ValueError(_UNMASKABLE_CREDENTIALS_REFUSAL)
+    _require_maskable_credentials(authority["userinfo"] or "")
     try:
         parsed.get_dialect().import_dbapi()
     except (db_errors.NoSuchModuleError, ImportError):

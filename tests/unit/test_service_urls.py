@@ -177,6 +177,27 @@ def test_a_database_url_whose_credentials_the_log_mask_cannot_read_is_refused(ur
 
 
 @pytest.mark.parametrize("breaker", sorted(URL_BREAKERS + "\n"))
+@pytest.mark.parametrize(("setting", "url"), [("broker_url", "redis://{userinfo}@redis:6379/0"),
+                                              ("qdrant_url", "https://{userinfo}@qdrant:6333"),
+                                              ("otel_exporter_otlp_endpoint", "http://{userinfo}@otel:4318/v1/traces")])
+def test_a_service_url_the_settings_take_is_logged_with_its_credentials_masked(setting: str, url: str,
+                                                                                breaker: str) -> None:
+    """As for the database URL: a service URL whose password held a blank (`redis://u:pa ss@redis`, a tab too, which
+    urlsplit drops but the logged URL keeps) was taken and logged unmasked. Whatever character a user name or password
+    holds unencoded, a service URL the settings take comes out of the log mask without a piece of either."""
+    for user, password in (("u5er9x", f"s3c{breaker}r3t"), ("u5er9x", f"{breaker}s3cr3t"),
+                           ("u5er9x", f"s3cr3t{breaker}"), (f"u5e{breaker}r9x", "s3cr3t")):
+        written = url.format(userinfo=f"{user}:{password}")
+        try:
+            Settings(**{setting: written})
+        except ValidationError as refused:
+            assert not any(piece in str(refused) for piece in ("u5e", "r9x", "s3c", "r3t")), written
+            continue
+        assert not any(piece in mask(f"connecting to {written} failed") for piece in ("u5e", "r9x", "s3c", "r3t")), \
+            written
+
+
+@pytest.mark.parametrize("breaker", sorted(URL_BREAKERS + "\n"))
 def test_a_database_url_the_settings_take_is_logged_with_its_credentials_masked(breaker: str) -> None:
     """Whatever character a user name or password holds unencoded, a database URL the settings take (as SQLAlchemy
     reads it) comes out of the log mask without a piece of either: the URL is refused, or masked whole."""
