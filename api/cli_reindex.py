@@ -110,8 +110,6 @@ def _reindex_department(session: Session, settings: Settings, args: argparse.Nam
     from ingestion import reindex as reindexing
     from ingestion.quarantine import Reindex
 
-    if args.dry_run:
-        _begin_read_only(session)
     if not _selection(args):
         return _queue(session, settings, args, department, None), frozenset()
     found = reindexing.outdated(session=session, settings=settings, department=department, unbound=args.unbound,
@@ -123,11 +121,11 @@ def _reindex_department(session: Session, settings: Settings, args: argparse.Nam
 
 
 def _begin_read_only(session: Session) -> None:
-    """Begin the dry run's transaction for a department: on PostgreSQL read only, so a write or a row lock the plan
+    """Begin a dry run's plan of a department: on PostgreSQL read only, so a write or a row lock the plan
     took by mistake fails the command instead of holding a row, and on one snapshot (REPEATABLE READ), so the
     documents listed and their runs are read as they stood together (a run ending between the two reads would
     otherwise have its document planned as skipped, which the real queueing never does with one)."""
-    session.rollback()  # the transaction that read the departments, or the previous department's
+    session.rollback()  # the transaction that read the departments (and the outdated documents), or the previous one
     if session.get_bind().dialect.name == "postgresql":  # applied as the transaction's connection is taken
         session.connection(execution_options={"isolation_level": "REPEATABLE READ", "postgresql_readonly": True})
 
@@ -143,6 +141,7 @@ def _queue(session: Session, settings: Settings, args: argparse.Namespace, depar
         return reindexing.queue_audited(session=session, settings=settings, identity=actor(args),
                                         department=department, document_ids=document_ids,
                                         serve_previous=args.serve_previous, selection=_selection(args) or None)
+    _begin_read_only(session)  # here, not before `outdated`: its scan of the vector store holds no snapshot open
     try:
         return quarantine.plan_reindex(session=session, settings=settings, department=department,
                                        document_ids=document_ids)
