@@ -73,7 +73,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(GovragError)
     async def _govrag(_request: Request, exc: GovragError) -> JSONResponse:
-        return error_response(exc.code.status, exc.code.name, exc.message)
+        # The audit log's `unavailable` raised from the database going as an event is written is that outage's 503.
+        return _outage_response(exc) or error_response(exc.code.status, exc.code.name, exc.message)
 
     @app.exception_handler(MasterKeyRefused)
     async def _master_key(_request: Request, exc: MasterKeyRefused) -> JSONResponse:
@@ -166,10 +167,19 @@ def crash_response(exc: Exception) -> JSONResponse:
     would run outside it (no request id) and re-raise, which drops the client's keep-alive connection.
     A database or vector store that cannot be reached is no bug: a 503 the client may retry, naming it in `dependency`
     (the one field a client tells an outage by), logged as a warning."""
-    dependency = unavailable_dependency(exc)
-    if dependency is not None:
-        logger.warning("%s unavailable (%s)\n%s", dependency, type(exc).__name__, exception_frames(exc))
-        return error_response(503, ErrorCode.unavailable.name, f"the {dependency} is unavailable; try again shortly",
-                              headers={"Retry-After": str(RETRY_AFTER_SECONDS)}, dependency=dependency)
+    if (outage := _outage_response(exc)) is not None:
+        return outage
     logger.error("unhandled %s\n%s", type(exc).__name__, exception_frames(exc))
     return error_response(500, ErrorCode.internal.name, "internal error")
+
+
+def _outage_response(exc: Exception) -> JSONResponse | None:
+    """The 503 of every outage the API answers: `exc` (or what it was raised from) says a dependency is unreachable
+    (`unavailable_dependency`), named in `dependency`, with Retry-After, logged as a warning; None for any other
+    failure."""
+    dependency = unavailable_dependency(exc)
+    if dependency is None:
+        return None
+    logger.warning("%s unavailable (%s)\n%s", dependency, type(exc).__name__, exception_frames(exc))
+    return error_response(503, ErrorCode.unavailable.name, f"the {dependency} is unavailable; try again shortly",
+                          headers={"Retry-After": str(RETRY_AFTER_SECONDS)}, dependency=dependency)

@@ -85,6 +85,35 @@ def _assert_outage(response: httpx.Response, dependency: str) -> None:
     assert response.headers["retry-after"] == "5"
 
 
+@pytest.mark.parametrize("event", ["retrieval", "admin"])
+def test_the_database_going_as_the_audit_log_writes_an_event_is_the_database_outage_s_503(
+        outage: dict[str, object], monkeypatch: pytest.MonkeyPatch, event: str) -> None:
+    """The audit log's own `unavailable`, raised from the database going as it wrote the event (a query's, an admin
+    action's), was a 503 without `dependency` or Retry-After: to a client, a cause to fix rather than an outage to
+    wait out. It is now the database outage's 503, and the same request succeeds once the database is back. Real
+    PostgreSQL: the database stops taking connections as the event is added."""
+    from audit import repository
+
+    client, editor = outage["client"], outage["editor"]
+    assert isinstance(client, TestClient) and isinstance(editor, dict)
+    admin = auth(client.app.state.dev_issuer.issue(PLATFORM_ADMIN, []))  # type: ignore[attr-defined]
+    path, headers, body, status = {
+        "retrieval": ("/v1/query", editor, {"question": "When does the desk open?"}, 200),
+        "admin": ("/v1/admin/departments", admin, {"name": "front"}, 201)}[event]
+    real_add_events = repository.add_events
+
+    def added_as_the_database_goes(*args: object) -> None:
+        allow_connections(str(outage["database"]), False)
+        real_add_events(*args)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as going:
+        going.setattr(repository, "add_events", added_as_the_database_goes)
+        response = client.post(path, headers=headers, json=body)
+    allow_connections(str(outage["database"]), True)
+    _assert_outage(response, "database")
+    assert client.post(path, headers=headers, json=body).status_code == status
+
+
 @contextmanager
 def _blob_volume_unmounted(blob_dir: Path) -> Iterator[None]:
     """The blob directory gone for the block, as with its volume not mounted; back (mounted again) after it."""
