@@ -73,8 +73,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(GovragError)
     async def _govrag(_request: Request, exc: GovragError) -> JSONResponse:
-        # The audit log's `unavailable` raised from the database going as an event is written is that outage's 503.
-        return _outage_response(exc) or error_response(exc.code.status, exc.code.name, exc.message)
+        # One raised from an outage (the audit log's `unavailable` when the database goes as an event is written) is
+        # that outage's 503, whatever its code, as the CLI and a worker tell it (`unavailable_dependency`).
+        if (outage := _outage_response(exc)) is not None:
+            return outage
+        return error_response(exc.code.status, exc.code.name, exc.message)
 
     @app.exception_handler(MasterKeyRefused)
     async def _master_key(_request: Request, exc: MasterKeyRefused) -> JSONResponse:
