@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 
+import redis
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from audit import repository
-from core import forksafe, metrics
+from core import broker, forksafe, metrics
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -62,15 +63,12 @@ def _refresh_kill_switch(session: Session, settings: Settings) -> None:
 
 
 def _refresh_queue_depth(settings: Settings) -> None:
+    """The job queue's length in the broker's Redis; a Redis down, or not answering within
+    `broker_socket_timeout_seconds`, leaves the gauge as it was."""
     if not settings.broker_url.startswith(("redis://", "rediss://")):
         return
     try:
-        import redis
-
-        client = redis.Redis.from_url(settings.broker_url, socket_timeout=1)
-        try:
+        with broker.redis_client(settings) as client:
             metrics.QUEUE_DEPTH.labels(queue=settings.task_queue).set(client.llen(settings.task_queue))
-        finally:
-            client.close()
     except redis.RedisError:
         logger.warning("metrics: queue depth unavailable")

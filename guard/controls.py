@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from audit import service as audit_service
 from audit.schemas import AdminEventType
 from authz.identity import SYSTEM_PREFIX, Identity
-from core import forksafe, metrics
+from core import broker, forksafe, metrics
 from core.settings import Settings
 from guard import repository
 from guard.firewall import GuardMode
@@ -164,8 +164,8 @@ class _RedisTripCounter:
     """Guard hits per department in the last minute, shared by every replica: a Redis sorted set of hit times
     (older ones trimmed on each hit) that expires a minute after the last hit."""
 
-    def __init__(self, redis_url: str, namespace: str) -> None:
-        self._client = redis.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
+    def __init__(self, client: redis.Redis, namespace: str) -> None:
+        self._client = client
         self._namespace = namespace
 
     def _key(self, department: str) -> str:
@@ -187,7 +187,7 @@ class _RedisTripCounter:
 
 
 _TRIPS = _TripWindow()
-_REDIS_COUNTERS: dict[tuple[str, str], _RedisTripCounter] = {}
+_REDIS_COUNTERS: dict[tuple[str, float, str], _RedisTripCounter] = {}
 _REDIS_COUNTERS_LOCK = forksafe.lock()
 forksafe.rebuilt_in_child(_REDIS_COUNTERS)  # a forked child makes its own Redis connections
 
@@ -199,9 +199,9 @@ def _trip_counter(settings: Settings) -> _TripWindow | _RedisTripCounter:
     # One deployment = one database: replicas of it share counters, other deployments on the same Redis do not.
     namespace = hashlib.sha256(settings.resolved_database_url.encode()).hexdigest()[:16]
     with _REDIS_COUNTERS_LOCK:
-        key = (settings.broker_url, namespace)
+        key = (settings.broker_url, settings.broker_socket_timeout_seconds, namespace)
         if key not in _REDIS_COUNTERS:
-            _REDIS_COUNTERS[key] = _RedisTripCounter(settings.broker_url, namespace)
+            _REDIS_COUNTERS[key] = _RedisTripCounter(broker.redis_client(settings), namespace)
         return _REDIS_COUNTERS[key]
 
 

@@ -8,6 +8,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from celery import Celery
 
+from core import broker
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -56,8 +57,7 @@ def _transport_options(settings: Settings) -> dict[str, float]:
     left unsent for the sweep (workers/dispatch.py)."""
     options: dict[str, float] = {"visibility_timeout": settings.broker_visibility_timeout}
     if settings.broker_url.startswith(("redis://", "rediss://")):
-        options |= {"socket_timeout": settings.broker_socket_timeout_seconds,
-                    "socket_connect_timeout": settings.broker_socket_timeout_seconds}
+        options |= broker.socket_timeouts(settings)
     return options
 
 

@@ -141,6 +141,19 @@ def test_redis_down_one_hit_after_an_admin_reset_does_not_retrip(tmp_path: Path)
     assert _one_hit_after_a_reset(down) == ([], KillMode.normal)
 
 
+def test_the_shared_counter_gives_up_on_redis_after_the_broker_socket_timeout(tmp_path: Path) -> None:
+    """The counter had a fixed 1 s timeout whatever `broker_socket_timeout_seconds` said. Redis unreachable, a hit is
+    still counted (in this process) and the department still trips: the query is never failed for the counter."""
+    url = f"sqlite:///{tmp_path / 'down.db'}"
+    migrate.upgrade(url)
+    down = Settings(data_dir=tmp_path, database_url=url, broker_url="redis://127.0.0.1:9/0",
+                    broker_socket_timeout_seconds=4.5, guard_auto_trip_per_minute=2)
+    kwargs = controls._trip_counter(down)._client.connection_pool.connection_kwargs  # type: ignore[union-attr]
+    assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (4.5, 4.5)
+    department = f"down{uuid.uuid4().hex[:6]}"
+    assert [_hit(down, department) for _ in range(2)] == [[], [department]]
+
+
 def test_a_scope_that_is_no_department_is_refused_and_nothing_is_stored(client: TestClient,
                                                                        issue_token: Callable[..., str]) -> None:
     """A responder's typo ('finanse' for 'finance') must not answer 200 while nothing is switched off."""

@@ -1,0 +1,37 @@
+"""govrag's own redis-py clients of the broker (the guard's shared counters, the queue-depth metric) give up on a
+Redis after `broker_socket_timeout_seconds`, as Celery's connections do: they had a fixed 1 s per socket operation
+(and the metric's connection attempt redis-py's own 5 s), whatever the setting said."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+
+from core import broker
+from core.settings import Settings
+from tests.conftest import REDIS_URL
+from workers.celery_app import create_celery
+
+UNREACHABLE = "redis://127.0.0.1:9/0"  # the discard port: nothing listens, the connection is refused at once
+
+
+def _settings(tmp_path: Path, url: str) -> Settings:
+    return Settings(data_dir=tmp_path / "data", broker_url=url, broker_socket_timeout_seconds=4.5)
+
+
+def test_a_broker_client_gives_up_after_the_setting_as_celery_does(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, REDIS_URL)
+    with broker.redis_client(settings) as client:
+        kwargs = client.connection_pool.connection_kwargs
+        assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (4.5, 4.5)
+        assert client.ping()
+    celery = create_celery(settings).conf.broker_transport_options
+    assert (celery["socket_timeout"], celery["socket_connect_timeout"]) == (4.5, 4.5)
+
+
+def test_a_broker_client_of_an_unreachable_redis_raises_what_its_callers_catch(tmp_path: Path) -> None:
+    """A RedisError, which the guard's counter and the metric catch (counting in this process, the gauge left)."""
+    with broker.redis_client(_settings(tmp_path, UNREACHABLE)) as client, pytest.raises(redis.ConnectionError):
+        client.ping()
