@@ -206,13 +206,16 @@ def _trip_counter(settings: Settings) -> _TripWindow | _RedisTripCounter:
 
 
 def record_guard_hit(*, session: Session, settings: Settings, departments: list[str], kind: str) -> list[str]:
-    """Count a blocked injection or output-guard hit; departments over the limit go to retrieval_only."""
+    """Count a blocked injection or output-guard hit; departments over the limit go to retrieval_only. Once Redis
+    fails, the hit's further departments count in this process: a hung Redis holds the query for a socket timeout
+    once, not once per department it searched."""
     metrics.GUARD_HITS.labels(kind=kind).inc()
     limit, tripped = settings.guard_auto_trip_per_minute, []
     if limit <= 0:
         return tripped
+    counter = _trip_counter(settings)
     for department in departments:
-        count, counter = _count(_trip_counter(settings), department)
+        count, counter = _count(counter, department)
         if count >= limit and kill_mode(
                 session=session, settings=settings, departments=[department]) is KillMode.normal \
                 and _claim(counter, department) and _trip(session, settings, department, limit):

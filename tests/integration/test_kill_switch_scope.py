@@ -3,11 +3,14 @@ and no department may take the name of the global scope."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -36,9 +39,9 @@ def _department(client: TestClient, admin: str) -> str:
     return name
 
 
-def _hit(settings: Settings, department: str) -> list[str]:
+def _hit(settings: Settings, *departments: str) -> list[str]:
     with unit_of_work(settings.resolved_database_url) as session:
-        return controls.record_guard_hit(session=session, settings=settings, departments=[department],
+        return controls.record_guard_hit(session=session, settings=settings, departments=list(departments),
                                          kind="firewall")
 
 
@@ -152,6 +155,32 @@ def test_the_shared_counter_gives_up_on_redis_after_the_broker_socket_timeout(tm
     assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (4.5, 4.5)
     department = f"down{uuid.uuid4().hex[:6]}"
     assert [_hit(down, department) for _ in range(2)] == [[], [department]]
+
+
+def _drop_connections(server: socket.socket, tries: list[int]) -> None:
+    """A Redis that takes each connection and drops it at once, counting them, until the server closes."""
+    with contextlib.suppress(OSError):
+        while True:
+            connection, _ = server.accept()
+            tries.append(1)
+            connection.close()
+
+
+def test_a_hit_tries_redis_once_not_once_per_department(tmp_path: Path) -> None:
+    """Each try of a hung Redis holds the query `broker_socket_timeout_seconds`: a blocked query searching many
+    departments tried it once per department (20 of them, a minute at the default 3 s, one of the API's few threads
+    held throughout). Once Redis fails, the hit's other departments count in this process, and all still trip."""
+    url = f"sqlite:///{tmp_path / 'drop.db'}"
+    migrate.upgrade(url)
+    server = socket.create_server(("127.0.0.1", 0))
+    tries: list[int] = []
+    threading.Thread(target=_drop_connections, args=(server, tries), daemon=True).start()
+    dropping = Settings(data_dir=tmp_path, database_url=url, guard_auto_trip_per_minute=2,
+                        broker_url=f"redis://127.0.0.1:{server.getsockname()[1]}/0")
+    departments = [f"drop{uuid.uuid4().hex[:6]}" for _ in range(3)]
+    assert (_hit(dropping, *departments), len(tries)) == ([], 1)
+    assert (_hit(dropping, *departments), len(tries)) == (departments, 2)
+    server.close()
 
 
 def test_a_scope_that_is_no_department_is_refused_and_nothing_is_stored(client: TestClient,
