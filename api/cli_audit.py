@@ -11,7 +11,6 @@ import errno
 import functools
 import getpass
 import json
-import logging
 import os
 import secrets
 import shutil
@@ -37,8 +36,6 @@ from core.crypto import sync_folder
 from core.db import get_session_factory
 from core.errors import ErrorCode, GovragError, making_files_in
 from core.settings import get_settings
-
-logger = logging.getLogger(__name__)
 
 EXIT_UNVERIFIED = 3  # `govrag audit verify`: the ledger fails verification (told apart from an outage's 1)
 
@@ -310,20 +307,12 @@ def _exported(args: argparse.Namespace, recorded_as: AdminEventType, lines: Call
 
 
 def _record_failed(args: argparse.Namespace, export_type: AdminEventType, error: BaseException) -> None:
-    """An `export_failed` event after the export event of `export_type`, by the same actor and department, naming
-    the failure by its errno name or class (never a path); when it cannot be recorded (the database lost), a warning
-    says so and the export's own failure is what the command says."""
+    """An `export_failed` event after the export event of `export_type`, by the same actor and department
+    (`audit.service.record_export_failed`, which the API's export records its own with)."""
     from audit import service as audit_service
 
-    cause = errno.errorcode.get(error.errno, "") if isinstance(error, OSError) and error.errno else ""
-    try:
-        with operator_session() as session:
-            audit_service.record_admin_event(session=session, identity=actor(args),
-                                             event_type=AdminEventType.export_failed, department=args.department,
-                                             settings=get_settings(), details={"export": export_type.value,
-                                                                               "error": cause or type(error).__name__})
-    except Exception as unrecorded:
-        logger.warning("the failed export could not be recorded as failed (%s)", type(unrecorded).__name__)
+    audit_service.record_export_failed(settings=get_settings(), identity=actor(args), export_type=export_type,
+                                       departments=[args.department] if args.department else [], failure=error)
 
 
 @reported

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from authz import service as authz_service
 from authz.identity import Identity, is_platform_admin
 from core import forksafe, metrics
 from core.batching import MicroBatcher
+from core.db import unit_of_work
 from core.errors import ErrorCode, GovragError
 from core.logs import mask, mask_secrets, request_id_var
 from core.models import AuditCheckpoint, RetrievalEvent, utcnow
@@ -37,6 +40,9 @@ from core.settings import Settings
 from guard.pii import get_redactor
 
 AUDIT_UNAVAILABLE = "the audit log is unavailable; no answer without an audit record"
+CLIENT_DISCONNECTED = "client_disconnected"  # an export streamed by the API whose caller went away before its end
+
+logger = logging.getLogger(__name__)
 
 
 def mask_questions(questions: list[str]) -> list[str]:
@@ -208,12 +214,40 @@ def export_events(*, session: Session, settings: Settings, identity: Identity, s
     signer = integrity.signer_for(settings, session)  # before the export is recorded: no key, no export
     through_id = repository.max_event_id(session)
     record_admin_event(session=session, identity=identity, event_type=AdminEventType.export,
-                       departments=[filters.department] if filters.department else sorted(scope or []),
-                       settings=settings,
+                       departments=export_departments(filters, scope), settings=settings,
                        details={"format": fmt.value, "filters": export.filters_as_dict(filters),
                                 "through_event_id": through_id, "scope": sorted(scope) if scope else "*"})
     rows = export.select_rows(session=session, departments=scope, filters=filters, through_id=through_id)
     return export.render(rows, fmt, filters=filters, through_id=through_id, departments=scope, signer=signer)
+
+
+def export_departments(filters: ExportFilters, scope: set[str] | None) -> list[str]:
+    """The departments an export's events (`export`, and its `export_failed`) are recorded in: the one it is filtered
+    to, else those of its scope (none: global)."""
+    return [filters.department] if filters.department else sorted(scope or [])
+
+
+def record_export_failed(*, settings: Settings, identity: Identity, export_type: AdminEventType,
+                         departments: list[str], failure: BaseException | str) -> None:
+    """An `export_failed` event after the export event of `export_type`, by the same identity in the same
+    departments, naming the failure: a fixed reason as given (`CLIENT_DISCONNECTED`), else an error's errno name or
+    class, never a path nor any data. Written in a session of its own: the export's may be what failed (its
+    connection lost). When it cannot be recorded (the database lost), a warning says so and the caller says the
+    export's own failure."""
+    details = {"export": export_type.value, "error": _failure_name(failure)}
+    try:
+        with unit_of_work(settings.resolved_database_url) as session:
+            record_admin_event(session=session, identity=identity, event_type=AdminEventType.export_failed,
+                               departments=departments, settings=settings, details=details)
+    except Exception as unrecorded:
+        logger.warning("the failed export could not be recorded as failed (%s)", type(unrecorded).__name__)
+
+
+def _failure_name(failure: BaseException | str) -> str:
+    if isinstance(failure, str):
+        return failure
+    named = errno.errorcode.get(failure.errno, "") if isinstance(failure, OSError) and failure.errno else ""
+    return named or type(failure).__name__
 
 
 def verify_export(*, export_file: BinaryIO, settings: Settings, session: Session | None,

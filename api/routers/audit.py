@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+from starlette.types import Message, Receive, Scope, Send
 
 from api.deps import CurrentUser, EnforcerDep, SessionDep, SettingsDep
 from audit import service as audit_service
 from audit.export import MEDIA_TYPES
 from audit.schemas import (
+    AdminEventType,
     Decision,
     EventType,
     ExportFilters,
@@ -36,14 +43,48 @@ def export_retrievals(session: SessionDep, settings: SettingsDep, enforcer: Enfo
                       department: DepartmentName | None = None, decision: Decision | None = None,
                       document_id: Annotated[str | None, Query(max_length=DOCUMENT_ID_CHARS)] = None,
                       event_type: EventType | None = None) -> StreamingResponse:
-    """Stream ledger events of the departments where the caller holds `compliance`, closed by a manifest line."""
+    """Stream ledger events of the departments where the caller holds `compliance`, closed by a manifest line; a
+    stream cut off before its end is recorded as failed (`_ExportStream`)."""
     filters = ExportFilters(since=since, until=until, subject=subject, department=department,
                             decision=decision.value if decision else None, document_id=document_id,
                             event_type=event_type.value if event_type else None)
     scope = audit_service.compliance_scope(session=session, settings=settings, enforcer=enforcer, identity=user)
     rows = audit_service.export_events(session=session, settings=settings, identity=user, scope=scope,
                                        filters=filters, fmt=fmt)
-    return StreamingResponse(rows, media_type=MEDIA_TYPES[fmt])
+    record_failed = functools.partial(audit_service.record_export_failed, settings=settings, identity=user,
+                                      export_type=AdminEventType.export,
+                                      departments=audit_service.export_departments(filters, scope))
+    return _ExportStream(rows, media_type=MEDIA_TYPES[fmt], record_failed=record_failed)
+
+
+class _ExportStream(StreamingResponse):
+    """An export's rows, streamed. The export is recorded before its first row is read; a stream that then does not
+    send its end (the caller gone: `CLIENT_DISCONNECTED`; its rows failing midway, the database lost: the error) is
+    recorded as failed with `record_failed(failure=...)`, so the ledger never says an export was made that nobody
+    received whole."""
+
+    def __init__(self, rows: Iterator[str], *, media_type: str, record_failed: Callable[..., None]) -> None:
+        super().__init__(rows, media_type=media_type)
+        self._record_failed = record_failed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ended = False
+
+        async def sending(message: Message) -> None:
+            nonlocal ended
+            await send(message)
+            ended = message["type"] == "http.response.body" and not message.get("more_body", False)
+
+        failure: BaseException | str = audit_service.CLIENT_DISCONNECTED
+        try:
+            await super().__call__(scope, receive, sending)
+        except BaseException as error:
+            failure = audit_service.CLIENT_DISCONNECTED if isinstance(error, ClientDisconnect) else error
+            raise
+        finally:
+            if not ended:
+                with anyio.CancelScope(shield=True):  # recorded even when the server cancels the response
+                    await run_in_threadpool(self._record_failed, failure=failure)
 
 
 DEPLOYMENT_PIN = ("the deployment id the database must record (the one `deployment_id` said when it was noted): "

@@ -144,6 +144,7 @@ def test_export_is_scoped_to_compliance_departments_and_audited(client: TestClie
     exports, _ = _export(client, scene["officer_token"], user=scene["officer"], event_type="export")
     assert len(exports) >= 2 and exports[0]["decision"] == "admin"
     assert exports[-1]["details"]["format"] == "jsonl"
+    assert _export(client, scene["officer_token"], user=scene["officer"], event_type="export_failed")[0] == []
 
 
 def test_an_answered_event_goes_only_to_the_departments_it_searched(client: TestClient, scene: dict[str, str],
