@@ -44,7 +44,8 @@ def export_retrievals(session: SessionDep, settings: SettingsDep, enforcer: Enfo
                       document_id: Annotated[str | None, Query(max_length=DOCUMENT_ID_CHARS)] = None,
                       event_type: EventType | None = None) -> StreamingResponse:
     """Stream ledger events of the departments where the caller holds `compliance`, closed by a manifest line; a
-    stream cut off before its end is recorded as failed (`_ExportStream`)."""
+    stream cut off before its end (the caller gone, the database lost) is followed in the ledger by an
+    `export_failed` event."""
     filters = ExportFilters(since=since, until=until, subject=subject, department=department,
                             decision=decision.value if decision else None, document_id=document_id,
                             event_type=event_type.value if event_type else None)
@@ -61,7 +62,9 @@ class _ExportStream(StreamingResponse):
     """An export's rows, streamed. The export is recorded before its first row is read; a stream that then does not
     send its end (the caller gone: `CLIENT_DISCONNECTED`; its rows failing midway, the database lost: the error) is
     recorded as failed with `record_failed(failure=...)`, so the ledger never says an export was made that nobody
-    received whole."""
+    received whole. Under ASGI 2.4 a send to a caller gone raises (Starlette's `ClientDisconnect`); under 2.3 (uvicorn)
+    it is dropped silently, and Starlette's disconnect listener cancels the stream at its next read, so the last body
+    message sent there is one handed to the connection while the caller was still on it."""
 
     def __init__(self, rows: Iterator[str], *, media_type: str, record_failed: Callable[..., None]) -> None:
         super().__init__(rows, media_type=media_type)
