@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,7 +41,8 @@ def _main(argv: list[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.run(args) or 0)
+        with _request_id_of_its_own(args):
+            return int(args.run(args) or 0)
     except ValidationError as refused:
         if refused.title != "Settings":
             raise
@@ -52,6 +56,24 @@ def _main(argv: list[str] | None) -> int:
             raise
         print(f"govrag: {stop.line}", file=sys.stderr)
         return stop.exit_code
+
+
+@contextmanager
+def _request_id_of_its_own(args: argparse.Namespace) -> Iterator[None]:
+    """A command run under a request id of its own, `cli-` and 32 hex digits (an API request's are the 32 digits):
+    every ledger event it records (an export and its `export_failed`, a key rotation, ...) and every log line it
+    writes carries it, telling one run from another by the same actor. `serve` and `worker` take none: their requests
+    (each given its own) and tasks are what they run."""
+    if args.run in (_serve, _worker):
+        yield
+        return
+    from core.logs import request_id_var
+
+    token = request_id_var.set(f"cli-{uuid.uuid4().hex}")
+    try:
+        yield
+    finally:
+        request_id_var.reset(token)
 
 
 def _reasons(refused: ValidationError) -> str:

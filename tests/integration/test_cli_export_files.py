@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import resource
 import threading
 from collections.abc import Iterator
@@ -18,12 +19,14 @@ from sqlalchemy import select
 from api import cli_audit
 from api.cli import main
 from core.db import unit_of_work
+from core.logs import request_id_var
 from core.models import RetrievalEvent
 from core.settings import get_settings
 from tests.support.govrag_process import run_govrag
 
 INTERRUPTED = "interrupted; run the same command again to go on\n"
 DISK_FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what a write to a full disk raises (no file named)
+A_RUNS_OWN = re.compile(r"cli-[0-9a-f]{32}")  # the request id of one command's run
 
 
 def _manifest(export: Path) -> dict[str, object]:
@@ -31,30 +34,50 @@ def _manifest(export: Path) -> dict[str, object]:
     return json.loads(export.read_text(encoding="utf-8").splitlines()[-1].removeprefix("# manifest "))
 
 
+def _ledger_events(url: str, count: int) -> list[tuple[str, str, dict[str, object]]]:
+    """The ledger's last `count` events, oldest first: their type, request id and details."""
+    with unit_of_work(url) as session:
+        events = session.scalars(select(RetrievalEvent).order_by(RetrievalEvent.id.desc()).limit(count)).all()
+        return [(event.event_type, event.request_id, event.details) for event in reversed(events)]
+
+
 def _ledger_tail(url: str) -> list[tuple[str, dict[str, object]]]:
     """The ledger's last two events: their type and details."""
-    with unit_of_work(url) as session:
-        events = session.scalars(select(RetrievalEvent).order_by(RetrievalEvent.id.desc()).limit(2)).all()
-        return [(event.event_type, event.details) for event in reversed(events)]
+    return [(event_type, details) for event_type, _, details in _ledger_events(url, 2)]
+
+
+def _one_run(url: str) -> bool:
+    """Whether the ledger's last two events (an export and its `export_failed`) carry one request id, their run's."""
+    first, second = (request_id for _, request_id, _ in _ledger_events(url, 2))
+    return first == second and A_RUNS_OWN.fullmatch(first) is not None
 
 
 def _recorded_failed(url: str, error: str) -> bool:
-    """Whether the ledger ends with an export and its `export_failed` event naming `error`."""
+    """Whether the ledger ends with an export and its `export_failed` event naming `error`, of one run."""
     tail = _ledger_tail(url)
     return [event_type for event_type, _ in tail] == ["export", "export_failed"] and tail[-1][1] == {
-        "export": "export", "error": error}
+        "export": "export", "error": error} and _one_run(url)
+
+
+def _runs_recorded(url: str, events: int) -> tuple[list[str], list[str]]:
+    """Of the ledger's last `events` events, the request ids of the `export` events (sorted) and of the
+    `export_failed` ones."""
+    recorded = _ledger_events(url, events)
+    return (sorted(request_id for event_type, request_id, _ in recorded if event_type == "export"),
+            [request_id for event_type, request_id, _ in recorded if event_type == "export_failed"])
 
 
 def _export_beside_another(out: Path, monkeypatch: pytest.MonkeyPatch,
-                           other_stops: BaseException | None) -> dict[str, int]:
+                           other_stops: BaseException | None) -> tuple[dict[str, int], dict[str, str]]:
     """Two `govrag audit export -o out` at once, in threads: the other writes its first line and, while this one has
     written all of its own, both files open, ends (`other_stops` raised by its writer, or its export finished);
-    then this one ends. Their exit codes by name ("this", "other")."""
+    then this one ends. Their exit codes and the request ids they ran under, by name ("this", "other")."""
     copy = cli_audit._copy
     both_writing = threading.Barrier(2, timeout=120)
     other_ended = threading.Event()
 
     def copy_beside_the_other(lines: Iterator[str], handle: TextIO) -> str:
+        run_ids[threading.current_thread().name] = request_id_var.get()
         if threading.current_thread().name == "this":
             last = copy(lines, handle)
             both_writing.wait()
@@ -68,6 +91,7 @@ def _export_beside_another(out: Path, monkeypatch: pytest.MonkeyPatch,
 
     monkeypatch.setattr(cli_audit, "_copy", copy_beside_the_other)
     codes: dict[str, int] = {}
+    run_ids: dict[str, str] = {}
 
     def export(name: str) -> None:
         try:
@@ -82,7 +106,7 @@ def _export_beside_another(out: Path, monkeypatch: pytest.MonkeyPatch,
         thread.start()
     for thread in threads:
         thread.join(timeout=300)
-    return codes
+    return codes, run_ids
 
 
 @pytest.mark.parametrize(("other_stops", "other_code", "other_says"), [
@@ -98,15 +122,19 @@ def test_two_exports_to_one_file_at_once_leave_it_whole(
     directory" of that hidden file), or one failing removed the other's file before its rename. Now each writes a
     hidden file of its own: the one that ends last leaves FILE whole (its manifest checks) with its own manifest beside
     it, the other says its own failure in one line, and no hidden file is left. Both files are 0600, whatever the
-    file replaced allowed: an export names who asked what."""
+    file replaced allowed: an export names who asked what. The one that failed is recorded as failed with its own
+    request id, not the other's (they said "-" alike: by the same user, which export failed was not said)."""
     (exports := tmp_path / "exports").mkdir()
     out = exports / "out.jsonl"
     out.write_text("last week's export\n")
     out.chmod(0o644)
 
-    codes = _export_beside_another(out, monkeypatch, other_stops)
+    codes, run_ids = _export_beside_another(out, monkeypatch, other_stops)
 
     assert codes == {"other": other_code, "this": 0}
+    assert run_ids["this"] != run_ids["other"] and all(map(A_RUNS_OWN.fullmatch, run_ids.values()))
+    assert _runs_recorded(cli_env, 2 if other_stops is None else 3) == (
+        sorted(run_ids.values()), [] if other_stops is None else [run_ids["other"]])
     assert capsys.readouterr().err == other_says.format(out=out)
     assert sorted(path.name for path in exports.iterdir()) == ["out.jsonl", "out.jsonl.manifest.json"]
     assert json.loads((exports / "out.jsonl.manifest.json").read_text()) == _manifest(out)
@@ -264,3 +292,4 @@ def test_a_training_export_the_disk_refuses_midway_is_recorded_as_failed(
     assert list(exports.iterdir()) == []
     assert _ledger_tail(cli_env) == [("training_export", {"department": "hr"}),
                                      ("export_failed", {"export": "training_export", "error": "ENOSPC"})]
+    assert _one_run(cli_env)

@@ -75,22 +75,23 @@ def _http(api_url: str) -> httpx.Client:
                         transport=httpx.HTTPTransport(socket_options=buffer))
 
 
-def _ledger_tail(url: str) -> list[tuple[str, str, list[str], dict[str, Any]]]:
-    """The ledger's last two events: their type, subject, departments and details."""
+def _ledger_tail(url: str) -> list[tuple[str, str, list[str], dict[str, Any], str]]:
+    """The ledger's last two events: their type, subject, departments, details and request id."""
     from core.db import unit_of_work
     from core.models import RetrievalEvent
 
     with unit_of_work(url) as session:
         events = session.scalars(select(RetrievalEvent).order_by(RetrievalEvent.id.desc()).limit(2)).all()
-        return [(event.event_type, event.subject, event.departments_requested, event.details)
+        return [(event.event_type, event.subject, event.departments_requested, event.details, event.request_id)
                 for event in reversed(events)]
 
 
-def _export_then_failed(url: str, error: str) -> bool:
-    """Whether the ledger ends with olga's export of `hr` and its `export_failed` event naming `error`."""
+def _export_then_failed(url: str, error: str, request_id: str) -> bool:
+    """Whether the ledger ends with olga's export of `hr` and its `export_failed` event naming `error`, both of the
+    request `request_id`."""
     tail = _ledger_tail(url)
     return [event[:3] for event in tail] == [("export", "olga", ["hr"]), ("export_failed", "olga", ["hr"])] and (
-        tail[-1][3] == {"export": "export", "error": error})
+        tail[-1][3] == {"export": "export", "error": error}) and [event[4] for event in tail] == [request_id] * 2
 
 
 def _drop_the_export_connection(url: str) -> None:
@@ -107,7 +108,8 @@ def test_an_export_whose_database_connection_is_lost_midway_is_recorded_as_faile
         served_ledger: tuple[str, str, str]) -> None:
     """The API's export stream cut off midway by its database connection lost: the caller got no manifest, while the
     ledger ended with the export, as if it had been made. Now an `export_failed` event follows it, by the same
-    officer in the same department, naming the error's class, recorded before the stream is closed."""
+    officer in the same department with the export's request id, naming the error's class, recorded before the
+    stream is closed."""
     api_url, token, url = served_ledger
     with _http(api_url) as http, http.stream("GET", "/v1/audit/retrievals", headers=auth(token)) as response:
         assert response.status_code == 200
@@ -118,7 +120,7 @@ def test_an_export_whose_database_connection_is_lost_midway_is_recorded_as_faile
         with pytest.raises(httpx.RemoteProtocolError):  # no end: cut off
             for line in lines:
                 assert not line.startswith('{"manifest"')
-    assert _export_then_failed(url, "OperationalError")
+    assert _export_then_failed(url, "OperationalError", response.headers["X-Request-ID"])
 
 
 def test_an_export_whose_caller_goes_away_midway_is_recorded_as_failed(served_ledger: tuple[str, str, str]) -> None:
@@ -128,4 +130,5 @@ def test_an_export_whose_caller_goes_away_midway_is_recorded_as_failed(served_le
     with _http(api_url) as http, http.stream("GET", "/v1/audit/retrievals", headers=auth(token)) as response:
         assert response.status_code == 200
         assert next(response.iter_lines()).startswith("{")
-    wait_until(lambda: _export_then_failed(url, "client_disconnected"), 60, "the export recorded as failed")
+    request_id = response.headers["X-Request-ID"]
+    wait_until(lambda: _export_then_failed(url, "client_disconnected", request_id), 60, "the export recorded as failed")
