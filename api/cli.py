@@ -63,7 +63,9 @@ def _request_id_of_its_own(args: argparse.Namespace) -> Iterator[None]:
     """A command run under a request id of its own, `cli-` and 32 hex digits (an API request's are the 32 digits):
     every ledger event it records (an export and its `export_failed`, a key rotation, ...) and every log line it
     writes carries it, telling one run from another by the same actor. `serve` and `worker` take none: their requests
-    (each given its own) and tasks are what they run."""
+    (each given its own) and tasks are what they run. A thread starts without it (`-`: no context variable is
+    inherited): each event a command records is recorded in the command's thread, and a thread started to record or
+    log for it runs in `contextvars.copy_context()`, as the parser's does (`ingestion.parse`)."""
     if args.run in (_serve, _worker):
         yield
         return
