@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from audit.schemas import AdminEventType, ExportFilters
 from core import forksafe
-from core.db import is_postgres
+from core.db import hold_sqlite_write_lock, is_postgres
 from core.models import AuditCheckpoint, Deployment, Document, RetrievalEvent
 
 GENESIS_HASH = "0" * 64
@@ -32,9 +32,7 @@ def lock_chain(session: Session) -> None:
     if is_postgres(session):
         session.execute(_LOCK_CHAIN, {"id": _CHAIN_LOCK_ID})
         return
-    connection = session.connection()
-    if not connection.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    hold_sqlite_write_lock(session)
 
 
 def local_chain_lock() -> threading.RLock:

@@ -44,6 +44,18 @@ def is_postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
+def hold_sqlite_write_lock(session: Session) -> None:
+    """SQLite: take the database's write lock now (`BEGIN IMMEDIATE`), held until the transaction ends, so no other
+    transaction writes between what this one reads next and what it writes; a transaction that has written already
+    holds it (the driver begins one only before its first write). PostgreSQL: nothing (the caller locks what it
+    reads)."""
+    if is_postgres(session):
+        return
+    connection = session.connection()
+    if not connection.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def transaction_lock(session: Session, name: str, *, shared: bool = False) -> None:
     """Hold the lock called `name` until the session's transaction ends: transactions taking the same name run their
     check-then-write one after the other, each seeing what the other committed (two copies of an upload, two admins

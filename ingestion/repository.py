@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlalchemy import and_, bindparam, case, func, or_, select, true, update
 from sqlalchemy.orm import Session, aliased
 
-from core.db import transaction_lock
+from core.db import hold_sqlite_write_lock, transaction_lock
 from core.keystore import HAS_DOCUMENT_KEY
 from core.models import RETIRED, UNFINISHED, Document, DocumentStatus, IngestionJob, IngestionPolicy, utcnow
 
@@ -130,6 +130,17 @@ def end_job(session: Session, *, job_id: str, status: str, error: str) -> None:
     conditional update, so an end committed since the job was read (its e-mail's step doing a step's work) is kept."""
     session.execute(update(IngestionJob).where(IngestionJob.id == job_id, IngestionJob.status.in_(UNFINISHED))
                     .values(status=status, error=error, updated_at=utcnow()))
+
+
+def lock_for_claim(session: Session, document: Document, job: IngestionJob) -> None:
+    """Lock the document's row, then its job's (the order of set_status, a run's end and a re-index), and read both
+    again as those locks leave them, for a claim to decide from: not as read before, when a claim by another
+    delivery of the job, a run's end or a hand-back (a re-index) may have committed since, or be about to (on
+    PostgreSQL it is waited for). PostgreSQL: the rows' locks an update takes (FOR NO KEY UPDATE, which neither a
+    foreign key's check nor the sweep's hold on a running job waits for, nor holds up); SQLite: the database's."""
+    hold_sqlite_write_lock(session)
+    for row in (document, job):
+        session.refresh(row, with_for_update={"key_share": True})
 
 
 def count_attempt(session: Session, job_id: str, *, after_a_crash: bool) -> None:

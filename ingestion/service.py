@@ -676,6 +676,10 @@ def _claim(session: Session, settings: Settings, document: Document,
     row is locked before its job's, as a run's end and a re-index do: the other order let a claim and a re-index of
     one document deadlock on PostgreSQL."""
     key, lost = _claimed_key(session, settings, document)
+    # its document and job as their row locks leave them, not as `_start` read them: another delivery's claim, a
+    # run's end or a hand-back committed meanwhile decides whether the run before crashed, and an end of its e-mail's
+    # run raising it (`_raise_attachments`), finding no run of it to hand back, its floor
+    repository.lock_for_claim(session, document, job)
     after_a_crash = job.status == DocumentStatus.processing  # the run before neither ended nor handed the job back
     crashed_too_often = job.crashed_runs + after_a_crash >= MAX_CRASHED_RUNS
     failure = lost or (CRASHED_TOO_OFTEN if crashed_too_often else None)
@@ -686,9 +690,6 @@ def _claim(session: Session, settings: Settings, document: Document,
         session.rollback()
         return None
     repository.count_attempt(session, job.id, after_a_crash=after_a_crash)
-    # its facts as its row lock leaves them, not as read before: an end of its e-mail's run raising it committed
-    # meanwhile (`_raise_attachments`), finding no run of it to hand back, and its floor is the raised one
-    session.refresh(document)
     if key is None or failure is not None:
         logger.warning("ingestion of document %s failed as it was claimed: %s", document.id,
                        "its data key (or its department's) is missing or does not open" if key is None

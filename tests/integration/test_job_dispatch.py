@@ -1155,6 +1155,86 @@ def test_a_duplicate_delivery_waiting_for_the_row_the_first_runs_end_holds_leave
     _left_to_review(url, document_id, job_id)
 
 
+def _claimed_after(meanwhile: Callable[[], object], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`meanwhile` done, and committed, once the next claim has read the job and its document, before it claims."""
+    from ingestion import service as ingestion_service
+
+    real_claimed_key, pending = ingestion_service._claimed_key, [meanwhile]
+
+    def after_the_read(*args: object):  # type: ignore[no-untyped-def]
+        if pending:
+            pending.pop()()
+        return real_claimed_key(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ingestion_service, "_claimed_key", after_the_read)
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_redelivery_that_read_its_job_processing_before_its_run_handed_it_back_counts_no_crash(
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delivery of a job (the sweep's, the broker's) read it processing, its run going on, and that run handed it
+    back (it failed cleanly, or a re-index made its rules stale) before the delivery claimed it: the claim counted a
+    crash from the status read, though no run had died, a step towards failing the document as 'the worker died 3
+    times'. The claim now decides from the job as its row lock leaves it: handed back, a retry."""
+    from core.db import unit_of_work
+    from ingestion import repository
+    from ingestion import service as ingestion_service
+
+    url, settings = _on(database, make_pg_database, tmp_path)
+    document_id, job_id, _ = _first_delivery_claimed(url, settings)
+
+    def hand_back() -> None:
+        with unit_of_work(url) as other:
+            assert repository.hand_back(other, job_id)
+
+    _claimed_after(hand_back, monkeypatch)
+    assert ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id) == []
+    assert _job_row(url, job_id) == ("ready", None, 2, 0)
+
+
+def test_a_redelivery_waiting_for_the_job_row_a_hand_back_holds_counts_no_crash(
+        make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """As above, the hand-back holding the job's row as the delivery claims: PostgreSQL's claim waits for the row
+    and decides from it as the hand-back's commit leaves it. (PostgreSQL only: on SQLite the claim waits for the
+    hand-back's write lock in SQLite's busy handler, which no test sees; the test above covers SQLite.)"""
+    from core.db import unit_of_work
+    from ingestion import repository
+    from ingestion import service as ingestion_service
+
+    url, settings = _on("postgresql", make_pg_database, tmp_path)
+    document_id, job_id, _ = _first_delivery_claimed(url, settings)
+    delivery = threading.Thread(target=ingestion_service.run_ingestion, daemon=True,
+                                kwargs={"settings": settings, "document_id": document_id, "job_id": job_id})
+    with unit_of_work(url) as session:
+        assert repository.hand_back(session, job_id)
+        delivery.start()
+        assert wait_for_a_lock_wait(url, delivery, timeout=120) in ("transactionid", "tuple")  # the job's row
+    delivery.join(120)
+    assert not delivery.is_alive() and _job_row(url, job_id) == ("ready", None, 2, 0)
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_two_redeliveries_after_crashes_claiming_at_once_never_run_a_job_past_the_crash_limit(
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two deliveries of a job whose runs died (the broker's and the sweep's) both read it with one crash short of
+    the limit left; the first claimed it, counting the crash, before the second claimed. The second decided from the
+    count it read, so it ran the document with its job's crashes at the limit, where a claim reading after the
+    first's fails it. The claim now decides from the job as its row lock leaves it: the document fails."""
+    from core.db import unit_of_work
+    from core.models import IngestionJob
+    from ingestion import service as ingestion_service
+
+    url, settings = _on(database, make_pg_database, tmp_path)
+    document_id, job_id, _ = _first_delivery_claimed(url, settings)  # its run dies: the job stays processing
+    with unit_of_work(url) as session:  # as did the runs before it
+        session.execute(update(IngestionJob).where(IngestionJob.id == job_id)
+                        .values(crashed_runs=ingestion_service.MAX_CRASHED_RUNS - 2))
+    _claimed_after(lambda: ingestion_service._start(settings, document_id, job_id), monkeypatch)
+    assert ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id) == []
+    assert _job_row(url, job_id) == ("failed", ingestion_service.CRASHED_TOO_OFTEN, 3,
+                                     ingestion_service.MAX_CRASHED_RUNS)
+
+
 def test_runs_that_fail_cleanly_are_retried_and_never_counted_as_crashes(
         client: TestClient, issue_token: Callable[..., str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """A run that raises hands its job back before the retry: retries (transient faults, outages) are bounded by
