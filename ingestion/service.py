@@ -806,11 +806,17 @@ def _finish(settings: Settings, document_id: str, job_id: str, status: DocumentS
 
 
 def _unwritten(document_id: str, state: _IndexState, generation: int | None) -> RunEnd:
-    """Why a run's outcome was not written: a later claim of the document took it over (that run ends it), else a
-    re-index handed the job back (this run goes again). Claiming again over a later claim made each of two
-    overlapping deliveries outdo the other in turn, a crash counted at each claim, until the document failed."""
+    """Why an end was not written: a give-up's (no `generation`), because another run ended the document or its job
+    since it was read; a run's, because a later claim of the document took it over (the job delivered again, by the
+    broker, the sweep or a re-index: that run ends it), else because a re-index handed the job back (this run goes
+    again). Claiming again over a later claim made each of two overlapping deliveries outdo the other in turn, a
+    crash counted at each claim, until the document failed."""
+    if generation is None:
+        logger.info("the failure of document %s is not written: another run ended it or its job since", document_id)
+        return RunEnd.over
     if state.newest != generation:
-        logger.info("a later run of document %s took it over; this run ends without its outcome", document_id)
+        logger.info("a later claim of document %s (its job delivered again: by the broker, the sweep or a re-index) "
+                    "took it over; this run ends without its outcome", document_id)
         return RunEnd.over
     logger.info("the run of document %s lost its job (a re-index); its outcome is not written", document_id)
     return RunEnd.again

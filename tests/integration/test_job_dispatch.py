@@ -1104,12 +1104,13 @@ def test_a_duplicate_delivery_of_a_job_that_ended_as_a_reindex_queued_its_docume
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_a_delivery_giving_up_as_another_run_ends_the_document_leaves_it_to_review(
-        database: str, make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     """A delivery giving up (its retries or its time limit spent) read the document unfinished (so no attachment step
     gave up), and failed it with its job whatever committed since: another run of the job (the broker's second
     delivery) ending it quarantined for review between that read and the failure had its end written over, the
     document failed and out of review. The failure is now written only while the document and its job are
-    unfinished: the end is kept."""
+    unfinished: the end is kept, and the log says so (it said a later run had taken the document over)."""
     from core.db import unit_of_work
     from ingestion import service as ingestion_service
 
@@ -1124,9 +1125,12 @@ def test_a_delivery_giving_up_as_another_run_ends_the_document_leaves_it_to_revi
         return gave_up
 
     monkeypatch.setattr(ingestion_service, "_step_gave_up", other_run_ends_meanwhile)
-    assert ingestion_service.mark_failed(settings=settings, document_id=document_id, job_id=job_id,
-                                         reason="internal error during ingestion; retries exhausted") == []
+    with caplog.at_level(logging.INFO, logger="ingestion.service"):
+        assert ingestion_service.mark_failed(settings=settings, document_id=document_id, job_id=job_id,
+                                             reason="internal error during ingestion; retries exhausted") == []
     _left_to_review(url, document_id, job_id)
+    assert [r.getMessage() for r in caplog.records if r.name == "ingestion.service"] == [
+        f"the failure of document {document_id} is not written: another run ended it or its job since"]
 
 def test_a_duplicate_delivery_waiting_for_the_row_the_first_runs_end_holds_leaves_the_document_to_review(
         make_pg_database: Callable[[], str], tmp_path: Path) -> None:
