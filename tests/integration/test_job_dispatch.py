@@ -1217,6 +1217,40 @@ def test_a_redelivery_waiting_for_the_job_row_a_hand_back_holds_counts_no_crash(
     assert not delivery.is_alive() and _job_row(url, job_id) == ("ready", None, 2, 0)
 
 
+def test_a_redelivery_on_sqlite_holds_the_database_from_its_read_of_the_job_to_its_claim(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite's half of the test above: the claim takes the database's write lock before it reads the job again, so a
+    hand-back cannot commit between that read and the claim's write, where the claim would count a crash from the
+    status read though the run handed its job back. A hand-back trying then (without waiting: SQLite's busy handler
+    would wait for the claim to commit) finds the database locked."""
+    import sqlite3
+
+    from sqlalchemy.engine import make_url
+
+    from ingestion import repository
+    from ingestion import service as ingestion_service
+
+    url, settings = _embedded(tmp_path)
+    document_id, job_id, _ = _first_delivery_claimed(url, settings)
+    real_set_status, tried = repository.set_status, []
+
+    def hand_back_tried_first(session, **kwargs):  # type: ignore[no-untyped-def]
+        if not tried:
+            with contextlib.closing(sqlite3.connect(make_url(url).database, timeout=0)) as other:
+                try:
+                    with other:
+                        other.execute("UPDATE ingestion_jobs SET status = 'queued' WHERE id = ?", (job_id,))
+                    tried.append("handed back")
+                except sqlite3.OperationalError as exc:
+                    tried.append(str(exc))
+        return real_set_status(session, **kwargs)
+
+    monkeypatch.setattr(repository, "set_status", hand_back_tried_first)
+    assert ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id) == []
+    assert tried == ["database is locked"]
+    assert _job_row(url, job_id) == ("ready", None, 2, 1)  # the first delivery's run never ended: a crash
+
+
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_two_redeliveries_after_crashes_claiming_at_once_never_run_a_job_past_the_crash_limit(
         database: str, make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
