@@ -233,22 +233,19 @@ def verify_export(args: argparse.Namespace) -> int:
     or with the checkpoint key configured and --deployment-id given, not the database either. A FILE.manifest.json
     beside the file must be the manifest the file ends with (`manifest_file_mismatch`)."""
     from audit import service as audit_service
-    from audit.export import check_manifest_copy
 
     settings = get_settings()
-    with Path(args.file).open("rb") as opened, _seekable(opened) as export_file:
+    file = Path(args.file)
+    with file.open("rb") as opened, _seekable(opened) as export_file, _if_a_file(_manifest_path(file)) as copy:
         keyed = args.deployment_id is not None and settings.audit_checkpoint_key is not None
         if args.public_key is not None or keyed:
             result = audit_service.verify_export(export_file=export_file, settings=settings, session=None,
-                                                 deployment_id=args.deployment_id, public_key=args.public_key)
+                                                 deployment_id=args.deployment_id, public_key=args.public_key,
+                                                 manifest_copy=copy)
         else:
             with operator_session() as session:
                 result = audit_service.verify_export(export_file=export_file, settings=settings, session=session,
-                                                     deployment_id=args.deployment_id)
-        copy = _manifest_path(Path(args.file))
-        if result.ok and copy.is_file():  # none beside it (an export from the API, or moved alone): not checked
-            with copy.open("rb") as side:
-                result = check_manifest_copy(result, export_file, side)
+                                                     deployment_id=args.deployment_id, manifest_copy=copy)
     print(result.model_dump_json())
     return 0 if result.ok else EXIT_UNVERIFIED
 
@@ -264,6 +261,17 @@ def verify_mirror(args: argparse.Namespace) -> int:
                                              deployment_id=args.deployment_id)
     print(result.model_dump_json())
     return 0 if result.ok else EXIT_UNVERIFIED
+
+
+@contextmanager
+def _if_a_file(path: Path) -> Iterator[BinaryIO | None]:
+    """`path` opened for bytes; None when it is no file (no manifest beside an export from the API, or one moved
+    alone: nothing to check it against)."""
+    if not path.is_file():
+        yield None
+        return
+    with path.open("rb") as opened:
+        yield opened
 
 
 @contextmanager

@@ -154,13 +154,15 @@ _MANIFEST_PREFIX = "# manifest "  # a CSV export's manifest line starts so
 _TAIL_READ = 64 * 1024  # bytes read at a time, backwards from the end, to find the manifest line
 
 
-def check_export(export_file: BinaryIO, *, by: Signer | Ed25519PublicKey, deployment_id: str | None) -> ExportCheck:
+def check_export(export_file: BinaryIO, *, by: Signer | Ed25519PublicKey, deployment_id: str | None,
+                 manifest_copy: BinaryIO | None = None) -> ExportCheck:
     """Whether `export_file` (seekable, opened for bytes) is an export signed by the checkpoint key (a Signer: both its
     signatures) or the Ed25519 public key given, whole and unchanged: its manifest's signatures and deployment id (when
     `deployment_id` is given), then its rows against the manifest (count, order, each JSONL row's hash, the body's
-    sha256). The manifest, its last line, is read from the end; the rows then stream past once: memory holds a line at
-    a time, however long the export."""
-    body_length, manifest = _manifest(export_file)
+    sha256), then, given `manifest_copy` (the FILE.manifest.json beside it), that the copy is that manifest. The
+    manifest, its last line, is read from the end once, and that reading is what each check uses; the rows then stream
+    past once: memory holds a line at a time, however long the export."""
+    body_length, line_length, manifest = _manifest(export_file)
     if manifest is None:
         return _failed("manifest_missing", "no readable manifest closes the file: it was cut, or is no govrag export")
     if not isinstance(manifest.get("signature"), str):
@@ -178,15 +180,19 @@ def check_export(export_file: BinaryIO, *, by: Signer | Ed25519PublicKey, deploy
     if deployment_id is not None and manifest["deployment_id"] != deployment_id:
         return _broken(found, "other_deployment", f"signed by deployment {manifest['deployment_id']}, not by "
                                                   f"{deployment_id}")
-    return _check_rows(found, _Body(export_file, body_length), manifest)
+    checked = _check_rows(found, _Body(export_file, body_length), manifest)
+    if not checked.ok or manifest_copy is None:
+        return checked
+    return _check_manifest_copy(checked, manifest, line_length, manifest_copy)
 
 
-def check_manifest_copy(found: ExportCheck, export_file: BinaryIO, copy: BinaryIO) -> ExportCheck:
-    """`found` (the export's check, passed) unless `copy`, the FILE.manifest.json beside the export file, is not the
-    manifest the file ends with: another export's left beside it, or one edited, is never taken for this one's. Read
-    up to twice the manifest line's length (and _TAIL_READ): a longer file is no copy of it, and is never held whole."""
-    body_length, manifest = _manifest(export_file)
-    longest = 2 * (export_file.seek(0, io.SEEK_END) - body_length) + _TAIL_READ
+def _check_manifest_copy(found: ExportCheck, manifest: dict[str, Any], line_length: int,
+                         copy: BinaryIO) -> ExportCheck:
+    """`found` (the export's check, passed) unless `copy`, the FILE.manifest.json beside the export file, is not
+    `manifest`, the one the check read from the file's last line (`line_length` bytes): another export's left beside
+    it, or one edited, is never taken for this one's. Read up to twice the line's length (and _TAIL_READ): a longer
+    file is no copy of it, and is never held whole."""
+    longest = 2 * line_length + _TAIL_READ
     text = copy.read(longest + 1)
     try:
         same = len(text) <= longest and json.loads(text, object_pairs_hook=_unique) == {"manifest": manifest}
@@ -196,14 +202,15 @@ def check_manifest_copy(found: ExportCheck, export_file: BinaryIO, copy: BinaryI
                                       "manifest the file ends with: another export's, or edited")
 
 
-def _manifest(export_file: BinaryIO) -> tuple[int, dict[str, Any] | None]:
-    """The length of the body (every line before the last) and the manifest the last line holds (None: none there)."""
+def _manifest(export_file: BinaryIO) -> tuple[int, int, dict[str, Any] | None]:
+    """The length of the body (every line before the last), the last line's length and the manifest it holds (None:
+    none there)."""
     body_length, last = _last_line(export_file)
     try:
         manifest = json.loads(last.decode().removeprefix(_MANIFEST_PREFIX), object_pairs_hook=_unique)["manifest"]
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError):
-        return body_length, None
-    return body_length, manifest if isinstance(manifest, dict) else None
+        return body_length, len(last), None
+    return body_length, len(last), manifest if isinstance(manifest, dict) else None
 
 
 def _last_line(export_file: BinaryIO) -> tuple[int, bytes]:

@@ -251,9 +251,11 @@ def _failure_name(failure: BaseException | str) -> str:
 
 
 def verify_export(*, export_file: BinaryIO, settings: Settings, session: Session | None,
-                  deployment_id: str | None = None, public_key: Ed25519PublicKey | None = None) -> ExportCheck:
+                  deployment_id: str | None = None, public_key: Ed25519PublicKey | None = None,
+                  manifest_copy: BinaryIO | None = None) -> ExportCheck:
     """Check an export file (seekable, opened for bytes; read in one pass, a line at a time) against its signed
-    manifest, reading no ledger row. `deployment_id`: the deployment it must come from (default: this database's).
+    manifest, reading no ledger row; and `manifest_copy` (FILE.manifest.json, opened for bytes), when given, against
+    that manifest. `deployment_id`: the deployment it must come from (default: this database's).
     With `public_key`, its Ed25519 signature is checked with that alone (an auditor's machine, holding no secret), and
     `deployment_id` is required: deployments sharing a checkpoint key (a clone) share the public key too; without a
     session, the configured checkpoint key and `deployment_id` are all it takes."""
@@ -262,7 +264,7 @@ def verify_export(*, export_file: BinaryIO, settings: Settings, session: Session
             raise GovragError(ErrorCode.invalid_request, "checking with the public key takes the deployment id the "
                                                          "export must come from (--deployment-id): deployments sharing "
                                                          "a checkpoint key share the public key")
-        return export.check_export(export_file, by=public_key, deployment_id=deployment_id)
+        return export.check_export(export_file, by=public_key, deployment_id=deployment_id, manifest_copy=manifest_copy)
     if session is not None:
         signer = integrity.signer_for(settings, session)
     elif deployment_id is not None and settings.audit_checkpoint_key is not None:
@@ -270,7 +272,8 @@ def verify_export(*, export_file: BinaryIO, settings: Settings, session: Session
     else:
         raise GovragError(ErrorCode.invalid_request, "without the database, checking an export takes the deployment "
                                                      "id and GOVRAG_AUDIT_CHECKPOINT_KEY, or the public key")
-    return export.check_export(export_file, by=signer, deployment_id=deployment_id or signer.deployment_id)
+    return export.check_export(export_file, by=signer, deployment_id=deployment_id or signer.deployment_id,
+                               manifest_copy=manifest_copy)
 
 
 def verify_mirror(*, mirror_lines: Iterable[bytes], public_keys: Sequence[Ed25519PublicKey],

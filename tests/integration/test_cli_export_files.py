@@ -4,6 +4,7 @@ another export of the same path or the disk does meanwhile; against a PostgreSQL
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from sqlalchemy import select
 
 from api import cli_audit
 from api.cli import main
+from audit import service as audit_service
 from core.db import unit_of_work
 from core.logs import request_id_var
 from core.models import RetrievalEvent
@@ -224,6 +226,43 @@ def test_a_manifest_left_beside_a_later_export_fails_its_check(
     manifest.unlink()
     assert main(["audit", "verify-export", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["ok"] is True
+
+
+class _RewrittenAsItsRowsAreRead(io.FileIO):
+    """An export file that another writer rewrites in place, its last line (the manifest) replaced by `last_line`, as
+    the check begins to read its rows: once the check has read the manifest it verifies."""
+
+    def __init__(self, path: Path, last_line: bytes) -> None:
+        super().__init__(path, "rb")
+        self.path, self.last_line, self.rewritten = path, last_line, False
+
+    def readline(self, size: int | None = -1) -> bytes:
+        if not self.rewritten:
+            rows = self.path.read_bytes().splitlines(keepends=True)[:-1]
+            with self.path.open("r+b") as writer:
+                writer.write(b"".join(rows) + self.last_line)
+                writer.truncate()
+            self.rewritten = True
+        return super().readline(size)
+
+
+def test_the_manifest_file_is_checked_against_the_manifest_the_check_verified(cli_env: str, tmp_path: Path) -> None:
+    """verify-export read FILE's manifest line twice: once to verify it and the rows, once more to compare
+    FILE.manifest.json with. FILE rewritten in between (its last line another export's manifest, the one left beside
+    it) had that manifest file pass as FILE's own. The manifest line is read once now, and the manifest file compared
+    with the manifest verified."""
+    out = tmp_path / "out.jsonl"
+    manifest = tmp_path / "out.jsonl.manifest.json"
+    assert main(["audit", "export", "-o", str(out)]) == 0
+    earlier = manifest.read_bytes()  # the earlier export's last line, as its manifest file holds it
+    assert main(["audit", "export", "-o", str(out)]) == 0
+    manifest.write_bytes(earlier)
+    with (_RewrittenAsItsRowsAreRead(out, earlier) as export_file, manifest.open("rb") as copy,
+          unit_of_work(cli_env) as session):
+        checked = audit_service.verify_export(export_file=export_file, settings=get_settings(), session=session,
+                                              manifest_copy=copy)
+    assert export_file.rewritten and out.read_bytes().endswith(earlier)
+    assert (checked.ok, checked.reason) == (False, "manifest_file_mismatch"), checked
 
 
 def test_a_ctrl_c_as_the_hidden_file_is_made_leaves_none(
