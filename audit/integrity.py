@@ -346,11 +346,15 @@ def _canonical_int(spelt: str) -> int:
     return number
 
 
-def _mirrored(path: Path) -> list[AuditCheckpoint | None]:
+def _mirrored(path: Path) -> tuple[list[AuditCheckpoint], int | None]:
+    """The mirror file's checkpoints, and the number of its first line that reads as none (None: each reads as one),
+    numbered as verify-mirror numbers them: read as bytes, blank lines counted."""
     if not path.exists():
-        return []
-    with path.open(encoding="utf-8") as handle:
-        return [_from_json(line) for line in handle if line.strip()]
+        return [], None
+    with path.open("rb") as handle:
+        read = [(number, _from_json(line)) for number, line in enumerate(handle, 1) if line.strip()]
+    unreadable = next((number for number, checkpoint in read if checkpoint is None), None)
+    return [checkpoint for _, checkpoint in read if checkpoint is not None], unreadable
 
 
 def check_mirror(lines: Iterable[str | bytes], *, public_keys: Sequence[Ed25519PublicKey],
@@ -450,7 +454,8 @@ class _Expectations:
     anchor: str = repository.GENESIS_HASH
     at: dict[int, str] = field(default_factory=dict)  # event id -> hash it must have
     checked: int = 0
-    bad_signature: int | None = None  # the lowest event a checkpoint whose signature fails names (0: unreadable)
+    bad_signature: int | None = None  # the lowest event a checkpoint whose signature fails names
+    unreadable_line: int | None = None  # the first mirror line that reads as no checkpoint: it names no event
     conflict: int | None = None  # the first event accepted checkpoints give two hashes
     unrecorded_purge: int | None = None  # the newest purge, signed by a previous key alone, when no event records it
     deployment_id: str | None = None
@@ -470,9 +475,9 @@ def _expectations(session: Session, settings: Settings) -> _Expectations:
     signer = Signer(checkpoint_key(settings, session), deployment.deployment_id)
     public_key = signer.public_key()
     found = _Expectations(deployment_id=deployment.deployment_id)
-    candidates = [*repository.checkpoints(session), *_mirrored(settings.resolved_checkpoint_file)]
-    signed_now = [checkpoint is not None and _signed_here(signer, public_key, checkpoint, deployment.minted_at)
-                  for checkpoint in candidates]
+    mirrored, found.unreadable_line = _mirrored(settings.resolved_checkpoint_file)
+    candidates = [*repository.checkpoints(session), *mirrored]
+    signed_now = [_signed_here(signer, public_key, checkpoint, deployment.minted_at) for checkpoint in candidates]
     # a previous key's checkpoints are taken through the newest event the current key anchors (a leaked previous
     # key cannot sign a purge, or anything, past it)
     rotated_through = _rotated_through(candidates, signed_now)
@@ -481,9 +486,9 @@ def _expectations(session: Session, settings: Settings) -> _Expectations:
     given: dict[int, set[str]] = {}  # event id -> the hashes the checkpoints taken give it
     unsigned: list[int] = []  # the events the checkpoints whose signatures fail name
     for checkpoint, now in zip(candidates, signed_now, strict=True):
-        if checkpoint is None or not (now or (checkpoint.last_event_id <= rotated_through and any(
+        if not (now or (checkpoint.last_event_id <= rotated_through and any(
                 _signed_here(old, old.public_key(), checkpoint, deployment.minted_at) for old in previous))):
-            unsigned.append(checkpoint.last_event_id if checkpoint is not None else 0)
+            unsigned.append(checkpoint.last_event_id)
             continue
         found.checked += 1
         if checkpoint.kind == "purge" and now:
@@ -539,6 +544,9 @@ def verify(*, session: Session, settings: Settings, deployment_id: str | None = 
                           purged_through=expect.purged_through or None, deployment_id=expect.deployment_id)
     if deployment_id is not None and deployment_id != expect.deployment_id:
         return result.model_copy(update={"ok": False, "reason": "other_deployment"})
+    if expect.unreadable_line is not None:  # names no event: said first
+        return result.model_copy(update={"ok": False, "reason": "mirror_line_unreadable",
+                                         "mirror_line": expect.unreadable_line})
     if (failure := expect.failure()) is not None:
         return _broken(result, *failure)
     lowest = repository.min_event_id(session)

@@ -159,6 +159,7 @@ class VerifyResult(BaseModel):
     purged_through: int | None = None
     unanchored: int = 0  # rows checked past the newest signed checkpoint: they could be cut or changed unseen
     deployment_id: str | None = None  # the id every checkpoint and export manifest of this deployment signs
+    mirror_line: int | None = None  # the mirror file's line that reads as no checkpoint (`mirror_line_unreadable`)
 
 
 class ExportCheck(BaseModel):

@@ -89,7 +89,8 @@ def test_an_untouched_chain_verifies_and_carries_the_new_fields(ledger: Settings
     result = _verify(ledger)
     assert uuid.UUID(str(result.pop("deployment_id")))  # minted by the migration, signed into every checkpoint
     assert result == {"ok": True, "checked": 13, "first_broken": None, "reason": None, "checkpoints_checked": 6,
-                      "purged_through": None, "unanchored": 0}  # at rows 5, 10 and the admin action, each mirrored
+                      "purged_through": None, "unanchored": 0,
+                      "mirror_line": None}  # at rows 5, 10 and the admin action, each mirrored
 
 
 def test_verify_counts_the_rows_past_the_newest_checkpoint(ledger: Settings) -> None:

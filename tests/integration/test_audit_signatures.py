@@ -311,10 +311,14 @@ def test_a_large_export_is_checked_a_line_at_a_time(ledger: Settings, tmp_path: 
                deployment_id)[1]["reason"] == "rows_removed"
 
 
-@pytest.mark.parametrize("signature", [7, "v2.\u00e9", None])
-def test_a_mirror_line_no_writer_wrote_fails_verification_in_one_line(ledger: Settings, signature: object) -> None:
+@pytest.mark.parametrize(("signature", "told"), [(7, ("mirror_line_unreadable", None, 2)),
+                                                ("v2.\u00e9", ("checkpoint_signature_invalid", 5, None)),
+                                                (None, ("mirror_line_unreadable", None, 2))])
+def test_a_mirror_line_no_writer_wrote_fails_verification_in_one_line(ledger: Settings, signature: object,
+                                                                      told: tuple[str, int | None, int | None]) -> None:
     """A mirror line whose signature is no string, or not ASCII, or one nested past the parser's depth (None), ended
-    `govrag audit verify` in a traceback; it is an unreadable checkpoint, as a line that does not parse is."""
+    `govrag audit verify` in a traceback; it is an unreadable line (its number said), as a line that does not parse
+    is, or a checkpoint whose signature fails (not ASCII: no signature a writer wrote)."""
     _append(ledger, 5)  # signed and mirrored at row 5
     mirror = ledger.resolved_checkpoint_file
     line = json.loads(mirror.read_text().splitlines()[0])
@@ -322,7 +326,8 @@ def test_a_mirror_line_no_writer_wrote_fails_verification_in_one_line(ledger: Se
         handle.write(("[" * 100_000 if signature is None else json.dumps(line | {"signature": signature})) + "\n")
     with unit_of_work(ledger.resolved_database_url) as session:
         result = audit_service.verify(session=session, settings=ledger)
-    assert (result.ok, result.reason, result.checkpoints_checked) == (False, "checkpoint_signature_invalid", 2)
+    assert (result.ok, result.checkpoints_checked) == (False, 2)
+    assert (result.reason, result.first_broken, result.mirror_line) == told
 
 
 def _copy_ledger(source: Settings, target: Settings) -> None:
@@ -1041,7 +1046,7 @@ def test_a_mirror_line_whose_numbers_are_not_spelt_as_written_is_refused(
                                  "--deployment-id", deployment)
         return code, report["reason"], report["first_broken"], _verified(settings)[:2]
 
-    refused = (3, "line_unreadable", 1, (False, "checkpoint_signature_invalid"))
+    refused = (3, "line_unreadable", 1, (False, "mirror_line_unreadable"))
     assert {(field, spelling): found for field, spellings in NUMBER_SPELLINGS.items() for spelling in spellings
             if (found := told(field, spelling)) != refused} == {}
     assert told("last_event_id", "5") == (0, None, None, (True, None))  # as written
@@ -1419,6 +1424,21 @@ def test_the_lowest_of_two_broken_is_named_by_verify_verify_export_and_verify_mi
     _sql_rows(ledger, "UPDATE audit_checkpoints SET last_hash = 'tampered' WHERE last_event_id IN (5, 10)")
     code, report = audit_cli(ledger, "verify")
     assert (code, report["reason"], report["first_broken"]) == (3, "checkpoint_signature_invalid", 5), report
+
+
+@pytest.mark.parametrize("line", [b"{", b"\xff"], ids=["no checkpoint", "not UTF-8"])
+def test_verify_names_a_mirror_line_that_reads_as_no_checkpoint_by_its_line_number(
+        ledger: Settings, audit_cli: Callable[..., tuple], line: bytes) -> None:
+    """`verify` took a mirror line that reads as no checkpoint for a checkpoint at event 0 whose signature fails:
+    `first_broken` 0, an event no ledger holds, and nothing said where the line is (a line not UTF-8 ended the command
+    in an error). It is `mirror_line_unreadable` now, no event named, `mirror_line` its line number as verify-mirror
+    numbers it (blank lines counted)."""
+    _append(ledger, 10)  # signed and mirrored at rows 5 and 10: lines 1 and 2
+    with ledger.resolved_checkpoint_file.open("ab") as mirror:
+        mirror.write(b"\n" + line + b"\n")  # line 3 blank
+    code, report = audit_cli(ledger, "verify")
+    assert (code, report["ok"], report["reason"], report["first_broken"], report["mirror_line"]) == (
+        3, False, "mirror_line_unreadable", None, 4), report
 
 
 def _rotated(ledger: Settings, audit_cli: Callable[..., tuple], monkeypatch: pytest.MonkeyPatch,
