@@ -461,8 +461,7 @@ class _Expectations:
     deployment_id: str | None = None
 
     def failure(self) -> tuple[int, str] | None:
-        """What the checkpoints alone show wrong, before any row is read: (the lowest event, its reason), None when
-        nothing."""
+        """What the checkpoints alone show wrong: (the lowest event, its reason), None when nothing."""
         found = [(event_id, reason) for event_id, reason in ((self.bad_signature, "checkpoint_signature_invalid"),
                                                              (self.conflict, "checkpoint_conflict"),
                                                              (self.unrecorded_purge, "purge_unrecorded"))
@@ -538,7 +537,9 @@ def previous_signers(settings: Settings, deployment_id: str) -> list[Signer]:
 
 def verify(*, session: Session, settings: Settings, deployment_id: str | None = None) -> VerifyResult:
     """Walk the chain from genesis (or the last signed purge) and check every row and checkpoint; `deployment_id`: the
-    deployment the database must be (the id recorded: a database writer can set the row to another's)."""
+    deployment the database must be (the id recorded: a database writer can set the row to another's). A failure
+    names the lowest event found broken, by the checkpoints or by the walk (the checkpoints' reason on a tie); a
+    mirror line that reads as no checkpoint names no event: it is said first, by its line number."""
     expect = _expectations(session, settings)
     result = VerifyResult(ok=True, checked=0, checkpoints_checked=expect.checked,
                           purged_through=expect.purged_through or None, deployment_id=expect.deployment_id)
@@ -547,26 +548,29 @@ def verify(*, session: Session, settings: Settings, deployment_id: str | None = 
     if expect.unreadable_line is not None:  # names no event: said first
         return result.model_copy(update={"ok": False, "reason": "mirror_line_unreadable",
                                          "mirror_line": expect.unreadable_line})
-    if (failure := expect.failure()) is not None:
-        return _broken(result, *failure)
+    failures = [failure for failure in (expect.failure(), _walk(session, expect, result)) if failure is not None]
+    return _broken(result, *min(failures, key=lambda failed: failed[0])) if failures else result
+
+
+def _walk(session: Session, expect: _Expectations, result: VerifyResult) -> tuple[int, str] | None:
+    """The first row that fails, as (its event id, the reason), None when none does: each link, each hash and each
+    checkpointed hash, in id order past the newest signed purge; the rows that pass are counted in `result`."""
     lowest = repository.min_event_id(session)
     if lowest is not None and lowest <= expect.purged_through:  # where no row may be (the walk starts past it)
-        return _broken(result, lowest, "chain_link_broken")
+        return lowest, "chain_link_broken"
     previous, anchored_through = expect.anchor, max(expect.at, default=expect.purged_through)
     for event in repository.iter_chain(session, after_id=expect.purged_through):
         if event.prev_hash != previous:
-            return _broken(result, event.id, "chain_link_broken")
+            return event.id, "chain_link_broken"
         if event_hash(event) != event.hash:
-            return _broken(result, event.id, "content_changed")
+            return event.id, "content_changed"
         if expect.at.pop(event.id, event.hash) != event.hash:
-            return _broken(result, event.id, "checkpoint_mismatch")
+            return event.id, "checkpoint_mismatch"
         previous = event.hash
         result.checked += 1
         if event.id > anchored_through:
             result.unanchored += 1
-    if expect.at:
-        return _broken(result, min(expect.at), "checkpointed_rows_missing")
-    return result
+    return (min(expect.at), "checkpointed_rows_missing") if expect.at else None
 
 
 def _broken(result: VerifyResult, event_id: int, reason: str) -> VerifyResult:

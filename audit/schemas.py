@@ -153,7 +153,7 @@ class VerifyResult(BaseModel):
 
     ok: bool
     checked: int
-    first_broken: int | None = None  # the lowest event found broken (the checkpoints checked before the rows)
+    first_broken: int | None = None  # the lowest event found broken, by the checkpoints or the rows
     reason: str | None = None
     checkpoints_checked: int = 0
     purged_through: int | None = None

@@ -1426,6 +1426,23 @@ def test_the_lowest_of_two_broken_is_named_by_verify_verify_export_and_verify_mi
     assert (code, report["reason"], report["first_broken"]) == (3, "checkpoint_signature_invalid", 5), report
 
 
+def test_verify_names_a_changed_row_below_a_failing_checkpoint(
+        ledger: Settings, audit_cli: Callable[..., tuple]) -> None:
+    """`verify` checked the checkpoints before any row and, one failing, said it without reading a row: a row changed
+    below it went unnamed, `first_broken` the checkpoint's event. The rows are walked too now, and the lowest event
+    either check finds broken is named (the checkpoint's reason at its own event)."""
+    ledger = _keyed(ledger, NEW_KEY)
+    _append(ledger, 10)  # signed at rows 5 and 10
+    _sql_rows(ledger, "UPDATE audit_checkpoints SET last_hash = 'tampered' WHERE last_event_id = 5")
+    for changed, told in ((7, ("checkpoint_signature_invalid", 5)), (5, ("checkpoint_signature_invalid", 5)),
+                          (2, ("content_changed", 2))):
+        with unit_of_work(ledger.resolved_database_url) as session:
+            session.execute(text("UPDATE retrieval_events SET latency_ms = 9 WHERE id = :id"), {"id": changed})
+            session.commit()
+        code, report = audit_cli(ledger, "verify")
+        assert (code, report["reason"], report["first_broken"]) == (3, *told), report
+
+
 @pytest.mark.parametrize("line", [b"{", b"\xff"], ids=["no checkpoint", "not UTF-8"])
 def test_verify_names_a_mirror_line_that_reads_as_no_checkpoint_by_its_line_number(
         ledger: Settings, audit_cli: Callable[..., tuple], line: bytes) -> None:
