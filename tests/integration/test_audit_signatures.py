@@ -1268,6 +1268,22 @@ def test_a_purge_the_leaked_previous_key_signs_before_the_cut_fails_verification
     assert OLD_KEY not in said and NEW_KEY not in said
 
 
+def test_rows_left_below_a_purge_no_event_records_are_told_as_that_purge(
+        ledger: Settings, audit_cli: Callable[..., tuple], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows at or below the newest purge fail the walk (`chain_link_broken` at the lowest): none may be left there.
+    Below a purge only a previous key signed and no event records, they are what that purge does not account for (made
+    up with the leaked key, or one cut short before its rows went): the purge is what failed, not a row. Walking the
+    rows below a failing checkpoint too must not name the lowest row instead: `purge_unrecorded` at the purge's event,
+    as with the rows deleted."""
+    new, deployment = _rotated_after_a_purge(ledger, audit_cli, monkeypatch)
+    row_8 = _sql_rows(new, "SELECT hash FROM retrieval_events WHERE id = 8")[0][0]
+    forged = _signed_line(base64.b64decode(OLD_KEY), deployment, at=8, last_hash=row_8, kind="purge", event_count=7)
+    _write_lines(new.resolved_checkpoint_file, [*_mirror_lines(new), forged])  # rows 6 to 8 left
+    code, report = audit_cli(new, "verify")
+    assert (code, report["ok"], report["reason"], report["first_broken"]) == (
+        3, False, "purge_unrecorded", 8), report
+
+
 def test_a_checkpoint_giving_the_purged_event_another_hash_fails_verification(
         ledger: Settings, audit_cli: Callable[..., tuple], monkeypatch: pytest.MonkeyPatch) -> None:
     """Verification starts past the newest purge, so no row is left to check a checkpoint at the purged event
