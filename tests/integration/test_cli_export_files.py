@@ -12,14 +12,13 @@ import resource
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import IO, Any, TextIO
 
 import pytest
 from sqlalchemy import select
 
 from api import cli_audit
 from api.cli import main
-from audit import service as audit_service
 from core.db import unit_of_work
 from core.logs import request_id_var
 from core.models import RetrievalEvent
@@ -234,19 +233,21 @@ class _RewrittenAsItsRowsAreRead(io.FileIO):
 
     def __init__(self, path: Path, last_line: bytes) -> None:
         super().__init__(path, "rb")
-        self.path, self.last_line, self.rewritten = path, last_line, False
+        self.last_line, self.rewritten = last_line, False
 
     def readline(self, size: int | None = -1) -> bytes:
         if not self.rewritten:
-            rows = self.path.read_bytes().splitlines(keepends=True)[:-1]
-            with self.path.open("r+b") as writer:
+            with open(self.name, "r+b") as writer:  # not Path.open: the test replaces it
+                rows = writer.read().splitlines(keepends=True)[:-1]
+                writer.seek(0)
                 writer.write(b"".join(rows) + self.last_line)
                 writer.truncate()
             self.rewritten = True
         return super().readline(size)
 
 
-def test_the_manifest_file_is_checked_against_the_manifest_the_check_verified(cli_env: str, tmp_path: Path) -> None:
+def test_the_manifest_file_is_checked_against_the_manifest_the_check_verified(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """verify-export read FILE's manifest line twice: once to verify it and the rows, once more to compare
     FILE.manifest.json with. FILE rewritten in between (its last line another export's manifest, the one left beside
     it) had that manifest file pass as FILE's own. The manifest line is read once now, and the manifest file compared
@@ -257,12 +258,22 @@ def test_the_manifest_file_is_checked_against_the_manifest_the_check_verified(cl
     earlier = manifest.read_bytes()  # the earlier export's last line, as its manifest file holds it
     assert main(["audit", "export", "-o", str(out)]) == 0
     manifest.write_bytes(earlier)
-    with (_RewrittenAsItsRowsAreRead(out, earlier) as export_file, manifest.open("rb") as copy,
-          unit_of_work(cli_env) as session):
-        checked = audit_service.verify_export(export_file=export_file, settings=get_settings(), session=session,
-                                              manifest_copy=copy)
-    assert export_file.rewritten and out.read_bytes().endswith(earlier)
-    assert (checked.ok, checked.reason) == (False, "manifest_file_mismatch"), checked
+    capsys.readouterr()
+    opened: list[_RewrittenAsItsRowsAreRead] = []
+    path_open = Path.open
+
+    def open_rewritten(path: Path, mode: str = "r", *args: Any, **kwargs: Any) -> IO[Any]:
+        if path != out or mode != "rb":
+            return path_open(path, mode, *args, **kwargs)
+        opened.append(_RewrittenAsItsRowsAreRead(out, earlier))  # the command's FILE, as another writer rewrites it
+        return opened[-1]
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "open", open_rewritten)
+        code = main(["audit", "verify-export", str(out)])
+    checked = json.loads(capsys.readouterr().out)
+    assert [export_file.rewritten for export_file in opened] == [True] and out.read_bytes().endswith(earlier)
+    assert (code, checked["ok"], checked["reason"]) == (3, False, "manifest_file_mismatch"), checked
 
 
 def test_a_ctrl_c_as_the_hidden_file_is_made_leaves_none(
