@@ -1,18 +1,33 @@
-"""`unavailable_dependency`: the one way to ask whether a failure is an outage, and of which dependency."""
+"""`unavailable_dependency`: the one way to ask whether a failure is an outage, and of which dependency; the errors of
+core.errors pickled and unpickled as they were raised."""
 
 from __future__ import annotations
 
+import pickle
 import zipfile
+from pathlib import Path
 
 import pytest
 from safetensors import SafetensorError
 from sqlalchemy.exc import OperationalError
 
+from authz.tokens import IdPURLRefused, VerifierSettingsRefused
+from core import errors
 from core.errors import (
+    AddressUnusable,
     BrokenInstall,
+    EmbeddedStoreHeld,
     ErrorCode,
+    FolderUnwritable,
     GovragError,
+    HiddenNameTaken,
+    MasterKeyFileMissing,
+    MasterKeyFileUnreadable,
+    MasterKeyRefused,
+    MasterKeyVersionMissing,
+    StartRefused,
     Unavailable,
+    UnusablePath,
     loading,
     reading_tokenizer,
     unavailable_dependency,
@@ -107,3 +122,56 @@ def test_a_bare_exception_is_a_broken_install_only_from_a_tokenizer_load() -> No
             raise Exception("expected value at line 1 column 1")  # what tokenizers raises
     with pytest.raises(TypeError), reading_tokenizer():
         raise TypeError("a bug stays one")
+
+
+# One of each error core.errors defines and of each subclass of one (authz.tokens' too), raised as the code raises it.
+RAISED = [
+    GovragError(ErrorCode.not_found, "document not found"),
+    Unavailable("database"),
+    StartRefused("cannot start"),
+    UnusablePath.refused("the data directory /srv/data", PermissionError(13, "Permission denied", "/srv/data"),
+                         "GOVRAG_DATA_DIR"),
+    AddressUnusable("127.0.0.1:8000", OSError(98, "Address already in use")),
+    MasterKeyRefused("it has no version 2", Path("/run/keys/master"), only_verifiers=True),
+    MasterKeyFileMissing(Path("/run/keys/master")),
+    MasterKeyFileUnreadable(Path("/run/keys/master"), "Permission denied"),
+    MasterKeyVersionMissing(3, None, current=True),
+    BrokenInstall("the embedding model", ValueError("garbled")),
+    FolderUnwritable(13, "Permission denied", "/srv/inbox"),
+    HiddenNameTaken(21, "Is a directory", "/srv/inbox", None, ".govrag-lock"),
+    EmbeddedStoreHeld(Path("/srv/data/qdrant")),
+    VerifierSettingsRefused("GOVRAG_JWKS_URL or GOVRAG_OIDC_ISSUER is required"),
+    IdPURLRefused("GOVRAG_OIDC_ISSUER is not an https URL"),
+]
+
+
+def _error_kinds() -> set[type[BaseException]]:
+    """Every public exception class core.errors defines, and every subclass of one loaded."""
+    pending = [kind for kind in vars(errors).values() if isinstance(kind, type) and issubclass(kind, BaseException)
+               and kind.__module__ == errors.__name__ and not kind.__name__.startswith("_")]
+    found: set[type[BaseException]] = set()
+    while pending:
+        kind = pending.pop()
+        found.add(kind)
+        pending.extend(kind.__subclasses__())
+    return {kind for kind in found if not kind.__name__.startswith("_")}
+
+
+def test_every_error_of_core_errors_is_checked_for_pickling() -> None:
+    """A new error (or subclass of one) is in RAISED, so the test below checks that it pickles whole."""
+    assert {type(error) for error in RAISED} == _error_kinds()
+
+
+@pytest.mark.parametrize("raised", RAISED, ids=lambda error: type(error).__name__)
+def test_an_error_unpickles_as_it_was_raised(raised: Exception) -> None:
+    """A Celery worker's exception crosses the pool's pipe pickled: `Unavailable("database")` came back saying "the the
+    database is unavailable is unavailable" (its built line passed to its `__init__` again), a GovragError or a
+    master key refused as a TypeError. Its line, its args and every field (code, dependency, path, ...) are kept."""
+    assert _as_said(pickle.loads(pickle.dumps(raised))) == _as_said(raised)  # noqa: S301 - pickled here
+
+
+def _as_said(error: Exception) -> tuple[object, ...]:
+    """What an error says: its type, line and args, its attributes, and an OSError's own (not among them)."""
+    said_by_os = tuple(getattr(error, name) for name in ("errno", "strerror", "filename", "filename2")
+                       if isinstance(error, OSError))
+    return type(error), str(error), error.args, vars(error), said_by_os
