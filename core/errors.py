@@ -41,6 +41,7 @@ class ErrorCode(Enum):
     unsupported_type = 415
     unavailable = 503
     department_key_unreadable = 503  # its key row no longer opens under the master key (altered): restore the row
+    kill_switch_disabled = 503  # an admin switched answering off (the kill switch's `disabled`): no outage, no fault
     internal = 500
 
     @property

@@ -12,11 +12,11 @@ from pathlib import Path
 import httpx
 
 from core import http
+from core.errors import ErrorCode
 from guard.eval_corpora import split_of
 from guard.output import has_canary_shape
 from guard.pii import get_redactor, title_readings
 from guard.placeholders import is_placeholder
-from guard.service import DISABLED_MESSAGE
 
 EXIT_LEAK, EXIT_USAGE, EXIT_UNTESTED = 1, 2, 3  # `govrag redteam` exit statuses other than 0 (clean)
 EXIT_INTERRUPTED = 130  # a Ctrl-C stopped the run, as for every long `govrag` command
@@ -191,14 +191,15 @@ def _leaks(answer: dict[str, object], allowed: set[str], category: str, index: i
 
 
 def _kill_switch_disabled(status: int, body: bytes) -> bool:
-    """The kill switch's documented 503 (`disabled`), told apart from an outage's 503 by its message."""
+    """The kill switch's documented 503 (`disabled`), told apart from an outage's 503 by its error body's code
+    (`kill_switch_disabled`), never by its message, which may be reworded."""
     if status != 503:
         return False
     try:
         error = json.loads(body).get("error") or {}
     except (ValueError, AttributeError):
         return False
-    return isinstance(error, dict) and error.get("message") == DISABLED_MESSAGE
+    return isinstance(error, dict) and error.get("code") == ErrorCode.kill_switch_disabled.name
 
 
 def run(url: str, token: str, department: str, corpus: dict[str, list[str]]) -> RedTeamReport:

@@ -84,7 +84,7 @@ def answer_query(*, session: Session, settings: Settings, enforcer: PolicyEnforc
     metrics.QUERIES.labels(decision=record.decision.value).inc()  # the ledger's decision
     metrics.QUERY_LATENCY.observe(time.perf_counter() - asked.started)
     if record.kill_switch_mode == KillMode.disabled.value:  # recorded as `blocked`, then the kill switch's 503
-        raise GovragError(ErrorCode.unavailable, guard_service.DISABLED_MESSAGE)
+        raise GovragError(ErrorCode.kill_switch_disabled, guard_service.DISABLED_MESSAGE)
     return response
 
 

@@ -22,6 +22,7 @@ from api import cli
 from core import http
 from guard import redteam
 from guard.eval_corpora import EVAL_DIR, split_of
+from guard.service import DISABLED_MESSAGE
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
 from tests.support.served import served
 
@@ -188,6 +189,24 @@ def test_the_kill_switch_blocks_and_leaves_nothing_answered(client: TestClient, 
     report = redteam.run(api_url, issue_token("rt-off-user"), "rtoff", {"exfiltration": list(redteam.EXFILTRATION)})
     assert report.blocked["exfiltration"] == len(redteam.EXFILTRATION) and not report.errors
     assert report.answered == 0 and report.exit_code() == redteam.EXIT_UNTESTED
+
+
+def _error(code: str, message: str) -> tuple[int, bytes]:
+    """The API's 503 error body with `code` and `message`."""
+    return 503, json.dumps({"error": {"code": code, "message": message, "request_id": "r"}}).encode()
+
+
+SWITCHED_OFF = _error("kill_switch_disabled", "Answering is paused by an administrator.")  # reworded
+
+
+@pytest.mark.parametrize("stub_api", [[SWITCHED_OFF, SWITCHED_OFF, _error("unavailable", DISABLED_MESSAGE)]],
+                         indirect=True)
+def test_the_kill_switch_is_told_by_its_code_never_by_its_message(stub_api: str) -> None:
+    """The kill switch's 503 was told from an outage's by its message: reworded, it was an error, and a 503 worded
+    like it (`unavailable`: an API of an earlier release, or another cause worded so) counted as blocked. Its code
+    `kill_switch_disabled` tells it now."""
+    report = redteam.run(stub_api, "t", "hr", {"exfiltration": ["first", "second", "third"]})
+    assert report.blocked["exfiltration"] == 2 and report.errors == {"HTTP 503": 1}
 
 
 def test_a_corpus_that_is_not_there_gives_a_message_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
