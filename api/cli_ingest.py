@@ -531,9 +531,7 @@ def _upload(http: httpx.Client, args: argparse.Namespace, path: Path) -> Outcome
         response = _request(http, "POST", "/v1/documents", data=form,
                             files={"file": (path.name, path.read_bytes())})
         if response.status_code != 202:
-            message = _error_message(response)
-            return Outcome(str(path), _not_taken(_answer_code(response)), message,
-                           stop=_token_refused(response, message))
+            return _error_outcome(str(path), response)
         document_id = response.json()["document_id"]
         return _poll(http, str(path), document_id)
     except _ApiUnavailable as stop:
@@ -555,19 +553,19 @@ def _request(http: httpx.Client, method: str, url: str, **kwargs: object) -> htt
         raise _ApiUnavailable(f"the {api} cannot be reached ({response.status_code} {response.reason_phrase} "
                               "from a gateway)", _unavailable(api))
     if response.status_code == 503:
-        raise _ApiUnavailable(_error_message(response), _stop_503(api, response))
+        error = _api_error(response)
+        raise _ApiUnavailable(_error_message(response, error), _stop_503(api, error))
     return response
 
 
-def _stop_503(api: str, response: httpx.Response) -> Stop:
+def _stop_503(api: str, error: _ApiError | None) -> Stop:
     """Why the API's 503 stops the run (its 503 bodies are client-safe, api/errors.py): the outage of the dependency
     its body's `dependency` names, as in process (`_outage`; never read from the message, which may be reworded), or
     its reason with its code (a master key that does not open; a department key that does not open is also the
-    refusal the in-process command says, exit 2: `Stop.refusal`); for a 503 without the API's error body (a proxy's
-    page), the API unavailable."""
+    refusal the in-process command says, exit 2: `Stop.refusal`); for a 503 without the API's error body (`error`
+    None: a proxy's page), the API unavailable."""
     from api.cli_failures import department_key_failure
 
-    error = _api_error(response)
     if error is None:
         return _unavailable(api)
     if error.dependency is not None:
@@ -588,7 +586,7 @@ class _ApiError(NamedTuple):
 
 
 def _api_error(response: httpx.Response) -> _ApiError | None:
-    """The API's error body, or None for any other body."""
+    """The API's error body, or None for any other body: read once per answer, and handed to what reads it."""
     try:
         error = response.json()["error"]
         code, message = str(error["code"]), str(error["message"])
@@ -598,9 +596,8 @@ def _api_error(response: httpx.Response) -> _ApiError | None:
     return _ApiError(code, message, dependency if isinstance(dependency, str) and dependency else None)
 
 
-def _error_message(response: httpx.Response) -> str:
-    """The message of the API's error body, else the start of whatever answered (a proxy's page, say)."""
-    error = _api_error(response)
+def _error_message(response: httpx.Response, error: _ApiError | None) -> str:
+    """The message of the API's error body (`error`), else the start of whatever answered (a proxy's page, say)."""
     return response.text[:200] if error is None else error.message
 
 
@@ -612,15 +609,21 @@ def _poll(http: httpx.Client, path: str, document_id: str, timeout: float = 600.
     while time.monotonic() < deadline:
         response = _request(http, "GET", f"/v1/documents/{document_id}")
         if not response.is_success:
-            message = _error_message(response)
-            return Outcome(path, _not_taken(_answer_code(response)),
-                           f"{message}; accepted as document {document_id}, its outcome not known here",
-                           stop=_token_refused(response, message))
+            return _error_outcome(path, response, f"; accepted as document {document_id}, its outcome not known here")
         body = response.json()
         if body.get("status") in FINAL_STATES:
             return Outcome(path, body["status"], body.get("error") or body.get("review_reason") or "")
         time.sleep(0.5)
     return Outcome(path, PENDING, "still processing when the CLI stopped waiting")
+
+
+def _error_outcome(path: str, response: httpx.Response, after: str = "") -> Outcome:
+    """A file the API answered with an error (but a 503: `_request`): `refused`, `failed` or `duplicate` by its
+    code (`_not_taken`), with its message and `after`; a 401 stops the run."""
+    error = _api_error(response)
+    message = _error_message(response, error)
+    return Outcome(path, _not_taken(_answer_code(response, error)), message + after,
+                   stop=_token_refused(response, message))
 
 
 def _token_refused(response: httpx.Response, message: str) -> Stop | None:
@@ -639,10 +642,9 @@ def _not_taken(code: ErrorCode) -> str:
     return "refused" if code.refuses_input else "failed"
 
 
-def _answer_code(response: httpx.Response) -> ErrorCode:
-    """The code of the API's error answer; for a code this CLI does not know or a body not the API's (a proxy's
-    page), the one its HTTP status stands for: a 4xx refuses the request, anything else is a failure."""
-    error = _api_error(response)
+def _answer_code(response: httpx.Response, error: _ApiError | None) -> ErrorCode:
+    """The code of the API's error answer (`error`); for a code this CLI does not know or a body not the API's (a
+    proxy's page), the one its HTTP status stands for: a 4xx refuses the request, anything else is a failure."""
     if error is not None and error.code in ErrorCode.__members__:
         return ErrorCode[error.code]
     return ErrorCode.invalid_request if response.is_client_error else ErrorCode.internal

@@ -85,10 +85,10 @@ def test_a_duplicate_upload_is_told_by_its_code_never_by_its_messages_wording(co
     reworded turned duplicates into `refused` (exit 1), and any other refusal worded so was a duplicate. The code
     `duplicate_upload` says it now, the wording never does, in process (the GovragError's code) and through the API
     (its answer's code) alike."""
-    from api.cli_ingest import _answer_code, _not_taken
+    from api.cli_ingest import _answer_code, _api_error, _not_taken
 
     answer = httpx.Response(409, json={"error": {"code": code, "message": message, "request_id": "r"}})
-    assert _not_taken(_answer_code(answer)) == _not_taken(ErrorCode[code]) == said
+    assert _not_taken(_answer_code(answer, _api_error(answer))) == _not_taken(ErrorCode[code]) == said
 
 
 def test_a_bug_and_a_ctrl_c_in_a_migration_are_left_to_their_caller() -> None:
