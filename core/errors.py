@@ -57,18 +57,18 @@ _INPUT_REFUSALS = frozenset({ErrorCode.invalid_request, ErrorCode.unauthenticate
                              ErrorCode.payload_too_large, ErrorCode.unsupported_type})
 
 
-class _UnpickledAsRaised(Exception):
-    """An exception that pickles whole (a Celery worker's crosses the pool's pipe so; `copy.copy` too): unpickled, it
-    is the one raised, its `args` and attributes (message, code, dependency, path, ...) as they were, its `__init__`
-    not called again. Python's default calls it again with `args`, the line it built: for one whose `__init__` builds
-    its line from other arguments, a line built twice ("the the database is unavailable is unavailable") or a
-    TypeError, not the error raised."""
+class UnpickledAsRaised(Exception):
+    """The base of every govrag exception whose `__init__` builds its line from other arguments (core.errors',
+    core.keystore's, ingestion.keys'): it pickles whole (a Celery worker's crosses the pool's pipe so; `copy.copy`
+    too). Unpickled, it is the one raised, its `args` and attributes (message, code, dependency, path, ...) as they
+    were, its `__init__` not called again. Python's default calls it again with `args`, the line it built: a line
+    built twice ("the the database is unavailable is unavailable") or a TypeError, not the error raised."""
 
     def __reduce__(self) -> tuple[Any, ...]:
         return copyreg.__newobj__, (type(self), *self.args), self.__dict__
 
 
-class GovragError(_UnpickledAsRaised):
+class GovragError(UnpickledAsRaised):
     """A failure safe to show a client: the message never carries user content."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:
@@ -77,7 +77,7 @@ class GovragError(_UnpickledAsRaised):
         self.message = message
 
 
-class StartRefused(_UnpickledAsRaised):
+class StartRefused(UnpickledAsRaised):
     """A process cannot start (or a command go on) for a reason said to the operator in one line: what, where and the
     way out, never a secret; `exit_code` is what the CLI exits with."""
 
@@ -293,7 +293,7 @@ class EmbeddedStoreHeld(StartRefused):
 Dependency = Literal["database", "vector store", "identity provider", "broker", "blob volume", "temporary directory"]
 
 
-class Unavailable(_UnpickledAsRaised):
+class Unavailable(UnpickledAsRaised):
     """A service govrag depends on did not answer (the vector store server, ...): nothing is wrong with the request or
     the document, and the same call succeeds once it is back. The API answers 503; ingestion waits it out."""
 

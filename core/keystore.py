@@ -36,7 +36,13 @@ from sqlalchemy.orm import Session, aliased
 from core import crypto, forksafe
 from core.cache import BoundedCache
 from core.db import is_postgres, transaction_lock, unit_of_work
-from core.errors import MasterKeyFileMissing, MasterKeyFileUnreadable, MasterKeyRefused, MasterKeyVersionMissing
+from core.errors import (
+    MasterKeyFileMissing,
+    MasterKeyFileUnreadable,
+    MasterKeyRefused,
+    MasterKeyVersionMissing,
+    UnpickledAsRaised,
+)
 from core.models import Document, MasterKeyVerifier, WrappedKey
 from core.settings import DEFAULT_KEY_CACHE_SECONDS, Settings
 
@@ -70,7 +76,7 @@ class DocumentKey:
     key: bytes | None = field(default=None, repr=False)
 
 
-class DepartmentKeyUnreadable(crypto.DecryptionError):
+class DepartmentKeyUnreadable(UnpickledAsRaised, crypto.DecryptionError):
     """A department's key row does not open under the master key, which opens the other stored keys (the row altered
     in the database): no document's damage, every document of the department is unreadable. The message names the
     department, never key material."""

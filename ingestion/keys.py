@@ -17,6 +17,7 @@ from audit.schemas import AdminEventType
 from authz import service as authz_service
 from authz.identity import Identity
 from core.db import unit_of_work
+from core.errors import UnpickledAsRaised
 from core.keystore import KeyStore, keystore_for
 from core.settings import Settings
 from ingestion import repository
@@ -92,7 +93,7 @@ class MasterRotationReport:
     retired_versions: tuple[int, ...]
 
 
-class OldMasterVersionsKept(Exception):
+class OldMasterVersionsKept(UnpickledAsRaised):
     """The master rotation is done and audited, but dropping the old versions from the key file failed (its cause
     says why): they stay there, unused, until a rotation retires them."""
 
