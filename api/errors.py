@@ -33,7 +33,8 @@ TOO_DEEP_MESSAGE = "invalid request: the body's JSON is nested too deeply"
 
 
 class ErrorDetail(BaseModel):
-    code: str = Field(description="what went wrong, e.g. invalid_request, unauthenticated, not_found, unavailable")
+    code: str = Field(description=("what went wrong, e.g. invalid_request, unauthenticated, not_found, unavailable, "
+                                   "kill_switch_disabled (a 503 with no outage: answering switched off by an admin)"))
     message: str = Field(description="for people; never carries the request's content")
     request_id: str = Field(description="also in the X-Request-ID header and the service's log lines")
     dependency: Dependency | None = Field(default=None, description=(
@@ -53,7 +54,8 @@ class ErrorBody(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorBody, "description": "Invalid request (a field named, its value never echoed)"},
     "4XX": {"model": ErrorBody, "description": "Refused: bad input, no or bad token, not allowed, not found, ..."},
-    "5XX": {"model": ErrorBody, "description": "Internal error, or a dependency unavailable (503, Retry-After)"},
+    "5XX": {"model": ErrorBody, "description": ("Internal error, a dependency unavailable (503, Retry-After), or "
+                                                 "answering switched off (503 kill_switch_disabled)")},
 }
 
 

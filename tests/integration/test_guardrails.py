@@ -430,6 +430,7 @@ def test_kill_switch_retrieval_only_then_disabled_then_normal(client: TestClient
         disabled = client.post("/v1/query", headers=auth(tokens["lea"]), json={"question": question})
         assert disabled.status_code == 503 and "kill switch" in disabled.json()["error"]["message"]
         assert disabled.json()["error"]["code"] == "kill_switch_disabled"  # what a client tells it by
+        assert "dependency" not in disabled.json()["error"]  # no outage: no dependency to wait for
     finally:
         for scope in ("global", "g5legal"):
             client.post("/v1/admin/kill-switch", headers=auth(tokens["admin"]),
