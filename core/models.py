@@ -106,6 +106,9 @@ class Document(Base):
     approved_by: Mapped[str | None] = mapped_column(String(255), nullable=True)  # admin who released it
     approved_level: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the level that admin was shown
     parent_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)  # e-mail of an attachment
+    # The department's copy an attachment was refused as a duplicate of (its reason names it too, in words a release
+    # may change: ingestion/service.py `DuplicateUpload`); None for any other document (0022)
+    duplicate_of: Mapped[str | None] = mapped_column(String(DOCUMENT_ID_CHARS), nullable=True)
     # Each run of the pipeline writes its points (and placeholder map) under a generation of its own: the newest one
     # claimed, and the one queries cite (None: none, as before its first run ends ready, or once quarantined). A
     # re-index leaves the served one in place until its run ends ready (ingestion/service.py), unless it withholds it.

@@ -19,8 +19,8 @@ SERVING = (DocumentStatus.ready, *UNFINISHED)  # a document being re-indexed may
 # ones, and those being re-indexed over an index they still serve (`serve_previous`); never deleted, rejected,
 # quarantined, failed or withheld ones. Of their points, only the served generation's are read (`service.is_served`).
 SERVED = and_(Document.status.in_(SERVING), Document.served_generation.is_not(None))
-# An upload's refusal as a duplicate, naming the department's copy (service.accept_upload); a refused attachment keeps
-# it as its reason, which a retirement of that copy reads (`email_with_refused_copy`)
+# The words of an upload's refusal as a duplicate before the department's copy's id (service.DuplicateUpload); a
+# refused attachment keeps them as its reason, the id in `duplicate_of` too, which is what code reads
 DUPLICATE_OF = "duplicate upload: the department already has this content as document "
 # The note a job queued for an e-mail's attachment step alone carries (`queue_attachment_step`), kept as its end: what
 # tells such a job from a run's (`is_attachment_step`), which no path claims (service._start)
@@ -265,13 +265,13 @@ def failed_copies(session: Session, *, department: str, sha256: str) -> list[Doc
 
 def email_with_refused_copy(session: Session, *, department: str, sha256: str,
                             after: tuple[datetime, str] | None = None) -> Document | None:
-    """The e-mail above the oldest attachment refused as a duplicate of this content (a failed child whose reason
-    names a copy: DUPLICATE_OF), of those whose e-mail's run ended ready or quarantined (REINDEXED), or None. With
+    """The e-mail above the oldest attachment refused as a duplicate of this content (a failed child naming the copy
+    in `duplicate_of`), of those whose e-mail's run ended ready or quarantined (REINDEXED), or None. With
     `after` (a refused attachment's created_at and id), the oldest refused after that one."""
     email = aliased(Document)
     query = (select(email).join(Document, Document.parent_id == email.id)
              .where(Document.department == department, Document.sha256 == sha256,
-                    Document.status == DocumentStatus.failed, Document.error.startswith(DUPLICATE_OF, autoescape=True),
+                    Document.status == DocumentStatus.failed, Document.duplicate_of.is_not(None),
                     email.status.in_(REINDEXED))
              .order_by(Document.created_at, Document.id).limit(1))
     if after is not None:

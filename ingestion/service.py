@@ -70,9 +70,8 @@ _STEP_FAILED = frozenset({
     "the key of the e-mail's department does not open under the master key (its key row was altered in the database), "
     "so none of its attachments was ingested: once that row is restored, delete the e-mail and upload it again",
 })
-# A duplicate's refusal names the department's copy (`accept_upload`, repository.DUPLICATE_OF); a refused attachment
-# keeps it as its reason, shown whole only to a caller who may see that copy (`_shown_error`), others reading the
-# e-mail get DUPLICATE_HIDDEN.
+# A duplicate's refusal names the department's copy (`DuplicateUpload`); a refused attachment keeps it as its reason,
+# shown whole only to a caller who may see that copy (`_shown_error`), others reading the e-mail get DUPLICATE_HIDDEN.
 DUPLICATE_HIDDEN = "duplicate upload: a document already in this department has this content"
 KEY_MISSING = "the document's data key is missing: upload it again"
 KEY_UNREADABLE = "the document's data key does not open under its department key: upload it again"
@@ -85,6 +84,15 @@ SERVED_MAP_UNREADABLE = ("the document's placeholder map does not open under its
                          "upload it again")
 MAP_UNREADABLE = ("the document's placeholder map does not open under its key or does not parse (altered), so its "
                   "placeholders cannot be numbered as before: upload it again")
+
+
+class DuplicateUpload(GovragError):
+    """An upload refused as a duplicate of the department's document `copy_id`, which its message names too: a refused
+    attachment records the id (`Document.duplicate_of`), read rather than its reason's words."""
+
+    def __init__(self, copy_id: str) -> None:
+        super().__init__(ErrorCode.duplicate_upload, f"{repository.DUPLICATE_OF}{copy_id}")
+        self.copy_id = copy_id
 
 
 def accept_upload(
@@ -103,7 +111,7 @@ def accept_upload(
     duplicate = repository.find_duplicate(session, department=department, sha256=sha256)
     if duplicate is not None:
         # named: whoever may upload to the department may see each of its documents (authz may_see_document)
-        raise GovragError(ErrorCode.duplicate_upload, f"{repository.DUPLICATE_OF}{duplicate.id}")
+        raise DuplicateUpload(duplicate.id)
     blobs.decide_first_use(settings.blob_dir)  # before this transaction's first write (the key's)
     document_id, job_id = str(uuid.uuid4()), str(uuid.uuid4())
     key = keystore_for(settings).create_document_key(session=session, department=department,
@@ -314,9 +322,9 @@ _Refusal = tuple[str, str, tuple[datetime, str]]  # a refused attachment's depar
 
 
 def _refused_as_duplicate(child: Document) -> bool:
-    """Whether the child is an attachment refused as a duplicate of the department's copy (repository.DUPLICATE_OF):
-    the content an e-mail may be asked to take again (purge.ask_carrier)."""
-    return child.status == DocumentStatus.failed and (child.error or "").startswith(repository.DUPLICATE_OF)
+    """Whether the child is an attachment refused as a duplicate of the department's copy (`duplicate_of`): the
+    content an e-mail may be asked to take again (purge.ask_carrier)."""
+    return child.status == DocumentStatus.failed and child.duplicate_of is not None
 
 
 def _refusal(child: Document) -> _Refusal:
@@ -447,24 +455,33 @@ def _listed_attachments(settings: Settings, parent: Document, key: bytes) -> lis
         return None
 
 
+@dataclass(frozen=True)
+class _Refused:
+    """Why an attachment was not taken, and the department's copy it duplicates, if that is why."""
+
+    reason: str
+    duplicate_of: str | None = None
+
+
 def _accept_attachment(session: Session, settings: Settings, parent: Document, name: str, payload: bytes,
                        too_deep: bool) -> UploadAccepted | None:
     """Accept one attachment as a child document, or record why it was refused."""
     if too_deep:
-        reason = f"attached e-mails are followed {MAX_ATTACHMENT_DEPTH} levels deep; this attachment is deeper"
+        refused = _Refused(f"attached e-mails are followed {MAX_ATTACHMENT_DEPTH} levels deep; this attachment is "
+                           "deeper")
     elif not payload:
-        reason = "the attachment is empty or could not be read"
+        refused = _Refused("the attachment is empty or could not be read")
     else:
         taken = _take_attachment(session, settings, parent, name, payload)
         if isinstance(taken, UploadAccepted):
             return taken
-        reason = taken
-    _record_refused_attachment(session, parent, name, payload, reason)
+        refused = taken
+    _record_refused_attachment(session, parent, name, payload, refused.reason, duplicate_of=refused.duplicate_of)
     return None
 
 
 def _take_attachment(session: Session, settings: Settings, parent: Document, name: str,
-                     payload: bytes) -> UploadAccepted | str:
+                     payload: bytes) -> UploadAccepted | _Refused:
     """Accept an attachment under its e-mail, or say why not (a savepoint undoes what a refusal began). A failure
     other than a refusal gets a generic reason, as its message may quote the attachment; one that says "not now"
     (`_not_now`) propagates, for the attachment step to be retried."""
@@ -479,9 +496,9 @@ def _take_attachment(session: Session, settings: Settings, parent: Document, nam
         if _not_now(exc) or isinstance(exc, DepartmentKeyUnreadable):
             raise
         if isinstance(exc, GovragError):
-            return exc.message
+            return _Refused(exc.message, exc.copy_id if isinstance(exc, DuplicateUpload) else None)
         logger.warning("taking an attachment of document %s failed: %s", parent.id, type(exc).__name__)
-        return ATTACHMENT_FAILED
+        return _Refused(ATTACHMENT_FAILED)
 
 
 def _not_now(exc: BaseException) -> bool:
@@ -501,8 +518,10 @@ def outage(exc: BaseException) -> str | None:
     return unavailable_dependency(exc)
 
 
-def _record_refused_attachment(session: Session, parent: Document, name: str, payload: bytes, reason: str) -> None:
-    """A failed child row: metadata and the reason only (the bytes stay inside the parent's sealed original)."""
+def _record_refused_attachment(session: Session, parent: Document, name: str, payload: bytes, reason: str, *,
+                               duplicate_of: str | None = None) -> None:
+    """A failed child row: metadata, the reason and the copy it duplicates, if that is why, only (the bytes stay
+    inside the parent's sealed original)."""
     try:
         content_type = sniff_content_type(payload, name)
     except Exception:  # refused for its bytes or not, it is recorded
@@ -513,7 +532,7 @@ def _record_refused_attachment(session: Session, parent: Document, name: str, pa
         content_type=content_type[:120], size_bytes=len(payload), sha256=hashlib.sha256(payload).hexdigest(),
         acl_groups=list(parent.acl_groups), classification=parent.classification,
         declared_classification=parent.declared_classification, status=DocumentStatus.failed, error=reason,
-        uploaded_by=parent.uploaded_by, parent_id=parent.id,
+        duplicate_of=duplicate_of, uploaded_by=parent.uploaded_by, parent_id=parent.id,
     ))
     logger.info("an attachment of document %s was not ingested", parent.id)
 
@@ -971,9 +990,9 @@ def _shown_error(session: Session, document: Document, can_see: Callable[[Docume
     """The document's error as the caller may read it. A refused attachment is seen by whoever may see its e-mail,
     and a duplicate's reason names the department's copy of its content, which its ACL or level may hide from them:
     that id is shown only to a caller who may see that copy (as its status would be), others read DUPLICATE_HIDDEN."""
-    if document.error is None or not document.error.startswith(repository.DUPLICATE_OF):
+    if document.duplicate_of is None:
         return document.error
-    copy = repository.get_document(session, document.error.removeprefix(repository.DUPLICATE_OF))
+    copy = repository.get_document(session, document.duplicate_of)
     if copy is not None and copy.status != DocumentStatus.deleted and can_see(copy):
         return document.error
     return DUPLICATE_HIDDEN

@@ -211,23 +211,29 @@ def test_duplicate_upload_is_reported_not_indexed_twice(client: TestClient, lab:
     assert first["document_id"] in again.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("reason", ["as recorded", "reworded since"])
 def test_a_refused_attachment_names_the_copy_it_duplicates_only_to_who_may_see_that_copy(
-        client: TestClient, lab: dict[str, str]) -> None:
+        client: TestClient, lab: dict[str, str], reason: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A reader of an e-mail read, in the reason its duplicate attachment was refused, the id of the department's copy
     of that content, which the copy's ACL hid from them (its status: a 404). Now that reader, in the status and the
     listing alike, is told only that the department has a copy; an editor, who sees every document of the department,
-    still reads its id (as the 409 of a direct upload tells the editor sending it)."""
-    from ingestion import service
+    still reads its id (as the 409 of a direct upload tells the editor sending it). The refusal was told by its
+    reason's words: once a release reworded them, the reader read the id again. It names its copy in a column of its
+    own now (`duplicate_of`)."""
+    from ingestion import repository, service
 
-    department = lab["department"]
+    department, subject = lab["department"], f"rita{uuid.uuid4().hex[:6]}"
     assert client.post("/v1/admin/role-assignments", headers=auth(lab["admin"]),
-                       json={"subject": "rita", "role": "reader", "department": department}).status_code == 201
-    reader = client.app.state.dev_issuer.issue("rita", [])  # type: ignore[attr-defined]
+                       json={"subject": subject, "role": "reader", "department": department}).status_code == 201
+    reader = client.app.state.dev_issuer.issue(subject, [])  # type: ignore[attr-defined]
     notes = f"Board notes {uuid.uuid4().hex}: the Lisbon lease is renewed.".encode()
     copy = _ingest(client, lab["editor"], department, "board.txt", notes, acl_groups="board")
     assert client.get(f"/v1/documents/{copy['document_id']}", headers=auth(reader)).status_code == 404
     email = _ingest(client, lab["editor"], department, "notes.eml",
                     _mail("Notes", "The notes are attached.", [("notes.txt", notes)]).as_bytes())
+    _descendants(client, lab["editor"], email)  # the refusal recorded, in the words of the time
+    if reason == "reworded since":
+        monkeypatch.setattr(repository, "DUPLICATE_OF", "duplicate: the department holds this content as document ")
     [refused] = _descendants(client, reader, email).values()
     listed = client.get("/v1/documents", params={"department": department, "status": "failed", "limit": 200},
                         headers=auth(reader)).json()["documents"]
@@ -2330,6 +2336,26 @@ def _taken_by(app, email_id: str, job_id: str) -> None:  # type: ignore[no-untyp
         assert (parent_id, copy.acl_groups, copy.declared_classification) == (  # type: ignore[union-attr]
             email_id, email.acl_groups, "internal")  # type: ignore[union-attr]
         assert repository.get_job(session, job_id).status == "ready"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_a_duplicate_refused_before_its_reason_was_reworded_is_taken_again_once_its_copy_is_deleted(
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two e-mails carried one file, the first's attachment taken, the second's refused as a duplicate of it. A
+    deletion of the taken one, and the step it queued, told that refusal by its reason's words: once a release
+    reworded them, refusals recorded before were passed over, the content taken again under no e-mail. The refusal
+    names its copy in a column of its own now (`duplicate_of`), whatever its reason says."""
+    from ingestion import repository
+    from retrieval.store import close_vector_store
+
+    app, emails, taken = _retake_world(database, make_pg_database, tmp_path, ("board", "desk"))
+    monkeypatch.setattr(repository, "DUPLICATE_OF", "duplicate: the department holds this content as document ")
+    try:
+        [(asked, step_job)] = _delete(app.govrag_settings.resolved_database_url, app.govrag_settings, taken)
+        assert asked == emails[1]
+        _taken_by(app, emails[1], step_job)
+    finally:
+        close_vector_store(app.govrag_settings)
 
 
 @pytest.mark.parametrize("database", ["postgresql", "sqlite"])

@@ -502,3 +502,40 @@ def test_generations_numbered_before_their_context_bound_the_run_keep_the_old_on
     _execute(url, "UPDATE documents SET index_generation = 0 WHERE id = 'b'")
     migrate.downgrade(url, before)
     assert column not in _columns(url, "documents")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "pg"])
+def test_duplicates_refused_before_0022_name_their_copy_from_their_reason_and_undoing_it_keeps_the_reason(
+        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
+    """Code told an attachment refused as a duplicate, and the copy it names, by its reason's words. 0022 records the
+    copy in `duplicate_of`, taken from the reasons of refusals recorded before (those words exactly, then an id: not
+    a reason worded otherwise or in other case, nor one with nothing or more than an id after them); undoing it
+    leaves every reason as it was, which the release before reads."""
+    url = _database(kind, tmp_path, make_pg_database)
+    migrate.upgrade(url, "0021")
+    words = "duplicate upload: the department already has this content as document "
+    copy = "0b8e4bfa-6bd1-4a8e-9a53-5d2d7f0f5c1e"
+    errors = {"refused": words + copy, "retired": words + copy, "shouted": words.upper() + copy, "bare": words,
+              "long": words + copy + "0", "other": "the attachment is empty or could not be read", "none": None}
+    columns = "id, department, title, content_type, size_bytes, sha256, acl_groups, classification, status, error, " \
+              "chunk_count, uploaded_by, created_at, updated_at, flagged_chunks"
+    row = "('{id}', 'hr', 't', 'text/plain', 1, 'ab', '[]', 'internal', '{status}', {error}, 0, 'ed', '2026-01-01', " \
+          "'2026-01-01', 0)"
+    rows = ", ".join(row.format(id=name, status="deleted" if name == "retired" else "failed",
+                                error="NULL" if error is None else f"'{error}'") for name, error in errors.items())
+    _execute(url, "INSERT INTO departments (name, created_at) VALUES ('hr', '2026-01-01 00:00:00')",
+             f"INSERT INTO documents ({columns}) VALUES {rows}")  # noqa: S608
+    engine = create_engine(url)
+    try:
+        migrate.upgrade(url, "0022")
+        with engine.connect() as connection:
+            named = dict(connection.execute(text("SELECT id, duplicate_of FROM documents")).all())
+        assert named == {"refused": copy, "retired": copy, "shouted": None, "bare": None, "long": None, "other": None,
+                         "none": None}
+        migrate.downgrade(url, "0021")
+        assert "duplicate_of" not in _columns(url, "documents")
+        with engine.connect() as connection:
+            kept = dict(connection.execute(text("SELECT id, error FROM documents")).all())
+        assert kept == errors
+    finally:
+        engine.dispose()
