@@ -35,6 +35,7 @@ from core.errors import (
 )
 from core.keystore import DepartmentKeyMissing, DepartmentKeyUnreadable
 from ingestion.keys import MasterRotationReport, OldMasterVersionsKept
+from ingestion.service import DuplicateUpload
 
 
 def _raised(failure: BaseException, cause: BaseException | None) -> BaseException:
@@ -149,10 +150,11 @@ RAISED = [
     DepartmentKeyUnreadable("hr"),
     DepartmentKeyMissing("hr"),
     OldMasterVersionsKept(MasterRotationReport(new_version=3, keys_rewrapped=4, retired_versions=(1, 2))),
+    DuplicateUpload("0b6f7f1e-4f61-4b8e-9c3e-2f1a5d7c9e01"),
 ]
 # The modules whose errors subclass one of core.errors': imported before their subclasses are looked for, so a new one
 # there is found whichever tests ran first.
-SUBCLASSING_MODULES = ("authz.tokens", "core.keystore", "ingestion.keys")
+SUBCLASSING_MODULES = ("authz.tokens", "core.keystore", "ingestion.keys", "ingestion.service")
 
 
 def _error_kinds() -> set[type[BaseException]]:
