@@ -22,12 +22,10 @@ from authz.dev_issuer import DevIssuer
 from authz.identity import MAX_SUBJECT_CHARS, RESERVED_PREFIXES, Identity, is_platform_admin, token_can_carry
 from core import forksafe
 from core.errors import ErrorCode, GovragError, StartRefused, Unavailable
-from core.http import CredentialsInURL, ThreadSessions, URLRefused, api_url
+from core.http import CredentialsInURL, ThreadSessions, UnusablePort, URLRefused, api_url
 from core.settings import (
     DEFAULT_TOKEN_MAX_LIFETIME_SECONDS,
-    NO_USABLE_PORT,
     Settings,
-    called_url_port_usable,
     url_scheme,
 )
 
@@ -484,18 +482,18 @@ def discover_jwks_uri(issuer: str, idp: ThreadSessions, *, production: bool = Fa
 
 
 def _check_idp_url(url: str, name: str, *, production: bool, warn: bool = True) -> None:
-    """What govrag fetches from the IdP needs an http(s) URL with a host and no user name or password (http.api_url's
-    check, as the fetch reads it), read as http(s) by the settings too (urlsplit, whose reading the port and https
-    checks take: one it cannot read, such as a stray `]`, would pass both unchecked), and no port or one from 1 to
-    65535 (the settings' check of the URLs govrag calls: httpx fetched a discovered `:８０` or `:+80` from port 80 and
-    crashed on `:99999`); IdPURLRefused naming it (never quoting it) otherwise.
+    """What govrag fetches from the IdP needs a URL http.api_url takes (no port or one from 1 to 65535: httpx fetched a
+    discovered `:８０` or `:+80` from port 80 and crashed on `:99999`; http(s) with a host, as the fetch reads it; no
+    user name or password), read as http(s) by the settings too (urlsplit, whose reading the port and https checks
+    take: one it cannot read, such as a stray `]`, would pass both unchecked); IdPURLRefused naming it (never quoting
+    it) otherwise.
 
     Over plain http the answer (a configuration, the signing keys) can be substituted in transit: refused in
     production, a warning in development (unless warn is False: said already)."""
-    if not called_url_port_usable(url):
-        raise IdPURLRefused(f"{name} {NO_USABLE_PORT}")
     try:
         api_url(url)
+    except UnusablePort as refused:
+        raise IdPURLRefused(f"{name} {refused}") from None
     except CredentialsInURL:
         raise IdPURLRefused(f"{name} must not hold a user name or password (user:password@host)") from None
     except URLRefused:  # another scheme, no host ("https:/idp"), or one httpx cannot read

@@ -11,7 +11,7 @@ from the API's worker threads: a thread's calls reuse its connections, no two th
 What the other server sends is hostile until read: no refusal quotes it (a log line quoting a header would be the
 server's to write), redirects are never followed (the answer comes from the host that was named), and a URL holding a
 user name or password is refused before connecting (httpx would send them, Basic, in place of the caller's
-Authorization header).
+Authorization header), as `api_url` refuses one naming a port no server listens on.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 
 from core import forksafe
+from core.settings import NO_USABLE_PORT, called_url_port_usable
 
 
 class TooSlow(ValueError):
@@ -43,10 +44,19 @@ class CredentialsInURL(URLRefused):
     """A URL holding a user name or password (`user:pass@host`): refused before connecting, never quoted."""
 
 
+class UnusablePort(URLRefused):
+    """A URL naming a port that is not 1 to 65535 in ASCII digits (`:99999`, `:+80`, `:８０`, an empty `host:`):
+    refused before connecting, never quoted."""
+
+
 def api_url(url: str) -> str:
     """`url` if it may be a running govrag API's (`govrag redteam --url`, `govrag ingest --api-url`, `redteam.run`'s),
-    or an IdP's govrag fetches from (authz.tokens): http(s) with a host, else URLRefused; holding no user name or
+    or an IdP's govrag fetches from (authz.tokens): naming no port or one from 1 to 65535 in ASCII digits, as the
+    settings read a URL govrag calls, else UnusablePort (httpx fetched `:+80` or `:８０` from port 80, an empty `host:`
+    from the scheme's, and crashed on `:99999`); http(s) with a host, else URLRefused; holding no user name or
     password, which httpx would send (Basic, in clear over http) in place of the bearer token, else CredentialsInURL."""
+    if not called_url_port_usable(url):  # first: a port httpx cannot read (`:-1`) is named, not refused as no URL
+        raise UnusablePort(NO_USABLE_PORT)
     try:
         parsed: httpx.URL | None = httpx.URL(url)
     except httpx.InvalidURL:

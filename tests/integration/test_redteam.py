@@ -432,6 +432,24 @@ def test_a_url_with_credentials_is_a_usage_error(stub_api: str, userinfo: str, t
     assert "s3cret" not in captured.err and "scanner" not in captured.err
 
 
+@pytest.mark.parametrize("port", ["99999", "0", "+80", "８０", ""])
+def test_a_url_with_no_usable_port_is_a_usage_error(port: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A `--url` port that is not 1 to 65535 in ASCII digits was taken: httpx probed `:+80`, `:８０` or an empty
+    `host:` on port 80 (another server than the one named), and `:99999` or `:0` ended the run as an API it could not
+    reach. It is a bad argument, said without quoting the URL (it may hold a password), exit 2, nothing sent; and
+    `redteam.run` called from Python refuses it by the same check, before its first probe."""
+    url = f"http://127.0.0.1:{port}"
+    with pytest.raises(SystemExit) as exited:
+        _redteam(url, _corpus(tmp_path))
+    captured = capsys.readouterr()
+    assert exited.value.code == redteam.EXIT_USAGE and captured.out == ""
+    assert "--url: names a port that is not a number from 1 to 65535" in captured.err
+    assert "127.0.0.1" not in captured.err
+    with pytest.raises(http.UnusablePort):
+        redteam.run(url, "t0ken", "hr", {"exfiltration": list(redteam.EXFILTRATION)})
+
+
 @pytest.mark.parametrize(("userinfo", "scheme", "refusal"), [
     ("scanner:s3cret@", "http", "must not hold a user name or password (user:password@)"),
     (":s3cret@", "http", "must not hold a user name or password (user:password@)"),

@@ -25,7 +25,9 @@ from core.http import (
     ThreadSessions,
     TooLarge,
     TooSlow,
+    UnusablePort,
     answer_within,
+    api_url,
     request_within,
 )
 from tests.support.forking import exit_code_of_child
@@ -156,6 +158,19 @@ def test_a_url_with_credentials_is_refused_before_connecting(answer: Callable[..
     with pytest.raises(CredentialsInURL) as refused:
         answer("GET", "http://scanner:s3cret@127.0.0.1:9/", seconds=10.0, max_bytes=1000, trust_env=False)
     assert "s3cret" not in str(refused.value)
+
+
+@pytest.mark.parametrize("authority", [
+    "127.0.0.1:99999", "127.0.0.1:65536", "127.0.0.1:0", "127.0.0.1:+80", "127.0.0.1:８０", "127.0.0.1: 80",
+    "127.0.0.1:-1", "127.0.0.1:8o80", "127.0.0.1:", "[::1]8000", "[::1]99999", "scanner:s3cret@127.0.0.1:99999"])
+def test_api_url_refuses_a_port_no_server_listens_on(authority: str) -> None:
+    """`api_url` (`govrag redteam --url`, `govrag ingest --api-url`, `redteam.run`, the IdP's URLs) checked a URL's
+    scheme, host and credentials but not its port: httpx called `:+80`, `:８０` and an empty `host:` on port 80,
+    `[::1]8000` on 8000, and crashed on `:99999`. Each is refused before connecting, as the settings refuse such a
+    port in a URL govrag calls, in their words, the URL (and a password in it) never quoted."""
+    with pytest.raises(UnusablePort) as refused:
+        api_url(f"http://{authority}/")
+    assert str(refused.value) == "names a port that is not a number from 1 to 65535"
 
 
 _ELSEWHERE = "http://127.0.0.1:9/keys"  # nothing listens there: a redirect followed would be a ConnectError
