@@ -207,8 +207,9 @@ def run(url: str, token: str, department: str, corpus: dict[str, list[str]]) -> 
     PROBE_SECONDS. At the first probe, no answer (httpx.TransportError, http.TooSlow) or a 401 (TokenRefused) is
     raised: nothing was tested. Later, either stops the run (the API gone; the token expired or revoked, every later
     probe would be refused too), that probe an error, the rest not sent. A Ctrl-C stops it too (`INTERRUPTED`): the
-    probe it stopped is not sent, nor counted. A `url` that is no http(s) URL, or holds a user name or password, is
-    refused before anything is sent, as `govrag redteam --url` refuses it: http.URLRefused (CredentialsInURL).
+    probe it stopped is not sent, nor counted. A `url` that is no http(s) URL, holds a user name or password or names a
+    port that is not 1 to 65535, is refused before anything is sent, as `govrag redteam --url` refuses it:
+    http.URLRefused (CredentialsInURL, UnusablePort).
 
     The probes go over one kept-alive connection (http.Session), closed at the end of the run; one the API closed
     between probes is opened again, the probe sent on it not lost."""
