@@ -28,8 +28,7 @@ from typing import Any
 
 import httpx
 
-from core import forksafe
-from core.settings import NO_USABLE_PORT, called_url_port_usable
+from core import forksafe, urls
 
 
 class TooSlow(ValueError):
@@ -55,8 +54,8 @@ def api_url(url: str) -> str:
     settings read a URL govrag calls, else UnusablePort (httpx fetched `:+80` or `:８０` from port 80, an empty `host:`
     from the scheme's, and crashed on `:99999`); http(s) with a host, else URLRefused; holding no user name or
     password, which httpx would send (Basic, in clear over http) in place of the bearer token, else CredentialsInURL."""
-    if not called_url_port_usable(url):  # first: a port httpx cannot read (`:-1`) is named, not refused as no URL
-        raise UnusablePort(NO_USABLE_PORT)
+    if not urls.called_url_port_usable(url):  # first: a port httpx cannot read (`:-1`) is named, not refused as no URL
+        raise UnusablePort(urls.NO_USABLE_PORT)
     try:
         parsed: httpx.URL | None = httpx.URL(url)
     except httpx.InvalidURL:

@@ -11,7 +11,7 @@ from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
-from urllib.parse import SplitResult, parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,6 +19,7 @@ from sqlalchemy import exc as db_errors
 from sqlalchemy.engine import make_url
 
 from core import crypto
+from core.urls import NO_USABLE_PORT, called_url_port_usable, port_usable, url_parts
 
 MAX_DEFAULT_INGEST_CONCURRENCY = 4
 DEFAULT_TOKEN_MAX_LIFETIME_SECONDS = 24 * 3600
@@ -60,8 +61,6 @@ _REDIS_TLS_PARAMETERS: dict[str, tuple[re.Pattern[str], str]] = {
 _REDIS_QUERY_TAKEN = f"a redis:// URL takes none, a rediss:// URL only {', '.join(_REDIS_TLS_PARAMETERS)}"
 # A query parameter's name a refusal quotes: a name such as a client reads, nothing pasted in.
 _PARAMETER_NAME = re.compile(r"[A-Za-z0-9_]{1,32}")
-# A port as written: one to five ASCII digits.
-_PORT_DIGITS = re.compile(r"[0-9]{1,5}")
 # A database URL's user information and its host and port, as SQLAlchemy reads them (sqlalchemy.engine.url's pattern):
 # the user information up to its first `@` (a user name holds no `:` or `/`), the host and port up to a `/` or `?`.
 # Each piece is optional: it matches whatever follows a URL's `://`.
@@ -69,7 +68,6 @@ _DATABASE_AUTHORITY = re.compile(r"(?:(?P<userinfo>[^:/]*(?::[^@]*)?)@)?(?P<host
 # An unencoded `@`, `:`, `/`, `?` or `#` in a password makes a piece of it read as the host, the port or the path: the
 # refusals of either say how to write it, quoting none of it.
 _ENCODE_CREDENTIALS = "in a user name or password, percent-encode any @ : / ? #"
-NO_USABLE_PORT = "names a port that is not a number from 1 to 65535"
 _PORT_REFUSAL = f"{NO_USABLE_PORT} ({_ENCODE_CREDENTIALS})"
 _STRAY_AT_REFUSAL = f"holds an @ after its host ({_ENCODE_CREDENTIALS})"
 # A `/` or a blank in a database URL's user information, which SQLAlchemy reads in it, but the log mask does not.
@@ -342,7 +340,7 @@ class Settings(BaseSettings):
     @property
     def llm_host_allowed(self) -> bool:
         """True when GOVRAG_LLM_BASE_URL is http(s) to a host on GOVRAG_LLM_ALLOWED_HOSTS (issue 5)."""
-        parts = _url_parts(self.llm_base_url or "")
+        parts = url_parts(self.llm_base_url or "")
         if parts is None:  # refused by the check that names the setting, not by urlsplit's own message
             return False
         host = (parts.hostname or "").lower()
@@ -389,31 +387,15 @@ def url_scheme(url: str) -> str:
 
     One reading for every https check (the issuer, the JWKS URL, a discovered jwks_uri): a prefix test would refuse
     "HTTPS://" at start that the fetch itself takes."""
-    parts = _url_parts(url)
+    parts = url_parts(url)
     return parts.scheme if parts else ""
 
 
 def url_has_credentials(url: str) -> bool:
     """True when url holds a user name or password (`user:password@host`, an `@` in its authority); False when it does
     not parse (the check that names the setting refuses it)."""
-    parts = _url_parts(url)
+    parts = url_parts(url)
     return parts is not None and "@" in parts.netloc
-
-
-def called_url_port_usable(url: str) -> bool:
-    """True when url, one govrag calls (the IdP's, the model server's), names no port or one from 1 to 65535 in ASCII
-    digits; an empty one (`host:`) is not usable. True when it does not parse: the check naming the URL refuses it."""
-    parts = _url_parts(url)
-    return parts is None or _port_usable(parts.netloc, empty_is_default=False)
-
-
-def _url_parts(url: str) -> SplitResult | None:
-    """url split as the http clients read it, or None when it does not parse (an unclosed IPv6 bracket): urlsplit's
-    own ValueError, raised in a settings check, would name neither the setting nor what to fix."""
-    try:
-        return urlsplit(url)
-    except ValueError:
-        return None
 
 
 def service_url(url: str, schemes: Mapping[str, bool], forms: str) -> str:
@@ -422,14 +404,14 @@ def service_url(url: str, schemes: Mapping[str, bool], forms: str) -> str:
     it names one, and for Redis a path that is a database's number or nothing and a query both its clients read alike.
     Else a ValueError saying what to fix in `forms`' terms, quoting at most the scheme (and a query parameter's name):
     never the host, user name or password."""
-    parts = _url_parts(url)
+    parts = url_parts(url)
     if parts is None or not _SCHEME_THEN_AUTHORITY.match(url):
         raise ValueError(f"is not a URL ({forms})")
     if parts.scheme not in schemes:
         raise ValueError(f"names a scheme govrag does not support ({_quoted_name(parts.scheme)}): use {forms}")
     if any("@" in piece for piece in (parts.path, parts.query, parts.fragment)):
         raise ValueError(_STRAY_AT_REFUSAL)
-    if not _port_usable(parts.netloc, empty_is_default=True):
+    if not port_usable(parts.netloc, empty_is_default=True):
         raise ValueError(_PORT_REFUSAL)
     if schemes[parts.scheme] and not parts.hostname:
         raise ValueError(f"names no host ({forms})")
@@ -479,25 +461,6 @@ def _quoted_name(name: str) -> str:
     return name if len(name) <= _QUOTED_NAME_CHARS else name[:_QUOTED_NAME_CHARS] + "…"
 
 
-def _port_usable(authority: str, *, empty_is_default: bool) -> bool:
-    """True when a URL's authority (`user:password@host:port`) names no port, or as written one a server can listen on:
-    ASCII digits naming 1 to 65535 (0 is "any" to a listener, no address to call). urlsplit in early 3.11 releases and
-    SQLAlchemy read a port with int(), `:８０`, `:+80` or `: 80` as 80. An empty one (`host:`, which urlsplit reads as
-    none) is taken only where `empty_is_default`, as the scheme's default port. An IPv6 host's colons are in its
-    brackets, up to the first `]` (urlsplit's reading), and text after it is a port only after a `:`: urlsplit reads
-    `[::1]8080` as no port, httpx as port 8080 (and `[::1]99999` as 99999), SQLAlchemy as no port, the rest dropped;
-    `[::1]]:5432` is host `::1]` to SQLAlchemy: refused, as is a `[` never closed."""
-    host_and_port = authority.rpartition("@")[2]
-    if host_and_port.startswith("["):
-        _, bracket, host_and_port = host_and_port.partition("]")
-        if not bracket or host_and_port[:1] not in ("", ":"):
-            return False
-    _, colon, port = host_and_port.partition(":")
-    if not port:
-        return not colon or empty_is_default
-    return _PORT_DIGITS.fullmatch(port) is not None and 1 <= int(port) <= 65535
-
-
 def _require_database_driver(url: str) -> None:
     """ValueError unless SQLAlchemy reads `url`, with a port from 1 to 65535 if any and a user name and password the
     log mask reads whole, and loads its dialect and driver; the message names the scheme only."""
@@ -508,7 +471,7 @@ def _require_database_driver(url: str) -> None:
     except ValueError:  # int() of a port that is no number, quoting it (a piece of a password holding '@' then ':')
         raise ValueError(_PORT_REFUSAL) from None
     authority = _DATABASE_AUTHORITY.match(url.partition("://")[2])  # as make_url read it
-    if not _port_usable(authority["host_and_port"], empty_is_default=False):
+    if not port_usable(authority["host_and_port"], empty_is_default=False):
         raise ValueError(_PORT_REFUSAL)
     # SQLAlchemy ends the user information at its first '@': an '@' in a password leaves the rest in the host, a '/' in
     # a user name all of it, password and all, in a server database's name (quoted by the server's "does not exist").

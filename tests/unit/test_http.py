@@ -10,10 +10,13 @@ import gzip
 import itertools
 import queue
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
@@ -171,6 +174,17 @@ def test_api_url_refuses_a_port_no_server_listens_on(authority: str) -> None:
     with pytest.raises(UnusablePort) as refused:
         api_url(f"http://{authority}/")
     assert str(refused.value) == "names a port that is not a number from 1 to 65535"
+
+
+def test_the_http_client_loads_none_of_the_settings_dependencies() -> None:
+    """`api_url`'s port rule came from core.settings, whose import loads pydantic, SQLAlchemy and cryptography (some
+    200 modules) into every user of the http client, and would make a cycle of any check the settings take from it.
+    The rule is core.urls', standard library only, which the settings read too."""
+    heavy = ("core.settings", "pydantic", "sqlalchemy", "cryptography")
+    probe = f"import sys, core.http; print(sorted(set({heavy!r}) & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[2],  # noqa: S603
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
 
 
 _ELSEWHERE = "http://127.0.0.1:9/keys"  # nothing listens there: a redirect followed would be a ConnectError
