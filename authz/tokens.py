@@ -483,10 +483,9 @@ def discover_jwks_uri(issuer: str, idp: ThreadSessions, *, production: bool = Fa
 
 def _check_idp_url(url: str, name: str, *, production: bool, warn: bool = True) -> None:
     """What govrag fetches from the IdP needs a URL http.api_url takes (no port or one from 1 to 65535: httpx fetched a
-    discovered `:８０` or `:+80` from port 80 and crashed on `:99999`; http(s) with a host, as the fetch reads it; no
-    user name or password), read as http(s) by the settings too (urlsplit, whose reading the port and https checks
-    take: one it cannot read, such as a stray `]`, would pass both unchecked); IdPURLRefused naming it (never quoting
-    it) otherwise.
+    discovered `:８０` or `:+80` from port 80 and crashed on `:99999`; http(s) with a host, as the fetch reads it, and
+    read by urlsplit, whose reading the port and https checks take: one it cannot read, such as a stray `]`, would
+    pass both unchecked; no user name or password); IdPURLRefused naming it (never quoting it) otherwise.
 
     Over plain http the answer (a configuration, the signing keys) can be substituted in transit: refused in
     production, a warning in development (unless warn is False: said already)."""
@@ -496,11 +495,9 @@ def _check_idp_url(url: str, name: str, *, production: bool, warn: bool = True) 
         raise IdPURLRefused(f"{name} {refused}") from None
     except CredentialsInURL:
         raise IdPURLRefused(f"{name} must not hold a user name or password (user:password@host)") from None
-    except URLRefused:  # another scheme, no host ("https:/idp"), or one httpx cannot read
+    except URLRefused:  # another scheme, no host ("https:/idp"), or one httpx or urlsplit cannot read
         raise IdPURLRefused(f"{name} is not an http(s) URL with a host") from None
     scheme = url_scheme(url)
-    if scheme not in ("http", "https"):  # one urlsplit cannot read
-        raise IdPURLRefused(f"{name} is not an http(s) URL with a host")
     if scheme == "http" and production:
         raise IdPURLRefused(f"{name} is not https (refused in production)")
     if scheme == "http" and warn:

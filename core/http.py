@@ -53,14 +53,16 @@ def api_url(url: str) -> str:
     or an IdP's govrag fetches from (authz.tokens): naming no port or one from 1 to 65535 in ASCII digits, as the
     settings read a URL govrag calls, else UnusablePort (httpx fetched `:+80` or `:８０` from port 80, an empty `host:`
     from the scheme's, and crashed on `:99999`); http(s) with a host, else URLRefused; holding no user name or
-    password, which httpx would send (Basic, in clear over http) in place of the bearer token, else CredentialsInURL."""
+    password, which httpx would send (Basic, in clear over http) in place of the bearer token, else CredentialsInURL.
+    The port is read as urlsplit reads it: one it cannot read (a stray `]`: httpx read `host]:99999` as port 99999) is
+    no URL."""
     if not urls.called_url_port_usable(url):  # first: a port httpx cannot read (`:-1`) is named, not refused as no URL
         raise UnusablePort(urls.NO_USABLE_PORT)
     try:
         parsed: httpx.URL | None = httpx.URL(url)
     except httpx.InvalidURL:
         parsed = None
-    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+    if parsed is None or urls.url_parts(url) is None or parsed.scheme not in ("http", "https") or not parsed.host:
         raise URLRefused("must be an http(s) URL, such as http://127.0.0.1:8000")
     if parsed.userinfo:
         raise CredentialsInURL("must not hold a user name or password (user:password@)")

@@ -29,6 +29,7 @@ from core.http import (
     TooLarge,
     TooSlow,
     UnusablePort,
+    URLRefused,
     answer_within,
     api_url,
     request_within,
@@ -174,6 +175,16 @@ def test_api_url_refuses_a_port_no_server_listens_on(authority: str) -> None:
     with pytest.raises(UnusablePort) as refused:
         api_url(f"http://{authority}/")
     assert str(refused.value) == "names a port that is not a number from 1 to 65535"
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1]:99999/", "http://127.0.0.1]:+80/", "https://govrag.example]/"])
+def test_api_url_refuses_a_url_whose_port_urlsplit_cannot_read(url: str) -> None:
+    """The port is checked as urlsplit reads it, and a URL it cannot read (a stray `]` after the host) passed the
+    check unread: httpx read `127.0.0.1]:99999` as host `127.0.0.1%5D` on port 99999, and `govrag redteam --url` took
+    it, then said it could not reach that API (exit 3) rather than refuse a bad --url (exit 2). Refused as no URL."""
+    with pytest.raises(URLRefused) as refused:
+        api_url(url)
+    assert str(refused.value) == "must be an http(s) URL, such as http://127.0.0.1:8000"
 
 
 def test_the_http_client_loads_none_of_the_settings_dependencies() -> None:
