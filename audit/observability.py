@@ -65,7 +65,7 @@ def _refresh_kill_switch(session: Session, settings: Settings) -> None:
 def _refresh_queue_depth(settings: Settings) -> None:
     """The job queue's length in the broker's Redis; a Redis down, or not answering within
     `broker_socket_timeout_seconds`, leaves the gauge as it was."""
-    if not settings.broker_url.startswith(("redis://", "rediss://")):
+    if not broker.is_redis(settings.broker_url):
         return
     try:
         with broker.redis_client(settings) as client:

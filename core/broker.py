@@ -8,6 +8,12 @@ import redis
 from core.settings import Settings
 
 
+def is_redis(broker_url: str) -> bool:
+    """True when the broker is Redis (a redis:// or rediss:// URL, its scheme in lower case as the settings hand it
+    on), which govrag reads beside Celery; False on the in-process `memory://` broker."""
+    return broker_url.startswith(("redis://", "rediss://"))
+
+
 def socket_timeouts(settings: Settings) -> dict[str, float]:
     """`broker_socket_timeout_seconds` for each socket operation and for each connection attempt."""
     return {"socket_timeout": settings.broker_socket_timeout_seconds,

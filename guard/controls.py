@@ -194,7 +194,7 @@ forksafe.rebuilt_in_child(_REDIS_COUNTERS)  # a forked child makes its own Redis
 
 def _trip_counter(settings: Settings) -> _TripWindow | _RedisTripCounter:
     """Redis when the deployment has it (the broker URL), so replicas count together; else this process."""
-    if not settings.broker_url.startswith(("redis://", "rediss://")):
+    if not broker.is_redis(settings.broker_url):
         return _TRIPS
     # One deployment = one database: replicas of it share counters, other deployments on the same Redis do not.
     namespace = hashlib.sha256(settings.resolved_database_url.encode()).hexdigest()[:16]

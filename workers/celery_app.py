@@ -56,7 +56,7 @@ def _transport_options(settings: Settings) -> dict[str, float]:
     so an upload, for ever: each socket operation gives up after `broker_socket_timeout_seconds` and the job is
     left unsent for the sweep (workers/dispatch.py)."""
     options: dict[str, float] = {"visibility_timeout": settings.broker_visibility_timeout}
-    if settings.broker_url.startswith(("redis://", "rediss://")):
+    if broker.is_redis(settings.broker_url):
         options |= broker.socket_timeouts(settings)
     return options
 

@@ -51,6 +51,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import ColumnElement, Connection, Select, or_, select, text, update
 from sqlalchemy.orm import Session
 
+from core import broker
 from core.db import get_engine, transaction_lock, unit_of_work
 from core.errors import Unavailable, unavailable_dependency
 from core.models import UNFINISHED, DocumentStatus, IngestionJob, utcnow
@@ -320,7 +321,7 @@ class _TasksUnknown(Exception):
 def _broker_reader(broker_url: str) -> Callable[[GovragCelery], set[str]] | None:
     """How to read the ids of the jobs whose tasks the broker holds (`_jobs_on_redis`, `_jobs_in_memory`); None for a
     broker this cannot read."""
-    if broker_url.startswith(("redis://", "rediss://")):
+    if broker.is_redis(broker_url):
         return _jobs_on_redis
     if broker_url.startswith("memory://"):
         return _jobs_in_memory
