@@ -70,12 +70,15 @@ _DATABASE_AUTHORITY = re.compile(r"(?:(?P<userinfo>[^:/]*(?::[^@]*)?)@)?(?P<host
 _ENCODE_CREDENTIALS = "in a user name or password, percent-encode any @ : / ? #"
 _PORT_REFUSAL = f"{NO_USABLE_PORT} ({_ENCODE_CREDENTIALS})"
 _STRAY_AT_REFUSAL = f"holds an @ after its host ({_ENCODE_CREDENTIALS})"
-# A `/` or a blank in a database URL's user information, which SQLAlchemy reads in it, but the log mask does not.
-_UNMASKABLE_CREDENTIALS = re.compile(r"[/\s]")
+# A `/` or a blank in a database URL's user information, which SQLAlchemy reads in it, but the log mask does not; a `?`
+# or `#`, which ends it for a reader of URLs as RFC 3986 writes them, and for SQLAlchemy where a `/` follows in a user
+# name (the rest read as the URL's query, unmasked).
+_UNMASKABLE_CREDENTIALS = re.compile(r"[/?#\s]")
 _URL_AUTHORITY_END = re.compile(r"[/?#]")
-_UNMASKABLE_CREDENTIALS_REFUSAL = ("holds a / or a blank in its user name or password, which the logs would show: "
-                                   "write each / as %2F and each space as %20 (a tab as %09) in the URL; the password "
-                                   "itself stays as it is")
+_UNMASKABLE_CREDENTIALS_REFUSAL = ("holds a /, ?, # or a blank in its user name or password, which may end it early "
+                                   "and show the rest in the logs: write each / as %2F, each ? as %3F, each # as %23 "
+                                   "and each space as %20 (a tab as %09) in the URL; the password itself stays as it "
+                                   "is")
 # The longest scheme or database driver a refusal quotes whole, above the longest drivers' names
 # (`postgresql+psycopg2cffi`); a longer one is something else pasted in, quoted as its start and an ellipsis.
 _QUOTED_NAME_CHARS = 32
@@ -447,9 +450,10 @@ def _require_redis_query(query: str, *, tls: bool, forms: str) -> None:
 
 
 def _require_maskable_credentials(userinfo: str) -> None:
-    """ValueError unless a URL's user name and password hold no '/' or blank: the clients (SQLAlchemy, redis-py,
-    httpx) read either as part of them, but the log mask (reading a URL as RFC 3986 does, a blank ending it) ends the
-    password there, and the URL was logged unmasked."""
+    """ValueError unless a URL's user name and password hold no '/', '?', '#' or blank: the clients (SQLAlchemy,
+    redis-py, httpx) read a '/' or a blank as part of them, but the log mask (reading a URL as RFC 3986 does, a blank
+    ending it) ends the password there, and the URL was logged unmasked; SQLAlchemy reads a '?' or '#' in them, a '?'
+    then a '/' in a user name as the start of the query (a service URL's reader ends them at either)."""
     if _UNMASKABLE_CREDENTIALS.search(userinfo):
         raise ValueError(_UNMASKABLE_CREDENTIALS_REFUSAL)
 
@@ -470,12 +474,15 @@ def _require_database_driver(url: str) -> None:
         raise ValueError("is not a database URL (postgresql+psycopg://USER@HOST/DATABASE, or sqlite:///PATH)") from None
     except ValueError:  # int() of a port that is no number, quoting it (a piece of a password holding '@' then ':')
         raise ValueError(_PORT_REFUSAL) from None
-    authority = _DATABASE_AUTHORITY.match(url.partition("://")[2])  # as make_url read it
+    after_scheme = url.partition("://")[2]
+    authority = _DATABASE_AUTHORITY.match(after_scheme)  # as make_url read it
     if not port_usable(authority["host_and_port"], empty_is_default=False):
         raise ValueError(_PORT_REFUSAL)
     # SQLAlchemy ends the user information at its first '@': an '@' in a password leaves the rest in the host, a '/' in
-    # a user name all of it, password and all, in a server database's name (quoted by the server's "does not exist").
-    if "@" in (parsed.host or "") or (parsed.host and "@" in (parsed.database or "")):
+    # a user name all of it, password and all, in a server database's name (quoted by the server's "does not exist"),
+    # a '?' then a '/' in a user name all of it in the query.
+    query = after_scheme[authority.end():].partition("?")[2]
+    if "@" in (parsed.host or "") or (parsed.host and "@" in (parsed.database or "")) or "@" in query:
         raise ValueError(_STRAY_AT_REFUSAL)
     _require_maskable_credentials(authority["userinfo"] or "")
     try:

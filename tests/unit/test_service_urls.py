@@ -26,8 +26,9 @@ PORT = ("names a port that is not a number from 1 to 65535 (in a user name or pa
         "@ : / ? #)")
 ENCODE = "in a user name or password, percent-encode any @ : / ? #"
 STRAY_AT = f"holds an @ after its host ({ENCODE})"
-UNMASKABLE = ("holds a / or a blank in its user name or password, which the logs would show: write each / as %2F and "
-              "each space as %20 (a tab as %09) in the URL; the password itself stays as it is")
+UNMASKABLE = ("holds a /, ?, # or a blank in its user name or password, which may end it early and show the rest in "
+              "the logs: write each / as %2F, each ? as %3F, each # as %23 and each space as %20 (a tab as %09) in the "
+              "URL; the password itself stays as it is")
 PASSWORD = "hunter@2:s3cret/x"  # every character that ends a piece of a URL early
 SECRET_PIECES = ("hunter", "s3cret")
 URL_BREAKERS = "@:/?#[]% \t=&"
@@ -124,6 +125,12 @@ def test_settings_take_a_qdrant_server_url(url: str) -> None:
     ("broker_url", f"redis://govrag:{PASSWORD}@redis:6379/0", STRAY_AT),
     ("broker_url", "redis://govrag:hunter@2:s3cret@redis:70000/0", PORT),
     ("broker_url", "rediss://govrag:hunter@2:s3cret@redis:0/0", PORT),
+    ("broker_url", "redis://gov?x/y:hunter@redis:6379/0", STRAY_AT),  # a ? or # ends the authority: the rest the query
+    ("broker_url", "redis://govrag:hunter#s3cret@redis:6379/0", STRAY_AT),
+    ("qdrant_url", "https://gov?rag:hunter@qdrant:6333", STRAY_AT),
+    ("qdrant_url", "https://gov#x/y:hunter@qdrant:6333", STRAY_AT),
+    ("otel_exporter_otlp_endpoint", "http://govrag:hunter?s3cret@collector:4318/v1/traces", STRAY_AT),
+    ("otel_exporter_otlp_endpoint", "http://gov#rag:hunter@collector:4318/v1/traces", STRAY_AT),
     ("otel_exporter_otlp_endpoint", "http://collector:431800/v1/traces", PORT),  # a digit too many: export errors
     ("qdrant_url", "http://[::1]6333", PORT),  # httpx reads port 6333 after the ], urlsplit none
     ("qdrant_url", "http://[::1]]:6333", PORT),  # urlsplit: host ::1, port 6333; httpx: an invalid IPv6 host
@@ -176,6 +183,30 @@ def test_a_database_url_whose_credentials_the_log_mask_cannot_read_is_refused(ur
     assert "s3cret" not in str(refused.value) and "rag:" not in str(refused.value)
 
 
+@pytest.mark.parametrize(("url", "why"), [
+    ("postgresql+psycopg://gov?x/y:s3cret@db/govrag", STRAY_AT),  # SQLAlchemy: host "gov", the rest the query
+    ("postgresql+psycopg://?x/y:s3cret@db/govrag", STRAY_AT),
+    ("postgresql+psycopg://gov#x?y/z:s3cret@db/govrag", STRAY_AT),
+    ("postgresql+psycopg://gov?rag:s3cret@db/govrag", UNMASKABLE),
+    ("postgresql+psycopg://gov#rag:s3cret@db/govrag", UNMASKABLE),
+    ("postgresql+psycopg://gov?rag@db/govrag", UNMASKABLE),
+    ("postgresql+psycopg://govrag:s3cret?x@db/govrag", UNMASKABLE),
+    ("postgresql+psycopg://govrag:s3cret#x@db:5432/govrag", UNMASKABLE),
+    ("postgresql+psycopg://govrag:s3cret#x@db/govrag?sslmode=require", UNMASKABLE),
+])
+def test_a_database_url_with_an_unencoded_question_mark_or_hash_in_its_credentials_is_refused(url: str,
+                                                                                              why: str) -> None:
+    """`gov?x/y:s3cret@db` was taken: SQLAlchemy read host `gov` and the rest, password and all, as the query, which
+    neither the log mask nor the credential checks read. A `?` or `#` that SQLAlchemy does read in the user name or
+    password ends them for a reader of the URL as RFC 3986 writes it, and for the service URLs' checks: refused alike,
+    saying to percent-encode, quoting none of the URL."""
+    with pytest.raises(ValidationError) as refused:
+        Settings(database_url=url)
+    assert [(error["loc"], error["msg"]) for error in refused.value.errors()] == [(("database_url",),
+                                                                                  f"Value error, {why}")]
+    assert "s3cret" not in str(refused.value) and "rag:" not in str(refused.value)
+
+
 @pytest.mark.parametrize("breaker", sorted(URL_BREAKERS + "\n"))
 @pytest.mark.parametrize(("setting", "url"), [("broker_url", "redis://{userinfo}@redis:6379/0"),
                                               ("qdrant_url", "https://{userinfo}@qdrant:6333"),
@@ -184,9 +215,11 @@ def test_a_service_url_the_settings_take_is_logged_with_its_credentials_masked(s
                                                                                 breaker: str) -> None:
     """As for the database URL: a service URL whose password held a blank (`redis://u:pa ss@redis`, a tab too, which
     urlsplit drops but the logged URL keeps) was taken and logged unmasked. Whatever character a user name or password
-    holds unencoded, a service URL the settings take comes out of the log mask without a piece of either."""
+    holds unencoded (then a `/` in the user name, which ends it for the mask), a service URL the settings take comes
+    out of the log mask without a piece of either."""
     for user, password in (("u5er9x", f"s3c{breaker}r3t"), ("u5er9x", f"{breaker}s3cr3t"),
-                           ("u5er9x", f"s3cr3t{breaker}"), (f"u5e{breaker}r9x", "s3cr3t")):
+                           ("u5er9x", f"s3cr3t{breaker}"), (f"u5e{breaker}r9x", "s3cr3t"),
+                           (f"u5e{breaker}r/9x", "s3cr3t")):
         written = url.format(userinfo=f"{user}:{password}")
         try:
             Settings(**{setting: written})
@@ -199,11 +232,14 @@ def test_a_service_url_the_settings_take_is_logged_with_its_credentials_masked(s
 
 @pytest.mark.parametrize("breaker", sorted(URL_BREAKERS + "\n"))
 def test_a_database_url_the_settings_take_is_logged_with_its_credentials_masked(breaker: str) -> None:
-    """Whatever character a user name or password holds unencoded, a database URL the settings take (as SQLAlchemy
-    reads it) comes out of the log mask without a piece of either: the URL is refused, or masked whole."""
+    """Whatever character a user name or password holds unencoded (then a `/` in the user name, which ends it for the
+    mask), a database URL the settings take (as SQLAlchemy reads it) comes out of the log mask without a piece of
+    either: the URL is refused, or masked whole. `u5e?r/9x:s3cr3t@db` was taken: SQLAlchemy read host `u5e` and the
+    rest as the query, and the mask left it."""
     taken = 0
     for user, password in (("u5er9x", f"s3c{breaker}r3t"), ("u5er9x", f"{breaker}s3cr3t"),
-                           ("u5er9x", f"s3cr3t{breaker}"), (f"u5e{breaker}r9x", "s3cr3t")):
+                           ("u5er9x", f"s3cr3t{breaker}"), (f"u5e{breaker}r9x", "s3cr3t"),
+                           (f"u5e{breaker}r/9x", "s3cr3t")):
         url = f"postgresql+psycopg://{user}:{password}@db:5432/govrag?sslmode=require"
         try:
             Settings(database_url=url)
@@ -211,7 +247,7 @@ def test_a_database_url_the_settings_take_is_logged_with_its_credentials_masked(
             continue
         taken += 1
         assert not any(piece in mask(f"connecting to {url} failed") for piece in ("u5e", "r9x", "s3c", "r3t")), url
-    assert taken or breaker in "@/ \t\n"  # only those make SQLAlchemy, or the mask, read the URL otherwise
+    assert taken or breaker in "@/?# \t\n"  # only those make SQLAlchemy, the mask or RFC 3986 read the URL otherwise
 
 
 @pytest.mark.parametrize("port", ["\uff18\uff10", "+80", "-80", " 80", "80 ", "5_432", "0", "00", "65536", "000080"])
