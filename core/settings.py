@@ -59,8 +59,6 @@ _REDIS_TLS_PARAMETERS: dict[str, tuple[re.Pattern[str], str]] = {
     **dict.fromkeys(("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"), (re.compile(".+", re.DOTALL), "a file's path")),
 }
 _REDIS_QUERY_TAKEN = f"a redis:// URL takes none, a rediss:// URL only {', '.join(_REDIS_TLS_PARAMETERS)}"
-# A query parameter's name a refusal quotes: a name such as a client reads, nothing pasted in.
-_PARAMETER_NAME = re.compile(r"[A-Za-z0-9_]{1,32}")
 # A database URL's user information and its host and port, as SQLAlchemy reads them (sqlalchemy.engine.url's pattern):
 # the user information up to its first `@` (a user name holds no `:` or `/`), the host and port up to a `/` or `?`.
 # Each piece is optional: it matches whatever follows a URL's `://`.
@@ -405,8 +403,8 @@ def service_url(url: str, schemes: Mapping[str, bool], forms: str) -> str:
     """`url` with its scheme in lower case (the code picking a client by it compares it so), once it is
     `scheme://...` with a scheme of `schemes`, a host where the scheme needs one (True), a port from 1 to 65535 if
     it names one, and for Redis a path that is a database's number or nothing and a query both its clients read alike.
-    Else a ValueError saying what to fix in `forms`' terms, quoting at most the scheme (and a query parameter's name):
-    never the host, user name or password."""
+    Else a ValueError saying what to fix in `forms`' terms, quoting at most the scheme (and a TLS query parameter's
+    name, as govrag writes it): never the host, user name, password or anything else of the query."""
     parts = url_parts(url)
     if parts is None or not _SCHEME_THEN_AUTHORITY.match(url):
         raise ValueError(f"is not a URL ({forms})")
@@ -429,16 +427,16 @@ def service_url(url: str, schemes: Mapping[str, bool], forms: str) -> str:
 
 def _require_redis_query(query: str, *, tls: bool, forms: str) -> None:
     """ValueError unless each parameter of a Redis URL's query, decoded as kombu and redis-py decode it, is one of
-    _REDIS_TLS_PARAMETERS (on a rediss:// URL), named once, with a value both read alike; the refusal names the
-    parameter, never its value. redis-py reads `?db=` over the path (`-1` and a fullwidth `１` too), kombu refuses
-    it."""
+    _REDIS_TLS_PARAMETERS (on a rediss:// URL), named once, with a value both read alike. A refusal quotes nothing of
+    the query but a name of _REDIS_TLS_PARAMETERS: any other (a bare `?hunter2`) may be a secret pasted in. redis-py
+    reads `?db=` over the path (`-1` and a fullwidth `１` too), kombu refuses it."""
     named: set[str] = set()
     for name, value in parse_qsl(query, keep_blank_values=True):
         if name.lower() == "db":
-            raise ValueError(f"names its Redis database in the query (?{name}=), which Celery does not read: name it "
-                             f"in the path (/0, /1, ...): use {forms}")
+            raise ValueError("names its Redis database in the query (?db=), which Celery does not read: name it in the "
+                             f"path (/0, /1, ...): use {forms}")
         if not tls or name not in _REDIS_TLS_PARAMETERS:
-            quoted = f" ({name})" if _PARAMETER_NAME.fullmatch(name) else ""
+            quoted = f" ({name})" if name in _REDIS_TLS_PARAMETERS else ""
             raise ValueError(f"holds a query parameter{quoted} that Celery's broker and redis-py do not both read: "
                              f"{_REDIS_QUERY_TAKEN}")
         if name in named:  # kombu reads the last, redis-py the first
