@@ -24,7 +24,7 @@ from api.routers import admin, audit, authz, documents, guard_admin, health, ing
 from authz.dev_issuer import DevIssuer
 from authz.enforcer import get_enforcer
 from authz.tokens import TokenVerifier
-from core import blobs, keystore, migrate, timing
+from core import blobs, broker, keystore, migrate, timing
 from core.cache import Rechecked
 from core.errors import ErrorCode, loading
 from core.logs import configure_logging, request_id_var
@@ -138,7 +138,7 @@ def _ready(celery: GovragCelery, settings: Settings) -> Background:
     gc.freeze()
     worker = InProcessWorker(celery) if settings.inprocess_worker else None
     sweeper = _sweeper(celery, settings)
-    if worker is not None and settings.broker_url.startswith("memory://"):
+    if worker is not None and broker.is_in_memory(settings.broker_url):
         resend_unfinished(celery)  # the in-memory broker starts empty: what was queued is gone
         if sweeper is None:  # no sweep sends a job never sent (its API died before): the start does
             send_unsent(celery, older_than_seconds=0)

@@ -152,7 +152,9 @@ def _queue(session: Session, settings: Settings, args: argparse.Namespace, depar
 def _send(settings: Settings, jobs: list[tuple[str, str]]) -> int:
     """Send the new jobs to a shared broker as the API does (`dispatch.send_jobs`): how many went out. The embedded
     default's broker lives in `govrag serve`'s memory: its sweep sends them (as any job left unsent)."""
-    if settings.broker_url.startswith("memory://"):
+    from core import broker
+
+    if broker.is_in_memory(settings.broker_url):
         return 0
     from workers.celery_app import create_celery
     from workers.dispatch import send_jobs

@@ -14,6 +14,11 @@ def is_redis(broker_url: str) -> bool:
     return broker_url.startswith(("redis://", "rediss://"))
 
 
+def is_in_memory(broker_url: str) -> bool:
+    """True on the in-process `memory://` broker, which lives in one process's memory and starts empty."""
+    return broker_url.startswith("memory://")
+
+
 def socket_timeouts(settings: Settings) -> dict[str, float]:
     """`broker_socket_timeout_seconds` for each socket operation and for each connection attempt."""
     return {"socket_timeout": settings.broker_socket_timeout_seconds,

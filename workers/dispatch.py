@@ -323,7 +323,7 @@ def _broker_reader(broker_url: str) -> Callable[[GovragCelery], set[str]] | None
     broker this cannot read."""
     if broker.is_redis(broker_url):
         return _jobs_on_redis
-    if broker_url.startswith("memory://"):
+    if broker.is_in_memory(broker_url):
         return _jobs_in_memory
     return None
 
