@@ -52,10 +52,11 @@ _SECRET_MASKS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\b(?:sk|pk|rk|ghp|gho|xox[abp])[-_][A-Za-z0-9_-]{16,}\b"), "<SECRET>"),
     # A URL's user name and password (the user may be empty), in a scheme of any case: up to the last `@` before the
     # first `/` after the scheme (RFC 3986 3.2 ends the user information at the authority's last `@`), so an `@` in a
-    # password is masked with all of it. A `?` or `#` does not end it: SQLAlchemy reads a database URL's password up
-    # to its `@` (`govrag:pa#ss@db` is taken, password `pa#ss`). Each piece is read once, for a line of any length:
-    # a scheme from the start of a run of scheme characters only (the lookbehind; what precedes its first letter,
-    # `...` or `1`, kept), the user name up to its first `:`.
+    # password is masked with all of it. A `?` or `#` does not end it, as it does not for SQLAlchemy, which reads a
+    # database URL's password up to its `@` (`govrag:pa#ss@db`, password `pa#ss`): the settings refuse either unencoded
+    # in a URL's user name or password, and a URL logged from elsewhere holding one is masked whole. Each piece is read
+    # once, for a line of any length: a scheme from the start of a run of scheme characters only (the lookbehind; what
+    # precedes its first letter, `...` or `1`, kept), the user name up to its first `:`.
     (re.compile(r"(?i)(?<![a-z0-9+.-])([0-9+.-]*)[a-z][a-z0-9+.-]*://[^\s/:]*:[^\s/]*@"),
      r"\1<URL_WITH_CREDENTIALS>@"),
 )

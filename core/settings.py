@@ -69,8 +69,8 @@ _ENCODE_CREDENTIALS = "in a user name or password, percent-encode any @ : / ? #"
 _PORT_REFUSAL = f"{NO_USABLE_PORT} ({_ENCODE_CREDENTIALS})"
 _STRAY_AT_REFUSAL = f"holds an @ after its host ({_ENCODE_CREDENTIALS})"
 # A `/` or a blank in a database URL's user information, which SQLAlchemy reads in it, but the log mask does not; a `?`
-# or `#`, which ends it for a reader of URLs as RFC 3986 writes them, and for SQLAlchemy where a `/` follows in a user
-# name (the rest read as the URL's query, unmasked).
+# or `#`, which RFC 3986 allows in no user information (a reader following it ends the authority there, as the service
+# URLs' checks do), and SQLAlchemy too where a `/` follows in a user name (the rest read as the URL's query, unmasked).
 _UNMASKABLE_CREDENTIALS = re.compile(r"[/?#\s]")
 _URL_AUTHORITY_END = re.compile(r"[/?#]")
 _UNMASKABLE_CREDENTIALS_REFUSAL = ("holds a /, ?, # or a blank in its user name or password, which may end it early "

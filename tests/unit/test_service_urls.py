@@ -155,10 +155,12 @@ def test_settings_refuse_a_port_or_an_at_sign_no_client_reads_without_quoting_th
 
 @pytest.mark.parametrize("url", ["postgresql+psycopg://govrag:hunter%402%3As3cret%2Fx@127.0.0.1:5432/govrag",
                                  "postgresql+psycopg://govrag:s3cret%2Fx@127.0.0.1:65535/govrag",
+                                 "postgresql+psycopg://gov%3Fr%23ag:s3%3Fc%23ret%40x%2Fy@127.0.0.1:5432/govrag",
                                  "postgresql+psycopg://govrag:s3cret@127.0.0.1:0080/govrag", "sqlite:///govrag.db",
                                  "sqlite:////srv/govrag@prod/govrag.db"])
 def test_settings_take_a_database_url_whose_port_and_password_read_as_written(url: str) -> None:
-    """A '/' in a password percent-encoded (SQLAlchemy decodes it); an '@' in an SQLite file's path."""
+    """A '/', '?', '#' or '@' in a user name or password percent-encoded (SQLAlchemy decodes them); an '@' in an SQLite
+    file's path."""
     assert Settings(database_url=url).database_url == url
 
 
