@@ -8,7 +8,9 @@ sparse row per text: about a quarter of the time. The matrix is the same, value 
 HashingVectorizer on every eval prompt and on Unicode edge cases).
 
 The cache holds words of recent questions in this process's memory only (never written anywhere, never logged),
-at most CACHE_WORDS of them.
+at most CACHE_WORDS of them, each at most MAX_CACHED_WORD characters long: a longer word (a run of symbols, a pasted
+key) is hashed each time rather than kept, so hostile questions full of long distinct words cannot grow the cache
+(about 9,000 columns for one 3,000-character word: up to gigabytes over CACHE_WORDS entries) beyond about 20 MiB.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from scipy import sparse
 from sklearn.utils import murmurhash3_32
 from sklearn.utils.sparsefuncs_fast import inplace_csr_row_normalize_l2
 
-CACHE_WORDS = 2**15  # ~8 MiB: each word's columns are kept as packed int32 bytes
+CACHE_WORDS = 2**15  # each word's columns are kept as packed int32 bytes
+MAX_CACHED_WORD = 32  # characters: an entry holds at most 93 columns (4 bytes each) besides its word
 _MOST_NEGATIVE = -(2**31)
 
 
@@ -46,7 +49,7 @@ class WordCharNgrams:
         indptr, indices, counts = [0], [], []
         for text in texts:
             # HashingVectorizer collapses runs of `\s` first; str.split() splits on the same characters anyway
-            packed = b"".join(self._word_columns(word) for word in text.lower().split())
+            packed = b"".join(self._packed_columns(word) for word in text.lower().split())
             unique, count = np.unique(np.frombuffer(packed, dtype=np.int32), return_counts=True)
             indices.append(unique)
             counts.append(count.astype(np.float32))
@@ -54,6 +57,10 @@ class WordCharNgrams:
         matrix = sparse.csr_matrix((np.concatenate(counts), np.concatenate(indices), np.asarray(indptr)),
                                    shape=(len(texts), self.n_features), dtype=np.float32)
         return l2_normalised(matrix)
+
+    def _packed_columns(self, word: str) -> bytes:
+        """The columns of a word's n-grams: from the cache, or hashed afresh for a word too long to keep."""
+        return self._word_columns(word) if len(word) <= MAX_CACHED_WORD else self._columns_of_word(word)
 
     def _columns_of_word(self, word: str) -> bytes:
         """The columns of a word's n-grams (packed int32), padded with a space each side; a word shorter than n

@@ -36,7 +36,7 @@ from guard.firewall import (
     question_vectors,
     rule_hits,
 )
-from guard.hashed_ngrams import WordCharNgrams
+from guard.hashed_ngrams import MAX_CACHED_WORD, WordCharNgrams
 from guard.injection import (
     MAX_SEGMENT_CHARS,
     REMOVED,
@@ -690,7 +690,9 @@ def test_shape_features_count_characters_one_by_one(raw: str) -> None:
 
 
 EDGE_TEXTS = ["", "   ", "a", "ab", "abc", "A  B\t\tC\n\nD", "x\u00a0y\u2003z\u200bw", "ÄÖÜ STRASSE straße İstanbul ǅ",
-              "😀😀😀 emoji 中文 العربية", "Ĳ ﬁ ß ΑΒΓ", "word " * 50]
+              "😀😀😀 emoji 中文 العربية", "Ĳ ﬁ ß ΑΒΓ", "word " * 50,
+              # words longer than the cache keeps, hashed afresh each time
+              "a" * (MAX_CACHED_WORD + 1), "Schadensersatzansprüche" * 2 + " short", "😀" * 40 + " Ünïcödé_" * 5]
 
 
 @pytest.mark.parametrize("n_features", [2**18, 7])
@@ -706,6 +708,16 @@ def test_cached_char_ngrams_equal_scikit_learns_hashing_vectorizer(n_features: i
         assert np.array_equal(got.indptr, expected.indptr) and np.array_equal(got.indices, expected.indices)
         assert np.array_equal(got.data, expected.data)
     assert cached.transform([]).shape == (0, n_features)
+
+
+def test_the_char_ngram_cache_keeps_no_word_longer_than_its_bound() -> None:
+    """A long word (a pasted key, a run of symbols) is hashed afresh, not kept: hostile questions full of long distinct
+    words cannot grow the cache to CACHE_WORDS words of thousands of characters (gigabytes)."""
+    cached = WordCharNgrams(ngram_range=(3, 5), n_features=2**18)
+    cached.transform([f"{index:0{MAX_CACHED_WORD + 1}d} {'x' * 3000}{index}" for index in range(50)])
+    assert cached._word_columns.cache_info().currsize == 0
+    cached.transform(["short words are kept"])
+    assert cached._word_columns.cache_info().currsize == 4
 
 
 def test_featurise_builds_the_matrix_scipys_hstack_of_scikit_learns_vectorisers_does() -> None:
