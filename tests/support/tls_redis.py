@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import select
+import selectors
 import socket
 import socketserver
 import ssl
@@ -83,16 +83,31 @@ class _Relay(socketserver.BaseRequestHandler):
             with self.server.context.wrap_socket(self.request, server_side=True) as tls, \
                     socket.create_connection(self.server.target, timeout=_IO_SECONDS) as plain:
                 peer = {tls: plain, plain: tls}
-                while not self.server.closing.is_set():
-                    # decrypted bytes already read off the socket are not seen by select
-                    readable = [tls] if tls.pending() else select.select(list(peer), [], [], _POLL_SECONDS)[0]
-                    for source in readable:
-                        data = source.recv(65536)
-                        if not data:
-                            return
-                        peer[source].sendall(data)
+                with _watching(peer) as watcher:
+                    while not self.server.closing.is_set():
+                        # decrypted bytes already read off the socket are not seen by the selector
+                        readable = [tls] if tls.pending() else [key.fileobj for key, _ in
+                                                                 watcher.select(_POLL_SECONDS)]
+                        for source in readable:
+                            data = source.recv(65536)
+                            if not data:
+                                return
+                            peer[source].sendall(data)
         except OSError:  # a client refusing the handshake, gone, or stalled
             return
+
+
+@contextmanager
+def _watching(sockets: dict[socket.socket, socket.socket]) -> Iterator[selectors.BaseSelector]:
+    """A selector (epoll here) over `sockets`' reads: select.select refuses a descriptor numbered 1024 or more, which a
+    long test run in one process reaches."""
+    watcher = selectors.DefaultSelector()
+    try:
+        for sock in sockets:
+            watcher.register(sock, selectors.EVENT_READ)
+        yield watcher
+    finally:
+        watcher.close()
 
 
 class _TlsRelayServer(socketserver.ThreadingTCPServer):
