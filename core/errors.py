@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copyreg
 import errno
 import logging
 import os
@@ -11,9 +10,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from sqlalchemy import exc as db_errors
+
+from core.error_pickling import UnpickledAsRaised
 
 logger = logging.getLogger(__name__)
 
@@ -55,17 +56,6 @@ class ErrorCode(Enum):
 _INPUT_REFUSALS = frozenset({ErrorCode.invalid_request, ErrorCode.unauthenticated, ErrorCode.forbidden,
                              ErrorCode.not_found, ErrorCode.conflict, ErrorCode.duplicate_upload,
                              ErrorCode.payload_too_large, ErrorCode.unsupported_type})
-
-
-class UnpickledAsRaised(Exception):
-    """The base of every govrag exception whose `__init__` builds its line from other arguments (core.errors',
-    core.keystore's, ingestion.keys'): it pickles whole (a Celery worker's crosses the pool's pipe so; `copy.copy`
-    too). Unpickled, it is the one raised, its `args` and attributes (message, code, dependency, path, ...) as they
-    were, its `__init__` not called again. Python's default calls it again with `args`, the line it built: a line
-    built twice ("the the database is unavailable is unavailable") or a TypeError, not the error raised."""
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return copyreg.__newobj__, (type(self), *self.args), self.__dict__
 
 
 class GovragError(UnpickledAsRaised):

@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 
 from core import forksafe, urls
+from core.error_pickling import UnpickledAsRaised
 
 
 class TooSlow(ValueError):
@@ -69,7 +70,7 @@ def api_url(url: str) -> str:
     return url
 
 
-class BodyRefused(ValueError):
+class BodyRefused(UnpickledAsRaised, ValueError):
     """A response whose body is not read to its end; `status_code` is its HTTP status."""
 
     def __init__(self, status_code: int, reason: str) -> None:

@@ -36,12 +36,12 @@ from sqlalchemy.orm import Session, aliased
 from core import crypto, forksafe
 from core.cache import BoundedCache
 from core.db import is_postgres, transaction_lock, unit_of_work
+from core.error_pickling import UnpickledAsRaised
 from core.errors import (
     MasterKeyFileMissing,
     MasterKeyFileUnreadable,
     MasterKeyRefused,
     MasterKeyVersionMissing,
-    UnpickledAsRaised,
 )
 from core.models import Document, MasterKeyVerifier, WrappedKey
 from core.settings import DEFAULT_KEY_CACHE_SECONDS, Settings

@@ -17,7 +17,7 @@ from audit.schemas import AdminEventType
 from authz import service as authz_service
 from authz.identity import Identity
 from core.db import unit_of_work
-from core.errors import UnpickledAsRaised
+from core.error_pickling import InterruptUnpickledAsRaised, UnpickledAsRaised
 from core.keystore import KeyStore, keystore_for
 from core.settings import Settings
 from ingestion import repository
@@ -102,7 +102,7 @@ class OldMasterVersionsKept(UnpickledAsRaised):
         self.report = report
 
 
-class OldMasterVersionsKeptInterrupted(KeyboardInterrupt):
+class OldMasterVersionsKeptInterrupted(InterruptUnpickledAsRaised):
     """What `OldMasterVersionsKept` says (the rotation done and audited, `report`), the dropping cut by a Ctrl-C.
     Still a KeyboardInterrupt: a caller that does not look for it stops as on any Ctrl-C (`except Exception` does
     not swallow it)."""

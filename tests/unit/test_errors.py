@@ -1,10 +1,11 @@
-"""`unavailable_dependency`: the one way to ask whether a failure is an outage, and of which dependency; the errors of
-core.errors pickled and unpickled as they were raised."""
+"""`unavailable_dependency`: the one way to ask whether a failure is an outage, and of which dependency; every error
+govrag defines pickled and unpickled as it was raised."""
 
 from __future__ import annotations
 
 import importlib
 import pickle
+import pkgutil
 import zipfile
 from pathlib import Path
 
@@ -12,8 +13,12 @@ import pytest
 from safetensors import SafetensorError
 from sqlalchemy.exc import OperationalError
 
+from api.app import BodyTooLarge
 from authz.tokens import IdPURLRefused, VerifierSettingsRefused
-from core import errors
+from core import migrate
+from core.blobs import GarbledMarker
+from core.crypto import DecryptionError
+from core.error_pickling import InterruptUnpickledAsRaised, UnpickledAsRaised
 from core.errors import (
     AddressUnusable,
     BrokenInstall,
@@ -33,9 +38,16 @@ from core.errors import (
     reading_tokenizer,
     unavailable_dependency,
 )
+from core.http import BodyRefused, CredentialsInURL, NotDecodable, TooLarge, TooSlow, UnusablePort, URLRefused
 from core.keystore import DepartmentKeyMissing, DepartmentKeyUnreadable
-from ingestion.keys import MasterRotationReport, OldMasterVersionsKept
+from guard.redteam import CorpusError, TokenRefused
+from ingestion.keys import MasterRotationReport, OldMasterVersionsKept, OldMasterVersionsKeptInterrupted
+from ingestion.sandbox import Abandoned, ProgramMissing
+from ingestion.scratch import Terminated
 from ingestion.service import DuplicateUpload
+from retrieval.gguf_file import NotWholeGGUF
+from retrieval.models import ModelError
+from workers.tasks import TransientFault
 
 
 def _raised(failure: BaseException, cause: BaseException | None) -> BaseException:
@@ -128,8 +140,8 @@ def test_a_bare_exception_is_a_broken_install_only_from_a_tokenizer_load() -> No
         raise TypeError("a bug stays one")
 
 
-# One of each error core.errors defines and of each subclass of one (those of SUBCLASSING_MODULES too), raised as the
-# code raises it.
+# One of each error govrag defines (GOVRAG_PACKAGES), raised as the code raises it.
+_ROTATED = MasterRotationReport(new_version=3, keys_rewrapped=4, retired_versions=(1, 2))
 RAISED = [
     GovragError(ErrorCode.not_found, "document not found"),
     Unavailable("database"),
@@ -149,44 +161,68 @@ RAISED = [
     IdPURLRefused("GOVRAG_OIDC_ISSUER is not an https URL"),
     DepartmentKeyUnreadable("hr"),
     DepartmentKeyMissing("hr"),
-    OldMasterVersionsKept(MasterRotationReport(new_version=3, keys_rewrapped=4, retired_versions=(1, 2))),
+    OldMasterVersionsKept(_ROTATED),
+    OldMasterVersionsKeptInterrupted(_ROTATED),
     DuplicateUpload("0b6f7f1e-4f61-4b8e-9c3e-2f1a5d7c9e01"),
+    BodyTooLarge(),
+    GarbledMarker(),
+    DecryptionError("ciphertext failed authentication"),
+    TooSlow("no complete response within 10 s"),
+    URLRefused("must be an http(s) URL, such as http://127.0.0.1:8000"),
+    CredentialsInURL("must not hold a user name or password (user:password@)"),
+    UnusablePort("must name a port from 1 to 65535"),
+    BodyRefused(502, "the body is cut short"),
+    TooLarge(200, "the body is over 1048576 bytes"),
+    NotDecodable(200, "the body is not valid gzip"),
+    migrate.MigrationError("cannot migrate"),
+    migrate.DatabaseUnreachable("cannot reach the database at 127.0.0.1:5432: connection refused"),
+    migrate.UnknownRevision("database schema is at 9999, which this release does not know"),
+    migrate.SchemaMismatch("database schema is at 0015, this release needs 0016: run govrag migrate"),
+    migrate.DeploymentMissing("the database records no deployment id"),
+    migrate.DowngradeRefused("refusing to undo revision 0016"),
+    migrate.MigrationInterrupted("interrupted; the database is at 0015 (run govrag migrate again to finish)"),
+    TokenRefused(),
+    CorpusError("no eval-split attack in the corpus in /srv/corpus"),
+    Abandoned(),
+    ProgramMissing(2, "No such file or directory", "pdftotext"),
+    Terminated(),
+    NotWholeGGUF("it does not start as a GGUF file does"),
+    ModelError("RuntimeError"),
+    TransientFault("OperationalError"),
 ]
-# The modules whose errors subclass one of core.errors': imported before their subclasses are looked for, so a new one
-# there is found whichever tests ran first.
-SUBCLASSING_MODULES = ("authz.tokens", "core.keystore", "ingestion.keys", "ingestion.service")
+# The packages whose every module is imported before their errors are looked for, so a new one is found whichever
+# tests ran first (pyproject's packages but migrations, whose env.py runs a migration as it is imported).
+GOVRAG_PACKAGES = ("api", "audit", "authz", "core", "guard", "ingestion", "retrieval", "workers")
 
 
 def _error_kinds() -> set[type[BaseException]]:
-    """Every public exception class core.errors defines, and every subclass of one in SUBCLASSING_MODULES (or any
-    other module loaded), UnpickledAsRaised itself (a base, never raised) left out."""
-    for module in SUBCLASSING_MODULES:
-        importlib.import_module(module)
-    pending = [kind for kind in vars(errors).values() if isinstance(kind, type) and issubclass(kind, BaseException)
-               and kind.__module__ == errors.__name__ and not kind.__name__.startswith("_")]
-    found: set[type[BaseException]] = set()
-    while pending:
-        kind = pending.pop()
-        found.add(kind)
-        pending.extend(kind.__subclasses__())
-    return {kind for kind in found if not kind.__name__.startswith("_")} - {errors.UnpickledAsRaised}
+    """Every public exception class a module of GOVRAG_PACKAGES defines, the pickling bases (never raised) left out."""
+    modules = [importlib.import_module(info.name) for package in GOVRAG_PACKAGES
+               for info in pkgutil.walk_packages(importlib.import_module(package).__path__, f"{package}.")]
+    return {kind for module in modules for kind in vars(module).values()
+            if isinstance(kind, type) and issubclass(kind, BaseException) and kind.__module__ == module.__name__
+            and not kind.__name__.startswith("_")} - {UnpickledAsRaised, InterruptUnpickledAsRaised}
 
 
-def test_every_error_of_core_errors_is_checked_for_pickling() -> None:
-    """A new error (or subclass of one) is in RAISED, so the test below checks that it pickles whole."""
+def test_every_error_govrag_defines_is_checked_for_pickling() -> None:
+    """A new error (or subclass of one) anywhere in govrag is in RAISED, so the test below checks that it pickles
+    whole. The check looked only at core.errors' errors and their subclasses: OldMasterVersionsKeptInterrupted (a
+    KeyboardInterrupt) and core.http's BodyRefused (its status an argument) were not among them, and neither came back
+    from a pickle (a TypeError)."""
     assert {type(error) for error in RAISED} == _error_kinds()
 
 
 @pytest.mark.parametrize("raised", RAISED, ids=lambda error: type(error).__name__)
-def test_an_error_unpickles_as_it_was_raised(raised: Exception) -> None:
+def test_an_error_unpickles_as_it_was_raised(raised: BaseException) -> None:
     """A Celery worker's exception crosses the pool's pipe pickled: `Unavailable("database")` came back saying "the the
     database is unavailable is unavailable" (its built line passed to its `__init__` again), a department key
-    unreadable with its line built twice, a GovragError, a master key refused or old master versions kept as a
-    TypeError or an AttributeError. Its line, its args and every field (code, dependency, path, ...) are kept."""
+    unreadable with its line built twice, a GovragError, a master key refused, old master versions kept (a Ctrl-C
+    cutting their removal too) or a body refused as a TypeError or an AttributeError. Its line, its args and every
+    field (code, dependency, path, status, ...) are kept."""
     assert _as_said(pickle.loads(pickle.dumps(raised))) == _as_said(raised)  # noqa: S301 - pickled here
 
 
-def _as_said(error: Exception) -> tuple[object, ...]:
+def _as_said(error: BaseException) -> tuple[object, ...]:
     """What an error says: its type, line and args, its attributes, and an OSError's own (not among them)."""
     said_by_os = tuple(getattr(error, name) for name in ("errno", "strerror", "filename", "filename2")
                        if isinstance(error, OSError))
