@@ -21,6 +21,9 @@ from core.logs import exception_frames, request_id_var
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 5
+# The kill switch's `disabled` has no known end (an admin sets it back): a client or load balancer that honours
+# Retry-After backs off a minute at a time rather than asking again at once, and asks again within a minute of it.
+KILL_SWITCH_RETRY_AFTER_SECONDS = 60
 KEY_PLACEHOLDER = "<key>"  # a submitted dict key in a validation error's location: the client's text, never echoed
 REQUEST_PARTS = ("body", "query", "path", "header", "cookie", "[key]")  # [key]: pydantic's mark of a bad dict key
 
@@ -55,7 +58,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorBody, "description": "Invalid request (a field named, its value never echoed)"},
     "4XX": {"model": ErrorBody, "description": "Refused: bad input, no or bad token, not allowed, not found, ..."},
     "5XX": {"model": ErrorBody, "description": ("Internal error, a dependency unavailable (503, Retry-After), or "
-                                                 "answering switched off (503 kill_switch_disabled)")},
+                                                 "answering switched off (503 kill_switch_disabled, Retry-After)")},
 }
 
 
@@ -79,7 +82,7 @@ def install_error_handlers(app: FastAPI) -> None:
         # that outage's 503, whatever its code, as the CLI and a worker tell it (`unavailable_dependency`).
         if (outage := _outage_response(exc)) is not None:
             return outage
-        return error_response(exc.code.status, exc.code.name, exc.message)
+        return error_response(exc.code.status, exc.code.name, exc.message, _retry_after(exc.code))
 
     @app.exception_handler(MasterKeyRefused)
     async def _master_key(_request: Request, exc: MasterKeyRefused) -> JSONResponse:
@@ -111,6 +114,14 @@ def install_error_handlers(app: FastAPI) -> None:
         code = _HTTP_CODES.get(exc.status_code, ErrorCode.invalid_request)
         message = _parse_problem(exc) or (exc.detail if isinstance(exc.detail, str) else "request failed")
         return error_response(exc.status_code, code.name, message, headers=exc.headers)  # a 405's Allow, say
+
+
+def _retry_after(code: ErrorCode) -> dict[str, str] | None:
+    """The Retry-After of the kill switch's 503, whose end no one knows (an outage's is `_outage_response`'s); None
+    for any other code."""
+    if code is not ErrorCode.kill_switch_disabled:
+        return None
+    return {"Retry-After": str(KILL_SWITCH_RETRY_AFTER_SECONDS)}
 
 
 def _parse_problem(exc: StarletteHTTPException) -> str | None:
