@@ -3,9 +3,7 @@ govrag defines pickled and unpickled as it was raised."""
 
 from __future__ import annotations
 
-import importlib
 import pickle
-import pkgutil
 import zipfile
 from pathlib import Path
 
@@ -47,6 +45,7 @@ from ingestion.scratch import Terminated
 from ingestion.service import DuplicateUpload
 from retrieval.gguf_file import NotWholeGGUF
 from retrieval.models import ModelError
+from tests.support.project_modules import project_modules
 from workers.tasks import TransientFault
 
 
@@ -140,7 +139,7 @@ def test_a_bare_exception_is_a_broken_install_only_from_a_tokenizer_load() -> No
         raise TypeError("a bug stays one")
 
 
-# One of each error govrag defines (GOVRAG_PACKAGES), raised as the code raises it.
+# One of each error a module of govrag defines (tests.support.project_modules), raised as the code raises it.
 _ROTATED = MasterRotationReport(new_version=3, keys_rewrapped=4, retired_versions=(1, 2))
 RAISED = [
     GovragError(ErrorCode.not_found, "document not found"),
@@ -190,16 +189,11 @@ RAISED = [
     ModelError("RuntimeError"),
     TransientFault("OperationalError"),
 ]
-# The packages whose every module is imported before their errors are looked for, so a new one is found whichever
-# tests ran first (pyproject's packages but migrations, whose env.py runs a migration as it is imported).
-GOVRAG_PACKAGES = ("api", "audit", "authz", "core", "guard", "ingestion", "retrieval", "workers")
 
 
 def _error_kinds() -> set[type[BaseException]]:
-    """Every public exception class a module of GOVRAG_PACKAGES defines, the pickling bases (never raised) left out."""
-    modules = [importlib.import_module(info.name) for package in GOVRAG_PACKAGES
-               for info in pkgutil.walk_packages(importlib.import_module(package).__path__, f"{package}.")]
-    return {kind for module in modules for kind in vars(module).values()
+    """Every public exception class a module of govrag defines, the pickling bases (never raised) left out."""
+    return {kind for module in project_modules() for kind in vars(module).values()
             if isinstance(kind, type) and issubclass(kind, BaseException) and kind.__module__ == module.__name__
             and not kind.__name__.startswith("_")} - {UnpickledAsRaised, InterruptUnpickledAsRaised}
 

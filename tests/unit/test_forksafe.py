@@ -3,8 +3,6 @@ a gunicorn-style worker forked while another thread of the parent held one would
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 import threading
 from collections.abc import Callable
 from types import FunctionType, ModuleType
@@ -15,20 +13,10 @@ from celery.local import Proxy
 
 from core import forksafe, metrics
 from tests.support.forking import exit_code_of_child_forked_holding
+from tests.support.project_modules import project_modules
 
-PACKAGES = ("api", "audit", "authz", "core", "guard", "ingestion", "retrieval", "workers")
 LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()), threading._PyRLock,  # type: ignore[attr-defined]
               threading.Condition, threading.Semaphore, threading.Event, threading.Barrier)
-
-
-def _project_modules() -> list[ModuleType]:
-    modules = []
-    for name in PACKAGES:
-        package = importlib.import_module(name)
-        modules.append(package)
-        modules += [importlib.import_module(found.name)
-                    for found in pkgutil.walk_packages(package.__path__, f"{name}.")]
-    return modules
 
 
 def _module_level_locks() -> dict[str, tuple[object, Callable[[], Any]]]:
@@ -37,7 +25,7 @@ def _module_level_locks() -> dict[str, tuple[object, Callable[[], Any]]]:
     may replace its lock)."""
     found: dict[str, tuple[object, Callable[[], Any]]] = {}
     seen: set[int] = set()
-    for module in _project_modules():
+    for module in project_modules():
         for name, value in vars(module).items():
             # A Celery proxy forwards to the current app, Celery's own (finalised before Celery forks)
             if isinstance(value, (ModuleType, type, FunctionType, Proxy)) or id(value) in seen:

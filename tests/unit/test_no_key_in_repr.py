@@ -4,9 +4,7 @@ locals show. `Signer` (audit) showed the checkpoint key, `DocumentKey` (core) a 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
-import pkgutil
 import typing
 from collections.abc import Iterator
 
@@ -14,6 +12,7 @@ import pytest
 
 from audit.integrity import Signer
 from core.keystore import DocumentKey, KeyState
+from tests.support.project_modules import project_modules
 
 # The packages that hold key material (the key store, the audit checkpoint key, ingestion's document keys) and take
 # tokens (authz).
@@ -22,13 +21,11 @@ PACKAGES = ("core", "audit", "ingestion", "authz")
 
 def _record_classes() -> Iterator[type]:
     """Every dataclass and NamedTuple defined in PACKAGES."""
-    for package in PACKAGES:
-        modules = pkgutil.walk_packages(importlib.import_module(package).__path__, f"{package}.")
-        for module in (importlib.import_module(info.name) for info in modules):
-            for cls in vars(module).values():
-                if inspect.isclass(cls) and cls.__module__ == module.__name__ and (
-                        dataclasses.is_dataclass(cls) or (issubclass(cls, tuple) and hasattr(cls, "_fields"))):
-                    yield cls
+    for module in project_modules(PACKAGES):
+        for cls in vars(module).values():
+            if inspect.isclass(cls) and cls.__module__ == module.__name__ and (
+                    dataclasses.is_dataclass(cls) or (issubclass(cls, tuple) and hasattr(cls, "_fields"))):
+                yield cls
 
 
 def _shown_bytes_fields(cls: type) -> list[str]:
