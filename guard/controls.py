@@ -7,7 +7,9 @@ import logging
 import secrets
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import redis
 from sqlalchemy.orm import Session
@@ -24,6 +26,7 @@ from guard.schemas import GLOBAL_SCOPE, KillMode
 logger = logging.getLogger(__name__)
 SYSTEM_IDENTITY = Identity(subject=f"{SYSTEM_PREFIX}guard", groups=(), is_platform_admin=True)
 _MODE_ORDER = {GuardMode.off: 0, GuardMode.flag: 1, GuardMode.block: 2}
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -160,18 +163,70 @@ class _TripWindow:
             return bool(self._hits.pop(department, None))
 
 
+# After the shared counter's Redis fails, guard hits count in this process (as on failure) for this long; then one
+# hit tries Redis again. A hung Redis holds one guard hit per cool-down for `broker_socket_timeout_seconds`, not each.
+REDIS_COOL_DOWN_SECONDS = 5.0
+
+
+class _RedisBreaker:
+    """Closed: every hit counts in Redis. Open (Redis failed): hits count in this process until the cool-down since
+    the failure has passed, then the one hit that asks first probes Redis (the others wait another cool-down);
+    an answer closes it. Each opening and closing is logged once."""
+
+    def __init__(self) -> None:
+        self._lock = forksafe.lock()
+        self._failed_at: float | None = None  # monotonic time of the last failure or probe; None while closed
+
+    def admits(self) -> bool:
+        """Whether this hit may try Redis: always while closed, once per cool-down while open."""
+        with self._lock:
+            now = time.monotonic()
+            if self._failed_at is not None and now - self._failed_at < REDIS_COOL_DOWN_SECONDS:
+                return False
+            if self._failed_at is not None:
+                self._failed_at = now  # this hit probes; the others count in this process meanwhile
+            return True
+
+    def failed(self) -> None:
+        with self._lock:
+            opening, self._failed_at = self._failed_at is None, time.monotonic()
+        if opening:
+            logger.warning("guard hit counter: Redis failed; counting in this process, trying Redis again after %s s",
+                           REDIS_COOL_DOWN_SECONDS)
+
+    def answered(self) -> None:
+        with self._lock:
+            closing, self._failed_at = self._failed_at is not None, None
+        if closing:
+            logger.warning("guard hit counter: Redis answers again; counting in Redis")
+
+
 class _RedisTripCounter:
     """Guard hits per department in the last minute, shared by every replica: a Redis sorted set of hit times
-    (older ones trimmed on each hit) that expires a minute after the last hit."""
+    (older ones trimmed on each hit) that expires a minute after the last hit. Each Redis call passes the breaker."""
 
     def __init__(self, client: redis.Redis, namespace: str) -> None:
         self._client = client
         self._namespace = namespace
+        self.breaker = _RedisBreaker()
 
     def _key(self, department: str) -> str:
         return f"govrag:guard-hits:{self._namespace}:{department}"
 
+    def _through_breaker(self, call: Callable[[], T]) -> T:
+        """`call`'s result; a RedisError opens the breaker (and is raised), an answer closes it."""
+        try:
+            result = call()
+        except redis.RedisError:
+            self.breaker.failed()
+            raise
+        self.breaker.answered()
+        return result
+
     def add(self, department: str) -> int:
+        return self._through_breaker(lambda: self._add(department))
+
+    def _add(self, department: str) -> int:
         key, now = self._key(department), time.time()
         pipe = self._client.pipeline()  # MULTI/EXEC: the four steps apply together
         pipe.zadd(key, {f"{now:.6f}-{secrets.token_hex(4)}": now})
@@ -183,7 +238,7 @@ class _RedisTripCounter:
 
     def claim(self, department: str) -> bool:
         """Reset the department's window; DEL is atomic, so exactly one replica wins the trip."""
-        return bool(self._client.delete(self._key(department)))
+        return self._through_breaker(lambda: bool(self._client.delete(self._key(department))))
 
 
 _TRIPS = _TripWindow()
@@ -193,7 +248,8 @@ forksafe.rebuilt_in_child(_REDIS_COUNTERS)  # a forked child makes its own Redis
 
 
 def _trip_counter(settings: Settings) -> _TripWindow | _RedisTripCounter:
-    """Redis when the deployment has it (the broker URL), so replicas count together; else this process."""
+    """Redis when the deployment has it (the broker URL), so replicas count together, unless its breaker is open;
+    else this process."""
     if not broker.is_redis(settings.broker_url):
         return _TRIPS
     # One deployment = one database: replicas of it share counters, other deployments on the same Redis do not.
@@ -202,13 +258,15 @@ def _trip_counter(settings: Settings) -> _TripWindow | _RedisTripCounter:
         key = (settings.broker_url, settings.broker_socket_timeout_seconds, namespace)
         if key not in _REDIS_COUNTERS:
             _REDIS_COUNTERS[key] = _RedisTripCounter(broker.redis_client(settings), namespace)
-        return _REDIS_COUNTERS[key]
+        counter = _REDIS_COUNTERS[key]
+    return counter if counter.breaker.admits() else _TRIPS
 
 
 def record_guard_hit(*, session: Session, settings: Settings, departments: list[str], kind: str) -> list[str]:
     """Count a blocked injection or output-guard hit; departments over the limit go to retrieval_only. Once Redis
     fails, the hit's further departments count in this process: a hung Redis holds the query for a socket timeout
-    once, not once per department it searched."""
+    once, not once per department it searched; and so do later hits until `REDIS_COOL_DOWN_SECONDS` have passed
+    (the breaker), so it holds one hit per cool-down, not every one. The query's block never depends on this."""
     metrics.GUARD_HITS.labels(kind=kind).inc()
     limit, tripped = settings.guard_auto_trip_per_minute, []
     if limit <= 0:
@@ -241,8 +299,7 @@ def _count(counter: _TripWindow | _RedisTripCounter, department: str) -> tuple[i
     trip resets the window that counted, exactly as in the embedded default, rather than failing the query)."""
     try:
         return counter.add(department), counter
-    except redis.RedisError:
-        logger.warning("guard hit counter unavailable in Redis; counting in this process")
+    except redis.RedisError:  # logged by the breaker as it opens
         return _TRIPS.add(department), _TRIPS
 
 

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -166,12 +166,14 @@ def _drop_connections(server: socket.socket, tries: list[int]) -> None:
             connection.close()
 
 
-def test_a_hit_tries_redis_once_not_once_per_department(tmp_path: Path) -> None:
+def test_a_hit_tries_redis_once_not_once_per_department(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each try of a hung Redis holds the query `broker_socket_timeout_seconds`: a blocked query searching many
     departments tried it once per department (20 of them, a minute at the default 3 s, one of the API's few threads
-    held throughout). Once Redis fails, the hit's other departments count in this process, and all still trip."""
+    held throughout). Once Redis fails, the hit's other departments count in this process, and all still trip; the
+    next hit, within the breaker's cool-down, does not try Redis at all."""
     url = f"sqlite:///{tmp_path / 'drop.db'}"
     migrate.upgrade(url)
+    monkeypatch.setattr(controls, "REDIS_COOL_DOWN_SECONDS", 3600.0)  # passes only when the test says so
     server = socket.create_server(("127.0.0.1", 0))
     tries: list[int] = []
     threading.Thread(target=_drop_connections, args=(server, tries), daemon=True).start()
@@ -179,8 +181,90 @@ def test_a_hit_tries_redis_once_not_once_per_department(tmp_path: Path) -> None:
                         broker_url=f"redis://127.0.0.1:{server.getsockname()[1]}/0")
     departments = [f"drop{uuid.uuid4().hex[:6]}" for _ in range(3)]
     assert (_hit(dropping, *departments), len(tries)) == ([], 1)
-    assert (_hit(dropping, *departments), len(tries)) == (departments, 2)
+    assert (_hit(dropping, *departments), len(tries)) == (departments, 1)
     server.close()
+
+
+class _RedisThatHangs:
+    """A Redis endpoint on 127.0.0.1 that, while `hung`, takes each connection and never answers (a hung Redis:
+    TCP accepted, no reply) and otherwise passes each new connection's bytes to the test Redis. `connections`
+    counts the connections it took: each is a try of Redis by a client that lost its previous one."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.target, self.hung, self.connections = target, True, 0
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client = self.server.accept()[0]
+                self.connections += 1
+                self.sockets.append(client)
+                if not self.hung:
+                    self._relay(client)
+
+    def _relay(self, client: socket.socket) -> None:
+        redis_side = socket.create_connection(self.target)
+        self.sockets.append(redis_side)
+        for source, sink in ((client, redis_side), (redis_side, client)):
+            threading.Thread(target=_pass_bytes, args=(source, sink), daemon=True).start()
+
+
+def _pass_bytes(source: socket.socket, sink: socket.socket) -> None:
+    """Copy `source`'s bytes to `sink` until either closes."""
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            sink.sendall(data)
+
+
+@contextlib.contextmanager
+def _redis_that_hangs() -> Iterator[tuple[_RedisThatHangs, redis.Redis, str]]:
+    """The endpoint in front of the test Redis, a client of the test Redis itself, and the broker URL through it."""
+    real = redis.Redis.from_url(REDIS_URL)
+    kwargs = real.connection_pool.connection_kwargs
+    endpoint = _RedisThatHangs((kwargs["host"], kwargs["port"]))
+    try:
+        yield endpoint, real, f"redis://127.0.0.1:{endpoint.server.getsockname()[1]}/{kwargs['db']}"
+    finally:
+        endpoint.server.close()
+        for connection in endpoint.sockets:
+            connection.close()
+        real.close()
+
+
+def test_after_a_redis_failure_guard_hits_skip_redis_until_the_cool_down_passes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A hung Redis held every guard hit for `broker_socket_timeout_seconds`, each trying it again: an attacker's
+    blocked questions were each slow. After a failure the breaker opens: hits count in this process (the block and
+    the automatic trip as before) without trying Redis until `REDIS_COOL_DOWN_SECONDS` have passed, then one hit
+    probes; a probe that fails keeps it open, one answered closes it and hits count in Redis again. The cool-down
+    is set to an hour (never passes within the test) or 0 (has passed), so nothing here depends on the clock."""
+    url = f"sqlite:///{tmp_path / 'hung.db'}"
+    migrate.upgrade(url)
+    caplog.set_level(logging.WARNING, logger="guard.controls")
+    monkeypatch.setattr(controls, "REDIS_COOL_DOWN_SECONDS", 3600.0)
+    attacked, later = (f"hung{uuid.uuid4().hex[:6]}" for _ in range(2))
+    with _redis_that_hangs() as (endpoint, real, broker_url):
+        settings = Settings(data_dir=tmp_path, database_url=url, broker_url=broker_url,
+                            broker_socket_timeout_seconds=1.5, guard_auto_trip_per_minute=3)
+        hits = [(_hit(settings, attacked), endpoint.connections) for _ in range(3)]
+        assert hits == [([], 1), ([], 1), ([attacked], 1)]  # one try of Redis; counted here, and the third trips
+        monkeypatch.setattr(controls, "REDIS_COOL_DOWN_SECONDS", 0.0)
+        assert (_hit(settings, later), endpoint.connections) == ([], 2)  # the probe: still hung, stays open
+        monkeypatch.setattr(controls, "REDIS_COOL_DOWN_SECONDS", 3600.0)
+        endpoint.hung = False
+        assert (_hit(settings, later), endpoint.connections) == ([], 2)  # answers now, but the cool-down runs
+        monkeypatch.setattr(controls, "REDIS_COOL_DOWN_SECONDS", 0.0)
+        assert [_hit(settings, later) for _ in range(2)] == [[], []]  # the probe closes it; then Redis as usual
+        [key] = real.keys(f"govrag:guard-hits:*:{later}")
+        assert (real.zcard(key), endpoint.connections) == (2, 3)
+        real.delete(key)
+    said = [record.getMessage() for record in caplog.records if record.name == "guard.controls"]
+    assert [line for line in said if line.startswith("guard hit counter")] == [
+        "guard hit counter: Redis failed; counting in this process, trying Redis again after 3600.0 s",
+        "guard hit counter: Redis answers again; counting in Redis"]
 
 
 def test_a_scope_that_is_no_department_is_refused_and_nothing_is_stored(client: TestClient,
