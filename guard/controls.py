@@ -164,7 +164,7 @@ class _TripWindow:
 
 
 # After the shared counter's Redis fails, guard hits count in this process (as on failure) for this long; then one
-# hit tries Redis again. A hung Redis holds one guard hit per cool-down for `broker_socket_timeout_seconds`, not each.
+# hit tries Redis again. A hung Redis holds one guard hit per process and cool-down for the socket timeout, not each.
 REDIS_COOL_DOWN_SECONDS = 5.0
 
 
