@@ -164,39 +164,46 @@ class _TripWindow:
 
 
 # After the shared counter's Redis fails, guard hits count in this process (as on failure) for this long; then one
-# hit tries Redis again. A hung Redis holds one guard hit per process and cool-down for the socket timeout, not each.
+# hit tries Redis again (one at a time). A hung Redis holds one guard hit per process and cool-down, not each.
 REDIS_COOL_DOWN_SECONDS = 5.0
 
 
+class _RedisSkipped(redis.RedisError):
+    """The breaker is open: the call did not try Redis, and the hit counts in this process as on a failure."""
+
+
 class _RedisBreaker:
-    """Closed: every hit counts in Redis. Open (Redis failed): hits count in this process until the cool-down since
-    the failure has passed, then the one hit that asks first probes Redis (the others wait another cool-down);
-    an answer closes it. Each opening and closing is logged once."""
+    """Closed: every call tries Redis. Open (Redis failed): calls skip it until the cool-down since the failure has
+    passed, then the one call that asks first probes Redis while the others keep skipping it until the probe ends,
+    however long it takes; an answer closes it. Each opening and closing is logged once."""
 
     def __init__(self) -> None:
         self._lock = forksafe.lock()
-        self._failed_at: float | None = None  # monotonic time of the last failure or probe; None while closed
+        self._failed_at: float | None = None  # monotonic time of the last failure; None while closed
+        self._probing = False  # a call is trying Redis while the breaker is open
 
     def admits(self) -> bool:
-        """Whether this hit may try Redis: always while closed, once per cool-down while open."""
+        """Whether this call may try Redis: always while closed, while open one at a time once per cool-down."""
         with self._lock:
-            now = time.monotonic()
-            if self._failed_at is not None and now - self._failed_at < REDIS_COOL_DOWN_SECONDS:
+            if self._failed_at is None:
+                return True
+            if self._probing or time.monotonic() - self._failed_at < REDIS_COOL_DOWN_SECONDS:
                 return False
-            if self._failed_at is not None:
-                self._failed_at = now  # this hit probes; the others count in this process meanwhile
+            self._probing = True
             return True
 
     def failed(self) -> None:
         with self._lock:
-            opening, self._failed_at = self._failed_at is None, time.monotonic()
+            opening = self._failed_at is None
+            self._failed_at, self._probing = time.monotonic(), False
         if opening:
             logger.warning("guard hit counter: Redis failed; counting in this process, trying Redis again after %s s",
                            REDIS_COOL_DOWN_SECONDS)
 
     def answered(self) -> None:
         with self._lock:
-            closing, self._failed_at = self._failed_at is not None, None
+            closing = self._failed_at is not None
+            self._failed_at, self._probing = None, False
         if closing:
             logger.warning("guard hit counter: Redis answers again; counting in Redis")
 
@@ -214,10 +221,13 @@ class _RedisTripCounter:
         return f"govrag:guard-hits:{self._namespace}:{department}"
 
     def _through_breaker(self, call: Callable[[], T]) -> T:
-        """`call`'s result; a RedisError opens the breaker (and is raised), an answer closes it."""
+        """`call`'s result if the breaker lets it try Redis (else _RedisSkipped); an answer closes the breaker, any
+        other end (a RedisError, or anything else raised) opens it, so a probe always ends and is raised."""
+        if not self.breaker.admits():
+            raise _RedisSkipped
         try:
             result = call()
-        except redis.RedisError:
+        except BaseException:
             self.breaker.failed()
             raise
         self.breaker.answered()
@@ -248,8 +258,7 @@ forksafe.rebuilt_in_child(_REDIS_COUNTERS)  # a forked child makes its own Redis
 
 
 def _trip_counter(settings: Settings) -> _TripWindow | _RedisTripCounter:
-    """Redis when the deployment has it (the broker URL), so replicas count together, unless its breaker is open;
-    else this process."""
+    """Redis when the deployment has it (the broker URL), so replicas count together; else this process."""
     if not broker.is_redis(settings.broker_url):
         return _TRIPS
     # One deployment = one database: replicas of it share counters, other deployments on the same Redis do not.
@@ -258,8 +267,7 @@ def _trip_counter(settings: Settings) -> _TripWindow | _RedisTripCounter:
         key = (settings.broker_url, settings.broker_socket_timeout_seconds, namespace)
         if key not in _REDIS_COUNTERS:
             _REDIS_COUNTERS[key] = _RedisTripCounter(broker.redis_client(settings), namespace)
-        counter = _REDIS_COUNTERS[key]
-    return counter if counter.breaker.admits() else _TRIPS
+        return _REDIS_COUNTERS[key]
 
 
 def record_guard_hit(*, session: Session, settings: Settings, departments: list[str], kind: str) -> list[str]:
@@ -299,7 +307,7 @@ def _count(counter: _TripWindow | _RedisTripCounter, department: str) -> tuple[i
     trip resets the window that counted, exactly as in the embedded default, rather than failing the query)."""
     try:
         return counter.add(department), counter
-    except redis.RedisError:  # logged by the breaker as it opens
+    except redis.RedisError:  # logged by the breaker as it opens; _RedisSkipped while it is open
         return _TRIPS.add(department), _TRIPS
 
 

@@ -188,12 +188,14 @@ def test_a_hit_tries_redis_once_not_once_per_department(tmp_path: Path, monkeypa
 class _RedisThatHangs:
     """A Redis endpoint on 127.0.0.1 that, while `hung`, takes each connection and never answers (a hung Redis:
     TCP accepted, no reply) and otherwise passes each new connection's bytes to the test Redis. `connections`
-    counts the connections it took: each is a try of Redis by a client that lost its previous one."""
+    counts the connections it took: each is a try of Redis by a client that lost its previous one; `taken` is
+    released once for each."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.target, self.hung, self.connections = target, True, 0
         self.sockets: list[socket.socket] = []
+        self.taken = threading.Semaphore(0)
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -204,6 +206,12 @@ class _RedisThatHangs:
                 self.sockets.append(client)
                 if not self.hung:
                     self._relay(client)
+                self.taken.release()
+
+    def drop(self) -> None:
+        """Close every connection taken so far: a client waiting on one fails at once."""
+        for connection in self.sockets:
+            connection.close()
 
     def _relay(self, client: socket.socket) -> None:
         redis_side = socket.create_connection(self.target)
@@ -229,8 +237,7 @@ def _redis_that_hangs() -> Iterator[tuple[_RedisThatHangs, redis.Redis, str]]:
         yield endpoint, real, f"redis://127.0.0.1:{endpoint.server.getsockname()[1]}/{kwargs['db']}"
     finally:
         endpoint.server.close()
-        for connection in endpoint.sockets:
-            connection.close()
+        endpoint.drop()
         real.close()
 
 
@@ -265,6 +272,36 @@ def test_after_a_redis_failure_guard_hits_skip_redis_until_the_cool_down_passes(
     assert [line for line in said if line.startswith("guard hit counter")] == [
         "guard hit counter: Redis failed; counting in this process, trying Redis again after 3600.0 s",
         "guard hit counter: Redis answers again; counting in Redis"]
+
+
+def _hit_that_hangs_on(endpoint: _RedisThatHangs, settings: Settings, department: str) -> threading.Thread:
+    """A guard hit on its own thread, returned once it holds a connection to the hung endpoint."""
+    hit = threading.Thread(target=_hit, args=(settings, department), daemon=True)
+    hit.start()
+    assert endpoint.taken.acquire(timeout=120), "the hit never tried Redis"
+    return hit
+
+
+def test_while_a_probe_of_a_hung_redis_runs_other_guard_hits_do_not_try_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cool-down ran from the probe's start, so a probe outlasting it (the socket timeout has no upper bound, and
+    a probe may wait on the connection, a TLS handshake and the reply) let the next hit probe too, and the one after:
+    every concurrent hit was held again. One probe at a time: while it runs, hits count in this process without
+    trying Redis. The cool-down is 0 (has passed), so only the running probe holds them back, whatever the clock."""
+    url = f"sqlite:///{tmp_path / 'probe.db'}"
+    migrate.upgrade(url)
+    monkeypatch.setattr(controls, "REDIS_COOL_DOWN_SECONDS", 0.0)
+    department = f"probe{uuid.uuid4().hex[:6]}"
+    with _redis_that_hangs() as (endpoint, _, broker_url):
+        settings = Settings(data_dir=tmp_path, database_url=url, broker_url=broker_url,
+                            broker_socket_timeout_seconds=10.0, guard_auto_trip_per_minute=100)
+        opening = _hit_that_hangs_on(endpoint, settings, department)
+        endpoint.drop()  # Redis fails: the breaker opens
+        opening.join()
+        probe = _hit_that_hangs_on(endpoint, settings, department)
+        assert (_hit(settings, department), endpoint.connections) == ([], 2)  # counted here while the probe hangs
+        endpoint.drop()
+        probe.join()
 
 
 def test_a_scope_that_is_no_department_is_refused_and_nothing_is_stored(client: TestClient,
