@@ -1,5 +1,5 @@
-"""The one error handler: every failure leaves as {"error": {"code", "message", "request_id"}}, and an outage's 503 with
-its `dependency`."""
+"""The one error handler: every failure leaves as {"error": {"code", "message", "request_id"}}, an outage's 503 with
+its `dependency`, a duplicate upload's 409 with the document it duplicates (`duplicate_of`)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from core.errors import Dependency, ErrorCode, GovragError, MasterKeyRefused, unavailable_dependency
 from core.keystore import DepartmentKeyUnreadable
 from core.logs import exception_frames, request_id_var
+from ingestion.service import DuplicateUpload
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class ErrorDetail(BaseModel):
         "on a 503 for an outage only (absent otherwise): the dependency that did not answer, by its fixed name; what "
         "tells an outage, to retry once it is back, from a 503 whose cause is to fix (a master key refused), never "
         "the message, which may be reworded"))
+    duplicate_of: str | None = Field(default=None, description=(
+        "on a 409 duplicate_upload only (absent otherwise): the id of the department's document that already has "
+        "this content, which the uploader may see as any of the department's; read it here, never from the message"))
 
 
 class ErrorBody(BaseModel):
@@ -63,10 +67,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None, *,
-                   dependency: Dependency | None = None) -> JSONResponse:
-    """The JSON error body, with the request id, and the `dependency` an outage names."""
+                   dependency: Dependency | None = None, duplicate_of: str | None = None) -> JSONResponse:
+    """The JSON error body, with the request id, the `dependency` an outage names and the document a duplicate
+    upload's 409 names (`duplicate_of`), each only when set."""
+    named = {"dependency": dependency, "duplicate_of": duplicate_of}
     error = {"code": code, "message": message, "request_id": request_id_var.get()}
-    body = {"error": error if dependency is None else {**error, "dependency": dependency}}
+    body = {"error": {**error, **{field: value for field, value in named.items() if value is not None}}}
     if status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return JSONResponse(status_code=status, content=body, headers=headers)
@@ -82,7 +88,8 @@ def install_error_handlers(app: FastAPI) -> None:
         # that outage's 503, whatever its code, as the CLI and a worker tell it (`unavailable_dependency`).
         if (outage := _outage_response(exc)) is not None:
             return outage
-        return error_response(exc.code.status, exc.code.name, exc.message, _retry_after(exc.code))
+        return error_response(exc.code.status, exc.code.name, exc.message, _retry_after(exc.code),
+                              duplicate_of=exc.copy_id if isinstance(exc, DuplicateUpload) else None)
 
     @app.exception_handler(MasterKeyRefused)
     async def _master_key(_request: Request, exc: MasterKeyRefused) -> JSONResponse:

@@ -71,6 +71,10 @@ class DocumentSummaryOut(BaseModel):
     acl_groups: list[str]
     status: str
     error: ShownText | None
+    duplicate_of: str | None = Field(description=(
+        "for an e-mail's attachment refused as a duplicate: the id of the department's document that already has its "
+        "content; null for any other document, and when that document is deleted or hidden from the caller (its ACL "
+        "or level)"))
     chunk_count: int
     parent_id: str | None  # the e-mail this attachment came from
     created_at: datetime

@@ -71,7 +71,7 @@ _STEP_FAILED = frozenset({
     "so none of its attachments was ingested: once that row is restored, delete the e-mail and upload it again",
 })
 # A duplicate's refusal names the department's copy (`DuplicateUpload`); a refused attachment keeps it as its reason,
-# shown whole only to a caller who may see that copy (`_shown_error`), others reading the e-mail get DUPLICATE_HIDDEN.
+# shown whole only to a caller who may see that copy (`_shown_copy`), others reading the e-mail get DUPLICATE_HIDDEN.
 DUPLICATE_HIDDEN = "duplicate upload: a document already in this department has this content"
 KEY_MISSING = "the document's data key is missing: upload it again"
 KEY_UNREADABLE = "the document's data key does not open under its department key: upload it again"
@@ -978,24 +978,30 @@ def list_documents(*, session: Session, can_see: Callable[[Document], bool], dep
 
 
 def _summary(session: Session, document: Document, can_see: Callable[[Document], bool]) -> DocumentSummaryOut:
+    copy_id = _shown_copy(session, document, can_see)
     return DocumentSummaryOut(
         document_id=document.id, department=document.department, title=document.title,
         content_type=document.content_type, size_bytes=document.size_bytes, classification=document.classification,
-        acl_groups=document.acl_groups, status=document.status, error=_shown_error(session, document, can_see),
-        chunk_count=document.chunk_count, parent_id=document.parent_id, created_at=document.created_at,
-        updated_at=document.updated_at)
+        acl_groups=document.acl_groups, status=document.status, error=_shown_error(document, copy_id),
+        duplicate_of=copy_id, chunk_count=document.chunk_count, parent_id=document.parent_id,
+        created_at=document.created_at, updated_at=document.updated_at)
 
 
-def _shown_error(session: Session, document: Document, can_see: Callable[[Document], bool]) -> str | None:
-    """The document's error as the caller may read it. A refused attachment is seen by whoever may see its e-mail,
-    and a duplicate's reason names the department's copy of its content, which its ACL or level may hide from them:
-    that id is shown only to a caller who may see that copy (as its status would be), others read DUPLICATE_HIDDEN."""
+def _shown_copy(session: Session, document: Document, can_see: Callable[[Document], bool]) -> str | None:
+    """The id of the department's copy this refused duplicate names (`duplicate_of`), as the caller may read it. A
+    refused attachment is seen by whoever may see its e-mail, and that copy's ACL or level may hide it from them: the
+    id is shown only to a caller who may see the copy (as its status would be), None to others and for a document
+    that is no duplicate."""
     if document.duplicate_of is None:
-        return document.error
+        return None
     copy = repository.get_document(session, document.duplicate_of)
-    if copy is not None and copy.status != DocumentStatus.deleted and can_see(copy):
-        return document.error
-    return DUPLICATE_HIDDEN
+    return copy.id if copy is not None and copy.status != DocumentStatus.deleted and can_see(copy) else None
+
+
+def _shown_error(document: Document, copy_id: str | None) -> str | None:
+    """The document's error as the caller may read it: a duplicate's reason names its copy, so one whose copy is not
+    shown to the caller (`_shown_copy`) reads DUPLICATE_HIDDEN."""
+    return DUPLICATE_HIDDEN if document.duplicate_of is not None and copy_id is None else document.error
 
 
 def _page_cursor(document: Document) -> str:

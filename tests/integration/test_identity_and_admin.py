@@ -100,7 +100,8 @@ def test_openapi_documents_the_error_shape_the_api_sends(client: TestClient, iss
             ref = operation["responses"][status]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
             assert list(schemas[ref]["properties"]) == ["error"], (name, status)
             detail = schemas[ref]["properties"]["error"]["$ref"].rsplit("/", 1)[-1]
-            assert set(schemas[detail]["properties"]) == {"code", "message", "request_id", "dependency"}, (name, status)
+            named_fields = {"code", "message", "request_id", "dependency", "duplicate_of"}
+            assert set(schemas[detail]["properties"]) == named_fields, (name, status)
             assert set(schemas[detail]["required"]) == {"code", "message", "request_id"}, (name, status)
     assert "HTTPValidationError" not in schemas
     named = schemas["ErrorDetail"]["properties"]["dependency"]["anyOf"][0]  # an outage's 503 only: fixed names

@@ -211,6 +211,40 @@ def test_duplicate_upload_is_reported_not_indexed_twice(client: TestClient, lab:
     assert first["document_id"] in again.json()["error"]["message"]
 
 
+def test_a_duplicate_upload_names_the_document_it_duplicates_in_a_field_of_its_own(client: TestClient,
+                                                                                  lab: dict[str, str]) -> None:
+    """A client told the duplicate by its code, never the message's wording, but found the document it duplicates only
+    in that wording: the 409 names it in `duplicate_of`. An ordinary document's `duplicate_of` is null, in its status
+    and the listing alike."""
+    data = f"Parking rota {uuid.uuid4().hex}: bays 1 to 4 are kept for visitors.".encode()
+    first = _ingest(client, lab["editor"], lab["department"], "parking.txt", data)
+    again = _upload(client, lab["editor"], lab["department"], "parking-copy.txt", data)
+    assert again.status_code == 409 and again.json()["error"]["duplicate_of"] == first["document_id"]
+    listed = client.get("/v1/documents", params={"department": lab["department"], "limit": 200},
+                        headers=auth(lab["editor"])).json()["documents"]
+    [first_listed] = [d for d in listed if d["document_id"] == first["document_id"]]
+    assert first["duplicate_of"] is None and first_listed["duplicate_of"] is None
+
+
+def test_duplicates_are_the_departments_own_so_no_other_departments_document_is_named(
+        client: TestClient, lab: dict[str, str]) -> None:
+    """Content another department holds is no duplicate: an e-mail's attachment carrying it is taken, its
+    `duplicate_of` null, and a direct upload of it then duplicates that attachment, the department's own copy, never
+    the other department's document."""
+    other = f"ops{uuid.uuid4().hex[:6]}"
+    assert client.post("/v1/admin/departments", json={"name": other}, headers=auth(lab["admin"])).status_code == 201
+    assert client.post("/v1/admin/role-assignments", headers=auth(lab["admin"]),
+                       json={"subject": "lena", "role": "editor", "department": other}).status_code == 201
+    notes = f"Fleet notes {uuid.uuid4().hex}: the vans are serviced in May.".encode()
+    _ingest(client, lab["editor"], lab["department"], "fleet.txt", notes)
+    email = _ingest(client, lab["editor"], other, "fleet.eml",
+                    _mail("Fleet", "The notes are attached.", [("fleet.txt", notes)]).as_bytes())
+    [taken] = _descendants(client, lab["editor"], email).values()
+    assert taken["status"] == "ready" and taken["duplicate_of"] is None
+    again = _upload(client, lab["editor"], other, "fleet-again.txt", notes)
+    assert again.status_code == 409 and again.json()["error"]["duplicate_of"] == taken["document_id"]
+
+
 @pytest.mark.parametrize("reason", ["as recorded", "reworded since"])
 def test_a_refused_attachment_names_the_copy_it_duplicates_only_to_who_may_see_that_copy(
         client: TestClient, lab: dict[str, str], reason: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -219,7 +253,8 @@ def test_a_refused_attachment_names_the_copy_it_duplicates_only_to_who_may_see_t
     listing alike, is told only that the department has a copy; an editor, who sees every document of the department,
     still reads its id (as the 409 of a direct upload tells the editor sending it). The refusal was told by its
     reason's words: once a release reworded them, the reader read the id again. It names its copy in a column of its
-    own now (`duplicate_of`)."""
+    own now (`duplicate_of`), which the status and the listing show as the reason is: the copy's id to the editor,
+    null to the reader (the output had no `duplicate_of`: a client found the copy in the reason's words alone)."""
     from ingestion import repository, service
 
     department, subject = lab["department"], f"rita{uuid.uuid4().hex[:6]}"
@@ -237,11 +272,15 @@ def test_a_refused_attachment_names_the_copy_it_duplicates_only_to_who_may_see_t
     [refused] = _descendants(client, reader, email).values()
     listed = client.get("/v1/documents", params={"department": department, "status": "failed", "limit": 200},
                         headers=auth(reader)).json()["documents"]
-    shown = [refused["error"], *(d["error"] for d in listed if d["document_id"] == refused["document_id"])]
-    assert refused["status"] == "failed" and len(shown) == 2 and not [e for e in shown if copy["document_id"] in e]
-    assert shown == [service.DUPLICATE_HIDDEN] * 2
+    shown = [refused, *(d for d in listed if d["document_id"] == refused["document_id"])]
+    assert refused["status"] == "failed" and len(shown) == 2 and not [d for d in shown if copy["document_id"] in str(d)]
+    assert [(d["error"], d["duplicate_of"]) for d in shown] == [(service.DUPLICATE_HIDDEN, None)] * 2
     seen_by_editor = client.get(f"/v1/documents/{refused['document_id']}", headers=auth(lab["editor"])).json()
     assert copy["document_id"] in seen_by_editor["error"] and seen_by_editor["error"].startswith("duplicate upload")
+    listed = client.get("/v1/documents", params={"department": department, "status": "failed", "limit": 200},
+                        headers=auth(lab["editor"])).json()["documents"]
+    named = [d["duplicate_of"] for d in (seen_by_editor, *listed) if d["document_id"] == refused["document_id"]]
+    assert named == [copy["document_id"]] * 2
 
 
 def test_custom_recognizer_and_allow_list_shape_redaction(client: TestClient, lab: dict[str, str],
