@@ -55,6 +55,7 @@ def api_url(url: str) -> str:
     settings read a URL govrag calls, else UnusablePort (httpx fetched `:+80` or `:８０` from port 80, an empty `host:`
     from the scheme's, and crashed on `:99999`); http(s) with a host, else URLRefused; holding no user name or
     password, which httpx would send (Basic, in clear over http) in place of the bearer token, else CredentialsInURL.
+    An empty user name (`http://@host`) is refused so too: malformed, and what a caller meant to send there is unknown.
     The port is read as urlsplit reads it: one it cannot read (a stray `]`: httpx read `host]:99999` as port 99999) is
     no URL."""
     if not urls.called_url_port_usable(url):  # first: a port httpx cannot read (`:-1`) is named, not refused as no URL
@@ -65,9 +66,16 @@ def api_url(url: str) -> str:
         parsed = None
     if parsed is None or urls.url_parts(url) is None or parsed.scheme not in ("http", "https") or not parsed.host:
         raise URLRefused("must be an http(s) URL, such as http://127.0.0.1:8000")
-    if parsed.userinfo:
+    if _holds_user_info(url):
         raise CredentialsInURL("must not hold a user name or password (user:password@)")
     return url
+
+
+def _holds_user_info(url: str) -> bool:
+    """Whether url holds a user name or password as the settings read one (`urls.url_has_credentials`: an `@` in its
+    authority, an empty user name included, which httpx's `userinfo` reads as none), or, where urlsplit cannot read
+    it (`u:p@host]:80`), as httpx does."""
+    return urls.url_has_credentials(url) or (urls.url_parts(url) is None and bool(httpx.URL(url).userinfo))
 
 
 class BodyRefused(UnpickledAsRaised, ValueError):
@@ -179,7 +187,7 @@ class Session:
                         headers: Mapping[str, str] | None, any_status: bool) -> tuple[int, bytes]:
         """The exchange, cancelled after `seconds` (a second sending included); a status other than 2xx refused unread
         unless `any_status`."""
-        if httpx.URL(url).userinfo:
+        if _holds_user_info(url):
             raise CredentialsInURL("a URL with a user name or password is refused; nothing was sent")
         async with asyncio.timeout(seconds), self._response(method, url, json=json, headers=headers,
                                                             timeout=seconds) as response:

@@ -19,7 +19,7 @@ from sqlalchemy import exc as db_errors
 from sqlalchemy.engine import make_url
 
 from core import crypto
-from core.urls import NO_USABLE_PORT, called_url_port_usable, port_usable, url_parts
+from core.urls import NO_USABLE_PORT, called_url_port_usable, port_usable, url_has_credentials, url_parts
 
 MAX_DEFAULT_INGEST_CONCURRENCY = 4
 DEFAULT_TOKEN_MAX_LIFETIME_SECONDS = 24 * 3600
@@ -390,13 +390,6 @@ def url_scheme(url: str) -> str:
     "HTTPS://" at start that the fetch itself takes."""
     parts = url_parts(url)
     return parts.scheme if parts else ""
-
-
-def url_has_credentials(url: str) -> bool:
-    """True when url holds a user name or password (`user:password@host`, an `@` in its authority); False when it does
-    not parse (the check that names the setting refuses it)."""
-    parts = url_parts(url)
-    return parts is not None and "@" in parts.netloc
 
 
 def service_url(url: str, schemes: Mapping[str, bool], forms: str) -> str:

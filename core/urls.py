@@ -1,5 +1,6 @@
-"""How govrag reads a URL's port, one rule for the URLs it is configured with (core.settings) and those it is given to
-call (core.http.api_url): standard library only, so that the http client does not load the settings' dependencies."""
+"""How govrag reads a URL's port and user information, one rule for the URLs it is configured with (core.settings) and
+those it is given to call (core.http.api_url): standard library only, so that the http client does not load the
+settings' dependencies."""
 
 from __future__ import annotations
 
@@ -18,6 +19,14 @@ def url_parts(url: str) -> SplitResult | None:
         return urlsplit(url)
     except ValueError:
         return None
+
+
+def url_has_credentials(url: str) -> bool:
+    """True when url holds a user name or password (`user:password@host`, an `@` in its authority), an empty one
+    (`http://@host`) included: httpx reads that as no user information, yet it is malformed where a URL govrag calls
+    must hold none. False when it does not parse (the check that names the URL refuses it)."""
+    parts = url_parts(url)
+    return parts is not None and "@" in parts.netloc
 
 
 def called_url_port_usable(url: str) -> bool:

@@ -1276,7 +1276,7 @@ def test_through_the_api_a_503_without_the_apis_error_body_stops_the_run_as_the_
 
 @pytest.mark.parametrize(("url", "refusal"), [
     *((f"http://{userinfo}govrag.example:8443", "must not hold a user name or password")
-      for userinfo in ("cli:s3cret@", "cli@", ":s3cret@")),
+      for userinfo in ("cli:s3cret@", "cli@", ":s3cret@", "@")),
     ("ftp://govrag.example/", "must be an http(s) URL"), ("govrag.example:8443", "must be an http(s) URL"),
     *((f"http://{userinfo}govrag.example:{port}/", "names a port that is not a number from 1 to 65535")
       for userinfo, port in (("", "99999"), ("", "+8443"), ("", "８４４３"), ("", ""), ("cli:s3cret@", "99999")))])
@@ -1284,7 +1284,8 @@ def test_through_the_api_a_url_with_credentials_not_http_or_no_usable_port_is_a_
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, url: str,
         refusal: str) -> None:
     """httpx sent `--api-url`'s user name and password as an Authorization: Basic header in place of the bearer token
-    (the password in clear over http; the API refused it, 401), a URL that is no http(s) one was an API that
+    (the password in clear over http; the API refused it, 401), an empty one (`http://@host`: malformed) was
+    taken as none, a URL that is no http(s) one was an API that
     cannot be reached, exit 1, and a port that is not 1 to 65535 in ASCII digits was called as httpx read it (`:+8443`
     and `:８４４３` as 8443, an empty one as 80) or crashed the run (`:99999`). Each is a bad argument, as for `govrag
     redteam --url`: exit 2, the URL not quoted, nothing sent (an httpx MockTransport stands in for the API and records

@@ -417,12 +417,12 @@ def test_an_unreachable_url_is_an_outage(tmp_path: Path, capsys: pytest.CaptureF
 
 
 @pytest.mark.parametrize("stub_api", [[ANSWER]], indirect=True)
-@pytest.mark.parametrize("userinfo", ["scanner:s3cret@", "scanner@", ":s3cret@"])
+@pytest.mark.parametrize("userinfo", ["scanner:s3cret@", "scanner@", ":s3cret@", "@"])
 def test_a_url_with_credentials_is_a_usage_error(stub_api: str, userinfo: str, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """httpx sent the URL's user name and password as an Authorization: Basic header in place of the bearer token
-    (the password in clear over http; the probes refused 401), and the run went on. It is a bad argument, said
-    without quoting it, exit 2, nothing sent."""
+    (the password in clear over http; the probes refused 401), and the run went on; an empty one (`http://@host`:
+    malformed) was taken as none. It is a bad argument, said without quoting it, exit 2, nothing sent."""
     with pytest.raises(SystemExit) as exited:
         _redteam(stub_api.replace("http://", f"http://{userinfo}"), _corpus(tmp_path))
     captured = capsys.readouterr()
@@ -453,6 +453,7 @@ def test_a_url_with_no_usable_port_is_a_usage_error(port: str, tmp_path: Path,
 @pytest.mark.parametrize(("userinfo", "scheme", "refusal"), [
     ("scanner:s3cret@", "http", "must not hold a user name or password (user:password@)"),
     (":s3cret@", "http", "must not hold a user name or password (user:password@)"),
+    ("@", "http", "must not hold a user name or password (user:password@)"),
     ("", "ftp", "must be an http(s) URL"), ("scanner:s3cret@", "ftp", "must be an http(s) URL")])
 def test_run_refuses_a_url_with_credentials_or_not_http_as_the_command_does(
         userinfo: str, scheme: str, refusal: str) -> None:

@@ -164,6 +164,20 @@ def test_a_url_with_credentials_is_refused_before_connecting(answer: Callable[..
     assert "s3cret" not in str(refused.value)
 
 
+@pytest.mark.parametrize("authority", ["@127.0.0.1:9", "@[::1]:9"])
+def test_an_empty_user_name_is_refused_before_connecting(authority: str) -> None:
+    """httpx reads `http://@host` (user information, empty) as none: `api_url` (`govrag redteam --url`, `govrag ingest
+    --api-url`, the IdP's URLs) took it and a call was made (here to a port nothing listens on: ConnectError). It is
+    malformed where a URL govrag calls holds no user information, and refused as one holding a user name or password
+    is, by `api_url` and before connecting, as the settings refuse an `@` in a URL govrag calls."""
+    url = f"http://{authority}/"
+    with pytest.raises(CredentialsInURL):
+        api_url(url)
+    for answer in (request_within, answer_within):
+        with pytest.raises(CredentialsInURL):
+            answer("GET", url, seconds=10.0, max_bytes=1000, trust_env=False)
+
+
 @pytest.mark.parametrize("authority", [
     "127.0.0.1:99999", "127.0.0.1:65536", "127.0.0.1:0", "127.0.0.1:+80", "127.0.0.1:８０", "127.0.0.1: 80",
     "127.0.0.1:-1", "127.0.0.1:8o80", "127.0.0.1:", "[::1]8000", "[::1]99999", "scanner:s3cret@127.0.0.1:99999"])
