@@ -17,7 +17,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from core.errors import Dependency, ErrorCode, GovragError, MasterKeyRefused, unavailable_dependency
 from core.keystore import DepartmentKeyUnreadable
 from core.logs import exception_frames, request_id_var
-from ingestion.service import DuplicateUpload
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +88,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if (outage := _outage_response(exc)) is not None:
             return outage
         return error_response(exc.code.status, exc.code.name, exc.message, _retry_after(exc.code),
-                              duplicate_of=exc.copy_id if isinstance(exc, DuplicateUpload) else None)
+                              duplicate_of=exc.duplicate_of)
 
     @app.exception_handler(MasterKeyRefused)
     async def _master_key(_request: Request, exc: MasterKeyRefused) -> JSONResponse:

@@ -61,6 +61,10 @@ _INPUT_REFUSALS = frozenset({ErrorCode.invalid_request, ErrorCode.unauthenticate
 class GovragError(UnpickledAsRaised):
     """A failure safe to show a client: the message never carries user content."""
 
+    # The department's document a `duplicate_upload` names (ingestion.service.DuplicateUpload), which the API's 409
+    # says in its error body's field of that name; None for any other error.
+    duplicate_of: str | None = None
+
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code

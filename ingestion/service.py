@@ -87,12 +87,13 @@ MAP_UNREADABLE = ("the document's placeholder map does not open under its key or
 
 
 class DuplicateUpload(GovragError):
-    """An upload refused as a duplicate of the department's document `copy_id`, which its message names too: a refused
-    attachment records the id (`Document.duplicate_of`), read rather than its reason's words."""
+    """An upload refused as a duplicate of the department's document `duplicate_of`, which its message names too: a
+    refused attachment records the id (`Document.duplicate_of`), read rather than its reason's words, and the API's 409
+    says it in its error body's `duplicate_of`."""
 
     def __init__(self, copy_id: str) -> None:
         super().__init__(ErrorCode.duplicate_upload, f"{repository.DUPLICATE_OF}{copy_id}")
-        self.copy_id = copy_id
+        self.duplicate_of = copy_id
 
 
 def accept_upload(
@@ -496,7 +497,7 @@ def _take_attachment(session: Session, settings: Settings, parent: Document, nam
         if _not_now(exc) or isinstance(exc, DepartmentKeyUnreadable):
             raise
         if isinstance(exc, GovragError):
-            return _Refused(exc.message, exc.copy_id if isinstance(exc, DuplicateUpload) else None)
+            return _Refused(exc.message, exc.duplicate_of)
         logger.warning("taking an attachment of document %s failed: %s", parent.id, type(exc).__name__)
         return _Refused(ATTACHMENT_FAILED)
 

@@ -155,12 +155,14 @@ def test_an_encoding_not_asked_for_is_refused_without_quoting_it(server: str) ->
 
 
 @pytest.mark.parametrize("answer", [request_within, answer_within])
-def test_a_url_with_credentials_is_refused_before_connecting(answer: Callable[..., object]) -> None:
+@pytest.mark.parametrize("authority", ["127.0.0.1:9", "127.0.0.1]:9"])
+def test_a_url_with_credentials_is_refused_before_connecting(answer: Callable[..., object], authority: str) -> None:
     """httpx sends a URL's user name and password as an Authorization: Basic header, in place of the caller's bearer
     token (in clear over http); the call was made (here to a port nothing listens on: ConnectError). It is refused
-    before connecting, the password never quoted."""
+    before connecting, the password never quoted; so too where urlsplit cannot read the URL (a stray `]`) and httpx
+    still reads, and would send, its user information."""
     with pytest.raises(CredentialsInURL) as refused:
-        answer("GET", "http://scanner:s3cret@127.0.0.1:9/", seconds=10.0, max_bytes=1000, trust_env=False)
+        answer("GET", f"http://scanner:s3cret@{authority}/", seconds=10.0, max_bytes=1000, trust_env=False)
     assert "s3cret" not in str(refused.value)
 
 
