@@ -29,7 +29,15 @@ from sqlalchemy.orm import Session
 from api import cli_args
 from api.cli_failures import failure
 from audit.integrity import load_public_keys
-from audit.schemas import AdminEventType, Decision, ExportFilters, ExportFormat, deployment_pin, utc_bound
+from audit.schemas import (
+    AdminEventType,
+    Decision,
+    ExportFilters,
+    ExportFormat,
+    deployment_pin,
+    request_id_filter,
+    utc_bound,
+)
 from authz.identity import Identity, operator_identity
 from core import keystore, migrate
 from core.crypto import sync_folder
@@ -140,6 +148,16 @@ def public_key_argument(path: str) -> Ed25519PublicKey:
     return keys[0]
 
 
+def request_id_argument(text: str) -> str:
+    """--request-id: a request id as the API's `request_id=` takes one (`request_id_filter`); anything else a usage
+    error (exit 2) that does not quote it."""
+    try:
+        return request_id_filter(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a request id; give an API request's X-Request-ID (32 lower-case hex "
+                                         "digits) or a command run's (cli- and 32)") from None
+
+
 def window_bound(text: str) -> datetime:
     """An ISO time for --since/--until, in UTC as the API takes it (argparse reports a ValueError as a usage error)."""
     return utc_bound(datetime.fromisoformat(text))
@@ -155,6 +173,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decision", choices=[d.value for d in Decision])
     parser.add_argument("--document-id")
     parser.add_argument("--event-type")
+    parser.add_argument("--request-id", type=request_id_argument,
+                        help="the events of one API request (its X-Request-ID) or one command's run (cli-...)")
     parser.add_argument("--output", "-o", default="-", help="file path, or - for stdout")
     add_actor_argument(parser)
 
@@ -221,7 +241,8 @@ def export(args: argparse.Namespace) -> int:
     from audit import service as audit_service
 
     filters = ExportFilters(since=args.since, until=args.until, subject=args.subject, department=args.department,
-                            decision=args.decision, document_id=args.document_id, event_type=args.event_type)
+                            decision=args.decision, document_id=args.document_id, event_type=args.event_type,
+                            request_id=args.request_id)
     return _exported(args, AdminEventType.export, lambda session: audit_service.export_events(
         session=session, settings=get_settings(), identity=actor(args), scope=None, filters=filters,
         fmt=ExportFormat(args.format)))

@@ -105,6 +105,8 @@ def iter_events(session: Session, *, filters: ExportFilters, through_id: int) ->
         query = query.where(RetrievalEvent.decision == filters.decision)
     if filters.event_type is not None:
         query = query.where(RetrievalEvent.event_type == filters.event_type)
+    if filters.request_id is not None:
+        query = query.where(RetrievalEvent.request_id == filters.request_id)
     yield from _paged(session, query, after_id=after_id)
 
 

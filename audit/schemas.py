@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, TypeAdapter
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, TypeAdapter
 
 
 class Decision(StrEnum):
@@ -135,6 +135,24 @@ class ExportFilters:
     decision: str | None = None
     document_id: str | None = None
     event_type: str | None = None
+    request_id: str | None = None
+
+
+# A request id as govrag makes one: an API request's, 32 lower-case hex digits (api.app's RequestContext, sent back as
+# X-Request-ID and written on its log lines), or a command's run, `cli-` and the same (api.cli). An export's filter
+# takes that alone (`request_id=`, `--request-id`): anything else is a 422 (a usage error, exit 2) naming the filter,
+# never the value, and never reaches the ledger; `-` (an event recorded with no request id) is no request's.
+REQUEST_ID_PATTERN = r"^(cli-)?[0-9a-f]{32}$"
+RequestId = Annotated[str, Field(pattern=REQUEST_ID_PATTERN,
+                                 description="an API request's X-Request-ID (32 lower-case hex digits) or a command "
+                                 "run's (`cli-` and 32): the events it recorded")]
+_REQUEST_ID = TypeAdapter(RequestId)
+
+
+def request_id_filter(value: str) -> str:
+    """An export's request id filter, read as the API's `request_id=` reads it (`RequestId`): one check for both, so an
+    id the API takes the command takes too; ValueError for anything else."""
+    return _REQUEST_ID.validate_python(value)
 
 
 _UUID = TypeAdapter(uuid.UUID)

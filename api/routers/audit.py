@@ -24,6 +24,7 @@ from audit.schemas import (
     ExportFilters,
     ExportFormat,
     PublishedKeys,
+    RequestId,
     VerifyResult,
     WindowBound,
     deployment_pin,
@@ -42,13 +43,14 @@ def export_retrievals(session: SessionDep, settings: SettingsDep, enforcer: Enfo
                       subject: Annotated[str | None, Query(alias="user", max_length=MAX_SUBJECT_CHARS)] = None,
                       department: DepartmentName | None = None, decision: Decision | None = None,
                       document_id: Annotated[str | None, Query(max_length=DOCUMENT_ID_CHARS)] = None,
-                      event_type: EventType | None = None) -> StreamingResponse:
+                      event_type: EventType | None = None, request_id: RequestId | None = None,
+                      ) -> StreamingResponse:
     """Stream ledger events of the departments where the caller holds `compliance`, closed by a manifest line; a
     stream cut off before its end (the caller gone, the database lost) is followed in the ledger by an
     `export_failed` event."""
     filters = ExportFilters(since=since, until=until, subject=subject, department=department,
                             decision=decision.value if decision else None, document_id=document_id,
-                            event_type=event_type.value if event_type else None)
+                            event_type=event_type.value if event_type else None, request_id=request_id)
     scope = audit_service.compliance_scope(session=session, settings=settings, enforcer=enforcer, identity=user)
     rows = audit_service.export_events(session=session, settings=settings, identity=user, scope=scope,
                                        filters=filters, fmt=fmt)

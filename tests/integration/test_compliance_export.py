@@ -345,3 +345,50 @@ def test_every_event_type_the_ledger_records_is_a_filter(client: TestClient, sce
     for event_type in ("retrieval", "export", "role_granted"):
         events, _ = _export(client, scene["officer_token"], department=scene["dept"], event_type=event_type)
         assert {event["event_type"] for event in events} <= {event_type}
+
+
+def test_an_export_filtered_by_request_id_holds_that_request_s_events_alone(client: TestClient,
+                                                                             scene: dict[str, str],
+                                                                             settings) -> None:  # type: ignore[no-untyped-def]
+    """An investigator following a request id (a client's X-Request-ID, a log line's) had to export everything and
+    grep: `request_id=` now selects the events that request recorded. Of two queries by one reader, the export of the
+    first's id holds its retrieval event alone; it checks against its signed manifest, which names the filter, and the
+    export's own `export` event (found by its X-Request-ID) records it."""
+    from audit import service as audit_service
+    from core.db import unit_of_work
+
+    asked = [client.post("/v1/query", headers=auth(scene["reader_token"]),
+                         json={"question": f"How many weeks of parental leave? ({n})", "departments": [scene["dept"]]})
+             for n in range(2)]
+    first, second = (response.headers["X-Request-ID"] for response in asked)
+    assert [response.status_code for response in asked] == [200, 200] and first != second
+    response = client.get("/v1/audit/retrievals", headers=auth(scene["officer_token"]), params={"request_id": first})
+    assert response.status_code == 200, response.text
+    rows = [json.loads(line) for line in response.text.splitlines()[:-1]]
+    assert [(row["request_id"], row["event_type"], row["subject"]) for row in rows] == [
+        (first, "retrieval", scene["reader"])]
+    with unit_of_work(settings.resolved_database_url) as session:
+        checked = audit_service.verify_export(export_file=io.BytesIO(response.content), settings=settings,
+                                              session=session)
+    assert (checked.ok, checked.rows) == (True, 1)
+    assert json.loads(response.text.splitlines()[-1])["manifest"]["filters"] == {"request_id": first}
+    recorded, _ = _export(client, scene["officer_token"], request_id=response.headers["X-Request-ID"])
+    assert [(event["event_type"], event["details"]["filters"]) for event in recorded] == [
+        ("export", {"request_id": first})]
+    assert [row["request_id"] for row in _export(client, scene["officer_token"], request_id=second)[0]] == [second]
+
+
+@pytest.mark.parametrize("value", ["", "-", "0123456789ABCDEF0123456789ABCDEF", "0123456789abcdef0123456789abcde",
+                                   "cli-0123456789abcdef0123456789abcdef0", "0123456789abcdef0123456789abcdef\n",
+                                   "cli-0123456789abcdef<script>alert(1)</script>", "x" * 5000])
+def test_a_request_id_filter_that_is_no_request_id_is_a_422_and_never_reaches_the_ledger(
+        client: TestClient, scene: dict[str, str], value: str) -> None:
+    """A request id is 32 lower-case hex digits (an API request's) or `cli-` and 32 (a command's run): anything else is
+    a 422 naming the parameter, never quoting the value, and no export is recorded with it."""
+    response = client.get("/v1/audit/retrievals", headers=auth(scene["officer_token"]),
+                          params={"department": scene["dept"], "request_id": value})
+    assert response.status_code == 422, response.text
+    message = response.json()["error"]["message"]
+    assert "request_id" in message and (len(value) < 2 or value not in message), message
+    events, _ = _export(client, scene["officer_token"], department=scene["dept"], event_type="export")
+    assert all(event["details"]["filters"].get("request_id") != value for event in events)
