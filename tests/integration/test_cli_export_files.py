@@ -343,3 +343,39 @@ def test_a_training_export_the_disk_refuses_midway_is_recorded_as_failed(
     assert _ledger_tail(cli_env) == [("training_export", {"department": "hr"}),
                                      ("export_failed", {"export": "training_export", "error": "ENOSPC"})]
     assert _one_run(cli_env)
+
+
+def test_an_export_filtered_by_request_id_holds_that_run_s_events_alone(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`govrag audit export --request-id` selects the events one command's run (or one API request) recorded: of two
+    exports, each recorded under its run's own id, the export of the first's id holds its `export` event alone,
+    checks against its signed manifest, which names the filter, and is itself recorded with that filter."""
+    for name in ("first", "second"):
+        assert main(["audit", "export", "-o", str(tmp_path / f"{name}.jsonl")]) == 0
+    first, second = (request_id for _, request_id, _ in _ledger_events(cli_env, 2))
+    assert first != second and A_RUNS_OWN.fullmatch(first) and A_RUNS_OWN.fullmatch(second)
+    out = tmp_path / "one-run.jsonl"
+    assert main(["audit", "export", "--request-id", first, "-o", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()[:-1]]
+    assert [(row["event_type"], row["request_id"]) for row in rows] == [("export", first)]
+    assert _manifest(out)["manifest"]["filters"] == {"request_id": first}
+    assert _ledger_events(cli_env, 1)[0][2]["filters"] == {"request_id": first}
+    capsys.readouterr()
+    assert main(["audit", "verify-export", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+
+
+@pytest.mark.parametrize("value", ["", "-", "cli-0123456789ABCDEF0123456789ABCDEF", "cli-0123456789abcdef",
+                                   "0123456789abcdef0123456789abcdef\n", "cli-0123456789abcdef\x1b[2J<injected>"])
+def test_a_request_id_that_is_no_request_id_is_a_usage_error_and_records_nothing(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str) -> None:
+    """`--request-id` takes a request id as govrag makes one, as `request_id=` of the API does: anything else is a
+    usage error, exit 2, that does not quote it; nothing is exported or recorded."""
+    before = _ledger_events(cli_env, 1)
+    with pytest.raises(SystemExit) as usage_error:
+        main(["audit", "export", "--request-id", value, "-o", str(tmp_path / "out.jsonl")])
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (usage_error.value.code, said) == (2, "govrag audit export: error: argument --request-id: not a request "
+                                                 "id; give an API request's X-Request-ID (32 lower-case hex digits) "
+                                                 "or a command run's (cli- and 32)")
+    assert _ledger_events(cli_env, 1) == before and list(tmp_path.glob("out.jsonl*")) == []

@@ -389,6 +389,7 @@ def test_a_request_id_filter_that_is_no_request_id_is_a_422_and_never_reaches_th
                           params={"department": scene["dept"], "request_id": value})
     assert response.status_code == 422, response.text
     message = response.json()["error"]["message"]
-    assert "request_id" in message and (len(value) < 2 or value not in message), message
+    assert message.startswith("invalid request: query.request_id: String should match pattern"), message
+    assert len(value) < 2 or value not in message
     events, _ = _export(client, scene["officer_token"], department=scene["dept"], event_type="export")
     assert all(event["details"]["filters"].get("request_id") != value for event in events)
