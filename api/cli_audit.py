@@ -21,9 +21,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import TypeAdapter
 from sqlalchemy.orm import Session
 
 from api import cli_args
@@ -32,18 +33,23 @@ from audit.integrity import load_public_keys
 from audit.schemas import (
     AdminEventType,
     Decision,
+    EventType,
+    ExportDocumentId,
     ExportFilters,
     ExportFormat,
+    ExportSubject,
+    RequestId,
     deployment_pin,
-    request_id_filter,
     utc_bound,
 )
-from authz.identity import Identity, operator_identity
+from authz.identity import MAX_SUBJECT_CHARS, Identity, operator_identity
 from core import keystore, migrate
 from core.crypto import sync_folder
 from core.db import get_session_factory
 from core.errors import ErrorCode, GovragError, making_files_in
+from core.models import DOCUMENT_ID_CHARS
 from core.settings import get_settings
+from core.text import DepartmentName
 
 EXIT_UNVERIFIED = 3  # `govrag audit verify`: the ledger fails verification (told apart from an outage's 1)
 
@@ -148,14 +154,19 @@ def public_key_argument(path: str) -> Ed25519PublicKey:
     return keys[0]
 
 
-def request_id_argument(text: str) -> str:
-    """--request-id: a request id as the API's `request_id=` takes one (`request_id_filter`); anything else a usage
-    error (exit 2) that does not quote it."""
-    try:
-        return request_id_filter(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("not a request id; give an API request's X-Request-ID (32 lower-case hex "
-                                         "digits) or a command run's (cli- and 32)") from None
+def filter_argument(kind: Any, rule: str) -> Callable[[str], str]:
+    """An argparse type for an export filter, read as the API's query parameter of type `kind` reads it (one
+    definition for both, `audit.schemas`): a value the API takes the command takes too; anything else a usage error
+    (exit 2) saying `rule`, never quoting the value, before anything is exported or recorded."""
+    adapter = TypeAdapter(kind)
+
+    def checked(text: str) -> str:
+        try:
+            return str(adapter.validate_python(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(rule) from None
+
+    return checked
 
 
 def window_bound(text: str) -> datetime:
@@ -168,13 +179,19 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=[f.value for f in ExportFormat], default="jsonl")
     parser.add_argument("--since", type=window_bound, help="ISO time, inclusive")
     parser.add_argument("--until", type=window_bound, help="ISO time, exclusive")
-    parser.add_argument("--user", dest="subject", help="the subject whose events to export")
-    parser.add_argument("--department")
+    parser.add_argument("--user", dest="subject", help="the subject whose events to export",
+                        type=filter_argument(ExportSubject, f"at most {MAX_SUBJECT_CHARS} characters"))
+    parser.add_argument("--department", type=filter_argument(DepartmentName, "not a department name (lower-case "
+                                                                             "letters, digits, '-' or '_')"))
     parser.add_argument("--decision", choices=[d.value for d in Decision])
-    parser.add_argument("--document-id")
-    parser.add_argument("--event-type")
-    parser.add_argument("--request-id", type=request_id_argument,
-                        help="the events of one API request (its X-Request-ID) or one command's run (cli-...)")
+    parser.add_argument("--document-id", type=filter_argument(ExportDocumentId,
+                                                              f"at most {DOCUMENT_ID_CHARS} characters"))
+    parser.add_argument("--event-type", type=filter_argument(EventType, "not an event type the ledger records "
+                                                                        "(`retrieval`, `export`, an admin action)"))
+    parser.add_argument("--request-id", help="the events of one API request (its X-Request-ID) or one command's run "
+                        "(cli-...)", type=filter_argument(RequestId, "not a request id; give an API request's "
+                                                          "X-Request-ID (32 lower-case hex digits) or a command run's "
+                                                          "(cli- and 32)"))
     parser.add_argument("--output", "-o", default="-", help="file path, or - for stdout")
     add_actor_argument(parser)
 

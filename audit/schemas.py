@@ -11,6 +11,9 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, TypeAdapter
 
+from authz.identity import MAX_SUBJECT_CHARS
+from core.models import DOCUMENT_ID_CHARS
+
 
 class Decision(StrEnum):
     answered = "answered"
@@ -138,21 +141,20 @@ class ExportFilters:
     request_id: str | None = None
 
 
+# The filters an export takes whose values the ledger keeps (each export's `details.filters`), bounded once for the
+# API's query parameters and `govrag audit export`'s options (`api.cli_audit.filter_argument`): anything else is a 422
+# naming the filter (a usage error, exit 2), never the value, and never reaches the ledger. `department` is a
+# `core.text.DepartmentName`, `event_type` an `EventType`, `decision` a `Decision`.
+ExportSubject = Annotated[str, Field(max_length=MAX_SUBJECT_CHARS)]
+ExportDocumentId = Annotated[str, Field(max_length=DOCUMENT_ID_CHARS)]
 # A request id as govrag makes one: an API request's, 32 lower-case hex digits (api.app's RequestContext, sent back as
-# X-Request-ID and written on its log lines), or a command's run, `cli-` and the same (api.cli). An export's filter
-# takes that alone (`request_id=`, `--request-id`): anything else is a 422 (a usage error, exit 2) naming the filter,
-# never the value, and never reaches the ledger; `-` (an event recorded with no request id) is no request's.
+# X-Request-ID and written on its log lines), or a command's run, `cli-` and the same (api.cli); `-` (an event
+# recorded with no request id) is no request's. pydantic's regex engine reads `$` as the end of the text alone (a
+# trailing line break is refused).
 REQUEST_ID_PATTERN = r"^(cli-)?[0-9a-f]{32}$"
 RequestId = Annotated[str, Field(pattern=REQUEST_ID_PATTERN,
                                  description="an API request's X-Request-ID (32 lower-case hex digits) or a command "
                                  "run's (`cli-` and 32): the events it recorded")]
-_REQUEST_ID = TypeAdapter(RequestId)
-
-
-def request_id_filter(value: str) -> str:
-    """An export's request id filter, read as the API's `request_id=` reads it (`RequestId`): one check for both, so an
-    id the API takes the command takes too; ValueError for anything else."""
-    return _REQUEST_ID.validate_python(value)
 
 
 _UUID = TypeAdapter(uuid.UUID)

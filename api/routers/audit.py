@@ -21,16 +21,16 @@ from audit.schemas import (
     AdminEventType,
     Decision,
     EventType,
+    ExportDocumentId,
     ExportFilters,
     ExportFormat,
+    ExportSubject,
     PublishedKeys,
     RequestId,
     VerifyResult,
     WindowBound,
     deployment_pin,
 )
-from authz.identity import MAX_SUBJECT_CHARS
-from core.models import DOCUMENT_ID_CHARS
 from core.text import DepartmentName
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
@@ -40,9 +40,9 @@ router = APIRouter(prefix="/v1/audit", tags=["audit"])
 def export_retrievals(session: SessionDep, settings: SettingsDep, enforcer: EnforcerDep, user: CurrentUser,
                       fmt: Annotated[ExportFormat, Query(alias="format")] = ExportFormat.jsonl,
                       since: WindowBound | None = None, until: WindowBound | None = None,
-                      subject: Annotated[str | None, Query(alias="user", max_length=MAX_SUBJECT_CHARS)] = None,
+                      subject: Annotated[ExportSubject | None, Query(alias="user")] = None,
                       department: DepartmentName | None = None, decision: Decision | None = None,
-                      document_id: Annotated[str | None, Query(max_length=DOCUMENT_ID_CHARS)] = None,
+                      document_id: ExportDocumentId | None = None,
                       event_type: EventType | None = None, request_id: RequestId | None = None,
                       ) -> StreamingResponse:
     """Stream ledger events of the departments where the caller holds `compliance`, closed by a manifest line; a

@@ -379,3 +379,27 @@ def test_a_request_id_that_is_no_request_id_is_a_usage_error_and_records_nothing
                                                  "id; give an API request's X-Request-ID (32 lower-case hex digits) "
                                                  "or a command run's (cli- and 32)")
     assert _ledger_events(cli_env, 1) == before and list(tmp_path.glob("out.jsonl*")) == []
+
+
+@pytest.mark.parametrize(("option", "value", "rule", "taken"), [
+    ("--user", "x" * 256, "at most 255 characters", "x" * 255),
+    ("--department", "hr\n", "not a department name (lower-case letters, digits, '-' or '_')", "hr"),
+    ("--document-id", "x" * 37, "at most 36 characters", "0b9a3c1e-5f0d-4a6b-9c2e-7d8f1a2b3c4d"),
+    ("--event-type", "retrievals", "not an event type the ledger records (`retrieval`, `export`, an admin action)",
+     "retrieval")])
+def test_an_export_filter_out_of_shape_is_a_usage_error_and_never_reaches_the_ledger(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, value: str, rule: str,
+        taken: str) -> None:
+    """Each export writes its filters into the append-only ledger; the API bounds them (a 422), the command wrote any
+    text there for good (a megabyte of --user, a department name with a line break). It reads them as the API reads
+    its query parameters: a value out of shape is a usage error, exit 2, quoting none, nothing exported or recorded;
+    one the API takes is exported and recorded as given."""
+    before = _ledger_events(cli_env, 1)
+    with pytest.raises(SystemExit) as usage_error:
+        main(["audit", "export", option, value, "-o", str(tmp_path / "out.jsonl")])
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (usage_error.value.code, said) == (2, f"govrag audit export: error: argument {option}: {rule}")
+    assert _ledger_events(cli_env, 1) == before and list(tmp_path.glob("out.jsonl*")) == []
+    assert main(["audit", "export", option, taken, "-o", str(tmp_path / "out.jsonl")]) == 0
+    name = option.removeprefix("--").replace("-", "_").replace("user", "subject")
+    assert _ledger_events(cli_env, 1)[0][2]["filters"] == {name: taken}
