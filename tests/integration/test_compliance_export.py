@@ -393,3 +393,24 @@ def test_a_request_id_filter_that_is_no_request_id_is_a_422_and_never_reaches_th
     assert len(value) < 2 or value not in message
     events, _ = _export(client, scene["officer_token"], department=scene["dept"], event_type="export")
     assert all(event["details"]["filters"].get("request_id") != value for event in events)
+
+
+def test_a_request_id_filter_stays_within_the_officer_s_departments(client: TestClient, scene: dict[str, str],
+                                                                    issue_token: Callable[..., str],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A department's compliance officer who holds another department's request id (from a log line, say) learns
+    nothing of what it recorded there (a global compliance officer sees it): the filter narrows the export, never
+    widens its scope."""
+    granted = client.post("/v1/admin/role-assignments", headers=auth(scene["admin"]),
+                          json={"subject": f"someone-{scene['other']}", "role": "reader", "department": scene["other"]})
+    assert granted.status_code == 201, granted.text
+    elsewhere = granted.headers["X-Request-ID"]
+    rows, manifest = _export(client, scene["officer_token"], request_id=elsewhere)
+    assert (rows, manifest["rows"], manifest["departments"]) == ([], 0, [scene["dept"]])
+    response = client.get("/v1/audit/retrievals", headers=auth(scene["officer_token"]),
+                          params={"department": scene["other"], "request_id": elsewhere})
+    assert response.status_code == 403 and elsewhere not in response.text
+    auditor = issue_token(f"global-{scene['other']}", ["siem-auditors"])
+    monkeypatch.setattr(client.app.state.settings, "compliance_officers", ["group:siem-auditors"])  # type: ignore[attr-defined]
+    seen, _ = _export(client, auditor, request_id=elsewhere)
+    assert [(row["event_type"], row["departments_searched"]) for row in seen] == [("role_granted", [scene["other"]])]
