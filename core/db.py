@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from core import forksafe
@@ -68,9 +68,9 @@ def transaction_lock(session: Session, name: str, *, shared: bool = False) -> No
     `govrag keys rotate` beside `govrag serve`) a file lock on that name's file next to it (`_NameFileLock`); both
     released when the outermost transaction commits or rolls back."""
     if is_postgres(session):
-        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big", signed=True)
         function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
-        session.execute(text(f"SELECT {function}(:space, :key)"), {"space": _ADVISORY_SPACE, "key": key})
+        session.execute(text(f"SELECT {function}(:space, :key)"),
+                        {"space": _ADVISORY_SPACE, "key": _advisory_key(name)})
         return
     session.connection()  # a transaction is begun, so its end (which releases the lock) will come
     held: dict[str, _NameFileLock | None] = session.info.setdefault(_HELD, {})
@@ -83,6 +83,36 @@ def transaction_lock(session: Session, name: str, *, shared: bool = False) -> No
     except BaseException:
         _PROCESS_LOCKS.release(name)
         raise
+
+
+def lock_is_held(session: Session, name: str) -> bool:
+    """Whether another transaction holds the lock called `name` (`transaction_lock`) exclusively right now, asked
+    without waiting. PostgreSQL: a shared try of its advisory lock, which (got) this transaction then holds until it
+    ends; a name sharing its key with another held lock reads as held (rarely: 1 in 2^32). SQLite: this process's
+    lock of that name, then its file's, which a holder in another process keeps locked."""
+    if is_postgres(session):
+        got = session.scalar(text("SELECT pg_try_advisory_xact_lock_shared(:space, :key)"),
+                             {"space": _ADVISORY_SPACE, "key": _advisory_key(name)})
+        return not got
+    if _PROCESS_LOCKS.held_exclusively(name):
+        return True
+    locks = _lock_dir(session)
+    return locks is not None and _NameFileLock.held(locks, name)
+
+
+def keep_idle_transaction_open(connection: Connection) -> None:
+    """A transaction left idle for as long as a lock it holds must be (a file's run) is not ended by a server's (or
+    database's, or role's) timeout on idle transactions (PostgreSQL 17: on any transaction), the lock with it,
+    unseen: both timeouts off for this transaction alone. SQLite: nothing (no such timeout)."""
+    if connection.dialect.name != "postgresql":
+        return
+    connection.execute(text("SELECT set_config(name, '0', true) FROM pg_settings "
+                            "WHERE name IN ('idle_in_transaction_session_timeout', 'transaction_timeout')"))
+
+
+def _advisory_key(name: str) -> int:
+    """The key of a lock name in `transaction_lock`'s advisory key space (PostgreSQL)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big", signed=True)
 
 
 def _lock_dir(session: Session) -> Path | None:
@@ -108,10 +138,14 @@ class _NameFileLock:
     path: Path
     fd: int
 
+    @staticmethod
+    def path_of(directory: Path, name: str) -> Path:
+        return directory / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.lock"
+
     @classmethod
     def acquire(cls, directory: Path, name: str, *, shared: bool) -> _NameFileLock:
         directory.mkdir(mode=0o700, exist_ok=True)
-        path = directory / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.lock"
+        path = cls.path_of(directory, name)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
@@ -122,6 +156,23 @@ class _NameFileLock:
                 os.close(fd)
                 raise
             os.close(fd)  # locked a file the last holder removed meanwhile: lock the one at `path` now
+
+    @classmethod
+    def held(cls, directory: Path, name: str) -> bool:
+        """Whether another descriptor (this process's or another's) holds the name's file, asked without waiting;
+        a file no one holds is removed, as its last holder's release would."""
+        path = cls.path_of(directory, name)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return True
+        cls(path, fd).release()
+        return False
 
     def release(self) -> None:
         try:
@@ -173,6 +224,12 @@ class _NamedLocks:
                 lock.readers += 1
             else:
                 lock.writer = True
+
+    def held_exclusively(self, name: str) -> bool:
+        """Whether a transaction of this process holds `name` exclusively now."""
+        with self._changed:
+            lock = self._locks.get(name)
+            return lock is not None and lock.writer
 
     def release(self, name: str) -> None:
         with self._changed:

@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlalchemy import and_, bindparam, case, func, or_, select, true, update
 from sqlalchemy.orm import Session, aliased
 
-from core.db import hold_sqlite_write_lock, transaction_lock
+from core.db import hold_sqlite_write_lock, lock_is_held, transaction_lock
 from core.keystore import HAS_DOCUMENT_KEY
 from core.models import RETIRED, UNFINISHED, Document, DocumentStatus, IngestionJob, IngestionPolicy, utcnow
 
@@ -141,6 +141,22 @@ def lock_for_claim(session: Session, document: Document, job: IngestionJob) -> N
     hold_sqlite_write_lock(session)
     for row in (document, job):
         session.refresh(row, with_for_update={"key_share": True})
+
+
+def hold_run(session: Session, job_id: str, generation: int) -> None:
+    """Hold the run of the job that claimed `generation` as live until `session`'s transaction ends: the run keeps it
+    open while it lives (service.run_hold), and its process's death ends it (PostgreSQL: its connection drops;
+    SQLite: its file lock goes with the process)."""
+    transaction_lock(session, _run_lock(job_id, generation))
+
+
+def run_is_live(session: Session, job_id: str, generation: int) -> bool:
+    """Whether the run of the job that claimed `generation` still holds it (`hold_run`): one still going, not dead."""
+    return lock_is_held(session, _run_lock(job_id, generation))
+
+
+def _run_lock(job_id: str, generation: int) -> str:
+    return f"ingestion-run:{job_id}:{generation}"
 
 
 def count_attempt(session: Session, job_id: str, *, after_a_crash: bool) -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum, auto
@@ -17,7 +18,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from core import blobs, crypto, memory, metrics
-from core.db import unit_of_work
+from core.db import get_session_factory, keep_idle_transaction_open, unit_of_work
 from core.errors import ErrorCode, GovragError, MasterKeyRefused, Unavailable, loading, unavailable_dependency
 from core.keystore import DepartmentKeyUnreadable, KeyState, keystore_for
 from core.models import MAX_CRASHED_RUNS, RETIRED, UNFINISHED, Document, DocumentStatus, IngestionJob
@@ -144,9 +145,21 @@ def run_ingestion(*, settings: Settings, document_id: str, job_id: str) -> list[
     answering) until it ends. Returns the jobs its end queued, for the caller to send: the runs of an e-mail's
     attachments raised to its level (`_raise_attachments`)."""
     raised: list[UploadAccepted] = []
-    while not _run_once(settings, document_id, job_id, raised):
-        pass
-    return raised
+    while True:
+        with run_hold(settings) as hold:
+            if _run_once(settings, document_id, job_id, raised, hold):
+                return raised
+
+
+@contextlib.contextmanager
+def run_hold(settings: Settings) -> Iterator[Session]:
+    """A session of the run's own whose transaction stays open while the run lives: its claim holds itself live in
+    it (repository.hold_run), so another delivery's claim meanwhile (the broker's, once the task outlived the
+    visibility timeout) counts no crash of it. Ended with the run, whatever ends it; a process that dies ends it
+    with itself, and the next claim counts that crash."""
+    with contextlib.closing(get_session_factory(settings.resolved_database_url)()) as hold:
+        keep_idle_transaction_open(hold.connection())
+        yield hold
 
 
 def load_models(settings: Settings) -> None:
@@ -174,10 +187,12 @@ def check_models(settings: Settings) -> None:
     memory.release_freed_heap()
 
 
-def _run_once(settings: Settings, document_id: str, job_id: str, raised: list[UploadAccepted]) -> bool:
-    """One run of the job; False when it goes again (its job was handed back: `_start` claims the document anew).
-    The jobs its end queued on attachments it raised are added to `raised`."""
-    claimed = _start(settings, document_id, job_id)
+def _run_once(settings: Settings, document_id: str, job_id: str, raised: list[UploadAccepted],
+              hold: Session) -> bool:
+    """One run of the job, live while `hold` is open (`run_hold`); False when it goes again (its job was handed
+    back: `_start` claims the document anew). The jobs its end queued on attachments it raised are added to
+    `raised`."""
+    claimed = _start(settings, document_id, job_id, hold)
     if claimed is None:
         return True
     facts, key, rules = claimed
@@ -659,7 +674,7 @@ def _step_gave_up(settings: Settings, document_id: str, job_id: str) -> bool:
 _Claimed = tuple[DocumentFacts, bytes, IngestionRules]  # what a claimed run needs: the facts, the data key, the rules
 
 
-def _start(settings: Settings, document_id: str, job_id: str) -> _Claimed | None:
+def _start(settings: Settings, document_id: str, job_id: str, hold: Session) -> _Claimed | None:
     """Mark processing and load what the pipeline needs (None: nothing to run); the session is released before slow
     work, the original's read (`_original`) included. Delivery is at least once: a delivery of a job that already
     ended, or that a run ends as it claims it (`_claim`), does nothing (a late duplicate must not take over a
@@ -671,7 +686,7 @@ def _start(settings: Settings, document_id: str, job_id: str) -> _Claimed | None
         job, document = repository.get_job(session, job_id), repository.get_document(session, document_id)
         if (job is not None and job.status in UNFINISHED and not repository.is_attachment_step(job)
                 and document is not None and document.status in UNFINISHED):
-            claimed = _claim(session, settings, document, job)
+            claimed = _claim(session, settings, document, job, hold)
         if claimed is None:
             withdrawn = _end_unfinished(session, document_id, job_id)
     if withdrawn:
@@ -682,8 +697,8 @@ def _start(settings: Settings, document_id: str, job_id: str) -> _Claimed | None
     return claimed
 
 
-def _claim(session: Session, settings: Settings, document: Document,
-           job: IngestionJob) -> _Claimed | _IndexState | None:
+def _claim(session: Session, settings: Settings, document: Document, job: IngestionJob,
+           hold: Session) -> _Claimed | _IndexState | None:
     """Mark the document processing and count the attempt; what the run needs, or None if it was retired (its key
     shredded with it) or a run ended it or its job since `_start` read them (a duplicate delivery: nothing is written,
     the run's end kept), or the document as its failure leaves it if it cannot run: its data key is missing though it
@@ -694,13 +709,17 @@ def _claim(session: Session, settings: Settings, document: Document,
     in the database) is as lost as a missing one: failed at once, not retried; so is a department key that does not
     open under the master key (its row altered), though that loses no index: restored, it opens again. The document's
     row is locked before its job's, as a run's end and a re-index do: the other order let a claim and a re-index of
-    one document deadlock on PostgreSQL."""
-    key, lost = _claimed_key(session, settings, document)
-    # its document and job as their row locks leave them, not as `_start` read them: another delivery's claim, a
-    # run's end or a hand-back committed meanwhile decides whether the run before crashed, and an end of its e-mail's
-    # run raising it (`_raise_attachments`), finding no run of it to hand back, its floor
+    one document deadlock on PostgreSQL. A job still `processing` was claimed by a run that neither ended nor handed
+    it back: a crash if that run (the document's latest generation) no longer holds itself live, else a run still
+    going beside this one (the broker's redelivery of a long run), no crash."""
+    # everything decided from its document and job as their row locks leave them, not as `_start` read them: another
+    # delivery's claim, a run's end or a hand-back committed meanwhile decides whether the run before crashed, and an
+    # end of its e-mail's run raising it (`_raise_attachments`), finding no run of it to hand back, its floor; the
+    # key too, read after them (on SQLite under the write lock), as the claim's decision sees the document
     repository.lock_for_claim(session, document, job)
-    after_a_crash = job.status == DocumentStatus.processing  # the run before neither ended nor handed the job back
+    key, lost = _claimed_key(session, settings, document)
+    after_a_crash = (job.status == DocumentStatus.processing
+                     and not repository.run_is_live(session, job.id, document.index_generation))
     crashed_too_often = job.crashed_runs + after_a_crash >= MAX_CRASHED_RUNS
     failure = lost or (CRASHED_TOO_OFTEN if crashed_too_often else None)
     moved = repository.set_status(session, document_id=document.id, job_id=job.id,
@@ -716,6 +735,7 @@ def _claim(session: Session, settings: Settings, document: Document,
                        else f"its runs crashed {MAX_CRASHED_RUNS} times")
         return _index_state(session, document.id, job.id)
     generation = repository.claim_generation(session, document.id)
+    repository.hold_run(hold, job.id, generation)  # live before the claim commits: no claim after it sees it dead
     rules = quarantine.rules_for(session=session, department=document.department)
     document.title = _redacted_title(document.title, rules.redaction, rules_only=True)  # a rule added since
     facts = DocumentFacts(

@@ -48,11 +48,11 @@ from kombu.exceptions import OperationalError
 from kombu.transport import memory
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from sqlalchemy import ColumnElement, Connection, Select, or_, select, text, update
+from sqlalchemy import ColumnElement, Connection, Select, or_, select, update
 from sqlalchemy.orm import Session
 
 from core import broker
-from core.db import get_engine, transaction_lock, unit_of_work
+from core.db import get_engine, keep_idle_transaction_open, transaction_lock, unit_of_work
 from core.errors import Unavailable, unavailable_dependency
 from core.models import UNFINISHED, DocumentStatus, IngestionJob, utcnow
 from core.settings import Settings
@@ -137,12 +137,6 @@ def give_back(settings: Settings, job_ids: list[str]) -> bool:
     return True
 
 
-# The holding transaction stays idle for a file's whole run: a server's (or database's, or role's) timeout on idle
-# transactions (PostgreSQL 17: on any transaction) would end it, and the hold with it, unseen. Off for it alone.
-_NO_TRANSACTION_TIMEOUTS = text("SELECT set_config(name, '0', true) FROM pg_settings "
-                                "WHERE name IN ('idle_in_transaction_session_timeout', 'transaction_timeout')")
-
-
 class JobsHeld:
     """The jobs this process runs itself (`govrag ingest` in process), held from `hold` until `release`, so that no
     sweep of an API on the same database sends one to a worker while this process runs it. A worker's run keeps its
@@ -152,7 +146,7 @@ class JobsHeld:
     the document beside this process, each claim counting a crash of the other.
 
     Each job's row is read FOR KEY SHARE in one transaction kept open on a connection of its own (no server timeout
-    on idle transactions ends it: `_NO_TRANSACTION_TIMEOUTS`): it leaves every other write of the job alone (this
+    on idle transactions ends it: `keep_idle_transaction_open`): it leaves every other write of the job alone (this
     run's claim and end, a re-index's hand-back, `give_back`: none changes its key), while each sweep step takes only
     the rows FOR UPDATE SKIP LOCKED (`_unheld`) and passes it by. A process killed mid-run drops its connection and
     the hold with it: the sweep finds the job as it finds any dead run's. SQLite has no row locks: nothing is held
@@ -168,7 +162,7 @@ class JobsHeld:
             return
         if self._connection is None:
             self._connection = self._engine.connect()
-            self._connection.execute(_NO_TRANSACTION_TIMEOUTS)
+            keep_idle_transaction_open(self._connection)
         self._connection.execute(select(IngestionJob.id).where(IngestionJob.id == job_id)
                                  .with_for_update(read=True, key_share=True))
 

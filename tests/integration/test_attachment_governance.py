@@ -303,12 +303,12 @@ def test_an_attachment_a_reindex_takes_up_as_the_emails_run_raises_it_runs_again
     url, ended = desk.settings.resolved_database_url, []
     running = threading.Thread(target=lambda: ended.append(
         service.run_ingestion(settings=desk.settings, document_id=email_id, job_id=email_job)), daemon=True)
-    with unit_of_work(url) as session:
+    with unit_of_work(url) as session, service.run_hold(desk.settings) as hold:
         rerun = quarantine.queue_reindex(session=session, settings=desk.settings, department="desk",
                                          document_ids=[attachment], serve_previous=False)
         job_id = rerun.queued[0][1]
         claimed = service._claim(session, desk.settings, repository.get_document(session, attachment),
-                                 repository.get_job(session, job_id))
+                                 repository.get_job(session, job_id), hold)
         running.start()
         assert wait_for_a_lock_wait(url, running, timeout=300) in ("transactionid", "tuple")  # the attachment's row
     running.join(300)

@@ -205,11 +205,11 @@ def _a_workers_run_ending_in_the_step(
             end_held.append(claim_read.wait(300))  # the step committed: the command's claim of the file reads it now
         return line
 
-    def claimed_once_the_run_ended(session: Any, claiming: Any, document: Any, job: Any) -> Any:
+    def claimed_once_the_run_ended(session: Any, claiming: Any, document: Any, job: Any, hold: Any) -> Any:
         if document.parent_id == email_id:  # the file the step took, read before the run's end is committed
             claim_read.set()
             running.join(300)
-        return real_claim(session, claiming, document, job)
+        return real_claim(session, claiming, document, job, hold)
 
     def step(**kwargs: Any) -> list[Any]:
         with monkeypatch.context() as patched:

@@ -959,7 +959,8 @@ def test_two_deliveries_of_one_job_running_at_once_leave_the_document_to_the_lat
     that run goes on. The run that ended first found the other delivery's later claim of the document and went
     again, claiming a newer generation; the other then did the same. Each claim over a job still processing counted
     a crash, and the third failed a document no worker had died on ('the worker died 3 times'). A run that a later
-    claim of its document outdid now ends there: the later one writes the outcome."""
+    claim of its document outdid now ends there: the later one writes the outcome; and that later claim, made while
+    the first run still went on (holding itself live), counts no crash."""
     from api.app import create_app
     from core import migrate
     from ingestion import service as ingestion_service
@@ -1005,24 +1006,31 @@ def test_two_deliveries_of_one_job_running_at_once_leave_the_document_to_the_lat
     close_vector_store(settings)
     memory.Channel.queues.pop(settings.task_queue, None)
     assert (document["status"], document["error"]) == ("ready", None), document
-    assert _job_row(url, uploaded["job_id"]) == ("ready", None, 2, 1)  # the second delivery counted as a crash
+    assert _job_row(url, uploaded["job_id"]) == ("ready", None, 2, 0)  # the first run still went on: no crash
     assert generations == {2}  # the first delivery's points went with it
 
 
 def _first_delivery_claimed(url: str, settings) -> tuple[str, str, int]:  # type: ignore[no-untyped-def]
-    """An upload whose job the first delivery claimed, its run going on: the document's and job's ids, and the
-    generation the run writes under."""
+    """An upload whose job the first delivery claimed and whose run then died (its hold let go, as with its
+    process): the document's and job's ids, and the generation the run wrote under."""
     from api.app import create_app
-    from ingestion import service as ingestion_service
     from retrieval.store import close_vector_store
 
     with TestClient(create_app(settings)) as client:
         uploaded = _upload(client, desk_member(client, "editor"), 0)
     close_vector_store(settings)
     memory.Channel.queues.pop(settings.task_queue, None)
-    claimed = ingestion_service._start(settings, uploaded["document_id"], uploaded["job_id"])
+    claimed = _claimed_by_a_run_that_dies(settings, uploaded["document_id"], uploaded["job_id"])
     assert claimed is not None
     return uploaded["document_id"], uploaded["job_id"], claimed[0].generation
+
+
+def _claimed_by_a_run_that_dies(settings, document_id: str, job_id: str):  # type: ignore[no-untyped-def]
+    """A delivery's claim, whose run dies once it has claimed: the job left `processing`, held live by no one."""
+    from ingestion import service as ingestion_service
+
+    with ingestion_service.run_hold(settings) as hold:
+        return ingestion_service._start(settings, document_id, job_id, hold)
 
 
 def _end_quarantined(session, document_id: str, job_id: str, generation: int) -> None:  # type: ignore[no-untyped-def]
@@ -1054,18 +1062,19 @@ def test_a_duplicate_delivery_that_read_its_job_before_the_first_run_ended_leave
     found it fit to serve: ready), and a crash counted from the job's status as read. A claim now needs the document
     still queued or processing and its job unfinished as it writes them: the delivery ends as a duplicate."""
     from core.db import unit_of_work
+    from ingestion import repository
     from ingestion import service as ingestion_service
 
     url, settings = _on(database, make_pg_database, tmp_path)
     document_id, job_id, generation = _first_delivery_claimed(url, settings)
-    real_claimed_key = ingestion_service._claimed_key
+    real_lock_for_claim = repository.lock_for_claim
 
     def first_run_ends_meanwhile(session, *args: object):  # type: ignore[no-untyped-def]
         with unit_of_work(url) as other:  # after the second delivery read the job and document, before its claim
             _end_quarantined(other, document_id, job_id, generation)
-        return real_claimed_key(session, *args)  # type: ignore[arg-type]
+        return real_lock_for_claim(session, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ingestion_service, "_claimed_key", first_run_ends_meanwhile)
+    monkeypatch.setattr(repository, "lock_for_claim", first_run_ends_meanwhile)
     assert ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id) == []
     _left_to_review(url, document_id, job_id)
 
@@ -1083,16 +1092,16 @@ def test_a_duplicate_delivery_of_a_job_that_ended_as_a_reindex_queued_its_docume
 
     url, settings = _on(database, make_pg_database, tmp_path)
     document_id, job_id, generation = _first_delivery_claimed(url, settings)
-    real_claimed_key, reindexed = ingestion_service._claimed_key, []
+    real_lock_for_claim, reindexed = repository.lock_for_claim, []
 
     def ended_and_queued_again_meanwhile(session, *args: object):  # type: ignore[no-untyped-def]
         with unit_of_work(url) as other:
             assert repository.set_status(other, document_id=document_id, job_id=job_id, status="ready",
                                          chunk_count=0, generation=generation)
             reindexed.append(repository.new_job(other, document_id=document_id, from_statuses=repository.REINDEXED))
-        return real_claimed_key(session, *args)  # type: ignore[arg-type]
+        return real_lock_for_claim(session, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ingestion_service, "_claimed_key", ended_and_queued_again_meanwhile)
+    monkeypatch.setattr(repository, "lock_for_claim", ended_and_queued_again_meanwhile)
     assert ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id) == []
     assert reindexed[0] is not None and _job_row(url, reindexed[0]) == ("queued", None, 0, 0)
     assert _job_row(url, job_id) == ("ready", None, 1, 0)
@@ -1160,17 +1169,18 @@ def test_a_duplicate_delivery_waiting_for_the_row_the_first_runs_end_holds_leave
 
 
 def _claimed_after(meanwhile: Callable[[], object], monkeypatch: pytest.MonkeyPatch) -> None:
-    """`meanwhile` done, and committed, once the next claim has read the job and its document, before it claims."""
-    from ingestion import service as ingestion_service
+    """`meanwhile` done, and committed, once the next claim has read the job and its document, before it locks
+    them."""
+    from ingestion import repository
 
-    real_claimed_key, pending = ingestion_service._claimed_key, [meanwhile]
+    real_lock_for_claim, pending = repository.lock_for_claim, [meanwhile]
 
-    def after_the_read(*args: object):  # type: ignore[no-untyped-def]
+    def after_the_read(*args: object) -> None:
         if pending:
             pending.pop()()
-        return real_claimed_key(*args)  # type: ignore[arg-type]
+        real_lock_for_claim(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ingestion_service, "_claimed_key", after_the_read)
+    monkeypatch.setattr(repository, "lock_for_claim", after_the_read)
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
@@ -1267,10 +1277,54 @@ def test_two_redeliveries_after_crashes_claiming_at_once_never_run_a_job_past_th
     with unit_of_work(url) as session:  # as did the runs before it
         session.execute(update(IngestionJob).where(IngestionJob.id == job_id)
                         .values(crashed_runs=ingestion_service.MAX_CRASHED_RUNS - 2))
-    _claimed_after(lambda: ingestion_service._start(settings, document_id, job_id), monkeypatch)
+    _claimed_after(lambda: _claimed_by_a_run_that_dies(settings, document_id, job_id), monkeypatch)
     assert ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id) == []
     assert _job_row(url, job_id) == ("failed", ingestion_service.CRASHED_TOO_OFTEN, 3,
                                      ingestion_service.MAX_CRASHED_RUNS)
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_redelivery_while_the_run_before_still_goes_on_counts_no_crash_and_the_next_counts_only_real_ones(
+        database: str, make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A claim counted a crash whenever it found its job `processing`, though the run that claimed it last may still
+    be going (the broker delivers a task again once it outlives the visibility timeout). In this order: the first
+    run dies; the second delivery claims (a crash, rightly) and runs on; the broker delivers it again, and that
+    claim counted a crash of the live second run; that third run dies; the fourth claim counted its crash, the
+    third, and failed the document ('the worker died 3 times') after two deaths. A run now holds its claim for as
+    long as it lives (a lock its process's death lets go): a claim counts a crash only when the run that claimed
+    last no longer holds it. The fourth run ingests the document; the second, outdone, ends without writing."""
+    from ingestion import service as ingestion_service
+
+    url, settings = _on(database, make_pg_database, tmp_path)
+    document_id, job_id, _ = _first_delivery_claimed(url, settings)  # its run dies: a real crash
+    real_protect, started, release = ingestion_service.protect, threading.Event(), threading.Event()
+
+    def goes_on_until_released(*args: object, **kwargs: object) -> object:
+        started.set()
+        assert release.wait(120)
+        return real_protect(*args, **kwargs)  # type: ignore[arg-type]
+
+    def dies(*_: object, **__: object) -> object:
+        raise WorkerDied
+
+    runs = [goes_on_until_released, dies]  # the second delivery's run, the third's; the fourth's is the real one
+    monkeypatch.setattr(ingestion_service, "protect",
+                        lambda *args, **kwargs: (runs.pop(0) if runs else real_protect)(*args, **kwargs))
+    delivery = {"settings": settings, "document_id": document_id, "job_id": job_id}
+    second = threading.Thread(target=ingestion_service.run_ingestion, kwargs=delivery, daemon=True)
+    second.start()
+    try:
+        assert started.wait(120)  # claimed, a crash counted for the first run; its run goes on
+        with pytest.raises(WorkerDied):
+            ingestion_service.run_ingestion(**delivery)  # the broker's redelivery of the second's task: it dies
+        assert _job_row(url, job_id) == ("processing", None, 3, 1)  # the live second run was no crash
+        assert ingestion_service.run_ingestion(**delivery) == []  # the third's run died: its crash counted
+    finally:
+        release.set()
+        second.join(120)
+    assert not second.is_alive()
+    assert _job_row(url, job_id) == ("ready", None, 4, 2)
+    assert _document_row(url, document_id) == ("ready", 4, False)  # the fourth run's generation served
 
 
 def test_runs_that_fail_cleanly_are_retried_and_never_counted_as_crashes(
