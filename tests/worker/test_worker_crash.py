@@ -118,6 +118,8 @@ def test_killed_worker_resumes_to_ready_without_duplicates(make_pg_database: Cal
     status, chunk_count, attempts = _state(settings, accepted.document_id, accepted.job_id)
     assert status == "ready", log.read_text()[-2000:]
     assert attempts >= 2  # the killed attempt was counted, then the task was delivered again
+    with unit_of_work(settings.resolved_database_url) as session:  # the killed run's hold went with its process
+        assert session.get(IngestionJob, accepted.job_id).crashed_runs == 1  # type: ignore[union-attr]
     store = open_vector_store(settings)  # the worker has exited: this process may open its store now
     try:
         indexes = Counter(p["chunk_index"] for p in store.scroll_payloads("facilities")
