@@ -15,6 +15,7 @@ from datetime import datetime
 from enum import Enum, auto
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from core import blobs, crypto, memory, metrics
@@ -157,9 +158,22 @@ def run_hold(settings: Settings) -> Iterator[Session]:
     it (repository.hold_run), so another delivery's claim meanwhile (the broker's, once the task outlived the
     visibility timeout) counts no crash of it. Ended with the run, whatever ends it; a process that dies ends it
     with itself, and the next claim counts that crash."""
-    with contextlib.closing(get_session_factory(settings.resolved_database_url)()) as hold:
+    hold = get_session_factory(settings.resolved_database_url)()
+    try:
         keep_idle_transaction_open(hold.connection())
         yield hold
+    finally:
+        _let_go(hold)
+
+
+def _let_go(hold: Session) -> None:
+    """End the run's hold. Its connection lost during the run (the database restarted, a proxy dropped the idle
+    session) took the lock with it and leaves nothing to release: its rollback's error is not the run's, which has
+    ended (its outcome written) or raises its own."""
+    try:
+        hold.close()
+    except DBAPIError:
+        logger.warning("a run's hold of its job was lost with its database connection before the run ended")
 
 
 def load_models(settings: Settings) -> None:

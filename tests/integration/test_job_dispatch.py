@@ -1327,6 +1327,34 @@ def test_a_redelivery_while_the_run_before_still_goes_on_counts_no_crash_and_the
     assert _document_row(url, document_id) == ("ready", 4, False)  # the fourth run's generation served
 
 
+def test_a_run_whose_hold_went_with_its_lost_connection_still_ends_as_it_ran(
+        make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's hold is a transaction left idle on a connection of its own for the whole run; the database restarting
+    or a proxy dropping that idle session mid-run takes the lock with it, and ending the hold then raised the lost
+    connection's error from a run that had ended ready: the worker logged an outage and retried a finished job, and
+    `govrag ingest` stopped the file as not ingested. The hold's loss is not the run's: the run ends as it ran."""
+    from sqlalchemy import text
+
+    from core.db import unit_of_work
+    from ingestion import service as ingestion_service
+
+    url, settings = _on("postgresql", make_pg_database, tmp_path)
+    document_id, job_id, _ = _first_delivery_claimed(url, settings)  # its run dies: a real crash
+    real_protect = ingestion_service.protect
+
+    def hold_lost_meanwhile(*args: object, **kwargs: object) -> object:
+        with unit_of_work(url) as session:  # the one transaction left idle on this database: the run's hold
+            ended = session.scalars(text(
+                "SELECT pg_terminate_backend(pid, 60000) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state = 'idle in transaction' AND pid <> pg_backend_pid()")).all()
+        assert ended == [True]
+        return real_protect(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ingestion_service, "protect", hold_lost_meanwhile)
+    assert ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id) == []
+    assert _job_row(url, job_id) == ("ready", None, 2, 1)
+
+
 def test_runs_that_fail_cleanly_are_retried_and_never_counted_as_crashes(
         client: TestClient, issue_token: Callable[..., str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """A run that raises hands its job back before the retry: retries (transient faults, outages) are bounded by
