@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import re
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
+from typing import ParamSpec, TypeVar
 
 from core import forksafe
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
+
+
+def in_callers_context(work: Callable[P, T]) -> Callable[P, T]:
+    """`work`, run (on any thread) in a copy of the context its caller has now: its log lines carry the caller's
+    request id, and what else the caller set holds there (`ingestion.sandbox`'s). A thread started plainly
+    (`threading.Thread`, `threading.Timer`, an executor's `submit`) inherits no context variable: its lines say `-`.
+    The target of a thread that works for one request or command run is wrapped in this; a thread serving the whole
+    process (the sweeper, the cache expirer) is not, or it would say the first caller's id for ever."""
+    context = contextvars.copy_context()
+
+    def in_context(*args: P.args, **kwargs: P.kwargs) -> T:
+        return context.copy().run(work, *args, **kwargs)  # a copy each call: a Context is entered by one at a time
+
+    return in_context
 
 # Words that describe a secret rather than being one ("the password is wrong."), and words that start a phrase.
 _SECRET_STATE_WORDS = "|".join((

@@ -17,6 +17,7 @@ from typing import Any
 import qdrant_edge as edge
 from qdrant_client import models
 
+from core.logs import in_callers_context
 from retrieval import store as vector_store
 from retrieval.store import (
     AccessFilter,
@@ -196,7 +197,8 @@ class EdgeVectorStore:
             if department in self._flush_due:
                 return
             self._flush_due.add(department)
-        timer = threading.Timer(_FLUSH_AFTER_SECONDS, self._flush_in_background, args=(department,))
+        # in the writer's context: a failure is logged with the request id of the write that made the shard dirty
+        timer = threading.Timer(_FLUSH_AFTER_SECONDS, in_callers_context(self._flush_in_background), args=(department,))
         timer.daemon = True
         timer.start()
 
@@ -219,7 +221,9 @@ class EdgeVectorStore:
                 return
             self._pending[department] = 0
             self._optimizing.add(department)
-        threading.Thread(target=self._optimize_in_background, args=(department,), daemon=True).start()
+        # in the writer's context: a failure is logged with the request id of the write that crossed the threshold
+        threading.Thread(target=in_callers_context(self._optimize_in_background), args=(department,),
+                         daemon=True).start()
 
     def _optimize_in_background(self, department: str) -> None:
         try:

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import threading
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from qdrant_client import QdrantClient
 
+from core.logs import JsonFormatter, MaskingFilter, request_id_var
 from retrieval import edge_store
 from retrieval.edge_store import EdgeVectorStore
 from retrieval.store import AccessFilter, VectorPoint, VectorStore
+from tests.support.polling import wait_until
 
 DIM = 16
 GROUPS = ["hr-staff", "hr-managers", "payroll", "legal"]
@@ -192,6 +198,53 @@ class _FlushSpy:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._shard, name)
+
+
+@pytest.fixture
+def as_a_request() -> Iterator[str]:
+    """The test thread under a request id, as the API's middleware sets it for a request (32 hex digits)."""
+    token = request_id_var.set(uuid.uuid4().hex)
+    try:
+        yield request_id_var.get()
+    finally:
+        request_id_var.reset(token)
+
+
+def _request_ids_logged(caplog: pytest.LogCaptureFixture, message: str) -> list[str]:
+    """The request id of each JSON line logged with `message` (each record stamped as every handler stamps it)."""
+    return [json.loads(JsonFormatter().format(record))["request_id"] for record in caplog.records
+            if record.getMessage() == message]
+
+
+def test_a_background_flush_that_fails_is_logged_with_the_writers_request_id(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, as_a_request: str) -> None:
+    """The flush's timer thread inherited no context: its failure said `-`, tying it to no request."""
+    monkeypatch.setattr(edge_store, "_FLUSH_AFTER_SECONDS", 0.05)
+    caplog.handler.addFilter(MaskingFilter())
+    store = EdgeVectorStore(tmp_path / "edge", dimension=DIM)
+    with store._closing:  # noqa: SLF001 - the flush waits for it: the shard's files are gone before it runs
+        store.upsert("hr", _corpus()["hr"])
+        shutil.rmtree(tmp_path / "edge" / "hr")
+    failed = "background flush failed for a department shard"
+    wait_until(lambda: bool(_request_ids_logged(caplog, failed)), 60, "the background flush's failure")
+    assert _request_ids_logged(caplog, failed) == [as_a_request]
+
+
+def test_a_background_index_build_that_fails_is_logged_with_the_writers_request_id(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, as_a_request: str) -> None:
+    """The index build's thread inherited no context: its failure said `-`, tying it to no request."""
+    monkeypatch.setattr(edge_store, "_OPTIMIZE_AFTER_POINTS", 1)
+    caplog.handler.addFilter(MaskingFilter())
+    store = EdgeVectorStore(tmp_path / "edge", dimension=DIM)
+    with store._lock:  # noqa: SLF001 - the build waits for it to open the shard, which is unreadable by then
+        store.upsert("hr", _corpus()["hr"])
+        store.close()
+        shutil.rmtree(tmp_path / "edge" / "hr")
+        (tmp_path / "edge" / "hr").mkdir()
+        (tmp_path / "edge" / "hr" / "not-a-segment").write_text("x")
+    failed = "background index build failed for a department shard"
+    wait_until(lambda: bool(_request_ids_logged(caplog, failed)), 60, "the background index build's failure")
+    assert _request_ids_logged(caplog, failed) == [as_a_request]
 
 
 def test_every_backend_pages_through_a_department_and_returns_every_payload(
