@@ -4,7 +4,10 @@ A query needs its question embedded and masked; each is a model call whose fixed
 dwarfs one short text. `MicroBatcher` gives every caller a future and runs the model in one background thread
 over whatever has been submitted meanwhile: a caller alone is served at once, callers arriving together share
 one call. The thread starts on first use (after any fork) and carries no request context, so nothing about a
-request leaves it except the result (or the exception) its future returns.
+request leaves it except the result (or the exception) its future returns. Its own log lines (a model loading) say
+request id `-`: one call serves several requests, so no one id is its, and a failure reaches each caller through its
+future, in the caller's thread (logged there under the caller's id). Run in one caller's context, the call's traced
+stage (`core.tracing`) would count again in that request's Server-Timing, its span under that request's.
 """
 
 from __future__ import annotations

@@ -110,8 +110,8 @@ class BoundedCache(Generic[K, V]):
 
 
 # Every cache with a max age in this process, expired by one daemon thread (`_expire_all`), started by the first put
-# into one of them and again in a forked child (threads do not survive a fork). A cache leaves the set when it is
-# garbage.
+# into one of them and again in a forked child (threads do not survive a fork); it serves the process, not the request
+# whose put started it, so it starts without that request's context. A cache leaves the set when it is garbage.
 _AGED: weakref.WeakSet[BoundedCache[Any, Any]] = weakref.WeakSet()
 _EXPIRER_LOCK = forksafe.lock()
 _WAKE = forksafe.renewed(threading.Event())  # a cache added: the pass may have to come sooner
