@@ -19,18 +19,23 @@ T = TypeVar("T")
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 
 
-def in_callers_context(work: Callable[P, T]) -> Callable[P, T]:
-    """`work`, run (on any thread) in a copy of the context its caller has now: its log lines carry the caller's
-    request id, and what else the caller set holds there (`ingestion.sandbox`'s). A thread started plainly
-    (`threading.Thread`, `threading.Timer`, an executor's `submit`) inherits no context variable: its lines say `-`.
-    The target of a thread that works for one request or command run is wrapped in this; a thread serving the whole
-    process (the sweeper, the cache expirer) is not, or it would say the first caller's id for ever."""
-    context = contextvars.copy_context()
+def under_callers_request_id(work: Callable[P, T]) -> Callable[P, T]:
+    """`work`, run (on any thread) under the request id its caller has now and nothing else of the caller's context:
+    its log lines carry the id of the request or command run that handed it over. A thread started plainly
+    (`threading.Thread`, `threading.Timer`) inherits no context variable: its lines say `-`. The rest of the caller's
+    context is the request's and would be wrong in work that runs on after the request, or later: its Server-Timing
+    stages (`core.timing`, a dict the response has already read) and its current tracing span (ended by then). The
+    target of a thread that works for one request or run is wrapped in this; a thread serving the whole process (the
+    sweeper, the cache expirer) is not, or it would say the first caller's id for ever."""
+    request_id = request_id_var.get()
 
-    def in_context(*args: P.args, **kwargs: P.kwargs) -> T:
-        return context.copy().run(work, *args, **kwargs)  # a copy each call: a Context is entered by one at a time
+    def under_request_id(*args: P.args, **kwargs: P.kwargs) -> T:
+        context = contextvars.Context()  # empty: nothing of the caller's but the id set next
+        context.run(request_id_var.set, request_id)
+        return context.run(work, *args, **kwargs)
 
-    return in_context
+    return under_request_id
+
 
 # Words that describe a secret rather than being one ("the password is wrong."), and words that start a phrase.
 _SECRET_STATE_WORDS = "|".join((

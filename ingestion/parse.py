@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import importlib
 import io
@@ -20,7 +21,6 @@ import pikepdf
 
 from core import forksafe, offline
 from core.errors import ErrorCode, GovragError
-from core.logs import in_callers_context
 from ingestion import formats, legacy_office, pandoc, sandbox, scratch, sniff
 
 if TYPE_CHECKING:
@@ -378,7 +378,7 @@ def run_with_timeout(work: Callable[[], T], deadline: sandbox.Deadline) -> T:
             outcome["error"] = exc
 
     # in the caller's context: what it set (`sandbox.killed_on_failure`) holds for the programs the parse starts
-    thread = threading.Thread(target=in_callers_context(target), name="govrag-parse", daemon=True)
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(target,), name="govrag-parse", daemon=True)
     thread.start()
     thread.join(seconds)
     if thread.is_alive():

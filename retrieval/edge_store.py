@@ -17,7 +17,7 @@ from typing import Any
 import qdrant_edge as edge
 from qdrant_client import models
 
-from core.logs import in_callers_context
+from core.logs import under_callers_request_id
 from retrieval import store as vector_store
 from retrieval.store import (
     AccessFilter,
@@ -197,8 +197,9 @@ class EdgeVectorStore:
             if department in self._flush_due:
                 return
             self._flush_due.add(department)
-        # in the writer's context: a failure is logged with the request id of the write that made the shard dirty
-        timer = threading.Timer(_FLUSH_AFTER_SECONDS, in_callers_context(self._flush_in_background), args=(department,))
+        # under the writer's request id (only): a failure is logged with the id of the write that made the shard dirty
+        flush = under_callers_request_id(self._flush_in_background)
+        timer = threading.Timer(_FLUSH_AFTER_SECONDS, flush, args=(department,))
         timer.daemon = True
         timer.start()
 
@@ -221,9 +222,9 @@ class EdgeVectorStore:
                 return
             self._pending[department] = 0
             self._optimizing.add(department)
-        # in the writer's context: a failure is logged with the request id of the write that crossed the threshold
-        threading.Thread(target=in_callers_context(self._optimize_in_background), args=(department,),
-                         daemon=True).start()
+        # under the writer's request id (only): a failure is logged with the id of the write that crossed the threshold
+        build = under_callers_request_id(self._optimize_in_background)
+        threading.Thread(target=build, args=(department,), daemon=True).start()
 
     def _optimize_in_background(self, department: str) -> None:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 import random
 import shutil
@@ -14,9 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 from qdrant_client import QdrantClient
 
-from core.logs import JsonFormatter, MaskingFilter, request_id_var
+from core import timing
+from core.logs import JsonFormatter, MaskingFilter, request_id_var, under_callers_request_id
 from retrieval import edge_store
 from retrieval.edge_store import EdgeVectorStore
 from retrieval.store import AccessFilter, VectorPoint, VectorStore
@@ -238,13 +242,38 @@ def test_a_background_index_build_that_fails_is_logged_with_the_writers_request_
     store = EdgeVectorStore(tmp_path / "edge", dimension=DIM)
     with store._lock:  # noqa: SLF001 - the build waits for it to open the shard, which is unreadable by then
         store.upsert("hr", _corpus()["hr"])
-        store.close()
+        # closed as `close` closes it, which cannot be called here: it would wait for the flush timer, which may hold
+        # `_closing` already and wait for this lock
+        store._shards.pop("hr").close()  # noqa: SLF001
         shutil.rmtree(tmp_path / "edge" / "hr")
         (tmp_path / "edge" / "hr").mkdir()
         (tmp_path / "edge" / "hr" / "not-a-segment").write_text("x")
     failed = "background index build failed for a department shard"
     wait_until(lambda: bool(_request_ids_logged(caplog, failed)), 60, "the background index build's failure")
     assert _request_ids_logged(caplog, failed) == [as_a_request]
+
+
+def _handed_over_by_a_traced_write() -> tuple[tuple[str, str, bool], str]:
+    """What work wrapped during a write (its stage timed, its span current) sees on a thread of its own: the request
+    id, the Server-Timing stages and whether a span is current; and the write's own stages afterwards."""
+    timing.start_request()
+    with timing.stage("ingest.index"), TracerProvider().get_tracer("test").start_as_current_span("govrag.ingest.index"):
+        work = under_callers_request_id(lambda: (request_id_var.get(), timing.server_timing_header(),
+                                                 trace.get_current_span().get_span_context().is_valid))
+    seen: list[tuple[str, str, bool]] = []
+    thread = threading.Thread(target=lambda: seen.append(work()))
+    thread.start()
+    thread.join()
+    return seen[0], timing.server_timing_header()
+
+
+def test_work_handed_to_a_thread_carries_the_callers_request_id_and_nothing_else_of_its_context(
+        as_a_request: str) -> None:
+    """The flush and the index build run after the write's request: its Server-Timing stages (read by its response)
+    and its tracing span (ended) are not theirs. They ran in a copy of the writer's whole context."""
+    seen, writers_stages = contextvars.copy_context().run(_handed_over_by_a_traced_write)  # no stages left behind
+    assert seen == (as_a_request, "", False)
+    assert writers_stages.startswith("ingest.index;dur=")  # the write's own, kept
 
 
 def test_every_backend_pages_through_a_department_and_returns_every_payload(
