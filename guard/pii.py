@@ -594,15 +594,14 @@ class PiiRedactor:
     def redact_title(self, title: str, rules: RedactionRules | None = None, *, rules_only: bool = False) -> str:
         """Return a document title with each value replaced by its type alone (`<PERSON>`, `<EMAIL_ADDRESS>`): the
         title is redacted on its own, before the text is read, and a numbered placeholder would pass for the one the
-        text's map gives (and be revealed as that one). A title ending in a file extension is read without it too:
-        in `maria@example.com.txt` the extension hides the e-mail address's domain. No span reaches into the
-        extension: the NER takes `Lease.pdf` in `Jordan Office Lease.pdf` for a name. `rules_only` applies the
-        department's recognizers alone, to a title already redacted (the models would read its placeholders as
-        context and take a word beside one for a name)."""
+        text's map gives (and be revealed as that one). A title ending in what looks like a file extension is read
+        without it too: in `maria@example.com.txt` the extension hides the e-mail address's domain. Which spans are
+        kept: `_kept_in_title`. `rules_only` applies the department's recognizers alone, to a title already redacted
+        (the models would read its placeholders as context and take a word beside one for a name)."""
         readings = title_readings(title)
         stem_end = len(readings[-1])
         results = [result for reading in readings for result in self.analyze(reading, rules, rules_only=rules_only)
-                   if result.end <= stem_end]
+                   if _kept_in_title(result, stem_end)]
         return _replace_spans(title, results, type_placeholder)
 
     def redact_many(self, texts: list[str], placeholders: PlaceholderMap,
@@ -647,6 +646,14 @@ def title_readings(title: str) -> list[str]:
     each a prefix of the title, so a span found in either is the title's."""
     extension = _FILE_EXTENSION.search(title)
     return [title, title[: extension.start()]] if extension else [title]
+
+
+def _kept_in_title(result: RecognizerResult, stem_end: int) -> bool:
+    """Whether a span found in a reading of a title is redacted, the title's apparent file extension starting at
+    `stem_end`: every span but a name crossing into it, as the NER takes `Lease.pdf` in `Jordan Office Lease.pdf`
+    for one. A value a pattern finds whole keeps what only looks like an extension: the `.com` ending
+    `Claim of maria@example.com`, the `.1` of an IP address, the `.internal` of a private domain."""
+    return result.entity_type != "PERSON" or not result.start < stem_end < result.end
 
 
 def _possible_entities(text: str) -> list[str]:

@@ -118,6 +118,16 @@ def test_a_title_given_by_the_uploader_is_redacted_too(client: TestClient, world
     assert _rows_with(settings, ["Worthington"]) == []
 
 
+def test_a_title_ending_in_an_address_reaches_readers_redacted(client: TestClient, world: dict, settings) -> None:  # type: ignore[no-untyped-def]
+    """The address's `.com` was read as a file extension and the address dropped: the title was stored as given."""
+    document = _ingest(client, world["editor"], "claim.txt", b"Claim\n\nThe taxi fare was paid back in May.\n",
+                       title=f"Claim of {EMAIL}")
+    listed = client.get("/v1/documents", params={"department": DEPARTMENT}, headers=auth(world["reader"])).json()
+    assert [d["title"] for d in listed["documents"] if d["document_id"] == document["document_id"]] == \
+        ["Claim of <EMAIL_ADDRESS>"], document["title"]
+    assert _rows_with(settings, [EMAIL]) == []
+
+
 def test_a_card_number_in_a_title_raises_the_document(client: TestClient, world: dict, settings) -> None:  # type: ignore[no-untyped-def]
     """The title's card number is redacted, and counted: the document's level decides who sees its title."""
     document = _ingest(client, world["editor"], f"Card {CARD} refund.txt",

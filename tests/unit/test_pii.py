@@ -338,6 +338,24 @@ def test_a_title_is_redacted_up_to_its_file_extension(redactor: PiiRedactor, tit
     assert redactor.redact_title(title) == redacted
 
 
+@pytest.mark.parametrize(("title", "redacted"), [
+    ("Claim of maria.gonzalez@example.com", "Claim of <EMAIL_ADDRESS>"),
+    ("Claim of maria.gonzalez@example.com.txt", "Claim of <EMAIL_ADDRESS>.txt"),
+    ("Mail name@corp.co.uk", "Mail <EMAIL_ADDRESS>"),  # the stem's `name@corp.co` left `.uk` behind
+    ("Mail name@corp.co.uk.pdf", "Mail <EMAIL_ADDRESS>.pdf"),
+    ("Escalations anna.berg@ops.acme.internal", "Escalations <EMAIL_ADDRESS>"),
+    ("Router 192.168.0.1", "Router <IP_ADDRESS>"),
+    ("Router 192.168.0.1.log", "Router <IP_ADDRESS>.log"),
+    ("Notes from Maria.Gonzalez", "Notes from <PERSON>.<PERSON>"),  # a name after the dot is no extension's
+    ("Jordan Office Lease.pdf", "Jordan Office Lease.pdf"),
+])
+def test_a_value_ending_a_title_is_redacted_whole_though_its_end_looks_like_a_file_extension(
+        redactor: PiiRedactor, title: str, redacted: str) -> None:
+    """`.com`, `.1`, `.internal` read as an extension, and a value reaching into it was dropped: a title ending in an
+    address was shown as it was (in citations and the listing)."""
+    assert redactor.redact_title(title) == redacted
+
+
 def test_a_header_name_spacy_tags_as_a_person_is_kept_too(redactor: PiiRedactor) -> None:
     """spaCy's NER (not only the context patterns) tags `Bcc` PERSON: the Bcc line read `<PERSON_3>: <PERSON_4>`."""
     header = ("From: Maria Gonzalez <maria.gonzalez@example.com>\nTo: Peter Novak <peter.novak@example.com>\n"
