@@ -123,6 +123,12 @@ _LABEL_LINES = regex.compile(r"(?m)^[ \t>]*\p{Lu}\p{L}*:")
 _TITLE_CASE_AFTER = regex.compile(r"[ \t]+\p{Lu}\p{Ll}+\b(?![.'\u2019])")
 
 
+# The recognizers that read a name in words: the NER's (`_PersonRecognizer`) and the context patterns. Every other
+# one, a department's of any type too, matches the shape of a value.
+_NER_RECOGNIZER = "GovragPersonNerRecognizer"
+_NAME_RECOGNIZERS = frozenset({_NER_RECOGNIZER, pii_rules.PERSON_CONTEXT_RECOGNIZER})
+
+
 @Language.component(_LEMMA_PIPE)
 def _lower_lemma(doc: Doc) -> Doc:
     """Stand in for the lemmatizer: Presidio's context words match on lower-cased tokens."""
@@ -371,7 +377,7 @@ def _secret_recognizer() -> PatternRecognizer:
 def _recognizers() -> list[EntityRecognizer]:
     """Return the recognizers for exactly the redacted entity types."""
     return [
-        _PersonRecognizer(supported_entities=["PERSON"]),
+        _PersonRecognizer(supported_entities=["PERSON"], name=_NER_RECOGNIZER),
         _OfflineEmailRecognizer(),
         CreditCardRecognizer(patterns=[*CreditCardRecognizer.PATTERNS, _MORE_CARDS]),
         UsSsnRecognizer(),
@@ -650,10 +656,17 @@ def title_readings(title: str) -> list[str]:
 
 def _kept_in_title(result: RecognizerResult, stem_end: int) -> bool:
     """Whether a span found in a reading of a title is redacted, the title's apparent file extension starting at
-    `stem_end`: every span but a name crossing into it, as the NER takes `Lease.pdf` in `Jordan Office Lease.pdf`
-    for one. A value a pattern finds whole keeps what only looks like an extension: the `.com` ending
-    `Claim of maria@example.com`, the `.1` of an IP address, the `.internal` of a private domain."""
-    return result.entity_type != "PERSON" or not result.start < stem_end < result.end
+    `stem_end`: every span but a name crossing into it, the NER's `Lease.pdf` in `Jordan Office Lease.pdf`, the
+    context patterns' `Hallgerður P.` in `Memo for Dr Hallgerður P.pdf`. A value a pattern finds whole keeps what
+    only looks like an extension: the `.com` ending `Claim of maria@example.com`, the `.1` of an IP address, the
+    `.internal` of a private domain, a department's identifier or handle (whatever its type, PERSON too)."""
+    return not (_read_as_a_name(result) and result.start < stem_end < result.end)
+
+
+def _read_as_a_name(result: RecognizerResult) -> bool:
+    """Whether a span is one of `_NAME_RECOGNIZERS`' (not a value's shape, nor a name's words found again)."""
+    metadata = result.recognition_metadata or {}
+    return metadata.get(RecognizerResult.RECOGNIZER_NAME_KEY) in _NAME_RECOGNIZERS
 
 
 def _possible_entities(text: str) -> list[str]:

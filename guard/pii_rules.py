@@ -120,6 +120,9 @@ _MIN_PHONE_DIGITS, _MAX_PHONE_DIGITS = 7, 15
 _NOT_PHONE = regex.compile(r"^\d{4}-\d{2}-\d{2}|^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$")
 
 
+PERSON_CONTEXT_RECOGNIZER = "GovragPersonContextRecognizer"
+
+
 class _PersonContextRecognizer(PatternRecognizer):
     """People named by context: titles, introductions, speaker labels, lists of founders."""
 
@@ -127,7 +130,7 @@ class _PersonContextRecognizer(PatternRecognizer):
         super().__init__(
             supported_entity="PERSON",
             patterns=_PERSON_PATTERNS,
-            name="GovragPersonContextRecognizer",
+            name=PERSON_CONTEXT_RECOGNIZER,
             global_regex_flags=regex.DOTALL | regex.MULTILINE,  # case-sensitive: capitals matter
         )
 

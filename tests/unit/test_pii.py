@@ -331,6 +331,7 @@ def test_e_mail_header_names_are_kept_and_the_people_in_them_redacted(redactor: 
 @pytest.mark.parametrize(("title", "redacted"), [
     ("Jordan Office Lease.pdf", "Jordan Office Lease.pdf"),  # the NER took "Lease.pdf" for a name
     ("Payslip March.pdf", "Payslip March.pdf"),  # ... and the whole title, extension included
+    ("Memo for Dr Hallgerður P.pdf", "Memo for Dr <PERSON>.pdf"),  # the context patterns took in the dot
     ("Sarah Connor performance review.docx", "<PERSON> performance review.docx"),
     ("maria.gonzalez@example.com.txt", "<EMAIL_ADDRESS>.txt"),  # the extension hid the domain
 ])
@@ -347,13 +348,27 @@ def test_a_title_is_redacted_up_to_its_file_extension(redactor: PiiRedactor, tit
     ("Router 192.168.0.1", "Router <IP_ADDRESS>"),
     ("Router 192.168.0.1.log", "Router <IP_ADDRESS>.log"),
     ("Notes from Maria.Gonzalez", "Notes from <PERSON>.<PERSON>"),  # a name after the dot is no extension's
-    ("Jordan Office Lease.pdf", "Jordan Office Lease.pdf"),
 ])
 def test_a_value_ending_a_title_is_redacted_whole_though_its_end_looks_like_a_file_extension(
         redactor: PiiRedactor, title: str, redacted: str) -> None:
     """`.com`, `.1`, `.internal` read as an extension, and a value reaching into it was dropped: a title ending in an
     address was shown as it was (in citations and the listing)."""
     assert redactor.redact_title(title) == redacted
+
+
+@pytest.mark.parametrize(("entity", "pattern", "title", "redacted"), [
+    ("PERSON", r"\b[a-z]+\.[a-z]+\b", "Access for maria.gonzalez", "Access for <PERSON>"),
+    ("EMPLOYEE_ID", r"\bE-\d{4}\.\d{2}\b", "Payroll E-1234.56", "Payroll <EMPLOYEE_ID>"),
+])
+def test_a_department_value_ending_a_title_is_redacted_whole_whatever_its_type(
+        redactor: PiiRedactor, entity: str, pattern: str, title: str, redacted: str) -> None:
+    """A department's recognizer is a pattern, whatever type it names: `.gonzalez` and `.56` read as an extension, and
+    its value reaching into it was dropped as the NER's `Lease.pdf` is (a PERSON handle, and before, any value)."""
+    from guard.pii_rules import CustomRecognizer, RedactionRules
+
+    rules = RedactionRules(recognizers=(CustomRecognizer(entity=entity, pattern=pattern),))
+    assert redactor.redact_title(title, rules) == redacted
+    assert redactor.redact_title(title, rules, rules_only=True) == redacted
 
 
 def test_a_header_name_spacy_tags_as_a_person_is_kept_too(redactor: PiiRedactor) -> None:
