@@ -21,7 +21,9 @@ _NEW_COLUMNS = ("roles", "policy_version", "guard_verdicts", "model_backend", "m
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("retrieval_events", schema=None) as batch_op:
+    # recreate="never": SQLite adds each column in place (constant defaults), so no copy of the table is made and the
+    # revision renders as SQL (`--sql`) without reading the table's definition from a database
+    with op.batch_alter_table("retrieval_events", schema=None, recreate="never") as batch_op:
         batch_op.add_column(sa.Column("roles", sa.JSON(), nullable=False, server_default=sa.text("'[]'")))
         batch_op.add_column(sa.Column("policy_version", sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column("guard_verdicts", sa.JSON(), nullable=False, server_default=sa.text("'{}'")))

@@ -59,13 +59,17 @@ def upgrade() -> None:
 
 
 def _prefix_roles() -> None:
-    bind = op.get_bind()
-    for row in bind.execute(sa.select(_rules.c.id, _rules.c.v1).where(_rules.c.ptype == "g")).all():
-        if row.v1 and not row.v1.startswith(ROLE_PREFIX):
-            bind.execute(_rules.update().where(_rules.c.id == row.id).values(v1=ROLE_PREFIX + row.v1))
-    bind.execute(_rules.delete().where(_rules.c.ptype == "p"))
+    """One UPDATE, no rows read into Python, so it renders as SQL (`--sql`) too."""
+    op.execute(_rules.update().where(_rules.c.ptype == "g", _rules.c.v1 != "", ~_has_role_prefix())
+               .values(v1=sa.literal(ROLE_PREFIX) + _rules.c.v1))
+    op.execute(_rules.delete().where(_rules.c.ptype == "p"))
     op.bulk_insert(_rules, [{"ptype": "p", "v0": action, "v1": ROLE_PREFIX + role}
                             for role, actions in DEFAULT_ROLE_PERMISSIONS.items() for action in actions])
+
+
+def _has_role_prefix() -> sa.ColumnElement[bool]:
+    """v1 starts with ROLE_PREFIX, in its case (substr, not LIKE: SQLite's LIKE ignores case); NULL for a NULL v1."""
+    return sa.func.substr(_rules.c.v1, 1, len(ROLE_PREFIX)) == ROLE_PREFIX
 
 
 def data_at_risk(connection: sa.Connection) -> list[str]:
@@ -84,12 +88,10 @@ def data_at_risk(connection: sa.Connection) -> list[str]:
 
 
 def downgrade() -> None:
-    bind = op.get_bind()
-    bind.execute(_rules.delete().where(_rules.c.ptype == "g", _rules.c.v0.like(ROLE_PREFIX + "%")))
-    for row in bind.execute(sa.select(_rules.c.id, _rules.c.v1).where(_rules.c.ptype == "g")).all():
-        if row.v1 and row.v1.startswith(ROLE_PREFIX):
-            bind.execute(_rules.update().where(_rules.c.id == row.id).values(v1=row.v1[len(ROLE_PREFIX):]))
-    bind.execute(_rules.delete().where(_rules.c.ptype == "p"))
+    op.execute(_rules.delete().where(_rules.c.ptype == "g", _rules.c.v0.like(ROLE_PREFIX + "%")))
+    op.execute(_rules.update().where(_rules.c.ptype == "g", _has_role_prefix())
+               .values(v1=sa.func.substr(_rules.c.v1, len(ROLE_PREFIX) + 1)))
+    op.execute(_rules.delete().where(_rules.c.ptype == "p"))
     op.bulk_insert(_rules, [{"ptype": "p", "v0": role, "v1": action}
                             for role, actions in DEFAULT_ROLE_PERMISSIONS.items() if role != "privacy_officer"
                             for action in actions])

@@ -24,7 +24,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("documents") as batch:
+    with op.batch_alter_table("documents", recreate="never") as batch:  # added in place, as 0002's columns
         batch.add_column(sa.Column("withheld", sa.Boolean(), nullable=False, server_default=sa.false()))
 
 

@@ -14,9 +14,6 @@ Revises: 0015
 
 from __future__ import annotations
 
-import uuid
-from datetime import UTC, datetime
-
 import sqlalchemy as sa
 from alembic import op
 
@@ -28,15 +25,28 @@ branch_labels = None
 depends_on = None
 
 
+# The id (a random UUID, version 4, as uuid.uuid4() writes it) and the time, made by the database as the row is written
+_NEW_ID = {
+    "postgresql": "gen_random_uuid()::text",
+    "sqlite": "lower(hex(randomblob(4))) || '-' || lower(hex(randomblob(2))) || '-4' || substr(lower(hex(randomblob(2))), "
+              "2) || '-' || substr('89ab', 1 + (random() & 3), 1) || substr(lower(hex(randomblob(2))), 2) || '-' || "
+              "lower(hex(randomblob(6)))",
+}
+_NOW = {"postgresql": "now()", "sqlite": "strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'"}  # SQLAlchemy's format
+
+
 def upgrade() -> None:
-    table = op.create_table(
+    op.create_table(
         "deployment",
         sa.Column("id", sa.Integer(), autoincrement=False, nullable=False),
         sa.Column("deployment_id", sa.String(length=36), nullable=False),
         sa.Column("minted_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_deployment")),
     )
-    op.bulk_insert(table, [{"id": 1, "deployment_id": str(uuid.uuid4()), "minted_at": datetime.now(UTC)}])
+    # Minted in SQL, not in Python: a script written as SQL (`--sql`) mints an id of its own, when it runs, in each
+    # database it is applied to, rather than carrying one fixed when it was written (two deployments sharing it)
+    dialect = op.get_context().dialect.name
+    op.execute(f"INSERT INTO deployment (id, deployment_id, minted_at) VALUES (1, {_NEW_ID[dialect]}, {_NOW[dialect]})")
 
 
 def data_at_risk(connection: sa.Connection) -> list[str]:
