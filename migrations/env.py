@@ -17,7 +17,7 @@ target_metadata = Base.metadata
 def run_migrations_offline() -> None:
     """Emit SQL without a connection (`sql=True`, Alembic's `--sql`), each revision between a BEGIN and a COMMIT of
     its own as online, on SQLite too: a script run with psql's ON_ERROR_STOP or sqlite3's -bail that fails in a
-    revision (a guard refusing it, README "Schema") leaves the database at the revision before it."""
+    revision (a guard refusing it, README "Schema as SQL") leaves the database at the revision before it."""
     context.configure(url=config.get_main_option("sqlalchemy.url"), target_metadata=target_metadata,
                       literal_binds=True, render_as_batch=True, transactional_ddl=True,
                       transaction_per_migration=True)

@@ -51,12 +51,12 @@ def _redact_titles(connection: sa.Connection) -> None:
 def _refuse_titles_to_redact() -> None:
     """Written as SQL (`--sql`): the titles are redacted by the PII model, in Python, which no SQL can do. The script
     says so, and fails here (a CHECK constraint named OFFLINE_GUARD) on a database holding a document whose title
-    would be read: that database takes this revision from govrag (README "Schema"). One without such documents, a new
-    one among them, passes it with nothing changed."""
+    would be read: that database takes this revision from govrag (README "Schema as SQL"). One without such
+    documents, a new one among them, passes it with nothing changed."""
     op.get_context().impl.static_output(
         "-- Revision 0010 redacts the PII in the titles of documents (neither deleted nor rejected) with govrag's PII\n"
         "-- model, which SQL cannot do. The statements below fail (check constraint " + OFFLINE_GUARD + ")\n"
-        "-- if the database holds such a document: apply revision 0010 with govrag instead (README, Schema).\n")
+        "-- if the database holds such a document: apply revision 0010 with govrag instead (README, Schema as SQL).\n")
     op.execute(f"CREATE TEMPORARY TABLE offline_guard_0010 (documents_to_redact INTEGER CONSTRAINT {OFFLINE_GUARD} "
                "CHECK (documents_to_redact = 0))")
     op.execute("INSERT INTO offline_guard_0010 (documents_to_redact) "

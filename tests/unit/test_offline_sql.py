@@ -29,6 +29,8 @@ BACKFILLS = [  # a statement of each revision that changes rows, as rendered on 
     "UPDATE documents SET maps_unbound_through = index_generation;",  # 0021
     "UPDATE documents SET duplicate_of = substr(error, 71) WHERE substr(error, 1, 70) = 'duplicate upload: ",  # 0022
 ]
+GRANTS = [("alice", "reader"), ("bob", "role:editor"), ("carol", ""), ("dave", None), ("erin", "Role:auditor"),
+          ("frank", "role:"), ("gina", "ROLE:admin")]  # no role inheritance: undoing 0003 refuses to drop it
 DOCUMENT_COLUMNS = "id, department, title, content_type, size_bytes, sha256, acl_groups, classification, status, " \
                    "error, chunk_count, uploaded_by, created_at, updated_at, flagged_chunks, approved_by"
 DOCUMENTS = [  # at 0010: one for each backfill after it
@@ -125,23 +127,32 @@ def test_the_sql_written_builds_new_databases_each_with_its_own_deployment_id(
 @pytest.mark.parametrize("kind", ["pg", "sqlite"])
 def test_the_backfills_written_as_sql_give_the_rows_the_migrations_give(
         kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
-    """Two databases at 0010 holding the same documents and jobs: one migrated by govrag, the other by the script
-    written from 0010 (every backfill after it: approved levels, served and unbound generations, duplicates)."""
+    """Two databases holding the same rows, one migrated by govrag, the other by scripts written as SQL: from 0002 to
+    0010 with role grants (0003 prefixes their roles), then from 0010 with documents and a job (every backfill after
+    it: approved levels, served and unbound generations, duplicates)."""
     online, offline = (_database(kind, tmp_path, make_pg_database, name) for name in ("online", "offline"))
     for url in (online, offline):
-        migrate.upgrade(url, "0010")
+        migrate.upgrade(url, "0002")
+        _add_grants(url)
+    _migrate_both(online, offline, "0002", "0010")
+    for url in (online, offline):
         _execute(url, "INSERT INTO departments (name, created_at) VALUES ('hr', '2026-01-01 00:00:00')",
                  f"INSERT INTO documents ({DOCUMENT_COLUMNS}) VALUES {', '.join(DOCUMENTS)}",  # noqa: S608
                  "INSERT INTO ingestion_jobs (id, document_id, status, attempts, created_at, updated_at, sent_at, "
                  "crashed_runs) VALUES ('j', 'queued', 'queued', 0, '2026-01-01', '2026-01-01', NULL, 0)")
-    migrate.upgrade(online)
-    ran = _run_script(offline, _written_as_sql(offline, "0010:head"))
-    assert ran.returncode == 0, ran.stderr
-    for query in ("SELECT * FROM documents ORDER BY id", "SELECT * FROM ingestion_jobs ORDER BY id",
-                  "SELECT * FROM alembic_version"):
+    _migrate_both(online, offline, "0010", "head")
+    for query in ("SELECT * FROM casbin_rule ORDER BY id", "SELECT * FROM documents ORDER BY id",
+                  "SELECT * FROM ingestion_jobs ORDER BY id", "SELECT * FROM alembic_version"):
         assert _rows(offline, query) == _rows(online, query)
     assert _rows(offline, "SELECT duplicate_of, approved_level, served_generation FROM documents ORDER BY id") == [
         ("0b8e4bfa-6bd1-4a8e-9a53-5d2d7f0f5c1e", None, None), (None, None, None), (None, "internal", 0)]
+
+
+def _migrate_both(online: str, offline: str, start: str, end: str) -> None:
+    """`online` upgraded to `end` by govrag, `offline` by the script written from `start` to `end`."""
+    migrate.upgrade(online, end)
+    ran = _run_script(offline, _written_as_sql(offline, f"{start}:{end}"))
+    assert ran.returncode == 0, ran.stderr
 
 
 @pytest.mark.parametrize("kind", ["pg", "sqlite"])
@@ -167,8 +178,14 @@ def test_the_sql_written_stops_at_0010_while_a_title_is_to_redact(
         ("deleted", "(deleted)", ""), ("ready", "Travel claim <EMAIL_ADDRESS>.txt", "ab")]
 
 
-GRANTS = [("alice", "reader"), ("bob", "role:editor"), ("carol", ""), ("dave", None), ("erin", "Role:auditor"),
-          ("frank", "role:"), ("gina", "ROLE:admin")]  # no role inheritance: undoing 0003 refuses to drop it
+def _add_grants(url: str) -> None:
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("INSERT INTO casbin_rule (ptype, v0, v1) VALUES ('g', :user, :role)"),
+                               [{"user": user, "role": role} for user, role in GRANTS])
+    finally:
+        engine.dispose()
 
 
 def _prefixed_as_before(connection: Connection) -> None:
@@ -202,15 +219,9 @@ def test_0003_prefixes_and_unprefixes_the_grants_in_sql_as_its_python_loop_did(
     """0003 read every grant into Python to prefix its role (which cannot be written as SQL); its single UPDATEs give
     the same rows, up and down: empty and NULL roles, a role already prefixed, another case of the prefix."""
     now, before = (_database(kind, tmp_path, make_pg_database, name) for name in ("now", "before"))
-    grants = "INSERT INTO casbin_rule (ptype, v0, v1) VALUES ('g', :user, :role)"
     for url in (now, before):
         migrate.upgrade(url, "0002")
-        engine = create_engine(url)
-        try:
-            with engine.begin() as connection:
-                connection.execute(text(grants), [{"user": user, "role": role} for user, role in GRANTS])
-        finally:
-            engine.dispose()
+        _add_grants(url)
     query = "SELECT id, v0, v1 FROM casbin_rule WHERE ptype = 'g' ORDER BY id"
     migrate.upgrade(now, "0003")
     _run_as_before(before, _prefixed_as_before)
