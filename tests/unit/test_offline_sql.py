@@ -15,6 +15,7 @@ from alembic import command
 from sqlalchemy import Connection, create_engine, inspect, make_url, text
 
 from core import migrate
+from tests.unit.test_migrations import _execute
 
 BACKFILLS = [  # a statement of each revision that changes rows, as rendered on both databases
     "UPDATE casbin_rule SET v1=('role:' || casbin_rule.v1) WHERE casbin_rule.ptype = 'g'",  # 0003
@@ -64,16 +65,6 @@ def _run_script(url: str, sql: str) -> subprocess.CompletedProcess[str]:
         dsn = database.set(drivername="postgresql").render_as_string(hide_password=False)
         argv = ["psql", "--no-psqlrc", "--quiet", "-v", "ON_ERROR_STOP=1", dsn]
     return subprocess.run(argv, input=sql, capture_output=True, text=True, check=False, timeout=120)  # noqa: S603
-
-
-def _execute(url: str, *statements: str) -> None:
-    engine = create_engine(url)
-    try:
-        with engine.begin() as connection:
-            for statement in statements:
-                connection.execute(text(statement))
-    finally:
-        engine.dispose()
 
 
 def _tables(url: str) -> set[str]:
