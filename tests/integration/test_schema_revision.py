@@ -505,8 +505,8 @@ def test_a_data_dir_this_user_may_not_write_is_named_in_one_line(
 APPLIED = {"0011": "approved level", "0012": "index generations", "0013": "withheld reindex", "0014": "blob store id"}
 
 # A `govrag migrate` from 0010 stopped in a revision as it commits it (every statement run, its record included), by
-# Ctrl-C or a crash: 0011 adds a column, then fills it; 0013 copies the documents table on SQLite (batch), adds a column
-# on PostgreSQL; 0014 creates a table.
+# Ctrl-C or a crash: 0011 adds a column, then fills it; 0013 adds a column (in place on SQLite too: no batch copy, so
+# that it renders as SQL; no upgrade copies a table now); 0014 creates a table.
 INTERRUPTED = [("sqlite", "0011", signal.SIGKILL), ("sqlite", "0013", signal.SIGKILL),
                ("sqlite", "0013", signal.SIGINT), ("sqlite", "0014", signal.SIGINT),
                ("pg", "0013", signal.SIGKILL), ("pg", "0014", signal.SIGINT)]
@@ -650,10 +650,11 @@ def test_a_sqlite_revision_holds_the_write_lock_from_its_first_read(tmp_path: Pa
     """A revision's transaction on SQLite began deferred: it read (its version, the table a batch copy reflects), then
     wrote, and a write another process committed in between (a running `govrag serve`'s worker) made its first write
     fail at once ("database is locked": SQLite does not wait when the snapshot a write would build on is stale). It
-    now begins IMMEDIATE: the other writer is the one that waits (here, asking with no wait, it is refused)."""
+    now begins IMMEDIATE: the other writer is the one that waits (here, asking with no wait, it is refused). Undoing
+    0013 drops a column, by a batch copy (its upgrade adds it in place, reading nothing)."""
     path = tmp_path / "govrag.db"
     url = f"sqlite:///{path}"
-    migrate.upgrade(url, "0012")
+    migrate.upgrade(url, "0013")
     beside = sqlite3.connect(path, timeout=0, isolation_level=None)
     wrote: list[str] = []
 
@@ -667,8 +668,8 @@ def test_a_sqlite_revision_holds_the_write_lock_from_its_first_read(tmp_path: Pa
 
     event.listen(Engine, "before_cursor_execute", write_as_the_copy_reflects)
     try:
-        migrate.upgrade(url, "0013")
+        migrate.downgrade(url, "0012")
     finally:
         event.remove(Engine, "before_cursor_execute", write_as_the_copy_reflects)
         beside.close()
-    assert (wrote, migrate.current_revision(url)) == (["database is locked"], "0013")
+    assert (wrote, migrate.current_revision(url)) == (["database is locked"], "0012")
