@@ -67,10 +67,18 @@ def _run_script(url: str, sql: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, input=sql, capture_output=True, text=True, check=False, timeout=120)  # noqa: S603
 
 
-def _tables(url: str) -> set[str]:
+def _schema(url: str) -> dict[str, tuple[object, ...]]:
+    """Each table's columns (name, type, nullability, default), primary key, foreign keys and indexes."""
     engine = create_engine(url)
     try:
-        return set(inspect(engine).get_table_names())
+        schema = inspect(engine)
+        return {table: ([(c["name"], str(c["type"]), c["nullable"], c["default"]) for c in schema.get_columns(table)],
+                        schema.get_pk_constraint(table)["constrained_columns"],
+                        sorted((fk["name"] or "", fk["constrained_columns"], fk["referred_table"])
+                               for fk in schema.get_foreign_keys(table)),
+                        sorted((index["name"], index["column_names"], bool(index["unique"]))
+                               for index in schema.get_indexes(table)))
+                for table in schema.get_table_names()}
     finally:
         engine.dispose()
 
@@ -101,8 +109,9 @@ def test_the_whole_chain_renders_as_sql_with_every_backfill(url: str) -> None:
 def test_the_sql_written_builds_new_databases_each_with_its_own_deployment_id(
         kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
     """One script, applied to two new databases (as a reviewed script is to staging and production), brings each to
-    the code's head with the tables the migrations make; each mints its own deployment id (the id was fixed when the
-    script was written)."""
+    the code's head with the schema the migrations make (columns with their types, defaults and nullability, keys,
+    indexes: 0002 and 0013 add theirs in place on SQLite); each mints its own deployment id (the id was fixed when
+    the script was written)."""
     online, first, second = (_database(kind, tmp_path, make_pg_database, name) for name in ("online", "a", "b"))
     migrate.upgrade(online)
     sql = _written_as_sql(first)
@@ -110,7 +119,7 @@ def test_the_sql_written_builds_new_databases_each_with_its_own_deployment_id(
         ran = _run_script(url, sql)
         assert ran.returncode == 0, ran.stderr
         migrate.require_head(url)
-        assert _tables(url) == _tables(online)
+        assert _schema(url) == _schema(online)
     ids = {url: _rows(url, "SELECT deployment_id FROM deployment")[0][0] for url in (first, second)}
     assert ids[first] != ids[second]
 
