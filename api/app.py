@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import logging
@@ -16,6 +17,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import ERROR_RESPONSES, crash_response, error_response, install_error_handlers
@@ -174,8 +176,9 @@ def _sweeper(celery: GovragCelery, settings: Settings) -> Sweeper | None:
 
 class RequestContext:
     """A request id for every line and response, stage timings, request metrics and log line; oversized bodies
-    refused before they are read (a declared Content-Length) or as they are read (chunked). Plain ASGI: Starlette's
-    BaseHTTPMiddleware costs a task and a stream per request."""
+    refused before they are read (a declared Content-Length) or as they are read (chunked); a client gone before the
+    response's end logged as such, never as a crash. Plain ASGI: Starlette's BaseHTTPMiddleware costs a task and a
+    stream per request."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -184,31 +187,55 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        settings: Settings = scope["app"].state.settings
         token = request_id_var.set(uuid.uuid4().hex)
-        started, status, status_sent = time.perf_counter(), 500, False
+        started, response = time.perf_counter(), _Response(send, scope["app"].state.settings)
         timing.start_request()
+        try:
+            with contextlib.suppress(ClientDisconnect):  # nothing more can be said to a client gone
+                await self._answer(scope, receive, response)
+            if not response.ended:  # a send raised (ASGI 2.4), or a stream stopped at `http.disconnect` (2.3)
+                logger.info("the client went away before the response's end")
+        finally:
+            _record_request(scope, response.status, time.perf_counter() - started)
+            request_id_var.reset(token)
 
-        async def send_with_context(message: Message) -> None:
-            nonlocal status, status_sent
-            if message["type"] == "http.response.start":
-                status, status_sent = message["status"], True
-                headers = MutableHeaders(scope=message)
-                headers["X-Request-ID"] = request_id_var.get()
-                if settings.server_timing and (stages := timing.server_timing_header()):
-                    headers["Server-Timing"] = stages
-            await send(message)
-
+    async def _answer(self, scope: Scope, receive: Receive, response: _Response) -> None:
+        """The app's response, else a crash's (`crash_response`) while none has begun."""
+        settings: Settings = scope["app"].state.settings
         try:
             refusal = _refusal(scope, settings)
-            await (refusal or self.app)(scope, _within_limit(receive, _body_limit(settings)), send_with_context)
+            await (refusal or self.app)(scope, _within_limit(receive, _body_limit(settings)), response.send)
+        except ClientDisconnect:
+            raise
         except Exception as exc:
-            if status_sent:  # the response has begun: nothing more can be said to this client
+            if response.started:  # the response has begun: nothing more can be said to this client
                 raise
-            await crash_response(exc)(scope, receive, send_with_context)
-        finally:
-            _record_request(scope, status, time.perf_counter() - started)
-            request_id_var.reset(token)
+            await crash_response(exc)(scope, receive, response.send)
+
+
+class _Response:
+    """A request's response as it is sent: its status (500 until one is sent), whether it began and ended. `send`
+    adds the request id (and Server-Timing) to its headers, and says a client gone as Starlette's `ClientDisconnect`
+    however the server said it: under ASGI 2.4 the server's send to a client gone raises an OSError (uvicorn's
+    `ClientDisconnected`), which Starlette turns into `ClientDisconnect` in a stream only, and only when the server
+    says 2.4."""
+
+    def __init__(self, send: Send, settings: Settings) -> None:
+        self._send, self._settings = send, settings
+        self.status, self.started, self.ended = 500, False, False
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status, self.started = message["status"], True
+            headers = MutableHeaders(scope=message)
+            headers["X-Request-ID"] = request_id_var.get()
+            if self._settings.server_timing and (stages := timing.server_timing_header()):
+                headers["Server-Timing"] = stages
+        try:
+            await self._send(message)
+        except OSError as gone:
+            raise ClientDisconnect from gone
+        self.ended = message["type"] == "http.response.body" and not message.get("more_body", False)
 
 
 def _record_request(scope: Scope, status: int, seconds: float) -> None:

@@ -64,9 +64,10 @@ class _ExportStream(StreamingResponse):
     """An export's rows, streamed. The export is recorded before its first row is read; a stream that then does not
     send its end (the caller gone: `CLIENT_DISCONNECTED`; its rows failing midway, the database lost: the error) is
     recorded as failed with `record_failed(failure=...)`, so the ledger never says an export was made that nobody
-    received whole. Under ASGI 2.4 a send to a caller gone raises (Starlette's `ClientDisconnect`); under 2.3 (uvicorn)
-    it is dropped silently, and Starlette's disconnect listener cancels the stream at its next read, so the last body
-    message sent there is one handed to the connection while the caller was still on it."""
+    received whole. A send to a caller gone raises Starlette's `ClientDisconnect` when the server's raises an OSError
+    (ASGI 2.4; the API's request middleware makes it one whatever version the server says); a server of ASGI 2.3
+    (uvicorn) drops it silently, and Starlette's disconnect listener cancels the stream at its next read, so the last
+    body message sent there is one handed to the connection while the caller was still on it."""
 
     def __init__(self, rows: Iterator[str], *, media_type: str, record_failed: Callable[..., None]) -> None:
         super().__init__(rows, media_type=media_type)

@@ -4,6 +4,7 @@ of the test's own."""
 
 from __future__ import annotations
 
+import logging
 import math
 import socket
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from sqlalchemy import select
 
 from bench.common import PG_ADMIN_DSN
 from tests.conftest import PLATFORM_ADMIN, auth
+from tests.integration.test_client_gone import GONE_LINE
 from tests.support.polling import wait_until
 from tests.support.served import served
 
@@ -123,12 +125,17 @@ def test_an_export_whose_database_connection_is_lost_midway_is_recorded_as_faile
     assert _export_then_failed(url, "OperationalError", response.headers["X-Request-ID"])
 
 
-def test_an_export_whose_caller_goes_away_midway_is_recorded_as_failed(served_ledger: tuple[str, str, str]) -> None:
+def test_an_export_whose_caller_goes_away_midway_is_recorded_as_failed(served_ledger: tuple[str, str, str],
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
     """The caller of the API's export gone midway (its connection closed): the ledger ended with the export, as if
-    it had been received. Now an `export_failed` event follows it, naming no error but `client_disconnected`."""
+    it had been received. Now an `export_failed` event follows it, naming no error but `client_disconnected`, and the
+    API logs the caller gone (uvicorn, of ASGI 2.3, said it by `http.disconnect`; a server's send that raises is
+    test_client_gone.py's), as it did not."""
+    caplog.set_level(logging.INFO)
     api_url, token, url = served_ledger
     with _http(api_url) as http, http.stream("GET", "/v1/audit/retrievals", headers=auth(token)) as response:
         assert response.status_code == 200
         assert next(response.iter_lines()).startswith("{")
     request_id = response.headers["X-Request-ID"]
     wait_until(lambda: _export_then_failed(url, "client_disconnected", request_id), 60, "the export recorded as failed")
+    wait_until(lambda: GONE_LINE in caplog.messages, 60, "the caller gone logged")
