@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc
 import logging
@@ -188,41 +187,49 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         token = request_id_var.set(uuid.uuid4().hex)
-        started, response = time.perf_counter(), _Response(send, scope["app"].state.settings)
+        started, response = time.perf_counter(), _Response(receive, send, scope["app"].state.settings)
         timing.start_request()
         try:
-            with contextlib.suppress(ClientDisconnect):  # nothing more can be said to a client gone
-                await self._answer(scope, receive, response)
-            if not response.ended:  # a send raised (ASGI 2.4), or a stream stopped at `http.disconnect` (2.3)
+            try:
+                await self._answer(scope, response)
+            except ClientDisconnect:
+                if not response.client_gone:  # Starlette's name (ASGI 2.4) for an OSError of the app's own stream
+                    raise
+            if response.client_gone and not response.ended:  # nothing more can be said to it: no crash
                 logger.info("the client went away before the response's end")
         finally:
             _record_request(scope, response.status, time.perf_counter() - started)
             request_id_var.reset(token)
 
-    async def _answer(self, scope: Scope, receive: Receive, response: _Response) -> None:
+    async def _answer(self, scope: Scope, response: _Response) -> None:
         """The app's response, else a crash's (`crash_response`) while none has begun."""
         settings: Settings = scope["app"].state.settings
         try:
             refusal = _refusal(scope, settings)
-            await (refusal or self.app)(scope, _within_limit(receive, _body_limit(settings)), response.send)
+            await (refusal or self.app)(scope, _within_limit(response.receive, _body_limit(settings)), response.send)
         except ClientDisconnect:
             raise
         except Exception as exc:
             if response.started:  # the response has begun: nothing more can be said to this client
                 raise
-            await crash_response(exc)(scope, receive, response.send)
+            await crash_response(exc)(scope, response.receive, response.send)
 
 
 class _Response:
-    """A request's response as it is sent: its status (500 until one is sent), whether it began and ended. `send`
-    adds the request id (and Server-Timing) to its headers, and says a client gone as Starlette's `ClientDisconnect`
-    however the server said it: under ASGI 2.4 the server's send to a client gone raises an OSError (uvicorn's
-    `ClientDisconnected`), which Starlette turns into `ClientDisconnect` in a stream only, and only when the server
-    says 2.4."""
+    """A request's response as it is sent: its status (500 until one is sent), whether it began and ended, and
+    whether the server said its client gone, by `http.disconnect` (`receive`) or by a send that raised an OSError (ASGI
+    2.4; uvicorn's `ClientDisconnected`). `send` adds the request id (and Server-Timing) to its headers, and raises
+    that OSError as Starlette's `ClientDisconnect`, whatever ASGI version the server says (Starlette converts it in a
+    stream only, and only under 2.4). Only the server's: an OSError of the app's own work is a failure."""
 
-    def __init__(self, send: Send, settings: Settings) -> None:
-        self._send, self._settings = send, settings
-        self.status, self.started, self.ended = 500, False, False
+    def __init__(self, receive: Receive, send: Send, settings: Settings) -> None:
+        self._receive, self._send, self._settings = receive, send, settings
+        self.status, self.started, self.ended, self.client_gone = 500, False, False, False
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        self.client_gone = self.client_gone or message["type"] == "http.disconnect"
+        return message
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -234,6 +241,7 @@ class _Response:
         try:
             await self._send(message)
         except OSError as gone:
+            self.client_gone = True
             raise ClientDisconnect from gone
         self.ended = message["type"] == "http.response.body" and not message.get("more_body", False)
 

@@ -65,32 +65,45 @@ class _ExportStream(StreamingResponse):
     send its end (the caller gone: `CLIENT_DISCONNECTED`; its rows failing midway, the database lost: the error) is
     recorded as failed with `record_failed(failure=...)`, so the ledger never says an export was made that nobody
     received whole. A send to a caller gone raises Starlette's `ClientDisconnect` when the server's raises an OSError
-    (ASGI 2.4; the API's request middleware makes it one whatever version the server says); a server of ASGI 2.3
-    (uvicorn) drops it silently, and Starlette's disconnect listener cancels the stream at its next read, so the last
-    body message sent there is one handed to the connection while the caller was still on it."""
+    (ASGI 2.4; the API's request middleware makes it one whatever version the server says): the caller gone is told
+    by that send, not by the exception's class, which Starlette also gives an OSError of the rows' own. A server of
+    ASGI 2.3 (uvicorn) drops it silently, and Starlette's disconnect listener cancels the stream at its next read, so
+    the last body message sent there is one handed to the connection while the caller was still on it."""
 
     def __init__(self, rows: Iterator[str], *, media_type: str, record_failed: Callable[..., None]) -> None:
         super().__init__(rows, media_type=media_type)
         self._record_failed = record_failed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ended = False
+        ended = gone = False
 
         async def sending(message: Message) -> None:
-            nonlocal ended
-            await send(message)
+            nonlocal ended, gone
+            try:
+                await send(message)
+            except ClientDisconnect:
+                gone = True
+                raise
             ended = message["type"] == "http.response.body" and not message.get("more_body", False)
 
         failure: BaseException | str = audit_service.CLIENT_DISCONNECTED
         try:
             await super().__call__(scope, receive, sending)
         except BaseException as error:
-            failure = audit_service.CLIENT_DISCONNECTED if isinstance(error, ClientDisconnect) else error
+            failure = audit_service.CLIENT_DISCONNECTED if gone else _unwrapped(error)
             raise
         finally:
             if not ended:
                 with anyio.CancelScope(shield=True):  # recorded even when the server cancels the response
                     await run_in_threadpool(self._record_failed, failure=failure)
+
+
+def _unwrapped(error: BaseException) -> BaseException:
+    """The error that cut a stream off: under ASGI 2.4 Starlette raises an OSError of the rows themselves (a disk's,
+    a socket's) as `ClientDisconnect`, though the caller is still there."""
+    if isinstance(error, ClientDisconnect) and isinstance(error.__context__, OSError):
+        return error.__context__
+    return error
 
 
 DEPLOYMENT_PIN = ("the deployment id the database must record (the one `deployment_id` said when it was noted): "

@@ -6,26 +6,31 @@ then saying `http.disconnect`."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.utils import ClientDisconnected
 
+from api.app import RequestContext
+from api.routers.audit import _ExportStream
 from tests.conftest import PLATFORM_ADMIN, auth
 
 GONE_LINE = "the client went away before the response's end"
 
 
 def _served_until_gone(client: TestClient, path: str, token: str, *, spec_version: str,
-                       sends_before_gone: int) -> list[dict[str, Any]]:
-    """`GET path` with `token`, handed to the API as a server saying `spec_version` would, whose client goes after
-    `sends_before_gone` messages: the messages it took. Whatever the app raises is raised here."""
+                       sends_before_gone: int, app: ASGIApp | None = None) -> list[dict[str, Any]]:
+    """`GET path` with `token`, handed to the API (or `app`, in the API's) as a server saying `spec_version` would,
+    whose client goes after `sends_before_gone` messages: the messages it took. Whatever the app raises is raised
+    here."""
     taken: list[dict[str, Any]] = []
     gone = anyio.Event()
     requested = False
@@ -47,8 +52,8 @@ def _served_until_gone(client: TestClient, path: str, token: str, *, spec_versio
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
              "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
              "query_string": b"", "headers": [(b"host", b"testserver"), *_headers(auth(token))],
-             "client": ("testclient", 50000), "server": ("testserver", 80), "state": {}}
-    client.portal.call(client.app, scope, receive, send)  # type: ignore[union-attr, arg-type]
+             "client": ("testclient", 50000), "server": ("testserver", 80), "state": {}, "app": client.app}
+    client.portal.call(app or client.app, scope, receive, send)  # type: ignore[union-attr, arg-type]
     return taken
 
 
@@ -121,3 +126,31 @@ def test_an_answer_whose_servers_send_raises_is_logged_as_a_client_gone(
                                sends_before_gone=sends_before_gone)
     assert len(taken) == sends_before_gone
     assert _said(caplog) == ([GONE_LINE], [])
+
+
+def test_an_oserror_of_the_apps_own_stream_is_a_failure_not_a_client_gone(
+        client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    """An export stream whose rows fail with an OSError of their own (a disk's: EIO; no real export's rows can be made
+    to, so the stream's rows are the test's) while its caller is still there, served by the API's request middleware
+    to a server saying ASGI 2.4. Starlette raises that OSError as `ClientDisconnect`: the middleware took that for a
+    client gone, logged it as one at INFO and returned to the server as if nothing had failed, and the export's
+    `export_failed` said `client_disconnected`. Only the server's send (or `http.disconnect`) says a client gone: the
+    failure reaches the server, no client gone is logged, and the export's failure is the OSError's (EIO)."""
+    caplog.set_level(logging.INFO)
+    recorded: list[BaseException | str] = []  # the export's failure, as `record_failed(failure=...)` was given it
+
+    def rows() -> Iterator[str]:
+        yield "{}\n"
+        raise OSError(errno.EIO, "Input/output error")
+
+    async def export(scope: Scope, receive: Receive, send: Send) -> None:
+        stream = _ExportStream(rows(), media_type="application/x-ndjson",
+                               record_failed=lambda failure: recorded.append(failure))
+        await stream(scope, receive, send)
+
+    with pytest.raises(Exception) as failed:
+        _served_until_gone(client, "/v1/audit/retrievals", "-", spec_version="2.4", sends_before_gone=100,
+                           app=RequestContext(export))
+    assert isinstance(failed.value, OSError) or isinstance(failed.value.__context__, OSError)
+    assert len(recorded) == 1 and isinstance(recorded[0], OSError) and recorded[0].errno == errno.EIO
+    assert GONE_LINE not in caplog.messages
