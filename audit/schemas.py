@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, TypeAdapter
 
 from authz.identity import MAX_SUBJECT_CHARS
+from core.logs import REQUEST_ID_PATTERN
 from core.models import DOCUMENT_ID_CHARS
 
 
@@ -147,11 +148,8 @@ class ExportFilters:
 # `core.text.DepartmentName`, `event_type` an `EventType`, `decision` a `Decision`.
 ExportSubject = Annotated[str, Field(max_length=MAX_SUBJECT_CHARS)]
 ExportDocumentId = Annotated[str, Field(max_length=DOCUMENT_ID_CHARS)]
-# A request id as govrag makes one: an API request's, 32 lower-case hex digits (api.app's RequestContext, sent back as
-# X-Request-ID and written on its log lines), or a command's run, `cli-` and the same (api.cli); `-` (an event
-# recorded with no request id) is no request's. pydantic's regex engine reads `$` as the end of the text alone (a
-# trailing line break is refused).
-REQUEST_ID_PATTERN = r"^(cli-)?[0-9a-f]{32}$"
+# A request id as govrag makes one (core.logs.REQUEST_ID_PATTERN); `-` (an event recorded with no request id) is no
+# request's. pydantic's regex engine reads `$` as the end of the text alone (a trailing line break is refused).
 RequestId = Annotated[str, Field(pattern=REQUEST_ID_PATTERN,
                                  description="an API request's X-Request-ID (32 lower-case hex digits) or a command "
                                  "run's (`cli-` and 32): the events it recorded")]

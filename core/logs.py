@@ -7,7 +7,8 @@ import json
 import logging
 import re
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import ParamSpec, TypeVar
 
@@ -16,7 +17,13 @@ from core import forksafe
 P = ParamSpec("P")
 T = TypeVar("T")
 
-request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
+NO_REQUEST_ID = "-"
+request_id_var: ContextVar[str] = ContextVar("request_id", default=NO_REQUEST_ID)
+# A request id as govrag makes one: an API request's, 32 lower-case hex digits (api.app's RequestContext, sent back as
+# X-Request-ID), or a command's run, `cli-` and the same (api.cli). Read with `re.fullmatch`: a trailing line break is
+# refused too.
+REQUEST_ID_PATTERN = r"^(cli-)?[0-9a-f]{32}$"
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 
 
 def under_callers_request_id(work: Callable[P, T]) -> Callable[P, T]:
@@ -112,6 +119,24 @@ _SILENCED_LIBRARY_LOGGERS = ("uvicorn.access",)
 # text, or a caller's, never reaches the logs.
 QUIET_LIBRARY_LOGGERS = ("pdfminer", "unstructured", "unstructured.trace", "presidio-analyzer", "pypandoc",
                          "MARKDOWN", "charset_normalizer", "PIL", "matplotlib", "httpx", "httpcore")
+
+
+def request_id_or_none(value: object) -> str:
+    """`value` if it is a request id as govrag makes one (`REQUEST_ID_PATTERN`), else `-`: an id read from outside the
+    process (a task's message) puts nothing else in a log line."""
+    if isinstance(value, str) and _REQUEST_ID.fullmatch(value):
+        return value
+    return NO_REQUEST_ID
+
+
+@contextmanager
+def logged_as(request_id: object) -> Iterator[None]:
+    """Log under `request_id` (checked by `request_id_or_none`) until the block ends, then as before."""
+    token = request_id_var.set(request_id_or_none(request_id))
+    try:
+        yield
+    finally:
+        request_id_var.reset(token)
 
 
 def mask_secrets(text: str) -> str:

@@ -21,6 +21,9 @@ class GovragCelery(Celery):
 
 
 INGEST_TASK = "govrag.ingest_document"
+# The message header carrying the request id of whoever sent a task (an upload, a re-index, a command's run, the run
+# of another task), under which the task's run logs (workers.tasks); a retry's message and a redelivery keep it.
+REQUEST_ID_HEADER = "govrag_request_id"
 WORKER_START_SECONDS = 60.0
 
 

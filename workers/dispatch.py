@@ -54,10 +54,11 @@ from sqlalchemy.orm import Session
 from core import broker
 from core.db import get_engine, keep_idle_transaction_open, transaction_lock, unit_of_work
 from core.errors import Unavailable, unavailable_dependency
+from core.logs import request_id_var
 from core.models import UNFINISHED, DocumentStatus, IngestionJob, utcnow
 from core.settings import Settings
 from ingestion import repository as ingestion_repository
-from workers.celery_app import INGEST_TASK, GovragCelery
+from workers.celery_app import INGEST_TASK, REQUEST_ID_HEADER, GovragCelery
 
 if TYPE_CHECKING:
     from kombu.transport.redis import Channel as RedisChannel
@@ -419,10 +420,13 @@ def _job_id_of(message: Any) -> str | None:
 
 
 def _published(app: GovragCelery, document_id: str, job_id: str) -> bool:
-    """Put the ingestion task on the broker; False if the broker refused (its caller says so, once)."""
+    """Put the ingestion task on the broker, with the request id this thread logs under (`REQUEST_ID_HEADER`: the
+    sweep's and a start's resending log `-`, and so do the runs of what they send: a job keeps no request id); False
+    if the broker refused (its caller says so, once)."""
     try:
         # No time limit in the message: the worker's own GOVRAG_INGEST_TIME_LIMIT_SECONDS applies, not the sender's.
-        app.tasks[INGEST_TASK].apply_async(args=[document_id, job_id], time_limit=None)
+        app.tasks[INGEST_TASK].apply_async(args=[document_id, job_id], time_limit=None,
+                                           headers={REQUEST_ID_HEADER: request_id_var.get()})
     except (OperationalError, OSError):
         return False
     return True

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import logging
+import threading
+from contextvars import Token
 
 from billiard.exceptions import TimeLimitExceeded
 from celery import Task, current_app, signals
+from celery.worker.request import Request
 
+from core.logs import logged_as, request_id_or_none, request_id_var
 from core.settings import Settings
 from ingestion import scratch
 from ingestion import service as ingestion_service
 from ingestion.schemas import UploadAccepted
 from retrieval.store import close_vector_store, vector_store_is_open
-from workers.celery_app import INGEST_TASK, GovragCelery
+from workers.celery_app import INGEST_TASK, REQUEST_ID_HEADER, GovragCelery
 from workers.dispatch import send_jobs
 
 logger = logging.getLogger(__name__)
@@ -72,10 +76,26 @@ def _give_up(settings: Settings, document_id: str, job_id: str, retries: int,
                                                   reason=reason))
 
 
+class _RequestLoggedAsItsSender(Request):
+    """A task as the worker's main process handles it: what that process does for the task's end, a hard time limit's
+    failure (`IngestionTask.on_failure`, and the jobs that sends) or a child lost under it, logs under the request id
+    the task carries, as its run does (`request_id_for_the_run`)."""
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        with logged_as(self.request_dict.get(REQUEST_ID_HEADER)):
+            super().on_timeout(soft, timeout)
+
+    def on_failure(self, exc_info: object, send_failed_event: bool = True, return_ok: bool = False) -> None:
+        with logged_as(self.request_dict.get(REQUEST_ID_HEADER)):
+            super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+
 class IngestionTask(Task):
     """When the hard time limit kills a child mid-document, the worker's main process calls `on_failure`: the
     document fails with that reason instead of staying `processing` (a redelivery then finds it final), and content
     its e-mail's step was to take again falls to the next e-mail carrying it (service.mark_failed)."""
+
+    Request = _RequestLoggedAsItsSender
 
     def on_failure(self, exc: BaseException, _task_id: str, args: tuple, *_: object) -> None:  # type: ignore[type-arg]
         if isinstance(exc, TimeLimitExceeded):
@@ -92,6 +112,34 @@ class IngestionTask(Task):
             finally:
                 if opened_here:  # the main process keeps no store: its children (forked later) open their own
                     close_vector_store(settings)
+
+
+class _RunsInThisThread(threading.local):
+    """The runs a thread has in progress: each task's id, and the token that puts back the request id the thread
+    logged under before it."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, Token[str]] = {}
+
+
+_runs = _RunsInThisThread()
+
+
+@signals.task_prerun.connect
+def request_id_for_the_run(task_id: str, task: Task, **_: object) -> None:
+    """A task's run (Celery's own lines about it too: a retry, a failure, its success) logs under the request id its
+    message carries (`REQUEST_ID_HEADER`, set by `dispatch.send_jobs`), so an operator can tie a worker's line to the
+    upload, re-index or command that queued the job; a missing one, or one that is not a request id as govrag makes
+    one (a forged message's text), logs `-`."""
+    _runs.tokens[task_id] = request_id_var.set(request_id_or_none(task.request.get(REQUEST_ID_HEADER)))
+
+
+@signals.task_postrun.connect
+def request_id_after_the_run(task_id: str, **_: object) -> None:
+    """The thread logs as before the run (`-` in a worker's)."""
+    token = _runs.tokens.pop(task_id, None)
+    if token is not None:
+        request_id_var.reset(token)
 
 
 @signals.worker_process_init.connect

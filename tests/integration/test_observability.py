@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gc
+import json
+import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,7 +14,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from pydantic import SecretStr
 
 from core import tracing
+from core.logs import JsonFormatter, MaskingFilter
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
+from tests.support.polling import wait_until
 
 QUESTION = "What is the codeword for the Zephyr-Obsidian launch window?"
 DOC = "Launch Notes\n\nThe Zephyr-Obsidian launch window codeword is LANTERN-FIG-2231, owned by Priya Raman.\n"
@@ -104,3 +108,68 @@ def test_a_made_up_http_method_is_counted_as_other(client: TestClient) -> None:
     assert client.request(made_up, "/v1/documents/whatever").status_code in (404, 405)
     text = client.get("/metrics").text
     assert f'method="{made_up}"' not in text and 'method="other"' in text
+
+
+class _JsonLines(logging.Handler):
+    """The log lines as an operator reads them: through the masking filter, which stamps the request id, as JSON."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[dict[str, str]] = []
+        self.setFormatter(JsonFormatter())
+        self.addFilter(MaskingFilter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(json.loads(self.format(record)))
+
+    def ingested(self, document_id: str) -> list[dict[str, str]]:
+        return [line for line in self.lines if line["message"].startswith(f"ingested document {document_id}:")]
+
+
+@pytest.fixture
+def worker_lines(clean_logging: None) -> Iterator[_JsonLines]:
+    """The lines logged at INFO and above while the test runs, the ingestion service's INFO lines included."""
+    lines = _JsonLines()
+    logging.getLogger().addHandler(lines)
+    logging.getLogger("ingestion.service").setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logging.getLogger().removeHandler(lines)
+
+
+def test_the_worker_logs_an_upload_under_the_upload_requests_id(client: TestClient, worker_lines: _JsonLines,
+                                                                 issue_token: Callable[..., str]) -> None:
+    dept, token = _setup(client, issue_token)
+    upload = client.post("/v1/documents", headers=auth(token), data={"department": dept, "title": "launch"},
+                         files={"file": ("launch.txt", DOC.encode())})
+    assert upload.status_code == 202, upload.text
+    document_id = upload.json()["document_id"]
+    assert wait_for_job(client, token, upload.json()["job_id"])["status"] == "ready"
+    wait_until(lambda: bool(worker_lines.ingested(document_id)), 60, "the worker's line saying it ingested it")
+    assert [line["request_id"] for line in worker_lines.ingested(document_id)] == [upload.headers["X-Request-ID"]]
+
+
+@pytest.mark.parametrize("forged", ["0123456789abcdef0123456789abcdef\n{\"request_id\": \"admin\"}",
+                                    "0123456789abcdef0123456789abcdef\n", "0123456789ABCDEF0123456789ABCDEF",
+                                    "cli-0123456789abcdef", ["0123456789abcdef0123456789abcdef"]])
+def test_a_task_whose_message_forges_its_request_id_logs_none(client: TestClient, settings,  # type: ignore[no-untyped-def]
+                                                              issue_token: Callable[..., str],
+                                                              worker_lines: _JsonLines, forged: object) -> None:
+    from core.db import unit_of_work
+    from ingestion import service as ingestion_service
+    from ingestion.schemas import Classification
+    from workers.celery_app import INGEST_TASK, REQUEST_ID_HEADER
+    from workers.dispatch import record_sent
+
+    dept, _ = _setup(client, issue_token)
+    with unit_of_work(settings.resolved_database_url) as session:
+        accepted = ingestion_service.accept_upload(
+            session=session, settings=settings, uploaded_by="forger", department=dept, filename="launch.txt",
+            data=DOC.encode(), title=None, acl_groups=[], classification=Classification.internal)
+    client.app.state.celery.tasks[INGEST_TASK].apply_async(  # type: ignore[attr-defined]
+        args=[accepted.document_id, accepted.job_id], time_limit=None, headers={REQUEST_ID_HEADER: forged})
+    record_sent(settings, accepted.job_id)
+    wait_until(lambda: bool(worker_lines.ingested(accepted.document_id)), 180, "the worker's line saying it did")
+    assert [line["request_id"] for line in worker_lines.ingested(accepted.document_id)] == ["-"]
+    assert not [line for line in worker_lines.lines if "0123456789" in line["request_id"].lower()]
