@@ -150,26 +150,41 @@ def test_the_worker_logs_an_upload_under_the_upload_requests_id(client: TestClie
     assert [line["request_id"] for line in worker_lines.ingested(document_id)] == [upload.headers["X-Request-ID"]]
 
 
-@pytest.mark.parametrize("forged", ["0123456789abcdef0123456789abcdef\n{\"request_id\": \"admin\"}",
-                                    "0123456789abcdef0123456789abcdef\n", "0123456789ABCDEF0123456789ABCDEF",
-                                    "cli-0123456789abcdef", ["0123456789abcdef0123456789abcdef"]])
-def test_a_task_whose_message_forges_its_request_id_logs_none(client: TestClient, settings,  # type: ignore[no-untyped-def]
-                                                              issue_token: Callable[..., str],
-                                                              worker_lines: _JsonLines, forged: object) -> None:
+# A task's header as govrag sends it (a command run's id), and forged ones: text after a valid id, upper-case hex, a
+# short id, not a string
+GENUINE = f"cli-{uuid.uuid4().hex}"
+FORGED = ["0123456789abcdef0123456789abcdef\n{\"request_id\": \"admin\"}", "0123456789abcdef0123456789abcdef\n",
+          "0123456789ABCDEF0123456789ABCDEF", "cli-0123456789abcdef", ["0123456789abcdef0123456789abcdef"]]
+
+
+def test_a_task_logs_the_request_id_its_message_carries_and_a_forged_one_not_at_all(
+        client: TestClient, settings, issue_token: Callable[..., str],  # type: ignore[no-untyped-def]
+        worker_lines: _JsonLines) -> None:
+    dept, _ = _setup(client, issue_token)
+    expected = {_sent_with_header(client, settings, dept, n, header): [GENUINE if header == GENUINE else "-"]
+                for n, header in enumerate([GENUINE, *FORGED])}
+    wait_until(lambda: all(worker_lines.ingested(document_id) for document_id in expected), 300,
+               "the worker's lines saying it ingested them")
+    assert {document_id: [line["request_id"] for line in worker_lines.ingested(document_id)]
+            for document_id in expected} == expected
+    assert not [line for line in worker_lines.lines if "0123456789" in line["request_id"].lower()]
+
+
+def _sent_with_header(client: TestClient, settings, dept: str, n: int,  # type: ignore[no-untyped-def]
+                      header: object) -> str:
+    """A document accepted and its task sent with `header` as its request id, as another sender of tasks might;
+    returns the document's id."""
     from core.db import unit_of_work
     from ingestion import service as ingestion_service
     from ingestion.schemas import Classification
     from workers.celery_app import INGEST_TASK, REQUEST_ID_HEADER
     from workers.dispatch import record_sent
 
-    dept, _ = _setup(client, issue_token)
     with unit_of_work(settings.resolved_database_url) as session:
         accepted = ingestion_service.accept_upload(
-            session=session, settings=settings, uploaded_by="forger", department=dept, filename="launch.txt",
-            data=DOC.encode(), title=None, acl_groups=[], classification=Classification.internal)
+            session=session, settings=settings, uploaded_by="sender", department=dept, filename=f"launch-{n}.txt",
+            data=f"{DOC}\nCopy {n}.\n".encode(), title=None, acl_groups=[], classification=Classification.internal)
     client.app.state.celery.tasks[INGEST_TASK].apply_async(  # type: ignore[attr-defined]
-        args=[accepted.document_id, accepted.job_id], time_limit=None, headers={REQUEST_ID_HEADER: forged})
+        args=[accepted.document_id, accepted.job_id], time_limit=None, headers={REQUEST_ID_HEADER: header})
     record_sent(settings, accepted.job_id)
-    wait_until(lambda: bool(worker_lines.ingested(accepted.document_id)), 180, "the worker's line saying it did")
-    assert [line["request_id"] for line in worker_lines.ingested(accepted.document_id)] == ["-"]
-    assert not [line for line in worker_lines.lines if "0123456789" in line["request_id"].lower()]
+    return accepted.document_id
