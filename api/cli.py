@@ -63,10 +63,10 @@ def _request_id_of_its_own(args: argparse.Namespace) -> Iterator[None]:
     """A command run under a request id of its own, `cli-` and 32 hex digits (an API request's are the 32 digits):
     every ledger event it records (an export and its `export_failed`, a key rotation, ...) and every log line it
     writes carries it, telling one run from another by the same actor. `serve` and `worker` take none: their requests
-    (each given its own) and tasks are what they run. A thread starts without it (`-`: no context variable is
-    inherited): each event a command records is recorded in the command's thread; a parse's thread runs in
-    `contextvars.copy_context()` (`ingestion.parse`), and the Edge store's flush and index build under
-    `core.logs.under_callers_request_id`, the run's id alone."""
+    (each given its own) and tasks (each under its sender's, `workers.tasks`) are what they run. A thread starts
+    without it (`-`: no context variable is inherited): each event a command records is recorded in the command's
+    thread; a parse's thread runs in `contextvars.copy_context()` (`ingestion.parse`), and the Edge store's flush and
+    index build under `core.logs.under_callers_request_id`, the run's id alone."""
     if args.run in (_serve, _worker):
         yield
         return

@@ -5,6 +5,7 @@ them separately."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 
 from core import blobs
 from core.db import unit_of_work
+from core.logs import logged_as
 from core.models import Document, IngestionJob
 from core.settings import Settings
 from tests.conftest import REDIS_URL
@@ -146,8 +148,10 @@ def test_a_parser_beyond_the_alarm_meets_the_hard_time_limit_and_the_worker_goes
             data=data, title=None, acl_groups=[], classification=Classification.internal)
             for name, data in uploads.items()}
     app = create_celery(settings)
-    for job in accepted.values():
-        send_job(app, document_id=job.document_id, job_id=job.job_id)
+    sender = f"cli-{uuid.uuid4().hex}"  # the run of a command sending them (`govrag reindex`, say)
+    with logged_as(sender):
+        for job in accepted.values():
+            send_job(app, document_id=job.document_id, job_id=job.job_id)
 
     log, temp_dir = tmp_path / "worker.log", tmp_path / "tmp"
     temp_dir.mkdir()
@@ -170,3 +174,6 @@ def test_a_parser_beyond_the_alarm_meets_the_hard_time_limit_and_the_worker_goes
     with unit_of_work(settings.resolved_database_url) as session:
         document = session.get(Document, stuck.document_id)
         assert document is not None and document.error == "ingestion took longer than the 20 s limit"
+    # the worker's main process said so under the request id the task carried, the sender's
+    said = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    assert [line["request_id"] for line in said if "hit the hard time limit" in line["message"]] == [sender]

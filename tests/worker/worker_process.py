@@ -13,6 +13,7 @@ import os
 for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DO_NOT_TRACK", "UNSTRUCTURED_DISABLE_NOTICE"):
     os.environ.setdefault(_name, "1")
 
+from core.logs import configure_logging  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from workers.celery_app import create_celery  # noqa: E402
 
@@ -50,6 +51,7 @@ def main() -> None:
     if os.environ.get("GOVRAG_TEST_PARSER_IGNORES_ALARM") == "1":
         _parser_ignoring_the_alarm()
     settings = Settings()
+    configure_logging("WARNING")  # as `govrag worker` does: JSON lines, each with its request id
     app = create_celery(settings)
     pool = os.environ.get("GOVRAG_TEST_POOL", "solo")
     app.worker_main(["worker", f"--pool={pool}", "--concurrency=1", "--loglevel=WARNING", "-Q", settings.task_queue,
