@@ -125,13 +125,20 @@ class _JsonLines(logging.Handler):
     def ingested(self, document_id: str) -> list[dict[str, str]]:
         return [line for line in self.lines if line["message"].startswith(f"ingested document {document_id}:")]
 
+    def celery_succeeded(self) -> list[str]:
+        """The request id of each line in which Celery says a task succeeded."""
+        return [line["request_id"] for line in self.lines
+                if line["logger"] == "celery.app.trace" and " succeeded in " in line["message"]]
+
 
 @pytest.fixture
 def worker_lines(clean_logging: None) -> Iterator[_JsonLines]:
-    """The lines logged at INFO and above while the test runs, the ingestion service's INFO lines included."""
+    """The lines logged at INFO and above while the test runs, the ingestion service's and Celery's INFO lines (a
+    task received, succeeded) included."""
     lines = _JsonLines()
     logging.getLogger().addHandler(lines)
-    logging.getLogger("ingestion.service").setLevel(logging.INFO)
+    for name in ("ingestion.service", "celery"):
+        logging.getLogger(name).setLevel(logging.INFO)
     try:
         yield lines
     finally:
@@ -167,7 +174,11 @@ def test_a_task_logs_the_request_id_its_message_carries_and_a_forged_one_not_at_
                "the worker's lines saying it ingested them")
     assert {document_id: [line["request_id"] for line in worker_lines.ingested(document_id)]
             for document_id in expected} == expected
-    assert not [line for line in worker_lines.lines if "0123456789" in line["request_id"].lower()]
+    # Celery's own line about each run too
+    wait_until(lambda: len(worker_lines.celery_succeeded()) == len(expected), 60, "Celery's lines saying they ran")
+    assert sorted(worker_lines.celery_succeeded()) == sorted(["-"] * len(FORGED) + [GENUINE])
+    # nor is a forged header's text anywhere in any line: Celery's own lines and every field included
+    assert not [line for line in worker_lines.lines if "0123456789abcdef" in json.dumps(line).lower()]
 
 
 def _sent_with_header(client: TestClient, settings, dept: str, n: int,  # type: ignore[no-untyped-def]
