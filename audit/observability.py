@@ -63,12 +63,21 @@ def _refresh_kill_switch(session: Session, settings: Settings) -> None:
 
 
 def _refresh_queue_depth(settings: Settings) -> None:
-    """The job queue's length in the broker's Redis; a Redis down, or not answering within
-    `broker_socket_timeout_seconds`, leaves the gauge as it was."""
+    """The job queue's length in the broker's Redis. The gauge is left as it was when Redis is down or does not answer
+    within `broker_socket_timeout_seconds` (with a warning), and without trying it or a word while the broker's
+    breaker is open after such a failure (`broker.through_breaker`, which says so as it opens and closes)."""
     if not broker.is_redis(settings.broker_url):
         return
     try:
-        with broker.redis_client(settings) as client:
-            metrics.QUEUE_DEPTH.labels(queue=settings.task_queue).set(client.llen(settings.task_queue))
+        depth = broker.through_breaker(settings.broker_url, lambda: _queue_length(settings))
+    except broker.RedisSkipped:
+        return
     except redis.RedisError:
         logger.warning("metrics: queue depth unavailable")
+        return
+    metrics.QUEUE_DEPTH.labels(queue=settings.task_queue).set(depth)
+
+
+def _queue_length(settings: Settings) -> int:
+    with broker.redis_client(settings) as client:
+        return int(client.llen(settings.task_queue))

@@ -7,9 +7,7 @@ import logging
 import secrets
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import redis
 from sqlalchemy.orm import Session
@@ -26,7 +24,6 @@ from guard.schemas import GLOBAL_SCOPE, KillMode
 logger = logging.getLogger(__name__)
 SYSTEM_IDENTITY = Identity(subject=f"{SYSTEM_PREFIX}guard", groups=(), is_platform_admin=True)
 _MODE_ORDER = {GuardMode.off: 0, GuardMode.flag: 1, GuardMode.block: 2}
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -163,78 +160,21 @@ class _TripWindow:
             return bool(self._hits.pop(department, None))
 
 
-# After the shared counter's Redis fails, guard hits count in this process (as on failure) for this long; then one
-# hit tries Redis again (one at a time). A hung Redis holds one guard hit per process and cool-down, not each.
-REDIS_COOL_DOWN_SECONDS = 5.0
-
-
-class _RedisSkipped(redis.RedisError):
-    """The breaker is open: the call did not try Redis, and the hit counts in this process as on a failure."""
-
-
-class _RedisBreaker:
-    """Closed: every call tries Redis. Open (Redis failed): calls skip it until the cool-down since the failure has
-    passed, then the one call that asks first probes Redis while the others keep skipping it until the probe ends,
-    however long it takes; an answer closes it. Each opening and closing is logged once."""
-
-    def __init__(self) -> None:
-        self._lock = forksafe.lock()
-        self._failed_at: float | None = None  # monotonic time of the last failure; None while closed
-        self._probing = False  # a call is trying Redis while the breaker is open
-
-    def admits(self) -> bool:
-        """Whether this call may try Redis: always while closed, while open one at a time once per cool-down."""
-        with self._lock:
-            if self._failed_at is None:
-                return True
-            if self._probing or time.monotonic() - self._failed_at < REDIS_COOL_DOWN_SECONDS:
-                return False
-            self._probing = True
-            return True
-
-    def failed(self) -> None:
-        with self._lock:
-            opening = self._failed_at is None
-            self._failed_at, self._probing = time.monotonic(), False
-        if opening:
-            logger.warning("guard hit counter: Redis failed; counting in this process, trying Redis again after %s s",
-                           REDIS_COOL_DOWN_SECONDS)
-
-    def answered(self) -> None:
-        with self._lock:
-            closing = self._failed_at is not None
-            self._failed_at, self._probing = None, False
-        if closing:
-            logger.warning("guard hit counter: Redis answers again; counting in Redis")
-
-
 class _RedisTripCounter:
     """Guard hits per department in the last minute, shared by every replica: a Redis sorted set of hit times
-    (older ones trimmed on each hit) that expires a minute after the last hit. Each Redis call passes the breaker."""
+    (older ones trimmed on each hit) that expires a minute after the last hit. Each Redis call passes the breaker
+    govrag's reads of the broker's Redis share (`broker.through_breaker`)."""
 
-    def __init__(self, client: redis.Redis, namespace: str) -> None:
+    def __init__(self, client: redis.Redis, namespace: str, broker_url: str) -> None:
         self._client = client
         self._namespace = namespace
-        self.breaker = _RedisBreaker()
+        self._broker_url = broker_url
 
     def _key(self, department: str) -> str:
         return f"govrag:guard-hits:{self._namespace}:{department}"
 
-    def _through_breaker(self, call: Callable[[], T]) -> T:
-        """`call`'s result if the breaker lets it try Redis (else _RedisSkipped); an answer closes the breaker, any
-        other end (a RedisError, or anything else raised) opens it, so a probe always ends and is raised."""
-        if not self.breaker.admits():
-            raise _RedisSkipped
-        try:
-            result = call()
-        except BaseException:
-            self.breaker.failed()
-            raise
-        self.breaker.answered()
-        return result
-
     def add(self, department: str) -> int:
-        return self._through_breaker(lambda: self._add(department))
+        return broker.through_breaker(self._broker_url, lambda: self._add(department))
 
     def _add(self, department: str) -> int:
         key, now = self._key(department), time.time()
@@ -248,7 +188,7 @@ class _RedisTripCounter:
 
     def claim(self, department: str) -> bool:
         """Reset the department's window; DEL is atomic, so exactly one replica wins the trip."""
-        return self._through_breaker(lambda: bool(self._client.delete(self._key(department))))
+        return broker.through_breaker(self._broker_url, lambda: bool(self._client.delete(self._key(department))))
 
 
 _TRIPS = _TripWindow()
@@ -266,15 +206,16 @@ def _trip_counter(settings: Settings) -> _TripWindow | _RedisTripCounter:
     with _REDIS_COUNTERS_LOCK:
         key = (settings.broker_url, settings.broker_socket_timeout_seconds, namespace)
         if key not in _REDIS_COUNTERS:
-            _REDIS_COUNTERS[key] = _RedisTripCounter(broker.redis_client(settings), namespace)
+            _REDIS_COUNTERS[key] = _RedisTripCounter(broker.redis_client(settings), namespace, settings.broker_url)
         return _REDIS_COUNTERS[key]
 
 
 def record_guard_hit(*, session: Session, settings: Settings, departments: list[str], kind: str) -> list[str]:
     """Count a blocked injection or output-guard hit; departments over the limit go to retrieval_only. Once Redis
     fails, the hit's further departments count in this process: a hung Redis holds the query for a socket timeout
-    once, not once per department it searched; and so do later hits until `REDIS_COOL_DOWN_SECONDS` have passed
-    (the breaker), so it holds one hit per cool-down, not every one. The query's block never depends on this."""
+    once, not once per department it searched; and so do later hits until `broker.REDIS_COOL_DOWN_SECONDS` have
+    passed (the breaker, which a failed read of the queue depth or of lost jobs opens as well), so it holds one hit
+    per cool-down, not every one. The query's block never depends on this."""
     metrics.GUARD_HITS.labels(kind=kind).inc()
     limit, tripped = settings.guard_auto_trip_per_minute, []
     if limit <= 0:
@@ -307,7 +248,7 @@ def _count(counter: _TripWindow | _RedisTripCounter, department: str) -> tuple[i
     trip resets the window that counted, exactly as in the embedded default, rather than failing the query)."""
     try:
         return counter.add(department), counter
-    except redis.RedisError:  # logged by the breaker as it opens; _RedisSkipped while it is open
+    except redis.RedisError:  # logged by the breaker as it opens; broker.RedisSkipped while it is open
         return _TRIPS.add(department), _TRIPS
 
 

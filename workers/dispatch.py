@@ -46,8 +46,6 @@ from typing import TYPE_CHECKING, Any
 from celery.worker import state as worker_state
 from kombu.exceptions import OperationalError
 from kombu.transport import memory
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import ColumnElement, Connection, Select, or_, select, update
 from sqlalchemy.orm import Session
 
@@ -57,6 +55,7 @@ from core.errors import Unavailable, unavailable_dependency
 from core.logs import request_id_var
 from core.models import UNFINISHED, DocumentStatus, IngestionJob, utcnow
 from core.settings import Settings
+from core.sweeper import NOT_RUN
 from ingestion import repository as ingestion_repository
 from workers.celery_app import INGEST_TASK, REQUEST_ID_HEADER, GovragCelery
 
@@ -73,9 +72,6 @@ _SWEEP_LOCK = "ingestion-job-sweep"
 _BROKER_READ_LIMIT = 10_000
 _BROKER_PAGE = 500
 _UNREADABLE = (ValueError, KeyError, IndexError, TypeError, AttributeError)  # a message not shaped like a task
-# Redis not reached: kombu's error for a connection it could not make, redis-py's for a read on one Redis dropped or
-# left unanswered
-_BROKER_UNREACHABLE = (OperationalError, RedisConnectionError, RedisTimeoutError)
 # A sweep connects to Redis once, not in kombu's retry loop (seconds, under the sweep's lock): its next round retries
 _CONNECT_ONCE = {"max_retries": 0}
 
@@ -258,7 +254,8 @@ def resend_lost(app: GovragCelery, *, older_than_seconds: float) -> int:
     that restarted without persistence (or evicted its keys) lost it, or a re-index handed it back after its run
     died (the module's docstring). It is marked unsent (and the sweep sends it again), whatever other tasks wait.
     Returns how many were marked: none when the broker cannot be read (a warning says why); `Unavailable("broker")`
-    when it cannot be reached. Either way the sweep's other steps go on (`sweep_jobs`)."""
+    when it cannot be reached, `broker.RedisSkipped` while its breaker is open after that. Either way the sweep's
+    other steps go on (`sweep_jobs`)."""
     read_jobs = _broker_reader(app.govrag_settings.broker_url)
     if read_jobs is None:
         return 0
@@ -355,16 +352,10 @@ def _jobs_on_redis(app: GovragCelery) -> set[str]:
     """Ids of the jobs whose ingestion task Redis holds: waiting in the job queue, or taken by a worker and not yet
     acknowledged. A task is matched by the job id it carries, not by its task id, which no job records.
     `Unavailable("broker")` when Redis cannot be reached, without Redis's error: its message may name the broker's
-    address."""
+    address; `broker.RedisSkipped` without trying it while the broker's breaker is open after such a failure."""
     try:
-        with app.connection_for_read(transport_options=_CONNECT_ONCE) as connection:
-            channel = connection.default_channel
-            # unacknowledged, waiting, unacknowledged again: a task that moves while they are read (a worker takes
-            # it, or a redelivery hands it back) is in one of the three reads
-            taken = _unacked_entries(channel)
-            waiting = _waiting_entries(channel, app.govrag_settings.task_queue)
-            taken += _unacked_entries(channel)
-    except _BROKER_UNREACHABLE:
+        taken, waiting = broker.through_breaker(app.govrag_settings.broker_url, lambda: _tasks_on_redis(app))
+    except broker.UNREACHABLE:
         raise Unavailable("broker") from None
     try:
         # kombu keeps an unacknowledged task as [message, exchange, routing key]
@@ -372,6 +363,18 @@ def _jobs_on_redis(app: GovragCelery) -> set[str]:
         return {job_id for job_id in map(_job_id_of, messages) if job_id is not None}
     except _UNREADABLE as error:
         raise _TasksUnknown(f"a task on the broker could not be read ({type(error).__name__})") from None
+
+
+def _tasks_on_redis(app: GovragCelery) -> tuple[list[bytes], list[bytes]]:
+    """The tasks Redis holds as stored: those taken by workers and not yet acknowledged, and those waiting."""
+    with app.connection_for_read(transport_options=_CONNECT_ONCE) as connection:
+        channel = connection.default_channel
+        # unacknowledged, waiting, unacknowledged again: a task that moves while they are read (a worker takes it,
+        # or a redelivery hands it back) is in one of the three reads
+        taken = _unacked_entries(channel)
+        waiting = _waiting_entries(channel, app.govrag_settings.task_queue)
+        taken += _unacked_entries(channel)
+    return taken, waiting
 
 
 def _waiting_entries(channel: RedisChannel, queue: str) -> list[bytes]:
@@ -437,15 +440,20 @@ def _mark_sent(session: Session, job_id: str) -> None:
                     .values(sent_at=utcnow(), updated_at=IngestionJob.updated_at))
 
 
-def sweep_jobs(app: GovragCelery, *, older_than_seconds: float) -> None:
+def sweep_jobs(app: GovragCelery, *, older_than_seconds: float) -> object:
     """The API's periodic sweep (core/sweeper.py): queued jobs whose tasks the broker lost or never got back, jobs
     stalled in processing, then every job still unsent. Looking for lost jobs holds back neither other step: Redis
     unreachable (`Unavailable("broker")`, which sending raises too) or refusing a read (an ACL without LRANGE) is
-    raised once they have run."""
+    raised once they have run. While the broker's breaker is open (Redis failed a moment ago: `broker.RedisSkipped`)
+    lost jobs are not looked for and the round is `NOT_RUN`, neither a success nor a failure, so it logs nothing."""
     settings = app.govrag_settings
+    outcome: object = None
     try:
         resend_lost(app, older_than_seconds=older_than_seconds)
+    except broker.RedisSkipped:
+        outcome = NOT_RUN  # the breaker said so as it opened; the next round looks for them
     finally:
         resend_stalled(app,
                        stalled_after_seconds=settings.ingest_time_limit_seconds + settings.broker_visibility_timeout)
         send_unsent(app, older_than_seconds=older_than_seconds)
+    return outcome

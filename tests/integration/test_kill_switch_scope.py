@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from authz.identity import Identity
-from core import migrate
+from core import broker, migrate
 from core.db import unit_of_work
 from core.models import RetrievalEvent
 from core.settings import Settings
@@ -173,7 +173,7 @@ def test_a_hit_tries_redis_once_not_once_per_department(tmp_path: Path, monkeypa
     next hit, within the breaker's cool-down, does not try Redis at all."""
     url = f"sqlite:///{tmp_path / 'drop.db'}"
     migrate.upgrade(url)
-    monkeypatch.setattr(controls, "REDIS_COOL_DOWN_SECONDS", 3600.0)  # passes only when the test says so
+    monkeypatch.setattr(broker, "REDIS_COOL_DOWN_SECONDS", 3600.0)  # passes only when the test says so
     server = socket.create_server(("127.0.0.1", 0))
     tries: list[int] = []
     threading.Thread(target=_drop_connections, args=(server, tries), daemon=True).start()
@@ -250,28 +250,27 @@ def test_after_a_redis_failure_guard_hits_skip_redis_until_the_cool_down_passes(
     is set to an hour (never passes within the test) or 0 (has passed), so nothing here depends on the clock."""
     url = f"sqlite:///{tmp_path / 'hung.db'}"
     migrate.upgrade(url)
-    caplog.set_level(logging.WARNING, logger="guard.controls")
-    monkeypatch.setattr(controls, "REDIS_COOL_DOWN_SECONDS", 3600.0)
+    caplog.set_level(logging.WARNING, logger="core.broker")
+    monkeypatch.setattr(broker, "REDIS_COOL_DOWN_SECONDS", 3600.0)
     attacked, later = (f"hung{uuid.uuid4().hex[:6]}" for _ in range(2))
     with _redis_that_hangs() as (endpoint, real, broker_url):
         settings = Settings(data_dir=tmp_path, database_url=url, broker_url=broker_url,
                             broker_socket_timeout_seconds=1.5, guard_auto_trip_per_minute=3)
         hits = [(_hit(settings, attacked), endpoint.connections) for _ in range(3)]
         assert hits == [([], 1), ([], 1), ([attacked], 1)]  # one try of Redis; counted here, and the third trips
-        monkeypatch.setattr(controls, "REDIS_COOL_DOWN_SECONDS", 0.0)
+        monkeypatch.setattr(broker, "REDIS_COOL_DOWN_SECONDS", 0.0)
         assert (_hit(settings, later), endpoint.connections) == ([], 2)  # the probe: still hung, stays open
-        monkeypatch.setattr(controls, "REDIS_COOL_DOWN_SECONDS", 3600.0)
+        monkeypatch.setattr(broker, "REDIS_COOL_DOWN_SECONDS", 3600.0)
         endpoint.hung = False
         assert (_hit(settings, later), endpoint.connections) == ([], 2)  # answers now, but the cool-down runs
-        monkeypatch.setattr(controls, "REDIS_COOL_DOWN_SECONDS", 0.0)
+        monkeypatch.setattr(broker, "REDIS_COOL_DOWN_SECONDS", 0.0)
         assert [_hit(settings, later) for _ in range(2)] == [[], []]  # the probe closes it; then Redis as usual
         [key] = real.keys(f"govrag:guard-hits:*:{later}")
         assert (real.zcard(key), endpoint.connections) == (2, 3)
         real.delete(key)
-    said = [record.getMessage() for record in caplog.records if record.name == "guard.controls"]
-    assert [line for line in said if line.startswith("guard hit counter")] == [
-        "guard hit counter: Redis failed; counting in this process, trying Redis again after 3600.0 s",
-        "guard hit counter: Redis answers again; counting in Redis"]
+    assert [record.getMessage() for record in caplog.records if record.name == "core.broker"] == [
+        "broker's Redis failed: govrag's own reads of it (guard hit counts, queue depth, lost jobs) skip it, trying it"
+        " again after 3600.0 s", "broker's Redis answers again: govrag's own reads of it try it again"]
 
 
 def _hit_that_hangs_on(endpoint: _RedisThatHangs, settings: Settings, department: str) -> threading.Thread:
@@ -290,7 +289,7 @@ def test_while_a_probe_of_a_hung_redis_runs_other_guard_hits_do_not_try_it(
     trying Redis. The cool-down is 0 (has passed), so only the running probe holds them back, whatever the clock."""
     url = f"sqlite:///{tmp_path / 'probe.db'}"
     migrate.upgrade(url)
-    monkeypatch.setattr(controls, "REDIS_COOL_DOWN_SECONDS", 0.0)
+    monkeypatch.setattr(broker, "REDIS_COOL_DOWN_SECONDS", 0.0)
     department = f"probe{uuid.uuid4().hex[:6]}"
     with _redis_that_hangs() as (endpoint, _, broker_url):
         settings = Settings(data_dir=tmp_path, database_url=url, broker_url=broker_url,
