@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,6 +29,7 @@ from core.settings import Settings
 from guard import controls, repository
 from guard.schemas import KillMode
 from tests.conftest import PLATFORM_ADMIN, REDIS_URL, auth
+from tests.support.hung_redis import RedisThatHangs, redis_that_hangs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -185,62 +186,6 @@ def test_a_hit_tries_redis_once_not_once_per_department(tmp_path: Path, monkeypa
     server.close()
 
 
-class _RedisThatHangs:
-    """A Redis endpoint on 127.0.0.1 that, while `hung`, takes each connection and never answers (a hung Redis:
-    TCP accepted, no reply) and otherwise passes each new connection's bytes to the test Redis. `connections`
-    counts the connections it took: each is a try of Redis by a client that lost its previous one; `taken` is
-    released once for each."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.target, self.hung, self.connections = target, True, 0
-        self.sockets: list[socket.socket] = []
-        self.taken = threading.Semaphore(0)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                client = self.server.accept()[0]
-                self.connections += 1
-                self.sockets.append(client)
-                if not self.hung:
-                    self._relay(client)
-                self.taken.release()
-
-    def drop(self) -> None:
-        """Close every connection taken so far: a client waiting on one fails at once."""
-        for connection in self.sockets:
-            connection.close()
-
-    def _relay(self, client: socket.socket) -> None:
-        redis_side = socket.create_connection(self.target)
-        self.sockets.append(redis_side)
-        for source, sink in ((client, redis_side), (redis_side, client)):
-            threading.Thread(target=_pass_bytes, args=(source, sink), daemon=True).start()
-
-
-def _pass_bytes(source: socket.socket, sink: socket.socket) -> None:
-    """Copy `source`'s bytes to `sink` until either closes."""
-    with contextlib.suppress(OSError):
-        while data := source.recv(65536):
-            sink.sendall(data)
-
-
-@contextlib.contextmanager
-def _redis_that_hangs() -> Iterator[tuple[_RedisThatHangs, redis.Redis, str]]:
-    """The endpoint in front of the test Redis, a client of the test Redis itself, and the broker URL through it."""
-    real = redis.Redis.from_url(REDIS_URL)
-    kwargs = real.connection_pool.connection_kwargs
-    endpoint = _RedisThatHangs((kwargs["host"], kwargs["port"]))
-    try:
-        yield endpoint, real, f"redis://127.0.0.1:{endpoint.server.getsockname()[1]}/{kwargs['db']}"
-    finally:
-        endpoint.server.close()
-        endpoint.drop()
-        real.close()
-
-
 def test_after_a_redis_failure_guard_hits_skip_redis_until_the_cool_down_passes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A hung Redis held every guard hit for `broker_socket_timeout_seconds`, each trying it again: an attacker's
@@ -253,7 +198,7 @@ def test_after_a_redis_failure_guard_hits_skip_redis_until_the_cool_down_passes(
     caplog.set_level(logging.WARNING, logger="core.broker")
     monkeypatch.setattr(broker, "REDIS_COOL_DOWN_SECONDS", 3600.0)
     attacked, later = (f"hung{uuid.uuid4().hex[:6]}" for _ in range(2))
-    with _redis_that_hangs() as (endpoint, real, broker_url):
+    with redis_that_hangs() as (endpoint, real, broker_url):
         settings = Settings(data_dir=tmp_path, database_url=url, broker_url=broker_url,
                             broker_socket_timeout_seconds=1.5, guard_auto_trip_per_minute=3)
         hits = [(_hit(settings, attacked), endpoint.connections) for _ in range(3)]
@@ -273,7 +218,7 @@ def test_after_a_redis_failure_guard_hits_skip_redis_until_the_cool_down_passes(
         " again after 3600.0 s", "broker's Redis answers again: govrag's own reads of it try it again"]
 
 
-def _hit_that_hangs_on(endpoint: _RedisThatHangs, settings: Settings, department: str) -> threading.Thread:
+def _hit_that_hangs_on(endpoint: RedisThatHangs, settings: Settings, department: str) -> threading.Thread:
     """A guard hit on its own thread, returned once it holds a connection to the hung endpoint."""
     hit = threading.Thread(target=_hit, args=(settings, department), daemon=True)
     hit.start()
@@ -291,7 +236,7 @@ def test_while_a_probe_of_a_hung_redis_runs_other_guard_hits_do_not_try_it(
     migrate.upgrade(url)
     monkeypatch.setattr(broker, "REDIS_COOL_DOWN_SECONDS", 0.0)
     department = f"probe{uuid.uuid4().hex[:6]}"
-    with _redis_that_hangs() as (endpoint, _, broker_url):
+    with redis_that_hangs() as (endpoint, _, broker_url):
         settings = Settings(data_dir=tmp_path, database_url=url, broker_url=broker_url,
                             broker_socket_timeout_seconds=10.0, guard_auto_trip_per_minute=100)
         opening = _hit_that_hangs_on(endpoint, settings, department)

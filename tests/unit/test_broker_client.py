@@ -12,6 +12,7 @@ import redis
 from core import broker
 from core.settings import Settings
 from tests.conftest import REDIS_URL
+from tests.support.forking import exit_code_of_child
 from workers.celery_app import create_celery
 
 UNREACHABLE = "redis://127.0.0.1:9/0"  # the discard port: nothing listens, the connection is refused at once
@@ -35,3 +36,16 @@ def test_a_broker_client_of_an_unreachable_redis_raises_what_its_callers_catch(t
     """A RedisError, which the guard's counter and the metric catch (counting in this process, the gauge left)."""
     with broker.redis_client(_settings(tmp_path, UNREACHABLE)) as client, pytest.raises(redis.ConnectionError):
         client.ping()
+
+
+def test_a_child_forked_while_the_breaker_is_open_tries_redis_at_once(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The breakers are rebuilt in a forked child (a Celery prefork child, a gunicorn-style worker): one open in the
+    parent, or held by a probe running on a thread the child does not have, would keep the child off Redis."""
+    monkeypatch.setattr(broker, "REDIS_COOL_DOWN_SECONDS", 3600.0)
+    url = f"{UNREACHABLE[:-1]}15"  # a breaker of its own: other tests read the unreachable URL through theirs
+    with broker.redis_client(_settings(tmp_path, url)) as client, pytest.raises(redis.ConnectionError):
+        broker.through_breaker(url, client.ping)
+    with pytest.raises(broker.RedisSkipped):
+        broker.through_breaker(url, lambda: True)
+    assert exit_code_of_child(lambda: broker.through_breaker(url, lambda: True)) == 0

@@ -1,0 +1,135 @@
+"""govrag's reads of the broker's Redis beside Celery share one breaker per process (core/broker.py): the guard's
+shared counter (tests/integration/test_kill_switch_scope.py), the queue-depth metric read at each /metrics scrape and
+the job sweep's look for lost jobs. A hung Redis (accepts, never answers) held each scrape and each sweep round for
+`GOVRAG_BROKER_SOCKET_TIMEOUT_SECONDS`, each trying it again. After a read fails, they skip Redis until
+`REDIS_COOL_DOWN_SECONDS` have passed. The cool-down is set to an hour (never passes within a test) or 0 (has passed),
+so nothing here depends on the clock: the connections the hung endpoint took are counted."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+
+import pytest
+
+from audit import observability
+from core import broker, metrics, migrate
+from core.db import unit_of_work
+from core.settings import Settings
+from core.sweeper import NOT_RUN, Sweeper
+from guard import controls
+from tests.support.hung_redis import redis_that_hangs
+from workers.celery_app import create_celery
+from workers.dispatch import sweep_jobs
+
+
+def _settings(tmp_path: Path, broker_url: str) -> Settings:
+    url = f"sqlite:///{tmp_path / 'breaker.db'}"
+    migrate.upgrade(url)
+    return Settings(data_dir=tmp_path, database_url=url, broker_url=broker_url, broker_socket_timeout_seconds=1.5,
+                    task_queue=f"breaker-{uuid.uuid4().hex[:8]}", guard_auto_trip_per_minute=100)
+
+
+def _scrape(settings: Settings) -> float | None:
+    """Refresh the scrape-time gauges, as GET /metrics does: the queue depth then exposed."""
+    with unit_of_work(settings.resolved_database_url) as session:
+        observability.refresh(session=session, settings=settings)
+    return metrics.REGISTRY.get_sample_value("govrag_queue_depth", {"queue": settings.task_queue})
+
+
+def _said(caplog: pytest.LogCaptureFixture, *loggers: str) -> list[str]:
+    return [record.getMessage() for record in caplog.records
+            if record.name in loggers and record.levelno > logging.DEBUG]
+
+
+def test_after_a_redis_failure_scrapes_keep_the_queue_depth_without_trying_redis_until_the_cool_down_passes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The scrape that finds Redis hung leaves the gauge at its last value with a warning, as before; the scrapes
+    after it leave it there without trying Redis or a word, until the cool-down has passed and one reads it again."""
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setattr(broker, "REDIS_COOL_DOWN_SECONDS", 3600.0)
+    with redis_that_hangs() as (endpoint, real, broker_url):
+        settings = _settings(tmp_path, broker_url)
+        real.rpush(settings.task_queue, "a", "b")
+        endpoint.hung = False
+        assert (_scrape(settings), endpoint.connections) == (2.0, 1)
+        endpoint.hung = True
+        assert (_scrape(settings), endpoint.connections) == (2.0, 2)  # hung: the gauge as it was
+        real.rpush(settings.task_queue, "c")
+        assert [(_scrape(settings), endpoint.connections) for _ in range(3)] == [(2.0, 2)] * 3  # Redis not tried
+        endpoint.hung = False
+        monkeypatch.setattr(broker, "REDIS_COOL_DOWN_SECONDS", 0.0)
+        assert (_scrape(settings), endpoint.connections) == (3.0, 3)  # tried again, and read
+        real.delete(settings.task_queue)
+    assert _said(caplog, "audit.observability", "core.broker") == [
+        "broker's Redis failed: govrag's own reads of it (guard hit counts, queue depth, lost jobs) skip it, trying it"
+        " again after 3600.0 s", "metrics: queue depth unavailable",
+        "broker's Redis answers again: govrag's own reads of it try it again"]
+
+
+def test_after_a_redis_failure_job_sweeps_skip_the_broker_read_until_the_cool_down_passes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The round that finds Redis hung says the sweep waits for the broker, as before; the rounds after it do not
+    try Redis and log nothing (neither a failure nor the sweep running again), until the cool-down has passed and a
+    round reads the broker again: the sweep runs again."""
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setattr(broker, "REDIS_COOL_DOWN_SECONDS", 3600.0)
+    with redis_that_hangs() as (endpoint, _, broker_url):
+        app = create_celery(_settings(tmp_path, broker_url))
+        sweeper = Sweeper({"ingestion job": lambda: sweep_jobs(app, older_than_seconds=0)}, interval=60)
+        sweeper.run_round()
+        tried = endpoint.connections
+        assert tried >= 1
+        said = _said(caplog, "core.sweeper", "workers.dispatch")
+        for _ in range(3):
+            sweeper.run_round()
+        assert (endpoint.connections, _said(caplog, "core.sweeper", "workers.dispatch")) == (tried, said)
+        endpoint.hung = False
+        monkeypatch.setattr(broker, "REDIS_COOL_DOWN_SECONDS", 0.0)
+        sweeper.run_round()
+        assert endpoint.connections > tried
+    assert _said(caplog, "core.broker") == [
+        "broker's Redis failed: govrag's own reads of it (guard hit counts, queue depth, lost jobs) skip it, trying it"
+        " again after 3600.0 s", "broker's Redis answers again: govrag's own reads of it try it again"]
+    waited, ran = _said(caplog, "core.sweeper", "workers.dispatch")
+    assert waited == "the ingestion job sweep waits for the broker: the next round tries again"
+    assert ran.startswith("the ingestion job sweep runs again, 4 round(s) and ")
+
+
+def _hit(settings: Settings, department: str) -> list[str]:
+    with unit_of_work(settings.resolved_database_url) as session:
+        return controls.record_guard_hit(session=session, settings=settings, departments=[department],
+                                         kind="firewall")
+
+
+def test_a_failed_scrape_holds_back_the_guard_counter_and_the_sweep_too(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One breaker for the broker's Redis in a process: a scrape that finds it hung opens it for the guard's counter
+    (the hit counts in this process) and for the sweep's broker read as well, neither trying Redis."""
+    monkeypatch.setattr(broker, "REDIS_COOL_DOWN_SECONDS", 3600.0)
+    department = f"held{uuid.uuid4().hex[:6]}"
+    with redis_that_hangs() as (endpoint, real, broker_url):
+        settings = _settings(tmp_path, broker_url)
+        _scrape(settings)
+        assert endpoint.connections == 1
+        assert _hit(settings, department) == []
+        assert sweep_jobs(create_celery(settings), older_than_seconds=0) is NOT_RUN  # lost jobs not looked for
+        assert endpoint.connections == 1
+        assert real.keys(f"govrag:guard-hits:*:{department}") == []
+
+
+def test_an_error_redis_answers_leaves_the_breaker_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error Redis answers (a guard hit's key holding another type: WRONGTYPE) is no outage, and a sweep's broker
+    read that stops past its answers (too many tasks) no more: the guard breaker opened on either, so the next hits
+    counted in their process and the sweep sent them there at every round. Now the next read tries Redis."""
+    monkeypatch.setattr(broker, "REDIS_COOL_DOWN_SECONDS", 3600.0)
+    refused, counted = (f"answer{uuid.uuid4().hex[:6]}" for _ in range(2))
+    with redis_that_hangs() as (endpoint, real, broker_url):
+        endpoint.hung = False
+        settings = _settings(tmp_path, broker_url)
+        keys = [controls._trip_counter(settings)._key(name) for name in (refused, counted)]  # type: ignore[union-attr]
+        real.set(keys[0], "not a sorted set")
+        assert (_hit(settings, refused), _hit(settings, counted)) == ([], [])  # the first counted in this process
+        assert real.zcard(keys[1]) == 1
+        real.delete(*keys)
