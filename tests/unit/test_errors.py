@@ -15,6 +15,7 @@ from api.app import BodyTooLarge
 from authz.tokens import IdPURLRefused, VerifierSettingsRefused
 from core import migrate
 from core.blobs import GarbledMarker
+from core.broker import RedisSkipped
 from core.crypto import DecryptionError
 from core.error_pickling import InterruptUnpickledAsRaised, UnpickledAsRaised
 from core.errors import (
@@ -165,6 +166,7 @@ RAISED = [
     DuplicateUpload("0b6f7f1e-4f61-4b8e-9c3e-2f1a5d7c9e01"),
     BodyTooLarge(),
     GarbledMarker(),
+    RedisSkipped(),
     DecryptionError("ciphertext failed authentication"),
     TooSlow("no complete response within 10 s"),
     URLRefused("must be an http(s) URL, such as http://127.0.0.1:8000"),
