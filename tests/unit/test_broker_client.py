@@ -4,6 +4,7 @@ Redis after `broker_socket_timeout_seconds`, as Celery's connections do: they ha
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,27 @@ def test_a_child_forked_while_the_breaker_is_open_tries_redis_at_once(tmp_path: 
     with pytest.raises(broker.RedisSkipped):
         broker.through_breaker(url, lambda: True)
     assert exit_code_of_child(lambda: broker.through_breaker(url, lambda: True)) == 0
+
+
+def _open_breaker(tmp_path: Path, url: str) -> None:
+    """A read of the unreachable Redis at `url` through its breaker: it opens."""
+    with broker.redis_client(_settings(tmp_path, url)) as client, pytest.raises(redis.ConnectionError):
+        broker.through_breaker(url, client.ping)
+
+
+def _raise(error: Exception) -> None:
+    raise error
+
+
+def test_a_probe_ended_by_an_error_past_redis_lets_the_next_read_probe(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A probe that ends in an error other than Redis unreached (the sweep's too many tasks, a bug in the read) ends
+    the probe: with the cool-down passed, the next read tries Redis, not skipped for a probe no longer running."""
+    monkeypatch.setattr(broker, "REDIS_COOL_DOWN_SECONDS", 3600.0)
+    url = f"{UNREACHABLE[:-1]}14"  # a breaker of its own
+    _open_breaker(tmp_path, url)
+    monkeypatch.setattr(broker, "REDIS_COOL_DOWN_SECONDS", 0.0)
+    for raised in (LookupError("the read stopped past its answers"), redis.ResponseError("WRONGTYPE")):
+        with pytest.raises(type(raised)):
+            broker.through_breaker(url, functools.partial(_raise, raised))
+    assert broker.through_breaker(url, lambda: "read") == "read"
