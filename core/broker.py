@@ -118,5 +118,7 @@ def through_breaker(broker_url: str, call: Callable[[], T]) -> T:
     """`call`, a read of the broker's Redis at `broker_url`, through this process's breaker for it (`_Breaker.read`):
     `RedisSkipped` without trying Redis for `REDIS_COOL_DOWN_SECONDS` after a read could not reach it."""
     with _BREAKERS_LOCK:
-        breaker = _BREAKERS.setdefault(broker_url, _Breaker())
+        if broker_url not in _BREAKERS:
+            _BREAKERS[broker_url] = _Breaker()
+        breaker = _BREAKERS[broker_url]
     return breaker.read(call)
