@@ -12,6 +12,7 @@ import logging  # noqa: E402
 import struct  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
+import weakref  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from contextlib import ExitStack  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -19,6 +20,7 @@ from pathlib import Path  # noqa: E402
 import psycopg  # noqa: E402
 import pytest  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
+from sqlalchemy import Connection, Engine, event  # noqa: E402
 
 from bench.common import PG_ADMIN_DSN, throwaway_postgres  # noqa: E402
 
@@ -60,16 +62,31 @@ def make_pg_database() -> Iterator[Callable[[], str]]:
         yield make
 
 
+# The SQLite engines (`core.db.get_engine`, one per URL for the process's life) the running test connected: a test's
+# own database file (tmp_path) kept each pooled connection's descriptors (the file, its -wal and -shm) open until the
+# session ended, ~3 a test and over a thousand by the end of the suite. Their idle connections are closed after it too.
+_SQLITE_ENGINES_USED: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@event.listens_for(Engine, "engine_connect")
+def _note_a_sqlite_engine(connection: Connection) -> None:
+    if connection.engine.dialect.name == "sqlite":
+        _SQLITE_ENGINES_USED.add(connection.engine)
+
+
 @pytest.fixture(autouse=True)
 def _close_the_pooled_connections_of_its_databases() -> Iterator[None]:
-    """After each test, the idle pooled connections to the databases it made are closed (an engine still in use, by
-    a fixture shared with later tests, opens new ones when asked)."""
+    """After each test, the idle pooled connections to the databases it made or the SQLite files it used are closed
+    (an engine still in use, by a fixture shared with later tests, opens new ones when asked)."""
     yield
     if _MADE_BY_THIS_TEST:
         from core.db import get_engine
 
         while _MADE_BY_THIS_TEST:
             get_engine(_MADE_BY_THIS_TEST.pop()).dispose()
+    for engine in list(_SQLITE_ENGINES_USED):
+        engine.dispose()
+    _SQLITE_ENGINES_USED.clear()
 
 
 def allow_connections(database: str, allowed: bool) -> None:
