@@ -156,6 +156,12 @@ class TokenVerifier:
         else:
             self._static_keys = _static_signing_keys(jwks)
 
+    def close(self) -> None:
+        """Close the connections to the IdP (and their event loops) that fetching its keys opened: the API's stop does,
+        never on an event loop (`ThreadSessions.close` leaves them then). A fetch after it opens new ones."""
+        if self._remote_keys is not None:
+            self._remote_keys.close()
+
     @classmethod
     def from_settings(cls, settings: Settings, dev_issuer: DevIssuer | None) -> TokenVerifier:
         """The OIDC provider's JWKS URL if configured, else the dev issuer's keys if enabled."""
@@ -395,6 +401,10 @@ class _RemoteKeySet:
         self._attempted_at = -math.inf
         self._attempt_lock = forksafe.lock()  # held only to claim an attempt, never across a fetch
         self._fetch_lock = forksafe.lock()
+
+    def close(self) -> None:
+        """Close every thread's session to the IdP."""
+        self._idp.close()
 
     def keys_for(self, kid: str) -> dict[str, _PublishedKey]:
         """Signing keys that hold kid if the IdP publishes it; Unavailable if they cannot be had."""

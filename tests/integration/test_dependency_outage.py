@@ -6,6 +6,7 @@ where nothing listens; the blob directory renamed away."""
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -384,3 +385,37 @@ def test_a_serve_whose_database_goes_after_it_opened_the_embedded_store_says_so_
     assert err.splitlines()[-1].startswith(f"govrag: cannot reach the database at {make_url(cli_env)}: "), err[-3000:]
     export = run_govrag(["export", "training-data", "--department", "hr", "-o", str(tmp_path / "hr.jsonl")])
     assert export.returncode == 0, export.stderr[-3000:]
+
+
+def _sockets_and_event_loops() -> int:
+    """This process's open sockets and epoll descriptors (what an IdP session holds: its connection, its loop)."""
+    kinds = ("socket:", "anon_inode:[eventpoll]")
+    return sum(os.readlink(f"/proc/self/fd/{fd}").startswith(kinds) for fd in os.listdir("/proc/self/fd")
+               if os.path.exists(f"/proc/self/fd/{fd}"))
+
+
+def test_an_api_stopped_closes_its_connections_to_the_identity_provider(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each start and stop of an API that fetched the IdP's keys left that connection and its event loop open for
+    the process's life (the start freezes the garbage collector's view of the app): three starts, none left."""
+    from api.app import create_app
+    from core import migrate
+    from core.settings import Settings
+    from retrieval.store import close_vector_store
+    from tests.support.oidc_issuer import LocalIssuer
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    url = f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    with LocalIssuer() as issuer:
+        settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url="memory://",
+                            inprocess_worker=False, job_sweep_seconds=0, dev_issuer=False, oidc_issuer=issuer.issuer,
+                            oidc_audience=issuer.audience, oidc_jwks_url=issuer.jwks_uri)
+        before = _sockets_and_event_loops()
+        for _ in range(3):
+            with TestClient(create_app(settings)) as client:
+                response = client.get(f"/v1/documents/{uuid.uuid4()}",
+                                      headers={"Authorization": f"Bearer {issuer.token()}"})
+                assert response.status_code == 404
+            close_vector_store(settings)
+        assert _sockets_and_event_loops() == before
