@@ -157,8 +157,9 @@ class TokenVerifier:
             self._static_keys = _static_signing_keys(jwks)
 
     def close(self) -> None:
-        """Close the connections to the IdP (and their event loops) that fetching its keys opened: the API's stop does,
-        never on an event loop (`ThreadSessions.close` leaves them then). A fetch after it opens new ones."""
+        """Close the connections to the IdP (and their event loops) that fetching its keys opened, once a fetch in
+        flight ended: the API's stop does, never on an event loop (`ThreadSessions.close` leaves them then). Keys needed
+        from the IdP after it are Unavailable (a request racing the stop: a 503, never a connection left open)."""
         if self._remote_keys is not None:
             self._remote_keys.close()
 
@@ -401,10 +402,14 @@ class _RemoteKeySet:
         self._attempted_at = -math.inf
         self._attempt_lock = forksafe.lock()  # held only to claim an attempt, never across a fetch
         self._fetch_lock = forksafe.lock()
+        self._closed = False
 
     def close(self) -> None:
-        """Close every thread's session to the IdP."""
-        self._idp.close()
+        """Close every thread's session to the IdP once no fetch is in flight (one takes at most its deadlines); no
+        fetch after it."""
+        with self._fetch_lock:
+            self._closed = True
+            self._idp.close()
 
     def keys_for(self, kid: str) -> dict[str, _PublishedKey]:
         """Signing keys that hold kid if the IdP publishes it; Unavailable if they cannot be had."""
@@ -434,6 +439,8 @@ class _RemoteKeySet:
     def _fetch(self) -> dict[str, _PublishedKey]:
         """Fetch and cache the key set; any fetch or parse failure is the IdP being unavailable."""
         with self._fetch_lock:
+            if self._closed:
+                raise Unavailable("identity provider")
             try:
                 self._jwks_url = self._jwks_url or self._find_jwks_url(self._idp)
                 keys = _signing_keys_by_kid(_fetch_json(self._idp, self._jwks_url))

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -387,11 +388,26 @@ def test_a_serve_whose_database_goes_after_it_opened_the_embedded_store_says_so_
     assert export.returncode == 0, export.stderr[-3000:]
 
 
-def _sockets_and_event_loops() -> int:
-    """This process's open sockets and epoll descriptors (what an IdP session holds: its connection, its loop)."""
-    kinds = ("socket:", "anon_inode:[eventpoll]")
-    return sum(os.readlink(f"/proc/self/fd/{fd}").startswith(kinds) for fd in os.listdir("/proc/self/fd")
-               if os.path.exists(f"/proc/self/fd/{fd}"))
+def _connections_to(port: int) -> int:
+    """This process's TCP connections to 127.0.0.1:port: its sockets whose inode /proc/net/tcp lists with that remote
+    port (the server's own ends, in its threads, have it as their local port); no other thread's socket counted."""
+    inodes = _socket_inodes()
+    with open("/proc/self/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return sum(row[2] == f"0100007F:{port:04X}" and row[9] in inodes for row in rows)
+
+
+def _socket_inodes() -> set[str]:
+    """The inodes of this process's open sockets."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:
+            continue  # closed since listed, by another thread
+        if target.startswith("socket:["):
+            inodes.add(target.removeprefix("socket:[").removesuffix("]"))
+    return inodes
 
 
 def test_an_api_stopped_closes_its_connections_to_the_identity_provider(tmp_path: Path,
@@ -411,11 +427,11 @@ def test_an_api_stopped_closes_its_connections_to_the_identity_provider(tmp_path
         settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url="memory://",
                             inprocess_worker=False, job_sweep_seconds=0, dev_issuer=False, oidc_issuer=issuer.issuer,
                             oidc_audience=issuer.audience, oidc_jwks_url=issuer.jwks_uri)
-        before = _sockets_and_event_loops()
         for _ in range(3):
             with TestClient(create_app(settings)) as client:
                 response = client.get(f"/v1/documents/{uuid.uuid4()}",
                                       headers={"Authorization": f"Bearer {issuer.token()}"})
                 assert response.status_code == 404
             close_vector_store(settings)
-        assert _sockets_and_event_loops() == before
+        assert issuer.connections == 3  # one a start, each closed at its stop (main left all three open)
+        assert _connections_to(urlsplit(issuer.jwks_uri).port or 0) == 0

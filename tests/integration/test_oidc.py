@@ -370,3 +370,15 @@ def test_govrag_serve_refuses_token_settings_it_cannot_verify_with_in_one_line(t
     result = run_govrag(["serve", "--port", "0"], env=govrag_env(data_dir=str(tmp_path / "data"), **settings),
                         timeout=300)
     assert start_refusal(result) == (2, f"govrag: {line}")
+
+
+def test_a_closed_verifier_refuses_to_fetch_keys_and_closes_again(issuer: LocalIssuer) -> None:
+    """A request racing the API's stop finds its verifier closed: a 503, no connection opened (nor left open); closing
+    a verifier that never fetched, or twice, is nothing."""
+    verifier = TokenVerifier.from_settings(_settings(issuer), None)
+    verifier.close()
+    connections = issuer.connections
+    with pytest.raises(Unavailable):
+        verifier.verify(issuer.token(), admins=[])
+    verifier.close()
+    assert issuer.connections == connections
