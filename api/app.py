@@ -159,10 +159,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        background.stop()
-        # Its connections to the IdP, from a thread (on the event loop they are left to the garbage collector, which
-        # never collects what the start froze): else every app a process starts and stops keeps them open.
-        await anyio.to_thread.run_sync(app.state.verifier.close)
+        try:
+            background.stop()
+        finally:
+            # Its connections to the IdP, from a thread (on the event loop they are left to the garbage collector,
+            # which never collects what the start froze): else every app a process starts and stops keeps them open.
+            await anyio.to_thread.run_sync(app.state.verifier.close)
 
 
 def _sweeper(celery: GovragCelery, settings: Settings) -> Sweeper | None:
