@@ -46,7 +46,7 @@ from authz.identity import MAX_SUBJECT_CHARS, Identity, operator_identity
 from core import keystore, migrate
 from core.crypto import sync_folder
 from core.db import get_session_factory
-from core.errors import ErrorCode, GovragError, making_files_in
+from core.errors import ErrorCode, GovragError, making_files_in, regular_file_opener
 from core.models import DOCUMENT_ID_CHARS
 from core.settings import get_settings
 from core.text import DepartmentName
@@ -295,7 +295,7 @@ def verify_mirror(args: argparse.Namespace) -> int:
     from audit import service as audit_service
 
     with Path(args.file).open("rb") as mirror:
-        result = audit_service.verify_mirror(mirror_lines=mirror, public_keys=args.public_key,
+        result = audit_service.verify_mirror(mirror=mirror, public_keys=args.public_key,
                                              deployment_id=args.deployment_id)
     print(result.model_dump_json())
     return 0 if result.ok else EXIT_UNVERIFIED
@@ -303,12 +303,17 @@ def verify_mirror(args: argparse.Namespace) -> int:
 
 @contextmanager
 def _if_a_file(path: Path) -> Iterator[BinaryIO | None]:
-    """`path` opened for bytes; None when it is no file (no manifest beside an export from the API, or one moved
-    alone: nothing to check it against)."""
-    if not path.is_file():
+    """`path` opened for bytes; None when there is none (no manifest beside an export from the API, or one moved
+    alone: nothing to check it against). Opened once, with no check before that it could be swapped after: anything
+    there but a regular file (a named pipe, a folder) is refused, NotARegularFile, never waited on."""
+    try:
+        opened = open(path, "rb", opener=regular_file_opener)  # closed below
+    except FileNotFoundError:
+        opened = None
+    if opened is None:
         yield None
         return
-    with path.open("rb") as opened:
+    with opened:
         yield opened
 
 

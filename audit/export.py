@@ -152,6 +152,9 @@ def to_ocsf(row: dict[str, Any]) -> dict[str, Any]:
 
 _MANIFEST_PREFIX = "# manifest "  # a CSV export's manifest line starts so
 _TAIL_READ = 64 * 1024  # bytes read at a time, backwards from the end, to find the manifest line
+# No manifest govrag writes is longer (its filters come from a command line, 128 KiB an argument on Linux, or an HTTP
+# query; JSON escapes a byte in 6 at most); a longer last line is read no further, and is no manifest
+LONGEST_MANIFEST_LINE = 8 * 1024 * 1024
 
 
 def check_export(export_file: BinaryIO, *, by: Signer | Ed25519PublicKey, deployment_id: str | None,
@@ -204,8 +207,10 @@ def _check_manifest_copy(found: ExportCheck, manifest: dict[str, Any], line_leng
 
 def _manifest(export_file: BinaryIO) -> tuple[int, int, dict[str, Any] | None]:
     """The length of the body (every line before the last), the last line's length and the manifest it holds (None:
-    none there)."""
+    none there, a last line longer than LONGEST_MANIFEST_LINE too)."""
     body_length, last = _last_line(export_file)
+    if last is None:
+        return body_length, 0, None
     try:
         manifest = json.loads(last.decode().removeprefix(_MANIFEST_PREFIX), object_pairs_hook=_unique)["manifest"]
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError):
@@ -213,23 +218,28 @@ def _manifest(export_file: BinaryIO) -> tuple[int, int, dict[str, Any] | None]:
     return body_length, len(last), manifest if isinstance(manifest, dict) else None
 
 
-def _last_line(export_file: BinaryIO) -> tuple[int, bytes]:
+def _last_line(export_file: BinaryIO) -> tuple[int, bytes | None]:
     """Where the file's last line starts and the line, without the newline ending the file: read backwards from the
-    end, _TAIL_READ bytes at a time, until the newline before it."""
+    end, _TAIL_READ bytes at a time, until the newline before it. None for a line longer than LONGEST_MANIFEST_LINE
+    (a huge or newline-free file), found so once that much of it is read: no more is."""
     end = export_file.seek(0, io.SEEK_END)
     if end:
         export_file.seek(end - 1)
         if export_file.read(1) == b"\n":
             end -= 1
-    start, line = end, b""
-    while start > 0:
+    start, blocks = end, list[bytes]()  # the blocks read, the last one first
+    while start > 0 and end - start <= LONGEST_MANIFEST_LINE:
         step = min(_TAIL_READ, start)
         start -= step
         export_file.seek(start)
-        line = export_file.read(step) + line
-        if (newline := line.rfind(b"\n")) >= 0:
-            return start + newline + 1, line[newline + 1:]
-    return 0, line
+        blocks.append(export_file.read(step))
+        if (newline := blocks[-1].rfind(b"\n")) >= 0:
+            start += newline + 1
+            blocks[-1] = blocks[-1][newline + 1:]
+            break
+    if end - start > LONGEST_MANIFEST_LINE:
+        return start, None
+    return start, b"".join(reversed(blocks))
 
 
 class _Body:

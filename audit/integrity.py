@@ -9,12 +9,12 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -26,7 +26,7 @@ from audit import repository
 from audit.schemas import EXPORT_FIELDS, LATER_FIELDS, MirrorCheck, VerifyResult
 from core import crypto, metrics
 from core.db import unit_of_work
-from core.errors import ErrorCode, GovragError
+from core.errors import ErrorCode, GovragError, regular_file_opener
 from core.keystore import keystore_for
 from core.models import AuditCheckpoint, Deployment, RetrievalEvent, utcnow
 from core.settings import Settings
@@ -272,7 +272,8 @@ def mirror_checkpoint(settings: Settings, checkpoint: AuditCheckpoint) -> None:
     path = settings.resolved_checkpoint_file
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as handle:
+        # opened once; a named pipe there is refused (NotARegularFile), not waited on for a reader
+        with open(path, "a", encoding="utf-8", opener=regular_file_opener) as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
             handle.write(json.dumps(_as_json(checkpoint)) + "\n")
     except Exception as exc:  # committed already: whatever fails here must not fail what was recorded
@@ -318,12 +319,32 @@ def _as_json(checkpoint: AuditCheckpoint) -> dict[str, object]:
     return line
 
 
+LONGEST_MIRROR_LINE = 4096  # bytes, its newline included: about ten times the longest line `mirror_checkpoint` writes
 # The type of each field a mirror line must hold (exactly: JSON's `true` is no integer, `5.0` or "5" no event id).
 _LINE_FIELDS: dict[str, type] = {"kind": str, "last_event_id": int, "last_hash": str, "event_count": int,
                                  "signature": str}
 
 
+def mirror_lines(mirror: BinaryIO) -> Iterator[bytes]:
+    """The lines of a mirror file, each read with a bound: a line longer than LONGEST_MIRROR_LINE (cut, or no writer
+    of govrag's wrote it: a huge or newline-free file) is given as its first LONGEST_MIRROR_LINE + 1 bytes, which read
+    as no checkpoint, and is the last: neither the rest of it nor of the file is read."""
+    while line := mirror.readline(LONGEST_MIRROR_LINE + 1):
+        yield line
+        if len(line) > LONGEST_MIRROR_LINE:
+            return
+
+
+def _numbered(lines: Iterable[str | bytes]) -> list[tuple[int, AuditCheckpoint | None]]:
+    """Each line of a mirror file that is not blank, with its number (blank lines counted), read as a checkpoint (None:
+    no checkpoint a writer wrote; a line longer than any it writes is one, however blank)."""
+    return [(number, _from_json(line)) for number, line in enumerate(lines, 1)
+            if len(line) > LONGEST_MIRROR_LINE or line.strip()]
+
+
 def _from_json(line: str | bytes) -> AuditCheckpoint | None:
+    if len(line) > LONGEST_MIRROR_LINE:
+        return None
     try:
         data = json.loads(line, parse_int=_canonical_int)
         if not all(type(data[name]) is kind for name, kind in _LINE_FIELDS.items()) or not isinstance(
@@ -348,11 +369,14 @@ def _canonical_int(spelt: str) -> int:
 
 def _mirrored(path: Path) -> tuple[list[AuditCheckpoint], int | None]:
     """The mirror file's checkpoints, and the number of its first line that reads as none (None: each reads as one),
-    numbered as verify-mirror numbers them: read as bytes, blank lines counted."""
-    if not path.exists():
+    numbered as verify-mirror numbers them: read as bytes, blank lines counted. None is a file that is not there;
+    anything there but a regular file (a named pipe) is refused, NotARegularFile, never waited on."""
+    try:
+        handle = open(path, "rb", opener=regular_file_opener)  # closed below: opened once, no exists() first
+    except FileNotFoundError:
         return [], None
-    with path.open("rb") as handle:
-        read = [(number, _from_json(line)) for number, line in enumerate(handle, 1) if line.strip()]
+    with handle:
+        read = _numbered(mirror_lines(handle))
     unreadable = next((number for number, checkpoint in read if checkpoint is None), None)
     return [checkpoint for _, checkpoint in read if checkpoint is not None], unreadable
 
@@ -367,7 +391,7 @@ def check_mirror(lines: Iterable[str | bytes], *, public_keys: Sequence[Ed25519P
     earliest line signed with Ed25519 (the previous release's processes sign HMAC only until they are drained), by its
     own date and by the dates of the lines signed with Ed25519 above it in the file (see `_downgrade`).
     `first_broken` is the earliest line found broken, whichever check found it."""
-    read = [(number, _from_json(line)) for number, line in enumerate(lines, 1) if line.strip()]
+    read = _numbered(lines)
     found = MirrorCheck(ok=True, lines=len(read), deployment_id=deployment_id, key_id=key_id(public_keys[0]))
     if not read:
         return _mirror_broken(found, None, "mirror_empty", "the file holds no checkpoint")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, BinaryIO
@@ -276,12 +276,13 @@ def verify_export(*, export_file: BinaryIO, settings: Settings, session: Session
                                manifest_copy=manifest_copy)
 
 
-def verify_mirror(*, mirror_lines: Iterable[bytes], public_keys: Sequence[Ed25519PublicKey],
-                  deployment_id: str) -> MirrorCheck:
-    """Check a checkpoint mirror file's lines with Ed25519 public keys alone (an auditor's machine: no secret, no
-    database; the keys used before a rotation after the current one), as checkpoints of the deployment
-    `deployment_id`: deployments sharing a checkpoint key share the public key too."""
-    return integrity.check_mirror(mirror_lines, public_keys=public_keys, deployment_id=deployment_id)
+def verify_mirror(*, mirror: BinaryIO, public_keys: Sequence[Ed25519PublicKey], deployment_id: str) -> MirrorCheck:
+    """Check a checkpoint mirror file (opened for bytes; its lines read with a bound, `integrity.mirror_lines`) with
+    Ed25519 public keys alone (an auditor's machine: no secret, no database; the keys used before a rotation after the
+    current one), as checkpoints of the deployment `deployment_id`: deployments sharing a checkpoint key share the
+    public key too."""
+    return integrity.check_mirror(integrity.mirror_lines(mirror), public_keys=public_keys,
+                                  deployment_id=deployment_id)
 
 
 def public_key(*, session: Session, settings: Settings) -> PublicKey:

@@ -855,7 +855,7 @@ def test_checkpoints_signed_before_0019_still_verify_beside_those_signed_with_ed
     with unit_of_work(url) as session:
         published = audit_service.public_key(session=session, settings=settings)
     with settings.resolved_checkpoint_file.open("rb") as mirror:
-        report = audit_service.verify_mirror(mirror_lines=mirror, deployment_id=published.deployment_id,
+        report = audit_service.verify_mirror(mirror=mirror, deployment_id=published.deployment_id,
                                              public_keys=[load_public_key(published.public_key_pem.encode())])
     assert (report.ok, report.lines, report.checked, report.hmac_only, report.through_event_id) == (
         True, 2, 1, 1, 7)
@@ -1566,3 +1566,120 @@ def test_a_pem_file_cut_short_or_mismatched_is_refused_not_read_for_its_whole_bl
                    previous.replace(b"-----END PUBLIC KEY-----", b""), b"no key here"):
         with pytest.raises(ValueError, match="no PEM block, or one not closed by its END line"):
             load_public_keys(broken)
+
+
+HUGE_LINE = 40 * 1024 * 1024  # bytes of one line without a newline: far past any line govrag writes
+
+
+def _with_huge_line(path: Path, filler: bytes) -> None:
+    """HUGE_LINE bytes of `filler` appended to `path`, no newline after them: a file cut, or hostile."""
+    with path.open("ab") as handle:
+        handle.write(filler * HUGE_LINE)
+
+
+def _peak_while(run: Callable[[], Any]) -> tuple[Any, int]:
+    """What `run` returned, and the most memory Python held for it at once (bytes)."""
+    tracemalloc.start()
+    try:
+        return run(), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("filler", [b"\0", b" "], ids=["no text", "blank"])
+def test_a_huge_mirror_line_is_unreadable_and_never_read_whole_by_verify(ledger: Settings, filler: bytes) -> None:
+    """`verify` read each mirror line whole: a mirror ending in 40 MiB without a newline (corrupt or hostile) was
+    held in memory at once, and a blank one that long passed as a blank line. A line is read with a bound now
+    (LONGEST_MIRROR_LINE bytes): a longer one, blank or not, is `mirror_line_unreadable`, its number said, and neither
+    its rest nor the file's is read."""
+    _append(ledger, 10)  # signed and mirrored at rows 5 and 10: lines 1 and 2
+    _with_huge_line(ledger.resolved_checkpoint_file, filler)
+    with unit_of_work(ledger.resolved_database_url) as session:
+        result, peak = _peak_while(lambda: audit_service.verify(session=session, settings=ledger))
+    assert (result.ok, result.reason, result.mirror_line) == (False, "mirror_line_unreadable", 3)
+    assert peak < HUGE_LINE / 8, peak
+
+
+@pytest.mark.parametrize("filler", [b"\0", b" "], ids=["no text", "blank"])
+def test_a_huge_mirror_line_is_unreadable_and_never_read_whole_by_verify_mirror(
+        tmp_path: Path, audit_cli: Callable[..., tuple], filler: bytes) -> None:
+    """`govrag audit verify-mirror` iterated the file, a whole line at a time, however long: a newline-free 40 MiB
+    was held in memory at once (a blank one then passed). A line longer than LONGEST_MIRROR_LINE is `line_unreadable`
+    now, its number said, read no further."""
+    settings = _keyed(_other(tmp_path), SHARED_KEY)
+    _append(settings, 5)  # signed at row 5: line 1
+    public, deployment = _published(audit_cli, settings, tmp_path / "audit.pub")
+    mirror = settings.resolved_checkpoint_file
+    _with_huge_line(mirror, filler)
+    (code, report), peak = _peak_while(lambda: audit_cli(
+        _auditor(tmp_path), "verify-mirror", str(mirror), "--public-key", str(public), "--deployment-id", deployment))
+    assert (code, report["reason"], report["first_broken"], report["lines"]) == (3, "line_unreadable", 2, 2), report
+    assert peak < HUGE_LINE / 8, peak
+
+
+def test_an_export_ending_in_a_huge_line_is_read_no_further_than_a_manifest_can_be(tmp_path: Path) -> None:
+    """verify-export read the export's last line (its manifest) from the end, whole, however long: a file ending in
+    40 MiB without a newline (cut, or hostile) was held in memory whole, copied again at each 64 KiB read. A last line
+    longer than LONGEST_MANIFEST_LINE is no manifest (`manifest_missing`), and no more of it is read."""
+    from audit.export import check_export
+
+    export = tmp_path / "export.jsonl"
+    export.write_bytes(b'{"row": 1}\n')
+    _with_huge_line(export, b" ")
+    with export.open("rb") as export_file:
+        found, peak = _peak_while(lambda: check_export(export_file, by=Signer(b"k" * 32, "deployment-1"),
+                                                       deployment_id=None))
+    assert (found.ok, found.reason) == (False, "manifest_missing")
+    assert peak < HUGE_LINE / 4, peak
+
+
+def _outcome(run: Callable[[], Any], release: Callable[[], None]) -> Any:
+    """What `run` returned or raised, run in a thread that must end by itself. A minute bounds the test, no time is
+    asserted: `run` waiting on a named pipe is let go by `release` (opening the pipe's other end), and fails the
+    test."""
+    outcome: list[Any] = []
+
+    def target() -> None:
+        try:
+            outcome.append(run())
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(60)
+    waited = thread.is_alive()
+    if waited:
+        release()
+        thread.join(60)
+    assert not waited, "waited on the named pipe"
+    return outcome[0]
+
+
+def test_a_named_pipe_in_place_of_the_mirror_is_refused_not_waited_on(
+        ledger: Settings, audit_cli: Callable[..., tuple]) -> None:
+    """The mirror was opened after an exists() check (verify) or as it was (each checkpoint's append): a named pipe
+    put in its place made `verify` (and `GET /v1/audit/verify`) wait for a writer, and the append, in the request
+    that signed a checkpoint, wait for a reader, for good. It is opened once now, without waiting, and refused unless
+    it is a regular file: the append counted as failed (the retrieval recorded, the checkpoint in the database),
+    `verify` failing in one line that says why and names the file (exit 2)."""
+    from core.errors import NotARegularFile
+    from core.metrics import REGISTRY
+
+    mirror = ledger.resolved_checkpoint_file
+    os.mkfifo(mirror)
+    before = REGISTRY.get_sample_value("govrag_audit_mirror_write_failures_total") or 0.0
+    appended = _outcome(lambda: _append(ledger, 5), lambda: os.close(os.open(mirror, os.O_RDONLY | os.O_NONBLOCK)))
+    assert appended is None
+    assert REGISTRY.get_sample_value("govrag_audit_mirror_write_failures_total") == before + 1
+
+    def verify() -> Any:
+        with unit_of_work(ledger.resolved_database_url) as session:
+            return audit_service.verify(session=session, settings=ledger)
+
+    assert isinstance(_outcome(verify, lambda: os.close(os.open(mirror, os.O_WRONLY | os.O_NONBLOCK))),
+                      NotARegularFile)
+    assert audit_cli(ledger, "verify") == (
+        2, f"failed: not a regular file (a named pipe, a device or a folder is there): {mirror}\n")
+    mirror.unlink()
+    assert _verified(ledger)[:2] == (True, None)  # no mirror: read as an empty one, as before
