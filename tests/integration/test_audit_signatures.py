@@ -1656,14 +1656,12 @@ def _outcome(run: Callable[[], Any], release: Callable[[], None]) -> Any:
     return outcome[0]
 
 
-def test_a_named_pipe_in_place_of_the_mirror_is_refused_not_waited_on(
-        ledger: Settings, audit_cli: Callable[..., tuple]) -> None:
-    """The mirror was opened after an exists() check (verify) or as it was (each checkpoint's append): a named pipe
-    put in its place made `verify` (and `GET /v1/audit/verify`) wait for a writer, and the append, in the request
-    that signed a checkpoint, wait for a reader, for good. It is opened once now, without waiting, and refused unless
-    it is a regular file: the append counted as failed (the retrieval recorded, the checkpoint in the database),
-    `verify` failing in one line that says why and names the file (exit 2)."""
-    from core.errors import NotARegularFile
+def test_a_named_pipe_in_place_of_the_mirror_is_not_waited_on_by_the_append(
+        ledger: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """Each checkpoint's mirror line was appended to whatever was at the mirror's path: a named pipe put there made
+    the append, in the request that signed the checkpoint, wait for a reader for good. The mirror is opened without
+    waiting now and refused unless it is a regular file: the append is counted as failed, its warning says why, and
+    the retrieval is recorded, the checkpoint in the database."""
     from core.metrics import REGISTRY
 
     mirror = ledger.resolved_checkpoint_file
@@ -1672,14 +1670,30 @@ def test_a_named_pipe_in_place_of_the_mirror_is_refused_not_waited_on(
     appended = _outcome(lambda: _append(ledger, 5), lambda: os.close(os.open(mirror, os.O_RDONLY | os.O_NONBLOCK)))
     assert appended is None
     assert REGISTRY.get_sample_value("govrag_audit_mirror_write_failures_total") == before + 1
+    assert [r.getMessage() for r in caplog.records if "audit checkpoint mirror" in r.getMessage()] == [
+        "could not append to the audit checkpoint mirror file (NotARegularFile): the checkpoint at event 5 is in the "
+        "database only"]
+    mirror.unlink()
+    assert _verified(ledger)[:2] == (True, None)  # signed at row 5, in the database
+
+
+def test_a_named_pipe_in_place_of_the_mirror_is_refused_by_verify_not_waited_on(
+        ledger: Settings, audit_cli: Callable[..., tuple]) -> None:
+    """`verify` read the mirror after an exists() check: a named pipe put in its place made `verify` (and `GET
+    /v1/audit/verify`) wait for a writer for good. The mirror is opened once now, without waiting, and refused unless
+    it is a regular file: `govrag audit verify` fails in one line that says why and names the file (exit 2)."""
+    from core import errors
+
+    _append(ledger, 5)  # signed and mirrored at row 5
+    mirror = ledger.resolved_checkpoint_file
+    mirror.unlink()
+    os.mkfifo(mirror)
 
     def verify() -> Any:
         with unit_of_work(ledger.resolved_database_url) as session:
             return audit_service.verify(session=session, settings=ledger)
 
-    assert isinstance(_outcome(verify, lambda: os.close(os.open(mirror, os.O_WRONLY | os.O_NONBLOCK))),
-                      NotARegularFile)
+    refused = _outcome(verify, lambda: os.close(os.open(mirror, os.O_WRONLY | os.O_NONBLOCK)))
+    assert isinstance(refused, errors.NotARegularFile), refused
     assert audit_cli(ledger, "verify") == (
         2, f"failed: not a regular file (a named pipe, a device or a folder is there): {mirror}\n")
-    mirror.unlink()
-    assert _verified(ledger)[:2] == (True, None)  # no mirror: read as an empty one, as before
