@@ -305,7 +305,8 @@ def verify_mirror(args: argparse.Namespace) -> int:
 def _if_a_file(path: Path) -> Iterator[BinaryIO | None]:
     """`path` opened for bytes; None when there is none (no manifest beside an export from the API, or one moved
     alone: nothing to check it against). Opened once, with no check before that it could be swapped after: anything
-    there but a regular file (a named pipe, a folder) is refused, NotARegularFile, never waited on."""
+    there but a regular file is refused (a named pipe: NotARegularFile, never waited on; a folder:
+    IsADirectoryError)."""
     try:
         opened = open(path, "rb", opener=regular_file_opener)  # closed below
     except FileNotFoundError:

@@ -373,7 +373,7 @@ def _mirrored(path: Path) -> tuple[list[AuditCheckpoint], int | None]:
     anything there but a regular file (a named pipe) is refused, NotARegularFile, never waited on."""
     try:
         handle = open(path, "rb", opener=regular_file_opener)  # closed below: opened once, no exists() first
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a folder on the way that is a file: no mirror there either
         return [], None
     with handle:
         read = _numbered(mirror_lines(handle))

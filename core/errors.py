@@ -257,18 +257,19 @@ class HiddenNameTaken(OSError):
 
 
 class NotARegularFile(OSError):
-    """A named pipe, a device or a folder where govrag reads or appends to a file of its own (the checkpoint mirror,
+    """A named pipe, a device or a socket where govrag reads or appends to a file of its own (the checkpoint mirror,
     an export's FILE.manifest.json): refused as it is opened, never waited on (a pipe's open, or read, would wait for a
     writer that may never come). Its `filename` is the path, its reason says what it must be."""
 
     def __init__(self, path: str) -> None:
-        super().__init__(errno.EINVAL, "not a regular file (a named pipe, a device or a folder is there)", path)
+        super().__init__(errno.EINVAL, "not a regular file (a named pipe or a device is there)", path)
 
 
 def regular_file_opener(path: str, flags: int) -> int:
     """An `opener` for `open()` that opens `path` once, without waiting (O_NONBLOCK: a named pipe's open returns at
-    once), then keeps it only when that very file is a regular one (NotARegularFile else): no check before the open
-    that the file could be swapped after. A pipe nobody reads, or a socket, refuses to open for writing then (ENXIO,
+    once), then keeps it only when that very file is a regular one (NotARegularFile else; IsADirectoryError for a
+    folder, as the system says one opened for writing): no check before the open that the file could be swapped
+    after. A pipe nobody reads, or a socket, refuses to open for writing then (ENXIO,
     "No such device or address"): said as NotARegularFile too. The descriptor is made blocking again, as any regular
     file's reads are."""
     try:
@@ -278,7 +279,10 @@ def regular_file_opener(path: str, flags: int) -> int:
             raise NotARegularFile(os.fsdecode(path)) from error
         raise
     try:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        mode = os.fstat(descriptor).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fsdecode(path))
+        if not stat.S_ISREG(mode):
             raise NotARegularFile(os.fsdecode(path))
         os.set_blocking(descriptor, True)
     except BaseException:

@@ -1696,4 +1696,4 @@ def test_a_named_pipe_in_place_of_the_mirror_is_refused_by_verify_not_waited_on(
     refused = _outcome(verify, lambda: os.close(os.open(mirror, os.O_WRONLY | os.O_NONBLOCK)))
     assert isinstance(refused, errors.NotARegularFile), refused
     assert audit_cli(ledger, "verify") == (
-        2, f"failed: not a regular file (a named pipe, a device or a folder is there): {mirror}\n")
+        2, f"failed: not a regular file (a named pipe or a device is there): {mirror}\n")

@@ -405,9 +405,10 @@ def test_an_export_filter_out_of_shape_is_a_usage_error_and_never_reaches_the_le
     assert _ledger_events(cli_env, 1)[0][2]["filters"] == {name: taken}
 
 
-@pytest.mark.parametrize("made", [os.mkfifo, Path.mkdir], ids=["named pipe", "folder"])
+@pytest.mark.parametrize(("made", "said"), [(os.mkfifo, "not a regular file (a named pipe or a device is there)"),
+                                           (Path.mkdir, "Is a directory")], ids=["named pipe", "folder"])
 def test_a_manifest_file_that_is_no_regular_file_is_refused(
-        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], made: Any) -> None:
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], made: Any, said: str) -> None:
     """verify-export asked whether FILE.manifest.json was a file, then opened it: one swapped for a named pipe between
     the two made the check wait for a writer for good, and a named pipe or a folder there was passed over as no
     manifest at all. It is opened once now, without waiting, and anything there but a regular file is refused in one
@@ -419,5 +420,4 @@ def test_a_manifest_file_that_is_no_regular_file_is_refused(
     made(manifest)
     capsys.readouterr()
     assert main(["audit", "verify-export", str(out)]) == 2
-    assert capsys.readouterr() == (
-        "", f"failed: not a regular file (a named pipe, a device or a folder is there): {manifest}\n")
+    assert capsys.readouterr() == ("", f"failed: {said}: {manifest}\n")
