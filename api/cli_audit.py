@@ -46,7 +46,8 @@ from authz.identity import MAX_SUBJECT_CHARS, Identity, operator_identity
 from core import keystore, migrate
 from core.crypto import sync_folder
 from core.db import get_session_factory
-from core.errors import ErrorCode, GovragError, making_files_in, regular_file_opener
+from core.errors import ErrorCode, GovragError, making_files_in
+from core.files import regular_file_opener
 from core.models import DOCUMENT_ID_CHARS
 from core.settings import get_settings
 from core.text import DepartmentName

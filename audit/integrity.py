@@ -26,7 +26,8 @@ from audit import repository
 from audit.schemas import EXPORT_FIELDS, LATER_FIELDS, MirrorCheck, VerifyResult
 from core import crypto, metrics
 from core.db import unit_of_work
-from core.errors import ErrorCode, GovragError, regular_file_opener
+from core.errors import ErrorCode, GovragError
+from core.files import regular_file_opener
 from core.keystore import keystore_for
 from core.models import AuditCheckpoint, Deployment, RetrievalEvent, utcnow
 from core.settings import Settings

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -254,41 +253,6 @@ class HiddenNameTaken(OSError):
     """A folder stands where govrag makes a hidden file in a folder (a temporary copy, a lock), named like it: an
     OSError whose `filename` is the folder the user named or chose, `filename2` the name of the folder in the way,
     for the user to move or remove (never the system's bare "Is a directory", which names neither)."""
-
-
-class NotARegularFile(OSError):
-    """A named pipe, a device or a socket where govrag reads or appends to a file of its own (the checkpoint mirror,
-    an export's FILE.manifest.json): refused as it is opened, never waited on (a pipe's open, or read, would wait for a
-    writer that may never come). Its `filename` is the path, its reason says what it must be."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__(errno.EINVAL, "not a regular file (a named pipe or a device is there)", path)
-
-
-def regular_file_opener(path: str, flags: int) -> int:
-    """An `opener` for `open()` that opens `path` once, without waiting (O_NONBLOCK: a named pipe's open returns at
-    once), then keeps it only when that very file is a regular one (NotARegularFile else; IsADirectoryError for a
-    folder, as the system says one opened for writing): no check before the open that the file could be swapped
-    after. A pipe nobody reads, or a socket, refuses to open for writing then (ENXIO,
-    "No such device or address"): said as NotARegularFile too. The descriptor is made blocking again, as any regular
-    file's reads are."""
-    try:
-        descriptor = os.open(path, flags | os.O_NONBLOCK, 0o666)
-    except OSError as error:
-        if error.errno == errno.ENXIO:
-            raise NotARegularFile(os.fsdecode(path)) from error
-        raise
-    try:
-        mode = os.fstat(descriptor).st_mode
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fsdecode(path))
-        if not stat.S_ISREG(mode):
-            raise NotARegularFile(os.fsdecode(path))
-        os.set_blocking(descriptor, True)
-    except BaseException:
-        os.close(descriptor)
-        raise
-    return descriptor
 
 
 _WRITES_REFUSED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})

@@ -37,6 +37,7 @@ from core.errors import (
     reading_tokenizer,
     unavailable_dependency,
 )
+from core.files import NOT_A_REGULAR_FILE, NotARegularFile
 from core.http import BodyRefused, CredentialsInURL, NotDecodable, TooLarge, TooSlow, UnusablePort, URLRefused
 from core.keystore import DepartmentKeyMissing, DepartmentKeyUnreadable
 from guard.redteam import CorpusError, TokenRefused
@@ -156,6 +157,7 @@ RAISED = [
     BrokenInstall("the embedding model", ValueError("garbled")),
     FolderUnwritable(13, "Permission denied", "/srv/inbox"),
     HiddenNameTaken(21, "Is a directory", "/srv/inbox", None, ".govrag-lock"),
+    NotARegularFile(22, NOT_A_REGULAR_FILE, "/srv/data/audit-checkpoints.jsonl"),
     EmbeddedStoreHeld(Path("/srv/data/qdrant")),
     VerifierSettingsRefused("GOVRAG_JWKS_URL or GOVRAG_OIDC_ISSUER is required"),
     IdPURLRefused("GOVRAG_OIDC_ISSUER is not an https URL"),
