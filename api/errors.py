@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from python_multipart.exceptions import MultipartParseError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from audit.exceptions import MirrorUnreadable
 from core.errors import Dependency, ErrorCode, GovragError, MasterKeyRefused, unavailable_dependency
 from core.keystore import DepartmentKeyUnreadable
 from core.logs import exception_frames, request_id_var
@@ -33,6 +34,8 @@ NOT_JSON_MESSAGE = "invalid request: the body must be JSON (Content-Type: applic
 # FastAPI says "There was an error parsing the body" for both: what the JSON parser failed on, named.
 NOT_UTF8_MESSAGE = "invalid request: the body is not UTF-8 text (JSON is sent in UTF-8, uncompressed)"
 TOO_DEEP_MESSAGE = "invalid request: the body's JSON is nested too deeply"
+MIRROR_UNREADABLE_MESSAGE = ("the audit checkpoint mirror file cannot be read (the service's log says why): the ledger "
+                             "cannot be verified until an operator fixes it")
 
 
 class ErrorDetail(BaseModel):
@@ -78,8 +81,8 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map service errors, a master key refused, a department key that does not open, validation errors and HTTP
-    errors to the one JSON shape (crashes: `crash_response`)."""
+    """Map service errors, a master key refused, a department key that does not open, an audit checkpoint mirror
+    that cannot be read, validation errors and HTTP errors to the one JSON shape (crashes: `crash_response`)."""
 
     @app.exception_handler(GovragError)
     async def _govrag(_request: Request, exc: GovragError) -> JSONResponse:
@@ -105,6 +108,15 @@ def install_error_handlers(app: FastAPI) -> None:
         logger.error("%s", exc)
         return error_response(ErrorCode.department_key_unreadable.status, ErrorCode.department_key_unreadable.name,
                               str(exc))
+
+    @app.exception_handler(MirrorUnreadable)
+    async def _mirror_unreadable(_request: Request, exc: MirrorUnreadable) -> JSONResponse:
+        # Something else than a readable file at the checkpoint mirror's path (a named pipe, never waited on; a folder;
+        # no permission): the deployment's to fix, no retry helps. The operator's line, naming the file, logged; the
+        # client's names no path.
+        logger.error("cannot read the audit checkpoint mirror file %s: %s", exc.filename, exc.strerror)
+        code = ErrorCode.audit_mirror_unreadable
+        return error_response(code.status, code.name, MIRROR_UNREADABLE_MESSAGE)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -23,6 +23,7 @@ from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from audit import repository
+from audit.exceptions import MirrorUnreadable
 from audit.schemas import EXPORT_FIELDS, LATER_FIELDS, MirrorCheck, VerifyResult
 from core import crypto, metrics
 from core.db import unit_of_work
@@ -371,11 +372,14 @@ def _canonical_int(spelt: str) -> int:
 def _mirrored(path: Path) -> tuple[list[AuditCheckpoint], int | None]:
     """The mirror file's checkpoints, and the number of its first line that reads as none (None: each reads as one),
     numbered as verify-mirror numbers them: read as bytes, blank lines counted. None is a file that is not there;
-    anything there but a regular file (a named pipe) is refused, NotARegularFile, never waited on."""
+    anything there but a regular file it may read (a named pipe, never waited on; a folder; no permission) is
+    MirrorUnreadable."""
     try:
         handle = open(path, "rb", opener=regular_file_opener)  # closed below: opened once, no exists() first
     except (FileNotFoundError, NotADirectoryError):  # a folder on the way that is a file: no mirror there either
         return [], None
+    except OSError as error:
+        raise MirrorUnreadable(error.errno, error.strerror or type(error).__name__, str(path)) from error
     with handle:
         read = _numbered(mirror_lines(handle))
     unreadable = next((number for number, checkpoint in read if checkpoint is None), None)

@@ -43,6 +43,7 @@ class ErrorCode(Enum):
     unavailable = 503
     department_key_unreadable = 503  # its key row no longer opens under the master key (altered): restore the row
     kill_switch_disabled = 503  # an admin switched answering off (the kill switch's `disabled`): no outage, no fault
+    audit_mirror_unreadable = 503  # something else than a readable file at the checkpoint mirror's path: to fix there
     internal = 500
 
     @property

@@ -1681,8 +1681,9 @@ def test_a_named_pipe_in_place_of_the_mirror_is_refused_by_verify_not_waited_on(
         ledger: Settings, audit_cli: Callable[..., tuple]) -> None:
     """`verify` read the mirror after an exists() check: a named pipe put in its place made `verify` (and `GET
     /v1/audit/verify`) wait for a writer for good. The mirror is opened once now, without waiting, and refused unless
-    it is a regular file: `govrag audit verify` fails in one line that says why and names the file (exit 2)."""
-    from core import files
+    it is a regular file (MirrorUnreadable): `govrag audit verify` fails in one line that says why and names the file
+    (exit 2)."""
+    from audit.exceptions import MirrorUnreadable
 
     _append(ledger, 5)  # signed and mirrored at row 5
     mirror = ledger.resolved_checkpoint_file
@@ -1694,6 +1695,6 @@ def test_a_named_pipe_in_place_of_the_mirror_is_refused_by_verify_not_waited_on(
             return audit_service.verify(session=session, settings=ledger)
 
     refused = _outcome(verify, lambda: os.close(os.open(mirror, os.O_WRONLY | os.O_NONBLOCK)))
-    assert isinstance(refused, files.NotARegularFile), refused
+    assert isinstance(refused, MirrorUnreadable), refused
     assert audit_cli(ledger, "verify") == (
         2, f"failed: not a regular file (a named pipe or a device is there): {mirror}\n")

@@ -6,10 +6,13 @@ import csv
 import hashlib
 import io
 import json
+import logging
+import os
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, timedelta
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -414,3 +417,28 @@ def test_a_request_id_filter_stays_within_the_officer_s_departments(client: Test
     monkeypatch.setattr(client.app.state.settings, "compliance_officers", ["group:siem-auditors"])  # type: ignore[attr-defined]
     seen, _ = _export(client, auditor, request_id=elsewhere)
     assert [(row["event_type"], row["departments_searched"]) for row in seen] == [("role_granted", [scene["other"]])]
+
+
+@pytest.mark.parametrize("made", [os.mkfifo, Path.mkdir], ids=["named pipe", "folder"])
+def test_verify_endpoint_says_a_mirror_it_cannot_read_by_its_code_naming_no_path(
+        client: TestClient, scene: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, made: Callable[[Path], object]) -> None:
+    """A named pipe at the checkpoint mirror's path made `GET /v1/audit/verify` wait for a writer for good (a folder
+    there was a bare 500 `internal`). Refused as it is opened, either is a 503 `audit_mirror_unreadable` now, a
+    deployment's fault to fix that names no path to the client; the service's log names the file and why. A minute
+    bounds the wait, no time is asserted: a request still waiting on the pipe is let go (its other end opened)."""
+    mirror = tmp_path / "audit-checkpoints.jsonl"
+    made(mirror)
+    monkeypatch.setattr(client.app.state.settings, "audit_checkpoint_file", mirror)  # type: ignore[attr-defined]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        asked = pool.submit(client.get, "/v1/audit/verify", headers=auth(scene["officer_token"]))
+        try:
+            response = asked.result(timeout=60)
+        except TimeoutError:
+            os.close(os.open(mirror, os.O_WRONLY | os.O_NONBLOCK))
+            pytest.fail(f"waited on the named pipe, then answered {asked.result().status_code}")
+    error = response.json()["error"]
+    assert (response.status_code, error["code"]) == (503, "audit_mirror_unreadable"), response.text
+    assert str(tmp_path) not in response.text and "dependency" not in error
+    logged = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
+    assert any(str(mirror) in line and "mirror" in line for line in logged), logged

@@ -72,7 +72,7 @@ def test_a_govrag_error_is_said_by_what_it_means_not_by_its_http_status() -> Non
     }
     assert {code.name for code in ErrorCode if not code.refuses_input} == {
         "document_key_unreadable", "placeholder_map_unreadable", "unavailable", "department_key_unreadable",
-        "kill_switch_disabled", "internal"}
+        "kill_switch_disabled", "audit_mirror_unreadable", "internal"}
 
 
 @pytest.mark.parametrize(("code", "message", "said"), [

@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from sqlalchemy.exc import OperationalError
 
 from api.app import BodyTooLarge
+from audit.exceptions import MirrorUnreadable
 from authz.tokens import IdPURLRefused, VerifierSettingsRefused
 from core import migrate
 from core.blobs import GarbledMarker
@@ -158,6 +159,7 @@ RAISED = [
     FolderUnwritable(13, "Permission denied", "/srv/inbox"),
     HiddenNameTaken(21, "Is a directory", "/srv/inbox", None, ".govrag-lock"),
     NotARegularFile(22, NOT_A_REGULAR_FILE, "/srv/data/audit-checkpoints.jsonl"),
+    MirrorUnreadable(13, "Permission denied", "/srv/data/audit-checkpoints.jsonl"),
     EmbeddedStoreHeld(Path("/srv/data/qdrant")),
     VerifierSettingsRefused("GOVRAG_JWKS_URL or GOVRAG_OIDC_ISSUER is required"),
     IdPURLRefused("GOVRAG_OIDC_ISSUER is not an https URL"),
