@@ -152,9 +152,17 @@ def to_ocsf(row: dict[str, Any]) -> dict[str, Any]:
 
 _MANIFEST_PREFIX = "# manifest "  # a CSV export's manifest line starts so
 _TAIL_READ = 64 * 1024  # bytes read at a time, backwards from the end, to find the manifest line
-# No manifest govrag writes is longer (its filters come from a command line, 128 KiB an argument on Linux, or an HTTP
-# query; JSON escapes a byte in 6 at most); a longer last line is read no further, and is no manifest
+# No manifest govrag writes is longer: its filters are bounded (audit.schemas' types, for the API and the command
+# alike: a few KiB at most, escaped), the rest is of fixed size but for the departments of its scope, which
+# `scope_fits_a_manifest` bounds before an export is recorded. A longer last line is read no further: no manifest.
 LONGEST_MANIFEST_LINE = 8 * 1024 * 1024
+_MANIFEST_BUT_ITS_SCOPE = 64 * 1024  # room kept for the rest of a manifest line: its filters, hashes and signatures
+
+
+def scope_fits_a_manifest(scope: set[str]) -> bool:
+    """Whether the manifest of an export within `scope` (a compliance officer's departments, which it lists) stays
+    within LONGEST_MANIFEST_LINE, so that verify-export reads it: some hundred thousand departments would not."""
+    return len(json.dumps(sorted(scope))) <= LONGEST_MANIFEST_LINE - _MANIFEST_BUT_ITS_SCOPE
 
 
 def check_export(export_file: BinaryIO, *, by: Signer | Ed25519PublicKey, deployment_id: str | None,

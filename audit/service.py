@@ -211,6 +211,9 @@ def export_events(*, session: Session, settings: Settings, identity: Identity, s
                                                      "inclusive, until exclusive)")
     if scope is not None and filters.department is not None and filters.department not in scope:
         raise GovragError(ErrorCode.forbidden, "the compliance role is required in this department")
+    if scope is not None and not export.scope_fits_a_manifest(scope):
+        raise GovragError(ErrorCode.conflict, "the compliance role is held in too many departments to list in an "
+                                              "export's manifest: a global compliance officer exports them")
     signer = integrity.signer_for(settings, session)  # before the export is recorded: no key, no export
     through_id = repository.max_event_id(session)
     record_admin_event(session=session, identity=identity, event_type=AdminEventType.export,

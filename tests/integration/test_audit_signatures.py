@@ -1633,6 +1633,32 @@ def test_an_export_ending_in_a_huge_line_is_read_no_further_than_a_manifest_can_
     assert peak < HUGE_LINE / 4, peak
 
 
+def test_an_export_whose_manifest_would_be_longer_than_verify_export_reads_is_refused_unrecorded(
+        ledger: Settings, tmp_path: Path) -> None:
+    """verify-export reads a last line of at most LONGEST_MANIFEST_LINE as a manifest. A manifest lists the departments
+    of its export's scope, its one part with no bound of its own: a compliance officer holding the role in some
+    hundred thousand departments was given an export whose manifest no check would read. It is refused (conflict)
+    before anything is recorded or read; a scope that fits is exported, and checks."""
+    from audit import repository
+    from core.errors import ErrorCode, GovragError
+
+    _append(ledger, 2)
+    # 2 ** 17 names of 63 characters, 67 bytes each as listed: 8.4 MiB, past LONGEST_MANIFEST_LINE (8 MiB)
+    scopes = {"huge": {f"d{n:062d}" for n in range(2 ** 17)}, "fits": {"hr"}}
+    with get_session_factory(ledger.resolved_database_url)() as session:
+        newest = repository.max_event_id(session)
+        with pytest.raises(GovragError) as refused:
+            audit_service.export_events(session=session, settings=ledger, identity=ADMIN, scope=scopes["huge"],
+                                        filters=ExportFilters(), fmt=ExportFormat.jsonl)
+        assert (refused.value.code, repository.max_event_id(session)) == (ErrorCode.conflict, newest)
+        export = tmp_path / "fits.jsonl"
+        export.write_text("".join(audit_service.export_events(
+            session=session, settings=ledger, identity=ADMIN, scope=scopes["fits"], filters=ExportFilters(),
+            fmt=ExportFormat.jsonl)), encoding="utf-8")
+        with export.open("rb") as export_file:
+            assert audit_service.verify_export(export_file=export_file, settings=ledger, session=session).ok
+
+
 def _outcome(run: Callable[[], Any], release: Callable[[], None]) -> Any:
     """What `run` returned or raised, run in a thread that must end by itself. A minute bounds the test, no time is
     asserted: `run` waiting on a named pipe is let go by `release` (opening the pipe's other end), and fails the
