@@ -68,7 +68,8 @@ def _deployment(kind: str, folder: Path, pg_url: str | None, **settings: object)
     if kind == "pg":
         assert pg_url is not None
         with unit_of_work(pg_url) as session:
-            session.execute(text("TRUNCATE retrieval_events, audit_checkpoints, wrapped_keys RESTART IDENTITY"))
+            session.execute(text("TRUNCATE retrieval_events, audit_checkpoints, wrapped_keys, master_key_verifiers "
+                                 "RESTART IDENTITY"))
             session.commit()
         url = pg_url
     else:
