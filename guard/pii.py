@@ -84,7 +84,9 @@ _AT_ENTITIES = frozenset({"EMAIL_ADDRESS"})
 PRIVATE_TLDS = frozenset({"internal", "local", "corp", "home", "mail", "lan", "intranet", "private", "test",
                           "example", "invalid", "localhost"})
 _DIGIT = re.compile(r"\d")
-_FILE_EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,8}$")
+# A file extension holds a letter: the digits after a title's last dot (`4111.1111.1111.1111`, `192.168.0.1`) end a
+# number, and a reading without them would find that number cut short and leave its last group shown.
+_FILE_EXTENSION = re.compile(r"\.(?=\d*[A-Za-z])[A-Za-z0-9]{1,8}$")
 
 # Every label the small English model emits besides PERSON: ignored at the NLP engine,
 # so LOCATION, DATE_TIME, ORG… are never produced (and never logged as "unmapped").
@@ -114,6 +116,14 @@ _MORE_CARDS = Pattern(
     r"(?<!\+)\b(?:2[2-7]\d{2}|2131|1800|5[06-9]\d{2}|6\d{3}|4\d{3}|3[47]\d{2})(?:[- ]?\d){8,15}\b",
     0.3,
 )
+# Cards written in dotted groups ("4111.1111.1111.1111", Amex "3782.822463.10005"), which the patterns above (dashes and
+# spaces only) miss and the loose phone shape cut short, leaving the last group behind; Luhn still gates them.
+_DOTTED_CARDS = Pattern(
+    "Dotted card groups (weak)",
+    r"(?<![\w.+])(?:[1-6]\d{3}(?:\.\d{4}){3}|3[47]\d{2}\.\d{6}\.\d{5})(?!\w|\.\d)",
+    0.3,
+)
+_CARD_SEPARATORS = [("-", ""), (" ", ""), (".", "")]
 # Courtesy titles the NER sometimes takes into a name; kept outside the redacted span.
 _COURTESY_TITLES = frozenset({"mr", "mrs", "ms", "mx", "miss", "dr", "prof", "sir", "dame", "madam"})
 _NOT_IN_NAME = re.compile(r"[\d@/\\_#<>{}\[\]=|:;]")
@@ -379,7 +389,8 @@ def _recognizers() -> list[EntityRecognizer]:
     return [
         _PersonRecognizer(supported_entities=["PERSON"], name=_NER_RECOGNIZER),
         _OfflineEmailRecognizer(),
-        CreditCardRecognizer(patterns=[*CreditCardRecognizer.PATTERNS, _MORE_CARDS]),
+        CreditCardRecognizer(patterns=[*CreditCardRecognizer.PATTERNS, _MORE_CARDS, _DOTTED_CARDS],
+                             replacement_pairs=_CARD_SEPARATORS),
         UsSsnRecognizer(),
         IpRecognizer(),
         UsBankRecognizer(),
@@ -658,8 +669,8 @@ def _kept_in_title(result: RecognizerResult, stem_end: int) -> bool:
     """Whether a span found in a reading of a title is redacted, the title's apparent file extension starting at
     `stem_end`: every span but a name crossing into it, the NER's `Lease.pdf` in `Jordan Office Lease.pdf`, the
     context patterns' `Hallgerður P.` in `Memo for Dr Hallgerður P.pdf`. A value a pattern finds whole keeps what
-    only looks like an extension: the `.com` ending `Claim of maria@example.com`, the `.1` of an IP address, the
-    `.internal` of a private domain, a department's identifier or handle (whatever its type, PERSON too)."""
+    only looks like an extension: the `.com` ending `Claim of maria@example.com`, the `.internal` of a private domain,
+    a department's identifier or handle (whatever its type, PERSON too)."""
     return not (_read_as_a_name(result) and result.start < stem_end < result.end)
 
 

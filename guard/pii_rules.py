@@ -92,7 +92,10 @@ _STREET_LINE = regex.compile(r"^[\s>?*-]*\d+[\d \t]*(?!(?i:office|fax|mobile|cel
 _LINE_LEAD = regex.compile(r"[\s>?*-]*")
 _LINE_TAIL = regex.compile(r"[\s,.]*(?:\p{Lu}{2,3})?[\s,.\d-]*")
 
-# Digit runs shaped like phone numbers in any country; only context ("phone", "call"…) lifts them.
+# Digit runs shaped like phone numbers in any country. Their base score is SCORE_THRESHOLD (guard/pii.py): a run that
+# passes `_plausible_loose_phone` is redacted with no context word around it, for a phone missed is a leak and F2 counts
+# recall four times; a context word before it ("phone", "tel", "reach"…) lifts it over the shapes below and over
+# overlapping values. What is no phone whatever its neighbours (dates, dotted quads) is refused by `_NOT_PHONE`.
 _LOOSE_PHONE = (
     r"(?<![\w.+-])(?<!\d[ .-])(?:\+|00)?(?:\(\d{1,4}\)[ .-]?|\d{1,4}[ .-]?)?(?:\(0\)[ ]?)?"
     r"\d{2,4}(?:[ .-]?\d{2,4}){1,4}(?:[ ]?(?:x|ext\.?)[ ]?\d{1,5})?(?!\w|-(?!\p{L}))"
@@ -116,8 +119,15 @@ PHONE_CONTEXT = [
     "messages", "message", "registered", "contact", "sms", "dial", "reach", "phone number",
 ]  # fmt: skip
 _MIN_PHONE_DIGITS, _MAX_PHONE_DIGITS = 7, 15
-# Dates, times and dotted quads are not phones even next to the word "number".
-_NOT_PHONE = regex.compile(r"^\d{4}-\d{2}-\d{2}|^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$")
+# Dates, times and dotted quads are not phones even next to the word "number": an ISO date and time, a whole
+# year-month-day or day-month-year (month-day-year too) with one separator, "2024.05.17", "17.05.2024", "05/17/2024",
+# and a dotted quad.
+_DAY, _MONTH, _YEAR = r"(?:0?[1-9]|[12]\d|3[01])", r"(?:0?[1-9]|1[0-2])", r"(?:19|20)\d{2}"
+_NOT_PHONE = regex.compile(
+    rf"^\d{{4}}-\d{{2}}-\d{{2}}|^{_YEAR}(?P<sep>[./-]){_MONTH}(?P=sep){_DAY}$"
+    rf"|^(?:{_DAY}(?P<dmy>[./-]){_MONTH}(?P=dmy)|{_MONTH}(?P<mdy>[./-]){_DAY}(?P=mdy)){_YEAR}$"
+    r"|^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$"
+)
 
 
 PERSON_CONTEXT_RECOGNIZER = "GovragPersonContextRecognizer"
@@ -148,7 +158,7 @@ class _PersonContextRecognizer(PatternRecognizer):
 
 
 class _LoosePhoneRecognizer(PatternRecognizer):
-    """International phone shapes Presidio's libphonenumber regions miss, gated by context words."""
+    """International phone shapes Presidio's libphonenumber regions miss, gated by their shape and neighbours."""
 
     def __init__(self) -> None:
         super().__init__(
@@ -165,12 +175,12 @@ class _LoosePhoneRecognizer(PatternRecognizer):
         return [r for r in results if _pattern_name(r) != "loose_phone" or _plausible_loose_phone(text, r)]
 
     def validate_result(self, pattern_text: str) -> bool | None:
-        """Accept only plausible digit counts (7 to 15, ITU E.164) without the extension."""
+        """Accept only plausible digit counts (7 to 15, ITU E.164) without the extension, and no date or dotted quad."""
         main = regex.split(r"(?i)x|ext", pattern_text)[0]
         digits = sum(ch.isdigit() for ch in main)
         if not _MIN_PHONE_DIGITS <= digits <= _MAX_PHONE_DIGITS or _NOT_PHONE.search(pattern_text):
             return False
-        return None  # keep the low base score: only context words may lift it over the threshold
+        return None  # keep the pattern's score (the loose run's is the threshold: `_LOOSE_PHONE`); context lifts it
 
 
 class _AnyCaseIbanRecognizer(IbanRecognizer):
@@ -192,13 +202,13 @@ class _PlausiblePhoneRecognizer(PhoneRecognizer):
     """
 
     def analyze(self, text: str, entities: list[str], nlp_artifacts: object = None) -> list[RecognizerResult]:
-        """Return Presidio's phone matches that pass the same neighbour checks as the loose shapes."""
+        """Return Presidio's phone matches that pass the same shape and neighbour checks as the loose shapes."""
         results = []
         for start, end in _phone_windows(text):
             for result in super().analyze(text[start:end], entities, nlp_artifacts) or []:
                 result.start, result.end = result.start + start, result.end + start
                 results.append(result)
-        return [r for r in results if _enough_digits(text[r.start : r.end]) and _plausible_loose_phone(text, r)]
+        return [r for r in results if _phone_shaped(text[r.start : r.end]) and _plausible_loose_phone(text, r)]
 
 
 # Digits joined by at most four non-word characters (or libphonenumber's "x"): a superset of what its matcher
@@ -221,8 +231,9 @@ def _phone_windows(text: str) -> list[tuple[int, int]]:
     return windows
 
 
-def _enough_digits(value: str) -> bool:
-    return sum(ch.isdigit() for ch in value) >= _MIN_PHONE_DIGITS
+def _phone_shaped(value: str) -> bool:
+    """Enough digits for a phone, and no date or dotted quad (`05-17-2024` is a US date to libphonenumber too)."""
+    return sum(ch.isdigit() for ch in value) >= _MIN_PHONE_DIGITS and not _NOT_PHONE.search(value)
 
 
 def _plausible_loose_phone(text: str, result: RecognizerResult) -> bool:

@@ -100,6 +100,17 @@ def test_context_words_lift_weak_patterns(redactor: PiiRedactor) -> None:
     assert set(_types(redacted)) >= {"US_PASSPORT", "US_BANK_NUMBER"}
 
 
+@pytest.mark.parametrize(("text", "redacted"), [
+    ("Paid with 4111.1111.1111.1111 yesterday.", "Paid with <CREDIT_CARD_1> yesterday."),
+    ("Card 5105.1051.0510.5100", "Card <CREDIT_CARD_1>"),
+    ("Amex 3782.822463.10005 on file.", "Amex <CREDIT_CARD_1> on file."),
+])
+def test_a_dotted_card_number_is_a_card(redactor: PiiRedactor, text: str, redacted: str) -> None:
+    """Cards in dotted groups matched no card pattern (dashes and spaces only) and were left whole, or, in a title,
+    read as a 12-digit phone with the last group left shown."""
+    assert redactor.redact(text) == redacted
+
+
 def test_card_shaped_numbers_failing_luhn_are_kept(redactor: PiiRedactor) -> None:
     text = "Order reference 2223 0031 2200 3223 shipped."
     assert redactor.redact(text) == text
@@ -286,7 +297,7 @@ def test_phone_windows_find_what_the_whole_text_scan_finds() -> None:
     )
     windowed = pii_rules._PlausiblePhoneRecognizer().analyze(text, ["PHONE_NUMBER"])
     whole = [r for r in PhoneRecognizer().analyze(text, ["PHONE_NUMBER"])
-             if pii_rules._enough_digits(text[r.start : r.end]) and pii_rules._plausible_loose_phone(text, r)]
+             if pii_rules._phone_shaped(text[r.start : r.end]) and pii_rules._plausible_loose_phone(text, r)]
     assert sorted((r.start, r.end) for r in windowed) == sorted((r.start, r.end) for r in whole)
     assert len(windowed) >= 3
 
@@ -336,6 +347,21 @@ def test_e_mail_header_names_are_kept_and_the_people_in_them_redacted(redactor: 
     ("maria.gonzalez@example.com.txt", "<EMAIL_ADDRESS>.txt"),  # the extension hid the domain
 ])
 def test_a_title_is_redacted_up_to_its_file_extension(redactor: PiiRedactor, title: str, redacted: str) -> None:
+    assert redactor.redact_title(title) == redacted
+
+
+@pytest.mark.parametrize(("title", "redacted"), [
+    ("Minutes 2024.05.17.pdf", "Minutes 2024.05.17.pdf"),  # a date was a <PHONE_NUMBER>
+    ("Minutes 17.05.2024.docx", "Minutes 17.05.2024.docx"),
+    ("Report 2024.05.17", "Report 2024.05.17"),
+    ("Statement 4111.1111.1111.1111", "Statement <CREDIT_CARD>"),  # read as `<PHONE_NUMBER>.1111`
+    ("Statement 4111.1111.1111.1111.pdf", "Statement <CREDIT_CARD>.pdf"),
+    ("Ledger 4111.1111.1111.1112", "Ledger 4111.1111.1111.1112"),  # no card (Luhn), as in a text: no `.1112` left
+    ("Call 020.7946.0958.pdf", "Call <PHONE_NUMBER>.pdf"),
+])
+def test_dates_and_dotted_numbers_in_a_title(redactor: PiiRedactor, title: str, redacted: str) -> None:
+    """A title's digits after its last dot are no file extension: the reading without them found the number cut short
+    and left its last group shown."""
     assert redactor.redact_title(title) == redacted
 
 
