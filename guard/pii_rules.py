@@ -95,7 +95,7 @@ _LINE_TAIL = regex.compile(r"[\s,.]*(?:\p{Lu}{2,3})?[\s,.\d-]*")
 # Digit runs shaped like phone numbers in any country. Their base score is SCORE_THRESHOLD (guard/pii.py): a run that
 # passes `_plausible_loose_phone` is redacted with no context word around it, for a phone missed is a leak and F2 counts
 # recall four times; a context word before it ("phone", "tel", "reach"…) lifts it over the shapes below and over
-# overlapping values. What is no phone whatever its neighbours (dates, dotted quads) is refused by `_NOT_PHONE`.
+# overlapping values. What is no phone whatever its neighbours is refused: `_WHOLE_DATE`, `_NOT_LOOSE_PHONE`.
 _LOOSE_PHONE = (
     r"(?<![\w.+-])(?<!\d[ .-])(?:\+|00)?(?:\(\d{1,4}\)[ .-]?|\d{1,4}[ .-]?)?(?:\(0\)[ ]?)?"
     r"\d{2,4}(?:[ .-]?\d{2,4}){1,4}(?:[ ]?(?:x|ext\.?)[ ]?\d{1,5})?(?!\w|-(?!\p{L}))"
@@ -119,15 +119,17 @@ PHONE_CONTEXT = [
     "messages", "message", "registered", "contact", "sms", "dial", "reach", "phone number",
 ]  # fmt: skip
 _MIN_PHONE_DIGITS, _MAX_PHONE_DIGITS = 7, 15
-# Dates, times and dotted quads are not phones even next to the word "number": an ISO date and time, a whole
-# year-month-day or day-month-year (month-day-year too) with one separator, "2024.05.17", "17.05.2024", "05/17/2024",
-# and a dotted quad.
+# A whole date with one separator, a valid month and day and a 19xx/20xx year: year-month-day, day-month-year or
+# month-day-year, "2024.05.17", "17.05.2024", "05/17/2024". It is no phone to any recognizer, whatever the context
+# (libphonenumber reads "05-17-2024" as a US number).
 _DAY, _MONTH, _YEAR = r"(?:0?[1-9]|[12]\d|3[01])", r"(?:0?[1-9]|1[0-2])", r"(?:19|20)\d{2}"
-_NOT_PHONE = regex.compile(
-    rf"^\d{{4}}-\d{{2}}-\d{{2}}|^{_YEAR}(?P<sep>[./-]){_MONTH}(?P=sep){_DAY}$"
-    rf"|^(?:{_DAY}(?P<dmy>[./-]){_MONTH}(?P=dmy)|{_MONTH}(?P<mdy>[./-]){_DAY}(?P=mdy)){_YEAR}$"
-    r"|^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$"
+_WHOLE_DATE = regex.compile(
+    rf"{_YEAR}(?P<ymd>[./-]){_MONTH}(?P=ymd){_DAY}"
+    rf"|(?:{_DAY}(?P<dmy>[./-]){_MONTH}(?P=dmy)|{_MONTH}(?P<mdy>[./-]){_DAY}(?P=mdy)){_YEAR}"
 )
+# What the loose shapes alone refuse too, even next to the word "number": an ISO date and time, a dotted quad.
+# libphonenumber is not asked: it reads Belgian "02.123.45.67" and "0470-12-34-56" as the phones they are.
+_NOT_LOOSE_PHONE = regex.compile(r"^\d{4}-\d{2}-\d{2}|^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$")
 
 
 PERSON_CONTEXT_RECOGNIZER = "GovragPersonContextRecognizer"
@@ -178,7 +180,9 @@ class _LoosePhoneRecognizer(PatternRecognizer):
         """Accept only plausible digit counts (7 to 15, ITU E.164) without the extension, and no date or dotted quad."""
         main = regex.split(r"(?i)x|ext", pattern_text)[0]
         digits = sum(ch.isdigit() for ch in main)
-        if not _MIN_PHONE_DIGITS <= digits <= _MAX_PHONE_DIGITS or _NOT_PHONE.search(pattern_text):
+        if not _MIN_PHONE_DIGITS <= digits <= _MAX_PHONE_DIGITS or _NOT_LOOSE_PHONE.search(pattern_text):
+            return False
+        if _WHOLE_DATE.fullmatch(pattern_text):
             return False
         return None  # keep the pattern's score (the loose run's is the threshold: `_LOOSE_PHONE`); context lifts it
 
@@ -232,8 +236,8 @@ def _phone_windows(text: str) -> list[tuple[int, int]]:
 
 
 def _phone_shaped(value: str) -> bool:
-    """Enough digits for a phone, and no date or dotted quad (`05-17-2024` is a US date to libphonenumber too)."""
-    return sum(ch.isdigit() for ch in value) >= _MIN_PHONE_DIGITS and not _NOT_PHONE.search(value)
+    """Enough digits for a phone, and no whole date (`05-17-2024` is a US phone to libphonenumber)."""
+    return sum(ch.isdigit() for ch in value) >= _MIN_PHONE_DIGITS and not _WHOLE_DATE.fullmatch(value)
 
 
 def _plausible_loose_phone(text: str, result: RecognizerResult) -> bool:
