@@ -84,9 +84,7 @@ _AT_ENTITIES = frozenset({"EMAIL_ADDRESS"})
 PRIVATE_TLDS = frozenset({"internal", "local", "corp", "home", "mail", "lan", "intranet", "private", "test",
                           "example", "invalid", "localhost"})
 _DIGIT = re.compile(r"\d")
-# A file extension holds a letter: the digits after a title's last dot (`4111.1111.1111.1111`, `192.168.0.1`) end a
-# number, and a reading without them would find that number cut short and leave its last group shown.
-_FILE_EXTENSION = re.compile(r"\.(?=\d*[A-Za-z])[A-Za-z0-9]{1,8}$")
+_FILE_EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,8}$")
 
 # Every label the small English model emits besides PERSON: ignored at the NLP engine,
 # so LOCATION, DATE_TIME, ORG… are never produced (and never logged as "unmapped").
@@ -669,8 +667,8 @@ def _kept_in_title(result: RecognizerResult, stem_end: int) -> bool:
     """Whether a span found in a reading of a title is redacted, the title's apparent file extension starting at
     `stem_end`: every span but a name crossing into it, the NER's `Lease.pdf` in `Jordan Office Lease.pdf`, the
     context patterns' `Hallgerður P.` in `Memo for Dr Hallgerður P.pdf`. A value a pattern finds whole keeps what
-    only looks like an extension: the `.com` ending `Claim of maria@example.com`, the `.internal` of a private domain,
-    a department's identifier or handle (whatever its type, PERSON too)."""
+    only looks like an extension: the `.com` ending `Claim of maria@example.com`, the `.1` of an IP address, the
+    `.internal` of a private domain, a department's identifier or handle (whatever its type, PERSON too)."""
     return not (_read_as_a_name(result) and result.start < stem_end < result.end)
 
 

@@ -356,12 +356,12 @@ def test_a_title_is_redacted_up_to_its_file_extension(redactor: PiiRedactor, tit
     ("Report 2024.05.17", "Report 2024.05.17"),
     ("Statement 4111.1111.1111.1111", "Statement <CREDIT_CARD>"),  # read as `<PHONE_NUMBER>.1111`
     ("Statement 4111.1111.1111.1111.pdf", "Statement <CREDIT_CARD>.pdf"),
-    ("Ledger 4111.1111.1111.1112", "Ledger 4111.1111.1111.1112"),  # no card (Luhn), as in a text: no `.1112` left
+    ("Statement 4111.1111.1111.1111.001", "Statement <CREDIT_CARD>.001"),  # a split archive's part
     ("Call 020.7946.0958.pdf", "Call <PHONE_NUMBER>.pdf"),
 ])
 def test_dates_and_dotted_numbers_in_a_title(redactor: PiiRedactor, title: str, redacted: str) -> None:
-    """A title's digits after its last dot are no file extension: the reading without them found the number cut short
-    and left its last group shown."""
+    """A date ending a title was a <PHONE_NUMBER>, and a dotted card, no card to any pattern, was read as a phone cut
+    short by the reading without its "extension" `.1111`, its last group left shown."""
     assert redactor.redact_title(title) == redacted
 
 
@@ -370,6 +370,8 @@ def test_dates_and_dotted_numbers_in_a_title(redactor: PiiRedactor, title: str, 
     ("Claim of maria.gonzalez@example.com.txt", "Claim of <EMAIL_ADDRESS>.txt"),
     ("Mail name@corp.co.uk", "Mail <EMAIL_ADDRESS>"),  # the stem's `name@corp.co` left `.uk` behind
     ("Mail name@corp.co.uk.pdf", "Mail <EMAIL_ADDRESS>.pdf"),
+    ("Claim of maria.gonzalez@example.com.001", "Claim of <EMAIL_ADDRESS>.001"),  # digits alone are an extension too
+    ("Claim of maria.gonzalez@example.com.2", "Claim of <EMAIL_ADDRESS>.2"),
     ("Escalations anna.berg@ops.acme.internal", "Escalations <EMAIL_ADDRESS>"),
     ("Router 192.168.0.1", "Router <IP_ADDRESS>"),
     ("Router 192.168.0.1.log", "Router <IP_ADDRESS>.log"),
