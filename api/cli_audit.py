@@ -175,18 +175,23 @@ def window_bound(text: str) -> datetime:
     return utc_bound(datetime.fromisoformat(text))
 
 
+_PRINTABLE = "printable characters, no line break nor control character"
+_DECISIONS = ", ".join(decision.value for decision in Decision)
+
+
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     """Filters and format of `govrag audit export`."""
     parser.add_argument("--format", choices=[f.value for f in ExportFormat], default="jsonl")
     parser.add_argument("--since", type=window_bound, help="ISO time, inclusive")
     parser.add_argument("--until", type=window_bound, help="ISO time, exclusive")
     parser.add_argument("--user", dest="subject", help="the subject whose events to export",
-                        type=filter_argument(ExportSubject, f"at most {MAX_SUBJECT_CHARS} characters"))
+                        type=filter_argument(ExportSubject, f"1 to {MAX_SUBJECT_CHARS} {_PRINTABLE}"))
     parser.add_argument("--department", type=filter_argument(DepartmentName, "not a department name (lower-case "
                                                                              "letters, digits, '-' or '_')"))
-    parser.add_argument("--decision", choices=[d.value for d in Decision])
+    parser.add_argument("--decision", help=f"one of {_DECISIONS}",
+                        type=filter_argument(Decision, f"not a decision; give one of {_DECISIONS}"))
     parser.add_argument("--document-id", type=filter_argument(ExportDocumentId,
-                                                              f"at most {DOCUMENT_ID_CHARS} characters"))
+                                                              f"1 to {DOCUMENT_ID_CHARS} {_PRINTABLE}"))
     parser.add_argument("--event-type", type=filter_argument(EventType, "not an event type the ledger records "
                                                                         "(`retrieval`, `export`, an admin action)"))
     parser.add_argument("--request-id", help="the events of one API request (its X-Request-ID) or one command's run "

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, TypeAdapter
 
-from authz.identity import MAX_SUBJECT_CHARS
+from authz.identity import MAX_SUBJECT_CHARS, token_can_carry
 from core.logs import REQUEST_ID_PATTERN
 from core.models import DOCUMENT_ID_CHARS
 
@@ -146,8 +146,21 @@ class ExportFilters:
 # API's query parameters and `govrag audit export`'s options (`api.cli_audit.filter_argument`): anything else is a 422
 # naming the filter (a usage error, exit 2), never the value, and never reaches the ledger. `department` is a
 # `core.text.DepartmentName`, `event_type` an `EventType`, `decision` a `Decision`.
-ExportSubject = Annotated[str, Field(max_length=MAX_SUBJECT_CHARS)]
-ExportDocumentId = Annotated[str, Field(max_length=DOCUMENT_ID_CHARS)]
+
+
+def _printable_filter(value: str) -> str:
+    """A free-text filter (`user`, `document_id`) in characters a token's subject may carry (`token_can_carry`), as
+    every subject and document id the ledger holds is: a line break, NUL, an escape, DEL, a C1 control, a direction
+    override or another invisible character would be written into the export's ledger row and its manifest (a forged
+    log line, text shown reversed), and selects nothing."""
+    if not token_can_carry(value):
+        raise ValueError("holds a line break, a control, format or other unprintable character (an escape, a "
+                         "direction override, a zero-width space, ...), which no subject or document id holds")
+    return value
+
+
+ExportSubject = Annotated[str, Field(min_length=1, max_length=MAX_SUBJECT_CHARS), AfterValidator(_printable_filter)]
+ExportDocumentId = Annotated[str, Field(min_length=1, max_length=DOCUMENT_ID_CHARS), AfterValidator(_printable_filter)]
 # A request id as govrag makes one (core.logs.REQUEST_ID_PATTERN); `-` (an event recorded with no request id) is no
 # request's. pydantic's regex engine reads `$` as the end of the text alone (a trailing line break is refused).
 RequestId = Annotated[str, Field(pattern=REQUEST_ID_PATTERN,

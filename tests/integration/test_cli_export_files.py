@@ -381,10 +381,55 @@ def test_a_request_id_that_is_no_request_id_is_a_usage_error_and_records_nothing
     assert _ledger_events(cli_env, 1) == before and list(tmp_path.glob("out.jsonl*")) == []
 
 
+USER_RULE = "1 to 255 printable characters, no line break nor control character"
+DOCUMENT_ID_RULE = "1 to 36 printable characters, no line break nor control character"
+# Characters --user and --document-id took unrefused, each then written into the export's ledger row and manifest.
+CONTROLS = {"NUL": "\x00", "line feed": "\n", "escape": "\x1b[2J", "DEL": "\x7f", "C1 NEL": "\x85",
+            "right-to-left override": "\u202e", "zero-width space": "\u200b"}
+
+
+@pytest.mark.parametrize(("option", "rule"), [("--user", USER_RULE), ("--document-id", DOCUMENT_ID_RULE)],
+                         ids=["user", "document-id"])
+@pytest.mark.parametrize("control", CONTROLS.values(), ids=CONTROLS.keys())
+def test_a_free_text_filter_with_a_control_character_is_a_usage_error_quoting_nothing(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, rule: str,
+        control: str) -> None:
+    """--user and --document-id were bounded by length alone, as `user=` and `document_id=` of the API were: a
+    line break, NUL, an escape, DEL, a C1 control or a direction override was written into the export's ledger row.
+    They go through the API's rule (audit.schemas): a usage error, exit 2, quoting none, nothing exported or
+    recorded."""
+    before = _ledger_events(cli_env, 1)
+    with pytest.raises(SystemExit) as usage_error:
+        main(["audit", "export", option, f"ab{control}forged", "-o", str(tmp_path / "out.jsonl")])
+    said = capsys.readouterr().err
+    assert (usage_error.value.code, said.strip().splitlines()[-1]) == (
+        2, f"govrag audit export: error: argument {option}: {rule}")
+    assert "forged" not in said
+    assert _ledger_events(cli_env, 1) == before and list(tmp_path.glob("out.jsonl*")) == []
+
+
+def test_a_decision_that_is_none_is_a_usage_error_quoting_nothing(
+        cli_env: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--decision took argparse's `choices`, whose refusal quotes the value back (an escape sequence, say, to the
+    operator's terminal). It reads the API's `decision=` rule now: a usage error, exit 2, naming the decisions and not
+    the value, nothing recorded; a decision the API takes is exported and recorded as given."""
+    before = _ledger_events(cli_env, 1)
+    with pytest.raises(SystemExit) as usage_error:
+        main(["audit", "export", "--decision", "answered\x1b[2J<forged>", "-o", str(tmp_path / "out.jsonl")])
+    said = capsys.readouterr().err
+    assert (usage_error.value.code, said.strip().splitlines()[-1]) == (
+        2, "govrag audit export: error: argument --decision: not a decision; give one of answered, refused, "
+           "blocked, withheld, error, admin")
+    assert "forged" not in said
+    assert _ledger_events(cli_env, 1) == before and list(tmp_path.glob("out.jsonl*")) == []
+    assert main(["audit", "export", "--decision", "refused", "-o", str(tmp_path / "out.jsonl")]) == 0
+    assert _ledger_events(cli_env, 1)[0][2]["filters"] == {"decision": "refused"}
+
+
 @pytest.mark.parametrize(("option", "value", "rule", "taken"), [
-    ("--user", "x" * 256, "at most 255 characters", "x" * 255),
+    ("--user", "x" * 256, USER_RULE, "x" * 255),
     ("--department", "hr\n", "not a department name (lower-case letters, digits, '-' or '_')", "hr"),
-    ("--document-id", "x" * 37, "at most 36 characters", "0b9a3c1e-5f0d-4a6b-9c2e-7d8f1a2b3c4d"),
+    ("--document-id", "x" * 37, DOCUMENT_ID_RULE, "0b9a3c1e-5f0d-4a6b-9c2e-7d8f1a2b3c4d"),
     ("--event-type", "retrievals", "not an event type the ledger records (`retrieval`, `export`, an admin action)",
      "retrieval")])
 def test_an_export_filter_out_of_shape_is_a_usage_error_and_never_reaches_the_ledger(

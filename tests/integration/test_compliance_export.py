@@ -330,6 +330,46 @@ def test_an_export_filter_out_of_shape_is_a_422_and_never_reaches_the_ledger(cli
     assert all(value not in json.dumps(event) for event in events)
 
 
+# Characters a free-text filter held unrefused: each would be written into the export's ledger row and manifest.
+CONTROLS = {"line feed": "\n", "carriage return": "\r", "escape": "\x1b[2J", "DEL": "\x7f", "C1 NEL": "\x85",
+            "C1 CSI": "\x9b", "right-to-left override": "\u202e", "isolate": "\u2066", "zero-width space": "\u200b",
+            "line separator": "\u2028"}
+
+
+@pytest.mark.parametrize("name", ["user", "document_id"])
+@pytest.mark.parametrize("control", CONTROLS.values(), ids=CONTROLS.keys())
+def test_a_free_text_filter_with_a_control_character_is_a_422_quoting_nothing(client: TestClient,
+                                                                             scene: dict[str, str], name: str,
+                                                                             control: str) -> None:
+    """`user=` and `document_id=` were bounded by length alone: a line break, an escape, DEL, a C1 control or a
+    direction override passed, into the export's ledger row (`details.filters`) and its manifest. No subject nor
+    document id holds one (a token carries none): each is a 422 naming the parameter, never the value, and nothing
+    is recorded."""
+    value = f"ab{control}forged"
+    response = client.get("/v1/audit/retrievals", headers=auth(scene["officer_token"]),
+                          params={"department": scene["dept"], name: value})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request", error
+    assert error["message"].startswith(f"invalid request: query.{name}: Value error, holds a line break, a control"), (
+        error)
+    assert "forged" not in response.text
+    events, _ = _export(client, scene["officer_token"], department=scene["dept"], event_type="export")
+    assert events and all("forged" not in json.dumps(event) for event in events)
+
+
+@pytest.mark.parametrize("name", ["user", "document_id"])
+def test_an_empty_free_text_filter_is_a_422_not_an_empty_export(client: TestClient, scene: dict[str, str],
+                                                                name: str) -> None:
+    """`user=` (`document_id=`) left empty answered 200 with an empty export, which reads as "nobody accessed it":
+    no subject nor document id is empty, so it is a 422 naming the parameter."""
+    response = client.get("/v1/audit/retrievals", headers=auth(scene["officer_token"]),
+                          params={"department": scene["dept"], name: ""})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["message"] == (f"invalid request: query.{name}: String should have at least 1 "
+                                                   "character")
+
+
 def test_an_inverted_window_is_refused_and_never_reaches_the_ledger(client: TestClient, scene: dict[str, str]) -> None:
     """`since` after `until` answered 200 with an empty export, which reads as "nobody accessed it"."""
     since = "2031-05-04T03:02:01Z"
