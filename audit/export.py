@@ -157,6 +157,15 @@ _TAIL_READ = 64 * 1024  # bytes read at a time, backwards from the end, to find 
 # `scope_fits_a_manifest` bounds before an export is recorded. A longer last line is read no further: no manifest.
 LONGEST_MANIFEST_LINE = 8 * 1024 * 1024
 _MANIFEST_BUT_ITS_SCOPE = 64 * 1024  # room kept for the rest of a manifest line: its filters, hashes and signatures
+# No row govrag writes is longer, in any format: a row's columns are bounded (strings by their column's length, the
+# question by the query's 2,000 characters, masked; groups by a token's 16 KiB; chunks by top_k, 50) but for its lists
+# of departments. The largest is an export's own `export` event, which lists its scope three times (departments
+# requested and searched, `details.scope`), each bounded to a manifest line by `scope_fits_a_manifest`; CSV doubles
+# each quote of those JSON cells, 40% more at most (a one-letter name: `"a", ` 5 bytes, `""a"", ` 7): 4.2 manifest
+# lines at most, the rest a few KiB. A retrieval lists the departments searched and the roles relied on, as many as
+# the reader holds: a role as short as `reader` in each of as many departments as a manifest may list fits too. A
+# longer line (or CSV record) is read no further: no row of a govrag export.
+LONGEST_EXPORT_ROW = 5 * LONGEST_MANIFEST_LINE  # 40 MiB
 
 
 def scope_fits_a_manifest(scope: set[str]) -> bool:
@@ -250,19 +259,34 @@ def _last_line(export_file: BinaryIO) -> tuple[int, bytes | None]:
     return start, b"".join(reversed(blocks))
 
 
+class _RowTooLong(Exception):
+    """A line of an export's body (or a CSV record) longer than LONGEST_EXPORT_ROW: `line` is the file's line number
+    where it was found so, its content never read further nor said."""
+
+    def __init__(self, line: int) -> None:
+        super().__init__(line)
+        self.line = line
+
+
 class _Body:
-    """The lines before the manifest, each with its newline, read once from the start and hashed as they pass."""
+    """The lines before the manifest, each with its newline, read once from the start and hashed as they pass; each
+    read with a bound (_RowTooLong past LONGEST_EXPORT_ROW bytes, the rest of the line and of the file unread)."""
 
     def __init__(self, export_file: BinaryIO, length: int) -> None:
         self.export_file, self.length, self.sha256 = export_file, length, hashlib.sha256()
+        self.line = 0  # the number of the line last read
 
     def __iter__(self) -> Iterator[bytes]:
         self.export_file.seek(0)
         left = self.length
         while left > 0:
-            line = self.export_file.readline(left)  # never past the body: its last line ends where the manifest starts
+            # never past the body: its last line ends where the manifest starts
+            line = self.export_file.readline(min(left, LONGEST_EXPORT_ROW + 1))
             if not line:
                 return
+            self.line += 1
+            if len(line) > LONGEST_EXPORT_ROW:
+                raise _RowTooLong(self.line)
             left -= len(line)
             self.sha256.update(line)
             yield line
@@ -299,6 +323,10 @@ def _check_rows(found: ExportCheck, body: _Body, manifest: dict[str, Any]) -> Ex
     try:
         for row in _rows(body, ExportFormat(manifest["format"])):
             tally.add(row)
+    except _RowTooLong as too_long:
+        return _broken(found, "row_too_long", f"line {too_long.line} is longer than {LONGEST_EXPORT_ROW} bytes, "
+                                              "longer than any row an export writes: the file was edited, or is no "
+                                              "govrag export", line=too_long.line)
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, RecursionError, csv.Error):
         return _broken(found, "rows_unreadable", "a row does not parse: the file was cut or edited mid-row")
     if tally.count != manifest["rows"]:
@@ -328,10 +356,7 @@ class _Row:
 
 def _rows(body: _Body, fmt: ExportFormat) -> Iterator[_Row]:
     if fmt is ExportFormat.csv:
-        csv.field_size_limit(max(csv.field_size_limit(), body.length))  # a cell of a user in thousands of groups
-        # each line cut at \r too, as a file opened with newline="" is read: what the csv module expects
-        pieces = (piece for line in body for piece in io.StringIO(line.decode(), newline=""))
-        yield from (_Row(int(row["id"]), row["hash"], None) for row in csv.DictReader(pieces))
+        yield from _csv_rows(body)
         return
     for text in body:
         line = json.loads(text.decode())  # JSON escapes a newline inside a value
@@ -341,9 +366,32 @@ def _rows(body: _Body, fmt: ExportFormat) -> Iterator[_Row]:
             yield _Row(int(line["id"]), line["hash"], event_hash(SimpleNamespace(**line)))
 
 
+def _csv_rows(body: _Body) -> Iterator[_Row]:
+    """A CSV export's rows. A record spans lines where a cell holds a line break (a question's): it is bounded as a
+    line is (_RowTooLong, naming the line where it went past LONGEST_EXPORT_ROW), or a quote never closed would gather
+    every line after it."""
+    csv.field_size_limit(max(csv.field_size_limit(), LONGEST_EXPORT_ROW))  # a cell of a user in thousands of groups
+    record = 0  # bytes of the record being read (the header's too, for the first)
+
+    def pieces() -> Iterator[str]:
+        nonlocal record
+        for line in body:
+            record += len(line)
+            if record > LONGEST_EXPORT_ROW:
+                raise _RowTooLong(body.line)
+            # each line cut at \r too, as a file opened with newline="" is read: what the csv module expects
+            yield from io.StringIO(line.decode(), newline="")
+
+    for row in csv.DictReader(pieces()):
+        record = 0
+        yield _Row(int(row["id"]), row["hash"], None)
+
+
 def _failed(reason: str, message: str) -> ExportCheck:
     return ExportCheck(ok=False, reason=reason, message=message)
 
 
-def _broken(found: ExportCheck, reason: str, message: str, row_id: int | None = None) -> ExportCheck:
-    return found.model_copy(update={"ok": False, "reason": reason, "message": message, "first_broken": row_id})
+def _broken(found: ExportCheck, reason: str, message: str, row_id: int | None = None, *,
+            line: int | None = None) -> ExportCheck:
+    return found.model_copy(update={"ok": False, "reason": reason, "message": message, "first_broken": row_id,
+                                    "line": line})

@@ -4,6 +4,7 @@ verify-export` tells a whole, unchanged export of this deployment from a cut, re
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import io
@@ -1658,6 +1659,75 @@ def test_an_export_whose_manifest_would_be_longer_than_verify_export_reads_is_re
             fmt=ExportFormat.jsonl)), encoding="utf-8")
         with export.open("rb") as export_file:
             assert audit_service.verify_export(export_file=export_file, settings=ledger, session=session).ok
+
+
+def _with_hole_lines(path: Path, after: int, lengths: list[int], opening: bytes) -> int:
+    """`path` with a line of each of `lengths` bytes (the first starting with `opening`, the rest NULs, read but never
+    written: holes) put after its first `after` lines, its other lines (the manifest among them) after them; the
+    number of the first line put."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    with path.open("wb") as handle:
+        handle.write(b"".join(lines[:after]) + opening)
+        handle.seek(lengths[0] - len(opening) - 1, os.SEEK_CUR)
+        handle.write(b"\n")
+        for length in lengths[1:]:
+            handle.seek(length - 1, os.SEEK_CUR)
+            handle.write(b"\n")
+        handle.write(b"".join(lines[after:]))
+    return after + 1
+
+
+def _largest_scope() -> set[str]:
+    """As many 63-character department names as a manifest may list (`scope_fits_a_manifest`): some 124,000."""
+    from audit.export import LONGEST_MANIFEST_LINE, scope_fits_a_manifest
+
+    scope = {f"d{n:062d}" for n in range((LONGEST_MANIFEST_LINE - 64 * 1024) // 67)}
+    assert scope_fits_a_manifest(scope) and not scope_fits_a_manifest(scope | {f"e{n:062d}" for n in range(1000)})
+    return scope
+
+
+def test_an_export_row_is_read_within_the_longest_an_export_writes_and_no_further(
+        ledger: Settings, tmp_path: Path, cli: Callable[..., tuple]) -> None:
+    """verify-export read each row's line whole, however long: a line of 160 MiB in an export (edited, or hostile)
+    was held in memory at once, the check then failing it as unreadable. A line is read with a bound now,
+    LONGEST_EXPORT_ROW (40 MiB): a longer one is `row_too_long`, its line number said (`line`), not its content,
+    neither its rest nor the file's read. The bound is the longest row an export writes: the `export` event of an
+    export whose scope is as large as a manifest may list, which lists it three times, is read and checks in CSV."""
+    from audit.export import LONGEST_EXPORT_ROW, LONGEST_MANIFEST_LINE
+
+    _append(ledger, 2)
+    for fmt in ExportFormat:
+        export = _export(ledger, tmp_path / f"export.{fmt.value}", fmt)
+        line = _with_hole_lines(export, 2, [4 * LONGEST_EXPORT_ROW], b'{"id": 3, "forged": "')
+        (code, report), peak = _peak_while(functools.partial(cli, ledger, export))
+        assert (code, report["reason"], report["line"], report["first_broken"]) == (3, "row_too_long", line, None)
+        assert report["message"].startswith(f"line {line} is longer than {LONGEST_EXPORT_ROW} bytes"), report
+        assert peak < 3 * LONGEST_EXPORT_ROW, (fmt, peak)  # readline joins what it read: twice the bound
+        assert "forged" not in json.dumps(report), report
+        export.unlink()
+    with get_session_factory(ledger.resolved_database_url)() as session:
+        audit_service.export_events(session=session, settings=ledger, identity=ADMIN, scope=_largest_scope(),
+                                    filters=ExportFilters(), fmt=ExportFormat.jsonl)  # recorded, its rows unread
+    largest = _export(ledger, tmp_path / "largest.csv", ExportFormat.csv)
+    with largest.open("rb") as export_file:
+        assert 3 * LONGEST_MANIFEST_LINE < max(map(len, export_file)) < LONGEST_EXPORT_ROW
+    assert cli(ledger, largest)[1]["ok"] is True
+
+
+def test_a_csv_record_is_read_within_the_longest_row_an_export_writes_over_many_lines(
+        ledger: Settings, tmp_path: Path, cli: Callable[..., tuple]) -> None:
+    """A CSV cell holds line breaks (a question's): a record spans lines, and a quote never closed gathered every line
+    after it, each within the bound, into one cell, the file's rest in memory. A record is bounded as a line is: past
+    LONGEST_EXPORT_ROW bytes it is `row_too_long`, naming the line where it went past."""
+    from audit.export import LONGEST_EXPORT_ROW
+
+    _append(ledger, 2)
+    export = _export(ledger, tmp_path / "export.csv", ExportFormat.csv)
+    piece = LONGEST_EXPORT_ROW // 16  # lines well within the bound: 16 of them reach it, the 17th goes past
+    first = _with_hole_lines(export, 2, [piece] * 24, b'3,"forged')  # after the header and one row
+    code, report = cli(ledger, export)
+    assert (code, report["reason"], report["line"]) == (3, "row_too_long", first + 16), report
+    assert "forged" not in json.dumps(report)
 
 
 def _outcome(run: Callable[[], Any], release: Callable[[], None]) -> Any:
