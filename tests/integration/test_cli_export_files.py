@@ -427,7 +427,7 @@ def test_a_decision_that_is_none_is_a_usage_error_quoting_nothing(
 
 
 @pytest.mark.parametrize(("option", "value", "rule", "taken"), [
-    ("--user", "x" * 256, USER_RULE, "x" * 255),
+    ("--user", "x" * 256, USER_RULE, ("Zoë Łukasz 山田 <zoe@example.org>, service:ingest; " * 6)[:255]),
     ("--department", "hr\n", "not a department name (lower-case letters, digits, '-' or '_')", "hr"),
     ("--document-id", "x" * 37, DOCUMENT_ID_RULE, "0b9a3c1e-5f0d-4a6b-9c2e-7d8f1a2b3c4d"),
     ("--event-type", "retrievals", "not an event type the ledger records (`retrieval`, `export`, an admin action)",

@@ -358,6 +358,24 @@ def test_a_free_text_filter_with_a_control_character_is_a_422_quoting_nothing(cl
     assert events and all("forged" not in json.dumps(event) for event in events)
 
 
+def test_a_subject_any_token_carries_is_still_a_filter(client: TestClient, scene: dict[str, str],
+                                                      issue_token: Callable[..., str]) -> None:
+    """The rule refusing a control character in `user=` is the token verifier's own (`token_can_carry`), so a subject
+    the ledger holds is never one its filter refuses: letters of any script, spaces, an e-mail address, a colon (a
+    subject no role assignment may name, reading through its group). A guard against a stricter rule (it passes on
+    main too): this subject's retrieval is the one its filter selects."""
+    suffix = uuid.uuid4().hex[:8]
+    subject, group = f"Zoë Łukasz 山田 <zoë.{suffix}@example.org> service:ingest", f"readers-{suffix}"
+    assigned = client.post("/v1/admin/role-assignments", headers=auth(scene["admin"]),
+                           json={"subject": f"group:{group}", "role": "reader", "department": scene["dept"]})
+    assert assigned.status_code == 201, assigned.text
+    asked = client.post("/v1/query", headers=auth(issue_token(subject, [group])),
+                        json={"question": "How many weeks of parental leave?", "departments": [scene["dept"]]})
+    assert asked.status_code == 200, asked.text
+    rows, manifest = _export(client, scene["officer_token"], user=subject, event_type="retrieval")
+    assert [row["subject"] for row in rows] == [subject] and manifest["filters"]["subject"] == subject
+
+
 @pytest.mark.parametrize("name", ["user", "document_id"])
 def test_an_empty_free_text_filter_is_a_422_not_an_empty_export(client: TestClient, scene: dict[str, str],
                                                                 name: str) -> None:
