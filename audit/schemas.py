@@ -142,12 +142,6 @@ class ExportFilters:
     request_id: str | None = None
 
 
-# The filters an export takes whose values the ledger keeps (each export's `details.filters`), bounded once for the
-# API's query parameters and `govrag audit export`'s options (`api.cli_audit.filter_argument`): anything else is a 422
-# naming the filter (a usage error, exit 2), never the value, and never reaches the ledger. `department` is a
-# `core.text.DepartmentName`, `event_type` an `EventType`, `decision` a `Decision`.
-
-
 def _printable_filter(value: str) -> str:
     """A free-text filter (`user`, `document_id`) in characters a token's subject may carry (`token_can_carry`), as
     every subject and document id the ledger holds is: a line break, NUL, an escape, DEL, a C1 control, a direction
@@ -159,6 +153,10 @@ def _printable_filter(value: str) -> str:
     return value
 
 
+# The filters an export takes whose values the ledger keeps (each export's `details.filters`), bounded once for the
+# API's query parameters and `govrag audit export`'s options (`api.cli_audit.filter_argument`): anything else is a 422
+# naming the filter (a usage error, exit 2), never the value, and never reaches the ledger. `department` is a
+# `core.text.DepartmentName`, `event_type` an `EventType`, `decision` a `Decision`.
 ExportSubject = Annotated[str, Field(min_length=1, max_length=MAX_SUBJECT_CHARS), AfterValidator(_printable_filter)]
 ExportDocumentId = Annotated[str, Field(min_length=1, max_length=DOCUMENT_ID_CHARS), AfterValidator(_printable_filter)]
 # A request id as govrag makes one (core.logs.REQUEST_ID_PATTERN); `-` (an event recorded with no request id) is no
