@@ -619,6 +619,17 @@ class PiiRedactor:
                    if _kept_in_title(result, stem_end)]
         return _replace_spans(title, results, type_placeholder)
 
+    def redact_title_past_extension(self, title: str, rules: RedactionRules | None = None) -> str:
+        """A title stored by the rule before `_kept_in_title` with only the spans that rule left raw replaced by their
+        type (`_left_raw_at_extension`), nothing else read again: the models would read the placeholders it already
+        holds as context and take a word beside one for a name (migration 0023)."""
+        readings = title_readings(title)
+        if len(readings) == 1:
+            return title
+        stem_end = len(readings[-1])
+        results = [result for result in self.analyze(title, rules) if _left_raw_at_extension(result, stem_end)]
+        return _replace_spans(title, results, type_placeholder)
+
     def redact_many(self, texts: list[str], placeholders: PlaceholderMap,
                     rules: RedactionRules | None = None) -> list[str]:
         """Redact several texts in order (a document's chunks), batching the spaCy work, with one shared map. A value
@@ -670,6 +681,13 @@ def _kept_in_title(result: RecognizerResult, stem_end: int) -> bool:
     only looks like an extension: the `.com` ending `Claim of maria@example.com`, the `.1` of an IP address, the
     `.internal` of a private domain, a department's identifier or handle (whatever its type, PERSON too)."""
     return not (_read_as_a_name(result) and result.start < stem_end < result.end)
+
+
+def _left_raw_at_extension(result: RecognizerResult, stem_end: int) -> bool:
+    """Whether a span found in a title as it is was stored raw before `_kept_in_title`, which then dropped every span
+    reaching past the apparent extension's start: one not read as a name that does (the `.com` ending
+    `Claim of maria@example.com`, the `.1` of an IP address, a department's handle `maria.gonzalez`)."""
+    return result.end > stem_end and not _read_as_a_name(result)
 
 
 def _read_as_a_name(result: RecognizerResult) -> bool:

@@ -66,10 +66,14 @@ def rules_for(*, session: Session, department: str) -> IngestionRules:
     return IngestionRules(
         ai_max_level=policy.ai_max_level, injection_action=policy.injection_action.value,
         keywords={k: v.value for k, v in policy.keywords.items()},
-        redaction=RedactionRules(recognizers=tuple(_custom(spec) for spec in policy.recognizers),
-                                 allow_list=tuple(policy.allow_list)),
+        redaction=redaction_rules(recognizers=policy.recognizers, allow_list=policy.allow_list),
         reversible=policy.reversible,
     )
+
+
+def redaction_rules(*, recognizers: list[CustomRecognizerIn], allow_list: list[str]) -> RedactionRules:
+    """The redactor's additions from a department's policy: its recognizers and allow-list."""
+    return RedactionRules(recognizers=tuple(_custom(spec) for spec in recognizers), allow_list=tuple(allow_list))
 
 
 def list_quarantined(*, session: Session, departments: list[str] | None) -> list[QuarantinedOut]:

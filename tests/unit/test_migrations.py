@@ -539,3 +539,49 @@ def test_duplicates_refused_before_0022_name_their_copy_from_their_reason_and_un
         assert kept == errors
     finally:
         engine.dispose()
+
+
+TITLES_BEFORE_0023 = {  # as the rule before guard.pii's `_kept_in_title` stored them → as 0023 leaves them
+    "email": ("Claim of maria.gonzalez@example.com", "Claim of <EMAIL_ADDRESS>"),
+    "ip": ("Access from 10.0.0.1", "Access from <IP_ADDRESS>"),
+    "handle": ("Access for maria.gonzalez", "Access for <STAFF_HANDLE>"),  # the department's recognizer
+    "allowed": ("Relay at 10.9.9.9", "Relay at 10.9.9.9"),  # on the department's allow-list
+    "lease": ("Jordan Office Lease.pdf", "Jordan Office Lease.pdf"),  # a name cut at the extension stays cut
+    "notes": ("<PERSON> notes.txt", "<PERSON> notes.txt"),
+    "beside": ("Notes for <PERSON> Rivera.docx", "Notes for <PERSON> Rivera.docx"),  # the NER reads Rivera beside it
+    "long": ("x" * 290 + " 10.0.0.1", "x" * 285 + " … <IP_ADDRESS>"),  # cut to 300 characters as a title is set
+    "deleted": ("Dismissal of maria.gonzalez@example.com", "Dismissal of maria.gonzalez@example.com"),  # retired
+}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "pg"])
+def test_titles_stored_with_a_value_in_what_looks_like_an_extension_have_only_that_value_redacted_by_0023(
+        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
+    """Before `_kept_in_title`, a span reaching into what looks like a file extension was dropped, so a title ending
+    in an address (`.com`), an IP address (`.1`) or a department's handle was stored with it raw. 0023 redacts those
+    values, under the department's rules (its recognizer, its allow-list), and nothing else: a name the NER cuts at
+    the extension, a title redacted before (the NER would take `Rivera` beside its placeholder for a name), a retired
+    document's row."""
+    url = _database(kind, tmp_path, make_pg_database)
+    migrate.upgrade(url, "0022")
+    columns = "id, department, title, content_type, size_bytes, sha256, acl_groups, classification, status, " \
+              "chunk_count, uploaded_by, created_at, updated_at, flagged_chunks"
+    rows = ", ".join(f"('{name}', 'hr', '{before}', 'text/plain', 1, 'ab', '[]', 'internal', "
+                     f"'{'deleted' if name == 'deleted' else 'ready'}', 1, 'ed', '2026-01-01', '2026-01-01', 0)"
+                     for name, (before, _after) in TITLES_BEFORE_0023.items())
+    policy = "department, ai_max_level, injection_action, keywords, allow_list, recognizers, reversible, updated_by, " \
+             "updated_at"
+    handle = '{"entity": "STAFF_HANDLE", "pattern": "\\\\b[a-z]+\\\\.[a-z]{6,}\\\\b", "checksum": "none", ' \
+             '"context": [], "score": 0.6}'
+    rules = f"('hr', 'confidential', 'exclude', '{{}}', '[\"10.9.9.9\"]', '[{handle}]', false, 'ed', '2026-01-01')"
+    _execute(url, "INSERT INTO departments (name, created_at) VALUES ('hr', '2026-01-01 00:00:00')",
+             f"INSERT INTO ingestion_policies ({policy}) VALUES {rules}",  # noqa: S608
+             f"INSERT INTO documents ({columns}) VALUES {rows}")  # noqa: S608
+    migrate.upgrade(url, "0023")
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            titles = dict(connection.execute(text("SELECT id, title FROM documents")).all())
+    finally:
+        engine.dispose()
+    assert titles == {name: after for name, (_before, after) in TITLES_BEFORE_0023.items()}
