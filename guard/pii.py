@@ -684,16 +684,24 @@ def _kept_in_title(result: RecognizerResult, stem_end: int) -> bool:
 
 
 def _left_raw_at_extension(result: RecognizerResult, stem_end: int) -> bool:
-    """Whether a span found in a title as it is was stored raw before `_kept_in_title`, which then dropped every span
-    reaching past the apparent extension's start: one not read as a name that does (the `.com` ending
-    `Claim of maria@example.com`, the `.1` of an IP address, a department's handle `maria.gonzalez`)."""
-    return result.end > stem_end and not _read_as_a_name(result)
+    """Whether a span found in a stored title as it is was stored raw before `_kept_in_title`, which then dropped every
+    span reaching past the apparent extension's start: a value's shape found by a recognizer that does (the `.com`
+    ending `Claim of maria@example.com`, the `.1` of an IP address, a department's handle `maria.gonzalez`). A name is
+    not one, neither read (`_NAME_RECOGNIZERS`) nor its words found again (`pii_rules.propagate_people`, which names no
+    recognizer): in a stored title the NER reads its placeholders as context, and the word `Rivera` it takes beside one
+    in `Letter from Rivera to <PERSON>.Rivera` would be found again after the dot."""
+    recognizer = _recognizer_of(result)
+    return result.end > stem_end and recognizer is not None and recognizer not in _NAME_RECOGNIZERS
 
 
 def _read_as_a_name(result: RecognizerResult) -> bool:
     """Whether a span is one of `_NAME_RECOGNIZERS`' (not a value's shape, nor a name's words found again)."""
-    metadata = result.recognition_metadata or {}
-    return metadata.get(RecognizerResult.RECOGNIZER_NAME_KEY) in _NAME_RECOGNIZERS
+    return _recognizer_of(result) in _NAME_RECOGNIZERS
+
+
+def _recognizer_of(result: RecognizerResult) -> str | None:
+    """The name of the recognizer that found a span; None for a name's words found again (`propagate_people`)."""
+    return (result.recognition_metadata or {}).get(RecognizerResult.RECOGNIZER_NAME_KEY)
 
 
 def _possible_entities(text: str) -> list[str]:

@@ -549,6 +549,7 @@ TITLES_BEFORE_0023 = {  # as the rule before guard.pii's `_kept_in_title` stored
     "lease": ("Jordan Office Lease.pdf", "Jordan Office Lease.pdf"),  # a name cut at the extension stays cut
     "notes": ("<PERSON> notes.txt", "<PERSON> notes.txt"),
     "beside": ("Notes for <PERSON> Rivera.docx", "Notes for <PERSON> Rivera.docx"),  # the NER reads Rivera beside it
+    "again": ("Letter from Rivera to <PERSON>.Rivera", "Letter from Rivera to <PERSON>.Rivera"),  # nor finds it again
     "long": ("x" * 290 + " 10.0.0.1", "x" * 285 + " … <IP_ADDRESS>"),  # cut to 300 characters as a title is set
     "deleted": ("Dismissal of maria.gonzalez@example.com", "Dismissal of maria.gonzalez@example.com"),  # retired
 }
