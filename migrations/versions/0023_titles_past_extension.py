@@ -5,7 +5,8 @@ like a file extension, so a value ending a title was stored as given: the e-mail
 maria.gonzalez@example.com` (its `.com`), the IP address of `Access from 10.0.0.1` (its `.1`), a department's handle
 `maria.gonzalez`. A run applies only the department's recognizers again to a stored title, so those rows keep them:
 this redacts exactly those spans (`PiiRedactor.redact_title_past_extension`), not the whole title again (the models
-would read its placeholders as context and take a word beside one for a name). Titles are read with the default
+would read its placeholders as context and take a word beside one for a name), and no name: not one wholly after
+the dot either (`<PERSON>.Smith`), which that rule left too. Titles are read with the default
 entity set plus the department's own recognizers and allow-list, as they were when they were set (0010's were
 without: they were redacted again with the department's at their next run): a department's handle was left so too,
 and an allow-listed value is kept. Only a title holding a '.' can look like it ends in an extension; the PII model
@@ -77,8 +78,12 @@ def _redacted(connection: sa.Connection, rules: dict[str, RedactionRules], depar
 
 
 def _rules_of(connection: sa.Connection, department: str) -> RedactionRules:
-    """The department's redaction rules, as its policy row holds them at this revision."""
-    from guard.pii_rules import RedactionRules
+    """The department's redaction rules, as its policy row holds them at this revision. A row the API would not have
+    saved (edited by hand: a recognizer missing its pattern, one that does not compile) is MigrationError naming the
+    department, the revision undone: its titles cannot be read as they were set, and the API, which cannot start
+    before the upgrade, cannot mend it."""
+    from core.migrate import MigrationError
+    from guard.pii_rules import RedactionRules, validate_custom
     from ingestion import quarantine
     from ingestion.schemas import CustomRecognizerIn
 
@@ -86,8 +91,17 @@ def _rules_of(connection: sa.Connection, department: str) -> RedactionRules:
                              .where(_POLICIES.c.department == department)).first()
     if row is None:
         return RedactionRules()
-    return quarantine.redaction_rules(recognizers=[CustomRecognizerIn(**spec) for spec in row.recognizers or []],
-                                      allow_list=list(row.allow_list or []))
+    try:
+        rules = quarantine.redaction_rules(recognizers=[CustomRecognizerIn(**spec) for spec in row.recognizers or []],
+                                           allow_list=list(row.allow_list or []))
+        problem = next((problem for spec in rules.recognizers if (problem := validate_custom(spec))), None)
+    except (TypeError, ValueError) as error:  # pydantic's ValidationError is a ValueError; its text quotes the row
+        problem = f"unreadable ({type(error).__name__})"
+    if problem is not None:
+        raise MigrationError(f"revision 0023: the ingestion policy of department {department!r} cannot be applied to "
+                             f"its titles (its recognizers or allow-list: {problem}); correct its row in "
+                             "ingestion_policies, then migrate again")
+    return rules
 
 
 def _refuse_titles_to_redact() -> None:

@@ -586,3 +586,35 @@ def test_titles_stored_with_a_value_in_what_looks_like_an_extension_have_only_th
     finally:
         engine.dispose()
     assert titles == {name: after for name, (_before, after) in TITLES_BEFORE_0023.items()}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "pg"])
+@pytest.mark.parametrize("recognizers", ['[{"entity": "STAFF_HANDLE"}]', '"none"',
+                                         '[{"entity": "STAFF_HANDLE", "pattern": "(a", "checksum": "none", '
+                                         '"context": [], "score": 0.6}]'])
+def test_0023_stops_on_a_department_policy_it_cannot_apply_naming_the_department(
+        kind: str, recognizers: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
+    """A policy row the API would not have saved (edited by hand: a recognizer without its pattern, recognizers not a
+    list, a pattern that does not compile) cannot say how the department's titles were redacted: 0023 stops with a
+    MigrationError naming the department (the CLI's one line, not a traceback quoting the row), the database left at
+    0022 with its titles as stored."""
+    url = _database(kind, tmp_path, make_pg_database)
+    migrate.upgrade(url, "0022")
+    policy = "department, ai_max_level, injection_action, keywords, allow_list, recognizers, reversible, updated_by, " \
+             "updated_at"
+    _execute(url, "INSERT INTO departments (name, created_at) VALUES ('hr', '2026-01-01 00:00:00')",
+             f"INSERT INTO ingestion_policies ({policy}) VALUES ('hr', 'confidential', 'exclude', '{{}}', '[]', "  # noqa: S608
+             f"'{recognizers}', false, 'ed', '2026-01-01')",
+             "INSERT INTO documents (id, department, title, content_type, size_bytes, sha256, acl_groups, "
+             "classification, status, chunk_count, uploaded_by, created_at, updated_at, flagged_chunks) VALUES "
+             "('d', 'hr', 'Access from 10.0.0.1', 'text/plain', 1, 'ab', '[]', 'internal', 'ready', 1, 'ed', "
+             "'2026-01-01', '2026-01-01', 0)")
+    with pytest.raises(migrate.MigrationError, match="revision 0023: the ingestion policy of department 'hr'"):
+        migrate.upgrade(url, "0023")
+    assert migrate.current_revision(url) == "0022"
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT title FROM documents")).scalar_one() == "Access from 10.0.0.1"
+    finally:
+        engine.dispose()
