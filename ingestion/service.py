@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from core import blobs, crypto, memory, metrics
-from core.db import get_session_factory, keep_idle_transaction_open, unit_of_work
+from core.db import get_session_factory, unit_of_work
 from core.errors import ErrorCode, GovragError, MasterKeyRefused, Unavailable, loading, unavailable_dependency
 from core.keystore import DepartmentKeyUnreadable, KeyState, keystore_for
 from core.models import MAX_CRASHED_RUNS, RETIRED, UNFINISHED, Document, DocumentStatus, IngestionJob
@@ -156,11 +156,11 @@ def run_ingestion(*, settings: Settings, document_id: str, job_id: str) -> list[
 def run_hold(settings: Settings) -> Iterator[Session]:
     """A session of the run's own whose transaction stays open while the run lives: its claim holds itself live in
     it (repository.hold_run), so another delivery's claim meanwhile (the broker's, once the task outlived the
-    visibility timeout) counts no crash of it. Ended with the run, whatever ends it; a process that dies ends it
-    with itself, and the next claim counts that crash."""
+    visibility timeout) counts no crash of it. It connects only as that claim takes the job: a delivery whose claim
+    finds nothing to run (its job ended, its document deleted) takes no connection for it. Ended with the run,
+    whatever ends it; a process that dies ends it with itself, and the next claim counts that crash."""
     hold = get_session_factory(settings.resolved_database_url)()
     try:
-        keep_idle_transaction_open(hold.connection())
         yield hold
     finally:
         _let_go(hold)

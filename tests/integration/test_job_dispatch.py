@@ -1355,6 +1355,41 @@ def test_a_run_whose_hold_went_with_its_lost_connection_still_ends_as_it_ran(
     assert _job_row(url, job_id) == ("ready", None, 2, 1)
 
 
+def test_a_delivery_of_a_job_that_ended_opens_no_connection_to_hold_a_run(
+        make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """A run's hold (a connection of its own, its transaction idle for the run) was opened at every delivery, before
+    its claim: a late duplicate of a job that had ended, which runs nothing, still took a second connection from the
+    pool, and a server backend, for it. The hold now connects only as a claim takes the job: the run that claims has
+    two connections out at once (its claim's or its end's, and its hold's), its duplicate one alone (its claim's)."""
+    from sqlalchemy import event
+
+    from api.app import create_app
+    from core.db import get_engine
+    from ingestion import service as ingestion_service
+    from retrieval.store import close_vector_store
+
+    url, settings = _on("postgresql", make_pg_database, tmp_path)
+    with TestClient(create_app(settings)) as client:
+        uploaded = _upload(client, desk_member(client, "editor"), 0)
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    delivery = {"settings": settings, "document_id": uploaded["document_id"], "job_id": uploaded["job_id"]}
+    engine, out = get_engine(url), []  # at each checkout, the connections the pool has out (that one counted)
+
+    def checked_out(*_: object) -> None:
+        out.append(engine.pool.checkedout())  # type: ignore[attr-defined]
+
+    event.listen(engine, "checkout", checked_out)
+    try:
+        assert ingestion_service.run_ingestion(**delivery) == []
+        assert max(out) == 2 and _job_row(url, uploaded["job_id"]) == ("ready", None, 1, 0)
+        out.clear()
+        assert ingestion_service.run_ingestion(**delivery) == []  # a late duplicate: nothing to run
+    finally:
+        event.remove(engine, "checkout", checked_out)
+    assert out == [1] and _job_row(url, uploaded["job_id"]) == ("ready", None, 1, 0)
+
+
 def test_runs_that_fail_cleanly_are_retried_and_never_counted_as_crashes(
         client: TestClient, issue_token: Callable[..., str], settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """A run that raises hands its job back before the retry: retries (transient faults, outages) are bounded by
