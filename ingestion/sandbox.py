@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,7 +122,7 @@ def cancelled_by(cancellation: Cancellation) -> Iterator[None]:
         _cancellation.reset(token)
 
 
-_started: contextvars.ContextVar[list[subprocess.Popen[bytes]] | None] = contextvars.ContextVar(
+_started: contextvars.ContextVar[list[ChildPopen] | None] = contextvars.ContextVar(
     "govrag_parse_started", default=None)
 
 
@@ -186,17 +186,30 @@ def killed_on_failure() -> Iterator[None]:
     """When the block fails (the parse time limit, a Ctrl-C), kill and reap the programs started in it (on this thread,
     or on the thread `parse.run_with_timeout` runs it on) that still run: pdf2image and pytesseract keep their Popen
     to themselves, and the limit, interrupting their wait, left tesseract (or pdfinfo) reading the document for
-    minutes. Only those: never a program this process started for anything else, whatever its name. A block that
-    ends normally has waited for its own and kills nothing."""
-    started: list[subprocess.Popen[bytes]] = []
+    minutes. Only those: never a program this process started for anything else, whatever its name. Their pipes are
+    closed with them (`_close_pipes`). A block that ends normally has waited for its own and kills nothing."""
+    started: list[ChildPopen] = []
     token = _started.set(started)
     try:
         yield
     except BaseException:
         _kill_sessions(_unreaped(started), reap=True)
+        _close_pipes(started)
         raise
     finally:
         _started.reset(token)
+
+
+def _close_pipes(processes: list[ChildPopen]) -> None:
+    """Close the pipes to `processes`, killed, that no thread still reads: those started on this thread (the parse
+    time limit's SIGALRM interrupted pdf2image's wait for pdfinfo, whose Popen kept them open until a garbage
+    collection) or on one that has ended. A parse thread abandoned at its limit still in a wait closes its own as
+    the killed program's output ends (closed here, its descriptors could be given to another file it then reads)."""
+    for process in processes:
+        if process.started_on is threading.current_thread() or not process.started_on.is_alive():
+            for pipe in (process.stdin, process.stdout, process.stderr):
+                if pipe is not None:
+                    pipe.close()
 
 
 def _dying_with(signum: int, args: list[Any]) -> list[Any]:
@@ -237,6 +250,7 @@ class ChildPopen(subprocess.Popen):  # type: ignore[type-arg]
 
     def __init__(self, args: Any, *more: Any, dies_by: int = signal.SIGKILL, temp_dir: str | None = None,
                  **options: Any) -> None:
+        self.started_on = threading.current_thread()  # whose wait for it uses its pipes (`_close_pipes`)
         env = options.pop("env", None)
         env = {**(os.environ if env is None else env), "TMPDIR": temp_dir or tempfile.gettempdir()}
         cancellation = _cancellation.get()
@@ -269,7 +283,7 @@ def _refuse_removed(temp_dir: str) -> None:
         raise FileNotFoundError(errno.ENOENT, "the program's temporary directory is gone")
 
 
-def _held(process: subprocess.Popen[bytes], started: list[subprocess.Popen[bytes]] | None) -> None:
+def _held(process: ChildPopen, started: list[ChildPopen] | None) -> None:
     """Hold `process`, just started, among this process's live ones, and among the programs of the
     `killed_on_failure` block it starts in (`started`; None: none); forget the live ones that have ended (reaped now
     if their owner has not)."""
@@ -307,7 +321,7 @@ def sessions_ended() -> Iterator[None]:
         yield
 
 
-def _unreaped(processes: list[subprocess.Popen[bytes]]) -> list[subprocess.Popen[bytes]]:
+def _unreaped(processes: Sequence[subprocess.Popen[bytes]]) -> list[subprocess.Popen[bytes]]:
     """Those of `processes` started (forked) and not yet reaped: each one's pid, leader of its own session, is still
     its."""
     return [process for process in processes if getattr(process, "pid", None) is not None and process.poll() is None]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import os
@@ -342,6 +343,28 @@ def test_ocr_past_the_time_limit_leaves_no_ocr_tool_running(tool: str, on_main_t
     for process in left:
         process.kill()
     assert not left, f"{tool} still reads the document that failed"
+
+
+def _pipes() -> set[str]:
+    """The pipes this process holds open, by their inode (the listing's own descriptor gone as it is read)."""
+    held = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            held.add(os.readlink(f"/proc/self/fd/{fd}"))
+    return {target for target in held if target.startswith("pipe:")}
+
+
+def test_ocr_cut_at_the_time_limit_on_the_main_thread_closes_the_killed_tools_pipes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGALRM interrupts pdf2image's wait for pdfinfo (a prefork child's parse, on its main thread): the tool was
+    killed and reaped, but the pipes to its output stayed open for as long as its Popen, which the time limit's error
+    reaches (its traceback's frames), lived, and then until a garbage collection. They are closed as it is killed."""
+    started = _hanging("pdfinfo", tmp_path, monkeypatch)
+    before = _pipes()
+    error = _parse_error(drawing_only_pdf(), sniff.APPLICATION_PDF, ParseLimits(timeout_seconds=3))
+    assert started.exists(), "the limit fell before OCR"
+    assert error.message == "parsing took longer than the 3 s limit"
+    assert _pipes() <= before
 
 
 _TOOL_BETWEEN_PAGES = """#!{python}
