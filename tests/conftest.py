@@ -20,7 +20,7 @@ from pathlib import Path  # noqa: E402
 import psycopg  # noqa: E402
 import pytest  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
-from sqlalchemy import Connection, Engine, event  # noqa: E402
+from sqlalchemy import Connection, Engine, event, make_url  # noqa: E402
 
 from bench.common import PG_ADMIN_DSN, throwaway_postgres  # noqa: E402
 
@@ -62,16 +62,17 @@ def make_pg_database() -> Iterator[Callable[[], str]]:
         yield make
 
 
-# The SQLite engines (`core.db.get_engine`, one per URL for the process's life) the running test connected: a test's
-# own database file (tmp_path) kept each pooled connection's descriptors (the file, its -wal and -shm) open until the
-# session ended, ~3 a test and over a thousand by the end of the suite. Their idle connections are closed after it too.
-_SQLITE_ENGINES_USED: weakref.WeakSet[Engine] = weakref.WeakSet()
+# The engines (`core.db.get_engine`, one per URL for the process's life) the running test connected: after it, the
+# idle pooled connections of those that reach a database it made (however its URL was spelt: a password added, as
+# `govrag serve`'s test of its printed URL adds one, is another engine) or a SQLite file (a test's own database file
+# in tmp_path kept each pooled connection's descriptors, the file, its -wal and -shm, ~3 a test and over a thousand
+# by the end of the suite) are closed.
+_ENGINES_USED: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 @event.listens_for(Engine, "engine_connect")
-def _note_a_sqlite_engine(connection: Connection) -> None:
-    if connection.engine.dialect.name == "sqlite":
-        _SQLITE_ENGINES_USED.add(connection.engine)
+def _note_an_engine(connection: Connection) -> None:
+    _ENGINES_USED.add(connection.engine)
 
 
 @pytest.fixture(autouse=True)
@@ -79,14 +80,12 @@ def _close_the_pooled_connections_of_its_databases() -> Iterator[None]:
     """After each test, the idle pooled connections to the databases it made or the SQLite files it used are closed
     (an engine still in use, by a fixture shared with later tests, opens new ones when asked)."""
     yield
-    if _MADE_BY_THIS_TEST:
-        from core.db import get_engine
-
-        while _MADE_BY_THIS_TEST:
-            get_engine(_MADE_BY_THIS_TEST.pop()).dispose()
-    for engine in list(_SQLITE_ENGINES_USED):
-        engine.dispose()
-    _SQLITE_ENGINES_USED.clear()
+    made = {make_url(url).database for url in _MADE_BY_THIS_TEST}
+    _MADE_BY_THIS_TEST.clear()
+    for engine in list(_ENGINES_USED):
+        if engine.dialect.name == "sqlite" or engine.url.database in made:
+            engine.dispose()
+    _ENGINES_USED.clear()
 
 
 def allow_connections(database: str, allowed: bool) -> None:
