@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlalchemy import and_, bindparam, case, func, or_, select, true, update
 from sqlalchemy.orm import Session, aliased
 
-from core.db import hold_sqlite_write_lock, keep_idle_transaction_open, lock_is_held, transaction_lock
+from core.db import hold_sqlite_write_lock, lock_is_held, transaction_lock
 from core.keystore import HAS_DOCUMENT_KEY
 from core.models import RETIRED, UNFINISHED, Document, DocumentStatus, IngestionJob, IngestionPolicy, utcnow
 
@@ -145,9 +145,8 @@ def lock_for_claim(session: Session, document: Document, job: IngestionJob) -> N
 
 def hold_run(session: Session, job_id: str, generation: int) -> None:
     """Hold the run of the job that claimed `generation` as live until `session`'s transaction ends: the run keeps it
-    open while it lives (service.run_hold), no idle timeout ending it, and its process's death ends it (PostgreSQL:
-    its connection drops; SQLite: its file lock goes with the process)."""
-    keep_idle_transaction_open(session.connection())
+    open while it lives (service.run_hold), and its process's death ends it (PostgreSQL: its connection drops;
+    SQLite: its file lock goes with the process)."""
     transaction_lock(session, _run_lock(job_id, generation))
 
 

@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from core import blobs, crypto, memory, metrics
-from core.db import get_session_factory, unit_of_work
+from core.db import get_session_factory, keep_idle_transaction_open, unit_of_work
 from core.errors import ErrorCode, GovragError, MasterKeyRefused, Unavailable, loading, unavailable_dependency
 from core.keystore import DepartmentKeyUnreadable, KeyState, keystore_for
 from core.models import MAX_CRASHED_RUNS, RETIRED, UNFINISHED, Document, DocumentStatus, IngestionJob
@@ -156,9 +156,10 @@ def run_ingestion(*, settings: Settings, document_id: str, job_id: str) -> list[
 def run_hold(settings: Settings) -> Iterator[Session]:
     """A session of the run's own whose transaction stays open while the run lives: its claim holds itself live in
     it (repository.hold_run), so another delivery's claim meanwhile (the broker's, once the task outlived the
-    visibility timeout) counts no crash of it. It connects only as that claim takes the job: a delivery whose claim
-    finds nothing to run (its job ended, its document deleted) takes no connection for it. Ended with the run,
-    whatever ends it; a process that dies ends it with itself, and the next claim counts that crash."""
+    visibility timeout) counts no crash of it. It connects (`_start`) only once the delivery finds its job to claim,
+    before the claim locks anything: a late duplicate of a job that ended, or a delivery whose document was deleted,
+    takes no connection for it. Ended with the run, whatever ends it; a process that dies ends it with itself, and
+    the next claim counts that crash."""
     hold = get_session_factory(settings.resolved_database_url)()
     try:
         yield hold
@@ -700,6 +701,9 @@ def _start(settings: Settings, document_id: str, job_id: str, hold: Session) -> 
         job, document = repository.get_job(session, job_id), repository.get_document(session, document_id)
         if (job is not None and job.status in UNFINISHED and not repository.is_attachment_step(job)
                 and document is not None and document.status in UNFINISHED):
+            # the hold's connection before the claim locks anything: no wait for one (a full pool, a new server
+            # session) holds the document's rows, nor SQLite's write lock
+            keep_idle_transaction_open(hold.connection())
             claimed = _claim(session, settings, document, job, hold)
         if claimed is None:
             withdrawn = _end_unfinished(session, document_id, job_id)

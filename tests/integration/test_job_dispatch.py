@@ -1359,8 +1359,10 @@ def test_a_delivery_of_a_job_that_ended_opens_no_connection_to_hold_a_run(
         make_pg_database: Callable[[], str], tmp_path: Path) -> None:
     """A run's hold (a connection of its own, its transaction idle for the run) was opened at every delivery, before
     its claim: a late duplicate of a job that had ended, which runs nothing, still took a second connection from the
-    pool, and a server backend, for it. The hold now connects only as a claim takes the job: the run that claims has
-    two connections out at once (its claim's or its end's, and its hold's), its duplicate one alone (its claim's)."""
+    pool, and a server backend, for it. The hold now connects only once a delivery finds its job to claim: the run
+    that claims has two connections out at once (its claim's or its end's, and its hold's), its duplicate one alone
+    (its claim's). None is taken while the document's row is locked (a wait for one would hold the claim's locks)."""
+    import psycopg
     from sqlalchemy import event
 
     from api.app import create_app
@@ -1375,9 +1377,15 @@ def test_a_delivery_of_a_job_that_ended_opens_no_connection_to_hold_a_run(
     memory.Channel.queues.pop(settings.task_queue, None)
     delivery = {"settings": settings, "document_id": uploaded["document_id"], "job_id": uploaded["job_id"]}
     engine, out = get_engine(url), []  # at each checkout, the connections the pool has out (that one counted)
+    locked_at_a_checkout = []
 
     def checked_out(*_: object) -> None:
         out.append(engine.pool.checkedout())  # type: ignore[attr-defined]
+        with psycopg.connect(libpq_dsn(url)) as probe:
+            try:
+                probe.execute("SELECT 1 FROM documents WHERE id = %s FOR UPDATE NOWAIT", (uploaded["document_id"],))
+            except psycopg.errors.LockNotAvailable:
+                locked_at_a_checkout.append(out[-1])
 
     event.listen(engine, "checkout", checked_out)
     try:
@@ -1388,6 +1396,7 @@ def test_a_delivery_of_a_job_that_ended_opens_no_connection_to_hold_a_run(
     finally:
         event.remove(engine, "checkout", checked_out)
     assert out == [1] and _job_row(url, uploaded["job_id"]) == ("ready", None, 1, 0)
+    assert locked_at_a_checkout == []
 
 
 def test_runs_that_fail_cleanly_are_retried_and_never_counted_as_crashes(
