@@ -204,12 +204,15 @@ def _close_pipes(processes: list[ChildPopen]) -> None:
     """Close the pipes to `processes`, killed, that no thread still reads: those started on this thread (the parse
     time limit's SIGALRM interrupted pdf2image's wait for pdfinfo, whose Popen kept them open until a garbage
     collection) or on one that has ended. A parse thread abandoned at its limit still in a wait closes its own as
-    the killed program's output ends (closed here, its descriptors could be given to another file it then reads)."""
+    the killed program's output ends (closed here, its descriptors could be given to another file it then reads).
+    Bytes still buffered for a killed program's input are dropped: their flush (a broken pipe) must not take the
+    place of the block's own error (the time limit's)."""
     for process in processes:
         if process.started_on is threading.current_thread() or not process.started_on.is_alive():
             for pipe in (process.stdin, process.stdout, process.stderr):
                 if pipe is not None:
-                    pipe.close()
+                    with contextlib.suppress(OSError):
+                        pipe.close()
 
 
 def _dying_with(signum: int, args: list[Any]) -> list[Any]:

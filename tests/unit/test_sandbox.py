@@ -152,6 +152,17 @@ def test_a_time_limit_falling_while_a_program_starts_leaves_it_held_and_killed()
     assert not left, "the program whose start the limit interrupted runs on"
 
 
+def test_a_killed_programs_unflushed_input_does_not_replace_the_blocks_error() -> None:
+    """The pipes of the programs a failing block kills are closed with them: input still buffered for one, its flush
+    to the killed program (a broken pipe) raised from the cleanup in place of the block's error. The block's error
+    is raised, the pipe closed all the same."""
+    with pytest.raises(RuntimeError, match="the block's own"), sandbox.killed_on_failure():
+        program = sandbox.ChildPopen(["sleep", "60"], stdin=subprocess.PIPE)  # noqa: S607
+        program.stdin.write(b"never flushed")  # type: ignore[union-attr]
+        raise RuntimeError("the block's own")
+    assert program.stdin.closed and program.returncode == -signal.SIGKILL  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize("failure", [KeyboardInterrupt, RuntimeError])
 def test_a_start_ended_once_the_program_is_forked_leaves_it_killed_and_reaped(
         failure: type[BaseException], monkeypatch: pytest.MonkeyPatch) -> None:
