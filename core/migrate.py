@@ -3,8 +3,8 @@
 Also what the running code needs from the schema: `require_head` (start-up refuses a database at another revision;
 `migrate_in_development` before `govrag serve`'s; `require_head_for_command` before a command uses the database,
 migrating first only where `command_migrates_first`) and `SchemaWatch` (readiness notices a schema changed under a
-running process), and the guard every downgrade runs first (`refuse_downgrade_losing_data`, over each migration's
-`data_at_risk`).
+running process), the guard every downgrade runs first (`refuse_downgrade_losing_data`, over each migration's
+`data_at_risk`), and the one an upgrade written as SQL meets where its data step needs govrag (`offline_guard`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from alembic import command
+from alembic import command, op
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext, MigrationInfo
 from alembic.script import ScriptDirectory
@@ -318,6 +318,20 @@ def rows_at_risk(connection: Connection, checks: list[tuple[str, str, str]]) -> 
     """For each (what, table, condition) holding rows: "N what"."""
     counted = ((what, count_rows(connection, table, where)) for what, table, where in checks)
     return [f"{count} {what}" for what, count in counted if count]
+
+
+def offline_guard(revision: str, constraint: str, documents_where: str, comment: str) -> None:
+    """A data step written as SQL (`--sql`) that only govrag's Python can do: the script says so (`comment`, each of
+    its lines as an SQL comment) and fails here, on a CHECK constraint named `constraint`, on a database holding a
+    document matching `documents_where` (an SQL condition), which then takes `revision` from govrag (README "Schema
+    as SQL"). A database without such documents, a new one among them, passes it with nothing changed."""
+    guard = f"offline_guard_{revision}"
+    op.get_context().impl.static_output("".join(f"-- {line}\n" for line in comment.splitlines()))
+    op.execute(f"CREATE TEMPORARY TABLE {guard} (documents_to_redact INTEGER CONSTRAINT {constraint} "
+               "CHECK (documents_to_redact = 0))")
+    op.execute(f"INSERT INTO {guard} (documents_to_redact) "  # noqa: S608
+               f"SELECT count(*) FROM documents WHERE {documents_where}")
+    op.execute(f"DROP TABLE {guard}")
 
 
 def _known(revision: str) -> bool:

@@ -622,11 +622,9 @@ class PiiRedactor:
     def redact_title_past_extension(self, title: str, rules: RedactionRules | None = None) -> str:
         """A title stored by the rule before `_kept_in_title` with only the spans that rule left raw replaced by their
         type (`_left_raw_at_extension`), nothing else read again: the models would read the placeholders it already
-        holds as context and take a word beside one for a name (migration 0023)."""
-        readings = title_readings(title)
-        if len(readings) == 1:
-            return title
-        stem_end = len(readings[-1])
+        holds as context and take a word beside one for a name (migration 0023). A title with no apparent extension
+        has no such span: it comes back as it is (0023 asks for none, to load no model for it)."""
+        stem_end = len(title_readings(title)[-1])
         results = [result for result in self.analyze(title, rules) if _left_raw_at_extension(result, stem_end)]
         return _replace_spans(title, results, type_placeholder)
 

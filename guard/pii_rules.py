@@ -182,7 +182,7 @@ class _LoosePhoneRecognizer(PatternRecognizer):
         digits = sum(ch.isdigit() for ch in main)
         if not _MIN_PHONE_DIGITS <= digits <= _MAX_PHONE_DIGITS or _NOT_LOOSE_PHONE.search(pattern_text):
             return False
-        if _WHOLE_DATE.fullmatch(pattern_text):
+        if _whole_date(pattern_text):
             return False
         return None  # keep the pattern's score (the loose run's is the threshold: `_LOOSE_PHONE`); context lifts it
 
@@ -237,7 +237,12 @@ def _phone_windows(text: str) -> list[tuple[int, int]]:
 
 def _phone_shaped(value: str) -> bool:
     """Enough digits for a phone, and no whole date (`05-17-2024` is a US phone to libphonenumber)."""
-    return sum(ch.isdigit() for ch in value) >= _MIN_PHONE_DIGITS and not _WHOLE_DATE.fullmatch(value)
+    return sum(ch.isdigit() for ch in value) >= _MIN_PHONE_DIGITS and not _whole_date(value)
+
+
+def _whole_date(value: str) -> bool:
+    """Whether a phone-shaped value is a whole date (`_WHOLE_DATE`), no phone to any recognizer."""
+    return bool(_WHOLE_DATE.fullmatch(value))
 
 
 def _plausible_loose_phone(text: str, result: RecognizerResult) -> bool:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import context, op
 
+from core.migrate import offline_guard
+
 revision = "0010"
 down_revision = "0009"
 branch_labels = None
@@ -49,19 +51,13 @@ def _redact_titles(connection: sa.Connection) -> None:
 
 
 def _refuse_titles_to_redact() -> None:
-    """Written as SQL (`--sql`): the titles are redacted by the PII model, in Python, which no SQL can do. The script
-    says so, and fails here (a CHECK constraint named OFFLINE_GUARD) on a database holding a document whose title
-    would be read: that database takes this revision from govrag (README "Schema as SQL"). One without such
-    documents, a new one among them, passes it with nothing changed."""
-    op.get_context().impl.static_output(
-        "-- Revision 0010 redacts the PII in the titles of documents (neither deleted nor rejected) with govrag's PII\n"
-        "-- model, which SQL cannot do. The statements below fail (check constraint " + OFFLINE_GUARD + ")\n"
-        "-- if the database holds such a document: apply revision 0010 with govrag instead (README, Schema as SQL).\n")
-    op.execute(f"CREATE TEMPORARY TABLE offline_guard_0010 (documents_to_redact INTEGER CONSTRAINT {OFFLINE_GUARD} "
-               "CHECK (documents_to_redact = 0))")
-    op.execute("INSERT INTO offline_guard_0010 (documents_to_redact) "
-               "SELECT count(*) FROM documents WHERE status NOT IN ('deleted', 'rejected')")
-    op.execute("DROP TABLE offline_guard_0010")
+    """Written as SQL (`--sql`): the titles are redacted by the PII model, in Python, which no SQL can do; the script
+    fails on a database holding a document whose title would be read (`offline_guard`)."""
+    offline_guard(revision, OFFLINE_GUARD, "status NOT IN ('deleted', 'rejected')",
+                  "Revision 0010 redacts the PII in the titles of documents (neither deleted nor rejected) with "
+                  "govrag's PII\nmodel, which SQL cannot do. The statements below fail (check constraint "
+                  f"{OFFLINE_GUARD})\nif the database holds such a document: apply revision 0010 with govrag instead "
+                  "(README, Schema as SQL).")
 
 
 def _redacted(title: str) -> str:

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 from alembic import context, op
 
+from core.migrate import MigrationError, offline_guard
+
 if TYPE_CHECKING:
     from guard.pii_rules import RedactionRules
 
@@ -82,7 +84,6 @@ def _rules_of(connection: sa.Connection, department: str) -> RedactionRules:
     saved (edited by hand: a recognizer missing its pattern, one that does not compile) is MigrationError naming the
     department, the revision undone: its titles cannot be read as they were set, and the API, which cannot start
     before the upgrade, cannot mend it."""
-    from core.migrate import MigrationError
     from guard.pii_rules import RedactionRules, validate_custom
     from ingestion import quarantine
     from ingestion.schemas import CustomRecognizerIn
@@ -105,20 +106,13 @@ def _rules_of(connection: sa.Connection, department: str) -> RedactionRules:
 
 
 def _refuse_titles_to_redact() -> None:
-    """Written as SQL (`--sql`): the titles are read by the PII model, in Python, which no SQL can do. The script says
-    so, and fails here (a CHECK constraint named OFFLINE_GUARD) on a database holding a live document whose title
-    holds a '.': that database takes this revision from govrag (README "Schema as SQL"). One without such documents,
-    a new one among them, passes it with nothing changed."""
-    op.get_context().impl.static_output(
-        "-- Revision 0023 redacts, with govrag's PII model, which SQL cannot do, the values ending the titles of\n"
-        "-- documents (neither deleted nor rejected) that were kept as what looked like a file extension. The\n"
-        "-- statements below fail (check constraint " + OFFLINE_GUARD + ") if the database holds a title with a '.'\n"
-        "-- in such a document: apply revision 0023 with govrag instead (README, Schema as SQL).\n")
-    op.execute(f"CREATE TEMPORARY TABLE offline_guard_0023 (documents_to_redact INTEGER CONSTRAINT {OFFLINE_GUARD} "
-               "CHECK (documents_to_redact = 0))")
-    op.execute("INSERT INTO offline_guard_0023 (documents_to_redact) "
-               f"SELECT count(*) FROM documents WHERE {_MAY_HAVE_EXTENSION}")  # noqa: S608
-    op.execute("DROP TABLE offline_guard_0023")
+    """Written as SQL (`--sql`): the titles are read by the PII model, in Python, which no SQL can do; the script
+    fails on a database holding a live document whose title holds a '.' (`offline_guard`)."""
+    offline_guard(revision, OFFLINE_GUARD, _MAY_HAVE_EXTENSION,
+                  "Revision 0023 redacts, with govrag's PII model, which SQL cannot do, the values ending the titles "
+                  "of\ndocuments (neither deleted nor rejected) that were kept as what looked like a file extension. "
+                  f"The\nstatements below fail (check constraint {OFFLINE_GUARD}) if the database holds a title with "
+                  "a '.'\nin such a document: apply revision 0023 with govrag instead (README, Schema as SQL).")
 
 
 def downgrade() -> None:
