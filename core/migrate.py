@@ -324,7 +324,9 @@ def offline_guard(revision: str, constraint: str, documents_where: str, comment:
     """A data step written as SQL (`--sql`) that only govrag's Python can do: the script says so (`comment`, each of
     its lines as an SQL comment) and fails here, on a CHECK constraint named `constraint`, on a database holding a
     document matching `documents_where` (an SQL condition), which then takes `revision` from govrag (README "Schema
-    as SQL"). A database without such documents, a new one among them, passes it with nothing changed."""
+    as SQL"). A database without such documents, a new one among them, passes it with nothing changed. What it writes
+    is part of each calling revision's script, shipped and run as it was: change it only to write the same SQL, byte
+    for byte (`alembic upgrade --sql` before and after); a guard of another shape is a helper of its own."""
     guard = f"offline_guard_{revision}"
     op.get_context().impl.static_output("".join(f"-- {line}\n" for line in comment.splitlines()))
     op.execute(f"CREATE TEMPORARY TABLE {guard} (documents_to_redact INTEGER CONSTRAINT {constraint} "

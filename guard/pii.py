@@ -623,7 +623,8 @@ class PiiRedactor:
         """A title stored by the rule before `_kept_in_title` with only the spans that rule left raw replaced by their
         type (`_left_raw_at_extension`), nothing else read again: the models would read the placeholders it already
         holds as context and take a word beside one for a name (migration 0023). A title with no apparent extension
-        has no such span: it comes back as it is (0023 asks for none, to load no model for it)."""
+        has no such span and comes back as it is, but is read all the same (the models loaded, a department's pattern
+        past its time limit failing as anywhere): a caller that would spare that asks for none (0023's `_redacted`)."""
         stem_end = len(title_readings(title)[-1])
         results = [result for result in self.analyze(title, rules) if _left_raw_at_extension(result, stem_end)]
         return _replace_spans(title, results, type_placeholder)
