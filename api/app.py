@@ -37,7 +37,7 @@ from core.tracing import configure_tracing
 from guard.firewall import get_firewall
 from ingestion import service as ingestion_service
 from ingestion.purge import ORPHAN_SWEEP_SECONDS, PURGE_GRACE_SECONDS, purge_pending, sweep_orphan_files
-from retrieval.models import get_generator
+from retrieval.models import hold_generator
 from retrieval.store import close_vector_store, open_vector_store, vector_store_is_open
 from workers.celery_app import GovragCelery, create_celery
 from workers.dispatch import resend_unfinished, send_unsent, sweep_jobs
@@ -95,8 +95,8 @@ def start(app: FastAPI) -> Background:
     the blob store, the policy, the dev issuer, the vector store, the models, the jobs the in-memory broker lost), then
     the master key's verifiers stored, and the threads to run, kept as `app.state.started`. `govrag serve` calls it
     before uvicorn, whose start would say a refusal as a traceback, not in one line; the lifespan calls it when the
-    caller did not. Nothing runs yet: the vector store it opened (not one this process had open before) is released if
-    a later step fails."""
+    caller did not. Nothing runs yet: the vector store it opened (not one this process had open before) and the answer
+    model it holds (`app.state.model`, released by the lifespan's end) are released if a later step fails."""
     settings: Settings = app.state.settings
     migrate.make_data_dir(settings)
     migrate.require_head(settings.resolved_database_url)  # never serve requests the schema cannot answer
@@ -115,10 +115,15 @@ def start(app: FastAPI) -> Background:
     app.state.celery = create_celery(settings)
     opened_before = vector_store_is_open(settings)  # by its caller (a test): theirs to close
     open_vector_store(settings)
+    app.state.model = None
     try:
+        # The answer model first: a GGUF llama.cpp does not load is a path to fix, said at once.
+        app.state.model = hold_generator(settings)
         background = _ready(app.state.celery, settings)
         keystore.record_master_verifiers(settings)  # last: a start refused by an earlier step pins no master key
     except BaseException:
+        if app.state.model is not None:
+            app.state.model.release()
         if not opened_before:
             close_vector_store(settings)
         raise
@@ -127,9 +132,8 @@ def start(app: FastAPI) -> Background:
 
 
 def _ready(celery: GovragCelery, settings: Settings) -> Background:
-    """The models loaded, and the threads made (not run): an in-process worker when the store is embedded, with the
-    jobs the in-memory broker lost sent again."""
-    get_generator(settings)  # the answer model first: a GGUF llama.cpp does not load is a path to fix, said at once
+    """The models loaded (the answer model, held by `start`, aside), and the threads made (not run): an in-process
+    worker when the store is embedded, with the jobs the in-memory broker lost sent again."""
     ingestion_service.load_models(settings)  # embedder, PII model, scanner: what a worker loads as it starts
     with loading("the prompt firewall's weights"):  # issue 5: the guard weights before the first query
         get_firewall()
@@ -148,23 +152,35 @@ def _ready(celery: GovragCelery, settings: Settings) -> Background:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Start the API (`start`) unless its caller did, run its threads while it serves, stop them."""
+    """Start the API (`start`) unless its caller did, run its threads while it serves, stop them and close its
+    connections (`_close_connections`), a failure to run its threads included."""
     background = app.state.started or start(app)
     app.state.started = None  # the next run of the lifespan (a test client entered again) starts afresh
     # Sync endpoints run in anyio's thread pool (40 threads by default). Queries are CPU-bound under one GIL: more
     # threads than this only stretch every request, and the ledger's serialised append with them.
     anyio.to_thread.current_default_thread_limiter().total_tokens = app.state.settings.api_threads
-    background.run()
-    logger.info("govrag ready (env=%s, in-process worker=%s)", app.state.settings.env, background.worker is not None)
     try:
+        background.run()
+        logger.info("govrag ready (env=%s, in-process worker=%s)", app.state.settings.env,
+                    background.worker is not None)
         yield
     finally:
         try:
             background.stop()
         finally:
-            # Its connections to the IdP, from a thread (on the event loop they are left to the garbage collector,
-            # which never collects what the start froze): else every app a process starts and stops keeps them open.
-            await anyio.to_thread.run_sync(app.state.verifier.close)
+            # From a thread: closing runs event loops (on the event loop they are left to the garbage collector, which
+            # never collects what the start froze), and the model's close waits for the answers still being made.
+            await anyio.to_thread.run_sync(_close_connections, app)
+
+
+def _close_connections(app: FastAPI) -> None:
+    """The connections the API kept open: the verifier's to the IdP, then the answer model's hold released, which
+    closes it (the model server's connections and their event loops, or llama.cpp's model) unless another holder has
+    it. Else every app a process starts and stops keeps them open for the process's life."""
+    try:
+        app.state.verifier.close()
+    finally:
+        app.state.model.release()
 
 
 def _sweeper(celery: GovragCelery, settings: Settings) -> Sweeper | None:

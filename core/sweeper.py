@@ -47,8 +47,10 @@ class Sweeper:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the thread (one never started has nothing to stop)."""
         self._stopping.set()
-        self._thread.join(timeout=30)
+        if self._thread.ident is not None:
+            self._thread.join(timeout=30)
 
     def _run(self) -> None:
         while not self._stopping.wait(self._interval):

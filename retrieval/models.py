@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -34,9 +36,48 @@ class Generator(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
+    def close(self) -> None: ...
+
 
 class ModelError(Exception):
     """The model call failed (the caller falls back to the extractive answer)."""
+
+
+class ModelClosed(ModelError):
+    """A call to a backend its last holder closed (`GeneratorHold.release`: the API stopping): a model failure like
+    any other, the extractive answer given in its place."""
+
+
+class _Calls:
+    """The calls in flight on a backend, and its close: `closing` waits for those in flight to end, and a call that
+    comes after it is ModelClosed, never a call into what is being freed."""
+
+    def __init__(self) -> None:
+        self._changed = forksafe.renewed(threading.Condition())
+        self._in_flight = 0
+        self._closed = False
+
+    @contextmanager
+    def call(self) -> Iterator[None]:
+        """One call, counted while it runs; ModelClosed once the backend is closing or closed."""
+        with self._changed:
+            if self._closed:
+                raise ModelClosed("the answer model was closed")
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._in_flight -= 1
+                self._changed.notify_all()
+
+    def closing(self) -> bool:
+        """Refuse calls from now on and wait for those in flight to end; whether this was the first close (the one to
+        free what the backend holds)."""
+        with self._changed:
+            first, self._closed = not self._closed, True
+            self._changed.wait_for(lambda: self._in_flight == 0)
+        return first
 
 
 # What llama-cpp-python 0.3 raises as a completion fails (besides jinja2.TemplateError: a chat template that fails on
@@ -74,6 +115,7 @@ class LlamaCppGenerator:
                                "install govrag[llm], or choose another GOVRAG_ANSWER_BACKEND") from error
         self._errors = (*LLAMA_COMPLETION_ERRORS, TemplateError)
         self._lock = threading.Lock()
+        self._calls = _Calls()
         self.model_id = model_path.name
         try:  # a GGUF it refuses; no memory for the context; a template that refuses govrag's messages
             self._llm = Llama(model_path=str(model_path), n_ctx=context_tokens, n_threads=2, seed=0, verbose=False)
@@ -109,9 +151,10 @@ class LlamaCppGenerator:
 
     @contextmanager
     def _calling(self) -> Iterator[None]:
-        """One call into llama.cpp at a time; what it raises as it fails is a ModelError of its type alone (a message
-        may quote the prompt: the tokenizer's quotes the text), so the caller falls back to the extractive answer."""
-        with self._lock:
+        """One call into llama.cpp at a time, none once the model is closed (ModelClosed); what it raises as it fails
+        is a ModelError of its type alone (a message may quote the prompt: the tokenizer's quotes the text), so the
+        caller falls back to the extractive answer."""
+        with self._calls.call(), self._lock:
             try:
                 yield
             except self._errors as exc:
@@ -127,6 +170,12 @@ class LlamaCppGenerator:
         """Exact, with the model's own tokenizer."""
         with self._calling():
             return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False))
+
+    def close(self) -> None:
+        """Free the model (its weights' mapping, its context and llama.cpp's threads) once the calls in flight have
+        ended; a call after it is ModelClosed."""
+        if self._calls.closing():
+            self._llm.close()
 
 
 class OpenAIGenerator:
@@ -145,6 +194,7 @@ class OpenAIGenerator:
         self.model_id = settings.llm_model
         self._timeout_seconds = settings.llm_timeout_seconds
         self._server = ThreadSessions(trust_env=False)  # proxy variables ignored; each API worker its own connection
+        self._calls = _Calls()
 
     def complete(self, messages: list[dict[str, str]], *, max_tokens: int) -> str:
         """POST /v1/chat/completions, greedy, answered within llm_timeout_seconds in all (headers included) and
@@ -156,6 +206,11 @@ class OpenAIGenerator:
         the server dropped unanswered on a kept connection (closing it as the request went out): it may have started
         the generation, which is never sent twice; the next call opens a new connection."""
         request = {"model": self.model_id, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
+        with self._calls.call():
+            return self._answer(request)
+
+    def _answer(self, request: dict[str, object]) -> str:
+        """The reply's text, or a ModelError naming the failure's type."""
         try:
             body = self._server.request_within("POST", self._url, seconds=self._timeout_seconds,
                                                max_bytes=MAX_REPLY_BYTES, json=request, headers=self._headers)
@@ -167,22 +222,91 @@ class OpenAIGenerator:
         """Estimate from length (over-counts for English, so the budget holds)."""
         return int(len(text) / CHARS_PER_TOKEN) + 1
 
+    def close(self) -> None:
+        """Close the connections and event loops of every thread that called, once the calls in flight have ended; a
+        call after it is ModelClosed."""
+        if self._calls.closing():
+            self._server.close()
 
-_GENERATORS: dict[str, Generator] = {}  # a forked child makes its own: llama.cpp's threads, a client's connections
+
+CacheKey = tuple[object, ...]
+
+
+@dataclass
+class _Cached:
+    """A backend in the cache, and how many holders it has (`hold_generator`)."""
+
+    generator: Generator
+    holders: int = 0
+
+
+# A forked child makes its own (llama.cpp's threads, a client's connections): the parent's, held or not, are kept
+# referenced there and never closed (`forksafe.rebuilt_in_child`), and a release in the child finds none of them.
+_GENERATORS: dict[CacheKey, _Cached] = {}
 forksafe.rebuilt_in_child(_GENERATORS)
 _GENERATORS_LOCK = forksafe.lock()
 
 
 def get_generator(settings: Settings) -> Generator | None:
-    """The configured model, or None for the extractive backend (loaded once per configuration)."""
+    """The configured model, or None for the extractive backend (loaded once per configuration, `_cache_key`): the
+    one held (`hold_generator`), else made and kept for the process's life."""
     if settings.answer_backend == "extractive":
         return None
-    key = (f"{settings.answer_backend}|{settings.llm_base_url}|{settings.llm_model}|{settings.llm_model_path}|"
-           f"{settings.llm_context_tokens}")  # llama.cpp's window is the prompt budget: another one, another model
     with _GENERATORS_LOCK:
-        if key not in _GENERATORS:
-            if settings.answer_backend == "llamacpp" and settings.llm_model_path is not None:
-                _GENERATORS[key] = LlamaCppGenerator(settings.llm_model_path, settings.llm_context_tokens)
-            else:
-                _GENERATORS[key] = OpenAIGenerator(settings)
-        return _GENERATORS[key]
+        return _cached(_cache_key(settings), settings).generator
+
+
+class GeneratorHold:
+    """A holder's claim on a backend (`hold_generator`); `generator` is None for the extractive backend."""
+
+    def __init__(self, generator: Generator | None, key: CacheKey | None) -> None:
+        self.generator, self._key, self._released = generator, key, False
+
+    def release(self) -> None:
+        """Let go of the backend (a second release does nothing); the last holder's release takes it out of the cache
+        and closes it, once its calls in flight have ended (a call after it is ModelClosed). It blocks while they
+        run and closing runs an event loop: called from a thread, never on a running event loop."""
+        with _GENERATORS_LOCK:
+            if self._released or self._key is None:
+                return
+            self._released = True
+            cached = _GENERATORS.get(self._key)
+            if cached is None or cached.generator is not self.generator:  # in a forked child: its parent's to close
+                return
+            cached.holders -= 1
+            if cached.holders > 0:
+                return
+            del _GENERATORS[self._key]  # the next get_generator makes a new one
+        cached.generator.close()
+
+
+def hold_generator(settings: Settings) -> GeneratorHold:
+    """The configured model, loaded if it is not, held until the hold is released (the API holds it from its start to
+    its stop: api.app): released by its last holder, it is closed, never left open for the process's life."""
+    if settings.answer_backend == "extractive":
+        return GeneratorHold(None, None)
+    key = _cache_key(settings)
+    with _GENERATORS_LOCK:
+        cached = _cached(key, settings)
+        cached.holders += 1
+    return GeneratorHold(cached.generator, key)
+
+
+def _cached(key: CacheKey, settings: Settings) -> _Cached:
+    """The cache's entry `key`, the backend for `settings` made if there is none (with _GENERATORS_LOCK held)."""
+    if key not in _GENERATORS:
+        if settings.answer_backend == "llamacpp" and settings.llm_model_path is not None:
+            _GENERATORS[key] = _Cached(LlamaCppGenerator(settings.llm_model_path, settings.llm_context_tokens))
+        else:
+            _GENERATORS[key] = _Cached(OpenAIGenerator(settings))
+    return _GENERATORS[key]
+
+
+def _cache_key(settings: Settings) -> CacheKey:
+    """What makes one backend another: llama.cpp's file and window (the window is the prompt budget); the server's
+    URL, model name, timeout and API key, the key by its SHA-256 alone (never kept in a key that a repr would show)."""
+    if settings.answer_backend == "llamacpp" and settings.llm_model_path is not None:
+        return ("llamacpp", str(settings.llm_model_path), settings.llm_context_tokens)
+    api_key = settings.llm_api_key.get_secret_value() if settings.llm_api_key is not None else None
+    key_digest = hashlib.sha256(api_key.encode()).hexdigest() if api_key is not None else None
+    return ("openai", settings.llm_base_url, settings.llm_model, settings.llm_timeout_seconds, key_digest)

@@ -46,7 +46,10 @@ class InProcessWorker:
         polling (kombu's are not thread-safe); with a job enqueued just before, it waited forever for a BRPOP reply.
         A run still going after `timeout` is abandoned (the process exits under it) and its job handed back: the
         next start runs it again as a retry, not as a run that crashed (a clean stop must never count towards the
-        crashed-runs limit; a kill, which runs none of this, still does)."""
+        crashed-runs limit; a kill, which runs none of this, still does). A worker never started (the API's start
+        failed before it) has nothing to stop."""
+        if self._thread.ident is None:
+            return
         hub = getattr(self._controller, "hub", None)
         if hub is None or not self._thread.is_alive():
             self._controller.stop(in_sighandler=False)

@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from kombu.transport import memory
 from sqlalchemy import select
 
 from core.db import get_session_factory
 from core.models import GuardControl, RetrievalEvent
 from retrieval import generation
 from retrieval.models import ModelError
-from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
+from tests.conftest import PLATFORM_ADMIN, auth, desk_member, wait_for_job
 from tests.support.stub_model import StubModel, answering_through
 
 SALES_DOC = """Sales handbook
@@ -396,7 +399,7 @@ def test_a_model_server_dripping_its_headers_falls_back_to_extractive_within_the
         client: TestClient, world: dict, settings: Any) -> None:
     """The model timeout bounded only the reply's body: a server sending its status line, then a header line every
     0.2 s (each read well inside the per-read timeout), held the query for as long as it went on."""
-    dripping = StubModel()  # a server of its own: the backend for a URL is built once, with that URL's timeout
+    dripping = StubModel()  # a server of its own: its headers drip
     dripping.reply = lambda _messages: RENEWALS  # a sound answer, kept had it arrived in time
     dripping.header_drip_seconds = 10.0  # ten times the model timeout
     try:
@@ -409,6 +412,22 @@ def test_a_model_server_dripping_its_headers_falls_back_to_extractive_within_the
     assert dripping.requests and not body["refused"] and body["answer"] != RENEWALS
     assert {c["document_id"] for c in body["citations"]} == {world["docs"]["legal"]}
     assert _event(settings, body["request_id"]).guard_verdicts["model"]["fallback"].startswith("model_error:")
+
+
+def test_a_query_whose_model_was_closed_under_it_gets_the_extractive_answer(
+        client: TestClient, world: dict, settings: Any, stub: StubModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A query that took the backend as the API stopped, its call coming after the last holder's release closed it:
+    ModelClosed, a model failure like any other (the extractive answer, the audit naming its type), never a call
+    through a closed backend's connections."""
+    stub.reply = lambda _messages: RENEWALS
+    with answering_through(client, stub):
+        taken = generation.get_generator(client.app.state.settings)  # type: ignore[attr-defined]
+    monkeypatch.setattr(generation, "get_generator", lambda _settings: taken)  # released at the block's end
+    body = _ask(client, world["tokens"]["lea"], "When are contract renewals reviewed?")
+    assert not body["refused"] and body["answer"] != RENEWALS and stub.requests == []
+    assert {c["document_id"] for c in body["citations"]} == {world["docs"]["legal"]}
+    assert _event(settings, body["request_id"]).guard_verdicts["model"] == {
+        "called": True, "chunks_given": [1], "fallback": "model_error:ModelClosed"}
 
 
 def test_kill_switch_retrieval_only_then_disabled_then_normal(client: TestClient, world: dict, settings: Any,
@@ -494,3 +513,90 @@ def test_repeated_blocked_injections_trip_the_department_to_retrieval_only(clien
     finally:
         client.post("/v1/admin/kill-switch", headers=auth(world["tokens"]["admin"]),
                     json={"scope": "g5trip", "mode": "normal", "reason": "reviewed"})
+
+
+def _loops_and_unix_sockets() -> tuple[int, int]:
+    """This process's epoll instances (each event loop's selector) and Unix sockets (each loop's wake-up socketpair),
+    by its descriptors' links and /proc/net/unix's inodes."""
+    with open("/proc/net/unix") as table:
+        unix = {f"socket:[{line.split()[6]}]" for line in table.readlines()[1:]}
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:
+            continue  # closed since listed, by another thread
+    return links.count("anon_inode:[eventpoll]"), sum(link in unix for link in links)
+
+
+def _answering_api(tmp_path: Path, stub: StubModel, **changes: Any) -> Any:
+    """Settings for an API of its own answering through `stub`: SQLite, the memory broker, no worker."""
+    from core import migrate
+    from core.settings import Settings
+
+    url = f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    return Settings(data_dir=tmp_path / "data", database_url=url, admins=[PLATFORM_ADMIN], broker_url="memory://",
+                    inprocess_worker=False, answer_backend="openai", llm_base_url=stub.url, llm_model="stub",
+                    task_queue=f"govrag-model-close-{uuid.uuid4().hex[:8]}", **changes)
+
+
+def test_an_api_stopped_closes_its_model_backend(tmp_path: Path) -> None:
+    """The answer model was never closed: each start and stop of an API answering through a model server left its
+    worker threads' event loops (an epoll and a socketpair each) and connections open, until the next call closed
+    those of threads that had ended (on main: one loop open after each stop). Three starts and stops, each answering
+    one query through the model, each leave as many open as there were before the first."""
+    from api.app import create_app
+    from ingestion import service as ingestion_service
+    from retrieval.store import close_vector_store
+
+    stub = StubModel()
+    stub.reply = lambda _messages: "The desk opens at nine on weekdays [1]."
+    settings = _answering_api(tmp_path, stub, job_sweep_seconds=0)
+    before, counts = _loops_and_unix_sockets(), []
+    try:
+        for start in range(3):
+            with TestClient(create_app(settings)) as client:
+                if start == 0:
+                    editor = desk_member(client, "editor")
+                    upload = client.post("/v1/documents", headers=auth(editor), data={"department": "desk"},
+                                         files={"file": ("rota.txt", b"The desk opens at nine on weekdays.")})
+                    assert upload.status_code == 202, upload.text
+                    ingestion_service.run_ingestion(settings=settings, document_id=upload.json()["document_id"],
+                                                    job_id=upload.json()["job_id"])
+                body = _ask(client, editor, "When does the desk open?")
+                assert body["answer"] == "The desk opens at nine on weekdays [1].", body
+            close_vector_store(settings)
+            counts.append(_loops_and_unix_sockets())
+    finally:
+        stub.server.shutdown()
+        memory.Channel.queues.pop(settings.task_queue, None)
+    assert len(stub.requests) == 3
+    assert counts == [before] * 3, (before, counts)  # (epolls, unix sockets) after each stop
+
+
+def test_an_api_whose_threads_fail_to_start_still_lets_go_of_its_model(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lifespan ran its threads before its try: one failing to start (no thread left to the process) skipped the
+    stop, the verifier's close and the model's release. The start fails as it did, and the model is closed."""
+    from api.app import create_app
+    from core.sweeper import Sweeper
+    from retrieval.models import ModelClosed
+    from retrieval.store import close_vector_store
+
+    def no_thread_left(_sweeper: Sweeper) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(Sweeper, "start", no_thread_left)
+    stub = StubModel()
+    settings = _answering_api(tmp_path, stub, job_sweep_seconds=60)
+    app = create_app(settings)
+    try:
+        with pytest.raises(RuntimeError, match="can't start new thread"), TestClient(app):
+            pass
+    finally:
+        close_vector_store(settings)
+        stub.server.shutdown()
+    with pytest.raises(ModelClosed):
+        app.state.model.generator.complete([{"role": "user", "content": "q"}], max_tokens=8)
+    assert stub.requests == []

@@ -12,6 +12,8 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
+from retrieval.models import hold_generator
+
 
 class StubModel:
     """An OpenAI-compatible chat endpoint whose reply the test chooses; records what it was sent."""
@@ -65,12 +67,16 @@ class StubModel:
 @contextlib.contextmanager
 def answering_through(client: TestClient, stub: StubModel, **settings: Any) -> Iterator[StubModel]:
     """The running app answers through `stub` (its recorded requests cleared), with `settings` changed, while the
-    block runs. The model backend is built once per server: a stub given other settings is a new StubModel."""
+    block runs. The block holds the model backend, as the API holds its own from start to stop: the last holder's
+    release closes it (its connections and their event loops), so each block's are closed as it ends."""
     original = client.app.state.settings  # type: ignore[attr-defined]
-    client.app.state.settings = original.model_copy(update={  # type: ignore[attr-defined]
+    answering = original.model_copy(update={
         "answer_backend": "openai", "llm_base_url": stub.url, "llm_model": "stub", **settings})
+    model = hold_generator(answering)
+    client.app.state.settings = answering  # type: ignore[attr-defined]
     stub.requests.clear()
     try:
         yield stub
     finally:
         client.app.state.settings = original  # type: ignore[attr-defined]
+        model.release()

@@ -47,7 +47,7 @@ from ingestion.sandbox import Abandoned, ProgramMissing
 from ingestion.scratch import Terminated
 from ingestion.service import DuplicateUpload
 from retrieval.gguf_file import NotWholeGGUF
-from retrieval.models import ModelError
+from retrieval.models import ModelClosed, ModelError
 from tests.support.project_modules import project_modules
 from workers.tasks import TransientFault
 
@@ -193,6 +193,7 @@ RAISED = [
     Terminated(),
     NotWholeGGUF("it does not start as a GGUF file does"),
     ModelError("RuntimeError"),
+    ModelClosed("the answer model was closed"),
     TransientFault("OperationalError"),
 ]
 

@@ -12,9 +12,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from core.settings import Settings
-from retrieval.models import MAX_REPLY_BYTES, ModelError, OpenAIGenerator
+from retrieval import models
+from retrieval.models import MAX_REPLY_BYTES, ModelClosed, ModelError, OpenAIGenerator, get_generator, hold_generator
+from tests.support.forking import exit_code_of_child
+from tests.support.stub_model import StubModel
 
 Reply = Callable[[BaseHTTPRequestHandler], None]
 
@@ -210,3 +214,96 @@ def test_a_generation_dropped_on_a_kept_connection_is_a_model_error_never_sent_t
     assert model.requests == [(0, "first"), (0, "dropped")]
     assert _ask(model.generator, "next") == "Economy [1]."
     assert model.requests[-1] == (1, "next")
+
+
+@pytest.fixture
+def stub() -> Iterator[StubModel]:
+    model = StubModel()
+    yield model
+    model.server.shutdown()
+    model.server.server_close()
+
+
+def _answering_through(stub: StubModel, **changes: object) -> Settings:
+    return Settings(answer_backend="openai", llm_base_url=stub.url, llm_model="stub", **changes)
+
+
+def test_a_backend_held_twice_stays_open_until_its_last_holder_lets_go(stub: StubModel) -> None:
+    """The API holds its backend from start to stop (api.app), as a test's answering_through does while its block
+    runs: the first release leaves it open, in the cache, for the other holder; the last one closes it."""
+    settings = _answering_through(stub)
+    first, second = hold_generator(settings), hold_generator(settings)
+    assert first.generator is second.generator is get_generator(settings)
+    first.release()
+    first.release()  # a hold is released once: its second release does not count as the other holder's
+    assert _complete(second.generator) == "I don't know."
+    assert get_generator(settings) is second.generator
+    second.release()
+    with pytest.raises(ModelClosed):
+        _complete(second.generator)
+    assert len(stub.requests) == 1
+
+
+def test_a_close_waits_for_the_call_in_flight_and_refuses_those_after_it(stub: StubModel) -> None:
+    """The last release comes while a query's answer is being made (the API stopping under it): the call ends with
+    its answer, the close waits for it, and a call after the close began is ModelClosed, nothing sent."""
+    answering, reply_now = threading.Event(), threading.Event()
+
+    def first_waits(_messages: list[dict[str, str]]) -> str:
+        if answering.is_set():
+            return "late"
+        answering.set()
+        reply_now.wait(30)
+        return "answered"
+
+    stub.reply = first_waits
+    hold = hold_generator(_answering_through(stub))
+    with ThreadPoolExecutor(max_workers=2) as threads:
+        call = threads.submit(_complete, hold.generator)
+        assert answering.wait(30)
+        closing = threads.submit(hold.release)
+        refused = False
+        while not refused:  # calls before the close began are answered ("late"); then refused
+            try:
+                assert _complete(hold.generator) == "late"
+            except ModelClosed:
+                refused = True
+        assert not closing.done()  # the call in flight holds it
+        reply_now.set()
+        assert call.result(timeout=30) == "answered"
+        closing.result(timeout=30)
+    with pytest.raises(ModelClosed):
+        _complete(hold.generator)
+
+
+def test_settings_differing_in_the_api_key_or_the_timeout_share_no_backend(stub: StubModel) -> None:
+    """The cache key left out the API key and the timeout: a second configuration differing only in them was answered
+    by the first's backend, with the first's key and time limit. The key is in the cache by its SHA-256 alone."""
+    keyed = _answering_through(stub, llm_api_key=SecretStr("first-secret-key"))
+    holds = [hold_generator(settings) for settings in (
+        keyed, keyed.model_copy(update={"llm_api_key": SecretStr("second-secret-key")}),
+        keyed.model_copy(update={"llm_timeout_seconds": 5.0}))]
+    try:
+        assert len({id(hold.generator) for hold in holds}) == 3
+        assert "secret-key" not in repr(list(models._GENERATORS))
+    finally:
+        for hold in holds:
+            hold.release()
+
+
+def test_a_forked_child_releasing_its_parents_hold_leaves_the_parents_backend_open(stub: StubModel) -> None:
+    """A forked child's cache starts empty (its parent's backends kept, never closed): the parent's hold released
+    there closes nothing, and the parent's connection and event loop, which the child shares, still answer."""
+    hold = hold_generator(_answering_through(stub))
+    try:
+        assert _complete(hold.generator) == "I don't know."
+
+        def release_in_child() -> bool:
+            hold.release()
+            return True
+
+        assert exit_code_of_child(release_in_child) == 0
+        assert _complete(hold.generator) == "I don't know."
+    finally:
+        hold.release()
+    assert len(stub.requests) == 2
