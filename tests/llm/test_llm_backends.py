@@ -12,8 +12,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,7 +26,8 @@ from sqlalchemy import select
 
 from core.db import get_session_factory
 from core.models import RetrievalEvent
-from retrieval.models import LlamaCppGenerator, ModelError
+from core.settings import Settings
+from retrieval.models import LlamaCppGenerator, ModelClosed, ModelError, hold_generator
 from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
 from tests.llm import smollm2_path
 
@@ -140,6 +143,48 @@ def test_what_llama_cpp_raises_is_a_model_error_of_its_type_alone(monkeypatch: p
     with pytest.raises(ModelError) as untokenized:
         generator.count_tokens(text)
     assert (str(too_long.value), str(untokenized.value)) == ("ValueError", "RuntimeError")
+
+
+def test_the_last_release_of_the_llamacpp_backend_frees_its_model_after_the_generation_in_flight(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API's stop releases its hold on the answer model: the last release closes llama.cpp's model (Llama.close,
+    freeing its weights, context and batch), never under a generation (freeing the context llama_decode writes into
+    would crash the process). The release comes as a completion has just started: the close waits for it, the
+    completion ends with its text, the model is freed after it, and a call after that is ModelClosed. llama-cpp-python's
+    own create_chat_completion and close run, wrapped to note when each runs. A window of its own (512): no other
+    test's backend is this one."""
+    hold = hold_generator(Settings(answer_backend="llamacpp", llm_model_path=smollm2_path(), llm_context_tokens=512))
+    llm = hold.generator._llm  # noqa: SLF001
+    generating, started, generations_at_close = [0], threading.Event(), []
+    complete, close = llm.create_chat_completion, llm.close
+
+    def noted_completion(**request: Any) -> Any:
+        generating[0] += 1
+        started.set()
+        try:
+            return complete(**request)
+        finally:
+            generating[0] -= 1
+
+    def noted_close() -> None:
+        generations_at_close.append(generating[0])
+        close()
+
+    monkeypatch.setattr(llm, "create_chat_completion", noted_completion)
+    monkeypatch.setattr(llm, "close", noted_close)
+    question = [{"role": "user", "content": "Write a long story about a cafeteria."}]
+    with ThreadPoolExecutor(max_workers=2) as threads:
+        answer = threads.submit(hold.generator.complete, question, max_tokens=64)
+        assert started.wait(60)
+        closing = threads.submit(hold.release)
+        assert isinstance(answer.result(timeout=120), str)
+        closing.result(timeout=120)
+    assert generations_at_close == [0]  # closed once, no generation running
+    assert llm._model.model is None  # noqa: SLF001  (freed: llama_model_free ran)
+    with pytest.raises(ModelClosed):
+        hold.generator.complete(question, max_tokens=1)
+    with pytest.raises(ModelClosed):
+        hold.generator.count_tokens("When does the cafeteria open?")
 
 
 def _free_port() -> int:
