@@ -85,6 +85,11 @@ PRIVATE_TLDS = frozenset({"internal", "local", "corp", "home", "mail", "lan", "i
                           "example", "invalid", "localhost"})
 _DIGIT = re.compile(r"\d")
 _FILE_EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,8}$")
+# An extension before the last one of a compound chain (the `.tar` of `.tar.gz`, the `.pdf` of `.pdf.gpg`, the `.7z` of
+# `.7z.001`): the same shape holding a letter, so a dotted number (a date, an IP address, a card, a version) is never
+# read as a chain of them. A chain holds at most _MAX_FILE_EXTENSIONS (`.tar.gz.001`).
+_INNER_FILE_EXTENSION = re.compile(r"\.(?=[0-9]*[A-Za-z])[A-Za-z0-9]{1,8}$")
+_MAX_FILE_EXTENSIONS = 3
 
 # Every label the small English model emits besides PERSON: ignored at the NLP engine,
 # so LOCATION, DATE_TIME, ORG… are never produced (and never logged as "unmapped").
@@ -610,8 +615,9 @@ class PiiRedactor:
         """Return a document title with each value replaced by its type alone (`<PERSON>`, `<EMAIL_ADDRESS>`): the
         title is redacted on its own, before the text is read, and a numbered placeholder would pass for the one the
         text's map gives (and be revealed as that one). A title ending in what looks like a file extension is read
-        without it too: in `maria@example.com.txt` the extension hides the e-mail address's domain. Which spans are
-        kept: `_kept_in_title`. `rules_only` applies the department's recognizers alone, to a title already redacted
+        without it too, and without each extension of a compound one (`title_readings`): in `maria@example.com.txt`
+        the extension hides the e-mail address's domain, in `maria@example.com.tar.gz` two do. Which spans are kept:
+        `_kept_in_title`. `rules_only` applies the department's recognizers alone, to a title already redacted
         (the models would read its placeholders as context and take a word beside one for a name)."""
         readings = title_readings(title)
         stem_end = len(readings[-1])
@@ -667,18 +673,24 @@ class PiiRedactor:
 
 
 def title_readings(title: str) -> list[str]:
-    """A title as it is, and without a trailing file extension (`maria@example.com.txt` hides an address's domain):
-    each a prefix of the title, so a span found in either is the title's."""
-    extension = _FILE_EXTENSION.search(title)
-    return [title, title[: extension.start()]] if extension else [title]
+    """A title as it is, then without each trailing file extension of its chain in turn (`maria@example.com.txt`
+    hides an address's domain, `maria@example.com.tar.gz` two extensions deep): each a prefix of the title, so a span
+    found in any is the title's, the last one the title without its whole chain."""
+    readings = [title]
+    extension = _FILE_EXTENSION
+    while len(readings) <= _MAX_FILE_EXTENSIONS and (found := extension.search(readings[-1])):
+        readings.append(readings[-1][: found.start()])
+        extension = _INNER_FILE_EXTENSION
+    return readings
 
 
 def _kept_in_title(result: RecognizerResult, stem_end: int) -> bool:
-    """Whether a span found in a reading of a title is redacted, the title's apparent file extension starting at
-    `stem_end`: every span but a name crossing into it, the NER's `Lease.pdf` in `Jordan Office Lease.pdf`, the
-    context patterns' `Hallgerður P.` in `Memo for Dr Hallgerður P.pdf`. A value a pattern finds whole keeps what
-    only looks like an extension: the `.com` ending `Claim of maria@example.com`, the `.1` of an IP address, the
-    `.internal` of a private domain, a department's identifier or handle (whatever its type, PERSON too)."""
+    """Whether a span found in a reading of a title is redacted, the title's apparent file extension (its whole chain,
+    `.pdf.gpg`) starting at `stem_end`: every span but a name crossing into it, the NER's `Lease.pdf` in `Jordan
+    Office Lease.pdf` (or `Lease.pdf.gpg`), the context patterns' `Hallgerður P.` in `Memo for Dr Hallgerður P.pdf`.
+    A value a pattern finds whole keeps what only looks like an extension: the `.com` ending `Claim of
+    maria@example.com`, the `.1` of an IP address, the `.internal` of a private domain, a department's identifier or
+    handle (whatever its type, PERSON too)."""
     return not (_read_as_a_name(result) and result.start < stem_end < result.end)
 
 

@@ -358,6 +358,11 @@ def test_a_title_is_redacted_up_to_its_file_extension(redactor: PiiRedactor, tit
     ("Statement 4111.1111.1111.1111.pdf", "Statement <CREDIT_CARD>.pdf"),
     ("Statement 4111.1111.1111.1111.001", "Statement <CREDIT_CARD>.001"),  # a split archive's part
     ("Call 020.7946.0958.pdf", "Call <PHONE_NUMBER>.pdf"),
+    ("Minutes 2024.05.17.tar.gz", "Minutes 2024.05.17.tar.gz"),  # a compound extension splits no dotted number
+    ("Minutes 17.05.2024.docx.enc", "Minutes 17.05.2024.docx.enc"),
+    ("release v1.2.3.tar.gz", "release v1.2.3.tar.gz"),
+    ("Statement 4111.1111.1111.1111.pdf.gpg", "Statement <CREDIT_CARD>.pdf.gpg"),
+    ("Call 020.7946.0958.pdf.gpg", "Call <PHONE_NUMBER>.pdf.gpg"),
 ])
 def test_dates_and_dotted_numbers_in_a_title(redactor: PiiRedactor, title: str, redacted: str) -> None:
     """A date ending a title was a <PHONE_NUMBER>, and a dotted card, no card to any pattern, was read as a phone cut
@@ -375,12 +380,59 @@ def test_dates_and_dotted_numbers_in_a_title(redactor: PiiRedactor, title: str, 
     ("Escalations anna.berg@ops.acme.internal", "Escalations <EMAIL_ADDRESS>"),
     ("Router 192.168.0.1", "Router <IP_ADDRESS>"),
     ("Router 192.168.0.1.log", "Router <IP_ADDRESS>.log"),
+    ("Backup 192.168.0.1.tar.gz.001", "Backup <IP_ADDRESS>.tar.gz.001"),
+    ("+44 20 7946 0958.pdf.gpg", "<PHONE_NUMBER>.pdf.gpg"),
     ("Notes from Maria.Gonzalez", "Notes from <PERSON>.<PERSON>"),  # a name after the dot is no extension's
 ])
 def test_a_value_ending_a_title_is_redacted_whole_though_its_end_looks_like_a_file_extension(
         redactor: PiiRedactor, title: str, redacted: str) -> None:
     """`.com`, `.1`, `.internal` read as an extension, and a value reaching into it was dropped: a title ending in an
     address was shown as it was (in citations and the listing)."""
+    assert redactor.redact_title(title) == redacted
+
+
+def test_a_title_is_read_without_each_extension_of_a_compound_one_up_to_three() -> None:
+    """Only the last extension was taken off: `maria@example.com.tar.gz` was read as `maria@example.com.tar`, no
+    address. An extension before the last holds a letter, so a dotted number is no chain of them."""
+    from guard.pii import title_readings
+
+    assert title_readings("maria@example.com.tar.gz") == [
+        "maria@example.com.tar.gz", "maria@example.com.tar", "maria@example.com", "maria@example"]
+    assert title_readings("a.b.c.d.e") == ["a.b.c.d.e", "a.b.c.d", "a.b.c", "a.b"]
+    assert title_readings("Minutes 2024.05.17.tar.gz") == [
+        "Minutes 2024.05.17.tar.gz", "Minutes 2024.05.17.tar", "Minutes 2024.05.17"]
+    assert title_readings("Statement 4111.1111.1111.1111.001") == [
+        "Statement 4111.1111.1111.1111.001", "Statement 4111.1111.1111.1111"]
+    assert title_readings("Quarterly budget") == ["Quarterly budget"]
+
+
+@pytest.mark.parametrize(("title", "redacted"), [
+    ("maria@example.com.tar.gz", "<EMAIL_ADDRESS>.tar.gz"),
+    ("Claim of maria.gonzalez@example.com.pdf.gpg", "Claim of <EMAIL_ADDRESS>.pdf.gpg"),
+    ("Mail name@corp.co.uk.tar.gz", "Mail <EMAIL_ADDRESS>.tar.gz"),
+    ("Escalations anna.berg@ops.acme.internal.tar.gz", "Escalations <EMAIL_ADDRESS>.tar.gz"),
+    ("Mail maria@example.com.backup.tar.gz", "Mail <EMAIL_ADDRESS>.backup.tar.gz"),  # three deep
+    ("Letter to Peter Novak.docx.enc", "Letter to <PERSON>.docx.enc"),  # `Novak` was shown
+    ("Meeting notes Brian.docx.enc", "Meeting notes <PERSON>.docx.enc"),
+    ("Report by Maria Gonzalez.final.pdf", "Report by <PERSON>.final.pdf"),
+])
+def test_a_value_before_a_compound_file_extension_is_redacted_and_the_extension_kept(
+        redactor: PiiRedactor, title: str, redacted: str) -> None:
+    """Read without its last extension alone, a title ending in `.tar.gz`, `.pdf.gpg` hid an address's domain (and
+    the NER cut a name at the inner extension): the value was stored and shown as it was."""
+    assert redactor.redact_title(title) == redacted
+
+
+@pytest.mark.parametrize(("title", "redacted"), [
+    ("Jordan Office Lease.pdf.gpg", "Jordan Office Lease.pdf.gpg"),  # was `Jordan Office <PERSON>.gpg`
+    ("Payslip March.pdf.gpg", "Payslip March.pdf.gpg"),  # was `<PERSON>.gpg`
+    ("Holiday rota June.docx.enc", "Holiday rota June.docx.enc"),
+    ("Travel request Lisbon.pdf.gpg", "Travel request Lisbon.pdf.gpg"),
+    ("Memo for Dr Hallgerður P.pdf.gpg", "Memo for Dr <PERSON>.pdf.gpg"),  # was `<PERSON>pdf.gpg`, its dot taken
+])
+def test_a_name_never_takes_in_a_compound_file_extension(redactor: PiiRedactor, title: str, redacted: str) -> None:
+    """A name crossing into the inner extension (the NER's `Lease.pdf` in `Lease.pdf.gpg`) was kept, as only the last
+    one was read as an extension: the title lost its words and its extension to `<PERSON>`."""
     assert redactor.redact_title(title) == redacted
 
 
