@@ -87,8 +87,11 @@ _DIGIT = re.compile(r"\d")
 _FILE_EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,8}$")
 # An extension before the last one of a compound chain (the `.tar` of `.tar.gz`, the `.pdf` of `.pdf.gpg`, the `.7z` of
 # `.7z.001`): the same shape holding a letter, so a dotted number (a date, an IP address, a card, a version) is never
-# read as a chain of them. A chain holds at most _MAX_FILE_EXTENSIONS (`.tar.gz.001`).
-_INNER_FILE_EXTENSION = re.compile(r"\.(?=[0-9]*[A-Za-z])[A-Za-z0-9]{1,8}$")
+# read as a chain of them, and in one case (`.tar`, `.PDF`), so a capitalised word is none: the `Horak` of
+# `Jan.Horak.pdf`, read as one, cut the name the NER finds whole there (`<PERSON>.Horak.pdf`), and `Sales.Deck.Final`
+# read as `Sales` alone gave the NER one word out of its context. A chain holds at most _MAX_FILE_EXTENSIONS
+# (`.tar.gz.001`).
+_INNER_FILE_EXTENSION = re.compile(r"\.(?=[0-9]*[A-Za-z])(?:[a-z0-9]{1,8}|[A-Z0-9]{1,8})$")
 _MAX_FILE_EXTENSIONS = 3
 
 # Every label the small English model emits besides PERSON: ignored at the NLP engine,

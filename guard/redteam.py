@@ -170,7 +170,7 @@ def _received_texts(answer: dict[str, object]) -> list[tuple[str, str]]:
 
 def _raw_pii(text: str) -> list[str]:
     """Entity types of the PII the analyzer finds in `text` that is not a placeholder (read as a title too: with and
-    without a trailing file extension)."""
+    without each trailing file extension, `title_readings`)."""
     return sorted({r.entity_type for reading in title_readings(text) for r in get_redactor().analyze(reading)
                    if not is_placeholder(reading[r.start:r.end])})
 

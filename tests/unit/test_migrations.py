@@ -547,6 +547,8 @@ TITLES_BEFORE_0023 = {  # as the rule before guard.pii's `_kept_in_title` stored
     "handle": ("Access for maria.gonzalez", "Access for <STAFF_HANDLE>"),  # the department's recognizer
     "allowed": ("Relay at 10.9.9.9", "Relay at 10.9.9.9"),  # on the department's allow-list
     "lease": ("Jordan Office Lease.pdf", "Jordan Office Lease.pdf"),  # a name cut at the extension stays cut
+    "chain": ("Jordan Office Lease.pdf.gpg", "Jordan Office Lease.pdf.gpg"),  # nor at a compound one's start
+    "dated": ("Minutes 2024.05.17.tar.gz", "Minutes 2024.05.17.tar.gz"),  # a date before one is no value
     "notes": ("<PERSON> notes.txt", "<PERSON> notes.txt"),
     "beside": ("Notes for <PERSON> Rivera.docx", "Notes for <PERSON> Rivera.docx"),  # the NER reads Rivera beside it
     "again": ("Letter from Rivera to <PERSON>.Rivera", "Letter from Rivera to <PERSON>.Rivera"),  # nor finds it again

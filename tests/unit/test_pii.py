@@ -404,6 +404,9 @@ def test_a_title_is_read_without_each_extension_of_a_compound_one_up_to_three() 
     assert title_readings("Statement 4111.1111.1111.1111.001") == [
         "Statement 4111.1111.1111.1111.001", "Statement 4111.1111.1111.1111"]
     assert title_readings("Quarterly budget") == ["Quarterly budget"]
+    assert title_readings("Jan.Horak.pdf") == ["Jan.Horak.pdf", "Jan.Horak"]  # a capitalised word is no extension
+    assert title_readings("maria@Example.COM.TAR.GZ") == [
+        "maria@Example.COM.TAR.GZ", "maria@Example.COM.TAR", "maria@Example.COM", "maria@Example"]
 
 
 @pytest.mark.parametrize(("title", "redacted"), [
@@ -433,6 +436,21 @@ def test_a_value_before_a_compound_file_extension_is_redacted_and_the_extension_
 def test_a_name_never_takes_in_a_compound_file_extension(redactor: PiiRedactor, title: str, redacted: str) -> None:
     """A name crossing into the inner extension (the NER's `Lease.pdf` in `Lease.pdf.gpg`) was kept, as only the last
     one was read as an extension: the title lost its words and its extension to `<PERSON>`."""
+    assert redactor.redact_title(title) == redacted
+
+
+@pytest.mark.parametrize(("title", "redacted"), [
+    ("Jan.Horak.pdf", "<PERSON>.pdf"),  # was `<PERSON>.Horak.pdf`: main had `<PERSON>.pdf`
+    ("Letter to Jan.Horak.pdf.gpg", "Letter to <PERSON>.pdf.gpg"),
+    ("CV Jan.Horak.v2.docx", "<PERSON>.v2.docx"),
+    ("Sales.Deck.Final.pptx", "Sales.Deck.Final.pptx"),  # was `Sales.<PERSON>.Final.pptx`
+])
+def test_a_capitalised_word_before_an_extension_is_no_extension_of_a_compound_one(
+        redactor: PiiRedactor, title: str, redacted: str) -> None:
+    """Any short word after a dot was read as an inner extension: `Jan.Horak.pdf` was read as `Jan` too, the name
+    the NER finds whole in `Jan.Horak` crossed that apparent extension's start and was dropped, and `Horak` was shown
+    (a leak main did not have); `Sales.Deck.Final` read as `Sales.Deck` gave the NER a word out of its context. An
+    inner extension is in one case (`.tar`, `.PDF`), as file extensions are, and a capitalised word is none."""
     assert redactor.redact_title(title) == redacted
 
 
