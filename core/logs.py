@@ -129,6 +129,14 @@ def request_id_or_none(value: object) -> str:
     return NO_REQUEST_ID
 
 
+def stored_request_id() -> str | None:
+    """The request id this thread logs under, as a row keeps it: None outside any request or command run (`-`). An
+    ingestion job keeps the id of the request or run that queued it (core/models.py), which every send of it carries
+    (workers/dispatch.py)."""
+    request_id = request_id_var.get()
+    return None if request_id == NO_REQUEST_ID else request_id
+
+
 @contextmanager
 def logged_as(request_id: object) -> Iterator[None]:
     """Log under `request_id` (checked by `request_id_or_none`) until the block ends, then as before."""

@@ -23,6 +23,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from core.logs import stored_request_id
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -159,6 +161,10 @@ class IngestionJob(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     # When its task reached the broker; empty until then (see workers/dispatch.py: an unsent job is sent again)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The request id of the request or command run that queued it (an upload's, a re-index's, a run's for the jobs it
+    # queues); empty when queued outside one, or before revision 0024. Every send of its task carries it, the sweep's
+    # and a start's too (workers/dispatch.py), so each of its runs logs under it
+    request_id: Mapped[str | None] = mapped_column(String(64), nullable=True, default=stored_request_id)
 
 
 class PendingPurge(Base):

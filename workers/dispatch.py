@@ -29,6 +29,10 @@ order, ingestion/quarantine.py), a run's claim or end, an uploader marking its j
 in process for as long as its run lasts (`JobsHeld`: no broker holds its task). A job held by one of them is being
 worked on right now, not stalled, lost nor forgotten: the next round looks at it again.
 
+Every send of a job, its first and each one again (the sweep's, a start's, after a re-index handed it back), carries
+the request id of the request or run that queued it, which the job keeps (`IngestionJob.request_id`): each of its
+runs logs under it (workers/tasks.py).
+
 Delivery is at least once: a job may run twice (a crash between the send and the stamp); a second run of a
 document that is already ready changes nothing, and a run that finds its document deleted ends the job and purges
 again (ingestion/service.py), so no job of a deleted document is left unfinished to be sent for ever.
@@ -39,7 +43,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +56,7 @@ from sqlalchemy.orm import Session
 from core import broker
 from core.db import get_engine, keep_idle_transaction_open, transaction_lock, unit_of_work
 from core.errors import Unavailable, unavailable_dependency
-from core.logs import request_id_var
+from core.logs import NO_REQUEST_ID
 from core.models import UNFINISHED, DocumentStatus, IngestionJob, utcnow
 from core.settings import Settings
 from core.sweeper import NOT_RUN
@@ -86,13 +90,27 @@ def send_jobs(app: GovragCelery, jobs: Sequence[tuple[str, str]]) -> int:
     """Send each (document id, job id) as `send_job` does; returns how many went out. Stops at the first refusal:
     that job and the rest stay unsent, for the sweep, said in one line (a re-index of a thousand documents while
     the broker is down is one line, and waits for one refusal, not a thousand)."""
-    for sent, (document_id, job_id) in enumerate(jobs):
-        if not _published(app, document_id, job_id):
+    for sent, (document_id, job_id, request_id) in enumerate(_with_stored_request_ids(app.govrag_settings, jobs)):
+        if not _published(app, document_id, job_id, request_id):
             left, them = _named([job for _, job in jobs[sent:]])
             logger.warning("%s not sent: the broker is unreachable; the sweep sends %s once it answers", left, them)
             return sent
         record_sent(app.govrag_settings, job_id)
     return len(jobs)
+
+
+def _with_stored_request_ids(settings: Settings,
+                             jobs: Sequence[tuple[str, str]]) -> Iterator[tuple[str, str, str | None]]:
+    """Each (document id, job id) with the request id its job keeps (None for a job that keeps none, or is gone),
+    read _SWEEP_BATCH jobs at a time as they are sent: one IN list of every job a re-index queues would pass
+    PostgreSQL's 65,535 bind parameters in one statement past some 65,000 jobs, and a refusal stops the reading too."""
+    for start in range(0, len(jobs), _SWEEP_BATCH):
+        batch = jobs[start:start + _SWEEP_BATCH]
+        with unit_of_work(settings.resolved_database_url) as session:
+            stored = dict(session.execute(select(IngestionJob.id, IngestionJob.request_id)
+                                          .where(IngestionJob.id.in_([job_id for _, job_id in batch]))).all())
+        for document_id, job_id in batch:
+            yield document_id, job_id, stored.get(job_id)
 
 
 def _named(job_ids: Sequence[str]) -> tuple[str, str]:
@@ -218,11 +236,11 @@ def _send_unsent_where(app: GovragCelery, *criteria: ColumnElement[bool]) -> int
     with unit_of_work(settings.resolved_database_url) as session:
         transaction_lock(session, _SWEEP_LOCK)
         unsent = session.execute(  # locked now, so marking one sent below waits for no one (`_unheld`)
-            select(IngestionJob.id, IngestionJob.document_id)
+            select(IngestionJob.id, IngestionJob.document_id, IngestionJob.request_id)
             .where(IngestionJob.sent_at.is_(None), IngestionJob.status.in_(UNFINISHED), *criteria)
             .order_by(IngestionJob.created_at).limit(_SWEEP_BATCH).with_for_update(skip_locked=True)).all()
-        for job_id, document_id in unsent:
-            if not _published(app, document_id, job_id):
+        for job_id, document_id, request_id in unsent:
+            if not _published(app, document_id, job_id, request_id):
                 break  # the broker is down: the rest wait for the next sweep
             _mark_sent(session, job_id)
             sent.append(job_id)
@@ -422,14 +440,14 @@ def _job_id_of(message: Any) -> str | None:
     return str(args[1])
 
 
-def _published(app: GovragCelery, document_id: str, job_id: str) -> bool:
-    """Put the ingestion task on the broker, with the request id this thread logs under (`REQUEST_ID_HEADER`: the
-    sweep's and a start's resending log `-`, and so do the runs of what they send: a job keeps no request id); False
-    if the broker refused (its caller says so, once)."""
+def _published(app: GovragCelery, document_id: str, job_id: str, request_id: str | None) -> bool:
+    """Put the ingestion task on the broker, with the request id the job keeps (`REQUEST_ID_HEADER`: that of the
+    request or run that queued it, whoever sends it, the sweep and a start's resending too; `-` for a job that keeps
+    none); False if the broker refused (its caller says so, once)."""
     try:
         # No time limit in the message: the worker's own GOVRAG_INGEST_TIME_LIMIT_SECONDS applies, not the sender's.
         app.tasks[INGEST_TASK].apply_async(args=[document_id, job_id], time_limit=None,
-                                           headers={REQUEST_ID_HEADER: request_id_var.get()})
+                                           headers={REQUEST_ID_HEADER: request_id or NO_REQUEST_ID})
     except (OperationalError, OSError):
         return False
     return True

@@ -128,9 +128,10 @@ _runs = _RunsInThisThread()
 @signals.task_prerun.connect
 def request_id_for_the_run(task_id: str, task: Task, **_: object) -> None:
     """A task's run (Celery's own lines about it too: a retry, a failure, its success) logs under the request id its
-    message carries (`REQUEST_ID_HEADER`, set by `dispatch.send_jobs`), so an operator can tie a worker's line to the
-    upload, re-index or command that queued the job; a missing one, or one that is not a request id as govrag makes
-    one (a forged message's text), logs `-`."""
+    message carries (`REQUEST_ID_HEADER`: the one its job keeps, which every send of it carries, workers/dispatch.py),
+    so an operator can tie a worker's line to the upload, re-index or command that queued the job, however often it
+    was sent; a missing one, or one that is not a request id as govrag makes one (a forged message's text), logs
+    `-`."""
     _runs.tokens[task_id] = request_id_var.set(request_id_or_none(task.request.get(REQUEST_ID_HEADER)))
 
 

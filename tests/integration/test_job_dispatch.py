@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from kombu.transport import memory
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from bench.common import libpq_dsn
 from tests.conftest import PLATFORM_ADMIN, REDIS_URL, auth, desk_member, wait_for_job
@@ -1960,6 +1960,43 @@ def test_jobs_sent_before_the_broker_refuses_are_recorded_sent_and_the_rest_go_o
         assert all(_sent_at(url, job) is not None for job in jobs)
     finally:
         memory.Channel.queues.pop(queue, None)
+
+
+def test_the_request_ids_of_seventy_thousand_jobs_sent_at_once_are_read_and_each_send_carries_its_own(
+        make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """`send_jobs` sends each job with the request id its job keeps, which it reads as it sends them: 70,000 jobs (a
+    re-index of a large department) read in one IN list are more bind parameters than PostgreSQL takes in one
+    statement (65,535; psycopg refuses to send it). The rows are written in one INSERT, each job with an id of its
+    own (md5 of its number: 32 hex digits, as govrag makes one). The read of all 70,000 is what `send_jobs` does;
+    only a few are then sent, their tasks read back from the broker (each send commits a stamp of its own: all
+    70,000 would take many minutes)."""
+    from core.db import unit_of_work
+    from workers.celery_app import REQUEST_ID_HEADER, create_celery
+    from workers.dispatch import _job_id_of, _with_stored_request_ids, send_jobs
+
+    url, settings = _on("postgresql", make_pg_database, tmp_path)
+    count = 70_000
+    with unit_of_work(url) as session:
+        session.execute(text("INSERT INTO departments (name, created_at) VALUES ('desk', now())"))
+        session.execute(text(
+            "INSERT INTO documents (id, department, title, content_type, size_bytes, sha256, acl_groups, "
+            "classification, status, chunk_count, uploaded_by, created_at, updated_at, flagged_chunks) VALUES "
+            "('d', 'desk', 't', 'text/plain', 1, 'ab', '[]', 'internal', 'queued', 0, 'ed', now(), now(), 0)"))
+        session.execute(text(
+            "INSERT INTO ingestion_jobs (id, document_id, status, attempts, crashed_runs, created_at, updated_at, "
+            "request_id) SELECT 'job-' || n, 'd', 'queued', 0, 0, now(), now(), md5(n::text) "
+            "FROM generate_series(1, :count) AS n"), {"count": count})
+    jobs = [("d", f"job-{n}") for n in range(1, count + 1)]
+    kept = {f"job-{n}": hashlib.md5(str(n).encode(), usedforsecurity=False).hexdigest() for n in range(1, count + 1)}
+    assert {job_id: request_id for _, job_id, request_id in _with_stored_request_ids(settings, jobs)} == kept
+    few = jobs[499:502]  # across the first two reads
+    try:
+        assert send_jobs(create_celery(settings), few) == len(few)
+        waiting = memory.Channel.queues[settings.task_queue].queue
+        carried = {_job_id_of(message): message["headers"][REQUEST_ID_HEADER] for message in waiting}
+        assert carried == {job_id: kept[job_id] for _, job_id in few}
+    finally:
+        memory.Channel.queues.pop(settings.task_queue, None)
 
 
 def test_a_sweep_whose_redis_refuses_its_read_still_sends_a_stalled_job_again(tmp_path: Path) -> None:

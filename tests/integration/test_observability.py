@@ -7,15 +7,17 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from kombu.transport import memory
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pydantic import SecretStr
 
 from core import tracing
 from core.logs import JsonFormatter, MaskingFilter
-from tests.conftest import PLATFORM_ADMIN, auth, wait_for_job
+from tests.conftest import PLATFORM_ADMIN, auth, desk_member, wait_for_job
 from tests.support.polling import wait_until
 
 QUESTION = "What is the codeword for the Zephyr-Obsidian launch window?"
@@ -199,3 +201,32 @@ def _sent_with_header(client: TestClient, settings, dept: str, n: int,  # type: 
         args=[accepted.document_id, accepted.job_id], time_limit=None, headers={REQUEST_ID_HEADER: header})
     record_sent(settings, accepted.job_id)
     return accepted.document_id
+
+
+@pytest.mark.parametrize("sent_again_by", ["sweep", "start"])
+def test_a_job_sent_again_runs_under_the_id_of_the_request_that_queued_it(
+        sent_again_by: str, tmp_path: Path, worker_lines: _JsonLines) -> None:
+    """A job's task carried the id its sender logged under, so only its first send was the upload's: one the sweep
+    sent (the broker was down at the upload) or an embedded API's start sent again (its broker's memory lost the
+    task) ran under `-`, and its creator's request could not be followed into the worker. The job keeps that id
+    now, and every send carries it."""
+    from api.app import create_app
+    from retrieval.store import close_vector_store
+    from tests.integration.test_job_dispatch import UNREACHABLE_BROKER, _embedded
+
+    _url, first = _embedded(tmp_path, broker_url=UNREACHABLE_BROKER if sent_again_by == "sweep" else "memory://")
+    with TestClient(create_app(first)) as client:
+        editor = desk_member(client, "editor")
+        upload = client.post("/v1/documents", headers=auth(editor), data={"department": "desk", "title": "launch"},
+                             files={"file": ("launch.txt", DOC.encode())})
+        assert upload.status_code == 202, upload.text
+    close_vector_store(first)
+    memory.Channel.queues.pop(first.task_queue, None)  # what a new process starts with: an empty broker
+    again = {"sweep": {"job_sweep_seconds": 0.2, "job_resend_after_seconds": 0.0}, "start": {}}[sent_again_by]
+    restarted = first.model_copy(update={"broker_url": "memory://", "inprocess_worker": True, **again})
+    document_id = upload.json()["document_id"]
+    with TestClient(create_app(restarted)) as client:
+        assert wait_for_job(client, editor, upload.json()["job_id"])["status"] == "ready"
+        wait_until(lambda: bool(worker_lines.ingested(document_id)), 60, "the worker's line saying it ingested it")
+    close_vector_store(restarted)
+    assert {line["request_id"] for line in worker_lines.ingested(document_id)} == {upload.headers["X-Request-ID"]}

@@ -620,3 +620,36 @@ def test_0023_stops_on_a_department_policy_it_cannot_apply_naming_the_department
             assert connection.execute(text("SELECT title FROM documents")).scalar_one() == "Access from 10.0.0.1"
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "pg"])
+def test_0024_gives_jobs_a_request_id_empty_for_those_queued_before_and_undoing_it_keeps_the_jobs(
+        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
+    """A job kept no request id, so a send of it after the first carried its sender's (`-` for the sweep's). 0024
+    adds `ingestion_jobs.request_id`: empty for the jobs queued before it (they were queued under no id it could
+    know), the creator's for those after; undoing it drops the column and keeps every job."""
+    url = _database(kind, tmp_path, make_pg_database)
+    migrate.upgrade(url, "0023")
+    job = "id, document_id, status, attempts, crashed_runs, created_at, updated_at"
+    _execute(url, "INSERT INTO departments (name, created_at) VALUES ('hr', '2026-01-01 00:00:00')",
+             "INSERT INTO documents (id, department, title, content_type, size_bytes, sha256, acl_groups, "
+             "classification, status, chunk_count, uploaded_by, created_at, updated_at, flagged_chunks) VALUES "
+             "('d', 'hr', 't', 'text/plain', 1, 'ab', '[]', 'internal', 'queued', 0, 'ed', '2026-01-01', "
+             "'2026-01-01', 0)",
+             f"INSERT INTO ingestion_jobs ({job}) VALUES ('before', 'd', 'queued', 0, 0, '2026-01-01', "  # noqa: S608
+             "'2026-01-01')")
+    migrate.upgrade(url, "0024")
+    creator = "0123456789abcdef0123456789abcdef"
+    _execute(url, f"INSERT INTO ingestion_jobs ({job}, request_id) VALUES ('after', 'd', 'queued', 0, 0, "  # noqa: S608
+                  f"'2026-01-01', '2026-01-01', '{creator}')")
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            kept = dict(connection.execute(text("SELECT id, request_id FROM ingestion_jobs")).all())
+        assert kept == {"before": None, "after": creator}
+        migrate.downgrade(url, "0023")
+        assert "request_id" not in _columns(url, "ingestion_jobs")
+        with engine.connect() as connection:
+            assert sorted(connection.execute(text("SELECT id FROM ingestion_jobs")).scalars()) == ["after", "before"]
+    finally:
+        engine.dispose()
