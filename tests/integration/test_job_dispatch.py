@@ -1962,41 +1962,79 @@ def test_jobs_sent_before_the_broker_refuses_are_recorded_sent_and_the_rest_go_o
         memory.Channel.queues.pop(queue, None)
 
 
-def test_the_request_ids_of_seventy_thousand_jobs_sent_at_once_are_read_and_each_send_carries_its_own(
-        make_pg_database: Callable[[], str], tmp_path: Path) -> None:
-    """`send_jobs` sends each job with the request id its job keeps, which it reads as it sends them: 70,000 jobs (a
-    re-index of a large department) read in one IN list are more bind parameters than PostgreSQL takes in one
-    statement (65,535; psycopg refuses to send it). The rows are written in one INSERT, each job with an id of its
-    own (md5 of its number: 32 hex digits, as govrag makes one). The read of all 70,000 is what `send_jobs` does;
-    only a few are then sent, their tasks read back from the broker (each send commits a stamp of its own: all
-    70,000 would take many minutes)."""
+def _jobs_keeping(url: str, request_ids: dict[str, str | None]) -> None:
+    """Document `d` of department `desk` and one queued job of it per entry, keeping that request id."""
     from core.db import unit_of_work
-    from workers.celery_app import REQUEST_ID_HEADER, create_celery
-    from workers.dispatch import _job_id_of, _with_stored_request_ids, send_jobs
 
-    url, settings = _on("postgresql", make_pg_database, tmp_path)
-    count = 70_000
     with unit_of_work(url) as session:
-        session.execute(text("INSERT INTO departments (name, created_at) VALUES ('desk', now())"))
+        session.execute(text("INSERT INTO departments (name, created_at) VALUES ('desk', CURRENT_TIMESTAMP)"))
         session.execute(text(
             "INSERT INTO documents (id, department, title, content_type, size_bytes, sha256, acl_groups, "
             "classification, status, chunk_count, uploaded_by, created_at, updated_at, flagged_chunks) VALUES "
-            "('d', 'desk', 't', 'text/plain', 1, 'ab', '[]', 'internal', 'queued', 0, 'ed', now(), now(), 0)"))
+            "('d', 'desk', 't', 'text/plain', 1, 'ab', '[]', 'internal', 'queued', 0, 'ed', CURRENT_TIMESTAMP, "
+            "CURRENT_TIMESTAMP, 0)"))
         session.execute(text(
             "INSERT INTO ingestion_jobs (id, document_id, status, attempts, crashed_runs, created_at, updated_at, "
-            "request_id) SELECT 'job-' || n, 'd', 'queued', 0, 0, now(), now(), md5(n::text) "
-            "FROM generate_series(1, :count) AS n"), {"count": count})
-    jobs = [("d", f"job-{n}") for n in range(1, count + 1)]
-    kept = {f"job-{n}": hashlib.md5(str(n).encode(), usedforsecurity=False).hexdigest() for n in range(1, count + 1)}
-    assert {job_id: request_id for _, job_id, request_id in _with_stored_request_ids(settings, jobs)} == kept
-    few = jobs[499:502]  # across the first two reads
+            "request_id) VALUES (:id, 'd', 'queued', 0, 0, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, :request_id)"),
+            [{"id": job_id, "request_id": request_id} for job_id, request_id in request_ids.items()])
+
+
+def test_send_jobs_reads_the_kept_request_ids_a_batch_at_a_time_and_each_send_carries_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`send_jobs` sends each job with the request id its job keeps, read as it sends them a batch of jobs at a time
+    (`_SWEEP_BATCH`, 2 here): one IN list of every job a large re-index queues passes the bind parameters a
+    statement may have. Five jobs and one gone are read in three SELECTs; each task carries its job's id, `-` for the
+    job that keeps none and for the one gone."""
+    from sqlalchemy import event
+
+    from core.db import get_engine
+    from workers import dispatch
+    from workers.celery_app import REQUEST_ID_HEADER, create_celery
+
+    monkeypatch.setattr(dispatch, "_SWEEP_BATCH", 2)
+    url, settings = _embedded(tmp_path)
+    kept: dict[str, str | None] = {f"job-{n}": uuid.uuid4().hex for n in range(1, 6)}
+    kept["job-3"] = None
+    _jobs_keeping(url, kept)
+    reads: list[str] = []
+
+    def note_a_read(*args: object) -> None:
+        statement = str(args[2])
+        if statement.startswith("SELECT") and "ingestion_jobs.request_id" in statement:
+            reads.append(statement)
+
+    jobs = [("d", job_id) for job_id in [*kept, "gone"]]
+    engine = get_engine(url)
+    event.listen(engine, "before_cursor_execute", note_a_read)
     try:
-        assert send_jobs(create_celery(settings), few) == len(few)
+        assert dispatch.send_jobs(create_celery(settings), jobs) == len(jobs)
+    finally:
+        event.remove(engine, "before_cursor_execute", note_a_read)
+    try:
         waiting = memory.Channel.queues[settings.task_queue].queue
-        carried = {_job_id_of(message): message["headers"][REQUEST_ID_HEADER] for message in waiting}
-        assert carried == {job_id: kept[job_id] for _, job_id in few}
+        carried = {dispatch._job_id_of(message): message["headers"][REQUEST_ID_HEADER] for message in waiting}
     finally:
         memory.Channel.queues.pop(settings.task_queue, None)
+    assert carried == {**{job_id: request_id or "-" for job_id, request_id in kept.items()}, "gone": "-"}
+    assert len(reads) == 3
+
+
+def test_the_kept_request_ids_of_more_jobs_than_postgresql_takes_bind_parameters_are_read(
+        make_pg_database: Callable[[], str], tmp_path: Path) -> None:
+    """A re-index of a large department sends more jobs than PostgreSQL takes bind parameters in one statement
+    (65,535; psycopg refuses to send more): `send_jobs` reads their ids a batch at a time. The ids of 65,536 jobs
+    are read as it reads them; three of them are in the database (the first, one in the middle and the last, which
+    one IN list would put past the limit), the rest are gone (a job gone is read as keeping none)."""
+    from workers.dispatch import _with_stored_request_ids
+
+    url, settings = _on("postgresql", make_pg_database, tmp_path)
+    count = 65_536
+    kept = {f"job-{n}": uuid.uuid4().hex for n in (1, count // 2, count)}
+    _jobs_keeping(url, kept)
+    read = {job_id: request_id for _, job_id, request_id in
+            _with_stored_request_ids(settings, [("d", f"job-{n}") for n in range(1, count + 1)])}
+    assert len(read) == count
+    assert {job_id: request_id for job_id, request_id in read.items() if request_id is not None} == kept
 
 
 def test_a_sweep_whose_redis_refuses_its_read_still_sends_a_stalled_job_again(tmp_path: Path) -> None:
