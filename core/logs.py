@@ -130,10 +130,11 @@ def request_id_or_none(value: object) -> str:
 
 
 def stored_request_id() -> str | None:
-    """The request id this thread logs under, as a row keeps it: None outside any request or command run (`-`). An
-    ingestion job keeps the id of the request or run that queued it (core/models.py), which every send of it carries
-    (workers/dispatch.py)."""
-    request_id = request_id_var.get()
+    """The request id this thread logs under, as a row keeps it: None outside any request or command run (`-`), and
+    for anything that is not a request id as govrag makes one (`request_id_or_none`), so a row never keeps more than
+    its 36 characters, nor text of a caller's. An ingestion job keeps the id of the request or run that queued it
+    (core/models.py), which every send of it carries (workers/dispatch.py)."""
+    request_id = request_id_or_none(request_id_var.get())
     return None if request_id == NO_REQUEST_ID else request_id
 
 

@@ -18,6 +18,7 @@ from core.logs import (
     mask,
     mask_all_handlers,
     request_id_var,
+    stored_request_id,
 )
 from tests.support.cpu_bound import cpu_seconds_of
 
@@ -298,3 +299,23 @@ def test_an_id_whose_digits_look_like_a_card_number_is_logged_whole(document_id:
 def test_a_card_number_beside_an_id_is_still_masked_and_the_next_word_kept() -> None:
     line = mask("document 8f2a37ee-d26e-4b15-8694-810088041610 card 4111 1111 1111 1111 is refused")
     assert line == "document 8f2a37ee-d26e-4b15-8694-810088041610 card <NUMBER> is refused"
+
+
+@pytest.mark.parametrize(("logged_under", "kept"), [
+    ("0123456789abcdef0123456789abcdef", "0123456789abcdef0123456789abcdef"),
+    ("cli-0123456789abcdef0123456789abcdef", "cli-0123456789abcdef0123456789abcdef"),
+    ("-", None),
+    ("0123456789abcdef0123456789abcdef\n{\"level\": \"ERROR\"}", None),
+    ("f" * 65, None),
+])
+def test_a_row_keeps_the_request_id_it_was_written_under_only_as_govrag_makes_one(
+        logged_under: str, kept: str | None) -> None:
+    """An ingestion job keeps the request id it was queued under (`ingestion_jobs.request_id`, String(64)), which
+    every send of its task carries to a worker. Every id a thread logs under is one govrag made (the API's own, a
+    command run's, a task header's checked by `request_id_or_none`), and a row keeps no other: text that is not one,
+    a line break after one or more than the column holds, is kept as none, as `-` is."""
+    token = request_id_var.set(logged_under)
+    try:
+        assert stored_request_id() == kept
+    finally:
+        request_id_var.reset(token)
