@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -182,7 +183,7 @@ def check_export(export_file: BinaryIO, *, by: Signer | Ed25519PublicKey, deploy
     `deployment_id` is given), then its rows against the manifest (count, order, each JSONL row's hash, the body's
     sha256), then, given `manifest_copy` (the FILE.manifest.json beside it), that the copy is that manifest. The
     manifest, its last line, is read from the end once, and that reading is what each check uses; the rows then stream
-    past once: memory holds a line at a time, however long the export."""
+    past twice (_check_rows): memory holds a line at a time, however long the export."""
     body_length, line_length, manifest = _manifest(export_file)
     if manifest is None:
         return _failed("manifest_missing", "no readable manifest closes the file: it was cut, or is no govrag export")
@@ -201,7 +202,7 @@ def check_export(export_file: BinaryIO, *, by: Signer | Ed25519PublicKey, deploy
     if deployment_id is not None and manifest["deployment_id"] != deployment_id:
         return _broken(found, "other_deployment", f"signed by deployment {manifest['deployment_id']}, not by "
                                                   f"{deployment_id}")
-    checked = _check_rows(found, _Body(export_file, body_length), manifest)
+    checked = _check_rows(found, export_file, body_length, manifest)
     if not checked.ok or manifest_copy is None:
         return checked
     return _check_manifest_copy(checked, manifest, line_length, manifest_copy)
@@ -270,11 +271,11 @@ class _RowTooLong(Exception):
 
 
 class _Body:
-    """The lines before the manifest, each with its newline, read once from the start and hashed as they pass; each
-    read with a bound (_RowTooLong past LONGEST_EXPORT_ROW bytes, the rest of the line and of the file unread)."""
+    """The lines before the manifest, each with its newline, read from the start, each with a bound (_RowTooLong
+    past LONGEST_EXPORT_ROW bytes, the rest of the line and of the file unread)."""
 
     def __init__(self, export_file: BinaryIO, length: int) -> None:
-        self.export_file, self.length, self.sha256 = export_file, length, hashlib.sha256()
+        self.export_file, self.length = export_file, length
         self.line = 0  # the number of the line last read
 
     def __iter__(self) -> Iterator[bytes]:
@@ -289,7 +290,6 @@ class _Body:
             if len(line) > LONGEST_EXPORT_ROW:
                 raise _RowTooLong(self.line)
             left -= len(line)
-            self.sha256.update(line)
             yield line
 
 
@@ -319,17 +319,28 @@ class _Tally:
         self.previous = row.id
 
 
-def _check_rows(found: ExportCheck, body: _Body, manifest: dict[str, Any]) -> ExportCheck:
-    tally = _Tally()
+def _check_rows(found: ExportCheck, export_file: BinaryIO, body_length: int,
+                manifest: dict[str, Any]) -> ExportCheck:
+    """The rows against the manifest. The body's raw bytes are hashed first (its lines bounded as the rows' are): one
+    that is the body signed is govrag's own rows, parsed as written; any other is parsed only to name what changed,
+    each row refused unparsed when its shape is none an export writes (_NoExportRow), so that a hand-edited line
+    within the bound cannot have the parser build many times its size before the check says it was changed."""
+    signed = _hashed(_Body(export_file, body_length)) == manifest["body_sha256"]
+    body, tally = _Body(export_file, body_length), _Tally()
     try:
-        for row in _rows(body, ExportFormat(manifest["format"])):
+        for row in _rows(body, ExportFormat(manifest["format"]), signed=signed):
             tally.add(row)
     except _RowTooLong as too_long:
         return _broken(found, "row_too_long", f"line {too_long.line} is longer than {LONGEST_EXPORT_ROW} bytes, "
                                               "longer than any row an export writes: the file was edited, or is no "
                                               "govrag export", line=too_long.line)
+    except _NoExportRow:
+        return _broken(found, "rows_unreadable", f"line {body.line} is shaped as no export row is (not one JSON "
+                                                 "object, or more values than its length holds): the file was "
+                                                 "edited, or is no govrag export", line=body.line)
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, RecursionError, csv.Error):
-        return _broken(found, "rows_unreadable", "a row does not parse: the file was cut or edited mid-row")
+        return _broken(found, "rows_unreadable", f"line {body.line} does not parse as a row: the file was cut or "
+                                                 "edited mid-row", line=body.line)
     if tally.count != manifest["rows"]:
         what = "removed" if tally.count < manifest["rows"] else "added"
         return _broken(found, f"rows_{what}", f"the manifest counts {manifest['rows']} rows, the file holds "
@@ -343,9 +354,52 @@ def _check_rows(found: ExportCheck, body: _Body, manifest: dict[str, Any]) -> Ex
     if broken:
         row_id, reason, message = min(broken, key=lambda found_at: found_at[0])
         return _broken(found, reason, message, row_id)
-    if body.sha256.hexdigest() != manifest["body_sha256"]:
+    if not signed:
         return _broken(found, "body_changed", "the rows are not those exported: one was changed or replaced")
     return found
+
+
+def _hashed(body: _Body) -> str | None:
+    """The sha256 of the body's raw bytes, read a line at a time; None once a line is longer than any row (no body an
+    export writes), read no further."""
+    digest = hashlib.sha256()
+    try:
+        for line in body:
+            digest.update(line)
+    except _RowTooLong:
+        return None
+    return digest.hexdigest()
+
+
+# What a row holds beside its lists of names, counted as a body that is not the one signed is checked for rows no
+# export writes (_no_export_row): each row's JSON objects and arrays (chunks, by top_k at most 50, and their fields;
+# OCSF lists a group as an object, a token's 16 KiB of them at most: some thousands) and its values (its fields, a
+# question's 2,000 characters, a token's groups), generously: brackets and commas inside its strings count too.
+_ROW_FIXED_PART = 64 * 1024
+# The fewest bytes a row's line spends on each value beyond that: its long lists are of distinct department names
+# (and roles naming them), `"abcd", ` at least once there are more than some 40,000 (as many as have 3 letters or
+# fewer). A line of values denser than that (`{},{},...`, `"ab","ab",...`, a CSV line of short cells) is no row, and
+# parsed would hold up to some 30 times its length, a GiB for a line within LONGEST_EXPORT_ROW; one as dense, some 11
+# (13 in CSV), as a row of as many 4-letter departments would.
+_BYTES_PER_VALUE = 8
+
+
+_JSON_OBJECT = re.compile(rb"\s*\{.*\}\s*", re.DOTALL)  # a line that may hold one JSON object, its whitespace about
+
+
+class _NoExportRow(Exception):
+    """A row's line in a body that is not the one signed, shaped as no export row is: refused before it is parsed."""
+
+
+def _no_export_row(line: bytes, *, json_object: bool) -> bool:
+    """Whether `line` is shaped as no export row is, found by counting bytes (never parsing it): more values than its
+    length holds (commas) or, for a JSON row (`json_object`), not one object, or more objects and arrays than a row
+    has. A nesting deeper than the parser goes is left to it: RecursionError, a row that does not parse."""
+    if line.count(b",") > _ROW_FIXED_PART + len(line) // _BYTES_PER_VALUE:
+        return True
+    if not json_object:
+        return False
+    return _JSON_OBJECT.fullmatch(line) is None or line.count(b"{") + line.count(b"[") > _ROW_FIXED_PART
 
 
 @dataclass(frozen=True)
@@ -355,11 +409,15 @@ class _Row:
     rehashed: str | None  # a JSONL row's hash computed again from its content; None for CSV and OCSF (not whole)
 
 
-def _rows(body: _Body, fmt: ExportFormat) -> Iterator[_Row]:
+def _rows(body: _Body, fmt: ExportFormat, *, signed: bool) -> Iterator[_Row]:
+    """The rows of the body; when it is not the one `signed`, each line is refused unparsed (_NoExportRow) if shaped as
+    no export row is."""
     if fmt is ExportFormat.csv:
-        yield from _csv_rows(body)
+        yield from _csv_rows(body, signed=signed)
         return
     for text in body:
+        if not signed and _no_export_row(text, json_object=True):
+            raise _NoExportRow
         line = json.loads(text.decode())  # JSON escapes a newline inside a value
         if fmt is ExportFormat.ocsf:
             yield _Row(int(line["metadata"]["uid"]), line["unmapped"]["hash"], None)
@@ -367,7 +425,7 @@ def _rows(body: _Body, fmt: ExportFormat) -> Iterator[_Row]:
             yield _Row(int(line["id"]), line["hash"], event_hash(SimpleNamespace(**line)))
 
 
-def _csv_rows(body: _Body) -> Iterator[_Row]:
+def _csv_rows(body: _Body, *, signed: bool) -> Iterator[_Row]:
     """A CSV export's rows. A record spans lines where a cell holds a line break (a question's): it is bounded as a
     line is (_RowTooLong, naming the line where it went past LONGEST_EXPORT_ROW), or a quote never closed would gather
     every line after it."""
@@ -380,6 +438,8 @@ def _csv_rows(body: _Body) -> Iterator[_Row]:
             record += len(line)
             if record > LONGEST_EXPORT_ROW:
                 raise _RowTooLong(body.line)
+            if not signed and _no_export_row(line, json_object=False):
+                raise _NoExportRow
             # each line cut at \r too, as a file opened with newline="" is read: what the csv module expects
             yield from io.StringIO(line.decode(), newline="")
 

@@ -199,7 +199,7 @@ class ExportCheck(BaseModel):
     reason: str | None = None
     message: str | None = None  # what was found, in a sentence (ids and counts only)
     first_broken: int | None = None  # the lowest row id found broken, when one row is
-    line: int | None = None  # the file's line found longer than any row an export writes (`row_too_long`)
+    line: int | None = None  # the file's line found too long (`row_too_long`) or unreadable (`rows_unreadable`)
     deployment_id: str | None = None
     through_event_id: int | None = None
     signatures: list[str] = []  # those verified: "hmac-sha256" (the checkpoint key), "ed25519" (the public key)

@@ -8,11 +8,13 @@ import functools
 import hashlib
 import hmac
 import io
+import itertools
 import json
 import logging
 import os
 import re
 import shutil
+import string
 import subprocess
 import sys
 import threading
@@ -1734,6 +1736,58 @@ def test_a_csv_record_is_read_within_the_longest_row_an_export_writes_over_many_
     assert (code, report["reason"]) == (3, "row_too_long"), report
     assert report["line"] == first + 16, report
     assert "forged" not in json.dumps(report)
+
+
+_SOME_MIB = 8 * 1024 * 1024  # a line well within LONGEST_EXPORT_ROW, yet parsed into many times that
+# Lines within the bound that no export writes: the parser built each value of the dense ones as an object (a dict of
+# `{}` some 30 times its 3 bytes, a string of `"ab"` some 12 times its 5), before the check said the row was changed;
+# the nested one it refuses past its depth (RecursionError, which must not end the command).
+_NO_EXPORT_ROWS = {
+    "empty objects": (b"{}," * (_SOME_MIB // 3))[:-1],
+    "a list of empty objects": b'{"id": 3, "forged": [' + b"{}," * (_SOME_MIB // 3) + b"{}]}",
+    "a list of short strings": b'{"id": 3, "forged": [' + b'"ab",' * (_SOME_MIB // 5) + b'"ab"]}',
+    "nested past the parser's depth": b'{"id": 3, "forged": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+    "nested as deep as the line is long": b'{"id": 3, "forged": ' + b"[" * _SOME_MIB + b"}",
+    "a CSV record of short cells": b"3,forged," + b"ab," * (_SOME_MIB // 3),
+}
+
+
+def _densest_row(settings: Settings) -> None:
+    """A retrieval by a reader holding a role in each of 100,000 departments of 4 characters: lists of values as dense
+    as a row an export writes has them (`"abcd", `)."""
+    names = ["".join(letters) for letters in itertools.islice(itertools.product(string.ascii_lowercase, repeat=4),
+                                                               100_000)]
+    with get_session_factory(settings.resolved_database_url)() as session:
+        audit_service.record_retrieval(session=session, settings=settings, record=replace(
+            _record(0), departments_searched=names, roles=[f"r@{name}" for name in names]))
+
+
+@pytest.mark.parametrize(("shape", "fmt"), [
+    *((shape, fmt) for shape in _NO_EXPORT_ROWS if "CSV" not in shape
+      for fmt in (ExportFormat.jsonl, ExportFormat.ocsf)),
+    ("a CSV record of short cells", ExportFormat.csv)])
+def test_a_row_shaped_as_no_export_row_is_told_by_its_line_unparsed(
+        ledger: Settings, tmp_path: Path, cli: Callable[..., tuple], shape: str, fmt: ExportFormat) -> None:
+    """verify-export parsed each row before anything said whether the rows were those signed: a hand-edited line
+    within LONGEST_EXPORT_ROW made of tiny values had the parser hold some 25 times its length (a GiB for 39 MiB)
+    before the check failed it as unreadable, naming no line. The body's raw bytes are hashed first: those signed
+    are parsed as written; any other row is refused unparsed when its shape is none an export writes, `rows_unreadable`
+    naming its line (`line`), not its content, with the memory of the line read alone; one nested past the parser's
+    depth is the same report, not a RecursionError. The densest row an export writes, before it, is parsed, not
+    refused: the report names the line after it."""
+    _densest_row(ledger)
+    _append(ledger, 2)
+    export = _export(ledger, tmp_path / f"export.{fmt.value}", fmt)
+    assert cli(ledger, export)[1]["ok"] is True
+    *rows, manifest = _lines(export)
+    after = 2 if fmt is ExportFormat.csv else 1  # the CSV header, then the densest row
+    edited = _written(export, [*rows[:after], _NO_EXPORT_ROWS[shape], *rows[after:], manifest])
+    (code, report), peak = _peak_while(functools.partial(cli, ledger, edited))
+    line = after + 1
+    assert (code, report["reason"], report["line"], report["first_broken"]) == (3, "rows_unreadable", line, None)
+    assert report["message"].startswith(f"line {line} "), report
+    assert "forged" not in json.dumps(report), report
+    assert peak < 5 * _SOME_MIB, peak  # the line read (readline joins what it read: twice), the densest row parsed
 
 
 def _outcome(run: Callable[[], Any], release: Callable[[], None]) -> Any:
