@@ -271,11 +271,11 @@ class _RowTooLong(Exception):
 
 
 class _Body:
-    """The lines before the manifest, each with its newline, read from the start, each with a bound (_RowTooLong
-    past LONGEST_EXPORT_ROW bytes, the rest of the line and of the file unread)."""
+    """The lines before the manifest, each with its newline, read from the start and hashed as they pass; each read
+    with a bound (_RowTooLong past LONGEST_EXPORT_ROW bytes, the rest of the line and of the file unread)."""
 
     def __init__(self, export_file: BinaryIO, length: int) -> None:
-        self.export_file, self.length = export_file, length
+        self.export_file, self.length, self.sha256 = export_file, length, hashlib.sha256()
         self.line = 0  # the number of the line last read
 
     def __iter__(self) -> Iterator[bytes]:
@@ -290,6 +290,7 @@ class _Body:
             if len(line) > LONGEST_EXPORT_ROW:
                 raise _RowTooLong(self.line)
             left -= len(line)
+            self.sha256.update(line)
             yield line
 
 
@@ -324,7 +325,9 @@ def _check_rows(found: ExportCheck, export_file: BinaryIO, body_length: int,
     """The rows against the manifest. The body's raw bytes are hashed first (its lines bounded as the rows' are): one
     that is the body signed is govrag's own rows, parsed as written; any other is parsed only to name what changed,
     each row refused unparsed when its shape is none an export writes (_NoExportRow), so that a hand-edited line
-    within the bound cannot have the parser build many times its size before the check says it was changed."""
+    within the bound cannot have the parser build many times its size before the check says it was changed. The
+    bytes parsed are hashed again as they are read, and that hash, not the first, says whether they are the body
+    signed: a file changed between the two reads is never passed on the first read's word."""
     signed = _hashed(_Body(export_file, body_length)) == manifest["body_sha256"]
     body, tally = _Body(export_file, body_length), _Tally()
     try:
@@ -354,7 +357,7 @@ def _check_rows(found: ExportCheck, export_file: BinaryIO, body_length: int,
     if broken:
         row_id, reason, message = min(broken, key=lambda found_at: found_at[0])
         return _broken(found, reason, message, row_id)
-    if not signed:
+    if body.sha256.hexdigest() != manifest["body_sha256"]:
         return _broken(found, "body_changed", "the rows are not those exported: one was changed or replaced")
     return found
 
@@ -362,13 +365,12 @@ def _check_rows(found: ExportCheck, export_file: BinaryIO, body_length: int,
 def _hashed(body: _Body) -> str | None:
     """The sha256 of the body's raw bytes, read a line at a time; None once a line is longer than any row (no body an
     export writes), read no further."""
-    digest = hashlib.sha256()
     try:
-        for line in body:
-            digest.update(line)
+        for _line in body:
+            pass
     except _RowTooLong:
         return None
-    return digest.hexdigest()
+    return body.sha256.hexdigest()
 
 
 # What a row holds beside its lists of names, counted as a body that is not the one signed is checked for rows no

@@ -1790,6 +1790,50 @@ def test_a_row_shaped_as_no_export_row_is_told_by_its_line_unparsed(
     assert peak < 5 * _SOME_MIB, peak  # the line read (readline joins what it read: twice), the densest row parsed
 
 
+class _RewrittenAsItIsReadAgain(io.FileIO):
+    """An export file a writer rewrites in place (`rewritten`, the same length) when its reader, having read its body
+    (`body` bytes, a line at a time) whole, goes back to its start: what a file on a share another machine writes, or
+    a FUSE file, can do between two reads."""
+
+    def __init__(self, path: Path, rewritten: bytes, body: int) -> None:
+        super().__init__(path, "rb")
+        self.path, self.rewritten, self.body = path, rewritten, body
+        self.lines_read, self.rewrites = 0, 0  # the bytes readline returned; the rewrites done
+
+    def readline(self, size: int | None = -1, /) -> bytes:
+        line = super().readline(size)
+        self.lines_read += len(line)
+        return line
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if (offset, whence) == (0, os.SEEK_SET) and self.lines_read >= self.body and not self.rewrites:
+            self.path.write_bytes(self.rewritten)  # truncated and written again: the reader's file still
+            self.rewrites += 1
+        return super().seek(offset, whence)
+
+
+@pytest.mark.parametrize("fmt", list(ExportFormat))
+def test_an_export_rewritten_between_its_hashing_and_its_parsing_is_never_passed(
+        ledger: Settings, tmp_path: Path, fmt: ExportFormat) -> None:
+    """verify-export reads the body twice: its raw bytes hashed against the manifest's body_sha256, then its rows
+    parsed. The parse took the first read's word for the bytes it read itself: a file rewritten in between (a row
+    edited, and in JSONL its own hash computed again, the length unchanged) passed, `ok`, though the rows parsed
+    were never those signed. The bytes parsed are hashed again as they are read, and that hash says: `body_changed`."""
+    _append(ledger, 4)
+    export = _export(ledger, tmp_path / f"export.{fmt.value}", fmt)
+    signed = export.read_bytes()
+    edited = (_rehashed(_lines(export)[1], b'"alice"', b'"alicf"') if fmt is ExportFormat.jsonl else
+              _lines(export)[1].replace(b"alice", b"alicf"))
+    rewritten = signed.replace(_lines(export)[1], edited)
+    assert rewritten != signed and len(rewritten) == len(signed)
+    body = len(signed) - len(_lines(export)[-1]) - 1  # all but the manifest's line
+    with _RewrittenAsItIsReadAgain(export, rewritten, body) as export_file, \
+            unit_of_work(ledger.resolved_database_url) as session:
+        checked = audit_service.verify_export(export_file=export_file, settings=ledger, session=session)
+    assert export_file.rewrites == 1  # read whole as signed, then read again rewritten
+    assert (checked.ok, checked.reason, checked.first_broken) == (False, "body_changed", None), checked
+
+
 def _outcome(run: Callable[[], Any], release: Callable[[], None]) -> Any:
     """What `run` returned or raised, run in a thread that must end by itself. A minute bounds the test, no time is
     asserted: `run` waiting on a named pipe is let go by `release` (opening the pipe's other end), and fails the
