@@ -256,9 +256,10 @@ def _failure_name(failure: BaseException | str) -> str:
 def verify_export(*, export_file: BinaryIO, settings: Settings, session: Session | None,
                   deployment_id: str | None = None, public_key: Ed25519PublicKey | None = None,
                   manifest_copy: BinaryIO | None = None) -> ExportCheck:
-    """Check an export file (seekable, opened for bytes; read in one pass, a line at a time) against its signed
-    manifest, reading no ledger row; and `manifest_copy` (FILE.manifest.json, opened for bytes), when given, against
-    that manifest. `deployment_id`: the deployment it must come from (default: this database's).
+    """Check an export file (seekable, opened for bytes; its body read twice, a line at a time: hashed, then parsed
+    and hashed again) against its signed manifest, reading no ledger row; and `manifest_copy` (FILE.manifest.json,
+    opened for bytes), when given, against that manifest. `deployment_id`: the deployment it must come from (default:
+    this database's).
     With `public_key`, its Ed25519 signature is checked with that alone (an auditor's machine, holding no secret), and
     `deployment_id` is required: deployments sharing a checkpoint key (a clone) share the public key too; without a
     session, the configured checkpoint key and `deployment_id` are all it takes."""
