@@ -1,7 +1,7 @@
-"""The broker's Redis as govrag reads it beside Celery (the guard's shared counters, the queue-depth metric, the job
-sweep's look for lost jobs): with the same socket timeouts as Celery's own connections, so a Redis that does not
-answer counts as down alike everywhere, and through one breaker per broker URL and process, so a hung one holds one
-read per cool-down, not each."""
+"""The broker's Redis as govrag uses it (the guard's shared counters, the queue-depth metric, the job sweep's look
+for lost jobs, the sending of ingestion tasks): with the same socket timeouts as Celery's own connections, so a Redis
+that does not answer counts as down alike everywhere, and through one breaker per broker URL and process, so a hung
+one holds one read or send per cool-down, not each."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ T = TypeVar("T")
 
 # Redis not reached, or not answering in time: redis-py's errors for either, kombu's for a connection it could not make
 UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OperationalError)
-# After a read of the broker's Redis fails to reach it, this process's reads of it skip it for this long; then one
-# read tries it again (one at a time). A hung Redis holds one read per process and cool-down, not each.
+# After a read or send of the broker's Redis fails to reach it, this process's reads and sends skip it for this long;
+# then one tries it again (one at a time). A hung Redis holds one of them per process and cool-down, not each.
 REDIS_COOL_DOWN_SECONDS = 5.0
 
 
@@ -49,7 +49,7 @@ def redis_client(settings: Settings) -> redis.Redis:
 
 
 class RedisSkipped(redis.RedisError):
-    """The breaker is open (the broker's Redis failed a moment ago): the read did not try Redis."""
+    """The breaker is open (the broker's Redis failed a moment ago): the read or send did not try Redis."""
 
 
 class _Breaker:
@@ -94,8 +94,9 @@ class _Breaker:
             opening = self._failed_at is None
             self._failed_at, self._probing = time.monotonic(), False
         if opening:
-            logger.warning("broker's Redis failed: govrag's own reads of it (guard hit counts, queue depth, lost jobs)"
-                           " skip it, trying it again after %s s", REDIS_COOL_DOWN_SECONDS)
+            logger.warning("broker's Redis failed: govrag skips it (guard hit counts, queue depth, lost jobs) and"
+                           " sends no ingestion task, each left unsent for the sweep, trying it again after %s s",
+                           REDIS_COOL_DOWN_SECONDS)
 
     def _ended(self) -> None:
         with self._lock:
@@ -106,7 +107,7 @@ class _Breaker:
             closing = self._failed_at is not None
             self._failed_at, self._probing = None, False
         if closing:
-            logger.warning("broker's Redis answers again: govrag's own reads of it try it again")
+            logger.warning("broker's Redis answers again: govrag tries it again, ingestion tasks too")
 
 
 _BREAKERS: dict[str, _Breaker] = {}
@@ -115,8 +116,9 @@ forksafe.rebuilt_in_child(_BREAKERS)  # a probe the parent was running is not in
 
 
 def through_breaker(broker_url: str, call: Callable[[], T]) -> T:
-    """`call`, a read of the broker's Redis at `broker_url`, through this process's breaker for it (`_Breaker.read`):
-    `RedisSkipped` without trying Redis for `REDIS_COOL_DOWN_SECONDS` after a read could not reach it."""
+    """`call`, a read of the broker's Redis at `broker_url` or a send of a task to it, through this process's breaker
+    for it (`_Breaker.read`): `RedisSkipped` without trying Redis for `REDIS_COOL_DOWN_SECONDS` after a call could not
+    reach it."""
     with _BREAKERS_LOCK:
         if broker_url not in _BREAKERS:
             _BREAKERS[broker_url] = _Breaker()

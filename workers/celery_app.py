@@ -25,6 +25,11 @@ INGEST_TASK = "govrag.ingest_document"
 # of another task), under which the task's run logs (workers.tasks); a retry's message and a redelivery keep it.
 REQUEST_ID_HEADER = "govrag_request_id"
 WORKER_START_SECONDS = 60.0
+# Every task govrag sends: one retry, at once. kombu's default (3 retries) reconnected to a hung Redis again and again,
+# each try waiting out the socket timeout, while the upload that sent it waited: a publish whose pooled connection
+# stopped answering took 5 of them (15.6 s at the default 3 s), now 3 (its own, and kombu's reconnect, which tries
+# twice). The retry still catches a pooled connection Redis closed (a restart, its idle timeout), which fails at once.
+PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 
 
 def create_celery(settings: Settings) -> GovragCelery:
@@ -45,6 +50,7 @@ def create_celery(settings: Settings) -> GovragCelery:
         worker_proc_alive_timeout=WORKER_START_SECONDS,
         broker_transport_options=_transport_options(settings),
         broker_use_ssl=_broker_tls(settings.broker_url),
+        task_publish_retry_policy=PUBLISH_RETRY_POLICY,
     )
     app.govrag_settings = settings
     from workers.tasks import register_tasks  # tasks import this module for the app type
@@ -78,3 +84,4 @@ def _broker_tls(broker_url: str) -> dict[str, ssl.VerifyMode] | None:
         logger.warning("GOVRAG_BROKER_URL asks for no check of the Redis server's certificate (ssl_cert_reqs=none): "
                        "anyone between govrag and Redis can read and change the tasks")
     return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+

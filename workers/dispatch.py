@@ -443,14 +443,29 @@ def _job_id_of(message: Any) -> str | None:
 def _published(app: GovragCelery, document_id: str, job_id: str, request_id: str | None) -> bool:
     """Put the ingestion task on the broker, with the request id the job keeps (`REQUEST_ID_HEADER`: that of the
     request or run that queued it, whoever sends it, the sweep and a start's resending too; `-` for a job that keeps
-    none); False if the broker refused (its caller says so, once)."""
-    try:
+    none); False if the broker refused, or was not tried (`_through_breaker`): its caller says so, once."""
+    def send() -> None:
         # No time limit in the message: the worker's own GOVRAG_INGEST_TIME_LIMIT_SECONDS applies, not the sender's.
         app.tasks[INGEST_TASK].apply_async(args=[document_id, job_id], time_limit=None,
                                            headers={REQUEST_ID_HEADER: request_id or NO_REQUEST_ID})
-    except (OperationalError, OSError):
+
+    try:
+        _through_breaker(app, send)
+    except (OperationalError, OSError, broker.RedisSkipped):
         return False
     return True
+
+
+def _through_breaker(app: GovragCelery, send: Callable[[], None]) -> None:
+    """`send` on a Redis broker through its breaker (`broker.through_breaker`): a hung Redis holds one send (the
+    socket timeout, kombu's one retry: `PUBLISH_RETRY_POLICY`) and no other for the cool-down, each skipped at once
+    (`broker.RedisSkipped`), its job left unsent for the sweep, whose round after the cool-down tries Redis again.
+    The in-memory broker is sent to straight."""
+    broker_url = app.govrag_settings.broker_url
+    if broker.is_redis(broker_url):
+        broker.through_breaker(broker_url, send)
+    else:
+        send()
 
 
 def _mark_sent(session: Session, job_id: str) -> None:

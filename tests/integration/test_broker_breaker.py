@@ -3,7 +3,8 @@ shared counter (tests/integration/test_kill_switch_scope.py), the queue-depth me
 the job sweep's look for lost jobs. A hung Redis (accepts, never answers) held each scrape and each sweep round for
 `GOVRAG_BROKER_SOCKET_TIMEOUT_SECONDS`, each trying it again. After a read fails, they skip Redis until
 `REDIS_COOL_DOWN_SECONDS` have passed. The cool-down is set to an hour (never passes within a test) or 0 (has passed),
-so nothing here depends on the clock: the connections the hung endpoint took are counted."""
+so nothing here depends on the clock: the connections the hung endpoint took are counted. Sending a job goes through
+the same breaker."""
 
 from __future__ import annotations
 
@@ -12,23 +13,30 @@ import uuid
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
 
+from api.app import create_app
 from audit import observability
 from core import broker, metrics, migrate
 from core.db import unit_of_work
+from core.models import IngestionJob
 from core.settings import Settings
 from core.sweeper import NOT_RUN, Sweeper
 from guard import controls
-from tests.support.hung_redis import redis_that_hangs
+from retrieval.store import close_vector_store
+from tests.conftest import PLATFORM_ADMIN, auth, desk_member
+from tests.support.hung_redis import breaker_said, redis_that_hangs
 from workers.celery_app import create_celery
-from workers.dispatch import sweep_jobs
+from workers.dispatch import send_unsent, sweep_jobs
 
 
-def _settings(tmp_path: Path, broker_url: str) -> Settings:
+def _settings(tmp_path: Path, broker_url: str, **overrides: object) -> Settings:
     url = f"sqlite:///{tmp_path / 'breaker.db'}"
     migrate.upgrade(url)
-    return Settings(data_dir=tmp_path, database_url=url, broker_url=broker_url, broker_socket_timeout_seconds=1.5,
-                    task_queue=f"breaker-{uuid.uuid4().hex[:8]}", guard_auto_trip_per_minute=100)
+    return Settings(data_dir=tmp_path, database_url=url, broker_url=broker_url,  # type: ignore[arg-type]
+                    broker_socket_timeout_seconds=1.5, task_queue=f"breaker-{uuid.uuid4().hex[:8]}",
+                    guard_auto_trip_per_minute=100, **overrides)
 
 
 def _scrape(settings: Settings) -> float | None:
@@ -62,10 +70,8 @@ def test_after_a_redis_failure_scrapes_keep_the_queue_depth_without_trying_redis
         monkeypatch.setattr(broker, "REDIS_COOL_DOWN_SECONDS", 0.0)
         assert (_scrape(settings), endpoint.connections) == (3.0, 3)  # tried again, and read
         real.delete(settings.task_queue)
-    assert _said(caplog, "audit.observability", "core.broker") == [
-        "broker's Redis failed: govrag's own reads of it (guard hit counts, queue depth, lost jobs) skip it, trying it"
-        " again after 3600.0 s", "metrics: queue depth unavailable",
-        "broker's Redis answers again: govrag's own reads of it try it again"]
+    opened, closed = breaker_said(3600.0)
+    assert _said(caplog, "audit.observability", "core.broker") == [opened, "metrics: queue depth unavailable", closed]
 
 
 def test_after_a_redis_failure_job_sweeps_skip_the_broker_read_until_the_cool_down_passes(
@@ -89,9 +95,7 @@ def test_after_a_redis_failure_job_sweeps_skip_the_broker_read_until_the_cool_do
         monkeypatch.setattr(broker, "REDIS_COOL_DOWN_SECONDS", 0.0)
         sweeper.run_round()
         assert endpoint.connections > tried
-    assert _said(caplog, "core.broker") == [
-        "broker's Redis failed: govrag's own reads of it (guard hit counts, queue depth, lost jobs) skip it, trying it"
-        " again after 3600.0 s", "broker's Redis answers again: govrag's own reads of it try it again"]
+    assert _said(caplog, "core.broker") == list(breaker_said(3600.0))
     waited, ran = _said(caplog, "core.sweeper", "workers.dispatch")
     assert waited == "the ingestion job sweep waits for the broker: the next round tries again"
     assert ran.startswith("the ingestion job sweep runs again, 4 round(s) and ")
@@ -133,3 +137,49 @@ def test_an_error_redis_answers_leaves_the_breaker_closed(tmp_path: Path, monkey
         assert (_hit(settings, refused), _hit(settings, counted)) == ([], [])  # the first counted in this process
         assert real.zcard(keys[1]) == 1
         real.delete(*keys)
+
+
+def _upload(client: TestClient, editor: dict[str, str], n: int) -> str:
+    """A desk editor's upload, accepted; its job's id."""
+    response = client.post("/v1/documents", headers=editor, data={"department": "desk"},
+                           files={"file": (f"note-{n}.txt", f"Note {n}: the desk opens at nine.".encode())})
+    assert response.status_code == 202, response.text
+    return str(response.json()["job_id"])
+
+
+def _unsent(settings: Settings) -> set[str]:
+    with unit_of_work(settings.resolved_database_url) as session:
+        return set(session.scalars(select(IngestionJob.id).where(IngestionJob.sent_at.is_(None))))
+
+
+def test_an_upload_s_send_to_a_hung_redis_retries_once_and_opens_the_breaker_the_sweep_sends_its_job_later(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An upload whose send found Redis hung (its pooled connection stopped answering) was retried 3 times by
+    kombu (Celery's default publish retry policy), each reconnection waiting out the socket timeout: 4 new
+    connections tried, 15.6 s at the default 3 s, and every upload after it the same, the send not going through the
+    breaker. Now one retry (`PUBLISH_RETRY_POLICY`: kombu's reconnection tries twice), and the breaker opens: the
+    next upload does not try Redis. Both are accepted, their jobs unsent; once Redis answers, the sweep's send after
+    the cool-down sends them, one connection. Connections counted, no clock."""
+    caplog.set_level(logging.WARNING, logger="core.broker")
+    monkeypatch.setattr(broker, "REDIS_COOL_DOWN_SECONDS", 3600.0)
+    with redis_that_hangs() as (endpoint, real, broker_url):
+        endpoint.hung = False
+        settings = _settings(tmp_path, broker_url, admins=[PLATFORM_ADMIN], inprocess_worker=False,
+                             job_sweep_seconds=0)
+        with TestClient(create_app(settings)) as client:
+            editor = auth(desk_member(client, "editor"))
+            _upload(client, editor, 0)  # sent: its connections kept in kombu's pool
+            tried = endpoint.connections
+            endpoint.hung = True
+            held = _upload(client, editor, 1)
+            assert endpoint.connections - tried == 2  # its send: one retry (main: 4)
+            skipped = _upload(client, editor, 2)
+            assert endpoint.connections - tried == 2  # the breaker open: Redis not tried (main: 4 more)
+            assert _unsent(settings) == {held, skipped}
+            endpoint.hung = False
+            monkeypatch.setattr(broker, "REDIS_COOL_DOWN_SECONDS", 0.0)
+            assert send_unsent(client.app.state.celery, older_than_seconds=0) == 2  # type: ignore[attr-defined]
+        close_vector_store(settings)
+        assert (_unsent(settings), real.llen(settings.task_queue)) == (set(), 3)
+        real.delete(*real.keys(f"*{settings.task_queue}*"))
+    assert _said(caplog, "core.broker") == list(breaker_said(3600.0))

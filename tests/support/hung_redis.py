@@ -15,9 +15,9 @@ from tests.conftest import REDIS_URL
 
 class RedisThatHangs:
     """A Redis endpoint on 127.0.0.1 that, while `hung`, takes each connection and never answers (a hung Redis:
-    TCP accepted, no reply) and otherwise passes each new connection's bytes to the test Redis. `connections`
-    counts the connections it took: each is a try of Redis by a client that lost its previous one; `taken` is
-    released once for each."""
+    TCP accepted, no reply), and drops what arrives on the connections it passed on before (they stop answering
+    too); otherwise it passes each new connection's bytes to the test Redis. `connections` counts the connections
+    it took: each is a try of Redis by a client that lost its previous one; `taken` is released once for each."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.server = socket.create_server(("127.0.0.1", 0))
@@ -45,14 +45,22 @@ class RedisThatHangs:
         redis_side = socket.create_connection(self.target)
         self.sockets.append(redis_side)
         for source, sink in ((client, redis_side), (redis_side, client)):
-            threading.Thread(target=_pass_bytes, args=(source, sink), daemon=True).start()
+            threading.Thread(target=self._pass_bytes, args=(source, sink), daemon=True).start()
+
+    def _pass_bytes(self, source: socket.socket, sink: socket.socket) -> None:
+        """Copy `source`'s bytes to `sink` until either closes, dropping those that arrive while `hung`."""
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if not self.hung:
+                    sink.sendall(data)
 
 
-def _pass_bytes(source: socket.socket, sink: socket.socket) -> None:
-    """Copy `source`'s bytes to `sink` until either closes."""
-    with contextlib.suppress(OSError):
-        while data := source.recv(65536):
-            sink.sendall(data)
+def breaker_said(cool_down: float) -> tuple[str, str]:
+    """The lines the broker's breaker logs (core/broker.py) as a hung Redis opens it, with this cool-down, and as an
+    answer closes it."""
+    return ("broker's Redis failed: govrag skips it (guard hit counts, queue depth, lost jobs) and sends no ingestion"
+            f" task, each left unsent for the sweep, trying it again after {cool_down} s",
+            "broker's Redis answers again: govrag tries it again, ingestion tasks too")
 
 
 @contextlib.contextmanager
