@@ -39,7 +39,7 @@ from ingestion import service as ingestion_service
 from ingestion.purge import ORPHAN_SWEEP_SECONDS, PURGE_GRACE_SECONDS, purge_pending, sweep_orphan_files
 from retrieval.models import hold_generator
 from retrieval.store import close_vector_store, open_vector_store, vector_store_is_open
-from workers.celery_app import GovragCelery, create_celery
+from workers.celery_app import GovragCelery, close_celery, create_celery
 from workers.dispatch import resend_unfinished, send_unsent, sweep_jobs
 from workers.inprocess import InProcessWorker
 
@@ -174,13 +174,17 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def _close_connections(app: FastAPI) -> None:
-    """The connections the API kept open: the verifier's to the IdP, then the answer model's hold released, which
-    closes it (the model server's connections and their event loops, or llama.cpp's model) unless another holder has
-    it. Else every app a process starts and stops keeps them open for the process's life."""
+    """The connections the API kept open: the verifier's to the IdP, those kept to send tasks on the broker
+    (`close_celery`), then the answer model's hold released, which closes it (the model server's connections and
+    their event loops, or llama.cpp's model) unless another holder has it. Else every app a process starts and stops
+    keeps them open for the process's life (the broker's: those of its URL, which every app on it shares)."""
     try:
         app.state.verifier.close()
     finally:
-        app.state.model.release()
+        try:
+            close_celery(app.state.celery)
+        finally:
+            app.state.model.release()
 
 
 def _sweeper(celery: GovragCelery, settings: Settings) -> Sweeper | None:

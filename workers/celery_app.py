@@ -85,3 +85,13 @@ def _broker_tls(broker_url: str) -> dict[str, ssl.VerifyMode] | None:
                        "anyone between govrag and Redis can read and change the tasks")
     return {"ssl_cert_reqs": ssl.CERT_REQUIRED}
 
+
+def close_celery(app: GovragCelery) -> None:
+    """Close the broker connections kept for sending tasks (kombu's producer and connection pools, which belong to
+    the broker URL in this process, not to the app), then refill both with unconnected ones, so that any app sending
+    on that URL afterwards (the next API a test starts) connects again as it sends. Called as the API stops: else
+    each API started and stopped left its pooled connection to Redis open for the process's life. A send still
+    going on another thread loses its connection and fails; its job stays unsent, for the sweep."""
+    for pool in (app.producer_pool, app.pool):  # a producer holds a connection of the pool's while taken
+        pool.force_close_all(close_pool=False)
+        pool.setup()

@@ -24,6 +24,7 @@ from core.db import get_engine
 from core.errors import unavailable_dependency
 from tests.conftest import PLATFORM_ADMIN, allow_connections, auth, desk_member
 from tests.support.govrag_process import run_govrag
+from tests.support.hung_redis import redis_that_hangs
 from tests.support.task_retries import Scheduled, task_at_retry
 
 if TYPE_CHECKING:
@@ -435,3 +436,34 @@ def test_an_api_stopped_closes_its_connections_to_the_identity_provider(tmp_path
             close_vector_store(settings)
         assert issuer.connections == 3  # one a start, each closed at its stop (main left all three open)
         assert _connections_to(urlsplit(issuer.jwks_uri).port or 0) == 0
+
+
+def test_an_api_stopped_closes_the_connections_it_kept_to_send_jobs_to_the_broker(tmp_path: Path) -> None:
+    """The connections kombu pools to send tasks belong to the broker URL in the process, not to the app: each API
+    stopped left them open (2 to a Redis broker: the connection's and its channel's) for the pytest process's life,
+    or govrag's. Each stop now closes them, and the next API on the URL sends its job on new ones. Real Redis, through
+    an endpoint of its own (a port no other test's pool uses), whose connections from this process are counted."""
+    from api.app import create_app
+    from core import migrate
+    from core.settings import Settings
+    from retrieval.store import close_vector_store
+
+    url = f"sqlite:///{tmp_path / 'govrag.db'}"
+    migrate.upgrade(url)
+    with redis_that_hangs() as (endpoint, real, broker_url):
+        endpoint.hung = False
+        settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url=broker_url,
+                            inprocess_worker=False, job_sweep_seconds=0, admins=[PLATFORM_ADMIN],
+                            task_queue=f"closed-{uuid.uuid4().hex[:8]}")
+        port, editor = endpoint.server.getsockname()[1], dict[str, str]()
+        for n in range(3):
+            with TestClient(create_app(settings)) as client:
+                editor = editor or auth(desk_member(client, "editor"))
+                accepted = client.post("/v1/documents", headers=editor, data={"department": "desk"},
+                                       files={"file": (f"note-{n}.txt", f"Note {n}: open at nine.".encode())})
+                assert accepted.status_code == 202, accepted.text
+                assert _connections_to(port) > 0
+            close_vector_store(settings)
+            assert _connections_to(port) == 0, n  # main: 2 after each stop
+        assert real.llen(settings.task_queue) == 3  # each API sent its job
+        real.delete(*real.keys(f"*{settings.task_queue}*"))
