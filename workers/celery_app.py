@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import ssl
+from queue import Empty
 from urllib.parse import parse_qsl, urlsplit
 
 from celery import Celery
+from kombu.utils.functional import lazy
 
 from core import broker
 from core.settings import Settings
@@ -87,11 +89,23 @@ def _broker_tls(broker_url: str) -> dict[str, ssl.VerifyMode] | None:
 
 
 def close_celery(app: GovragCelery) -> None:
-    """Close the broker connections kept for sending tasks (kombu's producer and connection pools, which belong to
-    the broker URL in this process, not to the app), then refill both with unconnected ones, so that any app sending
-    on that URL afterwards (the next API a test starts) connects again as it sends. Called as the API stops: else
-    each API started and stopped left its pooled connection to Redis open for the process's life. A send still
-    going on another thread loses its connection and fails; its job stays unsent, for the sweep."""
-    for pool in (app.producer_pool, app.pool):  # a producer holds a connection of the pool's while taken
-        pool.force_close_all(close_pool=False)
-        pool.setup()
+    """Close the broker connections kept idle for sending tasks, then refill the pool with unconnected ones, so that
+    any app sending on that URL afterwards (the next API a test starts) connects again as it sends. Called as the API
+    stops: else each API started and stopped left its pooled connection to Redis open for the process's life.
+
+    kombu's pool belongs to the broker URL in this process, not to the app (`pools.connections`): another app on the
+    URL (a test's session API, its worker or sweeper thread) may be sending on one of its connections right now.
+    Only the idle ones are closed, each taken out of the pool first (its queue hands one to one thread), never one
+    in use: closing that under its send broke it with AttributeError or "I/O operation on closed file" rather than
+    the broker's error a send is ready for (`_published`). A connection in use when this runs goes back to the pool
+    open; at an API's stop none is (its threads stopped, its requests answered). An idle producer holds no connection
+    (kombu releases it with the producer), so the producer pool has nothing to close."""
+    pool = app.pool
+    while True:
+        try:
+            connection = pool._resource.get_nowait()  # kombu's own force_close_all reads the queue so
+        except Empty:
+            break
+        if not isinstance(connection, lazy):  # a lazy one was never connected
+            pool.close_resource(connection)
+    pool.setup()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -467,3 +468,42 @@ def test_an_api_stopped_closes_the_connections_it_kept_to_send_jobs_to_the_broke
             assert _connections_to(port) == 0, n  # main: 2 after each stop
         assert real.llen(settings.task_queue) == 3  # each API sent its job
         real.delete(*real.keys(f"*{settings.task_queue}*"))
+
+
+def test_an_api_stopping_leaves_alone_a_connection_another_app_is_sending_on(tmp_path: Path) -> None:
+    """kombu pools the connections for sending per broker URL in the process: a test's session API (its worker and
+    sweeper threads) and an API another test starts and stops on the same URL share them. The stop force-closed the
+    connections in use as well, under the other app's send waiting for Redis's answer, which broke with
+    AttributeError ('NoneType' object has no attribute ...) or ValueError, not the broker's error a send is ready
+    for (`_published` let it through: an upload's 500, a sweep round failing). Now the stop closes the idle ones
+    only: the send waits on, and here, its answer lost to a hung Redis, is retried once and reaches it."""
+    from core.settings import Settings
+    from workers.celery_app import close_celery, create_celery
+    from workers.dispatch import _published
+
+    with redis_that_hangs() as (endpoint, real, broker_url):
+        endpoint.hung = False
+        settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'govrag.db'}",
+                            broker_url=broker_url, task_queue=f"shared-{uuid.uuid4().hex[:8]}")
+        sending, stopping = create_celery(settings), create_celery(settings)
+        assert _published(sending, "document", "job-1", None)  # its connection now pooled, idle
+        endpoint.hung, outcome = True, list[object]()
+        send = threading.Thread(target=lambda: outcome.append(_try(_published, sending, "document", "job-2", None)))
+        send.start()
+        assert endpoint.dropped.wait(30)  # its LPUSH went out on the pooled connection: it waits for the answer
+        close_celery(stopping)  # another app's stop, on the same URL
+        endpoint.hung = False
+        send.join()
+        assert outcome == [True]  # main: AttributeError or ValueError
+        assert real.llen(settings.task_queue) == 2
+        close_celery(stopping)  # idle now: closed
+        assert _connections_to(endpoint.server.getsockname()[1]) == 0
+        real.delete(*real.keys(f"*{settings.task_queue}*"))
+
+
+def _try(call: Callable[..., object], *args: object) -> object:
+    """`call`'s result, or the exception it raised."""
+    try:
+        return call(*args)
+    except Exception as exc:
+        return exc

@@ -17,13 +17,15 @@ class RedisThatHangs:
     """A Redis endpoint on 127.0.0.1 that, while `hung`, takes each connection and never answers (a hung Redis:
     TCP accepted, no reply), and drops what arrives on the connections it passed on before (they stop answering
     too); otherwise it passes each new connection's bytes to the test Redis. `connections` counts the connections
-    it took: each is a try of Redis by a client that lost its previous one; `taken` is released once for each."""
+    it took: each is a try of Redis by a client that lost its previous one; `taken` is released once for each;
+    `dropped` is set once a request on a connection passed on before was dropped (its client waits for the answer)."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.target, self.hung, self.connections = target, True, 0
         self.sockets: list[socket.socket] = []
         self.taken = threading.Semaphore(0)
+        self.dropped = threading.Event()  # set once bytes arrived on a connection passed on before, while hung
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -51,7 +53,9 @@ class RedisThatHangs:
         """Copy `source`'s bytes to `sink` until either closes, dropping those that arrive while `hung`."""
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
-                if not self.hung:
+                if self.hung:
+                    self.dropped.set()
+                else:
                     sink.sendall(data)
 
 
