@@ -56,7 +56,7 @@ from sqlalchemy.orm import Session
 from core import broker
 from core.db import get_engine, keep_idle_transaction_open, transaction_lock, unit_of_work
 from core.errors import Unavailable, unavailable_dependency
-from core.logs import NO_REQUEST_ID
+from core.logs import NO_REQUEST_ID, stored_request_id
 from core.models import UNFINISHED, DocumentStatus, IngestionJob, utcnow
 from core.settings import Settings
 from core.sweeper import NOT_RUN
@@ -91,7 +91,8 @@ def send_jobs(app: GovragCelery, jobs: Sequence[tuple[str, str]]) -> int:
     that job and the rest stay unsent, for the sweep, said in one line (a re-index of a thousand documents while
     the broker is down is one line, and waits for one refusal, not a thousand)."""
     for sent, (document_id, job_id, request_id) in enumerate(_with_stored_request_ids(app.govrag_settings, jobs)):
-        if not _published(app, document_id, job_id, request_id):
+        # a job that keeps no id (queued outside any request or run) goes under the sender's, if it has one
+        if not _published(app, document_id, job_id, request_id or stored_request_id()):
             left, them = _named([job for _, job in jobs[sent:]])
             logger.warning("%s not sent: the broker is unreachable; the sweep sends %s once it answers", left, them)
             return sent
