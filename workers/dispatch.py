@@ -91,8 +91,7 @@ def send_jobs(app: GovragCelery, jobs: Sequence[tuple[str, str]]) -> int:
     that job and the rest stay unsent, for the sweep, said in one line (a re-index of a thousand documents while
     the broker is down is one line, and waits for one refusal, not a thousand)."""
     for sent, (document_id, job_id, request_id) in enumerate(_with_stored_request_ids(app.govrag_settings, jobs)):
-        # a job that keeps no id (queued outside any request or run) goes under the sender's, if it has one
-        if not _published(app, document_id, job_id, request_id or stored_request_id()):
+        if not _published(app, document_id, job_id, request_id):
             left, them = _named([job for _, job in jobs[sent:]])
             logger.warning("%s not sent: the broker is unreachable; the sweep sends %s once it answers", left, them)
             return sent
@@ -443,12 +442,15 @@ def _job_id_of(message: Any) -> str | None:
 
 def _published(app: GovragCelery, document_id: str, job_id: str, request_id: str | None) -> bool:
     """Put the ingestion task on the broker, with the request id the job keeps (`REQUEST_ID_HEADER`: that of the
-    request or run that queued it, whoever sends it, the sweep and a start's resending too; `-` for a job that keeps
-    none); False if the broker refused, or was not tried (`_through_breaker`): its caller says so, once."""
+    request or run that queued it, whoever sends it, the sweep and a start's resending too; for a job that keeps none,
+    queued outside any request or run, the sender's, else `-`); False if the broker refused, or was not tried
+    (`_through_breaker`): its caller says so, once."""
+    carried = request_id or stored_request_id() or NO_REQUEST_ID
+
     def send() -> None:
         # No time limit in the message: the worker's own GOVRAG_INGEST_TIME_LIMIT_SECONDS applies, not the sender's.
         app.tasks[INGEST_TASK].apply_async(args=[document_id, job_id], time_limit=None,
-                                           headers={REQUEST_ID_HEADER: request_id or NO_REQUEST_ID})
+                                           headers={REQUEST_ID_HEADER: carried})
 
     try:
         _through_breaker(app, send)
