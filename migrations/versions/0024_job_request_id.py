@@ -4,7 +4,7 @@ A job's task carried the request id its sender logged under, so only its first s
 queued it: a job sent again — by the sweep (the broker was down at the upload, or lost the task), by an embedded API
 as it starts, after a re-index handed it back — carried `-`, and its run logged under no request. Each job now keeps
 that id in `request_id`, and every send of it carries it (workers/dispatch.py). Jobs queued before this revision
-have none: a later send of one carries `-`, as before.
+have none: a later send of one carries its sender's id (a command run's), else `-`, as before.
 
 Undoing this revision loses only those ids: the release before sends each job with its sender's id.
 
