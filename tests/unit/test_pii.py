@@ -391,14 +391,18 @@ def test_a_value_ending_a_title_is_redacted_whole_though_its_end_looks_like_a_fi
     assert redactor.redact_title(title) == redacted
 
 
-def test_a_title_is_read_without_each_extension_of_a_compound_one_up_to_three() -> None:
+def test_a_title_is_read_without_each_extension_of_a_compound_one_up_to_eight() -> None:
     """Only the last extension was taken off: `maria@example.com.tar.gz` was read as `maria@example.com.tar`, no
-    address. An extension before the last holds a letter, so a dotted number is no chain of them."""
+    address. An extension before the last holds a letter, so a dotted number is no chain of them. Three were read at
+    most, so a fourth hid the address again (`maria@example.com.backup.old.tar.gz`); a chain is read to its start now,
+    up to eight extensions."""
     from guard.pii import title_readings
 
     assert title_readings("maria@example.com.tar.gz") == [
         "maria@example.com.tar.gz", "maria@example.com.tar", "maria@example.com", "maria@example"]
-    assert title_readings("a.b.c.d.e") == ["a.b.c.d.e", "a.b.c.d", "a.b.c", "a.b"]
+    assert title_readings("maria@example.com.backup.old.tar.gz")[-2:] == ["maria@example.com", "maria@example"]
+    assert title_readings("a.b.c.d.e") == ["a.b.c.d.e", "a.b.c.d", "a.b.c", "a.b", "a"]
+    assert title_readings("a" + ".b" * 10)[-1] == "a.b.b"  # the title and eight extensions off, no more
     assert title_readings("Minutes 2024.05.17.tar.gz") == [
         "Minutes 2024.05.17.tar.gz", "Minutes 2024.05.17.tar", "Minutes 2024.05.17"]
     assert title_readings("Statement 4111.1111.1111.1111.001") == [
@@ -407,6 +411,10 @@ def test_a_title_is_read_without_each_extension_of_a_compound_one_up_to_three() 
     assert title_readings("Jan.Horak.pdf") == ["Jan.Horak.pdf", "Jan.Horak"]  # a capitalised word is no extension
     assert title_readings("maria@Example.COM.TAR.GZ") == [
         "maria@Example.COM.TAR.GZ", "maria@Example.COM.TAR", "maria@Example.COM", "maria@Example"]
+    assert title_readings("Jan.Horak.Docx.Enc") == [  # a known extension is one in any case
+        "Jan.Horak.Docx.Enc", "Jan.Horak.Docx", "Jan.Horak"]
+    assert title_readings("Dr.Smith.Report.Pdf.Gpg") == [
+        "Dr.Smith.Report.Pdf.Gpg", "Dr.Smith.Report.Pdf", "Dr.Smith.Report"]
 
 
 @pytest.mark.parametrize(("title", "redacted"), [
@@ -451,6 +459,73 @@ def test_a_capitalised_word_before_an_extension_is_no_extension_of_a_compound_on
     the NER finds whole in `Jan.Horak` crossed that apparent extension's start and was dropped, and `Horak` was shown
     (a leak main did not have); `Sales.Deck.Final` read as `Sales.Deck` gave the NER a word out of its context. An
     inner extension is in one case (`.tar`, `.PDF`), as file extensions are, and a capitalised word is none."""
+    assert redactor.redact_title(title) == redacted
+
+
+@pytest.mark.parametrize(("title", "redacted"), [
+    ("maria@example.com.backup.old.tar.gz", "<EMAIL_ADDRESS>.backup.old.tar.gz"),
+    ("Claim of maria.gonzalez@example.com.backup.old.tar.gz.001", "Claim of <EMAIL_ADDRESS>.backup.old.tar.gz.001"),
+    ("Jan Horak.docx.bak.old.enc", "<PERSON>.docx.bak.old.enc"),  # was `<PERSON> Horak.docx.bak.old.enc`
+    ("Letter to Peter Novak.backup.old.tar.gz.001", "Letter to <PERSON>.backup.old.tar.gz.001"),
+    ("Letter to Maria.Gonzalez.v2.old.tar.gz", "Letter to <PERSON>.<PERSON>.v2.old.tar.gz"),  # `.Gonzalez` shown
+])
+def test_a_value_behind_four_or_more_extensions_is_redacted(redactor: PiiRedactor, title: str, redacted: str) -> None:
+    """A chain was read three extensions deep: behind a fourth the address's domain was hidden again (stored as given)
+    and the NER, reading the name glued to the inner extensions, cut it (its surname shown)."""
+    assert redactor.redact_title(title) == redacted
+
+
+def test_the_ner_reads_a_title_twice_whatever_its_chain(redactor: PiiRedactor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every reading of a title ran the NER (~5 ms each), four for a chain of three; reading a chain to its start
+    would cost one more run an extension. The NER reads the title as it is and without its whole chain; the readings
+    between are read by the value recognizers alone, which still find the address they hide."""
+    engine = redactor._analyzer.nlp_engine
+    ner_runs: list[str] = []
+    process_text = engine.process_text
+
+    def counted(text: str, language: str) -> object:
+        ner_runs.append(text)
+        return process_text(text, language)
+
+    monkeypatch.setattr(engine, "process_text", counted)
+    title = "Mail maria@example.com.backup.old.tar.gz.001"
+    assert redactor.redact_title(title) == "Mail <EMAIL_ADDRESS>.backup.old.tar.gz.001"
+    assert ner_runs == [title, "Mail maria@example"]
+    ner_runs.clear()
+    assert redactor.redact_title("Quarterly budget") == "Quarterly budget"
+    assert ner_runs == ["Quarterly budget"]
+
+
+@pytest.mark.parametrize(("title", "redacted"), [
+    ("Claim of maria@example.com.Pdf.Gpg", "Claim of <EMAIL_ADDRESS>.Pdf.Gpg"),  # stored as given
+    ("Mail anna.berg@ops.acme.internal.Tar.Gz", "Mail <EMAIL_ADDRESS>.Tar.Gz"),
+    ("Notes for maria.gonzalez@example.com.Docx.Bak.Old.Enc", "Notes for <EMAIL_ADDRESS>.Docx.Bak.Old.Enc"),
+    ("Jan Horak.Docx.Enc", "<PERSON>.Docx.Enc"),  # was `<PERSON>.<PERSON>.<PERSON>`: `Docx`, `Enc` taken for names
+    ("Jordan Office Lease.Pdf.Gpg", "Jordan Office Lease.Pdf.Gpg"),  # was `Jordan Office Lease.<PERSON>.<PERSON>`
+    ("Meeting.Notes.Pdf", "Meeting.Notes.Pdf"),  # was `Meeting.Notes.<PERSON>`
+])
+def test_a_value_before_a_capitalised_compound_extension_is_redacted_and_the_extension_kept(
+        redactor: PiiRedactor, title: str, redacted: str) -> None:
+    """An inner extension was one only in one case, so `.Pdf.Gpg` was read as `.Gpg` alone and the address's domain
+    ran into `.Pdf` (stored as given); and the NER took a capitalised extension for a name (`<PERSON>.<PERSON>`). A
+    known file extension is one in any case, and a name that is extensions of the chain alone is none."""
+    assert redactor.redact_title(title) == redacted
+
+
+@pytest.mark.parametrize(("title", "redacted"), [
+    ("Jan.Horak.pdf", "<PERSON>.pdf"),
+    ("Jan.Horak.Final.pdf", "<PERSON>.Final.pdf"),
+    ("Dr.Smith.Report.pdf", "<PERSON>.Report.pdf"),
+    ("Notes from Maria.Gonzalez", "Notes from <PERSON>.<PERSON>"),
+    ("Sales.Deck.Final.pptx", "Sales.Deck.Final.pptx"),
+    ("CV Jan.Horak.v2.docx", "<PERSON>.v2.docx"),
+    ("Victoria.Station.map.pdf", "<PERSON>.Station.map.pdf"),
+    ("Maria.Gonzalez.Doc.pdf", "<PERSON>.<PERSON>.Doc.pdf"),  # `Doc` a known extension, no longer a name
+])
+def test_a_capitalised_word_that_is_no_known_extension_still_ends_a_chain(
+        redactor: PiiRedactor, title: str, redacted: str) -> None:
+    """Guards: a capitalised word is an inner extension only when it is a known one, so a dotted name before an
+    extension (`Jan.Horak.pdf`) is read as main read it: redacted whole, the surname never cut off."""
     assert redactor.redact_title(title) == redacted
 
 
