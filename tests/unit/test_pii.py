@@ -567,6 +567,28 @@ def test_a_department_rule_applied_again_to_a_redacted_title_changes_only_its_va
     assert redactor.redact_title(stored, RedactionRules(), rules_only=True) == stored
 
 
+@pytest.mark.parametrize(("stored", "redacted"), [
+    ("Minutes <PERSON> Board.tar.gz", "Minutes <PERSON> Board.tar.gz"),  # was `<PERSON> <PERSON> Board.tar.gz`
+    ("Letter from Rivera to <PERSON>.pdf", "Letter from Rivera to <PERSON>.pdf"),  # was `from <PERSON> to`
+    ("Access maria.gonzalez.Docx.Bak.Old.Enc", "Access <STAFF>.Docx.Bak.Old.Enc"),  # was `….Old.<PERSON>`
+    ("Access maria.gonzalez.docx.bak.old.enc", "Access <STAFF>.docx.bak.old.enc"),  # was stored as given
+])
+def test_a_run_reads_a_stored_title_with_the_department_s_recognizers_alone_even_one_of_type_person(
+        redactor: PiiRedactor, stored: str, redacted: str) -> None:
+    """A run's `rules_only` reading of a stored title asks Presidio for the department's types alone, and a department
+    recognizer of type PERSON put the NER among them: every run read the stored title's placeholders as context and
+    took a word beside one for a name (`Minutes`), and a capitalised extension too (`Enc`). No reading of a run
+    runs the NER now, while the department's pattern still reads each reading of the chain: the one ending at the
+    handle it anchors on (`$`) is the fourth, which the chain's old depth of three never reached."""
+    from guard.pii_rules import CustomRecognizer, RedactionRules
+
+    rules = RedactionRules(recognizers=(
+        CustomRecognizer(entity="PERSON", pattern=r"\bjan\.horak\b"),  # puts PERSON among the types asked for
+        CustomRecognizer(entity="STAFF", pattern=r"\b[a-z]+\.gonzalez$"),
+    ))
+    assert redactor.redact_title(stored, rules, rules_only=True) == redacted
+
+
 def test_a_run_without_department_recognizers_gives_back_the_stored_title() -> None:
     """A run applies the department's own recognizers again to the stored title; with none, the title as stored at
     upload (redacted, cut, stripped, or 'untitled') comes back unchanged."""
