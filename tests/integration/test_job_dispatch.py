@@ -29,11 +29,28 @@ from tests.support.lock_waits import wait_for_a_lock_wait
 UNREACHABLE_BROKER = "redis://127.0.0.1:9/0"  # nothing listens there: every publish is refused
 
 
+# The settings the running test made (`_settings`): the vector store each names is closed after it
+# (`_close_the_vector_stores_it_made`). A test running `run_ingestion` itself opens its data dir's store, and the
+# process keeps it open (the embedded store's lock file and WALs) until closed: for the suite's life otherwise.
+_MADE_BY_THIS_TEST: list[object] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_the_vector_stores_it_made() -> Iterator[None]:
+    from retrieval.store import close_vector_store
+
+    yield
+    while _MADE_BY_THIS_TEST:
+        close_vector_store(_MADE_BY_THIS_TEST.pop())  # type: ignore[arg-type]
+
+
 def _settings(data_dir: Path, url: str, **overrides: object):  # type: ignore[no-untyped-def]
     from core.settings import Settings
 
-    return Settings(data_dir=data_dir, database_url=url, admins=[PLATFORM_ADMIN],
-                    task_queue=f"govrag-dispatch-{uuid.uuid4().hex[:8]}", **overrides)
+    settings = Settings(data_dir=data_dir, database_url=url, admins=[PLATFORM_ADMIN],
+                        task_queue=f"govrag-dispatch-{uuid.uuid4().hex[:8]}", **overrides)
+    _MADE_BY_THIS_TEST.append(settings)
+    return settings
 
 
 def _embedded(tmp_path: Path, **overrides: object):  # type: ignore[no-untyped-def]
@@ -1483,6 +1500,8 @@ def test_an_upload_while_the_broker_hangs_is_accepted_unsent(tmp_path: Path) -> 
         assert _sent_at(url, accepted["job_id"]) is None
     close_vector_store(settings)
     silent.close()
+    for connection in held:  # the broker's side of the upload's tries: open for the suite's life otherwise
+        connection.close()
 
 
 def test_the_sweep_sends_each_unsent_job_once_and_only_after_its_grace(tmp_path: Path) -> None:
@@ -1831,7 +1850,7 @@ def test_a_broker_outage_is_one_warning_for_the_sweep_then_one_line_when_its_job
     from api.app import create_app
     from core.sweeper import Sweeper
     from retrieval.store import close_vector_store
-    from workers.celery_app import create_celery
+    from workers.celery_app import close_celery, create_celery
     from workers.dispatch import sweep_jobs
 
     url, settings = _embedded(tmp_path, broker_url=UNREACHABLE_BROKER)
@@ -1862,6 +1881,7 @@ def test_a_broker_outage_is_one_warning_for_the_sweep_then_one_line_when_its_job
         assert all(_sent_at(url, job) is not None for job in jobs)
         assert sorted(_jobs_waiting_on_redis(queue)) == sorted(jobs)
     finally:
+        close_celery(broker["app"])
         redis.Redis.from_url(REDIS_URL).delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
 
 
@@ -2044,7 +2064,7 @@ def test_a_sweep_whose_redis_refuses_its_read_still_sends_a_stalled_job_again(tm
     import redis
     from redis.exceptions import NoPermissionError
 
-    from workers.celery_app import create_celery
+    from workers.celery_app import close_celery, create_celery
     from workers.dispatch import sweep_jobs
 
     url, settings, stalled = _a_job_stalled_a_day(tmp_path)
@@ -2054,8 +2074,10 @@ def test_a_sweep_whose_redis_refuses_its_read_still_sends_a_stalled_job_again(tm
                       commands=["+@all", "-lrange"])
     try:
         refusing = settings.model_copy(update={"broker_url": REDIS_URL.replace("://", f"://{user}:{password}@")})
+        app = create_celery(refusing)
         with pytest.raises(NoPermissionError):
-            sweep_jobs(create_celery(refusing), older_than_seconds=0)
+            sweep_jobs(app, older_than_seconds=0)
+        close_celery(app)
         assert admin.llen(queue) == 1  # the stalled job, sent again
     finally:
         admin.acl_deluser(user)
