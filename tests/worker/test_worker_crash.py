@@ -87,7 +87,7 @@ def test_killed_worker_resumes_to_ready_without_duplicates(make_pg_database: Cal
     from ingestion import service as ingestion_service
     from ingestion.schemas import Classification
     from retrieval.store import close_vector_store, open_vector_store
-    from workers.celery_app import create_celery
+    from workers.celery_app import close_celery, create_celery
     from workers.dispatch import send_job
 
     settings = _worker_settings(make_pg_database, tmp_path, "crash")
@@ -97,7 +97,9 @@ def test_killed_worker_resumes_to_ready_without_duplicates(make_pg_database: Cal
             session=session, settings=settings, uploaded_by="crash-test", department="facilities",
             filename="maintenance.txt", data=text, title=None, acl_groups=[],
             classification=Classification.internal)
-    send_job(create_celery(settings), document_id=accepted.document_id, job_id=accepted.job_id)
+    app = create_celery(settings)
+    send_job(app, document_id=accepted.document_id, job_id=accepted.job_id)
+    close_celery(app)  # the connection it sent on, pooled: open for the suite's life otherwise
 
     log = tmp_path / "worker.log"
     first = _start_worker(settings, log)
@@ -137,7 +139,7 @@ def test_a_parser_beyond_the_alarm_meets_the_hard_time_limit_and_the_worker_goes
     from ingestion import service as ingestion_service
     from ingestion.schemas import Classification
     from tests.worker.worker_process import HANG_MARKER
-    from workers.celery_app import create_celery
+    from workers.celery_app import close_celery, create_celery
     from workers.dispatch import send_job
 
     settings = _worker_settings(make_pg_database, tmp_path, "limit")
@@ -152,6 +154,7 @@ def test_a_parser_beyond_the_alarm_meets_the_hard_time_limit_and_the_worker_goes
     with logged_as(sender):
         for job in accepted.values():
             send_job(app, document_id=job.document_id, job_id=job.job_id)
+    close_celery(app)
 
     log, temp_dir = tmp_path / "worker.log", tmp_path / "tmp"
     temp_dir.mkdir()
