@@ -45,7 +45,7 @@ from threadpoolctl import threadpool_limits
 
 from guard import pii_rules
 from guard.pii_rules import RedactionRules
-from guard.placeholders import numbered, type_and_number, unnumbered
+from guard.placeholders import UNNUMBERED, numbered, type_and_number, unnumbered
 
 # en_core_web_md's NER fine-tuned for PERSON on train templates (bench/train_pii_ner.py), shipped in the package
 # without its static word vectors and their strings (≈40 MB): load_ner_pipeline reads them from the installed
@@ -654,9 +654,26 @@ class PiiRedactor:
         type (`_left_raw_at_extension`), nothing else read again: the models would read the placeholders it already
         holds as context and take a word beside one for a name (migration 0023). A title with no apparent extension
         has no such span and comes back as it is, but is read all the same (the models loaded, a department's pattern
-        past its time limit failing as anywhere): a caller that would spare that asks for none (0023's `_redacted`)."""
+        past its time limit failing as anywhere): a caller that would spare that asks for none
+        (migrations/stored_titles.py's `min_readings`)."""
         stem_end = len(title_readings(title)[-1])
         results = [result for result in self.analyze(title, rules) if _left_raw_at_extension(result, stem_end)]
+        return _replace_spans(title, results, type_placeholder)
+
+    def redact_title_before_compound_extension(self, title: str, rules: RedactionRules | None = None) -> str:
+        """A title stored by the rule before `title_readings` read it without each extension of a compound one (it
+        read the title and the title without its last extension alone) with the spans found in its other readings,
+        `readings[2:]`, replaced by their type: the address of `maria@example.com.pdf.gpg`, the name's word `Horak`
+        the NER cut off in `<PERSON> Horak.docx.enc`. Names count: a word of a name left raw is worse than a word
+        beside a placeholder taken for one (`Minutes <PERSON> Board.tar.gz` loses `Minutes`). Left as they are: a span
+        over a placeholder the title holds (a department pattern matching `PERSON` in `<PERSON>`), and a name crossing
+        into the chain, which `_kept_in_title` drops for a title set now (migration 0025). A title with fewer than
+        three readings has no such span and comes back as it is, without a model call."""
+        readings = title_readings(title)
+        stem_end, redacted = len(readings[-1]), [match.span() for match in UNNUMBERED.finditer(title)]
+        results = [result for reading in readings[2:] for result in self.analyze(reading, rules)
+                   if _kept_in_title(result, title, stem_end)
+                   and all(result.end <= start or end <= result.start for start, end in redacted)]
         return _replace_spans(title, results, type_placeholder)
 
     def redact_many(self, texts: list[str], placeholders: PlaceholderMap,

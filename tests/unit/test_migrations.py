@@ -3,6 +3,7 @@ is the one the models describe."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -557,6 +558,42 @@ TITLES_BEFORE_0023 = {  # as the rule before guard.pii's `_kept_in_title` stored
 }
 
 
+HANDLE = {"entity": "STAFF_HANDLE", "pattern": "\\b[a-z]+\\.[a-z]{6,}\\b", "checksum": "none", "context": [],
+          "score": 0.6}
+
+
+def _titles(url: str) -> dict[str, str]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return dict(connection.execute(text("SELECT id, title FROM documents")).all())
+    finally:
+        engine.dispose()
+
+
+def _store_titles(url: str, titles: dict[str, str], *, allow_list: list[str], recognizers: object,
+                  retired: tuple[str, ...] = ("deleted", "rejected")) -> None:
+    """Department hr, its ingestion policy (`recognizers`: JSON, as the row holds them) and a document of it for each
+    title, named by its key: `ready` but for those named as a retired status."""
+    columns = "id, department, title, content_type, size_bytes, sha256, acl_groups, classification, status, " \
+              "chunk_count, uploaded_by, created_at, updated_at, flagged_chunks"
+    policy = "department, ai_max_level, injection_action, keywords, allow_list, recognizers, reversible, updated_by, " \
+             "updated_at"
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("INSERT INTO departments (name, created_at) VALUES ('hr', '2026-01-01 00:00:00')"))
+            connection.execute(text(f"INSERT INTO ingestion_policies ({policy}) VALUES ('hr', 'confidential', "  # noqa: S608
+                                    "'exclude', '{}', :allow_list, :recognizers, false, 'ed', '2026-01-01')"),
+                               {"allow_list": json.dumps(allow_list), "recognizers": json.dumps(recognizers)})
+            connection.execute(text(f"INSERT INTO documents ({columns}) VALUES (:id, 'hr', :title, 'text/plain', 1, "  # noqa: S608
+                                    "'ab', '[]', 'internal', :status, 1, 'ed', '2026-01-01', '2026-01-01', 0)"),
+                               [{"id": name, "title": title, "status": name if name in retired else "ready"}
+                                for name, title in titles.items()])
+    finally:
+        engine.dispose()
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "pg"])
 def test_titles_stored_with_a_value_in_what_looks_like_an_extension_have_only_that_value_redacted_by_0023(
         kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
@@ -567,59 +604,96 @@ def test_titles_stored_with_a_value_in_what_looks_like_an_extension_have_only_th
     document's row."""
     url = _database(kind, tmp_path, make_pg_database)
     migrate.upgrade(url, "0022")
-    columns = "id, department, title, content_type, size_bytes, sha256, acl_groups, classification, status, " \
-              "chunk_count, uploaded_by, created_at, updated_at, flagged_chunks"
-    rows = ", ".join(f"('{name}', 'hr', '{before}', 'text/plain', 1, 'ab', '[]', 'internal', "
-                     f"'{'deleted' if name == 'deleted' else 'ready'}', 1, 'ed', '2026-01-01', '2026-01-01', 0)"
-                     for name, (before, _after) in TITLES_BEFORE_0023.items())
-    policy = "department, ai_max_level, injection_action, keywords, allow_list, recognizers, reversible, updated_by, " \
-             "updated_at"
-    handle = '{"entity": "STAFF_HANDLE", "pattern": "\\\\b[a-z]+\\\\.[a-z]{6,}\\\\b", "checksum": "none", ' \
-             '"context": [], "score": 0.6}'
-    rules = f"('hr', 'confidential', 'exclude', '{{}}', '[\"10.9.9.9\"]', '[{handle}]', false, 'ed', '2026-01-01')"
-    _execute(url, "INSERT INTO departments (name, created_at) VALUES ('hr', '2026-01-01 00:00:00')",
-             f"INSERT INTO ingestion_policies ({policy}) VALUES {rules}",  # noqa: S608
-             f"INSERT INTO documents ({columns}) VALUES {rows}")  # noqa: S608
+    _store_titles(url, {name: before for name, (before, _after) in TITLES_BEFORE_0023.items()},
+                  allow_list=["10.9.9.9"], recognizers=[HANDLE])
     migrate.upgrade(url, "0023")
-    engine = create_engine(url)
-    try:
-        with engine.connect() as connection:
-            titles = dict(connection.execute(text("SELECT id, title FROM documents")).all())
-    finally:
-        engine.dispose()
-    assert titles == {name: after for name, (_before, after) in TITLES_BEFORE_0023.items()}
+    assert _titles(url) == {name: after for name, (_before, after) in TITLES_BEFORE_0023.items()}
+
+
+# A department's handle alone, not a piece of a longer dotted name (a domain): not found before a `.tar`; and a unit's
+# code, which is found in a placeholder (`EMAIL_ADDRESS` of `<EMAIL_ADDRESS>`).
+LONE_HANDLE = {**HANDLE, "pattern": "(?<![\\w.])[a-z]+\\.[a-z]{6,}(?![\\w.])"}
+UNIT_CODE = {"entity": "UNIT_CODE", "pattern": "\\b[A-Z]+_[A-Z]+\\b", "checksum": "none", "context": [], "score": 0.6}
+TITLES_BEFORE_0025 = {  # as the rule before a title was read without each extension of a chain stored them → 0025's
+    "bare": ("maria@example.com.tar.gz", "<EMAIL_ADDRESS>.tar.gz"),
+    "claim": ("Claim of maria@example.com.pdf.gpg", "Claim of <EMAIL_ADDRESS>.pdf.gpg"),
+    "three": ("Claim of maria@example.com.tar.gz.001", "Claim of <EMAIL_ADDRESS>.tar.gz.001"),
+    "private": ("anna.berg@ops.acme.internal.tar.gz", "<EMAIL_ADDRESS>.tar.gz"),
+    "handle": ("Access for maria.gonzalez.tar.gz", "Access for <STAFF_HANDLE>.tar.gz"),  # the department's recognizer
+    "allowed": ("Write to help@example.com.pdf.gpg", "Write to help@example.com.pdf.gpg"),  # on its allow-list
+    "name": ("Meeting notes Brian.docx.enc", "Meeting notes <PERSON>.docx.enc"),  # the NER took `Brian.docx`
+    "cut": ("<PERSON> Horak.docx.enc", "<PERSON> <PERSON>.docx.enc"),  # stored for `Jan Horak.docx.enc`
+    "final": ("Report by <PERSON> Gonzalez.final.pdf", "Report by <PERSON> <PERSON>.final.pdf"),
+    "beside": ("Notes for <PERSON> and maria@example.com.pdf.gpg", "Notes for <PERSON> and <EMAIL_ADDRESS>.pdf.gpg"),
+    "redacted": ("Claim of <EMAIL_ADDRESS> draft.pdf.gpg", "Claim of <EMAIL_ADDRESS> draft.pdf.gpg"),  # no UNIT_CODE
+    "dated": ("Minutes 2024.05.17.tar.gz", "Minutes 2024.05.17.tar.gz"),  # a date before a chain is no value
+    "lease": ("Jordan Office <PERSON>.gpg", "Jordan Office <PERSON>.gpg"),  # its chain cut by the NER: none left
+    "one": ("Letter to <PERSON> Novak.docx", "Letter to <PERSON> Novak.docx"),  # no chain: read whole before
+    "long": ("x" * 280 + " j@ex.io.pdf.gpg", "x" * 280 + " <EMAIL_ADDRESS>.pdf"),  # cut to 300 as a title is set
+    "deleted": ("Dismissal of maria@example.com.pdf.gpg", "Dismissal of maria@example.com.pdf.gpg"),  # retired
+    "rejected": ("Scan of maria@example.com.tar.gz", "Scan of maria@example.com.tar.gz"),
+}
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "pg"])
-@pytest.mark.parametrize("recognizers", ['[{"entity": "STAFF_HANDLE"}]', '"none"',
-                                         '[{"entity": "STAFF_HANDLE", "pattern": "(a", "checksum": "none", '
-                                         '"context": [], "score": 0.6}]'])
-def test_0023_stops_on_a_department_policy_it_cannot_apply_naming_the_department(
-        kind: str, recognizers: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
-    """A policy row the API would not have saved (edited by hand: a recognizer without its pattern, recognizers not a
-    list, a pattern that does not compile) cannot say how the department's titles were redacted: 0023 stops with a
-    MigrationError naming the department (the CLI's one line, not a traceback quoting the row), the database left at
-    0022 with its titles as stored."""
+def test_titles_stored_with_a_value_hidden_by_a_compound_extension_have_it_redacted_by_0025(
+        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
+    """A title was read as it is and without its last extension alone, so what a chain of two or three hid was stored
+    raw: an address (`.com.pdf.gpg`), a department's handle, the word of a name the NER cut at the inner extension
+    (`<PERSON> Horak.docx.enc`). 0025 redacts what the title's readings without two and three extensions find, under
+    the department's rules (its recognizers, its allow-list), names too, and nothing else: not a placeholder already
+    there (UNIT_CODE matches `EMAIL_ADDRESS` in one), a title without a chain, a retired document's row."""
     url = _database(kind, tmp_path, make_pg_database)
-    migrate.upgrade(url, "0022")
-    policy = "department, ai_max_level, injection_action, keywords, allow_list, recognizers, reversible, updated_by, " \
-             "updated_at"
-    _execute(url, "INSERT INTO departments (name, created_at) VALUES ('hr', '2026-01-01 00:00:00')",
-             f"INSERT INTO ingestion_policies ({policy}) VALUES ('hr', 'confidential', 'exclude', '{{}}', '[]', "  # noqa: S608
-             f"'{recognizers}', false, 'ed', '2026-01-01')",
-             "INSERT INTO documents (id, department, title, content_type, size_bytes, sha256, acl_groups, "
-             "classification, status, chunk_count, uploaded_by, created_at, updated_at, flagged_chunks) VALUES "
-             "('d', 'hr', 'Access from 10.0.0.1', 'text/plain', 1, 'ab', '[]', 'internal', 'ready', 1, 'ed', "
-             "'2026-01-01', '2026-01-01', 0)")
-    with pytest.raises(migrate.MigrationError, match="revision 0023: the ingestion policy of department 'hr'"):
-        migrate.upgrade(url, "0023")
-    assert migrate.current_revision(url) == "0022"
-    engine = create_engine(url)
-    try:
-        with engine.connect() as connection:
-            assert connection.execute(text("SELECT title FROM documents")).scalar_one() == "Access from 10.0.0.1"
-    finally:
-        engine.dispose()
+    migrate.upgrade(url, "0024")
+    _store_titles(url, {name: before for name, (before, _after) in TITLES_BEFORE_0025.items()},
+                  allow_list=["help@example.com"], recognizers=[LONE_HANDLE, UNIT_CODE])
+    migrate.upgrade(url)
+    assert _titles(url) == {name: after for name, (_before, after) in TITLES_BEFORE_0025.items()}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "pg"])
+def test_0025_loads_no_model_for_titles_without_a_chain_and_undoing_it_restores_nothing(
+        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
+    """Live titles with dots but no chain of extensions (a date, a version, one extension) and a retired one with a
+    chain: 0025 leaves each byte for byte without asking for the PII model. Undone, it changes nothing; a title with
+    a chain stored meanwhile is redacted when it runs again."""
+    url = _database(kind, tmp_path, make_pg_database)
+    migrate.upgrade(url, "0024")
+    titles = {"dated": "Minutes 2024.05.17", "version": "Release v1.2.3 notes", "one": "Letter to <PERSON> Novak.docx",
+              "deleted": "Dismissal of maria@example.com.pdf.gpg"}
+    _store_titles(url, titles, allow_list=[], recognizers=[])
+    from guard.pii import get_redactor  # the PII model's one loader: its cache counts every call
+
+    asked = get_redactor.cache_info()
+    migrate.upgrade(url)
+    assert get_redactor.cache_info() == asked
+    assert _titles(url) == titles
+    migrate.downgrade(url, "0024")
+    assert _titles(url) == titles
+    _execute(url, "UPDATE documents SET title = 'Claim of maria@example.com.pdf.gpg' WHERE id = 'one'")
+    migrate.upgrade(url)
+    assert _titles(url) == {**titles, "one": "Claim of <EMAIL_ADDRESS>.pdf.gpg"}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "pg"])
+@pytest.mark.parametrize("recognizers", [[{"entity": "STAFF_HANDLE"}], "none", [{**HANDLE, "pattern": "(a"}]],
+                         ids=["no-pattern", "not-a-list", "no-regex"])
+@pytest.mark.parametrize(("revision", "title"), [("0023", "Access from 10.0.0.1"),
+                                                 ("0025", "Claim of maria@example.com.pdf.gpg")])
+def test_a_title_revision_stops_on_a_department_policy_it_cannot_apply_naming_the_department(
+        kind: str, recognizers: object, revision: str, title: str, tmp_path: Path,
+        make_pg_database: Callable[[], str]) -> None:
+    """A policy row the API would not have saved (edited by hand: a recognizer without its pattern, recognizers not a
+    list, a pattern that does not compile) cannot say how the department's titles were redacted: 0023 and 0025 stop
+    with a MigrationError naming the department (the CLI's one line, not a traceback quoting the row), the database
+    left at the revision before with its titles as stored."""
+    url, before = _database(kind, tmp_path, make_pg_database), f"{int(revision) - 1:04d}"
+    migrate.upgrade(url, before)
+    _store_titles(url, {"d": title}, allow_list=[], recognizers=recognizers)
+    with pytest.raises(migrate.MigrationError, match=f"revision {revision}: the ingestion policy of department 'hr'"):
+        migrate.upgrade(url, revision)
+    assert migrate.current_revision(url) == before
+    assert _titles(url) == {"d": title}
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "pg"])

@@ -1,7 +1,7 @@
 """The migrations written as SQL (Alembic's offline mode, `alembic upgrade --sql`), for a DBA who reviews the SQL before
 it runs: the whole chain renders for PostgreSQL and SQLite with its backfills in it, the script runs on a new database
-(psql, sqlite3) and gives what the migrations run by govrag give, and the backfills SQL cannot do (0010's and 0023's
-title redaction) fail the script rather than being left out."""
+(psql, sqlite3) and gives what the migrations run by govrag give, and the backfills SQL cannot do (0010's, 0023's and
+0025's title redaction) fail the script rather than being left out."""
 
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ BACKFILLS = [  # a statement of each revision that changes rows, as rendered on 
     "UPDATE documents SET duplicate_of = substr(error, 71) WHERE substr(error, 1, 70) = 'duplicate upload: ",  # 0022
     "CONSTRAINT apply_0023_with_govrag_to_redact_titles CHECK (documents_to_redact = 0)",  # 0023: its guard
     "SELECT count(*) FROM documents WHERE status NOT IN ('deleted', 'rejected') AND replace(title, '.', '') <> title",
+    "CONSTRAINT apply_0025_with_govrag_to_redact_titles CHECK (documents_to_redact = 0)",  # 0025: its guard
+    "SELECT count(*) FROM documents WHERE status NOT IN ('deleted', 'rejected') AND length(title) - "
+    "length(replace(title, '.', '')) >= 2",
 ]
 GRANTS = [("alice", "reader"), ("bob", "role:editor"), ("carol", ""), ("dave", None), ("erin", "Role:auditor"),
           ("frank", "role:"), ("gina", "ROLE:admin")]  # no role inheritance: undoing 0003 refuses to drop it
@@ -104,6 +107,7 @@ def test_the_whole_chain_renders_as_sql_with_every_backfill(url: str) -> None:
     assert not missing, f"the SQL written lacks {missing}"
     assert "-- Revision 0010 redacts the PII in the titles of documents" in sql
     assert "-- Revision 0023 redacts, with govrag's PII model" in sql
+    assert "-- Revision 0025 redacts, with govrag's PII model" in sql
     assert sql.rstrip().endswith("COMMIT;")
     assert f"version_num='{migrate.head_revision()}'" in sql
 
@@ -181,33 +185,44 @@ def test_the_sql_written_stops_at_0010_while_a_title_is_to_redact(
         ("deleted", "(deleted)", ""), ("ready", "Travel claim <EMAIL_ADDRESS>.txt", "ab")]
 
 
+# revision: (what its guard lets pass, what it stops, what govrag's run makes of that)
+TITLES_READ_BY_THE_MODEL = {
+    "0023": ("Access notes", "Access from 10.0.0.1", "Access from <IP_ADDRESS>"),  # a '.'
+    "0025": ("Access notes.pdf", "Claim of maria@example.com.pdf.gpg", "Claim of <EMAIL_ADDRESS>.pdf.gpg"),  # two
+}
+
+
 @pytest.mark.parametrize("kind", ["pg", "sqlite"])
-def test_the_sql_written_stops_at_0023_while_a_live_title_holds_a_dot(
-        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
-    """0023 reads titles that may end in what looks like a file extension with the PII model, which SQL cannot: the
-    script passes a database whose live titles hold no '.' (a retired document's does not count), and fails on one
-    whose live title does, the database left at 0022 with the title as stored; govrag's own migration redacts it."""
-    url = _database(kind, tmp_path, make_pg_database)
-    migrate.upgrade(url, "0022")
+@pytest.mark.parametrize("revision", TITLES_READ_BY_THE_MODEL)
+def test_the_sql_written_stops_at_a_title_revision_while_a_live_title_may_hold_what_it_reads(
+        kind: str, revision: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
+    """0023 reads titles that may end in what looks like a file extension (a '.'), 0025 those that may end in a chain
+    of them (two), with the PII model, which SQL cannot: the script passes a database whose live titles hold none (a
+    retired document's does not count), and fails on one whose live title does, the database left at the revision
+    before with the title as stored; govrag's own migration redacts it."""
+    url, before = _database(kind, tmp_path, make_pg_database), f"{int(revision) - 1:04d}"
+    passes, stops, redacted = TITLES_READ_BY_THE_MODEL[revision]
+    retired = "Dismissal of maria@example.com.pdf.gpg"
+    migrate.upgrade(url, before)
     rows = ", ".join(f"('{status}', 'hr', '{title}', 'text/plain', 1, 'ab', '[]', 'internal', '{status}', NULL, 0, "
                      "'ed', '2026-01-01', '2026-01-01', 0, NULL)"
-                     for status, title in (("deleted", "Dismissal of maria@example.com"), ("ready", "Access notes")))
+                     for status, title in (("deleted", retired), ("ready", passes)))
     _execute(url, "INSERT INTO departments (name, created_at) VALUES ('hr', '2026-01-01 00:00:00')",
              f"INSERT INTO documents ({DOCUMENT_COLUMNS}) VALUES {rows}")  # noqa: S608
-    sql = _written_as_sql(url, "0022:0023")
+    sql = _written_as_sql(url, f"{before}:{revision}")
     ran = _run_script(url, sql)
     assert ran.returncode == 0, ran.stderr
-    assert migrate.current_revision(url) == "0023"
-    migrate.downgrade(url, "0022")
-    _execute(url, "UPDATE documents SET title = 'Access from 10.0.0.1' WHERE id = 'ready'")
+    assert migrate.current_revision(url) == revision
+    migrate.downgrade(url, before)
+    _execute(url, f"UPDATE documents SET title = '{stops}' WHERE id = 'ready'")  # noqa: S608
     ran = _run_script(url, sql)
     assert ran.returncode != 0
-    assert "apply_0023_with_govrag_to_redact_titles" in ran.stderr
-    assert migrate.current_revision(url) == "0022"
+    assert f"apply_{revision}_with_govrag_to_redact_titles" in ran.stderr
+    assert migrate.current_revision(url) == before
     query = "SELECT id, title FROM documents ORDER BY id"
-    assert _rows(url, query) == [("deleted", "Dismissal of maria@example.com"), ("ready", "Access from 10.0.0.1")]
-    migrate.upgrade(url, "0023")
-    assert _rows(url, query) == [("deleted", "Dismissal of maria@example.com"), ("ready", "Access from <IP_ADDRESS>")]
+    assert _rows(url, query) == [("deleted", retired), ("ready", stops)]
+    migrate.upgrade(url, revision)
+    assert _rows(url, query) == [("deleted", retired), ("ready", redacted)]
 
 
 def _add_grants(url: str) -> None:
