@@ -642,12 +642,18 @@ class PiiRedactor:
         `_kept_in_title`. `rules_only` applies the department's recognizers alone, to a title already redacted
         (the models would read its placeholders as context and take a word beside one for a name)."""
         readings = title_readings(title)
+        return _replace_spans(title, self._title_spans(title, readings, readings, rules, rules_only=rules_only),
+                              type_placeholder)
+
+    def _title_spans(self, title: str, readings: list[str], read: list[str], rules: RedactionRules | None, *,
+                     rules_only: bool = False) -> list[RecognizerResult]:
+        """The spans of `title` found in `read`, some of its `readings` (`title_readings`), that are redacted
+        (`_kept_in_title`): the NER reads only the title and its stem (`_read_for_names`), never with `rules_only`."""
         stem_end = len(readings[-1])
-        results = [result for reading in readings
-                   for result in self.analyze(reading, rules, rules_only=rules_only,
-                                              names=not rules_only and _read_for_names(reading, readings))
-                   if _kept_in_title(result, title, stem_end)]
-        return _replace_spans(title, results, type_placeholder)
+        return [result for reading in read
+                for result in self.analyze(reading, rules, rules_only=rules_only,
+                                           names=not rules_only and _read_for_names(reading, readings))
+                if _kept_in_title(result, title, stem_end)]
 
     def redact_title_past_extension(self, title: str, rules: RedactionRules | None = None) -> str:
         """A title stored by the rule before `_kept_in_title` with only the spans that rule left raw replaced by their
@@ -667,13 +673,15 @@ class PiiRedactor:
         the NER cut off in `<PERSON> Horak.docx.enc`. Names count: a word of a name left raw is worse than a word
         beside a placeholder taken for one (`Minutes <PERSON> Board.tar.gz` loses `Minutes`). Left as they are: a span
         over a placeholder the title holds (a department pattern matching `PERSON` in `<PERSON>`), and a name crossing
-        into the chain, which `_kept_in_title` drops for a title set now (migration 0025). A title with fewer than
-        three readings has no such span and comes back as it is, without a model call."""
+        into the chain, which `_kept_in_title` drops for a title set now (migration 0025). These readings are read as
+        `redact_title` reads them (`_title_spans`): the NER reads the stem alone, the value recognizers each reading,
+        so a chain of any depth (`.backup.old.tar.gz.001`, `.Pdf.Gpg`: read three deep and in one case alone before)
+        costs one NER run. A title with fewer than three readings has no such span and comes back as it is, without
+        a model call."""
         readings = title_readings(title)
-        stem_end, redacted = len(readings[-1]), [match.span() for match in UNNUMBERED.finditer(title)]
-        results = [result for reading in readings[2:] for result in self.analyze(reading, rules)
-                   if _kept_in_title(result, title, stem_end)
-                   and all(result.end <= start or end <= result.start for start, end in redacted)]
+        redacted = [match.span() for match in UNNUMBERED.finditer(title)]
+        results = [result for result in self._title_spans(title, readings, readings[2:], rules)
+                   if all(result.end <= start or end <= result.start for start, end in redacted)]
         return _replace_spans(title, results, type_placeholder)
 
     def redact_many(self, texts: list[str], placeholders: PlaceholderMap,

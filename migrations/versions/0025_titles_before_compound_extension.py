@@ -1,23 +1,27 @@
 """titles stored with a value hidden by a compound file extension have that value redacted
 
-Until guard/pii.py's `title_readings` read a title without each extension of a chain (up to three: `.tar.gz.001`), a
+Until guard/pii.py's `title_readings` read a title without each extension of a chain (`.tar.gz.001`), a
 title was read as it is and without its last extension alone, so a value the chain hid was stored as given: the
 address of `maria@example.com.tar.gz` or `Claim of maria@example.com.pdf.gpg` (neither `.gz` nor `.tar`, `.gpg` nor
 `.pdf` is a top-level name), one under a private name (`anna.berg@ops.acme.internal.tar.gz`), a department's value
 its pattern finds only at the end of the stem, and the word of a name the NER cut off at the inner extension (`Horak`
 of `<PERSON> Horak.docx.enc`, stored for `Jan Horak.docx.enc`, `Brian` of `Meeting notes Brian.docx.enc`). 0023 reads
-a stored title as it is, and a run applies only the department's recognizers again: those rows keep them.
+a stored title as it is, and a run applies only the department's recognizers again: those rows keep them. So do
+the titles stored while a chain was read at most three extensions deep and in one case alone (the address of
+`maria@example.com.backup.old.tar.gz`, of `maria@example.com.Pdf.Gpg`): the readings this revision adds are those of
+`title_readings` as it reads a title now (to the chain's start, up to eight, a known extension in any case).
 
 Only a live document (neither deleted nor rejected) whose title ends in a chain of two or more apparent extensions
 (three readings or more) can hold one; every other title is left byte for byte, and the PII model loads only when
 such a title exists (`upgrade_titles`). Such a title is read again only in the readings the rule before did not
-read, `readings[2:]` (the title without two extensions, then three), and only the spans found there are replaced, each
-by its type placeholder (`PiiRedactor.redact_title_before_compound_extension`):
+read, `readings[2:]` (the title without two extensions, three, and so on to its stem), as a title set now is read (the
+NER reads the stem alone, the value recognizers each reading), and only the spans found there are replaced, each by
+its type placeholder (`PiiRedactor.redact_title_before_compound_extension`):
 
 - values found by a pattern (an address, a department's recognizer), under the default entity set plus the
   department's own recognizers and allow-list as when the title was set: an allow-listed value is kept;
-- names found by the NER in those readings too, unlike 0023: a stored title holds placeholders, and the NER reads one
-  as context and may take a word beside it for a name (`Minutes` of `Minutes <PERSON> Board.tar.gz`), but here the
+- names too (those the NER finds in the stem), unlike 0023: a stored title holds placeholders, and the NER reads
+  one as context and may take a word beside it for a name (`Minutes` of `Minutes <PERSON> Board.tar.gz`), but here the
   word beside it is most often the rest of the very name the rule before cut (`<PERSON> Horak`): a word of a name
   left raw is worse than a word over-redacted;
 - never a span over a placeholder the title already holds (a department pattern may match `PERSON` in `<PERSON>`):

@@ -17,6 +17,7 @@ from sqlalchemy import JSON, Column, create_engine, inspect, text
 
 from core import migrate
 from core.models import Base
+from migrations import stored_titles
 
 EXPECTED_TABLES = {"departments", "documents", "ingestion_jobs", "wrapped_keys", "casbin_rule", "retrieval_events",
                    "blob_store"}
@@ -632,17 +633,27 @@ TITLES_BEFORE_0025 = {  # as the rule before a title was read without each exten
     "long": ("x" * 280 + " j@ex.io.pdf.gpg", "x" * 280 + " <EMAIL_ADDRESS>.pdf"),  # cut to 300 as a title is set
     "deleted": ("Dismissal of maria@example.com.pdf.gpg", "Dismissal of maria@example.com.pdf.gpg"),  # retired
     "rejected": ("Scan of maria@example.com.tar.gz", "Scan of maria@example.com.tar.gz"),
+    # Stored while a chain was read three extensions deep and in one case alone: `.Pdf`, `.Docx` no extension to it.
+    "capitals": ("Claim of maria@example.com.Pdf.Gpg", "Claim of <EMAIL_ADDRESS>.Pdf.Gpg"),
+    "deep": ("Mail maria@example.com.backup.old.tar.gz.001", "Mail <EMAIL_ADDRESS>.backup.old.tar.gz.001"),
+    "cut_capitals": ("<PERSON> Horak.Docx.Enc", "<PERSON> <PERSON>.Docx.Enc"),
+    "deep_name": ("Meeting notes Brian.backup.old.tar.gz", "Meeting notes <PERSON>.backup.old.tar.gz"),
 }
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "pg"])
+@pytest.mark.parametrize("batch", [stored_titles.BATCH, 2], ids=["one-batch", "batches-of-2"])
 def test_titles_stored_with_a_value_hidden_by_a_compound_extension_have_it_redacted_by_0025(
-        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
-    """A title was read as it is and without its last extension alone, so what a chain of two or three hid was stored
-    raw: an address (`.com.pdf.gpg`), a department's handle, the word of a name the NER cut at the inner extension
-    (`<PERSON> Horak.docx.enc`). 0025 redacts what the title's readings without two and three extensions find, under
-    the department's rules (its recognizers, its allow-list), names too, and nothing else: not a placeholder already
-    there (UNIT_CODE matches `EMAIL_ADDRESS` in one), a title without a chain, a retired document's row."""
+        kind: str, batch: int, tmp_path: Path, make_pg_database: Callable[[], str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A title was read as it is and without its last extension alone, so what a chain of two or more hid was stored
+    raw: an address (`.com.pdf.gpg`, `.com.backup.old.tar.gz.001`, `.com.Pdf.Gpg`), a department's handle, the word
+    of a name the NER cut at the inner extension (`<PERSON> Horak.docx.enc`). 0025 redacts what the title's readings
+    without two extensions and more find, under the department's rules (its recognizers, its allow-list), names too,
+    and nothing else: not a placeholder already there (UNIT_CODE matches `EMAIL_ADDRESS` in one), a title without a
+    chain, a retired document's row. Read in batches of two (by id, each batch's titles updated before the next is
+    read), no row is skipped: the same titles come out."""
+    monkeypatch.setattr(stored_titles, "BATCH", batch)
     url = _database(kind, tmp_path, make_pg_database)
     migrate.upgrade(url, "0024")
     _store_titles(url, {name: before for name, (before, _after) in TITLES_BEFORE_0025.items()},
