@@ -475,19 +475,26 @@ def test_a_value_behind_four_or_more_extensions_is_redacted(redactor: PiiRedacto
     assert redactor.redact_title(title) == redacted
 
 
-def test_the_ner_reads_a_title_twice_whatever_its_chain(redactor: PiiRedactor, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every reading of a title ran the NER (~5 ms each), four for a chain of three; reading a chain to its start
-    would cost one more run an extension. The NER reads the title as it is and without its whole chain; the readings
-    between are read by the value recognizers alone, which still find the address they hide."""
+@pytest.fixture
+def ner_runs(redactor: PiiRedactor, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The texts the NER is run on (the NLP engine's `process_text`; the value recognizers alone need none), each
+    added as the redactor runs it."""
     engine = redactor._analyzer.nlp_engine
-    ner_runs: list[str] = []
+    runs: list[str] = []
     process_text = engine.process_text
 
     def counted(text: str, language: str) -> object:
-        ner_runs.append(text)
+        runs.append(text)
         return process_text(text, language)
 
     monkeypatch.setattr(engine, "process_text", counted)
+    return runs
+
+
+def test_the_ner_reads_a_title_twice_whatever_its_chain(redactor: PiiRedactor, ner_runs: list[str]) -> None:
+    """Every reading of a title ran the NER (~5 ms each), four for a chain of three; reading a chain to its start
+    would cost one more run an extension. The NER reads the title as it is and without its whole chain; the readings
+    between are read by the value recognizers alone, which still find the address they hide."""
     title = "Mail maria@example.com.backup.old.tar.gz.001"
     assert redactor.redact_title(title) == "Mail <EMAIL_ADDRESS>.backup.old.tar.gz.001"
     assert ner_runs == [title, "Mail maria@example"]
@@ -497,20 +504,11 @@ def test_the_ner_reads_a_title_twice_whatever_its_chain(redactor: PiiRedactor, m
 
 
 def test_a_stored_title_read_again_before_its_compound_extension_runs_the_ner_on_its_stem_alone(
-        redactor: PiiRedactor, monkeypatch: pytest.MonkeyPatch) -> None:
+        redactor: PiiRedactor, ner_runs: list[str]) -> None:
     """Migration 0025 reads a stored title again in the readings the rule before did not read (`readings[2:]`), as a
     title set now is read: the NER its stem alone, whatever the chain's depth (one run, not one a reading: 17 ms a
     title with all of them), the value recognizers each reading, which find the address three extensions hide and,
     in one case alone before, a capitalised chain's. A title without a chain is not read at all."""
-    engine = redactor._analyzer.nlp_engine
-    ner_runs: list[str] = []
-    process_text = engine.process_text
-
-    def counted(text: str, language: str) -> object:
-        ner_runs.append(text)
-        return process_text(text, language)
-
-    monkeypatch.setattr(engine, "process_text", counted)
     stored = "Mail maria@example.com.backup.old.tar.gz.001"
     assert redactor.redact_title_before_compound_extension(stored) == "Mail <EMAIL_ADDRESS>.backup.old.tar.gz.001"
     assert ner_runs == ["Mail maria@example"]
