@@ -1,7 +1,7 @@
 """The broker's Redis as govrag uses it (the guard's shared counters, the queue-depth metric, the job sweep's look
-for lost jobs, the sending of ingestion tasks): with the same socket timeouts as Celery's own connections, so a Redis
-that does not answer counts as down alike everywhere, and through one breaker per broker URL and process, so a hung
-one holds one read or send per cool-down, not each."""
+for lost jobs, the sending of ingestion tasks, /readyz's broker check): with the same socket timeouts as Celery's own
+connections, so a Redis that does not answer counts as down alike everywhere, and through one breaker per broker URL
+and process, so a hung one holds one read, send or probe per cool-down, not each."""
 
 from __future__ import annotations
 
@@ -94,8 +94,8 @@ class _Breaker:
             opening = self._failed_at is None
             self._failed_at, self._probing = time.monotonic(), False
         if opening:
-            logger.warning("broker's Redis failed: govrag skips it (guard hit counts, queue depth, lost jobs) and"
-                           " sends no ingestion task, each left unsent for the sweep, trying it again after %s s",
+            logger.warning("broker's Redis failed: govrag skips it (guard hit counts, queue depth, lost jobs,"
+                           " readiness) and sends no ingestion task, each left unsent for the sweep, trying it again after %s s",
                            REDIS_COOL_DOWN_SECONDS)
 
     def _ended(self) -> None:
@@ -113,6 +113,12 @@ class _Breaker:
 _BREAKERS: dict[str, _Breaker] = {}
 _BREAKERS_LOCK = forksafe.lock()
 forksafe.rebuilt_in_child(_BREAKERS)  # a probe the parent was running is not in the child: it starts closed
+
+
+def guarded(broker_url: str, call: Callable[[], T]) -> T:
+    """`call` on the broker at `broker_url`: through its breaker on Redis (`through_breaker`), straight on the
+    in-memory broker, which lives in this process and cannot hang."""
+    return through_breaker(broker_url, call) if is_redis(broker_url) else call()
 
 
 def through_breaker(broker_url: str, call: Callable[[], T]) -> T:

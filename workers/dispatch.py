@@ -443,8 +443,10 @@ def _job_id_of(message: Any) -> str | None:
 def _published(app: GovragCelery, document_id: str, job_id: str, request_id: str | None) -> bool:
     """Put the ingestion task on the broker, with the request id the job keeps (`REQUEST_ID_HEADER`: that of the
     request or run that queued it, whoever sends it, the sweep and a start's resending too; for a job that keeps none,
-    queued outside any request or run, the sender's, else `-`); False if the broker refused, or was not tried
-    (`_through_breaker`): its caller says so, once."""
+    queued outside any request or run, the sender's, else `-`); False if the broker refused, or was not tried: its
+    caller says so, once. A send to Redis goes through its breaker (`broker.guarded`): a hung Redis holds one send (the
+    socket timeout, kombu's one retry: `PUBLISH_RETRY_POLICY`) and no other for the cool-down, each skipped at once
+    (`broker.RedisSkipped`), its job left unsent for the sweep, whose round after the cool-down tries Redis again."""
     carried = request_id or stored_request_id() or NO_REQUEST_ID
 
     def send() -> None:
@@ -453,22 +455,10 @@ def _published(app: GovragCelery, document_id: str, job_id: str, request_id: str
                                            headers={REQUEST_ID_HEADER: carried})
 
     try:
-        _through_breaker(app, send)
+        broker.guarded(app.govrag_settings.broker_url, send)
     except (OperationalError, OSError, broker.RedisSkipped):
         return False
     return True
-
-
-def _through_breaker(app: GovragCelery, send: Callable[[], None]) -> None:
-    """`send` on a Redis broker through its breaker (`broker.through_breaker`): a hung Redis holds one send (the
-    socket timeout, kombu's one retry: `PUBLISH_RETRY_POLICY`) and no other for the cool-down, each skipped at once
-    (`broker.RedisSkipped`), its job left unsent for the sweep, whose round after the cool-down tries Redis again.
-    The in-memory broker is sent to straight."""
-    broker_url = app.govrag_settings.broker_url
-    if broker.is_redis(broker_url):
-        broker.through_breaker(broker_url, send)
-    else:
-        send()
 
 
 def _mark_sent(session: Session, job_id: str) -> None:

@@ -10,10 +10,12 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.deps import SessionDep, SettingsDep
+from core import broker
 from core.cache import Rechecked
 from core.errors import ErrorCode, GovragError, MasterKeyRefused
 from core.logs import SaidOnChange
 from retrieval.store import open_vector_store
+from workers.celery_app import GovragCelery
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
@@ -43,7 +45,7 @@ def not_ready_said() -> SaidOnChange:
 
 @router.get("/readyz")
 def readyz(request: Request, session: SessionDep, settings: SettingsDep) -> JSONResponse:
-    """Database, broker and vector store all answer, the database's schema is the one this code needs (a migration
+    """Database, broker and vector store all answer (the broker through its breaker: `_ping_broker`), the database's schema is the one this code needs (a migration
     run or undone under a running process is noticed within SCHEMA_CHECK_SECONDS, with its reason), and the master
     key opens what is stored under it (a key file replaced or deleted, a master rotation this replica's key lacks:
     noticed within MASTER_CHECK_SECONDS), with its reason (never a path: it asks no login). Why each check fails is
@@ -51,7 +53,7 @@ def readyz(request: Request, session: SessionDep, settings: SettingsDep) -> JSON
     govrag_http_requests_total)."""
     probes = {
         "database": _probed(lambda: session.execute(text("SELECT 1"))),
-        "broker": _probed(lambda: _ping_broker(request)),
+        "broker": _probed(lambda: _ping_broker(request.app.state.celery), unreachable=_BROKER_UNREACHABLE),
         "vector_store": _probed(lambda: open_vector_store(settings).ping()),
         "schema": _watched(request.app.state.schema_watch),
         "master_key": _watched(request.app.state.master_key_watch),
@@ -74,9 +76,21 @@ def dev_issuer_jwks(request: Request) -> dict[str, object]:
     return issuer.jwks()  # type: ignore[no-any-return]
 
 
-def _ping_broker(request: Request) -> None:
-    with request.app.state.celery.connection_for_write() as connection:
-        connection.ensure_connection(max_retries=1, timeout=2)
+# The broker not reached, or not tried while its breaker is open: both said as "unreachable", so that a hung Redis is
+# logged once, not again each time the breaker's cool-down ends and one probe tries it and fails again
+_BROKER_UNREACHABLE = (*broker.UNREACHABLE, broker.RedisSkipped)
+
+
+def _ping_broker(celery: GovragCelery) -> None:
+    """Connect to the broker, through its breaker on Redis (`broker.guarded`): a hung Redis holds one probe for the
+    socket timeout, then the probes of the cool-down are answered at once (`broker.RedisSkipped`: not ready), the one
+    after it tries Redis again; any read or send that failed to reach it opens the breaker for the probes too."""
+
+    def ping() -> None:
+        with celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+
+    broker.guarded(celery.govrag_settings.broker_url, ping)
 
 
 def _watched(watch: Rechecked[str] | Rechecked[MasterKeyRefused]) -> _Probe:
@@ -91,9 +105,12 @@ def _watched(watch: Rechecked[str] | Rechecked[MasterKeyRefused]) -> _Probe:
     return _Probe("ok") if problem is None else _Probe("mismatch", problem, problem)
 
 
-def _probed(probe) -> _Probe:  # type: ignore[no-untyped-def]
+def _probed(probe, unreachable: tuple[type[Exception], ...] = ()) -> _Probe:  # type: ignore[no-untyped-def]
+    """"ok", or "down" logged as "unreachable" for an `unreachable` error, else by the error's type."""
     try:
         probe()
+    except unreachable:
+        return _Probe("down", logged="unreachable")
     except Exception as exc:  # noqa: BLE001 - readiness reports any failure as "down"
         return _Probe("down", logged=type(exc).__name__)
     return _Probe("ok")

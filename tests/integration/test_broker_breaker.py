@@ -183,3 +183,33 @@ def test_an_upload_s_send_to_a_hung_redis_retries_once_and_opens_the_breaker_the
         assert (_unsent(settings), real.llen(settings.task_queue)) == (set(), 3)
         real.delete(*real.keys(f"*{settings.task_queue}*"))
     assert _said(caplog, "core.broker") == list(breaker_said(3600.0))
+
+
+def test_readiness_probes_skip_a_hung_redis_while_the_breaker_is_open_and_say_it_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """/readyz connected to the broker outside its breaker: with Redis hung, every probe waited out the socket timeout
+    on a connection of its own (3 s at the default), and probes came faster than they were answered. Now the probe
+    that finds Redis hung opens the breaker (not ready, as before), and those after it are not ready at once, Redis
+    not tried, until the cool-down has passed and one probes it again: ready once it answers. A hung Redis is logged
+    once ("unreachable", tried or skipped), and once as the broker is ok again. Connections counted, no clock."""
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(broker, "REDIS_COOL_DOWN_SECONDS", 3600.0)
+    with redis_that_hangs() as (endpoint, _, broker_url):
+        endpoint.hung = False
+        settings = _settings(tmp_path, broker_url, inprocess_worker=False, job_sweep_seconds=0)
+        with TestClient(create_app(settings)) as client:
+            assert client.get("/readyz").json()["checks"]["broker"] == "ok"
+            endpoint.hung = True
+            probes = [client.get("/readyz")]
+            tried = endpoint.connections  # the first probe's (its connection, and kombu's retry of it)
+            probes += [client.get("/readyz") for _ in range(3)]
+            assert [(probe.status_code, probe.json()["checks"]["broker"]) for probe in probes] == [(503, "down")] * 4
+            assert endpoint.connections == tried  # the breaker open: Redis not tried (main: each probe tried it)
+            endpoint.hung = False
+            monkeypatch.setattr(broker, "REDIS_COOL_DOWN_SECONDS", 0.0)
+            assert client.get("/readyz").json() == {"ready": True, "checks": dict.fromkeys(probes[0].json()["checks"],
+                                                                                          "ok")}
+        close_vector_store(settings)
+    opened, closed = breaker_said(3600.0)
+    assert _said(caplog, "core.broker", "api.routers.health") == [
+        opened, "not ready: broker down (unreachable)", closed, "broker ok again"]

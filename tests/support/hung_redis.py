@@ -62,8 +62,8 @@ class RedisThatHangs:
 def breaker_said(cool_down: float) -> tuple[str, str]:
     """The lines the broker's breaker logs (core/broker.py) as a hung Redis opens it, with this cool-down, and as an
     answer closes it."""
-    return ("broker's Redis failed: govrag skips it (guard hit counts, queue depth, lost jobs) and sends no ingestion"
-            f" task, each left unsent for the sweep, trying it again after {cool_down} s",
+    return ("broker's Redis failed: govrag skips it (guard hit counts, queue depth, lost jobs, readiness) and sends"
+            f" no ingestion task, each left unsent for the sweep, trying it again after {cool_down} s",
             "broker's Redis answers again: govrag tries it again, ingestion tasks too")
 
 
