@@ -177,7 +177,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from core.logs import configure_logging
     from core.settings import get_settings
-    from workers.celery_app import create_celery
+    from workers.celery_app import celery_for_command
 
     settings = get_settings()
     if not settings.qdrant_url:
@@ -196,11 +196,11 @@ def _worker(args: argparse.Namespace) -> int:
 
     ingestion_service.check_models(settings)  # a broken install: one line, exit 1, before Celery starts
     configure_tracing(settings)
-    app = create_celery(settings)
-    with migrate.reached(settings.resolved_database_url):
-        keystore.record_master_verifiers(settings)  # last: a start refused by an earlier step pins no master key
-    concurrency = args.concurrency if args.concurrency is not None else settings.ingest_concurrency
-    app.worker_main(["worker", "--loglevel=INFO", f"--concurrency={concurrency}", "-Q", settings.task_queue])
+    with celery_for_command(settings) as app:
+        with migrate.reached(settings.resolved_database_url):
+            keystore.record_master_verifiers(settings)  # last: a start refused by an earlier step pins no master key
+        concurrency = args.concurrency if args.concurrency is not None else settings.ingest_concurrency
+        app.worker_main(["worker", "--loglevel=INFO", f"--concurrency={concurrency}", "-Q", settings.task_queue])
     return 0
 
 

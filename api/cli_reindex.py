@@ -156,7 +156,8 @@ def _send(settings: Settings, jobs: list[tuple[str, str]]) -> int:
 
     if broker.is_in_memory(settings.broker_url):
         return 0
-    from workers.celery_app import create_celery
+    from workers.celery_app import celery_for_command
     from workers.dispatch import send_jobs
 
-    return send_jobs(create_celery(settings), jobs)
+    with celery_for_command(settings) as app:
+        return send_jobs(app, jobs)

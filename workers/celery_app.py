@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from queue import Empty
 from urllib.parse import parse_qsl, urlsplit
 
@@ -59,6 +61,18 @@ def create_celery(settings: Settings) -> GovragCelery:
 
     register_tasks(app)
     return app
+
+
+@contextmanager
+def celery_for_command(settings: Settings) -> Iterator[GovragCelery]:
+    """A Celery app for a one-shot command's run (`govrag reindex`'s sends, `govrag worker`), the broker connections it
+    kept closed as the run ends, however it ends (`close_celery`, as the API's stop does): a command run in-process
+    (a test's, a script's) left them open for the process's life."""
+    app = create_celery(settings)
+    try:
+        yield app
+    finally:
+        close_celery(app)
 
 
 def _transport_options(settings: Settings) -> dict[str, float]:

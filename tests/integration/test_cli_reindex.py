@@ -322,3 +322,44 @@ def test_with_a_redis_broker_the_jobs_are_sent_as_the_api_sends_them(
     with unit_of_work(cli_env) as session:
         [sent_at] = session.scalars(select(IngestionJob.sent_at).where(IngestionJob.document_id == ready)).all()
     assert sent_at is not None
+
+
+@pytest.mark.parametrize("database_lost", [False, True], ids=["run-ends", "run-fails"])
+def test_a_run_that_sent_jobs_leaves_no_connection_to_the_broker_open(
+        cli_env: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, database_lost: bool) -> None:
+    """The command made a Celery app to send its jobs and never closed it (the API's stop does: `close_celery`): a
+    run in-process (a test's, a script's) left its connections to Redis open for the process's life, 2 a run. Now
+    they are closed as the run ends, a run failing after its send too (the database lost as the job is recorded sent:
+    the command's one-line failure). Real Redis through an endpoint of its own, this process's connections to it
+    counted."""
+    from sqlalchemy import make_url
+
+    from tests.conftest import allow_connections
+    from tests.support.hung_redis import redis_that_hangs
+    from tests.support.sockets import connections_to
+    from workers import dispatch
+
+    queue, database = f"govrag-test-closed-{uuid.uuid4().hex[:8]}", str(make_url(cli_env).database)
+    recorded = dispatch.record_sent
+
+    def database_lost_first(*args: Any) -> None:
+        allow_connections(database, False)
+        recorded(*args)
+
+    if database_lost:
+        monkeypatch.setattr(dispatch, "record_sent", database_lost_first)
+    _document(cli_env)
+    with redis_that_hangs() as (endpoint, real, broker_url):
+        endpoint.hung = False
+        monkeypatch.setenv("GOVRAG_BROKER_URL", broker_url)
+        monkeypatch.setenv("GOVRAG_TASK_QUEUE", queue)
+        get_settings.cache_clear()
+        try:
+            exit_code = main(["reindex", "--department", "hr"])
+        finally:
+            allow_connections(database, True)
+        said = capsys.readouterr()
+        stopped = "stopped: the database is unavailable" in said.err
+        assert (exit_code != 0, stopped, real.llen(queue)) == (database_lost, database_lost, 1), said.err[-2000:]
+        assert connections_to(endpoint.server.getsockname()[1]) == 0  # main: 2
+        real.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")

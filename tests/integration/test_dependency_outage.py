@@ -6,7 +6,6 @@ where nothing listens; the blob directory renamed away."""
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from core.errors import unavailable_dependency
 from tests.conftest import PLATFORM_ADMIN, allow_connections, auth, desk_member
 from tests.support.govrag_process import run_govrag
 from tests.support.hung_redis import redis_that_hangs
+from tests.support.sockets import connections_to
 from tests.support.task_retries import Scheduled, task_at_retry
 
 if TYPE_CHECKING:
@@ -390,28 +390,6 @@ def test_a_serve_whose_database_goes_after_it_opened_the_embedded_store_says_so_
     assert export.returncode == 0, export.stderr[-3000:]
 
 
-def _connections_to(port: int) -> int:
-    """This process's TCP connections to 127.0.0.1:port: its sockets whose inode /proc/net/tcp lists with that remote
-    port (the server's own ends, in its threads, have it as their local port); no other thread's socket counted."""
-    inodes = _socket_inodes()
-    with open("/proc/self/net/tcp") as table:
-        rows = [line.split() for line in table.readlines()[1:]]
-    return sum(row[2] == f"0100007F:{port:04X}" and row[9] in inodes for row in rows)
-
-
-def _socket_inodes() -> set[str]:
-    """The inodes of this process's open sockets."""
-    inodes = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except FileNotFoundError:
-            continue  # closed since listed, by another thread
-        if target.startswith("socket:["):
-            inodes.add(target.removeprefix("socket:[").removesuffix("]"))
-    return inodes
-
-
 def test_an_api_stopped_closes_its_connections_to_the_identity_provider(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Each start and stop of an API that fetched the IdP's keys left that connection and its event loop open for
@@ -436,7 +414,7 @@ def test_an_api_stopped_closes_its_connections_to_the_identity_provider(tmp_path
                 assert response.status_code == 404
             close_vector_store(settings)
         assert issuer.connections == 3  # one a start, each closed at its stop (main left all three open)
-        assert _connections_to(urlsplit(issuer.jwks_uri).port or 0) == 0
+        assert connections_to(urlsplit(issuer.jwks_uri).port or 0) == 0
 
 
 def test_an_api_stopped_closes_the_connections_it_kept_to_send_jobs_to_the_broker(tmp_path: Path) -> None:
@@ -463,9 +441,9 @@ def test_an_api_stopped_closes_the_connections_it_kept_to_send_jobs_to_the_broke
                 accepted = client.post("/v1/documents", headers=editor, data={"department": "desk"},
                                        files={"file": (f"note-{n}.txt", f"Note {n}: open at nine.".encode())})
                 assert accepted.status_code == 202, accepted.text
-                assert _connections_to(port) > 0
+                assert connections_to(port) > 0
             close_vector_store(settings)
-            assert _connections_to(port) == 0, n  # main: 2 after each stop
+            assert connections_to(port) == 0, n  # main: 2 after each stop
         assert real.llen(settings.task_queue) == 3  # each API sent its job
         real.delete(*real.keys(f"*{settings.task_queue}*"))
 
@@ -497,7 +475,7 @@ def test_an_api_stopping_leaves_alone_a_connection_another_app_is_sending_on(tmp
         assert outcome == [True]  # main: AttributeError or ValueError
         assert real.llen(settings.task_queue) == 2
         close_celery(stopping)  # idle now: closed
-        assert _connections_to(endpoint.server.getsockname()[1]) == 0
+        assert connections_to(endpoint.server.getsockname()[1]) == 0
         real.delete(*real.keys(f"*{settings.task_queue}*"))
 
 
