@@ -234,10 +234,12 @@ CacheKey = tuple[object, ...]
 
 @dataclass
 class _Cached:
-    """A backend in the cache, and how many holders it has (`hold_generator`)."""
+    """A backend in the cache, how many holders it has (`hold_generator`), and whether its last holder let go (closed:
+    kept so that a call after it is ModelClosed, not a new backend nobody holds; the next hold makes a new one)."""
 
     generator: Generator
     holders: int = 0
+    closed: bool = False
 
 
 # A forked child makes its own (llama.cpp's threads, a client's connections): the parent's, held or not, are kept
@@ -249,11 +251,16 @@ _GENERATORS_LOCK = forksafe.lock()
 
 def get_generator(settings: Settings) -> Generator | None:
     """The configured model, or None for the extractive backend (loaded once per configuration, `_cache_key`): the
-    one held (`hold_generator`), else made and kept for the process's life."""
+    one held (`hold_generator`); once its last holder let go, the closed one (a query as the API stops: ModelClosed,
+    the extractive answer), never a new one that nobody would hold nor close; with no holder ever (a bench's or a
+    test's caller without an API), made and kept for the process's life."""
     if settings.answer_backend == "extractive":
         return None
+    key = _cache_key(settings)
     with _GENERATORS_LOCK:
-        return _cached(_cache_key(settings), settings).generator
+        if key not in _GENERATORS:
+            _GENERATORS[key] = _Cached(_made(settings))
+        return _GENERATORS[key].generator
 
 
 class GeneratorHold:
@@ -263,9 +270,10 @@ class GeneratorHold:
         self.generator, self._key, self._released = generator, key, False
 
     def release(self) -> None:
-        """Let go of the backend (a second release does nothing); the last holder's release takes it out of the cache
-        and closes it, once its calls in flight have ended (a call after it is ModelClosed). It blocks while they
-        run and closing runs an event loop: called from a thread, never on a running event loop."""
+        """Let go of the backend (a second release does nothing); the last holder's release closes it, once its calls
+        in flight have ended (a call after it is ModelClosed), and leaves it in the cache closed: `get_generator`
+        hands that one on (a query as the API stops), the next `hold_generator` makes a new one. It blocks while the
+        calls run and closing runs an event loop: called from a thread, never on a running event loop."""
         with _GENERATORS_LOCK:
             if self._released or self._key is None:
                 return
@@ -276,30 +284,30 @@ class GeneratorHold:
             cached.holders -= 1
             if cached.holders > 0:
                 return
-            del _GENERATORS[self._key]  # the next get_generator makes a new one
+            cached.closed = True  # kept closed: a call after this is ModelClosed; the next hold makes a new one
         cached.generator.close()
 
 
 def hold_generator(settings: Settings) -> GeneratorHold:
     """The configured model, loaded if it is not, held until the hold is released (the API holds it from its start to
-    its stop: api.app): released by its last holder, it is closed, never left open for the process's life."""
+    its stop: api.app): released by its last holder, it is closed, never left open for the process's life. One its
+    last holder closed is replaced by a new one (an API started again in the same process)."""
     if settings.answer_backend == "extractive":
         return GeneratorHold(None, None)
     key = _cache_key(settings)
     with _GENERATORS_LOCK:
-        cached = _cached(key, settings)
+        if key not in _GENERATORS or _GENERATORS[key].closed:  # an API started again in this process: a new one
+            _GENERATORS[key] = _Cached(_made(settings))
+        cached = _GENERATORS[key]
         cached.holders += 1
     return GeneratorHold(cached.generator, key)
 
 
-def _cached(key: CacheKey, settings: Settings) -> _Cached:
-    """The cache's entry `key`, the backend for `settings` made if there is none (with _GENERATORS_LOCK held)."""
-    if key not in _GENERATORS:
-        if settings.answer_backend == "llamacpp" and settings.llm_model_path is not None:
-            _GENERATORS[key] = _Cached(LlamaCppGenerator(settings.llm_model_path, settings.llm_context_tokens))
-        else:
-            _GENERATORS[key] = _Cached(OpenAIGenerator(settings))
-    return _GENERATORS[key]
+def _made(settings: Settings) -> Generator:
+    """A new backend for `settings` (made with _GENERATORS_LOCK held: one load of a model at a time)."""
+    if settings.answer_backend == "llamacpp" and settings.llm_model_path is not None:
+        return LlamaCppGenerator(settings.llm_model_path, settings.llm_context_tokens)
+    return OpenAIGenerator(settings)
 
 
 def _cache_key(settings: Settings) -> CacheKey:

@@ -25,7 +25,7 @@ from sqlalchemy import select
 from core.db import get_session_factory
 from core.models import GuardControl, RetrievalEvent
 from retrieval import generation
-from retrieval.models import ModelError
+from retrieval.models import ModelError, hold_generator
 from tests.conftest import PLATFORM_ADMIN, auth, desk_member, wait_for_job
 from tests.support.stub_model import StubModel, answering_through
 
@@ -248,11 +248,15 @@ def test_a_canary_another_replica_minted_moments_ago_is_checked(settings: Any, s
         with get_session_factory(settings.resolved_database_url)() as other:  # another replica mints its canary
             other.add(GuardControl(scope=department, kill_mode="normal", updated_by="other-replica", canary=canary))
             other.commit()
-        result = generation.respond(
-            session=session, settings=replica, question="When does the desk open?", chunks=[chunk],
-            kill_mode=KillMode.normal, departments=[department], extractive=lambda _chunks: (extractive, {1}),
-            cite=lambda n, c: Citation(n=n, document_id=c.document_id, chunk_id=c.chunk_id, title=c.title,
-                                       department=c.department, snippet=c.text, score=c.score))
+        model = hold_generator(replica)  # as the replica's API holds its own: one released before is closed
+        try:
+            result = generation.respond(
+                session=session, settings=replica, question="When does the desk open?", chunks=[chunk],
+                kill_mode=KillMode.normal, departments=[department], extractive=lambda _chunks: (extractive, {1}),
+                cite=lambda n, c: Citation(n=n, document_id=c.document_id, chunk_id=c.chunk_id, title=c.title,
+                                           department=c.department, snippet=c.text, score=c.score))
+        finally:
+            model.release()
     assert canary in stub.requests[-1]["messages"][0]["content"]
     assert result.withheld and canary not in result.response.answer
     assert result.verdicts["output"]["canary_departments"] == [department]

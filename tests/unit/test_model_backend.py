@@ -244,6 +244,27 @@ def test_a_backend_held_twice_stays_open_until_its_last_holder_lets_go(stub: Stu
     assert len(stub.requests) == 1
 
 
+def test_a_query_after_the_last_release_gets_the_closed_backend_and_a_new_hold_a_new_one(stub: StubModel) -> None:
+    """The last release took the backend out of the cache: a query arriving after it (the API stopping, a request
+    still being answered) made a new backend that nobody held, so nobody closed it, its connections and event loops
+    open for the process's life. Now it gets the closed one (ModelClosed: the extractive answer), nothing sent; an API
+    started again in the same process (a new hold) gets a new backend, which answers, and its release closes it."""
+    settings = _answering_through(stub)
+    first = hold_generator(settings)
+    first.release()
+    late = get_generator(settings)
+    assert late is first.generator  # main: a new backend, unheld
+    with pytest.raises(ModelClosed):
+        _complete(late)
+    again = hold_generator(settings)
+    assert again.generator is not first.generator and _complete(again.generator) == "I don't know."
+    assert get_generator(settings) is again.generator
+    again.release()
+    with pytest.raises(ModelClosed):
+        _complete(get_generator(settings))
+    assert len(stub.requests) == 1
+
+
 def test_a_close_waits_for_the_call_in_flight_and_refuses_those_after_it(stub: StubModel) -> None:
     """The last release comes while a query's answer is being made (the API stopping under it): the call ends with
     its answer, the close waits for it, and a call after the close began is ModelClosed, nothing sent."""
