@@ -95,7 +95,8 @@ class _Breaker:
             self._failed_at, self._probing = time.monotonic(), False
         if opening:
             logger.warning("broker's Redis failed: govrag skips it (guard hit counts, queue depth, lost jobs,"
-                           " readiness) and sends no ingestion task, each left unsent for the sweep, trying it again after %s s",
+                           " readiness) and sends no ingestion task, each left unsent for the sweep, trying it again"
+                           " after %s s",
                            REDIS_COOL_DOWN_SECONDS)
 
     def _ended(self) -> None:

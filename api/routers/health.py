@@ -45,12 +45,12 @@ def not_ready_said() -> SaidOnChange:
 
 @router.get("/readyz")
 def readyz(request: Request, session: SessionDep, settings: SettingsDep) -> JSONResponse:
-    """Database, broker and vector store all answer (the broker through its breaker: `_ping_broker`), the database's schema is the one this code needs (a migration
-    run or undone under a running process is noticed within SCHEMA_CHECK_SECONDS, with its reason), and the master
-    key opens what is stored under it (a key file replaced or deleted, a master rotation this replica's key lacks:
-    noticed within MASTER_CHECK_SECONDS), with its reason (never a path: it asks no login). Why each check fails is
-    logged when that changes, and once as it is ok again, not at each probe (`not_ready_said`; each 503 counted in
-    govrag_http_requests_total)."""
+    """Database, broker and vector store all answer (the broker through its breaker: `_ping_broker`), the database's
+    schema is the one this code needs (a migration run or undone under a running process is noticed within
+    SCHEMA_CHECK_SECONDS, with its reason), and the master key opens what is stored under it (a key file replaced or
+    deleted, a master rotation this replica's key lacks: noticed within MASTER_CHECK_SECONDS), with its reason (never
+    a path: it asks no login). Why each check fails is logged when that changes, and once as it is ok again, not at
+    each probe (`not_ready_said`; each 503 counted in govrag_http_requests_total)."""
     probes = {
         "database": _probed(lambda: session.execute(text("SELECT 1"))),
         "broker": _probed(lambda: _ping_broker(request.app.state.celery), unreachable=_BROKER_UNREACHABLE),
