@@ -106,7 +106,7 @@ def _watched(watch: Rechecked[str] | Rechecked[MasterKeyRefused]) -> _Probe:
 
 
 def _probed(probe, unreachable: tuple[type[Exception], ...] = ()) -> _Probe:  # type: ignore[no-untyped-def]
-    """"ok", or "down" logged as "unreachable" for an `unreachable` error, else by the error's type."""
+    """The probe's state: ok, or down logged as "unreachable" for an `unreachable` error, else by the error's type."""
     try:
         probe()
     except unreachable:

@@ -213,3 +213,37 @@ def test_readiness_probes_skip_a_hung_redis_while_the_breaker_is_open_and_say_it
     opened, closed = breaker_said(3600.0)
     assert _said(caplog, "core.broker", "api.routers.health") == [
         opened, "not ready: broker down (unreachable)", closed, "broker ok again"]
+
+
+def test_a_guard_hit_that_could_not_reach_redis_makes_readiness_down_until_the_cool_down_passes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The readiness probe shares the breaker of govrag's other uses of the broker's Redis: once a guard hit (or a
+    scrape, a sweep, a send) could not reach it, /readyz is not ready without trying Redis, even though Redis answers
+    again, until the cool-down (5 s) has passed; then the first probe tries Redis, and is ready. This is the price of a
+    hung Redis holding one probe per cool-down (README: an orchestrator should let readiness fail for longer than the
+    cool-down before taking the API out of rotation). On main the probe tried Redis, which answered: ready at once.
+    Connections counted, no clock."""
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(broker, "REDIS_COOL_DOWN_SECONDS", 3600.0)
+    department = f"ready{uuid.uuid4().hex[:6]}"
+    with redis_that_hangs() as (endpoint, real, broker_url):
+        endpoint.hung = False
+        settings = _settings(tmp_path, broker_url, inprocess_worker=False, job_sweep_seconds=0)
+        with TestClient(create_app(settings)) as client:
+            assert client.get("/readyz").status_code == 200
+            endpoint.hung = True
+            endpoint.drop()  # the guard's kept connection, if any, fails: its hit reconnects, to a hung Redis
+            assert _hit(settings, department) == []  # counted in this process: the breaker opens
+            endpoint.hung = False  # Redis answers again
+            tried = endpoint.connections
+            probe = client.get("/readyz")
+            assert (probe.status_code, probe.json()["checks"]["broker"]) == (503, "down")
+            assert endpoint.connections == tried  # not tried: the breaker a guard hit opened
+            monkeypatch.setattr(broker, "REDIS_COOL_DOWN_SECONDS", 0.0)
+            assert client.get("/readyz").status_code == 200
+            assert endpoint.connections > tried  # the probe after the cool-down tried Redis, and closed the breaker
+        close_vector_store(settings)
+        assert real.keys(f"govrag:guard-hits:*:{department}") == []  # the hit never reached Redis
+    opened, closed = breaker_said(3600.0)
+    assert _said(caplog, "core.broker", "api.routers.health") == [
+        opened, "not ready: broker down (unreachable)", closed, "broker ok again"]
