@@ -448,7 +448,7 @@ def _ingest_with_attachments(settings: Settings, document_id: str, job_id: str, 
     from workers.dispatch import record_sent
 
     run.take(document_id, job_id)
-    record_sent(settings, job_id)
+    record_sent(settings, [job_id])
     raised = ingestion_service.run_ingestion(settings=settings, document_id=document_id, job_id=job_id)
     for child in run.spawn_attachments(settings, document_id, raised):
         _ingest_with_attachments(settings, child.document_id, child.job_id, run)

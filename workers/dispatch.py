@@ -1,8 +1,9 @@
 """Sending ingestion jobs to the broker. The database is the record of what must run; the broker only carries it.
 
 A job row is committed (status `queued`, `sent_at` empty) with the work it describes; `send_job` then publishes its
-task and stamps `sent_at` (`govrag ingest` in process stamps the jobs it runs itself, holds them while it runs them
-(`JobsHeld`), and gives back unstamped those an outage stopped: `give_back`, `take_waiting_job`). A broker that
+task and stamps `sent_at` (`send_jobs` a batch of jobs at a time: their tasks, then one stamp; `govrag ingest` in
+process stamps the jobs it runs itself, holds them while it runs them (`JobsHeld`), and gives back unstamped those an
+outage stopped: `give_back`, `take_waiting_job`). A broker that
 refuses leaves the job unsent, not lost: `sweep_jobs` (run by a thread in every API process, core/sweeper.py) sends
 each job still unsent some seconds after it was created — the broker was down, or the API died between its commit and
 the send.
@@ -33,7 +34,8 @@ Every send of a job, its first and each one again (the sweep's, a start's, after
 the request id of the request or run that queued it, which the job keeps (`IngestionJob.request_id`): each of its
 runs logs under it (workers/tasks.py).
 
-Delivery is at least once: a job may run twice (a crash between the send and the stamp); a second run of a
+Delivery is at least once: a job may run twice (a crash, or the database going, between the send and the stamp,
+which covers a batch of jobs: `send_jobs`); a second run of a
 document that is already ready changes nothing, and a run that finds its document deleted ends the job and purges
 again (ingestion/service.py), so no job of a deleted document is left unfinished to be sent for ever.
 """
@@ -57,7 +59,7 @@ from core import broker
 from core.db import get_engine, keep_idle_transaction_open, transaction_lock, unit_of_work
 from core.errors import Unavailable, unavailable_dependency
 from core.logs import NO_REQUEST_ID, stored_request_id
-from core.models import UNFINISHED, DocumentStatus, IngestionJob, utcnow
+from core.models import UNFINISHED, Document, DocumentStatus, IngestionJob, utcnow
 from core.settings import Settings
 from core.sweeper import NOT_RUN
 from ingestion import repository as ingestion_repository
@@ -87,30 +89,46 @@ def send_job(app: GovragCelery, *, document_id: str, job_id: str) -> bool:
 
 
 def send_jobs(app: GovragCelery, jobs: Sequence[tuple[str, str]]) -> int:
-    """Send each (document id, job id) as `send_job` does; returns how many went out. Stops at the first refusal:
-    that job and the rest stay unsent, for the sweep, said in one line (a re-index of a thousand documents while
-    the broker is down is one line, and waits for one refusal, not a thousand)."""
-    for sent, (document_id, job_id, request_id) in enumerate(_with_stored_request_ids(app.govrag_settings, jobs)):
-        if not _published(app, document_id, job_id, request_id):
+    """Send each (document id, job id) as `send_job` does; returns how many went out. A batch at a time
+    (`_SWEEP_BATCH`): its jobs are published, then those that went out are stamped in one transaction (`record_sent`),
+    not one each (a re-index of tens of thousands of documents held its request open for minutes). Stops at the first
+    refusal: the jobs before it are stamped, that job and the rest stay unsent, for the sweep, said in one line (a
+    re-index of a thousand documents while the broker is down is one line, and waits for one refusal, not a
+    thousand). A database failure as a batch is stamped propagates: its published jobs stay unstamped and the sweep
+    sends them again, a second delivery its worker's claim makes harmless (the module's docstring), and the rest,
+    never published, the sweep sends once."""
+    settings, sent = app.govrag_settings, 0
+    for batch in _batches_with_stored_request_ids(settings, jobs):
+        published = list(_published_until_refused(app, batch))
+        record_sent(settings, published)
+        sent += len(published)
+        if len(published) < len(batch):
             left, them = _named([job for _, job in jobs[sent:]])
             logger.warning("%s not sent: the broker is unreachable; the sweep sends %s once it answers", left, them)
-            return sent
-        record_sent(app.govrag_settings, job_id)
-    return len(jobs)
+            break
+    return sent
 
 
-def _with_stored_request_ids(settings: Settings,
-                             jobs: Sequence[tuple[str, str]]) -> Iterator[tuple[str, str, str | None]]:
-    """Each (document id, job id) with the request id its job keeps (None for a job that keeps none, or is gone),
-    read _SWEEP_BATCH jobs at a time as they are sent: one IN list of every job a re-index queues would pass
-    PostgreSQL's 65,535 bind parameters in one statement past some 65,000 jobs, and a refusal stops the reading too."""
+def _published_until_refused(app: GovragCelery, batch: Sequence[tuple[str, str, str | None]]) -> Iterator[str]:
+    """The ids of the batch's jobs published (`_published`), up to the first the broker refuses."""
+    for document_id, job_id, request_id in batch:
+        if not _published(app, document_id, job_id, request_id):
+            return
+        yield job_id
+
+
+def _batches_with_stored_request_ids(settings: Settings, jobs: Sequence[tuple[str, str]],
+                                     ) -> Iterator[list[tuple[str, str, str | None]]]:
+    """The jobs in batches of _SWEEP_BATCH, each (document id, job id) with the request id its job keeps (None for a
+    job that keeps none, or is gone), read a batch at a time as they are sent: one IN list of every job a re-index
+    queues would pass PostgreSQL's 65,535 bind parameters in one statement past some 65,000 jobs, and a refusal
+    stops the reading too."""
     for start in range(0, len(jobs), _SWEEP_BATCH):
         batch = jobs[start:start + _SWEEP_BATCH]
         with unit_of_work(settings.resolved_database_url) as session:
             stored = dict(session.execute(select(IngestionJob.id, IngestionJob.request_id)
                                           .where(IngestionJob.id.in_([job_id for _, job_id in batch]))).all())
-        for document_id, job_id in batch:
-            yield document_id, job_id, stored.get(job_id)
+        yield [(document_id, job_id, stored.get(job_id)) for document_id, job_id in batch]
 
 
 def _named(job_ids: Sequence[str]) -> tuple[str, str]:
@@ -121,11 +139,13 @@ def _named(job_ids: Sequence[str]) -> tuple[str, str]:
     return f"{len(job_ids)} ingestion jobs (the first: {job_ids[0]})", "them"
 
 
-def record_sent(settings: Settings, job_id: str) -> None:
-    """Record that the job is taken care of: its task reached the broker, or this process runs it itself (`govrag
-    ingest` in process), so the sweep does not send it to a worker as well."""
+def record_sent(settings: Settings, job_ids: Sequence[str]) -> None:
+    """Record in one transaction that the jobs are taken care of: their tasks reached the broker, or this process
+    runs them itself (`govrag ingest` in process), so the sweep does not send them to a worker as well."""
+    if not job_ids:
+        return
     with unit_of_work(settings.resolved_database_url) as session:
-        _mark_sent(session, job_id)
+        _mark_sent(session, job_ids)
 
 
 def give_back(settings: Settings, job_ids: list[str]) -> bool:
@@ -215,7 +235,7 @@ def take_waiting_job(settings: Settings, document_id: str, held: JobsHeld) -> st
             .order_by(IngestionJob.created_at).limit(1)).first()
         if job_id is not None:
             held.hold(job_id)
-            _mark_sent(session, job_id)
+            _mark_sent(session, [job_id])
     return job_id
 
 
@@ -232,18 +252,15 @@ def send_unsent(app: GovragCelery, *, older_than_seconds: float) -> int:
 def _send_unsent_where(app: GovragCelery, *criteria: ColumnElement[bool]) -> int:
     """`send_unsent` for the unsent unfinished jobs meeting `criteria` (at most a batch, oldest first)."""
     settings = app.govrag_settings
-    sent: list[str] = []
     with unit_of_work(settings.resolved_database_url) as session:
         transaction_lock(session, _SWEEP_LOCK)
-        unsent = session.execute(  # locked now, so marking one sent below waits for no one (`_unheld`)
-            select(IngestionJob.id, IngestionJob.document_id, IngestionJob.request_id)
+        unsent = session.execute(  # locked now, so marking them sent below waits for no one (`_unheld`)
+            select(IngestionJob.document_id, IngestionJob.id, IngestionJob.request_id)
             .where(IngestionJob.sent_at.is_(None), IngestionJob.status.in_(UNFINISHED), *criteria)
             .order_by(IngestionJob.created_at).limit(_SWEEP_BATCH).with_for_update(skip_locked=True)).all()
-        for job_id, document_id, request_id in unsent:
-            if not _published(app, document_id, job_id, request_id):
-                break  # the broker is down: the rest wait for the next sweep
-            _mark_sent(session, job_id)
-            sent.append(job_id)
+        sent = list(_published_until_refused(app, unsent))
+        if sent:  # the broker refused the one after them, if any: the rest wait for the next sweep
+            _mark_sent(session, sent)
     if sent:
         logger.info("sent %s that had not reached the broker", _named(sent)[0])
     if len(sent) < len(unsent):
@@ -461,8 +478,18 @@ def _published(app: GovragCelery, document_id: str, job_id: str, request_id: str
     return True
 
 
-def _mark_sent(session: Session, job_id: str) -> None:
-    session.execute(update(IngestionJob).where(IngestionJob.id == job_id)
+def _mark_sent(session: Session, job_ids: Sequence[str]) -> None:
+    """Stamp the jobs sent, in one statement (at most _SWEEP_BATCH ids: far below PostgreSQL's 65,535 bind
+    parameters). Their rows are locked first in their documents' row order (`ingestion_repository.in_row_order`),
+    the order in which a transaction writing several documents' jobs (a re-index handing runs back, a retirement
+    ending them) locks them: a stamp holding one such row while waiting for another that transaction holds, as it
+    waits for the first, would be a deadlock PostgreSQL aborts one of (a re-index's 500, or stamps lost)."""
+    # each document's created_at read by its primary key (a join made PostgreSQL scan every document for 500 jobs)
+    created = select(Document.created_at).where(Document.id == IngestionJob.document_id).scalar_subquery()
+    in_row_order = (select(IngestionJob.id).where(IngestionJob.id.in_(job_ids))
+                    .order_by(created, IngestionJob.document_id, IngestionJob.id)
+                    .with_for_update(key_share=True).correlate(None))
+    session.execute(update(IngestionJob).where(IngestionJob.id.in_(in_row_order))
                     .values(sent_at=utcnow(), updated_at=IngestionJob.updated_at))
 
 

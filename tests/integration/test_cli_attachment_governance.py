@@ -266,7 +266,7 @@ def test_the_commands_step_taking_content_as_a_run_raising_the_email_ends_takes_
         )[2]
     assert [email for email, _ in asked] == [second_id]  # its step, queued to take the file
     run_id = _reindexed(cli_env, second_id)
-    record_sent(settings, run_id)  # a worker's: the command leaves it alone
+    record_sent(settings, [run_id])  # a worker's: the command leaves it alone
 
     with _a_workers_run_ending_in_the_step(second_id, run_id, end, monkeypatch) as returned:
         assert "duplicate: 1" in _ingest(second, capsys)

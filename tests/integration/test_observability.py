@@ -199,7 +199,7 @@ def _sent_with_header(client: TestClient, settings, dept: str, n: int,  # type: 
             data=f"{DOC}\nCopy {n}.\n".encode(), title=None, acl_groups=[], classification=Classification.internal)
     client.app.state.celery.tasks[INGEST_TASK].apply_async(  # type: ignore[attr-defined]
         args=[accepted.document_id, accepted.job_id], time_limit=None, headers={REQUEST_ID_HEADER: header})
-    record_sent(settings, accepted.job_id)
+    record_sent(settings, [accepted.job_id])
     return accepted.document_id
 
 
