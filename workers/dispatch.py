@@ -480,14 +480,17 @@ def _published(app: GovragCelery, document_id: str, job_id: str, request_id: str
 
 def _mark_sent(session: Session, job_ids: Sequence[str]) -> None:
     """Stamp the jobs sent, in one statement (at most _SWEEP_BATCH ids: far below PostgreSQL's 65,535 bind
-    parameters). Their rows are locked first in their documents' row order (`ingestion_repository.in_row_order`),
-    the order in which a transaction writing several documents' jobs (a re-index handing runs back, a retirement
-    ending them) locks them: a stamp holding one such row while waiting for another that transaction holds, as it
-    waits for the first, would be a deadlock PostgreSQL aborts one of (a re-index's 500, or stamps lost)."""
+    parameters). Their rows are locked first in the order in which a transaction handing back several documents'
+    runs locks them (a re-index, an e-mail's run raising its attachments: ingestion/quarantine.py `_hand_back`):
+    their documents' row order (`ingestion_repository.in_row_order`), then a document's jobs oldest first
+    (`ingestion_repository.unfinished_jobs`). A stamp holding one such row while waiting for another that
+    transaction holds, as it waits for the first, would be a deadlock PostgreSQL aborts one of (a re-index's 500, or
+    stamps lost: the sweep sends those jobs again). SQLite has no row locks (a writer holds the whole database;
+    SQLAlchemy leaves the clause out there)."""
     # each document's created_at read by its primary key (a join made PostgreSQL scan every document for 500 jobs)
     created = select(Document.created_at).where(Document.id == IngestionJob.document_id).scalar_subquery()
     in_row_order = (select(IngestionJob.id).where(IngestionJob.id.in_(job_ids))
-                    .order_by(created, IngestionJob.document_id, IngestionJob.id)
+                    .order_by(created, IngestionJob.document_id, IngestionJob.created_at, IngestionJob.id)
                     .with_for_update(key_share=True).correlate(None))
     session.execute(update(IngestionJob).where(IngestionJob.id.in_(in_row_order))
                     .values(sent_at=utcnow(), updated_at=IngestionJob.updated_at))

@@ -2195,6 +2195,90 @@ def test_a_database_gone_as_a_batch_is_stamped_loses_no_job(
         memory.Channel.queues.pop(queue, None)
 
 
+@pytest.mark.parametrize("documents", [2, 1])
+def test_a_batch_stamp_and_a_reindex_handing_back_the_same_jobs_never_deadlock(
+        documents: int, make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`send_jobs` stamps a batch of jobs in one statement, holding each row it stamps until it commits; a re-index
+    hands back the runs of the documents being ingested in their documents' row order (oldest first), a document's
+    jobs oldest first, each row held until it commits. Two jobs (of two documents, or two runs of one) that the
+    stamp's plain UPDATE met in the other order (the older one's id greater and its row stored last): the stamp held
+    the younger one's row waiting for the older one's, the re-index held the older one's waiting for the younger
+    one's, and PostgreSQL aborted one of them (the admin's 500, or the stamps lost). The stamp locks them in the
+    re-index's order (`_mark_sent`): it waits for the older one's row holding none, and both commit."""
+    from api.app import create_app
+    from core.db import unit_of_work
+    from core.models import Document, IngestionJob, utcnow
+    from ingestion import quarantine, repository
+    from retrieval.store import close_vector_store
+    from workers import dispatch
+    from workers.celery_app import create_celery
+
+    url, settings = _on("postgresql", make_pg_database, tmp_path)
+    with TestClient(create_app(settings)) as client:
+        editor = desk_member(client, "editor")
+        uploads = [_upload(client, editor, n) for n in range(documents)]
+    close_vector_store(settings)
+    memory.Channel.queues.pop(settings.task_queue, None)
+    long_ago = utcnow() - timedelta(hours=2)
+    with unit_of_work(url) as session:  # each document being ingested; one of them with a second run
+        session.execute(update(Document).values(status="processing"))
+        if documents == 1:
+            session.add(IngestionJob(id=str(uuid.uuid4()), document_id=uploads[0]["document_id"],
+                                     status="processing"))
+    with unit_of_work(url) as session:
+        rows = session.execute(select(IngestionJob.id, IngestionJob.document_id)).all()
+        (younger, younger_document), (older, older_document) = sorted(rows)  # the older one: the greater id
+        for document_id, created in ((younger_document, long_ago + timedelta(minutes=1)),
+                                     (older_document, long_ago)):
+            session.execute(update(Document).where(Document.id == document_id).values(created_at=created))
+        for job_id, created in ((younger, long_ago + timedelta(minutes=1)), (older, long_ago)):  # older stored last
+            session.execute(update(IngestionJob).where(IngestionJob.id == job_id).values(
+                status="processing", created_at=created, updated_at=long_ago, sent_at=None))
+    assert _stored_order(url) == [younger, older]
+    app, outcomes = create_celery(settings), dict[str, object]()
+    first_handed_back, go_on = threading.Event(), threading.Event()
+    real_hand_back = repository.hand_back
+
+    def hand_back_then_wait(session, job_id: str) -> bool:  # type: ignore[no-untyped-def]
+        """The re-index, holding the older job's row, goes on to the younger one's once the stamp waits."""
+        handed = real_hand_back(session, job_id)
+        if job_id == older:
+            first_handed_back.set()
+            go_on.wait(60)
+        return handed
+
+    def run(name: str, action: Callable[[], object]) -> None:
+        try:
+            outcomes[name] = action()
+        except Exception as error:  # noqa: BLE001 - told apart by the assertion
+            outcomes[name] = _error_name(error)
+
+    def reindex() -> object:
+        with unit_of_work(url) as session:
+            return quarantine.queue_reindex(session=session, settings=settings, department="desk", document_ids=None,
+                                            serve_previous=False).rerun
+
+    monkeypatch.setattr(repository, "hand_back", hand_back_then_wait)
+    reindexing = threading.Thread(target=run, args=("reindex", reindex), daemon=True)
+    sending = threading.Thread(target=run, args=("send", lambda: dispatch.send_jobs(
+        app, [(younger_document, younger), (older_document, older)])), daemon=True)
+    try:
+        reindexing.start()
+        assert first_handed_back.wait(60)
+        sending.start()
+        assert wait_for_a_lock_wait(url, sending, timeout=60) in ("transactionid", "tuple")  # the older job's row
+    finally:
+        go_on.set()
+        reindexing.join(60)
+        sending.join(60)
+    try:
+        assert outcomes == {"reindex": [older, younger], "send": 2}, outcomes
+        assert sorted(_jobs_waiting_in_memory(settings.task_queue)) == sorted([younger, older])
+        assert all(_sent_at(url, job_id) is not None for job_id in (younger, older))
+    finally:
+        memory.Channel.queues.pop(settings.task_queue, None)
+
+
 def test_a_sweep_whose_redis_refuses_its_read_still_sends_a_stalled_job_again(tmp_path: Path) -> None:
     """Redis reached but refusing the read that looks for lost jobs (an ACL granting the commands Celery uses and not
     LRANGE: NOPERM) ended the sweep's round there: a job stalled in `processing` was never sent again. The refusal
