@@ -64,9 +64,22 @@ def per_job(app: object, jobs: Jobs) -> int:
         for document_id, job_id, request_id in batch:
             if not dispatch._published(app, document_id, job_id, request_id):  # type: ignore[arg-type]
                 return sent
-            dispatch.record_sent(settings, [job_id])
+            _stamped_alone(settings.resolved_database_url, job_id)
             sent += 1
     return sent
+
+
+def _stamped_alone(url: str, job_id: str) -> None:
+    """The stamp before per-batch stamps, as it was (one row by its key, no rows locked first): `_mark_sent`'s
+    ordered lock of a batch's rows would charge the old path a subquery it never ran."""
+    from sqlalchemy import update
+
+    from core.db import unit_of_work
+    from core.models import IngestionJob, utcnow
+
+    with unit_of_work(url) as session:
+        session.execute(update(IngestionJob).where(IngestionJob.id == job_id)
+                        .values(sent_at=utcnow(), updated_at=IngestionJob.updated_at))
 
 
 def _unsent_again(url: str) -> None:

@@ -1711,6 +1711,52 @@ def _error_name(error: BaseException) -> str:
     return type(getattr(error, "orig", None) or error).__name__
 
 
+def _beside_a_reindex_holding(url, settings, monkeypatch, held, name, action):  # type: ignore[no-untyped-def]
+    """The real re-index of department `desk` (`queue_reindex`, every document, `serve_previous` off), paused once
+    it has handed back job `held` (its row held until the re-index commits), and `action` run beside it meanwhile;
+    the re-index goes on once `action` waits for a lock or is done. The outcome of each (what it returned, or its
+    error by name: `_error_name`), keyed "reindex" and `name`, and what `action` waited for (None: nothing)."""
+    from core.db import unit_of_work
+    from ingestion import quarantine, repository
+
+    outcomes: dict[str, object] = {}
+    handed_back, go_on = threading.Event(), threading.Event()
+    real_hand_back = repository.hand_back
+
+    def hand_back_then_wait(session, job_id: str) -> bool:  # type: ignore[no-untyped-def]
+        handed = real_hand_back(session, job_id)
+        if job_id == held:
+            handed_back.set()
+            go_on.wait(60)
+        return handed
+
+    def run(key: str, call: Callable[[], object]) -> None:
+        try:
+            outcomes[key] = call()
+        except Exception as error:  # noqa: BLE001 - told apart by the caller's assertion
+            outcomes[key] = _error_name(error)
+
+    def reindex() -> object:
+        with unit_of_work(url) as session:
+            return quarantine.queue_reindex(session=session, settings=settings, department="desk", document_ids=None,
+                                            serve_previous=False).rerun
+
+    monkeypatch.setattr(repository, "hand_back", hand_back_then_wait)
+    reindexing = threading.Thread(target=run, args=("reindex", reindex), daemon=True)
+    acting = threading.Thread(target=run, args=(name, action), daemon=True)
+    waited_for = None
+    try:
+        reindexing.start()
+        assert handed_back.wait(60)
+        acting.start()
+        waited_for = wait_for_a_lock_wait(url, acting, timeout=60)
+    finally:
+        go_on.set()
+        reindexing.join(60)
+        acting.join(60)
+    return outcomes, waited_for
+
+
 @pytest.mark.parametrize(("step", "next_round"), [("resend_stalled", 0), ("send_unsent", 1)])
 def test_a_sweep_and_a_reindex_handing_back_the_same_jobs_never_deadlock(
         step: str, next_round: int, make_pg_database: Callable[[], str], tmp_path: Path,
@@ -1724,7 +1770,6 @@ def test_a_sweep_and_a_reindex_handing_back_the_same_jobs_never_deadlock(
     from api.app import create_app
     from core.db import unit_of_work
     from core.models import Document, IngestionJob, utcnow
-    from ingestion import quarantine, repository
     from retrieval.store import close_vector_store
     from workers import dispatch
     from workers.celery_app import create_celery
@@ -1746,43 +1791,11 @@ def test_a_sweep_and_a_reindex_handing_back_the_same_jobs_never_deadlock(
     # the stall sweep's scan (storage order) and the send (oldest job first) meet document 1's job first; the
     # re-index hands back document 0's first (oldest document first)
     assert _stored_order(url) == [jobs[1], jobs[0]]
-    app, outcomes = create_celery(settings), dict[str, object]()
+    app = create_celery(settings)
     sweep_step = {"resend_stalled": lambda: dispatch.resend_stalled(app, stalled_after_seconds=3600),
                   "send_unsent": lambda: dispatch.send_unsent(app, older_than_seconds=0)}[step]
-    first_handed_back, go_on = threading.Event(), threading.Event()
-    real_hand_back = repository.hand_back
-
-    def hand_back_then_wait(session, job_id: str) -> bool:  # type: ignore[no-untyped-def]
-        """The re-index, holding document 0's job row, goes on to document 1's once the sweep waits or is done."""
-        handed = real_hand_back(session, job_id)
-        if job_id == jobs[0]:
-            first_handed_back.set()
-            go_on.wait(60)
-        return handed
-
-    def run(name: str, action: Callable[[], object]) -> None:
-        try:
-            outcomes[name] = action()
-        except Exception as error:  # noqa: BLE001 - told apart by the assertion
-            outcomes[name] = _error_name(error)
-
-    def reindex() -> object:
-        with unit_of_work(url) as session:
-            return quarantine.queue_reindex(session=session, settings=settings, department="desk", document_ids=None,
-                                            serve_previous=False).rerun
-
-    monkeypatch.setattr(repository, "hand_back", hand_back_then_wait)
-    reindexing = threading.Thread(target=run, args=("reindex", reindex), daemon=True)
-    sweeping = threading.Thread(target=run, args=("sweep", sweep_step), daemon=True)
-    try:
-        reindexing.start()
-        assert first_handed_back.wait(60)
-        sweeping.start()
-        wait_for_a_lock_wait(url, sweeping, timeout=60)  # for document 0's job row, or done
-    finally:
-        go_on.set()
-        reindexing.join(60)
-        sweeping.join(60)
+    # the sweep waits for document 0's job row, or is done
+    outcomes, _ = _beside_a_reindex_holding(url, settings, monkeypatch, jobs[0], "sweep", sweep_step)
     try:
         assert outcomes == {"reindex": jobs, "sweep": 1}, outcomes
         assert sweep_step() == next_round
@@ -2208,7 +2221,6 @@ def test_a_batch_stamp_and_a_reindex_handing_back_the_same_jobs_never_deadlock(
     from api.app import create_app
     from core.db import unit_of_work
     from core.models import Document, IngestionJob, utcnow
-    from ingestion import quarantine, repository
     from retrieval.store import close_vector_store
     from workers import dispatch
     from workers.celery_app import create_celery
@@ -2235,43 +2247,12 @@ def test_a_batch_stamp_and_a_reindex_handing_back_the_same_jobs_never_deadlock(
             session.execute(update(IngestionJob).where(IngestionJob.id == job_id).values(
                 status="processing", created_at=created, updated_at=long_ago, sent_at=None))
     assert _stored_order(url) == [younger, older]
-    app, outcomes = create_celery(settings), dict[str, object]()
-    first_handed_back, go_on = threading.Event(), threading.Event()
-    real_hand_back = repository.hand_back
-
-    def hand_back_then_wait(session, job_id: str) -> bool:  # type: ignore[no-untyped-def]
-        """The re-index, holding the older job's row, goes on to the younger one's once the stamp waits."""
-        handed = real_hand_back(session, job_id)
-        if job_id == older:
-            first_handed_back.set()
-            go_on.wait(60)
-        return handed
-
-    def run(name: str, action: Callable[[], object]) -> None:
-        try:
-            outcomes[name] = action()
-        except Exception as error:  # noqa: BLE001 - told apart by the assertion
-            outcomes[name] = _error_name(error)
-
-    def reindex() -> object:
-        with unit_of_work(url) as session:
-            return quarantine.queue_reindex(session=session, settings=settings, department="desk", document_ids=None,
-                                            serve_previous=False).rerun
-
-    monkeypatch.setattr(repository, "hand_back", hand_back_then_wait)
-    reindexing = threading.Thread(target=run, args=("reindex", reindex), daemon=True)
-    sending = threading.Thread(target=run, args=("send", lambda: dispatch.send_jobs(
-        app, [(younger_document, younger), (older_document, older)])), daemon=True)
+    app = create_celery(settings)
+    both = [(younger_document, younger), (older_document, older)]
+    outcomes, waited_for = _beside_a_reindex_holding(url, settings, monkeypatch, older, "send",
+                                                     lambda: dispatch.send_jobs(app, both))
     try:
-        reindexing.start()
-        assert first_handed_back.wait(60)
-        sending.start()
-        assert wait_for_a_lock_wait(url, sending, timeout=60) in ("transactionid", "tuple")  # the older job's row
-    finally:
-        go_on.set()
-        reindexing.join(60)
-        sending.join(60)
-    try:
+        assert waited_for in ("transactionid", "tuple")  # the older job's row
         assert outcomes == {"reindex": [older, younger], "send": 2}, outcomes
         assert sorted(_jobs_waiting_in_memory(settings.task_queue)) == sorted([younger, older])
         assert all(_sent_at(url, job_id) is not None for job_id in (younger, older))
