@@ -23,7 +23,7 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("bench/retrieval_quality.py", []),
     ("bench/answer_quality.py", []),
     ("bench/ingest.py", []),
-    ("bench/dispatch.py", ["--runs", "1"]),
+    ("bench/dispatch.py", ["--runs", "1", "--jobs", "2000"]),
     ("bench/pii_eval.py", []),
     ("bench/firewall_eval.py", []),
     ("bench/authz_bench.py", []),
