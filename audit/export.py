@@ -183,7 +183,7 @@ def check_export(export_file: BinaryIO, *, by: Signer | Ed25519PublicKey, deploy
     `deployment_id` is given), then its rows against the manifest (count, order, each JSONL row's hash, the body's
     sha256), then, given `manifest_copy` (the FILE.manifest.json beside it), that the copy is that manifest. The
     manifest, its last line, is read from the end once, and that reading is what each check uses; the rows then stream
-    past twice (_check_rows): memory holds a line at a time, however long the export."""
+    past once (_check_rows): memory holds a line at a time, however long the export."""
     body_length, line_length, manifest = _manifest(export_file)
     if manifest is None:
         return _failed("manifest_missing", "no readable manifest closes the file: it was cut, or is no govrag export")
@@ -322,16 +322,16 @@ class _Tally:
 
 def _check_rows(found: ExportCheck, export_file: BinaryIO, body_length: int,
                 manifest: dict[str, Any]) -> ExportCheck:
-    """The rows against the manifest. The body's raw bytes are hashed first (its lines bounded as the rows' are): one
-    that is the body signed is govrag's own rows, parsed as written; any other is parsed only to name what changed,
-    each row refused unparsed when its shape is none an export writes (_NoExportRow), so that a hand-edited line
-    within the bound cannot have the parser build many times its size before the check says it was changed. The
-    bytes parsed are hashed again as they are read, and that hash, not the first, says whether they are the body
-    signed: a file changed between the two reads is never passed on the first read's word."""
-    signed = _hashed(_Body(export_file, body_length)) == manifest["body_sha256"]
+    """The rows against the manifest, the body read once: each line hashed as it passes (that hash of the bytes
+    parsed, nothing read before or after, says whether they are the body signed) and refused unparsed when its shape
+    is none an export writes (_NoExportRow), so that a hand-edited line within the bound cannot have the parser build
+    many times its size before the check says it was changed. Every line is shape-checked, the body signed too (no
+    row an export writes is refused: its bounds are those of the rows written), as nothing says which body it is
+    until its last line is read; the check costs a few scans of the line's bytes, little beside its parse. Only the
+    tally is kept of the rows parsed, so reading the body once holds no more than reading it twice did."""
     body, tally = _Body(export_file, body_length), _Tally()
     try:
-        for row in _rows(body, ExportFormat(manifest["format"]), signed=signed):
+        for row in _rows(body, ExportFormat(manifest["format"])):
             tally.add(row)
     except _RowTooLong as too_long:
         return _broken(found, "row_too_long", f"line {too_long.line} is longer than {LONGEST_EXPORT_ROW} bytes, "
@@ -362,21 +362,10 @@ def _check_rows(found: ExportCheck, export_file: BinaryIO, body_length: int,
     return found
 
 
-def _hashed(body: _Body) -> str | None:
-    """The sha256 of the body's raw bytes, read a line at a time; None once a line is longer than any row (no body an
-    export writes), read no further."""
-    try:
-        for _line in body:
-            pass
-    except _RowTooLong:
-        return None
-    return body.sha256.hexdigest()
-
-
-# What a row holds beside its lists of names, counted as a body that is not the one signed is checked for rows no
-# export writes (_no_export_row): each row's JSON objects and arrays (chunks, by top_k at most 50, and their fields;
-# OCSF lists a group as an object, a token's 16 KiB of them at most: some thousands) and its values (its fields, a
-# question's 2,000 characters, a token's groups), generously: brackets and commas inside its strings count too.
+# What a row holds beside its lists of names, counted as each row's line is checked for rows no export writes
+# (_no_export_row): each row's JSON objects and arrays (chunks, by top_k at most 50, and their fields; OCSF lists a
+# group as an object, a token's 16 KiB of them at most: some thousands) and its values (its fields, a question's 2,000
+# characters, a token's groups), generously: brackets and commas inside its strings count too.
 _ROW_FIXED_PART = 64 * 1024
 # The fewest bytes a row's line spends on each value beyond that: its long lists are of distinct department names
 # (and roles naming them), `"abcd", ` at least once there are more than some 40,000 (as many as have 3 letters or
@@ -390,7 +379,7 @@ _JSON_OBJECT = re.compile(rb"\s*\{.*\}\s*", re.DOTALL)  # a line that may hold o
 
 
 class _NoExportRow(Exception):
-    """A row's line in a body that is not the one signed, shaped as no export row is: refused before it is parsed."""
+    """A row's line shaped as no export row is: refused before it is parsed."""
 
 
 def _no_export_row(line: bytes, *, json_object: bool) -> bool:
@@ -411,23 +400,31 @@ class _Row:
     rehashed: str | None  # a JSONL row's hash computed again from its content; None for CSV and OCSF (not whole)
 
 
-def _rows(body: _Body, fmt: ExportFormat, *, signed: bool) -> Iterator[_Row]:
-    """The rows of the body; when it is not the one `signed`, each line is refused unparsed (_NoExportRow) if shaped as
-    no export row is."""
+# A row's line is decoded as Latin-1, a character a byte: a str as long as the line, one byte a character, where
+# decoding UTF-8 widens the whole line to 2 or 4 bytes a character for one character past U+00FF in it (4 times a line
+# of 39 MiB for one emoji, and its parsed value as much again). Each byte JSON and CSV give a meaning to is ASCII, and
+# no byte of a UTF-8 character beyond ASCII is: a row parses as from UTF-8, each such character read as its bytes.
+# What is read of it, an id and a hash, is ASCII; a JSONL row's hash is computed again over its content encoded back
+# to those bytes (event_hash's encoding). Bytes that are no UTF-8 are no export's: the body's hash says so.
+_BYTE_A_CHARACTER = "latin-1"
+
+
+def _rows(body: _Body, fmt: ExportFormat) -> Iterator[_Row]:
+    """The rows of the body, each line refused unparsed (_NoExportRow) if shaped as no export row is."""
     if fmt is ExportFormat.csv:
-        yield from _csv_rows(body, signed=signed)
+        yield from _csv_rows(body)
         return
     for text in body:
-        if not signed and _no_export_row(text, json_object=True):
+        if _no_export_row(text, json_object=True):
             raise _NoExportRow
-        line = json.loads(text.decode())  # JSON escapes a newline inside a value
+        line = json.loads(text.decode(_BYTE_A_CHARACTER))  # JSON escapes a newline inside a value
         if fmt is ExportFormat.ocsf:
             yield _Row(int(line["metadata"]["uid"]), line["unmapped"]["hash"], None)
         else:
-            yield _Row(int(line["id"]), line["hash"], event_hash(SimpleNamespace(**line)))
+            yield _Row(int(line["id"]), line["hash"], event_hash(SimpleNamespace(**line), _BYTE_A_CHARACTER))
 
 
-def _csv_rows(body: _Body, *, signed: bool) -> Iterator[_Row]:
+def _csv_rows(body: _Body) -> Iterator[_Row]:
     """A CSV export's rows. A record spans lines where a cell holds a line break (a question's): it is bounded as a
     line is (_RowTooLong, naming the line where it went past LONGEST_EXPORT_ROW), or a quote never closed would gather
     every line after it."""
@@ -440,10 +437,12 @@ def _csv_rows(body: _Body, *, signed: bool) -> Iterator[_Row]:
             record += len(line)
             if record > LONGEST_EXPORT_ROW:
                 raise _RowTooLong(body.line)
-            if not signed and _no_export_row(line, json_object=False):
+            if _no_export_row(line, json_object=False):
                 raise _NoExportRow
-            # each line cut at \r too, as a file opened with newline="" is read: what the csv module expects
-            yield from io.StringIO(line.decode(), newline="")
+            # each line cut at \r too, as a file opened with newline="" is read: what the csv module expects (cut as
+            # bytes: an io.StringIO holds its text 4 bytes a character)
+            for piece in line.splitlines(keepends=True):
+                yield piece.decode(_BYTE_A_CHARACTER)
 
     for row in csv.DictReader(pieces()):
         record = 0

@@ -38,14 +38,16 @@ logger = logging.getLogger(__name__)
 _EMPTY: tuple[Any, ...] = (None, [], {})
 
 
-def event_hash(event: RetrievalEvent | Row[Any]) -> str:
-    """SHA-256 over the previous hash and the event's canonical content."""
+def event_hash(event: RetrievalEvent | Row[Any], encoding: str = "utf-8") -> str:
+    """SHA-256 over the previous hash and the event's canonical content, as UTF-8. `encoding`: "latin-1" for an event
+    whose strings were read from UTF-8 bytes as Latin-1, a character a byte (an export's row, audit.export), which
+    gives those bytes back: the canonical JSON escapes ASCII characters alone and sorts keys as UTF-8 bytes sort."""
     content = {name: plain(getattr(event, name)) for name in EXPORT_FIELDS if name not in ("id", "hash")}
     for name in LATER_FIELDS:
         if content.get(name) in _EMPTY:
             del content[name]
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(canonical.encode(encoding)).hexdigest()
 
 
 def plain(value: Any) -> Any:

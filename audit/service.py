@@ -256,8 +256,8 @@ def _failure_name(failure: BaseException | str) -> str:
 def verify_export(*, export_file: BinaryIO, settings: Settings, session: Session | None,
                   deployment_id: str | None = None, public_key: Ed25519PublicKey | None = None,
                   manifest_copy: BinaryIO | None = None) -> ExportCheck:
-    """Check an export file (seekable, opened for bytes; its body read twice, a line at a time: hashed, then parsed
-    and hashed again) against its signed manifest, reading no ledger row; and `manifest_copy` (FILE.manifest.json,
+    """Check an export file (seekable, opened for bytes; its body read once, a line at a time, each hashed and
+    parsed) against its signed manifest, reading no ledger row; and `manifest_copy` (FILE.manifest.json,
     opened for bytes), when given, against that manifest. `deployment_id`: the deployment it must come from (default:
     this database's).
     With `public_key`, its Ed25519 signature is checked with that alone (an auditor's machine, holding no secret), and

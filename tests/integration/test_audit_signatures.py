@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 from cryptography.exceptions import InvalidSignature
@@ -44,7 +44,15 @@ from audit.integrity import (
     public_key_pem,
     sign_manifest,
 )
-from audit.schemas import LATER_FIELDS, RETRIEVAL_EVENT, Decision, ExportFilters, ExportFormat, RetrievalRecord
+from audit.schemas import (
+    LATER_FIELDS,
+    RETRIEVAL_EVENT,
+    Decision,
+    ExportCheck,
+    ExportFilters,
+    ExportFormat,
+    RetrievalRecord,
+)
 from authz.identity import Identity
 from core import migrate
 from core.db import get_engine, get_session_factory, unit_of_work
@@ -1790,35 +1798,71 @@ def test_a_row_shaped_as_no_export_row_is_told_by_its_line_unparsed(
     assert peak < 5 * _SOME_MIB, peak  # the line read (readline joins what it read: twice), the densest row parsed
 
 
-class _RewrittenAsItIsReadAgain(io.FileIO):
-    """An export file a writer rewrites in place (`rewritten`, the same length) when its reader, having read its body
-    (`body` bytes, a line at a time) whole, goes back to its start: what a file on a share another machine writes, or
-    a FUSE file, can do between two reads."""
-
-    def __init__(self, path: Path, rewritten: bytes, body: int) -> None:
-        super().__init__(path, "rb")
-        self.path, self.rewritten, self.body = path, rewritten, body
-        self.lines_read, self.rewrites = 0, 0  # the bytes readline returned; the rewrites done
-
-    def readline(self, size: int | None = -1, /) -> bytes:
-        line = super().readline(size)
-        self.lines_read += len(line)
-        return line
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        if (offset, whence) == (0, os.SEEK_SET) and self.lines_read >= self.body and not self.rewrites:
-            self.path.write_bytes(self.rewritten)  # truncated and written again: the reader's file still
-            self.rewrites += 1
-        return super().seek(offset, whence)
+# The most a row's line costs, in times its length, to check: the line read (readline joins what it read: twice), its
+# text (Latin-1: as long), its values parsed; a CSV cell goes through the csv module's buffer, 4 bytes a character
+# and grown by doubling. Decoded as UTF-8, one 4-byte character made the text 4 times the line, and its value too.
+_WIDENED_AT_MOST = {ExportFormat.jsonl: 5, ExportFormat.ocsf: 5, ExportFormat.csv: 15}
 
 
 @pytest.mark.parametrize("fmt", list(ExportFormat))
-def test_an_export_rewritten_between_its_hashing_and_its_parsing_is_never_passed(
-        ledger: Settings, tmp_path: Path, fmt: ExportFormat) -> None:
-    """verify-export reads the body twice: its raw bytes hashed against the manifest's body_sha256, then its rows
-    parsed. The parse took the first read's word for the bytes it read itself: a file rewritten in between (a row
-    edited, and in JSONL its own hash computed again, the length unchanged) passed, `ok`, though the rows parsed
-    were never those signed. The bytes parsed are hashed again as they are read, and that hash says: `body_changed`."""
+def test_a_row_with_one_character_beyond_latin_1_costs_no_more_to_check_than_one_without(
+        ledger: Settings, tmp_path: Path, cli: Callable[..., tuple], fmt: ExportFormat) -> None:
+    """verify-export decoded each line as UTF-8: one 4-byte character in a line (an emoji at the end of 8 MiB of
+    ASCII) made the whole text 4 bytes a character, and the value parsed from it too, a line of 8 MiB held 9 times
+    (21 in CSV, whose io.StringIO held it 4 bytes a character again). Lines are decoded a character a byte now
+    (Latin-1): the rows parse as from UTF-8 (every byte JSON and CSV read is ASCII, no byte of a wider UTF-8
+    character is), and an export whose rows hold characters of every width (a question, a group) still checks, each
+    JSONL row's own hash computed again over its bytes."""
+    with get_session_factory(ledger.resolved_database_url)() as session:
+        audit_service.record_retrieval(session=session, settings=ledger, record=replace(
+            _record(0), question_masked="où est l'été, 5 € ? \U0001F600 \u4e2d", groups=["équipe-\U0001F600"]))
+    _append(ledger, 2)
+    export = _export(ledger, tmp_path / f"export.{fmt.value}", fmt)
+    assert cli(ledger, export)[1]["ok"] is True
+    *rows, manifest = _lines(export)
+    wide = "forged" + "a" * _SOME_MIB + "\U0001F600"
+    line = (f'4,"{wide}"'.encode() if fmt is ExportFormat.csv else
+            json.dumps(json.loads(rows[-1]) | {"forged": wide}, ensure_ascii=False).encode())
+    (code, report), peak = _peak_while(functools.partial(cli, ledger, _written(export, [*rows, line, manifest])))
+    assert (code, report["ok"]) == (3, False), report
+    assert "forged" not in json.dumps(report), report
+    assert peak < _WIDENED_AT_MOST[fmt] * _SOME_MIB, peak
+
+
+class _RewrittenAsItIsRead(io.FileIO):
+    """An export file a writer rewrites in place (`rewritten`, the same length) when its reader comes to the line at
+    offset `at` for the `nth` time: what a file on a share another machine writes, or a FUSE file, can do between two
+    reads, or during one. Counts the bytes its lines gave (`lines_read`)."""
+
+    def __init__(self, path: Path, rewritten: bytes, *, at: int, nth: int) -> None:
+        super().__init__(path, "rb")
+        self.path, self.rewritten, self.at, self.nth = path, rewritten, at, nth
+        self.lines_read, self.reached, self.rewrites = 0, 0, 0
+
+    def readline(self, size: int | None = -1, /) -> bytes:
+        start = self.tell()
+        self.reached += start == self.at
+        if self.reached == self.nth and not self.rewrites:
+            self.path.write_bytes(self.rewritten)  # truncated and written again: the reader's file still
+            self.rewrites += 1
+        ahead = self.read(size if size is not None and size >= 0 else 1 << 30)
+        line = ahead[:ahead.find(b"\n") + 1 or len(ahead)]  # a read and a seek back: FileIO's own goes byte by byte
+        self.seek(start + len(line))
+        self.lines_read += len(line)
+        return line
+
+
+def _checked(settings: Settings, export_file: BinaryIO) -> ExportCheck:
+    with unit_of_work(settings.resolved_database_url) as session:
+        return audit_service.verify_export(export_file=export_file, settings=settings, session=session)
+
+
+@pytest.mark.parametrize("fmt", list(ExportFormat))
+def test_an_export_rewritten_as_it_is_read_is_never_passed(ledger: Settings, tmp_path: Path,
+                                                          fmt: ExportFormat) -> None:
+    """The hash that says whether the rows are those signed is the hash of the bytes parsed, as they are read: a file
+    rewritten as it is read (a row edited, and in JSONL its own hash computed again, the length unchanged) is
+    `body_changed`, though each row parsed is whole and in order."""
     _append(ledger, 4)
     export = _export(ledger, tmp_path / f"export.{fmt.value}", fmt)
     signed = export.read_bytes()
@@ -1826,12 +1870,49 @@ def test_an_export_rewritten_between_its_hashing_and_its_parsing_is_never_passed
               _lines(export)[1].replace(b"alice", b"alicf"))
     rewritten = signed.replace(_lines(export)[1], edited)
     assert rewritten != signed and len(rewritten) == len(signed)
-    body = len(signed) - len(_lines(export)[-1]) - 1  # all but the manifest's line
-    with _RewrittenAsItIsReadAgain(export, rewritten, body) as export_file, \
-            unit_of_work(ledger.resolved_database_url) as session:
-        checked = audit_service.verify_export(export_file=export_file, settings=ledger, session=session)
-    assert export_file.rewrites == 1  # read whole as signed, then read again rewritten
+    with _RewrittenAsItIsRead(export, rewritten, at=len(_lines(export)[0]) + 1, nth=1) as export_file:
+        checked = _checked(ledger, export_file)
+    assert export_file.rewrites == 1
     assert (checked.ok, checked.reason, checked.first_broken) == (False, "body_changed", None), checked
+
+
+def _values_made_denser(line: bytes) -> bytes:
+    """The densest row's line (_densest_row) with its list of departments searched made a list of 1s as long, as dense
+    as no export row is, each field of the row still there: it parses as a row, its hash not matching."""
+    first = re.search(rb'"{1,2}aaaa"{1,2}, "{1,2}aaab', line).start()  # its first names, quoted (twice in CSV)
+    end = line.index(b"]", first)
+    filler = (b"1," * (end - first))[:end - first - 1] + b" "
+    return line[:first] + filler + line[end:]
+
+
+@pytest.mark.parametrize("fmt", list(ExportFormat))
+def test_an_export_body_is_read_once_and_each_line_refused_by_its_shape_whatever_was_read_before(
+        ledger: Settings, tmp_path: Path, fmt: ExportFormat) -> None:
+    """verify-export read the body twice: its raw bytes hashed, then parsed, each line checked for a shape no export
+    row has only when the first read had found the body not the one signed. A file rewritten once the first read had
+    found it signed (a line of values denser than any row swapped in) was parsed unchecked, with what a hostile line
+    costs the parser (a GiB for 39 MiB of empty objects): here `row_changed` or `body_changed`, the line parsed whole.
+    The body is read once now, its hash and its rows from the same bytes, so no later read is taken on an earlier
+    one's word (the file is read once, never rewritten, and passes); every line is shape-checked, so a line swapped
+    in as the body is read is refused unparsed: `rows_unreadable`, its line number said, never its content."""
+    _densest_row(ledger)
+    _append(ledger, 2)
+    export = _export(ledger, tmp_path / f"export.{fmt.value}", fmt)
+    signed, (*rows, manifest) = export.read_bytes(), _lines(export)
+    denser = 1 if fmt is ExportFormat.csv else 0  # the line of the densest row, after the CSV header
+    rewritten = signed.replace(rows[denser], _values_made_denser(rows[denser]))
+    assert len(rewritten) == len(signed) and rewritten.count(b"1,") > 100_000
+    at = sum(len(row) + 1 for row in rows[:denser])
+    with _RewrittenAsItIsRead(export, rewritten, at=at, nth=2) as export_file:  # when read again
+        checked = _checked(ledger, export_file)
+    assert (checked.ok, export_file.rewrites, export_file.lines_read) == (True, 0, len(signed) - len(manifest) - 1)
+    export.write_bytes(signed)
+    with _RewrittenAsItIsRead(export, rewritten, at=at, nth=1) as export_file:  # as it is read
+        checked = _checked(ledger, export_file)
+    assert (checked.ok, checked.reason, checked.line, checked.first_broken) == (False, "rows_unreadable",
+                                                                                 denser + 1, None), checked
+    assert checked.message.startswith(f"line {denser + 1} is shaped as no export row is"), checked
+    assert "1,1" not in checked.message and "aaaa" not in checked.message
 
 
 def _outcome(run: Callable[[], Any], release: Callable[[], None]) -> Any:
