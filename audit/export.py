@@ -397,7 +397,9 @@ def _no_export_row(line: bytes, *, json_object: bool) -> bool:
 class _Row:
     id: int
     hash: str
-    rehashed: str | None  # a JSONL row's hash computed again from its content; None for CSV and OCSF (not whole)
+    # a JSONL row's hash computed again from its content; None for CSV and OCSF (not whole), and for a JSONL row
+    # holding an escape no export writes (_ESCAPE_BEYOND_ASCII)
+    rehashed: str | None
 
 
 # A row's line is decoded as Latin-1, a character a byte: a str as long as the line, one byte a character, where
@@ -407,6 +409,13 @@ class _Row:
 # What is read of it, an id and a hash, is ASCII; a JSONL row's hash is computed again over its content encoded back
 # to those bytes (event_hash's encoding). Bytes that are no UTF-8 are no export's: the body's hash says so.
 _BYTE_A_CHARACTER = "latin-1"
+# A JSON escape of a character beyond ASCII (`\u00e9`, `\u20ac`, `\ud83d\ude00`), not itself an escaped backslash's
+# text (`\\u00e9`, an even run of backslashes before it). No export writes one (ensure_ascii=False writes the
+# character's UTF-8 bytes), a tool re-serialising the file may (Python's json.dumps by default, jq -a). Read a byte a
+# character, the escaped character and those written as bytes are no longer told apart, so such a row's hash cannot be
+# computed again from what was parsed: it is left to the body's hash (body_changed), as for CSV and OCSF rows, rather
+# than called changed, or unparsed, when its content may be the very one signed.
+_ESCAPE_BEYOND_ASCII = re.compile(rb"(?:^|[^\\])(?:\\\\)*\\u(?!00[0-7])")
 
 
 def _rows(body: _Body, fmt: ExportFormat) -> Iterator[_Row]:
@@ -421,7 +430,15 @@ def _rows(body: _Body, fmt: ExportFormat) -> Iterator[_Row]:
         if fmt is ExportFormat.ocsf:
             yield _Row(int(line["metadata"]["uid"]), line["unmapped"]["hash"], None)
         else:
-            yield _Row(int(line["id"]), line["hash"], event_hash(SimpleNamespace(**line), _BYTE_A_CHARACTER))
+            yield _Row(int(line["id"]), line["hash"], _rehashed(line, text))
+
+
+def _rehashed(row: dict[str, Any], line: bytes) -> str | None:
+    """The JSONL row's hash computed again from `row`, parsed from `line` a byte a character; None where the line
+    holds an escape of a character beyond ASCII (_ESCAPE_BEYOND_ASCII), which no export writes."""
+    if b"\\u" in line and _ESCAPE_BEYOND_ASCII.search(line):
+        return None
+    return event_hash(SimpleNamespace(**row), _BYTE_A_CHARACTER)
 
 
 def _csv_rows(body: _Body) -> Iterator[_Row]:

@@ -1829,6 +1829,29 @@ def test_a_row_with_one_character_beyond_latin_1_costs_no_more_to_check_than_one
     assert peak < _WIDENED_AT_MOST[fmt] * _SOME_MIB, peak
 
 
+@pytest.mark.parametrize("character", ["\u00e9", "\u20ac", "\U0001F600"], ids=["latin-1", "bmp", "astral"])
+def test_a_jsonl_export_its_characters_escaped_is_body_changed_and_no_row_said_changed(
+        ledger: Settings, tmp_path: Path, cli: Callable[..., tuple], character: str) -> None:
+    """A JSONL row read a byte a character (Latin-1) is hashed again as its UTF-8 bytes: exact for the rows an export
+    writes, whose characters beyond ASCII are those bytes (ensure_ascii=False), not for a row where a tool
+    re-serialising the file (Python's json.dumps by default, jq -a) wrote them as escapes, `\\u00e9`: its content
+    the very one signed, its row was said changed (`row_changed`, an escape within Latin-1) or unparsed
+    (`rows_unreadable`, one beyond: the Latin-1 encoding failed), where docs/audit.md's check without the key finds
+    that row's hash right. Such a row is left to the body's hash: `body_changed`, no row named. An escaped
+    backslash's text (`\\\\u00e9`, a question's) is no escape: that export checks."""
+    with get_session_factory(ledger.resolved_database_url)() as session:
+        audit_service.record_retrieval(session=session, settings=ledger, record=replace(
+            _record(0), question_masked=f"où, {character} ? C:\\u00e9"))
+    _append(ledger, 2)
+    export = _export(ledger, tmp_path / "export.jsonl")
+    assert cli(ledger, export)[1]["ok"] is True
+    *rows, manifest = _lines(export)
+    escaped = [json.dumps(json.loads(row)).encode() for row in rows]  # ensure_ascii: escapes, all else as written
+    assert escaped[0] != rows[0] and escaped[1:] == rows[1:]
+    code, report = cli(ledger, _written(export, [*escaped, manifest]))
+    assert (code, report["reason"], report["first_broken"], report["line"]) == (3, "body_changed", None, None), report
+
+
 class _RewrittenAsItIsRead(io.FileIO):
     """An export file a writer rewrites in place (`rewritten`, the same length) when its reader comes to the line at
     offset `at` for the `nth` time: what a file on a share another machine writes, or a FUSE file, can do between two
