@@ -1852,6 +1852,21 @@ def test_a_jsonl_export_its_characters_escaped_is_body_changed_and_no_row_said_c
     assert (code, report["reason"], report["first_broken"], report["line"]) == (3, "body_changed", None, None), report
 
 
+def test_a_csv_line_of_many_carriage_returns_is_cut_a_piece_at_a_time(ledger: Settings, tmp_path: Path,
+                                                                       cli: Callable[..., tuple]) -> None:
+    """A CSV line is cut at each \\r too before the csv module reads it (a cell's line break may be one): cut with
+    bytes.splitlines, every piece of a line was listed at once, an object each, before the first was read, 22 times
+    the line for one of `a\\r` (io.StringIO, before, held its text 4 bytes a character: 6 times). The pieces are
+    found one at a time: the line is refused at its first piece, held about as the line and its text."""
+    _append(ledger, 2)
+    export = _export(ledger, tmp_path / "export.csv", ExportFormat.csv)
+    *rows, manifest = _lines(export)
+    edited = _written(export, [*rows, b"a\r" * (_SOME_MIB // 2), manifest])
+    (code, report), peak = _peak_while(functools.partial(cli, ledger, edited))
+    assert (code, report["reason"], report["line"]) == (3, "rows_unreadable", len(rows) + 1), report
+    assert peak < 4 * _SOME_MIB, peak
+
+
 class _RewrittenAsItIsRead(io.FileIO):
     """An export file a writer rewrites in place (`rewritten`, the same length) when its reader comes to the line at
     offset `at` for the `nth` time: what a file on a share another machine writes, or a FUSE file, can do between two
