@@ -618,12 +618,12 @@ class PiiRedactor:
         department's own recognizers alone; without `names`, those found with no NER run (the costly part: every
         recognizer but the NER's)."""
         kwargs = _analyze_kwargs(rules, text)
-        if not names:
-            kwargs["nlp_artifacts"] = self._analyzer.nlp_engine.process_without_ner(text, LANGUAGE)
         if rules_only:
             if rules is None or not rules.recognizers:
                 return []
             kwargs["entities"] = rules.entities
+        if not names:
+            kwargs["nlp_artifacts"] = self._analyzer.nlp_engine.process_without_ner(text, LANGUAGE)
         results = self._analyzer.analyze(text=text, language=LANGUAGE, **kwargs)
         return pii_rules.propagate_people(text, results)
 
