@@ -115,7 +115,7 @@ def _timed(app: object, url: str, send: Callable[[object, Jobs], int], jobs: Job
 def run(counts: list[int], runs: int) -> None:
     from core import migrate
     from core.settings import Settings
-    from workers.celery_app import create_celery
+    from workers.celery_app import celery_for_command
     from workers.dispatch import send_jobs
 
     print(f"# Sending a re-index's jobs: per-job vs per-batch sent stamps ({machine()})\n")
@@ -128,9 +128,9 @@ def run(counts: list[int], runs: int) -> None:
             jobs = _populate(url, count)
             settings = Settings(data_dir=Path(data_dir), database_url=url, broker_url=REDIS_URL,
                                 task_queue=f"bench-dispatch-{uuid.uuid4().hex[:8]}")
-            app = create_celery(settings)
-            old = _timed(app, url, per_job, jobs, runs)
-            new = _timed(app, url, send_jobs, jobs, runs)
+            with celery_for_command(settings) as app:  # its broker connections closed before the next count
+                old = _timed(app, url, per_job, jobs, runs)
+                new = _timed(app, url, send_jobs, jobs, runs)
         print(f"| {count} | {old:.2f} | {new:.2f} | {old / count * 1000:.2f} | {new / count * 1000:.2f} "
               f"| {old / new:.1f}× |")
 

@@ -90,15 +90,15 @@ def event_row(n: int, rng: random.Random) -> dict[str, Any]:
             "hash": f"{n:064x}"}
 
 
-def _probes(settings: Any, documents: list[dict[str, Any]], events: int) -> list[tuple[str, str, Callable[..., Any]]]:
-    """(name, the table its statement reads, a call issuing it with a session)."""
+def _probes(settings: Any, app: Any, documents: list[dict[str, Any]],
+            events: int) -> list[tuple[str, str, Callable[..., Any]]]:
+    """(name, the table its statement reads, a call issuing it with a session); the job sweeps send on `app`."""
     from audit import repository as ledger
     from audit.schemas import ExportFilters
     from ingestion import repository
     from workers import dispatch
-    from workers.celery_app import create_celery
 
-    app, middle = create_celery(settings), documents[len(documents) // 2]
+    middle = documents[len(documents) // 2]
     window = ExportFilters(since=START + timedelta(seconds=events * 3), until=START + timedelta(seconds=events * 3.5))
     recent = ExportFilters(since=START + timedelta(seconds=events * 3))  # events are 5 s apart: the newest 40 %
     grace, stalled = settings.job_resend_after_seconds, settings.ingest_time_limit_seconds
@@ -187,6 +187,7 @@ def _plan_and_time(raw: Any, plan_of: Callable[..., list[str]], statements: list
 def run(documents: int, events: int, revision: str, analyze: bool, postgres: bool) -> None:
     from core.migrate import upgrade
     from core.settings import Settings
+    from workers.celery_app import celery_for_command
 
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         url = stack.enter_context(throwaway_postgres("govrag_bench")) if postgres else None
@@ -211,7 +212,8 @@ def run(documents: int, events: int, revision: str, analyze: bool, postgres: boo
         print(f"{documents:,} documents in {len(DEPARTMENTS)} departments, one job each; {events:,} ledger events; "
               f"{stats}.\n")
         print("| query | median ms | plan (one per statement, / between) |\n| --- | --- | --- |")
-        for name, table, call in _probes(settings, rows, events):
+        app = stack.enter_context(celery_for_command(settings))  # its broker connections closed as the run ends
+        for name, table, call in _probes(settings, app, rows, events):
             plans, ms = _plan_and_time(raw, plan_of, captured_statements(url, table, call))
             print(f"| {name} | {ms:.2f} | {' / '.join(plans)} |")
         raw.close()
