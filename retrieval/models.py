@@ -223,9 +223,11 @@ class OpenAIGenerator:
         return int(len(text) / CHARS_PER_TOKEN) + 1
 
     def close(self) -> None:
-        """Close the connections and event loops of every thread that called, once the calls in flight have ended; a
-        call after it is ModelClosed."""
+        """Close the connections and event loops of every thread that called, once the calls in flight have ended, and
+        forget the API key (its Authorization header): a closed backend, kept in the cache (`_Cached`), holds no
+        secret. A call after it is ModelClosed, refused before any header is read."""
         if self._calls.closing():
+            self._headers = {}
             self._server.close()
 
 

@@ -6,6 +6,7 @@ import itertools
 import json
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -310,6 +311,40 @@ def test_settings_differing_in_the_api_key_or_the_timeout_share_no_backend(stub:
     finally:
         for hold in holds:
             hold.release()
+
+
+def _holds(found: object, secret: str, seen: set[int] | None = None) -> bool:
+    """Whether `secret` is in a string or bytes reachable from `found` through attributes, mappings and collections
+    (an httpx client's headers included), modules, classes and functions left out."""
+    seen = set() if seen is None else seen
+    if id(found) in seen or isinstance(found, type | types.ModuleType | types.FunctionType | types.MethodType):
+        return False
+    seen.add(id(found))
+    if isinstance(found, str | bytes):
+        return secret in (found if isinstance(found, str) else found.decode("latin-1"))
+    if isinstance(found, dict):
+        return any(_holds(part, secret, seen) for item in found.items() for part in item)
+    if isinstance(found, list | tuple | set | frozenset):
+        return any(_holds(part, secret, seen) for part in found)
+    if isinstance(found, httpx.Headers):
+        return _holds(found.raw, secret, seen)
+    parts = vars(found).values() if hasattr(found, "__dict__") else ()
+    slots = [getattr(found, name, None) for name in getattr(type(found), "__slots__", ())]
+    return any(_holds(part, secret, seen) for part in [*parts, *slots])
+
+
+def test_a_closed_backend_holds_no_copy_of_the_api_key(stub: StubModel) -> None:
+    """A backend its last holder closed stays in the cache (a late query gets it: ModelClosed), so its Authorization
+    header kept the API key in memory for the process's life. Closing forgets it; a call after that still fails closed,
+    nothing sent."""
+    hold = hold_generator(_answering_through(stub, llm_api_key=SecretStr("kept-secret-key")))
+    assert _complete(hold.generator) == "I don't know."
+    assert _holds(hold.generator, "kept-secret-key")  # the walk finds it while the backend is open
+    hold.release()
+    assert not _holds(hold.generator, "kept-secret-key")  # main: its _headers still held "Bearer kept-secret-key"
+    with pytest.raises(ModelClosed):
+        _complete(hold.generator)
+    assert len(stub.requests) == 1
 
 
 def test_a_forked_child_releasing_its_parents_hold_leaves_the_parents_backend_open(stub: StubModel) -> None:
