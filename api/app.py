@@ -34,6 +34,7 @@ from core.settings import Settings, get_settings
 from core.sweeper import Sweeper, at_most_every
 from core.text import NUL, NUL_MESSAGE
 from core.tracing import configure_tracing
+from guard import controls
 from guard.firewall import get_firewall
 from ingestion import service as ingestion_service
 from ingestion.purge import ORPHAN_SWEEP_SECONDS, PURGE_GRACE_SECONDS, purge_pending, sweep_orphan_files
@@ -175,16 +176,20 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def _close_connections(app: FastAPI) -> None:
     """The connections the API kept open: the verifier's to the IdP, those kept to send tasks on the broker
-    (`close_celery`), then the answer model's hold released, which closes it (the model server's connections and
-    their event loops, or llama.cpp's model) unless another holder has it. Else every app a process starts and stops
-    keeps them open for the process's life (the broker's: those of its URL, which every app on it shares)."""
+    (`close_celery`), the guard's hit counters' to Redis (`close_redis_counters`), then the answer model's hold
+    released, which closes it (the model server's connections and their event loops, or llama.cpp's model) unless
+    another holder has it. Else every app a process starts and stops keeps them open for the process's life (the
+    broker's and the counters': those of its URL, which every app on it shares)."""
     try:
         app.state.verifier.close()
     finally:
         try:
             close_celery(app.state.celery)
         finally:
-            app.state.model.release()
+            try:
+                controls.close_redis_counters()
+            finally:
+                app.state.model.release()
 
 
 def _sweeper(celery: GovragCelery, settings: Settings) -> Sweeper | None:

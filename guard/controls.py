@@ -190,6 +190,11 @@ class _RedisTripCounter:
         """Reset the department's window; DEL is atomic, so exactly one replica wins the trip."""
         return broker.through_breaker(self._broker_url, lambda: bool(self._client.delete(self._key(department))))
 
+    def close(self) -> None:
+        """Close the client's idle connections, never one a hit is counting on right now (it is closed as the client
+        is garbage, once that hit is done with it)."""
+        self._client.connection_pool.disconnect(inuse_connections=False)
+
 
 _TRIPS = _TripWindow()
 _REDIS_COUNTERS: dict[tuple[str, float, str], _RedisTripCounter] = {}
@@ -208,6 +213,18 @@ def _trip_counter(settings: Settings) -> _TripWindow | _RedisTripCounter:
         if key not in _REDIS_COUNTERS:
             _REDIS_COUNTERS[key] = _RedisTripCounter(broker.redis_client(settings), namespace, settings.broker_url)
         return _REDIS_COUNTERS[key]
+
+
+def close_redis_counters() -> None:
+    """Forget the Redis counters of this process and close their idle connections. Called as the API stops (api.app):
+    else each broker URL, Redis timeout and database an API counted hits for kept a client, and its connection, for
+    the process's life (a test's hung or refusing endpoint too). The counts are Redis's: the next hit, from an API
+    still running or started again, makes a new client and goes on counting where they were."""
+    with _REDIS_COUNTERS_LOCK:
+        counters = list(_REDIS_COUNTERS.values())
+        _REDIS_COUNTERS.clear()
+    for counter in counters:
+        counter.close()
 
 
 def record_guard_hit(*, session: Session, settings: Settings, departments: list[str], kind: str) -> list[str]:

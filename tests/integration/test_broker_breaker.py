@@ -139,6 +139,31 @@ def test_an_error_redis_answers_leaves_the_breaker_closed(tmp_path: Path, monkey
         real.delete(*keys)
 
 
+def test_an_api_stopped_closes_the_connection_its_guard_hit_counter_kept_to_redis(tmp_path: Path) -> None:
+    """The guard's shared counters are the process's, one Redis client per broker URL, timeout and database: each
+    kept its connection for the process's life, an API long stopped (or a test's endpoint long gone) included. The
+    API's stop now closes them; the count is Redis's, so a hit after it (an API still running, or started again)
+    goes on from where it was. Real Redis through an endpoint of its own, this process's connections to it counted."""
+    from tests.support.sockets import connections_to
+
+    department = f"stop{uuid.uuid4().hex[:6]}"
+    with redis_that_hangs() as (endpoint, real, broker_url):
+        endpoint.hung = False
+        settings = _settings(tmp_path, broker_url, inprocess_worker=False, job_sweep_seconds=0)
+        port = endpoint.server.getsockname()[1]
+        with TestClient(create_app(settings)):
+            assert _hit(settings, department) == []
+            assert connections_to(port) == 1  # the counter's
+        close_vector_store(settings)
+        assert connections_to(port) == 0  # main: 1, for the process's life
+        assert _hit(settings, department) == []
+        key = controls._trip_counter(settings)._key(department)  # type: ignore[union-attr]
+        assert real.zcard(key) == 2
+        controls.close_redis_counters()
+        assert connections_to(port) == 0
+        real.delete(key)
+
+
 def _upload(client: TestClient, editor: dict[str, str], n: int) -> str:
     """A desk editor's upload, accepted; its job's id."""
     response = client.post("/v1/documents", headers=editor, data={"department": "desk"},
