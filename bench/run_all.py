@@ -28,6 +28,7 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("bench/firewall_eval.py", []),
     ("bench/authz_bench.py", []),
     ("bench/audit_bench.py", []),
+    ("bench/verify_export_bench.py", ["--rows", "2000"]),  # its 39 MiB hostile lines are the same at any row count
     ("bench/sqlite_plans.py", ["--both"]),  # the embedded SQLite, then PostgreSQL
 ]
 
