@@ -164,6 +164,32 @@ def test_an_api_stopped_closes_the_connection_its_guard_hit_counter_kept_to_redi
         real.delete(key)
 
 
+def test_a_hit_in_flight_as_an_api_stops_keeps_its_connection_and_counts_in_redis(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The counters are the process's, so one API's stop closes them under another's hit in flight: only the idle
+    connections are closed, never the one a hit has sent its command on (closed, the hit's read fails: its count
+    falls back to this process's window, an auto-trip replicas would have made together missed, or an I/O error
+    escapes). The forgotten counter still counts in Redis, and the breaker stays closed."""
+    department = f"fly{uuid.uuid4().hex[:6]}"
+    with redis_that_hangs() as (endpoint, real, broker_url):
+        endpoint.hung = False
+        settings = _settings(tmp_path, broker_url)
+        counter = controls._trip_counter(settings)
+        assert isinstance(counter, controls._RedisTripCounter)
+        pool = counter._client.connection_pool
+        in_flight = pool.get_connection()
+        in_flight.send_command("PING")  # a hit's command sent, its reply not read yet
+        controls.close_redis_counters()
+        assert in_flight.read_response() in (b"PONG", "PONG", True)  # closed under it: the read fails
+        pool.release(in_flight)
+        monkeypatch.setattr(controls._TRIPS, "add", lambda _: pytest.fail("counted in this process"))
+        assert controls._count(counter, department) == (1, counter)
+        assert controls._trip_counter(settings) is not counter  # the next hit's: a new client, the same count
+        assert controls._count(controls._trip_counter(settings), department)[0] == 2
+        controls.close_redis_counters()
+        real.delete(counter._key(department))
+
+
 def _upload(client: TestClient, editor: dict[str, str], n: int) -> str:
     """A desk editor's upload, accepted; its job's id."""
     response = client.post("/v1/documents", headers=editor, data={"department": "desk"},
