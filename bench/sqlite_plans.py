@@ -197,12 +197,14 @@ def run(documents: int, events: int, revision: str, analyze: bool, postgres: boo
         rows = _populate(url, documents, events)
         if postgres:
             raw, plan_of, engine = psycopg.connect(libpq_dsn(url)), pg_query_plan, "PostgreSQL"
+            stack.callback(raw.close)  # closed before the throw-away database is dropped, on a failure too
             raw.autocommit = True
             raw.execute("VACUUM ANALYZE")  # what autovacuum does after a bulk load: statistics, visibility map
             raw.autocommit = False
             version, stats = raw.info.server_version, "VACUUM ANALYZEd"
         else:
             raw, plan_of, engine = sqlite3.connect(settings.data_dir / "govrag.db"), query_plan, "SQLite"
+            stack.callback(raw.close)  # closed before the temporary directory is removed, on a failure too
             if analyze:
                 raw.execute("ANALYZE")
                 raw.commit()
@@ -216,7 +218,6 @@ def run(documents: int, events: int, revision: str, analyze: bool, postgres: boo
         for name, table, call in _probes(settings, app, rows, events):
             plans, ms = _plan_and_time(raw, plan_of, captured_statements(url, table, call))
             print(f"| {name} | {ms:.2f} | {' / '.join(plans)} |")
-        raw.close()
 
 
 def main(argv: list[str] | None = None) -> None:
