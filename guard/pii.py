@@ -103,6 +103,7 @@ _KNOWN_EXTENSIONS = frozenset({
 _INNER_FILE_EXTENSION = re.compile(
     r"\.(?:(?=[0-9]*[A-Za-z])(?:[a-z0-9]{1,8}|[A-Z0-9]{1,8})|(?i:" + "|".join(sorted(_KNOWN_EXTENSIONS)) + r"))$")
 _MAX_FILE_EXTENSIONS = 8
+_PLACEHOLDER_LINK = re.compile(rf"\.{UNNUMBERED.pattern}$")  # a placeholder ending a stored title after a dot
 
 # Every label the small English model emits besides PERSON: ignored at the NLP engine,
 # so LOCATION, DATE_TIME, ORG… are never produced (and never logged as "unmapped").
@@ -646,13 +647,14 @@ class PiiRedactor:
                               type_placeholder)
 
     def _title_spans(self, title: str, readings: list[str], read: list[str], rules: RedactionRules | None, *,
-                     rules_only: bool = False) -> list[RecognizerResult]:
+                     rules_only: bool = False, names: bool = True) -> list[RecognizerResult]:
         """The spans of `title` found in `read`, some of its `readings` (`title_readings`), that are redacted
-        (`_kept_in_title`): the NER reads only the title and its stem (`_read_for_names`), never with `rules_only`."""
+        (`_kept_in_title`): the NER reads only the title and its stem (`_read_for_names`), never with `rules_only` or
+        without `names`."""
         stem_end = len(readings[-1])
         return [result for reading in read
                 for result in self.analyze(reading, rules, rules_only=rules_only,
-                                           names=not rules_only and _read_for_names(reading, readings))
+                                           names=names and not rules_only and _read_for_names(reading, readings))
                 if _kept_in_title(result, title, stem_end)]
 
     def redact_title_past_extension(self, title: str, rules: RedactionRules | None = None) -> str:
@@ -679,10 +681,21 @@ class PiiRedactor:
         costs one NER run. A title with fewer than three readings has no such span and comes back as it is, without
         a model call."""
         readings = title_readings(title)
-        redacted = [match.span() for match in UNNUMBERED.finditer(title)]
-        results = [result for result in self._title_spans(title, readings, readings[2:], rules)
-                   if all(result.end <= start or end <= result.start for start, end in redacted)]
-        return _replace_spans(title, results, type_placeholder)
+        results = self._title_spans(title, readings, readings[2:], rules)
+        return _replace_spans(title, _clear_of_placeholders(title, results), type_placeholder)
+
+    def redact_title_before_placeholder_run(self, title: str, rules: RedactionRules | None = None) -> str:
+        """A title stored by a rule before `title_readings` and `_kept_in_title` with the value its capitalised chain
+        hid, a chain the NER took for names (`Claim of maria@example.com.Pdf.Gpg` stored as `Claim of
+        maria@example.com.<PERSON>.<PERSON>`), replaced by its type: the spans the value recognizers find in its
+        readings without that run (`placeholder_run_readings`), under the department's rules. No name is read: the
+        NER would take a word beside a placeholder for one, and so no name found by the context patterns nor a name's
+        words found again (`_found_by_a_value_pattern`); nor a span over a placeholder the title holds (migration
+        0026). A title not ending in such a run comes back as it is, without a model call."""
+        readings = placeholder_run_readings(title)
+        results = [result for result in self._title_spans(title, readings, readings[1:], rules, names=False)
+                   if _found_by_a_value_pattern(result)]
+        return _replace_spans(title, _clear_of_placeholders(title, results), type_placeholder)
 
     def redact_many(self, texts: list[str], placeholders: PlaceholderMap,
                     rules: RedactionRules | None = None) -> list[str]:
@@ -733,6 +746,18 @@ def title_readings(title: str) -> list[str]:
     return readings
 
 
+def placeholder_run_readings(title: str) -> list[str]:
+    """A stored title as it is, then without each placeholder of a run of them that ends it, each after a dot, in turn
+    (`.<PERSON>.<PERSON>`: a capitalised chain, `.Pdf.Gpg`, `.Backup.Old`, a rule before took for names; of any type,
+    as any placeholder there replaced what followed a dot), up to _MAX_FILE_EXTENSIONS, then without each extension of
+    a chain the run leaves at the end (`title_readings`: `maria@example.com.tar.<PERSON>`). One reading, the title
+    alone, for a title not ending in such a run."""
+    readings = [title]
+    while len(readings) <= _MAX_FILE_EXTENSIONS and (found := _PLACEHOLDER_LINK.search(readings[-1])):
+        readings.append(readings[-1][: found.start()])
+    return [*readings, *title_readings(readings[-1])[1:]] if len(readings) > 1 else readings
+
+
 def _read_for_names(reading: str, readings: list[str]) -> bool:
     """Whether the NER reads this reading of a title (`title_readings`): the title as it is and without its whole
     chain, as it read a title and its stem before compound extensions. Each reading between is read by every other
@@ -764,8 +789,22 @@ def _left_raw_at_extension(result: RecognizerResult, stem_end: int) -> bool:
     not one, neither read (`_NAME_RECOGNIZERS`) nor its words found again (`pii_rules.propagate_people`, which names no
     recognizer): in a stored title the NER reads its placeholders as context, and the word `Rivera` it takes beside one
     in `Letter from Rivera to <PERSON>.Rivera` would be found again after the dot."""
+    return result.end > stem_end and _found_by_a_value_pattern(result)
+
+
+def _found_by_a_value_pattern(result: RecognizerResult) -> bool:
+    """Whether a span is a value's shape found by a recognizer (a department's of any type, PERSON too): not a name
+    read (`_NAME_RECOGNIZERS`), nor a name's words found again (`pii_rules.propagate_people`, which names no
+    recognizer)."""
     recognizer = _recognizer_of(result)
-    return result.end > stem_end and recognizer is not None and recognizer not in _NAME_RECOGNIZERS
+    return recognizer is not None and recognizer not in _NAME_RECOGNIZERS
+
+
+def _clear_of_placeholders(title: str, results: list[RecognizerResult]) -> list[RecognizerResult]:
+    """The spans of `results` over no placeholder `title` holds: what was redacted is not redacted again (a
+    department's pattern may match `PERSON` in `<PERSON>`)."""
+    redacted = [match.span() for match in UNNUMBERED.finditer(title)]
+    return [result for result in results if all(result.end <= start or end <= result.start for start, end in redacted)]
 
 
 def _read_as_a_name(result: RecognizerResult) -> bool:

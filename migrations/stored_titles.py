@@ -1,7 +1,7 @@
-"""What the revisions that redact stored titles again (0023, 0025) share (`upgrade_titles`): the live documents' titles
-read in batches by id, each under its department's redaction rules as its policy row holds them (`department_rules`),
-and written back only when the redaction changed them, cut to the column's length as a title is when it is set; or,
-written as SQL, the guard that fails the script where such a title may be (`offline_guard`).
+"""What the revisions that redact stored titles again (0023, 0025, 0026) share (`upgrade_titles`): the live documents'
+titles read in batches by id, each under its department's redaction rules as its policy row holds them
+(`department_rules`), and written back only when the redaction changed them, cut to the column's length as a title is
+when it is set; or, written as SQL, the guard that fails the script where such a title may be (`offline_guard`).
 
 guard.pii and ingestion are imported only once a title is to be read: Alembic imports every revision's module for
 every upgrade, and a database holding no such title loads no model."""
@@ -27,20 +27,21 @@ _POLICIES = sa.table("ingestion_policies", sa.column("department", sa.String),
 
 
 def upgrade_titles(revision: str, where: str, *, min_readings: int, redact: Callable[[str, RedactionRules], str],
-                   guard: str, comment: str) -> None:
+                   guard: str, comment: str, readings: Callable[[str], list[str]] | None = None) -> None:
     """A revision's upgrade redacting stored titles: run, `_redact_stored_titles`; written as SQL (`--sql`), where no
     SQL can read a title with the PII model, `offline_guard` on the same documents (`where`), failing on the check
     constraint `guard` if one is there, the script saying why (`comment`)."""
     if context.is_offline_mode():
         offline_guard(revision, guard, where, comment)
     else:
-        _redact_stored_titles(op.get_bind(), revision, where, min_readings=min_readings, redact=redact)
+        _redact_stored_titles(op.get_bind(), revision, where, min_readings=min_readings, redact=redact,
+                              readings=readings or _title_readings)
 
 
 def _redact_stored_titles(connection: sa.Connection, revision: str, where: str, *, min_readings: int,
-                         redact: Callable[[str, RedactionRules], str]) -> None:
+                         redact: Callable[[str, RedactionRules], str], readings: Callable[[str], list[str]]) -> None:
     """Each title of a document matching the SQL condition `where` (of live ones, `LIVE`: the condition the revision's
-    script written as SQL checks too, `offline_guard`) with at least `min_readings` readings (guard.pii's
+    script written as SQL checks too, `offline_guard`) with at least `min_readings` `readings` (by default guard.pii's
     `title_readings`: 2, an apparent extension; 3, a chain of them), given to `redact` with its department's rules
     (`department_rules`, read once a department, only for such a title). A title `redact` returns as it is stays byte
     for byte; another is cut to the column's length as a title is when it is set."""
@@ -50,7 +51,7 @@ def _redact_stored_titles(connection: sa.Connection, revision: str, where: str, 
             f"SELECT id, department, title FROM documents WHERE id > :after AND ({where}) "  # noqa: S608
             "ORDER BY id LIMIT :batch"), {"after": after, "batch": BATCH}).all():
         for document_id, department, title in rows:
-            if not _has_readings(title, min_readings):
+            if len(readings(title)) < min_readings:
                 continue
             if department not in rules:
                 rules[department] = department_rules(connection, revision, department)
@@ -61,10 +62,10 @@ def _redact_stored_titles(connection: sa.Connection, revision: str, where: str, 
         after = rows[-1][0]
 
 
-def _has_readings(title: str, min_readings: int) -> bool:
+def _title_readings(title: str) -> list[str]:
     from guard.pii import title_readings  # no model: that loads at the first title redacted (`get_redactor`)
 
-    return len(title_readings(title)) >= min_readings
+    return title_readings(title)
 
 
 def _cut(title: str, rules: RedactionRules) -> str:

@@ -685,16 +685,80 @@ def test_0025_loads_no_model_for_titles_without_a_chain_and_undoing_it_restores_
     assert _titles(url) == {**titles, "one": "Claim of <EMAIL_ADDRESS>.pdf.gpg"}
 
 
+TITLES_BEFORE_0026 = {  # as a rule taking a capitalised chain for names stored them → as 0026 leaves them
+    "claim": ("Claim of maria@example.com.<PERSON>.<PERSON>", "Claim of <EMAIL_ADDRESS>.<PERSON>.<PERSON>"),  # .Pdf.Gpg
+    "bare": ("maria@example.com.<PERSON>.<PERSON>", "<EMAIL_ADDRESS>.<PERSON>.<PERSON>"),  # .Backup.Old
+    "one": ("Mail maria@example.com.<PERSON>", "Mail <EMAIL_ADDRESS>.<PERSON>"),  # a run of one
+    "types": ("Access from 10.0.0.1.<PERSON>.<UNIT_CODE>", "Access from <IP_ADDRESS>.<PERSON>.<UNIT_CODE>"),  # any
+    "tar": ("Scan maria@example.com.tar.<PERSON>", "Scan <EMAIL_ADDRESS>.tar.<PERSON>"),  # a chain before the run
+    "handle": ("Access for maria.gonzalez.<PERSON>", "Access for <STAFF_HANDLE>.<PERSON>"),  # the department's
+    "allowed": ("Write to help@example.com.<PERSON>.<PERSON>", "Write to help@example.com.<PERSON>.<PERSON>"),
+    # No NER: the word beside a placeholder is not read as a name (the NER takes `Rivera` in the title without the run).
+    "beside": ("Notes for <PERSON> Rivera at maria@example.com.<PERSON>.<PERSON>",
+               "Notes for <PERSON> Rivera at <EMAIL_ADDRESS>.<PERSON>.<PERSON>"),
+    "redacted": ("Claim of <EMAIL_ADDRESS> copy.<PERSON>.<PERSON>", "Claim of <EMAIL_ADDRESS> copy.<PERSON>.<PERSON>"),
+    "dated": ("Minutes 2024.05.17.<PERSON>", "Minutes 2024.05.17.<PERSON>"),  # a date before a run is no value
+    "middle": ("Ask Dr.<PERSON> about <PERSON>", "Ask Dr.<PERSON> about <PERSON>"),  # no run at the end
+    "inside": ("Letter to Dr.<PERSON> Rivera", "Letter to Dr.<PERSON> Rivera"),
+    "none": ("Notes on <PERSON>", "Notes on <PERSON>"),
+    "long": ("x" * 274 + " j@ex.io.<PERSON>.<PERSON>", "x" * 274 + " <EMAIL_ADDRESS>.<PERSON>."),  # cut to 300
+    "deleted": ("Dismissal of maria@example.com.<PERSON>.<PERSON>", "Dismissal of maria@example.com.<PERSON>.<PERSON>"),
+    "rejected": ("Scan of maria@example.com.<PERSON>", "Scan of maria@example.com.<PERSON>"),
+}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "pg"])
+def test_titles_stored_with_a_value_before_a_chain_taken_for_names_have_it_redacted_by_0026(
+        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
+    """The NER took a capitalised chain (`.Pdf.Gpg`, `.Backup.Old`) for names, and the value it hid was stored raw
+    before them: `Claim of maria@example.com.<PERSON>.<PERSON>`, which ends in no apparent extension (0023 and 0025
+    leave it). 0026 redacts what the value recognizers find in the title without that run of placeholders (a run of
+    one, of any type, before a chain), under the department's rules (its recognizer, its allow-list), and nothing
+    else: no name (a word beside a placeholder), not a placeholder already there (UNIT_CODE matches
+    `EMAIL_ADDRESS`), a title with no run at its end, a retired document's row."""
+    url = _database(kind, tmp_path, make_pg_database)
+    migrate.upgrade(url, "0025")
+    _store_titles(url, {name: before for name, (before, _after) in TITLES_BEFORE_0026.items()},
+                  allow_list=["help@example.com"], recognizers=[LONE_HANDLE, UNIT_CODE])
+    migrate.upgrade(url, "0026")
+    assert _titles(url) == {name: after for name, (_before, after) in TITLES_BEFORE_0026.items()}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "pg"])
+def test_0026_loads_no_model_for_titles_without_a_run_and_undoing_it_restores_nothing(
+        kind: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
+    """Live titles ending in a placeholder with no dot before it, or with one after a dot mid-title, and a retired one
+    with a run: 0026 leaves each byte for byte without asking for the PII model. Undone, it changes nothing; a title
+    with a run stored meanwhile is redacted when it runs again."""
+    url = _database(kind, tmp_path, make_pg_database)
+    migrate.upgrade(url, "0025")
+    titles = {"none": "Notes on <PERSON>", "middle": "Ask Dr.<PERSON> about <PERSON>",
+              "inside": "Letter to Dr.<PERSON> Rivera", "deleted": "Dismissal of maria@example.com.<PERSON>.<PERSON>"}
+    _store_titles(url, titles, allow_list=[], recognizers=[])
+    from guard.pii import get_redactor  # the PII model's one loader: its cache counts every call
+
+    asked = get_redactor.cache_info()
+    migrate.upgrade(url, "0026")
+    assert get_redactor.cache_info() == asked
+    assert _titles(url) == titles
+    migrate.downgrade(url, "0025")
+    assert _titles(url) == titles
+    _execute(url, "UPDATE documents SET title = 'Claim of maria@example.com.<PERSON>.<PERSON>' WHERE id = 'none'")
+    migrate.upgrade(url, "0026")
+    assert _titles(url) == {**titles, "none": "Claim of <EMAIL_ADDRESS>.<PERSON>.<PERSON>"}
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "pg"])
 @pytest.mark.parametrize("recognizers", [[{"entity": "STAFF_HANDLE"}], "none", [{**HANDLE, "pattern": "(a"}]],
                          ids=["no-pattern", "not-a-list", "no-regex"])
 @pytest.mark.parametrize(("revision", "title"), [("0023", "Access from 10.0.0.1"),
-                                                 ("0025", "Claim of maria@example.com.pdf.gpg")])
+                                                 ("0025", "Claim of maria@example.com.pdf.gpg"),
+                                                 ("0026", "Claim of maria@example.com.<PERSON>.<PERSON>")])
 def test_a_title_revision_stops_on_a_department_policy_it_cannot_apply_naming_the_department(
         kind: str, recognizers: object, revision: str, title: str, tmp_path: Path,
         make_pg_database: Callable[[], str]) -> None:
     """A policy row the API would not have saved (edited by hand: a recognizer without its pattern, recognizers not a
-    list, a pattern that does not compile) cannot say how the department's titles were redacted: 0023 and 0025 stop
+    list, a pattern that does not compile) cannot say how the department's titles were redacted: 0023, 0025, 0026 stop
     with a MigrationError naming the department (the CLI's one line, not a traceback quoting the row), the database
     left at the revision before with its titles as stored."""
     url, before = _database(kind, tmp_path, make_pg_database), f"{int(revision) - 1:04d}"

@@ -1,7 +1,7 @@
 """The migrations written as SQL (Alembic's offline mode, `alembic upgrade --sql`), for a DBA who reviews the SQL before
 it runs: the whole chain renders for PostgreSQL and SQLite with its backfills in it, the script runs on a new database
-(psql, sqlite3) and gives what the migrations run by govrag give, and the backfills SQL cannot do (0010's, 0023's and
-0025's title redaction) fail the script rather than being left out."""
+(psql, sqlite3) and gives what the migrations run by govrag give, and the backfills SQL cannot do (0010's, 0023's,
+0025's and 0026's title redaction) fail the script rather than being left out."""
 
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ BACKFILLS = [  # a statement of each revision that changes rows, as rendered on 
     "CONSTRAINT apply_0025_with_govrag_to_redact_titles CHECK (documents_to_redact = 0)",  # 0025: its guard
     "SELECT count(*) FROM documents WHERE status NOT IN ('deleted', 'rejected') AND length(title) - "
     "length(replace(title, '.', '')) >= 2",
+    "CONSTRAINT apply_0026_with_govrag_to_redact_titles CHECK (documents_to_redact = 0)",  # 0026: its guard
+    "SELECT count(*) FROM documents WHERE status NOT IN ('deleted', 'rejected') AND substr(title, length(title), 1) = "
+    "'>' AND replace(title, '.<', '') <> title",
 ]
 GRANTS = [("alice", "reader"), ("bob", "role:editor"), ("carol", ""), ("dave", None), ("erin", "Role:auditor"),
           ("frank", "role:"), ("gina", "ROLE:admin")]  # no role inheritance: undoing 0003 refuses to drop it
@@ -108,6 +111,7 @@ def test_the_whole_chain_renders_as_sql_with_every_backfill(url: str) -> None:
     assert "-- Revision 0010 redacts the PII in the titles of documents" in sql
     assert "-- Revision 0023 redacts, with govrag's PII model" in sql
     assert "-- Revision 0025 redacts, with govrag's PII model" in sql
+    assert "-- Revision 0026 redacts, with govrag's PII model" in sql
     assert sql.rstrip().endswith("COMMIT;")
     assert f"version_num='{migrate.head_revision()}'" in sql
 
@@ -189,6 +193,8 @@ def test_the_sql_written_stops_at_0010_while_a_title_is_to_redact(
 TITLES_READ_BY_THE_MODEL = {
     "0023": ("Access notes", "Access from 10.0.0.1", "Access from <IP_ADDRESS>"),  # a '.'
     "0025": ("Access notes.pdf", "Claim of maria@example.com.pdf.gpg", "Claim of <EMAIL_ADDRESS>.pdf.gpg"),  # two
+    "0026": ("Notes on <PERSON>", "Claim of maria@example.com.<PERSON>.<PERSON>",  # ends in '>', holds '.<'
+             "Claim of <EMAIL_ADDRESS>.<PERSON>.<PERSON>"),
 }
 
 
@@ -197,7 +203,8 @@ TITLES_READ_BY_THE_MODEL = {
 def test_the_sql_written_stops_at_a_title_revision_while_a_live_title_may_hold_what_it_reads(
         kind: str, revision: str, tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
     """0023 reads titles that may end in what looks like a file extension (a '.'), 0025 those that may end in a chain
-    of them (two), with the PII model, which SQL cannot: the script passes a database whose live titles hold none (a
+    of them (two), 0026 those that may end in a run of placeholders (ending in '>', holding '.<'), with the PII model,
+    which SQL cannot: the script passes a database whose live titles hold none (a
     retired document's does not count), and fails on one whose live title does, the database left at the revision
     before with the title as stored; govrag's own migration redacts it."""
     url, before = _database(kind, tmp_path, make_pg_database), f"{int(revision) - 1:04d}"
