@@ -17,9 +17,9 @@ alone (no NER), and only the values found there are replaced, each by its type p
 
 - under the default entity set plus the department's own recognizers and allow-list as when the title was set, as
   0023 and 0025 do: an allow-listed value is kept;
-- no name: the NER would read the title's placeholders as context and take a word beside one for a name (`Notes` of
-  `Notes <PERSON>.<PERSON>`), and nothing says a name was hidden there (the chain's links were taken for names, the
-  words before them were read whole);
+- no name: the NER would read the title's placeholders as context and take a word beside one for a name (it takes
+  `Rivera` in `Notes for <PERSON> Rivera at maria@example.com`), and nothing says a name was hidden there (the
+  chain's links were taken for names, the words before them were read whole);
 - never a span over a placeholder the title already holds.
 
 A title redacted longer than the column is cut as a title is when it is set. A department's policy row the API would
