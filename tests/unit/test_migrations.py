@@ -696,6 +696,9 @@ TITLES_BEFORE_0026 = {  # as a rule taking a capitalised chain for names stored 
     # No NER: the word beside a placeholder is not read as a name (the NER takes `Rivera` in the title without the run).
     "beside": ("Notes for <PERSON> Rivera at maria@example.com.<PERSON>.<PERSON>",
                "Notes for <PERSON> Rivera at <EMAIL_ADDRESS>.<PERSON>.<PERSON>"),
+    # Nor one the context patterns find (read whole when the title was set): only the values the run hid.
+    "titled": ("Letter from Dr. Maria Rivera at maria@example.com.<PERSON>",
+               "Letter from Dr. Maria Rivera at <EMAIL_ADDRESS>.<PERSON>"),
     "redacted": ("Claim of <EMAIL_ADDRESS> copy.<PERSON>.<PERSON>", "Claim of <EMAIL_ADDRESS> copy.<PERSON>.<PERSON>"),
     "dated": ("Minutes 2024.05.17.<PERSON>", "Minutes 2024.05.17.<PERSON>"),  # a date before a run is no value
     "middle": ("Ask Dr.<PERSON> about <PERSON>", "Ask Dr.<PERSON> about <PERSON>"),  # no run at the end
@@ -714,8 +717,8 @@ def test_titles_stored_with_a_value_before_a_chain_taken_for_names_have_it_redac
     before them: `Claim of maria@example.com.<PERSON>.<PERSON>`, which ends in no apparent extension (0023 and 0025
     leave it). 0026 redacts what the value recognizers find in the title without that run of placeholders (a run of
     one, of any type, before a chain), under the department's rules (its recognizer, its allow-list), and nothing
-    else: no name (a word beside a placeholder), not a placeholder already there (UNIT_CODE matches
-    `EMAIL_ADDRESS`), a title with no run at its end, a retired document's row."""
+    else: no name (a word beside a placeholder, one the context patterns find), not a placeholder already there
+    (UNIT_CODE matches `EMAIL_ADDRESS`), a title with no run at its end, a retired document's row."""
     url = _database(kind, tmp_path, make_pg_database)
     migrate.upgrade(url, "0025")
     _store_titles(url, {name: before for name, (before, _after) in TITLES_BEFORE_0026.items()},
