@@ -648,7 +648,8 @@ class PiiRedactor:
 
     def _title_spans(self, title: str, readings: list[str], read: list[str], rules: RedactionRules | None, *,
                      rules_only: bool = False, names: bool = True) -> list[RecognizerResult]:
-        """The spans of `title` found in `read`, some of its `readings` (`title_readings`), that are redacted
+        """The spans of `title` found in `read`, some of its `readings` (`title_readings`, or for migration 0026
+        `placeholder_run_readings`: either ends with the title's stem), that are redacted
         (`_kept_in_title`): the NER reads only the title and its stem (`_read_for_names`), never with `rules_only` or
         without `names`."""
         stem_end = len(readings[-1])
