@@ -1,7 +1,8 @@
 """Sending ingestion jobs to the broker. The database is the record of what must run; the broker only carries it.
 
 A job row is committed (status `queued`, `sent_at` empty) with the work it describes; `send_job` then publishes its
-task and stamps `sent_at` (`send_jobs` a batch of jobs at a time: their tasks, then one stamp; `govrag ingest` in
+task and stamps `sent_at` (`send_jobs` a batch of jobs at a time: their tasks, then one stamp, which a publish raising
+midway does not skip; `govrag ingest` in
 process stamps the jobs it runs itself, holds them while it runs them (`JobsHeld`), and gives back unstamped those an
 outage stopped: `give_back`, `take_waiting_job`). A broker that
 refuses leaves the job unsent, not lost: `sweep_jobs` (run by a thread in every API process, core/sweeper.py) sends
@@ -96,17 +97,40 @@ def send_jobs(app: GovragCelery, jobs: Sequence[tuple[str, str]]) -> int:
     re-index of a thousand documents while the broker is down is one line, and waits for one refusal, not a
     thousand). A database failure as a batch is stamped propagates: its published jobs stay unstamped and the sweep
     sends them again, a second delivery its worker's claim makes harmless (the module's docstring), and the rest,
-    never published, the sweep sends once."""
+    never published, the sweep sends once. Publishing that raises rather than refuses (a task that cannot be
+    serialised, an interrupt: `_published_and_stamped`) propagates too, once the jobs of its batch published before
+    it are stamped."""
     settings, sent = app.govrag_settings, 0
     for batch in _batches_with_stored_request_ids(settings, jobs):
-        published = list(_published_until_refused(app, batch))
-        record_sent(settings, published)
+        published = _published_and_stamped(app, batch, lambda job_ids: record_sent(settings, job_ids))
         sent += len(published)
         if len(published) < len(batch):
             left, them = _named([job for _, job in jobs[sent:]])
             logger.warning("%s not sent: the broker is unreachable; the sweep sends %s once it answers", left, them)
             break
     return sent
+
+
+def _published_and_stamped(app: GovragCelery, batch: Sequence[tuple[str, str, str | None]],
+                           stamp: Callable[[list[str]], None]) -> list[str]:
+    """The ids of the batch's jobs published (`_published_until_refused`), stamped sent by `stamp` in one go. When
+    publishing raises rather than refuses (a task that cannot be serialised, an interrupt), the jobs published before
+    it are stamped all the same (else the sweep sent them again) and what publishing raised propagates; a failure of
+    that stamp is only a warning, never raised in its place: those jobs stay unstamped, and the sweep sends them
+    again (a second delivery their worker's claim makes harmless)."""
+    published: list[str] = []
+    try:
+        for job_id in _published_until_refused(app, batch):
+            published.append(job_id)
+    except BaseException:
+        try:
+            stamp(published)
+        except Exception as failed:
+            logger.warning("%s published but not stamped (%s): the sweep sends %s again", _named(published)[0],
+                           unavailable_dependency(failed) or type(failed).__name__, _named(published)[1])
+        raise
+    stamp(published)
+    return published
 
 
 def _published_until_refused(app: GovragCelery, batch: Sequence[tuple[str, str, str | None]]) -> Iterator[str]:
@@ -244,7 +268,9 @@ def send_unsent(app: GovragCelery, *, older_than_seconds: float) -> int:
 
     One API process sweeps at a time (a lock held for the sweep's transaction), so replicas do not send one job
     twice. Stops at the first refusal: the broker is down; once the jobs sent are recorded, `Unavailable("broker")`,
-    and the next sweep sends the rest."""
+    and the next sweep sends the rest. Publishing that raises rather than refuses propagates once the jobs sent
+    before it are recorded (`_published_and_stamped`): a job that fails so each round does not send those before it
+    again each round."""
     cutoff = utcnow() - timedelta(seconds=older_than_seconds)
     return _send_unsent_where(app, IngestionJob.created_at <= cutoff)
 
@@ -258,9 +284,14 @@ def _send_unsent_where(app: GovragCelery, *criteria: ColumnElement[bool]) -> int
             select(IngestionJob.document_id, IngestionJob.id, IngestionJob.request_id)
             .where(IngestionJob.sent_at.is_(None), IngestionJob.status.in_(UNFINISHED), *criteria)
             .order_by(IngestionJob.created_at).limit(_SWEEP_BATCH).with_for_update(skip_locked=True)).all()
-        sent = list(_published_until_refused(app, unsent))
-        if sent:  # the broker refused the one after them, if any: the rest wait for the next sweep
-            _mark_sent(session, sent)
+
+        def stamp(job_ids: list[str]) -> None:
+            if job_ids:
+                _mark_sent(session, job_ids)
+                session.commit()  # now: should publishing have raised, the unit of work rolls back
+
+        # the broker refused the one after those sent, if any: the rest wait for the next sweep
+        sent = _published_and_stamped(app, unsent, stamp)
     if sent:
         logger.info("sent %s that had not reached the broker", _named(sent)[0])
     if len(sent) < len(unsent):

@@ -2208,6 +2208,88 @@ def test_a_database_gone_as_a_batch_is_stamped_loses_no_job(
         memory.Channel.queues.pop(queue, None)
 
 
+@pytest.mark.parametrize("database_goes", [False, True])
+def test_a_publish_raising_midway_stamps_the_jobs_of_its_batch_published_before_it(
+        database_goes: bool, make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A publish that raises rather than refuses (`_published` takes only the broker's failures for a refusal): here
+    kombu's real `EncodeError` for the third of five jobs, whose task JSON cannot carry. The batch's stamp came after
+    its publishing, so the two jobs already on the broker were never stamped and the sweep sent them again; now they
+    are stamped and the error propagates. With the database gone too (as the third is published) their stamp fails:
+    the publishing error still propagates, not the database's, and a warning says the two were left unstamped."""
+    from kombu.exceptions import EncodeError
+
+    from tests.conftest import allow_connections
+    from workers import dispatch
+    from workers.celery_app import INGEST_TASK, create_celery
+
+    url, settings = _on("postgresql", make_pg_database, tmp_path)
+    database = url.rsplit("/", 1)[1]
+    jobs = [f"job-{n}" for n in range(1, 6)]
+    _jobs_keeping(url, dict.fromkeys(jobs))
+    app = create_celery(settings)
+    task, queue = app.tasks[INGEST_TASK], settings.task_queue
+    publish = task.apply_async
+
+    def the_database_goes_at_the_third(*args: object, **kwargs: object) -> object:
+        if len(_jobs_waiting_in_memory(queue)) == 2:
+            allow_connections(database, False)
+        return publish(*args, **kwargs)
+
+    if database_goes:
+        monkeypatch.setattr(task, "apply_async", the_database_goes_at_the_third)
+    unserialisable = object()  # no JSON for it: kombu's serializer raises EncodeError, no refusal of the broker
+    try:
+        with pytest.raises(EncodeError), caplog.at_level(logging.WARNING, logger="workers.dispatch"):
+            dispatch.send_jobs(app, [(unserialisable if job == "job-3" else "d", job) for job in jobs])
+        allow_connections(database, True)
+        assert sorted(_jobs_waiting_in_memory(queue)) == jobs[:2]
+        assert _stamped(url, jobs) == ([] if database_goes else jobs[:2])  # main: [] either way
+        assert [r.getMessage() for r in caplog.records if r.name == "workers.dispatch"] == (
+            ["2 ingestion jobs (the first: job-1) published but not stamped (database): the sweep sends them again"]
+            if database_goes else [])
+    finally:
+        allow_connections(database, True)
+        memory.Channel.queues.pop(queue, None)
+
+
+def test_a_sweep_whose_publish_raises_midway_stamps_the_jobs_it_published_and_never_sends_them_again(
+        make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep's round publishing five unsent jobs, the broker's channel raising an error of its own (not one kombu
+    makes a refusal of) at the third: the round's transaction rolled back, the two jobs already on the broker stayed
+    unsent, and each later round sent them again, for as long as the third failed. Now the two are stamped, the
+    error propagates (the round fails), and the next round sends only the three left: each job reaches the broker
+    once. The failure is injected where the broker takes the message (kombu's in-memory channel): nothing that
+    reaches a broker raises anything but a refusal (`_published`)."""
+    from workers import dispatch
+    from workers.celery_app import create_celery
+
+    url, settings = _on("postgresql", make_pg_database, tmp_path)
+    jobs = [f"job-{n}" for n in range(1, 6)]
+    _jobs_keeping(url, dict.fromkeys(jobs))
+    app, queue = create_celery(settings), settings.task_queue
+    put = memory.Channel._put
+
+    def raising_at_the_third(channel: memory.Channel, *args: object, **kwargs: object) -> None:
+        if len(_jobs_waiting_in_memory(queue)) == 2:
+            raise RuntimeError("the broker's channel failed")
+        put(channel, *args, **kwargs)
+
+    monkeypatch.setattr(memory.Channel, "_put", raising_at_the_third)
+    try:
+        with pytest.raises(RuntimeError):
+            dispatch.sweep_jobs(app, older_than_seconds=0)
+        taken = _jobs_waiting_in_memory(queue)
+        assert len(taken) == 2
+        assert _stamped(url, jobs) == sorted(taken)  # main: []
+        monkeypatch.undo()
+        dispatch.sweep_jobs(app, older_than_seconds=0)
+        assert sorted(_jobs_waiting_in_memory(queue)) == jobs  # main: the two taken first, twice
+        assert _stamped(url, jobs) == jobs
+    finally:
+        memory.Channel.queues.pop(queue, None)
+
+
 @pytest.mark.parametrize("documents", [2, 1])
 def test_a_batch_stamp_and_a_reindex_handing_back_the_same_jobs_never_deadlock(
         documents: int, make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
