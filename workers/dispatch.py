@@ -35,8 +35,10 @@ Every send of a job, its first and each one again (the sweep's, a start's, after
 the request id of the request or run that queued it, which the job keeps (`IngestionJob.request_id`): each of its
 runs logs under it (workers/tasks.py).
 
-Delivery is at least once: a job may run twice (a crash, or the database going, between the send and the stamp,
-which covers a batch of jobs: `send_jobs`); a second run of a
+Delivery is at least once: a job may run twice (a crash, or the database going, between the send and the stamp).
+The stamp covers a batch of jobs (`send_jobs`, the sweep: `_SWEEP_BATCH`, 500), so the jobs a crash can leave on the
+broker unstamped, each sent again by the sweep, are up to a whole batch (the process killed just before its stamp),
+not the one job they were when each was stamped as it went; a second run of a
 document that is already ready changes nothing, and a run that finds its document deleted ends the job and purges
 again (ingestion/service.py), so no job of a deleted document is left unfinished to be sent for ever.
 """
