@@ -2165,6 +2165,24 @@ def test_a_redis_refusing_midway_leaves_the_jobs_sent_before_it_stamped_and_the_
         "2 ingestion jobs (the first: job-4) not sent: the broker is unreachable; the sweep sends them once it answers"]
 
 
+def _the_database_goes_at_the_third(app, database: str,  # type: ignore[no-untyped-def]
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test database stops taking connections as `app` publishes its third task (to the memory broker), which is
+    then published as ever."""
+    from tests.conftest import allow_connections
+    from workers.celery_app import INGEST_TASK
+
+    task, queue = app.tasks[INGEST_TASK], app.govrag_settings.task_queue
+    publish = task.apply_async
+
+    def the_database_goes_at_the_third(*args: object, **kwargs: object) -> object:
+        if len(_jobs_waiting_in_memory(queue)) == 2:
+            allow_connections(database, False)
+        return publish(*args, **kwargs)
+
+    monkeypatch.setattr(task, "apply_async", the_database_goes_at_the_third)
+
+
 def test_a_database_gone_as_a_batch_is_stamped_loses_no_job(
         make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """PostgreSQL stops taking connections as the second batch (of 2) is published: its stamp fails, and `send_jobs`
@@ -2175,7 +2193,7 @@ def test_a_database_gone_as_a_batch_is_stamped_loses_no_job(
     from core.errors import unavailable_dependency
     from tests.conftest import allow_connections
     from workers import dispatch
-    from workers.celery_app import INGEST_TASK, create_celery
+    from workers.celery_app import create_celery
 
     monkeypatch.setattr(dispatch, "_SWEEP_BATCH", 2)
     url, settings = _on("postgresql", make_pg_database, tmp_path)
@@ -2183,15 +2201,8 @@ def test_a_database_gone_as_a_batch_is_stamped_loses_no_job(
     jobs = [f"job-{n}" for n in range(1, 6)]
     _jobs_keeping(url, dict.fromkeys(jobs))
     app = create_celery(settings)
-    task, queue = app.tasks[INGEST_TASK], settings.task_queue
-    publish = task.apply_async
-
-    def the_database_goes_at_the_third(*args: object, **kwargs: object) -> object:
-        if len(_jobs_waiting_in_memory(queue)) == 2:
-            allow_connections(database, False)
-        return publish(*args, **kwargs)
-
-    monkeypatch.setattr(task, "apply_async", the_database_goes_at_the_third)
+    queue = settings.task_queue
+    _the_database_goes_at_the_third(app, database, monkeypatch)
     try:
         with pytest.raises(Exception) as gone:
             dispatch.send_jobs(app, [("d", job) for job in jobs])
@@ -2221,23 +2232,16 @@ def test_a_publish_raising_midway_stamps_the_jobs_of_its_batch_published_before_
 
     from tests.conftest import allow_connections
     from workers import dispatch
-    from workers.celery_app import INGEST_TASK, create_celery
+    from workers.celery_app import create_celery
 
     url, settings = _on("postgresql", make_pg_database, tmp_path)
     database = url.rsplit("/", 1)[1]
     jobs = [f"job-{n}" for n in range(1, 6)]
     _jobs_keeping(url, dict.fromkeys(jobs))
     app = create_celery(settings)
-    task, queue = app.tasks[INGEST_TASK], settings.task_queue
-    publish = task.apply_async
-
-    def the_database_goes_at_the_third(*args: object, **kwargs: object) -> object:
-        if len(_jobs_waiting_in_memory(queue)) == 2:
-            allow_connections(database, False)
-        return publish(*args, **kwargs)
-
+    queue = settings.task_queue
     if database_goes:
-        monkeypatch.setattr(task, "apply_async", the_database_goes_at_the_third)
+        _the_database_goes_at_the_third(app, database, monkeypatch)
     unserialisable = object()  # no JSON for it: kombu's serializer raises EncodeError, no refusal of the broker
     try:
         with pytest.raises(EncodeError), caplog.at_level(logging.WARNING, logger="workers.dispatch"):
