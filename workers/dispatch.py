@@ -271,8 +271,8 @@ def send_unsent(app: GovragCelery, *, older_than_seconds: float) -> int:
     One API process sweeps at a time (a lock held for the sweep's transaction), so replicas do not send one job
     twice. Stops at the first refusal: the broker is down; once the jobs sent are recorded, `Unavailable("broker")`,
     and the next sweep sends the rest. Publishing that raises rather than refuses propagates once the jobs sent
-    before it are recorded (`_published_and_stamped`): a job that fails so each round does not send those before it
-    again each round."""
+    before it are recorded (`_published_and_stamped`), so a job whose publishing raises every round does not make each
+    round send again the jobs before it."""
     cutoff = utcnow() - timedelta(seconds=older_than_seconds)
     return _send_unsent_where(app, IngestionJob.created_at <= cutoff)
 
