@@ -2257,14 +2257,17 @@ def test_a_publish_raising_midway_stamps_the_jobs_of_its_batch_published_before_
         memory.Channel.queues.pop(queue, None)
 
 
+@pytest.mark.parametrize("raised", [RuntimeError, KeyboardInterrupt])
 def test_a_sweep_whose_publish_raises_midway_stamps_the_jobs_it_published_and_never_sends_them_again(
-        make_pg_database: Callable[[], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        raised: type[BaseException], make_pg_database: Callable[[], str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The sweep's round publishing five unsent jobs, the broker's channel raising an error of its own (not one kombu
     makes a refusal of) at the third: the round's transaction rolled back, the two jobs already on the broker stayed
     unsent, and each later round sent them again, for as long as the third failed. Now the two are stamped, the
     error propagates (the round fails), and the next round sends only the three left: each job reaches the broker
     once. The failure is injected where the broker takes the message (kombu's in-memory channel): nothing that
-    reaches a broker raises anything but a refusal (`_published`)."""
+    reaches a broker raises anything but a refusal (`_published`). Raised as a bug would be (RuntimeError), and as
+    an interrupt (KeyboardInterrupt, which is no Exception: Ctrl-C midway)."""
     from workers import dispatch
     from workers.celery_app import create_celery
 
@@ -2276,12 +2279,12 @@ def test_a_sweep_whose_publish_raises_midway_stamps_the_jobs_it_published_and_ne
 
     def raising_at_the_third(channel: memory.Channel, *args: object, **kwargs: object) -> None:
         if len(_jobs_waiting_in_memory(queue)) == 2:
-            raise RuntimeError("the broker's channel failed")
+            raise raised("the broker's channel failed")
         put(channel, *args, **kwargs)
 
     monkeypatch.setattr(memory.Channel, "_put", raising_at_the_third)
     try:
-        with pytest.raises(RuntimeError):
+        with pytest.raises(raised):
             dispatch.sweep_jobs(app, older_than_seconds=0)
         taken = _jobs_waiting_in_memory(queue)
         assert len(taken) == 2
