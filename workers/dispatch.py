@@ -125,11 +125,12 @@ def _published_and_stamped(app: GovragCelery, batch: Sequence[tuple[str, str, st
         for job_id in _published_until_refused(app, batch):
             published.append(job_id)
     except BaseException:
-        try:
-            stamp(published)
-        except Exception as failed:
-            logger.warning("%s published but not stamped (%s): the sweep sends %s again", _named(published)[0],
-                           unavailable_dependency(failed) or type(failed).__name__, _named(published)[1])
+        if published:  # else nothing to stamp, nor to name (`_named` of no job would raise here, in its place)
+            try:
+                stamp(published)
+            except Exception as failed:
+                logger.warning("%s published but not stamped (%s): the sweep sends %s again", _named(published)[0],
+                               unavailable_dependency(failed) or type(failed).__name__, _named(published)[1])
         raise
     stamp(published)
     return published
